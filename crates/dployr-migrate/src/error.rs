@@ -1,0 +1,171 @@
+//! The one error type of the runner: every variant names the migration it is
+//! about, so an operator knows which file to open.
+
+use std::fmt;
+use std::time::Duration;
+
+/// What went wrong while checking or applying migrations.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The database could not be reached.
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] diesel::ConnectionError),
+
+    /// Another runner held the migration lock for longer than the timeout.
+    #[error(
+        "another migration runner held the lock for {waited:?}; giving up (raise the lock timeout if its migrations are long)"
+    )]
+    LockTimeout {
+        /// How long this runner waited.
+        waited: Duration,
+    },
+
+    /// A migration that is recorded as applied has different text now.
+    #[error(
+        "migration {name}: up.sql changed after it was applied (recorded checksum {recorded}, file now {current}); add a new migration instead of editing an applied one"
+    )]
+    ChecksumMismatch {
+        /// The folder name of the migration.
+        name: String,
+        /// The checksum stored in `_migrations` when it was applied.
+        recorded: String,
+        /// The checksum of the text in this binary.
+        current: String,
+    },
+
+    /// A migration is recorded as applied but this binary does not have it.
+    #[error(
+        "migration {name} is applied to the database but missing from this binary (is the binary older than the database?)"
+    )]
+    MissingFromSource {
+        /// The name recorded in `_migrations`.
+        name: String,
+    },
+
+    /// A migration's SQL failed; nothing of it was kept if it ran in a
+    /// transaction. Boxed: it is large, and errors travel by value.
+    #[error(transparent)]
+    MigrationFailed(Box<MigrationFailure>),
+
+    /// A migration cannot be reverted because it has no `down.sql`.
+    #[error("migration {name} has no down.sql, so it cannot be reverted")]
+    NoDownFile {
+        /// The folder name of the migration.
+        name: String,
+    },
+
+    /// The migrations folder could not be read or is malformed.
+    #[error("cannot read migrations: {0}")]
+    Source(String),
+
+    /// Any other database error, with what the runner was doing.
+    #[error("{context}: {source}")]
+    Database {
+        /// What the runner was doing.
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: diesel::result::Error,
+    },
+}
+
+impl From<diesel::result::Error> for MigrateError {
+    fn from(source: diesel::result::Error) -> Self {
+        Self::Database { context: "migration bookkeeping", source }
+    }
+}
+
+/// The details of a failed migration: which file, and what PostgreSQL said.
+#[derive(Debug, thiserror::Error)]
+#[error("migration {name}/{file} failed{at}: {message}{detail}{hint}",
+    at = position.map(|p| format!(" at {p}")).unwrap_or_default(),
+    detail = detail.as_deref().map(|d| format!(" (detail: {d})")).unwrap_or_default(),
+    hint = hint.as_deref().map(|h| format!(" (hint: {h})")).unwrap_or_default())]
+pub struct MigrationFailure {
+    /// The folder name of the migration.
+    pub name: String,
+    /// `up.sql` or `down.sql`.
+    pub file: &'static str,
+    /// PostgreSQL's message.
+    pub message: String,
+    /// PostgreSQL's detail, if any.
+    pub detail: Option<String>,
+    /// PostgreSQL's hint, if any.
+    pub hint: Option<String>,
+    /// Where in the file PostgreSQL located the error, if it did.
+    pub position: Option<SqlPosition>,
+    /// The underlying error.
+    #[source]
+    pub source: diesel::result::Error,
+}
+
+impl MigrateError {
+    /// Builds [`MigrateError::MigrationFailed`] from a database error while
+    /// running `sql`, turning PostgreSQL's character offset into a line and column.
+    pub(crate) fn failed(name: &str, file: &'static str, sql: &str, source: diesel::result::Error) -> Self {
+        let (message, detail, hint, position) = match &source {
+            diesel::result::Error::DatabaseError(_, info) => (
+                info.message().to_owned(),
+                info.details().map(str::to_owned),
+                info.hint().map(str::to_owned),
+                info.statement_position().and_then(|p| SqlPosition::locate(sql, p)),
+            ),
+            other => (other.to_string(), None, None, None),
+        };
+        Self::MigrationFailed(Box::new(MigrationFailure {
+            name: name.to_owned(),
+            file,
+            message,
+            detail,
+            hint,
+            position,
+            source,
+        }))
+    }
+}
+
+/// A line and column (both from 1) in a migration file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqlPosition {
+    /// Line, from 1.
+    pub line: usize,
+    /// Column in characters, from 1.
+    pub column: usize,
+}
+
+impl SqlPosition {
+    /// Locates PostgreSQL's 1-based *character* offset in `sql`.
+    fn locate(sql: &str, offset: i32) -> Option<Self> {
+        let index = usize::try_from(offset).ok()?.checked_sub(1)?;
+        let mut position = Self { line: 1, column: 1 };
+        for ch in sql.chars().take(index) {
+            if ch == '\n' {
+                position.line += 1;
+                position.column = 1;
+            } else {
+                position.column += 1;
+            }
+        }
+        Some(position)
+    }
+}
+
+impl fmt::Display for SqlPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.column)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SqlPosition;
+
+    #[test]
+    fn position_counts_lines_and_characters_not_bytes() {
+        let sql = "SELECT 1;\nSELECT é, oops;";
+        // PostgreSQL's offset 21 is the 'o' of "oops" (characters, from 1).
+        assert_eq!(SqlPosition::locate(sql, 21), Some(SqlPosition { line: 2, column: 11 }));
+        assert_eq!(SqlPosition::locate(sql, 1), Some(SqlPosition { line: 1, column: 1 }));
+        assert_eq!(SqlPosition::locate(sql, 0), None);
+    }
+}

@@ -1,0 +1,186 @@
+//! diesel's `MigrationHarness`, implemented over the `_migrations` table.
+//!
+//! diesel's own harness keeps `__diesel_schema_migrations(version, run_on)`;
+//! ours keeps the seed's table name and adds what the runner needs to refuse
+//! edited files and to report timings: the name, a checksum of `up.sql`,
+//! `applied_at` as TIMESTAMPTZ and the execution time.
+//!
+//! The harness applies one migration at a time and does not lock; use
+//! [`crate::MigrationRunner`], which takes the advisory lock and verifies
+//! checksums before it calls the harness.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::migration::{Migration, MigrationVersion};
+use diesel::pg::{Pg, PgConnection};
+use diesel::prelude::*;
+use diesel_migrations::MigrationHarness;
+
+use crate::{MigrateError, MigrationFile, MigrationSet};
+
+/// The bookkeeping table, as named by the original data layer.
+pub const MIGRATIONS_TABLE: &str = "_migrations";
+
+diesel::table! {
+    /// One row per applied migration.
+    _migrations (version) {
+        version -> Text,
+        name -> Text,
+        checksum -> Text,
+        applied_at -> Timestamptz,
+        duration_ms -> BigInt,
+    }
+}
+
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _migrations (
+    version     TEXT        PRIMARY KEY,
+    name        TEXT        NOT NULL,
+    checksum    TEXT        NOT NULL,
+    applied_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    duration_ms BIGINT      NOT NULL
+)";
+
+/// A row of `_migrations`.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = _migrations, check_for_backend(Pg))]
+pub(crate) struct AppliedRow {
+    pub(crate) version: String,
+    pub(crate) name: String,
+    pub(crate) checksum: String,
+    pub(crate) applied_at: DateTime<Utc>,
+    pub(crate) duration_ms: i64,
+}
+
+/// Applies and reverts migrations of one [`MigrationSet`] on one connection,
+/// recording each in `_migrations` in the same transaction as its SQL.
+pub struct DployrHarness<'a> {
+    conn: &'a mut PgConnection,
+    set: &'a MigrationSet,
+}
+
+impl std::fmt::Debug for DployrHarness<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DployrHarness").field("migrations", &self.set.len()).finish_non_exhaustive()
+    }
+}
+
+impl<'a> DployrHarness<'a> {
+    /// Wraps a connection, creating `_migrations` if it does not exist.
+    ///
+    /// # Errors
+    /// [`MigrateError::Database`] if the table cannot be created.
+    pub fn new(conn: &'a mut PgConnection, set: &'a MigrationSet) -> Result<Self, MigrateError> {
+        conn.batch_execute(CREATE_TABLE)
+            .map_err(|source| MigrateError::Database { context: "creating _migrations", source })?;
+        Ok(Self { conn, set })
+    }
+
+    /// Every row of `_migrations`, by version.
+    pub(crate) fn applied_rows(&mut self) -> Result<Vec<AppliedRow>, MigrateError> {
+        read_applied_rows(self.conn)
+    }
+
+    /// Applies one migration and records it; returns the execution time.
+    pub(crate) fn apply(&mut self, migration: &MigrationFile) -> Result<Duration, MigrateError> {
+        if migration.run_in_transaction() {
+            return self.conn.transaction(|conn| {
+                let started = Instant::now();
+                conn.batch_execute(migration.up_sql())
+                    .map_err(|e| MigrateError::failed(migration.name(), "up.sql", migration.up_sql(), e))?;
+                let elapsed = started.elapsed();
+                record(conn, migration, elapsed)?;
+                Ok(elapsed)
+            });
+        }
+        // Outside a transaction the file goes through the extended protocol
+        // as one prepared statement: PostgreSQL refuses a text with more than
+        // one command there before running any of it. (A simple-protocol
+        // batch would run as one implicit transaction, which CREATE INDEX
+        // CONCURRENTLY refuses.)
+        let started = Instant::now();
+        diesel::sql_query(migration.up_sql())
+            .execute(self.conn)
+            .map_err(|e| MigrateError::failed(migration.name(), "up.sql", migration.up_sql(), e))?;
+        let elapsed = started.elapsed();
+        record(self.conn, migration, elapsed)?;
+        Ok(elapsed)
+    }
+
+    /// Reverts one applied migration and deletes its row; returns the time
+    /// its `down.sql` took.
+    pub(crate) fn revert(&mut self, migration: &MigrationFile) -> Result<Duration, MigrateError> {
+        let down =
+            migration.down_sql().ok_or_else(|| MigrateError::NoDownFile { name: migration.name().to_owned() })?;
+        let forget = |conn: &mut PgConnection| {
+            diesel::delete(_migrations::table.find(migration.version())).execute(conn).map(drop)
+        };
+        if migration.run_in_transaction() {
+            return self.conn.transaction(|conn| {
+                let started = Instant::now();
+                conn.batch_execute(down).map_err(|e| MigrateError::failed(migration.name(), "down.sql", down, e))?;
+                let elapsed = started.elapsed();
+                forget(conn)?;
+                Ok(elapsed)
+            });
+        }
+        let started = Instant::now();
+        diesel::sql_query(down)
+            .execute(self.conn)
+            .map_err(|e| MigrateError::failed(migration.name(), "down.sql", down, e))?;
+        let elapsed = started.elapsed();
+        forget(self.conn)?;
+        Ok(elapsed)
+    }
+
+    fn file_for(&self, migration: &dyn Migration<Pg>) -> Result<&'a MigrationFile, MigrateError> {
+        let version = migration.name().version().to_string();
+        self.set.get(&version).ok_or_else(|| {
+            MigrateError::Source(format!("migration {} is not part of this harness's set", migration.name()))
+        })
+    }
+}
+
+pub(crate) fn read_applied_rows(conn: &mut PgConnection) -> Result<Vec<AppliedRow>, MigrateError> {
+    _migrations::table
+        .select(AppliedRow::as_select())
+        .order(_migrations::version.asc())
+        .load(conn)
+        .map_err(|source| MigrateError::Database { context: "reading _migrations", source })
+}
+
+fn record(conn: &mut PgConnection, migration: &MigrationFile, elapsed: Duration) -> Result<(), MigrateError> {
+    let duration_ms = i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX);
+    diesel::insert_into(_migrations::table)
+        .values((
+            _migrations::version.eq(migration.version()),
+            _migrations::name.eq(migration.name()),
+            _migrations::checksum.eq(migration.checksum()),
+            _migrations::duration_ms.eq(duration_ms),
+        ))
+        .execute(conn)
+        .map_err(|source| MigrateError::Database { context: "recording the migration in _migrations", source })?;
+    Ok(())
+}
+
+impl MigrationHarness<Pg> for DployrHarness<'_> {
+    fn run_migration(&mut self, migration: &dyn Migration<Pg>) -> diesel::migration::Result<MigrationVersion<'static>> {
+        let file = self.file_for(migration)?;
+        self.apply(file)?;
+        Ok(MigrationVersion::from(file.version().to_owned()))
+    }
+
+    fn revert_migration(
+        &mut self,
+        migration: &dyn Migration<Pg>,
+    ) -> diesel::migration::Result<MigrationVersion<'static>> {
+        let file = self.file_for(migration)?;
+        self.revert(file)?;
+        Ok(MigrationVersion::from(file.version().to_owned()))
+    }
+
+    fn applied_migrations(&mut self) -> diesel::migration::Result<Vec<MigrationVersion<'static>>> {
+        Ok(self.applied_rows()?.into_iter().map(|row| MigrationVersion::from(row.version)).collect())
+    }
+}

@@ -1,0 +1,41 @@
+//! The migration runner of the dployr data layer.
+//!
+//! It exists because the TypeScript original's runner could not apply its own
+//! first migration (it split files on `;`), ran without a transaction or a
+//! lock, and ignored edits to applied files. This crate applies the folders of
+//! the workspace's `migrations/` (diesel's format, embedded in the binary by
+//! `diesel_migrations`) with these guarantees:
+//!
+//! - each `up.sql` is sent whole, so PL/pgSQL bodies with `;` inside `$$` work;
+//! - each migration and its bookkeeping row commit in one transaction, unless
+//!   its `metadata.toml` says `run_in_transaction = false` (then the file must
+//!   hold exactly one statement, which PostgreSQL itself checks);
+//! - a PostgreSQL advisory lock, polled with a timeout, serializes concurrent
+//!   runners on one database; later runners find nothing to do;
+//! - before anything runs, every applied migration is checked against the
+//!   binary: an edited file (checksum) or a missing one is refused by name.
+//!
+//! Bookkeeping lives in the table `_migrations` (the original's name) with a
+//! checksum and the execution time of each applied migration.
+//!
+//! ```no_run
+//! use dployr_migrate::{MigrationRunner, MigrationSet};
+//!
+//! # fn main() -> Result<(), dployr_migrate::MigrateError> {
+//! let runner = MigrationRunner::new("postgres://localhost/dployr-local", MigrationSet::embedded()?);
+//! for applied in runner.run_pending(&mut |event| eprintln!("{event}"))? {
+//!     println!("applied {} in {:?}", applied.name, applied.duration);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod harness;
+mod runner;
+mod set;
+
+pub use error::{MigrateError, MigrationFailure, SqlPosition};
+pub use harness::{DployrHarness, MIGRATIONS_TABLE};
+pub use runner::{AppliedMigration, MigrationEvent, MigrationRunner, MigrationState, MigrationStatus};
+pub use set::{MigrationFile, MigrationSet};

@@ -1,0 +1,249 @@
+//! The migrations a runner knows: their names, texts, checksums and whether
+//! they run in a transaction.
+//!
+//! Discovery, naming and `metadata.toml` come from `diesel_migrations`
+//! (`embed_migrations!` for the binary, `FileBasedMigrations` for a folder on
+//! disk); the text comes from the same files, because diesel's `Migration`
+//! trait does not hand it out and the runner must checksum exactly what it runs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use diesel::migration::{Migration, MigrationName, MigrationSource, MigrationVersion};
+use diesel::pg::Pg;
+use diesel_migrations::{EmbeddedMigrations, FileBasedMigrations, embed_migrations};
+use sha2::{Digest, Sha256};
+
+use crate::MigrateError;
+
+/// The workspace's `migrations/` folder, embedded at compile time.
+const EMBEDDED: EmbeddedMigrations = embed_migrations!("../../migrations");
+
+mod embedded_texts {
+    include!(concat!(env!("OUT_DIR"), "/migration_texts.rs"));
+}
+
+/// One migration: a folder with `up.sql`, usually `down.sql`, and optionally
+/// `metadata.toml`.
+#[derive(Debug, Clone)]
+pub struct MigrationFile {
+    name: Arc<str>,
+    version: Arc<str>,
+    up: Arc<str>,
+    down: Option<Arc<str>>,
+    run_in_transaction: bool,
+    checksum: Arc<str>,
+}
+
+impl MigrationFile {
+    /// The folder name, e.g. `000_init`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// diesel's version: the folder name up to the first `_`, e.g. `000`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The text of `up.sql`, exactly as it is sent to the server.
+    pub fn up_sql(&self) -> &str {
+        &self.up
+    }
+
+    /// The text of `down.sql`, if the folder has one.
+    pub fn down_sql(&self) -> Option<&str> {
+        self.down.as_deref()
+    }
+
+    /// False when `metadata.toml` opts out of the transaction (for
+    /// statements such as `CREATE INDEX CONCURRENTLY`).
+    pub fn run_in_transaction(&self) -> bool {
+        self.run_in_transaction
+    }
+
+    /// Hex SHA-256 of `up.sql` with CRLF line endings read as LF, so a
+    /// Windows checkout does not look like an edit.
+    pub fn checksum(&self) -> &str {
+        &self.checksum
+    }
+}
+
+/// Computes the checksum the runner stores for a migration's `up.sql`.
+fn checksum(text: &str) -> String {
+    let normalised = text.replace("\r\n", "\n");
+    let digest = Sha256::digest(normalised.as_bytes());
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// An ordered set of migrations, unique by version.
+#[derive(Debug, Clone)]
+pub struct MigrationSet {
+    by_version: BTreeMap<String, MigrationFile>,
+}
+
+impl MigrationSet {
+    /// The migrations of the workspace's `migrations/` folder, embedded in
+    /// this binary at compile time.
+    ///
+    /// # Errors
+    /// [`MigrateError::Source`] if two folders share a version, or if the
+    /// embedded texts and diesel's list disagree (a build problem).
+    pub fn embedded() -> Result<Self, MigrateError> {
+        let texts: BTreeMap<&str, (&str, Option<&str>)> =
+            embedded_texts::MIGRATION_TEXTS.iter().map(|(name, up, down)| (*name, (*up, *down))).collect();
+        Self::from_source(&EMBEDDED, |name| {
+            texts.get(name).map(|(up, down)| ((*up).to_owned(), down.map(str::to_owned))).ok_or_else(|| {
+                MigrateError::Source(format!("embedded migration {name} has no embedded text; rebuild dployr-migrate"))
+            })
+        })
+    }
+
+    /// The migrations in a folder on disk (diesel's layout), read now.
+    ///
+    /// # Errors
+    /// [`MigrateError::Source`] if the folder or a file cannot be read, or two
+    /// folders share a version.
+    pub fn from_dir(path: impl AsRef<Path>) -> Result<Self, MigrateError> {
+        let path = path.as_ref();
+        let source = FileBasedMigrations::from_path(path)
+            .map_err(|e| MigrateError::Source(format!("{}: {e}", path.display())))?;
+        Self::from_source(&source, |name| {
+            let folder = path.join(name);
+            let read = |file: &str| std::fs::read_to_string(folder.join(file));
+            let up = read("up.sql").map_err(|e| MigrateError::Source(format!("{name}/up.sql: {e}")))?;
+            let down = match read("down.sql") {
+                Ok(text) => Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(MigrateError::Source(format!("{name}/down.sql: {e}"))),
+            };
+            Ok((up, down))
+        })
+    }
+
+    fn from_source(
+        source: &dyn MigrationSource<Pg>,
+        text_of: impl Fn(&str) -> Result<(String, Option<String>), MigrateError>,
+    ) -> Result<Self, MigrateError> {
+        let migrations = source.migrations().map_err(|e| MigrateError::Source(e.to_string()))?;
+        let mut by_version = BTreeMap::new();
+        for migration in migrations {
+            let name = migration.name().to_string();
+            let version = migration.name().version().to_string();
+            let (up, down) = text_of(&name)?;
+            if up.trim().is_empty() {
+                return Err(MigrateError::Source(format!("{name}/up.sql is empty")));
+            }
+            let file = MigrationFile {
+                checksum: checksum(&up).into(),
+                name: name.clone().into(),
+                version: version.clone().into(),
+                up: up.into(),
+                down: down.map(Into::into),
+                run_in_transaction: migration.metadata().run_in_transaction(),
+            };
+            if let Some(other) = by_version.insert(version.clone(), file) {
+                return Err(MigrateError::Source(format!(
+                    "migrations {} and {name} share the version {version}",
+                    other.name
+                )));
+            }
+        }
+        Ok(Self { by_version })
+    }
+
+    /// The migrations in the order they apply (by version).
+    pub fn iter(&self) -> impl Iterator<Item = &MigrationFile> {
+        self.by_version.values()
+    }
+
+    /// The migration with this version, if the set has one.
+    pub fn get(&self, version: &str) -> Option<&MigrationFile> {
+        self.by_version.get(version)
+    }
+
+    /// How many migrations the set holds.
+    pub fn len(&self) -> usize {
+        self.by_version.len()
+    }
+
+    /// True when the set holds no migration.
+    pub fn is_empty(&self) -> bool {
+        self.by_version.is_empty()
+    }
+
+    /// One hex SHA-256 over every migration's name and checksum: equal sets
+    /// give equal fingerprints. Test kits name template databases with it.
+    pub fn fingerprint(&self) -> String {
+        let joined: String = self.iter().map(|m| format!("{}:{}\n", m.name, m.checksum)).collect();
+        checksum(&joined)
+    }
+}
+
+/// The set is a diesel [`MigrationSource`], so diesel's provided harness
+/// methods (`pending_migrations`, ...) work on it.
+impl MigrationSource<Pg> for MigrationSet {
+    fn migrations(&self) -> diesel::migration::Result<Vec<Box<dyn Migration<Pg>>>> {
+        Ok(self.iter().map(|m| Box::new(m.clone()) as Box<dyn Migration<Pg>>).collect())
+    }
+}
+
+impl Migration<Pg> for MigrationFile {
+    fn run(&self, conn: &mut dyn diesel::connection::BoxableConnection<Pg>) -> diesel::migration::Result<()> {
+        conn.batch_execute(&self.up).map_err(|e| MigrateError::failed(&self.name, "up.sql", &self.up, e).into())
+    }
+
+    fn revert(&self, conn: &mut dyn diesel::connection::BoxableConnection<Pg>) -> diesel::migration::Result<()> {
+        let down = self.down.as_deref().ok_or_else(|| MigrateError::NoDownFile { name: self.name.to_string() })?;
+        conn.batch_execute(down).map_err(|e| MigrateError::failed(&self.name, "down.sql", down, e).into())
+    }
+
+    fn metadata(&self) -> &dyn diesel::migration::MigrationMetadata {
+        self
+    }
+
+    fn name(&self) -> &dyn MigrationName {
+        self
+    }
+}
+
+impl diesel::migration::MigrationMetadata for MigrationFile {
+    fn run_in_transaction(&self) -> bool {
+        self.run_in_transaction
+    }
+}
+
+impl MigrationName for MigrationFile {
+    fn version(&self) -> MigrationVersion<'_> {
+        MigrationVersion::from(&*self.version)
+    }
+}
+
+impl std::fmt::Display for MigrationFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_ignores_crlf_line_endings() {
+        assert_eq!(checksum("SELECT 1;\r\nSELECT 2;\r\n"), checksum("SELECT 1;\nSELECT 2;\n"));
+        assert_ne!(checksum("SELECT 1;"), checksum("SELECT 2;"));
+    }
+
+    #[test]
+    fn embedded_set_matches_the_migrations_folder() {
+        let set = MigrationSet::embedded().expect("embedded migrations load");
+        let folder = MigrationSet::from_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations"))
+            .expect("migrations folder loads");
+        let embedded: Vec<_> = set.iter().map(|m| (m.name().to_owned(), m.checksum().to_owned())).collect();
+        let on_disk: Vec<_> = folder.iter().map(|m| (m.name().to_owned(), m.checksum().to_owned())).collect();
+        assert_eq!(embedded, on_disk);
+        assert_eq!(set.iter().next().map(MigrationFile::name), Some("000_init"));
+    }
+}

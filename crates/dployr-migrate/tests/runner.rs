@@ -1,0 +1,368 @@
+//! The runner's guarantees, each proved against a real PostgreSQL (a fresh,
+//! empty database per test from dployr-testkit).
+
+#![cfg(test)]
+
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection as _;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Text};
+use dployr_migrate::{MigrateError, MigrationEvent, MigrationRunner, MigrationSet, MigrationState};
+use dployr_testkit::{TestDatabase, empty_database};
+
+/// One migration folder to write: name, up.sql, down.sql, metadata.toml.
+struct Folder<'a> {
+    name: &'a str,
+    up: &'a str,
+    down: Option<&'a str>,
+    metadata: Option<&'a str>,
+}
+
+fn folder<'a>(name: &'a str, up: &'a str) -> Folder<'a> {
+    Folder { name, up, down: None, metadata: None }
+}
+
+fn write_folders(root: &Path, folders: &[Folder<'_>]) {
+    for f in folders {
+        let dir = root.join(f.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("up.sql"), f.up).unwrap();
+        if let Some(down) = f.down {
+            std::fs::write(dir.join("down.sql"), down).unwrap();
+        }
+        if let Some(metadata) = f.metadata {
+            std::fs::write(dir.join("metadata.toml"), metadata).unwrap();
+        }
+    }
+}
+
+fn set_of(folders: &[Folder<'_>]) -> (tempfile::TempDir, MigrationSet) {
+    let dir = tempfile::tempdir().unwrap();
+    write_folders(dir.path(), folders);
+    let set = MigrationSet::from_dir(dir.path()).unwrap();
+    (dir, set)
+}
+
+fn run(db: &TestDatabase, set: &MigrationSet) -> Result<Vec<String>, MigrateError> {
+    MigrationRunner::new(db.url(), set.clone())
+        .run_pending(&mut |_| {})
+        .map(|applied| applied.into_iter().map(|m| m.name).collect())
+}
+
+fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>(&format!("({sql})"))).get_result(conn).unwrap()
+}
+
+fn table_exists(conn: &mut PgConnection, table: &str) -> bool {
+    diesel::select(diesel::dsl::sql::<Bool>("to_regclass(").bind::<Text, _>(table).sql(") IS NOT NULL"))
+        .get_result(conn)
+        .unwrap()
+}
+
+fn recorded(conn: &mut PgConnection) -> Vec<String> {
+    if !table_exists(conn, "_migrations") {
+        return Vec::new();
+    }
+    diesel::dsl::sql::<Text>("SELECT name FROM _migrations ORDER BY version").load(conn).unwrap()
+}
+
+#[test]
+fn workspace_migrations_apply_to_an_empty_database_and_record_checksums() {
+    let db = empty_database();
+    let set = MigrationSet::embedded().unwrap();
+    let applied = run(&db, &set).unwrap();
+    assert_eq!(applied.first().map(String::as_str), Some("000_init"));
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), applied);
+    let checksum: String = diesel::dsl::sql::<Text>("SELECT checksum FROM _migrations WHERE version = '000'")
+        .get_result(&mut conn)
+        .unwrap();
+    assert_eq!(checksum, set.get("000").unwrap().checksum());
+    // Running again finds nothing to do.
+    assert_eq!(run(&db, &set).unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn plpgsql_body_with_semicolons_inside_dollar_quotes_applies() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[folder(
+        "001_plpgsql",
+        "CREATE TABLE counters (n int NOT NULL);
+         CREATE FUNCTION bump() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             NEW.n := NEW.n + 1;
+             RETURN NEW;
+         END;
+         $$;
+         CREATE TRIGGER counters_bump BEFORE INSERT ON counters FOR EACH ROW EXECUTE FUNCTION bump();
+         DO $body$ BEGIN INSERT INTO counters VALUES (41); END; $body$;",
+    )]);
+    assert_eq!(run(&db, &set).unwrap(), ["001_plpgsql"]);
+    let mut conn = db.connect();
+    assert_eq!(count(&mut conn, "SELECT max(n)::bigint FROM counters"), 42);
+}
+
+#[test]
+fn migration_failing_in_its_last_statement_leaves_no_table_no_row_and_names_the_file() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder("001_ok", "CREATE TABLE kept (id int);"),
+        folder("002_broken", "CREATE TABLE half (id int);\nINSERT INTO half VALUES (1);\nSELECT 1 / 0;\n"),
+    ]);
+    let error = run(&db, &set).unwrap_err();
+    match &error {
+        MigrateError::MigrationFailed(failure) => {
+            assert_eq!(failure.name, "002_broken");
+            assert_eq!(failure.file, "up.sql");
+            assert!(failure.message.contains("division by zero"), "{}", failure.message);
+        }
+        other => panic!("expected MigrationFailed, got {other:?}"),
+    }
+    assert!(error.to_string().contains("002_broken/up.sql"), "{error}");
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "half"), "the failed migration's table must not exist");
+    assert!(table_exists(&mut conn, "kept"), "the earlier migration stays applied");
+    assert_eq!(recorded(&mut conn), ["001_ok"]);
+}
+
+#[test]
+fn error_names_the_line_and_column_postgresql_points_at() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[folder("001_typo", "CREATE TABLE a (id int);\n\nCREAT TABLE b (id int);\n")]);
+    let error = run(&db, &set).unwrap_err();
+    let MigrateError::MigrationFailed(failure) = &error else {
+        panic!("expected a failure, got {error:?}");
+    };
+    let position = failure.position.expect("PostgreSQL locates a syntax error");
+    assert_eq!((position.line, position.column), (3, 1));
+    assert!(error.to_string().contains("001_typo/up.sql failed at line 3, column 1"), "{error}");
+}
+
+#[test]
+fn eight_concurrent_runners_all_succeed_and_apply_each_migration_once() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder("001_log", "CREATE TABLE applications (name text NOT NULL); INSERT INTO applications VALUES ('001');"),
+        // A slow one widens the window in which the others must wait.
+        folder("002_slow", "SELECT pg_sleep(0.3); INSERT INTO applications VALUES ('002');"),
+        folder("003_more", "INSERT INTO applications VALUES ('003');"),
+    ]);
+    let start = Arc::new(Barrier::new(8));
+    let runners: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, set, start) = (db.url().to_owned(), set.clone(), Arc::clone(&start));
+            thread::spawn(move || {
+                start.wait();
+                MigrationRunner::new(url, set).run_pending(&mut |_| {}).map(|applied| applied.len())
+            })
+        })
+        .collect();
+    let applied: Vec<usize> = runners.into_iter().map(|r| r.join().unwrap().unwrap()).collect();
+    assert_eq!(applied.iter().sum::<usize>(), 3, "each migration applied by exactly one runner: {applied:?}");
+    let mut conn = db.connect();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM applications"), 3);
+    assert_eq!(count(&mut conn, "SELECT count(DISTINCT name) FROM applications"), 3);
+    assert_eq!(recorded(&mut conn), ["001_log", "002_slow", "003_more"]);
+}
+
+#[test]
+fn editing_an_applied_migration_is_refused_before_anything_runs() {
+    let db = empty_database();
+    let (dir, set) = set_of(&[folder("001_users", "CREATE TABLE people (id int);")]);
+    run(&db, &set).unwrap();
+
+    write_folders(
+        dir.path(),
+        &[
+            folder("001_users", "CREATE TABLE people (id bigint);"),
+            folder("002_next", "CREATE TABLE next_one (id int);"),
+        ],
+    );
+    let edited = MigrationSet::from_dir(dir.path()).unwrap();
+    let error = run(&db, &edited).unwrap_err();
+    assert!(matches!(&error, MigrateError::ChecksumMismatch { name, .. } if name == "001_users"), "{error:?}");
+    assert!(error.to_string().contains("001_users"));
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "next_one"), "nothing may run after a checksum mismatch");
+    assert_eq!(recorded(&mut conn), ["001_users"]);
+}
+
+#[test]
+fn crlf_checkout_of_an_applied_migration_is_not_an_edit() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[folder("001_lf", "CREATE TABLE lf (id int);\nCREATE TABLE lf2 (id int);\n")]);
+    run(&db, &set).unwrap();
+    let (_dir2, crlf) = set_of(&[folder("001_lf", "CREATE TABLE lf (id int);\r\nCREATE TABLE lf2 (id int);\r\n")]);
+    assert_eq!(run(&db, &crlf).unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn applied_migration_missing_from_the_binary_is_refused() {
+    let db = empty_database();
+    let (_dir, set) =
+        set_of(&[folder("001_a", "CREATE TABLE a (id int);"), folder("002_b", "CREATE TABLE b (id int);")]);
+    run(&db, &set).unwrap();
+    let (_dir2, older) =
+        set_of(&[folder("001_a", "CREATE TABLE a (id int);"), folder("003_c", "CREATE TABLE c (id int);")]);
+    let error = run(&db, &older).unwrap_err();
+    assert!(matches!(&error, MigrateError::MissingFromSource { name } if name == "002_b"), "{error:?}");
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "c"));
+    // status still reports it, so an operator can see what is wrong.
+    let status = MigrationRunner::new(db.url(), older).status().unwrap();
+    assert!(status.iter().any(|s| s.name == "002_b" && matches!(s.state, MigrationState::MissingFromSource { .. })));
+}
+
+#[test]
+fn revert_then_run_returns_to_the_same_schema() {
+    let db = empty_database();
+    let runner = MigrationRunner::new(db.url(), MigrationSet::embedded().unwrap());
+    runner.run_pending(&mut |_| {}).unwrap();
+    let migrated = db.schema_dump().unwrap();
+    assert!(migrated.contains("CREATE TABLE public.users"), "dump looks wrong:\n{migrated}");
+
+    let last = runner.migrations().iter().last().unwrap().name().to_owned();
+    assert_eq!(runner.revert_last(&mut |_| {}).unwrap(), Some(last.clone()));
+    assert_ne!(db.schema_dump().unwrap(), migrated, "revert must change the schema");
+    runner.run_pending(&mut |_| {}).unwrap();
+    assert_eq!(db.schema_dump().unwrap(), migrated);
+
+    let mut events = Vec::new();
+    assert_eq!(runner.redo(&mut |e| events.push(e.clone())).unwrap(), Some(last.clone()));
+    assert!(
+        matches!(&events[..], [MigrationEvent::Reverting { .. }, MigrationEvent::Reverted { .. }, MigrationEvent::Applying { .. }, MigrationEvent::Applied { name, .. }] if *name == last)
+    );
+    assert_eq!(db.schema_dump().unwrap(), migrated);
+}
+
+#[test]
+fn every_workspace_migration_reverts_down_to_an_empty_schema_and_back() {
+    let db = empty_database();
+    let empty = db.schema_dump().unwrap();
+    let runner = MigrationRunner::new(db.url(), MigrationSet::embedded().unwrap());
+    runner.run_pending(&mut |_| {}).unwrap();
+    let migrated = db.schema_dump().unwrap();
+    while runner.revert_last(&mut |_| {}).unwrap().is_some() {}
+    let mut conn = db.connect();
+    conn.batch_execute("DROP TABLE _migrations").unwrap();
+    assert_eq!(db.schema_dump().unwrap(), empty, "down.sql files must undo everything up.sql did");
+    runner.run_pending(&mut |_| {}).unwrap();
+    assert_eq!(db.schema_dump().unwrap(), migrated);
+}
+
+#[test]
+fn revert_without_down_sql_is_refused_by_name() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[folder("001_one_way", "CREATE TABLE one_way (id int);")]);
+    run(&db, &set).unwrap();
+    let error = MigrationRunner::new(db.url(), set).revert_last(&mut |_| {}).unwrap_err();
+    assert!(matches!(&error, MigrateError::NoDownFile { name } if name == "001_one_way"), "{error:?}");
+    let mut conn = db.connect();
+    assert!(table_exists(&mut conn, "one_way"));
+}
+
+#[test]
+fn migration_outside_a_transaction_can_create_an_index_concurrently() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder("001_table", "CREATE TABLE things (x int); INSERT INTO things SELECT generate_series(1, 1000);"),
+        Folder {
+            name: "002_index",
+            up: "CREATE INDEX CONCURRENTLY things_x_idx ON things (x);\n",
+            down: Some("DROP INDEX CONCURRENTLY things_x_idx;"),
+            metadata: Some("run_in_transaction = false\n"),
+        },
+    ]);
+    assert!(!set.get("002").unwrap().run_in_transaction());
+    assert_eq!(run(&db, &set).unwrap(), ["001_table", "002_index"]);
+    let mut conn = db.connect();
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) FROM pg_index WHERE indexrelid = 'things_x_idx'::regclass AND indisvalid"),
+        1
+    );
+    // And it reverts outside a transaction too.
+    MigrationRunner::new(db.url(), set).revert_last(&mut |_| {}).unwrap();
+    assert!(!table_exists(&mut conn, "things_x_idx"));
+}
+
+#[test]
+fn migration_outside_a_transaction_with_two_statements_is_refused_by_name() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder("001_table", "CREATE TABLE things (x int);"),
+        Folder {
+            name: "002_two",
+            up: "CREATE INDEX CONCURRENTLY a_idx ON things (x);\nCREATE INDEX CONCURRENTLY b_idx ON things (x);\n",
+            down: None,
+            metadata: Some("run_in_transaction = false\n"),
+        },
+    ]);
+    let error = run(&db, &set).unwrap_err();
+    assert!(matches!(&error, MigrateError::MigrationFailed(f) if f.name == "002_two"), "{error:?}");
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "a_idx"), "no part of the refused file may run");
+    assert_eq!(recorded(&mut conn), ["001_table"]);
+}
+
+#[test]
+fn a_runner_waits_for_the_lock_and_gives_up_after_its_timeout() {
+    let db = empty_database();
+    let mut holder = db.connect();
+    holder.batch_execute(&format!("SELECT pg_advisory_lock({})", MigrationRunner::LOCK_KEY)).unwrap();
+    let (_dir, set) = set_of(&[folder("001_a", "CREATE TABLE a (id int);")]);
+    let mut events = Vec::new();
+    let error = MigrationRunner::new(db.url(), set.clone())
+        .with_lock_timeout(Duration::from_millis(300))
+        .run_pending(&mut |e| events.push(e.clone()))
+        .unwrap_err();
+    assert!(matches!(error, MigrateError::LockTimeout { .. }), "{error:?}");
+    assert_eq!(events, [MigrationEvent::WaitingForLock]);
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "a"));
+
+    holder.batch_execute(&format!("SELECT pg_advisory_unlock({})", MigrationRunner::LOCK_KEY)).unwrap();
+    assert_eq!(run(&db, &set).unwrap(), ["001_a"]);
+}
+
+#[test]
+fn the_lock_is_released_after_a_failed_run() {
+    let db = empty_database();
+    let (_dir, broken) = set_of(&[folder("001_a", "CREATE TABLE a (id int); SELECT 1/0;")]);
+    run(&db, &broken).unwrap_err();
+    let (_dir2, fixed) = set_of(&[folder("001_a", "CREATE TABLE a (id int);")]);
+    let applied = MigrationRunner::new(db.url(), fixed)
+        .with_lock_timeout(Duration::from_millis(200))
+        .run_pending(&mut |_| {})
+        .unwrap();
+    assert_eq!(applied.len(), 1);
+    let mut conn = db.connect();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"), 0);
+}
+
+#[test]
+fn status_lists_applied_and_pending_migrations_with_times() {
+    let db = empty_database();
+    let (dir, set) = set_of(&[folder("001_a", "CREATE TABLE a (id int);")]);
+    let before = MigrationRunner::new(db.url(), set.clone()).status().unwrap();
+    assert!(matches!(&before[..], [s] if s.name == "001_a" && s.state == MigrationState::Pending));
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "_migrations"), "status must not create anything");
+
+    run(&db, &set).unwrap();
+    write_folders(dir.path(), &[folder("002_b", "CREATE TABLE b (id int);")]);
+    let status = MigrationRunner::new(db.url(), MigrationSet::from_dir(dir.path()).unwrap()).status().unwrap();
+    assert_eq!(status.len(), 2);
+    assert!(matches!(status[0].state, MigrationState::Applied { checksum_matches: true, .. }));
+    assert_eq!(status[1].state, MigrationState::Pending);
+}
+
+#[test]
+fn debug_output_of_a_runner_hides_the_database_url() {
+    let runner = MigrationRunner::new("postgres://app:s3cret@db.internal/prod", MigrationSet::embedded().unwrap());
+    let debug = format!("{runner:?}");
+    assert!(!debug.contains("s3cret") && !debug.contains("db.internal"), "{debug}");
+}

@@ -1,0 +1,172 @@
+//! A PostgreSQL for tests, started by the tests themselves.
+//!
+//! `cargo test --workspace` must pass on a machine that has the PostgreSQL
+//! server binaries and nothing set up. The first test of a process that asks
+//! for a database picks a server, in this order:
+//!
+//! 1. `DPLOYR_TEST_DATABASE_URL`, else `DATABASE_URL`: that server (the role
+//!    needs `CREATEDB`);
+//! 2. the local server binaries ([`local::find_bindir`]): a throwaway cluster
+//!    in a temp dir on a free loopback port, `fsync=off`; as root, run as the
+//!    `postgres` (else `nobody`) user;
+//! 3. with the `docker` feature (default) and a Docker engine: a
+//!    `postgres:15-alpine` container through testcontainers;
+//! 4. otherwise a panic whose message says how to get any of the three.
+//!
+//! The server is shared by every test of the process and is stopped and
+//! deleted when the process exits: an `atexit` hook does it when the test
+//! harness exits (whether tests passed, failed or panicked), and a guardian
+//! process does it if the process is killed. No server and no temp directory
+//! outlive `cargo test`.
+//!
+//! Each test gets its own database cloned from a template that has every
+//! migration applied:
+//!
+//! ```no_run
+//! use diesel::prelude::*;
+//!
+//! let db = dployr_testkit::database();
+//! let mut conn = db.connect();
+//! let users: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT count(*) FROM users")
+//!     .get_result(&mut conn)
+//!     .unwrap();
+//! assert_eq!(users, 0);
+//! ```
+
+pub mod local;
+
+mod databases;
+#[cfg(feature = "docker")]
+mod docker;
+mod error;
+mod server;
+
+pub use error::TestkitError;
+pub use server::{ServerKind, TestServer, server};
+
+use std::fmt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use diesel::{Connection as _, PgConnection};
+use dployr_migrate::MigrationSet;
+
+/// A database of its own for one test. Dropping it drops the database on a
+/// server the testkit does not own (`DATABASE_URL`); throwaway servers are
+/// deleted whole at exit instead, which is cheaper.
+pub struct TestDatabase {
+    name: String,
+    url: String,
+    server: &'static TestServer,
+}
+
+impl fmt::Debug for TestDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestDatabase").field("name", &self.name).field("server", &self.server.kind()).finish()
+    }
+}
+
+impl TestDatabase {
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A URL for it (libpq syntax).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A new connection to it.
+    ///
+    /// # Panics
+    /// If the server refuses the connection: a test cannot go on without it.
+    pub fn connect(&self) -> PgConnection {
+        match PgConnection::establish(&self.url) {
+            Ok(conn) => conn,
+            Err(error) => panic!("cannot connect to test database {}: {error}", self.name),
+        }
+    }
+
+    /// `pg_dump --schema-only` of this database, for comparing schemas.
+    ///
+    /// The `\restrict` / `\unrestrict` lines that pg_dump 15.14+ writes
+    /// carry a random key per dump; they are left out so equal schemas give
+    /// equal text.
+    ///
+    /// # Errors
+    /// [`TestkitError::Setup`] if `pg_dump` is missing or fails.
+    pub fn schema_dump(&self) -> Result<String, TestkitError> {
+        let pg_dump = self.server.bindir().map_or_else(|| PathBuf::from("pg_dump"), |dir| dir.join("pg_dump"));
+        let out = Command::new(&pg_dump)
+            .args(["--schema-only", "--no-owner", "--no-privileges", "--dbname"])
+            .arg(&self.url)
+            .output()
+            .map_err(|e| TestkitError::io(format!("running {}", pg_dump.display()), e))?;
+        if !out.status.success() {
+            return Err(TestkitError::Setup(format!("pg_dump failed: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        let dump = String::from_utf8_lossy(&out.stdout);
+        Ok(dump
+            .lines()
+            .filter(|line| !line.starts_with("\\restrict ") && !line.starts_with("\\unrestrict "))
+            .map(|line| format!("{line}\n"))
+            .collect())
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        self.server.release(&self.name);
+    }
+}
+
+static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
+
+fn next_name(kind: &str) -> String {
+    format!("dployr_{kind}_{}_{}", std::process::id(), NEXT_DATABASE.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A fresh database with every migration of the workspace applied.
+///
+/// # Errors
+/// [`TestkitError`] if no server can be had or the clone fails.
+pub fn try_database() -> Result<TestDatabase, TestkitError> {
+    let server = server()?;
+    let name = next_name("t");
+    server.clone_template(&name)?;
+    Ok(TestDatabase { url: server.url_for(&name), name, server })
+}
+
+/// A fresh, empty database (no migration applied), for migration tests.
+///
+/// # Errors
+/// [`TestkitError`] if no server can be had or the database cannot be created.
+pub fn try_empty_database() -> Result<TestDatabase, TestkitError> {
+    let server = server()?;
+    let name = next_name("e");
+    server.create_empty(&name)?;
+    Ok(TestDatabase { url: server.url_for(&name), name, server })
+}
+
+/// [`try_database`], panicking with the error's guidance on failure.
+///
+/// # Panics
+/// If no PostgreSQL can be had; the message says how to provide one.
+pub fn database() -> TestDatabase {
+    try_database().unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// [`try_empty_database`], panicking with the error's guidance on failure.
+///
+/// # Panics
+/// If no PostgreSQL can be had; the message says how to provide one.
+pub fn empty_database() -> TestDatabase {
+    try_empty_database().unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// The embedded migrations, the set every template is built from.
+fn workspace_migrations() -> Result<MigrationSet, TestkitError> {
+    Ok(MigrationSet::embedded()?)
+}

@@ -1,0 +1,272 @@
+//! The rules the schema of `000_init` enforces by itself, so no store can
+//! forget them: one owner per cluster (also under concurrency), immutable
+//! e-mails, no return to `invited`, metadata objects, cascades, and an index
+//! behind every foreign key.
+
+#![cfg(test)]
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection as _;
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{BigInt, Bool, Text};
+
+/// A valid ULID-shaped id (digits are Crockford base32).
+fn id(n: u32) -> String {
+    format!("{n:026}")
+}
+
+fn user(conn: &mut PgConnection, n: u32) -> String {
+    diesel::sql_query("INSERT INTO users (id, email, name, provider) VALUES ($1, $2, $3, 'email')")
+        .bind::<Text, _>(id(n))
+        .bind::<Text, _>(format!("user{n}@example.com"))
+        .bind::<Text, _>(format!("User {n}"))
+        .execute(conn)
+        .unwrap();
+    id(n)
+}
+
+fn cluster(conn: &mut PgConnection, n: u32) -> String {
+    diesel::sql_query("INSERT INTO clusters (id, name) VALUES ($1, $2)")
+        .bind::<Text, _>(id(n))
+        .bind::<Text, _>(format!("cluster {n}"))
+        .execute(conn)
+        .unwrap();
+    id(n)
+}
+
+fn member(conn: &mut PgConnection, user_id: &str, cluster_id: &str, role: &str) -> QueryResult<usize> {
+    diesel::sql_query("INSERT INTO user_clusters (user_id, cluster_id, role) VALUES ($1, $2, $3)")
+        .bind::<Text, _>(user_id)
+        .bind::<Text, _>(cluster_id)
+        .bind::<Text, _>(role)
+        .execute(conn)
+}
+
+fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>(&format!("({sql})"))).get_result(conn).unwrap()
+}
+
+/// The kind and constraint name of a refused statement.
+fn refusal<T: std::fmt::Debug>(result: QueryResult<T>) -> (DatabaseErrorKind, String) {
+    match result {
+        Err(DieselError::DatabaseError(kind, info)) => (kind, info.constraint_name().unwrap_or_default().to_owned()),
+        other => panic!("expected the database to refuse, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_second_owner_of_a_cluster_is_refused_by_the_partial_unique_index() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (a, b, c) = (user(&mut conn, 1), user(&mut conn, 2), cluster(&mut conn, 10));
+    member(&mut conn, &a, &c, "owner").unwrap();
+    let (kind, constraint) = refusal(member(&mut conn, &b, &c, "owner"));
+    assert_eq!(kind, DatabaseErrorKind::UniqueViolation);
+    assert_eq!(constraint, "user_clusters_one_owner_per_cluster");
+    // Other roles are not limited, and another cluster may have its own owner.
+    member(&mut conn, &b, &c, "admin").unwrap();
+    let other = cluster(&mut conn, 11);
+    member(&mut conn, &b, &other, "owner").unwrap();
+}
+
+#[test]
+fn two_concurrent_transactions_cannot_both_make_an_owner() {
+    let db = dployr_testkit::database();
+    let mut setup = db.connect();
+    let (a, b, c) = (user(&mut setup, 1), user(&mut setup, 2), cluster(&mut setup, 10));
+
+    let (inserted_tx, inserted_rx) = mpsc::channel();
+    let first = {
+        let (url, a, c) = (db.url().to_owned(), a.clone(), c.clone());
+        thread::spawn(move || {
+            let mut conn = PgConnection::establish(&url).unwrap();
+            conn.transaction::<_, DieselError, _>(|conn| {
+                member(conn, &a, &c, "owner")?;
+                inserted_tx.send(()).unwrap();
+                // Hold the uncommitted owner while the other transaction tries.
+                thread::sleep(Duration::from_millis(300));
+                Ok(())
+            })
+        })
+    };
+    inserted_rx.recv().unwrap();
+    let mut conn = db.connect();
+    // This waits on the first transaction's uncommitted index entry, then fails.
+    let second = conn.transaction::<_, DieselError, _>(|conn| member(conn, &b, &c, "owner"));
+    first.join().unwrap().unwrap();
+    let (kind, constraint) = refusal(second);
+    assert_eq!(kind, DatabaseErrorKind::UniqueViolation);
+    assert_eq!(constraint, "user_clusters_one_owner_per_cluster");
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM user_clusters WHERE role = 'owner'"), 1);
+}
+
+#[test]
+fn an_email_cannot_change() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let a = user(&mut conn, 1);
+    let result = diesel::sql_query("UPDATE users SET email = 'other@example.com' WHERE id = $1")
+        .bind::<Text, _>(&a)
+        .execute(&mut conn);
+    let (kind, constraint) = refusal(result);
+    assert_eq!(kind, DatabaseErrorKind::CheckViolation);
+    assert_eq!(constraint, "users_email_immutable");
+    // Other columns still change.
+    diesel::sql_query("UPDATE users SET name = 'Renamed' WHERE id = $1")
+        .bind::<Text, _>(&a)
+        .execute(&mut conn)
+        .unwrap();
+}
+
+#[test]
+fn emails_are_stored_trimmed_and_lower_cased() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    for email in ["A@example.com", " a@example.com", "no-at-sign", "@example.com"] {
+        let result = diesel::sql_query("INSERT INTO users (id, email, name, provider) VALUES ($1, $2, 'x', 'email')")
+            .bind::<Text, _>(id(1))
+            .bind::<Text, _>(email)
+            .execute(&mut conn);
+        assert_eq!(refusal(result), (DatabaseErrorKind::CheckViolation, "users_email_check".to_owned()), "{email}");
+    }
+}
+
+#[test]
+fn a_role_never_goes_back_to_invited() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (a, c) = (user(&mut conn, 1), cluster(&mut conn, 10));
+    member(&mut conn, &a, &c, "invited").unwrap();
+    let set_role = |conn: &mut PgConnection, role: &str| {
+        diesel::sql_query("UPDATE user_clusters SET role = $1 WHERE user_id = $2 AND cluster_id = $3")
+            .bind::<Text, _>(role)
+            .bind::<Text, _>(&a)
+            .bind::<Text, _>(&c)
+            .execute(conn)
+    };
+    set_role(&mut conn, "viewer").unwrap();
+    let (kind, constraint) = refusal(set_role(&mut conn, "invited"));
+    assert_eq!(kind, DatabaseErrorKind::CheckViolation);
+    assert_eq!(constraint, "user_clusters_no_return_to_invited");
+    set_role(&mut conn, "admin").unwrap();
+}
+
+#[test]
+fn roles_and_providers_are_limited_to_known_values() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (a, c) = (user(&mut conn, 1), cluster(&mut conn, 10));
+    assert_eq!(refusal(member(&mut conn, &a, &c, "superuser")).1, "user_clusters_role_check");
+    let result =
+        diesel::sql_query("INSERT INTO users (id, email, name, provider) VALUES ($1, 'b@example.com', 'b', 'gitlab')")
+            .bind::<Text, _>(id(2))
+            .execute(&mut conn);
+    assert_eq!(refusal(result).1, "users_provider_check");
+}
+
+#[test]
+fn metadata_that_is_not_a_json_object_is_refused_in_every_table() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let c = cluster(&mut conn, 10);
+    for value in ["[]", "\"text\"", "1", "null", "true"] {
+        for (table, sql) in [
+            (
+                "users",
+                "INSERT INTO users (id, email, name, provider, metadata) VALUES ($1, 'm@example.com', 'm', 'email', $2::jsonb)",
+            ),
+            ("clusters", "INSERT INTO clusters (id, name, metadata) VALUES ($1, 'm', $2::jsonb)"),
+        ] {
+            let result = diesel::sql_query(sql).bind::<Text, _>(id(99)).bind::<Text, _>(value).execute(&mut conn);
+            assert_eq!(
+                refusal(result),
+                (DatabaseErrorKind::CheckViolation, format!("{table}_metadata_check")),
+                "{table} {value}"
+            );
+        }
+        let result = diesel::sql_query(
+            "INSERT INTO instances (id, cluster_id, address, tag, metadata) VALUES ($1, $2, '10.0.0.1', 't', $3::jsonb)",
+        )
+        .bind::<Text, _>(id(98))
+        .bind::<Text, _>(&c)
+        .bind::<Text, _>(value)
+        .execute(&mut conn);
+        assert_eq!(refusal(result).1, "instances_metadata_check", "instances {value}");
+    }
+}
+
+#[test]
+fn deleting_a_cluster_removes_its_memberships_instances_and_their_tokens() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (a, c, kept) = (user(&mut conn, 1), cluster(&mut conn, 10), cluster(&mut conn, 11));
+    member(&mut conn, &a, &c, "owner").unwrap();
+    member(&mut conn, &a, &kept, "owner").unwrap();
+    for (instance, cluster_id) in [(id(20), &c), (id(21), &kept)] {
+        diesel::sql_query("INSERT INTO instances (id, cluster_id, address, tag) VALUES ($1, $2, $1, $1)")
+            .bind::<Text, _>(&instance)
+            .bind::<Text, _>(cluster_id)
+            .execute(&mut conn)
+            .unwrap();
+        diesel::sql_query("INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ($1, $2)")
+            .bind::<Text, _>(format!("nonce-{instance}"))
+            .bind::<Text, _>(&instance)
+            .execute(&mut conn)
+            .unwrap();
+    }
+    diesel::sql_query("DELETE FROM clusters WHERE id = $1").bind::<Text, _>(&c).execute(&mut conn).unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM user_clusters"), 1);
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM instances"), 1);
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM bootstrap_tokens"), 1);
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM users"), 1, "users outlive their clusters");
+}
+
+#[test]
+fn updated_at_is_kept_by_the_database() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    // Rows written an hour ago (an INSERT may set both timestamps).
+    conn.batch_execute(
+        "INSERT INTO users (id, email, name, provider, created_at, updated_at)
+         VALUES ('00000000000000000000000001', 'a@example.com', 'A', 'email', now() - interval '1 hour', now() - interval '1 hour')",
+    )
+    .unwrap();
+    let stale = "SELECT count(*) FROM users WHERE updated_at < now() - interval '59 minutes'";
+    // A no-op update keeps the timestamp: nothing changed.
+    conn.batch_execute("UPDATE users SET name = name").unwrap();
+    assert_eq!(count(&mut conn, stale), 1);
+    // A real change moves it, even when the statement tries to set it itself.
+    conn.batch_execute("UPDATE users SET name = 'New', updated_at = '2000-01-01'").unwrap();
+    assert_eq!(count(&mut conn, stale), 0);
+    let moved: bool = diesel::select(diesel::dsl::sql::<Bool>("(SELECT updated_at > created_at FROM users)"))
+        .get_result(&mut conn)
+        .unwrap();
+    assert!(moved);
+}
+
+#[test]
+fn every_foreign_key_is_backed_by_an_index() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    // A foreign key whose columns are not the leading columns of some index
+    // makes every cascade and every join from the parent a sequential scan.
+    let unindexed: Vec<String> = diesel::dsl::sql::<Text>(
+        "SELECT c.conrelid::regclass || '.' || c.conname
+           FROM pg_constraint c
+          WHERE c.contype = 'f'
+            AND c.connamespace = 'public'::regnamespace
+            AND NOT EXISTS (
+                SELECT 1 FROM pg_index i
+                 WHERE i.indrelid = c.conrelid
+                   AND (i.indkey::int2[])[0:cardinality(c.conkey) - 1] @> c.conkey
+                   AND (i.indkey::int2[])[0:cardinality(c.conkey) - 1] <@ c.conkey)
+          ORDER BY 1",
+    )
+    .load(&mut conn)
+    .unwrap();
+    assert_eq!(unindexed, Vec::<String>::new());
+}

@@ -1,0 +1,94 @@
+//! `cargo xtask db ...`: the local development PostgreSQL.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+
+use diesel::{Connection as _, PgConnection};
+use dployr_testkit::local::{self, DevCluster};
+
+use crate::{Failure, workspace_root};
+
+/// `DATABASE_URL`, if the user set one.
+pub fn external_url() -> Option<String> {
+    std::env::var("DATABASE_URL").ok().filter(|url| !url.trim().is_empty())
+}
+
+fn dev_cluster() -> Result<DevCluster, Failure> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let bindir = local::find_bindir().ok_or_else(|| {
+        format!(
+            "no PostgreSQL server binaries found (searched {}); install them (apt-get install postgresql) \
+             or set DATABASE_URL to a server of your own",
+            local::BINDIR_SEARCH
+        )
+    })?;
+    Ok(DevCluster::new(target.join("dployr-dev"), bindir))
+}
+
+/// The database the other commands use: `DATABASE_URL`, else the running
+/// development cluster.
+pub fn database_url() -> Result<String, Failure> {
+    if let Some(url) = external_url() {
+        return Ok(url);
+    }
+    let cluster = dev_cluster()?;
+    match cluster.url() {
+        Some(url) if cluster.is_running() => Ok(url),
+        _ => Err("the local development database is not running: start it with `cargo xtask db up` \
+                  (or set DATABASE_URL to a server of your own)"
+            .into()),
+    }
+}
+
+pub fn up() -> Result<(), Failure> {
+    if let Some(url) = external_url() {
+        PgConnection::establish(&url).map_err(|e| format!("DATABASE_URL is set, but its server refused: {e}"))?;
+        println!("DATABASE_URL is set and answers; nothing to start.");
+        return Ok(());
+    }
+    let cluster = dev_cluster()?;
+    let was_running = cluster.is_running();
+    let url = cluster.up()?;
+    if was_running {
+        println!("already running: {url}");
+    } else {
+        println!("started the development database: {url}");
+    }
+    println!("next: cargo xtask migrate run");
+    Ok(())
+}
+
+pub fn down(purge: bool) -> Result<(), Failure> {
+    if external_url().is_some() {
+        return Err("DATABASE_URL is set: `db down` only stops the local development cluster; unset it first".into());
+    }
+    let cluster = dev_cluster()?;
+    if cluster.down()? {
+        println!("stopped the development database");
+    } else {
+        println!("the development database was not running");
+    }
+    if purge {
+        let root = cluster.root().to_owned();
+        if root.exists() {
+            std::fs::remove_dir_all(&root).map_err(|e| format!("deleting {}: {e}", root.display()))?;
+            println!("deleted {}", root.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn url() -> Result<(), Failure> {
+    println!("{}", database_url()?);
+    Ok(())
+}
+
+pub fn psql(extra: &[&str]) -> Result<(), Failure> {
+    let url = database_url()?;
+    let psql =
+        local::find_bindir().map(|dir| dir.join("psql")).filter(|p| p.is_file()).unwrap_or_else(|| "psql".into());
+    // Replace this process: psql owns the terminal from here.
+    let error = Command::new(&psql).arg(&url).args(extra).exec();
+    Err(format!("running {}: {error}", psql.display()).into())
+}
