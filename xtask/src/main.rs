@@ -8,6 +8,7 @@
 #![expect(clippy::print_stdout, reason = "a command-line tool: printing is its output")]
 
 mod db;
+mod demo;
 mod migrate;
 mod schema;
 
@@ -16,6 +17,8 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
+
+  demo             what the data layer does today, on a throwaway PostgreSQL it starts and stops
 
   db up            start the local development PostgreSQL (target/dployr-dev) and create dployr-local
   db down          stop it (the data stays; `db down --purge` deletes it)
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
+        ["demo"] => demo::run(),
         ["db", "up"] => db::up(),
         ["db", "down"] => db::down(false),
         ["db", "down", "--purge"] => db::down(true),

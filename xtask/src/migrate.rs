@@ -19,7 +19,7 @@ fn print_event(event: &MigrationEvent) {
 pub fn status() -> Result<(), Failure> {
     let lines = runner()?.status()?;
     let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(4).max(4);
-    println!("{:<width$}  {:<8}  {:<23}  {:>9}", "NAME", "STATE", "APPLIED AT (UTC)", "TIME");
+    println!("{:<width$}  {:<8}  {:<19}  {:>8}", "NAME", "STATE", "APPLIED AT (UTC)", "TIME");
     let mut pending = 0;
     for line in &lines {
         let (state, applied_at, took) = match &line.state {
@@ -30,13 +30,16 @@ pub fn status() -> Result<(), Failure> {
             MigrationState::Applied { applied_at, duration, checksum_matches } => (
                 if *checksum_matches { "applied" } else { "CHANGED" },
                 applied_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                format!("{} ms", duration.as_millis()),
+                match duration.as_millis() {
+                    0 => "<1 ms".to_owned(),
+                    ms => format!("{ms} ms"),
+                },
             ),
             MigrationState::MissingFromSource { applied_at } => {
                 ("MISSING", applied_at.format("%Y-%m-%d %H:%M:%S").to_string(), String::new())
             }
         };
-        println!("{:<width$}  {state:<8}  {applied_at:<23}  {took:>9}", line.name);
+        println!("{:<width$}  {state:<8}  {applied_at:<19}  {took:>8}", line.name);
     }
     println!("\n{} migrations, {pending} pending", lines.len());
     if lines.iter().any(|l| matches!(l.state, MigrationState::Applied { checksum_matches: false, .. })) {
@@ -53,8 +56,8 @@ pub fn run() -> Result<(), Failure> {
     if applied.is_empty() {
         println!("nothing to apply: the database is up to date");
     } else {
-        let total: u128 = applied.iter().map(|m| m.duration.as_millis()).sum();
-        println!("{} migration(s) applied in {total} ms", applied.len());
+        let total: std::time::Duration = applied.iter().map(|m| m.duration).sum();
+        println!("{} migration(s) applied in {total:.1?}", applied.len());
     }
     Ok(())
 }

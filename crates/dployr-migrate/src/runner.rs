@@ -82,9 +82,9 @@ impl fmt::Display for MigrationEvent {
         match self {
             Self::WaitingForLock => f.write_str("waiting for another migration runner to finish"),
             Self::Applying { name } => write!(f, "applying {name}"),
-            Self::Applied { name, duration } => write!(f, "applied  {name} ({} ms)", duration.as_millis()),
+            Self::Applied { name, duration } => write!(f, "applied  {name} ({duration:.1?})"),
             Self::Reverting { name } => write!(f, "reverting {name}"),
-            Self::Reverted { name, duration } => write!(f, "reverted {name} ({} ms)", duration.as_millis()),
+            Self::Reverted { name, duration } => write!(f, "reverted {name} ({duration:.1?})"),
         }
     }
 }
