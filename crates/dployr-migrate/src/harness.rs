@@ -84,28 +84,7 @@ impl<'a> DployrHarness<'a> {
 
     /// Applies one migration and records it; returns the execution time.
     pub(crate) fn apply(&mut self, migration: &MigrationFile) -> Result<Duration, MigrateError> {
-        if migration.run_in_transaction() {
-            return self.conn.transaction(|conn| {
-                let started = Instant::now();
-                conn.batch_execute(migration.up_sql())
-                    .map_err(|e| MigrateError::failed(migration.name(), "up.sql", migration.up_sql(), e))?;
-                let elapsed = started.elapsed();
-                record(conn, migration, elapsed)?;
-                Ok(elapsed)
-            });
-        }
-        // Outside a transaction the file goes through the extended protocol
-        // as one prepared statement: PostgreSQL refuses a text with more than
-        // one command there before running any of it. (A simple-protocol
-        // batch would run as one implicit transaction, which CREATE INDEX
-        // CONCURRENTLY refuses.)
-        let started = Instant::now();
-        diesel::sql_query(migration.up_sql())
-            .execute(self.conn)
-            .map_err(|e| MigrateError::failed(migration.name(), "up.sql", migration.up_sql(), e))?;
-        let elapsed = started.elapsed();
-        record(self.conn, migration, elapsed)?;
-        Ok(elapsed)
+        run_file(self.conn, migration, "up.sql", migration.up_sql(), |conn, elapsed| record(conn, migration, elapsed))
     }
 
     /// Reverts one applied migration and deletes its row; returns the time
@@ -113,25 +92,12 @@ impl<'a> DployrHarness<'a> {
     pub(crate) fn revert(&mut self, migration: &MigrationFile) -> Result<Duration, MigrateError> {
         let down =
             migration.down_sql().ok_or_else(|| MigrateError::NoDownFile { name: migration.name().to_owned() })?;
-        let forget = |conn: &mut PgConnection| {
-            diesel::delete(_migrations::table.find(migration.version())).execute(conn).map(drop)
-        };
-        if migration.run_in_transaction() {
-            return self.conn.transaction(|conn| {
-                let started = Instant::now();
-                conn.batch_execute(down).map_err(|e| MigrateError::failed(migration.name(), "down.sql", down, e))?;
-                let elapsed = started.elapsed();
-                forget(conn)?;
-                Ok(elapsed)
-            });
-        }
-        let started = Instant::now();
-        diesel::sql_query(down)
-            .execute(self.conn)
-            .map_err(|e| MigrateError::failed(migration.name(), "down.sql", down, e))?;
-        let elapsed = started.elapsed();
-        forget(self.conn)?;
-        Ok(elapsed)
+        run_file(self.conn, migration, "down.sql", down, |conn, _| {
+            diesel::delete(_migrations::table.find(migration.version()))
+                .execute(conn)
+                .map(drop)
+                .map_err(|source| MigrateError::Database { context: "removing the migration from _migrations", source })
+        })
     }
 
     fn file_for(&self, migration: &dyn Migration<Pg>) -> Result<&'a MigrationFile, MigrateError> {
@@ -148,6 +114,38 @@ pub(crate) fn read_applied_rows(conn: &mut PgConnection) -> Result<Vec<AppliedRo
         .order(_migrations::version.asc())
         .load(conn)
         .map_err(|source| MigrateError::Database { context: "reading _migrations", source })
+}
+
+/// Runs one file of `migration` and then its bookkeeping, both in one
+/// transaction unless the migration opts out.
+fn run_file(
+    conn: &mut PgConnection,
+    migration: &MigrationFile,
+    file: &'static str,
+    sql: &str,
+    bookkeeping: impl FnOnce(&mut PgConnection, Duration) -> Result<(), MigrateError>,
+) -> Result<Duration, MigrateError> {
+    let failed = |e| MigrateError::failed(migration.name(), file, sql, e);
+    if migration.run_in_transaction() {
+        return conn.transaction(|conn| {
+            let started = Instant::now();
+            conn.batch_execute(sql).map_err(failed)?;
+            let elapsed = started.elapsed();
+            bookkeeping(conn, elapsed)?;
+            Ok(elapsed)
+        });
+    }
+    // Outside a transaction the file goes through the extended protocol as
+    // one prepared statement: PostgreSQL refuses a text with more than one
+    // command there before running any of it. (A simple-protocol batch would
+    // run as one implicit transaction, which CREATE INDEX CONCURRENTLY
+    // refuses.) If the bookkeeping then fails, the statement stays done but
+    // unrecorded: the error says so through its context.
+    let started = Instant::now();
+    diesel::sql_query(sql).execute(conn).map_err(failed)?;
+    let elapsed = started.elapsed();
+    bookkeeping(conn, elapsed)?;
+    Ok(elapsed)
 }
 
 fn record(conn: &mut PgConnection, migration: &MigrationFile, elapsed: Duration) -> Result<(), MigrateError> {
