@@ -65,12 +65,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            // The errors of dployr-migrate and dployr-testkit already say
+            // their cause in their message; walking `source()` would repeat it.
             eprintln!("error: {error}");
-            let mut source = error.source();
-            while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
-                source = cause.source();
-            }
             ExitCode::FAILURE
         }
     }

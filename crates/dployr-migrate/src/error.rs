@@ -33,6 +33,19 @@ pub enum MigrateError {
         current: String,
     },
 
+    /// The migration applied under this version had another folder name.
+    #[error(
+        "migration {current} was applied as {recorded} (same version {version}); renaming an applied migration is refused, as editing one is"
+    )]
+    Renamed {
+        /// The version both names share.
+        version: String,
+        /// The name recorded in `_migrations`.
+        recorded: String,
+        /// The folder name in this binary.
+        current: String,
+    },
+
     /// A migration is recorded as applied but this binary does not have it.
     #[error(
         "migration {name} is applied to the database but missing from this binary (is the binary older than the database?)"

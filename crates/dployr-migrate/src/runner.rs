@@ -336,7 +336,14 @@ fn verify(set: &MigrationSet, applied: &[AppliedRow]) -> Result<(), MigrateError
         let Some(file) = set.get(&row.version) else {
             return Err(MigrateError::MissingFromSource { name: row.name.clone() });
         };
-        if file.checksum() != row.checksum || file.name() != row.name {
+        if file.name() != row.name {
+            return Err(MigrateError::Renamed {
+                version: row.version.clone(),
+                recorded: row.name.clone(),
+                current: file.name().to_owned(),
+            });
+        }
+        if file.checksum() != row.checksum {
             return Err(MigrateError::ChecksumMismatch {
                 name: file.name().to_owned(),
                 recorded: row.checksum.clone(),

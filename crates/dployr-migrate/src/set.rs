@@ -237,6 +237,26 @@ mod tests {
     }
 
     #[test]
+    fn every_workspace_migration_can_be_reverted() {
+        let set = MigrationSet::embedded().expect("embedded migrations load");
+        let one_way: Vec<&str> =
+            set.iter().filter(|m| m.down_sql().is_none_or(|d| d.trim().is_empty())).map(MigrationFile::name).collect();
+        assert!(one_way.is_empty(), "migrations without a down.sql: {one_way:?}");
+    }
+
+    #[test]
+    fn two_folders_with_one_version_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in ["001_first", "001_second"] {
+            std::fs::create_dir(dir.path().join(name)).expect("folder");
+            std::fs::write(dir.path().join(name).join("up.sql"), "SELECT 1;").expect("up.sql");
+        }
+        let error = MigrationSet::from_dir(dir.path()).expect_err("duplicate versions");
+        let message = error.to_string();
+        assert!(message.contains("001_first") && message.contains("001_second"), "{message}");
+    }
+
+    #[test]
     fn embedded_set_matches_the_migrations_folder() {
         let set = MigrationSet::embedded().expect("embedded migrations load");
         let folder = MigrationSet::from_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations"))

@@ -201,6 +201,19 @@ fn crlf_checkout_of_an_applied_migration_is_not_an_edit() {
 }
 
 #[test]
+fn renaming_an_applied_migration_is_refused() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[folder("001_old_name", "CREATE TABLE a (id int);")]);
+    run(&db, &set).unwrap();
+    let (_dir2, renamed) = set_of(&[folder("001_new_name", "CREATE TABLE a (id int);")]);
+    let error = run(&db, &renamed).unwrap_err();
+    assert!(
+        matches!(&error, MigrateError::Renamed { recorded, current, .. } if recorded == "001_old_name" && current == "001_new_name"),
+        "{error:?}"
+    );
+}
+
+#[test]
 fn applied_migration_missing_from_the_binary_is_refused() {
     let db = empty_database();
     let (_dir, set) =

@@ -226,6 +226,7 @@ impl EphemeralCluster {
         fs::create_dir(&sockets)
             .map_err(|e| cleanup_on_error(TestkitError::io("creating the socket dir".into(), e)))?;
         if let Some(run_as) = run_as {
+            check_reachable(root.parent().unwrap_or(&root)).map_err(cleanup_on_error)?;
             run_as.own(&root).and_then(|()| run_as.own(&sockets)).map_err(cleanup_on_error)?;
         }
         initdb(bindir, &data, run_as).map_err(cleanup_on_error)?;
@@ -548,8 +549,8 @@ fn check_reachable(dir: &Path) -> Result<(), TestkitError> {
         if let Ok(meta) = fs::metadata(path) {
             if meta.permissions().mode() & 0o001 == 0 {
                 return Err(TestkitError::Setup(format!(
-                    "the server runs as the `postgres` user, which cannot enter {} (mode {:o}); \
-                     chmod o+x it, or set DATABASE_URL to a server of your own",
+                    "the server runs as the `postgres` user (this process is root), which cannot enter {} \
+                     (mode {:o}); chmod o+x it, point TMPDIR elsewhere, or set DATABASE_URL to a server of your own",
                     path.display(),
                     meta.permissions().mode() & 0o777
                 )));
