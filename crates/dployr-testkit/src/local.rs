@@ -35,6 +35,26 @@ pub const BINDIR_SEARCH: &str = "$DPLOYR_PG_BINDIR, `pg_config --bindir`, /usr/l
 /// crashed runs looks for it.
 const EPHEMERAL_PREFIX: &str = "dployr-testpg-";
 
+/// Free space `/dev/shm` must have for test clusters to go there.
+const SHM_MIN_FREE: u64 = 1 << 30;
+
+/// Where ephemeral clusters are created: `$DPLOYR_TEST_PG_DIR`, else
+/// `/dev/shm` when it is a tmpfs with room (a throwaway cluster needs no disk,
+/// and every per-test clone copies the template's files: on a disk that is
+/// write-back traffic that slows later tests), else the temp dir.
+pub fn ephemeral_parent_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DPLOYR_TEST_PG_DIR") {
+        return PathBuf::from(dir);
+    }
+    let shm = Path::new("/dev/shm");
+    let roomy = nix::sys::statvfs::statvfs(shm)
+        .is_ok_and(|st| st.blocks_available().saturating_mul(st.fragment_size()) >= SHM_MIN_FREE);
+    if roomy && nix::unistd::access(shm, nix::unistd::AccessFlags::W_OK).is_ok() {
+        return shm.to_owned();
+    }
+    std::env::temp_dir()
+}
+
 /// How long a server may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -212,7 +232,7 @@ impl EphemeralCluster {
         let run_as = RunAs::for_this_process()?;
         let root = tempfile::Builder::new()
             .prefix(EPHEMERAL_PREFIX)
-            .tempdir()
+            .tempdir_in(ephemeral_parent_dir())
             .map_err(|e| TestkitError::io("creating the cluster's temp dir".into(), e))?
             .keep();
         let cleanup_on_error = |error: TestkitError| {
@@ -387,8 +407,9 @@ fn process_alive(pid: i32) -> bool {
 /// Removes clusters left by test processes that died without cleaning up
 /// (and whose guardian could not run either, e.g. the machine rebooted).
 fn sweep_crashed_runs() {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
-    for entry in entries.flatten() {
+    let mut parents = vec![ephemeral_parent_dir(), std::env::temp_dir()];
+    parents.dedup();
+    for entry in parents.iter().filter_map(|dir| fs::read_dir(dir).ok()).flatten().flatten() {
         let path = entry.path();
         if !entry.file_name().to_string_lossy().starts_with(EPHEMERAL_PREFIX) {
             continue;
