@@ -257,6 +257,15 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_up_sql_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("001_blank")).expect("folder");
+        std::fs::write(dir.path().join("001_blank").join("up.sql"), "  \n\t\n").expect("up.sql");
+        let error = MigrationSet::from_dir(dir.path()).expect_err("an empty migration");
+        assert!(error.to_string().contains("001_blank/up.sql is empty"), "{error}");
+    }
+
+    #[test]
     fn embedded_set_matches_the_migrations_folder() {
         let set = MigrationSet::embedded().expect("embedded migrations load");
         let folder = MigrationSet::from_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations"))
