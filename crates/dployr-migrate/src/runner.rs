@@ -178,7 +178,7 @@ impl MigrationRunner {
                     Some(row) => MigrationState::Applied {
                         applied_at: row.applied_at,
                         duration: duration_of(row),
-                        checksum_matches: row.checksum == file.checksum() && row.name == file.name(),
+                        checksum_matches: check(file, row).is_ok(),
                     },
                     None => MigrationState::Pending,
                 };
@@ -207,15 +207,12 @@ impl MigrationRunner {
         &self,
         progress: &mut dyn FnMut(&MigrationEvent),
     ) -> Result<Vec<AppliedMigration>, MigrateError> {
-        self.locked(progress, |harness, progress| {
-            let applied = harness.applied_rows()?;
+        self.locked(progress, |harness, applied, progress| {
             let pending: Vec<&MigrationFile> =
                 self.set.iter().filter(|file| !applied.iter().any(|row| row.version == file.version())).collect();
             let mut done = Vec::with_capacity(pending.len());
             for file in pending {
-                progress(&MigrationEvent::Applying { name: file.name().to_owned() });
-                let duration = harness.apply(file)?;
-                progress(&MigrationEvent::Applied { name: file.name().to_owned(), duration });
+                let duration = apply_one(harness, file, progress)?;
                 done.push(AppliedMigration {
                     name: file.name().to_owned(),
                     version: file.version().to_owned(),
@@ -232,8 +229,8 @@ impl MigrationRunner {
     /// # Errors
     /// As [`MigrationRunner::run_pending`], and [`MigrateError::NoDownFile`].
     pub fn revert_last(&self, progress: &mut dyn FnMut(&MigrationEvent)) -> Result<Option<String>, MigrateError> {
-        self.locked(progress, |harness, progress| {
-            Ok(self.revert_last_locked(harness, progress)?.map(|file| file.name().to_owned()))
+        self.locked(progress, |harness, applied, progress| {
+            Ok(self.revert_last_locked(harness, applied, progress)?.map(|file| file.name().to_owned()))
         })
     }
 
@@ -243,13 +240,11 @@ impl MigrationRunner {
     /// # Errors
     /// As [`MigrationRunner::revert_last`].
     pub fn redo(&self, progress: &mut dyn FnMut(&MigrationEvent)) -> Result<Option<String>, MigrateError> {
-        self.locked(progress, |harness, progress| {
-            let Some(file) = self.revert_last_locked(harness, progress)? else {
+        self.locked(progress, |harness, applied, progress| {
+            let Some(file) = self.revert_last_locked(harness, applied, progress)? else {
                 return Ok(None);
             };
-            progress(&MigrationEvent::Applying { name: file.name().to_owned() });
-            let duration = harness.apply(file)?;
-            progress(&MigrationEvent::Applied { name: file.name().to_owned(), duration });
+            apply_one(harness, file, progress)?;
             Ok(Some(file.name().to_owned()))
         })
     }
@@ -258,9 +253,9 @@ impl MigrationRunner {
     fn revert_last_locked(
         &self,
         harness: &mut DployrHarness<'_>,
+        applied: &[AppliedRow],
         progress: &mut dyn FnMut(&MigrationEvent),
     ) -> Result<Option<&MigrationFile>, MigrateError> {
-        let applied = harness.applied_rows()?;
         let Some(last) = applied.last() else {
             return Ok(None);
         };
@@ -278,17 +273,19 @@ impl MigrationRunner {
     }
 
     /// Runs `work` on a dedicated connection holding the migration lock,
-    /// after verifying applied migrations against the set.
+    /// after verifying the applied migrations (read once, under the lock, and
+    /// handed to `work`) against the set.
     fn locked<T>(
         &self,
         progress: &mut dyn FnMut(&MigrationEvent),
-        work: impl FnOnce(&mut DployrHarness<'_>, &mut dyn FnMut(&MigrationEvent)) -> Result<T, MigrateError>,
+        work: impl FnOnce(&mut DployrHarness<'_>, &[AppliedRow], &mut dyn FnMut(&MigrationEvent)) -> Result<T, MigrateError>,
     ) -> Result<T, MigrateError> {
         let mut conn = self.connect()?;
         self.acquire_lock(&mut conn, progress)?;
         let result = DployrHarness::new(&mut conn, &self.set).and_then(|mut harness| {
-            verify(&self.set, &harness.applied_rows()?)?;
-            work(&mut harness, progress)
+            let applied = harness.applied_rows()?;
+            verify(&self.set, &applied)?;
+            work(&mut harness, &applied, progress)
         });
         // The lock is session-level: it would also go when `conn` drops at
         // the end of this function, even if the unlock below cannot run
@@ -333,25 +330,42 @@ impl MigrationRunner {
 /// does not have. Runs before anything is applied or reverted.
 fn verify(set: &MigrationSet, applied: &[AppliedRow]) -> Result<(), MigrateError> {
     for row in applied {
-        let Some(file) = set.get(&row.version) else {
-            return Err(MigrateError::MissingFromSource { name: row.name.clone() });
-        };
-        if file.name() != row.name {
-            return Err(MigrateError::Renamed {
-                version: row.version.clone(),
-                recorded: row.name.clone(),
-                current: file.name().to_owned(),
-            });
-        }
-        if file.checksum() != row.checksum {
-            return Err(MigrateError::ChecksumMismatch {
-                name: file.name().to_owned(),
-                recorded: row.checksum.clone(),
-                current: file.checksum().to_owned(),
-            });
-        }
+        let file = set.get(&row.version).ok_or_else(|| MigrateError::MissingFromSource { name: row.name.clone() })?;
+        check(file, row)?;
     }
     Ok(())
+}
+
+/// The rule for one applied migration: same folder name, same `up.sql`.
+/// [`MigrationRunner::status`] shows it, [`verify`] enforces it.
+fn check(file: &MigrationFile, row: &AppliedRow) -> Result<(), MigrateError> {
+    if file.name() != row.name {
+        return Err(MigrateError::Renamed {
+            version: row.version.clone(),
+            recorded: row.name.clone(),
+            current: file.name().to_owned(),
+        });
+    }
+    if file.checksum() != row.checksum {
+        return Err(MigrateError::ChecksumMismatch {
+            name: file.name().to_owned(),
+            recorded: row.checksum.clone(),
+            current: file.checksum().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Applies one migration, reporting before and after.
+fn apply_one(
+    harness: &mut DployrHarness<'_>,
+    file: &MigrationFile,
+    progress: &mut dyn FnMut(&MigrationEvent),
+) -> Result<Duration, MigrateError> {
+    progress(&MigrationEvent::Applying { name: file.name().to_owned() });
+    let duration = harness.apply(file)?;
+    progress(&MigrationEvent::Applied { name: file.name().to_owned(), duration });
+    Ok(duration)
 }
 
 fn duration_of(row: &AppliedRow) -> Duration {
