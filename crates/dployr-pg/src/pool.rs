@@ -1,0 +1,187 @@
+//! The connection pool every PostgreSQL store (and the PostgreSQL key-value
+//! backend) shares: r2d2 over diesel's `PgConnection`, with a statement
+//! timeout set once per new connection and a statement counter, so tests can
+//! assert how many statements an operation sends.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use diesel::PgConnection;
+use diesel::connection::{Connection as _, Instrumentation, InstrumentationEvent, SimpleConnection as _};
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use dployr_domain::StoreError;
+
+/// A connection checked out of a [`PgPool`]; it goes back when dropped.
+pub type PgPooledConnection = PooledConnection<ConnectionManager<PgConnection>>;
+
+/// How the pool is sized and how long it waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Most connections open at once (r2d2 `max_size`). Default 10.
+    pub max_size: u32,
+    /// How long a checkout (and the first connect) waits before failing with
+    /// [`StoreError::Unavailable`]. Default 5 s.
+    pub connection_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` for every connection; `None` leaves
+    /// the server's setting. Default 30 s.
+    pub statement_timeout: Option<Duration>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_size: 10,
+            connection_timeout: Duration::from_secs(5),
+            statement_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Statements and transactions sent through a pool since it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatementStats {
+    /// Statements sent, not counting `BEGIN`, `COMMIT`, `ROLLBACK` and savepoints.
+    pub statements: u64,
+    /// Outermost transactions begun.
+    pub transactions: u64,
+}
+
+impl std::ops::Sub for StatementStats {
+    type Output = Self;
+
+    fn sub(self, before: Self) -> Self {
+        Self { statements: self.statements - before.statements, transactions: self.transactions - before.transactions }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    /// Every query diesel starts, transaction control included.
+    queries: AtomicU64,
+    /// Transaction control statements (BEGIN, COMMIT, ROLLBACK, SAVEPOINT ...).
+    control: AtomicU64,
+    transactions: AtomicU64,
+}
+
+/// The diesel instrumentation installed on each pooled connection.
+struct CountingInstrumentation(Arc<Counters>);
+
+impl Instrumentation for CountingInstrumentation {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        // diesel reports BEGIN/COMMIT/ROLLBACK both as a transaction event and
+        // as a StartQuery; count the former so they can be subtracted.
+        match event {
+            InstrumentationEvent::StartQuery { .. } => {
+                self.0.queries.fetch_add(1, Ordering::Relaxed);
+            }
+            InstrumentationEvent::BeginTransaction { depth, .. } => {
+                self.0.control.fetch_add(1, Ordering::Relaxed);
+                if depth.get() == 1 {
+                    self.0.transactions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            InstrumentationEvent::CommitTransaction { .. } | InstrumentationEvent::RollbackTransaction { .. } => {
+                self.0.control.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Customizer {
+    statement_timeout: Option<Duration>,
+    counters: Arc<Counters>,
+}
+
+impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        if let Some(timeout) = self.statement_timeout {
+            conn.batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
+                .map_err(diesel::r2d2::Error::QueryError)?;
+        }
+        // Installed after the SET, so only the stores' own statements count.
+        conn.set_instrumentation(CountingInstrumentation(Arc::clone(&self.counters)));
+        Ok(())
+    }
+}
+
+/// A pool of PostgreSQL connections. Cheap to clone; clones share the pool.
+///
+/// ```no_run
+/// use dployr_pg::{PgPool, PoolConfig};
+///
+/// let pool = PgPool::connect("postgres://localhost/dployr-local", PoolConfig::default())?;
+/// let conn = pool.get()?;
+/// # Ok::<(), dployr_domain::StoreError>(())
+/// ```
+#[derive(Clone)]
+pub struct PgPool {
+    inner: Pool<ConnectionManager<PgConnection>>,
+    counters: Arc<Counters>,
+    connection_timeout: Duration,
+}
+
+impl fmt::Debug for PgPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: not printed.
+        f.debug_struct("PgPool").field("state", &self.inner.state()).finish_non_exhaustive()
+    }
+}
+
+impl PgPool {
+    /// Opens a pool on `database_url` and checks that one connection can be
+    /// made within `config.connection_timeout`.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a zero pool size; [`StoreError::Unavailable`]
+    /// when no connection could be made in time (the message carries
+    /// PostgreSQL's reason, without the URL).
+    pub fn connect(database_url: &str, config: PoolConfig) -> Result<Self, StoreError> {
+        if config.max_size == 0 {
+            return Err(StoreError::invalid("pool max_size", "must be at least 1"));
+        }
+        let counters = Arc::new(Counters::default());
+        let customizer = Customizer { statement_timeout: config.statement_timeout, counters: Arc::clone(&counters) };
+        let inner = Pool::builder()
+            .max_size(config.max_size)
+            .min_idle(Some(0))
+            .connection_timeout(config.connection_timeout)
+            .connection_customizer(Box::new(customizer))
+            .build_unchecked(ConnectionManager::new(database_url));
+        let pool = Self { inner, counters, connection_timeout: config.connection_timeout };
+        // One checkout proves the URL works and fails fast, with the reason, when it does not.
+        drop(pool.get()?);
+        Ok(pool)
+    }
+
+    /// Checks a connection out.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when none is free or can be made within
+    /// the connection timeout.
+    pub fn get(&self) -> Result<PgPooledConnection, StoreError> {
+        self.inner.get_timeout(self.connection_timeout).map_err(|e| StoreError::Unavailable {
+            reason: format!("no PostgreSQL connection within {:?}", self.connection_timeout).into(),
+            source: Some(Box::new(e)),
+        })
+    }
+
+    /// Statements and transactions sent through this pool so far.
+    pub fn stats(&self) -> StatementStats {
+        let queries = self.counters.queries.load(Ordering::Relaxed);
+        let control = self.counters.control.load(Ordering::Relaxed);
+        StatementStats {
+            statements: queries.saturating_sub(control),
+            transactions: self.counters.transactions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Connections open now, and how many of them are idle.
+    pub fn state(&self) -> (u32, u32) {
+        let state = self.inner.state();
+        (state.connections, state.idle_connections)
+    }
+}
