@@ -17,7 +17,7 @@ use dployr_domain::StoreError;
 pub type PgPooledConnection = PooledConnection<ConnectionManager<PgConnection>>;
 
 /// How the pool is sized and how long it waits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
     /// Most connections open at once (r2d2 `max_size`). Default 10.
     pub max_size: u32,
@@ -149,6 +149,11 @@ impl PgPool {
             .max_size(config.max_size)
             .min_idle(Some(0))
             .connection_timeout(config.connection_timeout)
+            // r2d2 would send `SELECT 1` before handing out each connection:
+            // a second round trip for every one-statement read. A connection
+            // that died is instead noticed when it fails (Unavailable, so the
+            // caller retries) and then discarded by diesel's broken check.
+            .test_on_check_out(false)
             .connection_customizer(Box::new(customizer))
             .build_unchecked(ConnectionManager::new(database_url));
         let pool = Self { inner, counters, connection_timeout: config.connection_timeout };
@@ -183,5 +188,42 @@ impl PgPool {
     pub fn state(&self) -> (u32, u32) {
         let state = self.inner.state();
         (state.connections, state.idle_connections)
+    }
+}
+
+impl PgPool {
+    /// Runs one read (or a single-statement write) on a pooled connection.
+    /// `parent` names the row a foreign-key error would be about.
+    pub(crate) fn run<T>(
+        &self,
+        parent: &str,
+        work: impl FnOnce(&mut PgConnection) -> diesel::QueryResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.get()?;
+        work(&mut conn).map_err(|e| crate::errors::map(e, parent))
+    }
+
+    /// Runs `work` in one transaction, rolled back on any error.
+    pub(crate) fn transaction<T>(
+        &self,
+        parent: &str,
+        work: impl FnOnce(&mut PgConnection) -> Result<T, crate::errors::Failure>,
+    ) -> Result<T, StoreError> {
+        use diesel::Connection as _;
+        let mut conn = self.get()?;
+        let conn: &mut PgConnection = &mut conn;
+        conn.transaction(work).map_err(|e| e.into_store_error(parent))
+    }
+}
+
+impl PgPool {
+    /// Runs a read of one statement whose result needs the store's own
+    /// checks, outside any transaction.
+    pub(crate) fn read<T>(
+        &self,
+        work: impl FnOnce(&mut PgConnection) -> Result<T, crate::errors::Failure>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.get()?;
+        work(&mut conn).map_err(|e| e.into_store_error(""))
     }
 }
