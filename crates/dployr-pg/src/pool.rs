@@ -3,9 +3,10 @@
 //! timeout set once per new connection and a statement counter, so tests can
 //! assert how many statements an operation sends.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::PgConnection;
@@ -27,6 +28,10 @@ pub struct PoolConfig {
     /// PostgreSQL's `statement_timeout` for every connection; `None` leaves
     /// the server's setting. Default 30 s.
     pub statement_timeout: Option<Duration>,
+    /// Keep the SQL text (never the bound values) of the last statements
+    /// sent, for [`PgPool::recent_statements`]: for tests and debugging.
+    /// Default off: it formats every statement.
+    pub record_statements: bool,
 }
 
 impl Default for PoolConfig {
@@ -35,6 +40,7 @@ impl Default for PoolConfig {
             max_size: 10,
             connection_timeout: Duration::from_secs(5),
             statement_timeout: Some(Duration::from_secs(30)),
+            record_statements: false,
         }
     }
 }
@@ -63,7 +69,12 @@ struct Counters {
     /// Transaction control statements (BEGIN, COMMIT, ROLLBACK, SAVEPOINT ...).
     control: AtomicU64,
     transactions: AtomicU64,
+    /// The SQL of recent statements, when recording is on.
+    recent: Option<Mutex<VecDeque<String>>>,
 }
+
+/// How many statements [`PgPool::recent_statements`] keeps.
+const RECENT_STATEMENTS: usize = 256;
 
 /// The diesel instrumentation installed on each pooled connection.
 struct CountingInstrumentation(Arc<Counters>);
@@ -73,8 +84,18 @@ impl Instrumentation for CountingInstrumentation {
         // diesel reports BEGIN/COMMIT/ROLLBACK both as a transaction event and
         // as a StartQuery; count the former so they can be subtracted.
         match event {
-            InstrumentationEvent::StartQuery { .. } => {
+            InstrumentationEvent::StartQuery { query, .. } => {
                 self.0.queries.fetch_add(1, Ordering::Relaxed);
+                if let Some(recent) = &self.0.recent {
+                    // diesel's text is the SQL, then `-- binds: [...]`; keep the SQL only.
+                    let text = query.to_string();
+                    let sql = text.split(" -- binds: ").next().unwrap_or_default().to_owned();
+                    let mut recent = recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if recent.len() == RECENT_STATEMENTS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(sql);
+                }
             }
             InstrumentationEvent::BeginTransaction { depth, .. } => {
                 self.0.control.fetch_add(1, Ordering::Relaxed);
@@ -143,7 +164,10 @@ impl PgPool {
         if config.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
         }
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters {
+            recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
+            ..Counters::default()
+        });
         let customizer = Customizer { statement_timeout: config.statement_timeout, counters: Arc::clone(&counters) };
         let inner = Pool::builder()
             .max_size(config.max_size)
@@ -182,6 +206,14 @@ impl PgPool {
             statements: queries.saturating_sub(control),
             transactions: self.counters.transactions.load(Ordering::Relaxed),
         }
+    }
+
+    /// The SQL text (without bound values) of up to the last 256 statements,
+    /// oldest first; empty unless [`PoolConfig::record_statements`] is on.
+    pub fn recent_statements(&self) -> Vec<String> {
+        self.counters.recent.as_ref().map_or_else(Vec::new, |recent| {
+            recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect()
+        })
     }
 
     /// Connections open now, and how many of them are idle.

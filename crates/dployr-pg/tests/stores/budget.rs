@@ -157,3 +157,25 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
     println!("{report}");
     assert!(wrong.is_empty(), "{}\n{report}", wrong.join("\n"));
 }
+
+#[test]
+fn limits_offsets_and_cursors_are_bound_parameters_never_sql_text() {
+    let f = crate::fixture::recording();
+    let (_, cluster) = f.owner("ada@example.io");
+    f.clusters.add_users(&cluster.id, &[email("zeta9137@example.io")]).unwrap();
+    f.instances.create(&cluster.id, NewInstance { address: "a".into(), tag: "t".into(), metadata: None }).unwrap();
+    let first = f.clusters.invites(&cluster.id, &Page::first(1)).unwrap();
+    f.clusters.members(&cluster.id, &Page::offset(9137, 37)).unwrap();
+    f.clusters.invites(&cluster.id, &Page::offset(9137, 37)).unwrap();
+    f.clusters.invites(&cluster.id, &Page::after(first.next.unwrap(), 37)).unwrap();
+    f.instances.list_by_cluster(&cluster.id, &Page::offset(9137, 37)).unwrap();
+    let statements = f.pool.recent_statements();
+    assert!(statements.iter().all(|sql| !sql.contains("9137") && !sql.contains("zeta")), "{statements:#?}");
+    let pages: Vec<&String> = statements.iter().filter(|sql| sql.contains("OFFSET")).collect();
+    assert_eq!(pages.len(), 5, "{statements:#?}");
+    for sql in pages {
+        // The seed spliced `LIMIT ${limit} OFFSET ${offset}` into its SQL.
+        assert!(!sql.contains("9137") && !sql.contains("37") && !sql.contains("zeta"), "{sql}");
+        assert!(sql.contains("LIMIT $") && sql.contains("OFFSET $"), "{sql}");
+    }
+}

@@ -69,3 +69,18 @@ impl Fixture {
 pub fn email(address: &str) -> Email {
     Email::parse(address).unwrap()
 }
+
+/// A fixture whose pool records the SQL text of its statements.
+pub fn recording() -> Fixture {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 1, record_statements: true, ..PoolConfig::default() })
+        .unwrap();
+    Fixture {
+        users: PgUserStore::new(pool.clone()),
+        clusters: PgClusterStore::new(pool.clone()),
+        instances: PgInstanceStore::new(pool.clone()),
+        tokens: PgBootstrapTokenStore::new(pool.clone()),
+        pool,
+        db,
+    }
+}

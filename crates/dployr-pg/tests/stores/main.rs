@@ -12,4 +12,5 @@ mod budget;
 mod clusters;
 mod concurrency;
 mod instances;
+mod pool;
 mod users;

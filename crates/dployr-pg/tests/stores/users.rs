@@ -135,6 +135,16 @@ fn update_patches_given_fields_and_merges_metadata() {
 }
 
 #[test]
+fn update_with_a_bad_name_is_invalid_and_changes_nothing() {
+    let f = Fixture::new();
+    let user = f.user("ada@example.io");
+    let error =
+        f.users.update(&user.email, UserPatch { name: Some("a\u{0}".into()), ..UserPatch::default() }).unwrap_err();
+    assert!(matches!(error, StoreError::Invalid { field: "name", .. }), "{error}");
+    assert_eq!(f.users.get(&user.id).unwrap().unwrap().name, "ada");
+}
+
+#[test]
 fn update_of_an_unknown_email_is_none() {
     let f = Fixture::new();
     assert_eq!(f.users.update(&email("nobody@example.io"), UserPatch::default()).unwrap(), None);
