@@ -33,6 +33,7 @@ impl PgBootstrapTokenStore {
 
 impl BootstrapTokenStore for PgBootstrapTokenStore {
     fn create(&self, instance: &InstanceId, nonce: &str) -> StoreResult<BootstrapToken> {
+        let _span = crate::trace::operation("bootstrap_tokens.create");
         text::check("nonce", nonce, MAX_TAG_BYTES, Blank::Refused)?;
         let instance = instance.to_string();
         let row = self.pool.run(&instance, |conn| {
@@ -50,6 +51,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
     }
 
     fn mark_used(&self, nonce: &str) -> StoreResult<bool> {
+        let _span = crate::trace::operation("bootstrap_tokens.mark_used");
         // One UPDATE that only matches an unused token: under concurrency the
         // row lock makes every other caller re-check `used_at` and match nothing.
         let updated = self.pool.run("", |conn| {
@@ -61,6 +63,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
     }
 
     fn is_used(&self, nonce: &str) -> StoreResult<bool> {
+        let _span = crate::trace::operation("bootstrap_tokens.is_used");
         let used = self.pool.run("", |conn| {
             bootstrap_tokens::table
                 .find(nonce)

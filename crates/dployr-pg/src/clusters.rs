@@ -248,6 +248,7 @@ fn summaries(rows: Vec<(String, String, Option<String>)>) -> StoreResult<Vec<Clu
 
 impl ClusterStore for PgClusterStore {
     fn create_for_owner(&self, owner: &UserId) -> StoreResult<Cluster> {
+        let _span = crate::trace::operation("clusters.create_for_owner");
         let owner = owner.to_string();
         self.pool.transaction(&owner, |conn| {
             // Two calls for one user queue on this lock; the second finds the
@@ -298,11 +299,13 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn get(&self, id: &ClusterId) -> StoreResult<Option<Cluster>> {
+        let _span = crate::trace::operation("clusters.get");
         let id = id.to_string();
         self.pool.read(|conn| load_cluster(conn, &id))
     }
 
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>> {
+        let _span = crate::trace::operation("clusters.update");
         if let Some(name) = &patch.name {
             text::check("name", name, MAX_CLUSTER_NAME_BYTES, Blank::Refused)?;
         }
@@ -331,6 +334,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn delete(&self, id: &ClusterId) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.delete");
         let deleted = self.pool.run("", |conn| diesel::delete(clusters::table.find(id.to_string())).execute(conn))?;
         if deleted == 0 {
             return Err(StoreError::not_found("cluster", id.to_string()));
@@ -339,6 +343,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn install_github_integration(&self, integration: GitHubIntegration) -> StoreResult<Option<Cluster>> {
+        let _span = crate::trace::operation("clusters.install_github_integration");
         text::check("loginId", &integration.login_id, 255, Blank::Refused)?;
         let mut settings = integration.settings.as_map().clone();
         settings.insert("loginId".into(), Value::String(integration.login_id.clone()));
@@ -365,6 +370,7 @@ impl ClusterStore for PgClusterStore {
         })
     }
     fn add_users(&self, cluster: &ClusterId, emails: &[Email]) -> StoreResult<Vec<Member>> {
+        let _span = crate::trace::operation("clusters.add_users");
         let emails: Vec<&str> = emails.iter().map(Email::as_str).collect::<BTreeSet<_>>().into_iter().collect();
         let cluster = cluster.to_string();
         self.pool.transaction(&cluster, |conn| {
@@ -411,6 +417,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn remove_users(&self, cluster: &ClusterId, users_to_remove: &[UserId]) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.remove_users");
         let ids: Vec<String> = users_to_remove.iter().map(UserId::to_string).collect();
         let cluster = cluster.to_string();
         self.pool.transaction(&cluster, |conn| {
@@ -451,6 +458,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn accept_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.accept_invite");
         let updated = self.pool.run("", |conn| {
             diesel::update(
                 user_clusters::table
@@ -467,6 +475,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn decline_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.decline_invite");
         let deleted = self.pool.run("", |conn| {
             diesel::delete(
                 user_clusters::table
@@ -482,6 +491,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn pending_invites(&self, user: &UserId) -> StoreResult<Vec<PendingInvite>> {
+        let _span = crate::trace::operation("clusters.pending_invites");
         let rows = self.memberships_of(user, MembershipKind::Invitations)?;
         Ok(rows
             .into_iter()
@@ -499,6 +509,7 @@ impl ClusterStore for PgClusterStore {
         new_owner: &UserId,
         previous_owner_becomes: Option<Role>,
     ) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.transfer_ownership");
         if let Some(role @ (Role::Owner | Role::Invited)) = previous_owner_becomes {
             return Err(StoreError::invalid(
                 "previous_owner_becomes",
@@ -545,6 +556,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>> {
+        let _span = crate::trace::operation("clusters.owned_cluster");
         let row: Option<(String, String, String)> = self.pool.run("", |conn| {
             user_clusters::table
                 .inner_join(clusters::table)
@@ -561,19 +573,23 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>> {
+        let _span = crate::trace::operation("clusters.user_clusters");
         self.memberships_of(user, MembershipKind::Memberships)
     }
 
     fn members(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
+        let _span = crate::trace::operation("clusters.members");
         self.page(cluster, (role_order(Role::Owner), role_order(Role::Viewer)), MEMBERS_CURSOR, page)
     }
 
     fn invites(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
+        let _span = crate::trace::operation("clusters.invites");
         let invited = role_order(Role::Invited);
         self.page(cluster, (invited, invited), INVITES_CURSOR, page)
     }
 
     fn role_of(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<Option<Role>> {
+        let _span = crate::trace::operation("clusters.role_of");
         let role: Option<String> = self.pool.run("", |conn| {
             user_clusters::table
                 .find((user.to_string(), cluster.to_string()))
@@ -585,30 +601,37 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn owner(&self, cluster: &ClusterId) -> StoreResult<Option<Member>> {
+        let _span = crate::trace::operation("clusters.owner");
         Ok(self.members_where(cluster, Role::Owner)?.into_iter().next())
     }
 
     fn users_with_role(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
+        let _span = crate::trace::operation("clusters.users_with_role");
         self.members_where(cluster, role)
     }
 
     fn can_read(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
+        let _span = crate::trace::operation("clusters.can_read");
         self.has_rank(user, cluster, Role::Viewer)
     }
 
     fn can_write(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
+        let _span = crate::trace::operation("clusters.can_write");
         self.has_rank(user, cluster, Role::Developer)
     }
 
     fn is_admin(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
+        let _span = crate::trace::operation("clusters.is_admin");
         self.has_rank(user, cluster, Role::Admin)
     }
 
     fn is_owner(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
+        let _span = crate::trace::operation("clusters.is_owner");
         self.has_rank(user, cluster, Role::Owner)
     }
 
     fn integrations(&self, cluster: &ClusterId) -> StoreResult<Integrations> {
+        let _span = crate::trace::operation("clusters.integrations");
         let metadata: Option<Value> = self.pool.run("", |conn| {
             clusters::table.find(cluster.to_string()).select(clusters::metadata).first(conn).optional()
         })?;

@@ -96,6 +96,7 @@ impl PgInstanceStore {
 
 impl InstanceStore for PgInstanceStore {
     fn create(&self, cluster: &ClusterId, instance: NewInstance) -> StoreResult<Instance> {
+        let _span = crate::trace::operation("instances.create");
         text::check("address", &instance.address, MAX_ADDRESS_BYTES, Blank::Refused)?;
         text::check("tag", &instance.tag, MAX_TAG_BYTES, Blank::Refused)?;
         let metadata = instance.metadata.unwrap_or_default().into_value();
@@ -116,6 +117,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>> {
+        let _span = crate::trace::operation("instances.get");
         let row = self.pool.run("", |conn| {
             instances::table.find(id.to_string()).select(InstanceRow::as_select()).first(conn).optional()
         })?;
@@ -123,6 +125,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn get_by_tag(&self, tag: &str) -> StoreResult<Option<Instance>> {
+        let _span = crate::trace::operation("instances.get_by_tag");
         text::check("tag", tag, MAX_TAG_BYTES, Blank::Refused)?;
         let row = self.pool.run("", |conn| {
             instances::table.filter(instances::tag.eq(tag)).select(InstanceRow::as_select()).first(conn).optional()
@@ -131,6 +134,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>> {
+        let _span = crate::trace::operation("instances.update_metadata");
         let row = self.pool.run("", |conn| {
             diesel::update(instances::table.find(id.to_string()))
                 .set(instances::metadata.eq(metadata.into_value()))
@@ -142,6 +146,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn delete(&self, id: &InstanceId) -> StoreResult<()> {
+        let _span = crate::trace::operation("instances.delete");
         let deleted = self.pool.run("", |conn| diesel::delete(instances::table.find(id.to_string())).execute(conn))?;
         if deleted == 0 {
             return Err(StoreError::not_found("instance", id.to_string()));
@@ -150,6 +155,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>> {
+        let _span = crate::trace::operation("instances.list_by_cluster");
         // Before the first item: later than any timestamp, above any id.
         let (mut before_at, mut before_id, mut offset) = (DateTime::<Utc>::MAX_UTC, "~".to_owned(), 0_i64);
         match &page.start {

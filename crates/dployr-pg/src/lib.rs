@@ -14,6 +14,7 @@ mod errors;
 mod instances;
 mod pool;
 mod sql;
+mod trace;
 mod users;
 
 pub use bootstrap_tokens::PgBootstrapTokenStore;

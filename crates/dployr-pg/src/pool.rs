@@ -86,6 +86,7 @@ impl Instrumentation for CountingInstrumentation {
         match event {
             InstrumentationEvent::StartQuery { query, .. } => {
                 self.0.queries.fetch_add(1, Ordering::Relaxed);
+                crate::trace::count_query();
                 if let Some(recent) = &self.0.recent {
                     // diesel's text is the SQL, then `-- binds: [...]`; keep the SQL only.
                     let text = query.to_string();
@@ -99,12 +100,14 @@ impl Instrumentation for CountingInstrumentation {
             }
             InstrumentationEvent::BeginTransaction { depth, .. } => {
                 self.0.control.fetch_add(1, Ordering::Relaxed);
+                crate::trace::count_control();
                 if depth.get() == 1 {
                     self.0.transactions.fetch_add(1, Ordering::Relaxed);
                 }
             }
             InstrumentationEvent::CommitTransaction { .. } | InstrumentationEvent::RollbackTransaction { .. } => {
                 self.0.control.fetch_add(1, Ordering::Relaxed);
+                crate::trace::count_control();
             }
             _ => {}
         }

@@ -72,6 +72,7 @@ fn check_name_and_picture(name: Option<&str>, picture: Option<&str>) -> StoreRes
 
 impl UserStore for PgUserStore {
     fn upsert(&self, user: NewUser) -> StoreResult<User> {
+        let _span = crate::trace::operation("users.upsert");
         check_name_and_picture(user.name.as_deref(), user.picture.as_deref())?;
         let id = UserId::generate().to_string();
         let name = user.name.as_deref().unwrap_or_else(|| user.email.local_part());
@@ -112,6 +113,7 @@ impl UserStore for PgUserStore {
     }
 
     fn get(&self, id: &UserId) -> StoreResult<Option<User>> {
+        let _span = crate::trace::operation("users.get");
         let row = self
             .pool
             .run("", |conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
@@ -119,6 +121,7 @@ impl UserStore for PgUserStore {
     }
 
     fn get_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
+        let _span = crate::trace::operation("users.get_by_email");
         let row = self.pool.run("", |conn| {
             users::table.filter(users::email.eq(email.as_str())).select(UserRow::as_select()).first(conn).optional()
         })?;
@@ -126,6 +129,7 @@ impl UserStore for PgUserStore {
     }
 
     fn update(&self, email: &Email, patch: UserPatch) -> StoreResult<Option<User>> {
+        let _span = crate::trace::operation("users.update");
         check_name_and_picture(patch.name.as_deref(), patch.picture.as_deref())?;
         let merge = patch.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
         let row = self.pool.run("", |conn| {
@@ -144,6 +148,7 @@ impl UserStore for PgUserStore {
     }
 
     fn delete(&self, id: &UserId) -> StoreResult<()> {
+        let _span = crate::trace::operation("users.delete");
         let id = id.to_string();
         self.pool.transaction(&id, |conn| {
             // Lock the user first: a membership being inserted for them (which

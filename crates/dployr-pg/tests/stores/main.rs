@@ -13,4 +13,5 @@ mod clusters;
 mod concurrency;
 mod instances;
 mod pool;
+mod spans;
 mod users;
