@@ -210,3 +210,6 @@ COMMENT ON TABLE clusters IS 'Clusters (organisations): each has at most one own
 COMMENT ON TABLE user_clusters IS 'Memberships: the role of a user in a cluster (owner, admin, developer, viewer, invited).';
 COMMENT ON TABLE instances IS 'Instances: the machines of a cluster, unique by address and by tag.';
 COMMENT ON TABLE bootstrap_tokens IS 'Single-use bootstrap tokens of an instance, by nonce; used_at is set once.';
+COMMENT ON COLUMN user_clusters.email IS 'Copy of users.email (immutable), filled by a trigger, so member pages sort and seek on one index.';
+COMMENT ON COLUMN user_clusters.role_order IS 'Generated from role: 0 owner, 1 admin, 2 developer, 3 viewer, 4 invited.';
+COMMENT ON COLUMN bootstrap_tokens.used_at IS 'Set once by mark_used; NULL while the token is unused.';

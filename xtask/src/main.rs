@@ -9,6 +9,7 @@
 
 mod db;
 mod demo;
+mod erd;
 mod migrate;
 mod schema;
 
@@ -30,6 +31,9 @@ usage: cargo xtask <command>
   migrate revert   revert the last applied migration
   migrate redo     revert the last applied migration and apply it again
   migrate new NAME create migrations/NNN_NAME/{up,down}.sql
+
+  erd              regenerate docs/erd.md (Mermaid) from the catalog of a freshly migrated database
+  erd --check      fail if docs/erd.md differs from what the migrations produce
 
   schema           regenerate crates/dployr-pg/src/schema.rs with `diesel print-schema`
   schema --check   fail if schema.rs differs from what the migrations produce
@@ -54,6 +58,8 @@ fn main() -> ExitCode {
         ["migrate", "revert"] => migrate::revert(),
         ["migrate", "redo"] => migrate::redo(),
         ["migrate", "new", name] => migrate::new(name),
+        ["erd"] => erd::write(),
+        ["erd", "--check"] => erd::check(),
         ["schema"] => schema::write(),
         ["schema", "--check"] => schema::check(),
         [] | ["help" | "--help" | "-h"] => {

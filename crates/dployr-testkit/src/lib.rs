@@ -33,6 +33,7 @@
 //! assert_eq!(users, 0);
 //! ```
 
+pub mod erd;
 pub mod local;
 
 mod databases;
