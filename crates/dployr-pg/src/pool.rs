@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::PgConnection;
-use diesel::connection::{Connection as _, Instrumentation, InstrumentationEvent, SimpleConnection as _};
+use diesel::connection::{CacheSize, Connection as _, Instrumentation, InstrumentationEvent, SimpleConnection as _};
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
 use dployr_domain::StoreError;
 
@@ -32,6 +32,10 @@ pub struct PoolConfig {
     /// sent, for [`PgPool::recent_statements`]: for tests and debugging.
     /// Default off: it formats every statement.
     pub record_statements: bool,
+    /// Keep diesel's cache of prepared statements (default on). Turn it off
+    /// behind PgBouncer in transaction mode, where a prepared statement
+    /// may not exist on the server connection the next transaction gets.
+    pub prepared_statement_cache: bool,
 }
 
 impl Default for PoolConfig {
@@ -41,6 +45,7 @@ impl Default for PoolConfig {
             connection_timeout: Duration::from_secs(5),
             statement_timeout: Some(Duration::from_secs(30)),
             record_statements: false,
+            prepared_statement_cache: true,
         }
     }
 }
@@ -117,6 +122,7 @@ impl Instrumentation for CountingInstrumentation {
 #[derive(Debug)]
 struct Customizer {
     statement_timeout: Option<Duration>,
+    prepared_statement_cache: bool,
     counters: Arc<Counters>,
 }
 
@@ -125,6 +131,9 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
         if let Some(timeout) = self.statement_timeout {
             conn.batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
                 .map_err(diesel::r2d2::Error::QueryError)?;
+        }
+        if !self.prepared_statement_cache {
+            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
         }
         // Installed after the SET, so only the stores' own statements count.
         conn.set_instrumentation(CountingInstrumentation(Arc::clone(&self.counters)));
@@ -171,7 +180,11 @@ impl PgPool {
             recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
             ..Counters::default()
         });
-        let customizer = Customizer { statement_timeout: config.statement_timeout, counters: Arc::clone(&counters) };
+        let customizer = Customizer {
+            statement_timeout: config.statement_timeout,
+            prepared_statement_cache: config.prepared_statement_cache,
+            counters: Arc::clone(&counters),
+        };
         let inner = Pool::builder()
             .max_size(config.max_size)
             .min_idle(Some(0))

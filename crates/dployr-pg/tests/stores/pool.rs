@@ -49,3 +49,27 @@ fn every_connection_gets_the_configured_statement_timeout() {
     let setting: Setting = diesel::sql_query("SHOW statement_timeout").get_result(&mut pool.get().unwrap()).unwrap();
     assert_eq!(setting.statement_timeout, "1500ms");
 }
+
+#[test]
+fn without_the_statement_cache_nothing_stays_prepared_on_the_server() {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        count: i64,
+    }
+    let db = dployr_testkit::database();
+    let prepared = |cache: bool| {
+        let config = PoolConfig { max_size: 1, prepared_statement_cache: cache, ..PoolConfig::default() };
+        let pool = PgPool::connect(db.url(), config).unwrap();
+        let users = PgUserStore::new(pool.clone());
+        for _ in 0..3 {
+            users.get(&UserId::generate()).unwrap();
+        }
+        let count: Count = diesel::sql_query("SELECT count(*) FROM pg_prepared_statements")
+            .get_result(&mut pool.get().unwrap())
+            .unwrap();
+        count.count
+    };
+    assert!(prepared(true) > 0, "diesel caches prepared statements by default");
+    assert_eq!(prepared(false), 0, "PgBouncer transaction mode needs none left prepared");
+}
