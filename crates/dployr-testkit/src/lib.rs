@@ -33,6 +33,7 @@
 //! assert_eq!(users, 0);
 //! ```
 
+pub mod cloudflare_emulator;
 pub mod local;
 
 mod databases;
@@ -41,6 +42,7 @@ mod docker;
 mod error;
 mod server;
 
+pub use cloudflare_emulator::CloudflareEmulator;
 pub use error::TestkitError;
 pub use server::{ServerKind, TestServer, server};
 
