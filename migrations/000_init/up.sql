@@ -99,10 +99,40 @@ CREATE INDEX clusters_github_login_id_idx
 CREATE INDEX clusters_github_installation_id_idx
     ON clusters ((metadata -> 'gitHub' ->> 'installationId'));
 
+-- A membership copies the member's e-mail (immutable, see above) and derives
+-- a sort key from the role, so member listings, ordered by role rank then
+-- e-mail, page by keyset over one index: deep pages cost what the first does.
+CREATE FUNCTION dployr_user_clusters_copy_email() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT email INTO NEW.email FROM users WHERE id = NEW.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'user % does not exist', NEW.user_id
+            USING ERRCODE = 'foreign_key_violation',
+                  CONSTRAINT = 'user_clusters_user_id_fkey',
+                  TABLE = 'user_clusters',
+                  COLUMN = 'user_id';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
 CREATE TABLE user_clusters (
     user_id    TEXT        NOT NULL,
     cluster_id TEXT        NOT NULL,
     role       TEXT        NOT NULL,
+    -- Filled by a trigger from users.email; never written by the stores.
+    email      TEXT        NOT NULL,
+    -- 0 owner, 1 admin, 2 developer, 3 viewer, 4 invited: listings sort by it ascending.
+    role_order SMALLINT    NOT NULL GENERATED ALWAYS AS (
+        CASE role
+            WHEN 'owner' THEN 0
+            WHEN 'admin' THEN 1
+            WHEN 'developer' THEN 2
+            WHEN 'viewer' THEN 3
+            ELSE 4
+        END
+    ) STORED,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT user_clusters_pkey PRIMARY KEY (user_id, cluster_id),
@@ -118,9 +148,13 @@ CREATE TABLE user_clusters (
 -- owner for one cluster cannot both commit.
 CREATE UNIQUE INDEX user_clusters_one_owner_per_cluster
     ON user_clusters (cluster_id) WHERE role = 'owner';
--- The foreign key on cluster_id, and the filter of members/invites/role lookups.
+-- The foreign key on cluster_id, and the order of members/invites listings
+-- (role rank, then e-mail) for keyset pagination and counts.
 -- (user_id is the leading column of the primary key, which indexes it.)
-CREATE INDEX user_clusters_cluster_id_role_idx ON user_clusters (cluster_id, role);
+CREATE INDEX user_clusters_cluster_id_order_idx ON user_clusters (cluster_id, role_order, email);
+
+CREATE TRIGGER user_clusters_copy_email BEFORE INSERT ON user_clusters
+    FOR EACH ROW EXECUTE FUNCTION dployr_user_clusters_copy_email();
 
 CREATE TRIGGER user_clusters_set_updated_at BEFORE UPDATE ON user_clusters
     FOR EACH ROW EXECUTE FUNCTION dployr_set_updated_at();

@@ -87,8 +87,8 @@ pub enum StoreError {
 
 impl StoreError {
     /// `NotFound` for `entity` with `key`.
-    pub fn not_found(entity: &'static str, key: impl ToString) -> Self {
-        Self::NotFound { entity, key: key.to_string() }
+    pub fn not_found(entity: &'static str, key: impl Into<String>) -> Self {
+        Self::NotFound { entity, key: key.into() }
     }
 
     /// `Conflict` on `entity.field`.

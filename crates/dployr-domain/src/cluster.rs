@@ -1,0 +1,205 @@
+//! Clusters (organisations), their members and roles, and the store that
+//! keeps them. The rule the whole module protects: a cluster has exactly
+//! one owner.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{ClusterId, Email, Integrations, Metadata, Page, Paged, Role, StoreResult, UserId};
+
+/// The most bytes a cluster name may have.
+pub const MAX_CLUSTER_NAME_BYTES: usize = 1024;
+
+/// A user's membership of a cluster, with what a listing shows of the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// The user.
+    pub user_id: UserId,
+    /// Their e-mail.
+    pub email: Email,
+    /// Their display name.
+    pub name: String,
+    /// Their avatar URL.
+    pub picture: Option<String>,
+    /// Their role here.
+    pub role: Role,
+    /// When they were added (or invited).
+    pub since: DateTime<Utc>,
+}
+
+/// A cluster with its members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// Its id.
+    pub id: ClusterId,
+    /// Its name.
+    pub name: String,
+    /// Free-form data, integrations included.
+    pub metadata: Metadata,
+    /// Members grouped by role, each group ordered by e-mail.
+    pub members: BTreeMap<Role, Vec<Member>>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Cluster {
+    /// The owner, if the cluster has one (it always does once created through a store).
+    pub fn owner(&self) -> Option<&Member> {
+        self.members.get(&Role::Owner).and_then(|owners| owners.first())
+    }
+
+    /// The members with `role`.
+    pub fn with_role(&self, role: Role) -> &[Member] {
+        self.members.get(&role).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Changes to a cluster; `None` leaves a field as it is.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterPatch {
+    /// New name.
+    pub name: Option<String>,
+    /// Merged into the stored metadata (top-level keys replace).
+    pub metadata: Option<Metadata>,
+    /// The desired non-owner membership: role -> users. A user listed under
+    /// several roles gets the highest; members not listed (except the owner)
+    /// are removed; `Role::Owner` here is invalid (use `transfer_ownership`).
+    pub roles: Option<BTreeMap<Role, Vec<UserId>>>,
+}
+
+/// A cluster as a session or a menu shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSummary {
+    /// Its id.
+    pub id: ClusterId,
+    /// Its name.
+    pub name: String,
+    /// Its owner's display name.
+    pub owner_name: Option<String>,
+}
+
+/// An invitation waiting for the user's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingInvite {
+    /// The inviting cluster.
+    pub cluster_id: ClusterId,
+    /// Its name.
+    pub cluster_name: String,
+    /// Its owner's display name.
+    pub owner_name: Option<String>,
+}
+
+/// A GitHub App installation to record on the cluster whose
+/// `metadata.gitHub.loginId` matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GitHubIntegration {
+    /// The GitHub login (user or organisation) id the cluster was linked with.
+    pub login_id: String,
+    /// The whole `gitHub` object to store; its `loginId` is set to `login_id`.
+    pub settings: Metadata,
+}
+
+/// Where clusters and memberships live.
+#[cfg_attr(feature = "mock", mockall::automock)]
+pub trait ClusterStore: Send + Sync {
+    /// The cluster `owner` owns; if none, a new one named after the owner's
+    /// e-mail local part. Concurrent calls for one user create one cluster.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown user.
+    fn create_for_owner(&self, owner: &UserId) -> StoreResult<Cluster>;
+
+    /// The cluster with its members grouped by role.
+    fn get(&self, id: &ClusterId) -> StoreResult<Option<Cluster>>;
+
+    /// Applies `patch` in one transaction; `None` for an unknown cluster.
+    ///
+    /// # Errors
+    /// `Invalid` when `roles` names the owner role or the current owner;
+    /// `NotFound` for an unknown user in `roles`.
+    fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>>;
+
+    /// Deletes the cluster, its memberships, instances and their tokens.
+    fn delete(&self, id: &ClusterId) -> StoreResult<()>;
+
+    /// Replaces `metadata.gitHub` of the cluster linked to the integration's
+    /// login id; `None` if no cluster is.
+    fn install_github_integration(&self, integration: GitHubIntegration) -> StoreResult<Option<Cluster>>;
+
+    /// Invites these e-mails: unknown ones become users with provider
+    /// `email`; each gets role `invited` unless already a member. Returns
+    /// the membership of each e-mail afterwards.
+    fn add_users(&self, cluster: &ClusterId, emails: &[Email]) -> StoreResult<Vec<Member>>;
+
+    /// Removes these members; invitees who never signed in and are left in
+    /// no cluster are deleted.
+    ///
+    /// # Errors
+    /// `Conflict` (field `owner`) if one of them owns the cluster.
+    fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<()>;
+
+    /// Turns an invitation into a `viewer` membership.
+    fn accept_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()>;
+
+    /// Removes an invitation.
+    fn decline_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()>;
+
+    /// The invitations waiting for this user.
+    fn pending_invites(&self, user: &UserId) -> StoreResult<Vec<PendingInvite>>;
+
+    /// Makes `new_owner` the owner; the previous owner gets
+    /// `previous_owner_becomes` (`None`: removed from the cluster).
+    ///
+    /// # Errors
+    /// `Invalid` for `Some(Role::Owner)` or `Some(Role::Invited)`;
+    /// `NotFound` for an unknown cluster or user.
+    fn transfer_ownership(
+        &self,
+        cluster: &ClusterId,
+        new_owner: &UserId,
+        previous_owner_becomes: Option<Role>,
+    ) -> StoreResult<()>;
+
+    /// The cluster this user owns.
+    fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>>;
+
+    /// The clusters this user belongs to (invitations excluded).
+    fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>>;
+
+    /// Members (invitations excluded), highest role first, then by e-mail.
+    fn members(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>>;
+
+    /// Invitations, by e-mail.
+    fn invites(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>>;
+
+    /// This user's role in this cluster.
+    fn role_of(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<Option<Role>>;
+
+    /// The owner.
+    fn owner(&self, cluster: &ClusterId) -> StoreResult<Option<Member>>;
+
+    /// The members with exactly `role`, by e-mail.
+    fn users_with_role(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>>;
+
+    /// Viewer or above.
+    fn can_read(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool>;
+
+    /// Developer or above.
+    fn can_write(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool>;
+
+    /// Admin or owner.
+    fn is_admin(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool>;
+
+    /// Owner.
+    fn is_owner(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool>;
+
+    /// The integrations recorded in the cluster's metadata.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown cluster.
+    fn integrations(&self, cluster: &ClusterId) -> StoreResult<Integrations>;
+}

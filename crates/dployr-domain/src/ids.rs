@@ -1,0 +1,104 @@
+//! ULID identifiers, one newtype per entity, so a `UserId` can never be passed
+//! where a `ClusterId` is expected. In the database they are 26-character
+//! text (Crockford base32, upper case), which sorts by creation time.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use ulid::Ulid;
+
+use crate::StoreError;
+
+macro_rules! ulid_id {
+    ($(#[$doc:meta])* $name:ident, $entity:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(Ulid);
+
+        impl $name {
+            /// A new id from the current time and the operating system's random generator.
+            pub fn generate() -> Self {
+                Self(Ulid::new())
+            }
+
+            /// Parses the 26-character text form.
+            ///
+            /// # Errors
+            /// [`StoreError::Invalid`] when `text` is not a ULID.
+            pub fn parse(text: &str) -> Result<Self, StoreError> {
+                Ulid::from_string(text)
+                    .map(Self)
+                    .map_err(|e| StoreError::invalid(concat!($entity, " id"), format!("not a ULID: {e}")))
+            }
+
+            /// The underlying ULID.
+            pub fn ulid(self) -> Ulid {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({})"), self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = StoreError;
+
+            fn from_str(text: &str) -> Result<Self, StoreError> {
+                Self::parse(text)
+            }
+        }
+
+        impl From<Ulid> for $name {
+            fn from(ulid: Ulid) -> Self {
+                Self(ulid)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                Self::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+ulid_id!(
+    /// The id of a [`User`](crate::User).
+    ///
+    /// ```
+    /// use dployr_domain::UserId;
+    /// let id = UserId::generate();
+    /// assert_eq!(id.to_string().len(), 26);
+    /// assert_eq!(UserId::parse(&id.to_string()).unwrap(), id);
+    /// assert!(UserId::parse("not-an-id").is_err());
+    /// ```
+    UserId,
+    "user"
+);
+ulid_id!(
+    /// The id of a [`Cluster`](crate::Cluster).
+    ClusterId,
+    "cluster"
+);
+ulid_id!(
+    /// The id of an [`Instance`](crate::Instance).
+    InstanceId,
+    "instance"
+);

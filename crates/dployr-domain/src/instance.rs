@@ -1,0 +1,99 @@
+//! Instances (the machines of a cluster) and their single-use bootstrap
+//! tokens, with the stores that keep them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{ClusterId, InstanceId, Metadata, Page, Paged, StoreResult};
+
+/// The most bytes an instance address may have.
+pub const MAX_ADDRESS_BYTES: usize = 1024;
+/// The most bytes an instance tag or a bootstrap nonce may have.
+pub const MAX_TAG_BYTES: usize = 255;
+
+/// A machine of a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Its id.
+    pub id: InstanceId,
+    /// The cluster it belongs to.
+    pub cluster_id: ClusterId,
+    /// Where it is reached; unique.
+    pub address: String,
+    /// Its short name; unique.
+    pub tag: String,
+    /// Free-form data.
+    pub metadata: Metadata,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The input of [`InstanceStore::create`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewInstance {
+    /// Where it is reached; unique, not empty.
+    pub address: String,
+    /// Its short name; unique, not empty.
+    pub tag: String,
+    /// Free-form data.
+    pub metadata: Option<Metadata>,
+}
+
+/// Where instances live.
+#[cfg_attr(feature = "mock", mockall::automock)]
+pub trait InstanceStore: Send + Sync {
+    /// Registers an instance in a cluster.
+    ///
+    /// # Errors
+    /// `Conflict` naming `address` or `tag` when one is taken; `NotFound`
+    /// for an unknown cluster; `Invalid` for an empty or oversized field.
+    fn create(&self, cluster: &ClusterId, instance: NewInstance) -> StoreResult<Instance>;
+
+    /// The instance with this id.
+    fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>>;
+
+    /// The instance with this tag.
+    fn get_by_tag(&self, tag: &str) -> StoreResult<Option<Instance>>;
+
+    /// Replaces the metadata; `None` for an unknown instance.
+    fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>>;
+
+    /// Deletes the instance and its tokens.
+    fn delete(&self, id: &InstanceId) -> StoreResult<()>;
+
+    /// The cluster's instances, newest first.
+    fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>>;
+}
+
+/// A single-use token an instance presents when it first connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapToken {
+    /// The instance it bootstraps.
+    pub instance_id: InstanceId,
+    /// Its nonce; unique.
+    pub nonce: String,
+    /// When it was used; `None` while unused.
+    pub used_at: Option<DateTime<Utc>>,
+    /// When it was issued.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Where bootstrap tokens live.
+#[cfg_attr(feature = "mock", mockall::automock)]
+pub trait BootstrapTokenStore: Send + Sync {
+    /// Issues a token for an instance.
+    ///
+    /// # Errors
+    /// `Conflict` (field `nonce`) for a nonce already issued; `NotFound` for
+    /// an unknown instance.
+    fn create(&self, instance: &InstanceId, nonce: &str) -> StoreResult<BootstrapToken>;
+
+    /// Marks the token used: `true` for exactly one caller per nonce, also
+    /// under concurrency; `false` if it was used already or does not exist.
+    fn mark_used(&self, nonce: &str) -> StoreResult<bool>;
+
+    /// Whether the token was used; an unknown nonce counts as used.
+    fn is_used(&self, nonce: &str) -> StoreResult<bool>;
+}

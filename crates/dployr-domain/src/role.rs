@@ -1,0 +1,128 @@
+//! Roles in a cluster and sign-in providers: closed sets, so a store can
+//! never write a value the schema's CHECK would refuse.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// A member's role in a cluster. The derived order is the rank order:
+/// `Invited < Viewer < Developer < Admin < Owner`.
+///
+/// ```
+/// use dployr_domain::Role;
+/// assert!(Role::Owner > Role::Admin && Role::Viewer > Role::Invited);
+/// assert_eq!("developer".parse::<Role>().unwrap(), Role::Developer);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Asked to join; no access until the invitation is accepted.
+    Invited,
+    /// Reads.
+    Viewer,
+    /// Reads and writes.
+    Developer,
+    /// Manages members and settings.
+    Admin,
+    /// The one owner of the cluster.
+    Owner,
+}
+
+impl Role {
+    /// Every role, lowest rank first.
+    pub const ALL: [Role; 5] = [Role::Invited, Role::Viewer, Role::Developer, Role::Admin, Role::Owner];
+
+    /// The text stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Invited => "invited",
+            Role::Viewer => "viewer",
+            Role::Developer => "developer",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    /// The rank: 0 for `Invited` up to 4 for `Owner` (the database's
+    /// `role_rank` column holds the same number).
+    pub fn rank(self) -> i16 {
+        match self {
+            Role::Invited => 0,
+            Role::Viewer => 1,
+            Role::Developer => 2,
+            Role::Admin => 3,
+            Role::Owner => 4,
+        }
+    }
+
+    /// The role of a rank.
+    pub fn from_rank(rank: i16) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.rank() == rank)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = StoreError;
+
+    fn from_str(text: &str) -> Result<Self, StoreError> {
+        Role::ALL
+            .into_iter()
+            .find(|role| role.as_str() == text)
+            .ok_or_else(|| StoreError::invalid("role", format!("unknown role {text:?}")))
+    }
+}
+
+/// How a user signs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Google OAuth.
+    Google,
+    /// GitHub OAuth.
+    Github,
+    /// Microsoft OAuth.
+    Microsoft,
+    /// E-mail one-time code; also the provider of invitees who never signed in.
+    Email,
+}
+
+impl Provider {
+    /// Every provider.
+    pub const ALL: [Provider; 4] = [Provider::Google, Provider::Github, Provider::Microsoft, Provider::Email];
+
+    /// The text stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Google => "google",
+            Provider::Github => "github",
+            Provider::Microsoft => "microsoft",
+            Provider::Email => "email",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Provider {
+    type Err = StoreError;
+
+    fn from_str(text: &str) -> Result<Self, StoreError> {
+        Provider::ALL
+            .into_iter()
+            .find(|provider| provider.as_str() == text)
+            .ok_or_else(|| StoreError::invalid("provider", format!("unknown provider {text:?}")))
+    }
+}
