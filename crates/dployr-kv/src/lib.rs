@@ -13,7 +13,7 @@ mod clock;
 mod cloudflare;
 mod memory;
 mod postgres;
-// mod store;
+mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cloudflare::{
@@ -21,4 +21,4 @@ pub use cloudflare::{
 };
 pub use memory::MemoryKv;
 pub use postgres::{PgKv, Purger};
-// pub use store::{KvStore, KvStoreConfig, OAuthState, OtpCode, Session, SessionId};
+pub use store::{KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId};
