@@ -5,7 +5,7 @@
 //! The trait is synchronous like every store of the data layer; it is
 //! `Send + Sync`, so an async caller wraps a call in `spawn_blocking`:
 //!
-//! ```ignore
+//! ```text
 //! let kv: Arc<dyn KvBackend> = ...;
 //! let value = tokio::task::spawn_blocking(move || kv.get("session:...")).await??;
 //! ```

@@ -331,14 +331,10 @@ impl KvStore {
         if !bool::from(given.as_slice().ct_eq(expected)) {
             return Ok(false);
         }
-        // Only the caller whose take removes this very code succeeds.
-        match self.kv.take(&code_key)? {
-            Some(taken) if taken == stored => {
-                self.kv.delete(&attempts_key)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        // Only the caller whose take removes this very code succeeds. The
+        // attempt count stays until it expires or a new code replaces it:
+        // resetting it here would let guesses racing this one be evaluated.
+        Ok(matches!(self.kv.take(&code_key)?, Some(taken) if taken == stored))
     }
 }
 
