@@ -244,3 +244,24 @@ fn store_refuses_ttls_the_backend_cannot_hold() {
     let config = dployr_kv::KvStoreConfig { otp_ttl: Duration::ZERO, ..Default::default() };
     assert!(KvStore::with_config(Arc::new(MemoryKv::new()), config).is_err());
 }
+
+#[test]
+fn otp_guess_is_counted_before_the_code_is_read() {
+    // With the counter down, no guess reaches the code: the mock has no
+    // expectation for get or take, so reading it would panic.
+    let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_increment()
+        .times(1)
+        .returning(|_, _| Err(dployr_domain::StoreError::Unavailable { reason: "down".into(), source: None }));
+    let store = KvStore::new(Arc::new(kv));
+    let result = store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123"));
+    assert!(matches!(result, Err(dployr_domain::StoreError::Unavailable { .. })));
+}
+
+#[test]
+fn otp_guess_past_the_limit_is_refused_unseen() {
+    let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_increment().times(1).returning(|_, _| Ok(4));
+    let store = KvStore::new(Arc::new(kv));
+    assert!(!store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123")).unwrap());
+}
