@@ -3,9 +3,10 @@
 //! timeout set once per new connection and a statement counter, so tests can
 //! assert how many statements an operation sends.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::PgConnection;
@@ -17,7 +18,7 @@ use dployr_domain::StoreError;
 pub type PgPooledConnection = PooledConnection<ConnectionManager<PgConnection>>;
 
 /// How the pool is sized and how long it waits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
     /// Most connections open at once (r2d2 `max_size`). Default 10.
     pub max_size: u32,
@@ -27,6 +28,10 @@ pub struct PoolConfig {
     /// PostgreSQL's `statement_timeout` for every connection; `None` leaves
     /// the server's setting. Default 30 s.
     pub statement_timeout: Option<Duration>,
+    /// Keep the SQL text (never the bound values) of the last statements
+    /// sent, for [`PgPool::recent_statements`]: for tests and debugging.
+    /// Default off: it formats every statement.
+    pub record_statements: bool,
 }
 
 impl Default for PoolConfig {
@@ -35,6 +40,7 @@ impl Default for PoolConfig {
             max_size: 10,
             connection_timeout: Duration::from_secs(5),
             statement_timeout: Some(Duration::from_secs(30)),
+            record_statements: false,
         }
     }
 }
@@ -63,7 +69,12 @@ struct Counters {
     /// Transaction control statements (BEGIN, COMMIT, ROLLBACK, SAVEPOINT ...).
     control: AtomicU64,
     transactions: AtomicU64,
+    /// The SQL of recent statements, when recording is on.
+    recent: Option<Mutex<VecDeque<String>>>,
 }
+
+/// How many statements [`PgPool::recent_statements`] keeps.
+const RECENT_STATEMENTS: usize = 256;
 
 /// The diesel instrumentation installed on each pooled connection.
 struct CountingInstrumentation(Arc<Counters>);
@@ -73,17 +84,30 @@ impl Instrumentation for CountingInstrumentation {
         // diesel reports BEGIN/COMMIT/ROLLBACK both as a transaction event and
         // as a StartQuery; count the former so they can be subtracted.
         match event {
-            InstrumentationEvent::StartQuery { .. } => {
+            InstrumentationEvent::StartQuery { query, .. } => {
                 self.0.queries.fetch_add(1, Ordering::Relaxed);
+                crate::trace::count_query();
+                if let Some(recent) = &self.0.recent {
+                    // diesel's text is the SQL, then `-- binds: [...]`; keep the SQL only.
+                    let text = query.to_string();
+                    let sql = text.split(" -- binds: ").next().unwrap_or_default().to_owned();
+                    let mut recent = recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if recent.len() == RECENT_STATEMENTS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(sql);
+                }
             }
             InstrumentationEvent::BeginTransaction { depth, .. } => {
                 self.0.control.fetch_add(1, Ordering::Relaxed);
+                crate::trace::count_control();
                 if depth.get() == 1 {
                     self.0.transactions.fetch_add(1, Ordering::Relaxed);
                 }
             }
             InstrumentationEvent::CommitTransaction { .. } | InstrumentationEvent::RollbackTransaction { .. } => {
                 self.0.control.fetch_add(1, Ordering::Relaxed);
+                crate::trace::count_control();
             }
             _ => {}
         }
@@ -143,12 +167,20 @@ impl PgPool {
         if config.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
         }
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters {
+            recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
+            ..Counters::default()
+        });
         let customizer = Customizer { statement_timeout: config.statement_timeout, counters: Arc::clone(&counters) };
         let inner = Pool::builder()
             .max_size(config.max_size)
             .min_idle(Some(0))
             .connection_timeout(config.connection_timeout)
+            // r2d2 would send `SELECT 1` before handing out each connection:
+            // a second round trip for every one-statement read. A connection
+            // that died is instead noticed when it fails (Unavailable, so the
+            // caller retries) and then discarded by diesel's broken check.
+            .test_on_check_out(false)
             .connection_customizer(Box::new(customizer))
             .build_unchecked(ConnectionManager::new(database_url));
         let pool = Self { inner, counters, connection_timeout: config.connection_timeout };
@@ -179,9 +211,54 @@ impl PgPool {
         }
     }
 
+    /// The SQL text (without bound values) of up to the last 256 statements,
+    /// oldest first; empty unless [`PoolConfig::record_statements`] is on.
+    pub fn recent_statements(&self) -> Vec<String> {
+        self.counters.recent.as_ref().map_or_else(Vec::new, |recent| {
+            recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect()
+        })
+    }
+
     /// Connections open now, and how many of them are idle.
     pub fn state(&self) -> (u32, u32) {
         let state = self.inner.state();
         (state.connections, state.idle_connections)
+    }
+}
+
+impl PgPool {
+    /// Runs one read (or a single-statement write) on a pooled connection.
+    /// `parent` names the row a foreign-key error would be about.
+    pub(crate) fn run<T>(
+        &self,
+        parent: &str,
+        work: impl FnOnce(&mut PgConnection) -> diesel::QueryResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.get()?;
+        work(&mut conn).map_err(|e| crate::errors::map(e, parent))
+    }
+
+    /// Runs `work` in one transaction, rolled back on any error.
+    pub(crate) fn transaction<T>(
+        &self,
+        parent: &str,
+        work: impl FnOnce(&mut PgConnection) -> Result<T, crate::errors::Failure>,
+    ) -> Result<T, StoreError> {
+        use diesel::Connection as _;
+        let mut conn = self.get()?;
+        let conn: &mut PgConnection = &mut conn;
+        conn.transaction(work).map_err(|e| e.into_store_error(parent))
+    }
+}
+
+impl PgPool {
+    /// Runs a read of one statement whose result needs the store's own
+    /// checks, outside any transaction.
+    pub(crate) fn read<T>(
+        &self,
+        work: impl FnOnce(&mut PgConnection) -> Result<T, crate::errors::Failure>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.get()?;
+        work(&mut conn).map_err(|e| e.into_store_error(""))
     }
 }

@@ -1,0 +1,744 @@
+//! `PgClusterStore`: clusters and memberships in PostgreSQL. Every query
+//! behind `ClusterStore` is in this file.
+//!
+//! Concurrency: every write that changes a cluster's memberships first
+//! locks the cluster row (`FOR NO KEY UPDATE`, which does not block the
+//! key-share locks of inserts that reference the cluster), so such writes to
+//! one cluster run one after another and each sees the last one's result.
+//! The partial unique index `user_clusters_one_owner_per_cluster` backs the
+//! "at most one owner" rule whatever a query does; the transactions keep
+//! "at least one".
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, SmallInt, Text, Timestamptz};
+use dployr_domain::text::{self, Blank};
+use dployr_domain::{
+    Cluster, ClusterId, ClusterPatch, ClusterStore, ClusterSummary, Email, GitHubIntegration, Integrations,
+    MAX_CLUSTER_NAME_BYTES, Member, Metadata, Page, PageStart, Paged, PendingInvite, Provider, Role, StoreError,
+    StoreResult, UserId,
+};
+use serde_json::{Value, json};
+
+use crate::errors::Failure;
+use crate::schema::{clusters, user_clusters, users};
+use crate::sql::coalesce;
+use crate::{PgPool, cursor};
+
+diesel::alias!(user_clusters as owner_memberships: OwnerMemberships);
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = clusters, check_for_backend(diesel::pg::Pg))]
+struct ClusterRow {
+    id: String,
+    name: String,
+    metadata: Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// A membership with what a listing shows of the user.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = user_clusters, check_for_backend(diesel::pg::Pg))]
+struct MemberRow {
+    user_id: String,
+    email: String,
+    #[diesel(select_expression = users::name)]
+    name: String,
+    #[diesel(select_expression = users::picture)]
+    picture: Option<String>,
+    role: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<MemberRow> for Member {
+    type Error = StoreError;
+
+    fn try_from(row: MemberRow) -> StoreResult<Member> {
+        Ok(Member {
+            user_id: UserId::parse(&row.user_id)?,
+            email: Email::parse(&row.email)?,
+            name: row.name,
+            picture: row.picture,
+            role: row.role.parse()?,
+            since: row.created_at,
+        })
+    }
+}
+
+fn cluster_from(row: ClusterRow, members: Vec<MemberRow>) -> StoreResult<Cluster> {
+    let mut by_role: BTreeMap<Role, Vec<Member>> = BTreeMap::new();
+    for member in members {
+        let member = Member::try_from(member)?;
+        by_role.entry(member.role).or_default().push(member);
+    }
+    Ok(Cluster {
+        id: ClusterId::parse(&row.id)?,
+        name: row.name,
+        metadata: Metadata::from_stored(row.metadata),
+        members: by_role,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+/// One row of the page query: the total, and a member unless the page is empty.
+#[derive(QueryableByName)]
+struct MemberPageRow {
+    #[diesel(sql_type = BigInt)]
+    total: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    user_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    email: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    name: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    picture: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    role: Option<String>,
+    #[diesel(sql_type = Nullable<SmallInt>)]
+    role_order: Option<i16>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
+}
+
+/// A page of a cluster's memberships whose `role_order` is in `$2..=$3`,
+/// ordered by role rank then e-mail, after the keyset `($4, $5)`, with their
+/// total, in one statement: the left join keeps the total when the page is
+/// empty, which diesel's builder cannot express. Both the page and the count
+/// run on `user_clusters_cluster_id_order_idx`.
+const MEMBER_PAGE: &str = "\
+WITH page AS (
+    SELECT m.user_id, m.email, u.name, u.picture, m.role, m.role_order, m.created_at
+    FROM user_clusters m JOIN users u ON u.id = m.user_id
+    WHERE m.cluster_id = $1 AND m.role_order BETWEEN $2 AND $3 AND (m.role_order, m.email) > ($4, $5)
+    ORDER BY m.role_order, m.email
+    LIMIT $6 OFFSET $7
+)
+SELECT (SELECT count(*) FROM user_clusters WHERE cluster_id = $1 AND role_order BETWEEN $2 AND $3) AS total, page.*
+FROM (SELECT) AS one LEFT JOIN page ON true
+ORDER BY page.role_order, page.email";
+
+const MEMBERS_CURSOR: &str = "members";
+const INVITES_CURSOR: &str = "invites";
+
+/// `role_order` of each role, as the schema's generated column computes it.
+fn role_order(role: Role) -> i16 {
+    4 - role.rank()
+}
+
+/// The clusters and memberships of one PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PgClusterStore {
+    pool: PgPool,
+}
+
+impl PgClusterStore {
+    /// A store over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    fn page(&self, cluster: &ClusterId, orders: (i16, i16), kind: &str, page: &Page) -> StoreResult<Paged<Member>> {
+        let (mut after_order, mut after_email, mut offset) = (-1_i16, String::new(), 0_i64);
+        match &page.start {
+            PageStart::First => {}
+            PageStart::After(after) => {
+                let [order, email] = cursor::decode::<2>(kind, after)?;
+                after_order =
+                    order.parse().map_err(|_| StoreError::invalid("cursor", "is not a cursor of this listing"))?;
+                after_email = email;
+            }
+            PageStart::Offset(skip) => {
+                offset = i64::try_from(*skip).map_err(|_| StoreError::invalid("offset", "is too large"))?;
+            }
+        }
+        let limit = i64::from(page.limit());
+        let rows: Vec<MemberPageRow> = self.pool.run("", |conn| {
+            diesel::sql_query(MEMBER_PAGE)
+                .bind::<Text, _>(cluster.to_string())
+                .bind::<SmallInt, _>(orders.0)
+                .bind::<SmallInt, _>(orders.1)
+                .bind::<SmallInt, _>(after_order)
+                .bind::<Text, _>(&after_email)
+                .bind::<BigInt, _>(limit)
+                .bind::<BigInt, _>(offset)
+                .load(conn)
+        })?;
+        let total = rows.first().map_or(0, |row| row.total);
+        let mut last_key = None;
+        let mut items = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (Some(user_id), Some(email), Some(name), Some(role), Some(order), Some(created_at)) =
+                (row.user_id, row.email, row.name, row.role, row.role_order, row.created_at)
+            else {
+                continue;
+            };
+            last_key = Some((order, email.clone()));
+            items.push(Member::try_from(MemberRow { user_id, email, name, picture: row.picture, role, created_at })?);
+        }
+        let next = match last_key {
+            Some((order, email)) if items.len() as i64 == limit => {
+                Some(cursor::encode(kind, &[&order.to_string(), &email]))
+            }
+            _ => None,
+        };
+        Ok(Paged { items, total: u64::try_from(total).unwrap_or(0), next })
+    }
+
+    fn members_where(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
+        let rows: Vec<MemberRow> = self.pool.run("", |conn| {
+            user_clusters::table
+                .inner_join(users::table)
+                .filter(user_clusters::cluster_id.eq(cluster.to_string()))
+                .filter(user_clusters::role.eq(role.as_str()))
+                .order(user_clusters::email)
+                .select(MemberRow::as_select())
+                .load(conn)
+        })?;
+        rows.into_iter().map(Member::try_from).collect()
+    }
+
+    fn has_rank(&self, user: &UserId, cluster: &ClusterId, at_least: Role) -> StoreResult<bool> {
+        self.pool.run("", |conn| {
+            diesel::select(diesel::dsl::exists(
+                user_clusters::table
+                    .find((user.to_string(), cluster.to_string()))
+                    .filter(user_clusters::role_order.le(role_order(at_least))),
+            ))
+            .get_result(conn)
+        })
+    }
+}
+
+/// Locks the cluster row for a membership change; `NotFound` if it is gone.
+fn lock_cluster(conn: &mut PgConnection, cluster: &str) -> Result<(), Failure> {
+    let found =
+        clusters::table.find(cluster).select(clusters::id).for_no_key_update().first::<String>(conn).optional()?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(StoreError::not_found("cluster", cluster).into()),
+    }
+}
+
+/// The cluster with its members, in one statement (a left join).
+fn load_cluster(conn: &mut PgConnection, cluster: &str) -> Result<Option<Cluster>, Failure> {
+    let rows: Vec<(ClusterRow, Option<MemberRow>)> = clusters::table
+        .left_join(user_clusters::table.inner_join(users::table))
+        .filter(clusters::id.eq(cluster))
+        .order((user_clusters::role_order.nullable(), user_clusters::email.nullable()))
+        .select((ClusterRow::as_select(), Option::<MemberRow>::as_select()))
+        .load(conn)?;
+    let mut rows = rows.into_iter();
+    let Some((cluster, first)) = rows.next() else {
+        return Ok(None);
+    };
+    let members = first.into_iter().chain(rows.filter_map(|(_, member)| member)).collect();
+    Ok(Some(cluster_from(cluster, members)?))
+}
+
+fn summaries(rows: Vec<(String, String, Option<String>)>) -> StoreResult<Vec<ClusterSummary>> {
+    rows.into_iter()
+        .map(|(id, name, owner_name)| Ok(ClusterSummary { id: ClusterId::parse(&id)?, name, owner_name }))
+        .collect()
+}
+
+impl ClusterStore for PgClusterStore {
+    fn create_for_owner(&self, owner: &UserId) -> StoreResult<Cluster> {
+        let _span = crate::trace::operation("clusters.create_for_owner");
+        let owner = owner.to_string();
+        self.pool.transaction(&owner, |conn| {
+            // Two calls for one user queue on this lock; the second finds the
+            // first one's cluster below.
+            let user = users::table
+                .find(&owner)
+                .select(crate::users::UserRow::as_select())
+                .for_no_key_update()
+                .first(conn)
+                .optional()?
+                .ok_or_else(|| StoreError::not_found("user", &owner))?;
+            let owned: Option<String> = user_clusters::table
+                .filter(user_clusters::user_id.eq(&owner))
+                .filter(user_clusters::role.eq(Role::Owner.as_str()))
+                .select(user_clusters::cluster_id)
+                .order(user_clusters::created_at)
+                .first(conn)
+                .optional()?;
+            if let Some(owned) = owned {
+                return load_cluster(conn, &owned)?.ok_or_else(|| StoreError::not_found("cluster", &owned).into());
+            }
+            let user = dployr_domain::User::try_from(user)?;
+            let cluster: ClusterRow = diesel::insert_into(clusters::table)
+                .values((
+                    clusters::id.eq(ClusterId::generate().to_string()),
+                    clusters::name.eq(user.email.local_part()),
+                ))
+                .returning(ClusterRow::as_returning())
+                .get_result(conn)?;
+            let since: DateTime<Utc> = diesel::insert_into(user_clusters::table)
+                .values((
+                    user_clusters::user_id.eq(&owner),
+                    user_clusters::cluster_id.eq(&cluster.id),
+                    user_clusters::role.eq(Role::Owner.as_str()),
+                ))
+                .returning(user_clusters::created_at)
+                .get_result(conn)?;
+            let member = MemberRow {
+                user_id: owner.clone(),
+                email: user.email.to_string(),
+                name: user.name,
+                picture: user.picture,
+                role: Role::Owner.as_str().to_owned(),
+                created_at: since,
+            };
+            Ok(cluster_from(cluster, vec![member])?)
+        })
+    }
+
+    fn get(&self, id: &ClusterId) -> StoreResult<Option<Cluster>> {
+        let _span = crate::trace::operation("clusters.get");
+        let id = id.to_string();
+        self.pool.read(|conn| load_cluster(conn, &id))
+    }
+
+    fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>> {
+        let _span = crate::trace::operation("clusters.update");
+        if let Some(name) = &patch.name {
+            text::check("name", name, MAX_CLUSTER_NAME_BYTES, Blank::Refused)?;
+        }
+        let desired = patch.roles.as_ref().map(desired_roles).transpose()?;
+        let id = id.to_string();
+        self.pool.transaction("", |conn| {
+            match lock_cluster(conn, &id) {
+                Ok(()) => {}
+                Err(Failure::Store(StoreError::NotFound { .. })) => return Ok(None),
+                Err(other) => return Err(other),
+            }
+            if patch.name.is_some() || patch.metadata.is_some() {
+                let merge = patch.metadata.as_ref().map_or_else(|| json!({}), Metadata::to_value);
+                diesel::update(clusters::table.find(&id))
+                    .set((
+                        clusters::name.eq(coalesce(patch.name.as_deref(), clusters::name)),
+                        clusters::metadata.eq(clusters::metadata.concat(merge)),
+                    ))
+                    .execute(conn)?;
+            }
+            if let Some(desired) = &desired {
+                set_roles(conn, &id, desired)?;
+            }
+            load_cluster(conn, &id)
+        })
+    }
+
+    fn delete(&self, id: &ClusterId) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.delete");
+        let deleted = self.pool.run("", |conn| diesel::delete(clusters::table.find(id.to_string())).execute(conn))?;
+        if deleted == 0 {
+            return Err(StoreError::not_found("cluster", id.to_string()));
+        }
+        Ok(())
+    }
+
+    fn install_github_integration(&self, integration: GitHubIntegration) -> StoreResult<Option<Cluster>> {
+        let _span = crate::trace::operation("clusters.install_github_integration");
+        text::check("loginId", &integration.login_id, 255, Blank::Refused)?;
+        let mut settings = integration.settings.as_map().clone();
+        settings.insert("loginId".into(), Value::String(integration.login_id.clone()));
+        let settings = Metadata::from_map(settings)?;
+        let merge = json!({ "gitHub": settings.into_value() });
+        self.pool.transaction("", |conn| {
+            // The expression is spelled as in clusters_github_login_id_idx, keys
+            // as literals, so the planner matches the index.
+            let login_id = diesel::dsl::sql::<Nullable<Text>>("metadata -> 'gitHub' ->> 'loginId'");
+            let linked: Option<String> = clusters::table
+                .filter(login_id.eq(&integration.login_id))
+                .order(clusters::created_at)
+                .select(clusters::id)
+                .for_no_key_update()
+                .first(conn)
+                .optional()?;
+            let Some(id) = linked else {
+                return Ok(None);
+            };
+            diesel::update(clusters::table.find(&id))
+                .set(clusters::metadata.eq(clusters::metadata.concat(&merge)))
+                .execute(conn)?;
+            load_cluster(conn, &id)
+        })
+    }
+    fn add_users(&self, cluster: &ClusterId, emails: &[Email]) -> StoreResult<Vec<Member>> {
+        let _span = crate::trace::operation("clusters.add_users");
+        let emails: Vec<&str> = emails.iter().map(Email::as_str).collect::<BTreeSet<_>>().into_iter().collect();
+        let cluster = cluster.to_string();
+        self.pool.transaction(&cluster, |conn| {
+            lock_cluster(conn, &cluster)?;
+            if emails.is_empty() {
+                return Ok(Vec::new());
+            }
+            // Invitees who have never signed in become users of provider `email`.
+            let new_users: Vec<_> = emails
+                .iter()
+                .map(|email| {
+                    let local = email.split_once('@').map_or(*email, |(local, _)| local);
+                    (
+                        users::id.eq(UserId::generate().to_string()),
+                        users::email.eq(*email),
+                        users::name.eq(local),
+                        users::provider.eq(Provider::Email.as_str()),
+                    )
+                })
+                .collect();
+            diesel::insert_into(users::table)
+                .values(&new_users)
+                .on_conflict(users::email)
+                .do_nothing()
+                .execute(conn)?;
+            diesel::insert_into(user_clusters::table)
+                .values(users::table.filter(users::email.eq_any(&emails)).select((
+                    users::id,
+                    cluster.as_str().into_sql::<Text>(),
+                    Role::Invited.as_str().into_sql::<Text>(),
+                )))
+                .into_columns((user_clusters::user_id, user_clusters::cluster_id, user_clusters::role))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            let rows: Vec<MemberRow> = user_clusters::table
+                .inner_join(users::table)
+                .filter(user_clusters::cluster_id.eq(&cluster))
+                .filter(user_clusters::email.eq_any(&emails))
+                .order(user_clusters::email)
+                .select(MemberRow::as_select())
+                .load(conn)?;
+            Ok(rows.into_iter().map(Member::try_from).collect::<StoreResult<Vec<_>>>()?)
+        })
+    }
+
+    fn remove_users(&self, cluster: &ClusterId, users_to_remove: &[UserId]) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.remove_users");
+        let ids: Vec<String> = users_to_remove.iter().map(UserId::to_string).collect();
+        let cluster = cluster.to_string();
+        self.pool.transaction(&cluster, |conn| {
+            lock_cluster(conn, &cluster)?;
+            let removes_owner: bool = diesel::select(diesel::dsl::exists(
+                user_clusters::table
+                    .filter(user_clusters::cluster_id.eq(&cluster))
+                    .filter(user_clusters::user_id.eq_any(&ids))
+                    .filter(user_clusters::role.eq(Role::Owner.as_str())),
+            ))
+            .get_result(conn)?;
+            if removes_owner {
+                return Err(StoreError::conflict(
+                    "membership",
+                    "owner",
+                    "the owner cannot be removed; transfer ownership first",
+                )
+                .into());
+            }
+            diesel::delete(
+                user_clusters::table
+                    .filter(user_clusters::cluster_id.eq(&cluster))
+                    .filter(user_clusters::user_id.eq_any(&ids)),
+            )
+            .execute(conn)?;
+            // Invitees who never signed in and now belong nowhere are forgotten.
+            diesel::delete(
+                users::table
+                    .filter(users::id.eq_any(&ids))
+                    .filter(users::provider.eq(Provider::Email.as_str()))
+                    .filter(diesel::dsl::not(diesel::dsl::exists(
+                        owner_memberships.filter(owner_memberships.field(user_clusters::user_id).eq(users::id)),
+                    ))),
+            )
+            .execute(conn)?;
+            Ok(())
+        })
+    }
+
+    fn accept_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.accept_invite");
+        let updated = self.pool.run("", |conn| {
+            diesel::update(
+                user_clusters::table
+                    .find((user.to_string(), cluster.to_string()))
+                    .filter(user_clusters::role.eq(Role::Invited.as_str())),
+            )
+            .set(user_clusters::role.eq(Role::Viewer.as_str()))
+            .execute(conn)
+        })?;
+        if updated == 0 {
+            return Err(StoreError::not_found("invite", format!("{user} to {cluster}")));
+        }
+        Ok(())
+    }
+
+    fn decline_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.decline_invite");
+        let deleted = self.pool.run("", |conn| {
+            diesel::delete(
+                user_clusters::table
+                    .find((user.to_string(), cluster.to_string()))
+                    .filter(user_clusters::role.eq(Role::Invited.as_str())),
+            )
+            .execute(conn)
+        })?;
+        if deleted == 0 {
+            return Err(StoreError::not_found("invite", format!("{user} to {cluster}")));
+        }
+        Ok(())
+    }
+
+    fn pending_invites(&self, user: &UserId) -> StoreResult<Vec<PendingInvite>> {
+        let _span = crate::trace::operation("clusters.pending_invites");
+        let rows = self.memberships_of(user, MembershipKind::Invitations)?;
+        Ok(rows
+            .into_iter()
+            .map(|summary| PendingInvite {
+                cluster_id: summary.id,
+                cluster_name: summary.name,
+                owner_name: summary.owner_name,
+            })
+            .collect())
+    }
+
+    fn transfer_ownership(
+        &self,
+        cluster: &ClusterId,
+        new_owner: &UserId,
+        previous_owner_becomes: Option<Role>,
+    ) -> StoreResult<()> {
+        let _span = crate::trace::operation("clusters.transfer_ownership");
+        if let Some(role @ (Role::Owner | Role::Invited)) = previous_owner_becomes {
+            return Err(StoreError::invalid(
+                "previous_owner_becomes",
+                format!("the previous owner cannot become {role}"),
+            ));
+        }
+        let cluster = cluster.to_string();
+        let new_owner = new_owner.to_string();
+        self.pool.transaction(&new_owner, |conn| {
+            lock_cluster(conn, &cluster)?;
+            let current: Option<String> = user_clusters::table
+                .filter(user_clusters::cluster_id.eq(&cluster))
+                .filter(user_clusters::role.eq(Role::Owner.as_str()))
+                .select(user_clusters::user_id)
+                .first(conn)
+                .optional()?;
+            if current.as_deref() == Some(new_owner.as_str()) {
+                return Ok(());
+            }
+            // Demote first: the one-owner index must never see two.
+            if let Some(current) = &current {
+                let membership = user_clusters::table.find((current.as_str(), cluster.as_str()));
+                match previous_owner_becomes {
+                    Some(role) => {
+                        diesel::update(membership).set(user_clusters::role.eq(role.as_str())).execute(conn)?;
+                    }
+                    None => {
+                        diesel::delete(membership).execute(conn)?;
+                    }
+                }
+            }
+            diesel::insert_into(user_clusters::table)
+                .values((
+                    user_clusters::user_id.eq(&new_owner),
+                    user_clusters::cluster_id.eq(&cluster),
+                    user_clusters::role.eq(Role::Owner.as_str()),
+                ))
+                .on_conflict((user_clusters::user_id, user_clusters::cluster_id))
+                .do_update()
+                .set(user_clusters::role.eq(Role::Owner.as_str()))
+                .execute(conn)?;
+            Ok(())
+        })
+    }
+
+    fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>> {
+        let _span = crate::trace::operation("clusters.owned_cluster");
+        let row: Option<(String, String, String)> = self.pool.run("", |conn| {
+            user_clusters::table
+                .inner_join(clusters::table)
+                .inner_join(users::table)
+                .filter(user_clusters::user_id.eq(user.to_string()))
+                .filter(user_clusters::role.eq(Role::Owner.as_str()))
+                .order(clusters::created_at)
+                .select((clusters::id, clusters::name, users::name))
+                .first(conn)
+                .optional()
+        })?;
+        row.map(|(id, name, owner)| Ok(ClusterSummary { id: ClusterId::parse(&id)?, name, owner_name: Some(owner) }))
+            .transpose()
+    }
+
+    fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>> {
+        let _span = crate::trace::operation("clusters.user_clusters");
+        self.memberships_of(user, MembershipKind::Memberships)
+    }
+
+    fn members(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
+        let _span = crate::trace::operation("clusters.members");
+        self.page(cluster, (role_order(Role::Owner), role_order(Role::Viewer)), MEMBERS_CURSOR, page)
+    }
+
+    fn invites(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
+        let _span = crate::trace::operation("clusters.invites");
+        let invited = role_order(Role::Invited);
+        self.page(cluster, (invited, invited), INVITES_CURSOR, page)
+    }
+
+    fn role_of(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<Option<Role>> {
+        let _span = crate::trace::operation("clusters.role_of");
+        let role: Option<String> = self.pool.run("", |conn| {
+            user_clusters::table
+                .find((user.to_string(), cluster.to_string()))
+                .select(user_clusters::role)
+                .first(conn)
+                .optional()
+        })?;
+        role.map(|role| role.parse()).transpose()
+    }
+
+    fn owner(&self, cluster: &ClusterId) -> StoreResult<Option<Member>> {
+        let _span = crate::trace::operation("clusters.owner");
+        Ok(self.members_where(cluster, Role::Owner)?.into_iter().next())
+    }
+
+    fn users_with_role(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
+        let _span = crate::trace::operation("clusters.users_with_role");
+        self.members_where(cluster, role)
+    }
+
+    fn can_read(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
+        let _span = crate::trace::operation("clusters.can_read");
+        self.has_rank(user, cluster, Role::Viewer)
+    }
+
+    fn can_write(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
+        let _span = crate::trace::operation("clusters.can_write");
+        self.has_rank(user, cluster, Role::Developer)
+    }
+
+    fn is_admin(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
+        let _span = crate::trace::operation("clusters.is_admin");
+        self.has_rank(user, cluster, Role::Admin)
+    }
+
+    fn is_owner(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
+        let _span = crate::trace::operation("clusters.is_owner");
+        self.has_rank(user, cluster, Role::Owner)
+    }
+
+    fn integrations(&self, cluster: &ClusterId) -> StoreResult<Integrations> {
+        let _span = crate::trace::operation("clusters.integrations");
+        let metadata: Option<Value> = self.pool.run("", |conn| {
+            clusters::table.find(cluster.to_string()).select(clusters::metadata).first(conn).optional()
+        })?;
+        let metadata = metadata.ok_or_else(|| StoreError::not_found("cluster", cluster.to_string()))?;
+        Ok(Integrations::from_metadata(&Metadata::from_stored(metadata)))
+    }
+}
+
+/// Which of a user's memberships a listing wants.
+#[derive(Clone, Copy)]
+enum MembershipKind {
+    Memberships,
+    Invitations,
+}
+
+impl PgClusterStore {
+    /// The clusters where `user` is a member (or invited), with each owner's
+    /// name, in one statement.
+    fn memberships_of(&self, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
+        let rows: Vec<(String, String, Option<String>)> = self.pool.run("", |conn| {
+            let query = user_clusters::table
+                .inner_join(clusters::table)
+                .left_join(
+                    owner_memberships.on(owner_memberships
+                        .field(user_clusters::cluster_id)
+                        .eq(clusters::id)
+                        .and(owner_memberships.field(user_clusters::role).eq(Role::Owner.as_str()))),
+                )
+                .left_join(
+                    users::table
+                        .on(users::id.nullable().eq(owner_memberships.field(user_clusters::user_id).nullable())),
+                )
+                .filter(user_clusters::user_id.eq(user.to_string()))
+                .order(clusters::created_at)
+                .select((clusters::id, clusters::name, users::name.nullable()));
+            match kind {
+                MembershipKind::Memberships => query.filter(user_clusters::role.ne(Role::Invited.as_str())).load(conn),
+                MembershipKind::Invitations => query.filter(user_clusters::role.eq(Role::Invited.as_str())).load(conn),
+            }
+        })?;
+        summaries(rows)
+    }
+}
+
+/// The desired non-owner role of each user: the highest they are listed under.
+fn desired_roles(roles: &BTreeMap<Role, Vec<UserId>>) -> StoreResult<BTreeMap<String, Role>> {
+    let mut desired = BTreeMap::new();
+    for (role, users) in roles {
+        if *role == Role::Owner {
+            return Err(StoreError::invalid("roles", "cannot name an owner; use transfer_ownership"));
+        }
+        for user in users {
+            let entry = desired.entry(user.to_string()).or_insert(*role);
+            *entry = (*entry).max(*role);
+        }
+    }
+    Ok(desired)
+}
+
+/// Makes the cluster's non-owner memberships exactly `desired` (the owner,
+/// if listed, keeps ownership). Runs under the cluster lock.
+fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, Role>) -> Result<(), Failure> {
+    // The owner keeps ownership even when listed under another role.
+    let owner: Option<String> = user_clusters::table
+        .filter(user_clusters::cluster_id.eq(cluster))
+        .filter(user_clusters::role.eq(Role::Owner.as_str()))
+        .select(user_clusters::user_id)
+        .first(conn)
+        .optional()?;
+    let desired: BTreeMap<&str, Role> = desired
+        .iter()
+        .filter(|(user, _)| Some(*user) != owner.as_ref())
+        .map(|(user, role)| (user.as_str(), *role))
+        .collect();
+    let listed: Vec<&str> = desired.keys().copied().collect();
+    diesel::delete(
+        user_clusters::table
+            .filter(user_clusters::cluster_id.eq(cluster))
+            .filter(user_clusters::role.ne(Role::Owner.as_str()))
+            .filter(user_clusters::user_id.ne_all(&listed)),
+    )
+    .execute(conn)?;
+    if desired.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = desired
+        .iter()
+        .map(|(user, role)| {
+            (
+                user_clusters::user_id.eq(*user),
+                user_clusters::cluster_id.eq(cluster),
+                user_clusters::role.eq(role.as_str()),
+            )
+        })
+        .collect();
+    let result = diesel::insert_into(user_clusters::table)
+        .values(&rows)
+        .on_conflict((user_clusters::user_id, user_clusters::cluster_id))
+        .do_update()
+        .set(user_clusters::role.eq(diesel::upsert::excluded(user_clusters::role)))
+        .execute(conn);
+    match result {
+        Ok(_) => Ok(()),
+        // A listed user that does not exist: name them all, the key is not in the error.
+        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _)) => {
+            Err(StoreError::not_found("user", listed.join(", ")).into())
+        }
+        Err(other) => Err(other.into()),
+    }
+}

@@ -1,0 +1,211 @@
+//! `PgInstanceStore`: instances in PostgreSQL. Every query behind
+//! `InstanceStore` is in this file.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use dployr_domain::text::{self, Blank};
+use dployr_domain::{
+    ClusterId, Instance, InstanceId, InstanceStore, MAX_ADDRESS_BYTES, MAX_TAG_BYTES, Metadata, NewInstance, Page,
+    PageStart, Paged, StoreError, StoreResult,
+};
+use serde_json::Value;
+
+use crate::schema::instances;
+use crate::{PgPool, cursor};
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = instances, check_for_backend(diesel::pg::Pg))]
+struct InstanceRow {
+    id: String,
+    cluster_id: String,
+    address: String,
+    tag: String,
+    metadata: Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<InstanceRow> for Instance {
+    type Error = StoreError;
+
+    fn try_from(row: InstanceRow) -> StoreResult<Instance> {
+        Ok(Instance {
+            id: InstanceId::parse(&row.id)?,
+            cluster_id: ClusterId::parse(&row.cluster_id)?,
+            address: row.address,
+            tag: row.tag,
+            metadata: Metadata::from_stored(row.metadata),
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+/// One row of the page query: the total, and an instance unless the page is empty.
+#[derive(QueryableByName)]
+struct PageRow {
+    #[diesel(sql_type = BigInt)]
+    total: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    cluster_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    address: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    tag: Option<String>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Jsonb>)]
+    metadata: Option<Value>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    updated_at: Option<DateTime<Utc>>,
+}
+
+/// A page of a cluster's instances, newest first, and their total, in one
+/// statement: the left join keeps the total when the page is empty, which
+/// diesel's builder cannot express. Keyset: `(created_at, id)` below the
+/// cursor's, over `instances_cluster_id_created_at_idx`.
+const LIST_BY_CLUSTER: &str = "\
+WITH page AS (
+    SELECT id, cluster_id, address, tag, metadata, created_at, updated_at
+    FROM instances
+    WHERE cluster_id = $1 AND (created_at, id) < ($2, $3)
+    ORDER BY created_at DESC, id DESC
+    LIMIT $4 OFFSET $5
+)
+SELECT (SELECT count(*) FROM instances WHERE cluster_id = $1) AS total, page.*
+FROM (SELECT) AS one LEFT JOIN page ON true
+ORDER BY page.created_at DESC, page.id DESC";
+
+const CURSOR_KIND: &str = "instances";
+
+/// The instances of one PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PgInstanceStore {
+    pool: PgPool,
+}
+
+impl PgInstanceStore {
+    /// A store over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+impl InstanceStore for PgInstanceStore {
+    fn create(&self, cluster: &ClusterId, instance: NewInstance) -> StoreResult<Instance> {
+        let _span = crate::trace::operation("instances.create");
+        text::check("address", &instance.address, MAX_ADDRESS_BYTES, Blank::Refused)?;
+        text::check("tag", &instance.tag, MAX_TAG_BYTES, Blank::Refused)?;
+        let metadata = instance.metadata.unwrap_or_default().into_value();
+        let cluster = cluster.to_string();
+        let row = self.pool.run(&cluster, |conn| {
+            diesel::insert_into(instances::table)
+                .values((
+                    instances::id.eq(InstanceId::generate().to_string()),
+                    instances::cluster_id.eq(&cluster),
+                    instances::address.eq(&instance.address),
+                    instances::tag.eq(&instance.tag),
+                    instances::metadata.eq(&metadata),
+                ))
+                .returning(InstanceRow::as_returning())
+                .get_result(conn)
+        })?;
+        Instance::try_from(row)
+    }
+
+    fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>> {
+        let _span = crate::trace::operation("instances.get");
+        let row = self.pool.run("", |conn| {
+            instances::table.find(id.to_string()).select(InstanceRow::as_select()).first(conn).optional()
+        })?;
+        row.map(Instance::try_from).transpose()
+    }
+
+    fn get_by_tag(&self, tag: &str) -> StoreResult<Option<Instance>> {
+        let _span = crate::trace::operation("instances.get_by_tag");
+        text::check("tag", tag, MAX_TAG_BYTES, Blank::Refused)?;
+        let row = self.pool.run("", |conn| {
+            instances::table.filter(instances::tag.eq(tag)).select(InstanceRow::as_select()).first(conn).optional()
+        })?;
+        row.map(Instance::try_from).transpose()
+    }
+
+    fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>> {
+        let _span = crate::trace::operation("instances.update_metadata");
+        let row = self.pool.run("", |conn| {
+            diesel::update(instances::table.find(id.to_string()))
+                .set(instances::metadata.eq(metadata.into_value()))
+                .returning(InstanceRow::as_returning())
+                .get_result(conn)
+                .optional()
+        })?;
+        row.map(Instance::try_from).transpose()
+    }
+
+    fn delete(&self, id: &InstanceId) -> StoreResult<()> {
+        let _span = crate::trace::operation("instances.delete");
+        let deleted = self.pool.run("", |conn| diesel::delete(instances::table.find(id.to_string())).execute(conn))?;
+        if deleted == 0 {
+            return Err(StoreError::not_found("instance", id.to_string()));
+        }
+        Ok(())
+    }
+
+    fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>> {
+        let _span = crate::trace::operation("instances.list_by_cluster");
+        // Before the first item: later than any timestamp, above any id.
+        let (mut before_at, mut before_id, mut offset) = (DateTime::<Utc>::MAX_UTC, "~".to_owned(), 0_i64);
+        match &page.start {
+            PageStart::First => {}
+            PageStart::After(after) => {
+                let [micros, id] = cursor::decode::<2>(CURSOR_KIND, after)?;
+                before_at = micros
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(DateTime::from_timestamp_micros)
+                    .ok_or_else(|| StoreError::invalid("cursor", "is not a cursor of this listing"))?;
+                before_id = id;
+            }
+            PageStart::Offset(skip) => {
+                offset = i64::try_from(*skip).map_err(|_| StoreError::invalid("offset", "is too large"))?;
+            }
+        }
+        let limit = i64::from(page.limit());
+        let rows: Vec<PageRow> = self.pool.run("", |conn| {
+            diesel::sql_query(LIST_BY_CLUSTER)
+                .bind::<Text, _>(cluster.to_string())
+                .bind::<Timestamptz, _>(before_at)
+                .bind::<Text, _>(&before_id)
+                .bind::<BigInt, _>(limit)
+                .bind::<BigInt, _>(offset)
+                .load(conn)
+        })?;
+        let total = rows.first().map_or(0, |row| row.total);
+        let items = rows
+            .into_iter()
+            .filter_map(|row| {
+                Some(InstanceRow {
+                    id: row.id?,
+                    cluster_id: row.cluster_id?,
+                    address: row.address?,
+                    tag: row.tag?,
+                    metadata: row.metadata?,
+                    created_at: row.created_at?,
+                    updated_at: row.updated_at?,
+                })
+            })
+            .map(Instance::try_from)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let next = match items.last() {
+            Some(last) if items.len() as i64 == limit => Some(cursor::encode(
+                CURSOR_KIND,
+                &[&last.created_at.timestamp_micros().to_string(), &last.id.to_string()],
+            )),
+            _ => None,
+        };
+        Ok(Paged { items, total: u64::try_from(total).unwrap_or(0), next })
+    }
+}

@@ -1,0 +1,14 @@
+//! SQL functions diesel does not ship, declared once for every store.
+
+use diesel::sql_types::{Nullable, Text};
+
+diesel::define_sql_function! {
+    /// `coalesce(a, b)` for text: `a` unless it is NULL.
+    fn coalesce(a: Nullable<Text>, b: Text) -> Text;
+}
+
+diesel::define_sql_function! {
+    /// `coalesce(a, b)` for nullable text.
+    #[sql_name = "coalesce"]
+    fn coalesce_nullable(a: Nullable<Text>, b: Nullable<Text>) -> Nullable<Text>;
+}

@@ -1,0 +1,180 @@
+//! `PgUserStore`: users in PostgreSQL. Every query behind `UserStore` is in
+//! this file.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use dployr_domain::text::{self, Blank};
+use dployr_domain::{
+    Email, MAX_USER_TEXT_BYTES, Metadata, NewUser, Provider, StoreError, StoreResult, User, UserId, UserPatch,
+    UserStore,
+};
+use serde_json::Value;
+
+use crate::PgPool;
+use crate::errors::Failure;
+use crate::schema::{clusters, user_clusters, users};
+use crate::sql::{coalesce, coalesce_nullable};
+
+/// A `users` row as selected.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
+pub(crate) struct UserRow {
+    id: String,
+    email: String,
+    name: String,
+    picture: Option<String>,
+    provider: String,
+    metadata: Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<UserRow> for User {
+    type Error = StoreError;
+
+    fn try_from(row: UserRow) -> StoreResult<User> {
+        Ok(User {
+            id: UserId::parse(&row.id)?,
+            email: Email::parse(&row.email)?,
+            name: row.name,
+            picture: row.picture,
+            provider: row.provider.parse()?,
+            metadata: Metadata::from_stored(row.metadata),
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+/// The users of one PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct PgUserStore {
+    pool: PgPool,
+}
+
+impl PgUserStore {
+    /// A store over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+fn check_name_and_picture(name: Option<&str>, picture: Option<&str>) -> StoreResult<()> {
+    if let Some(name) = name {
+        text::check("name", name, MAX_USER_TEXT_BYTES, Blank::Refused)?;
+    }
+    if let Some(picture) = picture {
+        text::check("picture", picture, MAX_USER_TEXT_BYTES, Blank::Allowed)?;
+    }
+    Ok(())
+}
+
+impl UserStore for PgUserStore {
+    fn upsert(&self, user: NewUser) -> StoreResult<User> {
+        let _span = crate::trace::operation("users.upsert");
+        check_name_and_picture(user.name.as_deref(), user.picture.as_deref())?;
+        let id = UserId::generate().to_string();
+        let name = user.name.as_deref().unwrap_or_else(|| user.email.local_part());
+        let merge = user.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
+        self.pool.transaction(user.email.as_str(), |conn| {
+            let row: UserRow = diesel::insert_into(users::table)
+                .values((
+                    users::id.eq(&id),
+                    users::email.eq(user.email.as_str()),
+                    users::name.eq(name),
+                    users::picture.eq(user.picture.as_deref()),
+                    users::provider.eq(user.provider.as_str()),
+                    users::metadata.eq(&merge),
+                ))
+                .on_conflict(users::email)
+                .do_update()
+                .set((
+                    // Keep the stored name and picture unless this sign-in brings new ones.
+                    users::name.eq(coalesce(user.name.as_deref(), users::name)),
+                    users::picture.eq(coalesce_nullable(user.picture.as_deref(), users::picture)),
+                    users::provider.eq(excluded(users::provider)),
+                    users::metadata.eq(users::metadata.concat(&merge)),
+                ))
+                .returning(UserRow::as_returning())
+                .get_result(conn)?;
+            if user.metadata.is_some() {
+                // The sign-in's metadata also reaches the clusters the user runs.
+                let runs = user_clusters::table
+                    .filter(user_clusters::user_id.eq(&row.id))
+                    .filter(user_clusters::role.eq_any(["owner", "admin"]))
+                    .select(user_clusters::cluster_id);
+                diesel::update(clusters::table.filter(clusters::id.eq_any(runs)))
+                    .set(clusters::metadata.eq(clusters::metadata.concat(&merge)))
+                    .execute(conn)?;
+            }
+            Ok::<_, Failure>(User::try_from(row)?)
+        })
+    }
+
+    fn get(&self, id: &UserId) -> StoreResult<Option<User>> {
+        let _span = crate::trace::operation("users.get");
+        let row = self
+            .pool
+            .run("", |conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
+        row.map(User::try_from).transpose()
+    }
+
+    fn get_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
+        let _span = crate::trace::operation("users.get_by_email");
+        let row = self.pool.run("", |conn| {
+            users::table.filter(users::email.eq(email.as_str())).select(UserRow::as_select()).first(conn).optional()
+        })?;
+        row.map(User::try_from).transpose()
+    }
+
+    fn update(&self, email: &Email, patch: UserPatch) -> StoreResult<Option<User>> {
+        let _span = crate::trace::operation("users.update");
+        check_name_and_picture(patch.name.as_deref(), patch.picture.as_deref())?;
+        let merge = patch.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
+        let row = self.pool.run("", |conn| {
+            diesel::update(users::table.filter(users::email.eq(email.as_str())))
+                .set((
+                    users::name.eq(coalesce(patch.name.as_deref(), users::name)),
+                    users::picture.eq(coalesce_nullable(patch.picture.as_deref(), users::picture)),
+                    users::provider.eq(coalesce(patch.provider.map(Provider::as_str), users::provider)),
+                    users::metadata.eq(users::metadata.concat(&merge)),
+                ))
+                .returning(UserRow::as_returning())
+                .get_result(conn)
+                .optional()
+        })?;
+        row.map(User::try_from).transpose()
+    }
+
+    fn delete(&self, id: &UserId) -> StoreResult<()> {
+        let _span = crate::trace::operation("users.delete");
+        let id = id.to_string();
+        self.pool.transaction(&id, |conn| {
+            // Lock the user first: a membership being inserted for them (which
+            // takes a key-share lock on this row) finishes before we look.
+            let found =
+                users::table.find(&id).select(users::id).for_no_key_update().first::<String>(conn).optional()?;
+            if found.is_none() {
+                return Err(StoreError::not_found("user", &id).into());
+            }
+            // Lock their memberships too, so a concurrent transfer that makes
+            // them owner is seen here rather than cascaded away afterwards.
+            let roles: Vec<String> = user_clusters::table
+                .filter(user_clusters::user_id.eq(&id))
+                .select(user_clusters::role)
+                .for_update()
+                .load(conn)?;
+            if roles.iter().any(|role| role == "owner") {
+                return Err(StoreError::conflict(
+                    "user",
+                    "owner",
+                    "the user owns a cluster; transfer or delete it first",
+                )
+                .into());
+            }
+            diesel::delete(users::table.find(&id)).execute(conn)?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,141 @@
+use dployr_domain::{ClusterId, InstanceId, InstanceStore, Metadata, NewInstance, Page, StoreError};
+use serde_json::json;
+
+use crate::fixture::Fixture;
+
+fn new(address: &str, tag: &str) -> NewInstance {
+    NewInstance { address: address.into(), tag: tag.into(), metadata: None }
+}
+
+#[test]
+fn create_then_get_and_get_by_tag_return_the_instance() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    let metadata = Metadata::try_from(json!({"region": "eu"})).unwrap();
+    let instance = f
+        .instances
+        .create(&cluster.id, NewInstance { metadata: Some(metadata.clone()), ..new("10.0.0.1", "web-1") })
+        .unwrap();
+    assert_eq!((instance.cluster_id, instance.metadata.clone()), (cluster.id, metadata));
+    assert_eq!(f.instances.get(&instance.id).unwrap(), Some(instance.clone()));
+    assert_eq!(f.instances.get_by_tag("web-1").unwrap(), Some(instance));
+    assert_eq!(f.instances.get(&InstanceId::generate()).unwrap(), None);
+    assert_eq!(f.instances.get_by_tag("nope").unwrap(), None);
+}
+
+#[test]
+fn an_instance_of_a_cluster_without_members_is_still_found() {
+    use diesel::RunQueryDsl;
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    let instance = f.instances.create(&cluster.id, new("10.0.0.1", "web-1")).unwrap();
+    // The seed joined instances through memberships and lost these.
+    diesel::sql_query("DELETE FROM user_clusters").execute(&mut f.db.connect()).unwrap();
+    assert_eq!(f.instances.get(&instance.id).unwrap().map(|i| i.id), Some(instance.id));
+    assert_eq!(f.instances.get_by_tag("web-1").unwrap().map(|i| i.id), Some(instance.id));
+}
+
+#[test]
+fn a_duplicate_tag_or_address_is_a_conflict_naming_the_field() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    f.instances.create(&cluster.id, new("10.0.0.1", "web-1")).unwrap();
+    let error = f.instances.create(&cluster.id, new("10.0.0.2", "web-1")).unwrap_err();
+    assert!(matches!(error, StoreError::Conflict { entity: "instance", field: "tag", .. }), "{error}");
+    let error = f.instances.create(&cluster.id, new("10.0.0.1", "web-2")).unwrap_err();
+    assert!(matches!(error, StoreError::Conflict { entity: "instance", field: "address", .. }), "{error}");
+    assert_eq!(f.count("SELECT count(*) FROM instances"), 1);
+}
+
+#[test]
+fn create_in_an_unknown_cluster_is_not_found() {
+    let f = Fixture::new();
+    let cluster = ClusterId::generate();
+    let error = f.instances.create(&cluster, new("10.0.0.1", "web-1")).unwrap_err();
+    match error {
+        StoreError::NotFound { entity: "cluster", key } => assert_eq!(key, cluster.to_string()),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn empty_oversized_or_control_character_fields_are_invalid() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    for (instance, field) in [
+        (new("10.0.0.1", ""), "tag"),
+        (new("10.0.0.1", "   "), "tag"),
+        (new("", "web"), "address"),
+        (new("10.0.0.1", &"t".repeat(256)), "tag"),
+        (new("10.0.0.1", "we\u{0}b"), "tag"),
+        (new(&"a".repeat(1025), "web"), "address"),
+    ] {
+        let error = f.instances.create(&cluster.id, instance).unwrap_err();
+        assert!(matches!(error, StoreError::Invalid { field: f, .. } if f == field), "{error}");
+    }
+    assert_eq!(f.count("SELECT count(*) FROM instances"), 0);
+}
+
+#[test]
+fn update_metadata_replaces_it_and_unknown_is_none() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    let instance = f
+        .instances
+        .create(
+            &cluster.id,
+            NewInstance { metadata: Some(Metadata::try_from(json!({"a": 1})).unwrap()), ..new("h", "t") },
+        )
+        .unwrap();
+    let replaced = Metadata::try_from(json!({"b": 2})).unwrap();
+    let updated = f.instances.update_metadata(&instance.id, replaced.clone()).unwrap().unwrap();
+    assert_eq!(updated.metadata, replaced);
+    assert_eq!(f.instances.update_metadata(&InstanceId::generate(), replaced).unwrap(), None);
+}
+
+#[test]
+fn delete_removes_the_instance_and_its_tokens_and_unknown_is_not_found() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    let instance = f.instances.create(&cluster.id, new("h", "t")).unwrap();
+    dployr_domain::BootstrapTokenStore::create(&f.tokens, &instance.id, "n1").unwrap();
+    f.instances.delete(&instance.id).unwrap();
+    assert_eq!(f.count("SELECT count(*) FROM bootstrap_tokens"), 0);
+    let error = f.instances.delete(&instance.id).unwrap_err();
+    assert!(matches!(error, StoreError::NotFound { entity: "instance", .. }), "{error}");
+}
+
+#[test]
+fn list_by_cluster_pages_newest_first_by_cursor_and_offset_with_the_total() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    let (_, other) = f.owner("bob@example.io");
+    let created: Vec<_> = (0..12)
+        .map(|i| f.instances.create(&cluster.id, new(&format!("10.0.0.{i}"), &format!("web-{i}"))).unwrap())
+        .collect();
+    f.instances.create(&other.id, new("10.1.0.1", "other")).unwrap();
+    let all = f.instances.list_by_cluster(&cluster.id, &Page::first(100)).unwrap();
+    assert_eq!(all.total, 12);
+    let mut expected = created.clone();
+    expected.sort_by_key(|i| std::cmp::Reverse((i.created_at, i.id)));
+    assert_eq!(all.items, expected);
+
+    let mut by_cursor = Vec::new();
+    let mut page = Page::first(5);
+    loop {
+        let paged = f.instances.list_by_cluster(&cluster.id, &page).unwrap();
+        by_cursor.extend(paged.items);
+        match paged.next {
+            Some(next) => page = Page::after(next, 5),
+            None => break,
+        }
+    }
+    assert_eq!(by_cursor, expected);
+    let third = f.instances.list_by_cluster(&cluster.id, &Page::offset(10, 5)).unwrap();
+    assert_eq!(third.items, expected[10..]);
+    let unknown = f.instances.list_by_cluster(&ClusterId::generate(), &Page::first(5)).unwrap();
+    assert_eq!((unknown.items.len(), unknown.total), (0, 0));
+    let error =
+        f.instances.list_by_cluster(&cluster.id, &Page::after(dployr_domain::Cursor::new("xyz"), 5)).unwrap_err();
+    assert!(matches!(error, StoreError::Invalid { field: "cursor", .. }), "{error}");
+}

@@ -1,0 +1,17 @@
+//! The PostgreSQL stores against a real PostgreSQL (the testkit's), one
+//! fresh migrated database per test: every operation's normal, not-found
+//! and conflict or invalid paths, the seed's flaws, concurrency, and the
+//! number of statements each operation sends.
+
+#![cfg(test)]
+
+mod fixture;
+
+mod bootstrap_tokens;
+mod budget;
+mod clusters;
+mod concurrency;
+mod instances;
+mod pool;
+mod spans;
+mod users;

@@ -1,0 +1,206 @@
+use dployr_domain::{ClusterStore, Email, Metadata, NewUser, Provider, Role, StoreError, UserPatch, UserStore};
+use serde_json::json;
+
+use crate::fixture::{Fixture, email};
+
+fn metadata(value: serde_json::Value) -> Metadata {
+    Metadata::try_from(value).unwrap()
+}
+
+#[test]
+fn upsert_creates_a_user_named_after_the_local_part_when_no_name_is_given() {
+    let f = Fixture::new();
+    let user = f.users.upsert(NewUser::new(email("Grace.Hopper@Navy.MIL"), Provider::Github)).unwrap();
+    assert_eq!(user.email.as_str(), "grace.hopper@navy.mil");
+    assert_eq!(user.name, "grace.hopper");
+    assert_eq!(user.provider, Provider::Github);
+    assert!(user.metadata.is_empty());
+    assert_eq!(f.users.get(&user.id).unwrap(), Some(user));
+}
+
+#[test]
+fn re_sign_in_without_metadata_keeps_metadata_name_and_picture() {
+    let f = Fixture::new();
+    let first = f
+        .users
+        .upsert(NewUser {
+            name: Some("Ada".into()),
+            picture: Some("https://img.example/ada.png".into()),
+            metadata: Some(metadata(json!({"theme": "dark", "plan": "team"}))),
+            ..NewUser::new(email("ada@example.io"), Provider::Google)
+        })
+        .unwrap();
+    let again = f.users.upsert(NewUser::new(email("ADA@example.io"), Provider::Github)).unwrap();
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.name, "Ada");
+    assert_eq!(again.picture.as_deref(), Some("https://img.example/ada.png"));
+    assert_eq!(again.provider, Provider::Github);
+    assert_eq!(again.metadata, first.metadata);
+}
+
+#[test]
+fn re_sign_in_with_metadata_merges_it_and_new_name_replaces() {
+    let f = Fixture::new();
+    f.users
+        .upsert(NewUser {
+            metadata: Some(metadata(json!({"theme": "dark", "plan": "team"}))),
+            ..NewUser::new(email("ada@example.io"), Provider::Google)
+        })
+        .unwrap();
+    let merged = f
+        .users
+        .upsert(NewUser {
+            name: Some("Ada L.".into()),
+            metadata: Some(metadata(json!({"plan": "pro", "locale": "en"}))),
+            ..NewUser::new(email("ada@example.io"), Provider::Google)
+        })
+        .unwrap();
+    assert_eq!(merged.name, "Ada L.");
+    assert_eq!(merged.metadata.to_value(), json!({"theme": "dark", "plan": "pro", "locale": "en"}));
+}
+
+#[test]
+fn sign_in_metadata_reaches_clusters_the_user_owns_or_administers_only() {
+    let f = Fixture::new();
+    let (ada, owned) = f.owner("ada@example.io");
+    let (bob, administered) = f.owner("bob@example.io");
+    let (_, viewed) = f.owner("cy@example.io");
+    f.clusters.add_users(&administered.id, &[email("ada@example.io")]).unwrap();
+    f.clusters.accept_invite(&ada.id, &administered.id).unwrap();
+    f.clusters
+        .update(
+            &administered.id,
+            dployr_domain::ClusterPatch { roles: Some([(Role::Admin, vec![ada.id])].into()), ..Default::default() },
+        )
+        .unwrap();
+    f.clusters.add_users(&viewed.id, &[email("ada@example.io")]).unwrap();
+    f.clusters.accept_invite(&ada.id, &viewed.id).unwrap();
+
+    f.users
+        .upsert(NewUser {
+            metadata: Some(metadata(json!({"gitHub": {"loginId": "77"}}))),
+            ..NewUser::new(email("ada@example.io"), Provider::Github)
+        })
+        .unwrap();
+
+    let github = |id| f.clusters.get(id).unwrap().unwrap().metadata.get("gitHub").cloned();
+    assert_eq!(github(&owned.id), Some(json!({"loginId": "77"})));
+    assert_eq!(github(&administered.id), Some(json!({"loginId": "77"})));
+    assert_eq!(github(&viewed.id), None);
+    assert_eq!(f.users.get(&bob.id).unwrap().unwrap().metadata, Metadata::new());
+}
+
+#[test]
+fn get_by_email_finds_the_user_whatever_the_case_of_the_address() {
+    let f = Fixture::new();
+    let user = f.user("a@x.io");
+    assert_eq!(f.users.get_by_email(&email("A@X.io")).unwrap().map(|u| u.id), Some(user.id));
+    assert_eq!(f.users.get_by_email(&email("  a@X.IO ")).unwrap().map(|u| u.id), Some(user.id));
+}
+
+#[test]
+fn get_of_unknown_users_is_none() {
+    let f = Fixture::new();
+    assert_eq!(f.users.get(&dployr_domain::UserId::generate()).unwrap(), None);
+    assert_eq!(f.users.get_by_email(&email("nobody@example.io")).unwrap(), None);
+}
+
+#[test]
+fn update_patches_given_fields_and_merges_metadata() {
+    let f = Fixture::new();
+    let user = f
+        .users
+        .upsert(NewUser {
+            metadata: Some(metadata(json!({"a": 1}))),
+            ..NewUser::new(email("ada@example.io"), Provider::Google)
+        })
+        .unwrap();
+    let updated = f
+        .users
+        .update(
+            &user.email,
+            UserPatch {
+                name: Some("Countess".into()),
+                metadata: Some(metadata(json!({"b": 2}))),
+                ..UserPatch::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.name, "Countess");
+    assert_eq!(updated.provider, Provider::Google);
+    assert_eq!(updated.email, user.email);
+    assert_eq!(updated.metadata.to_value(), json!({"a": 1, "b": 2}));
+    assert!(updated.updated_at >= user.updated_at);
+}
+
+#[test]
+fn update_with_a_bad_name_is_invalid_and_changes_nothing() {
+    let f = Fixture::new();
+    let user = f.user("ada@example.io");
+    let error =
+        f.users.update(&user.email, UserPatch { name: Some("a\u{0}".into()), ..UserPatch::default() }).unwrap_err();
+    assert!(matches!(error, StoreError::Invalid { field: "name", .. }), "{error}");
+    assert_eq!(f.users.get(&user.id).unwrap().unwrap().name, "ada");
+}
+
+#[test]
+fn update_of_an_unknown_email_is_none() {
+    let f = Fixture::new();
+    assert_eq!(f.users.update(&email("nobody@example.io"), UserPatch::default()).unwrap(), None);
+}
+
+#[test]
+fn bad_input_is_invalid_and_writes_nothing() {
+    let f = Fixture::new();
+    for bad in ["", "no-at", "a@b@c", "a @b.io", "a\u{0}@b.io", "@b.io", "a@"] {
+        assert!(matches!(Email::parse(bad), Err(StoreError::Invalid { field: "email", .. })), "{bad:?}");
+    }
+    assert!(Email::parse(&format!("{}@x.io", "a".repeat(250))).is_err());
+    assert!(Metadata::try_from(json!("string")).is_err());
+    assert!(Metadata::try_from(json!({"big": "x".repeat(70 * 1024)})).is_err());
+    let with_nul_name =
+        NewUser { name: Some("Ada\u{0}".into()), ..NewUser::new(email("ada@example.io"), Provider::Google) };
+    assert!(matches!(f.users.upsert(with_nul_name), Err(StoreError::Invalid { field: "name", .. })));
+    let huge_name = NewUser { name: Some("n".repeat(2000)), ..NewUser::new(email("ada@example.io"), Provider::Google) };
+    assert!(matches!(f.users.upsert(huge_name), Err(StoreError::Invalid { field: "name", .. })));
+    assert_eq!(f.count("SELECT count(*) FROM users"), 0);
+}
+
+#[test]
+fn sql_looking_strings_are_stored_as_text() {
+    let f = Fixture::new();
+    let name = "Robert'); DROP TABLE users; --";
+    let user = f
+        .users
+        .upsert(NewUser { name: Some(name.into()), ..NewUser::new(email("bobby@tables.io"), Provider::Email) })
+        .unwrap();
+    assert_eq!(f.users.get(&user.id).unwrap().unwrap().name, name);
+    assert_eq!(f.count("SELECT count(*) FROM users"), 1);
+}
+
+#[test]
+fn delete_removes_a_user_and_their_memberships() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("owner@example.io");
+    let members = f.clusters.add_users(&cluster.id, &[email("guest@example.io")]).unwrap();
+    f.users.delete(&members[0].user_id).unwrap();
+    assert_eq!(f.users.get(&members[0].user_id).unwrap(), None);
+    assert_eq!(f.count("SELECT count(*) FROM user_clusters"), 1);
+}
+
+#[test]
+fn delete_of_an_unknown_user_is_not_found() {
+    let f = Fixture::new();
+    let error = f.users.delete(&dployr_domain::UserId::generate()).unwrap_err();
+    assert!(matches!(error, StoreError::NotFound { entity: "user", .. }), "{error}");
+}
+
+#[test]
+fn delete_of_a_cluster_owner_is_a_conflict() {
+    let f = Fixture::new();
+    let (owner, _) = f.owner("owner@example.io");
+    let error = f.users.delete(&owner.id).unwrap_err();
+    assert!(matches!(error, StoreError::Conflict { entity: "user", field: "owner", .. }), "{error}");
+    assert!(f.users.get(&owner.id).unwrap().is_some());
+}

@@ -1,0 +1,39 @@
+//! Tidy checks of the workspace's shape: the domain crate stays free of
+//! diesel and of anything that does I/O, so every consumer can depend on it
+//! alone (rust-analyzer guards its crate boundaries the same way).
+
+#![cfg(test)]
+
+use std::process::Command;
+
+/// The packages `cargo tree` lists for `package`'s normal dependencies.
+fn dependencies_of(package: &str) -> Vec<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["tree", "--offline", "-p", package, "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn the_domain_crate_depends_on_no_database_network_or_async_crate() {
+    let dependencies = dependencies_of("dployr-domain");
+    assert!(dependencies.iter().any(|d| d == "dployr-domain"), "{dependencies:?}");
+    for forbidden in ["diesel", "pq-sys", "r2d2", "reqwest", "hyper", "tokio", "tiny_http", "dployr-pg", "dployr-kv"] {
+        assert!(!dependencies.iter().any(|d| d == forbidden), "dployr-domain pulls in {forbidden}: {dependencies:?}");
+    }
+}
+
+#[test]
+fn the_pg_crate_does_not_depend_on_the_kv_crate() {
+    let dependencies = dependencies_of("dployr-pg");
+    assert!(dependencies.iter().any(|d| d == "diesel"), "{dependencies:?}");
+    assert!(!dependencies.iter().any(|d| d == "dployr-kv" || d == "dployr-data"), "{dependencies:?}");
+}
