@@ -11,6 +11,7 @@ mod error;
 mod ids;
 mod instance;
 mod integrations;
+mod kv;
 mod metadata;
 mod page;
 mod role;
@@ -35,6 +36,9 @@ pub use integrations::{
     EmailIntegrations, Integrations, NotificationEvent, NotificationIntegration, NotificationIntegrations,
     RemoteIntegrations,
 };
+#[cfg(feature = "mock")]
+pub use kv::MockKvBackend;
+pub use kv::{KvBackend, KvLimits, KvPage, MAX_KEY_BYTES, MAX_TTL, MAX_VALUE_BYTES, not_a_counter, parse_counter};
 pub use metadata::{MAX_METADATA_BYTES, Metadata};
 pub use page::{Cursor, MAX_PAGE_LIMIT, Page, PageStart, Paged};
 pub use role::{Provider, Role};

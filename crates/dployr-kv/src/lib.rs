@@ -1,5 +1,24 @@
-//! Key-value backends (memory, Cloudflare Workers KV, PostgreSQL) and the
-//! session / OAuth state / one-time code store built on them.
+//! Key-value backends (memory, Cloudflare Workers KV, PostgreSQL) behind
+//! `dployr-domain`'s [`KvBackend`](dployr_domain::KvBackend), and
+//! [`KvStore`], the sessions, OAuth state and one-time codes built on any of
+//! them.
 //!
-//! **Status: empty on purpose.** It is filled by the key-value issue; until
-//! then nothing here pretends to work (see `docs/ARCHITECTURE.md`).
+//! | backend | atomic `take` / `increment` | expiry |
+//! |---|---|---|
+//! | [`MemoryKv`] | yes (one lock) | to the millisecond on its [`Clock`] |
+//! | [`CloudflareKv`] | no (read, then write) | whole seconds, at least 60 |
+//! | [`PgKv`] | yes (`DELETE ... RETURNING`, `INSERT ... ON CONFLICT`) | server's `now()`; rows purged in batches |
+
+mod clock;
+mod cloudflare;
+mod memory;
+mod postgres;
+mod store;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use cloudflare::{
+    ACCOUNT_ID_VAR, API_TOKEN_VAR, CLOUDFLARE_API_URL, CloudflareConfig, CloudflareKv, NAMESPACE_ID_VAR, RetryPolicy,
+};
+pub use memory::MemoryKv;
+pub use postgres::{PgKv, Purger};
+pub use store::{KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId};

@@ -33,6 +33,7 @@
 //! assert_eq!(users, 0);
 //! ```
 
+pub mod cloudflare_emulator;
 pub mod erd;
 pub mod local;
 
@@ -42,6 +43,7 @@ mod docker;
 mod error;
 mod server;
 
+pub use cloudflare_emulator::CloudflareEmulator;
 pub use error::TestkitError;
 pub use server::{ServerKind, TestServer, server};
 

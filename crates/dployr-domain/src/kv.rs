@@ -1,0 +1,247 @@
+//! The key-value backend trait: the one small interface that sessions, OAuth
+//! state and one-time codes are stored through, so the same `KvStore` runs on
+//! memory, Cloudflare Workers KV or PostgreSQL, and consumers can mock it.
+//!
+//! The trait is synchronous like every store of the data layer; it is
+//! `Send + Sync`, so an async caller wraps a call in `spawn_blocking`:
+//!
+//! ```text
+//! let kv: Arc<dyn KvBackend> = ...;
+//! let value = tokio::task::spawn_blocking(move || kv.get("session:...")).await??;
+//! ```
+//!
+//! The rules every backend shares (key and TTL checks) live here as plain
+//! functions of [`KvLimits`], so input is refused with [`StoreError::Invalid`]
+//! the same way, before anything is sent or written.
+
+use std::time::Duration;
+
+use crate::{StoreError, StoreResult};
+
+/// Longest key any backend accepts, in UTF-8 bytes (Cloudflare's limit).
+pub const MAX_KEY_BYTES: usize = 512;
+
+/// Largest value any backend accepts, in bytes (Cloudflare's 25 MiB).
+pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
+
+/// Longest TTL any backend accepts: 100 years (beyond that, timestamps of
+/// some backends overflow, and nothing in dployr lives that long).
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// One page of keys from [`KvBackend::list`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KvPage {
+    /// Keys of this page, in ascending order of their UTF-8 bytes. A page may
+    /// be empty while `cursor` is still `Some` (Cloudflare does that).
+    pub keys: Vec<String>,
+    /// Where the next page starts; `None` on the last page.
+    pub cursor: Option<String>,
+}
+
+/// What a backend accepts and what it does atomically, so callers and the
+/// conformance suite can adapt (e.g. use a TTL the backend allows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLimits {
+    /// Shortest TTL accepted (Cloudflare: 60 s).
+    pub min_ttl: Duration,
+    /// Longest TTL accepted.
+    pub max_ttl: Duration,
+    /// Longest key, in UTF-8 bytes.
+    pub max_key_bytes: usize,
+    /// Largest value, in bytes.
+    pub max_value_bytes: usize,
+    /// Smallest `limit` [`KvBackend::list`] accepts (Cloudflare: 10).
+    pub min_list_limit: usize,
+    /// Largest `limit` [`KvBackend::list`] accepts (Cloudflare: 1000).
+    pub max_list_limit: usize,
+    /// Whether [`KvBackend::take`] and [`KvBackend::increment`] are atomic:
+    /// `true` on memory and PostgreSQL, `false` on Cloudflare (read then write).
+    pub atomic: bool,
+}
+
+impl KvLimits {
+    /// Refuses an empty key, `.` and `..`, a key longer than
+    /// [`max_key_bytes`](Self::max_key_bytes), and a key holding a NUL byte
+    /// (PostgreSQL text cannot store it, so no backend takes it).
+    ///
+    /// ```
+    /// use dployr_domain::{KvLimits, StoreError};
+    /// let limits = KvLimits::default();
+    /// assert!(limits.check_key("session:abc").is_ok());
+    /// assert!(matches!(limits.check_key(""), Err(StoreError::Invalid { field: "key", .. })));
+    /// assert!(limits.check_key(&"k".repeat(513)).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `key`.
+    pub fn check_key(&self, key: &str) -> StoreResult<()> {
+        if key.is_empty() {
+            return Err(StoreError::invalid("key", "must not be empty"));
+        }
+        if key == "." || key == ".." {
+            return Err(StoreError::invalid("key", "must not be `.` or `..`"));
+        }
+        if key.len() > self.max_key_bytes {
+            return Err(StoreError::invalid(
+                "key",
+                format!("is {} bytes long, at most {} allowed", key.len(), self.max_key_bytes),
+            ));
+        }
+        if key.contains('\0') {
+            return Err(StoreError::invalid("key", "must not contain a NUL byte"));
+        }
+        Ok(())
+    }
+
+    /// Refuses a value larger than [`max_value_bytes`](Self::max_value_bytes).
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `value`.
+    pub fn check_value(&self, value: &[u8]) -> StoreResult<()> {
+        if value.len() > self.max_value_bytes {
+            return Err(StoreError::invalid(
+                "value",
+                format!("is {} bytes long, at most {} allowed", value.len(), self.max_value_bytes),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a TTL outside `min_ttl..=max_ttl` (zero included).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dployr_domain::KvLimits;
+    /// let cloudflare = KvLimits { min_ttl: Duration::from_secs(60), ..KvLimits::default() };
+    /// assert!(cloudflare.check_ttl(Some(Duration::from_secs(59))).is_err());
+    /// assert!(cloudflare.check_ttl(Some(Duration::from_secs(60))).is_ok());
+    /// assert!(cloudflare.check_ttl(None).is_ok());
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `ttl`.
+    pub fn check_ttl(&self, ttl: Option<Duration>) -> StoreResult<()> {
+        let Some(ttl) = ttl else { return Ok(()) };
+        if ttl.is_zero() {
+            return Err(StoreError::invalid("ttl", "must not be zero"));
+        }
+        if ttl < self.min_ttl {
+            return Err(StoreError::invalid(
+                "ttl",
+                format!("{ttl:?} is below this backend's minimum of {:?}", self.min_ttl),
+            ));
+        }
+        if ttl > self.max_ttl {
+            return Err(StoreError::invalid("ttl", format!("{ttl:?} is above the maximum of {:?}", self.max_ttl)));
+        }
+        Ok(())
+    }
+
+    /// Refuses a list `limit` outside `min_list_limit..=max_list_limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `limit`.
+    pub fn check_list_limit(&self, limit: usize) -> StoreResult<()> {
+        if limit < self.min_list_limit.max(1) || limit > self.max_list_limit {
+            return Err(StoreError::invalid(
+                "limit",
+                format!("{limit} is outside {}..={}", self.min_list_limit.max(1), self.max_list_limit),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for KvLimits {
+    /// The limits of a backend that can do everything: 1 ms TTLs, lists of
+    /// 1 to 1000 keys, atomic take and counter.
+    fn default() -> Self {
+        Self {
+            min_ttl: Duration::from_millis(1),
+            max_ttl: MAX_TTL,
+            max_key_bytes: MAX_KEY_BYTES,
+            max_value_bytes: MAX_VALUE_BYTES,
+            min_list_limit: 1,
+            max_list_limit: 1000,
+            atomic: true,
+        }
+    }
+}
+
+/// A key-value backend: memory, Cloudflare Workers KV, PostgreSQL.
+///
+/// Keys are non-empty UTF-8 strings of at most [`MAX_KEY_BYTES`] bytes;
+/// values are bytes. An entry written with a TTL is never returned once the
+/// TTL has passed. Every method refuses bad input with
+/// [`StoreError::Invalid`] before writing anything (see [`KvLimits`]).
+/// Each backend documents which operations are atomic on it
+/// ([`KvLimits::atomic`]).
+#[cfg_attr(feature = "mock", mockall::automock)]
+pub trait KvBackend: Send + Sync {
+    /// What this backend accepts.
+    fn limits(&self) -> KvLimits;
+
+    /// The value under `key`, or `None` if there is none or it expired.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key; `Unavailable`/`Backend`/`Configuration` from the backend.
+    fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Stores `value` under `key`, replacing any value, expiring after `ttl`
+    /// (`None`: never).
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key, value or TTL; backend errors.
+    fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()>;
+
+    /// Removes `key`; removing a missing key is not an error.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key; backend errors.
+    fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// Up to `limit` live keys starting with `prefix`, in ascending byte
+    /// order, from `cursor` (a cursor returned by the previous page) on.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a limit outside the backend's range; backend errors.
+    #[expect(clippy::needless_lifetimes, reason = "mockall's automock needs the lifetime inside `Option<&str>` named")]
+    fn list<'a>(&self, prefix: &str, limit: usize, cursor: Option<&'a str>) -> StoreResult<KvPage>;
+
+    /// Removes `key` and returns the value it held, if any and not expired.
+    /// Atomic where [`KvLimits::atomic`] says so: of many concurrent takes
+    /// of one key, exactly one gets the value.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key; backend errors.
+    fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Adds one to the counter under `key` and returns the new value. A
+    /// missing or expired counter starts at 1 with `ttl`; an existing one
+    /// keeps its expiry. The value is stored as ASCII decimal digits.
+    /// Atomic where [`KvLimits::atomic`] says so.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key or TTL, or when the key holds a
+    /// value that is not a counter; backend errors.
+    fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64>;
+}
+
+/// Parses a counter value as written by [`KvBackend::increment`]: ASCII
+/// decimal digits, at most 18 of them.
+///
+/// ```
+/// assert_eq!(dployr_domain::parse_counter(b"42"), Some(42));
+/// assert_eq!(dployr_domain::parse_counter(b"x"), None);
+/// ```
+pub fn parse_counter(value: &[u8]) -> Option<i64> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The error of [`KvBackend::increment`] on a key that holds something else.
+pub fn not_a_counter(key: &str) -> StoreError {
+    StoreError::invalid("key", format!("{key:?} holds a value that is not a counter"))
+}

@@ -1,0 +1,189 @@
+//! The in-memory backend: for tests and single-process development. Every
+//! operation holds one lock, so all of them, `take` and `increment`
+//! included, are atomic. Expired entries are never returned and are
+//! reclaimed: an index ordered by expiry is swept at every operation, so the
+//! map does not grow with dead entries.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter, parse_counter};
+
+use crate::clock::{Clock, SystemClock};
+
+#[derive(Debug)]
+struct Entry {
+    value: Vec<u8>,
+    expires_at: Option<SystemTime>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: BTreeMap<String, Entry>,
+    /// (expiry, key) of every entry that has one, soonest first.
+    expiries: BTreeSet<(SystemTime, String)>,
+}
+
+impl State {
+    /// Removes every entry whose expiry is at or before `now`.
+    fn reclaim(&mut self, now: SystemTime) {
+        while let Some((at, _)) = self.expiries.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, key)) = self.expiries.pop_first() {
+                self.entries.remove(&key);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        if let Some(at) = entry.expires_at {
+            self.expiries.remove(&(at, key.to_owned()));
+        }
+        Some(entry)
+    }
+
+    fn insert(&mut self, key: &str, entry: Entry) {
+        self.remove(key);
+        if let Some(at) = entry.expires_at {
+            self.expiries.insert((at, key.to_owned()));
+        }
+        self.entries.insert(key.to_owned(), entry);
+    }
+}
+
+/// A [`KvBackend`] in a `BTreeMap` behind a mutex; cheap to clone, clones
+/// share the data. TTLs are honoured to the millisecond against its
+/// [`Clock`]; all operations are atomic.
+///
+/// ```
+/// use std::time::Duration;
+/// use dployr_domain::KvBackend as _;
+/// use dployr_kv::{ManualClock, MemoryKv};
+///
+/// let clock = ManualClock::new();
+/// let kv = MemoryKv::with_clock(clock.clone());
+/// kv.put("greeting", b"hello", Some(Duration::from_millis(10)))?;
+/// clock.advance(Duration::from_millis(10));
+/// assert_eq!(kv.get("greeting")?, None);
+/// # Ok::<(), dployr_domain::StoreError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct MemoryKv {
+    state: Arc<Mutex<State>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryKv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryKv {
+    /// An empty store on the system clock.
+    pub fn new() -> Self {
+        Self::with_clock(SystemClock)
+    }
+
+    /// An empty store reading the time from `clock`.
+    pub fn with_clock(clock: impl Clock + 'static) -> Self {
+        Self { state: Arc::new(Mutex::new(State::default())), clock: Arc::new(clock) }
+    }
+
+    /// Entries held right now, expired ones not yet reclaimed included (for
+    /// tests that prove reclamation).
+    pub fn stored_entries(&self) -> usize {
+        self.state().entries.len()
+    }
+
+    /// Locks the state and reclaims what expired. A panic while the lock was
+    /// held cannot leave the maps inconsistent (each change is one insert or
+    /// remove pair), so a poisoned lock is taken over.
+    fn state(&self) -> MutexGuard<'_, State> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.reclaim(self.clock.now());
+        state
+    }
+
+    fn expiry(&self, ttl: Option<Duration>) -> StoreResult<Option<SystemTime>> {
+        ttl.map(|ttl| {
+            self.clock.now().checked_add(ttl).ok_or_else(|| StoreError::invalid("ttl", "overflows the clock"))
+        })
+        .transpose()
+    }
+}
+
+impl KvBackend for MemoryKv {
+    fn limits(&self) -> KvLimits {
+        KvLimits::default()
+    }
+
+    fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.limits().check_key(key)?;
+        Ok(self.state().entries.get(key).map(|entry| entry.value.clone()))
+    }
+
+    fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+        let limits = self.limits();
+        limits.check_key(key)?;
+        limits.check_value(value)?;
+        limits.check_ttl(ttl)?;
+        let expires_at = self.expiry(ttl)?;
+        self.state().insert(key, Entry { value: value.to_vec(), expires_at });
+        Ok(())
+    }
+
+    fn delete(&self, key: &str) -> StoreResult<()> {
+        self.limits().check_key(key)?;
+        self.state().remove(key);
+        Ok(())
+    }
+
+    fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+        self.limits().check_list_limit(limit)?;
+        let state = self.state();
+        let start = match cursor {
+            Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),
+            _ => Bound::Included(prefix.to_owned()),
+        };
+        let mut keys: Vec<String> = state
+            .entries
+            .range((start, Bound::Unbounded))
+            .map(|(key, _)| key)
+            .take_while(|key| key.starts_with(prefix))
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let cursor = if more { keys.last().cloned() } else { None };
+        Ok(KvPage { keys, cursor })
+    }
+
+    fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.limits().check_key(key)?;
+        Ok(self.state().remove(key).map(|entry| entry.value))
+    }
+
+    fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+        let limits = self.limits();
+        limits.check_key(key)?;
+        limits.check_ttl(ttl)?;
+        let new_expiry = self.expiry(ttl)?;
+        let mut state = self.state();
+        let (count, expires_at) = match state.entries.get(key) {
+            None => (1, new_expiry),
+            Some(entry) => {
+                let current = parse_counter(&entry.value).ok_or_else(|| not_a_counter(key))?;
+                (current + 1, entry.expires_at)
+            }
+        };
+        state.insert(key, Entry { value: count.to_string().into_bytes(), expires_at });
+        Ok(count)
+    }
+}

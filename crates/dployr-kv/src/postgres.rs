@@ -1,0 +1,340 @@
+//! The PostgreSQL backend, for self-hosting with nothing but PostgreSQL: one
+//! row per key in `kv_entries` (migration `001_kv_store`), through the pool
+//! of `dployr-pg`.
+//!
+//! Every operation is one statement, so each is atomic: `take` is a
+//! `DELETE ... RETURNING`, `increment` an `INSERT ... ON CONFLICT DO UPDATE
+//! ... RETURNING` (an expired counter restarts at 1). Expiry is always
+//! compared with the server's `now()`, never with a time converted to a
+//! zone, so the server's `TimeZone` does not matter. Expired rows are
+//! invisible to every read and removed by [`PgKv::purge_expired`], in
+//! bounded batches, which a caller runs or a [`Purger`] thread runs for it.
+//!
+//! The SQL of this backend lives in this file: diesel's query builder where
+//! it can express the statement, raw SQL with bound parameters where it
+//! cannot (the counter's conditional upsert).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use diesel::dsl::{now, sql};
+use diesel::pg::data_types::PgInterval;
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{BigInt, Interval, Nullable, Text, Timestamptz};
+use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter};
+use dployr_pg::schema::kv_entries;
+use dployr_pg::{PgPool, PgPooledConnection};
+
+/// A [`KvBackend`] on the `kv_entries` table; cheap to clone.
+///
+/// ```no_run
+/// use dployr_kv::PgKv;
+/// use dployr_pg::{PgPool, PoolConfig};
+///
+/// let kv = PgKv::new(PgPool::connect("postgres://localhost/dployr-local", PoolConfig::default())?);
+/// let purger = kv.spawn_purger(std::time::Duration::from_secs(60), 1000)?;
+/// // ... the purger stops when dropped.
+/// # drop(purger);
+/// # Ok::<(), dployr_domain::StoreError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgKv {
+    pool: PgPool,
+}
+
+/// Maps a diesel error by its kind (SQLSTATE), never by its text.
+fn db_error(op: &'static str, error: DieselError) -> StoreError {
+    match &error {
+        DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, _)
+        | DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
+            StoreError::unavailable(format!("PostgreSQL KV {op}"), error)
+        }
+        DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, info)
+            if info.constraint_name() == Some("kv_entries_key_check") =>
+        {
+            StoreError::invalid("key", "must be 1 to 512 bytes long")
+        }
+        _ => StoreError::backend(format!("PostgreSQL KV {op}"), error),
+    }
+}
+
+/// `expires_at IS NULL OR expires_at > now()`: the row is alive.
+fn alive() -> diesel::dsl::Or<diesel::dsl::IsNull<kv_entries::expires_at>, diesel::dsl::Gt<kv_entries::expires_at, now>>
+{
+    kv_entries::expires_at.is_null().or(kv_entries::expires_at.gt(now))
+}
+
+fn interval(ttl: Option<Duration>) -> StoreResult<Option<PgInterval>> {
+    ttl.map(|ttl| {
+        i64::try_from(ttl.as_micros())
+            .map(PgInterval::from_microseconds)
+            .map_err(|_| StoreError::invalid("ttl", "too large"))
+    })
+    .transpose()
+}
+
+/// Escapes `\`, `%` and `_` so `prefix` matches literally in `LIKE`.
+fn like_prefix(prefix: &str) -> String {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    count: i64,
+}
+
+/// The counter's upsert: a new or expired row becomes `1` with the given
+/// TTL; a live counter gets one more and keeps its expiry; a live row that
+/// is not ASCII digits is left alone and no row comes back.
+const INCREMENT_SQL: &str = r"
+INSERT INTO kv_entries AS e (key, value, expires_at)
+VALUES ($1, convert_to('1', 'UTF8'), now() + $2)
+ON CONFLICT (key) DO UPDATE SET
+    value = CASE WHEN e.expires_at <= now() THEN EXCLUDED.value
+                 ELSE convert_to((convert_from(e.value, 'UTF8')::bigint + 1)::text, 'UTF8') END,
+    expires_at = CASE WHEN e.expires_at <= now() THEN EXCLUDED.expires_at ELSE e.expires_at END
+WHERE e.expires_at <= now()
+   OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = '')
+RETURNING convert_from(value, 'UTF8')::bigint AS count";
+
+/// One bounded batch of the purge. diesel's builder cannot put an ordered,
+/// limited, `FOR UPDATE SKIP LOCKED` subquery into a `DELETE`, so this is
+/// raw SQL; the batch size is bound.
+const PURGE_SQL: &str = r"
+DELETE FROM kv_entries WHERE key IN (
+    SELECT key FROM kv_entries
+    WHERE expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)";
+
+impl PgKv {
+    /// A backend on `pool`, whose database has migration `001_kv_store`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, e.g. for its statement counts.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn conn(&self) -> StoreResult<PgPooledConnection> {
+        self.pool.get()
+    }
+
+    /// Deletes at most `batch_size` expired rows, oldest expiry first, in
+    /// one statement; rows locked by another purger are skipped. Returns how
+    /// many went.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a batch size below 1; database errors.
+    pub fn purge_expired_batch(&self, batch_size: i64) -> StoreResult<u64> {
+        if batch_size < 1 {
+            return Err(StoreError::invalid("batch_size", "must be at least 1"));
+        }
+        let deleted = diesel::sql_query(PURGE_SQL)
+            .bind::<BigInt, _>(batch_size)
+            .execute(&mut self.conn()?)
+            .map_err(|e| db_error("purge", e))?;
+        Ok(deleted as u64)
+    }
+
+    /// Deletes every expired row, `batch_size` rows per statement (so no
+    /// statement holds many row locks or runs long), until a batch comes
+    /// back short. Returns how many went in total.
+    ///
+    /// # Errors
+    /// As [`purge_expired_batch`](Self::purge_expired_batch); rows purged
+    /// before an error stay purged.
+    pub fn purge_expired(&self, batch_size: i64) -> StoreResult<u64> {
+        let mut total = 0;
+        loop {
+            let deleted = self.purge_expired_batch(batch_size)?;
+            total += deleted;
+            if deleted < batch_size as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Starts a thread that runs [`purge_expired`](Self::purge_expired)
+    /// every `every`; it stops when the returned [`Purger`] is dropped.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a zero period or a batch size below 1;
+    /// [`StoreError::Backend`] if no thread can be started.
+    pub fn spawn_purger(&self, every: Duration, batch_size: i64) -> StoreResult<Purger> {
+        if every.is_zero() {
+            return Err(StoreError::invalid("every", "must not be zero"));
+        }
+        if batch_size < 1 {
+            return Err(StoreError::invalid("batch_size", "must be at least 1"));
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let stats = Arc::new(PurgerStats::default());
+        let thread = {
+            let (kv, stats) = (self.clone(), Arc::clone(&stats));
+            std::thread::Builder::new()
+                .name("kv-purger".into())
+                .spawn(move || {
+                    // Sending never happens: dropping the sender ends the wait.
+                    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                        match kv.purge_expired(batch_size) {
+                            Ok(rows) => stats.rows.fetch_add(rows, Ordering::Relaxed),
+                            // Retried at the next tick; counted so an operator sees it.
+                            Err(_) => stats.failures.fetch_add(1, Ordering::Relaxed),
+                        };
+                        stats.runs.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+                .map_err(|e| StoreError::backend("starting the KV purger thread", e))?
+        };
+        Ok(Purger { stop: Some(stop), thread: Some(thread), stats })
+    }
+}
+
+#[derive(Debug, Default)]
+struct PurgerStats {
+    runs: AtomicU64,
+    rows: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// A background thread purging expired rows of a [`PgKv`]; dropping it
+/// stops the thread and waits for it.
+#[derive(Debug)]
+pub struct Purger {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<PurgerStats>,
+}
+
+impl Purger {
+    /// Purge runs finished so far.
+    pub fn runs(&self) -> u64 {
+        self.stats.runs.load(Ordering::Relaxed)
+    }
+
+    /// Rows purged so far.
+    pub fn purged_rows(&self) -> u64 {
+        self.stats.rows.load(Ordering::Relaxed)
+    }
+
+    /// Runs that failed (they are retried at the next tick).
+    pub fn failures(&self) -> u64 {
+        self.stats.failures.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Purger {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            // A panicked purger thread has nothing left to clean up.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl KvBackend for PgKv {
+    fn limits(&self) -> KvLimits {
+        KvLimits::default()
+    }
+
+    fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.limits().check_key(key)?;
+        kv_entries::table
+            .select(kv_entries::value)
+            .filter(kv_entries::key.eq(key))
+            .filter(alive())
+            .first::<Vec<u8>>(&mut self.conn()?)
+            .optional()
+            .map_err(|e| db_error("get", e))
+    }
+
+    fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+        let limits = self.limits();
+        limits.check_key(key)?;
+        limits.check_value(value)?;
+        limits.check_ttl(ttl)?;
+        let expires_at = sql::<Nullable<Timestamptz>>("now() + ").bind::<Nullable<Interval>, _>(interval(ttl)?);
+        diesel::insert_into(kv_entries::table)
+            .values((kv_entries::key.eq(key), kv_entries::value.eq(value), kv_entries::expires_at.eq(expires_at)))
+            .on_conflict(kv_entries::key)
+            .do_update()
+            .set((
+                kv_entries::value.eq(diesel::upsert::excluded(kv_entries::value)),
+                kv_entries::expires_at.eq(diesel::upsert::excluded(kv_entries::expires_at)),
+            ))
+            .execute(&mut self.conn()?)
+            .map_err(|e| db_error("put", e))?;
+        Ok(())
+    }
+
+    fn delete(&self, key: &str) -> StoreResult<()> {
+        self.limits().check_key(key)?;
+        diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)))
+            .execute(&mut self.conn()?)
+            .map_err(|e| db_error("delete", e))?;
+        Ok(())
+    }
+
+    fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+        self.limits().check_list_limit(limit)?;
+        let fetch = i64::try_from(limit + 1).map_err(|_| StoreError::invalid("limit", "too large"))?;
+        let mut query = kv_entries::table
+            .select(kv_entries::key)
+            .filter(kv_entries::key.like(like_prefix(prefix)))
+            .filter(alive())
+            .order(kv_entries::key)
+            .limit(fetch)
+            .into_boxed();
+        if let Some(after) = cursor.filter(|c| !c.is_empty()) {
+            query = query.filter(kv_entries::key.gt(after.to_owned()));
+        }
+        let mut keys: Vec<String> = query.load(&mut self.conn()?).map_err(|e| db_error("list", e))?;
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let cursor = if more { keys.last().cloned() } else { None };
+        Ok(KvPage { keys, cursor })
+    }
+
+    /// One `DELETE ... RETURNING`: of concurrent takes, exactly one gets the value.
+    fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.limits().check_key(key)?;
+        diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)).filter(alive()))
+            .returning(kv_entries::value)
+            .get_result::<Vec<u8>>(&mut self.conn()?)
+            .optional()
+            .map_err(|e| db_error("take", e))
+    }
+
+    /// One `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`: concurrent
+    /// increments each get a distinct value.
+    fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+        let limits = self.limits();
+        limits.check_key(key)?;
+        limits.check_ttl(ttl)?;
+        let counted = diesel::sql_query(INCREMENT_SQL)
+            .bind::<Text, _>(key)
+            .bind::<Nullable<Interval>, _>(interval(ttl)?)
+            .get_result::<Count>(&mut self.conn()?)
+            .optional()
+            .map_err(|e| db_error("increment", e))?;
+        counted.map(|c| c.count).ok_or_else(|| not_a_counter(key))
+    }
+}

@@ -1,0 +1,346 @@
+//! `KvStore`: sign-in state on any [`KvBackend`]: sessions, OAuth `state`
+//! values and e-mail one-time codes (OTP), done the way the seed should have.
+//!
+//! - Keys hold the SHA-256 (hex) of a session id or state, never the secret
+//!   itself, so a leaked listing of the store yields no usable session.
+//! - An OTP is 6 characters of `A-Z0-9` from the thread-local CSPRNG of
+//!   `rand` (ChaCha, seeded by the operating system); only a salted SHA-256
+//!   of it is stored (OWASP ASVS 2.7.5), and a guess is compared in constant
+//!   time (`subtle`), case-insensitively.
+//! - At most [`KvStoreConfig::otp_max_attempts`] guesses per code are
+//!   evaluated: each guess first increments an atomic counter and is refused
+//!   unseen once the counter passes the limit (as Ory Kratos does), so
+//!   parallel guesses cannot exceed it. A right guess consumes the code with
+//!   `take`, so it works once. An OAuth state is consumed with `take` too.
+//! - Those guarantees are exact where the backend's `take` and `increment`
+//!   are atomic (memory, PostgreSQL) and best effort on Cloudflare.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dployr_domain::{ClusterSummary, Email, KvBackend, Provider, StoreError, StoreResult, User, UserId};
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+
+/// The characters of a one-time code.
+pub const OTP_ALPHABET: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+/// How many characters a one-time code has.
+pub const OTP_LENGTH: usize = 6;
+
+const SESSION_PREFIX: &str = "session:";
+const STATE_PREFIX: &str = "oauth_state:";
+const OTP_PREFIX: &str = "otp:";
+const OTP_ATTEMPTS_PREFIX: &str = "otp_attempts:";
+const OTP_SALT_BYTES: usize = 16;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill(&mut buf[..]);
+    hex::encode(buf)
+}
+
+macro_rules! secret {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps a value received from a client (a cookie, a query parameter).
+            pub fn new(value: impl Into<String>) -> Self {
+                Self(value.into())
+            }
+
+            /// The secret itself, to hand to the client. Never log it.
+            pub fn expose(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<redacted>)"))
+            }
+        }
+    };
+}
+
+secret! {
+    /// A session id: the secret in the session cookie. `Debug` never shows it.
+    SessionId
+}
+
+secret! {
+    /// The OAuth `state` parameter of one sign-in. `Debug` never shows it.
+    OAuthState
+}
+
+secret! {
+    /// A one-time code sent by e-mail, or a user's guess of it. `Debug`
+    /// never shows it.
+    OtpCode
+}
+
+impl SessionId {
+    /// A new session id: 256 bits from the CSPRNG, as 64 hex characters.
+    pub fn generate() -> Self {
+        Self(random_hex(32))
+    }
+}
+
+impl OAuthState {
+    /// A new state: 256 bits from the CSPRNG, as 64 hex characters.
+    pub fn generate() -> Self {
+        Self(random_hex(32))
+    }
+}
+
+impl OtpCode {
+    /// A new code: [`OTP_LENGTH`] characters drawn uniformly from
+    /// [`OTP_ALPHABET`] by the CSPRNG.
+    pub fn generate() -> Self {
+        let mut rng = rand::rng();
+        Self((0..OTP_LENGTH).map(|_| char::from(OTP_ALPHABET[rng.random_range(0..OTP_ALPHABET.len())])).collect())
+    }
+
+    /// The code as compared: trimmed and upper-cased.
+    fn normalized(&self) -> String {
+        self.0.trim().to_ascii_uppercase()
+    }
+}
+
+/// What a signed-in browser carries, as stored under its session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The signed-in user.
+    pub user_id: UserId,
+    /// Their e-mail.
+    pub email: Email,
+    /// How they signed in.
+    pub provider: Provider,
+    /// The clusters they belong to (invitations excluded).
+    pub clusters: Vec<ClusterSummary>,
+    /// When the session began.
+    pub created_at: DateTime<Utc>,
+    /// When it ends.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// How long sign-in state lives, and how many OTP guesses are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvStoreConfig {
+    /// Session lifetime. Default 7 days.
+    pub session_ttl: Duration,
+    /// OAuth state lifetime. Default 10 minutes.
+    pub state_ttl: Duration,
+    /// One-time code lifetime. Default 10 minutes.
+    pub otp_ttl: Duration,
+    /// Guesses evaluated per code. Default 3.
+    pub otp_max_attempts: u32,
+}
+
+impl Default for KvStoreConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(7 * 24 * 60 * 60),
+            state_ttl: Duration::from_secs(10 * 60),
+            otp_ttl: Duration::from_secs(10 * 60),
+            otp_max_attempts: 3,
+        }
+    }
+}
+
+/// Sessions, OAuth state and one-time codes on a [`KvBackend`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use dployr_domain::Email;
+/// use dployr_kv::{KvStore, MemoryKv, OAuthState};
+///
+/// let store = KvStore::new(Arc::new(MemoryKv::new()));
+/// let state = OAuthState::generate();
+/// store.create_state(&state, "https://app.example/after")?;
+/// assert_eq!(store.validate_state(&state)?.as_deref(), Some("https://app.example/after"));
+/// assert_eq!(store.validate_state(&state)?, None); // single use
+///
+/// let email = Email::parse("ada@example.io")?;
+/// let code = store.create_otp(&email)?;
+/// assert!(store.validate_otp(&email, &code)?);
+/// assert!(!store.validate_otp(&email, &code)?); // consumed
+/// # Ok::<(), dployr_domain::StoreError>(())
+/// ```
+#[derive(Clone)]
+pub struct KvStore {
+    kv: Arc<dyn KvBackend>,
+    config: KvStoreConfig,
+}
+
+impl fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvStore").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl KvStore {
+    /// A store on `kv` with the default TTLs.
+    pub fn new(kv: Arc<dyn KvBackend>) -> Self {
+        Self { kv, config: KvStoreConfig::default() }
+    }
+
+    /// A store on `kv` with `config`.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] when a TTL is outside what the backend
+    /// accepts or no OTP attempt is allowed.
+    pub fn with_config(kv: Arc<dyn KvBackend>, config: KvStoreConfig) -> StoreResult<Self> {
+        let limits = kv.limits();
+        for ttl in [config.session_ttl, config.state_ttl, config.otp_ttl] {
+            limits.check_ttl(Some(ttl))?;
+        }
+        if config.otp_max_attempts == 0 {
+            return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
+        }
+        Ok(Self { kv, config })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn KvBackend> {
+        &self.kv
+    }
+
+    fn session_key(id: &SessionId) -> String {
+        format!("{SESSION_PREFIX}{}", sha256_hex(id.0.as_bytes()))
+    }
+
+    fn state_key(state: &OAuthState) -> String {
+        format!("{STATE_PREFIX}{}", sha256_hex(state.0.as_bytes()))
+    }
+
+    fn otp_keys(email: &Email) -> (String, String) {
+        let hashed = sha256_hex(email.as_str().as_bytes());
+        (format!("{OTP_PREFIX}{hashed}"), format!("{OTP_ATTEMPTS_PREFIX}{hashed}"))
+    }
+
+    fn ttl_as_chrono(ttl: Duration) -> StoreResult<chrono::Duration> {
+        chrono::Duration::from_std(ttl).map_err(|_| StoreError::invalid("ttl", "too large"))
+    }
+
+    /// Stores a session for `user` under `session_id` for the session TTL.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn create_session(
+        &self,
+        session_id: &SessionId,
+        user: &User,
+        clusters: Vec<ClusterSummary>,
+    ) -> StoreResult<Session> {
+        let created_at = Utc::now();
+        let session = Session {
+            user_id: user.id,
+            email: user.email.clone(),
+            provider: user.provider,
+            clusters,
+            created_at,
+            expires_at: created_at + Self::ttl_as_chrono(self.config.session_ttl)?,
+        };
+        let value = serde_json::to_vec(&session).map_err(|e| StoreError::backend("encoding a session", e))?;
+        self.kv.put(&Self::session_key(session_id), &value, Some(self.config.session_ttl))?;
+        Ok(session)
+    }
+
+    /// The session under `session_id`; `None` if there is none or it expired.
+    ///
+    /// # Errors
+    /// Backend errors; [`StoreError::Backend`] if the stored session cannot be read.
+    pub fn get_session(&self, session_id: &SessionId) -> StoreResult<Option<Session>> {
+        let Some(value) = self.kv.get(&Self::session_key(session_id))? else { return Ok(None) };
+        let session: Session =
+            serde_json::from_slice(&value).map_err(|e| StoreError::backend("decoding a stored session", e))?;
+        // The backend's TTL is the rule; this also covers a backend whose
+        // expiry is coarser than ours (Cloudflare rounds to seconds).
+        Ok((session.expires_at > Utc::now()).then_some(session))
+    }
+
+    /// Ends the session; ending a missing one is not an error.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
+        self.kv.delete(&Self::session_key(session_id))
+    }
+
+    /// Remembers `state` and where to go after the sign-in, for the state TTL.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn create_state(&self, state: &OAuthState, redirect_url: &str) -> StoreResult<()> {
+        self.kv.put(&Self::state_key(state), redirect_url.as_bytes(), Some(self.config.state_ttl))
+    }
+
+    /// Consumes `state`: its redirect URL the first time, `None` after that
+    /// or once it expired. Atomic where the backend's `take` is.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn validate_state(&self, state: &OAuthState) -> StoreResult<Option<String>> {
+        let Some(value) = self.kv.take(&Self::state_key(state))? else { return Ok(None) };
+        String::from_utf8(value).map(Some).map_err(|e| StoreError::backend("decoding a stored OAuth state", e))
+    }
+
+    /// A new one-time code for `email`, replacing any previous one (and its
+    /// attempt count), valid for the OTP TTL.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn create_otp(&self, email: &Email) -> StoreResult<OtpCode> {
+        let code = OtpCode::generate();
+        let mut salt = [0u8; OTP_SALT_BYTES];
+        rand::rng().fill(&mut salt);
+        let mut stored = salt.to_vec();
+        stored.extend_from_slice(&otp_hash(&salt, &code.normalized()));
+        let (code_key, attempts_key) = Self::otp_keys(email);
+        self.kv.put(&code_key, &stored, Some(self.config.otp_ttl))?;
+        self.kv.delete(&attempts_key)?;
+        Ok(code)
+    }
+
+    /// Whether `code` is the current code of `email`. The attempt is counted
+    /// before anything is compared; past the limit every guess is false.
+    /// A right guess consumes the code.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn validate_otp(&self, email: &Email, code: &OtpCode) -> StoreResult<bool> {
+        let (code_key, attempts_key) = Self::otp_keys(email);
+        let attempts = self.kv.increment(&attempts_key, Some(self.config.otp_ttl))?;
+        if attempts > i64::from(self.config.otp_max_attempts) {
+            return Ok(false);
+        }
+        let Some(stored) = self.kv.get(&code_key)? else { return Ok(false) };
+        let Some((salt, expected)) = stored.split_at_checked(OTP_SALT_BYTES) else { return Ok(false) };
+        let given = otp_hash(salt, &code.normalized());
+        if !bool::from(given.as_slice().ct_eq(expected)) {
+            return Ok(false);
+        }
+        // Only the caller whose take removes this very code succeeds. The
+        // attempt count stays until it expires or a new code replaces it:
+        // resetting it here would let guesses racing this one be evaluated.
+        Ok(matches!(self.kv.take(&code_key)?, Some(taken) if taken == stored))
+    }
+}
+
+fn otp_hash(salt: &[u8], normalized_code: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(salt);
+    hasher.update(normalized_code.as_bytes());
+    hasher.finalize().into()
+}

@@ -1,0 +1,417 @@
+//! A Cloudflare Workers KV emulator for tests: Cloudflare cannot be reached
+//! from where dployr is built and tested, so this serves, on a loopback
+//! port, the subset of the REST API v4 that `dployr_kv::CloudflareKv` calls,
+//! with Cloudflare's documented answers (raw bytes on a value read, the JSON
+//! envelope elsewhere, its error codes and limits). HTTP is spoken by
+//! `tiny_http`; this module only routes and answers.
+//!
+//! Time is the emulator's own: [`CloudflareEmulator::advance`] moves it, so
+//! TTL expiry is tested without sleeping. [`CloudflareEmulator::fail_next`]
+//! makes it answer 429 or 5xx (or any status) to exercise retries.
+//!
+//! ```no_run
+//! let cf = dployr_testkit::CloudflareEmulator::start();
+//! let url = cf.base_url(); // e.g. http://127.0.0.1:40123/client/v4
+//! # drop(url);
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Read as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use percent_encoding::percent_decode_str;
+use serde_json::{Value, json};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+/// Cloudflare's limit on a key, in UTF-8 bytes.
+const MAX_KEY_BYTES: usize = 512;
+/// Cloudflare's limit on a value, in bytes (25 MiB).
+const MAX_VALUE_BYTES: usize = 26_214_400;
+/// Cloudflare's shortest TTL, in seconds.
+const MIN_TTL_SECS: u64 = 60;
+
+#[derive(Debug)]
+struct Stored {
+    value: Vec<u8>,
+    /// Seconds since the Unix epoch, on the emulator's clock.
+    expiration: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: BTreeMap<String, Stored>,
+    /// How far the emulator's clock is ahead of the system clock.
+    offset: Duration,
+    /// Answers still to give instead of serving: (count, status).
+    failures: Option<(u32, u16)>,
+    retry_after_secs: u64,
+}
+
+impl State {
+    fn now_secs(&self) -> u64 {
+        (SystemTime::now() + self.offset).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    }
+
+    fn live(&self, key: &str) -> Option<&Stored> {
+        let now = self.now_secs();
+        self.entries.get(key).filter(|stored| stored.expiration.is_none_or(|at| at > now))
+    }
+}
+
+struct Shared {
+    account_id: String,
+    namespace_id: String,
+    api_token: String,
+    state: Mutex<State>,
+    requests: AtomicU64,
+}
+
+impl Shared {
+    /// The state; a panic in a handler cannot leave it half-changed (each
+    /// change is one map operation), so a poisoned lock is taken over.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running emulator; it stops when dropped.
+pub struct CloudflareEmulator {
+    shared: Arc<Shared>,
+    server: Arc<Server>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    base_url: String,
+}
+
+impl fmt::Debug for CloudflareEmulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CloudflareEmulator").field("base_url", &self.base_url).finish_non_exhaustive()
+    }
+}
+
+impl CloudflareEmulator {
+    /// Starts an emulator on a free loopback port with a random account id,
+    /// namespace id and API token.
+    ///
+    /// # Panics
+    /// If no loopback port can be bound: a test cannot go on without it.
+    pub fn start() -> Self {
+        let server = match Server::http("127.0.0.1:0") {
+            Ok(server) => Arc::new(server),
+            Err(error) => panic!("cannot start the Cloudflare KV emulator: {error}"),
+        };
+        let port = server.server_addr().to_ip().map_or(0, |addr| addr.port());
+        let shared = Arc::new(Shared {
+            account_id: random_hex(16),
+            namespace_id: random_hex(16),
+            api_token: random_hex(20),
+            state: Mutex::new(State { retry_after_secs: 1, ..State::default() }),
+            requests: AtomicU64::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (server, shared, stop) = (Arc::clone(&server), Arc::clone(&shared), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("cloudflare-emulator".into())
+                .spawn(move || serve(&server, &shared, &stop))
+                .unwrap_or_else(|error| panic!("cannot start the emulator thread: {error}"))
+        };
+        Self { shared, server, stop, thread: Some(thread), base_url: format!("http://127.0.0.1:{port}/client/v4") }
+    }
+
+    /// The API root, like `https://api.cloudflare.com/client/v4`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The account the emulator serves.
+    pub fn account_id(&self) -> &str {
+        &self.shared.account_id
+    }
+
+    /// The namespace the emulator serves; any other answers 10013.
+    pub fn namespace_id(&self) -> &str {
+        &self.shared.namespace_id
+    }
+
+    /// The bearer token it accepts; any other answers 403 / 10000.
+    pub fn api_token(&self) -> &str {
+        &self.shared.api_token
+    }
+
+    /// Moves the emulator's clock forward, so entries with a TTL expire.
+    pub fn advance(&self, by: Duration) {
+        self.shared.state().offset += by;
+    }
+
+    /// Answers the next `n` requests with `status` instead of serving them:
+    /// 429 carries code 971 and a `retry-after` header, 401/403 code 10000,
+    /// anything else code 10001.
+    pub fn fail_next(&self, n: u32, status: u16) {
+        self.shared.state().failures = (n > 0).then_some((n, status));
+    }
+
+    /// The `retry-after` seconds sent with a 429 (default 1).
+    pub fn set_retry_after(&self, secs: u64) {
+        self.shared.state().retry_after_secs = secs;
+    }
+
+    /// Requests received so far, failed ones included.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Every live key, with its value (for tests that look at what was stored).
+    pub fn entries(&self) -> Vec<(String, Vec<u8>)> {
+        let state = self.shared.state();
+        let now = state.now_secs();
+        state
+            .entries
+            .iter()
+            .filter(|(_, stored)| stored.expiration.is_none_or(|at| at > now))
+            .map(|(key, stored)| (key.clone(), stored.value.clone()))
+            .collect()
+    }
+}
+
+impl Drop for CloudflareEmulator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            // A panicked handler thread has nothing left to clean up.
+            let _ = thread.join();
+        }
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
+
+fn serve(server: &Server, shared: &Shared, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match server.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(request)) => {
+                shared.requests.fetch_add(1, Ordering::SeqCst);
+                let mut request = request;
+                let response = answer(shared, &mut request);
+                // The client may have gone away; nothing to do about it.
+                let _ = request.respond(response);
+            }
+            Ok(None) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+type Answer = Response<std::io::Cursor<Vec<u8>>>;
+
+fn header(name: &str, value: &str) -> Option<Header> {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
+}
+
+fn envelope(status: u16, body: &Value) -> Answer {
+    let mut response = Response::from_data(body.to_string().into_bytes()).with_status_code(status);
+    if let Some(h) = header("Content-Type", "application/json") {
+        response.add_header(h);
+    }
+    response
+}
+
+fn error(status: u16, code: u32, message: &str) -> Answer {
+    envelope(
+        status,
+        &json!({ "success": false, "errors": [{ "code": code, "message": message }], "messages": [], "result": null }),
+    )
+}
+
+fn ok(result: &Value) -> Answer {
+    envelope(200, &json!({ "success": true, "errors": [], "messages": [], "result": result }))
+}
+
+fn answer(shared: &Shared, request: &mut Request) -> Answer {
+    {
+        let mut state = shared.state();
+        if let Some((n, status)) = state.failures {
+            state.failures = (n > 1).then_some((n - 1, status));
+            return injected_failure(status, state.retry_after_secs);
+        }
+    }
+    let authorized = request
+        .headers()
+        .iter()
+        .any(|h| h.field.equiv("Authorization") && h.value.as_str() == format!("Bearer {}", shared.api_token));
+    if !authorized {
+        return error(403, 10000, "Authentication error");
+    }
+    let url = request.url().to_owned();
+    let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+    let query: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let Some(rest) = path.strip_prefix("/client/v4/accounts/") else {
+        return error(404, 7000, "No route for that URI");
+    };
+    let mut parts = rest.splitn(6, '/');
+    let (account, storage, kv, namespaces, namespace, tail) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
+    if (storage, kv, namespaces) != (Some("storage"), Some("kv"), Some("namespaces")) {
+        return error(404, 7000, "No route for that URI");
+    }
+    if account != Some(shared.account_id.as_str()) {
+        return error(404, 7003, "Could not route to /accounts, perhaps your object identifier is invalid?");
+    }
+    if namespace != Some(shared.namespace_id.as_str()) {
+        return error(404, 10013, "namespace not found");
+    }
+    let tail = tail.unwrap_or_default();
+    if tail == "keys" {
+        return match request.method() {
+            Method::Get => list(shared, &query),
+            _ => error(405, 10000, "method not allowed"),
+        };
+    }
+    let Some(encoded) = tail.strip_prefix("values/") else {
+        return error(404, 7000, "No route for that URI");
+    };
+    let Ok(key) = percent_decode_str(encoded).decode_utf8() else {
+        return error(400, 10021, "key is not valid UTF-8");
+    };
+    let key = key.into_owned();
+    if key.is_empty() || key == "." || key == ".." {
+        return error(400, 10020, "Invalid key: a key must not be empty, `.` or `..`");
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return error(414, 10033, "UTF-8 encoded length of key exceeds 512 bytes");
+    }
+    match request.method() {
+        Method::Get => get(shared, &key),
+        Method::Put => {
+            let mut body = Vec::new();
+            let read = request.as_reader().take(MAX_VALUE_BYTES as u64 + 1).read_to_end(&mut body);
+            if read.is_err() {
+                return error(400, 10001, "could not read the request body");
+            }
+            put(shared, &key, body, &query)
+        }
+        Method::Delete => {
+            shared.state().entries.remove(&key);
+            ok(&Value::Null)
+        }
+        _ => error(405, 10000, "method not allowed"),
+    }
+}
+
+fn injected_failure(status: u16, retry_after_secs: u64) -> Answer {
+    match status {
+        429 => {
+            let mut response = error(429, 971, "Please wait and consider throttling your request speed");
+            if let Some(h) = header("Retry-After", &retry_after_secs.to_string()) {
+                response.add_header(h);
+            }
+            response
+        }
+        401 | 403 => error(status, 10000, "Authentication error"),
+        _ => error(status, 10001, "Internal server error"),
+    }
+}
+
+fn get(shared: &Shared, key: &str) -> Answer {
+    let state = shared.state();
+    let Some(stored) = state.live(key) else {
+        return error(404, 10009, "get: 'key not found'");
+    };
+    let mut response = Response::from_data(stored.value.clone());
+    if let Some(h) = header("Content-Type", "application/octet-stream") {
+        response.add_header(h);
+    }
+    if let Some(h) = stored.expiration.and_then(|at| header("Expiration", &at.to_string())) {
+        response.add_header(h);
+    }
+    response
+}
+
+fn put(shared: &Shared, key: &str, value: Vec<u8>, query: &BTreeMap<String, String>) -> Answer {
+    if value.len() > MAX_VALUE_BYTES {
+        return error(413, 10011, "Value length of 26214401 exceeds limit of 26214400");
+    }
+    let mut state = shared.state();
+    let now = state.now_secs();
+    let expiration = if let Some(ttl) = query.get("expiration_ttl") {
+        match ttl.parse::<u64>() {
+            Ok(ttl) if ttl >= MIN_TTL_SECS => Some(now + ttl),
+            _ => {
+                return error(
+                    400,
+                    10019,
+                    &format!("Invalid expiration_ttl of {ttl}. Expiration TTL must be at least {MIN_TTL_SECS}."),
+                );
+            }
+        }
+    } else if let Some(at) = query.get("expiration") {
+        match at.parse::<u64>() {
+            Ok(at) if at >= now + MIN_TTL_SECS => Some(at),
+            _ => {
+                return error(
+                    400,
+                    10019,
+                    &format!(
+                        "Invalid expiration of {at}. Expiration times must be at least {MIN_TTL_SECS} seconds in the future."
+                    ),
+                );
+            }
+        }
+    } else {
+        None
+    };
+    state.entries.insert(key.to_owned(), Stored { value, expiration });
+    ok(&Value::Null)
+}
+
+fn list(shared: &Shared, query: &BTreeMap<String, String>) -> Answer {
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => 1000,
+        Some(Ok(limit)) if (10..=1000).contains(&limit) => limit,
+        Some(_) => return error(400, 10026, "Invalid key limit: must be between 10 and 1000"),
+    };
+    let prefix = query.get("prefix").cloned().unwrap_or_default();
+    let after = match query.get("cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(cursor) => match hex::decode(cursor).ok().and_then(|bytes| String::from_utf8(bytes).ok()) {
+            Some(after) => Some(after),
+            None => return error(400, 10007, "Invalid cursor"),
+        },
+    };
+    let state = shared.state();
+    let now = state.now_secs();
+    let mut page: Vec<(&String, &Stored)> = state
+        .entries
+        .iter()
+        .filter(|(key, _)| key.starts_with(&prefix) && after.as_ref().is_none_or(|after| *key > after))
+        .filter(|(_, stored)| stored.expiration.is_none_or(|at| at > now))
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let cursor = match (more, page.last()) {
+        (true, Some((key, _))) => hex::encode(key.as_bytes()),
+        _ => String::new(),
+    };
+    let keys: Vec<Value> = page
+        .iter()
+        .map(|(key, stored)| match stored.expiration {
+            Some(at) => json!({ "name": key, "expiration": at }),
+            None => json!({ "name": key }),
+        })
+        .collect();
+    envelope(
+        200,
+        &json!({
+            "success": true, "errors": [], "messages": [], "result": keys,
+            "result_info": { "count": keys.len(), "cursor": cursor },
+        }),
+    )
+}

@@ -1,0 +1,381 @@
+//! The key-value conformance suite: plain functions that take a backend
+//! fixture and prove the contract of `KvBackend` (and of `KvStore` on top).
+//! Every backend's test file calls every function through
+//! [`kv_contract_tests!`](crate::kv_contract_tests), so a new backend
+//! proves itself by naming a fixture, and no backend gets a private copy.
+//!
+//! Time is moved by the fixture ([`KvFixture::advance`]): the memory
+//! backend's clock, the emulator's clock, or PostgreSQL's `expires_at`
+//! shifted back; nothing sleeps. TTLs in the suite are at least 120 s, which
+//! every backend accepts (Cloudflare's minimum is 60 s), and checks stay
+//! 30 s or more away from an expiry, so whole-second backends never race
+//! the boundary.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use dployr_domain::{
+    ClusterId, ClusterSummary, Email, KvBackend, MAX_TTL, Metadata, Provider, StoreError, User, UserId,
+};
+use dployr_kv::{KvStore, OAuthState, SessionId};
+
+/// A backend under test and a way to move its time forward.
+pub trait KvFixture {
+    /// The backend.
+    fn kv(&self) -> Arc<dyn KvBackend>;
+    /// Moves the backend's notion of now forward by `by`.
+    fn advance(&self, by: Duration);
+}
+
+/// The value of `result`, or a panic naming `what` and the error.
+#[track_caller]
+pub fn ok<T>(result: Result<T, StoreError>, what: &str) -> T {
+    match result {
+        Ok(value) => value,
+        Err(error) => panic!("{what}: {error:?}"),
+    }
+}
+
+/// Asserts that `result` is `StoreError::Invalid` on `field`.
+#[track_caller]
+pub fn assert_invalid<T: Debug>(result: Result<T, StoreError>, field: &str) {
+    match result {
+        Err(StoreError::Invalid { field: got, .. }) if got == field => {}
+        other => panic!("expected Invalid on {field}, got {other:?}"),
+    }
+}
+
+const TTL: Duration = Duration::from_secs(120);
+
+/// Every live key under `prefix`, page by page; also checks each page's size.
+pub fn list_all(kv: &dyn KvBackend, prefix: &str, limit: usize) -> (Vec<String>, usize) {
+    let mut keys = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = ok(kv.list(prefix, limit, cursor.as_deref()), "list");
+        pages += 1;
+        assert!(page.keys.len() <= limit, "a page of {} keys for limit {limit}", page.keys.len());
+        keys.extend(page.keys);
+        match page.cursor {
+            Some(next) => cursor = Some(next),
+            None => return (keys, pages),
+        }
+        assert!(pages < 10_000, "list never ended");
+    }
+}
+
+/// A user to put in a session.
+pub fn sample_user(n: u32) -> User {
+    User {
+        id: UserId::generate(),
+        email: ok(Email::parse(&format!("user{n}@example.com")), "email"),
+        name: format!("User {n}"),
+        picture: None,
+        provider: Provider::Github,
+        metadata: Metadata::new(),
+        created_at: Utc::now(),
+        updated_at: Utc::now(),
+    }
+}
+
+/// Clusters to put in a session.
+pub fn sample_clusters() -> Vec<ClusterSummary> {
+    vec![ClusterSummary { id: ClusterId::generate(), name: "acme".into(), owner_name: Some("Ada".into()) }]
+}
+
+/// put, get, overwrite, delete, and deleting a missing key.
+pub fn put_get_delete(f: &dyn KvFixture) {
+    let kv = f.kv();
+    assert_eq!(ok(kv.get("pgd/missing"), "get missing"), None);
+    ok(kv.put("pgd/a", b"one", None), "put");
+    assert_eq!(ok(kv.get("pgd/a"), "get"), Some(b"one".to_vec()));
+    ok(kv.put("pgd/a", b"two", None), "overwrite");
+    assert_eq!(ok(kv.get("pgd/a"), "get after overwrite"), Some(b"two".to_vec()));
+    ok(kv.delete("pgd/a"), "delete");
+    assert_eq!(ok(kv.get("pgd/a"), "get after delete"), None);
+    ok(kv.delete("pgd/a"), "deleting a missing key is not an error");
+}
+
+/// An entry with a TTL is there before it and gone after it, from get,
+/// list and take; an entry without a TTL stays.
+pub fn entries_expire_after_their_ttl(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put("ttl/short", b"v", Some(TTL)), "put with ttl");
+    ok(kv.put("ttl/forever", b"v", None), "put without ttl");
+    f.advance(TTL / 2);
+    assert_eq!(ok(kv.get("ttl/short"), "get before expiry"), Some(b"v".to_vec()));
+    f.advance(TTL / 2 + Duration::from_secs(30));
+    assert_eq!(ok(kv.get("ttl/short"), "get after expiry"), None);
+    assert_eq!(ok(kv.take("ttl/short"), "take after expiry"), None);
+    assert_eq!(list_all(kv.as_ref(), "ttl/", 10).0, vec!["ttl/forever".to_owned()]);
+    assert_eq!(ok(kv.get("ttl/forever"), "entry without ttl"), Some(b"v".to_vec()));
+}
+
+/// Overwriting an entry without a TTL makes it permanent; with a new TTL,
+/// the new one counts.
+pub fn overwrite_replaces_the_ttl(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put("ttl2/a", b"1", Some(TTL)), "put");
+    ok(kv.put("ttl2/a", b"2", None), "overwrite without ttl");
+    ok(kv.put("ttl2/b", b"1", None), "put");
+    ok(kv.put("ttl2/b", b"2", Some(TTL)), "overwrite with ttl");
+    f.advance(TTL + Duration::from_secs(30));
+    assert_eq!(ok(kv.get("ttl2/a"), "get a"), Some(b"2".to_vec()));
+    assert_eq!(ok(kv.get("ttl2/b"), "get b"), None);
+}
+
+/// A zero TTL, one below the backend's minimum and one above the maximum
+/// are refused, and nothing is written.
+pub fn ttl_out_of_range_is_invalid(f: &dyn KvFixture) {
+    let kv = f.kv();
+    let limits = kv.limits();
+    assert_invalid(kv.put("ttlbad", b"v", Some(Duration::ZERO)), "ttl");
+    if limits.min_ttl > Duration::from_millis(1) {
+        assert_invalid(kv.put("ttlbad", b"v", Some(limits.min_ttl - Duration::from_secs(1))), "ttl");
+    }
+    assert_invalid(kv.put("ttlbad", b"v", Some(MAX_TTL + Duration::from_secs(1))), "ttl");
+    assert_invalid(kv.increment("ttlbad", Some(Duration::ZERO)), "ttl");
+    assert_eq!(ok(kv.get("ttlbad"), "get"), None);
+}
+
+/// Empty, `.`, `..`, over-long and NUL-holding keys are refused by every
+/// operation before anything is written.
+pub fn bad_keys_are_invalid(f: &dyn KvFixture) {
+    let kv = f.kv();
+    let long = "k".repeat(513);
+    for key in ["", ".", "..", long.as_str(), "nul\0byte"] {
+        assert_invalid(kv.put(key, b"v", None), "key");
+        assert_invalid(kv.get(key), "key");
+        assert_invalid(kv.delete(key), "key");
+        assert_invalid(kv.take(key), "key");
+        assert_invalid(kv.increment(key, None), "key");
+    }
+    assert_eq!(list_all(kv.as_ref(), "", 1000).0, Vec::<String>::new());
+}
+
+/// Keys with spaces, slashes, `%`, unicode, URL syntax and exactly 512
+/// bytes round-trip through put, get, list and delete.
+pub fn unusual_keys_round_trip(f: &dyn KvFixture) {
+    let kv = f.kv();
+    let max = format!("odd/{}", "é".repeat(254)); // 4 + 508 = 512 bytes
+    assert_eq!(max.len(), 512);
+    let keys = [
+        "odd/with space",
+        "odd/a/b/c",
+        "odd/100%",
+        "odd/%2F%20",
+        "odd/ключ-日本-🎉",
+        "odd/?x=y&z=1#frag",
+        "odd/+plus",
+        "odd/back\\slash",
+        max.as_str(),
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        ok(kv.put(key, format!("v{i}").as_bytes(), None), key);
+    }
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(ok(kv.get(key), key), Some(format!("v{i}").into_bytes()), "{key}");
+    }
+    let expected: BTreeSet<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+    let listed: BTreeSet<String> = list_all(kv.as_ref(), "odd/", 10).0.into_iter().collect();
+    assert_eq!(listed, expected);
+    for key in keys {
+        ok(kv.delete(key), key);
+        assert_eq!(ok(kv.get(key), key), None, "{key}");
+    }
+}
+
+/// An empty value, a 1 MiB value holding every byte, and a value at the
+/// limit round-trip; one byte more is refused.
+pub fn empty_and_large_values_round_trip(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put("val/empty", b"", None), "put empty");
+    assert_eq!(ok(kv.get("val/empty"), "get empty"), Some(Vec::new()));
+    let large: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    ok(kv.put("val/large", &large, None), "put 1 MiB");
+    assert_eq!(ok(kv.get("val/large"), "get 1 MiB"), Some(large));
+    let too_large = vec![0u8; kv.limits().max_value_bytes + 1];
+    assert_invalid(kv.put("val/too-large", &too_large, None), "value");
+    assert_eq!(ok(kv.get("val/too-large"), "get"), None);
+}
+
+/// Listing by prefix walks several cursor pages, in byte order, and never
+/// returns a key outside the prefix (`LIKE` wildcards in it are literal).
+pub fn list_by_prefix_across_cursor_pages(f: &dyn KvFixture) {
+    let kv = f.kv();
+    let mut expected: Vec<String> = (0..25).map(|i| format!("page/{i:02}")).collect();
+    for key in &expected {
+        ok(kv.put(key, b"v", None), key);
+    }
+    for decoy in ["pagf/0", "pag", "page", "other/page/1", "Page/1"] {
+        ok(kv.put(decoy, b"v", None), decoy);
+    }
+    let (keys, pages) = list_all(kv.as_ref(), "page/", 10);
+    expected.sort();
+    assert_eq!(keys, expected);
+    assert!(pages >= 3, "25 keys in pages of 10 took {pages} pages");
+
+    for key in ["w%c/1", "w%c/2", "wXc/3", "w_c/4", "w\\c/5"] {
+        ok(kv.put(key, b"v", None), key);
+    }
+    assert_eq!(list_all(kv.as_ref(), "w%c/", 10).0, vec!["w%c/1".to_owned(), "w%c/2".to_owned()]);
+    assert_eq!(list_all(kv.as_ref(), "w_c/", 10).0, vec!["w_c/4".to_owned()]);
+    assert_eq!(list_all(kv.as_ref(), "w\\c/", 10).0, vec!["w\\c/5".to_owned()]);
+}
+
+/// Keys come back sorted by their UTF-8 bytes (upper case before lower
+/// case, ASCII before other scripts), whatever the database's collation.
+pub fn list_is_in_utf8_byte_order(f: &dyn KvFixture) {
+    let kv = f.kv();
+    for key in ["ord/é", "ord/a", "ord/Z", "ord/B", "ord/ä", "ord/_", "ord/1"] {
+        ok(kv.put(key, b"v", None), key);
+    }
+    let (keys, _) = list_all(kv.as_ref(), "ord/", 1000);
+    let mut by_bytes = keys.clone();
+    by_bytes.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    assert_eq!(keys, by_bytes);
+    assert_eq!(keys.first().map(String::as_str), Some("ord/1"));
+}
+
+/// A list limit outside the backend's range is refused.
+pub fn list_limit_out_of_range_is_invalid(f: &dyn KvFixture) {
+    let kv = f.kv();
+    let limits = kv.limits();
+    assert_invalid(kv.list("", 0, None), "limit");
+    assert_invalid(kv.list("", limits.max_list_limit + 1, None), "limit");
+    assert!(kv.list("", limits.min_list_limit.max(1), None).is_ok());
+}
+
+/// `take` returns the value once and removes it.
+pub fn take_returns_the_value_once(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put("take/a", b"secret", Some(TTL)), "put");
+    assert_eq!(ok(kv.take("take/a"), "first take"), Some(b"secret".to_vec()));
+    assert_eq!(ok(kv.get("take/a"), "get after take"), None);
+    assert_eq!(ok(kv.take("take/a"), "second take"), None);
+    assert_eq!(ok(kv.take("take/missing"), "take missing"), None);
+}
+
+/// The counter starts at 1, counts up, is readable as digits, keeps the
+/// expiry it was created with, and starts again at 1 once expired.
+pub fn counter_counts_and_restarts_after_expiry(f: &dyn KvFixture) {
+    let kv = f.kv();
+    assert_eq!(ok(kv.increment("ctr/a", Some(TTL)), "first"), 1);
+    assert_eq!(ok(kv.increment("ctr/a", Some(TTL)), "second"), 2);
+    f.advance(Duration::from_secs(30));
+    assert_eq!(ok(kv.increment("ctr/a", Some(TTL)), "third"), 3);
+    assert_eq!(ok(kv.get("ctr/a"), "get"), Some(b"3".to_vec()));
+    // Created at 0 with 120 s: gone at 150 s although incremented at 30 s.
+    f.advance(TTL);
+    assert_eq!(ok(kv.get("ctr/a"), "get after expiry"), None);
+    assert_eq!(ok(kv.increment("ctr/a", Some(TTL)), "after expiry"), 1);
+    assert_eq!(ok(kv.increment("ctr/forever", None), "no ttl"), 1);
+    ok(kv.put("ctr/text", b"not a number", None), "put");
+    assert_invalid(kv.increment("ctr/text", None), "key");
+    assert_eq!(ok(kv.get("ctr/text"), "left alone"), Some(b"not a number".to_vec()));
+}
+
+/// A session is found until its TTL passes, then `get_session` is `None`.
+pub fn sessions_expire(f: &dyn KvFixture) {
+    let store = KvStore::new(f.kv());
+    let id = SessionId::generate();
+    let user = sample_user(1);
+    let session = ok(store.create_session(&id, &user, sample_clusters()), "create_session");
+    assert_eq!(session.user_id, user.id);
+    assert_eq!(ok(store.get_session(&id), "get_session"), Some(session.clone()));
+    assert_eq!(ok(store.get_session(&SessionId::generate()), "unknown session"), None);
+    f.advance(Duration::from_secs(7 * 24 * 3600 - 60));
+    assert_eq!(ok(store.get_session(&id), "get_session before expiry"), Some(session));
+    f.advance(Duration::from_secs(90));
+    assert_eq!(ok(store.get_session(&id), "get_session after expiry"), None);
+}
+
+/// A deleted session is gone.
+pub fn deleted_sessions_are_gone(f: &dyn KvFixture) {
+    let store = KvStore::new(f.kv());
+    let id = SessionId::generate();
+    ok(store.create_session(&id, &sample_user(2), vec![]), "create_session");
+    ok(store.delete_session(&id), "delete_session");
+    assert_eq!(ok(store.get_session(&id), "get_session"), None);
+}
+
+/// OAuth state validates once, and not after 10 minutes.
+pub fn oauth_state_is_single_use_and_expires(f: &dyn KvFixture) {
+    let store = KvStore::new(f.kv());
+    let state = OAuthState::generate();
+    ok(store.create_state(&state, "https://app.example/next"), "create_state");
+    assert_eq!(ok(store.validate_state(&state), "first"), Some("https://app.example/next".to_owned()));
+    assert_eq!(ok(store.validate_state(&state), "second"), None);
+    let late = OAuthState::generate();
+    ok(store.create_state(&late, "https://app.example/late"), "create_state");
+    f.advance(Duration::from_secs(10 * 60 + 30));
+    assert_eq!(ok(store.validate_state(&late), "after expiry"), None);
+}
+
+/// A one-time code validates once, case-insensitively; three wrong guesses
+/// burn it; a new code replaces the old one; codes expire.
+pub fn otp_rules_hold(f: &dyn KvFixture) {
+    let store = KvStore::new(f.kv());
+    let email = ok(Email::parse("otp@example.com"), "email");
+    let code = ok(store.create_otp(&email), "create_otp");
+    let lower = dployr_kv::OtpCode::new(code.expose().to_ascii_lowercase());
+    assert!(ok(store.validate_otp(&email, &lower), "right, lower case"));
+    assert!(!ok(store.validate_otp(&email, &code), "reused"));
+
+    let code = ok(store.create_otp(&email), "create_otp");
+    let wrong = dployr_kv::OtpCode::new(if code.expose() == "AAAAAA" { "BBBBBB" } else { "AAAAAA" });
+    for _ in 0..3 {
+        assert!(!ok(store.validate_otp(&email, &wrong), "wrong"));
+    }
+    assert!(!ok(store.validate_otp(&email, &code), "right after three wrong"));
+
+    let old = ok(store.create_otp(&email), "create_otp");
+    let new = ok(store.create_otp(&email), "create_otp again");
+    if old != new {
+        assert!(!ok(store.validate_otp(&email, &old), "replaced code"));
+    }
+    assert!(ok(store.validate_otp(&email, &new), "new code after a wrong guess"));
+
+    let code = ok(store.create_otp(&email), "create_otp");
+    f.advance(Duration::from_secs(10 * 60 + 30));
+    assert!(!ok(store.validate_otp(&email, &code), "expired code"));
+}
+
+/// Defines one `#[test]` per conformance function, each on a fresh fixture
+/// from `$fixture` (an expression evaluated per test).
+#[macro_export]
+macro_rules! kv_contract_tests {
+    ($fixture:expr) => {
+        $crate::kv_contract_tests!(@each $fixture;
+            put_get_delete,
+            entries_expire_after_their_ttl,
+            overwrite_replaces_the_ttl,
+            ttl_out_of_range_is_invalid,
+            bad_keys_are_invalid,
+            unusual_keys_round_trip,
+            empty_and_large_values_round_trip,
+            list_by_prefix_across_cursor_pages,
+            list_is_in_utf8_byte_order,
+            list_limit_out_of_range_is_invalid,
+            take_returns_the_value_once,
+            counter_counts_and_restarts_after_expiry,
+            sessions_expire,
+            deleted_sessions_are_gone,
+            oauth_state_is_single_use_and_expires,
+            otp_rules_hold
+        );
+    };
+    (@each $fixture:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let fixture = $fixture;
+                $crate::kv_contract::$name(&fixture);
+            }
+        )*
+    };
+}

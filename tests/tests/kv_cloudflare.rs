@@ -1,0 +1,212 @@
+//! The key-value conformance suite on `CloudflareKv` through the testkit's
+//! emulator, plus the client's own duties: retries of 429 and 5xx within
+//! bounds, configuration errors that name the variable to check, limits
+//! refused before any request, and a token that never shows in `Debug`.
+//! A few tests speak to the emulator directly to prove it answers like
+//! Cloudflare's documentation says.
+
+#![cfg(test)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dployr_domain::{KvBackend, StoreError};
+use dployr_kv::{CloudflareConfig, CloudflareKv, RetryPolicy};
+use dployr_testkit::CloudflareEmulator;
+use dployr_tests::kv_contract::{KvFixture, assert_invalid};
+
+struct Cloudflare {
+    emulator: CloudflareEmulator,
+    kv: Arc<CloudflareKv>,
+}
+
+impl KvFixture for Cloudflare {
+    fn kv(&self) -> Arc<dyn KvBackend> {
+        self.kv.clone()
+    }
+
+    fn advance(&self, by: Duration) {
+        self.emulator.advance(by);
+    }
+}
+
+fn config_for(emulator: &CloudflareEmulator) -> CloudflareConfig {
+    CloudflareConfig {
+        base_url: emulator.base_url().to_owned(),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+            max_elapsed: Duration::from_secs(5),
+        },
+        ..CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())
+    }
+}
+
+fn cloudflare() -> Cloudflare {
+    let emulator = CloudflareEmulator::start();
+    let kv = Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap());
+    Cloudflare { emulator, kv }
+}
+
+dployr_tests::kv_contract_tests!(cloudflare());
+
+#[test]
+fn two_429s_then_success_is_success() {
+    let cf = cloudflare();
+    cf.kv.put("k", b"v", None).unwrap();
+    cf.emulator.set_retry_after(0);
+    cf.emulator.fail_next(2, 429);
+    let before = cf.emulator.requests();
+    assert_eq!(cf.kv.get("k").unwrap(), Some(b"v".to_vec()));
+    assert_eq!(cf.emulator.requests() - before, 3);
+}
+
+#[test]
+fn retry_after_of_a_429_is_waited_for_and_then_succeeds() {
+    let cf = cloudflare();
+    cf.emulator.fail_next(1, 429); // retry-after: 1
+    let before = cf.emulator.requests();
+    cf.kv.put("k", b"v", None).unwrap();
+    assert_eq!(cf.emulator.requests() - before, 2);
+}
+
+#[test]
+fn endless_500s_end_in_unavailable_within_the_attempt_bound() {
+    let cf = cloudflare();
+    cf.emulator.fail_next(u32::MAX, 500);
+    let before = cf.emulator.requests();
+    let result = cf.kv.get("k");
+    assert!(matches!(result, Err(StoreError::Unavailable { .. })), "{result:?}");
+    assert_eq!(cf.emulator.requests() - before, 5, "max_attempts is 5");
+}
+
+#[test]
+fn endless_503s_end_in_unavailable_within_the_time_bound() {
+    let emulator = CloudflareEmulator::start();
+    let mut config = config_for(&emulator);
+    config.retry = RetryPolicy {
+        max_attempts: u32::MAX,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        max_elapsed: Duration::from_millis(800),
+    };
+    let kv = CloudflareKv::new(config).unwrap();
+    emulator.fail_next(u32::MAX, 503);
+    let result = kv.put("k", b"v", None);
+    assert!(matches!(result, Err(StoreError::Unavailable { .. })), "{result:?}");
+    // 800 ms of waits of 25..200 ms each: more than one try, far fewer than unbounded.
+    let tries = emulator.requests();
+    assert!((2..=40).contains(&tries), "{tries} tries");
+}
+
+#[test]
+fn a_401_is_a_configuration_error_naming_the_token_variable() {
+    let cf = cloudflare();
+    cf.emulator.fail_next(1, 401);
+    let before = cf.emulator.requests();
+    match cf.kv.get("k") {
+        Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, "CLOUDFLARE_API_TOKEN"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    assert_eq!(cf.emulator.requests() - before, 1, "a 401 is not retried");
+}
+
+#[test]
+fn a_wrong_token_is_a_configuration_error_naming_the_token_variable() {
+    let emulator = CloudflareEmulator::start();
+    let config = CloudflareConfig { api_token: "wrong".into(), ..config_for(&emulator) };
+    let kv = CloudflareKv::new(config).unwrap();
+    let error = kv.put("k", b"v", None).unwrap_err();
+    assert!(matches!(error, StoreError::Configuration { setting: "CLOUDFLARE_API_TOKEN", .. }), "{error:?}");
+    assert!(!error.to_string().contains("wrong"));
+}
+
+#[test]
+fn an_unknown_namespace_is_a_configuration_error_naming_the_namespace_variable() {
+    let emulator = CloudflareEmulator::start();
+    let config = CloudflareConfig { namespace_id: "0000".into(), ..config_for(&emulator) };
+    let kv = CloudflareKv::new(config).unwrap();
+    for result in [kv.get("k").map(drop), kv.put("k", b"v", None), kv.list("", 10, None).map(drop)] {
+        assert!(
+            matches!(result, Err(StoreError::Configuration { setting: "CLOUDFLARE_KV_NAMESPACE_ID", .. })),
+            "{result:?}"
+        );
+    }
+}
+
+#[test]
+fn limits_are_refused_before_any_request() {
+    let cf = cloudflare();
+    let before = cf.emulator.requests();
+    assert_invalid(cf.kv.put("k", b"v", Some(Duration::from_secs(59))), "ttl");
+    assert_invalid(cf.kv.put(&"k".repeat(513), b"v", None), "key");
+    assert_invalid(cf.kv.put("..", b"v", None), "key");
+    assert_invalid(cf.kv.put("k", &vec![0; 26_214_401], None), "value");
+    assert_invalid(cf.kv.list("", 9, None), "limit");
+    assert_eq!(cf.emulator.requests(), before);
+}
+
+#[test]
+fn take_and_counter_are_reported_as_not_atomic() {
+    assert!(!cloudflare().kv.limits().atomic);
+}
+
+#[test]
+fn debug_of_config_and_client_never_shows_the_token() {
+    let cf = cloudflare();
+    let token = cf.emulator.api_token().to_owned();
+    let config = config_for(&cf.emulator);
+    for shown in [format!("{config:?}"), format!("{:?}", cf.kv), format!("{config:#?}")] {
+        assert!(!shown.contains(&token), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+}
+
+#[test]
+fn config_from_env_names_the_missing_variable() {
+    // The variables are not set where the tests run.
+    if std::env::var_os("CLOUDFLARE_ACCOUNT_ID").is_none() {
+        let error = CloudflareConfig::from_env().unwrap_err();
+        assert!(matches!(error, StoreError::Configuration { setting: "CLOUDFLARE_ACCOUNT_ID", .. }));
+    }
+}
+
+/// A raw request to the emulator: (status, body).
+fn raw(emulator: &CloudflareEmulator, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, String) {
+    let url = format!(
+        "{}/accounts/{}/storage/kv/namespaces/{}/{path}",
+        emulator.base_url(),
+        emulator.account_id(),
+        emulator.namespace_id()
+    );
+    let response = reqwest::blocking::Client::new()
+        .request(method, url)
+        .bearer_auth(emulator.api_token())
+        .body(body)
+        .send()
+        .unwrap();
+    (response.status().as_u16(), response.text().unwrap())
+}
+
+#[test]
+fn emulator_answers_like_cloudflare_documents() {
+    let emulator = CloudflareEmulator::start();
+    let (status, body) = raw(&emulator, reqwest::Method::GET, "values/missing", vec![]);
+    assert_eq!(status, 404);
+    assert!(body.contains("10009"), "{body}");
+    let (status, body) = raw(&emulator, reqwest::Method::PUT, "values/k?expiration_ttl=59", b"v".to_vec());
+    assert_eq!(status, 400);
+    assert!(body.contains("Expiration TTL must be at least 60"), "{body}");
+    let (status, _) = raw(&emulator, reqwest::Method::PUT, &format!("values/{}", "k".repeat(513)), b"v".to_vec());
+    assert_eq!(status, 414);
+    let (status, _) = raw(&emulator, reqwest::Method::PUT, "values/k", vec![0; 26_214_401]);
+    assert_eq!(status, 413);
+    let (status, _) = raw(&emulator, reqwest::Method::PUT, "values/", b"v".to_vec());
+    assert_eq!(status, 400, "empty key");
+    let (status, _) = raw(&emulator, reqwest::Method::GET, "keys?limit=9", vec![]);
+    assert_eq!(status, 400);
+    let (status, body) = raw(&emulator, reqwest::Method::GET, "keys", vec![]);
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""cursor":"""#), "last page has an empty cursor: {body}");
+}

@@ -1,0 +1,171 @@
+//! The key-value conformance suite on `PgKv` against a real PostgreSQL,
+//! plus what only this backend does: the batched purge of expired rows
+//! (tested with a server `TimeZone` far from UTC), the background purger,
+//! and one statement per operation.
+
+#![cfg(test)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use dployr_domain::KvBackend;
+use dployr_kv::PgKv;
+use dployr_pg::{PgPool, PoolConfig};
+use dployr_testkit::TestDatabase;
+use dployr_tests::kv_contract::KvFixture;
+
+struct Postgres {
+    db: TestDatabase,
+    kv: PgKv,
+}
+
+impl KvFixture for Postgres {
+    fn kv(&self) -> Arc<dyn KvBackend> {
+        Arc::new(self.kv.clone())
+    }
+
+    /// Moving every expiry back is moving now forward.
+    fn advance(&self, by: Duration) {
+        let mut conn = self.db.connect();
+        diesel::sql_query("UPDATE kv_entries SET expires_at = expires_at - make_interval(secs => $1::bigint)")
+            .bind::<BigInt, _>(i64::try_from(by.as_secs()).unwrap())
+            .execute(&mut conn)
+            .unwrap();
+    }
+}
+
+fn postgres() -> Postgres {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 4, ..PoolConfig::default() }).unwrap();
+    Postgres { kv: PgKv::new(pool), db }
+}
+
+/// A backend whose session `TimeZone` is UTC+14. diesel sets `UTC` on
+/// every new connection, so the pool holds one connection, switched here.
+fn postgres_in_kiritimati() -> Postgres {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 1, ..PoolConfig::default() }).unwrap();
+    diesel::sql_query("SET TimeZone = 'Pacific/Kiritimati'").execute(&mut pool.get().unwrap()).unwrap();
+    Postgres { kv: PgKv::new(pool), db }
+}
+
+dployr_tests::kv_contract_tests!(postgres());
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn rows(pg: &Postgres, filter: &str) -> i64 {
+    diesel::sql_query(format!("SELECT count(*) AS n FROM kv_entries WHERE {filter}"))
+        .get_result::<Count>(&mut pg.db.connect())
+        .unwrap()
+        .n
+}
+
+#[derive(QueryableByName)]
+struct Zone {
+    #[diesel(sql_type = Text)]
+    zone: String,
+}
+
+#[test]
+fn purge_removes_expired_rows_in_batches_and_leaves_live_ones_on_a_non_utc_server() {
+    let pg = postgres_in_kiritimati();
+    let zone = diesel::sql_query("SELECT current_setting('TimeZone') AS zone")
+        .get_result::<Zone>(&mut pg.kv.pool().get().unwrap())
+        .unwrap();
+    assert_eq!(zone.zone, "Pacific/Kiritimati");
+
+    for i in 0..25 {
+        pg.kv.put(&format!("dead/{i}"), b"v", Some(Duration::from_secs(60))).unwrap();
+    }
+    pg.advance(Duration::from_secs(61));
+    // Live: one without TTL, and ones a minute and 14 hours (the zone's offset) away.
+    pg.kv.put("live/forever", b"v", None).unwrap();
+    pg.kv.put("live/minute", b"v", Some(Duration::from_secs(60))).unwrap();
+    pg.kv.put("live/fourteen-hours", b"v", Some(Duration::from_secs(14 * 3600))).unwrap();
+
+    assert_eq!(pg.kv.purge_expired_batch(10).unwrap(), 10);
+    assert_eq!(rows(&pg, "key LIKE 'dead/%'"), 15);
+
+    let (purged, statements) = statements_of(&pg, 2, || pg.kv.purge_expired(10).unwrap());
+    assert_eq!(purged, 15);
+    // 10 + 5: two statements, the second one short.
+    assert_eq!(statements, 2);
+    assert_eq!(rows(&pg, "key LIKE 'dead/%'"), 0);
+    assert_eq!(rows(&pg, "key LIKE 'live/%'"), 3);
+    assert_eq!(pg.kv.purge_expired(10).unwrap(), 0);
+}
+
+#[test]
+fn expired_rows_are_invisible_before_the_purge() {
+    let pg = postgres();
+    pg.kv.put("k", b"v", Some(Duration::from_secs(60))).unwrap();
+    pg.advance(Duration::from_secs(61));
+    assert_eq!(rows(&pg, "key = 'k'"), 1, "the row is still there");
+    assert_eq!(pg.kv.get("k").unwrap(), None);
+    assert_eq!(pg.kv.take("k").unwrap(), None);
+    assert!(pg.kv.list("", 10, None).unwrap().keys.is_empty());
+}
+
+#[test]
+fn purge_refuses_a_batch_size_below_one() {
+    let pg = postgres();
+    assert!(matches!(pg.kv.purge_expired(0), Err(dployr_domain::StoreError::Invalid { field: "batch_size", .. })));
+}
+
+#[test]
+fn background_purger_purges_and_stops_when_dropped() {
+    let pg = postgres();
+    for i in 0..5 {
+        pg.kv.put(&format!("dead/{i}"), b"v", Some(Duration::from_secs(60))).unwrap();
+    }
+    pg.kv.put("live", b"v", None).unwrap();
+    pg.advance(Duration::from_secs(61));
+    let purger = pg.kv.spawn_purger(Duration::from_millis(20), 2).unwrap();
+    // Wait for the purge itself, bounded so a broken purger fails instead of hanging.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows(&pg, "key LIKE 'dead/%'") > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(rows(&pg, "key LIKE 'dead/%'"), 0);
+    assert_eq!(rows(&pg, "key = 'live'"), 1);
+    assert_eq!(purger.failures(), 0);
+    drop(purger);
+    // After the drop no purge runs: a row expired now stays until purged by hand.
+    pg.kv.put("dead/late", b"v", Some(Duration::from_secs(60))).unwrap();
+    pg.advance(Duration::from_secs(61));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(rows(&pg, "key = 'dead/late'"), 1);
+}
+
+/// What `op` returns and how many statements of its own it sent, given it
+/// checks a connection out `checkouts` times: what a bare checkout sends
+/// (r2d2 may test the connection) is not the operation's.
+fn statements_of<T>(pg: &Postgres, checkouts: u64, op: impl FnOnce() -> T) -> (T, u64) {
+    let stats = || pg.kv.pool().stats();
+    let before = stats();
+    drop(pg.kv.pool().get().unwrap());
+    let per_checkout = (stats() - before).statements;
+    let before = stats();
+    let value = op();
+    let spent = stats() - before;
+    assert_eq!(spent.transactions, 0, "no transaction needed");
+    (value, spent.statements - checkouts * per_checkout)
+}
+
+#[test]
+fn every_operation_is_one_statement() {
+    let pg = postgres();
+    let one = |name: &str, op: &dyn Fn()| assert_eq!(statements_of(&pg, 1, op).1, 1, "{name}");
+    one("put", &|| pg.kv.put("k", b"v", Some(Duration::from_secs(60))).unwrap());
+    one("get", &|| assert!(pg.kv.get("k").unwrap().is_some()));
+    one("list", &|| assert_eq!(pg.kv.list("", 10, None).unwrap().keys.len(), 1));
+    one("take", &|| assert!(pg.kv.take("k").unwrap().is_some()));
+    one("increment", &|| assert_eq!(pg.kv.increment("c", None).unwrap(), 1));
+    one("delete", &|| pg.kv.delete("c").unwrap());
+}

@@ -1,0 +1,267 @@
+//! `KvStore`'s security and concurrency promises: no raw secret in any key
+//! or value, redacted `Debug`, well-distributed one-time codes, and, under
+//! 32+ threads on the memory and PostgreSQL backends, at most 3 evaluated
+//! OTP guesses, one successful `validate_state` and one successful `take`.
+
+#![cfg(test)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use dployr_domain::{Email, KvBackend, KvLimits, KvPage, StoreResult};
+use dployr_kv::{KvStore, MemoryKv, OAuthState, OTP_ALPHABET, OtpCode, PgKv, SessionId};
+use dployr_pg::{PgPool, PoolConfig};
+use dployr_testkit::TestDatabase;
+use dployr_tests::kv_contract::{list_all, sample_clusters, sample_user};
+
+const THREADS: usize = 32;
+
+/// Every key and value in the backend, as text.
+fn dump(kv: &dyn KvBackend) -> Vec<(String, String)> {
+    list_all(kv, "", 1000)
+        .0
+        .into_iter()
+        .map(|key| {
+            let value = kv.get(&key).unwrap().unwrap_or_default();
+            (key, String::from_utf8_lossy(&value).into_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn no_key_or_value_holds_the_raw_session_id_or_state() {
+    let kv = Arc::new(MemoryKv::new());
+    let store = KvStore::new(kv.clone());
+    let id = SessionId::generate();
+    store.create_session(&id, &sample_user(1), sample_clusters()).unwrap();
+    let state = OAuthState::generate();
+    store.create_state(&state, "https://app.example/next").unwrap();
+    let email = Email::parse("ada@example.com").unwrap();
+    let code = store.create_otp(&email).unwrap();
+
+    let entries = dump(kv.as_ref());
+    assert_eq!(entries.len(), 3);
+    for (key, value) in &entries {
+        for secret in [id.expose(), state.expose(), code.expose()] {
+            assert!(!key.contains(secret), "key {key} holds a secret");
+            assert!(!value.contains(secret), "value of {key} holds a secret");
+        }
+        assert!(!key.contains("ada@example.com"), "key {key} holds the e-mail");
+    }
+    assert!(store.get_session(&id).unwrap().is_some());
+}
+
+#[test]
+fn debug_never_shows_a_session_id_otp_or_state() {
+    let id = SessionId::generate();
+    let state = OAuthState::generate();
+    let code = OtpCode::generate();
+    for (shown, secret) in
+        [(format!("{id:?}"), id.expose()), (format!("{state:?}"), state.expose()), (format!("{code:?}"), code.expose())]
+    {
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+}
+
+#[test]
+fn session_ids_carry_at_least_128_bits_and_do_not_repeat() {
+    let ids: HashSet<String> = (0..1000).map(|_| SessionId::generate().expose().to_owned()).collect();
+    assert_eq!(ids.len(), 1000);
+    for id in &ids {
+        assert_eq!(id.len(), 64, "256 bits as hex");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+}
+
+#[test]
+fn a_thousand_otps_use_every_character_and_repeat_no_more_than_chance_allows() {
+    let store = KvStore::new(Arc::new(MemoryKv::new()));
+    let codes: Vec<String> = (0..1000)
+        .map(|i| store.create_otp(&Email::parse(&format!("u{i}@example.com")).unwrap()).unwrap().expose().to_owned())
+        .collect();
+    for code in &codes {
+        assert_eq!(code.len(), 6);
+        assert!(code.bytes().all(|b| OTP_ALPHABET.contains(&b)), "{code}");
+    }
+    // 1000 draws from 36^6 ≈ 2.2e9 codes: a repeat has probability ≈ 2e-4.
+    let distinct: HashSet<&String> = codes.iter().collect();
+    assert!(codes.len() - distinct.len() <= 1, "{} repeats", codes.len() - distinct.len());
+    // 6000 characters over 36: about 167 each, standard deviation about 13.
+    let mut counts: BTreeMap<u8, usize> = BTreeMap::new();
+    for b in codes.iter().flat_map(|c| c.bytes()) {
+        *counts.entry(b).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 36, "every character of A-Z0-9 appears");
+    for (ch, n) in counts {
+        assert!((100..=240).contains(&n), "{} appears {n} times", char::from(ch));
+    }
+}
+
+/// Wraps a backend and counts reads of OTP codes: one per evaluated guess.
+struct CountingKv {
+    inner: Arc<dyn KvBackend>,
+    code_reads: AtomicUsize,
+}
+
+impl KvBackend for CountingKv {
+    fn limits(&self) -> KvLimits {
+        self.inner.limits()
+    }
+    fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        if key.starts_with("otp:") {
+            self.code_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.get(key)
+    }
+    fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+        self.inner.put(key, value, ttl)
+    }
+    fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+        self.inner.list(prefix, limit, cursor)
+    }
+    fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.take(key)
+    }
+    fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+        self.inner.increment(key, ttl)
+    }
+}
+
+/// Runs `work(i)` for `0..n` on [`THREADS`] threads released together.
+fn in_parallel<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (barrier, work) = (&barrier, &work);
+                scope.spawn(move || {
+                    barrier.wait();
+                    (t..n).step_by(THREADS).map(work).collect::<Vec<T>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn parallel_otp_guesses_evaluate_at_most_three(kv: Arc<dyn KvBackend>) {
+    let counting = Arc::new(CountingKv { inner: kv, code_reads: AtomicUsize::new(0) });
+    let store = KvStore::new(counting.clone());
+    let email = Email::parse("race@example.com").unwrap();
+    let code = store.create_otp(&email).unwrap();
+    let wrong = OtpCode::new(if code.expose() == "AAAAAA" { "BBBBBB" } else { "AAAAAA" });
+    // 100 guessers, each a wrong guess then the right one.
+    let results = in_parallel(100, |_| {
+        let first = store.validate_otp(&email, &wrong).unwrap();
+        let second = store.validate_otp(&email, &code).unwrap();
+        (first, second)
+    });
+    assert!(results.iter().all(|(first, _)| !first), "a wrong guess succeeded");
+    let successes = results.iter().filter(|(_, second)| *second).count();
+    let evaluated = counting.code_reads.load(Ordering::SeqCst);
+    assert!(evaluated <= 3, "{evaluated} guesses were evaluated");
+    assert!(successes <= 1, "{successes} successes");
+}
+
+fn parallel_validate_state_gives_exactly_one_some(kv: Arc<dyn KvBackend>) {
+    let store = KvStore::new(kv);
+    let state = OAuthState::generate();
+    store.create_state(&state, "https://app.example/next").unwrap();
+    let results = in_parallel(50, |_| store.validate_state(&state).unwrap());
+    assert_eq!(results.iter().filter(|r| r.is_some()).count(), 1);
+}
+
+fn parallel_take_gives_exactly_one_value(kv: &dyn KvBackend) {
+    kv.put("race/take", b"once", None).unwrap();
+    let results = in_parallel(50, |_| kv.take("race/take").unwrap());
+    assert_eq!(results.iter().flatten().count(), 1);
+}
+
+fn parallel_increments_are_all_distinct(kv: &dyn KvBackend) {
+    let mut results = in_parallel(100, |_| kv.increment("race/counter", None).unwrap());
+    results.sort_unstable();
+    assert_eq!(results, (1..=100).collect::<Vec<i64>>());
+}
+
+fn pg() -> (TestDatabase, Arc<dyn KvBackend>) {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 16, ..PoolConfig::default() }).unwrap();
+    (db, Arc::new(PgKv::new(pool)))
+}
+
+#[test]
+fn memory_parallel_otp_guesses_evaluate_at_most_three() {
+    parallel_otp_guesses_evaluate_at_most_three(Arc::new(MemoryKv::new()));
+}
+
+#[test]
+fn memory_parallel_validate_state_gives_exactly_one_some() {
+    parallel_validate_state_gives_exactly_one_some(Arc::new(MemoryKv::new()));
+}
+
+#[test]
+fn memory_parallel_take_gives_exactly_one_value() {
+    parallel_take_gives_exactly_one_value(&MemoryKv::new());
+}
+
+#[test]
+fn memory_parallel_increments_are_all_distinct() {
+    parallel_increments_are_all_distinct(&MemoryKv::new());
+}
+
+#[test]
+fn postgres_parallel_otp_guesses_evaluate_at_most_three() {
+    let (_db, kv) = pg();
+    parallel_otp_guesses_evaluate_at_most_three(kv);
+}
+
+#[test]
+fn postgres_parallel_validate_state_gives_exactly_one_some() {
+    let (_db, kv) = pg();
+    parallel_validate_state_gives_exactly_one_some(kv);
+}
+
+#[test]
+fn postgres_parallel_take_gives_exactly_one_value() {
+    let (_db, kv) = pg();
+    parallel_take_gives_exactly_one_value(kv.as_ref());
+}
+
+#[test]
+fn postgres_parallel_increments_are_all_distinct() {
+    let (_db, kv) = pg();
+    parallel_increments_are_all_distinct(kv.as_ref());
+}
+
+#[test]
+fn store_refuses_ttls_the_backend_cannot_hold() {
+    let config = dployr_kv::KvStoreConfig { otp_ttl: Duration::ZERO, ..Default::default() };
+    assert!(KvStore::with_config(Arc::new(MemoryKv::new()), config).is_err());
+}
+
+#[test]
+fn otp_guess_is_counted_before_the_code_is_read() {
+    // With the counter down, no guess reaches the code: the mock has no
+    // expectation for get or take, so reading it would panic.
+    let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_increment()
+        .times(1)
+        .returning(|_, _| Err(dployr_domain::StoreError::Unavailable { reason: "down".into(), source: None }));
+    let store = KvStore::new(Arc::new(kv));
+    let result = store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123"));
+    assert!(matches!(result, Err(dployr_domain::StoreError::Unavailable { .. })));
+}
+
+#[test]
+fn otp_guess_past_the_limit_is_refused_unseen() {
+    let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_increment().times(1).returning(|_, _| Ok(4));
+    let store = KvStore::new(Arc::new(kv));
+    assert!(!store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123")).unwrap());
+}
