@@ -1,6 +1,32 @@
-//! The facade of the dployr data layer: configuration in, a connection pool,
-//! migrations on start, the stores and the key-value store out.
+//! The facade of the dployr data layer: a [`Config`] in (from the
+//! environment or built in code); a [`DataLayer`] out, with the pool opened,
+//! pending migrations applied (the seed's behaviour, unless turned off), the
+//! key-value backend chosen (`memory`, `postgres` or `cloudflare`), and the
+//! stores and the [`KvStore`] ready.
 //!
-//! **Status: empty on purpose.** It composes the stores and the key-value
-//! store once those land. Today the pieces that exist are
-//! [`dployr_migrate`] (the migration runner) and `dployr-pg`'s schema.
+//! It re-exports what a user needs for the common case, so depending on this
+//! crate alone is enough; the layered crates (`dployr-domain`, `dployr-pg`,
+//! `dployr-kv`, `dployr-migrate`) stay usable on their own, also re-exported
+//! here as modules.
+//!
+//! The API is synchronous (diesel, r2d2 and the Cloudflare client block).
+//! Every store is `Send + Sync`: an async server shares the `DataLayer` in an
+//! `Arc` and calls it through `spawn_blocking`.
+
+mod config;
+mod layer;
+
+pub use config::{
+    CONNECT_TIMEOUT_VAR, Config, DATABASE_URL_VAR, KV_PURGE_EVERY_VAR, KV_VAR, KvBackendConfig, MIGRATE_ON_START_VAR,
+    OTP_TTL_VAR, POOL_SIZE_VAR, SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR,
+};
+pub use layer::DataLayer;
+
+pub use dployr_domain::*;
+pub use dployr_kv::{CloudflareConfig, KvStore, KvStoreConfig, OAuthState, OtpCode, Session, SessionId};
+pub use dployr_pg::{PgPool, PoolConfig};
+
+pub use dployr_domain as domain;
+pub use dployr_kv as kv;
+pub use dployr_migrate as migrate;
+pub use dployr_pg as pg;

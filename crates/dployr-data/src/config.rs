@@ -1,0 +1,237 @@
+//! `Config`: everything the data layer needs to start, from the environment
+//! or built in code. A missing or malformed setting is one
+//! `StoreError::Configuration` that names the variable to fix.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use dployr_domain::{StoreError, StoreResult};
+use dployr_kv::{ACCOUNT_ID_VAR, API_TOKEN_VAR, CloudflareConfig, KvStoreConfig, NAMESPACE_ID_VAR};
+use dployr_pg::PoolConfig;
+
+/// The PostgreSQL URL (libpq syntax). Required.
+pub const DATABASE_URL_VAR: &str = "DATABASE_URL";
+/// `memory`, `postgres` (default) or `cloudflare`.
+pub const KV_VAR: &str = "DPLOYR_KV";
+/// Apply pending migrations when the data layer opens: `true` (default) or `false`.
+pub const MIGRATE_ON_START_VAR: &str = "DPLOYR_MIGRATE_ON_START";
+/// Most pooled connections (default 10).
+pub const POOL_SIZE_VAR: &str = "DPLOYR_DB_POOL_SIZE";
+/// How long a connection checkout or the first connect waits, in ms (default 5000).
+pub const CONNECT_TIMEOUT_VAR: &str = "DPLOYR_DB_CONNECT_TIMEOUT_MS";
+/// `statement_timeout` of every connection in ms; 0 keeps the server's (default 30000).
+pub const STATEMENT_TIMEOUT_VAR: &str = "DPLOYR_DB_STATEMENT_TIMEOUT_MS";
+/// diesel's prepared statement cache: `true` (default) or `false` (PgBouncer transaction mode).
+pub const STATEMENT_CACHE_VAR: &str = "DPLOYR_DB_STATEMENT_CACHE";
+/// How often the PostgreSQL KV backend purges expired rows, in s; 0 turns it off (default 300).
+pub const KV_PURGE_EVERY_VAR: &str = "DPLOYR_KV_PURGE_EVERY_SECS";
+/// Session lifetime in s (default 7 days).
+pub const SESSION_TTL_VAR: &str = "DPLOYR_SESSION_TTL_SECS";
+/// OAuth state lifetime in s (default 600).
+pub const STATE_TTL_VAR: &str = "DPLOYR_STATE_TTL_SECS";
+/// One-time code lifetime in s (default 600).
+pub const OTP_TTL_VAR: &str = "DPLOYR_OTP_TTL_SECS";
+
+/// Which key-value backend holds sessions, OAuth state and one-time codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvBackendConfig {
+    /// In this process's memory: tests and single-process development.
+    Memory,
+    /// The `kv_entries` table of the data layer's own database.
+    Postgres {
+        /// How often a background thread purges expired rows; `None`: never
+        /// (run `PgKv::purge_expired` yourself).
+        purge_every: Option<Duration>,
+    },
+    /// A Cloudflare Workers KV namespace.
+    Cloudflare(CloudflareConfig),
+}
+
+/// How the data layer starts.
+///
+/// ```
+/// use dployr_data::{Config, KvBackendConfig};
+///
+/// let config = Config::new("postgres://localhost/dployr-local").with_kv(KvBackendConfig::Memory);
+/// assert!(config.migrate_on_start);
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The PostgreSQL URL. `Debug` does not show it (it may hold a password).
+    pub database_url: String,
+    /// Pool size and timeouts.
+    pub pool: PoolConfig,
+    /// The key-value backend.
+    pub kv: KvBackendConfig,
+    /// TTLs and OTP attempts of the key-value store.
+    pub kv_store: KvStoreConfig,
+    /// Apply pending migrations on open (the seed's behaviour). Default true.
+    pub migrate_on_start: bool,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &"<redacted>")
+            .field("pool", &self.pool)
+            .field("kv", &self.kv)
+            .field("kv_store", &self.kv_store)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+/// The default purge period of the PostgreSQL key-value backend.
+const DEFAULT_PURGE_EVERY: Duration = Duration::from_secs(300);
+
+impl Config {
+    /// Defaults around `database_url`: the PostgreSQL key-value backend,
+    /// migrations on start, a pool of 10.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            pool: PoolConfig::default(),
+            kv: KvBackendConfig::Postgres { purge_every: Some(DEFAULT_PURGE_EVERY) },
+            kv_store: KvStoreConfig::default(),
+            migrate_on_start: true,
+        }
+    }
+
+    /// The same, with another key-value backend.
+    #[must_use]
+    pub fn with_kv(mut self, kv: KvBackendConfig) -> Self {
+        self.kv = kv;
+        self
+    }
+
+    /// The same, with another pool configuration.
+    #[must_use]
+    pub fn with_pool(mut self, pool: PoolConfig) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    /// The same, without migrations on open.
+    #[must_use]
+    pub fn without_migrations_on_start(mut self) -> Self {
+        self.migrate_on_start = false;
+        self
+    }
+
+    /// Reads the configuration from the process environment (the variables
+    /// are the `*_VAR` constants of this module).
+    ///
+    /// # Errors
+    /// [`StoreError::Configuration`] naming the first variable that is
+    /// missing or malformed.
+    pub fn from_env() -> StoreResult<Self> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `var` (a variable's value, `None` when
+    /// unset): [`from_env`](Self::from_env) without the process environment.
+    ///
+    /// ```
+    /// use dployr_data::Config;
+    /// use dployr_domain::StoreError;
+    ///
+    /// let vars = |name: &str| match name {
+    ///     "DATABASE_URL" => Some("postgres://db/app".to_owned()),
+    ///     "DPLOYR_KV" => Some("redis".to_owned()),
+    ///     _ => None,
+    /// };
+    /// let error = Config::from_vars(vars).unwrap_err();
+    /// assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_KV", .. }));
+    /// ```
+    ///
+    /// # Errors
+    /// As [`from_env`](Self::from_env).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> StoreResult<Self> {
+        let var = |name: &str| var(name).map(|value| value.trim().to_owned()).filter(|value| !value.is_empty());
+        let database_url = var(DATABASE_URL_VAR).ok_or_else(|| {
+            configuration(DATABASE_URL_VAR, "is not set; give the PostgreSQL URL, e.g. postgres://user@host/dployr")
+        })?;
+        let mut config = Self::new(database_url);
+
+        if let Some(size) = parsed::<u32>(&var, POOL_SIZE_VAR, "a number of connections")? {
+            if size == 0 {
+                return Err(configuration(POOL_SIZE_VAR, "must be at least 1"));
+            }
+            config.pool.max_size = size;
+        }
+        if let Some(ms) = parsed::<u64>(&var, CONNECT_TIMEOUT_VAR, "milliseconds")? {
+            if ms == 0 {
+                return Err(configuration(CONNECT_TIMEOUT_VAR, "must be at least 1 ms"));
+            }
+            config.pool.connection_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = parsed::<u64>(&var, STATEMENT_TIMEOUT_VAR, "milliseconds")? {
+            config.pool.statement_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some(cache) = flag(&var, STATEMENT_CACHE_VAR)? {
+            config.pool.prepared_statement_cache = cache;
+        }
+        if let Some(migrate) = flag(&var, MIGRATE_ON_START_VAR)? {
+            config.migrate_on_start = migrate;
+        }
+        for (name, ttl) in [
+            (SESSION_TTL_VAR, &mut config.kv_store.session_ttl),
+            (STATE_TTL_VAR, &mut config.kv_store.state_ttl),
+            (OTP_TTL_VAR, &mut config.kv_store.otp_ttl),
+        ] {
+            if let Some(secs) = parsed::<u64>(&var, name, "seconds")? {
+                if secs == 0 {
+                    return Err(configuration(name, "must be at least 1 second"));
+                }
+                *ttl = Duration::from_secs(secs);
+            }
+        }
+
+        let purge_every = parsed::<u64>(&var, KV_PURGE_EVERY_VAR, "seconds")?;
+        config.kv = match var(KV_VAR).as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("postgres") => KvBackendConfig::Postgres {
+                purge_every: match purge_every {
+                    Some(0) => None,
+                    Some(secs) => Some(Duration::from_secs(secs)),
+                    None => Some(DEFAULT_PURGE_EVERY),
+                },
+            },
+            Some("memory") => KvBackendConfig::Memory,
+            Some("cloudflare") => {
+                let required = |name: &'static str| {
+                    var(name).ok_or_else(|| configuration(name, "is not set, and DPLOYR_KV=cloudflare needs it"))
+                };
+                KvBackendConfig::Cloudflare(CloudflareConfig::new(
+                    required(ACCOUNT_ID_VAR)?,
+                    required(NAMESPACE_ID_VAR)?,
+                    required(API_TOKEN_VAR)?,
+                ))
+            }
+            Some(other) => {
+                return Err(configuration(KV_VAR, format!("is {other:?}; use memory, postgres or cloudflare")));
+            }
+        };
+        Ok(config)
+    }
+}
+
+fn configuration(setting: &'static str, reason: impl Into<std::borrow::Cow<'static, str>>) -> StoreError {
+    StoreError::Configuration { setting, reason: reason.into() }
+}
+
+fn parsed<T: FromStr>(var: &impl Fn(&str) -> Option<String>, name: &'static str, unit: &str) -> StoreResult<Option<T>> {
+    var(name)
+        .map(|text| text.parse::<T>().map_err(|_| configuration(name, format!("is {text:?}, not {unit}"))))
+        .transpose()
+}
+
+fn flag(var: &impl Fn(&str) -> Option<String>, name: &'static str) -> StoreResult<Option<bool>> {
+    var(name)
+        .map(|text| match text.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(configuration(name, format!("is {text:?}; use true or false"))),
+        })
+        .transpose()
+}

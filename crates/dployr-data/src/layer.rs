@@ -1,0 +1,167 @@
+//! `DataLayer`: opens the pool, applies pending migrations (unless told
+//! not to), picks the key-value backend, and hands out the stores.
+
+use std::fmt;
+use std::sync::Arc;
+
+use dployr_domain::{KvBackend, StoreError, StoreResult};
+use dployr_kv::{CloudflareKv, KvStore, MemoryKv, PgKv, Purger};
+use dployr_migrate::{MigrationRunner, MigrationSet};
+use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore};
+
+use crate::config::{DATABASE_URL_VAR, KV_PURGE_EVERY_VAR, POOL_SIZE_VAR};
+use crate::{Config, KvBackendConfig};
+
+/// Batch size of the background purge of the PostgreSQL key-value backend.
+const PURGE_BATCH: i64 = 1000;
+
+/// The data layer of dployr base: every store, on one pool.
+///
+/// ```no_run
+/// use dployr_data::{DataLayer, Email, NewUser, Provider, UserStore, ClusterStore};
+///
+/// let data = DataLayer::from_env()?; // DATABASE_URL, DPLOYR_KV, ...
+/// let user = data.users().upsert(NewUser::new(Email::parse("ada@example.io")?, Provider::Github))?;
+/// let cluster = data.clusters().create_for_owner(&user.id)?;
+/// # Ok::<(), dployr_data::StoreError>(())
+/// ```
+pub struct DataLayer {
+    pool: PgPool,
+    users: PgUserStore,
+    clusters: PgClusterStore,
+    instances: PgInstanceStore,
+    bootstrap_tokens: PgBootstrapTokenStore,
+    kv: KvStore,
+    kv_backend: &'static str,
+    applied_on_open: Vec<String>,
+    // Dropped with the data layer, which stops the thread.
+    _purger: Option<Purger>,
+}
+
+impl fmt::Debug for DataLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DataLayer")
+            .field("pool", &self.pool)
+            .field("kv_backend", &self.kv_backend)
+            .field("applied_on_open", &self.applied_on_open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataLayer {
+    /// Opens the data layer from the environment ([`Config::from_env`]).
+    ///
+    /// # Errors
+    /// As [`Config::from_env`] and [`DataLayer::open`].
+    pub fn from_env() -> StoreResult<Self> {
+        Self::open(Config::from_env()?)
+    }
+
+    /// Opens the pool (failing within the connect timeout if the database
+    /// does not answer), applies pending migrations if configured, and
+    /// starts the key-value backend.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] naming `DATABASE_URL` when the database
+    /// does not answer; [`StoreError::Configuration`] for settings the
+    /// backends refuse; [`StoreError::Backend`] when a migration fails
+    /// (its message names the migration).
+    pub fn open(config: Config) -> StoreResult<Self> {
+        let pool = PgPool::connect(&config.database_url, config.pool).map_err(|error| match error {
+            StoreError::Unavailable { source, .. } => StoreError::Unavailable {
+                reason: format!(
+                    "the PostgreSQL of {DATABASE_URL_VAR} did not answer within {:?}",
+                    config.pool.connection_timeout
+                )
+                .into(),
+                source,
+            },
+            StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: POOL_SIZE_VAR, reason },
+            other => other,
+        })?;
+
+        let applied_on_open = if config.migrate_on_start {
+            let migrations = MigrationSet::embedded()
+                .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
+            let applied = MigrationRunner::new(config.database_url.clone(), migrations)
+                .run_pending(&mut |event| tracing::info!(target: "dployr.migrate", "{event}"))
+                .map_err(|e| StoreError::backend(format!("applying migrations on start: {e}"), e))?;
+            applied.into_iter().map(|migration| migration.name).collect()
+        } else {
+            Vec::new()
+        };
+
+        let (backend, kv_backend, purger): (Arc<dyn KvBackend>, &'static str, Option<Purger>) = match config.kv {
+            KvBackendConfig::Memory => (Arc::new(MemoryKv::new()), "memory", None),
+            KvBackendConfig::Postgres { purge_every } => {
+                let kv = PgKv::new(pool.clone());
+                let purger = purge_every
+                    .map(|every| {
+                        kv.spawn_purger(every, PURGE_BATCH).map_err(|e| match e {
+                            StoreError::Invalid { reason, .. } => {
+                                StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason }
+                            }
+                            other => other,
+                        })
+                    })
+                    .transpose()?;
+                (Arc::new(kv), "postgres", purger)
+            }
+            KvBackendConfig::Cloudflare(cloudflare) => (Arc::new(CloudflareKv::new(cloudflare)?), "cloudflare", None),
+        };
+        let kv = KvStore::with_config(backend, config.kv_store)?;
+
+        Ok(Self {
+            users: PgUserStore::new(pool.clone()),
+            clusters: PgClusterStore::new(pool.clone()),
+            instances: PgInstanceStore::new(pool.clone()),
+            bootstrap_tokens: PgBootstrapTokenStore::new(pool.clone()),
+            pool,
+            kv,
+            kv_backend,
+            applied_on_open,
+            _purger: purger,
+        })
+    }
+
+    /// Users (implements [`UserStore`](dployr_domain::UserStore)).
+    pub fn users(&self) -> &PgUserStore {
+        &self.users
+    }
+
+    /// Clusters and memberships (implements [`ClusterStore`](dployr_domain::ClusterStore)).
+    pub fn clusters(&self) -> &PgClusterStore {
+        &self.clusters
+    }
+
+    /// Instances (implements [`InstanceStore`](dployr_domain::InstanceStore)).
+    pub fn instances(&self) -> &PgInstanceStore {
+        &self.instances
+    }
+
+    /// Bootstrap tokens (implements [`BootstrapTokenStore`](dployr_domain::BootstrapTokenStore)).
+    pub fn bootstrap_tokens(&self) -> &PgBootstrapTokenStore {
+        &self.bootstrap_tokens
+    }
+
+    /// Sessions, OAuth state and one-time codes.
+    pub fn kv(&self) -> &KvStore {
+        &self.kv
+    }
+
+    /// The name of the key-value backend in use: `memory`, `postgres` or `cloudflare`.
+    pub fn kv_backend(&self) -> &'static str {
+        self.kv_backend
+    }
+
+    /// The connection pool the stores share.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The migrations this `open` applied (empty when the database was
+    /// current or migrations on start were off).
+    pub fn applied_on_open(&self) -> &[String] {
+        &self.applied_on_open
+    }
+}

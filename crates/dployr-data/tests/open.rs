@@ -1,0 +1,129 @@
+//! Opening the data layer: configuration errors name the variable, an
+//! unreachable database fails within the connect timeout, migrations run on
+//! open unless turned off.
+
+#![cfg(test)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use dployr_data::{Config, DataLayer, KvBackendConfig, PoolConfig, StoreError};
+
+fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    move |name| map.get(name).cloned()
+}
+
+fn setting_of(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::Configuration { setting, .. } => setting,
+        other => panic!("not a configuration error: {other}"),
+    }
+}
+
+#[test]
+fn defaults_need_only_database_url() {
+    let config = Config::from_vars(vars(&[("DATABASE_URL", "postgres://db/app")])).unwrap();
+    assert_eq!(config.database_url, "postgres://db/app");
+    assert!(config.migrate_on_start);
+    assert_eq!(config.pool, PoolConfig::default());
+    assert!(matches!(config.kv, KvBackendConfig::Postgres { purge_every: Some(_) }));
+    assert!(!format!("{config:?}").contains("postgres://db/app"), "the URL may hold a password");
+}
+
+#[test]
+fn every_variable_is_read() {
+    let config = Config::from_vars(vars(&[
+        ("DATABASE_URL", "postgres://db/app"),
+        ("DPLOYR_KV", "memory"),
+        ("DPLOYR_DB_POOL_SIZE", "3"),
+        ("DPLOYR_DB_CONNECT_TIMEOUT_MS", "750"),
+        ("DPLOYR_DB_STATEMENT_TIMEOUT_MS", "0"),
+        ("DPLOYR_DB_STATEMENT_CACHE", "false"),
+        ("DPLOYR_MIGRATE_ON_START", "no"),
+        ("DPLOYR_SESSION_TTL_SECS", "3600"),
+        ("DPLOYR_STATE_TTL_SECS", "120"),
+        ("DPLOYR_OTP_TTL_SECS", "300"),
+    ]))
+    .unwrap();
+    assert_eq!(config.kv, KvBackendConfig::Memory);
+    assert_eq!(config.pool.max_size, 3);
+    assert_eq!(config.pool.connection_timeout, Duration::from_millis(750));
+    assert_eq!(config.pool.statement_timeout, None);
+    assert!(!config.pool.prepared_statement_cache);
+    assert!(!config.migrate_on_start);
+    assert_eq!(config.kv_store.session_ttl, Duration::from_secs(3600));
+    assert_eq!(config.kv_store.state_ttl, Duration::from_secs(120));
+    assert_eq!(config.kv_store.otp_ttl, Duration::from_secs(300));
+}
+
+#[test]
+fn cloudflare_takes_its_three_variables_and_hides_the_token() {
+    let config = Config::from_vars(vars(&[
+        ("DATABASE_URL", "postgres://db/app"),
+        ("DPLOYR_KV", "cloudflare"),
+        ("CLOUDFLARE_ACCOUNT_ID", "acc"),
+        ("CLOUDFLARE_KV_NAMESPACE_ID", "ns"),
+        ("CLOUDFLARE_API_TOKEN", "tok-very-secret"),
+    ]))
+    .unwrap();
+    let KvBackendConfig::Cloudflare(cloudflare) = &config.kv else { panic!("{config:?}") };
+    assert_eq!((cloudflare.account_id.as_str(), cloudflare.namespace_id.as_str()), ("acc", "ns"));
+    assert!(!format!("{config:?}").contains("very-secret"));
+}
+
+#[test]
+fn a_missing_or_malformed_variable_is_one_error_naming_it() {
+    let base = [("DATABASE_URL", "postgres://db/app")];
+    let with = |extra: &[(&str, &str)]| {
+        let mut all = base.to_vec();
+        all.extend_from_slice(extra);
+        Config::from_vars(vars(&all)).unwrap_err()
+    };
+    assert_eq!(setting_of(&Config::from_vars(vars(&[])).unwrap_err()), "DATABASE_URL");
+    assert_eq!(setting_of(&Config::from_vars(vars(&[("DATABASE_URL", "  ")])).unwrap_err()), "DATABASE_URL");
+    assert_eq!(setting_of(&with(&[("DPLOYR_KV", "redis")])), "DPLOYR_KV");
+    let error =
+        with(&[("DPLOYR_KV", "cloudflare"), ("CLOUDFLARE_ACCOUNT_ID", "a"), ("CLOUDFLARE_KV_NAMESPACE_ID", "n")]);
+    assert_eq!(setting_of(&error), "CLOUDFLARE_API_TOKEN");
+    assert!(error.to_string().contains("CLOUDFLARE_API_TOKEN"), "{error}");
+    assert_eq!(setting_of(&with(&[("DPLOYR_KV", "cloudflare")])), "CLOUDFLARE_ACCOUNT_ID");
+    assert_eq!(setting_of(&with(&[("DPLOYR_DB_POOL_SIZE", "ten")])), "DPLOYR_DB_POOL_SIZE");
+    assert_eq!(setting_of(&with(&[("DPLOYR_DB_POOL_SIZE", "0")])), "DPLOYR_DB_POOL_SIZE");
+    assert_eq!(setting_of(&with(&[("DPLOYR_DB_CONNECT_TIMEOUT_MS", "-5")])), "DPLOYR_DB_CONNECT_TIMEOUT_MS");
+    assert_eq!(setting_of(&with(&[("DPLOYR_MIGRATE_ON_START", "maybe")])), "DPLOYR_MIGRATE_ON_START");
+    assert_eq!(setting_of(&with(&[("DPLOYR_OTP_TTL_SECS", "0")])), "DPLOYR_OTP_TTL_SECS");
+    assert_eq!(setting_of(&with(&[("DPLOYR_KV_PURGE_EVERY_SECS", "soon")])), "DPLOYR_KV_PURGE_EVERY_SECS");
+}
+
+#[test]
+fn an_unreachable_database_is_unavailable_naming_database_url_within_the_connect_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let timeout = Duration::from_millis(500);
+    let config = Config::new(format!("postgres://app:hunter2@127.0.0.1:{port}/dployr"))
+        .with_pool(PoolConfig { connection_timeout: timeout, ..PoolConfig::default() });
+    let started = Instant::now();
+    let error = DataLayer::open(config).unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error}");
+    assert!(error.to_string().contains("DATABASE_URL") && !error.to_string().contains("hunter2"), "{error}");
+    // Not a timing assertion of speed: a bound that shows the timeout is honoured at all.
+    assert!(waited < timeout * 20, "waited {waited:?}");
+}
+
+#[test]
+fn open_applies_pending_migrations_once_and_can_skip_them() {
+    let db = dployr_testkit::empty_database();
+    let skipped =
+        DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory).without_migrations_on_start()).unwrap();
+    assert!(skipped.applied_on_open().is_empty());
+    drop(skipped);
+    let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
+    assert_eq!(data.applied_on_open(), ["000_init", "001_kv_store"]);
+    drop(data);
+    let again = DataLayer::open(Config::new(db.url())).unwrap();
+    assert!(again.applied_on_open().is_empty());
+    assert_eq!(again.kv_backend(), "postgres");
+}
