@@ -265,3 +265,51 @@ fn otp_guess_past_the_limit_is_refused_unseen() {
     let store = KvStore::new(Arc::new(kv));
     assert!(!store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123")).unwrap());
 }
+
+#[test]
+fn kv_operations_are_spans_without_any_secret_and_postgres_ones_count_statements() {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig::default()).unwrap();
+    let store = KvStore::new(Arc::new(PgKv::new(pool)));
+    let user = sample_user(1);
+    let (id, state, email) = (SessionId::generate(), OAuthState::generate(), Email::parse("ada@example.com").unwrap());
+    let capture = dployr_testkit::spans::SpanCapture::default();
+    let code = capture.during(|| {
+        store.create_session(&id, &user, sample_clusters()).unwrap();
+        store.get_session(&id).unwrap().unwrap();
+        store.create_state(&state, "https://app.example/next").unwrap();
+        store.validate_state(&state).unwrap().unwrap();
+        let code = store.create_otp(&email).unwrap();
+        assert!(store.validate_otp(&email, &code).unwrap());
+        code
+    });
+    let spans = capture.spans();
+    let ops: Vec<(&str, &str, Option<&str>)> = spans
+        .iter()
+        .map(|s| (s.name.as_str(), s.fields["op"].as_str(), s.fields.get("statements").map(String::as_str)))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("dployr.store", "kv.postgres.put", Some("1")),
+            ("dployr.kv", "kv.create_session", None),
+            ("dployr.store", "kv.postgres.get", Some("1")),
+            ("dployr.kv", "kv.get_session", None),
+            ("dployr.store", "kv.postgres.put", Some("1")),
+            ("dployr.kv", "kv.create_state", None),
+            ("dployr.store", "kv.postgres.take", Some("1")),
+            ("dployr.kv", "kv.validate_state", None),
+            ("dployr.store", "kv.postgres.put", Some("1")),
+            ("dployr.store", "kv.postgres.delete", Some("1")),
+            ("dployr.kv", "kv.create_otp", None),
+            ("dployr.store", "kv.postgres.increment", Some("1")),
+            ("dployr.store", "kv.postgres.get", Some("1")),
+            ("dployr.store", "kv.postgres.take", Some("1")),
+            ("dployr.kv", "kv.validate_otp", None),
+        ]
+    );
+    let text = format!("{spans:?}");
+    for secret in [id.expose(), state.expose(), code.expose(), "ada@example.com", "app.example"] {
+        assert!(!text.contains(secret), "a span holds {secret}");
+    }
+}

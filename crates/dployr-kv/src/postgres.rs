@@ -143,6 +143,7 @@ impl PgKv {
     /// # Errors
     /// [`StoreError::Invalid`] for a batch size below 1; database errors.
     pub fn purge_expired_batch(&self, batch_size: i64) -> StoreResult<u64> {
+        let _span = self.pool.operation("kv.postgres.purge_batch");
         if batch_size < 1 {
             return Err(StoreError::invalid("batch_size", "must be at least 1"));
         }
@@ -256,6 +257,7 @@ impl KvBackend for PgKv {
     }
 
     fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let _span = self.pool.operation("kv.postgres.get");
         self.limits().check_key(key)?;
         kv_entries::table
             .select(kv_entries::value)
@@ -267,6 +269,7 @@ impl KvBackend for PgKv {
     }
 
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+        let _span = self.pool.operation("kv.postgres.put");
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_value(value)?;
@@ -286,6 +289,7 @@ impl KvBackend for PgKv {
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
+        let _span = self.pool.operation("kv.postgres.delete");
         self.limits().check_key(key)?;
         diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)))
             .execute(&mut self.conn()?)
@@ -294,6 +298,7 @@ impl KvBackend for PgKv {
     }
 
     fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+        let _span = self.pool.operation("kv.postgres.list");
         self.limits().check_list_limit(limit)?;
         let fetch = i64::try_from(limit + 1).map_err(|_| StoreError::invalid("limit", "too large"))?;
         let mut query = kv_entries::table
@@ -315,6 +320,7 @@ impl KvBackend for PgKv {
 
     /// One `DELETE ... RETURNING`: of concurrent takes, exactly one gets the value.
     fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let _span = self.pool.operation("kv.postgres.take");
         self.limits().check_key(key)?;
         diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)).filter(alive()))
             .returning(kv_entries::value)
@@ -326,6 +332,7 @@ impl KvBackend for PgKv {
     /// One `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`: concurrent
     /// increments each get a distinct value.
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+        let _span = self.pool.operation("kv.postgres.increment");
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;

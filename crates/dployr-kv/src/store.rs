@@ -243,6 +243,7 @@ impl KvStore {
         user: &User,
         clusters: Vec<ClusterSummary>,
     ) -> StoreResult<Session> {
+        let _span = operation("kv.create_session");
         let created_at = Utc::now();
         let session = Session {
             user_id: user.id,
@@ -262,6 +263,7 @@ impl KvStore {
     /// # Errors
     /// Backend errors; [`StoreError::Backend`] if the stored session cannot be read.
     pub fn get_session(&self, session_id: &SessionId) -> StoreResult<Option<Session>> {
+        let _span = operation("kv.get_session");
         let Some(value) = self.kv.get(&Self::session_key(session_id))? else { return Ok(None) };
         let session: Session =
             serde_json::from_slice(&value).map_err(|e| StoreError::backend("decoding a stored session", e))?;
@@ -275,6 +277,7 @@ impl KvStore {
     /// # Errors
     /// Backend errors.
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
+        let _span = operation("kv.delete_session");
         self.kv.delete(&Self::session_key(session_id))
     }
 
@@ -283,6 +286,7 @@ impl KvStore {
     /// # Errors
     /// Backend errors.
     pub fn create_state(&self, state: &OAuthState, redirect_url: &str) -> StoreResult<()> {
+        let _span = operation("kv.create_state");
         self.kv.put(&Self::state_key(state), redirect_url.as_bytes(), Some(self.config.state_ttl))
     }
 
@@ -292,6 +296,7 @@ impl KvStore {
     /// # Errors
     /// Backend errors.
     pub fn validate_state(&self, state: &OAuthState) -> StoreResult<Option<String>> {
+        let _span = operation("kv.validate_state");
         let Some(value) = self.kv.take(&Self::state_key(state))? else { return Ok(None) };
         String::from_utf8(value).map(Some).map_err(|e| StoreError::backend("decoding a stored OAuth state", e))
     }
@@ -302,6 +307,7 @@ impl KvStore {
     /// # Errors
     /// Backend errors.
     pub fn create_otp(&self, email: &Email) -> StoreResult<OtpCode> {
+        let _span = operation("kv.create_otp");
         let code = OtpCode::generate();
         let mut salt = [0u8; OTP_SALT_BYTES];
         rand::rng().fill(&mut salt);
@@ -320,6 +326,7 @@ impl KvStore {
     /// # Errors
     /// Backend errors.
     pub fn validate_otp(&self, email: &Email, code: &OtpCode) -> StoreResult<bool> {
+        let _span = operation("kv.validate_otp");
         let (code_key, attempts_key) = Self::otp_keys(email);
         let attempts = self.kv.increment(&attempts_key, Some(self.config.otp_ttl))?;
         if attempts > i64::from(self.config.otp_max_attempts) {
@@ -335,6 +342,25 @@ impl KvStore {
         // attempt count stays until it expires or a new code replaces it:
         // resetting it here would let guesses racing this one be evaluated.
         Ok(matches!(self.kv.take(&code_key)?, Some(taken) if taken == stored))
+    }
+}
+
+/// The `tracing` span of one `KvStore` operation, named for it, with its
+/// duration; it never carries an argument (ids, codes and states are secrets).
+struct Operation {
+    span: tracing::span::EnteredSpan,
+    started: std::time::Instant,
+}
+
+fn operation(name: &'static str) -> Operation {
+    let span = tracing::debug_span!("dployr.kv", op = name, duration_us = tracing::field::Empty).entered();
+    Operation { span, started: std::time::Instant::now() }
+}
+
+impl Drop for Operation {
+    fn drop(&mut self) {
+        let micros = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.span.record("duration_us", micros);
     }
 }
 

@@ -21,6 +21,7 @@ pub use bootstrap_tokens::PgBootstrapTokenStore;
 pub use clusters::PgClusterStore;
 pub use instances::PgInstanceStore;
 pub use pool::{PgPool, PgPooledConnection, PoolConfig, StatementStats};
+pub use trace::Operation;
 pub use users::PgUserStore;
 
 /// diesel's `table!` description of every table the stores use.

@@ -232,6 +232,14 @@ impl PgPool {
         })
     }
 
+    /// Enters a `tracing` span `dployr.store` for the operation `name` (e.g.
+    /// `"kv.get"`): when the returned guard drops, the span records how many
+    /// statements this thread sent meanwhile (exact, whatever other threads
+    /// do) and how long it took. Spans carry the name only, never arguments.
+    pub fn operation(&self, name: &'static str) -> crate::Operation {
+        crate::trace::operation(name)
+    }
+
     /// Connections open now, and how many of them are idle.
     pub fn state(&self) -> (u32, u32) {
         let state = self.inner.state();

@@ -32,8 +32,14 @@ fn statements_so_far() -> u64 {
     QUERIES.with(Cell::get).saturating_sub(CONTROL.with(Cell::get))
 }
 
-/// The span of one running operation; records its figures when dropped.
-pub(crate) struct Operation {
+/// The span of one running operation (from [`PgPool::operation`]); it
+/// records the statements sent on this thread and the time taken when
+/// dropped.
+///
+/// [`PgPool::operation`]: crate::PgPool::operation
+#[derive(Debug)]
+#[must_use = "the span measures until it is dropped"]
+pub struct Operation {
     span: EnteredSpan,
     started: Instant,
     statements_before: u64,

@@ -1,0 +1,85 @@
+//! `SpanCapture`: a `tracing` layer that keeps the fields of every span when
+//! it closes, so tests can assert what the data layer's spans say (and that
+//! they never say a secret).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tracing::Subscriber;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::{Context, SubscriberExt as _};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The fields of one span, by name, as text.
+pub type SpanFields = BTreeMap<String, String>;
+
+/// A closed span: its name and fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedSpan {
+    /// The span's name, e.g. `dployr.store`.
+    pub name: String,
+    /// Its fields.
+    pub fields: SpanFields,
+}
+
+/// Collects every span that closes while [`SpanCapture::during`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct SpanCapture(Arc<Mutex<Vec<ClosedSpan>>>);
+
+struct FieldsVisitor<'a>(&'a mut SpanFields);
+
+impl Visit for FieldsVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanCapture {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut fields = SpanFields::new();
+        attrs.record(&mut FieldsVisitor(&mut fields));
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            let mut extensions = span.extensions_mut();
+            if let Some(fields) = extensions.get_mut::<SpanFields>() {
+                values.record(&mut FieldsVisitor(fields));
+            }
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(&id) {
+            let fields = span.extensions().get::<SpanFields>().cloned().unwrap_or_default();
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(ClosedSpan { name: span.name().to_owned(), fields });
+        }
+    }
+}
+
+impl SpanCapture {
+    /// Runs `work` with this capture as the thread's subscriber and returns
+    /// its result; the spans that closed meanwhile are in [`spans`](Self::spans).
+    pub fn during<T>(&self, work: impl FnOnce() -> T) -> T {
+        let subscriber = tracing_subscriber::registry().with(self.clone());
+        tracing::subscriber::with_default(subscriber, work)
+    }
+
+    /// The spans closed so far, in the order they closed.
+    pub fn spans(&self) -> Vec<ClosedSpan> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
