@@ -6,7 +6,7 @@
 #![cfg(test)]
 
 use dployr_data::{
-    BootstrapTokenStore, ClusterStore, CloudflareConfig, Config, DataLayer, Email, InstanceStore, KvBackendConfig,
+    BootstrapTokenStore, CloudflareConfig, ClusterStore, Config, DataLayer, Email, InstanceStore, KvBackendConfig,
     Metadata, NewInstance, NewUser, OAuthState, OtpCode, Page, Provider, Role, SessionId, UserStore,
 };
 use dployr_testkit::cloudflare_emulator::CloudflareEmulator;
@@ -37,7 +37,10 @@ fn story(data: &DataLayer) {
     data.clusters().accept_invite(&bob.user_id, &cluster.id).unwrap();
     assert_eq!(data.clusters().role_of(&bob.user_id, &cluster.id).unwrap(), Some(Role::Viewer));
     let members = data.clusters().members(&cluster.id, &Page::first(20)).unwrap();
-    assert_eq!(members.items.iter().map(|m| m.email.as_str()).collect::<Vec<_>>(), ["ada@example.io", "bob@example.io"]);
+    assert_eq!(
+        members.items.iter().map(|m| m.email.as_str()).collect::<Vec<_>>(),
+        ["ada@example.io", "bob@example.io"]
+    );
     assert_eq!(data.clusters().invites(&cluster.id, &Page::first(20)).unwrap().total, 1);
 
     // An instance and its bootstrap token, used once.

@@ -1,16 +1,17 @@
-//! `cargo xtask demo`: what the data layer can do today, end to end, on a
-//! throwaway PostgreSQL that the command starts and stops itself (or, with
-//! `DATABASE_URL` set, in a temporary database on that server, dropped after).
-//!
-//! Today that is the foundation: migrations applied by the runner, then the
-//! schema's own guards refusing bad writes. The seed README's usage story
-//! (users, clusters, sessions, OAuth state, one-time codes) joins it when the
-//! stores and the key-value store land.
+//! `cargo xtask demo [--kv memory|postgres|cloudflare-emulator]`: the seed
+//! README's usage story, end to end, printing what each step returns. It
+//! runs on a throwaway PostgreSQL that it starts and stops itself, or, with
+//! `DATABASE_URL` set, on that database (its rows stay there; the demo's
+//! instance tag and nonce carry a random suffix so it can run again).
 
-use diesel::connection::SimpleConnection as _;
-use diesel::result::Error as DieselError;
-use diesel::{Connection as _, PgConnection};
-use dployr_migrate::{MigrationRunner, MigrationSet, MigrationState};
+use std::time::Instant;
+
+use dployr_data::{
+    BootstrapTokenStore, CloudflareConfig, ClusterStore, Config, DataLayer, Email, InstanceStore, KvBackendConfig,
+    Metadata, NewInstance, NewUser, OAuthState, OtpCode, Page, Provider, SessionId, UserStore,
+};
+use dployr_migrate::{MigrationRunner, MigrationSet};
+use dployr_testkit::cloudflare_emulator::CloudflareEmulator;
 
 use crate::Failure;
 
@@ -18,70 +19,173 @@ fn step(title: &str) {
     println!("\n== {title}");
 }
 
-/// Runs `sql` in a transaction that is rolled back, expecting PostgreSQL to
-/// refuse it; prints the constraint that refused.
-fn expect_refusal(conn: &mut PgConnection, what: &str, sql: &str) -> Result<(), Failure> {
-    let outcome = conn.transaction::<(), DieselError, _>(|conn| conn.batch_execute(sql));
-    match outcome {
-        Err(DieselError::DatabaseError(kind, info)) => {
-            println!("   {what}: refused ({kind:?}, constraint {})", info.constraint_name().unwrap_or("-"));
-            Ok(())
+/// Which key-value backend the demo uses.
+#[derive(Clone, Copy)]
+pub enum DemoKv {
+    Memory,
+    Postgres,
+    CloudflareEmulator,
+}
+
+impl DemoKv {
+    pub fn parse(word: &str) -> Result<Self, Failure> {
+        match word {
+            "memory" => Ok(Self::Memory),
+            "postgres" => Ok(Self::Postgres),
+            "cloudflare-emulator" => Ok(Self::CloudflareEmulator),
+            other => Err(format!("--kv {other}: use memory, postgres or cloudflare-emulator").into()),
         }
-        Err(other) => Err(format!("{what}: failed unexpectedly: {other}").into()),
-        Ok(()) => Err(format!("{what}: the database accepted it").into()),
     }
 }
 
-pub fn run() -> Result<(), Failure> {
-    step("a throwaway PostgreSQL");
-    let server = dployr_testkit::server()?;
-    println!("   {:?} server ready in {} ms", server.kind(), server.startup_time().as_millis());
-    let db = dployr_testkit::try_empty_database()?;
-    println!("   empty database {}", db.name());
+pub fn run(kv: DemoKv) -> Result<(), Failure> {
+    step("PostgreSQL");
+    // Kept until the end: dropping them deletes the throwaway database.
+    let (database_url, _throwaway, suffix) = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => {
+            println!("   DATABASE_URL is set: using that database");
+            (url, None, format!("-{:04x}", rand::random::<u16>()))
+        }
+        _ => {
+            let started = Instant::now();
+            let server = dployr_testkit::server()?;
+            let db = dployr_testkit::try_empty_database()?;
+            println!(
+                "   a throwaway {:?} server, ready in {} ms; empty database {}",
+                server.kind(),
+                started.elapsed().as_millis(),
+                db.name()
+            );
+            (db.url().to_owned(), Some(db), String::new())
+        }
+    };
 
     step("migrations (each file whole, in one transaction with its record, under an advisory lock)");
-    let runner = MigrationRunner::new(db.url(), MigrationSet::embedded()?);
+    let runner = MigrationRunner::new(database_url.clone(), MigrationSet::embedded()?);
     let applied = runner.run_pending(&mut |event| println!("   {event}"))?;
-    println!("   {} applied; running again applies {}", applied.len(), runner.run_pending(&mut |_| {})?.len());
-    for line in runner.status()? {
-        if let MigrationState::Applied { applied_at, duration, checksum_matches } = line.state {
-            let checksum = if checksum_matches { "checksum ok" } else { "CHANGED" };
-            println!("   {} applied at {applied_at} in {} ms, {checksum}", line.name, duration.as_millis());
+    println!("   {} applied", applied.len());
+
+    step("open the data layer");
+    let (kv_config, _emulator) = match kv {
+        DemoKv::Memory => (KvBackendConfig::Memory, None),
+        DemoKv::Postgres => (KvBackendConfig::Postgres { purge_every: None }, None),
+        DemoKv::CloudflareEmulator => {
+            let emulator = CloudflareEmulator::start();
+            let config = CloudflareConfig {
+                base_url: emulator.base_url().to_owned(),
+                ..CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())
+            };
+            println!("   Cloudflare KV emulator on {}", emulator.base_url());
+            (KvBackendConfig::Cloudflare(config), Some(emulator))
         }
+    };
+    let data = DataLayer::open(Config::new(database_url).with_kv(kv_config))?;
+    println!(
+        "   key-value backend: {}; migrations applied on open: {}",
+        data.kv_backend(),
+        data.applied_on_open().len()
+    );
+
+    step("a user signs in with GitHub");
+    let metadata = Metadata::try_from(serde_json::json!({"gitHub": {"loginId": "1234"}}))?;
+    let ada = data.users().upsert(NewUser {
+        metadata: Some(metadata),
+        ..NewUser::new(Email::parse("Ada@Example.io")?, Provider::Github)
+    })?;
+    println!(
+        "   users.upsert -> {} <{}> named {:?}, provider {}, metadata {}",
+        ada.id,
+        ada.email,
+        ada.name,
+        ada.provider,
+        ada.metadata.to_value()
+    );
+
+    step("their cluster");
+    let cluster = data.clusters().create_for_owner(&ada.id)?;
+    let owner = cluster.owner().map_or("-", |m| m.email.as_str());
+    println!("   clusters.create_for_owner -> {} named {:?}, owner {owner}", cluster.id, cluster.name);
+
+    step("invite two people; one accepts");
+    let invited = data.clusters().add_users(
+        &cluster.id,
+        &[Email::parse(&format!("bob{suffix}@example.io"))?, Email::parse(&format!("cy{suffix}@example.io"))?],
+    )?;
+    for member in &invited {
+        println!("   clusters.add_users -> {} ({})", member.email, member.role);
     }
+    let Some(bob) = invited.first() else {
+        return Err("add_users returned no member".into());
+    };
+    let pending = data.clusters().pending_invites(&bob.user_id)?;
+    println!("   clusters.pending_invites(bob) -> {:?}", pending.iter().map(|p| &p.cluster_name).collect::<Vec<_>>());
+    data.clusters().accept_invite(&bob.user_id, &cluster.id)?;
+    println!(
+        "   clusters.accept_invite(bob) -> ok; bob is now {:?}",
+        data.clusters().role_of(&bob.user_id, &cluster.id)?
+    );
+    let members = data.clusters().members(&cluster.id, &Page::first(20))?;
+    let invites = data.clusters().invites(&cluster.id, &Page::first(20))?;
+    let list = |items: &[dployr_data::Member]| {
+        items.iter().map(|m| format!("{} ({})", m.email, m.role)).collect::<Vec<_>>().join(", ")
+    };
+    println!("   clusters.members -> {} of {}: {}", members.items.len(), members.total, list(&members.items));
+    println!("   clusters.invites -> {} of {}: {}", invites.items.len(), invites.total, list(&invites.items));
 
-    step("the schema guards itself");
-    let mut conn = PgConnection::establish(db.url())?;
-    conn.batch_execute(
-        "INSERT INTO users (id, email, name, provider) VALUES
-             ('01JD0000000000000000000001', 'ada@example.com', 'Ada', 'google'),
-             ('01JD0000000000000000000002', 'bob@example.com', 'Bob', 'email');
-         INSERT INTO clusters (id, name) VALUES ('01JD0000000000000000000010', 'ada');
-         INSERT INTO user_clusters (user_id, cluster_id, role)
-             VALUES ('01JD0000000000000000000001', '01JD0000000000000000000010', 'owner');",
+    step("register an instance and use its bootstrap token once");
+    let instance = data.instances().create(
+        &cluster.id,
+        NewInstance { address: format!("10.0.0.7{suffix}"), tag: format!("web-1{suffix}"), metadata: None },
     )?;
-    println!("   created users ada and bob, and cluster ada owned by ada");
-    expect_refusal(
-        &mut conn,
-        "bob as a second owner of cluster ada",
-        "INSERT INTO user_clusters (user_id, cluster_id, role)
-             VALUES ('01JD0000000000000000000002', '01JD0000000000000000000010', 'owner')",
-    )?;
-    expect_refusal(
-        &mut conn,
-        "changing ada's e-mail",
-        "UPDATE users SET email = 'ada@elsewhere.io' WHERE id = '01JD0000000000000000000001'",
-    )?;
-    expect_refusal(
-        &mut conn,
-        "an upper-case e-mail",
-        "INSERT INTO users (id, email, name, provider) VALUES ('01JD0000000000000000000003', 'Eve@Example.com', 'Eve', 'email')",
-    )?;
-    expect_refusal(&mut conn, "metadata that is a JSON array", "UPDATE clusters SET metadata = '[1, 2]'")?;
+    println!("   instances.create -> {} tag {} at {}", instance.id, instance.tag, instance.address);
+    let nonce = format!("nonce-7f3a{suffix}");
+    data.bootstrap_tokens().create(&instance.id, &nonce)?;
+    println!("   bootstrap_tokens.create -> issued; is_used: {}", data.bootstrap_tokens().is_used(&nonce)?);
+    println!("   bootstrap_tokens.mark_used -> {} (first use)", data.bootstrap_tokens().mark_used(&nonce)?);
+    println!("   bootstrap_tokens.mark_used -> {} (second use refused)", data.bootstrap_tokens().mark_used(&nonce)?);
 
-    step("clean-up");
-    drop(conn);
-    drop(db);
-    println!("   the throwaway server stops and its directory is deleted as this command exits");
+    step("a session");
+    let session_id = SessionId::generate();
+    let session = data.kv().create_session(&session_id, &ada, data.clusters().user_clusters(&ada.id)?)?;
+    println!(
+        "   kv.create_session({session_id:?}) -> for {}, {} cluster(s), expires {}",
+        session.email,
+        session.clusters.len(),
+        session.expires_at
+    );
+    let read = data.kv().get_session(&session_id)?;
+    println!(
+        "   kv.get_session -> {}",
+        read.map_or("none".to_owned(), |s| format!(
+            "{} with clusters {:?}",
+            s.email,
+            s.clusters.iter().map(|c| &c.name).collect::<Vec<_>>()
+        ))
+    );
+
+    step("an OAuth state, validated twice");
+    let state = OAuthState::generate();
+    data.kv().create_state(&state, "https://app.example/clusters")?;
+    println!("   kv.create_state({state:?}) -> ok");
+    println!("   kv.validate_state -> {:?}", data.kv().validate_state(&state)?);
+    println!("   kv.validate_state again -> {:?} (single use)", data.kv().validate_state(&state)?);
+
+    step("a one-time code: a wrong guess, then the right one");
+    let code = data.kv().create_otp(&ada.email)?;
+    println!("   kv.create_otp -> {code:?} ({} characters, sent by e-mail in real life)", code.expose().len());
+    println!("   kv.validate_otp(WRONG1) -> {}", data.kv().validate_otp(&ada.email, &OtpCode::new("WRONG1"))?);
+    println!(
+        "   kv.validate_otp(the code, lower-cased) -> {}",
+        data.kv().validate_otp(&ada.email, &OtpCode::new(code.expose().to_lowercase()))?
+    );
+    println!("   kv.validate_otp(the code again) -> {} (consumed)", data.kv().validate_otp(&ada.email, &code)?);
+
+    step("done");
+    let stats = data.pool().stats();
+    println!("   {} statements in {} transactions", stats.statements, stats.transactions);
+    drop(data);
+    if _throwaway.is_some() {
+        println!("   the throwaway server stops and its directory is deleted as this command exits");
+    }
     Ok(())
 }

@@ -19,7 +19,10 @@ use std::process::ExitCode;
 const USAGE: &str = "\
 usage: cargo xtask <command>
 
-  demo             what the data layer does today, on a throwaway PostgreSQL it starts and stops
+  demo [--kv memory|postgres|cloudflare-emulator]
+                   the seed README's story end to end (sign-in, cluster, invites, instance,
+                   session, OAuth state, one-time code), on a throwaway PostgreSQL it starts
+                   and stops (DATABASE_URL: that database instead); key-value backend postgres by default
 
   db up            start the local development PostgreSQL (target/dployr-dev) and create dployr-local
   db down          stop it (the data stays; `db down --purge` deletes it)
@@ -47,7 +50,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
-        ["demo"] => demo::run(),
+        ["demo"] => demo::run(demo::DemoKv::Postgres),
+        ["demo", "--kv", kv] => demo::DemoKv::parse(kv).and_then(demo::run),
         ["db", "up"] => db::up(),
         ["db", "down"] => db::down(false),
         ["db", "down", "--purge"] => db::down(true),
