@@ -30,3 +30,8 @@ pub use dployr_domain as domain;
 pub use dployr_kv as kv;
 pub use dployr_migrate as migrate;
 pub use dployr_pg as pg;
+
+/// The README's Rust code blocks, compiled as doctests so they cannot rot.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
