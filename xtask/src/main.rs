@@ -7,6 +7,7 @@
 
 #![expect(clippy::print_stdout, reason = "a command-line tool: printing is its output")]
 
+mod bench;
 mod db;
 mod demo;
 mod erd;
@@ -23,6 +24,10 @@ usage: cargo xtask <command>
                    the seed README's story end to end (sign-in, cluster, invites, instance,
                    session, OAuth state, one-time code), on a throwaway PostgreSQL it starts
                    and stops (DATABASE_URL: that database instead); key-value backend postgres by default
+
+  bench [--threads 1,16] [--seconds 1] [--ops SUBSTRING] [--json FILE]
+                   every operation under load, next to pgbench's limit for the same statement,
+                   on a throwaway PostgreSQL (release build)
 
   db up            start the local development PostgreSQL (target/dployr-dev) and create dployr-local
   db down          stop it (the data stays; `db down --purge` deletes it)
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
+        ["bench", rest @ ..] => bench::run(rest),
         ["demo"] => demo::run(demo::DemoKv::Postgres),
         ["demo", "--kv", kv] => demo::DemoKv::parse(kv).and_then(demo::run),
         ["db", "up"] => db::up(),

@@ -156,8 +156,10 @@ impl InstanceStore for PgInstanceStore {
 
     fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>> {
         let _span = crate::trace::operation("instances.list_by_cluster");
-        // Before the first item: later than any timestamp, above any id.
-        let (mut before_at, mut before_id, mut offset) = (DateTime::<Utc>::MAX_UTC, "~".to_owned(), 0_i64);
+        // Before the first item: later than any timestamp a row can have,
+        // above any id (a year PostgreSQL and every client can spell).
+        let far_future = DateTime::from_timestamp(253_402_300_799, 999_999_000).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let (mut before_at, mut before_id, mut offset) = (far_future, "~".to_owned(), 0_i64);
         match &page.start {
             PageStart::First => {}
             PageStart::After(after) => {

@@ -32,6 +32,11 @@ pub struct PoolConfig {
     /// sent, for [`PgPool::recent_statements`]: for tests and debugging.
     /// Default off: it formats every statement.
     pub record_statements: bool,
+    /// With [`record_statements`](Self::record_statements), keep the bound
+    /// values too (diesel's `-- binds: [...]` suffix). For benchmarks that
+    /// replay the exact statements; values may be personal data, so never
+    /// turn this on in production. Default off.
+    pub record_binds: bool,
     /// Keep diesel's cache of prepared statements (default on). Turn it off
     /// behind PgBouncer in transaction mode, where a prepared statement
     /// may not exist on the server connection the next transaction gets.
@@ -45,6 +50,7 @@ impl Default for PoolConfig {
             connection_timeout: Duration::from_secs(5),
             statement_timeout: Some(Duration::from_secs(30)),
             record_statements: false,
+            record_binds: false,
             prepared_statement_cache: true,
         }
     }
@@ -76,6 +82,8 @@ struct Counters {
     transactions: AtomicU64,
     /// The SQL of recent statements, when recording is on.
     recent: Option<Mutex<VecDeque<String>>>,
+    /// Whether `recent` keeps bound values.
+    record_binds: bool,
 }
 
 /// How many statements [`PgPool::recent_statements`] keeps.
@@ -95,7 +103,11 @@ impl Instrumentation for CountingInstrumentation {
                 if let Some(recent) = &self.0.recent {
                     // diesel's text is the SQL, then `-- binds: [...]`; keep the SQL only.
                     let text = query.to_string();
-                    let sql = text.split(" -- binds: ").next().unwrap_or_default().to_owned();
+                    let sql = if self.0.record_binds {
+                        text
+                    } else {
+                        text.split(" -- binds: ").next().unwrap_or_default().to_owned()
+                    };
                     let mut recent = recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if recent.len() == RECENT_STATEMENTS {
                         recent.pop_front();
@@ -178,6 +190,7 @@ impl PgPool {
         }
         let counters = Arc::new(Counters {
             recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
+            record_binds: config.record_binds,
             ..Counters::default()
         });
         let customizer = Customizer {

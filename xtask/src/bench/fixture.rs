@@ -1,0 +1,92 @@
+//! The benchmark's data, loaded with a few set-based statements (server-side
+//! `generate_series`, never one row per round trip): a cluster of 50
+//! members with 50 instances, a cluster of 100 000 members, a cluster of
+//! 100 000 instances, users for the write paths and a stock of unused
+//! bootstrap tokens.
+
+use diesel::connection::SimpleConnection as _;
+use diesel::prelude::*;
+use dployr_data::{ClusterId, Email, UserId};
+
+use crate::Failure;
+
+/// Members of the "deep" cluster and instances of the "deep instances" cluster.
+pub const DEEP_ROWS: i64 = 100_000;
+/// Unused bootstrap tokens for `mark_used`.
+pub const TOKENS: i64 = 200_000;
+/// Users signing in again, round robin, for `users.upsert`.
+pub const SIGN_IN_USERS: i64 = 1_000;
+
+/// Ids the benchmark's operations use.
+pub struct Fixture {
+    /// Owner of `team`, member of the other clusters too.
+    pub owner: UserId,
+    pub owner_email: Email,
+    /// 50 members, 50 instances.
+    pub team: ClusterId,
+    /// 100 000 members (viewers) besides its owner.
+    pub deep_members: ClusterId,
+    /// 100 000 instances.
+    pub deep_instances: ClusterId,
+}
+
+/// A 26-character id that parses as a ULID: digits only, a family prefix.
+fn id_sql(prefix: char, n: &str) -> String {
+    format!("'{prefix}' || lpad(({n})::text, 25, '0')")
+}
+
+pub fn load(conn: &mut PgConnection) -> Result<Fixture, Failure> {
+    let owner = UserId::parse("10000000000000000000000001")?;
+    let team = ClusterId::parse("20000000000000000000000001")?;
+    let deep_members = ClusterId::parse("20000000000000000000000002")?;
+    let deep_instances = ClusterId::parse("20000000000000000000000003")?;
+    let token_instance = "30000000000000000000000001".to_owned();
+    let member = id_sql('4', "n");
+    let deep_member = id_sql('5', "n");
+    let team_instance = id_sql('3', "n + 100");
+    let deep_instance = id_sql('6', "n");
+    let sign_in = id_sql('7', "n");
+    conn.batch_execute(&format!(
+        "
+        INSERT INTO users (id, email, name, provider) VALUES
+            ('{owner}', 'owner@bench.io', 'Owner', 'github');
+        INSERT INTO clusters (id, name) VALUES
+            ('{team}', 'team'), ('{deep_members}', 'deep members'), ('{deep_instances}', 'deep instances');
+        INSERT INTO user_clusters (user_id, cluster_id, role) VALUES
+            ('{owner}', '{team}', 'owner'), ('{owner}', '{deep_members}', 'owner'), ('{owner}', '{deep_instances}', 'owner');
+
+        -- team: 49 more members of mixed roles, and 50 instances.
+        INSERT INTO users (id, email, name, provider)
+            SELECT {member}, 'member' || n || '@bench.io', 'Member ' || n, 'google' FROM generate_series(1, 49) n;
+        INSERT INTO user_clusters (user_id, cluster_id, role)
+            SELECT {member}, '{team}', (ARRAY['admin', 'developer', 'viewer'])[1 + n % 3] FROM generate_series(1, 49) n;
+        INSERT INTO instances (id, cluster_id, address, tag, created_at)
+            SELECT {team_instance}, '{team}', '10.0.' || n || '.1', 'team-' || n, now() - n * interval '1 second'
+            FROM generate_series(1, 50) n;
+
+        -- deep members: 100 000 viewers.
+        INSERT INTO users (id, email, name, provider)
+            SELECT {deep_member}, 'deep' || lpad(n::text, 6, '0') || '@bench.io', 'Deep ' || n, 'email'
+            FROM generate_series(1, {DEEP_ROWS}) n;
+        INSERT INTO user_clusters (user_id, cluster_id, role)
+            SELECT {deep_member}, '{deep_members}', 'viewer' FROM generate_series(1, {DEEP_ROWS}) n;
+
+        -- deep instances: 100 000 instances, one millisecond apart.
+        INSERT INTO instances (id, cluster_id, address, tag, created_at)
+            SELECT {deep_instance}, '{deep_instances}', '10.1.' || n || '.1', 'deep-' || n, now() - n * interval '1 millisecond'
+            FROM generate_series(1, {DEEP_ROWS}) n;
+
+        -- tokens for mark_used, on one instance of team.
+        INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{token_instance}', '{team}', 'tokens', 'tokens');
+        INSERT INTO bootstrap_tokens (nonce, instance_id)
+            SELECT 'nonce-' || n, '{token_instance}' FROM generate_series(1, {TOKENS}) n;
+
+        -- users who sign in again (users.upsert of an existing user).
+        INSERT INTO users (id, email, name, provider)
+            SELECT {sign_in}, 'signin' || n || '@bench.io', 'Sign-in ' || n, 'google' FROM generate_series(1, {SIGN_IN_USERS}) n;
+
+        ANALYZE;
+        "
+    ))?;
+    Ok(Fixture { owner, owner_email: Email::parse("owner@bench.io")?, team, deep_members, deep_instances })
+}

@@ -1,0 +1,442 @@
+//! `cargo xtask bench`: the data layer's operations under load, each read
+//! next to its physical limit measured in the same run (see `limit`), on a
+//! throwaway PostgreSQL (or `DATABASE_URL`'s server) loaded with `fixture`.
+//!
+//! Options: `--threads 1,16`, `--seconds 1` (per run), `--ops <substring>`,
+//! `--json <file>`. It runs itself in release mode: a debug build would
+//! measure the compiler's output, not the data layer.
+
+mod fixture;
+mod limit;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use dployr_data::kv::{MemoryKv, PgKv};
+use dployr_data::pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgUserStore};
+use dployr_data::{
+    BootstrapTokenStore, ClusterStore, Cursor, Email, InstanceStore, KvStore, Metadata, NewInstance, NewUser, Page,
+    PgPool, PoolConfig, Provider, SessionId, StoreResult, UserStore,
+};
+use dployr_migrate::{MigrationRunner, MigrationSet};
+
+use crate::Failure;
+use fixture::Fixture;
+use limit::Recorded;
+
+/// Command-line options.
+struct Options {
+    threads: Vec<usize>,
+    seconds: Duration,
+    filter: Option<String>,
+    json: Option<PathBuf>,
+}
+
+fn options(args: &[&str]) -> Result<Options, Failure> {
+    let mut options = Options { threads: vec![1, 16], seconds: Duration::from_secs(1), filter: None, json: None };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().copied().ok_or_else(|| format!("{arg} needs a value"));
+        match *arg {
+            "--threads" => {
+                options.threads = value()?
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>().map_err(|_| format!("--threads: {n:?} is not a number")))
+                    .collect::<Result<_, _>>()?;
+                if options.threads.contains(&0) {
+                    return Err("--threads: at least 1".into());
+                }
+            }
+            "--seconds" => {
+                let secs: u64 = value()?.parse().map_err(|_| "--seconds takes a whole number")?;
+                options.seconds = Duration::from_secs(secs.max(1));
+            }
+            "--ops" => options.filter = Some(value()?.to_owned()),
+            "--json" => options.json = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown option {other}; see `cargo xtask help`").into()),
+        }
+    }
+    Ok(options)
+}
+
+/// Entry point: re-runs itself in release mode unless it already is.
+pub fn run(args: &[&str]) -> Result<(), Failure> {
+    let options = options(args)?;
+    if cfg!(debug_assertions) {
+        eprintln!("building the benchmark in release mode (the first build takes a few minutes)...");
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench"])
+            .args(args)
+            .current_dir(crate::workspace_root())
+            .status()?;
+        return if status.success() { Ok(()) } else { Err("the release benchmark failed".into()) };
+    }
+    bench(&options)
+}
+
+/// The stores of one pool.
+struct Stores {
+    pool: PgPool,
+    users: PgUserStore,
+    clusters: PgClusterStore,
+    instances: PgInstanceStore,
+    tokens: PgBootstrapTokenStore,
+    kv_pg: KvStore,
+}
+
+impl Stores {
+    fn open(url: &str, config: PoolConfig) -> Result<Self, Failure> {
+        let pool = PgPool::connect(url, config)?;
+        Ok(Self {
+            users: PgUserStore::new(pool.clone()),
+            clusters: PgClusterStore::new(pool.clone()),
+            instances: PgInstanceStore::new(pool.clone()),
+            tokens: PgBootstrapTokenStore::new(pool.clone()),
+            kv_pg: KvStore::new(Arc::new(PgKv::new(pool.clone()))),
+            pool,
+        })
+    }
+}
+
+/// What every operation may use.
+struct Context {
+    fixture: Fixture,
+    kv_memory: KvStore,
+    session: SessionId,
+    members_deep: Cursor,
+    instances_deep: Cursor,
+    counter: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Scale,
+}
+
+type Work = dyn Fn(&Stores, &Context) -> StoreResult<()> + Send + Sync;
+
+struct Op {
+    name: &'static str,
+    kind: Kind,
+    /// Whether it goes through PostgreSQL (else: the memory key-value backend).
+    postgres: bool,
+    work: Arc<Work>,
+}
+
+fn op(
+    name: &'static str,
+    kind: Kind,
+    work: impl Fn(&Stores, &Context) -> StoreResult<()> + Send + Sync + 'static,
+) -> Op {
+    Op { name, kind, postgres: !name.contains("(memory)"), work: Arc::new(work) }
+}
+
+fn operations() -> Vec<Op> {
+    let next = |c: &Context| c.counter.fetch_add(1, Ordering::Relaxed);
+    vec![
+        op("users.get_by_email", Kind::Read, |s, c| s.users.get_by_email(&c.fixture.owner_email).map(drop)),
+        op("users.get", Kind::Read, |s, c| s.users.get(&c.fixture.owner).map(drop)),
+        op("clusters.get (50 members)", Kind::Read, |s, c| s.clusters.get(&c.fixture.team).map(drop)),
+        op("clusters.role_of", Kind::Read, |s, c| s.clusters.role_of(&c.fixture.owner, &c.fixture.team).map(drop)),
+        op("clusters.can_write", Kind::Read, |s, c| s.clusters.can_write(&c.fixture.owner, &c.fixture.team).map(drop)),
+        op("clusters.user_clusters", Kind::Read, |s, c| s.clusters.user_clusters(&c.fixture.owner).map(drop)),
+        op("clusters.members (page of 20)", Kind::Read, |s, c| {
+            s.clusters.members(&c.fixture.team, &Page::first(20)).map(drop)
+        }),
+        op("instances.list_by_cluster (page of 20)", Kind::Read, |s, c| {
+            s.instances.list_by_cluster(&c.fixture.team, &Page::first(20)).map(drop)
+        }),
+        op("kv.get_session (postgres)", Kind::Read, |s, c| s.kv_pg.get_session(&c.session).map(drop)),
+        op("kv.get_session (memory)", Kind::Read, |_, c| c.kv_memory.get_session(&c.session).map(drop)),
+        op("users.upsert (existing, with metadata)", Kind::Write, move |s, c| {
+            let n = next(c);
+            let email = Email::parse(&format!("signin{}@bench.io", 1 + n % fixture::SIGN_IN_USERS as u64))?;
+            let metadata = Metadata::try_from(serde_json::json!({ "lastSignIn": n }))?;
+            s.users.upsert(NewUser { metadata: Some(metadata), ..NewUser::new(email, Provider::Google) }).map(drop)
+        }),
+        op("instances.create", Kind::Write, move |s, c| {
+            let n = next(c);
+            let new = NewInstance { address: format!("bench-{n}.example"), tag: format!("bench-{n}"), metadata: None };
+            s.instances.create(&c.fixture.team, new).map(drop)
+        }),
+        op("bootstrap_tokens.mark_used", Kind::Write, move |s, c| {
+            let n = 1 + next(c) % fixture::TOKENS as u64;
+            s.tokens.mark_used(&format!("nonce-{n}")).map(drop)
+        }),
+        op("kv.create_session (postgres)", Kind::Write, |s, c| {
+            let user = dployr_data::User {
+                id: c.fixture.owner,
+                email: c.fixture.owner_email.clone(),
+                name: "Owner".into(),
+                picture: None,
+                provider: Provider::Github,
+                metadata: Metadata::new(),
+                created_at: chrono::Utc::now(),
+                updated_at: chrono::Utc::now(),
+            };
+            s.kv_pg.create_session(&SessionId::generate(), &user, Vec::new()).map(drop)
+        }),
+        op("kv.create_otp + validate_otp (postgres)", Kind::Write, move |s, c| {
+            let email = Email::parse(&format!("otp{}@bench.io", next(c)))?;
+            let code = s.kv_pg.create_otp(&email)?;
+            s.kv_pg.validate_otp(&email, &code).map(drop)
+        }),
+        op("clusters.members, first page (100 000 members)", Kind::Scale, |s, c| {
+            s.clusters.members(&c.fixture.deep_members, &Page::first(20)).map(drop)
+        }),
+        op("clusters.members, page 90 000 rows deep", Kind::Scale, |s, c| {
+            s.clusters.members(&c.fixture.deep_members, &Page::after(c.members_deep.clone(), 20)).map(drop)
+        }),
+        op("instances.list_by_cluster, first page (100 000)", Kind::Scale, |s, c| {
+            s.instances.list_by_cluster(&c.fixture.deep_instances, &Page::first(20)).map(drop)
+        }),
+        op("instances.list_by_cluster, page 90 000 rows deep", Kind::Scale, |s, c| {
+            s.instances.list_by_cluster(&c.fixture.deep_instances, &Page::after(c.instances_deep.clone(), 20)).map(drop)
+        }),
+    ]
+}
+
+/// One measured run.
+#[derive(Clone, Copy)]
+struct Measured {
+    ops: u64,
+    ops_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    statements_per_op: f64,
+}
+
+fn measure(
+    stores: &Arc<Stores>,
+    context: &Arc<Context>,
+    op: &Op,
+    threads: usize,
+    seconds: Duration,
+) -> Result<Measured, Failure> {
+    let before = stores.pool.stats();
+    let start = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (stores, context, work, start) =
+                (Arc::clone(stores), Arc::clone(context), Arc::clone(&op.work), Arc::clone(&start));
+            std::thread::spawn(move || -> StoreResult<Vec<u32>> {
+                start.wait();
+                let deadline = Instant::now() + seconds;
+                let mut latencies = Vec::with_capacity(65_536);
+                while Instant::now() < deadline {
+                    let began = Instant::now();
+                    work(&stores, &context)?;
+                    latencies.push(u32::try_from(began.elapsed().as_micros()).unwrap_or(u32::MAX));
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for handle in handles {
+        latencies.extend(handle.join().map_err(|_| "a benchmark thread panicked")??);
+    }
+    latencies.sort_unstable();
+    let ops = latencies.len() as u64;
+    let at = |q: f64| {
+        Duration::from_micros(u64::from(latencies.get(((ops as f64 - 1.0) * q) as usize).copied().unwrap_or(0)))
+    };
+    let sent = stores.pool.stats() - before;
+    Ok(Measured {
+        ops,
+        ops_per_sec: ops as f64 / seconds.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+        statements_per_op: if ops == 0 { 0.0 } else { sent.statements as f64 / ops as f64 },
+    })
+}
+
+/// One line of the report.
+struct Row {
+    name: &'static str,
+    threads: usize,
+    measured: Measured,
+    limit: Option<f64>,
+}
+
+fn bench(options: &Options) -> Result<(), Failure> {
+    let started = Instant::now();
+    let progress = |text: &str| eprintln!("[{:>5.1}s] {text}", started.elapsed().as_secs_f64());
+
+    progress("starting PostgreSQL");
+    let server = dployr_testkit::server()?;
+    let bindir = server.bindir().map(PathBuf::from).or_else(dployr_testkit::local::find_bindir);
+
+    // Tooling: a per-test database clone (median of 100) and a migration to head.
+    progress("timing 100 per-test database clones");
+    let mut clones = Vec::new();
+    for _ in 0..100 {
+        let began = Instant::now();
+        let db = dployr_testkit::try_database()?;
+        clones.push(began.elapsed());
+        drop(db);
+    }
+    progress("timing migrations of an empty database to head (median of 10)");
+    let mut migrations = Vec::new();
+    for _ in 0..10 {
+        let db = dployr_testkit::try_empty_database()?;
+        let began = Instant::now();
+        MigrationRunner::new(db.url(), MigrationSet::embedded()?).run_pending(&mut |_| {})?;
+        migrations.push(began.elapsed());
+    }
+
+    progress("loading the fixture (100 000 members, 100 000 instances, 200 000 tokens)");
+    let db = dployr_testkit::try_database()?;
+    let fixture = fixture::load(&mut db.connect())?;
+    let max_threads = options.threads.iter().copied().max().unwrap_or(1);
+    let pool_config = PoolConfig { max_size: u32::try_from(max_threads)?, ..PoolConfig::default() };
+    let stores = Arc::new(Stores::open(db.url(), pool_config)?);
+    let recording = Stores::open(
+        db.url(),
+        PoolConfig { max_size: 1, record_statements: true, record_binds: true, ..PoolConfig::default() },
+    )?;
+
+    let kv_memory = KvStore::new(Arc::new(MemoryKv::new()));
+    let session = SessionId::generate();
+    let owner = stores.users.get(&fixture.owner)?.ok_or("the fixture's owner is missing")?;
+    stores.kv_pg.create_session(&session, &owner, stores.clusters.user_clusters(&owner.id)?)?;
+    kv_memory.create_session(&session, &owner, Vec::new())?;
+    // The cursors of pages 90 000 rows deep: the page after row 90 000.
+    let members_deep = stores
+        .clusters
+        .members(&fixture.deep_members, &Page::offset(89_999, 1))?
+        .next
+        .ok_or("no deep member cursor")?;
+    let instances_deep = stores
+        .instances
+        .list_by_cluster(&fixture.deep_instances, &Page::offset(89_999, 1))?
+        .next
+        .ok_or("no deep instance cursor")?;
+    let context =
+        Arc::new(Context { fixture, kv_memory, session, members_deep, instances_deep, counter: AtomicU64::new(0) });
+
+    let ops: Vec<Op> = operations()
+        .into_iter()
+        .filter(|op| options.filter.as_deref().is_none_or(|filter| op.name.contains(filter)))
+        .collect();
+    let total = ops.len() * options.threads.len();
+    let mut rows = Vec::new();
+    for op in &ops {
+        // The statement a read sends, with its values, for pgbench.
+        let statement = if op.kind != Kind::Write && op.postgres {
+            (op.work)(&recording, &context)?;
+            let text = recording.pool.recent_statements().pop().ok_or("nothing was recorded")?;
+            Some(Recorded::parse(&text)?)
+        } else {
+            None
+        };
+        for &threads in &options.threads {
+            progress(&format!("[{}/{total}] {} at {threads} thread(s)", rows.len() + 1, op.name));
+            let measured = measure(&stores, &context, op, threads, options.seconds)?;
+            let limit = match (&statement, &bindir) {
+                (Some(statement), Some(bindir)) => {
+                    Some(limit::pgbench(bindir, db.url(), statement, threads, options.seconds)?)
+                }
+                _ => None,
+            };
+            rows.push(Row { name: op.name, threads, measured, limit });
+        }
+    }
+
+    report(&rows, &clones, &migrations, options)?;
+    progress("done");
+    Ok(())
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &Options) -> Result<(), Failure> {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    println!(
+        "\ndployr data layer benchmark: {cores} cores, {} s per run, limit = pgbench -M prepared of the same statement\n",
+        options.seconds.as_secs()
+    );
+    println!(
+        "{:<48} {:>7} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7}",
+        "operation", "threads", "ops/s", "p50", "p99", "stmts/op", "limit/s", "ratio"
+    );
+    let micros = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+    for row in rows {
+        let m = row.measured;
+        let (limit, ratio) = match row.limit {
+            Some(limit) => (format!("{limit:.0}"), format!("{:.2}", m.ops_per_sec / limit)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<48} {:>7} {:>10.0} {:>9} {:>9} {:>9.2} {:>10} {:>7}",
+            row.name,
+            row.threads,
+            m.ops_per_sec,
+            micros(m.p50),
+            micros(m.p99),
+            m.statements_per_op,
+            limit,
+            ratio
+        );
+    }
+    let mut scale = Vec::new();
+    for (deep, first, label) in [
+        (
+            "clusters.members, page 90 000 rows deep",
+            "clusters.members, first page (100 000 members)",
+            "clusters.members",
+        ),
+        (
+            "instances.list_by_cluster, page 90 000 rows deep",
+            "instances.list_by_cluster, first page (100 000)",
+            "instances.list_by_cluster",
+        ),
+    ] {
+        for &threads in &options.threads {
+            let find = |name: &str| rows.iter().find(|r| r.name == name && r.threads == threads).map(|r| r.measured);
+            if let (Some(deep), Some(first)) = (find(deep), find(first)) {
+                let ratio = deep.p50.as_secs_f64() / first.p50.as_secs_f64().max(1e-9);
+                println!(
+                    "deep page / first page, {label}, {threads} thread(s): p50 {} / {} = {ratio:.2}",
+                    micros(deep.p50),
+                    micros(first.p50)
+                );
+                scale.push(serde_json::json!({"operation": label, "threads": threads, "deep_over_first_p50": ratio}));
+            }
+        }
+    }
+    println!("per-test database clone: median {} of {}", micros(median(clones)), clones.len());
+    println!("migration of an empty database to head: median {} of {}", micros(median(migrations)), migrations.len());
+
+    if let Some(path) = &options.json {
+        let json = serde_json::json!({
+            "cores": cores,
+            "seconds_per_run": options.seconds.as_secs(),
+            "rows": rows.iter().map(|row| serde_json::json!({
+                "operation": row.name,
+                "threads": row.threads,
+                "ops": row.measured.ops,
+                "ops_per_sec": row.measured.ops_per_sec,
+                "p50_us": row.measured.p50.as_micros() as u64,
+                "p99_us": row.measured.p99.as_micros() as u64,
+                "statements_per_op": row.measured.statements_per_op,
+                "limit_ops_per_sec": row.limit,
+                "ratio_to_limit": row.limit.map(|limit| row.measured.ops_per_sec / limit),
+            })).collect::<Vec<_>>(),
+            "deep_over_first": scale,
+            "clone_median_us": median(clones).as_micros() as u64,
+            "migration_median_us": median(migrations).as_micros() as u64,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
