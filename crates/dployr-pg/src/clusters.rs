@@ -12,7 +12,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Nullable, SmallInt, Text, Timestamptz};
 use dployr_domain::text::{self, Blank};
 use dployr_domain::{
@@ -105,22 +107,62 @@ struct MemberPageRow {
     created_at: Option<DateTime<Utc>>,
 }
 
-/// A page of a cluster's memberships whose `role_order` is in `$2..=$3`,
-/// ordered by role rank then e-mail, after the keyset `($4, $5)`, with their
+/// A page of a cluster's memberships whose `role_order` is in a range,
+/// ordered by role rank then e-mail, after a keyset position, with their
 /// total, in one statement: the left join keeps the total when the page is
 /// empty, which diesel's builder cannot express. Both the page and the count
-/// run on `user_clusters_cluster_id_order_idx`.
-const MEMBER_PAGE: &str = "\
-WITH page AS (
-    SELECT m.user_id, m.email, u.name, u.picture, m.role, m.role_order, m.created_at
-    FROM user_clusters m JOIN users u ON u.id = m.user_id
-    WHERE m.cluster_id = $1 AND m.role_order BETWEEN $2 AND $3 AND (m.role_order, m.email) > ($4, $5)
-    ORDER BY m.role_order, m.email
-    LIMIT $6 OFFSET $7
-)
-SELECT (SELECT count(*) FROM user_clusters WHERE cluster_id = $1 AND role_order BETWEEN $2 AND $3) AS total, page.*
-FROM (SELECT) AS one LEFT JOIN page ON true
-ORDER BY page.role_order, page.email";
+/// run on `user_clusters_cluster_id_order_idx`. A type of its own (rather
+/// than `sql_query`) so diesel prepares it once per connection.
+struct MemberPage<'a> {
+    cluster: &'a str,
+    orders: (i16, i16),
+    after: (i16, &'a str),
+    limit: i64,
+    offset: i64,
+}
+
+impl QueryFragment<Pg> for MemberPage<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "WITH page AS (\n    SELECT m.user_id, m.email, u.name, u.picture, m.role, m.role_order, m.created_at\n    \
+             FROM user_clusters m JOIN users u ON u.id = m.user_id\n    WHERE m.cluster_id = ",
+        );
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(" AND m.role_order BETWEEN ");
+        out.push_bind_param::<SmallInt, _>(&self.orders.0)?;
+        out.push_sql(" AND ");
+        out.push_bind_param::<SmallInt, _>(&self.orders.1)?;
+        out.push_sql(" AND (m.role_order, m.email) > (");
+        out.push_bind_param::<SmallInt, _>(&self.after.0)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.after.1)?;
+        out.push_sql(")\n    ORDER BY m.role_order, m.email\n    LIMIT ");
+        out.push_bind_param::<BigInt, _>(&self.limit)?;
+        out.push_sql(" OFFSET ");
+        out.push_bind_param::<BigInt, _>(&self.offset)?;
+        out.push_sql(")\nSELECT (SELECT count(*) FROM user_clusters WHERE cluster_id = ");
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(" AND role_order BETWEEN ");
+        out.push_bind_param::<SmallInt, _>(&self.orders.0)?;
+        out.push_sql(" AND ");
+        out.push_bind_param::<SmallInt, _>(&self.orders.1)?;
+        out.push_sql(
+            ") AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.role_order, page.email",
+        );
+        Ok(())
+    }
+}
+
+impl QueryId for MemberPage<'_> {
+    type QueryId = MemberPage<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for MemberPage<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl RunQueryDsl<PgConnection> for MemberPage<'_> {}
 
 const MEMBERS_CURSOR: &str = "members";
 const INVITES_CURSOR: &str = "invites";
@@ -158,14 +200,7 @@ impl PgClusterStore {
         }
         let limit = i64::from(page.limit());
         let rows: Vec<MemberPageRow> = self.pool.run("", |conn| {
-            diesel::sql_query(MEMBER_PAGE)
-                .bind::<Text, _>(cluster.to_string())
-                .bind::<SmallInt, _>(orders.0)
-                .bind::<SmallInt, _>(orders.1)
-                .bind::<SmallInt, _>(after_order)
-                .bind::<Text, _>(&after_email)
-                .bind::<BigInt, _>(limit)
-                .bind::<BigInt, _>(offset)
+            MemberPage { cluster: &cluster.to_string(), orders, after: (after_order, &after_email), limit, offset }
                 .load(conn)
         })?;
         let total = rows.first().map_or(0, |row| row.total);

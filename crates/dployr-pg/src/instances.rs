@@ -2,7 +2,9 @@
 //! `InstanceStore` is in this file.
 
 use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use dployr_domain::text::{self, Blank};
 use dployr_domain::{
@@ -63,21 +65,52 @@ struct PageRow {
     updated_at: Option<DateTime<Utc>>,
 }
 
-/// A page of a cluster's instances, newest first, and their total, in one
-/// statement: the left join keeps the total when the page is empty, which
-/// diesel's builder cannot express. Keyset: `(created_at, id)` below the
-/// cursor's, over `instances_cluster_id_created_at_idx`.
-const LIST_BY_CLUSTER: &str = "\
-WITH page AS (
-    SELECT id, cluster_id, address, tag, metadata, created_at, updated_at
-    FROM instances
-    WHERE cluster_id = $1 AND (created_at, id) < ($2, $3)
-    ORDER BY created_at DESC, id DESC
-    LIMIT $4 OFFSET $5
-)
-SELECT (SELECT count(*) FROM instances WHERE cluster_id = $1) AS total, page.*
-FROM (SELECT) AS one LEFT JOIN page ON true
-ORDER BY page.created_at DESC, page.id DESC";
+/// A page of a cluster's instances, newest first, after a keyset position
+/// `(created_at, id)`, with their total, in one statement: the left join
+/// keeps the total when the page is empty, which diesel's builder cannot
+/// express. Runs on `instances_cluster_id_created_at_idx`. A type of its own
+/// (rather than `sql_query`) so diesel prepares it once per connection.
+struct InstancePage<'a> {
+    cluster: &'a str,
+    before: (DateTime<Utc>, &'a str),
+    limit: i64,
+    offset: i64,
+}
+
+impl QueryFragment<Pg> for InstancePage<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "WITH page AS (\n    SELECT id, cluster_id, address, tag, metadata, created_at, updated_at\n    \
+             FROM instances\n    WHERE cluster_id = ",
+        );
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(" AND (created_at, id) < (");
+        out.push_bind_param::<Timestamptz, _>(&self.before.0)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.before.1)?;
+        out.push_sql(")\n    ORDER BY created_at DESC, id DESC\n    LIMIT ");
+        out.push_bind_param::<BigInt, _>(&self.limit)?;
+        out.push_sql(" OFFSET ");
+        out.push_bind_param::<BigInt, _>(&self.offset)?;
+        out.push_sql(")\nSELECT (SELECT count(*) FROM instances WHERE cluster_id = ");
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(
+            ") AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.created_at DESC, page.id DESC",
+        );
+        Ok(())
+    }
+}
+
+impl QueryId for InstancePage<'_> {
+    type QueryId = InstancePage<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for InstancePage<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl RunQueryDsl<PgConnection> for InstancePage<'_> {}
 
 const CURSOR_KIND: &str = "instances";
 
@@ -177,13 +210,7 @@ impl InstanceStore for PgInstanceStore {
         }
         let limit = i64::from(page.limit());
         let rows: Vec<PageRow> = self.pool.run("", |conn| {
-            diesel::sql_query(LIST_BY_CLUSTER)
-                .bind::<Text, _>(cluster.to_string())
-                .bind::<Timestamptz, _>(before_at)
-                .bind::<Text, _>(&before_id)
-                .bind::<BigInt, _>(limit)
-                .bind::<BigInt, _>(offset)
-                .load(conn)
+            InstancePage { cluster: &cluster.to_string(), before: (before_at, &before_id), limit, offset }.load(conn)
         })?;
         let total = rows.first().map_or(0, |row| row.total);
         let items = rows
