@@ -25,7 +25,7 @@ usage: cargo xtask <command>
                    session, OAuth state, one-time code), on a throwaway PostgreSQL it starts
                    and stops (DATABASE_URL: that database instead); key-value backend postgres by default
 
-  bench [--threads 1,16] [--seconds 1] [--ops SUBSTRING] [--json FILE]
+  bench [--threads 1,16] [--seconds 1] [--ops SUBSTRING,...] [--json FILE]
                    every operation under load, next to pgbench's limit for the same statement,
                    on a throwaway PostgreSQL (release build)
 
