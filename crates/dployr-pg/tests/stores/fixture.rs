@@ -23,8 +23,13 @@ impl Fixture {
     }
 
     pub fn with_pool_size(max_size: u32) -> Self {
+        Self::with_pool(PoolConfig { max_size, ..PoolConfig::default() })
+    }
+
+    /// A fresh database and stores on a pool configured so.
+    pub fn with_pool(config: PoolConfig) -> Self {
         let db = dployr_testkit::database();
-        let pool = PgPool::connect(db.url(), PoolConfig { max_size, ..PoolConfig::default() }).unwrap();
+        let pool = PgPool::connect(db.url(), config).unwrap();
         Self {
             users: PgUserStore::new(pool.clone()),
             clusters: PgClusterStore::new(pool.clone()),
@@ -72,15 +77,5 @@ pub fn email(address: &str) -> Email {
 
 /// A fixture whose pool records the SQL text of its statements.
 pub fn recording() -> Fixture {
-    let db = dployr_testkit::database();
-    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 1, record_statements: true, ..PoolConfig::default() })
-        .unwrap();
-    Fixture {
-        users: PgUserStore::new(pool.clone()),
-        clusters: PgClusterStore::new(pool.clone()),
-        instances: PgInstanceStore::new(pool.clone()),
-        tokens: PgBootstrapTokenStore::new(pool.clone()),
-        pool,
-        db,
-    }
+    Fixture::with_pool(PoolConfig { max_size: 1, record_statements: true, ..PoolConfig::default() })
 }
