@@ -3,7 +3,8 @@
 -- Rules the database itself enforces (so no store can forget them):
 --   * ids are ULIDs (26 characters of Crockford base32);
 --   * timestamps are TIMESTAMPTZ, and updated_at is kept by a trigger;
---   * metadata columns hold a JSON object;
+--   * metadata columns hold a JSON object of at most 128 KiB as text (the
+--     stores take 64 KiB per write; this bounds what repeated merges grow);
 --   * a user's e-mail is stored trimmed and lower-cased and never changes;
 --   * a cluster has at most one owner (a partial unique index, which holds
 --     under concurrency, unlike a trigger that checks first);
@@ -71,7 +72,8 @@ CREATE TABLE users (
     ),
     CONSTRAINT users_name_check CHECK (octet_length(name) <= 1024),
     CONSTRAINT users_provider_check CHECK (provider IN ('google', 'github', 'microsoft', 'email')),
-    CONSTRAINT users_metadata_check CHECK (jsonb_typeof(metadata) = 'object')
+    CONSTRAINT users_metadata_check CHECK (jsonb_typeof(metadata) = 'object'),
+    CONSTRAINT users_metadata_size CHECK (octet_length(metadata::text) <= 131072)
 );
 
 CREATE TRIGGER users_set_updated_at BEFORE UPDATE ON users
@@ -88,7 +90,8 @@ CREATE TABLE clusters (
     CONSTRAINT clusters_pkey PRIMARY KEY (id),
     CONSTRAINT clusters_id_check CHECK (id ~ '^[0-9A-HJKMNP-TV-Z]{26}$'),
     CONSTRAINT clusters_name_check CHECK (btrim(name) <> '' AND octet_length(name) <= 1024),
-    CONSTRAINT clusters_metadata_check CHECK (jsonb_typeof(metadata) = 'object')
+    CONSTRAINT clusters_metadata_check CHECK (jsonb_typeof(metadata) = 'object'),
+    CONSTRAINT clusters_metadata_size CHECK (octet_length(metadata::text) <= 131072)
 );
 
 CREATE TRIGGER clusters_set_updated_at BEFORE UPDATE ON clusters
@@ -177,7 +180,8 @@ CREATE TABLE instances (
     CONSTRAINT instances_id_check CHECK (id ~ '^[0-9A-HJKMNP-TV-Z]{26}$'),
     CONSTRAINT instances_address_check CHECK (btrim(address) <> '' AND octet_length(address) <= 1024),
     CONSTRAINT instances_tag_check CHECK (btrim(tag) <> '' AND octet_length(tag) <= 255),
-    CONSTRAINT instances_metadata_check CHECK (jsonb_typeof(metadata) = 'object')
+    CONSTRAINT instances_metadata_check CHECK (jsonb_typeof(metadata) = 'object'),
+    CONSTRAINT instances_metadata_size CHECK (octet_length(metadata::text) <= 131072)
 );
 
 -- The foreign key, and list_by_cluster's order (newest first, id as tie-break

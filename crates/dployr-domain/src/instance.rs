@@ -87,13 +87,21 @@ pub trait BootstrapTokenStore: Send + Sync {
     ///
     /// # Errors
     /// `Conflict` (field `nonce`) for a nonce already issued; `NotFound` for
-    /// an unknown instance.
+    /// an unknown instance; `Invalid` for an empty or oversized nonce or one
+    /// with a control character.
     fn create(&self, instance: &InstanceId, nonce: &str) -> StoreResult<BootstrapToken>;
 
     /// Marks the token used: `true` for exactly one caller per nonce, also
     /// under concurrency; `false` if it was used already or does not exist.
+    ///
+    /// # Errors
+    /// `Invalid` (field `nonce`) for a nonce no token can have: empty, over
+    /// 255 bytes, or holding a control character.
     fn mark_used(&self, nonce: &str) -> StoreResult<bool>;
 
     /// Whether the token was used; an unknown nonce counts as used.
+    ///
+    /// # Errors
+    /// `Invalid` (field `nonce`) as for [`BootstrapTokenStore::mark_used`].
     fn is_used(&self, nonce: &str) -> StoreResult<bool>;
 }

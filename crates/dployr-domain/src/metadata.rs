@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 
 use crate::StoreError;
 
-/// The most bytes metadata may take, serialized as JSON.
+/// The most bytes metadata may take, serialized as JSON. Stores that merge
+/// metadata into what is stored refuse a merge whose result would pass 128 KiB
+/// of JSON text (a schema rule), so repeated sign-ins cannot grow it forever.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// A JSON object of at most [`MAX_METADATA_BYTES`] bytes without NUL characters.

@@ -52,6 +52,10 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
 
     fn mark_used(&self, nonce: &str) -> StoreResult<bool> {
         let _span = crate::trace::operation("bootstrap_tokens.mark_used");
+        // The nonce comes from a machine on the network: one that could never
+        // have been issued (a NUL, say, which PostgreSQL refuses in text) is
+        // refused here, as a bad request, not sent to fail as a backend error.
+        text::check("nonce", nonce, MAX_TAG_BYTES, Blank::Refused)?;
         // One UPDATE that only matches an unused token: under concurrency the
         // row lock makes every other caller re-check `used_at` and match nothing.
         let updated = self.pool.run("", |conn| {
@@ -64,6 +68,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
 
     fn is_used(&self, nonce: &str) -> StoreResult<bool> {
         let _span = crate::trace::operation("bootstrap_tokens.is_used");
+        text::check("nonce", nonce, MAX_TAG_BYTES, Blank::Refused)?;
         let used = self.pool.run("", |conn| {
             bootstrap_tokens::table
                 .find(nonce)

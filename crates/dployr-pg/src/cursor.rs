@@ -21,6 +21,12 @@ pub(crate) fn decode<const N: usize>(kind: &str, cursor: &Cursor) -> StoreResult
     let invalid = || StoreError::invalid("cursor", "is not a cursor of this listing");
     let bytes = URL_SAFE_NO_PAD.decode(cursor.as_str()).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    // No sort key we encode holds a control character; refusing them here
+    // keeps a forged cursor's NUL from reaching PostgreSQL, which cannot
+    // take one in text and would answer with an error instead of a page.
+    if text.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(invalid());
+    }
     let mut parts = text.split('\n');
     if parts.next() != Some(kind) {
         return Err(invalid());
@@ -42,7 +48,8 @@ mod tests {
 
     #[test]
     fn garbage_and_other_listings_cursors_are_invalid() {
-        for text in ["", "!!!", "bm9wZQ", &encode("instances", &["1", "x"]).to_string()] {
+        let with_nul = encode("members", &["2", "a\u{0}@x.io"]).to_string();
+        for text in ["", "!!!", "bm9wZQ", &encode("instances", &["1", "x"]).to_string(), &with_nul] {
             let error = decode::<2>("members", &Cursor::new(text)).unwrap_err();
             assert!(matches!(error, StoreError::Invalid { field: "cursor", .. }), "{text}: {error}");
         }

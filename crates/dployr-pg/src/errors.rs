@@ -107,6 +107,9 @@ fn check_constraint(constraint: &str) -> (&'static str, &'static str) {
         "users_metadata_check" | "clusters_metadata_check" | "instances_metadata_check" => {
             ("metadata", "must be a JSON object")
         }
+        "users_metadata_size" | "clusters_metadata_size" | "instances_metadata_size" => {
+            ("metadata", "would be larger than 128 KiB once merged with what is stored")
+        }
         "users_id_check" | "clusters_id_check" | "instances_id_check" => ("id", "is not a ULID"),
         "clusters_name_check" => ("name", "is empty or too long"),
         "user_clusters_role_check" => ("role", "is not a known role"),

@@ -1,7 +1,7 @@
 //! `PgInstanceStore`: instances in PostgreSQL. Every query behind
 //! `InstanceStore` is in this file.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike as _, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
@@ -201,6 +201,9 @@ impl InstanceStore for PgInstanceStore {
                     .parse::<i64>()
                     .ok()
                     .and_then(DateTime::from_timestamp_micros)
+                    // Years PostgreSQL and chrono both hold; a forged cursor
+                    // outside them would fail in the database, not as Invalid.
+                    .filter(|at| (1..=9999).contains(&at.year()))
                     .ok_or_else(|| StoreError::invalid("cursor", "is not a cursor of this listing"))?;
                 before_id = id;
             }

@@ -7,6 +7,7 @@
 
 mod fixture;
 
+mod bad_input;
 mod bootstrap_tokens;
 mod budget;
 mod clusters;
