@@ -1,5 +1,5 @@
 //! `KvStore`'s security and concurrency promises: no raw secret in any key
-//! or value, redacted `Debug`, well-distributed one-time codes, and, under
+//! or value of any backend, redacted `Debug`, well-distributed one-time codes, and, under
 //! 32+ threads on the memory and PostgreSQL backends, at most 3 evaluated
 //! OTP guesses, one successful `validate_state` and one successful `take`.
 
@@ -11,8 +11,11 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use dployr_domain::{Email, KvBackend, KvLimits, KvPage, StoreResult};
-use dployr_kv::{KvStore, MemoryKv, OAuthState, OTP_ALPHABET, OtpCode, PgKv, SessionId};
+use dployr_kv::{
+    CloudflareConfig, CloudflareKv, KvStore, MemoryKv, OAuthState, OTP_ALPHABET, OtpCode, PgKv, SessionId,
+};
 use dployr_pg::{PgPool, PoolConfig};
+use dployr_testkit::CloudflareEmulator;
 use dployr_testkit::TestDatabase;
 use dployr_tests::kv_contract::{list_all, sample_clusters, sample_user};
 
@@ -30,10 +33,10 @@ fn dump(kv: &dyn KvBackend) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn no_key_or_value_holds_the_raw_session_id_or_state() {
-    let kv = Arc::new(MemoryKv::new());
-    let store = KvStore::new(kv.clone());
+/// After a session, a state and a code are created, no key or value in the
+/// backend holds the session id, the state, the code, or the e-mail in a key.
+fn no_key_or_value_holds_a_raw_secret(kv: &Arc<dyn KvBackend>) {
+    let store = KvStore::new(Arc::clone(kv));
     let id = SessionId::generate();
     store.create_session(&id, &sample_user(1), sample_clusters()).unwrap();
     let state = OAuthState::generate();
@@ -51,6 +54,25 @@ fn no_key_or_value_holds_the_raw_session_id_or_state() {
         assert!(!key.contains("ada@example.com"), "key {key} holds the e-mail");
     }
     assert!(store.get_session(&id).unwrap().is_some());
+}
+
+#[test]
+fn memory_holds_no_raw_session_id_state_or_code() {
+    no_key_or_value_holds_a_raw_secret(&(Arc::new(MemoryKv::new()) as Arc<dyn KvBackend>));
+}
+
+#[test]
+fn postgres_holds_no_raw_session_id_state_or_code() {
+    let (_db, kv) = pg();
+    no_key_or_value_holds_a_raw_secret(&kv);
+}
+
+#[test]
+fn cloudflare_holds_no_raw_session_id_state_or_code() {
+    let emulator = CloudflareEmulator::start();
+    let config = CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token());
+    let config = CloudflareConfig { base_url: emulator.base_url().to_owned(), ..config };
+    no_key_or_value_holds_a_raw_secret(&(Arc::new(CloudflareKv::new(config).unwrap()) as Arc<dyn KvBackend>));
 }
 
 #[test]

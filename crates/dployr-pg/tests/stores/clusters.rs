@@ -478,3 +478,35 @@ fn integrations_read_the_metadata_with_default_notification_events() {
     let error = f.clusters.integrations(&ClusterId::generate()).unwrap_err();
     assert!(matches!(error, StoreError::NotFound { entity: "cluster", .. }), "{error}");
 }
+
+#[test]
+fn reads_of_an_unknown_cluster_are_empty_none_or_false_and_integrations_not_found() {
+    let f = Fixture::new();
+    let user = f.user("ada@example.io").id;
+    let unknown = ClusterId::generate();
+    let members = f.clusters.members(&unknown, &Page::first(20)).unwrap();
+    assert_eq!((members.items.len(), members.total, members.next), (0, 0, None));
+    assert!(f.clusters.users_with_role(&unknown, Role::Viewer).unwrap().is_empty());
+    assert_eq!(f.clusters.role_of(&user, &unknown).unwrap(), None);
+    let checks = [
+        f.clusters.can_read(&user, &unknown).unwrap(),
+        f.clusters.can_write(&user, &unknown).unwrap(),
+        f.clusters.is_admin(&user, &unknown).unwrap(),
+        f.clusters.is_owner(&user, &unknown).unwrap(),
+    ];
+    assert_eq!(checks, [false; 4]);
+    let error = f.clusters.integrations(&unknown).unwrap_err();
+    assert!(matches!(error, StoreError::NotFound { entity: "cluster", .. }), "{error}");
+}
+
+#[test]
+fn a_page_larger_than_the_cap_holds_at_most_one_hundred_members() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("owner@example.io");
+    let emails: Vec<_> = (0..150).map(|n| email(&format!("m{n:03}@example.io"))).collect();
+    f.clusters.add_users(&cluster.id, &emails).unwrap();
+    let invites = f.clusters.invites(&cluster.id, &Page::first(10_000)).unwrap();
+    assert_eq!((invites.items.len(), invites.total), (100, 150));
+    let rest = f.clusters.invites(&cluster.id, &Page::after(invites.next.unwrap(), 10_000)).unwrap();
+    assert_eq!((rest.items.len(), rest.next), (50, None));
+}
