@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo run -p dployr-data --example quickstart                          # a throwaway PostgreSQL
 //! DATABASE_URL=postgres://localhost/dployr-local cargo run -p dployr-data --example quickstart
+//! DATABASE_URL=... DPLOYR_KV=memory cargo run -p dployr-data --example quickstart  # any variable of the README
 //! ```
 
 use dployr_data::{
@@ -12,15 +13,17 @@ use dployr_data::{
 
 #[expect(clippy::print_stdout, reason = "an example shows its result")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // DATABASE_URL if set, else a throwaway server that is deleted on exit.
-    let (url, _throwaway) = match std::env::var("DATABASE_URL") {
-        Ok(url) => (url, None),
+    // With DATABASE_URL set, the whole configuration comes from the
+    // environment, as a service reads it (DPLOYR_KV, pool and timeouts, ...);
+    // without it, a throwaway server (deleted on exit) and the memory backend.
+    let (config, _throwaway) = match std::env::var("DATABASE_URL") {
+        Ok(_) => (Config::from_env()?, None),
         Err(_) => {
             let db = dployr_testkit::try_empty_database()?;
-            (db.url().to_owned(), Some(db))
+            (Config::new(db.url()).with_kv(KvBackendConfig::Memory), Some(db))
         }
     };
-    let data = DataLayer::open(Config::new(url).with_kv(KvBackendConfig::Memory))?;
+    let data = DataLayer::open(config)?;
 
     let user = data.users().upsert(NewUser::new(Email::parse("ada@example.io")?, Provider::Github))?;
     let cluster = data.clusters().create_for_owner(&user.id)?;
