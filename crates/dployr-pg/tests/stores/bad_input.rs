@@ -354,30 +354,79 @@ fn new_instance(address: String, tag: String) -> NewInstance {
     NewInstance { address, tag, metadata: None }
 }
 
-#[test]
-fn tags_that_break_their_rules_are_invalid_taken_ones_conflict_and_neither_writes() {
+/// Which unique text field of an instance a property varies.
+#[derive(Clone, Copy)]
+enum InstanceField {
+    Tag,
+    Address,
+}
+
+impl InstanceField {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Tag => "tag",
+            Self::Address => "address",
+        }
+    }
+
+    fn max_bytes(self) -> usize {
+        match self {
+            Self::Tag => MAX_TAG_BYTES,
+            Self::Address => MAX_ADDRESS_BYTES,
+        }
+    }
+
+    /// A new instance with `value` in this field and a fresh value in the other.
+    fn instance(self, value: &str) -> NewInstance {
+        match self {
+            Self::Tag => new_instance(fresh("10.9.0."), value.to_owned()),
+            Self::Address => new_instance(value.to_owned(), fresh("tag-")),
+        }
+    }
+
+    /// Whether an instance already has `value` in this field.
+    fn taken(self, f: &Fixture, value: &str) -> bool {
+        use dployr_pg::schema::instances;
+        let column_matches = match self {
+            Self::Tag => instances::table.filter(instances::tag.eq(value)).into_boxed(),
+            Self::Address => instances::table.filter(instances::address.eq(value)).into_boxed(),
+        };
+        diesel::select(diesel::dsl::exists(column_matches)).get_result::<bool>(&mut f.db.connect()).unwrap()
+    }
+
+    fn of(self, instance: &dployr_domain::Instance) -> &str {
+        match self {
+            Self::Tag => &instance.tag,
+            Self::Address => &instance.address,
+        }
+    }
+}
+
+/// Hostile values in one unique field of `instances.create`: invalid ones
+/// are `Invalid` naming the field, taken ones a `Conflict` naming it,
+/// neither writes, and an accepted one is stored as given.
+fn unique_instance_field_refuses_bad_and_taken_values(field: InstanceField) {
     let f = Fixture::new();
     let (_, cluster) = f.owner("owner@bad-input.test");
-    check(CASES, hostile_text(MAX_TAG_BYTES), |tag| {
-        let fits = acceptable(&tag, MAX_TAG_BYTES, false);
-        let taken = fits && f.instances.get_by_tag(&tag).unwrap().is_some();
+    check(CASES, hostile_text(field.max_bytes()), |value| {
+        let fits = acceptable(&value, field.max_bytes(), false);
+        let taken = fits && field.taken(&f, &value);
         let before = fingerprint(&f);
-        match f.instances.create(&cluster.id, new_instance(fresh("10.9.0."), tag.clone())) {
+        match f.instances.create(&cluster.id, field.instance(&value)) {
             Ok(instance) => {
-                prop_assert!(fits && !taken, "accepted {:?}", tag);
-                let found = f.instances.get_by_tag(&tag).unwrap().map(|found| found.id);
-                prop_assert_eq!(found, Some(instance.id));
+                prop_assert!(fits && !taken, "accepted {:?}", value);
+                let stored = f.instances.get(&instance.id).unwrap().unwrap();
+                prop_assert_eq!(field.of(&stored), value.as_str());
             }
-            Err(StoreError::Conflict { entity: "instance", field: "tag", .. }) => {
-                prop_assert!(taken, "conflict on a free tag {:?}", tag);
+            Err(StoreError::Conflict { entity: "instance", field: conflicting, .. }) => {
+                prop_assert_eq!(conflicting, field.name());
+                prop_assert!(taken, "conflict on a free value {:?}", value);
                 prop_assert_eq!(fingerprint(&f), before);
             }
             Err(error) => {
-                prop_assert_eq!(invalid_field(&error), Some("tag"), "{}", error);
-                prop_assert!(!fits, "refused {:?}: {}", tag, error);
+                prop_assert_eq!(invalid_field(&error), Some(field.name()), "{}", error);
+                prop_assert!(!fits, "refused {:?}: {}", value, error);
                 prop_assert_eq!(fingerprint(&f), before);
-                let lookup = f.instances.get_by_tag(&tag).map_err(|error| invalid_field(&error));
-                prop_assert_eq!(lookup, Err(Some("tag")));
             }
         }
         Ok(())
@@ -385,35 +434,31 @@ fn tags_that_break_their_rules_are_invalid_taken_ones_conflict_and_neither_write
 }
 
 #[test]
+fn tags_that_break_their_rules_are_invalid_taken_ones_conflict_and_neither_writes() {
+    unique_instance_field_refuses_bad_and_taken_values(InstanceField::Tag);
+}
+
+#[test]
 fn addresses_that_break_their_rules_are_invalid_taken_ones_conflict_and_neither_writes() {
+    unique_instance_field_refuses_bad_and_taken_values(InstanceField::Address);
+}
+
+#[test]
+fn get_by_tag_finds_any_stored_tag_and_refuses_one_that_breaks_the_rules() {
     let f = Fixture::new();
     let (_, cluster) = f.owner("owner@bad-input.test");
-    let address_taken = |address: &str, conn: &mut PgConnection| {
-        use dployr_pg::schema::instances;
-        diesel::select(diesel::dsl::exists(instances::table.filter(instances::address.eq(address))))
-            .get_result::<bool>(conn)
-            .unwrap()
-    };
-    check(CASES, hostile_text(MAX_ADDRESS_BYTES), |address| {
-        let fits = acceptable(&address, MAX_ADDRESS_BYTES, false);
-        let taken = fits && address_taken(&address, &mut f.db.connect());
-        let before = fingerprint(&f);
-        match f.instances.create(&cluster.id, new_instance(address.clone(), fresh("tag-"))) {
-            Ok(instance) => {
-                prop_assert!(fits && !taken, "accepted {:?}", address);
-                let stored = f.instances.get(&instance.id).unwrap().map(|found| found.address);
-                prop_assert_eq!(stored, Some(address));
-            }
-            Err(StoreError::Conflict { entity: "instance", field: "address", .. }) => {
-                prop_assert!(taken, "conflict on a free address {:?}", address);
-                prop_assert_eq!(fingerprint(&f), before);
-            }
-            Err(error) => {
-                prop_assert_eq!(invalid_field(&error), Some("address"), "{}", error);
-                prop_assert!(!fits, "refused {:?}: {}", address, error);
-                prop_assert_eq!(fingerprint(&f), before);
-            }
+    check(CASES, hostile_text(MAX_TAG_BYTES), |tag| {
+        let lookup = f.instances.get_by_tag(&tag);
+        if !acceptable(&tag, MAX_TAG_BYTES, false) {
+            prop_assert_eq!(lookup.map_err(|error| invalid_field(&error)).map(|_| ()), Err(Some("tag")));
+            return Ok(());
         }
+        let instance = match lookup.unwrap() {
+            Some(found) => found,
+            None => f.instances.create(&cluster.id, InstanceField::Tag.instance(&tag)).unwrap(),
+        };
+        let found = f.instances.get_by_tag(&tag).unwrap().map(|found| found.id);
+        prop_assert_eq!(found, Some(instance.id));
         Ok(())
     });
 }
