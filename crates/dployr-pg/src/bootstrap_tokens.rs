@@ -31,10 +31,18 @@ impl PgBootstrapTokenStore {
     }
 }
 
+/// The rule of a nonce: one that breaks it can never have been issued. The
+/// lookups check it too, because their nonce comes from a machine on the
+/// network, and one with a NUL (which PostgreSQL refuses in text) would
+/// otherwise fail as a backend error instead of a bad request.
+fn check_nonce(nonce: &str) -> StoreResult<()> {
+    text::check("nonce", nonce, MAX_TAG_BYTES, Blank::Refused)
+}
+
 impl BootstrapTokenStore for PgBootstrapTokenStore {
     fn create(&self, instance: &InstanceId, nonce: &str) -> StoreResult<BootstrapToken> {
         let _span = crate::trace::operation("bootstrap_tokens.create");
-        text::check("nonce", nonce, MAX_TAG_BYTES, Blank::Refused)?;
+        check_nonce(nonce)?;
         let instance = instance.to_string();
         let row = self.pool.run(&instance, |conn| {
             diesel::insert_into(bootstrap_tokens::table)
@@ -52,10 +60,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
 
     fn mark_used(&self, nonce: &str) -> StoreResult<bool> {
         let _span = crate::trace::operation("bootstrap_tokens.mark_used");
-        // The nonce comes from a machine on the network: one that could never
-        // have been issued (a NUL, say, which PostgreSQL refuses in text) is
-        // refused here, as a bad request, not sent to fail as a backend error.
-        text::check("nonce", nonce, MAX_TAG_BYTES, Blank::Refused)?;
+        check_nonce(nonce)?;
         // One UPDATE that only matches an unused token: under concurrency the
         // row lock makes every other caller re-check `used_at` and match nothing.
         let updated = self.pool.run("", |conn| {
@@ -68,7 +73,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
 
     fn is_used(&self, nonce: &str) -> StoreResult<bool> {
         let _span = crate::trace::operation("bootstrap_tokens.is_used");
-        text::check("nonce", nonce, MAX_TAG_BYTES, Blank::Refused)?;
+        check_nonce(nonce)?;
         let used = self.pool.run("", |conn| {
             bootstrap_tokens::table
                 .find(nonce)
