@@ -106,27 +106,6 @@ fn invalid_field(error: &StoreError) -> Option<&'static str> {
     }
 }
 
-/// What each table holds, cheaply: its row count and the newest row
-/// version (`xmin`). Any insert, update or delete that commits changes it.
-fn fingerprint(f: &Fixture) -> Vec<(i64, i64)> {
-    #[derive(QueryableByName)]
-    struct Table {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        rows: i64,
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        newest: i64,
-    }
-    let mut conn = f.db.connect();
-    ["users", "clusters", "user_clusters", "instances", "bootstrap_tokens"]
-        .iter()
-        .map(|table| {
-            let sql = format!("SELECT count(*) AS rows, coalesce(max(xmin::text::bigint), 0) AS newest FROM {table}");
-            let row = diesel::sql_query(sql).get_result::<Table>(&mut conn).unwrap();
-            (row.rows, row.newest)
-        })
-        .collect()
-}
-
 /// A counter for names that must not collide between cases.
 fn fresh(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -275,7 +254,7 @@ fn a_merge_that_would_pass_the_stored_bound_is_invalid_and_writes_nothing() {
             let mut after = stored.clone();
             after.push((key, size));
             let fits = jsonb_text_bytes(&after) <= STORED_LIMIT;
-            let before = fingerprint(&f);
+            let before = f.fingerprint();
             let new = NewUser { metadata: Some(metadata), ..NewUser::new(user.email.clone(), Provider::Google) };
             match f.users.upsert(new) {
                 Ok(updated) => {
@@ -286,7 +265,7 @@ fn a_merge_that_would_pass_the_stored_bound_is_invalid_and_writes_nothing() {
                 Err(error) => {
                     prop_assert_eq!(invalid_field(&error), Some("metadata"), "{}", error);
                     prop_assert!(!fits, "refused at {} bytes: {}", jsonb_text_bytes(&after), error);
-                    prop_assert_eq!(fingerprint(&f), before);
+                    prop_assert_eq!(f.fingerprint(), before);
                 }
             }
         }
@@ -305,7 +284,7 @@ fn names_that_break_their_rules_are_invalid_and_write_nothing() {
     check(CASES, hostile_text(MAX_USER_TEXT_BYTES), |name| {
         let fits_user = acceptable(&name, MAX_USER_TEXT_BYTES, false);
         let fits_cluster = acceptable(&name, MAX_CLUSTER_NAME_BYTES, false);
-        let before = fingerprint(&f);
+        let before = f.fingerprint();
 
         let new = NewUser { name: Some(name.clone()), ..NewUser::new(fresh_email(), Provider::Microsoft) };
         match f.users.upsert(new) {
@@ -316,22 +295,22 @@ fn names_that_break_their_rules_are_invalid_and_write_nothing() {
             Err(error) => {
                 prop_assert_eq!(invalid_field(&error), Some("name"), "{}", error);
                 prop_assert!(!fits_user, "refused {:?}: {}", name, error);
-                prop_assert_eq!(fingerprint(&f), before.clone());
+                prop_assert_eq!(f.fingerprint(), before.clone());
             }
         }
 
-        let before = fingerprint(&f);
+        let before = f.fingerprint();
         let patch = UserPatch { name: Some(name.clone()), ..UserPatch::default() };
         match f.users.update(&owner.email, patch) {
             Ok(updated) => prop_assert_eq!(updated.map(|user| user.name), Some(name.clone())),
             Err(error) => {
                 prop_assert_eq!(invalid_field(&error), Some("name"), "{}", error);
                 prop_assert!(!fits_user, "refused {:?}: {}", name, error);
-                prop_assert_eq!(fingerprint(&f), before);
+                prop_assert_eq!(f.fingerprint(), before);
             }
         }
 
-        let before = fingerprint(&f);
+        let before = f.fingerprint();
         let patch = ClusterPatch { name: Some(name.clone()), ..ClusterPatch::default() };
         match f.clusters.update(&cluster.id, patch) {
             Ok(updated) => {
@@ -341,7 +320,7 @@ fn names_that_break_their_rules_are_invalid_and_write_nothing() {
             Err(error) => {
                 prop_assert_eq!(invalid_field(&error), Some("name"), "{}", error);
                 prop_assert!(!fits_cluster, "refused {:?}: {}", name, error);
-                prop_assert_eq!(fingerprint(&f), before);
+                prop_assert_eq!(f.fingerprint(), before);
             }
         }
         Ok(())
@@ -391,7 +370,7 @@ impl InstanceField {
             Self::Tag => instances::table.filter(instances::tag.eq(value)).into_boxed(),
             Self::Address => instances::table.filter(instances::address.eq(value)).into_boxed(),
         };
-        diesel::select(diesel::dsl::exists(column_matches)).get_result::<bool>(&mut f.db.connect()).unwrap()
+        f.inspect(|conn| diesel::select(diesel::dsl::exists(column_matches)).get_result::<bool>(conn).unwrap())
     }
 
     fn of(self, instance: &dployr_domain::Instance) -> &str {
@@ -411,7 +390,7 @@ fn unique_instance_field_refuses_bad_and_taken_values(field: InstanceField) {
     check(CASES, hostile_text(field.max_bytes()), |value| {
         let fits = acceptable(&value, field.max_bytes(), false);
         let taken = fits && field.taken(&f, &value);
-        let before = fingerprint(&f);
+        let before = f.fingerprint();
         match f.instances.create(&cluster.id, field.instance(&value)) {
             Ok(instance) => {
                 prop_assert!(fits && !taken, "accepted {:?}", value);
@@ -421,12 +400,12 @@ fn unique_instance_field_refuses_bad_and_taken_values(field: InstanceField) {
             Err(StoreError::Conflict { entity: "instance", field: conflicting, .. }) => {
                 prop_assert_eq!(conflicting, field.name());
                 prop_assert!(taken, "conflict on a free value {:?}", value);
-                prop_assert_eq!(fingerprint(&f), before);
+                prop_assert_eq!(f.fingerprint(), before);
             }
             Err(error) => {
                 prop_assert_eq!(invalid_field(&error), Some(field.name()), "{}", error);
                 prop_assert!(!fits, "refused {:?}: {}", value, error);
-                prop_assert_eq!(fingerprint(&f), before);
+                prop_assert_eq!(f.fingerprint(), before);
             }
         }
         Ok(())
@@ -472,7 +451,7 @@ fn nonces_that_break_their_rules_are_invalid_in_every_operation_and_write_nothin
     let instance = f.instances.create(&cluster.id, new_instance("10.8.0.1".into(), "nonces".into())).unwrap();
     check(CASES, hostile_text(MAX_TAG_BYTES), |nonce| {
         let fits = acceptable(&nonce, MAX_TAG_BYTES, false);
-        let before = fingerprint(&f);
+        let before = f.fingerprint();
         if !fits {
             for result in [
                 f.tokens.create(&instance.id, &nonce).map(|_| ()),
@@ -482,7 +461,7 @@ fn nonces_that_break_their_rules_are_invalid_in_every_operation_and_write_nothin
                 let error = result.err().map(|error| invalid_field(&error));
                 prop_assert_eq!(error, Some(Some("nonce")), "{:?}", nonce);
             }
-            prop_assert_eq!(fingerprint(&f), before);
+            prop_assert_eq!(f.fingerprint(), before);
             return Ok(());
         }
         match f.tokens.create(&instance.id, &nonce) {
@@ -493,7 +472,7 @@ fn nonces_that_break_their_rules_are_invalid_in_every_operation_and_write_nothin
                 prop_assert!(!f.tokens.mark_used(&nonce).unwrap());
             }
             Err(StoreError::Conflict { field: "nonce", .. }) => {
-                prop_assert_eq!(fingerprint(&f), before);
+                prop_assert_eq!(f.fingerprint(), before);
                 prop_assert!(f.tokens.is_used(&nonce).unwrap(), "issued earlier and used then");
             }
             Err(error) => prop_assert!(false, "{:?} refused: {}", nonce, error),
@@ -544,7 +523,7 @@ fn cursors_not_handed_out_by_a_listing_are_invalid_never_a_backend_error() {
     for n in 0..5 {
         f.instances.create(&cluster.id, new_instance(format!("10.7.0.{n}"), format!("page-{n}"))).unwrap();
     }
-    let before = fingerprint(&f);
+    let before = f.fingerprint();
     check(CASES, (hostile_cursor(), any::<u32>()), |(text, limit)| {
         let page = Page::after(Cursor::new(text.clone()), limit);
         let results = [
@@ -560,7 +539,7 @@ fn cursors_not_handed_out_by_a_listing_are_invalid_never_a_backend_error() {
         }
         Ok(())
     });
-    assert_eq!(fingerprint(&f), before, "listings wrote nothing");
+    assert_eq!(f.fingerprint(), before, "listings wrote nothing");
 }
 
 #[test]

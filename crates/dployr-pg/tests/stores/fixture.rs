@@ -1,6 +1,8 @@
 //! Fixtures shared by the store tests: a fresh migrated database per test,
 //! its pool and stores, and small builders for users and clusters.
 
+use std::sync::Mutex;
+
 use diesel::prelude::*;
 use dployr_domain::{Cluster, ClusterStore, Email, NewUser, Provider, User, UserStore};
 use dployr_pg::{
@@ -10,6 +12,9 @@ use dployr_testkit::TestDatabase;
 
 pub struct Fixture {
     pub db: TestDatabase,
+    /// One connection outside the pool for the tests' own queries, so they
+    /// neither open a connection per check nor count in the pool's stats.
+    inspector: Mutex<PgConnection>,
     pub pool: PgPool,
     pub users: PgUserStore,
     pub clusters: PgClusterStore,
@@ -36,6 +41,7 @@ impl Fixture {
             instances: PgInstanceStore::new(pool.clone()),
             tokens: PgBootstrapTokenStore::new(pool.clone()),
             pool,
+            inspector: Mutex::new(db.connect()),
             db,
         }
     }
@@ -52,6 +58,11 @@ impl Fixture {
         (user, cluster)
     }
 
+    /// Runs `query` on the inspection connection.
+    pub fn inspect<T>(&self, query: impl FnOnce(&mut PgConnection) -> T) -> T {
+        query(&mut self.inspector.lock().unwrap())
+    }
+
     /// The result of one SQL count.
     pub fn count(&self, sql: &str) -> i64 {
         #[derive(QueryableByName)]
@@ -59,8 +70,33 @@ impl Fixture {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             count: i64,
         }
-        let mut conn = self.db.connect();
-        diesel::sql_query(sql).get_result::<Count>(&mut conn).unwrap().count
+        self.inspect(|conn| diesel::sql_query(sql).get_result::<Count>(conn).unwrap().count)
+    }
+
+    /// What each table holds, cheaply, in one statement: its row count and
+    /// its newest row version (`xmin`). Any insert, update or delete that
+    /// commits changes it; a refused write leaves it as it was.
+    pub fn fingerprint(&self) -> Vec<(i64, i64)> {
+        #[derive(QueryableByName)]
+        struct Table {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            rows: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            newest: i64,
+        }
+        let sql = ["users", "clusters", "user_clusters", "instances", "bootstrap_tokens"]
+            .iter()
+            .enumerate()
+            .map(|(n, table)| {
+                format!(
+                    "SELECT {n} AS n, count(*) AS rows, coalesce(max(xmin::text::bigint), 0) AS newest FROM {table}"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+            + " ORDER BY n";
+        let tables = self.inspect(|conn| diesel::sql_query(sql).load::<Table>(conn).unwrap());
+        tables.into_iter().map(|table| (table.rows, table.newest)).collect()
     }
 
     /// Statements and transactions `operation` sent.
