@@ -250,3 +250,76 @@ pub(crate) fn map(error: DieselError, keys: Keys<'_>) -> StoreError {
         _ => StoreError::backend("PostgreSQL refused the statement", error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::Text;
+
+    use super::*;
+
+    /// The names a raising trigger function gives its errors: each
+    /// `CONSTRAINT = 'name'`, and the trigger's own name for `CONSTRAINT =
+    /// TG_NAME`; `None` if it raises an exception without naming one.
+    fn raised_names(trigger: &str, body: &str) -> Option<Vec<String>> {
+        let raises = body.matches("RAISE EXCEPTION").count();
+        let mut names = Vec::new();
+        for (at, marker) in body.match_indices("CONSTRAINT = ") {
+            let rest = &body[at + marker.len()..];
+            if let Some(quoted) = rest.strip_prefix('\'') {
+                names.push(quoted.split('\'').next().unwrap_or_default().to_owned());
+            } else if rest.starts_with("TG_NAME") {
+                names.push(trigger.to_owned());
+            }
+        }
+        (names.len() >= raises).then_some(names)
+    }
+
+    #[test]
+    fn every_constraint_and_raising_trigger_of_the_schema_has_a_rule() {
+        let db = dployr_testkit::database();
+        let mut conn = db.connect();
+        let constraints: Vec<String> = diesel::dsl::sql::<Text>(
+            "SELECT conname::text FROM pg_constraint
+              WHERE connamespace = 'public'::regnamespace AND conrelid <> '_migrations'::regclass
+             UNION
+             SELECT i.indexrelid::regclass::text FROM pg_index i
+              JOIN pg_class t ON t.oid = i.indrelid AND t.relnamespace = 'public'::regnamespace
+              WHERE i.indisunique AND t.relname <> '_migrations'
+             ORDER BY 1",
+        )
+        .load(&mut conn)
+        .unwrap();
+        let triggers: Vec<(String, String)> = diesel::dsl::sql::<(Text, Text)>(
+            "SELECT t.tgname::text, p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+              WHERE NOT t.tgisinternal ORDER BY 1",
+        )
+        .load(&mut conn)
+        .unwrap();
+        assert!(constraints.len() > 30 && triggers.len() > 5, "{constraints:?} {triggers:?}");
+        let mut unmapped: Vec<String> =
+            constraints.iter().filter(|name| constraint_rule(name).is_none()).cloned().collect();
+        for (trigger, body) in &triggers {
+            match raised_names(trigger, body) {
+                None => unmapped.push(format!("trigger {trigger} raises without naming a constraint")),
+                Some(names) => {
+                    unmapped.extend(names.into_iter().filter(|name| constraint_rule(name).is_none()));
+                }
+            }
+        }
+        assert_eq!(unmapped, Vec::<String>::new(), "give these a Rule in constraint_rule");
+    }
+
+    #[test]
+    fn postgresql_messages_of_the_unknown_class_are_told_apart() {
+        assert_eq!(unknown_cause("deadlock detected"), Some(Transient::Deadlock));
+        assert_eq!(
+            unknown_cause("could not obtain lock on row in relation \"users\""),
+            Some(Transient::LockNotAvailable)
+        );
+        assert_eq!(unknown_cause("canceling statement due to lock timeout"), Some(Transient::LockNotAvailable));
+        assert_eq!(unknown_cause("canceling statement due to statement timeout"), Some(Transient::Cancelled));
+        assert_eq!(unknown_cause("canceling statement due to user request"), Some(Transient::Cancelled));
+        assert_eq!(unknown_cause("invalid byte sequence for encoding \"UTF8\": 0x00"), None);
+    }
+}
