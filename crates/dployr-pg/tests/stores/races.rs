@@ -215,7 +215,7 @@ fn a_transaction_aborted_by_a_deadlock_runs_again_and_succeeds() {
     let heir = f.user("heir@example.io");
     // The outside session holds the heir's membership row... and, once the
     // store holds the cluster row, asks for it: a cycle.
-    f.clusters.add_users(&cluster.id, &[heir.email.clone()]).unwrap();
+    f.clusters.add_users(&cluster.id, std::slice::from_ref(&heir.email)).unwrap();
     f.clusters.accept_invite(&heir.id, &cluster.id).unwrap();
     let mut outside = f.db.connect();
     outside
