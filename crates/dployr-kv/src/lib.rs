@@ -17,8 +17,11 @@ mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cloudflare::{
-    ACCOUNT_ID_VAR, API_TOKEN_VAR, CLOUDFLARE_API_URL, CloudflareConfig, CloudflareKv, NAMESPACE_ID_VAR, RetryPolicy,
+    ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CLOUDFLARE_API_URL, CloudflareConfig, CloudflareKv, CloudflareRequestCounts,
+    MAX_EXPIRATION_TTL_SECS, NAMESPACE_ID_VAR, RetryPolicy,
 };
 pub use memory::MemoryKv;
 pub use postgres::{PgKv, Purger};
-pub use store::{KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId};
+pub use store::{
+    DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId,
+};
