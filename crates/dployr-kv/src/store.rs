@@ -24,10 +24,13 @@
 //! data layer puts them on PostgreSQL when sessions are on Cloudflare.
 //!
 //! **Sign-out in this process.** A backend with stale reads may return a
-//! session for a while after it was deleted; the store remembers the
-//! sessions this process deleted for [`DELETED_SESSION_MEMORY`] (longer than
-//! Cloudflare's propagation delay) and never returns them. Other processes
-//! may still see such a session until the deletion reaches them.
+//! session for a while after it was deleted (Cloudflare: up to 60 s). The
+//! store remembers the sessions this process deleted for
+//! [`DELETED_SESSION_MEMORY`] and never returns them: a user who signs out
+//! is signed out at once in this process. Other processes see the deletion
+//! when the backend has propagated it. (A session just created may likewise
+//! be missed by a stale read elsewhere; it is not cached here, so that the
+//! backend's expiry stays the only rule for a live session.)
 
 use std::collections::HashMap;
 use std::fmt;
@@ -279,14 +282,21 @@ impl KvStore {
         &self.one_time
     }
 
-    fn deleted_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    /// Remembers that this process deleted the session under `key`, and
+    /// forgets deletions older than [`DELETED_SESSION_MEMORY`].
+    fn remember_deleted(&self, key: String) {
+        let now = Instant::now();
         // Each change is one map operation: a panic elsewhere cannot leave it half-done.
-        self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner)
+        let mut deleted = self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        deleted.retain(|_, until| *until > now);
+        deleted.insert(key, now + DELETED_SESSION_MEMORY);
     }
 
+    /// Whether this process deleted the session under `key` lately.
     fn deleted_here(&self, key: &str) -> bool {
         let now = Instant::now();
-        self.deleted_sessions().get(key).is_some_and(|until| *until > now)
+        let deleted = self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        deleted.get(key).is_some_and(|until| *until > now)
     }
 
     fn session_key(id: &SessionId) -> String {
@@ -358,12 +368,7 @@ impl KvStore {
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
         let _span = operation("kv.delete_session");
         let key = Self::session_key(session_id);
-        {
-            let now = Instant::now();
-            let mut deleted = self.deleted_sessions();
-            deleted.retain(|_, until| *until > now);
-            deleted.insert(key.clone(), now + DELETED_SESSION_MEMORY);
-        }
+        self.remember_deleted(key.clone());
         self.kv.delete(&key)
     }
 
