@@ -374,3 +374,46 @@ fn cloudflare_deployment_never_returns_a_deleted_session_in_the_same_process() {
     cf.emulator.advance(Duration::from_secs(3));
     assert_eq!(other_process.get_session(&id).unwrap(), None);
 }
+
+/// The Cloudflare requests of each sign-in step, as docs/operations.md
+/// gives them: (step, with one-time records on PostgreSQL, on Cloudflare).
+#[test]
+fn cloudflare_requests_per_step_are_those_in_the_operations_guide() {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig::default()).unwrap();
+    let pg: Arc<dyn KvBackend> = Arc::new(PgKv::new(pool));
+    let mut measured = Vec::new();
+    for one_time_on_cloudflare in [false, true] {
+        let emulator = CloudflareEmulator::start();
+        let cf = Arc::new(CloudflareKv::new(cloudflare_config(&emulator)).unwrap());
+        let one_time = if one_time_on_cloudflare { cf.clone() as Arc<dyn KvBackend> } else { Arc::clone(&pg) };
+        let store = KvStore::with_backends(cf.clone(), one_time, KvStoreConfig::default()).unwrap();
+        let requests = |step: &dyn Fn()| {
+            let before = cf.request_counts().requests;
+            step();
+            cf.request_counts().requests - before
+        };
+        let (user, id, state) = (sample_user(9), SessionId::generate(), OAuthState::generate());
+        let email = Email::parse(&format!("budget{}@example.com", u8::from(one_time_on_cloudflare))).unwrap();
+        let oauth_sign_in = requests(&|| {
+            store.create_state(&state, "https://app.example/next").unwrap();
+            store.validate_state(&state).unwrap().unwrap();
+            store.create_session(&id, &user, vec![]).unwrap();
+        });
+        let session_read = requests(&|| drop(store.get_session(&id).unwrap().unwrap()));
+        let otp_sign_in = requests(&|| {
+            let code = store.create_otp(&email).unwrap();
+            assert!(store.validate_otp(&email, &code).unwrap());
+            store.create_session(&SessionId::generate(), &user, vec![]).unwrap();
+        });
+        let code = store.create_otp(&email).unwrap();
+        let wrong_guess = requests(&|| {
+            let wrong = OtpCode::new(if code.expose() == "AAAAAA" { "BBBBBB" } else { "AAAAAA" });
+            assert!(!store.validate_otp(&email, &wrong).unwrap());
+        });
+        let sign_out = requests(&|| store.delete_session(&id).unwrap());
+        measured.push((oauth_sign_in, session_read, otp_sign_in, wrong_guess, sign_out));
+    }
+    // (OAuth sign-in, session read, OTP sign-in, a wrong OTP guess, sign-out)
+    assert_eq!(measured, [(1, 1, 1, 0, 1), (4, 1, 8, 3, 1)]);
+}
