@@ -13,15 +13,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use dployr_data::{Config, DataLayer, KvBackendConfig};
 use dployr_domain::{Email, KvBackend, KvLimits, KvPage, StoreResult};
 use dployr_kv::{
     CloudflareConfig, CloudflareKv, KvStore, MemoryKv, OAuthState, OTP_ALPHABET, OtpCode, PgKv, SessionId,
 };
+use dployr_kv::{KvStoreConfig, RetryPolicy};
 use dployr_pg::{PgPool, PoolConfig};
 use dployr_testkit::CloudflareEmulator;
 use dployr_testkit::TestDatabase;
-use dployr_data::{Config, DataLayer, KvBackendConfig};
-use dployr_kv::{KvStoreConfig, RetryPolicy};
 use dployr_tests::kv_contract::{in_parallel, list_all, sample_clusters, sample_user};
 
 /// Every key and value in the backend, as text.

@@ -243,7 +243,7 @@ impl Config {
                 required(ACCOUNT_ID_VAR)?;
                 required(NAMESPACE_ID_VAR)?;
                 required(API_TOKEN_VAR)?;
-                KvBackendConfig::Cloudflare(CloudflareConfig::from_vars(&var)?)
+                KvBackendConfig::Cloudflare(CloudflareConfig::from_vars(var)?)
             }
             Some(other) => {
                 return Err(configuration(KV_VAR, format!("is {other:?}; use memory, postgres or cloudflare")));

@@ -114,15 +114,17 @@ impl DataLayer {
         };
 
         type Backend = (Arc<dyn KvBackend>, &'static str);
+        let Config { kv: kv_config, one_time_kv, kv_store, .. } = config;
+        let sessions_on_cloudflare = matches!(kv_config, KvBackendConfig::Cloudflare(_));
         let mut purger = None;
-        let sessions: Backend = match &config.kv {
+        let sessions: Backend = match kv_config {
             KvBackendConfig::Memory => (Arc::new(MemoryKv::new()), "memory"),
             KvBackendConfig::Postgres { purge_every } => {
-                let (kv, started) = postgres_kv(&pool, *purge_every)?;
+                let (kv, started) = postgres_kv(&pool, purge_every)?;
                 purger = started;
                 (Arc::new(kv), "postgres")
             }
-            KvBackendConfig::Cloudflare(cloudflare) => (Arc::new(CloudflareKv::new(cloudflare.clone())?), "cloudflare"),
+            KvBackendConfig::Cloudflare(cloudflare) => (Arc::new(CloudflareKv::new(cloudflare)?), "cloudflare"),
         };
         let mut postgres_one_time = |purge_every: Option<Duration>| -> StoreResult<Backend> {
             if sessions.1 == "postgres" {
@@ -132,12 +134,12 @@ impl DataLayer {
             purger = started;
             Ok((Arc::new(kv), "postgres"))
         };
-        let one_time: Backend = match (&config.one_time_kv, &config.kv) {
-            (OneTimeKvConfig::Default, KvBackendConfig::Cloudflare(_)) => postgres_one_time(Some(DEFAULT_PURGE_EVERY))?,
-            (OneTimeKvConfig::Default, _) => (Arc::clone(&sessions.0), sessions.1),
-            (OneTimeKvConfig::Postgres { purge_every }, _) => postgres_one_time(*purge_every)?,
+        let one_time: Backend = match (one_time_kv, sessions_on_cloudflare) {
+            (OneTimeKvConfig::Default, true) => postgres_one_time(Some(DEFAULT_PURGE_EVERY))?,
+            (OneTimeKvConfig::Default, false) => (Arc::clone(&sessions.0), sessions.1),
+            (OneTimeKvConfig::Postgres { purge_every }, _) => postgres_one_time(purge_every)?,
             (OneTimeKvConfig::Memory, _) => (Arc::new(MemoryKv::new()), "memory"),
-            (OneTimeKvConfig::Cloudflare, KvBackendConfig::Cloudflare(_)) => {
+            (OneTimeKvConfig::Cloudflare, true) => {
                 CLOUDFLARE_ONE_TIME_WARNING.call_once(|| {
                     tracing::warn!(
                         "{KV_ONE_TIME_VAR}=cloudflare: OAuth states and one-time codes are on Cloudflare Workers KV, \
@@ -147,14 +149,14 @@ impl DataLayer {
                 });
                 (Arc::clone(&sessions.0), "cloudflare")
             }
-            (OneTimeKvConfig::Cloudflare, _) => {
+            (OneTimeKvConfig::Cloudflare, false) => {
                 return Err(StoreError::Configuration {
                     setting: KV_ONE_TIME_VAR,
                     reason: "is cloudflare, which needs the sessions on Cloudflare (DPLOYR_KV=cloudflare)".into(),
                 });
             }
         };
-        let kv = KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), config.kv_store)?;
+        let kv = KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store)?;
         let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
 
         Ok(Self {

@@ -261,9 +261,8 @@ struct Raw {
 
 impl Transport {
     fn start() -> StoreResult<Self> {
-        let client = Client::builder()
-            .build()
-            .map_err(|e| StoreError::backend("building the Cloudflare HTTP client", e))?;
+        let client =
+            Client::builder().build().map_err(|e| StoreError::backend("building the Cloudflare HTTP client", e))?;
         let (handle_tx, handle_rx) = mpsc::channel();
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -625,7 +624,8 @@ impl CloudflareKv {
     /// PUT of a value, with a relative TTL (clamped to what Cloudflare takes).
     fn write(&self, call: &mut Call, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
         let url = self.value_url(key);
-        let query: Vec<(&str, String)> = ttl.map(|ttl| ("expiration_ttl", ttl_secs(ttl).to_string())).into_iter().collect();
+        let query: Vec<(&str, String)> =
+            ttl.map(|ttl| ("expiration_ttl", ttl_secs(ttl).to_string())).into_iter().collect();
         let reply = self.send(call, "put", |c| {
             c.put(&url)
                 .query(&query)

@@ -21,8 +21,8 @@ mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cloudflare::{
-    ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CLOUDFLARE_API_URL, CloudflareConfig, CloudflareKv, CloudflareRequestCounts,
-    MAX_EXPIRATION_TTL_SECS, NAMESPACE_ID_VAR, RetryPolicy,
+    ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CLOUDFLARE_API_URL, CloudflareConfig, CloudflareKv,
+    CloudflareRequestCounts, MAX_EXPIRATION_TTL_SECS, NAMESPACE_ID_VAR, RetryPolicy,
 };
 pub use memory::MemoryKv;
 pub use postgres::{PgKv, Purger};

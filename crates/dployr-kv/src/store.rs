@@ -220,12 +220,7 @@ impl fmt::Debug for KvStore {
 impl KvStore {
     /// A store with everything on `kv` and the default TTLs.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
-        Self {
-            one_time: Arc::clone(&kv),
-            kv,
-            config: KvStoreConfig::default(),
-            deleted_sessions: Arc::default(),
-        }
+        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions: Arc::default() }
     }
 
     /// A store with everything on `kv` and `config`.

@@ -472,8 +472,8 @@ fn injected_failure(status: u16, retry_after_secs: u64) -> Answer {
         429 => too_many_requests(retry_after_secs),
         404 => {
             // What a proxy or a wrong host answers: no Cloudflare envelope.
-            let mut response = Response::from_data(b"<html><body><h1>404 Not Found</h1></body></html>".to_vec())
-                .with_status_code(404);
+            let mut response =
+                Response::from_data(b"<html><body><h1>404 Not Found</h1></body></html>".to_vec()).with_status_code(404);
             if let Some(h) = header("Content-Type", "text/html") {
                 response.add_header(h);
             }
