@@ -44,7 +44,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
         let _span = crate::trace::operation("bootstrap_tokens.create");
         check_nonce(nonce)?;
         let instance = instance.to_string();
-        let row = self.pool.run(&instance, |conn| {
+        let row = self.pool.run(&[("instance", &instance)], |conn| {
             diesel::insert_into(bootstrap_tokens::table)
                 .values((bootstrap_tokens::instance_id.eq(&instance), bootstrap_tokens::nonce.eq(nonce)))
                 .returning(TokenRow::as_returning())
@@ -63,7 +63,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
         check_nonce(nonce)?;
         // One UPDATE that only matches an unused token: under concurrency the
         // row lock makes every other caller re-check `used_at` and match nothing.
-        let updated = self.pool.run("", |conn| {
+        let updated = self.pool.run(&[], |conn| {
             diesel::update(bootstrap_tokens::table.find(nonce).filter(bootstrap_tokens::used_at.is_null()))
                 .set(bootstrap_tokens::used_at.eq(diesel::dsl::now))
                 .execute(conn)
@@ -74,7 +74,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
     fn is_used(&self, nonce: &str) -> StoreResult<bool> {
         let _span = crate::trace::operation("bootstrap_tokens.is_used");
         check_nonce(nonce)?;
-        let used = self.pool.run("", |conn| {
+        let used = self.pool.run(&[], |conn| {
             bootstrap_tokens::table
                 .find(nonce)
                 .select(bootstrap_tokens::used_at.is_not_null())

@@ -134,7 +134,7 @@ impl InstanceStore for PgInstanceStore {
         text::check("tag", &instance.tag, MAX_TAG_BYTES, Blank::Refused)?;
         let metadata = instance.metadata.unwrap_or_default().into_value();
         let cluster = cluster.to_string();
-        let row = self.pool.run(&cluster, |conn| {
+        let row = self.pool.run(&[("cluster", &cluster)], |conn| {
             diesel::insert_into(instances::table)
                 .values((
                     instances::id.eq(InstanceId::generate().to_string()),
@@ -151,7 +151,7 @@ impl InstanceStore for PgInstanceStore {
 
     fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.get");
-        let row = self.pool.run("", |conn| {
+        let row = self.pool.run(&[], |conn| {
             instances::table.find(id.to_string()).select(InstanceRow::as_select()).first(conn).optional()
         })?;
         row.map(Instance::try_from).transpose()
@@ -160,7 +160,7 @@ impl InstanceStore for PgInstanceStore {
     fn get_by_tag(&self, tag: &str) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.get_by_tag");
         text::check("tag", tag, MAX_TAG_BYTES, Blank::Refused)?;
-        let row = self.pool.run("", |conn| {
+        let row = self.pool.run(&[], |conn| {
             instances::table.filter(instances::tag.eq(tag)).select(InstanceRow::as_select()).first(conn).optional()
         })?;
         row.map(Instance::try_from).transpose()
@@ -168,9 +168,10 @@ impl InstanceStore for PgInstanceStore {
 
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.update_metadata");
-        let row = self.pool.run("", |conn| {
+        let metadata = metadata.into_value();
+        let row = self.pool.run(&[], |conn| {
             diesel::update(instances::table.find(id.to_string()))
-                .set(instances::metadata.eq(metadata.into_value()))
+                .set(instances::metadata.eq(&metadata))
                 .returning(InstanceRow::as_returning())
                 .get_result(conn)
                 .optional()
@@ -180,7 +181,7 @@ impl InstanceStore for PgInstanceStore {
 
     fn delete(&self, id: &InstanceId) -> StoreResult<()> {
         let _span = crate::trace::operation("instances.delete");
-        let deleted = self.pool.run("", |conn| diesel::delete(instances::table.find(id.to_string())).execute(conn))?;
+        let deleted = self.pool.run(&[], |conn| diesel::delete(instances::table.find(id.to_string())).execute(conn))?;
         if deleted == 0 {
             return Err(StoreError::not_found("instance", id.to_string()));
         }
@@ -212,7 +213,7 @@ impl InstanceStore for PgInstanceStore {
             }
         }
         let limit = i64::from(page.limit());
-        let rows: Vec<PageRow> = self.pool.run("", |conn| {
+        let rows: Vec<PageRow> = self.pool.run(&[], |conn| {
             InstancePage { cluster: &cluster.to_string(), before: (before_at, &before_id), limit, offset }.load(conn)
         })?;
         let total = rows.first().map_or(0, |row| row.total);

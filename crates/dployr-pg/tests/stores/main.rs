@@ -14,5 +14,6 @@ mod clusters;
 mod concurrency;
 mod instances;
 mod pool;
+mod races;
 mod spans;
 mod users;
