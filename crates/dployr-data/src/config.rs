@@ -20,6 +20,14 @@ pub const KV_VAR: &str = "DPLOYR_KV";
 pub const KV_ONE_TIME_VAR: &str = "DPLOYR_KV_ONE_TIME";
 /// Apply pending migrations when the data layer opens: `true` (default) or `false`.
 pub const MIGRATE_ON_START_VAR: &str = "DPLOYR_MIGRATE_ON_START";
+/// The PostgreSQL URL the migration runner uses (default: `DATABASE_URL`).
+/// Behind a pooler in transaction mode, point it at PostgreSQL directly or at
+/// a session-mode pool: the migration lock is a session lock.
+pub const MIGRATE_DATABASE_URL_VAR: &str = "DPLOYR_MIGRATE_DATABASE_URL";
+/// PostgreSQL's `lock_timeout` for the migrations' statements, in ms (default
+/// 3000): how long a migration may queue live traffic behind a table lock
+/// before it rolls back and tries again.
+pub const MIGRATE_LOCK_TIMEOUT_VAR: &str = "DPLOYR_MIGRATE_LOCK_TIMEOUT_MS";
 /// Most pooled connections (default 10).
 pub const POOL_SIZE_VAR: &str = "DPLOYR_DB_POOL_SIZE";
 /// How long a connection checkout or the first connect waits, in ms (default 5000).
@@ -97,6 +105,11 @@ pub struct Config {
     pub kv_store: KvStoreConfig,
     /// Apply pending migrations on open (the seed's behaviour). Default true.
     pub migrate_on_start: bool,
+    /// The URL the migration runner uses; `None`: [`database_url`](Self::database_url).
+    /// `Debug` does not show it.
+    pub migrate_database_url: Option<String>,
+    /// `lock_timeout` of the migrations' statements (default 3 s).
+    pub migrate_lock_timeout: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -108,6 +121,8 @@ impl fmt::Debug for Config {
             .field("one_time_kv", &self.one_time_kv)
             .field("kv_store", &self.kv_store)
             .field("migrate_on_start", &self.migrate_on_start)
+            .field("migrate_database_url", &self.migrate_database_url.as_ref().map(|_| "<redacted>"))
+            .field("migrate_lock_timeout", &self.migrate_lock_timeout)
             .finish()
     }
 }
@@ -126,7 +141,22 @@ impl Config {
             one_time_kv: OneTimeKvConfig::Default,
             kv_store: KvStoreConfig::default(),
             migrate_on_start: true,
+            migrate_database_url: None,
+            migrate_lock_timeout: dployr_migrate::MigrationRunner::DEFAULT_TABLE_LOCK_TIMEOUT,
         }
+    }
+
+    /// The same, with the migrations on another URL (PostgreSQL directly,
+    /// when `database_url` goes through a pooler in transaction mode).
+    #[must_use]
+    pub fn with_migrate_database_url(mut self, url: impl Into<String>) -> Self {
+        self.migrate_database_url = Some(url.into());
+        self
+    }
+
+    /// The URL the migration runner uses.
+    pub fn migration_url(&self) -> &str {
+        self.migrate_database_url.as_deref().unwrap_or(&self.database_url)
     }
 
     /// The same, with another key-value backend.
@@ -212,6 +242,13 @@ impl Config {
         }
         if let Some(migrate) = flag(&var, MIGRATE_ON_START_VAR)? {
             config.migrate_on_start = migrate;
+        }
+        config.migrate_database_url = var(MIGRATE_DATABASE_URL_VAR);
+        if let Some(ms) = parsed::<u64>(&var, MIGRATE_LOCK_TIMEOUT_VAR, "milliseconds")? {
+            if ms == 0 {
+                return Err(configuration(MIGRATE_LOCK_TIMEOUT_VAR, "must be at least 1 ms"));
+            }
+            config.migrate_lock_timeout = Duration::from_millis(ms);
         }
         for (name, ttl) in [
             (SESSION_TTL_VAR, &mut config.kv_store.session_ttl),

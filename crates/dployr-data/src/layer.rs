@@ -11,7 +11,12 @@ use dployr_kv::{CloudflareKv, KvStore, MemoryKv, PgKv, Purger};
 use dployr_migrate::{MigrationRunner, MigrationSet};
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore};
 
-use crate::config::{DATABASE_URL_VAR, DEFAULT_PURGE_EVERY, KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, POOL_SIZE_VAR};
+use dployr_migrate::MigrateError;
+
+use crate::config::{
+    DATABASE_URL_VAR, DEFAULT_PURGE_EVERY, KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR,
+    POOL_SIZE_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR,
+};
 use crate::{Config, KvBackendConfig, OneTimeKvConfig};
 
 /// Batch size of the background purge of the PostgreSQL key-value backend.
@@ -59,6 +64,63 @@ fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgK
     Ok((kv, purger))
 }
 
+/// A migration error as the shared error: connection failures classified
+/// as the pool's are, a transaction pooler as the setting to change.
+fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
+    match error {
+        MigrateError::Connect(failure) => match failure.into_store_error(setting) {
+            StoreError::Unavailable { reason, source } => {
+                StoreError::Unavailable { reason: format!("applying migrations on start: {reason}").into(), source }
+            }
+            other => other,
+        },
+        MigrateError::TransactionPooler => StoreError::Configuration {
+            setting: MIGRATE_DATABASE_URL_VAR,
+            reason: format!("applying migrations on start: {error}").into(),
+        },
+        MigrateError::LockTimeout { .. } | MigrateError::LockNotAvailable { .. } => StoreError::Unavailable {
+            reason: format!("applying migrations on start: {error}").into(),
+            source: Some(Box::new(error)),
+        },
+        other => StoreError::backend(format!("applying migrations on start: {other}"), other),
+    }
+}
+
+/// Behind a pooler in transaction mode, a prepared statement or a session
+/// setting made on one server connection is met by another client (wrong
+/// answers, `prepared statement "__diesel_stmt_1" already exists`) or
+/// missing for this one: such a start is refused, naming the setting.
+fn refuse_unsafe_pooling(pool: &PgPool, config: &Config) -> StoreResult<()> {
+    let cache = config.pool.prepared_statement_cache;
+    let timeout = config.pool.statement_timeout.is_some();
+    if !cache && !timeout {
+        return Ok(());
+    }
+    if !pool.behind_transaction_pooler()? {
+        return Ok(());
+    }
+    const POOLER: &str = "DATABASE_URL goes through a connection pooler in transaction mode (PgBouncer \
+                          pool_mode = transaction: session state set on one connection showed up on another)";
+    if cache {
+        return Err(StoreError::Configuration {
+            setting: STATEMENT_CACHE_VAR,
+            reason: format!(
+                "{POOLER}; prepared statements would reach other clients and give wrong answers: \
+                 set {STATEMENT_CACHE_VAR}=false"
+            )
+            .into(),
+        });
+    }
+    Err(StoreError::Configuration {
+        setting: STATEMENT_TIMEOUT_VAR,
+        reason: format!(
+            "{POOLER}; a statement_timeout set per connection would land on other clients' sessions: \
+             set it on the role (ALTER ROLE app SET statement_timeout = '30s') and {STATEMENT_TIMEOUT_VAR}=0"
+        )
+        .into(),
+    })
+}
+
 impl fmt::Debug for DataLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DataLayer")
@@ -80,34 +142,40 @@ impl DataLayer {
     }
 
     /// Opens the pool (failing within the connect timeout if the database
-    /// does not answer), applies pending migrations if configured, and
-    /// starts the key-value backend.
+    /// does not answer), refuses a pooler in transaction mode with settings
+    /// that would give wrong answers there, applies pending migrations if
+    /// configured, and starts the key-value backend.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] naming `DATABASE_URL` when the database
-    /// does not answer; [`StoreError::Configuration`] for settings the
-    /// backends refuse; [`StoreError::Backend`] when a migration fails
-    /// (its message names the migration).
+    /// [`StoreError::Configuration`] naming `DATABASE_URL` (or
+    /// `DPLOYR_MIGRATE_DATABASE_URL`) at once for a malformed URL, refused
+    /// credentials or a missing database or role, and naming the setting to
+    /// change behind a transaction pooler; [`StoreError::Unavailable`] naming
+    /// the URL's variable when the server refused the connection, could not
+    /// be reached or did not answer in time; [`StoreError::Configuration`]
+    /// for settings the backends refuse; [`StoreError::Backend`] when a
+    /// migration fails (its message names the migration). No message, and
+    /// no error in a `source()` chain, holds a password.
     pub fn open(config: Config) -> StoreResult<Self> {
         let pool = PgPool::connect(&config.database_url, config.pool).map_err(|error| match error {
-            StoreError::Unavailable { source, .. } => StoreError::Unavailable {
-                reason: format!(
-                    "the PostgreSQL of {DATABASE_URL_VAR} did not answer within {:?}",
-                    config.pool.connection_timeout
-                )
-                .into(),
-                source,
-            },
+            StoreError::Configuration { reason, .. } => StoreError::Configuration { setting: DATABASE_URL_VAR, reason },
+            StoreError::Unavailable { reason, source } => {
+                StoreError::Unavailable { reason: format!("{DATABASE_URL_VAR}: {reason}").into(), source }
+            }
             StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: POOL_SIZE_VAR, reason },
             other => other,
         })?;
+        refuse_unsafe_pooling(&pool, &config)?;
 
         let applied_on_open = if config.migrate_on_start {
+            let setting =
+                if config.migrate_database_url.is_some() { MIGRATE_DATABASE_URL_VAR } else { DATABASE_URL_VAR };
             let migrations = MigrationSet::embedded()
                 .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
-            let applied = MigrationRunner::new(config.database_url.clone(), migrations)
+            let applied = MigrationRunner::new(config.migration_url(), migrations)
+                .with_table_lock_timeout(config.migrate_lock_timeout)
                 .run_pending(&mut |event| tracing::info!(target: "dployr.migrate", "{event}"))
-                .map_err(|e| StoreError::backend(format!("applying migrations on start: {e}"), e))?;
+                .map_err(|e| migrate_error(e, setting))?;
             applied.into_iter().map(|migration| migration.name).collect()
         } else {
             Vec::new()

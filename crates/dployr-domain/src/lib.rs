@@ -6,6 +6,7 @@
 //! `MockInstanceStore`, `MockBootstrapTokenStore`).
 
 mod cluster;
+pub mod connection;
 mod email;
 mod error;
 mod ids;
@@ -24,6 +25,7 @@ pub use cluster::{
     Cluster, ClusterPatch, ClusterStore, ClusterSummary, GitHubIntegration, MAX_CLUSTER_NAME_BYTES, Member,
     PendingInvite,
 };
+pub use connection::{ConnectFailure, ConnectFailureKind};
 pub use email::{Email, MAX_EMAIL_BYTES};
 pub use error::{BoxError, StoreError, StoreResult};
 pub use ids::{ClusterId, InstanceId, UserId};

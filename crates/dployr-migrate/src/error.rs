@@ -7,9 +7,49 @@ use std::time::Duration;
 /// What went wrong while checking or applying migrations.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    /// The database could not be reached.
+    /// The database could not be reached. The failure is classified (a
+    /// malformed URL or refused credentials are not worth retrying) and
+    /// libpq's text is redacted: it may echo the URL, password included.
     #[error("cannot connect to the database: {0}")]
-    Connect(#[source] diesel::ConnectionError),
+    Connect(dployr_domain::ConnectFailure),
+
+    /// The migration URL goes through a pooler in transaction mode
+    /// (PgBouncer `pool_mode = transaction`): the migration lock is a
+    /// session lock, which such a pooler does not keep.
+    #[error(
+        "the migration database URL goes through a connection pooler in transaction mode (session state \
+         set on one connection showed up on another): the migration lock needs a session of its own; \
+         point the migrations at PostgreSQL directly or at a session-mode pool (DPLOYR_MIGRATE_DATABASE_URL)"
+    )]
+    TransactionPooler,
+
+    /// A migration waited for a table lock longer than the runner's
+    /// `lock_timeout`, on every attempt: live traffic holds it. Nothing of
+    /// the migration was kept.
+    #[error(
+        "migration {name} could not take its locks: {attempts} attempts of {lock_timeout:?} each ran into lock_timeout; \
+         last wait: {waited_for}. Retry when the traffic is lower, or raise the lock timeout"
+    )]
+    LockNotAvailable {
+        /// The folder name of the migration.
+        name: String,
+        /// How many times it was tried.
+        attempts: u32,
+        /// PostgreSQL's `lock_timeout` of each attempt.
+        lock_timeout: Duration,
+        /// The lock it waited for and who held it, as seen from another session.
+        waited_for: String,
+    },
+
+    /// A migration file holds no statement, only comments (a fresh
+    /// `migrate new` template): PostgreSQL would answer "empty query".
+    #[error("migration {name}/{file} holds no SQL statement yet (only comments): write the change, then run again")]
+    EmptyFile {
+        /// The folder name of the migration.
+        name: String,
+        /// `up.sql` or `down.sql`.
+        file: &'static str,
+    },
 
     /// Another runner held the migration lock for longer than the timeout.
     #[error(

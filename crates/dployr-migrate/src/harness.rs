@@ -58,6 +58,7 @@ pub(crate) struct AppliedRow {
 pub struct DployrHarness<'a> {
     conn: &'a mut PgConnection,
     set: &'a MigrationSet,
+    backend_pid: Option<i32>,
 }
 
 impl std::fmt::Debug for DployrHarness<'_> {
@@ -74,7 +75,16 @@ impl<'a> DployrHarness<'a> {
     pub fn new(conn: &'a mut PgConnection, set: &'a MigrationSet) -> Result<Self, MigrateError> {
         conn.batch_execute(CREATE_TABLE)
             .map_err(|source| MigrateError::Database { context: "creating _migrations", source })?;
-        Ok(Self { conn, set })
+        Ok(Self { conn, set, backend_pid: None })
+    }
+
+    /// The server process of the connection, for the runner's lock watcher.
+    pub(crate) fn set_backend_pid(&mut self, pid: i32) {
+        self.backend_pid = Some(pid);
+    }
+
+    pub(crate) fn backend_pid(&self) -> Option<i32> {
+        self.backend_pid
     }
 
     /// Every row of `_migrations`, by version.
@@ -125,6 +135,9 @@ fn run_file(
     sql: &str,
     bookkeeping: impl FnOnce(&mut PgConnection, Duration) -> Result<(), MigrateError>,
 ) -> Result<Duration, MigrateError> {
+    if !holds_a_statement(sql) {
+        return Err(MigrateError::EmptyFile { name: migration.name().to_owned(), file });
+    }
     let failed = |e| MigrateError::failed(migration.name(), file, sql, e);
     if migration.run_in_transaction() {
         return conn.transaction(|conn| {
@@ -146,6 +159,23 @@ fn run_file(
     let elapsed = started.elapsed();
     bookkeeping(conn, elapsed)?;
     Ok(elapsed)
+}
+
+/// Whether `sql` holds anything but whitespace, `;` and comments (`--`
+/// to the end of a line, `/* ... */`). PostgreSQL answers a text without a
+/// statement with "empty query" and no hint of the file.
+pub(crate) fn holds_a_statement(sql: &str) -> bool {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+        if let Some(comment) = rest.strip_prefix("--") {
+            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(comment) = rest.strip_prefix("/*") {
+            rest = comment.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            return !rest.is_empty();
+        }
+    }
 }
 
 fn record(conn: &mut PgConnection, migration: &MigrationFile, elapsed: Duration) -> Result<(), MigrateError> {

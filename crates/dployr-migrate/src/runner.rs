@@ -5,9 +5,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use diesel::connection::{CacheSize, SimpleConnection as _};
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool};
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
+use dployr_domain::{ConnectFailure, ConnectFailureKind};
 
 use crate::harness::{AppliedRow, DployrHarness, read_applied_rows};
 use crate::{MigrateError, MigrationFile, MigrationSet};
@@ -29,10 +31,23 @@ diesel::define_sql_function! {
 /// pool), waits for the advisory lock by polling `pg_try_advisory_lock` (a
 /// session blocked in `pg_advisory_lock` holds a snapshot that `CREATE INDEX
 /// CONCURRENTLY` would wait for), and releases it on every path.
+///
+/// Its connection never caches prepared statements (a pooler in
+/// transaction mode would hand them to another client), and the runner
+/// refuses to take its session lock through such a pooler at all.
+///
+/// A migration never queues live traffic behind it for long: its
+/// statements run under PostgreSQL's `lock_timeout`
+/// ([`with_table_lock_timeout`](Self::with_table_lock_timeout), default
+/// 3 s). A migration that ran into it rolled back whole; it is tried again
+/// after a pause that doubles, a bounded number of times, and each wait is
+/// reported with the lock it waited for and the session holding it.
 pub struct MigrationRunner {
     database_url: String,
     set: MigrationSet,
     lock_timeout: Duration,
+    table_lock_timeout: Duration,
+    lock_attempts: u32,
 }
 
 impl fmt::Debug for MigrationRunner {
@@ -42,6 +57,8 @@ impl fmt::Debug for MigrationRunner {
             .field("database_url", &"<redacted>")
             .field("migrations", &self.set.len())
             .field("lock_timeout", &self.lock_timeout)
+            .field("table_lock_timeout", &self.table_lock_timeout)
+            .field("lock_attempts", &self.lock_attempts)
             .finish()
     }
 }
@@ -63,6 +80,18 @@ pub enum MigrationEvent {
         /// Time its `up.sql` took.
         duration: Duration,
     },
+    /// A migration ran into `lock_timeout` (live traffic holds a lock it
+    /// needs); it rolled back and runs again after `retry_in`.
+    LockWait {
+        /// Folder name.
+        name: String,
+        /// The lock it waited for and the session holding it.
+        waited_for: String,
+        /// The attempt that timed out, from 1.
+        attempt: u32,
+        /// The pause before the next attempt.
+        retry_in: Duration,
+    },
     /// A migration starts to revert.
     Reverting {
         /// Folder name.
@@ -83,6 +112,10 @@ impl fmt::Display for MigrationEvent {
             Self::WaitingForLock => f.write_str("waiting for another migration runner to finish"),
             Self::Applying { name } => write!(f, "applying {name}"),
             Self::Applied { name, duration } => write!(f, "applied  {name} ({duration:.1?})"),
+            Self::LockWait { name, waited_for, attempt, retry_in } => write!(
+                f,
+                "{name}: attempt {attempt} ran into lock_timeout waiting for {waited_for}; rolled back, again in {retry_in:.1?}"
+            ),
             Self::Reverting { name } => write!(f, "reverting {name}"),
             Self::Reverted { name, duration } => write!(f, "reverted {name} ({duration:.1?})"),
         }
@@ -141,9 +174,40 @@ impl MigrationRunner {
     /// Default time to wait for another runner's lock.
     pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(300);
 
+    /// Default `lock_timeout` of the migrations' statements.
+    pub const DEFAULT_TABLE_LOCK_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// Default number of attempts of a migration that runs into `lock_timeout`.
+    pub const DEFAULT_LOCK_ATTEMPTS: u32 = 5;
+
     /// A runner for `set` on the database at `database_url`.
     pub fn new(database_url: impl Into<String>, set: MigrationSet) -> Self {
-        Self { database_url: database_url.into(), set, lock_timeout: Self::DEFAULT_LOCK_TIMEOUT }
+        Self {
+            database_url: database_url.into(),
+            set,
+            lock_timeout: Self::DEFAULT_LOCK_TIMEOUT,
+            table_lock_timeout: Self::DEFAULT_TABLE_LOCK_TIMEOUT,
+            lock_attempts: Self::DEFAULT_LOCK_ATTEMPTS,
+        }
+    }
+
+    /// PostgreSQL's `lock_timeout` for the migrations' statements: how long
+    /// a migration may wait for a table lock, with every query that needs
+    /// the same table queued behind it, before it rolls back and tries
+    /// again. At least 1 ms.
+    #[must_use]
+    pub fn with_table_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.table_lock_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many times a migration that runs into `lock_timeout` is tried in
+    /// all (at least 1). Only migrations that run in a transaction are tried
+    /// again; one outside a transaction fails at its first timeout.
+    #[must_use]
+    pub fn with_lock_attempts(mut self, attempts: u32) -> Self {
+        self.lock_attempts = attempts.max(1);
+        self
     }
 
     /// How long to wait for another runner's lock before giving up.
@@ -212,7 +276,7 @@ impl MigrationRunner {
                 self.set.iter().filter(|file| !applied.iter().any(|row| row.version == file.version())).collect();
             let mut done = Vec::with_capacity(pending.len());
             for file in pending {
-                let duration = apply_one(harness, file, progress)?;
+                let duration = self.apply_one(harness, file, progress)?;
                 done.push(AppliedMigration {
                     name: file.name().to_owned(),
                     version: file.version().to_owned(),
@@ -234,6 +298,37 @@ impl MigrationRunner {
         })
     }
 
+    /// Reverts, newest first and under one lock, every applied migration
+    /// whose version is above `target` (`None`: all of them). Returns their
+    /// names, in the order reverted.
+    ///
+    /// # Errors
+    /// As [`MigrationRunner::revert_last`]; [`MigrateError::Source`] when
+    /// `target` is not the version of an applied migration.
+    pub fn revert_to(
+        &self,
+        target: Option<&str>,
+        progress: &mut dyn FnMut(&MigrationEvent),
+    ) -> Result<Vec<String>, MigrateError> {
+        self.locked(progress, |harness, applied, progress| {
+            if let Some(target) = target {
+                if !applied.iter().any(|row| row.version == target) {
+                    return Err(MigrateError::Source(format!(
+                        "no applied migration has version {target}; `migrate status` lists them"
+                    )));
+                }
+            }
+            let mut reverted = Vec::new();
+            let mut remaining = applied.to_vec();
+            while remaining.last().is_some_and(|last| target.is_none_or(|target| last.version.as_str() > target)) {
+                let Some(file) = self.revert_last_locked(harness, &remaining, progress)? else { break };
+                reverted.push(file.name().to_owned());
+                remaining.pop();
+            }
+            Ok(reverted)
+        })
+    }
+
     /// Reverts the last applied migration and applies it again, under one
     /// lock. Returns its name, or `None` if nothing is applied.
     ///
@@ -244,7 +339,7 @@ impl MigrationRunner {
             let Some(file) = self.revert_last_locked(harness, applied, progress)? else {
                 return Ok(None);
             };
-            apply_one(harness, file, progress)?;
+            self.apply_one(harness, file, progress)?;
             Ok(Some(file.name().to_owned()))
         })
     }
@@ -268,8 +363,97 @@ impl MigrationRunner {
         Ok(Some(file))
     }
 
+    /// A dedicated connection without a prepared-statement cache: named
+    /// statements left on a pooled server connection would collide with the
+    /// next client's (`prepared statement "__diesel_stmt_1" already exists`).
     fn connect(&self) -> Result<PgConnection, MigrateError> {
-        PgConnection::establish(&self.database_url).map_err(MigrateError::Connect)
+        let mut conn = PgConnection::establish(&self.database_url).map_err(|error| {
+            MigrateError::Connect(match &error {
+                diesel::ConnectionError::InvalidCString(_) => {
+                    ConnectFailure::new(ConnectFailureKind::MalformedUrl, "the URL holds a NUL byte")
+                }
+                other => ConnectFailure::classify(&other.to_string(), &self.database_url),
+            })
+        })?;
+        conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+        Ok(conn)
+    }
+
+    /// Refuses a connection that goes through a pooler in transaction mode:
+    /// a setting made on `conn` outside a transaction is looked for from a
+    /// second connection. Directly on PostgreSQL (or through a session-mode
+    /// pool) a session's settings are its own, so this never refuses a
+    /// direct connection; through a transaction pooler the second client is
+    /// usually handed the server connection the first just used.
+    fn refuse_transaction_pooler(&self, conn: &mut PgConnection) -> Result<(), MigrateError> {
+        let token = format!("{:016x}", rand::random::<u64>());
+        conn.batch_execute(&format!("SET dployr.pooler_probe = '{token}'"))
+            .map_err(|source| MigrateError::Database { context: "probing for a connection pooler", source })?;
+        let mut other = self.connect()?;
+        let seen: Option<String> =
+            diesel::select(diesel::dsl::sql::<Nullable<Text>>("current_setting('dployr.pooler_probe', true)"))
+                .get_result(&mut other)
+                .map_err(|source| MigrateError::Database { context: "probing for a connection pooler", source })?;
+        if seen.as_deref() == Some(token.as_str()) {
+            return Err(MigrateError::TransactionPooler);
+        }
+        Ok(())
+    }
+
+    /// `lock_timeout` for the migrations, and untranslated messages where
+    /// the role may ask for them (the lock-timeout error is told by its text).
+    fn configure_session(&self, conn: &mut PgConnection) -> Result<i32, MigrateError> {
+        conn.batch_execute(&format!(
+            "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
+             SET lock_timeout = {}",
+            self.table_lock_timeout.as_millis()
+        ))
+        .map_err(|source| MigrateError::Database { context: "setting lock_timeout", source })?;
+        diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()"))
+            .get_result(conn)
+            .map_err(|source| MigrateError::Database { context: "reading the backend pid", source })
+    }
+
+    /// Applies one migration, reporting before and after; a migration that
+    /// ran into `lock_timeout` rolled back and is tried again, up to
+    /// `lock_attempts` times, with a pause that doubles.
+    fn apply_one(
+        &self,
+        harness: &mut DployrHarness<'_>,
+        file: &MigrationFile,
+        progress: &mut dyn FnMut(&MigrationEvent),
+    ) -> Result<Duration, MigrateError> {
+        progress(&MigrationEvent::Applying { name: file.name().to_owned() });
+        let mut pause = Duration::from_millis(250);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let watcher = LockWatcher::start(&self.database_url, harness.backend_pid());
+            let result = harness.apply(file);
+            let waited_for = watcher.finish();
+            match result {
+                Ok(duration) => {
+                    progress(&MigrationEvent::Applied { name: file.name().to_owned(), duration });
+                    return Ok(duration);
+                }
+                Err(error) if is_lock_timeout(&error) => {
+                    let waited_for = waited_for.unwrap_or_else(|| "a lock (not seen by the watcher)".to_owned());
+                    if attempt >= self.lock_attempts || !file.run_in_transaction() {
+                        return Err(MigrateError::LockNotAvailable {
+                            name: file.name().to_owned(),
+                            attempts: attempt,
+                            lock_timeout: self.table_lock_timeout,
+                            waited_for,
+                        });
+                    }
+                    let retry_in = pause + Duration::from_millis(rand::random_range(0..=pause.as_millis() as u64 / 4));
+                    progress(&MigrationEvent::LockWait { name: file.name().to_owned(), waited_for, attempt, retry_in });
+                    thread::sleep(retry_in);
+                    pause = (pause * 2).min(Duration::from_secs(8));
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Runs `work` on a dedicated connection holding the migration lock,
@@ -281,8 +465,11 @@ impl MigrationRunner {
         work: impl FnOnce(&mut DployrHarness<'_>, &[AppliedRow], &mut dyn FnMut(&MigrationEvent)) -> Result<T, MigrateError>,
     ) -> Result<T, MigrateError> {
         let mut conn = self.connect()?;
+        self.refuse_transaction_pooler(&mut conn)?;
+        let backend_pid = self.configure_session(&mut conn)?;
         self.acquire_lock(&mut conn, progress)?;
         let result = DployrHarness::new(&mut conn, &self.set).and_then(|mut harness| {
+            harness.set_backend_pid(backend_pid);
             let applied = harness.applied_rows()?;
             verify(&self.set, &applied)?;
             work(&mut harness, &applied, progress)
@@ -290,11 +477,14 @@ impl MigrationRunner {
         // The lock is session-level: it would also go when `conn` drops at
         // the end of this function, even if the unlock below cannot run
         // (a broken connection). Unlocking explicitly just makes it prompt.
-        if let Err(unlock_error) = diesel::select(pg_advisory_unlock(Self::LOCK_KEY)).get_result::<bool>(&mut conn) {
-            return result
-                .and(Err(MigrateError::Database { context: "releasing the migration lock", source: unlock_error }));
+        match diesel::select(pg_advisory_unlock(Self::LOCK_KEY)).get_result::<bool>(&mut conn) {
+            Err(unlock_error) => result
+                .and(Err(MigrateError::Database { context: "releasing the migration lock", source: unlock_error })),
+            // Not held by this session: the statements went to another
+            // server connection (a transaction pooler the probe missed).
+            Ok(false) => result.and(Err(MigrateError::TransactionPooler)),
+            Ok(true) => result,
         }
-        result
     }
 
     fn acquire_lock(
@@ -356,16 +546,72 @@ fn check(file: &MigrationFile, row: &AppliedRow) -> Result<(), MigrateError> {
     Ok(())
 }
 
-/// Applies one migration, reporting before and after.
-fn apply_one(
-    harness: &mut DployrHarness<'_>,
-    file: &MigrationFile,
-    progress: &mut dyn FnMut(&MigrationEvent),
-) -> Result<Duration, MigrateError> {
-    progress(&MigrationEvent::Applying { name: file.name().to_owned() });
-    let duration = harness.apply(file)?;
-    progress(&MigrationEvent::Applied { name: file.name().to_owned(), duration });
-    Ok(duration)
+/// Whether a migration failed because `lock_timeout` expired (55P03), told
+/// by PostgreSQL's untranslated message.
+fn is_lock_timeout(error: &MigrateError) -> bool {
+    matches!(error, MigrateError::MigrationFailed(failure)
+        if failure.message == "canceling statement due to lock timeout"
+            || failure.message.starts_with("could not obtain lock on "))
+}
+
+/// Watches, from a second session, which lock the runner's backend waits
+/// for, so that a lock timeout can name the lock and who held it.
+struct LockWatcher {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<thread::JoinHandle<Option<String>>>,
+}
+
+impl LockWatcher {
+    /// How often the watcher looks.
+    const EVERY: Duration = Duration::from_millis(50);
+
+    /// What `pid` waits for: lock mode, object, and the blocking sessions.
+    const QUERY: &str = "SELECT l.mode || ' on ' || coalesce('table ' || l.relation::regclass::text, l.locktype) \
+        || coalesce(', held by ' || (SELECT string_agg('pid ' || b.pid || ' (' \
+        || coalesce(nullif(b.application_name, ''), 'no application_name') || ', ' || b.state || ': ' \
+        || left(b.query, 80) || ')', '; ') FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(l.pid))), '') \
+        FROM pg_locks l WHERE l.pid = $1 AND NOT l.granted LIMIT 1";
+
+    fn start(database_url: &str, pid: Option<i32>) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let url = database_url.to_owned();
+        let thread = pid.and_then(|pid| {
+            thread::Builder::new()
+                .name("dployr-migrate-lock-watcher".into())
+                .spawn(move || {
+                    let mut conn = PgConnection::establish(&url).ok()?;
+                    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+                    let mut seen = None;
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(Self::EVERY) {
+                        let waiting: Option<String> = diesel::sql_query(Self::QUERY)
+                            .bind::<Integer, _>(pid)
+                            .get_result::<WaitRow>(&mut conn)
+                            .optional()
+                            .ok()
+                            .flatten()
+                            .map(|row| row.waiting);
+                        if waiting.is_some() {
+                            seen = waiting;
+                        }
+                    }
+                    seen
+                })
+                .ok()
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops watching; the last lock seen waited for, if any.
+    fn finish(mut self) -> Option<String> {
+        let _already_stopped = self.stop.send(());
+        self.thread.take().and_then(|thread| thread.join().ok().flatten())
+    }
+}
+
+#[derive(QueryableByName)]
+struct WaitRow {
+    #[diesel(sql_type = Text)]
+    waiting: String,
 }
 
 fn duration_of(row: &AppliedRow) -> Duration {

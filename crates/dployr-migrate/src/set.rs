@@ -106,7 +106,45 @@ impl MigrationSet {
     /// [`MigrateError::Source`] if the folder or a file cannot be read, or two
     /// folders share a version.
     pub fn from_dir(path: impl AsRef<Path>) -> Result<Self, MigrateError> {
-        let path = path.as_ref();
+        Self::read_dir(path.as_ref())
+    }
+
+    /// Creates the folder of a new migration `NNN_name` in `dir` (NNN one
+    /// above the highest version there) with template `up.sql` and
+    /// `down.sql`, and returns its path. The templates hold only comments:
+    /// run before they are edited, the runner refuses them by name
+    /// ([`MigrateError::EmptyFile`]) rather than recording an empty change.
+    ///
+    /// # Errors
+    /// [`MigrateError::Source`] for a name that is not lower-case letters,
+    /// digits and `_`, or when the folder cannot be written.
+    pub fn create_migration(dir: impl AsRef<Path>, name: &str) -> Result<std::path::PathBuf, MigrateError> {
+        let dir = dir.as_ref();
+        let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return Err(MigrateError::Source(format!(
+                "migration name `{name}`: use lower-case letters, digits and `_` (e.g. add_avatar_url)"
+            )));
+        }
+        let set = Self::read_dir(dir)?;
+        let next = set.iter().filter_map(|m| m.version().parse::<u32>().ok()).max().map_or(0, |n| n + 1);
+        let folder = dir.join(format!("{next:03}_{name}"));
+        let io = |what: &str, e: std::io::Error| MigrateError::Source(format!("{what} {}: {e}", folder.display()));
+        std::fs::create_dir(&folder).map_err(|e| io("creating", e))?;
+        let up = format!(
+            "-- {next:03}_{name}: describe the change here, then write it below.\n\
+             -- The file runs whole, in one transaction with its record in _migrations.\n\
+             -- For CREATE INDEX CONCURRENTLY, add metadata.toml with `run_in_transaction = false`\n\
+             -- and keep this file to that one statement.\n\
+             -- Until it holds a statement, `migrate run` refuses it by name.\n"
+        );
+        let down = format!("-- Reverts {next:03}_{name}: undo everything up.sql does.\n");
+        std::fs::write(folder.join("up.sql"), up).map_err(|e| io("writing up.sql in", e))?;
+        std::fs::write(folder.join("down.sql"), down).map_err(|e| io("writing down.sql in", e))?;
+        Ok(folder)
+    }
+
+    fn read_dir(path: &Path) -> Result<Self, MigrateError> {
         let source = FileBasedMigrations::from_path(path)
             .map_err(|e| MigrateError::Source(format!("{}: {e}", path.display())))?;
         Self::from_source(&source, |name| {

@@ -21,7 +21,10 @@ pub use bootstrap_tokens::PgBootstrapTokenStore;
 pub use clusters::PgClusterStore;
 pub use errors::store_error;
 pub use instances::PgInstanceStore;
-pub use pool::{PgPool, PgPooledConnection, PoolConfig, StatementStats};
+pub use pool::{
+    DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, StatementStats, classify as classify_connect_error,
+    probe_connection,
+};
 pub use trace::Operation;
 pub use users::PgUserStore;
 

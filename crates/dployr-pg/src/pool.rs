@@ -2,17 +2,27 @@
 //! backend) shares: r2d2 over diesel's `PgConnection`, with a statement
 //! timeout set once per new connection and a statement counter, so tests can
 //! assert how many statements an operation sends.
+//!
+//! Connection-time failures come from libpq, not from a statement, so they
+//! are classified here rather than in `errors`: a malformed URL, refused
+//! credentials or a missing database are `Configuration` at once (retrying
+//! would not help), and only a refused, unreachable or silent server is
+//! `Unavailable`. libpq's text is redacted before it goes anywhere (it may
+//! echo the URL, password included), and no error keeps libpq's or r2d2's
+//! error as its source.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use diesel::PgConnection;
+use diesel::RunQueryDsl as _;
 use diesel::connection::{CacheSize, Connection as _, Instrumentation, InstrumentationEvent, SimpleConnection as _};
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
-use dployr_domain::StoreError;
+use dployr_domain::connection::redact;
+use dployr_domain::{ConnectFailure, ConnectFailureKind, StoreError};
 
 use crate::errors::{Failure, Keys};
 
@@ -175,6 +185,66 @@ pub struct PgPool {
     inner: Pool<ConnectionManager<PgConnection>>,
     counters: Arc<Counters>,
     connection_timeout: Duration,
+    /// The URL, kept only to redact what libpq echoes of it in later
+    /// checkout errors; never printed.
+    database_url: Arc<str>,
+}
+
+/// The setting a connection error of [`PgPool::connect`] names; the data
+/// layer renames it after the variable the URL came from.
+pub const DATABASE_URL_SETTING: &str = "database_url";
+
+/// An error text that was redacted before it was kept: the `source()` of
+/// pool errors, in place of libpq's or r2d2's error (whose text may hold the
+/// password).
+#[derive(Debug)]
+struct Redacted(String);
+
+impl fmt::Display for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Redacted {}
+
+/// Makes one connection to `database_url` on a thread of its own and waits
+/// at most `timeout` for it: libpq itself has no default connect timeout,
+/// and a host that drops packets would hold the caller for minutes.
+///
+/// # Errors
+/// The classified, redacted failure.
+pub fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
+    let (sender, receiver) = mpsc::channel();
+    let url = database_url.to_owned();
+    let spawned = std::thread::Builder::new().name("dployr-pg-connect".into()).spawn(move || {
+        let result = PgConnection::establish(&url).map(drop);
+        let _receiver_gone = sender.send(result);
+    });
+    if let Err(error) = spawned {
+        return Err(ConnectFailure::new(
+            ConnectFailureKind::Other,
+            format!("cannot start a thread to connect: {error}"),
+        ));
+    }
+    match receiver.recv_timeout(timeout) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(classify(&error, database_url)),
+        Err(_) => Err(ConnectFailure::new(
+            ConnectFailureKind::TimedOut,
+            format!("no answer within {timeout:?} (a host that drops packets, or a firewall)"),
+        )),
+    }
+}
+
+/// The classified, redacted form of a diesel connection error.
+pub fn classify(error: &diesel::ConnectionError, database_url: &str) -> ConnectFailure {
+    match error {
+        diesel::ConnectionError::InvalidCString(_) => {
+            ConnectFailure::new(ConnectFailureKind::MalformedUrl, "the URL holds a NUL byte")
+        }
+        other => ConnectFailure::classify(&other.to_string(), database_url),
+    }
 }
 
 impl fmt::Debug for PgPool {
@@ -189,13 +259,21 @@ impl PgPool {
     /// made within `config.connection_timeout`.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] for a zero pool size; [`StoreError::Unavailable`]
-    /// when no connection could be made in time (the message carries
-    /// PostgreSQL's reason, without the URL).
+    /// [`StoreError::Invalid`] for a zero pool size;
+    /// [`StoreError::Configuration`] naming [`DATABASE_URL_SETTING`] at once
+    /// for a malformed URL, refused credentials or a missing database or
+    /// role; [`StoreError::Unavailable`] when the server refused the
+    /// connection, could not be reached or did not answer in time (the
+    /// message says which). Messages carry libpq's reason, redacted: never
+    /// the password.
     pub fn connect(database_url: &str, config: PoolConfig) -> Result<Self, StoreError> {
         if config.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
         }
+        // One direct attempt first: r2d2 would retry a wrong password until
+        // the timeout and then report a timeout.
+        probe_connection(database_url, config.connection_timeout)
+            .map_err(|failure| failure.into_store_error(DATABASE_URL_SETTING))?;
         let counters = Arc::new(Counters {
             recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
             record_binds: config.record_binds,
@@ -216,8 +294,12 @@ impl PgPool {
             // caller retries) and then discarded by diesel's broken check.
             .test_on_check_out(false)
             .connection_customizer(Box::new(customizer))
+            // r2d2's default handler logs each failed connect through `log`,
+            // with libpq's unredacted text; the checkout error reports it.
+            .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
             .build_unchecked(ConnectionManager::new(database_url));
-        let pool = Self { inner, counters, connection_timeout: config.connection_timeout };
+        let pool =
+            Self { inner, counters, connection_timeout: config.connection_timeout, database_url: database_url.into() };
         // One checkout proves the URL works and fails fast, with the reason, when it does not.
         drop(pool.get()?);
         Ok(pool)
@@ -229,10 +311,44 @@ impl PgPool {
     /// [`StoreError::Unavailable`] when none is free or can be made within
     /// the connection timeout.
     pub fn get(&self) -> Result<PgPooledConnection, StoreError> {
-        self.inner.get_timeout(self.connection_timeout).map_err(|e| StoreError::Unavailable {
-            reason: format!("no PostgreSQL connection within {:?}", self.connection_timeout).into(),
-            source: Some(Box::new(e)),
+        self.inner.get_timeout(self.connection_timeout).map_err(|e| {
+            // r2d2's text carries libpq's last error, which may echo the URL.
+            let cause = redact(&e.to_string(), &self.database_url);
+            StoreError::Unavailable {
+                reason: format!("no PostgreSQL connection within {:?}", self.connection_timeout).into(),
+                source: Some(Box::new(Redacted(cause))),
+            }
         })
+    }
+
+    /// Whether the URL goes through a connection pooler in transaction mode
+    /// (PgBouncer `pool_mode = transaction`), where session state does not
+    /// stay with a client: a setting made outside a transaction on a pooled
+    /// connection is looked for from a second, new connection. Directly on
+    /// PostgreSQL a session's settings are its own, so this is never true
+    /// there; through a transaction pooler the new client is usually handed
+    /// the server connection the first one just used, so a `false` there is
+    /// possible but rare.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if either connection fails.
+    pub fn behind_transaction_pooler(&self) -> Result<bool, StoreError> {
+        let token = format!("{:016x}", rand::random::<u64>());
+        let probe_error =
+            |error: diesel::result::Error| StoreError::unavailable("probing for a connection pooler", error);
+        let mut conn = self.get()?;
+        conn.batch_execute(&format!("SET dployr.pooler_probe = '{token}'")).map_err(probe_error)?;
+        let mut other = PgConnection::establish(&self.database_url)
+            .map_err(|error| classify(&error, &self.database_url).into_store_error(DATABASE_URL_SETTING))?;
+        other.set_prepared_statement_cache_size(CacheSize::Disabled);
+        let seen: Option<String> = diesel::select(diesel::dsl::sql::<
+            diesel::sql_types::Nullable<diesel::sql_types::Text>,
+        >("current_setting('dployr.pooler_probe', true)"))
+        .get_result(&mut other)
+        .map_err(probe_error)?;
+        // Whoever gets that server connection next should not see it.
+        let _best_effort = conn.batch_execute("RESET dployr.pooler_probe");
+        Ok(seen.as_deref() == Some(token.as_str()))
     }
 
     /// Statements and transactions sent through this pool so far.

@@ -1,0 +1,188 @@
+//! Connection errors an operator can act on (issue 12, defects 1 and 2): no
+//! message, `Display`, `Debug` or `source()` of any error holds the
+//! password, whatever the URL's malformation; a wrong password, a missing
+//! database or role and a malformed URL are `Configuration` naming
+//! `DATABASE_URL` at once, with libpq's reason; only a refused, unreachable
+//! or silent server is `Unavailable`, and the message says which.
+
+#![cfg(test)]
+
+use std::time::{Duration, Instant};
+
+use diesel::Connection as _;
+use diesel::connection::SimpleConnection as _;
+use dployr_data::{Config, DataLayer, KvBackendConfig, PgPool, PoolConfig, StoreError};
+use dployr_migrate::{MigrationRunner, MigrationSet};
+
+const PASSWORD: &str = "AppPw-9xQ";
+
+/// Every text an error shows: `Display`, `Debug`, and each `source()`'s.
+fn every_text_of(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut texts = vec![error.to_string(), format!("{error:?}")];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        texts.push(cause.to_string());
+        texts.push(format!("{cause:?}"));
+        source = cause.source();
+    }
+    texts.join("\n")
+}
+
+fn quick() -> PoolConfig {
+    PoolConfig { connection_timeout: Duration::from_secs(3), ..PoolConfig::default() }
+}
+
+/// A free loopback port with nothing listening on it.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Malformed connection strings with the password in every place libpq
+/// may echo it from. The host is a closed loopback port, so those libpq
+/// accepts fail at once as refused.
+fn malformed_urls() -> Vec<String> {
+    let port = closed_port();
+    let p = PASSWORD;
+    vec![
+        format!("postgresql:/app:{p}@127.0.0.1:{port}/app"),
+        format!("postgresql:app:{p}@127.0.0.1:{port}/app"),
+        format!("postgres://app:Pw%zz{p}@127.0.0.1:{port}/app"),
+        format!("postgres://app:{p}%@127.0.0.1:{port}/app"),
+        format!("postgres://app:{p}@127.0.0.1:notaport/app"),
+        format!("postgres://app:{p}@[::1:{port}/app"),
+        format!("postgres://app:{p}@127.0.0.1:{port}/app?sslmode=bogus"),
+        format!("postgres://app:{p}@127.0.0.1:{port}/app?nosuchoption=1"),
+        format!("postgres://app:{p}@127.0.0.1:{port}/app?port"),
+        format!("postgres://app@127.0.0.1:{port}/app?password={p}&nosuch=1"),
+        format!("postgres://app:p@ss{p}@127.0.0.1:{port}/app"),
+        format!("postgres://app:{p}/x@127.0.0.1:{port}/app"),
+        format!("postgres://app:{p} x@127.0.0.1:{port}/app"),
+        format!("postgres://{p}:{p}@127.0.0.1:{port}/{p}?application_name={p}"),
+        format!("host=127.0.0.1 port={port} password={p} nosuch=1"),
+        format!("host=127.0.0.1 port=notaport password={p}"),
+        format!("host=127.0.0.1 port={port} password='{p}"),
+        format!("host=127.0.0.1 password = {p} port={port} ="),
+        format!("{p}"),
+        format!("app:{p}@127.0.0.1:{port}/app"),
+    ]
+}
+
+#[test]
+fn no_error_of_a_malformed_url_shows_the_password_through_pool_runner_or_data_layer() {
+    let set = MigrationSet::embedded().unwrap();
+    for url in malformed_urls() {
+        let pool = PgPool::connect(&url, quick()).map(drop).unwrap_err();
+        let data = DataLayer::open(Config::new(url.clone()).with_kv(KvBackendConfig::Memory).with_pool(quick()))
+            .map(drop)
+            .unwrap_err();
+        let runner = MigrationRunner::new(url.clone(), set.clone()).run_pending(&mut |_| {}).map(drop).unwrap_err();
+        let status = MigrationRunner::new(url.clone(), set.clone()).status().map(drop).unwrap_err();
+        for text in [every_text_of(&pool), every_text_of(&data), every_text_of(&runner), every_text_of(&status)] {
+            assert!(!text.contains(PASSWORD), "{url}:\n{text}");
+            assert!(!text.contains("9xQ"), "{url}: a piece of the password:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn a_malformed_url_is_a_configuration_error_naming_database_url_at_once() {
+    let port = closed_port();
+    for url in [
+        format!("postgresql:/app:{PASSWORD}@127.0.0.1:{port}/app"),
+        format!("postgres://app:Pw%zz{PASSWORD}@127.0.0.1:{port}/app"),
+        format!("postgres://app:{PASSWORD}@127.0.0.1:notaport/app"),
+    ] {
+        let started = Instant::now();
+        let error = DataLayer::open(Config::new(url.clone()).with_pool(quick())).map(drop).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2), "{url}: took {:?}", started.elapsed());
+        assert!(matches!(error, StoreError::Configuration { setting: "DATABASE_URL", .. }), "{url}: {error}");
+        assert!(error.to_string().contains("malformed"), "{url}: {error}");
+    }
+}
+
+#[test]
+fn a_missing_database_or_role_is_a_configuration_error_with_the_reason_at_once() {
+    let server = dployr_testkit::server().unwrap();
+    for (url, reason) in [
+        (server.url_for("dployr_no_such_database"), "database \"dployr_no_such_database\" does not exist"),
+        (
+            server.url_for("postgres").replacen("postgres@", "dployr_no_such_role@", 1),
+            "role \"dployr_no_such_role\" does not exist",
+        ),
+    ] {
+        let started = Instant::now();
+        let error = DataLayer::open(Config::new(url.clone()).with_pool(quick())).map(drop).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2), "{url}: took {:?}", started.elapsed());
+        assert!(matches!(error, StoreError::Configuration { setting: "DATABASE_URL", .. }), "{url}: {error}");
+        assert!(error.to_string().contains(reason), "{url}: {error}");
+    }
+}
+
+#[test]
+fn a_wrong_password_is_a_configuration_error_at_once_and_never_shown() {
+    let server = dployr_testkit::server().unwrap();
+    // The throwaway server trusts every local connection; one role is made
+    // to need its password (the line goes first, so it wins).
+    let Some(root) = server.local_root() else {
+        eprintln!("skipped: needs the testkit's own server to change pg_hba.conf");
+        return;
+    };
+    let hba = root.join("data").join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    let line = "host all dployr_pw_role 127.0.0.1/32 scram-sha-256\n";
+    if !rules.contains(line) {
+        std::fs::write(&hba, format!("{line}{rules}")).unwrap();
+    }
+    let mut admin = diesel::PgConnection::establish(&server.url_for("postgres")).unwrap();
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE dployr_pw_role LOGIN PASSWORD 'right-Pw-1'; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$; SELECT pg_reload_conf()",
+        )
+        .unwrap();
+    let url = server.url_for("postgres").replacen("postgres@", &format!("dployr_pw_role:{PASSWORD}@"), 1);
+    let started = Instant::now();
+    let error = DataLayer::open(Config::new(url).with_pool(quick())).map(drop).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(matches!(error, StoreError::Configuration { setting: "DATABASE_URL", .. }), "{error}");
+    assert!(error.to_string().contains("password authentication failed"), "{error}");
+    assert!(!every_text_of(&error).contains(PASSWORD), "{error:?}");
+}
+
+#[test]
+fn a_refused_connection_is_unavailable_and_says_refused() {
+    let url = format!("postgres://app:{PASSWORD}@127.0.0.1:{}/app", closed_port());
+    let started = Instant::now();
+    let error = DataLayer::open(Config::new(url).with_pool(quick())).map(drop).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error}");
+    let text = error.to_string();
+    assert!(text.contains("DATABASE_URL") && text.contains("refused"), "{text}");
+}
+
+#[test]
+fn a_server_that_never_answers_is_unavailable_after_the_timeout_and_says_so() {
+    // Accepts the TCP connection and then says nothing, like a hung server.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in listener.incoming().take(4) {
+            open.push(stream);
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let timeout = Duration::from_millis(400);
+    let url = format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/app");
+    let started = Instant::now();
+    let error = DataLayer::open(
+        Config::new(url).with_pool(PoolConfig { connection_timeout: timeout, ..PoolConfig::default() }),
+    )
+    .map(drop)
+    .unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error}");
+    assert!(error.to_string().contains("did not answer in time"), "{error}");
+    assert!(waited >= timeout && waited < timeout * 5, "waited {waited:?}");
+}

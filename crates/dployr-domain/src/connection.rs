@@ -1,0 +1,411 @@
+//! What a failed connection attempt means, told from libpq's message, with
+//! every secret of the connection string taken out.
+//!
+//! It exists for two reasons. libpq echoes parts of a malformed connection
+//! string in its messages (`missing "=" after "postgresql:/app:secret@host"
+//! in connection info string`, `invalid percent-encoded token: "Pw%zz..."`),
+//! so a message must never leave the data layer unredacted, neither in an
+//! error's text nor in its `source()` chain. And an orchestrator acts on the
+//! kind of error: a wrong password, a missing database or role and a
+//! malformed URL never heal by retrying, so they are
+//! [`StoreError::Configuration`] at once; only a refused, unreachable or
+//! timed-out server is [`StoreError::Unavailable`].
+//!
+//! The PostgreSQL crates (`dployr-pg`, `dployr-migrate`) classify their
+//! connection errors here; this module only reads strings and does no I/O.
+//! Server-side reasons (authentication, missing database) arrive in the
+//! server's `lc_messages` language: the classification below knows the
+//! English texts, and an unknown text is `Unavailable` with the reason kept.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use crate::StoreError;
+
+/// What stands in for a secret in a message.
+pub const REDACTED: &str = "<redacted>";
+
+/// Why a connection could not be made, as a caller acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailureKind {
+    /// The connection string is malformed, or names a host that does not
+    /// exist: fix the setting.
+    MalformedUrl,
+    /// The server refused the credentials (wrong password, no `pg_hba.conf`
+    /// entry, a role that may not log in).
+    Authentication,
+    /// The database or role named does not exist.
+    Missing,
+    /// The server refused the TCP connection (nothing listens there).
+    Refused,
+    /// The host or network could not be reached (or a name could not be
+    /// resolved for now).
+    Unreachable,
+    /// No answer within the time allowed.
+    TimedOut,
+    /// The server answered but does not take connections now (starting,
+    /// shutting down, in recovery, too many clients).
+    NotReady,
+    /// Any other reason libpq gave.
+    Other,
+}
+
+impl ConnectFailureKind {
+    /// Whether retrying later may succeed: refused, unreachable, timed out,
+    /// not ready, or an unknown reason. Never for a malformed URL, refused
+    /// credentials or a missing database.
+    pub fn is_transient(self) -> bool {
+        !matches!(self, Self::MalformedUrl | Self::Authentication | Self::Missing)
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::MalformedUrl => "the connection string is malformed or names an unknown host",
+            Self::Authentication => "the server refused the credentials",
+            Self::Missing => "the database or role does not exist",
+            Self::Refused => "the server refused the connection (is PostgreSQL running and listening there?)",
+            Self::Unreachable => "the server could not be reached",
+            Self::TimedOut => "the server did not answer in time",
+            Self::NotReady => "the server does not accept connections now",
+            Self::Other => "the connection failed",
+        }
+    }
+}
+
+/// A failed connection attempt: its kind and libpq's reason, redacted.
+/// Holds no secret, so its `Display` and `Debug` may be logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    kind: ConnectFailureKind,
+    reason: String,
+}
+
+impl ConnectFailure {
+    /// Classifies libpq's `message` about a connection to `conninfo` (a URL
+    /// or a `key=value` string), and keeps the message with every secret of
+    /// `conninfo` replaced by [`REDACTED`].
+    ///
+    /// ```
+    /// use dployr_domain::{ConnectFailure, ConnectFailureKind};
+    ///
+    /// let url = "postgresql:/app:AppPw-9x@host/app";
+    /// let failure = ConnectFailure::classify(
+    ///     r#"missing "=" after "postgresql:/app:AppPw-9x@host/app" in connection info string"#,
+    ///     url,
+    /// );
+    /// assert_eq!(failure.kind(), ConnectFailureKind::MalformedUrl);
+    /// assert!(!failure.to_string().contains("AppPw-9x"));
+    /// ```
+    pub fn classify(message: &str, conninfo: &str) -> Self {
+        let kind = kind_of(message);
+        Self { kind, reason: one_line(&redact(message, conninfo)) }
+    }
+
+    /// A failure of `kind` with a reason that holds no secret.
+    pub fn new(kind: ConnectFailureKind, reason: impl Into<String>) -> Self {
+        Self { kind, reason: reason.into() }
+    }
+
+    /// Why, as a caller acts on it.
+    pub fn kind(&self) -> ConnectFailureKind {
+        self.kind
+    }
+
+    /// libpq's reason, redacted, on one line.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// The shared error: [`StoreError::Configuration`] naming `setting` for a
+    /// malformed URL, refused credentials or a missing database or role;
+    /// [`StoreError::Unavailable`] otherwise. Both carry the redacted reason.
+    ///
+    /// ```
+    /// use dployr_domain::{ConnectFailure, StoreError};
+    ///
+    /// let failure = ConnectFailure::classify(
+    ///     r#"connection to server at "10.0.0.1", port 5432 failed: FATAL:  database "app" does not exist"#,
+    ///     "postgres://app:pw@10.0.0.1/app",
+    /// );
+    /// let error = failure.into_store_error("DATABASE_URL");
+    /// assert!(matches!(error, StoreError::Configuration { setting: "DATABASE_URL", .. }));
+    /// ```
+    pub fn into_store_error(self, setting: &'static str) -> StoreError {
+        let reason: Cow<'static, str> = format!("{}: {}", self.kind.describe(), self.reason).into();
+        if self.kind.is_transient() {
+            StoreError::Unavailable { reason: format!("{setting}: {reason}").into(), source: None }
+        } else {
+            StoreError::Configuration { setting, reason }
+        }
+    }
+}
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.describe(), self.reason)
+    }
+}
+
+impl std::error::Error for ConnectFailure {}
+
+/// libpq's messages span lines (`connection to server ... failed: ...\n\tIs
+/// the server running ...?`); an error reason is one line.
+fn one_line(message: &str) -> String {
+    message.split('\n').map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// The kind of a libpq (or server) connection message.
+fn kind_of(message: &str) -> ConnectFailureKind {
+    use ConnectFailureKind::{Authentication, MalformedUrl, Missing, NotReady, Other, Refused, TimedOut, Unreachable};
+    let has = |needle: &str| message.contains(needle);
+    // Server answers first: they quote parts of the message that could look
+    // like the network texts below.
+    if has("does not exist") && (has("database \"") || has("role \"")) {
+        return Missing;
+    }
+    if has("authentication failed")
+        || has("no password supplied")
+        || has("no pg_hba.conf entry")
+        || has("is not permitted to log in")
+        || has("permission denied for database")
+        || has("password is required")
+        || has("server does not support SSL")
+    {
+        return Authentication;
+    }
+    if has("the database system is")
+        || has("too many clients")
+        || has("remaining connection slots")
+        || has("not yet accepting connections")
+    {
+        return NotReady;
+    }
+    if has("Temporary failure in name resolution") {
+        return Unreachable;
+    }
+    if has("could not translate host name")
+        || has("Name or service not known")
+        || has("nodename nor servname")
+        || has("No address associated with hostname")
+    {
+        return MalformedUrl;
+    }
+    if has("Connection refused") {
+        return Refused;
+    }
+    if has("timeout expired") || has("timed out") {
+        return TimedOut;
+    }
+    if has("No route to host") || has("Network is unreachable") || has("Host is unreachable") {
+        return Unreachable;
+    }
+    if has("connection info string")
+        || has("URI")
+        || has("invalid ")
+        || has("unterminated quoted string")
+        || has("unexpected spaces")
+        || has("end of string reached")
+        || has("nul byte")
+        || has("forbidden value")
+    {
+        return MalformedUrl;
+    }
+    Other
+}
+
+/// `text` with every secret of `conninfo` replaced by [`REDACTED`]: the
+/// password of a URL (the text between the user's `:` and the `@`, read the
+/// way a malformed URL may be read too), `password=` in a URL's query or a
+/// `key=value` string, in raw and percent-decoded form; and every quoted
+/// fragment libpq echoed that overlaps a secret or holds an `@` (libpq
+/// echoes a malformed string whole or cut at a place of its choosing), and
+/// every fragment of a string it could not parse at all.
+///
+/// ```
+/// use dployr_domain::connection::redact;
+///
+/// let url = "postgres://app:Pw%zzSecret@db/app";
+/// let message = r#"invalid percent-encoded token: "Pw%zzSecret""#;
+/// assert_eq!(redact(message, url), r#"invalid percent-encoded token: "<redacted>""#);
+/// ```
+pub fn redact(text: &str, conninfo: &str) -> String {
+    let ranges = secret_ranges(conninfo);
+    let mut secrets: Vec<String> = Vec::new();
+    for range in &ranges {
+        let raw = &conninfo[range.clone()];
+        if !raw.is_empty() {
+            secrets.push(raw.to_owned());
+            let decoded = percent_decoded(raw);
+            if decoded != raw && !decoded.is_empty() {
+                secrets.push(decoded);
+            }
+        }
+    }
+    // A string libpq could not parse at all: what it quotes of it is
+    // garbage that may be anything, a pasted password included.
+    let unparsed = text.contains("connection info string") || text.contains("URI");
+    let mut redacted = redact_quoted(text, conninfo, &ranges, unparsed);
+    // Longest first, so a secret that contains another goes whole.
+    secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    for secret in &secrets {
+        redacted = redacted.replace(secret.as_str(), REDACTED);
+    }
+    redacted
+}
+
+/// Replaces each `"..."` of `text` that overlaps a secret of `conninfo` (as
+/// one of its occurrences there) or holds an `@`.
+fn redact_quoted(text: &str, conninfo: &str, ranges: &[std::ops::Range<usize>], unparsed: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('"') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('"') else { break };
+        let fragment = &after[..close];
+        out.push_str(&rest[..=open]);
+        let secret = fragment.contains('@')
+            || (unparsed && fragment.len() > 1 && conninfo.contains(fragment))
+            || (!fragment.is_empty()
+                && conninfo
+                    .match_indices(fragment)
+                    .any(|(at, found)| ranges.iter().any(|range| at < range.end && range.start < at + found.len())));
+        out.push_str(if secret { REDACTED } else { fragment });
+        out.push('"');
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The byte ranges of `conninfo` that may hold a password.
+fn secret_ranges(conninfo: &str) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let lower = conninfo.to_ascii_lowercase();
+    let scheme = ["postgresql:", "postgres:"].into_iter().find(|scheme| lower.trim_start().starts_with(scheme));
+    if let Some(scheme) = scheme {
+        let start = conninfo.len() - conninfo.trim_start().len() + scheme.len();
+        let body_start = start + conninfo[start..].len() - conninfo[start..].trim_start_matches('/').len();
+        let body = &conninfo[body_start..];
+        // The user info ends at an `@`: libpq takes the first, a reader the
+        // last; the password starts after the first `:` of the user info.
+        if let (Some(first_at), Some(last_at)) = (body.find('@'), body.rfind('@')) {
+            for at in [first_at, last_at] {
+                if let Some(colon) = body[..at].find(':') {
+                    ranges.push(body_start + colon + 1..body_start + at);
+                }
+            }
+        }
+        // `?password=...&...`
+        if let Some(query) = conninfo.find('?') {
+            let mut offset = query + 1;
+            for pair in conninfo[query + 1..].split('&') {
+                if let Some(value) = pair.strip_prefix("password=") {
+                    let value_start = offset + "password=".len();
+                    ranges.push(value_start..value_start + value.len());
+                }
+                offset += pair.len() + 1;
+            }
+        }
+        return ranges;
+    }
+    // key=value: `password = value` or `password='quoted value'`, to the
+    // end of the value (or of the string, if a quote is not closed).
+    let mut search = 0;
+    while let Some(found) = lower[search..].find("password") {
+        let at = search + found;
+        search = at + "password".len();
+        let rest = &conninfo[search..];
+        let Some(after_eq) = rest.trim_start().strip_prefix('=') else { continue };
+        let value = after_eq.trim_start();
+        let value_start = conninfo.len() - value.len();
+        let value_end = if let Some(quoted) = value.strip_prefix('\'') {
+            quoted.find('\'').map_or(conninfo.len(), |end| value_start + 1 + end)
+        } else {
+            value.find(char::is_whitespace).map_or(conninfo.len(), |end| value_start + end)
+        };
+        let value_start = if value.starts_with('\'') { value_start + 1 } else { value_start };
+        if value_start <= value_end {
+            ranges.push(value_start..value_end);
+        }
+    }
+    ranges
+}
+
+/// `%XX` sequences decoded; malformed ones kept as they are.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(byte) = hex {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libpq_echoes_of_a_malformed_url_lose_the_password() {
+        let url = "postgresql:/app:AppPw-9x@host/app";
+        let message = r#"missing "=" after "postgresql:/app:AppPw-9x@host/app" in connection info string"#;
+        assert_eq!(redact(message, url), r#"missing "=" after "<redacted>" in connection info string"#);
+        let failure = ConnectFailure::classify(message, url);
+        assert_eq!(failure.kind(), ConnectFailureKind::MalformedUrl);
+    }
+
+    #[test]
+    fn percent_decoded_passwords_and_key_value_passwords_are_redacted() {
+        let url = "postgres://app:S%40cret@db/app";
+        assert_eq!(redact("user S@cret and S%40cret", url), "user <redacted> and <redacted>");
+        let conninfo = "host=db password='two words' user=app";
+        assert_eq!(redact("got two words", conninfo), "got <redacted>");
+        let conninfo = "host=db password = plain user=app";
+        assert_eq!(redact("\"plain\"", conninfo), "\"<redacted>\"");
+        let url = "postgres://app@db/app?sslmode=require&password=QueryPw";
+        assert_eq!(redact("QueryPw", url), REDACTED);
+    }
+
+    #[test]
+    fn quoted_fragments_outside_the_password_stay() {
+        let url = "postgres://app:pw@db.example/app";
+        let message = r#"could not translate host name "db.example" to address: Name or service not known"#;
+        assert_eq!(redact(message, url), message);
+        assert_eq!(kind_of(message), ConnectFailureKind::MalformedUrl);
+    }
+
+    #[test]
+    fn kinds_follow_what_an_operator_does_about_them() {
+        use ConnectFailureKind::*;
+        for (message, kind) in [
+            (
+                r#"connection to server at "127.0.0.1", port 5432 failed: FATAL:  password authentication failed for user "app""#,
+                Authentication,
+            ),
+            (r#"FATAL:  database "nope" does not exist"#, Missing),
+            (r#"FATAL:  role "nope" does not exist"#, Missing),
+            (
+                "connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?",
+                Refused,
+            ),
+            ("timeout expired", TimedOut),
+            ("connection to server at \"10.1.1.1\", port 5432 failed: No route to host", Unreachable),
+            ("FATAL:  the database system is starting up", NotReady),
+            ("FATAL:  sorry, too many clients already", NotReady),
+            (r#"invalid port number: "abc""#, MalformedUrl),
+        ] {
+            assert_eq!(kind_of(message), kind, "{message}");
+        }
+        assert!(Refused.is_transient() && !Authentication.is_transient() && !Missing.is_transient());
+    }
+}
