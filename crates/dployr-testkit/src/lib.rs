@@ -36,6 +36,7 @@
 pub mod cloudflare_emulator;
 pub mod erd;
 pub mod local;
+pub mod pgbouncer;
 pub mod spans;
 
 mod databases;

@@ -94,13 +94,13 @@ pub fn find_bindir() -> Option<PathBuf> {
 
 /// The account the server runs as: none (this process's own) unless root.
 #[derive(Debug, Clone, Copy)]
-struct RunAs {
+pub(crate) struct RunAs {
     uid: nix::unistd::Uid,
     gid: nix::unistd::Gid,
 }
 
 impl RunAs {
-    fn for_this_process() -> Result<Option<Self>, TestkitError> {
+    pub(crate) fn for_this_process() -> Result<Option<Self>, TestkitError> {
         if !geteuid().is_root() {
             return Ok(None);
         }
@@ -116,13 +116,13 @@ impl RunAs {
         ))
     }
 
-    fn apply(self, command: &mut Command) -> &mut Command {
+    pub(crate) fn apply(self, command: &mut Command) -> &mut Command {
         // std calls setgroups(0) before setuid when it runs as root, so the
         // child keeps none of root's supplementary groups.
         command.uid(self.uid.as_raw()).gid(self.gid.as_raw())
     }
 
-    fn own(self, path: &Path) -> Result<(), TestkitError> {
+    pub(crate) fn own(self, path: &Path) -> Result<(), TestkitError> {
         std::os::unix::fs::chown(path, Some(self.uid.as_raw()), Some(self.gid.as_raw()))
             .map_err(|e| TestkitError::io(format!("giving {} to the server's user", path.display()), e))
     }
@@ -151,7 +151,7 @@ fn run(command: &mut Command, what: &str) -> Result<(), TestkitError> {
     )))
 }
 
-fn free_port() -> Result<u16, TestkitError> {
+pub(crate) fn free_port() -> Result<u16, TestkitError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| TestkitError::io("finding a free port".into(), e))?;
     let port = listener.local_addr().map_err(|e| TestkitError::io("finding a free port".into(), e))?.port();
     Ok(port)
@@ -564,7 +564,7 @@ impl DevCluster {
 }
 
 /// The server's user must be able to walk down to the cluster directory.
-fn check_reachable(dir: &Path) -> Result<(), TestkitError> {
+pub(crate) fn check_reachable(dir: &Path) -> Result<(), TestkitError> {
     let mut current = Some(dir);
     while let Some(path) = current {
         if let Ok(meta) = fs::metadata(path) {

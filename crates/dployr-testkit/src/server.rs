@@ -210,6 +210,14 @@ impl TestServer {
         }
     }
 
+    /// The loopback port of the throwaway cluster, if this process started one.
+    pub fn local_port(&self) -> Option<u16> {
+        match lock(&self.owned).as_ref() {
+            Some(Owned::Local(cluster)) => Some(cluster.port()),
+            _ => None,
+        }
+    }
+
     /// The directory of the throwaway cluster, if this process started one.
     pub fn local_root(&self) -> Option<PathBuf> {
         match lock(&self.owned).as_ref() {
