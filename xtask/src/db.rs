@@ -14,16 +14,19 @@ pub fn external_url() -> Option<String> {
     std::env::var("DATABASE_URL").ok().filter(|url| !url.trim().is_empty())
 }
 
+/// Where the development cluster lives: `.dployr/dev` in the checkout
+/// (ignored by git), not under the target directory, so `cargo clean` does
+/// not delete it and a shared `CARGO_TARGET_DIR` does not share it between
+/// checkouts.
+pub fn dev_root() -> PathBuf {
+    workspace_root().join(".dployr").join("dev")
+}
+
 fn dev_cluster() -> Result<DevCluster, Failure> {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    let bindir = local::find_bindir().ok_or_else(|| {
-        format!(
-            "no PostgreSQL server binaries found (searched {}); install them (apt-get install postgresql) \
-             or set DATABASE_URL to a server of your own",
-            local::BINDIR_SEARCH
-        )
+    let bindir = local::locate_bindir().map_err(|error| {
+        format!("{error}; install them (apt-get install postgresql) or set DATABASE_URL to a server of your own")
     })?;
-    Ok(DevCluster::new(target.join("dployr-dev"), bindir))
+    Ok(DevCluster::new(dev_root(), bindir))
 }
 
 /// The database the other commands use: `DATABASE_URL`, else the running
@@ -43,7 +46,10 @@ pub fn database_url() -> Result<String, Failure> {
 
 pub fn up() -> Result<(), Failure> {
     if let Some(url) = external_url() {
-        PgConnection::establish(&url).map_err(|e| format!("DATABASE_URL is set, but its server refused: {e}"))?;
+        PgConnection::establish(&url).map_err(|e| {
+            // libpq's text may echo the URL, password included.
+            format!("DATABASE_URL is set, but: {}", dployr_domain::ConnectFailure::classify(&e.to_string(), &url))
+        })?;
         println!("DATABASE_URL is set and answers; nothing to start.");
         return Ok(());
     }
@@ -91,4 +97,30 @@ pub fn psql(extra: &[&str]) -> Result<(), Failure> {
     // Replace this process: psql owns the terminal from here.
     let error = Command::new(&psql).arg(&url).args(extra).exec();
     Err(format!("running {}: {error}", psql.display()).into())
+}
+
+/// Drops the template and per-test databases the tests, `erd` and `schema`
+/// left on the server (`DATABASE_URL`, else the development cluster).
+pub fn clean() -> Result<(), Failure> {
+    let url = database_url()?;
+    let dropped = dployr_testkit::drop_leftover_databases(&url)?;
+    if dropped.is_empty() {
+        println!("nothing to drop: no template or leftover test database on the server");
+    }
+    for name in &dropped {
+        println!("dropped {name}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_development_cluster_lives_in_the_checkout_outside_the_target_directory() {
+        let root = super::dev_root();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| crate::workspace_root().join("target"), std::path::PathBuf::from);
+        assert!(!root.starts_with(&target), "{} is under {}", root.display(), target.display());
+        assert!(root.starts_with(crate::workspace_root()), "{}", root.display());
+    }
 }

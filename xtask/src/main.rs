@@ -2,21 +2,48 @@
 //!
 //! Subcommands are plain functions; argument parsing is a `match` on words.
 //! Without `DATABASE_URL`, the database commands use a persistent local
-//! development cluster under `target/dployr-dev` (the seed's
+//! development cluster under `.dployr/dev` (the seed's
 //! `createdb dployr-local`), which `cargo xtask db up` starts.
 
-#![expect(clippy::print_stdout, reason = "a command-line tool: printing is its output")]
+/// `println!` for a command-line tool whose output may go to a pipe that
+/// closes early (`cargo xtask --help | head`): std's `println!` panics on
+/// the closed pipe; this one ends the process quietly, which is what the
+/// reader of a pipe expects. It shadows std's macro in every module below.
+macro_rules! println {
+    () => {
+        $crate::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_line(format_args!($($arg)*))
+    };
+}
 
 mod bench;
 mod db;
 mod demo;
 mod erd;
 mod migrate;
+mod pgbouncer;
 mod schema;
 mod stress;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// Writes one line to stdout; a closed pipe ends the process with success
+/// (the reader has what it wanted), any other error with failure.
+fn write_line(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{args}") {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(error) => {
+            eprintln!("error: writing to stdout: {error}");
+            std::process::exit(1);
+        }
+    }
+}
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -35,16 +62,29 @@ usage: cargo xtask <command>
                    sampling the invariants (one owner per live cluster, no orphan membership,
                    tokens used once) every 10 ms; fails on any violation, Backend error or deadlock
 
-  db up            start the local development PostgreSQL (target/dployr-dev) and create dployr-local
+  pgbouncer [--threads 16] [--runs 5]
+                   the deployment behind PgBouncer in transaction mode (pgbouncer must be installed):
+                   a start with an unsafe setting is refused, three restarts with migrations on start,
+                   then 3 processes x N threads of the seed story; fails on any error or rule violation
+  seed-load [--threads 16] [--runs 5] [--label L]
+                   the seed story from N threads on the data layer of the environment (DATABASE_URL, ...)
+
+  db up            start the local development PostgreSQL (.dployr/dev) and create dployr-local
   db down          stop it (the data stays; `db down --purge` deletes it)
   db url           print the URL the other commands use
   db psql          open psql on it
+  db clean         drop the template and test databases the tests, `erd` and `schema` left on the
+                   server (DATABASE_URL, else the development cluster); run it when no test uses it
 
-  migrate status   list migrations: applied (when, how long) or pending
+  migrate status   list migrations: applied (when, how long) or pending; exits 1 when a migration
+                   is pending, changed or missing (for deploy scripts)
   migrate run      apply pending migrations
   migrate revert   revert the last applied migration
+  migrate revert --to VERSION   revert every migration above VERSION
+  migrate revert --all          revert every applied migration
   migrate redo     revert the last applied migration and apply it again
   migrate new NAME create migrations/NNN_NAME/{up,down}.sql
+                   (every migrate command takes --database-url URL, over DATABASE_URL)
 
   erd              regenerate docs/erd.md (Mermaid) from the catalog of a freshly migrated database
   erd --check      fail if docs/erd.md differs from what the migrations produce
@@ -70,11 +110,10 @@ fn main() -> ExitCode {
         ["db", "down", "--purge"] => db::down(true),
         ["db", "url"] => db::url(),
         ["db", "psql", rest @ ..] => db::psql(rest),
-        ["migrate", "status"] => migrate::status(),
-        ["migrate", "run"] => migrate::run(),
-        ["migrate", "revert"] => migrate::revert(),
-        ["migrate", "redo"] => migrate::redo(),
-        ["migrate", "new", name] => migrate::new(name),
+        ["db", "clean"] => db::clean(),
+        ["pgbouncer", rest @ ..] => pgbouncer::run(rest),
+        ["seed-load", rest @ ..] => pgbouncer::seed_load(rest),
+        ["migrate", rest @ ..] => migrate::dispatch(rest),
         ["erd"] => erd::write(),
         ["erd", "--check"] => erd::check(),
         ["schema"] => schema::write(),

@@ -1,23 +1,52 @@
 //! `cargo xtask migrate ...`: status, run, revert, redo and new, over the
-//! `migrations/` folder as it is on disk now.
-
-use std::fs;
+//! `migrations/` folder as it is on disk now. `--database-url URL` (anywhere
+//! after `migrate`) wins over `DATABASE_URL` and the development cluster.
 
 use dployr_migrate::{MigrationEvent, MigrationRunner, MigrationSet, MigrationState};
 
 use crate::{Failure, db, migrations_dir};
 
-fn runner() -> Result<MigrationRunner, Failure> {
+/// `migrate` and its words, with `--database-url URL` taken out.
+pub fn dispatch(words: &[&str]) -> Result<(), Failure> {
+    let mut url = None;
+    let mut rest = Vec::new();
+    let mut words = words.iter();
+    while let Some(word) = words.next() {
+        match *word {
+            "--database-url" => url = Some((*words.next().ok_or("--database-url needs a URL")?).to_owned()),
+            other => rest.push(other),
+        }
+    }
+    let url = url.as_deref();
+    match rest.as_slice() {
+        ["status"] => status(url),
+        ["run"] => run(url),
+        ["revert"] => revert(url),
+        ["revert", "--to", version] => revert_to(url, Some(version)),
+        ["revert", "--all"] => revert_to(url, None),
+        ["redo"] => redo(url),
+        ["new", name] => new(name),
+        _ => Err(format!("unknown command `migrate {}`; `cargo xtask help` lists them", rest.join(" ")).into()),
+    }
+}
+
+fn runner(url: Option<&str>) -> Result<MigrationRunner, Failure> {
     let set = MigrationSet::from_dir(migrations_dir())?;
-    Ok(MigrationRunner::new(db::database_url()?, set))
+    let url = match url {
+        Some(url) => url.to_owned(),
+        None => db::database_url()?,
+    };
+    Ok(MigrationRunner::new(url, set))
 }
 
 fn print_event(event: &MigrationEvent) {
     println!("{event}");
 }
 
-pub fn status() -> Result<(), Failure> {
-    let lines = runner()?.status()?;
+/// Prints every migration's state; fails (exit 1) when one is pending,
+/// changed or missing, so a deploy script can stop on it.
+pub fn status(url: Option<&str>) -> Result<(), Failure> {
+    let lines = runner(url)?.status()?;
     let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(4).max(4);
     println!("{:<width$}  {:<8}  {:<19}  {:>8}", "NAME", "STATE", "APPLIED AT (UTC)", "TIME");
     let mut pending = 0;
@@ -45,14 +74,23 @@ pub fn status() -> Result<(), Failure> {
     if lines.iter().any(|l| matches!(l.state, MigrationState::Applied { checksum_matches: false, .. })) {
         println!("CHANGED: up.sql differs from the text that was applied; `migrate run` will refuse to run.");
     }
-    if lines.iter().any(|l| matches!(l.state, MigrationState::MissingFromSource { .. })) {
+    let changed =
+        lines.iter().filter(|l| matches!(l.state, MigrationState::Applied { checksum_matches: false, .. })).count();
+    let missing = lines.iter().filter(|l| matches!(l.state, MigrationState::MissingFromSource { .. })).count();
+    if missing > 0 {
         println!("MISSING: applied to the database but not in migrations/; `migrate run` will refuse to run.");
+    }
+    if pending + changed + missing > 0 {
+        return Err(format!(
+            "the database is not up to date with migrations/: {pending} pending, {changed} changed, {missing} missing"
+        )
+        .into());
     }
     Ok(())
 }
 
-pub fn run() -> Result<(), Failure> {
-    let applied = runner()?.run_pending(&mut print_event)?;
+pub fn run(url: Option<&str>) -> Result<(), Failure> {
+    let applied = runner(url)?.run_pending(&mut print_event)?;
     if applied.is_empty() {
         println!("nothing to apply: the database is up to date");
     } else {
@@ -62,41 +100,31 @@ pub fn run() -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn revert() -> Result<(), Failure> {
-    if runner()?.revert_last(&mut print_event)?.is_none() {
+pub fn revert(url: Option<&str>) -> Result<(), Failure> {
+    if runner(url)?.revert_last(&mut print_event)?.is_none() {
         println!("nothing to revert: no migration is applied");
     }
     Ok(())
 }
 
-pub fn redo() -> Result<(), Failure> {
-    if runner()?.redo(&mut print_event)?.is_none() {
+pub fn revert_to(url: Option<&str>, version: Option<&str>) -> Result<(), Failure> {
+    let reverted = runner(url)?.revert_to(version, &mut print_event)?;
+    println!("{} migration(s) reverted", reverted.len());
+    Ok(())
+}
+
+pub fn redo(url: Option<&str>) -> Result<(), Failure> {
+    if runner(url)?.redo(&mut print_event)?.is_none() {
         println!("nothing to redo: no migration is applied");
     }
     Ok(())
 }
 
 pub fn new(name: &str) -> Result<(), Failure> {
-    let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if !valid {
-        return Err(
-            format!("migration name `{name}`: use lower-case letters, digits and `_` (e.g. add_avatar_url)").into()
-        );
-    }
-    let dir = migrations_dir();
-    let set = MigrationSet::from_dir(&dir)?;
-    let next = set.iter().filter_map(|m| m.version().parse::<u32>().ok()).max().map_or(0, |n| n + 1);
-    let folder = dir.join(format!("{next:03}_{name}"));
-    fs::create_dir(&folder).map_err(|e| format!("creating {}: {e}", folder.display()))?;
-    let up = format!(
-        "-- {next:03}_{name}: describe the change here.\n\
-         -- The file runs whole, in one transaction with its record in _migrations.\n\
-         -- For CREATE INDEX CONCURRENTLY, add metadata.toml with `run_in_transaction = false`\n\
-         -- and keep this file to that one statement.\n"
+    let folder = MigrationSet::create_migration(migrations_dir(), name)?;
+    println!(
+        "created {}/up.sql and down.sql (write the change in them; until then `migrate run` refuses them)",
+        folder.display()
     );
-    let down = format!("-- Reverts {next:03}_{name}: undo everything up.sql does.\n");
-    fs::write(folder.join("up.sql"), up)?;
-    fs::write(folder.join("down.sql"), down)?;
-    println!("created {}/up.sql and down.sql", folder.display());
     Ok(())
 }

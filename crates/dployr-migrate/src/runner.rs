@@ -570,7 +570,7 @@ impl LockWatcher {
         || coalesce(', held by ' || (SELECT string_agg('pid ' || b.pid || ' (' \
         || coalesce(nullif(b.application_name, ''), 'no application_name') || ', ' || b.state || ': ' \
         || left(b.query, 80) || ')', '; ') FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(l.pid))), '') \
-        FROM pg_locks l WHERE l.pid = $1 AND NOT l.granted LIMIT 1";
+        AS waiting FROM pg_locks l WHERE l.pid = $1 AND NOT l.granted LIMIT 1";
 
     fn start(database_url: &str, pid: Option<i32>) -> Self {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();

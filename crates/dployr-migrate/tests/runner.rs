@@ -402,3 +402,122 @@ fn debug_output_of_a_runner_hides_the_database_url() {
     let debug = format!("{runner:?}");
     assert!(!debug.contains("s3cret") && !debug.contains("db.internal"), "{debug}");
 }
+
+/// A session holding `ACCESS SHARE` on `table` in an open transaction, as a
+/// long read of live traffic does: an `ALTER TABLE` must wait for it.
+fn hold_a_read_lock(db: &TestDatabase, table: &str) -> PgConnection {
+    let mut holder = db.connect();
+    holder
+        .batch_execute(&format!(
+            "SET application_name = 'live-traffic'; BEGIN; LOCK TABLE {table} IN ACCESS SHARE MODE"
+        ))
+        .unwrap();
+    holder
+}
+
+#[test]
+fn a_migration_blocked_by_live_traffic_gives_up_after_lock_timeout_retries_and_names_the_lock() {
+    let db = empty_database();
+    let (dir, set) = set_of(&[folder("001_t", "CREATE TABLE t (id int);")]);
+    run(&db, &set).unwrap();
+    let _holder = hold_a_read_lock(&db, "t");
+    write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
+    let set = MigrationSet::from_dir(dir.path()).unwrap();
+    let mut events = Vec::new();
+    let started = std::time::Instant::now();
+    let error = MigrationRunner::new(db.url(), set)
+        .with_table_lock_timeout(Duration::from_millis(200))
+        .with_lock_attempts(2)
+        .run_pending(&mut |e| events.push(e.clone()))
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    let MigrateError::LockNotAvailable { name, attempts, waited_for, .. } = &error else { panic!("{error:?}") };
+    assert_eq!((name.as_str(), *attempts), ("002_alter", 2));
+    assert!(waited_for.contains("AccessExclusiveLock on table t"), "{waited_for}");
+    assert!(waited_for.contains("live-traffic"), "the holder is named: {waited_for}");
+    let waits: Vec<_> = events.iter().filter(|e| matches!(e, MigrationEvent::LockWait { .. })).collect();
+    assert_eq!(waits.len(), 1, "{events:?}");
+    assert!(error.to_string().contains("AccessExclusiveLock on table t"), "{error}");
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), ["001_t"], "the migration left nothing");
+}
+
+#[test]
+fn a_migration_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() {
+    let db = empty_database();
+    let (dir, set) = set_of(&[folder("001_t", "CREATE TABLE t (id int);")]);
+    run(&db, &set).unwrap();
+    let holder = hold_a_read_lock(&db, "t");
+    let release = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(400));
+        drop(holder);
+    });
+    write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
+    let mut events = Vec::new();
+    let applied = MigrationRunner::new(db.url(), MigrationSet::from_dir(dir.path()).unwrap())
+        .with_table_lock_timeout(Duration::from_millis(150))
+        .run_pending(&mut |e| events.push(e.clone()))
+        .unwrap();
+    release.join().unwrap();
+    assert_eq!(applied.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["002_alter"]);
+    assert!(events.iter().any(|e| matches!(e, MigrationEvent::LockWait { .. })), "{events:?}");
+}
+
+#[test]
+fn while_a_migration_waits_for_its_lock_live_reads_wait_at_most_its_lock_timeout() {
+    let db = empty_database();
+    let (dir, set) = set_of(&[folder("001_t", "CREATE TABLE t (id int);")]);
+    run(&db, &set).unwrap();
+    let _holder = hold_a_read_lock(&db, "t");
+    write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
+    let url = db.url().to_owned();
+    let migration = thread::spawn(move || {
+        MigrationRunner::new(url, MigrationSet::from_dir(dir.path()).unwrap())
+            .with_table_lock_timeout(Duration::from_millis(300))
+            .with_lock_attempts(3)
+            .run_pending(&mut |_| {})
+    });
+    thread::sleep(Duration::from_millis(100));
+    // A reader queues behind the waiting ALTER TABLE, for at most its lock_timeout.
+    let mut reader = db.connect();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        count(&mut reader, "SELECT count(*) FROM t");
+        assert!(started.elapsed() < Duration::from_millis(1500), "a read waited {:?}", started.elapsed());
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(matches!(migration.join().unwrap(), Err(MigrateError::LockNotAvailable { .. })));
+}
+
+#[test]
+fn a_fresh_migrate_new_template_is_refused_by_name_instead_of_an_empty_query() {
+    let db = empty_database();
+    let dir = tempfile::tempdir().unwrap();
+    write_folders(dir.path(), &[folder("000_base", "CREATE TABLE base (id int);")]);
+    let created = MigrationSet::create_migration(dir.path(), "add_x").unwrap();
+    assert!(created.ends_with("001_add_x"), "{}", created.display());
+    let error = run(&db, &MigrationSet::from_dir(dir.path()).unwrap()).unwrap_err();
+    assert!(matches!(&error, MigrateError::EmptyFile { name, file: "up.sql" } if name == "001_add_x"), "{error:?}");
+    assert!(error.to_string().contains("001_add_x/up.sql holds no SQL statement"), "{error}");
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), ["000_base"], "the migrations before it applied");
+}
+
+#[test]
+fn revert_to_a_version_reverts_those_above_it_and_revert_all_reverts_everything() {
+    let db = empty_database();
+    let with_down = |name, up, down| Folder { name, up, down: Some(down), metadata: None };
+    let (_dir, set) = set_of(&[
+        with_down("001_a", "CREATE TABLE a (id int);", "DROP TABLE a;"),
+        with_down("002_b", "CREATE TABLE b (id int);", "DROP TABLE b;"),
+        with_down("003_c", "CREATE TABLE c (id int);", "DROP TABLE c;"),
+    ]);
+    run(&db, &set).unwrap();
+    let runner = MigrationRunner::new(db.url(), set);
+    assert_eq!(runner.revert_to(Some("001"), &mut |_| {}).unwrap(), ["003_c", "002_b"]);
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), ["001_a"]);
+    assert!(matches!(runner.revert_to(Some("007"), &mut |_| {}), Err(MigrateError::Source(_))));
+    assert_eq!(runner.revert_to(None, &mut |_| {}).unwrap(), ["001_a"]);
+    assert_eq!(recorded(&mut conn), Vec::<String>::new());
+}

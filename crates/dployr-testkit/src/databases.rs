@@ -87,10 +87,12 @@ fn build_template(
         .map_err(|e| TestkitError::sql("creating the template database", e))?;
     MigrationRunner::new(admin_url_for(&building), set.clone()).run_pending(&mut |_| {})?;
     // No one may connect to the template: a clone fails while the source
-    // has sessions.
+    // has sessions. Not IS_TEMPLATE: the role that built it owns it, which
+    // is enough to clone it, and a template database refuses a plain DROP
+    // DATABASE (`cargo xtask db clean` drops leftovers of other runs).
     admin
         .batch_execute(&format!(
-            "ALTER DATABASE {b} RENAME TO {n}; ALTER DATABASE {n} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false",
+            "ALTER DATABASE {b} RENAME TO {n}; ALTER DATABASE {n} WITH ALLOW_CONNECTIONS false",
             b = quote_ident(&building),
             n = quote_ident(name)
         ))
@@ -117,4 +119,39 @@ pub(crate) fn drop_database(admin: &mut PgConnection, name: &str) -> Result<(), 
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name)))
         .map_err(|e| TestkitError::sql("dropping a test database", e))
+}
+
+/// The databases the testkit leaves on a server of one's own: templates
+/// (`dployr_tpl_*`, one per migration set ever tested) and per-test
+/// databases of processes that died before they could drop them
+/// (`dployr_t_<pid>_<n>`, `dployr_e_<pid>_<n>`). Those of a process of this
+/// machine that is still running are kept.
+pub(crate) fn leftovers(admin: &mut PgConnection) -> Result<Vec<String>, TestkitError> {
+    let names: Vec<String> = diesel::dsl::sql::<Text>(
+        "SELECT datname::text FROM pg_database WHERE datname ~ '^dployr_(tpl_[0-9a-f]+(_building)?|[te]_[0-9]+_[0-9]+)$' \
+         ORDER BY 1",
+    )
+    .load(admin)
+    .map_err(|e| TestkitError::sql("listing leftover databases", e))?;
+    Ok(names
+        .into_iter()
+        .filter(|name| {
+            let pid = name.strip_prefix("dployr_t_").or_else(|| name.strip_prefix("dployr_e_"));
+            let pid = pid.and_then(|rest| rest.split('_').next()).and_then(|pid| pid.parse::<i32>().ok());
+            !pid.is_some_and(crate::local::process_alive)
+        })
+        .collect())
+}
+
+/// Drops [`leftovers`]; returns the names dropped. A template of the old
+/// kind (`IS_TEMPLATE true`) is made an ordinary database first.
+pub(crate) fn drop_leftovers(admin: &mut PgConnection) -> Result<Vec<String>, TestkitError> {
+    let names = leftovers(admin)?;
+    for name in &names {
+        admin
+            .batch_execute(&format!("ALTER DATABASE {} WITH IS_TEMPLATE false", quote_ident(name)))
+            .map_err(|e| TestkitError::sql("unmarking a template database", e))?;
+        drop_database(admin, name)?;
+    }
+    Ok(names)
 }

@@ -35,9 +35,9 @@ pub enum TestkitError {
     },
 
     /// The server refused a connection (the string names the database, never
-    /// a URL, which may hold a password).
+    /// a URL, which may hold a password; libpq's reason is redacted).
     #[error("cannot connect to {0}: {1}")]
-    Connect(String, #[source] diesel::ConnectionError),
+    Connect(String, dployr_domain::ConnectFailure),
 
     /// A statement failed.
     #[error("{what}: {source}")]
@@ -55,6 +55,12 @@ pub enum TestkitError {
 }
 
 impl TestkitError {
+    /// [`TestkitError::Connect`] for `what` at `url`, libpq's reason
+    /// classified and redacted.
+    pub(crate) fn connect(what: impl Into<String>, url: &str, error: &diesel::ConnectionError) -> Self {
+        Self::Connect(what.into(), dployr_domain::ConnectFailure::classify(&error.to_string(), url))
+    }
+
     pub(crate) fn io(what: String, source: std::io::Error) -> Self {
         Self::Io { what, source }
     }

@@ -155,20 +155,55 @@ pub fn try_empty_database() -> Result<TestDatabase, TestkitError> {
     Ok(TestDatabase { url: server.url_for(&name), name, server })
 }
 
-/// [`try_database`], panicking with the error's guidance on failure.
+/// [`try_database`]; without a server, the process ends (see [`no_server`]).
 ///
 /// # Panics
-/// If no PostgreSQL can be had; the message says how to provide one.
+/// If the clone fails on a server that started.
 pub fn database() -> TestDatabase {
+    if let Err(error) = server() {
+        no_server(&error);
+    }
     try_database().unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// [`try_empty_database`], panicking with the error's guidance on failure.
+/// Ends a test process that has no PostgreSQL: the message, which says how
+/// to provide one, is printed once, then the process exits with libtest's
+/// failure code. Panicking instead would print it again in every test that
+/// asks for a database (77 times in `dployr-pg`'s tests, with backtraces).
+fn no_server(error: &TestkitError) -> ! {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // The first caller prints and exits; any other waits in `call_once`
+    // until the process is gone.
+    ONCE.call_once(|| {
+        eprintln!("\nerror: {error}\n");
+        std::process::exit(101);
+    });
+    unreachable!("the first caller of no_server exits the process")
+}
+
+/// [`try_empty_database`]; without a server, the process ends (see [`no_server`]).
 ///
 /// # Panics
-/// If no PostgreSQL can be had; the message says how to provide one.
+/// If the database cannot be created on a server that started.
 pub fn empty_database() -> TestDatabase {
+    if let Err(error) = server() {
+        no_server(&error);
+    }
     try_empty_database().unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Drops, on the server at `admin_url`, the template databases the testkit
+/// built there and the per-test databases of test processes that are gone
+/// (`cargo xtask db clean`). Returns their names. Run it when no test run
+/// uses that server: a template dropped under a running test binary makes
+/// its next clone fail.
+///
+/// # Errors
+/// [`TestkitError::Connect`] or [`TestkitError::Sql`].
+pub fn drop_leftover_databases(admin_url: &str) -> Result<Vec<String>, TestkitError> {
+    let mut admin =
+        PgConnection::establish(admin_url).map_err(|e| TestkitError::connect("the server to clean", admin_url, &e))?;
+    databases::drop_leftovers(&mut admin)
 }
 
 /// The embedded migrations, the set every template is built from.

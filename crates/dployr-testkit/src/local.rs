@@ -60,10 +60,34 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Finds the directory holding `initdb`, `postgres` and `pg_ctl`.
 pub fn find_bindir() -> Option<PathBuf> {
+    locate_bindir().ok()
+}
+
+/// [`find_bindir`], saying why not: a `DPLOYR_PG_BINDIR` that does not hold
+/// the server binaries is named with its value (it stops the search, so
+/// the other places were not looked at), and otherwise the places searched.
+///
+/// # Errors
+/// [`TestkitError::Setup`] with that sentence.
+pub fn locate_bindir() -> Result<PathBuf, TestkitError> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Some(dir) = std::env::var_os("DPLOYR_PG_BINDIR").map(PathBuf::from) {
-        return has_server(&dir).then_some(dir);
+        if has_server(&dir) {
+            return Ok(dir);
+        }
+        return Err(TestkitError::Setup(format!(
+            "DPLOYR_PG_BINDIR={} does not hold initdb and postgres (so nothing else was searched): \
+             point it at the server binaries' directory (e.g. /usr/lib/postgresql/15/bin) or unset it",
+            dir.display()
+        )));
     }
+    find_bindir_elsewhere().ok_or_else(|| {
+        TestkitError::Setup(format!("no PostgreSQL server binaries (initdb, postgres) found; searched {BINDIR_SEARCH}"))
+    })
+}
+
+fn find_bindir_elsewhere() -> Option<PathBuf> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if out.status.success() && has_server(&dir) {
@@ -399,7 +423,7 @@ rm -rf "$1"
     Ok((child, pipe))
 }
 
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     // Signal 0 checks existence; EPERM means it exists under another user.
     !matches!(kill(Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
 }
@@ -534,8 +558,9 @@ impl DevCluster {
             .map_err(|e| TestkitError::Setup(format!("{e}\npostgres.log ends:\n{}", tail_of(&log))))?;
             wait_until_ready(port, &log, || false)?;
         }
-        let mut admin = PgConnection::establish(&local_url(port, "postgres"))
-            .map_err(|e| TestkitError::Connect(format!("database postgres on port {port}"), e))?;
+        let admin_url = local_url(port, "postgres");
+        let mut admin = PgConnection::establish(&admin_url)
+            .map_err(|e| TestkitError::connect(format!("database postgres on port {port}"), &admin_url, &e))?;
         crate::databases::create_database_if_missing(&mut admin, Self::DATABASE)?;
         Ok(local_url(port, Self::DATABASE))
     }

@@ -123,7 +123,7 @@ impl TestServer {
         };
         let server = (|| {
             let mut admin = PgConnection::establish(&admin_url)
-                .map_err(|e| TestkitError::Connect("the test server's admin database".into(), e))?;
+                .map_err(|e| TestkitError::connect("the test server's admin database", &admin_url, &e))?;
             let file_copy = databases::server_major(&mut admin)? >= 15;
             let template =
                 databases::ensure_template(&mut admin, &|db| address.for_database(db), &workspace_migrations()?)?;
@@ -156,8 +156,8 @@ impl TestServer {
             return Ok((ServerKind::External, Address::parse(&url)?, None, local::find_bindir()));
         }
         let mut tried = Vec::new();
-        match local::find_bindir() {
-            Some(bindir) => match EphemeralCluster::start(&bindir) {
+        match local::locate_bindir() {
+            Ok(bindir) => match EphemeralCluster::start(&bindir) {
                 Ok(cluster) => {
                     register_exit_hook();
                     let address = Address::parse(&local::local_url(cluster.port(), "postgres"))?;
@@ -165,7 +165,7 @@ impl TestServer {
                 }
                 Err(error) => tried.push(format!("local binaries in {}: {error}", bindir.display())),
             },
-            None => tried.push("no PostgreSQL server binaries found".to_owned()),
+            Err(error) => tried.push(error.to_string()),
         }
         #[cfg(feature = "docker")]
         match crate::docker::DockerPostgres::start() {
@@ -178,7 +178,12 @@ impl TestServer {
         }
         #[cfg(not(feature = "docker"))]
         tried.push("Docker: dployr-testkit was built without its `docker` feature".to_owned());
-        Err(TestkitError::NoServer { searched: local::BINDIR_SEARCH, tried: tried.join("; ") })
+        let searched = if std::env::var_os("DPLOYR_PG_BINDIR").is_some() {
+            "DPLOYR_PG_BINDIR only (it is set: see below)"
+        } else {
+            local::BINDIR_SEARCH
+        };
+        Err(TestkitError::NoServer { searched, tried: tried.join("; ") })
     }
 
     /// Where the server came from.
