@@ -175,7 +175,10 @@ fn no_server(error: &TestkitError) -> ! {
     // The first caller prints and exits; any other waits in `call_once`
     // until the process is gone.
     ONCE.call_once(|| {
-        eprintln!("\nerror: {error}\n");
+        // Straight to the stream: libtest captures `eprintln!` of a test
+        // and would drop it with the process.
+        use std::io::Write as _;
+        let _ignored = writeln!(std::io::stderr(), "\nerror: {error}\n");
         std::process::exit(101);
     });
     unreachable!("the first caller of no_server exits the process")
