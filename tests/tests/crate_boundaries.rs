@@ -8,9 +8,15 @@ use std::process::Command;
 
 /// The packages `cargo tree` lists for `package`'s normal dependencies.
 fn dependencies_of(package: &str) -> Vec<String> {
+    dependencies_with(package, &[])
+}
+
+/// [`dependencies_of`], with more `cargo tree` arguments (features).
+fn dependencies_with(package: &str, extra: &[&str]) -> Vec<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
         .args(["tree", "--offline", "-p", package, "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .args(extra)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
@@ -36,4 +42,20 @@ fn the_pg_crate_does_not_depend_on_the_kv_crate() {
     let dependencies = dependencies_of("dployr-pg");
     assert!(dependencies.iter().any(|d| d == "diesel"), "{dependencies:?}");
     assert!(!dependencies.iter().any(|d| d == "dployr-kv" || d == "dployr-data"), "{dependencies:?}");
+}
+
+#[test]
+fn a_postgres_only_user_of_the_kv_or_data_crate_builds_no_http_client() {
+    for package in ["dployr-kv", "dployr-data"] {
+        let dependencies = dependencies_with(package, &["--no-default-features"]);
+        assert!(dependencies.iter().any(|d| d == "diesel"), "{dependencies:?}");
+        for forbidden in ["reqwest", "hyper", "rustls", "tokio"] {
+            assert!(
+                !dependencies.iter().any(|d| d == forbidden),
+                "{package} without `cloudflare` pulls in {forbidden}"
+            );
+        }
+    }
+    // On by default in the facade.
+    assert!(dependencies_of("dployr-data").iter().any(|d| d == "reqwest"));
 }

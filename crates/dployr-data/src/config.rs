@@ -7,7 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use dployr_domain::{StoreError, StoreResult};
-use dployr_kv::{ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CloudflareConfig, KvStoreConfig, NAMESPACE_ID_VAR};
+use dployr_kv::KvStoreConfig;
+#[cfg(feature = "cloudflare")]
+use dployr_kv::{ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CloudflareConfig, NAMESPACE_ID_VAR};
 use dployr_pg::PoolConfig;
 
 /// The PostgreSQL URL (libpq syntax). Required.
@@ -57,7 +59,18 @@ pub enum KvBackendConfig {
         purge_every: Option<Duration>,
     },
     /// A Cloudflare Workers KV namespace.
+    #[cfg(feature = "cloudflare")]
     Cloudflare(CloudflareConfig),
+}
+
+impl KvBackendConfig {
+    /// Whether sessions go to Cloudflare.
+    pub(crate) fn is_cloudflare(&self) -> bool {
+        #[cfg(feature = "cloudflare")]
+        return matches!(self, Self::Cloudflare(_));
+        #[cfg(not(feature = "cloudflare"))]
+        false
+    }
 }
 
 /// Where OAuth states, one-time codes and their attempt counters live.
@@ -273,6 +286,14 @@ impl Config {
         config.kv = match var(KV_VAR).as_deref().map(str::to_ascii_lowercase).as_deref() {
             None | Some("postgres") => KvBackendConfig::Postgres { purge_every },
             Some("memory") => KvBackendConfig::Memory,
+            #[cfg(not(feature = "cloudflare"))]
+            Some("cloudflare") => {
+                return Err(configuration(
+                    KV_VAR,
+                    "is cloudflare, but dployr-data was built without its `cloudflare` feature",
+                ));
+            }
+            #[cfg(feature = "cloudflare")]
             Some("cloudflare") => {
                 let required = |name: &'static str| {
                     var(name).ok_or_else(|| configuration(name, "is not set, and DPLOYR_KV=cloudflare needs it"))
@@ -286,17 +307,16 @@ impl Config {
                 return Err(configuration(KV_VAR, format!("is {other:?}; use memory, postgres or cloudflare")));
             }
         };
-        if var(API_BASE_URL_VAR).is_some() && !matches!(config.kv, KvBackendConfig::Cloudflare(_)) {
+        #[cfg(feature = "cloudflare")]
+        if var(API_BASE_URL_VAR).is_some() && !config.kv.is_cloudflare() {
             tracing::debug!("{API_BASE_URL_VAR} is set but {KV_VAR} is not cloudflare; it is not used");
         }
         config.one_time_kv = match var(KV_ONE_TIME_VAR).as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None if purge_every_set && matches!(config.kv, KvBackendConfig::Cloudflare(_)) => {
-                OneTimeKvConfig::Postgres { purge_every }
-            }
+            None if purge_every_set && config.kv.is_cloudflare() => OneTimeKvConfig::Postgres { purge_every },
             None => OneTimeKvConfig::Default,
             Some("postgres") => OneTimeKvConfig::Postgres { purge_every },
             Some("memory") => OneTimeKvConfig::Memory,
-            Some("cloudflare") if matches!(config.kv, KvBackendConfig::Cloudflare(_)) => OneTimeKvConfig::Cloudflare,
+            Some("cloudflare") if config.kv.is_cloudflare() => OneTimeKvConfig::Cloudflare,
             Some("cloudflare") => {
                 return Err(configuration(KV_ONE_TIME_VAR, "is cloudflare, which needs DPLOYR_KV=cloudflare"));
             }

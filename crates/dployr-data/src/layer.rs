@@ -7,7 +7,9 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use dployr_domain::{KvBackend, StoreError, StoreResult};
-use dployr_kv::{CloudflareKv, KvStore, MemoryKv, PgKv, Purger};
+#[cfg(feature = "cloudflare")]
+use dployr_kv::CloudflareKv;
+use dployr_kv::{KvStore, MemoryKv, PgKv, Purger};
 use dployr_migrate::{MigrationRunner, MigrationSet};
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore};
 
@@ -183,7 +185,7 @@ impl DataLayer {
 
         type Backend = (Arc<dyn KvBackend>, &'static str);
         let Config { kv: kv_config, one_time_kv, kv_store, .. } = config;
-        let sessions_on_cloudflare = matches!(kv_config, KvBackendConfig::Cloudflare(_));
+        let sessions_on_cloudflare = kv_config.is_cloudflare();
         let mut purger = None;
         let sessions: Backend = match kv_config {
             KvBackendConfig::Memory => (Arc::new(MemoryKv::new()), "memory"),
@@ -192,6 +194,7 @@ impl DataLayer {
                 purger = started;
                 (Arc::new(kv), "postgres")
             }
+            #[cfg(feature = "cloudflare")]
             KvBackendConfig::Cloudflare(cloudflare) => (Arc::new(CloudflareKv::new(cloudflare)?), "cloudflare"),
         };
         let mut postgres_one_time = |purge_every: Option<Duration>| -> StoreResult<Backend> {

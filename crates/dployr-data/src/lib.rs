@@ -24,7 +24,9 @@ pub use config::{
 pub use layer::DataLayer;
 
 pub use dployr_domain::*;
-pub use dployr_kv::{CloudflareConfig, KvStore, KvStoreConfig, OAuthState, OtpCode, Session, SessionId};
+#[cfg(feature = "cloudflare")]
+pub use dployr_kv::CloudflareConfig;
+pub use dployr_kv::{KvStore, KvStoreConfig, OAuthState, OtpCode, Session, SessionId};
 pub use dployr_pg::{PgPool, PoolConfig};
 
 pub use dployr_domain as domain;

@@ -58,6 +58,7 @@ fn every_variable_is_read() {
 }
 
 #[test]
+#[cfg(feature = "cloudflare")]
 fn cloudflare_takes_its_three_variables_and_hides_the_token() {
     let config = Config::from_vars(vars(&[
         ("DATABASE_URL", "postgres://db/app"),

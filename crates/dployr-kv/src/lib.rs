@@ -14,12 +14,14 @@
 //! Cloudflare while single use and the attempt limit stay exact.
 
 mod clock;
+#[cfg(feature = "cloudflare")]
 mod cloudflare;
 mod memory;
 mod postgres;
 mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+#[cfg(feature = "cloudflare")]
 pub use cloudflare::{
     ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CLOUDFLARE_API_URL, CloudflareConfig, CloudflareKv,
     CloudflareRequestCounts, MAX_EXPIRATION_TTL_SECS, NAMESPACE_ID_VAR, RetryPolicy,
