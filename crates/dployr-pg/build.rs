@@ -40,15 +40,15 @@ fn libpq_found() -> bool {
     if let Some(dir) = std::env::var_os("PQ_LIB_DIR") {
         dirs.push(dir.into());
     }
-    if let Ok(out) = Command::new("pkg-config").args(["--variable=libdir", "libpq"]).output() {
-        if out.status.success() {
-            dirs.push(String::from_utf8_lossy(&out.stdout).trim().into());
-        }
+    if let Ok(out) = Command::new("pkg-config").args(["--variable=libdir", "libpq"]).output()
+        && out.status.success()
+    {
+        dirs.push(String::from_utf8_lossy(&out.stdout).trim().into());
     }
-    if let Ok(out) = Command::new("pg_config").arg("--libdir").output() {
-        if out.status.success() {
-            dirs.push(String::from_utf8_lossy(&out.stdout).trim().into());
-        }
+    if let Ok(out) = Command::new("pg_config").arg("--libdir").output()
+        && out.status.success()
+    {
+        dirs.push(String::from_utf8_lossy(&out.stdout).trim().into());
     }
     if let Some(paths) = std::env::var_os("LIBRARY_PATH") {
         dirs.extend(std::env::split_paths(&paths));

@@ -311,12 +311,12 @@ impl MigrationRunner {
         progress: &mut dyn FnMut(&MigrationEvent),
     ) -> Result<Vec<String>, MigrateError> {
         self.locked(progress, |harness, applied, progress| {
-            if let Some(target) = target {
-                if !applied.iter().any(|row| row.version == target) {
-                    return Err(MigrateError::Source(format!(
-                        "no applied migration has version {target}; `migrate status` lists them"
-                    )));
-                }
+            if let Some(target) = target
+                && !applied.iter().any(|row| row.version == target)
+            {
+                return Err(MigrateError::Source(format!(
+                    "no applied migration has version {target}; `migrate status` lists them"
+                )));
             }
             let mut reverted = Vec::new();
             let mut remaining = applied.to_vec();
