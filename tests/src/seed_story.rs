@@ -61,7 +61,7 @@ pub fn run(data: &DataLayer, unique: &str, otp_max_attempts: u32) -> Result<(), 
     check(invited.len() == 2 && invited.iter().all(|m| m.role == Role::Invited), || {
         format!("invitations answered {invited:?}")
     })?;
-    let bob = invited[0].user_id.clone();
+    let bob = invited[0].user_id;
     let pending = data.clusters().pending_invites(&bob)?;
     check(pending.len() == 1 && pending[0].cluster_id == cluster.id, || format!("bob's invites: {pending:?}"))?;
     data.clusters().accept_invite(&bob, &cluster.id)?;

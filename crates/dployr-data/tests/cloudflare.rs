@@ -3,7 +3,8 @@
 //! `#[tokio::test]` build), reads its base URL from the environment, and
 //! keeps one-time records on a consistent backend unless told otherwise.
 
-#![cfg(all(test, feature = "cloudflare"))]
+#![cfg(test)]
+#![cfg(feature = "cloudflare")]
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -384,10 +384,10 @@ impl EphemeralCluster {
 
 /// Immediate shutdown (SIGQUIT) and wait.
 fn stop_child(server: &mut Child) {
-    if let Ok(None) = server.try_wait() {
-        if let Ok(pid) = i32::try_from(server.id()) {
-            let _ignored = kill(Pid::from_raw(pid), Signal::SIGQUIT);
-        }
+    if let Ok(None) = server.try_wait()
+        && let Ok(pid) = i32::try_from(server.id())
+    {
+        let _ignored = kill(Pid::from_raw(pid), Signal::SIGQUIT);
     }
     let _ignored = server.wait();
 }
@@ -592,15 +592,15 @@ impl DevCluster {
 pub(crate) fn check_reachable(dir: &Path) -> Result<(), TestkitError> {
     let mut current = Some(dir);
     while let Some(path) = current {
-        if let Ok(meta) = fs::metadata(path) {
-            if meta.permissions().mode() & 0o001 == 0 {
-                return Err(TestkitError::Setup(format!(
-                    "the server runs as the `postgres` user (this process is root), which cannot enter {} \
+        if let Ok(meta) = fs::metadata(path)
+            && meta.permissions().mode() & 0o001 == 0
+        {
+            return Err(TestkitError::Setup(format!(
+                "the server runs as the `postgres` user (this process is root), which cannot enter {} \
                      (mode {:o}); chmod o+x it, point TMPDIR elsewhere, or set DATABASE_URL to a server of your own",
-                    path.display(),
-                    meta.permissions().mode() & 0o777
-                )));
-            }
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )));
         }
         current = path.parent();
     }

@@ -188,10 +188,10 @@ impl Drop for PgBouncer {
 
 /// SIGINT (PgBouncer's immediate shutdown), and wait.
 fn stop(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ignored = kill(Pid::from_raw(pid), Signal::SIGINT);
-        }
+    if let Ok(None) = child.try_wait()
+        && let Ok(pid) = i32::try_from(child.id())
+    {
+        let _ignored = kill(Pid::from_raw(pid), Signal::SIGINT);
     }
     let _ignored = child.wait();
 }
