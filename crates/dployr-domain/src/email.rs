@@ -160,7 +160,8 @@ fn ascii_domain(domain: &str) -> Result<String, StoreError> {
     if domain.is_empty() {
         return Err(invalid("needs a domain after the @"));
     }
-    let ascii = idna::domain_to_ascii_strict(domain).map_err(|_| invalid("has a domain that is not a valid host name"))?;
+    let ascii =
+        idna::domain_to_ascii_strict(domain).map_err(|_| invalid("has a domain that is not a valid host name"))?;
     let labels: Vec<&str> = ascii.split('.').collect();
     if labels.len() < 2 {
         return Err(invalid("has a domain of one label; a host name needs at least two"));

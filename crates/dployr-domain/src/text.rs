@@ -234,6 +234,14 @@ macro_rules! validated_text {
             }
         }
 
+        impl TryFrom<String> for $name {
+            type Error = StoreError;
+
+            fn try_from(text: String) -> Result<Self, StoreError> {
+                Self::parse(&text)
+            }
+        }
+
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0

@@ -229,6 +229,15 @@ impl KvStore {
         (format!("{OTP_PREFIX}{hashed}"), format!("{OTP_ATTEMPTS_PREFIX}{hashed}"))
     }
 
+    /// Refuses a value the backend would refuse, naming the caller's
+    /// argument `field` that made it too large instead of the backend's `value`.
+    fn check_value_size(&self, field: &'static str, value: &[u8]) -> StoreResult<()> {
+        self.kv.limits().check_value(value).map_err(|error| match error {
+            StoreError::Invalid { reason, .. } => StoreError::Invalid { field, reason },
+            other => other,
+        })
+    }
+
     fn ttl_as_chrono(ttl: Duration) -> StoreResult<chrono::Duration> {
         chrono::Duration::from_std(ttl).map_err(|_| StoreError::invalid("ttl", "too large"))
     }
@@ -236,7 +245,8 @@ impl KvStore {
     /// Stores a session for `user` under `session_id` for the session TTL.
     ///
     /// # Errors
-    /// Backend errors.
+    /// [`StoreError::Invalid`] on field `clusters` when the session, with
+    /// these clusters, is larger than the backend takes; backend errors.
     pub fn create_session(
         &self,
         session_id: &SessionId,
@@ -254,6 +264,9 @@ impl KvStore {
             expires_at: created_at + Self::ttl_as_chrono(self.config.session_ttl)?,
         };
         let value = serde_json::to_vec(&session).map_err(|e| StoreError::backend("encoding a session", e))?;
+        // What makes a session large is the clusters it lists (the rest is
+        // bounded): name them, not the backend's `value`.
+        self.check_value_size("clusters", &value)?;
         self.kv.put(&Self::session_key(session_id), &value, Some(self.config.session_ttl))?;
         Ok(session)
     }
@@ -284,9 +297,11 @@ impl KvStore {
     /// Remembers `state` and where to go after the sign-in, for the state TTL.
     ///
     /// # Errors
-    /// Backend errors.
+    /// [`StoreError::Invalid`] on field `redirect_url` when it is larger
+    /// than the backend takes; backend errors.
     pub fn create_state(&self, state: &OAuthState, redirect_url: &str) -> StoreResult<()> {
         let _span = operation("kv.create_state");
+        self.check_value_size("redirect_url", redirect_url.as_bytes())?;
         self.kv.put(&Self::state_key(state), redirect_url.as_bytes(), Some(self.config.state_ttl))
     }
 

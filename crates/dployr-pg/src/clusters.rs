@@ -18,9 +18,9 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Nullable, SmallInt, Text, Timestamptz};
 use dployr_domain::text::{self, Blank};
 use dployr_domain::{
-    Cluster, ClusterId, ClusterPatch, ClusterStore, ClusterSummary, Email, GitHubIntegration, Integrations,
-    MAX_CLUSTER_NAME_BYTES, Member, Metadata, Page, PageStart, Paged, PendingInvite, Provider, Role, StoreError,
-    StoreResult, UserId,
+    Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore, ClusterSummary, Email, GitHubIntegration,
+    Integrations, Member, Metadata, Page, PageStart, Paged, PendingInvite, Provider, Role, StoreError, StoreResult,
+    UserId,
 };
 use serde_json::{Value, json};
 
@@ -61,7 +61,7 @@ impl TryFrom<MemberRow> for Member {
     fn try_from(row: MemberRow) -> StoreResult<Member> {
         Ok(Member {
             user_id: UserId::parse(&row.user_id)?,
-            email: Email::parse(&row.email)?,
+            email: Email::from_stored(row.email),
             name: row.name,
             picture: row.picture,
             role: row.role.parse()?,
@@ -341,9 +341,6 @@ impl ClusterStore for PgClusterStore {
 
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>> {
         let _span = crate::trace::operation("clusters.update");
-        if let Some(name) = &patch.name {
-            text::check("name", name, MAX_CLUSTER_NAME_BYTES, Blank::Refused)?;
-        }
         let desired = patch.roles.as_ref().map(desired_roles).transpose()?;
         let id = id.to_string();
         self.pool.transaction("", |conn| {
@@ -356,7 +353,7 @@ impl ClusterStore for PgClusterStore {
                 let merge = patch.metadata.as_ref().map_or_else(|| json!({}), Metadata::to_value);
                 diesel::update(clusters::table.find(&id))
                     .set((
-                        clusters::name.eq(coalesce(patch.name.as_deref(), clusters::name)),
+                        clusters::name.eq(coalesce(patch.name.as_ref().map(ClusterName::as_str), clusters::name)),
                         clusters::metadata.eq(clusters::metadata.concat(merge)),
                     ))
                     .execute(conn)?;

@@ -160,12 +160,16 @@ fn operations() -> Vec<Op> {
         }),
         op("instances.create", Kind::Write, move |s, c| {
             let n = next(c);
-            let new = NewInstance { address: format!("bench-{n}.example"), tag: format!("bench-{n}"), metadata: None };
+            let new = NewInstance {
+                address: format!("bench-{n}.example").try_into()?,
+                tag: format!("bench-{n}").try_into()?,
+                metadata: None,
+            };
             s.instances.create(&c.fixture.team, new).map(drop)
         }),
         op("bootstrap_tokens.mark_used", Kind::Write, move |s, c| {
             let n = 1 + next(c) % fixture::TOKENS as u64;
-            s.tokens.mark_used(&format!("nonce-{n}")).map(drop)
+            s.tokens.mark_used(&format!("nonce-{n}").try_into()?).map(drop)
         }),
         op("kv.create_session (postgres)", Kind::Write, |s, c| {
             let user = dployr_data::User {

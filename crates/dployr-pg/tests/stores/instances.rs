@@ -4,7 +4,7 @@ use serde_json::json;
 use crate::fixture::Fixture;
 
 fn new(address: &str, tag: &str) -> NewInstance {
-    NewInstance { address: address.into(), tag: tag.into(), metadata: None }
+    NewInstance { address: address.try_into().unwrap(), tag: tag.try_into().unwrap(), metadata: None }
 }
 
 #[test]
@@ -18,9 +18,9 @@ fn create_then_get_and_get_by_tag_return_the_instance() {
         .unwrap();
     assert_eq!((instance.cluster_id, instance.metadata.clone()), (cluster.id, metadata));
     assert_eq!(f.instances.get(&instance.id).unwrap(), Some(instance.clone()));
-    assert_eq!(f.instances.get_by_tag("web-1").unwrap(), Some(instance));
+    assert_eq!(f.instances.get_by_tag(&"web-1".try_into().unwrap()).unwrap(), Some(instance));
     assert_eq!(f.instances.get(&InstanceId::generate()).unwrap(), None);
-    assert_eq!(f.instances.get_by_tag("nope").unwrap(), None);
+    assert_eq!(f.instances.get_by_tag(&"nope".try_into().unwrap()).unwrap(), None);
 }
 
 #[test]
@@ -32,7 +32,7 @@ fn an_instance_of_a_cluster_without_members_is_still_found() {
     // The seed joined instances through memberships and lost these.
     diesel::sql_query("DELETE FROM user_clusters").execute(&mut f.db.connect()).unwrap();
     assert_eq!(f.instances.get(&instance.id).unwrap().map(|i| i.id), Some(instance.id));
-    assert_eq!(f.instances.get_by_tag("web-1").unwrap().map(|i| i.id), Some(instance.id));
+    assert_eq!(f.instances.get_by_tag(&"web-1".try_into().unwrap()).unwrap().map(|i| i.id), Some(instance.id));
 }
 
 #[test]
@@ -98,7 +98,7 @@ fn delete_removes_the_instance_and_its_tokens_and_unknown_is_not_found() {
     let f = Fixture::new();
     let (_, cluster) = f.owner("ada@example.io");
     let instance = f.instances.create(&cluster.id, new("h", "t")).unwrap();
-    dployr_domain::BootstrapTokenStore::create(&f.tokens, &instance.id, "n1").unwrap();
+    dployr_domain::BootstrapTokenStore::create(&f.tokens, &instance.id, &"n1".try_into().unwrap()).unwrap();
     f.instances.delete(&instance.id).unwrap();
     assert_eq!(f.count("SELECT count(*) FROM bootstrap_tokens"), 0);
     let error = f.instances.delete(&instance.id).unwrap_err();

@@ -16,3 +16,4 @@ mod instances;
 mod pool;
 mod spans;
 mod users;
+mod writes;

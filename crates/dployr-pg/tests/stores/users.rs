@@ -1,4 +1,6 @@
-use dployr_domain::{ClusterStore, Email, Metadata, NewUser, Provider, Role, StoreError, UserPatch, UserStore};
+use dployr_domain::{
+    ClusterStore, DisplayName, Email, Metadata, NewUser, Provider, Role, StoreError, UserPatch, UserStore,
+};
 use serde_json::json;
 
 use crate::fixture::{Fixture, email};
@@ -24,7 +26,7 @@ fn re_sign_in_without_metadata_keeps_metadata_name_and_picture() {
     let first = f
         .users
         .upsert(NewUser {
-            name: Some("Ada".into()),
+            name: Some("Ada".try_into().unwrap()),
             picture: Some("https://img.example/ada.png".into()),
             metadata: Some(metadata(json!({"theme": "dark", "plan": "team"}))),
             ..NewUser::new(email("ada@example.io"), Provider::Google)
@@ -50,7 +52,7 @@ fn re_sign_in_with_metadata_merges_it_and_new_name_replaces() {
     let merged = f
         .users
         .upsert(NewUser {
-            name: Some("Ada L.".into()),
+            name: Some("Ada L.".try_into().unwrap()),
             metadata: Some(metadata(json!({"plan": "pro", "locale": "en"}))),
             ..NewUser::new(email("ada@example.io"), Provider::Google)
         })
@@ -120,7 +122,7 @@ fn update_patches_given_fields_and_merges_metadata() {
         .update(
             &user.email,
             UserPatch {
-                name: Some("Countess".into()),
+                name: Some("Countess".try_into().unwrap()),
                 metadata: Some(metadata(json!({"b": 2}))),
                 ..UserPatch::default()
             },
@@ -138,8 +140,7 @@ fn update_patches_given_fields_and_merges_metadata() {
 fn update_with_a_bad_name_is_invalid_and_changes_nothing() {
     let f = Fixture::new();
     let user = f.user("ada@example.io");
-    let error =
-        f.users.update(&user.email, UserPatch { name: Some("a\u{0}".into()), ..UserPatch::default() }).unwrap_err();
+    let error = DisplayName::parse("a\u{0}").unwrap_err();
     assert!(matches!(error, StoreError::Invalid { field: "name", .. }), "{error}");
     assert_eq!(f.users.get(&user.id).unwrap().unwrap().name, "ada");
 }
@@ -159,11 +160,8 @@ fn bad_input_is_invalid_and_writes_nothing() {
     assert!(Email::parse(&format!("{}@x.io", "a".repeat(250))).is_err());
     assert!(Metadata::try_from(json!("string")).is_err());
     assert!(Metadata::try_from(json!({"big": "x".repeat(70 * 1024)})).is_err());
-    let with_nul_name =
-        NewUser { name: Some("Ada\u{0}".into()), ..NewUser::new(email("ada@example.io"), Provider::Google) };
-    assert!(matches!(f.users.upsert(with_nul_name), Err(StoreError::Invalid { field: "name", .. })));
-    let huge_name = NewUser { name: Some("n".repeat(2000)), ..NewUser::new(email("ada@example.io"), Provider::Google) };
-    assert!(matches!(f.users.upsert(huge_name), Err(StoreError::Invalid { field: "name", .. })));
+    assert!(matches!(DisplayName::parse("Ada\u{0}"), Err(StoreError::Invalid { field: "name", .. })));
+    assert!(matches!(DisplayName::parse(&"n".repeat(2000)), Err(StoreError::Invalid { field: "name", .. })));
     assert_eq!(f.count("SELECT count(*) FROM users"), 0);
 }
 
@@ -173,7 +171,10 @@ fn sql_looking_strings_are_stored_as_text() {
     let name = "Robert'); DROP TABLE users; --";
     let user = f
         .users
-        .upsert(NewUser { name: Some(name.into()), ..NewUser::new(email("bobby@tables.io"), Provider::Email) })
+        .upsert(NewUser {
+            name: Some(name.try_into().unwrap()),
+            ..NewUser::new(email("bobby@tables.io"), Provider::Email)
+        })
         .unwrap();
     assert_eq!(f.users.get(&user.id).unwrap().unwrap().name, name);
     assert_eq!(f.count("SELECT count(*) FROM users"), 1);
