@@ -121,7 +121,7 @@ fn open_applies_pending_migrations_once_and_can_skip_them() {
     assert!(skipped.applied_on_open().is_empty());
     drop(skipped);
     let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
-    assert_eq!(data.applied_on_open(), ["000_init", "001_kv_store"]);
+    assert_eq!(data.applied_on_open(), ["000_init", "001_kv_store", "003_email_identity"]);
     drop(data);
     let again = DataLayer::open(Config::new(db.url())).unwrap();
     assert!(again.applied_on_open().is_empty());

@@ -392,11 +392,14 @@ mod number_text_parts {
 /// `leaf` nested `depth` levels deep in all (the top-level object counts),
 /// alternating arrays and objects; built without recursion.
 fn nested(depth: usize, leaf: Value) -> Value {
+    // Built by moving, not with `json!`, which would copy the inner value
+    // through serialization at each level (quadratic in the depth).
+    let object = |key: &str, value: Value| Value::Object(std::iter::once((key.to_owned(), value)).collect());
     let mut value = leaf;
     for level in 1..depth {
-        value = if level % 2 == 0 { json!({ "o": value }) } else { json!([value]) };
+        value = if level % 2 == 0 { object("o", value) } else { Value::Array(vec![value]) };
     }
-    json!({ "top": value })
+    object("top", value)
 }
 
 /// Nesting depth of `value` without recursion.

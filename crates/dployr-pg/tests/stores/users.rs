@@ -205,3 +205,36 @@ fn delete_of_a_cluster_owner_is_a_conflict() {
     assert!(matches!(error, StoreError::Conflict { entity: "user", field: "owner", .. }), "{error}");
     assert!(f.users.get(&owner.id).unwrap().is_some());
 }
+
+/// The cases of `docs/EMAIL.md`: spellings of one address sign in as one
+/// user (and are invited as that user); look-alikes are refused before any
+/// store sees them; `+tags` are users of their own.
+#[test]
+fn spellings_of_one_address_are_one_user_and_look_alikes_are_refused() {
+    let f = Fixture::new();
+    let one_user: &[&[&str]] = &[
+        &["A@x.io", "a@x.io", " a@X.IO\t"],
+        &["caf\u{e9}@x.io", "cafe\u{301}@x.io"],
+        &["user@b\u{fc}cher.de", "user@xn--bcher-kva.de", "user@B\u{dc}CHER.DE"],
+        &["dot@x.io.", "dot@x.io"],
+        &["\u{212a}im@x.io", "kim@x.io"],
+    ];
+    let (_, cluster) = f.owner("owner@x.io");
+    for spellings in one_user {
+        let first = f.users.upsert(NewUser::new(email(spellings[0]), Provider::Google)).unwrap();
+        for spelling in &spellings[1..] {
+            let again = f.users.upsert(NewUser::new(email(spelling), Provider::Github)).unwrap();
+            assert_eq!(again.id, first.id, "{spelling:?} is {:?}", spellings[0]);
+            assert_eq!(f.users.get_by_email(&email(spelling)).unwrap().map(|u| u.id), Some(first.id));
+        }
+        let invited = f.clusters.add_users(&cluster.id, &spellings.iter().map(|s| email(s)).collect::<Vec<_>>());
+        assert_eq!(invited.unwrap().iter().map(|m| m.user_id).collect::<Vec<_>>(), vec![first.id]);
+    }
+    let tagged = f.users.upsert(NewUser::new(email("a+work@x.io"), Provider::Google)).unwrap();
+    assert_ne!(Some(tagged.id), f.users.get_by_email(&email("a@x.io")).unwrap().map(|u| u.id));
+    for refused in ["admin\u{200b}@x.io", "\u{202e}nimda@x.io", "a@b", ".@.", "do..uble@x.io"] {
+        assert!(matches!(Email::parse(refused), Err(StoreError::Invalid { field: "email", .. })), "{refused:?}");
+    }
+    assert!(Email::parse(&format!("{}@x.io", "l".repeat(65))).is_err());
+    assert!(Email::parse(&format!("a@{}.io", "l".repeat(64))).is_err());
+}

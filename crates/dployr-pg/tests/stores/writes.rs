@@ -4,7 +4,7 @@
 //! serde_json's 128, as `Metadata` itself never allows), and each write
 //! must then fail with everything rolled back.
 
-use diesel::RunQueryDsl as _;
+use diesel::connection::SimpleConnection as _;
 use dployr_domain::{InstanceStore, Metadata, NewInstance, StoreError, UserPatch, UserStore};
 use serde_json::json;
 
@@ -19,7 +19,7 @@ fn poison(f: &Fixture, table: &str, event: &str) {
            RETURN NEW; END $$; \
          CREATE TRIGGER test_poison_{table} BEFORE {event} ON {table} FOR EACH ROW EXECUTE FUNCTION test_poison_metadata();"
     );
-    f.inspect(|conn| diesel::sql_query(sql).execute(conn).unwrap());
+    f.inspect(|conn| conn.batch_execute(&sql).unwrap());
 }
 
 fn is_backend(error: &StoreError) -> bool {
