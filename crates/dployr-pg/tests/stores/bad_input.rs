@@ -430,7 +430,10 @@ fn comes_back_as_an_integer(value: &Value) -> bool {
         match value {
             Value::Number(n) if n.is_f64() => {
                 let x = n.as_f64().unwrap_or_default();
-                if x.fract() == 0.0 && n.to_string().contains('e') && x >= -9.3e18 && x < 18_446_744_073_709_551_616.0 {
+                if x.fract() == 0.0
+                    && n.to_string().contains('e')
+                    && (-9.3e18..18_446_744_073_709_551_616.0).contains(&x)
+                {
                     return true;
                 }
             }
@@ -601,8 +604,8 @@ fn names_that_break_their_rules_are_invalid_and_write_nothing() {
 
 // ---------------------------------------------------------------- tags and addresses
 
-fn new_instance(address: String, tag: String) -> NewInstance {
-    NewInstance { address: Address::parse(&address).unwrap(), tag: Tag::parse(&tag).unwrap(), metadata: None }
+fn new_instance(address: &str, tag: &str) -> NewInstance {
+    NewInstance { address: Address::parse(address).unwrap(), tag: Tag::parse(tag).unwrap(), metadata: None }
 }
 
 /// Which unique text field of an instance a property varies.
@@ -638,8 +641,8 @@ impl InstanceField {
     /// A new instance with `value` (already acceptable) in this field and a fresh value in the other.
     fn instance(self, value: &str) -> NewInstance {
         match self {
-            Self::Tag => new_instance(fresh("10.9.0."), value.to_owned()),
-            Self::Address => new_instance(value.to_owned(), fresh("tag-")),
+            Self::Tag => new_instance(&fresh("10.9.0."), value),
+            Self::Address => new_instance(value, &fresh("tag-")),
         }
     }
 
@@ -739,7 +742,7 @@ fn get_by_tag_finds_any_stored_tag_and_refuses_one_that_breaks_the_rules() {
 fn nonces_that_break_their_rules_are_invalid_in_every_operation_and_write_nothing() {
     let f = Fixture::new();
     let (_, cluster) = f.owner("owner@bad-input.test");
-    let instance = f.instances.create(&cluster.id, new_instance("10.8.0.1".into(), "nonces".into())).unwrap();
+    let instance = f.instances.create(&cluster.id, new_instance("10.8.0.1", "nonces")).unwrap();
     check(CASES, hostile_text(MAX_TAG_BYTES), |raw| {
         let expected = identifier(&raw, MAX_TAG_BYTES);
         let before = f.fingerprint();
@@ -810,7 +813,7 @@ fn cursors_not_handed_out_by_a_listing_are_invalid_never_a_backend_error() {
     let emails: Vec<Email> = (0..5).map(|n| Email::parse(&format!("m{n}@bad-input.test")).unwrap()).collect();
     f.clusters.add_users(&cluster.id, &emails).unwrap();
     for n in 0..5 {
-        f.instances.create(&cluster.id, new_instance(format!("10.7.0.{n}"), format!("page-{n}"))).unwrap();
+        f.instances.create(&cluster.id, new_instance(&format!("10.7.0.{n}"), &format!("page-{n}"))).unwrap();
     }
     let before = f.fingerprint();
     check(CASES, (hostile_cursor(), any::<u32>()), |(text, limit)| {

@@ -134,7 +134,7 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
     let instance = instance.unwrap().id;
     check(&f, &mut b, "instances.get", 1, 0, || drop(f.instances.get(&instance).unwrap()));
     check(&f, &mut b, "instances.get_by_tag", 1, 0, || {
-        drop(f.instances.get_by_tag(&"web".try_into().unwrap()).unwrap())
+        drop(f.instances.get_by_tag(&"web".try_into().unwrap()).unwrap());
     });
     check(&f, &mut b, "instances.list_by_cluster", 1, 0, || {
         drop(f.instances.list_by_cluster(&cluster, &Page::first(20)).unwrap());
@@ -143,13 +143,13 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
         drop(f.instances.update_metadata(&instance, Metadata::new()).unwrap());
     });
     check(&f, &mut b, "bootstrap_tokens.create", 1, 1, || {
-        drop(f.tokens.create(&instance, &"n1".try_into().unwrap()).unwrap())
+        drop(f.tokens.create(&instance, &"n1".try_into().unwrap()).unwrap());
     });
     check(&f, &mut b, "bootstrap_tokens.mark_used", 1, 0, || {
-        assert!(f.tokens.mark_used(&"n1".try_into().unwrap()).unwrap())
+        assert!(f.tokens.mark_used(&"n1".try_into().unwrap()).unwrap());
     });
     check(&f, &mut b, "bootstrap_tokens.is_used", 1, 0, || {
-        assert!(f.tokens.is_used(&"n1".try_into().unwrap()).unwrap())
+        assert!(f.tokens.is_used(&"n1".try_into().unwrap()).unwrap());
     });
     check(&f, &mut b, "users.update", 1, 1, || drop(f.users.update(&ada.email, UserPatch::default()).unwrap()));
     check(&f, &mut b, "instances.delete", 1, 0, || f.instances.delete(&instance).unwrap());
