@@ -581,6 +581,16 @@ impl ClusterStore for PgClusterStore {
         let demoted_to = previous_owner_becomes.unwrap_or(Role::Admin);
         self.pool.transaction(&[("cluster", &cluster), ("user", &new_owner)], |conn| {
             lock_cluster(conn, &cluster)?;
+            // The new owner next (clusters, then users, then memberships):
+            // key-share, as the foreign-key check of their membership would
+            // take it, but before any membership is locked.
+            users::table
+                .find(&new_owner)
+                .select(users::id)
+                .for_key_share()
+                .first::<String>(conn)
+                .optional()?
+                .ok_or_else(|| StoreError::not_found("user", &new_owner))?;
             // Demote first: the one-owner index is checked at once and must
             // never see two owners. A live cluster always has an owner (the
             // database refuses to commit one without), so demoting nobody
@@ -598,8 +608,6 @@ impl ClusterStore for PgClusterStore {
             let Some(previous) = previous else {
                 return Ok(());
             };
-            // The foreign-key check of a new membership takes the user's
-            // key-share lock, which waits for a users.delete of them.
             diesel::insert_into(user_clusters::table)
                 .values((
                     user_clusters::user_id.eq(&new_owner),
@@ -758,19 +766,19 @@ fn desired_roles(roles: &BTreeMap<Role, Vec<UserId>>) -> StoreResult<BTreeMap<St
 /// Makes the cluster's non-owner memberships exactly `desired` (the owner,
 /// if listed, keeps ownership). Runs under the cluster lock.
 fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, Role>) -> Result<(), Failure> {
-    // The owner keeps ownership even when listed under another role.
-    let owner: Option<String> = user_clusters::table
-        .filter(user_clusters::cluster_id.eq(cluster))
-        .filter(user_clusters::role.eq(Role::Owner.as_str()))
-        .select(user_clusters::user_id)
-        .first(conn)
-        .optional()?;
-    let desired: BTreeMap<&str, Role> = desired
-        .iter()
-        .filter(|(user, _)| Some(*user) != owner.as_ref())
-        .map(|(user, role)| (user.as_str(), *role))
-        .collect();
-    let listed: Vec<&str> = desired.keys().copied().collect();
+    let listed: Vec<&str> = desired.keys().map(String::as_str).collect();
+    // The listed users, key-share locked in id order before any membership
+    // (the lock order of ARCHITECTURE.md): a concurrent users.delete of one
+    // of them either finished (and they are reported missing here) or waits.
+    let found: Vec<String> = if listed.is_empty() {
+        Vec::new()
+    } else {
+        users::table.filter(users::id.eq_any(&listed)).order(users::id).select(users::id).for_key_share().load(conn)?
+    };
+    if found.len() < listed.len() {
+        let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.iter().any(|f| f == user)).collect();
+        return Err(StoreError::not_found("user", missing.join(", ")).into());
+    }
     diesel::delete(
         user_clusters::table
             .filter(user_clusters::cluster_id.eq(cluster))
@@ -785,24 +793,20 @@ fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, 
         .iter()
         .map(|(user, role)| {
             (
-                user_clusters::user_id.eq(*user),
+                user_clusters::user_id.eq(user.as_str()),
                 user_clusters::cluster_id.eq(cluster),
                 user_clusters::role.eq(role.as_str()),
             )
         })
         .collect();
-    let result = diesel::insert_into(user_clusters::table)
+    // The owner keeps ownership even when listed under another role.
+    let upsert = diesel::insert_into(user_clusters::table)
         .values(&rows)
         .on_conflict((user_clusters::user_id, user_clusters::cluster_id))
         .do_update()
-        .set(user_clusters::role.eq(diesel::upsert::excluded(user_clusters::role)))
-        .execute(conn);
-    match result {
-        Ok(_) => Ok(()),
-        // A listed user that does not exist: name them all, the key is not in the error.
-        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _)) => {
-            Err(StoreError::not_found("user", listed.join(", ")).into())
-        }
-        Err(other) => Err(other.into()),
-    }
+        .set(user_clusters::role.eq(diesel::upsert::excluded(user_clusters::role)));
+    // `ON CONFLICT ... DO UPDATE ... WHERE`: diesel's filter on an upsert.
+    diesel::query_dsl::methods::FilterDsl::filter(upsert, user_clusters::role.ne(Role::Owner.as_str()))
+        .execute(conn)?;
+    Ok(())
 }

@@ -86,13 +86,13 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
             .upsert(NewUser { metadata: metadata(), ..NewUser::new(email("dan@example.io"), Provider::Google) })
             .unwrap();
     });
-    check(&f, &mut b, "clusters.transfer_ownership", 3, 1, || {
+    check(&f, &mut b, "clusters.transfer_ownership", 4, 1, || {
         f.clusters.transfer_ownership(&cluster, &bob.id, Some(Role::Admin)).unwrap();
     });
-    check(&f, &mut b, "clusters.transfer_ownership (previous owner removed)", 4, 1, || {
+    check(&f, &mut b, "clusters.transfer_ownership (previous owner removed)", 5, 1, || {
         f.clusters.transfer_ownership(&cluster, &ada.id, None).unwrap();
     });
-    check(&f, &mut b, "clusters.transfer_ownership (already the owner)", 2, 1, || {
+    check(&f, &mut b, "clusters.transfer_ownership (already the owner)", 3, 1, || {
         f.clusters.transfer_ownership(&cluster, &ada.id, None).unwrap();
     });
     check(&f, &mut b, "clusters.remove_users (an invitee forgotten)", 5, 1, || {
