@@ -4,6 +4,16 @@
 //! [`kv_contract_tests!`](crate::kv_contract_tests), so a new backend
 //! proves itself by naming a fixture, and no backend gets a private copy.
 //!
+//! **Guarantees.** Backends differ in what they promise beyond the API
+//! ([`Guarantees`]): read-your-writes (a read right after a write sees it),
+//! an atomic `take` (of many concurrent takes exactly one gets the value)
+//! and an exact `increment` (concurrent increments all return distinct
+//! numbers). Each fixture states which hold, and the suite checks exactly
+//! those: a guarantee a backend does not make is not tested on it (the
+//! Cloudflare tests show instead that the emulator breaks it, as Cloudflare
+//! does). The other functions test the API itself; on Cloudflare they run
+//! against the emulator with its stale reads switched off.
+//!
 //! Time is moved by the fixture ([`KvFixture::advance`]): the memory
 //! backend's clock, the emulator's clock, or PostgreSQL's `expires_at`
 //! shifted back; nothing sleeps. TTLs in the suite are at least 120 s, which
@@ -13,7 +23,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -22,12 +32,59 @@ use dployr_domain::{
 };
 use dployr_kv::{KvStore, OAuthState, SessionId};
 
+/// What a backend promises beyond its API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guarantees {
+    /// A read right after a write, put or delete, in the same process sees it.
+    pub read_your_writes: bool,
+    /// Of many concurrent `take`s of one key, exactly one gets the value.
+    pub atomic_take: bool,
+    /// Concurrent `increment`s of one key return distinct, consecutive numbers.
+    pub exact_increment: bool,
+}
+
+impl Guarantees {
+    /// Every guarantee: memory and PostgreSQL.
+    pub const ALL: Self = Self { read_your_writes: true, atomic_take: true, exact_increment: true };
+    /// None of them: Cloudflare Workers KV (reads up to 60 s stale, no
+    /// atomic operations).
+    pub const NONE: Self = Self { read_your_writes: false, atomic_take: false, exact_increment: false };
+}
+
 /// A backend under test and a way to move its time forward.
 pub trait KvFixture {
     /// The backend.
     fn kv(&self) -> Arc<dyn KvBackend>;
     /// Moves the backend's notion of now forward by `by`.
     fn advance(&self, by: Duration);
+    /// What the backend promises; the suite checks exactly these.
+    fn guarantees(&self) -> Guarantees;
+}
+
+/// How many threads the concurrency checks run on.
+pub const THREADS: usize = 32;
+
+/// Runs `work(i)` for `0..n` on [`THREADS`] threads released together.
+pub fn in_parallel<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (barrier, work) = (&barrier, &work);
+                scope.spawn(move || {
+                    barrier.wait();
+                    (t..n).step_by(THREADS).map(work).collect::<Vec<T>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(results) => results,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 /// The value of `result`, or a panic naming `what` and the error.
@@ -380,6 +437,53 @@ pub fn otp_rules_hold(f: &dyn KvFixture) {
     assert!(!ok(store.validate_otp(&email, &code), "expired code"));
 }
 
+/// The guarantees stated agree with what the backend reports: `atomic` in
+/// its limits is exactly "atomic take and exact increment".
+pub fn stated_guarantees_match_the_backends_limits(f: &dyn KvFixture) {
+    let g = f.guarantees();
+    assert_eq!(f.kv().limits().atomic, g.atomic_take && g.exact_increment, "{g:?}");
+}
+
+/// Where promised: each write, overwrite and delete is seen by the very
+/// next read, get and list alike.
+pub fn read_your_writes_where_promised(f: &dyn KvFixture) {
+    if !f.guarantees().read_your_writes {
+        return;
+    }
+    let kv = f.kv();
+    for round in 0..5 {
+        let value = format!("v{round}");
+        ok(kv.put("ryw/k", value.as_bytes(), Some(TTL)), "put");
+        assert_eq!(ok(kv.get("ryw/k"), "get after put"), Some(value.into_bytes()));
+        assert_eq!(list_all(kv.as_ref(), "ryw/", 10).0, vec!["ryw/k".to_owned()]);
+        ok(kv.delete("ryw/k"), "delete");
+        assert_eq!(ok(kv.get("ryw/k"), "get after delete"), None);
+        assert_eq!(list_all(kv.as_ref(), "ryw/", 10).0, Vec::<String>::new());
+    }
+}
+
+/// Where promised: of 50 concurrent takes of one key, exactly one gets it.
+pub fn parallel_takes_give_exactly_one_value_where_promised(f: &dyn KvFixture) {
+    if !f.guarantees().atomic_take {
+        return;
+    }
+    let kv = f.kv();
+    ok(kv.put("race/take", b"once", Some(TTL)), "put");
+    let results = in_parallel(50, |_| ok(kv.take("race/take"), "take"));
+    assert_eq!(results.iter().flatten().count(), 1);
+}
+
+/// Where promised: 100 concurrent increments return 1 to 100, each once.
+pub fn parallel_increments_are_exact_where_promised(f: &dyn KvFixture) {
+    if !f.guarantees().exact_increment {
+        return;
+    }
+    let kv = f.kv();
+    let mut results = in_parallel(100, |_| ok(kv.increment("race/counter", Some(TTL)), "increment"));
+    results.sort_unstable();
+    assert_eq!(results, (1..=100).collect::<Vec<i64>>());
+}
+
 /// Defines one `#[test]` per conformance function, each on a fresh fixture
 /// from `$fixture` (an expression evaluated per test).
 #[macro_export]
@@ -402,7 +506,11 @@ macro_rules! kv_contract_tests {
             sessions_expire,
             deleted_sessions_are_gone,
             oauth_state_is_single_use_and_expires,
-            otp_rules_hold
+            otp_rules_hold,
+            stated_guarantees_match_the_backends_limits,
+            read_your_writes_where_promised,
+            parallel_takes_give_exactly_one_value_where_promised,
+            parallel_increments_are_exact_where_promised
         );
     };
     (@each $fixture:expr; $($name:ident),*) => {

@@ -1,10 +1,11 @@
-//! End-to-end tests of the dployr data layer against a real PostgreSQL, and
-//! the key-value conformance suite.
+//! End-to-end tests of the dployr data layer against a real PostgreSQL, the
+//! key-value conformance suite, and the randomized concurrent workload.
 //!
 //! The tests live in `tests/tests/`. This library holds what several of
-//! them share: [`kv_contract`], the functions every key-value backend must
-//! pass (run by `kv_memory`, `kv_postgres` and `kv_cloudflare`). Today the
-//! other tests prove the rules of the schema itself (`schema_guards`); the
-//! facade's end-to-end story joins them as that issue lands.
+//! them, and `cargo xtask`, share: [`kv_contract`], the functions every
+//! key-value backend must pass (run by `kv_memory`, `kv_postgres` and
+//! `kv_cloudflare`), and [`stress`], the workload with an invariant checker
+//! (run briefly by `tests/tests/stress.rs`, at length by `cargo xtask stress`).
 
 pub mod kv_contract;
+pub mod stress;

@@ -1,9 +1,13 @@
 //! The key-value conformance suite on `CloudflareKv` through the testkit's
-//! emulator, plus the client's own duties: retries of 429 and 5xx within
-//! bounds, configuration errors that name the variable to check, limits
-//! refused before any request, and a token that never shows in `Debug`.
-//! A few tests speak to the emulator directly to prove it answers like
-//! Cloudflare's documentation says.
+//! emulator (which states no guarantee beyond the API: see
+//! `kv_contract`), plus the client's own duties: retries of 429 and 5xx
+//! within bounds, configuration errors that name the variable to check,
+//! limits refused before any request, request counts, and a token that
+//! never shows in `Debug`. A few tests switch on what Cloudflare documents
+//! (stale reads, one write per second per key, the account request budget)
+//! or speak to the emulator directly, to prove it behaves like Cloudflare's
+//! documentation says and that the guarantees the suite does not claim for
+//! Cloudflare really do not hold there.
 
 #![cfg(test)]
 
@@ -11,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dployr_domain::{KvBackend, StoreError};
-use dployr_kv::{CloudflareConfig, CloudflareKv, RetryPolicy};
+use dployr_kv::{CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy};
 use dployr_testkit::CloudflareEmulator;
-use dployr_tests::kv_contract::{KvFixture, assert_invalid};
+use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid};
 
 struct Cloudflare {
     emulator: CloudflareEmulator,
@@ -27,6 +31,10 @@ impl KvFixture for Cloudflare {
 
     fn advance(&self, by: Duration) {
         self.emulator.advance(by);
+    }
+
+    fn guarantees(&self) -> Guarantees {
+        Guarantees::NONE
     }
 }
 
@@ -215,4 +223,75 @@ fn emulator_answers_like_cloudflare_documents() {
     let (status, body) = raw(&emulator, reqwest::Method::GET, "keys", vec![]);
     assert_eq!(status, 200);
     assert!(body.contains(r#""cursor":"""#), "last page has an empty cursor: {body}");
+}
+
+#[test]
+fn stale_reads_let_a_taken_value_be_taken_again_as_on_cloudflare() {
+    let cf = cloudflare();
+    cf.emulator.set_stale_reads(Duration::from_secs(2));
+    cf.kv.put("once", b"v", None).unwrap();
+    assert_eq!(cf.kv.get("once").unwrap(), None, "a fresh write is not seen for 2 s");
+    cf.emulator.advance(Duration::from_secs(3));
+    assert_eq!(cf.kv.take("once").unwrap(), Some(b"v".to_vec()));
+    assert_eq!(cf.kv.take("once").unwrap(), Some(b"v".to_vec()), "the delete is not seen for 2 s");
+    cf.emulator.advance(Duration::from_secs(3));
+    assert_eq!(cf.kv.take("once").unwrap(), None);
+}
+
+#[test]
+fn one_time_records_on_cloudflare_are_not_single_use_with_stale_reads() {
+    let cf = cloudflare();
+    cf.emulator.set_stale_reads(Duration::from_secs(2));
+    let store = KvStore::new(cf.kv.clone());
+    let state = OAuthState::generate();
+    store.create_state(&state, "https://app.example/next").unwrap();
+    cf.emulator.advance(Duration::from_secs(3));
+    assert!(store.validate_state(&state).unwrap().is_some());
+    assert!(store.validate_state(&state).unwrap().is_some(), "why DPLOYR_KV_ONE_TIME=cloudflare is opt-in only");
+}
+
+#[test]
+fn a_second_write_to_a_key_within_a_second_is_throttled_then_retried() {
+    let cf = cloudflare();
+    cf.emulator.limit_writes_per_key(true);
+    let before = cf.kv.request_counts();
+    cf.kv.put("k", b"1", None).unwrap();
+    cf.kv.put("k", b"2", None).unwrap();
+    cf.kv.put("other", b"1", None).unwrap();
+    let after = cf.kv.request_counts();
+    assert!(after.throttled - before.throttled >= 1, "{after:?}");
+    assert_eq!(after.retries - before.retries, after.throttled - before.throttled, "each 429 was retried once");
+    assert_eq!(after.requests - before.requests, 3 + after.retries - before.retries);
+    assert_eq!(cf.kv.get("k").unwrap(), Some(b"2".to_vec()));
+}
+
+#[test]
+fn a_spent_request_budget_fails_at_once_and_recovers_after_the_window() {
+    let cf = cloudflare();
+    cf.emulator.set_request_budget(Some((10, Duration::from_secs(300))));
+    for _ in 0..10 {
+        cf.kv.get("k").unwrap();
+    }
+    let started = std::time::Instant::now();
+    let error = cf.kv.get("k").unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1), "a 5-minute Retry-After is not slept through");
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(error.to_string().contains("asked to wait 300s"), "{error}");
+    assert_eq!(cf.kv.request_counts(), CloudflareRequestCounts { requests: 11, throttled: 1, retries: 0 });
+    cf.emulator.advance(Duration::from_secs(301));
+    assert_eq!(cf.kv.get("k").unwrap(), None);
+}
+
+#[test]
+fn each_operation_span_counts_its_requests_429s_and_retries() {
+    let cf = cloudflare();
+    cf.kv.put("k", b"v", None).unwrap();
+    cf.emulator.set_retry_after(0);
+    cf.emulator.fail_next(1, 429);
+    let capture = dployr_testkit::spans::SpanCapture::default();
+    capture.during(|| cf.kv.take("k").unwrap());
+    let spans = capture.spans();
+    let take = spans.iter().find(|s| s.fields["op"] == "kv.cloudflare.take").unwrap();
+    let field = |name: &str| take.fields.get(name).map(String::as_str);
+    assert_eq!((field("requests"), field("throttled"), field("retries")), (Some("3"), Some("1"), Some("1")));
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dployr_domain::KvBackend;
 use dployr_kv::{ManualClock, MemoryKv};
-use dployr_tests::kv_contract::KvFixture;
+use dployr_tests::kv_contract::{Guarantees, KvFixture};
 
 struct Memory {
     kv: MemoryKv,
@@ -23,6 +23,10 @@ impl KvFixture for Memory {
 
     fn advance(&self, by: Duration) {
         self.clock.advance(by);
+    }
+
+    fn guarantees(&self) -> Guarantees {
+        Guarantees::ALL
     }
 }
 

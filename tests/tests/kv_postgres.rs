@@ -14,7 +14,7 @@ use dployr_domain::KvBackend;
 use dployr_kv::PgKv;
 use dployr_pg::{PgPool, PoolConfig};
 use dployr_testkit::TestDatabase;
-use dployr_tests::kv_contract::KvFixture;
+use dployr_tests::kv_contract::{Guarantees, KvFixture};
 
 struct Postgres {
     db: TestDatabase,
@@ -33,6 +33,10 @@ impl KvFixture for Postgres {
             .bind::<BigInt, _>(i64::try_from(by.as_secs()).unwrap())
             .execute(&mut conn)
             .unwrap();
+    }
+
+    fn guarantees(&self) -> Guarantees {
+        Guarantees::ALL
     }
 }
 

@@ -1,25 +1,28 @@
 //! `KvStore`'s security and concurrency promises: no raw secret in any key
-//! or value of any backend, redacted `Debug`, well-distributed one-time codes, and, under
-//! 32+ threads on the memory and PostgreSQL backends, at most 3 evaluated
-//! OTP guesses, one successful `validate_state` and one successful `take`.
+//! or value of any backend, redacted `Debug`, well-distributed one-time
+//! codes, and, under 32+ threads, at most 3 evaluated OTP guesses and one
+//! successful `validate_state`: on memory, on PostgreSQL, and on the
+//! configuration `DPLOYR_KV=cloudflare` with its default one-time backend,
+//! against an emulated Cloudflare that behaves as documented (reads 2 s
+//! stale, one write per second per key).
 
 #![cfg(test)]
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
+use dployr_data::{Config, DataLayer, KvBackendConfig};
 use dployr_domain::{Email, KvBackend, KvLimits, KvPage, StoreResult};
 use dployr_kv::{
     CloudflareConfig, CloudflareKv, KvStore, MemoryKv, OAuthState, OTP_ALPHABET, OtpCode, PgKv, SessionId,
 };
+use dployr_kv::{KvStoreConfig, RetryPolicy};
 use dployr_pg::{PgPool, PoolConfig};
 use dployr_testkit::CloudflareEmulator;
 use dployr_testkit::TestDatabase;
-use dployr_tests::kv_contract::{list_all, sample_clusters, sample_user};
-
-const THREADS: usize = 32;
+use dployr_tests::kv_contract::{in_parallel, list_all, sample_clusters, sample_user};
 
 /// Every key and value in the backend, as text.
 fn dump(kv: &dyn KvBackend) -> Vec<(String, String)> {
@@ -155,26 +158,14 @@ impl KvBackend for CountingKv {
     }
 }
 
-/// Runs `work(i)` for `0..n` on [`THREADS`] threads released together.
-fn in_parallel<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let barrier = Barrier::new(THREADS);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let (barrier, work) = (&barrier, &work);
-                scope.spawn(move || {
-                    barrier.wait();
-                    (t..n).step_by(THREADS).map(work).collect::<Vec<T>>()
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    })
+fn parallel_otp_guesses_evaluate_at_most_three(kv: Arc<dyn KvBackend>) {
+    parallel_otp_guesses_evaluate_at_most_three_beside(Arc::clone(&kv), kv);
 }
 
-fn parallel_otp_guesses_evaluate_at_most_three(kv: Arc<dyn KvBackend>) {
-    let counting = Arc::new(CountingKv { inner: kv, code_reads: AtomicUsize::new(0) });
-    let store = KvStore::new(counting.clone());
+/// The same with sessions on `sessions` and one-time records on `one_time`.
+fn parallel_otp_guesses_evaluate_at_most_three_beside(sessions: Arc<dyn KvBackend>, one_time: Arc<dyn KvBackend>) {
+    let counting = Arc::new(CountingKv { inner: one_time, code_reads: AtomicUsize::new(0) });
+    let store = KvStore::with_backends(sessions, counting.clone(), KvStoreConfig::default()).unwrap();
     let email = Email::parse("race@example.com").unwrap();
     let code = store.create_otp(&email).unwrap();
     let wrong = OtpCode::new(if code.expose() == "AAAAAA" { "BBBBBB" } else { "AAAAAA" });
@@ -192,23 +183,14 @@ fn parallel_otp_guesses_evaluate_at_most_three(kv: Arc<dyn KvBackend>) {
 }
 
 fn parallel_validate_state_gives_exactly_one_some(kv: Arc<dyn KvBackend>) {
-    let store = KvStore::new(kv);
+    parallel_validate_state_gives_exactly_one_some_on(&KvStore::new(kv));
+}
+
+fn parallel_validate_state_gives_exactly_one_some_on(store: &KvStore) {
     let state = OAuthState::generate();
     store.create_state(&state, "https://app.example/next").unwrap();
     let results = in_parallel(50, |_| store.validate_state(&state).unwrap());
     assert_eq!(results.iter().filter(|r| r.is_some()).count(), 1);
-}
-
-fn parallel_take_gives_exactly_one_value(kv: &dyn KvBackend) {
-    kv.put("race/take", b"once", None).unwrap();
-    let results = in_parallel(50, |_| kv.take("race/take").unwrap());
-    assert_eq!(results.iter().flatten().count(), 1);
-}
-
-fn parallel_increments_are_all_distinct(kv: &dyn KvBackend) {
-    let mut results = in_parallel(100, |_| kv.increment("race/counter", None).unwrap());
-    results.sort_unstable();
-    assert_eq!(results, (1..=100).collect::<Vec<i64>>());
 }
 
 fn pg() -> (TestDatabase, Arc<dyn KvBackend>) {
@@ -228,16 +210,6 @@ fn memory_parallel_validate_state_gives_exactly_one_some() {
 }
 
 #[test]
-fn memory_parallel_take_gives_exactly_one_value() {
-    parallel_take_gives_exactly_one_value(&MemoryKv::new());
-}
-
-#[test]
-fn memory_parallel_increments_are_all_distinct() {
-    parallel_increments_are_all_distinct(&MemoryKv::new());
-}
-
-#[test]
 fn postgres_parallel_otp_guesses_evaluate_at_most_three() {
     let (_db, kv) = pg();
     parallel_otp_guesses_evaluate_at_most_three(kv);
@@ -247,18 +219,6 @@ fn postgres_parallel_otp_guesses_evaluate_at_most_three() {
 fn postgres_parallel_validate_state_gives_exactly_one_some() {
     let (_db, kv) = pg();
     parallel_validate_state_gives_exactly_one_some(kv);
-}
-
-#[test]
-fn postgres_parallel_take_gives_exactly_one_value() {
-    let (_db, kv) = pg();
-    parallel_take_gives_exactly_one_value(kv.as_ref());
-}
-
-#[test]
-fn postgres_parallel_increments_are_all_distinct() {
-    let (_db, kv) = pg();
-    parallel_increments_are_all_distinct(kv.as_ref());
 }
 
 #[test]
@@ -334,4 +294,126 @@ fn kv_operations_are_spans_without_any_secret_and_postgres_ones_count_statements
     for secret in [id.expose(), state.expose(), code.expose(), "ada@example.com", "app.example"] {
         assert!(!text.contains(secret), "a span holds {secret}");
     }
+}
+
+/// Cloudflare as it behaves (reads 2 s stale, one write per second per key),
+/// through the configuration `DPLOYR_KV=cloudflare` with the default
+/// one-time backend, i.e. what `DataLayer::open` builds.
+struct CloudflareDeployment {
+    emulator: CloudflareEmulator,
+    data: DataLayer,
+    _db: TestDatabase,
+}
+
+fn cloudflare_as_documented() -> CloudflareEmulator {
+    let emulator = CloudflareEmulator::start();
+    emulator.set_stale_reads(Duration::from_secs(2));
+    emulator.limit_writes_per_key(true);
+    emulator
+}
+
+fn cloudflare_config(emulator: &CloudflareEmulator) -> CloudflareConfig {
+    CloudflareConfig {
+        base_url: emulator.base_url().to_owned(),
+        retry: RetryPolicy { initial_backoff: Duration::from_millis(20), ..RetryPolicy::default() },
+        ..CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())
+    }
+}
+
+fn cloudflare_deployment() -> CloudflareDeployment {
+    let (db, emulator) = (dployr_testkit::database(), cloudflare_as_documented());
+    let config = Config::new(db.url()).with_kv(KvBackendConfig::Cloudflare(cloudflare_config(&emulator)));
+    let data = DataLayer::open(config).unwrap();
+    assert_eq!((data.kv_backend(), data.one_time_kv_backend()), ("cloudflare", "postgres"));
+    CloudflareDeployment { emulator, data, _db: db }
+}
+
+#[test]
+fn cloudflare_deployment_validates_a_state_once_under_50_parallel_validations() {
+    let cf = cloudflare_deployment();
+    parallel_validate_state_gives_exactly_one_some_on(cf.data.kv());
+}
+
+#[test]
+fn cloudflare_deployment_evaluates_at_most_three_of_100_parallel_guesses() {
+    // The data layer's two backends, with the one-time one counted.
+    let cf = cloudflare_deployment();
+    let (sessions, one_time) = (Arc::clone(cf.data.kv().backend()), Arc::clone(cf.data.kv().one_time_backend()));
+    parallel_otp_guesses_evaluate_at_most_three_beside(sessions, one_time);
+}
+
+#[test]
+fn cloudflare_deployment_accepts_a_new_code_right_after_a_lockout() {
+    let cf = cloudflare_deployment();
+    let store = cf.data.kv();
+    let email = Email::parse("locked@example.com").unwrap();
+    let code = store.create_otp(&email).unwrap();
+    let wrong = OtpCode::new(if code.expose() == "AAAAAA" { "BBBBBB" } else { "AAAAAA" });
+    for _ in 0..3 {
+        assert!(!store.validate_otp(&email, &wrong).unwrap());
+    }
+    assert!(!store.validate_otp(&email, &code).unwrap(), "locked out");
+    let fresh = store.create_otp(&email).unwrap();
+    assert!(store.validate_otp(&email, &fresh).unwrap(), "a new code right after the lockout");
+}
+
+#[test]
+fn cloudflare_deployment_never_returns_a_deleted_session_in_the_same_process() {
+    let cf = cloudflare_deployment();
+    let store = cf.data.kv();
+    let id = SessionId::generate();
+    let session = store.create_session(&id, &sample_user(3), sample_clusters()).unwrap();
+    cf.emulator.advance(Duration::from_secs(3)); // the write has propagated
+    assert_eq!(store.get_session(&id).unwrap(), Some(session));
+    store.delete_session(&id).unwrap();
+    assert_eq!(store.get_session(&id).unwrap(), None);
+    // Cloudflare itself still answers with the session: the read is stale.
+    assert_eq!(list_all(store.backend().as_ref(), "session:", 10).0.len(), 1, "reads are not stale");
+    let other_process = KvStore::new(Arc::clone(store.backend()));
+    assert!(other_process.get_session(&id).unwrap().is_some(), "another process sees it until it propagates");
+    cf.emulator.advance(Duration::from_secs(3));
+    assert_eq!(other_process.get_session(&id).unwrap(), None);
+}
+
+/// The Cloudflare requests of each sign-in step, as docs/operations.md
+/// gives them: (step, with one-time records on PostgreSQL, on Cloudflare).
+#[test]
+fn cloudflare_requests_per_step_are_those_in_the_operations_guide() {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig::default()).unwrap();
+    let pg: Arc<dyn KvBackend> = Arc::new(PgKv::new(pool));
+    let mut measured = Vec::new();
+    for one_time_on_cloudflare in [false, true] {
+        let emulator = CloudflareEmulator::start();
+        let cf = Arc::new(CloudflareKv::new(cloudflare_config(&emulator)).unwrap());
+        let one_time = if one_time_on_cloudflare { cf.clone() as Arc<dyn KvBackend> } else { Arc::clone(&pg) };
+        let store = KvStore::with_backends(cf.clone(), one_time, KvStoreConfig::default()).unwrap();
+        let requests = |step: &dyn Fn()| {
+            let before = cf.request_counts().requests;
+            step();
+            cf.request_counts().requests - before
+        };
+        let (user, id, state) = (sample_user(9), SessionId::generate(), OAuthState::generate());
+        let email = Email::parse(&format!("budget{}@example.com", u8::from(one_time_on_cloudflare))).unwrap();
+        let oauth_sign_in = requests(&|| {
+            store.create_state(&state, "https://app.example/next").unwrap();
+            store.validate_state(&state).unwrap().unwrap();
+            store.create_session(&id, &user, vec![]).unwrap();
+        });
+        let session_read = requests(&|| drop(store.get_session(&id).unwrap().unwrap()));
+        let otp_sign_in = requests(&|| {
+            let code = store.create_otp(&email).unwrap();
+            assert!(store.validate_otp(&email, &code).unwrap());
+            store.create_session(&SessionId::generate(), &user, vec![]).unwrap();
+        });
+        let code = store.create_otp(&email).unwrap();
+        let wrong_guess = requests(&|| {
+            let wrong = OtpCode::new(if code.expose() == "AAAAAA" { "BBBBBB" } else { "AAAAAA" });
+            assert!(!store.validate_otp(&email, &wrong).unwrap());
+        });
+        let sign_out = requests(&|| store.delete_session(&id).unwrap());
+        measured.push((oauth_sign_in, session_read, otp_sign_in, wrong_guess, sign_out));
+    }
+    // (OAuth sign-in, session read, OTP sign-in, a wrong OTP guess, sign-out)
+    assert_eq!(measured, [(1, 1, 1, 0, 1), (4, 1, 8, 3, 1)]);
 }

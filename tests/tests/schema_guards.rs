@@ -1,7 +1,11 @@
-//! The rules the schema of `000_init` enforces by itself, so no store can
-//! forget them: one owner per cluster (also under concurrency), immutable
-//! e-mails, no return to `invited`, metadata objects, cascades, and an index
-//! behind every foreign key.
+//! The rules the schema enforces by itself, so no store can forget them and
+//! no hand-written SQL can break them: exactly one owner per live cluster
+//! (`000_init`'s unique index, `002_cluster_owner_guard`'s triggers, also
+//! under concurrency), immutable e-mails, no return to `invited`, metadata
+//! objects, cascades, and an index behind every foreign key.
+//!
+//! The SQL here goes through the simple query protocol (`batch_execute`),
+//! as a psql session sends it.
 
 #![cfg(test)]
 
@@ -29,12 +33,16 @@ fn user(conn: &mut PgConnection, n: u32) -> String {
     id(n)
 }
 
-fn cluster(conn: &mut PgConnection, n: u32) -> String {
-    diesel::sql_query("INSERT INTO clusters (id, name) VALUES ($1, $2)")
-        .bind::<Text, _>(id(n))
-        .bind::<Text, _>(format!("cluster {n}"))
-        .execute(conn)
-        .unwrap();
+/// A cluster and its owner, created together as the schema requires.
+fn cluster(conn: &mut PgConnection, n: u32, owner: &str) -> String {
+    conn.transaction::<_, DieselError, _>(|conn| {
+        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ($1, $2)")
+            .bind::<Text, _>(id(n))
+            .bind::<Text, _>(format!("cluster {n}"))
+            .execute(conn)?;
+        member(conn, owner, &id(n), "owner")
+    })
+    .unwrap();
     id(n)
 }
 
@@ -62,22 +70,22 @@ fn refusal<T: std::fmt::Debug>(result: QueryResult<T>) -> (DatabaseErrorKind, St
 fn a_second_owner_of_a_cluster_is_refused_by_the_partial_unique_index() {
     let db = dployr_testkit::database();
     let mut conn = db.connect();
-    let (a, b, c) = (user(&mut conn, 1), user(&mut conn, 2), cluster(&mut conn, 10));
-    member(&mut conn, &a, &c, "owner").unwrap();
+    let (a, b) = (user(&mut conn, 1), user(&mut conn, 2));
+    let c = cluster(&mut conn, 10, &a);
     let (kind, constraint) = refusal(member(&mut conn, &b, &c, "owner"));
     assert_eq!(kind, DatabaseErrorKind::UniqueViolation);
     assert_eq!(constraint, "user_clusters_one_owner_per_cluster");
     // Other roles are not limited, and another cluster may have its own owner.
     member(&mut conn, &b, &c, "admin").unwrap();
-    let other = cluster(&mut conn, 11);
-    member(&mut conn, &b, &other, "owner").unwrap();
+    cluster(&mut conn, 11, &b);
 }
 
 #[test]
 fn two_concurrent_transactions_cannot_both_make_an_owner() {
     let db = dployr_testkit::database();
     let mut setup = db.connect();
-    let (a, b, c) = (user(&mut setup, 1), user(&mut setup, 2), cluster(&mut setup, 10));
+    let (o, a, b) = (user(&mut setup, 1), user(&mut setup, 2), user(&mut setup, 3));
+    let c = cluster(&mut setup, 10, &o);
 
     let (inserted_tx, inserted_rx) = mpsc::channel();
     let first = {
@@ -85,6 +93,10 @@ fn two_concurrent_transactions_cannot_both_make_an_owner() {
         thread::spawn(move || {
             let mut conn = PgConnection::establish(&url).unwrap();
             conn.transaction::<_, DieselError, _>(|conn| {
+                // A transfer: demote the owner, then promote another.
+                diesel::sql_query("UPDATE user_clusters SET role = 'admin' WHERE cluster_id = $1 AND role = 'owner'")
+                    .bind::<Text, _>(&c)
+                    .execute(conn)?;
                 member(conn, &a, &c, "owner")?;
                 inserted_tx.send(()).unwrap();
                 // Hold the uncommitted owner while the other transaction tries.
@@ -139,7 +151,8 @@ fn emails_are_stored_trimmed_and_lower_cased() {
 fn a_role_never_goes_back_to_invited() {
     let db = dployr_testkit::database();
     let mut conn = db.connect();
-    let (a, c) = (user(&mut conn, 1), cluster(&mut conn, 10));
+    let (a, o) = (user(&mut conn, 1), user(&mut conn, 2));
+    let c = cluster(&mut conn, 10, &o);
     member(&mut conn, &a, &c, "invited").unwrap();
     let set_role = |conn: &mut PgConnection, role: &str| {
         diesel::sql_query("UPDATE user_clusters SET role = $1 WHERE user_id = $2 AND cluster_id = $3")
@@ -159,7 +172,8 @@ fn a_role_never_goes_back_to_invited() {
 fn roles_and_providers_are_limited_to_known_values() {
     let db = dployr_testkit::database();
     let mut conn = db.connect();
-    let (a, c) = (user(&mut conn, 1), cluster(&mut conn, 10));
+    let (a, o) = (user(&mut conn, 1), user(&mut conn, 3));
+    let c = cluster(&mut conn, 10, &o);
     assert_eq!(refusal(member(&mut conn, &a, &c, "superuser")).1, "user_clusters_role_check");
     let result =
         diesel::sql_query("INSERT INTO users (id, email, name, provider) VALUES ($1, 'b@example.com', 'b', 'gitlab')")
@@ -172,7 +186,8 @@ fn roles_and_providers_are_limited_to_known_values() {
 fn metadata_that_is_not_a_json_object_is_refused_in_every_table() {
     let db = dployr_testkit::database();
     let mut conn = db.connect();
-    let c = cluster(&mut conn, 10);
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
     for value in ["[]", "\"text\"", "1", "null", "true"] {
         for (table, sql) in [
             (
@@ -203,9 +218,8 @@ fn metadata_that_is_not_a_json_object_is_refused_in_every_table() {
 fn deleting_a_cluster_removes_its_memberships_instances_and_their_tokens() {
     let db = dployr_testkit::database();
     let mut conn = db.connect();
-    let (a, c, kept) = (user(&mut conn, 1), cluster(&mut conn, 10), cluster(&mut conn, 11));
-    member(&mut conn, &a, &c, "owner").unwrap();
-    member(&mut conn, &a, &kept, "owner").unwrap();
+    let a = user(&mut conn, 1);
+    let (c, kept) = (cluster(&mut conn, 10, &a), cluster(&mut conn, 11, &a));
     for (instance, cluster_id) in [(id(20), &c), (id(21), &kept)] {
         diesel::sql_query("INSERT INTO instances (id, cluster_id, address, tag) VALUES ($1, $2, $1, $1)")
             .bind::<Text, _>(&instance)
@@ -269,4 +283,96 @@ fn every_foreign_key_is_backed_by_an_index() {
     .load(&mut conn)
     .unwrap();
     assert_eq!(unindexed, Vec::<String>::new());
+}
+
+/// Runs `sql` as one simple query (several statements, as psql sends a line).
+fn session(conn: &mut PgConnection, sql: &str) -> QueryResult<()> {
+    conn.batch_execute(sql)
+}
+
+fn owners_of(conn: &mut PgConnection, cluster: &str) -> Vec<String> {
+    diesel::dsl::sql::<Text>(&format!(
+        "SELECT user_id FROM user_clusters WHERE cluster_id = '{cluster}' AND role = 'owner' ORDER BY user_id"
+    ))
+    .load(conn)
+    .unwrap()
+}
+
+#[test]
+fn a_sql_session_cannot_delete_or_demote_the_only_owner_of_a_live_cluster() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (o, x) = (user(&mut conn, 1), user(&mut conn, 2));
+    let c = cluster(&mut conn, 10, &o);
+    member(&mut conn, &x, &c, "admin").unwrap();
+    let refused = |conn: &mut PgConnection, sql: &str, expected: &str| {
+        let (_, constraint) = refusal(session(conn, sql));
+        assert_eq!(constraint, expected, "{sql}");
+        // A refused transaction block stays aborted until rolled back, as in psql.
+        session(conn, "ROLLBACK").unwrap();
+        // Whatever was refused, the owner is still there.
+        assert_eq!(owners_of(conn, &c), [o.as_str()], "{sql}");
+    };
+    // Deleting the owner's membership, directly or through the user: at once.
+    refused(
+        &mut conn,
+        &format!("DELETE FROM user_clusters WHERE cluster_id = '{c}' AND role = 'owner'"),
+        "user_clusters_owner_kept",
+    );
+    refused(&mut conn, &format!("DELETE FROM user_clusters WHERE cluster_id = '{c}'"), "user_clusters_owner_kept");
+    refused(&mut conn, &format!("DELETE FROM users WHERE id = '{o}'"), "user_clusters_owner_kept");
+    refused(&mut conn, "BEGIN; DELETE FROM users; COMMIT;", "user_clusters_owner_kept");
+    // Demoting or moving the owner without a promotion: at commit.
+    refused(
+        &mut conn,
+        &format!("UPDATE user_clusters SET role = 'admin' WHERE cluster_id = '{c}' AND role = 'owner'"),
+        "clusters_have_an_owner",
+    );
+    refused(
+        &mut conn,
+        &format!(
+            "BEGIN; UPDATE user_clusters SET role = 'viewer' WHERE user_id = '{o}'; UPDATE user_clusters SET role = 'developer' WHERE user_id = '{x}'; COMMIT;"
+        ),
+        "clusters_have_an_owner",
+    );
+    refused(
+        &mut conn,
+        &format!("UPDATE user_clusters SET user_id = '{x}' WHERE user_id = '{o}'"),
+        "user_clusters_pkey",
+    );
+    let other_owner = user(&mut conn, 3);
+    let other = cluster(&mut conn, 11, &other_owner);
+    refused(
+        &mut conn,
+        &format!(
+            "UPDATE user_clusters SET cluster_id = '{other}', role = 'admin' WHERE user_id = '{o}' AND cluster_id = '{c}'"
+        ),
+        "clusters_have_an_owner",
+    );
+    // Deferring the check to the end of the transaction does not skip it.
+    refused(
+        &mut conn,
+        &format!(
+            "BEGIN; SET CONSTRAINTS ALL IMMEDIATE; UPDATE user_clusters SET role = 'admin' WHERE user_id = '{o}' AND cluster_id = '{c}'; COMMIT;"
+        ),
+        "clusters_have_an_owner",
+    );
+    // A cluster created without its owner: at commit.
+    let (_, constraint) =
+        refusal(session(&mut conn, &format!("INSERT INTO clusters (id, name) VALUES ('{}', 'orphan')", id(12))));
+    assert_eq!(constraint, "clusters_created_with_an_owner");
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM clusters"), 2);
+
+    // A demotion paired with a promotion in one transaction is a transfer: accepted.
+    session(
+        &mut conn,
+        &format!("BEGIN; UPDATE user_clusters SET role = 'admin' WHERE user_id = '{o}' AND cluster_id = '{c}'; UPDATE user_clusters SET role = 'owner' WHERE user_id = '{x}' AND cluster_id = '{c}'; COMMIT;"),
+    )
+    .unwrap();
+    assert_eq!(owners_of(&mut conn, &c), [x.as_str()]);
+    // The former owner may now go; and deleting the cluster takes its owner with it.
+    session(&mut conn, &format!("DELETE FROM users WHERE id = '{o}'")).unwrap();
+    session(&mut conn, &format!("DELETE FROM clusters WHERE id = '{c}'")).unwrap();
+    assert_eq!(count(&mut conn, &format!("SELECT count(*) FROM user_clusters WHERE cluster_id = '{c}'")), 0);
+    session(&mut conn, &format!("DELETE FROM users WHERE id = '{x}'")).unwrap();
 }

@@ -13,6 +13,7 @@ mod demo;
 mod erd;
 mod migrate;
 mod schema;
+mod stress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,11 @@ usage: cargo xtask <command>
   bench [--threads 1,16] [--seconds 1] [--ops SUBSTRING,...] [--json FILE]
                    every operation under load, next to pgbench's limit for the same statement,
                    on a throwaway PostgreSQL (release build)
+
+  stress [--seconds 60] [--threads 32] [--seed S] [--clusters 4]
+                   a random mix of every write of the stores from many threads, with a checker
+                   sampling the invariants (one owner per live cluster, no orphan membership,
+                   tokens used once) every 10 ms; fails on any violation, Backend error or deadlock
 
   db up            start the local development PostgreSQL (target/dployr-dev) and create dployr-local
   db down          stop it (the data stays; `db down --purge` deletes it)
@@ -56,6 +62,7 @@ fn main() -> ExitCode {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
         ["bench", rest @ ..] => bench::run(rest),
+        ["stress", rest @ ..] => stress::run(rest),
         ["demo"] => demo::run(demo::DemoKv::Postgres),
         ["demo", "--kv", kv] => demo::DemoKv::parse(kv).and_then(demo::run),
         ["db", "up"] => db::up(),

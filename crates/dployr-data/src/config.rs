@@ -7,13 +7,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use dployr_domain::{StoreError, StoreResult};
-use dployr_kv::{ACCOUNT_ID_VAR, API_TOKEN_VAR, CloudflareConfig, KvStoreConfig, NAMESPACE_ID_VAR};
+use dployr_kv::{ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CloudflareConfig, KvStoreConfig, NAMESPACE_ID_VAR};
 use dployr_pg::PoolConfig;
 
 /// The PostgreSQL URL (libpq syntax). Required.
 pub const DATABASE_URL_VAR: &str = "DATABASE_URL";
 /// `memory`, `postgres` (default) or `cloudflare`.
 pub const KV_VAR: &str = "DPLOYR_KV";
+/// Where OAuth states, one-time codes and attempt counters live: `postgres`,
+/// `memory` or `cloudflare`. Unset: with the sessions, except that with
+/// `DPLOYR_KV=cloudflare` they go to PostgreSQL.
+pub const KV_ONE_TIME_VAR: &str = "DPLOYR_KV_ONE_TIME";
 /// Apply pending migrations when the data layer opens: `true` (default) or `false`.
 pub const MIGRATE_ON_START_VAR: &str = "DPLOYR_MIGRATE_ON_START";
 /// Most pooled connections (default 10).
@@ -48,6 +52,29 @@ pub enum KvBackendConfig {
     Cloudflare(CloudflareConfig),
 }
 
+/// Where OAuth states, one-time codes and their attempt counters live.
+/// They must be single use and counted exactly, which needs a backend with
+/// atomic `take` and `increment`: PostgreSQL or memory, not Cloudflare.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OneTimeKvConfig {
+    /// With the sessions ([`Config::kv`]), except that with Cloudflare
+    /// sessions they go to PostgreSQL. The default.
+    #[default]
+    Default,
+    /// The `kv_entries` table of the data layer's own database.
+    Postgres {
+        /// How often a background thread purges expired rows; `None`: never.
+        /// Shared with the sessions' purger when they are on PostgreSQL too.
+        purge_every: Option<Duration>,
+    },
+    /// In this process's memory: a single process only.
+    Memory,
+    /// The Cloudflare namespace of the sessions: an explicit opt-in that
+    /// does **not** enforce single use or the attempt limit (reads up to
+    /// 60 s stale, no atomic operations); a warning is logged once.
+    Cloudflare,
+}
+
 /// How the data layer starts.
 ///
 /// ```
@@ -62,8 +89,10 @@ pub struct Config {
     pub database_url: String,
     /// Pool size and timeouts.
     pub pool: PoolConfig,
-    /// The key-value backend.
+    /// The key-value backend of sessions (and, by default, of everything).
     pub kv: KvBackendConfig,
+    /// The key-value backend of OAuth states, one-time codes and attempt counters.
+    pub one_time_kv: OneTimeKvConfig,
     /// TTLs and OTP attempts of the key-value store.
     pub kv_store: KvStoreConfig,
     /// Apply pending migrations on open (the seed's behaviour). Default true.
@@ -76,6 +105,7 @@ impl fmt::Debug for Config {
             .field("database_url", &"<redacted>")
             .field("pool", &self.pool)
             .field("kv", &self.kv)
+            .field("one_time_kv", &self.one_time_kv)
             .field("kv_store", &self.kv_store)
             .field("migrate_on_start", &self.migrate_on_start)
             .finish()
@@ -83,7 +113,7 @@ impl fmt::Debug for Config {
 }
 
 /// The default purge period of the PostgreSQL key-value backend.
-const DEFAULT_PURGE_EVERY: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_PURGE_EVERY: Duration = Duration::from_secs(300);
 
 impl Config {
     /// Defaults around `database_url`: the PostgreSQL key-value backend,
@@ -93,6 +123,7 @@ impl Config {
             database_url: database_url.into(),
             pool: PoolConfig::default(),
             kv: KvBackendConfig::Postgres { purge_every: Some(DEFAULT_PURGE_EVERY) },
+            one_time_kv: OneTimeKvConfig::Default,
             kv_store: KvStoreConfig::default(),
             migrate_on_start: true,
         }
@@ -102,6 +133,13 @@ impl Config {
     #[must_use]
     pub fn with_kv(mut self, kv: KvBackendConfig) -> Self {
         self.kv = kv;
+        self
+    }
+
+    /// The same, with another backend for one-time records.
+    #[must_use]
+    pub fn with_one_time_kv(mut self, one_time_kv: OneTimeKvConfig) -> Self {
+        self.one_time_kv = one_time_kv;
         self
     }
 
@@ -189,27 +227,47 @@ impl Config {
         }
 
         let purge_every = parsed::<u64>(&var, KV_PURGE_EVERY_VAR, "seconds")?;
+        let purge_every_set = purge_every.is_some();
+        let purge_every = match purge_every {
+            Some(0) => None,
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => Some(DEFAULT_PURGE_EVERY),
+        };
         config.kv = match var(KV_VAR).as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None | Some("postgres") => KvBackendConfig::Postgres {
-                purge_every: match purge_every {
-                    Some(0) => None,
-                    Some(secs) => Some(Duration::from_secs(secs)),
-                    None => Some(DEFAULT_PURGE_EVERY),
-                },
-            },
+            None | Some("postgres") => KvBackendConfig::Postgres { purge_every },
             Some("memory") => KvBackendConfig::Memory,
             Some("cloudflare") => {
                 let required = |name: &'static str| {
                     var(name).ok_or_else(|| configuration(name, "is not set, and DPLOYR_KV=cloudflare needs it"))
                 };
-                KvBackendConfig::Cloudflare(CloudflareConfig::new(
-                    required(ACCOUNT_ID_VAR)?,
-                    required(NAMESPACE_ID_VAR)?,
-                    required(API_TOKEN_VAR)?,
-                ))
+                required(ACCOUNT_ID_VAR)?;
+                required(NAMESPACE_ID_VAR)?;
+                required(API_TOKEN_VAR)?;
+                KvBackendConfig::Cloudflare(CloudflareConfig::from_vars(var)?)
             }
             Some(other) => {
                 return Err(configuration(KV_VAR, format!("is {other:?}; use memory, postgres or cloudflare")));
+            }
+        };
+        if var(API_BASE_URL_VAR).is_some() && !matches!(config.kv, KvBackendConfig::Cloudflare(_)) {
+            tracing::debug!("{API_BASE_URL_VAR} is set but {KV_VAR} is not cloudflare; it is not used");
+        }
+        config.one_time_kv = match var(KV_ONE_TIME_VAR).as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None if purge_every_set && matches!(config.kv, KvBackendConfig::Cloudflare(_)) => {
+                OneTimeKvConfig::Postgres { purge_every }
+            }
+            None => OneTimeKvConfig::Default,
+            Some("postgres") => OneTimeKvConfig::Postgres { purge_every },
+            Some("memory") => OneTimeKvConfig::Memory,
+            Some("cloudflare") if matches!(config.kv, KvBackendConfig::Cloudflare(_)) => OneTimeKvConfig::Cloudflare,
+            Some("cloudflare") => {
+                return Err(configuration(KV_ONE_TIME_VAR, "is cloudflare, which needs DPLOYR_KV=cloudflare"));
+            }
+            Some(other) => {
+                return Err(configuration(
+                    KV_ONE_TIME_VAR,
+                    format!("is {other:?}; use postgres, memory or cloudflare (not single use)"),
+                ));
             }
         };
         Ok(config)

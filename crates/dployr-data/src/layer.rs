@@ -1,16 +1,18 @@
 //! `DataLayer`: opens the pool, applies pending migrations (unless told
-//! not to), picks the key-value backend, and hands out the stores.
+//! not to), picks the key-value backends (one for sessions, one for the
+//! one-time records that must be single use), and hands out the stores.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
+use std::time::Duration;
 
 use dployr_domain::{KvBackend, StoreError, StoreResult};
 use dployr_kv::{CloudflareKv, KvStore, MemoryKv, PgKv, Purger};
 use dployr_migrate::{MigrationRunner, MigrationSet};
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore};
 
-use crate::config::{DATABASE_URL_VAR, KV_PURGE_EVERY_VAR, POOL_SIZE_VAR};
-use crate::{Config, KvBackendConfig};
+use crate::config::{DATABASE_URL_VAR, DEFAULT_PURGE_EVERY, KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, POOL_SIZE_VAR};
+use crate::{Config, KvBackendConfig, OneTimeKvConfig};
 
 /// Batch size of the background purge of the PostgreSQL key-value backend.
 const PURGE_BATCH: i64 = 1000;
@@ -33,9 +35,28 @@ pub struct DataLayer {
     bootstrap_tokens: PgBootstrapTokenStore,
     kv: KvStore,
     kv_backend: &'static str,
+    one_time_kv_backend: &'static str,
     applied_on_open: Vec<String>,
     // Dropped with the data layer, which stops the thread.
     _purger: Option<Purger>,
+}
+
+/// The warning that one-time records on Cloudflare are not single use is
+/// logged once per process, not once per open.
+static CLOUDFLARE_ONE_TIME_WARNING: Once = Once::new();
+
+/// A PostgreSQL key-value backend on `pool`, with its purger if `purge_every` is set.
+fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgKv, Option<Purger>)> {
+    let kv = PgKv::new(pool.clone());
+    let purger = purge_every
+        .map(|every| {
+            kv.spawn_purger(every, PURGE_BATCH).map_err(|e| match e {
+                StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason },
+                other => other,
+            })
+        })
+        .transpose()?;
+    Ok((kv, purger))
 }
 
 impl fmt::Debug for DataLayer {
@@ -43,6 +64,7 @@ impl fmt::Debug for DataLayer {
         f.debug_struct("DataLayer")
             .field("pool", &self.pool)
             .field("kv_backend", &self.kv_backend)
+            .field("one_time_kv_backend", &self.one_time_kv_backend)
             .field("applied_on_open", &self.applied_on_open)
             .finish_non_exhaustive()
     }
@@ -91,25 +113,51 @@ impl DataLayer {
             Vec::new()
         };
 
-        let (backend, kv_backend, purger): (Arc<dyn KvBackend>, &'static str, Option<Purger>) = match config.kv {
-            KvBackendConfig::Memory => (Arc::new(MemoryKv::new()), "memory", None),
+        type Backend = (Arc<dyn KvBackend>, &'static str);
+        let Config { kv: kv_config, one_time_kv, kv_store, .. } = config;
+        let sessions_on_cloudflare = matches!(kv_config, KvBackendConfig::Cloudflare(_));
+        let mut purger = None;
+        let sessions: Backend = match kv_config {
+            KvBackendConfig::Memory => (Arc::new(MemoryKv::new()), "memory"),
             KvBackendConfig::Postgres { purge_every } => {
-                let kv = PgKv::new(pool.clone());
-                let purger = purge_every
-                    .map(|every| {
-                        kv.spawn_purger(every, PURGE_BATCH).map_err(|e| match e {
-                            StoreError::Invalid { reason, .. } => {
-                                StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason }
-                            }
-                            other => other,
-                        })
-                    })
-                    .transpose()?;
-                (Arc::new(kv), "postgres", purger)
+                let (kv, started) = postgres_kv(&pool, purge_every)?;
+                purger = started;
+                (Arc::new(kv), "postgres")
             }
-            KvBackendConfig::Cloudflare(cloudflare) => (Arc::new(CloudflareKv::new(cloudflare)?), "cloudflare", None),
+            KvBackendConfig::Cloudflare(cloudflare) => (Arc::new(CloudflareKv::new(cloudflare)?), "cloudflare"),
         };
-        let kv = KvStore::with_config(backend, config.kv_store)?;
+        let mut postgres_one_time = |purge_every: Option<Duration>| -> StoreResult<Backend> {
+            if sessions.1 == "postgres" {
+                return Ok((Arc::clone(&sessions.0), "postgres"));
+            }
+            let (kv, started) = postgres_kv(&pool, purge_every)?;
+            purger = started;
+            Ok((Arc::new(kv), "postgres"))
+        };
+        let one_time: Backend = match (one_time_kv, sessions_on_cloudflare) {
+            (OneTimeKvConfig::Default, true) => postgres_one_time(Some(DEFAULT_PURGE_EVERY))?,
+            (OneTimeKvConfig::Default, false) => (Arc::clone(&sessions.0), sessions.1),
+            (OneTimeKvConfig::Postgres { purge_every }, _) => postgres_one_time(purge_every)?,
+            (OneTimeKvConfig::Memory, _) => (Arc::new(MemoryKv::new()), "memory"),
+            (OneTimeKvConfig::Cloudflare, true) => {
+                CLOUDFLARE_ONE_TIME_WARNING.call_once(|| {
+                    tracing::warn!(
+                        "{KV_ONE_TIME_VAR}=cloudflare: OAuth states and one-time codes are on Cloudflare Workers KV, \
+                         which does not enforce single use or the attempt limit (reads up to 60 s stale, no atomic \
+                         operations); use postgres unless you accept that"
+                    );
+                });
+                (Arc::clone(&sessions.0), "cloudflare")
+            }
+            (OneTimeKvConfig::Cloudflare, false) => {
+                return Err(StoreError::Configuration {
+                    setting: KV_ONE_TIME_VAR,
+                    reason: "is cloudflare, which needs the sessions on Cloudflare (DPLOYR_KV=cloudflare)".into(),
+                });
+            }
+        };
+        let kv = KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store)?;
+        let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
 
         Ok(Self {
             users: PgUserStore::new(pool.clone()),
@@ -119,6 +167,7 @@ impl DataLayer {
             pool,
             kv,
             kv_backend,
+            one_time_kv_backend,
             applied_on_open,
             _purger: purger,
         })
@@ -149,9 +198,15 @@ impl DataLayer {
         &self.kv
     }
 
-    /// The name of the key-value backend in use: `memory`, `postgres` or `cloudflare`.
+    /// The name of the key-value backend of sessions: `memory`, `postgres` or `cloudflare`.
     pub fn kv_backend(&self) -> &'static str {
         self.kv_backend
+    }
+
+    /// The name of the key-value backend of OAuth states, one-time codes and
+    /// attempt counters: `memory`, `postgres` or `cloudflare`.
+    pub fn one_time_kv_backend(&self) -> &'static str {
+        self.one_time_kv_backend
     }
 
     /// The connection pool the stores share.

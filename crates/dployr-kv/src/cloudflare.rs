@@ -1,37 +1,63 @@
 //! The Cloudflare Workers KV backend: the seed's production store, reached
-//! over the REST API v4 with `reqwest::blocking`.
+//! over the REST API v4 with `reqwest`.
 //!
 //! What Cloudflare allows is checked up front, so a bad call fails with
 //! [`StoreError::Invalid`] before any request: keys of 1 to 512 UTF-8 bytes,
 //! not `.` or `..`; values up to 25 MiB; TTLs of at least 60 s (a TTL that is
-//! not whole seconds is rounded up); list limits of 10 to 1000.
+//! not whole seconds is rounded up, and one longer than the API takes,
+//! 2^31 − 1 s, is clamped to it); list limits of 10 to 1000.
 //!
-//! Throttling (429) and server errors (5xx) and lost connections are retried
-//! with exponential backoff and jitter, honouring `retry-after`, bounded in
-//! attempts and in total time ([`RetryPolicy`]); then the call fails with
-//! [`StoreError::Unavailable`]. A rejected token (401/403) or an unknown
-//! namespace or account is a [`StoreError::Configuration`] naming the
-//! variable to check.
+//! **Answers.** Only a 404 with Cloudflare's code 10009 means "no such key".
+//! Any other 404 (code 7000 for a base URL without `/client/v4`, 7003 for an
+//! unknown account, 10013 for an unknown namespace, a proxy's HTML page) is a
+//! [`StoreError::Configuration`] naming what to check: reading it as
+//! "missing" would sign every user out silently. A rejected token (401/403)
+//! names [`API_TOKEN_VAR`].
 //!
-//! **Consistency.** Workers KV is eventually consistent, and it has no
-//! atomic read-and-delete or counter: [`KvBackend::take`] and
+//! **Retries.** Throttling (429), server errors (5xx) and lost connections
+//! are retried with exponential backoff and jitter, honouring `retry-after`,
+//! bounded in attempts and in total time *including the requests
+//! themselves* ([`RetryPolicy`]); then the call fails with
+//! [`StoreError::Unavailable`]. Each retry is a `tracing` event (target
+//! `dployr.kv.cloudflare`: status, attempt, wait), and the client counts its
+//! requests, 429s and retries ([`CloudflareKv::request_counts`], and the
+//! fields of each operation's `dployr.store` span), because Cloudflare's
+//! account budget (1200 requests per 5 minutes, then 5 minutes of 429s) is
+//! what a deployment plans against.
+//!
+//! **Consistency.** Workers KV is eventually consistent (a write may take up
+//! to 60 s to be seen elsewhere), allows one write per second per key, and
+//! has no atomic read-and-delete or counter: [`KvBackend::take`] and
 //! [`KvBackend::increment`] are a read followed by a write here, so two
 //! concurrent takes may both see the value and two concurrent increments may
-//! return the same number ([`KvLimits::atomic`] is `false`). Callers that
-//! need single use under concurrency (OTP attempts, OAuth state) get it
-//! exactly on the memory and PostgreSQL backends, and best effort here.
+//! return the same number ([`KvLimits::atomic`] is `false`). One-time records
+//! (OAuth state, codes, attempt counters) therefore belong on a consistent
+//! backend (see `KvStore::with_backends`).
 //!
-//! The client is blocking: from async code call it inside
-//! `tokio::task::spawn_blocking`, never directly on a runtime thread.
+//! **Time.** The counter keeps its expiry by sending a *relative*
+//! `expiration_ttl` computed against the server's clock (its `Date` header),
+//! never an absolute time from the local clock: Cloudflare checks "at least
+//! 60 s in the future" on its own clock, and a skewed host would be refused.
+//!
+//! **Runtimes.** The HTTP client is `reqwest`'s async one, driven by a
+//! private tokio runtime that is created, run and dropped on a thread of its
+//! own. A blocking `reqwest` client builds and drops a runtime on the
+//! caller's thread, which panics inside `#[tokio::main]`; this one does not,
+//! so the backend can be opened, used and dropped from any thread. Calls
+//! still block the calling thread until the answer comes: from async code,
+//! call them in `tokio::task::spawn_blocking`.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter, parse_counter};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use rand::Rng as _;
-use reqwest::blocking::{Client, RequestBuilder};
 use reqwest::header::HeaderMap;
+use reqwest::{Client, RequestBuilder};
 use serde::Deserialize;
 
 /// Cloudflare's API root.
@@ -43,9 +69,19 @@ pub const ACCOUNT_ID_VAR: &str = "CLOUDFLARE_ACCOUNT_ID";
 pub const NAMESPACE_ID_VAR: &str = "CLOUDFLARE_KV_NAMESPACE_ID";
 /// Environment variable holding the API token.
 pub const API_TOKEN_VAR: &str = "CLOUDFLARE_API_TOKEN";
+/// Optional environment variable holding the API root (a proxy or a
+/// regional endpoint); [`CLOUDFLARE_API_URL`] when unset. It ends in `/client/v4`.
+pub const API_BASE_URL_VAR: &str = "CLOUDFLARE_API_BASE_URL";
 
 /// Cloudflare's shortest TTL.
 const MIN_TTL: Duration = Duration::from_secs(60);
+
+/// The longest `expiration_ttl` the API takes: 2^31 − 1 seconds (about 68
+/// years). Longer TTLs are clamped to it.
+pub const MAX_EXPIRATION_TTL_SECS: u64 = i32::MAX as u64;
+
+/// Cloudflare's error code for a missing key, the only 404 that means "missing".
+const KEY_NOT_FOUND: u32 = 10009;
 
 /// How throttled or failed requests are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +92,10 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Longest backoff between two attempts. Default 5 s.
     pub max_backoff: Duration,
-    /// Longest time a call may spend, waits included; a retry that would
-    /// end later is not made. Default 30 s.
+    /// Longest time one HTTP request of a call may take, and so the longest
+    /// a call takes, requests and waits included: each request's timeout is
+    /// cut to what is left of it, and a retry whose wait would use it up is
+    /// not made. Default 30 s.
     pub max_elapsed: Duration,
 }
 
@@ -93,11 +131,12 @@ pub struct CloudflareConfig {
     /// An API token with Workers KV Storage edit rights ([`API_TOKEN_VAR`]).
     /// Never printed.
     pub api_token: String,
-    /// The API root; [`CLOUDFLARE_API_URL`] except in tests.
+    /// The API root ([`API_BASE_URL_VAR`]); [`CLOUDFLARE_API_URL`] by default.
     pub base_url: String,
     /// Retries of throttled and failed requests.
     pub retry: RetryPolicy,
-    /// Timeout of one HTTP request. Default 10 s.
+    /// Timeout of one HTTP request (cut further by
+    /// [`RetryPolicy::max_elapsed`]). Default 10 s.
     pub request_timeout: Duration,
 }
 
@@ -127,16 +166,165 @@ impl CloudflareConfig {
         }
     }
 
-    /// Reads [`ACCOUNT_ID_VAR`], [`NAMESPACE_ID_VAR`] and [`API_TOKEN_VAR`].
+    /// Reads [`ACCOUNT_ID_VAR`], [`NAMESPACE_ID_VAR`], [`API_TOKEN_VAR`] and,
+    /// if set, [`API_BASE_URL_VAR`].
     ///
     /// # Errors
-    /// [`StoreError::Configuration`] naming the first variable that is unset or empty.
+    /// [`StoreError::Configuration`] naming the first variable that is unset
+    /// or empty, or a base URL that is not `http(s)://`.
     pub fn from_env() -> StoreResult<Self> {
-        let var = |name: &'static str| match std::env::var(name) {
-            Ok(value) if !value.trim().is_empty() => Ok(value.trim().to_owned()),
-            _ => Err(StoreError::Configuration { setting: name, reason: "is not set".into() }),
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) through `var` (a variable's value,
+    /// `None` when unset) instead of the process environment.
+    ///
+    /// ```
+    /// use dployr_kv::CloudflareConfig;
+    /// let vars = |name: &str| match name {
+    ///     "CLOUDFLARE_ACCOUNT_ID" => Some("acc".to_owned()),
+    ///     "CLOUDFLARE_KV_NAMESPACE_ID" => Some("ns".to_owned()),
+    ///     "CLOUDFLARE_API_TOKEN" => Some("token".to_owned()),
+    ///     "CLOUDFLARE_API_BASE_URL" => Some("https://proxy.example/client/v4/".to_owned()),
+    ///     _ => None,
+    /// };
+    /// let config = CloudflareConfig::from_vars(vars)?;
+    /// assert_eq!(config.base_url, "https://proxy.example/client/v4");
+    /// # Ok::<(), dployr_domain::StoreError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`from_env`](Self::from_env).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> StoreResult<Self> {
+        let var = |name: &str| var(name).map(|value| value.trim().to_owned()).filter(|value| !value.is_empty());
+        let required = |name: &'static str| {
+            var(name).ok_or(StoreError::Configuration { setting: name, reason: "is not set".into() })
         };
-        Ok(Self::new(var(ACCOUNT_ID_VAR)?, var(NAMESPACE_ID_VAR)?, var(API_TOKEN_VAR)?))
+        let mut config = Self::new(required(ACCOUNT_ID_VAR)?, required(NAMESPACE_ID_VAR)?, required(API_TOKEN_VAR)?);
+        if let Some(base_url) = var(API_BASE_URL_VAR) {
+            config.base_url = checked_base_url(&base_url)?;
+        }
+        Ok(config)
+    }
+}
+
+/// `base_url` without a trailing `/`, if it is an `http://` or `https://` URL.
+fn checked_base_url(base_url: &str) -> StoreResult<String> {
+    let trimmed = base_url.trim().trim_end_matches('/');
+    if !(trimmed.starts_with("https://") || trimmed.starts_with("http://")) {
+        return Err(StoreError::Configuration {
+            setting: API_BASE_URL_VAR,
+            reason: format!("is {base_url:?}; give an http(s) URL such as {CLOUDFLARE_API_URL}").into(),
+        });
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// How many requests the client sent, how many were throttled (429) and
+/// how many were retries, since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CloudflareRequestCounts {
+    /// HTTP requests sent (each retry included): what Cloudflare's account
+    /// budget of 1200 per 5 minutes counts.
+    pub requests: u64,
+    /// Answers that were 429 (throttled: one write per second per key, or
+    /// the account budget spent).
+    pub throttled: u64,
+    /// Requests that were retries of a failed or throttled one.
+    pub retries: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    throttled: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// The HTTP side: `reqwest`'s async client, run by a tokio runtime that
+/// lives on a thread of its own, so that building, using and dropping the
+/// backend never builds or drops a runtime on the caller's thread.
+struct Transport {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    /// Dropping it tells the runtime's thread to shut the runtime down.
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What one HTTP exchange gave, before any retry decision.
+struct Raw {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Transport {
+    fn start() -> StoreResult<Self> {
+        let client =
+            Client::builder().build().map_err(|e| StoreError::backend("building the Cloudflare HTTP client", e))?;
+        let (handle_tx, handle_rx) = mpsc::channel();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("cloudflare-kv-http".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("cloudflare-kv-http")
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(runtime) => {
+                        // The receiver is gone only if `start` failed; nothing to serve then.
+                        let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                        // Returns when the transport is dropped (its sender with it).
+                        let _ = stopped.recv();
+                        runtime.shutdown_timeout(Duration::from_secs(1));
+                    }
+                    Err(error) => {
+                        let _ = handle_tx.send(Err(error));
+                    }
+                }
+            })
+            .map_err(|e| StoreError::backend("starting the Cloudflare HTTP thread", e))?;
+        let runtime = match handle_rx.recv() {
+            Ok(Ok(handle)) => handle,
+            Ok(Err(error)) => return Err(StoreError::backend("starting the Cloudflare HTTP runtime", error)),
+            Err(error) => return Err(StoreError::backend("starting the Cloudflare HTTP runtime", error)),
+        };
+        Ok(Self { client, runtime, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Sends `request` on the private runtime and waits for the whole answer.
+    fn exchange(&self, request: RequestBuilder) -> Result<Raw, String> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let result = async {
+                let response = request.send().await?;
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                let body = response.bytes().await?.to_vec();
+                Ok::<_, reqwest::Error>(Raw { status, headers, body })
+            }
+            .await;
+            // The caller waits for this; it is gone only if it panicked.
+            let _ = tx.send(result);
+        });
+        match rx.recv() {
+            Ok(Ok(raw)) => Ok(raw),
+            Ok(Err(error)) => Err(format!("request failed: {error}")),
+            Err(_) => Err("the HTTP runtime stopped".to_owned()),
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            // The thread only shuts its runtime down; a panic there leaves nothing to clean.
+            let _ = thread.join();
+        }
     }
 }
 
@@ -144,7 +332,8 @@ impl CloudflareConfig {
 /// `increment` are not atomic here (see the module documentation).
 pub struct CloudflareKv {
     config: CloudflareConfig,
-    client: Client,
+    transport: Transport,
+    counters: Counters,
     /// `{base}/accounts/{account}/storage/kv/namespaces/{namespace}`.
     namespace_url: String,
 }
@@ -203,8 +392,23 @@ impl Reply {
         let envelope = self.envelope();
         match envelope.errors.first() {
             Some(e) => format!("HTTP {}, code {}: {}", self.status, e.code, e.message),
-            None => format!("HTTP {}", self.status),
+            None => format!("HTTP {} without a Cloudflare error envelope", self.status),
         }
+    }
+
+    fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    fn is_missing_key(&self) -> bool {
+        self.status == 404 && self.error_code() == Some(KEY_NOT_FOUND)
+    }
+
+    /// The server's clock, from its `Date` header, in seconds since the epoch.
+    fn server_now(&self) -> Option<u64> {
+        let date = self.headers.get(reqwest::header::DATE)?.to_str().ok()?;
+        let at = httpdate::parse_http_date(date).ok()?;
+        at.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
     }
 }
 
@@ -212,20 +416,60 @@ fn encode(segment: &str) -> String {
     utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
 }
 
+/// A TTL in whole seconds as Cloudflare takes it: rounded up, at least 60,
+/// at most [`MAX_EXPIRATION_TTL_SECS`].
 fn ttl_secs(ttl: Duration) -> u64 {
-    ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)
+    (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).clamp(MIN_TTL.as_secs(), MAX_EXPIRATION_TTL_SECS)
 }
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// One backend operation: its `dployr.store` span (`op`, and on close
+/// `requests`, `throttled`, `retries`, `duration_us`) and its counts.
+struct Call {
+    span: tracing::span::EnteredSpan,
+    started: Instant,
+    requests: u64,
+    throttled: u64,
+    retries: u64,
+}
+
+impl Call {
+    fn start(op: &'static str) -> Self {
+        use tracing::field::Empty;
+        let span = tracing::debug_span!(
+            "dployr.store",
+            op = op,
+            requests = Empty,
+            throttled = Empty,
+            retries = Empty,
+            duration_us = Empty
+        )
+        .entered();
+        Self { span, started: Instant::now(), requests: 0, throttled: 0, retries: 0 }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let micros = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.span.record("requests", self.requests);
+        self.span.record("throttled", self.throttled);
+        self.span.record("retries", self.retries);
+        self.span.record("duration_us", micros);
+    }
+}
+
 impl CloudflareKv {
-    /// A client for the namespace in `config`. No request is made yet.
+    /// A client for the namespace in `config`. No request is made yet; a
+    /// thread with the HTTP runtime is started.
     ///
     /// # Errors
-    /// [`StoreError::Configuration`] for an empty id or token;
-    /// [`StoreError::Backend`] if the HTTP client cannot be built.
+    /// [`StoreError::Configuration`] for an empty id or token or a base URL
+    /// that is not `http(s)://`; [`StoreError::Backend`] if the HTTP client
+    /// or its thread cannot be started.
     pub fn new(config: CloudflareConfig) -> StoreResult<Self> {
         for (value, setting) in [
             (&config.account_id, ACCOUNT_ID_VAR),
@@ -236,17 +480,23 @@ impl CloudflareKv {
                 return Err(StoreError::Configuration { setting, reason: "is empty".into() });
             }
         }
-        let client = Client::builder()
-            .timeout(config.request_timeout)
-            .build()
-            .map_err(|e| StoreError::backend("building the Cloudflare HTTP client", e))?;
         let namespace_url = format!(
             "{}/accounts/{}/storage/kv/namespaces/{}",
-            config.base_url.trim_end_matches('/'),
+            checked_base_url(&config.base_url)?,
             encode(&config.account_id),
             encode(&config.namespace_id)
         );
-        Ok(Self { config, client, namespace_url })
+        Ok(Self { config, transport: Transport::start()?, counters: Counters::default(), namespace_url })
+    }
+
+    /// Requests sent, 429s received and retries made since this client was
+    /// created (what to watch against Cloudflare's account budget).
+    pub fn request_counts(&self) -> CloudflareRequestCounts {
+        CloudflareRequestCounts {
+            requests: self.counters.requests.load(Ordering::Relaxed),
+            throttled: self.counters.throttled.load(Ordering::Relaxed),
+            retries: self.counters.retries.load(Ordering::Relaxed),
+        }
     }
 
     fn value_url(&self, key: &str) -> String {
@@ -255,44 +505,68 @@ impl CloudflareKv {
 
     /// Sends the request `build` makes, retrying 429, 5xx and transport
     /// failures within the [`RetryPolicy`]; any other answer is returned.
-    fn send(&self, op: &'static str, build: impl Fn(&Client) -> RequestBuilder) -> StoreResult<Reply> {
+    /// Each request's timeout is the configured one cut to what is left of
+    /// `max_elapsed`, so the call ends within `max_elapsed`.
+    fn send(&self, call: &mut Call, op: &'static str, build: impl Fn(&Client) -> RequestBuilder) -> StoreResult<Reply> {
         let policy = self.config.retry;
         let started = Instant::now();
-        let mut attempt = 0;
+        let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let (last_failure, retry_after) = match build(&self.client).bearer_auth(&self.config.api_token).send() {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let headers = response.headers().clone();
-                    let retryable = status == 429 || (500..600).contains(&status);
-                    if !retryable {
-                        let body = response
-                            .bytes()
-                            .map_err(|e| StoreError::unavailable(format!("Cloudflare KV {op}: reading the answer"), e))?
-                            .to_vec();
-                        return Ok(Reply { status, headers, body });
+            let left = policy.max_elapsed.saturating_sub(started.elapsed());
+            let timeout = self.config.request_timeout.min(left).max(Duration::from_millis(1));
+            call.requests += 1;
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            if attempt > 1 {
+                call.retries += 1;
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let request = build(&self.transport.client).bearer_auth(&self.config.api_token).timeout(timeout);
+            let (last_failure, status, retry_after) = match self.transport.exchange(request) {
+                Ok(raw) => {
+                    let reply = Reply { status: raw.status, headers: raw.headers, body: raw.body };
+                    if reply.status != 429 && !(500..600).contains(&reply.status) {
+                        return Ok(reply);
                     }
-                    let retry_after = headers
+                    if reply.status == 429 {
+                        call.throttled += 1;
+                        self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let retry_after = reply
+                        .headers
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs);
-                    (format!("HTTP {status}"), retry_after)
+                    (reply.error_text(), reply.status, retry_after)
                 }
-                Err(error) => (format!("request failed: {error}"), None),
+                Err(failure) => (failure, 0, None),
             };
             let wait = policy.backoff(attempt).max(retry_after.unwrap_or_default());
             let elapsed = started.elapsed();
-            if attempt >= policy.max_attempts || elapsed + wait > policy.max_elapsed {
+            if attempt >= policy.max_attempts || elapsed + wait >= policy.max_elapsed {
+                let asked = match retry_after {
+                    Some(asked) if elapsed + asked >= policy.max_elapsed => format!(
+                        "; Cloudflare asked to wait {asked:?} (after 1200 requests in 5 minutes the account is refused for 5 minutes)"
+                    ),
+                    _ => String::new(),
+                };
                 return Err(StoreError::Unavailable {
                     reason: format!(
-                        "Cloudflare KV {op}: gave up after {attempt} attempts in {elapsed:?}, last: {last_failure}"
+                        "Cloudflare KV {op}: gave up after {attempt} attempts in {elapsed:?}, last: {last_failure}{asked}"
                     )
                     .into(),
                     source: None,
                 });
             }
+            tracing::warn!(
+                target: "dployr.kv.cloudflare",
+                op,
+                status,
+                attempt,
+                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                "retrying a Cloudflare KV request: {last_failure}"
+            );
             std::thread::sleep(wait);
         }
     }
@@ -313,6 +587,15 @@ impl CloudflareKv {
                 setting: ACCOUNT_ID_VAR,
                 reason: format!("Cloudflare knows no account {} ({text})", self.config.account_id).into(),
             },
+            (404, _) => StoreError::Configuration {
+                setting: API_BASE_URL_VAR,
+                reason: format!(
+                    "{op} answered {text} at base URL {}: not Workers KV of account {} and namespace {}; \
+                     check {API_BASE_URL_VAR} (it ends in /client/v4), {ACCOUNT_ID_VAR} and {NAMESPACE_ID_VAR}",
+                    self.config.base_url, self.config.account_id, self.config.namespace_id
+                )
+                .into(),
+            },
             (413, _) => StoreError::invalid("value", format!("refused by Cloudflare ({text})")),
             (414, _) => StoreError::invalid("key", format!("refused by Cloudflare ({text})")),
             (400, _) => StoreError::invalid("request", format!("refused by Cloudflare on {op} ({text})")),
@@ -320,48 +603,57 @@ impl CloudflareKv {
         }
     }
 
-    /// GET of a value with its `expiration` (seconds since the epoch).
-    fn read(&self, key: &str) -> StoreResult<Option<(Vec<u8>, Option<u64>)>> {
+    /// GET of a value: the value, its `expiration` (seconds since the
+    /// epoch) and the server's clock when it answered.
+    fn read(&self, call: &mut Call, key: &str) -> StoreResult<Option<Stored>> {
         self.limits().check_key(key)?;
         let url = self.value_url(key);
-        let reply = self.send("get", |c| c.get(&url))?;
-        if reply.status == 404 && !matches!(reply.error_code(), Some(10013 | 7003)) {
+        let reply = self.send(call, "get", |c| c.get(&url))?;
+        if reply.is_missing_key() {
             return Ok(None);
         }
-        if !(200..300).contains(&reply.status) {
+        if !reply.is_success() {
             return Err(self.failure("get", &reply));
         }
         let expiration =
             reply.headers.get("expiration").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-        Ok(Some((reply.body, expiration)))
+        let server_now = reply.server_now();
+        Ok(Some(Stored { value: reply.body, expiration, server_now }))
     }
 
-    /// PUT of a value with either a TTL or an absolute expiration.
-    fn write(&self, key: &str, value: &[u8], expiry: Expiry) -> StoreResult<()> {
+    /// PUT of a value, with a relative TTL (clamped to what Cloudflare takes).
+    fn write(&self, call: &mut Call, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
         let url = self.value_url(key);
-        let query: Vec<(&str, String)> = match expiry {
-            Expiry::Never => vec![],
-            Expiry::Ttl(ttl) => vec![("expiration_ttl", ttl_secs(ttl).to_string())],
-            Expiry::At(at) => vec![("expiration", at.to_string())],
-        };
-        let reply = self.send("put", |c| {
+        let query: Vec<(&str, String)> =
+            ttl.map(|ttl| ("expiration_ttl", ttl_secs(ttl).to_string())).into_iter().collect();
+        let reply = self.send(call, "put", |c| {
             c.put(&url)
                 .query(&query)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .body(value.to_vec())
         })?;
-        if !(200..300).contains(&reply.status) {
+        if !reply.is_success() {
             return Err(self.failure("put", &reply));
         }
         Ok(())
     }
+
+    fn remove(&self, call: &mut Call, key: &str) -> StoreResult<()> {
+        self.limits().check_key(key)?;
+        let url = self.value_url(key);
+        let reply = self.send(call, "delete", |c| c.delete(&url))?;
+        if reply.is_missing_key() || reply.is_success() {
+            return Ok(());
+        }
+        Err(self.failure("delete", &reply))
+    }
 }
 
-#[derive(Clone, Copy)]
-enum Expiry {
-    Never,
-    Ttl(Duration),
-    At(u64),
+/// A value as read, with what its expiry needs.
+struct Stored {
+    value: Vec<u8>,
+    expiration: Option<u64>,
+    server_now: Option<u64>,
 }
 
 impl KvBackend for CloudflareKv {
@@ -370,39 +662,34 @@ impl KvBackend for CloudflareKv {
     }
 
     fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        Ok(self.read(key)?.map(|(value, _)| value))
+        let mut call = Call::start("kv.cloudflare.get");
+        Ok(self.read(&mut call, key)?.map(|stored| stored.value))
     }
 
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+        let mut call = Call::start("kv.cloudflare.put");
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_value(value)?;
         limits.check_ttl(ttl)?;
-        self.write(key, value, ttl.map_or(Expiry::Never, Expiry::Ttl))
+        self.write(&mut call, key, value, ttl)
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
-        self.limits().check_key(key)?;
-        let url = self.value_url(key);
-        let reply = self.send("delete", |c| c.delete(&url))?;
-        if reply.status == 404 && reply.error_code() == Some(10009) {
-            return Ok(());
-        }
-        if !(200..300).contains(&reply.status) {
-            return Err(self.failure("delete", &reply));
-        }
-        Ok(())
+        let mut call = Call::start("kv.cloudflare.delete");
+        self.remove(&mut call, key)
     }
 
     fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+        let mut call = Call::start("kv.cloudflare.list");
         self.limits().check_list_limit(limit)?;
         let url = format!("{}/keys", self.namespace_url);
         let mut query = vec![("prefix", prefix.to_owned()), ("limit", limit.to_string())];
         if let Some(cursor) = cursor.filter(|c| !c.is_empty()) {
             query.push(("cursor", cursor.to_owned()));
         }
-        let reply = self.send("list", |c| c.get(&url).query(&query))?;
-        if !(200..300).contains(&reply.status) {
+        let reply = self.send(&mut call, "list", |c| c.get(&url).query(&query))?;
+        if !reply.is_success() {
             return Err(self.failure("list", &reply));
         }
         let envelope: Envelope = serde_json::from_slice(&reply.body)
@@ -415,31 +702,31 @@ impl KvBackend for CloudflareKv {
 
     /// A read, then a delete: **not atomic** on Cloudflare.
     fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        let Some((value, _)) = self.read(key)? else { return Ok(None) };
-        self.delete(key)?;
-        Ok(Some(value))
+        let mut call = Call::start("kv.cloudflare.take");
+        let Some(stored) = self.read(&mut call, key)? else { return Ok(None) };
+        self.remove(&mut call, key)?;
+        Ok(Some(stored.value))
     }
 
     /// A read, then a write that keeps the counter's expiry: **not atomic**
-    /// on Cloudflare. If less than Cloudflare's 60 s minimum is left, the
-    /// counter lives 60 s more.
+    /// on Cloudflare. The expiry is sent as a TTL relative to the server's
+    /// clock (its `Date` header; the local clock only if it sends none); if
+    /// less than Cloudflare's 60 s minimum is left, the counter lives 60 s more.
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+        let mut call = Call::start("kv.cloudflare.increment");
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
-        let (count, expiry) = match self.read(key)? {
-            None => (1, ttl.map_or(Expiry::Never, Expiry::Ttl)),
-            Some((value, expiration)) => {
-                let current = parse_counter(&value).ok_or_else(|| not_a_counter(key))?;
-                let expiry = match expiration {
-                    None => Expiry::Never,
-                    Some(at) if at >= unix_now() + MIN_TTL.as_secs() => Expiry::At(at),
-                    Some(_) => Expiry::Ttl(MIN_TTL),
-                };
-                (current + 1, expiry)
+        let (count, ttl) = match self.read(&mut call, key)? {
+            None => (1, ttl),
+            Some(stored) => {
+                let current = parse_counter(&stored.value).ok_or_else(|| not_a_counter(key))?;
+                let now = stored.server_now.unwrap_or_else(unix_now);
+                let left = stored.expiration.map(|at| Duration::from_secs(at.saturating_sub(now)));
+                (current + 1, left)
             }
         };
-        self.write(key, count.to_string().as_bytes(), expiry)?;
+        self.write(&mut call, key, count.to_string().as_bytes(), ttl)?;
         Ok(count)
     }
 }

@@ -3,11 +3,15 @@
 //! [`KvStore`], the sessions, OAuth state and one-time codes built on any of
 //! them.
 //!
-//! | backend | atomic `take` / `increment` | expiry |
-//! |---|---|---|
-//! | [`MemoryKv`] | yes (one lock) | to the millisecond on its [`Clock`] |
-//! | [`CloudflareKv`] | no (read, then write) | whole seconds, at least 60 |
-//! | [`PgKv`] | yes (`DELETE ... RETURNING`, `INSERT ... ON CONFLICT`) | server's `now()`; rows purged in batches |
+//! | backend | read-your-writes | atomic `take` / exact `increment` | expiry |
+//! |---|---|---|---|
+//! | [`MemoryKv`] | yes | yes (one lock) | to the millisecond on its [`Clock`] |
+//! | [`CloudflareKv`] | no (reads up to 60 s stale) | no (read, then write) | whole seconds, 60 s to 2^31 − 1 s |
+//! | [`PgKv`] | yes | yes (`DELETE ... RETURNING`, `INSERT ... ON CONFLICT`) | server's `now()`; rows purged in batches |
+//!
+//! [`KvStore`] keeps sessions on one backend and the one-time records (OAuth
+//! states, codes, attempt counters) on another, so that sessions can live on
+//! Cloudflare while single use and the attempt limit stay exact.
 
 mod clock;
 mod cloudflare;
@@ -17,8 +21,11 @@ mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use cloudflare::{
-    ACCOUNT_ID_VAR, API_TOKEN_VAR, CLOUDFLARE_API_URL, CloudflareConfig, CloudflareKv, NAMESPACE_ID_VAR, RetryPolicy,
+    ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CLOUDFLARE_API_URL, CloudflareConfig, CloudflareKv,
+    CloudflareRequestCounts, MAX_EXPIRATION_TTL_SECS, NAMESPACE_ID_VAR, RetryPolicy,
 };
 pub use memory::MemoryKv;
 pub use postgres::{PgKv, Purger};
-pub use store::{KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId};
+pub use store::{
+    DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId,
+};

@@ -10,7 +10,8 @@
 //! invisible to every read and removed by [`PgKv::purge_expired`], in
 //! bounded batches, which a caller runs or a [`Purger`] thread runs for it.
 //!
-//! The SQL of this backend lives in this file: diesel's query builder where
+//! Errors are mapped by `dployr_pg::store_error`, the one PostgreSQL error
+//! mapper of the workspace. The SQL of this backend lives in this file: diesel's query builder where
 //! it can express the statement, raw SQL with bound parameters where it
 //! cannot (the counter's conditional upsert).
 
@@ -22,7 +23,6 @@ use std::time::Duration;
 use diesel::dsl::{now, sql};
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
-use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Interval, Nullable, Text, Timestamptz};
 use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter};
 use dployr_pg::schema::kv_entries;
@@ -43,22 +43,6 @@ use dployr_pg::{PgPool, PgPooledConnection};
 #[derive(Debug, Clone)]
 pub struct PgKv {
     pool: PgPool,
-}
-
-/// Maps a diesel error by its kind (SQLSTATE), never by its text.
-fn db_error(op: &'static str, error: DieselError) -> StoreError {
-    match &error {
-        DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, _)
-        | DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
-            StoreError::unavailable(format!("PostgreSQL KV {op}"), error)
-        }
-        DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, info)
-            if info.constraint_name() == Some("kv_entries_key_check") =>
-        {
-            StoreError::invalid("key", "must be 1 to 512 bytes long")
-        }
-        _ => StoreError::backend(format!("PostgreSQL KV {op}"), error),
-    }
 }
 
 /// `expires_at IS NULL OR expires_at > now()`: the row is alive.
@@ -150,7 +134,7 @@ impl PgKv {
         let deleted = diesel::sql_query(PURGE_SQL)
             .bind::<BigInt, _>(batch_size)
             .execute(&mut self.conn()?)
-            .map_err(|e| db_error("purge", e))?;
+            .map_err(dployr_pg::store_error)?;
         Ok(deleted as u64)
     }
 
@@ -265,7 +249,7 @@ impl KvBackend for PgKv {
             .filter(alive())
             .first::<Vec<u8>>(&mut self.conn()?)
             .optional()
-            .map_err(|e| db_error("get", e))
+            .map_err(dployr_pg::store_error)
     }
 
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
@@ -284,7 +268,7 @@ impl KvBackend for PgKv {
                 kv_entries::expires_at.eq(diesel::upsert::excluded(kv_entries::expires_at)),
             ))
             .execute(&mut self.conn()?)
-            .map_err(|e| db_error("put", e))?;
+            .map_err(dployr_pg::store_error)?;
         Ok(())
     }
 
@@ -293,7 +277,7 @@ impl KvBackend for PgKv {
         self.limits().check_key(key)?;
         diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)))
             .execute(&mut self.conn()?)
-            .map_err(|e| db_error("delete", e))?;
+            .map_err(dployr_pg::store_error)?;
         Ok(())
     }
 
@@ -316,7 +300,7 @@ impl KvBackend for PgKv {
         if let Some(after) = cursor.filter(|c| !c.is_empty()) {
             query = query.filter(kv_entries::key.gt(after.to_owned()));
         }
-        let mut keys: Vec<String> = query.load(&mut self.conn()?).map_err(|e| db_error("list", e))?;
+        let mut keys: Vec<String> = query.load(&mut self.conn()?).map_err(dployr_pg::store_error)?;
         let more = keys.len() > limit;
         keys.truncate(limit);
         let cursor = if more { keys.last().cloned() } else { None };
@@ -331,7 +315,7 @@ impl KvBackend for PgKv {
             .returning(kv_entries::value)
             .get_result::<Vec<u8>>(&mut self.conn()?)
             .optional()
-            .map_err(|e| db_error("take", e))
+            .map_err(dployr_pg::store_error)
     }
 
     /// One `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`: concurrent
@@ -346,7 +330,7 @@ impl KvBackend for PgKv {
             .bind::<Nullable<Interval>, _>(interval(ttl)?)
             .get_result::<Count>(&mut self.conn()?)
             .optional()
-            .map_err(|e| db_error("increment", e))?;
+            .map_err(dployr_pg::store_error)?;
         counted.map(|c| c.count).ok_or_else(|| not_a_counter(key))
     }
 }

@@ -1,4 +1,4 @@
-//! `KvStore`: sign-in state on any [`KvBackend`]: sessions, OAuth `state`
+//! `KvStore`: sign-in state on [`KvBackend`]s: sessions, OAuth `state`
 //! values and e-mail one-time codes (OTP), done the way the seed should have.
 //!
 //! - Keys hold the SHA-256 (hex) of a session id or state, never the secret
@@ -12,12 +12,30 @@
 //!   unseen once the counter passes the limit (as Ory Kratos does), so
 //!   parallel guesses cannot exceed it. A right guess consumes the code with
 //!   `take`, so it works once. An OAuth state is consumed with `take` too.
-//! - Those guarantees are exact where the backend's `take` and `increment`
-//!   are atomic (memory, PostgreSQL) and best effort on Cloudflare.
+//!
+//! **Two backends.** Those single-use and counting rules are only as exact
+//! as the backend's `take` and `increment`. Sessions are long-lived, read
+//! often and written once, which suits an eventually consistent store such
+//! as Cloudflare Workers KV; OAuth states, codes and attempt counters are
+//! written and consumed within seconds and must be counted exactly, which
+//! Cloudflare cannot do (no atomic operations, reads up to 60 s stale, one
+//! write per second per key). So a store may keep sessions on one backend
+//! and the one-time records on another ([`KvStore::with_backends`]); the
+//! data layer puts them on PostgreSQL when sessions are on Cloudflare.
+//!
+//! **Sign-out in this process.** A backend with stale reads may return a
+//! session for a while after it was deleted (Cloudflare: up to 60 s). The
+//! store remembers the sessions this process deleted for
+//! [`DELETED_SESSION_MEMORY`] and never returns them: a user who signs out
+//! is signed out at once in this process. Other processes see the deletion
+//! when the backend has propagated it. (A session just created may likewise
+//! be missed by a stale read elsewhere; it is not cached here, so that the
+//! backend's expiry stays the only rule for a live session.)
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use dployr_domain::{ClusterSummary, Email, KvBackend, Provider, StoreError, StoreResult, User, UserId};
@@ -36,6 +54,11 @@ const STATE_PREFIX: &str = "oauth_state:";
 const OTP_PREFIX: &str = "otp:";
 const OTP_ATTEMPTS_PREFIX: &str = "otp_attempts:";
 const OTP_SALT_BYTES: usize = 16;
+
+/// How long a store remembers a session it deleted, so that a backend's
+/// stale reads cannot bring it back in this process: Cloudflare documents
+/// up to 60 s before a change is seen everywhere.
+pub const DELETED_SESSION_MEMORY: Duration = Duration::from_secs(90);
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -179,8 +202,13 @@ impl Default for KvStoreConfig {
 /// ```
 #[derive(Clone)]
 pub struct KvStore {
+    /// Where sessions live.
     kv: Arc<dyn KvBackend>,
+    /// Where OAuth states, one-time codes and their attempt counters live.
+    one_time: Arc<dyn KvBackend>,
     config: KvStoreConfig,
+    /// Session keys this process deleted, and until when to remember them.
+    deleted_sessions: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl fmt::Debug for KvStore {
@@ -190,30 +218,80 @@ impl fmt::Debug for KvStore {
 }
 
 impl KvStore {
-    /// A store on `kv` with the default TTLs.
+    /// A store with everything on `kv` and the default TTLs.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
-        Self { kv, config: KvStoreConfig::default() }
+        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions: Arc::default() }
     }
 
-    /// A store on `kv` with `config`.
+    /// A store with everything on `kv` and `config`.
     ///
     /// # Errors
     /// [`StoreError::Invalid`] when a TTL is outside what the backend
     /// accepts or no OTP attempt is allowed.
     pub fn with_config(kv: Arc<dyn KvBackend>, config: KvStoreConfig) -> StoreResult<Self> {
-        let limits = kv.limits();
-        for ttl in [config.session_ttl, config.state_ttl, config.otp_ttl] {
-            limits.check_ttl(Some(ttl))?;
+        Self::with_backends(Arc::clone(&kv), kv, config)
+    }
+
+    /// A store with sessions on `sessions` and OAuth states, one-time codes
+    /// and attempt counters on `one_time`. Single use and the attempt limit
+    /// are exact when `one_time`'s `take` and `increment` are atomic
+    /// ([`KvLimits::atomic`](dployr_domain::KvLimits::atomic)).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use dployr_kv::{KvStore, KvStoreConfig, MemoryKv};
+    ///
+    /// let (sessions, one_time) = (Arc::new(MemoryKv::new()), Arc::new(MemoryKv::new()));
+    /// let store = KvStore::with_backends(sessions, one_time, KvStoreConfig::default())?;
+    /// assert!(store.one_time_backend().limits().atomic);
+    /// # Ok::<(), dployr_domain::StoreError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] when the session TTL is outside what
+    /// `sessions` accepts, the state or OTP TTL outside what `one_time`
+    /// accepts, or no OTP attempt is allowed.
+    pub fn with_backends(
+        sessions: Arc<dyn KvBackend>,
+        one_time: Arc<dyn KvBackend>,
+        config: KvStoreConfig,
+    ) -> StoreResult<Self> {
+        sessions.limits().check_ttl(Some(config.session_ttl))?;
+        let one_time_limits = one_time.limits();
+        for ttl in [config.state_ttl, config.otp_ttl] {
+            one_time_limits.check_ttl(Some(ttl))?;
         }
         if config.otp_max_attempts == 0 {
             return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
         }
-        Ok(Self { kv, config })
+        Ok(Self { kv: sessions, one_time, config, deleted_sessions: Arc::default() })
     }
 
-    /// The backend.
+    /// The backend that holds sessions.
     pub fn backend(&self) -> &Arc<dyn KvBackend> {
         &self.kv
+    }
+
+    /// The backend that holds OAuth states, one-time codes and attempt counters.
+    pub fn one_time_backend(&self) -> &Arc<dyn KvBackend> {
+        &self.one_time
+    }
+
+    /// Remembers that this process deleted the session under `key`, and
+    /// forgets deletions older than [`DELETED_SESSION_MEMORY`].
+    fn remember_deleted(&self, key: String) {
+        let now = Instant::now();
+        // Each change is one map operation: a panic elsewhere cannot leave it half-done.
+        let mut deleted = self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        deleted.retain(|_, until| *until > now);
+        deleted.insert(key, now + DELETED_SESSION_MEMORY);
+    }
+
+    /// Whether this process deleted the session under `key` lately.
+    fn deleted_here(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let deleted = self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        deleted.get(key).is_some_and(|until| *until > now)
     }
 
     fn session_key(id: &SessionId) -> String {
@@ -227,15 +305,6 @@ impl KvStore {
     fn otp_keys(email: &Email) -> (String, String) {
         let hashed = sha256_hex(email.as_str().as_bytes());
         (format!("{OTP_PREFIX}{hashed}"), format!("{OTP_ATTEMPTS_PREFIX}{hashed}"))
-    }
-
-    /// Refuses a value the backend would refuse, naming the caller's
-    /// argument `field` that made it too large instead of the backend's `value`.
-    fn check_value_size(&self, field: &'static str, value: &[u8]) -> StoreResult<()> {
-        self.kv.limits().check_value(value).map_err(|error| match error {
-            StoreError::Invalid { reason, .. } => StoreError::Invalid { field, reason },
-            other => other,
-        })
     }
 
     fn ttl_as_chrono(ttl: Duration) -> StoreResult<chrono::Duration> {
@@ -266,7 +335,7 @@ impl KvStore {
         let value = serde_json::to_vec(&session).map_err(|e| StoreError::backend("encoding a session", e))?;
         // What makes a session large is the clusters it lists (the rest is
         // bounded): name them, not the backend's `value`.
-        self.check_value_size("clusters", &value)?;
+        check_value_size(self.kv.as_ref(), "clusters", &value)?;
         self.kv.put(&Self::session_key(session_id), &value, Some(self.config.session_ttl))?;
         Ok(session)
     }
@@ -277,7 +346,11 @@ impl KvStore {
     /// Backend errors; [`StoreError::Backend`] if the stored session cannot be read.
     pub fn get_session(&self, session_id: &SessionId) -> StoreResult<Option<Session>> {
         let _span = operation("kv.get_session");
-        let Some(value) = self.kv.get(&Self::session_key(session_id))? else { return Ok(None) };
+        let key = Self::session_key(session_id);
+        if self.deleted_here(&key) {
+            return Ok(None);
+        }
+        let Some(value) = self.kv.get(&key)? else { return Ok(None) };
         let session: Session =
             serde_json::from_slice(&value).map_err(|e| StoreError::backend("decoding a stored session", e))?;
         // The backend's TTL is the rule; this also covers a backend whose
@@ -285,13 +358,17 @@ impl KvStore {
         Ok((session.expires_at > Utc::now()).then_some(session))
     }
 
-    /// Ends the session; ending a missing one is not an error.
+    /// Ends the session; ending a missing one is not an error. This
+    /// process never returns it again, even from a backend with stale reads
+    /// (see the module documentation).
     ///
     /// # Errors
     /// Backend errors.
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
         let _span = operation("kv.delete_session");
-        self.kv.delete(&Self::session_key(session_id))
+        let key = Self::session_key(session_id);
+        self.remember_deleted(key.clone());
+        self.kv.delete(&key)
     }
 
     /// Remembers `state` and where to go after the sign-in, for the state TTL.
@@ -301,8 +378,8 @@ impl KvStore {
     /// than the backend takes; backend errors.
     pub fn create_state(&self, state: &OAuthState, redirect_url: &str) -> StoreResult<()> {
         let _span = operation("kv.create_state");
-        self.check_value_size("redirect_url", redirect_url.as_bytes())?;
-        self.kv.put(&Self::state_key(state), redirect_url.as_bytes(), Some(self.config.state_ttl))
+        check_value_size(self.one_time.as_ref(), "redirect_url", redirect_url.as_bytes())?;
+        self.one_time.put(&Self::state_key(state), redirect_url.as_bytes(), Some(self.config.state_ttl))
     }
 
     /// Consumes `state`: its redirect URL the first time, `None` after that
@@ -312,7 +389,7 @@ impl KvStore {
     /// Backend errors.
     pub fn validate_state(&self, state: &OAuthState) -> StoreResult<Option<String>> {
         let _span = operation("kv.validate_state");
-        let Some(value) = self.kv.take(&Self::state_key(state))? else { return Ok(None) };
+        let Some(value) = self.one_time.take(&Self::state_key(state))? else { return Ok(None) };
         String::from_utf8(value).map(Some).map_err(|e| StoreError::backend("decoding a stored OAuth state", e))
     }
 
@@ -329,8 +406,8 @@ impl KvStore {
         let mut stored = salt.to_vec();
         stored.extend_from_slice(&otp_hash(&salt, &code.normalized()));
         let (code_key, attempts_key) = Self::otp_keys(email);
-        self.kv.put(&code_key, &stored, Some(self.config.otp_ttl))?;
-        self.kv.delete(&attempts_key)?;
+        self.one_time.put(&code_key, &stored, Some(self.config.otp_ttl))?;
+        self.one_time.delete(&attempts_key)?;
         Ok(code)
     }
 
@@ -343,11 +420,11 @@ impl KvStore {
     pub fn validate_otp(&self, email: &Email, code: &OtpCode) -> StoreResult<bool> {
         let _span = operation("kv.validate_otp");
         let (code_key, attempts_key) = Self::otp_keys(email);
-        let attempts = self.kv.increment(&attempts_key, Some(self.config.otp_ttl))?;
+        let attempts = self.one_time.increment(&attempts_key, Some(self.config.otp_ttl))?;
         if attempts > i64::from(self.config.otp_max_attempts) {
             return Ok(false);
         }
-        let Some(stored) = self.kv.get(&code_key)? else { return Ok(false) };
+        let Some(stored) = self.one_time.get(&code_key)? else { return Ok(false) };
         let Some((salt, expected)) = stored.split_at_checked(OTP_SALT_BYTES) else { return Ok(false) };
         let given = otp_hash(salt, &code.normalized());
         if !bool::from(given.as_slice().ct_eq(expected)) {
@@ -356,8 +433,17 @@ impl KvStore {
         // Only the caller whose take removes this very code succeeds. The
         // attempt count stays until it expires or a new code replaces it:
         // resetting it here would let guesses racing this one be evaluated.
-        Ok(matches!(self.kv.take(&code_key)?, Some(taken) if taken == stored))
+        Ok(matches!(self.one_time.take(&code_key)?, Some(taken) if taken == stored))
     }
+}
+
+/// Refuses a value `backend` would refuse, naming the caller's argument
+/// `field` that made it too large instead of the backend's `value`.
+fn check_value_size(backend: &dyn KvBackend, field: &'static str, value: &[u8]) -> StoreResult<()> {
+    backend.limits().check_value(value).map_err(|error| match error {
+        StoreError::Invalid { reason, .. } => StoreError::Invalid { field, reason },
+        other => other,
+    })
 }
 
 /// The `tracing` span of one `KvStore` operation, named for it, with its

@@ -28,6 +28,7 @@ use crate::errors::Failure;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::coalesce;
 use crate::{PgPool, cursor};
+use diesel::result::DatabaseErrorKind;
 
 diesel::alias!(user_clusters as owner_memberships: OwnerMemberships);
 
@@ -199,7 +200,7 @@ impl PgClusterStore {
             }
         }
         let limit = i64::from(page.limit());
-        let rows: Vec<MemberPageRow> = self.pool.run("", |conn| {
+        let rows: Vec<MemberPageRow> = self.pool.run(&[], |conn| {
             MemberPage { cluster: &cluster.to_string(), orders, after: (after_order, &after_email), limit, offset }
                 .load(conn)
         })?;
@@ -225,7 +226,7 @@ impl PgClusterStore {
     }
 
     fn members_where(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
-        let rows: Vec<MemberRow> = self.pool.run("", |conn| {
+        let rows: Vec<MemberRow> = self.pool.run(&[], |conn| {
             user_clusters::table
                 .inner_join(users::table)
                 .filter(user_clusters::cluster_id.eq(cluster.to_string()))
@@ -238,7 +239,7 @@ impl PgClusterStore {
     }
 
     fn has_rank(&self, user: &UserId, cluster: &ClusterId, at_least: Role) -> StoreResult<bool> {
-        self.pool.run("", |conn| {
+        self.pool.run(&[], |conn| {
             diesel::select(diesel::dsl::exists(
                 user_clusters::table
                     .find((user.to_string(), cluster.to_string()))
@@ -285,7 +286,7 @@ impl ClusterStore for PgClusterStore {
     fn create_for_owner(&self, owner: &UserId) -> StoreResult<Cluster> {
         let _span = crate::trace::operation("clusters.create_for_owner");
         let owner = owner.to_string();
-        self.pool.transaction(&owner, |conn| {
+        self.pool.transaction(&[("user", &owner)], |conn| {
             // Two calls for one user queue on this lock; the second finds the
             // first one's cluster below.
             let user = users::table
@@ -336,14 +337,14 @@ impl ClusterStore for PgClusterStore {
     fn get(&self, id: &ClusterId) -> StoreResult<Option<Cluster>> {
         let _span = crate::trace::operation("clusters.get");
         let id = id.to_string();
-        self.pool.read(|conn| load_cluster(conn, &id))
+        self.pool.run(&[], |conn| load_cluster(conn, &id))
     }
 
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>> {
         let _span = crate::trace::operation("clusters.update");
         let desired = patch.roles.as_ref().map(desired_roles).transpose()?;
         let id = id.to_string();
-        self.pool.transaction("", |conn| {
+        self.pool.transaction(&[], |conn| {
             match lock_cluster(conn, &id) {
                 Ok(()) => {}
                 Err(Failure::Store(StoreError::NotFound { .. })) => return Ok(None),
@@ -367,7 +368,7 @@ impl ClusterStore for PgClusterStore {
 
     fn delete(&self, id: &ClusterId) -> StoreResult<()> {
         let _span = crate::trace::operation("clusters.delete");
-        let deleted = self.pool.run("", |conn| diesel::delete(clusters::table.find(id.to_string())).execute(conn))?;
+        let deleted = self.pool.run(&[], |conn| diesel::delete(clusters::table.find(id.to_string())).execute(conn))?;
         if deleted == 0 {
             return Err(StoreError::not_found("cluster", id.to_string()));
         }
@@ -381,7 +382,7 @@ impl ClusterStore for PgClusterStore {
         settings.insert("loginId".into(), Value::String(integration.login_id.clone()));
         let settings = Metadata::from_map(settings)?;
         let merge = json!({ "gitHub": settings.into_value() });
-        self.pool.transaction("", |conn| {
+        self.pool.transaction(&[], |conn| {
             // The expression is spelled as in clusters_github_login_id_idx, keys
             // as literals, so the planner matches the index.
             let login_id = diesel::dsl::sql::<Nullable<Text>>("metadata -> 'gitHub' ->> 'loginId'");
@@ -405,7 +406,7 @@ impl ClusterStore for PgClusterStore {
         let _span = crate::trace::operation("clusters.add_users");
         let emails: Vec<&str> = emails.iter().map(Email::as_str).collect::<BTreeSet<_>>().into_iter().collect();
         let cluster = cluster.to_string();
-        self.pool.transaction(&cluster, |conn| {
+        self.pool.transaction(&[("cluster", &cluster)], |conn| {
             lock_cluster(conn, &cluster)?;
             if emails.is_empty() {
                 return Ok(Vec::new());
@@ -428,15 +429,27 @@ impl ClusterStore for PgClusterStore {
                 .on_conflict(users::email)
                 .do_nothing()
                 .execute(conn)?;
-            diesel::insert_into(user_clusters::table)
-                .values(users::table.filter(users::email.eq_any(&emails)).select((
+            // In user id order: the foreign-key checks take the users'
+            // key-share locks in that order, as every multi-row write does.
+            let invited = diesel::insert_into(user_clusters::table)
+                .values(users::table.filter(users::email.eq_any(&emails)).order(users::id).select((
                     users::id,
                     cluster.as_str().into_sql::<Text>(),
                     Role::Invited.as_str().into_sql::<Text>(),
                 )))
                 .into_columns((user_clusters::user_id, user_clusters::cluster_id, user_clusters::role))
                 .on_conflict_do_nothing()
-                .execute(conn)?;
+                .execute(conn);
+            match invited {
+                Ok(_) => {}
+                // A user deleted (by users.delete or another cluster's
+                // clean-up) between the two inserts: an invitation is for an
+                // e-mail, so the next attempt creates the invitee afresh.
+                Err(diesel::result::Error::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) => {
+                    return Err(Failure::Retry("an invited user was deleted meanwhile"));
+                }
+                Err(other) => return Err(other.into()),
+            }
             let rows: Vec<MemberRow> = user_clusters::table
                 .inner_join(users::table)
                 .filter(user_clusters::cluster_id.eq(&cluster))
@@ -452,7 +465,7 @@ impl ClusterStore for PgClusterStore {
         let _span = crate::trace::operation("clusters.remove_users");
         let ids: Vec<String> = users_to_remove.iter().map(UserId::to_string).collect();
         let cluster = cluster.to_string();
-        self.pool.transaction(&cluster, |conn| {
+        self.pool.transaction(&[("cluster", &cluster)], |conn| {
             lock_cluster(conn, &cluster)?;
             let removes_owner: bool = diesel::select(diesel::dsl::exists(
                 user_clusters::table
@@ -469,29 +482,41 @@ impl ClusterStore for PgClusterStore {
                 )
                 .into());
             }
+            // The invitees the clean-up below may delete, locked in id order
+            // (after the cluster, before memberships) FOR UPDATE: that
+            // conflicts with the key-share lock of a foreign-key check, so
+            // no membership can be inserted for them elsewhere (a transfer
+            // of ownership, an invitation) between the check of the clean-up
+            // and their deletion, which would cascade it away.
+            let invitees: Vec<String> = users::table
+                .filter(users::id.eq_any(&ids))
+                .filter(users::provider.eq(Provider::Email.as_str()))
+                .order(users::id)
+                .select(users::id)
+                .for_update()
+                .load(conn)?;
             diesel::delete(
                 user_clusters::table
                     .filter(user_clusters::cluster_id.eq(&cluster))
                     .filter(user_clusters::user_id.eq_any(&ids)),
             )
             .execute(conn)?;
-            // Invitees who never signed in and now belong nowhere are forgotten.
-            diesel::delete(
-                users::table
-                    .filter(users::id.eq_any(&ids))
-                    .filter(users::provider.eq(Provider::Email.as_str()))
-                    .filter(diesel::dsl::not(diesel::dsl::exists(
+            if !invitees.is_empty() {
+                // Invitees who never signed in and now belong nowhere are forgotten.
+                diesel::delete(users::table.filter(users::id.eq_any(&invitees)).filter(diesel::dsl::not(
+                    diesel::dsl::exists(
                         owner_memberships.filter(owner_memberships.field(user_clusters::user_id).eq(users::id)),
-                    ))),
-            )
-            .execute(conn)?;
+                    ),
+                )))
+                .execute(conn)?;
+            }
             Ok(())
         })
     }
 
     fn accept_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
         let _span = crate::trace::operation("clusters.accept_invite");
-        let updated = self.pool.run("", |conn| {
+        let updated = self.pool.run(&[], |conn| {
             diesel::update(
                 user_clusters::table
                     .find((user.to_string(), cluster.to_string()))
@@ -508,7 +533,7 @@ impl ClusterStore for PgClusterStore {
 
     fn decline_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
         let _span = crate::trace::operation("clusters.decline_invite");
-        let deleted = self.pool.run("", |conn| {
+        let deleted = self.pool.run(&[], |conn| {
             diesel::delete(
                 user_clusters::table
                     .find((user.to_string(), cluster.to_string()))
@@ -550,29 +575,36 @@ impl ClusterStore for PgClusterStore {
         }
         let cluster = cluster.to_string();
         let new_owner = new_owner.to_string();
-        self.pool.transaction(&new_owner, |conn| {
+        let demoted_to = previous_owner_becomes.unwrap_or(Role::Admin);
+        self.pool.transaction(&[("cluster", &cluster), ("user", &new_owner)], |conn| {
             lock_cluster(conn, &cluster)?;
-            let current: Option<String> = user_clusters::table
-                .filter(user_clusters::cluster_id.eq(&cluster))
-                .filter(user_clusters::role.eq(Role::Owner.as_str()))
-                .select(user_clusters::user_id)
-                .first(conn)
-                .optional()?;
-            if current.as_deref() == Some(new_owner.as_str()) {
+            // The new owner next (clusters, then users, then memberships):
+            // key-share, as the foreign-key check of their membership would
+            // take it, but before any membership is locked.
+            users::table
+                .find(&new_owner)
+                .select(users::id)
+                .for_key_share()
+                .first::<String>(conn)
+                .optional()?
+                .ok_or_else(|| StoreError::not_found("user", &new_owner))?;
+            // Demote first: the one-owner index is checked at once and must
+            // never see two owners. A live cluster always has an owner (the
+            // database refuses to commit one without), so demoting nobody
+            // means the new owner already is the owner.
+            let previous: Option<String> = diesel::update(
+                user_clusters::table
+                    .filter(user_clusters::cluster_id.eq(&cluster))
+                    .filter(user_clusters::role.eq(Role::Owner.as_str()))
+                    .filter(user_clusters::user_id.ne(&new_owner)),
+            )
+            .set(user_clusters::role.eq(demoted_to.as_str()))
+            .returning(user_clusters::user_id)
+            .get_result(conn)
+            .optional()?;
+            let Some(previous) = previous else {
                 return Ok(());
-            }
-            // Demote first: the one-owner index must never see two.
-            if let Some(current) = &current {
-                let membership = user_clusters::table.find((current.as_str(), cluster.as_str()));
-                match previous_owner_becomes {
-                    Some(role) => {
-                        diesel::update(membership).set(user_clusters::role.eq(role.as_str())).execute(conn)?;
-                    }
-                    None => {
-                        diesel::delete(membership).execute(conn)?;
-                    }
-                }
-            }
+            };
             diesel::insert_into(user_clusters::table)
                 .values((
                     user_clusters::user_id.eq(&new_owner),
@@ -583,13 +615,18 @@ impl ClusterStore for PgClusterStore {
                 .do_update()
                 .set(user_clusters::role.eq(Role::Owner.as_str()))
                 .execute(conn)?;
+            if previous_owner_becomes.is_none() {
+                // Only now: an owner's membership is never deleted while its
+                // cluster lives (user_clusters_owner_kept).
+                diesel::delete(user_clusters::table.find((previous.as_str(), cluster.as_str()))).execute(conn)?;
+            }
             Ok(())
         })
     }
 
     fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>> {
         let _span = crate::trace::operation("clusters.owned_cluster");
-        let row: Option<(String, String, String)> = self.pool.run("", |conn| {
+        let row: Option<(String, String, String)> = self.pool.run(&[], |conn| {
             user_clusters::table
                 .inner_join(clusters::table)
                 .inner_join(users::table)
@@ -622,7 +659,7 @@ impl ClusterStore for PgClusterStore {
 
     fn role_of(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<Option<Role>> {
         let _span = crate::trace::operation("clusters.role_of");
-        let role: Option<String> = self.pool.run("", |conn| {
+        let role: Option<String> = self.pool.run(&[], |conn| {
             user_clusters::table
                 .find((user.to_string(), cluster.to_string()))
                 .select(user_clusters::role)
@@ -664,7 +701,7 @@ impl ClusterStore for PgClusterStore {
 
     fn integrations(&self, cluster: &ClusterId) -> StoreResult<Integrations> {
         let _span = crate::trace::operation("clusters.integrations");
-        let metadata: Option<Value> = self.pool.run("", |conn| {
+        let metadata: Option<Value> = self.pool.run(&[], |conn| {
             clusters::table.find(cluster.to_string()).select(clusters::metadata).first(conn).optional()
         })?;
         let metadata = metadata.ok_or_else(|| StoreError::not_found("cluster", cluster.to_string()))?;
@@ -683,7 +720,7 @@ impl PgClusterStore {
     /// The clusters where `user` is a member (or invited), with each owner's
     /// name, in one statement.
     fn memberships_of(&self, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
-        let rows: Vec<(String, String, Option<String>)> = self.pool.run("", |conn| {
+        let rows: Vec<(String, String, Option<String>)> = self.pool.run(&[], |conn| {
             let query = user_clusters::table
                 .inner_join(clusters::table)
                 .left_join(
@@ -726,19 +763,19 @@ fn desired_roles(roles: &BTreeMap<Role, Vec<UserId>>) -> StoreResult<BTreeMap<St
 /// Makes the cluster's non-owner memberships exactly `desired` (the owner,
 /// if listed, keeps ownership). Runs under the cluster lock.
 fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, Role>) -> Result<(), Failure> {
-    // The owner keeps ownership even when listed under another role.
-    let owner: Option<String> = user_clusters::table
-        .filter(user_clusters::cluster_id.eq(cluster))
-        .filter(user_clusters::role.eq(Role::Owner.as_str()))
-        .select(user_clusters::user_id)
-        .first(conn)
-        .optional()?;
-    let desired: BTreeMap<&str, Role> = desired
-        .iter()
-        .filter(|(user, _)| Some(*user) != owner.as_ref())
-        .map(|(user, role)| (user.as_str(), *role))
-        .collect();
-    let listed: Vec<&str> = desired.keys().copied().collect();
+    let listed: Vec<&str> = desired.keys().map(String::as_str).collect();
+    // The listed users, key-share locked in id order before any membership
+    // (the lock order of ARCHITECTURE.md): a concurrent users.delete of one
+    // of them either finished (and they are reported missing here) or waits.
+    let found: Vec<String> = if listed.is_empty() {
+        Vec::new()
+    } else {
+        users::table.filter(users::id.eq_any(&listed)).order(users::id).select(users::id).for_key_share().load(conn)?
+    };
+    if found.len() < listed.len() {
+        let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.iter().any(|f| f == user)).collect();
+        return Err(StoreError::not_found("user", missing.join(", ")).into());
+    }
     diesel::delete(
         user_clusters::table
             .filter(user_clusters::cluster_id.eq(cluster))
@@ -753,24 +790,20 @@ fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, 
         .iter()
         .map(|(user, role)| {
             (
-                user_clusters::user_id.eq(*user),
+                user_clusters::user_id.eq(user.as_str()),
                 user_clusters::cluster_id.eq(cluster),
                 user_clusters::role.eq(role.as_str()),
             )
         })
         .collect();
-    let result = diesel::insert_into(user_clusters::table)
+    // The owner keeps ownership even when listed under another role.
+    let upsert = diesel::insert_into(user_clusters::table)
         .values(&rows)
         .on_conflict((user_clusters::user_id, user_clusters::cluster_id))
         .do_update()
-        .set(user_clusters::role.eq(diesel::upsert::excluded(user_clusters::role)))
-        .execute(conn);
-    match result {
-        Ok(_) => Ok(()),
-        // A listed user that does not exist: name them all, the key is not in the error.
-        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _)) => {
-            Err(StoreError::not_found("user", listed.join(", ")).into())
-        }
-        Err(other) => Err(other.into()),
-    }
+        .set(user_clusters::role.eq(diesel::upsert::excluded(user_clusters::role)));
+    // `ON CONFLICT ... DO UPDATE ... WHERE`: diesel's filter on an upsert.
+    diesel::query_dsl::methods::FilterDsl::filter(upsert, user_clusters::role.ne(Role::Owner.as_str()))
+        .execute(conn)?;
+    Ok(())
 }

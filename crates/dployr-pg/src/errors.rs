@@ -1,19 +1,40 @@
-//! PostgreSQL errors as `StoreError`s, decided by the error's class (diesel's
-//! `DatabaseErrorKind`, which comes from the SQLSTATE) and the name of the
-//! constraint, never by matching message text, which changes with the
-//! server's version and `lc_messages`.
+//! PostgreSQL errors as `StoreError`s: the one mapper of the workspace, used
+//! by the stores of this crate and by the PostgreSQL key-value backend of
+//! `dployr-kv` (through [`store_error`]).
+//!
+//! An error that names a constraint (or a trigger that raises with
+//! `CONSTRAINT = ...`) is mapped by that name, from one table
+//! ([`constraint_rule`]); a test reads every constraint and trigger of the
+//! migrated schema from the catalog and checks that each has a rule. Other
+//! errors are mapped by their class: diesel's `DatabaseErrorKind`, which
+//! comes from the SQLSTATE.
+//!
+//! diesel 2.3 turns only some SQLSTATEs into a kind and exposes no other
+//! way to read the code. Deadlocks (40P01), lock timeouts (55P03) and
+//! cancelled statements (57014) arrive as `Unknown`, and are told apart by
+//! PostgreSQL's untranslated primary message ([`transient_cause`]). That
+//! text is stable across server versions but translated when the server's
+//! `lc_messages` is not English, so the pool asks for `lc_messages = 'C'`
+//! on each new connection (allowed to superusers and to roles granted SET
+//! on it); on a server that translates and refuses, these three errors
+//! surface as `Backend` instead of `Unavailable` (docs/operations.md).
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use dployr_domain::StoreError;
 
 /// A failure inside a store transaction: a database error not yet mapped,
-/// or a store error decided by the store's own logic. diesel's
-/// `transaction` needs an error type that it can build from its own error,
-/// and `StoreError` lives in a crate that does not know diesel.
+/// a store error decided by the store's own logic, or a race the store
+/// detected that a new attempt resolves. diesel's `transaction` needs an
+/// error type that it can build from its own error, and `StoreError` lives
+/// in a crate that does not know diesel.
 #[derive(Debug)]
 pub(crate) enum Failure {
     Db(DieselError),
     Store(StoreError),
+    /// A concurrent write changed what this transaction relied on; the
+    /// transaction rolled back and may simply run again (the pool does, a
+    /// bounded number of times).
+    Retry(&'static str),
 }
 
 impl From<DieselError> for Failure {
@@ -28,95 +49,277 @@ impl From<StoreError> for Failure {
     }
 }
 
+/// The keys of the rows an operation references, by entity, so a foreign
+/// key that finds a row missing names that row: `&[("cluster", id)]`.
+pub(crate) type Keys<'a> = &'a [(&'static str, &'a str)];
+
 impl Failure {
-    /// The store error, with `parent` as the key of a missing referenced row.
-    pub(crate) fn into_store_error(self, parent: &str) -> StoreError {
+    /// Whether running the whole transaction again may succeed: a
+    /// serialization failure, a deadlock, a lock that was not available, or
+    /// a race the store detected. Never a statement timeout (a new attempt
+    /// would wait as long again) nor a lost connection (the commit may have
+    /// happened).
+    pub(crate) fn is_worth_retrying(&self) -> bool {
         match self {
-            Self::Db(error) => map(error, parent),
+            Self::Db(error) => matches!(
+                transient_cause(error),
+                Some(Transient::Serialization | Transient::Deadlock | Transient::LockNotAvailable)
+            ),
+            Self::Store(_) => false,
+            Self::Retry(_) => true,
+        }
+    }
+
+    /// The store error, with `keys` naming the rows a foreign key may miss.
+    pub(crate) fn into_store_error(self, keys: Keys<'_>) -> StoreError {
+        match self {
+            Self::Db(error) => map(error, keys),
             Self::Store(error) => error,
+            Self::Retry(reason) => {
+                StoreError::Unavailable { reason: format!("{reason}; retried, still conflicting").into(), source: None }
+            }
         }
     }
 }
 
-/// Maps a diesel error. `parent` is the key of the row the operation
-/// references (a cluster id for `instances.create`, ...), reported when a
-/// foreign key finds it missing.
-pub(crate) fn map(error: DieselError, parent: &str) -> StoreError {
-    let DieselError::DatabaseError(kind, info) = &error else {
-        return match error {
-            DieselError::BrokenTransactionManager => {
+/// Maps a diesel error from any PostgreSQL statement of the workspace to
+/// the shared [`StoreError`]. A foreign-key violation becomes `NotFound`
+/// naming the missing entity, without its key (which only the caller knows).
+///
+/// ```
+/// use diesel::result::Error;
+/// use dployr_domain::StoreError;
+///
+/// let error = dployr_pg::store_error(Error::BrokenTransactionManager);
+/// assert!(matches!(error, StoreError::Unavailable { .. }));
+/// ```
+pub fn store_error(error: DieselError) -> StoreError {
+    map(error, &[])
+}
+
+/// Why a statement failed for a reason that passes: retrying later may succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transient {
+    /// 40001: a serializable or repeatable-read transaction lost a race.
+    Serialization,
+    /// 40P01: PostgreSQL broke a lock cycle by aborting this transaction.
+    Deadlock,
+    /// 55P03: `NOWAIT`, or `lock_timeout` expired.
+    LockNotAvailable,
+    /// 57014: `statement_timeout` expired, or the statement was cancelled.
+    Cancelled,
+    /// The connection is gone (server restart, network).
+    ConnectionLost,
+    /// 25006: the server only reads (a standby, or a promoted primary's old self).
+    ReadOnly,
+}
+
+impl Transient {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Serialization => "a concurrent transaction conflicted (serialization failure, 40001); retry",
+            Self::Deadlock => "PostgreSQL aborted a deadlocked transaction (40P01); retry",
+            Self::LockNotAvailable => "a lock was not available in time (55P03); retry",
+            Self::Cancelled => "the statement was cancelled: statement_timeout or a cancel request (57014)",
+            Self::ConnectionLost => "the PostgreSQL connection was lost",
+            Self::ReadOnly => "the server is read-only (a standby?)",
+        }
+    }
+}
+
+/// The passing cause of `error`, if it has one.
+pub(crate) fn transient_cause(error: &DieselError) -> Option<Transient> {
+    let DieselError::DatabaseError(kind, info) = error else {
+        return matches!(error, DieselError::BrokenTransactionManager).then_some(Transient::ConnectionLost);
+    };
+    match kind {
+        DatabaseErrorKind::SerializationFailure => Some(Transient::Serialization),
+        DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => Some(Transient::ConnectionLost),
+        DatabaseErrorKind::ReadOnlyTransaction => Some(Transient::ReadOnly),
+        DatabaseErrorKind::Unknown => unknown_cause(info.message()),
+        _ => None,
+    }
+}
+
+/// The SQLSTATEs diesel leaves `Unknown`, by PostgreSQL's untranslated
+/// primary message (see the module's documentation for why text).
+fn unknown_cause(message: &str) -> Option<Transient> {
+    if message == "deadlock detected" {
+        Some(Transient::Deadlock)
+    } else if message.starts_with("could not obtain lock on ") || message == "canceling statement due to lock timeout" {
+        Some(Transient::LockNotAvailable)
+    } else if message.starts_with("canceling statement due to ") {
+        Some(Transient::Cancelled)
+    } else {
+        None
+    }
+}
+
+/// What a named constraint (or a trigger raising under that name) means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rule {
+    /// A unique key: another `entity` has this `field`.
+    Unique { entity: &'static str, field: &'static str },
+    /// A foreign key: the referenced `entity` does not exist.
+    References { entity: &'static str },
+    /// A rule on one field's value.
+    Check { field: &'static str, reason: &'static str },
+    /// The one-owner rule of a cluster.
+    Owner { reason: &'static str },
+}
+
+/// The rule behind every constraint and raising trigger of the schema.
+pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
+    use Rule::{Check, Owner, References, Unique};
+    const METADATA_OBJECT: Rule = Check { field: "metadata", reason: "must be a JSON object" };
+    const METADATA_SIZE: Rule =
+        Check { field: "metadata", reason: "would be larger than 128 KiB once merged with what is stored" };
+    const ID: Rule = Check { field: "id", reason: "is not a ULID" };
+    Some(match name {
+        "users_pkey" => Unique { entity: "user", field: "id" },
+        "users_email_key" => Unique { entity: "user", field: "email" },
+        "clusters_pkey" => Unique { entity: "cluster", field: "id" },
+        "user_clusters_pkey" => Unique { entity: "membership", field: "user" },
+        "user_clusters_one_owner_per_cluster" => Unique { entity: "membership", field: "owner" },
+        "instances_pkey" => Unique { entity: "instance", field: "id" },
+        "instances_address_key" => Unique { entity: "instance", field: "address" },
+        "instances_tag_key" => Unique { entity: "instance", field: "tag" },
+        "bootstrap_tokens_pkey" => Unique { entity: "bootstrap token", field: "nonce" },
+        "kv_entries_pkey" => Unique { entity: "kv entry", field: "key" },
+        "user_clusters_user_id_fkey" => References { entity: "user" },
+        "user_clusters_cluster_id_fkey" | "instances_cluster_id_fkey" => References { entity: "cluster" },
+        "bootstrap_tokens_instance_id_fkey" => References { entity: "instance" },
+        "users_email_check" => Check { field: "email", reason: "is not a valid stored e-mail" },
+        "users_email_immutable" => Check { field: "email", reason: "cannot change" },
+        "users_name_check" => Check { field: "name", reason: "is too long" },
+        "users_provider_check" => Check { field: "provider", reason: "is not a known provider" },
+        "users_metadata_check" | "clusters_metadata_check" | "instances_metadata_check" => METADATA_OBJECT,
+        "users_metadata_size" | "clusters_metadata_size" | "instances_metadata_size" => METADATA_SIZE,
+        "users_id_check" | "clusters_id_check" | "instances_id_check" => ID,
+        "clusters_name_check" => Check { field: "name", reason: "is empty or too long" },
+        "user_clusters_role_check" => Check { field: "role", reason: "is not a known role" },
+        "user_clusters_no_return_to_invited" => Check { field: "role", reason: "a member cannot go back to invited" },
+        "instances_address_check" => Check { field: "address", reason: "is empty or too long" },
+        "instances_tag_check" => Check { field: "tag", reason: "is empty or too long" },
+        "bootstrap_tokens_nonce_check" => Check { field: "nonce", reason: "is empty or too long" },
+        "kv_entries_key_check" => Check { field: "key", reason: "must be 1 to 512 bytes long" },
+        "kv_entries_value_check" => Check { field: "value", reason: "is larger than 25 MiB" },
+        "user_clusters_owner_kept" => {
+            Owner { reason: "the owner's membership goes only with the cluster; transfer ownership first" }
+        }
+        "clusters_have_an_owner" | "clusters_created_with_an_owner" => {
+            Owner { reason: "a cluster must keep exactly one owner" }
+        }
+        _ => return None,
+    })
+}
+
+/// Maps a diesel error; `keys` names the rows the operation references, for
+/// a foreign key that finds one missing.
+pub(crate) fn map(error: DieselError, keys: Keys<'_>) -> StoreError {
+    if let Some(cause) = transient_cause(&error) {
+        return match cause {
+            Transient::ConnectionLost if matches!(error, DieselError::BrokenTransactionManager) => {
                 StoreError::unavailable("the connection's transaction state broke", error)
             }
-            other => StoreError::backend("PostgreSQL query failed", other),
+            cause => StoreError::unavailable(cause.reason(), error),
         };
+    }
+    let DieselError::DatabaseError(kind, info) = &error else {
+        return StoreError::backend("PostgreSQL query failed", error);
     };
-    let constraint = info.constraint_name().unwrap_or_default().to_owned();
+    if let Some(rule) = info.constraint_name().and_then(constraint_rule) {
+        return match rule {
+            Rule::Unique { entity, field } => {
+                StoreError::conflict(entity, field, format!("another {entity} has this {field}"))
+            }
+            Rule::References { entity } => {
+                let key = keys.iter().find(|(named, _)| *named == entity).map_or("(unnamed)", |(_, key)| key);
+                StoreError::not_found(entity, key)
+            }
+            Rule::Check { field, reason } => StoreError::invalid(field, reason),
+            Rule::Owner { reason } => StoreError::conflict("membership", "owner", reason),
+        };
+    }
     match kind {
-        DatabaseErrorKind::UniqueViolation => {
-            let (entity, field) = unique_constraint(&constraint);
-            StoreError::conflict(entity, field, format!("another {entity} has this {field}"))
-        }
-        DatabaseErrorKind::ForeignKeyViolation => StoreError::not_found(referenced_entity(&constraint), parent),
+        DatabaseErrorKind::UniqueViolation => StoreError::conflict("row", "key", "a unique key refused the write"),
+        DatabaseErrorKind::ForeignKeyViolation => StoreError::not_found("referenced row", "(unnamed)"),
         DatabaseErrorKind::CheckViolation | DatabaseErrorKind::NotNullViolation => {
-            let (field, reason) = check_constraint(&constraint);
-            StoreError::invalid(field, reason)
-        }
-        DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
-            StoreError::unavailable("the PostgreSQL connection was lost", error)
-        }
-        DatabaseErrorKind::SerializationFailure => {
-            StoreError::unavailable("a concurrent transaction conflicted; retry", error)
-        }
-        DatabaseErrorKind::ReadOnlyTransaction => {
-            StoreError::unavailable("the server is read-only (a standby?)", error)
+            StoreError::invalid("input", "breaks a rule of the schema")
         }
         _ => StoreError::backend("PostgreSQL refused the statement", error),
     }
 }
 
-fn unique_constraint(constraint: &str) -> (&'static str, &'static str) {
-    match constraint {
-        "users_email_key" => ("user", "email"),
-        "users_pkey" => ("user", "id"),
-        "clusters_pkey" => ("cluster", "id"),
-        "user_clusters_pkey" => ("membership", "user"),
-        "user_clusters_one_owner_per_cluster" => ("membership", "owner"),
-        "instances_pkey" => ("instance", "id"),
-        "instances_address_key" => ("instance", "address"),
-        "instances_tag_key" => ("instance", "tag"),
-        "bootstrap_tokens_pkey" => ("bootstrap token", "nonce"),
-        _ => ("row", "key"),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::Text;
 
-fn referenced_entity(constraint: &str) -> &'static str {
-    match constraint {
-        "user_clusters_user_id_fkey" => "user",
-        "user_clusters_cluster_id_fkey" | "instances_cluster_id_fkey" => "cluster",
-        "bootstrap_tokens_instance_id_fkey" => "instance",
-        _ => "referenced row",
-    }
-}
+    use super::*;
 
-fn check_constraint(constraint: &str) -> (&'static str, &'static str) {
-    match constraint {
-        "users_email_check" => ("email", "is not a valid stored e-mail"),
-        "users_email_immutable" => ("email", "cannot change"),
-        "users_name_check" => ("name", "is too long"),
-        "users_provider_check" => ("provider", "is not a known provider"),
-        "users_metadata_check" | "clusters_metadata_check" | "instances_metadata_check" => {
-            ("metadata", "must be a JSON object")
+    /// The names a raising trigger function gives its errors: each
+    /// `CONSTRAINT = 'name'`, and the trigger's own name for `CONSTRAINT =
+    /// TG_NAME`; `None` if it raises an exception without naming one.
+    fn raised_names(trigger: &str, body: &str) -> Option<Vec<String>> {
+        let raises = body.matches("RAISE EXCEPTION").count();
+        let mut names = Vec::new();
+        for (at, marker) in body.match_indices("CONSTRAINT = ") {
+            let rest = &body[at + marker.len()..];
+            if let Some(quoted) = rest.strip_prefix('\'') {
+                names.push(quoted.split('\'').next().unwrap_or_default().to_owned());
+            } else if rest.starts_with("TG_NAME") {
+                names.push(trigger.to_owned());
+            }
         }
-        "users_metadata_size" | "clusters_metadata_size" | "instances_metadata_size" => {
-            ("metadata", "would be larger than 128 KiB once merged with what is stored")
+        (names.len() >= raises).then_some(names)
+    }
+
+    #[test]
+    fn every_constraint_and_raising_trigger_of_the_schema_has_a_rule() {
+        let db = dployr_testkit::database();
+        let mut conn = db.connect();
+        let constraints: Vec<String> = diesel::dsl::sql::<Text>(
+            "SELECT conname::text FROM pg_constraint
+              WHERE connamespace = 'public'::regnamespace AND conrelid <> '_migrations'::regclass
+             UNION
+             SELECT i.indexrelid::regclass::text FROM pg_index i
+              JOIN pg_class t ON t.oid = i.indrelid AND t.relnamespace = 'public'::regnamespace
+              WHERE i.indisunique AND t.relname <> '_migrations'
+             ORDER BY 1",
+        )
+        .load(&mut conn)
+        .unwrap();
+        let triggers: Vec<(String, String)> = diesel::dsl::sql::<(Text, Text)>(
+            "SELECT t.tgname::text, p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+              WHERE NOT t.tgisinternal ORDER BY 1",
+        )
+        .load(&mut conn)
+        .unwrap();
+        assert!(constraints.len() > 30 && triggers.len() > 5, "{constraints:?} {triggers:?}");
+        let mut unmapped: Vec<String> =
+            constraints.iter().filter(|name| constraint_rule(name).is_none()).cloned().collect();
+        for (trigger, body) in &triggers {
+            match raised_names(trigger, body) {
+                None => unmapped.push(format!("trigger {trigger} raises without naming a constraint")),
+                Some(names) => {
+                    unmapped.extend(names.into_iter().filter(|name| constraint_rule(name).is_none()));
+                }
+            }
         }
-        "users_id_check" | "clusters_id_check" | "instances_id_check" => ("id", "is not a ULID"),
-        "clusters_name_check" => ("name", "is empty or too long"),
-        "user_clusters_role_check" => ("role", "is not a known role"),
-        "user_clusters_no_return_to_invited" => ("role", "a member cannot go back to invited"),
-        "instances_address_check" => ("address", "is empty or too long"),
-        "instances_tag_check" => ("tag", "is empty or too long"),
-        "bootstrap_tokens_nonce_check" => ("nonce", "is empty or too long"),
-        _ => ("input", "breaks a rule of the schema"),
+        assert_eq!(unmapped, Vec::<String>::new(), "give these a Rule in constraint_rule");
+    }
+
+    #[test]
+    fn postgresql_messages_of_the_unknown_class_are_told_apart() {
+        assert_eq!(unknown_cause("deadlock detected"), Some(Transient::Deadlock));
+        assert_eq!(
+            unknown_cause("could not obtain lock on row in relation \"users\""),
+            Some(Transient::LockNotAvailable)
+        );
+        assert_eq!(unknown_cause("canceling statement due to lock timeout"), Some(Transient::LockNotAvailable));
+        assert_eq!(unknown_cause("canceling statement due to statement timeout"), Some(Transient::Cancelled));
+        assert_eq!(unknown_cause("canceling statement due to user request"), Some(Transient::Cancelled));
+        assert_eq!(unknown_cause("invalid byte sequence for encoding \"UTF8\": 0x00"), None);
     }
 }

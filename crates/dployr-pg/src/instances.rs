@@ -134,7 +134,7 @@ impl InstanceStore for PgInstanceStore {
         let cluster = cluster.to_string();
         // One statement, in a transaction so that the returned row is decoded
         // before the commit: a row that cannot be read back is rolled back.
-        self.pool.transaction(&cluster, |conn| {
+        self.pool.transaction(&[("cluster", &cluster)], |conn| {
             let row = diesel::insert_into(instances::table)
                 .values((
                     instances::id.eq(InstanceId::generate().to_string()),
@@ -151,7 +151,7 @@ impl InstanceStore for PgInstanceStore {
 
     fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.get");
-        let row = self.pool.run("", |conn| {
+        let row = self.pool.run(&[], |conn| {
             instances::table.find(id.to_string()).select(InstanceRow::as_select()).first(conn).optional()
         })?;
         row.map(Instance::try_from).transpose()
@@ -159,7 +159,7 @@ impl InstanceStore for PgInstanceStore {
 
     fn get_by_tag(&self, tag: &Tag) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.get_by_tag");
-        let row = self.pool.run("", |conn| {
+        let row = self.pool.run(&[], |conn| {
             instances::table
                 .filter(instances::tag.eq(tag.as_str()))
                 .select(InstanceRow::as_select())
@@ -171,10 +171,11 @@ impl InstanceStore for PgInstanceStore {
 
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.update_metadata");
+        let metadata = metadata.into_value();
         // In a transaction for the same reason as `create`.
-        self.pool.transaction("", |conn| {
+        self.pool.transaction(&[], |conn| {
             let row = diesel::update(instances::table.find(id.to_string()))
-                .set(instances::metadata.eq(metadata.into_value()))
+                .set(instances::metadata.eq(&metadata))
                 .returning(InstanceRow::as_returning())
                 .get_result(conn)
                 .optional()?;
@@ -184,7 +185,7 @@ impl InstanceStore for PgInstanceStore {
 
     fn delete(&self, id: &InstanceId) -> StoreResult<()> {
         let _span = crate::trace::operation("instances.delete");
-        let deleted = self.pool.run("", |conn| diesel::delete(instances::table.find(id.to_string())).execute(conn))?;
+        let deleted = self.pool.run(&[], |conn| diesel::delete(instances::table.find(id.to_string())).execute(conn))?;
         if deleted == 0 {
             return Err(StoreError::not_found("instance", id.to_string()));
         }
@@ -216,7 +217,7 @@ impl InstanceStore for PgInstanceStore {
             }
         }
         let limit = i64::from(page.limit());
-        let rows: Vec<PageRow> = self.pool.run("", |conn| {
+        let rows: Vec<PageRow> = self.pool.run(&[], |conn| {
             InstancePage { cluster: &cluster.to_string(), before: (before_at, &before_id), limit, offset }.load(conn)
         })?;
         let total = rows.first().map_or(0, |row| row.total);

@@ -19,6 +19,7 @@ mod users;
 
 pub use bootstrap_tokens::PgBootstrapTokenStore;
 pub use clusters::PgClusterStore;
+pub use errors::store_error;
 pub use instances::PgInstanceStore;
 pub use pool::{PgPool, PgPooledConnection, PoolConfig, StatementStats};
 pub use trace::Operation;

@@ -14,6 +14,8 @@ use diesel::connection::{CacheSize, Connection as _, Instrumentation, Instrument
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
 use dployr_domain::StoreError;
 
+use crate::errors::{Failure, Keys};
+
 /// A connection checked out of a [`PgPool`]; it goes back when dropped.
 pub type PgPooledConnection = PooledConnection<ConnectionManager<PgConnection>>;
 
@@ -140,10 +142,16 @@ struct Customizer {
 
 impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        // One round trip: the statement timeout, and untranslated messages
+        // where the role may ask for them, so errors diesel leaves `Unknown`
+        // can be classified (see `errors`); a role that may not keeps the
+        // server's setting.
+        let mut setup =
+            String::from("DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$;");
         if let Some(timeout) = self.statement_timeout {
-            conn.batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
-                .map_err(diesel::r2d2::Error::QueryError)?;
+            setup.push_str(&format!(" SET statement_timeout = {};", timeout.as_millis()));
         }
+        conn.batch_execute(&setup).map_err(diesel::r2d2::Error::QueryError)?;
         if !self.prepared_statement_cache {
             conn.set_prepared_statement_cache_size(CacheSize::Disabled);
         }
@@ -260,39 +268,56 @@ impl PgPool {
     }
 }
 
+/// How many times a store runs a transaction (or statement) that failed for
+/// a passing reason: a deadlock, a serialization failure, a lock not
+/// available, or a race the store itself detected.
+const ATTEMPTS: u32 = 3;
+
 impl PgPool {
-    /// Runs one read (or a single-statement write) on a pooled connection.
-    /// `parent` names the row a foreign-key error would be about.
-    pub(crate) fn run<T>(
+    /// Runs one read (or a single-statement write) on a pooled connection,
+    /// outside any explicit transaction. `keys` names the rows a foreign key
+    /// may find missing. A statement that failed for a passing reason (it
+    /// was rolled back) runs again, up to [`ATTEMPTS`] times in all.
+    pub(crate) fn run<T, E: Into<Failure>>(
         &self,
-        parent: &str,
-        work: impl FnOnce(&mut PgConnection) -> diesel::QueryResult<T>,
+        keys: Keys<'_>,
+        mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
     ) -> Result<T, StoreError> {
         let mut conn = self.get()?;
-        work(&mut conn).map_err(|e| crate::errors::map(e, parent))
+        retrying(keys, || work(&mut conn).map_err(Into::into))
     }
 
-    /// Runs `work` in one transaction, rolled back on any error.
+    /// Runs `work` in one transaction, rolled back on any error; a
+    /// transaction that failed for a passing reason runs again, whole, up to
+    /// [`ATTEMPTS`] times in all, so `work` must hold no state of its own
+    /// across attempts.
     pub(crate) fn transaction<T>(
         &self,
-        parent: &str,
-        work: impl FnOnce(&mut PgConnection) -> Result<T, crate::errors::Failure>,
+        keys: Keys<'_>,
+        mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
         use diesel::Connection as _;
         let mut conn = self.get()?;
         let conn: &mut PgConnection = &mut conn;
-        conn.transaction(work).map_err(|e| e.into_store_error(parent))
+        retrying(keys, || conn.transaction(&mut work))
     }
 }
 
-impl PgPool {
-    /// Runs a read of one statement whose result needs the store's own
-    /// checks, outside any transaction.
-    pub(crate) fn read<T>(
-        &self,
-        work: impl FnOnce(&mut PgConnection) -> Result<T, crate::errors::Failure>,
-    ) -> Result<T, StoreError> {
-        let mut conn = self.get()?;
-        work(&mut conn).map_err(|e| e.into_store_error(""))
+/// Runs `attempt` until it succeeds, fails for a lasting reason, or has run
+/// [`ATTEMPTS`] times; waits a little, with jitter, between attempts so
+/// that the transactions that collided do not collide again.
+fn retrying<T>(keys: Keys<'_>, mut attempt: impl FnMut() -> Result<T, Failure>) -> Result<T, StoreError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(failure) if attempts < ATTEMPTS && failure.is_worth_retrying() => {
+                let wait = Duration::from_micros(rand::random_range(1_000..=5_000) * u64::from(attempts));
+                tracing::debug!(attempt = attempts, wait_us = wait.as_micros() as u64, failure = ?failure, "dployr.store retry");
+                std::thread::sleep(wait);
+            }
+            Err(failure) => return Err(failure.into_store_error(keys)),
+        }
     }
 }

@@ -47,6 +47,9 @@ impl TryFrom<UserRow> for User {
     }
 }
 
+/// The roles whose sign-in metadata is merged into the cluster's.
+const RUNS_A_CLUSTER: [&str; 2] = ["owner", "admin"];
+
 /// The users of one PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct PgUserStore {
@@ -76,7 +79,30 @@ impl UserStore for PgUserStore {
         let given_name = user.name.as_ref().map(DisplayName::as_str);
         let name = given_name.unwrap_or_else(|| user.email.local_part());
         let merge = user.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
-        self.pool.transaction(user.email.as_str(), |conn| {
+        self.pool.transaction(&[], |conn| {
+            // The sign-in's metadata also reaches the clusters the user runs.
+            // Those rows are locked before the user's row, in id order: every
+            // multi-row write takes clusters, then users, then memberships
+            // (ARCHITECTURE.md), so this cannot deadlock with, say, the
+            // removal of this user from one of those clusters.
+            let runs: Vec<String> = if user.metadata.is_some() {
+                clusters::table
+                    .filter(
+                        clusters::id.eq_any(
+                            user_clusters::table
+                                .inner_join(users::table)
+                                .filter(users::email.eq(user.email.as_str()))
+                                .filter(user_clusters::role.eq_any(RUNS_A_CLUSTER))
+                                .select(user_clusters::cluster_id),
+                        ),
+                    )
+                    .order(clusters::id)
+                    .select(clusters::id)
+                    .for_no_key_update()
+                    .load(conn)?
+            } else {
+                Vec::new()
+            };
             let row: UserRow = diesel::insert_into(users::table)
                 .values((
                     users::id.eq(&id),
@@ -97,15 +123,19 @@ impl UserStore for PgUserStore {
                 ))
                 .returning(UserRow::as_returning())
                 .get_result(conn)?;
-            if user.metadata.is_some() {
-                // The sign-in's metadata also reaches the clusters the user runs.
-                let runs = user_clusters::table
+            if !runs.is_empty() {
+                // Among the locked clusters, those the user still runs: a
+                // demotion that committed while this waited for the locks
+                // counts (and no role can change now that they are held).
+                let still_runs = user_clusters::table
                     .filter(user_clusters::user_id.eq(&row.id))
-                    .filter(user_clusters::role.eq_any(["owner", "admin"]))
+                    .filter(user_clusters::role.eq_any(RUNS_A_CLUSTER))
                     .select(user_clusters::cluster_id);
-                diesel::update(clusters::table.filter(clusters::id.eq_any(runs)))
-                    .set(clusters::metadata.eq(clusters::metadata.concat(&merge)))
-                    .execute(conn)?;
+                diesel::update(
+                    clusters::table.filter(clusters::id.eq_any(&runs)).filter(clusters::id.eq_any(still_runs)),
+                )
+                .set(clusters::metadata.eq(clusters::metadata.concat(&merge)))
+                .execute(conn)?;
             }
             Ok::<_, Failure>(User::try_from(row)?)
         })
@@ -115,13 +145,13 @@ impl UserStore for PgUserStore {
         let _span = crate::trace::operation("users.get");
         let row = self
             .pool
-            .run("", |conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
+            .run(&[], |conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
         row.map(User::try_from).transpose()
     }
 
     fn get_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
         let _span = crate::trace::operation("users.get_by_email");
-        let row = self.pool.run("", |conn| {
+        let row = self.pool.run(&[], |conn| {
             users::table.filter(users::email.eq(email.as_str())).select(UserRow::as_select()).first(conn).optional()
         })?;
         row.map(User::try_from).transpose()
@@ -134,7 +164,7 @@ impl UserStore for PgUserStore {
         // One statement, in a transaction all the same: the returned row is
         // decoded inside it, so a row that cannot be read back is rolled
         // back instead of committed behind an error.
-        self.pool.transaction("", |conn| {
+        self.pool.transaction(&[], |conn| {
             let row = diesel::update(users::table.filter(users::email.eq(email.as_str())))
                 .set((
                     users::name.eq(coalesce(patch.name.as_ref().map(DisplayName::as_str), users::name)),
@@ -152,18 +182,23 @@ impl UserStore for PgUserStore {
     fn delete(&self, id: &UserId) -> StoreResult<()> {
         let _span = crate::trace::operation("users.delete");
         let id = id.to_string();
-        self.pool.transaction(&id, |conn| {
-            // Lock the user first: a membership being inserted for them (which
-            // takes a key-share lock on this row) finishes before we look.
-            let found =
-                users::table.find(&id).select(users::id).for_no_key_update().first::<String>(conn).optional()?;
+        self.pool.transaction(&[("user", &id)], |conn| {
+            // FOR UPDATE, not FOR NO KEY UPDATE: it conflicts with the
+            // key-share lock that a foreign-key check takes, so a membership
+            // being inserted for this user elsewhere (a transfer of
+            // ownership, an invitation) either commits before the check
+            // below sees it, or waits for this delete and then finds the
+            // user gone (its own NotFound, nothing written).
+            let found = users::table.find(&id).select(users::id).for_update().first::<String>(conn).optional()?;
             if found.is_none() {
                 return Err(StoreError::not_found("user", &id).into());
             }
-            // Lock their memberships too, so a concurrent transfer that makes
-            // them owner is seen here rather than cascaded away afterwards.
+            // Then their memberships, in cluster order (users before
+            // memberships, as every multi-row write), so a role being
+            // changed now is seen here rather than cascaded away afterwards.
             let roles: Vec<String> = user_clusters::table
                 .filter(user_clusters::user_id.eq(&id))
+                .order(user_clusters::cluster_id)
                 .select(user_clusters::role)
                 .for_update()
                 .load(conn)?;

@@ -6,8 +6,21 @@
 //! `tiny_http`; this module only routes and answers.
 //!
 //! Time is the emulator's own: [`CloudflareEmulator::advance`] moves it, so
-//! TTL expiry is tested without sleeping. [`CloudflareEmulator::fail_next`]
-//! makes it answer 429 or 5xx (or any status) to exercise retries.
+//! TTL expiry is tested without sleeping, and it is also the server's clock
+//! skew (its `Date` header and every expiry check use it).
+//! [`CloudflareEmulator::fail_next`] makes it answer 429 or 5xx (or any
+//! status; a 404 comes as a proxy's HTML page) to exercise retries.
+//!
+//! What Cloudflare documents about its consistency and limits can be switched
+//! on, one at a time, so that tests prove the client and `KvStore` against
+//! Workers KV as it really behaves, while the conformance suite runs against
+//! the plain API: [`CloudflareEmulator::set_stale_reads`] (every read and
+//! list sees the namespace as it was that long ago, as a cache in another
+//! location does: up to 60 s there),
+//! [`CloudflareEmulator::limit_writes_per_key`] (one write per second per
+//! key, then 429), and [`CloudflareEmulator::set_request_budget`] (1200
+//! requests per 5 minutes per account, then every call refused with 429
+//! and `Retry-After` until the window has passed).
 //!
 //! ```no_run
 //! let cf = dployr_testkit::CloudflareEmulator::start();
@@ -15,7 +28,7 @@
 //! # drop(url);
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io::Read as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,31 +47,127 @@ const MAX_VALUE_BYTES: usize = 26_214_400;
 /// Cloudflare's shortest TTL, in seconds.
 const MIN_TTL_SECS: u64 = 60;
 
-#[derive(Debug)]
+/// The longest `expiration_ttl` Cloudflare takes (2^31 − 1 s).
+const MAX_TTL_SECS: u64 = i32::MAX as u64;
+
+#[derive(Debug, Clone)]
 struct Stored {
     value: Vec<u8>,
     /// Seconds since the Unix epoch, on the emulator's clock.
     expiration: Option<u64>,
 }
 
+/// One write of a key: the value it left (`None`: deleted) and when, in
+/// ms on the emulator's clock.
+#[derive(Debug)]
+struct Version {
+    stored: Option<Stored>,
+    at_ms: u64,
+}
+
+/// Cloudflare's account budget: at most `limit` requests per `window`,
+/// then every request refused until `window` has passed.
+#[derive(Debug)]
+struct Budget {
+    limit: usize,
+    window: Duration,
+    /// When the requests of the current window came, in ms.
+    seen: VecDeque<u64>,
+    blocked_until_ms: u64,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    entries: BTreeMap<String, Stored>,
+    /// Each key's writes, oldest first; only those a stale read may still
+    /// see are kept.
+    entries: BTreeMap<String, Vec<Version>>,
     /// How far the emulator's clock is ahead of the system clock.
     offset: Duration,
     /// Answers still to give instead of serving: (count, status).
     failures: Option<(u32, u16)>,
     retry_after_secs: u64,
+    /// How old the namespace a read sees is (zero: reads see every write).
+    stale_reads: Duration,
+    /// When each key was last written, in ms, if writes are limited to one per second per key.
+    last_write_ms: Option<HashMap<String, u64>>,
+    budget: Option<Budget>,
 }
 
 impl State {
+    fn now_ms(&self) -> u64 {
+        (SystemTime::now() + self.offset)
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
     fn now_secs(&self) -> u64 {
-        (SystemTime::now() + self.offset).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        self.now_ms() / 1000
+    }
+
+    fn stale_ms(&self) -> u64 {
+        u64::try_from(self.stale_reads.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// What a read sees of `versions`: the newest write at least
+    /// `stale_reads` old, if it is live.
+    fn visible<'a>(&self, versions: &'a [Version]) -> Option<&'a Stored> {
+        let (now_ms, now) = (self.now_ms(), self.now_secs());
+        let horizon = now_ms.saturating_sub(self.stale_ms());
+        versions
+            .iter()
+            .rev()
+            .find(|version| version.at_ms <= horizon)
+            .and_then(|version| version.stored.as_ref())
+            .filter(|stored| stored.expiration.is_none_or(|at| at > now))
     }
 
     fn live(&self, key: &str) -> Option<&Stored> {
-        let now = self.now_secs();
-        self.entries.get(key).filter(|stored| stored.expiration.is_none_or(|at| at > now))
+        self.visible(self.entries.get(key)?)
+    }
+
+    /// Records a write (`None`: a delete) and forgets what no read can see any more.
+    fn write(&mut self, key: &str, stored: Option<Stored>) {
+        let now_ms = self.now_ms();
+        let horizon = now_ms.saturating_sub(self.stale_ms());
+        let versions = self.entries.entry(key.to_owned()).or_default();
+        versions.push(Version { stored, at_ms: now_ms });
+        while versions.len() > 1 && versions[1].at_ms <= horizon {
+            versions.remove(0);
+        }
+        if versions.len() == 1 && versions[0].stored.is_none() && versions[0].at_ms <= horizon {
+            self.entries.remove(key);
+        }
+    }
+
+    /// A 429 if this write comes less than a second after the last one to `key`.
+    fn throttle_write(&mut self, key: &str) -> Option<Answer> {
+        let now_ms = self.now_ms();
+        let last = self.last_write_ms.as_mut()?;
+        if last.get(key).is_some_and(|at| now_ms < at + 1000) {
+            return Some(too_many_requests(1));
+        }
+        last.insert(key.to_owned(), now_ms);
+        None
+    }
+
+    /// A 429 if the account budget is spent; otherwise counts this request.
+    fn spend_budget(&mut self) -> Option<Answer> {
+        let now_ms = self.now_ms();
+        let budget = self.budget.as_mut()?;
+        let window_ms = u64::try_from(budget.window.as_millis()).unwrap_or(u64::MAX);
+        if now_ms < budget.blocked_until_ms {
+            return Some(too_many_requests((budget.blocked_until_ms - now_ms).div_ceil(1000)));
+        }
+        while budget.seen.front().is_some_and(|at| *at + window_ms <= now_ms) {
+            budget.seen.pop_front();
+        }
+        if budget.seen.len() >= budget.limit {
+            budget.blocked_until_ms = now_ms + window_ms;
+            budget.seen.clear();
+            return Some(too_many_requests(window_ms.div_ceil(1000)));
+        }
+        budget.seen.push_back(now_ms);
+        None
     }
 }
 
@@ -144,8 +253,32 @@ impl CloudflareEmulator {
     }
 
     /// Moves the emulator's clock forward, so entries with a TTL expire.
+    /// Without a matching move of the client's clock, this is the server's
+    /// clock skew: Cloudflare checks expirations on its own clock.
     pub fn advance(&self, by: Duration) {
         self.shared.state().offset += by;
+    }
+
+    /// Makes every value read and list see the namespace as it was `delay`
+    /// ago (zero, the default: reads see every write at once). Cloudflare
+    /// documents up to 60 s before a write is seen in other locations.
+    pub fn set_stale_reads(&self, delay: Duration) {
+        self.shared.state().stale_reads = delay;
+    }
+
+    /// Allows one write (put or delete) per second per key, as Cloudflare
+    /// does; a faster one is answered 429 with `Retry-After: 1`. Off by default.
+    pub fn limit_writes_per_key(&self, on: bool) {
+        self.shared.state().last_write_ms = on.then(HashMap::new);
+    }
+
+    /// Refuses requests beyond `limit` per `window`, as Cloudflare's account
+    /// budget does (1200 per 5 minutes): once it is spent, every request is
+    /// answered 429 with a `Retry-After` of the rest of the block, which
+    /// lasts `window`. `None` (the default) turns it off.
+    pub fn set_request_budget(&self, budget: Option<(usize, Duration)>) {
+        self.shared.state().budget =
+            budget.map(|(limit, window)| Budget { limit, window, seen: VecDeque::new(), blocked_until_ms: 0 });
     }
 
     /// Answers the next `n` requests with `status` instead of serving them:
@@ -165,13 +298,15 @@ impl CloudflareEmulator {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
-    /// Every live key, with its value (for tests that look at what was stored).
+    /// Every live key, with its value, as last written (stale reads aside;
+    /// for tests that look at what was stored).
     pub fn entries(&self) -> Vec<(String, Vec<u8>)> {
         let state = self.shared.state();
         let now = state.now_secs();
         state
             .entries
             .iter()
+            .filter_map(|(key, versions)| Some((key, versions.last()?.stored.as_ref()?)))
             .filter(|(_, stored)| stored.expiration.is_none_or(|at| at > now))
             .map(|(key, stored)| (key.clone(), stored.value.clone()))
             .collect()
@@ -234,12 +369,26 @@ fn ok(result: &Value) -> Answer {
     envelope(200, &json!({ "success": true, "errors": [], "messages": [], "result": result }))
 }
 
+/// The answer, with a `Date` header on the emulator's clock (as a server
+/// whose clock is skewed would send).
 fn answer(shared: &Shared, request: &mut Request) -> Answer {
+    let mut response = route(shared, request);
+    let now = UNIX_EPOCH + Duration::from_millis(shared.state().now_ms());
+    if let Some(h) = header("Date", &httpdate::fmt_http_date(now)) {
+        response.add_header(h);
+    }
+    response
+}
+
+fn route(shared: &Shared, request: &mut Request) -> Answer {
     {
         let mut state = shared.state();
         if let Some((n, status)) = state.failures {
             state.failures = (n > 1).then_some((n - 1, status));
             return injected_failure(status, state.retry_after_secs);
+        }
+        if let Some(refused) = state.spend_budget() {
+            return refused;
         }
     }
     let authorized = request
@@ -298,18 +447,34 @@ fn answer(shared: &Shared, request: &mut Request) -> Answer {
             put(shared, &key, body, &query)
         }
         Method::Delete => {
-            shared.state().entries.remove(&key);
+            let mut state = shared.state();
+            if let Some(refused) = state.throttle_write(&key) {
+                return refused;
+            }
+            state.write(&key, None);
             ok(&Value::Null)
         }
         _ => error(405, 10000, "method not allowed"),
     }
 }
 
+/// Cloudflare's 429: code 971 and a `Retry-After` in seconds.
+fn too_many_requests(retry_after_secs: u64) -> Answer {
+    let mut response = error(429, 971, "Please wait and consider throttling your request speed");
+    if let Some(h) = header("Retry-After", &retry_after_secs.to_string()) {
+        response.add_header(h);
+    }
+    response
+}
+
 fn injected_failure(status: u16, retry_after_secs: u64) -> Answer {
     match status {
-        429 => {
-            let mut response = error(429, 971, "Please wait and consider throttling your request speed");
-            if let Some(h) = header("Retry-After", &retry_after_secs.to_string()) {
+        429 => too_many_requests(retry_after_secs),
+        404 => {
+            // What a proxy or a wrong host answers: no Cloudflare envelope.
+            let mut response =
+                Response::from_data(b"<html><body><h1>404 Not Found</h1></body></html>".to_vec()).with_status_code(404);
+            if let Some(h) = header("Content-Type", "text/html") {
                 response.add_header(h);
             }
             response
@@ -342,7 +507,14 @@ fn put(shared: &Shared, key: &str, value: Vec<u8>, query: &BTreeMap<String, Stri
     let now = state.now_secs();
     let expiration = if let Some(ttl) = query.get("expiration_ttl") {
         match ttl.parse::<u64>() {
-            Ok(ttl) if ttl >= MIN_TTL_SECS => Some(now + ttl),
+            Ok(ttl) if (MIN_TTL_SECS..=MAX_TTL_SECS).contains(&ttl) => Some(now + ttl),
+            Ok(ttl) if ttl > MAX_TTL_SECS => {
+                return error(
+                    400,
+                    10019,
+                    &format!("Invalid expiration_ttl of {ttl}. Expiration TTL must be at most {MAX_TTL_SECS}."),
+                );
+            }
             _ => {
                 return error(
                     400,
@@ -367,7 +539,10 @@ fn put(shared: &Shared, key: &str, value: Vec<u8>, query: &BTreeMap<String, Stri
     } else {
         None
     };
-    state.entries.insert(key.to_owned(), Stored { value, expiration });
+    if let Some(refused) = state.throttle_write(key) {
+        return refused;
+    }
+    state.write(key, Some(Stored { value, expiration }));
     ok(&Value::Null)
 }
 
@@ -386,12 +561,11 @@ fn list(shared: &Shared, query: &BTreeMap<String, String>) -> Answer {
         },
     };
     let state = shared.state();
-    let now = state.now_secs();
     let mut page: Vec<(&String, &Stored)> = state
         .entries
         .iter()
         .filter(|(key, _)| key.starts_with(&prefix) && after.as_ref().is_none_or(|after| *key > after))
-        .filter(|(_, stored)| stored.expiration.is_none_or(|at| at > now))
+        .filter_map(|(key, versions)| Some((key, state.visible(versions)?)))
         .take(limit + 1)
         .collect();
     let more = page.len() > limit;

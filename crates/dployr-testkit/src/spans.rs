@@ -1,14 +1,14 @@
 //! `SpanCapture`: a `tracing` layer that keeps the fields of every span when
-//! it closes, so tests can assert what the data layer's spans say (and that
-//! they never say a secret).
+//! it closes, and of every event, so tests can assert what the data layer's
+//! spans and events say (and that they never say a secret).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::registry::LookupSpan;
@@ -25,13 +25,27 @@ pub struct ClosedSpan {
     pub fields: SpanFields,
 }
 
-/// Collects every span that closes while [`SpanCapture::during`] runs.
+/// An event: its target and fields (the message is the field `message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedEvent {
+    /// The event's target, e.g. `dployr.kv.cloudflare`.
+    pub target: String,
+    /// Its fields.
+    pub fields: SpanFields,
+}
+
+/// Collects every span that closes, and every event, while
+/// [`SpanCapture::during`] runs.
 #[derive(Debug, Clone, Default)]
-pub struct SpanCapture(Arc<Mutex<Vec<ClosedSpan>>>);
+pub struct SpanCapture(Arc<Mutex<Vec<ClosedSpan>>>, Arc<Mutex<Vec<CapturedEvent>>>);
 
 struct FieldsVisitor<'a>(&'a mut SpanFields);
 
 impl Visit for FieldsVisitor<'_> {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.to_string());
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0.insert(field.name().to_owned(), format!("{value:?}"));
     }
@@ -59,6 +73,13 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for SpanCapture {
         }
     }
 
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = SpanFields::new();
+        event.record(&mut FieldsVisitor(&mut fields));
+        let target = event.metadata().target().to_owned();
+        self.1.lock().unwrap_or_else(PoisonError::into_inner).push(CapturedEvent { target, fields });
+    }
+
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(&id) {
             let fields = span.extensions().get::<SpanFields>().cloned().unwrap_or_default();
@@ -81,5 +102,10 @@ impl SpanCapture {
     /// The spans closed so far, in the order they closed.
     pub fn spans(&self) -> Vec<ClosedSpan> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The events so far, in the order they came.
+    pub fn events(&self) -> Vec<CapturedEvent> {
+        self.1.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }

@@ -81,11 +81,31 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
         let settings = Metadata::new();
         f.clusters.install_github_integration(GitHubIntegration { login_id: "1".into(), settings }).unwrap();
     });
+    check(&f, &mut b, "users.upsert (existing, with metadata, owns a cluster)", 3, 1, || {
+        f.users
+            .upsert(NewUser { metadata: metadata(), ..NewUser::new(email("ada@example.io"), Provider::Google) })
+            .unwrap();
+    });
+    check(&f, &mut b, "users.upsert (new, with metadata)", 2, 1, || {
+        f.users
+            .upsert(NewUser { metadata: metadata(), ..NewUser::new(email("dan@example.io"), Provider::Google) })
+            .unwrap();
+    });
     check(&f, &mut b, "clusters.transfer_ownership", 4, 1, || {
         f.clusters.transfer_ownership(&cluster, &bob.id, Some(Role::Admin)).unwrap();
     });
-    check(&f, &mut b, "clusters.remove_users", 4, 1, || {
+    check(&f, &mut b, "clusters.transfer_ownership (previous owner removed)", 5, 1, || {
+        f.clusters.transfer_ownership(&cluster, &ada.id, None).unwrap();
+    });
+    check(&f, &mut b, "clusters.transfer_ownership (already the owner)", 3, 1, || {
+        f.clusters.transfer_ownership(&cluster, &ada.id, None).unwrap();
+    });
+    check(&f, &mut b, "clusters.remove_users (an invitee forgotten)", 5, 1, || {
         f.clusters.remove_users(&cluster, &[invited[1].user_id]).unwrap();
+    });
+    f.clusters.transfer_ownership(&cluster, &bob.id, Some(Role::Admin)).unwrap();
+    check(&f, &mut b, "clusters.remove_users (no invitee)", 4, 1, || {
+        f.clusters.remove_users(&cluster, &[ada.id]).unwrap();
     });
     f.clusters.add_users(&cluster, &[email("carol@example.io")]).unwrap();
     let carol = f.users.get_by_email(&email("carol@example.io")).unwrap().unwrap();

@@ -14,6 +14,7 @@ mod clusters;
 mod concurrency;
 mod instances;
 mod pool;
+mod races;
 mod spans;
 mod users;
 mod writes;

@@ -1,0 +1,293 @@
+//! The races a randomized concurrent workload found, made deterministic: a
+//! third session holds the row lock that stretches the window, the store
+//! call waits on it (seen in `pg_stat_activity`), the competing call runs,
+//! and the lock is released. Each test failed on the stores before the owner
+//! guard (d9bc8fc); the database guard alone would also stop races 1 and 2,
+//! so these tests check the stores' own outcome: a typed error or a correct
+//! result, never an ownerless cluster.
+//!
+//! Also here: deadlocks, serialization failures and statement timeouts are
+//! `Unavailable` (retryable), and a transient failure is retried inside the
+//! store.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection as _;
+use diesel::prelude::*;
+use diesel::result::Error as DieselError;
+use dployr_domain::{ClusterStore, Provider, Role, StoreError, UserId, UserPatch, UserStore};
+use dployr_pg::{PgPool, PgUserStore, PoolConfig};
+
+use crate::fixture::{Fixture, email};
+
+/// A session outside the stores that holds locks until dropped or committed.
+struct LockHolder(PgConnection);
+
+impl LockHolder {
+    /// Opens a transaction on a new connection and runs `sql` in it.
+    fn hold(f: &Fixture, sql: &str) -> Self {
+        let mut conn = f.db.connect();
+        conn.batch_execute(&format!("BEGIN; {sql}")).unwrap();
+        Self(conn)
+    }
+
+    fn release(mut self) {
+        self.0.batch_execute("COMMIT").unwrap();
+    }
+}
+
+/// Waits until `n` sessions of the fixture's database wait on a lock.
+fn wait_for_lock_waiters(f: &Fixture, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting = f.count(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        );
+        if waiting >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{waiting} of {n} sessions wait on a lock after 20 s");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn owners_of(f: &Fixture, cluster: &dployr_domain::ClusterId) -> i64 {
+    f.count(&format!("SELECT count(*) FROM user_clusters WHERE cluster_id = '{cluster}' AND role = 'owner'"))
+}
+
+fn user_exists(f: &Fixture, user: &UserId) -> bool {
+    f.count(&format!("SELECT count(*) FROM users WHERE id = '{user}'")) == 1
+}
+
+/// Race 1: `users.delete(U)` checked that U owns nothing, then a transfer
+/// made U owner of C (its foreign-key check's key-share lock did not
+/// conflict with the delete's lock), and the delete's cascade removed that
+/// owner row: C had no owner, and both calls returned `Ok`.
+#[test]
+fn deleting_a_user_who_is_being_made_owner_is_a_conflict_and_the_cluster_keeps_its_new_owner() {
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let (_, cluster) = f.owner("owner@example.io");
+    let heir = f.user("heir@example.io");
+    let holder = LockHolder::hold(&f, &format!("SELECT 1 FROM users WHERE id = '{}' FOR KEY SHARE", heir.id));
+    let deleting = {
+        let f = Arc::clone(&f);
+        thread::spawn(move || f.users.delete(&heir.id))
+    };
+    wait_for_lock_waiters(&f, 1);
+    f.clusters.transfer_ownership(&cluster.id, &heir.id, Some(Role::Admin)).unwrap();
+    holder.release();
+    let deleted = deleting.join().unwrap();
+    assert!(matches!(deleted, Err(StoreError::Conflict { field: "owner", .. })), "{deleted:?}");
+    assert!(user_exists(&f, &heir.id));
+    assert_eq!(f.clusters.owner(&cluster.id).unwrap().map(|m| m.user_id), Some(heir.id));
+}
+
+/// Race 2: `remove_users(A, [U])` decided that invitee U belonged nowhere
+/// else, then a transfer made U owner of B, and the clean-up's delete of U
+/// cascaded that owner row away: B had no owner.
+#[test]
+fn forgetting_an_invitee_who_is_being_made_owner_elsewhere_keeps_the_invitee_and_the_owner() {
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let (_, a) = f.owner("a-owner@example.io");
+    let (_, b) = f.owner("b-owner@example.io");
+    let invitee = f.clusters.add_users(&a.id, &[email("invitee@example.io")]).unwrap().remove(0).user_id;
+    let holder = LockHolder::hold(&f, &format!("SELECT 1 FROM users WHERE id = '{invitee}' FOR KEY SHARE"));
+    let removing = {
+        let (f, a) = (Arc::clone(&f), a.id);
+        thread::spawn(move || f.clusters.remove_users(&a, &[invitee]))
+    };
+    wait_for_lock_waiters(&f, 1);
+    f.clusters.transfer_ownership(&b.id, &invitee, Some(Role::Admin)).unwrap();
+    holder.release();
+    removing.join().unwrap().unwrap();
+    assert!(user_exists(&f, &invitee), "an owner is not a forgotten invitee");
+    assert_eq!(owners_of(&f, &b.id), 1);
+    assert_eq!(f.clusters.owner(&b.id).unwrap().map(|m| m.user_id), Some(invitee));
+    assert_eq!(f.clusters.role_of(&invitee, &a.id).unwrap(), None, "removed from A all the same");
+}
+
+/// Race 3: `users.delete(U)` took U then its membership in A;
+/// `remove_users(A, [U])` took that membership then U (for the clean-up):
+/// PostgreSQL broke the cycle by aborting one, reported as `Backend`.
+#[test]
+fn deleting_a_user_while_removing_them_from_a_cluster_does_not_deadlock() {
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let (_, a) = f.owner("a-owner@example.io");
+    let invitee = f.clusters.add_users(&a.id, &[email("invitee@example.io")]).unwrap().remove(0).user_id;
+    // Holds the invitee so that the clean-up of remove_users waits with the
+    // membership already deleted (before the fix), or before touching it.
+    let holder = LockHolder::hold(&f, &format!("SELECT 1 FROM users WHERE id = '{invitee}' FOR KEY SHARE"));
+    let removing = {
+        let (f, a) = (Arc::clone(&f), a.id);
+        thread::spawn(move || f.clusters.remove_users(&a, &[invitee]))
+    };
+    wait_for_lock_waiters(&f, 1);
+    let deleting = {
+        let f = Arc::clone(&f);
+        thread::spawn(move || f.users.delete(&invitee))
+    };
+    wait_for_lock_waiters(&f, 2);
+    holder.release();
+    let removed = removing.join().unwrap();
+    let deleted = deleting.join().unwrap();
+    assert!(removed.is_ok(), "{removed:?}");
+    assert!(matches!(deleted, Ok(()) | Err(StoreError::NotFound { entity: "user", .. })), "{deleted:?}");
+    assert!(!user_exists(&f, &invitee));
+    assert_eq!(owners_of(&f, &a.id), 1);
+}
+
+/// The error a raw diesel statement returns, mapped by the workspace's one mapper.
+fn mapped<T: std::fmt::Debug>(result: QueryResult<T>) -> StoreError {
+    dployr_pg::store_error(result.unwrap_err())
+}
+
+#[test]
+fn a_deadlock_is_unavailable_and_retryable() {
+    let f = Fixture::new();
+    let (ada, bob) = (f.user("ada@example.io"), f.user("bob@example.io"));
+    let (url, ada_id, bob_id) = (f.db.url().to_owned(), ada.id.to_string(), bob.id.to_string());
+    let lock = |conn: &mut PgConnection, id: &str| {
+        diesel::sql_query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+            .bind::<diesel::sql_types::Text, _>(id)
+            .execute(conn)
+    };
+    let mut first = PgConnection::establish(&url).unwrap();
+    first.batch_execute("BEGIN").unwrap();
+    lock(&mut first, &ada_id).unwrap();
+    let second = thread::spawn(move || {
+        let mut conn = PgConnection::establish(&url).unwrap();
+        conn.transaction::<_, DieselError, _>(|conn| {
+            lock(conn, &bob_id)?;
+            lock(conn, &ada_id)
+        })
+    });
+    wait_for_lock_waiters(&f, 1);
+    // The cycle: one of the two is aborted with 40P01.
+    let first_result = lock(&mut first, &bob.id.to_string());
+    let second_result = second.join().unwrap();
+    let error = match (first_result, second_result) {
+        (Err(error), _) | (_, Err(error)) => dployr_pg::store_error(error),
+        (Ok(_), Ok(_)) => panic!("no deadlock"),
+    };
+    assert!(matches!(&error, StoreError::Unavailable { reason, .. } if reason.contains("40P01")), "{error}");
+    assert!(error.is_retryable());
+}
+
+#[test]
+fn a_serialization_failure_is_unavailable_and_retryable() {
+    let f = Fixture::new();
+    f.user("ada@example.io");
+    let mut first = f.db.connect();
+    let mut second = f.db.connect();
+    let update = "UPDATE users SET name = 'changed'";
+    first.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM users").unwrap();
+    second.batch_execute(update).unwrap();
+    let error = mapped(first.batch_execute(update));
+    assert!(matches!(&error, StoreError::Unavailable { reason, .. } if reason.contains("40001")), "{error}");
+    assert!(error.is_retryable());
+}
+
+#[test]
+fn a_statement_cancelled_by_statement_timeout_is_unavailable_and_writes_nothing() {
+    let f = Fixture::new();
+    let ada = f.user("ada@example.io");
+    let config = PoolConfig { statement_timeout: Some(Duration::from_millis(200)), ..PoolConfig::default() };
+    let users = PgUserStore::new(PgPool::connect(f.db.url(), config).unwrap());
+    let holder = LockHolder::hold(&f, &format!("SELECT 1 FROM users WHERE id = '{}' FOR UPDATE", ada.id));
+    let patch = UserPatch { name: Some("Renamed".try_into().unwrap()), ..UserPatch::default() };
+    let error = users.update(&ada.email, patch).unwrap_err();
+    holder.release();
+    assert!(
+        matches!(&error, StoreError::Unavailable { reason, .. } if reason.contains("statement_timeout")),
+        "{error}"
+    );
+    assert_eq!(f.users.get(&ada.id).unwrap().unwrap().name, ada.name);
+}
+
+/// A deadlock with a session outside the stores, once: the store's
+/// transaction is aborted, runs again and succeeds; the caller sees `Ok`.
+#[test]
+fn a_transaction_aborted_by_a_deadlock_runs_again_and_succeeds() {
+    let f = Arc::new(Fixture::with_pool_size(2));
+    let (owner, cluster) = f.owner("owner@example.io");
+    let heir = f.user("heir@example.io");
+    // The outside session holds the heir's membership row... and, once the
+    // store holds the cluster row, asks for it: a cycle.
+    f.clusters.add_users(&cluster.id, std::slice::from_ref(&heir.email)).unwrap();
+    f.clusters.accept_invite(&heir.id, &cluster.id).unwrap();
+    let mut outside = f.db.connect();
+    outside
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM user_clusters WHERE user_id = '{}' AND cluster_id = '{}' FOR UPDATE",
+            heir.id, cluster.id
+        ))
+        .unwrap();
+    let transferring = {
+        let (f, cluster, heir) = (Arc::clone(&f), cluster.id, heir.id);
+        thread::spawn(move || f.clusters.transfer_ownership(&cluster, &heir, Some(Role::Admin)))
+    };
+    wait_for_lock_waiters(&f, 1);
+    // The store holds the cluster row and waits for the heir's membership;
+    // now the outside session asks for the cluster row.
+    let outside_result =
+        outside.batch_execute(&format!("SELECT 1 FROM clusters WHERE id = '{}' FOR UPDATE", cluster.id));
+    outside.batch_execute("ROLLBACK").unwrap();
+    // The store's transaction waited longest, so its deadlock check ran
+    // first and PostgreSQL aborted it: the outside session got its lock...
+    outside_result.unwrap();
+    // ...and the store ran the transaction again.
+    transferring.join().unwrap().unwrap();
+    assert_eq!(f.clusters.owner(&cluster.id).unwrap().map(|m| m.user_id), Some(heir.id));
+    assert_eq!(f.clusters.role_of(&owner.id, &cluster.id).unwrap(), Some(Role::Admin));
+}
+
+/// `add_users(B, [e])` found the user of `e` and was inserting their
+/// membership when the user was deleted (their foreign-key check waited for
+/// the delete): the invitation is for the e-mail, so the store runs the
+/// transaction again and invites a new user of that e-mail (it reported
+/// `NotFound` with the cluster's id as the user's key).
+#[test]
+fn an_invitee_deleted_while_being_invited_is_invited_afresh() {
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let (_, a) = f.owner("a-owner@example.io");
+    let (_, b) = f.owner("b-owner@example.io");
+    let first = f.clusters.add_users(&a.id, &[email("guest@example.io")]).unwrap().remove(0).user_id;
+    let mut deleter = f.db.connect();
+    deleter.batch_execute(&format!("BEGIN; SELECT 1 FROM users WHERE id = '{first}' FOR UPDATE")).unwrap();
+    let inviting = {
+        let (f, b) = (Arc::clone(&f), b.id);
+        thread::spawn(move || f.clusters.add_users(&b, &[email("guest@example.io")]))
+    };
+    wait_for_lock_waiters(&f, 1);
+    deleter.batch_execute(&format!("DELETE FROM users WHERE id = '{first}'; COMMIT")).unwrap();
+    let invited = inviting.join().unwrap().unwrap();
+    assert_eq!(invited.len(), 1);
+    assert_eq!(invited[0].role, Role::Invited);
+    assert_ne!(invited[0].user_id, first);
+    assert_eq!(f.users.get_by_email(&email("guest@example.io")).unwrap().unwrap().provider, Provider::Email);
+}
+
+#[test]
+fn not_found_names_the_missing_entitys_own_key() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("owner@example.io");
+    let ghost = UserId::generate();
+    let error = f.clusters.transfer_ownership(&cluster.id, &ghost, None).unwrap_err();
+    assert!(matches!(&error, StoreError::NotFound { entity: "user", key } if *key == ghost.to_string()), "{error}");
+    let gone = f.owner("gone@example.io").1.id;
+    f.clusters.delete(&gone).unwrap();
+    let error = f.clusters.transfer_ownership(&gone, &ghost, None).unwrap_err();
+    assert!(matches!(&error, StoreError::NotFound { entity: "cluster", key } if *key == gone.to_string()), "{error}");
+    let new =
+        dployr_domain::NewInstance { address: "h".try_into().unwrap(), tag: "t".try_into().unwrap(), metadata: None };
+    let error = dployr_domain::InstanceStore::create(&f.instances, &gone, new).unwrap_err();
+    assert!(matches!(&error, StoreError::NotFound { entity: "cluster", key } if *key == gone.to_string()), "{error}");
+    let instance = dployr_domain::InstanceId::generate();
+    let error = dployr_domain::BootstrapTokenStore::create(&f.tokens, &instance, &"n".try_into().unwrap()).unwrap_err();
+    assert!(
+        matches!(&error, StoreError::NotFound { entity: "instance", key } if *key == instance.to_string()),
+        "{error}"
+    );
+}

@@ -1,0 +1,538 @@
+//! A randomized concurrent workload with an invariant checker: every
+//! mutating operation of the PostgreSQL stores (and a few reads), on a few
+//! clusters that share their users, from many threads at once, while a
+//! checker on its own connection samples the invariants every 10 ms.
+//!
+//! Invariants checked (each sample is one statement, so one snapshot):
+//! - every live cluster has exactly one owner;
+//! - no membership names a missing user or cluster;
+//! - a bootstrap token's `mark_used` returns `true` at most once, and a
+//!   token it returned `true` for stays used.
+//!
+//! Also counted: every operation's outcome by error kind. `Backend` errors,
+//! `Invalid` errors (the workload sends only valid input), panics and
+//! deadlocks that PostgreSQL detected are failures; `NotFound` and
+//! `Conflict` are the normal answers of a workload whose rows vanish under
+//! it. Run by `cargo xtask stress` (long) and `tests/tests/stress.rs` (10 s).
+
+#![expect(clippy::expect_used, reason = "a harness: a database that fails under it fails the run, loudly")]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use dployr_domain::{
+    BootstrapTokenStore, ClusterId, ClusterName, ClusterPatch, ClusterStore, Email, GitHubIntegration, InstanceId,
+    InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Provider, Role, StoreError, UserId, UserPatch,
+    UserStore,
+};
+use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom as _;
+use rand::{Rng as _, SeedableRng as _};
+
+/// How long, how wide and from which seed a run goes.
+#[derive(Debug, Clone, Copy)]
+pub struct StressConfig {
+    /// Wall-clock length of the run.
+    pub duration: Duration,
+    /// Worker threads, each with its own random stream.
+    pub threads: usize,
+    /// The seed of every stream (worker `i` uses `seed + i`).
+    pub seed: u64,
+    /// E-mail addresses the users are drawn from (users are deleted and
+    /// signed in again under them).
+    pub emails: usize,
+    /// Clusters kept alive (deleted ones are replaced).
+    pub clusters: usize,
+}
+
+impl Default for StressConfig {
+    fn default() -> Self {
+        Self { duration: Duration::from_secs(10), threads: 16, seed: 1, emails: 24, clusters: 4 }
+    }
+}
+
+/// What happened in a run.
+#[derive(Debug, Default)]
+pub struct StressReport {
+    /// The configuration it ran with.
+    pub seed: u64,
+    /// How long it ran.
+    pub elapsed: Duration,
+    /// Worker threads.
+    pub threads: usize,
+    /// Per operation: outcome (`ok`, or an error kind) -> count.
+    pub outcomes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Samples the checker took.
+    pub samples: u64,
+    /// Invariant violations seen, with what was seen (at most 20 kept).
+    pub violations: Vec<String>,
+    /// Violations counted (all of them).
+    pub violation_count: u64,
+    /// Unexpected errors (`Backend`, `Invalid`) and panics (at most 20 kept).
+    pub unexpected: Vec<String>,
+    /// Deadlocks PostgreSQL detected in the run's database.
+    pub deadlocks: i64,
+}
+
+impl StressReport {
+    /// No violation, no unexpected error or panic, no deadlock.
+    pub fn is_clean(&self) -> bool {
+        self.violation_count == 0
+            && self.count_of("Backend") == 0
+            && self.count_of("Invalid") == 0
+            && self.count_of("panic") == 0
+            && self.deadlocks == 0
+    }
+
+    /// Calls of every operation.
+    pub fn calls(&self) -> u64 {
+        self.outcomes.values().flat_map(BTreeMap::values).sum()
+    }
+
+    /// Outcomes of one kind over every operation.
+    pub fn count_of(&self, kind: &str) -> u64 {
+        self.outcomes.values().filter_map(|outcomes| outcomes.get(kind)).sum()
+    }
+}
+
+const KINDS: [&str; 7] = ["ok", "NotFound", "Conflict", "Unavailable", "Invalid", "Backend", "panic"];
+
+impl fmt::Display for StressReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seconds = self.elapsed.as_secs_f64().max(f64::EPSILON);
+        writeln!(
+            f,
+            "stress: {} threads, {:.1} s, seed {}: {} calls, {:.0} ops/s",
+            self.threads,
+            seconds,
+            self.seed,
+            self.calls(),
+            self.calls() as f64 / seconds
+        )?;
+        write!(f, "{:<38} {:>8}", "operation", "ops/s")?;
+        for kind in KINDS {
+            write!(f, " {kind:>11}")?;
+        }
+        writeln!(f)?;
+        for (operation, outcomes) in &self.outcomes {
+            let calls: u64 = outcomes.values().sum();
+            write!(f, "{operation:<38} {:>8.0}", calls as f64 / seconds)?;
+            for kind in KINDS {
+                write!(f, " {:>11}", outcomes.get(kind).copied().unwrap_or(0))?;
+            }
+            writeln!(f)?;
+        }
+        writeln!(f, "checker samples: {}", self.samples)?;
+        writeln!(f, "invariant violations: {}", self.violation_count)?;
+        for violation in &self.violations {
+            writeln!(f, "  {violation}")?;
+        }
+        writeln!(f, "deadlocks detected by PostgreSQL: {}", self.deadlocks)?;
+        writeln!(f, "unexpected errors and panics: {}", self.unexpected.len())?;
+        for error in &self.unexpected {
+            writeln!(f, "  {error}")?;
+        }
+        write!(f, "verdict: {}", if self.is_clean() { "clean" } else { "FAILED" })
+    }
+}
+
+/// The stores of one database, and what the workers know of its rows.
+struct World {
+    users: PgUserStore,
+    clusters: PgClusterStore,
+    instances: PgInstanceStore,
+    tokens: PgBootstrapTokenStore,
+    emails: Vec<Email>,
+    /// Ids seen for users, clusters and instances; some are stale, on purpose.
+    user_ids: Mutex<Vec<UserId>>,
+    cluster_ids: Mutex<Vec<ClusterId>>,
+    instance_ids: Mutex<Vec<InstanceId>>,
+    /// Invitations handed out by `add_users`, for accept and decline to find.
+    invitations: Mutex<Vec<(UserId, ClusterId)>>,
+    /// Nonces created, and how many `mark_used` calls returned `true` for each.
+    nonces: Mutex<Vec<String>>,
+    used: Mutex<HashMap<String, u64>>,
+    next_nonce: AtomicU64,
+    outcomes: Mutex<BTreeMap<&'static str, BTreeMap<&'static str, u64>>>,
+    unexpected: Mutex<Vec<String>>,
+    target_clusters: usize,
+}
+
+fn pick<T: Clone>(rng: &mut StdRng, items: &Mutex<Vec<T>>) -> Option<T> {
+    items.lock().unwrap_or_else(std::sync::PoisonError::into_inner).choose(rng).cloned()
+}
+
+fn remember<T>(items: &Mutex<Vec<T>>, item: T) {
+    let mut items = items.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // A bounded pool: old ids fall out, so picks stay mostly fresh.
+    if items.len() >= 64 {
+        items.remove(0);
+    }
+    items.push(item);
+}
+
+fn kind_of(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::NotFound { .. } => "NotFound",
+        StoreError::Conflict { .. } => "Conflict",
+        StoreError::Invalid { .. } => "Invalid",
+        StoreError::Unavailable { .. } => "Unavailable",
+        _ => "Backend",
+    }
+}
+
+impl World {
+    fn record(&self, operation: &'static str, kind: &'static str, detail: Option<String>) {
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *outcomes.entry(operation).or_default().entry(kind).or_default() += 1;
+        if let Some(detail) = detail {
+            let mut unexpected = self.unexpected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if unexpected.len() < 20 {
+                unexpected.push(format!("{operation}: {detail}"));
+            }
+        }
+    }
+
+    /// Runs one call of `operation`, recording its outcome.
+    fn call(&self, operation: &'static str, work: impl FnOnce() -> Result<(), StoreError>) {
+        match catch_unwind(AssertUnwindSafe(work)) {
+            Ok(Ok(())) => self.record(operation, "ok", None),
+            Ok(Err(error)) => {
+                let kind = kind_of(&error);
+                let detail = matches!(kind, "Backend" | "Invalid").then(|| format!("{error:?}"));
+                self.record(operation, kind, detail);
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_default();
+                self.record(operation, "panic", Some(message));
+            }
+        }
+    }
+
+    fn email(&self, rng: &mut StdRng) -> Email {
+        self.emails.choose(rng).cloned().unwrap_or_else(|| self.emails[0].clone())
+    }
+
+    fn metadata(rng: &mut StdRng) -> Metadata {
+        let key = format!("k{}", rng.random_range(0..8));
+        Metadata::try_from(serde_json::json!({ key: rng.random_range(0..1000) })).unwrap_or_default()
+    }
+
+    /// A role `clusters.update` may give. Not `Invited`: a member who got
+    /// further never goes back to it, so listing one there is `Invalid` by
+    /// design (invitations come from `add_users`).
+    fn role(rng: &mut StdRng) -> Role {
+        *[Role::Admin, Role::Developer, Role::Viewer].choose(rng).unwrap_or(&Role::Viewer)
+    }
+
+    /// One random operation, weighted towards membership writes (where the
+    /// owner rule can break) but covering every write of every store.
+    fn step(&self, rng: &mut StdRng) {
+        let user = pick(rng, &self.user_ids);
+        let cluster = pick(rng, &self.cluster_ids);
+        let (Some(user), Some(cluster)) = (user, cluster) else {
+            return self.replenish(rng);
+        };
+        match rng.random_range(0..100) {
+            0..=7 => self.call("users.upsert", || {
+                let provider =
+                    *[Provider::Google, Provider::Github, Provider::Email].choose(rng).unwrap_or(&Provider::Email);
+                let metadata = rng.random_bool(0.5).then(|| Self::metadata(rng));
+                let user = self.users.upsert(NewUser { metadata, ..NewUser::new(self.email(rng), provider) })?;
+                remember(&self.user_ids, user.id);
+                Ok(())
+            }),
+            8..=10 => self.call("users.update", || {
+                let patch = UserPatch {
+                    name: Some(format!("name {}", rng.random_range(0..100)).try_into()?),
+                    provider: rng.random_bool(0.3).then_some(Provider::Email),
+                    metadata: Some(Self::metadata(rng)),
+                    ..UserPatch::default()
+                };
+                self.users.update(&self.email(rng), patch).map(drop)
+            }),
+            11..=16 => self.call("users.delete", || self.users.delete(&user)),
+            17..=19 => self.call("clusters.create_for_owner", || {
+                let cluster = self.clusters.create_for_owner(&user)?;
+                remember(&self.cluster_ids, cluster.id);
+                Ok(())
+            }),
+            20..=27 => self.call("clusters.update (roles)", || {
+                let mut roles: BTreeMap<Role, Vec<UserId>> = BTreeMap::new();
+                for _ in 0..rng.random_range(0..4) {
+                    if let Some(member) = pick(rng, &self.user_ids) {
+                        roles.entry(Self::role(rng)).or_default().push(member);
+                    }
+                }
+                let patch = ClusterPatch {
+                    name: rng
+                        .random_bool(0.2)
+                        .then(|| ClusterName::try_from(format!("cluster {}", rng.random_range(0..100))))
+                        .transpose()?,
+                    metadata: rng.random_bool(0.2).then(|| Self::metadata(rng)),
+                    roles: Some(roles),
+                };
+                self.clusters.update(&cluster, patch).map(drop)
+            }),
+            28..=30 => self.call("clusters.delete", || self.clusters.delete(&cluster)),
+            31..=32 => self.call("clusters.install_github_integration", || {
+                let login_id = format!("login-{}", rng.random_range(0..4));
+                let linked =
+                    Metadata::try_from(serde_json::json!({ "gitHub": { "loginId": login_id } })).unwrap_or_default();
+                if rng.random_bool(0.5) {
+                    let patch = ClusterPatch { metadata: Some(linked), ..ClusterPatch::default() };
+                    self.clusters.update(&cluster, patch).map(drop)
+                } else {
+                    let integration = GitHubIntegration { login_id, settings: Self::metadata(rng) };
+                    self.clusters.install_github_integration(integration).map(drop)
+                }
+            }),
+            33..=44 => self.call("clusters.transfer_ownership", || {
+                let previous =
+                    *[Some(Role::Admin), Some(Role::Developer), Some(Role::Viewer), None].choose(rng).unwrap_or(&None);
+                self.clusters.transfer_ownership(&cluster, &user, previous)
+            }),
+            45..=54 => self.call("clusters.add_users", || {
+                let emails: Vec<Email> = (0..rng.random_range(1..=3)).map(|_| self.email(rng)).collect();
+                for member in self.clusters.add_users(&cluster, &emails)? {
+                    remember(&self.user_ids, member.user_id);
+                    if member.role == Role::Invited {
+                        remember(&self.invitations, (member.user_id, cluster));
+                    }
+                }
+                Ok(())
+            }),
+            55..=64 => self.call("clusters.remove_users", || {
+                let mut ids = vec![user];
+                ids.extend(pick(rng, &self.user_ids));
+                self.clusters.remove_users(&cluster, &ids)
+            }),
+            65..=69 => self.call("clusters.accept_invite", || {
+                let (user, cluster) = pick(rng, &self.invitations).unwrap_or((user, cluster));
+                self.clusters.accept_invite(&user, &cluster)
+            }),
+            70..=72 => self.call("clusters.decline_invite", || {
+                let (user, cluster) = pick(rng, &self.invitations).unwrap_or((user, cluster));
+                self.clusters.decline_invite(&user, &cluster)
+            }),
+            73..=76 => self.call("instances.create", || {
+                let n = rng.random_range(0..40);
+                let new = NewInstance {
+                    address: format!("10.0.0.{n}").try_into()?,
+                    tag: format!("web-{}", rng.random_range(0..40)).try_into()?,
+                    metadata: Some(Self::metadata(rng)),
+                };
+                let instance = self.instances.create(&cluster, new)?;
+                remember(&self.instance_ids, instance.id);
+                Ok(())
+            }),
+            77..=78 => self.call("instances.update_metadata", || {
+                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
+                self.instances.update_metadata(&instance, Self::metadata(rng)).map(drop)
+            }),
+            79..=80 => self.call("instances.delete", || {
+                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
+                self.instances.delete(&instance)
+            }),
+            81..=83 => self.call("bootstrap_tokens.create", || {
+                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
+                let nonce = format!("nonce-{}", self.next_nonce.fetch_add(1, Ordering::Relaxed));
+                self.tokens.create(&instance, &Nonce::parse(&nonce)?)?;
+                remember(&self.nonces, nonce);
+                Ok(())
+            }),
+            84..=88 => self.call("bootstrap_tokens.mark_used", || {
+                let Some(nonce) = pick(rng, &self.nonces) else { return Ok(()) };
+                if self.tokens.mark_used(&Nonce::parse(&nonce)?)? {
+                    *self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(nonce).or_default() += 1;
+                }
+                Ok(())
+            }),
+            89..=90 => self.call("bootstrap_tokens.is_used", || {
+                let Some(nonce) = pick(rng, &self.nonces) else { return Ok(()) };
+                self.tokens.is_used(&Nonce::parse(&nonce)?).map(drop)
+            }),
+            91..=93 => self.call("clusters.get", || self.clusters.get(&cluster).map(drop)),
+            94..=95 => self.call("clusters.members", || self.clusters.members(&cluster, &Page::first(20)).map(drop)),
+            96..=97 => self.call("clusters.can_write", || self.clusters.can_write(&user, &cluster).map(drop)),
+            _ => self.call("instances.list_by_cluster", || {
+                self.instances.list_by_cluster(&cluster, &Page::first(20)).map(drop)
+            }),
+        }
+    }
+
+    /// Keeps some users and clusters alive for the workers to pick.
+    fn replenish(&self, rng: &mut StdRng) {
+        self.call("users.upsert", || {
+            let user = self.users.upsert(NewUser::new(self.email(rng), Provider::Google))?;
+            remember(&self.user_ids, user.id);
+            if self.cluster_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() < self.target_clusters {
+                let cluster = self.clusters.create_for_owner(&user.id)?;
+                remember(&self.cluster_ids, cluster.id);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// One checker sample: clusters whose owner count is not one (with the
+/// count), and memberships of a missing user or cluster.
+#[derive(QueryableByName)]
+struct Sample {
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    bad_owners: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    orphans: i64,
+}
+
+const SAMPLE: &str = "SELECT
+    (SELECT string_agg(c.id || ' has ' || n || ' owners', ', ')
+       FROM (SELECT c.id, (SELECT count(*) FROM user_clusters m WHERE m.cluster_id = c.id AND m.role = 'owner') AS n
+               FROM clusters c) c
+      WHERE n <> 1) AS bad_owners,
+    (SELECT count(*) FROM user_clusters m
+      WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = m.user_id)
+         OR NOT EXISTS (SELECT 1 FROM clusters c WHERE c.id = m.cluster_id)) AS orphans";
+
+/// Runs the workload against the migrated database at `database_url`.
+///
+/// # Panics
+/// When the database cannot be reached or the checker's queries fail: a
+/// harness, not a store.
+pub fn run(database_url: &str, config: StressConfig) -> StressReport {
+    let threads = config.threads.max(1);
+    let pool_config = PoolConfig { max_size: u32::try_from(threads + 2).unwrap_or(64), ..PoolConfig::default() };
+    let pool = PgPool::connect(database_url, pool_config).expect("the stress database answers");
+    let world = Arc::new(World {
+        users: PgUserStore::new(pool.clone()),
+        clusters: PgClusterStore::new(pool.clone()),
+        instances: PgInstanceStore::new(pool.clone()),
+        tokens: PgBootstrapTokenStore::new(pool.clone()),
+        emails: (0..config.emails.max(2))
+            .map(|i| Email::parse(&format!("user{i}@stress.example")).expect("a valid e-mail"))
+            .collect(),
+        user_ids: Mutex::default(),
+        cluster_ids: Mutex::default(),
+        instance_ids: Mutex::default(),
+        invitations: Mutex::default(),
+        nonces: Mutex::default(),
+        used: Mutex::default(),
+        next_nonce: AtomicU64::new(0),
+        outcomes: Mutex::default(),
+        unexpected: Mutex::default(),
+        target_clusters: config.clusters.max(1),
+    });
+    let mut setup = StdRng::seed_from_u64(config.seed);
+    for _ in 0..config.clusters.max(1) * 3 {
+        world.replenish(&mut setup);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let checker = {
+        let (stop, url) = (Arc::clone(&stop), database_url.to_owned());
+        thread::spawn(move || {
+            let mut conn = PgConnection::establish(&url).expect("the checker connects");
+            let (mut samples, mut count, mut violations) = (0_u64, 0_u64, Vec::new());
+            let mut check = |conn: &mut PgConnection, when: &str| {
+                let sample: Sample = diesel::sql_query(SAMPLE).get_result(conn).expect("a checker sample");
+                let mut seen = Vec::new();
+                if let Some(bad) = sample.bad_owners {
+                    seen.push(format!("{when}: {bad}"));
+                }
+                if sample.orphans > 0 {
+                    seen.push(format!("{when}: {} memberships of a missing user or cluster", sample.orphans));
+                }
+                count += seen.len() as u64;
+                violations.extend(seen.into_iter().take(20usize.saturating_sub(violations.len())));
+            };
+            while !stop.load(Ordering::Relaxed) {
+                check(&mut conn, &format!("at {:.3} s", started.elapsed().as_secs_f64()));
+                samples += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+            (conn, (samples, count, violations))
+        })
+    };
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let (world, stop) = (Arc::clone(&world), Arc::clone(&stop));
+            let seed = config.seed.wrapping_add(i as u64 + 1);
+            thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(seed);
+                while !stop.load(Ordering::Relaxed) {
+                    world.step(&mut rng);
+                }
+            })
+        })
+        .collect();
+    let deadline = started + config.duration;
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20).min(deadline.saturating_duration_since(Instant::now())));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        if worker.join().is_err() {
+            world.record("worker", "panic", Some("a worker thread panicked outside a call".into()));
+        }
+    }
+    let elapsed = started.elapsed();
+    let (mut conn, (samples, mut violation_count, mut violations)) = checker.join().expect("the checker finishes");
+    // A last sample once everything is still, and the token rule.
+    let last: Sample = diesel::sql_query(SAMPLE).get_result(&mut conn).expect("the final sample");
+    if let Some(bad) = last.bad_owners {
+        violation_count += 1;
+        violations.push(format!("at the end: {bad}"));
+    }
+    let used = std::mem::take(&mut *world.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for (nonce, times) in &used {
+        if *times > 1 {
+            violation_count += 1;
+            violations.push(format!("mark_used({nonce}) returned true {times} times"));
+        }
+    }
+    for nonce in used.keys() {
+        // A used token stays used (an unknown nonce, after its instance
+        // was deleted, counts as used too).
+        if !matches!(Nonce::parse(nonce).and_then(|nonce| world.tokens.is_used(&nonce)), Ok(true)) {
+            violation_count += 1;
+            violations.push(format!("{nonce} was marked used, then is_used said otherwise"));
+        }
+    }
+    #[derive(QueryableByName)]
+    struct Deadlocks {
+        #[diesel(sql_type = BigInt)]
+        deadlocks: i64,
+    }
+    drop(pool);
+    // Statistics reach pg_stat_database when the sessions end.
+    thread::sleep(Duration::from_millis(600));
+    let deadlocks: Deadlocks =
+        diesel::sql_query("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            .get_result(&mut conn)
+            .expect("the deadlock count");
+    let world = Arc::try_unwrap(world).ok().expect("the workers are done");
+    StressReport {
+        seed: config.seed,
+        elapsed,
+        threads,
+        outcomes: world.outcomes.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+        samples,
+        violations,
+        violation_count,
+        unexpected: world.unexpected.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+        deadlocks: deadlocks.deadlocks,
+    }
+}
