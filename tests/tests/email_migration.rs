@@ -41,28 +41,35 @@ fn run(db: &TestDatabase, set: MigrationSet) -> Result<Vec<String>, String> {
 }
 
 /// A database at the schema before `003`, holding users with these stored
-/// addresses (old rule: trimmed, lower-cased), each a member of one cluster.
+/// addresses (old rule: trimmed, lower-cased), each a member of one cluster
+/// that the first one owns.
 fn database_with(emails: &[(&str, &str)]) -> TestDatabase {
     let db = empty_database();
     let (_dir, set) = migrations_before_003();
     run(&db, set).unwrap();
-    let mut conn = db.connect();
-    diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000000', 'acme')")
-        .execute(&mut conn)
-        .unwrap();
-    for (id, email) in emails {
-        diesel::sql_query("INSERT INTO users (id, email, name, provider) VALUES ($1, $2, 'n', 'google')")
-            .bind::<Text, _>(id)
-            .bind::<Text, _>(email)
-            .execute(&mut conn)
-            .unwrap();
-        diesel::sql_query(
-            "INSERT INTO user_clusters (user_id, cluster_id, role) VALUES ($1, '01J00000000000000000000000', 'viewer')",
-        )
-        .bind::<Text, _>(id)
-        .execute(&mut conn)
-        .unwrap();
+    if emails.is_empty() {
+        return db;
     }
+    let mut conn = db.connect();
+    // One transaction: a cluster must have its owner when it commits (002).
+    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000000', 'acme')")
+            .execute(conn)?;
+        for (n, (id, email)) in emails.iter().enumerate() {
+            diesel::sql_query("INSERT INTO users (id, email, name, provider) VALUES ($1, $2, 'n', 'google')")
+                .bind::<Text, _>(id)
+                .bind::<Text, _>(email)
+                .execute(conn)?;
+            diesel::sql_query(
+                "INSERT INTO user_clusters (user_id, cluster_id, role) VALUES ($1, '01J00000000000000000000000', $2)",
+            )
+            .bind::<Text, _>(id)
+            .bind::<Text, _>(if n == 0 { "owner" } else { "viewer" })
+            .execute(conn)?;
+        }
+        Ok(())
+    })
+    .unwrap();
     db
 }
 
