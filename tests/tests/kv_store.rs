@@ -417,3 +417,24 @@ fn cloudflare_requests_per_step_are_those_in_the_operations_guide() {
     // (OAuth sign-in, session read, OTP sign-in, a wrong OTP guess, sign-out)
     assert_eq!(measured, [(1, 1, 1, 0, 1), (4, 1, 8, 3, 1)]);
 }
+
+/// A session written under an older e-mail rule (here `a@b`, which today's
+/// `Email::parse` refuses) still reads back until it expires.
+#[test]
+fn a_session_with_an_address_of_an_older_rule_still_reads_back() {
+    use std::sync::Arc;
+
+    use dployr_domain::KvBackend as _;
+    use dployr_kv::{KvStore, MemoryKv, SessionId};
+
+    let kv = Arc::new(MemoryKv::new());
+    let store = KvStore::new(kv.clone());
+    let id = SessionId::generate();
+    let session = store.create_session(&id, &dployr_tests::kv_contract::sample_user(1), Vec::new()).unwrap();
+    let key = kv.list("session:", 10, None).unwrap().keys.remove(0);
+    let mut stored: serde_json::Value = serde_json::from_slice(&kv.get(&key).unwrap().unwrap()).unwrap();
+    stored["email"] = "old@rule".into();
+    kv.put(&key, &serde_json::to_vec(&stored).unwrap(), None).unwrap();
+    let read = store.get_session(&id).unwrap().unwrap();
+    assert_eq!((read.user_id, read.email.as_str()), (session.user_id, "old@rule"));
+}

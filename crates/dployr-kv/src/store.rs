@@ -145,7 +145,10 @@ impl OtpCode {
 pub struct Session {
     /// The signed-in user.
     pub user_id: UserId,
-    /// Their e-mail.
+    /// Their e-mail, as the user store holds it. Read back without checking
+    /// it again (like the stores read `users.email`): a session written
+    /// before a stricter e-mail rule must still be readable until it expires.
+    #[serde(deserialize_with = "stored_email")]
     pub email: Email,
     /// How they signed in.
     pub provider: Provider,
@@ -155,6 +158,10 @@ pub struct Session {
     pub created_at: DateTime<Utc>,
     /// When it ends.
     pub expires_at: DateTime<Utc>,
+}
+
+fn stored_email<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Email, D::Error> {
+    String::deserialize(deserializer).map(Email::from_stored)
 }
 
 /// How long sign-in state lives, and how many OTP guesses are allowed.
