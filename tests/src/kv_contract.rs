@@ -500,6 +500,7 @@ macro_rules! kv_contract_tests {
             list_by_prefix_across_cursor_pages,
             list_is_in_utf8_byte_order,
             list_limit_out_of_range_is_invalid,
+            list_prefix_and_cursor_with_refused_characters_are_invalid,
             kv_store_names_the_argument_that_is_too_large,
             take_returns_the_value_once,
             counter_counts_and_restarts_after_expiry,

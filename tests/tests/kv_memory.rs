@@ -38,11 +38,6 @@ fn memory() -> Memory {
 dployr_tests::kv_contract_tests!(memory());
 
 #[test]
-fn list_prefix_and_cursor_with_refused_characters_are_invalid() {
-    dployr_tests::kv_contract::list_prefix_and_cursor_with_refused_characters_are_invalid(&memory());
-}
-
-#[test]
 fn ttl_is_honoured_to_the_millisecond() {
     let m = memory();
     m.kv.put("k", b"v", Some(Duration::from_millis(1500))).unwrap();

@@ -57,11 +57,6 @@ fn postgres_in_kiritimati() -> Postgres {
 
 dployr_tests::kv_contract_tests!(postgres());
 
-#[test]
-fn list_prefix_and_cursor_with_refused_characters_are_invalid() {
-    dployr_tests::kv_contract::list_prefix_and_cursor_with_refused_characters_are_invalid(&postgres());
-}
-
 #[derive(QueryableByName)]
 struct Count {
     #[diesel(sql_type = BigInt)]
