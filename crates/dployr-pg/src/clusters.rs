@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{BigInt, Nullable, SmallInt, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Nullable, Record, SmallInt, Text, Timestamptz};
 use dployr_domain::text::{self, Blank};
 use dployr_domain::{
     Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore, ClusterSummary, Email, GitHubIntegration,
@@ -111,12 +111,16 @@ struct MemberPageRow {
 /// A page of a cluster's memberships whose `role_order` is in a range,
 /// ordered by role rank then e-mail, after a keyset position, with their
 /// total, in one statement: the left join keeps the total when the page is
-/// empty, which diesel's builder cannot express. Both the page and the count
-/// run on `user_clusters_cluster_id_order_idx`. A type of its own (rather
-/// than `sql_query`) so diesel prepares it once per connection.
+/// empty, which diesel's builder cannot express. The page runs on
+/// `user_clusters_cluster_id_order_idx`; the total is one row of
+/// `cluster_counts` (kept by triggers, `004_listing_counts`), so a page of a
+/// huge cluster costs what a page of a small one does. A type of its own
+/// (rather than `sql_query`) so diesel prepares it once per connection.
 struct MemberPage<'a> {
     cluster: &'a str,
     orders: (i16, i16),
+    /// Which total: invitations, or members (every other role).
+    invites: bool,
     after: (i16, &'a str),
     limit: i64,
     offset: i64,
@@ -141,14 +145,12 @@ impl QueryFragment<Pg> for MemberPage<'_> {
         out.push_bind_param::<BigInt, _>(&self.limit)?;
         out.push_sql(" OFFSET ");
         out.push_bind_param::<BigInt, _>(&self.offset)?;
-        out.push_sql(")\nSELECT (SELECT count(*) FROM user_clusters WHERE cluster_id = ");
+        out.push_sql(")\nSELECT coalesce((SELECT CASE WHEN ");
+        out.push_bind_param::<diesel::sql_types::Bool, _>(&self.invites)?;
+        out.push_sql(" THEN invites ELSE members END FROM cluster_counts WHERE cluster_id = ");
         out.push_bind_param::<Text, _>(&self.cluster)?;
-        out.push_sql(" AND role_order BETWEEN ");
-        out.push_bind_param::<SmallInt, _>(&self.orders.0)?;
-        out.push_sql(" AND ");
-        out.push_bind_param::<SmallInt, _>(&self.orders.1)?;
         out.push_sql(
-            ") AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.role_order, page.email",
+            "), 0) AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.role_order, page.email",
         );
         Ok(())
     }
@@ -201,8 +203,15 @@ impl PgClusterStore {
         }
         let limit = i64::from(page.limit());
         let rows: Vec<MemberPageRow> = self.pool.run(&[], |conn| {
-            MemberPage { cluster: &cluster.to_string(), orders, after: (after_order, &after_email), limit, offset }
-                .load(conn)
+            MemberPage {
+                cluster: &cluster.to_string(),
+                orders,
+                invites: orders.0 == role_order(Role::Invited),
+                after: (after_order, &after_email),
+                limit,
+                offset,
+            }
+            .load(conn)
         })?;
         let total = rows.first().map_or(0, |row| row.total);
         let mut last_key = None;
@@ -260,19 +269,99 @@ fn lock_cluster(conn: &mut PgConnection, cluster: &str) -> Result<(), Failure> {
     }
 }
 
-/// The cluster with its members, in one statement (a left join).
+/// A member as `clusters.get` aggregates it: user id, e-mail, name,
+/// picture, role, member since.
+type MemberRecord = (String, String, String, Option<String>, String, DateTime<Utc>);
+
+/// The result of [`ClusterWithMembers`]: the cluster once, its members as one
+/// array.
+#[derive(QueryableByName)]
+struct ClusterWithMembersRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    metadata: Value,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    updated_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Array<Record<(Text, Text, Text, Nullable<Text>, Text, Timestamptz)>>>)]
+    members: Option<Vec<MemberRecord>>,
+}
+
+/// A cluster with its members, in one statement whose one row holds the
+/// cluster once and each member once, as an array of records in listing
+/// order (role rank, then e-mail):
+///
+/// ```sql
+/// SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at,
+///        (SELECT array_agg(ROW(m.user_id, m.email, u.name, u.picture, m.role, m.created_at)
+///                          ORDER BY m.role_order, m.email)
+///           FROM user_clusters m JOIN users u ON u.id = m.user_id
+///          WHERE m.cluster_id = c.id) AS members
+///   FROM clusters c
+///  WHERE c.id = $1
+/// ```
+///
+/// (A join would repeat the cluster row, metadata included, for every
+/// member, and decode it as many times.) Records travel in PostgreSQL's
+/// binary format: no JSON to parse for the members.
+struct ClusterWithMembers<'a> {
+    cluster: &'a str,
+}
+
+impl QueryFragment<Pg> for ClusterWithMembers<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at,\n       \
+             (SELECT array_agg(ROW(m.user_id, m.email, u.name, u.picture, m.role, m.created_at)\n                  \
+             ORDER BY m.role_order, m.email)\n          FROM user_clusters m JOIN users u ON u.id = m.user_id\n         \
+             WHERE m.cluster_id = c.id) AS members\n  FROM clusters c\n WHERE c.id = ",
+        );
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        Ok(())
+    }
+}
+
+impl QueryId for ClusterWithMembers<'_> {
+    type QueryId = ClusterWithMembers<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for ClusterWithMembers<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl RunQueryDsl<PgConnection> for ClusterWithMembers<'_> {}
+
+/// The cluster with its members, in one statement ([`ClusterWithMembers`]).
 fn load_cluster(conn: &mut PgConnection, cluster: &str) -> Result<Option<Cluster>, Failure> {
-    let rows: Vec<(ClusterRow, Option<MemberRow>)> = clusters::table
-        .left_join(user_clusters::table.inner_join(users::table))
-        .filter(clusters::id.eq(cluster))
-        .order((user_clusters::role_order.nullable(), user_clusters::email.nullable()))
-        .select((ClusterRow::as_select(), Option::<MemberRow>::as_select()))
-        .load(conn)?;
-    let mut rows = rows.into_iter();
-    let Some((cluster, first)) = rows.next() else {
+    let row: Option<ClusterWithMembersRow> = ClusterWithMembers { cluster }.get_result(conn).optional()?;
+    let Some(row) = row else {
         return Ok(None);
     };
-    let members = first.into_iter().chain(rows.filter_map(|(_, member)| member)).collect();
+    let members = row
+        .members
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(user_id, email, name, picture, role, created_at)| MemberRow {
+            user_id,
+            email,
+            name,
+            picture,
+            role,
+            created_at,
+        })
+        .collect();
+    let cluster = ClusterRow {
+        id: row.id,
+        name: row.name,
+        metadata: row.metadata,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    };
     Ok(Some(cluster_from(cluster, members)?))
 }
 
