@@ -849,6 +849,58 @@ fn desired_roles(roles: &BTreeMap<Role, Vec<UserId>>) -> StoreResult<BTreeMap<St
     Ok(desired)
 }
 
+/// The membership writes of `clusters.update`'s roles as one statement: the
+/// members not listed go, the listed ones are inserted or get their role
+/// (the owner keeps ownership even when listed under another role):
+///
+/// ```sql
+/// WITH removed AS (
+///     DELETE FROM user_clusters
+///      WHERE cluster_id = $1 AND role <> 'owner' AND user_id <> ALL($2))
+/// INSERT INTO user_clusters (user_id, cluster_id, role)
+/// SELECT listed.user_id, $1, listed.role FROM unnest($2, $3) AS listed (user_id, role)
+/// ON CONFLICT (user_id, cluster_id) DO UPDATE SET role = excluded.role
+///  WHERE user_clusters.role <> 'owner'
+/// ```
+///
+/// One statement, not two, so that the listing totals of `cluster_counts`
+/// (updated by statement-level triggers) are locked once, after every
+/// membership row this write locks: the lock order that keeps the stores
+/// free of deadlocks (memberships, then totals; ARCHITECTURE.md). The two
+/// parts touch different users, so neither sees the other's rows.
+struct SetRoles<'a> {
+    cluster: &'a str,
+    users: &'a [&'a str],
+    roles: &'a [&'a str],
+}
+
+impl QueryFragment<Pg> for SetRoles<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH removed AS (\n    DELETE FROM user_clusters\n     WHERE cluster_id = ");
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(" AND role <> 'owner' AND user_id <> ALL(");
+        out.push_bind_param::<Array<Text>, _>(&self.users)?;
+        out.push_sql("))\nINSERT INTO user_clusters (user_id, cluster_id, role)\nSELECT listed.user_id, ");
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(", listed.role FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.users)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.roles)?;
+        out.push_sql(
+            ") AS listed (user_id, role)\nON CONFLICT (user_id, cluster_id) DO UPDATE SET role = excluded.role\n \
+             WHERE user_clusters.role <> 'owner'",
+        );
+        Ok(())
+    }
+}
+
+impl QueryId for SetRoles<'_> {
+    type QueryId = SetRoles<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl RunQueryDsl<PgConnection> for SetRoles<'_> {}
+
 /// Makes the cluster's non-owner memberships exactly `desired` (the owner,
 /// if listed, keeps ownership). Runs under the cluster lock.
 fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, Role>) -> Result<(), Failure> {
@@ -865,34 +917,7 @@ fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, 
         let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.iter().any(|f| f == user)).collect();
         return Err(StoreError::not_found("user", missing.join(", ")).into());
     }
-    diesel::delete(
-        user_clusters::table
-            .filter(user_clusters::cluster_id.eq(cluster))
-            .filter(user_clusters::role.ne(Role::Owner.as_str()))
-            .filter(user_clusters::user_id.ne_all(&listed)),
-    )
-    .execute(conn)?;
-    if desired.is_empty() {
-        return Ok(());
-    }
-    let rows: Vec<_> = desired
-        .iter()
-        .map(|(user, role)| {
-            (
-                user_clusters::user_id.eq(user.as_str()),
-                user_clusters::cluster_id.eq(cluster),
-                user_clusters::role.eq(role.as_str()),
-            )
-        })
-        .collect();
-    // The owner keeps ownership even when listed under another role.
-    let upsert = diesel::insert_into(user_clusters::table)
-        .values(&rows)
-        .on_conflict((user_clusters::user_id, user_clusters::cluster_id))
-        .do_update()
-        .set(user_clusters::role.eq(diesel::upsert::excluded(user_clusters::role)));
-    // `ON CONFLICT ... DO UPDATE ... WHERE`: diesel's filter on an upsert.
-    diesel::query_dsl::methods::FilterDsl::filter(upsert, user_clusters::role.ne(Role::Owner.as_str()))
-        .execute(conn)?;
+    let roles: Vec<&str> = desired.values().map(|role| role.as_str()).collect();
+    SetRoles { cluster, users: &listed, roles: &roles }.execute(conn)?;
     Ok(())
 }
