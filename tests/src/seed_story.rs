@@ -13,8 +13,8 @@
 //! statement reaching the wrong client gives exactly such wrong answers.
 
 use dployr_data::{
-    BootstrapTokenStore as _, ClusterStore as _, DataLayer, Email, InstanceStore as _, NewInstance, NewUser,
-    OAuthState, OtpCode, Page, Provider, Role, SessionId, StoreError, UserStore as _,
+    Address, BootstrapTokenStore as _, ClusterStore as _, DataLayer, Email, InstanceStore as _, NewInstance, NewUser,
+    Nonce, OAuthState, OtpCode, Page, Provider, Role, SessionId, StoreError, Tag, UserStore as _,
 };
 
 /// What went wrong in one run.
@@ -73,9 +73,13 @@ pub fn run(data: &DataLayer, unique: &str, otp_max_attempts: u32) -> Result<(), 
 
     let instance = data.instances().create(
         &cluster.id,
-        NewInstance { address: format!("host-{unique}.internal"), tag: format!("web-{unique}"), metadata: None },
+        NewInstance {
+            address: Address::parse(&format!("host-{unique}.internal"))?,
+            tag: Tag::parse(&format!("web-{unique}"))?,
+            metadata: None,
+        },
     )?;
-    let nonce = format!("nonce-{unique}");
+    let nonce = Nonce::parse(&format!("nonce-{unique}"))?;
     data.bootstrap_tokens().create(&instance.id, &nonce)?;
     check(!data.bootstrap_tokens().is_used(&nonce)?, || "a new token is used already".into())?;
     check(data.bootstrap_tokens().mark_used(&nonce)?, || "a new token could not be used".into())?;

@@ -6,6 +6,8 @@
 //! Invariants checked (each sample is one statement, so one snapshot):
 //! - every live cluster has exactly one owner;
 //! - no membership names a missing user or cluster;
+//! - every listing's total (members, invites, instances), as pages report
+//!   it, equals a `count(*)` of its rows;
 //! - a bootstrap token's `mark_used` returns `true` at most once, and a
 //!   token it returned `true` for stays used.
 //!
@@ -28,8 +30,9 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use dployr_domain::{
-    BootstrapTokenStore, ClusterId, ClusterPatch, ClusterStore, Email, GitHubIntegration, InstanceId, InstanceStore,
-    Metadata, NewInstance, NewUser, Page, Provider, Role, StoreError, UserId, UserPatch, UserStore,
+    BootstrapTokenStore, ClusterId, ClusterName, ClusterPatch, ClusterStore, Email, GitHubIntegration, InstanceId,
+    InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Provider, Role, StoreError, UserId, UserPatch,
+    UserStore,
 };
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig};
 use rand::rngs::StdRng;
@@ -255,7 +258,7 @@ impl World {
             }),
             8..=10 => self.call("users.update", || {
                 let patch = UserPatch {
-                    name: Some(format!("name {}", rng.random_range(0..100))),
+                    name: Some(format!("name {}", rng.random_range(0..100)).try_into()?),
                     provider: rng.random_bool(0.3).then_some(Provider::Email),
                     metadata: Some(Self::metadata(rng)),
                     ..UserPatch::default()
@@ -276,7 +279,10 @@ impl World {
                     }
                 }
                 let patch = ClusterPatch {
-                    name: rng.random_bool(0.2).then(|| format!("cluster {}", rng.random_range(0..100))),
+                    name: rng
+                        .random_bool(0.2)
+                        .then(|| ClusterName::try_from(format!("cluster {}", rng.random_range(0..100))))
+                        .transpose()?,
                     metadata: rng.random_bool(0.2).then(|| Self::metadata(rng)),
                     roles: Some(roles),
                 };
@@ -326,8 +332,8 @@ impl World {
             73..=76 => self.call("instances.create", || {
                 let n = rng.random_range(0..40);
                 let new = NewInstance {
-                    address: format!("10.0.0.{n}"),
-                    tag: format!("web-{}", rng.random_range(0..40)),
+                    address: format!("10.0.0.{n}").try_into()?,
+                    tag: format!("web-{}", rng.random_range(0..40)).try_into()?,
                     metadata: Some(Self::metadata(rng)),
                 };
                 let instance = self.instances.create(&cluster, new)?;
@@ -345,20 +351,20 @@ impl World {
             81..=83 => self.call("bootstrap_tokens.create", || {
                 let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
                 let nonce = format!("nonce-{}", self.next_nonce.fetch_add(1, Ordering::Relaxed));
-                self.tokens.create(&instance, &nonce)?;
+                self.tokens.create(&instance, &Nonce::parse(&nonce)?)?;
                 remember(&self.nonces, nonce);
                 Ok(())
             }),
             84..=88 => self.call("bootstrap_tokens.mark_used", || {
                 let Some(nonce) = pick(rng, &self.nonces) else { return Ok(()) };
-                if self.tokens.mark_used(&nonce)? {
+                if self.tokens.mark_used(&Nonce::parse(&nonce)?)? {
                     *self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(nonce).or_default() += 1;
                 }
                 Ok(())
             }),
             89..=90 => self.call("bootstrap_tokens.is_used", || {
                 let Some(nonce) = pick(rng, &self.nonces) else { return Ok(()) };
-                self.tokens.is_used(&nonce).map(drop)
+                self.tokens.is_used(&Nonce::parse(&nonce)?).map(drop)
             }),
             91..=93 => self.call("clusters.get", || self.clusters.get(&cluster).map(drop)),
             94..=95 => self.call("clusters.members", || self.clusters.members(&cluster, &Page::first(20)).map(drop)),
@@ -384,13 +390,17 @@ impl World {
 }
 
 /// One checker sample: clusters whose owner count is not one (with the
-/// count), and memberships of a missing user or cluster.
+/// count), memberships of a missing user or cluster, and clusters whose
+/// listing totals (`cluster_counts`, what every page reports) differ from a
+/// `count(*)` of the rows.
 #[derive(QueryableByName)]
 struct Sample {
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
     bad_owners: Option<String>,
     #[diesel(sql_type = BigInt)]
     orphans: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    bad_totals: Option<String>,
 }
 
 const SAMPLE: &str = "SELECT
@@ -400,7 +410,16 @@ const SAMPLE: &str = "SELECT
       WHERE n <> 1) AS bad_owners,
     (SELECT count(*) FROM user_clusters m
       WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = m.user_id)
-         OR NOT EXISTS (SELECT 1 FROM clusters c WHERE c.id = m.cluster_id)) AS orphans";
+         OR NOT EXISTS (SELECT 1 FROM clusters c WHERE c.id = m.cluster_id)) AS orphans,
+    (SELECT string_agg(format('%s counts %s/%s/%s members/invites/instances, has %s/%s/%s',
+                              c.id, t.members, t.invites, t.instances, r.members, r.invites, r.instances), ', ')
+       FROM clusters c
+       LEFT JOIN cluster_counts t ON t.cluster_id = c.id
+       CROSS JOIN LATERAL (
+           SELECT (SELECT count(*) FROM user_clusters m WHERE m.cluster_id = c.id AND m.role <> 'invited') AS members,
+                  (SELECT count(*) FROM user_clusters m WHERE m.cluster_id = c.id AND m.role = 'invited') AS invites,
+                  (SELECT count(*) FROM instances i WHERE i.cluster_id = c.id) AS instances) r
+      WHERE (t.members, t.invites, t.instances) IS DISTINCT FROM (r.members, r.invites, r.instances)) AS bad_totals";
 
 /// Runs the workload against the migrated database at `database_url`.
 ///
@@ -451,6 +470,9 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
                 if sample.orphans > 0 {
                     seen.push(format!("{when}: {} memberships of a missing user or cluster", sample.orphans));
                 }
+                if let Some(bad) = sample.bad_totals {
+                    seen.push(format!("{when}: listing totals: {bad}"));
+                }
                 count += seen.len() as u64;
                 violations.extend(seen.into_iter().take(20usize.saturating_sub(violations.len())));
             };
@@ -488,7 +510,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     let (mut conn, (samples, mut violation_count, mut violations)) = checker.join().expect("the checker finishes");
     // A last sample once everything is still, and the token rule.
     let last: Sample = diesel::sql_query(SAMPLE).get_result(&mut conn).expect("the final sample");
-    if let Some(bad) = last.bad_owners {
+    for bad in [last.bad_owners, last.bad_totals].into_iter().flatten() {
         violation_count += 1;
         violations.push(format!("at the end: {bad}"));
     }
@@ -502,7 +524,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     for nonce in used.keys() {
         // A used token stays used (an unknown nonce, after its instance
         // was deleted, counts as used too).
-        if !matches!(world.tokens.is_used(nonce), Ok(true)) {
+        if !matches!(Nonce::parse(nonce).and_then(|nonce| world.tokens.is_used(&nonce)), Ok(true)) {
             violation_count += 1;
             violations.push(format!("{nonce} was marked used, then is_used said otherwise"));
         }

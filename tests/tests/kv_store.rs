@@ -232,6 +232,7 @@ fn otp_guess_is_counted_before_the_code_is_read() {
     // With the counter down, no guess reaches the code: the mock has no
     // expectation for get or take, so reading it would panic.
     let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_limits().returning(dployr_domain::KvLimits::default);
     kv.expect_increment()
         .times(1)
         .returning(|_, _| Err(dployr_domain::StoreError::Unavailable { reason: "down".into(), source: None }));
@@ -243,6 +244,7 @@ fn otp_guess_is_counted_before_the_code_is_read() {
 #[test]
 fn otp_guess_past_the_limit_is_refused_unseen() {
     let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_limits().returning(dployr_domain::KvLimits::default);
     kv.expect_increment().times(1).returning(|_, _| Ok(4));
     let store = KvStore::new(Arc::new(kv));
     assert!(!store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123")).unwrap());
@@ -416,4 +418,25 @@ fn cloudflare_requests_per_step_are_those_in_the_operations_guide() {
     }
     // (OAuth sign-in, session read, OTP sign-in, a wrong OTP guess, sign-out)
     assert_eq!(measured, [(1, 1, 1, 0, 1), (4, 1, 8, 3, 1)]);
+}
+
+/// A session written under an older e-mail rule (here `a@b`, which today's
+/// `Email::parse` refuses) still reads back until it expires.
+#[test]
+fn a_session_with_an_address_of_an_older_rule_still_reads_back() {
+    use std::sync::Arc;
+
+    use dployr_domain::KvBackend as _;
+    use dployr_kv::{KvStore, MemoryKv, SessionId};
+
+    let kv = Arc::new(MemoryKv::new());
+    let store = KvStore::new(kv.clone());
+    let id = SessionId::generate();
+    let session = store.create_session(&id, &dployr_tests::kv_contract::sample_user(1), Vec::new()).unwrap();
+    let key = kv.list("session:", 10, None).unwrap().keys.remove(0);
+    let mut stored: serde_json::Value = serde_json::from_slice(&kv.get(&key).unwrap().unwrap()).unwrap();
+    stored["email"] = "old@rule".into();
+    kv.put(&key, &serde_json::to_vec(&stored).unwrap(), None).unwrap();
+    let read = store.get_session(&id).unwrap().unwrap();
+    assert_eq!((read.user_id, read.email.as_str()), (session.user_id, "old@rule"));
 }

@@ -46,12 +46,15 @@ fn story(data: &DataLayer) {
     // An instance and its bootstrap token, used once.
     let instance = data
         .instances()
-        .create(&cluster.id, NewInstance { address: "10.0.0.7".into(), tag: "web-1".into(), metadata: None })
+        .create(
+            &cluster.id,
+            NewInstance { address: "10.0.0.7".try_into().unwrap(), tag: "web-1".try_into().unwrap(), metadata: None },
+        )
         .unwrap();
-    data.bootstrap_tokens().create(&instance.id, "nonce-7f3a").unwrap();
-    assert!(!data.bootstrap_tokens().is_used("nonce-7f3a").unwrap());
-    assert!(data.bootstrap_tokens().mark_used("nonce-7f3a").unwrap());
-    assert!(!data.bootstrap_tokens().mark_used("nonce-7f3a").unwrap());
+    data.bootstrap_tokens().create(&instance.id, &"nonce-7f3a".try_into().unwrap()).unwrap();
+    assert!(!data.bootstrap_tokens().is_used(&"nonce-7f3a".try_into().unwrap()).unwrap());
+    assert!(data.bootstrap_tokens().mark_used(&"nonce-7f3a".try_into().unwrap()).unwrap());
+    assert!(!data.bootstrap_tokens().mark_used(&"nonce-7f3a".try_into().unwrap()).unwrap());
 
     // A session, read back with the clusters it carries.
     let session_id = SessionId::generate();

@@ -135,10 +135,14 @@ pub fn run(kv: DemoKv) -> Result<(), Failure> {
     step("register an instance and use its bootstrap token once");
     let instance = data.instances().create(
         &cluster.id,
-        NewInstance { address: format!("10.0.0.7{suffix}"), tag: format!("web-1{suffix}"), metadata: None },
+        NewInstance {
+            address: format!("10.0.0.7{suffix}").try_into()?,
+            tag: format!("web-1{suffix}").try_into()?,
+            metadata: None,
+        },
     )?;
     println!("   instances.create -> {} tag {} at {}", instance.id, instance.tag, instance.address);
-    let nonce = format!("nonce-7f3a{suffix}");
+    let nonce: dployr_data::Nonce = format!("nonce-7f3a{suffix}").try_into()?;
     data.bootstrap_tokens().create(&instance.id, &nonce)?;
     println!("   bootstrap_tokens.create -> issued; is_used: {}", data.bootstrap_tokens().is_used(&nonce)?);
     println!("   bootstrap_tokens.mark_used -> {} (first use)", data.bootstrap_tokens().mark_used(&nonce)?);

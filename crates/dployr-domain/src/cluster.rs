@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{ClusterId, Email, Integrations, Metadata, Page, Paged, Role, StoreResult, UserId};
+use crate::{ClusterId, ClusterName, Email, Integrations, Metadata, Page, Paged, Role, StoreResult, UserId};
 
 /// The most bytes a cluster name may have.
 pub const MAX_CLUSTER_NAME_BYTES: usize = 1024;
@@ -62,7 +62,7 @@ impl Cluster {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ClusterPatch {
     /// New name.
-    pub name: Option<String>,
+    pub name: Option<ClusterName>,
     /// Merged into the stored metadata (top-level keys replace).
     pub metadata: Option<Metadata>,
     /// The desired non-owner membership: role -> users. A user listed under

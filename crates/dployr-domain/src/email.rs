@@ -1,49 +1,94 @@
-//! `Email`: an e-mail address as the data layer stores it, trimmed and
-//! lower-cased, so `A@x.io` and `a@x.io` are one user, and checked once at
-//! the edge instead of in every store.
+//! `Email`: an e-mail address as the data layer stores it, so that one
+//! person is one address: `A@x.io` and `a@x.io`, `café@x.io` spelt with a
+//! precomposed or a combining accent, `user@bücher.de` and
+//! `user@xn--bcher-kva.de`, `dot@x.io.` and `dot@x.io` are each one user,
+//! and an address with invisible characters (`admin\u{200b}@x.io`) or a
+//! bidi override is refused rather than stored as a look-alike. It is
+//! checked once at the edge (sign-in, invitations, one-time codes) instead
+//! of in every store. The rule and its reasons are in `docs/EMAIL.md`.
 
 use std::fmt;
 use std::str::FromStr;
 
+use icu_normalizer::ComposingNormalizerBorrowed;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::StoreError;
+use crate::text::{identifier_refuses, is_mark, nfc};
 
 /// The most bytes an address may have (RFC 5321's path limit).
 pub const MAX_EMAIL_BYTES: usize = 254;
 
-/// A normalised e-mail address: trimmed, lower-cased, at most 254 bytes,
-/// exactly one `@` with text on both sides, no whitespace or control
-/// characters.
+/// The most bytes of the part before the `@` (RFC 5321 §4.5.3.1.1).
+pub const MAX_LOCAL_PART_BYTES: usize = 64;
+
+/// ASCII characters a local part may hold besides letters and digits: RFC
+/// 5322's `atext` and the dot of a dot-atom. Quoted local parts
+/// (`"john doe"@x.io`) are not accepted.
+const LOCAL_PART_ASCII_SYMBOLS: &str = "!#$%&'*+-/=?^_`{|}~.";
+
+/// A normalised e-mail address: the identity of a user.
+///
+/// The rule, applied by [`Email::parse`] in this order:
+///
+/// 1. Surrounding whitespace is trimmed; the text is brought to Unicode NFC,
+///    lower-cased, and brought to NFC again (lower-casing can undo it). NFC
+///    makes canonically equivalent spellings one address (`é` precomposed
+///    or as `e` + U+0301; the Kelvin sign U+212A is `K`), which is what RFC
+///    6532 asks of senders. NFKC is *not* applied: it would merge addresses
+///    that mail servers deliver to different mailboxes (`ﬁx` and `fix`), so
+///    one person could sign in as another; instead a local part that NFKC
+///    would change (full-width letters, ligatures, superscripts) is refused.
+/// 2. No whitespace, control, format (`Cf`: zero-width characters, bidi
+///    overrides and isolates, byte-order mark) or other default-ignorable
+///    character anywhere: they make an address look like another one.
+/// 3. Exactly one `@`. The local part: 1 to 64 bytes, a dot-atom (no dot
+///    first, last or twice in a row; ASCII limited to letters, digits and
+///    `!#$%&'*+-/=?^_`{|}~`), not starting with a combining mark.
+///    `+tags` are kept: providers differ on what they mean.
+/// 4. The domain: one trailing dot (the DNS root) is removed; it is mapped
+///    by IDNA (UTS 46, non-transitional, STD3 rules) to its ASCII form, so
+///    `bücher.de` is stored as `xn--bcher-kva.de`; it must then be a host
+///    name of at least two labels, each 1 to 63 bytes, letters, digits and
+///    inner hyphens, the last not all digits (no IP addresses).
+/// 5. At most 254 bytes in all.
+///
+/// The stored form is a fixed point: parsing it again gives it back.
 ///
 /// ```
 /// use dployr_domain::Email;
 /// let email = Email::parse("  Ada@Example.IO ").unwrap();
 /// assert_eq!(email.as_str(), "ada@example.io");
 /// assert_eq!(email.local_part(), "ada");
+/// assert_eq!(Email::parse("user@Bücher.de.").unwrap().as_str(), "user@xn--bcher-kva.de");
+/// assert_eq!(Email::parse("cafe\u{301}@x.io").unwrap(), Email::parse("caf\u{e9}@x.io").unwrap());
+/// assert!(Email::parse("admin\u{200b}@x.io").is_err());
 /// assert!(Email::parse("no-at-sign").is_err());
-/// assert!(Email::parse("a@b@c").is_err());
+/// assert!(Email::parse("a@b@c.io").is_err());
+/// assert!(Email::parse("a@b").is_err());
 /// ```
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct Email(String);
 
 impl Email {
-    /// Normalises and checks `text`.
+    /// Normalises and checks `text` (see [`Email`] for the rule).
     ///
     /// # Errors
     /// [`StoreError::Invalid`] (field `email`) saying what is wrong.
     pub fn parse(text: &str) -> Result<Self, StoreError> {
-        let email = text.trim().to_lowercase();
         let invalid = |reason: &'static str| StoreError::invalid("email", reason);
-        if email.is_empty() {
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
             return Err(invalid("is empty"));
         }
-        if email.len() > MAX_EMAIL_BYTES {
+        // Bound the work before normalising: nothing this long can pass.
+        if trimmed.len() > 4 * MAX_EMAIL_BYTES {
             return Err(invalid("is longer than 254 bytes"));
         }
-        if email.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(invalid("contains whitespace or a control character"));
+        let email = nfc(&nfc(trimmed).to_lowercase()).into_owned();
+        if let Some(reason) = email.chars().find_map(identifier_refuses) {
+            return Err(invalid(reason));
         }
         let Some((local, domain)) = email.split_once('@') else {
             return Err(invalid("has no @"));
@@ -51,10 +96,22 @@ impl Email {
         if domain.contains('@') {
             return Err(invalid("has more than one @"));
         }
-        if local.is_empty() || domain.is_empty() {
-            return Err(invalid("needs text before and after the @"));
+        check_local_part(local)?;
+        let domain = ascii_domain(domain)?;
+        let email = format!("{local}@{domain}");
+        if email.len() > MAX_EMAIL_BYTES {
+            return Err(invalid("is longer than 254 bytes"));
         }
         Ok(Self(email))
+    }
+
+    /// An address read back from the database, which only stores addresses
+    /// normalised when they were written. It is not checked again: an
+    /// address stored under an older rule must still be readable (a member
+    /// listing must not fail because of one old row), even if it could not
+    /// be signed in with today.
+    pub fn from_stored(stored: String) -> Self {
+        Self(stored)
     }
 
     /// The address.
@@ -66,6 +123,56 @@ impl Email {
     pub fn local_part(&self) -> &str {
         self.0.split_once('@').map_or(self.0.as_str(), |(local, _)| local)
     }
+
+    /// The domain, in its ASCII (IDNA) form.
+    pub fn domain(&self) -> &str {
+        self.0.split_once('@').map_or("", |(_, domain)| domain)
+    }
+}
+
+fn check_local_part(local: &str) -> Result<(), StoreError> {
+    let invalid = |reason: &'static str| StoreError::invalid("email", reason);
+    if local.is_empty() {
+        return Err(invalid("needs text before the @"));
+    }
+    if local.len() > MAX_LOCAL_PART_BYTES {
+        return Err(invalid("has more than 64 bytes before the @"));
+    }
+    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+        return Err(invalid("has a dot first, last or twice in a row before the @"));
+    }
+    if local.chars().any(|c| c.is_ascii() && !c.is_ascii_alphanumeric() && !LOCAL_PART_ASCII_SYMBOLS.contains(c)) {
+        return Err(invalid("has a character before the @ that needs quoting"));
+    }
+    if local.starts_with(is_mark) {
+        return Err(invalid("starts with a combining mark"));
+    }
+    if !ComposingNormalizerBorrowed::new_nfkc().is_normalized(local) {
+        return Err(invalid("has a compatibility character (full-width letter, ligature, ...) before the @"));
+    }
+    Ok(())
+}
+
+/// The domain in its ASCII form, checked as a host name.
+fn ascii_domain(domain: &str) -> Result<String, StoreError> {
+    let invalid = |reason: &'static str| StoreError::invalid("email", reason);
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    if domain.is_empty() {
+        return Err(invalid("needs a domain after the @"));
+    }
+    let ascii =
+        idna::domain_to_ascii_strict(domain).map_err(|_| invalid("has a domain that is not a valid host name"))?;
+    let labels: Vec<&str> = ascii.split('.').collect();
+    if labels.len() < 2 {
+        return Err(invalid("has a domain of one label; a host name needs at least two"));
+    }
+    if labels.iter().any(|label| label.is_empty() || label.len() > 63) {
+        return Err(invalid("has a domain label that is empty or longer than 63 bytes"));
+    }
+    if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(invalid("has an IP address or a numeric top-level domain"));
+    }
+    Ok(ascii)
 }
 
 impl fmt::Display for Email {
@@ -98,5 +205,88 @@ impl<'de> Deserialize<'de> for Email {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Option<String> {
+        Email::parse(text).ok().map(|email| email.as_str().to_owned())
+    }
+
+    /// Each row: spellings that must be one user, and the stored form.
+    #[test]
+    fn spellings_of_one_address_are_one_user() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["A@x.io", "a@x.io", " a@X.IO\t"], "a@x.io"),
+            (&["caf\u{e9}@x.io", "cafe\u{301}@x.io", "CAF\u{c9}@x.io"], "caf\u{e9}@x.io"),
+            (&["user@b\u{fc}cher.de", "user@xn--bcher-kva.de", "user@B\u{dc}CHER.DE"], "user@xn--bcher-kva.de"),
+            (&["dot@x.io.", "dot@x.io"], "dot@x.io"),
+            (&["\u{212a}im@x.io", "kim@x.io", "Kim@x.io"], "kim@x.io"),
+            (&["user@\u{ff58}.io"], "user@x.io"),
+        ];
+        for (spellings, stored) in cases {
+            for spelling in *spellings {
+                assert_eq!(parse(spelling).as_deref(), Some(*stored), "{spelling:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn plus_tags_stay_distinct_users() {
+        assert_ne!(parse("ada+work@x.io"), parse("ada@x.io"));
+        assert_eq!(parse("ada+work@x.io").as_deref(), Some("ada+work@x.io"));
+    }
+
+    #[test]
+    fn invisible_degenerate_and_oversized_addresses_are_refused() {
+        let long_label = "l".repeat(64);
+        let cases = [
+            "admin\u{200b}@x.io".to_owned(),
+            "\u{202e}nimda@x.io".to_owned(),
+            "ad\u{feff}min@x.io".to_owned(),
+            "admin@x\u{200d}.io".to_owned(),
+            format!("{}@x.io", "a".repeat(65)),
+            format!("a@{long_label}.io"),
+            "a@b".to_owned(),
+            ".@.".to_owned(),
+            "do..uble@x.io".to_owned(),
+            ".dot@x.io".to_owned(),
+            "dot.@x.io".to_owned(),
+            "dot@x.io..".to_owned(),
+            "a@127.0.0.1".to_owned(),
+            "a@[127.0.0.1]".to_owned(),
+            "\"john doe\"@x.io".to_owned(),
+            "\u{301}@x.io".to_owned(),
+            "\u{fb01}x@x.io".to_owned(),
+            "a@-x.io".to_owned(),
+            "a@x_y.io".to_owned(),
+            "a@@x.io".to_owned(),
+        ];
+        for case in &cases {
+            assert_eq!(parse(case), None, "{case:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn limits_hold_exactly_at_their_boundary() {
+        assert!(parse(&format!("{}@x.io", "a".repeat(64))).is_some());
+        assert!(parse(&format!("a@{}.io", "l".repeat(63))).is_some());
+        let label = "l".repeat(63);
+        // 1 + 1 + 63*3 + 3 dots + 57 + ... = a domain of 252 bytes: a@ + 252 = 254.
+        let domain = format!("{label}.{label}.{label}.{}", "m".repeat(252 - 3 * 64));
+        assert_eq!(domain.len(), 252);
+        assert!(parse(&format!("a@{domain}")).is_some());
+        assert!(parse(&format!("ab@{domain}")).is_none());
+    }
+
+    #[test]
+    fn the_stored_form_parses_to_itself() {
+        for spelling in ["caf\u{e9}@x.io", "user@b\u{fc}cher.de", "Ab+c@Sub.Example.COM.", "\u{3b1}\u{3c3}@x.gr"] {
+            let once = parse(spelling).unwrap();
+            assert_eq!(parse(&once), Some(once.clone()));
+        }
     }
 }

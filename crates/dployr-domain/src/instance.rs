@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{ClusterId, InstanceId, Metadata, Page, Paged, StoreResult};
+use crate::{Address, ClusterId, InstanceId, Metadata, Nonce, Page, Paged, StoreResult, Tag};
 
 /// The most bytes an instance address may have.
 pub const MAX_ADDRESS_BYTES: usize = 1024;
@@ -33,10 +33,10 @@ pub struct Instance {
 /// The input of [`InstanceStore::create`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewInstance {
-    /// Where it is reached; unique, not empty.
-    pub address: String,
-    /// Its short name; unique, not empty.
-    pub tag: String,
+    /// Where it is reached; unique.
+    pub address: Address,
+    /// Its short name; unique.
+    pub tag: Tag,
     /// Free-form data.
     pub metadata: Option<Metadata>,
 }
@@ -48,14 +48,15 @@ pub trait InstanceStore: Send + Sync {
     ///
     /// # Errors
     /// `Conflict` naming `address` or `tag` when one is taken; `NotFound`
-    /// for an unknown cluster; `Invalid` for an empty or oversized field.
+    /// for an unknown cluster. (Bad text cannot reach it: [`Address`] and
+    /// [`Tag`] are checked when they are made.)
     fn create(&self, cluster: &ClusterId, instance: NewInstance) -> StoreResult<Instance>;
 
     /// The instance with this id.
     fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>>;
 
     /// The instance with this tag.
-    fn get_by_tag(&self, tag: &str) -> StoreResult<Option<Instance>>;
+    fn get_by_tag(&self, tag: &Tag) -> StoreResult<Option<Instance>>;
 
     /// Replaces the metadata; `None` for an unknown instance.
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>>;
@@ -87,21 +88,14 @@ pub trait BootstrapTokenStore: Send + Sync {
     ///
     /// # Errors
     /// `Conflict` (field `nonce`) for a nonce already issued; `NotFound` for
-    /// an unknown instance; `Invalid` for an empty or oversized nonce or one
-    /// with a control character.
-    fn create(&self, instance: &InstanceId, nonce: &str) -> StoreResult<BootstrapToken>;
+    /// an unknown instance.
+    fn create(&self, instance: &InstanceId, nonce: &Nonce) -> StoreResult<BootstrapToken>;
 
     /// Marks the token used: `true` for exactly one caller per nonce, also
     /// under concurrency; `false` if it was used already or does not exist.
-    ///
-    /// # Errors
-    /// `Invalid` (field `nonce`) for a nonce no token can have: empty, over
-    /// 255 bytes, or holding a control character.
-    fn mark_used(&self, nonce: &str) -> StoreResult<bool>;
+    /// A nonce no token can have is refused when the [`Nonce`] is made.
+    fn mark_used(&self, nonce: &Nonce) -> StoreResult<bool>;
 
     /// Whether the token was used; an unknown nonce counts as used.
-    ///
-    /// # Errors
-    /// `Invalid` (field `nonce`) as for [`BootstrapTokenStore::mark_used`].
-    fn is_used(&self, nonce: &str) -> StoreResult<bool>;
+    fn is_used(&self, nonce: &Nonce) -> StoreResult<bool>;
 }

@@ -28,6 +28,9 @@ pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
 /// some backends overflow, and nothing in dployr lives that long).
 pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
+/// Longest [`KvBackend::list`] cursor accepted, in bytes.
+pub const MAX_CURSOR_BYTES: usize = 4096;
+
 /// One page of keys from [`KvBackend::list`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KvPage {
@@ -57,6 +60,10 @@ pub struct KvLimits {
     /// Whether [`KvBackend::take`] and [`KvBackend::increment`] are atomic:
     /// `true` on memory and PostgreSQL, `false` on Cloudflare (read then write).
     pub atomic: bool,
+    /// Whether a read always sees the last write that returned (true on
+    /// memory and PostgreSQL; false on Cloudflare, whose reads may be up to
+    /// 60 s stale).
+    pub read_your_writes: bool,
 }
 
 impl KvLimits {
@@ -89,6 +96,57 @@ impl KvLimits {
         }
         if key.contains('\0') {
             return Err(StoreError::invalid("key", "must not contain a NUL byte"));
+        }
+        Ok(())
+    }
+
+    /// Refuses a [`KvBackend::list`] prefix no key can start with: longer
+    /// than [`max_key_bytes`](Self::max_key_bytes) or holding a NUL byte,
+    /// which [`check_key`](Self::check_key) refuses in every key (and which
+    /// PostgreSQL cannot even receive in text). An empty prefix lists all.
+    ///
+    /// ```
+    /// use dployr_domain::{KvLimits, StoreError};
+    /// let limits = KvLimits::default();
+    /// assert!(limits.check_prefix("").is_ok());
+    /// assert!(matches!(limits.check_prefix("a\0"), Err(StoreError::Invalid { field: "prefix", .. })));
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `prefix`.
+    pub fn check_prefix(&self, prefix: &str) -> StoreResult<()> {
+        if prefix.len() > self.max_key_bytes {
+            return Err(StoreError::invalid(
+                "prefix",
+                format!("is {} bytes long; no key is longer than {}", prefix.len(), self.max_key_bytes),
+            ));
+        }
+        if prefix.contains('\0') {
+            return Err(StoreError::invalid("prefix", "must not contain a NUL byte"));
+        }
+        Ok(())
+    }
+
+    /// Refuses a [`KvBackend::list`] cursor no page can have handed out:
+    /// one holding a NUL byte (memory and PostgreSQL cursors are keys,
+    /// Cloudflare's are base64), or longer than 4 KiB.
+    ///
+    /// ```
+    /// use dployr_domain::{KvLimits, StoreError};
+    /// let limits = KvLimits::default();
+    /// assert!(limits.check_cursor(Some("page/09")).is_ok());
+    /// assert!(matches!(limits.check_cursor(Some("\0")), Err(StoreError::Invalid { field: "cursor", .. })));
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `cursor`.
+    pub fn check_cursor(&self, cursor: Option<&str>) -> StoreResult<()> {
+        let Some(cursor) = cursor else { return Ok(()) };
+        if cursor.len() > MAX_CURSOR_BYTES {
+            return Err(StoreError::invalid("cursor", format!("is longer than {MAX_CURSOR_BYTES} bytes")));
+        }
+        if cursor.contains('\0') {
+            return Err(StoreError::invalid("cursor", "must not contain a NUL byte"));
         }
         Ok(())
     }
@@ -154,7 +212,7 @@ impl KvLimits {
 
 impl Default for KvLimits {
     /// The limits of a backend that can do everything: 1 ms TTLs, lists of
-    /// 1 to 1000 keys, atomic take and counter.
+    /// 1 to 1000 keys, atomic take and counter, reads that see every write.
     fn default() -> Self {
         Self {
             min_ttl: Duration::from_millis(1),
@@ -164,6 +222,7 @@ impl Default for KvLimits {
             min_list_limit: 1,
             max_list_limit: 1000,
             atomic: true,
+            read_your_writes: true,
         }
     }
 }
@@ -204,7 +263,9 @@ pub trait KvBackend: Send + Sync {
     /// order, from `cursor` (a cursor returned by the previous page) on.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] for a limit outside the backend's range; backend errors.
+    /// [`StoreError::Invalid`] for a limit outside the backend's range, or a
+    /// prefix or cursor that [`KvLimits::check_prefix`] or
+    /// [`KvLimits::check_cursor`] refuses; backend errors.
     #[expect(clippy::needless_lifetimes, reason = "mockall's automock needs the lifetime inside `Option<&str>` named")]
     fn list<'a>(&self, prefix: &str, limit: usize, cursor: Option<&'a str>) -> StoreResult<KvPage>;
 

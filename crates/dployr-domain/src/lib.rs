@@ -26,7 +26,7 @@ pub use cluster::{
     PendingInvite,
 };
 pub use connection::{ConnectFailure, ConnectFailureKind};
-pub use email::{Email, MAX_EMAIL_BYTES};
+pub use email::{Email, MAX_EMAIL_BYTES, MAX_LOCAL_PART_BYTES};
 pub use error::{BoxError, StoreError, StoreResult};
 pub use ids::{ClusterId, InstanceId, UserId};
 pub use instance::{
@@ -40,10 +40,14 @@ pub use integrations::{
 };
 #[cfg(feature = "mock")]
 pub use kv::MockKvBackend;
-pub use kv::{KvBackend, KvLimits, KvPage, MAX_KEY_BYTES, MAX_TTL, MAX_VALUE_BYTES, not_a_counter, parse_counter};
-pub use metadata::{MAX_METADATA_BYTES, Metadata};
+pub use kv::{
+    KvBackend, KvLimits, KvPage, MAX_CURSOR_BYTES, MAX_KEY_BYTES, MAX_TTL, MAX_VALUE_BYTES, not_a_counter,
+    parse_counter,
+};
+pub use metadata::{MAX_METADATA_BYTES, MAX_METADATA_DEPTH, Metadata};
 pub use page::{Cursor, MAX_PAGE_LIMIT, Page, PageStart, Paged};
 pub use role::{Provider, Role};
+pub use text::{Address, ClusterName, DisplayName, Nonce, Tag};
 #[cfg(feature = "mock")]
 pub use user::MockUserStore;
 pub use user::{MAX_USER_TEXT_BYTES, NewUser, User, UserPatch, UserStore};

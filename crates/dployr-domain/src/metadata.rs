@@ -1,7 +1,30 @@
 //! `Metadata`: the free-form JSON object on users, clusters and instances,
-//! checked before it reaches the database: an object (the schema refuses
-//! anything else), bounded in size, and free of NUL characters, which
-//! PostgreSQL's `jsonb` cannot store.
+//! checked before it reaches the database so that whatever a store accepts
+//! it can always read back, equal: an object (the schema refuses anything
+//! else), bounded in size and in depth, free of NUL characters (which
+//! PostgreSQL's `jsonb` cannot store), and holding only numbers that come
+//! back from `jsonb` as the same `serde_json::Value`.
+//!
+//! Depth: at most [`MAX_METADATA_DEPTH`] (64) levels of arrays and objects.
+//! serde_json, which diesel uses to read `jsonb`, stops at 128 levels; a
+//! value written deeper than that would be committed and then fail every
+//! read of its row (a user locked out of sign-in, a cluster whose instances
+//! cannot be listed). 64 leaves room for what the stores and their callers
+//! wrap around metadata (`{"gitHub": settings}`, a session, an API
+//! response) and is far beyond any real settings object.
+//!
+//! Numbers: `jsonb` keeps a number as PostgreSQL `numeric` and prints it back
+//! in plain decimal notation with the scale it was written with (`1e16`
+//! comes back as `10000000000000000`, `1.5e-7` as `0.00000015`). Integers
+//! that fit `i64` or `u64` always come back equal. A float is accepted when
+//! its plain decimal form, as PostgreSQL prints it, parses back to the same
+//! `serde_json::Number`; with serde_json's `float_roundtrip` (on in this
+//! workspace) that holds for every finite float except whole numbers that
+//! serde_json writes with an exponent and that fit an integer (`1e16` ..
+//! `1.8e19`): they come back as integers, a different `Value`, so they are
+//! refused with a hint to send the integer. Refusing rather than silently
+//! turning them into integers keeps "what is stored is what was sent".
+//! Non-finite numbers cannot be in a `serde_json::Value` at all.
 
 use std::fmt;
 
@@ -15,16 +38,24 @@ use crate::StoreError;
 /// of JSON text (a schema rule), so repeated sign-ins cannot grow it forever.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
-/// A JSON object of at most [`MAX_METADATA_BYTES`] bytes without NUL characters.
+/// The most levels of nested arrays and objects metadata may have, the
+/// top-level object counting as one (see the module documentation).
+pub const MAX_METADATA_DEPTH: usize = 64;
+
+/// A JSON object of at most [`MAX_METADATA_BYTES`] bytes and
+/// [`MAX_METADATA_DEPTH`] levels, without NUL characters, whose numbers read
+/// back from PostgreSQL unchanged (see the module documentation).
 ///
 /// ```
 /// use dployr_domain::Metadata;
 /// use serde_json::json;
 ///
-/// let metadata = Metadata::try_from(json!({"plan": "team"})).unwrap();
+/// let metadata = Metadata::try_from(json!({"plan": "team", "max": 1.7976931348623157e308})).unwrap();
 /// assert_eq!(metadata.get("plan"), Some(&json!("team")));
 /// assert!(Metadata::try_from(json!([1, 2])).is_err());
 /// assert!(Metadata::try_from(json!({"x": "a\u{0}b"})).is_err());
+/// assert!(Metadata::try_from(json!({"big": 1e16})).is_err()); // send 10000000000000000
+/// assert!("{\"a\": [[[1]]]}".parse::<Metadata>().is_ok());
 /// ```
 #[derive(Clone, PartialEq, Eq, Default, Serialize)]
 #[serde(transparent)]
@@ -39,8 +70,27 @@ impl Metadata {
     /// Checks an object.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] (field `metadata`) when it is too large or holds a NUL character.
+    /// [`StoreError::Invalid`] (field `metadata`) when it is too deep, too
+    /// large, holds a NUL character or a number that would not read back equal.
     pub fn from_map(map: Map<String, Value>) -> Result<Self, StoreError> {
+        // Depth first, by a walk that stops at the limit: everything after
+        // (NUL search, serialization) recurses, and a value can be nested
+        // deeper than a thread's stack allows.
+        if depth_exceeds(&map, MAX_METADATA_DEPTH) {
+            return Err(StoreError::invalid(
+                "metadata",
+                format!("is nested more than {MAX_METADATA_DEPTH} levels deep"),
+            ));
+        }
+        if let Some(number) = first_changing_number(&map) {
+            return Err(StoreError::invalid(
+                "metadata",
+                format!(
+                    "holds the number {number}, which PostgreSQL would give back as {}; send it as an integer",
+                    pg_numeric_text(&number.to_string()).unwrap_or_default()
+                ),
+            ));
+        }
         if contains_nul(&map) {
             return Err(StoreError::invalid("metadata", "contains a NUL character, which PostgreSQL cannot store"));
         }
@@ -89,6 +139,86 @@ impl Metadata {
     }
 }
 
+/// Whether `map` (one level) holds arrays or objects nested more than
+/// `levels` levels deep in all. Recursion is at most `levels` deep.
+fn depth_exceeds(map: &Map<String, Value>, levels: usize) -> bool {
+    fn value_exceeds(value: &Value, levels: usize) -> bool {
+        match value {
+            Value::Array(items) => levels == 0 || items.iter().any(|item| value_exceeds(item, levels - 1)),
+            Value::Object(map) => depth_exceeds(map, levels),
+            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => false,
+        }
+    }
+    levels == 0 || map.values().any(|value| value_exceeds(value, levels - 1))
+}
+
+/// The first number that would not read back from `jsonb` as an equal
+/// `Number`. Call after the depth check.
+fn first_changing_number(map: &Map<String, Value>) -> Option<&serde_json::Number> {
+    fn in_value(value: &Value) -> Option<&serde_json::Number> {
+        match value {
+            Value::Number(number) => (!reads_back_equal(number)).then_some(number),
+            Value::Array(items) => items.iter().find_map(in_value),
+            Value::Object(map) => first_changing_number(map),
+            Value::Null | Value::Bool(_) | Value::String(_) => None,
+        }
+    }
+    map.values().find_map(in_value)
+}
+
+/// Whether `number`, written as serde_json writes it, stored in `jsonb` and
+/// read back with serde_json, is an equal `Number`.
+fn reads_back_equal(number: &serde_json::Number) -> bool {
+    if number.is_i64() || number.is_u64() {
+        return true;
+    }
+    pg_numeric_text(&number.to_string())
+        .and_then(|text| serde_json::from_str::<serde_json::Number>(&text).ok())
+        .is_some_and(|back| back == *number)
+}
+
+/// How PostgreSQL prints the JSON number `text` after storing it as
+/// `numeric`: plain decimal notation, no exponent, as many digits after the
+/// point as the text had minus its exponent (at least none), no negative
+/// zero. `None` if `text` is not a JSON number.
+fn pg_numeric_text(text: &str) -> Option<String> {
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i64>().ok()?),
+        None => (unsigned, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() || !whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Bound the work: f64 exponents stay within a few hundred.
+    if exponent.unsigned_abs() > 10_000 {
+        return None;
+    }
+    let digits = format!("{whole}{fraction}");
+    let fraction_len = i64::try_from(fraction.len()).ok()?;
+    let scale = usize::try_from((fraction_len - exponent).max(0)).ok()?;
+    // The value is digits × 10^(exponent - fraction_len); print it with `scale` decimals.
+    let shift = exponent - fraction_len + i64::try_from(scale).ok()?;
+    let mut scaled = digits;
+    scaled.push_str(&"0".repeat(usize::try_from(shift.max(0)).ok()?));
+    if shift < 0 {
+        scaled.truncate(scaled.len().saturating_sub(usize::try_from(-shift).ok()?));
+    }
+    if scaled.len() <= scale {
+        scaled = format!("{}{scaled}", "0".repeat(scale + 1 - scaled.len()));
+    }
+    let (int_part, dec_part) = scaled.split_at(scaled.len() - scale);
+    let int_part = int_part.trim_start_matches('0');
+    let int_part = if int_part.is_empty() { "0" } else { int_part };
+    let is_zero = int_part == "0" && dec_part.bytes().all(|b| b == b'0');
+    let sign = if negative && !is_zero { "-" } else { "" };
+    Some(if scale == 0 { format!("{sign}{int_part}") } else { format!("{sign}{int_part}.{dec_part}") })
+}
+
 fn contains_nul(map: &Map<String, Value>) -> bool {
     fn value_has_nul(value: &Value) -> bool {
         match value {
@@ -123,6 +253,26 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
+/// Metadata from JSON text, such as a request body.
+///
+/// ```
+/// use dployr_domain::{Metadata, StoreError};
+/// let metadata: Metadata = r#"{"replicas": 3}"#.parse()?;
+/// assert_eq!(metadata.get("replicas"), Some(&serde_json::json!(3)));
+/// let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+/// assert!(matches!(format!("{{\"a\": {deep}}}").parse::<Metadata>(), Err(StoreError::Invalid { field: "metadata", .. })));
+/// # Ok::<(), StoreError>(())
+/// ```
+impl std::str::FromStr for Metadata {
+    type Err = StoreError;
+
+    fn from_str(text: &str) -> Result<Self, StoreError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| StoreError::invalid("metadata", format!("is not JSON this layer can store: {e}")))?;
+        Self::try_from(value)
+    }
+}
+
 impl fmt::Debug for Metadata {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.0, f)
@@ -132,5 +282,45 @@ impl fmt::Debug for Metadata {
 impl<'de> Deserialize<'de> for Metadata {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Self::try_from(Value::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_prints_numbers_in_plain_notation_with_their_scale() {
+        for (sent, printed) in [
+            ("1e16", "10000000000000000"),
+            ("1.5e-7", "0.00000015"),
+            ("1.25e1", "12.5"),
+            ("1.0e2", "100"),
+            ("-0.0", "0.0"),
+            ("0.1", "0.1"),
+            ("-2.5", "-2.5"),
+            ("123", "123"),
+            ("5e-324", &format!("0.{}5", "0".repeat(323))),
+        ] {
+            assert_eq!(pg_numeric_text(sent).as_deref(), Some(printed), "{sent}");
+        }
+    }
+
+    #[test]
+    fn whole_floats_that_come_back_as_integers_are_refused() {
+        assert!(Metadata::try_from(serde_json::json!({"n": 1e16})).is_err());
+        assert!(Metadata::try_from(serde_json::json!({"n": 1e15})).is_ok());
+        assert!(Metadata::try_from(serde_json::json!({"n": 1e20})).is_ok());
+        assert!(Metadata::try_from(serde_json::json!({"n": f64::MAX, "m": f64::MIN_POSITIVE, "s": 5e-324})).is_ok());
+    }
+
+    #[test]
+    fn depth_is_counted_from_the_top_level_object() {
+        let mut value = serde_json::json!(1);
+        for _ in 0..MAX_METADATA_DEPTH - 1 {
+            value = serde_json::json!([value]);
+        }
+        assert!(Metadata::try_from(serde_json::json!({ "a": value.clone() })).is_ok());
+        assert!(Metadata::try_from(serde_json::json!({ "a": [value] })).is_err());
     }
 }

@@ -1,8 +1,38 @@
-//! The rules for free-text fields (names, tags, addresses, nonces), in one
-//! place so every store refuses the same bad input the same way, before it
-//! writes anything.
+//! The rules for free text (names, tags, addresses, nonces), in one place,
+//! and the validated types that carry them ([`Tag`], [`Address`], [`Nonce`],
+//! [`ClusterName`], [`DisplayName`]), so a store takes a value that was
+//! checked once at the edge and cannot forget to check it.
+//!
+//! Two kinds of text, two rules:
+//!
+//! - **Identifiers** (tags, addresses, nonces) are compared byte for byte and
+//!   looked up: they are brought to Unicode NFC and trimmed, and refused when
+//!   empty, too long, holding whitespace, a control or format character
+//!   (zero-width space, byte-order mark, bidi overrides: `Cc`, `Cf`), any other
+//!   default-ignorable code point, or starting with a combining mark. Two
+//!   identifiers that look the same are then the same bytes.
+//! - **Display text** (user and cluster names) is shown to people: brought to
+//!   NFC and trimmed, it must hold at least one visible character, and is
+//!   refused with a control character, a line or paragraph separator, or a
+//!   format character other than the zero-width (non-)joiner (U+200C/U+200D,
+//!   which Persian, Indic scripts and emoji sequences need). Bidi overrides
+//!   and isolates are format characters: refused, so a name cannot reorder
+//!   the text around it.
+//!
+//! The Unicode data (general categories, default-ignorable code points, NFC)
+//! comes from ICU4X (`icu_properties`, `icu_normalizer`), the crates `idna`
+//! uses too, so every rule of the data layer reads one Unicode version.
 
-use crate::StoreError;
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use icu_normalizer::ComposingNormalizerBorrowed;
+use icu_properties::props::{DefaultIgnorableCodePoint, GeneralCategory};
+use icu_properties::{CodePointMapData, CodePointSetData};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::{MAX_ADDRESS_BYTES, MAX_CLUSTER_NAME_BYTES, MAX_TAG_BYTES, MAX_USER_TEXT_BYTES, StoreError};
 
 /// Whether an empty (or all-whitespace) value is acceptable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,14 +43,15 @@ pub enum Blank {
     Allowed,
 }
 
-/// Checks a free-text value: at most `max_bytes` bytes, no NUL or other
-/// control character, and not blank unless allowed.
+/// Checks a free-text value that is stored as given (a picture URL, a
+/// GitHub login id): at most `max_bytes` bytes, no NUL or other control
+/// character, and not blank unless allowed.
 ///
 /// ```
 /// use dployr_domain::text::{check, Blank};
-/// assert!(check("tag", "web-1", 255, Blank::Refused).is_ok());
-/// assert!(check("tag", "  ", 255, Blank::Refused).is_err());
-/// assert!(check("tag", "a\u{0}b", 255, Blank::Refused).is_err());
+/// assert!(check("picture", "https://x.io/a.png", 255, Blank::Refused).is_ok());
+/// assert!(check("picture", "  ", 255, Blank::Refused).is_err());
+/// assert!(check("picture", "a\u{0}b", 255, Blank::Refused).is_err());
 /// ```
 ///
 /// # Errors
@@ -36,4 +67,298 @@ pub fn check(field: &'static str, value: &str, max_bytes: usize, blank: Blank) -
         return Err(StoreError::invalid(field, "contains a control character"));
     }
     Ok(())
+}
+
+/// The Unicode general category of `c`.
+pub(crate) fn category(c: char) -> GeneralCategory {
+    CodePointMapData::<GeneralCategory>::new().get(c)
+}
+
+/// Whether `c` is a default-ignorable code point: rendered as nothing when
+/// not supported (zero-width space, joiners, variation selectors, the
+/// Hangul filler, ...).
+pub(crate) fn is_default_ignorable(c: char) -> bool {
+    CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
+}
+
+/// `text` in Unicode Normalization Form C.
+pub(crate) fn nfc(text: &str) -> Cow<'_, str> {
+    ComposingNormalizerBorrowed::new_nfc().normalize(text)
+}
+
+/// Whether `c` is a combining mark (`Mn`, `Mc`, `Me`): it attaches to the
+/// character before it, so it must not start a value.
+pub(crate) fn is_mark(c: char) -> bool {
+    matches!(
+        category(c),
+        GeneralCategory::NonspacingMark | GeneralCategory::SpacingMark | GeneralCategory::EnclosingMark
+    )
+}
+
+/// Why `c` may not appear in an identifier (or an e-mail address), if it may not.
+pub(crate) fn identifier_refuses(c: char) -> Option<&'static str> {
+    if c.is_whitespace() {
+        return Some("contains whitespace");
+    }
+    match category(c) {
+        GeneralCategory::Control => Some("contains a control character"),
+        GeneralCategory::Format => Some("contains an invisible format character (zero-width, bidi or the like)"),
+        GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator => Some("contains a line separator"),
+        _ if is_default_ignorable(c) => Some("contains an invisible character"),
+        _ => None,
+    }
+}
+
+/// Why `c` may not appear in display text, if it may not.
+fn display_refuses(c: char) -> Option<&'static str> {
+    match category(c) {
+        GeneralCategory::Control => Some("contains a control character (line breaks and tabs included)"),
+        GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator => Some("contains a line separator"),
+        GeneralCategory::Format if c != '\u{200c}' && c != '\u{200d}' => {
+            Some("contains an invisible format character (zero-width, bidi or the like)")
+        }
+        _ => None,
+    }
+}
+
+/// Whether `c` shows something: not whitespace, not a mark, not a control,
+/// format, separator or default-ignorable code point.
+fn is_visible(c: char) -> bool {
+    !c.is_whitespace()
+        && !is_mark(c)
+        && !is_default_ignorable(c)
+        && !matches!(
+            category(c),
+            GeneralCategory::Control
+                | GeneralCategory::Format
+                | GeneralCategory::SpaceSeparator
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+                | GeneralCategory::Unassigned
+        )
+}
+
+/// Normalises and checks an identifier; see the module documentation.
+fn identifier(field: &'static str, raw: &str, max_bytes: usize) -> Result<String, StoreError> {
+    let normal = nfc(raw);
+    let value = normal.trim();
+    if value.is_empty() {
+        return Err(StoreError::invalid(field, "is empty"));
+    }
+    if value.len() > max_bytes {
+        return Err(StoreError::invalid(field, format!("is longer than {max_bytes} bytes")));
+    }
+    if let Some(reason) = value.chars().find_map(identifier_refuses) {
+        return Err(StoreError::invalid(field, reason));
+    }
+    if value.starts_with(is_mark) {
+        return Err(StoreError::invalid(field, "starts with a combining mark"));
+    }
+    Ok(value.to_owned())
+}
+
+/// Normalises and checks display text; see the module documentation.
+fn display(field: &'static str, raw: &str, max_bytes: usize) -> Result<String, StoreError> {
+    let normal = nfc(raw);
+    let value = normal.trim();
+    if let Some(reason) = value.chars().find_map(display_refuses) {
+        return Err(StoreError::invalid(field, reason));
+    }
+    if !value.chars().any(is_visible) {
+        return Err(StoreError::invalid(field, "has no visible character"));
+    }
+    if value.starts_with(is_mark) {
+        return Err(StoreError::invalid(field, "starts with a combining mark"));
+    }
+    if value.len() > max_bytes {
+        return Err(StoreError::invalid(field, format!("is longer than {max_bytes} bytes")));
+    }
+    Ok(value.to_owned())
+}
+
+macro_rules! validated_text {
+    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr, $rule:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// The most bytes a value may have, once normalised.
+            pub const MAX_BYTES: usize = $max;
+
+            /// Normalises (NFC, trimmed) and checks `text`.
+            ///
+            /// # Errors
+            #[doc = concat!("[`StoreError::Invalid`] (field `", $field, "`) saying what is wrong.")]
+            pub fn parse(text: &str) -> Result<Self, StoreError> {
+                $rule($field, text, $max).map(Self)
+            }
+
+            /// The value.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// The value, consuming it.
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!(stringify!($name), "({:?})"), self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = StoreError;
+
+            fn from_str(text: &str) -> Result<Self, StoreError> {
+                Self::parse(text)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = StoreError;
+
+            fn try_from(text: &str) -> Result<Self, StoreError> {
+                Self::parse(text)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = StoreError;
+
+            fn try_from(text: String) -> Result<Self, StoreError> {
+                Self::parse(&text)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                Self::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+validated_text! {
+    /// An instance's tag: its short, unique name. An identifier (see the
+    /// [module documentation](self)): NFC, trimmed, at most 255 bytes, no
+    /// whitespace or invisible character.
+    ///
+    /// ```
+    /// use dployr_domain::Tag;
+    /// assert_eq!(Tag::parse(" web-1 ")?.as_str(), "web-1");
+    /// assert!(Tag::parse("web 1").is_err());
+    /// assert!(Tag::parse("web\u{200b}1").is_err()); // zero-width space
+    /// assert!(Tag::parse("\u{301}").is_err()); // a lone combining accent
+    /// # Ok::<(), dployr_domain::StoreError>(())
+    /// ```
+    Tag, "tag", MAX_TAG_BYTES, identifier
+}
+
+validated_text! {
+    /// Where an instance is reached (a host name, an IP address and port, a
+    /// URL); unique. An identifier (see the [module documentation](self)):
+    /// NFC, trimmed, at most 1024 bytes, no whitespace or invisible character.
+    ///
+    /// ```
+    /// use dployr_domain::Address;
+    /// assert_eq!(Address::parse("10.0.0.1:22\n")?.as_str(), "10.0.0.1:22");
+    /// assert!(Address::parse("\u{feff}").is_err());
+    /// # Ok::<(), dployr_domain::StoreError>(())
+    /// ```
+    Address, "address", MAX_ADDRESS_BYTES, identifier
+}
+
+validated_text! {
+    /// The nonce of a bootstrap token: an identifier (see the [module
+    /// documentation](self)): NFC, trimmed, at most 255 bytes, no whitespace
+    /// or invisible character. A nonce that breaks the rule cannot have been
+    /// issued, so lookups refuse it too.
+    ///
+    /// ```
+    /// use dployr_domain::Nonce;
+    /// assert!(Nonce::parse("8f2c1e").is_ok());
+    /// assert!(Nonce::parse("8f2c\u{0}1e").is_err());
+    /// ```
+    Nonce, "nonce", MAX_TAG_BYTES, identifier
+}
+
+validated_text! {
+    /// A user's display name: display text (see the [module
+    /// documentation](self)): NFC, trimmed, at most 1024 bytes, at least one
+    /// visible character, no control, line-separator or bidi character.
+    ///
+    /// ```
+    /// use dployr_domain::DisplayName;
+    /// assert_eq!(DisplayName::parse("  Ada Lovelace ")?.as_str(), "Ada Lovelace");
+    /// assert!(DisplayName::parse("\u{200b}").is_err()); // nothing visible
+    /// assert!(DisplayName::parse("\u{202e}nimda").is_err()); // right-to-left override
+    /// assert!(DisplayName::parse("Ada\nLovelace").is_err());
+    /// # Ok::<(), dployr_domain::StoreError>(())
+    /// ```
+    DisplayName, "name", MAX_USER_TEXT_BYTES, display
+}
+
+validated_text! {
+    /// A cluster's name: display text (see the [module documentation](self)):
+    /// NFC, trimmed, at most 1024 bytes, at least one visible character, no
+    /// control, line-separator or bidi character.
+    ///
+    /// ```
+    /// use dployr_domain::ClusterName;
+    /// assert_eq!(ClusterName::parse("Acme 🚀")?.as_str(), "Acme 🚀");
+    /// assert!(ClusterName::parse(" \u{301} ").is_err());
+    /// # Ok::<(), dployr_domain::StoreError>(())
+    /// ```
+    ClusterName, "name", MAX_CLUSTER_NAME_BYTES, display
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_that_look_alike_are_the_same_bytes() {
+        assert_eq!(Tag::parse("caf\u{e9}").unwrap(), Tag::parse(" cafe\u{301}\t").unwrap());
+    }
+
+    #[test]
+    fn invisible_characters_are_refused_in_identifiers_and_names() {
+        for invisible in ["\u{200b}", "\u{feff}", "\u{2060}", "\u{3164}", "\u{00ad}", "\u{202e}", "\u{2066}"] {
+            assert!(Tag::parse(&format!("a{invisible}b")).is_err(), "{invisible:?}");
+            assert!(DisplayName::parse(invisible).is_err(), "{invisible:?}");
+        }
+    }
+
+    #[test]
+    fn names_keep_joiners_that_scripts_and_emoji_need() {
+        let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
+        assert_eq!(DisplayName::parse(family).unwrap().as_str(), family);
+        assert!(DisplayName::parse("\u{645}\u{6cc}\u{200c}\u{62e}\u{648}\u{627}\u{647}\u{645}").is_ok());
+    }
+
+    #[test]
+    fn the_byte_limit_applies_after_normalisation() {
+        let at_limit = "a".repeat(MAX_TAG_BYTES);
+        assert!(Tag::parse(&format!("  {at_limit}  ")).is_ok());
+        assert!(Tag::parse(&format!("{at_limit}a")).is_err());
+    }
 }

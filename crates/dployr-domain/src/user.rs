@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{Email, Metadata, Provider, StoreResult, UserId};
+use crate::{DisplayName, Email, Metadata, Provider, StoreResult, UserId};
 
 /// The most bytes a user's name or picture URL may have.
 pub const MAX_USER_TEXT_BYTES: usize = 1024;
@@ -35,7 +35,7 @@ pub struct NewUser {
     /// The e-mail that identifies the user.
     pub email: Email,
     /// Display name, if the provider gave one.
-    pub name: Option<String>,
+    pub name: Option<DisplayName>,
     /// Avatar URL, if the provider gave one.
     pub picture: Option<String>,
     /// The provider of this sign-in.
@@ -55,7 +55,7 @@ impl NewUser {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct UserPatch {
     /// New display name.
-    pub name: Option<String>,
+    pub name: Option<DisplayName>,
     /// New avatar URL.
     pub picture: Option<String>,
     /// New provider.

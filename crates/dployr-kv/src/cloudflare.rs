@@ -658,7 +658,14 @@ struct Stored {
 
 impl KvBackend for CloudflareKv {
     fn limits(&self) -> KvLimits {
-        KvLimits { min_ttl: MIN_TTL, min_list_limit: 10, max_list_limit: 1000, atomic: false, ..KvLimits::default() }
+        KvLimits {
+            min_ttl: MIN_TTL,
+            min_list_limit: 10,
+            max_list_limit: 1000,
+            atomic: false,
+            read_your_writes: false,
+            ..KvLimits::default()
+        }
     }
 
     fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
@@ -682,7 +689,10 @@ impl KvBackend for CloudflareKv {
 
     fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
         let mut call = Call::start("kv.cloudflare.list");
-        self.limits().check_list_limit(limit)?;
+        let limits = self.limits();
+        limits.check_list_limit(limit)?;
+        limits.check_prefix(prefix)?;
+        limits.check_cursor(cursor)?;
         let url = format!("{}/keys", self.namespace_url);
         let mut query = vec![("prefix", prefix.to_owned()), ("limit", limit.to_string())];
         if let Some(cursor) = cursor.filter(|c| !c.is_empty()) {

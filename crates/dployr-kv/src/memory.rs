@@ -145,7 +145,10 @@ impl KvBackend for MemoryKv {
     }
 
     fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
-        self.limits().check_list_limit(limit)?;
+        let limits = self.limits();
+        limits.check_list_limit(limit)?;
+        limits.check_prefix(prefix)?;
+        limits.check_cursor(cursor)?;
         let state = self.state();
         let start = match cursor {
             Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),

@@ -283,7 +283,12 @@ impl KvBackend for PgKv {
 
     fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
         let _span = self.pool.operation("kv.postgres.list");
-        self.limits().check_list_limit(limit)?;
+        let limits = self.limits();
+        limits.check_list_limit(limit)?;
+        // A NUL would reach PostgreSQL, which refuses it in text with an
+        // encoding error: refused here as bad input, like in every key.
+        limits.check_prefix(prefix)?;
+        limits.check_cursor(cursor)?;
         let fetch = i64::try_from(limit + 1).map_err(|_| StoreError::invalid("limit", "too large"))?;
         let mut query = kv_entries::table
             .select(kv_entries::key)

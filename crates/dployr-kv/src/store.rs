@@ -145,7 +145,10 @@ impl OtpCode {
 pub struct Session {
     /// The signed-in user.
     pub user_id: UserId,
-    /// Their e-mail.
+    /// Their e-mail, as the user store holds it. Read back without checking
+    /// it again (like the stores read `users.email`): a session written
+    /// before a stricter e-mail rule must still be readable until it expires.
+    #[serde(deserialize_with = "stored_email")]
     pub email: Email,
     /// How they signed in.
     pub provider: Provider,
@@ -155,6 +158,10 @@ pub struct Session {
     pub created_at: DateTime<Utc>,
     /// When it ends.
     pub expires_at: DateTime<Utc>,
+}
+
+fn stored_email<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Email, D::Error> {
+    String::deserialize(deserializer).map(Email::from_stored)
 }
 
 /// How long sign-in state lives, and how many OTP guesses are allowed.
@@ -208,7 +215,9 @@ pub struct KvStore {
     one_time: Arc<dyn KvBackend>,
     config: KvStoreConfig,
     /// Session keys this process deleted, and until when to remember them.
-    deleted_sessions: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Only for a session backend whose reads may be stale: on one that
+    /// reads its own writes, nothing to remember and no lock on the read path.
+    deleted_sessions: Option<Arc<Mutex<HashMap<String, Instant>>>>,
 }
 
 impl fmt::Debug for KvStore {
@@ -220,7 +229,8 @@ impl fmt::Debug for KvStore {
 impl KvStore {
     /// A store with everything on `kv` and the default TTLs.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
-        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions: Arc::default() }
+        let deleted_sessions = Self::deletion_memory(kv.as_ref());
+        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions }
     }
 
     /// A store with everything on `kv` and `config`.
@@ -264,7 +274,8 @@ impl KvStore {
         if config.otp_max_attempts == 0 {
             return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
         }
-        Ok(Self { kv: sessions, one_time, config, deleted_sessions: Arc::default() })
+        let deleted_sessions = Self::deletion_memory(sessions.as_ref());
+        Ok(Self { kv: sessions, one_time, config, deleted_sessions })
     }
 
     /// The backend that holds sessions.
@@ -277,20 +288,27 @@ impl KvStore {
         &self.one_time
     }
 
+    /// A memory of deleted sessions for a backend whose reads may be stale.
+    fn deletion_memory(sessions: &dyn KvBackend) -> Option<Arc<Mutex<HashMap<String, Instant>>>> {
+        (!sessions.limits().read_your_writes).then(Arc::default)
+    }
+
     /// Remembers that this process deleted the session under `key`, and
     /// forgets deletions older than [`DELETED_SESSION_MEMORY`].
-    fn remember_deleted(&self, key: String) {
+    fn remember_deleted(&self, key: &str) {
+        let Some(memory) = &self.deleted_sessions else { return };
         let now = Instant::now();
         // Each change is one map operation: a panic elsewhere cannot leave it half-done.
-        let mut deleted = self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut deleted = memory.lock().unwrap_or_else(PoisonError::into_inner);
         deleted.retain(|_, until| *until > now);
-        deleted.insert(key, now + DELETED_SESSION_MEMORY);
+        deleted.insert(key.to_owned(), now + DELETED_SESSION_MEMORY);
     }
 
     /// Whether this process deleted the session under `key` lately.
     fn deleted_here(&self, key: &str) -> bool {
+        let Some(memory) = &self.deleted_sessions else { return false };
         let now = Instant::now();
-        let deleted = self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let deleted = memory.lock().unwrap_or_else(PoisonError::into_inner);
         deleted.get(key).is_some_and(|until| *until > now)
     }
 
@@ -314,7 +332,8 @@ impl KvStore {
     /// Stores a session for `user` under `session_id` for the session TTL.
     ///
     /// # Errors
-    /// Backend errors.
+    /// [`StoreError::Invalid`] on field `clusters` when the session, with
+    /// these clusters, is larger than the backend takes; backend errors.
     pub fn create_session(
         &self,
         session_id: &SessionId,
@@ -332,6 +351,9 @@ impl KvStore {
             expires_at: created_at + Self::ttl_as_chrono(self.config.session_ttl)?,
         };
         let value = serde_json::to_vec(&session).map_err(|e| StoreError::backend("encoding a session", e))?;
+        // What makes a session large is the clusters it lists (the rest is
+        // bounded): name them, not the backend's `value`.
+        check_value_size(self.kv.as_ref(), "clusters", &value)?;
         self.kv.put(&Self::session_key(session_id), &value, Some(self.config.session_ttl))?;
         Ok(session)
     }
@@ -363,16 +385,18 @@ impl KvStore {
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
         let _span = operation("kv.delete_session");
         let key = Self::session_key(session_id);
-        self.remember_deleted(key.clone());
+        self.remember_deleted(&key);
         self.kv.delete(&key)
     }
 
     /// Remembers `state` and where to go after the sign-in, for the state TTL.
     ///
     /// # Errors
-    /// Backend errors.
+    /// [`StoreError::Invalid`] on field `redirect_url` when it is larger
+    /// than the backend takes; backend errors.
     pub fn create_state(&self, state: &OAuthState, redirect_url: &str) -> StoreResult<()> {
         let _span = operation("kv.create_state");
+        check_value_size(self.one_time.as_ref(), "redirect_url", redirect_url.as_bytes())?;
         self.one_time.put(&Self::state_key(state), redirect_url.as_bytes(), Some(self.config.state_ttl))
     }
 
@@ -429,6 +453,15 @@ impl KvStore {
         // resetting it here would let guesses racing this one be evaluated.
         Ok(matches!(self.one_time.take(&code_key)?, Some(taken) if taken == stored))
     }
+}
+
+/// Refuses a value `backend` would refuse, naming the caller's argument
+/// `field` that made it too large instead of the backend's `value`.
+fn check_value_size(backend: &dyn KvBackend, field: &'static str, value: &[u8]) -> StoreResult<()> {
+    backend.limits().check_value(value).map_err(|error| match error {
+        StoreError::Invalid { reason, .. } => StoreError::Invalid { field, reason },
+        other => other,
+    })
 }
 
 /// The `tracing` span of one `KvStore` operation, named for it, with its

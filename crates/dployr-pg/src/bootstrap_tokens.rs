@@ -3,10 +3,10 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use dployr_domain::text::{self, Blank};
-use dployr_domain::{BootstrapToken, BootstrapTokenStore, InstanceId, MAX_TAG_BYTES, StoreResult};
+use dployr_domain::{BootstrapToken, BootstrapTokenStore, InstanceId, Nonce, StoreResult};
 
 use crate::PgPool;
+use crate::errors::Failure;
 use crate::schema::bootstrap_tokens;
 
 #[derive(Queryable, Selectable)]
@@ -31,36 +31,29 @@ impl PgBootstrapTokenStore {
     }
 }
 
-/// The rule of a nonce: one that breaks it can never have been issued. The
-/// lookups check it too, because their nonce comes from a machine on the
-/// network, and one with a NUL (which PostgreSQL refuses in text) would
-/// otherwise fail as a backend error instead of a bad request.
-fn check_nonce(nonce: &str) -> StoreResult<()> {
-    text::check("nonce", nonce, MAX_TAG_BYTES, Blank::Refused)
-}
-
 impl BootstrapTokenStore for PgBootstrapTokenStore {
-    fn create(&self, instance: &InstanceId, nonce: &str) -> StoreResult<BootstrapToken> {
+    fn create(&self, instance: &InstanceId, nonce: &Nonce) -> StoreResult<BootstrapToken> {
         let _span = crate::trace::operation("bootstrap_tokens.create");
-        check_nonce(nonce)?;
         let instance = instance.to_string();
-        let row = self.pool.run(&[("instance", &instance)], |conn| {
-            diesel::insert_into(bootstrap_tokens::table)
-                .values((bootstrap_tokens::instance_id.eq(&instance), bootstrap_tokens::nonce.eq(nonce)))
+        // One statement, in a transaction so that the returned row is decoded
+        // before the commit: a row that cannot be read back is rolled back.
+        self.pool.transaction(&[("instance", &instance)], |conn| {
+            let row: TokenRow = diesel::insert_into(bootstrap_tokens::table)
+                .values((bootstrap_tokens::instance_id.eq(&instance), bootstrap_tokens::nonce.eq(nonce.as_str())))
                 .returning(TokenRow::as_returning())
-                .get_result(conn)
-        })?;
-        Ok(BootstrapToken {
-            instance_id: InstanceId::parse(&row.instance_id)?,
-            nonce: row.nonce,
-            used_at: row.used_at,
-            created_at: row.created_at,
+                .get_result(conn)?;
+            Ok::<_, Failure>(BootstrapToken {
+                instance_id: InstanceId::parse(&row.instance_id)?,
+                nonce: row.nonce,
+                used_at: row.used_at,
+                created_at: row.created_at,
+            })
         })
     }
 
-    fn mark_used(&self, nonce: &str) -> StoreResult<bool> {
+    fn mark_used(&self, nonce: &Nonce) -> StoreResult<bool> {
         let _span = crate::trace::operation("bootstrap_tokens.mark_used");
-        check_nonce(nonce)?;
+        let nonce = nonce.as_str();
         // One UPDATE that only matches an unused token: under concurrency the
         // row lock makes every other caller re-check `used_at` and match nothing.
         let updated = self.pool.run(&[], |conn| {
@@ -71,9 +64,9 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
         Ok(updated == 1)
     }
 
-    fn is_used(&self, nonce: &str) -> StoreResult<bool> {
+    fn is_used(&self, nonce: &Nonce) -> StoreResult<bool> {
         let _span = crate::trace::operation("bootstrap_tokens.is_used");
-        check_nonce(nonce)?;
+        let nonce = nonce.as_str();
         let used = self.pool.run(&[], |conn| {
             bootstrap_tokens::table
                 .find(nonce)

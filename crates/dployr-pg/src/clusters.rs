@@ -15,12 +15,12 @@ use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{BigInt, Nullable, SmallInt, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Nullable, Record, SmallInt, Text, Timestamptz};
 use dployr_domain::text::{self, Blank};
 use dployr_domain::{
-    Cluster, ClusterId, ClusterPatch, ClusterStore, ClusterSummary, Email, GitHubIntegration, Integrations,
-    MAX_CLUSTER_NAME_BYTES, Member, Metadata, Page, PageStart, Paged, PendingInvite, Provider, Role, StoreError,
-    StoreResult, UserId,
+    Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore, ClusterSummary, Email, GitHubIntegration,
+    Integrations, Member, Metadata, Page, PageStart, Paged, PendingInvite, Provider, Role, StoreError, StoreResult,
+    UserId,
 };
 use serde_json::{Value, json};
 
@@ -62,7 +62,7 @@ impl TryFrom<MemberRow> for Member {
     fn try_from(row: MemberRow) -> StoreResult<Member> {
         Ok(Member {
             user_id: UserId::parse(&row.user_id)?,
-            email: Email::parse(&row.email)?,
+            email: Email::from_stored(row.email),
             name: row.name,
             picture: row.picture,
             role: row.role.parse()?,
@@ -111,12 +111,16 @@ struct MemberPageRow {
 /// A page of a cluster's memberships whose `role_order` is in a range,
 /// ordered by role rank then e-mail, after a keyset position, with their
 /// total, in one statement: the left join keeps the total when the page is
-/// empty, which diesel's builder cannot express. Both the page and the count
-/// run on `user_clusters_cluster_id_order_idx`. A type of its own (rather
-/// than `sql_query`) so diesel prepares it once per connection.
+/// empty, which diesel's builder cannot express. The page runs on
+/// `user_clusters_cluster_id_order_idx`; the total is one row of
+/// `cluster_counts` (kept by triggers, `004_listing_counts`), so a page of a
+/// huge cluster costs what a page of a small one does. A type of its own
+/// (rather than `sql_query`) so diesel prepares it once per connection.
 struct MemberPage<'a> {
     cluster: &'a str,
     orders: (i16, i16),
+    /// Which total: invitations, or members (every other role).
+    invites: bool,
     after: (i16, &'a str),
     limit: i64,
     offset: i64,
@@ -141,14 +145,12 @@ impl QueryFragment<Pg> for MemberPage<'_> {
         out.push_bind_param::<BigInt, _>(&self.limit)?;
         out.push_sql(" OFFSET ");
         out.push_bind_param::<BigInt, _>(&self.offset)?;
-        out.push_sql(")\nSELECT (SELECT count(*) FROM user_clusters WHERE cluster_id = ");
+        out.push_sql(")\nSELECT coalesce((SELECT CASE WHEN ");
+        out.push_bind_param::<diesel::sql_types::Bool, _>(&self.invites)?;
+        out.push_sql(" THEN invites ELSE members END FROM cluster_counts WHERE cluster_id = ");
         out.push_bind_param::<Text, _>(&self.cluster)?;
-        out.push_sql(" AND role_order BETWEEN ");
-        out.push_bind_param::<SmallInt, _>(&self.orders.0)?;
-        out.push_sql(" AND ");
-        out.push_bind_param::<SmallInt, _>(&self.orders.1)?;
         out.push_sql(
-            ") AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.role_order, page.email",
+            "), 0) AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.role_order, page.email",
         );
         Ok(())
     }
@@ -201,8 +203,15 @@ impl PgClusterStore {
         }
         let limit = i64::from(page.limit());
         let rows: Vec<MemberPageRow> = self.pool.run(&[], |conn| {
-            MemberPage { cluster: &cluster.to_string(), orders, after: (after_order, &after_email), limit, offset }
-                .load(conn)
+            MemberPage {
+                cluster: &cluster.to_string(),
+                orders,
+                invites: orders.0 == role_order(Role::Invited),
+                after: (after_order, &after_email),
+                limit,
+                offset,
+            }
+            .load(conn)
         })?;
         let total = rows.first().map_or(0, |row| row.total);
         let mut last_key = None;
@@ -260,19 +269,99 @@ fn lock_cluster(conn: &mut PgConnection, cluster: &str) -> Result<(), Failure> {
     }
 }
 
-/// The cluster with its members, in one statement (a left join).
+/// A member as `clusters.get` aggregates it: user id, e-mail, name,
+/// picture, role, member since.
+type MemberRecord = (String, String, String, Option<String>, String, DateTime<Utc>);
+
+/// The result of [`ClusterWithMembers`]: the cluster once, its members as one
+/// array.
+#[derive(QueryableByName)]
+struct ClusterWithMembersRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Jsonb)]
+    metadata: Value,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    updated_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Array<Record<(Text, Text, Text, Nullable<Text>, Text, Timestamptz)>>>)]
+    members: Option<Vec<MemberRecord>>,
+}
+
+/// A cluster with its members, in one statement whose one row holds the
+/// cluster once and each member once, as an array of records in listing
+/// order (role rank, then e-mail):
+///
+/// ```sql
+/// SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at,
+///        (SELECT array_agg(ROW(m.user_id, m.email, u.name, u.picture, m.role, m.created_at)
+///                          ORDER BY m.role_order, m.email)
+///           FROM user_clusters m JOIN users u ON u.id = m.user_id
+///          WHERE m.cluster_id = c.id) AS members
+///   FROM clusters c
+///  WHERE c.id = $1
+/// ```
+///
+/// (A join would repeat the cluster row, metadata included, for every
+/// member, and decode it as many times.) Records travel in PostgreSQL's
+/// binary format: no JSON to parse for the members.
+struct ClusterWithMembers<'a> {
+    cluster: &'a str,
+}
+
+impl QueryFragment<Pg> for ClusterWithMembers<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at,\n       \
+             (SELECT array_agg(ROW(m.user_id, m.email, u.name, u.picture, m.role, m.created_at)\n                  \
+             ORDER BY m.role_order, m.email)\n          FROM user_clusters m JOIN users u ON u.id = m.user_id\n         \
+             WHERE m.cluster_id = c.id) AS members\n  FROM clusters c\n WHERE c.id = ",
+        );
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        Ok(())
+    }
+}
+
+impl QueryId for ClusterWithMembers<'_> {
+    type QueryId = ClusterWithMembers<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for ClusterWithMembers<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl RunQueryDsl<PgConnection> for ClusterWithMembers<'_> {}
+
+/// The cluster with its members, in one statement ([`ClusterWithMembers`]).
 fn load_cluster(conn: &mut PgConnection, cluster: &str) -> Result<Option<Cluster>, Failure> {
-    let rows: Vec<(ClusterRow, Option<MemberRow>)> = clusters::table
-        .left_join(user_clusters::table.inner_join(users::table))
-        .filter(clusters::id.eq(cluster))
-        .order((user_clusters::role_order.nullable(), user_clusters::email.nullable()))
-        .select((ClusterRow::as_select(), Option::<MemberRow>::as_select()))
-        .load(conn)?;
-    let mut rows = rows.into_iter();
-    let Some((cluster, first)) = rows.next() else {
+    let row: Option<ClusterWithMembersRow> = ClusterWithMembers { cluster }.get_result(conn).optional()?;
+    let Some(row) = row else {
         return Ok(None);
     };
-    let members = first.into_iter().chain(rows.filter_map(|(_, member)| member)).collect();
+    let members = row
+        .members
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(user_id, email, name, picture, role, created_at)| MemberRow {
+            user_id,
+            email,
+            name,
+            picture,
+            role,
+            created_at,
+        })
+        .collect();
+    let cluster = ClusterRow {
+        id: row.id,
+        name: row.name,
+        metadata: row.metadata,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    };
     Ok(Some(cluster_from(cluster, members)?))
 }
 
@@ -342,9 +431,6 @@ impl ClusterStore for PgClusterStore {
 
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>> {
         let _span = crate::trace::operation("clusters.update");
-        if let Some(name) = &patch.name {
-            text::check("name", name, MAX_CLUSTER_NAME_BYTES, Blank::Refused)?;
-        }
         let desired = patch.roles.as_ref().map(desired_roles).transpose()?;
         let id = id.to_string();
         self.pool.transaction(&[], |conn| {
@@ -357,7 +443,7 @@ impl ClusterStore for PgClusterStore {
                 let merge = patch.metadata.as_ref().map_or_else(|| json!({}), Metadata::to_value);
                 diesel::update(clusters::table.find(&id))
                     .set((
-                        clusters::name.eq(coalesce(patch.name.as_deref(), clusters::name)),
+                        clusters::name.eq(coalesce(patch.name.as_ref().map(ClusterName::as_str), clusters::name)),
                         clusters::metadata.eq(clusters::metadata.concat(merge)),
                     ))
                     .execute(conn)?;
@@ -581,6 +667,16 @@ impl ClusterStore for PgClusterStore {
         let demoted_to = previous_owner_becomes.unwrap_or(Role::Admin);
         self.pool.transaction(&[("cluster", &cluster), ("user", &new_owner)], |conn| {
             lock_cluster(conn, &cluster)?;
+            // The new owner next (clusters, then users, then memberships):
+            // key-share, as the foreign-key check of their membership would
+            // take it, but before any membership is locked.
+            users::table
+                .find(&new_owner)
+                .select(users::id)
+                .for_key_share()
+                .first::<String>(conn)
+                .optional()?
+                .ok_or_else(|| StoreError::not_found("user", &new_owner))?;
             // Demote first: the one-owner index is checked at once and must
             // never see two owners. A live cluster always has an owner (the
             // database refuses to commit one without), so demoting nobody
@@ -598,8 +694,6 @@ impl ClusterStore for PgClusterStore {
             let Some(previous) = previous else {
                 return Ok(());
             };
-            // The foreign-key check of a new membership takes the user's
-            // key-share lock, which waits for a users.delete of them.
             diesel::insert_into(user_clusters::table)
                 .values((
                     user_clusters::user_id.eq(&new_owner),
@@ -755,54 +849,75 @@ fn desired_roles(roles: &BTreeMap<Role, Vec<UserId>>) -> StoreResult<BTreeMap<St
     Ok(desired)
 }
 
+/// The membership writes of `clusters.update`'s roles as one statement: the
+/// members not listed go, the listed ones are inserted or get their role
+/// (the owner keeps ownership even when listed under another role):
+///
+/// ```sql
+/// WITH removed AS (
+///     DELETE FROM user_clusters
+///      WHERE cluster_id = $1 AND role <> 'owner' AND user_id <> ALL($2))
+/// INSERT INTO user_clusters (user_id, cluster_id, role)
+/// SELECT listed.user_id, $1, listed.role FROM unnest($2, $3) AS listed (user_id, role)
+/// ON CONFLICT (user_id, cluster_id) DO UPDATE SET role = excluded.role
+///  WHERE user_clusters.role <> 'owner'
+/// ```
+///
+/// One statement, not two, so that the listing totals of `cluster_counts`
+/// (updated by statement-level triggers) are locked once, after every
+/// membership row this write locks: the lock order that keeps the stores
+/// free of deadlocks (memberships, then totals; ARCHITECTURE.md). The two
+/// parts touch different users, so neither sees the other's rows.
+struct SetRoles<'a> {
+    cluster: &'a str,
+    users: &'a [&'a str],
+    roles: &'a [&'a str],
+}
+
+impl QueryFragment<Pg> for SetRoles<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH removed AS (\n    DELETE FROM user_clusters\n     WHERE cluster_id = ");
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(" AND role <> 'owner' AND user_id <> ALL(");
+        out.push_bind_param::<Array<Text>, _>(&self.users)?;
+        out.push_sql("))\nINSERT INTO user_clusters (user_id, cluster_id, role)\nSELECT listed.user_id, ");
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(", listed.role FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.users)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.roles)?;
+        out.push_sql(
+            ") AS listed (user_id, role)\nON CONFLICT (user_id, cluster_id) DO UPDATE SET role = excluded.role\n \
+             WHERE user_clusters.role <> 'owner'",
+        );
+        Ok(())
+    }
+}
+
+impl QueryId for SetRoles<'_> {
+    type QueryId = SetRoles<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl RunQueryDsl<PgConnection> for SetRoles<'_> {}
+
 /// Makes the cluster's non-owner memberships exactly `desired` (the owner,
 /// if listed, keeps ownership). Runs under the cluster lock.
 fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, Role>) -> Result<(), Failure> {
-    // The owner keeps ownership even when listed under another role.
-    let owner: Option<String> = user_clusters::table
-        .filter(user_clusters::cluster_id.eq(cluster))
-        .filter(user_clusters::role.eq(Role::Owner.as_str()))
-        .select(user_clusters::user_id)
-        .first(conn)
-        .optional()?;
-    let desired: BTreeMap<&str, Role> = desired
-        .iter()
-        .filter(|(user, _)| Some(*user) != owner.as_ref())
-        .map(|(user, role)| (user.as_str(), *role))
-        .collect();
-    let listed: Vec<&str> = desired.keys().copied().collect();
-    diesel::delete(
-        user_clusters::table
-            .filter(user_clusters::cluster_id.eq(cluster))
-            .filter(user_clusters::role.ne(Role::Owner.as_str()))
-            .filter(user_clusters::user_id.ne_all(&listed)),
-    )
-    .execute(conn)?;
-    if desired.is_empty() {
-        return Ok(());
+    let listed: Vec<&str> = desired.keys().map(String::as_str).collect();
+    // The listed users, key-share locked in id order before any membership
+    // (the lock order of ARCHITECTURE.md): a concurrent users.delete of one
+    // of them either finished (and they are reported missing here) or waits.
+    let found: Vec<String> = if listed.is_empty() {
+        Vec::new()
+    } else {
+        users::table.filter(users::id.eq_any(&listed)).order(users::id).select(users::id).for_key_share().load(conn)?
+    };
+    if found.len() < listed.len() {
+        let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.iter().any(|f| f == user)).collect();
+        return Err(StoreError::not_found("user", missing.join(", ")).into());
     }
-    let rows: Vec<_> = desired
-        .iter()
-        .map(|(user, role)| {
-            (
-                user_clusters::user_id.eq(*user),
-                user_clusters::cluster_id.eq(cluster),
-                user_clusters::role.eq(role.as_str()),
-            )
-        })
-        .collect();
-    let result = diesel::insert_into(user_clusters::table)
-        .values(&rows)
-        .on_conflict((user_clusters::user_id, user_clusters::cluster_id))
-        .do_update()
-        .set(user_clusters::role.eq(diesel::upsert::excluded(user_clusters::role)))
-        .execute(conn);
-    match result {
-        Ok(_) => Ok(()),
-        // A listed user that does not exist: name them all, the key is not in the error.
-        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::ForeignKeyViolation, _)) => {
-            Err(StoreError::not_found("user", listed.join(", ")).into())
-        }
-        Err(other) => Err(other.into()),
-    }
+    let roles: Vec<&str> = desired.values().map(|role| role.as_str()).collect();
+    SetRoles { cluster, users: &listed, roles: &roles }.execute(conn)?;
+    Ok(())
 }

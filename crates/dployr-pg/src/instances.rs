@@ -6,13 +6,13 @@ use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
-use dployr_domain::text::{self, Blank};
 use dployr_domain::{
-    ClusterId, Instance, InstanceId, InstanceStore, MAX_ADDRESS_BYTES, MAX_TAG_BYTES, Metadata, NewInstance, Page,
-    PageStart, Paged, StoreError, StoreResult,
+    ClusterId, Instance, InstanceId, InstanceStore, Metadata, NewInstance, Page, PageStart, Paged, StoreError,
+    StoreResult, Tag,
 };
 use serde_json::Value;
 
+use crate::errors::Failure;
 use crate::schema::instances;
 use crate::{PgPool, cursor};
 
@@ -68,7 +68,8 @@ struct PageRow {
 /// A page of a cluster's instances, newest first, after a keyset position
 /// `(created_at, id)`, with their total, in one statement: the left join
 /// keeps the total when the page is empty, which diesel's builder cannot
-/// express. Runs on `instances_cluster_id_created_at_idx`. A type of its own
+/// express. The page runs on `instances_cluster_id_created_at_idx`; the
+/// total is one row of `cluster_counts` (kept by triggers), not a count. A type of its own
 /// (rather than `sql_query`) so diesel prepares it once per connection.
 struct InstancePage<'a> {
     cluster: &'a str,
@@ -92,10 +93,10 @@ impl QueryFragment<Pg> for InstancePage<'_> {
         out.push_bind_param::<BigInt, _>(&self.limit)?;
         out.push_sql(" OFFSET ");
         out.push_bind_param::<BigInt, _>(&self.offset)?;
-        out.push_sql(")\nSELECT (SELECT count(*) FROM instances WHERE cluster_id = ");
+        out.push_sql(")\nSELECT coalesce((SELECT instances FROM cluster_counts WHERE cluster_id = ");
         out.push_bind_param::<Text, _>(&self.cluster)?;
         out.push_sql(
-            ") AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.created_at DESC, page.id DESC",
+            "), 0) AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.created_at DESC, page.id DESC",
         );
         Ok(())
     }
@@ -130,23 +131,23 @@ impl PgInstanceStore {
 impl InstanceStore for PgInstanceStore {
     fn create(&self, cluster: &ClusterId, instance: NewInstance) -> StoreResult<Instance> {
         let _span = crate::trace::operation("instances.create");
-        text::check("address", &instance.address, MAX_ADDRESS_BYTES, Blank::Refused)?;
-        text::check("tag", &instance.tag, MAX_TAG_BYTES, Blank::Refused)?;
         let metadata = instance.metadata.unwrap_or_default().into_value();
         let cluster = cluster.to_string();
-        let row = self.pool.run(&[("cluster", &cluster)], |conn| {
-            diesel::insert_into(instances::table)
+        // One statement, in a transaction so that the returned row is decoded
+        // before the commit: a row that cannot be read back is rolled back.
+        self.pool.transaction(&[("cluster", &cluster)], |conn| {
+            let row = diesel::insert_into(instances::table)
                 .values((
                     instances::id.eq(InstanceId::generate().to_string()),
                     instances::cluster_id.eq(&cluster),
-                    instances::address.eq(&instance.address),
-                    instances::tag.eq(&instance.tag),
+                    instances::address.eq(instance.address.as_str()),
+                    instances::tag.eq(instance.tag.as_str()),
                     instances::metadata.eq(&metadata),
                 ))
                 .returning(InstanceRow::as_returning())
-                .get_result(conn)
-        })?;
-        Instance::try_from(row)
+                .get_result(conn)?;
+            Ok::<_, Failure>(Instance::try_from(row)?)
+        })
     }
 
     fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>> {
@@ -157,11 +158,14 @@ impl InstanceStore for PgInstanceStore {
         row.map(Instance::try_from).transpose()
     }
 
-    fn get_by_tag(&self, tag: &str) -> StoreResult<Option<Instance>> {
+    fn get_by_tag(&self, tag: &Tag) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.get_by_tag");
-        text::check("tag", tag, MAX_TAG_BYTES, Blank::Refused)?;
         let row = self.pool.run(&[], |conn| {
-            instances::table.filter(instances::tag.eq(tag)).select(InstanceRow::as_select()).first(conn).optional()
+            instances::table
+                .filter(instances::tag.eq(tag.as_str()))
+                .select(InstanceRow::as_select())
+                .first(conn)
+                .optional()
         })?;
         row.map(Instance::try_from).transpose()
     }
@@ -169,14 +173,15 @@ impl InstanceStore for PgInstanceStore {
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.update_metadata");
         let metadata = metadata.into_value();
-        let row = self.pool.run(&[], |conn| {
-            diesel::update(instances::table.find(id.to_string()))
+        // In a transaction for the same reason as `create`.
+        self.pool.transaction(&[], |conn| {
+            let row = diesel::update(instances::table.find(id.to_string()))
                 .set(instances::metadata.eq(&metadata))
                 .returning(InstanceRow::as_returning())
                 .get_result(conn)
-                .optional()
-        })?;
-        row.map(Instance::try_from).transpose()
+                .optional()?;
+            Ok::<_, Failure>(row.map(Instance::try_from).transpose()?)
+        })
     }
 
     fn delete(&self, id: &InstanceId) -> StoreResult<()> {

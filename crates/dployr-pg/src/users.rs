@@ -6,8 +6,8 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use dployr_domain::text::{self, Blank};
 use dployr_domain::{
-    Email, MAX_USER_TEXT_BYTES, Metadata, NewUser, Provider, StoreError, StoreResult, User, UserId, UserPatch,
-    UserStore,
+    DisplayName, Email, MAX_USER_TEXT_BYTES, Metadata, NewUser, Provider, StoreError, StoreResult, User, UserId,
+    UserPatch, UserStore,
 };
 use serde_json::Value;
 
@@ -36,7 +36,7 @@ impl TryFrom<UserRow> for User {
     fn try_from(row: UserRow) -> StoreResult<User> {
         Ok(User {
             id: UserId::parse(&row.id)?,
-            email: Email::parse(&row.email)?,
+            email: Email::from_stored(row.email),
             name: row.name,
             picture: row.picture,
             provider: row.provider.parse()?,
@@ -63,10 +63,8 @@ impl PgUserStore {
     }
 }
 
-fn check_name_and_picture(name: Option<&str>, picture: Option<&str>) -> StoreResult<()> {
-    if let Some(name) = name {
-        text::check("name", name, MAX_USER_TEXT_BYTES, Blank::Refused)?;
-    }
+/// The picture URL's rule (the name's is [`DisplayName`]'s).
+fn check_picture(picture: Option<&str>) -> StoreResult<()> {
     if let Some(picture) = picture {
         text::check("picture", picture, MAX_USER_TEXT_BYTES, Blank::Allowed)?;
     }
@@ -76,9 +74,10 @@ fn check_name_and_picture(name: Option<&str>, picture: Option<&str>) -> StoreRes
 impl UserStore for PgUserStore {
     fn upsert(&self, user: NewUser) -> StoreResult<User> {
         let _span = crate::trace::operation("users.upsert");
-        check_name_and_picture(user.name.as_deref(), user.picture.as_deref())?;
+        check_picture(user.picture.as_deref())?;
         let id = UserId::generate().to_string();
-        let name = user.name.as_deref().unwrap_or_else(|| user.email.local_part());
+        let given_name = user.name.as_ref().map(DisplayName::as_str);
+        let name = given_name.unwrap_or_else(|| user.email.local_part());
         let merge = user.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
         self.pool.transaction(&[], |conn| {
             // The sign-in's metadata also reaches the clusters the user runs.
@@ -117,7 +116,7 @@ impl UserStore for PgUserStore {
                 .do_update()
                 .set((
                     // Keep the stored name and picture unless this sign-in brings new ones.
-                    users::name.eq(coalesce(user.name.as_deref(), users::name)),
+                    users::name.eq(coalesce(given_name, users::name)),
                     users::picture.eq(coalesce_nullable(user.picture.as_deref(), users::picture)),
                     users::provider.eq(excluded(users::provider)),
                     users::metadata.eq(users::metadata.concat(&merge)),
@@ -160,21 +159,24 @@ impl UserStore for PgUserStore {
 
     fn update(&self, email: &Email, patch: UserPatch) -> StoreResult<Option<User>> {
         let _span = crate::trace::operation("users.update");
-        check_name_and_picture(patch.name.as_deref(), patch.picture.as_deref())?;
+        check_picture(patch.picture.as_deref())?;
         let merge = patch.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
-        let row = self.pool.run(&[], |conn| {
-            diesel::update(users::table.filter(users::email.eq(email.as_str())))
+        // One statement, in a transaction all the same: the returned row is
+        // decoded inside it, so a row that cannot be read back is rolled
+        // back instead of committed behind an error.
+        self.pool.transaction(&[], |conn| {
+            let row = diesel::update(users::table.filter(users::email.eq(email.as_str())))
                 .set((
-                    users::name.eq(coalesce(patch.name.as_deref(), users::name)),
+                    users::name.eq(coalesce(patch.name.as_ref().map(DisplayName::as_str), users::name)),
                     users::picture.eq(coalesce_nullable(patch.picture.as_deref(), users::picture)),
                     users::provider.eq(coalesce(patch.provider.map(Provider::as_str), users::provider)),
                     users::metadata.eq(users::metadata.concat(&merge)),
                 ))
                 .returning(UserRow::as_returning())
                 .get_result(conn)
-                .optional()
-        })?;
-        row.map(User::try_from).transpose()
+                .optional()?;
+            Ok::<_, Failure>(row.map(User::try_from).transpose()?)
+        })
     }
 
     fn delete(&self, id: &UserId) -> StoreResult<()> {

@@ -85,7 +85,7 @@ fn update_renames_and_merges_metadata() {
         .update(
             &cluster.id,
             ClusterPatch {
-                name: Some("Analytical Engines".into()),
+                name: Some("Analytical Engines".try_into().unwrap()),
                 metadata: Some(Metadata::try_from(json!({"b": 2})).unwrap()),
                 roles: None,
             },
@@ -132,7 +132,13 @@ fn update_roles_back_to_invited_is_invalid_and_rolls_back() {
     let (id, ids) = cluster_with(&f, &[("a@example.io", Role::Viewer)]);
     let error = f
         .clusters
-        .update(&id, ClusterPatch { name: Some("renamed".into()), ..roles(&[(Role::Invited, &[ids["a@example.io"]])]) })
+        .update(
+            &id,
+            ClusterPatch {
+                name: Some("renamed".try_into().unwrap()),
+                ..roles(&[(Role::Invited, &[ids["a@example.io"]])])
+            },
+        )
         .unwrap_err();
     assert!(matches!(error, StoreError::Invalid { field: "role", .. }), "{error}");
     assert_eq!(f.clusters.get(&id).unwrap().unwrap().name, "owner");
@@ -153,9 +159,16 @@ fn delete_cascades_to_memberships_instances_and_tokens() {
     let (id, _) = cluster_with(&f, &[("a@example.io", Role::Viewer)]);
     let instance = f
         .instances
-        .create(&id, dployr_domain::NewInstance { address: "10.0.0.1".into(), tag: "web".into(), metadata: None })
+        .create(
+            &id,
+            dployr_domain::NewInstance {
+                address: "10.0.0.1".try_into().unwrap(),
+                tag: "web".try_into().unwrap(),
+                metadata: None,
+            },
+        )
         .unwrap();
-    dployr_domain::BootstrapTokenStore::create(&f.tokens, &instance.id, "nonce-1").unwrap();
+    dployr_domain::BootstrapTokenStore::create(&f.tokens, &instance.id, &"nonce-1".try_into().unwrap()).unwrap();
     f.clusters.delete(&id).unwrap();
     for table in ["clusters", "user_clusters", "instances", "bootstrap_tokens"] {
         assert_eq!(f.count(&format!("SELECT count(*) FROM {table}")), 0, "{table}");
@@ -280,7 +293,10 @@ fn pending_invites_name_the_cluster_and_its_owner() {
     let f = Fixture::new();
     let ada = f
         .users
-        .upsert(NewUser { name: Some("Ada".into()), ..NewUser::new(email("ada@example.io"), Provider::Google) })
+        .upsert(NewUser {
+            name: Some("Ada".try_into().unwrap()),
+            ..NewUser::new(email("ada@example.io"), Provider::Google)
+        })
         .unwrap();
     let cluster = f.clusters.create_for_owner(&ada.id).unwrap();
     let (guest, own) = f.owner("guest@example.io");

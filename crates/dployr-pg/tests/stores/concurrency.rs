@@ -119,11 +119,14 @@ fn sixteen_concurrent_mark_used_of_one_nonce_return_true_exactly_once() {
     let (_, cluster) = f.owner("ada@example.io");
     let instance = f
         .instances
-        .create(&cluster.id, NewInstance { address: "h".into(), tag: "t".into(), metadata: None })
+        .create(
+            &cluster.id,
+            NewInstance { address: "h".try_into().unwrap(), tag: "t".try_into().unwrap(), metadata: None },
+        )
         .unwrap()
         .id;
     for attempt in 0..20 {
-        let nonce = format!("nonce-{attempt}");
+        let nonce: dployr_domain::Nonce = format!("nonce-{attempt}").try_into().unwrap();
         f.tokens.create(&instance, &nonce).unwrap();
         let g = Arc::clone(&f);
         let marked = together(move |_| g.tokens.mark_used(&nonce).unwrap());

@@ -16,4 +16,6 @@ mod instances;
 mod pool;
 mod races;
 mod spans;
+mod totals;
 mod users;
+mod writes;

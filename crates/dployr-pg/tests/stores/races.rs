@@ -196,7 +196,7 @@ fn a_statement_cancelled_by_statement_timeout_is_unavailable_and_writes_nothing(
     let config = PoolConfig { statement_timeout: Some(Duration::from_millis(200)), ..PoolConfig::default() };
     let users = PgUserStore::new(PgPool::connect(f.db.url(), config).unwrap());
     let holder = LockHolder::hold(&f, &format!("SELECT 1 FROM users WHERE id = '{}' FOR UPDATE", ada.id));
-    let patch = UserPatch { name: Some("Renamed".into()), ..UserPatch::default() };
+    let patch = UserPatch { name: Some("Renamed".try_into().unwrap()), ..UserPatch::default() };
     let error = users.update(&ada.email, patch).unwrap_err();
     holder.release();
     assert!(
@@ -218,9 +218,12 @@ fn a_transaction_aborted_by_a_deadlock_runs_again_and_succeeds() {
     f.clusters.add_users(&cluster.id, std::slice::from_ref(&heir.email)).unwrap();
     f.clusters.accept_invite(&heir.id, &cluster.id).unwrap();
     let mut outside = f.db.connect();
+    // PostgreSQL aborts the transaction whose deadlock check runs while the
+    // cycle exists: the store's (1 s after it starts waiting), as long as the
+    // outside session checks much later.
     outside
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM user_clusters WHERE user_id = '{}' AND cluster_id = '{}' FOR UPDATE",
+            "SET deadlock_timeout = '60s'; BEGIN; SELECT 1 FROM user_clusters WHERE user_id = '{}' AND cluster_id = '{}' FOR UPDATE",
             heir.id, cluster.id
         ))
         .unwrap();
@@ -234,8 +237,8 @@ fn a_transaction_aborted_by_a_deadlock_runs_again_and_succeeds() {
     let outside_result =
         outside.batch_execute(&format!("SELECT 1 FROM clusters WHERE id = '{}' FOR UPDATE", cluster.id));
     outside.batch_execute("ROLLBACK").unwrap();
-    // The store's transaction waited longest, so its deadlock check ran
-    // first and PostgreSQL aborted it: the outside session got its lock...
+    // The store's deadlock check ran first and PostgreSQL aborted its
+    // transaction: the outside session got its lock...
     outside_result.unwrap();
     // ...and the store ran the transaction again.
     transferring.join().unwrap().unwrap();
@@ -280,11 +283,12 @@ fn not_found_names_the_missing_entitys_own_key() {
     f.clusters.delete(&gone).unwrap();
     let error = f.clusters.transfer_ownership(&gone, &ghost, None).unwrap_err();
     assert!(matches!(&error, StoreError::NotFound { entity: "cluster", key } if *key == gone.to_string()), "{error}");
-    let new = dployr_domain::NewInstance { address: "h".into(), tag: "t".into(), metadata: None };
+    let new =
+        dployr_domain::NewInstance { address: "h".try_into().unwrap(), tag: "t".try_into().unwrap(), metadata: None };
     let error = dployr_domain::InstanceStore::create(&f.instances, &gone, new).unwrap_err();
     assert!(matches!(&error, StoreError::NotFound { entity: "cluster", key } if *key == gone.to_string()), "{error}");
     let instance = dployr_domain::InstanceId::generate();
-    let error = dployr_domain::BootstrapTokenStore::create(&f.tokens, &instance, "n").unwrap_err();
+    let error = dployr_domain::BootstrapTokenStore::create(&f.tokens, &instance, &"n".try_into().unwrap()).unwrap_err();
     assert!(
         matches!(&error, StoreError::NotFound { entity: "instance", key } if *key == instance.to_string()),
         "{error}"

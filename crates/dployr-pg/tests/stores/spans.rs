@@ -10,14 +10,14 @@ use crate::fixture::{Fixture, email};
 fn each_operation_is_a_span_with_its_name_statement_count_and_duration_only() {
     let f = Fixture::new();
     let (_, cluster) = f.owner("setup@example.io");
-    let new = NewInstance { address: "h".into(), tag: "t".into(), metadata: None };
+    let new = NewInstance { address: "h".try_into().unwrap(), tag: "t".try_into().unwrap(), metadata: None };
     let instance = f.instances.create(&cluster.id, new).unwrap();
     let capture = SpanCapture::default();
     capture.during(|| {
         let user = f.users.upsert(NewUser::new(email("secret.person@example.io"), Provider::Google)).unwrap();
         f.users.get(&user.id).unwrap();
-        f.tokens.create(&instance.id, "very-secret-nonce").unwrap();
-        f.tokens.mark_used("very-secret-nonce").unwrap();
+        f.tokens.create(&instance.id, &"very-secret-nonce".try_into().unwrap()).unwrap();
+        f.tokens.mark_used(&"very-secret-nonce".try_into().unwrap()).unwrap();
         f.users.delete(&UserId::generate()).unwrap_err();
     });
     let spans = capture.spans();

@@ -1,4 +1,6 @@
-use dployr_domain::{ClusterStore, Email, Metadata, NewUser, Provider, Role, StoreError, UserPatch, UserStore};
+use dployr_domain::{
+    ClusterStore, DisplayName, Email, Metadata, NewUser, Provider, Role, StoreError, UserPatch, UserStore,
+};
 use serde_json::json;
 
 use crate::fixture::{Fixture, email};
@@ -24,7 +26,7 @@ fn re_sign_in_without_metadata_keeps_metadata_name_and_picture() {
     let first = f
         .users
         .upsert(NewUser {
-            name: Some("Ada".into()),
+            name: Some("Ada".try_into().unwrap()),
             picture: Some("https://img.example/ada.png".into()),
             metadata: Some(metadata(json!({"theme": "dark", "plan": "team"}))),
             ..NewUser::new(email("ada@example.io"), Provider::Google)
@@ -50,7 +52,7 @@ fn re_sign_in_with_metadata_merges_it_and_new_name_replaces() {
     let merged = f
         .users
         .upsert(NewUser {
-            name: Some("Ada L.".into()),
+            name: Some("Ada L.".try_into().unwrap()),
             metadata: Some(metadata(json!({"plan": "pro", "locale": "en"}))),
             ..NewUser::new(email("ada@example.io"), Provider::Google)
         })
@@ -120,7 +122,7 @@ fn update_patches_given_fields_and_merges_metadata() {
         .update(
             &user.email,
             UserPatch {
-                name: Some("Countess".into()),
+                name: Some("Countess".try_into().unwrap()),
                 metadata: Some(metadata(json!({"b": 2}))),
                 ..UserPatch::default()
             },
@@ -138,8 +140,7 @@ fn update_patches_given_fields_and_merges_metadata() {
 fn update_with_a_bad_name_is_invalid_and_changes_nothing() {
     let f = Fixture::new();
     let user = f.user("ada@example.io");
-    let error =
-        f.users.update(&user.email, UserPatch { name: Some("a\u{0}".into()), ..UserPatch::default() }).unwrap_err();
+    let error = DisplayName::parse("a\u{0}").unwrap_err();
     assert!(matches!(error, StoreError::Invalid { field: "name", .. }), "{error}");
     assert_eq!(f.users.get(&user.id).unwrap().unwrap().name, "ada");
 }
@@ -159,11 +160,8 @@ fn bad_input_is_invalid_and_writes_nothing() {
     assert!(Email::parse(&format!("{}@x.io", "a".repeat(250))).is_err());
     assert!(Metadata::try_from(json!("string")).is_err());
     assert!(Metadata::try_from(json!({"big": "x".repeat(70 * 1024)})).is_err());
-    let with_nul_name =
-        NewUser { name: Some("Ada\u{0}".into()), ..NewUser::new(email("ada@example.io"), Provider::Google) };
-    assert!(matches!(f.users.upsert(with_nul_name), Err(StoreError::Invalid { field: "name", .. })));
-    let huge_name = NewUser { name: Some("n".repeat(2000)), ..NewUser::new(email("ada@example.io"), Provider::Google) };
-    assert!(matches!(f.users.upsert(huge_name), Err(StoreError::Invalid { field: "name", .. })));
+    assert!(matches!(DisplayName::parse("Ada\u{0}"), Err(StoreError::Invalid { field: "name", .. })));
+    assert!(matches!(DisplayName::parse(&"n".repeat(2000)), Err(StoreError::Invalid { field: "name", .. })));
     assert_eq!(f.count("SELECT count(*) FROM users"), 0);
 }
 
@@ -173,7 +171,10 @@ fn sql_looking_strings_are_stored_as_text() {
     let name = "Robert'); DROP TABLE users; --";
     let user = f
         .users
-        .upsert(NewUser { name: Some(name.into()), ..NewUser::new(email("bobby@tables.io"), Provider::Email) })
+        .upsert(NewUser {
+            name: Some(name.try_into().unwrap()),
+            ..NewUser::new(email("bobby@tables.io"), Provider::Email)
+        })
         .unwrap();
     assert_eq!(f.users.get(&user.id).unwrap().unwrap().name, name);
     assert_eq!(f.count("SELECT count(*) FROM users"), 1);
@@ -203,4 +204,37 @@ fn delete_of_a_cluster_owner_is_a_conflict() {
     let error = f.users.delete(&owner.id).unwrap_err();
     assert!(matches!(error, StoreError::Conflict { entity: "user", field: "owner", .. }), "{error}");
     assert!(f.users.get(&owner.id).unwrap().is_some());
+}
+
+/// The cases of `docs/EMAIL.md`: spellings of one address sign in as one
+/// user (and are invited as that user); look-alikes are refused before any
+/// store sees them; `+tags` are users of their own.
+#[test]
+fn spellings_of_one_address_are_one_user_and_look_alikes_are_refused() {
+    let f = Fixture::new();
+    let one_user: &[&[&str]] = &[
+        &["A@x.io", "a@x.io", " a@X.IO\t"],
+        &["caf\u{e9}@x.io", "cafe\u{301}@x.io"],
+        &["user@b\u{fc}cher.de", "user@xn--bcher-kva.de", "user@B\u{dc}CHER.DE"],
+        &["dot@x.io.", "dot@x.io"],
+        &["\u{212a}im@x.io", "kim@x.io"],
+    ];
+    let (_, cluster) = f.owner("owner@x.io");
+    for spellings in one_user {
+        let first = f.users.upsert(NewUser::new(email(spellings[0]), Provider::Google)).unwrap();
+        for spelling in &spellings[1..] {
+            let again = f.users.upsert(NewUser::new(email(spelling), Provider::Github)).unwrap();
+            assert_eq!(again.id, first.id, "{spelling:?} is {:?}", spellings[0]);
+            assert_eq!(f.users.get_by_email(&email(spelling)).unwrap().map(|u| u.id), Some(first.id));
+        }
+        let invited = f.clusters.add_users(&cluster.id, &spellings.iter().map(|s| email(s)).collect::<Vec<_>>());
+        assert_eq!(invited.unwrap().iter().map(|m| m.user_id).collect::<Vec<_>>(), vec![first.id]);
+    }
+    let tagged = f.users.upsert(NewUser::new(email("a+work@x.io"), Provider::Google)).unwrap();
+    assert_ne!(Some(tagged.id), f.users.get_by_email(&email("a@x.io")).unwrap().map(|u| u.id));
+    for refused in ["admin\u{200b}@x.io", "\u{202e}nimda@x.io", "a@b", ".@.", "do..uble@x.io"] {
+        assert!(matches!(Email::parse(refused), Err(StoreError::Invalid { field: "email", .. })), "{refused:?}");
+    }
+    assert!(Email::parse(&format!("{}@x.io", "l".repeat(65))).is_err());
+    assert!(Email::parse(&format!("a@{}.io", "l".repeat(64))).is_err());
 }

@@ -1,0 +1,12 @@
+DROP TRIGGER instances_counts_update ON instances;
+DROP TRIGGER instances_counts_delete ON instances;
+DROP TRIGGER instances_counts_insert ON instances;
+DROP FUNCTION dployr_cluster_counts_instances();
+DROP TRIGGER user_clusters_counts_update ON user_clusters;
+DROP TRIGGER user_clusters_counts_delete ON user_clusters;
+DROP TRIGGER user_clusters_counts_insert ON user_clusters;
+DROP FUNCTION dployr_cluster_counts_memberships();
+DROP FUNCTION dployr_cluster_counts_apply(JSONB);
+DROP TRIGGER clusters_counts_create ON clusters;
+DROP FUNCTION dployr_cluster_counts_create();
+DROP TABLE cluster_counts;

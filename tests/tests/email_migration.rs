@@ -1,0 +1,182 @@
+//! Migration `003_email_identity`: stored addresses brought to `Email`'s
+//! rule, refused (naming the ids) when two rows would become one address or
+//! a domain needs IDNA, and the SQL rule checked against the Rust one on a
+//! corpus.
+
+#![cfg(test)]
+
+use std::path::Path;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Nullable, Text};
+use dployr_domain::Email;
+use dployr_migrate::{MigrationRunner, MigrationSet};
+use dployr_testkit::{TestDatabase, empty_database};
+
+/// The workspace's migrations before `003`, as a set of their own.
+fn migrations_before_003() -> (tempfile::TempDir, MigrationSet) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.as_str() >= "003" {
+            continue;
+        }
+        std::fs::create_dir_all(dir.path().join(&name)).unwrap();
+        for file in std::fs::read_dir(entry.path()).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), dir.path().join(&name).join(file.file_name())).unwrap();
+        }
+    }
+    let set = MigrationSet::from_dir(dir.path()).unwrap();
+    (dir, set)
+}
+
+fn run(db: &TestDatabase, set: MigrationSet) -> Result<Vec<String>, String> {
+    MigrationRunner::new(db.url(), set)
+        .run_pending(&mut |_| {})
+        .map(|applied| applied.into_iter().map(|m| m.name).collect())
+        .map_err(|error| format!("{error} {error:?}"))
+}
+
+/// A database at the schema before `003`, holding users with these stored
+/// addresses (old rule: trimmed, lower-cased), each a member of one cluster
+/// that the first one owns.
+fn database_with(emails: &[(&str, &str)]) -> TestDatabase {
+    let db = empty_database();
+    let (_dir, set) = migrations_before_003();
+    run(&db, set).unwrap();
+    if emails.is_empty() {
+        return db;
+    }
+    let mut conn = db.connect();
+    // One transaction: a cluster must have its owner when it commits (002).
+    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000000', 'acme')")
+            .execute(conn)?;
+        for (n, (id, email)) in emails.iter().enumerate() {
+            diesel::sql_query("INSERT INTO users (id, email, name, provider) VALUES ($1, $2, 'n', 'google')")
+                .bind::<Text, _>(id)
+                .bind::<Text, _>(email)
+                .execute(conn)?;
+            diesel::sql_query(
+                "INSERT INTO user_clusters (user_id, cluster_id, role) VALUES ($1, '01J00000000000000000000000', $2)",
+            )
+            .bind::<Text, _>(id)
+            .bind::<Text, _>(if n == 0 { "owner" } else { "viewer" })
+            .execute(conn)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    db
+}
+
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    member_email: String,
+}
+
+fn stored(db: &TestDatabase) -> Vec<(String, String)> {
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT u.id, u.email, m.email AS member_email FROM users u JOIN user_clusters m ON m.user_id = u.id ORDER BY u.id",
+    )
+    .load(&mut db.connect())
+    .unwrap();
+    for row in &rows {
+        assert_eq!(row.email, row.member_email, "the membership's copy follows");
+    }
+    rows.into_iter().map(|row| (row.id, row.email)).collect()
+}
+
+const A: &str = "01J0000000000000000000000A";
+const B: &str = "01J0000000000000000000000B";
+const C: &str = "01J0000000000000000000000C";
+
+#[test]
+fn stored_addresses_are_brought_to_the_new_form() {
+    let db = database_with(&[(A, "cafe\u{301}@x.io"), (B, "dot@x.io."), (C, "plain+tag@x.io")]);
+    let applied = run(&db, MigrationSet::embedded().unwrap()).unwrap();
+    assert!(applied.contains(&"003_email_identity".to_owned()), "{applied:?}");
+    let expected = [(A, "caf\u{e9}@x.io"), (B, "dot@x.io"), (C, "plain+tag@x.io")];
+    assert_eq!(stored(&db), expected.map(|(id, email)| (id.to_owned(), email.to_owned())));
+    // Each is now found by any spelling of its address.
+    for (spelling, stored) in [("CAFE\u{301}@X.IO", "caf\u{e9}@x.io"), ("dot@x.io.", "dot@x.io")] {
+        assert_eq!(Email::parse(spelling).unwrap().as_str(), stored);
+    }
+}
+
+#[test]
+fn two_rows_that_would_become_one_address_stop_the_migration_naming_both() {
+    let db = database_with(&[(A, "caf\u{e9}@x.io"), (B, "cafe\u{301}@x.io"), (C, "dot@x.io.")]);
+    let error = run(&db, MigrationSet::embedded().unwrap()).unwrap_err();
+    assert!(error.contains(&format!("{A} and {B} become caf\u{e9}@x.io")), "{error}");
+    // Nothing changed, 003 is not recorded, and a retry refuses again.
+    let untouched = [(A, "caf\u{e9}@x.io"), (B, "cafe\u{301}@x.io"), (C, "dot@x.io.")];
+    assert_eq!(stored(&db), untouched.map(|(id, email)| (id.to_owned(), email.to_owned())));
+    assert!(run(&db, MigrationSet::embedded().unwrap()).is_err());
+}
+
+#[test]
+fn a_domain_that_needs_idna_stops_the_migration_naming_the_row() {
+    let db = database_with(&[(A, "user@b\u{fc}cher.de"), (B, "plain@x.io")]);
+    let error = run(&db, MigrationSet::embedded().unwrap()).unwrap_err();
+    assert!(error.contains(A) && error.contains("IDNA"), "{error}");
+    assert!(!error.contains(B), "{error}");
+}
+
+/// On a corpus, for every address the Rust rule accepts: the SQL function
+/// gives the same stored form from the old stored form (trimmed and
+/// lower-cased), or NULL exactly when the domain is not ASCII.
+#[test]
+fn the_sql_rule_agrees_with_email_parse_on_a_corpus() {
+    let db = database_with(&[]);
+    run(&db, MigrationSet::embedded().unwrap()).unwrap();
+    let mut conn = db.connect();
+    let corpus = [
+        "ada@example.io",
+        "Ada@Example.IO",
+        "  ada@example.io. ",
+        "caf\u{e9}@x.io",
+        "cafe\u{301}@x.io",
+        "CAFE\u{301}@X.IO",
+        "\u{212a}im@x.io",
+        "\u{212b}ngstr\u{f6}m@x.io",
+        "o\u{308}@x.io",
+        "\u{3b1}\u{3c3}@x.gr",
+        "\u{39f}\u{394}\u{3a5}\u{3a3}\u{3a3}\u{395}\u{3a5}\u{3a3}@x.gr",
+        "user@b\u{fc}cher.de",
+        "user@xn--bcher-kva.de",
+        "user+tag@sub.example.co.uk",
+        "a.b.c@x-y.io",
+        "\u{65e5}\u{672c}@x.jp",
+        "\u{1f980}@x.io",
+        "user@\u{ff58}.io",
+        "n\u{303}@x.es",
+        "\u{f1}@x.es",
+    ];
+    let mut compared = 0;
+    for raw in corpus {
+        let Ok(email) = Email::parse(raw) else { continue };
+        let old_form = raw.trim().to_lowercase();
+        let sql: Option<String> = diesel::select(
+            diesel::dsl::sql::<Nullable<Text>>("dployr_email_identity(").bind::<Text, _>(&old_form).sql(")"),
+        )
+        .get_result(&mut conn)
+        .unwrap();
+        let domain_is_ascii = old_form.rsplit_once('@').is_some_and(|(_, domain)| domain.is_ascii());
+        if domain_is_ascii {
+            assert_eq!(sql.as_deref(), Some(email.as_str()), "{raw:?}");
+            compared += 1;
+        } else {
+            assert_eq!(sql, None, "{raw:?}: SQL cannot do IDNA and must say so");
+        }
+    }
+    assert!(compared >= 15, "only {compared} addresses compared");
+}
