@@ -159,14 +159,11 @@ impl DataLayer {
     /// migration fails (its message names the migration). No message, and
     /// no error in a `source()` chain, holds a password.
     pub fn open(config: Config) -> StoreResult<Self> {
-        let pool = PgPool::connect(&config.database_url, config.pool).map_err(|error| match error {
-            StoreError::Configuration { reason, .. } => StoreError::Configuration { setting: DATABASE_URL_VAR, reason },
-            StoreError::Unavailable { reason, source } => {
-                StoreError::Unavailable { reason: format!("{DATABASE_URL_VAR}: {reason}").into(), source }
-            }
-            StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: POOL_SIZE_VAR, reason },
-            other => other,
-        })?;
+        let pool =
+            PgPool::connect_as(&config.database_url, DATABASE_URL_VAR, config.pool).map_err(|error| match error {
+                StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: POOL_SIZE_VAR, reason },
+                other => other,
+            })?;
         refuse_unsafe_pooling(&pool, &config)?;
 
         let applied_on_open = if config.migrate_on_start {

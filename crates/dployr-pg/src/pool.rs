@@ -267,13 +267,22 @@ impl PgPool {
     /// message says which). Messages carry libpq's reason, redacted: never
     /// the password.
     pub fn connect(database_url: &str, config: PoolConfig) -> Result<Self, StoreError> {
+        Self::connect_as(database_url, DATABASE_URL_SETTING, config)
+    }
+
+    /// [`connect`](Self::connect), with connection errors naming `setting`
+    /// (the variable the URL came from, e.g. `DATABASE_URL`).
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub fn connect_as(database_url: &str, setting: &'static str, config: PoolConfig) -> Result<Self, StoreError> {
         if config.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
         }
         // One direct attempt first: r2d2 would retry a wrong password until
         // the timeout and then report a timeout.
         probe_connection(database_url, config.connection_timeout)
-            .map_err(|failure| failure.into_store_error(DATABASE_URL_SETTING))?;
+            .map_err(|failure| failure.into_store_error(setting))?;
         let counters = Arc::new(Counters {
             recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
             record_binds: config.record_binds,
