@@ -155,7 +155,7 @@ pub fn try_empty_database() -> Result<TestDatabase, TestkitError> {
     Ok(TestDatabase { url: server.url_for(&name), name, server })
 }
 
-/// [`try_database`]; without a server, the process ends (see [`no_server`]).
+/// [`try_database`]; without a server, the process prints how to get one, once, and ends.
 ///
 /// # Panics
 /// If the clone fails on a server that started.
@@ -184,7 +184,7 @@ fn no_server(error: &TestkitError) -> ! {
     unreachable!("the first caller of no_server exits the process")
 }
 
-/// [`try_empty_database`]; without a server, the process ends (see [`no_server`]).
+/// [`try_empty_database`]; without a server, the process prints how to get one, once, and ends.
 ///
 /// # Panics
 /// If the database cannot be created on a server that started.
