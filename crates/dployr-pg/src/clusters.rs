@@ -300,10 +300,15 @@ struct ClusterWithMembersRow {
 ///        (SELECT array_agg(ROW(m.user_id, m.email, u.name, u.picture, m.role, m.created_at)
 ///                          ORDER BY m.role_order, m.email)
 ///           FROM user_clusters m JOIN users u ON u.id = m.user_id
-///          WHERE m.cluster_id = c.id) AS members
+///          WHERE m.cluster_id = $1) AS members
 ///   FROM clusters c
-///  WHERE c.id = $1
+///  WHERE c.id = $2            -- the same id
 /// ```
+///
+/// The subquery names the id itself rather than `c.id`: planned against a
+/// correlated `c.id`, PostgreSQL estimates the members of an average
+/// cluster, and where one cluster is huge it hashes every membership
+/// (34 ms instead of 0.2 ms for 50 members beside a 100 000-member cluster).
 ///
 /// (A join would repeat the cluster row, metadata included, for every
 /// member, and decode it as many times.) Records travel in PostgreSQL's
@@ -318,8 +323,10 @@ impl QueryFragment<Pg> for ClusterWithMembers<'_> {
             "SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at,\n       \
              (SELECT array_agg(ROW(m.user_id, m.email, u.name, u.picture, m.role, m.created_at)\n                  \
              ORDER BY m.role_order, m.email)\n          FROM user_clusters m JOIN users u ON u.id = m.user_id\n         \
-             WHERE m.cluster_id = c.id) AS members\n  FROM clusters c\n WHERE c.id = ",
+             WHERE m.cluster_id = ",
         );
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(") AS members\n  FROM clusters c\n WHERE c.id = ");
         out.push_bind_param::<Text, _>(&self.cluster)?;
         Ok(())
     }
