@@ -93,6 +93,31 @@ WHERE e.expires_at <= now()
    OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = '')
 RETURNING convert_from(value, 'UTF8')::bigint AS count";
 
+/// `count_attempt_and_take_if` in one statement: the counter's upsert (as
+/// [`INCREMENT_SQL`]), and a delete of the value that runs only when the
+/// count is within the limit and the value is the expected one. The delete
+/// reads the count, so the upsert (which locks the counter row, serializing
+/// concurrent attempts) happens first; of concurrent right guesses, the
+/// first delete wins and the others find the row gone.
+const ATTEMPT_TAKE_SQL: &str = r"
+WITH attempt AS (
+    INSERT INTO kv_entries AS e (key, value, expires_at)
+    VALUES ($1, convert_to('1', 'UTF8'), now() + $2)
+    ON CONFLICT (key) DO UPDATE SET
+        value = CASE WHEN e.expires_at <= now() THEN EXCLUDED.value
+                     ELSE convert_to((convert_from(e.value, 'UTF8')::bigint + 1)::text, 'UTF8') END,
+        expires_at = CASE WHEN e.expires_at <= now() THEN EXCLUDED.expires_at ELSE e.expires_at END
+    WHERE e.expires_at <= now()
+       OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = '')
+    RETURNING convert_from(value, 'UTF8')::bigint AS count
+), taken AS (
+    DELETE FROM kv_entries
+     WHERE key = $3 AND value = $4 AND (expires_at IS NULL OR expires_at > now())
+       AND (SELECT count FROM attempt) <= $5
+    RETURNING 1
+)
+SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken) AS taken";
+
 /// One bounded batch of the purge. diesel's builder cannot put an ordered,
 /// limited, `FOR UPDATE SKIP LOCKED` subquery into a `DELETE`, so this is
 /// raw SQL; the batch size is bound.
@@ -332,5 +357,37 @@ impl KvBackend for PgKv {
             .optional()
             .map_err(dployr_pg::store_error)?;
         counted.map(|c| c.count).ok_or_else(|| not_a_counter(key))
+    }
+
+    fn count_attempt_and_take_if(
+        &self,
+        attempts_key: &str,
+        ttl: Option<Duration>,
+        max_attempts: i64,
+        key: &str,
+        expected: &[u8],
+    ) -> StoreResult<(i64, bool)> {
+        #[derive(QueryableByName)]
+        struct Attempt {
+            #[diesel(sql_type = Nullable<BigInt>)]
+            count: Option<i64>,
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            taken: bool,
+        }
+        let _span = self.pool.operation("kv.postgres.count_attempt_and_take_if");
+        let limits = self.limits();
+        limits.check_key(attempts_key)?;
+        limits.check_key(key)?;
+        limits.check_ttl(ttl)?;
+        let attempt = diesel::sql_query(ATTEMPT_TAKE_SQL)
+            .bind::<Text, _>(attempts_key)
+            .bind::<Nullable<Interval>, _>(interval(ttl)?)
+            .bind::<Text, _>(key)
+            .bind::<diesel::sql_types::Binary, _>(expected)
+            .bind::<BigInt, _>(max_attempts)
+            .get_result::<Attempt>(&mut self.conn()?)
+            .map_err(dployr_pg::store_error)?;
+        let count = attempt.count.ok_or_else(|| not_a_counter(attempts_key))?;
+        Ok((count, attempt.taken))
     }
 }
