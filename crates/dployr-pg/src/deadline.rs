@@ -486,10 +486,14 @@ enum Step {
     ShutDown,
 }
 
-/// The process's one watchdog: calls in flight by the time of their next
-/// step, and a thread that sleeps until the earliest.
+/// Calls in flight by the time of their next step (and their id, so two
+/// calls due at the same instant both fit).
+type Due = BTreeMap<(Instant, u64), (Arc<Call>, Step)>;
+
+/// The process's one watchdog: the calls due, and a thread that sleeps
+/// until the earliest.
 struct Watchdog {
-    due: Mutex<BTreeMap<(Instant, u64), (Arc<Call>, Step)>>,
+    due: Mutex<Due>,
     wake: Condvar,
 }
 
