@@ -442,6 +442,7 @@ pub fn otp_rules_hold(f: &dyn KvFixture) {
 pub fn stated_guarantees_match_the_backends_limits(f: &dyn KvFixture) {
     let g = f.guarantees();
     assert_eq!(f.kv().limits().atomic, g.atomic_take && g.exact_increment, "{g:?}");
+    assert_eq!(f.kv().limits().read_your_writes, g.read_your_writes, "{g:?}");
 }
 
 /// Where promised: each write, overwrite and delete is seen by the very

@@ -6,6 +6,8 @@
 //! Invariants checked (each sample is one statement, so one snapshot):
 //! - every live cluster has exactly one owner;
 //! - no membership names a missing user or cluster;
+//! - every listing's total (members, invites, instances), as pages report
+//!   it, equals a `count(*)` of its rows;
 //! - a bootstrap token's `mark_used` returns `true` at most once, and a
 //!   token it returned `true` for stays used.
 //!
@@ -388,13 +390,17 @@ impl World {
 }
 
 /// One checker sample: clusters whose owner count is not one (with the
-/// count), and memberships of a missing user or cluster.
+/// count), memberships of a missing user or cluster, and clusters whose
+/// listing totals (`cluster_counts`, what every page reports) differ from a
+/// `count(*)` of the rows.
 #[derive(QueryableByName)]
 struct Sample {
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
     bad_owners: Option<String>,
     #[diesel(sql_type = BigInt)]
     orphans: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    bad_totals: Option<String>,
 }
 
 const SAMPLE: &str = "SELECT
@@ -404,7 +410,16 @@ const SAMPLE: &str = "SELECT
       WHERE n <> 1) AS bad_owners,
     (SELECT count(*) FROM user_clusters m
       WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = m.user_id)
-         OR NOT EXISTS (SELECT 1 FROM clusters c WHERE c.id = m.cluster_id)) AS orphans";
+         OR NOT EXISTS (SELECT 1 FROM clusters c WHERE c.id = m.cluster_id)) AS orphans,
+    (SELECT string_agg(format('%s counts %s/%s/%s members/invites/instances, has %s/%s/%s',
+                              c.id, t.members, t.invites, t.instances, r.members, r.invites, r.instances), ', ')
+       FROM clusters c
+       LEFT JOIN cluster_counts t ON t.cluster_id = c.id
+       CROSS JOIN LATERAL (
+           SELECT (SELECT count(*) FROM user_clusters m WHERE m.cluster_id = c.id AND m.role <> 'invited') AS members,
+                  (SELECT count(*) FROM user_clusters m WHERE m.cluster_id = c.id AND m.role = 'invited') AS invites,
+                  (SELECT count(*) FROM instances i WHERE i.cluster_id = c.id) AS instances) r
+      WHERE (t.members, t.invites, t.instances) IS DISTINCT FROM (r.members, r.invites, r.instances)) AS bad_totals";
 
 /// Runs the workload against the migrated database at `database_url`.
 ///
@@ -455,6 +470,9 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
                 if sample.orphans > 0 {
                     seen.push(format!("{when}: {} memberships of a missing user or cluster", sample.orphans));
                 }
+                if let Some(bad) = sample.bad_totals {
+                    seen.push(format!("{when}: listing totals: {bad}"));
+                }
                 count += seen.len() as u64;
                 violations.extend(seen.into_iter().take(20usize.saturating_sub(violations.len())));
             };
@@ -492,7 +510,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     let (mut conn, (samples, mut violation_count, mut violations)) = checker.join().expect("the checker finishes");
     // A last sample once everything is still, and the token rule.
     let last: Sample = diesel::sql_query(SAMPLE).get_result(&mut conn).expect("the final sample");
-    if let Some(bad) = last.bad_owners {
+    for bad in [last.bad_owners, last.bad_totals].into_iter().flatten() {
         violation_count += 1;
         violations.push(format!("at the end: {bad}"));
     }

@@ -232,6 +232,7 @@ fn otp_guess_is_counted_before_the_code_is_read() {
     // With the counter down, no guess reaches the code: the mock has no
     // expectation for get or take, so reading it would panic.
     let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_limits().returning(dployr_domain::KvLimits::default);
     kv.expect_increment()
         .times(1)
         .returning(|_, _| Err(dployr_domain::StoreError::Unavailable { reason: "down".into(), source: None }));
@@ -243,6 +244,7 @@ fn otp_guess_is_counted_before_the_code_is_read() {
 #[test]
 fn otp_guess_past_the_limit_is_refused_unseen() {
     let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_limits().returning(dployr_domain::KvLimits::default);
     kv.expect_increment().times(1).returning(|_, _| Ok(4));
     let store = KvStore::new(Arc::new(kv));
     assert!(!store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123")).unwrap());

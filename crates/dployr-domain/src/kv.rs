@@ -60,6 +60,10 @@ pub struct KvLimits {
     /// Whether [`KvBackend::take`] and [`KvBackend::increment`] are atomic:
     /// `true` on memory and PostgreSQL, `false` on Cloudflare (read then write).
     pub atomic: bool,
+    /// Whether a read always sees the last write that returned (true on
+    /// memory and PostgreSQL; false on Cloudflare, whose reads may be up to
+    /// 60 s stale).
+    pub read_your_writes: bool,
 }
 
 impl KvLimits {
@@ -208,7 +212,7 @@ impl KvLimits {
 
 impl Default for KvLimits {
     /// The limits of a backend that can do everything: 1 ms TTLs, lists of
-    /// 1 to 1000 keys, atomic take and counter.
+    /// 1 to 1000 keys, atomic take and counter, reads that see every write.
     fn default() -> Self {
         Self {
             min_ttl: Duration::from_millis(1),
@@ -218,6 +222,7 @@ impl Default for KvLimits {
             min_list_limit: 1,
             max_list_limit: 1000,
             atomic: true,
+            read_your_writes: true,
         }
     }
 }

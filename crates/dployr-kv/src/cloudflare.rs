@@ -658,7 +658,14 @@ struct Stored {
 
 impl KvBackend for CloudflareKv {
     fn limits(&self) -> KvLimits {
-        KvLimits { min_ttl: MIN_TTL, min_list_limit: 10, max_list_limit: 1000, atomic: false, ..KvLimits::default() }
+        KvLimits {
+            min_ttl: MIN_TTL,
+            min_list_limit: 10,
+            max_list_limit: 1000,
+            atomic: false,
+            read_your_writes: false,
+            ..KvLimits::default()
+        }
     }
 
     fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {

@@ -215,7 +215,9 @@ pub struct KvStore {
     one_time: Arc<dyn KvBackend>,
     config: KvStoreConfig,
     /// Session keys this process deleted, and until when to remember them.
-    deleted_sessions: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Only for a session backend whose reads may be stale: on one that
+    /// reads its own writes, nothing to remember and no lock on the read path.
+    deleted_sessions: Option<Arc<Mutex<HashMap<String, Instant>>>>,
 }
 
 impl fmt::Debug for KvStore {
@@ -227,7 +229,8 @@ impl fmt::Debug for KvStore {
 impl KvStore {
     /// A store with everything on `kv` and the default TTLs.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
-        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions: Arc::default() }
+        let deleted_sessions = Self::deletion_memory(kv.as_ref());
+        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions }
     }
 
     /// A store with everything on `kv` and `config`.
@@ -271,7 +274,8 @@ impl KvStore {
         if config.otp_max_attempts == 0 {
             return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
         }
-        Ok(Self { kv: sessions, one_time, config, deleted_sessions: Arc::default() })
+        let deleted_sessions = Self::deletion_memory(sessions.as_ref());
+        Ok(Self { kv: sessions, one_time, config, deleted_sessions })
     }
 
     /// The backend that holds sessions.
@@ -284,20 +288,27 @@ impl KvStore {
         &self.one_time
     }
 
+    /// A memory of deleted sessions for a backend whose reads may be stale.
+    fn deletion_memory(sessions: &dyn KvBackend) -> Option<Arc<Mutex<HashMap<String, Instant>>>> {
+        (!sessions.limits().read_your_writes).then(Arc::default)
+    }
+
     /// Remembers that this process deleted the session under `key`, and
     /// forgets deletions older than [`DELETED_SESSION_MEMORY`].
-    fn remember_deleted(&self, key: String) {
+    fn remember_deleted(&self, key: &str) {
+        let Some(memory) = &self.deleted_sessions else { return };
         let now = Instant::now();
         // Each change is one map operation: a panic elsewhere cannot leave it half-done.
-        let mut deleted = self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut deleted = memory.lock().unwrap_or_else(PoisonError::into_inner);
         deleted.retain(|_, until| *until > now);
-        deleted.insert(key, now + DELETED_SESSION_MEMORY);
+        deleted.insert(key.to_owned(), now + DELETED_SESSION_MEMORY);
     }
 
     /// Whether this process deleted the session under `key` lately.
     fn deleted_here(&self, key: &str) -> bool {
+        let Some(memory) = &self.deleted_sessions else { return false };
         let now = Instant::now();
-        let deleted = self.deleted_sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let deleted = memory.lock().unwrap_or_else(PoisonError::into_inner);
         deleted.get(key).is_some_and(|until| *until > now)
     }
 
@@ -374,7 +385,7 @@ impl KvStore {
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
         let _span = operation("kv.delete_session");
         let key = Self::session_key(session_id);
-        self.remember_deleted(key.clone());
+        self.remember_deleted(&key);
         self.kv.delete(&key)
     }
 

@@ -186,9 +186,11 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "instances_tag_key" => Unique { entity: "instance", field: "tag" },
         "bootstrap_tokens_pkey" => Unique { entity: "bootstrap token", field: "nonce" },
         "kv_entries_pkey" => Unique { entity: "kv entry", field: "key" },
+        "cluster_counts_pkey" => Unique { entity: "cluster counts", field: "cluster" },
         "user_clusters_user_id_fkey" => References { entity: "user" },
         "user_clusters_cluster_id_fkey" | "instances_cluster_id_fkey" => References { entity: "cluster" },
         "bootstrap_tokens_instance_id_fkey" => References { entity: "instance" },
+        "cluster_counts_cluster_id_fkey" => References { entity: "cluster" },
         "users_email_check" => Check { field: "email", reason: "is not a valid stored e-mail" },
         "users_email_immutable" => Check { field: "email", reason: "cannot change" },
         "users_name_check" => Check { field: "name", reason: "is too long" },
@@ -203,6 +205,7 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "instances_tag_check" => Check { field: "tag", reason: "is empty or too long" },
         "bootstrap_tokens_nonce_check" => Check { field: "nonce", reason: "is empty or too long" },
         "kv_entries_key_check" => Check { field: "key", reason: "must be 1 to 512 bytes long" },
+        "cluster_counts_not_negative" => Check { field: "count", reason: "a listing total went below zero" },
         "kv_entries_value_check" => Check { field: "value", reason: "is larger than 25 MiB" },
         "user_clusters_owner_kept" => {
             Owner { reason: "the owner's membership goes only with the cluster; transfer ownership first" }

@@ -68,7 +68,8 @@ struct PageRow {
 /// A page of a cluster's instances, newest first, after a keyset position
 /// `(created_at, id)`, with their total, in one statement: the left join
 /// keeps the total when the page is empty, which diesel's builder cannot
-/// express. Runs on `instances_cluster_id_created_at_idx`. A type of its own
+/// express. The page runs on `instances_cluster_id_created_at_idx`; the
+/// total is one row of `cluster_counts` (kept by triggers), not a count. A type of its own
 /// (rather than `sql_query`) so diesel prepares it once per connection.
 struct InstancePage<'a> {
     cluster: &'a str,
@@ -92,10 +93,10 @@ impl QueryFragment<Pg> for InstancePage<'_> {
         out.push_bind_param::<BigInt, _>(&self.limit)?;
         out.push_sql(" OFFSET ");
         out.push_bind_param::<BigInt, _>(&self.offset)?;
-        out.push_sql(")\nSELECT (SELECT count(*) FROM instances WHERE cluster_id = ");
+        out.push_sql(")\nSELECT coalesce((SELECT instances FROM cluster_counts WHERE cluster_id = ");
         out.push_bind_param::<Text, _>(&self.cluster)?;
         out.push_sql(
-            ") AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.created_at DESC, page.id DESC",
+            "), 0) AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.created_at DESC, page.id DESC",
         );
         Ok(())
     }

@@ -443,6 +443,31 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
             }
         }
     }
+    // A page's cost must not grow with its cluster: the first page of the
+    // 100 000-row clusters next to the same page of the 50-member team.
+    let mut big_over_small = Vec::new();
+    for (big, small, label) in [
+        ("clusters.members, first page (100 000 members)", "clusters.members (page of 20)", "clusters.members"),
+        (
+            "instances.list_by_cluster, first page (100 000)",
+            "instances.list_by_cluster (page of 20)",
+            "instances.list_by_cluster",
+        ),
+    ] {
+        for &threads in &options.threads {
+            let find = |name: &str| rows.iter().find(|r| r.name == name && r.threads == threads).map(|r| r.measured);
+            if let (Some(big), Some(small)) = (find(big), find(small)) {
+                let ratio = big.p50.as_secs_f64() / small.p50.as_secs_f64().max(1e-9);
+                println!(
+                    "100 000-row cluster / 50-member cluster, first page, {label}, {threads} thread(s): p50 {} / {} = {ratio:.2}",
+                    micros(big.p50),
+                    micros(small.p50)
+                );
+                big_over_small
+                    .push(serde_json::json!({"operation": label, "threads": threads, "big_over_small_p50": ratio}));
+            }
+        }
+    }
     println!("per-test database clone: median {} of {}", micros(median(clones)), clones.len());
     println!("migration of an empty database to head: median {} of {}", micros(median(migrations)), migrations.len());
 
@@ -462,6 +487,7 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
                 "ratio_to_limit": row.limit.map(|limit| row.measured.ops_per_sec / limit),
             })).collect::<Vec<_>>(),
             "deep_over_first": scale,
+            "big_over_small": big_over_small,
             "clone_median_us": median(clones).as_micros() as u64,
             "migration_median_us": median(migrations).as_micros() as u64,
         });

@@ -63,7 +63,7 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
         invited = f.clusters.add_users(&cluster, &[email("guest@example.io"), email("bob@example.io")]).unwrap();
     });
     check(&f, &mut b, "clusters.accept_invite", 1, 0, || f.clusters.accept_invite(&bob.id, &cluster).unwrap());
-    check(&f, &mut b, "clusters.update (name, metadata, roles)", 6, 1, || {
+    check(&f, &mut b, "clusters.update (name, metadata, roles)", 5, 1, || {
         let patch = ClusterPatch {
             name: Some("renamed".try_into().unwrap()),
             metadata: metadata(),

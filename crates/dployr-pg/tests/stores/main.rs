@@ -17,5 +17,6 @@ mod instances;
 mod pool;
 mod races;
 mod spans;
+mod totals;
 mod users;
 mod writes;

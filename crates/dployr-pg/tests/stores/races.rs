@@ -218,9 +218,12 @@ fn a_transaction_aborted_by_a_deadlock_runs_again_and_succeeds() {
     f.clusters.add_users(&cluster.id, std::slice::from_ref(&heir.email)).unwrap();
     f.clusters.accept_invite(&heir.id, &cluster.id).unwrap();
     let mut outside = f.db.connect();
+    // PostgreSQL aborts the transaction whose deadlock check runs while the
+    // cycle exists: the store's (1 s after it starts waiting), as long as the
+    // outside session checks much later.
     outside
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM user_clusters WHERE user_id = '{}' AND cluster_id = '{}' FOR UPDATE",
+            "SET deadlock_timeout = '60s'; BEGIN; SELECT 1 FROM user_clusters WHERE user_id = '{}' AND cluster_id = '{}' FOR UPDATE",
             heir.id, cluster.id
         ))
         .unwrap();
@@ -234,8 +237,8 @@ fn a_transaction_aborted_by_a_deadlock_runs_again_and_succeeds() {
     let outside_result =
         outside.batch_execute(&format!("SELECT 1 FROM clusters WHERE id = '{}' FOR UPDATE", cluster.id));
     outside.batch_execute("ROLLBACK").unwrap();
-    // The store's transaction waited longest, so its deadlock check ran
-    // first and PostgreSQL aborted it: the outside session got its lock...
+    // The store's deadlock check ran first and PostgreSQL aborted its
+    // transaction: the outside session got its lock...
     outside_result.unwrap();
     // ...and the store ran the transaction again.
     transferring.join().unwrap().unwrap();

@@ -1,0 +1,104 @@
+//! The totals of the member, invite and instance listings come from
+//! `cluster_counts`, which triggers keep in the writing transaction: after
+//! every kind of write, each listing's total equals a `count(*)` of its rows.
+
+use diesel::connection::SimpleConnection as _;
+use dployr_domain::{
+    ClusterId, ClusterPatch, ClusterStore, InstanceStore, NewInstance, Page, Role, StoreError, UserStore,
+};
+
+use crate::fixture::{Fixture, email};
+
+/// (members, invites, instances) as the listings report them.
+fn reported(f: &Fixture, cluster: &ClusterId) -> (u64, u64, u64) {
+    (
+        f.clusters.members(cluster, &Page::first(1)).unwrap().total,
+        f.clusters.invites(cluster, &Page::first(1)).unwrap().total,
+        f.instances.list_by_cluster(cluster, &Page::first(1)).unwrap().total,
+    )
+}
+
+/// The same, counted.
+fn counted(f: &Fixture, cluster: &ClusterId) -> (u64, u64, u64) {
+    let count = |sql: &str| u64::try_from(f.count(&sql.replace("$c", &format!("'{cluster}'")))).unwrap();
+    (
+        count("SELECT count(*) FROM user_clusters WHERE cluster_id = $c AND role <> 'invited'"),
+        count("SELECT count(*) FROM user_clusters WHERE cluster_id = $c AND role = 'invited'"),
+        count("SELECT count(*) FROM instances WHERE cluster_id = $c"),
+    )
+}
+
+fn instance(n: u32) -> NewInstance {
+    NewInstance {
+        address: format!("10.0.0.{n}").as_str().try_into().unwrap(),
+        tag: format!("web-{n}").as_str().try_into().unwrap(),
+        metadata: None,
+    }
+}
+
+#[test]
+fn listing_totals_follow_every_kind_of_write() {
+    let f = Fixture::new();
+    let (owner, cluster) = f.owner("owner@example.io");
+    let c = cluster.id;
+    let expect = |f: &Fixture, totals: (u64, u64, u64), step: &str| {
+        assert_eq!(reported(f, &c), totals, "reported after {step}");
+        assert_eq!(counted(f, &c), totals, "counted after {step}");
+    };
+    expect(&f, (1, 0, 0), "create_for_owner");
+    let invited =
+        f.clusters.add_users(&c, &[email("a@example.io"), email("b@example.io"), email("c@example.io")]).unwrap();
+    expect(&f, (1, 3, 0), "add_users");
+    f.clusters.accept_invite(&invited[0].user_id, &c).unwrap();
+    expect(&f, (2, 2, 0), "accept_invite");
+    f.clusters.decline_invite(&invited[1].user_id, &c).unwrap();
+    expect(&f, (2, 1, 0), "decline_invite");
+    let roles = [(Role::Developer, vec![invited[0].user_id, invited[2].user_id])].into();
+    f.clusters.update(&c, ClusterPatch { roles: Some(roles), ..ClusterPatch::default() }).unwrap();
+    expect(&f, (3, 0, 0), "update with roles");
+    f.clusters.transfer_ownership(&c, &invited[0].user_id, None).unwrap();
+    expect(&f, (2, 0, 0), "transfer_ownership removing the previous owner");
+    f.users.delete(&owner.id).unwrap();
+    f.clusters.remove_users(&c, &[invited[2].user_id]).unwrap();
+    expect(&f, (1, 0, 0), "remove_users");
+    for n in 0..5 {
+        f.instances.create(&c, instance(n)).unwrap();
+    }
+    let listed = f.instances.list_by_cluster(&c, &Page::first(2)).unwrap();
+    f.instances.delete(&listed.items[0].id).unwrap();
+    expect(&f, (1, 0, 4), "instances created and deleted");
+    // A refused write changes no total.
+    let error = f.instances.create(&c, instance(1)).unwrap_err();
+    assert!(matches!(error, StoreError::Conflict { .. }), "{error}");
+    expect(&f, (1, 0, 4), "a refused instance");
+
+    // A user deleted with memberships in several clusters: each total drops.
+    let (_, other) = f.owner("other@example.io");
+    f.clusters.add_users(&other.id, &[email("a@example.io")]).unwrap();
+    f.clusters.add_users(&c, &[email("many@example.io")]).unwrap();
+    f.clusters.add_users(&other.id, &[email("many@example.io")]).unwrap();
+    let many = f.users.get_by_email(&email("many@example.io")).unwrap().unwrap();
+    f.users.delete(&many.id).unwrap();
+    expect(&f, (1, 0, 4), "a member of two clusters deleted");
+    assert_eq!(reported(&f, &other.id), counted(&f, &other.id));
+    assert_eq!(reported(&f, &other.id), (1, 1, 0));
+
+    // SQL outside the stores keeps them too: an invitation moved between clusters.
+    let moved = f.clusters.add_users(&other.id, &[email("move@example.io")]).unwrap().remove(0).user_id;
+    assert_eq!(reported(&f, &other.id), (1, 2, 0));
+    f.inspect(|conn| {
+        conn.batch_execute(&format!(
+            "UPDATE user_clusters SET cluster_id = '{c}' WHERE user_id = '{moved}' AND cluster_id = '{}'",
+            other.id
+        ))
+    })
+    .unwrap();
+    assert_eq!(reported(&f, &other.id), (1, 1, 0));
+    assert_eq!(reported(&f, &other.id), counted(&f, &other.id));
+    expect(&f, (1, 1, 4), "an invitation moved in by hand");
+
+    // Deleting a cluster removes its totals row with it.
+    f.clusters.delete(&c).unwrap();
+    assert_eq!(f.count(&format!("SELECT count(*) FROM cluster_counts WHERE cluster_id = '{c}'")), 0);
+    assert_eq!(reported(&f, &c), (0, 0, 0), "an unknown cluster lists nothing");
+}
