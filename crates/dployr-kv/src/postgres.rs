@@ -10,8 +10,10 @@
 //! invisible to every read and removed by [`PgKv::purge_expired`], in
 //! bounded batches, which a caller runs or a [`Purger`] thread runs for it.
 //!
-//! Errors are mapped by `dployr_pg::store_error`, the one PostgreSQL error
-//! mapper of the workspace. The SQL of this backend lives in this file: diesel's query builder where
+//! Every operation runs through `PgPool::bounded`, so it has the same
+//! client-side deadline as the stores' calls (docs/operations.md). Errors
+//! are mapped by `dployr_pg::store_error`, the one PostgreSQL error mapper
+//! of the workspace. The SQL of this backend lives in this file: diesel's query builder where
 //! it can express the statement, raw SQL with bound parameters where it
 //! cannot (the counter's conditional upsert).
 
@@ -25,8 +27,8 @@ use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Interval, Nullable, Text, Timestamptz};
 use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter};
+use dployr_pg::PgPool;
 use dployr_pg::schema::kv_entries;
-use dployr_pg::{PgPool, PgPooledConnection};
 
 /// A [`KvBackend`] on the `kv_entries` table; cheap to clone.
 ///
@@ -141,10 +143,6 @@ impl PgKv {
         &self.pool
     }
 
-    fn conn(&self) -> StoreResult<PgPooledConnection> {
-        self.pool.get()
-    }
-
     /// Deletes at most `batch_size` expired rows, oldest expiry first, in
     /// one statement; rows locked by another purger are skipped. Returns how
     /// many went.
@@ -156,10 +154,8 @@ impl PgKv {
         if batch_size < 1 {
             return Err(StoreError::invalid("batch_size", "must be at least 1"));
         }
-        let deleted = diesel::sql_query(PURGE_SQL)
-            .bind::<BigInt, _>(batch_size)
-            .execute(&mut self.conn()?)
-            .map_err(dployr_pg::store_error)?;
+        let deleted =
+            self.pool.bounded(|conn| diesel::sql_query(PURGE_SQL).bind::<BigInt, _>(batch_size).execute(conn))?;
         Ok(deleted as u64)
     }
 
@@ -268,13 +264,14 @@ impl KvBackend for PgKv {
     fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let _span = self.pool.operation("kv.postgres.get");
         self.limits().check_key(key)?;
-        kv_entries::table
-            .select(kv_entries::value)
-            .filter(kv_entries::key.eq(key))
-            .filter(alive())
-            .first::<Vec<u8>>(&mut self.conn()?)
-            .optional()
-            .map_err(dployr_pg::store_error)
+        self.pool.bounded(|conn| {
+            kv_entries::table
+                .select(kv_entries::value)
+                .filter(kv_entries::key.eq(key))
+                .filter(alive())
+                .first::<Vec<u8>>(conn)
+                .optional()
+        })
     }
 
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
@@ -284,25 +281,24 @@ impl KvBackend for PgKv {
         limits.check_value(value)?;
         limits.check_ttl(ttl)?;
         let expires_at = sql::<Nullable<Timestamptz>>("now() + ").bind::<Nullable<Interval>, _>(interval(ttl)?);
-        diesel::insert_into(kv_entries::table)
-            .values((kv_entries::key.eq(key), kv_entries::value.eq(value), kv_entries::expires_at.eq(expires_at)))
-            .on_conflict(kv_entries::key)
-            .do_update()
-            .set((
-                kv_entries::value.eq(diesel::upsert::excluded(kv_entries::value)),
-                kv_entries::expires_at.eq(diesel::upsert::excluded(kv_entries::expires_at)),
-            ))
-            .execute(&mut self.conn()?)
-            .map_err(dployr_pg::store_error)?;
+        self.pool.bounded(|conn| {
+            diesel::insert_into(kv_entries::table)
+                .values((kv_entries::key.eq(key), kv_entries::value.eq(value), kv_entries::expires_at.eq(expires_at)))
+                .on_conflict(kv_entries::key)
+                .do_update()
+                .set((
+                    kv_entries::value.eq(diesel::upsert::excluded(kv_entries::value)),
+                    kv_entries::expires_at.eq(diesel::upsert::excluded(kv_entries::expires_at)),
+                ))
+                .execute(conn)
+        })?;
         Ok(())
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
         let _span = self.pool.operation("kv.postgres.delete");
         self.limits().check_key(key)?;
-        diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)))
-            .execute(&mut self.conn()?)
-            .map_err(dployr_pg::store_error)?;
+        self.pool.bounded(|conn| diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key))).execute(conn))?;
         Ok(())
     }
 
@@ -325,7 +321,7 @@ impl KvBackend for PgKv {
         if let Some(after) = cursor.filter(|c| !c.is_empty()) {
             query = query.filter(kv_entries::key.gt(after.to_owned()));
         }
-        let mut keys: Vec<String> = query.load(&mut self.conn()?).map_err(dployr_pg::store_error)?;
+        let mut keys: Vec<String> = self.pool.bounded(|conn| query.load(conn))?;
         let more = keys.len() > limit;
         keys.truncate(limit);
         let cursor = if more { keys.last().cloned() } else { None };
@@ -336,11 +332,12 @@ impl KvBackend for PgKv {
     fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let _span = self.pool.operation("kv.postgres.take");
         self.limits().check_key(key)?;
-        diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)).filter(alive()))
-            .returning(kv_entries::value)
-            .get_result::<Vec<u8>>(&mut self.conn()?)
-            .optional()
-            .map_err(dployr_pg::store_error)
+        self.pool.bounded(|conn| {
+            diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)).filter(alive()))
+                .returning(kv_entries::value)
+                .get_result::<Vec<u8>>(conn)
+                .optional()
+        })
     }
 
     /// One `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`: concurrent
@@ -350,12 +347,14 @@ impl KvBackend for PgKv {
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
-        let counted = diesel::sql_query(INCREMENT_SQL)
-            .bind::<Text, _>(key)
-            .bind::<Nullable<Interval>, _>(interval(ttl)?)
-            .get_result::<Count>(&mut self.conn()?)
-            .optional()
-            .map_err(dployr_pg::store_error)?;
+        let ttl = interval(ttl)?;
+        let counted = self.pool.bounded(|conn| {
+            diesel::sql_query(INCREMENT_SQL)
+                .bind::<Text, _>(key)
+                .bind::<Nullable<Interval>, _>(ttl)
+                .get_result::<Count>(conn)
+                .optional()
+        })?;
         counted.map(|c| c.count).ok_or_else(|| not_a_counter(key))
     }
 

@@ -33,9 +33,11 @@
 //! assert_eq!(users, 0);
 //! ```
 
+pub mod blackhole;
 pub mod cloudflare_emulator;
 pub mod erd;
 pub mod local;
+pub mod private;
 pub mod spans;
 
 mod databases;
@@ -44,8 +46,10 @@ mod docker;
 mod error;
 mod server;
 
+pub use blackhole::BlackholeProxy;
 pub use cloudflare_emulator::CloudflareEmulator;
 pub use error::TestkitError;
+pub use private::{Freeze, PrivateServer};
 pub use server::{ServerKind, TestServer, server};
 
 use std::fmt;
