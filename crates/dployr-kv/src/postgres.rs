@@ -378,14 +378,16 @@ impl KvBackend for PgKv {
         limits.check_key(attempts_key)?;
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
-        let attempt = diesel::sql_query(ATTEMPT_TAKE_SQL)
-            .bind::<Text, _>(attempts_key)
-            .bind::<Nullable<Interval>, _>(interval(ttl)?)
-            .bind::<Text, _>(key)
-            .bind::<diesel::sql_types::Binary, _>(expected)
-            .bind::<BigInt, _>(max_attempts)
-            .get_result::<Attempt>(&mut self.conn()?)
-            .map_err(dployr_pg::store_error)?;
+        let ttl = interval(ttl)?;
+        let attempt = self.pool.bounded(|conn| {
+            diesel::sql_query(ATTEMPT_TAKE_SQL)
+                .bind::<Text, _>(attempts_key)
+                .bind::<Nullable<Interval>, _>(ttl)
+                .bind::<Text, _>(key)
+                .bind::<diesel::sql_types::Binary, _>(expected)
+                .bind::<BigInt, _>(max_attempts)
+                .get_result::<Attempt>(conn)
+        })?;
         let count = attempt.count.ok_or_else(|| not_a_counter(attempts_key))?;
         Ok((count, attempt.taken))
     }
