@@ -1,4 +1,8 @@
--- 004_listing_counts: the totals of a cluster's listings (members, invites,
+-- 004_listing_counts: member and instance listings whose cost does not
+-- grow with the cluster: totals kept by the database, and members read
+-- without a lookup per member (see the end of this file).
+--
+-- The totals of a cluster's listings (members, invites,
 -- instances), kept by the database in the same transaction as every write
 -- that changes them, so a page reads its `total` from one row instead of
 -- counting the whole listing: a page of a 100 000-member cluster costs what
@@ -141,3 +145,42 @@ CREATE TRIGGER instances_counts_delete AFTER DELETE ON instances
 CREATE TRIGGER instances_counts_update AFTER UPDATE ON instances
     REFERENCING OLD TABLE AS removed NEW TABLE AS added
     FOR EACH STATEMENT EXECUTE FUNCTION dployr_cluster_counts_instances();
+
+-- A membership also copies the member's name and picture, as it already
+-- copies their e-mail, so a cluster's members (clusters.get, member pages,
+-- the owner) are read from one index range of user_clusters, without a
+-- lookup into users per member. A user's name or picture change reaches
+-- their memberships in the same transaction (users, then memberships: the
+-- lock order of ARCHITECTURE.md).
+ALTER TABLE user_clusters ADD COLUMN name TEXT, ADD COLUMN picture TEXT;
+UPDATE user_clusters AS m SET name = u.name, picture = u.picture FROM users AS u WHERE u.id = m.user_id;
+ALTER TABLE user_clusters ALTER COLUMN name SET NOT NULL;
+COMMENT ON COLUMN user_clusters.name IS 'Copy of users.name, kept by triggers, so member listings read no other table.';
+COMMENT ON COLUMN user_clusters.picture IS 'Copy of users.picture, kept by triggers, so member listings read no other table.';
+
+CREATE OR REPLACE FUNCTION dployr_user_clusters_copy_email() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT email, name, picture INTO NEW.email, NEW.name, NEW.picture FROM users WHERE id = NEW.user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'user % does not exist', NEW.user_id
+            USING ERRCODE = 'foreign_key_violation',
+                  CONSTRAINT = 'user_clusters_user_id_fkey',
+                  TABLE = 'user_clusters',
+                  COLUMN = 'user_id';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION dployr_users_copy_profile() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE user_clusters SET name = NEW.name, picture = NEW.picture WHERE user_id = NEW.id;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER users_copy_profile AFTER UPDATE OF name, picture ON users
+    FOR EACH ROW WHEN (OLD.name IS DISTINCT FROM NEW.name OR OLD.picture IS DISTINCT FROM NEW.picture)
+    EXECUTE FUNCTION dployr_users_copy_profile();

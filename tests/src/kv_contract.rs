@@ -352,6 +352,29 @@ pub fn take_returns_the_value_once(f: &dyn KvFixture) {
     assert_eq!(ok(kv.take("take/missing"), "take missing"), None);
 }
 
+/// `count_attempt_and_take_if` counts every attempt, takes only the exact
+/// value, only within the limit, and only once; an expired value is gone.
+pub fn attempt_take_counts_compares_and_consumes(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put("once/code", b"right", Some(TTL)), "put");
+    let attempt =
+        |value: &[u8]| ok(kv.count_attempt_and_take_if("once/tries", Some(TTL), 3, "once/code", value), "attempt");
+    assert_eq!(attempt(b"wrong"), (1, false));
+    assert_eq!(attempt(b"righ"), (2, false), "a prefix is not the value");
+    assert_eq!(ok(kv.get("once/code"), "get"), Some(b"right".to_vec()), "wrong guesses take nothing");
+    assert_eq!(attempt(b"right"), (3, true));
+    assert_eq!(ok(kv.get("once/code"), "get after"), None);
+    ok(kv.put("once/code", b"right", Some(TTL)), "put again");
+    assert_eq!(attempt(b"right"), (4, false), "past the limit even the right value is refused");
+    assert_eq!(ok(kv.get("once/code"), "get past the limit"), Some(b"right".to_vec()));
+    // A new counter (as after a new code) counts from 1 again; expired values are gone.
+    ok(kv.delete("once/tries"), "reset");
+    ok(kv.put("once/short", b"v", Some(TTL)), "put short");
+    f.advance(TTL + Duration::from_secs(1));
+    let expired = ok(kv.count_attempt_and_take_if("once/tries", Some(TTL), 3, "once/short", b"v"), "expired");
+    assert_eq!(expired, (1, false));
+}
+
 /// The counter starts at 1, counts up, is readable as digits, keeps the
 /// expiry it was created with, and starts again at 1 once expired.
 pub fn counter_counts_and_restarts_after_expiry(f: &dyn KvFixture) {
@@ -504,6 +527,7 @@ macro_rules! kv_contract_tests {
             list_prefix_and_cursor_with_refused_characters_are_invalid,
             kv_store_names_the_argument_that_is_too_large,
             take_returns_the_value_once,
+            attempt_take_counts_compares_and_consumes,
             counter_counts_and_restarts_after_expiry,
             sessions_expire,
             deleted_sessions_are_gone,

@@ -172,4 +172,18 @@ fn every_operation_is_one_statement() {
     one("take", &|| assert!(pg.kv.take("k").unwrap().is_some()));
     one("increment", &|| assert_eq!(pg.kv.increment("c", None).unwrap(), 1));
     one("delete", &|| pg.kv.delete("c").unwrap());
+    // An attempt at a one-time value: counted, compared and taken in one.
+    pg.kv.put("code", b"right", None).unwrap();
+    let ttl = Some(Duration::from_secs(60));
+    one("count_attempt_and_take_if (wrong)", &|| {
+        assert_eq!(pg.kv.count_attempt_and_take_if("tries", ttl, 2, "code", b"wrong").unwrap(), (1, false));
+    });
+    one("count_attempt_and_take_if (right)", &|| {
+        assert_eq!(pg.kv.count_attempt_and_take_if("tries", ttl, 2, "code", b"right").unwrap(), (2, true));
+    });
+    pg.kv.put("code", b"right", None).unwrap();
+    one("count_attempt_and_take_if (past the limit)", &|| {
+        assert_eq!(pg.kv.count_attempt_and_take_if("tries", ttl, 2, "code", b"right").unwrap(), (3, false));
+    });
+    assert_eq!(pg.kv.get("code").unwrap().as_deref(), Some(&b"right"[..]), "past the limit, nothing is taken");
 }

@@ -125,7 +125,10 @@ fn a_thousand_otps_use_every_character_and_repeat_no_more_than_chance_allows() {
     }
 }
 
-/// Wraps a backend and counts reads of OTP codes: one per evaluated guess.
+/// Wraps a backend and counts the OTP guesses it evaluates: a read of a
+/// code (the composed path), or an attempt the backend counted within the
+/// limit (the backend's own one-step path, whose comparison cannot be seen
+/// from here: a guess counted within the limit is one it compared).
 struct CountingKv {
     inner: Arc<dyn KvBackend>,
     code_reads: AtomicUsize,
@@ -155,6 +158,20 @@ impl KvBackend for CountingKv {
     }
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
         self.inner.increment(key, ttl)
+    }
+    fn count_attempt_and_take_if(
+        &self,
+        attempts_key: &str,
+        ttl: Option<Duration>,
+        max_attempts: i64,
+        key: &str,
+        expected: &[u8],
+    ) -> StoreResult<(i64, bool)> {
+        let (count, taken) = self.inner.count_attempt_and_take_if(attempts_key, ttl, max_attempts, key, expected)?;
+        if count <= max_attempts {
+            self.code_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok((count, taken))
     }
 }
 
@@ -229,13 +246,13 @@ fn store_refuses_ttls_the_backend_cannot_hold() {
 
 #[test]
 fn otp_guess_is_counted_before_the_code_is_read() {
-    // With the counter down, no guess reaches the code: the mock has no
-    // expectation for get or take, so reading it would panic.
+    // The store hands the whole attempt to the backend, which counts it
+    // before comparing; with the counter down, the guess fails with it.
     let mut kv = dployr_domain::MockKvBackend::new();
     kv.expect_limits().returning(dployr_domain::KvLimits::default);
-    kv.expect_increment()
+    kv.expect_count_attempt_and_take_if()
         .times(1)
-        .returning(|_, _| Err(dployr_domain::StoreError::Unavailable { reason: "down".into(), source: None }));
+        .returning(|_, _, _, _, _| Err(dployr_domain::StoreError::Unavailable { reason: "down".into(), source: None }));
     let store = KvStore::new(Arc::new(kv));
     let result = store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123"));
     assert!(matches!(result, Err(dployr_domain::StoreError::Unavailable { .. })));
@@ -245,7 +262,12 @@ fn otp_guess_is_counted_before_the_code_is_read() {
 fn otp_guess_past_the_limit_is_refused_unseen() {
     let mut kv = dployr_domain::MockKvBackend::new();
     kv.expect_limits().returning(dployr_domain::KvLimits::default);
-    kv.expect_increment().times(1).returning(|_, _| Ok(4));
+    kv.expect_count_attempt_and_take_if()
+        .withf(|attempts_key, _, max, code_key, _| {
+            attempts_key.starts_with("otp_attempts:") && *max == 3 && code_key.starts_with("otp:")
+        })
+        .times(1)
+        .returning(|_, _, _, _, _| Ok((4, false)));
     let store = KvStore::new(Arc::new(kv));
     assert!(!store.validate_otp(&Email::parse("a@example.com").unwrap(), &OtpCode::new("ABC123")).unwrap());
 }
@@ -286,9 +308,8 @@ fn kv_operations_are_spans_without_any_secret_and_postgres_ones_count_statements
             ("dployr.store", "kv.postgres.put", Some("1")),
             ("dployr.store", "kv.postgres.delete", Some("1")),
             ("dployr.kv", "kv.create_otp", None),
-            ("dployr.store", "kv.postgres.increment", Some("1")),
-            ("dployr.store", "kv.postgres.get", Some("1")),
-            ("dployr.store", "kv.postgres.take", Some("1")),
+            // A guess: counted, compared and (right) consumed in one statement.
+            ("dployr.store", "kv.postgres.count_attempt_and_take_if", Some("1")),
             ("dployr.kv", "kv.validate_otp", None),
         ]
     );

@@ -38,6 +38,24 @@ pub const CONNECT_TIMEOUT_VAR: &str = "DPLOYR_DB_CONNECT_TIMEOUT_MS";
 pub const STATEMENT_TIMEOUT_VAR: &str = "DPLOYR_DB_STATEMENT_TIMEOUT_MS";
 /// diesel's prepared statement cache: `true` (default) or `false` (PgBouncer transaction mode).
 pub const STATEMENT_CACHE_VAR: &str = "DPLOYR_DB_STATEMENT_CACHE";
+/// The client's deadline base of a call in ms; 0 or unset: the statement timeout (docs/operations.md).
+pub const CALL_TIMEOUT_VAR: &str = "DPLOYR_DB_CALL_TIMEOUT_MS";
+/// Added to the call timeout before the client cancels, in ms (default 1000).
+pub const DEADLINE_MARGIN_VAR: &str = "DPLOYR_DB_DEADLINE_MARGIN_MS";
+/// How long after the cancel the connection is cut off, in ms (default 1000).
+pub const CANCEL_GRACE_VAR: &str = "DPLOYR_DB_CANCEL_GRACE_MS";
+/// Send a cancel request when a call's deadline passes: `true` (default) or `false` (PgBouncer transaction mode).
+pub const CANCEL_ON_DEADLINE_VAR: &str = "DPLOYR_DB_CANCEL_ON_DEADLINE";
+/// TCP keepalives on database connections: `true` (default) or `false`.
+pub const KEEPALIVES_VAR: &str = "DPLOYR_DB_KEEPALIVES";
+/// Idle seconds before the first keepalive probe (default 10).
+pub const KEEPALIVES_IDLE_VAR: &str = "DPLOYR_DB_KEEPALIVES_IDLE_SECS";
+/// Seconds between keepalive probes (default 5).
+pub const KEEPALIVES_INTERVAL_VAR: &str = "DPLOYR_DB_KEEPALIVES_INTERVAL_SECS";
+/// Unanswered keepalive probes before the connection is dead (default 3).
+pub const KEEPALIVES_COUNT_VAR: &str = "DPLOYR_DB_KEEPALIVES_COUNT";
+/// libpq `tcp_user_timeout` in ms; 0 keeps the system's (default 25000).
+pub const TCP_USER_TIMEOUT_VAR: &str = "DPLOYR_DB_TCP_USER_TIMEOUT_MS";
 /// How often the PostgreSQL KV backend purges expired rows, in s; 0 turns it off (default 300).
 pub const KV_PURGE_EVERY_VAR: &str = "DPLOYR_KV_PURGE_EVERY_SECS";
 /// Session lifetime in s (default 7 days).
@@ -253,6 +271,7 @@ impl Config {
         if let Some(cache) = flag(&var, STATEMENT_CACHE_VAR)? {
             config.pool.prepared_statement_cache = cache;
         }
+        read_timeouts(&var, &mut config.pool)?;
         if let Some(migrate) = flag(&var, MIGRATE_ON_START_VAR)? {
             config.migrate_on_start = migrate;
         }
@@ -329,6 +348,49 @@ impl Config {
         };
         Ok(config)
     }
+}
+
+/// The call deadline and the TCP settings of the pool (issue 17).
+fn read_timeouts(var: &impl Fn(&str) -> Option<String>, pool: &mut PoolConfig) -> StoreResult<()> {
+    let millis = |name| parsed::<u64>(var, name, "milliseconds").map(|ms| ms.map(Duration::from_millis));
+    let seconds = |name| {
+        let secs = parsed::<u64>(var, name, "seconds")?;
+        if secs == Some(0) {
+            return Err(configuration(name, "must be at least 1 second"));
+        }
+        Ok(secs.map(Duration::from_secs))
+    };
+    if let Some(timeout) = millis(CALL_TIMEOUT_VAR)? {
+        pool.deadline.call_timeout = (!timeout.is_zero()).then_some(timeout);
+    }
+    if let Some(margin) = millis(DEADLINE_MARGIN_VAR)? {
+        pool.deadline.margin = margin;
+    }
+    if let Some(grace) = millis(CANCEL_GRACE_VAR)? {
+        pool.deadline.grace = grace;
+    }
+    if let Some(cancel) = flag(var, CANCEL_ON_DEADLINE_VAR)? {
+        pool.deadline.cancel = cancel;
+    }
+    if let Some(keepalives) = flag(var, KEEPALIVES_VAR)? {
+        pool.network.keepalives = keepalives;
+    }
+    if let Some(idle) = seconds(KEEPALIVES_IDLE_VAR)? {
+        pool.network.keepalives_idle = idle;
+    }
+    if let Some(interval) = seconds(KEEPALIVES_INTERVAL_VAR)? {
+        pool.network.keepalives_interval = interval;
+    }
+    if let Some(count) = parsed::<u32>(var, KEEPALIVES_COUNT_VAR, "a number of probes")? {
+        if count == 0 {
+            return Err(configuration(KEEPALIVES_COUNT_VAR, "must be at least 1"));
+        }
+        pool.network.keepalives_count = count;
+    }
+    if let Some(timeout) = millis(TCP_USER_TIMEOUT_VAR)? {
+        pool.network.tcp_user_timeout = (!timeout.is_zero()).then_some(timeout);
+    }
+    Ok(())
 }
 
 fn configuration(setting: &'static str, reason: impl Into<std::borrow::Cow<'static, str>>) -> StoreError {

@@ -58,6 +58,35 @@ fn every_variable_is_read() {
 }
 
 #[test]
+fn the_deadline_and_tcp_variables_are_read() {
+    let config = Config::from_vars(vars(&[
+        ("DATABASE_URL", "postgres://db/app"),
+        ("DPLOYR_DB_CALL_TIMEOUT_MS", "4000"),
+        ("DPLOYR_DB_DEADLINE_MARGIN_MS", "1500"),
+        ("DPLOYR_DB_CANCEL_GRACE_MS", "2500"),
+        ("DPLOYR_DB_CANCEL_ON_DEADLINE", "false"),
+        ("DPLOYR_DB_KEEPALIVES_IDLE_SECS", "30"),
+        ("DPLOYR_DB_KEEPALIVES_INTERVAL_SECS", "10"),
+        ("DPLOYR_DB_KEEPALIVES_COUNT", "6"),
+        ("DPLOYR_DB_TCP_USER_TIMEOUT_MS", "0"),
+    ]))
+    .unwrap();
+    let (deadline, network) = (config.pool.deadline, config.pool.network);
+    assert_eq!(deadline.call_timeout, Some(Duration::from_secs(4)));
+    assert_eq!((deadline.margin, deadline.grace), (Duration::from_millis(1500), Duration::from_millis(2500)));
+    assert!(!deadline.cancel);
+    assert!(network.keepalives);
+    assert_eq!(
+        (network.keepalives_idle, network.keepalives_interval),
+        (Duration::from_secs(30), Duration::from_secs(10))
+    );
+    assert_eq!((network.keepalives_count, network.tcp_user_timeout), (6, None));
+    let off =
+        Config::from_vars(vars(&[("DATABASE_URL", "postgres://db/app"), ("DPLOYR_DB_KEEPALIVES", "off")])).unwrap();
+    assert!(!off.pool.network.keepalives);
+}
+
+#[test]
 #[cfg(feature = "cloudflare")]
 fn cloudflare_takes_its_three_variables_and_hides_the_token() {
     let config = Config::from_vars(vars(&[
@@ -95,6 +124,9 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
     assert_eq!(setting_of(&with(&[("DPLOYR_MIGRATE_ON_START", "maybe")])), "DPLOYR_MIGRATE_ON_START");
     assert_eq!(setting_of(&with(&[("DPLOYR_OTP_TTL_SECS", "0")])), "DPLOYR_OTP_TTL_SECS");
     assert_eq!(setting_of(&with(&[("DPLOYR_KV_PURGE_EVERY_SECS", "soon")])), "DPLOYR_KV_PURGE_EVERY_SECS");
+    assert_eq!(setting_of(&with(&[("DPLOYR_DB_KEEPALIVES_IDLE_SECS", "0")])), "DPLOYR_DB_KEEPALIVES_IDLE_SECS");
+    assert_eq!(setting_of(&with(&[("DPLOYR_DB_KEEPALIVES_COUNT", "0")])), "DPLOYR_DB_KEEPALIVES_COUNT");
+    assert_eq!(setting_of(&with(&[("DPLOYR_DB_CANCEL_GRACE_MS", "1s")])), "DPLOYR_DB_CANCEL_GRACE_MS");
 }
 
 #[test]

@@ -286,6 +286,38 @@ pub trait KvBackend: Send + Sync {
     /// [`StoreError::Invalid`] for a bad key or TTL, or when the key holds a
     /// value that is not a counter; backend errors.
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64>;
+
+    /// Counts one attempt under `attempts_key` (as [`increment`](Self::increment)
+    /// with `ttl`) and, only when that count is at most `max_attempts`,
+    /// deletes the entry under `key` if its value is exactly `expected`.
+    /// Returns the count and whether this call deleted the entry: of many
+    /// concurrent calls with the right value, one does. This is how a
+    /// one-time code is checked: the attempt is counted before anything is
+    /// compared, and a right guess consumes it.
+    ///
+    /// The default is [`increment`](Self::increment), [`get`](Self::get) and
+    /// a [`take`](Self::take) that succeeds only if it took `expected`;
+    /// PostgreSQL does it in one statement, memory under one lock.
+    ///
+    /// # Errors
+    /// As [`increment`](Self::increment) and [`take`](Self::take).
+    fn count_attempt_and_take_if(
+        &self,
+        attempts_key: &str,
+        ttl: Option<Duration>,
+        max_attempts: i64,
+        key: &str,
+        expected: &[u8],
+    ) -> StoreResult<(i64, bool)> {
+        let attempts = self.increment(attempts_key, ttl)?;
+        if attempts > max_attempts {
+            return Ok((attempts, false));
+        }
+        if self.get(key)?.as_deref() != Some(expected) {
+            return Ok((attempts, false));
+        }
+        Ok((attempts, self.take(key)?.as_deref() == Some(expected)))
+    }
 }
 
 /// Parses a counter value as written by [`KvBackend::increment`]: ASCII

@@ -189,4 +189,33 @@ impl KvBackend for MemoryKv {
         state.insert(key, Entry { value: count.to_string().into_bytes(), expires_at });
         Ok(count)
     }
+
+    /// Under the one lock, so the whole attempt is atomic.
+    fn count_attempt_and_take_if(
+        &self,
+        attempts_key: &str,
+        ttl: Option<Duration>,
+        max_attempts: i64,
+        key: &str,
+        expected: &[u8],
+    ) -> StoreResult<(i64, bool)> {
+        let limits = self.limits();
+        limits.check_key(attempts_key)?;
+        limits.check_key(key)?;
+        limits.check_ttl(ttl)?;
+        let new_expiry = self.expiry(ttl)?;
+        let mut state = self.state();
+        let (count, expires_at) = match state.entries.get(attempts_key) {
+            None => (1, new_expiry),
+            Some(entry) => {
+                let current = parse_counter(&entry.value).ok_or_else(|| not_a_counter(attempts_key))?;
+                (current + 1, entry.expires_at)
+            }
+        };
+        state.insert(attempts_key, Entry { value: count.to_string().into_bytes(), expires_at });
+        let taken = count <= max_attempts
+            && state.entries.get(key).is_some_and(|entry| entry.value == expected)
+            && state.remove(key).is_some();
+        Ok((count, taken))
+    }
 }

@@ -10,8 +10,10 @@
 //! invisible to every read and removed by [`PgKv::purge_expired`], in
 //! bounded batches, which a caller runs or a [`Purger`] thread runs for it.
 //!
-//! Errors are mapped by `dployr_pg::store_error`, the one PostgreSQL error
-//! mapper of the workspace. The SQL of this backend lives in this file: diesel's query builder where
+//! Every operation runs through `PgPool::bounded`, so it has the same
+//! client-side deadline as the stores' calls (docs/operations.md). Errors
+//! are mapped by `dployr_pg::store_error`, the one PostgreSQL error mapper
+//! of the workspace. The SQL of this backend lives in this file: diesel's query builder where
 //! it can express the statement, raw SQL with bound parameters where it
 //! cannot (the counter's conditional upsert).
 
@@ -25,8 +27,8 @@ use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Interval, Nullable, Text, Timestamptz};
 use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter};
+use dployr_pg::PgPool;
 use dployr_pg::schema::kv_entries;
-use dployr_pg::{PgPool, PgPooledConnection};
 
 /// A [`KvBackend`] on the `kv_entries` table; cheap to clone.
 ///
@@ -93,6 +95,31 @@ WHERE e.expires_at <= now()
    OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = '')
 RETURNING convert_from(value, 'UTF8')::bigint AS count";
 
+/// `count_attempt_and_take_if` in one statement: the counter's upsert (as
+/// [`INCREMENT_SQL`]), and a delete of the value that runs only when the
+/// count is within the limit and the value is the expected one. The delete
+/// reads the count, so the upsert (which locks the counter row, serializing
+/// concurrent attempts) happens first; of concurrent right guesses, the
+/// first delete wins and the others find the row gone.
+const ATTEMPT_TAKE_SQL: &str = r"
+WITH attempt AS (
+    INSERT INTO kv_entries AS e (key, value, expires_at)
+    VALUES ($1, convert_to('1', 'UTF8'), now() + $2)
+    ON CONFLICT (key) DO UPDATE SET
+        value = CASE WHEN e.expires_at <= now() THEN EXCLUDED.value
+                     ELSE convert_to((convert_from(e.value, 'UTF8')::bigint + 1)::text, 'UTF8') END,
+        expires_at = CASE WHEN e.expires_at <= now() THEN EXCLUDED.expires_at ELSE e.expires_at END
+    WHERE e.expires_at <= now()
+       OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = '')
+    RETURNING convert_from(value, 'UTF8')::bigint AS count
+), taken AS (
+    DELETE FROM kv_entries
+     WHERE key = $3 AND value = $4 AND (expires_at IS NULL OR expires_at > now())
+       AND (SELECT count FROM attempt) <= $5
+    RETURNING 1
+)
+SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken) AS taken";
+
 /// One bounded batch of the purge. diesel's builder cannot put an ordered,
 /// limited, `FOR UPDATE SKIP LOCKED` subquery into a `DELETE`, so this is
 /// raw SQL; the batch size is bound.
@@ -116,10 +143,6 @@ impl PgKv {
         &self.pool
     }
 
-    fn conn(&self) -> StoreResult<PgPooledConnection> {
-        self.pool.get()
-    }
-
     /// Deletes at most `batch_size` expired rows, oldest expiry first, in
     /// one statement; rows locked by another purger are skipped. Returns how
     /// many went.
@@ -131,10 +154,8 @@ impl PgKv {
         if batch_size < 1 {
             return Err(StoreError::invalid("batch_size", "must be at least 1"));
         }
-        let deleted = diesel::sql_query(PURGE_SQL)
-            .bind::<BigInt, _>(batch_size)
-            .execute(&mut self.conn()?)
-            .map_err(dployr_pg::store_error)?;
+        let deleted =
+            self.pool.bounded(|conn| diesel::sql_query(PURGE_SQL).bind::<BigInt, _>(batch_size).execute(conn))?;
         Ok(deleted as u64)
     }
 
@@ -243,13 +264,14 @@ impl KvBackend for PgKv {
     fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let _span = self.pool.operation("kv.postgres.get");
         self.limits().check_key(key)?;
-        kv_entries::table
-            .select(kv_entries::value)
-            .filter(kv_entries::key.eq(key))
-            .filter(alive())
-            .first::<Vec<u8>>(&mut self.conn()?)
-            .optional()
-            .map_err(dployr_pg::store_error)
+        self.pool.bounded(|conn| {
+            kv_entries::table
+                .select(kv_entries::value)
+                .filter(kv_entries::key.eq(key))
+                .filter(alive())
+                .first::<Vec<u8>>(conn)
+                .optional()
+        })
     }
 
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
@@ -259,25 +281,24 @@ impl KvBackend for PgKv {
         limits.check_value(value)?;
         limits.check_ttl(ttl)?;
         let expires_at = sql::<Nullable<Timestamptz>>("now() + ").bind::<Nullable<Interval>, _>(interval(ttl)?);
-        diesel::insert_into(kv_entries::table)
-            .values((kv_entries::key.eq(key), kv_entries::value.eq(value), kv_entries::expires_at.eq(expires_at)))
-            .on_conflict(kv_entries::key)
-            .do_update()
-            .set((
-                kv_entries::value.eq(diesel::upsert::excluded(kv_entries::value)),
-                kv_entries::expires_at.eq(diesel::upsert::excluded(kv_entries::expires_at)),
-            ))
-            .execute(&mut self.conn()?)
-            .map_err(dployr_pg::store_error)?;
+        self.pool.bounded(|conn| {
+            diesel::insert_into(kv_entries::table)
+                .values((kv_entries::key.eq(key), kv_entries::value.eq(value), kv_entries::expires_at.eq(expires_at)))
+                .on_conflict(kv_entries::key)
+                .do_update()
+                .set((
+                    kv_entries::value.eq(diesel::upsert::excluded(kv_entries::value)),
+                    kv_entries::expires_at.eq(diesel::upsert::excluded(kv_entries::expires_at)),
+                ))
+                .execute(conn)
+        })?;
         Ok(())
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
         let _span = self.pool.operation("kv.postgres.delete");
         self.limits().check_key(key)?;
-        diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)))
-            .execute(&mut self.conn()?)
-            .map_err(dployr_pg::store_error)?;
+        self.pool.bounded(|conn| diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key))).execute(conn))?;
         Ok(())
     }
 
@@ -300,7 +321,7 @@ impl KvBackend for PgKv {
         if let Some(after) = cursor.filter(|c| !c.is_empty()) {
             query = query.filter(kv_entries::key.gt(after.to_owned()));
         }
-        let mut keys: Vec<String> = query.load(&mut self.conn()?).map_err(dployr_pg::store_error)?;
+        let mut keys: Vec<String> = self.pool.bounded(|conn| query.load(conn))?;
         let more = keys.len() > limit;
         keys.truncate(limit);
         let cursor = if more { keys.last().cloned() } else { None };
@@ -311,11 +332,12 @@ impl KvBackend for PgKv {
     fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
         let _span = self.pool.operation("kv.postgres.take");
         self.limits().check_key(key)?;
-        diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)).filter(alive()))
-            .returning(kv_entries::value)
-            .get_result::<Vec<u8>>(&mut self.conn()?)
-            .optional()
-            .map_err(dployr_pg::store_error)
+        self.pool.bounded(|conn| {
+            diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)).filter(alive()))
+                .returning(kv_entries::value)
+                .get_result::<Vec<u8>>(conn)
+                .optional()
+        })
     }
 
     /// One `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`: concurrent
@@ -325,12 +347,48 @@ impl KvBackend for PgKv {
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
-        let counted = diesel::sql_query(INCREMENT_SQL)
-            .bind::<Text, _>(key)
-            .bind::<Nullable<Interval>, _>(interval(ttl)?)
-            .get_result::<Count>(&mut self.conn()?)
-            .optional()
-            .map_err(dployr_pg::store_error)?;
+        let ttl = interval(ttl)?;
+        let counted = self.pool.bounded(|conn| {
+            diesel::sql_query(INCREMENT_SQL)
+                .bind::<Text, _>(key)
+                .bind::<Nullable<Interval>, _>(ttl)
+                .get_result::<Count>(conn)
+                .optional()
+        })?;
         counted.map(|c| c.count).ok_or_else(|| not_a_counter(key))
+    }
+
+    fn count_attempt_and_take_if(
+        &self,
+        attempts_key: &str,
+        ttl: Option<Duration>,
+        max_attempts: i64,
+        key: &str,
+        expected: &[u8],
+    ) -> StoreResult<(i64, bool)> {
+        #[derive(QueryableByName)]
+        struct Attempt {
+            #[diesel(sql_type = Nullable<BigInt>)]
+            count: Option<i64>,
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            taken: bool,
+        }
+        let _span = self.pool.operation("kv.postgres.count_attempt_and_take_if");
+        let limits = self.limits();
+        limits.check_key(attempts_key)?;
+        limits.check_key(key)?;
+        limits.check_ttl(ttl)?;
+        let ttl = interval(ttl)?;
+        let attempt = self.pool.bounded(|conn| {
+            diesel::sql_query(ATTEMPT_TAKE_SQL)
+                .bind::<Text, _>(attempts_key)
+                .bind::<Nullable<Interval>, _>(ttl)
+                .bind::<Text, _>(key)
+                .bind::<diesel::sql_types::Binary, _>(expected)
+                .bind::<BigInt, _>(max_attempts)
+                .get_result::<Attempt>(conn)
+        })?;
+        let count = attempt.count.ok_or_else(|| not_a_counter(attempts_key))?;
+        Ok((count, attempt.taken))
     }
 }

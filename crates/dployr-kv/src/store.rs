@@ -4,14 +4,16 @@
 //! - Keys hold the SHA-256 (hex) of a session id or state, never the secret
 //!   itself, so a leaked listing of the store yields no usable session.
 //! - An OTP is 6 characters of `A-Z0-9` from the thread-local CSPRNG of
-//!   `rand` (ChaCha, seeded by the operating system); only a salted SHA-256
-//!   of it is stored (OWASP ASVS 2.7.5), and a guess is compared in constant
-//!   time (`subtle`), case-insensitively.
+//!   `rand` (ChaCha, seeded by the operating system); only a SHA-256 of it,
+//!   bound to the e-mail, is stored (OWASP ASVS 2.7.5), and a guess is
+//!   compared as its digest, case-insensitively (comparing digests reveals
+//!   nothing of the code, whatever the comparison's timing).
 //! - At most [`KvStoreConfig::otp_max_attempts`] guesses per code are
 //!   evaluated: each guess first increments an atomic counter and is refused
 //!   unseen once the counter passes the limit (as Ory Kratos does), so
-//!   parallel guesses cannot exceed it. A right guess consumes the code with
-//!   `take`, so it works once. An OAuth state is consumed with `take` too.
+//!   parallel guesses cannot exceed it. A right guess consumes the code in
+//!   the same step (`KvBackend::count_attempt_and_take_if`: one statement on
+//!   PostgreSQL), so it works once. An OAuth state is consumed with `take`.
 //!
 //! **Two backends.** Those single-use and counting rules are only as exact
 //! as the backend's `take` and `increment`. Sessions are long-lived, read
@@ -42,7 +44,6 @@ use dployr_domain::{ClusterSummary, Email, KvBackend, Provider, StoreError, Stor
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq as _;
 
 /// The characters of a one-time code.
 pub const OTP_ALPHABET: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
@@ -53,7 +54,14 @@ const SESSION_PREFIX: &str = "session:";
 const STATE_PREFIX: &str = "oauth_state:";
 const OTP_PREFIX: &str = "otp:";
 const OTP_ATTEMPTS_PREFIX: &str = "otp_attempts:";
-const OTP_SALT_BYTES: usize = 16;
+/// Domain separation of the stored OTP hash: SHA-256 of this, the code's
+/// key (itself a SHA-256 of the e-mail, so the same code of two people
+/// hashes differently), a NUL and the code. Deterministic, so the backend
+/// can compare what it stores with what a guess hashes to in the same step
+/// that counts the guess (`KvBackend::count_attempt_and_take_if`); a random
+/// salt would add nothing against brute force of a 6-character code, which
+/// the attempt limit and the 10-minute TTL are what stop.
+const OTP_HASH_DOMAIN: &[u8] = b"dployr otp v2\0";
 
 /// How long a store remembers a session it deleted, so that a backend's
 /// stale reads cannot bring it back in this process: Cloudflare documents
@@ -419,11 +427,8 @@ impl KvStore {
     pub fn create_otp(&self, email: &Email) -> StoreResult<OtpCode> {
         let _span = operation("kv.create_otp");
         let code = OtpCode::generate();
-        let mut salt = [0u8; OTP_SALT_BYTES];
-        rand::rng().fill(&mut salt);
-        let mut stored = salt.to_vec();
-        stored.extend_from_slice(&otp_hash(&salt, &code.normalized()));
         let (code_key, attempts_key) = Self::otp_keys(email);
+        let stored = otp_hash(&code_key, &code.normalized());
         self.one_time.put(&code_key, &stored, Some(self.config.otp_ttl))?;
         self.one_time.delete(&attempts_key)?;
         Ok(code)
@@ -438,20 +443,20 @@ impl KvStore {
     pub fn validate_otp(&self, email: &Email, code: &OtpCode) -> StoreResult<bool> {
         let _span = operation("kv.validate_otp");
         let (code_key, attempts_key) = Self::otp_keys(email);
-        let attempts = self.one_time.increment(&attempts_key, Some(self.config.otp_ttl))?;
-        if attempts > i64::from(self.config.otp_max_attempts) {
-            return Ok(false);
-        }
-        let Some(stored) = self.one_time.get(&code_key)? else { return Ok(false) };
-        let Some((salt, expected)) = stored.split_at_checked(OTP_SALT_BYTES) else { return Ok(false) };
-        let given = otp_hash(salt, &code.normalized());
-        if !bool::from(given.as_slice().ct_eq(expected)) {
-            return Ok(false);
-        }
-        // Only the caller whose take removes this very code succeeds. The
-        // attempt count stays until it expires or a new code replaces it:
-        // resetting it here would let guesses racing this one be evaluated.
-        Ok(matches!(self.one_time.take(&code_key)?, Some(taken) if taken == stored))
+        let given = otp_hash(&code_key, &code.normalized());
+        // The attempt is counted before anything is compared, and only the
+        // call that deletes this very code succeeds (one statement on
+        // PostgreSQL). The count stays until it expires or a new code
+        // replaces it: resetting it on success would let guesses racing
+        // this one be evaluated.
+        let (_, taken) = self.one_time.count_attempt_and_take_if(
+            &attempts_key,
+            Some(self.config.otp_ttl),
+            i64::from(self.config.otp_max_attempts),
+            &code_key,
+            &given,
+        )?;
+        Ok(taken)
     }
 }
 
@@ -483,9 +488,11 @@ impl Drop for Operation {
     }
 }
 
-fn otp_hash(salt: &[u8], normalized_code: &str) -> [u8; 32] {
+fn otp_hash(code_key: &str, normalized_code: &str) -> [u8; 32] {
     let mut hasher = Sha256::new();
-    hasher.update(salt);
+    hasher.update(OTP_HASH_DOMAIN);
+    hasher.update(code_key.as_bytes());
+    hasher.update([0]);
     hasher.update(normalized_code.as_bytes());
     hasher.finalize().into()
 }

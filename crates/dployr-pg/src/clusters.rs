@@ -42,15 +42,14 @@ struct ClusterRow {
     updated_at: DateTime<Utc>,
 }
 
-/// A membership with what a listing shows of the user.
+/// A membership with what a listing shows of the user (e-mail, name and
+/// picture are copies kept in the membership by triggers: no join).
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = user_clusters, check_for_backend(diesel::pg::Pg))]
 struct MemberRow {
     user_id: String,
     email: String,
-    #[diesel(select_expression = users::name)]
     name: String,
-    #[diesel(select_expression = users::picture)]
     picture: Option<String>,
     role: String,
     created_at: DateTime<Utc>,
@@ -129,8 +128,8 @@ struct MemberPage<'a> {
 impl QueryFragment<Pg> for MemberPage<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(
-            "WITH page AS (\n    SELECT m.user_id, m.email, u.name, u.picture, m.role, m.role_order, m.created_at\n    \
-             FROM user_clusters m JOIN users u ON u.id = m.user_id\n    WHERE m.cluster_id = ",
+            "WITH page AS (\n    SELECT m.user_id, m.email, m.name, m.picture, m.role, m.role_order, m.created_at\n    \
+             FROM user_clusters m\n    WHERE m.cluster_id = ",
         );
         out.push_bind_param::<Text, _>(&self.cluster)?;
         out.push_sql(" AND m.role_order BETWEEN ");
@@ -237,7 +236,6 @@ impl PgClusterStore {
     fn members_where(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
         let rows: Vec<MemberRow> = self.pool.run(&[], |conn| {
             user_clusters::table
-                .inner_join(users::table)
                 .filter(user_clusters::cluster_id.eq(cluster.to_string()))
                 .filter(user_clusters::role.eq(role.as_str()))
                 .order(user_clusters::email)
@@ -297,17 +295,24 @@ struct ClusterWithMembersRow {
 ///
 /// ```sql
 /// SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at,
-///        (SELECT array_agg(ROW(m.user_id, m.email, u.name, u.picture, m.role, m.created_at)
+///        (SELECT array_agg(ROW(m.user_id, m.email, m.name, m.picture, m.role, m.created_at)
 ///                          ORDER BY m.role_order, m.email)
-///           FROM user_clusters m JOIN users u ON u.id = m.user_id
-///          WHERE m.cluster_id = c.id) AS members
+///           FROM user_clusters m
+///          WHERE m.cluster_id = $1) AS members
 ///   FROM clusters c
-///  WHERE c.id = $1
+///  WHERE c.id = $2            -- the same id
 /// ```
 ///
+/// The subquery names the id itself rather than `c.id`: planned against a
+/// correlated `c.id`, PostgreSQL estimates the members of an average
+/// cluster, and where one cluster is huge it hashes every membership
+/// (34 ms instead of 0.2 ms for 50 members beside a 100 000-member cluster).
+///
 /// (A join would repeat the cluster row, metadata included, for every
-/// member, and decode it as many times.) Records travel in PostgreSQL's
-/// binary format: no JSON to parse for the members.
+/// member, and decode it as many times.) The members come from one range of
+/// `user_clusters_cluster_id_order_idx`, with the copies of each member's
+/// e-mail, name and picture that the membership keeps (no lookup into
+/// `users`). Records travel in PostgreSQL's binary format: no JSON to parse.
 struct ClusterWithMembers<'a> {
     cluster: &'a str,
 }
@@ -316,10 +321,12 @@ impl QueryFragment<Pg> for ClusterWithMembers<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(
             "SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at,\n       \
-             (SELECT array_agg(ROW(m.user_id, m.email, u.name, u.picture, m.role, m.created_at)\n                  \
-             ORDER BY m.role_order, m.email)\n          FROM user_clusters m JOIN users u ON u.id = m.user_id\n         \
-             WHERE m.cluster_id = c.id) AS members\n  FROM clusters c\n WHERE c.id = ",
+             (SELECT array_agg(ROW(m.user_id, m.email, m.name, m.picture, m.role, m.created_at)\n                  \
+             ORDER BY m.role_order, m.email)\n          FROM user_clusters m\n         \
+             WHERE m.cluster_id = ",
         );
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(") AS members\n  FROM clusters c\n WHERE c.id = ");
         out.push_bind_param::<Text, _>(&self.cluster)?;
         Ok(())
     }
@@ -540,7 +547,6 @@ impl ClusterStore for PgClusterStore {
                 Err(other) => return Err(other.into()),
             }
             let rows: Vec<MemberRow> = user_clusters::table
-                .inner_join(users::table)
                 .filter(user_clusters::cluster_id.eq(&cluster))
                 .filter(user_clusters::email.eq_any(&emails))
                 .order(user_clusters::email)

@@ -9,7 +9,9 @@
 
 mod bootstrap_tokens;
 mod clusters;
+mod conninfo;
 mod cursor;
+mod deadline;
 mod errors;
 mod instances;
 mod pool;
@@ -19,6 +21,8 @@ mod users;
 
 pub use bootstrap_tokens::PgBootstrapTokenStore;
 pub use clusters::PgClusterStore;
+pub use conninfo::NetworkConfig;
+pub use deadline::{DeadlineConfig, DeadlineStats, PgConnectionManager};
 pub use errors::store_error;
 pub use instances::PgInstanceStore;
 pub use pool::{

@@ -20,14 +20,16 @@ use std::time::Duration;
 use diesel::PgConnection;
 use diesel::RunQueryDsl as _;
 use diesel::connection::{CacheSize, Connection as _, Instrumentation, InstrumentationEvent, SimpleConnection as _};
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::{CustomizeConnection, Pool, PooledConnection};
 use dployr_domain::connection::redact;
 use dployr_domain::{ConnectFailure, ConnectFailureKind, StoreError};
 
+use crate::conninfo::{NetworkConfig, with_network_parameters};
+use crate::deadline::{ConnInfo, DeadlineConfig, DeadlineStats, Deadlines, PgConnectionManager};
 use crate::errors::{Failure, Keys};
 
 /// A connection checked out of a [`PgPool`]; it goes back when dropped.
-pub type PgPooledConnection = PooledConnection<ConnectionManager<PgConnection>>;
+pub type PgPooledConnection = PooledConnection<PgConnectionManager>;
 
 /// How the pool is sized and how long it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +55,11 @@ pub struct PoolConfig {
     /// behind PgBouncer in transaction mode, where a prepared statement
     /// may not exist on the server connection the next transaction gets.
     pub prepared_statement_cache: bool,
+    /// TCP keepalives, `tcp_user_timeout` and libpq's `connect_timeout`,
+    /// added to the URL unless it sets them.
+    pub network: NetworkConfig,
+    /// The client's own deadline of every store call.
+    pub deadline: DeadlineConfig,
 }
 
 impl Default for PoolConfig {
@@ -64,6 +71,8 @@ impl Default for PoolConfig {
             record_statements: false,
             record_binds: false,
             prepared_statement_cache: true,
+            network: NetworkConfig::default(),
+            deadline: DeadlineConfig::default(),
         }
     }
 }
@@ -101,8 +110,17 @@ struct Counters {
 /// How many statements [`PgPool::recent_statements`] keeps.
 const RECENT_STATEMENTS: usize = 256;
 
-/// The diesel instrumentation installed on each pooled connection.
-struct CountingInstrumentation(Arc<Counters>);
+/// The diesel instrumentation installed on each pooled connection; it also
+/// carries what the deadlines know of the connection.
+struct CountingInstrumentation(Arc<Counters>, Arc<ConnInfo>);
+
+/// What the pool learnt about `conn` when it was made; `None` for a
+/// connection the pool did not set up.
+pub(crate) fn conn_info(conn: &mut PgConnection) -> Option<Arc<ConnInfo>> {
+    conn.instrumentation()
+        .downcast_ref::<CountingInstrumentation>()
+        .map(|instrumentation| Arc::clone(&instrumentation.1))
+}
 
 impl Instrumentation for CountingInstrumentation {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
@@ -166,7 +184,10 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
             conn.set_prepared_statement_cache_size(CacheSize::Disabled);
         }
         // Installed after the SET, so only the stores' own statements count.
-        conn.set_instrumentation(CountingInstrumentation(Arc::clone(&self.counters)));
+        conn.set_instrumentation(CountingInstrumentation(
+            Arc::clone(&self.counters),
+            crate::deadline::take_identified(),
+        ));
         Ok(())
     }
 }
@@ -182,11 +203,13 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
 /// ```
 #[derive(Clone)]
 pub struct PgPool {
-    inner: Pool<ConnectionManager<PgConnection>>,
+    inner: Pool<PgConnectionManager>,
     counters: Arc<Counters>,
     connection_timeout: Duration,
-    /// The URL, kept only to redact what libpq echoes of it in later
-    /// checkout errors; never printed.
+    deadlines: Arc<Deadlines>,
+    /// The URL (with the network parameters), kept to redact what libpq
+    /// echoes of it in later checkout errors and for the pooler probe;
+    /// never printed.
     database_url: Arc<str>,
 }
 
@@ -279,10 +302,10 @@ impl PgPool {
         if config.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
         }
+        let url = with_network_parameters(database_url, &config.network, config.connection_timeout);
         // One direct attempt first: r2d2 would retry a wrong password until
         // the timeout and then report a timeout.
-        probe_connection(database_url, config.connection_timeout)
-            .map_err(|failure| failure.into_store_error(setting))?;
+        probe_connection(&url, config.connection_timeout).map_err(|failure| failure.into_store_error(setting))?;
         let counters = Arc::new(Counters {
             recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
             record_binds: config.record_binds,
@@ -293,6 +316,7 @@ impl PgPool {
             prepared_statement_cache: config.prepared_statement_cache,
             counters: Arc::clone(&counters),
         };
+        let deadline_counters = Arc::default();
         let inner = Pool::builder()
             .max_size(config.max_size)
             .min_idle(Some(0))
@@ -306,15 +330,29 @@ impl PgPool {
             // r2d2's default handler logs each failed connect through `log`,
             // with libpq's unredacted text; the checkout error reports it.
             .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
-            .build_unchecked(ConnectionManager::new(database_url));
-        let pool =
-            Self { inner, counters, connection_timeout: config.connection_timeout, database_url: database_url.into() };
+            .build_unchecked(PgConnectionManager::new(&url, Arc::clone(&deadline_counters)));
+        let deadlines = Deadlines::new(
+            config.deadline,
+            config.statement_timeout,
+            config.connection_timeout,
+            &url,
+            deadline_counters,
+        );
+        let pool = Self {
+            inner,
+            counters,
+            connection_timeout: config.connection_timeout,
+            deadlines: Arc::new(deadlines),
+            database_url: url.into(),
+        };
         // One checkout proves the URL works and fails fast, with the reason, when it does not.
         drop(pool.get()?);
         Ok(pool)
     }
 
-    /// Checks a connection out.
+    /// Checks a connection out. The connection is the caller's until it is
+    /// dropped, with no client deadline: store code uses
+    /// [`bounded`](Self::bounded) instead.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when none is free or can be made within
@@ -386,6 +424,34 @@ impl PgPool {
         crate::trace::operation(name)
     }
 
+    /// Runs `work` on a pooled connection within the call deadline (see
+    /// [`DeadlineConfig`]): the checkout and `work` together end by
+    /// `statement_timeout` + margin (+ grace if the server does not answer
+    /// the cancel), and a connection whose call overran is discarded.
+    /// Errors are mapped by [`store_error`](crate::store_error).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] naming the deadline when it passed, or
+    /// when no connection came in time; `work`'s error otherwise.
+    pub fn bounded<T>(
+        &self,
+        work: impl FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error>,
+    ) -> Result<T, StoreError> {
+        self.deadlines.bounded(&self.inner, |conn| work(conn).map_err(crate::store_error))
+    }
+
+    /// What the call deadlines did so far, and how many connections the pool
+    /// discarded.
+    pub fn deadline_stats(&self) -> DeadlineStats {
+        self.deadlines.stats()
+    }
+
+    /// The longest a [`bounded`](Self::bounded) call (every store call) may
+    /// take: call timeout + margin + grace.
+    pub fn call_bound(&self) -> Duration {
+        self.deadlines.bound()
+    }
+
     /// Connections open now, and how many of them are idle.
     pub fn state(&self) -> (u32, u32) {
         let state = self.inner.state();
@@ -408,8 +474,7 @@ impl PgPool {
         keys: Keys<'_>,
         mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.get()?;
-        retrying(keys, || work(&mut conn).map_err(Into::into))
+        self.deadlines.bounded(&self.inner, |conn| retrying(keys, || work(conn).map_err(Into::into)))
     }
 
     /// Runs `work` in one transaction, rolled back on any error; a
@@ -422,9 +487,7 @@ impl PgPool {
         mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
         use diesel::Connection as _;
-        let mut conn = self.get()?;
-        let conn: &mut PgConnection = &mut conn;
-        retrying(keys, || conn.transaction(&mut work))
+        self.deadlines.bounded(&self.inner, |conn| retrying(keys, || conn.transaction(&mut work)))
     }
 }
 

@@ -33,10 +33,12 @@
 //! assert_eq!(users, 0);
 //! ```
 
+pub mod blackhole;
 pub mod cloudflare_emulator;
 pub mod erd;
 pub mod local;
 pub mod pgbouncer;
+pub mod private;
 pub mod spans;
 
 mod databases;
@@ -45,8 +47,10 @@ mod docker;
 mod error;
 mod server;
 
+pub use blackhole::BlackholeProxy;
 pub use cloudflare_emulator::CloudflareEmulator;
 pub use error::TestkitError;
+pub use private::{Freeze, PrivateServer};
 pub use server::{ServerKind, TestServer, server};
 
 use std::fmt;

@@ -526,3 +526,27 @@ fn a_page_larger_than_the_cap_holds_at_most_one_hundred_members() {
     let rest = f.clusters.invites(&cluster.id, &Page::after(invites.next.unwrap(), 10_000)).unwrap();
     assert_eq!((rest.items.len(), rest.next), (50, None));
 }
+
+#[test]
+fn a_members_new_name_and_picture_show_in_every_member_listing_at_once() {
+    let f = Fixture::new();
+    let (owner, cluster) = f.owner("owner@example.io");
+    let ada = f.user("ada@example.io");
+    f.clusters.update(&cluster.id, roles(&[(Role::Admin, &[ada.id])])).unwrap();
+    let patch = dployr_domain::UserPatch {
+        name: Some("Ada Lovelace".try_into().unwrap()),
+        picture: Some("https://example.io/ada.png".into()),
+        ..dployr_domain::UserPatch::default()
+    };
+    f.users.update(&ada.email, patch).unwrap();
+    let shown = |member: &dployr_domain::Member| (member.name.clone(), member.picture.clone());
+    let expected = ("Ada Lovelace".to_owned(), Some("https://example.io/ada.png".to_owned()));
+    let got = f.clusters.get(&cluster.id).unwrap().unwrap();
+    assert_eq!(shown(&got.members[&Role::Admin][0]), expected);
+    let page = f.clusters.members(&cluster.id, &dployr_domain::Page::first(10)).unwrap();
+    assert_eq!(page.items.iter().find(|m| m.user_id == ada.id).map(shown), Some(expected.clone()));
+    assert_eq!(f.clusters.users_with_role(&cluster.id, Role::Admin).unwrap().first().map(shown), Some(expected));
+    // A sign-in that brings no name keeps it; the owner's listing follows theirs too.
+    f.users.upsert(dployr_domain::NewUser::new(email("owner@example.io"), dployr_domain::Provider::Github)).unwrap();
+    assert_eq!(f.clusters.owner(&cluster.id).unwrap().unwrap().name, owner.name);
+}

@@ -12,6 +12,7 @@ mod bootstrap_tokens;
 mod budget;
 mod clusters;
 mod concurrency;
+mod deadlines;
 mod instances;
 mod pool;
 mod races;

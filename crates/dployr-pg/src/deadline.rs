@@ -1,0 +1,563 @@
+//! A deadline of the client's own for every store call, so a call ends in
+//! bounded time whatever the server or the network does.
+//!
+//! `statement_timeout` is enforced by the server: a server that does not
+//! answer (frozen, partitioned away, behind a stuck proxy) cannot enforce
+//! it, and libpq then waits on its socket for as long as the kernel keeps
+//! the connection (minutes). So each call (a checkout and everything run on
+//! the connection until it is returned, retries and whole transactions
+//! included) gets a deadline: `statement_timeout` (or
+//! [`DeadlineConfig::call_timeout`]) plus [`DeadlineConfig::margin`],
+//! counted from the start of the call. One watchdog thread per process
+//! keeps the deadlines of the calls in flight. When one passes:
+//!
+//! 1. it asks the server to cancel the call's statement, over a fresh
+//!    connection, with `pg_cancel_backend(pid)`: diesel exposes neither
+//!    libpq's `PGconn` nor its cancel key, so the backend pid, read once per
+//!    connection, is what identifies the call;
+//! 2. if the call has not returned [`DeadlineConfig::grace`] later, it shuts
+//!    the connection's socket down (`shutdown(2)`), which makes libpq's
+//!    blocked read or write fail at once.
+//!
+//! Either way the caller gets `StoreError::Unavailable` naming the deadline,
+//! and the connection is discarded when it goes back to the pool
+//! ([`PgConnectionManager::has_broken`]), even when the cancel worked: a
+//! connection a cancel may still hit is never handed out again.
+//!
+//! The socket is found when the connection is made: of the process's socket
+//! descriptors (`/proc/self/fd`), those that are new after libpq connected
+//! and whose peer is a server port of the URL (TCP, or a Unix-domain
+//! `.s.PGSQL.<port>`); when other connections opened meanwhile, the one
+//! whose local port the server reports (`inet_client_port()`) is taken. Its
+//! inode is checked again before the shutdown, so a descriptor number that
+//! was reused is never touched. Where that fails (not Linux; or, through a
+//! proxy or on a Unix-domain socket, another connection to the same server
+//! opened at the same instant) only the cancel is available, and a server
+//! that answers neither the call nor the cancel keeps the call until TCP
+//! keepalives or `tcp_user_timeout` end it (see docs/operations.md).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use diesel::PgConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
+use diesel::sql_types::{Bool, Integer, Nullable};
+use dployr_domain::StoreError;
+
+/// How the client bounds each call (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadlineConfig {
+    /// What a call may take before its deadline margin starts; `None`: the
+    /// pool's `statement_timeout`, or 30 s when that is `None` (the
+    /// server's). Set it behind PgBouncer, where the statement timeout is
+    /// set on the role and unknown to the client. Default `None`.
+    pub call_timeout: Option<Duration>,
+    /// Added to the call timeout: room for the server's own
+    /// `statement_timeout` error to arrive, so a server that answers is
+    /// never cancelled by the client. Default 1 s.
+    pub margin: Duration,
+    /// How long after the cancel the connection's socket is shut down if the
+    /// call has not returned. Default 1 s.
+    pub grace: Duration,
+    /// Send a cancel request when the deadline passes. Turn it off behind
+    /// PgBouncer in transaction mode, where a backend pid read on one
+    /// transaction may serve another client later. Default on.
+    pub cancel: bool,
+}
+
+impl Default for DeadlineConfig {
+    fn default() -> Self {
+        Self { call_timeout: None, margin: Duration::from_secs(1), grace: Duration::from_secs(1), cancel: true }
+    }
+}
+
+/// The call timeout when neither it nor `statement_timeout` is configured.
+const UNCONFIGURED_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most cancel requests in flight in the process at once; beyond, the
+/// socket shutdown alone ends the call.
+const MAX_CANCELS_IN_FLIGHT: usize = 8;
+
+/// What the deadlines of a pool did, since it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeadlineStats {
+    /// Calls whose deadline passed before they returned.
+    pub expired: u64,
+    /// Cancel requests the server accepted (`pg_cancel_backend` ran).
+    pub cancels_sent: u64,
+    /// Sockets shut down because a call outlived its grace period.
+    pub sockets_shut_down: u64,
+    /// Connections the pool discarded instead of reusing: those of expired
+    /// calls, and those diesel found broken (a lost connection, an
+    /// unfinished transaction).
+    pub discarded: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    expired: AtomicU64,
+    cancels_sent: AtomicU64,
+    sockets_shut_down: AtomicU64,
+    discarded: AtomicU64,
+}
+
+/// What the pool learnt about one connection when it was made.
+#[derive(Debug, Default)]
+pub(crate) struct ConnInfo {
+    /// `pg_backend_pid()`, for the cancel request.
+    pid: Option<i32>,
+    /// The connection's socket, for the shutdown.
+    socket: Option<Socket>,
+    /// Set when a call on it expired: the pool must not hand it out again.
+    discard: AtomicBool,
+}
+
+/// A socket descriptor of this process and the inode it had when found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Socket {
+    fd: RawFd,
+    inode: u64,
+}
+
+impl Socket {
+    /// Whether `fd` still is the socket found (not a reused number).
+    fn still_there(self) -> bool {
+        socket_inode(self.fd) == Some(self.inode)
+    }
+}
+
+/// The inode of the socket behind descriptor `fd`, from `/proc/self/fd`.
+fn socket_inode(fd: RawFd) -> Option<u64> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    let target = target.to_str()?;
+    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Every socket descriptor of this process; empty where `/proc` is missing.
+fn sockets() -> Vec<Socket> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<RawFd>().ok())
+        .filter_map(|fd| Some(Socket { fd, inode: socket_inode(fd)? }))
+        .collect()
+}
+
+/// The TCP port of an address, if it is one.
+fn tcp_port(address: &nix::sys::socket::SockaddrStorage) -> Option<u16> {
+    address.as_sockaddr_in().map(|a| a.port()).or_else(|| address.as_sockaddr_in6().map(|a| a.port()))
+}
+
+/// The local TCP port of socket `fd`, if it is one.
+fn local_port(fd: RawFd) -> Option<u16> {
+    tcp_port(&nix::sys::socket::getsockname(fd).ok()?)
+}
+
+/// Whether socket `fd` is connected to one of the server `ports`: a TCP
+/// peer on that port, or a Unix-domain peer `.../.s.PGSQL.<port>`.
+fn peer_is_server(fd: RawFd, ports: &[u16]) -> bool {
+    let Ok(peer) = nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(fd) else { return false };
+    if let Some(port) = tcp_port(&peer) {
+        return ports.contains(&port);
+    }
+    let path = peer.as_unix_addr().and_then(|unix| unix.path().map(|path| path.to_string_lossy().into_owned()));
+    path.is_some_and(|path| ports.iter().any(|port| path.ends_with(&format!(".s.PGSQL.{port}"))))
+}
+
+thread_local! {
+    /// What [`PgConnectionManager::connect`] learnt, for the customizer that
+    /// runs next on the same thread (r2d2 calls both in one task).
+    static IDENTIFIED: RefCell<Option<Arc<ConnInfo>>> = const { RefCell::new(None) };
+}
+
+/// The [`ConnInfo`] of the connection this thread just made.
+pub(crate) fn take_identified() -> Arc<ConnInfo> {
+    IDENTIFIED.with(|identified| identified.borrow_mut().take()).unwrap_or_default()
+}
+
+/// Reads the backend pid and finds the socket of a connection just made:
+/// of the sockets opened since `before`, the one connected to a server
+/// port of the URL (`ports`); when several are, the one whose local port the
+/// server reports as the client's.
+fn identify(conn: &mut PgConnection, before: &[Socket], ports: &[u16]) -> ConnInfo {
+    let ids = diesel::select(diesel::dsl::sql::<(Integer, Nullable<Integer>)>("pg_backend_pid(), inet_client_port()"))
+        .get_result::<(i32, Option<i32>)>(conn)
+        .ok();
+    let new: Vec<Socket> =
+        sockets().into_iter().filter(|socket| !before.contains(socket) && peer_is_server(socket.fd, ports)).collect();
+    let socket = match new.as_slice() {
+        [only] => Some(*only),
+        _ => {
+            let port = ids.and_then(|(_, port)| port).and_then(|port| u16::try_from(port).ok());
+            let mut matching = new.iter().filter(|socket| port.is_some() && local_port(socket.fd) == port);
+            match (matching.next(), matching.next()) {
+                (Some(socket), None) => Some(*socket),
+                _ => None,
+            }
+        }
+    };
+    if socket.is_none() {
+        tracing::debug!(candidates = new.len(), "dployr.store: the socket of a new connection was not found");
+    }
+    ConnInfo { pid: ids.map(|(pid, _)| pid), socket, discard: AtomicBool::new(false) }
+}
+
+/// diesel's r2d2 connection manager, plus what the deadlines need: it
+/// identifies each new connection, and discards a connection whose call
+/// expired.
+#[derive(Debug)]
+pub struct PgConnectionManager {
+    inner: ConnectionManager<PgConnection>,
+    /// The server ports of the URL, to recognise a connection's socket.
+    ports: Vec<u16>,
+    counters: Arc<Counters>,
+}
+
+impl PgConnectionManager {
+    pub(crate) fn new(database_url: &str, counters: Arc<Counters>) -> Self {
+        let ports = crate::conninfo::server_ports(database_url);
+        Self { inner: ConnectionManager::new(database_url), ports, counters }
+    }
+}
+
+impl ManageConnection for PgConnectionManager {
+    type Connection = PgConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<PgConnection, Self::Error> {
+        let before = sockets();
+        let mut conn = self.inner.connect()?;
+        let info = identify(&mut conn, &before, &self.ports);
+        IDENTIFIED.with(|identified| *identified.borrow_mut() = Some(Arc::new(info)));
+        Ok(conn)
+    }
+
+    fn is_valid(&self, conn: &mut PgConnection) -> Result<(), Self::Error> {
+        self.inner.is_valid(conn)
+    }
+
+    /// diesel's test (a lost connection, an unfinished transaction), or a
+    /// call on the connection expired.
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        let broken = self.inner.has_broken(conn)
+            || crate::pool::conn_info(conn).is_some_and(|info| info.discard.load(Ordering::Acquire));
+        if broken {
+            self.counters.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        broken
+    }
+}
+
+/// The deadlines of one pool: its configuration, the URL its cancel
+/// requests connect to, and its counters.
+#[derive(Debug)]
+pub(crate) struct Deadlines {
+    /// The call timeout, resolved.
+    base: Duration,
+    margin: Duration,
+    grace: Duration,
+    /// Where cancel requests connect; `None` when cancels are off.
+    cancel_url: Option<Arc<str>>,
+    connection_timeout: Duration,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl Deadlines {
+    pub(crate) fn new(
+        config: DeadlineConfig,
+        statement_timeout: Option<Duration>,
+        connection_timeout: Duration,
+        database_url: &str,
+        counters: Arc<Counters>,
+    ) -> Self {
+        Self {
+            base: config.call_timeout.or(statement_timeout).unwrap_or(UNCONFIGURED_CALL_TIMEOUT),
+            margin: config.margin,
+            grace: config.grace,
+            cancel_url: config.cancel.then(|| Arc::from(database_url)),
+            connection_timeout,
+            counters,
+        }
+    }
+
+    /// The longest a call may take: the call timeout, the margin and the grace.
+    pub(crate) fn bound(&self) -> Duration {
+        self.base + self.margin + self.grace
+    }
+
+    pub(crate) fn stats(&self) -> DeadlineStats {
+        let c = &self.counters;
+        DeadlineStats {
+            expired: c.expired.load(Ordering::Relaxed),
+            cancels_sent: c.cancels_sent.load(Ordering::Relaxed),
+            sockets_shut_down: c.sockets_shut_down.load(Ordering::Relaxed),
+            discarded: c.discarded.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Checks a connection out of `pool` and runs `work` on it, within the
+    /// deadline: the checkout waits at most the connection timeout and never
+    /// past the deadline; `work` is cancelled, then cut off, when it passes.
+    pub(crate) fn bounded<T>(
+        &self,
+        pool: &Pool<PgConnectionManager>,
+        work: impl FnOnce(&mut PgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let cancel_at = started + self.base + self.margin;
+        let wait = self.connection_timeout.min(cancel_at.saturating_duration_since(started));
+        let mut conn = pool.get_timeout(wait).map_err(|e| StoreError::Unavailable {
+            reason: format!("no PostgreSQL connection within {wait:?}").into(),
+            source: Some(Box::new(e)),
+        })?;
+        let info = crate::pool::conn_info(&mut conn).unwrap_or_default();
+        let call = Arc::new(Call {
+            id: NEXT_CALL.fetch_add(1, Ordering::Relaxed),
+            conn: Arc::clone(&info),
+            phase: Mutex::new(Phase::Running),
+            cancel_url: self.cancel_url.clone(),
+            counters: Arc::clone(&self.counters),
+            cancel_at,
+            shutdown_at: cancel_at + self.grace,
+        });
+        let guard = CallGuard(Arc::clone(&call));
+        watchdog().watch(&call, cancel_at, Step::Cancel);
+        let result = work(&mut conn);
+        let expired = guard.finish();
+        // Returned (and, if expired, discarded) before the caller sees the result.
+        drop(conn);
+        match expired {
+            None => result,
+            Some(shut_down) => {
+                let reason = format!(
+                    "PostgreSQL did not answer within the call deadline of {:?} (call timeout {:?} + margin {:?}); \
+                     the call was cancelled{} and its connection discarded",
+                    self.base + self.margin,
+                    self.base,
+                    self.margin,
+                    if shut_down { format!(" and cut off after a grace of {:?}", self.grace) } else { String::new() },
+                );
+                match result {
+                    Ok(value) => {
+                        tracing::debug!("dployr.store: {reason}; the answer came in time to be used");
+                        Ok(value)
+                    }
+                    Err(error) => Err(StoreError::Unavailable { reason: reason.into(), source: Some(Box::new(error)) }),
+                }
+            }
+        }
+    }
+}
+
+static NEXT_CALL: AtomicU64 = AtomicU64::new(0);
+
+/// Where a call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// The deadline passed; the socket was shut down or not yet.
+    Expired {
+        shut_down: bool,
+    },
+    Done,
+}
+
+/// One call in flight, as the watchdog sees it.
+#[derive(Debug)]
+struct Call {
+    id: u64,
+    conn: Arc<ConnInfo>,
+    /// Changed under this lock by the watchdog and the caller, so the
+    /// socket is never shut down after the caller returned the connection.
+    phase: Mutex<Phase>,
+    cancel_url: Option<Arc<str>>,
+    counters: Arc<Counters>,
+    cancel_at: Instant,
+    shutdown_at: Instant,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every value guarded here is valid at every step; a panic elsewhere
+    // cannot leave it half-changed.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Call {
+    /// The deadline passed: mark the call expired and send the cancel.
+    fn expire(self: &Arc<Self>) {
+        {
+            let mut phase = lock(&self.phase);
+            if *phase != Phase::Running {
+                return;
+            }
+            *phase = Phase::Expired { shut_down: false };
+        }
+        self.counters.expired.fetch_add(1, Ordering::Relaxed);
+        watchdog().watch(self, self.shutdown_at, Step::ShutDown);
+        if let (Some(url), Some(pid)) = (&self.cancel_url, self.conn.pid) {
+            send_cancel(Arc::clone(self), Arc::clone(url), pid);
+        }
+    }
+
+    /// The grace period passed: shut the socket down if the call is still out.
+    fn shut_down(&self) {
+        let mut phase = lock(&self.phase);
+        if *phase != (Phase::Expired { shut_down: false }) {
+            return;
+        }
+        let Some(socket) = self.conn.socket.filter(|socket| socket.still_there()) else { return };
+        // Holding the phase lock: the caller cannot return (and close) the
+        // connection meanwhile, so the descriptor is still the socket.
+        if nix::sys::socket::shutdown(socket.fd, nix::sys::socket::Shutdown::Both).is_ok() {
+            *phase = Phase::Expired { shut_down: true };
+            self.counters.sockets_shut_down.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Ends a call when dropped (a panic in the call included).
+struct CallGuard(Arc<Call>);
+
+impl CallGuard {
+    /// Ends the call; `Some(shut_down)` if its deadline had passed, in which
+    /// case its connection is marked for discarding.
+    fn finish(self) -> Option<bool> {
+        self.end()
+    }
+
+    fn end(&self) -> Option<bool> {
+        watchdog().forget(&self.0);
+        let previous = std::mem::replace(&mut *lock(&self.0.phase), Phase::Done);
+        match previous {
+            Phase::Expired { shut_down } => {
+                self.0.conn.discard.store(true, Ordering::Release);
+                Some(shut_down)
+            }
+            Phase::Running | Phase::Done => None,
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+static CANCELS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Asks the server, over a new connection, to cancel what backend `pid`
+/// runs, unless the call ended first. Runs on a thread of its own: a server
+/// that does not answer holds that thread (up to libpq's `connect_timeout`
+/// for the connection), never the watchdog.
+fn send_cancel(call: Arc<Call>, url: Arc<str>, pid: i32) {
+    if CANCELS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel) >= MAX_CANCELS_IN_FLIGHT {
+        CANCELS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("dployr-pg-cancel".into()).spawn(move || {
+        let cancelled = PgConnection::establish(&url).ok().and_then(|mut conn| {
+            if *lock(&call.phase) == Phase::Done {
+                return None;
+            }
+            diesel::select(diesel::dsl::sql::<Bool>("pg_cancel_backend(").bind::<Integer, _>(pid).sql(")"))
+                .get_result::<bool>(&mut conn)
+                .ok()
+        });
+        if cancelled.is_some() {
+            call.counters.cancels_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        CANCELS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    });
+    if spawned.is_err() {
+        CANCELS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the watchdog does to a call at a given time.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Cancel,
+    ShutDown,
+}
+
+/// Calls in flight by the time of their next step (and their id, so two
+/// calls due at the same instant both fit).
+type Due = BTreeMap<(Instant, u64), (Arc<Call>, Step)>;
+
+/// The process's one watchdog: the calls due, and a thread that sleeps
+/// until the earliest.
+struct Watchdog {
+    due: Mutex<Due>,
+    wake: Condvar,
+}
+
+fn watchdog() -> &'static Watchdog {
+    static WATCHDOG: OnceLock<&'static Watchdog> = OnceLock::new();
+    WATCHDOG.get_or_init(|| {
+        let watchdog: &'static Watchdog =
+            Box::leak(Box::new(Watchdog { due: Mutex::new(BTreeMap::new()), wake: Condvar::new() }));
+        let started = std::thread::Builder::new().name("dployr-pg-watchdog".into()).spawn(|| watchdog.run());
+        if let Err(error) = started {
+            // Calls then run without a client deadline, as before; said once.
+            tracing::error!("dployr.store: cannot start the deadline watchdog thread: {error}");
+        }
+        watchdog
+    })
+}
+
+impl Watchdog {
+    fn watch(&self, call: &Arc<Call>, at: Instant, step: Step) {
+        let mut due = lock(&self.due);
+        let earliest = due.keys().next().is_none_or(|(first, _)| at < *first);
+        due.insert((at, call.id), (Arc::clone(call), step));
+        drop(due);
+        if earliest {
+            self.wake.notify_one();
+        }
+    }
+
+    fn forget(&self, call: &Call) {
+        let mut due = lock(&self.due);
+        // A call has at most one pending step, at one of its two times.
+        if due.remove(&(call.cancel_at, call.id)).is_none() {
+            due.remove(&(call.shutdown_at, call.id));
+        }
+    }
+
+    fn run(&self) {
+        let mut due = lock(&self.due);
+        loop {
+            let now = Instant::now();
+            let ready: Vec<(Arc<Call>, Step)> = {
+                let later = due.split_off(&(now, u64::MAX));
+                std::mem::replace(&mut *due, later).into_values().collect()
+            };
+            if !ready.is_empty() {
+                drop(due);
+                for (call, step) in ready {
+                    match step {
+                        Step::Cancel => call.expire(),
+                        Step::ShutDown => call.shut_down(),
+                    }
+                }
+                due = lock(&self.due);
+                continue;
+            }
+            due = match due.keys().next().map(|(at, _)| *at) {
+                Some(at) => {
+                    self.wake
+                        .wait_timeout(due, at.saturating_duration_since(now))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self.wake.wait(due).unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! A throwaway server of one test's own, for faults that would disturb
+//! every other test on the shared server: freezing it with `SIGSTOP` (the
+//! postmaster and its backends), as a hung host or a stopped VM does.
+//!
+//! It is made from the local server binaries only (a container or a
+//! server of the user's cannot be frozen from here); [`PrivateServer::start`]
+//! returns `Ok(None)` when there are none, and the test says it skipped.
+//! The server is stopped and deleted when dropped, thawed first if frozen;
+//! a [`Freeze`] thaws it when dropped, so a failing test never leaves it
+//! stopped.
+
+use std::fs;
+
+use diesel::{Connection as _, PgConnection};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::local::{self, EphemeralCluster};
+use crate::{TestkitError, databases, workspace_migrations};
+
+/// A local server of one test's own, with one migrated database.
+#[derive(Debug)]
+pub struct PrivateServer {
+    cluster: EphemeralCluster,
+    url: String,
+}
+
+/// The name of the migrated database of a private server.
+const DATABASE: &str = "dployr";
+
+impl PrivateServer {
+    /// Starts a server from the local binaries and migrates a database on
+    /// it; `Ok(None)` when no local server binaries exist.
+    ///
+    /// # Errors
+    /// [`TestkitError`] if the server does not start or the migrations fail.
+    pub fn start() -> Result<Option<Self>, TestkitError> {
+        let Some(bindir) = local::find_bindir() else { return Ok(None) };
+        let mut cluster = EphemeralCluster::start(&bindir)?;
+        let port = cluster.port();
+        let prepared = (|| {
+            let admin_url = local::local_url(port, "postgres");
+            let mut admin = PgConnection::establish(&admin_url)
+                .map_err(|e| TestkitError::connect("the private server's admin database", &admin_url, &e))?;
+            let template =
+                databases::ensure_template(&mut admin, &|db| local::local_url(port, db), &workspace_migrations()?)?;
+            let file_copy = databases::server_major(&mut admin)? >= 15;
+            databases::clone_database(&mut admin, &template, DATABASE, file_copy)
+        })();
+        if let Err(error) = prepared {
+            cluster.stop();
+            return Err(error);
+        }
+        Ok(Some(Self { url: local::local_url(port, DATABASE), cluster }))
+    }
+
+    /// The URL of the migrated database (TCP on loopback).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops the postmaster, then every process it started (backends,
+    /// background workers), with `SIGSTOP`: the server keeps its sockets
+    /// (the kernel still accepts and acknowledges) and answers nothing,
+    /// until the returned guard is dropped or [`Freeze::thaw`] is called.
+    ///
+    /// # Errors
+    /// [`TestkitError::Setup`] if a signal cannot be sent (the server is
+    /// thawed again first).
+    pub fn freeze(&self) -> Result<Freeze, TestkitError> {
+        let postmaster = pid(self.cluster.pid())?;
+        // The postmaster first, so it starts no new process meanwhile.
+        let mut stopped = Vec::new();
+        let mut freeze = |pid: Pid| {
+            kill(pid, Signal::SIGSTOP).map_err(|e| TestkitError::Setup(format!("SIGSTOP of {pid}: {e}")))?;
+            stopped.push(pid);
+            Ok::<_, TestkitError>(())
+        };
+        let result = freeze(postmaster).and_then(|()| children_of(postmaster).into_iter().try_for_each(&mut freeze));
+        let guard = Freeze { stopped };
+        result.map(|()| guard)
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        // A stopped server would never act on the shutdown signal.
+        if let Ok(postmaster) = pid(self.cluster.pid()) {
+            for child in children_of(postmaster) {
+                let _ignored = kill(child, Signal::SIGCONT);
+            }
+            let _ignored = kill(postmaster, Signal::SIGCONT);
+        }
+        self.cluster.stop();
+    }
+}
+
+/// A frozen server; thawed (`SIGCONT`, backends first) when dropped.
+#[derive(Debug)]
+#[must_use = "the server is thawed when this is dropped"]
+pub struct Freeze {
+    stopped: Vec<Pid>,
+}
+
+impl Freeze {
+    /// How many processes were stopped (the postmaster and its children).
+    pub fn processes(&self) -> usize {
+        self.stopped.len()
+    }
+
+    /// Thaws the server now.
+    pub fn thaw(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        for pid in self.stopped.drain(..).rev() {
+            let _ignored = kill(pid, Signal::SIGCONT);
+        }
+    }
+}
+
+fn pid(raw: u32) -> Result<Pid, TestkitError> {
+    i32::try_from(raw).map(Pid::from_raw).map_err(|_| TestkitError::Setup(format!("process id {raw} out of range")))
+}
+
+/// The processes whose parent is `parent`, from `/proc`.
+fn children_of(parent: Pid) -> Vec<Pid> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces.
+            fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    .is_some_and(|ppid| ppid == parent.as_raw())
+            })
+        })
+        .map(Pid::from_raw)
+        .collect()
+}
