@@ -47,6 +47,20 @@ impl State {
         Some(entry)
     }
 
+    /// Adds one to the counter under `key` (a new one starts at 1 and
+    /// expires at `new_expiry`; a live one keeps its expiry).
+    fn count(&mut self, key: &str, new_expiry: Option<SystemTime>) -> StoreResult<i64> {
+        let (count, expires_at) = match self.entries.get(key) {
+            None => (1, new_expiry),
+            Some(entry) => {
+                let current = parse_counter(&entry.value).ok_or_else(|| not_a_counter(key))?;
+                (current + 1, entry.expires_at)
+            }
+        };
+        self.insert(key, Entry { value: count.to_string().into_bytes(), expires_at });
+        Ok(count)
+    }
+
     fn insert(&mut self, key: &str, entry: Entry) {
         self.remove(key);
         if let Some(at) = entry.expires_at {
@@ -178,16 +192,7 @@ impl KvBackend for MemoryKv {
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
         let new_expiry = self.expiry(ttl)?;
-        let mut state = self.state();
-        let (count, expires_at) = match state.entries.get(key) {
-            None => (1, new_expiry),
-            Some(entry) => {
-                let current = parse_counter(&entry.value).ok_or_else(|| not_a_counter(key))?;
-                (current + 1, entry.expires_at)
-            }
-        };
-        state.insert(key, Entry { value: count.to_string().into_bytes(), expires_at });
-        Ok(count)
+        self.state().count(key, new_expiry)
     }
 
     /// Under the one lock, so the whole attempt is atomic.
@@ -205,14 +210,7 @@ impl KvBackend for MemoryKv {
         limits.check_ttl(ttl)?;
         let new_expiry = self.expiry(ttl)?;
         let mut state = self.state();
-        let (count, expires_at) = match state.entries.get(attempts_key) {
-            None => (1, new_expiry),
-            Some(entry) => {
-                let current = parse_counter(&entry.value).ok_or_else(|| not_a_counter(attempts_key))?;
-                (current + 1, entry.expires_at)
-            }
-        };
-        state.insert(attempts_key, Entry { value: count.to_string().into_bytes(), expires_at });
+        let count = state.count(attempts_key, new_expiry)?;
         let taken = count <= max_attempts
             && state.entries.get(key).is_some_and(|entry| entry.value == expected)
             && state.remove(key).is_some();

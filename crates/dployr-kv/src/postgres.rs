@@ -81,10 +81,13 @@ struct Count {
     count: i64,
 }
 
-/// The counter's upsert: a new or expired row becomes `1` with the given
-/// TTL; a live counter gets one more and keeps its expiry; a live row that
-/// is not ASCII digits is left alone and no row comes back.
-const INCREMENT_SQL: &str = r"
+/// The counter's upsert (`$1` key, `$2` TTL): a new or expired row becomes
+/// `1` with the given TTL; a live counter gets one more and keeps its
+/// expiry; a live row that is not ASCII digits is left alone and no row
+/// comes back. A macro so the two statements below share its text.
+macro_rules! counter_upsert {
+    () => {
+        r"
 INSERT INTO kv_entries AS e (key, value, expires_at)
 VALUES ($1, convert_to('1', 'UTF8'), now() + $2)
 ON CONFLICT (key) DO UPDATE SET
@@ -93,7 +96,12 @@ ON CONFLICT (key) DO UPDATE SET
     expires_at = CASE WHEN e.expires_at <= now() THEN EXCLUDED.expires_at ELSE e.expires_at END
 WHERE e.expires_at <= now()
    OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = '')
-RETURNING convert_from(value, 'UTF8')::bigint AS count";
+RETURNING convert_from(value, 'UTF8')::bigint AS count"
+    };
+}
+
+/// `increment`: the counter's upsert.
+const INCREMENT_SQL: &str = counter_upsert!();
 
 /// `count_attempt_and_take_if` in one statement: the counter's upsert (as
 /// [`INCREMENT_SQL`]), and a delete of the value that runs only when the
@@ -101,24 +109,18 @@ RETURNING convert_from(value, 'UTF8')::bigint AS count";
 /// reads the count, so the upsert (which locks the counter row, serializing
 /// concurrent attempts) happens first; of concurrent right guesses, the
 /// first delete wins and the others find the row gone.
-const ATTEMPT_TAKE_SQL: &str = r"
-WITH attempt AS (
-    INSERT INTO kv_entries AS e (key, value, expires_at)
-    VALUES ($1, convert_to('1', 'UTF8'), now() + $2)
-    ON CONFLICT (key) DO UPDATE SET
-        value = CASE WHEN e.expires_at <= now() THEN EXCLUDED.value
-                     ELSE convert_to((convert_from(e.value, 'UTF8')::bigint + 1)::text, 'UTF8') END,
-        expires_at = CASE WHEN e.expires_at <= now() THEN EXCLUDED.expires_at ELSE e.expires_at END
-    WHERE e.expires_at <= now()
-       OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = '')
-    RETURNING convert_from(value, 'UTF8')::bigint AS count
+const ATTEMPT_TAKE_SQL: &str = concat!(
+    "WITH attempt AS (",
+    counter_upsert!(),
+    r"
 ), taken AS (
     DELETE FROM kv_entries
      WHERE key = $3 AND value = $4 AND (expires_at IS NULL OR expires_at > now())
        AND (SELECT count FROM attempt) <= $5
     RETURNING 1
 )
-SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken) AS taken";
+SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken) AS taken"
+);
 
 /// One bounded batch of the purge. diesel's builder cannot put an ordered,
 /// limited, `FOR UPDATE SKIP LOCKED` subquery into a `DELETE`, so this is
