@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use crate::errors::Failure;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::coalesce;
-use crate::{PgPool, cursor};
+use crate::{Operation, PgPool, cursor};
 use diesel::result::DatabaseErrorKind;
 
 diesel::alias!(user_clusters as owner_memberships: OwnerMemberships);
@@ -186,7 +186,13 @@ impl PgClusterStore {
         Self { pool }
     }
 
-    fn page(&self, cluster: &ClusterId, orders: (i16, i16), kind: &str, page: &Page) -> StoreResult<Paged<Member>> {
+    fn page(
+        op: &Operation<'_>,
+        cluster: &ClusterId,
+        orders: (i16, i16),
+        kind: &str,
+        page: &Page,
+    ) -> StoreResult<Paged<Member>> {
         let (mut after_order, mut after_email, mut offset) = (-1_i16, String::new(), 0_i64);
         match &page.start {
             PageStart::First => {}
@@ -201,7 +207,7 @@ impl PgClusterStore {
             }
         }
         let limit = i64::from(page.limit());
-        let rows: Vec<MemberPageRow> = self.pool.run(&[], |conn| {
+        let rows: Vec<MemberPageRow> = op.run(|conn| {
             MemberPage {
                 cluster: &cluster.to_string(),
                 orders,
@@ -233,8 +239,8 @@ impl PgClusterStore {
         Ok(Paged { items, total: u64::try_from(total).unwrap_or(0), next })
     }
 
-    fn members_where(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
-        let rows: Vec<MemberRow> = self.pool.run(&[], |conn| {
+    fn members_where(op: &Operation<'_>, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
+        let rows: Vec<MemberRow> = op.run(|conn| {
             user_clusters::table
                 .filter(user_clusters::cluster_id.eq(cluster.to_string()))
                 .filter(user_clusters::role.eq(role.as_str()))
@@ -245,8 +251,8 @@ impl PgClusterStore {
         rows.into_iter().map(Member::try_from).collect()
     }
 
-    fn has_rank(&self, user: &UserId, cluster: &ClusterId, at_least: Role) -> StoreResult<bool> {
-        self.pool.run(&[], |conn| {
+    fn has_rank(op: &Operation<'_>, user: &UserId, cluster: &ClusterId, at_least: Role) -> StoreResult<bool> {
+        op.run(|conn| {
             diesel::select(diesel::dsl::exists(
                 user_clusters::table
                     .find((user.to_string(), cluster.to_string()))
@@ -346,30 +352,35 @@ impl RunQueryDsl<PgConnection> for ClusterWithMembers<'_> {}
 /// The cluster with its members, in one statement ([`ClusterWithMembers`]).
 fn load_cluster(conn: &mut PgConnection, cluster: &str) -> Result<Option<Cluster>, Failure> {
     let row: Option<ClusterWithMembersRow> = ClusterWithMembers { cluster }.get_result(conn).optional()?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let members = row
-        .members
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(user_id, email, name, picture, role, created_at)| MemberRow {
-            user_id,
-            email,
-            name,
-            picture,
-            role,
-            created_at,
-        })
-        .collect();
-    let cluster = ClusterRow {
-        id: row.id,
-        name: row.name,
-        metadata: row.metadata,
-        created_at: row.created_at,
-        updated_at: row.updated_at,
-    };
-    Ok(Some(cluster_from(cluster, members)?))
+    Ok(row.map(Cluster::try_from).transpose()?)
+}
+
+impl TryFrom<ClusterWithMembersRow> for Cluster {
+    type Error = StoreError;
+
+    fn try_from(row: ClusterWithMembersRow) -> StoreResult<Cluster> {
+        let members = row
+            .members
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(user_id, email, name, picture, role, created_at)| MemberRow {
+                user_id,
+                email,
+                name,
+                picture,
+                role,
+                created_at,
+            })
+            .collect();
+        let cluster = ClusterRow {
+            id: row.id,
+            name: row.name,
+            metadata: row.metadata,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        };
+        cluster_from(cluster, members)
+    }
 }
 
 fn summaries(rows: Vec<(String, String, Option<String>)>) -> StoreResult<Vec<ClusterSummary>> {
@@ -380,9 +391,9 @@ fn summaries(rows: Vec<(String, String, Option<String>)>) -> StoreResult<Vec<Clu
 
 impl ClusterStore for PgClusterStore {
     fn create_for_owner(&self, owner: &UserId) -> StoreResult<Cluster> {
-        let _span = crate::trace::operation("clusters.create_for_owner");
+        let op = self.pool.operation("clusters.create_for_owner").referencing("user", owner);
         let owner = owner.to_string();
-        self.pool.transaction(&[("user", &owner)], |conn| {
+        op.transaction(|conn| {
             // Two calls for one user queue on this lock; the second finds the
             // first one's cluster below.
             let user = users::table
@@ -431,16 +442,18 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn get(&self, id: &ClusterId) -> StoreResult<Option<Cluster>> {
-        let _span = crate::trace::operation("clusters.get");
+        let op = self.pool.operation("clusters.get");
         let id = id.to_string();
-        self.pool.run(&[], |conn| load_cluster(conn, &id))
+        let row: Option<ClusterWithMembersRow> =
+            op.run(|conn| ClusterWithMembers { cluster: &id }.get_result(conn).optional())?;
+        row.map(Cluster::try_from).transpose()
     }
 
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>> {
-        let _span = crate::trace::operation("clusters.update");
+        let op = self.pool.operation("clusters.update");
         let desired = patch.roles.as_ref().map(desired_roles).transpose()?;
         let id = id.to_string();
-        self.pool.transaction(&[], |conn| {
+        op.transaction(|conn| {
             match lock_cluster(conn, &id) {
                 Ok(()) => {}
                 Err(Failure::Store(StoreError::NotFound { .. })) => return Ok(None),
@@ -463,8 +476,8 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn delete(&self, id: &ClusterId) -> StoreResult<()> {
-        let _span = crate::trace::operation("clusters.delete");
-        let deleted = self.pool.run(&[], |conn| diesel::delete(clusters::table.find(id.to_string())).execute(conn))?;
+        let op = self.pool.operation("clusters.delete");
+        let deleted = op.run(|conn| diesel::delete(clusters::table.find(id.to_string())).execute(conn))?;
         if deleted == 0 {
             return Err(StoreError::not_found("cluster", id.to_string()));
         }
@@ -472,13 +485,13 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn install_github_integration(&self, integration: GitHubIntegration) -> StoreResult<Option<Cluster>> {
-        let _span = crate::trace::operation("clusters.install_github_integration");
+        let op = self.pool.operation("clusters.install_github_integration");
         text::check("loginId", &integration.login_id, 255, Blank::Refused)?;
         let mut settings = integration.settings.as_map().clone();
         settings.insert("loginId".into(), Value::String(integration.login_id.clone()));
         let settings = Metadata::from_map(settings)?;
         let merge = json!({ "gitHub": settings.into_value() });
-        self.pool.transaction(&[], |conn| {
+        op.transaction(|conn| {
             // The expression is spelled as in clusters_github_login_id_idx, keys
             // as literals, so the planner matches the index.
             let login_id = diesel::dsl::sql::<Nullable<Text>>("metadata -> 'gitHub' ->> 'loginId'");
@@ -499,10 +512,10 @@ impl ClusterStore for PgClusterStore {
         })
     }
     fn add_users(&self, cluster: &ClusterId, emails: &[Email]) -> StoreResult<Vec<Member>> {
-        let _span = crate::trace::operation("clusters.add_users");
+        let op = self.pool.operation("clusters.add_users").referencing("cluster", cluster);
         let emails: Vec<&str> = emails.iter().map(Email::as_str).collect::<BTreeSet<_>>().into_iter().collect();
         let cluster = cluster.to_string();
-        self.pool.transaction(&[("cluster", &cluster)], |conn| {
+        op.transaction(|conn| {
             lock_cluster(conn, &cluster)?;
             if emails.is_empty() {
                 return Ok(Vec::new());
@@ -557,10 +570,10 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn remove_users(&self, cluster: &ClusterId, users_to_remove: &[UserId]) -> StoreResult<()> {
-        let _span = crate::trace::operation("clusters.remove_users");
+        let op = self.pool.operation("clusters.remove_users").referencing("cluster", cluster);
         let ids: Vec<String> = users_to_remove.iter().map(UserId::to_string).collect();
         let cluster = cluster.to_string();
-        self.pool.transaction(&[("cluster", &cluster)], |conn| {
+        op.transaction(|conn| {
             lock_cluster(conn, &cluster)?;
             let removes_owner: bool = diesel::select(diesel::dsl::exists(
                 user_clusters::table
@@ -610,8 +623,8 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn accept_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
-        let _span = crate::trace::operation("clusters.accept_invite");
-        let updated = self.pool.run(&[], |conn| {
+        let op = self.pool.operation("clusters.accept_invite");
+        let updated = op.run(|conn| {
             diesel::update(
                 user_clusters::table
                     .find((user.to_string(), cluster.to_string()))
@@ -627,8 +640,8 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn decline_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
-        let _span = crate::trace::operation("clusters.decline_invite");
-        let deleted = self.pool.run(&[], |conn| {
+        let op = self.pool.operation("clusters.decline_invite");
+        let deleted = op.run(|conn| {
             diesel::delete(
                 user_clusters::table
                     .find((user.to_string(), cluster.to_string()))
@@ -643,8 +656,8 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn pending_invites(&self, user: &UserId) -> StoreResult<Vec<PendingInvite>> {
-        let _span = crate::trace::operation("clusters.pending_invites");
-        let rows = self.memberships_of(user, MembershipKind::Invitations)?;
+        let op = self.pool.operation("clusters.pending_invites");
+        let rows = Self::memberships_of(&op, user, MembershipKind::Invitations)?;
         Ok(rows
             .into_iter()
             .map(|summary| PendingInvite {
@@ -661,7 +674,11 @@ impl ClusterStore for PgClusterStore {
         new_owner: &UserId,
         previous_owner_becomes: Option<Role>,
     ) -> StoreResult<()> {
-        let _span = crate::trace::operation("clusters.transfer_ownership");
+        let op = self
+            .pool
+            .operation("clusters.transfer_ownership")
+            .referencing("cluster", cluster)
+            .referencing("user", new_owner);
         if let Some(role @ (Role::Owner | Role::Invited)) = previous_owner_becomes {
             return Err(StoreError::invalid(
                 "previous_owner_becomes",
@@ -671,7 +688,7 @@ impl ClusterStore for PgClusterStore {
         let cluster = cluster.to_string();
         let new_owner = new_owner.to_string();
         let demoted_to = previous_owner_becomes.unwrap_or(Role::Admin);
-        self.pool.transaction(&[("cluster", &cluster), ("user", &new_owner)], |conn| {
+        op.transaction(|conn| {
             lock_cluster(conn, &cluster)?;
             // The new owner next (clusters, then users, then memberships):
             // key-share, as the foreign-key check of their membership would
@@ -720,8 +737,8 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>> {
-        let _span = crate::trace::operation("clusters.owned_cluster");
-        let row: Option<(String, String, String)> = self.pool.run(&[], |conn| {
+        let op = self.pool.operation("clusters.owned_cluster");
+        let row: Option<(String, String, String)> = op.run(|conn| {
             user_clusters::table
                 .inner_join(clusters::table)
                 .inner_join(users::table)
@@ -737,24 +754,24 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>> {
-        let _span = crate::trace::operation("clusters.user_clusters");
-        self.memberships_of(user, MembershipKind::Memberships)
+        let op = self.pool.operation("clusters.user_clusters");
+        Self::memberships_of(&op, user, MembershipKind::Memberships)
     }
 
     fn members(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
-        let _span = crate::trace::operation("clusters.members");
-        self.page(cluster, (role_order(Role::Owner), role_order(Role::Viewer)), MEMBERS_CURSOR, page)
+        let op = self.pool.operation("clusters.members");
+        Self::page(&op, cluster, (role_order(Role::Owner), role_order(Role::Viewer)), MEMBERS_CURSOR, page)
     }
 
     fn invites(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
-        let _span = crate::trace::operation("clusters.invites");
+        let op = self.pool.operation("clusters.invites");
         let invited = role_order(Role::Invited);
-        self.page(cluster, (invited, invited), INVITES_CURSOR, page)
+        Self::page(&op, cluster, (invited, invited), INVITES_CURSOR, page)
     }
 
     fn role_of(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<Option<Role>> {
-        let _span = crate::trace::operation("clusters.role_of");
-        let role: Option<String> = self.pool.run(&[], |conn| {
+        let op = self.pool.operation("clusters.role_of");
+        let role: Option<String> = op.run(|conn| {
             user_clusters::table
                 .find((user.to_string(), cluster.to_string()))
                 .select(user_clusters::role)
@@ -765,40 +782,39 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn owner(&self, cluster: &ClusterId) -> StoreResult<Option<Member>> {
-        let _span = crate::trace::operation("clusters.owner");
-        Ok(self.members_where(cluster, Role::Owner)?.into_iter().next())
+        let op = self.pool.operation("clusters.owner");
+        Ok(Self::members_where(&op, cluster, Role::Owner)?.into_iter().next())
     }
 
     fn users_with_role(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
-        let _span = crate::trace::operation("clusters.users_with_role");
-        self.members_where(cluster, role)
+        let op = self.pool.operation("clusters.users_with_role");
+        Self::members_where(&op, cluster, role)
     }
 
     fn can_read(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
-        let _span = crate::trace::operation("clusters.can_read");
-        self.has_rank(user, cluster, Role::Viewer)
+        let op = self.pool.operation("clusters.can_read");
+        Self::has_rank(&op, user, cluster, Role::Viewer)
     }
 
     fn can_write(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
-        let _span = crate::trace::operation("clusters.can_write");
-        self.has_rank(user, cluster, Role::Developer)
+        let op = self.pool.operation("clusters.can_write");
+        Self::has_rank(&op, user, cluster, Role::Developer)
     }
 
     fn is_admin(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
-        let _span = crate::trace::operation("clusters.is_admin");
-        self.has_rank(user, cluster, Role::Admin)
+        let op = self.pool.operation("clusters.is_admin");
+        Self::has_rank(&op, user, cluster, Role::Admin)
     }
 
     fn is_owner(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
-        let _span = crate::trace::operation("clusters.is_owner");
-        self.has_rank(user, cluster, Role::Owner)
+        let op = self.pool.operation("clusters.is_owner");
+        Self::has_rank(&op, user, cluster, Role::Owner)
     }
 
     fn integrations(&self, cluster: &ClusterId) -> StoreResult<Integrations> {
-        let _span = crate::trace::operation("clusters.integrations");
-        let metadata: Option<Value> = self.pool.run(&[], |conn| {
-            clusters::table.find(cluster.to_string()).select(clusters::metadata).first(conn).optional()
-        })?;
+        let op = self.pool.operation("clusters.integrations");
+        let metadata: Option<Value> =
+            op.run(|conn| clusters::table.find(cluster.to_string()).select(clusters::metadata).first(conn).optional())?;
         let metadata = metadata.ok_or_else(|| StoreError::not_found("cluster", cluster.to_string()))?;
         Ok(Integrations::from_metadata(&Metadata::from_stored(metadata)))
     }
@@ -814,8 +830,8 @@ enum MembershipKind {
 impl PgClusterStore {
     /// The clusters where `user` is a member (or invited), with each owner's
     /// name, in one statement.
-    fn memberships_of(&self, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
-        let rows: Vec<(String, String, Option<String>)> = self.pool.run(&[], |conn| {
+    fn memberships_of(op: &Operation<'_>, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
+        let rows: Vec<(String, String, Option<String>)> = op.run(|conn| {
             let query = user_clusters::table
                 .inner_join(clusters::table)
                 .left_join(

@@ -130,12 +130,12 @@ impl PgInstanceStore {
 
 impl InstanceStore for PgInstanceStore {
     fn create(&self, cluster: &ClusterId, instance: NewInstance) -> StoreResult<Instance> {
-        let _span = crate::trace::operation("instances.create");
+        let op = self.pool.operation("instances.create").referencing("cluster", cluster);
         let metadata = instance.metadata.unwrap_or_default().into_value();
         let cluster = cluster.to_string();
         // One statement, in a transaction so that the returned row is decoded
         // before the commit: a row that cannot be read back is rolled back.
-        self.pool.transaction(&[("cluster", &cluster)], |conn| {
+        op.transaction(|conn| {
             let row = diesel::insert_into(instances::table)
                 .values((
                     instances::id.eq(InstanceId::generate().to_string()),
@@ -151,16 +151,16 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>> {
-        let _span = crate::trace::operation("instances.get");
-        let row = self.pool.run(&[], |conn| {
+        let op = self.pool.operation("instances.get");
+        let row = op.run(|conn| {
             instances::table.find(id.to_string()).select(InstanceRow::as_select()).first(conn).optional()
         })?;
         row.map(Instance::try_from).transpose()
     }
 
     fn get_by_tag(&self, tag: &Tag) -> StoreResult<Option<Instance>> {
-        let _span = crate::trace::operation("instances.get_by_tag");
-        let row = self.pool.run(&[], |conn| {
+        let op = self.pool.operation("instances.get_by_tag");
+        let row = op.run(|conn| {
             instances::table
                 .filter(instances::tag.eq(tag.as_str()))
                 .select(InstanceRow::as_select())
@@ -171,10 +171,10 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>> {
-        let _span = crate::trace::operation("instances.update_metadata");
+        let op = self.pool.operation("instances.update_metadata");
         let metadata = metadata.into_value();
         // In a transaction for the same reason as `create`.
-        self.pool.transaction(&[], |conn| {
+        op.transaction(|conn| {
             let row = diesel::update(instances::table.find(id.to_string()))
                 .set(instances::metadata.eq(&metadata))
                 .returning(InstanceRow::as_returning())
@@ -185,8 +185,8 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn delete(&self, id: &InstanceId) -> StoreResult<()> {
-        let _span = crate::trace::operation("instances.delete");
-        let deleted = self.pool.run(&[], |conn| diesel::delete(instances::table.find(id.to_string())).execute(conn))?;
+        let op = self.pool.operation("instances.delete");
+        let deleted = op.run(|conn| diesel::delete(instances::table.find(id.to_string())).execute(conn))?;
         if deleted == 0 {
             return Err(StoreError::not_found("instance", id.to_string()));
         }
@@ -194,7 +194,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>> {
-        let _span = crate::trace::operation("instances.list_by_cluster");
+        let op = self.pool.operation("instances.list_by_cluster");
         // Before the first item: later than any timestamp a row can have,
         // above any id (a year PostgreSQL and every client can spell).
         let far_future = DateTime::from_timestamp(253_402_300_799, 999_999_000).unwrap_or(DateTime::<Utc>::MAX_UTC);
@@ -218,7 +218,7 @@ impl InstanceStore for PgInstanceStore {
             }
         }
         let limit = i64::from(page.limit());
-        let rows: Vec<PageRow> = self.pool.run(&[], |conn| {
+        let rows: Vec<PageRow> = op.run(|conn| {
             InstancePage { cluster: &cluster.to_string(), before: (before_at, &before_id), limit, offset }.load(conn)
         })?;
         let total = rows.first().map_or(0, |row| row.total);

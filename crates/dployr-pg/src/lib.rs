@@ -14,6 +14,7 @@ mod cursor;
 mod deadline;
 mod errors;
 mod instances;
+mod operation;
 mod pool;
 mod sql;
 mod trace;
@@ -25,11 +26,11 @@ pub use conninfo::NetworkConfig;
 pub use deadline::{DeadlineConfig, DeadlineStats, PgConnectionManager};
 pub use errors::store_error;
 pub use instances::PgInstanceStore;
+pub use operation::Operation;
 pub use pool::{
-    DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, StatementStats, classify as classify_connect_error,
-    probe_connection,
+    DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, RecordStatements, StatementStats,
+    classify as classify_connect_error, probe_connection,
 };
-pub use trace::Operation;
 pub use users::PgUserStore;
 
 /// diesel's `table!` description of every table the stores use.
