@@ -14,9 +14,11 @@ mod cursor;
 mod deadline;
 mod errors;
 mod instances;
+mod keyset_page;
 mod operation;
 mod pool;
 mod sql;
+mod statement;
 mod trace;
 mod users;
 

@@ -1,5 +1,5 @@
 //! `PgClusterStore`: clusters and memberships in PostgreSQL. Every query
-//! behind `ClusterStore` is in this file.
+//! behind `ClusterStore` is in this folder.
 //!
 //! Concurrency: every write that changes a cluster's memberships first
 //! locks the cluster row (`FOR NO KEY UPDATE`, which does not block the
@@ -8,29 +8,42 @@
 //! The partial unique index `user_clusters_one_owner_per_cluster` backs the
 //! "at most one owner" rule whatever a query does; the transactions keep
 //! "at least one".
+//!
+//! Layout: this file holds the store and its `ClusterStore` impl, with the
+//! rows they share; [`member_page`] the paged listings of members and
+//! invitations; [`with_members`] the one statement of `clusters.get`;
+//! [`roles`] the cluster lock and the one-statement role writes.
+
+mod member_page;
+mod roles;
+mod with_members;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Nullable, SmallInt, Text, Timestamptz};
+use diesel::sql_types::{Nullable, Text};
 use dployr_domain::text::{self, Blank};
 use dployr_domain::{
     Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore, ClusterSummary, Email, GitHubIntegration,
-    Integrations, Member, Metadata, Page, PageStart, Paged, PendingInvite, Provider, Role, StoreError, StoreResult,
-    UserId,
+    Integrations, Member, Metadata, Page, Paged, PendingInvite, Provider, Role, StoreError, StoreResult, UserId,
 };
 use serde_json::{Value, json};
 
 use crate::errors::Failure;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::coalesce;
-use crate::{Operation, PgPool, cursor};
+use crate::{Operation, PgPool};
 use diesel::result::DatabaseErrorKind;
+use member_page::role_order;
+use roles::{desired_roles, lock_cluster, set_roles};
+use with_members::load_cluster;
 
 diesel::alias!(user_clusters as owner_memberships: OwnerMemberships);
+
+/// The longest GitHub login id `install_github_integration` takes, in bytes
+/// (it is looked up through an index, and GitHub's own are far shorter).
+const MAX_LOGIN_ID_BYTES: usize = 255;
 
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = clusters, check_for_backend(diesel::pg::Pg))]
@@ -44,7 +57,7 @@ struct ClusterRow {
 
 /// A membership with what a listing shows of the user (e-mail, name and
 /// picture are copies kept in the membership by triggers: no join).
-#[derive(Queryable, Selectable)]
+#[derive(Queryable, Selectable, QueryableByName)]
 #[diesel(table_name = user_clusters, check_for_backend(diesel::pg::Pg))]
 struct MemberRow {
     user_id: String,
@@ -91,94 +104,6 @@ fn cluster_from(row: ClusterRow, members: Vec<MemberRow>) -> StoreResult<Cluster
     })
 }
 
-/// One row of the page query: the total, and a member unless the page is empty.
-#[derive(QueryableByName)]
-struct MemberPageRow {
-    #[diesel(sql_type = BigInt)]
-    total: i64,
-    #[diesel(sql_type = Nullable<Text>)]
-    user_id: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
-    email: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
-    name: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
-    picture: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
-    role: Option<String>,
-    #[diesel(sql_type = Nullable<SmallInt>)]
-    role_order: Option<i16>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    created_at: Option<DateTime<Utc>>,
-}
-
-/// A page of a cluster's memberships whose `role_order` is in a range,
-/// ordered by role rank then e-mail, after a keyset position, with their
-/// total, in one statement: the left join keeps the total when the page is
-/// empty, which diesel's builder cannot express. The page runs on
-/// `user_clusters_cluster_id_order_idx`; the total is one row of
-/// `cluster_counts` (kept by triggers, `004_listing_counts`), so a page of a
-/// huge cluster costs what a page of a small one does. A type of its own
-/// (rather than `sql_query`) so diesel prepares it once per connection.
-struct MemberPage<'a> {
-    cluster: &'a str,
-    orders: (i16, i16),
-    /// Which total: invitations, or members (every other role).
-    invites: bool,
-    after: (i16, &'a str),
-    limit: i64,
-    offset: i64,
-}
-
-impl QueryFragment<Pg> for MemberPage<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(
-            "WITH page AS (\n    SELECT m.user_id, m.email, m.name, m.picture, m.role, m.role_order, m.created_at\n    \
-             FROM user_clusters m\n    WHERE m.cluster_id = ",
-        );
-        out.push_bind_param::<Text, _>(&self.cluster)?;
-        out.push_sql(" AND m.role_order BETWEEN ");
-        out.push_bind_param::<SmallInt, _>(&self.orders.0)?;
-        out.push_sql(" AND ");
-        out.push_bind_param::<SmallInt, _>(&self.orders.1)?;
-        out.push_sql(" AND (m.role_order, m.email) > (");
-        out.push_bind_param::<SmallInt, _>(&self.after.0)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.after.1)?;
-        out.push_sql(")\n    ORDER BY m.role_order, m.email\n    LIMIT ");
-        out.push_bind_param::<BigInt, _>(&self.limit)?;
-        out.push_sql(" OFFSET ");
-        out.push_bind_param::<BigInt, _>(&self.offset)?;
-        out.push_sql(")\nSELECT coalesce((SELECT CASE WHEN ");
-        out.push_bind_param::<diesel::sql_types::Bool, _>(&self.invites)?;
-        out.push_sql(" THEN invites ELSE members END FROM cluster_counts WHERE cluster_id = ");
-        out.push_bind_param::<Text, _>(&self.cluster)?;
-        out.push_sql(
-            "), 0) AS total, page.*\nFROM (SELECT) AS one LEFT JOIN page ON true\nORDER BY page.role_order, page.email",
-        );
-        Ok(())
-    }
-}
-
-impl QueryId for MemberPage<'_> {
-    type QueryId = MemberPage<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl Query for MemberPage<'_> {
-    type SqlType = diesel::sql_types::Untyped;
-}
-
-impl RunQueryDsl<PgConnection> for MemberPage<'_> {}
-
-const MEMBERS_CURSOR: &str = "members";
-const INVITES_CURSOR: &str = "invites";
-
-/// `role_order` of each role, as the schema's generated column computes it.
-fn role_order(role: Role) -> i16 {
-    4 - role.rank()
-}
-
 /// The clusters and memberships of one PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct PgClusterStore {
@@ -190,240 +115,91 @@ impl PgClusterStore {
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
     }
-
-    fn page(
-        op: &Operation<'_>,
-        cluster: &ClusterId,
-        orders: (i16, i16),
-        kind: &str,
-        page: &Page,
-    ) -> StoreResult<Paged<Member>> {
-        let (mut after_order, mut after_email, mut offset) = (-1_i16, String::new(), 0_i64);
-        match &page.start {
-            PageStart::First => {}
-            PageStart::After(after) => {
-                let [order, email] = cursor::decode::<2>(kind, after)?;
-                after_order =
-                    order.parse().map_err(|_| StoreError::invalid("cursor", "is not a cursor of this listing"))?;
-                after_email = email;
-            }
-            PageStart::Offset(skip) => {
-                offset = i64::try_from(*skip).map_err(|_| StoreError::invalid("offset", "is too large"))?;
-            }
-        }
-        let limit = i64::from(page.limit());
-        let rows: Vec<MemberPageRow> = op.run(|conn| {
-            MemberPage {
-                cluster: &cluster.to_string(),
-                orders,
-                invites: orders.0 == role_order(Role::Invited),
-                after: (after_order, &after_email),
-                limit,
-                offset,
-            }
-            .load(conn)
-        })?;
-        let total = rows.first().map_or(0, |row| row.total);
-        let mut last_key = None;
-        let mut items = Vec::with_capacity(rows.len());
-        for row in rows {
-            let (Some(user_id), Some(email), Some(name), Some(role), Some(order), Some(created_at)) =
-                (row.user_id, row.email, row.name, row.role, row.role_order, row.created_at)
-            else {
-                continue;
-            };
-            last_key = Some((order, email.clone()));
-            items.push(Member::try_from(MemberRow { user_id, email, name, picture: row.picture, role, created_at })?);
-        }
-        let next = match last_key {
-            Some((order, email)) if items.len() as i64 == limit => {
-                Some(cursor::encode(kind, &[&order.to_string(), &email]))
-            }
-            _ => None,
-        };
-        Ok(Paged { items, total: u64::try_from(total).unwrap_or(0), next })
-    }
-
-    fn members_where(op: &Operation<'_>, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
-        let rows: Vec<MemberRow> = op.run(|conn| {
-            user_clusters::table
-                .filter(user_clusters::cluster_id.eq(cluster.to_string()))
-                .filter(user_clusters::role.eq(role.as_str()))
-                .order(user_clusters::email)
-                .select(MemberRow::as_select())
-                .load(conn)
-        })?;
-        rows.into_iter().map(Member::try_from).collect()
-    }
-
-    fn has_rank(op: &Operation<'_>, user: &UserId, cluster: &ClusterId, at_least: Role) -> StoreResult<bool> {
-        op.run(|conn| {
-            diesel::select(diesel::dsl::exists(
-                user_clusters::table
-                    .find((user.to_string(), cluster.to_string()))
-                    .filter(user_clusters::role_order.le(role_order(at_least))),
-            ))
-            .get_result(conn)
-        })
-    }
-}
-
-/// Locks the cluster row for a membership change; `NotFound` if it is gone.
-fn lock_cluster(conn: &mut PgConnection, cluster: &str) -> Result<(), Failure> {
-    let found =
-        clusters::table.find(cluster).select(clusters::id).for_no_key_update().first::<String>(conn).optional()?;
-    match found {
-        Some(_) => Ok(()),
-        None => Err(StoreError::not_found("cluster", cluster).into()),
-    }
-}
-
-/// The result of [`ClusterWithMembers`]: the cluster once, its members as
-/// one array per column (all of one length, in one unspecified order).
-#[derive(QueryableByName)]
-struct ClusterWithMembersRow {
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = Text)]
-    name: String,
-    #[diesel(sql_type = diesel::sql_types::Jsonb)]
-    metadata: Value,
-    #[diesel(sql_type = Timestamptz)]
-    created_at: DateTime<Utc>,
-    #[diesel(sql_type = Timestamptz)]
-    updated_at: DateTime<Utc>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    member_ids: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    member_emails: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    member_names: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Nullable<Text>>>)]
-    member_pictures: Option<Vec<Option<String>>>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    member_roles: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Timestamptz>>)]
-    member_since: Option<Vec<DateTime<Utc>>>,
-}
-
-/// A cluster with its members, in one statement whose one row holds the
-/// cluster once and each member once, as one array per column:
-///
-/// ```sql
-/// SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at, m.*
-///   FROM clusters c,
-///        (SELECT array_agg(user_id) AS member_ids, array_agg(email) AS member_emails,
-///                array_agg(name) AS member_names, array_agg(picture) AS member_pictures,
-///                array_agg(role) AS member_roles, array_agg(created_at) AS member_since
-///           FROM user_clusters
-///          WHERE cluster_id = $1) AS m
-///  WHERE c.id = $2            -- the same id
-/// ```
-///
-/// Why this shape, measured with pgbench on a 50-member cluster:
-/// - Arrays of plain columns cost the server about half of an array of
-///   records (`ROW(...)`, whose output function looks up each column's
-///   type for every record), and a join would repeat the cluster row,
-///   metadata included, for every member and decode it as many times.
-/// - The aggregates have no `ORDER BY`: PostgreSQL 15 sorts the input of
-///   each ordered aggregate separately (six sorts here). The store puts the
-///   members in listing order itself (role rank, then e-mail by its bytes,
-///   which is the column's `COLLATE "C"` order, `005_member_email_order`).
-/// - The subquery names the id itself rather than `c.id`: planned against a
-///   correlated `c.id`, PostgreSQL estimates the members of an average
-///   cluster, and where one cluster is huge it hashes every membership
-///   (34 ms instead of 0.2 ms for 50 members beside a 100 000-member
-///   cluster).
-///
-/// The members come from one range of `user_clusters_cluster_id_order_idx`,
-/// with the copies of each member's e-mail, name and picture that the
-/// membership keeps (no lookup into `users`); arrays travel in PostgreSQL's
-/// binary format: no JSON to parse.
-struct ClusterWithMembers<'a> {
-    cluster: &'a str,
-}
-
-impl QueryFragment<Pg> for ClusterWithMembers<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(
-            "SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at, m.*\n  FROM clusters c,\n       \
-             (SELECT array_agg(user_id) AS member_ids, array_agg(email) AS member_emails,\n               \
-             array_agg(name) AS member_names, array_agg(picture) AS member_pictures,\n               \
-             array_agg(role) AS member_roles, array_agg(created_at) AS member_since\n          \
-             FROM user_clusters\n         WHERE cluster_id = ",
-        );
-        out.push_bind_param::<Text, _>(&self.cluster)?;
-        out.push_sql(") AS m\n WHERE c.id = ");
-        out.push_bind_param::<Text, _>(&self.cluster)?;
-        Ok(())
-    }
-}
-
-impl QueryId for ClusterWithMembers<'_> {
-    type QueryId = ClusterWithMembers<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl Query for ClusterWithMembers<'_> {
-    type SqlType = diesel::sql_types::Untyped;
-}
-
-impl RunQueryDsl<PgConnection> for ClusterWithMembers<'_> {}
-
-/// The cluster with its members, in one statement ([`ClusterWithMembers`]).
-fn load_cluster(conn: &mut PgConnection, cluster: &str) -> Result<Option<Cluster>, Failure> {
-    let row: Option<ClusterWithMembersRow> = ClusterWithMembers { cluster }.get_result(conn).optional()?;
-    Ok(row.map(Cluster::try_from).transpose()?)
-}
-
-impl TryFrom<ClusterWithMembersRow> for Cluster {
-    type Error = StoreError;
-
-    fn try_from(row: ClusterWithMembersRow) -> StoreResult<Cluster> {
-        let ids = row.member_ids.unwrap_or_default();
-        let count = ids.len();
-        let emails = row.member_emails.unwrap_or_default();
-        let names = row.member_names.unwrap_or_default();
-        let pictures = row.member_pictures.unwrap_or_default();
-        let roles = row.member_roles.unwrap_or_default();
-        let since = row.member_since.unwrap_or_default();
-        if [emails.len(), names.len(), pictures.len(), roles.len(), since.len()].iter().any(|len| *len != count) {
-            return Err(StoreError::Backend {
-                message: "clusters.get: the member arrays have different lengths".into(),
-                source: None,
-            });
-        }
-        let members = ids
-            .into_iter()
-            .zip(emails)
-            .zip(names)
-            .zip(pictures)
-            .zip(roles)
-            .zip(since)
-            .map(|(((((user_id, email), name), picture), role), created_at)| MemberRow {
-                user_id,
-                email,
-                name,
-                picture,
-                role,
-                created_at,
-            })
-            .collect();
-        let cluster = ClusterRow {
-            id: row.id,
-            name: row.name,
-            metadata: row.metadata,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-        };
-        cluster_from(cluster, members)
-    }
 }
 
 fn summaries(rows: Vec<(String, String, Option<String>)>) -> StoreResult<Vec<ClusterSummary>> {
     rows.into_iter()
         .map(|(id, name, owner_name)| Ok(ClusterSummary { id: ClusterId::parse(&id)?, name, owner_name }))
         .collect()
+}
+
+/// Which of a user's memberships a listing wants.
+#[derive(Clone, Copy)]
+enum MembershipKind {
+    Memberships,
+    Invitations,
+}
+
+/// The clusters where `user` is a member (or invited), with each owner's
+/// name, in one statement.
+fn memberships_of(op: &Operation<'_>, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
+    let rows: Vec<(String, String, Option<String>)> = op.run(|conn| {
+        let query = user_clusters::table
+            .inner_join(clusters::table)
+            .left_join(
+                owner_memberships.on(owner_memberships
+                    .field(user_clusters::cluster_id)
+                    .eq(clusters::id)
+                    .and(owner_memberships.field(user_clusters::role).eq(Role::Owner.as_str()))),
+            )
+            .left_join(
+                users::table.on(users::id.nullable().eq(owner_memberships.field(user_clusters::user_id).nullable())),
+            )
+            .filter(user_clusters::user_id.eq(user.to_string()))
+            .order(clusters::created_at)
+            .select((clusters::id, clusters::name, users::name.nullable()));
+        match kind {
+            MembershipKind::Memberships => query.filter(user_clusters::role.ne(Role::Invited.as_str())).load(conn),
+            MembershipKind::Invitations => query.filter(user_clusters::role.eq(Role::Invited.as_str())).load(conn),
+        }
+    })?;
+    summaries(rows)
+}
+
+/// The membership row of an invitation: found by (user, cluster), only while `invited`.
+type Invitation = diesel::dsl::Filter<
+    diesel::dsl::Find<user_clusters::table, (String, String)>,
+    diesel::dsl::Eq<user_clusters::role, &'static str>,
+>;
+
+/// The membership row of `user`'s invitation to `cluster`, if they are invited.
+fn invitation(user: &UserId, cluster: &ClusterId) -> Invitation {
+    user_clusters::table
+        .find((user.to_string(), cluster.to_string()))
+        .filter(user_clusters::role.eq(Role::Invited.as_str()))
+}
+
+/// `NotFound` naming the invitation unless the statement on it touched a row.
+fn invitation_found(touched: usize, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
+    if touched == 0 {
+        return Err(StoreError::not_found("invite", format!("{user} to {cluster}")));
+    }
+    Ok(())
+}
+
+/// The members of `cluster` with `role`, by e-mail, in one statement.
+fn members_where(op: &Operation<'_>, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
+    let rows: Vec<MemberRow> = op.run(|conn| {
+        user_clusters::table
+            .filter(user_clusters::cluster_id.eq(cluster.to_string()))
+            .filter(user_clusters::role.eq(role.as_str()))
+            .order(user_clusters::email)
+            .select(MemberRow::as_select())
+            .load(conn)
+    })?;
+    rows.into_iter().map(Member::try_from).collect()
+}
+
+/// Whether `user` holds at least the rank of `at_least` in `cluster`, in one statement.
+fn has_rank(op: &Operation<'_>, user: &UserId, cluster: &ClusterId, at_least: Role) -> StoreResult<bool> {
+    op.run(|conn| {
+        diesel::select(diesel::dsl::exists(
+            user_clusters::table
+                .find((user.to_string(), cluster.to_string()))
+                .filter(user_clusters::role_order.le(role_order(at_least))),
+        ))
+        .get_result(conn)
+    })
 }
 
 impl ClusterStore for PgClusterStore {
@@ -481,8 +257,7 @@ impl ClusterStore for PgClusterStore {
     fn get(&self, id: &ClusterId) -> StoreResult<Option<Cluster>> {
         let op = self.pool.operation("clusters.get");
         let id = id.to_string();
-        let row: Option<ClusterWithMembersRow> =
-            op.run(|conn| ClusterWithMembers { cluster: &id }.get_result(conn).optional())?;
+        let row = op.run(|conn| with_members::select(conn, &id))?;
         row.map(Cluster::try_from).transpose()
     }
 
@@ -523,7 +298,7 @@ impl ClusterStore for PgClusterStore {
 
     fn install_github_integration(&self, integration: GitHubIntegration) -> StoreResult<Option<Cluster>> {
         let op = self.pool.operation("clusters.install_github_integration");
-        text::check("loginId", &integration.login_id, 255, Blank::Refused)?;
+        text::check("loginId", &integration.login_id, MAX_LOGIN_ID_BYTES, Blank::Refused)?;
         let mut settings = integration.settings.as_map().clone();
         settings.insert("loginId".into(), Value::String(integration.login_id.clone()));
         let settings = Metadata::from_map(settings)?;
@@ -662,39 +437,20 @@ impl ClusterStore for PgClusterStore {
     fn accept_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
         let op = self.pool.operation("clusters.accept_invite");
         let updated = op.run(|conn| {
-            diesel::update(
-                user_clusters::table
-                    .find((user.to_string(), cluster.to_string()))
-                    .filter(user_clusters::role.eq(Role::Invited.as_str())),
-            )
-            .set(user_clusters::role.eq(Role::Viewer.as_str()))
-            .execute(conn)
+            diesel::update(invitation(user, cluster)).set(user_clusters::role.eq(Role::Viewer.as_str())).execute(conn)
         })?;
-        if updated == 0 {
-            return Err(StoreError::not_found("invite", format!("{user} to {cluster}")));
-        }
-        Ok(())
+        invitation_found(updated, user, cluster)
     }
 
     fn decline_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
         let op = self.pool.operation("clusters.decline_invite");
-        let deleted = op.run(|conn| {
-            diesel::delete(
-                user_clusters::table
-                    .find((user.to_string(), cluster.to_string()))
-                    .filter(user_clusters::role.eq(Role::Invited.as_str())),
-            )
-            .execute(conn)
-        })?;
-        if deleted == 0 {
-            return Err(StoreError::not_found("invite", format!("{user} to {cluster}")));
-        }
-        Ok(())
+        let deleted = op.run(|conn| diesel::delete(invitation(user, cluster)).execute(conn))?;
+        invitation_found(deleted, user, cluster)
     }
 
     fn pending_invites(&self, user: &UserId) -> StoreResult<Vec<PendingInvite>> {
         let op = self.pool.operation("clusters.pending_invites");
-        let rows = Self::memberships_of(&op, user, MembershipKind::Invitations)?;
+        let rows = memberships_of(&op, user, MembershipKind::Invitations)?;
         Ok(rows
             .into_iter()
             .map(|summary| PendingInvite {
@@ -792,18 +548,17 @@ impl ClusterStore for PgClusterStore {
 
     fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>> {
         let op = self.pool.operation("clusters.user_clusters");
-        Self::memberships_of(&op, user, MembershipKind::Memberships)
+        memberships_of(&op, user, MembershipKind::Memberships)
     }
 
     fn members(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
         let op = self.pool.operation("clusters.members");
-        Self::page(&op, cluster, (role_order(Role::Owner), role_order(Role::Viewer)), MEMBERS_CURSOR, page)
+        member_page::members(&op, cluster, page)
     }
 
     fn invites(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
         let op = self.pool.operation("clusters.invites");
-        let invited = role_order(Role::Invited);
-        Self::page(&op, cluster, (invited, invited), INVITES_CURSOR, page)
+        member_page::invites(&op, cluster, page)
     }
 
     fn role_of(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<Option<Role>> {
@@ -820,32 +575,32 @@ impl ClusterStore for PgClusterStore {
 
     fn owner(&self, cluster: &ClusterId) -> StoreResult<Option<Member>> {
         let op = self.pool.operation("clusters.owner");
-        Ok(Self::members_where(&op, cluster, Role::Owner)?.into_iter().next())
+        Ok(members_where(&op, cluster, Role::Owner)?.into_iter().next())
     }
 
     fn users_with_role(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
         let op = self.pool.operation("clusters.users_with_role");
-        Self::members_where(&op, cluster, role)
+        members_where(&op, cluster, role)
     }
 
     fn can_read(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
         let op = self.pool.operation("clusters.can_read");
-        Self::has_rank(&op, user, cluster, Role::Viewer)
+        has_rank(&op, user, cluster, Role::Viewer)
     }
 
     fn can_write(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
         let op = self.pool.operation("clusters.can_write");
-        Self::has_rank(&op, user, cluster, Role::Developer)
+        has_rank(&op, user, cluster, Role::Developer)
     }
 
     fn is_admin(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
         let op = self.pool.operation("clusters.is_admin");
-        Self::has_rank(&op, user, cluster, Role::Admin)
+        has_rank(&op, user, cluster, Role::Admin)
     }
 
     fn is_owner(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
         let op = self.pool.operation("clusters.is_owner");
-        Self::has_rank(&op, user, cluster, Role::Owner)
+        has_rank(&op, user, cluster, Role::Owner)
     }
 
     fn integrations(&self, cluster: &ClusterId) -> StoreResult<Integrations> {
@@ -855,128 +610,4 @@ impl ClusterStore for PgClusterStore {
         let metadata = metadata.ok_or_else(|| StoreError::not_found("cluster", cluster.to_string()))?;
         Ok(Integrations::from_metadata(&Metadata::from_stored(metadata)))
     }
-}
-
-/// Which of a user's memberships a listing wants.
-#[derive(Clone, Copy)]
-enum MembershipKind {
-    Memberships,
-    Invitations,
-}
-
-impl PgClusterStore {
-    /// The clusters where `user` is a member (or invited), with each owner's
-    /// name, in one statement.
-    fn memberships_of(op: &Operation<'_>, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
-        let rows: Vec<(String, String, Option<String>)> = op.run(|conn| {
-            let query = user_clusters::table
-                .inner_join(clusters::table)
-                .left_join(
-                    owner_memberships.on(owner_memberships
-                        .field(user_clusters::cluster_id)
-                        .eq(clusters::id)
-                        .and(owner_memberships.field(user_clusters::role).eq(Role::Owner.as_str()))),
-                )
-                .left_join(
-                    users::table
-                        .on(users::id.nullable().eq(owner_memberships.field(user_clusters::user_id).nullable())),
-                )
-                .filter(user_clusters::user_id.eq(user.to_string()))
-                .order(clusters::created_at)
-                .select((clusters::id, clusters::name, users::name.nullable()));
-            match kind {
-                MembershipKind::Memberships => query.filter(user_clusters::role.ne(Role::Invited.as_str())).load(conn),
-                MembershipKind::Invitations => query.filter(user_clusters::role.eq(Role::Invited.as_str())).load(conn),
-            }
-        })?;
-        summaries(rows)
-    }
-}
-
-/// The desired non-owner role of each user: the highest they are listed under.
-fn desired_roles(roles: &BTreeMap<Role, Vec<UserId>>) -> StoreResult<BTreeMap<String, Role>> {
-    let mut desired = BTreeMap::new();
-    for (role, users) in roles {
-        if *role == Role::Owner {
-            return Err(StoreError::invalid("roles", "cannot name an owner; use transfer_ownership"));
-        }
-        for user in users {
-            let entry = desired.entry(user.to_string()).or_insert(*role);
-            *entry = (*entry).max(*role);
-        }
-    }
-    Ok(desired)
-}
-
-/// The membership writes of `clusters.update`'s roles as one statement: the
-/// members not listed go, the listed ones are inserted or get their role
-/// (the owner keeps ownership even when listed under another role):
-///
-/// ```sql
-/// WITH removed AS (
-///     DELETE FROM user_clusters
-///      WHERE cluster_id = $1 AND role <> 'owner' AND user_id <> ALL($2))
-/// INSERT INTO user_clusters (user_id, cluster_id, role)
-/// SELECT listed.user_id, $1, listed.role FROM unnest($2, $3) AS listed (user_id, role)
-/// ON CONFLICT (user_id, cluster_id) DO UPDATE SET role = excluded.role
-///  WHERE user_clusters.role <> 'owner'
-/// ```
-///
-/// One statement, not two, so that the listing totals of `cluster_counts`
-/// (updated by statement-level triggers) are locked once, after every
-/// membership row this write locks: the lock order that keeps the stores
-/// free of deadlocks (memberships, then totals; ARCHITECTURE.md). The two
-/// parts touch different users, so neither sees the other's rows.
-struct SetRoles<'a> {
-    cluster: &'a str,
-    users: &'a [&'a str],
-    roles: &'a [&'a str],
-}
-
-impl QueryFragment<Pg> for SetRoles<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("WITH removed AS (\n    DELETE FROM user_clusters\n     WHERE cluster_id = ");
-        out.push_bind_param::<Text, _>(&self.cluster)?;
-        out.push_sql(" AND role <> 'owner' AND user_id <> ALL(");
-        out.push_bind_param::<Array<Text>, _>(&self.users)?;
-        out.push_sql("))\nINSERT INTO user_clusters (user_id, cluster_id, role)\nSELECT listed.user_id, ");
-        out.push_bind_param::<Text, _>(&self.cluster)?;
-        out.push_sql(", listed.role FROM unnest(");
-        out.push_bind_param::<Array<Text>, _>(&self.users)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.roles)?;
-        out.push_sql(
-            ") AS listed (user_id, role)\nON CONFLICT (user_id, cluster_id) DO UPDATE SET role = excluded.role\n \
-             WHERE user_clusters.role <> 'owner'",
-        );
-        Ok(())
-    }
-}
-
-impl QueryId for SetRoles<'_> {
-    type QueryId = SetRoles<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl RunQueryDsl<PgConnection> for SetRoles<'_> {}
-
-/// Makes the cluster's non-owner memberships exactly `desired` (the owner,
-/// if listed, keeps ownership). Runs under the cluster lock.
-fn set_roles(conn: &mut PgConnection, cluster: &str, desired: &BTreeMap<String, Role>) -> Result<(), Failure> {
-    let listed: Vec<&str> = desired.keys().map(String::as_str).collect();
-    // The listed users, key-share locked in id order before any membership
-    // (the lock order of ARCHITECTURE.md): a concurrent users.delete of one
-    // of them either finished (and they are reported missing here) or waits.
-    let found: Vec<String> = if listed.is_empty() {
-        Vec::new()
-    } else {
-        users::table.filter(users::id.eq_any(&listed)).order(users::id).select(users::id).for_key_share().load(conn)?
-    };
-    if found.len() < listed.len() {
-        let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.iter().any(|f| f == user)).collect();
-        return Err(StoreError::not_found("user", missing.join(", ")).into());
-    }
-    let roles: Vec<&str> = desired.values().map(|role| role.as_str()).collect();
-    SetRoles { cluster, users: &listed, roles: &roles }.execute(conn)?;
-    Ok(())
 }
