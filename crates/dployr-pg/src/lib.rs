@@ -29,10 +29,7 @@ pub use deadline::{DeadlineConfig, DeadlineStats, PgConnectionManager};
 pub use errors::store_error;
 pub use instances::PgInstanceStore;
 pub use operation::Operation;
-pub use pool::{
-    DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, RecordStatements, StatementStats,
-    classify as classify_connect_error, probe_connection,
-};
+pub use pool::{DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, RecordStatements, StatementStats};
 pub use users::PgUserStore;
 
 /// diesel's `table!` description of every table the stores use.

@@ -245,7 +245,7 @@ impl std::error::Error for Redacted {}
 ///
 /// # Errors
 /// The classified, redacted failure.
-pub fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
+fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
     let (sender, receiver) = mpsc::channel();
     let url = database_url.to_owned();
     let spawned = std::thread::Builder::new().name("dployr-pg-connect".into()).spawn(move || {
@@ -269,7 +269,7 @@ pub fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), Con
 }
 
 /// The classified, redacted form of a diesel connection error.
-pub fn classify(error: &diesel::ConnectionError, database_url: &str) -> ConnectFailure {
+fn classify(error: &diesel::ConnectionError, database_url: &str) -> ConnectFailure {
     match error {
         diesel::ConnectionError::InvalidCString(_) => {
             ConnectFailure::new(ConnectFailureKind::MalformedUrl, "the URL holds a NUL byte")
