@@ -19,8 +19,9 @@
 //!   taken gets a new random id, and the store tries again. On a backend
 //!   with atomic counters (memory, PostgreSQL) an id is claimed with one
 //!   (`increment` returns 1 to exactly one caller), so two creates of one id
-//!   cannot both win; on Cloudflare the check is a read, which two creates
-//!   of the same 128-bit random id at once could both pass.
+//!   cannot both win (the claim is one more small entry per session, with
+//!   the session's TTL); on Cloudflare the check is a read, which two
+//!   creates of the same 128-bit random id at once could both pass.
 //! - **Sign out everywhere.** With [`KvSessionStore::with_user_field`], a
 //!   record whose data names a user under that field is also recorded in a
 //!   per-user index ([`UserSessionIndex`]), and

@@ -97,13 +97,16 @@ impl IntoResponse for ApiError {
 }
 
 impl From<StoreError> for ApiError {
+    /// What the caller can act on is said (bad input, not found, conflict,
+    /// try again); a backend or configuration error is the server's
+    /// business, not the client's, and is reported without its text.
     fn from(error: StoreError) -> Self {
         let status = match &error {
             StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
             StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Invalid { .. } => StatusCode::BAD_REQUEST,
             StoreError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => return Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()),
         };
         Self(status, error.to_string())
     }
