@@ -6,7 +6,7 @@
 
 #![cfg(test)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dployr_data::kv::RetryPolicy;
 use dployr_data::{
@@ -47,8 +47,7 @@ fn email(text: &str) -> Email {
 
 /// Opens the data layer inside the runtime, signs a user in, reads the
 /// session back, signs them out everywhere, and drops the data layer on the
-/// runtime's thread, which must return at once (the drop runs on the
-/// blocking pool).
+/// runtime's thread (the drop runs on the blocking pool).
 async fn open_serve_and_drop(kv: Kv) {
     let db = dployr_testkit::database();
     let (config, _emulator) = config(&db, kv);
@@ -60,11 +59,15 @@ async fn open_serve_and_drop(kv: Kv) {
     assert_eq!(data.kv().get_session(&id).await.unwrap().map(|s| s.user_id), Some(user.id), "{kv:?}");
     assert_eq!(data.kv().delete_user_sessions(&user.id).await.unwrap(), 1, "{kv:?}");
     assert_eq!(data.kv().get_session(&id).await.unwrap(), None, "{kv:?}");
+    // The last clone dropped on the runtime's thread: the drop moves to the
+    // blocking pool, so it neither panics (a blocking client dropped inside a
+    // runtime would) nor holds this thread. How long it takes is not asserted
+    // here: a timed assertion fails on a busy machine.
     let clone = data.clone();
     drop(data);
-    let began = Instant::now();
     drop(clone);
-    assert!(began.elapsed() < Duration::from_millis(250), "dropping took {:?} on {kv:?}", began.elapsed());
+    // The runtime still serves this task afterwards.
+    tokio::task::yield_now().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
