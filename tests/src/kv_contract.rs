@@ -66,14 +66,19 @@ pub const THREADS: usize = 32;
 
 /// Runs `work(i)` for `0..n` on [`THREADS`] threads released together.
 pub fn in_parallel<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let barrier = Barrier::new(THREADS);
+    in_parallel_on(THREADS, n, work)
+}
+
+/// Runs `work(i)` for `0..n` on `threads` threads released together.
+pub fn in_parallel_on<T: Send>(threads: usize, n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let barrier = Barrier::new(threads);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..THREADS)
+        let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (barrier, work) = (&barrier, &work);
                 scope.spawn(move || {
                     barrier.wait();
-                    (t..n).step_by(THREADS).map(work).collect::<Vec<T>>()
+                    (t..n).step_by(threads).map(work).collect::<Vec<T>>()
                 })
             })
             .collect();
@@ -418,6 +423,57 @@ pub fn deleted_sessions_are_gone(f: &dyn KvFixture) {
     assert_eq!(ok(store.get_session(&id), "get_session"), None);
 }
 
+/// Signing a user out everywhere ends each of their sessions, whether
+/// already ended one by one or not, and nobody else's.
+pub fn delete_user_sessions_ends_every_session_of_that_user_only(f: &dyn KvFixture) {
+    let store = KvStore::new(f.kv());
+    let (ada, bob) = (sample_user(3), sample_user(4));
+    let ada_sessions: Vec<SessionId> = (0..5).map(|_| SessionId::generate()).collect();
+    for id in &ada_sessions {
+        ok(store.create_session(id, &ada, sample_clusters()), "create ada's session");
+    }
+    let bobs = SessionId::generate();
+    ok(store.create_session(&bobs, &bob, vec![]), "create bob's session");
+    ok(store.delete_session(&ada_sessions[0]), "sign out of one device");
+
+    assert_eq!(ok(store.delete_user_sessions(&ada.id), "delete_user_sessions"), 5);
+    for id in &ada_sessions {
+        assert_eq!(ok(store.get_session(id), "ada's session after sign-out everywhere"), None);
+    }
+    assert!(ok(store.get_session(&bobs), "bob's session").is_some());
+    assert_eq!(ok(store.delete_user_sessions(&ada.id), "again"), 0, "the index is empty once done");
+    assert_eq!(ok(store.delete_user_sessions(&sample_user(5).id), "a user with none"), 0);
+}
+
+/// A user's index entries expire with their sessions: nothing to prune.
+pub fn user_session_index_entries_expire_with_their_sessions(f: &dyn KvFixture) {
+    let store = KvStore::new(f.kv());
+    let user = sample_user(6);
+    ok(store.create_session(&SessionId::generate(), &user, vec![]), "create_session");
+    f.advance(Duration::from_secs(7 * 24 * 3600 + 90));
+    assert_eq!(list_all(f.kv().as_ref(), "user_sessions:", 10).0, Vec::<String>::new());
+    assert_eq!(ok(store.delete_user_sessions(&user.id), "delete_user_sessions"), 0);
+}
+
+/// Sessions created for one user on 4 threads at once are all recorded,
+/// and all ended by one sign-out everywhere: each has an index entry of its
+/// own, so no concurrent sign-in overwrites another's (on every backend;
+/// 4 threads, which the single-threaded Cloudflare emulator serves in time
+/// on a loaded machine).
+pub fn concurrent_sign_ins_of_one_user_are_all_signed_out(f: &dyn KvFixture) {
+    let store = KvStore::new(f.kv());
+    let user = sample_user(7);
+    let ids = in_parallel_on(4, 40, |_| {
+        let id = SessionId::generate();
+        ok(store.create_session(&id, &user, vec![]), "create_session");
+        id
+    });
+    assert_eq!(ok(store.delete_user_sessions(&user.id), "delete_user_sessions"), 40);
+    for id in &ids {
+        assert_eq!(ok(store.get_session(id), "get_session"), None);
+    }
+}
+
 /// OAuth state validates once, and not after 10 minutes.
 pub fn oauth_state_is_single_use_and_expires(f: &dyn KvFixture) {
     let store = KvStore::new(f.kv());
@@ -508,8 +564,9 @@ pub fn parallel_increments_are_exact_where_promised(f: &dyn KvFixture) {
     assert_eq!(results, (1..=100).collect::<Vec<i64>>());
 }
 
-/// Defines one `#[test]` per conformance function, each on a fresh fixture
-/// from `$fixture` (an expression evaluated per test).
+/// Defines one `#[test]` per conformance function (those of this module and
+/// of [`session_store_contract`](crate::session_store_contract)), each on a
+/// fresh fixture from `$fixture` (an expression evaluated per test).
 #[macro_export]
 macro_rules! kv_contract_tests {
     ($fixture:expr) => {
@@ -531,6 +588,9 @@ macro_rules! kv_contract_tests {
             counter_counts_and_restarts_after_expiry,
             sessions_expire,
             deleted_sessions_are_gone,
+            delete_user_sessions_ends_every_session_of_that_user_only,
+            user_session_index_entries_expire_with_their_sessions,
+            concurrent_sign_ins_of_one_user_are_all_signed_out,
             oauth_state_is_single_use_and_expires,
             otp_rules_hold,
             stated_guarantees_match_the_backends_limits,
@@ -538,6 +598,24 @@ macro_rules! kv_contract_tests {
             parallel_takes_give_exactly_one_value_where_promised,
             parallel_increments_are_exact_where_promised
         );
+        $crate::kv_contract_tests!(@sessions $fixture;
+            session_store_round_trips_create_save_load_delete,
+            session_store_create_never_overwrites_a_taken_id,
+            session_store_concurrent_creates_of_one_id_get_distinct_ids_where_atomic,
+            session_store_expired_records_never_load,
+            session_store_expiry_is_kept_within_the_backends_ttl_range,
+            session_store_keys_hold_no_session_or_user_id,
+            session_store_deletes_every_session_of_one_user_only
+        );
+    };
+    (@sessions $fixture:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let fixture = $fixture;
+                $crate::session_store_contract::$name(&fixture);
+            }
+        )*
     };
     (@each $fixture:expr; $($name:ident),*) => {
         $(

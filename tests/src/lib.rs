@@ -4,11 +4,13 @@
 //! The tests live in `tests/tests/`. This library holds what several of
 //! them, and `cargo xtask`, share: [`kv_contract`], the functions every
 //! key-value backend must pass (run by `kv_memory`, `kv_postgres` and
-//! `kv_cloudflare`), and [`stress`], the workload with an invariant checker
+//! `kv_cloudflare`) with [`session_store_contract`], the tower-sessions
+//! store's cases on the same fixtures, and [`stress`], the workload with an invariant checker
 //! (run briefly by `tests/tests/stress.rs`, at length by `cargo xtask stress`),
 //! and [`seed_story`], the seed README's story as a load that tells errors
 //! from rule violations (`tests/tests/pgbouncer.rs`, `cargo xtask pgbouncer`).
 
 pub mod kv_contract;
 pub mod seed_story;
+pub mod session_store_contract;
 pub mod stress;

@@ -1,6 +1,8 @@
 //! Tidy checks of the workspace's shape: the domain crate stays free of
 //! diesel and of anything that does I/O, so every consumer can depend on it
-//! alone (rust-analyzer guards its crate boundaries the same way).
+//! alone (rust-analyzer guards its crate boundaries the same way); the web
+//! side (axum, tower-sessions' middleware) stays in the example, out of the
+//! product crates.
 
 #![cfg(test)]
 
@@ -58,4 +60,25 @@ fn a_postgres_only_user_of_the_kv_or_data_crate_builds_no_http_client() {
     }
     // On by default in the facade.
     assert!(dependencies_of("dployr-data").iter().any(|d| d == "reqwest"));
+}
+
+#[test]
+fn the_tower_sessions_store_builds_no_web_framework_or_http_client() {
+    let dependencies = dependencies_of("dployr-tower-sessions");
+    assert!(dependencies.iter().any(|d| d == "tower-sessions-core"), "{dependencies:?}");
+    for forbidden in ["axum", "axum-core", "tower-cookies", "hyper", "reqwest", "dployr-data"] {
+        assert!(
+            !dependencies.iter().any(|d| d == forbidden),
+            "dployr-tower-sessions pulls in {forbidden}: {dependencies:?}"
+        );
+    }
+}
+
+#[test]
+fn the_async_facade_adds_tokio_to_the_data_crate_and_no_web_framework() {
+    let dependencies = dependencies_with("dployr-data", &["--no-default-features", "--features", "tokio"]);
+    assert!(dependencies.iter().any(|d| d == "tokio"), "{dependencies:?}");
+    for forbidden in ["axum", "tower-sessions", "tower-sessions-core", "hyper", "reqwest"] {
+        assert!(!dependencies.iter().any(|d| d == forbidden), "dployr-data with `tokio` pulls in {forbidden}");
+    }
 }

@@ -41,15 +41,19 @@ fn dump(kv: &dyn KvBackend) -> Vec<(String, String)> {
 fn no_key_or_value_holds_a_raw_secret(kv: &Arc<dyn KvBackend>) {
     let store = KvStore::new(Arc::clone(kv));
     let id = SessionId::generate();
-    store.create_session(&id, &sample_user(1), sample_clusters()).unwrap();
+    let user = sample_user(1);
+    store.create_session(&id, &user, sample_clusters()).unwrap();
     let state = OAuthState::generate();
     store.create_state(&state, "https://app.example/next").unwrap();
     let email = Email::parse("ada@example.com").unwrap();
     let code = store.create_otp(&email).unwrap();
 
     let entries = dump(kv.as_ref());
-    assert_eq!(entries.len(), 3);
+    // The session, its entry in the user's index, the state, the code.
+    assert_eq!(entries.len(), 4);
     for (key, value) in &entries {
+        assert!(!key.contains(&user.id.to_string()), "key {key} holds the user's id");
+        assert!(!key.contains(user.email.as_str()), "key {key} holds the user's e-mail");
         for secret in [id.expose(), state.expose(), code.expose()] {
             assert!(!key.contains(secret), "key {key} holds a secret");
             assert!(!value.contains(secret), "value of {key} holds a secret");
@@ -298,6 +302,8 @@ fn kv_operations_are_spans_without_any_secret_and_postgres_ones_count_statements
         ops,
         [
             ("dployr.store", "kv.postgres.put", Some("1")),
+            // The session's entry in the user's index of sessions.
+            ("dployr.store", "kv.postgres.put", Some("1")),
             ("dployr.kv", "kv.create_session", None),
             ("dployr.store", "kv.postgres.get", Some("1")),
             ("dployr.kv", "kv.get_session", None),
@@ -438,7 +444,7 @@ fn cloudflare_requests_per_step_are_those_in_the_operations_guide() {
         measured.push((oauth_sign_in, session_read, otp_sign_in, wrong_guess, sign_out));
     }
     // (OAuth sign-in, session read, OTP sign-in, a wrong OTP guess, sign-out)
-    assert_eq!(measured, [(1, 1, 1, 0, 1), (4, 1, 8, 3, 1)]);
+    assert_eq!(measured, [(2, 1, 2, 0, 1), (5, 1, 9, 3, 1)]);
 }
 
 /// A session written under an older e-mail rule (here `a@b`, which today's

@@ -11,8 +11,12 @@
 //!
 //! The API is synchronous (diesel, r2d2 and the Cloudflare client block).
 //! Every store is `Send + Sync`: an async server shares the `DataLayer` in an
-//! `Arc` and calls it through `spawn_blocking`.
+//! `Arc` and calls it through `spawn_blocking`, or, with the `tokio`
+//! feature, uses [`AsyncDataLayer`] (`DataLayer::into_async`), whose stores
+//! have the same methods as `async fn`s.
 
+#[cfg(feature = "tokio")]
+mod async_layer;
 mod config;
 mod layer;
 
@@ -24,6 +28,11 @@ pub use config::{
     STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR, TCP_USER_TIMEOUT_VAR,
 };
 pub use layer::DataLayer;
+
+#[cfg(feature = "tokio")]
+pub use async_layer::{
+    AsyncBootstrapTokenStore, AsyncClusterStore, AsyncDataLayer, AsyncInstanceStore, AsyncKvStore, AsyncUserStore,
+};
 
 // Named one by one, so the facade's root holds what a user of the stores
 // needs and no backend helper (`parse_counter`, `text`, ...): those stay in

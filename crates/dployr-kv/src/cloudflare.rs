@@ -43,7 +43,8 @@
 //! private tokio runtime that is created, run and dropped on a thread of its
 //! own. A blocking `reqwest` client builds and drops a runtime on the
 //! caller's thread, which panics inside `#[tokio::main]`; this one does not,
-//! so the backend can be opened, used and dropped from any thread. Calls
+//! so the backend can be opened, used and dropped from any thread (dropped
+//! on a runtime's thread, it does not wait for its runtime to stop). Calls
 //! still block the calling thread until the answer comes: from async code,
 //! call them in `tokio::task::spawn_blocking`.
 
@@ -328,6 +329,13 @@ impl Transport {
 impl Drop for Transport {
     fn drop(&mut self) {
         drop(self.stop.take());
+        // On a tokio runtime's thread (a worker, or `block_on`), joining
+        // would hold that thread for as long as the private runtime takes to
+        // shut down (up to a second with requests in flight). The thread
+        // ends on its own once told to stop, so it is left to finish there.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
         if let Some(thread) = self.thread.take() {
             // The thread only shuts its runtime down; a panic there leaves nothing to clean.
             let _ = thread.join();

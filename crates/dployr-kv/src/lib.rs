@@ -19,6 +19,7 @@ mod cloudflare;
 mod memory;
 mod postgres;
 mod store;
+mod user_sessions;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 #[cfg(feature = "cloudflare")]
@@ -31,3 +32,4 @@ pub use postgres::{PgKv, Purger};
 pub use store::{
     DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId,
 };
+pub use user_sessions::UserSessionIndex;

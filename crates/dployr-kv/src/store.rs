@@ -25,6 +25,12 @@
 //! and the one-time records on another ([`KvStore::with_backends`]); the
 //! data layer puts them on PostgreSQL when sessions are on Cloudflare.
 //!
+//! **Sign-out everywhere.** Each session is also recorded in a per-user
+//! index in the session backend ([`UserSessionIndex`]), so
+//! [`KvStore::delete_user_sessions`] ends every session of a user: exactly
+//! on memory and PostgreSQL, and on Cloudflare every session its eventually
+//! consistent listing shows (see that type for what that means).
+//!
 //! **Sign-out in this process.** A backend with stale reads may return a
 //! session for a while after it was deleted (Cloudflare: up to 60 s). The
 //! store remembers the sessions this process deleted for
@@ -45,6 +51,8 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::UserSessionIndex;
+
 /// The characters of a one-time code.
 pub const OTP_ALPHABET: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
 /// How many characters a one-time code has.
@@ -54,6 +62,8 @@ const SESSION_PREFIX: &str = "session:";
 const STATE_PREFIX: &str = "oauth_state:";
 const OTP_PREFIX: &str = "otp:";
 const OTP_ATTEMPTS_PREFIX: &str = "otp_attempts:";
+/// Where the per-user index of sessions lives ([`UserSessionIndex`]).
+const USER_SESSIONS_PREFIX: &str = "user_sessions:";
 /// Domain separation of the stored OTP hash: SHA-256 of this, the code's
 /// key (itself a SHA-256 of the e-mail, so the same code of two people
 /// hashes differently), a NUL and the code. Deterministic, so the backend
@@ -226,6 +236,8 @@ pub struct KvStore {
     /// Only for a session backend whose reads may be stale: on one that
     /// reads its own writes, nothing to remember and no lock on the read path.
     deleted_sessions: Option<Arc<Mutex<HashMap<String, Instant>>>>,
+    /// Which sessions each user has, on the session backend.
+    user_sessions: UserSessionIndex,
 }
 
 impl fmt::Debug for KvStore {
@@ -238,7 +250,8 @@ impl KvStore {
     /// A store with everything on `kv` and the default TTLs.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
         let deleted_sessions = Self::deletion_memory(kv.as_ref());
-        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions }
+        let user_sessions = UserSessionIndex::new(Arc::clone(&kv), USER_SESSIONS_PREFIX);
+        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions, user_sessions }
     }
 
     /// A store with everything on `kv` and `config`.
@@ -283,7 +296,8 @@ impl KvStore {
             return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
         }
         let deleted_sessions = Self::deletion_memory(sessions.as_ref());
-        Ok(Self { kv: sessions, one_time, config, deleted_sessions })
+        let user_sessions = UserSessionIndex::new(Arc::clone(&sessions), USER_SESSIONS_PREFIX);
+        Ok(Self { kv: sessions, one_time, config, deleted_sessions, user_sessions })
     }
 
     /// The backend that holds sessions.
@@ -362,7 +376,11 @@ impl KvStore {
         // What makes a session large is the clusters it lists (the rest is
         // bounded): name them, not the backend's `value`.
         check_value_size(self.kv.as_ref(), "clusters", &value)?;
-        self.kv.put(&Self::session_key(session_id), &value, Some(self.config.session_ttl))?;
+        let key = Self::session_key(session_id);
+        self.kv.put(&key, &value, Some(self.config.session_ttl))?;
+        // After the session, so that an entry listed by
+        // `delete_user_sessions` never names a session still to be written.
+        self.user_sessions.add(&user.id.to_string(), &key, Some(self.config.session_ttl))?;
         Ok(session)
     }
 
@@ -386,7 +404,11 @@ impl KvStore {
 
     /// Ends the session; ending a missing one is not an error. This
     /// process never returns it again, even from a backend with stale reads
-    /// (see the module documentation).
+    /// (see the module documentation). Its entry in the user's index stays
+    /// until it expires with the session: removing it would cost a read to
+    /// learn whose session it was, and a stale entry only makes
+    /// [`delete_user_sessions`](Self::delete_user_sessions) delete a key
+    /// that is already gone.
     ///
     /// # Errors
     /// Backend errors.
@@ -395,6 +417,24 @@ impl KvStore {
         let key = Self::session_key(session_id);
         self.remember_deleted(&key);
         self.kv.delete(&key)
+    }
+
+    /// Ends every session of `user` ("sign out of all devices") and returns
+    /// how many were listed. Work: one list request per 1000 sessions and
+    /// two deletes per session. Exact on memory and PostgreSQL for every
+    /// session created before the call; on Cloudflare, sessions created in
+    /// the last minute may be missed (see [`UserSessionIndex`]). This process
+    /// never returns the deleted sessions again, even from a stale backend.
+    ///
+    /// # Errors
+    /// Backend errors; the sessions not reached yet stay, and a second call
+    /// finishes the job.
+    pub fn delete_user_sessions(&self, user: &UserId) -> StoreResult<usize> {
+        let _span = operation("kv.delete_user_sessions");
+        self.user_sessions.delete_all(&user.to_string(), |key| {
+            self.remember_deleted(key);
+            self.kv.delete(key)
+        })
     }
 
     /// Remembers `state` and where to go after the sign-in, for the state TTL.

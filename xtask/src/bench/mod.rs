@@ -3,7 +3,10 @@
 //! throwaway PostgreSQL (or `DATABASE_URL`'s server) loaded with `fixture`.
 //!
 //! Options: `--threads 1,16`, `--seconds 1` (per run), `--ops <substring>[,...]`,
-//! `--json <file>`. It runs itself in release mode: a debug build would
+//! `--json <file>`. The row `users.get_by_email (async facade)` runs the
+//! same read through `AsyncDataLayer` from as many tokio tasks as the
+//! synchronous row has threads (a runtime with a worker per core), in turns
+//! with the synchronous store, and the report gives the ratio of the two. It runs itself in release mode: a debug build would
 //! measure the compiler's output, not the data layer.
 
 mod fixture;
@@ -17,8 +20,9 @@ use std::time::{Duration, Instant};
 use dployr_data::kv::{MemoryKv, PgKv};
 use dployr_data::pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgUserStore, RecordStatements};
 use dployr_data::{
-    BootstrapTokenStore, ClusterStore, Cursor, Email, InstanceStore, KvStore, Metadata, NewInstance, NewUser, Page,
-    PgPool, PoolConfig, Provider, SessionId, StoreResult, UserStore,
+    AsyncDataLayer, BootstrapTokenStore, ClusterStore, Config, Cursor, DataLayer, Email, InstanceStore,
+    KvBackendConfig, KvStore, Metadata, NewInstance, NewUser, Page, PgPool, PoolConfig, Provider, SessionId,
+    StoreResult, UserStore,
 };
 use dployr_migrate::{MigrationRunner, MigrationSet};
 
@@ -270,6 +274,63 @@ fn measure(
     })
 }
 
+/// The name of the async facade's row, next to the synchronous `users.get_by_email`.
+const ASYNC_ROW: &str = "users.get_by_email (async facade)";
+
+/// The synchronous `users.get_by_email`, measured in turns with [`ASYNC_ROW`].
+const ASYNC_PAIR_ROW: &str = "users.get_by_email (sync, paired with async)";
+
+/// `users.get_by_email` through [`AsyncDataLayer`] from `tasks` tokio tasks
+/// on a multi-thread runtime with a worker per core: what an axum server
+/// does, measured like [`measure`] measures threads.
+fn measure_async(data: &AsyncDataLayer, email: &Email, tasks: usize, seconds: Duration) -> Result<Measured, Failure> {
+    let workers = std::thread::available_parallelism().map_or(2, usize::from);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
+    let pool = data.blocking()?.pool().clone();
+    runtime.block_on(async {
+        // Warm-up, not measured: the blocking pool's threads started, connections opened.
+        let warm_up = Instant::now() + WARM_UP;
+        while Instant::now() < warm_up {
+            data.users().get_by_email(email).await?;
+        }
+        let before = pool.stats();
+        let start = Arc::new(tokio::sync::Barrier::new(tasks));
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let (users, email, start) = (data.users(), email.clone(), Arc::clone(&start));
+                tokio::spawn(async move {
+                    start.wait().await;
+                    let deadline = Instant::now() + seconds;
+                    let mut latencies = Vec::with_capacity(65_536);
+                    while Instant::now() < deadline {
+                        let began = Instant::now();
+                        users.get_by_email(&email).await?;
+                        latencies.push(u32::try_from(began.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    }
+                    Ok::<_, dployr_data::StoreError>(latencies)
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for handle in handles {
+            latencies.extend(handle.await.map_err(|_| "a benchmark task panicked")??);
+        }
+        latencies.sort_unstable();
+        let ops = latencies.len() as u64;
+        let at = |q: f64| {
+            Duration::from_micros(u64::from(latencies.get(((ops as f64 - 1.0) * q) as usize).copied().unwrap_or(0)))
+        };
+        let sent = pool.stats() - before;
+        Ok(Measured {
+            ops,
+            ops_per_sec: ops as f64 / seconds.as_secs_f64(),
+            p50: at(0.50),
+            p99: at(0.99),
+            statements_per_op: if ops == 0 { 0.0 } else { sent.statements as f64 / ops as f64 },
+        })
+    })
+}
+
 /// One line of the report.
 struct Row {
     name: &'static str,
@@ -376,6 +437,36 @@ fn bench(options: &Options) -> Result<(), Failure> {
         }
     }
 
+    let wanted =
+        |name: &str| options.filter.as_deref().is_none_or(|filter| filter.split(',').any(|f| name.contains(f.trim())));
+    if wanted(ASYNC_ROW) {
+        // A data layer of its own on the same database, with a pool as large
+        // as the synchronous stores' (migrations are already applied).
+        let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_pool(pool_config);
+        let data = DataLayer::open(config)?.into_async();
+        let sync_op = operations().into_iter().find(|op| op.name == "users.get_by_email").ok_or("no sync row")?;
+        for &threads in &options.threads {
+            progress(&format!("{ASYNC_ROW} at {threads} task(s), alternating with the synchronous store"));
+            // The async facade and the synchronous store alternate, ROUNDS
+            // times each, best of each kept: on a shared machine both face
+            // the same interference, and the ratio compares like with like.
+            let (mut measured, mut sync_best): (Option<Measured>, Option<Measured>) = (None, None);
+            for _ in 0..ROUNDS {
+                let round = measure_async(&data, &context.fixture.owner_email, threads, options.seconds)?;
+                if measured.is_none_or(|best| round.ops_per_sec > best.ops_per_sec) {
+                    measured = Some(round);
+                }
+                let round = measure(&stores, &context, &sync_op, threads, options.seconds)?;
+                if sync_best.is_none_or(|best| round.ops_per_sec > best.ops_per_sec) {
+                    sync_best = Some(round);
+                }
+            }
+            let (measured, sync_best) = (measured.ok_or("no round")?, sync_best.ok_or("no round")?);
+            rows.push(Row { name: ASYNC_ROW, threads, measured, limit: None });
+            rows.push(Row { name: ASYNC_PAIR_ROW, threads, measured: sync_best, limit: None });
+        }
+    }
+
     report(&rows, &clones, &migrations, options)?;
     progress("done");
     Ok(())
@@ -468,6 +559,18 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
             }
         }
     }
+    let mut async_over_sync = Vec::new();
+    for &threads in &options.threads {
+        let find = |name: &str| rows.iter().find(|r| r.name == name && r.threads == threads).map(|r| r.measured);
+        if let (Some(async_facade), Some(sync)) = (find(ASYNC_ROW), find(ASYNC_PAIR_ROW)) {
+            let ratio = async_facade.ops_per_sec / sync.ops_per_sec.max(1e-9);
+            println!(
+                "async facade / sync store, users.get_by_email, {threads} task(s) / thread(s): {:.0} / {:.0} ops/s = {ratio:.2}",
+                async_facade.ops_per_sec, sync.ops_per_sec
+            );
+            async_over_sync.push(serde_json::json!({"threads": threads, "async_over_sync_ops": ratio}));
+        }
+    }
     println!("per-test database clone: median {} of {}", micros(median(clones)), clones.len());
     println!("migration of an empty database to head: median {} of {}", micros(median(migrations)), migrations.len());
 
@@ -488,6 +591,7 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
             })).collect::<Vec<_>>(),
             "deep_over_first": scale,
             "big_over_small": big_over_small,
+            "async_over_sync": async_over_sync,
             "clone_median_us": median(clones).as_micros() as u64,
             "migration_median_us": median(migrations).as_micros() as u64,
         });

@@ -1,0 +1,123 @@
+//! `UserSessionIndex`: which sessions a user has, kept in the key-value
+//! backend itself, so that "sign out everywhere" finds and removes every
+//! session of a user on any backend, in work bounded per session.
+//!
+//! **One key per session, not one record per user.** Each session of a user
+//! gets an entry of its own, `<prefix><sha256(user)>:<session key>`, empty,
+//! written after the session with the session's TTL. A single record listing
+//! a user's sessions would need a read-modify-write on every sign-in, which
+//! loses entries to concurrent sign-ins on any backend without transactions
+//! (Cloudflare has none); separate keys have nothing to lose, and an entry
+//! expires with its session, so there is nothing to prune. Finding a user's
+//! sessions is one prefix listing ([`KvBackend::list`]).
+//!
+//! **What it guarantees.** On memory and PostgreSQL (reads see every write),
+//! [`delete_all`](UserSessionIndex::delete_all) removes every session whose
+//! creation returned before it started: the session is written before its
+//! entry, so a listed entry's session exists or is gone, and a created
+//! session's entry is listed. A session created while `delete_all` runs may
+//! survive it (it started "after"). On Cloudflare Workers KV, listings and
+//! reads are eventually consistent (Cloudflare documents up to 60 s): a
+//! session created in the last minute, or from another region, may be missing
+//! from the listing and survive; a deleted one may still be read for up to
+//! 60 s in other processes. Call it again after a minute to catch late
+//! entries. (`KvStore` remembers the sessions it deleted, so this process
+//! never returns them again.)
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dployr_domain::{KvBackend, StoreResult};
+use sha2::{Digest as _, Sha256};
+
+/// Keys of a list page asked for: the most every backend returns at once.
+const PAGE: usize = 1000;
+
+/// The per-user index of sessions on one backend (see the module documentation).
+#[derive(Clone)]
+pub struct UserSessionIndex {
+    backend: Arc<dyn KvBackend>,
+    prefix: &'static str,
+}
+
+impl std::fmt::Debug for UserSessionIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserSessionIndex").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+impl UserSessionIndex {
+    /// An index on `backend` whose entries start with `prefix` (one prefix
+    /// per kind of session, e.g. `user_sessions:`).
+    pub fn new(backend: Arc<dyn KvBackend>, prefix: &'static str) -> Self {
+        Self { backend, prefix }
+    }
+
+    /// Where the entries of `user` start: the user is hashed, so a listing
+    /// of the store names nobody.
+    fn user_prefix(&self, user: &str) -> String {
+        format!("{}{}:", self.prefix, hex::encode(Sha256::digest(user.as_bytes())))
+    }
+
+    /// Records that `session_key` belongs to `user` for `ttl` (the session's
+    /// own TTL). Call it after the session is written (see the module
+    /// documentation for why that order).
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`](dployr_domain::StoreError::Invalid) when the
+    /// entry's key is longer than the backend takes; backend errors.
+    pub fn add(&self, user: &str, session_key: &str, ttl: Option<Duration>) -> StoreResult<()> {
+        self.backend.put(&format!("{}{session_key}", self.user_prefix(user)), b"", ttl)
+    }
+
+    /// Forgets that `session_key` belongs to `user`.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn remove(&self, user: &str, session_key: &str) -> StoreResult<()> {
+        self.backend.delete(&format!("{}{session_key}", self.user_prefix(user)))
+    }
+
+    /// The session keys recorded for `user` and not expired, page by page.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn session_keys(&self, user: &str) -> StoreResult<Vec<String>> {
+        let prefix = self.user_prefix(user);
+        let limits = self.backend.limits();
+        let limit = PAGE.clamp(limits.min_list_limit.max(1), limits.max_list_limit.max(1));
+        let mut keys = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self.backend.list(&prefix, limit, cursor.as_deref())?;
+            keys.extend(page.keys.iter().filter_map(|key| key.strip_prefix(&prefix)).map(str::to_owned));
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(keys),
+            }
+        }
+    }
+
+    /// Removes every session of `user`: for each entry, `delete_session`
+    /// with the session's key, then the entry. Returns how many sessions
+    /// were listed (one may have ended on its own already). Work: one list
+    /// request per 1000 sessions, two deletes per session.
+    ///
+    /// # Errors
+    /// The first error of the backend or of `delete_session`; the entries
+    /// not reached yet stay, so calling it again finishes the job.
+    pub fn delete_all(
+        &self,
+        user: &str,
+        mut delete_session: impl FnMut(&str) -> StoreResult<()>,
+    ) -> StoreResult<usize> {
+        // Listed whole first: deleting while paging would move a cursor that
+        // some backends (Cloudflare) keep opaque.
+        let keys = self.session_keys(user)?;
+        for session_key in &keys {
+            delete_session(session_key)?;
+            self.remove(user, session_key)?;
+        }
+        Ok(keys.len())
+    }
+}

@@ -1,0 +1,275 @@
+//! A small control plane of dployr base on axum: what a Rust service on this
+//! data layer looks like in practice. The data layer is used through
+//! [`AsyncDataLayer`] (no `spawn_blocking` by hand), sessions are
+//! tower-sessions records kept on the data layer's own key-value backend by
+//! [`KvSessionStore`], and the routes tell the story of a user:
+//!
+//! | route | what it does |
+//! |---|---|
+//! | `POST /sign-in/code` `{"email"}` | sends a one-time code (here: to the [`CodeSink`], the console in `main`) |
+//! | `POST /sign-in` `{"email","code"}` | checks the code (3 guesses), signs in: a new session id, the user in it |
+//! | `GET /me` | who is signed in |
+//! | `POST /clusters` | the caller's cluster (created on first call) |
+//! | `POST /clusters/{id}/members` `{"emails"}` | invites people; only for developers and above (middleware calling `can_write`) |
+//! | `GET /clusters/{id}/members?limit=&cursor=` | members, one page at a time, with the cursor of the next page |
+//! | `GET /invites`, `POST /invites/{id}/accept` | the caller's invitations, and accepting one (as viewer) |
+//! | `POST /oauth/start` `{"redirect"}`, `GET /oauth/callback?state=` | an OAuth state made and checked once |
+//! | `POST /sign-out` | ends this session |
+//! | `POST /sign-out/everywhere` | ends every session of the caller, on every device |
+//!
+//! The tests in `tests/http.rs` drive the whole story over HTTP.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dployr_data::{
+    AsyncDataLayer, ClusterId, Cursor, Email, NewUser, OAuthState, OtpCode, Page, Provider, StoreError, UserId,
+};
+use dployr_tower_sessions::KvSessionStore;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tower_sessions::{Session, SessionManagerLayer};
+
+/// The session field that names the signed-in user; the session store
+/// indexes sessions by it, which is what signing out everywhere uses.
+pub const USER_FIELD: &str = "user_id";
+
+/// Where one-time codes go: an e-mail in a real service, the console in
+/// this example's `main`, a channel in its tests.
+pub type CodeSink = Arc<dyn Fn(&Email, &OtpCode) + Send + Sync>;
+
+/// What every handler shares.
+#[derive(Clone)]
+struct App {
+    data: AsyncDataLayer,
+    sessions: KvSessionStore,
+    send_code: CodeSink,
+}
+
+/// The session store for `data`: tower-sessions records on the data
+/// layer's session backend (memory, PostgreSQL or Cloudflare, as configured),
+/// indexed by [`USER_FIELD`].
+///
+/// # Errors
+/// [`StoreError::Unavailable`] only while the data layer is being dropped.
+pub fn session_store(data: &AsyncDataLayer) -> Result<KvSessionStore, StoreError> {
+    let backend = Arc::clone(data.blocking()?.kv().backend());
+    Ok(KvSessionStore::new(backend).with_user_field(USER_FIELD))
+}
+
+/// The control plane's routes, with their session layer.
+pub fn router(data: AsyncDataLayer, sessions: KvSessionStore, send_code: CodeSink) -> Router {
+    // Plain HTTP on a local port: a `Secure` cookie would not be sent back
+    // by every client there. Behind TLS, keep tower-sessions' default (secure).
+    let session_layer = SessionManagerLayer::new(sessions.clone()).with_secure(false);
+    let app = App { data, sessions, send_code };
+    let writers_only = middleware::from_fn_with_state(app.clone(), require_write);
+    Router::new()
+        .route("/sign-in/code", post(send_code_by_email))
+        .route("/sign-in", post(sign_in))
+        .route("/me", get(me))
+        .route("/clusters", post(create_cluster))
+        .route("/clusters/{cluster}/members", get(members))
+        .route("/clusters/{cluster}/members", post(invite).route_layer(writers_only))
+        .route("/invites", get(invites))
+        .route("/invites/{cluster}/accept", post(accept_invite))
+        .route("/oauth/start", post(oauth_start))
+        .route("/oauth/callback", get(oauth_callback))
+        .route("/sign-out", post(sign_out))
+        .route("/sign-out/everywhere", post(sign_out_everywhere))
+        .layer(session_layer)
+        .with_state(app)
+}
+
+/// An error answer: a status and a message, as `{"error": ...}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    /// What the caller can act on is said (bad input, not found, conflict,
+    /// try again); a backend or configuration error is the server's
+    /// business, not the client's, and is reported without its text.
+    fn from(error: StoreError) -> Self {
+        let status = match &error {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            StoreError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => return Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()),
+        };
+        Self(status, error.to_string())
+    }
+}
+
+impl From<tower_sessions::session::Error> for ApiError {
+    fn from(error: tower_sessions::session::Error) -> Self {
+        Self(StatusCode::INTERNAL_SERVER_ERROR, format!("session: {error}"))
+    }
+}
+
+type Answer = Result<Json<Value>, ApiError>;
+
+/// The signed-in user, or 401.
+async fn signed_in(session: &Session) -> Result<UserId, ApiError> {
+    let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "sign in first".into());
+    let id: String = session.get(USER_FIELD).await?.ok_or_else(unauthorized)?;
+    UserId::parse(&id).map_err(|_| unauthorized())
+}
+
+#[derive(Deserialize)]
+struct EmailBody {
+    email: String,
+}
+
+async fn send_code_by_email(State(app): State<App>, Json(body): Json<EmailBody>) -> Result<StatusCode, ApiError> {
+    let email = Email::parse(&body.email)?;
+    let code = app.data.kv().create_otp(&email).await?;
+    (app.send_code)(&email, &code);
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Deserialize)]
+struct SignInBody {
+    email: String,
+    code: String,
+}
+
+async fn sign_in(State(app): State<App>, session: Session, Json(body): Json<SignInBody>) -> Answer {
+    let email = Email::parse(&body.email)?;
+    if !app.data.kv().validate_otp(&email, &OtpCode::new(body.code)).await? {
+        return Err(ApiError(StatusCode::UNAUTHORIZED, "wrong or expired code".into()));
+    }
+    let user = app.data.users().upsert(NewUser::new(email, Provider::Email)).await?;
+    // A new id at sign-in: an id planted before it (session fixation) is worthless.
+    session.cycle_id().await?;
+    session.insert(USER_FIELD, user.id.to_string()).await?;
+    Ok(Json(json!({ "id": user.id, "email": user.email })))
+}
+
+async fn me(State(app): State<App>, session: Session) -> Answer {
+    let user = signed_in(&session).await?;
+    let user = app.data.users().get(&user).await?.ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "gone".into()))?;
+    Ok(Json(json!({ "id": user.id, "email": user.email })))
+}
+
+async fn create_cluster(State(app): State<App>, session: Session) -> Answer {
+    let user = signed_in(&session).await?;
+    let cluster = app.data.clusters().create_for_owner(&user).await?;
+    Ok(Json(json!({ "id": cluster.id, "name": cluster.name })))
+}
+
+/// Lets the request through only if the signed-in user may write to the
+/// cluster of the path: 401 when signed out, 403 below developer.
+async fn require_write(
+    State(app): State<App>,
+    Path(cluster): Path<ClusterId>,
+    session: Session,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let user = signed_in(&session).await?;
+    if !app.data.clusters().can_write(&user, &cluster).await? {
+        return Err(ApiError(StatusCode::FORBIDDEN, "only developers and above may change this cluster".into()));
+    }
+    Ok(next.run(request).await)
+}
+
+#[derive(Deserialize)]
+struct InviteBody {
+    emails: Vec<String>,
+}
+
+async fn invite(State(app): State<App>, Path(cluster): Path<ClusterId>, Json(body): Json<InviteBody>) -> Answer {
+    let emails = body.emails.iter().map(|e| Email::parse(e)).collect::<Result<Vec<_>, _>>()?;
+    let members = app.data.clusters().add_users(&cluster, &emails).await?;
+    Ok(Json(json!({ "members": members })))
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn members(
+    State(app): State<App>,
+    Path(cluster): Path<ClusterId>,
+    Query(query): Query<PageQuery>,
+    session: Session,
+) -> Answer {
+    let user = signed_in(&session).await?;
+    if !app.data.clusters().can_read(&user, &cluster).await? {
+        return Err(ApiError(StatusCode::FORBIDDEN, "not a member of this cluster".into()));
+    }
+    let limit = query.limit.unwrap_or(20);
+    let page = match query.cursor {
+        Some(cursor) => Page::after(Cursor::new(cursor), limit),
+        None => Page::first(limit),
+    };
+    Ok(Json(json!(app.data.clusters().members(&cluster, &page).await?)))
+}
+
+async fn invites(State(app): State<App>, session: Session) -> Answer {
+    let user = signed_in(&session).await?;
+    Ok(Json(json!({ "invites": app.data.clusters().pending_invites(&user).await? })))
+}
+
+async fn accept_invite(
+    State(app): State<App>,
+    Path(cluster): Path<ClusterId>,
+    session: Session,
+) -> Result<StatusCode, ApiError> {
+    let user = signed_in(&session).await?;
+    app.data.clusters().accept_invite(&user, &cluster).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct OAuthStart {
+    redirect: String,
+}
+
+async fn oauth_start(State(app): State<App>, Json(body): Json<OAuthStart>) -> Answer {
+    let state = OAuthState::generate();
+    app.data.kv().create_state(&state, &body.redirect).await?;
+    Ok(Json(json!({
+        "state": state.expose(),
+        "authorize_url": format!("https://github.com/login/oauth/authorize?client_id=example&state={}", state.expose()),
+    })))
+}
+
+#[derive(Deserialize)]
+struct OAuthCallback {
+    state: String,
+}
+
+async fn oauth_callback(State(app): State<App>, Query(query): Query<OAuthCallback>) -> Answer {
+    match app.data.kv().validate_state(&OAuthState::new(query.state)).await? {
+        Some(redirect) => Ok(Json(json!({ "redirect": redirect }))),
+        None => Err(ApiError(StatusCode::BAD_REQUEST, "unknown, used or expired OAuth state".into())),
+    }
+}
+
+async fn sign_out(session: Session) -> Result<StatusCode, ApiError> {
+    session.flush().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn sign_out_everywhere(State(app): State<App>, session: Session) -> Answer {
+    let user = signed_in(&session).await?;
+    let ended = app.sessions.delete_user_sessions(&user.to_string()).await?;
+    // This device's session is among them; flushing also clears its cookie.
+    session.flush().await?;
+    Ok(Json(json!({ "ended": ended })))
+}

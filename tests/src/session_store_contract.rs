@@ -1,0 +1,208 @@
+//! The tower-sessions contract of `dployr_tower_sessions::KvSessionStore`,
+//! as plain functions of a [`KvFixture`], so that every key-value backend
+//! runs them through [`kv_contract_tests!`](crate::kv_contract_tests)
+//! unchanged: what tower-sessions asks of a `SessionStore` (a created record
+//! loads back, a save replaces it, a delete removes it, an expired record
+//! never loads, `create` never overwrites a taken id), and what this store
+//! adds (hashed keys, expiry mapped to the backend's TTL range, sign-out of
+//! all of a user's sessions).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use dployr_tower_sessions::KvSessionStore;
+use time::OffsetDateTime;
+use tower_sessions_core::SessionStore;
+use tower_sessions_core::session::{Id, Record};
+
+use crate::kv_contract::{KvFixture, list_all};
+
+/// The data field the store indexes users by.
+const USER_FIELD: &str = "user_id";
+
+fn store(f: &dyn KvFixture) -> KvSessionStore {
+    KvSessionStore::new(f.kv()).with_user_field(USER_FIELD)
+}
+
+/// Runs `work` to its end on a runtime of one thread.
+fn run<T>(work: impl Future<Output = T>) -> T {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(work),
+        Err(error) => panic!("building a runtime: {error}"),
+    }
+}
+
+/// A record expiring `in_secs` seconds from now, holding `pairs`.
+fn record(in_secs: i64, pairs: &[(&str, &str)]) -> Record {
+    Record {
+        id: Id::default(),
+        data: pairs.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v))).collect::<HashMap<_, _>>(),
+        expiry_date: OffsetDateTime::now_utc() + time::Duration::seconds(in_secs),
+    }
+}
+
+/// The value of `result`, or a panic naming `what`.
+#[track_caller]
+fn ok<T>(result: tower_sessions_core::session_store::Result<T>, what: &str) -> T {
+    match result {
+        Ok(value) => value,
+        Err(error) => panic!("{what}: {error:?}"),
+    }
+}
+
+/// A created record loads back equal; a save replaces it; a delete removes
+/// it; an unknown id loads nothing and deletes without error.
+pub fn session_store_round_trips_create_save_load_delete(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut created = record(3600, &[("theme", "dark")]);
+        ok(store.create(&mut created).await, "create");
+        assert_eq!(ok(store.load(&created.id).await, "load"), Some(created.clone()));
+
+        let mut changed = created.clone();
+        changed.data.insert("theme".into(), "light".into());
+        ok(store.save(&changed).await, "save");
+        assert_eq!(ok(store.load(&created.id).await, "load after save"), Some(changed));
+
+        ok(store.delete(&created.id).await, "delete");
+        assert_eq!(ok(store.load(&created.id).await, "load after delete"), None);
+        assert_eq!(ok(store.load(&Id::default()).await, "load unknown"), None);
+        ok(store.delete(&Id::default()).await, "delete unknown");
+    });
+}
+
+/// `create` with an id that holds a record takes a new id and leaves the
+/// other record alone (tower-sessions' contract for id collisions).
+pub fn session_store_create_never_overwrites_a_taken_id(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut first = record(3600, &[("who", "first")]);
+        ok(store.create(&mut first).await, "create first");
+        let saved = record(3600, &[("who", "saved")]);
+        ok(store.save(&saved).await, "save without create");
+
+        for taken in [first.id, saved.id] {
+            let mut second = Record { id: taken, ..record(3600, &[("who", "second")]) };
+            ok(store.create(&mut second).await, "create with a taken id");
+            assert_ne!(second.id, taken, "create kept a taken id");
+            assert_eq!(ok(store.load(&second.id).await, "load second"), Some(second.clone()));
+        }
+        assert_eq!(ok(store.load(&first.id).await, "load first"), Some(first));
+        assert_eq!(ok(store.load(&saved.id).await, "load saved"), Some(saved));
+    });
+}
+
+/// Where the backend's counters are atomic, 8 concurrent creates of one id
+/// end with 8 distinct ids, each loading its own record.
+pub fn session_store_concurrent_creates_of_one_id_get_distinct_ids_where_atomic(f: &dyn KvFixture) {
+    if !f.guarantees().exact_increment {
+        return;
+    }
+    let store = store(f);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => panic!("building a runtime: {error}"),
+    };
+    runtime.block_on(async {
+        let id = Id::default();
+        let tasks: Vec<_> = (0..8)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut mine = Record { id, ..record(3600, &[("n", &n.to_string())]) };
+                    ok(store.create(&mut mine).await, "create");
+                    mine
+                })
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        for task in tasks {
+            let mine = match task.await {
+                Ok(mine) => mine,
+                Err(error) => panic!("a create task failed: {error}"),
+            };
+            assert_eq!(ok(store.load(&mine.id).await, "load"), Some(mine.clone()));
+            ids.insert(mine.id);
+        }
+        assert_eq!(ids.len(), 8, "two creates ended on one id");
+    });
+}
+
+/// A record whose expiry passed never loads: saved already expired, or
+/// expired in the backend by its TTL (the fixture's clock moves).
+pub fn session_store_expired_records_never_load(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut live = record(3600, &[]);
+        ok(store.create(&mut live).await, "create");
+        let mut past = live.clone();
+        past.expiry_date = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+        ok(store.save(&past).await, "save with an expiry already past");
+        assert_eq!(ok(store.load(&live.id).await, "load after an expired save"), None);
+
+        let mut short = record(120, &[]);
+        ok(store.create(&mut short).await, "create");
+        assert!(ok(store.load(&short.id).await, "load before expiry").is_some());
+        f.advance(Duration::from_secs(180));
+        assert_eq!(ok(store.load(&short.id).await, "load after the TTL"), None);
+    });
+}
+
+/// An expiry closer than the backend's shortest TTL (Cloudflare: 60 s) or
+/// further than its longest is written within them, and loads.
+pub fn session_store_expiry_is_kept_within_the_backends_ttl_range(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        for in_secs in [30, 200 * 365 * 24 * 3600] {
+            let mut r = record(in_secs, &[]);
+            ok(store.create(&mut r).await, &format!("create expiring in {in_secs} s"));
+            assert_eq!(ok(store.load(&r.id).await, "load"), Some(r));
+        }
+    });
+}
+
+/// No key holds a session id or a user id: records sit under the SHA-256
+/// of the id.
+pub fn session_store_keys_hold_no_session_or_user_id(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut r = record(3600, &[(USER_FIELD, "user-42")]);
+        ok(store.create(&mut r).await, "create");
+        let (keys, _) = list_all(f.kv().as_ref(), "", 100);
+        assert!(keys.iter().any(|k| k.starts_with("tower_session:") && k.len() == "tower_session:".len() + 64));
+        for key in keys {
+            assert!(!key.contains(&r.id.to_string()) && !key.contains("user-42"), "key {key} holds an id");
+        }
+    });
+}
+
+/// Signing a user out everywhere deletes each of their sessions and no one
+/// else's; a session without a user is not touched either.
+pub fn session_store_deletes_every_session_of_one_user_only(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut ada = Vec::new();
+        for _ in 0..4 {
+            let mut r = record(3600, &[(USER_FIELD, "ada")]);
+            ok(store.create(&mut r).await, "create ada's");
+            ada.push(r);
+        }
+        let mut bob = record(3600, &[(USER_FIELD, "bob")]);
+        ok(store.create(&mut bob).await, "create bob's");
+        let mut anonymous = record(3600, &[]);
+        ok(store.create(&mut anonymous).await, "create an anonymous one");
+        // A session that is saved again (each request that changes it) is
+        // still one session.
+        ok(store.save(&ada[0]).await, "save ada's again");
+
+        match store.delete_user_sessions("ada").await {
+            Ok(4) => {}
+            other => panic!("expected 4 sessions of ada, got {other:?}"),
+        }
+        for r in &ada {
+            assert_eq!(ok(store.load(&r.id).await, "ada's after sign-out everywhere"), None);
+        }
+        assert!(ok(store.load(&bob.id).await, "bob's").is_some());
+        assert!(ok(store.load(&anonymous.id).await, "anonymous").is_some());
+    });
+}

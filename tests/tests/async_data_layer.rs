@@ -1,0 +1,189 @@
+//! `AsyncDataLayer` (dployr-data's `tokio` feature) under both kinds of
+//! tokio runtime: every kind of store answers as the synchronous one does,
+//! with the same errors; many tasks share one data layer; and the data layer
+//! opens and drops inside the runtime on every key-value backend without
+//! holding the runtime's thread.
+
+#![cfg(test)]
+
+use std::time::Duration;
+
+use dployr_data::kv::RetryPolicy;
+use dployr_data::{
+    AsyncDataLayer, CloudflareConfig, Config, DataLayer, Email, KvBackendConfig, NewInstance, NewUser, Page, Provider,
+    Role, SessionId, StoreError,
+};
+use dployr_testkit::{CloudflareEmulator, TestDatabase};
+
+/// The key-value backends a data layer can be opened with.
+#[derive(Debug, Clone, Copy)]
+enum Kv {
+    Memory,
+    Postgres,
+    Cloudflare,
+}
+
+/// A configuration on `db` with `kv`, and the emulator that must outlive it.
+fn config(db: &TestDatabase, kv: Kv) -> (Config, Option<CloudflareEmulator>) {
+    let config = Config::new(db.url());
+    match kv {
+        Kv::Memory => (config.with_kv(KvBackendConfig::Memory), None),
+        Kv::Postgres => (config, None),
+        Kv::Cloudflare => {
+            let emulator = CloudflareEmulator::start();
+            let cloudflare = CloudflareConfig {
+                base_url: emulator.base_url().to_owned(),
+                retry: RetryPolicy { initial_backoff: Duration::from_millis(10), ..RetryPolicy::default() },
+                ..CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())
+            };
+            (config.with_kv(KvBackendConfig::Cloudflare(cloudflare)), Some(emulator))
+        }
+    }
+}
+
+fn email(text: &str) -> Email {
+    Email::parse(text).unwrap()
+}
+
+/// Opens the data layer inside the runtime, signs a user in, reads the
+/// session back, signs them out everywhere, and drops the data layer on the
+/// runtime's thread (the drop runs on the blocking pool).
+async fn open_serve_and_drop(kv: Kv) {
+    let db = dployr_testkit::database();
+    let (config, _emulator) = config(&db, kv);
+    let data = AsyncDataLayer::open(config).await.unwrap();
+    let user = data.users().upsert(NewUser::new(email("ada@example.io"), Provider::Github)).await.unwrap();
+    let clusters = data.clusters().user_clusters(&user.id).await.unwrap();
+    let id = SessionId::generate();
+    data.kv().create_session(&id, &user, clusters).await.unwrap();
+    assert_eq!(data.kv().get_session(&id).await.unwrap().map(|s| s.user_id), Some(user.id), "{kv:?}");
+    assert_eq!(data.kv().delete_user_sessions(&user.id).await.unwrap(), 1, "{kv:?}");
+    assert_eq!(data.kv().get_session(&id).await.unwrap(), None, "{kv:?}");
+    // The last clone dropped on the runtime's thread: the drop moves to the
+    // blocking pool, so it neither panics (a blocking client dropped inside a
+    // runtime would) nor holds this thread. How long it takes is not asserted
+    // here: a timed assertion fails on a busy machine.
+    let clone = data.clone();
+    drop(data);
+    drop(clone);
+    // The runtime still serves this task afterwards.
+    tokio::task::yield_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_serves_and_drops_inside_a_multi_thread_runtime_on_every_kv_backend() {
+    for kv in [Kv::Memory, Kv::Postgres, Kv::Cloudflare] {
+        open_serve_and_drop(kv).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn opens_serves_and_drops_inside_a_current_thread_runtime_on_every_kv_backend() {
+    for kv in [Kv::Memory, Kv::Postgres, Kv::Cloudflare] {
+        open_serve_and_drop(kv).await;
+    }
+}
+
+/// A synchronous data layer made async with `into_async` inside the
+/// runtime, and dropped there.
+#[tokio::test(flavor = "current_thread")]
+async fn a_data_layer_opened_before_the_runtime_goes_async_and_drops_inside_it() {
+    let db = dployr_testkit::database();
+    let data = tokio::task::spawn_blocking({
+        let url = db.url().to_owned();
+        move || DataLayer::open(Config::new(url).with_kv(KvBackendConfig::Memory))
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .into_async();
+    assert_eq!(data.blocking().unwrap().kv_backend(), "memory");
+    assert_eq!(data.users().get_by_email(&email("nobody@example.io")).await.unwrap(), None);
+}
+
+/// Every kind of store, through the facade, with the errors of the
+/// synchronous stores.
+async fn every_store_answers_with_the_synchronous_errors() {
+    let db = dployr_testkit::database();
+    let data = AsyncDataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).await.unwrap();
+    let owner = data.users().upsert(NewUser::new(email("owner@example.io"), Provider::Github)).await.unwrap();
+    let cluster = data.clusters().create_for_owner(&owner.id).await.unwrap();
+    let invited = data.clusters().add_users(&cluster.id, &[email("bob@example.io")]).await.unwrap();
+    assert_eq!(invited.len(), 1);
+    let bob = invited[0].user_id;
+    data.clusters().accept_invite(&bob, &cluster.id).await.unwrap();
+    assert_eq!(data.clusters().role_of(&bob, &cluster.id).await.unwrap(), Some(Role::Viewer));
+    assert!(!data.clusters().can_write(&bob, &cluster.id).await.unwrap());
+    let page = data.clusters().members(&cluster.id, &Page::first(1)).await.unwrap();
+    assert_eq!((page.items.len(), page.total), (1, 2));
+    let rest = data.clusters().members(&cluster.id, &Page::after(page.next.unwrap(), 1)).await.unwrap();
+    assert_eq!(rest.items[0].user_id, bob);
+
+    let instance = NewInstance {
+        address: "10.0.0.1".to_owned().try_into().unwrap(),
+        tag: "edge-1".to_owned().try_into().unwrap(),
+        metadata: None,
+    };
+    let instance = data.instances().create(&cluster.id, instance).await.unwrap();
+    let nonce = "nonce-1".to_owned().try_into().unwrap();
+    data.bootstrap_tokens().create(&instance.id, &nonce).await.unwrap();
+    assert!(data.bootstrap_tokens().mark_used(&nonce).await.unwrap());
+    assert!(!data.bootstrap_tokens().mark_used(&nonce).await.unwrap());
+
+    // The same errors as the synchronous stores: the owner cannot be deleted...
+    match data.users().delete(&owner.id).await {
+        Err(StoreError::Conflict { field: "owner", .. }) => {}
+        other => panic!("expected a conflict on owner, got {other:?}"),
+    }
+    // ...and a bad argument is refused before anything runs.
+    let duplicate = NewInstance {
+        address: "10.0.0.2".to_owned().try_into().unwrap(),
+        tag: "edge-1".to_owned().try_into().unwrap(),
+        metadata: None,
+    };
+    match data.instances().create(&cluster.id, duplicate).await {
+        Err(StoreError::Conflict { field: "tag", .. }) => {}
+        other => panic!("expected a conflict on tag, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_answers_on_a_multi_thread_runtime() {
+    every_store_answers_with_the_synchronous_errors().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_store_answers_on_a_current_thread_runtime() {
+    every_store_answers_with_the_synchronous_errors().await;
+}
+
+/// 64 tasks share one data layer; a current-thread runtime stays free to
+/// run them all while their calls wait on the blocking pool.
+#[tokio::test(flavor = "current_thread")]
+async fn many_tasks_share_one_data_layer_on_a_single_runtime_thread() {
+    let db = dployr_testkit::database();
+    let data = AsyncDataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).await.unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|n| {
+            let data = data.clone();
+            tokio::spawn(async move {
+                data.users().upsert(NewUser::new(email(&format!("user{n}@example.io")), Provider::Github)).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert!(data.users().get_by_email(&email("user63@example.io")).await.unwrap().is_some());
+}
+
+#[test]
+fn the_async_stores_are_clone_send_and_sync() {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<AsyncDataLayer>();
+    shareable::<dployr_data::AsyncUserStore>();
+    shareable::<dployr_data::AsyncClusterStore>();
+    shareable::<dployr_data::AsyncInstanceStore>();
+    shareable::<dployr_data::AsyncBootstrapTokenStore>();
+    shareable::<dployr_data::AsyncKvStore>();
+}
