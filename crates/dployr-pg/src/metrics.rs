@@ -143,8 +143,9 @@ impl PoolEvents {
         events
     }
 
-    fn label(&self) -> String {
-        self.name.to_string()
+    /// The label value: the name shared, not copied (no allocation per event).
+    fn label(&self) -> Arc<str> {
+        Arc::clone(&self.name)
     }
 
     /// The statistics, with what is open and idle now from r2d2's `State`.

@@ -292,7 +292,6 @@ impl ReplicaSet {
                 name: Arc::clone(&name),
                 primary_url: Arc::clone(&primary.database_url),
                 replica_url: Arc::clone(&replica_pool.database_url),
-                timeout: pool.connection_timeout,
                 every: config.sample_every,
                 epoch,
                 freshness: Arc::clone(&freshness),
@@ -365,8 +364,29 @@ impl ReplicaSet {
     }
 
     fn skipped(replica: &Replica, skip: Skip) {
-        ::metrics::counter!(REPLICA_SKIPS, "replica" => replica.name.to_string(), "reason" => skip.as_str())
+        ::metrics::counter!(REPLICA_SKIPS, "replica" => Arc::clone(&replica.name), "reason" => skip.as_str())
             .increment(1);
+    }
+
+    /// The replicas that may answer this thread's next replica-safe read,
+    /// in the order to try them (round robin from the next one): not under
+    /// [`PgPool::reads_on_primary`], sampled, and within the bound. This is
+    /// the whole check a read makes before it runs (atomics and a clock
+    /// read), so `cargo xtask bench` times it through [`check`](Self::check).
+    fn candidates(&self) -> impl Iterator<Item = &Replica> + '_ {
+        let count = if FLOOR.with(Cell::get) == Floor::Primary { 0 } else { self.replicas.len() };
+        let start = if count == 0 { 0 } else { self.next.fetch_add(1, Ordering::Relaxed) };
+        let now_ms = self.now_ms();
+        (0..count)
+            .map(move |offset| &self.replicas[(start + offset) % count])
+            .filter(move |replica| self.usable(replica, now_ms).map_err(|skip| Self::skipped(replica, skip)).is_ok())
+    }
+
+    /// The replica the next replica-safe read of this thread would go to,
+    /// by the same check a read makes; `None`: the primary. It takes a turn
+    /// of the round robin, as a read does.
+    pub fn check(&self) -> Option<&str> {
+        self.candidates().next().map(|replica| &*replica.name)
     }
 
     /// Runs a replica-safe read on the first usable replica (round robin),
@@ -379,18 +399,7 @@ impl ReplicaSet {
         work: &mut impl FnMut(&mut PgConnection) -> Result<T, E>,
     ) -> Result<Option<T>, StoreError> {
         let floor = FLOOR.with(Cell::get);
-        if floor == Floor::Primary || self.replicas.is_empty() {
-            return Ok(None);
-        }
-        let count = self.replicas.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let now_ms = self.now_ms();
-        for offset in 0..count {
-            let replica = &self.replicas[(start + offset) % count];
-            if let Err(skip) = self.usable(replica, now_ms) {
-                Self::skipped(replica, skip);
-                continue;
-            }
+        for replica in self.candidates() {
             if let Floor::AtLeast(lsn) = floor
                 && replica.freshness.replayed.load(Ordering::Relaxed) < lsn
                 && !self.wait_for(replica, lsn)
@@ -445,7 +454,6 @@ struct Sampler {
     name: Arc<str>,
     primary_url: Arc<str>,
     replica_url: Arc<str>,
-    timeout: Duration,
     every: Duration,
     epoch: Instant,
     freshness: Arc<Freshness>,
@@ -468,13 +476,13 @@ impl Sampler {
                     let lag_us = u64::try_from(lag.as_micros()).unwrap_or(FAILED - 1);
                     self.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
                     self.freshness.lag_us.store(lag_us, Ordering::Relaxed);
-                    ::metrics::gauge!(REPLICA_LAG, "replica" => self.name.to_string()).set(lag.as_secs_f64());
-                    ::metrics::gauge!(REPLICA_UP, "replica" => self.name.to_string()).set(1.0);
+                    ::metrics::gauge!(REPLICA_LAG, "replica" => Arc::clone(&self.name)).set(lag.as_secs_f64());
+                    ::metrics::gauge!(REPLICA_UP, "replica" => Arc::clone(&self.name)).set(1.0);
                 }
                 Err(reason) => {
                     tracing::debug!(replica = %self.name, %reason, "dployr.replica sample failed");
                     self.freshness.lag_us.store(FAILED, Ordering::Relaxed);
-                    ::metrics::gauge!(REPLICA_UP, "replica" => self.name.to_string()).set(0.0);
+                    ::metrics::gauge!(REPLICA_UP, "replica" => Arc::clone(&self.name)).set(0.0);
                     // Reconnect next time: the failure may have broken them.
                     self.primary = None;
                     self.replica = None;
@@ -488,20 +496,20 @@ impl Sampler {
         }
     }
 
-    fn connect(url: &str, timeout: Duration) -> Result<PgConnection, String> {
-        let mut conn = PgConnection::establish(url).map_err(|error| crate::pool::classify(&error, url).to_string())?;
-        // A sample that takes longer than this is no use anyway.
-        conn.batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis().max(1)))
-            .map_err(|error| error.to_string())?;
-        Ok(conn)
+    /// A connection of the sampler's own. No session setting is made on it
+    /// (behind a transaction pooler it would land on other clients); a
+    /// server that stops answering is bounded by the URL's `connect_timeout`,
+    /// keepalives and `tcp_user_timeout`, and meanwhile its sample ages and
+    /// the replica leaves the rotation.
+    fn connect(url: &str) -> Result<PgConnection, String> {
+        PgConnection::establish(url).map_err(|error| crate::pool::classify(&error, url).to_string())
     }
 
     /// The replica's lag and replayed position, or why they are unknown.
     fn sample(&mut self) -> Result<(Duration, u64), String> {
-        let timeout = self.timeout;
         let primary = match &mut self.primary {
             Some(conn) => conn,
-            slot => slot.insert(Self::connect(&self.primary_url, timeout)?),
+            slot => slot.insert(Self::connect(&self.primary_url)?),
         };
         let primary_at = Instant::now();
         let primary_lsn = position(
@@ -516,7 +524,7 @@ impl Sampler {
         }
         let replica = match &mut self.replica {
             Some(conn) => conn,
-            slot => slot.insert(Self::connect(&self.replica_url, timeout)?),
+            slot => slot.insert(Self::connect(&self.replica_url)?),
         };
         let found: ReplicaPosition = diesel::sql_query(REPLICA_POSITION)
             .get_result(replica)
