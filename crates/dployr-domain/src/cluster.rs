@@ -38,7 +38,8 @@ pub struct Cluster {
     pub name: String,
     /// Free-form data, integrations included.
     pub metadata: Metadata,
-    /// Members grouped by role, each group ordered by e-mail.
+    /// Members grouped by role, each group ordered by e-mail (by its bytes,
+    /// the order of the member pages on every server).
     pub members: BTreeMap<Role, Vec<Member>>,
     /// When it was created.
     pub created_at: DateTime<Utc>,

@@ -71,6 +71,42 @@ fn get_groups_members_by_role_in_one_cluster_and_unknown_is_none() {
 }
 
 #[test]
+fn get_lists_each_role_in_the_order_of_the_member_pages() {
+    let f = Fixture::new();
+    // Written newest-first by e-mail, one invitation at a time, so the rows'
+    // physical order is the reverse of the listing order.
+    let addresses: Vec<String> = (0..30).rev().map(|n| format!("m{n:02}-{}@example.io", 29 - n)).collect();
+    let (owner, cluster) = f.owner("owner@example.io");
+    for address in &addresses {
+        let user = f.user(address);
+        let mut cluster_now = f.clusters.get(&cluster.id).unwrap().unwrap();
+        let mut wanted: BTreeMap<Role, Vec<UserId>> = BTreeMap::new();
+        for (role, members) in std::mem::take(&mut cluster_now.members) {
+            if role != Role::Owner {
+                wanted.entry(role).or_default().extend(members.iter().map(|m| m.user_id));
+            }
+        }
+        wanted.entry(if address.contains("-1") { Role::Developer } else { Role::Viewer }).or_default().push(user.id);
+        f.clusters.update(&cluster.id, ClusterPatch { roles: Some(wanted), ..Default::default() }).unwrap();
+    }
+    let got = f.clusters.get(&cluster.id).unwrap().unwrap();
+    let from_get: Vec<(Role, String)> = got
+        .members
+        .iter()
+        .rev() // highest rank first, as the pages list
+        .flat_map(|(role, members)| members.iter().map(|m| (*role, m.email.as_str().to_owned())))
+        .collect();
+    let paged = f.clusters.members(&cluster.id, &Page::first(100)).unwrap();
+    let from_pages: Vec<(Role, String)> = paged.items.iter().map(|m| (m.role, m.email.as_str().to_owned())).collect();
+    assert_eq!(from_get, from_pages);
+    assert_eq!(from_get.len(), 31);
+    assert_eq!(got.owner().unwrap().user_id, owner.id);
+    let mut sorted = from_get.clone();
+    sorted.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    assert_eq!(from_get, sorted, "highest role first, then e-mail");
+}
+
+#[test]
 fn update_renames_and_merges_metadata() {
     let f = Fixture::new();
     let (_, cluster) = f.owner("ada@example.io");

@@ -1,0 +1,1 @@
+ALTER TABLE user_clusters ALTER COLUMN email TYPE TEXT COLLATE "default";
