@@ -7,6 +7,7 @@ use dployr_domain::{BootstrapToken, BootstrapTokenStore, InstanceId, Nonce, Stor
 
 use crate::PgPool;
 use crate::errors::Failure;
+use crate::routes::Read;
 use crate::schema::bootstrap_tokens;
 
 #[derive(Queryable, Selectable)]
@@ -67,7 +68,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
     fn is_used(&self, nonce: &Nonce) -> StoreResult<bool> {
         let _span = crate::trace::operation("bootstrap_tokens.is_used");
         let nonce = nonce.as_str();
-        let used = self.pool.run(&[], |conn| {
+        let used = self.pool.route(Read::BootstrapTokensIsUsed).run(&[], |conn| {
             bootstrap_tokens::table
                 .find(nonce)
                 .select(bootstrap_tokens::used_at.is_not_null())

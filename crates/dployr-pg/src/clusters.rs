@@ -25,6 +25,7 @@ use dployr_domain::{
 use serde_json::{Value, json};
 
 use crate::errors::Failure;
+use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::coalesce;
 use crate::{PgPool, cursor};
@@ -191,7 +192,14 @@ impl PgClusterStore {
         Self { pool }
     }
 
-    fn page(&self, cluster: &ClusterId, orders: (i16, i16), kind: &str, page: &Page) -> StoreResult<Paged<Member>> {
+    fn page(
+        &self,
+        read: Read,
+        cluster: &ClusterId,
+        orders: (i16, i16),
+        kind: &str,
+        page: &Page,
+    ) -> StoreResult<Paged<Member>> {
         let (mut after_order, mut after_email, mut offset) = (-1_i16, String::new(), 0_i64);
         match &page.start {
             PageStart::First => {}
@@ -206,7 +214,7 @@ impl PgClusterStore {
             }
         }
         let limit = i64::from(page.limit());
-        let rows: Vec<MemberPageRow> = self.pool.run(&[], |conn| {
+        let rows: Vec<MemberPageRow> = self.pool.route(read).run(&[], |conn| {
             MemberPage {
                 cluster: &cluster.to_string(),
                 orders,
@@ -238,8 +246,8 @@ impl PgClusterStore {
         Ok(Paged { items, total: u64::try_from(total).unwrap_or(0), next })
     }
 
-    fn members_where(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
-        let rows: Vec<MemberRow> = self.pool.run(&[], |conn| {
+    fn members_where(&self, read: Read, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
+        let rows: Vec<MemberRow> = self.pool.route(read).run(&[], |conn| {
             user_clusters::table
                 .filter(user_clusters::cluster_id.eq(cluster.to_string()))
                 .filter(user_clusters::role.eq(role.as_str()))
@@ -250,8 +258,8 @@ impl PgClusterStore {
         rows.into_iter().map(Member::try_from).collect()
     }
 
-    fn has_rank(&self, user: &UserId, cluster: &ClusterId, at_least: Role) -> StoreResult<bool> {
-        self.pool.run(&[], |conn| {
+    fn has_rank(&self, read: Read, user: &UserId, cluster: &ClusterId, at_least: Role) -> StoreResult<bool> {
+        self.pool.route(read).run(&[], |conn| {
             diesel::select(diesel::dsl::exists(
                 user_clusters::table
                     .find((user.to_string(), cluster.to_string()))
@@ -471,7 +479,7 @@ impl ClusterStore for PgClusterStore {
     fn get(&self, id: &ClusterId) -> StoreResult<Option<Cluster>> {
         let _span = crate::trace::operation("clusters.get");
         let id = id.to_string();
-        self.pool.run(&[], |conn| load_cluster(conn, &id))
+        self.pool.route(Read::ClustersGet).run(&[], |conn| load_cluster(conn, &id))
     }
 
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>> {
@@ -682,7 +690,7 @@ impl ClusterStore for PgClusterStore {
 
     fn pending_invites(&self, user: &UserId) -> StoreResult<Vec<PendingInvite>> {
         let _span = crate::trace::operation("clusters.pending_invites");
-        let rows = self.memberships_of(user, MembershipKind::Invitations)?;
+        let rows = self.memberships_of(Read::ClustersPendingInvites, user, MembershipKind::Invitations)?;
         Ok(rows
             .into_iter()
             .map(|summary| PendingInvite {
@@ -759,7 +767,7 @@ impl ClusterStore for PgClusterStore {
 
     fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>> {
         let _span = crate::trace::operation("clusters.owned_cluster");
-        let row: Option<(String, String, String)> = self.pool.run(&[], |conn| {
+        let row: Option<(String, String, String)> = self.pool.route(Read::ClustersOwnedCluster).run(&[], |conn| {
             user_clusters::table
                 .inner_join(clusters::table)
                 .inner_join(users::table)
@@ -776,23 +784,29 @@ impl ClusterStore for PgClusterStore {
 
     fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>> {
         let _span = crate::trace::operation("clusters.user_clusters");
-        self.memberships_of(user, MembershipKind::Memberships)
+        self.memberships_of(Read::ClustersUserClusters, user, MembershipKind::Memberships)
     }
 
     fn members(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
         let _span = crate::trace::operation("clusters.members");
-        self.page(cluster, (role_order(Role::Owner), role_order(Role::Viewer)), MEMBERS_CURSOR, page)
+        self.page(
+            Read::ClustersMembers,
+            cluster,
+            (role_order(Role::Owner), role_order(Role::Viewer)),
+            MEMBERS_CURSOR,
+            page,
+        )
     }
 
     fn invites(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
         let _span = crate::trace::operation("clusters.invites");
         let invited = role_order(Role::Invited);
-        self.page(cluster, (invited, invited), INVITES_CURSOR, page)
+        self.page(Read::ClustersInvites, cluster, (invited, invited), INVITES_CURSOR, page)
     }
 
     fn role_of(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<Option<Role>> {
         let _span = crate::trace::operation("clusters.role_of");
-        let role: Option<String> = self.pool.run(&[], |conn| {
+        let role: Option<String> = self.pool.route(Read::ClustersRoleOf).run(&[], |conn| {
             user_clusters::table
                 .find((user.to_string(), cluster.to_string()))
                 .select(user_clusters::role)
@@ -804,37 +818,37 @@ impl ClusterStore for PgClusterStore {
 
     fn owner(&self, cluster: &ClusterId) -> StoreResult<Option<Member>> {
         let _span = crate::trace::operation("clusters.owner");
-        Ok(self.members_where(cluster, Role::Owner)?.into_iter().next())
+        Ok(self.members_where(Read::ClustersOwner, cluster, Role::Owner)?.into_iter().next())
     }
 
     fn users_with_role(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
         let _span = crate::trace::operation("clusters.users_with_role");
-        self.members_where(cluster, role)
+        self.members_where(Read::ClustersUsersWithRole, cluster, role)
     }
 
     fn can_read(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
         let _span = crate::trace::operation("clusters.can_read");
-        self.has_rank(user, cluster, Role::Viewer)
+        self.has_rank(Read::ClustersCanRead, user, cluster, Role::Viewer)
     }
 
     fn can_write(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
         let _span = crate::trace::operation("clusters.can_write");
-        self.has_rank(user, cluster, Role::Developer)
+        self.has_rank(Read::ClustersCanWrite, user, cluster, Role::Developer)
     }
 
     fn is_admin(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
         let _span = crate::trace::operation("clusters.is_admin");
-        self.has_rank(user, cluster, Role::Admin)
+        self.has_rank(Read::ClustersIsAdmin, user, cluster, Role::Admin)
     }
 
     fn is_owner(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
         let _span = crate::trace::operation("clusters.is_owner");
-        self.has_rank(user, cluster, Role::Owner)
+        self.has_rank(Read::ClustersIsOwner, user, cluster, Role::Owner)
     }
 
     fn integrations(&self, cluster: &ClusterId) -> StoreResult<Integrations> {
         let _span = crate::trace::operation("clusters.integrations");
-        let metadata: Option<Value> = self.pool.run(&[], |conn| {
+        let metadata: Option<Value> = self.pool.route(Read::ClustersIntegrations).run(&[], |conn| {
             clusters::table.find(cluster.to_string()).select(clusters::metadata).first(conn).optional()
         })?;
         let metadata = metadata.ok_or_else(|| StoreError::not_found("cluster", cluster.to_string()))?;
@@ -852,8 +866,8 @@ enum MembershipKind {
 impl PgClusterStore {
     /// The clusters where `user` is a member (or invited), with each owner's
     /// name, in one statement.
-    fn memberships_of(&self, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
-        let rows: Vec<(String, String, Option<String>)> = self.pool.run(&[], |conn| {
+    fn memberships_of(&self, read: Read, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
+        let rows: Vec<(String, String, Option<String>)> = self.pool.route(read).run(&[], |conn| {
             let query = user_clusters::table
                 .inner_join(clusters::table)
                 .left_join(

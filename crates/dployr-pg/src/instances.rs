@@ -13,6 +13,7 @@ use dployr_domain::{
 use serde_json::Value;
 
 use crate::errors::Failure;
+use crate::routes::Read;
 use crate::schema::instances;
 use crate::{PgPool, cursor};
 
@@ -158,7 +159,7 @@ impl InstanceStore for PgInstanceStore {
 
     fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.get");
-        let row = self.pool.run(&[], |conn| {
+        let row = self.pool.route(Read::InstancesGet).run(&[], |conn| {
             instances::table.find(id.to_string()).select(InstanceRow::as_select()).first(conn).optional()
         })?;
         row.map(Instance::try_from).transpose()
@@ -166,7 +167,7 @@ impl InstanceStore for PgInstanceStore {
 
     fn get_by_tag(&self, tag: &Tag) -> StoreResult<Option<Instance>> {
         let _span = crate::trace::operation("instances.get_by_tag");
-        let row = self.pool.run(&[], |conn| {
+        let row = self.pool.route(Read::InstancesGetByTag).run(&[], |conn| {
             instances::table
                 .filter(instances::tag.eq(tag.as_str()))
                 .select(InstanceRow::as_select())
@@ -224,7 +225,7 @@ impl InstanceStore for PgInstanceStore {
             }
         }
         let limit = i64::from(page.limit());
-        let rows: Vec<PageRow> = self.pool.run(&[], |conn| {
+        let rows: Vec<PageRow> = self.pool.route(Read::InstancesListByCluster).run(&[], |conn| {
             InstancePage { cluster: &cluster.to_string(), before: (before_at, &before_id), limit, offset }.load(conn)
         })?;
         let total = rows.first().map_or(0, |row| row.total);

@@ -14,11 +14,15 @@ mod cursor;
 mod deadline;
 mod errors;
 mod instances;
+pub mod metrics;
 mod pool;
+mod replicas;
+mod routes;
 mod sql;
 mod trace;
 mod users;
 
+pub use crate::metrics::PoolStats;
 pub use bootstrap_tokens::PgBootstrapTokenStore;
 pub use clusters::PgClusterStore;
 pub use conninfo::NetworkConfig;
@@ -29,6 +33,8 @@ pub use pool::{
     DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, StatementStats, classify as classify_connect_error,
     probe_connection,
 };
+pub use replicas::{ReadScope, ReplicaConfig, ReplicaSet, ReplicaStatus, WalPosition};
+pub use routes::{Read, Route, WRITES};
 pub use trace::Operation;
 pub use users::PgUserStore;
 

@@ -27,6 +27,8 @@ use dployr_domain::{ConnectFailure, ConnectFailureKind, StoreError};
 use crate::conninfo::{NetworkConfig, with_network_parameters};
 use crate::deadline::{ConnInfo, DeadlineConfig, DeadlineStats, Deadlines, PgConnectionManager};
 use crate::errors::{Failure, Keys};
+use crate::metrics::{ErrorHandler, EventHandler, PoolEvents, PoolStats};
+use crate::replicas::ReplicaSet;
 
 /// A connection checked out of a [`PgPool`]; it goes back when dropped.
 pub type PgPooledConnection = PooledConnection<PgConnectionManager>;
@@ -210,7 +212,11 @@ pub struct PgPool {
     /// The URL (with the network parameters), kept to redact what libpq
     /// echoes of it in later checkout errors and for the pooler probe;
     /// never printed.
-    database_url: Arc<str>,
+    pub(crate) database_url: Arc<str>,
+    /// r2d2's events, counted (see `metrics`).
+    events: Arc<PoolEvents>,
+    /// Where replica-safe reads may go (see `replicas`).
+    pub(crate) replicas: Option<Arc<ReplicaSet>>,
 }
 
 /// The setting a connection error of [`PgPool::connect`] names; the data
@@ -299,13 +305,44 @@ impl PgPool {
     /// # Errors
     /// As [`connect`](Self::connect).
     pub fn connect_as(database_url: &str, setting: &'static str, config: PoolConfig) -> Result<Self, StoreError> {
+        let pool = Self::open(database_url, setting, config, "primary", Probe::Required)?;
+        // One checkout proves the URL works and fails fast, with the reason, when it does not.
+        drop(pool.get()?);
+        Ok(pool)
+    }
+
+    /// A replica's pool: as [`connect_as`](Self::connect_as), except that a
+    /// server that does not answer now is no error (the replica set keeps
+    /// it out of rotation until it does).
+    pub(crate) fn open_replica(
+        database_url: &str,
+        setting: &'static str,
+        config: PoolConfig,
+        name: &str,
+    ) -> Result<Self, StoreError> {
+        Self::open(database_url, setting, config, name, Probe::ConfigurationOnly)
+    }
+
+    fn open(
+        database_url: &str,
+        setting: &'static str,
+        config: PoolConfig,
+        name: &str,
+        probe: Probe,
+    ) -> Result<Self, StoreError> {
         if config.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
         }
         let url = with_network_parameters(database_url, &config.network, config.connection_timeout);
         // One direct attempt first: r2d2 would retry a wrong password until
         // the timeout and then report a timeout.
-        probe_connection(&url, config.connection_timeout).map_err(|failure| failure.into_store_error(setting))?;
+        match probe_connection(&url, config.connection_timeout).map_err(|failure| failure.into_store_error(setting)) {
+            Ok(()) => {}
+            Err(StoreError::Unavailable { reason, .. }) if probe == Probe::ConfigurationOnly => {
+                tracing::warn!(pool = name, %reason, "dployr.replica does not answer; out of rotation until it does");
+            }
+            Err(error) => return Err(error),
+        }
         let counters = Arc::new(Counters {
             recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
             record_binds: config.record_binds,
@@ -317,6 +354,7 @@ impl PgPool {
             counters: Arc::clone(&counters),
         };
         let deadline_counters = Arc::default();
+        let events = PoolEvents::new(name, config.max_size);
         let inner = Pool::builder()
             .max_size(config.max_size)
             .min_idle(Some(0))
@@ -329,7 +367,8 @@ impl PgPool {
             .connection_customizer(Box::new(customizer))
             // r2d2's default handler logs each failed connect through `log`,
             // with libpq's unredacted text; the checkout error reports it.
-            .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
+            .error_handler(Box::new(ErrorHandler(Arc::clone(&events))))
+            .event_handler(Box::new(EventHandler(Arc::clone(&events))))
             .build_unchecked(PgConnectionManager::new(&url, Arc::clone(&deadline_counters)));
         let deadlines = Deadlines::new(
             config.deadline,
@@ -344,9 +383,9 @@ impl PgPool {
             connection_timeout: config.connection_timeout,
             deadlines: Arc::new(deadlines),
             database_url: url.into(),
+            events,
+            replicas: None,
         };
-        // One checkout proves the URL works and fails fast, with the reason, when it does not.
-        drop(pool.get()?);
         Ok(pool)
     }
 
@@ -452,11 +491,31 @@ impl PgPool {
         self.deadlines.bound()
     }
 
+    /// What the pool did since it opened (checkouts, waits, timeouts,
+    /// connections opened and failed) and what it holds now.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.events.stats(&self.inner.state())
+    }
+
+    /// The pool's name in metrics and health: `primary`, `replica-0`, ...
+    pub fn name(&self) -> &str {
+        &self.events.name
+    }
+
     /// Connections open now, and how many of them are idle.
     pub fn state(&self) -> (u32, u32) {
         let state = self.inner.state();
         (state.connections, state.idle_connections)
     }
+}
+
+/// Whether opening a pool needs the server to answer now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Every failure is an error (the primary).
+    Required,
+    /// Only a configuration error is (a replica may be down for now).
+    ConfigurationOnly,
 }
 
 /// How many times a store runs a transaction (or statement) that failed for

@@ -41,6 +41,7 @@ fn statements_so_far() -> u64 {
 #[must_use = "the span measures until it is dropped"]
 pub struct Operation {
     span: EnteredSpan,
+    name: &'static str,
     started: Instant,
     statements_before: u64,
 }
@@ -48,13 +49,15 @@ pub struct Operation {
 /// Enters the span of operation `name` (e.g. `"clusters.get"`).
 pub(crate) fn operation(name: &'static str) -> Operation {
     let span = tracing::debug_span!("dployr.store", op = name, statements = Empty, duration_us = Empty).entered();
-    Operation { span, started: Instant::now(), statements_before: statements_so_far() }
+    Operation { span, name, started: Instant::now(), statements_before: statements_so_far() }
 }
 
 impl Drop for Operation {
     fn drop(&mut self) {
         let statements = statements_so_far() - self.statements_before;
-        let micros = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = self.started.elapsed();
+        crate::metrics::operation_finished(self.name, elapsed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.span.record("statements", statements);
         self.span.record("duration_us", micros);
     }

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::PgPool;
 use crate::errors::Failure;
+use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::{coalesce, coalesce_nullable};
 
@@ -145,13 +146,14 @@ impl UserStore for PgUserStore {
         let _span = crate::trace::operation("users.get");
         let row = self
             .pool
+            .route(Read::UsersGet)
             .run(&[], |conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
         row.map(User::try_from).transpose()
     }
 
     fn get_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
         let _span = crate::trace::operation("users.get_by_email");
-        let row = self.pool.run(&[], |conn| {
+        let row = self.pool.route(Read::UsersGetByEmail).run(&[], |conn| {
             users::table.filter(users::email.eq(email.as_str())).select(UserRow::as_select()).first(conn).optional()
         })?;
         row.map(User::try_from).transpose()

@@ -39,6 +39,7 @@ pub mod erd;
 pub mod local;
 pub mod pgbouncer;
 pub mod private;
+pub mod replica;
 pub mod spans;
 
 mod databases;
@@ -51,6 +52,7 @@ pub use blackhole::BlackholeProxy;
 pub use cloudflare_emulator::CloudflareEmulator;
 pub use error::TestkitError;
 pub use private::{Freeze, PrivateServer};
+pub use replica::ReplicatedServer;
 pub use server::{ServerKind, TestServer, server};
 
 use std::fmt;
