@@ -187,3 +187,23 @@ fn the_async_stores_are_clone_send_and_sync() {
     shareable::<dployr_data::AsyncBootstrapTokenStore>();
     shareable::<dployr_data::AsyncKvStore>();
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn run_gives_a_closure_the_data_layer_for_a_read_your_writes_scope() {
+    let db = dployr_testkit::database();
+    let (config, _none) = config(&db, Kv::Memory);
+    let data = AsyncDataLayer::open(config).await.unwrap();
+    let user = data.users().upsert(NewUser::new(email("ada@example.io"), Provider::Github)).await.unwrap();
+    let position = data.run(|data| data.pool().wal_position()).await.unwrap();
+    let found = data
+        .run(move |data| {
+            let _fresh = data.pool().reads_after(position);
+            dployr_data::UserStore::get(data.users(), &user.id)
+        })
+        .await
+        .unwrap();
+    assert_eq!(found.map(|u| u.id), Some(user.id));
+    // What the closure returns comes back as it is, errors included.
+    let error = data.run(|_| Err::<(), _>(StoreError::invalid("x", "refused"))).await.unwrap_err();
+    assert!(matches!(error, StoreError::Invalid { field: "x", .. }), "{error}");
+}

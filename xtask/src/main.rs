@@ -55,7 +55,9 @@ usage: cargo xtask <command>
 
   bench [--threads 1,16] [--seconds 1] [--ops SUBSTRING,...] [--json FILE]
                    every operation under load, next to pgbench's limit for the same statement,
-                   on a throwaway PostgreSQL (release build)
+                   on a throwaway PostgreSQL (release build); then the replica-safe reads with one
+                   streaming replica: on the primary, routed, and straight on the replica (what the
+                   routing and lag checks cost per read); `--ops replica` for that run alone
 
   stress [--seconds 60] [--threads 32] [--seed S] [--clusters 4]
                    a random mix of every write of the stores from many threads, with a checker

@@ -161,6 +161,41 @@ impl AsyncDataLayer {
         self.shared.data()
     }
 
+    /// Runs `call` with the synchronous data layer on the blocking pool, as
+    /// every method of this facade does: for several calls that must share
+    /// one thread, such as reads inside a read-your-writes scope (the scopes
+    /// of [`PgPool::reads_after`](crate::PgPool::reads_after) and
+    /// [`PgPool::reads_on_primary`](crate::PgPool::reads_on_primary) hold
+    /// for the thread that opened them, and each call of this facade may
+    /// run on another one).
+    ///
+    /// ```no_run
+    /// # async fn page(data: dployr_data::AsyncDataLayer, cluster: dployr_data::ClusterId) -> dployr_data::StoreResult<()> {
+    /// use dployr_data::{ClusterStore, Page};
+    /// // After a write: the next page sees it, from a replica that has
+    /// // replayed it or from the primary.
+    /// let position = data.run(|data| data.pool().wal_position()).await?;
+    /// let members = data
+    ///     .run(move |data| {
+    ///         let _fresh = data.pool().reads_after(position);
+    ///         data.clusters().members(&cluster, &Page::first(20))
+    ///     })
+    ///     .await?;
+    /// # drop(members);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// What `call` returns; [`StoreError::Unavailable`] when the runtime
+    /// shuts down before it runs.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&DataLayer) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        blocking(&self.shared, call).await
+    }
+
     /// Users ([`UserStore`]).
     pub fn users(&self) -> AsyncUserStore {
         AsyncUserStore { shared: Arc::clone(&self.shared) }

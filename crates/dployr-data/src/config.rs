@@ -10,7 +10,7 @@ use dployr_domain::{StoreError, StoreResult};
 use dployr_kv::KvStoreConfig;
 #[cfg(feature = "cloudflare")]
 use dployr_kv::{ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CloudflareConfig, NAMESPACE_ID_VAR};
-use dployr_pg::PoolConfig;
+use dployr_pg::{PoolConfig, ReplicaConfig};
 
 /// The PostgreSQL URL (libpq syntax). Required.
 pub const DATABASE_URL_VAR: &str = "DATABASE_URL";
@@ -56,6 +56,11 @@ pub const KEEPALIVES_INTERVAL_VAR: &str = "DPLOYR_DB_KEEPALIVES_INTERVAL_SECS";
 pub const KEEPALIVES_COUNT_VAR: &str = "DPLOYR_DB_KEEPALIVES_COUNT";
 /// libpq `tcp_user_timeout` in ms; 0 keeps the system's (default 25000).
 pub const TCP_USER_TIMEOUT_VAR: &str = "DPLOYR_DB_TCP_USER_TIMEOUT_MS";
+/// PostgreSQL URLs of streaming replicas, comma-separated: replica-safe
+/// reads go there (docs/ARCHITECTURE.md, "Read routing"). Unset: none.
+pub const REPLICA_URLS_VAR: &str = "DPLOYR_DB_REPLICA_URLS";
+/// The most replay lag a replica may have to answer reads, in ms (default 1000).
+pub const REPLICA_MAX_LAG_VAR: &str = "DPLOYR_DB_REPLICA_MAX_LAG_MS";
 /// How often the PostgreSQL KV backend purges expired rows, in s; 0 turns it off (default 300).
 pub const KV_PURGE_EVERY_VAR: &str = "DPLOYR_KV_PURGE_EVERY_SECS";
 /// Session lifetime in s (default 7 days).
@@ -141,6 +146,12 @@ pub struct Config {
     pub migrate_database_url: Option<String>,
     /// `lock_timeout` of the migrations' statements (default 3 s).
     pub migrate_lock_timeout: Duration,
+    /// URLs of streaming replicas of `database_url`, each with a pool of
+    /// the same settings; empty: every read goes to the primary. `Debug`
+    /// does not show them.
+    pub replica_urls: Vec<String>,
+    /// The lag bound and sampling of the replicas.
+    pub replicas: ReplicaConfig,
 }
 
 impl fmt::Debug for Config {
@@ -154,6 +165,8 @@ impl fmt::Debug for Config {
             .field("migrate_on_start", &self.migrate_on_start)
             .field("migrate_database_url", &self.migrate_database_url.as_ref().map(|_| "<redacted>"))
             .field("migrate_lock_timeout", &self.migrate_lock_timeout)
+            .field("replica_urls", &self.replica_urls.iter().map(|_| "<redacted>").collect::<Vec<_>>())
+            .field("replicas", &self.replicas)
             .finish()
     }
 }
@@ -174,7 +187,32 @@ impl Config {
             migrate_on_start: true,
             migrate_database_url: None,
             migrate_lock_timeout: dployr_migrate::MigrationRunner::DEFAULT_TABLE_LOCK_TIMEOUT,
+            replica_urls: Vec::new(),
+            replicas: ReplicaConfig::default(),
         }
+    }
+
+    /// The same, with replica-safe reads going to streaming replicas of the
+    /// primary at `urls` (PostgreSQL's own streaming replication), each
+    /// with a pool like the primary's.
+    ///
+    /// ```
+    /// use dployr_data::Config;
+    ///
+    /// let config = Config::new("postgres://db-primary/app").with_replicas(["postgres://db-replica-1/app"]);
+    /// assert_eq!(config.replica_urls.len(), 1);
+    /// ```
+    #[must_use]
+    pub fn with_replicas<S: Into<String>>(mut self, urls: impl IntoIterator<Item = S>) -> Self {
+        self.replica_urls = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The same, with another lag bound and sampling for the replicas.
+    #[must_use]
+    pub fn with_replica_config(mut self, replicas: ReplicaConfig) -> Self {
+        self.replicas = replicas;
+        self
     }
 
     /// The same, with the migrations on another URL (PostgreSQL directly,
@@ -272,6 +310,13 @@ impl Config {
             config.pool.prepared_statement_cache = cache;
         }
         read_timeouts(&var, &mut config.pool)?;
+        if let Some(urls) = var(REPLICA_URLS_VAR) {
+            config.replica_urls =
+                urls.split(',').map(str::trim).filter(|url| !url.is_empty()).map(str::to_owned).collect();
+        }
+        if let Some(ms) = parsed::<u64>(&var, REPLICA_MAX_LAG_VAR, "milliseconds")? {
+            config.replicas.max_lag = Duration::from_millis(ms);
+        }
         if let Some(migrate) = flag(&var, MIGRATE_ON_START_VAR)? {
             config.migrate_on_start = migrate;
         }

@@ -11,14 +11,15 @@ use dployr_domain::{KvBackend, StoreError, StoreResult};
 use dployr_kv::CloudflareKv;
 use dployr_kv::{KvStore, MemoryKv, PgKv, Purger};
 use dployr_migrate::{MigrationRunner, MigrationSet};
-use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore};
+use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, ReplicaSet};
 
 use dployr_migrate::MigrateError;
 
 use crate::config::{
     DATABASE_URL_VAR, DEFAULT_PURGE_EVERY, KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR,
-    POOL_SIZE_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR,
+    POOL_SIZE_VAR, REPLICA_URLS_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR,
 };
+use crate::health::{self, Health};
 use crate::{Config, KvBackendConfig, OneTimeKvConfig};
 
 /// Batch size of the background purge of the PostgreSQL key-value backend.
@@ -44,6 +45,8 @@ pub struct DataLayer {
     kv_backend: &'static str,
     one_time_kv_backend: &'static str,
     applied_on_open: Vec<String>,
+    /// Where the migrations' status is read for `health()`; never printed.
+    migration_url: String,
     // Dropped with the data layer, which stops the thread.
     _purger: Option<Purger>,
 }
@@ -165,6 +168,14 @@ impl DataLayer {
                 other => other,
             })?;
         refuse_unsafe_pooling(&pool, &config)?;
+        let pool = if config.replica_urls.is_empty() {
+            pool
+        } else {
+            let replicas =
+                ReplicaSet::connect(&pool, &config.replica_urls, REPLICA_URLS_VAR, config.pool, config.replicas)?;
+            pool.with_replicas(replicas)
+        };
+        let migration_url = config.migration_url().to_owned();
 
         let applied_on_open = if config.migrate_on_start {
             let setting =
@@ -237,6 +248,7 @@ impl DataLayer {
             kv_backend,
             one_time_kv_backend,
             applied_on_open,
+            migration_url,
             _purger: purger,
         })
     }
@@ -280,6 +292,13 @@ impl DataLayer {
     /// The connection pool the stores share.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Primary, replicas, key-value backend and migrations, each probed now
+    /// with its duration (see [`Health`]). Never fails: a probe that fails
+    /// says so in its answer.
+    pub fn health(&self) -> Health {
+        health::check(&self.pool, self.kv.backend(), self.kv.one_time_backend(), &self.migration_url)
     }
 
     /// The migrations this `open` applied (empty when the database was

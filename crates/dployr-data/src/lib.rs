@@ -18,15 +18,17 @@
 #[cfg(feature = "tokio")]
 mod async_layer;
 mod config;
+mod health;
 mod layer;
 
 pub use config::{
     CALL_TIMEOUT_VAR, CANCEL_GRACE_VAR, CANCEL_ON_DEADLINE_VAR, CONNECT_TIMEOUT_VAR, Config, DATABASE_URL_VAR,
     DEADLINE_MARGIN_VAR, KEEPALIVES_COUNT_VAR, KEEPALIVES_IDLE_VAR, KEEPALIVES_INTERVAL_VAR, KEEPALIVES_VAR,
     KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, KV_VAR, KvBackendConfig, MIGRATE_DATABASE_URL_VAR, MIGRATE_LOCK_TIMEOUT_VAR,
-    MIGRATE_ON_START_VAR, OTP_TTL_VAR, OneTimeKvConfig, POOL_SIZE_VAR, SESSION_TTL_VAR, STATE_TTL_VAR,
-    STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR, TCP_USER_TIMEOUT_VAR,
+    MIGRATE_ON_START_VAR, OTP_TTL_VAR, OneTimeKvConfig, POOL_SIZE_VAR, REPLICA_MAX_LAG_VAR, REPLICA_URLS_VAR,
+    SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR, TCP_USER_TIMEOUT_VAR,
 };
+pub use health::{Health, MigrationsProbe, Probe, ReplicaProbe};
 pub use layer::DataLayer;
 
 #[cfg(feature = "tokio")]
@@ -49,7 +51,9 @@ pub use dployr_domain::{
 #[cfg(feature = "cloudflare")]
 pub use dployr_kv::CloudflareConfig;
 pub use dployr_kv::{KvStore, KvStoreConfig, OAuthState, OtpCode, Session, SessionId};
-pub use dployr_pg::{DeadlineConfig, NetworkConfig, PgPool, PoolConfig};
+pub use dployr_pg::{
+    DeadlineConfig, NetworkConfig, PgPool, PoolConfig, PoolStats, ReadScope, ReplicaConfig, ReplicaStatus, WalPosition,
+};
 
 pub use dployr_domain as domain;
 pub use dployr_kv as kv;

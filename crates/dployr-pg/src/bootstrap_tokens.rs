@@ -7,6 +7,7 @@ use dployr_domain::{BootstrapToken, BootstrapTokenStore, InstanceId, Nonce, Stor
 
 use crate::PgPool;
 use crate::errors::Failure;
+use crate::routes::Read;
 use crate::schema::bootstrap_tokens;
 
 #[derive(Queryable, Selectable)]
@@ -65,7 +66,7 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
     }
 
     fn is_used(&self, nonce: &Nonce) -> StoreResult<bool> {
-        let op = self.pool.operation("bootstrap_tokens.is_used");
+        let op = self.pool.read(Read::BootstrapTokensIsUsed);
         let nonce = nonce.as_str();
         let used = op.run(|conn| {
             bootstrap_tokens::table

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::errors::Failure;
 use crate::keyset_page::{self, Counted, KeysetPage, Listing, PageRow};
+use crate::routes::Read;
 use crate::schema::instances;
 use crate::{PgPool, cursor};
 
@@ -147,7 +148,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn get(&self, id: &InstanceId) -> StoreResult<Option<Instance>> {
-        let op = self.pool.operation("instances.get");
+        let op = self.pool.read(Read::InstancesGet);
         let row = op.run(|conn| {
             instances::table.find(id.to_string()).select(InstanceRow::as_select()).first(conn).optional()
         })?;
@@ -155,7 +156,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn get_by_tag(&self, tag: &Tag) -> StoreResult<Option<Instance>> {
-        let op = self.pool.operation("instances.get_by_tag");
+        let op = self.pool.read(Read::InstancesGetByTag);
         let row = op.run(|conn| {
             instances::table
                 .filter(instances::tag.eq(tag.as_str()))
@@ -190,7 +191,7 @@ impl InstanceStore for PgInstanceStore {
     }
 
     fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>> {
-        let op = self.pool.operation("instances.list_by_cluster");
+        let op = self.pool.read(Read::InstancesListByCluster);
         let (before, offset) = keyset_page::start::<2>(CURSOR_KIND, page)?;
         let (before_at, before_id) = match before {
             // Before the first item: later than any timestamp a row can have, above any id.

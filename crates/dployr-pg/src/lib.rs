@@ -15,13 +15,17 @@ mod deadline;
 mod errors;
 mod instances;
 mod keyset_page;
+pub mod metrics;
 mod operation;
 mod pool;
+mod replicas;
+mod routes;
 mod sql;
 mod statement;
 mod trace;
 mod users;
 
+pub use crate::metrics::PoolStats;
 pub use bootstrap_tokens::PgBootstrapTokenStore;
 pub use clusters::PgClusterStore;
 pub use conninfo::NetworkConfig;
@@ -30,6 +34,8 @@ pub use errors::store_error;
 pub use instances::PgInstanceStore;
 pub use operation::Operation;
 pub use pool::{DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, RecordStatements, StatementStats};
+pub use replicas::{ReadScope, ReplicaConfig, ReplicaSet, ReplicaStatus, WalPosition};
+pub use routes::{Read, Route, WRITES};
 pub use users::PgUserStore;
 
 /// diesel's `table!` description of every table the stores use.

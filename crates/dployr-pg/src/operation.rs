@@ -16,7 +16,8 @@ use tracing::field::Empty;
 use tracing::span::EnteredSpan;
 
 use crate::PgPool;
-use crate::errors::Failure;
+use crate::errors::{Failure, Keys};
+use crate::routes::{Read, Route};
 
 /// How many times an operation runs a transaction (or statement) that failed
 /// for a passing reason: a deadlock, a serialization failure, a lock not
@@ -31,6 +32,9 @@ const ATTEMPTS: u32 = 3;
 #[must_use = "the operation runs through `run` and is measured until it is dropped"]
 pub struct Operation<'p> {
     pool: &'p PgPool,
+    name: &'static str,
+    /// For a read: where it may go (see `routes`); `None` for a write.
+    read: Option<Read>,
     /// The rows this operation references, by entity, so a foreign key that
     /// finds one missing is `NotFound` naming it: `("cluster", id)`.
     references: Vec<(&'static str, String)>,
@@ -51,11 +55,22 @@ impl<'p> Operation<'p> {
         let span = tracing::debug_span!("dployr.store", op = name, statements = Empty, duration_us = Empty).entered();
         Self {
             pool,
+            name,
+            read: None,
             references: Vec::new(),
             span,
             started: Instant::now(),
             statements_before: crate::trace::statements_so_far(),
         }
+    }
+
+    /// The operation of the store read `read`, named for it, which
+    /// [`run`](Self::run) sends where [`Read::route`] allows (a replica, or
+    /// the primary).
+    pub(crate) fn read(pool: &'p PgPool, read: Read) -> Self {
+        let mut operation = Self::new(pool, read.name());
+        operation.read = Some(read);
+        operation
     }
 
     /// Names a row this operation references (`"cluster"`, its id), so a
@@ -78,7 +93,16 @@ impl<'p> Operation<'p> {
     /// [`StoreError::Unavailable`] naming the deadline when it passed, or
     /// when no connection came in time; `work`'s error, mapped, otherwise.
     pub fn run<T>(&self, mut work: impl FnMut(&mut PgConnection) -> QueryResult<T>) -> Result<T, StoreError> {
-        self.pool.bounded(|conn| self.retrying(|| work(conn).map_err(Failure::from)))
+        if let Some(read) = self.read
+            && read.route() == Route::Replica
+            && let Some(replicas) = &self.pool.replicas
+        {
+            if let Some(value) = replicas.read(read.name(), &self.references, &mut work)? {
+                return Ok(value);
+            }
+            ::metrics::counter!(crate::metrics::ROUTED_READS, "op" => read.name(), "server" => "primary").increment(1);
+        }
+        self.pool.run_statement(&self.references, work)
     }
 
     /// Runs `work` in one transaction, rolled back on any error, as
@@ -87,28 +111,28 @@ impl<'p> Operation<'p> {
     /// own across attempts.
     pub(crate) fn transaction<T>(
         &self,
-        mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
+        work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
-        use diesel::Connection as _;
-        self.pool.bounded(|conn| self.retrying(|| conn.transaction(&mut work)))
+        self.pool.run_transaction(&self.references, work)
     }
+}
 
-    /// Runs `attempt` until it succeeds, fails for a lasting reason, or has
-    /// run [`ATTEMPTS`] times; waits a little, with jitter, between attempts
-    /// so that the transactions that collided do not collide again.
-    fn retrying<T>(&self, mut attempt: impl FnMut() -> Result<T, Failure>) -> Result<T, StoreError> {
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            match attempt() {
-                Ok(value) => return Ok(value),
-                Err(failure) if attempts < ATTEMPTS && failure.is_worth_retrying() => {
-                    let wait = Duration::from_micros(rand::random_range(1_000..=5_000) * u64::from(attempts));
-                    tracing::debug!(attempt = attempts, wait_us = wait.as_micros() as u64, failure = ?failure, "dployr.store retry");
-                    std::thread::sleep(wait);
-                }
-                Err(failure) => return Err(failure.into_store_error(&self.references)),
+/// Runs `attempt` until it succeeds, fails for a lasting reason, or has
+/// run [`ATTEMPTS`] times; waits a little, with jitter, between attempts so
+/// that the transactions that collided do not collide again. `keys` name the
+/// rows a foreign-key error may find missing.
+pub(crate) fn retrying<T>(keys: Keys<'_>, mut attempt: impl FnMut() -> Result<T, Failure>) -> Result<T, StoreError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(failure) if attempts < ATTEMPTS && failure.is_worth_retrying() => {
+                let wait = Duration::from_micros(rand::random_range(1_000..=5_000) * u64::from(attempts));
+                tracing::debug!(attempt = attempts, wait_us = wait.as_micros() as u64, failure = ?failure, "dployr.store retry");
+                std::thread::sleep(wait);
             }
+            Err(failure) => return Err(failure.into_store_error(keys)),
         }
     }
 }
@@ -116,7 +140,9 @@ impl<'p> Operation<'p> {
 impl Drop for Operation<'_> {
     fn drop(&mut self) {
         let statements = crate::trace::statements_so_far() - self.statements_before;
-        let micros = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = self.started.elapsed();
+        crate::metrics::operation_finished(self.name, elapsed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.span.record("statements", statements);
         self.span.record("duration_us", micros);
     }

@@ -26,7 +26,10 @@ use dployr_domain::{ConnectFailure, ConnectFailureKind, StoreError};
 
 use crate::conninfo::{NetworkConfig, with_network_parameters};
 use crate::deadline::{ConnInfo, DeadlineConfig, DeadlineStats, Deadlines, PgConnectionManager};
+use crate::errors::{Failure, Keys};
+use crate::metrics::{ErrorHandler, EventHandler, PoolEvents, PoolStats};
 use crate::operation::Operation;
+use crate::replicas::ReplicaSet;
 
 /// A connection checked out of a [`PgPool`]; it goes back when dropped.
 pub type PgPooledConnection = PooledConnection<PgConnectionManager>;
@@ -218,7 +221,11 @@ pub struct PgPool {
     /// The URL (with the network parameters), kept to redact what libpq
     /// echoes of it in later checkout errors and for the pooler probe;
     /// never printed.
-    database_url: Arc<str>,
+    pub(crate) database_url: Arc<str>,
+    /// r2d2's events, counted (see `metrics`).
+    events: Arc<PoolEvents>,
+    /// Where replica-safe reads may go (see `replicas`).
+    pub(crate) replicas: Option<Arc<ReplicaSet>>,
 }
 
 /// The setting a connection error of [`PgPool::connect`] names; the data
@@ -269,7 +276,7 @@ fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), Connect
 }
 
 /// The classified, redacted form of a diesel connection error.
-fn classify(error: &diesel::ConnectionError, database_url: &str) -> ConnectFailure {
+pub(crate) fn classify(error: &diesel::ConnectionError, database_url: &str) -> ConnectFailure {
     match error {
         diesel::ConnectionError::InvalidCString(_) => {
             ConnectFailure::new(ConnectFailureKind::MalformedUrl, "the URL holds a NUL byte")
@@ -307,13 +314,44 @@ impl PgPool {
     /// # Errors
     /// As [`connect`](Self::connect).
     pub fn connect_as(database_url: &str, setting: &'static str, config: PoolConfig) -> Result<Self, StoreError> {
+        let pool = Self::open(database_url, setting, config, "primary", Probe::Required)?;
+        // One checkout proves the URL works and fails fast, with the reason, when it does not.
+        drop(pool.get()?);
+        Ok(pool)
+    }
+
+    /// A replica's pool: as [`connect_as`](Self::connect_as), except that a
+    /// server that does not answer now is no error (the replica set keeps
+    /// it out of rotation until it does).
+    pub(crate) fn open_replica(
+        database_url: &str,
+        setting: &'static str,
+        config: PoolConfig,
+        name: &str,
+    ) -> Result<Self, StoreError> {
+        Self::open(database_url, setting, config, name, Probe::ConfigurationOnly)
+    }
+
+    fn open(
+        database_url: &str,
+        setting: &'static str,
+        config: PoolConfig,
+        name: &str,
+        probe: Probe,
+    ) -> Result<Self, StoreError> {
         if config.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
         }
         let url = with_network_parameters(database_url, &config.network, config.connection_timeout);
         // One direct attempt first: r2d2 would retry a wrong password until
         // the timeout and then report a timeout.
-        probe_connection(&url, config.connection_timeout).map_err(|failure| failure.into_store_error(setting))?;
+        match probe_connection(&url, config.connection_timeout).map_err(|failure| failure.into_store_error(setting)) {
+            Ok(()) => {}
+            Err(StoreError::Unavailable { reason, .. }) if probe == Probe::ConfigurationOnly => {
+                tracing::warn!(pool = name, %reason, "dployr.replica does not answer; out of rotation until it does");
+            }
+            Err(error) => return Err(error),
+        }
         let counters = Arc::new(Counters {
             recent: (config.record_statements != RecordStatements::Off).then(|| Mutex::new(VecDeque::new())),
             record_binds: config.record_statements == RecordStatements::SqlWithBinds,
@@ -325,6 +363,7 @@ impl PgPool {
             counters: Arc::clone(&counters),
         };
         let deadline_counters = Arc::default();
+        let events = PoolEvents::new(name, config.max_size);
         let inner = Pool::builder()
             .max_size(config.max_size)
             .min_idle(Some(0))
@@ -337,7 +376,8 @@ impl PgPool {
             .connection_customizer(Box::new(customizer))
             // r2d2's default handler logs each failed connect through `log`,
             // with libpq's unredacted text; the checkout error reports it.
-            .error_handler(Box::new(diesel::r2d2::NopErrorHandler))
+            .error_handler(Box::new(ErrorHandler(Arc::clone(&events))))
+            .event_handler(Box::new(EventHandler(Arc::clone(&events))))
             .build_unchecked(PgConnectionManager::new(&url, Arc::clone(&deadline_counters)));
         let deadlines = Deadlines::new(
             config.deadline,
@@ -352,9 +392,9 @@ impl PgPool {
             connection_timeout: config.connection_timeout,
             deadlines: Arc::new(deadlines),
             database_url: url.into(),
+            events,
+            replicas: None,
         };
-        // One checkout proves the URL works and fails fast, with the reason, when it does not.
-        drop(pool.get()?);
         Ok(pool)
     }
 
@@ -431,12 +471,42 @@ impl PgPool {
         Operation::new(self, name)
     }
 
-    /// Runs `work` on a pooled connection within the call deadline.
+    /// Opens the store read `read`, named for it, whose `run` goes where the
+    /// read may go (`routes`): a replica when there are replicas and the read
+    /// is replica-safe, else this pool.
+    pub(crate) fn read(&self, read: crate::Read) -> Operation<'_> {
+        Operation::read(self, read)
+    }
+
+    /// Runs `work` on a pooled connection of this pool within the call
+    /// deadline, once; errors mapped by [`store_error`](crate::store_error).
     pub(crate) fn bounded<T>(
         &self,
-        work: impl FnOnce(&mut PgConnection) -> Result<T, StoreError>,
+        work: impl FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error>,
     ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, work)
+        self.deadlines.bounded(&self.inner, |conn| work(conn).map_err(crate::store_error))
+    }
+
+    /// Runs one statement on this pool (not routed) within the call
+    /// deadline, again after a passing failure: what [`Operation::run`]
+    /// does on the primary, and on a replica.
+    pub(crate) fn run_statement<T, E: Into<Failure>>(
+        &self,
+        keys: Keys<'_>,
+        mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
+    ) -> Result<T, StoreError> {
+        self.deadlines.bounded(&self.inner, |conn| crate::operation::retrying(keys, || work(conn).map_err(Into::into)))
+    }
+
+    /// Runs one transaction on this pool within the call deadline, again,
+    /// whole, after a passing failure.
+    pub(crate) fn run_transaction<T>(
+        &self,
+        keys: Keys<'_>,
+        mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
+    ) -> Result<T, StoreError> {
+        use diesel::Connection as _;
+        self.deadlines.bounded(&self.inner, |conn| crate::operation::retrying(keys, || conn.transaction(&mut work)))
     }
 
     /// What the call deadlines did so far, and how many connections the pool
@@ -451,9 +521,29 @@ impl PgPool {
         self.deadlines.bound()
     }
 
+    /// What the pool did since it opened (checkouts, waits, timeouts,
+    /// connections opened and failed) and what it holds now.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.events.stats(&self.inner.state())
+    }
+
+    /// The pool's name in metrics and health: `primary`, `replica-0`, ...
+    pub fn name(&self) -> &str {
+        &self.events.name
+    }
+
     /// Connections open now, and how many of them are idle.
     pub fn state(&self) -> (u32, u32) {
         let state = self.inner.state();
         (state.connections, state.idle_connections)
     }
+}
+
+/// Whether opening a pool needs the server to answer now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Every failure is an error (the primary).
+    Required,
+    /// Only a configuration error is (a replica may be down for now).
+    ConfigurationOnly,
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::PgPool;
 use crate::errors::Failure;
+use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::{coalesce, coalesce_nullable};
 
@@ -142,14 +143,14 @@ impl UserStore for PgUserStore {
     }
 
     fn get(&self, id: &UserId) -> StoreResult<Option<User>> {
-        let op = self.pool.operation("users.get");
+        let op = self.pool.read(Read::UsersGet);
         let row =
             op.run(|conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
         row.map(User::try_from).transpose()
     }
 
     fn get_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
-        let op = self.pool.operation("users.get_by_email");
+        let op = self.pool.read(Read::UsersGetByEmail);
         let row = op.run(|conn| {
             users::table.filter(users::email.eq(email.as_str())).select(UserRow::as_select()).first(conn).optional()
         })?;

@@ -38,6 +38,7 @@ pub mod cloudflare_emulator;
 pub mod local;
 pub mod pgbouncer;
 pub mod private;
+pub mod replica;
 pub mod spans;
 
 mod databases;
@@ -50,6 +51,7 @@ pub use blackhole::BlackholeProxy;
 pub use cloudflare_emulator::CloudflareEmulator;
 pub use error::TestkitError;
 pub use private::{Freeze, PrivateServer};
+pub use replica::ReplicatedServer;
 pub use server::{ServerKind, TestServer, server};
 
 use std::fmt;

@@ -11,6 +11,7 @@
 
 mod fixture;
 mod limit;
+mod replica;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -468,6 +469,33 @@ fn bench(options: &Options) -> Result<(), Failure> {
     }
 
     report(&rows, &clones, &migrations, options)?;
+    if options.filter.as_deref().is_none_or(|filter| filter.contains("replica"))
+        && let Some((replica_rows, check_costs)) = replica::run(&options.threads, options.seconds, &progress)?
+    {
+        replica::report(&replica_rows, &check_costs);
+        if let Some(path) = &options.json {
+            let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+            json["replica"] = replica_rows
+                .iter()
+                .map(|row| {
+                    serde_json::json!({
+                        "read": row.name,
+                        "threads": row.threads,
+                        "primary_per_sec": row.primary,
+                        "routed_per_sec": row.routed,
+                        "replica_direct_per_sec": row.direct,
+                        "check_cost": 1.0 - row.routed / row.direct.max(1.0),
+                        "answered_by_replica": row.replica_share,
+                    })
+                })
+                .collect();
+            json["replica_check_ns"] = check_costs
+                .iter()
+                .map(|cost| serde_json::json!({"threads": cost.threads, "nanos_per_check": cost.nanos}))
+                .collect();
+            std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+        }
+    }
     progress("done");
     Ok(())
 }

@@ -31,6 +31,7 @@ use dployr_domain::{
 use serde_json::{Value, json};
 
 use crate::errors::Failure;
+use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::coalesce;
 use crate::{Operation, PgPool};
@@ -255,7 +256,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn get(&self, id: &ClusterId) -> StoreResult<Option<Cluster>> {
-        let op = self.pool.operation("clusters.get");
+        let op = self.pool.read(Read::ClustersGet);
         let id = id.to_string();
         let row = op.run(|conn| with_members::select(conn, &id))?;
         row.map(Cluster::try_from).transpose()
@@ -449,7 +450,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn pending_invites(&self, user: &UserId) -> StoreResult<Vec<PendingInvite>> {
-        let op = self.pool.operation("clusters.pending_invites");
+        let op = self.pool.read(Read::ClustersPendingInvites);
         let rows = memberships_of(&op, user, MembershipKind::Invitations)?;
         Ok(rows
             .into_iter()
@@ -530,7 +531,7 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>> {
-        let op = self.pool.operation("clusters.owned_cluster");
+        let op = self.pool.read(Read::ClustersOwnedCluster);
         let row: Option<(String, String, String)> = op.run(|conn| {
             user_clusters::table
                 .inner_join(clusters::table)
@@ -547,22 +548,22 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>> {
-        let op = self.pool.operation("clusters.user_clusters");
+        let op = self.pool.read(Read::ClustersUserClusters);
         memberships_of(&op, user, MembershipKind::Memberships)
     }
 
     fn members(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
-        let op = self.pool.operation("clusters.members");
+        let op = self.pool.read(Read::ClustersMembers);
         member_page::members(&op, cluster, page)
     }
 
     fn invites(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>> {
-        let op = self.pool.operation("clusters.invites");
+        let op = self.pool.read(Read::ClustersInvites);
         member_page::invites(&op, cluster, page)
     }
 
     fn role_of(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<Option<Role>> {
-        let op = self.pool.operation("clusters.role_of");
+        let op = self.pool.read(Read::ClustersRoleOf);
         let role: Option<String> = op.run(|conn| {
             user_clusters::table
                 .find((user.to_string(), cluster.to_string()))
@@ -574,37 +575,37 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn owner(&self, cluster: &ClusterId) -> StoreResult<Option<Member>> {
-        let op = self.pool.operation("clusters.owner");
+        let op = self.pool.read(Read::ClustersOwner);
         Ok(members_where(&op, cluster, Role::Owner)?.into_iter().next())
     }
 
     fn users_with_role(&self, cluster: &ClusterId, role: Role) -> StoreResult<Vec<Member>> {
-        let op = self.pool.operation("clusters.users_with_role");
+        let op = self.pool.read(Read::ClustersUsersWithRole);
         members_where(&op, cluster, role)
     }
 
     fn can_read(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
-        let op = self.pool.operation("clusters.can_read");
+        let op = self.pool.read(Read::ClustersCanRead);
         has_rank(&op, user, cluster, Role::Viewer)
     }
 
     fn can_write(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
-        let op = self.pool.operation("clusters.can_write");
+        let op = self.pool.read(Read::ClustersCanWrite);
         has_rank(&op, user, cluster, Role::Developer)
     }
 
     fn is_admin(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
-        let op = self.pool.operation("clusters.is_admin");
+        let op = self.pool.read(Read::ClustersIsAdmin);
         has_rank(&op, user, cluster, Role::Admin)
     }
 
     fn is_owner(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<bool> {
-        let op = self.pool.operation("clusters.is_owner");
+        let op = self.pool.read(Read::ClustersIsOwner);
         has_rank(&op, user, cluster, Role::Owner)
     }
 
     fn integrations(&self, cluster: &ClusterId) -> StoreResult<Integrations> {
-        let op = self.pool.operation("clusters.integrations");
+        let op = self.pool.read(Read::ClustersIntegrations);
         let metadata: Option<Value> =
             op.run(|conn| clusters::table.find(cluster.to_string()).select(clusters::metadata).first(conn).optional())?;
         let metadata = metadata.ok_or_else(|| StoreError::not_found("cluster", cluster.to_string()))?;

@@ -16,6 +16,7 @@ mod deadlines;
 mod instances;
 mod pool;
 mod races;
+mod replicas;
 mod spans;
 mod totals;
 mod users;

@@ -13,7 +13,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::{
-    RunAs, check_reachable, command, free_port, initdb, process_alive, spawn_guardian, stop_child, wait_until_ready,
+    RunAs, check_reachable, command, free_port, initdb, process_alive, run, spawn_guardian, stop_child,
+    wait_until_ready,
 };
 use crate::TestkitError;
 
@@ -160,6 +161,59 @@ impl EphemeralCluster {
             return Err(error);
         }
         Ok(cluster)
+    }
+
+    /// A streaming replica of `primary`: `pg_basebackup -R` (which writes
+    /// `standby.signal` and the `primary_conninfo` to stream from) into a
+    /// temp dir of its own, started like the primary on another free port
+    /// (`hot_standby` is on by default, so it answers reads). The primary
+    /// needs nothing set up: `initdb` allows replication connections from
+    /// loopback, and `wal_level = replica` and `max_wal_senders = 10` are
+    /// PostgreSQL's defaults. Stopped and deleted like any ephemeral
+    /// cluster.
+    ///
+    /// # Errors
+    /// [`TestkitError::Setup`] with `pg_basebackup`'s or the server's output.
+    pub fn start_replica_of(primary: &EphemeralCluster) -> Result<Self, TestkitError> {
+        let run_as = RunAs::for_this_process()?;
+        let root = tempfile::Builder::new()
+            .prefix(EPHEMERAL_PREFIX)
+            .tempdir_in(ephemeral_parent_dir())
+            .map_err(|e| TestkitError::io("creating the replica's temp dir".into(), e))?
+            .keep();
+        let cleanup_on_error = |error: TestkitError| {
+            let _ignored = fs::remove_dir_all(&root);
+            error
+        };
+        let prepared = (|| {
+            fs::write(root.join("owner.pid"), std::process::id().to_string())
+                .map_err(|e| TestkitError::io("writing owner.pid".into(), e))?;
+            let sockets = root.join("sockets");
+            fs::create_dir(&sockets).map_err(|e| TestkitError::io("creating the socket dir".into(), e))?;
+            if let Some(run_as) = run_as {
+                run_as.own(&root)?;
+                run_as.own(&sockets)?;
+            }
+            run(
+                command(&primary.bindir, "pg_basebackup", run_as)
+                    .arg("--pgdata")
+                    .arg(root.join("data"))
+                    .args(["--host=127.0.0.1", "--username=postgres", "--wal-method=stream"])
+                    .arg(format!("--port={}", primary.port))
+                    .args(["--write-recovery-conf", "--checkpoint=fast", "--no-sync"]),
+                "pg_basebackup",
+            )
+        })();
+        prepared.map_err(cleanup_on_error)?;
+        let mut last_error = None;
+        for _attempt in 0..4 {
+            let port = free_port().map_err(cleanup_on_error)?;
+            match Self::start_server(&primary.bindir, &root, port, run_as) {
+                Ok(cluster) => return Ok(cluster),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(cleanup_on_error(last_error.unwrap_or_else(|| TestkitError::Setup("the replica did not start".into()))))
     }
 
     /// The loopback port the server listens on.

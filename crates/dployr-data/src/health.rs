@@ -1,0 +1,153 @@
+//! `DataLayer::health()`: what a health check or a status page asks of the
+//! data layer, each answer with how long it took to get: is the primary
+//! reachable, is each replica reachable and how far behind, is the
+//! key-value backend reachable, are the migrations up to date. Every probe
+//! runs within the same bounds as a store call (the pool's call deadline),
+//! so a silent server makes `health()` slow by at most that, never hang.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dployr_domain::{KvBackend, StoreError};
+use dployr_migrate::{MigrationRunner, MigrationSet, MigrationState};
+use dployr_pg::PgPool;
+
+/// The answer of one probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Whether it answered.
+    pub ok: bool,
+    /// How long the probe took.
+    pub duration: Duration,
+    /// Why not, when it did not (never holds a password).
+    pub error: Option<String>,
+}
+
+/// One replica: reachable now, and what its lag sampler last measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaProbe {
+    /// `replica-0`, ... in the order of `DPLOYR_DB_REPLICA_URLS`.
+    pub name: String,
+    /// A `SELECT 1` through its pool.
+    pub reachable: Probe,
+    /// The replay lag of the last sample (at most two sampling periods
+    /// old); `None` when the sample failed or none was taken yet.
+    pub lag: Option<Duration>,
+    /// Whether it answers replica-safe reads now.
+    pub in_rotation: bool,
+}
+
+/// Whether the database's migrations are those of this binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationsProbe {
+    /// Every embedded migration applied, unchanged, and none unknown.
+    pub up_to_date: bool,
+    /// Migrations of this binary not applied yet.
+    pub pending: Vec<String>,
+    /// How long the probe took.
+    pub duration: Duration,
+    /// Why not up to date beyond `pending` (a changed or unknown applied
+    /// migration), or why the status could not be read.
+    pub error: Option<String>,
+}
+
+/// The data layer's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// A `SELECT 1` on the primary through the pool.
+    pub primary: Probe,
+    /// Each replica; empty without replicas.
+    pub replicas: Vec<ReplicaProbe>,
+    /// A read of a missing key on the key-value backend(s) of sessions and
+    /// one-time records (on Cloudflare, one API request of the account's budget).
+    pub kv: Probe,
+    /// The migrations' status, read on the migration URL.
+    pub migrations: MigrationsProbe,
+}
+
+impl Health {
+    /// Whether this process can serve: primary and key-value backend
+    /// reachable, migrations up to date. Replicas do not count: without
+    /// them reads go to the primary.
+    pub fn is_ready(&self) -> bool {
+        self.primary.ok && self.kv.ok && self.migrations.up_to_date
+    }
+}
+
+/// The key the key-value probe reads; it is never written.
+const KV_PROBE_KEY: &str = "dployr-health-probe";
+
+fn timed(probe: impl FnOnce() -> Result<(), StoreError>) -> Probe {
+    let started = Instant::now();
+    let result = probe();
+    Probe { ok: result.is_ok(), duration: started.elapsed(), error: result.err().map(|error| error.to_string()) }
+}
+
+fn select_one(pool: &PgPool) -> Probe {
+    timed(|| pool.ping())
+}
+
+pub(crate) fn check(
+    pool: &PgPool,
+    sessions: &Arc<dyn KvBackend>,
+    one_time: &Arc<dyn KvBackend>,
+    migration_url: &str,
+) -> Health {
+    let primary = select_one(pool);
+    let replicas = pool.replicas().map_or_else(Vec::new, |replicas| {
+        let status = replicas.status();
+        replicas
+            .pools()
+            .zip(status)
+            .map(|((name, replica), status)| ReplicaProbe {
+                name: name.to_owned(),
+                reachable: select_one(replica),
+                lag: status.lag,
+                in_rotation: status.in_rotation,
+            })
+            .collect()
+    });
+    let kv = timed(|| {
+        sessions.get(KV_PROBE_KEY)?;
+        if !Arc::ptr_eq(sessions, one_time) {
+            one_time.get(KV_PROBE_KEY)?;
+        }
+        Ok(())
+    });
+    Health { primary, replicas, kv, migrations: migrations(migration_url) }
+}
+
+fn migrations(url: &str) -> MigrationsProbe {
+    let started = Instant::now();
+    let status = MigrationSet::embedded().and_then(|set| MigrationRunner::new(url, set).status());
+    let duration = started.elapsed();
+    let lines = match status {
+        Ok(lines) => lines,
+        Err(error) => {
+            return MigrationsProbe {
+                up_to_date: false,
+                pending: Vec::new(),
+                duration,
+                error: Some(error.to_string()),
+            };
+        }
+    };
+    let pending: Vec<String> =
+        lines.iter().filter(|line| line.state == MigrationState::Pending).map(|line| line.name.clone()).collect();
+    let problems: Vec<String> = lines
+        .iter()
+        .filter_map(|line| match line.state {
+            MigrationState::Applied { checksum_matches: false, .. } => {
+                Some(format!("{} changed since applied", line.name))
+            }
+            MigrationState::MissingFromSource { .. } => Some(format!("{} applied but not in this binary", line.name)),
+            _ => None,
+        })
+        .collect();
+    MigrationsProbe {
+        up_to_date: pending.is_empty() && problems.is_empty(),
+        pending,
+        duration,
+        error: (!problems.is_empty()).then(|| problems.join("; ")),
+    }
+}

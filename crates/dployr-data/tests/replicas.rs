@@ -1,0 +1,94 @@
+//! The data layer with read replicas: the variables, a replica that is down
+//! or misnamed at start, and `health()` against a real primary and
+//! streaming replica.
+
+#![cfg(test)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use dployr_data::{Config, DataLayer, KvBackendConfig, ReplicaConfig, StoreError};
+use dployr_testkit::ReplicatedServer;
+use dployr_testkit::replica::SKIP;
+
+fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    move |name| map.get(name).cloned()
+}
+
+#[test]
+fn the_replica_variables_are_read_and_the_urls_never_printed() {
+    let config = Config::from_vars(vars(&[
+        ("DATABASE_URL", "postgres://db/app"),
+        ("DPLOYR_DB_REPLICA_URLS", " postgres://u:secret-1@r1/app , postgres://u:secret-2@r2/app ,"),
+        ("DPLOYR_DB_REPLICA_MAX_LAG_MS", "250"),
+    ]))
+    .unwrap();
+    assert_eq!(config.replica_urls, ["postgres://u:secret-1@r1/app", "postgres://u:secret-2@r2/app"]);
+    assert_eq!(config.replicas.max_lag, Duration::from_millis(250));
+    assert!(!format!("{config:?}").contains("secret"), "{config:?}");
+    let defaults = Config::from_vars(vars(&[("DATABASE_URL", "postgres://db/app")])).unwrap();
+    assert!(defaults.replica_urls.is_empty());
+    assert_eq!(defaults.replicas.max_lag, Duration::from_secs(1));
+    let error = Config::from_vars(vars(&[("DATABASE_URL", "x"), ("DPLOYR_DB_REPLICA_MAX_LAG_MS", "1s")])).unwrap_err();
+    assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_REPLICA_MAX_LAG_MS", .. }), "{error}");
+}
+
+#[test]
+fn a_replica_that_is_down_at_start_is_left_out_but_a_misnamed_one_is_refused() {
+    let db = dployr_testkit::database();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let down = format!("postgres://nobody@127.0.0.1:{port}/none");
+    let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_replicas([down]);
+    let data = DataLayer::open(config).unwrap();
+    let health = data.health();
+    assert!(health.is_ready(), "{health:?}");
+    assert!(!health.replicas[0].reachable.ok && !health.replicas[0].in_rotation, "{health:?}");
+
+    let missing = db.url().replace(db.name(), "no_such_database");
+    let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_replicas([missing]);
+    let error = DataLayer::open(config).unwrap_err();
+    assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_REPLICA_URLS", .. }), "{error}");
+}
+
+#[test]
+fn health_reports_a_database_whose_migrations_are_pending() {
+    let db = dployr_testkit::empty_database();
+    let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).without_migrations_on_start();
+    let health = DataLayer::open(config).unwrap().health();
+    assert!(health.primary.ok && health.kv.ok, "{health:?}");
+    assert!(!health.migrations.up_to_date && !health.migrations.pending.is_empty(), "{health:?}");
+    assert!(!health.is_ready());
+}
+
+#[test]
+fn health_reports_the_primary_each_replica_with_its_lag_the_kv_backend_and_the_migrations() {
+    let Some(mut server) = ReplicatedServer::start().unwrap() else {
+        eprintln!("{SKIP}");
+        return;
+    };
+    let replicas = ReplicaConfig { sample_every: Duration::from_millis(100), ..ReplicaConfig::default() };
+    let config = Config::new(server.primary_url()).with_replicas([server.replica_url()]).with_replica_config(replicas);
+    let data = DataLayer::open(config).unwrap();
+    let started = Instant::now();
+    let mut health = data.health();
+    while !health.replicas[0].in_rotation && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+        health = data.health();
+    }
+    assert!(health.is_ready(), "{health:?}");
+    assert!(health.primary.ok && health.kv.ok && health.migrations.up_to_date, "{health:?}");
+    let replica = &health.replicas[0];
+    assert_eq!(replica.name, "replica-0");
+    assert!(replica.reachable.ok && replica.in_rotation, "{health:?}");
+    assert!(replica.lag.is_some_and(|lag| lag <= Duration::from_secs(1)), "{health:?}");
+    assert!(health.primary.duration > Duration::ZERO && health.migrations.duration > Duration::ZERO);
+
+    server.stop_replica();
+    let health = data.health();
+    assert!(!health.replicas[0].reachable.ok, "{health:?}");
+    assert!(health.replicas[0].reachable.error.is_some());
+    assert!(health.is_ready(), "the primary serves every read without the replica: {health:?}");
+}

@@ -1,0 +1,245 @@
+//! What an operator watches: pool statistics and per-operation latency,
+//! counted here and emitted through the `metrics` facade. The library
+//! installs no exporter: an application that installs a recorder
+//! (Prometheus, StatsD, ...) gets these series; one that does not pays a
+//! few atomic operations per call. The names are listed in
+//! docs/operations.md ("Metrics"), which a test keeps complete.
+//!
+//! Pool statistics come from r2d2's own hooks: an event handler (a
+//! connection opened or closed, a checkout and how long it waited, a
+//! checkout that timed out, a checkin) and an error handler (a connection
+//! that could not be made). [`PgPool::pool_stats`] reads the same counters.
+//!
+//! [`PgPool::pool_stats`]: crate::PgPool::pool_stats
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use diesel::r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
+
+/// Histogram, label `op`: the duration of each store operation in seconds
+/// (checkout, statements and retries; also when it failed).
+pub const OPERATION_DURATION: &str = "dployr_db_operation_duration_seconds";
+/// Counter, labels `op` and `server` (`primary` or `replica`): replica-safe
+/// reads, by the server that answered.
+pub const ROUTED_READS: &str = "dployr_db_routed_reads_total";
+/// Counter, labels `replica` and `reason` (`lag`, `down`, `not_sampled`,
+/// `error`, `behind_write`): a replica passed over for a replica-safe read.
+pub const REPLICA_SKIPS: &str = "dployr_db_replica_skips_total";
+/// Gauge, label `replica`: the replay lag measured by the last sample, in
+/// seconds (absent while the replica does not answer).
+pub const REPLICA_LAG: &str = "dployr_db_replica_lag_seconds";
+/// Gauge, label `replica`: 1 when the last sample succeeded, else 0.
+pub const REPLICA_UP: &str = "dployr_db_replica_up";
+/// Gauge, label `pool`: the most connections the pool opens.
+pub const POOL_MAX: &str = "dployr_db_pool_max_connections";
+/// Gauge, label `pool`: connections open now.
+pub const POOL_CONNECTIONS: &str = "dployr_db_pool_connections";
+/// Gauge, label `pool`: connections checked out now.
+pub const POOL_IN_USE: &str = "dployr_db_pool_in_use_connections";
+/// Gauge, label `pool`: connections open and idle now.
+pub const POOL_IDLE: &str = "dployr_db_pool_idle_connections";
+/// Counter, label `pool`: checkouts that got a connection.
+pub const POOL_CHECKOUTS: &str = "dployr_db_pool_checkouts_total";
+/// Histogram, label `pool`: how long each checkout waited, in seconds.
+pub const POOL_CHECKOUT_WAIT: &str = "dployr_db_pool_checkout_wait_seconds";
+/// Counter, label `pool`: checkouts that waited [`WAITED`] or more (no idle
+/// connection: one had to be made, or given back by another caller).
+pub const POOL_WAITS: &str = "dployr_db_pool_waits_total";
+/// Counter, label `pool`: checkouts that gave up (the caller got `Unavailable`).
+pub const POOL_TIMEOUTS: &str = "dployr_db_pool_checkout_timeouts_total";
+/// Counter, label `pool`: connections opened.
+pub const POOL_OPENED: &str = "dployr_db_pool_connections_opened_total";
+/// Counter, label `pool`: connections closed (broken, expired, discarded).
+pub const POOL_CLOSED: &str = "dployr_db_pool_connections_closed_total";
+/// Counter, label `pool`: attempts to open a connection that failed.
+pub const POOL_CONNECT_FAILURES: &str = "dployr_db_pool_connect_failures_total";
+
+/// Every metric the data layer emits, for the document's check.
+pub const ALL: &[&str] = &[
+    OPERATION_DURATION,
+    ROUTED_READS,
+    REPLICA_SKIPS,
+    REPLICA_LAG,
+    REPLICA_UP,
+    POOL_MAX,
+    POOL_CONNECTIONS,
+    POOL_IN_USE,
+    POOL_IDLE,
+    POOL_CHECKOUTS,
+    POOL_CHECKOUT_WAIT,
+    POOL_WAITS,
+    POOL_TIMEOUTS,
+    POOL_OPENED,
+    POOL_CLOSED,
+    POOL_CONNECT_FAILURES,
+];
+
+/// A checkout that took this long found no idle connection: taking an idle
+/// one costs microseconds, making one or waiting for a checkin milliseconds.
+pub const WAITED: Duration = Duration::from_millis(1);
+
+/// What a pool did since it was opened, and what it holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// The most connections it opens (`DPLOYR_DB_POOL_SIZE`).
+    pub max_size: u32,
+    /// Connections open now.
+    pub connections: u32,
+    /// Open connections not checked out now.
+    pub idle: u32,
+    /// Connections checked out now.
+    pub in_use: u32,
+    /// Checkouts that got a connection.
+    pub checkouts: u64,
+    /// Checkouts that waited [`WAITED`] or more.
+    pub waits: u64,
+    /// Checkouts that timed out.
+    pub checkout_timeouts: u64,
+    /// Connections opened.
+    pub connections_opened: u64,
+    /// Connections closed.
+    pub connections_closed: u64,
+    /// Connection attempts that failed.
+    pub connect_failures: u64,
+}
+
+/// The counters behind [`PoolStats`], fed by r2d2's hooks.
+pub(crate) struct PoolEvents {
+    /// The `pool` label: `primary`, `replica-0`, ...
+    pub(crate) name: Arc<str>,
+    max_size: u32,
+    checkouts: AtomicU64,
+    checkins: AtomicU64,
+    waits: AtomicU64,
+    timeouts: AtomicU64,
+    opened: AtomicU64,
+    closed: AtomicU64,
+    connect_failures: AtomicU64,
+}
+
+impl fmt::Debug for PoolEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolEvents").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl PoolEvents {
+    pub(crate) fn new(name: &str, max_size: u32) -> Arc<Self> {
+        let events = Arc::new(Self {
+            name: name.into(),
+            max_size,
+            checkouts: AtomicU64::new(0),
+            checkins: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+        });
+        ::metrics::gauge!(POOL_MAX, "pool" => events.label()).set(f64::from(max_size));
+        events
+    }
+
+    /// The label value: the name shared, not copied (no allocation per event).
+    fn label(&self) -> Arc<str> {
+        Arc::clone(&self.name)
+    }
+
+    /// The statistics, with what is open and idle now from r2d2's `State`.
+    pub(crate) fn stats(&self, state: &diesel::r2d2::State) -> PoolStats {
+        PoolStats {
+            max_size: self.max_size,
+            connections: state.connections,
+            idle: state.idle_connections,
+            in_use: state.connections.saturating_sub(state.idle_connections),
+            checkouts: self.checkouts.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+            checkout_timeouts: self.timeouts.load(Ordering::Relaxed),
+            connections_opened: self.opened.load(Ordering::Relaxed),
+            connections_closed: self.closed.load(Ordering::Relaxed),
+            connect_failures: self.connect_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The gauges, from the counters (the handlers have no access to the pool's state).
+    fn set_gauges(&self) {
+        let open = self.opened.load(Ordering::Relaxed).saturating_sub(self.closed.load(Ordering::Relaxed));
+        let in_use = self.checkouts.load(Ordering::Relaxed).saturating_sub(self.checkins.load(Ordering::Relaxed));
+        let label = self.label();
+        ::metrics::gauge!(POOL_CONNECTIONS, "pool" => label.clone()).set(open as f64);
+        ::metrics::gauge!(POOL_IN_USE, "pool" => label.clone()).set(in_use as f64);
+        ::metrics::gauge!(POOL_IDLE, "pool" => label).set(open.saturating_sub(in_use) as f64);
+    }
+}
+
+/// r2d2's event handler of a pool.
+#[derive(Debug)]
+pub(crate) struct EventHandler(pub(crate) Arc<PoolEvents>);
+
+impl diesel::r2d2::HandleEvent for EventHandler {
+    fn handle_acquire(&self, _event: AcquireEvent) {
+        self.0.opened.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(POOL_OPENED, "pool" => self.0.label()).increment(1);
+        self.0.set_gauges();
+    }
+
+    fn handle_release(&self, _event: ReleaseEvent) {
+        self.0.closed.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(POOL_CLOSED, "pool" => self.0.label()).increment(1);
+        self.0.set_gauges();
+    }
+
+    fn handle_checkout(&self, event: CheckoutEvent) {
+        self.0.checkouts.fetch_add(1, Ordering::Relaxed);
+        let label = self.0.label();
+        ::metrics::counter!(POOL_CHECKOUTS, "pool" => label.clone()).increment(1);
+        ::metrics::histogram!(POOL_CHECKOUT_WAIT, "pool" => label.clone()).record(event.duration().as_secs_f64());
+        if event.duration() >= WAITED {
+            self.0.waits.fetch_add(1, Ordering::Relaxed);
+            ::metrics::counter!(POOL_WAITS, "pool" => label).increment(1);
+        }
+        self.0.set_gauges();
+    }
+
+    fn handle_timeout(&self, _event: TimeoutEvent) {
+        self.0.timeouts.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(POOL_TIMEOUTS, "pool" => self.0.label()).increment(1);
+    }
+
+    fn handle_checkin(&self, _event: CheckinEvent) {
+        self.0.checkins.fetch_add(1, Ordering::Relaxed);
+        self.0.set_gauges();
+    }
+}
+
+/// r2d2's error handler of a pool: counts failed connection attempts and
+/// logs nothing (libpq's text may hold the password; the checkout error
+/// reports it redacted).
+#[derive(Debug)]
+pub(crate) struct ErrorHandler(pub(crate) Arc<PoolEvents>);
+
+impl<E> diesel::r2d2::HandleError<E> for ErrorHandler {
+    fn handle_error(&self, _error: E) {
+        self.0.connect_failures.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(POOL_CONNECT_FAILURES, "pool" => self.0.label()).increment(1);
+    }
+}
+
+/// Records one operation's duration (called once, when its span ends).
+pub(crate) fn operation_finished(op: &'static str, duration: Duration) {
+    ::metrics::histogram!(OPERATION_DURATION, "op" => op).record(duration.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_operations_guide_lists_every_metric() {
+        let guide = include_str!("../../../docs/operations.md");
+        for name in super::ALL {
+            assert!(guide.contains(&format!("`{name}`")), "docs/operations.md does not list {name}");
+        }
+    }
+}

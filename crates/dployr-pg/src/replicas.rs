@@ -1,0 +1,601 @@
+//! Read replicas: PostgreSQL streaming replicas of the primary, each with a
+//! pool of its own, that answer the reads [`Read`] classifies as
+//! replica-safe while their replay lag is within a bound.
+//!
+//! **How lag is measured.** A sampler thread per replica asks, at most once
+//! per [`ReplicaConfig::sample_every`] (default 1 s, never per query), the
+//! primary for `pg_current_wal_flush_lsn()` and then the replica for
+//! `pg_last_wal_replay_lsn()` and `clock_timestamp() -
+//! pg_last_xact_replay_timestamp()`. Reads only look at the atomics the
+//! sampler left, so the check costs a few loads per read.
+//!
+//! Why LSNs first, then time: `now() - pg_last_xact_replay_timestamp()` alone
+//! grows without bound on an idle primary (no new commit to replay), and
+//! would take a caught-up replica out of rotation at night. So a replica
+//! whose replay position has reached the primary's flushed position (what
+//! the primary can have sent) has lag zero, whatever the time since the last
+//! commit. Only a replica that is behind gets a time, the smaller of two
+//! upper bounds of how stale it is: the time since the last commit it
+//! replayed (it reflects the primary as of that commit), and the time since
+//! the primary was last seen at a position the replica has replayed (kept in
+//! a short history of the sampler's primary positions). Under steady writes
+//! the first is milliseconds; after an idle spell the second is at most a
+//! sampling period. The first compares the replica's clock with the
+//! primary's commit timestamps: clock skew between the hosts adds to it.
+//!
+//! **What the bound means.** A read goes to a replica whose last sample,
+//! taken at most two sampling periods ago, measured a lag within
+//! [`ReplicaConfig::max_lag`]. Replication can stall right after a sample, so
+//! a replica read is at most `max_lag + 2 × sample_every` stale in the worst
+//! case (3 s with the defaults), and usually milliseconds. A replica that
+//! failed its sample, whose sampler is stuck, or whose read failed with
+//! `Unavailable`, is skipped until a later sample succeeds: the read goes
+//! to the next replica, then to the primary, and the caller sees no error.
+//!
+//! **Read your writes.** After a write, [`PgPool::wal_position`] gives the
+//! primary's WAL insert position (which is past the write's commit record);
+//! reads inside [`PgPool::reads_after`] go only to a replica that has
+//! replayed that far, waiting up to [`ReplicaConfig::read_your_writes_wait`]
+//! for the first candidate, and otherwise to the primary.
+//! [`PgPool::reads_on_primary`] sends every read of the scope to the
+//! primary. Both scopes are per thread (a store call runs on its caller's
+//! thread from checkout to return): open the scope on the thread that
+//! makes the reads, e.g. inside the `spawn_blocking` closure.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection as _;
+use diesel::sql_types::{BigInt, Bool, Nullable};
+use diesel::{Connection as _, PgConnection, QueryableByName, RunQueryDsl as _};
+use dployr_domain::StoreError;
+
+use crate::PgPool;
+use crate::errors::{Failure, Keys};
+use crate::metrics::{REPLICA_LAG, REPLICA_SKIPS, REPLICA_UP, ROUTED_READS};
+
+/// How replicas are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// The most replay lag a replica may have to answer reads
+    /// (`DPLOYR_DB_REPLICA_MAX_LAG_MS`). Default 1 s.
+    pub max_lag: Duration,
+    /// How often each replica's lag is measured. Default 1 s; at least 10 ms.
+    pub sample_every: Duration,
+    /// How long a read in [`PgPool::reads_after`] waits for a replica to
+    /// replay the write before it goes to the primary. Default 100 ms:
+    /// streaming replication on a LAN replays a commit in about a
+    /// millisecond, so a longer wait means a lagging replica, and the
+    /// primary answers in less.
+    pub read_your_writes_wait: Duration,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        Self {
+            max_lag: Duration::from_secs(1),
+            sample_every: Duration::from_secs(1),
+            read_your_writes_wait: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A position in the primary's write-ahead log (a PostgreSQL `pg_lsn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WalPosition(u64);
+
+impl WalPosition {
+    /// The position as a byte offset.
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for WalPosition {
+    /// PostgreSQL's notation, e.g. `0/16B3748`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// What the last sample of a replica found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// `replica-0`, `replica-1`, ... in the order of the URLs.
+    pub name: String,
+    /// The replay lag measured; `None` if the last sample (or read) failed
+    /// or none was taken yet.
+    pub lag: Option<Duration>,
+    /// How long ago the last sample was taken; `None` before the first.
+    pub sampled: Option<Duration>,
+    /// The WAL position replayed at the last sample.
+    pub replayed: WalPosition,
+    /// Whether it answers replica-safe reads now.
+    pub in_rotation: bool,
+}
+
+/// The longest a read waits for a replica's connection before it goes to
+/// the next replica or the primary.
+const REPLICA_CHECKOUT_WAIT: Duration = Duration::from_secs(1);
+
+/// `lag_us` of a replica whose last sample or read failed.
+const FAILED: u64 = u64::MAX;
+
+/// What a sampler leaves for the readers. Three atomics rather than a lock:
+/// a reader that sees the lag of one sample and the time of the next
+/// decides as either sample would.
+#[derive(Debug)]
+struct Freshness {
+    /// Milliseconds since the set's epoch at the last sample, plus one
+    /// (0: never sampled).
+    sampled_at_ms: AtomicU64,
+    lag_us: AtomicU64,
+    replayed: AtomicU64,
+}
+
+/// One replica: its pool and what its sampler found.
+#[derive(Debug)]
+struct Replica {
+    name: Arc<str>,
+    pool: PgPool,
+    freshness: Arc<Freshness>,
+}
+
+/// Why a replica was passed over (the `reason` label of [`REPLICA_SKIPS`]).
+#[derive(Debug, Clone, Copy)]
+enum Skip {
+    NotSampled,
+    Down,
+    Lag,
+    Error,
+    BehindWrite,
+}
+
+impl Skip {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::NotSampled => "not_sampled",
+            Self::Down => "down",
+            Self::Lag => "lag",
+            Self::Error => "error",
+            Self::BehindWrite => "behind_write",
+        }
+    }
+}
+
+/// The replicas of a primary pool, each with its sampler thread; the
+/// threads stop when the set is dropped (with the last clone of the pool).
+pub struct ReplicaSet {
+    replicas: Vec<Replica>,
+    config: ReplicaConfig,
+    epoch: Instant,
+    next: AtomicUsize,
+    /// Dropping these ends the samplers' waits at once.
+    _stop: Vec<mpsc::Sender<()>>,
+}
+
+impl fmt::Debug for ReplicaSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicaSet").field("replicas", &self.replicas).field("config", &self.config).finish()
+    }
+}
+
+/// Which reads of this thread may go where (see [`PgPool::reads_after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Floor {
+    Any,
+    AtLeast(u64),
+    Primary,
+}
+
+thread_local! {
+    static FLOOR: Cell<Floor> = const { Cell::new(Floor::Any) };
+}
+
+/// A scope in which this thread's replica-safe reads are held to a floor;
+/// the previous scope comes back when it is dropped. Not `Send`: the floor
+/// belongs to the thread that opened it.
+#[derive(Debug)]
+#[must_use = "the scope ends when this is dropped"]
+pub struct ReadScope {
+    previous: Floor,
+    _thread: PhantomData<*const ()>,
+}
+
+impl ReadScope {
+    fn enter(floor: Floor) -> Self {
+        let previous = FLOOR.with(|cell| cell.replace(floor));
+        Self { previous, _thread: PhantomData }
+    }
+}
+
+impl Drop for ReadScope {
+    fn drop(&mut self) {
+        FLOOR.with(|cell| cell.set(self.previous));
+    }
+}
+
+#[derive(QueryableByName)]
+struct PrimaryPosition {
+    #[diesel(sql_type = BigInt)]
+    lsn: i64,
+}
+
+#[derive(QueryableByName)]
+struct ReplicaPosition {
+    #[diesel(sql_type = Bool)]
+    in_recovery: bool,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    replayed: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    since_replayed_commit_us: Option<i64>,
+}
+
+/// The primary's flushed position: what it may have sent to replicas.
+const PRIMARY_POSITION: &str = "SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint AS lsn";
+/// The primary's insert position, past every commit record written so far.
+const WRITE_POSITION: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS lsn";
+const REPLICA_POSITION: &str = "SELECT pg_is_in_recovery() AS in_recovery, \
+     (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint AS replayed, \
+     (extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000000)::bigint \
+     AS since_replayed_commit_us";
+
+fn position(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+impl ReplicaSet {
+    /// Opens a pool on each replica URL (named `replica-0`, ... in order)
+    /// with `pool` settings, and starts a sampler per replica against
+    /// `primary`. A replica that does not answer now is not an error (it is
+    /// left out of rotation until it does); one whose URL is malformed or
+    /// refused is.
+    ///
+    /// # Errors
+    /// [`StoreError::Configuration`] naming `setting` for a malformed URL,
+    /// refused credentials or a missing database on a replica;
+    /// [`StoreError::Invalid`] for a sampling period under 10 ms;
+    /// [`StoreError::Backend`] if a thread cannot be started.
+    pub fn connect(
+        primary: &PgPool,
+        urls: &[String],
+        setting: &'static str,
+        pool: crate::PoolConfig,
+        config: ReplicaConfig,
+    ) -> Result<Self, StoreError> {
+        if config.sample_every < Duration::from_millis(10) {
+            return Err(StoreError::invalid("replica sample_every", "must be at least 10 ms"));
+        }
+        let epoch = Instant::now();
+        let mut replicas = Vec::with_capacity(urls.len());
+        let mut stop = Vec::with_capacity(urls.len());
+        for (index, url) in urls.iter().enumerate() {
+            let name: Arc<str> = format!("replica-{index}").into();
+            // A replica that stopped would hold each read for the whole
+            // checkout wait before it falls back: at most a second there.
+            let replica_config =
+                crate::PoolConfig { connection_timeout: pool.connection_timeout.min(REPLICA_CHECKOUT_WAIT), ..pool };
+            let replica_pool = PgPool::open_replica(url, setting, replica_config, &name)?;
+            let freshness = Arc::new(Freshness {
+                sampled_at_ms: AtomicU64::new(0),
+                lag_us: AtomicU64::new(FAILED),
+                replayed: AtomicU64::new(0),
+            });
+            let (sender, receiver) = mpsc::channel();
+            let sampler = Sampler {
+                name: Arc::clone(&name),
+                primary_url: Arc::clone(&primary.database_url),
+                replica_url: Arc::clone(&replica_pool.database_url),
+                every: config.sample_every,
+                epoch,
+                freshness: Arc::clone(&freshness),
+                history: VecDeque::new(),
+                primary: None,
+                replica: None,
+            };
+            std::thread::Builder::new()
+                .name(format!("dployr-{name}-lag"))
+                .spawn(move || sampler.run(&receiver))
+                .map_err(|error| StoreError::backend("starting a replica lag sampler thread", error))?;
+            stop.push(sender);
+            replicas.push(Replica { name, pool: replica_pool, freshness });
+        }
+        Ok(Self { replicas, config, epoch, next: AtomicUsize::new(0), _stop: stop })
+    }
+
+    /// How the replicas are used.
+    pub fn config(&self) -> ReplicaConfig {
+        self.config
+    }
+
+    /// The pool of each replica, by name.
+    pub fn pools(&self) -> impl Iterator<Item = (&str, &PgPool)> {
+        self.replicas.iter().map(|replica| (&*replica.name, &replica.pool))
+    }
+
+    /// What the last sample of each replica found.
+    pub fn status(&self) -> Vec<ReplicaStatus> {
+        let now_ms = self.now_ms();
+        self.replicas
+            .iter()
+            .map(|replica| {
+                let freshness = &replica.freshness;
+                let sampled_at = freshness.sampled_at_ms.load(Ordering::Relaxed);
+                let lag_us = freshness.lag_us.load(Ordering::Relaxed);
+                ReplicaStatus {
+                    name: replica.name.to_string(),
+                    lag: (sampled_at != 0 && lag_us != FAILED).then(|| Duration::from_micros(lag_us)),
+                    sampled: (sampled_at != 0).then(|| Duration::from_millis(now_ms.saturating_sub(sampled_at))),
+                    replayed: WalPosition(freshness.replayed.load(Ordering::Relaxed)),
+                    in_rotation: self.usable(replica, now_ms).is_ok(),
+                }
+            })
+            .collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    /// Whether the last sample lets `replica` answer a read now.
+    fn usable(&self, replica: &Replica, now_ms: u64) -> Result<(), Skip> {
+        let freshness = &replica.freshness;
+        let sampled_at = freshness.sampled_at_ms.load(Ordering::Relaxed);
+        if sampled_at == 0 {
+            return Err(Skip::NotSampled);
+        }
+        // A sampler stuck on a silent server leaves an old sample behind:
+        // that replica is as good as down.
+        let fresh_for = 2 * u64::try_from(self.config.sample_every.as_millis()).unwrap_or(u64::MAX / 4);
+        let lag = freshness.lag_us.load(Ordering::Relaxed);
+        if lag == FAILED || now_ms.saturating_sub(sampled_at) > fresh_for {
+            return Err(Skip::Down);
+        }
+        if u128::from(lag) > self.config.max_lag.as_micros() {
+            return Err(Skip::Lag);
+        }
+        Ok(())
+    }
+
+    fn skipped(replica: &Replica, skip: Skip) {
+        ::metrics::counter!(REPLICA_SKIPS, "replica" => Arc::clone(&replica.name), "reason" => skip.as_str())
+            .increment(1);
+    }
+
+    /// The replicas that may answer this thread's next replica-safe read,
+    /// in the order to try them (round robin from the next one): not under
+    /// [`PgPool::reads_on_primary`], sampled, and within the bound. This is
+    /// the whole check a read makes before it runs (atomics and a clock
+    /// read), so `cargo xtask bench` times it through [`check`](Self::check).
+    fn candidates(&self) -> impl Iterator<Item = &Replica> + '_ {
+        let count = if FLOOR.with(Cell::get) == Floor::Primary { 0 } else { self.replicas.len() };
+        let start = if count == 0 { 0 } else { self.next.fetch_add(1, Ordering::Relaxed) };
+        let now_ms = self.now_ms();
+        (0..count)
+            .map(move |offset| &self.replicas[(start + offset) % count])
+            .filter(move |replica| self.usable(replica, now_ms).map_err(|skip| Self::skipped(replica, skip)).is_ok())
+    }
+
+    /// The replica the next replica-safe read of this thread would go to,
+    /// by the same check a read makes; `None`: the primary. It takes a turn
+    /// of the round robin, as a read does.
+    pub fn check(&self) -> Option<&str> {
+        self.candidates().next().map(|replica| &*replica.name)
+    }
+
+    /// Runs a replica-safe read on the first usable replica (round robin),
+    /// moving on when one fails with `Unavailable`. `Ok(None)` when no
+    /// replica may answer: the caller goes to the primary.
+    pub(crate) fn read<T, E: Into<Failure>>(
+        &self,
+        op: &'static str,
+        keys: Keys<'_>,
+        work: &mut impl FnMut(&mut PgConnection) -> Result<T, E>,
+    ) -> Result<Option<T>, StoreError> {
+        let floor = FLOOR.with(Cell::get);
+        for replica in self.candidates() {
+            if let Floor::AtLeast(lsn) = floor
+                && replica.freshness.replayed.load(Ordering::Relaxed) < lsn
+                && !self.wait_for(replica, lsn)
+            {
+                // The first usable replica is the one worth waiting for;
+                // the primary answers before a second wait would end.
+                Self::skipped(replica, Skip::BehindWrite);
+                return Ok(None);
+            }
+            match replica.pool.run_statement(keys, &mut *work) {
+                Ok(value) => {
+                    ::metrics::counter!(ROUTED_READS, "op" => op, "server" => "replica").increment(1);
+                    return Ok(Some(value));
+                }
+                Err(StoreError::Unavailable { .. }) => {
+                    // Out of rotation until its sampler succeeds again.
+                    replica.freshness.lag_us.store(FAILED, Ordering::Relaxed);
+                    Self::skipped(replica, Skip::Error);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits (polling every millisecond, within the configured wait) until
+    /// `replica` has replayed `lsn`; false if it has not, or fails.
+    fn wait_for(&self, replica: &Replica, lsn: u64) -> bool {
+        let until = Instant::now() + self.config.read_your_writes_wait;
+        let waited = replica.pool.bounded(|conn| {
+            loop {
+                let found: ReplicaPosition = diesel::sql_query(REPLICA_POSITION).get_result(conn)?;
+                let replayed = found.replayed.map_or(0, position);
+                replica.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
+                if replayed >= lsn {
+                    return Ok(true);
+                }
+                if Instant::now() >= until {
+                    return Ok(false);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        waited.unwrap_or(false)
+    }
+}
+
+/// A replica's sampler: its own two connections (never the pools', so a
+/// full pool cannot starve it and its queries count in no pool's
+/// statistics), reopened after a failure.
+struct Sampler {
+    name: Arc<str>,
+    primary_url: Arc<str>,
+    replica_url: Arc<str>,
+    every: Duration,
+    epoch: Instant,
+    freshness: Arc<Freshness>,
+    /// The primary's positions at the last samples, oldest first.
+    history: VecDeque<(Instant, u64)>,
+    primary: Option<PgConnection>,
+    replica: Option<PgConnection>,
+}
+
+/// How many primary positions a sampler remembers (a minute at 1 s).
+const HISTORY: usize = 64;
+
+impl Sampler {
+    fn run(mut self, stop: &mpsc::Receiver<()>) {
+        loop {
+            let sample = self.sample();
+            let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1);
+            match sample {
+                Ok((lag, replayed)) => {
+                    let lag_us = u64::try_from(lag.as_micros()).unwrap_or(FAILED - 1);
+                    self.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
+                    self.freshness.lag_us.store(lag_us, Ordering::Relaxed);
+                    ::metrics::gauge!(REPLICA_LAG, "replica" => Arc::clone(&self.name)).set(lag.as_secs_f64());
+                    ::metrics::gauge!(REPLICA_UP, "replica" => Arc::clone(&self.name)).set(1.0);
+                }
+                Err(reason) => {
+                    tracing::debug!(replica = %self.name, %reason, "dployr.replica sample failed");
+                    self.freshness.lag_us.store(FAILED, Ordering::Relaxed);
+                    ::metrics::gauge!(REPLICA_UP, "replica" => Arc::clone(&self.name)).set(0.0);
+                    // Reconnect next time: the failure may have broken them.
+                    self.primary = None;
+                    self.replica = None;
+                }
+            }
+            self.freshness.sampled_at_ms.store(now_ms, Ordering::Relaxed);
+            match stop.recv_timeout(self.every) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// A connection of the sampler's own. No session setting is made on it
+    /// (behind a transaction pooler it would land on other clients); a
+    /// server that stops answering is bounded by the URL's `connect_timeout`,
+    /// keepalives and `tcp_user_timeout`, and meanwhile its sample ages and
+    /// the replica leaves the rotation.
+    fn connect(url: &str) -> Result<PgConnection, String> {
+        PgConnection::establish(url).map_err(|error| crate::pool::classify(&error, url).to_string())
+    }
+
+    /// The replica's lag and replayed position, or why they are unknown.
+    fn sample(&mut self) -> Result<(Duration, u64), String> {
+        let primary = match &mut self.primary {
+            Some(conn) => conn,
+            slot => slot.insert(Self::connect(&self.primary_url)?),
+        };
+        let primary_at = Instant::now();
+        let primary_lsn = position(
+            diesel::sql_query(PRIMARY_POSITION)
+                .get_result::<PrimaryPosition>(primary)
+                .map_err(|error| format!("the primary's position: {error}"))?
+                .lsn,
+        );
+        self.history.push_back((primary_at, primary_lsn));
+        if self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        let replica = match &mut self.replica {
+            Some(conn) => conn,
+            slot => slot.insert(Self::connect(&self.replica_url)?),
+        };
+        let found: ReplicaPosition = diesel::sql_query(REPLICA_POSITION)
+            .get_result(replica)
+            .map_err(|error| format!("the replica's position: {error}"))?;
+        let now = Instant::now();
+        if !found.in_recovery {
+            return Err("the server is not a replica (pg_is_in_recovery() is false)".into());
+        }
+        let replayed = found.replayed.map_or(0, position);
+        if replayed >= primary_lsn {
+            // Caught up with where the primary was a round trip ago.
+            return Ok((now.saturating_duration_since(primary_at), replayed));
+        }
+        let since_commit = found.since_replayed_commit_us.map(|us| Duration::from_micros(position(us)));
+        let since_position = self
+            .history
+            .iter()
+            .rev()
+            .find(|(_, lsn)| *lsn <= replayed)
+            .map(|(at, _)| now.saturating_duration_since(*at));
+        match (since_commit, since_position) {
+            (Some(a), Some(b)) => Ok((a.min(b), replayed)),
+            (Some(lag), None) | (None, Some(lag)) => Ok((lag, replayed)),
+            (None, None) => Err("behind the primary, by an unknown time (no commit replayed yet)".into()),
+        }
+    }
+}
+
+impl PgPool {
+    /// The same pool, with replica-safe reads going to `replicas`.
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: ReplicaSet) -> Self {
+        self.replicas = Some(Arc::new(replicas));
+        self
+    }
+
+    /// One `SELECT 1` within the call deadline: whether the server answers
+    /// (for health checks).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when it does not.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.bounded(|conn| conn.batch_execute("SELECT 1"))
+    }
+
+    /// The replicas, if any.
+    pub fn replicas(&self) -> Option<&ReplicaSet> {
+        self.replicas.as_deref()
+    }
+
+    /// The primary's WAL position now, for [`reads_after`](Self::reads_after)
+    /// once a write returned: one statement on the primary.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if the primary does not answer.
+    pub fn wal_position(&self) -> Result<WalPosition, StoreError> {
+        self.bounded(|conn| diesel::sql_query(WRITE_POSITION).get_result::<PrimaryPosition>(conn))
+            .map(|found| WalPosition(position(found.lsn)))
+    }
+
+    /// Until the returned scope is dropped, this thread's replica-safe reads
+    /// see every write up to `position` (from [`wal_position`](Self::wal_position)):
+    /// a replica that has not replayed it yet is waited for briefly, then
+    /// the primary answers.
+    pub fn reads_after(&self, position: WalPosition) -> ReadScope {
+        ReadScope::enter(Floor::AtLeast(position.0))
+    }
+
+    /// Until the returned scope is dropped, every read of this thread goes
+    /// to the primary: for a request that wrote and reads no further than
+    /// its own answer.
+    pub fn reads_on_primary(&self) -> ReadScope {
+        ReadScope::enter(Floor::Primary)
+    }
+}

@@ -1,0 +1,270 @@
+//! Read routing against a real primary and a real streaming replica of it
+//! (`dployr_testkit::ReplicatedServer`: `pg_basebackup -R`, WAL streamed):
+//! which server answers is read from the replica pool's statement counter
+//! and from the replica's own statistics (`pg_stat_user_tables`), lag is
+//! made by pausing replay, failure by stopping the replica.
+
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use dployr_domain::{
+    BootstrapTokenStore, ClusterStore, Email, InstanceStore, NewInstance, NewUser, Nonce, Page, Provider, Role, Tag,
+    User, UserStore,
+};
+use dployr_pg::{
+    PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig, ReplicaConfig, ReplicaSet,
+};
+use dployr_testkit::ReplicatedServer;
+use dployr_testkit::replica::SKIP;
+
+/// The primary pool (with the replica when asked) and its stores.
+struct Routed {
+    pool: PgPool,
+    users: PgUserStore,
+    clusters: PgClusterStore,
+    instances: PgInstanceStore,
+    tokens: PgBootstrapTokenStore,
+}
+
+impl Routed {
+    fn new(server: &ReplicatedServer, replicas: Option<ReplicaConfig>) -> Self {
+        let config = PoolConfig { max_size: 4, ..PoolConfig::default() };
+        let mut pool = PgPool::connect(server.primary_url(), config).unwrap();
+        if let Some(replicas) = replicas {
+            let urls = [server.replica_url().to_owned()];
+            let set = ReplicaSet::connect(&pool, &urls, "replica_urls", config, replicas).unwrap();
+            pool = pool.with_replicas(set);
+        }
+        Self {
+            users: PgUserStore::new(pool.clone()),
+            clusters: PgClusterStore::new(pool.clone()),
+            instances: PgInstanceStore::new(pool.clone()),
+            tokens: PgBootstrapTokenStore::new(pool.clone()),
+            pool,
+        }
+    }
+
+    /// Statements sent through the replica's pool so far.
+    fn replica_statements(&self) -> u64 {
+        let replicas = self.pool.replicas().unwrap();
+        replicas.pools().map(|(_, pool)| pool.stats().statements).sum()
+    }
+
+    fn in_rotation(&self) -> bool {
+        self.pool.replicas().unwrap().status()[0].in_rotation
+    }
+
+    /// Waits (up to 20 s) until the replica is in rotation or out of it.
+    fn wait_until_in_rotation(&self, wanted: bool) -> Duration {
+        let started = Instant::now();
+        while self.in_rotation() != wanted {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "replica never {} rotation: {:?}",
+                if wanted { "entered" } else { "left" },
+                self.pool.replicas().unwrap().status()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        started.elapsed()
+    }
+}
+
+fn start() -> Option<ReplicatedServer> {
+    let server = ReplicatedServer::start().unwrap();
+    if server.is_none() {
+        eprintln!("{SKIP}");
+    }
+    server
+}
+
+fn email(address: &str) -> Email {
+    Email::parse(address).unwrap()
+}
+
+fn fast_sampling(max_lag: Duration) -> ReplicaConfig {
+    ReplicaConfig { max_lag, sample_every: Duration::from_millis(100), ..ReplicaConfig::default() }
+}
+
+#[derive(QueryableByName)]
+struct Scans {
+    #[diesel(sql_type = BigInt)]
+    scans: i64,
+}
+
+/// Sequential and index scans of the stores' tables that the replica's
+/// own statistics counted (none comes from replay or the lag sampler).
+fn replica_scans(server: &ReplicatedServer) -> i64 {
+    let mut conn = server.connect_replica().unwrap();
+    diesel::sql_query(
+        "SELECT coalesce(sum(coalesce(seq_scan, 0) + coalesce(idx_scan, 0)), 0)::bigint AS scans \
+         FROM pg_stat_user_tables WHERE relname IN ('users', 'clusters', 'user_clusters', 'instances', \
+         'bootstrap_tokens', 'cluster_counts')",
+    )
+    .get_result::<Scans>(&mut conn)
+    .unwrap()
+    .scans
+}
+
+/// Statistics reach the shared view when a backend flushes them, at the
+/// latest when it exits: the pools were dropped, so wait for that.
+fn replica_scans_after_backends_exit(server: &ReplicatedServer, at_least: i64) -> i64 {
+    let started = Instant::now();
+    loop {
+        let scans = replica_scans(server);
+        if scans >= at_least || started.elapsed() > Duration::from_secs(15) {
+            return scans;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn replica_safe_reads_are_answered_by_the_replica_and_the_others_never_are() {
+    let Some(server) = start() else { return };
+    let setup = Routed::new(&server, None);
+    let owner = setup.users.upsert(NewUser::new(email("owner@example.io"), Provider::Github)).unwrap();
+    let cluster = setup.clusters.create_for_owner(&owner.id).unwrap();
+    setup.clusters.add_users(&cluster.id, &[email("invitee@example.io")]).unwrap();
+    let tag = Tag::parse("web-1").unwrap();
+    let instance = setup
+        .instances
+        .create(&cluster.id, NewInstance { address: "10.0.0.1".try_into().unwrap(), tag: tag.clone(), metadata: None })
+        .unwrap();
+    let nonce = Nonce::parse("nonce-1").unwrap();
+    setup.tokens.create(&instance.id, &nonce).unwrap();
+    drop(setup);
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    let before = replica_scans(&server);
+
+    let stores = Routed::new(&server, Some(fast_sampling(Duration::from_secs(1))));
+    stores.wait_until_in_rotation(true);
+    let primary_before = stores.pool.stats().statements;
+    let page = Page::first(10);
+    assert_eq!(stores.users.get(&owner.id).unwrap().map(|user| user.email), Some(owner.email.clone()));
+    assert_eq!(stores.clusters.get(&cluster.id).unwrap().map(|found| found.id), Some(cluster.id));
+    assert_eq!(stores.clusters.members(&cluster.id, &page).unwrap().total, 1);
+    assert_eq!(stores.clusters.invites(&cluster.id, &page).unwrap().total, 1);
+    assert_eq!(stores.clusters.user_clusters(&owner.id).unwrap().len(), 1);
+    assert!(stores.clusters.pending_invites(&owner.id).unwrap().is_empty());
+    assert_eq!(stores.clusters.owner(&cluster.id).unwrap().map(|member| member.user_id), Some(owner.id));
+    assert_eq!(stores.clusters.users_with_role(&cluster.id, Role::Invited).unwrap().len(), 1);
+    assert_eq!(stores.instances.get(&instance.id).unwrap().map(|found| found.id), Some(instance.id));
+    assert_eq!(stores.instances.list_by_cluster(&cluster.id, &page).unwrap().total, 1);
+    assert_eq!(stores.replica_statements(), 10, "the ten replica-safe reads, one statement each, on the replica");
+    assert_eq!(stores.pool.stats().statements - primary_before, 0, "none of them on the primary");
+    drop(stores);
+    let after_safe_reads = replica_scans_after_backends_exit(&server, before + 10);
+    assert!(after_safe_reads >= before + 10, "the replica counted their scans: {before} -> {after_safe_reads}");
+
+    let stores = Routed::new(&server, Some(fast_sampling(Duration::from_secs(1))));
+    stores.wait_until_in_rotation(true);
+    let primary_before = stores.pool.stats().statements;
+    assert!(stores.users.get_by_email(&owner.email).unwrap().is_some());
+    assert!(stores.clusters.owned_cluster(&owner.id).unwrap().is_some());
+    assert_eq!(stores.clusters.role_of(&owner.id, &cluster.id).unwrap(), Some(Role::Owner));
+    assert!(stores.clusters.can_read(&owner.id, &cluster.id).unwrap());
+    assert!(stores.clusters.can_write(&owner.id, &cluster.id).unwrap());
+    assert!(stores.clusters.is_admin(&owner.id, &cluster.id).unwrap());
+    assert!(stores.clusters.is_owner(&owner.id, &cluster.id).unwrap());
+    stores.clusters.integrations(&cluster.id).unwrap();
+    assert!(stores.instances.get_by_tag(&tag).unwrap().is_some());
+    assert!(!stores.tokens.is_used(&nonce).unwrap());
+    assert_eq!(stores.replica_statements(), 0, "no primary-only read reached the replica");
+    assert_eq!(stores.pool.stats().statements - primary_before, 10);
+    drop(stores);
+    // Flushed at the latest when their backends exit: give them the time
+    // the replica-safe reads' scans took to show, and more.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(replica_scans(&server), after_safe_reads, "the replica's own statistics saw no primary-only read");
+}
+
+#[test]
+fn a_replica_whose_replay_is_paused_beyond_the_bound_is_skipped_within_a_sampling_period() {
+    let Some(server) = start() else { return };
+    let config = fast_sampling(Duration::from_millis(300));
+    let stores = Routed::new(&server, Some(config));
+    stores.wait_until_in_rotation(true);
+
+    server.pause_replay().unwrap();
+    let late = stores.users.upsert(NewUser::new(email("late@example.io"), Provider::Google)).unwrap();
+    // The lag passes max_lag after the write, and the first sample that
+    // measures it above the bound takes the replica out: no status ever
+    // shows a lag above the bound with the replica still in rotation. (How
+    // long that takes in wall time is the sampling period plus the
+    // machine's scheduling delay, which a busy machine stretches: it is not
+    // asserted, only that it happens, within 20 s.)
+    let started = Instant::now();
+    loop {
+        let status = stores.pool.replicas().unwrap().status().remove(0);
+        let above_bound = status.lag.is_some_and(|lag| lag > config.max_lag);
+        assert!(!(above_bound && status.in_rotation), "a sample above the bound left it in rotation: {status:?}");
+        if !status.in_rotation {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the paused replica never left rotation: {status:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let replica_before = stores.replica_statements();
+    let found: Option<User> = stores.users.get(&late.id).unwrap();
+    assert_eq!(found.map(|user| user.id), Some(late.id), "the primary answered, with the write");
+    assert_eq!(stores.replica_statements(), replica_before, "the lagging replica was not asked");
+
+    server.resume_replay().unwrap();
+    stores.wait_until_in_rotation(true);
+    assert_eq!(stores.users.get(&late.id).unwrap().map(|user| user.id), Some(late.id));
+    assert_eq!(stores.replica_statements(), replica_before + 1, "back in rotation, the replica answered");
+}
+
+#[test]
+fn a_stopped_replica_fails_over_to_the_primary_with_no_error_to_the_caller() {
+    let Some(mut server) = start() else { return };
+    // The default sampling (1 s): the reads below come before the sampler
+    // can notice, so the read path itself must fail over.
+    let stores = Routed::new(&server, Some(ReplicaConfig::default()));
+    let user = stores.users.upsert(NewUser::new(email("stays@example.io"), Provider::Google)).unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    stores.wait_until_in_rotation(true);
+    assert!(stores.users.get(&user.id).unwrap().is_some());
+    assert_eq!(stores.replica_statements(), 1);
+
+    server.stop_replica();
+    for _ in 0..5 {
+        assert_eq!(stores.users.get(&user.id).unwrap().map(|found| found.id), Some(user.id));
+        assert_eq!(stores.clusters.user_clusters(&user.id).unwrap(), Vec::new());
+    }
+    assert!(!stores.in_rotation(), "{:?}", stores.pool.replicas().unwrap().status());
+    let status = &stores.pool.replicas().unwrap().status()[0];
+    assert_eq!(status.lag, None, "no lag is reported for a replica that does not answer");
+}
+
+#[test]
+fn a_read_after_a_write_sees_the_write_through_its_wal_position() {
+    let Some(server) = start() else { return };
+    // A bound so loose that the paused replica stays in rotation: only the
+    // WAL position keeps the read from a replica that lacks the write.
+    let stores = Routed::new(&server, Some(fast_sampling(Duration::from_secs(60))));
+    stores.wait_until_in_rotation(true);
+    server.pause_replay().unwrap();
+
+    let written = stores.users.upsert(NewUser::new(email("fresh@example.io"), Provider::Google)).unwrap();
+    let position = stores.pool.wal_position().unwrap();
+    assert_eq!(stores.users.get(&written.id).unwrap(), None, "without the position, the stale replica answers");
+    {
+        let _scope = stores.pool.reads_after(position);
+        let seen = stores.users.get(&written.id).unwrap();
+        assert_eq!(seen.map(|user| user.id), Some(written.id), "with it, the read sees the write");
+    }
+    {
+        let _scope = stores.pool.reads_on_primary();
+        assert_eq!(stores.users.get(&written.id).unwrap().map(|user| user.id), Some(written.id));
+    }
+
+    server.resume_replay().unwrap();
+    let replica_before = stores.replica_statements();
+    let _scope = stores.pool.reads_after(position);
+    assert_eq!(stores.users.get(&written.id).unwrap().map(|user| user.id), Some(written.id));
+    assert!(stores.replica_statements() > replica_before, "once replayed, the replica answers it");
+}
