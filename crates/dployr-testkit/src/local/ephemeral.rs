@@ -67,11 +67,7 @@ impl EphemeralCluster {
     pub fn start(bindir: &Path) -> Result<Self, TestkitError> {
         sweep_crashed_runs();
         let run_as = RunAs::for_this_process()?;
-        let root = tempfile::Builder::new()
-            .prefix(EPHEMERAL_PREFIX)
-            .tempdir_in(ephemeral_parent_dir())
-            .map_err(|e| TestkitError::io("creating the cluster's temp dir".into(), e))?
-            .keep();
+        let root = new_root("the cluster")?;
         let cleanup_on_error = |error: TestkitError| {
             let _ignored = fs::remove_dir_all(&root);
             error
@@ -88,17 +84,21 @@ impl EphemeralCluster {
         }
         initdb(bindir, &data, run_as).map_err(cleanup_on_error)?;
 
-        // A free port can be taken between our check and the server's bind:
-        // try a few.
+        Self::start_on_a_free_port(bindir, &root, run_as).map_err(cleanup_on_error)
+    }
+
+    /// Starts the server of the cluster in `root` on a free port. A free
+    /// port can be taken between our check and the server's bind: it tries
+    /// a few.
+    fn start_on_a_free_port(bindir: &Path, root: &Path, run_as: Option<RunAs>) -> Result<Self, TestkitError> {
         let mut last_error = None;
-        for _attempt in 0..4 {
-            let port = free_port().map_err(cleanup_on_error)?;
-            match Self::start_server(bindir, &root, port, run_as) {
+        for _attempt in 0..PORT_ATTEMPTS {
+            match Self::start_server(bindir, root, free_port()?, run_as) {
                 Ok(cluster) => return Ok(cluster),
                 Err(error) => last_error = Some(error),
             }
         }
-        Err(cleanup_on_error(last_error.unwrap_or_else(|| TestkitError::Setup("postgres did not start".into()))))
+        Err(last_error.unwrap_or_else(|| TestkitError::Setup("postgres did not start".into())))
     }
 
     fn start_server(bindir: &Path, root: &Path, port: u16, run_as: Option<RunAs>) -> Result<Self, TestkitError> {
@@ -176,11 +176,7 @@ impl EphemeralCluster {
     /// [`TestkitError::Setup`] with `pg_basebackup`'s or the server's output.
     pub fn start_replica_of(primary: &EphemeralCluster) -> Result<Self, TestkitError> {
         let run_as = RunAs::for_this_process()?;
-        let root = tempfile::Builder::new()
-            .prefix(EPHEMERAL_PREFIX)
-            .tempdir_in(ephemeral_parent_dir())
-            .map_err(|e| TestkitError::io("creating the replica's temp dir".into(), e))?
-            .keep();
+        let root = new_root("the replica")?;
         let cleanup_on_error = |error: TestkitError| {
             let _ignored = fs::remove_dir_all(&root);
             error
@@ -205,15 +201,7 @@ impl EphemeralCluster {
             )
         })();
         prepared.map_err(cleanup_on_error)?;
-        let mut last_error = None;
-        for _attempt in 0..4 {
-            let port = free_port().map_err(cleanup_on_error)?;
-            match Self::start_server(&primary.bindir, &root, port, run_as) {
-                Ok(cluster) => return Ok(cluster),
-                Err(error) => last_error = Some(error),
-            }
-        }
-        Err(cleanup_on_error(last_error.unwrap_or_else(|| TestkitError::Setup("the replica did not start".into()))))
+        Self::start_on_a_free_port(&primary.bindir, &root, run_as).map_err(cleanup_on_error)
     }
 
     /// The loopback port the server listens on.
@@ -246,6 +234,19 @@ impl EphemeralCluster {
         let _ignored = self.guardian.kill();
         let _ignored = self.guardian.wait();
     }
+}
+
+/// How many free ports a start tries.
+const PORT_ATTEMPTS: usize = 4;
+
+/// A new cluster directory (for `what`) in [`ephemeral_parent_dir`], named
+/// so that the sweep of crashed runs finds it.
+fn new_root(what: &str) -> Result<PathBuf, TestkitError> {
+    Ok(tempfile::Builder::new()
+        .prefix(EPHEMERAL_PREFIX)
+        .tempdir_in(ephemeral_parent_dir())
+        .map_err(|e| TestkitError::io(format!("creating {what}'s temp dir"), e))?
+        .keep())
 }
 
 /// How old a cluster directory without `owner.pid` must be before the sweep
