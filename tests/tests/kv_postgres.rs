@@ -138,7 +138,6 @@ fn background_purger_purges_and_stops_when_dropped() {
     }
     assert_eq!(rows(&pg, "key LIKE 'dead/%'"), 0);
     assert_eq!(rows(&pg, "key = 'live'"), 1);
-    assert_eq!(purger.failures(), 0);
     drop(purger);
     // After the drop no purge runs: a row expired now stays until purged by hand.
     pg.kv.put("dead/late", b"v", Some(Duration::from_secs(60))).unwrap();

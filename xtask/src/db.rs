@@ -65,7 +65,16 @@ pub fn up() -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn down(purge: bool) -> Result<(), Failure> {
+/// What `db down` does with the cluster's files once it has stopped.
+#[derive(Clone, Copy)]
+pub enum AfterStop {
+    /// Keep them: `db up` starts the same data again.
+    Keep,
+    /// Delete them (`--purge`).
+    Purge,
+}
+
+pub fn down(after: AfterStop) -> Result<(), Failure> {
     if external_url().is_some() {
         return Err("DATABASE_URL is set: `db down` only stops the local development cluster; unset it first".into());
     }
@@ -75,7 +84,7 @@ pub fn down(purge: bool) -> Result<(), Failure> {
     } else {
         println!("the development database was not running");
     }
-    if purge {
+    if let AfterStop::Purge = after {
         let root = cluster.root().to_owned();
         if root.exists() {
             std::fs::remove_dir_all(&root).map_err(|e| format!("deleting {}: {e}", root.display()))?;

@@ -1,14 +1,190 @@
-//! `cargo xtask erd [--check]`: `docs/erd.md`, the Mermaid diagram of the
-//! schema, generated from the catalog of a throwaway database migrated to
-//! head (see `dployr_testkit::erd`).
+//! `cargo xtask erd [--check]`: `docs/erd.md`, the entity-relationship
+//! diagram of the migrated schema, read from PostgreSQL's catalog of a
+//! throwaway database migrated to head (never written by hand), as a
+//! Mermaid `erDiagram` in Markdown. Doc tooling, so it lives here and not in
+//! a library crate; the test at the end keeps `docs/erd.md` fresh.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Bool, Nullable, Text};
 
 use crate::{Failure, workspace_root};
+
+/// One column, in table order.
+#[derive(QueryableByName)]
+struct ColumnRow {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    column_name: String,
+    #[diesel(sql_type = Text)]
+    type_name: String,
+    #[diesel(sql_type = Bool)]
+    not_null: bool,
+    #[diesel(sql_type = Bool)]
+    generated: bool,
+    #[diesel(sql_type = Text)]
+    keys: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    comment: Option<String>,
+}
+
+/// One foreign key.
+#[derive(QueryableByName)]
+struct ForeignKeyRow {
+    #[diesel(sql_type = Text)]
+    child: String,
+    #[diesel(sql_type = Text)]
+    parent: String,
+    #[diesel(sql_type = Text)]
+    columns: String,
+    #[diesel(sql_type = Text)]
+    on_delete: String,
+    #[diesel(sql_type = Bool)]
+    not_null: bool,
+}
+
+/// A table and its comment.
+#[derive(QueryableByName)]
+struct TableRow {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    comment: Option<String>,
+}
+
+const TABLES: &str = "\
+SELECT c.relname AS table_name, obj_description(c.oid, 'pg_class') AS comment
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')
+ORDER BY c.relname";
+
+/// Every column with its type, nullability and keys (PK, FK, UK as in
+/// Mermaid; UK only for single-column unique constraints).
+const COLUMNS: &str = "\
+SELECT c.relname AS table_name, a.attname AS column_name,
+       format_type(a.atttypid, NULL) AS type_name,
+       a.attnotnull AS not_null, a.attgenerated <> '' AS generated,
+       coalesce((
+           SELECT string_agg(k.kind, ', ' ORDER BY k.kind DESC)
+           FROM (
+               SELECT DISTINCT CASE con.contype WHEN 'p' THEN 'PK' WHEN 'f' THEN 'FK' ELSE 'UK' END AS kind
+               FROM pg_constraint con
+               WHERE con.conrelid = c.oid AND a.attnum = ANY (con.conkey)
+                 AND (con.contype IN ('p', 'f') OR (con.contype = 'u' AND cardinality(con.conkey) = 1))
+           ) k
+       ), '') AS keys,
+       col_description(c.oid, a.attnum) AS comment
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY c.relname, a.attnum";
+
+const FOREIGN_KEYS: &str = "\
+SELECT child.relname AS child, parent.relname AS parent,
+       (SELECT string_agg(a.attname, ', ' ORDER BY a.attnum) FROM pg_attribute a
+        WHERE a.attrelid = con.conrelid AND a.attnum = ANY (con.conkey)) AS columns,
+       CASE con.confdeltype WHEN 'c' THEN 'cascade' WHEN 'n' THEN 'set null' WHEN 'r' THEN 'restrict'
+                            WHEN 'd' THEN 'set default' ELSE 'no action' END AS on_delete,
+       (SELECT bool_and(a.attnotnull) FROM pg_attribute a
+        WHERE a.attrelid = con.conrelid AND a.attnum = ANY (con.conkey)) AS not_null
+FROM pg_constraint con
+JOIN pg_class child ON child.oid = con.conrelid
+JOIN pg_class parent ON parent.oid = con.confrelid
+JOIN pg_namespace n ON n.oid = child.relnamespace
+WHERE con.contype = 'f' AND n.nspname = 'public'
+ORDER BY child.relname, con.conname";
+
+/// Mermaid wants one word per type.
+fn type_word(type_name: &str) -> String {
+    match type_name {
+        "timestamp with time zone" => "timestamptz".to_owned(),
+        "timestamp without time zone" => "timestamp".to_owned(),
+        "character varying" => "varchar".to_owned(),
+        "double precision" => "float8".to_owned(),
+        other => other.replace(' ', "_"),
+    }
+}
+
+/// `docs/erd.md` for the schema of the database `conn` is connected to.
+///
+/// # Errors
+/// A catalog query failed.
+fn markdown(conn: &mut PgConnection) -> QueryResult<String> {
+    let tables: Vec<TableRow> = diesel::sql_query(TABLES).load(conn)?;
+    let columns: Vec<ColumnRow> = diesel::sql_query(COLUMNS).load(conn)?;
+    let foreign_keys: Vec<ForeignKeyRow> = diesel::sql_query(FOREIGN_KEYS).load(conn)?;
+
+    let mut by_table: BTreeMap<&str, Vec<&ColumnRow>> = BTreeMap::new();
+    for column in &columns {
+        by_table.entry(column.table_name.as_str()).or_default().push(column);
+    }
+
+    let mut out = String::from(
+        "# Entity-relationship diagram\n\n\
+         <!-- Generated by `cargo xtask erd` from the catalog of a database migrated to head; do not edit.\n     \
+         A test fails when this file differs from what the migrations produce. -->\n\n\
+         Every table, column, key and relation of the schema that `migrations/` produces.\n\
+         Keys: PK primary key, FK foreign key, UK unique. Columns marked `nullable` may be NULL;\n\
+         relations are labelled with the referencing columns and what a delete of the parent does.\n\n\
+         ```mermaid\nerDiagram\n",
+    );
+    for (table, columns) in &by_table {
+        let _ = writeln!(out, "    {table} {{");
+        for column in columns {
+            let mut line = format!("        {} {}", type_word(&column.type_name), column.column_name);
+            if !column.keys.is_empty() {
+                let _ = write!(line, " {}", column.keys);
+            }
+            let mut notes = Vec::new();
+            if !column.not_null {
+                notes.push("nullable");
+            }
+            if column.generated {
+                notes.push("generated");
+            }
+            if !notes.is_empty() {
+                let _ = write!(line, " \"{}\"", notes.join(", "));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out.push_str("    }\n");
+    }
+    for fk in &foreign_keys {
+        // A parent has zero or more children; a child has exactly one parent
+        // when its referencing columns are NOT NULL, else at most one.
+        let parent_side = if fk.not_null { "||" } else { "|o" };
+        let _ = writeln!(
+            out,
+            "    {} {}--o{{ {} : \"{} (on delete {})\"",
+            fk.parent, parent_side, fk.child, fk.columns, fk.on_delete
+        );
+    }
+    out.push_str("```\n\n## Tables\n\n| table | what it holds |\n|---|---|\n");
+    for table in &tables {
+        let comment = table.comment.as_deref().unwrap_or("").replace('|', "\\|");
+        let _ = writeln!(out, "| `{}` | {} |", table.table_name, comment);
+    }
+    let commented: Vec<&&ColumnRow> = by_table.values().flatten().filter(|column| column.comment.is_some()).collect();
+    if !commented.is_empty() {
+        out.push_str("\n## Column notes\n\n| column | note |\n|---|---|\n");
+        for column in commented {
+            let comment = column.comment.as_deref().unwrap_or("").replace('|', "\\|");
+            let _ = writeln!(out, "| `{}.{}` | {} |", column.table_name, column.column_name, comment);
+        }
+    }
+    Ok(out)
+}
 
 const ERD_MD: &str = "docs/erd.md";
 
 fn generate() -> Result<String, Failure> {
     let db = dployr_testkit::try_database()?;
-    Ok(dployr_testkit::erd::markdown(&mut db.connect())?)
+    Ok(markdown(&mut db.connect())?)
 }
 
 pub fn write() -> Result<(), Failure> {
@@ -27,4 +203,18 @@ pub fn check() -> Result<(), Failure> {
     }
     println!("{ERD_MD} matches the migrations");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn erd_md_matches_the_schema_the_migrations_produce() {
+        let db = dployr_testkit::database();
+        let generated = super::markdown(&mut db.connect()).unwrap();
+        let checked_in = std::fs::read_to_string(crate::workspace_root().join(super::ERD_MD)).unwrap_or_default();
+        assert!(
+            generated == checked_in,
+            "docs/erd.md is stale: run `cargo xtask erd` and commit it.\n--- generated ---\n{generated}"
+        );
+    }
 }

@@ -36,7 +36,18 @@ pub use async_layer::{
     AsyncBootstrapTokenStore, AsyncClusterStore, AsyncDataLayer, AsyncInstanceStore, AsyncKvStore, AsyncUserStore,
 };
 
-pub use dployr_domain::*;
+// Named one by one, so the facade's root holds what a user of the stores
+// needs and no backend helper (`parse_counter`, `text`, ...): those stay in
+// `domain`.
+pub use dployr_domain::{
+    Address, BootstrapToken, BootstrapTokenStore, Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore,
+    ClusterSummary, Cursor, DisplayName, Email, EmailIntegrations, GitHubIntegration, Instance, InstanceId,
+    InstanceStore, Integrations, KvBackend, KvLimits, KvPage, MAX_ADDRESS_BYTES, MAX_CLUSTER_NAME_BYTES,
+    MAX_EMAIL_BYTES, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, MAX_PAGE_LIMIT, MAX_TAG_BYTES, MAX_USER_TEXT_BYTES,
+    Member, Metadata, NewInstance, NewUser, Nonce, NotificationEvent, NotificationIntegration,
+    NotificationIntegrations, Page, PageStart, Paged, PendingInvite, Provider, RemoteIntegrations, Role, StoreError,
+    StoreResult, Tag, User, UserId, UserPatch, UserStore,
+};
 #[cfg(feature = "cloudflare")]
 pub use dployr_kv::CloudflareConfig;
 pub use dployr_kv::{KvStore, KvStoreConfig, OAuthState, OtpCode, Session, SessionId};

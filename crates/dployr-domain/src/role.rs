@@ -46,8 +46,9 @@ impl Role {
         }
     }
 
-    /// The rank: 0 for `Invited` up to 4 for `Owner` (the database's
-    /// `role_rank` column holds the same number).
+    /// The rank: 0 for `Invited` up to 4 for `Owner`. The database's
+    /// generated column `user_clusters.role_order` holds `4 - rank` (0 for
+    /// the owner), so that listings sort by it ascending.
     pub fn rank(self) -> i16 {
         match self {
             Role::Invited => 0,
@@ -56,11 +57,6 @@ impl Role {
             Role::Admin => 3,
             Role::Owner => 4,
         }
-    }
-
-    /// The role of a rank.
-    pub fn from_rank(rank: i16) -> Option<Role> {
-        Role::ALL.into_iter().find(|role| role.rank() == rank)
     }
 }
 

@@ -81,8 +81,15 @@ const MIN_TTL: Duration = Duration::from_secs(60);
 /// years). Longer TTLs are clamped to it.
 pub const MAX_EXPIRATION_TTL_SECS: u64 = i32::MAX as u64;
 
-/// Cloudflare's error code for a missing key, the only 404 that means "missing".
+/// Cloudflare's error codes (the `errors[].code` of an answer) that this
+/// client acts on. A missing key, the only 404 that means "missing".
 const KEY_NOT_FOUND: u32 = 10009;
+/// The API token is unknown or may not use Workers KV.
+const AUTHENTICATION_ERROR: u32 = 10000;
+/// No such KV namespace in the account.
+const NAMESPACE_NOT_FOUND: u32 = 10013;
+/// No such account.
+const ACCOUNT_NOT_FOUND: u32 = 7003;
 
 /// How throttled or failed requests are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -583,15 +590,15 @@ impl CloudflareKv {
     fn failure(&self, op: &'static str, reply: &Reply) -> StoreError {
         let text = reply.error_text();
         match (reply.status, reply.error_code()) {
-            (401 | 403, _) | (_, Some(10000)) => StoreError::Configuration {
+            (401 | 403, _) | (_, Some(AUTHENTICATION_ERROR)) => StoreError::Configuration {
                 setting: API_TOKEN_VAR,
                 reason: format!("Cloudflare refused the API token on {op} ({text})").into(),
             },
-            (_, Some(10013)) => StoreError::Configuration {
+            (_, Some(NAMESPACE_NOT_FOUND)) => StoreError::Configuration {
                 setting: NAMESPACE_ID_VAR,
                 reason: format!("Cloudflare knows no KV namespace {} ({text})", self.config.namespace_id).into(),
             },
-            (_, Some(7003)) => StoreError::Configuration {
+            (_, Some(ACCOUNT_NOT_FOUND)) => StoreError::Configuration {
                 setting: ACCOUNT_ID_VAR,
                 reason: format!("Cloudflare knows no account {} ({text})", self.config.account_id).into(),
             },

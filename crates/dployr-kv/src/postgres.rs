@@ -10,15 +10,15 @@
 //! invisible to every read and removed by [`PgKv::purge_expired`], in
 //! bounded batches, which a caller runs or a [`Purger`] thread runs for it.
 //!
-//! Every operation runs through `PgPool::bounded`, so it has the same
-//! client-side deadline as the stores' calls (docs/operations.md). Errors
-//! are mapped by `dployr_pg::store_error`, the one PostgreSQL error mapper
-//! of the workspace. The SQL of this backend lives in this file: diesel's query builder where
+//! Every operation runs through `dployr_pg::Operation::run`, as every store
+//! call does: the same span, client-side deadline (docs/operations.md),
+//! retry of a statement rolled back for a passing reason, and error mapping
+//! (`dployr_pg::store_error`, the one PostgreSQL error mapper of the
+//! workspace). The SQL of this backend lives in this file: diesel's query builder where
 //! it can express the statement, raw SQL with bound parameters where it
 //! cannot (the counter's conditional upsert).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -152,12 +152,11 @@ impl PgKv {
     /// # Errors
     /// [`StoreError::Invalid`] for a batch size below 1; database errors.
     pub fn purge_expired_batch(&self, batch_size: i64) -> StoreResult<u64> {
-        let _span = self.pool.operation("kv.postgres.purge_batch");
+        let op = self.pool.operation("kv.postgres.purge_batch");
         if batch_size < 1 {
             return Err(StoreError::invalid("batch_size", "must be at least 1"));
         }
-        let deleted =
-            self.pool.bounded(|conn| diesel::sql_query(PURGE_SQL).bind::<BigInt, _>(batch_size).execute(conn))?;
+        let deleted = op.run(|conn| diesel::sql_query(PURGE_SQL).bind::<BigInt, _>(batch_size).execute(conn))?;
         Ok(deleted as u64)
     }
 
@@ -193,33 +192,23 @@ impl PgKv {
             return Err(StoreError::invalid("batch_size", "must be at least 1"));
         }
         let (stop, stopped) = mpsc::channel::<()>();
-        let stats = Arc::new(PurgerStats::default());
         let thread = {
-            let (kv, stats) = (self.clone(), Arc::clone(&stats));
+            let kv = self.clone();
             std::thread::Builder::new()
                 .name("kv-purger".into())
                 .spawn(move || {
                     // Sending never happens: dropping the sender ends the wait.
                     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                        match kv.purge_expired(batch_size) {
-                            Ok(rows) => stats.rows.fetch_add(rows, Ordering::Relaxed),
-                            // Retried at the next tick; counted so an operator sees it.
-                            Err(_) => stats.failures.fetch_add(1, Ordering::Relaxed),
-                        };
-                        stats.runs.fetch_add(1, Ordering::Relaxed);
+                        // Retried at the next tick; logged so an operator sees it.
+                        if let Err(error) = kv.purge_expired(batch_size) {
+                            tracing::warn!(%error, "dployr.kv purge of expired rows failed; retried at the next tick");
+                        }
                     }
                 })
                 .map_err(|e| StoreError::backend("starting the KV purger thread", e))?
         };
-        Ok(Purger { stop: Some(stop), thread: Some(thread), stats })
+        Ok(Purger { stop: Some(stop), thread: Some(thread) })
     }
-}
-
-#[derive(Debug, Default)]
-struct PurgerStats {
-    runs: AtomicU64,
-    rows: AtomicU64,
-    failures: AtomicU64,
 }
 
 /// A background thread purging expired rows of a [`PgKv`]; dropping it
@@ -228,24 +217,6 @@ struct PurgerStats {
 pub struct Purger {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
-    stats: Arc<PurgerStats>,
-}
-
-impl Purger {
-    /// Purge runs finished so far.
-    pub fn runs(&self) -> u64 {
-        self.stats.runs.load(Ordering::Relaxed)
-    }
-
-    /// Rows purged so far.
-    pub fn purged_rows(&self) -> u64 {
-        self.stats.rows.load(Ordering::Relaxed)
-    }
-
-    /// Runs that failed (they are retried at the next tick).
-    pub fn failures(&self) -> u64 {
-        self.stats.failures.load(Ordering::Relaxed)
-    }
 }
 
 impl Drop for Purger {
@@ -264,9 +235,9 @@ impl KvBackend for PgKv {
     }
 
     fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        let _span = self.pool.operation("kv.postgres.get");
+        let op = self.pool.operation("kv.postgres.get");
         self.limits().check_key(key)?;
-        self.pool.bounded(|conn| {
+        op.run(|conn| {
             kv_entries::table
                 .select(kv_entries::value)
                 .filter(kv_entries::key.eq(key))
@@ -277,13 +248,14 @@ impl KvBackend for PgKv {
     }
 
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
-        let _span = self.pool.operation("kv.postgres.put");
+        let op = self.pool.operation("kv.postgres.put");
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_value(value)?;
         limits.check_ttl(ttl)?;
-        let expires_at = sql::<Nullable<Timestamptz>>("now() + ").bind::<Nullable<Interval>, _>(interval(ttl)?);
-        self.pool.bounded(|conn| {
+        let ttl = interval(ttl)?;
+        op.run(|conn| {
+            let expires_at = sql::<Nullable<Timestamptz>>("now() + ").bind::<Nullable<Interval>, _>(ttl);
             diesel::insert_into(kv_entries::table)
                 .values((kv_entries::key.eq(key), kv_entries::value.eq(value), kv_entries::expires_at.eq(expires_at)))
                 .on_conflict(kv_entries::key)
@@ -298,14 +270,14 @@ impl KvBackend for PgKv {
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
-        let _span = self.pool.operation("kv.postgres.delete");
+        let op = self.pool.operation("kv.postgres.delete");
         self.limits().check_key(key)?;
-        self.pool.bounded(|conn| diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key))).execute(conn))?;
+        op.run(|conn| diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key))).execute(conn))?;
         Ok(())
     }
 
     fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
-        let _span = self.pool.operation("kv.postgres.list");
+        let op = self.pool.operation("kv.postgres.list");
         let limits = self.limits();
         limits.check_list_limit(limit)?;
         // A NUL would reach PostgreSQL, which refuses it in text with an
@@ -313,17 +285,21 @@ impl KvBackend for PgKv {
         limits.check_prefix(prefix)?;
         limits.check_cursor(cursor)?;
         let fetch = i64::try_from(limit + 1).map_err(|_| StoreError::invalid("limit", "too large"))?;
-        let mut query = kv_entries::table
-            .select(kv_entries::key)
-            .filter(kv_entries::key.like(like_prefix(prefix)))
-            .filter(alive())
-            .order(kv_entries::key)
-            .limit(fetch)
-            .into_boxed();
-        if let Some(after) = cursor.filter(|c| !c.is_empty()) {
-            query = query.filter(kv_entries::key.gt(after.to_owned()));
-        }
-        let mut keys: Vec<String> = self.pool.bounded(|conn| query.load(conn))?;
+        let pattern = like_prefix(prefix);
+        let after = cursor.filter(|c| !c.is_empty());
+        let mut keys: Vec<String> = op.run(|conn| {
+            let mut query = kv_entries::table
+                .select(kv_entries::key)
+                .filter(kv_entries::key.like(&pattern))
+                .filter(alive())
+                .order(kv_entries::key)
+                .limit(fetch)
+                .into_boxed();
+            if let Some(after) = after {
+                query = query.filter(kv_entries::key.gt(after));
+            }
+            query.load(conn)
+        })?;
         let more = keys.len() > limit;
         keys.truncate(limit);
         let cursor = if more { keys.last().cloned() } else { None };
@@ -332,9 +308,9 @@ impl KvBackend for PgKv {
 
     /// One `DELETE ... RETURNING`: of concurrent takes, exactly one gets the value.
     fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        let _span = self.pool.operation("kv.postgres.take");
+        let op = self.pool.operation("kv.postgres.take");
         self.limits().check_key(key)?;
-        self.pool.bounded(|conn| {
+        op.run(|conn| {
             diesel::delete(kv_entries::table.filter(kv_entries::key.eq(key)).filter(alive()))
                 .returning(kv_entries::value)
                 .get_result::<Vec<u8>>(conn)
@@ -345,12 +321,12 @@ impl KvBackend for PgKv {
     /// One `INSERT ... ON CONFLICT DO UPDATE ... RETURNING`: concurrent
     /// increments each get a distinct value.
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
-        let _span = self.pool.operation("kv.postgres.increment");
+        let op = self.pool.operation("kv.postgres.increment");
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
         let ttl = interval(ttl)?;
-        let counted = self.pool.bounded(|conn| {
+        let counted = op.run(|conn| {
             diesel::sql_query(INCREMENT_SQL)
                 .bind::<Text, _>(key)
                 .bind::<Nullable<Interval>, _>(ttl)
@@ -375,13 +351,13 @@ impl KvBackend for PgKv {
             #[diesel(sql_type = diesel::sql_types::Bool)]
             taken: bool,
         }
-        let _span = self.pool.operation("kv.postgres.count_attempt_and_take_if");
+        let op = self.pool.operation("kv.postgres.count_attempt_and_take_if");
         let limits = self.limits();
         limits.check_key(attempts_key)?;
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
         let ttl = interval(ttl)?;
-        let attempt = self.pool.bounded(|conn| {
+        let attempt = op.run(|conn| {
             diesel::sql_query(ATTEMPT_TAKE_SQL)
                 .bind::<Text, _>(attempts_key)
                 .bind::<Nullable<Interval>, _>(ttl)

@@ -1,27 +1,27 @@
-//! diesel's `MigrationHarness`, implemented over the `_migrations` table.
+//! The bookkeeping of applied migrations in the `_migrations` table (the
+//! original data layer's name).
 //!
 //! diesel's own harness keeps `__diesel_schema_migrations(version, run_on)`;
-//! ours keeps the seed's table name and adds what the runner needs to refuse
-//! edited files and to report timings: the name, a checksum of `up.sql`,
-//! `applied_at` as TIMESTAMPTZ and the execution time.
+//! ours adds what the runner needs to refuse edited files and to report
+//! timings: the name, a checksum of `up.sql`, `applied_at` as TIMESTAMPTZ
+//! and the execution time.
 //!
-//! The harness applies one migration at a time and does not lock; use
-//! [`crate::MigrationRunner`], which takes the advisory lock and verifies
-//! checksums before it calls the harness.
+//! The harness applies one migration at a time and does not lock, so it is
+//! private: only [`crate::MigrationRunner`], which takes the advisory lock
+//! and verifies checksums first, calls it. It is deliberately not diesel's
+//! `MigrationHarness`, nor is a `MigrationSet` a diesel `MigrationSource`:
+//! with diesel's blanket harness on every connection, either would let
+//! `conn.run_pending_migrations(..)` apply migrations with no lock, no
+//! checksum and into diesel's own table.
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
-use diesel::migration::{Migration, MigrationVersion};
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
-use diesel_migrations::MigrationHarness;
 
 use crate::{MigrateError, MigrationFile, MigrationSet};
-
-/// The bookkeeping table, as named by the original data layer.
-pub const MIGRATIONS_TABLE: &str = "_migrations";
 
 diesel::table! {
     /// One row per applied migration.
@@ -55,7 +55,7 @@ pub(crate) struct AppliedRow {
 
 /// Applies and reverts migrations of one [`MigrationSet`] on one connection,
 /// recording each in `_migrations` in the same transaction as its SQL.
-pub struct DployrHarness<'a> {
+pub(crate) struct DployrHarness<'a> {
     conn: &'a mut PgConnection,
     set: &'a MigrationSet,
     backend_pid: Option<i32>,
@@ -72,7 +72,7 @@ impl<'a> DployrHarness<'a> {
     ///
     /// # Errors
     /// [`MigrateError::Database`] if the table cannot be created.
-    pub fn new(conn: &'a mut PgConnection, set: &'a MigrationSet) -> Result<Self, MigrateError> {
+    pub(crate) fn new(conn: &'a mut PgConnection, set: &'a MigrationSet) -> Result<Self, MigrateError> {
         conn.batch_execute(CREATE_TABLE)
             .map_err(|source| MigrateError::Database { context: "creating _migrations", source })?;
         Ok(Self { conn, set, backend_pid: None })
@@ -107,13 +107,6 @@ impl<'a> DployrHarness<'a> {
                 .execute(conn)
                 .map(drop)
                 .map_err(|source| MigrateError::Database { context: "removing the migration from _migrations", source })
-        })
-    }
-
-    fn file_for(&self, migration: &dyn Migration<Pg>) -> Result<&'a MigrationFile, MigrateError> {
-        let version = migration.name().version().to_string();
-        self.set.get(&version).ok_or_else(|| {
-            MigrateError::Source(format!("migration {} is not part of this harness's set", migration.name()))
         })
     }
 }
@@ -190,25 +183,4 @@ fn record(conn: &mut PgConnection, migration: &MigrationFile, elapsed: Duration)
         .execute(conn)
         .map_err(|source| MigrateError::Database { context: "recording the migration in _migrations", source })?;
     Ok(())
-}
-
-impl MigrationHarness<Pg> for DployrHarness<'_> {
-    fn run_migration(&mut self, migration: &dyn Migration<Pg>) -> diesel::migration::Result<MigrationVersion<'static>> {
-        let file = self.file_for(migration)?;
-        self.apply(file)?;
-        Ok(MigrationVersion::from(file.version().to_owned()))
-    }
-
-    fn revert_migration(
-        &mut self,
-        migration: &dyn Migration<Pg>,
-    ) -> diesel::migration::Result<MigrationVersion<'static>> {
-        let file = self.file_for(migration)?;
-        self.revert(file)?;
-        Ok(MigrationVersion::from(file.version().to_owned()))
-    }
-
-    fn applied_migrations(&mut self) -> diesel::migration::Result<Vec<MigrationVersion<'static>>> {
-        Ok(self.applied_rows()?.into_iter().map(|row| MigrationVersion::from(row.version)).collect())
-    }
 }

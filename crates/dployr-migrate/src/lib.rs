@@ -36,6 +36,5 @@ mod runner;
 mod set;
 
 pub use error::{MigrateError, MigrationFailure, SqlPosition};
-pub use harness::{DployrHarness, MIGRATIONS_TABLE};
 pub use runner::{AppliedMigration, MigrationEvent, MigrationRunner, MigrationState, MigrationStatus};
 pub use set::{MigrationFile, MigrationSet};

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use diesel::migration::{Migration, MigrationName, MigrationSource, MigrationVersion};
+use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
 use diesel_migrations::{EmbeddedMigrations, FileBasedMigrations, embed_migrations};
 use sha2::{Digest, Sha256};
@@ -77,7 +77,18 @@ fn checksum(text: &str) -> String {
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// An ordered set of migrations, unique by version.
+/// An ordered set of migrations, unique by version. Only a
+/// [`MigrationRunner`](crate::MigrationRunner) applies it: the set is not a
+/// diesel `MigrationSource`, so diesel's own harness, which would apply it
+/// with no lock, no checksum and into diesel's table, cannot take it:
+///
+/// ```compile_fail,E0277
+/// use diesel_migrations::MigrationHarness as _;
+///
+/// fn bypass(conn: &mut diesel::PgConnection, set: dployr_migrate::MigrationSet) {
+///     let _ = conn.run_pending_migrations(set);
+/// }
+/// ```
 #[derive(Debug, Clone)]
 pub struct MigrationSet {
     by_version: BTreeMap<String, MigrationFile>,
@@ -216,45 +227,6 @@ impl MigrationSet {
     pub fn fingerprint(&self) -> String {
         let joined: String = self.iter().map(|m| format!("{}:{}\n", m.name, m.checksum)).collect();
         checksum(&joined)
-    }
-}
-
-/// The set is a diesel [`MigrationSource`], so diesel's provided harness
-/// methods (`pending_migrations`, ...) work on it.
-impl MigrationSource<Pg> for MigrationSet {
-    fn migrations(&self) -> diesel::migration::Result<Vec<Box<dyn Migration<Pg>>>> {
-        Ok(self.iter().map(|m| Box::new(m.clone()) as Box<dyn Migration<Pg>>).collect())
-    }
-}
-
-impl Migration<Pg> for MigrationFile {
-    fn run(&self, conn: &mut dyn diesel::connection::BoxableConnection<Pg>) -> diesel::migration::Result<()> {
-        conn.batch_execute(&self.up).map_err(|e| MigrateError::failed(&self.name, "up.sql", &self.up, e).into())
-    }
-
-    fn revert(&self, conn: &mut dyn diesel::connection::BoxableConnection<Pg>) -> diesel::migration::Result<()> {
-        let down = self.down.as_deref().ok_or_else(|| MigrateError::NoDownFile { name: self.name.to_string() })?;
-        conn.batch_execute(down).map_err(|e| MigrateError::failed(&self.name, "down.sql", down, e).into())
-    }
-
-    fn metadata(&self) -> &dyn diesel::migration::MigrationMetadata {
-        self
-    }
-
-    fn name(&self) -> &dyn MigrationName {
-        self
-    }
-}
-
-impl diesel::migration::MigrationMetadata for MigrationFile {
-    fn run_in_transaction(&self) -> bool {
-        self.run_in_transaction
-    }
-}
-
-impl MigrationName for MigrationFile {
-    fn version(&self) -> MigrationVersion<'_> {
-        MigrationVersion::from(&*self.version)
     }
 }
 

@@ -377,26 +377,6 @@ fn status_lists_applied_and_pending_migrations_with_times() {
 }
 
 #[test]
-fn diesel_harness_methods_record_in_migrations_with_checksums() {
-    use diesel_migrations::MigrationHarness as _;
-    let db = empty_database();
-    let (_dir, set) = set_of(&[
-        Folder { name: "001_a", up: "CREATE TABLE a (id int);", down: Some("DROP TABLE a;"), metadata: None },
-        folder("002_b", "CREATE TABLE b (id int);"),
-    ]);
-    let mut conn = db.connect();
-    let mut harness = dployr_migrate::DployrHarness::new(&mut conn, &set).unwrap();
-    let versions = harness.run_pending_migrations(set.clone()).unwrap();
-    assert_eq!(versions.iter().map(ToString::to_string).collect::<Vec<_>>(), ["001", "002"]);
-    assert!(!harness.has_pending_migration(set.clone()).unwrap());
-    let checksums: Vec<String> =
-        diesel::dsl::sql::<Text>("SELECT checksum FROM _migrations ORDER BY version").load(&mut conn).unwrap();
-    assert_eq!(checksums, [set.get("001").unwrap().checksum(), set.get("002").unwrap().checksum()]);
-    // And what diesel's methods recorded, the runner accepts as applied.
-    assert_eq!(run(&db, &set).unwrap(), Vec::<String>::new());
-}
-
-#[test]
 fn debug_output_of_a_runner_hides_the_database_url() {
     let runner = MigrationRunner::new("postgres://app:s3cret@db.internal/prod", MigrationSet::embedded().unwrap());
     let debug = format!("{runner:?}");

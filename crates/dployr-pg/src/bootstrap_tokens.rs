@@ -34,11 +34,11 @@ impl PgBootstrapTokenStore {
 
 impl BootstrapTokenStore for PgBootstrapTokenStore {
     fn create(&self, instance: &InstanceId, nonce: &Nonce) -> StoreResult<BootstrapToken> {
-        let _span = crate::trace::operation("bootstrap_tokens.create");
+        let op = self.pool.operation("bootstrap_tokens.create").referencing("instance", instance);
         let instance = instance.to_string();
         // One statement, in a transaction so that the returned row is decoded
         // before the commit: a row that cannot be read back is rolled back.
-        self.pool.transaction(&[("instance", &instance)], |conn| {
+        op.transaction(|conn| {
             let row: TokenRow = diesel::insert_into(bootstrap_tokens::table)
                 .values((bootstrap_tokens::instance_id.eq(&instance), bootstrap_tokens::nonce.eq(nonce.as_str())))
                 .returning(TokenRow::as_returning())
@@ -53,11 +53,11 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
     }
 
     fn mark_used(&self, nonce: &Nonce) -> StoreResult<bool> {
-        let _span = crate::trace::operation("bootstrap_tokens.mark_used");
+        let op = self.pool.operation("bootstrap_tokens.mark_used");
         let nonce = nonce.as_str();
         // One UPDATE that only matches an unused token: under concurrency the
         // row lock makes every other caller re-check `used_at` and match nothing.
-        let updated = self.pool.run(&[], |conn| {
+        let updated = op.run(|conn| {
             diesel::update(bootstrap_tokens::table.find(nonce).filter(bootstrap_tokens::used_at.is_null()))
                 .set(bootstrap_tokens::used_at.eq(diesel::dsl::now))
                 .execute(conn)
@@ -66,9 +66,9 @@ impl BootstrapTokenStore for PgBootstrapTokenStore {
     }
 
     fn is_used(&self, nonce: &Nonce) -> StoreResult<bool> {
-        let _span = crate::trace::operation("bootstrap_tokens.is_used");
+        let op = self.pool.read(Read::BootstrapTokensIsUsed);
         let nonce = nonce.as_str();
-        let used = self.pool.route(Read::BootstrapTokensIsUsed).run(&[], |conn| {
+        let used = op.run(|conn| {
             bootstrap_tokens::table
                 .find(nonce)
                 .select(bootstrap_tokens::used_at.is_not_null())

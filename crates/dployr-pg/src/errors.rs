@@ -50,8 +50,8 @@ impl From<StoreError> for Failure {
 }
 
 /// The keys of the rows an operation references, by entity, so a foreign
-/// key that finds a row missing names that row: `&[("cluster", id)]`.
-pub(crate) type Keys<'a> = &'a [(&'static str, &'a str)];
+/// key that finds a row missing names that row: `[("cluster", id)]`.
+pub(crate) type Keys<'a> = &'a [(&'static str, String)];
 
 impl Failure {
     /// Whether running the whole transaction again may succeed: a
@@ -237,7 +237,7 @@ pub(crate) fn map(error: DieselError, keys: Keys<'_>) -> StoreError {
                 StoreError::conflict(entity, field, format!("another {entity} has this {field}"))
             }
             Rule::References { entity } => {
-                let key = keys.iter().find(|(named, _)| *named == entity).map_or("(unnamed)", |(_, key)| key);
+                let key = keys.iter().find(|(named, _)| *named == entity).map_or("(unnamed)", |(_, key)| key.as_str());
                 StoreError::not_found(entity, key)
             }
             Rule::Check { field, reason } => StoreError::invalid(field, reason),

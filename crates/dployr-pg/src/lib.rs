@@ -14,11 +14,14 @@ mod cursor;
 mod deadline;
 mod errors;
 mod instances;
+mod keyset_page;
 pub mod metrics;
+mod operation;
 mod pool;
 mod replicas;
 mod routes;
 mod sql;
+mod statement;
 mod trace;
 mod users;
 
@@ -29,13 +32,10 @@ pub use conninfo::NetworkConfig;
 pub use deadline::{DeadlineConfig, DeadlineStats, PgConnectionManager};
 pub use errors::store_error;
 pub use instances::PgInstanceStore;
-pub use pool::{
-    DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, StatementStats, classify as classify_connect_error,
-    probe_connection,
-};
+pub use operation::Operation;
+pub use pool::{DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, RecordStatements, StatementStats};
 pub use replicas::{ReadScope, ReplicaConfig, ReplicaSet, ReplicaStatus, WalPosition};
 pub use routes::{Read, Route, WRITES};
-pub use trace::Operation;
 pub use users::PgUserStore;
 
 /// diesel's `table!` description of every table the stores use.

@@ -28,6 +28,7 @@ use crate::conninfo::{NetworkConfig, with_network_parameters};
 use crate::deadline::{ConnInfo, DeadlineConfig, DeadlineStats, Deadlines, PgConnectionManager};
 use crate::errors::{Failure, Keys};
 use crate::metrics::{ErrorHandler, EventHandler, PoolEvents, PoolStats};
+use crate::operation::Operation;
 use crate::replicas::ReplicaSet;
 
 /// A connection checked out of a [`PgPool`]; it goes back when dropped.
@@ -44,15 +45,9 @@ pub struct PoolConfig {
     /// PostgreSQL's `statement_timeout` for every connection; `None` leaves
     /// the server's setting. Default 30 s.
     pub statement_timeout: Option<Duration>,
-    /// Keep the SQL text (never the bound values) of the last statements
-    /// sent, for [`PgPool::recent_statements`]: for tests and debugging.
-    /// Default off: it formats every statement.
-    pub record_statements: bool,
-    /// With [`record_statements`](Self::record_statements), keep the bound
-    /// values too (diesel's `-- binds: [...]` suffix). For benchmarks that
-    /// replay the exact statements; values may be personal data, so never
-    /// turn this on in production. Default off.
-    pub record_binds: bool,
+    /// What the pool keeps of the last statements sent, for
+    /// [`PgPool::recent_statements`]. Default [`RecordStatements::Off`].
+    pub record_statements: RecordStatements,
     /// Keep diesel's cache of prepared statements (default on). Turn it off
     /// behind PgBouncer in transaction mode, where a prepared statement
     /// may not exist on the server connection the next transaction gets.
@@ -70,13 +65,27 @@ impl Default for PoolConfig {
             max_size: 10,
             connection_timeout: Duration::from_secs(5),
             statement_timeout: Some(Duration::from_secs(30)),
-            record_statements: false,
-            record_binds: false,
+            record_statements: RecordStatements::Off,
             prepared_statement_cache: true,
             network: NetworkConfig::default(),
             deadline: DeadlineConfig::default(),
         }
     }
+}
+
+/// What a pool keeps of the last statements it sent, for
+/// [`PgPool::recent_statements`]: for tests, debugging and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecordStatements {
+    /// Nothing (the default): recording formats every statement.
+    #[default]
+    Off,
+    /// The SQL text, never the bound values.
+    Sql,
+    /// The SQL text and the bound values (diesel's `-- binds: [...]`
+    /// suffix), for benchmarks that replay the exact statements. Values may
+    /// be personal data: never in production.
+    SqlWithBinds,
 }
 
 /// Statements and transactions sent through a pool since it was opened.
@@ -243,7 +252,7 @@ impl std::error::Error for Redacted {}
 ///
 /// # Errors
 /// The classified, redacted failure.
-pub fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
+fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
     let (sender, receiver) = mpsc::channel();
     let url = database_url.to_owned();
     let spawned = std::thread::Builder::new().name("dployr-pg-connect".into()).spawn(move || {
@@ -267,7 +276,7 @@ pub fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), Con
 }
 
 /// The classified, redacted form of a diesel connection error.
-pub fn classify(error: &diesel::ConnectionError, database_url: &str) -> ConnectFailure {
+pub(crate) fn classify(error: &diesel::ConnectionError, database_url: &str) -> ConnectFailure {
     match error {
         diesel::ConnectionError::InvalidCString(_) => {
             ConnectFailure::new(ConnectFailureKind::MalformedUrl, "the URL holds a NUL byte")
@@ -344,8 +353,8 @@ impl PgPool {
             Err(error) => return Err(error),
         }
         let counters = Arc::new(Counters {
-            recent: config.record_statements.then(|| Mutex::new(VecDeque::new())),
-            record_binds: config.record_binds,
+            recent: (config.record_statements != RecordStatements::Off).then(|| Mutex::new(VecDeque::new())),
+            record_binds: config.record_statements == RecordStatements::SqlWithBinds,
             ..Counters::default()
         });
         let customizer = Customizer {
@@ -390,8 +399,8 @@ impl PgPool {
     }
 
     /// Checks a connection out. The connection is the caller's until it is
-    /// dropped, with no client deadline: store code uses
-    /// [`bounded`](Self::bounded) instead.
+    /// dropped, with no client deadline: store code runs through an
+    /// [`operation`](Self::operation) instead.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when none is free or can be made within
@@ -447,36 +456,57 @@ impl PgPool {
         }
     }
 
-    /// The SQL text (without bound values) of up to the last 256 statements,
-    /// oldest first; empty unless [`PoolConfig::record_statements`] is on.
+    /// The SQL text (with bound values only under
+    /// [`RecordStatements::SqlWithBinds`]) of up to the last 256 statements,
+    /// oldest first; empty unless [`PoolConfig::record_statements`] says to keep them.
     pub fn recent_statements(&self) -> Vec<String> {
         self.counters.recent.as_ref().map_or_else(Vec::new, |recent| {
             recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect()
         })
     }
 
-    /// Enters a `tracing` span `dployr.store` for the operation `name` (e.g.
-    /// `"kv.get"`): when the returned guard drops, the span records how many
-    /// statements this thread sent meanwhile (exact, whatever other threads
-    /// do) and how long it took. Spans carry the name only, never arguments.
-    pub fn operation(&self, name: &'static str) -> crate::Operation {
-        crate::trace::operation(name)
+    /// Opens the store operation `name` (e.g. `"kv.get"`): the one way
+    /// store code reaches the database. See [`Operation`].
+    pub fn operation(&self, name: &'static str) -> Operation<'_> {
+        Operation::new(self, name)
     }
 
-    /// Runs `work` on a pooled connection within the call deadline (see
-    /// [`DeadlineConfig`]): the checkout and `work` together end by
-    /// `statement_timeout` + margin (+ grace if the server does not answer
-    /// the cancel), and a connection whose call overran is discarded.
-    /// Errors are mapped by [`store_error`](crate::store_error).
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`] naming the deadline when it passed, or
-    /// when no connection came in time; `work`'s error otherwise.
-    pub fn bounded<T>(
+    /// Opens the store read `read`, named for it, whose `run` goes where the
+    /// read may go (`routes`): a replica when there are replicas and the read
+    /// is replica-safe, else this pool.
+    pub(crate) fn read(&self, read: crate::Read) -> Operation<'_> {
+        Operation::read(self, read)
+    }
+
+    /// Runs `work` on a pooled connection of this pool within the call
+    /// deadline, once; errors mapped by [`store_error`](crate::store_error).
+    pub(crate) fn bounded<T>(
         &self,
         work: impl FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error>,
     ) -> Result<T, StoreError> {
         self.deadlines.bounded(&self.inner, |conn| work(conn).map_err(crate::store_error))
+    }
+
+    /// Runs one statement on this pool (not routed) within the call
+    /// deadline, again after a passing failure: what [`Operation::run`]
+    /// does on the primary, and on a replica.
+    pub(crate) fn run_statement<T, E: Into<Failure>>(
+        &self,
+        keys: Keys<'_>,
+        mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
+    ) -> Result<T, StoreError> {
+        self.deadlines.bounded(&self.inner, |conn| crate::operation::retrying(keys, || work(conn).map_err(Into::into)))
+    }
+
+    /// Runs one transaction on this pool within the call deadline, again,
+    /// whole, after a passing failure.
+    pub(crate) fn run_transaction<T>(
+        &self,
+        keys: Keys<'_>,
+        mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
+    ) -> Result<T, StoreError> {
+        use diesel::Connection as _;
+        self.deadlines.bounded(&self.inner, |conn| crate::operation::retrying(keys, || conn.transaction(&mut work)))
     }
 
     /// What the call deadlines did so far, and how many connections the pool
@@ -485,7 +515,7 @@ impl PgPool {
         self.deadlines.stats()
     }
 
-    /// The longest a [`bounded`](Self::bounded) call (every store call) may
+    /// The longest a store call ([`Operation::run`]) may
     /// take: call timeout + margin + grace.
     pub fn call_bound(&self) -> Duration {
         self.deadlines.bound()
@@ -516,55 +546,4 @@ enum Probe {
     Required,
     /// Only a configuration error is (a replica may be down for now).
     ConfigurationOnly,
-}
-
-/// How many times a store runs a transaction (or statement) that failed for
-/// a passing reason: a deadlock, a serialization failure, a lock not
-/// available, or a race the store itself detected.
-const ATTEMPTS: u32 = 3;
-
-impl PgPool {
-    /// Runs one read (or a single-statement write) on a pooled connection,
-    /// outside any explicit transaction. `keys` names the rows a foreign key
-    /// may find missing. A statement that failed for a passing reason (it
-    /// was rolled back) runs again, up to [`ATTEMPTS`] times in all.
-    pub(crate) fn run<T, E: Into<Failure>>(
-        &self,
-        keys: Keys<'_>,
-        mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
-    ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, |conn| retrying(keys, || work(conn).map_err(Into::into)))
-    }
-
-    /// Runs `work` in one transaction, rolled back on any error; a
-    /// transaction that failed for a passing reason runs again, whole, up to
-    /// [`ATTEMPTS`] times in all, so `work` must hold no state of its own
-    /// across attempts.
-    pub(crate) fn transaction<T>(
-        &self,
-        keys: Keys<'_>,
-        mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
-    ) -> Result<T, StoreError> {
-        use diesel::Connection as _;
-        self.deadlines.bounded(&self.inner, |conn| retrying(keys, || conn.transaction(&mut work)))
-    }
-}
-
-/// Runs `attempt` until it succeeds, fails for a lasting reason, or has run
-/// [`ATTEMPTS`] times; waits a little, with jitter, between attempts so
-/// that the transactions that collided do not collide again.
-fn retrying<T>(keys: Keys<'_>, mut attempt: impl FnMut() -> Result<T, Failure>) -> Result<T, StoreError> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        match attempt() {
-            Ok(value) => return Ok(value),
-            Err(failure) if attempts < ATTEMPTS && failure.is_worth_retrying() => {
-                let wait = Duration::from_micros(rand::random_range(1_000..=5_000) * u64::from(attempts));
-                tracing::debug!(attempt = attempts, wait_us = wait.as_micros() as u64, failure = ?failure, "dployr.store retry");
-                std::thread::sleep(wait);
-            }
-            Err(failure) => return Err(failure.into_store_error(keys)),
-        }
-    }
 }

@@ -58,7 +58,6 @@ use dployr_domain::StoreError;
 use crate::PgPool;
 use crate::errors::{Failure, Keys};
 use crate::metrics::{REPLICA_LAG, REPLICA_SKIPS, REPLICA_UP, ROUTED_READS};
-use crate::routes::{Read, Route};
 
 /// How replicas are used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,7 +391,7 @@ impl ReplicaSet {
     /// Runs a replica-safe read on the first usable replica (round robin),
     /// moving on when one fails with `Unavailable`. `Ok(None)` when no
     /// replica may answer: the caller goes to the primary.
-    fn read<T, E: Into<Failure>>(
+    pub(crate) fn read<T, E: Into<Failure>>(
         &self,
         op: &'static str,
         keys: Keys<'_>,
@@ -409,7 +408,7 @@ impl ReplicaSet {
                 Self::skipped(replica, Skip::BehindWrite);
                 return Ok(None);
             }
-            match replica.pool.run(keys, &mut *work) {
+            match replica.pool.run_statement(keys, &mut *work) {
                 Ok(value) => {
                     ::metrics::counter!(ROUTED_READS, "op" => op, "server" => "replica").increment(1);
                     return Ok(Some(value));
@@ -553,41 +552,7 @@ impl Sampler {
     }
 }
 
-/// A read on its way: [`PgPool::route`] names the read, and `run` sends it
-/// where [`Read::route`] allows.
-#[derive(Debug)]
-pub(crate) struct Routed<'a> {
-    pool: &'a PgPool,
-    read: Read,
-}
-
-impl Routed<'_> {
-    /// [`PgPool::run`], on a replica when the read and the replicas allow,
-    /// else on the primary.
-    pub(crate) fn run<T, E: Into<Failure>>(
-        &self,
-        keys: Keys<'_>,
-        mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
-    ) -> Result<T, StoreError> {
-        if self.read.route() == Route::Replica
-            && let Some(replicas) = &self.pool.replicas
-        {
-            if let Some(value) = replicas.read(self.read.name(), keys, &mut work)? {
-                return Ok(value);
-            }
-            ::metrics::counter!(ROUTED_READS, "op" => self.read.name(), "server" => "primary").increment(1);
-        }
-        self.pool.run(keys, work)
-    }
-}
-
 impl PgPool {
-    /// The read `read`, to be run where it may go: `.run(...)` as
-    /// [`run`](Self::run) takes it.
-    pub(crate) fn route(&self, read: Read) -> Routed<'_> {
-        Routed { pool: self, read }
-    }
-
     /// The same pool, with replica-safe reads going to `replicas`.
     #[must_use]
     pub fn with_replicas(mut self, replicas: ReplicaSet) -> Self {

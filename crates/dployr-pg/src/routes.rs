@@ -1,6 +1,6 @@
 //! Where each read of the stores may go: a replica, or only the primary.
 //! This is the one place the choice is made; a store names its read
-//! (`self.pool.route(Read::ClustersMembers).run(...)`) and the table below
+//! (`self.pool.read(Read::ClustersMembers)`, which opens the operation named and routed by it) and the table below
 //! says where it runs. `docs/ARCHITECTURE.md` ("Read routing") has the same
 //! table with the reason per row, and a test compares the two, so the
 //! document cannot drift from the code.
@@ -143,7 +143,7 @@ mod tests {
     const ARCHITECTURE: &str = include_str!("../../../docs/ARCHITECTURE.md");
     const STORES: [&str; 4] = [
         include_str!("users.rs"),
-        include_str!("clusters.rs"),
+        include_str!("clusters/mod.rs"),
         include_str!("instances.rs"),
         include_str!("bootstrap_tokens.rs"),
     ];
@@ -172,43 +172,42 @@ mod tests {
         assert_eq!(documented_reads, code, "docs/ARCHITECTURE.md, \"Read routing\", must list Read::ALL in order");
     }
 
+    /// The variants of `Read` the stores open their reads with
+    /// (`self.pool.read(Read::X)`), by name.
+    fn opened_reads() -> BTreeSet<&'static str> {
+        STORES
+            .iter()
+            .flat_map(|source| source.split(".read(Read::").skip(1))
+            .filter_map(|rest| rest.split(|c: char| !c.is_ascii_alphanumeric()).next())
+            .filter_map(|variant| Read::ALL.iter().find(|read| format!("{read:?}") == variant).map(|read| read.name()))
+            .collect()
+    }
+
+    /// The operations the stores open by a typed name (`operation("x")`).
+    fn named_operations() -> BTreeSet<&'static str> {
+        STORES
+            .iter()
+            .flat_map(|source| source.split(".operation(\"").skip(1))
+            .filter_map(|rest| rest.split('"').next())
+            .collect()
+    }
+
     #[test]
     fn every_store_operation_is_either_a_classified_read_or_a_write() {
-        let spans: BTreeSet<&str> = STORES
-            .iter()
-            .flat_map(|source| source.split("trace::operation(\"").skip(1))
-            .filter_map(|rest| rest.split('"').next())
-            .collect();
+        let spans: BTreeSet<&str> = opened_reads().union(&named_operations()).copied().collect();
         let classified: BTreeSet<&str> =
             Read::ALL.iter().map(|read| read.name()).chain(WRITES.iter().copied()).collect();
         assert_eq!(spans, classified);
     }
 
     #[test]
-    fn every_read_names_its_own_route_and_no_other() {
-        // A read names its route once, beside its span: `operation("x")`
-        // and `Read::X` in the same function (directly, or as the argument
-        // of the helper that runs the query).
-        let mut routed = BTreeSet::new();
-        for source in STORES {
-            for function in source.split("\n    fn ").skip(1) {
-                let Some(span) = function.split("trace::operation(\"").nth(1).and_then(|rest| rest.split('"').next())
-                else {
-                    continue;
-                };
-                let named: Vec<&str> = function
-                    .split("Read::")
-                    .skip(1)
-                    .filter_map(|rest| rest.split(|c: char| !c.is_ascii_alphanumeric()).next())
-                    .collect();
-                for variant in named {
-                    let read = Read::ALL.iter().find(|read| format!("{read:?}") == variant);
-                    assert_eq!(read.map(|read| read.name()), Some(span), "{span} routes as Read::{variant}");
-                    routed.insert(span);
-                }
-            }
-        }
+    fn every_read_is_opened_by_its_route_and_no_read_by_a_typed_name() {
+        // A read opened as `self.pool.read(Read::X)` is named, and routed, by
+        // `Read::X`; one opened as `operation("x")` would run on the primary
+        // whatever the table says.
         let reads: BTreeSet<&str> = Read::ALL.iter().map(|read| read.name()).collect();
-        assert_eq!(routed, reads, "every read names its route");
+        assert_eq!(opened_reads(), reads, "every read is opened with pool.read(Read::..)");
+        let typed: Vec<&str> = named_operations().intersection(&reads).copied().collect();
+        assert!(typed.is_empty(), "reads opened by a typed name, so never routed: {typed:?}");
     }
 }

@@ -74,13 +74,13 @@ fn check_picture(picture: Option<&str>) -> StoreResult<()> {
 
 impl UserStore for PgUserStore {
     fn upsert(&self, user: NewUser) -> StoreResult<User> {
-        let _span = crate::trace::operation("users.upsert");
+        let op = self.pool.operation("users.upsert");
         check_picture(user.picture.as_deref())?;
         let id = UserId::generate().to_string();
         let given_name = user.name.as_ref().map(DisplayName::as_str);
         let name = given_name.unwrap_or_else(|| user.email.local_part());
         let merge = user.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
-        self.pool.transaction(&[], |conn| {
+        op.transaction(|conn| {
             // The sign-in's metadata also reaches the clusters the user runs.
             // Those rows are locked before the user's row, in id order: every
             // multi-row write takes clusters, then users, then memberships
@@ -143,30 +143,28 @@ impl UserStore for PgUserStore {
     }
 
     fn get(&self, id: &UserId) -> StoreResult<Option<User>> {
-        let _span = crate::trace::operation("users.get");
-        let row = self
-            .pool
-            .route(Read::UsersGet)
-            .run(&[], |conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
+        let op = self.pool.read(Read::UsersGet);
+        let row =
+            op.run(|conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
         row.map(User::try_from).transpose()
     }
 
     fn get_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
-        let _span = crate::trace::operation("users.get_by_email");
-        let row = self.pool.route(Read::UsersGetByEmail).run(&[], |conn| {
+        let op = self.pool.read(Read::UsersGetByEmail);
+        let row = op.run(|conn| {
             users::table.filter(users::email.eq(email.as_str())).select(UserRow::as_select()).first(conn).optional()
         })?;
         row.map(User::try_from).transpose()
     }
 
     fn update(&self, email: &Email, patch: UserPatch) -> StoreResult<Option<User>> {
-        let _span = crate::trace::operation("users.update");
+        let op = self.pool.operation("users.update");
         check_picture(patch.picture.as_deref())?;
         let merge = patch.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
         // One statement, in a transaction all the same: the returned row is
         // decoded inside it, so a row that cannot be read back is rolled
         // back instead of committed behind an error.
-        self.pool.transaction(&[], |conn| {
+        op.transaction(|conn| {
             let row = diesel::update(users::table.filter(users::email.eq(email.as_str())))
                 .set((
                     users::name.eq(coalesce(patch.name.as_ref().map(DisplayName::as_str), users::name)),
@@ -182,9 +180,9 @@ impl UserStore for PgUserStore {
     }
 
     fn delete(&self, id: &UserId) -> StoreResult<()> {
-        let _span = crate::trace::operation("users.delete");
+        let op = self.pool.operation("users.delete").referencing("user", id);
         let id = id.to_string();
-        self.pool.transaction(&[("user", &id)], |conn| {
+        op.transaction(|conn| {
             // FOR UPDATE, not FOR NO KEY UPDATE: it conflicts with the
             // key-share lock that a foreign-key check takes, so a membership
             // being inserted for this user elsewhere (a transfer of

@@ -358,6 +358,12 @@ fn envelope(status: u16, body: &Value) -> Answer {
     response
 }
 
+/// Cloudflare's error codes the emulator answers with (as the API does).
+const AUTHENTICATION_ERROR: u32 = 10000;
+const NAMESPACE_NOT_FOUND: u32 = 10013;
+const KEY_NOT_FOUND: u32 = 10009;
+const RATE_LIMITED: u32 = 971;
+
 fn error(status: u16, code: u32, message: &str) -> Answer {
     envelope(
         status,
@@ -396,7 +402,7 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
         .iter()
         .any(|h| h.field.equiv("Authorization") && h.value.as_str() == format!("Bearer {}", shared.api_token));
     if !authorized {
-        return error(403, 10000, "Authentication error");
+        return error(403, AUTHENTICATION_ERROR, "Authentication error");
     }
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
@@ -414,13 +420,13 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
         return error(404, 7003, "Could not route to /accounts, perhaps your object identifier is invalid?");
     }
     if namespace != Some(shared.namespace_id.as_str()) {
-        return error(404, 10013, "namespace not found");
+        return error(404, NAMESPACE_NOT_FOUND, "namespace not found");
     }
     let tail = tail.unwrap_or_default();
     if tail == "keys" {
         return match request.method() {
             Method::Get => list(shared, &query),
-            _ => error(405, 10000, "method not allowed"),
+            _ => error(405, AUTHENTICATION_ERROR, "method not allowed"),
         };
     }
     let Some(encoded) = tail.strip_prefix("values/") else {
@@ -454,13 +460,13 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
             state.write(&key, None);
             ok(&Value::Null)
         }
-        _ => error(405, 10000, "method not allowed"),
+        _ => error(405, AUTHENTICATION_ERROR, "method not allowed"),
     }
 }
 
 /// Cloudflare's 429: code 971 and a `Retry-After` in seconds.
 fn too_many_requests(retry_after_secs: u64) -> Answer {
-    let mut response = error(429, 971, "Please wait and consider throttling your request speed");
+    let mut response = error(429, RATE_LIMITED, "Please wait and consider throttling your request speed");
     if let Some(h) = header("Retry-After", &retry_after_secs.to_string()) {
         response.add_header(h);
     }
@@ -479,7 +485,7 @@ fn injected_failure(status: u16, retry_after_secs: u64) -> Answer {
             }
             response
         }
-        401 | 403 => error(status, 10000, "Authentication error"),
+        401 | 403 => error(status, AUTHENTICATION_ERROR, "Authentication error"),
         _ => error(status, 10001, "Internal server error"),
     }
 }
@@ -487,7 +493,7 @@ fn injected_failure(status: u16, retry_after_secs: u64) -> Answer {
 fn get(shared: &Shared, key: &str) -> Answer {
     let state = shared.state();
     let Some(stored) = state.live(key) else {
-        return error(404, 10009, "get: 'key not found'");
+        return error(404, KEY_NOT_FOUND, "get: 'key not found'");
     };
     let mut response = Response::from_data(stored.value.clone());
     if let Some(h) = header("Content-Type", "application/octet-stream") {

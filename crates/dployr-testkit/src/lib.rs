@@ -35,7 +35,6 @@
 
 pub mod blackhole;
 pub mod cloudflare_emulator;
-pub mod erd;
 pub mod local;
 pub mod pgbouncer;
 pub mod private;

@@ -17,11 +17,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::{Connection as _, PgConnection};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use crate::TestkitError;
-use crate::local::{RunAs, check_reachable, free_port};
+use crate::local::{RunAs, check_reachable, free_port, spawn_guardian, stop_child};
 
 /// PgBouncer's pooling mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,13 +132,14 @@ impl PgBouncer {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| TestkitError::io(format!("starting {}", binary.display()), e))?;
-        let (guardian, guardian_pipe) = match spawn_guardian(dir, child.id()) {
-            Ok(pair) => pair,
-            Err(error) => {
-                stop(&mut child);
-                return Err(error);
-            }
-        };
+        let (guardian, guardian_pipe) =
+            match spawn_guardian("dployr-pgbouncer-guardian", GUARDIAN_SCRIPT, dir, child.id()) {
+                Ok(pair) => pair,
+                Err(error) => {
+                    stop_child(&mut child, Signal::SIGINT);
+                    return Err(error);
+                }
+            };
         let mut bouncer =
             Self { child, port, user: user.to_owned(), dir: dir.to_owned(), _guardian_pipe: guardian_pipe, guardian };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -173,7 +173,7 @@ impl PgBouncer {
 
     /// Stops PgBouncer and deletes its directory. Safe to call twice.
     pub fn stop(&mut self) {
-        stop(&mut self.child);
+        stop_child(&mut self.child, Signal::SIGINT);
         let _ignored = fs::remove_dir_all(&self.dir);
         let _ignored = self.guardian.kill();
         let _ignored = self.guardian.wait();
@@ -186,37 +186,9 @@ impl Drop for PgBouncer {
     }
 }
 
-/// SIGINT (PgBouncer's immediate shutdown), and wait.
-fn stop(child: &mut Child) {
-    if let Ok(None) = child.try_wait()
-        && let Ok(pid) = i32::try_from(child.id())
-    {
-        let _ignored = kill(Pid::from_raw(pid), Signal::SIGINT);
-    }
-    let _ignored = child.wait();
-}
-
-/// A `sh` that waits for EOF on its stdin (this process's end closes
-/// however this process ends), then stops PgBouncer and deletes its dir.
-fn spawn_guardian(dir: &Path, pid: u32) -> Result<(Child, ChildStdin), TestkitError> {
-    const SCRIPT: &str = r#"
-trap '' INT TERM HUP
-read -r _ignored
+/// What PgBouncer's guardian does once this process is gone: stop it
+/// (SIGINT, its immediate shutdown) and delete its directory.
+const GUARDIAN_SCRIPT: &str = r#"
 kill -INT "$2" 2>/dev/null
 rm -rf "$1"
 "#;
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg("dployr-pgbouncer-guardian")
-        .arg(dir)
-        .arg(pid.to_string())
-        .process_group(0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| TestkitError::io("starting PgBouncer's clean-up guardian (/bin/sh)".into(), e))?;
-    let pipe = child.stdin.take().ok_or_else(|| TestkitError::Setup("the guardian has no stdin pipe".into()))?;
-    Ok((child, pipe))
-}

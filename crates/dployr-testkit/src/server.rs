@@ -191,12 +191,6 @@ impl TestServer {
         self.kind
     }
 
-    /// How long choosing, starting and preparing the server (template
-    /// included) took.
-    pub fn startup_time(&self) -> Duration {
-        self.startup
-    }
-
     /// The directory of the client binaries matching a local server, if any.
     pub fn bindir(&self) -> Option<&Path> {
         self.bindir.as_deref()

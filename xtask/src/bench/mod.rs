@@ -19,7 +19,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use dployr_data::kv::{MemoryKv, PgKv};
-use dployr_data::pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgUserStore};
+use dployr_data::pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgUserStore, RecordStatements};
 use dployr_data::{
     AsyncDataLayer, BootstrapTokenStore, ClusterStore, Config, Cursor, DataLayer, Email, InstanceStore,
     KvBackendConfig, KvStore, Metadata, NewInstance, NewUser, Page, PgPool, PoolConfig, Provider, SessionId,
@@ -374,7 +374,7 @@ fn bench(options: &Options) -> Result<(), Failure> {
     let stores = Arc::new(Stores::open(db.url(), pool_config)?);
     let recording = Stores::open(
         db.url(),
-        PoolConfig { max_size: 1, record_statements: true, record_binds: true, ..PoolConfig::default() },
+        PoolConfig { max_size: 1, record_statements: RecordStatements::SqlWithBinds, ..PoolConfig::default() },
     )?;
 
     let kv_memory = KvStore::new(Arc::new(MemoryKv::new()));

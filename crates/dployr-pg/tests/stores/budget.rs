@@ -7,12 +7,18 @@
 //! inside an explicit transaction: the row is decoded before the commit, so
 //! one that cannot be read back is rolled back instead of committed behind
 //! an error (test `writes::a_row_that_cannot_be_decoded_is_rolled_back`).
+//!
+//! Each measured call is also one `dployr.store` span named for the
+//! operation (the budget's name up to ` (`) whose `statements` field is the
+//! count measured here: span names are typed by hand in every method, and
+//! this is where all of them are checked.
 
 use dployr_domain::{
     BootstrapTokenStore, ClusterPatch, ClusterStore, GitHubIntegration, InstanceStore, Metadata, NewInstance, NewUser,
     Page, Provider, Role, UserPatch, UserStore,
 };
 use dployr_pg::StatementStats;
+use dployr_testkit::spans::SpanCapture;
 use serde_json::json;
 
 use crate::fixture::{Fixture, email};
@@ -20,16 +26,27 @@ use crate::fixture::{Fixture, email};
 /// (operation, statements, explicit transactions)
 type Budget = (&'static str, u64, u64);
 
+/// What one measured call sent, and the (op, statements) of the spans that
+/// closed during it.
+type Measured = (StatementStats, Vec<(String, String)>);
+
 fn check(
     f: &Fixture,
-    budgets: &mut Vec<(Budget, StatementStats)>,
+    budgets: &mut Vec<(Budget, Measured)>,
     name: &'static str,
     statements: u64,
     transactions: u64,
     op: impl FnOnce(),
 ) {
-    let ((), stats) = f.measure(op);
-    budgets.push(((name, statements, transactions), stats));
+    let capture = SpanCapture::default();
+    let ((), stats) = capture.during(|| f.measure(op));
+    let spans = capture
+        .spans()
+        .into_iter()
+        .filter(|span| span.name == "dployr.store")
+        .map(|span| (span.fields["op"].clone(), span.fields["statements"].clone()))
+        .collect();
+    budgets.push(((name, statements, transactions), (stats, spans)));
 }
 
 #[test]
@@ -178,7 +195,13 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
 
     let mut report = String::from("operation | statements | transactions\n");
     let mut wrong = Vec::new();
-    for ((name, statements, transactions), stats) in &b {
+    for ((name, statements, transactions), (stats, spans)) in &b {
+        // One span, named for the operation, counting what was measured.
+        let op = name.split(" (").next().unwrap_or(name);
+        let expected_span = [(op.to_owned(), stats.statements.to_string())];
+        if spans.as_slice() != expected_span {
+            wrong.push(format!("{name}: expected the one span {expected_span:?}, closed {spans:?}"));
+        }
         report.push_str(&format!("{name} | {} | {}\n", stats.statements, stats.transactions));
         if (stats.statements, stats.transactions) != (*statements, *transactions) {
             wrong.push(format!(

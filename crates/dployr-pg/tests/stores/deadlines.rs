@@ -56,7 +56,8 @@ fn a_transaction_that_outlives_its_deadline_on_a_live_server_is_cancelled_and_it
     let started = Instant::now();
     // Each statement stays under statement_timeout; together they do not.
     let error = pool
-        .bounded(|conn| {
+        .operation("test.call")
+        .run(|conn| {
             conn.transaction(|conn| {
                 for _ in 0..5 {
                     diesel::sql_query("SELECT pg_sleep(0.6)").execute(conn)?;
@@ -75,8 +76,10 @@ fn a_transaction_that_outlives_its_deadline_on_a_live_server_is_cancelled_and_it
     assert_eq!((stats.expired, stats.sockets_shut_down), (1, 0), "the cancel ended it: {stats:?}");
     assert_eq!(stats.discarded, 1, "{stats:?}");
     assert_eq!(pool.state().0, 0, "the cancelled connection is not kept");
-    let one: i32 =
-        pool.bounded(|conn| diesel::select(1.into_sql::<diesel::sql_types::Integer>()).get_result(conn)).unwrap();
+    let one: i32 = pool
+        .operation("test.call")
+        .run(|conn| diesel::select(1.into_sql::<diesel::sql_types::Integer>()).get_result(conn))
+        .unwrap();
     assert_eq!(one, 1, "a new connection serves");
 }
 
@@ -89,7 +92,8 @@ fn a_call_in_flight_when_the_link_goes_silent_ends_within_the_bound_and_its_conn
         let pool = pool.clone();
         thread::spawn(move || {
             let started = Instant::now();
-            let result = pool.bounded(|conn| diesel::sql_query("SELECT pg_sleep(0.5)").execute(conn));
+            let result =
+                pool.operation("test.call").run(|conn| diesel::sql_query("SELECT pg_sleep(0.5)").execute(conn));
             (result, started.elapsed())
         })
     };

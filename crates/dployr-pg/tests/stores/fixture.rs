@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use diesel::prelude::*;
 use dployr_domain::{Cluster, ClusterStore, Email, NewUser, Provider, User, UserStore};
 use dployr_pg::{
-    PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig, StatementStats,
+    PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig, RecordStatements,
+    StatementStats,
 };
 use dployr_testkit::TestDatabase;
 
@@ -113,5 +114,5 @@ pub fn email(address: &str) -> Email {
 
 /// A fixture whose pool records the SQL text of its statements.
 pub fn recording() -> Fixture {
-    Fixture::with_pool(PoolConfig { max_size: 1, record_statements: true, ..PoolConfig::default() })
+    Fixture::with_pool(PoolConfig { max_size: 1, record_statements: RecordStatements::Sql, ..PoolConfig::default() })
 }

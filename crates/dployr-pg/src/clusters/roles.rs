@@ -1,0 +1,125 @@
+//! The locking helpers of the membership writes: the cluster lock every
+//! such write takes first, and `clusters.update`'s roles as one statement
+//! ([`SetRoles`]) after the listed users are key-share locked, in the lock
+//! order of ARCHITECTURE.md (clusters, users, memberships, totals).
+
+use std::collections::BTreeMap;
+
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment};
+use diesel::sql_types::{Array, Text};
+use dployr_domain::{Role, StoreError, StoreResult, UserId};
+
+use crate::errors::Failure;
+use crate::schema::{clusters, users};
+use crate::statement::hand_written_statement;
+
+/// Locks the cluster row for a membership change; `NotFound` if it is gone.
+pub(super) fn lock_cluster(conn: &mut PgConnection, cluster: &str) -> Result<(), Failure> {
+    let found =
+        clusters::table.find(cluster).select(clusters::id).for_no_key_update().first::<String>(conn).optional()?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(StoreError::not_found("cluster", cluster).into()),
+    }
+}
+
+/// The desired non-owner role of each user: the highest they are listed under.
+pub(super) fn desired_roles(roles: &BTreeMap<Role, Vec<UserId>>) -> StoreResult<BTreeMap<String, Role>> {
+    let mut desired = BTreeMap::new();
+    for (role, users) in roles {
+        if *role == Role::Owner {
+            return Err(StoreError::invalid("roles", "cannot name an owner; use transfer_ownership"));
+        }
+        for user in users {
+            let entry = desired.entry(user.to_string()).or_insert(*role);
+            *entry = (*entry).max(*role);
+        }
+    }
+    Ok(desired)
+}
+
+/// The membership writes of `clusters.update`'s roles as one statement: the
+/// members not listed go, the listed ones are inserted or get their role
+/// (the owner keeps ownership even when listed under another role):
+///
+/// ```sql
+/// WITH removed AS (
+///     DELETE FROM user_clusters
+///      WHERE cluster_id = $1 AND role <> 'owner' AND user_id <> ALL($2))
+/// INSERT INTO user_clusters (user_id, cluster_id, role)
+/// SELECT listed.user_id, $3, listed.role FROM unnest($4, $5) AS listed (user_id, role)
+///                                     -- $3 is the cluster again, $4 the users again
+/// ON CONFLICT (user_id, cluster_id) DO UPDATE SET role = excluded.role
+///  WHERE user_clusters.role <> 'owner'
+/// ```
+///
+/// One statement, not two, so that the listing totals of `cluster_counts`
+/// (updated by statement-level triggers) are locked once, after every
+/// membership row this write locks: the lock order that keeps the stores
+/// free of deadlocks (memberships, then totals; ARCHITECTURE.md). The two
+/// parts touch different users, so neither sees the other's rows.
+struct SetRoles<'a> {
+    cluster: &'a str,
+    users: &'a [&'a str],
+    roles: &'a [&'a str],
+}
+
+impl QueryFragment<Pg> for SetRoles<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH removed AS (\n    DELETE FROM user_clusters\n     WHERE cluster_id = ");
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(" AND role <> 'owner' AND user_id <> ALL(");
+        out.push_bind_param::<Array<Text>, _>(&self.users)?;
+        out.push_sql("))\nINSERT INTO user_clusters (user_id, cluster_id, role)\nSELECT listed.user_id, ");
+        out.push_bind_param::<Text, _>(&self.cluster)?;
+        out.push_sql(", listed.role FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.users)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.roles)?;
+        out.push_sql(
+            ") AS listed (user_id, role)\nON CONFLICT (user_id, cluster_id) DO UPDATE SET role = excluded.role\n \
+             WHERE user_clusters.role <> 'owner'",
+        );
+        Ok(())
+    }
+}
+
+hand_written_statement!(SetRoles);
+
+/// Makes the cluster's non-owner memberships exactly `desired` (the owner,
+/// if listed, keeps ownership). Runs under the cluster lock.
+pub(super) fn set_roles(
+    conn: &mut PgConnection,
+    cluster: &str,
+    desired: &BTreeMap<String, Role>,
+) -> Result<(), Failure> {
+    let listed: Vec<&str> = desired.keys().map(String::as_str).collect();
+    // The listed users, key-share locked in id order before any membership
+    // (the lock order of ARCHITECTURE.md): a concurrent users.delete of one
+    // of them either finished (and they are reported missing here) or waits.
+    let found: Vec<String> = if listed.is_empty() {
+        Vec::new()
+    } else {
+        users::table.filter(users::id.eq_any(&listed)).order(users::id).select(users::id).for_key_share().load(conn)?
+    };
+    if found.len() < listed.len() {
+        let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.iter().any(|f| f == user)).collect();
+        return Err(StoreError::not_found("user", missing.join(", ")).into());
+    }
+    let roles: Vec<&str> = desired.values().map(|role| role.as_str()).collect();
+    SetRoles { cluster, users: &listed, roles: &roles }.execute(conn)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SetRoles;
+
+    #[test]
+    fn the_doc_comment_holds_the_statement_sent() {
+        let statement = SetRoles { cluster: "c", users: &["u1", "u2"], roles: &["admin", "viewer"] };
+        crate::statement::assert_documented(include_str!("roles.rs"), "SetRoles", &statement);
+    }
+}

@@ -1,0 +1,149 @@
+//! [`Operation`]: the one way store code reaches the database. An operation
+//! is opened by name ([`PgPool::operation`]), carries what its errors need
+//! (the rows it references), measures itself in a `tracing` span, and runs
+//! its statement or transaction on a pooled connection within the call
+//! deadline, running it again when it failed for a passing reason. The
+//! stores of this crate and the PostgreSQL key-value backend of `dployr-kv`
+//! all go through it, so a deadline, a retry rule or a span field is
+//! written once.
+
+use std::time::{Duration, Instant};
+
+use diesel::PgConnection;
+use diesel::result::QueryResult;
+use dployr_domain::StoreError;
+use tracing::field::Empty;
+use tracing::span::EnteredSpan;
+
+use crate::PgPool;
+use crate::errors::{Failure, Keys};
+use crate::routes::{Read, Route};
+
+/// How many times an operation runs a transaction (or statement) that failed
+/// for a passing reason: a deadlock, a serialization failure, a lock not
+/// available, or a race the store itself detected.
+const ATTEMPTS: u32 = 3;
+
+/// One running store operation, from [`PgPool::operation`]: a `tracing`
+/// span `dployr.store` with the operation's name (e.g. `"clusters.get"`),
+/// which records when dropped how many statements this thread sent
+/// meanwhile (exact, whatever other threads do) and how long it took.
+/// Spans carry the name only, never arguments, so never a secret.
+#[must_use = "the operation runs through `run` and is measured until it is dropped"]
+pub struct Operation<'p> {
+    pool: &'p PgPool,
+    name: &'static str,
+    /// For a read: where it may go (see `routes`); `None` for a write.
+    read: Option<Read>,
+    /// The rows this operation references, by entity, so a foreign key that
+    /// finds one missing is `NotFound` naming it: `("cluster", id)`.
+    references: Vec<(&'static str, String)>,
+    span: EnteredSpan,
+    started: Instant,
+    statements_before: u64,
+}
+
+impl std::fmt::Debug for Operation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The keys are ids, but nothing of an operation's input is printed.
+        f.debug_struct("Operation").field("span", &self.span).finish_non_exhaustive()
+    }
+}
+
+impl<'p> Operation<'p> {
+    pub(crate) fn new(pool: &'p PgPool, name: &'static str) -> Self {
+        let span = tracing::debug_span!("dployr.store", op = name, statements = Empty, duration_us = Empty).entered();
+        Self {
+            pool,
+            name,
+            read: None,
+            references: Vec::new(),
+            span,
+            started: Instant::now(),
+            statements_before: crate::trace::statements_so_far(),
+        }
+    }
+
+    /// The operation of the store read `read`, named for it, which
+    /// [`run`](Self::run) sends where [`Read::route`] allows (a replica, or
+    /// the primary).
+    pub(crate) fn read(pool: &'p PgPool, read: Read) -> Self {
+        let mut operation = Self::new(pool, read.name());
+        operation.read = Some(read);
+        operation
+    }
+
+    /// Names a row this operation references (`"cluster"`, its id), so a
+    /// foreign-key violation on it is `NotFound` with that key.
+    pub(crate) fn referencing(mut self, entity: &'static str, key: &impl ToString) -> Self {
+        self.references.push((entity, key.to_string()));
+        self
+    }
+
+    /// Runs one read (or a single-statement write) on a pooled connection,
+    /// outside any explicit transaction, within the call deadline (see
+    /// [`DeadlineConfig`](crate::DeadlineConfig)): the checkout and `work`
+    /// together end by `statement_timeout` + margin (+ grace if the server
+    /// does not answer the cancel), and a connection whose call overran is
+    /// discarded. A statement that failed for a passing reason (it was
+    /// rolled back) runs again, up to three times in all. Errors are mapped
+    /// as [`store_error`](crate::store_error) maps them.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] naming the deadline when it passed, or
+    /// when no connection came in time; `work`'s error, mapped, otherwise.
+    pub fn run<T>(&self, mut work: impl FnMut(&mut PgConnection) -> QueryResult<T>) -> Result<T, StoreError> {
+        if let Some(read) = self.read
+            && read.route() == Route::Replica
+            && let Some(replicas) = &self.pool.replicas
+        {
+            if let Some(value) = replicas.read(read.name(), &self.references, &mut work)? {
+                return Ok(value);
+            }
+            ::metrics::counter!(crate::metrics::ROUTED_READS, "op" => read.name(), "server" => "primary").increment(1);
+        }
+        self.pool.run_statement(&self.references, work)
+    }
+
+    /// Runs `work` in one transaction, rolled back on any error, as
+    /// [`run`](Self::run) runs a statement; a transaction that failed for a
+    /// passing reason runs again, whole, so `work` must hold no state of its
+    /// own across attempts.
+    pub(crate) fn transaction<T>(
+        &self,
+        work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
+    ) -> Result<T, StoreError> {
+        self.pool.run_transaction(&self.references, work)
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for a lasting reason, or has
+/// run [`ATTEMPTS`] times; waits a little, with jitter, between attempts so
+/// that the transactions that collided do not collide again. `keys` name the
+/// rows a foreign-key error may find missing.
+pub(crate) fn retrying<T>(keys: Keys<'_>, mut attempt: impl FnMut() -> Result<T, Failure>) -> Result<T, StoreError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(failure) if attempts < ATTEMPTS && failure.is_worth_retrying() => {
+                let wait = Duration::from_micros(rand::random_range(1_000..=5_000) * u64::from(attempts));
+                tracing::debug!(attempt = attempts, wait_us = wait.as_micros() as u64, failure = ?failure, "dployr.store retry");
+                std::thread::sleep(wait);
+            }
+            Err(failure) => return Err(failure.into_store_error(keys)),
+        }
+    }
+}
+
+impl Drop for Operation<'_> {
+    fn drop(&mut self) {
+        let statements = crate::trace::statements_so_far() - self.statements_before;
+        let elapsed = self.started.elapsed();
+        crate::metrics::operation_finished(self.name, elapsed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.span.record("statements", statements);
+        self.span.record("duration_us", micros);
+    }
+}

@@ -1,0 +1,281 @@
+//! A PostgreSQL cluster made from the local server binaries: `initdb` into a
+//! directory, `postgres` on a free loopback port with a private socket
+//! directory. This module finds the binaries and holds what both lifetimes
+//! of a cluster share; the lifetimes are its two submodules.
+//!
+//! [`EphemeralCluster`] (tests: a temp dir, `fsync=off`, the server a child
+//! of this process, stopped and deleted when the process ends, whatever way
+//! it ends) and [`DevCluster`] (`cargo xtask db up`: a persistent cluster
+//! under `.dployr/dev`, started with `pg_ctl` so it outlives the command).
+//!
+//! `initdb` and `postgres` refuse to run as root; when this process is root
+//! they run as the `postgres` system user (else `nobody`), with the uid and
+//! gid switched by `std::process::Command` itself.
+
+mod dev;
+mod ephemeral;
+
+use std::fs::{self, File};
+use std::io::Read as _;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use diesel::{Connection as _, PgConnection};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, User, geteuid};
+
+use crate::TestkitError;
+
+pub use dev::DevCluster;
+pub use ephemeral::{EphemeralCluster, ephemeral_parent_dir};
+
+/// Where the server binaries are looked for, in order, for error messages.
+pub const BINDIR_SEARCH: &str = "$DPLOYR_PG_BINDIR, `pg_config --bindir`, /usr/lib/postgresql/*/bin, $PATH";
+
+/// How long a server may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often a starting or stopping server is looked at.
+const POLL: Duration = Duration::from_millis(20);
+
+/// How many last lines of the server's log an error quotes.
+const LOG_TAIL_LINES: usize = 15;
+
+/// Finds the directory holding `initdb`, `postgres` and `pg_ctl`.
+pub fn find_bindir() -> Option<PathBuf> {
+    locate_bindir().ok()
+}
+
+/// [`find_bindir`], saying why not: a `DPLOYR_PG_BINDIR` that does not hold
+/// the server binaries is named with its value (it stops the search, so
+/// the other places were not looked at), and otherwise the places searched.
+///
+/// # Errors
+/// [`TestkitError::Setup`] with that sentence.
+pub fn locate_bindir() -> Result<PathBuf, TestkitError> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = std::env::var_os("DPLOYR_PG_BINDIR").map(PathBuf::from) {
+        if has_server(&dir) {
+            return Ok(dir);
+        }
+        return Err(TestkitError::Setup(format!(
+            "DPLOYR_PG_BINDIR={} does not hold initdb and postgres (so nothing else was searched): \
+             point it at the server binaries' directory (e.g. /usr/lib/postgresql/15/bin) or unset it",
+            dir.display()
+        )));
+    }
+    find_bindir_elsewhere().ok_or_else(|| {
+        TestkitError::Setup(format!("no PostgreSQL server binaries (initdb, postgres) found; searched {BINDIR_SEARCH}"))
+    })
+}
+
+fn find_bindir_elsewhere() -> Option<PathBuf> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_server(&dir) {
+            return Some(dir);
+        }
+    }
+    // Debian and Ubuntu keep the server binaries off PATH; take the newest.
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, dir)| has_server(dir))
+        .collect();
+    versions.sort();
+    if let Some((_, dir)) = versions.pop() {
+        return Some(dir);
+    }
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|dir| has_server(dir))
+}
+
+/// The account the server runs as: none (this process's own) unless root.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunAs {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+}
+
+impl RunAs {
+    pub(crate) fn for_this_process() -> Result<Option<Self>, TestkitError> {
+        if !geteuid().is_root() {
+            return Ok(None);
+        }
+        for name in ["postgres", "nobody"] {
+            if let Ok(Some(user)) = User::from_name(name) {
+                return Ok(Some(Self { uid: user.uid, gid: user.gid }));
+            }
+        }
+        Err(TestkitError::Setup(
+            "running as root, and neither a `postgres` nor a `nobody` user exists to run the server as \
+             (initdb refuses root); create one, or run the tests as an ordinary user"
+                .into(),
+        ))
+    }
+
+    pub(crate) fn apply(self, command: &mut Command) -> &mut Command {
+        // std calls setgroups(0) before setuid when it runs as root, so the
+        // child keeps none of root's supplementary groups.
+        command.uid(self.uid.as_raw()).gid(self.gid.as_raw())
+    }
+
+    pub(crate) fn own(self, path: &Path) -> Result<(), TestkitError> {
+        std::os::unix::fs::chown(path, Some(self.uid.as_raw()), Some(self.gid.as_raw()))
+            .map_err(|e| TestkitError::io(format!("giving {} to the server's user", path.display()), e))
+    }
+}
+
+fn command(bindir: &Path, program: &str, run_as: Option<RunAs>) -> Command {
+    let mut command = Command::new(bindir.join(program));
+    if let Some(run_as) = run_as {
+        run_as.apply(&mut command);
+    }
+    // The server's user may not be allowed into the caller's working directory.
+    command.current_dir("/");
+    command
+}
+
+fn run(command: &mut Command, what: &str) -> Result<(), TestkitError> {
+    let out = command.stdin(Stdio::null()).output().map_err(|e| TestkitError::io(what.to_owned(), e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(TestkitError::Setup(format!(
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    )))
+}
+
+pub(crate) fn free_port() -> Result<u16, TestkitError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| TestkitError::io("finding a free port".into(), e))?;
+    let port = listener.local_addr().map_err(|e| TestkitError::io("finding a free port".into(), e))?.port();
+    Ok(port)
+}
+
+fn initdb(bindir: &Path, data: &Path, run_as: Option<RunAs>) -> Result<(), TestkitError> {
+    run(
+        command(bindir, "initdb", run_as)
+            .arg("--pgdata")
+            .arg(data)
+            .args(["--username=postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
+            .arg("--no-instructions"),
+        "initdb",
+    )
+}
+
+fn tail_of(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        let _ignored = file.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+/// The URL of database `dbname` on a local cluster listening on `port`.
+pub fn local_url(port: u16, dbname: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:{port}/{dbname}")
+}
+
+fn wait_until_ready(port: u16, log: &Path, mut exited: impl FnMut() -> bool) -> Result<(), TestkitError> {
+    let url = local_url(port, "postgres");
+    let started = Instant::now();
+    loop {
+        if PgConnection::establish(&url).is_ok() {
+            return Ok(());
+        }
+        if exited() {
+            return Err(TestkitError::Setup(format!(
+                "postgres exited while starting; its log ends:\n{}",
+                tail_of(log)
+            )));
+        }
+        if started.elapsed() > START_TIMEOUT {
+            return Err(TestkitError::Setup(format!(
+                "postgres did not accept connections within {START_TIMEOUT:?}; its log ends:\n{}",
+                tail_of(log)
+            )));
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Sends `signal` to `child` if it still runs (the server's or PgBouncer's
+/// immediate shutdown), and waits for it.
+pub(crate) fn stop_child(child: &mut Child, signal: Signal) {
+    if let Ok(None) = child.try_wait()
+        && let Ok(pid) = i32::try_from(child.id())
+    {
+        let _ignored = kill(Pid::from_raw(pid), signal);
+    }
+    let _ignored = child.wait();
+}
+
+/// Starts a guardian: a `sh` running `script` with `$1` = `dir` and `$2` =
+/// `pid`, once EOF arrives on its stdin. This process holds the other end of
+/// that pipe, which closes when this process ends, however it ends; the
+/// script then stops the process and deletes its directory. The guardian's
+/// own process group keeps the terminal's Ctrl-C away from it, so it cleans
+/// up after `cargo test` is interrupted too.
+pub(crate) fn spawn_guardian(
+    name: &str,
+    script: &str,
+    dir: &Path,
+    pid: u32,
+) -> Result<(Child, ChildStdin), TestkitError> {
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("trap '' INT TERM HUP\nread -r _ignored\n{script}"))
+        .arg(name)
+        .arg(dir)
+        .arg(pid.to_string())
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| TestkitError::io(format!("starting the clean-up guardian {name} (/bin/sh)"), e))?;
+    let pipe = child.stdin.take().ok_or_else(|| TestkitError::Setup("the guardian has no stdin pipe".into()))?;
+    Ok((child, pipe))
+}
+
+pub(crate) fn process_alive(pid: i32) -> bool {
+    // Signal 0 checks existence; EPERM means it exists under another user.
+    !matches!(kill(Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
+}
+
+/// The server's user must be able to walk down to the cluster directory.
+pub(crate) fn check_reachable(dir: &Path) -> Result<(), TestkitError> {
+    let mut current = Some(dir);
+    while let Some(path) = current {
+        if let Ok(meta) = fs::metadata(path)
+            && meta.permissions().mode() & 0o001 == 0
+        {
+            return Err(TestkitError::Setup(format!(
+                "the server runs as the `postgres` user (this process is root), which cannot enter {} \
+                     (mode {:o}); chmod o+x it, point TMPDIR elsewhere, or set DATABASE_URL to a server of your own",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )));
+        }
+        current = path.parent();
+    }
+    Ok(())
+}
