@@ -260,19 +260,26 @@ fn measure(
     for handle in handles {
         latencies.extend(handle.join().map_err(|_| "a benchmark thread panicked")??);
     }
-    latencies.sort_unstable();
-    let ops = latencies.len() as u64;
-    let at = |q: f64| {
-        Duration::from_micros(u64::from(latencies.get(((ops as f64 - 1.0) * q) as usize).copied().unwrap_or(0)))
-    };
-    let sent = stores.pool.stats() - before;
-    Ok(Measured {
-        ops,
-        ops_per_sec: ops as f64 / seconds.as_secs_f64(),
-        p50: at(0.50),
-        p99: at(0.99),
-        statements_per_op: if ops == 0 { 0.0 } else { sent.statements as f64 / ops as f64 },
-    })
+    Ok(Measured::of(latencies, seconds, (stores.pool.stats() - before).statements))
+}
+
+impl Measured {
+    /// The figures of one run: every call's latency in µs, the run's
+    /// length, and the statements the pool sent meanwhile.
+    fn of(mut latencies: Vec<u32>, seconds: Duration, statements: u64) -> Self {
+        latencies.sort_unstable();
+        let ops = latencies.len() as u64;
+        let at = |q: f64| {
+            Duration::from_micros(u64::from(latencies.get(((ops as f64 - 1.0) * q) as usize).copied().unwrap_or(0)))
+        };
+        Self {
+            ops,
+            ops_per_sec: ops as f64 / seconds.as_secs_f64(),
+            p50: at(0.50),
+            p99: at(0.99),
+            statements_per_op: if ops == 0 { 0.0 } else { statements as f64 / ops as f64 },
+        }
+    }
 }
 
 /// The name of the async facade's row, next to the synchronous `users.get_by_email`.
@@ -316,19 +323,7 @@ fn measure_async(data: &AsyncDataLayer, email: &Email, tasks: usize, seconds: Du
         for handle in handles {
             latencies.extend(handle.await.map_err(|_| "a benchmark task panicked")??);
         }
-        latencies.sort_unstable();
-        let ops = latencies.len() as u64;
-        let at = |q: f64| {
-            Duration::from_micros(u64::from(latencies.get(((ops as f64 - 1.0) * q) as usize).copied().unwrap_or(0)))
-        };
-        let sent = pool.stats() - before;
-        Ok(Measured {
-            ops,
-            ops_per_sec: ops as f64 / seconds.as_secs_f64(),
-            p50: at(0.50),
-            p99: at(0.99),
-            statements_per_op: if ops == 0 { 0.0 } else { sent.statements as f64 / ops as f64 },
-        })
+        Ok(Measured::of(latencies, seconds, (pool.stats() - before).statements))
     })
 }
 

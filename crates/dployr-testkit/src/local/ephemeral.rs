@@ -158,6 +158,11 @@ impl EphemeralCluster {
         let ready = wait_until_ready(port, &log_path, || matches!(cluster.server.try_wait(), Ok(Some(_))));
         if let Err(error) = ready {
             stop_child(&mut cluster.server, Signal::SIGQUIT);
+            // The next attempt (another port) reuses this directory. Dropping
+            // the pipe would let the guardian delete it, data and all: the
+            // guardian goes first.
+            let _ignored = cluster.guardian.kill();
+            let _ignored = cluster.guardian.wait();
             return Err(error);
         }
         Ok(cluster)
