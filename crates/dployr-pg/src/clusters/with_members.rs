@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment};
-use diesel::sql_types::{Array, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Jsonb, Nullable, Text, Timestamptz};
 use dployr_domain::{Cluster, StoreError, StoreResult};
 use serde_json::Value;
 
@@ -13,67 +13,65 @@ use super::{ClusterRow, MemberRow, cluster_from};
 use crate::errors::Failure;
 use crate::statement::hand_written_statement;
 
-/// The result of [`ClusterWithMembers`]: the cluster once, its members as
-/// one array per column (all of one length, in one unspecified order).
+/// One row of [`ClusterWithMembers`]: the cluster (`role` is NULL) or one
+/// of its members (`id` is the user's, `created_at` when they joined).
+/// (Read by position instead of by name, 51 rows decoded no faster in
+/// `cargo xtask bench`.)
 #[derive(QueryableByName)]
-pub(super) struct ClusterWithMembersRow {
+pub(super) struct ClusterOrMember {
     #[diesel(sql_type = Text)]
     id: String,
     #[diesel(sql_type = Text)]
     name: String,
-    #[diesel(sql_type = diesel::sql_types::Jsonb)]
-    metadata: Value,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    metadata: Option<Value>,
     #[diesel(sql_type = Timestamptz)]
     created_at: DateTime<Utc>,
-    #[diesel(sql_type = Timestamptz)]
-    updated_at: DateTime<Utc>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    member_ids: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    member_emails: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    member_names: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Nullable<Text>>>)]
-    member_pictures: Option<Vec<Option<String>>>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    member_roles: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Timestamptz>>)]
-    member_since: Option<Vec<DateTime<Utc>>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    updated_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    email: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    picture: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    role: Option<String>,
 }
 
-/// A cluster with its members, in one statement whose one row holds the
-/// cluster once and each member once, as one array per column:
+/// A cluster with its members, in one statement whose rows are the cluster
+/// once and each member once, in no promised order:
 ///
 /// ```sql
-/// SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at, m.*
-///   FROM clusters c,
-///        (SELECT array_agg(user_id) AS member_ids, array_agg(email) AS member_emails,
-///                array_agg(name) AS member_names, array_agg(picture) AS member_pictures,
-///                array_agg(role) AS member_roles, array_agg(created_at) AS member_since
-///           FROM user_clusters
-///          WHERE cluster_id = $1) AS m
-///  WHERE c.id = $2            -- the same id
+/// SELECT id, name, metadata, created_at, updated_at,
+///        NULL::text AS email, NULL::text AS picture, NULL::text AS role
+///   FROM clusters
+///  WHERE id = $1
+/// UNION ALL
+/// SELECT user_id, name, NULL, created_at, NULL, email, picture, role
+///   FROM user_clusters
+///  WHERE cluster_id = $2      -- the same id
 /// ```
 ///
-/// Why this shape, measured with pgbench on a 50-member cluster:
-/// - Arrays of plain columns cost the server about half of an array of
-///   records (`ROW(...)`, whose output function looks up each column's
-///   type for every record), and a join would repeat the cluster row,
-///   metadata included, for every member and decode it as many times.
-/// - The aggregates have no `ORDER BY`: PostgreSQL 15 sorts the input of
-///   each ordered aggregate separately (six sorts here). The store puts the
-///   members in listing order itself (role rank, then e-mail by its bytes,
-///   which is the column's `COLLATE "C"` order, `005_member_email_order`).
-/// - The subquery names the id itself rather than `c.id`: planned against a
-///   correlated `c.id`, PostgreSQL estimates the members of an average
-///   cluster, and where one cluster is huge it hashes every membership
-///   (34 ms instead of 0.2 ms for 50 members beside a 100 000-member
-///   cluster).
+/// Why this shape, measured with pgbench on a 50-member cluster beside a
+/// 100 000-member one (PostgreSQL 15):
+/// - A join would repeat the cluster row, metadata included, for every
+///   member, and decode it as many times; here the cluster's columns come
+///   once and a member's row carries NULLs in their place.
+/// - One row per member costs the server less than one row of arrays
+///   (about 1.18× the throughput of `array_agg` per column, which in turn
+///   was about twice an array of `ROW(...)` records, whose output looks up
+///   each column's type for every record).
+/// - No `ORDER BY`: the store tells the cluster's row by its NULL role and
+///   puts the members in listing order itself (role rank, then e-mail by
+///   its bytes, which is the column's `COLLATE "C"` order,
+///   `005_member_email_order`): a sort in the server costs more than one
+///   pass over 50 rows in the store.
+/// - Each branch names the id itself: each is one index range
+///   (`clusters_pkey`, `user_clusters_cluster_id_order_idx`), whatever the
+///   size of other clusters.
 ///
-/// The members come from one range of `user_clusters_cluster_id_order_idx`,
-/// with the copies of each member's e-mail, name and picture that the
-/// membership keeps (no lookup into `users`); arrays travel in PostgreSQL's
-/// binary format: no JSON to parse.
+/// One statement, so one snapshot: the members are those of the cluster
+/// row returned. The members' e-mail, name and picture are the copies the
+/// membership keeps (no lookup into `users`).
 struct ClusterWithMembers<'a> {
     cluster: &'a str,
 }
@@ -81,14 +79,15 @@ struct ClusterWithMembers<'a> {
 impl QueryFragment<Pg> for ClusterWithMembers<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(
-            "SELECT c.id, c.name, c.metadata, c.created_at, c.updated_at, m.*\n  FROM clusters c,\n       \
-             (SELECT array_agg(user_id) AS member_ids, array_agg(email) AS member_emails,\n               \
-             array_agg(name) AS member_names, array_agg(picture) AS member_pictures,\n               \
-             array_agg(role) AS member_roles, array_agg(created_at) AS member_since\n          \
-             FROM user_clusters\n         WHERE cluster_id = ",
+            "SELECT id, name, metadata, created_at, updated_at,\n       \
+             NULL::text AS email, NULL::text AS picture, NULL::text AS role\n  \
+             FROM clusters\n WHERE id = ",
         );
         out.push_bind_param::<Text, _>(&self.cluster)?;
-        out.push_sql(") AS m\n WHERE c.id = ");
+        out.push_sql(
+            "\nUNION ALL\nSELECT user_id, name, NULL, created_at, NULL, email, picture, role\n  \
+             FROM user_clusters\n WHERE cluster_id = ",
+        );
         out.push_bind_param::<Text, _>(&self.cluster)?;
         Ok(())
     }
@@ -101,52 +100,56 @@ pub(super) fn load_cluster(conn: &mut PgConnection, cluster: &str) -> Result<Opt
     Ok(select(conn, cluster)?.map(Cluster::try_from).transpose()?)
 }
 
-/// The row of the cluster with its members, undecoded: `clusters.get`
-/// decodes it after the connection went back to the pool.
-pub(super) fn select(conn: &mut PgConnection, cluster: &str) -> QueryResult<Option<ClusterWithMembersRow>> {
-    ClusterWithMembers { cluster }.get_result(conn).optional()
+/// The rows of the cluster with its members, undecoded (`None`: no such
+/// cluster): `clusters.get` decodes them after the connection went back to
+/// the pool.
+pub(super) fn select(conn: &mut PgConnection, cluster: &str) -> QueryResult<Option<ClusterRows>> {
+    let rows: Vec<ClusterOrMember> = ClusterWithMembers { cluster }.load(conn)?;
+    Ok((!rows.is_empty()).then_some(ClusterRows(rows)))
 }
 
-impl TryFrom<ClusterWithMembersRow> for Cluster {
+/// The rows of [`ClusterWithMembers`] for a cluster that exists.
+pub(super) struct ClusterRows(Vec<ClusterOrMember>);
+
+impl TryFrom<ClusterRows> for Cluster {
     type Error = StoreError;
 
-    fn try_from(row: ClusterWithMembersRow) -> StoreResult<Cluster> {
-        let ids = row.member_ids.unwrap_or_default();
-        let count = ids.len();
-        let emails = row.member_emails.unwrap_or_default();
-        let names = row.member_names.unwrap_or_default();
-        let pictures = row.member_pictures.unwrap_or_default();
-        let roles = row.member_roles.unwrap_or_default();
-        let since = row.member_since.unwrap_or_default();
-        if [emails.len(), names.len(), pictures.len(), roles.len(), since.len()].iter().any(|len| *len != count) {
-            return Err(StoreError::Backend {
-                message: "clusters.get: the member arrays have different lengths".into(),
-                source: None,
-            });
+    fn try_from(ClusterRows(rows): ClusterRows) -> StoreResult<Cluster> {
+        let mut cluster = None;
+        let mut members = Vec::with_capacity(rows.len().saturating_sub(1));
+        for row in rows {
+            match (row.role, row.email) {
+                (Some(role), Some(email)) => members.push(MemberRow {
+                    user_id: row.id,
+                    email,
+                    name: row.name,
+                    picture: row.picture,
+                    role,
+                    created_at: row.created_at,
+                }),
+                (None, None) if cluster.is_none() => {
+                    cluster = Some(ClusterRow {
+                        id: row.id,
+                        name: row.name,
+                        metadata: row.metadata.unwrap_or_default(),
+                        created_at: row.created_at,
+                        updated_at: row.updated_at.unwrap_or(row.created_at),
+                    });
+                }
+                _ => {
+                    return Err(StoreError::Backend {
+                        message: "clusters.get: a row that is neither the cluster nor a member".into(),
+                        source: None,
+                    });
+                }
+            }
         }
-        let members = ids
-            .into_iter()
-            .zip(emails)
-            .zip(names)
-            .zip(pictures)
-            .zip(roles)
-            .zip(since)
-            .map(|(((((user_id, email), name), picture), role), created_at)| MemberRow {
-                user_id,
-                email,
-                name,
-                picture,
-                role,
-                created_at,
-            })
-            .collect();
-        let cluster = ClusterRow {
-            id: row.id,
-            name: row.name,
-            metadata: row.metadata,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-        };
+        // Members without their cluster cannot come from one snapshot (the
+        // foreign key); say so rather than invent a cluster.
+        let cluster = cluster.ok_or(StoreError::Backend {
+            message: "clusters.get: members without their cluster".into(),
+            source: None,
+        })?;
         cluster_from(cluster, members)
     }
 }
