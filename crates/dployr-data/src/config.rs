@@ -315,6 +315,11 @@ impl Config {
                 urls.split(',').map(str::trim).filter(|url| !url.is_empty()).map(str::to_owned).collect();
         }
         if let Some(ms) = parsed::<u64>(&var, REPLICA_MAX_LAG_VAR, "milliseconds")? {
+            // 0 would skip every replica whose last sample saw any lag at
+            // all: replicas configured but silently never read from.
+            if ms == 0 {
+                return Err(configuration(REPLICA_MAX_LAG_VAR, "must be at least 1 ms"));
+            }
             config.replicas.max_lag = Duration::from_millis(ms);
         }
         if let Some(migrate) = flag(&var, MIGRATE_ON_START_VAR)? {

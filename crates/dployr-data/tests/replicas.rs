@@ -30,8 +30,37 @@ fn the_replica_variables_are_read_and_the_urls_never_printed() {
     let defaults = Config::from_vars(vars(&[("DATABASE_URL", "postgres://db/app")])).unwrap();
     assert!(defaults.replica_urls.is_empty());
     assert_eq!(defaults.replicas.max_lag, Duration::from_secs(1));
-    let error = Config::from_vars(vars(&[("DATABASE_URL", "x"), ("DPLOYR_DB_REPLICA_MAX_LAG_MS", "1s")])).unwrap_err();
-    assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_REPLICA_MAX_LAG_MS", .. }), "{error}");
+    for bad in ["1s", "0", "-5", "99999999999999999999999", "1\u{0}0"] {
+        let error =
+            Config::from_vars(vars(&[("DATABASE_URL", "x"), ("DPLOYR_DB_REPLICA_MAX_LAG_MS", bad)])).unwrap_err();
+        assert!(
+            matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_REPLICA_MAX_LAG_MS", .. }),
+            "{bad:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn a_replica_url_that_is_not_a_url_is_refused_naming_the_variable_and_no_secret() {
+    let db = dployr_testkit::database();
+    for bad in ["not a url", "postgres://u:secret-9@127.0.0.1:1/x\u{0}y", "mysql://u:secret-9@host/db"] {
+        let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_replicas([bad.to_owned()]);
+        match DataLayer::open(config) {
+            Err(error) => {
+                assert!(
+                    matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_REPLICA_URLS", .. }),
+                    "{bad:?}: {error}"
+                );
+                assert!(!format!("{error} {error:?}").contains("secret-9"), "{bad:?}: {error:?}");
+            }
+            // Taken as a replica that is down: out of rotation, never read.
+            Ok(data) => {
+                let health = data.health();
+                assert!(!health.replicas[0].in_rotation, "{bad:?}: {health:?}");
+                assert!(!format!("{health:?}").contains("secret-9"), "{bad:?}: {health:?}");
+            }
+        }
+    }
 }
 
 #[test]
