@@ -467,3 +467,32 @@ fn a_session_with_an_address_of_an_older_rule_still_reads_back() {
     let read = store.get_session(&id).unwrap().unwrap();
     assert_eq!((read.user_id, read.email.as_str()), (session.user_id, "old@rule"));
 }
+
+#[test]
+fn a_session_whose_index_entry_fails_is_taken_back_and_the_caller_gets_the_error() {
+    use std::sync::Mutex;
+    let mut kv = dployr_domain::MockKvBackend::new();
+    kv.expect_limits().returning(dployr_domain::KvLimits::default);
+    let written: Arc<Mutex<Vec<String>>> = Arc::default();
+    let deleted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = Arc::clone(&written);
+    kv.expect_put().times(2).returning(move |key, _, _| {
+        log.lock().unwrap().push(key.to_owned());
+        if key.starts_with("user_sessions:") {
+            Err(dployr_domain::StoreError::Unavailable { reason: "down".into(), source: None })
+        } else {
+            Ok(())
+        }
+    });
+    let log = Arc::clone(&deleted);
+    kv.expect_delete().times(1).returning(move |key| {
+        log.lock().unwrap().push(key.to_owned());
+        Ok(())
+    });
+    let store = KvStore::new(Arc::new(kv));
+    let result = store.create_session(&SessionId::generate(), &sample_user(1), sample_clusters());
+    assert!(matches!(result, Err(dployr_domain::StoreError::Unavailable { .. })), "{result:?}");
+    let written = written.lock().unwrap();
+    assert!(written[0].starts_with("session:") && written[1].starts_with("user_sessions:"), "{written:?}");
+    assert_eq!(*deleted.lock().unwrap(), [written[0].clone()], "the session written first is deleted");
+}

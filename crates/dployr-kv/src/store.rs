@@ -380,7 +380,15 @@ impl KvStore {
         self.kv.put(&key, &value, Some(self.config.session_ttl))?;
         // After the session, so that an entry listed by
         // `delete_user_sessions` never names a session still to be written.
-        self.user_sessions.add(&user.id.to_string(), &key, Some(self.config.session_ttl))?;
+        if let Err(error) = self.user_sessions.add(&user.id.to_string(), &key, Some(self.config.session_ttl)) {
+            // The caller gets an error and hands out no cookie: take the
+            // session back too, so no session is left that signing out
+            // everywhere could not find. If this delete fails as well, the
+            // session is unreachable (its id was never given out) and
+            // expires with its TTL.
+            let _ignored = self.kv.delete(&key);
+            return Err(error);
+        }
         Ok(session)
     }
 
