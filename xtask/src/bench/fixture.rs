@@ -16,6 +16,9 @@ pub const DEEP_ROWS: i64 = 100_000;
 pub const TOKENS: i64 = 200_000;
 /// Users signing in again, round robin, for `users.upsert`.
 pub const SIGN_IN_USERS: i64 = 1_000;
+/// Small clusters besides the benchmark's own: an owner, two developers and
+/// three instances each.
+pub const SMALL_CLUSTERS: i64 = 10_000;
 
 /// Ids the benchmark's operations use.
 pub struct Fixture {
@@ -46,6 +49,10 @@ pub fn load(conn: &mut PgConnection) -> Result<Fixture, Failure> {
     let team_instance = id_sql('3', "n + 100");
     let deep_instance = id_sql('6', "n");
     let sign_in = id_sql('7', "n");
+    let small_cluster = id_sql('8', "n");
+    let small_user = id_sql('9', "n");
+    let small_instance = id_sql('A', "n * 3 + i");
+    let small_member = id_sql('9', &format!("(n + i) % {SMALL_CLUSTERS} + 1"));
     conn.batch_execute(&format!(
         "
         INSERT INTO users (id, email, name, provider) VALUES
@@ -91,6 +98,21 @@ pub fn load(conn: &mut PgConnection) -> Result<Fixture, Failure> {
         -- users who sign in again (users.upsert of an existing user).
         INSERT INTO users (id, email, name, provider)
             SELECT {sign_in}, 'signin' || n || '@bench.io', 'Sign-in ' || n, 'google' FROM generate_series(1, {SIGN_IN_USERS}) n;
+
+        -- small clusters: an owner each, two developers who own clusters of
+        -- their own, three instances.
+        INSERT INTO users (id, email, name, provider)
+            SELECT {small_user}, 'small' || n || '@bench.io', 'Small ' || n, 'github' FROM generate_series(1, {SMALL_CLUSTERS}) n;
+        INSERT INTO clusters (id, name)
+            SELECT {small_cluster}, 'small ' || n FROM generate_series(1, {SMALL_CLUSTERS}) n;
+        INSERT INTO user_clusters (user_id, cluster_id, role)
+            SELECT {small_user}, {small_cluster}, 'owner' FROM generate_series(1, {SMALL_CLUSTERS}) n;
+        INSERT INTO user_clusters (user_id, cluster_id, role)
+            SELECT {small_member}, {small_cluster}, 'developer'
+            FROM generate_series(1, {SMALL_CLUSTERS}) n, generate_series(1, 2) i;
+        INSERT INTO instances (id, cluster_id, address, tag)
+            SELECT {small_instance}, {small_cluster}, '10.2.' || n || '.' || i, 'small-' || n || '-' || i
+            FROM generate_series(1, {SMALL_CLUSTERS}) n, generate_series(0, 2) i;
         "
     ))?;
     // Its own statement: VACUUM cannot run in the implicit transaction of a
