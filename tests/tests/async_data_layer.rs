@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use dployr_data::kv::RetryPolicy;
 use dployr_data::{
-    AsyncDataLayer, CloudflareConfig, Config, DataLayer, Email, KvBackendConfig, NewInstance, NewUser, Page, Provider,
-    Role, SessionId, StoreError,
+    AsyncDataLayer, CloudflareConfig, Config, DataLayer, Email, KvBackendConfig, NewInstance, NewUser, Page,
+    PoolConfig, Provider, Role, SessionId, StoreError,
 };
 use dployr_testkit::{CloudflareEmulator, TestDatabase};
 
@@ -206,4 +206,85 @@ async fn run_gives_a_closure_the_data_layer_for_a_read_your_writes_scope() {
     // What the closure returns comes back as it is, errors included.
     let error = data.run(|_| Err::<(), _>(StoreError::invalid("x", "refused"))).await.unwrap_err();
     assert!(matches!(error, StoreError::Invalid { field: "x", .. }), "{error}");
+}
+
+/// A data layer on `db` whose pool, and so the facade, has one connection
+/// and one thread, and whose checkout timeout is `checkout_timeout`.
+async fn one_thread(db: &TestDatabase, checkout_timeout: Duration) -> AsyncDataLayer {
+    let pool = PoolConfig { max_size: 1, connection_timeout: checkout_timeout, ..PoolConfig::default() };
+    AsyncDataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_pool(pool)).await.unwrap()
+}
+
+/// Holds the facade's only thread until the returned sender is dropped.
+async fn hold_the_thread(data: &AsyncDataLayer) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (started, running) = tokio::sync::oneshot::channel();
+    let holder = tokio::spawn({
+        let data = data.clone();
+        async move {
+            data.run(move |_| {
+                let _ = started.send(());
+                let _ = released.recv();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        }
+    });
+    running.await.unwrap();
+    (release, holder)
+}
+
+/// A call that waited in the queue longer than the pool's checkout timeout
+/// fails with `Unavailable`, as a checkout that timed out does, and its
+/// write never happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_queued_longer_than_the_checkout_timeout_is_unavailable_and_does_not_run() {
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, Duration::from_secs(1)).await;
+    let (release, holder) = hold_the_thread(&data).await;
+    let queued = tokio::spawn({
+        let data = data.clone();
+        async move { data.users().upsert(NewUser::new(email("late@example.io"), Provider::Github)).await }
+    });
+    // Queued for longer than the timeout, however busy the machine.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    drop(release);
+    holder.await.unwrap();
+    let error = queued.await.unwrap().unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(error.to_string().contains("no connection within"), "{error}");
+    assert_eq!(data.users().get_by_email(&email("late@example.io")).await.unwrap(), None);
+}
+
+/// A call whose future is dropped while it waits in the queue (a client
+/// that hung up, a timeout) does not run.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_dropped_while_queued_does_not_run() {
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, Duration::from_secs(30)).await;
+    let (release, holder) = hold_the_thread(&data).await;
+    let users = data.users();
+    let upsert = users.upsert(NewUser::new(email("gone@example.io"), Provider::Github));
+    assert!(tokio::time::timeout(Duration::from_millis(50), upsert).await.is_err(), "the only thread is held");
+    drop(release);
+    holder.await.unwrap();
+    assert_eq!(data.users().get_by_email(&email("gone@example.io")).await.unwrap(), None);
+}
+
+/// A panic in a call goes on in the caller, as in a synchronous call, and
+/// the thread it ran on lives on: the facade's only thread serves the next
+/// call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_call_reaches_the_caller_and_the_thread_serves_on() {
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, Duration::from_secs(30)).await;
+    let panicked = tokio::spawn({
+        let data = data.clone();
+        async move { data.run(|_| -> dployr_data::StoreResult<()> { panic!("a bug in a store") }).await }
+    })
+    .await
+    .unwrap_err();
+    assert!(panicked.is_panic());
+    assert_eq!(data.users().get_by_email(&email("nobody@example.io")).await.unwrap(), None);
 }

@@ -515,6 +515,12 @@ impl PgPool {
         self.deadlines.stats()
     }
 
+    /// How long a checkout waits for a connection before failing with
+    /// [`StoreError::Unavailable`] ([`PoolConfig::connection_timeout`]).
+    pub fn connection_timeout(&self) -> Duration {
+        self.connection_timeout
+    }
+
     /// The longest a store call ([`Operation::run`]) may
     /// take: call timeout + margin + grace.
     pub fn call_bound(&self) -> Duration {

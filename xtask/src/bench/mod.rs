@@ -296,7 +296,7 @@ fn measure_async(data: &AsyncDataLayer, email: &Email, tasks: usize, seconds: Du
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
     let pool = data.blocking()?.pool().clone();
     runtime.block_on(async {
-        // Warm-up, not measured: the blocking pool's threads started, connections opened.
+        // Warm-up, not measured: connections opened, the facade's threads running.
         let warm_up = Instant::now() + WARM_UP;
         while Instant::now() < warm_up {
             data.users().get_by_email(email).await?;
