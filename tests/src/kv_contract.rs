@@ -30,7 +30,7 @@ use chrono::Utc;
 use dployr_domain::{
     ClusterId, ClusterSummary, Email, KvBackend, MAX_TTL, Metadata, Provider, StoreError, User, UserId,
 };
-use dployr_kv::{KvStore, OAuthState, SessionId};
+use dployr_kv::{Clock, KvStore, OAuthState, SessionId};
 
 /// What a backend promises beyond its API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,13 @@ pub trait KvFixture {
     fn advance(&self, by: Duration);
     /// What the backend promises; the suite checks exactly these.
     fn guarantees(&self) -> Guarantees;
+    /// The clock a store that keeps time of its own over this backend
+    /// (`KvSessionStore`'s memory of its recent writes) reads, moved by
+    /// [`advance`](Self::advance) with the backend's; `None` (the default):
+    /// the system clock, for a backend on which such a store keeps none.
+    fn clock(&self) -> Option<Arc<dyn Clock>> {
+        None
+    }
 }
 
 /// How many threads the concurrency checks run on.

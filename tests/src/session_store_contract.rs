@@ -5,11 +5,15 @@
 //! loads back, a save replaces it, a delete removes it, an expired record
 //! never loads, `create` never overwrites a taken id), and what this store
 //! adds (hashed keys, expiry mapped to the backend's TTL range, sign-out of
-//! all of a user's sessions).
+//! all of a user's sessions). The store reads the fixture's
+//! [`clock`](KvFixture::clock), so that [`KvFixture::advance`] moves the
+//! store's time with the backend's.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use dployr_kv::Clock;
 use dployr_tower_sessions::KvSessionStore;
 use time::OffsetDateTime;
 use tower_sessions_core::SessionStore;
@@ -21,7 +25,21 @@ use crate::kv_contract::{KvFixture, list_all};
 const USER_FIELD: &str = "user_id";
 
 fn store(f: &dyn KvFixture) -> KvSessionStore {
-    KvSessionStore::new(f.kv()).with_user_field(USER_FIELD)
+    let store = KvSessionStore::new(f.kv()).with_user_field(USER_FIELD);
+    match f.clock() {
+        Some(clock) => store.with_clock(FixtureClock(clock)),
+        None => store,
+    }
+}
+
+/// The fixture's clock as the store takes one.
+#[derive(Debug)]
+struct FixtureClock(Arc<dyn Clock>);
+
+impl Clock for FixtureClock {
+    fn now(&self) -> SystemTime {
+        self.0.now()
+    }
 }
 
 /// Runs `work` to its end on a runtime of one thread.

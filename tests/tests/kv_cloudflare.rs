@@ -11,17 +11,18 @@
 
 #![cfg(test)]
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use dployr_domain::{KvBackend, StoreError};
-use dployr_kv::{CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy};
+use dployr_kv::{Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy};
 use dployr_testkit::CloudflareEmulator;
 use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid};
 
 struct Cloudflare {
     emulator: CloudflareEmulator,
     kv: Arc<CloudflareKv>,
+    clock: EmulatorClock,
 }
 
 impl KvFixture for Cloudflare {
@@ -31,10 +32,34 @@ impl KvFixture for Cloudflare {
 
     fn advance(&self, by: Duration) {
         self.emulator.advance(by);
+        self.clock.advance(by);
     }
 
     fn guarantees(&self) -> Guarantees {
         Guarantees::NONE
+    }
+
+    fn clock(&self) -> Option<Arc<dyn Clock>> {
+        Some(Arc::new(self.clock.clone()))
+    }
+}
+
+/// The emulator's clock, for a store over it: the system clock plus how far
+/// the fixture moved the emulator's, so both move together.
+#[derive(Debug, Clone, Default)]
+struct EmulatorClock {
+    ahead: Arc<Mutex<Duration>>,
+}
+
+impl EmulatorClock {
+    fn advance(&self, by: Duration) {
+        *self.ahead.lock().unwrap() += by;
+    }
+}
+
+impl Clock for EmulatorClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + *self.ahead.lock().unwrap()
     }
 }
 
@@ -54,7 +79,7 @@ fn config_for(emulator: &CloudflareEmulator) -> CloudflareConfig {
 fn cloudflare() -> Cloudflare {
     let emulator = CloudflareEmulator::start();
     let kv = Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap());
-    Cloudflare { emulator, kv }
+    Cloudflare { emulator, kv, clock: EmulatorClock::default() }
 }
 
 dployr_tests::kv_contract_tests!(cloudflare());
