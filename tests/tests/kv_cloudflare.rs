@@ -8,6 +8,11 @@
 //! or speak to the emulator directly, to prove it behaves like Cloudflare's
 //! documentation says and that the guarantees the suite does not claim for
 //! Cloudflare really do not hold there.
+//!
+//! The session store's contract runs twice: on the plain API with the rest
+//! of the suite, and with stale reads switched on ([`stale_reads`]), where
+//! the tower-sessions store answers from its memory of its own recent
+//! writes.
 
 #![cfg(test)]
 
@@ -82,7 +87,26 @@ fn cloudflare() -> Cloudflare {
     Cloudflare { emulator, kv, clock: EmulatorClock::default() }
 }
 
+/// How stale the emulator's reads are in the tests that switch them on:
+/// well within Cloudflare's 60 s, and long enough that no test outruns it.
+const STALE: Duration = Duration::from_secs(30);
+
+/// [`cloudflare`] with reads [`STALE`] behind the writes.
+fn cloudflare_with_stale_reads() -> Cloudflare {
+    let cf = cloudflare();
+    cf.emulator.set_stale_reads(STALE);
+    cf
+}
+
 dployr_tests::kv_contract_tests!(cloudflare());
+
+/// The tower-sessions store's contract, unchanged, with every read of the
+/// backend [`STALE`] behind the writes.
+mod stale_reads {
+    use super::cloudflare_with_stale_reads;
+
+    dployr_tests::session_store_contract_tests!(cloudflare_with_stale_reads());
+}
 
 #[test]
 fn two_429s_then_success_is_success() {
