@@ -12,10 +12,11 @@
 //! The session store's contract runs twice: on the plain API with the rest
 //! of the suite, and with stale reads switched on ([`stale_reads`]), where
 //! the tower-sessions store answers from its memory of its own recent
-//! writes.
+//! writes; the tests after it prove that memory case by case.
 
 #![cfg(test)]
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +24,10 @@ use dployr_domain::{KvBackend, StoreError};
 use dployr_kv::{Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy};
 use dployr_testkit::CloudflareEmulator;
 use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid};
+use dployr_tower_sessions::{KvSessionStore, STALE_READ_WINDOW};
+use time::OffsetDateTime;
+use tower_sessions_core::SessionStore as _;
+use tower_sessions_core::session::{Id, Record};
 
 struct Cloudflare {
     emulator: CloudflareEmulator,
@@ -337,4 +342,116 @@ fn each_operation_span_counts_its_requests_429s_and_retries() {
     let take = spans.iter().find(|s| s.fields["op"] == "kv.cloudflare.take").unwrap();
     let field = |name: &str| take.fields.get(name).map(String::as_str);
     assert_eq!((field("requests"), field("throttled"), field("retries")), (Some("3"), Some("1"), Some("1")));
+}
+
+/// A tower-sessions store over the fixture's backend, on its clock, as one
+/// server process would hold it.
+fn session_store(cf: &Cloudflare) -> KvSessionStore {
+    KvSessionStore::new(cf.kv.clone()).with_user_field("user_id").with_clock(cf.clock.clone())
+}
+
+/// A session record expiring `in_secs` seconds from now on the fixture's
+/// clock, with `theme` in its data.
+fn session(cf: &Cloudflare, in_secs: i64, theme: &str) -> Record {
+    Record {
+        id: Id::default(),
+        data: HashMap::from([("theme".to_owned(), serde_json::Value::from(theme))]),
+        expiry_date: OffsetDateTime::from(cf.clock.now()) + time::Duration::seconds(in_secs),
+    }
+}
+
+/// The theme of what `store` loads for `id`, `None` if nothing loads.
+async fn loaded_theme(store: &KvSessionStore, id: &Id) -> Option<String> {
+    let record = store.load(id).await.unwrap()?;
+    Some(record.data["theme"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn a_created_or_saved_session_loads_back_at_once_in_this_process_despite_stale_reads() {
+    let cf = cloudflare_with_stale_reads();
+    let (store, elsewhere) = (session_store(&cf), session_store(&cf));
+    let mut created = session(&cf, 3600, "created");
+    store.create(&mut created).await.unwrap();
+    let saved = session(&cf, 3600, "saved");
+    store.save(&saved).await.unwrap();
+    assert_eq!(loaded_theme(&store, &created.id).await.as_deref(), Some("created"));
+    assert_eq!(loaded_theme(&store, &saved.id).await.as_deref(), Some("saved"));
+    assert_eq!(loaded_theme(&store.clone(), &saved.id).await.as_deref(), Some("saved"), "clones share the memory");
+    // What the memory does not cover: another process reads the stale backend.
+    assert_eq!(loaded_theme(&elsewhere, &saved.id).await, None);
+}
+
+#[tokio::test]
+async fn a_session_saved_twice_loads_its_second_version_despite_stale_reads() {
+    let cf = cloudflare_with_stale_reads();
+    let store = session_store(&cf);
+    let mut record = session(&cf, 3600, "first");
+    store.save(&record).await.unwrap();
+    // The first version is what the stale backend answers from now on.
+    cf.advance(STALE + Duration::from_secs(1));
+    record.data.insert("theme".into(), "second".into());
+    store.save(&record).await.unwrap();
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("second"));
+    assert_eq!(loaded_theme(&store.clone(), &record.id).await.as_deref(), Some("second"));
+    assert_eq!(loaded_theme(&session_store(&cf), &record.id).await.as_deref(), Some("first"), "elsewhere: stale");
+}
+
+#[tokio::test]
+async fn a_deleted_session_does_not_load_despite_stale_reads() {
+    let cf = cloudflare_with_stale_reads();
+    let store = session_store(&cf);
+    let record = session(&cf, 3600, "dark");
+    store.save(&record).await.unwrap();
+    // The record is what the stale backend answers from now on.
+    cf.advance(STALE + Duration::from_secs(1));
+    store.delete(&record.id).await.unwrap();
+    assert_eq!(loaded_theme(&store, &record.id).await, None);
+    assert_eq!(loaded_theme(&store.clone(), &record.id).await, None);
+    assert_eq!(loaded_theme(&session_store(&cf), &record.id).await.as_deref(), Some("dark"), "elsewhere: stale");
+}
+
+#[tokio::test]
+async fn a_remembered_session_past_its_expiry_date_does_not_load() {
+    let cf = cloudflare_with_stale_reads();
+    let store = session_store(&cf);
+    // Expires within the memory's window (its TTL is raised to Cloudflare's 60 s).
+    let record = session(&cf, 20, "short");
+    store.save(&record).await.unwrap();
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("short"));
+    cf.advance(Duration::from_secs(25));
+    assert_eq!(loaded_theme(&store, &record.id).await, None);
+}
+
+#[tokio::test]
+async fn after_the_window_the_store_reads_the_backend_again() {
+    let cf = cloudflare_with_stale_reads();
+    let (store, elsewhere) = (session_store(&cf), session_store(&cf));
+    let mut record = session(&cf, 3600, "mine");
+    store.save(&record).await.unwrap();
+    record.data.insert("theme".into(), "theirs".into());
+    elsewhere.save(&record).await.unwrap();
+    // Within the window this process prefers its own write.
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("mine"));
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("theirs"));
+}
+
+#[tokio::test]
+async fn the_memory_of_writes_holds_only_those_of_the_last_window() {
+    let cf = cloudflare_with_stale_reads();
+    let store = session_store(&cf);
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let record = session(&cf, 3600, &format!("n{n}"));
+        store.save(&record).await.unwrap();
+        ids.push(record.id);
+    }
+    store.delete(&ids[0]).await.unwrap();
+    assert_eq!(store.remembered_writes(), 20, "one entry per record key, the deletion replacing the save");
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    store.save(&session(&cf, 3600, "later")).await.unwrap();
+    assert_eq!(store.remembered_writes(), 1, "the entries whose window passed were dropped");
+    // Forgotten, the older ones load from the backend, which has caught up.
+    assert_eq!(loaded_theme(&store, &ids[0]).await, None);
+    assert_eq!(loaded_theme(&store, &ids[1]).await.as_deref(), Some("n1"));
 }
