@@ -28,6 +28,7 @@ use dployr_tower_sessions::{KvSessionStore, STALE_READ_WINDOW};
 use time::OffsetDateTime;
 use tower_sessions_core::SessionStore as _;
 use tower_sessions_core::session::{Id, Record};
+use tower_sessions_core::session_store;
 
 struct Cloudflare {
     emulator: CloudflareEmulator,
@@ -454,4 +455,89 @@ async fn the_memory_of_writes_holds_only_those_of_the_last_window() {
     // Forgotten, the older ones load from the backend, which has caught up.
     assert_eq!(loaded_theme(&store, &ids[0]).await, None);
     assert_eq!(loaded_theme(&store, &ids[1]).await.as_deref(), Some("n1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_saves_of_one_session_under_the_write_limit_succeeds_or_fails_typed_and_loses_nothing() {
+    let cf = cloudflare_with_stale_reads();
+    cf.emulator.limit_writes_per_key(true);
+    let store = session_store(&cf);
+    let first = session(&cf, 3600, "v0");
+    store.save(&first).await.unwrap();
+    let before = cf.kv.request_counts();
+    // Each save is one write to the record's key (no user, so no index
+    // entry); the first comes within a second of v0's, so it is throttled.
+    let burst: Vec<_> = (1..=4)
+        .map(|n| {
+            let (store, mut record) = (store.clone(), first.clone());
+            record.data.insert("theme".into(), format!("v{n}").into());
+            tokio::spawn(async move { (format!("v{n}"), store.save(&record).await) })
+        })
+        .collect();
+    let mut saved = Vec::new();
+    for task in burst {
+        let (version, result) = task.await.expect("a save panicked");
+        match result {
+            Ok(()) => saved.push(version),
+            Err(session_store::Error::Backend(message)) => assert!(message.contains("Cloudflare KV put"), "{message}"),
+            Err(other) => panic!("expected Ok or a backend error, got {other:?}"),
+        }
+    }
+    let after = cf.kv.request_counts();
+    assert!(after.throttled > before.throttled, "the write limit was not hit: {after:?}");
+    assert!(!saved.is_empty(), "the client retries 429: some save gets through");
+    let here = loaded_theme(&store, &first.id).await.unwrap();
+    assert!(saved.contains(&here), "this process loads {here}, not one of the saves that returned Ok: {saved:?}");
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    let stored = loaded_theme(&session_store(&cf), &first.id).await.unwrap();
+    assert!(saved.contains(&stored), "the backend holds {stored}, not one of the saves that returned Ok: {saved:?}");
+}
+
+/// [`cloudflare_with_stale_reads`] with Cloudflare's one write per second per
+/// key, and a client that does not retry: a second write to a key within a
+/// second fails.
+fn cloudflare_limiting_writes_without_retries() -> Cloudflare {
+    let emulator = CloudflareEmulator::start();
+    let config = CloudflareConfig {
+        retry: RetryPolicy { max_attempts: 1, ..config_for(&emulator).retry },
+        ..config_for(&emulator)
+    };
+    let kv = Arc::new(CloudflareKv::new(config).unwrap());
+    emulator.set_stale_reads(STALE);
+    emulator.limit_writes_per_key(true);
+    Cloudflare { emulator, kv, clock: EmulatorClock::default() }
+}
+
+#[tokio::test]
+async fn a_save_refused_by_the_write_limit_is_an_error_and_the_last_saved_version_still_loads() {
+    let cf = cloudflare_limiting_writes_without_retries();
+    let store = session_store(&cf);
+    let mut record = session(&cf, 3600, "first");
+    store.save(&record).await.unwrap();
+    record.data.insert("theme".into(), "refused".into());
+    match store.save(&record).await {
+        Err(session_store::Error::Backend(message)) => assert!(message.contains("Cloudflare KV put"), "{message}"),
+        other => panic!("expected a backend error for a throttled save, got {other:?}"),
+    }
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("first"));
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    assert_eq!(loaded_theme(&session_store(&cf), &record.id).await.as_deref(), Some("first"));
+}
+
+#[tokio::test]
+async fn a_sign_out_everywhere_that_failed_on_a_session_saved_here_finds_it_again_when_called_again() {
+    let cf = cloudflare_limiting_writes_without_retries();
+    let store = session_store(&cf);
+    let mut record = session(&cf, 3600, "ada's");
+    record.data.insert("user_id".into(), "ada".into());
+    store.save(&record).await.unwrap();
+    // Within a second of the save, the delete of the record is refused; the
+    // stale listing of ada's index is empty, so only the memory knows it.
+    let failed = store.delete_user_sessions("ada").await;
+    assert!(matches!(failed, Err(StoreError::Unavailable { .. })), "{failed:?}");
+    assert_eq!(loaded_theme(&store, &record.id).await, None, "signed out here even so");
+    cf.advance(Duration::from_secs(2));
+    assert_eq!(store.delete_user_sessions("ada").await.unwrap(), 1);
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    assert_eq!(loaded_theme(&session_store(&cf), &record.id).await, None, "the backend dropped it");
 }
