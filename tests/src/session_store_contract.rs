@@ -5,12 +5,18 @@
 //! loads back, a save replaces it, a delete removes it, an expired record
 //! never loads, `create` never overwrites a taken id), and what this store
 //! adds (hashed keys, expiry mapped to the backend's TTL range, sign-out of
-//! all of a user's sessions).
+//! all of a user's sessions). They hold on Cloudflare with stale reads too
+//! (`kv_cloudflare`'s `stale_reads` module runs them there), where the store
+//! answers from its memory of its own recent writes; the store reads the
+//! fixture's [`clock`](KvFixture::clock), so that [`KvFixture::advance`]
+//! moves the store's time with the backend's.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use dployr_tower_sessions::KvSessionStore;
+use dployr_kv::Clock;
+use dployr_tower_sessions::{KvSessionStore, STALE_READ_WINDOW};
 use time::OffsetDateTime;
 use tower_sessions_core::SessionStore;
 use tower_sessions_core::session::{Id, Record};
@@ -21,7 +27,21 @@ use crate::kv_contract::{KvFixture, list_all};
 const USER_FIELD: &str = "user_id";
 
 fn store(f: &dyn KvFixture) -> KvSessionStore {
-    KvSessionStore::new(f.kv()).with_user_field(USER_FIELD)
+    let store = KvSessionStore::new(f.kv()).with_user_field(USER_FIELD);
+    match f.clock() {
+        Some(clock) => store.with_clock(FixtureClock(clock)),
+        None => store,
+    }
+}
+
+/// The fixture's clock as the store takes one.
+#[derive(Debug)]
+struct FixtureClock(Arc<dyn Clock>);
+
+impl Clock for FixtureClock {
+    fn now(&self) -> SystemTime {
+        self.0.now()
+    }
 }
 
 /// Runs `work` to its end on a runtime of one thread.
@@ -168,6 +188,8 @@ pub fn session_store_keys_hold_no_session_or_user_id(f: &dyn KvFixture) {
     run(async {
         let mut r = record(3600, &[(USER_FIELD, "user-42")]);
         ok(store.create(&mut r).await, "create");
+        // Past any backend's staleness, so that a listing sees the write.
+        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
         let (keys, _) = list_all(f.kv().as_ref(), "", 100);
         assert!(keys.iter().any(|k| k.starts_with("tower_session:") && k.len() == "tower_session:".len() + 64));
         for key in keys {

@@ -8,20 +8,32 @@
 //! or speak to the emulator directly, to prove it behaves like Cloudflare's
 //! documentation says and that the guarantees the suite does not claim for
 //! Cloudflare really do not hold there.
+//!
+//! The session store's contract runs twice: on the plain API with the rest
+//! of the suite, and with stale reads switched on ([`stale_reads`]), where
+//! the tower-sessions store answers from its memory of its own recent
+//! writes; the tests after it prove that memory case by case.
 
 #![cfg(test)]
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use dployr_domain::{KvBackend, StoreError};
-use dployr_kv::{CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy};
+use dployr_kv::{Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy};
 use dployr_testkit::CloudflareEmulator;
 use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid};
+use dployr_tower_sessions::{KvSessionStore, STALE_READ_WINDOW};
+use time::OffsetDateTime;
+use tower_sessions_core::SessionStore as _;
+use tower_sessions_core::session::{Id, Record};
+use tower_sessions_core::session_store;
 
 struct Cloudflare {
     emulator: CloudflareEmulator,
     kv: Arc<CloudflareKv>,
+    clock: EmulatorClock,
 }
 
 impl KvFixture for Cloudflare {
@@ -31,10 +43,34 @@ impl KvFixture for Cloudflare {
 
     fn advance(&self, by: Duration) {
         self.emulator.advance(by);
+        self.clock.advance(by);
     }
 
     fn guarantees(&self) -> Guarantees {
         Guarantees::NONE
+    }
+
+    fn clock(&self) -> Option<Arc<dyn Clock>> {
+        Some(Arc::new(self.clock.clone()))
+    }
+}
+
+/// The emulator's clock, for a store over it: the system clock plus how far
+/// the fixture moved the emulator's, so both move together.
+#[derive(Debug, Clone, Default)]
+struct EmulatorClock {
+    ahead: Arc<Mutex<Duration>>,
+}
+
+impl EmulatorClock {
+    fn advance(&self, by: Duration) {
+        *self.ahead.lock().unwrap() += by;
+    }
+}
+
+impl Clock for EmulatorClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + *self.ahead.lock().unwrap()
     }
 }
 
@@ -54,10 +90,29 @@ fn config_for(emulator: &CloudflareEmulator) -> CloudflareConfig {
 fn cloudflare() -> Cloudflare {
     let emulator = CloudflareEmulator::start();
     let kv = Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap());
-    Cloudflare { emulator, kv }
+    Cloudflare { emulator, kv, clock: EmulatorClock::default() }
+}
+
+/// How stale the emulator's reads are in the tests that switch them on:
+/// well within Cloudflare's 60 s, and long enough that no test outruns it.
+const STALE: Duration = Duration::from_secs(30);
+
+/// [`cloudflare`] with reads [`STALE`] behind the writes.
+fn cloudflare_with_stale_reads() -> Cloudflare {
+    let cf = cloudflare();
+    cf.emulator.set_stale_reads(STALE);
+    cf
 }
 
 dployr_tests::kv_contract_tests!(cloudflare());
+
+/// The tower-sessions store's contract, unchanged, with every read of the
+/// backend [`STALE`] behind the writes.
+mod stale_reads {
+    use super::cloudflare_with_stale_reads;
+
+    dployr_tests::session_store_contract_tests!(cloudflare_with_stale_reads());
+}
 
 #[test]
 fn two_429s_then_success_is_success() {
@@ -288,4 +343,201 @@ fn each_operation_span_counts_its_requests_429s_and_retries() {
     let take = spans.iter().find(|s| s.fields["op"] == "kv.cloudflare.take").unwrap();
     let field = |name: &str| take.fields.get(name).map(String::as_str);
     assert_eq!((field("requests"), field("throttled"), field("retries")), (Some("3"), Some("1"), Some("1")));
+}
+
+/// A tower-sessions store over the fixture's backend, on its clock, as one
+/// server process would hold it.
+fn session_store(cf: &Cloudflare) -> KvSessionStore {
+    KvSessionStore::new(cf.kv.clone()).with_user_field("user_id").with_clock(cf.clock.clone())
+}
+
+/// A session record expiring `in_secs` seconds from now on the fixture's
+/// clock, with `theme` in its data.
+fn session(cf: &Cloudflare, in_secs: i64, theme: &str) -> Record {
+    Record {
+        id: Id::default(),
+        data: HashMap::from([("theme".to_owned(), serde_json::Value::from(theme))]),
+        expiry_date: OffsetDateTime::from(cf.clock.now()) + time::Duration::seconds(in_secs),
+    }
+}
+
+/// The theme of what `store` loads for `id`, `None` if nothing loads.
+async fn loaded_theme(store: &KvSessionStore, id: &Id) -> Option<String> {
+    let record = store.load(id).await.unwrap()?;
+    Some(record.data["theme"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn a_created_or_saved_session_loads_back_at_once_in_this_process_despite_stale_reads() {
+    let cf = cloudflare_with_stale_reads();
+    let (store, elsewhere) = (session_store(&cf), session_store(&cf));
+    let mut created = session(&cf, 3600, "created");
+    store.create(&mut created).await.unwrap();
+    let saved = session(&cf, 3600, "saved");
+    store.save(&saved).await.unwrap();
+    assert_eq!(loaded_theme(&store, &created.id).await.as_deref(), Some("created"));
+    assert_eq!(loaded_theme(&store, &saved.id).await.as_deref(), Some("saved"));
+    assert_eq!(loaded_theme(&store.clone(), &saved.id).await.as_deref(), Some("saved"), "clones share the memory");
+    // What the memory does not cover: another process reads the stale backend.
+    assert_eq!(loaded_theme(&elsewhere, &saved.id).await, None);
+}
+
+#[tokio::test]
+async fn a_session_saved_twice_loads_its_second_version_despite_stale_reads() {
+    let cf = cloudflare_with_stale_reads();
+    let store = session_store(&cf);
+    let mut record = session(&cf, 3600, "first");
+    store.save(&record).await.unwrap();
+    // The first version is what the stale backend answers from now on.
+    cf.advance(STALE + Duration::from_secs(1));
+    record.data.insert("theme".into(), "second".into());
+    store.save(&record).await.unwrap();
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("second"));
+    assert_eq!(loaded_theme(&store.clone(), &record.id).await.as_deref(), Some("second"));
+    assert_eq!(loaded_theme(&session_store(&cf), &record.id).await.as_deref(), Some("first"), "elsewhere: stale");
+}
+
+#[tokio::test]
+async fn a_deleted_session_does_not_load_despite_stale_reads() {
+    let cf = cloudflare_with_stale_reads();
+    let store = session_store(&cf);
+    let record = session(&cf, 3600, "dark");
+    store.save(&record).await.unwrap();
+    // The record is what the stale backend answers from now on.
+    cf.advance(STALE + Duration::from_secs(1));
+    store.delete(&record.id).await.unwrap();
+    assert_eq!(loaded_theme(&store, &record.id).await, None);
+    assert_eq!(loaded_theme(&store.clone(), &record.id).await, None);
+    assert_eq!(loaded_theme(&session_store(&cf), &record.id).await.as_deref(), Some("dark"), "elsewhere: stale");
+}
+
+#[tokio::test]
+async fn a_remembered_session_past_its_expiry_date_does_not_load() {
+    let cf = cloudflare_with_stale_reads();
+    let store = session_store(&cf);
+    // Expires within the memory's window (its TTL is raised to Cloudflare's 60 s).
+    let record = session(&cf, 20, "short");
+    store.save(&record).await.unwrap();
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("short"));
+    cf.advance(Duration::from_secs(25));
+    assert_eq!(loaded_theme(&store, &record.id).await, None);
+}
+
+#[tokio::test]
+async fn after_the_window_the_store_reads_the_backend_again() {
+    let cf = cloudflare_with_stale_reads();
+    let (store, elsewhere) = (session_store(&cf), session_store(&cf));
+    let mut record = session(&cf, 3600, "mine");
+    store.save(&record).await.unwrap();
+    record.data.insert("theme".into(), "theirs".into());
+    elsewhere.save(&record).await.unwrap();
+    // Within the window this process prefers its own write.
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("mine"));
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("theirs"));
+}
+
+#[tokio::test]
+async fn the_memory_of_writes_holds_only_those_of_the_last_window() {
+    let cf = cloudflare_with_stale_reads();
+    let store = session_store(&cf);
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let record = session(&cf, 3600, &format!("n{n}"));
+        store.save(&record).await.unwrap();
+        ids.push(record.id);
+    }
+    store.delete(&ids[0]).await.unwrap();
+    assert_eq!(store.remembered_writes(), 20, "one entry per record key, the deletion replacing the save");
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    store.save(&session(&cf, 3600, "later")).await.unwrap();
+    assert_eq!(store.remembered_writes(), 1, "the entries whose window passed were dropped");
+    // Forgotten, the older ones load from the backend, which has caught up.
+    assert_eq!(loaded_theme(&store, &ids[0]).await, None);
+    assert_eq!(loaded_theme(&store, &ids[1]).await.as_deref(), Some("n1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_saves_of_one_session_under_the_write_limit_succeeds_or_fails_typed_and_loses_nothing() {
+    let cf = cloudflare_with_stale_reads();
+    cf.emulator.limit_writes_per_key(true);
+    let store = session_store(&cf);
+    let first = session(&cf, 3600, "v0");
+    store.save(&first).await.unwrap();
+    let before = cf.kv.request_counts();
+    // Each save is one write to the record's key (no user, so no index
+    // entry); the first comes within a second of v0's, so it is throttled.
+    let burst: Vec<_> = (1..=4)
+        .map(|n| {
+            let (store, mut record) = (store.clone(), first.clone());
+            record.data.insert("theme".into(), format!("v{n}").into());
+            tokio::spawn(async move { (format!("v{n}"), store.save(&record).await) })
+        })
+        .collect();
+    let mut saved = Vec::new();
+    for task in burst {
+        let (version, result) = task.await.expect("a save panicked");
+        match result {
+            Ok(()) => saved.push(version),
+            Err(session_store::Error::Backend(message)) => assert!(message.contains("Cloudflare KV put"), "{message}"),
+            Err(other) => panic!("expected Ok or a backend error, got {other:?}"),
+        }
+    }
+    let after = cf.kv.request_counts();
+    assert!(after.throttled > before.throttled, "the write limit was not hit: {after:?}");
+    assert!(!saved.is_empty(), "the client retries 429: some save gets through");
+    let here = loaded_theme(&store, &first.id).await.unwrap();
+    assert!(saved.contains(&here), "this process loads {here}, not one of the saves that returned Ok: {saved:?}");
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    let stored = loaded_theme(&session_store(&cf), &first.id).await.unwrap();
+    assert!(saved.contains(&stored), "the backend holds {stored}, not one of the saves that returned Ok: {saved:?}");
+}
+
+/// [`cloudflare_with_stale_reads`] with Cloudflare's one write per second per
+/// key, and a client that does not retry: a second write to a key within a
+/// second fails.
+fn cloudflare_limiting_writes_without_retries() -> Cloudflare {
+    let emulator = CloudflareEmulator::start();
+    let config = CloudflareConfig {
+        retry: RetryPolicy { max_attempts: 1, ..config_for(&emulator).retry },
+        ..config_for(&emulator)
+    };
+    let kv = Arc::new(CloudflareKv::new(config).unwrap());
+    emulator.set_stale_reads(STALE);
+    emulator.limit_writes_per_key(true);
+    Cloudflare { emulator, kv, clock: EmulatorClock::default() }
+}
+
+#[tokio::test]
+async fn a_save_refused_by_the_write_limit_is_an_error_and_the_last_saved_version_still_loads() {
+    let cf = cloudflare_limiting_writes_without_retries();
+    let store = session_store(&cf);
+    let mut record = session(&cf, 3600, "first");
+    store.save(&record).await.unwrap();
+    record.data.insert("theme".into(), "refused".into());
+    match store.save(&record).await {
+        Err(session_store::Error::Backend(message)) => assert!(message.contains("Cloudflare KV put"), "{message}"),
+        other => panic!("expected a backend error for a throttled save, got {other:?}"),
+    }
+    assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("first"));
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    assert_eq!(loaded_theme(&session_store(&cf), &record.id).await.as_deref(), Some("first"));
+}
+
+#[tokio::test]
+async fn a_sign_out_everywhere_that_failed_on_a_session_saved_here_finds_it_again_when_called_again() {
+    let cf = cloudflare_limiting_writes_without_retries();
+    let store = session_store(&cf);
+    let mut record = session(&cf, 3600, "ada's");
+    record.data.insert("user_id".into(), "ada".into());
+    store.save(&record).await.unwrap();
+    // Within a second of the save, the delete of the record is refused; the
+    // stale listing of ada's index is empty, so only the memory knows it.
+    let failed = store.delete_user_sessions("ada").await;
+    assert!(matches!(failed, Err(StoreError::Unavailable { .. })), "{failed:?}");
+    assert_eq!(loaded_theme(&store, &record.id).await, None, "signed out here even so");
+    cf.advance(Duration::from_secs(2));
+    assert_eq!(store.delete_user_sessions("ada").await.unwrap(), 1);
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    assert_eq!(loaded_theme(&session_store(&cf), &record.id).await, None, "the backend dropped it");
 }

@@ -20,8 +20,9 @@
 //!   with atomic counters (memory, PostgreSQL) an id is claimed with one
 //!   (`increment` returns 1 to exactly one caller), so two creates of one id
 //!   cannot both win (the claim is one more small entry per session, with
-//!   the session's TTL); on Cloudflare the check is a read, which two
-//!   creates of the same 128-bit random id at once could both pass.
+//!   the session's TTL); on Cloudflare the check is a read (of this
+//!   process's recent writes first, see below), which two creates of the
+//!   same 128-bit random id at once could both pass.
 //! - **Sign out everywhere.** With [`KvSessionStore::with_user_field`], a
 //!   record whose data names a user under that field is also recorded in a
 //!   per-user index ([`UserSessionIndex`]), and
@@ -31,9 +32,38 @@
 //! - **Blocking.** The backends block, so each call runs on tokio's blocking
 //!   pool. A dropped future does not stop a write that started.
 //!
-//! On Cloudflare, whose reads may be up to 60 s stale, a deleted session may
-//! still load in another process for that long (`KvStore` additionally
-//! remembers its own deletions; this store does not).
+//! **Stale reads (Cloudflare).** Workers KV documents that a write may take
+//! up to 60 s to be seen, and tower-sessions saves and loads a session on
+//! every request: read straight from the backend, a session would not load
+//! right after sign-in, or load its old version, or still load after
+//! sign-out. So on a backend whose [`KvLimits::read_your_writes`] is false,
+//! the store remembers, in this process, what it last wrote to each record
+//! it saved, created or deleted in the last [`STALE_READ_WINDOW`], and
+//! answers `load` from that rather than from the backend while it is that
+//! recent (sending no request): a session saved here loads back at once, in
+//! its last saved version; one deleted here (or saved with an expiry
+//! already past, or signed out everywhere) does not load here again; a
+//! remembered record past its expiry date never loads. After the window the
+//! backend answers again, trusted to have caught up as Cloudflare
+//! documents. `create`'s check that an id is free asks the same memory
+//! first, and [`KvSessionStore::delete_user_sessions`] also deletes the
+//! user's sessions saved here in the window, which a stale listing of the
+//! user's index may not show yet. A save that fails leaves the memory as it
+//! was. Clones share the memory; each write drops the entries whose window
+//! has passed, so it holds the writes of the last window, a copy of each
+//! record. On memory and PostgreSQL none is kept.
+//!
+//! What still does not hold: the memory is this process's only. Another
+//! process (another server or region, or a store not cloned from this one)
+//! may read for up to 60 s what the backend held before: a session just
+//! created may not load there (a request that lands on another server finds
+//! no session), a saved one may load in its previous version, a deleted one
+//! may still load, and a sign-out everywhere there may miss sessions saved
+//! elsewhere in the last minute (see [`UserSessionIndex`]). Within the
+//! window this process prefers its own write even to a newer one made
+//! elsewhere. Of two saves of one session at once in this process, the
+//! memory may keep one and the backend the other until the window passes
+//! (which of two concurrent saves wins is not defined on any backend).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -45,13 +75,14 @@
 //! # let _ = store;
 //! ```
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use dployr_domain::{KvBackend, KvLimits, StoreError, StoreResult};
-use dployr_kv::UserSessionIndex;
+use dployr_kv::{Clock, SystemClock, UserSessionIndex};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use tower_sessions_core::session::{Id, Record};
@@ -67,31 +98,127 @@ const USER_INDEX_PREFIX: &str = "tower_user_sessions:";
 /// random ids even a second one means something else is wrong.
 const CREATE_ATTEMPTS: usize = 8;
 
+/// How long, on a backend whose reads may be stale, this process prefers
+/// what it wrote to a record over what the backend answers: Cloudflare
+/// documents that a write may take up to 60 s to be seen, so after that the
+/// backend's answer is at least as new as this process's write. (`KvLimits`
+/// states no staleness bound, only that reads may be stale.)
+pub const STALE_READ_WINDOW: Duration = Duration::from_secs(60);
+
 /// A tower-sessions [`SessionStore`] on a dployr [`KvBackend`] (see the
-/// crate documentation). Cheap to clone; clones share the backend.
+/// crate documentation). Cheap to clone; clones share the backend and the
+/// memory of recent writes.
 #[derive(Clone)]
 pub struct KvSessionStore {
     inner: Arc<Inner>,
 }
 
+#[derive(Clone)]
 struct Inner {
     backend: Arc<dyn KvBackend>,
     /// The data field naming a record's user, and the index of their sessions.
     users: Option<(String, UserSessionIndex)>,
+    /// Where "now" comes from: expiry dates, TTLs and the memory's window.
+    clock: Arc<dyn Clock>,
+    /// This process's recent writes, on a backend whose reads may be stale;
+    /// `None` on one that reads its own writes (nothing to remember, and no
+    /// lock on the read path). An `Arc` so that a store rebuilt by a builder
+    /// method keeps what it remembered.
+    recent: Option<Arc<RecentWrites>>,
+}
+
+/// What this process last wrote to a record's key.
+#[derive(Clone)]
+enum Written {
+    Record(Record),
+    /// Found through this memory by a sign-out everywhere whose delete the
+    /// backend has not confirmed yet: it does not load, but a second
+    /// sign-out, after an error, finds it again.
+    Deleting(Record),
+    Deleted,
+}
+
+/// A write, and until when it is preferred over the backend's answer.
+struct Recent {
+    written: Written,
+    until: SystemTime,
+}
+
+/// The record keys this process wrote or deleted in the last
+/// [`STALE_READ_WINDOW`], with what it wrote.
+#[derive(Default)]
+struct RecentWrites {
+    entries: Mutex<HashMap<String, Recent>>,
+}
+
+impl RecentWrites {
+    /// The entries; each change is one map operation, so a panic elsewhere
+    /// cannot leave them half-changed and a poisoned lock is taken over.
+    fn entries(&self) -> MutexGuard<'_, HashMap<String, Recent>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remembers `written` under `key` for the window from `now`, and drops
+    /// the entries whose window has passed, so the memory holds no more
+    /// than the writes of the last window.
+    fn remember(&self, key: &str, written: Written, now: SystemTime) {
+        // An overflowing clock (not a real one) makes the entry expire at once.
+        let until = now.checked_add(STALE_READ_WINDOW).unwrap_or(now);
+        let mut entries = self.entries();
+        entries.retain(|_, recent| recent.until > now);
+        entries.insert(key.to_owned(), Recent { written, until });
+    }
+
+    /// What this process wrote under `key` within the window, if anything.
+    fn get(&self, key: &str, now: SystemTime) -> Option<Written> {
+        let mut entries = self.entries();
+        let recent = entries.get(key)?;
+        if recent.until > now {
+            return Some(recent.written.clone());
+        }
+        entries.remove(key);
+        None
+    }
+
+    /// The records written (or being deleted) within the window whose data
+    /// names `user` under `field` and whose expiry date is after `now`,
+    /// with their keys.
+    fn records_of(&self, field: &str, user: &str, now: SystemTime) -> Vec<(String, Record)> {
+        let expiry_now = OffsetDateTime::from(now);
+        self.entries()
+            .iter()
+            .filter(|(_, recent)| recent.until > now)
+            .filter_map(|(key, recent)| match &recent.written {
+                Written::Record(record) | Written::Deleting(record)
+                    if record.expiry_date > expiry_now
+                        && record.data.get(field).and_then(|v| v.as_str()) == Some(user) =>
+                {
+                    Some((key.clone(), record.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 impl fmt::Debug for KvSessionStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KvSessionStore")
             .field("user_field", &self.inner.users.as_ref().map(|(field, _)| field))
+            .field("remembers_recent_writes", &self.inner.recent.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl KvSessionStore {
     /// A store of tower-sessions records on `backend`.
+    ///
+    /// On a backend whose reads may be stale
+    /// ([`KvLimits::read_your_writes`] is false), it remembers its own
+    /// writes for [`STALE_READ_WINDOW`] (see the crate documentation).
     pub fn new(backend: Arc<dyn KvBackend>) -> Self {
-        Self { inner: Arc::new(Inner { backend, users: None }) }
+        let recent = (!backend.limits().read_your_writes).then(Arc::default);
+        Self { inner: Arc::new(Inner { backend, users: None, clock: Arc::new(SystemClock), recent }) }
     }
 
     /// Indexes each record by the user named in its data under `field` (a
@@ -100,8 +227,21 @@ impl KvSessionStore {
     /// them all. A record without that field is not indexed.
     #[must_use]
     pub fn with_user_field(self, field: impl Into<String>) -> Self {
-        let index = UserSessionIndex::new(Arc::clone(&self.inner.backend), USER_INDEX_PREFIX);
-        Self { inner: Arc::new(Inner { backend: Arc::clone(&self.inner.backend), users: Some((field.into(), index)) }) }
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.users = Some((field.into(), UserSessionIndex::new(Arc::clone(&inner.backend), USER_INDEX_PREFIX)));
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Reads the time from `clock` instead of the system's: whether a
+    /// record's expiry date has passed, the TTL it is written with, and how
+    /// long this process's writes are preferred over a stale backend. For
+    /// tests that move time by hand along with the backend's (tower-sessions
+    /// sets expiry dates from the system clock).
+    #[must_use]
+    pub fn with_clock(self, clock: impl Clock + 'static) -> Self {
+        let mut inner = Arc::unwrap_or_clone(self.inner);
+        inner.clock = Arc::new(clock);
+        Self { inner: Arc::new(inner) }
     }
 
     /// The backend the records live on.
@@ -110,10 +250,13 @@ impl KvSessionStore {
     }
 
     /// Deletes every session whose data named `user` under the user field
-    /// ("sign out of all devices") and returns how many were listed. Exact
-    /// on memory and PostgreSQL for every session saved before the call; on
-    /// Cloudflare, sessions saved in the last minute may be missed (see
-    /// [`UserSessionIndex`]).
+    /// ("sign out of all devices") and returns how many were deleted: those
+    /// listed in the user's index and, on a backend with stale reads, those
+    /// this process saved in the last [`STALE_READ_WINDOW`] (each counted
+    /// once). Exact on memory and PostgreSQL for every session saved before
+    /// the call; on Cloudflare, sessions saved by other processes in the
+    /// last minute may be missed (see [`UserSessionIndex`]), and the deleted
+    /// ones may still load in other processes for up to a minute.
     ///
     /// # Errors
     /// [`StoreError::Configuration`] when the store has no user field
@@ -122,15 +265,45 @@ impl KvSessionStore {
     pub async fn delete_user_sessions(&self, user: &str) -> StoreResult<usize> {
         let user = user.to_owned();
         self.blocking(move |inner| {
-            let Some((_, index)) = &inner.users else {
+            let Some((field, index)) = &inner.users else {
                 return Err(StoreError::Configuration {
                     setting: "KvSessionStore::with_user_field",
                     reason: "is not set, so sessions are not indexed by user".into(),
                 });
             };
-            index.delete_all(&user, |key| inner.backend.delete(key))
+            let mut listed = HashSet::new();
+            let mut deleted = index.delete_all(&user, |key| {
+                listed.insert(key.to_owned());
+                inner.delete_key(key)
+            })?;
+            // A stale listing may not show yet the entries of sessions saved
+            // in the last minute; those saved here are in the memory.
+            if let Some(recent) = &inner.recent {
+                for (key, record) in recent.records_of(field, &user, inner.clock.now()) {
+                    if listed.contains(&key) {
+                        continue;
+                    }
+                    // Found only through the memory, it stays findable there
+                    // until the backend confirmed the delete, so that a second
+                    // call after an error finds it again.
+                    inner.remember(&key, Written::Deleting(record));
+                    inner.backend.delete(&key)?;
+                    inner.remember(&key, Written::Deleted);
+                    index.remove(&user, &key)?;
+                    deleted += 1;
+                }
+            }
+            Ok(deleted)
         })
         .await
+    }
+
+    /// How many record keys the memory of this process's recent writes
+    /// holds, live or not yet dropped (0 where the backend reads its own
+    /// writes). Not part of the API: for tests that check its bound.
+    #[doc(hidden)]
+    pub fn remembered_writes(&self) -> usize {
+        self.inner.recent.as_ref().map_or(0, |recent| recent.entries().len())
     }
 
     /// Runs `call` on tokio's blocking pool: every backend call blocks.
@@ -158,10 +331,10 @@ fn record_key(id: &Id) -> String {
     format!("{RECORD_PREFIX}{}", hashed(id))
 }
 
-/// The TTL to write a record expiring at `expiry` with, now: the time left,
-/// within what the backend accepts; `None` when it has expired already.
-fn ttl_until(expiry: OffsetDateTime, limits: &KvLimits) -> Option<Duration> {
-    let left = expiry - OffsetDateTime::now_utc();
+/// The TTL to write a record expiring at `expiry` with at `now`: the time
+/// left, within what the backend accepts; `None` when it has expired already.
+fn ttl_until(expiry: OffsetDateTime, now: OffsetDateTime, limits: &KvLimits) -> Option<Duration> {
+    let left = expiry - now;
     if !left.is_positive() {
         return None;
     }
@@ -171,20 +344,50 @@ fn ttl_until(expiry: OffsetDateTime, limits: &KvLimits) -> Option<Duration> {
 }
 
 impl Inner {
+    /// Now, on the store's clock, as expiry dates are written.
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::from(self.clock.now())
+    }
+
     /// The user a record's data names under the user field, if any.
     fn user_of<'r>(&self, record: &'r Record) -> Option<(&UserSessionIndex, &'r str)> {
         let (field, index) = self.users.as_ref()?;
         record.data.get(field)?.as_str().map(|user| (index, user))
     }
 
+    /// Remembers what this process wrote under `key`, where reads may be stale.
+    fn remember(&self, key: &str, written: Written) {
+        if let Some(recent) = &self.recent {
+            recent.remember(key, written, self.clock.now());
+        }
+    }
+
+    /// What this process wrote under `key` lately, where reads may be stale.
+    fn recent_write(&self, key: &str) -> Option<Written> {
+        self.recent.as_ref()?.get(key, self.clock.now())
+    }
+
+    /// Deletes the record under `key`. Remembered first, as `KvStore` does
+    /// with sessions: even if the delete fails, this process does not load
+    /// the record again (the caller signed out); the error still says that
+    /// other processes may.
+    fn delete_key(&self, key: &str) -> StoreResult<()> {
+        self.remember(key, Written::Deleted);
+        self.backend.delete(key)
+    }
+
     fn save(&self, record: &Record) -> StoreResult<()> {
         let key = record_key(&record.id);
-        let Some(ttl) = ttl_until(record.expiry_date, &self.backend.limits()) else {
+        let Some(ttl) = ttl_until(record.expiry_date, self.now(), &self.backend.limits()) else {
             // Saved already expired: it must not load again.
-            return self.backend.delete(&key);
+            return self.delete_key(&key);
         };
         let value = serde_json::to_vec(record).map_err(|e| StoreError::backend("encoding a session record", e))?;
         self.backend.put(&key, &value, Some(ttl))?;
+        // Only once the backend took it (a failed put leaves what this
+        // process knew before), and with the window counted from now, when
+        // the write landed.
+        self.remember(&key, Written::Record(record.clone()));
         // After the record (see `UserSessionIndex` for why that order).
         if let Some((index, user)) = self.user_of(record) {
             index.add(user, &key, Some(ttl))?;
@@ -193,19 +396,28 @@ impl Inner {
     }
 
     /// Whether `id` is free: claimed by this call on a backend with atomic
-    /// counters, else not holding a record.
+    /// counters, else not holding a record (as this process last wrote it,
+    /// if lately, else as the backend answers).
     fn claim(&self, id: &Id, ttl: Duration) -> StoreResult<bool> {
         if self.backend.limits().atomic
             && self.backend.increment(&format!("{CLAIM_PREFIX}{}", hashed(id)), Some(ttl))? != 1
         {
             return Ok(false);
         }
-        Ok(self.backend.get(&record_key(id))?.is_none())
+        let key = record_key(id);
+        match self.recent_write(&key) {
+            // Taken even if its expiry date has passed or its delete is
+            // unconfirmed: the backend may still hold it, and a new id
+            // costs nothing.
+            Some(Written::Record(_) | Written::Deleting(_)) => Ok(false),
+            Some(Written::Deleted) => Ok(true),
+            None => Ok(self.backend.get(&key)?.is_none()),
+        }
     }
 
     fn create(&self, mut record: Record) -> StoreResult<Record> {
         let limits = self.backend.limits();
-        let Some(ttl) = ttl_until(record.expiry_date, &limits) else {
+        let Some(ttl) = ttl_until(record.expiry_date, self.now(), &limits) else {
             // Nothing to keep: an id is still due, and one that was never stored is free.
             return Ok(record);
         };
@@ -220,12 +432,20 @@ impl Inner {
     }
 
     fn load(&self, id: &Id) -> StoreResult<Option<Record>> {
-        let Some(value) = self.backend.get(&record_key(id))? else { return Ok(None) };
-        let record: Record =
-            serde_json::from_slice(&value).map_err(|e| StoreError::backend("decoding a session record", e))?;
-        // The TTL may have been raised to the backend's minimum, and a
-        // backend may expire coarsely: the record's own expiry decides.
-        Ok((record.id == *id && record.expiry_date > OffsetDateTime::now_utc()).then_some(record))
+        let key = record_key(id);
+        let record = match self.recent_write(&key) {
+            // This process's own write is newer than what a stale read returns.
+            Some(Written::Record(record)) => record,
+            Some(Written::Deleting(_) | Written::Deleted) => return Ok(None),
+            None => {
+                let Some(value) = self.backend.get(&key)? else { return Ok(None) };
+                serde_json::from_slice(&value).map_err(|e| StoreError::backend("decoding a session record", e))?
+            }
+        };
+        // The TTL may have been raised to the backend's minimum, a backend
+        // may expire coarsely, and the memory knows no TTL: the record's own
+        // expiry decides.
+        Ok((record.id == *id && record.expiry_date > self.now()).then_some(record))
     }
 }
 
@@ -264,6 +484,28 @@ impl SessionStore for KvSessionStore {
 
     async fn delete(&self, session_id: &Id) -> session_store::Result<()> {
         let id = *session_id;
-        self.blocking(move |inner| inner.backend.delete(&record_key(&id))).await.map_err(session_error)
+        self.blocking(move |inner| inner.delete_key(&record_key(&id))).await.map_err(session_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dployr_kv::MemoryKv;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn no_memory_of_writes_is_kept_on_a_backend_that_reads_its_writes() {
+        let store = KvSessionStore::new(Arc::new(MemoryKv::new()));
+        let record = Record {
+            id: Id::default(),
+            data: HashMap::new(),
+            expiry_date: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        };
+        store.save(&record).await.unwrap();
+        assert_eq!(store.load(&record.id).await.unwrap(), Some(record.clone()));
+        store.delete(&record.id).await.unwrap();
+        assert_eq!(store.remembered_writes(), 0);
+        assert!(format!("{store:?}").contains("remembers_recent_writes: false"));
     }
 }
