@@ -34,6 +34,43 @@ macro_rules! hand_written_statement {
 
 pub(crate) use {hand_written_statement, static_query_id};
 
+/// A statement diesel sends unprepared, so that PostgreSQL plans it with its
+/// bound values on every run (an unnamed statement gets a custom plan).
+///
+/// For the few statements on one cluster that also take a list of users
+/// (`cluster_id = $1 AND user_id = ANY($2)`): a database of many small
+/// clusters makes the generic plan of a prepared statement expect a handful
+/// of rows per cluster and read the cluster's index, which for a cluster of
+/// 100 000 members reads them all, where a plan made for the bound values
+/// probes the primary key once per user. They are writes, whose
+/// transaction costs more than planning; the reads are written so that
+/// their generic plan is right (see `memberships_of`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlannedEachRun<Q>(pub(crate) Q);
+
+impl<Q> diesel::query_builder::QueryId for PlannedEachRun<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: diesel::query_builder::QueryFragment<diesel::pg::Pg>> diesel::query_builder::QueryFragment<diesel::pg::Pg>
+    for PlannedEachRun<Q>
+{
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()> {
+        out.unsafe_to_cache_prepared();
+        self.0.walk_ast(out)
+    }
+}
+
+impl<Q: diesel::query_builder::Query> diesel::query_builder::Query for PlannedEachRun<Q> {
+    type SqlType = Q::SqlType;
+}
+
+impl<Q> diesel::query_dsl::RunQueryDsl<diesel::PgConnection> for PlannedEachRun<Q> {}
+
 /// Asserts that `statement` sends the SQL in the ```` ```sql ```` block of
 /// the doc comment of `struct type_name` in `source` (the file's text),
 /// ignoring layout and `--` comments.

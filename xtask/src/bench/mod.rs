@@ -361,7 +361,9 @@ fn bench(options: &Options) -> Result<(), Failure> {
         migrations.push(began.elapsed());
     }
 
-    progress("loading the fixture (100 000 members, 100 000 instances, 100 000 sessions, 200 000 tokens)");
+    progress(
+        "loading the fixture (100 000 members, 100 000 instances, 100 000 sessions, 200 000 tokens, 10 000 small clusters)",
+    );
     let db = dployr_testkit::try_database()?;
     let fixture = fixture::load(&mut db.connect())?;
     let max_threads = options.threads.iter().copied().max().unwrap_or(1);

@@ -34,6 +34,7 @@ use crate::errors::Failure;
 use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::coalesce;
+use crate::statement::PlannedEachRun;
 use crate::{Operation, PgPool};
 use diesel::result::DatabaseErrorKind;
 use member_page::role_order;
@@ -133,6 +134,14 @@ enum MembershipKind {
 
 /// The clusters where `user` is a member (or invited), with each owner's
 /// name, in one statement.
+///
+/// Statements on one cluster's memberships pick them by `role_order`, never
+/// by `role`: a prepared statement's generic plan (what PostgreSQL runs once
+/// a database has many clusters) cannot use the partial index
+/// `user_clusters_one_owner_per_cluster` for a bound `role = $n`, and scanned
+/// all 100 000 memberships of a big cluster to find its owner (20 ms a
+/// `user_clusters` for a member of it, `cargo xtask bench`), while
+/// `role_order` is a key column of `user_clusters_cluster_id_order_idx`.
 fn memberships_of(op: &Operation<'_>, user: &UserId, kind: MembershipKind) -> StoreResult<Vec<ClusterSummary>> {
     let rows: Vec<(String, String, Option<String>)> = op.run(|conn| {
         let query = user_clusters::table
@@ -141,7 +150,7 @@ fn memberships_of(op: &Operation<'_>, user: &UserId, kind: MembershipKind) -> St
                 owner_memberships.on(owner_memberships
                     .field(user_clusters::cluster_id)
                     .eq(clusters::id)
-                    .and(owner_memberships.field(user_clusters::role).eq(Role::Owner.as_str()))),
+                    .and(owner_memberships.field(user_clusters::role_order).eq(role_order(Role::Owner)))),
             )
             .left_join(
                 users::table.on(users::id.nullable().eq(owner_memberships.field(user_clusters::user_id).nullable())),
@@ -183,7 +192,7 @@ fn members_where(op: &Operation<'_>, cluster: &ClusterId, role: Role) -> StoreRe
     let rows: Vec<MemberRow> = op.run(|conn| {
         user_clusters::table
             .filter(user_clusters::cluster_id.eq(cluster.to_string()))
-            .filter(user_clusters::role.eq(role.as_str()))
+            .filter(user_clusters::role_order.eq(role_order(role)))
             .order(user_clusters::email)
             .select(MemberRow::as_select())
             .load(conn)
@@ -372,12 +381,17 @@ impl ClusterStore for PgClusterStore {
                 }
                 Err(other) => return Err(other.into()),
             }
-            let rows: Vec<MemberRow> = user_clusters::table
-                .filter(user_clusters::cluster_id.eq(&cluster))
-                .filter(user_clusters::email.eq_any(&emails))
-                .order(user_clusters::email)
-                .select(MemberRow::as_select())
-                .load(conn)?;
+            // By user, planned for these values (`PlannedEachRun`): one
+            // primary-key probe per invitee, whatever the cluster's size.
+            let invitees = users::table.filter(users::email.eq_any(&emails)).select(users::id);
+            let rows: Vec<MemberRow> = PlannedEachRun(
+                user_clusters::table
+                    .filter(user_clusters::user_id.eq_any(invitees))
+                    .filter(user_clusters::cluster_id.eq(&cluster))
+                    .order(user_clusters::email)
+                    .select(MemberRow::as_select()),
+            )
+            .load(conn)?;
             Ok(rows.into_iter().map(Member::try_from).collect::<StoreResult<Vec<_>>>()?)
         })
     }
@@ -391,8 +405,8 @@ impl ClusterStore for PgClusterStore {
             let removes_owner: bool = diesel::select(diesel::dsl::exists(
                 user_clusters::table
                     .filter(user_clusters::cluster_id.eq(&cluster))
-                    .filter(user_clusters::user_id.eq_any(&ids))
-                    .filter(user_clusters::role.eq(Role::Owner.as_str())),
+                    .filter(user_clusters::role_order.eq(role_order(Role::Owner)))
+                    .filter(user_clusters::user_id.eq_any(&ids)),
             ))
             .get_result(conn)?;
             if removes_owner {
@@ -416,11 +430,13 @@ impl ClusterStore for PgClusterStore {
                 .select(users::id)
                 .for_update()
                 .load(conn)?;
-            diesel::delete(
+            // Planned for these values (`PlannedEachRun`): one primary-key
+            // probe per user, whatever the cluster's size.
+            PlannedEachRun(diesel::delete(
                 user_clusters::table
-                    .filter(user_clusters::cluster_id.eq(&cluster))
-                    .filter(user_clusters::user_id.eq_any(&ids)),
-            )
+                    .filter(user_clusters::user_id.eq_any(&ids))
+                    .filter(user_clusters::cluster_id.eq(&cluster)),
+            ))
             .execute(conn)?;
             if !invitees.is_empty() {
                 // Invitees who never signed in and now belong nowhere are forgotten.
@@ -501,7 +517,7 @@ impl ClusterStore for PgClusterStore {
             let previous: Option<String> = diesel::update(
                 user_clusters::table
                     .filter(user_clusters::cluster_id.eq(&cluster))
-                    .filter(user_clusters::role.eq(Role::Owner.as_str()))
+                    .filter(user_clusters::role_order.eq(role_order(Role::Owner)))
                     .filter(user_clusters::user_id.ne(&new_owner)),
             )
             .set(user_clusters::role.eq(demoted_to.as_str()))

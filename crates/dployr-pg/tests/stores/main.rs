@@ -13,6 +13,7 @@ mod budget;
 mod clusters;
 mod concurrency;
 mod deadlines;
+mod generic_plans;
 mod instances;
 mod pool;
 mod races;

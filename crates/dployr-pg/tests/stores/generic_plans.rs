@@ -1,0 +1,156 @@
+//! Per-cluster statements under the plans a production database runs: once
+//! a database holds many clusters, PostgreSQL keeps a prepared statement's
+//! generic plan, made without the bound values. A condition that only a
+//! custom plan can use (a bound `role = $n` against the partial index of
+//! owners) then turns a one-row lookup into a scan of a whole cluster. The
+//! test runs each operation on one connection more often than the five
+//! custom plans after which PostgreSQL may switch, on a database of many
+//! small clusters and one big one, and counts the `user_clusters` rows the
+//! server fetched, which is exact, not timed.
+
+use diesel::connection::SimpleConnection as _;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use dployr_domain::{ClusterId, ClusterStore, Email, Page, Role, UserId};
+use dployr_pg::{PgClusterStore, PgPool, PoolConfig};
+
+/// Members of the big cluster: any statement that reads them all stands out.
+const BIG: i64 = 20_000;
+/// Runs of each operation on one connection.
+const RUNS: usize = 8;
+/// Small clusters around it: an owner and two developers each.
+const SMALL: i64 = 5_000;
+
+/// One operation of the store, given its run's number.
+type Operation<'a> = dyn Fn(&PgClusterStore, usize) + 'a;
+
+#[derive(QueryableByName)]
+struct Fetched {
+    #[diesel(sql_type = BigInt)]
+    rows: i64,
+    #[diesel(sql_type = BigInt)]
+    scans: i64,
+}
+
+/// Rows of `user_clusters` fetched so far by sequential and index scans,
+/// and how many scans, as the statistics collector reports them.
+fn fetched(conn: &mut PgConnection) -> Fetched {
+    diesel::sql_query(
+        "SELECT (seq_tup_read + coalesce(idx_tup_fetch, 0))::bigint AS rows,
+                (seq_scan + coalesce(idx_scan, 0))::bigint AS scans
+           FROM pg_stat_user_tables WHERE relname = 'user_clusters'",
+    )
+    .get_result(conn)
+    .unwrap()
+}
+
+#[test]
+fn per_cluster_reads_and_the_owner_transfer_fetch_their_rows_not_the_cluster_under_generic_plans() {
+    let db = dployr_testkit::database();
+    let mut inspector = db.connect();
+    let owner = "1".repeat(26);
+    let big = "2".repeat(26);
+    let small = "3".repeat(26);
+    let member = format!("4{}", "0".repeat(24) + "1");
+    inspector
+        .batch_execute(&format!(
+            "INSERT INTO users (id, email, name, provider) VALUES ('{owner}', 'owner@example.io', 'Owner', 'github');
+             INSERT INTO users (id, email, name, provider)
+                 SELECT '4' || lpad(n::text, 25, '0'), 'm' || n || '@example.io', 'M' || n, 'email'
+                 FROM generate_series(1, {BIG}) n;
+             INSERT INTO clusters (id, name) VALUES ('{big}', 'big'), ('{small}', 'small');
+             INSERT INTO user_clusters (user_id, cluster_id, role) VALUES
+                 ('{owner}', '{big}', 'owner'), ('{member}', '{small}', 'owner');
+             INSERT INTO user_clusters (user_id, cluster_id, role)
+                 SELECT '4' || lpad(n::text, 25, '0'), '{big}', 'viewer' FROM generate_series(1, {BIG}) n;
+             -- Many small clusters, as in production, so that the statistics
+             -- expect a few rows per cluster (with two clusters a generic plan
+             -- would rightly expect half the table whatever the statement).
+             INSERT INTO users (id, email, name, provider)
+                 SELECT '5' || lpad(n::text, 25, '0'), 's' || n || '@example.io', 'S' || n, 'email'
+                 FROM generate_series(1, {SMALL}) n;
+             INSERT INTO clusters (id, name) SELECT '6' || lpad(n::text, 25, '0'), 's' || n FROM generate_series(1, {SMALL}) n;
+             INSERT INTO user_clusters (user_id, cluster_id, role)
+                 SELECT '5' || lpad(n::text, 25, '0'), '6' || lpad(n::text, 25, '0'), 'owner' FROM generate_series(1, {SMALL}) n;
+             INSERT INTO user_clusters (user_id, cluster_id, role)
+                 SELECT '5' || lpad(((n + i) % {SMALL} + 1)::text, 25, '0'), '6' || lpad(n::text, 25, '0'), 'developer'
+                 FROM generate_series(1, {SMALL}) n, generate_series(1, 2) i;
+             ANALYZE;"
+        ))
+        .unwrap();
+
+    let (big, member, owner) =
+        (ClusterId::parse(&big).unwrap(), UserId::parse(&member).unwrap(), UserId::parse(&owner).unwrap());
+    let operations: [(&str, &Operation<'_>); 12] = [
+        ("clusters.user_clusters", &|clusters, _| {
+            assert_eq!(clusters.user_clusters(&member).unwrap().len(), 2, "the small cluster it owns and the big one");
+        }),
+        ("clusters.owner", &|clusters, _| {
+            let owner = clusters.owner(&big).unwrap().map(|o| o.email.as_str().to_owned());
+            assert_eq!(owner.as_deref(), Some("owner@example.io"));
+        }),
+        ("clusters.users_with_role", &|clusters, _| {
+            assert!(clusters.users_with_role(&big, Role::Admin).unwrap().is_empty());
+        }),
+        ("clusters.role_of", &|clusters, _| {
+            assert_eq!(clusters.role_of(&member, &big).unwrap(), Some(Role::Viewer));
+        }),
+        ("clusters.members", &|clusters, _| {
+            let page = clusters.members(&big, &Page::first(20)).unwrap();
+            assert_eq!((page.items.len(), page.total), (20, BIG as u64 + 1));
+        }),
+        ("clusters.add_users", &|clusters, run| {
+            let invited = Email::parse(&format!("new{run}@example.io")).unwrap();
+            assert_eq!(clusters.add_users(&big, &[invited]).unwrap().len(), 1);
+        }),
+        ("clusters.invites", &|clusters, _| {
+            assert_eq!(clusters.invites(&big, &Page::first(20)).unwrap().items.len(), RUNS);
+        }),
+        ("clusters.remove_users", &|clusters, _| {
+            let invited = clusters.invites(&big, &Page::first(1)).unwrap().items[0].user_id;
+            clusters.remove_users(&big, &[invited]).unwrap();
+        }),
+        ("clusters.pending_invites", &|clusters, _| {
+            assert!(clusters.pending_invites(&member).unwrap().is_empty());
+        }),
+        ("clusters.owned_cluster", &|clusters, _| {
+            assert!(clusters.owned_cluster(&member).unwrap().is_some());
+        }),
+        ("clusters.can_write", &|clusters, _| {
+            assert!(!clusters.can_write(&member, &big).unwrap());
+        }),
+        ("clusters.transfer_ownership", &|clusters, run| {
+            let to = if run % 2 == 0 { &member } else { &owner };
+            clusters.transfer_ownership(&big, to, Some(Role::Viewer)).unwrap();
+        }),
+    ];
+    let mut report = Vec::new();
+    for (name, operation) in operations {
+        let before = fetched(&mut inspector);
+        // One connection: its prepared statements run RUNS times, past the
+        // five custom plans after which PostgreSQL may keep the generic one.
+        let pool = PgPool::connect(db.url(), PoolConfig { max_size: 1, ..PoolConfig::default() }).unwrap();
+        let clusters = PgClusterStore::new(pool.clone());
+        for run in 0..RUNS {
+            operation(&clusters, run);
+        }
+        // A backend reports its counts when it ends: close the pool's
+        // connection and wait for them (one scan at least).
+        drop(clusters);
+        drop(pool);
+        let mut after = fetched(&mut inspector);
+        for _ in 0..100 {
+            if after.scans > before.scans {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            after = fetched(&mut inspector);
+        }
+        assert!(after.scans > before.scans, "{name}: the pool's statistics never arrived");
+        report.push((name, (after.rows - before.rows) / RUNS as i64));
+    }
+    assert!(
+        report.iter().all(|(_, rows)| *rows < 100),
+        "rows of user_clusters fetched per call on a cluster of {BIG} members: {report:?}"
+    );
+}
