@@ -97,7 +97,7 @@ async fn a_data_layer_opened_before_the_runtime_goes_async_and_drops_inside_it()
     .unwrap()
     .unwrap()
     .into_async();
-    assert_eq!(data.blocking().unwrap().kv_backend(), "memory");
+    assert_eq!(data.blocking().kv_backend(), "memory");
     assert_eq!(data.users().get_by_email(&email("nobody@example.io")).await.unwrap(), None);
 }
 

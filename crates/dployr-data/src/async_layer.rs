@@ -18,7 +18,8 @@
 //! to `spawn_blocking` and back costs about 17 µs of CPU at 16 concurrent
 //! tasks against about 2 µs through a queue to a waiting thread, and
 //! `users.get_by_email` through the facade went from 0.52–0.66 of the
-//! synchronous store's throughput at 16 tasks to about 0.86. Key-value
+//! synchronous store's throughput at 16 tasks to 0.76–0.91 (median 0.78;
+//! the rest is the two thread wake-ups of every call). Key-value
 //! calls on Cloudflare are the exception: they wait tens of milliseconds on
 //! HTTP, not on a connection of the pool, so they run on tokio's blocking
 //! pool and never hold a thread that a PostgreSQL call is waiting for.
@@ -124,10 +125,6 @@ impl Shared {
         let kv = if remote_kv { Route::BlockingPool } else { stores };
         Self { data, queue, queue_timeout, stores, kv }
     }
-
-    fn data(&self) -> StoreResult<&DataLayer> {
-        Ok(&self.data)
-    }
 }
 
 /// The error of a call that cannot run any more.
@@ -146,15 +143,22 @@ async fn blocking<T: Send + 'static>(
         Route::Threads => on_threads(shared, call).await,
         Route::BlockingPool => {
             let data = Arc::clone(&shared.data);
-            match tokio::task::spawn_blocking(move || call(&data)).await {
-                Ok(result) => result,
-                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                Err(error) => Err(StoreError::Unavailable {
-                    reason: "the runtime is shutting down; the call did not run".into(),
-                    source: Some(Box::new(error)),
-                }),
-            }
+            on_blocking_pool(move || call(&data), "the runtime is shutting down; the call did not run").await
         }
+    }
+}
+
+/// Runs `work` on tokio's blocking pool: a panic in it goes on in the
+/// caller; a runtime shutting down before it ran is `Unavailable` with
+/// `not_run` as the reason.
+async fn on_blocking_pool<T: Send + 'static>(
+    work: impl FnOnce() -> StoreResult<T> + Send + 'static,
+    not_run: &'static str,
+) -> StoreResult<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => Err(StoreError::Unavailable { reason: not_run.into(), source: Some(Box::new(error)) }),
     }
 }
 
@@ -223,14 +227,12 @@ impl AsyncDataLayer {
     /// As [`DataLayer::open`]; [`StoreError::Unavailable`] when the runtime
     /// shuts down meanwhile.
     pub async fn open(config: Config) -> StoreResult<Self> {
-        match tokio::task::spawn_blocking(move || DataLayer::open(config)).await {
-            Ok(opened) => opened.map(DataLayer::into_async),
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => Err(StoreError::Unavailable {
-                reason: "the runtime is shutting down; the data layer was not opened".into(),
-                source: Some(Box::new(error)),
-            }),
-        }
+        let opened = on_blocking_pool(
+            move || DataLayer::open(config),
+            "the runtime is shutting down; the data layer was not opened",
+        )
+        .await?;
+        Ok(opened.into_async())
     }
 
     /// Opens the data layer from the environment ([`Config::from_env`]).
@@ -244,11 +246,8 @@ impl AsyncDataLayer {
     /// The synchronous data layer, for what this facade does not cover
     /// (the pool's statistics, the backends' names). Its calls block: keep
     /// them off the runtime's workers.
-    ///
-    /// # Errors
-    /// Never in practice: [`StoreError::Unavailable`] only while dropping.
-    pub fn blocking(&self) -> StoreResult<&DataLayer> {
-        self.shared.data()
+    pub fn blocking(&self) -> &DataLayer {
+        &self.shared.data
     }
 
     /// Runs `call` with the synchronous data layer on one of the facade's

@@ -58,7 +58,7 @@ struct App {
 /// # Errors
 /// [`StoreError::Unavailable`] only while the data layer is being dropped.
 pub fn session_store(data: &AsyncDataLayer) -> Result<KvSessionStore, StoreError> {
-    let backend = Arc::clone(data.blocking()?.kv().backend());
+    let backend = Arc::clone(data.blocking().kv().backend());
     Ok(KvSessionStore::new(backend).with_user_field(USER_FIELD))
 }
 

@@ -34,7 +34,7 @@ async fn main() -> Result<(), Failure> {
     let addr = std::env::var("DPLOYR_EXAMPLE_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     let base = format!("http://{}", listener.local_addr()?);
-    println!("dployr control plane on {base} (key-value backend: {})", data.blocking()?.kv_backend());
+    println!("dployr control plane on {base} (key-value backend: {})", data.blocking().kv_backend());
     println!("try:");
     println!(
         "  curl -i -X POST {base}/sign-in/code -H 'content-type: application/json' -d '{{\"email\":\"ada@example.io\"}}'"

@@ -294,7 +294,7 @@ const ASYNC_PAIR_ROW: &str = "users.get_by_email (sync, paired with async)";
 fn measure_async(data: &AsyncDataLayer, email: &Email, tasks: usize, seconds: Duration) -> Result<Measured, Failure> {
     let workers = std::thread::available_parallelism().map_or(2, usize::from);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
-    let pool = data.blocking()?.pool().clone();
+    let pool = data.blocking().pool().clone();
     runtime.block_on(async {
         // Warm-up, not measured: connections opened, the facade's threads running.
         let warm_up = Instant::now() + WARM_UP;
