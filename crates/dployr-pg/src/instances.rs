@@ -5,19 +5,20 @@ use chrono::{DateTime, Datelike as _, Utc};
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::AstPass;
-use diesel::sql_types::{Text, Timestamptz};
+use diesel::sql_types::{Jsonb, Text, Timestamptz};
 use dployr_domain::{
     ClusterId, Instance, InstanceId, InstanceStore, Metadata, NewInstance, Page, Paged, StoreError, StoreResult, Tag,
 };
 use serde_json::Value;
 
 use crate::errors::Failure;
-use crate::keyset_page::{self, Counted, KeysetPage, Listing, PageRow};
+use crate::keyset_page::{self, Counted, KeysetPage, Listing};
 use crate::routes::Read;
 use crate::schema::instances;
+use crate::statement::load_all;
 use crate::{PgPool, cursor};
 
-#[derive(Queryable, Selectable, QueryableByName)]
+#[derive(Queryable, Selectable)]
 #[diesel(table_name = instances, check_for_backend(diesel::pg::Pg))]
 struct InstanceRow {
     id: String,
@@ -69,7 +70,7 @@ struct InstanceRows<'a> {
 }
 
 impl Listing for InstanceRows<'_> {
-    type Row = InstanceRow;
+    type Columns = (Text, Text, Text, Text, Jsonb, Timestamptz, Timestamptz);
     const ORDER: &'static str = "created_at DESC, id DESC";
 
     fn walk_rows<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -94,10 +95,6 @@ impl Listing for InstanceRows<'_> {
 }
 
 crate::statement::static_query_id!(InstanceRows);
-
-impl PageRow for InstanceRow {
-    const KEY: &'static str = "id";
-}
 
 const CURSOR_KIND: &str = "instances";
 
@@ -212,7 +209,7 @@ impl InstanceStore for PgInstanceStore {
         let cluster = cluster.to_string();
         let statement =
             KeysetPage { listing: InstanceRows { cluster: &cluster, before: (before_at, &before_id) }, limit, offset };
-        let rows: Vec<Counted<InstanceRow>> = op.run(|conn| statement.load(conn))?;
+        let rows: Vec<Counted<InstanceRow>> = op.run(|conn| load_all(statement, conn))?;
         let newest_first = |a: &Instance, b: &Instance| (b.created_at, b.id).cmp(&(a.created_at, a.id));
         keyset_page::paged(rows, limit, Instance::try_from, newest_first, |last| {
             cursor::encode(CURSOR_KIND, &[&last.created_at.timestamp_micros().to_string(), &last.id.to_string()])

@@ -18,19 +18,18 @@
 //! sorted; a second sort in the server cost about 15 % of the statement
 //! (pgbench, 51 instances). The store's order is the server's: ids are
 //! ULIDs (`[0-9A-Z]`, one length) and member e-mails are `COLLATE "C"`
-//! (`005_member_email_order`), so both compare as bytes. Each row decodes as a [`Counted`] row (crates.io's
-//! `WithCount<T>` is the model): the total beside an item, absent in the one
-//! row of an empty page. The total is one row of `cluster_counts`, kept by
+//! (`005_member_email_order`), so both compare as bytes. Each row decodes,
+//! by position, as a [`Counted`] row (crates.io's `WithCount<T>` is the
+//! model): the total beside an item, absent (its columns all NULL) in the
+//! one row of an empty page. The total is one row of `cluster_counts`, kept by
 //! triggers (`004_listing_counts`), so a page of a huge cluster costs what a
 //! page of a small one does. A listing ([`Listing`]) supplies its rows, its
 //! key and its total; the keyset, the limit, the offset and the decoding are
 //! written here once.
 
-use diesel::deserialize::{self, QueryableByName};
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::row::NamedRow;
-use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::sql_types::{BigInt, Nullable, SqlType};
 use diesel::{PgConnection, QueryResult, RunQueryDsl};
 use dployr_domain::{Cursor, Page, PageStart, Paged, StoreError, StoreResult};
 
@@ -38,21 +37,15 @@ use crate::cursor;
 
 /// What differs between the paged listings: the rows, their key, the total.
 pub(crate) trait Listing: Copy {
-    /// The row of one item.
-    type Row: PageRow;
+    /// The SQL types of the columns `walk_rows` selects, in their order
+    /// (the rows decode by position).
+    type Columns: SqlType;
     /// The key the page is sorted by (`created_at DESC, id DESC`).
     const ORDER: &'static str;
     /// `SELECT <columns> FROM <table> WHERE <the listing> AND <after the key>`.
     fn walk_rows<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()>;
     /// `SELECT <total> FROM cluster_counts WHERE cluster_id = $c`.
     fn walk_total<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()>;
-}
-
-/// A row of a listing, decoded by the column names of the page.
-pub(crate) trait PageRow: QueryableByName<Pg> {
-    /// A column never NULL in an item's row: NULL, it marks the one row of
-    /// an empty page.
-    const KEY: &'static str;
 }
 
 /// One page of `listing`, `limit` rows at most, `offset` rows in.
@@ -86,26 +79,15 @@ impl<L: Listing + QueryId> QueryId for KeysetPage<L> {
 }
 
 impl<L: Listing> Query for KeysetPage<L> {
-    type SqlType = diesel::sql_types::Untyped;
+    type SqlType = (BigInt, Nullable<L::Columns>);
 }
 
 impl<L: Listing> RunQueryDsl<PgConnection> for KeysetPage<L> {}
 
 /// A row of a [`KeysetPage`]: the listing's total, and an item unless the
-/// page is empty.
-pub(crate) struct Counted<R> {
-    total: i64,
-    item: Option<R>,
-}
-
-impl<R: PageRow> QueryableByName<Pg> for Counted<R> {
-    fn build<'a>(row: &impl NamedRow<'a, Pg>) -> deserialize::Result<Self> {
-        let total = NamedRow::get::<BigInt, i64>(row, "total")?;
-        let present = NamedRow::get::<Nullable<Text>, Option<String>>(row, R::KEY)?.is_some();
-        let item = if present { Some(R::build(row)?) } else { None };
-        Ok(Self { total, item })
-    }
-}
+/// page is empty (a NULL in a column the item cannot lack, as in the one
+/// row of an empty page, reads as no item).
+pub(crate) type Counted<R> = (i64, Option<R>);
 
 /// Where `page` starts: after the `N` key parts of its cursor (of listing
 /// `kind`), or `offset` rows in.
@@ -130,8 +112,8 @@ pub(crate) fn paged<R, I>(
     order: impl Fn(&I, &I) -> std::cmp::Ordering,
     cursor_after: impl Fn(&I) -> Cursor,
 ) -> StoreResult<Paged<I>> {
-    let total = rows.first().map_or(0, |row| row.total);
-    let mut items = rows.into_iter().filter_map(|row| row.item).map(decode).collect::<StoreResult<Vec<I>>>()?;
+    let total = rows.first().map_or(0, |row| row.0);
+    let mut items = rows.into_iter().filter_map(|row| row.1).map(decode).collect::<StoreResult<Vec<I>>>()?;
     items.sort_unstable_by(order);
     let full = i64::try_from(items.len()).is_ok_and(|len| len == limit);
     let next = items.last().filter(|_| full).map(cursor_after);

@@ -1,14 +1,15 @@
 //! The paged listings of a cluster's members and of its invitations: one
 //! [`KeysetPage`] each, by role rank then e-mail.
 
+use diesel::QueryResult;
 use diesel::pg::Pg;
 use diesel::query_builder::AstPass;
-use diesel::sql_types::{Bool, SmallInt, Text};
-use diesel::{QueryResult, RunQueryDsl as _};
+use diesel::sql_types::{Bool, Nullable, SmallInt, Text, Timestamptz};
 use dployr_domain::{ClusterId, Member, Page, Paged, Role, StoreError, StoreResult};
 
 use super::MemberRow;
-use crate::keyset_page::{self, Counted, KeysetPage, Listing, PageRow};
+use crate::keyset_page::{self, Counted, KeysetPage, Listing};
+use crate::statement::load_all;
 use crate::{Operation, cursor};
 
 /// The cursor kinds of the two listings: a cursor of one is refused by the other.
@@ -41,7 +42,7 @@ pub(super) fn invites(op: &Operation<'_>, cluster: &ClusterId, page: &Page) -> S
 ///
 /// ```sql
 /// WITH page AS (
-///     SELECT user_id, email, name, picture, role, role_order, created_at
+///     SELECT user_id, email, name, picture, role, created_at
 ///     FROM user_clusters
 ///     WHERE cluster_id = $1 AND role_order BETWEEN $2 AND $3 AND (role_order, email) > ($4, $5)
 ///     ORDER BY role_order, email
@@ -66,12 +67,12 @@ struct MemberRows<'a> {
 }
 
 impl Listing for MemberRows<'_> {
-    type Row = MemberRow;
+    type Columns = (Text, Text, Text, Nullable<Text>, Text, Timestamptz);
     const ORDER: &'static str = "role_order, email";
 
     fn walk_rows<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         out.push_sql(
-            "SELECT user_id, email, name, picture, role, role_order, created_at\n    \
+            "SELECT user_id, email, name, picture, role, created_at\n    \
              FROM user_clusters\n    WHERE cluster_id = ",
         );
         out.push_bind_param::<Text, _>(&self.cluster)?;
@@ -97,10 +98,6 @@ impl Listing for MemberRows<'_> {
 }
 
 crate::statement::static_query_id!(MemberRows);
-
-impl PageRow for MemberRow {
-    const KEY: &'static str = "user_id";
-}
 
 fn load(
     op: &Operation<'_>,
@@ -129,7 +126,7 @@ fn load(
         limit,
         offset,
     };
-    let rows: Vec<Counted<MemberRow>> = op.run(|conn| statement.load(conn))?;
+    let rows: Vec<Counted<MemberRow>> = op.run(|conn| load_all(statement, conn))?;
     let by_rank_then_email =
         |a: &Member, b: &Member| (role_order(a.role), a.email.as_str()).cmp(&(role_order(b.role), b.email.as_str()));
     keyset_page::paged(rows, limit, Member::try_from, by_rank_then_email, |member| {

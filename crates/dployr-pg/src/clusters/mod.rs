@@ -59,7 +59,7 @@ struct ClusterRow {
 
 /// A membership with what a listing shows of the user (e-mail, name and
 /// picture are copies kept in the membership by triggers: no join).
-#[derive(Queryable, Selectable, QueryableByName)]
+#[derive(Queryable, Selectable)]
 #[diesel(table_name = user_clusters, check_for_backend(diesel::pg::Pg))]
 struct MemberRow {
     user_id: String,

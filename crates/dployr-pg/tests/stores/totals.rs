@@ -102,3 +102,32 @@ fn listing_totals_follow_every_kind_of_write() {
     assert_eq!(f.count(&format!("SELECT count(*) FROM cluster_counts WHERE cluster_id = '{c}'")), 0);
     assert_eq!(reported(&f, &c), (0, 0, 0), "an unknown cluster lists nothing");
 }
+
+/// A page past the last item is the one row of an empty page (its item's
+/// columns all NULL): no items, and still the listing's total.
+#[test]
+fn a_page_past_the_last_item_is_empty_and_keeps_the_total() {
+    let f = Fixture::new();
+    let (_owner, cluster) = f.owner("owner@example.io");
+    let c = cluster.id;
+    f.clusters.add_users(&c, &[email("a@example.io"), email("b@example.io")]).unwrap();
+    for n in 0..3 {
+        f.instances.create(&c, instance(n)).unwrap();
+    }
+    let members = f.clusters.members(&c, &Page::offset(1, 10)).unwrap();
+    assert_eq!((members.items.len(), members.total, members.next), (0, 1, None));
+    let invites = f.clusters.invites(&c, &Page::offset(2, 10)).unwrap();
+    assert_eq!((invites.items.len(), invites.total, invites.next), (0, 2, None));
+    let instances = f.instances.list_by_cluster(&c, &Page::offset(3, 10)).unwrap();
+    assert_eq!((instances.items.len(), instances.total, instances.next), (0, 3, None));
+
+    // The last full page's cursor leads to the same empty page.
+    let last = f.instances.list_by_cluster(&c, &Page::first(3)).unwrap();
+    assert_eq!(last.items.len(), 3);
+    let after = f.instances.list_by_cluster(&c, &Page::after(last.next.unwrap(), 3)).unwrap();
+    assert_eq!((after.items.len(), after.total), (0, 3));
+    // Members without a picture (a NULL column) are items, not an empty page.
+    let invited = f.clusters.invites(&c, &Page::first(10)).unwrap();
+    assert_eq!(invited.items.len(), 2);
+    assert!(invited.items.iter().all(|member| member.picture.is_none()));
+}
