@@ -104,8 +104,15 @@ async fn a_data_layer_opened_before_the_runtime_goes_async_and_drops_inside_it()
 /// Every kind of store, through the facade, with the errors of the
 /// synchronous stores.
 async fn every_store_answers_with_the_synchronous_errors() {
+    every_store_answers(false).await;
+}
+
+/// As [`every_store_answers_with_the_synchronous_errors`], through the
+/// facade itself or (`in_place`) through the one that runs calls in place.
+async fn every_store_answers(in_place: bool) {
     let db = dployr_testkit::database();
     let data = AsyncDataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).await.unwrap();
+    let data = if in_place { data.in_place() } else { data };
     let owner = data.users().upsert(NewUser::new(email("owner@example.io"), Provider::Github)).await.unwrap();
     let cluster = data.clusters().create_for_owner(&owner.id).await.unwrap();
     let invited = data.clusters().add_users(&cluster.id, &[email("bob@example.io")]).await.unwrap();
@@ -286,5 +293,105 @@ async fn a_panic_in_a_call_reaches_the_caller_and_the_thread_serves_on() {
     .await
     .unwrap_err();
     assert!(panicked.is_panic());
+    assert_eq!(data.users().get_by_email(&email("nobody@example.io")).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_answers_in_place_on_a_multi_thread_runtime() {
+    every_store_answers(true).await;
+}
+
+/// `block_in_place` would panic on a current-thread runtime: there, calls
+/// of the in-place facade go to the facade's threads.
+#[tokio::test(flavor = "current_thread")]
+async fn calls_in_place_on_a_current_thread_runtime_run_on_the_facades_threads() {
+    every_store_answers(true).await;
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, Duration::from_secs(30)).await.in_place();
+    assert!(thread_of_a_call(&data).await.starts_with("dployr-call-"));
+}
+
+/// The name of the thread a call of `data` runs on.
+async fn thread_of_a_call(data: &AsyncDataLayer) -> String {
+    data.run(|_| Ok(std::thread::current().name().unwrap_or_default().to_owned())).await.unwrap()
+}
+
+/// In place, a call runs on the thread of the task that awaits it, not on
+/// one of the facade's; the facade it came from still uses its threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_place_runs_on_the_awaiting_tasks_thread() {
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, Duration::from_secs(30)).await;
+    let in_place = data.in_place();
+    let (awaited_on, ran_on) = tokio::spawn({
+        let in_place = in_place.clone();
+        async move {
+            let awaited_on = std::thread::current().id();
+            let ran_on = in_place.run(|_| Ok(std::thread::current().id())).await.unwrap();
+            (awaited_on, ran_on)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(awaited_on, ran_on);
+    assert!(thread_of_a_call(&data).await.starts_with("dployr-call-"));
+}
+
+/// No more calls run in place at once than the pool has connections: the
+/// next one goes to the facade's threads, so blocked workers never
+/// outnumber the connections they wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_in_place_beyond_the_pools_connections_go_to_the_facades_threads() {
+    let db = dployr_testkit::database();
+    let pool = PoolConfig { max_size: 2, ..PoolConfig::default() };
+    let data = AsyncDataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_pool(pool))
+        .await
+        .unwrap()
+        .in_place();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let (started, running) = tokio::sync::oneshot::channel();
+        let (data, released) = (data.clone(), std::sync::Arc::clone(&released));
+        holders.push(tokio::spawn(async move {
+            data.run(move |_| {
+                let name = std::thread::current().name().unwrap_or_default().to_owned();
+                let _ = started.send(());
+                let _ = released.lock().map(|released| released.recv());
+                Ok(name)
+            })
+            .await
+            .unwrap()
+        }));
+        running.await.unwrap();
+    }
+    // Both rooms are taken, and held until released.
+    assert!(thread_of_a_call(&data).await.starts_with("dployr-call-"));
+    drop(release);
+    for holder in holders {
+        assert!(!holder.await.unwrap().starts_with("dployr-call-"), "the first two ran in place");
+    }
+    // The rooms are free again.
+    assert!(!thread_of_a_call(&data).await.starts_with("dployr-call-"));
+}
+
+/// A panic in a call in place goes on in the caller and gives its room
+/// back: after as many panics as there are connections, calls still run in
+/// place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_call_in_place_reaches_the_caller_and_gives_its_room_back() {
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, Duration::from_secs(30)).await.in_place();
+    for _ in 0..3 {
+        let panicked = tokio::spawn({
+            let data = data.clone();
+            async move { data.run(|_| -> dployr_data::StoreResult<()> { panic!("a bug in a store") }).await }
+        })
+        .await
+        .unwrap_err();
+        assert!(panicked.is_panic());
+    }
+    assert!(!thread_of_a_call(&data).await.starts_with("dployr-call-"));
     assert_eq!(data.users().get_by_email(&email("nobody@example.io")).await.unwrap(), None);
 }

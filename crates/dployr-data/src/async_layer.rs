@@ -24,6 +24,28 @@
 //! HTTP, not on a connection of the pool, so they run on tokio's blocking
 //! pool and never hold a thread that a PostgreSQL call is waiting for.
 //!
+//! **In place, on request.** [`AsyncDataLayer::in_place`] gives a facade
+//! that runs each call on the thread of the task that awaits it, with
+//! tokio's `block_in_place` (the worker hands its other tasks to another
+//! thread while the call blocks). That saves both wake-ups: measured with
+//! `cargo xtask bench` on the same 2-core machine, alternating, at 16
+//! tasks, `users.get_by_email` in place ran at 0.89–1.10 of the
+//! synchronous store's throughput where the facade's threads gave
+//! 0.64–0.70 in the same runs. What it costs, and why it is not the
+//! default:
+//! - a call in place cannot be left behind: a `tokio::time::timeout` (or
+//!   tower's timeout layer) around it, or a `select!`, returns only when
+//!   the call ends, which the data layer's call deadline bounds
+//!   (`DPLOYR_DB_CALL_TIMEOUT_MS`, 30 s unless set);
+//! - calls awaited together in one task (`join!`) run one after another;
+//! - it needs the multi-thread runtime: on a current-thread runtime, or
+//!   outside tokio, the call goes to the facade's threads as usual.
+//!
+//! At most as many calls run in place at once as the pools have
+//! connections; a call beyond that goes to the facade's queue, under the
+//! queue's rules, so that blocked workers never exceed what the pools can
+//! serve. Key-value calls on Cloudflare stay on tokio's blocking pool.
+//!
 //! **Cancellation.** Dropping the future of a call (a client that hung up,
 //! a `tokio::time::timeout`, a `select!`) does not cancel it once it has
 //! started: the statement or request runs to its end, and a write commits
@@ -78,6 +100,21 @@ enum Route {
     /// connection (key-value calls on Cloudflare), and every call if no
     /// thread of the facade could be started.
     BlockingPool,
+    /// The awaiting task's own thread, with `block_in_place`, while a
+    /// connection's worth of room is free and the runtime is multi-thread;
+    /// otherwise the facade's threads ([`AsyncDataLayer::in_place`]).
+    InPlace,
+}
+
+impl Route {
+    /// The route of a facade that runs calls in place: calls that would go
+    /// to the facade's threads run in place instead.
+    fn in_place(self) -> Self {
+        match self {
+            Route::Threads => Route::InPlace,
+            other => other,
+        }
+    }
 }
 
 /// The data layer, the queue of the facade's threads and the routes.
@@ -90,6 +127,8 @@ struct Shared {
     stores: Route,
     /// The route of the key-value store.
     kv: Route,
+    /// Room for calls in place: one per connection the pools may open.
+    in_place: tokio::sync::Semaphore,
 }
 
 impl Shared {
@@ -123,7 +162,8 @@ impl Shared {
         }
         let stores = if started == 0 { Route::BlockingPool } else { Route::Threads };
         let kv = if remote_kv { Route::BlockingPool } else { stores };
-        Self { data, queue, queue_timeout, stores, kv }
+        let in_place = tokio::sync::Semaphore::new(usize::try_from(connections).unwrap_or(usize::MAX));
+        Self { data, queue, queue_timeout, stores, kv, in_place }
     }
 }
 
@@ -141,6 +181,17 @@ async fn blocking<T: Send + 'static>(
 ) -> StoreResult<T> {
     match route {
         Route::Threads => on_threads(shared, call).await,
+        Route::InPlace => {
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|runtime| runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            let room = if multi_thread { shared.in_place.try_acquire().ok() } else { None };
+            match room {
+                // A panic unwinds through here into the caller, as in a
+                // synchronous call, and the room is given back with it.
+                Some(_room) => tokio::task::block_in_place(|| call(&shared.data)),
+                None => on_threads(shared, call).await,
+            }
+        }
         Route::BlockingPool => {
             let data = Arc::clone(&shared.data);
             on_blocking_pool(move || call(&data), "the runtime is shutting down; the call did not run").await
@@ -204,6 +255,8 @@ async fn on_threads<T: Send + 'static>(
 #[derive(Clone)]
 pub struct AsyncDataLayer {
     shared: Arc<Shared>,
+    /// Whether calls run in place ([`AsyncDataLayer::in_place`]).
+    in_place: bool,
 }
 
 impl fmt::Debug for AsyncDataLayer {
@@ -215,7 +268,7 @@ impl fmt::Debug for AsyncDataLayer {
 impl DataLayer {
     /// This data layer for async code. Does not block: call it anywhere.
     pub fn into_async(self) -> AsyncDataLayer {
-        AsyncDataLayer { shared: Arc::new(Shared::start(self)) }
+        AsyncDataLayer { shared: Arc::new(Shared::start(self)), in_place: false }
     }
 }
 
@@ -243,6 +296,35 @@ impl AsyncDataLayer {
         Self::open(Config::from_env()?).await
     }
 
+    /// This facade, running each call on the thread of the task that
+    /// awaits it (`block_in_place`) on a multi-thread runtime: fewer thread
+    /// wake-ups per call, at the costs the [module
+    /// documentation](crate::AsyncDataLayer) lists (a timeout around a call
+    /// waits for its end; calls joined in one task run one after another).
+    /// The facade's threads, pools and data layer are shared with `self`.
+    ///
+    /// ```no_run
+    /// # async fn handler(data: dployr_data::AsyncDataLayer, email: dployr_data::Email) -> dployr_data::StoreResult<()> {
+    /// let data = data.in_place();
+    /// let user = data.users().get_by_email(&email).await?;
+    /// # drop(user);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn in_place(&self) -> Self {
+        Self { shared: Arc::clone(&self.shared), in_place: true }
+    }
+
+    /// The route of the stores' calls and of the key-value calls.
+    fn routes(&self) -> (Route, Route) {
+        if self.in_place {
+            (self.shared.stores.in_place(), self.shared.kv.in_place())
+        } else {
+            (self.shared.stores, self.shared.kv)
+        }
+    }
+
     /// The synchronous data layer, for what this facade does not cover
     /// (the pool's statistics, the backends' names). Its calls block: keep
     /// them off the runtime's workers.
@@ -251,7 +333,8 @@ impl AsyncDataLayer {
     }
 
     /// Runs `call` with the synchronous data layer on one of the facade's
-    /// threads, as every method of this facade does: for several calls that must share
+    /// threads (or in place, for a facade from [`AsyncDataLayer::in_place`]),
+    /// as every method of this facade does: for several calls that must share
     /// one thread, such as reads inside a read-your-writes scope (the scopes
     /// of [`PgPool::reads_after`](crate::PgPool::reads_after) and
     /// [`PgPool::reads_on_primary`](crate::PgPool::reads_on_primary) hold
@@ -286,32 +369,32 @@ impl AsyncDataLayer {
         &self,
         call: impl FnOnce(&DataLayer) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        blocking(&self.shared, self.shared.stores, call).await
+        blocking(&self.shared, self.routes().0, call).await
     }
 
     /// Users ([`UserStore`]).
     pub fn users(&self) -> AsyncUserStore {
-        AsyncUserStore { shared: Arc::clone(&self.shared), route: self.shared.stores }
+        AsyncUserStore { shared: Arc::clone(&self.shared), route: self.routes().0 }
     }
 
     /// Clusters and memberships ([`ClusterStore`]).
     pub fn clusters(&self) -> AsyncClusterStore {
-        AsyncClusterStore { shared: Arc::clone(&self.shared), route: self.shared.stores }
+        AsyncClusterStore { shared: Arc::clone(&self.shared), route: self.routes().0 }
     }
 
     /// Instances ([`InstanceStore`]).
     pub fn instances(&self) -> AsyncInstanceStore {
-        AsyncInstanceStore { shared: Arc::clone(&self.shared), route: self.shared.stores }
+        AsyncInstanceStore { shared: Arc::clone(&self.shared), route: self.routes().0 }
     }
 
     /// Bootstrap tokens ([`BootstrapTokenStore`]).
     pub fn bootstrap_tokens(&self) -> AsyncBootstrapTokenStore {
-        AsyncBootstrapTokenStore { shared: Arc::clone(&self.shared), route: self.shared.stores }
+        AsyncBootstrapTokenStore { shared: Arc::clone(&self.shared), route: self.routes().0 }
     }
 
     /// Sessions, OAuth state and one-time codes ([`KvStore`](crate::KvStore)).
     pub fn kv(&self) -> AsyncKvStore {
-        AsyncKvStore { shared: Arc::clone(&self.shared), route: self.shared.kv }
+        AsyncKvStore { shared: Arc::clone(&self.shared), route: self.routes().1 }
     }
 }
 
@@ -380,7 +463,8 @@ macro_rules! async_store {
                 #[doc = ""]
                 #[doc = concat!(
                     "Runs `", stringify!($getter), "().", stringify!($method),
-                    "` on the facade's threads; a dropped future does not cancel a call that started ",
+                    "` on the facade's threads (or in place: [`AsyncDataLayer::in_place`]); ",
+                    "a dropped future does not cancel a call that started ",
                     "(see the [module documentation](crate::AsyncDataLayer))."
                 )]
                 ///

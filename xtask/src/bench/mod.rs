@@ -285,6 +285,9 @@ impl Measured {
 /// The name of the async facade's row, next to the synchronous `users.get_by_email`.
 const ASYNC_ROW: &str = "users.get_by_email (async facade)";
 
+/// The same through the facade that runs calls in place (`AsyncDataLayer::in_place`).
+const ASYNC_IN_PLACE_ROW: &str = "users.get_by_email (async facade, in place)";
+
 /// The synchronous `users.get_by_email`, measured in turns with [`ASYNC_ROW`].
 const ASYNC_PAIR_ROW: &str = "users.get_by_email (sync, paired with async)";
 
@@ -444,23 +447,34 @@ fn bench(options: &Options) -> Result<(), Failure> {
         let data = DataLayer::open(config)?.into_async();
         let sync_op = operations().into_iter().find(|op| op.name == "users.get_by_email").ok_or("no sync row")?;
         for &threads in &options.threads {
-            progress(&format!("{ASYNC_ROW} at {threads} task(s), alternating with the synchronous store"));
-            // The async facade and the synchronous store alternate, ROUNDS
-            // times each, best of each kept: on a shared machine both face
-            // the same interference, and the ratio compares like with like.
-            let (mut measured, mut sync_best): (Option<Measured>, Option<Measured>) = (None, None);
+            progress(&format!("{ASYNC_ROW} at {threads} task(s), alternating with in place and the synchronous store"));
+            // The async facade (its threads, then in place) and the
+            // synchronous store alternate, ROUNDS times each, best of each
+            // kept: on a shared machine all face the same interference, and
+            // the ratios compare like with like.
+            let in_place = data.in_place();
+            let (mut measured, mut in_place_best, mut sync_best): (
+                Option<Measured>,
+                Option<Measured>,
+                Option<Measured>,
+            ) = (None, None, None);
+            let keep_best = |best: &mut Option<Measured>, round: Measured| {
+                if best.is_none_or(|best| round.ops_per_sec > best.ops_per_sec) {
+                    *best = Some(round);
+                }
+            };
             for _ in 0..ROUNDS {
-                let round = measure_async(&data, &context.fixture.owner_email, threads, options.seconds)?;
-                if measured.is_none_or(|best| round.ops_per_sec > best.ops_per_sec) {
-                    measured = Some(round);
-                }
-                let round = measure(&stores, &context, &sync_op, threads, options.seconds)?;
-                if sync_best.is_none_or(|best| round.ops_per_sec > best.ops_per_sec) {
-                    sync_best = Some(round);
-                }
+                keep_best(&mut measured, measure_async(&data, &context.fixture.owner_email, threads, options.seconds)?);
+                keep_best(
+                    &mut in_place_best,
+                    measure_async(&in_place, &context.fixture.owner_email, threads, options.seconds)?,
+                );
+                keep_best(&mut sync_best, measure(&stores, &context, &sync_op, threads, options.seconds)?);
             }
-            let (measured, sync_best) = (measured.ok_or("no round")?, sync_best.ok_or("no round")?);
+            let (measured, in_place_best, sync_best) =
+                (measured.ok_or("no round")?, in_place_best.ok_or("no round")?, sync_best.ok_or("no round")?);
             rows.push(Row { name: ASYNC_ROW, threads, measured, limit: None });
+            rows.push(Row { name: ASYNC_IN_PLACE_ROW, threads, measured: in_place_best, limit: None });
             rows.push(Row { name: ASYNC_PAIR_ROW, threads, measured: sync_best, limit: None });
         }
     }
@@ -587,13 +601,21 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
     let mut async_over_sync = Vec::new();
     for &threads in &options.threads {
         let find = |name: &str| rows.iter().find(|r| r.name == name && r.threads == threads).map(|r| r.measured);
-        if let (Some(async_facade), Some(sync)) = (find(ASYNC_ROW), find(ASYNC_PAIR_ROW)) {
+        if let (Some(async_facade), Some(in_place), Some(sync)) =
+            (find(ASYNC_ROW), find(ASYNC_IN_PLACE_ROW), find(ASYNC_PAIR_ROW))
+        {
             let ratio = async_facade.ops_per_sec / sync.ops_per_sec.max(1e-9);
+            let in_place_ratio = in_place.ops_per_sec / sync.ops_per_sec.max(1e-9);
             println!(
-                "async facade / sync store, users.get_by_email, {threads} task(s) / thread(s): {:.0} / {:.0} ops/s = {ratio:.2}",
-                async_facade.ops_per_sec, sync.ops_per_sec
+                "async facade / sync store, users.get_by_email, {threads} task(s) / thread(s): {:.0} / {:.0} ops/s = {ratio:.2}; \
+                 in place: {:.0} / {:.0} ops/s = {in_place_ratio:.2}",
+                async_facade.ops_per_sec, sync.ops_per_sec, in_place.ops_per_sec, sync.ops_per_sec
             );
-            async_over_sync.push(serde_json::json!({"threads": threads, "async_over_sync_ops": ratio}));
+            async_over_sync.push(serde_json::json!({
+                "threads": threads,
+                "async_over_sync_ops": ratio,
+                "in_place_over_sync_ops": in_place_ratio,
+            }));
         }
     }
     println!("per-test database clone: median {} of {}", micros(median(clones)), clones.len());
