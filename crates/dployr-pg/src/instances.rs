@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::errors::Failure;
 use crate::keyset_page::{self, Counted, KeysetPage, Listing};
+use crate::parsed::Parsed;
 use crate::routes::Read;
 use crate::schema::instances;
 use crate::statement::load_all;
@@ -21,8 +22,8 @@ use crate::{PgPool, cursor};
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = instances, check_for_backend(diesel::pg::Pg))]
 struct InstanceRow {
-    id: String,
-    cluster_id: String,
+    id: Parsed<InstanceId>,
+    cluster_id: Parsed<ClusterId>,
     address: String,
     tag: String,
     metadata: Value,
@@ -30,19 +31,17 @@ struct InstanceRow {
     updated_at: DateTime<Utc>,
 }
 
-impl TryFrom<InstanceRow> for Instance {
-    type Error = StoreError;
-
-    fn try_from(row: InstanceRow) -> StoreResult<Instance> {
-        Ok(Instance {
-            id: InstanceId::parse(&row.id)?,
-            cluster_id: ClusterId::parse(&row.cluster_id)?,
+impl From<InstanceRow> for Instance {
+    fn from(row: InstanceRow) -> Instance {
+        Instance {
+            id: row.id.0,
+            cluster_id: row.cluster_id.0,
             address: row.address,
             tag: row.tag,
             metadata: Metadata::from_stored(row.metadata),
             created_at: row.created_at,
             updated_at: row.updated_at,
-        })
+        }
     }
 }
 
@@ -140,7 +139,7 @@ impl InstanceStore for PgInstanceStore {
                 ))
                 .returning(InstanceRow::as_returning())
                 .get_result(conn)?;
-            Ok::<_, Failure>(Instance::try_from(row)?)
+            Ok::<_, Failure>(Instance::from(row))
         })
     }
 
@@ -149,7 +148,7 @@ impl InstanceStore for PgInstanceStore {
         let row = op.run(|conn| {
             instances::table.find(id.to_string()).select(InstanceRow::as_select()).first(conn).optional()
         })?;
-        row.map(Instance::try_from).transpose()
+        Ok(row.map(Instance::from))
     }
 
     fn get_by_tag(&self, tag: &Tag) -> StoreResult<Option<Instance>> {
@@ -161,7 +160,7 @@ impl InstanceStore for PgInstanceStore {
                 .first(conn)
                 .optional()
         })?;
-        row.map(Instance::try_from).transpose()
+        Ok(row.map(Instance::from))
     }
 
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>> {
@@ -174,7 +173,7 @@ impl InstanceStore for PgInstanceStore {
                 .returning(InstanceRow::as_returning())
                 .get_result(conn)
                 .optional()?;
-            Ok::<_, Failure>(row.map(Instance::try_from).transpose()?)
+            Ok::<_, Failure>(row.map(Instance::from))
         })
     }
 
@@ -211,9 +210,9 @@ impl InstanceStore for PgInstanceStore {
             KeysetPage { listing: InstanceRows { cluster: &cluster, before: (before_at, &before_id) }, limit, offset };
         let rows: Vec<Counted<InstanceRow>> = op.run(|conn| load_all(statement, conn))?;
         let newest_first = |a: &Instance, b: &Instance| (b.created_at, b.id).cmp(&(a.created_at, a.id));
-        keyset_page::paged(rows, limit, Instance::try_from, newest_first, |last| {
+        Ok(keyset_page::paged(rows, limit, newest_first, |last| {
             cursor::encode(CURSOR_KIND, &[&last.created_at.timestamp_micros().to_string(), &last.id.to_string()])
-        })
+        }))
     }
 }
 

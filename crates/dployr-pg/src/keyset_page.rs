@@ -102,20 +102,19 @@ pub(crate) fn start<const N: usize>(kind: &str, page: &Page) -> StoreResult<(Opt
 }
 
 /// The page the rows of a [`KeysetPage`] of at most `limit` rows make: its
-/// items decoded and put in the listing's `order` (the listing's key, as
-/// the server sorts it), the total, and the cursor after the last item when
-/// the page is full.
-pub(crate) fn paged<R, I>(
+/// items put in the listing's `order` (the listing's key, as the server
+/// sorts it), the total, and the cursor after the last item when the page
+/// is full.
+pub(crate) fn paged<R: Into<I>, I>(
     rows: Vec<Counted<R>>,
     limit: i64,
-    decode: impl Fn(R) -> StoreResult<I>,
     order: impl Fn(&I, &I) -> std::cmp::Ordering,
     cursor_after: impl Fn(&I) -> Cursor,
-) -> StoreResult<Paged<I>> {
+) -> Paged<I> {
     let total = rows.first().map_or(0, |row| row.0);
-    let mut items = rows.into_iter().filter_map(|row| row.1).map(decode).collect::<StoreResult<Vec<I>>>()?;
+    let mut items: Vec<I> = rows.into_iter().filter_map(|row| row.1).map(Into::into).collect();
     items.sort_unstable_by(order);
     let full = i64::try_from(items.len()).is_ok_and(|len| len == limit);
     let next = items.last().filter(|_| full).map(cursor_after);
-    Ok(Paged { items, total: u64::try_from(total).unwrap_or(0), next })
+    Paged { items, total: u64::try_from(total).unwrap_or(0), next }
 }

@@ -17,6 +17,7 @@ mod instances;
 mod keyset_page;
 pub mod metrics;
 mod operation;
+mod parsed;
 mod pool;
 mod replicas;
 mod routes;

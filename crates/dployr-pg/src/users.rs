@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::PgPool;
 use crate::errors::Failure;
+use crate::parsed::Parsed;
 use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::{coalesce, coalesce_nullable};
@@ -21,30 +22,28 @@ use crate::sql::{coalesce, coalesce_nullable};
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
 pub(crate) struct UserRow {
-    id: String,
+    id: Parsed<UserId>,
     email: String,
     name: String,
     picture: Option<String>,
-    provider: String,
+    provider: Parsed<Provider>,
     metadata: Value,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
-impl TryFrom<UserRow> for User {
-    type Error = StoreError;
-
-    fn try_from(row: UserRow) -> StoreResult<User> {
-        Ok(User {
-            id: UserId::parse(&row.id)?,
+impl From<UserRow> for User {
+    fn from(row: UserRow) -> User {
+        User {
+            id: row.id.0,
             email: Email::from_stored(row.email),
             name: row.name,
             picture: row.picture,
-            provider: row.provider.parse()?,
+            provider: row.provider.0,
             metadata: Metadata::from_stored(row.metadata),
             created_at: row.created_at,
             updated_at: row.updated_at,
-        })
+        }
     }
 }
 
@@ -129,7 +128,7 @@ impl UserStore for PgUserStore {
                 // demotion that committed while this waited for the locks
                 // counts (and no role can change now that they are held).
                 let still_runs = user_clusters::table
-                    .filter(user_clusters::user_id.eq(&row.id))
+                    .filter(user_clusters::user_id.eq(row.id.0.to_string()))
                     .filter(user_clusters::role.eq_any(RUNS_A_CLUSTER))
                     .select(user_clusters::cluster_id);
                 diesel::update(
@@ -138,7 +137,7 @@ impl UserStore for PgUserStore {
                 .set(clusters::metadata.eq(clusters::metadata.concat(&merge)))
                 .execute(conn)?;
             }
-            Ok::<_, Failure>(User::try_from(row)?)
+            Ok::<_, Failure>(User::from(row))
         })
     }
 
@@ -146,7 +145,7 @@ impl UserStore for PgUserStore {
         let op = self.pool.read(Read::UsersGet);
         let row =
             op.run(|conn| users::table.find(id.to_string()).select(UserRow::as_select()).first(conn).optional())?;
-        row.map(User::try_from).transpose()
+        Ok(row.map(User::from))
     }
 
     fn get_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
@@ -154,7 +153,7 @@ impl UserStore for PgUserStore {
         let row = op.run(|conn| {
             users::table.filter(users::email.eq(email.as_str())).select(UserRow::as_select()).first(conn).optional()
         })?;
-        row.map(User::try_from).transpose()
+        Ok(row.map(User::from))
     }
 
     fn update(&self, email: &Email, patch: UserPatch) -> StoreResult<Option<User>> {
@@ -175,7 +174,7 @@ impl UserStore for PgUserStore {
                 .returning(UserRow::as_returning())
                 .get_result(conn)
                 .optional()?;
-            Ok::<_, Failure>(row.map(User::try_from).transpose()?)
+            Ok::<_, Failure>(row.map(User::from))
         })
     }
 

@@ -129,9 +129,9 @@ fn load(
     let rows: Vec<Counted<MemberRow>> = op.run(|conn| load_all(statement, conn))?;
     let by_rank_then_email =
         |a: &Member, b: &Member| (role_order(a.role), a.email.as_str()).cmp(&(role_order(b.role), b.email.as_str()));
-    keyset_page::paged(rows, limit, Member::try_from, by_rank_then_email, |member| {
+    Ok(keyset_page::paged(rows, limit, by_rank_then_email, |member| {
         cursor::encode(kind, &[&role_order(member.role).to_string(), member.email.as_str()])
-    })
+    }))
 }
 
 #[cfg(test)]

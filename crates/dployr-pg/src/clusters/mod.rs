@@ -31,6 +31,7 @@ use dployr_domain::{
 use serde_json::{Value, json};
 
 use crate::errors::Failure;
+use crate::parsed::Parsed;
 use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::coalesce;
@@ -50,7 +51,7 @@ const MAX_LOGIN_ID_BYTES: usize = 255;
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = clusters, check_for_backend(diesel::pg::Pg))]
 struct ClusterRow {
-    id: String,
+    id: Parsed<ClusterId>,
     name: String,
     metadata: Value,
     created_at: DateTime<Utc>,
@@ -62,33 +63,32 @@ struct ClusterRow {
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = user_clusters, check_for_backend(diesel::pg::Pg))]
 struct MemberRow {
-    user_id: String,
+    user_id: Parsed<UserId>,
     email: String,
     name: String,
     picture: Option<String>,
-    role: String,
+    role: Parsed<Role>,
     created_at: DateTime<Utc>,
 }
 
-impl TryFrom<MemberRow> for Member {
-    type Error = StoreError;
-
-    fn try_from(row: MemberRow) -> StoreResult<Member> {
-        Ok(Member {
-            user_id: UserId::parse(&row.user_id)?,
+impl From<MemberRow> for Member {
+    fn from(row: MemberRow) -> Member {
+        Member {
+            user_id: row.user_id.0,
             email: Email::from_stored(row.email),
             name: row.name,
             picture: row.picture,
-            role: row.role.parse()?,
+            role: row.role.0,
             since: row.created_at,
-        })
+        }
     }
 }
 
-fn cluster_from(row: ClusterRow, members: Vec<MemberRow>) -> StoreResult<Cluster> {
+/// The cluster of `row` with `members`, grouped by role in listing order.
+fn cluster_from(row: ClusterRow, members: Vec<MemberRow>) -> Cluster {
     let mut by_role: BTreeMap<Role, Vec<Member>> = BTreeMap::new();
     for member in members {
-        let member = Member::try_from(member)?;
+        let member = Member::from(member);
         by_role.entry(member.role).or_default().push(member);
     }
     // Listing order within a role: by e-mail. (Already sorted when the rows
@@ -96,14 +96,14 @@ fn cluster_from(row: ClusterRow, members: Vec<MemberRow>) -> StoreResult<Cluster
     for members in by_role.values_mut() {
         members.sort_unstable_by(|a, b| a.email.as_str().cmp(b.email.as_str()));
     }
-    Ok(Cluster {
-        id: ClusterId::parse(&row.id)?,
+    Cluster {
+        id: row.id.0,
         name: row.name,
         metadata: Metadata::from_stored(row.metadata),
         members: by_role,
         created_at: row.created_at,
         updated_at: row.updated_at,
-    })
+    }
 }
 
 /// The clusters and memberships of one PostgreSQL database.
@@ -197,7 +197,7 @@ fn members_where(op: &Operation<'_>, cluster: &ClusterId, role: Role) -> StoreRe
             .select(MemberRow::as_select())
             .load(conn)
     })?;
-    rows.into_iter().map(Member::try_from).collect()
+    Ok(rows.into_iter().map(Member::from).collect())
 }
 
 /// Whether `user` holds at least the rank of `at_least` in `cluster`, in one statement.
@@ -213,9 +213,9 @@ fn has_rank(op: &Operation<'_>, user: &UserId, cluster: &ClusterId, at_least: Ro
 }
 
 impl ClusterStore for PgClusterStore {
-    fn create_for_owner(&self, owner: &UserId) -> StoreResult<Cluster> {
-        let op = self.pool.operation("clusters.create_for_owner").referencing("user", owner);
-        let owner = owner.to_string();
+    fn create_for_owner(&self, owner_id: &UserId) -> StoreResult<Cluster> {
+        let op = self.pool.operation("clusters.create_for_owner").referencing("user", owner_id);
+        let owner = owner_id.to_string();
         op.transaction(|conn| {
             // Two calls for one user queue on this lock; the second finds the
             // first one's cluster below.
@@ -236,7 +236,7 @@ impl ClusterStore for PgClusterStore {
             if let Some(owned) = owned {
                 return load_cluster(conn, &owned)?.ok_or_else(|| StoreError::not_found("cluster", &owned).into());
             }
-            let user = dployr_domain::User::try_from(user)?;
+            let user = dployr_domain::User::from(user);
             let cluster: ClusterRow = diesel::insert_into(clusters::table)
                 .values((
                     clusters::id.eq(ClusterId::generate().to_string()),
@@ -247,20 +247,20 @@ impl ClusterStore for PgClusterStore {
             let since: DateTime<Utc> = diesel::insert_into(user_clusters::table)
                 .values((
                     user_clusters::user_id.eq(&owner),
-                    user_clusters::cluster_id.eq(&cluster.id),
+                    user_clusters::cluster_id.eq(cluster.id.0.to_string()),
                     user_clusters::role.eq(Role::Owner.as_str()),
                 ))
                 .returning(user_clusters::created_at)
                 .get_result(conn)?;
             let member = MemberRow {
-                user_id: owner.clone(),
+                user_id: Parsed(*owner_id),
                 email: user.email.to_string(),
                 name: user.name,
                 picture: user.picture,
-                role: Role::Owner.as_str().to_owned(),
+                role: Parsed(Role::Owner),
                 created_at: since,
             };
-            Ok(cluster_from(cluster, vec![member])?)
+            Ok(cluster_from(cluster, vec![member]))
         })
     }
 
@@ -392,7 +392,7 @@ impl ClusterStore for PgClusterStore {
                     .select(MemberRow::as_select()),
             )
             .load(conn)?;
-            Ok(rows.into_iter().map(Member::try_from).collect::<StoreResult<Vec<_>>>()?)
+            Ok(rows.into_iter().map(Member::from).collect())
         })
     }
 

@@ -6,11 +6,13 @@ use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{Jsonb, Nullable, Text, Timestamptz};
-use dployr_domain::{Cluster, StoreError, StoreResult};
+use dployr_domain::{Cluster, ClusterId, Role, StoreError, StoreResult, UserId};
 use serde_json::Value;
+use ulid::Ulid;
 
 use super::{ClusterRow, MemberRow, cluster_from};
 use crate::errors::Failure;
+use crate::parsed::Parsed;
 use crate::statement::{hand_written_statement, load_all};
 
 /// The SQL types of [`ClusterWithMembers`]' columns, in their order.
@@ -23,14 +25,15 @@ type Columns =
 /// rows was about 15 % of the client's instructions (callgrind).
 #[derive(Queryable)]
 pub(super) struct ClusterOrMember {
-    id: String,
+    /// The cluster's id or the member's, parsed (both are ULIDs).
+    id: Parsed<Ulid>,
     name: String,
     metadata: Option<Value>,
     created_at: DateTime<Utc>,
     updated_at: Option<DateTime<Utc>>,
     email: Option<String>,
     picture: Option<String>,
-    role: Option<String>,
+    role: Option<Parsed<Role>>,
 }
 
 /// A cluster with its members, in one statement whose rows are the cluster
@@ -116,7 +119,7 @@ impl TryFrom<ClusterRows> for Cluster {
         for row in rows {
             match (row.role, row.email) {
                 (Some(role), Some(email)) => members.push(MemberRow {
-                    user_id: row.id,
+                    user_id: Parsed(UserId::from(row.id.0)),
                     email,
                     name: row.name,
                     picture: row.picture,
@@ -125,7 +128,7 @@ impl TryFrom<ClusterRows> for Cluster {
                 }),
                 (None, None) if cluster.is_none() => {
                     cluster = Some(ClusterRow {
-                        id: row.id,
+                        id: Parsed(ClusterId::from(row.id.0)),
                         name: row.name,
                         metadata: row.metadata.unwrap_or_default(),
                         created_at: row.created_at,
@@ -146,7 +149,7 @@ impl TryFrom<ClusterRows> for Cluster {
             message: "clusters.get: members without their cluster".into(),
             source: None,
         })?;
-        cluster_from(cluster, members)
+        Ok(cluster_from(cluster, members))
     }
 }
 
