@@ -279,13 +279,9 @@ async fn a_call_dropped_while_queued_does_not_run() {
     assert_eq!(data.users().get_by_email(&email("gone@example.io")).await.unwrap(), None);
 }
 
-/// A panic in a call goes on in the caller, as in a synchronous call, and
-/// the thread it ran on lives on: the facade's only thread serves the next
-/// call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_in_a_call_reaches_the_caller_and_the_thread_serves_on() {
-    let db = dployr_testkit::database();
-    let data = one_thread(&db, Duration::from_secs(30)).await;
+/// Runs a call of `data` that panics, in a task of its own, and checks
+/// that the panic reached that task.
+async fn a_call_panics_in_its_caller(data: &AsyncDataLayer) {
     let panicked = tokio::spawn({
         let data = data.clone();
         async move { data.run(|_| -> dployr_data::StoreResult<()> { panic!("a bug in a store") }).await }
@@ -293,6 +289,16 @@ async fn a_panic_in_a_call_reaches_the_caller_and_the_thread_serves_on() {
     .await
     .unwrap_err();
     assert!(panicked.is_panic());
+}
+
+/// A panic in a call goes on in the caller, as in a synchronous call, and
+/// the thread it ran on lives on: the facade's only thread serves the next
+/// call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_call_reaches_the_caller_and_the_thread_serves_on() {
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, Duration::from_secs(30)).await;
+    a_call_panics_in_its_caller(&data).await;
     assert_eq!(data.users().get_by_email(&email("nobody@example.io")).await.unwrap(), None);
 }
 
@@ -384,13 +390,7 @@ async fn a_panic_in_a_call_in_place_reaches_the_caller_and_gives_its_room_back()
     let db = dployr_testkit::database();
     let data = one_thread(&db, Duration::from_secs(30)).await.in_place();
     for _ in 0..3 {
-        let panicked = tokio::spawn({
-            let data = data.clone();
-            async move { data.run(|_| -> dployr_data::StoreResult<()> { panic!("a bug in a store") }).await }
-        })
-        .await
-        .unwrap_err();
-        assert!(panicked.is_panic());
+        a_call_panics_in_its_caller(&data).await;
     }
     assert!(!thread_of_a_call(&data).await.starts_with("dployr-call-"));
     assert_eq!(data.users().get_by_email(&email("nobody@example.io")).await.unwrap(), None);
