@@ -95,6 +95,11 @@ impl SpanCapture {
     /// Runs `work` with this capture as the thread's subscriber and returns
     /// its result; the spans that closed meanwhile are in [`spans`](Self::spans).
     pub fn during<T>(&self, work: impl FnOnce() -> T) -> T {
+        static ALWAYS_ASKED: std::sync::Once = std::sync::Once::new();
+        ALWAYS_ASKED.call_once(|| {
+            // Another global subscriber, if a program set one, does as well.
+            let _ = tracing::subscriber::set_global_default(AlwaysAsked);
+        });
         let subscriber = tracing_subscriber::registry().with(self.clone());
         tracing::subscriber::with_default(subscriber, work)
     }
@@ -108,4 +113,39 @@ impl SpanCapture {
     pub fn events(&self) -> Vec<CapturedEvent> {
         self.1.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
+}
+
+/// The global subscriber of a process that captures spans: it records
+/// nothing, but tells `tracing` that whether a span or event is wanted
+/// depends on the thread ("sometimes"), so no callsite's interest is ever
+/// cached as "never". Without it, a thread that registers a callsite (its
+/// first span) while another thread installs its capture can store
+/// "never", computed before the capture existed, over the capture's
+/// "always" (tracing-core computes a callsite's interest, then stores it,
+/// without a lock), and that callsite's spans would be missing from
+/// captures until the next capture is installed.
+struct AlwaysAsked;
+
+impl Subscriber for AlwaysAsked {
+    fn register_callsite(&self, _metadata: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+
+    fn enabled(&self, _metadata: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+
+    fn new_span(&self, _span: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _span: &Id, _values: &Record<'_>) {}
+
+    fn record_follows_from(&self, _span: &Id, _follows: &Id) {}
+
+    fn event(&self, _event: &Event<'_>) {}
+
+    fn enter(&self, _span: &Id) {}
+
+    fn exit(&self, _span: &Id) {}
 }
