@@ -207,7 +207,7 @@ impl InstanceStore for PgInstanceStore {
         let limit = i64::from(page.limit());
         let cluster = cluster.to_string();
         let statement =
-            KeysetPage { listing: InstanceRows { cluster: &cluster, before: (before_at, &before_id) }, limit, offset };
+            KeysetPage::new(InstanceRows { cluster: &cluster, before: (before_at, &before_id) }, limit, offset);
         let rows: Vec<Counted<InstanceRow>> = op.run(|conn| load_all(statement, conn))?;
         let newest_first = |a: &Instance, b: &Instance| (b.created_at, b.id).cmp(&(a.created_at, a.id));
         Ok(keyset_page::paged(rows, limit, newest_first, |last| {
@@ -222,8 +222,7 @@ mod tests {
 
     #[test]
     fn the_doc_comment_holds_the_statement_sent() {
-        let statement =
-            KeysetPage { listing: InstanceRows { cluster: "c", before: (LAST_SECOND, "~") }, limit: 20, offset: 0 };
+        let statement = KeysetPage::new(InstanceRows { cluster: "c", before: (LAST_SECOND, "~") }, 20, 0);
         crate::statement::assert_documented(include_str!("instances.rs"), "InstanceRows", &statement);
     }
 }

@@ -48,12 +48,22 @@ pub(crate) trait Listing: Copy {
     fn walk_total<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()>;
 }
 
-/// One page of `listing`, `limit` rows at most, `offset` rows in.
+/// One page of `listing`, `offset` rows in: up to `rows` rows, the page's
+/// limit and one more, which tells whether another page follows.
 #[derive(Clone, Copy)]
 pub(crate) struct KeysetPage<L> {
-    pub(crate) listing: L,
-    pub(crate) limit: i64,
-    pub(crate) offset: i64,
+    listing: L,
+    rows: i64,
+    offset: i64,
+}
+
+impl<L> KeysetPage<L> {
+    /// The page of at most `limit` items of `listing`, `offset` rows in. It
+    /// asks for one row more, so that [`paged`] gives a next cursor only
+    /// when an item follows (a last page that is exactly full has none).
+    pub(crate) fn new(listing: L, limit: i64, offset: i64) -> Self {
+        Self { listing, rows: limit.saturating_add(1), offset }
+    }
 }
 
 impl<L: Listing> QueryFragment<Pg> for KeysetPage<L> {
@@ -63,7 +73,7 @@ impl<L: Listing> QueryFragment<Pg> for KeysetPage<L> {
         out.push_sql("\n    ORDER BY ");
         out.push_sql(L::ORDER);
         out.push_sql("\n    LIMIT ");
-        out.push_bind_param::<BigInt, _>(&self.limit)?;
+        out.push_bind_param::<BigInt, _>(&self.rows)?;
         out.push_sql(" OFFSET ");
         out.push_bind_param::<BigInt, _>(&self.offset)?;
         out.push_sql(")\nSELECT coalesce((");
@@ -101,10 +111,10 @@ pub(crate) fn start<const N: usize>(kind: &str, page: &Page) -> StoreResult<(Opt
     })
 }
 
-/// The page the rows of a [`KeysetPage`] of at most `limit` rows make: its
-/// items put in the listing's `order` (the listing's key, as the server
-/// sorts it), the total, and the cursor after the last item when the page
-/// is full.
+/// The page of at most `limit` items that the rows of a
+/// [`KeysetPage::new`] of that `limit` make: its items put in the listing's
+/// `order` (the listing's key, as the server sorts it), the total, and the
+/// cursor after the last item when the row after it came too.
 pub(crate) fn paged<R: Into<I>, I>(
     rows: Vec<Counted<R>>,
     limit: i64,
@@ -114,7 +124,9 @@ pub(crate) fn paged<R: Into<I>, I>(
     let total = rows.first().map_or(0, |row| row.0);
     let mut items: Vec<I> = rows.into_iter().filter_map(|row| row.1).map(Into::into).collect();
     items.sort_unstable_by(order);
-    let full = i64::try_from(items.len()).is_ok_and(|len| len == limit);
-    let next = items.last().filter(|_| full).map(cursor_after);
+    let limit = usize::try_from(limit).unwrap_or(0);
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next = items.last().filter(|_| more).map(cursor_after);
     Paged { items, total: u64::try_from(total).unwrap_or(0), next }
 }

@@ -116,16 +116,13 @@ fn load(
     };
     let limit = i64::from(page.limit());
     let cluster = cluster.to_string();
-    let statement = KeysetPage {
-        listing: MemberRows {
-            cluster: &cluster,
-            orders,
-            invites: orders.0 == role_order(Role::Invited),
-            after: (after_order, &after_email),
-        },
-        limit,
-        offset,
+    let listing = MemberRows {
+        cluster: &cluster,
+        orders,
+        invites: orders.0 == role_order(Role::Invited),
+        after: (after_order, &after_email),
     };
+    let statement = KeysetPage::new(listing, limit, offset);
     let rows: Vec<Counted<MemberRow>> = op.run(|conn| load_all(statement, conn))?;
     let by_rank_then_email =
         |a: &Member, b: &Member| (role_order(a.role), a.email.as_str()).cmp(&(role_order(b.role), b.email.as_str()));
@@ -140,11 +137,8 @@ mod tests {
 
     #[test]
     fn the_doc_comment_holds_the_statement_sent() {
-        let statement = KeysetPage {
-            listing: MemberRows { cluster: "c", orders: (0, 3), invites: false, after: (-1, "") },
-            limit: 20,
-            offset: 0,
-        };
+        let statement =
+            KeysetPage::new(MemberRows { cluster: "c", orders: (0, 3), invites: false, after: (-1, "") }, 20, 0);
         crate::statement::assert_documented(include_str!("member_page.rs"), "MemberRows", &statement);
     }
 }

@@ -222,7 +222,7 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
 fn limits_offsets_and_cursors_are_bound_parameters_never_sql_text() {
     let f = crate::fixture::recording();
     let (_, cluster) = f.owner("ada@example.io");
-    f.clusters.add_users(&cluster.id, &[email("zeta9137@example.io")]).unwrap();
+    f.clusters.add_users(&cluster.id, &[email("zeta9137@example.io"), email("zeta9138@example.io")]).unwrap();
     f.instances
         .create(
             &cluster.id,

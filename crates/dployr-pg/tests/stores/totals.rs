@@ -121,13 +121,43 @@ fn a_page_past_the_last_item_is_empty_and_keeps_the_total() {
     let instances = f.instances.list_by_cluster(&c, &Page::offset(3, 10)).unwrap();
     assert_eq!((instances.items.len(), instances.total, instances.next), (0, 3, None));
 
-    // The last full page's cursor leads to the same empty page.
-    let last = f.instances.list_by_cluster(&c, &Page::first(3)).unwrap();
-    assert_eq!(last.items.len(), 3);
-    let after = f.instances.list_by_cluster(&c, &Page::after(last.next.unwrap(), 3)).unwrap();
-    assert_eq!((after.items.len(), after.total), (0, 3));
+    // A cursor past the last item (the items after it deleted since) leads
+    // to the same empty page.
+    let first = f.instances.list_by_cluster(&c, &Page::first(2)).unwrap();
+    let rest = f.instances.list_by_cluster(&c, &Page::after(first.next.clone().unwrap(), 3)).unwrap();
+    f.instances.delete(&rest.items[0].id).unwrap();
+    let after = f.instances.list_by_cluster(&c, &Page::after(first.next.unwrap(), 3)).unwrap();
+    assert_eq!((after.items.len(), after.total, after.next), (0, 2, None));
     // Members without a picture (a NULL column) are items, not an empty page.
     let invited = f.clusters.invites(&c, &Page::first(10)).unwrap();
     assert_eq!(invited.items.len(), 2);
     assert!(invited.items.iter().all(|member| member.picture.is_none()));
+}
+
+/// A next cursor is given exactly when an item follows the page: a last
+/// page that is exactly full has none (it would lead to an empty page).
+#[test]
+fn a_last_page_that_is_exactly_full_has_no_next_cursor() {
+    let f = Fixture::new();
+    let (_owner, cluster) = f.owner("owner@example.io");
+    let c = cluster.id;
+    f.clusters.add_users(&c, &[email("a@example.io"), email("b@example.io"), email("c@example.io")]).unwrap();
+    for n in 0..4 {
+        f.instances.create(&c, instance(n)).unwrap();
+    }
+    // Exactly full: by offset, by cursor, and as the only page.
+    assert_eq!(f.instances.list_by_cluster(&c, &Page::first(4)).unwrap().next, None);
+    assert_eq!(f.instances.list_by_cluster(&c, &Page::offset(2, 2)).unwrap().next, None);
+    let first = f.instances.list_by_cluster(&c, &Page::first(2)).unwrap();
+    let last = f.instances.list_by_cluster(&c, &Page::after(first.next.unwrap(), 2)).unwrap();
+    assert_eq!((last.items.len(), last.next), (2, None));
+    assert_eq!(f.clusters.invites(&c, &Page::first(3)).unwrap().next, None);
+    assert_eq!(f.clusters.members(&c, &Page::first(1)).unwrap().next, None, "the owner alone");
+    // One item more: a cursor, and the page after it holds that item.
+    let invites = f.clusters.invites(&c, &Page::first(2)).unwrap();
+    let rest = f.clusters.invites(&c, &Page::after(invites.next.unwrap(), 2)).unwrap();
+    assert_eq!((rest.items.len(), rest.next), (1, None));
+    let instances = f.instances.list_by_cluster(&c, &Page::first(3)).unwrap();
+    let rest = f.instances.list_by_cluster(&c, &Page::after(instances.next.unwrap(), 3)).unwrap();
+    assert_eq!((rest.items.len(), rest.next), (1, None));
 }
