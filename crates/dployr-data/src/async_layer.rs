@@ -29,9 +29,9 @@
 //! tokio's `block_in_place` (the worker hands its other tasks to another
 //! thread while the call blocks). That saves both wake-ups: measured with
 //! `cargo xtask bench` on the same 2-core machine, alternating, at 16
-//! tasks, `users.get_by_email` in place ran at 0.89–1.10 of the
-//! synchronous store's throughput where the facade's threads gave
-//! 0.64–0.70 in the same runs. What it costs, and why it is not the
+//! tasks, `users.get_by_email` in place ran at 0.86–1.18 of the
+//! synchronous store's throughput (median 0.99 of five runs) where the
+//! facade's threads gave 0.60–0.80 (median 0.69) in the same runs. What it costs, and why it is not the
 //! default:
 //! - a call in place cannot be left behind: a `tokio::time::timeout` (or
 //!   tower's timeout layer) around it, or a `select!`, returns only when

@@ -237,17 +237,15 @@ impl ClusterStore for PgClusterStore {
                 return load_cluster(conn, &owned)?.ok_or_else(|| StoreError::not_found("cluster", &owned).into());
             }
             let user = dployr_domain::User::from(user);
+            let cluster_id = ClusterId::generate().to_string();
             let cluster: ClusterRow = diesel::insert_into(clusters::table)
-                .values((
-                    clusters::id.eq(ClusterId::generate().to_string()),
-                    clusters::name.eq(user.email.local_part()),
-                ))
+                .values((clusters::id.eq(&cluster_id), clusters::name.eq(user.email.local_part())))
                 .returning(ClusterRow::as_returning())
                 .get_result(conn)?;
             let since: DateTime<Utc> = diesel::insert_into(user_clusters::table)
                 .values((
                     user_clusters::user_id.eq(&owner),
-                    user_clusters::cluster_id.eq(cluster.id.0.to_string()),
+                    user_clusters::cluster_id.eq(&cluster_id),
                     user_clusters::role.eq(Role::Owner.as_str()),
                 ))
                 .returning(user_clusters::created_at)
