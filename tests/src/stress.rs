@@ -1,15 +1,21 @@
 //! A randomized concurrent workload with an invariant checker: every
-//! mutating operation of the PostgreSQL stores (and a few reads), on a few
+//! operation of the PostgreSQL stores, writes and reads, on a few
 //! clusters that share their users, from many threads at once, while a
 //! checker on its own connection samples the invariants every 10 ms.
 //!
-//! Invariants checked (each sample is one statement, so one snapshot):
+//! Invariants checked (each checker sample and each read is one statement,
+//! so one snapshot):
 //! - every live cluster has exactly one owner;
 //! - no membership names a missing user or cluster;
 //! - every listing's total (members, invites, instances), as pages report
 //!   it, equals a `count(*)` of its rows;
 //! - a bootstrap token's `mark_used` returns `true` at most once, and a
-//!   token it returned `true` for stays used.
+//!   token it returned `true` for stays used;
+//! - every read's answer holds what one snapshot must: a cluster with one
+//!   owner and each member once, in its role's group; pages in their order,
+//!   never longer than asked, with a cursor only after a full page and,
+//!   without one, a total equal to the items given; the owner first on a
+//!   member page and never on the next; rows that are what was asked for.
 //!
 //! Also counted: every operation's outcome by error kind. `Backend` errors,
 //! `Invalid` errors (the workload sends only valid input), panics and
@@ -31,8 +37,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use dployr_domain::{
     BootstrapTokenStore, ClusterId, ClusterName, ClusterPatch, ClusterStore, Email, GitHubIntegration, InstanceId,
-    InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Provider, Role, StoreError, UserId, UserPatch,
-    UserStore,
+    InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Paged, Provider, Role, StoreError, Tag, UserId,
+    UserPatch, UserStore,
 };
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig};
 use rand::rngs::StdRng;
@@ -165,6 +171,10 @@ struct World {
     next_nonce: AtomicU64,
     outcomes: Mutex<BTreeMap<&'static str, BTreeMap<&'static str, u64>>>,
     unexpected: Mutex<Vec<String>>,
+    /// Answers of reads that broke what any answer must hold (at most 20
+    /// kept), and how many there were.
+    answers: Mutex<Vec<String>>,
+    answer_violations: AtomicU64,
     target_clusters: usize,
 }
 
@@ -247,7 +257,7 @@ impl World {
         let (Some(user), Some(cluster)) = (user, cluster) else {
             return self.replenish(rng);
         };
-        match rng.random_range(0..100) {
+        match rng.random_range(0..130) {
             0..=7 => self.call("users.upsert", || {
                 let provider =
                     *[Provider::Google, Provider::Github, Provider::Email].choose(rng).unwrap_or(&Provider::Email);
@@ -362,17 +372,164 @@ impl World {
                 }
                 Ok(())
             }),
-            89..=90 => self.call("bootstrap_tokens.is_used", || {
-                let Some(nonce) = pick(rng, &self.nonces) else { return Ok(()) };
-                self.tokens.is_used(&Nonce::parse(&nonce)?).map(drop)
-            }),
-            91..=93 => self.call("clusters.get", || self.clusters.get(&cluster).map(drop)),
-            94..=95 => self.call("clusters.members", || self.clusters.members(&cluster, &Page::first(20)).map(drop)),
-            96..=97 => self.call("clusters.can_write", || self.clusters.can_write(&user, &cluster).map(drop)),
-            _ => self.call("instances.list_by_cluster", || {
-                self.instances.list_by_cluster(&cluster, &Page::first(20)).map(drop)
-            }),
+            _ => self.read(rng, &user, &cluster),
         }
+    }
+
+    /// One random read, whose answer is checked against what any single
+    /// answer must hold, whatever the writes around it do: a read is one
+    /// statement, so one snapshot.
+    fn read(&self, rng: &mut StdRng, user: &UserId, cluster: &ClusterId) {
+        match rng.random_range(0..20) {
+            0 => self.call("users.get", || {
+                let found = self.users.get(user)?;
+                self.expect("users.get", found.as_ref().is_none_or(|found| found.id == *user), || {
+                    format!("asked for {user}, got {found:?}")
+                });
+                Ok(())
+            }),
+            1 => self.call("users.get_by_email", || {
+                let email = self.email(rng);
+                let found = self.users.get_by_email(&email)?;
+                self.expect("users.get_by_email", found.as_ref().is_none_or(|found| found.email == email), || {
+                    format!("asked for {email}, got {found:?}")
+                });
+                Ok(())
+            }),
+            2 | 3 => self.call("clusters.get", || {
+                let Some(found) = self.clusters.get(cluster)? else { return Ok(()) };
+                let mut seen = std::collections::HashSet::new();
+                let grouped = found.members.iter().all(|(role, members)| {
+                    members.iter().all(|member| member.role == *role && seen.insert(member.user_id))
+                        && members.is_sorted_by(|a, b| a.email.as_str() <= b.email.as_str())
+                });
+                self.expect(
+                    "clusters.get",
+                    found.id == *cluster && found.with_role(Role::Owner).len() == 1 && grouped,
+                    || {
+                        format!(
+                            "asked for {cluster}: one owner, each member once, in its role's group by e-mail: {found:?}"
+                        )
+                    },
+                );
+                Ok(())
+            }),
+            4 | 5 => self.call("clusters.members", || {
+                let page = self.clusters.members(cluster, &Page::first(5))?;
+                let sorted = page.items.is_sorted_by(|a, b| {
+                    (std::cmp::Reverse(a.role), a.email.as_str()) <= (std::cmp::Reverse(b.role), b.email.as_str())
+                });
+                let owner_first = page.items.first().is_none_or(|first| first.role == Role::Owner);
+                let no_invited = page.items.iter().all(|member| member.role != Role::Invited);
+                self.expect_page("clusters.members", &page, 5, sorted && owner_first && no_invited);
+                if let Some(next) = page.next {
+                    let page = self.clusters.members(cluster, &Page::after(next, 5))?;
+                    let no_owner = page.items.iter().all(|member| !matches!(member.role, Role::Owner | Role::Invited));
+                    self.expect("clusters.members", no_owner, || {
+                        format!("a second page with the owner or an invitee: {page:?}")
+                    });
+                }
+                Ok(())
+            }),
+            6 => self.call("clusters.invites", || {
+                let page = self.clusters.invites(cluster, &Page::first(5))?;
+                let sorted = page.items.is_sorted_by(|a, b| a.email.as_str() <= b.email.as_str());
+                let invited = page.items.iter().all(|member| member.role == Role::Invited);
+                self.expect_page("clusters.invites", &page, 5, sorted && invited);
+                Ok(())
+            }),
+            7 => self.call("clusters.pending_invites", || {
+                let invites = self.clusters.pending_invites(user)?;
+                let mut seen = std::collections::HashSet::new();
+                let once = invites.iter().all(|invite| seen.insert(invite.cluster_id));
+                self.expect("clusters.pending_invites", once, || format!("a cluster twice: {invites:?}"));
+                Ok(())
+            }),
+            8 => self.call("clusters.owned_cluster", || self.clusters.owned_cluster(user).map(drop)),
+            9 => self.call("clusters.user_clusters", || {
+                let clusters = self.clusters.user_clusters(user)?;
+                let mut seen = std::collections::HashSet::new();
+                let once = clusters.iter().all(|summary| seen.insert(summary.id));
+                self.expect("clusters.user_clusters", once, || format!("a cluster twice: {clusters:?}"));
+                Ok(())
+            }),
+            10 => self.call("clusters.role_of", || self.clusters.role_of(user, cluster).map(drop)),
+            11 => self.call("clusters.owner", || {
+                let owner = self.clusters.owner(cluster)?;
+                self.expect("clusters.owner", owner.as_ref().is_none_or(|owner| owner.role == Role::Owner), || {
+                    format!("{owner:?}")
+                });
+                Ok(())
+            }),
+            12 => self.call("clusters.users_with_role", || {
+                let role = *Role::ALL.choose(rng).unwrap_or(&Role::Owner);
+                let members = self.clusters.users_with_role(cluster, role)?;
+                let right = members.iter().all(|member| member.role == role)
+                    && members.is_sorted_by(|a, b| a.email.as_str() <= b.email.as_str())
+                    && (role != Role::Owner || members.len() <= 1);
+                self.expect("clusters.users_with_role", right, || format!("{role:?}: {members:?}"));
+                Ok(())
+            }),
+            13 => self.call("clusters.can_read", || self.clusters.can_read(user, cluster).map(drop)),
+            14 => self.call("clusters.can_write", || self.clusters.can_write(user, cluster).map(drop)),
+            15 => self.call("clusters.is_admin", || self.clusters.is_admin(user, cluster).map(drop)),
+            16 => self.call("clusters.is_owner", || self.clusters.is_owner(user, cluster).map(drop)),
+            17 => self.call("clusters.integrations", || self.clusters.integrations(cluster).map(drop)),
+            18 => self.call("instances.get", || {
+                if rng.random_bool(0.5) {
+                    let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
+                    let found = self.instances.get(&instance)?;
+                    self.expect("instances.get", found.as_ref().is_none_or(|found| found.id == instance), || {
+                        format!("asked for {instance}, got {found:?}")
+                    });
+                } else {
+                    let tag: Tag = format!("web-{}", rng.random_range(0..40)).try_into()?;
+                    let found = self.instances.get_by_tag(&tag)?;
+                    let right = found.as_ref().is_none_or(|found| found.tag == tag.as_str());
+                    self.expect("instances.get", right, || format!("asked for tag {tag}, got {found:?}"));
+                }
+                Ok(())
+            }),
+            _ => {
+                if rng.random_bool(0.3) {
+                    return self.call("bootstrap_tokens.is_used", || {
+                        let Some(nonce) = pick(rng, &self.nonces) else { return Ok(()) };
+                        self.tokens.is_used(&Nonce::parse(&nonce)?).map(drop)
+                    });
+                }
+                self.call("instances.list_by_cluster", || {
+                    let page = self.instances.list_by_cluster(cluster, &Page::first(5))?;
+                    let right = page.items.iter().all(|instance| instance.cluster_id == *cluster)
+                        && page.items.is_sorted_by(|a, b| a.created_at >= b.created_at);
+                    self.expect_page("instances.list_by_cluster", &page, 5, right);
+                    Ok(())
+                });
+            }
+        }
+    }
+
+    /// Records a violation of what `operation`'s answer must hold.
+    fn expect(&self, operation: &'static str, holds: bool, seen: impl FnOnce() -> String) {
+        if !holds {
+            self.answer_violations.fetch_add(1, Ordering::Relaxed);
+            let mut kept = self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if kept.len() < 20 {
+                kept.push(format!("{operation}: {}", seen()));
+            }
+        }
+    }
+
+    /// What every first page of `limit` must hold, besides `holds`: no more
+    /// items than the limit or the total, a cursor only after a full page
+    /// and, without one, a total that counts exactly the items given (the
+    /// page and its total are one statement, so one snapshot).
+    fn expect_page<T: fmt::Debug>(&self, operation: &'static str, page: &Paged<T>, limit: usize, holds: bool) {
+        let len = page.items.len() as u64;
+        let counted = match page.next {
+            Some(_) => page.items.len() == limit && page.total > len,
+            None => page.total == len,
+        };
+        self.expect(operation, holds && page.items.len() <= limit && counted, || format!("{page:?}"));
     }
 
     /// Keeps some users and clusters alive for the workers to pick.
@@ -421,6 +578,24 @@ const SAMPLE: &str = "SELECT
                   (SELECT count(*) FROM instances i WHERE i.cluster_id = c.id) AS instances) r
       WHERE (t.members, t.invites, t.instances) IS DISTINCT FROM (r.members, r.invites, r.instances)) AS bad_totals";
 
+/// The database invariants broken at this moment in the database `conn`
+/// is connected to, one line each (none when all hold), from one statement,
+/// so one snapshot: a live cluster without exactly one owner, memberships of
+/// a missing user or cluster, listing totals that differ from a `count(*)`.
+///
+/// # Panics
+/// When the statement fails: a harness, not a store.
+pub fn broken_invariants(conn: &mut PgConnection) -> Vec<String> {
+    let sample: Sample = diesel::sql_query(SAMPLE).get_result(conn).expect("a checker sample");
+    let mut broken = Vec::new();
+    broken.extend(sample.bad_owners);
+    if sample.orphans > 0 {
+        broken.push(format!("{} memberships of a missing user or cluster", sample.orphans));
+    }
+    broken.extend(sample.bad_totals.map(|bad| format!("listing totals: {bad}")));
+    broken
+}
+
 /// Runs the workload against the migrated database at `database_url`.
 ///
 /// # Panics
@@ -447,6 +622,8 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         next_nonce: AtomicU64::new(0),
         outcomes: Mutex::default(),
         unexpected: Mutex::default(),
+        answers: Mutex::default(),
+        answer_violations: AtomicU64::new(0),
         target_clusters: config.clusters.max(1),
     });
     let mut setup = StdRng::seed_from_u64(config.seed);
@@ -462,19 +639,10 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
             let mut conn = PgConnection::establish(&url).expect("the checker connects");
             let (mut samples, mut count, mut violations) = (0_u64, 0_u64, Vec::new());
             let mut check = |conn: &mut PgConnection, when: &str| {
-                let sample: Sample = diesel::sql_query(SAMPLE).get_result(conn).expect("a checker sample");
-                let mut seen = Vec::new();
-                if let Some(bad) = sample.bad_owners {
-                    seen.push(format!("{when}: {bad}"));
-                }
-                if sample.orphans > 0 {
-                    seen.push(format!("{when}: {} memberships of a missing user or cluster", sample.orphans));
-                }
-                if let Some(bad) = sample.bad_totals {
-                    seen.push(format!("{when}: listing totals: {bad}"));
-                }
+                let seen = broken_invariants(conn);
                 count += seen.len() as u64;
-                violations.extend(seen.into_iter().take(20usize.saturating_sub(violations.len())));
+                let room = 20usize.saturating_sub(violations.len());
+                violations.extend(seen.into_iter().take(room).map(|seen| format!("{when}: {seen}")));
             };
             while !stop.load(Ordering::Relaxed) {
                 check(&mut conn, &format!("at {:.3} s", started.elapsed().as_secs_f64()));
@@ -509,8 +677,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     let elapsed = started.elapsed();
     let (mut conn, (samples, mut violation_count, mut violations)) = checker.join().expect("the checker finishes");
     // A last sample once everything is still, and the token rule.
-    let last: Sample = diesel::sql_query(SAMPLE).get_result(&mut conn).expect("the final sample");
-    for bad in [last.bad_owners, last.bad_totals].into_iter().flatten() {
+    for bad in broken_invariants(&mut conn) {
         violation_count += 1;
         violations.push(format!("at the end: {bad}"));
     }
@@ -542,6 +709,8 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
             .get_result(&mut conn)
             .expect("the deadlock count");
     let world = Arc::try_unwrap(world).ok().expect("the workers are done");
+    violation_count += world.answer_violations.into_inner();
+    violations.extend(world.answers.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
     StressReport {
         seed: config.seed,
         elapsed,

@@ -395,3 +395,163 @@ async fn a_panic_in_a_call_in_place_reaches_the_caller_and_gives_its_room_back()
     assert!(!thread_of_a_call(&data).await.starts_with("dployr-call-"));
     assert_eq!(data.users().get_by_email(&email("nobody@example.io")).await.unwrap(), None);
 }
+
+/// What a call of the mix below came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    Ok,
+    /// A rule of the stores said no, as it may to a mix whose rows vanish
+    /// under it (`NotFound`, `Conflict`), or the queue was full for longer
+    /// than the checkout timeout (`Unavailable`).
+    Refused,
+    /// The caller gave up first (a timeout around the call).
+    GivenUp,
+}
+
+/// One random call of every kind of store, on `data`, given up after a
+/// random short while one time in five.
+async fn one_random_call(data: &AsyncDataLayer, rng: &mut rand::rngs::StdRng, users: &[Email]) -> Outcome {
+    use rand::seq::IndexedRandom as _;
+    use rand::{Rng as _, RngCore as _};
+
+    let who = users.choose(rng).unwrap().clone();
+    let other = users.choose(rng).unwrap().clone();
+    let tag = format!("mix-{}", rng.random_range(0..8));
+    let nonce = format!("nonce-{}", rng.next_u32() % 64);
+    let choice = rng.random_range(0..16);
+    let give_up = rng.random_bool(0.2).then(|| Duration::from_micros(rng.random_range(0..3000)));
+    let call = async move {
+        let user = data.users().upsert(NewUser::new(who.clone(), Provider::Github)).await?;
+        let cluster = match data.clusters().owned_cluster(&user.id).await? {
+            Some(owned) => owned.id,
+            None => data.clusters().create_for_owner(&user.id).await?.id,
+        };
+        let other_id = data.users().get_by_email(&other).await?.map(|u| u.id);
+        match (choice, other_id) {
+            (0, _) => drop(data.clusters().add_users(&cluster, &[other]).await?),
+            (1, Some(other)) => data.clusters().accept_invite(&other, &cluster).await?,
+            (2, Some(other)) => data.clusters().remove_users(&cluster, &[other]).await?,
+            (3, Some(other)) => data.clusters().transfer_ownership(&cluster, &other, Some(Role::Admin)).await?,
+            (4, _) => data.users().delete(&user.id).await?,
+            (5, _) => data.clusters().delete(&cluster).await?,
+            (6, _) => {
+                let address = format!("10.9.0.{}", rand::random_range(0..8));
+                let new = NewInstance { address: address.try_into()?, tag: tag.clone().try_into()?, metadata: None };
+                let instance = data.instances().create(&cluster, new).await?;
+                data.bootstrap_tokens().create(&instance.id, &nonce.try_into()?).await?;
+            }
+            (7, _) => {
+                if let Some(instance) = data.instances().get_by_tag(&tag.try_into()?).await? {
+                    data.instances().delete(&instance.id).await?;
+                }
+            }
+            (8, _) => drop(data.bootstrap_tokens().mark_used(&nonce.try_into()?).await?),
+            (9, _) => drop(data.clusters().get(&cluster).await?),
+            (10, _) => drop(data.clusters().members(&cluster, &Page::first(5)).await?),
+            (11, _) => drop(data.instances().list_by_cluster(&cluster, &Page::first(5)).await?),
+            (12, _) => {
+                let clusters = data.clusters();
+                let (write, role) =
+                    tokio::join!(clusters.can_write(&user.id, &cluster), clusters.role_of(&user.id, &cluster));
+                let _answers = (write?, role?);
+            }
+            (13, _) => {
+                let id = SessionId::generate();
+                let clusters = data.clusters().user_clusters(&user.id).await?;
+                data.kv().create_session(&id, &user, clusters).await?;
+                drop(data.kv().get_session(&id).await?);
+                data.kv().delete_session(&id).await?;
+            }
+            (14, _) => {
+                // Not asserted right: another task may have replaced the code.
+                let code = data.kv().create_otp(&who).await?;
+                let _right = data.kv().validate_otp(&who, &code).await?;
+            }
+            _ => drop(data.kv().delete_user_sessions(&user.id).await?),
+        }
+        Ok::<_, StoreError>(())
+    };
+    let result = match give_up {
+        Some(after) => match tokio::time::timeout(after, call).await {
+            Ok(result) => result,
+            Err(_) => return Outcome::GivenUp,
+        },
+        None => call.await,
+    };
+    match result {
+        Ok(()) => Outcome::Ok,
+        Err(StoreError::NotFound { .. } | StoreError::Conflict { .. } | StoreError::Unavailable { .. }) => {
+            Outcome::Refused
+        }
+        Err(error) => panic!("a call of the mix failed: {error:?}"),
+    }
+}
+
+/// Many tasks call every kind of store at random, half through the facade's
+/// threads and half in place, with calls given up by timeouts while queued
+/// or running and calls joined in one task: every call answers as a
+/// synchronous one may, the database keeps every invariant the randomized
+/// workload checks, and afterwards every room for calls in place is free
+/// again (both connections' worth run in place at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_random_mix_on_both_routes_with_calls_given_up_keeps_every_invariant_and_frees_every_room() {
+    use rand::SeedableRng as _;
+
+    let db = dployr_testkit::database();
+    let pool = PoolConfig { max_size: 2, connection_timeout: Duration::from_secs(5), ..PoolConfig::default() };
+    let data = AsyncDataLayer::open(Config::new(db.url()).with_pool(pool)).await.unwrap();
+    let users: Vec<Email> = (0..6).map(|i| email(&format!("mix{i}@example.io"))).collect();
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let tasks: Vec<_> = (0..24_u64)
+        .map(|task| {
+            let data = if task % 2 == 0 { data.clone() } else { data.in_place() };
+            let users = users.clone();
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(task));
+                let mut outcomes = std::collections::BTreeMap::<Outcome, u32>::new();
+                for _ in 0..60 {
+                    *outcomes.entry(one_random_call(&data, &mut rng, &users).await).or_default() += 1;
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut outcomes = std::collections::BTreeMap::<Outcome, u32>::new();
+    for task in tasks {
+        for (outcome, count) in task.await.unwrap() {
+            *outcomes.entry(outcome).or_default() += count;
+        }
+    }
+    println!("{outcomes:?}");
+    assert!(outcomes.get(&Outcome::Ok).copied().unwrap_or(0) > 100, "seed {seed}: {outcomes:?}");
+    assert!(outcomes.contains_key(&Outcome::GivenUp), "seed {seed}: {outcomes:?}");
+
+    // Every invariant holds in every snapshot, so calls given up while
+    // running, which may still be ending, need no waiting for.
+    let mut conn = <diesel::PgConnection as diesel::Connection>::establish(db.url()).unwrap();
+    let broken = dployr_tests::stress::broken_invariants(&mut conn);
+    assert!(broken.is_empty(), "seed {seed}: {broken:?}");
+
+    // Both rooms are free: two calls in place at once both run in place,
+    // each waiting for the other inside its call.
+    let in_place = data.in_place();
+    let both = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let (data, both) = (in_place.clone(), std::sync::Arc::clone(&both));
+            tokio::spawn(async move {
+                data.run(move |_| {
+                    both.wait();
+                    Ok(std::thread::current().name().unwrap_or_default().to_owned())
+                })
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    for call in calls {
+        let thread = call.await.unwrap();
+        assert!(!thread.starts_with("dployr-call-"), "a room was not given back: a call ran on {thread}");
+    }
+}

@@ -60,9 +60,10 @@ usage: cargo xtask <command>
                    routing and lag checks cost per read); `--ops replica` for that run alone
 
   stress [--seconds 60] [--threads 32] [--seed S] [--clusters 4]
-                   a random mix of every write of the stores from many threads, with a checker
+                   a random mix of every operation of the stores from many threads, with a checker
                    sampling the invariants (one owner per live cluster, no orphan membership,
-                   tokens used once) every 10 ms; fails on any violation, Backend error or deadlock
+                   exact totals, tokens used once) every 10 ms and checking every read's answer;
+                   fails on any violation, Backend error or deadlock
 
   pgbouncer [--threads 16] [--runs 5]
                    the deployment behind PgBouncer in transaction mode (pgbouncer must be installed):
