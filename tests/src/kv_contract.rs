@@ -571,6 +571,34 @@ pub fn parallel_increments_are_exact_where_promised(f: &dyn KvFixture) {
     assert_eq!(results, (1..=100).collect::<Vec<i64>>());
 }
 
+/// Where promised: of 40 concurrent guesses of one code with a limit of 10,
+/// half right and half wrong, every guess is counted once (the counts are 1
+/// to 40), exactly one right guess within the limit takes the code, and no
+/// guess past the limit does.
+pub fn parallel_guesses_are_each_counted_and_take_the_code_once_where_promised(f: &dyn KvFixture) {
+    if !(f.guarantees().atomic_take && f.guarantees().exact_increment) {
+        return;
+    }
+    let kv = f.kv();
+    ok(kv.put("race/code", b"right", Some(TTL)), "put");
+    let results = in_parallel(40, |n| {
+        let guess: &[u8] = if n % 2 == 0 { b"right" } else { b"wrong" };
+        (ok(kv.count_attempt_and_take_if("race/tries", Some(TTL), 10, "race/code", guess), "attempt"), n)
+    });
+    let mut counts: Vec<i64> = results.iter().map(|((count, _), _)| *count).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=40).collect::<Vec<i64>>(), "every guess counted once");
+    let takers: Vec<_> = results.iter().filter(|((_, took), _)| *took).collect();
+    assert!(takers.len() <= 1, "the code was taken more than once: {takers:?}");
+    for ((count, _), n) in &takers {
+        assert!(*count <= 10 && n % 2 == 0, "a guess past the limit or a wrong one took the code: {takers:?}");
+    }
+    let first_right_in_limit = results.iter().any(|((count, _), n)| *count <= 10 && n % 2 == 0);
+    assert_eq!(takers.len(), usize::from(first_right_in_limit), "a right guess within the limit takes the code");
+    let left = ok(kv.get("race/code"), "get after");
+    assert_eq!(left.is_none(), first_right_in_limit, "the code is gone exactly when taken");
+}
+
 /// Defines one `#[test]` per conformance function (those of this module and,
 /// through [`session_store_contract_tests!`](crate::session_store_contract_tests),
 /// of [`session_store_contract`](crate::session_store_contract)), each on a
@@ -604,7 +632,8 @@ macro_rules! kv_contract_tests {
             stated_guarantees_match_the_backends_limits,
             read_your_writes_where_promised,
             parallel_takes_give_exactly_one_value_where_promised,
-            parallel_increments_are_exact_where_promised
+            parallel_increments_are_exact_where_promised,
+            parallel_guesses_are_each_counted_and_take_the_code_once_where_promised
         );
         $crate::session_store_contract_tests!($fixture);
     };
