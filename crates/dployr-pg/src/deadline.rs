@@ -487,8 +487,24 @@ enum Step {
 }
 
 /// Calls in flight by the time of their next step (and their id, so two
-/// calls due at the same instant both fit).
-type Due = BTreeMap<(Instant, u64), (Arc<Call>, Step)>;
+/// calls due at the same instant both fit), and until when the watchdog
+/// sleeps.
+#[derive(Default)]
+struct Due {
+    calls: BTreeMap<(Instant, u64), (Arc<Call>, Step)>,
+    /// When the watchdog wakes by itself; `None` while it is awake (it
+    /// looks at `calls` again before it sleeps). A call due before this
+    /// instant wakes it; any other does not need to: the watchdog does not
+    /// wake for every call that starts, only for one it would otherwise be
+    /// late for (every call of an idle process woke it before, one more
+    /// thread switch per call).
+    sleeping_until: Option<Instant>,
+}
+
+/// How long the watchdog sleeps when no call is in flight: calls due later
+/// than that (every call, unless its deadline is shorter) start without
+/// waking it.
+const IDLE_NAP: Duration = Duration::from_secs(1);
 
 /// The process's one watchdog: the calls due, and a thread that sleeps
 /// until the earliest.
@@ -501,7 +517,7 @@ fn watchdog() -> &'static Watchdog {
     static WATCHDOG: OnceLock<&'static Watchdog> = OnceLock::new();
     WATCHDOG.get_or_init(|| {
         let watchdog: &'static Watchdog =
-            Box::leak(Box::new(Watchdog { due: Mutex::new(BTreeMap::new()), wake: Condvar::new() }));
+            Box::leak(Box::new(Watchdog { due: Mutex::new(Due::default()), wake: Condvar::new() }));
         let started = std::thread::Builder::new().name("dployr-pg-watchdog".into()).spawn(|| watchdog.run());
         if let Err(error) = started {
             // Calls then run without a client deadline, as before; said once.
@@ -514,10 +530,10 @@ fn watchdog() -> &'static Watchdog {
 impl Watchdog {
     fn watch(&self, call: &Arc<Call>, at: Instant, step: Step) {
         let mut due = lock(&self.due);
-        let earliest = due.keys().next().is_none_or(|(first, _)| at < *first);
-        due.insert((at, call.id), (Arc::clone(call), step));
+        due.calls.insert((at, call.id), (Arc::clone(call), step));
+        let sooner = due.sleeping_until.is_some_and(|until| at < until);
         drop(due);
-        if earliest {
+        if sooner {
             self.wake.notify_one();
         }
     }
@@ -525,8 +541,8 @@ impl Watchdog {
     fn forget(&self, call: &Call) {
         let mut due = lock(&self.due);
         // A call has at most one pending step, at one of its two times.
-        if due.remove(&(call.cancel_at, call.id)).is_none() {
-            due.remove(&(call.shutdown_at, call.id));
+        if due.calls.remove(&(call.cancel_at, call.id)).is_none() {
+            due.calls.remove(&(call.shutdown_at, call.id));
         }
     }
 
@@ -535,8 +551,8 @@ impl Watchdog {
         loop {
             let now = Instant::now();
             let ready: Vec<(Arc<Call>, Step)> = {
-                let later = due.split_off(&(now, u64::MAX));
-                std::mem::replace(&mut *due, later).into_values().collect()
+                let later = due.calls.split_off(&(now, u64::MAX));
+                std::mem::replace(&mut due.calls, later).into_values().collect()
             };
             if !ready.is_empty() {
                 drop(due);
@@ -549,15 +565,14 @@ impl Watchdog {
                 due = lock(&self.due);
                 continue;
             }
-            due = match due.keys().next().map(|(at, _)| *at) {
-                Some(at) => {
-                    self.wake
-                        .wait_timeout(due, at.saturating_duration_since(now))
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-                None => self.wake.wait(due).unwrap_or_else(PoisonError::into_inner),
-            };
+            let until = due.calls.keys().next().map_or(now + IDLE_NAP, |(at, _)| *at);
+            due.sleeping_until = Some(until);
+            due = self
+                .wake
+                .wait_timeout(due, until.saturating_duration_since(now))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            due.sleeping_until = None;
         }
     }
 }
