@@ -555,3 +555,51 @@ async fn a_random_mix_on_both_routes_with_calls_given_up_keeps_every_invariant_a
         assert!(!thread.starts_with("dployr-call-"), "a room was not given back: a call ran on {thread}");
     }
 }
+
+/// When the last clone of the facade is dropped, its threads end and the
+/// last of them drops the data layer: every connection of its pool closes
+/// (seen from the server), and a call given up while queued never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_clone_ends_the_threads_and_closes_every_connection() {
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, Duration::from_secs(30)).await;
+    let (release, holder) = hold_the_thread(&data).await;
+    // Queued behind the held call, then given up: it must not run.
+    {
+        let users = data.users();
+        let upsert = users.upsert(NewUser::new(email("late@example.io"), Provider::Github));
+        assert!(tokio::time::timeout(Duration::from_millis(20), upsert).await.is_err());
+    }
+    drop(release);
+    holder.await.unwrap();
+    drop(data);
+
+    let mut conn = <diesel::PgConnection as diesel::Connection>::establish(db.url()).unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Backends {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        others: i64,
+    }
+    let count = "SELECT count(*) AS others FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    let mut others = -1;
+    for _ in 0..200 {
+        others = diesel::RunQueryDsl::get_result::<Backends>(diesel::sql_query(count), &mut conn).unwrap().others;
+        if others == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(others, 0, "the facade's connections outlived it");
+    #[derive(diesel::QueryableByName)]
+    struct Users {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        users: i64,
+    }
+    let users = diesel::RunQueryDsl::get_result::<Users>(
+        diesel::sql_query("SELECT count(*) AS users FROM users WHERE email = 'late@example.io'"),
+        &mut conn,
+    )
+    .unwrap();
+    assert_eq!(users.users, 0, "a call given up while queued ran");
+}
