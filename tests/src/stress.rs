@@ -59,11 +59,17 @@ pub struct StressConfig {
     pub emails: usize,
     /// Clusters kept alive (deleted ones are replaced).
     pub clusters: usize,
+    /// When set, the checker also ends every other session of the database
+    /// (`pg_terminate_backend`, what a server restart does to them) at this
+    /// interval, so calls lose their connection mid-statement and
+    /// mid-transaction: they must fail as `Unavailable`, leave nothing half
+    /// done, and the pool must serve again on new connections.
+    pub terminate_every: Option<Duration>,
 }
 
 impl Default for StressConfig {
     fn default() -> Self {
-        Self { duration: Duration::from_secs(10), threads: 16, seed: 1, emails: 24, clusters: 4 }
+        Self { duration: Duration::from_secs(10), threads: 16, seed: 1, emails: 24, clusters: 4, terminate_every: None }
     }
 }
 
@@ -578,6 +584,11 @@ const SAMPLE: &str = "SELECT
                   (SELECT count(*) FROM instances i WHERE i.cluster_id = c.id) AS instances) r
       WHERE (t.members, t.invites, t.instances) IS DISTINCT FROM (r.members, r.invites, r.instances)) AS bad_totals";
 
+/// Ends every session of the database but the caller's, as a server
+/// restart (or an administrator) does.
+const TERMINATE_OTHERS: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+     WHERE datname = current_database() AND pid <> pg_backend_pid()";
+
 /// The database invariants broken at this moment in the database `conn`
 /// is connected to, one line each (none when all hold), from one statement,
 /// so one snapshot: a live cluster without exactly one owner, memberships of
@@ -634,7 +645,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let checker = {
-        let (stop, url) = (Arc::clone(&stop), database_url.to_owned());
+        let (stop, url, terminate_every) = (Arc::clone(&stop), database_url.to_owned(), config.terminate_every);
         thread::spawn(move || {
             let mut conn = PgConnection::establish(&url).expect("the checker connects");
             let (mut samples, mut count, mut violations) = (0_u64, 0_u64, Vec::new());
@@ -644,9 +655,16 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
                 let room = 20usize.saturating_sub(violations.len());
                 violations.extend(seen.into_iter().take(room).map(|seen| format!("{when}: {seen}")));
             };
+            let mut terminated_at = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 check(&mut conn, &format!("at {:.3} s", started.elapsed().as_secs_f64()));
                 samples += 1;
+                if let Some(every) = terminate_every
+                    && terminated_at.elapsed() >= every
+                {
+                    diesel::sql_query(TERMINATE_OTHERS).execute(&mut conn).expect("the other sessions end");
+                    terminated_at = Instant::now();
+                }
                 thread::sleep(Duration::from_millis(10));
             }
             (conn, (samples, count, violations))
