@@ -197,6 +197,12 @@ fn remember<T>(items: &Mutex<Vec<T>>, item: T) {
     items.push(item);
 }
 
+/// Whether no item comes twice.
+fn each_once<T: Eq + std::hash::Hash>(items: impl IntoIterator<Item = T>) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    items.into_iter().all(|item| seen.insert(item))
+}
+
 fn kind_of(error: &StoreError) -> &'static str {
     match error {
         StoreError::NotFound { .. } => "NotFound",
@@ -446,16 +452,14 @@ impl World {
             }),
             7 => self.call("clusters.pending_invites", || {
                 let invites = self.clusters.pending_invites(user)?;
-                let mut seen = std::collections::HashSet::new();
-                let once = invites.iter().all(|invite| seen.insert(invite.cluster_id));
+                let once = each_once(invites.iter().map(|invite| invite.cluster_id));
                 self.expect("clusters.pending_invites", once, || format!("a cluster twice: {invites:?}"));
                 Ok(())
             }),
             8 => self.call("clusters.owned_cluster", || self.clusters.owned_cluster(user).map(drop)),
             9 => self.call("clusters.user_clusters", || {
                 let clusters = self.clusters.user_clusters(user)?;
-                let mut seen = std::collections::HashSet::new();
-                let once = clusters.iter().all(|summary| seen.insert(summary.id));
+                let once = each_once(clusters.iter().map(|summary| summary.id));
                 self.expect("clusters.user_clusters", once, || format!("a cluster twice: {clusters:?}"));
                 Ok(())
             }),
