@@ -241,8 +241,8 @@ impl ManageConnection for PgConnectionManager {
         self.inner.is_valid(conn)
     }
 
-    /// diesel's test (a lost connection, an unfinished transaction), or a
-    /// call on the connection expired.
+    /// diesel's test (an unfinished transaction), a call on the connection
+    /// that expired, or one that found the connection lost.
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
         let broken = self.inner.has_broken(conn)
             || crate::pool::conn_info(conn).is_some_and(|info| info.discard.load(Ordering::Acquire));
@@ -328,6 +328,9 @@ impl Deadlines {
         let guard = CallGuard(Arc::clone(&call));
         watchdog().watch(&call, cancel_at, Step::Cancel);
         let result = work(&mut conn);
+        if result.as_ref().is_err_and(crate::errors::lost_connection) {
+            info.discard.store(true, Ordering::Release);
+        }
         let expired = guard.finish();
         // Returned (and, if expired, discarded) before the caller sees the result.
         drop(conn);

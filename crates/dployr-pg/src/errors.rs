@@ -217,6 +217,17 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
     })
 }
 
+/// Whether `error` says that the connection it ran on is gone (the server
+/// ended the session, the socket broke): such a connection must be
+/// discarded, never handed out again. diesel's own test
+/// (`R2D2Connection::is_broken`) looks only at the transaction state, so a
+/// pooled connection whose session a server restart ended would otherwise
+/// fail every call it is given, for good.
+pub(crate) fn lost_connection(error: &StoreError) -> bool {
+    let StoreError::Unavailable { source: Some(source), .. } = error else { return false };
+    source.downcast_ref::<DieselError>().and_then(transient_cause) == Some(Transient::ConnectionLost)
+}
+
 /// Maps a diesel error; `keys` names the rows the operation references, for
 /// a foreign key that finds one missing.
 pub(crate) fn map(error: DieselError, keys: Keys<'_>) -> StoreError {

@@ -73,3 +73,33 @@ fn without_the_statement_cache_nothing_stays_prepared_on_the_server() {
     assert!(prepared(true) > 0, "diesel caches prepared statements by default");
     assert_eq!(prepared(false), 0, "PgBouncer transaction mode needs none left prepared");
 }
+
+/// After the server ends every session of the pool (as a restart does),
+/// each dead connection fails one call as `Unavailable` and is discarded:
+/// the pool serves again at once. Before, diesel's test of a returned
+/// connection (its transaction state only) kept the dead connections, and
+/// every later call failed.
+#[test]
+fn connections_whose_sessions_the_server_ended_fail_once_each_then_the_pool_serves_again() {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 4, ..PoolConfig::default() }).unwrap();
+    let users = PgUserStore::new(pool.clone());
+    let mut admin = PgConnection::establish(db.url()).unwrap();
+    for round in 0..3 {
+        // Every connection open, then every session ended under it.
+        drop((0..4).map(|_| pool.get().unwrap()).collect::<Vec<_>>());
+        diesel::sql_query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&mut admin)
+        .unwrap();
+        let answers: Vec<_> = (0..10).map(|_| users.get(&UserId::generate())).collect();
+        let failed = answers.iter().filter(|answer| answer.is_err()).count();
+        assert!(failed <= 4, "round {round}: {failed} calls of 10 failed: {answers:?}");
+        assert!(answers[4..].iter().all(|answer| matches!(answer, Ok(None))), "round {round}: {answers:?}");
+        for error in answers.iter().filter_map(|answer| answer.as_ref().err()) {
+            assert!(matches!(error, StoreError::Unavailable { .. }) && error.is_retryable(), "{error}");
+        }
+    }
+}
