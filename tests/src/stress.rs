@@ -711,12 +711,18 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         }
     }
     // A used token stays used (an unknown nonce, after its instance was
-    // deleted, counts as used too). Asked through a new pool: the workers'
-    // pool may still hold connections that the last terminations ended,
-    // which fail their next statement as `Unavailable`.
-    let tokens = PgBootstrapTokenStore::new(PgPool::connect(database_url, PoolConfig::default()).expect("a new pool"));
+    // deleted, counts as used too). After the terminations, each connection
+    // the last round ended fails one call as `Unavailable` and is then
+    // discarded: ask again, at most once per connection the pool holds.
     for nonce in used.keys() {
-        let answer = Nonce::parse(nonce).and_then(|nonce| tokens.is_used(&nonce));
+        let ask = || Nonce::parse(nonce).and_then(|nonce| world.tokens.is_used(&nonce));
+        let mut answer = ask();
+        for _ in 0..threads + 2 {
+            if !matches!(answer, Err(StoreError::Unavailable { .. })) {
+                break;
+            }
+            answer = ask();
+        }
         if !matches!(answer, Ok(true)) {
             violation_count += 1;
             violations.push(format!("{nonce} was marked used, then is_used answered {answer:?}"));
