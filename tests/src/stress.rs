@@ -45,8 +45,29 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 
+/// Something done to the server at intervals while the workload runs.
+#[derive(Clone)]
+pub enum Disturbance {
+    /// End every other session of the database (`pg_terminate_backend`),
+    /// what a restart does to the sessions, while the server stays up.
+    EndSessions,
+    /// Run this, given the round (0, 1, ...): a restart of the server, say.
+    /// It may take a while; the checker reconnects when the server it
+    /// samples went away.
+    Run(Arc<dyn Fn(u64) + Send + Sync>),
+}
+
+impl fmt::Debug for Disturbance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Disturbance::EndSessions => f.write_str("EndSessions"),
+            Disturbance::Run(_) => f.write_str("Run(..)"),
+        }
+    }
+}
+
 /// How long, how wide and from which seed a run goes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StressConfig {
     /// Wall-clock length of the run.
     pub duration: Duration,
@@ -59,17 +80,18 @@ pub struct StressConfig {
     pub emails: usize,
     /// Clusters kept alive (deleted ones are replaced).
     pub clusters: usize,
-    /// When set, the checker also ends every other session of the database
-    /// (`pg_terminate_backend`, what a server restart does to them) at this
-    /// interval, so calls lose their connection mid-statement and
-    /// mid-transaction: they must fail as `Unavailable`, leave nothing half
-    /// done, and the pool must serve again on new connections.
-    pub terminate_every: Option<Duration>,
+    /// When set, a thread of its own disturbs the server at this interval
+    /// (ends the sessions, restarts it), so calls lose their connection
+    /// mid-statement and mid-transaction: they must fail as `Unavailable`,
+    /// leave nothing half done, and the pool must serve again on new
+    /// connections. None begins in the last interval of the run, so the
+    /// run ends with at least one interval undisturbed.
+    pub disturb: Option<(Duration, Disturbance)>,
 }
 
 impl Default for StressConfig {
     fn default() -> Self {
-        Self { duration: Duration::from_secs(10), threads: 16, seed: 1, emails: 24, clusters: 4, terminate_every: None }
+        Self { duration: Duration::from_secs(10), threads: 16, seed: 1, emails: 24, clusters: 4, disturb: None }
     }
 }
 
@@ -82,6 +104,8 @@ pub struct StressReport {
     pub elapsed: Duration,
     /// Worker threads.
     pub threads: usize,
+    /// Connections the workers' pool may hold (its maximum size).
+    pub connections: u64,
     /// Per operation: outcome (`ok`, or an error kind) -> count.
     pub outcomes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Samples the checker took.
@@ -92,8 +116,16 @@ pub struct StressReport {
     pub violation_count: u64,
     /// Unexpected errors (`Backend`, `Invalid`) and panics (at most 20 kept).
     pub unexpected: Vec<String>,
-    /// Deadlocks PostgreSQL detected in the run's database.
+    /// Deadlocks PostgreSQL detected in the run's database (since the
+    /// server last started: a crash resets the count).
     pub deadlocks: i64,
+    /// Disturbances done ([`StressConfig::disturb`]).
+    pub disturbances: u64,
+    /// Calls that succeeded after the last disturbance ended: the pool
+    /// serves again.
+    pub ok_after_last_disturbance: u64,
+    /// `Unavailable` errors by their text (at most 20 texts kept).
+    pub unavailable: BTreeMap<String, u64>,
 }
 
 impl StressReport {
@@ -145,6 +177,16 @@ impl fmt::Display for StressReport {
             writeln!(f)?;
         }
         writeln!(f, "checker samples: {}", self.samples)?;
+        for (reason, count) in &self.unavailable {
+            writeln!(f, "  Unavailable x{count}: {reason}")?;
+        }
+        if self.disturbances > 0 {
+            writeln!(
+                f,
+                "disturbances: {}, calls that succeeded after the last: {}",
+                self.disturbances, self.ok_after_last_disturbance
+            )?;
+        }
         writeln!(f, "invariant violations: {}", self.violation_count)?;
         for violation in &self.violations {
             writeln!(f, "  {violation}")?;
@@ -182,6 +224,10 @@ struct World {
     answers: Mutex<Vec<String>>,
     answer_violations: AtomicU64,
     target_clusters: usize,
+    /// Calls that succeeded since the last disturbance ended.
+    ok_since_disturbed: AtomicU64,
+    /// `Unavailable` errors by their text.
+    unavailable: Mutex<BTreeMap<String, u64>>,
 }
 
 fn pick<T: Clone>(rng: &mut StdRng, items: &Mutex<Vec<T>>) -> Option<T> {
@@ -215,6 +261,9 @@ fn kind_of(error: &StoreError) -> &'static str {
 
 impl World {
     fn record(&self, operation: &'static str, kind: &'static str, detail: Option<String>) {
+        if kind == "ok" {
+            self.ok_since_disturbed.fetch_add(1, Ordering::Relaxed);
+        }
         let mut outcomes = self.outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *outcomes.entry(operation).or_default().entry(kind).or_default() += 1;
         if let Some(detail) = detail {
@@ -231,6 +280,13 @@ impl World {
             Ok(Ok(())) => self.record(operation, "ok", None),
             Ok(Err(error)) => {
                 let kind = kind_of(&error);
+                if kind == "Unavailable" {
+                    let mut unavailable = self.unavailable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let reason = error.to_string();
+                    if unavailable.len() < 20 || unavailable.contains_key(&reason) {
+                        *unavailable.entry(reason).or_default() += 1;
+                    }
+                }
                 let detail = matches!(kind, "Backend" | "Invalid").then(|| format!("{error:?}"));
                 self.record(operation, kind, detail);
             }
@@ -601,14 +657,33 @@ const TERMINATE_OTHERS: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_ac
 /// # Panics
 /// When the statement fails: a harness, not a store.
 pub fn broken_invariants(conn: &mut PgConnection) -> Vec<String> {
-    let sample: Sample = diesel::sql_query(SAMPLE).get_result(conn).expect("a checker sample");
+    try_broken_invariants(conn).expect("a checker sample")
+}
+
+/// [`broken_invariants`], with the statement's error (a server that went
+/// away) given back.
+fn try_broken_invariants(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    let sample: Sample = diesel::sql_query(SAMPLE).get_result(conn)?;
     let mut broken = Vec::new();
     broken.extend(sample.bad_owners);
     if sample.orphans > 0 {
         broken.push(format!("{} memberships of a missing user or cluster", sample.orphans));
     }
     broken.extend(sample.bad_totals.map(|bad| format!("listing totals: {bad}")));
-    broken
+    Ok(broken)
+}
+
+/// A connection to `url`, tried again for up to 30 s while the server
+/// restarts.
+fn connect_patiently(url: &str) -> PgConnection {
+    let started = Instant::now();
+    loop {
+        match PgConnection::establish(url) {
+            Ok(conn) => return conn,
+            Err(error) if started.elapsed() > Duration::from_secs(30) => panic!("{url} never answered again: {error}"),
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 /// Runs the workload against the migrated database at `database_url`.
@@ -640,6 +715,8 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         answers: Mutex::default(),
         answer_violations: AtomicU64::new(0),
         target_clusters: config.clusters.max(1),
+        ok_since_disturbed: AtomicU64::new(0),
+        unavailable: Mutex::default(),
     });
     let mut setup = StdRng::seed_from_u64(config.seed);
     for _ in 0..config.clusters.max(1) * 3 {
@@ -649,31 +726,55 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let checker = {
-        let (stop, url, terminate_every) = (Arc::clone(&stop), database_url.to_owned(), config.terminate_every);
+        let (stop, url, disturbed) = (Arc::clone(&stop), database_url.to_owned(), config.disturb.is_some());
         thread::spawn(move || {
-            let mut conn = PgConnection::establish(&url).expect("the checker connects");
+            let mut conn = connect_patiently(&url);
             let (mut samples, mut count, mut violations) = (0_u64, 0_u64, Vec::new());
-            let mut check = |conn: &mut PgConnection, when: &str| {
-                let seen = broken_invariants(conn);
-                count += seen.len() as u64;
-                let room = 20usize.saturating_sub(violations.len());
-                violations.extend(seen.into_iter().take(room).map(|seen| format!("{when}: {seen}")));
-            };
-            let mut terminated_at = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                check(&mut conn, &format!("at {:.3} s", started.elapsed().as_secs_f64()));
-                samples += 1;
-                if let Some(every) = terminate_every
-                    && terminated_at.elapsed() >= every
-                {
-                    diesel::sql_query(TERMINATE_OTHERS).execute(&mut conn).expect("the other sessions end");
-                    terminated_at = Instant::now();
+                match try_broken_invariants(&mut conn) {
+                    Ok(seen) => {
+                        samples += 1;
+                        count += seen.len() as u64;
+                        let room = 20usize.saturating_sub(violations.len());
+                        let when = started.elapsed().as_secs_f64();
+                        violations.extend(seen.into_iter().take(room).map(|seen| format!("at {when:.3} s: {seen}")));
+                    }
+                    // The server went away under the checker too: sample
+                    // again on a new connection.
+                    Err(_) if disturbed => conn = connect_patiently(&url),
+                    Err(error) => panic!("a checker sample: {error}"),
                 }
                 thread::sleep(Duration::from_millis(10));
             }
-            (conn, (samples, count, violations))
+            (samples, count, violations)
         })
     };
+    let disturber = config.disturb.map(|(every, disturbance)| {
+        let (stop, url, world) = (Arc::clone(&stop), database_url.to_owned(), Arc::clone(&world));
+        let last_start = started + config.duration.saturating_sub(every);
+        thread::spawn(move || {
+            let mut rounds = 0_u64;
+            let mut conn = None;
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(10));
+                if last.elapsed() < every || Instant::now() > last_start {
+                    continue;
+                }
+                match &disturbance {
+                    Disturbance::EndSessions => {
+                        let conn = conn.get_or_insert_with(|| connect_patiently(&url));
+                        diesel::sql_query(TERMINATE_OTHERS).execute(conn).expect("the other sessions end");
+                    }
+                    Disturbance::Run(disturb) => disturb(rounds),
+                }
+                world.ok_since_disturbed.store(0, Ordering::Relaxed);
+                rounds += 1;
+                last = Instant::now();
+            }
+            rounds
+        })
+    });
     let workers: Vec<_> = (0..threads)
         .map(|i| {
             let (world, stop) = (Arc::clone(&world), Arc::clone(&stop));
@@ -697,7 +798,9 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         }
     }
     let elapsed = started.elapsed();
-    let (mut conn, (samples, mut violation_count, mut violations)) = checker.join().expect("the checker finishes");
+    let disturbances = disturber.map_or(0, |disturber| disturber.join().expect("the disturber finishes"));
+    let (samples, mut violation_count, mut violations) = checker.join().expect("the checker finishes");
+    let mut conn = connect_patiently(database_url);
     // A last sample once everything is still, and the token rule.
     for bad in broken_invariants(&mut conn) {
         violation_count += 1;
@@ -711,9 +814,9 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         }
     }
     // A used token stays used (an unknown nonce, after its instance was
-    // deleted, counts as used too). After the terminations, each connection
-    // the last round ended fails one call as `Unavailable` and is then
-    // discarded: ask again, at most once per connection the pool holds.
+    // deleted, counts as used too). After a disturbance, each connection
+    // it ended fails one call as `Unavailable` and is then discarded: ask
+    // again, at most once per connection the pool holds.
     for nonce in used.keys() {
         let ask = || Nonce::parse(nonce).and_then(|nonce| world.tokens.is_used(&nonce));
         let mut answer = ask();
@@ -741,17 +844,23 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
             .get_result(&mut conn)
             .expect("the deadlock count");
     let world = Arc::try_unwrap(world).ok().expect("the workers are done");
+    let ok_after_last_disturbance = world.ok_since_disturbed.into_inner();
+    let unavailable = world.unavailable.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     violation_count += world.answer_violations.into_inner();
     violations.extend(world.answers.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
     StressReport {
         seed: config.seed,
         elapsed,
         threads,
+        connections: u64::from(pool_config.max_size),
         outcomes: world.outcomes.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
         samples,
         violations,
         violation_count,
         unexpected: world.unexpected.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
         deadlocks: deadlocks.deadlocks,
+        disturbances,
+        ok_after_last_disturbance,
+        unavailable,
     }
 }

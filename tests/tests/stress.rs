@@ -4,9 +4,11 @@
 //! (`DPLOYR_STRESS_SECONDS` to change it), a new seed each run, printed so a
 //! failure can be replayed with `cargo xtask stress --seed S`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use dployr_tests::stress::{self, StressConfig};
+use dployr_testkit::{PrivateServer, Shutdown};
+use dployr_tests::stress::{self, Disturbance, StressConfig};
 
 #[test]
 fn a_random_mix_of_every_operation_keeps_every_invariant() {
@@ -74,17 +76,63 @@ fn a_random_mix_whose_connections_are_ended_under_it_keeps_every_invariant() {
     let config = StressConfig {
         duration: Duration::from_secs(6),
         seed,
-        terminate_every: Some(Duration::from_millis(300)),
+        disturb: Some((Duration::from_millis(300), Disturbance::EndSessions)),
         ..StressConfig::default()
     };
     let report = stress::run(db.url(), config);
     println!("{report}");
     assert!(report.is_clean(), "{report}");
     assert!(report.count_of("Unavailable") > 0, "no call lost its connection: the terminations missed\n{report}");
+    // A connection whose session ended fails one call and is discarded.
+    let most = report.disturbances * report.connections;
+    assert!(report.count_of("Unavailable") <= most, "more than one failure per ended connection\n{report}");
     for operation in
         ["users.upsert", "clusters.add_users", "clusters.transfer_ownership", "clusters.get", "instances.create"]
     {
         let ok = report.outcomes.get(operation).and_then(|o| o.get("ok")).copied().unwrap_or(0);
         assert!(ok > 0, "{operation} never succeeded between the terminations\n{report}");
     }
+}
+
+/// The same mix while its server is restarted under it every 2 s, by turns
+/// with a fast shutdown (sessions ended, open transactions rolled back) and
+/// an immediate one (every process killed at once, then crash recovery at
+/// the next start), refusing connections for 200 ms each time. Calls fail
+/// as `Unavailable` only, no invariant breaks in any sample, a token marked
+/// used stays used across the crashes, and the pool serves again after the
+/// last restart. The server is a private one: the shared test server is
+/// never restarted.
+#[test]
+fn a_random_mix_keeps_every_invariant_across_restarts_of_its_server() {
+    let Some(server) = PrivateServer::start().unwrap() else {
+        eprintln!("skipped: no local PostgreSQL server binaries to start a private server with");
+        return;
+    };
+    let server = Arc::new(server);
+    let seed = std::env::var("DPLOYR_STRESS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let restart = {
+        let server = Arc::clone(&server);
+        Disturbance::Run(Arc::new(move |round| {
+            let shutdown = if round % 2 == 0 { Shutdown::Fast } else { Shutdown::Immediate };
+            server.restart(shutdown, Duration::from_millis(200)).expect("the server starts again");
+        }))
+    };
+    let config = StressConfig {
+        duration: Duration::from_secs(9),
+        seed,
+        disturb: Some((Duration::from_secs(2), restart)),
+        ..StressConfig::default()
+    };
+    let report = stress::run(server.url(), config);
+    println!("{report}");
+    assert!(report.is_clean(), "{report}");
+    // Both shutdowns, fast then immediate, at least once.
+    assert!(report.disturbances >= 2, "fewer restarts than planned\n{report}");
+    assert!(report.count_of("Unavailable") > 0, "no call saw the server go away: the restarts missed\n{report}");
+    assert!(report.ok_after_last_disturbance > 100, "the pool did not serve again after the last restart\n{report}");
+    // Each restart ends every connection of the pool: each fails one call
+    // (or none, if idle until it was discarded) and is discarded; no call
+    // waiting out the 200 ms of refusals times out.
+    let most = report.disturbances * report.connections;
+    assert!(report.count_of("Unavailable") <= most, "more than one failure per connection a restart ended\n{report}");
 }

@@ -50,6 +50,7 @@ mod server;
 pub use blackhole::BlackholeProxy;
 pub use cloudflare_emulator::CloudflareEmulator;
 pub use error::TestkitError;
+pub use local::Shutdown;
 pub use private::{Freeze, PrivateServer};
 pub use replica::ReplicatedServer;
 pub use server::{ServerKind, TestServer, server};

@@ -1,6 +1,9 @@
 //! A throwaway server of one test's own, for faults that would disturb
 //! every other test on the shared server: freezing it with `SIGSTOP` (the
-//! postmaster and its backends), as a hung host or a stopped VM does.
+//! postmaster and its backends), as a hung host or a stopped VM does, and
+//! restarting it (a fast shutdown, or an immediate one, as a crash of the
+//! server does) while clients use it. Its acknowledged commits survive a
+//! crash of the server ([`Commits::SurviveServerCrash`]).
 //!
 //! It is made from the local server binaries only (a container or a
 //! server of the user's cannot be frozen from here); [`PrivateServer::start`]
@@ -10,18 +13,21 @@
 //! stopped.
 
 use std::fs;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use diesel::{Connection as _, PgConnection};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::local::{self, EphemeralCluster};
+use crate::local::{self, Commits, EphemeralCluster, Shutdown};
 use crate::{TestkitError, databases, workspace_migrations};
 
 /// A local server of one test's own, with one migrated database.
 #[derive(Debug)]
 pub struct PrivateServer {
-    cluster: EphemeralCluster,
+    /// Locked by a restart, which replaces the server process.
+    cluster: Mutex<EphemeralCluster>,
     url: String,
 }
 
@@ -36,7 +42,7 @@ impl PrivateServer {
     /// [`TestkitError`] if the server does not start or the migrations fail.
     pub fn start() -> Result<Option<Self>, TestkitError> {
         let Some(bindir) = local::find_bindir() else { return Ok(None) };
-        let mut cluster = EphemeralCluster::start(&bindir)?;
+        let mut cluster = EphemeralCluster::start_with(&bindir, Commits::SurviveServerCrash)?;
         let port = cluster.port();
         let prepared = (|| {
             let admin_url = local::local_url(port, "postgres");
@@ -51,7 +57,22 @@ impl PrivateServer {
             cluster.stop();
             return Err(error);
         }
-        Ok(Some(Self { url: local::local_url(port, DATABASE), cluster }))
+        Ok(Some(Self { url: local::local_url(port, DATABASE), cluster: Mutex::new(cluster) }))
+    }
+
+    fn cluster(&self) -> MutexGuard<'_, EphemeralCluster> {
+        self.cluster.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Restarts the server ([`EphemeralCluster::restart`]): stops it as
+    /// `shutdown` says, refuses connections for `down_for`, then serves
+    /// again on the same port with the same data. Callable from another
+    /// thread while clients use the server.
+    ///
+    /// # Errors
+    /// [`TestkitError::Setup`] if the server does not start again.
+    pub fn restart(&self, shutdown: Shutdown, down_for: Duration) -> Result<(), TestkitError> {
+        self.cluster().restart(shutdown, down_for)
     }
 
     /// The URL of the migrated database (TCP on loopback).
@@ -68,7 +89,7 @@ impl PrivateServer {
     /// [`TestkitError::Setup`] if a signal cannot be sent (the server is
     /// thawed again first).
     pub fn freeze(&self) -> Result<Freeze, TestkitError> {
-        let postmaster = pid(self.cluster.pid())?;
+        let postmaster = pid(self.cluster().pid())?;
         // The postmaster first, so it starts no new process meanwhile.
         let mut stopped = Vec::new();
         let mut freeze = |pid: Pid| {
@@ -84,14 +105,15 @@ impl PrivateServer {
 
 impl Drop for PrivateServer {
     fn drop(&mut self) {
+        let cluster = self.cluster.get_mut().unwrap_or_else(PoisonError::into_inner);
         // A stopped server would never act on the shutdown signal.
-        if let Ok(postmaster) = pid(self.cluster.pid()) {
+        if let Ok(postmaster) = pid(cluster.pid()) {
             for child in children_of(postmaster) {
                 let _ignored = kill(child, Signal::SIGCONT);
             }
             let _ignored = kill(postmaster, Signal::SIGCONT);
         }
-        self.cluster.stop();
+        cluster.stop();
     }
 }
 

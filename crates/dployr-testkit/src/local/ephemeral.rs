@@ -53,18 +53,67 @@ pub struct EphemeralCluster {
     root: PathBuf,
     port: u16,
     bindir: PathBuf,
+    commits: Commits,
     server: Child,
     /// Held, never written: the guardian reads EOF when this process ends.
     _guardian_pipe: ChildStdin,
     guardian: Child,
 }
 
+/// What an acknowledged commit survives on a throwaway server (`fsync` is
+/// off on every one: none survives the machine crashing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commits {
+    /// `synchronous_commit = off`: the server answers a commit before its
+    /// WAL is written, so a crash of the server (an immediate shutdown)
+    /// may lose the last few hundred milliseconds of acknowledged commits.
+    /// The shared test server: nothing crashes it.
+    Fast,
+    /// `synchronous_commit = on`: the server answers a commit once its WAL
+    /// is written (to the kernel; `fsync` stays off), so every acknowledged
+    /// commit survives the server process crashing. Servers that tests
+    /// crash or restart on purpose.
+    SurviveServerCrash,
+}
+
+/// How [`EphemeralCluster::restart`] stops the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// `SIGINT`, PostgreSQL's fast shutdown (`pg_ctl stop -m fast`, what a
+    /// service manager's stop sends): every session is ended with
+    /// SQLSTATE 57P01, open transactions roll back, a checkpoint is written.
+    Fast,
+    /// `SIGQUIT`, the immediate shutdown: every process exits at once,
+    /// sessions see their socket close mid-statement, and the next start
+    /// runs crash recovery from the WAL, as after a crash of the server.
+    Immediate,
+}
+
+impl Shutdown {
+    fn signal(self) -> Signal {
+        match self {
+            Shutdown::Fast => Signal::SIGINT,
+            Shutdown::Immediate => Signal::SIGQUIT,
+        }
+    }
+}
+
 impl EphemeralCluster {
-    /// `initdb` and start a server tuned for tests (`fsync=off`).
+    /// `initdb` and start a server tuned for tests (`fsync=off`,
+    /// [`Commits::Fast`]).
     ///
     /// # Errors
     /// [`TestkitError::Setup`] with the server's log if it cannot start.
     pub fn start(bindir: &Path) -> Result<Self, TestkitError> {
+        Self::start_with(bindir, Commits::Fast)
+    }
+
+    /// `initdb` and start a server tuned for tests (`fsync=off`) whose
+    /// acknowledged commits survive what `commits` says.
+    ///
+    /// # Errors
+    /// [`TestkitError::Setup`] with the server's log if it cannot start.
+    pub fn start_with(bindir: &Path, commits: Commits) -> Result<Self, TestkitError> {
         sweep_crashed_runs();
         let run_as = RunAs::for_this_process()?;
         let root = new_root("the cluster")?;
@@ -84,16 +133,21 @@ impl EphemeralCluster {
         }
         initdb(bindir, &data, run_as).map_err(cleanup_on_error)?;
 
-        Self::start_on_a_free_port(bindir, &root, run_as).map_err(cleanup_on_error)
+        Self::start_on_a_free_port(bindir, &root, run_as, commits).map_err(cleanup_on_error)
     }
 
     /// Starts the server of the cluster in `root` on a free port. A free
     /// port can be taken between our check and the server's bind: it tries
     /// a few.
-    fn start_on_a_free_port(bindir: &Path, root: &Path, run_as: Option<RunAs>) -> Result<Self, TestkitError> {
+    fn start_on_a_free_port(
+        bindir: &Path,
+        root: &Path,
+        run_as: Option<RunAs>,
+        commits: Commits,
+    ) -> Result<Self, TestkitError> {
         let mut last_error = None;
         for _attempt in 0..PORT_ATTEMPTS {
-            match Self::start_server(bindir, root, free_port()?, run_as) {
+            match Self::start_server(bindir, root, free_port()?, run_as, commits) {
                 Ok(cluster) => return Ok(cluster),
                 Err(error) => last_error = Some(error),
             }
@@ -101,7 +155,17 @@ impl EphemeralCluster {
         Err(last_error.unwrap_or_else(|| TestkitError::Setup("postgres did not start".into())))
     }
 
-    fn start_server(bindir: &Path, root: &Path, port: u16, run_as: Option<RunAs>) -> Result<Self, TestkitError> {
+    fn start_server(
+        bindir: &Path,
+        root: &Path,
+        port: u16,
+        run_as: Option<RunAs>,
+        commits: Commits,
+    ) -> Result<Self, TestkitError> {
+        let synchronous_commit = match commits {
+            Commits::Fast => "synchronous_commit=off",
+            Commits::SurviveServerCrash => "synchronous_commit=on",
+        };
         let log_path = root.join("postgres.log");
         let log = File::create(&log_path).map_err(|e| TestkitError::io("creating postgres.log".into(), e))?;
         let log_err = log.try_clone().map_err(|e| TestkitError::io("opening postgres.log".into(), e))?;
@@ -118,7 +182,7 @@ impl EphemeralCluster {
                 "-c",
                 "fsync=off",
                 "-c",
-                "synchronous_commit=off",
+                synchronous_commit,
                 "-c",
                 "full_page_writes=off",
                 "-c",
@@ -151,6 +215,7 @@ impl EphemeralCluster {
             root: root.to_owned(),
             port,
             bindir: bindir.to_owned(),
+            commits,
             server,
             _guardian_pipe: guardian_pipe,
             guardian,
@@ -206,7 +271,7 @@ impl EphemeralCluster {
             )
         })();
         prepared.map_err(cleanup_on_error)?;
-        Self::start_on_a_free_port(&primary.bindir, &root, run_as).map_err(cleanup_on_error)
+        Self::start_on_a_free_port(&primary.bindir, &root, run_as, primary.commits).map_err(cleanup_on_error)
     }
 
     /// The loopback port the server listens on.
@@ -227,6 +292,30 @@ impl EphemeralCluster {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.server.id()
+    }
+
+    /// Stops the server as `shutdown` says, keeps it down for `down_for`
+    /// (connections are refused meanwhile), then starts it again on the
+    /// same port and data directory and waits until it accepts
+    /// connections: what a restart of the database service does to its
+    /// clients. The data survives as [`Commits`] says.
+    ///
+    /// # Errors
+    /// [`TestkitError::Setup`] with the server's log if it does not start
+    /// again (the port was taken meanwhile, say); the cluster then has no
+    /// server, and [`EphemeralCluster::stop`] still deletes its directory.
+    pub fn restart(&mut self, shutdown: Shutdown, down_for: Duration) -> Result<(), TestkitError> {
+        stop_child(&mut self.server, shutdown.signal());
+        // The guardian knows the old process id only: it goes before a new
+        // one is started with the new id. Killed, it deletes nothing.
+        let _ignored = self.guardian.kill();
+        let _ignored = self.guardian.wait();
+        thread::sleep(down_for);
+        let run_as = RunAs::for_this_process()?;
+        let restarted = Self::start_server(&self.bindir, &self.root, self.port, run_as, self.commits)?;
+        // The old pipe closes here, its guardian already gone.
+        *self = restarted;
+        Ok(())
     }
 
     /// Stops the server at once (an immediate shutdown: the data is thrown

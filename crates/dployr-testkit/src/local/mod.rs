@@ -32,7 +32,7 @@ use nix::unistd::{Pid, User, geteuid};
 use crate::TestkitError;
 
 pub use dev::DevCluster;
-pub use ephemeral::{EphemeralCluster, ephemeral_parent_dir};
+pub use ephemeral::{Commits, EphemeralCluster, Shutdown, ephemeral_parent_dir};
 
 /// Where the server binaries are looked for, in order, for error messages.
 pub const BINDIR_SEARCH: &str = "$DPLOYR_PG_BINDIR, `pg_config --bindir`, /usr/lib/postgresql/*/bin, $PATH";
