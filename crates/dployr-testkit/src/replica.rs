@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use diesel::sql_types::BigInt;
 use diesel::{Connection as _, PgConnection, QueryableByName, RunQueryDsl as _};
 
-use crate::local::{self, EphemeralCluster};
+use crate::local::{self, EphemeralCluster, Shutdown};
 use crate::{TestkitError, databases, workspace_migrations};
 
 /// What a test without local server binaries prints before it returns.
@@ -156,6 +156,18 @@ impl ReplicatedServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Restarts the replica ([`EphemeralCluster::restart`]): stopped as
+    /// `shutdown` says, refusing connections for `down_for`, then started
+    /// again on the same port; it resumes streaming from where it stopped.
+    ///
+    /// # Errors
+    /// [`TestkitError::Setup`] if it does not start again, or was stopped
+    /// for good ([`ReplicatedServer::stop_replica`]).
+    pub fn restart_replica(&mut self, shutdown: Shutdown, down_for: Duration) -> Result<(), TestkitError> {
+        let replica = self.replica.as_mut().ok_or_else(|| TestkitError::Setup("the replica was stopped".into()))?;
+        replica.restart(shutdown, down_for)
     }
 
     /// Stops the replica at once (an immediate shutdown), as a crashed

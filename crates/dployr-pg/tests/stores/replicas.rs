@@ -4,6 +4,9 @@
 //! and from the replica's own statistics (`pg_stat_user_tables`), lag is
 //! made by pausing replay, failure by stopping the replica.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
@@ -15,8 +18,8 @@ use dployr_domain::{
 use dployr_pg::{
     PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig, ReplicaConfig, ReplicaSet,
 };
-use dployr_testkit::ReplicatedServer;
 use dployr_testkit::replica::SKIP;
+use dployr_testkit::{ReplicatedServer, Shutdown};
 
 /// The primary pool (with the replica when asked) and its stores.
 struct Routed {
@@ -238,6 +241,68 @@ fn a_stopped_replica_fails_over_to_the_primary_with_no_error_to_the_caller() {
     assert!(!stores.in_rotation(), "{:?}", stores.pool.replicas().unwrap().status());
     let status = &stores.pool.replicas().unwrap().status()[0];
     assert_eq!(status.lag, None, "no lag is reported for a replica that does not answer");
+}
+
+/// Reads by the replica until one is answered by it alone: one statement
+/// on its pool, none on the primary's (a read on a connection the restart
+/// ended fails over to the primary, and the connection is discarded).
+fn wait_until_the_replica_answers(stores: &Routed, user: &User) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (replica, primary) = (stores.replica_statements(), stores.pool.stats().statements);
+        assert_eq!(stores.users.get(&user.id).unwrap().map(|found| found.id), Some(user.id));
+        if stores.replica_statements() == replica + 1 && stores.pool.stats().statements == primary {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the replica never answered again");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_replica_restarted_under_load_fails_no_read_and_answers_again() {
+    let Some(mut server) = start() else { return };
+    let stores = Arc::new(Routed::new(&server, Some(fast_sampling(Duration::from_secs(5)))));
+    let user = stores.users.upsert(NewUser::new(email("reader@example.io"), Provider::Google)).unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    stores.wait_until_in_rotation(true);
+    wait_until_the_replica_answers(&stores, &user);
+
+    // Four threads of replica-safe reads through both restarts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stores, stop, user) = (Arc::clone(&stores), Arc::clone(&stop), user.clone());
+            let (reads, failures) = (Arc::clone(&reads), Arc::clone(&failures));
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let found = stores.users.get(&user.id).map(|found| found.map(|found| found.id));
+                    let memberships = stores.clusters.user_clusters(&user.id);
+                    if found.as_ref().ok() == Some(&Some(user.id)) && memberships.is_ok_and(|m| m.is_empty()) {
+                        reads.fetch_add(2, Ordering::Relaxed);
+                    } else {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("a read failed: {found:?}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for shutdown in [Shutdown::Fast, Shutdown::Immediate] {
+        thread::sleep(Duration::from_millis(300));
+        server.restart_replica(shutdown, Duration::from_millis(300)).unwrap();
+        let took = wait_until_the_replica_answers(&stores, &user);
+        println!("after the {shutdown:?} restart, the replica answered again within {took:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    let (reads, failures) = (reads.load(Ordering::Relaxed), failures.load(Ordering::Relaxed));
+    println!("{reads} reads, {failures} failed");
+    assert_eq!(failures, 0, "a read failed while the replica restarted: the primary should have answered it");
+    assert!(reads > 100, "{reads} reads");
 }
 
 #[test]
