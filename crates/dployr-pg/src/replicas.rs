@@ -13,8 +13,15 @@
 //! grows without bound on an idle primary (no new commit to replay), and
 //! would take a caught-up replica out of rotation at night. So a replica
 //! whose replay position has reached the primary's flushed position (what
-//! the primary can have sent) has lag zero, whatever the time since the last
-//! commit. Only a replica that is behind gets a time, the smaller of two
+//! the primary can have sent) has lag zero (the sample's round trip),
+//! whatever the time since the last commit. A replica found behind that
+//! position is asked again every 2 ms for up to 50 ms (at most half a
+//! sampling period): a replica is usually a moment behind the primary's
+//! newest WAL, and once it has replayed that far its lag is the time since
+//! the primary was there. (Without that, WAL that holds no commit, such as
+//! the standby snapshots a primary logs every 15 s, took a replica sampled
+//! in that moment out of rotation for a sampling period.) Only a replica
+//! still behind after that gets a time, the smaller of two
 //! upper bounds of how stale it is: the time since the last commit it
 //! replayed (it reflects the primary as of that commit), and the time since
 //! the primary was last seen at a position the replica has replayed (kept in
@@ -465,6 +472,12 @@ struct Sampler {
 /// How many primary positions a sampler remembers (a minute at 1 s).
 const HISTORY: usize = 64;
 
+/// How long a sampler waits, at most, for a replica found behind the
+/// primary's position to replay that far (never more than half a sampling
+/// period), and how often it asks meanwhile.
+const CATCH_UP: Duration = Duration::from_millis(50);
+const CATCH_UP_POLL: Duration = Duration::from_millis(2);
+
 impl Sampler {
     fn run(mut self, stop: &mpsc::Receiver<()>) {
         loop {
@@ -525,16 +538,31 @@ impl Sampler {
             Some(conn) => conn,
             slot => slot.insert(Self::connect(&self.replica_url)?),
         };
-        let found: ReplicaPosition = diesel::sql_query(REPLICA_POSITION)
-            .get_result(replica)
-            .map_err(|error| format!("the replica's position: {error}"))?;
-        let now = Instant::now();
-        if !found.in_recovery {
-            return Err("the server is not a replica (pg_is_in_recovery() is false)".into());
+        let ask = |replica: &mut PgConnection| -> Result<(ReplicaPosition, Instant), String> {
+            let found: ReplicaPosition = diesel::sql_query(REPLICA_POSITION)
+                .get_result(replica)
+                .map_err(|error| format!("the replica's position: {error}"))?;
+            if !found.in_recovery {
+                return Err("the server is not a replica (pg_is_in_recovery() is false)".into());
+            }
+            Ok((found, Instant::now()))
+        };
+        let (mut found, mut now) = ask(replica)?;
+        // A replica is usually a moment behind the primary's newest WAL
+        // (streaming and replay take a few milliseconds), and WAL that holds
+        // no commit (checkpoints, standby snapshots, vacuum) leaves no
+        // commit time to date it by: the bounds below would then give a
+        // whole sampling period, beyond the default bound. Asked again a few
+        // times, it has replayed that far, and its lag is known to within
+        // the wait.
+        let catch_up_until = now + CATCH_UP.min(self.every / 2);
+        while found.replayed.map_or(0, position) < primary_lsn && now < catch_up_until {
+            std::thread::sleep(CATCH_UP_POLL);
+            (found, now) = ask(replica)?;
         }
         let replayed = found.replayed.map_or(0, position);
         if replayed >= primary_lsn {
-            // Caught up with where the primary was a round trip ago.
+            // Caught up with where the primary was when asked.
             return Ok((now.saturating_duration_since(primary_at), replayed));
         }
         let since_commit = found.since_replayed_commit_us.map(|us| Duration::from_micros(position(us)));

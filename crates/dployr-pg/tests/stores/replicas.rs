@@ -305,6 +305,64 @@ fn a_replica_restarted_under_load_fails_no_read_and_answers_again() {
     assert!(reads > 100, "{reads} reads");
 }
 
+/// The primary writes WAL that holds no commit (checkpoints, the standby
+/// snapshots it logs every 15 s, vacuum), and a replica is always a
+/// moment behind the primary's newest WAL. Sampled in that moment, with no
+/// recent commit to date it by, the replica's lag was bounded by the time
+/// since the previous sample (a sampling period), and the default bound
+/// (1 s) is one sampling period: the replica left rotation for a period,
+/// and `cargo xtask bench` saw routed reads reach the primary. Here the
+/// replica is made up to 20 ms behind, two fifths of the time (replay
+/// paused while the primary writes WAL without a commit, then resumed),
+/// with a bound of 50 ms and samples every 100 ms: it must stay in
+/// rotation, its lag measured in milliseconds.
+#[test]
+fn a_replica_a_moment_behind_on_wal_without_commits_stays_in_rotation() {
+    let Some(server) = start() else { return };
+    let config = ReplicaConfig {
+        max_lag: Duration::from_millis(50),
+        sample_every: Duration::from_millis(100),
+        ..ReplicaConfig::default()
+    };
+    let stores = Routed::new(&server, Some(config));
+    let mut primary = PgConnection::establish(server.primary_url()).unwrap();
+    // Flushed within a millisecond, so streamed at once (the default
+    // flushes such WAL every 200 ms).
+    diesel::sql_query("ALTER SYSTEM SET wal_writer_delay = '1ms'").execute(&mut primary).unwrap();
+    diesel::sql_query("SELECT pg_reload_conf()").execute(&mut primary).unwrap();
+    stores.wait_until_in_rotation(true);
+
+    let stop = AtomicBool::new(false);
+    let (looked, out) = thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                server.pause_replay().unwrap();
+                // A non-transactional message: a WAL record, no transaction, no commit.
+                diesel::sql_query("SELECT pg_logical_emit_message(false, 'dployr-test', 'no commit')")
+                    .execute(&mut primary)
+                    .unwrap();
+                thread::sleep(Duration::from_millis(20));
+                server.resume_replay().unwrap();
+                thread::sleep(Duration::from_millis(30));
+            }
+        });
+        let (mut looked, mut out) = (0, 0);
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            looked += 1;
+            if !stores.in_rotation() {
+                out += 1;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Relaxed);
+        (looked, out)
+    });
+    println!("out of rotation at {out} of {looked} looks");
+    let status = stores.pool.replicas().unwrap().status();
+    assert!(out * 20 <= looked, "out of rotation at {out} of {looked} looks: {status:?}");
+}
+
 #[test]
 fn a_read_after_a_write_sees_the_write_through_its_wal_position() {
     let Some(server) = start() else { return };
