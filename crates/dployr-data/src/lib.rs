@@ -52,7 +52,8 @@ pub use dployr_domain::{
 pub use dployr_kv::CloudflareConfig;
 pub use dployr_kv::{KvStore, KvStoreConfig, OAuthState, OtpCode, Session, SessionId};
 pub use dployr_pg::{
-    DeadlineConfig, NetworkConfig, PgPool, PoolConfig, PoolStats, ReadScope, ReplicaConfig, ReplicaStatus, WalPosition,
+    DeadlineConfig, NetworkConfig, PgPool, PoolConfig, PoolStats, ReadScope, ReplicaConfig, ReplicaSkips,
+    ReplicaStatus, WalPosition,
 };
 
 pub use dployr_domain as domain;

@@ -124,6 +124,25 @@ pub struct ReplicaStatus {
     pub replayed: WalPosition,
     /// Whether it answers replica-safe reads now.
     pub in_rotation: bool,
+    /// Reads that passed it over since the set was opened, by reason (the
+    /// same counts as the `dployr_db_replica_skips_total` series).
+    pub skips: ReplicaSkips,
+}
+
+/// Reads that passed a replica over, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaSkips {
+    /// Not sampled yet.
+    pub not_sampled: u64,
+    /// Its last sample failed, or is older than two sampling periods.
+    pub down: u64,
+    /// Its last sample measured a lag over the bound.
+    pub lag: u64,
+    /// A read on it failed with `Unavailable` (out of rotation until a
+    /// sample succeeds).
+    pub error: u64,
+    /// It had not replayed a read-your-writes position within the wait.
+    pub behind_write: u64,
 }
 
 /// The longest a read waits for a replica's connection before it goes to
@@ -143,6 +162,8 @@ struct Freshness {
     sampled_at_ms: AtomicU64,
     lag_us: AtomicU64,
     replayed: AtomicU64,
+    /// Reads that passed it over, by [`Skip`] (its discriminant).
+    skips: [AtomicU64; 5],
 }
 
 /// One replica: its pool and what its sampler found.
@@ -292,6 +313,7 @@ impl ReplicaSet {
                 sampled_at_ms: AtomicU64::new(0),
                 lag_us: AtomicU64::new(FAILED),
                 replayed: AtomicU64::new(0),
+                skips: Default::default(),
             });
             let (sender, receiver) = mpsc::channel();
             let sampler = Sampler {
@@ -340,6 +362,16 @@ impl ReplicaSet {
                     sampled: (sampled_at != 0).then(|| Duration::from_millis(now_ms.saturating_sub(sampled_at))),
                     replayed: WalPosition(freshness.replayed.load(Ordering::Relaxed)),
                     in_rotation: self.usable(replica, now_ms).is_ok(),
+                    skips: {
+                        let count = |skip: Skip| freshness.skips[skip as usize].load(Ordering::Relaxed);
+                        ReplicaSkips {
+                            not_sampled: count(Skip::NotSampled),
+                            down: count(Skip::Down),
+                            lag: count(Skip::Lag),
+                            error: count(Skip::Error),
+                            behind_write: count(Skip::BehindWrite),
+                        }
+                    },
                 }
             })
             .collect()
@@ -370,6 +402,7 @@ impl ReplicaSet {
     }
 
     fn skipped(replica: &Replica, skip: Skip) {
+        replica.freshness.skips[skip as usize].fetch_add(1, Ordering::Relaxed);
         ::metrics::counter!(REPLICA_SKIPS, "replica" => Arc::clone(&replica.name), "reason" => skip.as_str())
             .increment(1);
     }

@@ -197,7 +197,12 @@ pub fn run(threads: &[usize], seconds: Duration, progress: &dyn Fn(&str)) -> Res
             let on_primary = routed_pool.stats().statements - on_primary_before;
             let on_replica = replica_statements() - on_replica_before;
             if on_primary > 0 {
-                return Err(format!("{name}: {on_primary} routed reads reached the primary").into());
+                let status = routed_pool.replicas().map(ReplicaSet::status).unwrap_or_default();
+                return Err(format!(
+                    "{name}: {on_primary} routed reads reached the primary; the replica's status and reads that \
+                     passed it over since it was opened, by reason: {status:?}"
+                )
+                .into());
             }
             let replica_share = on_replica as f64 / routed_reads.max(1) as f64;
             rows.push(ReplicaRow {

@@ -241,6 +241,11 @@ fn a_stopped_replica_fails_over_to_the_primary_with_no_error_to_the_caller() {
     assert!(!stores.in_rotation(), "{:?}", stores.pool.replicas().unwrap().status());
     let status = &stores.pool.replicas().unwrap().status()[0];
     assert_eq!(status.lag, None, "no lag is reported for a replica that does not answer");
+    // Each of the 10 reads passed it over: the first found it failing
+    // (unless its sampler noticed first), the others skipped it as down.
+    assert_eq!(status.skips.error + status.skips.down, 10, "{status:?}");
+    assert!(status.skips.error <= 1, "{status:?}");
+    assert_eq!((status.skips.lag, status.skips.not_sampled, status.skips.behind_write), (0, 0, 0), "{status:?}");
 }
 
 /// Reads by the replica until one is answered by it alone: one statement
