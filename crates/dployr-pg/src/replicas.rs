@@ -163,7 +163,7 @@ struct Freshness {
     lag_us: AtomicU64,
     replayed: AtomicU64,
     /// Reads that passed it over, by [`Skip`] (its discriminant).
-    skips: [AtomicU64; 5],
+    skips: [AtomicU64; Skip::REASONS],
 }
 
 /// One replica: its pool and what its sampler found.
@@ -185,6 +185,9 @@ enum Skip {
 }
 
 impl Skip {
+    /// How many reasons there are (the last one's discriminant, plus one).
+    const REASONS: usize = Self::BehindWrite as usize + 1;
+
     fn as_str(self) -> &'static str {
         match self {
             Self::NotSampled => "not_sampled",
