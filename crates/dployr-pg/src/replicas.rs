@@ -471,21 +471,31 @@ impl ReplicaSet {
     /// `replica` has replayed `lsn`; false if it has not, or fails.
     fn wait_for(&self, replica: &Replica, lsn: u64) -> bool {
         let until = Instant::now() + self.config.read_your_writes_wait;
-        let waited = replica.pool.bounded(|conn| {
-            loop {
-                let found: ReplicaPosition = diesel::sql_query(REPLICA_POSITION).get_result(conn)?;
-                let replayed = found.replayed.map_or(0, position);
-                replica.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
-                if replayed >= lsn {
-                    return Ok(true);
-                }
-                if Instant::now() >= until {
-                    return Ok(false);
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
-        waited.unwrap_or(false)
+        let waited = replica.pool.bounded(|conn| replayed_up_to(conn, lsn, until, Duration::from_millis(1)));
+        let Ok((found, _)) = waited else { return false };
+        let replayed = found.replayed.map_or(0, position);
+        replica.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
+        replayed >= lsn
+    }
+}
+
+/// Asks a replica for its position (on `conn`) every `poll` until it has
+/// replayed `lsn`, `until` passes, or it turns out not to be in recovery:
+/// its last answer, and when that came. The read-your-writes wait and the
+/// sampler's catch-up both wait this way.
+fn replayed_up_to(
+    conn: &mut PgConnection,
+    lsn: u64,
+    until: Instant,
+    poll: Duration,
+) -> diesel::QueryResult<(ReplicaPosition, Instant)> {
+    loop {
+        let found: ReplicaPosition = diesel::sql_query(REPLICA_POSITION).get_result(conn)?;
+        let now = Instant::now();
+        if found.replayed.map_or(0, position) >= lsn || now >= until || !found.in_recovery {
+            return Ok((found, now));
+        }
+        std::thread::sleep(poll);
     }
 }
 
@@ -574,16 +584,6 @@ impl Sampler {
             Some(conn) => conn,
             slot => slot.insert(Self::connect(&self.replica_url)?),
         };
-        let ask = |replica: &mut PgConnection| -> Result<(ReplicaPosition, Instant), String> {
-            let found: ReplicaPosition = diesel::sql_query(REPLICA_POSITION)
-                .get_result(replica)
-                .map_err(|error| format!("the replica's position: {error}"))?;
-            if !found.in_recovery {
-                return Err("the server is not a replica (pg_is_in_recovery() is false)".into());
-            }
-            Ok((found, Instant::now()))
-        };
-        let (mut found, mut now) = ask(replica)?;
         // A replica is usually a moment behind the primary's newest WAL
         // (streaming and replay take a few milliseconds), and WAL that holds
         // no commit (checkpoints, standby snapshots, vacuum) leaves no
@@ -591,10 +591,11 @@ impl Sampler {
         // whole sampling period, beyond the default bound. Asked again a few
         // times, it has replayed that far, and its lag is known to within
         // the wait.
-        let catch_up_until = now + CATCH_UP.min(self.every / 2);
-        while found.replayed.map_or(0, position) < primary_lsn && now < catch_up_until {
-            std::thread::sleep(CATCH_UP_POLL);
-            (found, now) = ask(replica)?;
+        let catch_up_until = Instant::now() + CATCH_UP.min(self.every / 2);
+        let (found, now) = replayed_up_to(replica, primary_lsn, catch_up_until, CATCH_UP_POLL)
+            .map_err(|error| format!("the replica's position: {error}"))?;
+        if !found.in_recovery {
+            return Err("the server is not a replica (pg_is_in_recovery() is false)".into());
         }
         let replayed = found.replayed.map_or(0, position);
         if replayed >= primary_lsn {
