@@ -49,6 +49,8 @@ use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
 use diesel::sql_types::{Bool, Integer, Nullable};
 use dployr_domain::StoreError;
 
+use crate::affinity::Affinity;
+
 /// How the client bounds each call (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeadlineConfig {
@@ -114,7 +116,21 @@ pub(crate) struct ConnInfo {
     /// The connection's socket, for the shutdown.
     socket: Option<Socket>,
     /// Set when a call on it expired: the pool must not hand it out again.
-    discard: AtomicBool,
+    pub(crate) discard: AtomicBool,
+    /// When it was made, for the lifetime of a connection kept by its thread.
+    made: Option<Instant>,
+}
+
+impl ConnInfo {
+    /// Whether a call marked it to be discarded.
+    pub(crate) fn discarded(&self) -> bool {
+        self.discard.load(Ordering::Acquire)
+    }
+
+    /// How long since it was made (zero when unknown).
+    pub(crate) fn age(&self) -> Duration {
+        self.made.map_or(Duration::ZERO, |made| made.elapsed())
+    }
 }
 
 /// A socket descriptor of this process and the inode it had when found.
@@ -204,7 +220,7 @@ fn identify(conn: &mut PgConnection, before: &[Socket], ports: &[u16]) -> ConnIn
     if socket.is_none() {
         tracing::debug!(candidates = new.len(), "dployr.store: the socket of a new connection was not found");
     }
-    ConnInfo { pid: ids.map(|(pid, _)| pid), socket, discard: AtomicBool::new(false) }
+    ConnInfo { pid: ids.map(|(pid, _)| pid), socket, discard: AtomicBool::new(false), made: Some(Instant::now()) }
 }
 
 /// diesel's r2d2 connection manager, plus what the deadlines need: it
@@ -244,8 +260,7 @@ impl ManageConnection for PgConnectionManager {
     /// diesel's test (an unfinished transaction), a call on the connection
     /// that expired, or one that found the connection lost.
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
-        let broken = self.inner.has_broken(conn)
-            || crate::pool::conn_info(conn).is_some_and(|info| info.discard.load(Ordering::Acquire));
+        let broken = self.inner.has_broken(conn) || crate::pool::conn_info(conn).is_some_and(|info| info.discarded());
         if broken {
             self.counters.discarded.fetch_add(1, Ordering::Relaxed);
         }
@@ -306,12 +321,13 @@ impl Deadlines {
     pub(crate) fn bounded<T>(
         &self,
         pool: &Pool<PgConnectionManager>,
+        affinity: &Affinity,
         work: impl FnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let started = Instant::now();
         let cancel_at = started + self.base + self.margin;
         let wait = self.connection_timeout.min(cancel_at.saturating_duration_since(started));
-        let mut conn = pool.get_timeout(wait).map_err(|e| StoreError::Unavailable {
+        let mut conn = affinity.check_out(pool, wait).map_err(|e| StoreError::Unavailable {
             reason: format!("no PostgreSQL connection within {wait:?}").into(),
             source: Some(Box::new(e)),
         })?;
@@ -325,15 +341,15 @@ impl Deadlines {
             cancel_at,
             shutdown_at: cancel_at + self.grace,
         });
-        let guard = CallGuard(Arc::clone(&call));
+        let guard = CallGuard::new(Arc::clone(&call));
         watchdog().watch(&call, cancel_at, Step::Cancel);
         let result = work(&mut conn);
         if result.as_ref().is_err_and(crate::errors::lost_connection) {
             info.discard.store(true, Ordering::Release);
         }
         let expired = guard.finish();
-        // Returned (and, if expired, discarded) before the caller sees the result.
-        drop(conn);
+        // Given back (and, if expired, discarded) before the caller sees the result.
+        affinity.give_back(conn, pool.max_lifetime());
         match expired {
             None => result,
             Some(shut_down) => {
@@ -423,22 +439,33 @@ impl Call {
     }
 }
 
-/// Ends a call when dropped (a panic in the call included).
-struct CallGuard(Arc<Call>);
+/// Ends a call when dropped (a panic in the call included), once.
+struct CallGuard {
+    call: Arc<Call>,
+    ended: bool,
+}
 
 impl CallGuard {
+    fn new(call: Arc<Call>) -> Self {
+        Self { call, ended: false }
+    }
+
     /// Ends the call; `Some(shut_down)` if its deadline had passed, in which
-    /// case its connection is marked for discarding.
-    fn finish(self) -> Option<bool> {
+    /// case the connection is marked to be discarded.
+    fn finish(mut self) -> Option<bool> {
         self.end()
     }
 
-    fn end(&self) -> Option<bool> {
-        watchdog().forget(&self.0);
-        let previous = std::mem::replace(&mut *lock(&self.0.phase), Phase::Done);
+    fn end(&mut self) -> Option<bool> {
+        if std::mem::replace(&mut self.ended, true) {
+            // `finish`, then the drop: the watchdog forgot the call once already.
+            return None;
+        }
+        watchdog().forget(&self.call);
+        let previous = std::mem::replace(&mut *lock(&self.call.phase), Phase::Done);
         match previous {
             Phase::Expired { shut_down } => {
-                self.0.conn.discard.store(true, Ordering::Release);
+                self.call.conn.discard.store(true, Ordering::Release);
                 Some(shut_down)
             }
             Phase::Running | Phase::Done => None,

@@ -7,6 +7,7 @@
 //! `cargo xtask schema --check`, which fails when it differs from what the
 //! migrations produce.
 
+mod affinity;
 mod bootstrap_tokens;
 mod clusters;
 mod conninfo;

@@ -201,13 +201,15 @@ impl PoolEvents {
         events
     }
 
-    /// The statistics, with what is open and idle now from r2d2's `State`.
-    pub(crate) fn stats(&self, state: &diesel::r2d2::State) -> PoolStats {
+    /// The statistics, with what is open and idle now: r2d2's `State`,
+    /// plus the connections parked by their threads (idle too).
+    pub(crate) fn stats(&self, state: &diesel::r2d2::State, parked: u32) -> PoolStats {
+        let idle = state.idle_connections.saturating_add(parked).min(state.connections);
         PoolStats {
             max_size: self.max_size,
             connections: state.connections,
-            idle: state.idle_connections,
-            in_use: state.connections.saturating_sub(state.idle_connections),
+            idle,
+            in_use: state.connections.saturating_sub(idle),
             checkouts: self.checkouts.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
             checkout_timeouts: self.timeouts.load(Ordering::Relaxed),
@@ -215,6 +217,25 @@ impl PoolEvents {
             connections_closed: self.closed.load(Ordering::Relaxed),
             connect_failures: self.connect_failures.load(Ordering::Relaxed),
         }
+    }
+
+    /// A connection handed out after waiting `waited`: by r2d2, or from
+    /// the slot of a thread (`crate::affinity`).
+    pub(crate) fn checked_out(&self, waited: Duration) {
+        self.checkouts.fetch_add(1, Ordering::Relaxed);
+        counter(&self.series.checkouts).increment(1);
+        histogram(&self.series.checkout_wait).record(waited.as_secs_f64());
+        if waited >= WAITED {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+            counter(&self.series.waits).increment(1);
+        }
+        self.set_gauges();
+    }
+
+    /// A connection given back: to r2d2, or parked in its thread's slot.
+    pub(crate) fn checked_in(&self) {
+        self.checkins.fetch_add(1, Ordering::Relaxed);
+        self.set_gauges();
     }
 
     /// The gauges, from the counters (the handlers have no access to the pool's state).
@@ -245,14 +266,7 @@ impl diesel::r2d2::HandleEvent for EventHandler {
     }
 
     fn handle_checkout(&self, event: CheckoutEvent) {
-        self.0.checkouts.fetch_add(1, Ordering::Relaxed);
-        counter(&self.0.series.checkouts).increment(1);
-        histogram(&self.0.series.checkout_wait).record(event.duration().as_secs_f64());
-        if event.duration() >= WAITED {
-            self.0.waits.fetch_add(1, Ordering::Relaxed);
-            counter(&self.0.series.waits).increment(1);
-        }
-        self.0.set_gauges();
+        self.0.checked_out(event.duration());
     }
 
     fn handle_timeout(&self, _event: TimeoutEvent) {
@@ -261,8 +275,7 @@ impl diesel::r2d2::HandleEvent for EventHandler {
     }
 
     fn handle_checkin(&self, _event: CheckinEvent) {
-        self.0.checkins.fetch_add(1, Ordering::Relaxed);
-        self.0.set_gauges();
+        self.0.checked_in();
     }
 }
 

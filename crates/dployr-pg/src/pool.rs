@@ -24,6 +24,7 @@ use diesel::r2d2::{CustomizeConnection, Pool, PooledConnection};
 use dployr_domain::connection::redact;
 use dployr_domain::{ConnectFailure, ConnectFailureKind, StoreError};
 
+use crate::affinity::Affinity;
 use crate::conninfo::{NetworkConfig, with_network_parameters};
 use crate::deadline::{ConnInfo, DeadlineConfig, DeadlineStats, Deadlines, PgConnectionManager};
 use crate::errors::{Failure, Keys};
@@ -214,7 +215,7 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
 /// ```
 #[derive(Clone)]
 pub struct PgPool {
-    inner: Pool<PgConnectionManager>,
+    pub(crate) inner: Pool<PgConnectionManager>,
     counters: Arc<Counters>,
     connection_timeout: Duration,
     deadlines: Arc<Deadlines>,
@@ -224,6 +225,8 @@ pub struct PgPool {
     pub(crate) database_url: Arc<str>,
     /// r2d2's events, counted (see `metrics`).
     events: Arc<PoolEvents>,
+    /// The connections parked by the threads that used them last (see `affinity`).
+    pub(crate) affinity: Arc<Affinity>,
     /// Where replica-safe reads may go (see `replicas`).
     pub(crate) replicas: Option<Arc<ReplicaSet>>,
 }
@@ -392,6 +395,7 @@ impl PgPool {
             connection_timeout: config.connection_timeout,
             deadlines: Arc::new(deadlines),
             database_url: url.into(),
+            affinity: Affinity::new(config.max_size, Arc::clone(&events)),
             events,
             replicas: None,
         };
@@ -406,7 +410,7 @@ impl PgPool {
     /// [`StoreError::Unavailable`] when none is free or can be made within
     /// the connection timeout.
     pub fn get(&self) -> Result<PgPooledConnection, StoreError> {
-        self.inner.get_timeout(self.connection_timeout).map_err(|e| {
+        self.affinity.check_out(&self.inner, self.connection_timeout).map_err(|e| {
             // r2d2's text carries libpq's last error, which may echo the URL.
             let cause = redact(&e.to_string(), &self.database_url);
             StoreError::Unavailable {
@@ -484,7 +488,7 @@ impl PgPool {
         &self,
         work: impl FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error>,
     ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, |conn| work(conn).map_err(crate::store_error))
+        self.deadlines.bounded(&self.inner, &self.affinity, |conn| work(conn).map_err(crate::store_error))
     }
 
     /// Runs one statement on this pool (not routed) within the call
@@ -495,7 +499,9 @@ impl PgPool {
         keys: Keys<'_>,
         mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
     ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, |conn| crate::operation::retrying(keys, || work(conn).map_err(Into::into)))
+        self.deadlines.bounded(&self.inner, &self.affinity, |conn| {
+            crate::operation::retrying(keys, || work(conn).map_err(Into::into))
+        })
     }
 
     /// Runs one transaction on this pool within the call deadline, again,
@@ -506,7 +512,9 @@ impl PgPool {
         mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
         use diesel::Connection as _;
-        self.deadlines.bounded(&self.inner, |conn| crate::operation::retrying(keys, || conn.transaction(&mut work)))
+        self.deadlines.bounded(&self.inner, &self.affinity, |conn| {
+            crate::operation::retrying(keys, || conn.transaction(&mut work))
+        })
     }
 
     /// What the call deadlines did so far, and how many connections the pool
@@ -530,7 +538,7 @@ impl PgPool {
     /// What the pool did since it opened (checkouts, waits, timeouts,
     /// connections opened and failed) and what it holds now.
     pub fn pool_stats(&self) -> PoolStats {
-        self.events.stats(&self.inner.state())
+        self.events.stats(&self.inner.state(), self.affinity.parked())
     }
 
     /// The pool's name in metrics and health: `primary`, `replica-0`, ...
@@ -538,10 +546,11 @@ impl PgPool {
         &self.events.name
     }
 
-    /// Connections open now, and how many of them are idle.
+    /// Connections open now, and how many of them are idle (in the pool,
+    /// or kept for the thread that used them last).
     pub fn state(&self) -> (u32, u32) {
-        let state = self.inner.state();
-        (state.connections, state.idle_connections)
+        let stats = self.pool_stats();
+        (stats.connections, stats.idle)
     }
 }
 

@@ -103,3 +103,107 @@ fn connections_whose_sessions_the_server_ended_fail_once_each_then_the_pool_serv
         }
     }
 }
+
+/// The server process behind a pool's call, by `pg_backend_pid()`.
+fn backend_of_a_call(pool: &PgPool) -> Result<i32, StoreError> {
+    pool.operation("test.backend_pid")
+        .run(|conn| diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("pg_backend_pid()")).get_result(conn))
+}
+
+/// Two threads calling in turns each keep the connection (and the server
+/// process) they used last. r2d2 alone hands each call the connection
+/// returned last, which is the other thread's: the processes would alternate.
+#[test]
+fn threads_calling_in_turns_each_keep_their_own_connection() {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 4, ..PoolConfig::default() }).unwrap();
+    let turns = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = (0..2)
+        .map(|me| {
+            let (pool, turns) = (pool.clone(), std::sync::Arc::clone(&turns));
+            std::thread::spawn(move || {
+                let mut backends = Vec::new();
+                for turn in 0..20 {
+                    if turn % 2 == me {
+                        backends.push(backend_of_a_call(&pool).unwrap());
+                    }
+                    turns.wait();
+                }
+                backends
+            })
+        })
+        .collect();
+    let backends: Vec<Vec<i32>> = threads.into_iter().map(|thread| thread.join().unwrap()).collect();
+    for (thread, seen) in backends.iter().enumerate() {
+        assert!(seen.iter().all(|pid| *pid == seen[0]), "thread {thread} moved between processes: {seen:?}");
+    }
+    assert_ne!(backends[0][0], backends[1][0], "the two threads shared one connection: {backends:?}");
+    let stats = pool.pool_stats();
+    assert_eq!((stats.connections, stats.idle, stats.in_use), (2, 2, 0), "kept connections count as idle: {stats:?}");
+}
+
+/// A connection kept for a thread that stopped calling does not keep
+/// another thread waiting: with a pool of one, the other thread takes it
+/// at once (its checkout would otherwise time out), and so does the first
+/// thread when it calls again.
+#[test]
+fn a_connection_kept_for_an_idle_thread_serves_another_thread_at_once() {
+    let db = dployr_testkit::database();
+    let config = PoolConfig { max_size: 1, connection_timeout: Duration::from_millis(300), ..PoolConfig::default() };
+    let pool = PgPool::connect(db.url(), config).unwrap();
+    let (call_again, go) = std::sync::mpsc::channel::<()>();
+    let (called, done) = std::sync::mpsc::channel();
+    let idle_thread = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            called.send(backend_of_a_call(&pool)).unwrap();
+            // Alive and idle, its connection kept, until told to call again.
+            go.recv().unwrap();
+            called.send(backend_of_a_call(&pool)).unwrap();
+        })
+    };
+    let first = done.recv().unwrap().unwrap();
+    assert_eq!(pool.state(), (1, 1), "the one connection, kept for the idle thread, is idle");
+    for _ in 0..3 {
+        assert_eq!(backend_of_a_call(&pool).unwrap(), first, "this thread took the idle thread's connection");
+    }
+    call_again.send(()).unwrap();
+    assert_eq!(done.recv().unwrap().unwrap(), first, "and the idle thread took it back");
+    idle_thread.join().unwrap();
+    let stats = pool.pool_stats();
+    assert_eq!((stats.connections, stats.in_use, stats.checkout_timeouts, stats.connections_opened), (1, 0, 0, 1));
+}
+
+/// More threads than connections, calling with pauses, some ending early
+/// with their connection kept: no call waits out the checkout timeout
+/// (a connection kept for one thread while another waits would), and
+/// afterwards every connection is idle and the pool never grew past its size.
+#[test]
+fn more_threads_than_connections_never_wait_out_the_timeout_for_a_kept_connection() {
+    let db = dployr_testkit::database();
+    let config = PoolConfig { max_size: 3, connection_timeout: Duration::from_secs(2), ..PoolConfig::default() };
+    let pool = PgPool::connect(db.url(), config).unwrap();
+    let threads: Vec<_> = (0..12u64)
+        .map(|n| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                // Threads 0-3 end early, leaving their connection kept.
+                let calls = if n < 4 { 5 } else { 150 };
+                let mut failures = Vec::new();
+                for call in 0..calls {
+                    if let Err(error) = backend_of_a_call(&pool) {
+                        failures.push(error.to_string());
+                    }
+                    // 0-1 ms pauses, different per thread and call.
+                    std::thread::sleep(Duration::from_micros((n * 131 + call * 37) % 1000));
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = threads.into_iter().flat_map(|thread| thread.join().unwrap()).collect();
+    assert!(failures.is_empty(), "{} calls failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
+    let stats = pool.pool_stats();
+    assert!(stats.connections_opened <= 3, "{stats:?}");
+    assert_eq!((stats.in_use, stats.idle, stats.checkout_timeouts), (0, stats.connections, 0), "{stats:?}");
+}
