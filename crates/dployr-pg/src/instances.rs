@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::errors::Failure;
 use crate::keyset_page::{self, Counted, KeysetPage, Listing};
-use crate::parsed::Parsed;
+use crate::parsed::{Parsed, Timestamp};
 use crate::routes::Read;
 use crate::schema::instances;
 use crate::statement::load_all;
@@ -27,8 +27,8 @@ struct InstanceRow {
     address: String,
     tag: String,
     metadata: Value,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
+    created_at: Timestamp,
+    updated_at: Timestamp,
 }
 
 impl From<InstanceRow> for Instance {
@@ -39,8 +39,8 @@ impl From<InstanceRow> for Instance {
             address: row.address,
             tag: row.tag,
             metadata: Metadata::from_stored(row.metadata),
-            created_at: row.created_at,
-            updated_at: row.updated_at,
+            created_at: row.created_at.0,
+            updated_at: row.updated_at.0,
         }
     }
 }

@@ -1,7 +1,6 @@
 //! `PgUserStore`: users in PostgreSQL. Every query behind `UserStore` is in
 //! this file.
 
-use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use dployr_domain::text::{self, Blank};
@@ -13,7 +12,7 @@ use serde_json::Value;
 
 use crate::PgPool;
 use crate::errors::Failure;
-use crate::parsed::Parsed;
+use crate::parsed::{Parsed, Timestamp};
 use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::{coalesce, coalesce_nullable};
@@ -28,8 +27,8 @@ pub(crate) struct UserRow {
     picture: Option<String>,
     provider: Parsed<Provider>,
     metadata: Value,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
+    created_at: Timestamp,
+    updated_at: Timestamp,
 }
 
 impl From<UserRow> for User {
@@ -41,8 +40,8 @@ impl From<UserRow> for User {
             picture: row.picture,
             provider: row.provider.0,
             metadata: Metadata::from_stored(row.metadata),
-            created_at: row.created_at,
-            updated_at: row.updated_at,
+            created_at: row.created_at.0,
+            updated_at: row.updated_at.0,
         }
     }
 }

@@ -31,7 +31,7 @@ use dployr_domain::{
 use serde_json::{Value, json};
 
 use crate::errors::Failure;
-use crate::parsed::Parsed;
+use crate::parsed::{Parsed, Timestamp};
 use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
 use crate::sql::coalesce;
@@ -68,7 +68,7 @@ struct MemberRow {
     name: String,
     picture: Option<String>,
     role: Parsed<Role>,
-    created_at: DateTime<Utc>,
+    created_at: Timestamp,
 }
 
 impl From<MemberRow> for Member {
@@ -79,7 +79,7 @@ impl From<MemberRow> for Member {
             name: row.name,
             picture: row.picture,
             role: row.role.0,
-            since: row.created_at,
+            since: row.created_at.0,
         }
     }
 }
@@ -242,7 +242,7 @@ impl ClusterStore for PgClusterStore {
                 .values((clusters::id.eq(&cluster_id), clusters::name.eq(user.email.local_part())))
                 .returning(ClusterRow::as_returning())
                 .get_result(conn)?;
-            let since: DateTime<Utc> = diesel::insert_into(user_clusters::table)
+            let since: Timestamp = diesel::insert_into(user_clusters::table)
                 .values((
                     user_clusters::user_id.eq(&owner),
                     user_clusters::cluster_id.eq(&cluster_id),

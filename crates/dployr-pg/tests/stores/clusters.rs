@@ -586,3 +586,51 @@ fn a_members_new_name_and_picture_show_in_every_member_listing_at_once() {
     f.users.upsert(dployr_domain::NewUser::new(email("owner@example.io"), dployr_domain::Provider::Github)).unwrap();
     assert_eq!(f.clusters.owner(&cluster.id).unwrap().unwrap().name, owner.name);
 }
+
+/// `clusters.get` carries the cluster's metadata and update time as text
+/// in the columns of a member's e-mail and picture: what it returns equals
+/// diesel's own decoding of the row, for metadata of every JSON shape and
+/// for times before 1970, before 2000 and with odd microseconds.
+#[test]
+fn get_returns_the_clusters_metadata_and_times_exactly_as_stored() {
+    use chrono::{DateTime, Utc};
+    use diesel::prelude::*;
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("owner@example.io");
+    let metadata = json!({
+        "text": "a \"quoted\" \\ line\nbreak, tab\t, NUL-free unicode: žluťoučký 🦀 \u{2028}",
+        "numbers": [0, -1, 1.5, 1e300, -2.5e-300, 9007199254740993_u64, i64::MIN],
+        "nested": {"a": {"b": {"c": [[], {}, null, true, false]}}},
+        "": "empty key",
+    });
+    let patch = ClusterPatch {
+        metadata: Some(Metadata::from_map(metadata.as_object().unwrap().clone()).unwrap()),
+        ..Default::default()
+    };
+    f.clusters.update(&cluster.id, patch).unwrap();
+    for updated_at in
+        ["1969-12-31 23:59:59.999999+00", "1999-12-31 23:59:59.000001+00", "2026-11-28 12:34:56.789012+00", "now()"]
+    {
+        let at = if updated_at == "now()" { updated_at.to_owned() } else { format!("'{updated_at}'") };
+        f.inspect(|conn| {
+            diesel::sql_query(format!("UPDATE clusters SET updated_at = {at} WHERE id = '{}'", cluster.id))
+                .execute(conn)
+                .unwrap()
+        });
+        let (stored_metadata, created_at, stored_updated_at): (serde_json::Value, DateTime<Utc>, DateTime<Utc>) = f
+            .inspect(|conn| {
+                dployr_pg::schema::clusters::table
+                    .find(cluster.id.to_string())
+                    .select((
+                        dployr_pg::schema::clusters::metadata,
+                        dployr_pg::schema::clusters::created_at,
+                        dployr_pg::schema::clusters::updated_at,
+                    ))
+                    .first(conn)
+                    .unwrap()
+            });
+        let got = f.clusters.get(&cluster.id).unwrap().unwrap();
+        assert_eq!(got.metadata.to_value(), stored_metadata, "{updated_at}");
+        assert_eq!((got.created_at, got.updated_at), (created_at, stored_updated_at), "{updated_at}");
+    }
+}
