@@ -151,8 +151,10 @@ impl Affinity {
                 return false;
             }
             *parked = Some(Parked { conn, since: Instant::now() });
+            // Counted under the slot's lock, so an unpark right after cannot
+            // count down first (the count would wrap below zero for a moment).
+            self.parked.fetch_add(1, Ordering::Relaxed);
         }
-        self.parked.fetch_add(1, Ordering::Relaxed);
         self.events.checked_in();
         true
     }
@@ -166,9 +168,12 @@ impl Affinity {
     fn unpark_if(&self, slot: usize, wanted: impl FnOnce(&Parked) -> bool) -> Option<PgPooledConnection> {
         let parked = {
             let mut slot = lock(&self.slots[slot].0);
-            if slot.as_ref().is_some_and(wanted) { slot.take() } else { None }
+            let parked = if slot.as_ref().is_some_and(wanted) { slot.take() } else { None };
+            if parked.is_some() {
+                self.parked.fetch_sub(1, Ordering::Relaxed);
+            }
+            parked
         }?;
-        self.parked.fetch_sub(1, Ordering::Relaxed);
         self.events.checked_out(Duration::ZERO);
         Some(parked.conn)
     }
