@@ -290,8 +290,10 @@ pub(crate) fn classify(error: &diesel::ConnectionError, database_url: &str) -> C
 
 impl fmt::Debug for PgPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The URL may hold a password: not printed.
-        f.debug_struct("PgPool").field("state", &self.inner.state()).finish_non_exhaustive()
+        // The URL may hold a password: not printed. Idle counts the
+        // connections kept for their threads, as `state` does.
+        let (connections, idle) = self.state();
+        f.debug_struct("PgPool").field("connections", &connections).field("idle", &idle).finish_non_exhaustive()
     }
 }
 
