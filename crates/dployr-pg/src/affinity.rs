@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use diesel::r2d2::{Pool, R2D2Connection};
 
-use crate::deadline::PgConnectionManager;
+use crate::deadline::{ConnInfo, PgConnectionManager};
 use crate::metrics::PoolEvents;
-use crate::pool::{PgPooledConnection, conn_info};
+use crate::pool::PgPooledConnection;
 
 /// A connection parked this long without use goes back to r2d2.
 pub(crate) const PARKED_AT_MOST: Duration = Duration::from_secs(10);
@@ -67,12 +67,6 @@ struct Slot(Mutex<Option<Parked>>);
 struct Parked {
     conn: PgPooledConnection,
     since: Instant,
-}
-
-impl std::fmt::Debug for Affinity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Affinity").field("parked", &self.parked()).finish_non_exhaustive()
-    }
 }
 
 impl Affinity {
@@ -126,9 +120,9 @@ impl Affinity {
     /// Takes `conn` back from a call that ended: parked in this thread's
     /// slot when it is sound, no one is looking for a connection and the
     /// slot is free; otherwise returned to r2d2.
-    pub(crate) fn give_back(&self, mut conn: PgPooledConnection, max_lifetime: Option<Duration>) {
+    pub(crate) fn give_back(&self, mut conn: PgPooledConnection, info: &ConnInfo, max_lifetime: Option<Duration>) {
         let Some(index) = thread_index() else { return };
-        if self.looking.load(Ordering::SeqCst) > 0 || !parkable(&mut conn, max_lifetime) {
+        if self.looking.load(Ordering::SeqCst) > 0 || !parkable(&mut conn, info, max_lifetime) {
             return;
         }
         let slot = index % self.slots.len();
@@ -189,13 +183,14 @@ impl Affinity {
     }
 }
 
-/// Whether a connection may be kept for its thread: what r2d2 checks at a
-/// checkin (diesel's broken test, and the call's own mark) and its lifetime.
-fn parkable(conn: &mut PgPooledConnection, max_lifetime: Option<Duration>) -> bool {
-    if R2D2Connection::is_broken(&mut **conn) {
-        return false;
-    }
-    conn_info(conn).is_some_and(|info| !info.discarded() && max_lifetime.is_none_or(|most| info.age() < most))
+/// Whether a connection (`info`, what the call already read of it) may be
+/// kept for its thread: what r2d2 checks at a checkin (diesel's broken
+/// test, and the call's own mark) and its lifetime. One the pool did not
+/// set up (no known age) is not kept.
+fn parkable(conn: &mut PgPooledConnection, info: &ConnInfo, max_lifetime: Option<Duration>) -> bool {
+    !R2D2Connection::is_broken(&mut **conn)
+        && !info.discarded()
+        && info.age().is_some_and(|age| max_lifetime.is_none_or(|most| age < most))
 }
 
 /// Decrements the count of looking checkouts when one ends, however it ends.
@@ -302,6 +297,7 @@ impl Sweeper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::conn_info;
 
     #[test]
     fn threads_alive_together_have_different_indexes() {
@@ -371,8 +367,9 @@ mod tests {
         let db = dployr_testkit::database();
         let pool = crate::PgPool::connect(db.url(), crate::PoolConfig::default()).unwrap();
         let mut conn = pool.get().unwrap();
-        conn_info(&mut conn).unwrap().discard.store(true, Ordering::Release);
-        pool.affinity.give_back(conn, None);
+        let info = conn_info(&mut conn).unwrap();
+        info.discard.store(true, Ordering::Release);
+        pool.affinity.give_back(conn, &info, None);
         assert_eq!((pool.affinity.parked(), pool.state()), (0, (0, 0)), "discarded by r2d2");
 
         let mut conn = pool.get().unwrap();
@@ -381,15 +378,18 @@ mod tests {
             &mut *conn,
         )
         .unwrap();
-        pool.affinity.give_back(conn, None);
+        let info = conn_info(&mut conn).unwrap();
+        pool.affinity.give_back(conn, &info, None);
         assert_eq!((pool.affinity.parked(), pool.state()), (0, (0, 0)), "discarded by r2d2");
 
-        let conn = pool.get().unwrap();
-        pool.affinity.give_back(conn, Some(Duration::ZERO));
+        let mut conn = pool.get().unwrap();
+        let info = conn_info(&mut conn).unwrap();
+        pool.affinity.give_back(conn, &info, Some(Duration::ZERO));
         assert_eq!((pool.affinity.parked(), pool.state().0), (0, 1), "past its lifetime: to r2d2, not parked");
 
-        let conn = pool.get().unwrap();
-        pool.affinity.give_back(conn, None);
+        let mut conn = pool.get().unwrap();
+        let info = conn_info(&mut conn).unwrap();
+        pool.affinity.give_back(conn, &info, None);
         assert_eq!((pool.affinity.parked(), pool.state()), (1, (1, 1)), "a sound one is parked");
     }
 

@@ -127,9 +127,10 @@ impl ConnInfo {
         self.discard.load(Ordering::Acquire)
     }
 
-    /// How long since it was made (zero when unknown).
-    pub(crate) fn age(&self) -> Duration {
-        self.made.map_or(Duration::ZERO, |made| made.elapsed())
+    /// How long since it was made; `None` for a connection the pool did
+    /// not set up.
+    pub(crate) fn age(&self) -> Option<Duration> {
+        self.made.map(|made| made.elapsed())
     }
 }
 
@@ -349,7 +350,7 @@ impl Deadlines {
         }
         let expired = guard.finish();
         // Given back (and, if expired, discarded) before the caller sees the result.
-        affinity.give_back(conn, pool.max_lifetime());
+        affinity.give_back(conn, &info, pool.max_lifetime());
         match expired {
             None => result,
             Some(shut_down) => {

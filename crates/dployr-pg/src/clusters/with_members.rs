@@ -141,14 +141,20 @@ impl TryFrom<ClusterRows> for Cluster {
                     cluster = Some(ClusterRow {
                         id: Parsed(ClusterId::from(row.id.0)),
                         name: row.name,
-                        metadata: serde_json::from_str(&metadata).map_err(|error| unreadable("its metadata", error))?,
+                        metadata: serde_json::from_str(&metadata)
+                            .map_err(|error| StoreError::backend("clusters.get: the cluster's metadata", error))?,
                         created_at: row.created_at.0,
                         updated_at: row
                             .picture_or_updated_at
                             .as_deref()
                             .and_then(|micros| micros.parse().ok())
                             .and_then(DateTime::from_timestamp_micros)
-                            .ok_or_else(|| unreadable("its update time", format!("{:?}", row.picture_or_updated_at)))?,
+                            .ok_or_else(|| {
+                                StoreError::backend(
+                                    "clusters.get: the cluster's update time",
+                                    format!("{:?} is not microseconds since 1970", row.picture_or_updated_at),
+                                )
+                            })?,
                     });
                 }
                 _ => {
@@ -166,14 +172,6 @@ impl TryFrom<ClusterRows> for Cluster {
             source: None,
         })?;
         Ok(cluster_from(cluster, members))
-    }
-}
-
-/// The cluster's row did not decode: the database holds what it must not.
-fn unreadable(what: &str, detail: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend {
-        message: format!("clusters.get: the cluster's row has unreadable {what}: {detail}").into(),
-        source: None,
     }
 }
 
