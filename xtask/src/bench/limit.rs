@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use super::usage::Usage;
 use crate::Failure;
 
 /// A recorded statement: diesel's text, `SQL -- binds: [v1, v2, ...]`.
@@ -58,6 +59,14 @@ fn split_debug_list(list: &str) -> Result<Vec<String>, Failure> {
     }
 }
 
+/// What pgbench reached with a statement: its throughput, and the CPU its
+/// own process spent per transaction (its client side).
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    pub per_sec: f64,
+    pub cpu_per_op: Duration,
+}
+
 /// pgbench's throughput for `statement` with `clients` clients for `seconds`.
 pub fn pgbench(
     bindir: &Path,
@@ -65,7 +74,7 @@ pub fn pgbench(
     statement: &Recorded,
     clients: usize,
     seconds: Duration,
-) -> Result<f64, Failure> {
+) -> Result<Limit, Failure> {
     // pgbench variables: $1 -> :p1. Highest first, so $12 is not read as $1.
     // pgbench cannot define an empty variable: an empty text bind becomes ''.
     let mut sql = statement.sql.clone();
@@ -85,15 +94,30 @@ pub fn pgbench(
     for (n, value) in statement.binds.iter().enumerate().filter(|(_, value)| !value.is_empty()) {
         command.arg("-D").arg(format!("p{}={value}", n + 1));
     }
+    let before = Usage::of_children()?;
     let output = command.arg(database_url).output()?;
+    let spent = Usage::of_children()? - before;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         return Err(format!("pgbench failed: {}{}", stdout, String::from_utf8_lossy(&output.stderr)).into());
     }
-    stdout
+    let (per_sec, transactions) = throughput(&stdout)?;
+    Ok(Limit { per_sec, cpu_per_op: spent.cpu_per(transactions) })
+}
+
+/// The transactions per second and the transactions pgbench reports.
+fn throughput(stdout: &str) -> Result<(f64, u64), Failure> {
+    let per_sec = stdout
         .lines()
         .find_map(|line| line.strip_prefix("tps = ")?.split_whitespace().next()?.parse::<f64>().ok())
-        .ok_or_else(|| format!("no tps in pgbench's output: {stdout}").into())
+        .ok_or_else(|| format!("no tps in pgbench's output: {stdout}"))?;
+    let transactions = stdout
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("number of transactions actually processed: ")?.split('/').next()?.trim().parse().ok()
+        })
+        .ok_or_else(|| format!("no transaction count in pgbench's output: {stdout}"))?;
+    Ok((per_sec, transactions))
 }
 
 #[cfg(test)]
@@ -108,5 +132,22 @@ mod tests {
         assert_eq!(recorded.sql, "SELECT 1 FROM t WHERE a = $1 AND b = $2 LIMIT $3");
         assert_eq!(recorded.binds, [r#"x, "y""#, "2", "-1"]);
         assert!(Recorded::parse("SELECT 1 -- binds: [Some(1)]").is_err());
+    }
+
+    #[test]
+    fn pgbench_output_gives_its_throughput_and_transaction_count() {
+        // pgbench 15's report of a timed run (-T), as it prints it.
+        let timed = "transaction type: /tmp/statement.sql\nscaling factor: 1\nquery mode: prepared\n\
+                     number of clients: 16\nnumber of threads: 16\nmaximum number of tries: 1\n\
+                     duration: 5 s\nnumber of transactions actually processed: 105797\n\
+                     number of failed transactions: 0 (0.000%)\nlatency average = 0.754 ms\n\
+                     initial connection time = 23.517 ms\ntps = 21222.047484 (without initial connection time)\n";
+        assert_eq!(throughput(timed).unwrap(), (21222.047484, 105797));
+        // A run with a transaction count (-t) prints "done/asked".
+        let counted =
+            "number of transactions actually processed: 1600/1600\ntps = 812.5 (without initial connection time)\n";
+        assert_eq!(throughput(counted).unwrap(), (812.5, 1600));
+        assert!(throughput("tps = 1.0 (without initial connection time)\n").is_err());
+        assert!(throughput("number of transactions actually processed: 3\n").is_err());
     }
 }

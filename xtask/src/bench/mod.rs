@@ -8,10 +8,17 @@
 //! synchronous row has threads (a runtime with a worker per core), in turns
 //! with the synchronous store, and the report gives the ratio of the two. It runs itself in release mode: a debug build would
 //! measure the compiler's output, not the data layer.
+//!
+//! Each row also gives the client's CPU time per operation (`usage`: this
+//! process's for the store, pgbench's own for its limit), so a ratio below
+//! 1 shows how much of the gap is the client's work (decoding, the pool,
+//! thread hand-offs) and not the statement's; the async rows give the
+//! context switches per call as well.
 
 mod fixture;
 mod limit;
 mod replica;
+mod usage;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +36,8 @@ use dployr_migrate::{MigrationRunner, MigrationSet};
 
 use crate::Failure;
 use fixture::Fixture;
-use limit::Recorded;
+use limit::{Limit, Recorded};
+use usage::Usage;
 
 /// Command-line options.
 struct Options {
@@ -223,6 +231,10 @@ struct Measured {
     p50: Duration,
     p99: Duration,
     statements_per_op: f64,
+    /// This process's CPU time per operation: the client's side of a call.
+    cpu_per_op: Duration,
+    /// This process's context switches per operation.
+    switches_per_op: f64,
 }
 
 fn measure(
@@ -238,6 +250,7 @@ fn measure(
         (op.work)(stores, context)?;
     }
     let before = stores.pool.stats();
+    let usage = Usage::of_this_process()?;
     let start = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
@@ -260,13 +273,14 @@ fn measure(
     for handle in handles {
         latencies.extend(handle.join().map_err(|_| "a benchmark thread panicked")??);
     }
-    Ok(Measured::of(latencies, seconds, (stores.pool.stats() - before).statements))
+    let usage = Usage::of_this_process()? - usage;
+    Ok(Measured::of(latencies, seconds, (stores.pool.stats() - before).statements, usage))
 }
 
 impl Measured {
     /// The figures of one run: every call's latency in µs, the run's
-    /// length, and the statements the pool sent meanwhile.
-    fn of(mut latencies: Vec<u32>, seconds: Duration, statements: u64) -> Self {
+    /// length, the statements the pool sent and the process's usage meanwhile.
+    fn of(mut latencies: Vec<u32>, seconds: Duration, statements: u64, usage: Usage) -> Self {
         latencies.sort_unstable();
         let ops = latencies.len() as u64;
         let at = |q: f64| {
@@ -278,6 +292,8 @@ impl Measured {
             p50: at(0.50),
             p99: at(0.99),
             statements_per_op: if ops == 0 { 0.0 } else { statements as f64 / ops as f64 },
+            cpu_per_op: usage.cpu_per(ops),
+            switches_per_op: usage.switches_per(ops),
         }
     }
 }
@@ -305,6 +321,7 @@ fn measure_async(data: &AsyncDataLayer, email: &Email, tasks: usize, seconds: Du
             data.users().get_by_email(email).await?;
         }
         let before = pool.stats();
+        let usage = Usage::of_this_process()?;
         let start = Arc::new(tokio::sync::Barrier::new(tasks));
         let handles: Vec<_> = (0..tasks)
             .map(|_| {
@@ -326,7 +343,8 @@ fn measure_async(data: &AsyncDataLayer, email: &Email, tasks: usize, seconds: Du
         for handle in handles {
             latencies.extend(handle.await.map_err(|_| "a benchmark task panicked")??);
         }
-        Ok(Measured::of(latencies, seconds, (pool.stats() - before).statements))
+        let usage = Usage::of_this_process()? - usage;
+        Ok(Measured::of(latencies, seconds, (pool.stats() - before).statements, usage))
     })
 }
 
@@ -335,7 +353,7 @@ struct Row {
     name: &'static str,
     threads: usize,
     measured: Measured,
-    limit: Option<f64>,
+    limit: Option<Limit>,
 }
 
 fn bench(options: &Options) -> Result<(), Failure> {
@@ -419,7 +437,7 @@ fn bench(options: &Options) -> Result<(), Failure> {
             // is kept, so a moment of interference on this shared machine
             // does not decide a ratio.
             let mut measured: Option<Measured> = None;
-            let mut limit: Option<f64> = None;
+            let mut limit: Option<Limit> = None;
             // Reads are compared with their limit: best of ROUNDS. Writes and
             // the deep-page pairs are compared with nothing or each other: one.
             let rounds = if op.kind == Kind::Read { ROUNDS } else { 1 };
@@ -429,8 +447,10 @@ fn bench(options: &Options) -> Result<(), Failure> {
                     measured = Some(round);
                 }
                 if let (Some(statement), Some(bindir)) = (&statement, &bindir) {
-                    let tps = limit::pgbench(bindir, db.url(), statement, threads, options.seconds)?;
-                    limit = Some(limit.map_or(tps, |best: f64| best.max(tps)));
+                    let round = limit::pgbench(bindir, db.url(), statement, threads, options.seconds)?;
+                    if limit.is_none_or(|best| round.per_sec > best.per_sec) {
+                        limit = Some(round);
+                    }
                 }
             }
             let measured = measured.ok_or("no round was measured")?;
@@ -525,28 +545,38 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
         options.seconds.as_secs()
     );
     println!(
-        "{:<48} {:>7} {:>10} {:>9} {:>9} {:>9} {:>10} {:>7}",
-        "operation", "threads", "ops/s", "p50", "p99", "stmts/op", "limit/s", "ratio"
+        "{:<48} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>7}",
+        "operation", "threads", "ops/s", "p50", "p99", "stmts/op", "cpu/op", "limit/s", "cpu/op", "ratio"
     );
     let micros = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
     for row in rows {
         let m = row.measured;
-        let (limit, ratio) = match row.limit {
-            Some(limit) => (format!("{limit:.0}"), format!("{:.2}", m.ops_per_sec / limit)),
-            None => ("-".into(), "-".into()),
+        let (limit, limit_cpu, ratio) = match row.limit {
+            Some(limit) => (
+                format!("{:.0}", limit.per_sec),
+                format!("{:.1} µs", limit.cpu_per_op.as_secs_f64() * 1e6),
+                format!("{:.2}", m.ops_per_sec / limit.per_sec),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{:<48} {:>7} {:>10.0} {:>9} {:>9} {:>9.2} {:>10} {:>7}",
+            "{:<48} {:>7} {:>10.0} {:>9} {:>9} {:>9.2} {:>9} {:>10} {:>9} {:>7}",
             row.name,
             row.threads,
             m.ops_per_sec,
             micros(m.p50),
             micros(m.p99),
             m.statements_per_op,
+            format!("{:.1} µs", m.cpu_per_op.as_secs_f64() * 1e6),
             limit,
+            limit_cpu,
             ratio
         );
     }
+    println!(
+        "(cpu/op: CPU time of the client per operation, user and system: this process for the store, \
+         pgbench's process for its limit; the server's is in neither)"
+    );
     let mut scale = Vec::new();
     for (deep, first, label) in [
         (
@@ -611,10 +641,27 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
                  in place: {:.0} / {:.0} ops/s = {in_place_ratio:.2}",
                 async_facade.ops_per_sec, sync.ops_per_sec, in_place.ops_per_sec, sync.ops_per_sec
             );
+            let cost = |m: Measured| format!("{:.1} µs, {:.2}", m.cpu_per_op.as_secs_f64() * 1e6, m.switches_per_op);
+            println!(
+                "  client CPU and context switches per call: facade {}; in place {}; sync store {}",
+                cost(async_facade),
+                cost(in_place),
+                cost(sync)
+            );
             async_over_sync.push(serde_json::json!({
                 "threads": threads,
                 "async_over_sync_ops": ratio,
                 "in_place_over_sync_ops": in_place_ratio,
+                "client_cpu_per_op_us": {
+                    "async_facade": async_facade.cpu_per_op.as_secs_f64() * 1e6,
+                    "in_place": in_place.cpu_per_op.as_secs_f64() * 1e6,
+                    "sync": sync.cpu_per_op.as_secs_f64() * 1e6,
+                },
+                "client_switches_per_op": {
+                    "async_facade": async_facade.switches_per_op,
+                    "in_place": in_place.switches_per_op,
+                    "sync": sync.switches_per_op,
+                },
             }));
         }
     }
@@ -633,8 +680,11 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
                 "p50_us": row.measured.p50.as_micros() as u64,
                 "p99_us": row.measured.p99.as_micros() as u64,
                 "statements_per_op": row.measured.statements_per_op,
-                "limit_ops_per_sec": row.limit,
-                "ratio_to_limit": row.limit.map(|limit| row.measured.ops_per_sec / limit),
+                "client_cpu_per_op_us": row.measured.cpu_per_op.as_secs_f64() * 1e6,
+                "client_switches_per_op": row.measured.switches_per_op,
+                "limit_ops_per_sec": row.limit.map(|limit| limit.per_sec),
+                "limit_client_cpu_per_op_us": row.limit.map(|limit| limit.cpu_per_op.as_secs_f64() * 1e6),
+                "ratio_to_limit": row.limit.map(|limit| row.measured.ops_per_sec / limit.per_sec),
             })).collect::<Vec<_>>(),
             "deep_over_first": scale,
             "big_over_small": big_over_small,
