@@ -45,6 +45,12 @@ pub(crate) const PARKED_AT_MOST: Duration = Duration::from_secs(10);
 /// How often the sweeper looks for connections parked too long.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// A connection out of use at least this long is checked, before it is
+/// handed out, for a server that ended its session meanwhile (see
+/// [`Affinity::check_out`]). A thread calling in a loop takes its
+/// connection back sooner and pays nothing.
+const CHECK_AFTER_UNUSED: Duration = Duration::from_millis(1);
+
 /// The parked connections of one pool, a slot per thread.
 pub(crate) struct Affinity {
     /// As many as the pool has connections; a thread's slot is its
@@ -84,11 +90,47 @@ impl Affinity {
         self.parked.load(Ordering::Relaxed)
     }
 
+    /// A live connection for this thread, and what the pool knows of it:
+    /// one from [`take`](Self::take), within `wait`.
+    ///
+    /// One that rested for [`CHECK_AFTER_UNUSED`] or more is first checked
+    /// for a session the server ended meanwhile (a restart, a terminated
+    /// backend, a pooler that went away: the server's last message or the
+    /// end of the stream waits in its socket), with a peek at the socket,
+    /// no round trip. Such a connection is discarded and another taken, so
+    /// the restart of a server costs no call that starts after it (before,
+    /// every connection the restart ended failed one call). At most as many
+    /// are discarded as the pool has connections, and one more is handed
+    /// out unchecked.
+    pub(crate) fn check_out(
+        &self,
+        pool: &Pool<PgConnectionManager>,
+        wait: Duration,
+    ) -> Result<(PgPooledConnection, Arc<ConnInfo>), diesel::r2d2::PoolError> {
+        let deadline = Instant::now() + wait;
+        let mut discarded = 0;
+        loop {
+            let mut conn = self.take(pool, deadline.saturating_duration_since(Instant::now()))?;
+            let info = crate::pool::conn_info(&mut conn).unwrap_or_default();
+            if discarded > self.max_size
+                || !info.unused_for(CHECK_AFTER_UNUSED, Instant::now())
+                || !info.closed_by_server()
+            {
+                return Ok((conn, info));
+            }
+            // Returned to r2d2 marked, which drops it (and opens another
+            // when its minimum of idle connections asks for one).
+            info.discard.store(true, Ordering::Release);
+            drop(conn);
+            discarded += 1;
+        }
+    }
+
     /// A connection for this thread: the one it parked, else an idle one of
     /// r2d2's, else a new one while the pool is below its size, else one
     /// another thread parked, else the next one returned to r2d2 within
     /// `wait`.
-    pub(crate) fn check_out(
+    fn take(
         &self,
         pool: &Pool<PgConnectionManager>,
         wait: Duration,
@@ -121,6 +163,7 @@ impl Affinity {
     /// slot when it is sound, no one is looking for a connection and the
     /// slot is free; otherwise returned to r2d2.
     pub(crate) fn give_back(&self, mut conn: PgPooledConnection, info: &ConnInfo, max_lifetime: Option<Duration>) {
+        info.given_back(Instant::now());
         let Some(index) = thread_index() else { return };
         if self.looking.load(Ordering::SeqCst) > 0 || !parkable(&mut conn, info, max_lifetime) {
             return;
@@ -334,7 +377,7 @@ mod tests {
         let pool = crate::PgPool::connect(db.url(), config).unwrap();
         let held = pool.get().unwrap();
         let other = 1 - thread_index().unwrap() % 2;
-        let kept = pool.affinity.check_out(&pool.inner, Duration::from_millis(300)).unwrap();
+        let (kept, _) = pool.affinity.check_out(&pool.inner, Duration::from_millis(300)).unwrap();
         assert!(pool.affinity.park(other, kept));
         assert_eq!(pool.state(), (2, 1), "at its size, the parked connection idle");
         (pool, held)

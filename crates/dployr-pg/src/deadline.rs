@@ -119,6 +119,9 @@ pub(crate) struct ConnInfo {
     pub(crate) discard: AtomicBool,
     /// When it was made, for the lifetime of a connection kept by its thread.
     made: Option<Instant>,
+    /// When a call last gave it back, in µs after [`clock_origin`], plus
+    /// one; 0 while no call has.
+    given_back_at: AtomicU64,
 }
 
 impl ConnInfo {
@@ -132,6 +135,37 @@ impl ConnInfo {
     pub(crate) fn age(&self) -> Option<Duration> {
         self.made.map(|made| made.elapsed())
     }
+
+    /// Notes that a call gave it back at `now`.
+    pub(crate) fn given_back(&self, now: Instant) {
+        self.given_back_at.store(micros_since_origin(now) + 1, Ordering::Relaxed);
+    }
+
+    /// Whether it has been out of use for at least `at_least` at `now`
+    /// (true for one no call has given back yet).
+    pub(crate) fn unused_for(&self, at_least: Duration, now: Instant) -> bool {
+        let given_back = self.given_back_at.load(Ordering::Relaxed);
+        given_back == 0 || (micros_since_origin(now) + 1).saturating_sub(given_back) >= at_least.as_micros() as u64
+    }
+
+    /// Whether the server has closed it, as far as its socket tells without
+    /// a round trip: at the end of a session (a restart, a terminated
+    /// backend, a pooler that went away) the server sends its last message
+    /// and closes, and an idle connection, which expects nothing, finds
+    /// something to read. False when the socket is not known.
+    pub(crate) fn closed_by_server(&self) -> bool {
+        self.socket.is_some_and(Socket::closed_by_peer)
+    }
+}
+
+/// The origin of the pool's coarse clock ([`ConnInfo::given_back`]).
+fn clock_origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn micros_since_origin(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(clock_origin()).as_micros()).unwrap_or(u64::MAX - 1)
 }
 
 /// A socket descriptor of this process and the inode it had when found.
@@ -145,6 +179,21 @@ impl Socket {
     /// Whether `fd` still is the socket found (not a reused number).
     fn still_there(self) -> bool {
         socket_inode(self.fd) == Some(self.inode)
+    }
+
+    /// Whether the peer closed the socket or sent something unasked, for
+    /// a connection at rest (nothing is in flight on it): a peek that does
+    /// not wait and takes nothing from the socket, so libpq's reading is
+    /// undisturbed. End of stream, pending bytes (the server's last error
+    /// message) and a reset all count; only "nothing to read" does not.
+    fn closed_by_peer(self) -> bool {
+        use nix::errno::Errno;
+        use nix::sys::socket::{MsgFlags, recv};
+        let mut byte = [0_u8; 1];
+        match recv(self.fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Err(Errno::EAGAIN | Errno::EINTR) => false,
+            Ok(_) | Err(_) => true,
+        }
     }
 }
 
@@ -221,7 +270,13 @@ fn identify(conn: &mut PgConnection, before: &[Socket], ports: &[u16]) -> ConnIn
     if socket.is_none() {
         tracing::debug!(candidates = new.len(), "dployr.store: the socket of a new connection was not found");
     }
-    ConnInfo { pid: ids.map(|(pid, _)| pid), socket, discard: AtomicBool::new(false), made: Some(Instant::now()) }
+    ConnInfo {
+        pid: ids.map(|(pid, _)| pid),
+        socket,
+        discard: AtomicBool::new(false),
+        made: Some(Instant::now()),
+        given_back_at: AtomicU64::new(0),
+    }
 }
 
 /// diesel's r2d2 connection manager, plus what the deadlines need: it
@@ -328,11 +383,10 @@ impl Deadlines {
         let started = Instant::now();
         let cancel_at = started + self.base + self.margin;
         let wait = self.connection_timeout.min(cancel_at.saturating_duration_since(started));
-        let mut conn = affinity.check_out(pool, wait).map_err(|e| StoreError::Unavailable {
+        let (mut conn, info) = affinity.check_out(pool, wait).map_err(|e| StoreError::Unavailable {
             reason: format!("no PostgreSQL connection within {wait:?}").into(),
             source: Some(Box::new(e)),
         })?;
-        let info = crate::pool::conn_info(&mut conn).unwrap_or_default();
         let call = Arc::new(Call {
             id: NEXT_CALL.fetch_add(1, Ordering::Relaxed),
             conn: Arc::clone(&info),
@@ -605,5 +659,43 @@ impl Watchdog {
                 .0;
             due.sleeping_until = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn socket_of(stream: &UnixStream) -> Socket {
+        Socket { fd: stream.as_raw_fd(), inode: socket_inode(stream.as_raw_fd()).unwrap_or(0) }
+    }
+
+    #[test]
+    fn a_socket_at_rest_is_open_until_its_peer_writes_or_closes() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        assert!(!socket_of(&ours).closed_by_peer(), "nothing to read: open");
+        theirs.write_all(b"E").unwrap();
+        assert!(socket_of(&ours).closed_by_peer(), "a message unasked: the server's last");
+        assert!(socket_of(&ours).closed_by_peer(), "the peek took nothing from the socket");
+
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        assert!(socket_of(&ours).closed_by_peer(), "end of stream");
+    }
+
+    #[test]
+    fn a_connection_counts_as_unused_from_when_a_call_gave_it_back() {
+        let info = ConnInfo::default();
+        let now = clock_origin() + Duration::from_secs(1);
+        assert!(info.unused_for(Duration::from_secs(3600), now), "never given back: unused");
+        info.given_back(now);
+        assert!(!info.unused_for(Duration::from_millis(1), now));
+        assert!(!info.unused_for(Duration::from_millis(1), now + Duration::from_micros(999)));
+        assert!(info.unused_for(Duration::from_millis(1), now + Duration::from_millis(1)));
+        assert!(!ConnInfo::default().closed_by_server(), "no known socket: nothing to tell");
     }
 }

@@ -412,7 +412,7 @@ impl PgPool {
     /// [`StoreError::Unavailable`] when none is free or can be made within
     /// the connection timeout.
     pub fn get(&self) -> Result<PgPooledConnection, StoreError> {
-        self.affinity.check_out(&self.inner, self.connection_timeout).map_err(|e| {
+        self.affinity.check_out(&self.inner, self.connection_timeout).map(|(conn, _)| conn).map_err(|e| {
             // r2d2's text carries libpq's last error, which may echo the URL.
             let cause = redact(&e.to_string(), &self.database_url);
             StoreError::Unavailable {

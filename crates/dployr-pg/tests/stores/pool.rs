@@ -104,6 +104,55 @@ fn connections_whose_sessions_the_server_ended_fail_once_each_then_the_pool_serv
     }
 }
 
+/// Ends every other session of the database and waits until the server
+/// processes are gone (`pg_terminate_backend` only signals them).
+fn end_other_sessions(admin: &mut PgConnection) {
+    #[derive(QueryableByName)]
+    struct Left {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        left: i64,
+    }
+    diesel::sql_query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(admin)
+    .unwrap();
+    let count = "SELECT count(*) AS left FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    for _ in 0..500 {
+        if diesel::sql_query(count).get_result::<Left>(admin).unwrap().left == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the ended sessions' processes did not go");
+}
+
+/// A connection whose session the server ended while it rested (what a
+/// restart, `pg_terminate_backend` or a pooler that went away does) is found
+/// out at checkout by a peek at its socket, and replaced: no call fails on
+/// it, neither on the connection parked for this thread nor on r2d2's idle
+/// ones. Before, each such connection failed one call.
+#[test]
+fn connections_the_server_ended_while_they_rested_are_replaced_before_a_call_uses_them() {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 4, ..PoolConfig::default() }).unwrap();
+    let users = PgUserStore::new(pool.clone());
+    let mut admin = PgConnection::establish(db.url()).unwrap();
+    for round in 0..3 {
+        // Every connection open, one of them parked for this thread by a call.
+        drop((0..4).map(|_| pool.get().unwrap()).collect::<Vec<_>>());
+        assert_eq!(users.get(&UserId::generate()).unwrap(), None);
+        let discarded = pool.deadline_stats().discarded;
+        end_other_sessions(&mut admin);
+        let answers: Vec<_> = (0..10).map(|_| users.get(&UserId::generate())).collect();
+        assert!(answers.iter().all(|answer| matches!(answer, Ok(None))), "round {round}: {answers:?}");
+        let replaced = pool.deadline_stats().discarded - discarded;
+        assert!(replaced >= 1, "round {round}: no ended connection was found out ({replaced})");
+    }
+}
+
 /// The server process behind a pool's call, by `pg_backend_pid()`.
 fn backend_of_a_call(pool: &PgPool) -> Result<i32, StoreError> {
     pool.operation("test.backend_pid")
