@@ -235,7 +235,7 @@ impl KvBackend for PgKv {
     }
 
     fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        let op = self.pool.operation("kv.postgres.get");
+        let op = self.pool.operation("kv.postgres.get").idempotent();
         self.limits().check_key(key)?;
         op.run(|conn| {
             kv_entries::table
@@ -277,7 +277,7 @@ impl KvBackend for PgKv {
     }
 
     fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
-        let op = self.pool.operation("kv.postgres.list");
+        let op = self.pool.operation("kv.postgres.list").idempotent();
         let limits = self.limits();
         limits.check_list_limit(limit)?;
         // A NUL would reach PostgreSQL, which refuses it in text with an

@@ -372,17 +372,26 @@ impl Deadlines {
     }
 
     /// Checks a connection out of `pool` and runs `work` on it, within the
-    /// deadline: the checkout waits at most the connection timeout and never
-    /// past the deadline; `work` is cancelled, then cut off, when it passes.
+    /// deadline of a call that `started` then (now, or earlier for a call
+    /// run again): the checkout waits at most the connection timeout and
+    /// never past the deadline; `work` is cancelled, then cut off, when it
+    /// passes.
     pub(crate) fn bounded<T>(
         &self,
         pool: &Pool<PgConnectionManager>,
         affinity: &Affinity,
+        started: Instant,
         work: impl FnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let started = Instant::now();
         let cancel_at = started + self.base + self.margin;
-        let wait = self.connection_timeout.min(cancel_at.saturating_duration_since(started));
+        let wait = self.connection_timeout.min(cancel_at.saturating_duration_since(Instant::now()));
+        if wait.is_zero() {
+            return Err(StoreError::Unavailable {
+                reason: format!("the call deadline of {:?} passed before the call could run", self.base + self.margin)
+                    .into(),
+                source: None,
+            });
+        }
         let (mut conn, info) = affinity.check_out(pool, wait).map_err(|e| StoreError::Unavailable {
             reason: format!("no PostgreSQL connection within {wait:?}").into(),
             source: Some(Box::new(e)),

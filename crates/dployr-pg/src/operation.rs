@@ -35,6 +35,9 @@ pub struct Operation<'p> {
     name: &'static str,
     /// For a read: where it may go (see `routes`); `None` for a write.
     read: Option<Read>,
+    /// Whether running it twice is the same as once (a read): then a call
+    /// whose connection was lost under it runs once more, on another.
+    idempotent: bool,
     /// The rows this operation references, by entity, so a foreign key that
     /// finds one missing is `NotFound` naming it: `("cluster", id)`.
     references: Vec<(&'static str, String)>,
@@ -57,6 +60,7 @@ impl<'p> Operation<'p> {
             pool,
             name,
             read: None,
+            idempotent: false,
             references: Vec::new(),
             span,
             started: Instant::now(),
@@ -70,7 +74,20 @@ impl<'p> Operation<'p> {
     pub(crate) fn read(pool: &'p PgPool, read: Read) -> Self {
         let mut operation = Self::new(pool, read.name());
         operation.read = Some(read);
+        operation.idempotent = true;
         operation
+    }
+
+    /// Marks this operation as one that running twice does the same as
+    /// running once (a read, or a write whose second run changes nothing):
+    /// when the connection is lost under its statement (the server
+    /// restarted, crashed or ended the session mid-call), [`run`](Self::run)
+    /// runs it once more on another connection, waiting for one as a
+    /// checkout does, instead of failing with `Unavailable`. Store reads are
+    /// marked already.
+    pub fn idempotent(mut self) -> Self {
+        self.idempotent = true;
+        self
     }
 
     /// Names a row this operation references (`"cluster"`, its id), so a
@@ -86,8 +103,11 @@ impl<'p> Operation<'p> {
     /// together end by `statement_timeout` + margin (+ grace if the server
     /// does not answer the cancel), and a connection whose call overran is
     /// discarded. A statement that failed for a passing reason (it was
-    /// rolled back) runs again, up to three times in all. Errors are mapped
-    /// as [`store_error`](crate::store_error) maps them.
+    /// rolled back) runs again, up to three times in all; an
+    /// [idempotent](Self::idempotent) one whose connection was lost under it
+    /// runs once more, on another connection, within what is left of the
+    /// call's deadline.
+    /// Errors are mapped as [`store_error`](crate::store_error) maps them.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] naming the deadline when it passed, or
@@ -102,7 +122,16 @@ impl<'p> Operation<'p> {
             }
             ::metrics::counter!(crate::metrics::ROUTED_READS, "op" => read.name(), "server" => "primary").increment(1);
         }
-        self.pool.run_statement(&self.references, work)
+        let started = Instant::now();
+        match self.pool.run_statement_since(started, &self.references, &mut work) {
+            Err(error) if self.idempotent && crate::errors::lost_connection(&error) => {
+                // The connection is discarded already; nothing was changed.
+                // Within the first run's deadline: the call's bound holds.
+                tracing::debug!(op = self.name, %error, "dployr.store: connection lost under a read; running it again");
+                self.pool.run_statement_since(started, &self.references, work)
+            }
+            answer => answer,
+        }
     }
 
     /// Runs `work` in one transaction, rolled back on any error, as
@@ -145,5 +174,51 @@ impl Drop for Operation<'_> {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.span.record("statements", statements);
         self.span.record("duration_us", micros);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::{Bool, Integer};
+
+    use crate::{PgPool, PoolConfig};
+
+    /// Runs an operation whose first run ends its own session under it (as
+    /// a restart or `pg_terminate_backend` does mid-call): the answer, and
+    /// the server processes each run saw.
+    fn a_call_whose_first_session_ends_under_it(
+        idempotent: bool,
+    ) -> (Result<i32, dployr_domain::StoreError>, Vec<i32>) {
+        let db = dployr_testkit::database();
+        let pool = PgPool::connect(db.url(), PoolConfig::default()).unwrap();
+        let mut backends = Vec::new();
+        let operation = pool.operation("test.session_ends_under_it");
+        let operation = if idempotent { operation.idempotent() } else { operation };
+        let answer = operation.run(|conn| {
+            let pid = diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()")).get_result::<i32>(conn)?;
+            backends.push(pid);
+            if backends.len() == 1 {
+                diesel::select(diesel::dsl::sql::<Bool>("pg_terminate_backend(pg_backend_pid())")).execute(conn)?;
+            }
+            Ok(pid)
+        });
+        (answer, backends)
+    }
+
+    #[test]
+    fn an_idempotent_call_whose_connection_is_lost_under_it_runs_again_on_another() {
+        let (answer, backends) = a_call_whose_first_session_ends_under_it(true);
+        assert_eq!(backends.len(), 2, "{backends:?}");
+        assert_ne!(backends[0], backends[1], "the second run had a connection of its own");
+        assert_eq!(answer.unwrap(), backends[1]);
+    }
+
+    #[test]
+    fn any_other_call_whose_connection_is_lost_under_it_fails_unavailable_and_is_not_run_again() {
+        let (answer, backends) = a_call_whose_first_session_ends_under_it(false);
+        assert_eq!(backends.len(), 1, "a write may have committed: it is not run again");
+        let error = answer.unwrap_err();
+        assert!(crate::errors::lost_connection(&error) && error.is_retryable(), "{error}");
     }
 }

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
 use diesel::RunQueryDsl as _;
@@ -490,7 +490,8 @@ impl PgPool {
         &self,
         work: impl FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error>,
     ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, &self.affinity, |conn| work(conn).map_err(crate::store_error))
+        self.deadlines
+            .bounded(&self.inner, &self.affinity, Instant::now(), |conn| work(conn).map_err(crate::store_error))
     }
 
     /// Runs one statement on this pool (not routed) within the call
@@ -499,9 +500,20 @@ impl PgPool {
     pub(crate) fn run_statement<T, E: Into<Failure>>(
         &self,
         keys: Keys<'_>,
+        work: impl FnMut(&mut PgConnection) -> Result<T, E>,
+    ) -> Result<T, StoreError> {
+        self.run_statement_since(Instant::now(), keys, work)
+    }
+
+    /// [`run_statement`](Self::run_statement) for a call that `started`
+    /// then: within what is left of its deadline.
+    pub(crate) fn run_statement_since<T, E: Into<Failure>>(
+        &self,
+        started: Instant,
+        keys: Keys<'_>,
         mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
     ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, &self.affinity, |conn| {
+        self.deadlines.bounded(&self.inner, &self.affinity, started, |conn| {
             crate::operation::retrying(keys, || work(conn).map_err(Into::into))
         })
     }
@@ -514,7 +526,7 @@ impl PgPool {
         mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
         use diesel::Connection as _;
-        self.deadlines.bounded(&self.inner, &self.affinity, |conn| {
+        self.deadlines.bounded(&self.inner, &self.affinity, Instant::now(), |conn| {
             crate::operation::retrying(keys, || conn.transaction(&mut work))
         })
     }
