@@ -99,9 +99,10 @@ impl Affinity {
     /// end of the stream waits in its socket), with a peek at the socket,
     /// no round trip. Such a connection is discarded and another taken, so
     /// the restart of a server costs no call that starts after it (before,
-    /// every connection the restart ended failed one call). At most as many
-    /// are discarded as the pool has connections, and one more is handed
-    /// out unchecked.
+    /// every connection the restart ended failed one call). After one more
+    /// discard than the pool has connections (the server closing every
+    /// new one at once), the next is handed out unchecked, and the call
+    /// learns what the server does.
     pub(crate) fn check_out(
         &self,
         pool: &Pool<PgConnectionManager>,
