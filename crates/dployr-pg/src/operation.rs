@@ -122,13 +122,13 @@ impl<'p> Operation<'p> {
             }
             ::metrics::counter!(crate::metrics::ROUTED_READS, "op" => read.name(), "server" => "primary").increment(1);
         }
-        let started = Instant::now();
-        match self.pool.run_statement_since(started, &self.references, &mut work) {
+        // The deadline counts from when the operation opened, the one
+        // instant both runs share (a run again stays within the call's bound).
+        match self.pool.run_statement_since(self.started, &self.references, &mut work) {
             Err(error) if self.idempotent && crate::errors::lost_connection(&error) => {
                 // The connection is discarded already; nothing was changed.
-                // Within the first run's deadline: the call's bound holds.
                 tracing::debug!(op = self.name, %error, "dployr.store: connection lost under a read; running it again");
-                self.pool.run_statement_since(started, &self.references, work)
+                self.pool.run_statement_since(self.started, &self.references, work)
             }
             answer => answer,
         }
