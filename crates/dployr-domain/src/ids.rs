@@ -3,12 +3,30 @@
 //! text (Crockford base32, upper case), which sorts by creation time.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use ulid::Ulid;
 
 use crate::StoreError;
+
+/// Reads an id from the text it is stored as, borrowed where the format
+/// allows (serde_json's from a slice): going through an owned `String`
+/// cost an allocation per id, four per session read.
+struct IdVisitor<T>(PhantomData<T>);
+
+impl<T: FromStr<Err = StoreError>> serde::de::Visitor<'_> for IdVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a ULID in its 26-character text form")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<T, E> {
+        text.parse().map_err(E::custom)
+    }
+}
 
 macro_rules! ulid_id {
     ($(#[$doc:meta])* $name:ident, $entity:literal) => {
@@ -72,8 +90,7 @@ macro_rules! ulid_id {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                let text = String::deserialize(deserializer)?;
-                Self::parse(&text).map_err(serde::de::Error::custom)
+                deserializer.deserialize_str(IdVisitor(PhantomData::<$name>))
             }
         }
     };

@@ -45,7 +45,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use dployr_domain::{ClusterSummary, Email, KvBackend, Provider, StoreError, StoreResult, User, UserId};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -190,9 +190,36 @@ pub struct Session {
     /// The clusters they belong to (invitations excluded).
     pub clusters: Vec<ClusterSummary>,
     /// When the session began.
+    #[serde(deserialize_with = "stored_timestamp")]
     pub created_at: DateTime<Utc>,
     /// When it ends.
+    #[serde(deserialize_with = "stored_timestamp")]
     pub expires_at: DateTime<Utc>,
+}
+
+/// A session's timestamp as stored. chrono's own `Deserialize` reads every
+/// timestamp with its relaxed parser, about 1 900 instructions each
+/// (callgrind), a tenth of a session read's own work; what chrono writes
+/// (`2026-11-29T05:30:00.123456789Z`) is strict RFC 3339, which
+/// `parse_from_rfc3339` reads in about 500. Anything else the relaxed parser
+/// takes (a year past 9999, a space for the `T`) is still read by it.
+fn stored_timestamp<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    struct Timestamp;
+    impl serde::de::Visitor<'_> for Timestamp {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an RFC 3339 timestamp")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            DateTime::parse_from_rfc3339(text)
+                .or_else(|_| text.parse::<DateTime<FixedOffset>>())
+                .map(|at| at.with_timezone(&Utc))
+                .map_err(E::custom)
+        }
+    }
+    deserializer.deserialize_str(Timestamp)
 }
 
 fn stored_email<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Email, D::Error> {
@@ -564,7 +591,80 @@ fn otp_hash(code_key: &str, normalized_code: &str) -> [u8; 32] {
 
 #[cfg(test)]
 mod tests {
-    use super::hashed_key;
+    use chrono::{DateTime, TimeZone as _, Utc};
+    use dployr_domain::{Email, Provider, UserId};
+
+    use super::{Session, hashed_key};
+
+    fn session_at(created_at: DateTime<Utc>, expires_at: DateTime<Utc>) -> Session {
+        Session {
+            user_id: UserId::generate(),
+            email: Email::parse("ada@example.com").unwrap(),
+            provider: Provider::Github,
+            clusters: Vec::new(),
+            created_at,
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn a_session_reads_back_exactly_what_was_written_to_the_nanosecond() {
+        let created_at =
+            Utc.with_ymd_and_hms(2026, 11, 29, 5, 30, 0).unwrap() + chrono::Duration::nanoseconds(123_456_789);
+        for session in [
+            session_at(created_at, created_at + chrono::Duration::days(7)),
+            // Whole seconds (no fraction written), and the last instant RFC 3339 can write.
+            session_at(
+                Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).unwrap(),
+                Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+            ),
+            // Past year 9999 chrono writes `+10000-...`, which only its relaxed parser reads.
+            session_at(created_at, Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap()),
+        ] {
+            let stored = serde_json::to_vec(&session).unwrap();
+            assert_eq!(serde_json::from_slice::<Session>(&stored).unwrap(), session);
+        }
+    }
+
+    #[test]
+    fn a_session_timestamp_chrono_reads_is_read_whatever_its_rfc3339_spelling() {
+        let user = UserId::generate();
+        let stored = |created: &str, expires: &str| {
+            format!(
+                r#"{{"user_id":"{user}","email":"ada@example.com","provider":"github","clusters":[],"created_at":"{created}","expires_at":"{expires}"}}"#
+            )
+        };
+        let expected = Utc.with_ymd_and_hms(2026, 11, 29, 5, 30, 0).unwrap();
+        // A space for the `T`, a lower-case `t` and `z`, an offset instead of `Z`.
+        for (created, expires) in [
+            ("2026-11-29 05:30:00Z", "2026-11-29t05:30:00z"),
+            ("2026-11-29T07:30:00+02:00", "2026-11-29T05:30:00.000Z"),
+        ] {
+            let session: Session = serde_json::from_str(&stored(created, expires)).unwrap();
+            assert_eq!((session.created_at, session.expires_at), (expected, expected), "{created} / {expires}");
+        }
+        for bad in ["2026-11-29", "yesterday", "2026-13-01T00:00:00Z", ""] {
+            let error = serde_json::from_str::<Session>(&stored(bad, bad)).unwrap_err();
+            assert!(error.is_data(), "{bad}: {error}");
+        }
+        let error = serde_json::from_str::<Session>(
+            &stored("2026-11-29T05:30:00Z", "2026-11-29T05:30:00Z")
+                .replace(r#""created_at":"2026-11-29T05:30:00Z""#, r#""created_at":1764394200"#),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("an RFC 3339 timestamp"), "{error}");
+    }
+
+    #[test]
+    fn a_stored_id_that_is_not_a_ulid_fails_the_decode_naming_the_entity() {
+        let stored = r#"{"user_id":"not-a-ulid","email":"ada@example.com","provider":"github","clusters":[],"created_at":"2026-11-29T05:30:00Z","expires_at":"2026-11-29T05:30:00Z"}"#;
+        let error = serde_json::from_str::<Session>(stored).unwrap_err();
+        assert!(error.to_string().contains("user id"), "{error}");
+        // An escaped id (serde_json then hands over a copy, not a borrow) still reads.
+        let id = UserId::generate().to_string();
+        let escaped = stored.replace("not-a-ulid", &format!("\\u00{:x}{}", id.as_bytes()[0], &id[1..]));
+        assert_eq!(serde_json::from_str::<Session>(&escaped).unwrap().user_id.to_string(), id);
+    }
 
     #[test]
     fn a_hashed_key_is_its_prefix_and_the_lower_case_hex_sha256_so_stored_keys_stay_found() {
