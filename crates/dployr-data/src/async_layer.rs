@@ -19,7 +19,10 @@
 //! tasks against about 2 µs through a queue to a waiting thread, and
 //! `users.get_by_email` through the facade went from 0.52–0.66 of the
 //! synchronous store's throughput at 16 tasks to 0.76–0.91 (median 0.78;
-//! the rest is the two thread wake-ups of every call). Key-value
+//! the rest is the two thread wake-ups of every call: on a slower 2-core
+//! machine, 0.70–0.95 over eleven runs, median 0.80, the facade's client
+//! spending 42–66 µs of CPU and 3.3 context switches per call against
+//! 28–40 µs and 1.0 for the synchronous store). Key-value
 //! calls on Cloudflare are the exception: they wait tens of milliseconds on
 //! HTTP, not on a connection of the pool, so they run on tokio's blocking
 //! pool and never hold a thread that a PostgreSQL call is waiting for.
@@ -31,8 +34,9 @@
 //! `cargo xtask bench` on the same 2-core machine, alternating, at 16
 //! tasks, `users.get_by_email` in place ran at 0.86–1.18 of the
 //! synchronous store's throughput (median 0.99 of five runs) where the
-//! facade's threads gave 0.60–0.80 (median 0.69) in the same runs. What it costs, and why it is not the
-//! default:
+//! facade's threads gave 0.60–0.80 (median 0.69) in the same runs (on the
+//! slower machine, in place 0.92–1.04 over eleven runs). What it costs,
+//! and why it is not the default:
 //! - a call in place cannot be left behind: a `tokio::time::timeout` (or
 //!   tower's timeout layer) around it, or a `select!`, returns only when
 //!   the call ends, which the data layer's call deadline bounds
