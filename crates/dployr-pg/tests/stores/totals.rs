@@ -3,6 +3,7 @@
 //! every kind of write, each listing's total equals a `count(*)` of its rows.
 
 use diesel::connection::SimpleConnection as _;
+use diesel::prelude::*;
 use dployr_domain::{
     ClusterId, ClusterPatch, ClusterStore, InstanceStore, NewInstance, Page, Role, StoreError, UserStore,
 };
@@ -160,4 +161,84 @@ fn a_last_page_that_is_exactly_full_has_no_next_cursor() {
     let instances = f.instances.list_by_cluster(&c, &Page::first(3)).unwrap();
     let rest = f.instances.list_by_cluster(&c, &Page::after(instances.next.unwrap(), 3)).unwrap();
     assert_eq!((rest.items.len(), rest.next), (1, None));
+}
+
+/// A write changes the totals of the clusters it touches through the
+/// primary key of `cluster_counts`, never by reading every cluster's row
+/// (`006_counts_by_key`; before it, each membership or instance write
+/// scanned the whole table twice). With 2 000 clusters, an instance insert,
+/// an invitation and the deletion of a user invited to two clusters each
+/// read `cluster_counts` by index only: `pg_stat_xact_user_tables` counts
+/// the scans of the writing transaction itself, triggers included.
+#[test]
+fn a_write_reaches_its_clusters_totals_by_key_however_many_clusters_there_are() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("owner@example.io");
+    let (_, other) = f.owner("other@example.io");
+    let invited_twice = f.clusters.add_users(&cluster.id, &[email("twice@example.io")]).unwrap().remove(0).user_id;
+    f.clusters.add_users(&other.id, &[email("twice@example.io")]).unwrap();
+    let bulk_owner = "0000000000000000000000000A";
+    f.inspect(|conn| {
+        conn.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO users (id, email, name, provider) VALUES ('{bulk_owner}', 'bulk@example.io', 'Bulk', 'github');
+             INSERT INTO clusters (id, name)
+                 SELECT '1' || lpad(n::text, 25, '0'), 'bulk ' || n FROM generate_series(1, 2000) n;
+             INSERT INTO user_clusters (user_id, cluster_id, role)
+                 SELECT '{bulk_owner}', '1' || lpad(n::text, 25, '0'), 'owner' FROM generate_series(1, 2000) n;
+             COMMIT;
+             ANALYZE cluster_counts;"
+        ))
+    })
+    .unwrap();
+    assert_eq!(f.count("SELECT count(*) FROM cluster_counts"), 2002);
+
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Scans {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq_scan: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        idx_scan: i64,
+    }
+    // The scans of cluster_counts by one write, in a transaction rolled
+    // back. Counted before and after it in that transaction: the view also
+    // holds what earlier transactions of the session did until the server
+    // flushes them (at most once a second, between transactions).
+    let scans_of = |write: &str| -> Scans {
+        f.inspect(|conn| {
+            let now = |conn: &mut PgConnection| {
+                diesel::sql_query(
+                    "SELECT coalesce(seq_scan, 0) AS seq_scan, coalesce(idx_scan, 0) AS idx_scan
+                       FROM pg_stat_xact_user_tables WHERE relname = 'cluster_counts'",
+                )
+                .get_result::<Scans>(conn)
+                .unwrap()
+            };
+            conn.batch_execute("BEGIN").unwrap();
+            let before = now(conn);
+            conn.batch_execute(write).unwrap();
+            let after = now(conn);
+            conn.batch_execute("ROLLBACK").unwrap();
+            Scans { seq_scan: after.seq_scan - before.seq_scan, idx_scan: after.idx_scan - before.idx_scan }
+        })
+    };
+    let c = cluster.id;
+    for (write, clusters) in [
+        (
+            format!(
+                "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{}', '{c}', '10.9.9.9', 'by-key')",
+                dployr_domain::InstanceId::generate()
+            ),
+            1,
+        ),
+        (format!("INSERT INTO user_clusters (user_id, cluster_id, role) VALUES ('{bulk_owner}', '{c}', 'invited')"), 1),
+        (format!("DELETE FROM users WHERE id = '{invited_twice}'"), 2),
+    ] {
+        let scans = scans_of(&write);
+        assert_eq!(scans.seq_scan, 0, "{write}: {scans:?}");
+        assert_eq!(scans.idx_scan, clusters, "{write}: one lookup by key per cluster changed: {scans:?}");
+    }
+    // What the rolled-back writes would have changed stays as it was.
+    assert_eq!(reported(&f, &c), (1, 1, 0));
+    assert_eq!(reported(&f, &c), counted(&f, &c));
 }
