@@ -180,6 +180,12 @@ fn operations() -> Vec<Op> {
             };
             s.instances.create(&c.fixture.team, new).map(drop)
         }),
+        // Invitations, all into one cluster: its listing totals are one row
+        // that every membership write of the cluster changes.
+        op("clusters.add_users (one new e-mail, one cluster)", Kind::Write, move |s, c| {
+            let invitee = Email::parse(&format!("invitee{}@bench.io", next(c)))?;
+            s.clusters.add_users(&c.fixture.deep_instances, &[invitee]).map(drop)
+        }),
         op("bootstrap_tokens.mark_used", Kind::Write, move |s, c| {
             let n = 1 + next(c) % fixture::TOKENS as u64;
             s.tokens.mark_used(&format!("nonce-{n}").try_into()?).map(drop)
