@@ -298,12 +298,14 @@ impl Config {
             config.pool.max_size = size;
         }
         if let Some(ms) = parsed::<u64>(&var, CONNECT_TIMEOUT_VAR, "milliseconds")? {
+            within_postgres_limit(CONNECT_TIMEOUT_VAR, ms)?;
             if ms == 0 {
                 return Err(configuration(CONNECT_TIMEOUT_VAR, "must be at least 1 ms"));
             }
             config.pool.connection_timeout = Duration::from_millis(ms);
         }
         if let Some(ms) = parsed::<u64>(&var, STATEMENT_TIMEOUT_VAR, "milliseconds")? {
+            within_postgres_limit(STATEMENT_TIMEOUT_VAR, ms)?;
             config.pool.statement_timeout = (ms > 0).then(|| Duration::from_millis(ms));
         }
         if let Some(cache) = flag(&var, STATEMENT_CACHE_VAR)? {
@@ -400,9 +402,23 @@ impl Config {
     }
 }
 
+/// Refuses a timeout past PostgreSQL's limit for `statement_timeout`
+/// (`INT_MAX` ms, about 24.8 days), which the pool refuses too, naming the
+/// variable that set it.
+fn within_postgres_limit(name: &'static str, ms: u64) -> StoreResult<()> {
+    if ms > i32::MAX as u64 {
+        return Err(configuration(name, format!("must be at most {} ms (PostgreSQL's limit)", i32::MAX)));
+    }
+    Ok(())
+}
+
 /// The call deadline and the TCP settings of the pool (issue 17).
 fn read_timeouts(var: &impl Fn(&str) -> Option<String>, pool: &mut PoolConfig) -> StoreResult<()> {
-    let millis = |name| parsed::<u64>(var, name, "milliseconds").map(|ms| ms.map(Duration::from_millis));
+    let millis = |name| {
+        let ms = parsed::<u64>(var, name, "milliseconds")?;
+        ms.map(|ms| within_postgres_limit(name, ms)).transpose()?;
+        Ok::<_, StoreError>(ms.map(Duration::from_millis))
+    };
     let seconds = |name| {
         let secs = parsed::<u64>(var, name, "seconds")?;
         if secs == Some(0) {

@@ -127,6 +127,19 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_KEEPALIVES_IDLE_SECS", "0")])), "DPLOYR_DB_KEEPALIVES_IDLE_SECS");
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_KEEPALIVES_COUNT", "0")])), "DPLOYR_DB_KEEPALIVES_COUNT");
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_CANCEL_GRACE_MS", "1s")])), "DPLOYR_DB_CANCEL_GRACE_MS");
+    // Past PostgreSQL's limit for a timeout (INT_MAX ms), which the pool refuses too.
+    for name in [
+        "DPLOYR_DB_CONNECT_TIMEOUT_MS",
+        "DPLOYR_DB_STATEMENT_TIMEOUT_MS",
+        "DPLOYR_DB_CALL_TIMEOUT_MS",
+        "DPLOYR_DB_DEADLINE_MARGIN_MS",
+        "DPLOYR_DB_CANCEL_GRACE_MS",
+        "DPLOYR_DB_TCP_USER_TIMEOUT_MS",
+    ] {
+        assert_eq!(setting_of(&with(&[(name, "2147483648")])), name);
+        let at_the_limit = Config::from_vars(vars(&[base[0], (name, "2147483647")]));
+        assert!(at_the_limit.is_ok(), "{name}: {at_the_limit:?}");
+    }
 }
 
 #[test]

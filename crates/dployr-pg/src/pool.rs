@@ -60,6 +60,43 @@ pub struct PoolConfig {
     pub deadline: DeadlineConfig,
 }
 
+/// The longest wait or timeout a pool takes: PostgreSQL's own limit for
+/// `statement_timeout` (`INT_MAX` milliseconds, about 24.8 days). Longer
+/// ones would be refused by the server at every connection, or overflow the
+/// clock arithmetic of a checkout or a call deadline.
+const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+impl PoolConfig {
+    /// Refuses, by name, what r2d2 would panic on, what PostgreSQL would
+    /// read otherwise than meant (a `statement_timeout` under 1 ms is sent
+    /// as 0, which the server takes for "no timeout") and what the call
+    /// deadline's arithmetic cannot hold.
+    fn check(&self) -> Result<(), StoreError> {
+        fn within(field: &'static str, value: Duration, least: Duration) -> Result<(), StoreError> {
+            if value < least || value > MAX_TIMEOUT {
+                return Err(StoreError::invalid(
+                    field,
+                    format!("{value:?} is outside {least:?} ..= {MAX_TIMEOUT:?} (PostgreSQL's limit)"),
+                ));
+            }
+            Ok(())
+        }
+        const ONE_MS: Duration = Duration::from_millis(1);
+        if self.max_size == 0 {
+            return Err(StoreError::invalid("pool max_size", "must be at least 1"));
+        }
+        within("pool connection_timeout", self.connection_timeout, ONE_MS)?;
+        if let Some(timeout) = self.statement_timeout {
+            within("pool statement_timeout", timeout, ONE_MS)?;
+        }
+        if let Some(timeout) = self.deadline.call_timeout {
+            within("deadline call_timeout", timeout, ONE_MS)?;
+        }
+        within("deadline margin", self.deadline.margin, Duration::ZERO)?;
+        within("deadline grace", self.deadline.grace, Duration::ZERO)
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
@@ -344,9 +381,7 @@ impl PgPool {
         name: &str,
         probe: Probe,
     ) -> Result<Self, StoreError> {
-        if config.max_size == 0 {
-            return Err(StoreError::invalid("pool max_size", "must be at least 1"));
-        }
+        config.check()?;
         let url = with_network_parameters(database_url, &config.network, config.connection_timeout);
         // One direct attempt first: r2d2 would retry a wrong password until
         // the timeout and then report a timeout.

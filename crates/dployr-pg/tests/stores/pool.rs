@@ -268,3 +268,55 @@ fn more_threads_than_connections_never_wait_out_the_timeout_for_a_kept_connectio
     assert!(stats.connections_opened <= 3, "{stats:?}");
     assert_eq!((stats.in_use, stats.idle, stats.checkout_timeouts), (0, stats.connections, 0), "{stats:?}");
 }
+
+/// Timeouts a pool cannot honour are refused by name when it opens, before
+/// any connection: r2d2 panicked on a zero checkout timeout, PostgreSQL
+/// reads a `statement_timeout` under 1 ms as "none", and a call deadline past
+/// what a clock holds panicked in the first call.
+#[test]
+fn a_pool_config_with_timeouts_out_of_range_is_refused_by_name() {
+    let db = dployr_testkit::database();
+    let forever = Duration::MAX;
+    let too_long = Duration::from_millis(i32::MAX as u64 + 1);
+    let deadline = |deadline: dployr_pg::DeadlineConfig| PoolConfig { deadline, ..PoolConfig::default() };
+    let refused = [
+        ("pool max_size", PoolConfig { max_size: 0, ..PoolConfig::default() }),
+        ("pool connection_timeout", PoolConfig { connection_timeout: Duration::ZERO, ..PoolConfig::default() }),
+        ("pool connection_timeout", PoolConfig { connection_timeout: forever, ..PoolConfig::default() }),
+        (
+            "pool statement_timeout",
+            PoolConfig { statement_timeout: Some(Duration::from_micros(999)), ..PoolConfig::default() },
+        ),
+        ("pool statement_timeout", PoolConfig { statement_timeout: Some(too_long), ..PoolConfig::default() }),
+        (
+            "deadline call_timeout",
+            deadline(dployr_pg::DeadlineConfig { call_timeout: Some(Duration::ZERO), ..Default::default() }),
+        ),
+        (
+            "deadline call_timeout",
+            deadline(dployr_pg::DeadlineConfig { call_timeout: Some(forever), ..Default::default() }),
+        ),
+        ("deadline margin", deadline(dployr_pg::DeadlineConfig { margin: forever, ..Default::default() })),
+        ("deadline grace", deadline(dployr_pg::DeadlineConfig { grace: too_long, ..Default::default() })),
+    ];
+    for (field, config) in refused {
+        match PgPool::connect(db.url(), config) {
+            Err(StoreError::Invalid { field: named, .. }) => assert_eq!(named, field, "{config:?}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    // The longest timeouts and a zero margin are taken, and the pool serves.
+    let longest = Duration::from_millis(i32::MAX as u64);
+    let edges = PoolConfig {
+        statement_timeout: Some(longest),
+        deadline: dployr_pg::DeadlineConfig {
+            call_timeout: Some(longest),
+            margin: Duration::ZERO,
+            grace: longest,
+            ..Default::default()
+        },
+        ..PoolConfig::default()
+    };
+    let pool = PgPool::connect(db.url(), edges).unwrap();
+    assert_eq!(PgUserStore::new(pool).get(&UserId::generate()).unwrap(), None);
+}
