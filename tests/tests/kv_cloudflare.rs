@@ -134,6 +134,23 @@ fn retry_after_of_a_429_is_waited_for_and_then_succeeds() {
     assert_eq!(cf.emulator.requests() - before, 2);
 }
 
+/// A `Retry-After` past what a clock can add (a proxy's or a buggy
+/// server's) is a wait beyond the call's time bound: the call gives up at
+/// once, unavailable, instead of overflowing the clock arithmetic.
+#[test]
+fn a_retry_after_too_long_for_any_clock_gives_up_at_once() {
+    let cf = cloudflare();
+    cf.emulator.set_retry_after(u64::MAX);
+    cf.emulator.fail_next(u32::MAX, 429);
+    let before = cf.emulator.requests();
+    let result = cf.kv.get("k");
+    match result {
+        Err(StoreError::Unavailable { reason, .. }) => assert!(reason.contains("asked to wait"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cf.emulator.requests() - before, 1);
+}
+
 #[test]
 fn endless_500s_end_in_unavailable_within_the_attempt_bound() {
     let cf = cloudflare();

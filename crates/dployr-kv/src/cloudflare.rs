@@ -118,6 +118,13 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Whether waiting `wait` more after `elapsed` reaches `bound`. Saturating:
+/// a `Retry-After` comes from the network, and one of `u64::MAX` seconds
+/// would overflow `elapsed + wait` (a panic) once a second has passed.
+fn beyond(elapsed: Duration, wait: Duration, bound: Duration) -> bool {
+    elapsed.saturating_add(wait) >= bound
+}
+
 impl RetryPolicy {
     /// The wait before attempt `attempt + 1` (`attempt` counts from 1):
     /// exponential, capped, with "equal jitter" (between half and all of it).
@@ -559,9 +566,9 @@ impl CloudflareKv {
             };
             let wait = policy.backoff(attempt).max(retry_after.unwrap_or_default());
             let elapsed = started.elapsed();
-            if attempt >= policy.max_attempts || elapsed + wait >= policy.max_elapsed {
+            if attempt >= policy.max_attempts || beyond(elapsed, wait, policy.max_elapsed) {
                 let asked = match retry_after {
-                    Some(asked) if elapsed + asked >= policy.max_elapsed => format!(
+                    Some(asked) if beyond(elapsed, asked, policy.max_elapsed) => format!(
                         "; Cloudflare asked to wait {asked:?} (after 1200 requests in 5 minutes the account is refused for 5 minutes)"
                     ),
                     _ => String::new(),
@@ -753,5 +760,22 @@ impl KvBackend for CloudflareKv {
         };
         self.write(&mut call, key, count.to_string().as_bytes(), ttl)?;
         Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::beyond;
+
+    #[test]
+    fn a_wait_too_long_for_any_clock_is_beyond_every_bound_without_overflowing() {
+        let a_second_and_a_half_in = Duration::from_millis(1500);
+        let bound = Duration::from_secs(30);
+        assert!(beyond(a_second_and_a_half_in, Duration::from_secs(u64::MAX), bound));
+        assert!(beyond(Duration::MAX, Duration::MAX, bound));
+        assert!(!beyond(a_second_and_a_half_in, Duration::from_secs(1), bound));
+        assert!(beyond(Duration::from_secs(29), Duration::from_secs(1), bound));
     }
 }
