@@ -10,7 +10,7 @@ use dployr_domain::{StoreError, StoreResult};
 use dployr_kv::KvStoreConfig;
 #[cfg(feature = "cloudflare")]
 use dployr_kv::{ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CloudflareConfig, NAMESPACE_ID_VAR};
-use dployr_pg::{PoolConfig, ReplicaConfig};
+use dployr_pg::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, PoolConfig, ReplicaConfig};
 
 /// The PostgreSQL URL (libpq syntax). Required.
 pub const DATABASE_URL_VAR: &str = "DATABASE_URL";
@@ -419,10 +419,15 @@ fn read_timeouts(var: &impl Fn(&str) -> Option<String>, pool: &mut PoolConfig) -
         ms.map(|ms| within_postgres_limit(name, ms)).transpose()?;
         Ok::<_, StoreError>(ms.map(Duration::from_millis))
     };
+    // Keepalive times: what the kernel takes (`setsockopt` fails past it,
+    // and with it every connection).
     let seconds = |name| {
         let secs = parsed::<u64>(var, name, "seconds")?;
-        if secs == Some(0) {
-            return Err(configuration(name, "must be at least 1 second"));
+        if let Some(secs) = secs.filter(|secs| !(1..=MAX_KEEPALIVE_SECS).contains(secs)) {
+            return Err(configuration(
+                name,
+                format!("is {secs}; must be 1 ..= {MAX_KEEPALIVE_SECS} seconds (the kernel's limit)"),
+            ));
         }
         Ok(secs.map(Duration::from_secs))
     };
@@ -448,8 +453,11 @@ fn read_timeouts(var: &impl Fn(&str) -> Option<String>, pool: &mut PoolConfig) -
         pool.network.keepalives_interval = interval;
     }
     if let Some(count) = parsed::<u32>(var, KEEPALIVES_COUNT_VAR, "a number of probes")? {
-        if count == 0 {
-            return Err(configuration(KEEPALIVES_COUNT_VAR, "must be at least 1"));
+        if !(1..=MAX_KEEPALIVES_COUNT).contains(&count) {
+            return Err(configuration(
+                KEEPALIVES_COUNT_VAR,
+                format!("is {count}; must be 1 ..= {MAX_KEEPALIVES_COUNT} (the kernel's limit)"),
+            ));
         }
         pool.network.keepalives_count = count;
     }

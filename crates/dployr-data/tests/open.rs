@@ -140,6 +140,17 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
         let at_the_limit = Config::from_vars(vars(&[base[0], (name, "2147483647")]));
         assert!(at_the_limit.is_ok(), "{name}: {at_the_limit:?}");
     }
+    // Past the kernel's limits for keepalives (every connection's
+    // `setsockopt` would fail); the limits themselves are taken.
+    for (name, past, limit) in [
+        ("DPLOYR_DB_KEEPALIVES_IDLE_SECS", "32768", "32767"),
+        ("DPLOYR_DB_KEEPALIVES_INTERVAL_SECS", "32768", "32767"),
+        ("DPLOYR_DB_KEEPALIVES_COUNT", "128", "127"),
+    ] {
+        assert_eq!(setting_of(&with(&[(name, past)])), name);
+        let at_the_limit = Config::from_vars(vars(&[base[0], (name, limit)]));
+        assert!(at_the_limit.is_ok(), "{name}: {at_the_limit:?}");
+    }
 }
 
 #[test]

@@ -13,6 +13,21 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use dployr_domain::StoreError;
+
+/// The longest keepalive idle time and probe interval Linux takes, in
+/// seconds (`MAX_TCP_KEEPIDLE`, `MAX_TCP_KEEPINTVL`): libpq's `setsockopt`
+/// fails past it, and with it every connection.
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+
+/// The most unanswered keepalive probes Linux takes (`MAX_TCP_KEEPCNT`).
+pub const MAX_KEEPALIVES_COUNT: u32 = 127;
+
+/// The longest `tcp_user_timeout` or `connect_timeout` libpq takes: it reads
+/// both as a C `int` (milliseconds and seconds), and the pool keeps every
+/// timeout within PostgreSQL's `INT_MAX` milliseconds.
+const MAX_NETWORK_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
 /// TCP settings of every pooled connection (libpq connection parameters).
 /// A parameter the database URL sets itself is left as the URL has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,17 +36,18 @@ pub struct NetworkConfig {
     /// Default on.
     pub keepalives: bool,
     /// libpq `keepalives_idle`: idle time before the first probe (whole
-    /// seconds, at least 1). Default 10 s.
+    /// seconds, at least 1, at most [`MAX_KEEPALIVE_SECS`]). Default 10 s.
     pub keepalives_idle: Duration,
     /// libpq `keepalives_interval`: time between unanswered probes (whole
-    /// seconds, at least 1). Default 5 s.
+    /// seconds, at least 1, at most [`MAX_KEEPALIVE_SECS`]). Default 5 s.
     pub keepalives_interval: Duration,
     /// libpq `keepalives_count`: unanswered probes before the connection is
-    /// declared dead. Default 3.
+    /// declared dead (at least 1, at most [`MAX_KEEPALIVES_COUNT`]).
+    /// Default 3.
     pub keepalives_count: u32,
     /// libpq `tcp_user_timeout`: how long sent data may stay unacknowledged
-    /// before the kernel closes the connection (Linux); `None` keeps the
-    /// system's (about 15 minutes). Default 25 s: idle + interval x count,
+    /// before the kernel closes the connection (Linux; at least 1 ms, at
+    /// most `INT_MAX` ms); `None` keeps the system's (about 15 minutes). Default 25 s: idle + interval x count,
     /// so both mechanisms give up at the same time.
     pub tcp_user_timeout: Option<Duration>,
     /// libpq `connect_timeout`: how long establishing one connection may
@@ -55,11 +71,55 @@ impl Default for NetworkConfig {
 
 /// Whole seconds, rounded up, at least `min`.
 fn seconds(duration: Duration, min: u64) -> u64 {
-    let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    // Saturating: `Duration::MAX` rounded up would overflow.
+    let secs = duration.as_secs().saturating_add(u64::from(duration.subsec_nanos() > 0));
     secs.max(min)
 }
 
 impl NetworkConfig {
+    /// Refuses, by name, a setting libpq or the kernel would refuse at every
+    /// connection (`setsockopt(TCP_KEEPIDLE) failed: Invalid argument`,
+    /// `invalid integer value`): the pool would otherwise open, then fail
+    /// each connect as if the server were down. Values this crate rounds
+    /// up are taken (a keepalive idle time or count of zero is sent as one);
+    /// a `tcp_user_timeout` under 1 ms is not, because it would be sent as
+    /// 0, which libpq reads as "the system's default" (about 15 minutes):
+    /// `None` says that.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        let max_keepalive = Duration::from_secs(MAX_KEEPALIVE_SECS);
+        for (field, value) in [
+            ("network keepalives_idle", self.keepalives_idle),
+            ("network keepalives_interval", self.keepalives_interval),
+        ] {
+            if seconds(value, 1) > MAX_KEEPALIVE_SECS {
+                return Err(StoreError::invalid(
+                    field,
+                    format!("{value:?} is longer than {max_keepalive:?}, the kernel's limit"),
+                ));
+            }
+        }
+        if self.keepalives_count > MAX_KEEPALIVES_COUNT {
+            return Err(StoreError::invalid(
+                "network keepalives_count",
+                format!("{} is more than {MAX_KEEPALIVES_COUNT}, the kernel's limit", self.keepalives_count),
+            ));
+        }
+        let out_of_range = |timeout: &Duration| *timeout < Duration::from_millis(1) || *timeout > MAX_NETWORK_TIMEOUT;
+        if let Some(timeout) = self.tcp_user_timeout.filter(out_of_range) {
+            return Err(StoreError::invalid(
+                "network tcp_user_timeout",
+                format!("{timeout:?} is outside 1ms ..= {MAX_NETWORK_TIMEOUT:?}; None keeps the system's timeout"),
+            ));
+        }
+        if let Some(timeout) = self.connect_timeout.filter(|timeout| *timeout > MAX_NETWORK_TIMEOUT) {
+            return Err(StoreError::invalid(
+                "network connect_timeout",
+                format!("{timeout:?} is longer than {MAX_NETWORK_TIMEOUT:?}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The parameters to add, as (key, value) pairs, with `connection_timeout`
     /// as the fallback of `connect_timeout`.
     fn parameters(&self, connection_timeout: Duration) -> Vec<(&'static str, String)> {

@@ -30,7 +30,7 @@ mod users;
 pub use crate::metrics::PoolStats;
 pub use bootstrap_tokens::PgBootstrapTokenStore;
 pub use clusters::PgClusterStore;
-pub use conninfo::NetworkConfig;
+pub use conninfo::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, NetworkConfig};
 pub use deadline::{DeadlineConfig, DeadlineStats, PgConnectionManager};
 pub use errors::store_error;
 pub use instances::PgInstanceStore;

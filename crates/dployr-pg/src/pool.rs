@@ -93,7 +93,8 @@ impl PoolConfig {
             within("deadline call_timeout", timeout, ONE_MS)?;
         }
         within("deadline margin", self.deadline.margin, Duration::ZERO)?;
-        within("deadline grace", self.deadline.grace, Duration::ZERO)
+        within("deadline grace", self.deadline.grace, Duration::ZERO)?;
+        self.network.check()
     }
 }
 

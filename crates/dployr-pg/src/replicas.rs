@@ -82,6 +82,37 @@ pub struct ReplicaConfig {
     pub read_your_writes_wait: Duration,
 }
 
+impl ReplicaConfig {
+    /// The longest period or wait taken: the pool's own limit for every
+    /// timeout (`INT_MAX` milliseconds, about 24.8 days). Past it, the
+    /// clock arithmetic of a read-your-writes wait overflows (a panic).
+    const LONGEST: Duration = Duration::from_millis(i32::MAX as u64);
+
+    /// Refuses, by name, a sampling period under 10 ms (a sampler that
+    /// would poll its replica without rest), a `max_lag` of zero (replicas
+    /// configured but never read from: any lag at all skips them) and a
+    /// period or wait past [`Self::LONGEST`].
+    fn check(&self) -> Result<(), StoreError> {
+        let longest = Self::LONGEST;
+        if !(Duration::from_millis(10)..=longest).contains(&self.sample_every) {
+            return Err(StoreError::invalid(
+                "replica sample_every",
+                format!("{:?} is outside 10ms ..= {longest:?}", self.sample_every),
+            ));
+        }
+        if self.max_lag.is_zero() {
+            return Err(StoreError::invalid("replica max_lag", "must be more than zero"));
+        }
+        if self.read_your_writes_wait > longest {
+            return Err(StoreError::invalid(
+                "replica read_your_writes_wait",
+                format!("{:?} is longer than {longest:?}", self.read_your_writes_wait),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ReplicaConfig {
     fn default() -> Self {
         Self {
@@ -290,7 +321,9 @@ impl ReplicaSet {
     /// # Errors
     /// [`StoreError::Configuration`] naming `setting` for a malformed URL,
     /// refused credentials or a missing database on a replica;
-    /// [`StoreError::Invalid`] for a sampling period under 10 ms;
+    /// [`StoreError::Invalid`] naming the field for a sampling period
+    /// outside 10 ms ..= `INT_MAX` ms, a `max_lag` of zero or a
+    /// read-your-writes wait past `INT_MAX` ms;
     /// [`StoreError::Backend`] if a thread cannot be started.
     pub fn connect(
         primary: &PgPool,
@@ -299,9 +332,7 @@ impl ReplicaSet {
         pool: crate::PoolConfig,
         config: ReplicaConfig,
     ) -> Result<Self, StoreError> {
-        if config.sample_every < Duration::from_millis(10) {
-            return Err(StoreError::invalid("replica sample_every", "must be at least 10 ms"));
-        }
+        config.check()?;
         let epoch = Instant::now();
         let mut replicas = Vec::with_capacity(urls.len());
         let mut stop = Vec::with_capacity(urls.len());

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use dployr_domain::{Email, NewUser, Provider, StoreError, UserId, UserStore};
-use dployr_pg::{PgPool, PgUserStore, PoolConfig};
+use dployr_pg::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, NetworkConfig, PgPool, PgUserStore, PoolConfig};
 
 #[test]
 fn a_checkout_that_times_out_is_unavailable() {
@@ -319,4 +319,66 @@ fn a_pool_config_with_timeouts_out_of_range_is_refused_by_name() {
     };
     let pool = PgPool::connect(db.url(), edges).unwrap();
     assert_eq!(PgUserStore::new(pool).get(&UserId::generate()).unwrap(), None);
+}
+
+/// A keepalive setting the kernel refuses, or a libpq timeout past a C
+/// `int`, would make every connection fail as if the server were down
+/// (`setsockopt(TCP_KEEPIDLE) failed: Invalid argument`): refused by name
+/// when the pool opens. The largest values the kernel takes, and the zeros
+/// the pool rounds up, connect and serve.
+#[test]
+fn a_network_config_the_kernel_or_libpq_would_refuse_is_refused_by_name() {
+    let db = dployr_testkit::database();
+    let network = |network: NetworkConfig| PoolConfig { network, ..PoolConfig::default() };
+    let too_long = Duration::from_millis(i32::MAX as u64 + 1);
+    let past_keepalive = Duration::from_secs(MAX_KEEPALIVE_SECS) + Duration::from_millis(1);
+    let refused = [
+        ("network keepalives_idle", network(NetworkConfig { keepalives_idle: past_keepalive, ..Default::default() })),
+        ("network keepalives_idle", network(NetworkConfig { keepalives_idle: Duration::MAX, ..Default::default() })),
+        (
+            "network keepalives_interval",
+            network(NetworkConfig { keepalives_interval: Duration::from_secs(40_000), ..Default::default() }),
+        ),
+        (
+            "network keepalives_count",
+            network(NetworkConfig { keepalives_count: MAX_KEEPALIVES_COUNT + 1, ..Default::default() }),
+        ),
+        ("network keepalives_count", network(NetworkConfig { keepalives_count: u32::MAX, ..Default::default() })),
+        (
+            "network tcp_user_timeout",
+            network(NetworkConfig { tcp_user_timeout: Some(Duration::from_micros(999)), ..Default::default() }),
+        ),
+        ("network tcp_user_timeout", network(NetworkConfig { tcp_user_timeout: Some(too_long), ..Default::default() })),
+        (
+            "network connect_timeout",
+            network(NetworkConfig { connect_timeout: Some(Duration::MAX), ..Default::default() }),
+        ),
+    ];
+    for (field, config) in refused {
+        match PgPool::connect(db.url(), config) {
+            Err(StoreError::Invalid { field: named, .. }) => assert_eq!(named, field, "{config:?}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    let longest = Duration::from_millis(i32::MAX as u64);
+    for edges in [
+        NetworkConfig {
+            keepalives_idle: Duration::from_secs(MAX_KEEPALIVE_SECS),
+            keepalives_interval: Duration::from_secs(MAX_KEEPALIVE_SECS),
+            keepalives_count: MAX_KEEPALIVES_COUNT,
+            tcp_user_timeout: Some(longest),
+            connect_timeout: Some(longest),
+            ..Default::default()
+        },
+        NetworkConfig {
+            keepalives_idle: Duration::ZERO,
+            keepalives_interval: Duration::ZERO,
+            keepalives_count: 0,
+            tcp_user_timeout: Some(Duration::from_millis(1)),
+            ..Default::default()
+        },
+    ] {
+        let pool = PgPool::connect(db.url(), network(edges)).unwrap();
+        assert_eq!(PgUserStore::new(pool).get(&UserId::generate()).unwrap(), None, "{edges:?}");
+    }
 }

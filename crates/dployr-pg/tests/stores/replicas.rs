@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use dployr_domain::{
-    BootstrapTokenStore, ClusterStore, Email, InstanceStore, NewInstance, NewUser, Nonce, Page, Provider, Role, Tag,
-    User, UserStore,
+    BootstrapTokenStore, ClusterStore, Email, InstanceStore, NewInstance, NewUser, Nonce, Page, Provider, Role,
+    StoreError, Tag, User, UserStore,
 };
 use dployr_pg::{
     PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig, ReplicaConfig, ReplicaSet,
@@ -395,4 +395,31 @@ fn a_read_after_a_write_sees_the_write_through_its_wal_position() {
     let _scope = stores.pool.reads_after(position);
     assert_eq!(stores.users.get(&written.id).unwrap().map(|user| user.id), Some(written.id));
     assert!(stores.replica_statements() > replica_before, "once replayed, the replica answers it");
+}
+
+/// Refused by name before any replica is contacted (so no replicated
+/// server is needed): a sampler with no rest between samples, a lag bound
+/// that skips every replica, and waits whose clock arithmetic would
+/// overflow (a panic on a read-your-writes read).
+#[test]
+fn a_replica_config_out_of_range_is_refused_by_name_before_connecting() {
+    let db = dployr_testkit::database();
+    let config = PoolConfig { max_size: 1, ..PoolConfig::default() };
+    let pool = PgPool::connect(db.url(), config).unwrap();
+    let unused = ["postgres://nobody@127.0.0.1:1/none".to_owned()];
+    let too_long = Duration::from_millis(i32::MAX as u64 + 1);
+    for (field, replicas) in [
+        ("replica sample_every", ReplicaConfig { sample_every: Duration::from_millis(9), ..ReplicaConfig::default() }),
+        ("replica sample_every", ReplicaConfig { sample_every: too_long, ..ReplicaConfig::default() }),
+        ("replica max_lag", ReplicaConfig { max_lag: Duration::ZERO, ..ReplicaConfig::default() }),
+        (
+            "replica read_your_writes_wait",
+            ReplicaConfig { read_your_writes_wait: Duration::MAX, ..ReplicaConfig::default() },
+        ),
+    ] {
+        match ReplicaSet::connect(&pool, &unused, "replica_urls", config, replicas) {
+            Err(StoreError::Invalid { field: named, .. }) => assert_eq!(named, field, "{replicas:?}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
 }
