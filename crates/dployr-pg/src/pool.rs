@@ -340,7 +340,10 @@ impl PgPool {
     /// made within `config.connection_timeout`.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] for a zero pool size;
+    /// [`StoreError::Invalid`] naming the field, before any connection is
+    /// tried, for a zero pool size, a timeout outside what PostgreSQL and
+    /// the clock take, or a [`NetworkConfig`](crate::NetworkConfig) setting
+    /// the kernel or libpq would refuse at every connection;
     /// [`StoreError::Configuration`] naming [`DATABASE_URL_SETTING`] at once
     /// for a malformed URL, refused credentials or a missing database or
     /// role; [`StoreError::Unavailable`] when the server refused the
