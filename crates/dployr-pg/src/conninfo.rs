@@ -47,8 +47,9 @@ pub struct NetworkConfig {
     pub keepalives_count: u32,
     /// libpq `tcp_user_timeout`: how long sent data may stay unacknowledged
     /// before the kernel closes the connection (Linux; at least 1 ms, at
-    /// most `INT_MAX` ms); `None` keeps the system's (about 15 minutes). Default 25 s: idle + interval x count,
-    /// so both mechanisms give up at the same time.
+    /// most `INT_MAX` ms); `None` keeps the system's (about 15 minutes).
+    /// Default 25 s: idle + interval x count, so both mechanisms give up at
+    /// the same time.
     pub tcp_user_timeout: Option<Duration>,
     /// libpq `connect_timeout`: how long establishing one connection may
     /// take (whole seconds, at least 2); `None` derives it from the pool's
