@@ -92,6 +92,10 @@ fn a_malformed_url_is_a_configuration_error_naming_database_url_at_once() {
         format!("postgresql:/app:{PASSWORD}@127.0.0.1:{port}/app"),
         format!("postgres://app:Pw%zz{PASSWORD}@127.0.0.1:{port}/app"),
         format!("postgres://app:{PASSWORD}@127.0.0.1:notaport/app"),
+        // Settings the kernel refuses (Linux: at most 32 767 s, 127 probes):
+        // libpq's setsockopt fails before it connects, every time.
+        format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/app?keepalives_idle=40000"),
+        format!("host=127.0.0.1 port={port} password={PASSWORD} keepalives_count=128"),
     ] {
         let started = Instant::now();
         let error = DataLayer::open(Config::new(url.clone()).with_pool(quick())).map(drop).unwrap_err();

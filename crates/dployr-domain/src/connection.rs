@@ -207,6 +207,9 @@ fn kind_of(message: &str) -> ConnectFailureKind {
         || has("end of string reached")
         || has("nul byte")
         || has("forbidden value")
+        // A TCP setting of the URL the kernel refuses (`keepalives_idle`
+        // past 32 767 s, say): every connection fails the same way.
+        || has("setsockopt(")
     {
         return MalformedUrl;
     }
@@ -403,6 +406,10 @@ mod tests {
             ("FATAL:  the database system is starting up", NotReady),
             ("FATAL:  sorry, too many clients already", NotReady),
             (r#"invalid port number: "abc""#, MalformedUrl),
+            (
+                r#"connection to server at "127.0.0.1", port 5432 failed: setsockopt(TCP_KEEPIDLE) failed: Invalid argument"#,
+                MalformedUrl,
+            ),
         ] {
             assert_eq!(kind_of(message), kind, "{message}");
         }
