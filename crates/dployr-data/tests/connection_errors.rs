@@ -123,6 +123,33 @@ fn a_missing_database_or_role_is_a_configuration_error_with_the_reason_at_once()
     }
 }
 
+/// Security settings the server cannot meet (TLS on a server without it,
+/// GSSAPI encryption without Kerberos, channel binding without SCRAM over
+/// TLS) fail the same way at every attempt: a configuration error naming
+/// `DATABASE_URL`, not an outage to wait out. A server that does offer one
+/// of them (a `DATABASE_URL` server with TLS, say) skips that case.
+#[test]
+fn security_settings_the_server_cannot_meet_are_a_configuration_error_at_once() {
+    let server = dployr_testkit::server().unwrap();
+    let base = server.url_for("postgres");
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let mut checked = 0;
+    for setting in ["sslmode=require", "gssencmode=require", "channel_binding=require"] {
+        let url = format!("{base}{separator}{setting}");
+        let started = Instant::now();
+        let Err(error) = DataLayer::open(Config::new(url.clone()).with_kv(KvBackendConfig::Memory).with_pool(quick()))
+        else {
+            eprintln!("skipped {setting}: this server meets it");
+            continue;
+        };
+        assert!(started.elapsed() < Duration::from_secs(2), "{setting}: took {:?}", started.elapsed());
+        assert!(matches!(error, StoreError::Configuration { setting: "DATABASE_URL", .. }), "{setting}: {error}");
+        assert!(error.to_string().contains("cannot be met"), "{setting}: {error}");
+        checked += 1;
+    }
+    assert!(checked > 0, "the server met every security setting: nothing was checked");
+}
+
 #[test]
 fn a_wrong_password_is_a_configuration_error_at_once_and_never_shown() {
     let server = dployr_testkit::server().unwrap();

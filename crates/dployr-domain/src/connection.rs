@@ -36,6 +36,11 @@ pub enum ConnectFailureKind {
     Authentication,
     /// The database or role named does not exist.
     Missing,
+    /// The connection's security settings cannot be met: a certificate or
+    /// key file is missing or unreadable, the server's certificate does not
+    /// verify, or the server does not offer the TLS, GSSAPI encryption or
+    /// channel binding the URL requires. Fix the setting (or the server's).
+    Security,
     /// The server refused the TCP connection (nothing listens there).
     Refused,
     /// The host or network could not be reached (or a name could not be
@@ -53,9 +58,10 @@ pub enum ConnectFailureKind {
 impl ConnectFailureKind {
     /// Whether retrying later may succeed: refused, unreachable, timed out,
     /// not ready, or an unknown reason. Never for a malformed URL, refused
-    /// credentials or a missing database.
+    /// credentials, a missing database or security settings that cannot be
+    /// met.
     pub fn is_transient(self) -> bool {
-        !matches!(self, Self::MalformedUrl | Self::Authentication | Self::Missing)
+        !matches!(self, Self::MalformedUrl | Self::Authentication | Self::Missing | Self::Security)
     }
 
     fn describe(self) -> &'static str {
@@ -63,6 +69,7 @@ impl ConnectFailureKind {
             Self::MalformedUrl => "the connection string is malformed or names an unknown host",
             Self::Authentication => "the server refused the credentials",
             Self::Missing => "the database or role does not exist",
+            Self::Security => "the connection's TLS, GSSAPI or channel binding settings cannot be met",
             Self::Refused => "the server refused the connection (is PostgreSQL running and listening there?)",
             Self::Unreachable => "the server could not be reached",
             Self::TimedOut => "the server did not answer in time",
@@ -156,12 +163,31 @@ fn one_line(message: &str) -> String {
 
 /// The kind of a libpq (or server) connection message.
 fn kind_of(message: &str) -> ConnectFailureKind {
-    use ConnectFailureKind::{Authentication, MalformedUrl, Missing, NotReady, Other, Refused, TimedOut, Unreachable};
+    use ConnectFailureKind::{
+        Authentication, MalformedUrl, Missing, NotReady, Other, Refused, Security, TimedOut, Unreachable,
+    };
     let has = |needle: &str| message.contains(needle);
     // Server answers first: they quote parts of the message that could look
     // like the network texts below.
     if has("does not exist") && (has("database \"") || has("role \"")) {
         return Missing;
+    }
+    // libpq's own refusals of the URL's security settings: the same at
+    // every attempt, so not an outage to wait out. (A TLS handshake cut
+    // off midway, "SSL SYSCALL error", stays transient.)
+    if has("server does not support SSL")
+        || has("root certificate file")
+        || has("could not open certificate file")
+        || has("could not read certificate file")
+        || has("private key file")
+        || has("certificate present, but not private key")
+        || has("certificate verify failed")
+        || has("does not match host name")
+        || has("GSSAPI encryption required")
+        || has("channel binding required")
+        || has("channel binding is required")
+    {
+        return Security;
     }
     if has("authentication failed")
         || has("no password supplied")
@@ -169,7 +195,6 @@ fn kind_of(message: &str) -> ConnectFailureKind {
         || has("is not permitted to log in")
         || has("permission denied for database")
         || has("password is required")
-        || has("server does not support SSL")
     {
         return Authentication;
     }
@@ -410,9 +435,29 @@ mod tests {
                 r#"connection to server at "127.0.0.1", port 5432 failed: setsockopt(TCP_KEEPIDLE) failed: Invalid argument"#,
                 MalformedUrl,
             ),
+            // libpq 15's words, from a server with TLS and one without.
+            (
+                "connection to server at \"127.0.0.1\", port 5432 failed: root certificate file \"/root/.postgresql/root.crt\" does not exist\nEither provide the file or change sslmode to disable server certificate verification.",
+                Security,
+            ),
+            (
+                "connection to server at \"db\", port 5432 failed: server does not support SSL, but SSL was required",
+                Security,
+            ),
+            ("connection to server at \"db\", port 5432 failed: SSL error: certificate verify failed", Security),
+            (
+                "connection to server at \"db\", port 5432 failed: GSSAPI encryption required but was impossible (possibly no credential cache, no server support, or using a local socket)",
+                Security,
+            ),
+            (
+                "connection to server at \"db\", port 5432 failed: channel binding required, but server authenticated client without channel binding",
+                Security,
+            ),
+            ("connection to server at \"db\", port 5432 failed: SSL SYSCALL error: EOF detected", Other),
         ] {
             assert_eq!(kind_of(message), kind, "{message}");
         }
         assert!(Refused.is_transient() && !Authentication.is_transient() && !Missing.is_transient());
+        assert!(!Security.is_transient() && Other.is_transient());
     }
 }
