@@ -10,7 +10,7 @@ use dployr_domain::{StoreError, StoreResult};
 use dployr_kv::KvStoreConfig;
 #[cfg(feature = "cloudflare")]
 use dployr_kv::{ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CloudflareConfig, NAMESPACE_ID_VAR};
-use dployr_pg::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, PoolConfig, ReplicaConfig};
+use dployr_pg::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, MAX_TIMEOUT, PoolConfig, ReplicaConfig};
 
 /// The PostgreSQL URL (libpq syntax). Required.
 pub const DATABASE_URL_VAR: &str = "DATABASE_URL";
@@ -406,8 +406,9 @@ impl Config {
 /// (`INT_MAX` ms, about 24.8 days), which the pool refuses too, naming the
 /// variable that set it.
 fn within_postgres_limit(name: &'static str, ms: u64) -> StoreResult<()> {
-    if ms > i32::MAX as u64 {
-        return Err(configuration(name, format!("must be at most {} ms (PostgreSQL's limit)", i32::MAX)));
+    let most = MAX_TIMEOUT.as_millis();
+    if u128::from(ms) > most {
+        return Err(configuration(name, format!("must be at most {most} ms (PostgreSQL's limit)")));
     }
     Ok(())
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use dployr_domain::StoreError;
 
+use crate::pool::within_limit;
+
 /// The longest keepalive idle time and probe interval Linux takes, in
 /// seconds (`MAX_TCP_KEEPIDLE`, `MAX_TCP_KEEPINTVL`): libpq's `setsockopt`
 /// fails past it, and with it every connection.
@@ -22,11 +24,6 @@ pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
 
 /// The most unanswered keepalive probes Linux takes (`MAX_TCP_KEEPCNT`).
 pub const MAX_KEEPALIVES_COUNT: u32 = 127;
-
-/// The longest `tcp_user_timeout` or `connect_timeout` libpq takes: it reads
-/// both as a C `int` (milliseconds and seconds), and the pool keeps every
-/// timeout within PostgreSQL's `INT_MAX` milliseconds.
-const MAX_NETWORK_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// TCP settings of every pooled connection (libpq connection parameters).
 /// A parameter the database URL sets itself is left as the URL has it.
@@ -105,18 +102,13 @@ impl NetworkConfig {
                 format!("{} is more than {MAX_KEEPALIVES_COUNT}, the kernel's limit", self.keepalives_count),
             ));
         }
-        let out_of_range = |timeout: &Duration| *timeout < Duration::from_millis(1) || *timeout > MAX_NETWORK_TIMEOUT;
-        if let Some(timeout) = self.tcp_user_timeout.filter(out_of_range) {
-            return Err(StoreError::invalid(
-                "network tcp_user_timeout",
-                format!("{timeout:?} is outside 1ms ..= {MAX_NETWORK_TIMEOUT:?}; None keeps the system's timeout"),
-            ));
+        // libpq reads both as a C `int` (milliseconds and seconds): the
+        // pool's own limit for every timeout keeps them within it.
+        if let Some(timeout) = self.tcp_user_timeout {
+            within_limit("network tcp_user_timeout", timeout, Duration::from_millis(1))?;
         }
-        if let Some(timeout) = self.connect_timeout.filter(|timeout| *timeout > MAX_NETWORK_TIMEOUT) {
-            return Err(StoreError::invalid(
-                "network connect_timeout",
-                format!("{timeout:?} is longer than {MAX_NETWORK_TIMEOUT:?}"),
-            ));
+        if let Some(timeout) = self.connect_timeout {
+            within_limit("network connect_timeout", timeout, Duration::ZERO)?;
         }
         Ok(())
     }

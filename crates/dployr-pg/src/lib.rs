@@ -35,7 +35,9 @@ pub use deadline::{DeadlineConfig, DeadlineStats, PgConnectionManager};
 pub use errors::store_error;
 pub use instances::PgInstanceStore;
 pub use operation::Operation;
-pub use pool::{DATABASE_URL_SETTING, PgPool, PgPooledConnection, PoolConfig, RecordStatements, StatementStats};
+pub use pool::{
+    DATABASE_URL_SETTING, MAX_TIMEOUT, PgPool, PgPooledConnection, PoolConfig, RecordStatements, StatementStats,
+};
 pub use replicas::{ReadScope, ReplicaConfig, ReplicaSet, ReplicaSkips, ReplicaStatus, WalPosition};
 pub use routes::{Read, Route, WRITES};
 pub use users::PgUserStore;

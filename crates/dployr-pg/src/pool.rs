@@ -61,10 +61,24 @@ pub struct PoolConfig {
 }
 
 /// The longest wait or timeout a pool takes: PostgreSQL's own limit for
-/// `statement_timeout` (`INT_MAX` milliseconds, about 24.8 days). Longer
-/// ones would be refused by the server at every connection, or overflow the
-/// clock arithmetic of a checkout or a call deadline.
-const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+/// `statement_timeout` (`INT_MAX` milliseconds, about 24.8 days), which is
+/// also libpq's for `tcp_user_timeout`. Longer ones would be refused by the
+/// server or libpq at every connection, or overflow the clock arithmetic of
+/// a checkout, a call deadline or a replica's wait.
+pub const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// Refuses, naming `field`, a timeout or wait outside `least ..=`
+/// [`MAX_TIMEOUT`]: the one range check of the pool's, the network's and
+/// the replicas' settings.
+pub(crate) fn within_limit(field: &'static str, value: Duration, least: Duration) -> Result<(), StoreError> {
+    if value < least || value > MAX_TIMEOUT {
+        return Err(StoreError::invalid(
+            field,
+            format!("{value:?} is outside {least:?} ..= {MAX_TIMEOUT:?} (PostgreSQL's limit)"),
+        ));
+    }
+    Ok(())
+}
 
 impl PoolConfig {
     /// Refuses, by name, what r2d2 would panic on, what PostgreSQL would
@@ -72,28 +86,19 @@ impl PoolConfig {
     /// as 0, which the server takes for "no timeout") and what the call
     /// deadline's arithmetic cannot hold.
     fn check(&self) -> Result<(), StoreError> {
-        fn within(field: &'static str, value: Duration, least: Duration) -> Result<(), StoreError> {
-            if value < least || value > MAX_TIMEOUT {
-                return Err(StoreError::invalid(
-                    field,
-                    format!("{value:?} is outside {least:?} ..= {MAX_TIMEOUT:?} (PostgreSQL's limit)"),
-                ));
-            }
-            Ok(())
-        }
         const ONE_MS: Duration = Duration::from_millis(1);
         if self.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
         }
-        within("pool connection_timeout", self.connection_timeout, ONE_MS)?;
+        within_limit("pool connection_timeout", self.connection_timeout, ONE_MS)?;
         if let Some(timeout) = self.statement_timeout {
-            within("pool statement_timeout", timeout, ONE_MS)?;
+            within_limit("pool statement_timeout", timeout, ONE_MS)?;
         }
         if let Some(timeout) = self.deadline.call_timeout {
-            within("deadline call_timeout", timeout, ONE_MS)?;
+            within_limit("deadline call_timeout", timeout, ONE_MS)?;
         }
-        within("deadline margin", self.deadline.margin, Duration::ZERO)?;
-        within("deadline grace", self.deadline.grace, Duration::ZERO)?;
+        within_limit("deadline margin", self.deadline.margin, Duration::ZERO)?;
+        within_limit("deadline grace", self.deadline.grace, Duration::ZERO)?;
         self.network.check()
     }
 }

@@ -65,6 +65,7 @@ use dployr_domain::StoreError;
 use crate::PgPool;
 use crate::errors::{Failure, Keys};
 use crate::metrics::{REPLICA_LAG, REPLICA_SKIPS, REPLICA_UP, ROUTED_READS};
+use crate::pool::within_limit;
 
 /// How replicas are used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,33 +84,17 @@ pub struct ReplicaConfig {
 }
 
 impl ReplicaConfig {
-    /// The longest period or wait taken: the pool's own limit for every
-    /// timeout (`INT_MAX` milliseconds, about 24.8 days). Past it, the
-    /// clock arithmetic of a read-your-writes wait overflows (a panic).
-    const LONGEST: Duration = Duration::from_millis(i32::MAX as u64);
-
     /// Refuses, by name, a sampling period under 10 ms (a sampler that
     /// would poll its replica without rest), a `max_lag` of zero (replicas
     /// configured but never read from: any lag at all skips them) and a
-    /// period or wait past [`Self::LONGEST`].
+    /// period or wait past the pool's [`MAX_TIMEOUT`](crate::MAX_TIMEOUT)
+    /// (the clock arithmetic of a read-your-writes wait overflows: a panic).
     fn check(&self) -> Result<(), StoreError> {
-        let longest = Self::LONGEST;
-        if !(Duration::from_millis(10)..=longest).contains(&self.sample_every) {
-            return Err(StoreError::invalid(
-                "replica sample_every",
-                format!("{:?} is outside 10ms ..= {longest:?}", self.sample_every),
-            ));
-        }
+        within_limit("replica sample_every", self.sample_every, Duration::from_millis(10))?;
         if self.max_lag.is_zero() {
             return Err(StoreError::invalid("replica max_lag", "must be more than zero"));
         }
-        if self.read_your_writes_wait > longest {
-            return Err(StoreError::invalid(
-                "replica read_your_writes_wait",
-                format!("{:?} is longer than {longest:?}", self.read_your_writes_wait),
-            ));
-        }
-        Ok(())
+        within_limit("replica read_your_writes_wait", self.read_your_writes_wait, Duration::ZERO)
     }
 }
 

@@ -273,6 +273,16 @@ fn more_threads_than_connections_never_wait_out_the_timeout_for_a_kept_connectio
 /// any connection: r2d2 panicked on a zero checkout timeout, PostgreSQL
 /// reads a `statement_timeout` under 1 ms as "none", and a call deadline past
 /// what a clock holds panicked in the first call.
+/// Opening a pool with each configuration fails as `Invalid`, naming its field.
+fn assert_each_refused_by_name(url: &str, refused: impl IntoIterator<Item = (&'static str, PoolConfig)>) {
+    for (field, config) in refused {
+        match PgPool::connect(url, config) {
+            Err(StoreError::Invalid { field: named, .. }) => assert_eq!(named, field, "{config:?}"),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_pool_config_with_timeouts_out_of_range_is_refused_by_name() {
     let db = dployr_testkit::database();
@@ -299,12 +309,7 @@ fn a_pool_config_with_timeouts_out_of_range_is_refused_by_name() {
         ("deadline margin", deadline(dployr_pg::DeadlineConfig { margin: forever, ..Default::default() })),
         ("deadline grace", deadline(dployr_pg::DeadlineConfig { grace: too_long, ..Default::default() })),
     ];
-    for (field, config) in refused {
-        match PgPool::connect(db.url(), config) {
-            Err(StoreError::Invalid { field: named, .. }) => assert_eq!(named, field, "{config:?}"),
-            other => panic!("{field}: {other:?}"),
-        }
-    }
+    assert_each_refused_by_name(db.url(), refused);
     // The longest timeouts and a zero margin are taken, and the pool serves.
     let longest = Duration::from_millis(i32::MAX as u64);
     let edges = PoolConfig {
@@ -354,12 +359,7 @@ fn a_network_config_the_kernel_or_libpq_would_refuse_is_refused_by_name() {
             network(NetworkConfig { connect_timeout: Some(Duration::MAX), ..Default::default() }),
         ),
     ];
-    for (field, config) in refused {
-        match PgPool::connect(db.url(), config) {
-            Err(StoreError::Invalid { field: named, .. }) => assert_eq!(named, field, "{config:?}"),
-            other => panic!("{field}: {other:?}"),
-        }
-    }
+    assert_each_refused_by_name(db.url(), refused);
     let longest = Duration::from_millis(i32::MAX as u64);
     for edges in [
         NetworkConfig {
