@@ -9,6 +9,8 @@
 //! - no membership names a missing user or cluster;
 //! - every listing's total (members, invites, instances), as pages report
 //!   it, equals a `count(*)` of its rows;
+//! - every membership's copy of its user's e-mail, name and picture (what
+//!   member listings show) equals the user's own;
 //! - a bootstrap token's `mark_used` returns `true` at most once, and a
 //!   token it returned `true` for stays used;
 //! - every read's answer holds what one snapshot must: a cluster with one
@@ -337,9 +339,11 @@ impl World {
             8..=10 => self.call("users.update", || {
                 let patch = UserPatch {
                     name: Some(format!("name {}", rng.random_range(0..100)).try_into()?),
+                    picture: rng
+                        .random_bool(0.5)
+                        .then(|| format!("https://example.io/{}.png", rng.random_range(0..100))),
                     provider: rng.random_bool(0.3).then_some(Provider::Email),
                     metadata: Some(Self::metadata(rng)),
-                    ..UserPatch::default()
                 };
                 self.users.update(&self.email(rng), patch).map(drop)
             }),
@@ -613,9 +617,10 @@ impl World {
 }
 
 /// One checker sample: clusters whose owner count is not one (with the
-/// count), memberships of a missing user or cluster, and clusters whose
-/// listing totals (`cluster_counts`, what every page reports) differ from a
-/// `count(*)` of the rows.
+/// count), memberships of a missing user or cluster, clusters whose listing
+/// totals (`cluster_counts`, what every page reports) differ from a
+/// `count(*)` of the rows, and memberships whose copy of the user's e-mail,
+/// name or picture differs from the user's.
 #[derive(QueryableByName)]
 struct Sample {
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
@@ -624,6 +629,8 @@ struct Sample {
     orphans: i64,
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
     bad_totals: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    stale_copies: Option<String>,
 }
 
 const SAMPLE: &str = "SELECT
@@ -642,7 +649,12 @@ const SAMPLE: &str = "SELECT
            SELECT (SELECT count(*) FROM user_clusters m WHERE m.cluster_id = c.id AND m.role <> 'invited') AS members,
                   (SELECT count(*) FROM user_clusters m WHERE m.cluster_id = c.id AND m.role = 'invited') AS invites,
                   (SELECT count(*) FROM instances i WHERE i.cluster_id = c.id) AS instances) r
-      WHERE (t.members, t.invites, t.instances) IS DISTINCT FROM (r.members, r.invites, r.instances)) AS bad_totals";
+      WHERE (t.members, t.invites, t.instances) IS DISTINCT FROM (r.members, r.invites, r.instances)) AS bad_totals,
+    (SELECT string_agg(format('%s in %s shows %s/%s, the user is %s/%s',
+                              m.user_id, m.cluster_id, m.name, m.picture, u.name, u.picture), ', ')
+       FROM user_clusters m
+       JOIN users u ON u.id = m.user_id
+      WHERE (m.email, m.name, m.picture) IS DISTINCT FROM (u.email, u.name, u.picture)) AS stale_copies";
 
 /// Ends every session of the database but the caller's, as a server
 /// restart (or an administrator) does.
@@ -652,7 +664,8 @@ const TERMINATE_OTHERS: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_ac
 /// The database invariants broken at this moment in the database `conn`
 /// is connected to, one line each (none when all hold), from one statement,
 /// so one snapshot: a live cluster without exactly one owner, memberships of
-/// a missing user or cluster, listing totals that differ from a `count(*)`.
+/// a missing user or cluster, listing totals that differ from a `count(*)`,
+/// memberships whose copy of the user's profile is not the user's.
 ///
 /// # Panics
 /// When the statement fails: a harness, not a store.
@@ -670,6 +683,7 @@ fn try_broken_invariants(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
         broken.push(format!("{} memberships of a missing user or cluster", sample.orphans));
     }
     broken.extend(sample.bad_totals.map(|bad| format!("listing totals: {bad}")));
+    broken.extend(sample.stale_copies.map(|stale| format!("membership copies of a profile: {stale}")));
     Ok(broken)
 }
 

@@ -499,12 +499,13 @@ impl ClusterStore for PgClusterStore {
         op.transaction(|conn| {
             lock_cluster(conn, &cluster)?;
             // The new owner next (clusters, then users, then memberships):
-            // key-share, as the foreign-key check of their membership would
-            // take it, but before any membership is locked.
+            // share-locked, as inserting their membership would lock them
+            // (the copy of their profile, 007_profile_copy_lock), but before
+            // any membership is locked.
             users::table
                 .find(&new_owner)
                 .select(users::id)
-                .for_key_share()
+                .for_share()
                 .first::<String>(conn)
                 .optional()?
                 .ok_or_else(|| StoreError::not_found("user", &new_owner))?;

@@ -96,13 +96,14 @@ pub(super) fn set_roles(
     desired: &BTreeMap<String, Role>,
 ) -> Result<(), Failure> {
     let listed: Vec<&str> = desired.keys().map(String::as_str).collect();
-    // The listed users, key-share locked in id order before any membership
-    // (the lock order of ARCHITECTURE.md): a concurrent users.delete of one
-    // of them either finished (and they are reported missing here) or waits.
+    // The listed users, share-locked in id order before any membership (the
+    // lock order of ARCHITECTURE.md), as inserting a membership locks its
+    // user (007_profile_copy_lock): a concurrent users.delete of one of them
+    // either finished (and they are reported missing here) or waits.
     let found: Vec<String> = if listed.is_empty() {
         Vec::new()
     } else {
-        users::table.filter(users::id.eq_any(&listed)).order(users::id).select(users::id).for_key_share().load(conn)?
+        users::table.filter(users::id.eq_any(&listed)).order(users::id).select(users::id).for_share().load(conn)?
     };
     if found.len() < listed.len() {
         let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.iter().any(|f| f == user)).collect();

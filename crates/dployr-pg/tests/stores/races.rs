@@ -138,6 +138,129 @@ fn deleting_a_user_while_removing_them_from_a_cluster_does_not_deadlock() {
     assert_eq!(owners_of(&f, &a.id), 1);
 }
 
+/// Waits until `call` has finished or waits on a lock: what a test of a
+/// missing lock must tell apart without waiting out a timeout.
+fn finished_or_waiting<T>(f: &Fixture, call: &thread::JoinHandle<T>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !call.is_finished()
+        && f.count(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        ) == 0
+    {
+        assert!(Instant::now() < deadline, "the call neither finished nor waited on a lock in 20 s");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// How many of `user`'s memberships keep a name or picture other than the
+/// user's own.
+fn stale_copies(f: &Fixture, user: &UserId) -> i64 {
+    f.count(&format!(
+        "SELECT count(*) FROM user_clusters m JOIN users u ON u.id = m.user_id \
+          WHERE m.user_id = '{user}' AND (m.name, m.picture) IS DISTINCT FROM (u.name, u.picture)"
+    ))
+}
+
+/// Race 4: a transfer of ownership to a user who was not a member copied
+/// their profile while a change of their name was in progress; the
+/// change's trigger, which updates the user's memberships, had already run
+/// and could not see the new one: the owner was listed under the old name
+/// until the next change (before `007_profile_copy_lock`). (`add_users`
+/// happened to wait: its insert of the invitee's user waits on the unique
+/// e-mail of a row being updated; the test checks it all the same.)
+#[test]
+fn a_user_made_owner_or_invited_while_their_profile_changes_is_listed_with_the_new_profile() {
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let (_, cluster) = f.owner("owner@example.io");
+    let heir = f.user("heir@example.io");
+    let change =
+        format!("UPDATE users SET name = 'New Name', picture = 'https://example.io/new.png' WHERE id = '{}'", heir.id);
+    let holder = LockHolder::hold(&f, &change);
+    let transferring = {
+        let (f, cluster, heir) = (Arc::clone(&f), cluster.id, heir.id);
+        thread::spawn(move || f.clusters.transfer_ownership(&cluster, &heir, Some(Role::Admin)))
+    };
+    finished_or_waiting(&f, &transferring);
+    holder.release();
+    transferring.join().unwrap().unwrap();
+    assert_eq!(stale_copies(&f, &heir.id), 0);
+    let owner = f.clusters.owner(&cluster.id).unwrap().unwrap();
+    assert_eq!((owner.user_id, owner.name.as_str()), (heir.id, "New Name"));
+    assert_eq!(owner.picture.as_deref(), Some("https://example.io/new.png"));
+
+    let invitee = f.user("invitee@example.io");
+    let holder = LockHolder::hold(&f, &format!("UPDATE users SET name = 'Newer Name' WHERE id = '{}'", invitee.id));
+    let inviting = {
+        let (f, cluster) = (Arc::clone(&f), cluster.id);
+        thread::spawn(move || f.clusters.add_users(&cluster, &[email("invitee@example.io")]))
+    };
+    finished_or_waiting(&f, &inviting);
+    holder.release();
+    let invited = inviting.join().unwrap().unwrap();
+    assert_eq!(invited.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["Newer Name"]);
+    assert_eq!(stale_copies(&f, &invitee.id), 0);
+}
+
+/// Race 5, the other order: a change of the name committed while a
+/// membership that had copied the old one was not yet committed, so the
+/// change's trigger could not see it.
+#[test]
+fn a_profile_changed_while_the_user_is_being_invited_reaches_the_new_membership() {
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let (_, cluster) = f.owner("owner@example.io");
+    let invitee = f.user("invitee@example.io");
+    let holder = LockHolder::hold(
+        &f,
+        &format!(
+            "INSERT INTO user_clusters (user_id, cluster_id, role) VALUES ('{}', '{}', 'invited')",
+            invitee.id, cluster.id
+        ),
+    );
+    let renaming = {
+        let f = Arc::clone(&f);
+        thread::spawn(move || {
+            let patch = UserPatch {
+                name: Some("New Name".try_into().unwrap()),
+                picture: Some("https://example.io/new.png".into()),
+                ..UserPatch::default()
+            };
+            f.users.update(&email("invitee@example.io"), patch)
+        })
+    };
+    finished_or_waiting(&f, &renaming);
+    holder.release();
+    renaming.join().unwrap().unwrap().unwrap();
+    assert_eq!(stale_copies(&f, &invitee.id), 0);
+    let listed = f.clusters.get(&cluster.id).unwrap().unwrap();
+    let member = listed.members.values().flatten().find(|m| m.user_id == invitee.id).unwrap();
+    assert_eq!((member.name.as_str(), member.picture.as_deref()), ("New Name", Some("https://example.io/new.png")));
+}
+
+/// Race 6: `clusters.update`'s roles add a member while their name is being
+/// changed. The roles now share-lock the users they list (before any
+/// membership), so they wait for the change, copy the new name, and do not
+/// deadlock with the change's own update of the user's memberships.
+#[test]
+fn roles_given_while_the_users_profile_changes_copy_the_new_profile() {
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let (_, cluster) = f.owner("owner@example.io");
+    let developer = f.user("developer@example.io");
+    let holder = LockHolder::hold(&f, &format!("UPDATE users SET name = 'New Name' WHERE id = '{}'", developer.id));
+    let updating = {
+        let (f, cluster, developer) = (Arc::clone(&f), cluster.id, developer.id);
+        thread::spawn(move || {
+            let roles = [(Role::Developer, vec![developer])].into_iter().collect();
+            f.clusters.update(&cluster, dployr_domain::ClusterPatch { roles: Some(roles), ..Default::default() })
+        })
+    };
+    finished_or_waiting(&f, &updating);
+    holder.release();
+    let updated = updating.join().unwrap().unwrap().unwrap();
+    let member = updated.members.values().flatten().find(|m| m.user_id == developer.id).unwrap();
+    assert_eq!((member.name.as_str(), member.role), ("New Name", Role::Developer));
+    assert_eq!(stale_copies(&f, &developer.id), 0);
+}
+
 /// The error a raw diesel statement returns, mapped by the workspace's one mapper.
 fn mapped<T: std::fmt::Debug>(result: QueryResult<T>) -> StoreError {
     dployr_pg::store_error(result.unwrap_err())
