@@ -11,6 +11,7 @@
 //!   it, equals a `count(*)` of its rows;
 //! - every membership's copy of its user's e-mail, name and picture (what
 //!   member listings show) equals the user's own;
+//! - no row of any table was updated before it was created;
 //! - a bootstrap token's `mark_used` returns `true` at most once, and a
 //!   token it returned `true` for stays used;
 //! - every read's answer holds what one snapshot must: a cluster with one
@@ -619,8 +620,9 @@ impl World {
 /// One checker sample: clusters whose owner count is not one (with the
 /// count), memberships of a missing user or cluster, clusters whose listing
 /// totals (`cluster_counts`, what every page reports) differ from a
-/// `count(*)` of the rows, and memberships whose copy of the user's e-mail,
-/// name or picture differs from the user's.
+/// `count(*)` of the rows, memberships whose copy of the user's e-mail,
+/// name or picture differs from the user's, and rows whose `updated_at` is
+/// before their `created_at`.
 #[derive(QueryableByName)]
 struct Sample {
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
@@ -631,6 +633,8 @@ struct Sample {
     bad_totals: Option<String>,
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
     stale_copies: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    updated_before_created: Option<String>,
 }
 
 const SAMPLE: &str = "SELECT
@@ -654,7 +658,14 @@ const SAMPLE: &str = "SELECT
                               m.user_id, m.cluster_id, m.name, m.picture, u.name, u.picture), ', ')
        FROM user_clusters m
        JOIN users u ON u.id = m.user_id
-      WHERE (m.email, m.name, m.picture) IS DISTINCT FROM (u.email, u.name, u.picture)) AS stale_copies";
+      WHERE (m.email, m.name, m.picture) IS DISTINCT FROM (u.email, u.name, u.picture)) AS stale_copies,
+    (SELECT string_agg(format('%s %s updated at %s, created at %s', t, k, updated_at, created_at), ', ')
+       FROM (SELECT 'user' AS t, id AS k, created_at, updated_at FROM users
+             UNION ALL SELECT 'cluster', id, created_at, updated_at FROM clusters
+             UNION ALL SELECT 'membership', user_id || ' in ' || cluster_id, created_at, updated_at FROM user_clusters
+             UNION ALL SELECT 'instance', id, created_at, updated_at FROM instances
+             UNION ALL SELECT 'token', nonce, created_at, updated_at FROM bootstrap_tokens) AS rows
+      WHERE updated_at < created_at) AS updated_before_created";
 
 /// Ends every session of the database but the caller's, as a server
 /// restart (or an administrator) does.
@@ -665,7 +676,8 @@ const TERMINATE_OTHERS: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_ac
 /// is connected to, one line each (none when all hold), from one statement,
 /// so one snapshot: a live cluster without exactly one owner, memberships of
 /// a missing user or cluster, listing totals that differ from a `count(*)`,
-/// memberships whose copy of the user's profile is not the user's.
+/// memberships whose copy of the user's profile is not the user's, rows
+/// updated before they were created.
 ///
 /// # Panics
 /// When the statement fails: a harness, not a store.
@@ -684,6 +696,7 @@ fn try_broken_invariants(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
     }
     broken.extend(sample.bad_totals.map(|bad| format!("listing totals: {bad}")));
     broken.extend(sample.stale_copies.map(|stale| format!("membership copies of a profile: {stale}")));
+    broken.extend(sample.updated_before_created.map(|rows| format!("updated before created: {rows}")));
     Ok(broken)
 }
 

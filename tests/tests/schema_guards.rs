@@ -262,6 +262,109 @@ fn updated_at_is_kept_by_the_database() {
     assert!(moved);
 }
 
+/// A change that waited (here: a transaction that began before the row
+/// existed) is stamped with the time of the change, not of its
+/// transaction's start: before `008_update_times` the row read "updated"
+/// before it was created, and a later change could move `updated_at` back.
+#[test]
+fn updated_at_is_never_before_created_at_nor_moved_back_by_a_transaction_that_began_earlier() {
+    let db = dployr_testkit::database();
+    let mut early = db.connect();
+    let mut other = db.connect();
+    early.batch_execute("BEGIN; SELECT 1").unwrap();
+    thread::sleep(Duration::from_millis(20));
+    let created = user(&mut other, 1);
+    early.batch_execute(&format!("UPDATE users SET name = 'Early' WHERE id = '{created}'; COMMIT")).unwrap();
+    let order = |conn: &mut PgConnection| -> bool {
+        diesel::select(diesel::dsl::sql::<Bool>("(SELECT updated_at >= created_at FROM users)"))
+            .get_result(conn)
+            .unwrap()
+    };
+    assert!(order(&mut other), "updated before it was created");
+
+    // Two changes: the one whose transaction began first commits last.
+    early.batch_execute("BEGIN; SELECT 1").unwrap();
+    thread::sleep(Duration::from_millis(20));
+    other.batch_execute(&format!("UPDATE users SET name = 'Later' WHERE id = '{created}'")).unwrap();
+    let after_later: String = diesel::select(diesel::dsl::sql::<Text>("(SELECT updated_at::text FROM users)"))
+        .get_result(&mut other)
+        .unwrap();
+    early.batch_execute(&format!("UPDATE users SET name = 'Last' WHERE id = '{created}'; COMMIT")).unwrap();
+    let moved_on: bool = diesel::select(diesel::dsl::sql::<Bool>(&format!(
+        "(SELECT updated_at > '{after_later}'::timestamptz FROM users)"
+    )))
+    .get_result(&mut other)
+    .unwrap();
+    assert!(moved_on, "the last change moved updated_at back from {after_later}");
+    assert!(order(&mut other));
+}
+
+/// What the trigger cannot stop, an INSERT that sets both times the wrong
+/// way round, the checks refuse, on every table that has the two columns.
+/// (An UPDATE cannot: the trigger stamps a change at or after the row's
+/// creation, even one that moves `created_at`.)
+#[test]
+fn a_row_updated_before_it_was_created_is_refused_in_every_table() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let owner = user(&mut conn, 1);
+    let cluster = cluster(&mut conn, 2, &owner);
+    let member = user(&mut conn, 3);
+    let instance = id(4);
+    conn.batch_execute(&format!(
+        "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{instance}', '{cluster}', '10.0.0.1', 'a')"
+    ))
+    .unwrap();
+    let backwards = "now(), now() - interval '1 second'";
+    let cases = [
+        (
+            "users_updated_at_check",
+            format!(
+                "INSERT INTO users (id, email, name, provider, created_at, updated_at) \
+                 VALUES ('{}', 'b@example.com', 'B', 'email', {backwards})",
+                id(5)
+            ),
+        ),
+        (
+            "clusters_updated_at_check",
+            format!("INSERT INTO clusters (id, name, created_at, updated_at) VALUES ('{}', 'c', {backwards})", id(6)),
+        ),
+        (
+            "user_clusters_updated_at_check",
+            format!(
+                "INSERT INTO user_clusters (user_id, cluster_id, role, created_at, updated_at) \
+                 VALUES ('{member}', '{cluster}', 'viewer', {backwards})"
+            ),
+        ),
+        (
+            "instances_updated_at_check",
+            format!(
+                "INSERT INTO instances (id, cluster_id, address, tag, created_at, updated_at) \
+                 VALUES ('{}', '{cluster}', '10.0.0.2', 'b', {backwards})",
+                id(7)
+            ),
+        ),
+        (
+            "bootstrap_tokens_updated_at_check",
+            format!(
+                "INSERT INTO bootstrap_tokens (nonce, instance_id, created_at, updated_at) \
+                 VALUES ('n', '{instance}', {backwards})"
+            ),
+        ),
+        (
+            "kv_entries_updated_at_check",
+            format!("INSERT INTO kv_entries (key, value, created_at, updated_at) VALUES ('k', '', {backwards})"),
+        ),
+    ];
+    for (constraint, sql) in cases {
+        let (kind, name) = refusal(diesel::sql_query(&sql).execute(&mut conn));
+        assert_eq!((kind, name.as_str()), (DatabaseErrorKind::CheckViolation, constraint), "{sql}");
+    }
+    // Moving the creation after the last change lifts the change with it.
+    conn.batch_execute("UPDATE users SET created_at = now() + interval '1 hour'").unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM users WHERE updated_at < created_at"), 0);
+}
+
 #[test]
 fn every_foreign_key_is_backed_by_an_index() {
     let db = dployr_testkit::database();

@@ -207,6 +207,13 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "kv_entries_key_check" => Check { field: "key", reason: "must be 1 to 512 bytes long" },
         "cluster_counts_not_negative" => Check { field: "count", reason: "a listing total went below zero" },
         "kv_entries_value_check" => Check { field: "value", reason: "is larger than 25 MiB" },
+        // No store writes either time; only hand-written SQL can meet these.
+        "users_updated_at_check"
+        | "clusters_updated_at_check"
+        | "user_clusters_updated_at_check"
+        | "instances_updated_at_check"
+        | "bootstrap_tokens_updated_at_check"
+        | "kv_entries_updated_at_check" => Check { field: "updated_at", reason: "would come before created_at" },
         "user_clusters_owner_kept" => {
             Owner { reason: "the owner's membership goes only with the cluster; transfer ownership first" }
         }
