@@ -387,6 +387,32 @@ pub fn attempt_take_counts_compares_and_consumes(f: &dyn KvFixture) {
     assert_eq!(expired, (1, false));
 }
 
+/// A new value with its count of attempts restarted: the value replaced,
+/// with its own TTL, and the counter gone, so the next attempt counts 1 and
+/// may take it. A bad counter key, or one that is the value's own key, is
+/// refused before anything is written.
+pub fn put_and_reset_counter_replaces_the_value_and_restarts_the_count(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put("reset/code", b"old", Some(TTL)), "put");
+    for n in 1..=3 {
+        assert_eq!(ok(kv.increment("reset/tries", Some(TTL)), "count"), n);
+    }
+    ok(kv.put_and_reset_counter("reset/code", b"new", Some(TTL), "reset/tries"), "put and reset");
+    assert_eq!(ok(kv.get("reset/code"), "get"), Some(b"new".to_vec()));
+    assert_eq!(ok(kv.get("reset/tries"), "counter"), None);
+    let attempt = ok(kv.count_attempt_and_take_if("reset/tries", Some(TTL), 3, "reset/code", b"new"), "attempt");
+    assert_eq!(attempt, (1, true));
+    // With no counter to delete, and expiring with its own TTL.
+    ok(kv.put_and_reset_counter("reset/short", b"v", Some(TTL), "reset/none"), "put and reset, no counter");
+    assert_eq!(ok(kv.get("reset/short"), "get short"), Some(b"v".to_vec()));
+    f.advance(TTL + Duration::from_secs(1));
+    assert_eq!(ok(kv.get("reset/short"), "get short after its TTL"), None);
+    assert_invalid(kv.put_and_reset_counter("reset/bad", b"v", Some(TTL), ""), "counter_key");
+    assert_invalid(kv.put_and_reset_counter("reset/bad", b"v", Some(TTL), "reset/bad"), "counter_key");
+    assert_invalid(kv.put_and_reset_counter("reset/bad", b"v", Some(Duration::ZERO), "reset/c"), "ttl");
+    assert_eq!(ok(kv.get("reset/bad"), "nothing written"), None);
+}
+
 /// The counter starts at 1, counts up, is readable as digits, keeps the
 /// expiry it was created with, and starts again at 1 once expired.
 pub fn counter_counts_and_restarts_after_expiry(f: &dyn KvFixture) {
@@ -599,6 +625,43 @@ pub fn parallel_guesses_are_each_counted_and_take_the_code_once_where_promised(f
     assert_eq!(left.is_none(), first_right_in_limit, "the code is gone exactly when taken");
 }
 
+/// A right guess racing a new value is counted with the value it compares:
+/// if it takes the new value, it was counted under the restarted count,
+/// never under the count the reset deletes (which would let the new value
+/// be compared with more attempts than the limit). The old count starts at
+/// 5, so a guess counted under it counts 6 or more, and one counted after
+/// the reset at most 3. Where the backend promises atomic one-time
+/// operations.
+pub fn a_guess_racing_a_new_value_is_counted_with_the_value_it_takes_where_promised(f: &dyn KvFixture) {
+    if !(f.guarantees().atomic_take && f.guarantees().exact_increment) {
+        return;
+    }
+    let kv = f.kv();
+    for round in 0..50 {
+        let (code, tries) = (format!("racing/code{round}"), format!("racing/tries{round}"));
+        ok(kv.put(&code, b"old", Some(TTL)), "put");
+        for _ in 0..5 {
+            ok(kv.increment(&tries, Some(TTL)), "count");
+        }
+        // One thread writes the new value and restarts the count; the
+        // others guess the new value at the same moment.
+        let results = in_parallel_on(4, 4, |n| {
+            if n == 0 {
+                ok(kv.put_and_reset_counter(&code, b"new", Some(TTL), &tries), "put and reset");
+                None
+            } else {
+                Some(ok(kv.count_attempt_and_take_if(&tries, Some(TTL), 10, &code, b"new"), "attempt"))
+            }
+        });
+        for (count, taken) in results.into_iter().flatten() {
+            assert!(
+                !taken || count <= 3,
+                "round {round}: a guess counted {count} under the old count took the new value"
+            );
+        }
+    }
+}
+
 /// Defines one `#[test]` per conformance function (those of this module and,
 /// through [`session_store_contract_tests!`](crate::session_store_contract_tests),
 /// of [`session_store_contract`](crate::session_store_contract)), each on a
@@ -622,6 +685,7 @@ macro_rules! kv_contract_tests {
             take_returns_the_value_once,
             attempt_take_counts_compares_and_consumes,
             counter_counts_and_restarts_after_expiry,
+            put_and_reset_counter_replaces_the_value_and_restarts_the_count,
             sessions_expire,
             deleted_sessions_are_gone,
             delete_user_sessions_ends_every_session_of_that_user_only,
@@ -633,7 +697,8 @@ macro_rules! kv_contract_tests {
             read_your_writes_where_promised,
             parallel_takes_give_exactly_one_value_where_promised,
             parallel_increments_are_exact_where_promised,
-            parallel_guesses_are_each_counted_and_take_the_code_once_where_promised
+            parallel_guesses_are_each_counted_and_take_the_code_once_where_promised,
+            a_guess_racing_a_new_value_is_counted_with_the_value_it_takes_where_promised
         );
         $crate::session_store_contract_tests!($fixture);
     };

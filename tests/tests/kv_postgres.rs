@@ -185,4 +185,12 @@ fn every_operation_is_one_statement() {
         assert_eq!(pg.kv.count_attempt_and_take_if("tries", ttl, 2, "code", b"right").unwrap(), (3, false));
     });
     assert_eq!(pg.kv.get("code").unwrap().as_deref(), Some(&b"right"[..]), "past the limit, nothing is taken");
+    // A new one-time value with its count restarted: one statement, so no
+    // attempt sees the new value with the old count.
+    one("put_and_reset_counter", &|| pg.kv.put_and_reset_counter("code", b"new", ttl, "tries").unwrap());
+    assert_eq!(pg.kv.count_attempt_and_take_if("tries", ttl, 2, "code", b"new").unwrap(), (1, true));
+    // And a new code of the store: one statement, where it was two.
+    let store = dployr_kv::KvStore::new(Arc::new(pg.kv.clone()));
+    let email = dployr_domain::Email::parse("one@example.com").unwrap();
+    one("KvStore::create_otp", &|| drop(store.create_otp(&email).unwrap()));
 }

@@ -311,8 +311,8 @@ fn kv_operations_are_spans_without_any_secret_and_postgres_ones_count_statements
             ("dployr.kv", "kv.create_state", None),
             ("dployr.store", "kv.postgres.take", Some("1")),
             ("dployr.kv", "kv.validate_state", None),
-            ("dployr.store", "kv.postgres.put", Some("1")),
-            ("dployr.store", "kv.postgres.delete", Some("1")),
+            // The new code stored and its count restarted in one statement.
+            ("dployr.store", "kv.postgres.put_and_reset_counter", Some("1")),
             ("dployr.kv", "kv.create_otp", None),
             // A guess: counted, compared and (right) consumed in one statement.
             ("dployr.store", "kv.postgres.count_attempt_and_take_if", Some("1")),

@@ -318,6 +318,58 @@ pub trait KvBackend: Send + Sync {
         }
         Ok((attempts, self.take(key)?.as_deref() == Some(expected)))
     }
+
+    /// Stores `value` under `key` (as [`put`](Self::put)) and deletes the
+    /// counter under `counter_key`: how a new one-time code replaces the old
+    /// one and restarts its count of attempts. Atomic where
+    /// [`KvLimits::atomic`] says so: no
+    /// [`count_attempt_and_take_if`](Self::count_attempt_and_take_if) is
+    /// counted under the old count and compared with the new value, so the
+    /// new value is compared with at most `max_attempts` attempts.
+    ///
+    /// The default is [`put`](Self::put), then [`delete`](Self::delete) of
+    /// the counter: an attempt that lands between the two is counted under
+    /// the count that is then deleted, and compared with the new value
+    /// uncounted. PostgreSQL does it in one statement, memory under one lock.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key, value, TTL or counter key, or
+    /// a counter key that is `key` itself, before anything is written;
+    /// backend errors.
+    fn put_and_reset_counter(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        counter_key: &str,
+    ) -> StoreResult<()> {
+        check_counter_key(&self.limits(), key, counter_key)?;
+        self.put(key, value, ttl)?;
+        self.delete(counter_key)
+    }
+}
+
+/// Refuses a counter key that [`KvLimits::check_key`] refuses, or that is
+/// the key of the value it counts attempts at: what
+/// [`KvBackend::put_and_reset_counter`] checks before writing.
+///
+/// # Errors
+/// [`StoreError::Invalid`] naming `counter_key`.
+///
+/// ```
+/// use dployr_domain::{KvLimits, check_counter_key};
+/// assert!(check_counter_key(&KvLimits::default(), "otp:a", "otp-tries:a").is_ok());
+/// assert!(check_counter_key(&KvLimits::default(), "otp:a", "otp:a").is_err());
+/// ```
+pub fn check_counter_key(limits: &KvLimits, key: &str, counter_key: &str) -> StoreResult<()> {
+    limits.check_key(counter_key).map_err(|error| match error {
+        StoreError::Invalid { reason, .. } => StoreError::Invalid { field: "counter_key", reason },
+        other => other,
+    })?;
+    if counter_key == key {
+        return Err(StoreError::invalid("counter_key", "must not be the key of the value it counts attempts at"));
+    }
+    Ok(())
 }
 
 /// Parses a counter value as written by [`KvBackend::increment`]: ASCII

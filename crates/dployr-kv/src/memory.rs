@@ -9,7 +9,9 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter, parse_counter};
+use dployr_domain::{
+    KvBackend, KvLimits, KvPage, StoreError, StoreResult, check_counter_key, not_a_counter, parse_counter,
+};
 
 use crate::clock::{Clock, SystemClock};
 
@@ -215,5 +217,25 @@ impl KvBackend for MemoryKv {
             && state.entries.get(key).is_some_and(|entry| entry.value == expected)
             && state.remove(key).is_some();
         Ok((count, taken))
+    }
+
+    /// Under the one lock: no attempt sees the new value with the old count.
+    fn put_and_reset_counter(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        counter_key: &str,
+    ) -> StoreResult<()> {
+        let limits = self.limits();
+        limits.check_key(key)?;
+        limits.check_value(value)?;
+        limits.check_ttl(ttl)?;
+        check_counter_key(&limits, key, counter_key)?;
+        let expires_at = self.expiry(ttl)?;
+        let mut state = self.state();
+        state.insert(key, Entry { value: value.to_vec(), expires_at });
+        state.remove(counter_key);
+        Ok(())
     }
 }

@@ -26,7 +26,7 @@ use diesel::dsl::{now, sql};
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Interval, Nullable, Text, Timestamptz};
-use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter};
+use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, check_counter_key, not_a_counter};
 use dployr_pg::PgPool;
 use dployr_pg::schema::kv_entries;
 
@@ -121,6 +121,21 @@ const ATTEMPT_TAKE_SQL: &str = concat!(
 )
 SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken) AS taken"
 );
+
+/// `put_and_reset_counter` in one statement: the counter (`$1`) is deleted
+/// first (the main statement reads the `DELETE`'s rows, so it runs to
+/// completion before the insert), then the value is upserted as `put` does
+/// (`$2` key, `$3` value, `$4` TTL). Rows are locked in the order of
+/// [`ATTEMPT_TAKE_SQL`], counter then value, so the two cannot deadlock,
+/// and an attempt either comes wholly before (old count, old value) or
+/// wholly after (new count, new value).
+const PUT_AND_RESET_SQL: &str = r"
+WITH reset AS (
+    DELETE FROM kv_entries WHERE key = $1 RETURNING 1
+)
+INSERT INTO kv_entries AS e (key, value, expires_at)
+SELECT $2, $3, now() + $4 FROM (SELECT count(*) FROM reset) AS counter_deleted_first
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at";
 
 /// One bounded batch of the purge. diesel's builder cannot put an ordered,
 /// limited, `FOR UPDATE SKIP LOCKED` subquery into a `DELETE`, so this is
@@ -368,5 +383,31 @@ impl KvBackend for PgKv {
         })?;
         let count = attempt.count.ok_or_else(|| not_a_counter(attempts_key))?;
         Ok((count, attempt.taken))
+    }
+
+    /// One statement ([`PUT_AND_RESET_SQL`]).
+    fn put_and_reset_counter(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        counter_key: &str,
+    ) -> StoreResult<()> {
+        let op = self.pool.operation("kv.postgres.put_and_reset_counter");
+        let limits = self.limits();
+        limits.check_key(key)?;
+        limits.check_value(value)?;
+        limits.check_ttl(ttl)?;
+        check_counter_key(&limits, key, counter_key)?;
+        let ttl = interval(ttl)?;
+        op.run(|conn| {
+            diesel::sql_query(PUT_AND_RESET_SQL)
+                .bind::<Text, _>(counter_key)
+                .bind::<Text, _>(key)
+                .bind::<diesel::sql_types::Binary, _>(value)
+                .bind::<Nullable<Interval>, _>(ttl)
+                .execute(conn)
+        })?;
+        Ok(())
     }
 }

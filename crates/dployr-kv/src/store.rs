@@ -521,8 +521,10 @@ impl KvStore {
         let code = OtpCode::generate();
         let (code_key, attempts_key) = Self::otp_keys(email);
         let stored = otp_hash(&code_key, &code.normalized());
-        self.one_time.put(&code_key, &stored, Some(self.config.otp_ttl))?;
-        self.one_time.delete(&attempts_key)?;
+        // One step where the backend allows: an attempt racing this is
+        // counted against the code it is compared with, so no code is
+        // compared more times than the limit.
+        self.one_time.put_and_reset_counter(&code_key, &stored, Some(self.config.otp_ttl), &attempts_key)?;
         Ok(code)
     }
 
