@@ -385,7 +385,7 @@ impl KvBackend for PgKv {
         Ok((count, attempt.taken))
     }
 
-    /// One statement ([`PUT_AND_RESET_SQL`]).
+    /// One statement (`PUT_AND_RESET_SQL`): the counter deleted, then the value upserted.
     fn put_and_reset_counter(
         &self,
         key: &str,
