@@ -31,33 +31,20 @@ $$;
 -- Rows the old trigger left updated before they were created: the change
 -- came within milliseconds after the creation (the window above), so the
 -- creation time is the closest value known. The trigger would set the time
--- of this migration instead, so it is turned off for the repair. Tables in
--- the stores' lock order (clusters, then users, then memberships:
--- docs/ARCHITECTURE.md), so that a write running beside the migration
--- rather waits for it than deadlocks with it (what still runs into the
--- runner's lock_timeout is rolled back and tried again whole).
-ALTER TABLE clusters DISABLE TRIGGER clusters_set_updated_at;
-UPDATE clusters SET updated_at = created_at WHERE updated_at < created_at;
-ALTER TABLE clusters ENABLE TRIGGER clusters_set_updated_at;
-ALTER TABLE users DISABLE TRIGGER users_set_updated_at;
-UPDATE users SET updated_at = created_at WHERE updated_at < created_at;
-ALTER TABLE users ENABLE TRIGGER users_set_updated_at;
-ALTER TABLE user_clusters DISABLE TRIGGER user_clusters_set_updated_at;
-UPDATE user_clusters SET updated_at = created_at WHERE updated_at < created_at;
-ALTER TABLE user_clusters ENABLE TRIGGER user_clusters_set_updated_at;
-ALTER TABLE instances DISABLE TRIGGER instances_set_updated_at;
-UPDATE instances SET updated_at = created_at WHERE updated_at < created_at;
-ALTER TABLE instances ENABLE TRIGGER instances_set_updated_at;
-ALTER TABLE bootstrap_tokens DISABLE TRIGGER bootstrap_tokens_set_updated_at;
-UPDATE bootstrap_tokens SET updated_at = created_at WHERE updated_at < created_at;
-ALTER TABLE bootstrap_tokens ENABLE TRIGGER bootstrap_tokens_set_updated_at;
-ALTER TABLE kv_entries DISABLE TRIGGER kv_entries_set_updated_at;
-UPDATE kv_entries SET updated_at = created_at WHERE updated_at < created_at;
-ALTER TABLE kv_entries ENABLE TRIGGER kv_entries_set_updated_at;
-
-ALTER TABLE clusters ADD CONSTRAINT clusters_updated_at_check CHECK (updated_at >= created_at);
-ALTER TABLE users ADD CONSTRAINT users_updated_at_check CHECK (updated_at >= created_at);
-ALTER TABLE user_clusters ADD CONSTRAINT user_clusters_updated_at_check CHECK (updated_at >= created_at);
-ALTER TABLE instances ADD CONSTRAINT instances_updated_at_check CHECK (updated_at >= created_at);
-ALTER TABLE bootstrap_tokens ADD CONSTRAINT bootstrap_tokens_updated_at_check CHECK (updated_at >= created_at);
-ALTER TABLE kv_entries ADD CONSTRAINT kv_entries_updated_at_check CHECK (updated_at >= created_at);
+-- of this migration instead, so it is turned off for the repair. Then the
+-- check. Tables in the stores' lock order (clusters, then users, then
+-- memberships: docs/ARCHITECTURE.md), so that a write running beside the
+-- migration rather waits for it than deadlocks with it (what still runs
+-- into the runner's lock_timeout is rolled back and tried again whole).
+DO $$
+DECLARE
+    t TEXT;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['clusters', 'users', 'user_clusters', 'instances', 'bootstrap_tokens', 'kv_entries'] LOOP
+        EXECUTE format('ALTER TABLE %I DISABLE TRIGGER %I', t, t || '_set_updated_at');
+        EXECUTE format('UPDATE %I SET updated_at = created_at WHERE updated_at < created_at', t);
+        EXECUTE format('ALTER TABLE %I ENABLE TRIGGER %I', t, t || '_set_updated_at');
+        EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (updated_at >= created_at)', t, t || '_updated_at_check');
+    END LOOP;
+END
+$$;
