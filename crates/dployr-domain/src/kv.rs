@@ -195,6 +195,40 @@ impl KvLimits {
         Ok(())
     }
 
+    /// What [`KvBackend::put`] checks: the key, the value and the TTL.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `key`, `value` or `ttl`.
+    pub fn check_put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+        self.check_key(key)?;
+        self.check_value(value)?;
+        self.check_ttl(ttl)
+    }
+
+    /// Refuses a counter key that [`check_key`](Self::check_key) refuses,
+    /// or that is the key of the value it counts attempts at: what
+    /// [`KvBackend::put_and_reset_counter`] checks beside
+    /// [`check_put`](Self::check_put), before writing.
+    ///
+    /// ```
+    /// use dployr_domain::KvLimits;
+    /// assert!(KvLimits::default().check_counter_key("otp:a", "otp-tries:a").is_ok());
+    /// assert!(KvLimits::default().check_counter_key("otp:a", "otp:a").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `counter_key`.
+    pub fn check_counter_key(&self, key: &str, counter_key: &str) -> StoreResult<()> {
+        self.check_key(counter_key).map_err(|error| match error {
+            StoreError::Invalid { reason, .. } => StoreError::Invalid { field: "counter_key", reason },
+            other => other,
+        })?;
+        if counter_key == key {
+            return Err(StoreError::invalid("counter_key", "must not be the key of the value it counts attempts at"));
+        }
+        Ok(())
+    }
+
     /// Refuses a list `limit` outside `min_list_limit..=max_list_limit`.
     ///
     /// # Errors
@@ -343,33 +377,10 @@ pub trait KvBackend: Send + Sync {
         ttl: Option<Duration>,
         counter_key: &str,
     ) -> StoreResult<()> {
-        check_counter_key(&self.limits(), key, counter_key)?;
+        self.limits().check_counter_key(key, counter_key)?;
         self.put(key, value, ttl)?;
         self.delete(counter_key)
     }
-}
-
-/// Refuses a counter key that [`KvLimits::check_key`] refuses, or that is
-/// the key of the value it counts attempts at: what
-/// [`KvBackend::put_and_reset_counter`] checks before writing.
-///
-/// # Errors
-/// [`StoreError::Invalid`] naming `counter_key`.
-///
-/// ```
-/// use dployr_domain::{KvLimits, check_counter_key};
-/// assert!(check_counter_key(&KvLimits::default(), "otp:a", "otp-tries:a").is_ok());
-/// assert!(check_counter_key(&KvLimits::default(), "otp:a", "otp:a").is_err());
-/// ```
-pub fn check_counter_key(limits: &KvLimits, key: &str, counter_key: &str) -> StoreResult<()> {
-    limits.check_key(counter_key).map_err(|error| match error {
-        StoreError::Invalid { reason, .. } => StoreError::Invalid { field: "counter_key", reason },
-        other => other,
-    })?;
-    if counter_key == key {
-        return Err(StoreError::invalid("counter_key", "must not be the key of the value it counts attempts at"));
-    }
-    Ok(())
 }
 
 /// Parses a counter value as written by [`KvBackend::increment`]: ASCII

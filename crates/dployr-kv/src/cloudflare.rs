@@ -698,9 +698,7 @@ impl KvBackend for CloudflareKv {
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
         let mut call = Call::start("kv.cloudflare.put");
         let limits = self.limits();
-        limits.check_key(key)?;
-        limits.check_value(value)?;
-        limits.check_ttl(ttl)?;
+        limits.check_put(key, value, ttl)?;
         self.write(&mut call, key, value, ttl)
     }
 

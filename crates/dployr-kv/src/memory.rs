@@ -9,9 +9,7 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use dployr_domain::{
-    KvBackend, KvLimits, KvPage, StoreError, StoreResult, check_counter_key, not_a_counter, parse_counter,
-};
+use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter, parse_counter};
 
 use crate::clock::{Clock, SystemClock};
 
@@ -146,9 +144,7 @@ impl KvBackend for MemoryKv {
 
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
         let limits = self.limits();
-        limits.check_key(key)?;
-        limits.check_value(value)?;
-        limits.check_ttl(ttl)?;
+        limits.check_put(key, value, ttl)?;
         let expires_at = self.expiry(ttl)?;
         self.state().insert(key, Entry { value: value.to_vec(), expires_at });
         Ok(())
@@ -228,10 +224,8 @@ impl KvBackend for MemoryKv {
         counter_key: &str,
     ) -> StoreResult<()> {
         let limits = self.limits();
-        limits.check_key(key)?;
-        limits.check_value(value)?;
-        limits.check_ttl(ttl)?;
-        check_counter_key(&limits, key, counter_key)?;
+        limits.check_put(key, value, ttl)?;
+        limits.check_counter_key(key, counter_key)?;
         let expires_at = self.expiry(ttl)?;
         let mut state = self.state();
         state.insert(key, Entry { value: value.to_vec(), expires_at });

@@ -26,7 +26,7 @@ use diesel::dsl::{now, sql};
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Interval, Nullable, Text, Timestamptz};
-use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, check_counter_key, not_a_counter};
+use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter};
 use dployr_pg::PgPool;
 use dployr_pg::schema::kv_entries;
 
@@ -127,8 +127,10 @@ SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken) AS tak
 /// completion before the insert), then the value is upserted as `put` does
 /// (`$2` key, `$3` value, `$4` TTL). Rows are locked in the order of
 /// [`ATTEMPT_TAKE_SQL`], counter then value, so the two cannot deadlock,
-/// and an attempt either comes wholly before (old count, old value) or
-/// wholly after (new count, new value).
+/// and no attempt is counted under the old count and compared with the new
+/// value. (An attempt that waited for the counter's lock is counted under
+/// the new count, but its statement's snapshot may still hold the old
+/// value: it is compared with that, and counted all the same.)
 const PUT_AND_RESET_SQL: &str = r"
 WITH reset AS (
     DELETE FROM kv_entries WHERE key = $1 RETURNING 1
@@ -265,9 +267,7 @@ impl KvBackend for PgKv {
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
         let op = self.pool.operation("kv.postgres.put");
         let limits = self.limits();
-        limits.check_key(key)?;
-        limits.check_value(value)?;
-        limits.check_ttl(ttl)?;
+        limits.check_put(key, value, ttl)?;
         let ttl = interval(ttl)?;
         op.run(|conn| {
             let expires_at = sql::<Nullable<Timestamptz>>("now() + ").bind::<Nullable<Interval>, _>(ttl);
@@ -395,10 +395,8 @@ impl KvBackend for PgKv {
     ) -> StoreResult<()> {
         let op = self.pool.operation("kv.postgres.put_and_reset_counter");
         let limits = self.limits();
-        limits.check_key(key)?;
-        limits.check_value(value)?;
-        limits.check_ttl(ttl)?;
-        check_counter_key(&limits, key, counter_key)?;
+        limits.check_put(key, value, ttl)?;
+        limits.check_counter_key(key, counter_key)?;
         let ttl = interval(ttl)?;
         op.run(|conn| {
             diesel::sql_query(PUT_AND_RESET_SQL)

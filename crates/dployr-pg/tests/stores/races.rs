@@ -38,13 +38,16 @@ impl LockHolder {
     }
 }
 
+/// How many sessions of the fixture's database wait on a lock.
+fn lock_waiters(f: &Fixture) -> i64 {
+    f.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+}
+
 /// Waits until `n` sessions of the fixture's database wait on a lock.
 fn wait_for_lock_waiters(f: &Fixture, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let waiting = f.count(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        );
+        let waiting = lock_waiters(f);
         if waiting >= n {
             return;
         }
@@ -142,11 +145,7 @@ fn deleting_a_user_while_removing_them_from_a_cluster_does_not_deadlock() {
 /// missing lock must tell apart without waiting out a timeout.
 fn finished_or_waiting<T>(f: &Fixture, call: &thread::JoinHandle<T>) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !call.is_finished()
-        && f.count(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        ) == 0
-    {
+    while !call.is_finished() && lock_waiters(f) == 0 {
         assert!(Instant::now() < deadline, "the call neither finished nor waited on a lock in 20 s");
         thread::sleep(Duration::from_millis(5));
     }
