@@ -109,6 +109,8 @@ pub struct GitHubIntegration {
 pub trait ClusterStore: Send + Sync {
     /// The cluster `owner` owns; if none, a new one named after the owner's
     /// e-mail local part. Concurrent calls for one user create one cluster.
+    /// A user who owns several (ownership transferred to an owner) gets the
+    /// oldest, the one [`owned_cluster`](Self::owned_cluster) names.
     ///
     /// # Errors
     /// `NotFound` for an unknown user.
@@ -165,7 +167,8 @@ pub trait ClusterStore: Send + Sync {
         previous_owner_becomes: Option<Role>,
     ) -> StoreResult<()>;
 
-    /// The cluster this user owns.
+    /// The cluster this user owns; of several, the oldest (by creation,
+    /// then id), the one [`create_for_owner`](Self::create_for_owner) returns.
     fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>>;
 
     /// The clusters this user belongs to (invitations excluded).

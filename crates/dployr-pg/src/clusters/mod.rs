@@ -44,6 +44,20 @@ use with_members::load_cluster;
 
 diesel::alias!(user_clusters as owner_memberships: OwnerMemberships);
 
+/// The clusters `user` owns, oldest first (by creation, then id): the
+/// first is "the cluster the user owns" for both `owned_cluster` and
+/// `create_for_owner`. A user may own several (`transfer_ownership` can give
+/// an owner a second cluster), and the two must name the same one.
+#[diesel::dsl::auto_type]
+fn owned_by<'a>(user: &'a str) -> _ {
+    let owner: &'static str = Role::Owner.as_str();
+    user_clusters::table
+        .inner_join(clusters::table)
+        .filter(user_clusters::user_id.eq(user))
+        .filter(user_clusters::role.eq(owner))
+        .order((clusters::created_at, clusters::id))
+}
+
 /// The longest GitHub login id `install_github_integration` takes, in bytes
 /// (it is looked up through an index, and GitHub's own are far shorter).
 const MAX_LOGIN_ID_BYTES: usize = 255;
@@ -226,13 +240,7 @@ impl ClusterStore for PgClusterStore {
                 .first(conn)
                 .optional()?
                 .ok_or_else(|| StoreError::not_found("user", &owner))?;
-            let owned: Option<String> = user_clusters::table
-                .filter(user_clusters::user_id.eq(&owner))
-                .filter(user_clusters::role.eq(Role::Owner.as_str()))
-                .select(user_clusters::cluster_id)
-                .order(user_clusters::created_at)
-                .first(conn)
-                .optional()?;
+            let owned: Option<String> = owned_by(&owner).select(clusters::id).first(conn).optional()?;
             if let Some(owned) = owned {
                 return load_cluster(conn, &owned)?.ok_or_else(|| StoreError::not_found("cluster", &owned).into());
             }
@@ -548,12 +556,8 @@ impl ClusterStore for PgClusterStore {
     fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>> {
         let op = self.pool.read(Read::ClustersOwnedCluster);
         let row: Option<(String, String, String)> = op.run(|conn| {
-            user_clusters::table
-                .inner_join(clusters::table)
+            owned_by(&user.to_string())
                 .inner_join(users::table)
-                .filter(user_clusters::user_id.eq(user.to_string()))
-                .filter(user_clusters::role.eq(Role::Owner.as_str()))
-                .order(clusters::created_at)
                 .select((clusters::id, clusters::name, users::name))
                 .first(conn)
                 .optional()

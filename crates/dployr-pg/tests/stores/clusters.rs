@@ -396,6 +396,22 @@ fn owned_cluster_and_user_clusters_summarise_with_the_owners_name() {
 }
 
 #[test]
+fn a_user_owning_two_clusters_gets_the_older_cluster_from_owned_cluster_and_create_for_owner_alike() {
+    let f = Fixture::new();
+    // Bob's cluster is the older; Ada joins it after making her own, then is
+    // given it: she owns two, and her membership of Bob's is the younger.
+    let (bob, older) = f.owner("bob@example.io");
+    let (ada, younger) = f.owner("ada@example.io");
+    f.clusters.update(&older.id, roles(&[(Role::Developer, &[ada.id])])).unwrap();
+    f.clusters.transfer_ownership(&older.id, &ada.id, Some(Role::Admin)).unwrap();
+    assert!(f.clusters.is_owner(&ada.id, &older.id).unwrap() && f.clusters.is_owner(&ada.id, &younger.id).unwrap());
+    assert_eq!(f.clusters.owned_cluster(&ada.id).unwrap().map(|c| c.id), Some(older.id));
+    assert_eq!(f.clusters.create_for_owner(&ada.id).unwrap().id, older.id, "the same cluster as owned_cluster");
+    assert_eq!(f.count("SELECT count(*) FROM clusters"), 2, "nothing created");
+    assert_eq!(f.clusters.owned_cluster(&bob.id).unwrap(), None);
+}
+
+#[test]
 fn members_sort_by_role_rank_then_email_not_by_role_name() {
     let f = Fixture::new();
     let (id, _) = cluster_with(
