@@ -130,7 +130,8 @@ pub trait ClusterStore: Send + Sync {
     fn delete(&self, id: &ClusterId) -> StoreResult<()>;
 
     /// Replaces `metadata.gitHub` of the cluster linked to the integration's
-    /// login id; `None` if no cluster is.
+    /// login id (of several, the oldest, by creation then id); `None` if no
+    /// cluster is.
     fn install_github_integration(&self, integration: GitHubIntegration) -> StoreResult<Option<Cluster>>;
 
     /// Invites these e-mails: unknown ones become users with provider
@@ -151,7 +152,8 @@ pub trait ClusterStore: Send + Sync {
     /// Removes an invitation.
     fn decline_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()>;
 
-    /// The invitations waiting for this user.
+    /// The invitations waiting for this user, oldest cluster first (by
+    /// creation, then id).
     fn pending_invites(&self, user: &UserId) -> StoreResult<Vec<PendingInvite>>;
 
     /// Makes `new_owner` the owner; the previous owner gets
@@ -171,7 +173,8 @@ pub trait ClusterStore: Send + Sync {
     /// then id), the one [`create_for_owner`](Self::create_for_owner) returns.
     fn owned_cluster(&self, user: &UserId) -> StoreResult<Option<ClusterSummary>>;
 
-    /// The clusters this user belongs to (invitations excluded).
+    /// The clusters this user belongs to (invitations excluded), oldest
+    /// first (by creation, then id).
     fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>>;
 
     /// Members (invitations excluded), highest role first, then by e-mail.

@@ -170,7 +170,7 @@ fn memberships_of(op: &Operation<'_>, user: &UserId, kind: MembershipKind) -> St
                 users::table.on(users::id.nullable().eq(owner_memberships.field(user_clusters::user_id).nullable())),
             )
             .filter(user_clusters::user_id.eq(user.to_string()))
-            .order(clusters::created_at)
+            .order((clusters::created_at, clusters::id))
             .select((clusters::id, clusters::name, users::name.nullable()));
         match kind {
             MembershipKind::Memberships => query.filter(user_clusters::role.ne(Role::Invited.as_str())).load(conn),
@@ -325,7 +325,7 @@ impl ClusterStore for PgClusterStore {
             let login_id = diesel::dsl::sql::<Nullable<Text>>("metadata -> 'gitHub' ->> 'loginId'");
             let linked: Option<String> = clusters::table
                 .filter(login_id.eq(&integration.login_id))
-                .order(clusters::created_at)
+                .order((clusters::created_at, clusters::id))
                 .select(clusters::id)
                 .for_no_key_update()
                 .first(conn)

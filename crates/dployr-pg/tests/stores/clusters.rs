@@ -412,6 +412,47 @@ fn a_user_owning_two_clusters_gets_the_older_cluster_from_owned_cluster_and_crea
 }
 
 #[test]
+fn clusters_made_at_the_same_instant_come_in_id_order_wherever_a_users_clusters_are_chosen_or_listed() {
+    use diesel::prelude::*;
+    use dployr_pg::schema::clusters;
+
+    let f = Fixture::new();
+    let (ada, _) = f.owner("ada@example.io");
+    let (_, bobs) = f.owner("bob@example.io");
+    let (_, carols) = f.owner("carol@example.io");
+    let dan = f.user("dan@example.io");
+    let github = Metadata::try_from(json!({"gitHub": {"loginId": "7"}})).unwrap();
+    let mut ids = Vec::new();
+    for cluster in f.inspect(|conn| clusters::table.select(clusters::id).load::<String>(conn).unwrap()) {
+        let id: ClusterId = cluster.parse().unwrap();
+        f.clusters.update(&id, ClusterPatch { metadata: Some(github.clone()), ..Default::default() }).unwrap();
+        f.clusters.add_users(&id, &[email("dan@example.io")]).unwrap();
+        ids.push(id);
+    }
+    f.clusters.transfer_ownership(&bobs.id, &ada.id, Some(Role::Admin)).unwrap();
+    f.clusters.transfer_ownership(&carols.id, &ada.id, Some(Role::Admin)).unwrap();
+    ids.sort();
+    // One instant for all three; then the first by id is written again, so
+    // that it lies last in the table and a scan meets it last.
+    f.inspect(|conn| {
+        diesel::sql_query("UPDATE clusters SET created_at = '2026-01-01T00:00:00Z'").execute(conn).unwrap();
+        diesel::sql_query(format!("UPDATE clusters SET name = 'first' WHERE id = '{}'", ids[0])).execute(conn).unwrap();
+    });
+    let listed =
+        |summaries: Vec<dployr_domain::ClusterSummary>| summaries.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(listed(f.clusters.user_clusters(&ada.id).unwrap()), ids);
+    let pending: Vec<ClusterId> =
+        f.clusters.pending_invites(&dan.id).unwrap().into_iter().map(|i| i.cluster_id).collect();
+    assert_eq!(pending, ids);
+    assert_eq!(f.clusters.owned_cluster(&ada.id).unwrap().map(|c| c.id), Some(ids[0]));
+    assert_eq!(f.clusters.create_for_owner(&ada.id).unwrap().id, ids[0]);
+    let settings = Metadata::try_from(json!({"installationId": "1"})).unwrap();
+    let installed =
+        f.clusters.install_github_integration(GitHubIntegration { login_id: "7".into(), settings }).unwrap();
+    assert_eq!(installed.map(|c| c.id), Some(ids[0]));
+}
+
+#[test]
 fn members_sort_by_role_rank_then_email_not_by_role_name() {
     let f = Fixture::new();
     let (id, _) = cluster_with(
