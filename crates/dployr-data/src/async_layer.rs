@@ -376,6 +376,18 @@ impl AsyncDataLayer {
         blocking(&self.shared, self.routes().0, call).await
     }
 
+    /// Deletes a user's account and ends every session of theirs, as
+    /// [`DataLayer::delete_user`] (whose documentation says what a failure
+    /// half-way leaves and how to finish it), on one of the facade's threads.
+    ///
+    /// # Errors
+    /// As [`DataLayer::delete_user`]; [`StoreError::Unavailable`] as for
+    /// every call of this facade.
+    pub async fn delete_user(&self, user: &UserId) -> StoreResult<usize> {
+        let user = *user;
+        blocking(&self.shared, self.routes().0, move |data| data.delete_user(&user)).await
+    }
+
     /// Users ([`UserStore`]).
     pub fn users(&self) -> AsyncUserStore {
         AsyncUserStore { shared: Arc::clone(&self.shared), route: self.routes().0 }

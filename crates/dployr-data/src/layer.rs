@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use dployr_domain::{KvBackend, StoreError, StoreResult};
+use dployr_domain::{KvBackend, StoreError, StoreResult, UserId, UserStore as _};
 #[cfg(feature = "cloudflare")]
 use dployr_kv::CloudflareKv;
 use dployr_kv::{KvStore, MemoryKv, PgKv, Purger};
@@ -276,6 +276,50 @@ impl DataLayer {
     /// Sessions, OAuth state and one-time codes.
     pub fn kv(&self) -> &KvStore {
         &self.kv
+    }
+
+    /// Deletes a user's account and signs them out everywhere: the user
+    /// ([`UserStore::delete`](dployr_domain::UserStore::delete): refused
+    /// while they own a cluster; their memberships go with them), then every
+    /// session of theirs ([`KvStore::delete_user_sessions`]). Returns how
+    /// many sessions were ended.
+    ///
+    /// The two stores cannot share a transaction, so these are two steps, in
+    /// this order: a delete that is refused signs no one out. If ending the
+    /// sessions fails, the user is already gone and the error is the
+    /// key-value backend's; call again: for a user who no longer exists the
+    /// sessions are still ended, and the answer is then `NotFound`.
+    ///
+    /// Not reached: sessions kept outside [`kv`](Self::kv) (a tower-sessions
+    /// store has its own `delete_user_sessions`); a session written from a
+    /// copy of the user read before the delete (a sign-in finishing at that
+    /// moment), which lives until its TTL, so code that must not serve a
+    /// deleted user checks the user, not only the session; and on
+    /// Cloudflare, whose listings lag, sessions made in the last minute
+    /// (see [`KvStore::delete_user_sessions`]).
+    ///
+    /// ```no_run
+    /// # fn close(data: &dployr_data::DataLayer, user: &dployr_data::UserId) -> dployr_data::StoreResult<()> {
+    /// let ended = data.delete_user(user)?;
+    /// println!("account closed, {ended} session(s) ended");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// `Conflict` (field `owner`) while the user owns a cluster, and
+    /// `NotFound` for an unknown user (after ending any sessions it still
+    /// has); nothing is deleted by a refused call. The key-value backend's
+    /// errors from the second step.
+    pub fn delete_user(&self, user: &UserId) -> StoreResult<usize> {
+        match self.users.delete(user) {
+            Ok(()) => self.kv.delete_user_sessions(user),
+            Err(not_found @ StoreError::NotFound { .. }) => {
+                self.kv.delete_user_sessions(user)?;
+                Err(not_found)
+            }
+            Err(refused) => Err(refused),
+        }
     }
 
     /// The name of the key-value backend of sessions: `memory`, `postgres` or `cloudflare`.
