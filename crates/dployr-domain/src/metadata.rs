@@ -33,9 +33,12 @@ use serde_json::{Map, Value};
 
 use crate::StoreError;
 
-/// The most bytes metadata may take, serialized as JSON. Stores that merge
+/// The most bytes metadata may take as PostgreSQL stores and prints it
+/// (`jsonb` as text: a space after each `:` and `,`, numbers in plain
+/// decimal, so `1e300` takes 301 bytes), which is the size the schema
+/// bounds: whatever metadata is accepted fits a new row. Stores that merge
 /// metadata into what is stored refuse a merge whose result would pass 128 KiB
-/// of JSON text (a schema rule), so repeated sign-ins cannot grow it forever.
+/// of that text (a schema rule), so repeated sign-ins cannot grow it forever.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// The most levels of nested arrays and objects metadata may have, the
@@ -94,11 +97,14 @@ impl Metadata {
         if contains_nul(&map) {
             return Err(StoreError::invalid("metadata", "contains a NUL character, which PostgreSQL cannot store"));
         }
-        let size = serde_json::to_vec(&map).map_err(|e| StoreError::invalid("metadata", e.to_string()))?.len();
+        let size = stored_object_bytes(&map);
         if size > MAX_METADATA_BYTES {
             return Err(StoreError::invalid(
                 "metadata",
-                format!("is {size} bytes as JSON, more than the {MAX_METADATA_BYTES} allowed"),
+                format!(
+                    "is {size} bytes as PostgreSQL stores it (a space after each `:` and `,`, numbers in plain \
+                     decimal), more than the {MAX_METADATA_BYTES} allowed"
+                ),
             ));
         }
         Ok(Self(map))
@@ -219,6 +225,46 @@ fn pg_numeric_text(text: &str) -> Option<String> {
     Some(if scale == 0 { format!("{sign}{int_part}") } else { format!("{sign}{int_part}.{dec_part}") })
 }
 
+/// Bytes of `map` as PostgreSQL prints it back from `jsonb`, what the
+/// schema's `octet_length(metadata::text)` bound measures: compact JSON but
+/// for a space after each `:` and `,`, and numbers as [`pg_numeric_text`]
+/// prints them (a float written with an exponent can grow a hundredfold).
+/// Strings are escaped as by both PostgreSQL and serde_json: `\"`, `\\`,
+/// the five short control escapes, `\u00XX` for the other control
+/// characters, everything else as its UTF-8. Call after the depth check.
+fn stored_object_bytes(map: &Map<String, Value>) -> usize {
+    fn string_bytes(text: &str) -> usize {
+        let escaped: usize = text
+            .chars()
+            .map(|c| match c {
+                '"' | '\\' | '\u{8}' | '\u{c}' | '\n' | '\r' | '\t' => 2,
+                c if u32::from(c) < 0x20 => 6,
+                c => c.len_utf8(),
+            })
+            .sum();
+        escaped + 2
+    }
+    fn value_bytes(value: &Value) -> usize {
+        match value {
+            Value::Null | Value::Bool(true) => 4,
+            Value::Bool(false) => 5,
+            Value::Number(number) => {
+                let text = number.to_string();
+                if number.is_f64() {
+                    pg_numeric_text(&text).map_or(text.len(), |printed| printed.len())
+                } else {
+                    text.len()
+                }
+            }
+            Value::String(text) => string_bytes(text),
+            Value::Array(items) => 2 + items.iter().map(value_bytes).sum::<usize>() + 2 * items.len().saturating_sub(1),
+            Value::Object(map) => stored_object_bytes(map),
+        }
+    }
+    let entries: usize = map.iter().map(|(key, value)| string_bytes(key) + 2 + value_bytes(value)).sum();
+    2 + entries + 2 * map.len().saturating_sub(1)
+}
+
 fn contains_nul(map: &Map<String, Value>) -> bool {
     fn value_has_nul(value: &Value) -> bool {
         match value {
@@ -304,6 +350,23 @@ mod tests {
         ] {
             assert_eq!(pg_numeric_text(sent).as_deref(), Some(printed), "{sent}");
         }
+    }
+
+    #[test]
+    fn size_is_that_of_the_text_postgresql_prints() {
+        // PostgreSQL 15 printed this object (as serde_json writes it) back
+        // from jsonb in 404 bytes: spaces after `:` and `,`, `-0.0` as
+        // `0.0`, 1e300 as 301 digits, the escapes kept, `é` as two bytes.
+        let value = serde_json::json!({
+            "a": [1, 2.5, true, false, null, [], {}],
+            "b": {"c": "q\"\\\n\u{1}\u{e9}"},
+            "m": -0.0,
+            "n": 1000.0,
+            "t": 1e300,
+        });
+        let Value::Object(map) = value else { unreachable!() };
+        assert_eq!(stored_object_bytes(&map), 404);
+        assert_eq!(stored_object_bytes(&Map::new()), 2);
     }
 
     #[test]

@@ -314,24 +314,82 @@ fn holds_nul(value: &Value) -> bool {
     }
 }
 
+/// Bytes of `value` as PostgreSQL prints it back from `jsonb`: the size the
+/// schema bounds, asked of the server itself.
+fn stored_bytes(f: &Fixture, value: &Value) -> usize {
+    #[derive(QueryableByName)]
+    struct Size {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        bytes: i32,
+    }
+    let sql = "SELECT octet_length($1::jsonb::text) AS bytes";
+    let text = serde_json::to_string(value).unwrap();
+    let size = f.inspect(|conn| {
+        diesel::sql_query(sql).bind::<diesel::sql_types::Text, _>(&text).get_result::<Size>(conn).unwrap()
+    });
+    usize::try_from(size.bytes).unwrap()
+}
+
 #[test]
 fn metadata_that_breaks_its_rules_is_invalid_and_accepted_metadata_round_trips() {
     let f = Fixture::new();
     check(CASES, hostile_metadata(), |value| {
-        let size = serde_json::to_vec(&value).unwrap().len();
-        let acceptable = value.is_object() && !holds_nul(&value) && size <= MAX_METADATA_BYTES;
+        let acceptable = value.is_object() && !holds_nul(&value) && stored_bytes(&f, &value) <= MAX_METADATA_BYTES;
         match Metadata::try_from(value.clone()) {
             Err(error) => {
                 prop_assert_eq!(invalid_field(&error), Some("metadata"), "{}", error);
                 prop_assert!(!acceptable, "refused: {}", error);
             }
             Ok(metadata) => {
-                prop_assert!(acceptable, "accepted {} bytes, object: {}", size, value.is_object());
+                prop_assert!(acceptable, "accepted {} bytes as stored", stored_bytes(&f, &value));
                 let new = NewUser { metadata: Some(metadata.clone()), ..NewUser::new(fresh_email(), Provider::Github) };
                 let user = f.users.upsert(new).unwrap();
                 prop_assert_eq!(&user.metadata, &metadata);
                 let stored = f.users.get(&user.id).unwrap().unwrap();
                 prop_assert_eq!(stored.metadata, metadata);
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Metadata of many numbers, most of which PostgreSQL prints far longer
+/// than serde_json writes them (`1.7976931348623157e308` as 309 digits),
+/// in counts that put its stored size on both sides of the limit while its
+/// compact JSON stays within it.
+fn long_printing_metadata() -> impl Strategy<Value = Value> {
+    let number = prop_oneof![
+        3 => prop::sample::select(&[f64::MAX, f64::MIN, 5e-324, -f64::MIN_POSITIVE, 1e300, 1e-300, 1e20][..]),
+        2 => (1u32..1000, -320i32..300).prop_map(|(digits, exponent)| f64::from(digits) * 10f64.powi(exponent)),
+        1 => any::<i64>().prop_map(|n| n as f64),
+    ]
+    .prop_filter("finite, not a whole float PostgreSQL gives back as an integer", |x| {
+        x.is_finite() && !comes_back_as_an_integer(&Value::from(*x))
+    });
+    prop::collection::vec(number, 100..400).prop_map(|numbers| {
+        Value::Object(numbers.into_iter().enumerate().map(|(i, x)| (format!("n{i}"), Value::from(x))).collect())
+    })
+}
+
+#[test]
+fn metadata_is_measured_as_postgresql_stores_it_so_whatever_is_accepted_fits_a_new_row() {
+    let f = Fixture::new();
+    check(CASES, long_printing_metadata(), |value| {
+        prop_assert!(serde_json::to_vec(&value).unwrap().len() <= MAX_METADATA_BYTES);
+        let stored = stored_bytes(&f, &value);
+        let before = f.fingerprint();
+        match Metadata::try_from(value.clone()) {
+            Err(error) => {
+                prop_assert_eq!(invalid_field(&error), Some("metadata"), "{}", error);
+                prop_assert!(stored > MAX_METADATA_BYTES, "refused at {} bytes stored: {}", stored, error);
+                prop_assert!(error.to_string().contains(&stored.to_string()), "names the size: {}", error);
+                prop_assert_eq!(f.fingerprint(), before);
+            }
+            Ok(metadata) => {
+                prop_assert!(stored <= MAX_METADATA_BYTES, "accepted {} bytes stored", stored);
+                let new = NewUser { metadata: Some(metadata.clone()), ..NewUser::new(fresh_email(), Provider::Github) };
+                let user = f.users.upsert(new).unwrap();
+                prop_assert!(f.users.get(&user.id).unwrap().unwrap().metadata == metadata);
             }
         }
         Ok(())
