@@ -120,7 +120,11 @@ fn documented_sql(source: &str, type_name: &str) -> String {
     let declaration = format!("struct {type_name}");
     let at = lines
         .iter()
-        .position(|line| line.trim_start().trim_start_matches("pub(crate) ").starts_with(&declaration))
+        .position(|line| {
+            let line = line.trim_start();
+            let line = line.strip_prefix("pub(crate) ").or_else(|| line.strip_prefix("pub(super) ")).unwrap_or(line);
+            line.starts_with(&declaration)
+        })
         .unwrap_or_else(|| panic!("no {declaration} in the source"));
     let mut doc: Vec<&str> = lines[..at]
         .iter()

@@ -14,6 +14,7 @@
 //! invitations; [`with_members`] the one statement of `clusters.get`;
 //! [`roles`] the cluster lock and the one-statement role writes.
 
+mod invitees;
 mod member_page;
 mod roles;
 mod with_members;
@@ -38,6 +39,7 @@ use crate::sql::coalesce;
 use crate::statement::PlannedEachRun;
 use crate::{Operation, PgPool};
 use diesel::result::DatabaseErrorKind;
+use invitees::NewInvitees;
 use member_page::role_order;
 use roles::{desired_roles, lock_cluster, set_roles};
 use with_members::load_cluster;
@@ -349,23 +351,7 @@ impl ClusterStore for PgClusterStore {
                 return Ok(Vec::new());
             }
             // Invitees who have never signed in become users of provider `email`.
-            let new_users: Vec<_> = emails
-                .iter()
-                .map(|email| {
-                    let local = email.split_once('@').map_or(*email, |(local, _)| local);
-                    (
-                        users::id.eq(UserId::generate().to_string()),
-                        users::email.eq(*email),
-                        users::name.eq(local),
-                        users::provider.eq(Provider::Email.as_str()),
-                    )
-                })
-                .collect();
-            diesel::insert_into(users::table)
-                .values(&new_users)
-                .on_conflict(users::email)
-                .do_nothing()
-                .execute(conn)?;
+            NewInvitees::new(&emails).execute(conn)?;
             // In user id order: the foreign-key checks take the users'
             // key-share locks in that order, as every multi-row write does.
             let invited = diesel::insert_into(user_clusters::table)

@@ -3,7 +3,7 @@
 //! ([`SetRoles`]) after the listed users are key-share locked, in the lock
 //! order of ARCHITECTURE.md (clusters, users, memberships, totals).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use diesel::pg::Pg;
 use diesel::prelude::*;
@@ -88,6 +88,19 @@ impl QueryFragment<Pg> for SetRoles<'_> {
 
 hand_written_statement!(SetRoles);
 
+/// The most missing users a `NotFound` names: a list of thousands of
+/// unknown ids would make an error message of hundreds of kilobytes.
+const MISSING_NAMED: usize = 10;
+
+/// `items` joined by commas, the first `most` of them, then how many more.
+fn named_up_to(items: &[&str], most: usize) -> String {
+    let named = items[..items.len().min(most)].join(", ");
+    match items.len().saturating_sub(most) {
+        0 => named,
+        more => format!("{named} and {more} more"),
+    }
+}
+
 /// Makes the cluster's non-owner memberships exactly `desired` (the owner,
 /// if listed, keeps ownership). Runs under the cluster lock.
 pub(super) fn set_roles(
@@ -106,8 +119,9 @@ pub(super) fn set_roles(
         users::table.filter(users::id.eq_any(&listed)).order(users::id).select(users::id).for_share().load(conn)?
     };
     if found.len() < listed.len() {
-        let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.iter().any(|f| f == user)).collect();
-        return Err(StoreError::not_found("user", missing.join(", ")).into());
+        let found: HashSet<&str> = found.iter().map(String::as_str).collect();
+        let missing: Vec<&str> = listed.iter().copied().filter(|user| !found.contains(user)).collect();
+        return Err(StoreError::not_found("user", named_up_to(&missing, MISSING_NAMED)).into());
     }
     let roles: Vec<&str> = desired.values().map(|role| role.as_str()).collect();
     SetRoles { cluster, users: &listed, roles: &roles }.execute(conn)?;
@@ -117,6 +131,15 @@ pub(super) fn set_roles(
 #[cfg(test)]
 mod tests {
     use super::SetRoles;
+
+    #[test]
+    fn a_long_list_of_missing_users_is_named_up_to_its_first_ten() {
+        let ids: Vec<String> = (0..25).map(|i| format!("u{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        assert_eq!(super::named_up_to(&ids[..2], 10), "u0, u1");
+        assert_eq!(super::named_up_to(&ids[..10], 10), ids[..10].join(", "));
+        assert_eq!(super::named_up_to(&ids, 10), format!("{} and 15 more", ids[..10].join(", ")));
+    }
 
     #[test]
     fn the_doc_comment_holds_the_statement_sent() {

@@ -932,3 +932,49 @@ fn github_login_ids_that_break_their_rules_are_invalid() {
         Ok(())
     });
 }
+
+/// More than PostgreSQL's protocol allows a statement's parameters (65 535,
+/// a 16-bit count) if each listed user took four of them, or even one.
+const LONGER_THAN_A_STATEMENT_HAS_PARAMETERS: usize = 70_000;
+
+#[test]
+fn every_write_that_takes_a_list_takes_one_longer_than_a_statement_has_parameters() {
+    use dployr_domain::Role;
+
+    let f = Fixture::new();
+    let (owner, cluster) = f.owner("owner@example.io");
+    let n = LONGER_THAN_A_STATEMENT_HAS_PARAMETERS;
+    let emails: Vec<Email> = (0..n).map(|i| Email::parse(&format!("invitee-{i}@example.io")).unwrap()).collect();
+    let invited = f.clusters.add_users(&cluster.id, &emails).unwrap();
+    assert_eq!(invited.len(), n);
+    assert!(invited.iter().all(|member| member.role == Role::Invited));
+    let ids: Vec<_> = invited.iter().map(|member| member.user_id).collect();
+    let viewers =
+        ClusterPatch { roles: Some([(Role::Viewer, ids.clone())].into_iter().collect()), ..Default::default() };
+    let updated = f.clusters.update(&cluster.id, viewers).unwrap().unwrap();
+    assert_eq!(updated.with_role(Role::Viewer).len(), n);
+    f.clusters.remove_users(&cluster.id, &ids).unwrap();
+    let left = f.clusters.get(&cluster.id).unwrap().unwrap();
+    assert_eq!(left.members.values().map(Vec::len).sum::<usize>(), 1);
+    assert_eq!(f.count("SELECT count(*) FROM users"), 1, "the invitees who never signed in are forgotten");
+    assert_eq!(f.clusters.owner(&cluster.id).unwrap().map(|m| m.user_id), Some(owner.id));
+}
+
+#[test]
+fn roles_naming_thousands_of_unknown_users_are_not_found_naming_the_first_ten() {
+    use dployr_domain::{Role, UserId};
+
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("owner@example.io");
+    let unknown: Vec<UserId> = (0..LONGER_THAN_A_STATEMENT_HAS_PARAMETERS).map(|_| UserId::generate()).collect();
+    let before = f.fingerprint();
+    let patch = ClusterPatch { roles: Some([(Role::Viewer, unknown)].into_iter().collect()), ..Default::default() };
+    match f.clusters.update(&cluster.id, patch) {
+        Err(StoreError::NotFound { entity: "user", key }) => {
+            assert!(key.ends_with(&format!(" and {} more", LONGER_THAN_A_STATEMENT_HAS_PARAMETERS - 10)), "{key}");
+            assert_eq!(key.matches(", ").count(), 9, "{key}");
+        }
+        other => panic!("expected the users not found, got {other:?}"),
+    }
+    assert_eq!(f.fingerprint(), before);
+}
