@@ -16,8 +16,8 @@ use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, 
 use dployr_migrate::MigrateError;
 
 use crate::config::{
-    DATABASE_URL_VAR, DEFAULT_PURGE_EVERY, KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR,
-    POOL_SIZE_VAR, REPLICA_URLS_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR,
+    DATABASE_URL_VAR, DEFAULT_PURGE_EVERY, KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR, OTP_TTL_VAR,
+    POOL_SIZE_VAR, REPLICA_URLS_VAR, SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR,
 };
 use crate::health::{self, Health};
 use crate::{Config, KvBackendConfig, OneTimeKvConfig};
@@ -235,6 +235,19 @@ impl DataLayer {
                 });
             }
         };
+        // Each TTL against the backend that will hold it, as the variable
+        // that sets it: `with_backends` checks them too, but its error names
+        // a `ttl` without saying which.
+        for (setting, backend, ttl) in [
+            (SESSION_TTL_VAR, &sessions.0, kv_store.session_ttl),
+            (STATE_TTL_VAR, &one_time.0, kv_store.state_ttl),
+            (OTP_TTL_VAR, &one_time.0, kv_store.otp_ttl),
+        ] {
+            backend.limits().check_ttl(Some(ttl)).map_err(|error| match error {
+                StoreError::Invalid { reason, .. } => StoreError::Configuration { setting, reason },
+                other => other,
+            })?;
+        }
         let kv = KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store)?;
         let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
 

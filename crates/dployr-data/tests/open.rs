@@ -188,3 +188,41 @@ fn open_applies_pending_migrations_once_and_can_skip_them() {
     assert!(again.applied_on_open().is_empty());
     assert_eq!(again.kv_backend(), "postgres");
 }
+
+#[test]
+fn a_ttl_its_backend_refuses_is_a_configuration_error_naming_its_variable() {
+    let db = dployr_testkit::database();
+    let two_centuries = Duration::from_secs(200 * 365 * 24 * 3600);
+    let mut sessions = Config::new(db.url()).with_kv(KvBackendConfig::Memory);
+    sessions.kv_store.session_ttl = two_centuries;
+    let error = DataLayer::open(sessions).unwrap_err();
+    assert_eq!(setting_of(&error), "DPLOYR_SESSION_TTL_SECS", "{error}");
+    for (variable, set) in [
+        (
+            "DPLOYR_STATE_TTL_SECS",
+            (|c: &mut Config| c.kv_store.state_ttl = Duration::from_secs(u64::MAX)) as fn(&mut Config),
+        ),
+        ("DPLOYR_OTP_TTL_SECS", |c: &mut Config| c.kv_store.otp_ttl = Duration::from_secs(u64::MAX)),
+    ] {
+        let mut config = Config::new(db.url());
+        set(&mut config);
+        let error = DataLayer::open(config).unwrap_err();
+        assert_eq!(setting_of(&error), variable, "{error}");
+        assert!(error.to_string().contains("maximum"), "says why: {error}");
+    }
+}
+
+#[test]
+fn a_session_ttl_below_cloudflares_minute_is_a_configuration_error_naming_its_variable() {
+    let db = dployr_testkit::database();
+    let emulator = dployr_testkit::CloudflareEmulator::start();
+    let cloudflare = dployr_data::CloudflareConfig {
+        base_url: emulator.base_url().to_owned(),
+        ..dployr_data::CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())
+    };
+    let mut config = Config::new(db.url()).with_kv(KvBackendConfig::Cloudflare(cloudflare));
+    config.kv_store.session_ttl = Duration::from_secs(30);
+    let error = DataLayer::open(config).unwrap_err();
+    assert_eq!(setting_of(&error), "DPLOYR_SESSION_TTL_SECS", "{error}");
+    assert!(error.to_string().contains("minimum"), "says why: {error}");
+}
