@@ -10,7 +10,7 @@ use dployr_domain::{StoreError, StoreResult};
 use dployr_kv::KvStoreConfig;
 #[cfg(feature = "cloudflare")]
 use dployr_kv::{ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CloudflareConfig, NAMESPACE_ID_VAR};
-use dployr_pg::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, MAX_TIMEOUT, PoolConfig, ReplicaConfig};
+use dployr_pg::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, MAX_POOL_SIZE, MAX_TIMEOUT, PoolConfig, ReplicaConfig};
 
 /// The PostgreSQL URL (libpq syntax). Required.
 pub const DATABASE_URL_VAR: &str = "DATABASE_URL";
@@ -294,6 +294,12 @@ impl Config {
         if let Some(size) = parsed::<u32>(&var, POOL_SIZE_VAR, "a number of connections")? {
             if size == 0 {
                 return Err(configuration(POOL_SIZE_VAR, "must be at least 1"));
+            }
+            if size > MAX_POOL_SIZE {
+                return Err(configuration(
+                    POOL_SIZE_VAR,
+                    format!("must be at most {MAX_POOL_SIZE} (PostgreSQL's most connections)"),
+                ));
             }
             config.pool.max_size = size;
         }

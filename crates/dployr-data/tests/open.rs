@@ -120,6 +120,9 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
     assert_eq!(setting_of(&with(&[("DPLOYR_KV", "cloudflare")])), "CLOUDFLARE_ACCOUNT_ID");
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_POOL_SIZE", "ten")])), "DPLOYR_DB_POOL_SIZE");
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_POOL_SIZE", "0")])), "DPLOYR_DB_POOL_SIZE");
+    assert_eq!(setting_of(&with(&[("DPLOYR_DB_POOL_SIZE", "262144")])), "DPLOYR_DB_POOL_SIZE");
+    assert_eq!(setting_of(&with(&[("DPLOYR_DB_POOL_SIZE", "4294967295")])), "DPLOYR_DB_POOL_SIZE");
+    assert!(Config::from_vars(vars(&[base[0], ("DPLOYR_DB_POOL_SIZE", "262143")])).is_ok());
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_CONNECT_TIMEOUT_MS", "-5")])), "DPLOYR_DB_CONNECT_TIMEOUT_MS");
     assert_eq!(setting_of(&with(&[("DPLOYR_MIGRATE_ON_START", "maybe")])), "DPLOYR_MIGRATE_ON_START");
     assert_eq!(setting_of(&with(&[("DPLOYR_OTP_TTL_SECS", "0")])), "DPLOYR_OTP_TTL_SECS");

@@ -36,7 +36,8 @@ pub use errors::store_error;
 pub use instances::PgInstanceStore;
 pub use operation::Operation;
 pub use pool::{
-    DATABASE_URL_SETTING, MAX_TIMEOUT, PgPool, PgPooledConnection, PoolConfig, RecordStatements, StatementStats,
+    DATABASE_URL_SETTING, MAX_POOL_SIZE, MAX_TIMEOUT, PgPool, PgPooledConnection, PoolConfig, RecordStatements,
+    StatementStats,
 };
 pub use replicas::{ReadScope, ReplicaConfig, ReplicaSet, ReplicaSkips, ReplicaStatus, WalPosition};
 pub use routes::{Read, Route, WRITES};

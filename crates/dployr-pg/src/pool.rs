@@ -60,6 +60,12 @@ pub struct PoolConfig {
     pub deadline: DeadlineConfig,
 }
 
+/// The most connections a pool may have: PostgreSQL's own ceiling on
+/// `max_connections` (`MAX_BACKENDS`, 2^18 − 1). The pool keeps a slot per
+/// connection up front, so a size no server can fill would only cost memory
+/// (four billion slots for `u32::MAX`, more than a machine has).
+pub const MAX_POOL_SIZE: u32 = 262_143;
+
 /// The longest wait or timeout a pool takes: PostgreSQL's own limit for
 /// `statement_timeout` (`INT_MAX` milliseconds, about 24.8 days), which is
 /// also libpq's for `tcp_user_timeout`. Longer ones would be refused by the
@@ -89,6 +95,12 @@ impl PoolConfig {
         const ONE_MS: Duration = Duration::from_millis(1);
         if self.max_size == 0 {
             return Err(StoreError::invalid("pool max_size", "must be at least 1"));
+        }
+        if self.max_size > MAX_POOL_SIZE {
+            return Err(StoreError::invalid(
+                "pool max_size",
+                format!("{} is more connections than any PostgreSQL server serves ({MAX_POOL_SIZE})", self.max_size),
+            ));
         }
         within_limit("pool connection_timeout", self.connection_timeout, ONE_MS)?;
         if let Some(timeout) = self.statement_timeout {

@@ -37,6 +37,20 @@ fn a_zero_sized_pool_is_invalid() {
 }
 
 #[test]
+fn a_pool_larger_than_any_server_can_serve_is_invalid_and_the_largest_one_opens() {
+    use dployr_pg::MAX_POOL_SIZE;
+
+    for max_size in [MAX_POOL_SIZE + 1, u32::MAX] {
+        let config = PoolConfig { max_size, ..PoolConfig::default() };
+        let error = PgPool::connect("postgres://localhost/x", config).unwrap_err();
+        assert!(matches!(error, StoreError::Invalid { field: "pool max_size", .. }), "{error}");
+    }
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: MAX_POOL_SIZE, ..PoolConfig::default() }).unwrap();
+    drop(pool.get().unwrap());
+}
+
+#[test]
 fn every_connection_gets_the_configured_statement_timeout() {
     #[derive(QueryableByName)]
     struct Setting {
