@@ -228,3 +228,45 @@ pub fn session_store_deletes_every_session_of_one_user_only(f: &dyn KvFixture) {
         assert!(ok(store.load(&anonymous.id).await, "anonymous").is_some());
     });
 }
+
+/// `value` inside `levels` arrays.
+fn nested(levels: usize, value: serde_json::Value) -> serde_json::Value {
+    (0..levels).fold(value, |inner, _| serde_json::Value::Array(vec![inner]))
+}
+
+/// A record holding data nested deeper than serde_json reads back (128
+/// levels) is refused as an encoding error, by `create` and `save` alike,
+/// and nothing is written: stored, it would fail every later load of its
+/// session (another process's, or this one's once its memory of the write
+/// has passed), leaving its user stuck until it expired. Data nested as
+/// deep as can be read back is stored and loads.
+pub fn session_store_refuses_a_record_it_could_not_load_back(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut kept = record(3600, &[("theme", "dark")]);
+        ok(store.create(&mut kept).await, "create");
+        let before = list_all(f.kv().as_ref(), "", 1000).0;
+
+        let mut too_deep = kept.clone();
+        too_deep.data.insert("deep".into(), nested(200, serde_json::Value::Null));
+        let refused = store.save(&too_deep).await;
+        assert!(matches!(refused, Err(tower_sessions_core::session_store::Error::Encode(_))), "{refused:?}");
+        let mut new_too_deep = record(3600, &[]);
+        new_too_deep.data.insert("deep".into(), nested(200, serde_json::Value::Null));
+        let refused = store.create(&mut new_too_deep).await;
+        assert!(matches!(refused, Err(tower_sessions_core::session_store::Error::Encode(_))), "{refused:?}");
+        assert_eq!(list_all(f.kv().as_ref(), "", 1000).0, before, "nothing written");
+        // Past the store's memory of its writes (and a stale backend's
+        // lag): what loads is what the backend holds.
+        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+        assert_eq!(ok(store.load(&kept.id).await, "load from the backend"), Some(kept.clone()));
+
+        // The deepest data that reads back: the record and its data map are
+        // two levels of the 127 serde_json reads.
+        let mut deepest = kept.clone();
+        deepest.data.insert("deep".into(), nested(125, serde_json::Value::Null));
+        ok(store.save(&deepest).await, "save the deepest");
+        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+        assert_eq!(ok(store.load(&kept.id).await, "load the deepest from the backend"), Some(deepest));
+    });
+}

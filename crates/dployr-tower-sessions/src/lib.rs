@@ -29,6 +29,10 @@
 //!   [`KvSessionStore::delete_user_sessions`] deletes every session of that
 //!   user: exactly on memory and PostgreSQL, within Cloudflare's eventual
 //!   consistency there (see [`UserSessionIndex`]).
+//! - **What is stored loads back.** A record whose data is nested deeper
+//!   than serde_json reads (128 levels) is refused by `create` and `save`
+//!   as an encoding error, with nothing written, instead of being stored
+//!   and then failing every load of its session.
 //! - **Blocking.** The backends block, so each call runs on tokio's blocking
 //!   pool. A dropped future does not stop a write that started.
 //!
@@ -382,7 +386,7 @@ impl Inner {
             // Saved already expired: it must not load again.
             return self.delete_key(&key);
         };
-        let value = serde_json::to_vec(record).map_err(|e| StoreError::backend("encoding a session record", e))?;
+        let value = encode(record)?;
         self.backend.put(&key, &value, Some(ttl))?;
         // Only once the backend took it (a failed put leaves what this
         // process knew before), and with the window counted from now, when
@@ -421,6 +425,8 @@ impl Inner {
             // Nothing to keep: an id is still due, and one that was never stored is free.
             return Ok(record);
         };
+        // Before an id is claimed: a record `save` will refuse leaves nothing.
+        encode(&record)?;
         for _ in 0..CREATE_ATTEMPTS {
             if self.claim(&record.id, ttl)? {
                 self.save(&record)?;
@@ -447,6 +453,19 @@ impl Inner {
         // expiry decides.
         Ok((record.id == *id && record.expiry_date > self.now()).then_some(record))
     }
+}
+
+/// `record` as it is stored: JSON that decodes back into a record, or an
+/// encoding error. serde_json writes data nested deeper than it reads (it
+/// stops at 128 levels): such a record would be written, and then every
+/// load of its session would fail (in other processes at once, in this one
+/// once its memory of the write has passed), its user stuck with a broken
+/// session until it expired.
+fn encode(record: &Record) -> StoreResult<Vec<u8>> {
+    let value = serde_json::to_vec(record).map_err(|e| StoreError::backend("encoding a session record", e))?;
+    serde_json::from_slice::<Record>(&value)
+        .map_err(|e| StoreError::backend("encoding a session record: it would not decode back", e))?;
+    Ok(value)
 }
 
 /// A store error as tower-sessions' own: encoding and decoding as theirs,
