@@ -7,9 +7,11 @@
 //! `kv_cloudflare`) with [`session_store_contract`], the tower-sessions
 //! store's cases on the same fixtures, and [`stress`], the workload with an invariant checker
 //! (run briefly by `tests/tests/stress.rs`, at length by `cargo xtask stress`),
-//! and [`seed_story`], the seed README's story as a load that tells errors
+//! [`data_layer_kv`], a data layer's configuration on each key-value
+//! backend, and [`seed_story`], the seed README's story as a load that tells errors
 //! from rule violations (`tests/tests/pgbouncer.rs`, `cargo xtask pgbouncer`).
 
+pub mod data_layer_kv;
 pub mod kv_contract;
 pub mod seed_story;
 pub mod session_store_contract;

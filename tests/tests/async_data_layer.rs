@@ -8,38 +8,12 @@
 
 use std::time::Duration;
 
-use dployr_data::kv::RetryPolicy;
 use dployr_data::{
-    AsyncDataLayer, CloudflareConfig, Config, DataLayer, Email, KvBackendConfig, NewInstance, NewUser, Page,
-    PoolConfig, Provider, Role, SessionId, StoreError,
+    AsyncDataLayer, Config, DataLayer, Email, KvBackendConfig, NewInstance, NewUser, Page, PoolConfig, Provider, Role,
+    SessionId, StoreError,
 };
-use dployr_testkit::{CloudflareEmulator, TestDatabase};
-
-/// The key-value backends a data layer can be opened with.
-#[derive(Debug, Clone, Copy)]
-enum Kv {
-    Memory,
-    Postgres,
-    Cloudflare,
-}
-
-/// A configuration on `db` with `kv`, and the emulator that must outlive it.
-fn config(db: &TestDatabase, kv: Kv) -> (Config, Option<CloudflareEmulator>) {
-    let config = Config::new(db.url());
-    match kv {
-        Kv::Memory => (config.with_kv(KvBackendConfig::Memory), None),
-        Kv::Postgres => (config, None),
-        Kv::Cloudflare => {
-            let emulator = CloudflareEmulator::start();
-            let cloudflare = CloudflareConfig {
-                base_url: emulator.base_url().to_owned(),
-                retry: RetryPolicy { initial_backoff: Duration::from_millis(10), ..RetryPolicy::default() },
-                ..CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())
-            };
-            (config.with_kv(KvBackendConfig::Cloudflare(cloudflare)), Some(emulator))
-        }
-    }
-}
+use dployr_testkit::TestDatabase;
+use dployr_tests::data_layer_kv::{Kv, config};
 
 fn email(text: &str) -> Email {
     Email::parse(text).unwrap()

@@ -5,39 +5,15 @@
 
 #![cfg(test)]
 
-use std::time::Duration;
-
-use dployr_data::kv::RetryPolicy;
 use dployr_data::{
-    CloudflareConfig, ClusterStore as _, Config, DataLayer, Email, KvBackendConfig, NewUser, Provider, SessionId,
-    StoreError, User, UserId, UserStore as _,
+    ClusterStore as _, DataLayer, Email, NewUser, Provider, SessionId, StoreError, User, UserId, UserStore as _,
 };
 use dployr_testkit::{CloudflareEmulator, TestDatabase};
-
-/// The key-value backends a data layer can be opened with.
-#[derive(Debug, Clone, Copy)]
-enum Kv {
-    Memory,
-    Postgres,
-    Cloudflare,
-}
+use dployr_tests::data_layer_kv::{Kv, config};
 
 /// The data layer on `db` with `kv`, and the emulator that must outlive it.
 fn open(db: &TestDatabase, kv: Kv) -> (DataLayer, Option<CloudflareEmulator>) {
-    let config = Config::new(db.url());
-    let (config, emulator) = match kv {
-        Kv::Memory => (config.with_kv(KvBackendConfig::Memory), None),
-        Kv::Postgres => (config, None),
-        Kv::Cloudflare => {
-            let emulator = CloudflareEmulator::start();
-            let cloudflare = CloudflareConfig {
-                base_url: emulator.base_url().to_owned(),
-                retry: RetryPolicy { initial_backoff: Duration::from_millis(10), ..RetryPolicy::default() },
-                ..CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())
-            };
-            (config.with_kv(KvBackendConfig::Cloudflare(cloudflare)), Some(emulator))
-        }
-    };
+    let (config, emulator) = config(db, kv);
     (DataLayer::open(config).unwrap(), emulator)
 }
 
