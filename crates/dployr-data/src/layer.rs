@@ -320,10 +320,10 @@ impl DataLayer {
     /// ```
     ///
     /// # Errors
-    /// `Conflict` (field `owner`) while the user owns a cluster, and
-    /// `NotFound` for an unknown user (after ending any sessions it still
-    /// has); nothing is deleted by a refused call. The key-value backend's
-    /// errors from the second step.
+    /// `Conflict` (field `owner`) while the user owns a cluster, with
+    /// nothing deleted and no session ended; `NotFound` for a user who does
+    /// not exist, after ending any sessions they still have; the key-value
+    /// backend's errors from the second step.
     pub fn delete_user(&self, user: &UserId) -> StoreResult<usize> {
         match self.users.delete(user) {
             Ok(()) => self.kv.delete_user_sessions(user),
