@@ -249,6 +249,22 @@ fn store_refuses_ttls_the_backend_cannot_hold() {
 }
 
 #[test]
+fn a_refused_ttl_is_named_by_which_of_the_three_it_is() {
+    let two_centuries = Duration::from_secs(200 * 365 * 24 * 3600);
+    let defaults = KvStoreConfig::default;
+    for (field, config) in [
+        ("session_ttl", KvStoreConfig { session_ttl: two_centuries, ..defaults() }),
+        ("state_ttl", KvStoreConfig { state_ttl: two_centuries, ..defaults() }),
+        ("otp_ttl", KvStoreConfig { otp_ttl: Duration::ZERO, ..defaults() }),
+    ] {
+        match KvStore::with_backends(Arc::new(MemoryKv::new()), Arc::new(MemoryKv::new()), config) {
+            Err(dployr_domain::StoreError::Invalid { field: named, .. }) => assert_eq!(named, field),
+            other => panic!("{field}: expected Invalid, got {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn otp_guess_is_counted_before_the_code_is_read() {
     // The store hands the whole attempt to the backend, which counts it
     // before comparing; with the counter down, the guess fails with it.

@@ -235,20 +235,19 @@ impl DataLayer {
                 });
             }
         };
-        // Each TTL against the backend that will hold it, as the variable
-        // that sets it: `with_backends` checks them too, but its error names
-        // a `ttl` without saying which.
-        for (setting, backend, ttl) in [
-            (SESSION_TTL_VAR, &sessions.0, kv_store.session_ttl),
-            (STATE_TTL_VAR, &one_time.0, kv_store.state_ttl),
-            (OTP_TTL_VAR, &one_time.0, kv_store.otp_ttl),
-        ] {
-            backend.limits().check_ttl(Some(ttl)).map_err(|error| match error {
-                StoreError::Invalid { reason, .. } => StoreError::Configuration { setting, reason },
-                other => other,
+        // A TTL the backend refuses is a setting to change: named by its variable.
+        let kv =
+            KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store).map_err(|error| {
+                match error {
+                    StoreError::Invalid { field, reason } => match field {
+                        "session_ttl" => StoreError::Configuration { setting: SESSION_TTL_VAR, reason },
+                        "state_ttl" => StoreError::Configuration { setting: STATE_TTL_VAR, reason },
+                        "otp_ttl" => StoreError::Configuration { setting: OTP_TTL_VAR, reason },
+                        field => StoreError::Invalid { field, reason },
+                    },
+                    other => other,
+                }
             })?;
-        }
-        let kv = KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store)?;
         let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
 
         Ok(Self {

@@ -301,8 +301,7 @@ impl KvStore {
     /// A store with everything on `kv` and `config`.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] when a TTL is outside what the backend
-    /// accepts or no OTP attempt is allowed.
+    /// As [`with_backends`](Self::with_backends).
     pub fn with_config(kv: Arc<dyn KvBackend>, config: KvStoreConfig) -> StoreResult<Self> {
         Self::with_backends(Arc::clone(&kv), kv, config)
     }
@@ -323,18 +322,26 @@ impl KvStore {
     /// ```
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] when the session TTL is outside what
-    /// `sessions` accepts, the state or OTP TTL outside what `one_time`
-    /// accepts, or no OTP attempt is allowed.
+    /// [`StoreError::Invalid`] on field `session_ttl` when the session TTL
+    /// is outside what `sessions` accepts, `state_ttl` or `otp_ttl` when
+    /// that TTL is outside what `one_time` accepts, `otp_max_attempts` when
+    /// no OTP attempt is allowed.
     pub fn with_backends(
         sessions: Arc<dyn KvBackend>,
         one_time: Arc<dyn KvBackend>,
         config: KvStoreConfig,
     ) -> StoreResult<Self> {
-        sessions.limits().check_ttl(Some(config.session_ttl))?;
-        let one_time_limits = one_time.limits();
-        for ttl in [config.state_ttl, config.otp_ttl] {
-            one_time_limits.check_ttl(Some(ttl))?;
+        // Each TTL against the backend that holds it, the error naming the
+        // TTL (a caller with three of them must know which to fix).
+        for (field, backend, ttl) in [
+            ("session_ttl", &sessions, config.session_ttl),
+            ("state_ttl", &one_time, config.state_ttl),
+            ("otp_ttl", &one_time, config.otp_ttl),
+        ] {
+            backend.limits().check_ttl(Some(ttl)).map_err(|error| match error {
+                StoreError::Invalid { reason, .. } => StoreError::Invalid { field, reason },
+                other => other,
+            })?;
         }
         if config.otp_max_attempts == 0 {
             return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
