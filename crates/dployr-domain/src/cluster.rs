@@ -122,8 +122,10 @@ pub trait ClusterStore: Send + Sync {
     /// Applies `patch` in one transaction; `None` for an unknown cluster.
     ///
     /// # Errors
-    /// `Invalid` when `roles` names the owner role or the current owner;
-    /// `NotFound` for an unknown user in `roles`.
+    /// `Invalid` when `roles` names the owner role; `NotFound` for an
+    /// unknown user in `roles`. The owner is untouched: listed under another
+    /// role, they stay the owner (ownership moves only by
+    /// [`transfer_ownership`](Self::transfer_ownership)).
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>>;
 
     /// Deletes the cluster, its memberships, instances and their tokens.
@@ -139,8 +141,10 @@ pub trait ClusterStore: Send + Sync {
     /// the membership of each e-mail afterwards.
     fn add_users(&self, cluster: &ClusterId, emails: &[Email]) -> StoreResult<Vec<Member>>;
 
-    /// Removes these members; invitees who never signed in and are left in
-    /// no cluster are deleted.
+    /// Removes these members (ids of users who are not members are
+    /// ignored); those it removed who have provider `email` (invitees who
+    /// never signed in) and are left in no cluster are deleted. An account
+    /// that was not a member of this cluster is never deleted by it.
     ///
     /// # Errors
     /// `Conflict` (field `owner`) if one of them owns the cluster.

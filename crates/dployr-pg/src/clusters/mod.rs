@@ -409,7 +409,10 @@ impl ClusterStore for PgClusterStore {
                 )
                 .into());
             }
-            // The invitees the clean-up below may delete, locked in id order
+            // The invitees the clean-up below may delete: e-mail accounts
+            // listed *and members of this cluster* (whose membership this
+            // call removes; the cluster's lock keeps that set still), never
+            // an account that only has its id named here. Locked in id order
             // (after the cluster, before memberships) FOR UPDATE: that
             // conflicts with the key-share lock of a foreign-key check, so
             // no membership can be inserted for them elsewhere (a transfer
@@ -418,6 +421,11 @@ impl ClusterStore for PgClusterStore {
             let invitees: Vec<String> = users::table
                 .filter(users::id.eq_any(&ids))
                 .filter(users::provider.eq(Provider::Email.as_str()))
+                .filter(diesel::dsl::exists(
+                    user_clusters::table
+                        .filter(user_clusters::cluster_id.eq(&cluster))
+                        .filter(user_clusters::user_id.eq(users::id)),
+                ))
                 .order(users::id)
                 .select(users::id)
                 .for_update()

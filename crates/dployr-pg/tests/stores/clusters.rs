@@ -288,6 +288,24 @@ fn remove_users_keeps_an_invitee_who_is_still_in_another_cluster() {
 }
 
 #[test]
+fn remove_users_forgets_only_invitees_it_removed_from_this_cluster_never_an_account_of_another() {
+    let f = Fixture::new();
+    let (id, _) = cluster_with(&f, &[]);
+    // E-mail accounts in no cluster (an invitee who declined their only
+    // invitation, a user signed in by one-time code): neither is a member
+    // of `id`, so naming them there must not touch their accounts.
+    let (_, elsewhere) = f.owner("bob@example.io");
+    let declined = f.clusters.add_users(&elsewhere.id, &[email("declined@example.io")]).unwrap()[0].user_id;
+    f.clusters.decline_invite(&declined, &elsewhere.id).unwrap();
+    let signed_in = f.users.upsert(NewUser::new(email("otp@example.io"), Provider::Email)).unwrap().id;
+    let ours = f.clusters.add_users(&id, &[email("ours@example.io")]).unwrap()[0].user_id;
+    f.clusters.remove_users(&id, &[declined, signed_in, ours]).unwrap();
+    assert!(f.users.get(&declined).unwrap().is_some(), "an account in no cluster, never a member of this one");
+    assert!(f.users.get(&signed_in).unwrap().is_some(), "signed in, never a member of this one");
+    assert_eq!(f.users.get(&ours).unwrap(), None, "this cluster's invitee, left in no cluster, is forgotten");
+}
+
+#[test]
 fn remove_users_including_the_owner_is_a_conflict_and_removes_nobody() {
     let f = Fixture::new();
     let (id, ids) = cluster_with(&f, &[("dev@example.io", Role::Developer)]);
