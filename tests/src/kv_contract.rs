@@ -478,6 +478,22 @@ pub fn delete_user_sessions_ends_every_session_of_that_user_only(f: &dyn KvFixtu
     assert_eq!(ok(store.delete_user_sessions(&sample_user(5).id), "a user with none"), 0);
 }
 
+/// A session id used again for another user's session (ids are the
+/// caller's: `SessionId::new`) leaves the first user's index entry naming
+/// it; signing that user out everywhere must not end the other user's
+/// session, and signing the other user out must.
+pub fn a_session_id_reused_for_another_user_is_ended_only_with_that_user(f: &dyn KvFixture) {
+    let store = KvStore::new(f.kv());
+    let (ada, bob) = (sample_user(8), sample_user(9));
+    let id = SessionId::generate();
+    ok(store.create_session(&id, &ada, vec![]), "ada's session");
+    ok(store.create_session(&id, &bob, vec![]), "bob's session, under the same id");
+    assert_eq!(ok(store.delete_user_sessions(&ada.id), "ada signs out everywhere"), 0);
+    assert_eq!(ok(store.get_session(&id), "bob's session").map(|s| s.user_id), Some(bob.id));
+    assert_eq!(ok(store.delete_user_sessions(&bob.id), "bob signs out everywhere"), 1);
+    assert_eq!(ok(store.get_session(&id), "after bob's sign-out"), None);
+}
+
 /// A user's index entries expire with their sessions: nothing to prune.
 pub fn user_session_index_entries_expire_with_their_sessions(f: &dyn KvFixture) {
     let store = KvStore::new(f.kv());
@@ -689,6 +705,7 @@ macro_rules! kv_contract_tests {
             sessions_expire,
             deleted_sessions_are_gone,
             delete_user_sessions_ends_every_session_of_that_user_only,
+            a_session_id_reused_for_another_user_is_ended_only_with_that_user,
             user_session_index_entries_expire_with_their_sessions,
             concurrent_sign_ins_of_one_user_are_all_signed_out,
             oauth_state_is_single_use_and_expires,
@@ -730,6 +747,7 @@ macro_rules! session_store_contract_tests {
             session_store_expiry_is_kept_within_the_backends_ttl_range,
             session_store_keys_hold_no_session_or_user_id,
             session_store_deletes_every_session_of_one_user_only,
+            session_store_a_session_that_changed_user_is_ended_only_with_its_current_user,
             session_store_refuses_a_record_it_could_not_load_back
         );
     };

@@ -229,6 +229,30 @@ pub fn session_store_deletes_every_session_of_one_user_only(f: &dyn KvFixture) {
     });
 }
 
+/// A session whose data names another user after a save (a second user
+/// signed in on the same session, without a new id) is ended by that
+/// user's sign-out everywhere, and no longer by the first user's, whose
+/// index still has an entry naming it.
+pub fn session_store_a_session_that_changed_user_is_ended_only_with_its_current_user(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut shared = record(3600, &[(USER_FIELD, "ada")]);
+        ok(store.create(&mut shared).await, "create ada's");
+        shared.data.insert(USER_FIELD.to_owned(), serde_json::Value::from("bob"));
+        ok(store.save(&shared).await, "bob signs in on the same session");
+        match store.delete_user_sessions("ada").await {
+            Ok(0) => {}
+            other => panic!("expected no session of ada's, got {other:?}"),
+        }
+        assert!(ok(store.load(&shared.id).await, "bob's").is_some(), "ada's sign-out ended bob's session");
+        match store.delete_user_sessions("bob").await {
+            Ok(1) => {}
+            other => panic!("expected bob's one session, got {other:?}"),
+        }
+        assert_eq!(ok(store.load(&shared.id).await, "after bob's sign-out"), None);
+    });
+}
+
 /// `value` inside `levels` arrays.
 fn nested(levels: usize, value: serde_json::Value) -> serde_json::Value {
     (0..levels).fold(value, |inner, _| serde_json::Value::Array(vec![inner]))

@@ -21,9 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use dployr_domain::{KvBackend, StoreError};
-use dployr_kv::{Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy};
+use dployr_kv::{
+    Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy, SessionId,
+};
 use dployr_testkit::CloudflareEmulator;
-use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid};
+use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid, sample_user};
 use dployr_tower_sessions::{KvSessionStore, STALE_READ_WINDOW};
 use time::OffsetDateTime;
 use tower_sessions_core::SessionStore as _;
@@ -314,6 +316,21 @@ fn one_time_records_on_cloudflare_are_not_single_use_with_stale_reads() {
     cf.emulator.advance(Duration::from_secs(3));
     assert!(store.validate_state(&state).unwrap().is_some());
     assert!(store.validate_state(&state).unwrap().is_some(), "why DPLOYR_KV_ONE_TIME=cloudflare is opt-in only");
+}
+
+#[test]
+fn a_session_created_again_under_an_id_this_process_deleted_is_read_once_the_backend_shows_it() {
+    let cf = cloudflare();
+    cf.emulator.set_stale_reads(Duration::from_secs(2));
+    let store = KvStore::new(cf.kv.clone());
+    let (ada, bob) = (sample_user(1), sample_user(2));
+    let id = SessionId::generate();
+    store.create_session(&id, &ada, vec![]).unwrap();
+    store.delete_session(&id).unwrap();
+    store.create_session(&id, &bob, vec![]).unwrap();
+    cf.emulator.advance(Duration::from_secs(3));
+    let session = store.get_session(&id).unwrap();
+    assert_eq!(session.map(|s| s.user_id), Some(bob.id), "the memory of the delete hid the new session");
 }
 
 #[test]

@@ -604,7 +604,7 @@ async_store! {
         fn get_session(session_id: &SessionId) -> Option<Session>;
         /// Ends the session; ending a missing one is not an error.
         fn delete_session(session_id: &SessionId) -> ();
-        /// Ends every session of `user` and returns how many were listed.
+        /// Ends every session of `user` and returns how many it ended.
         fn delete_user_sessions(user: &UserId) -> usize;
         /// Remembers `state` and where to go after the sign-in.
         fn create_state(state: &OAuthState, redirect_url: &str) -> ();

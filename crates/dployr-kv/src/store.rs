@@ -197,6 +197,13 @@ pub struct Session {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Whose a stored session is: the one field of it that
+/// [`KvStore::delete_user_sessions`] reads.
+#[derive(Deserialize)]
+struct SessionOwner {
+    user_id: UserId,
+}
+
 /// A session's timestamp as stored. chrono's own `Deserialize` reads every
 /// timestamp with its relaxed parser, about 1 900 instructions each
 /// (callgrind), a tenth of a session read's own work; what chrono writes
@@ -377,6 +384,13 @@ impl KvStore {
         deleted.insert(key.to_owned(), now + DELETED_SESSION_MEMORY);
     }
 
+    /// Forgets that this process deleted the session under `key`: a new
+    /// session was written there.
+    fn forget_deleted(&self, key: &str) {
+        let Some(memory) = &self.deleted_sessions else { return };
+        memory.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
+    }
+
     /// Whether this process deleted the session under `key` lately.
     fn deleted_here(&self, key: &str) -> bool {
         let Some(memory) = &self.deleted_sessions else { return false };
@@ -429,6 +443,9 @@ impl KvStore {
         check_value_size(self.kv.as_ref(), "clusters", &value)?;
         let key = Self::session_key(session_id);
         self.kv.put(&key, &value, Some(self.config.session_ttl))?;
+        // A session this process deleted under the same id is replaced: the
+        // memory of that delete must not hide the new one.
+        self.forget_deleted(&key);
         // After the session, so that an entry listed by
         // `delete_user_sessions` never names a session still to be written.
         if let Err(error) = self.user_sessions.add(&user.id.to_string(), &key, Some(self.config.session_ttl)) {
@@ -479,8 +496,10 @@ impl KvStore {
     }
 
     /// Ends every session of `user` ("sign out of all devices") and returns
-    /// how many were listed. Work: one list request per 1000 sessions and
-    /// two deletes per session. Exact on memory and PostgreSQL for every
+    /// how many it ended. A session whose id was used again for another
+    /// user ([`create_session`](Self::create_session) with an id of theirs)
+    /// is that user's, and is left. Work: one list request per 1000
+    /// sessions, and a read and two deletes per session. Exact on memory and PostgreSQL for every
     /// session created before the call; on Cloudflare, sessions created in
     /// the last minute may be missed (see [`UserSessionIndex`]). This process
     /// never returns the deleted sessions again, even from a stale backend.
@@ -491,8 +510,18 @@ impl KvStore {
     pub fn delete_user_sessions(&self, user: &UserId) -> StoreResult<usize> {
         let _span = operation("kv.delete_user_sessions");
         self.user_sessions.delete_all(&user.to_string(), |key| {
+            // A session id the caller used again for another user's session
+            // is still listed under this user: that session is not theirs to
+            // end. Read first; a session that is gone or unreadable (or, on a
+            // stale backend, not seen yet) is deleted all the same.
+            if let Some(value) = self.kv.get(key)?
+                && serde_json::from_slice::<SessionOwner>(&value).is_ok_and(|owner| owner.user_id != *user)
+            {
+                return Ok(false);
+            }
             self.remember_deleted(key);
-            self.kv.delete(key)
+            self.kv.delete(key)?;
+            Ok(true)
         })
     }
 

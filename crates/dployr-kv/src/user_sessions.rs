@@ -98,26 +98,30 @@ impl UserSessionIndex {
         }
     }
 
-    /// Removes every session of `user`: for each entry, `delete_session`
-    /// with the session's key, then the entry. Returns how many sessions
-    /// were listed (one may have ended on its own already). Work: one list
-    /// request per 1000 sessions, two deletes per session.
+    /// Removes every session of `user`: for each entry, `end_session`
+    /// with the session's key, then the entry. `end_session` ends the
+    /// session and answers `true`, or answers `false` without ending it
+    /// when the session now belongs to someone else (its id was used again
+    /// for another user, whose own entry names it too): an entry is never
+    /// taken as proof of whose session it is. Returns how many sessions
+    /// `end_session` ended (one may have ended on its own already). Work:
+    /// one list request per 1000 sessions, and per session what
+    /// `end_session` does and one delete.
     ///
     /// # Errors
-    /// The first error of the backend or of `delete_session`; the entries
+    /// The first error of the backend or of `end_session`; the entries
     /// not reached yet stay, so calling it again finishes the job.
-    pub fn delete_all(
-        &self,
-        user: &str,
-        mut delete_session: impl FnMut(&str) -> StoreResult<()>,
-    ) -> StoreResult<usize> {
+    pub fn delete_all(&self, user: &str, mut end_session: impl FnMut(&str) -> StoreResult<bool>) -> StoreResult<usize> {
         // Listed whole first: deleting while paging would move a cursor that
         // some backends (Cloudflare) keep opaque.
         let keys = self.session_keys(user)?;
+        let mut ended = 0;
         for session_key in &keys {
-            delete_session(session_key)?;
+            if end_session(session_key)? {
+                ended += 1;
+            }
             self.remove(user, session_key)?;
         }
-        Ok(keys.len())
+        Ok(ended)
     }
 }

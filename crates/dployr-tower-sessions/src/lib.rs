@@ -28,7 +28,10 @@
 //!   per-user index ([`UserSessionIndex`]), and
 //!   [`KvSessionStore::delete_user_sessions`] deletes every session of that
 //!   user: exactly on memory and PostgreSQL, within Cloudflare's eventual
-//!   consistency there (see [`UserSessionIndex`]).
+//!   consistency there (see [`UserSessionIndex`]). A save whose index entry
+//!   fails deletes the record it wrote and fails, so no record is left that
+//!   the index does not name; a session saved since under another user (no
+//!   new id at sign-in) is left to that user's sign-out.
 //! - **What is stored loads back.** A record whose data is nested deeper
 //!   than serde_json reads (128 levels) is refused by `create` and `save`
 //!   as an encoding error, with nothing written, instead of being stored
@@ -278,7 +281,13 @@ impl KvSessionStore {
             let mut listed = HashSet::new();
             let mut deleted = index.delete_all(&user, |key| {
                 listed.insert(key.to_owned());
-                inner.delete_key(key)
+                // A session saved since under another user (who signed in on
+                // it without a new id) is theirs: its entry here is stale.
+                if inner.names_another_user(key, field, &user)? {
+                    return Ok(false);
+                }
+                inner.delete_key(key)?;
+                Ok(true)
             })?;
             // A stale listing may not show yet the entries of sessions saved
             // in the last minute; those saved here are in the memory.
@@ -359,6 +368,25 @@ impl Inner {
         record.data.get(field)?.as_str().map(|user| (index, user))
     }
 
+    /// Whether the record under `key` names a user other than `user` under
+    /// `field` (as this process last wrote it, if lately, else as the
+    /// backend answers). A record that is gone, unreadable or names nobody
+    /// does not.
+    fn names_another_user(&self, key: &str, field: &str, user: &str) -> StoreResult<bool> {
+        let record = match self.recent_write(key) {
+            Some(Written::Record(record)) => record,
+            Some(Written::Deleting(_) | Written::Deleted) => return Ok(false),
+            None => match self.backend.get(key)? {
+                Some(value) => match serde_json::from_slice::<Record>(&value) {
+                    Ok(record) => record,
+                    Err(_) => return Ok(false),
+                },
+                None => return Ok(false),
+            },
+        };
+        Ok(record.data.get(field).and_then(serde_json::Value::as_str).is_some_and(|named| named != user))
+    }
+
     /// Remembers what this process wrote under `key`, where reads may be stale.
     fn remember(&self, key: &str, written: Written) {
         if let Some(recent) = &self.recent {
@@ -393,8 +421,15 @@ impl Inner {
         // the write landed.
         self.remember(&key, Written::Record(record.clone()));
         // After the record (see `UserSessionIndex` for why that order).
-        if let Some((index, user)) = self.user_of(record) {
-            index.add(user, &key, Some(ttl))?;
+        if let Some((index, user)) = self.user_of(record)
+            && let Err(error) = index.add(user, &key, Some(ttl))
+        {
+            // A record its user's index does not name would survive their
+            // sign-out everywhere: take it back (the caller gets the error,
+            // and the session ends, which is what a sign-out would do). If
+            // that delete fails too, this process still never loads it.
+            let _ignored = self.delete_key(&key);
+            return Err(error);
         }
         Ok(())
     }
@@ -509,9 +544,54 @@ impl SessionStore for KvSessionStore {
 
 #[cfg(test)]
 mod tests {
+    use dployr_domain::KvPage;
     use dployr_kv::MemoryKv;
 
     use super::*;
+
+    /// Memory, whose writes to the per-user index fail (a backend that
+    /// refused one request of two).
+    struct IndexWritesFail(MemoryKv);
+
+    impl KvBackend for IndexWritesFail {
+        fn limits(&self) -> KvLimits {
+            self.0.limits()
+        }
+        fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.0.get(key)
+        }
+        fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+            if key.starts_with(USER_INDEX_PREFIX) {
+                return Err(StoreError::Unavailable { reason: "refused for the test".into(), source: None });
+            }
+            self.0.put(key, value, ttl)
+        }
+        fn delete(&self, key: &str) -> StoreResult<()> {
+            self.0.delete(key)
+        }
+        fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+            self.0.list(prefix, limit, cursor)
+        }
+        fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.0.take(key)
+        }
+        fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+            self.0.increment(key, ttl)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_save_whose_user_index_entry_fails_is_an_error_and_leaves_no_record_a_sign_out_could_miss() {
+        let store = KvSessionStore::new(Arc::new(IndexWritesFail(MemoryKv::new()))).with_user_field("user_id");
+        let record = Record {
+            id: Id::default(),
+            data: HashMap::from([("user_id".to_owned(), serde_json::Value::from("ada"))]),
+            expiry_date: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        };
+        assert!(store.save(&record).await.is_err(), "the index entry was refused");
+        assert_eq!(store.load(&record.id).await.unwrap(), None, "a record ada's index does not name");
+        assert_eq!(store.backend().get(&record_key(&record.id)).unwrap(), None);
+    }
 
     #[tokio::test]
     async fn no_memory_of_writes_is_kept_on_a_backend_that_reads_its_writes() {
