@@ -334,6 +334,38 @@ fn a_session_created_again_under_an_id_this_process_deleted_is_read_once_the_bac
 }
 
 #[test]
+fn an_entry_lives_its_whole_ttl_whatever_part_of_a_second_it_was_written_in() {
+    let cf = cloudflare();
+    // Late in a second: a server that counts a TTL's whole seconds from the
+    // second it is in (the emulator does, as Cloudflare's whole-second
+    // `expiration` suggests) ends an entry up to a second before its TTL
+    // unless the client rounds up by a second more.
+    loop {
+        let millis = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_millis();
+        if (500..800).contains(&millis) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cf.kv.put("late", b"v", Some(Duration::from_secs(61))).unwrap();
+    cf.emulator.advance(Duration::from_millis(60_600));
+    assert_eq!(cf.kv.get("late").unwrap(), Some(b"v".to_vec()), "expired before its 61 s");
+    cf.emulator.advance(Duration::from_secs(3));
+    assert_eq!(cf.kv.get("late").unwrap(), None, "kept well past its TTL");
+}
+
+#[test]
+fn an_emulator_clock_moved_past_any_date_expires_everything_and_still_answers() {
+    let cf = cloudflare();
+    cf.kv.put("ttl", b"v", Some(Duration::from_secs(60))).unwrap();
+    cf.kv.put("forever", b"v", None).unwrap();
+    cf.emulator.advance(Duration::MAX);
+    cf.emulator.advance(Duration::MAX);
+    assert_eq!(cf.kv.get("ttl").unwrap(), None);
+    assert_eq!(cf.kv.get("forever").unwrap(), Some(b"v".to_vec()));
+}
+
+#[test]
 fn a_second_write_to_a_key_within_a_second_is_throttled_then_retried() {
     let cf = cloudflare();
     cf.emulator.limit_writes_per_key(true);

@@ -43,10 +43,11 @@ impl ManualClock {
         Self { now: Arc::new(Mutex::new(SystemTime::now())) }
     }
 
-    /// Moves the clock forward by `by`.
+    /// Moves the clock forward by `by`; past the latest time the system
+    /// can represent (`Duration::MAX` to expire everything), it stops there.
     pub fn advance(&self, by: Duration) {
         let mut now = self.now.lock().unwrap_or_else(PoisonError::into_inner);
-        *now += by;
+        *now = latest_after(*now, by);
     }
 }
 
@@ -59,5 +60,45 @@ impl Default for ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
         *self.now.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// `from + by`, or the latest time the system represents if that is later.
+fn latest_after(from: SystemTime, by: Duration) -> SystemTime {
+    if let Some(later) = from.checked_add(by) {
+        return later;
+    }
+    // Halve the step until it fits: at most 64 halvings of a `Duration`.
+    let (mut at, mut step) = (from, by);
+    while !step.is_zero() {
+        match at.checked_add(step) {
+            Some(later) => at = later,
+            None => step /= 2,
+        }
+    }
+    at
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dployr_domain::KvBackend as _;
+
+    use super::{Clock as _, ManualClock};
+    use crate::MemoryKv;
+
+    #[test]
+    fn a_manual_clock_moved_by_any_duration_stops_at_the_latest_time_and_everything_has_expired() {
+        let clock = ManualClock::new();
+        let kv = MemoryKv::with_clock(clock.clone());
+        kv.put("short", b"v", Some(Duration::from_secs(60))).unwrap();
+        kv.put("long", b"v", Some(Duration::from_secs(100 * 365 * 24 * 3600))).unwrap();
+        let before = clock.now();
+        clock.advance(Duration::MAX);
+        assert!(clock.now() > before);
+        clock.advance(Duration::MAX);
+        assert_eq!(kv.get("short").unwrap(), None);
+        assert_eq!(kv.get("long").unwrap(), None);
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! What Cloudflare allows is checked up front, so a bad call fails with
 //! [`StoreError::Invalid`] before any request: keys of 1 to 512 UTF-8 bytes,
-//! not `.` or `..`; values up to 25 MiB; TTLs of at least 60 s (a TTL that is
-//! not whole seconds is rounded up, and one longer than the API takes,
-//! 2^31 − 1 s, is clamped to it); list limits of 10 to 1000.
+//! not `.` or `..`; values up to 25 MiB; TTLs of at least 60 s (a TTL is
+//! sent rounded up to whole seconds, plus one so that the server's count in
+//! whole seconds never ends an entry early, and one longer than the API
+//! takes, 2^31 − 1 s, is clamped to it); list limits of 10 to 1000.
 //!
 //! **Answers.** Only a 404 with Cloudflare's code 10009 means "no such key".
 //! Any other 404 (code 7000 for a base URL without `/client/v4`, 7003 for an
@@ -438,10 +439,16 @@ fn encode(segment: &str) -> String {
     utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
 }
 
-/// A TTL in whole seconds as Cloudflare takes it: rounded up, at least 60,
-/// at most [`MAX_EXPIRATION_TTL_SECS`].
+/// A TTL in whole seconds as Cloudflare takes it: rounded up, plus one
+/// second, at least 60, at most [`MAX_EXPIRATION_TTL_SECS`]. The second
+/// more is for the server's count: it keeps whole seconds (`expiration` is
+/// seconds since the epoch), so a TTL counted from the start of the second
+/// a write lands in would end the entry up to a second before its TTL; an
+/// entry must live at least its TTL (a session read back checks its own
+/// expiry, so a second more costs nothing).
 fn ttl_secs(ttl: Duration) -> u64 {
-    (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).clamp(MIN_TTL.as_secs(), MAX_EXPIRATION_TTL_SECS)
+    (ttl.as_secs().saturating_add(u64::from(ttl.subsec_nanos() > 0)).saturating_add(1))
+        .clamp(MIN_TTL.as_secs(), MAX_EXPIRATION_TTL_SECS)
 }
 
 fn unix_now() -> u64 {

@@ -95,9 +95,13 @@ struct State {
 
 impl State {
     fn now_ms(&self) -> u64 {
-        (SystemTime::now() + self.offset)
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        // A clock moved past what `SystemTime` holds is later than every expiry.
+        SystemTime::now()
+            .checked_add(self.offset)
+            .map_or(Some(u64::MAX), |now| {
+                now.duration_since(UNIX_EPOCH).ok().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            })
+            .unwrap_or(0)
     }
 
     fn now_secs(&self) -> u64 {
@@ -256,7 +260,8 @@ impl CloudflareEmulator {
     /// Without a matching move of the client's clock, this is the server's
     /// clock skew: Cloudflare checks expirations on its own clock.
     pub fn advance(&self, by: Duration) {
-        self.shared.state().offset += by;
+        let mut state = self.shared.state();
+        state.offset = state.offset.saturating_add(by);
     }
 
     /// Makes every value read and list see the namespace as it was `delay`
@@ -379,7 +384,10 @@ fn ok(result: &Value) -> Answer {
 /// whose clock is skewed would send).
 fn answer(shared: &Shared, request: &mut Request) -> Answer {
     let mut response = route(shared, request);
-    let now = UNIX_EPOCH + Duration::from_millis(shared.state().now_ms());
+    // HTTP dates end with year 9999 (`httpdate` panics past it); a clock
+    // moved further still sends the last one.
+    const LAST_HTTP_DATE_MS: u64 = 253_402_300_799_000;
+    let now = UNIX_EPOCH + Duration::from_millis(shared.state().now_ms().min(LAST_HTTP_DATE_MS));
     if let Some(h) = header("Date", &httpdate::fmt_http_date(now)) {
         response.add_header(h);
     }
