@@ -262,6 +262,93 @@ fn updated_at_is_kept_by_the_database() {
     assert!(moved);
 }
 
+/// A no-op update keeps the timestamp on every table, `user_clusters` too,
+/// whose stored generated column (`role_order`) a BEFORE trigger sees as
+/// NULL in the new row: compared whole, every update of a membership looked
+/// like a change (`clusters.update` re-stamped every member it listed).
+#[test]
+fn a_no_op_update_keeps_the_timestamp_in_every_table_with_one() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let owner = user(&mut conn, 1);
+    let viewer = user(&mut conn, 2);
+    let cluster = cluster(&mut conn, 3, &owner);
+    member(&mut conn, &viewer, &cluster, "viewer").unwrap();
+    conn.batch_execute(
+        "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('00000000000000000000000004', '00000000000000000000000003', '10.0.0.4', 'four');
+         INSERT INTO bootstrap_tokens (instance_id, nonce) VALUES ('00000000000000000000000004', 'nonce-5');
+         INSERT INTO kv_entries (key, value) VALUES ('k', 'v')",
+    )
+    .unwrap();
+    for (table, no_op) in [
+        ("users", "UPDATE users SET name = name"),
+        ("clusters", "UPDATE clusters SET name = name"),
+        ("user_clusters", "UPDATE user_clusters SET role = role"),
+        ("instances", "UPDATE instances SET tag = tag"),
+        ("bootstrap_tokens", "UPDATE bootstrap_tokens SET nonce = nonce"),
+        ("kv_entries", "UPDATE kv_entries SET value = value"),
+    ] {
+        let stamps = format!("SELECT string_agg(updated_at::text, ',' ORDER BY updated_at) FROM {table}");
+        let before: String =
+            diesel::select(diesel::dsl::sql::<Text>(&format!("({stamps})"))).get_result(&mut conn).unwrap();
+        conn.batch_execute(no_op).unwrap();
+        let after: String =
+            diesel::select(diesel::dsl::sql::<Text>(&format!("({stamps})"))).get_result(&mut conn).unwrap();
+        assert_eq!(after, before, "{no_op} moved updated_at");
+    }
+    // A real change of a membership still moves it.
+    let stale = format!("SELECT updated_at FROM user_clusters WHERE user_id = '{viewer}'");
+    let before: String =
+        diesel::select(diesel::dsl::sql::<Text>(&format!("({stale})::text"))).get_result(&mut conn).unwrap();
+    conn.batch_execute(&format!("UPDATE user_clusters SET role = 'developer' WHERE user_id = '{viewer}'")).unwrap();
+    let after: String =
+        diesel::select(diesel::dsl::sql::<Text>(&format!("({stale})::text"))).get_result(&mut conn).unwrap();
+    assert_ne!(after, before, "a change of role kept the old stamp");
+}
+
+/// Every table whose `updated_at` the trigger keeps names its stored
+/// generated columns to it, which it leaves out of the comparison: a table
+/// given one later without it would stamp every no-op update again.
+#[test]
+fn every_stamped_table_names_its_generated_columns_to_its_trigger() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let mismatched: Vec<String> = diesel::sql_query(
+        "SELECT c.relname AS name
+           FROM pg_trigger t
+           JOIN pg_class c ON c.oid = t.tgrelid
+           JOIN pg_proc p ON p.oid = t.tgfoid
+          WHERE p.proname = 'dployr_set_updated_at'
+            AND coalesce((SELECT array_agg(a.attname::text ORDER BY a.attname)
+                            FROM pg_attribute a
+                           WHERE a.attrelid = c.oid AND a.attgenerated = 's' AND NOT a.attisdropped), '{}')
+                IS DISTINCT FROM
+                coalesce((SELECT array_agg(arg ORDER BY arg)
+                            FROM unnest(string_to_array(encode(t.tgargs, 'escape'), '\\000')) AS arg
+                           WHERE arg <> ''), '{}')",
+    )
+    .load::<Name>(&mut conn)
+    .unwrap()
+    .into_iter()
+    .map(|row| row.name)
+    .collect();
+    assert!(
+        mismatched.is_empty(),
+        "tables whose trigger does not name exactly their generated columns: {mismatched:?}"
+    );
+    let stamped = count(
+        &mut conn,
+        "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid WHERE p.proname = 'dployr_set_updated_at'",
+    );
+    assert_eq!(stamped, 6, "users, clusters, user_clusters, instances, bootstrap_tokens, kv_entries");
+}
+
+#[derive(QueryableByName)]
+struct Name {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
 /// A change that waited (here: a transaction that began before the row
 /// existed) is stamped with the time of the change, not of its
 /// transaction's start: before `008_update_times` the row read "updated"

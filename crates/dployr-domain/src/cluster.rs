@@ -162,6 +162,9 @@ pub trait ClusterStore: Send + Sync {
 
     /// Makes `new_owner` the owner; the previous owner gets
     /// `previous_owner_becomes` (`None`: removed from the cluster).
+    /// `new_owner` may be any user: a member of any role, an invitee (whose
+    /// invitation becomes the ownership) or a user not yet in the cluster.
+    /// Transferring to the current owner changes nothing.
     ///
     /// # Errors
     /// `Invalid` for `Some(Role::Owner)` or `Some(Role::Invited)`;

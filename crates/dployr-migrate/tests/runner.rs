@@ -501,3 +501,57 @@ fn revert_to_a_version_reverts_those_above_it_and_revert_all_reverts_everything(
     assert_eq!(runner.revert_to(None, &mut |_| {}).unwrap(), ["001_a"]);
     assert_eq!(recorded(&mut conn), Vec::<String>::new());
 }
+
+/// What `004_listing_counts` and `003_email_identity` could leave behind
+/// when a write slipped in while they ran (see `009_stamps_counts_copies_mended`):
+/// a cluster without totals, totals that miss rows, a membership whose copy
+/// of its user's e-mail, name or picture is an old one. Applying 009 mends
+/// each, and a database without any is left as it was.
+#[test]
+fn the_mending_migration_recounts_every_total_and_copies_every_profile_again() {
+    let db = empty_database();
+    let runner = MigrationRunner::new(db.url(), MigrationSet::embedded().unwrap());
+    runner.run_pending(&mut |_| {}).unwrap();
+    let mut conn = db.connect();
+    conn.batch_execute(
+        "INSERT INTO users (id, email, name, provider) VALUES
+             ('00000000000000000000000001', 'owner@example.com', 'Owner', 'github'),
+             ('00000000000000000000000002', 'guest@example.com', 'Guest', 'email');
+         BEGIN;
+         INSERT INTO clusters (id, name) VALUES ('0000000000000000000000000A', 'a'), ('0000000000000000000000000B', 'b');
+         INSERT INTO user_clusters (user_id, cluster_id, role) VALUES
+             ('00000000000000000000000001', '0000000000000000000000000A', 'owner'),
+             ('00000000000000000000000001', '0000000000000000000000000B', 'owner'),
+             ('00000000000000000000000002', '0000000000000000000000000A', 'invited');
+         COMMIT;
+         INSERT INTO instances (id, cluster_id, address, tag) VALUES ('0000000000000000000000000C', '0000000000000000000000000A', '10.0.0.1', 'one');",
+    )
+    .unwrap();
+    let state = |conn: &mut PgConnection| {
+        diesel::dsl::sql::<Text>(
+            "SELECT string_agg(x, ' | ' ORDER BY x) FROM (
+                 SELECT format('%s: %s %s %s', cluster_id, members, invites, instances) AS x FROM cluster_counts
+                 UNION ALL
+                 SELECT format('%s in %s: %s %s %s', user_id, cluster_id, email, name, picture) FROM user_clusters) AS rows",
+        )
+        .get_result::<String>(conn)
+        .unwrap()
+    };
+    let right = state(&mut conn);
+    // Untouched where nothing slipped through.
+    assert_eq!(runner.revert_last(&mut |_| {}).unwrap().as_deref(), Some("009_stamps_counts_copies_mended"));
+    runner.run_pending(&mut |_| {}).unwrap();
+    assert_eq!(state(&mut conn), right);
+    // What a write beside 003 or 004 could leave.
+    conn.batch_execute(
+        "DELETE FROM cluster_counts WHERE cluster_id = '0000000000000000000000000B';
+         UPDATE cluster_counts SET members = 0, invites = 5, instances = 0 WHERE cluster_id = '0000000000000000000000000A';
+         UPDATE user_clusters SET email = 'Guest@Example.com', name = 'Old', picture = 'old.png'
+          WHERE user_id = '00000000000000000000000002'",
+    )
+    .unwrap();
+    assert_ne!(state(&mut conn), right);
+    runner.revert_last(&mut |_| {}).unwrap();
+    runner.run_pending(&mut |_| {}).unwrap();
+    assert_eq!(state(&mut conn), right);
+}

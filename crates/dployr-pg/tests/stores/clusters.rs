@@ -386,6 +386,26 @@ fn transfer_ownership_with_none_removes_the_previous_owner() {
 }
 
 #[test]
+fn transfer_ownership_to_an_invitee_a_non_member_or_the_owner_itself_keeps_exactly_one_owner() {
+    let f = Fixture::new();
+    let (id, ids) = cluster_with(&f, &[]);
+    let owner = ids["owner@example.io"];
+    let invitee = f.clusters.add_users(&id, &[email("guest@example.io")]).unwrap()[0].user_id;
+    f.clusters.transfer_ownership(&id, &invitee, Some(Role::Admin)).unwrap();
+    assert_eq!(f.clusters.role_of(&invitee, &id).unwrap(), Some(Role::Owner), "the invitation became the ownership");
+    assert_eq!(f.clusters.role_of(&owner, &id).unwrap(), Some(Role::Admin));
+    let outsider = f.user("outsider@example.io").id;
+    f.clusters.transfer_ownership(&id, &outsider, None).unwrap();
+    assert_eq!(f.clusters.role_of(&outsider, &id).unwrap(), Some(Role::Owner));
+    assert_eq!(f.clusters.role_of(&invitee, &id).unwrap(), None, "None removes the previous owner");
+    f.clusters.transfer_ownership(&id, &outsider, Some(Role::Viewer)).unwrap();
+    assert_eq!(f.clusters.users_with_role(&id, Role::Owner).unwrap().len(), 1);
+    assert_eq!(f.clusters.role_of(&outsider, &id).unwrap(), Some(Role::Owner), "to the owner itself: nothing changes");
+    let page = f.clusters.members(&id, &Page::first(10)).unwrap();
+    assert_eq!(page.total, 2, "{page:?}");
+}
+
+#[test]
 fn transfer_ownership_refuses_owner_or_invited_for_the_previous_owner_and_unknown_parties() {
     let f = Fixture::new();
     let (id, ids) = cluster_with(&f, &[("dev@example.io", Role::Developer)]);
