@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use dployr_data::{Config, DataLayer, KvBackendConfig, KvStoreConfig, PoolConfig, StoreError};
+use dployr_data::{Config, DataLayer, DeadlineConfig, KvBackendConfig, KvStoreConfig, PoolConfig, StoreError};
 use dployr_testkit::TestDatabase;
 use dployr_testkit::pgbouncer::{self, PgBouncer, PoolMode};
 use dployr_tests::seed_story;
@@ -36,7 +36,12 @@ fn behind_pgbouncer(migrated: bool) -> Option<(TestDatabase, PgBouncer)> {
 
 /// What docs/operations.md prescribes behind a transaction pooler.
 fn documented_pool() -> PoolConfig {
-    PoolConfig { prepared_statement_cache: false, statement_timeout: None, ..PoolConfig::default() }
+    PoolConfig {
+        prepared_statement_cache: false,
+        statement_timeout: None,
+        deadline: DeadlineConfig { cancel: false, ..DeadlineConfig::default() },
+        ..PoolConfig::default()
+    }
 }
 
 #[test]
@@ -55,6 +60,17 @@ fn a_start_through_pgbouncer_with_a_per_connection_statement_timeout_is_refused_
     let config = Config::new(bouncer.url_for(db.name())).with_pool(pool).without_migrations_on_start();
     let error = DataLayer::open(config).map(drop).unwrap_err();
     assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_STATEMENT_TIMEOUT_MS", .. }), "{error}");
+}
+
+#[test]
+fn a_start_through_pgbouncer_that_would_cancel_at_a_deadline_is_refused_naming_the_setting() {
+    // The cancel goes to the backend pid read when the connection was made,
+    // which PgBouncer may have handed to another client since.
+    let Some((db, bouncer)) = behind_pgbouncer(true) else { return };
+    let pool = PoolConfig { deadline: DeadlineConfig::default(), ..documented_pool() };
+    let config = Config::new(bouncer.url_for(db.name())).with_pool(pool).without_migrations_on_start();
+    let error = DataLayer::open(config).map(drop).unwrap_err();
+    assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_CANCEL_ON_DEADLINE", .. }), "{error}");
 }
 
 #[test]

@@ -113,9 +113,13 @@ pub fn seed_load(args: &[&str]) -> Result<(), Failure> {
 fn seed_load_process(env: &[(&str, String)], args: &[&str]) -> Result<std::process::Child, Failure> {
     let mut command = Command::new(std::env::current_exe()?);
     command.arg("seed-load").args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for var in
-        ["DATABASE_URL", "DPLOYR_MIGRATE_DATABASE_URL", "DPLOYR_DB_STATEMENT_CACHE", "DPLOYR_DB_STATEMENT_TIMEOUT_MS"]
-    {
+    for var in [
+        "DATABASE_URL",
+        "DPLOYR_MIGRATE_DATABASE_URL",
+        "DPLOYR_DB_STATEMENT_CACHE",
+        "DPLOYR_DB_STATEMENT_TIMEOUT_MS",
+        "DPLOYR_DB_CANCEL_ON_DEADLINE",
+    ] {
         command.env_remove(var);
     }
     command.envs(env.iter().map(|(k, v)| (k, v)));
@@ -164,6 +168,7 @@ pub fn run(args: &[&str]) -> Result<(), Failure> {
         ("DPLOYR_MIGRATE_DATABASE_URL", db.url().to_owned()),
         ("DPLOYR_DB_STATEMENT_CACHE", "false".into()),
         ("DPLOYR_DB_STATEMENT_TIMEOUT_MS", "0".into()),
+        ("DPLOYR_DB_CANCEL_ON_DEADLINE", "false".into()),
     ];
 
     // 1. The statement cache left on: refused, naming the setting.

@@ -70,6 +70,39 @@ pub const STATE_TTL_VAR: &str = "DPLOYR_STATE_TTL_SECS";
 /// One-time code lifetime in s (default 600).
 pub const OTP_TTL_VAR: &str = "DPLOYR_OTP_TTL_SECS";
 
+/// Every variable [`Config::from_env`] reads.
+const ALL_VARS: [&str; 29] = [
+    DATABASE_URL_VAR,
+    KV_VAR,
+    KV_ONE_TIME_VAR,
+    MIGRATE_ON_START_VAR,
+    MIGRATE_DATABASE_URL_VAR,
+    MIGRATE_LOCK_TIMEOUT_VAR,
+    POOL_SIZE_VAR,
+    CONNECT_TIMEOUT_VAR,
+    STATEMENT_TIMEOUT_VAR,
+    STATEMENT_CACHE_VAR,
+    CALL_TIMEOUT_VAR,
+    DEADLINE_MARGIN_VAR,
+    CANCEL_GRACE_VAR,
+    CANCEL_ON_DEADLINE_VAR,
+    KEEPALIVES_VAR,
+    KEEPALIVES_IDLE_VAR,
+    KEEPALIVES_INTERVAL_VAR,
+    KEEPALIVES_COUNT_VAR,
+    TCP_USER_TIMEOUT_VAR,
+    REPLICA_URLS_VAR,
+    REPLICA_MAX_LAG_VAR,
+    KV_PURGE_EVERY_VAR,
+    SESSION_TTL_VAR,
+    STATE_TTL_VAR,
+    OTP_TTL_VAR,
+    ACCOUNT_ID_VAR,
+    NAMESPACE_ID_VAR,
+    API_TOKEN_VAR,
+    API_BASE_URL_VAR,
+];
+
 /// Which key-value backend holds sessions, OAuth state and one-time codes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvBackendConfig {
@@ -263,6 +296,13 @@ impl Config {
     /// [`StoreError::Configuration`] naming the first variable that is
     /// missing or malformed.
     pub fn from_env() -> StoreResult<Self> {
+        // A value that is not UTF-8 is malformed, never "unset": it would
+        // otherwise be replaced by the default without a word.
+        for name in ALL_VARS {
+            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(name) {
+                return Err(configuration(name, "is not valid UTF-8"));
+            }
+        }
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
@@ -338,6 +378,7 @@ impl Config {
             if ms == 0 {
                 return Err(configuration(MIGRATE_LOCK_TIMEOUT_VAR, "must be at least 1 ms"));
             }
+            within_postgres_limit(MIGRATE_LOCK_TIMEOUT_VAR, ms)?;
             config.migrate_lock_timeout = Duration::from_millis(ms);
         }
         for (name, ttl) in [

@@ -16,8 +16,10 @@ use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, 
 use dployr_migrate::MigrateError;
 
 use crate::config::{
-    DATABASE_URL_VAR, DEFAULT_PURGE_EVERY, KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR, OTP_TTL_VAR,
-    POOL_SIZE_VAR, REPLICA_URLS_VAR, SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR,
+    CALL_TIMEOUT_VAR, CANCEL_GRACE_VAR, CANCEL_ON_DEADLINE_VAR, CONNECT_TIMEOUT_VAR, DATABASE_URL_VAR,
+    DEADLINE_MARGIN_VAR, DEFAULT_PURGE_EVERY, KEEPALIVES_COUNT_VAR, KEEPALIVES_IDLE_VAR, KEEPALIVES_INTERVAL_VAR,
+    KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR, OTP_TTL_VAR, POOL_SIZE_VAR, REPLICA_URLS_VAR,
+    SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR, TCP_USER_TIMEOUT_VAR,
 };
 use crate::health::{self, Health};
 use crate::{Config, KvBackendConfig, OneTimeKvConfig};
@@ -91,14 +93,36 @@ fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
     }
 }
 
+/// The variable of the pool setting that `PoolConfig`'s check names as
+/// `field` (a configuration built in code names no variable, but says which
+/// one would set it): each refused setting by its own name.
+fn pool_setting_variable(field: &str) -> &'static str {
+    match field {
+        "pool connection_timeout" => CONNECT_TIMEOUT_VAR,
+        "pool statement_timeout" => STATEMENT_TIMEOUT_VAR,
+        "deadline call_timeout" => CALL_TIMEOUT_VAR,
+        "deadline margin" => DEADLINE_MARGIN_VAR,
+        "deadline grace" => CANCEL_GRACE_VAR,
+        "network keepalives_idle" => KEEPALIVES_IDLE_VAR,
+        "network keepalives_interval" => KEEPALIVES_INTERVAL_VAR,
+        "network keepalives_count" => KEEPALIVES_COUNT_VAR,
+        "network tcp_user_timeout" => TCP_USER_TIMEOUT_VAR,
+        "network connect_timeout" => CONNECT_TIMEOUT_VAR,
+        _ => POOL_SIZE_VAR,
+    }
+}
+
 /// Behind a pooler in transaction mode, a prepared statement or a session
 /// setting made on one server connection is met by another client (wrong
 /// answers, `prepared statement "__diesel_stmt_1" already exists`) or
-/// missing for this one: such a start is refused, naming the setting.
+/// missing for this one, and a cancel at a call's deadline, sent to the
+/// backend its connection had when it was made, may stop another client's
+/// statement: such a start is refused, naming the setting.
 fn refuse_unsafe_pooling(pool: &PgPool, config: &Config) -> StoreResult<()> {
     let cache = config.pool.prepared_statement_cache;
     let timeout = config.pool.statement_timeout.is_some();
-    if !cache && !timeout {
+    let cancel = config.pool.deadline.cancel;
+    if !cache && !timeout && !cancel {
         return Ok(());
     }
     if !pool.behind_transaction_pooler()? {
@@ -116,11 +140,22 @@ fn refuse_unsafe_pooling(pool: &PgPool, config: &Config) -> StoreResult<()> {
             .into(),
         });
     }
+    if timeout {
+        return Err(StoreError::Configuration {
+            setting: STATEMENT_TIMEOUT_VAR,
+            reason: format!(
+                "{POOLER}; a statement_timeout set per connection would land on other clients' sessions: \
+                 set it on the role (ALTER ROLE app SET statement_timeout = '30s') and {STATEMENT_TIMEOUT_VAR}=0"
+            )
+            .into(),
+        });
+    }
     Err(StoreError::Configuration {
-        setting: STATEMENT_TIMEOUT_VAR,
+        setting: CANCEL_ON_DEADLINE_VAR,
         reason: format!(
-            "{POOLER}; a statement_timeout set per connection would land on other clients' sessions: \
-             set it on the role (ALTER ROLE app SET statement_timeout = '30s') and {STATEMENT_TIMEOUT_VAR}=0"
+            "{POOLER}; a cancel at a call's deadline goes to the server connection this connection had when \
+             it was made, which may be serving another client by then: set {CANCEL_ON_DEADLINE_VAR}=false \
+             (the socket shutdown still bounds every call)"
         )
         .into(),
     })
@@ -164,7 +199,9 @@ impl DataLayer {
     pub fn open(config: Config) -> StoreResult<Self> {
         let pool =
             PgPool::connect_as(&config.database_url, DATABASE_URL_VAR, config.pool).map_err(|error| match error {
-                StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: POOL_SIZE_VAR, reason },
+                StoreError::Invalid { field, reason } => {
+                    StoreError::Configuration { setting: pool_setting_variable(field), reason }
+                }
                 other => other,
             })?;
         refuse_unsafe_pooling(&pool, &config)?;

@@ -138,6 +138,7 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
         "DPLOYR_DB_DEADLINE_MARGIN_MS",
         "DPLOYR_DB_CANCEL_GRACE_MS",
         "DPLOYR_DB_TCP_USER_TIMEOUT_MS",
+        "DPLOYR_MIGRATE_LOCK_TIMEOUT_MS",
     ] {
         assert_eq!(setting_of(&with(&[(name, "2147483648")])), name);
         let at_the_limit = Config::from_vars(vars(&[base[0], (name, "2147483647")]));
@@ -153,6 +154,25 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
         assert_eq!(setting_of(&with(&[(name, past)])), name);
         let at_the_limit = Config::from_vars(vars(&[base[0], (name, limit)]));
         assert!(at_the_limit.is_ok(), "{name}: {at_the_limit:?}");
+    }
+}
+
+#[test]
+fn a_pool_setting_built_in_code_that_the_pool_refuses_names_the_variable_of_that_setting() {
+    // Refused before any connection: no server is needed.
+    let open = |pool: PoolConfig| DataLayer::open(Config::new("postgres://app@127.0.0.1:1/dployr").with_pool(pool));
+    for (pool, variable) in [
+        (PoolConfig { max_size: 0, ..PoolConfig::default() }, "DPLOYR_DB_POOL_SIZE"),
+        (PoolConfig { connection_timeout: Duration::ZERO, ..PoolConfig::default() }, "DPLOYR_DB_CONNECT_TIMEOUT_MS"),
+        (
+            PoolConfig { statement_timeout: Some(Duration::from_micros(10)), ..PoolConfig::default() },
+            "DPLOYR_DB_STATEMENT_TIMEOUT_MS",
+        ),
+    ] {
+        match open(pool) {
+            Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, variable),
+            other => panic!("expected a configuration error naming {variable}, got {other:?}"),
+        }
     }
 }
 

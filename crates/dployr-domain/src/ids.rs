@@ -45,6 +45,16 @@ macro_rules! ulid_id {
             /// # Errors
             /// [`StoreError::Invalid`] when `text` is not a ULID.
             pub fn parse(text: &str) -> Result<Self, StoreError> {
+                // 26 characters hold 130 bits; a ULID has 128, so the first
+                // is at most `7` (the ULID spec: larger values are refused).
+                // The `ulid` crate drops the two extra bits instead, which
+                // would give every id four spellings.
+                if text.as_bytes().first().is_some_and(|first| !(b'0'..=b'7').contains(first)) {
+                    return Err(StoreError::invalid(
+                        concat!($entity, " id"),
+                        "not a ULID: larger than the largest, 7ZZZZZZZZZZZZZZZZZZZZZZZZZ",
+                    ));
+                }
                 Ulid::from_string(text)
                     .map(Self)
                     .map_err(|e| StoreError::invalid(concat!($entity, " id"), format!("not a ULID: {e}")))
@@ -119,3 +129,18 @@ ulid_id!(
     InstanceId,
     "instance"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::{ClusterId, UserId};
+
+    #[test]
+    fn an_id_larger_than_the_largest_ulid_is_invalid_not_another_spelling_of_a_smaller_one() {
+        assert!(UserId::parse("7ZZZZZZZZZZZZZZZZZZZZZZZZZ").is_ok(), "the largest ULID");
+        for larger in ["80000000000000000000000000", "ZZZZZZZZZZZZZZZZZZZZZZZZZZ", "8ZZZZZZZZZZZZZZZZZZZZZZZZZ"] {
+            assert!(UserId::parse(larger).is_err(), "{larger}");
+            assert!(serde_json::from_str::<ClusterId>(&format!("\"{larger}\"")).is_err(), "{larger}");
+        }
+        assert_eq!(UserId::parse("00000000000000000000000000").unwrap().to_string(), "00000000000000000000000000");
+    }
+}

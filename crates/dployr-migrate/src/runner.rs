@@ -194,12 +194,17 @@ impl MigrationRunner {
     /// PostgreSQL's `lock_timeout` for the migrations' statements: how long
     /// a migration may wait for a table lock, with every query that needs
     /// the same table queued behind it, before it rolls back and tries
-    /// again. At least 1 ms.
+    /// again. At least 1 ms, at most PostgreSQL's limit (2^31 − 1 ms, about
+    /// 24.8 days; `SET lock_timeout` refuses more).
     #[must_use]
     pub fn with_table_lock_timeout(mut self, timeout: Duration) -> Self {
-        self.table_lock_timeout = timeout.max(Duration::from_millis(1));
+        self.table_lock_timeout =
+            timeout.clamp(Duration::from_millis(1), Duration::from_millis(Self::MAX_TABLE_LOCK_TIMEOUT_MS));
         self
     }
+
+    /// The longest `lock_timeout` PostgreSQL takes, in milliseconds.
+    pub const MAX_TABLE_LOCK_TIMEOUT_MS: u64 = i32::MAX as u64;
 
     /// How many times a migration that runs into `lock_timeout` is tried in
     /// all (at least 1). Only migrations that run in a transaction are tried
