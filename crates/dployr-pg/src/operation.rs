@@ -113,6 +113,10 @@ impl<'p> Operation<'p> {
     /// [`StoreError::Unavailable`] naming the deadline when it passed, or
     /// when no connection came in time; `work`'s error, mapped, otherwise.
     pub fn run<T>(&self, mut work: impl FnMut(&mut PgConnection) -> QueryResult<T>) -> Result<T, StoreError> {
+        // The deadline counts from when the operation opened, the one
+        // instant both runs on the primary share (a run again stays within
+        // the call's bound).
+        let mut started = self.started;
         if let Some(read) = self.read
             && read.route() == Route::Replica
             && let Some(replicas) = &self.pool.replicas
@@ -121,14 +125,17 @@ impl<'p> Operation<'p> {
                 return Ok(value);
             }
             ::metrics::counter!(crate::metrics::ROUTED_READS, "op" => read.name(), "server" => "primary").increment(1);
+            // A replica that failed (frozen, cut off) may have used its
+            // whole deadline: the primary gets a deadline of its own, so
+            // that the read is answered, not refused for time the replica
+            // spent.
+            started = Instant::now();
         }
-        // The deadline counts from when the operation opened, the one
-        // instant both runs share (a run again stays within the call's bound).
-        match self.pool.run_statement_since(self.started, &self.references, &mut work) {
+        match self.pool.run_statement_since(started, &self.references, &mut work) {
             Err(error) if self.idempotent && crate::errors::lost_connection(&error) => {
                 // The connection is discarded already; nothing was changed.
                 tracing::debug!(op = self.name, %error, "dployr.store: connection lost under a read; running it again");
-                self.pool.run_statement_since(self.started, &self.references, work)
+                self.pool.run_statement_since(started, &self.references, work)
             }
             answer => answer,
         }

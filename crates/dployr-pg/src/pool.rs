@@ -600,7 +600,9 @@ impl PgPool {
     }
 
     /// The longest a store call ([`Operation::run`]) may
-    /// take: call timeout + margin + grace.
+    /// take: call timeout + margin + grace (twice that for a replica-safe
+    /// read that a failing replica held: the primary then has a bound of
+    /// its own).
     pub fn call_bound(&self) -> Duration {
         self.deadlines.bound()
     }

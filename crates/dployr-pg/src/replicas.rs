@@ -38,6 +38,9 @@
 //! failed its sample, whose sampler is stuck, or whose read failed with
 //! `Unavailable`, is skipped until a later sample succeeds: the read goes
 //! to the next replica, then to the primary, and the caller sees no error.
+//! The primary's run has a call deadline of its own, so a read that a
+//! frozen replica held until the replica's deadline takes up to two call
+//! bounds ([`PgPool::call_bound`]), and is answered.
 //!
 //! **Read your writes.** After a write, [`PgPool::wal_position`] gives the
 //! primary's WAL insert position (which is past the write's commit record);

@@ -89,18 +89,24 @@ impl PrivateServer {
     /// [`TestkitError::Setup`] if a signal cannot be sent (the server is
     /// thawed again first).
     pub fn freeze(&self) -> Result<Freeze, TestkitError> {
-        let postmaster = pid(self.cluster().pid())?;
-        // The postmaster first, so it starts no new process meanwhile.
-        let mut stopped = Vec::new();
-        let mut freeze = |pid: Pid| {
-            kill(pid, Signal::SIGSTOP).map_err(|e| TestkitError::Setup(format!("SIGSTOP of {pid}: {e}")))?;
-            stopped.push(pid);
-            Ok::<_, TestkitError>(())
-        };
-        let result = freeze(postmaster).and_then(|()| children_of(postmaster).into_iter().try_for_each(&mut freeze));
-        let guard = Freeze { stopped };
-        result.map(|()| guard)
+        freeze(self.cluster().pid())
     }
+}
+
+/// Stops the postmaster `postmaster_pid`, then every process it started,
+/// with `SIGSTOP` (see [`PrivateServer::freeze`]).
+pub(crate) fn freeze(postmaster_pid: u32) -> Result<Freeze, TestkitError> {
+    let postmaster = pid(postmaster_pid)?;
+    // The postmaster first, so it starts no new process meanwhile.
+    let mut stopped = Vec::new();
+    let mut stop = |pid: Pid| {
+        kill(pid, Signal::SIGSTOP).map_err(|e| TestkitError::Setup(format!("SIGSTOP of {pid}: {e}")))?;
+        stopped.push(pid);
+        Ok::<_, TestkitError>(())
+    };
+    let result = stop(postmaster).and_then(|()| children_of(postmaster).into_iter().try_for_each(&mut stop));
+    let guard = Freeze { stopped };
+    result.map(|()| guard)
 }
 
 impl Drop for PrivateServer {

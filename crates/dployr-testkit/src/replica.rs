@@ -170,6 +170,19 @@ impl ReplicatedServer {
         replica.restart(shutdown, down_for)
     }
 
+    /// Freezes the replica (`SIGSTOP` of its postmaster and every process
+    /// it started), as a standby host that hangs or is partitioned away:
+    /// connections stay open and nothing answers, until the guard is
+    /// dropped.
+    ///
+    /// # Errors
+    /// [`TestkitError::Setup`] if the replica was stopped or a signal cannot
+    /// be sent.
+    pub fn freeze_replica(&self) -> Result<crate::private::Freeze, TestkitError> {
+        let replica = self.replica.as_ref().ok_or_else(|| TestkitError::Setup("the replica was stopped".into()))?;
+        crate::private::freeze(replica.pid())
+    }
+
     /// Stops the replica at once (an immediate shutdown), as a crashed
     /// standby host would; its URL then refuses connections.
     pub fn stop_replica(&mut self) {

@@ -16,7 +16,8 @@ use dployr_domain::{
     StoreError, Tag, User, UserStore,
 };
 use dployr_pg::{
-    PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig, ReplicaConfig, ReplicaSet,
+    DeadlineConfig, PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig,
+    ReplicaConfig, ReplicaSet,
 };
 use dployr_testkit::replica::SKIP;
 use dployr_testkit::{ReplicatedServer, Shutdown};
@@ -246,6 +247,44 @@ fn a_stopped_replica_fails_over_to_the_primary_with_no_error_to_the_caller() {
     assert_eq!(status.skips.error + status.skips.down, 10, "{status:?}");
     assert!(status.skips.error <= 1, "{status:?}");
     assert_eq!((status.skips.lag, status.skips.not_sampled, status.skips.behind_write), (0, 0, 0), "{status:?}");
+}
+
+#[test]
+fn a_frozen_replica_fails_over_to_the_primary_with_no_error_after_its_own_deadline() {
+    let Some(server) = start() else { return };
+    // Short deadlines, so a read held by the frozen replica ends soon; the
+    // default sampling (1 s), so the read path meets the frozen replica
+    // before its sampler can take it out of rotation.
+    let config = PoolConfig {
+        max_size: 4,
+        connection_timeout: Duration::from_millis(500),
+        statement_timeout: Some(Duration::from_millis(300)),
+        deadline: DeadlineConfig {
+            margin: Duration::from_millis(200),
+            grace: Duration::from_millis(200),
+            ..DeadlineConfig::default()
+        },
+        ..PoolConfig::default()
+    };
+    let mut pool = PgPool::connect(server.primary_url(), config).unwrap();
+    let urls = [server.replica_url().to_owned()];
+    let set = ReplicaSet::connect(&pool, &urls, "replica_urls", config, ReplicaConfig::default()).unwrap();
+    pool = pool.with_replicas(set);
+    let users = PgUserStore::new(pool.clone());
+    let user = users.upsert(NewUser::new(email("frozen@example.io"), Provider::Google)).unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    let started = Instant::now();
+    while !pool.replicas().unwrap().status()[0].in_rotation {
+        assert!(started.elapsed() < Duration::from_secs(20), "the replica never entered rotation");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let frozen = server.freeze_replica().unwrap();
+    let read = users.get(&user.id);
+    drop(frozen);
+    assert_eq!(read.unwrap().map(|found| found.id), Some(user.id), "the primary answers what the replica could not");
+    let status = &pool.replicas().unwrap().status()[0];
+    assert!(status.skips.error + status.skips.down >= 1, "{status:?}");
 }
 
 /// Reads by the replica until one is answered by it alone: one statement
