@@ -149,14 +149,27 @@ impl Affinity {
             self.events.checked_out(Duration::ZERO);
             return Ok(conn);
         }
+        let started = Instant::now();
         if pool.state().connections < self.max_size {
-            return pool.get_timeout(wait);
+            // A new connection, so that the threads that parked theirs keep
+            // them. But a server that opens none (at max_connections, or
+            // refusing this database for a moment) must not keep this call
+            // waiting while connections sit parked: after half the wait, a
+            // parked one is taken, and only then is the rest waited for.
+            match pool.get_timeout(wait / 2) {
+                Ok(conn) => return Ok(conn),
+                Err(error) if self.parked.load(Ordering::Relaxed) == 0 => {
+                    let left = wait.saturating_sub(started.elapsed());
+                    return if left.is_zero() { Err(error) } else { pool.get_timeout(left) };
+                }
+                Err(_) => {}
+            }
         }
         let start = own.map_or(0, |slot| slot + 1);
         let stolen = (0..self.slots.len()).find_map(|k| self.unpark((start + k) % self.slots.len()));
         match stolen {
             Some(conn) => Ok(conn),
-            None => pool.get_timeout(wait),
+            None => pool.get_timeout(wait.saturating_sub(started.elapsed()).max(Duration::from_millis(1))),
         }
     }
 

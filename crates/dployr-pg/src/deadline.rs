@@ -334,6 +334,8 @@ pub(crate) struct Deadlines {
     grace: Duration,
     /// Where cancel requests connect; `None` when cancels are off.
     cancel_url: Option<Arc<str>>,
+    /// The pool's URL, to redact from r2d2's checkout errors.
+    database_url: Arc<str>,
     connection_timeout: Duration,
     pub(crate) counters: Arc<Counters>,
 }
@@ -351,6 +353,7 @@ impl Deadlines {
             margin: config.margin,
             grace: config.grace,
             cancel_url: config.cancel.then(|| Arc::from(database_url)),
+            database_url: Arc::from(database_url),
             connection_timeout,
             counters,
         }
@@ -394,7 +397,11 @@ impl Deadlines {
         }
         let (mut conn, info) = affinity.check_out(pool, wait).map_err(|e| StoreError::Unavailable {
             reason: format!("no PostgreSQL connection within {wait:?}").into(),
-            source: Some(Box::new(e)),
+            // r2d2's text carries libpq's last error, which may echo the URL.
+            source: Some(Box::new(crate::pool::Redacted(dployr_domain::connection::redact(
+                &e.to_string(),
+                &self.database_url,
+            )))),
         })?;
         let call = Arc::new(Call {
             id: NEXT_CALL.fetch_add(1, Ordering::Relaxed),

@@ -294,7 +294,7 @@ pub const DATABASE_URL_SETTING: &str = "database_url";
 /// pool errors, in place of libpq's or r2d2's error (whose text may hold the
 /// password).
 #[derive(Debug)]
-struct Redacted(String);
+pub(crate) struct Redacted(pub(crate) String);
 
 impl fmt::Display for Redacted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -249,6 +249,45 @@ fn a_connection_kept_for_an_idle_thread_serves_another_thread_at_once() {
     assert_eq!((stats.connections, stats.in_use, stats.checkout_timeouts, stats.connections_opened), (1, 0, 0, 1));
 }
 
+/// A server that opens no new connection (at `max_connections`, or, as
+/// here, refusing the database for a moment) while the pool is below its
+/// size and another thread keeps an idle connection: the call takes that
+/// connection within the checkout timeout instead of failing `Unavailable`
+/// after waiting for a new one (the kept connection went back only when
+/// its thread had been idle for 10 s).
+#[test]
+fn a_call_takes_a_connection_kept_for_an_idle_thread_when_the_server_opens_no_new_one() {
+    let db = dployr_testkit::database();
+    let config = PoolConfig { max_size: 4, connection_timeout: Duration::from_millis(600), ..PoolConfig::default() };
+    let pool = PgPool::connect(db.url(), config).unwrap();
+    let (finish, finished) = std::sync::mpsc::channel::<()>();
+    let (called, done) = std::sync::mpsc::channel();
+    let idle_thread = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            called.send(backend_of_a_call(&pool)).unwrap();
+            // Alive and idle, its connection kept, until the test ends.
+            finished.recv().unwrap();
+        })
+    };
+    let kept = done.recv().unwrap().unwrap();
+    let stats = pool.pool_stats();
+    assert_eq!((stats.connections, stats.in_use), (1, 0), "one connection, kept for the idle thread");
+    // From another database: a session cannot refuse connections to its own.
+    let mut admin = PgConnection::establish(&db.url().replacen(&format!("/{}", db.name()), "/postgres", 1)).unwrap();
+    diesel::sql_query(format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false", db.name())).execute(&mut admin).unwrap();
+    let answer = std::thread::spawn({
+        let pool = pool.clone();
+        move || backend_of_a_call(&pool)
+    })
+    .join()
+    .unwrap();
+    diesel::sql_query(format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true", db.name())).execute(&mut admin).unwrap();
+    finish.send(()).unwrap();
+    idle_thread.join().unwrap();
+    assert_eq!(answer.unwrap(), kept, "the kept connection served the call");
+}
+
 /// More threads than connections, calling with pauses, some ending early
 /// with their connection kept: no call waits out the checkout timeout
 /// (a connection kept for one thread while another waits would), and
