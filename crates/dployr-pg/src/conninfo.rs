@@ -148,18 +148,24 @@ pub(crate) fn with_network_parameters(
     let present = if is_url { url_keys(database_url) } else { conninfo_keys(database_url) };
     let mut out = database_url.trim_end().to_owned();
     let mut first = is_url && !database_url.contains('?');
+    // A query that ends in `?` or `&` (which libpq takes) needs no
+    // separator before the first parameter: `?&` or `&&` it refuses
+    // ("missing key/value separator").
+    let mut open_query = is_url && (out.ends_with('?') || out.ends_with('&'));
     for (key, value) in network.parameters(connection_timeout) {
         if present.iter().any(|set| set == key) {
             continue;
         }
         // Values here are digits: no quoting or percent-encoding needed.
         let separator = match (is_url, first) {
+            (true, _) if open_query => "",
             (true, true) => "?",
             (true, false) => "&",
             (false, _) if out.is_empty() => "",
             (false, _) => " ",
         };
         first = false;
+        open_query = false;
         let _infallible = write!(out, "{separator}{key}={value}");
     }
     out
@@ -248,6 +254,20 @@ mod tests {
     use super::*;
 
     const FIVE: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_url_whose_query_ends_open_gets_its_parameters_without_an_empty_one() {
+        let network = NetworkConfig { keepalives: false, tcp_user_timeout: None, ..NetworkConfig::default() };
+        for (url, expected) in [
+            ("postgres://app@db/dployr?", "postgres://app@db/dployr?connect_timeout=5&keepalives=0"),
+            (
+                "postgres://app@db/dployr?sslmode=disable&",
+                "postgres://app@db/dployr?sslmode=disable&connect_timeout=5&keepalives=0",
+            ),
+        ] {
+            assert_eq!(with_network_parameters(url, &network, FIVE), expected);
+        }
+    }
 
     #[test]
     fn a_url_without_parameters_gets_all_of_them() {

@@ -278,6 +278,9 @@ pub struct PgPool {
     /// echoes of it in later checkout errors and for the pooler probe;
     /// never printed.
     pub(crate) database_url: Arc<str>,
+    /// The setting the URL came from, which connection errors name
+    /// ([`PgPool::connect_as`]).
+    setting: &'static str,
     /// r2d2's events, counted (see `metrics`).
     events: Arc<PoolEvents>,
     /// The connections parked by the threads that used them last (see `affinity`).
@@ -453,6 +456,7 @@ impl PgPool {
             connection_timeout: config.connection_timeout,
             deadlines: Arc::new(deadlines),
             database_url: url.into(),
+            setting,
             affinity: Affinity::new(config.max_size, Arc::clone(&events)),
             events,
             replicas: None,
@@ -496,7 +500,7 @@ impl PgPool {
         let mut conn = self.get()?;
         conn.batch_execute(&format!("SET dployr.pooler_probe = '{token}'")).map_err(probe_error)?;
         let mut other = PgConnection::establish(&self.database_url)
-            .map_err(|error| classify(&error, &self.database_url).into_store_error(DATABASE_URL_SETTING))?;
+            .map_err(|error| classify(&error, &self.database_url).into_store_error(self.setting))?;
         other.set_prepared_statement_cache_size(CacheSize::Disabled);
         let seen: Option<String> = diesel::select(diesel::dsl::sql::<
             diesel::sql_types::Nullable<diesel::sql_types::Text>,
