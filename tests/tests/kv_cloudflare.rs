@@ -366,6 +366,25 @@ fn an_emulator_clock_moved_past_any_date_expires_everything_and_still_answers() 
 }
 
 #[test]
+fn a_listing_page_may_be_empty_and_still_have_a_cursor_as_cloudflare_documents() {
+    let cf = cloudflare();
+    for n in 0..10 {
+        cf.kv.put(&format!("page/{n:02}"), b"v", Some(Duration::from_secs(60))).unwrap();
+    }
+    for n in 10..15 {
+        cf.kv.put(&format!("page/{n:02}"), b"v", None).unwrap();
+    }
+    cf.emulator.advance(Duration::from_secs(62));
+    let first = cf.kv.list("page/", 10, None).unwrap();
+    assert!(first.keys.is_empty() && first.cursor.is_some(), "{:?} {:?}", first.keys, first.cursor);
+    let second = cf.kv.list("page/", 10, first.cursor.as_deref()).unwrap();
+    assert_eq!(second.keys.len(), 5, "{:?}", second.keys);
+    assert_eq!(second.cursor, None);
+    let (all, _) = dployr_tests::kv_contract::list_all(cf.kv.as_ref(), "page/", 10);
+    assert_eq!(all.len(), 5, "the listing helper follows the cursor past the empty page: {all:?}");
+}
+
+#[test]
 fn a_second_write_to_a_key_within_a_second_is_throttled_then_retried() {
     let cf = cloudflare();
     cf.emulator.limit_writes_per_key(true);

@@ -7,7 +7,10 @@
 //!
 //! Time is the emulator's own: [`CloudflareEmulator::advance`] moves it, so
 //! TTL expiry is tested without sleeping, and it is also the server's clock
-//! skew (its `Date` header and every expiry check use it).
+//! skew (its `Date` header and every expiry check use it). Expiry counts
+//! whole seconds, and a listing page is `limit` keys of the namespace from
+//! which expired ones are then left out, so a page may be short or empty
+//! and still have a cursor, as Cloudflare documents.
 //! [`CloudflareEmulator::fail_next`] makes it answer 429 or 5xx (or any
 //! status; a 404 comes as a proxy's HTML page) to exercise retries.
 //!
@@ -575,19 +578,25 @@ fn list(shared: &Shared, query: &BTreeMap<String, String>) -> Answer {
         },
     };
     let state = shared.state();
-    let mut page: Vec<(&String, &Stored)> = state
+    // As Cloudflare documents: a page is `limit` keys of the namespace's
+    // listing, from which the deleted and expired ones are then left out,
+    // so a page may hold fewer keys than asked, none at all, and still
+    // have a cursor (a client must follow the cursor, never stop at a short
+    // or empty page).
+    let mut scanned: Vec<(&String, Option<&Stored>)> = state
         .entries
         .iter()
         .filter(|(key, _)| key.starts_with(&prefix) && after.as_ref().is_none_or(|after| *key > after))
-        .filter_map(|(key, versions)| Some((key, state.visible(versions)?)))
+        .map(|(key, versions)| (key, state.visible(versions)))
         .take(limit + 1)
         .collect();
-    let more = page.len() > limit;
-    page.truncate(limit);
-    let cursor = match (more, page.last()) {
+    let more = scanned.len() > limit;
+    scanned.truncate(limit);
+    let cursor = match (more, scanned.last()) {
         (true, Some((key, _))) => hex::encode(key.as_bytes()),
         _ => String::new(),
     };
+    let page: Vec<(&String, &Stored)> = scanned.into_iter().filter_map(|(key, stored)| Some((key, stored?))).collect();
     let keys: Vec<Value> = page
         .iter()
         .map(|(key, stored)| match stored.expiration {
