@@ -72,6 +72,14 @@ pub trait UserStore: Send + Sync {
     /// provider, merges the given metadata into the stored object (and,
     /// in the same transaction, into every cluster the user owns or
     /// administers).
+    ///
+    /// Those clusters are the ones the user runs when the upsert begins (a
+    /// demotion that commits meanwhile takes a cluster out): a promotion to
+    /// owner or admin that commits while the upsert runs is not included,
+    /// and that cluster gets the metadata at the user's next sign-in with
+    /// it. Finding them again after the user's row is locked would take the
+    /// locks out of the order every write keeps (clusters, then users), or
+    /// one more statement per sign-in.
     fn upsert(&self, user: NewUser) -> StoreResult<User>;
 
     /// The user with this id.
