@@ -863,28 +863,32 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         #[diesel(sql_type = BigInt)]
         deadlocks: i64,
     }
+    // The stores hold the last clones of the pool: taken apart here, they
+    // go, and every connection of the workload closes with them. A session
+    // sends its statistics to pg_stat_database when it ends (a session
+    // still open may hold its last second's deadlocks back for 10 s).
+    let World { ok_since_disturbed, unavailable, answer_violations, answers, outcomes, unexpected, .. } =
+        Arc::try_unwrap(world).ok().expect("the workers are done");
     drop(pool);
-    // Statistics reach pg_stat_database when the sessions end.
     thread::sleep(Duration::from_millis(600));
     let deadlocks: Deadlocks =
         diesel::sql_query("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
             .get_result(&mut conn)
             .expect("the deadlock count");
-    let world = Arc::try_unwrap(world).ok().expect("the workers are done");
-    let ok_after_last_disturbance = world.ok_since_disturbed.into_inner();
-    let unavailable = world.unavailable.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-    violation_count += world.answer_violations.into_inner();
-    violations.extend(world.answers.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
+    let ok_after_last_disturbance = ok_since_disturbed.into_inner();
+    let unavailable = unavailable.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    violation_count += answer_violations.into_inner();
+    violations.extend(answers.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner));
     StressReport {
         seed: config.seed,
         elapsed,
         threads,
         connections: u64::from(pool_config.max_size),
-        outcomes: world.outcomes.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+        outcomes: outcomes.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
         samples,
         violations,
         violation_count,
-        unexpected: world.unexpected.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+        unexpected: unexpected.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
         deadlocks: deadlocks.deadlocks,
         disturbances,
         ok_after_last_disturbance,

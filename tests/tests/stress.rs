@@ -83,6 +83,9 @@ fn a_random_mix_whose_connections_are_ended_under_it_keeps_every_invariant() {
     println!("{report}");
     assert!(report.is_clean(), "{report}");
     assert!(report.count_of("Unavailable") > 0, "no call lost its connection: the terminations missed\n{report}");
+    // The checker's failed samples are retried, not counted: it must have
+    // looked between the terminations, not only after the run.
+    assert!(report.samples > 20, "the checker hardly sampled\n{report}");
     // A connection whose session ended fails one call and is discarded.
     let most = report.disturbances * report.connections;
     assert!(report.count_of("Unavailable") <= most, "more than one failure per ended connection\n{report}");
@@ -130,6 +133,7 @@ fn a_random_mix_keeps_every_invariant_across_restarts_of_its_server() {
     assert!(report.disturbances >= 2, "fewer restarts than planned\n{report}");
     assert!(report.count_of("Unavailable") > 0, "no call saw the server go away: the restarts missed\n{report}");
     assert!(report.ok_after_last_disturbance > 100, "the pool did not serve again after the last restart\n{report}");
+    assert!(report.samples > 20, "the checker hardly sampled between the restarts\n{report}");
     // Each restart ends every connection of the pool: each fails one call
     // (or none, if idle until it was discarded) and is discarded; no call
     // waiting out the 200 ms of refusals times out.
