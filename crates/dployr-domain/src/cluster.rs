@@ -37,6 +37,7 @@ pub struct Cluster {
     /// Its name.
     pub name: String,
     /// Free-form data, integrations included.
+    #[serde(deserialize_with = "Metadata::deserialize_stored")]
     pub metadata: Metadata,
     /// Members grouped by role, each group ordered by e-mail (by its bytes,
     /// the order of the member pages on every server).

@@ -23,6 +23,7 @@ pub struct Instance {
     /// Its short name; unique.
     pub tag: String,
     /// Free-form data.
+    #[serde(deserialize_with = "Metadata::deserialize_stored")]
     pub metadata: Metadata,
     /// When it was registered.
     pub created_at: DateTime<Utc>,

@@ -119,6 +119,23 @@ impl Metadata {
         }
     }
 
+    /// Deserializes metadata as a store returned it (the `metadata` of a
+    /// [`User`](crate::User), [`Cluster`](crate::Cluster) or
+    /// [`Instance`](crate::Instance)): any JSON object, without the limits
+    /// of a write, which the schema's may exceed (merges grow an object to
+    /// 128 KiB; a GitHub integration's settings are one level deeper than a
+    /// write may nest). What a store returned so deserializes back equal.
+    /// [`Metadata`]'s own `Deserialize`, for what comes in, keeps the limits.
+    ///
+    /// # Errors
+    /// The deserializer's, or a custom one when the value is not an object.
+    pub fn deserialize_stored<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::Object(map) => Ok(Self(map)),
+            other => Err(serde::de::Error::custom(format!("metadata is a JSON object, not {other}"))),
+        }
+    }
+
     /// The value under `key`.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key)

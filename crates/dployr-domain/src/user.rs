@@ -22,6 +22,7 @@ pub struct User {
     /// How the user last signed in.
     pub provider: Provider,
     /// Free-form data, merged on each sign-in that brings some.
+    #[serde(deserialize_with = "Metadata::deserialize_stored")]
     pub metadata: Metadata,
     /// When the account was created.
     pub created_at: DateTime<Utc>,

@@ -1,0 +1,81 @@
+//! What a store returns serializes and deserializes back equal, whatever
+//! the schema let it grow to: metadata merged past the 64 KiB a single
+//! write may bring (the schema stores up to 128 KiB), or one level deeper
+//! than a write may nest (`install_github_integration` wraps the settings
+//! it was given in `gitHub`). The limits of a write are for what comes in.
+
+#![cfg(test)]
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use dployr_domain::{
+    Cluster, ClusterId, Email, Instance, InstanceId, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, Metadata, Provider, User,
+    UserId,
+};
+use serde_json::{Value, json};
+
+/// An object as the schema may hold it after two merges of 40 KiB each.
+fn merged_past_a_writes_limit() -> Value {
+    let chunk = "x".repeat(40 * 1024);
+    json!({"a": chunk, "b": chunk})
+}
+
+/// `{"gitHub": settings}` with settings as deep as a write may nest.
+fn one_level_deeper_than_a_write() -> Value {
+    let mut settings = json!("leaf");
+    for _ in 0..MAX_METADATA_DEPTH {
+        settings = json!({ "k": settings });
+    }
+    json!({ "gitHub": settings })
+}
+
+#[test]
+fn stored_records_round_trip_through_serde_whatever_the_schema_let_their_metadata_grow_to() {
+    for stored in [merged_past_a_writes_limit(), one_level_deeper_than_a_write()] {
+        assert!(Metadata::try_from(stored.clone()).is_err(), "a write could not bring this itself");
+        let metadata = Metadata::from_stored(stored);
+        let user = User {
+            id: UserId::generate(),
+            email: Email::parse("ada@example.io").unwrap(),
+            name: "Ada".into(),
+            picture: None,
+            provider: Provider::Github,
+            metadata: metadata.clone(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        };
+        let text = serde_json::to_string(&user).unwrap();
+        assert_eq!(serde_json::from_str::<User>(&text).unwrap(), user);
+        let cluster = Cluster {
+            id: ClusterId::generate(),
+            name: "ada".into(),
+            metadata: metadata.clone(),
+            members: BTreeMap::new(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        };
+        let text = serde_json::to_string(&cluster).unwrap();
+        assert_eq!(serde_json::from_str::<Cluster>(&text).unwrap(), cluster);
+        let instance = Instance {
+            id: InstanceId::generate(),
+            cluster_id: cluster.id,
+            address: "10.0.0.1".into(),
+            tag: "one".into(),
+            metadata,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        };
+        let text = serde_json::to_string(&instance).unwrap();
+        assert_eq!(serde_json::from_str::<Instance>(&text).unwrap(), instance);
+    }
+}
+
+#[test]
+fn metadata_that_comes_in_keeps_the_limits_of_a_write() {
+    for stored in [merged_past_a_writes_limit(), one_level_deeper_than_a_write()] {
+        assert!(serde_json::from_value::<Metadata>(stored).is_err());
+    }
+    let fits = json!({"a": "x".repeat(MAX_METADATA_BYTES / 2)});
+    assert!(serde_json::from_value::<Metadata>(fits).is_ok());
+}
