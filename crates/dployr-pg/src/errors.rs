@@ -196,7 +196,14 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "users_name_check" => Check { field: "name", reason: "is too long" },
         "users_provider_check" => Check { field: "provider", reason: "is not a known provider" },
         "users_metadata_check" | "clusters_metadata_check" | "instances_metadata_check" => METADATA_OBJECT,
-        "users_metadata_size" | "clusters_metadata_size" | "instances_metadata_size" => METADATA_SIZE,
+        "users_metadata_size" | "instances_metadata_size" => METADATA_SIZE,
+        // Also met by a user's sign-in, which merges its metadata into each
+        // cluster the user runs: the message says whose metadata is full.
+        "clusters_metadata_size" => Check {
+            field: "metadata",
+            reason: "would make a cluster's metadata larger than 128 KiB once merged with what it stores (a \
+                     sign-in with metadata also merges it into every cluster its user owns or administers)",
+        },
         "users_id_check" | "clusters_id_check" | "instances_id_check" => ID,
         "clusters_name_check" => Check { field: "name", reason: "is empty or too long" },
         "user_clusters_role_check" => Check { field: "role", reason: "is not a known role" },

@@ -238,3 +238,28 @@ fn spellings_of_one_address_are_one_user_and_look_alikes_are_refused() {
     assert!(Email::parse(&format!("{}@x.io", "l".repeat(65))).is_err());
     assert!(Email::parse(&format!("a@{}.io", "l".repeat(64))).is_err());
 }
+
+#[test]
+fn a_sign_in_whose_metadata_would_overfill_a_cluster_it_runs_is_invalid_saying_so_and_writes_nothing() {
+    let f = Fixture::new();
+    let (owner, cluster) = f.owner("ada@example.io");
+    // Two merges of 60 KiB fill the cluster's metadata close to its 128 KiB.
+    for key in ["a", "b"] {
+        let patch = dployr_domain::ClusterPatch {
+            metadata: Some(metadata(json!({ key: "x".repeat(60 * 1024) }))),
+            ..Default::default()
+        };
+        f.clusters.update(&cluster.id, patch).unwrap();
+    }
+    let sign_in = NewUser {
+        metadata: Some(metadata(json!({"c": "y".repeat(20 * 1024)}))),
+        ..NewUser::new(owner.email.clone(), Provider::Github)
+    };
+    let error = f.users.upsert(sign_in).unwrap_err();
+    match &error {
+        StoreError::Invalid { field: "metadata", reason } => assert!(reason.contains("cluster"), "{error}"),
+        other => panic!("expected Invalid metadata, got {other}"),
+    }
+    assert_eq!(f.users.get(&owner.id).unwrap().unwrap().metadata, owner.metadata, "the user's row is untouched");
+    assert!(f.clusters.get(&cluster.id).unwrap().unwrap().metadata.get("c").is_none());
+}
