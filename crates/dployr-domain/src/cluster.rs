@@ -123,7 +123,8 @@ pub trait ClusterStore: Send + Sync {
     /// Applies `patch` in one transaction; `None` for an unknown cluster.
     ///
     /// # Errors
-    /// `Invalid` when `roles` names the owner role; `NotFound` for an
+    /// `Invalid` when `roles` names a user under the owner role (an empty
+    /// owner list asks for nothing); `NotFound` for an
     /// unknown user in `roles`. The owner is untouched: listed under another
     /// role, they stay the owner (ownership moves only by
     /// [`transfer_ownership`](Self::transfer_ownership)).

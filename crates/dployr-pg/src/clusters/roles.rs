@@ -29,7 +29,9 @@ pub(super) fn lock_cluster(conn: &mut PgConnection, cluster: &str) -> Result<(),
 pub(super) fn desired_roles(roles: &BTreeMap<Role, Vec<UserId>>) -> StoreResult<BTreeMap<String, Role>> {
     let mut desired = BTreeMap::new();
     for (role, users) in roles {
-        if *role == Role::Owner {
+        // An empty owner list asks for nothing (a client that sends every
+        // role's list sends one): only naming an owner is refused.
+        if *role == Role::Owner && !users.is_empty() {
             return Err(StoreError::invalid("roles", "cannot name an owner; use transfer_ownership"));
         }
         for user in users {

@@ -154,12 +154,17 @@ fn update_roles_gives_the_highest_listed_role_removes_unlisted_and_keeps_the_own
 }
 
 #[test]
-fn update_roles_naming_an_owner_is_invalid_and_changes_nothing() {
+fn update_roles_naming_an_owner_is_invalid_and_changes_nothing_and_an_empty_owner_list_is_no_request() {
     let f = Fixture::new();
     let (id, ids) = cluster_with(&f, &[("a@example.io", Role::Viewer)]);
     let error = f.clusters.update(&id, roles(&[(Role::Owner, &[ids["a@example.io"]])])).unwrap_err();
     assert!(matches!(error, StoreError::Invalid { field: "roles", .. }), "{error}");
     assert_eq!(f.clusters.role_of(&ids["a@example.io"], &id).unwrap(), Some(Role::Viewer));
+    // An empty owner list names nobody: every role's list, as a client sends them all.
+    let a = ids["a@example.io"];
+    f.clusters.update(&id, roles(&[(Role::Owner, &[]), (Role::Admin, &[a])])).unwrap();
+    assert_eq!(f.clusters.role_of(&a, &id).unwrap(), Some(Role::Admin));
+    assert_eq!(f.clusters.role_of(&ids["owner@example.io"], &id).unwrap(), Some(Role::Owner));
 }
 
 #[test]
