@@ -69,7 +69,8 @@ pub struct UserPatch {
 #[cfg_attr(feature = "mock", mockall::automock)]
 pub trait UserStore: Send + Sync {
     /// The sign-in path: creates the user, or updates the one with this
-    /// e-mail: keeps name and picture unless new ones are given, sets the
+    /// e-mail: keeps name and picture unless new ones are given (a blank
+    /// picture gives none), sets the
     /// provider, merges the given metadata into the stored object (and,
     /// in the same transaction, into every cluster the user owns or
     /// administers).

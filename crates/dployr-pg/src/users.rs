@@ -74,6 +74,9 @@ impl UserStore for PgUserStore {
     fn upsert(&self, user: NewUser) -> StoreResult<User> {
         let op = self.pool.operation("users.upsert");
         check_picture(user.picture.as_deref())?;
+        // A provider that sends an empty picture gives none: the stored one
+        // stays (the original's `picture || null`).
+        let picture = user.picture.as_deref().filter(|picture| !picture.trim().is_empty());
         let id = UserId::generate().to_string();
         let given_name = user.name.as_ref().map(DisplayName::as_str);
         let name = given_name.unwrap_or_else(|| user.email.local_part());
@@ -107,7 +110,7 @@ impl UserStore for PgUserStore {
                     users::id.eq(&id),
                     users::email.eq(user.email.as_str()),
                     users::name.eq(name),
-                    users::picture.eq(user.picture.as_deref()),
+                    users::picture.eq(picture),
                     users::provider.eq(user.provider.as_str()),
                     users::metadata.eq(&merge),
                 ))
@@ -116,7 +119,7 @@ impl UserStore for PgUserStore {
                 .set((
                     // Keep the stored name and picture unless this sign-in brings new ones.
                     users::name.eq(coalesce(given_name, users::name)),
-                    users::picture.eq(coalesce_nullable(user.picture.as_deref(), users::picture)),
+                    users::picture.eq(coalesce_nullable(picture, users::picture)),
                     users::provider.eq(excluded(users::provider)),
                     users::metadata.eq(users::metadata.concat(&merge)),
                 ))

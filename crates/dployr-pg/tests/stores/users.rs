@@ -38,6 +38,11 @@ fn re_sign_in_without_metadata_keeps_metadata_name_and_picture() {
     assert_eq!(again.picture.as_deref(), Some("https://img.example/ada.png"));
     assert_eq!(again.provider, Provider::Github);
     assert_eq!(again.metadata, first.metadata);
+    // A provider that sends an empty picture gives none.
+    let blank = NewUser { picture: Some(String::new()), ..NewUser::new(email("ada@example.io"), Provider::Google) };
+    assert_eq!(f.users.upsert(blank).unwrap().picture.as_deref(), Some("https://img.example/ada.png"));
+    let new = NewUser { picture: Some("  ".into()), ..NewUser::new(email("new@example.io"), Provider::Google) };
+    assert_eq!(f.users.upsert(new).unwrap().picture, None);
 }
 
 #[test]
