@@ -22,7 +22,7 @@ use crate::routes::{Read, Route};
 /// How many times an operation runs a transaction (or statement) that failed
 /// for a passing reason: a deadlock, a serialization failure, a lock not
 /// available, or a race the store itself detected.
-const ATTEMPTS: u32 = 3;
+const ATTEMPTS: u32 = 5;
 
 /// One running store operation, from [`PgPool::operation`]: a `tracing`
 /// span `dployr.store` with the operation's name (e.g. `"clusters.get"`),
@@ -103,7 +103,7 @@ impl<'p> Operation<'p> {
     /// together end by `statement_timeout` + margin (+ grace if the server
     /// does not answer the cancel), and a connection whose call overran is
     /// discarded. A statement that failed for a passing reason (it was
-    /// rolled back) runs again, up to three times in all; an
+    /// rolled back) runs again, up to five times in all; an
     /// [idempotent](Self::idempotent) one whose connection was lost under it
     /// runs once more, on another connection, within what is left of the
     /// call's deadline.
