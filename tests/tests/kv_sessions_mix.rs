@@ -2,7 +2,8 @@
 //! out everywhere) with reads, on 6 threads, while a checker beside them
 //! signs users out everywhere and checks the promise each time: every
 //! session of that user created before the call started is gone when it
-//! returns. Then a final sign-out of everyone leaves no session readable.
+//! returns, and a bystander's sessions, whom nobody signs out, still load.
+//! Then a final sign-out of everyone leaves no session of theirs readable.
 //! Exact on memory and PostgreSQL; Cloudflare's listing is eventually
 //! consistent and documented as such, so it is not run here.
 
@@ -29,6 +30,14 @@ struct Created {
 fn mix_with_a_checker(kv: Arc<dyn KvBackend>) {
     let store = KvStore::new(kv);
     let users: Vec<User> = (0..4).map(sample_user).collect();
+    // Sessions of a user the mix never signs out: every sign-out of the
+    // others must leave them (a sign-out that ended too much would pass
+    // every other check here).
+    let bystander = sample_user(4);
+    let witnesses: Vec<SessionId> = (0..3).map(|_| SessionId::generate()).collect();
+    for id in &witnesses {
+        store.create_session(id, &bystander, sample_clusters()).unwrap();
+    }
     let created: Mutex<Vec<Created>> = Mutex::new(Vec::new());
     let clock = AtomicU64::new(0);
     let checks = AtomicU64::new(0);
@@ -90,6 +99,10 @@ fn mix_with_a_checker(kv: Arc<dyn KvBackend>) {
                 for id in before {
                     assert_eq!(store.get_session(&id).unwrap(), None, "a session older than the sign-out survived it");
                 }
+                for id in &witnesses {
+                    let session = store.get_session(id).unwrap();
+                    assert_eq!(session.map(|s| s.user_id), Some(bystander.id), "another user's sign-out ended it");
+                }
                 checks.fetch_add(1, Ordering::SeqCst);
             }
         });
@@ -102,6 +115,13 @@ fn mix_with_a_checker(kv: Arc<dyn KvBackend>) {
     }
     for c in &created {
         assert_eq!(store.get_session(&c.id).unwrap(), None, "a session survived signing everyone out");
+    }
+    for id in &witnesses {
+        assert!(store.get_session(id).unwrap().is_some(), "the bystander was signed out with the others");
+    }
+    assert_eq!(store.delete_user_sessions(&bystander.id).unwrap(), witnesses.len());
+    for id in &witnesses {
+        assert_eq!(store.get_session(id).unwrap(), None);
     }
 }
 
