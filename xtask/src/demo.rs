@@ -19,6 +19,17 @@ fn step(title: &str) {
     println!("\n== {title}");
 }
 
+/// `answer`, if it is what the seed's story says it must be; otherwise the
+/// demo fails (CI runs it: a single-use rule that broke must not print its
+/// way through).
+fn holds<T: std::fmt::Debug>(what: &str, answer: T, rule: impl FnOnce(&T) -> bool) -> Result<T, Failure> {
+    if rule(&answer) {
+        Ok(answer)
+    } else {
+        Err(format!("{what} answered {answer:?}, which the story does not allow").into())
+    }
+}
+
 /// Which key-value backend the demo uses.
 #[derive(Clone, Copy)]
 pub enum DemoKv {
@@ -144,9 +155,12 @@ pub fn run(kv: DemoKv) -> Result<(), Failure> {
     println!("   instances.create -> {} tag {} at {}", instance.id, instance.tag, instance.address);
     let nonce: dployr_data::Nonce = format!("nonce-7f3a{suffix}").try_into()?;
     data.bootstrap_tokens().create(&instance.id, &nonce)?;
-    println!("   bootstrap_tokens.create -> issued; is_used: {}", data.bootstrap_tokens().is_used(&nonce)?);
-    println!("   bootstrap_tokens.mark_used -> {} (first use)", data.bootstrap_tokens().mark_used(&nonce)?);
-    println!("   bootstrap_tokens.mark_used -> {} (second use refused)", data.bootstrap_tokens().mark_used(&nonce)?);
+    let unused = holds("is_used of a new token", data.bootstrap_tokens().is_used(&nonce)?, |used| !used)?;
+    println!("   bootstrap_tokens.create -> issued; is_used: {unused}");
+    let first = holds("the first mark_used", data.bootstrap_tokens().mark_used(&nonce)?, |used| *used)?;
+    println!("   bootstrap_tokens.mark_used -> {first} (first use)");
+    let second = holds("the second mark_used", data.bootstrap_tokens().mark_used(&nonce)?, |used| !used)?;
+    println!("   bootstrap_tokens.mark_used -> {second} (second use refused)");
 
     step("a session");
     let session_id = SessionId::generate();
@@ -157,7 +171,7 @@ pub fn run(kv: DemoKv) -> Result<(), Failure> {
         session.clusters.len(),
         session.expires_at
     );
-    let read = data.kv().get_session(&session_id)?;
+    let read = holds("get_session of a new session", data.kv().get_session(&session_id)?, Option::is_some)?;
     println!(
         "   kv.get_session -> {}",
         read.map_or("none".to_owned(), |s| format!(
@@ -171,18 +185,25 @@ pub fn run(kv: DemoKv) -> Result<(), Failure> {
     let state = OAuthState::generate();
     data.kv().create_state(&state, "https://app.example/clusters")?;
     println!("   kv.create_state({state:?}) -> ok");
-    println!("   kv.validate_state -> {:?}", data.kv().validate_state(&state)?);
-    println!("   kv.validate_state again -> {:?} (single use)", data.kv().validate_state(&state)?);
+    let first = holds("the first validate_state", data.kv().validate_state(&state)?, Option::is_some)?;
+    println!("   kv.validate_state -> {first:?}");
+    let again = holds("the second validate_state", data.kv().validate_state(&state)?, Option::is_none)?;
+    println!("   kv.validate_state again -> {again:?} (single use)");
 
     step("a one-time code: a wrong guess, then the right one");
     let code = data.kv().create_otp(&ada.email)?;
     println!("   kv.create_otp -> {code:?} ({} characters, sent by e-mail in real life)", code.expose().len());
-    println!("   kv.validate_otp(WRONG1) -> {}", data.kv().validate_otp(&ada.email, &OtpCode::new("WRONG1"))?);
-    println!(
-        "   kv.validate_otp(the code, lower-cased) -> {}",
-        data.kv().validate_otp(&ada.email, &OtpCode::new(code.expose().to_lowercase()))?
-    );
-    println!("   kv.validate_otp(the code again) -> {} (consumed)", data.kv().validate_otp(&ada.email, &code)?);
+    let wrong = data.kv().validate_otp(&ada.email, &OtpCode::new("WRONG1"))?;
+    println!("   kv.validate_otp(WRONG1) -> {}", holds("a wrong code", wrong, |ok| !ok)?);
+    let right = data.kv().validate_otp(&ada.email, &OtpCode::new(code.expose().to_lowercase()))?;
+    println!("   kv.validate_otp(the code, lower-cased) -> {}", holds("the right code", right, |ok| *ok)?);
+    let again = data.kv().validate_otp(&ada.email, &code)?;
+    println!("   kv.validate_otp(the code again) -> {} (consumed)", holds("a used code", again, |ok| !ok)?);
+
+    step("signing out");
+    data.kv().delete_session(&session_id)?;
+    let gone = holds("get_session after delete_session", data.kv().get_session(&session_id)?, Option::is_none)?;
+    println!("   kv.delete_session -> ok; kv.get_session -> {gone:?}");
 
     step("done");
     let stats = data.pool().stats();
