@@ -240,9 +240,25 @@ struct OAuthStart {
     redirect: String,
 }
 
-async fn oauth_start(State(app): State<App>, Json(body): Json<OAuthStart>) -> Answer {
+/// Where the browser's session keeps the OAuth state it started.
+const OAUTH_STATE_FIELD: &str = "oauth_state";
+
+/// Whether `redirect` is a path of this site (`/clusters`), never another
+/// site (`https://evil.example`, `//evil.example`, `/\evil.example`): the
+/// callback sends the browser there.
+fn is_local_path(redirect: &str) -> bool {
+    redirect.starts_with('/') && !redirect.starts_with("//") && !redirect.contains('\\') && !redirect.contains("://")
+}
+
+async fn oauth_start(State(app): State<App>, session: Session, Json(body): Json<OAuthStart>) -> Answer {
+    if !is_local_path(&body.redirect) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "redirect must be a path of this site".into()));
+    }
     let state = OAuthState::generate();
     app.data.kv().create_state(&state, &body.redirect).await?;
+    // Bound to this browser: a callback from another one (a link an
+    // attacker sends with a state they started) is refused.
+    session.insert(OAUTH_STATE_FIELD, state.expose()).await?;
     Ok(Json(json!({
         "state": state.expose(),
         "authorize_url": format!("https://github.com/login/oauth/authorize?client_id=example&state={}", state.expose()),
@@ -254,7 +270,11 @@ struct OAuthCallback {
     state: String,
 }
 
-async fn oauth_callback(State(app): State<App>, Query(query): Query<OAuthCallback>) -> Answer {
+async fn oauth_callback(State(app): State<App>, session: Session, Query(query): Query<OAuthCallback>) -> Answer {
+    let started_here: Option<String> = session.remove(OAUTH_STATE_FIELD).await?;
+    if started_here.as_deref() != Some(query.state.as_str()) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "this OAuth state was not started by this browser".into()));
+    }
     match app.data.kv().validate_state(&OAuthState::new(query.state)).await? {
         Some(redirect) => Ok(Json(json!({ "redirect": redirect }))),
         None => Err(ApiError(StatusCode::BAD_REQUEST, "unknown, used or expired OAuth state".into())),

@@ -157,6 +157,16 @@ async fn the_control_plane_story_runs_over_http() {
     let (status, body) = stranger.call(Method::GET, &callback, None).await;
     assert_eq!((status, body["redirect"].as_str()), (StatusCode::OK, Some("/after")));
     assert_eq!(stranger.call(Method::GET, &callback, None).await.0, StatusCode::BAD_REQUEST, "a replayed state");
+    // A state is good only in the browser that started it, and leads only
+    // to a path of this site.
+    let mut attacker = Device::new(&server.base);
+    let (_, planted) = attacker.call(Method::POST, "/oauth/start", Some(json!({ "redirect": "/welcome" }))).await;
+    let link = format!("/oauth/callback?state={}", planted["state"].as_str().unwrap());
+    assert_eq!(stranger.call(Method::GET, &link, None).await.0, StatusCode::BAD_REQUEST, "another browser's state");
+    for away in ["https://evil.example/", "//evil.example", "/\\evil.example"] {
+        let (status, _) = attacker.call(Method::POST, "/oauth/start", Some(json!({ "redirect": away }))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "redirect to {away}");
+    }
 
     // Sign-out ends this session only.
     let mut ada_phone = server.signed_in("ada@example.io").await;
