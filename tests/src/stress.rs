@@ -330,10 +330,18 @@ impl World {
         };
         match rng.random_range(0..130) {
             0..=7 => self.call("users.upsert", || {
-                let provider =
-                    *[Provider::Google, Provider::Github, Provider::Email].choose(rng).unwrap_or(&Provider::Email);
+                let provider = *[Provider::Google, Provider::Github, Provider::Microsoft, Provider::Email]
+                    .choose(rng)
+                    .unwrap_or(&Provider::Email);
                 let metadata = rng.random_bool(0.5).then(|| Self::metadata(rng));
-                let user = self.users.upsert(NewUser { metadata, ..NewUser::new(self.email(rng), provider) })?;
+                // Some sign-ins bring a name and a picture (the copies every
+                // membership keeps must follow them).
+                let name = rng.random_bool(0.3).then(|| format!("signed in {}", rng.random_range(0..100)));
+                let name = name.map(TryInto::try_into).transpose()?;
+                let picture =
+                    rng.random_bool(0.3).then(|| format!("https://example.io/s{}.png", rng.random_range(0..100)));
+                let new = NewUser { metadata, name, picture, ..NewUser::new(self.email(rng), provider) };
+                let user = self.users.upsert(new)?;
                 remember(&self.user_ids, user.id);
                 Ok(())
             }),
@@ -390,7 +398,8 @@ impl World {
                 self.clusters.transfer_ownership(&cluster, &user, previous)
             }),
             45..=54 => self.call("clusters.add_users", || {
-                let emails: Vec<Email> = (0..rng.random_range(1..=3)).map(|_| self.email(rng)).collect();
+                // Now and then none: an empty invitation changes nothing.
+                let emails: Vec<Email> = (0..rng.random_range(0..=3)).map(|_| self.email(rng)).collect();
                 for member in self.clusters.add_users(&cluster, &emails)? {
                     remember(&self.user_ids, member.user_id);
                     if member.role == Role::Invited {
@@ -509,6 +518,14 @@ impl World {
                 let sorted = page.items.is_sorted_by(|a, b| a.email.as_str() <= b.email.as_str());
                 let invited = page.items.iter().all(|member| member.role == Role::Invited);
                 self.expect_page("clusters.invites", &page, 5, sorted && invited);
+                if let Some(next) = page.next {
+                    let later = self.clusters.invites(cluster, &Page::after(next, 5))?;
+                    let after = later.items.iter().all(|member| {
+                        member.role == Role::Invited
+                            && page.items.last().is_none_or(|last| last.email.as_str() < member.email.as_str())
+                    });
+                    self.expect("clusters.invites", after, || format!("a second page not after the first: {later:?}"));
+                }
                 Ok(())
             }),
             7 => self.call("clusters.pending_invites", || {
@@ -573,6 +590,19 @@ impl World {
                     let right = page.items.iter().all(|instance| instance.cluster_id == *cluster)
                         && page.items.is_sorted_by(|a, b| a.created_at >= b.created_at);
                     self.expect_page("instances.list_by_cluster", &page, 5, right);
+                    if let Some(next) = page.next {
+                        let later = self.instances.list_by_cluster(cluster, &Page::after(next, 5))?;
+                        let after = later.items.iter().all(|instance| {
+                            instance.cluster_id == *cluster
+                                && page.items.last().is_none_or(|last| {
+                                    (last.created_at, last.id.to_string())
+                                        > (instance.created_at, instance.id.to_string())
+                                })
+                        });
+                        self.expect("instances.list_by_cluster", after, || {
+                            format!("a second page not after the first: {later:?}")
+                        });
+                    }
                     Ok(())
                 });
             }
