@@ -51,6 +51,23 @@ pub enum MigrateError {
         file: &'static str,
     },
 
+    /// A migration that runs in a transaction holds a statement that would
+    /// end or nest it (`COMMIT`, `BEGIN`, ...): refused before it runs, since
+    /// what came before it would stay committed and unrecorded.
+    #[error(
+        "migration {name}/{file} holds a {statement} statement: it runs in the transaction that also records \
+         it, so remove the statement (or, for one statement that cannot run in a transaction, set \
+         run_in_transaction = false in its metadata.toml)"
+    )]
+    TransactionControl {
+        /// The folder name of the migration.
+        name: String,
+        /// `up.sql` or `down.sql`.
+        file: &'static str,
+        /// The statement's keywords (`COMMIT`, `START TRANSACTION`, ...).
+        statement: &'static str,
+    },
+
     /// Another runner held the migration lock for longer than the timeout.
     #[error(
         "another migration runner held the lock for {waited:?}; giving up (raise the lock timeout if its migrations are long)"

@@ -133,6 +133,9 @@ fn run_file(
     }
     let failed = |e| MigrateError::failed(migration.name(), file, sql, e);
     if migration.run_in_transaction() {
+        if let Some(statement) = crate::transaction_control::first_transaction_control(sql) {
+            return Err(MigrateError::TransactionControl { name: migration.name().to_owned(), file, statement });
+        }
         return conn.transaction(|conn| {
             let started = Instant::now();
             conn.batch_execute(sql).map_err(failed)?;

@@ -9,7 +9,9 @@
 //! - each `up.sql` is sent whole, so PL/pgSQL bodies with `;` inside `$$` work;
 //! - each migration and its bookkeeping row commit in one transaction, unless
 //!   its `metadata.toml` says `run_in_transaction = false` (then the file must
-//!   hold exactly one statement, which PostgreSQL itself checks);
+//!   hold exactly one statement, which PostgreSQL itself checks); a file
+//!   that would end that transaction itself (`COMMIT`, `BEGIN`, ... outside
+//!   function bodies) is refused by name before it runs;
 //! - a PostgreSQL advisory lock, polled with a timeout, serializes concurrent
 //!   runners on one database; later runners find nothing to do;
 //! - before anything runs, every applied migration is checked against the
@@ -34,6 +36,7 @@ mod error;
 mod harness;
 mod runner;
 mod set;
+mod transaction_control;
 
 pub use error::{MigrateError, MigrationFailure, SqlPosition};
 pub use runner::{AppliedMigration, MigrationEvent, MigrationRunner, MigrationState, MigrationStatus};

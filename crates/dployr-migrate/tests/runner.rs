@@ -555,3 +555,25 @@ fn the_mending_migration_recounts_every_total_and_copies_every_profile_again() {
     runner.run_pending(&mut |_| {}).unwrap();
     assert_eq!(state(&mut conn), right);
 }
+
+/// A `COMMIT` in a migration would end the transaction that also records
+/// it: what came before would stay committed and unrecorded whatever failed
+/// after. Such a file is refused by name before any of it runs.
+#[test]
+fn a_migration_that_would_end_its_own_transaction_is_refused_by_name_before_it_runs() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder("001_a", "CREATE TABLE a (id int);"),
+        folder("002_b", "CREATE TABLE b (id int);\nCOMMIT;\nSELECT 1 / 0;"),
+    ]);
+    match run(&db, &set) {
+        Err(error @ MigrateError::TransactionControl { .. }) => {
+            let text = error.to_string();
+            assert!(text.contains("002_b") && text.contains("COMMIT"), "{text}");
+        }
+        other => panic!("expected the migration to be refused, got {other:?}"),
+    }
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), ["001_a"]);
+    assert!(!table_exists(&mut conn, "b"), "nothing of the refused file ran");
+}
