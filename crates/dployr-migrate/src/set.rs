@@ -138,18 +138,31 @@ impl MigrationSet {
             )));
         }
         let set = Self::read_dir(dir)?;
-        let next = set.iter().filter_map(|m| m.version().parse::<u32>().ok()).max().map_or(0, |n| n + 1);
-        let folder = dir.join(format!("{next:03}_{name}"));
+        // The next number, as wide as the widest version (three digits at
+        // least; diesel's timestamps are fourteen): versions sort as text,
+        // so a new one must sort after every version there is.
+        let numeric = || set.iter().map(MigrationFile::version).filter(|v| v.bytes().all(|b| b.is_ascii_digit()));
+        let width = numeric().map(str::len).max().unwrap_or(0).max(3);
+        let next = numeric().filter_map(|v| v.parse::<u128>().ok()).max().map_or(0, |n| n + 1);
+        let version = format!("{next:0width$}");
+        if let Some(last) = set.iter().map(MigrationFile::version).filter(|v| *v >= version.as_str()).max() {
+            return Err(MigrateError::Source(format!(
+                "a new migration numbered {version} would sort before {last}, which runs first: \
+                 versions are compared as text; renumber with more digits before the next one"
+            )));
+        }
+        let next = version;
+        let folder = dir.join(format!("{next}_{name}"));
         let io = |what: &str, e: std::io::Error| MigrateError::Source(format!("{what} {}: {e}", folder.display()));
         std::fs::create_dir(&folder).map_err(|e| io("creating", e))?;
         let up = format!(
-            "-- {next:03}_{name}: describe the change here, then write it below.\n\
+            "-- {next}_{name}: describe the change here, then write it below.\n\
              -- The file runs whole, in one transaction with its record in _migrations.\n\
              -- For CREATE INDEX CONCURRENTLY, add metadata.toml with `run_in_transaction = false`\n\
              -- and keep this file to that one statement.\n\
              -- Until it holds a statement, `migrate run` refuses it by name.\n"
         );
-        let down = format!("-- Reverts {next:03}_{name}: undo everything up.sql does.\n");
+        let down = format!("-- Reverts {next}_{name}: undo everything up.sql does.\n");
         std::fs::write(folder.join("up.sql"), up).map_err(|e| io("writing up.sql in", e))?;
         std::fs::write(folder.join("down.sql"), down).map_err(|e| io("writing down.sql in", e))?;
         Ok(folder)

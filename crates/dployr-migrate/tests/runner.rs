@@ -483,6 +483,28 @@ fn a_fresh_migrate_new_template_is_refused_by_name_instead_of_an_empty_query() {
     assert_eq!(recorded(&mut conn), ["000_base"], "the migrations before it applied");
 }
 
+/// Versions sort as text: a new migration is numbered as wide as the
+/// widest version there is, and one that could only sort before the last
+/// (after 999) is refused rather than run out of order.
+#[test]
+fn migrate_new_numbers_a_migration_that_sorts_after_every_other_or_refuses() {
+    let numbered = |folders: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let folders: Vec<Folder<'_>> = folders.iter().map(|name| folder(name, "SELECT 1;")).collect();
+        write_folders(dir.path(), &folders);
+        let created = MigrationSet::create_migration(dir.path(), "next");
+        created.map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+    };
+    assert_eq!(numbered(&[]).unwrap(), "000_next");
+    assert_eq!(numbered(&["000_a", "007_b"]).unwrap(), "008_next");
+    assert_eq!(numbered(&["20240101120000_a"]).unwrap(), "20240101120001_next");
+    assert_eq!(numbered(&["0001_a"]).unwrap(), "0002_next");
+    match numbered(&["998_a", "999_b"]) {
+        Err(MigrateError::Source(reason)) => assert!(reason.contains("1000") && reason.contains("999"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 #[test]
 fn revert_to_a_version_reverts_those_above_it_and_revert_all_reverts_everything() {
     let db = empty_database();
