@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
+use diesel::sql_types::Text;
 
 use crate::{MigrateError, MigrationFile, MigrationSet};
 
@@ -150,11 +151,37 @@ fn run_file(
     // run as one implicit transaction, which CREATE INDEX CONCURRENTLY
     // refuses.) If the bookkeeping then fails, the statement stays done but
     // unrecorded: the error says so through its context.
+    //
+    // A concurrent build (`CREATE INDEX CONCURRENTLY`, `REINDEX ...
+    // CONCURRENTLY`) waits for every transaction writing its table, and
+    // queues nobody behind it while it waits: the runner's lock_timeout,
+    // which keeps a migration from holding up live traffic, would only cut
+    // it short and leave an invalid index behind. It runs without one.
+    let previous_lock_timeout = if builds_concurrently(sql) {
+        let previous: String = diesel::select(diesel::dsl::sql::<Text>("current_setting('lock_timeout')"))
+            .get_result(conn)
+            .map_err(|source| MigrateError::Database { context: "reading lock_timeout", source })?;
+        conn.batch_execute("SET lock_timeout = 0")
+            .map_err(|source| MigrateError::Database { context: "lifting lock_timeout", source })?;
+        Some(previous)
+    } else {
+        None
+    };
     let started = Instant::now();
-    diesel::sql_query(sql).execute(conn).map_err(failed)?;
+    let ran = diesel::sql_query(sql).execute(conn).map_err(failed);
     let elapsed = started.elapsed();
+    if let Some(previous) = previous_lock_timeout {
+        conn.batch_execute(&format!("SET lock_timeout = '{}'", previous.replace('\'', "''")))
+            .map_err(|source| MigrateError::Database { context: "restoring lock_timeout", source })?;
+    }
+    ran?;
     bookkeeping(conn, elapsed)?;
     Ok(elapsed)
+}
+
+/// Whether `sql` names `CONCURRENTLY` (a concurrent index build or drop).
+fn builds_concurrently(sql: &str) -> bool {
+    sql.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').any(|word| word.eq_ignore_ascii_case("CONCURRENTLY"))
 }
 
 /// Whether `sql` holds anything but whitespace, `;` and comments (`--`

@@ -9,7 +9,9 @@
 //! - each `up.sql` is sent whole, so PL/pgSQL bodies with `;` inside `$$` work;
 //! - each migration and its bookkeeping row commit in one transaction, unless
 //!   its `metadata.toml` says `run_in_transaction = false` (then the file must
-//!   hold exactly one statement, which PostgreSQL itself checks); a file
+//!   hold exactly one statement, which PostgreSQL itself checks, and a
+//!   concurrent index build there waits without `lock_timeout`, since it
+//!   queues no traffic behind it); a file
 //!   that would end that transaction itself (`COMMIT`, `BEGIN`, ... outside
 //!   function bodies) is refused by name before it runs;
 //! - a PostgreSQL advisory lock, polled with a timeout, serializes concurrent

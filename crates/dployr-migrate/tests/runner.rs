@@ -302,6 +302,42 @@ fn migration_outside_a_transaction_can_create_an_index_concurrently() {
     assert!(!table_exists(&mut conn, "things_x_idx"));
 }
 
+/// A concurrent index build waits for the transactions writing its table,
+/// however long they take, without queueing anyone behind it: the runner's
+/// lock_timeout (there to keep a migration from holding up live traffic)
+/// does not cut it short. It did, leaving an invalid index that made every
+/// later run fail with "already exists".
+#[test]
+fn an_index_built_concurrently_waits_for_a_writer_longer_than_the_lock_timeout() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder("001_table", "CREATE TABLE things (x int);"),
+        Folder {
+            name: "002_index",
+            up: "-- built beside live writes\nCREATE INDEX CONCURRENTLY things_x_idx ON things (x);\n",
+            down: Some("DROP INDEX CONCURRENTLY things_x_idx;"),
+            metadata: Some("run_in_transaction = false\n"),
+        },
+    ]);
+    let runner = MigrationRunner::new(db.url(), set.clone()).with_table_lock_timeout(Duration::from_millis(200));
+    runner.run_pending(&mut |_| {}).unwrap();
+    runner.revert_last(&mut |_| {}).unwrap();
+    let mut writer = db.connect();
+    writer.batch_execute("BEGIN; INSERT INTO things VALUES (1);").unwrap();
+    let commit_later = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(800));
+        writer.batch_execute("COMMIT").unwrap();
+    });
+    let applied = runner.run_pending(&mut |_| {});
+    commit_later.join().unwrap();
+    assert_eq!(applied.map(|a| a.into_iter().map(|m| m.name).collect::<Vec<_>>()).unwrap(), ["002_index"]);
+    let mut conn = db.connect();
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) FROM pg_index WHERE indexrelid = 'things_x_idx'::regclass AND indisvalid"),
+        1
+    );
+}
+
 #[test]
 fn migration_outside_a_transaction_with_two_statements_is_refused_by_name() {
     let db = empty_database();
