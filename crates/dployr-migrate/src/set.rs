@@ -194,6 +194,13 @@ impl MigrationSet {
             let name = migration.name().to_string();
             let version = migration.name().version().to_string();
             let (up, down) = text_of(&name)?;
+            // An editor's byte-order mark is not SQL: PostgreSQL would refuse
+            // it as a syntax error at line 1, and adding one is no edit.
+            let without_bom = |text: String| match text.strip_prefix('\u{feff}') {
+                Some(rest) => rest.to_owned(),
+                None => text,
+            };
+            let (up, down) = (without_bom(up), down.map(without_bom));
             if up.trim().is_empty() {
                 return Err(MigrateError::Source(format!("{name}/up.sql is empty")));
             }

@@ -635,3 +635,15 @@ fn a_migration_that_would_end_its_own_transaction_is_refused_by_name_before_it_r
     assert_eq!(recorded(&mut conn), ["001_a"]);
     assert!(!table_exists(&mut conn, "b"), "nothing of the refused file ran");
 }
+
+/// A file saved with a UTF-8 byte-order mark applies, and its checksum is
+/// the file's without it (adding or removing one is no edit).
+#[test]
+fn a_migration_saved_with_a_byte_order_mark_applies_and_keeps_its_checksum() {
+    let db = empty_database();
+    let (_dir, with_bom) = set_of(&[folder("001_a", "\u{feff}CREATE TABLE a (id int);")]);
+    let (_other, without) = set_of(&[folder("001_a", "CREATE TABLE a (id int);")]);
+    assert_eq!(with_bom.get("001").unwrap().checksum(), without.get("001").unwrap().checksum());
+    assert_eq!(run(&db, &with_bom).unwrap(), ["001_a"]);
+    assert_eq!(run(&db, &without).unwrap(), Vec::<String>::new(), "the same migration, already applied");
+}
