@@ -7,8 +7,11 @@
 --
 -- Writers are kept out first, before the trigger's table is altered (SHARE
 -- ROW EXCLUSIVE lets reads through), in the stores' lock order
--- (docs/ARCHITECTURE.md: clusters, users, memberships, then instances), so
--- a write beside the migration waits for it rather than deadlocks with it.
+-- (docs/ARCHITECTURE.md: clusters, users, memberships, then instances). A
+-- write that took a table lock out of that order (its statements run in
+-- their own order) may still meet the migration in a deadlock, which
+-- PostgreSQL breaks by aborting one side: the write is retried by the
+-- store, the migration, rolled back whole, by the runner.
 LOCK TABLE clusters, users, user_clusters, instances IN SHARE ROW EXCLUSIVE MODE;
 
 -- 1. Stamps.

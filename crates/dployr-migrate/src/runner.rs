@@ -551,12 +551,17 @@ fn check(file: &MigrationFile, row: &AppliedRow) -> Result<(), MigrateError> {
     Ok(())
 }
 
-/// Whether a migration failed because `lock_timeout` expired (55P03), told
-/// by PostgreSQL's untranslated message.
+/// Whether a migration failed for a lock it could not have: `lock_timeout`
+/// expired (55P03), or PostgreSQL broke a deadlock with a write beside it
+/// by aborting the migration (40P01: the stores take their table locks in
+/// the order their statements run, which a migration locking several
+/// tables cannot always match). Either way it rolled back whole and may
+/// run again. Told by PostgreSQL's untranslated messages.
 fn is_lock_timeout(error: &MigrateError) -> bool {
     matches!(error, MigrateError::MigrationFailed(failure)
         if failure.message == "canceling statement due to lock timeout"
-            || failure.message.starts_with("could not obtain lock on "))
+            || failure.message.starts_with("could not obtain lock on ")
+            || failure.message == "deadlock detected")
 }
 
 /// Watches, from a second session, which lock the runner's backend waits

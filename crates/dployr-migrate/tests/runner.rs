@@ -647,3 +647,35 @@ fn a_migration_saved_with_a_byte_order_mark_applies_and_keeps_its_checksum() {
     assert_eq!(run(&db, &with_bom).unwrap(), ["001_a"]);
     assert_eq!(run(&db, &without).unwrap(), Vec::<String>::new(), "the same migration, already applied");
 }
+
+/// A migration that PostgreSQL aborts to break a deadlock with a write
+/// beside it (here: the migration holds `a` and waits for `b`, the write
+/// holds `b` and then asks for `a`) rolled back whole: the runner applies
+/// it again once the write is done, as after a lock timeout.
+#[test]
+fn a_migration_aborted_to_break_a_deadlock_runs_again() {
+    let db = empty_database();
+    let tables = folder("001_tables", "CREATE TABLE a (id int); CREATE TABLE b (id int);");
+    let (_first, first) = set_of(&[folder("001_tables", tables.up)]);
+    run(&db, &first).unwrap();
+    let (_dir, set) = set_of(&[
+        tables,
+        folder("002_both", "LOCK TABLE a IN SHARE ROW EXCLUSIVE MODE; LOCK TABLE b IN SHARE ROW EXCLUSIVE MODE;"),
+    ]);
+    let mut writer = db.connect();
+    writer.batch_execute("BEGIN; INSERT INTO b VALUES (1);").unwrap();
+    let migrating = thread::spawn({
+        let url = db.url().to_owned();
+        move || {
+            let mut events = Vec::new();
+            let applied = MigrationRunner::new(&url, set).run_pending(&mut |event| events.push(event.clone()));
+            (applied.map(|applied| applied.into_iter().map(|m| m.name).collect::<Vec<_>>()), events)
+        }
+    });
+    // The migration holds `a` and waits for `b`; the write now asks for `a`.
+    thread::sleep(Duration::from_millis(400));
+    writer.batch_execute("INSERT INTO a VALUES (1); COMMIT;").unwrap();
+    let (applied, events) = migrating.join().unwrap();
+    assert_eq!(applied.unwrap(), ["002_both"], "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, MigrationEvent::LockWait { .. })), "it ran twice: {events:?}");
+}
