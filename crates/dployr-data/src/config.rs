@@ -70,8 +70,10 @@ pub const STATE_TTL_VAR: &str = "DPLOYR_STATE_TTL_SECS";
 /// One-time code lifetime in s (default 600).
 pub const OTP_TTL_VAR: &str = "DPLOYR_OTP_TTL_SECS";
 
-/// Every variable [`Config::from_env`] reads.
-const ALL_VARS: [&str; 29] = [
+/// Every variable of the data layer's own that [`Config::from_env`] reads
+/// (Cloudflare's, read only when it is used, say "is not set" when
+/// malformed, naming themselves).
+const ALL_VARS: [&str; 25] = [
     DATABASE_URL_VAR,
     KV_VAR,
     KV_ONE_TIME_VAR,
@@ -97,10 +99,6 @@ const ALL_VARS: [&str; 29] = [
     SESSION_TTL_VAR,
     STATE_TTL_VAR,
     OTP_TTL_VAR,
-    ACCOUNT_ID_VAR,
-    NAMESPACE_ID_VAR,
-    API_TOKEN_VAR,
-    API_BASE_URL_VAR,
 ];
 
 /// Which key-value backend holds sessions, OAuth state and one-time codes.
