@@ -51,6 +51,19 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// connection back sooner and pays nothing.
 const CHECK_AFTER_UNUSED: Duration = Duration::from_millis(1);
 
+thread_local! {
+    /// Set while this thread waits the first half of a checkout for a new
+    /// connection: a timeout then is not the caller's yet (a parked
+    /// connection may still serve it), so the pool's timeout count skips it.
+    static FIRST_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is in the first half of a checkout's wait (see
+/// [`FIRST_WAIT`]).
+pub(crate) fn waiting_for_a_new_connection_first() -> bool {
+    FIRST_WAIT.with(std::cell::Cell::get)
+}
+
 /// The parked connections of one pool, a slot per thread.
 pub(crate) struct Affinity {
     /// As many as the pool has connections; a thread's slot is its
@@ -156,7 +169,13 @@ impl Affinity {
             // refusing this database for a moment) must not keep this call
             // waiting while connections sit parked: after half the wait, a
             // parked one is taken, and only then is the rest waited for.
-            match pool.get_timeout(wait / 2) {
+            let first = {
+                FIRST_WAIT.with(|first| first.set(true));
+                let first = pool.get_timeout(wait / 2);
+                FIRST_WAIT.with(|first| first.set(false));
+                first
+            };
+            match first {
                 Ok(conn) => return Ok(conn),
                 Err(error) if self.parked.load(Ordering::Relaxed) == 0 => {
                     let left = wait.saturating_sub(started.elapsed());

@@ -270,6 +270,12 @@ impl diesel::r2d2::HandleEvent for EventHandler {
     }
 
     fn handle_timeout(&self, _event: TimeoutEvent) {
+        // r2d2 reports it on the thread that waited: a wait the affinity
+        // layer may still answer with a parked connection is not the
+        // caller's timeout (see `affinity`), so it is not counted.
+        if crate::affinity::waiting_for_a_new_connection_first() {
+            return;
+        }
         self.0.timeouts.fetch_add(1, Ordering::Relaxed);
         counter(&self.0.series.timeouts).increment(1);
     }

@@ -258,7 +258,10 @@ fn a_connection_kept_for_an_idle_thread_serves_another_thread_at_once() {
 #[test]
 fn a_call_takes_a_connection_kept_for_an_idle_thread_when_the_server_opens_no_new_one() {
     let db = dployr_testkit::database();
-    let config = PoolConfig { max_size: 4, connection_timeout: Duration::from_millis(600), ..PoolConfig::default() };
+    // Many slots, so the two threads' slots differ (a slot is a thread's
+    // index modulo the size): the call must find the kept connection in
+    // another thread's slot, not in its own.
+    let config = PoolConfig { max_size: 64, connection_timeout: Duration::from_millis(600), ..PoolConfig::default() };
     let pool = PgPool::connect(db.url(), config).unwrap();
     let (finish, finished) = std::sync::mpsc::channel::<()>();
     let (called, done) = std::sync::mpsc::channel();
@@ -286,6 +289,7 @@ fn a_call_takes_a_connection_kept_for_an_idle_thread_when_the_server_opens_no_ne
     finish.send(()).unwrap();
     idle_thread.join().unwrap();
     assert_eq!(answer.unwrap(), kept, "the kept connection served the call");
+    assert_eq!(pool.pool_stats().checkout_timeouts, 0, "no caller timed out");
 }
 
 /// More threads than connections, calling with pauses, some ending early
