@@ -45,6 +45,8 @@ macro_rules! ulid_id {
             /// # Errors
             /// [`StoreError::Invalid`] when `text` is not a ULID.
             pub fn parse(text: &str) -> Result<Self, StoreError> {
+                let ulid = Ulid::from_string(text)
+                    .map_err(|e| StoreError::invalid(concat!($entity, " id"), format!("not a ULID: {e}")))?;
                 // 26 characters hold 130 bits; a ULID has 128, so the first
                 // is at most `7` (the ULID spec: larger values are refused).
                 // The `ulid` crate drops the two extra bits instead, which
@@ -55,9 +57,7 @@ macro_rules! ulid_id {
                         "not a ULID: larger than the largest, 7ZZZZZZZZZZZZZZZZZZZZZZZZZ",
                     ));
                 }
-                Ulid::from_string(text)
-                    .map(Self)
-                    .map_err(|e| StoreError::invalid(concat!($entity, " id"), format!("not a ULID: {e}")))
+                Ok(Self(ulid))
             }
 
             /// The underlying ULID.

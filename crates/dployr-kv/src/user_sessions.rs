@@ -70,6 +70,16 @@ impl UserSessionIndex {
         self.backend.put(&format!("{}{session_key}", self.user_prefix(user)), b"", ttl)
     }
 
+    /// Whether an entry says that `session_key` belongs to `user` (as the
+    /// backend answers: on one with stale reads, a recent entry may not
+    /// show yet).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn contains(&self, user: &str, session_key: &str) -> StoreResult<bool> {
+        Ok(self.backend.get(&format!("{}{session_key}", self.user_prefix(user)))?.is_some())
+    }
+
     /// Forgets that `session_key` belongs to `user`.
     ///
     /// # Errors

@@ -168,20 +168,39 @@ fn run_file(
         None
     };
     let started = Instant::now();
-    let ran = diesel::sql_query(sql).execute(conn).map_err(failed);
+    let ran = diesel::sql_query(sql).execute(conn).map(drop).map_err(failed);
     let elapsed = started.elapsed();
-    if let Some(previous) = previous_lock_timeout {
-        conn.batch_execute(&format!("SET lock_timeout = '{}'", previous.replace('\'', "''")))
-            .map_err(|source| MigrateError::Database { context: "restoring lock_timeout", source })?;
-    }
+    let restored = match previous_lock_timeout {
+        Some(previous) => conn
+            .batch_execute(&format!("SET lock_timeout = '{}'", previous.replace('\'', "''")))
+            .map_err(|source| MigrateError::Database { context: "restoring lock_timeout", source }),
+        None => Ok(()),
+    };
+    // The statement's own error first: it names the file and position.
     ran?;
+    restored?;
     bookkeeping(conn, elapsed)?;
     Ok(elapsed)
 }
 
-/// Whether `sql` names `CONCURRENTLY` (a concurrent index build or drop).
+/// Whether `sql`, comments aside, names `CONCURRENTLY` (a concurrent index
+/// build or drop).
 fn builds_concurrently(sql: &str) -> bool {
-    sql.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').any(|word| word.eq_ignore_ascii_case("CONCURRENTLY"))
+    let mut code = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while !rest.is_empty() {
+        if let Some(comment) = rest.strip_prefix("--") {
+            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(comment) = rest.strip_prefix("/*") {
+            rest = comment.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            let end = rest.find(['-', '/']).map_or(rest.len(), |at| at.max(1));
+            code.push_str(&rest[..end]);
+            code.push(' ');
+            rest = &rest[end..];
+        }
+    }
+    code.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').any(|word| word.eq_ignore_ascii_case("CONCURRENTLY"))
 }
 
 /// Whether `sql` holds anything but whitespace, `;` and comments (`--`
@@ -213,4 +232,19 @@ fn record(conn: &mut PgConnection, migration: &MigrationFile, elapsed: Duration)
         .execute(conn)
         .map_err(|source| MigrateError::Database { context: "recording the migration in _migrations", source })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::builds_concurrently;
+
+    #[test]
+    fn only_a_statement_that_names_concurrently_builds_concurrently() {
+        assert!(builds_concurrently("CREATE INDEX CONCURRENTLY a_idx ON a (x);"));
+        assert!(builds_concurrently("-- lead\ncreate unique index concurrently a_idx on a (x)"));
+        assert!(builds_concurrently("DROP INDEX CONCURRENTLY a-b"));
+        assert!(!builds_concurrently("VACUUM FULL a; -- not CONCURRENTLY"));
+        assert!(!builds_concurrently("/* CONCURRENTLY */ ALTER TYPE mood ADD VALUE 'meh'"));
+        assert!(!builds_concurrently("SELECT 4/2 - 1"));
+    }
 }

@@ -603,10 +603,10 @@ impl PgPool {
         self.connection_timeout
     }
 
-    /// The longest a store call ([`Operation::run`]) may
-    /// take: call timeout + margin + grace (twice that for a replica-safe
-    /// read that a failing replica held: the primary then has a bound of
-    /// its own).
+    /// The longest one run of a store call ([`Operation::run`]) may take:
+    /// call timeout + margin + grace. A replica-safe read that a failing
+    /// replica held runs again on the primary within a bound of its own, so
+    /// it may take twice this.
     pub fn call_bound(&self) -> Duration {
         self.deadlines.bound()
     }

@@ -29,8 +29,8 @@
 //!   [`KvSessionStore::delete_user_sessions`] deletes every session of that
 //!   user: exactly on memory and PostgreSQL, within Cloudflare's eventual
 //!   consistency there (see [`UserSessionIndex`]). A save whose index entry
-//!   fails deletes the record it wrote and fails, so no record is left that
-//!   the index does not name; a session saved since under another user (no
+//!   fails, for a record no entry names yet, deletes the record it wrote
+//!   and fails, so no record is left that the index does not name; a session saved since under another user (no
 //!   new id at sign-in) is left to that user's sign-out.
 //! - **What is stored loads back.** A record whose data is nested deeper
 //!   than serde_json reads (128 levels) is refused by `create` and `save`
@@ -425,10 +425,15 @@ impl Inner {
             && let Err(error) = index.add(user, &key, Some(ttl))
         {
             // A record its user's index does not name would survive their
-            // sign-out everywhere: take it back (the caller gets the error,
-            // and the session ends, which is what a sign-out would do). If
-            // that delete fails too, this process still never loads it.
-            let _ignored = self.delete_key(&key);
+            // sign-out everywhere. An entry an earlier save wrote still
+            // names it (a failed refresh of a signed-in session keeps it
+            // signed in); otherwise, or if that cannot be told, the record
+            // is taken back (the session ends, as a sign-out would). Either
+            // way the caller gets the error. If the delete fails too, this
+            // process still never loads it.
+            if !index.contains(user, &key).unwrap_or(false) {
+                let _ignored = self.delete_key(&key);
+            }
             return Err(error);
         }
         Ok(())
@@ -591,6 +596,23 @@ mod tests {
         assert!(store.save(&record).await.is_err(), "the index entry was refused");
         assert_eq!(store.load(&record.id).await.unwrap(), None, "a record ada's index does not name");
         assert_eq!(store.backend().get(&record_key(&record.id)).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_signed_in_session_whose_index_refresh_fails_stays_signed_in() {
+        let memory = MemoryKv::new();
+        let record = Record {
+            id: Id::default(),
+            data: HashMap::from([("user_id".to_owned(), serde_json::Value::from("ada"))]),
+            expiry_date: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        };
+        // Saved once with its entry, on a backend that still took index writes.
+        let healthy = KvSessionStore::new(Arc::new(memory.clone())).with_user_field("user_id");
+        healthy.save(&record).await.unwrap();
+        let store = KvSessionStore::new(Arc::new(IndexWritesFail(memory))).with_user_field("user_id");
+        assert!(store.save(&record).await.is_err(), "the refresh of the entry was refused");
+        assert_eq!(store.load(&record.id).await.unwrap(), Some(record.clone()), "still signed in, still indexed");
+        assert_eq!(healthy.delete_user_sessions("ada").await.unwrap(), 1, "and signed out everywhere as before");
     }
 
     #[tokio::test]

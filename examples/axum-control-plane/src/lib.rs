@@ -247,7 +247,13 @@ const OAUTH_STATE_FIELD: &str = "oauth_state";
 /// site (`https://evil.example`, `//evil.example`, `/\evil.example`): the
 /// callback sends the browser there.
 fn is_local_path(redirect: &str) -> bool {
-    redirect.starts_with('/') && !redirect.starts_with("//") && !redirect.contains('\\') && !redirect.contains("://")
+    // Browsers drop tabs and line breaks from a URL (`/\t/evil.example` is
+    // `//evil.example` to them) and read `\` as `/`.
+    redirect.starts_with('/')
+        && !redirect.starts_with("//")
+        && !redirect.contains('\\')
+        && !redirect.contains("://")
+        && !redirect.chars().any(char::is_control)
 }
 
 async fn oauth_start(State(app): State<App>, session: Session, Json(body): Json<OAuthStart>) -> Answer {

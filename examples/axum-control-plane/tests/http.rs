@@ -163,7 +163,7 @@ async fn the_control_plane_story_runs_over_http() {
     let (_, planted) = attacker.call(Method::POST, "/oauth/start", Some(json!({ "redirect": "/welcome" }))).await;
     let link = format!("/oauth/callback?state={}", planted["state"].as_str().unwrap());
     assert_eq!(stranger.call(Method::GET, &link, None).await.0, StatusCode::BAD_REQUEST, "another browser's state");
-    for away in ["https://evil.example/", "//evil.example", "/\\evil.example"] {
+    for away in ["https://evil.example/", "//evil.example", "/\\evil.example", "/\t/evil.example", "/\n/evil.example"] {
         let (status, _) = attacker.call(Method::POST, "/oauth/start", Some(json!({ "redirect": away }))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "redirect to {away}");
     }
