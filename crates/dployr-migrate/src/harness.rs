@@ -141,6 +141,7 @@ fn run_file(
             let started = Instant::now();
             conn.batch_execute(sql).map_err(failed)?;
             let elapsed = started.elapsed();
+            end_the_files_settings(conn)?;
             bookkeeping(conn, elapsed)?;
             Ok(elapsed)
         });
@@ -179,8 +180,19 @@ fn run_file(
     // The statement's own error first: it names the file and position.
     ran?;
     restored?;
+    end_the_files_settings(conn)?;
     bookkeeping(conn, elapsed)?;
     Ok(elapsed)
+}
+
+/// Ends the search path and role a migration file set for its session (a
+/// pasted `pg_dump` empties the search path): the bookkeeping, with its
+/// unqualified `_migrations`, and the migrations after it run as the
+/// runner's session does. In the file's transaction, so a rollback keeps
+/// nothing either way.
+fn end_the_files_settings(conn: &mut PgConnection) -> Result<(), MigrateError> {
+    conn.batch_execute("RESET search_path; RESET ROLE")
+        .map_err(|source| MigrateError::Database { context: "ending the migration's session settings", source })
 }
 
 /// Whether `sql`, comments aside, names `CONCURRENTLY` (a concurrent index

@@ -13,7 +13,8 @@
 //!   concurrent index build there waits without `lock_timeout`, since it
 //!   queues no traffic behind it); a file
 //!   that would end that transaction itself (`COMMIT`, `BEGIN`, ... outside
-//!   function bodies) is refused by name before it runs;
+//!   function bodies) is refused by name before it runs, and the search
+//!   path or role a file sets ends with it;
 //! - a PostgreSQL advisory lock, polled with a timeout, serializes concurrent
 //!   runners on one database; later runners find nothing to do;
 //! - before anything runs, every applied migration is checked against the

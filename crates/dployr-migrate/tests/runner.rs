@@ -679,3 +679,20 @@ fn a_migration_aborted_to_break_a_deadlock_runs_again() {
     assert_eq!(applied.unwrap(), ["002_both"], "{events:?}");
     assert!(events.iter().any(|e| matches!(e, MigrationEvent::LockWait { .. })), "it ran twice: {events:?}");
 }
+
+/// A migration that changes its session's search path (as a pasted
+/// `pg_dump` does: `set_config('search_path', '', false)`) or role is
+/// recorded all the same, and the migrations after it run as the runner's
+/// session does: what a file sets ends with it.
+#[test]
+fn settings_a_migration_makes_end_with_it() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder("001_dump", "SELECT pg_catalog.set_config('search_path', '', false);\nCREATE TABLE public.a (id int);"),
+        folder("002_next", "CREATE TABLE b (id int);"),
+    ]);
+    assert_eq!(run(&db, &set).unwrap(), ["001_dump", "002_next"]);
+    let mut conn = db.connect();
+    assert!(table_exists(&mut conn, "public.b"), "the next migration ran with the usual search path");
+    assert_eq!(recorded(&mut conn), ["001_dump", "002_next"]);
+}
