@@ -373,18 +373,33 @@ impl Inner {
     /// backend answers). A record that is gone, unreadable or names nobody
     /// does not.
     fn names_another_user(&self, key: &str, field: &str, user: &str) -> StoreResult<bool> {
-        let record = match self.recent_write(key) {
-            Some(Written::Record(record)) => record,
-            Some(Written::Deleting(_) | Written::Deleted) => return Ok(false),
-            None => match self.backend.get(key)? {
-                Some(value) => match serde_json::from_slice::<Record>(&value) {
-                    Ok(record) => record,
-                    Err(_) => return Ok(false),
-                },
-                None => return Ok(false),
-            },
+        // Unreadable counts as naming nobody: the session is ended all the same.
+        let record = match self.stored(key) {
+            Ok(record) => record,
+            Err(StoreError::Backend { message, .. }) if message.starts_with("decoding") => None,
+            Err(other) => return Err(other),
         };
+        let Some(record) = record else { return Ok(false) };
         Ok(record.data.get(field).and_then(serde_json::Value::as_str).is_some_and(|named| named != user))
+    }
+
+    /// The record under `key`: as this process last wrote it, if lately
+    /// (this process's write is newer than what a stale read returns), else
+    /// as the backend answers; `None` if deleted or absent.
+    ///
+    /// # Errors
+    /// Backend errors; `Backend` ("decoding") for a record that does not decode.
+    fn stored(&self, key: &str) -> StoreResult<Option<Record>> {
+        match self.recent_write(key) {
+            Some(Written::Record(record)) => Ok(Some(record)),
+            Some(Written::Deleting(_) | Written::Deleted) => Ok(None),
+            None => match self.backend.get(key)? {
+                Some(value) => serde_json::from_slice(&value)
+                    .map(Some)
+                    .map_err(|e| StoreError::backend("decoding a session record", e)),
+                None => Ok(None),
+            },
+        }
     }
 
     /// Remembers what this process wrote under `key`, where reads may be stale.
@@ -478,16 +493,7 @@ impl Inner {
     }
 
     fn load(&self, id: &Id) -> StoreResult<Option<Record>> {
-        let key = record_key(id);
-        let record = match self.recent_write(&key) {
-            // This process's own write is newer than what a stale read returns.
-            Some(Written::Record(record)) => record,
-            Some(Written::Deleting(_) | Written::Deleted) => return Ok(None),
-            None => {
-                let Some(value) = self.backend.get(&key)? else { return Ok(None) };
-                serde_json::from_slice(&value).map_err(|e| StoreError::backend("decoding a session record", e))?
-            }
-        };
+        let Some(record) = self.stored(&record_key(id))? else { return Ok(None) };
         // The TTL may have been raised to the backend's minimum, a backend
         // may expire coarsely, and the memory knows no TTL: the record's own
         // expiry decides.
