@@ -22,6 +22,7 @@ use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 
+use crate::sql_lexer::{Token, tokens};
 use crate::{MigrateError, MigrationFile, MigrationSet};
 
 diesel::table! {
@@ -195,41 +196,17 @@ fn end_the_files_settings(conn: &mut PgConnection) -> Result<(), MigrateError> {
         .map_err(|source| MigrateError::Database { context: "ending the migration's session settings", source })
 }
 
-/// Whether `sql`, comments aside, names `CONCURRENTLY` (a concurrent index
-/// build or drop).
+/// Whether `sql` names `CONCURRENTLY` as a word (a concurrent index build
+/// or drop); in a comment, a string or a quoted name it does not count.
 fn builds_concurrently(sql: &str) -> bool {
-    let mut code = String::with_capacity(sql.len());
-    let mut rest = sql;
-    while !rest.is_empty() {
-        if let Some(comment) = rest.strip_prefix("--") {
-            rest = comment.split_once('\n').map_or("", |(_, after)| after);
-        } else if let Some(comment) = rest.strip_prefix("/*") {
-            rest = comment.split_once("*/").map_or("", |(_, after)| after);
-        } else {
-            let end = rest.find(['-', '/']).map_or(rest.len(), |at| at.max(1));
-            code.push_str(&rest[..end]);
-            code.push(' ');
-            rest = &rest[end..];
-        }
-    }
-    code.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').any(|word| word.eq_ignore_ascii_case("CONCURRENTLY"))
+    tokens(sql).any(|token| matches!(token, Token::Word(word) if word.eq_ignore_ascii_case("CONCURRENTLY")))
 }
 
-/// Whether `sql` holds anything but whitespace, `;` and comments (`--`
-/// to the end of a line, `/* ... */`). PostgreSQL answers a text without a
-/// statement with "empty query" and no hint of the file.
-pub(crate) fn holds_a_statement(sql: &str) -> bool {
-    let mut rest = sql;
-    loop {
-        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
-        if let Some(comment) = rest.strip_prefix("--") {
-            rest = comment.split_once('\n').map_or("", |(_, after)| after);
-        } else if let Some(comment) = rest.strip_prefix("/*") {
-            rest = comment.split_once("*/").map_or("", |(_, after)| after);
-        } else {
-            return !rest.is_empty();
-        }
-    }
+/// Whether `sql` holds anything but whitespace, `;` and comments.
+/// PostgreSQL answers a text without a statement with "empty query" and no
+/// hint of the file.
+fn holds_a_statement(sql: &str) -> bool {
+    tokens(sql).any(|token| token != Token::Semicolon)
 }
 
 fn record(conn: &mut PgConnection, migration: &MigrationFile, elapsed: Duration) -> Result<(), MigrateError> {
@@ -248,7 +225,7 @@ fn record(conn: &mut PgConnection, migration: &MigrationFile, elapsed: Duration)
 
 #[cfg(test)]
 mod tests {
-    use super::builds_concurrently;
+    use super::{builds_concurrently, holds_a_statement};
 
     #[test]
     fn only_a_statement_that_names_concurrently_builds_concurrently() {
@@ -258,5 +235,22 @@ mod tests {
         assert!(!builds_concurrently("VACUUM FULL a; -- not CONCURRENTLY"));
         assert!(!builds_concurrently("/* CONCURRENTLY */ ALTER TYPE mood ADD VALUE 'meh'"));
         assert!(!builds_concurrently("SELECT 4/2 - 1"));
+    }
+
+    #[test]
+    fn concurrently_in_a_string_or_a_nested_comment_is_not_a_concurrent_build() {
+        assert!(!builds_concurrently("COMMENT ON INDEX a_idx IS 'built concurrently'"));
+        assert!(!builds_concurrently("/* outer /* inner */ CONCURRENTLY */ ALTER TYPE mood ADD VALUE 'meh'"));
+        assert!(!builds_concurrently("ALTER TYPE mood ADD VALUE $v$ concurrently $v$"));
+        assert!(builds_concurrently("CREATE INDEX /* a -- b */ CONCURRENTLY a_idx ON a ((x || '/*'))"));
+        assert!(builds_concurrently("CREATE INDEX \"--\" ON a (x); /* */ CREATE INDEX CONCURRENTLY b ON a (y)"));
+    }
+
+    #[test]
+    fn a_file_of_nested_comments_holds_no_statement() {
+        assert!(!holds_a_statement("/* outer /* inner */ still the comment */\n;\n-- done"));
+        assert!(!holds_a_statement(" ;; \n"));
+        assert!(holds_a_statement("/* lead */ SELECT 1"));
+        assert!(holds_a_statement("-- lead\nSELECT '*/'"));
     }
 }

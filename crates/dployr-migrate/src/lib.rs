@@ -39,6 +39,7 @@ mod error;
 mod harness;
 mod runner;
 mod set;
+mod sql_lexer;
 mod transaction_control;
 
 pub use error::{MigrateError, MigrationFailure, SqlPosition};
