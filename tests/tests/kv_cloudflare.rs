@@ -355,6 +355,20 @@ fn an_entry_lives_its_whole_ttl_whatever_part_of_a_second_it_was_written_in() {
 }
 
 #[test]
+fn a_counter_keeps_its_first_expiry_however_often_it_is_counted() {
+    let cf = cloudflare();
+    // Each increment is a read and a write: a relative TTL rounded up by a
+    // second on every write would push the expiry a second later each time.
+    for expected in 1..=20 {
+        assert_eq!(cf.kv.increment("attempts", Some(Duration::from_secs(120))).unwrap(), expected);
+    }
+    cf.emulator.advance(Duration::from_secs(119));
+    assert_eq!(cf.kv.get("attempts").unwrap(), Some(b"20".to_vec()), "expired before its 120 s");
+    cf.emulator.advance(Duration::from_secs(3));
+    assert_eq!(cf.kv.get("attempts").unwrap(), None, "twenty increments kept the counter past its 120 s");
+}
+
+#[test]
 fn an_emulator_clock_moved_past_any_date_expires_everything_and_still_answers() {
     let cf = cloudflare();
     cf.kv.put("ttl", b"v", Some(Duration::from_secs(60))).unwrap();

@@ -35,7 +35,8 @@
 //! (OAuth state, codes, attempt counters) therefore belong on a consistent
 //! backend (see `KvStore::with_backends`).
 //!
-//! **Time.** The counter keeps its expiry by sending a *relative*
+//! **Time.** The counter keeps its expiry by sending again the absolute
+//! `expiration` the server gave it, or near its end a relative
 //! `expiration_ttl` computed against the server's clock (its `Date` header),
 //! never an absolute time from the local clock: Cloudflare checks "at least
 //! 60 s in the future" on its own clock, and a skewed host would be refused.
@@ -435,6 +436,15 @@ impl Reply {
     }
 }
 
+/// When a written value ends.
+#[derive(Debug, Clone, Copy)]
+enum Expiry {
+    /// This long after the server receives it (`expiration_ttl`).
+    After(Duration),
+    /// At this second since the epoch on the server's clock (`expiration`).
+    At(u64),
+}
+
 fn encode(segment: &str) -> String {
     utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
 }
@@ -650,11 +660,15 @@ impl CloudflareKv {
         Ok(Some(Stored { value: reply.body, expiration, server_now }))
     }
 
-    /// PUT of a value, with a relative TTL (clamped to what Cloudflare takes).
-    fn write(&self, call: &mut Call, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+    /// PUT of a value, with its expiry (a relative TTL is clamped to what
+    /// Cloudflare takes).
+    fn write(&self, call: &mut Call, key: &str, value: &[u8], expiry: Option<Expiry>) -> StoreResult<()> {
         let url = self.value_url(key);
-        let query: Vec<(&str, String)> =
-            ttl.map(|ttl| ("expiration_ttl", ttl_secs(ttl).to_string())).into_iter().collect();
+        let query: Vec<(&str, String)> = match expiry {
+            Some(Expiry::After(ttl)) => vec![("expiration_ttl", ttl_secs(ttl).to_string())],
+            Some(Expiry::At(at)) => vec![("expiration", at.to_string())],
+            None => Vec::new(),
+        };
         let reply = self.send(call, "put", |c| {
             c.put(&url)
                 .query(&query)
@@ -706,7 +720,7 @@ impl KvBackend for CloudflareKv {
         let mut call = Call::start("kv.cloudflare.put");
         let limits = self.limits();
         limits.check_put(key, value, ttl)?;
-        self.write(&mut call, key, value, ttl)
+        self.write(&mut call, key, value, ttl.map(Expiry::After))
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
@@ -746,24 +760,33 @@ impl KvBackend for CloudflareKv {
     }
 
     /// A read, then a write that keeps the counter's expiry: **not atomic**
-    /// on Cloudflare. The expiry is sent as a TTL relative to the server's
-    /// clock (its `Date` header; the local clock only if it sends none); if
-    /// less than Cloudflare's 60 s minimum is left, the counter lives 60 s more.
+    /// on Cloudflare. The expiry is sent again as the same second, an
+    /// absolute time of the server's own, while Cloudflare still takes it
+    /// when the write lands (60 s ahead, after this call's retries);
+    /// closer to its end it is sent as a TTL relative to the server's clock
+    /// (its `Date` header; the local clock only if it sends none), and if
+    /// less than Cloudflare's 60 s minimum is left, the counter lives 60 s
+    /// more.
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
         let mut call = Call::start("kv.cloudflare.increment");
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
-        let (count, ttl) = match self.read(&mut call, key)? {
-            None => (1, ttl),
+        let (count, expiry) = match self.read(&mut call, key)? {
+            None => (1, ttl.map(Expiry::After)),
             Some(stored) => {
                 let current = parse_counter(&stored.value).ok_or_else(|| not_a_counter(key))?;
-                let now = stored.server_now.unwrap_or_else(unix_now);
-                let left = stored.expiration.map(|at| Duration::from_secs(at.saturating_sub(now)));
-                (current + 1, left)
+                let room = MIN_TTL.saturating_add(self.config.retry.max_elapsed).as_secs().saturating_add(1);
+                let expiry = stored.expiration.map(|at| match stored.server_now {
+                    // A relative TTL is rounded up a second on each write:
+                    // counted often, the counter would outlive its TTL.
+                    Some(now) if at >= now.saturating_add(room) => Expiry::At(at),
+                    now => Expiry::After(Duration::from_secs(at.saturating_sub(now.unwrap_or_else(unix_now)))),
+                });
+                (current + 1, expiry)
             }
         };
-        self.write(&mut call, key, count.to_string().as_bytes(), ttl)?;
+        self.write(&mut call, key, count.to_string().as_bytes(), expiry)?;
         Ok(count)
     }
 }
