@@ -384,6 +384,13 @@ impl ClusterStore for PgClusterStore {
                     .select(MemberRow::as_select()),
             )
             .load(conn)?;
+            // One membership per e-mail, unless an invitee the first insert
+            // met (it locks nothing) was deleted before the second: its
+            // e-mail found no user, so nothing failed and nothing was
+            // written. The next attempt creates the invitee afresh.
+            if rows.len() < emails.len() {
+                return Err(Failure::Retry("an invited user was deleted meanwhile"));
+            }
             Ok(rows.into_iter().map(Member::from).collect())
         })
     }

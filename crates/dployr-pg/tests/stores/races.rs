@@ -395,6 +395,38 @@ fn an_invitee_deleted_while_being_invited_is_invited_afresh() {
 }
 
 #[test]
+fn an_invitee_deleted_before_its_membership_is_written_is_invited_afresh_not_dropped() {
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let (_, a) = f.owner("a-owner@example.io");
+    let (_, b) = f.owner("b-owner@example.io");
+    let first = f.clusters.add_users(&a.id, &[email("guest@example.io")]).unwrap().remove(0).user_id;
+    // A gate right after add_users' invitee insert, which met the existing
+    // invitee and locked nothing: a statement trigger waits on an advisory
+    // lock the test holds.
+    f.db.connect()
+        .batch_execute(
+            "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$; \
+             CREATE TRIGGER gate AFTER INSERT ON users FOR EACH STATEMENT EXECUTE FUNCTION gate();",
+        )
+        .unwrap();
+    let gate = LockHolder::hold(&f, "SELECT pg_advisory_xact_lock(4242)");
+    let inviting = {
+        let (f, b) = (Arc::clone(&f), b.id);
+        thread::spawn(move || f.clusters.add_users(&b, &[email("guest@example.io")]))
+    };
+    wait_for_lock_waiters(&f, 1);
+    // Cluster A's clean-up deletes the invitee it no longer holds.
+    f.clusters.remove_users(&a.id, &[first]).unwrap();
+    gate.release();
+    let invited = inviting.join().unwrap().unwrap();
+    assert_eq!(invited.len(), 1, "the invitation was dropped: {invited:?}");
+    assert_eq!(invited[0].role, Role::Invited);
+    assert_ne!(invited[0].user_id, first);
+    assert_eq!(f.clusters.role_of(&invited[0].user_id, &b.id).unwrap(), Some(Role::Invited));
+}
+
+#[test]
 fn not_found_names_the_missing_entitys_own_key() {
     let f = Fixture::new();
     let (_, cluster) = f.owner("owner@example.io");
