@@ -378,13 +378,41 @@ pub fn attempt_take_counts_compares_and_consumes(f: &dyn KvFixture) {
     assert_eq!(ok(kv.get("once/code"), "get after"), None);
     ok(kv.put("once/code", b"right", Some(TTL)), "put again");
     assert_eq!(attempt(b"right"), (4, false), "past the limit even the right value is refused");
-    assert_eq!(ok(kv.get("once/code"), "get past the limit"), Some(b"right".to_vec()));
+    assert_eq!(ok(kv.get("once/code"), "get past the limit"), None, "an attempt past the limit spends the value");
     // A new counter (as after a new code) counts from 1 again; expired values are gone.
     ok(kv.delete("once/tries"), "reset");
     ok(kv.put("once/short", b"v", Some(TTL)), "put short");
     f.advance(TTL + Duration::from_secs(1));
     let expired = ok(kv.count_attempt_and_take_if("once/tries", Some(TTL), 3, "once/short", b"v"), "expired");
     assert_eq!(expired, (1, false));
+}
+
+/// The last attempt the limit allows spends the value, right or wrong, so
+/// a count that ends before the value does (a clock stepped back, a counter
+/// evicted) cannot give it more attempts than the limit.
+pub fn the_last_attempt_the_limit_allows_spends_the_value(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put("spent/code", b"right", Some(TTL)), "put");
+    let attempt =
+        |value: &[u8]| ok(kv.count_attempt_and_take_if("spent/tries", Some(TTL), 3, "spent/code", value), "attempt");
+    assert_eq!(attempt(b"wrong"), (1, false));
+    assert_eq!(attempt(b"wrong"), (2, false));
+    assert_eq!(ok(kv.get("spent/code"), "get"), Some(b"right".to_vec()), "spent before the limit");
+    assert_eq!(attempt(b"wrong"), (3, false));
+    assert_eq!(ok(kv.get("spent/code"), "get at the limit"), None, "the last wrong guess left the value usable");
+    // The count ends before the value would have.
+    ok(kv.delete("spent/tries"), "the counter ends");
+    assert_eq!(attempt(b"right"), (1, false), "a fresh count gave a spent value more guesses");
+}
+
+/// An attempt whose keys are bad (the value's key empty, or the counter's
+/// key the value's own) is refused before anything is counted or taken.
+pub fn an_attempt_with_bad_keys_is_refused_before_it_is_counted(f: &dyn KvFixture) {
+    let kv = f.kv();
+    assert_invalid(kv.count_attempt_and_take_if("bad/tries", Some(TTL), 3, "", b"x"), "key");
+    assert_eq!(ok(kv.get("bad/tries"), "counter"), None, "counted before the key was checked");
+    assert_invalid(kv.count_attempt_and_take_if("bad/same", Some(TTL), 3, "bad/same", b"1"), "counter_key");
+    assert_eq!(ok(kv.get("bad/same"), "same key"), None, "counted an attempt at its own counter");
 }
 
 /// A new value with its count of attempts restarted: the value replaced,
@@ -638,7 +666,7 @@ pub fn parallel_guesses_are_each_counted_and_take_the_code_once_where_promised(f
     let first_right_in_limit = results.iter().any(|((count, _), n)| *count <= 10 && n % 2 == 0);
     assert_eq!(takers.len(), usize::from(first_right_in_limit), "a right guess within the limit takes the code");
     let left = ok(kv.get("race/code"), "get after");
-    assert_eq!(left.is_none(), first_right_in_limit, "the code is gone exactly when taken");
+    assert_eq!(left, None, "taken, or spent by the attempts past the limit");
 }
 
 /// A right guess racing a new value is counted with the value it compares:
@@ -700,6 +728,8 @@ macro_rules! kv_contract_tests {
             kv_store_names_the_argument_that_is_too_large,
             take_returns_the_value_once,
             attempt_take_counts_compares_and_consumes,
+            the_last_attempt_the_limit_allows_spends_the_value,
+            an_attempt_with_bad_keys_is_refused_before_it_is_counted,
             counter_counts_and_restarts_after_expiry,
             put_and_reset_counter_replaces_the_value_and_restarts_the_count,
             sessions_expire,

@@ -324,17 +324,24 @@ pub trait KvBackend: Send + Sync {
     /// Counts one attempt under `attempts_key` (as [`increment`](Self::increment)
     /// with `ttl`) and, only when that count is at most `max_attempts`,
     /// deletes the entry under `key` if its value is exactly `expected`.
-    /// Returns the count and whether this call deleted the entry: of many
-    /// concurrent calls with the right value, one does. This is how a
-    /// one-time code is checked: the attempt is counted before anything is
-    /// compared, and a right guess consumes it.
+    /// Once the count reaches `max_attempts`, an attempt that did not take
+    /// the entry deletes it whatever it holds: the entry is spent, so a
+    /// count that ends before it does (a clock stepped back, an evicted
+    /// counter) cannot give it more attempts than the limit. Returns the
+    /// count and whether this call took the entry: of many concurrent calls
+    /// with the right value, one does. This is how a one-time code is
+    /// checked: the attempt is counted before anything is compared, and a
+    /// right guess consumes it.
     ///
-    /// The default is [`increment`](Self::increment), [`get`](Self::get) and
-    /// a [`take`](Self::take) that succeeds only if it took `expected`;
-    /// PostgreSQL does it in one statement, memory under one lock.
+    /// The default is [`increment`](Self::increment), [`get`](Self::get), a
+    /// [`take`](Self::take) that succeeds only if it took `expected`, and a
+    /// [`delete`](Self::delete) of a spent entry; PostgreSQL does it in one
+    /// statement, memory under one lock.
     ///
     /// # Errors
-    /// As [`increment`](Self::increment) and [`take`](Self::take).
+    /// [`StoreError::Invalid`] for a bad key, or a counter key that is the
+    /// entry's own, before anything is counted; as
+    /// [`increment`](Self::increment) and [`take`](Self::take).
     fn count_attempt_and_take_if(
         &self,
         attempts_key: &str,
@@ -343,14 +350,17 @@ pub trait KvBackend: Send + Sync {
         key: &str,
         expected: &[u8],
     ) -> StoreResult<(i64, bool)> {
+        let limits = self.limits();
+        limits.check_key(key)?;
+        limits.check_counter_key(key, attempts_key)?;
         let attempts = self.increment(attempts_key, ttl)?;
-        if attempts > max_attempts {
-            return Ok((attempts, false));
+        let taken = attempts <= max_attempts
+            && self.get(key)?.as_deref() == Some(expected)
+            && self.take(key)?.as_deref() == Some(expected);
+        if !taken && attempts >= max_attempts {
+            self.delete(key)?;
         }
-        if self.get(key)?.as_deref() != Some(expected) {
-            return Ok((attempts, false));
-        }
-        Ok((attempts, self.take(key)?.as_deref() == Some(expected)))
+        Ok((attempts, taken))
     }
 
     /// Stores `value` under `key` (as [`put`](Self::put)) and deletes the

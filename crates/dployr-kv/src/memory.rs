@@ -5,6 +5,7 @@
 //! map does not grow with dead entries.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -13,13 +14,12 @@ use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_
 
 use crate::clock::{Clock, SystemClock};
 
-#[derive(Debug)]
 struct Entry {
     value: Vec<u8>,
     expires_at: Option<SystemTime>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     entries: BTreeMap<String, Entry>,
     /// (expiry, key) of every entry that has one, soonest first.
@@ -86,10 +86,23 @@ impl State {
 /// assert_eq!(kv.get("greeting")?, None);
 /// # Ok::<(), dployr_domain::StoreError>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MemoryKv {
     state: Arc<Mutex<State>>,
     clock: Arc<dyn Clock>,
+}
+
+/// How many entries, never what they hold: values are sessions (a user's
+/// id and e-mail) and code digests, which a log must not carry.
+impl fmt::Debug for MemoryKv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // try_lock: a Debug called while this thread holds the lock must not deadlock.
+        let mut debug = f.debug_struct("MemoryKv");
+        if let Ok(state) = self.state.try_lock() {
+            debug.field("entries", &state.entries.len());
+        }
+        debug.finish_non_exhaustive()
+    }
 }
 
 impl Default for MemoryKv {
@@ -203,8 +216,8 @@ impl KvBackend for MemoryKv {
         expected: &[u8],
     ) -> StoreResult<(i64, bool)> {
         let limits = self.limits();
-        limits.check_key(attempts_key)?;
         limits.check_key(key)?;
+        limits.check_counter_key(key, attempts_key)?;
         limits.check_ttl(ttl)?;
         let new_expiry = self.expiry(ttl)?;
         let mut state = self.state();
@@ -212,6 +225,10 @@ impl KvBackend for MemoryKv {
         let taken = count <= max_attempts
             && state.entries.get(key).is_some_and(|entry| entry.value == expected)
             && state.remove(key).is_some();
+        if !taken && count >= max_attempts {
+            // Spent: a count that ended before the value cannot start again for it.
+            state.remove(key);
+        }
         Ok((count, taken))
     }
 
@@ -231,5 +248,22 @@ impl KvBackend for MemoryKv {
         state.insert(key, Entry { value: value.to_vec(), expires_at });
         state.remove(counter_key);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dployr_domain::KvBackend as _;
+
+    use super::MemoryKv;
+
+    #[test]
+    fn debug_shows_how_many_entries_never_a_key_or_value() {
+        let kv = MemoryKv::new();
+        kv.put("session:secret-key", b"{\"email\":\"ada@example.io\"}", Some(Duration::from_secs(60))).unwrap();
+        let shown = format!("{kv:?}");
+        assert_eq!(shown, "MemoryKv { entries: 1, .. }");
     }
 }

@@ -104,8 +104,9 @@ RETURNING convert_from(value, 'UTF8')::bigint AS count"
 const INCREMENT_SQL: &str = counter_upsert!();
 
 /// `count_attempt_and_take_if` in one statement: the counter's upsert (as
-/// [`INCREMENT_SQL`]), and a delete of the value that runs only when the
-/// count is within the limit and the value is the expected one. The delete
+/// [`INCREMENT_SQL`]), and a delete of the value that takes it when the
+/// count is within the limit and the value is the expected one, and spends
+/// it, whatever it holds, once the count reaches the limit. The delete
 /// reads the count, so the upsert (which locks the counter row, serializing
 /// concurrent attempts) happens first; of concurrent right guesses, the
 /// first delete wins and the others find the row gone.
@@ -115,11 +116,11 @@ const ATTEMPT_TAKE_SQL: &str = concat!(
     r"
 ), taken AS (
     DELETE FROM kv_entries
-     WHERE key = $3 AND value = $4 AND (expires_at IS NULL OR expires_at > now())
-       AND (SELECT count FROM attempt) <= $5
-    RETURNING 1
+     WHERE key = $3 AND (expires_at IS NULL OR expires_at > now())
+       AND ((SELECT count FROM attempt) >= $5 OR (value = $4 AND (SELECT count FROM attempt) <= $5))
+    RETURNING value = $4 AND (SELECT count FROM attempt) <= $5 AS matched
 )
-SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken) AS taken"
+SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken WHERE matched) AS taken"
 );
 
 /// `put_and_reset_counter` in one statement: the counter (`$1`) is deleted
@@ -368,8 +369,8 @@ impl KvBackend for PgKv {
         }
         let op = self.pool.operation("kv.postgres.count_attempt_and_take_if");
         let limits = self.limits();
-        limits.check_key(attempts_key)?;
         limits.check_key(key)?;
+        limits.check_counter_key(key, attempts_key)?;
         limits.check_ttl(ttl)?;
         let ttl = interval(ttl)?;
         let attempt = op.run(|conn| {

@@ -13,7 +13,10 @@
 //!   unseen once the counter passes the limit (as Ory Kratos does), so
 //!   parallel guesses cannot exceed it. A right guess consumes the code in
 //!   the same step (`KvBackend::count_attempt_and_take_if`: one statement on
-//!   PostgreSQL), so it works once. An OAuth state is consumed with `take`.
+//!   PostgreSQL), so it works once, and the last guess the limit allows
+//!   spends it, right or wrong, so a counter that ends before its code (a
+//!   clock stepped back) cannot start the count again for it. An OAuth
+//!   state is consumed with `take`.
 //!
 //! **Two backends.** Those single-use and counting rules are only as exact
 //! as the backend's `take` and `increment`. Sessions are long-lived, read
@@ -566,7 +569,8 @@ impl KvStore {
 
     /// Whether `code` is the current code of `email`. The attempt is counted
     /// before anything is compared; past the limit every guess is false.
-    /// A right guess consumes the code.
+    /// A right guess consumes the code, and so does the last wrong guess
+    /// the limit allows (a new code is needed after it).
     ///
     /// # Errors
     /// Backend errors.
