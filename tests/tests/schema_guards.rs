@@ -566,3 +566,92 @@ fn a_sql_session_cannot_delete_or_demote_the_only_owner_of_a_live_cluster() {
     assert_eq!(count(&mut conn, &format!("SELECT count(*) FROM user_clusters WHERE cluster_id = '{c}'")), 0);
     session(&mut conn, &format!("DELETE FROM users WHERE id = '{x}'")).unwrap();
 }
+
+/// The error a refused statement of a SQL session gives.
+fn refused_with(conn: &mut PgConnection, sql: &str) -> String {
+    match session(conn, sql) {
+        Err(error) => error.to_string(),
+        Ok(()) => panic!("{sql} was not refused"),
+    }
+}
+
+#[test]
+fn truncating_memberships_or_totals_while_a_cluster_remains_is_refused() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (o, x) = (user(&mut conn, 1), user(&mut conn, 2));
+    let c = cluster(&mut conn, 10, &o);
+    member(&mut conn, &x, &c, "invited").unwrap();
+    for sql in ["TRUNCATE user_clusters", "TRUNCATE cluster_counts", "TRUNCATE users CASCADE"] {
+        let error = refused_with(&mut conn, sql);
+        assert!(error.contains("would leave clusters without their"), "{sql}: {error}");
+    }
+    assert_eq!(owners_of(&mut conn, &c), [o]);
+    assert_eq!(count(&mut conn, "SELECT members + invites FROM cluster_counts"), 2);
+    // Everything at once is an empty schema, not a broken one.
+    session(&mut conn, "TRUNCATE clusters, users CASCADE").unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM user_clusters"), 0);
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM cluster_counts"), 0);
+}
+
+#[test]
+fn truncating_instances_leaves_every_instance_total_at_zero() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{}', '{c}', 'h1', 't1'), ('{}', '{c}', 'h2', 't2')",
+            id(20),
+            id(21)
+        ),
+    )
+    .unwrap();
+    assert_eq!(count(&mut conn, "SELECT instances FROM cluster_counts"), 2);
+    session(&mut conn, "TRUNCATE instances CASCADE").unwrap();
+    assert_eq!(count(&mut conn, "SELECT instances FROM cluster_counts"), 0);
+}
+
+#[test]
+fn a_membership_given_to_another_user_takes_that_users_profile() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (o, x, y) = (user(&mut conn, 1), user(&mut conn, 2), user(&mut conn, 3));
+    let c = cluster(&mut conn, 10, &o);
+    member(&mut conn, &x, &c, "viewer").unwrap();
+    session(&mut conn, &format!("UPDATE user_clusters SET user_id = '{y}' WHERE user_id = '{x}'")).unwrap();
+    let copy: (String, String) = diesel::dsl::sql::<(Text, Text)>(&format!(
+        "SELECT email, name FROM user_clusters WHERE user_id = '{y}' AND cluster_id = '{c}'"
+    ))
+    .get_result(&mut conn)
+    .unwrap();
+    assert_eq!(copy, ("user3@example.com".to_owned(), "User 3".to_owned()));
+}
+
+#[test]
+fn an_id_past_the_largest_ulid_is_refused_in_every_table_with_one() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    let past = "80000000000000000000000000";
+    for (sql, constraint) in [
+        (
+            format!("INSERT INTO users (id, email, name, provider) VALUES ('{past}', 'p@example.com', 'P', 'email')"),
+            "users_id_check",
+        ),
+        (format!("INSERT INTO clusters (id, name) VALUES ('{past}', 'p')"), "clusters_id_check"),
+        (
+            format!("INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{past}', '{c}', 'h', 't')"),
+            "instances_id_check",
+        ),
+    ] {
+        let (kind, name) = refusal(session(&mut conn, &sql));
+        assert_eq!((kind, name.as_str()), (DatabaseErrorKind::CheckViolation, constraint), "{sql}");
+    }
+    // The largest ULID is an id.
+    session(&mut conn, "INSERT INTO users (id, email, name, provider) VALUES ('7ZZZZZZZZZZZZZZZZZZZZZZZZZ', 'z@example.com', 'Z', 'email')")
+        .unwrap();
+}

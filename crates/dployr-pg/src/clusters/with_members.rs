@@ -7,7 +7,6 @@ use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{Nullable, Text, Timestamptz};
 use dployr_domain::{Cluster, ClusterId, Role, StoreError, StoreResult, UserId};
-use ulid::Ulid;
 
 use super::{ClusterRow, MemberRow, cluster_from};
 use crate::errors::Failure;
@@ -24,8 +23,9 @@ type Columns = (Text, Text, Timestamptz, Nullable<Text>, Nullable<Text>, Nullabl
 /// about 15 % of the client's instructions (callgrind).
 #[derive(Queryable)]
 pub(super) struct ClusterOrMember {
-    /// The cluster's id or the member's, parsed (both are ULIDs).
-    id: Parsed<Ulid>,
+    /// The cluster's id or the member's, parsed as an id of either (both are
+    /// ULIDs; `Ulid`'s own parser would read `8…` as `0…`).
+    id: Parsed<UserId>,
     name: String,
     /// When the cluster was made, or when the member joined.
     created_at: Timestamp,
@@ -130,7 +130,7 @@ impl TryFrom<ClusterRows> for Cluster {
         for row in rows {
             match (row.role, row.email_or_metadata) {
                 (Some(role), Some(email)) => members.push(MemberRow {
-                    user_id: Parsed(UserId::from(row.id.0)),
+                    user_id: row.id,
                     email,
                     name: row.name,
                     picture: row.picture_or_updated_at,
@@ -139,7 +139,7 @@ impl TryFrom<ClusterRows> for Cluster {
                 }),
                 (None, Some(metadata)) if cluster.is_none() => {
                     cluster = Some(ClusterRow {
-                        id: Parsed(ClusterId::from(row.id.0)),
+                        id: Parsed(ClusterId::from(row.id.0.ulid())),
                         name: row.name,
                         metadata: serde_json::from_str(&metadata)
                             .map_err(|error| StoreError::backend("clusters.get: the cluster's metadata", error))?,

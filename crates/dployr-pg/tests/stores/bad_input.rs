@@ -978,3 +978,31 @@ fn roles_naming_thousands_of_unknown_users_are_not_found_naming_the_first_ten() 
     }
     assert_eq!(f.fingerprint(), before);
 }
+
+/// Text that does not compress (PostgreSQL compresses what it indexes).
+fn random_hex(bytes: usize) -> String {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    (0..bytes / 2).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+}
+
+#[test]
+fn github_keys_of_any_size_metadata_takes_are_stored_and_looked_up() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("owner@example.io");
+    // Far past a btree entry's 2704 bytes, within metadata's 64 KiB.
+    let installation = random_hex(6_000);
+    let metadata: Metadata =
+        serde_json::from_value(json!({ "gitHub": { "loginId": "42", "installationId": installation } })).unwrap();
+    let patch = ClusterPatch { metadata: Some(metadata), ..ClusterPatch::default() };
+    let updated = f.clusters.update(&cluster.id, patch).unwrap().unwrap();
+    assert_eq!(updated.metadata.as_map()["gitHub"]["installationId"], json!(installation));
+    let settings: Metadata = serde_json::from_value(json!({ "installationId": random_hex(5_000) })).unwrap();
+    let integration = dployr_domain::GitHubIntegration { login_id: "42".into(), settings };
+    let found = f.clusters.install_github_integration(integration).unwrap().expect("the linked cluster");
+    assert_eq!(found.id, cluster.id);
+    let long_login = random_hex(4_000);
+    let metadata: Metadata = serde_json::from_value(json!({ "gitHub": { "loginId": long_login } })).unwrap();
+    let patch = ClusterPatch { metadata: Some(metadata), ..ClusterPatch::default() };
+    f.clusters.update(&cluster.id, patch).unwrap().unwrap();
+}
