@@ -56,8 +56,12 @@ pub const KEEPALIVES_INTERVAL_VAR: &str = "DPLOYR_DB_KEEPALIVES_INTERVAL_SECS";
 pub const KEEPALIVES_COUNT_VAR: &str = "DPLOYR_DB_KEEPALIVES_COUNT";
 /// libpq `tcp_user_timeout` in ms; 0 keeps the system's (default 25000).
 pub const TCP_USER_TIMEOUT_VAR: &str = "DPLOYR_DB_TCP_USER_TIMEOUT_MS";
-/// PostgreSQL URLs of streaming replicas, comma-separated: replica-safe
-/// reads go there (docs/ARCHITECTURE.md, "Read routing"). Unset: none.
+/// PostgreSQL URLs of streaming replicas, separated by commas and/or
+/// whitespace, or one libpq `key=value` string: replica-safe reads go there
+/// (docs/ARCHITECTURE.md, "Read routing"). A URL starts only at a
+/// `postgres://` or `postgresql://` after a separator, so a multi-host URL
+/// (`postgres://r1,r2/app`) or a `,` in a password stays in its URL.
+/// Unset: none.
 pub const REPLICA_URLS_VAR: &str = "DPLOYR_DB_REPLICA_URLS";
 /// The most replay lag a replica may have to answer reads, in ms (default 1000).
 pub const REPLICA_MAX_LAG_VAR: &str = "DPLOYR_DB_REPLICA_MAX_LAG_MS";
@@ -357,8 +361,7 @@ impl Config {
         }
         read_timeouts(&var, &mut config.pool)?;
         if let Some(urls) = var(REPLICA_URLS_VAR) {
-            config.replica_urls =
-                urls.split(',').map(str::trim).filter(|url| !url.is_empty()).map(str::to_owned).collect();
+            config.replica_urls = replica_urls(&urls);
         }
         if let Some(ms) = parsed::<u64>(&var, REPLICA_MAX_LAG_VAR, "milliseconds")? {
             // 0 would skip every replica whose last sample saw any lag at
@@ -447,6 +450,68 @@ impl Config {
     }
 }
 
+/// The URL schemes libpq takes (case-sensitive, as libpq compares them).
+const URL_SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
+
+/// The replicas of a `DPLOYR_DB_REPLICA_URLS` value: URLs, each from a
+/// `postgres://` or `postgresql://` at the start or after a separator (`,`
+/// and/or whitespace) to the next such one, without the separators around
+/// it; or, when the value does not start with a URL, the value as one
+/// `key=value` string (`host=r1,r2 dbname=app` is one replica of two hosts).
+/// Empty entries are skipped.
+///
+/// Splitting on every comma cut multi-host URLs apart, and a password with
+/// a raw `,` in two, whose first half libpq then echoed as a port where no
+/// redaction knew it for a password.
+fn replica_urls(value: &str) -> Vec<String> {
+    let is_separator = |c: char| c == ',' || c.is_whitespace();
+    let value = value.trim_matches(is_separator);
+    if value.is_empty() {
+        return Vec::new();
+    }
+    let starts_url = |at: usize| URL_SCHEMES.iter().any(|scheme| value[at..].starts_with(scheme));
+    if !starts_url(0) {
+        return vec![value.to_owned()];
+    }
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (at, _) in value.char_indices() {
+        if at == 0 || !value[..at].ends_with(is_separator) || !starts_url(at) {
+            continue;
+        }
+        let url = value[start..at].trim_end_matches(is_separator);
+        if may_end_here(url) {
+            urls.push(url.to_owned());
+            start = at;
+        }
+    }
+    urls.push(value[start..].to_owned());
+    urls
+}
+
+/// Whether `url` may be a whole URL rather than the start of one cut at a
+/// scheme inside its password (`postgres://app:s3cr3t`, cut from
+/// `postgres://app:s3cr3t, postgres://...`): not when it has neither user
+/// info nor a path and libpq would read a port that is not a number in it.
+/// libpq's error would echo that "port", and the pool redacts only what
+/// this URL says is a password. Kept whole, the value is refused all the
+/// same, with the password redacted.
+fn may_end_here(url: &str) -> bool {
+    let Some(after_scheme) = URL_SCHEMES.iter().find_map(|scheme| url.strip_prefix(scheme)) else { return true };
+    if after_scheme.contains(['@', '/']) {
+        return true;
+    }
+    let hosts = after_scheme.split('?').next().unwrap_or_default();
+    hosts.split(',').all(|host| {
+        // `[::1]:5433`, `db:5433` or `db`.
+        let after_host = match host.strip_prefix('[') {
+            Some(bracketed) => bracketed.split_once(']').map_or("", |(_, after)| after),
+            None => host,
+        };
+        after_host.split_once(':').is_none_or(|(_, port)| port.bytes().all(|byte| byte.is_ascii_digit()))
+    })
+}
+
 /// Refuses a timeout past PostgreSQL's limit for `statement_timeout`
 /// (`INT_MAX` ms, about 24.8 days), which the pool refuses too, naming the
 /// variable that set it.
@@ -531,4 +596,72 @@ fn flag(var: &impl Fn(&str) -> Option<String>, name: &'static str) -> StoreResul
             _ => Err(configuration(name, format!("is {text:?}; use true or false"))),
         })
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The replicas `Config::from_vars` reads from `value` of
+    /// `DPLOYR_DB_REPLICA_URLS`.
+    fn replicas_of(value: &str) -> Vec<String> {
+        let value = value.to_owned();
+        let vars = move |name: &str| match name {
+            DATABASE_URL_VAR => Some("postgres://db/app".to_owned()),
+            REPLICA_URLS_VAR => Some(value.clone()),
+            _ => None,
+        };
+        Config::from_vars(vars).unwrap().replica_urls
+    }
+
+    #[test]
+    fn a_multi_host_replica_url_is_one_replica() {
+        let url = "postgres://r1,r2:5433/app?target_session_attrs=standby";
+        assert_eq!(replicas_of(url), [url]);
+        assert_eq!(
+            replicas_of(&format!("{url},postgresql://app@[::1]:5432,r3/app")),
+            [url, "postgresql://app@[::1]:5432,r3/app"]
+        );
+    }
+
+    #[test]
+    fn a_key_value_replica_is_one_replica() {
+        assert_eq!(replicas_of("host=r1,r2 dbname=app"), ["host=r1,r2 dbname=app"]);
+        assert_eq!(replicas_of(" host=r1 port=5432,5433 dbname=app ,"), ["host=r1 port=5432,5433 dbname=app"]);
+    }
+
+    #[test]
+    fn a_comma_in_a_url_password_stays_in_its_url() {
+        assert_eq!(
+            replicas_of("postgres://app:se,cret@r1/app,postgres://app:a,b,c@r2/app"),
+            ["postgres://app:se,cret@r1/app", "postgres://app:a,b,c@r2/app"]
+        );
+    }
+
+    #[test]
+    fn a_scheme_after_a_separator_in_a_password_does_not_cut_it() {
+        // libpq reads no password here (its user info ends before a `/`),
+        // but `postgres://app:s3cr3t` alone would make it echo `s3cr3t` as
+        // a port that is not a number, where no redaction knows it.
+        let value = "postgres://app:s3cr3t, postgres://x@r2/app";
+        assert_eq!(replicas_of(value), [value]);
+        assert_eq!(replicas_of("postgres://app:s3?x postgres://r2/app"), ["postgres://app:s3?x postgres://r2/app"]);
+        assert_eq!(
+            replicas_of("postgres://r1:5432,[::1]:5433, postgres://r2?sslmode=require,postgres://r3"),
+            ["postgres://r1:5432,[::1]:5433", "postgres://r2?sslmode=require", "postgres://r3"]
+        );
+    }
+
+    #[test]
+    fn urls_are_separated_by_commas_or_whitespace_and_empty_entries_are_skipped() {
+        let expected = ["postgres://r1/app", "postgresql://r2/app", "postgres://r3/app"];
+        for value in [
+            "postgres://r1/app,postgresql://r2/app,postgres://r3/app",
+            " postgres://r1/app , postgresql://r2/app ,, postgres://r3/app ,",
+            ",postgres://r1/app postgresql://r2/app\n\tpostgres://r3/app",
+        ] {
+            assert_eq!(replicas_of(value), expected, "{value:?}");
+        }
+        assert!(replicas_of(" , ,").is_empty());
+    }
 }

@@ -144,14 +144,21 @@ pub(crate) fn with_network_parameters(
     network: &NetworkConfig,
     connection_timeout: Duration,
 ) -> String {
-    let is_url = database_url.starts_with("postgres://") || database_url.starts_with("postgresql://");
-    let present = if is_url { url_keys(database_url) } else { conninfo_keys(database_url) };
+    let is_url = has_url_scheme(database_url);
+    // Only what libpq reads as the query counts: a `?` in the password
+    // (which libpq takes raw) does not start it.
+    let query = if is_url { LibpqUrl::parse(database_url).and_then(|url| url.query) } else { None };
+    let present: Vec<String> = if is_url {
+        query.map(url_keys).unwrap_or_default()
+    } else {
+        conninfo_pairs(database_url).into_iter().map(|(key, _)| key).collect()
+    };
     let mut out = database_url.trim_end().to_owned();
-    let mut first = is_url && !database_url.contains('?');
+    let mut first = is_url && query.is_none();
     // A query that ends in `?` or `&` (which libpq takes) needs no
     // separator before the first parameter: `?&` or `&&` it refuses
     // ("missing key/value separator").
-    let mut open_query = is_url && (out.ends_with('?') || out.ends_with('&'));
+    let mut open_query = query.is_some() && (out.ends_with('?') || out.ends_with('&'));
     for (key, value) in network.parameters(connection_timeout) {
         if present.iter().any(|set| set == key) {
             continue;
@@ -171,81 +178,151 @@ pub(crate) fn with_network_parameters(
     out
 }
 
-/// The server ports `database_url` names (libpq's default 5432, or
-/// `PGPORT`, when it names none): a connection's socket is the new one
-/// whose peer has one of them (see `deadline`). Empty if they cannot be read.
+/// libpq's compiled-in port (`DEF_PGPORT`): the port of a host whose entry
+/// in a port list is empty, and of every host when neither the connection
+/// string nor `PGPORT` sets `port`.
+const LIBPQ_DEFAULT_PORT: u16 = 5432;
+
+/// The server ports libpq connects to for `database_url`: a connection's
+/// socket is the new one whose peer has one of them (see `deadline`). Empty
+/// if they cannot be read.
 pub(crate) fn server_ports(database_url: &str) -> Vec<u16> {
-    let mut ports: Vec<String> = Vec::new();
-    if let Some(rest) = database_url.strip_prefix("postgresql://").or_else(|| database_url.strip_prefix("postgres://"))
-    {
-        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let authority = before_query.split('/').next().unwrap_or_default();
-        let hosts = authority.rsplit_once('@').map_or(authority, |(_, hosts)| hosts);
-        for host in hosts.split(',') {
-            // `[::1]:5433`, `db:5433` or `db`.
-            let port = host.rsplit_once(']').map_or(host, |(_, after)| after);
-            if let Some((_, port)) = port.rsplit_once(':') {
-                ports.push(port.to_owned());
-            }
-        }
-        for pair in query.split('&') {
-            if let Some(value) = pair.strip_prefix("port=") {
-                ports.extend(value.split(',').map(str::to_owned));
-            }
-        }
+    // libpq's `port` setting, a comma-separated list with an entry per host
+    // (or one for all): the last `port` the string sets, else `PGPORT`.
+    let port_setting = if has_url_scheme(database_url) {
+        let Some(url) = LibpqUrl::parse(database_url) else { return Vec::new() };
+        let query_port = url.query.and_then(|query| query.split('&').rev().find_map(|pair| pair.strip_prefix("port=")));
+        // The hosts' ports go in joined with commas, and only if that is not
+        // empty: `h1,h2:5433` sets ",5433", `h1,h2` sets ",", `h1` nothing.
+        // A `port` parameter replaces them.
+        query_port.map(str::to_owned).or_else(|| Some(url.host_ports.join(",")).filter(|ports| !ports.is_empty()))
     } else {
-        for word in database_url.split_whitespace() {
-            if let Some(value) = word.strip_prefix("port=") {
-                ports.extend(value.trim_matches('\'').split(',').map(str::to_owned));
-            }
+        conninfo_pairs(database_url).into_iter().rev().find(|(key, _)| key == "port").map(|(_, value)| value)
+    };
+    let port_setting = port_setting.or_else(|| std::env::var("PGPORT").ok()).unwrap_or_default();
+    let mut ports = Vec::new();
+    for entry in port_setting.split(',').map(str::trim) {
+        // An empty entry is the compiled-in port, not `PGPORT`: libpq reads
+        // the environment only when nothing sets `port` at all.
+        let port = if entry.is_empty() { Some(LIBPQ_DEFAULT_PORT) } else { entry.parse().ok() };
+        if let Some(port) = port.filter(|port| !ports.contains(port)) {
+            ports.push(port);
         }
     }
-    if ports.iter().all(String::is_empty) {
-        ports = vec![std::env::var("PGPORT").unwrap_or_else(|_| "5432".to_owned())];
+    ports
+}
+
+fn has_url_scheme(conninfo: &str) -> bool {
+    conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://")
+}
+
+/// The parts of a libpq URL this module reads, found where libpq's URI
+/// parser (`conninfo_uri_parse_options` in fe-connect.c) finds them.
+struct LibpqUrl<'a> {
+    /// The port written after each host, empty for a host without one.
+    host_ports: Vec<&'a str>,
+    /// What follows the `?` that starts the parameters, if one does.
+    query: Option<&'a str>,
+}
+
+impl<'a> LibpqUrl<'a> {
+    /// `None` if `url` has no `postgres://` or `postgresql://` scheme, or
+    /// libpq would refuse its hosts (an unclosed `[`, or something other
+    /// than `:`, `/`, `?` or `,` after a `]`).
+    fn parse(url: &'a str) -> Option<Self> {
+        let rest = url.strip_prefix("postgresql://").or_else(|| url.strip_prefix("postgres://"))?;
+        // libpq looks for the `@` that ends the user info up to the first
+        // `/` only, and takes the first one: a password may hold a raw `?`,
+        // `:` or `,` (not a `/` or an `@`), so the hosts and the query are
+        // looked for after it.
+        let mut rest = match rest.find(['@', '/']) {
+            Some(at) if rest[at..].starts_with('@') => &rest[at + 1..],
+            _ => rest,
+        };
+        let mut host_ports = Vec::new();
+        loop {
+            // `[IPv6]` (which holds `:`), or a name or address.
+            let after_host = if let Some(bracketed) = rest.strip_prefix('[') {
+                let after = &bracketed[bracketed.find(']')? + 1..];
+                if !(after.is_empty() || after.starts_with([':', '/', '?', ','])) {
+                    return None;
+                }
+                after
+            } else {
+                rest.find([':', '/', '?', ',']).map_or("", |end| &rest[end..])
+            };
+            let (port, after_port) = match after_host.strip_prefix(':') {
+                Some(port) => port.split_at(port.find(['/', '?', ',']).unwrap_or(port.len())),
+                None => ("", after_host),
+            };
+            host_ports.push(port);
+            match after_port.strip_prefix(',') {
+                Some(next_host) => rest = next_host,
+                None => {
+                    rest = after_port;
+                    break;
+                }
+            }
+        }
+        // Then `/dbname`, which ends at the `?` of the parameters.
+        let query = rest.split_once('?').map(|(_, query)| query);
+        Some(Self { host_ports, query })
     }
-    ports.iter().filter_map(|port| port.trim().parse().ok()).collect()
 }
 
 /// The parameter names in the query of a libpq URL.
-fn url_keys(url: &str) -> Vec<String> {
-    let Some((_, query)) = url.split_once('?') else { return Vec::new() };
+fn url_keys(query: &str) -> Vec<String> {
     query.split('&').filter_map(|pair| pair.split('=').next()).map(str::to_owned).collect()
 }
 
-/// The keywords of a libpq `key=value` string (values may be single-quoted,
-/// with `\` escaping a quote or a backslash).
-fn conninfo_keys(conninfo: &str) -> Vec<String> {
-    let mut keys = Vec::new();
+/// Whether libpq's `conninfo_parse` takes `c` as whitespace (C `isspace`).
+fn is_conninfo_space(c: char) -> bool {
+    c.is_ascii_whitespace() || c == '\x0B'
+}
+
+/// The `(keyword, value)` pairs of a libpq `key=value` string, read as
+/// libpq's `conninfo_parse` reads them: whitespace may surround `=`, a
+/// value may be single-quoted, and `\` takes the next character as it is,
+/// quoted or not (`password=a\ b` is one value). Stops at the first
+/// malformed pair: libpq refuses the string when it connects.
+fn conninfo_pairs(conninfo: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
     let mut chars = conninfo.chars().peekable();
     loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        while chars.next_if(|c| is_conninfo_space(*c)).is_some() {}
         let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+        while let Some(c) = chars.next_if(|c| *c != '=' && !is_conninfo_space(*c)) {
             key.push(c);
         }
         if key.is_empty() {
-            return keys;
+            return pairs;
         }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        while chars.next_if(|c| is_conninfo_space(*c)).is_some() {}
         if chars.next() != Some('=') {
-            // Malformed: libpq will say so when it connects.
-            return keys;
+            return pairs;
         }
-        keys.push(key);
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        while chars.next_if(|c| is_conninfo_space(*c)).is_some() {}
+        let mut value = String::new();
         if chars.next_if_eq(&'\'').is_some() {
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => {
-                        chars.next();
-                    }
-                    '\'' => break,
-                    _ => {}
+            loop {
+                match chars.next() {
+                    // Unterminated: libpq refuses the whole string.
+                    None => return pairs,
+                    Some('\\') => value.extend(chars.next()),
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
                 }
             }
         } else {
-            while chars.next_if(|c| !c.is_whitespace()).is_some() {}
+            while let Some(c) = chars.next_if(|c| !is_conninfo_space(*c)) {
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
         }
+        pairs.push((key, value));
     }
 }
 
@@ -322,6 +399,70 @@ mod tests {
         assert_eq!(server_ports("host=db port=7000 dbname=x"), vec![7000]);
         let default = std::env::var("PGPORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
         assert_eq!(server_ports("postgres://db/x"), vec![default]);
+    }
+
+    /// Keepalives off and no `tcp_user_timeout`: two parameters to add.
+    fn two_parameters() -> NetworkConfig {
+        NetworkConfig { keepalives: false, tcp_user_timeout: None, ..NetworkConfig::default() }
+    }
+
+    #[test]
+    fn a_question_mark_in_the_password_does_not_start_the_query() {
+        let url = with_network_parameters("postgres://app:pa?ss@db/app", &two_parameters(), FIVE);
+        assert_eq!(url, "postgres://app:pa?ss@db/app?connect_timeout=5&keepalives=0");
+        let url = with_network_parameters("postgres://app:pa?ss&x=1@db:6000", &two_parameters(), FIVE);
+        assert_eq!(url, "postgres://app:pa?ss&x=1@db:6000?connect_timeout=5&keepalives=0");
+        assert_eq!(server_ports("postgres://u:p?x@db:6000/x"), vec![6000]);
+        assert_eq!(server_ports("postgresql://u:p?port=7000@db:6000/x"), vec![6000]);
+    }
+
+    #[test]
+    fn the_url_s_own_parameters_win_when_the_password_holds_a_question_mark() {
+        let url = with_network_parameters(
+            "postgres://app:pa?connect_timeout=9@db/app?keepalives_idle=60&keepalives=1",
+            &NetworkConfig::default(),
+            FIVE,
+        );
+        assert_eq!(
+            url,
+            "postgres://app:pa?connect_timeout=9@db/app?keepalives_idle=60&keepalives=1\
+             &connect_timeout=5&keepalives_interval=5&keepalives_count=3&tcp_user_timeout=25000"
+        );
+    }
+
+    #[test]
+    fn a_host_without_a_port_in_a_list_of_hosts_is_on_libpq_s_compiled_in_port() {
+        // libpq reads `h1,h2:5433` as port ",5433": an empty entry is its
+        // compiled-in 5432, whatever PGPORT says (checked with psql).
+        assert_eq!(server_ports("postgres://h1,h2:5433/db"), vec![5432, 5433]);
+        assert_eq!(server_ports("postgres://h1:5433,h2/db"), vec![5433, 5432]);
+        assert_eq!(server_ports("postgres://h1,h2/db"), vec![5432]);
+        assert_eq!(server_ports("host=h1,h2 port=,5433"), vec![5432, 5433]);
+        assert_eq!(server_ports("host=h1 port=''"), vec![5432]);
+        assert_eq!(server_ports("postgres://h1/db?port="), vec![5432]);
+    }
+
+    #[test]
+    fn the_port_parameter_replaces_the_ports_of_the_hosts() {
+        assert_eq!(server_ports("postgres://h1:5433,h2:5434/db?port=6000"), vec![6000]);
+        assert_eq!(server_ports("postgres://h1/db?port=5433&port=6000"), vec![6000]);
+        assert_eq!(server_ports("host=h1 port=5433 port=6000"), vec![6000]);
+    }
+
+    #[test]
+    fn a_key_value_port_is_read_with_spaces_around_the_equals_sign_and_quotes() {
+        assert_eq!(server_ports("host=db port = 5433 dbname=x"), vec![5433]);
+        assert_eq!(server_ports("host=db port= 5433"), vec![5433]);
+        assert_eq!(server_ports("host=db port ='5433'"), vec![5433]);
+        assert_eq!(server_ports("host=db password='port=1' port=5433"), vec![5433]);
+    }
+
+    #[test]
+    fn an_escaped_space_in_an_unquoted_key_value_keeps_the_next_word_in_the_value() {
+        // libpq reads `password=a\ connect_timeout=9` as the password
+        // "a connect_timeout=9" (checked with psql): no connect_timeout set.
+        let conninfo = with_network_parameters("password=a\\ connect_timeout=9", &two_parameters(), FIVE);
+        assert_eq!(conninfo, "password=a\\ connect_timeout=9 connect_timeout=5 keepalives=0");
     }
 
     #[test]
