@@ -18,6 +18,7 @@ pub struct Member {
     /// The user.
     pub user_id: UserId,
     /// Their e-mail.
+    #[serde(deserialize_with = "Email::deserialize_stored")]
     pub email: Email,
     /// Their display name.
     pub name: String,

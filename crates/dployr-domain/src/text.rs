@@ -9,8 +9,9 @@
 //!   looked up: they are brought to Unicode NFC and trimmed, and refused when
 //!   empty, too long, holding whitespace, a control or format character
 //!   (zero-width space, byte-order mark, bidi overrides: `Cc`, `Cf`), any other
-//!   default-ignorable code point, or starting with a combining mark. Two
-//!   identifiers that look the same are then the same bytes.
+//!   default-ignorable code point, an unassigned one (`Cn`: its normal form
+//!   could change with a later Unicode), or starting with a combining mark.
+//!   Two identifiers that look the same are then the same bytes.
 //! - **Display text** (user and cluster names) is shown to people: brought to
 //!   NFC and trimmed, it must hold at least one visible character, and is
 //!   refused with a control character, a line or paragraph separator, or a
@@ -104,6 +105,9 @@ pub(crate) fn identifier_refuses(c: char) -> Option<&'static str> {
         GeneralCategory::Control => Some("contains a control character"),
         GeneralCategory::Format => Some("contains an invisible format character (zero-width, bidi or the like)"),
         GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator => Some("contains a line separator"),
+        // Its case and normal form are those of no character yet, and may
+        // change with a later Unicode: one value could become two.
+        GeneralCategory::Unassigned => Some("contains an unassigned code point"),
         _ if is_default_ignorable(c) => Some("contains an invisible character"),
         _ => None,
     }

@@ -14,6 +14,7 @@ pub struct User {
     /// Its id.
     pub id: UserId,
     /// Its e-mail, unique and never changed.
+    #[serde(deserialize_with = "Email::deserialize_stored")]
     pub email: Email,
     /// Display name; the e-mail's local part unless one was given.
     pub name: String,

@@ -186,7 +186,7 @@ pub struct Session {
     /// Their e-mail, as the user store holds it. Read back without checking
     /// it again (like the stores read `users.email`): a session written
     /// before a stricter e-mail rule must still be readable until it expires.
-    #[serde(deserialize_with = "stored_email")]
+    #[serde(deserialize_with = "Email::deserialize_stored")]
     pub email: Email,
     /// How they signed in.
     pub provider: Provider,
@@ -230,10 +230,6 @@ fn stored_timestamp<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result
         }
     }
     deserializer.deserialize_str(Timestamp)
-}
-
-fn stored_email<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Email, D::Error> {
-    String::deserialize(deserializer).map(Email::from_stored)
 }
 
 /// How long sign-in state lives, and how many OTP guesses are allowed.

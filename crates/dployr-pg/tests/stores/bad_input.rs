@@ -123,7 +123,7 @@ fn mark(c: char) -> bool {
 
 /// The identifier rule (tags, addresses, nonces), stated on its own: the
 /// NFC form, trimmed, non-empty, within `max_bytes`, with no whitespace,
-/// control, format, separator or default-ignorable character, not starting
+/// control, format, separator, unassigned or default-ignorable character, not starting
 /// with a combining mark. `Some(stored form)` when acceptable.
 fn identifier(text: &str, max_bytes: usize) -> Option<String> {
     let normal = ComposingNormalizerBorrowed::new_nfc().normalize(text);
@@ -131,7 +131,7 @@ fn identifier(text: &str, max_bytes: usize) -> Option<String> {
     let refused = |c: char| {
         c.is_whitespace()
             || ignorable(c)
-            || matches!(gc(c), Gc::Control | Gc::Format | Gc::LineSeparator | Gc::ParagraphSeparator)
+            || matches!(gc(c), Gc::Control | Gc::Format | Gc::LineSeparator | Gc::ParagraphSeparator | Gc::Unassigned)
     };
     let ok = !value.is_empty()
         && value.len() <= max_bytes
