@@ -25,6 +25,13 @@
 //! refused with a hint to send the integer. Refusing rather than silently
 //! turning them into integers keeps "what is stored is what was sent".
 //! Non-finite numbers cannot be in a `serde_json::Value` at all.
+//!
+//! Before any of that, serde_json reads an integer past 64 bits, or a
+//! decimal with more significant digits than a 64-bit float keeps, as the
+//! nearest float, silently. Metadata parsed from JSON text (`str::parse`)
+//! is checked against its text and such a number refused ("send it as a
+//! string"); through `Deserialize` (a request body that serde reads) only
+//! the rounded value reaches `Metadata`, so there it is stored rounded.
 
 use std::fmt;
 
@@ -242,6 +249,60 @@ fn pg_numeric_text(text: &str) -> Option<String> {
     Some(if scale == 0 { format!("{sign}{int_part}") } else { format!("{sign}{int_part}.{dec_part}") })
 }
 
+/// The first number literal of the JSON `text` (which serde_json has
+/// parsed, so it is valid JSON) whose value serde_json rounds: an integer
+/// beyond `i64`/`u64`, or a decimal that the nearest 64-bit float does not
+/// equal.
+fn first_rounded_number_literal(text: &str) -> Option<&str> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' => i += 2,
+                        b'"' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len() && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                let literal = &text[start..i];
+                if !kept_exactly(literal) {
+                    return Some(literal);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Whether serde_json reads the number `literal` as exactly its value.
+fn kept_exactly(literal: &str) -> bool {
+    if !literal.contains(['.', 'e', 'E']) {
+        return literal.parse::<i64>().is_ok() || literal.parse::<u64>().is_ok();
+    }
+    let Some(read) = literal.parse::<f64>().ok().and_then(serde_json::Number::from_f64) else { return false };
+    // Both in plain decimal, as PostgreSQL prints them, without the zeros
+    // a scale adds: `1.50` is `1.5`, `1E2` is `100.0`.
+    let plain = |text: &str| {
+        pg_numeric_text(text).map(|decimal| {
+            if decimal.contains('.') { decimal.trim_end_matches('0').trim_end_matches('.').to_owned() } else { decimal }
+        })
+    };
+    matches!((plain(literal), plain(&read.to_string())), (Some(sent), Some(kept)) if sent == kept)
+}
+
 /// Bytes of `map` as PostgreSQL prints it back from `jsonb`, what the
 /// schema's `octet_length(metadata::text)` bound measures: compact JSON but
 /// for a space after each `:` and `,`, and numbers as [`pg_numeric_text`]
@@ -332,6 +393,20 @@ impl std::str::FromStr for Metadata {
     fn from_str(text: &str) -> Result<Self, StoreError> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| StoreError::invalid("metadata", format!("is not JSON this layer can store: {e}")))?;
+        // serde_json reads an integer past 64 bits, or a decimal with more
+        // digits than a 64-bit float keeps, as the nearest float, silently:
+        // the Value is already not what was sent. Only the text tells.
+        if let Some(literal) = first_rounded_number_literal(text) {
+            let rounded = literal.parse::<f64>().ok().and_then(serde_json::Number::from_f64);
+            return Err(StoreError::invalid(
+                "metadata",
+                format!(
+                    "holds the number {literal}, which JSON numbers here (64-bit integers and floats) cannot keep \
+                     exactly (it would be stored as {}); send it as a string",
+                    rounded.map_or_else(|| "something else".to_owned(), |number| number.to_string())
+                ),
+            ));
+        }
         Self::try_from(value)
     }
 }
@@ -351,6 +426,31 @@ impl<'de> Deserialize<'de> for Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_text_with_a_number_serde_json_would_round_is_refused_not_stored_rounded() {
+        for text in [
+            r#"{"id": 123456789012345678901234567890}"#,
+            r#"{"n": 18446744073709551616}"#,
+            r#"{"n": -9223372036854775809}"#,
+            r#"{"deep": [{"x": 0.12345678901234567890123}]}"#,
+            r#"{"tiny": 1e-400}"#,
+        ] {
+            let error = text.parse::<Metadata>().unwrap_err();
+            assert!(
+                matches!(&error, StoreError::Invalid { field: "metadata", reason } if reason.contains("send it as a string")),
+                "{text}: {error}"
+            );
+        }
+        for text in [
+            r#"{"n": 18446744073709551615, "m": -9223372036854775808, "z": -0}"#,
+            r#"{"f": 0.1, "g": 1.50, "h": 0.30000000000000004, "k": 2.5e-3, "s": "123456789012345678901234567890"}"#,
+            r#"{"max": 1.7976931348623157e308, "e": 1E2}"#,
+            r#"{"s": "a\"1e-400 123456789012345678901234567890", "t": "\\"}"#,
+        ] {
+            assert!(text.parse::<Metadata>().is_ok(), "{text}");
+        }
+    }
 
     #[test]
     fn postgres_prints_numbers_in_plain_notation_with_their_scale() {

@@ -568,10 +568,23 @@ fn metadata_sent_as_json_text_is_refused_or_read_back_equal() {
             let parsed: Option<Value> = serde_json::from_str(&text).ok();
             let refuse = parsed
                 .as_ref()
-                .is_none_or(|value| depth_of(value) > MAX_METADATA_DEPTH || comes_back_as_an_integer(value));
+                .is_none_or(|value| depth_of(value) > MAX_METADATA_DEPTH || comes_back_as_an_integer(value))
+                || !serde_json_keeps_exactly(&f, &number);
             stored_equal_or_refused(&f, parsed.as_ref(), text.parse::<Metadata>(), refuse)
         });
     });
+}
+
+/// Whether serde_json reads the number `literal` as exactly its value,
+/// decided by PostgreSQL's `numeric`: an integer literal within `i64` or
+/// `u64` stays an integer; anything else becomes the nearest `f64`, kept
+/// when serde_json writes that float back as a number equal to `literal`.
+fn serde_json_keeps_exactly(f: &Fixture, literal: &str) -> bool {
+    if !literal.contains(['.', 'e', 'E']) && (literal.parse::<i64>().is_ok() || literal.parse::<u64>().is_ok()) {
+        return true;
+    }
+    let Some(read) = literal.parse::<f64>().ok().and_then(serde_json::Number::from_f64) else { return false };
+    f.count(&format!("SELECT ('{literal}'::numeric = '{read}'::numeric)::int::bigint AS count")) == 1
 }
 
 /// Bytes of `{"k0": "xx", "k1": "xxx"}` as PostgreSQL prints a jsonb object
