@@ -323,15 +323,14 @@ fn secret_ranges(conninfo: &str) -> Vec<std::ops::Range<usize>> {
                 }
             }
         }
-        // `?password=...&...`
-        if let Some(query) = conninfo.find('?') {
-            let mut offset = query + 1;
-            for pair in conninfo[query + 1..].split('&') {
-                if let Some(value) = pair.strip_prefix("password=") {
-                    let value_start = offset + "password=".len();
-                    ranges.push(value_start..value_start + value.len());
-                }
-                offset += pair.len() + 1;
+        // `?password=...&...`, after any `?` or `&`: the user info may hold
+        // a raw `?` (libpq's query starts after the hosts), so every one
+        // that could start the query is taken for its start.
+        for (at, _) in conninfo.match_indices("password=") {
+            if at > 0 && matches!(conninfo.as_bytes()[at - 1], b'?' | b'&') {
+                let value_start = at + "password=".len();
+                let value_end = conninfo[value_start..].find('&').map_or(conninfo.len(), |end| value_start + end);
+                ranges.push(value_start..value_end);
             }
         }
         return ranges;
@@ -402,6 +401,13 @@ mod tests {
         assert_eq!(redact("\"plain\"", conninfo), "\"<redacted>\"");
         let url = "postgres://app@db/app?sslmode=require&password=QueryPw";
         assert_eq!(redact("QueryPw", url), REDACTED);
+    }
+
+    #[test]
+    fn a_query_password_is_redacted_when_the_user_info_holds_a_question_mark() {
+        // libpq takes a raw `?` in the user info; the query starts after the hosts.
+        let url = "postgres://app:pa?ss@db/app?password=QueryPw&sslmode=require";
+        assert_eq!(redact("QueryPw and pa?ss", url), "<redacted> and <redacted>");
     }
 
     #[test]
