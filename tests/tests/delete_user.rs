@@ -111,3 +111,39 @@ async fn the_async_facade_deletes_a_user_and_their_sessions() {
     }
     assert!(matches!(data.delete_user(&ada.id).await, Err(StoreError::NotFound { .. })));
 }
+
+/// An invitee who signed in by one-time code (provider `email`) and whom a
+/// cluster's removal leaves in no cluster is deleted by `remove_users`:
+/// `DataLayer::remove_users` ends their sessions too; a member who keeps
+/// an account keeps their sessions.
+fn removing_an_invitee_whose_account_goes_ends_their_sessions(kv: Kv) {
+    let db = dployr_testkit::database();
+    let (data, _emulator) = open(&db, kv);
+    let owner = user(&data, "owner@example.io");
+    let cluster = data.clusters().create_for_owner(&owner.id).unwrap();
+    let emails = [Email::parse("guest@example.io").unwrap(), Email::parse("kept@example.io").unwrap()];
+    let invited = data.clusters().add_users(&cluster.id, &emails).unwrap();
+    let guest = data.users().get(&invited[0].user_id).unwrap().unwrap();
+    let kept = user(&data, "kept@example.io");
+    assert_eq!(guest.provider, Provider::Email);
+    let (guests, kepts) = (sign_in(&data, &guest, 2), sign_in(&data, &kept, 1));
+    assert_eq!(data.remove_users(&cluster.id, &[guest.id, kept.id]).unwrap(), 2, "{kv:?}");
+    assert_eq!(data.users().get(&guest.id).unwrap(), None, "{kv:?}: the invitee's account is gone");
+    assert_eq!(signed_in(&data, &guests), 0, "{kv:?}: a session names an account that is gone");
+    assert_eq!(signed_in(&data, &kepts), 1, "{kv:?}: a member with an account stays signed in");
+}
+
+#[test]
+fn removing_an_invitee_whose_account_goes_ends_their_sessions_on_memory() {
+    removing_an_invitee_whose_account_goes_ends_their_sessions(Kv::Memory);
+}
+
+#[test]
+fn removing_an_invitee_whose_account_goes_ends_their_sessions_on_postgres() {
+    removing_an_invitee_whose_account_goes_ends_their_sessions(Kv::Postgres);
+}
+
+#[test]
+fn removing_an_invitee_whose_account_goes_ends_their_sessions_on_emulated_cloudflare() {
+    removing_an_invitee_whose_account_goes_ends_their_sessions(Kv::Cloudflare);
+}

@@ -388,6 +388,18 @@ impl AsyncDataLayer {
         blocking(&self.shared, self.routes().0, move |data| data.delete_user(&user)).await
     }
 
+    /// Removes members from a cluster and ends the sessions of the accounts
+    /// that deletes, as [`DataLayer::remove_users`], on one of the facade's
+    /// threads.
+    ///
+    /// # Errors
+    /// As [`DataLayer::remove_users`]; [`StoreError::Unavailable`] as for
+    /// every call of this facade.
+    pub async fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
+        let (cluster, users) = (*cluster, users.to_vec());
+        blocking(&self.shared, self.routes().0, move |data| data.remove_users(&cluster, &users)).await
+    }
+
     /// Users ([`UserStore`]).
     pub fn users(&self) -> AsyncUserStore {
         AsyncUserStore { shared: Arc::clone(&self.shared), route: self.routes().0 }

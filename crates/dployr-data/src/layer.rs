@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use dployr_domain::{KvBackend, StoreError, StoreResult, UserId, UserStore as _};
+use dployr_domain::{ClusterId, KvBackend, StoreError, StoreResult, UserId, UserStore as _};
 #[cfg(feature = "cloudflare")]
 use dployr_kv::CloudflareKv;
 use dployr_kv::{KvStore, MemoryKv, PgKv, Purger};
@@ -369,6 +369,32 @@ impl DataLayer {
             }
             Err(refused) => Err(refused),
         }
+    }
+
+    /// Removes members from a cluster as
+    /// [`ClusterStore::remove_users`](dployr_domain::ClusterStore::remove_users)
+    /// does, and signs out everywhere the accounts that call deletes (e-mail
+    /// invitees it removed that are left in no cluster: one who signed in by
+    /// one-time code has a session naming an account that is gone). Returns
+    /// how many sessions were ended.
+    ///
+    /// Two steps, as [`delete_user`](Self::delete_user): if ending the
+    /// sessions fails, the accounts are already gone and the error is the
+    /// key-value backend's; [`delete_user`](Self::delete_user) of each
+    /// removed user then ends what is left (for an account that no longer
+    /// exists it ends the sessions and answers `NotFound`).
+    ///
+    /// # Errors
+    /// As `remove_users` (`Conflict` on field `owner` when one of them owns
+    /// the cluster, nothing removed); the key-value backend's errors from
+    /// the second step.
+    pub fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
+        let deleted = self.clusters.remove_users_listing_deleted(cluster, users)?;
+        let mut ended = 0;
+        for user in &deleted {
+            ended += self.kv.delete_user_sessions(user)?;
+        }
+        Ok(ended)
     }
 
     /// The name of the key-value backend of sessions: `memory`, `postgres` or `cloudflare`.

@@ -147,7 +147,9 @@ pub trait ClusterStore: Send + Sync {
     /// Removes these members (ids of users who are not members are
     /// ignored); those it removed who have provider `email` (invitees who
     /// never signed in) and are left in no cluster are deleted. An account
-    /// that was not a member of this cluster is never deleted by it.
+    /// that was not a member of this cluster is never deleted by it. A
+    /// deleted invitee's sessions are not this store's: `dployr-data`'s
+    /// `DataLayer::remove_users` ends them too.
     ///
     /// # Errors
     /// `Conflict` (field `owner`) if one of them owns the cluster.
