@@ -1,5 +1,6 @@
 //! A randomized concurrent workload with an invariant checker: every
-//! operation of the PostgreSQL stores, writes and reads, on a few
+//! operation of the PostgreSQL stores and of the key-value store on its
+//! PostgreSQL backend, writes and reads, on a few
 //! clusters that share their users, from many threads at once, while a
 //! checker on its own connection samples the invariants every 10 ms.
 //!
@@ -14,6 +15,11 @@
 //! - no row of any table was updated before it was created;
 //! - a bootstrap token's `mark_used` returns `true` at most once, and a
 //!   token it returned `true` for stays used;
+//! - a session reads as its own user's; a deleted session, or every
+//!   session a user had when a sign-out everywhere began (alone or after
+//!   deleting the account), does not load after it returns; an OAuth state
+//!   validates once; a one-time code validates once, and never once a
+//!   newer code for its e-mail was made in full before the guess began;
 //! - every read's answer holds what one snapshot must: a cluster with one
 //!   owner and each member once, in its role's group; pages in their order,
 //!   never longer than asked, with a cursor only after a full page and,
@@ -43,6 +49,7 @@ use dployr_domain::{
     InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Paged, Provider, Role, StoreError, Tag, UserId,
     UserPatch, UserStore,
 };
+use dployr_kv::{KvStore, OAuthState, OtpCode, PgKv, SessionId};
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
@@ -209,6 +216,9 @@ struct World {
     clusters: PgClusterStore,
     instances: PgInstanceStore,
     tokens: PgBootstrapTokenStore,
+    /// Sessions, OAuth states and one-time codes, on the PostgreSQL backend
+    /// of the same database.
+    kv: KvStore,
     emails: Vec<Email>,
     /// Ids seen for users, clusters and instances; some are stale, on purpose.
     user_ids: Mutex<Vec<UserId>>,
@@ -220,6 +230,20 @@ struct World {
     nonces: Mutex<Vec<String>>,
     used: Mutex<HashMap<String, u64>>,
     next_nonce: AtomicU64,
+    /// A clock of the key-value calls: a tick when one starts and when it
+    /// returns, so "returned before that started" can be told.
+    ticks: AtomicU64,
+    /// Sessions created: the id, its user, and the tick its create returned.
+    sessions: Mutex<Vec<(SessionId, UserId, u64)>>,
+    /// OAuth states created, and how many validations returned the state's
+    /// data for each.
+    states: Mutex<Vec<OAuthState>>,
+    states_taken: Mutex<HashMap<String, u64>>,
+    /// One-time codes created: the e-mail, the code, and the ticks its
+    /// create started and returned; and how many validations of each
+    /// (e-mail, code) returned true.
+    codes: Mutex<Vec<(Email, OtpCode, u64, u64)>>,
+    codes_taken: Mutex<HashMap<(String, String), u64>>,
     outcomes: Mutex<BTreeMap<&'static str, BTreeMap<&'static str, u64>>>,
     unexpected: Mutex<Vec<String>>,
     /// Answers of reads that broke what any answer must hold (at most 20
@@ -328,7 +352,7 @@ impl World {
         let (Some(user), Some(cluster)) = (user, cluster) else {
             return self.replenish(rng);
         };
-        match rng.random_range(0..130) {
+        match rng.random_range(0..152) {
             0..=7 => self.call("users.upsert", || {
                 let provider = *[Provider::Google, Provider::Github, Provider::Microsoft, Provider::Email]
                     .choose(rng)
@@ -454,7 +478,132 @@ impl World {
                 }
                 Ok(())
             }),
+            130..=151 => self.kv_step(rng, &user),
             _ => self.read(rng, &user, &cluster),
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.ticks.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// One random call of the key-value store (sessions, OAuth states,
+    /// one-time codes), with what its answer must hold: a session read is
+    /// its own user's; a session deleted, or a user's signed out
+    /// everywhere, does not load afterwards (what was created before the
+    /// sign-out started); a state validates once; a code validates once,
+    /// and never after a newer code for its e-mail was made in full.
+    fn kv_step(&self, rng: &mut StdRng, user: &UserId) {
+        match rng.random_range(0..22) {
+            0..=3 => self.call("kv.create_session", || {
+                // A sign-in: the user as the store has it now.
+                let Some(found) = self.users.get(user)? else { return Ok(()) };
+                let id = SessionId::generate();
+                self.kv.create_session(&id, &found, Vec::new())?;
+                let returned = self.tick();
+                remember(&self.sessions, (id, found.id, returned));
+                Ok(())
+            }),
+            4..=7 => self.call("kv.get_session", || {
+                let Some((id, owner, _)) = pick(rng, &self.sessions) else { return Ok(()) };
+                let session = self.kv.get_session(&id)?;
+                self.expect("kv.get_session", session.as_ref().is_none_or(|s| s.user_id == owner), || {
+                    format!("a session of {owner} read as {:?}'s", session.as_ref().map(|s| s.user_id))
+                });
+                Ok(())
+            }),
+            8..=9 => self.call("kv.delete_session", || {
+                let Some((id, owner, _)) = pick(rng, &self.sessions) else { return Ok(()) };
+                self.kv.delete_session(&id)?;
+                let after = self.kv.get_session(&id)?;
+                self.expect("kv.delete_session", after.is_none(), || {
+                    format!("a session of {owner} loads after its delete")
+                });
+                Ok(())
+            }),
+            10..=12 => {
+                // Sign-out everywhere, half of the time with the account
+                // (as DataLayer::delete_user: the user, then the sessions).
+                let with_account = rng.random_bool(0.5);
+                let operation =
+                    if with_account { "users.delete + kv.delete_user_sessions" } else { "kv.delete_user_sessions" };
+                self.call(operation, || {
+                    let started = self.tick();
+                    if with_account {
+                        match self.users.delete(user) {
+                            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                            Err(refused) => return Err(refused),
+                        }
+                    }
+                    self.kv.delete_user_sessions(user)?;
+                    let before: Vec<SessionId> = self
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .iter()
+                        .filter(|(_, owner, returned)| owner == user && *returned < started)
+                        .map(|(id, _, _)| id.clone())
+                        .collect();
+                    for id in before {
+                        let left = self.kv.get_session(&id)?;
+                        self.expect(operation, left.is_none(), || {
+                            format!("a session of {user} made before the sign-out began still loads after it")
+                        });
+                    }
+                    Ok(())
+                });
+            }
+            13..=15 => self.call("kv.oauth_state", || {
+                // Now a new state, now a validation of one made by any thread.
+                if rng.random_bool(0.4) {
+                    let state = OAuthState::generate();
+                    self.kv.create_state(&state, "/clusters")?;
+                    remember(&self.states, state);
+                } else if let Some(state) = pick(rng, &self.states)
+                    && self.kv.validate_state(&state)?.is_some()
+                {
+                    *self
+                        .states_taken
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(state.expose().to_owned())
+                        .or_default() += 1;
+                }
+                Ok(())
+            }),
+            16..=17 => self.call("kv.create_otp", || {
+                let email = self.email(rng);
+                let started = self.tick();
+                let code = self.kv.create_otp(&email)?;
+                let returned = self.tick();
+                remember(&self.codes, (email, code, started, returned));
+                Ok(())
+            }),
+            _ => self.call("kv.validate_otp", || {
+                let Some((email, code, _, made)) = pick(rng, &self.codes) else { return Ok(()) };
+                // Now and then a wrong guess, which counts as an attempt.
+                let guess = if rng.random_bool(0.3) { OtpCode::new("ZZZZZZ") } else { code.clone() };
+                let started = self.tick();
+                if self.kv.validate_otp(&email, &guess)? {
+                    let key = (email.as_str().to_owned(), guess.expose().to_owned());
+                    *self
+                        .codes_taken
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(key)
+                        .or_default() += 1;
+                    let replaced = self
+                        .codes
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .iter()
+                        .any(|(other, _, from, to)| *other == email && *from > made && *to < started);
+                    self.expect("kv.validate_otp", !replaced, || {
+                        format!("a code of {email} validated after a newer one was made in full")
+                    });
+                }
+                Ok(())
+            }),
         }
     }
 
@@ -757,6 +906,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         clusters: PgClusterStore::new(pool.clone()),
         instances: PgInstanceStore::new(pool.clone()),
         tokens: PgBootstrapTokenStore::new(pool.clone()),
+        kv: KvStore::new(Arc::new(PgKv::new(pool.clone()))),
         emails: (0..config.emails.max(2))
             .map(|i| Email::parse(&format!("user{i}@stress.example")).expect("a valid e-mail"))
             .collect(),
@@ -767,6 +917,12 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         nonces: Mutex::default(),
         used: Mutex::default(),
         next_nonce: AtomicU64::new(0),
+        ticks: AtomicU64::new(0),
+        sessions: Mutex::default(),
+        states: Mutex::default(),
+        states_taken: Mutex::default(),
+        codes: Mutex::default(),
+        codes_taken: Mutex::default(),
         outcomes: Mutex::default(),
         unexpected: Mutex::default(),
         answers: Mutex::default(),
@@ -862,6 +1018,29 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     for bad in broken_invariants(&mut conn) {
         violation_count += 1;
         violations.push(format!("at the end: {bad}"));
+    }
+    // A state validates once, a code once.
+    let states_taken =
+        std::mem::take(&mut *world.states_taken.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for times in states_taken.values().filter(|times| **times > 1) {
+        violation_count += 1;
+        violations.push(format!("an OAuth state validated {times} times"));
+    }
+    let codes_taken = std::mem::take(&mut *world.codes_taken.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    for ((email, taken), times) in codes_taken.iter().filter(|(_, times)| **times > 1) {
+        // The same six characters drawn twice for one e-mail (about one
+        // chance in 2^31 a pair) are two codes, each validating once.
+        let made = world
+            .codes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(other, code, _, _)| other.as_str() == email && code.expose() == taken)
+            .count() as u64;
+        if *times > made.max(1) {
+            violation_count += 1;
+            violations.push(format!("a one-time code of {email} validated {times} times"));
+        }
     }
     let used = std::mem::take(&mut *world.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     for (nonce, times) in &used {

@@ -57,6 +57,14 @@ fn a_random_mix_of_every_operation_keeps_every_invariant() {
         "clusters.integrations",
         "instances.get",
         "instances.list_by_cluster",
+        "kv.create_session",
+        "kv.get_session",
+        "kv.delete_session",
+        "kv.delete_user_sessions",
+        "users.delete + kv.delete_user_sessions",
+        "kv.oauth_state",
+        "kv.create_otp",
+        "kv.validate_otp",
     ] {
         let ok = report.outcomes.get(operation).and_then(|o| o.get("ok")).copied().unwrap_or(0);
         assert!(ok > 0, "{operation} never succeeded\n{report}");
