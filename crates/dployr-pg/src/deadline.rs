@@ -13,8 +13,12 @@
 //!
 //! 1. it asks the server to cancel the call's statement, over a fresh
 //!    connection, with `pg_cancel_backend(pid)`: diesel exposes neither
-//!    libpq's `PGconn` nor its cancel key, so the backend pid, read once per
-//!    connection, is what identifies the call;
+//!    libpq's `PGconn` nor its cancel key, so the backend's pid and start
+//!    time (`pg_stat_activity.backend_start`), read once per connection,
+//!    are what identifies the call. The pid alone is not enough: the fresh
+//!    connection may reach another server than the call's (a multi-host
+//!    URL, a DNS name that failed over), where the same pid is someone
+//!    else's backend; the cancel names both, and cancels nothing there;
 //! 2. if the call has not returned [`DeadlineConfig::grace`] later, it shuts
 //!    the connection's socket down (`shutdown(2)`), which makes libpq's
 //!    blocked read or write fail at once.
@@ -46,7 +50,7 @@ use std::time::{Duration, Instant};
 use diesel::PgConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, ManageConnection, Pool};
-use diesel::sql_types::{Bool, Integer, Nullable};
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable};
 use dployr_domain::StoreError;
 
 use crate::affinity::Affinity;
@@ -90,7 +94,10 @@ const MAX_CANCELS_IN_FLIGHT: usize = 8;
 pub struct DeadlineStats {
     /// Calls whose deadline passed before they returned.
     pub expired: u64,
-    /// Cancel requests the server accepted (`pg_cancel_backend` ran).
+    /// Cancel requests that reached the call's backend (`pg_cancel_backend`
+    /// found it, by pid and start time, and signalled it); not those that
+    /// found no such backend (it had exited, or the request reached another
+    /// server).
     pub cancels_sent: u64,
     /// Sockets shut down because a call outlived its grace period.
     pub sockets_shut_down: u64,
@@ -108,11 +115,21 @@ pub(crate) struct Counters {
     discarded: AtomicU64,
 }
 
+/// A server process, as a cancel request names it: its pid is reused by
+/// the server and repeated on every other server, the pid with the time
+/// the process started is neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backend {
+    pid: i32,
+    /// `backend_start`, in µs since the Unix epoch.
+    started_us: i64,
+}
+
 /// What the pool learnt about one connection when it was made.
 #[derive(Debug, Default)]
 pub(crate) struct ConnInfo {
-    /// `pg_backend_pid()`, for the cancel request.
-    pid: Option<i32>,
+    /// The connection's backend, for the cancel request.
+    backend: Option<Backend>,
     /// The connection's socket, for the shutdown.
     socket: Option<Socket>,
     /// Set when a call on it expired: the pool must not hand it out again.
@@ -246,20 +263,27 @@ pub(crate) fn take_identified() -> Arc<ConnInfo> {
     IDENTIFIED.with(|identified| identified.borrow_mut().take()).unwrap_or_default()
 }
 
-/// Reads the backend pid and finds the socket of a connection just made:
-/// of the sockets opened since `before`, the one connected to a server
-/// port of the URL (`ports`); when several are, the one whose local port the
-/// server reports as the client's.
+/// The pid, client port and start time (µs since the epoch) of the
+/// session's backend, in the one statement [`identify`] sends.
+const IDENTIFY: &str = "pg_backend_pid(), inet_client_port(), \
+     (SELECT (extract(epoch FROM backend_start) * 1000000)::bigint FROM pg_stat_activity \
+     WHERE pid = pg_backend_pid())";
+
+/// Reads which backend serves a connection just made (pid and start time)
+/// and finds its socket: of the sockets opened since `before`, the one
+/// connected to a server port of the URL (`ports`); when several are, the
+/// one whose local port the server reports as the client's. One statement,
+/// once per connection.
 fn identify(conn: &mut PgConnection, before: &[Socket], ports: &[u16]) -> ConnInfo {
-    let ids = diesel::select(diesel::dsl::sql::<(Integer, Nullable<Integer>)>("pg_backend_pid(), inet_client_port()"))
-        .get_result::<(i32, Option<i32>)>(conn)
+    let ids = diesel::select(diesel::dsl::sql::<(Integer, Nullable<Integer>, Nullable<BigInt>)>(IDENTIFY))
+        .get_result::<(i32, Option<i32>, Option<i64>)>(conn)
         .ok();
     let new: Vec<Socket> =
         sockets().into_iter().filter(|socket| !before.contains(socket) && peer_is_server(socket.fd, ports)).collect();
     let socket = match new.as_slice() {
         [only] => Some(*only),
         _ => {
-            let port = ids.and_then(|(_, port)| port).and_then(|port| u16::try_from(port).ok());
+            let port = ids.and_then(|(_, port, _)| port).and_then(|port| u16::try_from(port).ok());
             let mut matching = new.iter().filter(|socket| port.is_some() && local_port(socket.fd) == port);
             match (matching.next(), matching.next()) {
                 (Some(socket), None) => Some(*socket),
@@ -271,7 +295,9 @@ fn identify(conn: &mut PgConnection, before: &[Socket], ports: &[u16]) -> ConnIn
         tracing::debug!(candidates = new.len(), "dployr.store: the socket of a new connection was not found");
     }
     ConnInfo {
-        pid: ids.map(|(pid, _)| pid),
+        // Without its start time a pid could name another server's backend:
+        // no cancel then, the socket shutdown alone ends an expired call.
+        backend: ids.and_then(|(pid, _, started_us)| Some(Backend { pid, started_us: started_us? })),
         socket,
         discard: AtomicBool::new(false),
         made: Some(Instant::now()),
@@ -364,6 +390,17 @@ impl Deadlines {
         self.base + self.margin + self.grace
     }
 
+    /// When a call that `started` then is cancelled.
+    fn cancel_at(&self, started: Instant) -> Instant {
+        started + self.base + self.margin
+    }
+
+    /// Whether the deadline of a call that `started` then has passed (it
+    /// would be refused before it ran).
+    pub(crate) fn passed(&self, started: Instant) -> bool {
+        Instant::now() >= self.cancel_at(started)
+    }
+
     pub(crate) fn stats(&self) -> DeadlineStats {
         let c = &self.counters;
         DeadlineStats {
@@ -386,7 +423,7 @@ impl Deadlines {
         started: Instant,
         work: impl FnOnce(&mut PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let cancel_at = started + self.base + self.margin;
+        let cancel_at = self.cancel_at(started);
         let wait = self.connection_timeout.min(cancel_at.saturating_duration_since(Instant::now()));
         if wait.is_zero() {
             return Err(StoreError::Unavailable {
@@ -489,8 +526,8 @@ impl Call {
         }
         self.counters.expired.fetch_add(1, Ordering::Relaxed);
         watchdog().watch(self, self.shutdown_at, Step::ShutDown);
-        if let (Some(url), Some(pid)) = (&self.cancel_url, self.conn.pid) {
-            send_cancel(Arc::clone(self), Arc::clone(url), pid);
+        if let (Some(url), Some(backend)) = (&self.cancel_url, self.conn.backend) {
+            send_cancel(Arc::clone(self), Arc::clone(url), backend);
         }
     }
 
@@ -552,31 +589,45 @@ impl Drop for CallGuard {
 
 static CANCELS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// Asks the server, over a new connection, to cancel what backend `pid`
-/// runs, unless the call ended first. Runs on a thread of its own: a server
+/// Asks the server, over a new connection, to cancel what `backend` runs,
+/// unless the call ended first. Runs on a thread of its own: a server
 /// that does not answer holds that thread (up to libpq's `connect_timeout`
 /// for the connection), never the watchdog.
-fn send_cancel(call: Arc<Call>, url: Arc<str>, pid: i32) {
+fn send_cancel(call: Arc<Call>, url: Arc<str>, backend: Backend) {
     if CANCELS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel) >= MAX_CANCELS_IN_FLIGHT {
         CANCELS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
         return;
     }
     let spawned = std::thread::Builder::new().name("dployr-pg-cancel".into()).spawn(move || {
-        let cancelled = PgConnection::establish(&url).ok().and_then(|mut conn| {
-            if *lock(&call.phase) == Phase::Done {
-                return None;
-            }
-            diesel::select(diesel::dsl::sql::<Bool>("pg_cancel_backend(").bind::<Integer, _>(pid).sql(")"))
-                .get_result::<bool>(&mut conn)
-                .ok()
-        });
-        if cancelled.is_some() {
-            call.counters.cancels_sent.fetch_add(1, Ordering::Relaxed);
-        }
+        cancel(&call, &url, backend);
         CANCELS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
     });
     if spawned.is_err() {
         CANCELS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends the cancel of `call` to `backend` over a new connection to `url`,
+/// and counts it if it reached that backend. The server looks the backend
+/// up by pid and start time: where the connection reached another server
+/// than the call's, or the backend has exited, nothing is cancelled.
+fn cancel(call: &Call, url: &str, backend: Backend) {
+    let cancelled = PgConnection::establish(url).ok().and_then(|mut conn| {
+        if *lock(&call.phase) == Phase::Done {
+            return None;
+        }
+        diesel::select(
+            diesel::dsl::sql::<Bool>("coalesce((SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = ")
+                .bind::<Integer, _>(backend.pid)
+                .sql(" AND (extract(epoch FROM backend_start) * 1000000)::bigint = ")
+                .bind::<BigInt, _>(backend.started_us)
+                .sql("), false)"),
+        )
+        .get_result::<bool>(&mut conn)
+        .ok()
+    });
+    if cancelled == Some(true) {
+        call.counters.cancels_sent.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -701,6 +752,77 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         drop(theirs);
         assert!(socket_of(&ours).closed_by_peer(), "end of stream");
+    }
+
+    /// A call on a connection served by `backend`, its deadline passed.
+    fn an_expired_call_aimed_at(backend: Backend) -> Call {
+        let now = Instant::now();
+        Call {
+            id: NEXT_CALL.fetch_add(1, Ordering::Relaxed),
+            conn: Arc::new(ConnInfo { backend: Some(backend), ..ConnInfo::default() }),
+            phase: Mutex::new(Phase::Expired { shut_down: false }),
+            cancel_url: None,
+            counters: Arc::default(),
+            cancel_at: now,
+            shutdown_at: now,
+        }
+    }
+
+    /// `conn`'s backend, as the pool identifies it when it connects.
+    fn backend_of(conn: &mut PgConnection) -> Backend {
+        identify(conn, &sockets(), &[]).backend.unwrap()
+    }
+
+    /// Polls, for up to 10 s, until backend `pid` is in `pg_stat_activity`
+    /// with `condition` true (`wanted`), or is not.
+    fn wait_until_backend(url: &str, pid: i32, condition: &str, wanted: bool) {
+        let mut observer = PgConnection::establish(url).unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        let seen = format!("EXISTS (SELECT 1 FROM pg_stat_activity WHERE {condition} AND pid = ");
+        while diesel::select(diesel::dsl::sql::<Bool>(&seen).bind::<Integer, _>(pid).sql(")"))
+            .get_result::<bool>(&mut observer)
+            .unwrap()
+            != wanted
+        {
+            assert!(Instant::now() < until, "backend {pid}: never {condition} = {wanted}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_cancel_aimed_at_a_pid_whose_backend_started_at_another_time_cancels_nothing_and_is_not_counted() {
+        let db = dployr_testkit::database();
+        let mut conn = PgConnection::establish(db.url()).unwrap();
+        let backend = backend_of(&mut conn);
+        let sleeping = std::thread::spawn(move || diesel::sql_query("SELECT pg_sleep(30)").execute(&mut conn));
+        wait_until_backend(db.url(), backend.pid, "state = 'active' AND query LIKE 'SELECT pg_sleep%'", true);
+
+        // The same pid, another backend start: what a pid read on one
+        // server names on another (a multi-host URL, a DNS failover).
+        let elsewhere = an_expired_call_aimed_at(Backend { started_us: backend.started_us + 1, ..backend });
+        cancel(&elsewhere, db.url(), elsewhere.conn.backend.unwrap());
+        assert_eq!(elsewhere.counters.cancels_sent.load(Ordering::Relaxed), 0, "nothing was cancelled");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!sleeping.is_finished(), "the backend's statement runs on: {:?}", sleeping.join());
+
+        let here = an_expired_call_aimed_at(backend);
+        cancel(&here, db.url(), here.conn.backend.unwrap());
+        assert_eq!(here.counters.cancels_sent.load(Ordering::Relaxed), 1);
+        let outcome = sleeping.join().unwrap();
+        assert!(outcome.as_ref().is_err_and(|e| e.to_string().contains("canceling statement")), "{outcome:?}");
+    }
+
+    #[test]
+    fn a_cancel_that_finds_no_backend_is_not_counted() {
+        let db = dployr_testkit::database();
+        let mut conn = PgConnection::establish(db.url()).unwrap();
+        let backend = backend_of(&mut conn);
+        drop(conn);
+        wait_until_backend(db.url(), backend.pid, "true", false);
+
+        let gone = an_expired_call_aimed_at(backend);
+        cancel(&gone, db.url(), gone.conn.backend.unwrap());
+        assert_eq!(gone.counters.cancels_sent.load(Ordering::Relaxed), 0, "pg_cancel_backend found no such backend");
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub const ROUTED_READS: &str = "dployr_db_routed_reads_total";
 /// `error`, `behind_write`): a replica passed over for a replica-safe read.
 pub const REPLICA_SKIPS: &str = "dployr_db_replica_skips_total";
 /// Gauge, label `replica`: the replay lag measured by the last sample, in
-/// seconds (absent while the replica does not answer).
+/// seconds; NaN while its samples fail (no lag is known, and the facade
+/// cannot remove a series; [`REPLICA_UP`] is 0 then).
 pub const REPLICA_LAG: &str = "dployr_db_replica_lag_seconds";
 /// Gauge, label `replica`: 1 when the last sample succeeded, else 0.
 pub const REPLICA_UP: &str = "dployr_db_replica_up";

@@ -115,20 +115,20 @@ impl<'p> Operation<'p> {
     pub fn run<T>(&self, mut work: impl FnMut(&mut PgConnection) -> QueryResult<T>) -> Result<T, StoreError> {
         // The deadline counts from when the operation opened, the one
         // instant both runs on the primary share (a run again stays within
-        // the call's bound).
+        // the call's bound), and so do all the replica runs of a read.
         let mut started = self.started;
         if let Some(read) = self.read
             && read.route() == Route::Replica
             && let Some(replicas) = &self.pool.replicas
         {
-            if let Some(value) = replicas.read(read.name(), &self.references, &mut work)? {
+            if let Some(value) = replicas.read(read.name(), started, &self.references, &mut work)? {
                 return Ok(value);
             }
             ::metrics::counter!(crate::metrics::ROUTED_READS, "op" => read.name(), "server" => "primary").increment(1);
-            // A replica that failed (frozen, cut off) may have used its
-            // whole deadline: the primary gets a deadline of its own, so
-            // that the read is answered, not refused for time the replica
-            // spent.
+            // The replicas that failed (frozen, cut off) may have used
+            // their whole deadline: the primary gets a deadline of its own,
+            // so that the read is answered, not refused for time the
+            // replicas spent.
             started = Instant::now();
         }
         match self.pool.run_statement_since(started, &self.references, &mut work) {

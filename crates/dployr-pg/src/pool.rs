@@ -550,23 +550,28 @@ impl PgPool {
         &self,
         work: impl FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error>,
     ) -> Result<T, StoreError> {
-        self.deadlines
-            .bounded(&self.inner, &self.affinity, Instant::now(), |conn| work(conn).map_err(crate::store_error))
+        self.bounded_since(Instant::now(), work)
     }
 
-    /// Runs one statement on this pool (not routed) within the call
-    /// deadline, again after a passing failure: what [`Operation::run`]
-    /// does on the primary, and on a replica.
-    pub(crate) fn run_statement<T, E: Into<Failure>>(
+    /// [`bounded`](Self::bounded) for a call that `started` then: within
+    /// what is left of its deadline.
+    pub(crate) fn bounded_since<T>(
         &self,
-        keys: Keys<'_>,
-        work: impl FnMut(&mut PgConnection) -> Result<T, E>,
+        started: Instant,
+        work: impl FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error>,
     ) -> Result<T, StoreError> {
-        self.run_statement_since(Instant::now(), keys, work)
+        self.deadlines.bounded(&self.inner, &self.affinity, started, |conn| work(conn).map_err(crate::store_error))
     }
 
-    /// [`run_statement`](Self::run_statement) for a call that `started`
-    /// then: within what is left of its deadline.
+    /// Whether the deadline of a call that `started` then has passed on
+    /// this pool: one more run would be refused before it ran.
+    pub(crate) fn deadline_passed(&self, started: Instant) -> bool {
+        self.deadlines.passed(started)
+    }
+
+    /// Runs one statement on this pool (not routed), again after a passing
+    /// failure, within what is left of the deadline of a call that `started`
+    /// then: what [`Operation::run`] does on the primary, and on a replica.
     pub(crate) fn run_statement_since<T, E: Into<Failure>>(
         &self,
         started: Instant,
@@ -604,9 +609,10 @@ impl PgPool {
     }
 
     /// The longest one run of a store call ([`Operation::run`]) may take:
-    /// call timeout + margin + grace. A replica-safe read that a failing
-    /// replica held runs again on the primary within a bound of its own, so
-    /// it may take twice this.
+    /// call timeout + margin + grace. A replica-safe read that failing
+    /// replicas held (all of them together within one bound, counted from
+    /// the read's start) runs again on the primary within a bound of its
+    /// own, so it may take twice this, never more.
     pub fn call_bound(&self) -> Duration {
         self.deadlines.bound()
     }

@@ -38,9 +38,12 @@
 //! failed its sample, whose sampler is stuck, or whose read failed with
 //! `Unavailable`, is skipped until a later sample succeeds: the read goes
 //! to the next replica, then to the primary, and the caller sees no error.
-//! The primary's run has a call deadline of its own, so a read that a
-//! frozen replica held until the replica's deadline takes up to two call
-//! bounds ([`PgPool::call_bound`]), and is answered.
+//! The replica runs of one read share one call deadline, counted from the
+//! read's start (a second replica gets what the first left, not a bound of
+//! its own), and the primary's run has a deadline of its own, so a read
+//! that frozen replicas held takes up to two call bounds
+//! ([`PgPool::call_bound`]) however many replicas there are, and is
+//! answered.
 //!
 //! **Read your writes.** After a write, [`PgPool::wal_position`] gives the
 //! primary's WAL insert position (which is past the write's commit record);
@@ -453,24 +456,35 @@ impl ReplicaSet {
     /// Runs a replica-safe read on the first usable replica (round robin),
     /// moving on when one fails with `Unavailable`. `Ok(None)` when no
     /// replica may answer: the caller goes to the primary.
+    ///
+    /// Every replica run of the read (and its read-your-writes wait) shares
+    /// the one deadline of a call that `started` then: frozen replicas hold
+    /// a read for one call bound in all, however many there are, and the
+    /// primary's run after them, with a deadline of its own, keeps the read
+    /// within two. Once that deadline has passed, the replicas not tried
+    /// yet are left alone (not taken out of rotation for it).
     pub(crate) fn read<T, E: Into<Failure>>(
         &self,
         op: &'static str,
+        started: Instant,
         keys: Keys<'_>,
         work: &mut impl FnMut(&mut PgConnection) -> Result<T, E>,
     ) -> Result<Option<T>, StoreError> {
         let floor = FLOOR.with(Cell::get);
         for replica in self.candidates() {
+            if replica.pool.deadline_passed(started) {
+                return Ok(None);
+            }
             if let Floor::AtLeast(lsn) = floor
                 && replica.freshness.replayed.load(Ordering::Relaxed) < lsn
-                && !self.wait_for(replica, lsn)
+                && !self.wait_for(replica, lsn, started)
             {
                 // The first usable replica is the one worth waiting for;
                 // the primary answers before a second wait would end.
                 Self::skipped(replica, Skip::BehindWrite);
                 return Ok(None);
             }
-            match replica.pool.run_statement(keys, &mut *work) {
+            match replica.pool.run_statement_since(started, keys, &mut *work) {
                 Ok(value) => {
                     ::metrics::counter!(ROUTED_READS, "op" => op, "server" => "replica").increment(1);
                     return Ok(Some(value));
@@ -486,11 +500,13 @@ impl ReplicaSet {
         Ok(None)
     }
 
-    /// Waits (polling every millisecond, within the configured wait) until
-    /// `replica` has replayed `lsn`; false if it has not, or fails.
-    fn wait_for(&self, replica: &Replica, lsn: u64) -> bool {
+    /// Waits (polling every millisecond, within the configured wait and the
+    /// deadline of the read that `started` then) until `replica` has
+    /// replayed `lsn`; false if it has not, or fails.
+    fn wait_for(&self, replica: &Replica, lsn: u64, started: Instant) -> bool {
         let until = Instant::now() + self.config.read_your_writes_wait;
-        let waited = replica.pool.bounded(|conn| replayed_up_to(conn, lsn, until, Duration::from_millis(1)));
+        let waited =
+            replica.pool.bounded_since(started, |conn| replayed_up_to(conn, lsn, until, Duration::from_millis(1)));
         let Ok((found, _)) = waited else { return false };
         let replayed = found.replayed.map_or(0, position);
         replica.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
@@ -516,6 +532,20 @@ fn replayed_up_to(
         }
         std::thread::sleep(poll);
     }
+}
+
+/// Sets the gauges of `replica` from its last sample: the `lag` it
+/// measured, `None` when the sample failed. A failed sample sets the lag to
+/// NaN, not to nothing: the `metrics` facade cannot remove a series, and the
+/// last lag measured, kept, would show a replica that does not answer as
+/// caught up (NaN is a gap on a graph, and over no alert's threshold).
+fn report_sample(replica: &Arc<str>, lag: Option<Duration>) {
+    let (lag_seconds, up) = match lag {
+        Some(lag) => (lag.as_secs_f64(), 1.0),
+        None => (f64::NAN, 0.0),
+    };
+    ::metrics::gauge!(REPLICA_LAG, "replica" => Arc::clone(replica)).set(lag_seconds);
+    ::metrics::gauge!(REPLICA_UP, "replica" => Arc::clone(replica)).set(up);
 }
 
 /// A replica's sampler: its own two connections (never the pools', so a
@@ -555,13 +585,12 @@ impl Sampler {
                     let lag_us = u64::try_from(lag.as_micros()).unwrap_or(FAILED - 1);
                     self.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
                     self.freshness.lag_us.store(lag_us, Ordering::Relaxed);
-                    ::metrics::gauge!(REPLICA_LAG, "replica" => Arc::clone(&self.name)).set(lag.as_secs_f64());
-                    ::metrics::gauge!(REPLICA_UP, "replica" => Arc::clone(&self.name)).set(1.0);
+                    report_sample(&self.name, Some(lag));
                 }
                 Err(reason) => {
                     tracing::debug!(replica = %self.name, %reason, "dployr.replica sample failed");
                     self.freshness.lag_us.store(FAILED, Ordering::Relaxed);
-                    ::metrics::gauge!(REPLICA_UP, "replica" => Arc::clone(&self.name)).set(0.0);
+                    report_sample(&self.name, None);
                     // Reconnect next time: the failure may have broken them.
                     self.primary = None;
                     self.replica = None;
@@ -683,5 +712,45 @@ impl PgPool {
     /// its own answer.
     pub fn reads_on_primary(&self) -> ReadScope {
         ReadScope::enter(Floor::Primary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+
+    /// The lag and up gauges of `replica-0` as `recorder` holds them (in
+    /// one snapshot, which resets the debugging recorder's gauges to 0).
+    fn lag_and_up(recorder: &DebuggingRecorder) -> (Option<f64>, Option<f64>) {
+        let seen = recorder.snapshotter().snapshot().into_vec();
+        let gauge = |name: &str| {
+            seen.iter().find_map(|(key, _, _, value)| {
+                let key = key.key();
+                let ours = key.labels().any(|label| label.key() == "replica" && label.value() == "replica-0");
+                match value {
+                    DebugValue::Gauge(value) if key.name() == name && ours => Some(value.0),
+                    _ => None,
+                }
+            })
+        };
+        (gauge(REPLICA_LAG), gauge(REPLICA_UP))
+    }
+
+    #[test]
+    fn a_failed_sample_leaves_no_lag_in_the_gauge_only_nan_beside_up_at_zero() {
+        let recorder = DebuggingRecorder::new();
+        let replica: Arc<str> = "replica-0".into();
+        metrics::with_local_recorder(&recorder, || {
+            report_sample(&replica, Some(Duration::from_millis(2)));
+            report_sample(&replica, None);
+        });
+        let (lag, up) = lag_and_up(&recorder);
+        assert!(lag.is_some_and(f64::is_nan), "no lag is known, not the last one measured: {lag:?}");
+        assert_eq!(up, Some(0.0));
+
+        metrics::with_local_recorder(&recorder, || report_sample(&replica, Some(Duration::from_millis(3))));
+        assert_eq!(lag_and_up(&recorder), (Some(0.003), Some(1.0)), "a sample that succeeds again sets both");
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use dployr_domain::{
@@ -285,6 +286,67 @@ fn a_frozen_replica_fails_over_to_the_primary_with_no_error_after_its_own_deadli
     assert_eq!(read.unwrap().map(|found| found.id), Some(user.id), "the primary answers what the replica could not");
     let status = &pool.replicas().unwrap().status()[0];
     assert!(status.skips.error + status.skips.down >= 1, "{status:?}");
+}
+
+#[test]
+fn a_read_held_by_every_replica_and_then_by_the_primary_ends_within_two_call_bounds() {
+    let Some(server) = start() else { return };
+    // The call bound is 2 s: the server's statement timeout (1 s) ends the
+    // primary's run; a frozen replica answers neither it nor the cancel,
+    // so each replica run lasts the whole bound, until its socket is cut.
+    let config = PoolConfig {
+        max_size: 4,
+        connection_timeout: Duration::from_millis(500),
+        statement_timeout: Some(Duration::from_secs(1)),
+        deadline: DeadlineConfig {
+            margin: Duration::from_millis(200),
+            grace: Duration::from_millis(800),
+            ..DeadlineConfig::default()
+        },
+        ..PoolConfig::default()
+    };
+    let mut pool = PgPool::connect(server.primary_url(), config).unwrap();
+    // Two replicas of the set, both on the testkit's one replica server, so
+    // one freeze holds both. Samples 5 s apart: no sample can take either
+    // out of rotation while the read runs.
+    let urls = [server.replica_url().to_owned(), server.replica_url().to_owned()];
+    let sampling = ReplicaConfig { sample_every: Duration::from_secs(5), ..ReplicaConfig::default() };
+    let set = ReplicaSet::connect(&pool, &urls, "replica_urls", config, sampling).unwrap();
+    pool = pool.with_replicas(set);
+    let users = PgUserStore::new(pool.clone());
+    let user = users.upsert(NewUser::new(email("held@example.io"), Provider::Google)).unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    let started = Instant::now();
+    while !pool.replicas().unwrap().status().iter().all(|replica| replica.in_rotation) {
+        assert!(started.elapsed() < Duration::from_secs(20), "the replicas never entered rotation");
+        thread::sleep(Duration::from_millis(5));
+    }
+    // A connection open in each replica pool, so that each replica run
+    // waits on its statement (the whole bound), not on a checkout.
+    while !pool.replicas().unwrap().pools().all(|(_, replica)| replica.stats().statements > 0) {
+        assert_eq!(users.get(&user.id).unwrap().map(|found| found.id), Some(user.id));
+        assert!(started.elapsed() < Duration::from_secs(20), "a replica never answered");
+    }
+    // The primary holds the read too, until its statement timeout.
+    let mut locker = PgConnection::establish(server.primary_url()).unwrap();
+    locker.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE").unwrap();
+
+    let bound = pool.call_bound();
+    let frozen = server.freeze_replica().unwrap();
+    let read_started = Instant::now();
+    let read = users.get(&user.id);
+    let elapsed = read_started.elapsed();
+    drop(frozen);
+    locker.batch_execute("ROLLBACK").unwrap();
+    println!("a read held by two replicas and the primary took {elapsed:?} (call bound {bound:?})");
+    assert!(read.is_err(), "the primary's statement timeout ends the read: {read:?}");
+    // The replicas' runs share one bound and the primary has its own: two
+    // in all. Each replica with its own bound made it three, and a third
+    // second past (the slack is under the primary's 1 s).
+    let slack = Duration::from_millis(600);
+    assert!(elapsed <= 2 * bound + slack, "{elapsed:?} is more than two call bounds of {bound:?}");
+    let status = pool.replicas().unwrap().status();
+    assert!(status.iter().map(|replica| replica.skips.error).sum::<u64>() >= 1, "{status:?}");
 }
 
 /// Reads by the replica until one is answered by it alone: one statement
