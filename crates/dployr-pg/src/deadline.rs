@@ -41,7 +41,7 @@
 //! keepalives or `tcp_user_timeout` end it (see docs/operations.md).
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -105,6 +105,10 @@ pub struct DeadlineStats {
     /// calls, and those diesel found broken (a lost connection, an
     /// unfinished transaction).
     pub discarded: u64,
+    /// Connections made whose socket could not be told apart from others
+    /// opened at the same moment: a call on one cannot be ended by a socket
+    /// shutdown, only by the cancel request (when it is on).
+    pub unidentified: u64,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +117,7 @@ pub(crate) struct Counters {
     cancels_sent: AtomicU64,
     sockets_shut_down: AtomicU64,
     discarded: AtomicU64,
+    unidentified: AtomicU64,
 }
 
 /// A server process, as a cancel request names it: its pid is reused by
@@ -305,6 +310,24 @@ fn identify(conn: &mut PgConnection, before: &[Socket], ports: &[u16]) -> ConnIn
     }
 }
 
+/// The locks of `ports`, in port order (so two callers never wait on each
+/// other's): a pool opens a connection holding them, so no other pool of
+/// this process opens one to the same port meanwhile, and the one new
+/// socket to that port is the connection's own. Two opened at once leave
+/// two new sockets, which only the client port the server reports tells
+/// apart, and behind a proxy (PgBouncer, a cloud SQL proxy) that port is
+/// the proxy's: through a proxy, 6 of 8 connections opened together went
+/// unidentified, so their calls had no socket shutdown to end them. The
+/// cost: connections to one port are opened one at a time (a few ms each
+/// on a LAN; a host that does not answer holds the others up to its
+/// `connect_timeout`).
+fn port_locks(ports: &[u16]) -> Vec<Arc<Mutex<()>>> {
+    static LOCKS: OnceLock<Mutex<BTreeMap<u16, Arc<Mutex<()>>>>> = OnceLock::new();
+    let mut locks = LOCKS.get_or_init(Mutex::default).lock().unwrap_or_else(PoisonError::into_inner);
+    let wanted: BTreeSet<u16> = ports.iter().copied().collect();
+    wanted.into_iter().map(|port| Arc::clone(locks.entry(port).or_default())).collect()
+}
+
 /// diesel's r2d2 connection manager, plus what the deadlines need: it
 /// identifies each new connection, and discards a connection whose call
 /// expired.
@@ -328,9 +351,15 @@ impl ManageConnection for PgConnectionManager {
     type Error = diesel::r2d2::Error;
 
     fn connect(&self) -> Result<PgConnection, Self::Error> {
+        let locks = port_locks(&self.ports);
+        let _alone: Vec<MutexGuard<'_, ()>> =
+            locks.iter().map(|lock| lock.lock().unwrap_or_else(PoisonError::into_inner)).collect();
         let before = sockets();
         let mut conn = self.inner.connect()?;
         let info = identify(&mut conn, &before, &self.ports);
+        if info.socket.is_none() {
+            self.counters.unidentified.fetch_add(1, Ordering::Relaxed);
+        }
         IDENTIFIED.with(|identified| *identified.borrow_mut() = Some(Arc::new(info)));
         Ok(conn)
     }
@@ -408,6 +437,7 @@ impl Deadlines {
             cancels_sent: c.cancels_sent.load(Ordering::Relaxed),
             sockets_shut_down: c.sockets_shut_down.load(Ordering::Relaxed),
             discarded: c.discarded.load(Ordering::Relaxed),
+            unidentified: c.unidentified.load(Ordering::Relaxed),
         }
     }
 

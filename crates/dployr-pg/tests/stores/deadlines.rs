@@ -145,3 +145,25 @@ fn a_call_on_an_idle_connection_behind_a_silent_link_ends_within_the_bound_and_t
     };
     assert_eq!(served, None);
 }
+
+#[test]
+fn connections_opened_at_once_behind_a_proxy_each_know_their_socket() {
+    let db = dployr_testkit::database();
+    let (_proxy, url) = BlackholeProxy::in_front_of(db.url()).unwrap();
+    // Behind a proxy the server reports the proxy's port as the client's,
+    // so that cannot tell apart two sockets opened at the same moment.
+    let pool = PgPool::connect(&url, PoolConfig { max_size: 8, ..short_deadlines() }).unwrap();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                pool.operation("test.call").run(|conn| diesel::sql_query("SELECT pg_sleep(0.3)").execute(conn))
+            })
+        })
+        .collect();
+    for call in calls {
+        call.join().unwrap().unwrap();
+    }
+    assert_eq!(pool.state().0, 8, "eight connections, opened as the calls came");
+    assert_eq!(pool.deadline_stats().unidentified, 0, "{:?}", pool.deadline_stats());
+}
