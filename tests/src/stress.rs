@@ -5,16 +5,34 @@
 //! checker on its own connection samples the invariants every 10 ms.
 //!
 //! Invariants checked (each checker sample and each read is one statement,
-//! so one snapshot):
+//! so one snapshot; the checks across samples take a second statement):
 //! - every live cluster has exactly one owner;
-//! - no membership names a missing user or cluster;
+//! - no membership names a missing user or cluster, no instance a missing
+//!   cluster, no bootstrap token a missing instance (cascading foreign
+//!   keys);
 //! - every listing's total (members, invites, instances), as pages report
 //!   it, equals a `count(*)` of its rows;
 //! - every membership's copy of its user's e-mail, name and picture (what
 //!   member listings show) equals the user's own;
 //! - no row of any table was updated before it was created;
+//! - across samples (what only moves one way, whatever commits between
+//!   two): a row's `updated_at` never decreases; a membership seen with a
+//!   role past `invited` is never `invited` again; a user id keeps its
+//!   e-mail (a row is one table, key and `created_at`, forgotten once a
+//!   sample misses it);
 //! - a bootstrap token's `mark_used` returns `true` at most once, and a
-//!   token it returned `true` for stays used;
+//!   token it returned `true` for stays used; 8 calls at once for a fresh
+//!   token return exactly one `true` (none, if one of them lost its
+//!   connection);
+//! - 4 `create_for_owner` at once for a fresh user all answer one cluster,
+//!   the one `owned_cluster` then names;
+//! - every write that answers with what it wrote (read inside its own
+//!   transaction) shows this call's write: `users.upsert` and
+//!   `users.update` the e-mail, name, picture, provider and metadata keys
+//!   given; `clusters.update` with roles exactly its owner and each listed
+//!   user with the highest role listed for them (the owner keeps
+//!   ownership), no one else and no invitation, with the name and metadata
+//!   keys given; `add_users` one member per distinct e-mail asked for;
 //! - a session reads as its own user's; a deleted session, or every
 //!   session a user had when a sign-out everywhere began (alone or after
 //!   deleting the account), does not load after it returns; an OAuth state
@@ -26,28 +44,30 @@
 //!   without one, a total equal to the items given; the owner first on a
 //!   member page and never on the next; rows that are what was asked for.
 //!
-//! Also counted: every operation's outcome by error kind. `Backend` errors,
-//! `Invalid` errors (the workload sends only valid input), panics and
-//! deadlocks that PostgreSQL detected are failures; `NotFound` and
-//! `Conflict` are the normal answers of a workload whose rows vanish under
-//! it. Run by `cargo xtask stress` (long) and `tests/tests/stress.rs` (10 s).
+//! Also counted: every operation's outcome by error kind, or `skipped` when
+//! a step found nothing to act on (no instance, nonce, session, ... known
+//! yet) and made no call, which is neither a success nor a failure.
+//! `Backend` errors, `Invalid` errors (the workload sends only valid
+//! input), panics and deadlocks that PostgreSQL detected are failures;
+//! `NotFound` and `Conflict` are the normal answers of a workload whose
+//! rows vanish under it. Run by `cargo xtask stress` (long) and `tests/tests/stress.rs` (10 s).
 
 #![expect(clippy::expect_used, reason = "a harness: a database that fails under it fails the run, loudly")]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use dployr_domain::{
-    BootstrapTokenStore, ClusterId, ClusterName, ClusterPatch, ClusterStore, Email, GitHubIntegration, InstanceId,
-    InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Paged, Provider, Role, StoreError, Tag, UserId,
-    UserPatch, UserStore,
+    BootstrapTokenStore, Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore, Email, GitHubIntegration,
+    InstanceId, InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Paged, Provider, Role, StoreError, Tag,
+    UserId, UserPatch, UserStore,
 };
 use dployr_kv::{KvStore, OAuthState, OtpCode, PgKv, SessionId};
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig};
@@ -116,7 +136,7 @@ pub struct StressReport {
     pub threads: usize,
     /// Connections the workers' pool may hold (its maximum size).
     pub connections: u64,
-    /// Per operation: outcome (`ok`, or an error kind) -> count.
+    /// Per operation: outcome (`ok`, `skipped`, or an error kind) -> count.
     pub outcomes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Samples the checker took.
     pub samples: u64,
@@ -159,7 +179,10 @@ impl StressReport {
     }
 }
 
-const KINDS: [&str; 7] = ["ok", "NotFound", "Conflict", "Unavailable", "Invalid", "Backend", "panic"];
+/// The outcomes a report counts, in its columns: `ok`, `skipped` (a call
+/// that found nothing to act on, [`Acted::NothingToActOn`]: neither a
+/// success nor a failure), then the error kinds.
+const KINDS: [&str; 8] = ["ok", "skipped", "NotFound", "Conflict", "Unavailable", "Invalid", "Backend", "panic"];
 
 impl fmt::Display for StressReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -173,14 +196,14 @@ impl fmt::Display for StressReport {
             self.calls(),
             self.calls() as f64 / seconds
         )?;
-        write!(f, "{:<38} {:>8}", "operation", "ops/s")?;
+        write!(f, "{:<40} {:>8}", "operation", "ops/s")?;
         for kind in KINDS {
             write!(f, " {kind:>11}")?;
         }
         writeln!(f)?;
         for (operation, outcomes) in &self.outcomes {
             let calls: u64 = outcomes.values().sum();
-            write!(f, "{operation:<38} {:>8.0}", calls as f64 / seconds)?;
+            write!(f, "{operation:<40} {:>8.0}", calls as f64 / seconds)?;
             for kind in KINDS {
                 write!(f, " {:>11}", outcomes.get(kind).copied().unwrap_or(0))?;
             }
@@ -230,6 +253,8 @@ struct World {
     nonces: Mutex<Vec<String>>,
     used: Mutex<HashMap<String, u64>>,
     next_nonce: AtomicU64,
+    /// Bursts begun: each names its own e-mail, instance and nonce by it.
+    bursts: AtomicU64,
     /// A clock of the key-value calls: a tick when one starts and when it
     /// returns, so "returned before that started" can be told.
     ticks: AtomicU64,
@@ -276,6 +301,62 @@ fn each_once<T: Eq + std::hash::Hash>(items: impl IntoIterator<Item = T>) -> boo
     items.into_iter().all(|item| seen.insert(item))
 }
 
+/// What a call that did not fail did. A workload step that finds nothing
+/// to act on (no instance, nonce, session, state or code known yet, or the
+/// user gone) makes no call of its operation: counting it as `ok` would let
+/// an operation look exercised that never ran.
+enum Acted {
+    /// The operation ran and answered.
+    Yes,
+    /// Nothing to act on: counted as `skipped`.
+    NothingToActOn,
+}
+
+/// A step whose work returns nothing ran its operation.
+impl From<()> for Acted {
+    fn from((): ()) -> Self {
+        Acted::Yes
+    }
+}
+
+/// Whether `stored` holds every key of `given` with the value given: what a
+/// merge of `given` (`jsonb ||`) leaves, whatever else the object holds.
+fn merged(stored: &Metadata, given: &Metadata) -> bool {
+    given.as_map().iter().all(|(key, value)| stored.get(key) == Some(value))
+}
+
+/// Whether `cluster`, as `clusters.update` gave back after setting the roles
+/// `desired` (each listed user's highest), has exactly one owner and each
+/// listed user, with their desired role unless they are the owner (who keeps
+/// ownership), and no one else: members not listed are removed, invitations
+/// included.
+fn has_exactly_the_roles(cluster: &Cluster, desired: &BTreeMap<UserId, Role>) -> bool {
+    let [owner] = cluster.with_role(Role::Owner) else { return false };
+    let members: Vec<_> = cluster.members.values().flatten().collect();
+    let listed_or_owner =
+        members.iter().all(|member| member.role == Role::Owner || desired.get(&member.user_id) == Some(&member.role));
+    let each_listed = desired.keys().all(|user| members.iter().any(|member| member.user_id == *user));
+    let expected = desired.len() + usize::from(!desired.contains_key(&owner.user_id));
+    listed_or_owner && each_listed && members.len() == expected
+}
+
+/// Runs `work` on `threads` threads that start it together (behind a
+/// barrier, so the calls race), and gives back each one's answer.
+fn at_once<T: Send>(threads: usize, work: impl Fn() -> T + Sync) -> Vec<T> {
+    let barrier = Barrier::new(threads);
+    thread::scope(|scope| {
+        let racers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    work()
+                })
+            })
+            .collect();
+        racers.into_iter().map(|racer| racer.join().expect("a racing call does not panic")).collect()
+    })
+}
+
 fn kind_of(error: &StoreError) -> &'static str {
     match error {
         StoreError::NotFound { .. } => "NotFound",
@@ -302,9 +383,12 @@ impl World {
     }
 
     /// Runs one call of `operation`, recording its outcome.
-    fn call(&self, operation: &'static str, work: impl FnOnce() -> Result<(), StoreError>) {
+    fn call<A: Into<Acted>>(&self, operation: &'static str, work: impl FnOnce() -> Result<A, StoreError>) {
         match catch_unwind(AssertUnwindSafe(work)) {
-            Ok(Ok(())) => self.record(operation, "ok", None),
+            Ok(Ok(acted)) => match acted.into() {
+                Acted::Yes => self.record(operation, "ok", None),
+                Acted::NothingToActOn => self.record(operation, "skipped", None),
+            },
             Ok(Err(error)) => {
                 let kind = kind_of(&error);
                 if kind == "Unavailable" {
@@ -345,14 +429,17 @@ impl World {
     }
 
     /// One random operation, weighted towards membership writes (where the
-    /// owner rule can break) but covering every write of every store.
+    /// owner rule can break) but covering every write of every store. A
+    /// write that answers with what it wrote reads that answer inside its
+    /// own transaction, so the answer must show this call's write, whatever
+    /// runs beside it: those answers are checked too.
     fn step(&self, rng: &mut StdRng) {
         let user = pick(rng, &self.user_ids);
         let cluster = pick(rng, &self.cluster_ids);
         let (Some(user), Some(cluster)) = (user, cluster) else {
             return self.replenish(rng);
         };
-        match rng.random_range(0..152) {
+        match rng.random_range(0..153) {
             0..=7 => self.call("users.upsert", || {
                 let provider = *[Provider::Google, Provider::Github, Provider::Microsoft, Provider::Email]
                     .choose(rng)
@@ -364,9 +451,25 @@ impl World {
                 let name = name.map(TryInto::try_into).transpose()?;
                 let picture =
                     rng.random_bool(0.3).then(|| format!("https://example.io/s{}.png", rng.random_range(0..100)));
-                let new = NewUser { metadata, name, picture, ..NewUser::new(self.email(rng), provider) };
+                let email = self.email(rng);
+                let new = NewUser {
+                    metadata: metadata.clone(),
+                    name: name.clone(),
+                    picture: picture.clone(),
+                    ..NewUser::new(email.clone(), provider)
+                };
                 let user = self.users.upsert(new)?;
                 remember(&self.user_ids, user.id);
+                // The row as this call's statement left it (RETURNING): the
+                // name and picture it brought replace the stored ones.
+                let right = user.email == email
+                    && user.provider == provider
+                    && name.as_ref().is_none_or(|name| user.name == name.as_str())
+                    && picture.as_ref().is_none_or(|picture| user.picture.as_ref() == Some(picture))
+                    && metadata.as_ref().is_none_or(|metadata| merged(&user.metadata, metadata));
+                self.expect("users.upsert", right, || {
+                    format!("signed in {email} with {provider:?}, {name:?}, {picture:?}, {metadata:?}; got {user:?}")
+                });
                 Ok(())
             }),
             8..=10 => self.call("users.update", || {
@@ -378,7 +481,16 @@ impl World {
                     provider: rng.random_bool(0.3).then_some(Provider::Email),
                     metadata: Some(Self::metadata(rng)),
                 };
-                self.users.update(&self.email(rng), patch).map(drop)
+                let email = self.email(rng);
+                let Some(user) = self.users.update(&email, patch.clone())? else { return Ok(()) };
+                // The row as this call's UPDATE left it (RETURNING).
+                let right = user.email == email
+                    && patch.name.as_ref().is_none_or(|name| user.name == name.as_str())
+                    && patch.picture.as_ref().is_none_or(|picture| user.picture.as_ref() == Some(picture))
+                    && patch.provider.is_none_or(|provider| user.provider == provider)
+                    && patch.metadata.as_ref().is_none_or(|metadata| merged(&user.metadata, metadata));
+                self.expect("users.update", right, || format!("updated {email} with {patch:?}; got {user:?}"));
+                Ok(())
             }),
             11..=16 => self.call("users.delete", || self.users.delete(&user)),
             17..=19 => self.call("clusters.create_for_owner", || {
@@ -388,34 +500,57 @@ impl World {
             }),
             20..=27 => self.call("clusters.update (roles)", || {
                 let mut roles: BTreeMap<Role, Vec<UserId>> = BTreeMap::new();
+                // Each listed user's highest role: what the cluster must hold.
+                let mut desired: BTreeMap<UserId, Role> = BTreeMap::new();
                 for _ in 0..rng.random_range(0..4) {
                     if let Some(member) = pick(rng, &self.user_ids) {
-                        roles.entry(Self::role(rng)).or_default().push(member);
+                        let role = Self::role(rng);
+                        roles.entry(role).or_default().push(member);
+                        let highest = desired.entry(member).or_insert(role);
+                        *highest = (*highest).max(role);
                     }
                 }
-                let patch = ClusterPatch {
-                    name: rng
-                        .random_bool(0.2)
-                        .then(|| ClusterName::try_from(format!("cluster {}", rng.random_range(0..100))))
-                        .transpose()?,
-                    metadata: rng.random_bool(0.2).then(|| Self::metadata(rng)),
-                    roles: Some(roles),
-                };
-                self.clusters.update(&cluster, patch).map(drop)
+                let name = rng
+                    .random_bool(0.2)
+                    .then(|| ClusterName::try_from(format!("cluster {}", rng.random_range(0..100))))
+                    .transpose()?;
+                let metadata = rng.random_bool(0.2).then(|| Self::metadata(rng));
+                let patch = ClusterPatch { name: name.clone(), metadata: metadata.clone(), roles: Some(roles) };
+                let Some(found) = self.clusters.update(&cluster, patch)? else { return Ok(()) };
+                // Read back under the cluster's lock, which every other
+                // membership write of this cluster waits for, with each
+                // listed user share-locked (a listed user already deleted
+                // fails the call as NotFound): nothing can change the
+                // memberships between the write and the answer, except
+                // accept and decline, which touch only invitations, and
+                // none is left.
+                let right = found.id == cluster
+                    && has_exactly_the_roles(&found, &desired)
+                    && name.as_ref().is_none_or(|name| found.name == name.as_str())
+                    && metadata.as_ref().is_none_or(|metadata| merged(&found.metadata, metadata));
+                self.expect("clusters.update (roles)", right, || {
+                    format!("set {cluster} to {desired:?}, {name:?}, {metadata:?}; got {found:?}")
+                });
+                Ok(())
             }),
             28..=30 => self.call("clusters.delete", || self.clusters.delete(&cluster)),
-            31..=32 => self.call("clusters.install_github_integration", || {
+            31..=32 => {
                 let login_id = format!("login-{}", rng.random_range(0..4));
-                let linked =
-                    Metadata::try_from(serde_json::json!({ "gitHub": { "loginId": login_id } })).unwrap_or_default();
                 if rng.random_bool(0.5) {
-                    let patch = ClusterPatch { metadata: Some(linked), ..ClusterPatch::default() };
-                    self.clusters.update(&cluster, patch).map(drop)
+                    // A cluster linked to a login, for the installs to find.
+                    self.call("clusters.update (metadata)", || {
+                        let linked = Metadata::try_from(serde_json::json!({ "gitHub": { "loginId": login_id } }))
+                            .unwrap_or_default();
+                        let patch = ClusterPatch { metadata: Some(linked), ..ClusterPatch::default() };
+                        self.clusters.update(&cluster, patch).map(drop)
+                    });
                 } else {
-                    let integration = GitHubIntegration { login_id, settings: Self::metadata(rng) };
-                    self.clusters.install_github_integration(integration).map(drop)
+                    self.call("clusters.install_github_integration", || {
+                        let integration = GitHubIntegration { login_id, settings: Self::metadata(rng) };
+                        self.clusters.install_github_integration(integration).map(drop)
+                    });
                 }
-            }),
+            }
             33..=44 => self.call("clusters.transfer_ownership", || {
                 let previous =
                     *[Some(Role::Admin), Some(Role::Developer), Some(Role::Viewer), None].choose(rng).unwrap_or(&None);
@@ -424,12 +559,21 @@ impl World {
             45..=54 => self.call("clusters.add_users", || {
                 // Now and then none: an empty invitation changes nothing.
                 let emails: Vec<Email> = (0..rng.random_range(0..=3)).map(|_| self.email(rng)).collect();
-                for member in self.clusters.add_users(&cluster, &emails)? {
+                let members = self.clusters.add_users(&cluster, &emails)?;
+                for member in &members {
                     remember(&self.user_ids, member.user_id);
                     if member.role == Role::Invited {
                         remember(&self.invitations, (member.user_id, cluster));
                     }
                 }
+                // One member per distinct e-mail asked for, read in the
+                // call's transaction under the cluster's lock; an e-mail's
+                // user never changes its e-mail, and one e-mail is one user.
+                let asked: BTreeSet<&str> = emails.iter().map(Email::as_str).collect();
+                let given: BTreeSet<&str> = members.iter().map(|member| member.email.as_str()).collect();
+                self.expect("clusters.add_users", members.len() == asked.len() && given == asked, || {
+                    format!("invited {asked:?} to {cluster}; got {members:?}")
+                });
                 Ok(())
             }),
             55..=64 => self.call("clusters.remove_users", || {
@@ -457,28 +601,29 @@ impl World {
                 Ok(())
             }),
             77..=78 => self.call("instances.update_metadata", || {
-                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
-                self.instances.update_metadata(&instance, Self::metadata(rng)).map(drop)
+                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(Acted::NothingToActOn) };
+                self.instances.update_metadata(&instance, Self::metadata(rng)).map(|_| Acted::Yes)
             }),
             79..=80 => self.call("instances.delete", || {
-                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
-                self.instances.delete(&instance)
+                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(Acted::NothingToActOn) };
+                self.instances.delete(&instance).map(|()| Acted::Yes)
             }),
             81..=83 => self.call("bootstrap_tokens.create", || {
-                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
+                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(Acted::NothingToActOn) };
                 let nonce = format!("nonce-{}", self.next_nonce.fetch_add(1, Ordering::Relaxed));
                 self.tokens.create(&instance, &Nonce::parse(&nonce)?)?;
                 remember(&self.nonces, nonce);
-                Ok(())
+                Ok(Acted::Yes)
             }),
             84..=88 => self.call("bootstrap_tokens.mark_used", || {
-                let Some(nonce) = pick(rng, &self.nonces) else { return Ok(()) };
+                let Some(nonce) = pick(rng, &self.nonces) else { return Ok(Acted::NothingToActOn) };
                 if self.tokens.mark_used(&Nonce::parse(&nonce)?)? {
                     *self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(nonce).or_default() += 1;
                 }
-                Ok(())
+                Ok(Acted::Yes)
             }),
             130..=151 => self.kv_step(rng, &user),
+            152 => self.burst(),
             _ => self.read(rng, &user, &cluster),
         }
     }
@@ -497,29 +642,29 @@ impl World {
         match rng.random_range(0..22) {
             0..=3 => self.call("kv.create_session", || {
                 // A sign-in: the user as the store has it now.
-                let Some(found) = self.users.get(user)? else { return Ok(()) };
+                let Some(found) = self.users.get(user)? else { return Ok(Acted::NothingToActOn) };
                 let id = SessionId::generate();
                 self.kv.create_session(&id, &found, Vec::new())?;
                 let returned = self.tick();
                 remember(&self.sessions, (id, found.id, returned));
-                Ok(())
+                Ok(Acted::Yes)
             }),
             4..=7 => self.call("kv.get_session", || {
-                let Some((id, owner, _)) = pick(rng, &self.sessions) else { return Ok(()) };
+                let Some((id, owner, _)) = pick(rng, &self.sessions) else { return Ok(Acted::NothingToActOn) };
                 let session = self.kv.get_session(&id)?;
                 self.expect("kv.get_session", session.as_ref().is_none_or(|s| s.user_id == owner), || {
                     format!("a session of {owner} read as {:?}'s", session.as_ref().map(|s| s.user_id))
                 });
-                Ok(())
+                Ok(Acted::Yes)
             }),
             8..=9 => self.call("kv.delete_session", || {
-                let Some((id, owner, _)) = pick(rng, &self.sessions) else { return Ok(()) };
+                let Some((id, owner, _)) = pick(rng, &self.sessions) else { return Ok(Acted::NothingToActOn) };
                 self.kv.delete_session(&id)?;
                 let after = self.kv.get_session(&id)?;
                 self.expect("kv.delete_session", after.is_none(), || {
                     format!("a session of {owner} loads after its delete")
                 });
-                Ok(())
+                Ok(Acted::Yes)
             }),
             10..=12 => {
                 // Sign-out everywhere, half of the time with the account
@@ -559,9 +704,10 @@ impl World {
                     let state = OAuthState::generate();
                     self.kv.create_state(&state, "/clusters")?;
                     remember(&self.states, state);
-                } else if let Some(state) = pick(rng, &self.states)
-                    && self.kv.validate_state(&state)?.is_some()
-                {
+                    return Ok(Acted::Yes);
+                }
+                let Some(state) = pick(rng, &self.states) else { return Ok(Acted::NothingToActOn) };
+                if self.kv.validate_state(&state)?.is_some() {
                     *self
                         .states_taken
                         .lock()
@@ -569,7 +715,7 @@ impl World {
                         .entry(state.expose().to_owned())
                         .or_default() += 1;
                 }
-                Ok(())
+                Ok(Acted::Yes)
             }),
             16..=17 => self.call("kv.create_otp", || {
                 let email = self.email(rng);
@@ -580,7 +726,7 @@ impl World {
                 Ok(())
             }),
             _ => self.call("kv.validate_otp", || {
-                let Some((email, code, _, made)) = pick(rng, &self.codes) else { return Ok(()) };
+                let Some((email, code, _, made)) = pick(rng, &self.codes) else { return Ok(Acted::NothingToActOn) };
                 // Now and then a wrong guess, which counts as an attempt.
                 let guess = if rng.random_bool(0.3) { OtpCode::new("ZZZZZZ") } else { code.clone() };
                 let started = self.tick();
@@ -602,7 +748,7 @@ impl World {
                         format!("a code of {email} validated after a newer one was made in full")
                     });
                 }
-                Ok(())
+                Ok(Acted::Yes)
             }),
         }
     }
@@ -712,26 +858,26 @@ impl World {
             15 => self.call("clusters.is_admin", || self.clusters.is_admin(user, cluster).map(drop)),
             16 => self.call("clusters.is_owner", || self.clusters.is_owner(user, cluster).map(drop)),
             17 => self.call("clusters.integrations", || self.clusters.integrations(cluster).map(drop)),
-            18 => self.call("instances.get", || {
-                if rng.random_bool(0.5) {
-                    let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(()) };
-                    let found = self.instances.get(&instance)?;
-                    self.expect("instances.get", found.as_ref().is_none_or(|found| found.id == instance), || {
-                        format!("asked for {instance}, got {found:?}")
-                    });
-                } else {
-                    let tag: Tag = format!("web-{}", rng.random_range(0..40)).try_into()?;
-                    let found = self.instances.get_by_tag(&tag)?;
-                    let right = found.as_ref().is_none_or(|found| found.tag == tag.as_str());
-                    self.expect("instances.get", right, || format!("asked for tag {tag}, got {found:?}"));
-                }
+            18 if rng.random_bool(0.5) => self.call("instances.get", || {
+                let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(Acted::NothingToActOn) };
+                let found = self.instances.get(&instance)?;
+                self.expect("instances.get", found.as_ref().is_none_or(|found| found.id == instance), || {
+                    format!("asked for {instance}, got {found:?}")
+                });
+                Ok(Acted::Yes)
+            }),
+            18 => self.call("instances.get_by_tag", || {
+                let tag: Tag = format!("web-{}", rng.random_range(0..40)).try_into()?;
+                let found = self.instances.get_by_tag(&tag)?;
+                let right = found.as_ref().is_none_or(|found| found.tag == tag.as_str());
+                self.expect("instances.get_by_tag", right, || format!("asked for tag {tag}, got {found:?}"));
                 Ok(())
             }),
             _ => {
                 if rng.random_bool(0.3) {
                     return self.call("bootstrap_tokens.is_used", || {
-                        let Some(nonce) = pick(rng, &self.nonces) else { return Ok(()) };
-                        self.tokens.is_used(&Nonce::parse(&nonce)?).map(drop)
+                        let Some(nonce) = pick(rng, &self.nonces) else { return Ok(Acted::NothingToActOn) };
+                        self.tokens.is_used(&Nonce::parse(&nonce)?).map(|_| Acted::Yes)
                     });
                 }
                 self.call("instances.list_by_cluster", || {
@@ -782,6 +928,71 @@ impl World {
         self.expect(operation, holds && page.items.len() <= limit && counted, || format!("{page:?}"));
     }
 
+    /// Races on purpose, now and then: a user of a fresh e-mail asks for its
+    /// cluster from 4 threads at once (all must get one cluster, the one
+    /// `owned_cluster` names), then a fresh token of a fresh instance in that
+    /// cluster is marked used from 8 threads at once (exactly one `true`).
+    /// No other thread knows that e-mail, user, cluster, instance or nonce
+    /// (the workload draws from its own lists, by id, e-mail, tag and nonce),
+    /// so nothing else touches them and the answers owe nothing to the rest
+    /// of the workload. The cluster and the user are deleted afterwards.
+    fn burst(&self) {
+        let serial = self.bursts.fetch_add(1, Ordering::Relaxed);
+        let mut made: Option<(UserId, Option<ClusterId>)> = None;
+        self.call("clusters.create_for_owner (4 at once)", || {
+            let email = Email::parse(&format!("burst{serial}@stress.example"))?;
+            let user = self.users.upsert(NewUser::new(email, Provider::Google))?.id;
+            made = Some((user, None));
+            let answers = at_once(4, || self.clusters.create_for_owner(&user).map(|cluster| cluster.id));
+            let ids: BTreeSet<ClusterId> = answers.iter().filter_map(|answer| answer.as_ref().ok()).copied().collect();
+            // A call that lost its connection (a disturbance) may have
+            // committed or not; those that answered agree all the same.
+            let Some(&cluster) = ids.first() else {
+                return answers.into_iter().find_map(Result::err).map_or(Ok(()), Err);
+            };
+            made = Some((user, Some(cluster)));
+            self.expect("clusters.create_for_owner (4 at once)", ids.len() == 1, || {
+                format!("4 calls at once for {user} gave {} clusters: {ids:?}", ids.len())
+            });
+            let owned = self.clusters.owned_cluster(&user)?.map(|summary| summary.id);
+            self.expect("clusters.create_for_owner (4 at once)", owned == Some(cluster), || {
+                format!("4 calls at once for {user} gave {cluster}, owned_cluster gives {owned:?}")
+            });
+            Ok(())
+        });
+        let Some((user, cluster)) = made else { return };
+        self.call("bootstrap_tokens.mark_used (8 at once)", || {
+            let Some(cluster) = cluster else { return Ok(Acted::NothingToActOn) };
+            let new = NewInstance {
+                address: format!("10.1.{}.{}", serial / 250 % 250, serial % 250).try_into()?,
+                tag: format!("burst-{serial}").try_into()?,
+                metadata: None,
+            };
+            let instance = self.instances.create(&cluster, new)?;
+            let nonce = Nonce::parse(&format!("burst-{serial}"))?;
+            self.tokens.create(&instance.id, &nonce)?;
+            let answers = at_once(8, || self.tokens.mark_used(&nonce));
+            let trues = answers.iter().filter(|answer| matches!(answer, Ok(true))).count();
+            // A call that lost its connection may have marked it unseen:
+            // then none of those that answered says true.
+            let all_answered = answers.iter().all(Result::is_ok);
+            self.expect("bootstrap_tokens.mark_used (8 at once)", trues == 1 || (trues == 0 && !all_answered), || {
+                format!("8 calls at once for {nonce:?} answered {answers:?}")
+            });
+            if trues == 0
+                && let Some(lost) = answers.into_iter().find_map(Result::err)
+            {
+                return Err(lost);
+            }
+            Ok(Acted::Yes)
+        });
+        // Clean-up, so bursts do not pile up rows for every sample to scan.
+        if let Some(cluster) = cluster {
+            self.call("clusters.delete", || self.clusters.delete(&cluster));
+        }
+        self.call("users.delete", || self.users.delete(&user));
+    }
+
     /// Keeps some users and clusters alive for the workers to pick.
     fn replenish(&self, rng: &mut StdRng) {
         self.call("users.upsert", || {
@@ -797,7 +1008,8 @@ impl World {
 }
 
 /// One checker sample: clusters whose owner count is not one (with the
-/// count), memberships of a missing user or cluster, clusters whose listing
+/// count), memberships of a missing user or cluster, instances of a missing
+/// cluster and tokens of a missing instance, clusters whose listing
 /// totals (`cluster_counts`, what every page reports) differ from a
 /// `count(*)` of the rows, memberships whose copy of the user's e-mail,
 /// name or picture differs from the user's, and rows whose `updated_at` is
@@ -808,6 +1020,10 @@ struct Sample {
     bad_owners: Option<String>,
     #[diesel(sql_type = BigInt)]
     orphans: i64,
+    #[diesel(sql_type = BigInt)]
+    orphan_instances: i64,
+    #[diesel(sql_type = BigInt)]
+    orphan_tokens: i64,
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
     bad_totals: Option<String>,
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
@@ -824,6 +1040,10 @@ const SAMPLE: &str = "SELECT
     (SELECT count(*) FROM user_clusters m
       WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = m.user_id)
          OR NOT EXISTS (SELECT 1 FROM clusters c WHERE c.id = m.cluster_id)) AS orphans,
+    (SELECT count(*) FROM instances i
+      WHERE NOT EXISTS (SELECT 1 FROM clusters c WHERE c.id = i.cluster_id)) AS orphan_instances,
+    (SELECT count(*) FROM bootstrap_tokens t
+      WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = t.instance_id)) AS orphan_tokens,
     (SELECT string_agg(format('%s counts %s/%s/%s members/invites/instances, has %s/%s/%s',
                               c.id, t.members, t.invites, t.instances, r.members, r.invites, r.instances), ', ')
        FROM clusters c
@@ -854,7 +1074,8 @@ const TERMINATE_OTHERS: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_ac
 /// The database invariants broken at this moment in the database `conn`
 /// is connected to, one line each (none when all hold), from one statement,
 /// so one snapshot: a live cluster without exactly one owner, memberships of
-/// a missing user or cluster, listing totals that differ from a `count(*)`,
+/// a missing user or cluster, instances of a missing cluster, tokens of a
+/// missing instance, listing totals that differ from a `count(*)`,
 /// memberships whose copy of the user's profile is not the user's, rows
 /// updated before they were created.
 ///
@@ -873,10 +1094,139 @@ fn try_broken_invariants(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
     if sample.orphans > 0 {
         broken.push(format!("{} memberships of a missing user or cluster", sample.orphans));
     }
+    if sample.orphan_instances > 0 {
+        broken.push(format!("{} instances of a missing cluster", sample.orphan_instances));
+    }
+    if sample.orphan_tokens > 0 {
+        broken.push(format!("{} bootstrap tokens of a missing instance", sample.orphan_tokens));
+    }
     broken.extend(sample.bad_totals.map(|bad| format!("listing totals: {bad}")));
     broken.extend(sample.stale_copies.map(|stale| format!("membership copies of a profile: {stale}")));
     broken.extend(sample.updated_before_created.map(|rows| format!("updated before created: {rows}")));
     Ok(broken)
+}
+
+/// Every row's identity and update time, for [`History`]: the table, the
+/// key, when the row was created and last updated (microseconds since 1970,
+/// exact: `extract` gives a `numeric`), and for a membership its role, for
+/// a user their e-mail. The key-value entries are left out: sessions pile up
+/// over a run, and the table of each is scanned every 10 ms.
+const STAMPS: &str = "SELECT kind, key,
+       (extract(epoch FROM created_at) * 1000000)::bigint AS created,
+       (extract(epoch FROM updated_at) * 1000000)::bigint AS updated,
+       detail
+  FROM (SELECT 'user' AS kind, id AS key, created_at, updated_at, email AS detail FROM users
+        UNION ALL SELECT 'cluster', id, created_at, updated_at, NULL FROM clusters
+        UNION ALL SELECT 'membership', user_id || ' in ' || cluster_id, created_at, updated_at, role
+                    FROM user_clusters
+        UNION ALL SELECT 'instance', id, created_at, updated_at, NULL FROM instances
+        UNION ALL SELECT 'token', nonce, created_at, updated_at, NULL FROM bootstrap_tokens) AS rows";
+
+#[derive(QueryableByName)]
+struct Stamp {
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = Text)]
+    key: String,
+    #[diesel(sql_type = BigInt)]
+    created: i64,
+    #[diesel(sql_type = BigInt)]
+    updated: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    detail: Option<String>,
+}
+
+/// A row as the last sample saw it.
+struct Seen {
+    updated: i64,
+    /// A membership with the role `invited`.
+    invited: bool,
+}
+
+/// The most user ids whose e-mail [`History`] remembers (the oldest are
+/// forgotten first): a long run signs in and deletes users without end.
+const EMAILS_REMEMBERED: usize = 10_000;
+
+/// What the checker remembers between its samples, to check what only
+/// moves one way, whatever commits between two samples:
+/// - a row's `updated_at` never decreases (the trigger of
+///   `008_update_times`);
+/// - a membership once seen past `invited` is never `invited` again (the
+///   trigger `user_clusters_no_return_to_invited`); every sample since
+///   saw it (or it would be forgotten), so the last one's role is enough
+///   to compare with, and a return is reported once;
+/// - a user id always has the same e-mail (`users_email_immutable`; ids
+///   are never reused).
+///
+/// A row is one (table, key, `created_at`): a membership removed and made
+/// again is a new one, which may be invited. Rows absent from a sample are
+/// forgotten, which keeps this bounded by the rows alive, and leaves only
+/// one way to mistake a new row for an old one: removed and made again
+/// between two samples 10 ms apart by a transaction that began in the same
+/// microsecond as the first one's (`created_at` is `now()`). E-mails are
+/// remembered past their user's deletion, up to [`EMAILS_REMEMBERED`] ids.
+#[derive(Default)]
+struct History {
+    rows: HashMap<(String, String, i64), Seen>,
+    emails: HashMap<String, String>,
+    emails_in_order: VecDeque<String>,
+}
+
+impl History {
+    /// Takes one sample of [`STAMPS`]: what broke since the last one, one
+    /// line each. A statement of its own: what it checks compares samples,
+    /// so it needs no snapshot in common with the other checks.
+    fn sample(&mut self, conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+        let stamps: Vec<Stamp> = diesel::sql_query(STAMPS).load(conn)?;
+        let mut broken = Vec::new();
+        let mut rows = HashMap::with_capacity(stamps.len());
+        for Stamp { kind, key, created, updated, detail } in stamps {
+            let invited = kind == "membership" && detail.as_deref() == Some(Role::Invited.as_str());
+            let identity = (kind, key, created);
+            let (kind, key, _) = &identity;
+            if let Some(before) = self.rows.get(&identity) {
+                if updated < before.updated {
+                    broken.push(format!(
+                        "{kind} {key}: updated_at went back from {} to {}",
+                        micros_text(before.updated),
+                        micros_text(updated)
+                    ));
+                }
+                if !before.invited && invited {
+                    broken.push(format!("membership {key}: invited again after it was seen joined"));
+                }
+            }
+            if kind == "user"
+                && let Some(email) = detail
+            {
+                match self.emails.get(key) {
+                    Some(before) if *before != email => {
+                        broken.push(format!("user {key}: e-mail {before}, then {email}"));
+                        // Reported once, not again in every sample after.
+                        self.emails.insert(key.clone(), email);
+                    }
+                    Some(_) => {}
+                    None => {
+                        if self.emails_in_order.len() >= EMAILS_REMEMBERED
+                            && let Some(oldest) = self.emails_in_order.pop_front()
+                        {
+                            self.emails.remove(&oldest);
+                        }
+                        self.emails_in_order.push_back(key.clone());
+                        self.emails.insert(key.clone(), email);
+                    }
+                }
+            }
+            rows.insert(identity, Seen { updated, invited });
+        }
+        self.rows = rows;
+        Ok(broken)
+    }
+}
+
+/// Microseconds since 1970 as a time, for a violation's text.
+fn micros_text(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros).map_or_else(|| micros.to_string(), |time| time.to_rfc3339())
 }
 
 /// A connection to `url`, tried again for up to 30 s while the server
@@ -917,6 +1267,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         nonces: Mutex::default(),
         used: Mutex::default(),
         next_nonce: AtomicU64::new(0),
+        bursts: AtomicU64::new(0),
         ticks: AtomicU64::new(0),
         sessions: Mutex::default(),
         states: Mutex::default(),
@@ -943,8 +1294,13 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         thread::spawn(move || {
             let mut conn = connect_patiently(&url);
             let (mut samples, mut count, mut violations) = (0_u64, 0_u64, Vec::new());
+            let mut history = History::default();
             while !stop.load(Ordering::Relaxed) {
-                match try_broken_invariants(&mut conn) {
+                let sampled = try_broken_invariants(&mut conn).and_then(|mut seen| {
+                    seen.extend(history.sample(&mut conn)?);
+                    Ok(seen)
+                });
+                match sampled {
                     Ok(seen) => {
                         samples += 1;
                         count += seen.len() as u64;
