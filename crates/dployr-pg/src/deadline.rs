@@ -41,7 +41,7 @@
 //! keepalives or `tcp_user_timeout` end it (see docs/operations.md).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -310,22 +310,23 @@ fn identify(conn: &mut PgConnection, before: &[Socket], ports: &[u16]) -> ConnIn
     }
 }
 
-/// The locks of `ports`, in port order (so two callers never wait on each
-/// other's): a pool opens a connection holding them, so no other pool of
-/// this process opens one to the same port meanwhile, and the one new
-/// socket to that port is the connection's own. Two opened at once leave
-/// two new sockets, which only the client port the server reports tells
-/// apart, and behind a proxy (PgBouncer, a cloud SQL proxy) that port is
-/// the proxy's: through a proxy, 6 of 8 connections opened together went
+/// The lock of `database_url`, shared by every pool of this process on
+/// that URL: a pool opens a connection holding it, so the one new socket to
+/// the URL's server is the connection's own. Two opened at once leave two
+/// new sockets, which only the client port the server reports tells apart,
+/// and behind a proxy (PgBouncer, a cloud SQL proxy) that port is the
+/// proxy's: through a proxy, 6 of 8 connections opened together went
 /// unidentified, so their calls had no socket shutdown to end them. The
-/// cost: connections to one port are opened one at a time (a few ms each
-/// on a LAN; a host that does not answer holds the others up to its
-/// `connect_timeout`).
-fn port_locks(ports: &[u16]) -> Vec<Arc<Mutex<()>>> {
-    static LOCKS: OnceLock<Mutex<BTreeMap<u16, Arc<Mutex<()>>>>> = OnceLock::new();
+/// cost: a pool's connections are opened one at a time (a few ms each on a
+/// LAN; a host that does not answer holds the others of its URL up to its
+/// `connect_timeout`). Keyed by URL, not port, so the pools of other
+/// servers (replicas on the same port) never wait on it: a connection one
+/// of those opens at the same instant, to the same port, can still leave
+/// one unidentified (counted in [`DeadlineStats::unidentified`]).
+fn connect_lock(database_url: &str) -> Arc<Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<BTreeMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
     let mut locks = LOCKS.get_or_init(Mutex::default).lock().unwrap_or_else(PoisonError::into_inner);
-    let wanted: BTreeSet<u16> = ports.iter().copied().collect();
-    wanted.into_iter().map(|port| Arc::clone(locks.entry(port).or_default())).collect()
+    Arc::clone(locks.entry(database_url.to_owned()).or_default())
 }
 
 /// diesel's r2d2 connection manager, plus what the deadlines need: it
@@ -336,13 +337,16 @@ pub struct PgConnectionManager {
     inner: ConnectionManager<PgConnection>,
     /// The server ports of the URL, to recognise a connection's socket.
     ports: Vec<u16>,
+    /// Held while a connection is opened and identified ([`connect_lock`]).
+    connecting: Arc<Mutex<()>>,
     counters: Arc<Counters>,
 }
 
 impl PgConnectionManager {
     pub(crate) fn new(database_url: &str, counters: Arc<Counters>) -> Self {
         let ports = crate::conninfo::server_ports(database_url);
-        Self { inner: ConnectionManager::new(database_url), ports, counters }
+        let connecting = connect_lock(database_url);
+        Self { inner: ConnectionManager::new(database_url), ports, connecting, counters }
     }
 }
 
@@ -351,9 +355,7 @@ impl ManageConnection for PgConnectionManager {
     type Error = diesel::r2d2::Error;
 
     fn connect(&self) -> Result<PgConnection, Self::Error> {
-        let locks = port_locks(&self.ports);
-        let _alone: Vec<MutexGuard<'_, ()>> =
-            locks.iter().map(|lock| lock.lock().unwrap_or_else(PoisonError::into_inner)).collect();
+        let _alone = self.connecting.lock().unwrap_or_else(PoisonError::into_inner);
         let before = sockets();
         let mut conn = self.inner.connect()?;
         let info = identify(&mut conn, &before, &self.ports);

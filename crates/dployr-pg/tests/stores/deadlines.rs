@@ -167,3 +167,61 @@ fn connections_opened_at_once_behind_a_proxy_each_know_their_socket() {
     assert_eq!(pool.state().0, 8, "eight connections, opened as the calls came");
     assert_eq!(pool.deadline_stats().unidentified, 0, "{:?}", pool.deadline_stats());
 }
+
+/// A listener on `address` that forwards its first `answered` connections
+/// to `target` and then takes connections and never answers them, as a
+/// server cut off behind its load balancer does.
+fn falls_silent_after(address: (&str, u16), target: (&str, u16), answered: usize) {
+    let listener = std::net::TcpListener::bind(address).unwrap();
+    let target = std::net::SocketAddr::from((target.0.parse::<std::net::IpAddr>().unwrap(), target.1));
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { continue };
+            if n >= answered {
+                held.push(client);
+                continue;
+            }
+            let server = std::net::TcpStream::connect(target).unwrap();
+            for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                thread::spawn(move || std::io::copy(&mut from, &mut to));
+            }
+        }
+    });
+}
+
+#[test]
+fn a_server_that_does_not_answer_holds_up_no_connect_to_another_server_on_its_port() {
+    let db = dployr_testkit::database();
+    let authority = db.url().split("://").nth(1).unwrap().split('/').next().unwrap();
+    let (host, port) = authority.rsplit_once('@').map_or(authority, |(_, hosts)| hosts).rsplit_once(':').unwrap();
+    let port: u16 = port.parse().unwrap();
+    // Another address, the same port: it answers the pool's first two
+    // connections (its probe and one pooled), then no more.
+    falls_silent_after(("127.0.0.2", port), (host, port), 2);
+    let path = &db.url()[db.url().rfind('/').unwrap()..];
+    let user = authority.split_once('@').map_or("postgres", |(user, _)| user);
+    let silent_url = format!("postgres://{user}@127.0.0.2:{port}{path}");
+    let stuck = PgPool::connect(&silent_url, PoolConfig { max_size: 3, ..short_deadlines() }).unwrap();
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let stuck = stuck.clone();
+            thread::spawn(move || {
+                stuck.operation("test.call").run(|conn| diesel::sql_query("SELECT pg_sleep(0.5)").execute(conn))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    // Meanwhile the pool of the live server opens its connections at once.
+    let started = Instant::now();
+    let pool = PgPool::connect(db.url(), short_deadlines()).unwrap();
+    let one: i32 = pool
+        .operation("test.call")
+        .run(|conn| diesel::select(1.into_sql::<diesel::sql_types::Integer>()).get_result(conn))
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(one, 1);
+    assert!(took < Duration::from_millis(700), "a connect to the live server waited {took:?}");
+    let failed = waiting.into_iter().map(|call| call.join().unwrap()).filter(Result::is_err).count();
+    assert!(failed >= 1, "the silent server answered every call");
+}
