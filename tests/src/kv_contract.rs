@@ -378,7 +378,6 @@ pub fn attempt_take_counts_compares_and_consumes(f: &dyn KvFixture) {
     assert_eq!(ok(kv.get("once/code"), "get after"), None);
     ok(kv.put("once/code", b"right", Some(TTL)), "put again");
     assert_eq!(attempt(b"right"), (4, false), "past the limit even the right value is refused");
-    assert_eq!(ok(kv.get("once/code"), "get past the limit"), None, "an attempt past the limit spends the value");
     // A new counter (as after a new code) counts from 1 again; expired values are gone.
     ok(kv.delete("once/tries"), "reset");
     ok(kv.put("once/short", b"v", Some(TTL)), "put short");
@@ -388,8 +387,8 @@ pub fn attempt_take_counts_compares_and_consumes(f: &dyn KvFixture) {
 }
 
 /// The last attempt the limit allows spends the value, right or wrong, so
-/// a count that ends before the value does (a clock stepped back, a counter
-/// evicted) cannot give it more attempts than the limit.
+/// a count lost after it (deleted by hand, say) cannot give the value more
+/// attempts than the limit.
 pub fn the_last_attempt_the_limit_allows_spends_the_value(f: &dyn KvFixture) {
     let kv = f.kv();
     ok(kv.put("spent/code", b"right", Some(TTL)), "put");
@@ -405,6 +404,20 @@ pub fn the_last_attempt_the_limit_allows_spends_the_value(f: &dyn KvFixture) {
     assert_eq!(attempt(b"right"), (1, false), "a fresh count gave a spent value more guesses");
 }
 
+/// The count a new value starts with ends when the value does, not a TTL
+/// after its first attempt: however the clock moves, the value never
+/// outlives its count (which would start again at 1 with the value there).
+pub fn a_restarted_count_ends_with_its_value(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put_and_reset_counter("shared/code", b"right", Some(TTL), "shared/tries"), "put and reset");
+    f.advance(TTL / 2);
+    let attempt = ok(kv.count_attempt_and_take_if("shared/tries", Some(TTL), 3, "shared/code", b"wrong"), "attempt");
+    assert_eq!(attempt, (1, false));
+    f.advance(TTL / 2 + Duration::from_secs(2));
+    assert_eq!(ok(kv.get("shared/code"), "value after its TTL"), None);
+    assert_eq!(ok(kv.get("shared/tries"), "count after the value's TTL"), None, "the count outlived its value");
+}
+
 /// An attempt whose keys are bad (the value's key empty, or the counter's
 /// key the value's own) is refused before anything is counted or taken.
 pub fn an_attempt_with_bad_keys_is_refused_before_it_is_counted(f: &dyn KvFixture) {
@@ -416,8 +429,9 @@ pub fn an_attempt_with_bad_keys_is_refused_before_it_is_counted(f: &dyn KvFixtur
 }
 
 /// A new value with its count of attempts restarted: the value replaced,
-/// with its own TTL, and the counter gone, so the next attempt counts 1 and
-/// may take it. A bad counter key, or one that is the value's own key, is
+/// with its own TTL, and the counter back at 0 with the same TTL, so the
+/// next attempt counts 1 and may take it, and the count ends with the
+/// value. A bad counter key, or one that is the value's own key, is
 /// refused before anything is written.
 pub fn put_and_reset_counter_replaces_the_value_and_restarts_the_count(f: &dyn KvFixture) {
     let kv = f.kv();
@@ -427,7 +441,7 @@ pub fn put_and_reset_counter_replaces_the_value_and_restarts_the_count(f: &dyn K
     }
     ok(kv.put_and_reset_counter("reset/code", b"new", Some(TTL), "reset/tries"), "put and reset");
     assert_eq!(ok(kv.get("reset/code"), "get"), Some(b"new".to_vec()));
-    assert_eq!(ok(kv.get("reset/tries"), "counter"), None);
+    assert_eq!(ok(kv.get("reset/tries"), "counter"), Some(b"0".to_vec()));
     let attempt = ok(kv.count_attempt_and_take_if("reset/tries", Some(TTL), 3, "reset/code", b"new"), "attempt");
     assert_eq!(attempt, (1, true));
     // With no counter to delete, and expiring with its own TTL.
@@ -729,6 +743,7 @@ macro_rules! kv_contract_tests {
             take_returns_the_value_once,
             attempt_take_counts_compares_and_consumes,
             the_last_attempt_the_limit_allows_spends_the_value,
+            a_restarted_count_ends_with_its_value,
             an_attempt_with_bad_keys_is_refused_before_it_is_counted,
             counter_counts_and_restarts_after_expiry,
             put_and_reset_counter_replaces_the_value_and_restarts_the_count,

@@ -49,8 +49,9 @@ fn no_key_or_value_holds_a_raw_secret(kv: &Arc<dyn KvBackend>) {
     let code = store.create_otp(&email).unwrap();
 
     let entries = dump(kv.as_ref());
-    // The session, its entry in the user's index, the state, the code.
-    assert_eq!(entries.len(), 4);
+    // The session, its entry in the user's index, the state, the code and
+    // its count of attempts.
+    assert_eq!(entries.len(), 5);
     for (key, value) in &entries {
         assert!(!key.contains(&user.id.to_string()), "key {key} holds the user's id");
         assert!(!key.contains(user.email.as_str()), "key {key} holds the user's e-mail");

@@ -325,9 +325,10 @@ pub trait KvBackend: Send + Sync {
     /// with `ttl`) and, only when that count is at most `max_attempts`,
     /// deletes the entry under `key` if its value is exactly `expected`.
     /// Once the count reaches `max_attempts`, an attempt that did not take
-    /// the entry deletes it whatever it holds: the entry is spent, so a
-    /// count that ends before it does (a clock stepped back, an evicted
-    /// counter) cannot give it more attempts than the limit. Returns the
+    /// the entry deletes it whatever it holds: the entry is spent, and a
+    /// new one needs a new count
+    /// ([`put_and_reset_counter`](Self::put_and_reset_counter), whose count
+    /// ends with the entry). Returns the
     /// count and whether this call took the entry: of many concurrent calls
     /// with the right value, one does. This is how a one-time code is
     /// checked: the attempt is counted before anything is compared, and a
@@ -357,24 +358,30 @@ pub trait KvBackend: Send + Sync {
         let taken = attempts <= max_attempts
             && self.get(key)?.as_deref() == Some(expected)
             && self.take(key)?.as_deref() == Some(expected);
-        if !taken && attempts >= max_attempts {
+        // Only the last attempt allowed spends it: each write counts
+        // against the backend's request budget, and past it nothing is
+        // compared anyway.
+        if !taken && attempts == max_attempts {
             self.delete(key)?;
         }
         Ok((attempts, taken))
     }
 
-    /// Stores `value` under `key` (as [`put`](Self::put)) and deletes the
-    /// counter under `counter_key`: how a new one-time code replaces the old
-    /// one and restarts its count of attempts. Atomic where
+    /// Stores `value` under `key` (as [`put`](Self::put)) and restarts the
+    /// counter under `counter_key` at `0`, with the same TTL: how a new
+    /// one-time code replaces the old one and restarts its count of
+    /// attempts. The count then ends exactly when the value does (on the
+    /// backend's clock, wherever it steps), so it cannot end first and
+    /// start again with the value still there. Atomic where
     /// [`KvLimits::atomic`] says so: no
     /// [`count_attempt_and_take_if`](Self::count_attempt_and_take_if) is
     /// counted under the old count and compared with the new value, so the
     /// new value is compared with at most `max_attempts` attempts.
     ///
-    /// The default is [`put`](Self::put), then [`delete`](Self::delete) of
-    /// the counter: an attempt that lands between the two is counted under
-    /// the count that is then deleted, and compared with the new value
-    /// uncounted. PostgreSQL does it in one statement, memory under one lock.
+    /// The default is [`put`](Self::put) of the value, then of the counter:
+    /// an attempt that lands between the two is counted under the count
+    /// that is then restarted, and compared with the new value uncounted.
+    /// PostgreSQL does it in one statement, memory under one lock.
     ///
     /// # Errors
     /// [`StoreError::Invalid`] for a bad key, value, TTL or counter key, or
@@ -389,7 +396,7 @@ pub trait KvBackend: Send + Sync {
     ) -> StoreResult<()> {
         self.limits().check_counter_key(key, counter_key)?;
         self.put(key, value, ttl)?;
-        self.delete(counter_key)
+        self.put(counter_key, b"0", ttl)
     }
 }
 

@@ -246,7 +246,7 @@ impl KvBackend for MemoryKv {
         let expires_at = self.expiry(ttl)?;
         let mut state = self.state();
         state.insert(key, Entry { value: value.to_vec(), expires_at });
-        state.remove(counter_key);
+        state.insert(counter_key, Entry { value: b"0".to_vec(), expires_at });
         Ok(())
     }
 }

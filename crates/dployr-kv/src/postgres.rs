@@ -123,21 +123,26 @@ const ATTEMPT_TAKE_SQL: &str = concat!(
 SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken WHERE matched) AS taken"
 );
 
-/// `put_and_reset_counter` in one statement: the counter (`$1`) is deleted
-/// first (the main statement reads the `DELETE`'s rows, so it runs to
-/// completion before the insert), then the value is upserted as `put` does
-/// (`$2` key, `$3` value, `$4` TTL). Rows are locked in the order of
-/// [`ATTEMPT_TAKE_SQL`], counter then value, so the two cannot deadlock,
-/// and no attempt is counted under the old count and compared with the new
-/// value. (An attempt that waited for the counter's lock is counted under
-/// the new count, but its statement's snapshot may still hold the old
-/// value: it is compared with that, and counted all the same.)
+/// `put_and_reset_counter` in one statement: the counter (`$1`) is written
+/// `0` first, with the value's expiry (the main statement reads the
+/// upsert's rows, so it runs to completion before the value's), then the
+/// value is upserted as `put` does (`$2` key, `$3` value, `$4` TTL): one
+/// `now()`, so the count ends exactly when the value does. Rows are locked
+/// in the order of [`ATTEMPT_TAKE_SQL`], counter then value, so the two
+/// cannot deadlock, and no attempt is counted under the old count and
+/// compared with the new value. (An attempt that waited for the counter's
+/// lock is counted under the new count, but its statement's snapshot may
+/// still hold the old value: it is compared with that, and counted all
+/// the same.)
 const PUT_AND_RESET_SQL: &str = r"
 WITH reset AS (
-    DELETE FROM kv_entries WHERE key = $1 RETURNING 1
+    INSERT INTO kv_entries AS c (key, value, expires_at)
+    VALUES ($1, convert_to('0', 'UTF8'), now() + $4)
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at
+    RETURNING 1
 )
 INSERT INTO kv_entries AS e (key, value, expires_at)
-SELECT $2, $3, now() + $4 FROM (SELECT count(*) FROM reset) AS counter_deleted_first
+SELECT $2, $3, now() + $4 FROM (SELECT count(*) FROM reset) AS counter_restarted_first
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at";
 
 /// One bounded batch of the purge. diesel's builder cannot put an ordered,

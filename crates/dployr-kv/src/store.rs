@@ -14,9 +14,10 @@
 //!   parallel guesses cannot exceed it. A right guess consumes the code in
 //!   the same step (`KvBackend::count_attempt_and_take_if`: one statement on
 //!   PostgreSQL), so it works once, and the last guess the limit allows
-//!   spends it, right or wrong, so a counter that ends before its code (a
-//!   clock stepped back) cannot start the count again for it. An OAuth
-//!   state is consumed with `take`.
+//!   spends it, right or wrong. A new code's count starts at 0 with the
+//!   code's own expiry (`KvBackend::put_and_reset_counter`), so however the
+//!   clock steps the count cannot end first and start again beside a live
+//!   code. An OAuth state is consumed with `take`.
 //!
 //! **Two backends.** Those single-use and counting rules are only as exact
 //! as the backend's `take` and `increment`. Sessions are long-lived, read
