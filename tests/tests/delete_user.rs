@@ -147,3 +147,21 @@ fn removing_an_invitee_whose_account_goes_ends_their_sessions_on_postgres() {
 fn removing_an_invitee_whose_account_goes_ends_their_sessions_on_emulated_cloudflare() {
     removing_an_invitee_whose_account_goes_ends_their_sessions(Kv::Cloudflare);
 }
+
+#[test]
+fn a_removal_whose_sign_out_did_not_happen_is_finished_by_calling_again() {
+    let db = dployr_testkit::database();
+    let (data, _emulator) = open(&db, Kv::Postgres);
+    let owner = user(&data, "owner@example.io");
+    let cluster = data.clusters().create_for_owner(&owner.id).unwrap();
+    let invited = data.clusters().add_users(&cluster.id, &[Email::parse("guest@example.io").unwrap()]).unwrap();
+    let guest = data.users().get(&invited[0].user_id).unwrap().unwrap();
+    let sessions = sign_in(&data, &guest, 2);
+    // What a call whose second step failed leaves: the account gone, its
+    // sessions not (the store alone does not end them).
+    data.clusters().remove_users(&cluster.id, &[guest.id]).unwrap();
+    assert_eq!(data.users().get(&guest.id).unwrap(), None);
+    assert_eq!(signed_in(&data, &sessions), 2);
+    assert_eq!(data.remove_users(&cluster.id, &[guest.id]).unwrap(), 2);
+    assert_eq!(signed_in(&data, &sessions), 0);
+}

@@ -378,21 +378,22 @@ impl DataLayer {
     /// one-time code has a session naming an account that is gone). Returns
     /// how many sessions were ended.
     ///
-    /// Two steps, as [`delete_user`](Self::delete_user): if ending the
-    /// sessions fails, the accounts are already gone and the error is the
-    /// key-value backend's; [`delete_user`](Self::delete_user) of each
-    /// removed user then ends what is left (for an account that no longer
-    /// exists it ends the sessions and answers `NotFound`).
+    /// Two steps, as [`delete_user`](Self::delete_user): the removal, then
+    /// the sign-out of every listed account that no longer exists (one
+    /// statement finds them: those this call deleted, and those a call
+    /// that failed half-way deleted). If ending the sessions fails, the
+    /// accounts are already gone and the error is the key-value backend's;
+    /// calling again with the same ids finishes it.
     ///
     /// # Errors
     /// As `remove_users` (`Conflict` on field `owner` when one of them owns
     /// the cluster, nothing removed); the key-value backend's errors from
     /// the second step.
     pub fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
-        let deleted = self.clusters.remove_users_listing_deleted(cluster, users)?;
+        self.clusters.remove_users_listing_deleted(cluster, users)?;
         let mut ended = 0;
-        for user in &deleted {
-            ended += self.kv.delete_user_sessions(user)?;
+        for user in self.users.missing(users)? {
+            ended += self.kv.delete_user_sessions(&user)?;
         }
         Ok(ended)
     }

@@ -60,6 +60,25 @@ impl PgUserStore {
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
     }
+
+    /// Of `ids`, those no user has, in one statement on the primary (so a
+    /// delete this thread just made is seen): how `DataLayer::remove_users`
+    /// finds the accounts whose sessions it must end, those a call that
+    /// failed half-way deleted included.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn missing(&self, ids: &[UserId]) -> StoreResult<Vec<UserId>> {
+        let op = self.pool.operation("users.missing");
+        let wanted: Vec<String> = ids.iter().map(UserId::to_string).collect();
+        let found: Vec<String> =
+            op.run(|conn| users::table.filter(users::id.eq_any(&wanted)).select(users::id).load(conn))?;
+        let found: std::collections::HashSet<String> = found.into_iter().collect();
+        let mut missing: Vec<UserId> = ids.iter().filter(|id| !found.contains(&id.to_string())).copied().collect();
+        missing.sort_unstable();
+        missing.dedup();
+        Ok(missing)
+    }
 }
 
 /// The picture URL's rule (the name's is [`DisplayName`]'s).
