@@ -361,6 +361,16 @@ impl Config {
         }
         read_timeouts(&var, &mut config.pool)?;
         if let Some(urls) = var(REPLICA_URLS_VAR) {
+            if !has_url_scheme(&urls) && lists_key_value_strings(&urls) {
+                // Once read as a list; libpq would now read it as one
+                // replica whose `dbname` swallows the rest, silently.
+                return Err(configuration(
+                    REPLICA_URLS_VAR,
+                    "lists key=value strings separated by commas; give the replicas as postgres:// URLs \
+                     (separated by commas or spaces), or one key=value string"
+                        .to_owned(),
+                ));
+            }
             config.replica_urls = replica_urls(&urls);
         }
         if let Some(ms) = parsed::<u64>(&var, REPLICA_MAX_LAG_VAR, "milliseconds")? {
@@ -452,6 +462,37 @@ impl Config {
 
 /// The URL schemes libpq takes (case-sensitive, as libpq compares them).
 const URL_SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
+
+fn has_url_scheme(value: &str) -> bool {
+    let value = value.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+    URL_SCHEMES.iter().any(|scheme| value.starts_with(scheme))
+}
+
+/// Whether a `key=value` string goes on, after a `,` outside quotes, with
+/// another `keyword =`: a list of such strings, as the variable once took
+/// (`host=r1 dbname=app,host=r2 dbname=app`). A multi-host value
+/// (`host=r1,r2`) has no `=` after its comma's word.
+fn lists_key_value_strings(value: &str) -> bool {
+    let mut quoted = false;
+    let mut chars = value.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '\'' => quoted = !quoted,
+            ',' if !quoted => {
+                let rest = value[at + 1..].trim_start();
+                let word_len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+                if word_len > 0 && rest[word_len..].trim_start().starts_with('=') {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
 
 /// The replicas of a `DPLOYR_DB_REPLICA_URLS` value: URLs, each from a
 /// `postgres://` or `postgresql://` at the start or after a separator (`,`
@@ -622,6 +663,18 @@ mod tests {
             replicas_of(&format!("{url},postgresql://app@[::1]:5432,r3/app")),
             [url, "postgresql://app@[::1]:5432,r3/app"]
         );
+    }
+
+    #[test]
+    fn a_list_of_key_value_strings_is_refused_naming_the_variable() {
+        let vars = |name: &str| match name {
+            DATABASE_URL_VAR => Some("postgres://db/app".to_owned()),
+            REPLICA_URLS_VAR => Some("host=r1 dbname=app,host=r2 dbname=app".to_owned()),
+            _ => None,
+        };
+        let error = Config::from_vars(vars).unwrap_err();
+        assert!(error.to_string().contains(REPLICA_URLS_VAR), "{error}");
+        assert_eq!(replicas_of("host=r1,r2 dbname=app password='a,b=c'"), ["host=r1,r2 dbname=app password='a,b=c'"]);
     }
 
     #[test]
