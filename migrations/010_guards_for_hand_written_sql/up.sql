@@ -56,14 +56,33 @@ CREATE TRIGGER instances_after_truncate AFTER TRUNCATE ON instances
 --    SET user_id = ...` (an account merge by hand) kept the first user's:
 --    member pages showed and sorted the wrong address, and two rows of one
 --    cluster could share a sort key, which the keyset cursor then skipped.
+--    The same for a copy changed by hand (`SET email = ...`): it is taken
+--    again from the user, so the sort key stays the user's e-mail.
 DROP TRIGGER user_clusters_copy_email ON user_clusters;
-CREATE TRIGGER user_clusters_copy_email BEFORE INSERT OR UPDATE OF user_id ON user_clusters
+CREATE TRIGGER user_clusters_copy_email BEFORE INSERT OR UPDATE OF user_id, email ON user_clusters
     FOR EACH ROW EXECUTE FUNCTION dployr_user_clusters_copy_email();
 
 -- 4. An id is a ULID as the stores read it: 26 Crockford base-32 characters
 --    whose first is at most 7 (128 bits). The check took any first
 --    character, and a row written by hand with '8...' was read back as
---    another id ('0...') by a decoder that drops the extra bits.
+--    another id ('0...') by a decoder that drops the extra bits. Rows the
+--    old check let in are named first, rather than failing the new check
+--    with no hint of which.
+DO $$
+DECLARE
+    past TEXT;
+BEGIN
+    SELECT string_agg(format('%s %s', t, id), ', ' ORDER BY t, id) INTO past
+      FROM (SELECT 'user' AS t, id FROM users UNION ALL
+            SELECT 'cluster', id FROM clusters UNION ALL
+            SELECT 'instance', id FROM instances) AS ids
+     WHERE id !~ '^[0-7]';
+    IF past IS NOT NULL THEN
+        RAISE EXCEPTION 'ids past the largest ULID (7ZZZZZZZZZZZZZZZZZZZZZZZZZ), which no store reads back as written: %', past
+            USING HINT = 'these rows were written by hand; give them ids the stores made (or delete them), then migrate again';
+    END IF;
+END;
+$$;
 ALTER TABLE users DROP CONSTRAINT users_id_check,
     ADD CONSTRAINT users_id_check CHECK (id ~ '^[0-7][0-9A-HJKMNP-TV-Z]{25}$');
 ALTER TABLE clusters DROP CONSTRAINT clusters_id_check,

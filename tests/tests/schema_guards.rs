@@ -628,6 +628,27 @@ fn a_membership_given_to_another_user_takes_that_users_profile() {
     .get_result(&mut conn)
     .unwrap();
     assert_eq!(copy, ("user3@example.com".to_owned(), "User 3".to_owned()));
+    // A copy changed by hand is taken again from the user.
+    session(&mut conn, &format!("UPDATE user_clusters SET email = 'zzz@example.com' WHERE user_id = '{y}'")).unwrap();
+    let email: String = diesel::dsl::sql::<Text>(&format!(
+        "SELECT email FROM user_clusters WHERE user_id = '{y}' AND cluster_id = '{c}'"
+    ))
+    .get_result(&mut conn)
+    .unwrap();
+    assert_eq!(email, "user3@example.com");
+}
+
+#[test]
+fn migrating_a_database_with_an_id_past_the_largest_ulid_names_it() {
+    let db = dployr_testkit::empty_database();
+    let runner = dployr_migrate::MigrationRunner::new(db.url(), dployr_migrate::MigrationSet::embedded().unwrap());
+    runner.run_pending(&mut |_| {}).unwrap();
+    runner.revert_to(Some("009"), &mut |_| {}).unwrap();
+    let mut conn = db.connect();
+    session(&mut conn, "INSERT INTO users (id, email, name, provider) VALUES ('8ZZZZZZZZZZZZZZZZZZZZZZZZZ', 'p@example.com', 'P', 'email')")
+        .unwrap();
+    let error = runner.run_pending(&mut |_| {}).unwrap_err().to_string();
+    assert!(error.contains("user 8ZZZZZZZZZZZZZZZZZZZZZZZZZ"), "{error}");
 }
 
 #[test]

@@ -144,8 +144,10 @@ fn skip_dollar_quoted(sql: &str, at: usize) -> Option<usize> {
     let rest = &sql[at + 1..];
     let tag_len = rest.find('$')?;
     let tag = &rest[..tag_len];
-    let valid = tag.chars().next().is_none_or(|first| first.is_alphabetic() || first == '_')
-        && tag.chars().all(|c| c.is_alphanumeric() || c == '_');
+    // PostgreSQL's lexer: a letter, `_` or any non-ASCII character first,
+    // then digits too (`$€$` is a tag; `$1` is not).
+    let valid = tag.chars().next().is_none_or(|first| first.is_ascii_alphabetic() || first == '_' || !first.is_ascii())
+        && tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || !c.is_ascii());
     if !valid {
         return None;
     }
@@ -172,6 +174,7 @@ mod tests {
         assert_eq!(words("SELECT 1 -- BEGIN\n/* a /* nested */ COMMIT */ FROM t"), ["SELECT", "FROM", "t"]);
         assert_eq!(words("SELECT 'it''s /* not', E'a\\' -- b', \"x\"\"y\" , $f$ END $f$, $$ $$ x"), ["SELECT", "x"]);
         assert_eq!(words("SELECT a$b, é1, $1, 2e5 ;"), ["SELECT", "a$b", "é1"]);
+        assert_eq!(words("DO $€$ BEGIN COMMIT; END $€$; SELECT"), ["DO", "SELECT"]);
     }
 
     #[test]

@@ -601,7 +601,9 @@ fn the_mending_migration_recounts_every_total_and_copies_every_profile_again() {
     assert_eq!(reverted.last().map(String::as_str), Some("009_stamps_counts_copies_mended"));
     runner.run_pending(&mut |_| {}).unwrap();
     assert_eq!(state(&mut conn), right);
-    // What a write beside 003 or 004 could leave.
+    // What a write beside 003 or 004 could leave (written before 009 and
+    // 010, whose triggers would refuse or mend some of it at once).
+    runner.revert_to(Some("008"), &mut |_| {}).unwrap();
     conn.batch_execute(
         "DELETE FROM cluster_counts WHERE cluster_id = '0000000000000000000000000B';
          UPDATE cluster_counts SET members = 0, invites = 5, instances = 0 WHERE cluster_id = '0000000000000000000000000A';
@@ -610,7 +612,6 @@ fn the_mending_migration_recounts_every_total_and_copies_every_profile_again() {
     )
     .unwrap();
     assert_ne!(state(&mut conn), right);
-    runner.revert_to(Some("008"), &mut |_| {}).unwrap();
     runner.run_pending(&mut |_| {}).unwrap();
     assert_eq!(state(&mut conn), right);
 }
