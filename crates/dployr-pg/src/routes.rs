@@ -74,6 +74,8 @@ reads! {
         "a profile looked up by id for display; a stale name or picture grants nothing";
     UsersGetByEmail => "users.get_by_email", Primary,
         "on the sign-in path: it decides who is signing in, right after users.upsert may have created them";
+    UsersMissing => "users.missing", Primary,
+        "decides whose sessions DataLayer::remove_users ends, right after the removal deleted accounts";
     ClustersGet => "clusters.get", Replica,
         "a cluster with its members, for display; every permission is checked by role_of or can_* on the primary";
     ClustersMembers => "clusters.members", Replica,

@@ -69,7 +69,7 @@ impl PgUserStore {
     /// # Errors
     /// Backend errors.
     pub fn missing(&self, ids: &[UserId]) -> StoreResult<Vec<UserId>> {
-        let op = self.pool.operation("users.missing");
+        let op = self.pool.read(Read::UsersMissing);
         let wanted: Vec<String> = ids.iter().map(UserId::to_string).collect();
         let found: Vec<String> =
             op.run(|conn| users::table.filter(users::id.eq_any(&wanted)).select(users::id).load(conn))?;

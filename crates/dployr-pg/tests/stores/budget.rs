@@ -131,6 +131,7 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
     // Reads.
     check(&f, &mut b, "users.get", 1, 0, || drop(f.users.get(&ada.id).unwrap()));
     check(&f, &mut b, "users.get_by_email", 1, 0, || drop(f.users.get_by_email(&ada.email).unwrap()));
+    check(&f, &mut b, "users.missing", 1, 0, || drop(f.users.missing(&[ada.id, carol.id]).unwrap()));
     check(&f, &mut b, "clusters.get", 1, 0, || drop(f.clusters.get(&cluster).unwrap()));
     check(&f, &mut b, "clusters.pending_invites", 1, 0, || drop(f.clusters.pending_invites(&carol.id).unwrap()));
     check(&f, &mut b, "clusters.owned_cluster", 1, 0, || drop(f.clusters.owned_cluster(&bob.id).unwrap()));
