@@ -33,9 +33,11 @@ pub struct Fixture {
     pub deep_instances: ClusterId,
 }
 
-/// A 26-character id that parses as a ULID: digits only, a family prefix.
-fn id_sql(prefix: char, n: &str) -> String {
-    format!("'{prefix}' || lpad(({n})::text, 25, '0')")
+/// A 26-character id that parses as a ULID: a family prefix, then digits.
+/// A ULID's first character is at most `7` (the schema refuses larger), so
+/// families past 7 take two characters, `0` and a letter of their own.
+fn id_sql(prefix: &str, n: &str) -> String {
+    format!("'{prefix}' || lpad(({n})::text, {}, '0')", 26 - prefix.len())
 }
 
 pub fn load(conn: &mut PgConnection) -> Result<Fixture, Failure> {
@@ -44,15 +46,15 @@ pub fn load(conn: &mut PgConnection) -> Result<Fixture, Failure> {
     let deep_members = ClusterId::parse("20000000000000000000000002")?;
     let deep_instances = ClusterId::parse("20000000000000000000000003")?;
     let token_instance = "30000000000000000000000001".to_owned();
-    let member = id_sql('4', "n");
-    let deep_member = id_sql('5', "n");
-    let team_instance = id_sql('3', "n + 100");
-    let deep_instance = id_sql('6', "n");
-    let sign_in = id_sql('7', "n");
-    let small_cluster = id_sql('8', "n");
-    let small_user = id_sql('9', "n");
-    let small_instance = id_sql('A', "n * 3 + i");
-    let small_member = id_sql('9', &format!("(n + i) % {SMALL_CLUSTERS} + 1"));
+    let member = id_sql("4", "n");
+    let deep_member = id_sql("5", "n");
+    let team_instance = id_sql("3", "n + 100");
+    let deep_instance = id_sql("6", "n");
+    let sign_in = id_sql("7", "n");
+    let small_cluster = id_sql("0C", "n");
+    let small_user = id_sql("0S", "n");
+    let small_instance = id_sql("0E", "n * 3 + i");
+    let small_member = id_sql("0S", &format!("(n + i) % {SMALL_CLUSTERS} + 1"));
     conn.batch_execute(&format!(
         "
         INSERT INTO users (id, email, name, provider) VALUES
