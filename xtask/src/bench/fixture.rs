@@ -127,3 +127,16 @@ pub fn load(conn: &mut PgConnection) -> Result<Fixture, Failure> {
     let _ = conn.batch_execute("CHECKPOINT");
     Ok(Fixture { owner, owner_email: Email::parse("owner@bench.io")?, team, deep_members, deep_instances })
 }
+
+#[cfg(test)]
+mod tests {
+    /// The benchmark's fixture loads into a database at the migrations'
+    /// head: a schema rule its generated rows break would otherwise show
+    /// only when someone runs the benchmark.
+    #[test]
+    fn the_fixture_loads_into_a_database_at_the_migrations_head() {
+        let db = dployr_testkit::database();
+        let fixture = super::load(&mut db.connect());
+        assert!(fixture.is_ok(), "{:?}", fixture.err());
+    }
+}
