@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use dployr_domain::{ClusterId, KvBackend, StoreError, StoreResult, UserId, UserStore as _};
+use dployr_domain::{ClusterId, ClusterStore as _, KvBackend, StoreError, StoreResult, UserId, UserStore as _};
 #[cfg(feature = "cloudflare")]
 use dployr_kv::CloudflareKv;
 use dployr_kv::{KvStore, MemoryKv, PgKv, Purger};
@@ -390,7 +390,7 @@ impl DataLayer {
     /// the cluster, nothing removed); the key-value backend's errors from
     /// the second step.
     pub fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
-        self.clusters.remove_users_listing_deleted(cluster, users)?;
+        self.clusters.remove_users(cluster, users)?;
         let mut ended = 0;
         for user in self.users.missing(users)? {
             ended += self.kv.delete_user_sessions(&user)?;

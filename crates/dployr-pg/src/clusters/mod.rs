@@ -228,84 +228,6 @@ fn has_rank(op: &Operation<'_>, user: &UserId, cluster: &ClusterId, at_least: Ro
     })
 }
 
-impl PgClusterStore {
-    /// [`ClusterStore::remove_users`], returning the accounts it deleted
-    /// (e-mail invitees it removed that were left in no cluster), in the
-    /// same statements: whoever keeps their sessions can end them
-    /// (`DataLayer::remove_users` does).
-    ///
-    /// # Errors
-    /// As [`ClusterStore::remove_users`].
-    pub fn remove_users_listing_deleted(
-        &self,
-        cluster: &ClusterId,
-        users_to_remove: &[UserId],
-    ) -> StoreResult<Vec<UserId>> {
-        let op = self.pool.operation("clusters.remove_users").referencing("cluster", cluster);
-        let ids: Vec<String> = users_to_remove.iter().map(UserId::to_string).collect();
-        let cluster = cluster.to_string();
-        op.transaction(|conn| {
-            lock_cluster(conn, &cluster)?;
-            let removes_owner: bool = diesel::select(diesel::dsl::exists(
-                user_clusters::table
-                    .filter(user_clusters::cluster_id.eq(&cluster))
-                    .filter(user_clusters::role_order.eq(role_order(Role::Owner)))
-                    .filter(user_clusters::user_id.eq_any(&ids)),
-            ))
-            .get_result(conn)?;
-            if removes_owner {
-                return Err(StoreError::conflict(
-                    "membership",
-                    "owner",
-                    "the owner cannot be removed; transfer ownership first",
-                )
-                .into());
-            }
-            // The invitees the clean-up below may delete: e-mail accounts
-            // listed *and members of this cluster* (whose membership this
-            // call removes; the cluster's lock keeps that set still), never
-            // an account that only has its id named here. Locked in id order
-            // (after the cluster, before memberships) FOR UPDATE: that
-            // conflicts with the key-share lock of a foreign-key check, so
-            // no membership can be inserted for them elsewhere (a transfer
-            // of ownership, an invitation) between the check of the clean-up
-            // and their deletion, which would cascade it away.
-            let invitees: Vec<String> = users::table
-                .filter(users::id.eq_any(&ids))
-                .filter(users::provider.eq(Provider::Email.as_str()))
-                .filter(diesel::dsl::exists(
-                    user_clusters::table
-                        .filter(user_clusters::cluster_id.eq(&cluster))
-                        .filter(user_clusters::user_id.eq(users::id)),
-                ))
-                .order(users::id)
-                .select(users::id)
-                .for_update()
-                .load(conn)?;
-            // Planned for these values (`PlannedEachRun`): one primary-key
-            // probe per user, whatever the cluster's size.
-            PlannedEachRun(diesel::delete(
-                user_clusters::table
-                    .filter(user_clusters::user_id.eq_any(&ids))
-                    .filter(user_clusters::cluster_id.eq(&cluster)),
-            ))
-            .execute(conn)?;
-            if invitees.is_empty() {
-                return Ok(Vec::new());
-            }
-            // Invitees who never signed in and now belong nowhere are forgotten.
-            let deleted: Vec<Parsed<UserId>> = diesel::delete(users::table.filter(users::id.eq_any(&invitees)).filter(
-                diesel::dsl::not(diesel::dsl::exists(
-                    owner_memberships.filter(owner_memberships.field(user_clusters::user_id).eq(users::id)),
-                )),
-            ))
-            .returning(users::id)
-            .get_results(conn)?;
-            Ok(deleted.into_iter().map(|Parsed(id)| id).collect())
-        })
-    }
-}
-
 impl ClusterStore for PgClusterStore {
     fn create_for_owner(&self, owner_id: &UserId) -> StoreResult<Cluster> {
         let op = self.pool.operation("clusters.create_for_owner").referencing("user", owner_id);
@@ -474,7 +396,66 @@ impl ClusterStore for PgClusterStore {
     }
 
     fn remove_users(&self, cluster: &ClusterId, users_to_remove: &[UserId]) -> StoreResult<()> {
-        self.remove_users_listing_deleted(cluster, users_to_remove).map(drop)
+        let op = self.pool.operation("clusters.remove_users").referencing("cluster", cluster);
+        let ids: Vec<String> = users_to_remove.iter().map(UserId::to_string).collect();
+        let cluster = cluster.to_string();
+        op.transaction(|conn| {
+            lock_cluster(conn, &cluster)?;
+            let removes_owner: bool = diesel::select(diesel::dsl::exists(
+                user_clusters::table
+                    .filter(user_clusters::cluster_id.eq(&cluster))
+                    .filter(user_clusters::role_order.eq(role_order(Role::Owner)))
+                    .filter(user_clusters::user_id.eq_any(&ids)),
+            ))
+            .get_result(conn)?;
+            if removes_owner {
+                return Err(StoreError::conflict(
+                    "membership",
+                    "owner",
+                    "the owner cannot be removed; transfer ownership first",
+                )
+                .into());
+            }
+            // The invitees the clean-up below may delete: e-mail accounts
+            // listed *and members of this cluster* (whose membership this
+            // call removes; the cluster's lock keeps that set still), never
+            // an account that only has its id named here. Locked in id order
+            // (after the cluster, before memberships) FOR UPDATE: that
+            // conflicts with the key-share lock of a foreign-key check, so
+            // no membership can be inserted for them elsewhere (a transfer
+            // of ownership, an invitation) between the check of the clean-up
+            // and their deletion, which would cascade it away.
+            let invitees: Vec<String> = users::table
+                .filter(users::id.eq_any(&ids))
+                .filter(users::provider.eq(Provider::Email.as_str()))
+                .filter(diesel::dsl::exists(
+                    user_clusters::table
+                        .filter(user_clusters::cluster_id.eq(&cluster))
+                        .filter(user_clusters::user_id.eq(users::id)),
+                ))
+                .order(users::id)
+                .select(users::id)
+                .for_update()
+                .load(conn)?;
+            // Planned for these values (`PlannedEachRun`): one primary-key
+            // probe per user, whatever the cluster's size.
+            PlannedEachRun(diesel::delete(
+                user_clusters::table
+                    .filter(user_clusters::user_id.eq_any(&ids))
+                    .filter(user_clusters::cluster_id.eq(&cluster)),
+            ))
+            .execute(conn)?;
+            if !invitees.is_empty() {
+                // Invitees who never signed in and now belong nowhere are forgotten.
+                diesel::delete(users::table.filter(users::id.eq_any(&invitees)).filter(diesel::dsl::not(
+                    diesel::dsl::exists(
+                        owner_memberships.filter(owner_memberships.field(user_clusters::user_id).eq(users::id)),
+                    ),
+                )))
+                .execute(conn)?;
+            }
+            Ok(())
+        })
     }
 
     fn accept_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()> {
