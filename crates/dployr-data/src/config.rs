@@ -510,10 +510,10 @@ fn replica_urls(value: &str) -> Vec<String> {
     if value.is_empty() {
         return Vec::new();
     }
-    let starts_url = |at: usize| URL_SCHEMES.iter().any(|scheme| value[at..].starts_with(scheme));
-    if !starts_url(0) {
+    if !has_url_scheme(value) {
         return vec![value.to_owned()];
     }
+    let starts_url = |at: usize| URL_SCHEMES.iter().any(|scheme| value[at..].starts_with(scheme));
     let mut urls = Vec::new();
     let mut start = 0;
     for (at, _) in value.char_indices() {
