@@ -187,7 +187,8 @@ impl Drop for PgBouncer {
 }
 
 /// What PgBouncer's guardian does once this process is gone: stop it
-/// (SIGINT, its immediate shutdown) and delete its directory.
+/// (SIGINT, its safe shutdown: with this process gone, no client of it is
+/// left to wait for) and delete its directory.
 const GUARDIAN_SCRIPT: &str = r#"
 kill -INT "$2" 2>/dev/null
 rm -rf "$1"

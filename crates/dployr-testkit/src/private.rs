@@ -12,7 +12,6 @@
 //! a [`Freeze`] thaws it when dropped, so a failing test never leaves it
 //! stopped.
 
-use std::fs;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -104,22 +103,15 @@ pub(crate) fn freeze(postmaster_pid: u32) -> Result<Freeze, TestkitError> {
         stopped.push(pid);
         Ok::<_, TestkitError>(())
     };
-    let result = stop(postmaster).and_then(|()| children_of(postmaster).into_iter().try_for_each(&mut stop));
+    let result = stop(postmaster).and_then(|()| local::children_of(postmaster).into_iter().try_for_each(&mut stop));
     let guard = Freeze { stopped };
     result.map(|()| guard)
 }
 
 impl Drop for PrivateServer {
     fn drop(&mut self) {
-        let cluster = self.cluster.get_mut().unwrap_or_else(PoisonError::into_inner);
-        // A stopped server would never act on the shutdown signal.
-        if let Ok(postmaster) = pid(cluster.pid()) {
-            for child in children_of(postmaster) {
-                let _ignored = kill(child, Signal::SIGCONT);
-            }
-            let _ignored = kill(postmaster, Signal::SIGCONT);
-        }
-        cluster.stop();
+        // A frozen server is continued by the stop before it is signalled.
+        self.cluster.get_mut().unwrap_or_else(PoisonError::into_inner).stop();
     }
 }
 
@@ -152,22 +144,4 @@ impl Drop for Freeze {
 
 fn pid(raw: u32) -> Result<Pid, TestkitError> {
     i32::try_from(raw).map(Pid::from_raw).map_err(|_| TestkitError::Setup(format!("process id {raw} out of range")))
-}
-
-/// The processes whose parent is `parent`, from `/proc`.
-fn children_of(parent: Pid) -> Vec<Pid> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            // /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces.
-            fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
-                    .is_some_and(|ppid| ppid == parent.as_raw())
-            })
-        })
-        .map(Pid::from_raw)
-        .collect()
 }

@@ -49,7 +49,7 @@ impl DevCluster {
 
     /// True if the server answers.
     pub fn is_running(&self) -> bool {
-        self.port().is_some_and(|port| PgConnection::establish(&local_url(port, "postgres")).is_ok())
+        self.port().is_some_and(|port| super::serves(&local_url(port, "postgres"), &self.data()))
     }
 
     /// Creates the cluster if needed, starts it if stopped, and creates the
@@ -102,7 +102,7 @@ impl DevCluster {
                 "pg_ctl start",
             )
             .map_err(|e| TestkitError::Setup(format!("{e}\npostgres.log ends:\n{}", tail_of(&log))))?;
-            wait_until_ready(port, &log, || false)?;
+            wait_until_ready(port, &self.data(), &log, || false)?;
         }
         let admin_url = local_url(port, "postgres");
         let mut admin = PgConnection::establish(&admin_url)

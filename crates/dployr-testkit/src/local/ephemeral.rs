@@ -220,7 +220,8 @@ impl EphemeralCluster {
             _guardian_pipe: guardian_pipe,
             guardian,
         };
-        let ready = wait_until_ready(port, &log_path, || matches!(cluster.server.try_wait(), Ok(Some(_))));
+        let ready =
+            wait_until_ready(port, &root.join("data"), &log_path, || matches!(cluster.server.try_wait(), Ok(Some(_))));
         if let Err(error) = ready {
             stop_child(&mut cluster.server, Signal::SIGQUIT);
             // The next attempt (another port) reuses this directory. Dropping
@@ -352,7 +353,10 @@ const SWEEP_STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// What the guardian of an ephemeral cluster does once this process is gone:
 /// stop the server (SIGQUIT, waiting up to 10 s) if it still runs, then
-/// delete the cluster directory.
+/// delete the cluster directory. (A server this process held frozen is
+/// continued by the kernel when this process ends: the server's process
+/// group is then orphaned, and the kernel sends an orphaned group with
+/// stopped members SIGHUP and SIGCONT.)
 const GUARDIAN_SCRIPT: &str = r#"
 if kill -0 "$2" 2>/dev/null && [ -f "$1/data/postmaster.pid" ]; then
     kill -QUIT "$2" 2>/dev/null

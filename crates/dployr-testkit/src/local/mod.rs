@@ -194,11 +194,13 @@ pub fn local_url(port: u16, dbname: &str) -> String {
     format!("postgres://postgres@127.0.0.1:{port}/{dbname}")
 }
 
-fn wait_until_ready(port: u16, log: &Path, mut exited: impl FnMut() -> bool) -> Result<(), TestkitError> {
+/// Waits until the server whose data directory is `data` accepts
+/// connections on `port`.
+fn wait_until_ready(port: u16, data: &Path, log: &Path, mut exited: impl FnMut() -> bool) -> Result<(), TestkitError> {
     let url = local_url(port, "postgres");
     let started = Instant::now();
     loop {
-        if PgConnection::establish(&url).is_ok() {
+        if serves(&url, data) {
             return Ok(());
         }
         if exited() {
@@ -217,16 +219,57 @@ fn wait_until_ready(port: u16, log: &Path, mut exited: impl FnMut() -> bool) -> 
     }
 }
 
+/// Whether the server at `url` answers and is the one whose data directory
+/// is `data`. Another process's server may hold the port: two processes
+/// given one free port at once (ours then fails to bind, but answers
+/// nothing yet), or a port taken over while ours restarts; answering is
+/// not enough to be ours.
+pub(crate) fn serves(url: &str, data: &Path) -> bool {
+    use diesel::RunQueryDsl as _;
+    // libpq's connect_timeout: a listener that accepts and never answers
+    // holds no check for longer.
+    let Ok(mut conn) = PgConnection::establish(&format!("{url}?connect_timeout=5")) else {
+        return false;
+    };
+    let served = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('data_directory')"))
+        .get_result::<String>(&mut conn);
+    let canonical = |path: &Path| fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    served.is_ok_and(|served| canonical(Path::new(&served)) == canonical(data))
+}
+
 /// Sends `signal` to `child` if it still runs (the server's or PgBouncer's
-/// immediate shutdown), and waits for it.
+/// shutdown), and waits for it: at most [`STOP_TIMEOUT`], then kills it and
+/// its process group.
 pub(crate) fn stop_child(child: &mut Child, signal: Signal) {
     if let Ok(None) = child.try_wait()
         && let Ok(pid) = i32::try_from(child.id())
     {
+        // A server a test still holds frozen (`SIGSTOP`, see `Freeze`)
+        // acts on no signal until continued, nor do its backends on the
+        // postmaster's (each leads a session of its own, so the
+        // postmaster's process group holds none of them): every process it
+        // started first, then itself.
+        for started in children_of(Pid::from_raw(pid)) {
+            let _ignored = kill(started, Signal::SIGCONT);
+        }
+        let _ignored = kill(Pid::from_raw(pid), Signal::SIGCONT);
         let _ignored = kill(Pid::from_raw(pid), signal);
+        // A shutdown that waits for something that never comes (PgBouncer's
+        // SIGINT waits for clients still in a transaction) is cut short.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(POLL);
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ignored = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ignored = child.kill();
+        }
     }
     let _ignored = child.wait();
 }
+
+/// How long [`stop_child`] waits for a process to stop before it kills it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Starts a guardian: a `sh` running `script` with `$1` = `dir` and `$2` =
 /// `pid`, once EOF arrives on its stdin. This process holds the other end of
@@ -278,4 +321,22 @@ pub(crate) fn check_reachable(dir: &Path) -> Result<(), TestkitError> {
         current = path.parent();
     }
     Ok(())
+}
+
+/// The processes whose parent is `parent`, from `/proc`.
+pub(crate) fn children_of(parent: Pid) -> Vec<Pid> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces.
+            fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    .is_some_and(|ppid| ppid == parent.as_raw())
+            })
+        })
+        .map(Pid::from_raw)
+        .collect()
 }
