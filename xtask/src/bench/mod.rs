@@ -250,20 +250,35 @@ fn measure(
     threads: usize,
     seconds: Duration,
 ) -> Result<Measured, Failure> {
-    // Warm-up, not measured: connections opened, statements prepared, caches hot.
+    // Warm-up, not measured, on every thread that is then measured: as many
+    // connections opened as the run uses, each with its statements
+    // prepared, caches hot. (pgbench, the limit, opens its connections
+    // before its clock starts too; a warm-up on one thread left the first
+    // run at N threads opening N-1 connections inside its measured time.)
     let warm_up = Instant::now() + WARM_UP;
-    while Instant::now() < warm_up {
-        (op.work)(stores, context)?;
-    }
-    let before = stores.pool.stats();
-    let usage = Usage::of_this_process()?;
-    let start = Arc::new(Barrier::new(threads));
+    // The measuring threads and this one: warmed up, then started together
+    // once this thread has taken the figures the run is measured from.
+    let warmed = Arc::new(Barrier::new(threads + 1));
+    let start = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (stores, context, work, start) =
-                (Arc::clone(stores), Arc::clone(context), Arc::clone(&op.work), Arc::clone(&start));
+            let (stores, context, work, warmed, start) = (
+                Arc::clone(stores),
+                Arc::clone(context),
+                Arc::clone(&op.work),
+                Arc::clone(&warmed),
+                Arc::clone(&start),
+            );
             std::thread::spawn(move || -> StoreResult<Vec<u32>> {
+                // A failure here is reported after the barriers, so that
+                // no thread waits for one that returned early.
+                let mut warm = Ok(());
+                while warm.is_ok() && Instant::now() < warm_up {
+                    warm = work(&stores, &context);
+                }
+                warmed.wait();
                 start.wait();
+                warm?;
                 let deadline = Instant::now() + seconds;
                 let mut latencies = Vec::with_capacity(65_536);
                 while Instant::now() < deadline {
@@ -275,6 +290,11 @@ fn measure(
             })
         })
         .collect();
+    warmed.wait();
+    let before = stores.pool.stats();
+    let usage = Usage::of_this_process();
+    start.wait();
+    let usage = usage?;
     let mut latencies = Vec::new();
     for handle in handles {
         latencies.extend(handle.join().map_err(|_| "a benchmark thread panicked")??);
@@ -321,19 +341,23 @@ fn measure_async(data: &AsyncDataLayer, email: &Email, tasks: usize, seconds: Du
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
     let pool = data.blocking().pool().clone();
     runtime.block_on(async {
-        // Warm-up, not measured: connections opened, the facade's threads running.
+        // Warm-up, not measured, on every task that is then measured (as
+        // `measure` does): connections opened, the facade's threads running.
         let warm_up = Instant::now() + WARM_UP;
-        while Instant::now() < warm_up {
-            data.users().get_by_email(email).await?;
-        }
-        let before = pool.stats();
-        let usage = Usage::of_this_process()?;
-        let start = Arc::new(tokio::sync::Barrier::new(tasks));
+        let warmed = Arc::new(tokio::sync::Barrier::new(tasks + 1));
+        let start = Arc::new(tokio::sync::Barrier::new(tasks + 1));
         let handles: Vec<_> = (0..tasks)
             .map(|_| {
-                let (users, email, start) = (data.users(), email.clone(), Arc::clone(&start));
+                let (users, email, warmed, start) =
+                    (data.users(), email.clone(), Arc::clone(&warmed), Arc::clone(&start));
                 tokio::spawn(async move {
+                    let mut warm = Ok(());
+                    while warm.is_ok() && Instant::now() < warm_up {
+                        warm = users.get_by_email(&email).await.map(drop);
+                    }
+                    warmed.wait().await;
                     start.wait().await;
+                    warm?;
                     let deadline = Instant::now() + seconds;
                     let mut latencies = Vec::with_capacity(65_536);
                     while Instant::now() < deadline {
@@ -345,6 +369,11 @@ fn measure_async(data: &AsyncDataLayer, email: &Email, tasks: usize, seconds: Du
                 })
             })
             .collect();
+        warmed.wait().await;
+        let before = pool.stats();
+        let usage = Usage::of_this_process();
+        start.wait().await;
+        let usage = usage?;
         let mut latencies = Vec::new();
         for handle in handles {
             latencies.extend(handle.await.map_err(|_| "a benchmark task panicked")??);
