@@ -392,7 +392,10 @@ fn sweep_crashed_runs() {
         let postmaster = fs::read_to_string(path.join("data/postmaster.pid"))
             .ok()
             .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
-        if let Some(pid) = postmaster {
+        // The id is the one the server had: after a reboot (or a container
+        // restart) another process may have it now, so only a postgres
+        // started on this very directory is signalled.
+        if let Some(pid) = postmaster.filter(|&pid| started_on(pid, &path.join("data"))) {
             let _ignored = kill(Pid::from_raw(pid), Signal::SIGQUIT);
             let deadline = Instant::now() + SWEEP_STOP_WAIT;
             while process_alive(pid) && Instant::now() < deadline {
@@ -400,5 +403,38 @@ fn sweep_crashed_runs() {
             }
         }
         let _ignored = fs::remove_dir_all(&path);
+    }
+}
+
+/// Whether process `pid` was started with `data` as one of its arguments
+/// (the `-D` of a postmaster this testkit started), from `/proc`.
+fn started_on(pid: i32, data: &Path) -> bool {
+    let Ok(command_line) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let data = data.as_os_str().as_encoded_bytes();
+    command_line.split(|&byte| byte == 0).any(|argument| argument == data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_process_started_on_the_directory_counts_as_its_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // `sh -c '...' <name>`: the directory is one of the arguments, as
+        // a postmaster's `-D` is (`; :` keeps sh from exec-ing the sleep).
+        let mut process =
+            std::process::Command::new("/bin/sh").arg("-c").arg("sleep 30; :").arg(&data).spawn().unwrap();
+        let pid = i32::try_from(process.id()).unwrap();
+        let started = started_on(pid, &data);
+        let other = started_on(pid, &dir.path().join("other"));
+        let this_process = started_on(i32::try_from(std::process::id()).unwrap(), &data);
+        process.kill().unwrap();
+        process.wait().unwrap();
+        assert!(started, "the process started on the directory");
+        assert!(!other, "a process started on another directory");
+        assert!(!this_process, "a process with no such argument (a reused id)");
+        assert!(!started_on(pid, &data), "a process that ended");
     }
 }
