@@ -124,11 +124,12 @@ pub(crate) fn drop_database(admin: &mut PgConnection, name: &str) -> Result<(), 
 /// The databases the testkit leaves on a server of one's own: templates
 /// (`dployr_tpl_*`, one per migration set ever tested) and per-test
 /// databases of processes that died before they could drop them
-/// (`dployr_t_<pid>_<n>`, `dployr_e_<pid>_<n>`). Those of a process of this
+/// (`dployr_t_<pid>_<run>_<n>`, `dployr_e_<pid>_<run>_<n>`, or without the
+/// run, as earlier versions named them). Those of a process of this
 /// machine that is still running are kept.
 pub(crate) fn leftovers(admin: &mut PgConnection) -> Result<Vec<String>, TestkitError> {
     let names: Vec<String> = diesel::dsl::sql::<Text>(
-        "SELECT datname::text FROM pg_database WHERE datname ~ '^dployr_(tpl_[0-9a-f]+(_building)?|[te]_[0-9]+_[0-9]+)$' \
+        "SELECT datname::text FROM pg_database WHERE datname ~ '^dployr_(tpl_[0-9a-f]+(_building)?|[te]_[0-9]+(_[0-9a-f]{8})?_[0-9]+)$' \
          ORDER BY 1",
     )
     .load(admin)

@@ -135,8 +135,15 @@ impl Drop for TestDatabase {
 
 static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
 
+/// The name of this process's next database of `kind`:
+/// `dployr_<kind>_<pid>_<run>_<n>`. The process id lets `db clean` keep the
+/// databases of processes still running here; the run, random per process,
+/// keeps apart processes with one id on one server (containers sharing a
+/// CI server, an id reused after a killed run left its databases).
 fn next_name(kind: &str) -> String {
-    format!("dployr_{kind}_{}_{}", std::process::id(), NEXT_DATABASE.fetch_add(1, Ordering::Relaxed))
+    static RUN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(rand::random::<u32>);
+    format!("dployr_{kind}_{}_{run:08x}_{}", std::process::id(), NEXT_DATABASE.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A fresh database with every migration of the workspace applied.

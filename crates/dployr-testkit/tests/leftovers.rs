@@ -24,14 +24,16 @@ fn the_template_drops_with_a_plain_drop_database_and_db_clean_drops_leftovers() 
     admin.batch_execute(&format!("DROP DATABASE \"{template}\"")).unwrap();
     assert!(!databases(&mut admin).contains(&template));
 
-    // Leftovers of other runs: an old-style template and a dead process's test database.
+    // Leftovers of other runs: an old-style template and a dead process's test databases (named
+    // with and without the run, as this and earlier versions name them).
     admin.batch_execute("CREATE DATABASE dployr_tpl_00000000deadbeef").unwrap();
     admin
         .batch_execute("ALTER DATABASE dployr_tpl_00000000deadbeef WITH IS_TEMPLATE true ALLOW_CONNECTIONS false")
         .unwrap();
     admin.batch_execute("CREATE DATABASE dployr_t_2147483646_0").unwrap();
+    admin.batch_execute("CREATE DATABASE dployr_e_2147483646_0badf00d_3").unwrap();
     let ours = dployr_testkit::empty_database();
     let dropped = dployr_testkit::drop_leftover_databases(&server.url_for("postgres")).unwrap();
-    assert_eq!(dropped, ["dployr_t_2147483646_0", "dployr_tpl_00000000deadbeef"]);
+    assert_eq!(dropped, ["dployr_e_2147483646_0badf00d_3", "dployr_t_2147483646_0", "dployr_tpl_00000000deadbeef"]);
     assert_eq!(databases(&mut admin), [ours.name().to_owned()], "a live process's database stays");
 }
