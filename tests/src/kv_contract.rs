@@ -197,6 +197,91 @@ pub fn overwrite_replaces_the_ttl(f: &dyn KvFixture) {
     assert_eq!(ok(kv.get("ttl2/b"), "get b"), None);
 }
 
+/// `replace` writes only over a live value: a missing key and an expired
+/// one are left without a value (and `false` comes back); a live one takes
+/// the new value and the new TTL, which counts from the replace, or none.
+pub fn replace_writes_only_over_a_live_value(f: &dyn KvFixture) {
+    let kv = f.kv();
+    assert!(!ok(kv.replace("repl/missing", b"new", Some(TTL)), "replace missing"));
+    assert_eq!(ok(kv.get("repl/missing"), "get missing"), None, "a replace of a missing key wrote it");
+    ok(kv.put("repl/expiring", b"old", Some(TTL)), "put expiring");
+    ok(kv.put("repl/longer", b"old", Some(TTL)), "put longer");
+    ok(kv.put("repl/forever", b"old", None), "put forever");
+    ok(kv.put("repl/ending", b"old", Some(TTL)), "put ending");
+    f.advance(TTL / 2);
+    // At 60 s: `longer` and `forever` get a TTL that ends at 180 s, `ending` none.
+    assert!(ok(kv.replace("repl/longer", b"new", Some(TTL)), "replace longer"));
+    assert!(ok(kv.replace("repl/forever", b"new", Some(TTL)), "replace forever"));
+    assert!(ok(kv.replace("repl/ending", b"new", None), "replace ending"));
+    assert_eq!(ok(kv.get("repl/longer"), "get longer"), Some(b"new".to_vec()));
+    f.advance(TTL / 2 + Duration::from_secs(30));
+    // At 150 s: the values put with a TTL at 0 s would be gone.
+    assert!(!ok(kv.replace("repl/expiring", b"new", Some(TTL)), "replace expired"));
+    assert_eq!(ok(kv.get("repl/expiring"), "get expired"), None, "a replace of an expired key wrote it");
+    assert_eq!(ok(kv.get("repl/longer"), "get longer at 150 s"), Some(b"new".to_vec()), "the old TTL still counts");
+    assert_eq!(ok(kv.get("repl/forever"), "get forever at 150 s"), Some(b"new".to_vec()));
+    assert_eq!(ok(kv.get("repl/ending"), "get ending at 150 s"), Some(b"new".to_vec()), "the old TTL still counts");
+    f.advance(TTL / 2);
+    // At 210 s: the TTL given by the replace has passed.
+    assert_eq!(ok(kv.get("repl/longer"), "get longer at 210 s"), None, "the new TTL did not count");
+    assert_eq!(ok(kv.get("repl/forever"), "get forever at 210 s"), None, "the new TTL did not count");
+    assert_eq!(ok(kv.get("repl/ending"), "get ending at 210 s"), Some(b"new".to_vec()), "replaced without a TTL");
+    assert_eq!(list_all(kv.as_ref(), "repl/", 10).0, vec!["repl/ending".to_owned()]);
+}
+
+/// `replace` refuses a bad key, a value too large and a TTL out of range
+/// as `put` does, before anything is written: the live value stays.
+pub fn replace_refuses_what_put_refuses_before_writing(f: &dyn KvFixture) {
+    let kv = f.kv();
+    let limits = kv.limits();
+    ok(kv.put("repl-bad/k", b"kept", None), "put");
+    assert_invalid(kv.replace("repl-bad/k", b"v", Some(Duration::ZERO)), "ttl");
+    if limits.min_ttl > Duration::from_millis(1) {
+        assert_invalid(kv.replace("repl-bad/k", b"v", Some(limits.min_ttl - Duration::from_secs(1))), "ttl");
+    }
+    assert_invalid(kv.replace("repl-bad/k", b"v", Some(MAX_TTL + Duration::from_secs(1))), "ttl");
+    assert_invalid(kv.replace("repl-bad/k", &vec![0u8; limits.max_value_bytes + 1], None), "value");
+    assert_eq!(ok(kv.get("repl-bad/k"), "get"), Some(b"kept".to_vec()), "a refused replace wrote");
+    let long = "k".repeat(513);
+    for key in ["", ".", "..", long.as_str(), "nul\0byte"] {
+        assert_invalid(kv.replace(key, b"v", None), "key");
+    }
+    assert_eq!(list_all(kv.as_ref(), "", 1000).0, vec!["repl-bad/k".to_owned()]);
+}
+
+/// Where promised: a delete racing replaces of one key wins for good. In
+/// each round a live key is deleted on one thread while the others replace
+/// it: each replace lands before the delete (and is deleted with the
+/// value) or after it (and finds nothing), so the key is always gone at
+/// the end. A replace that checks, lets the delete in, then writes brings
+/// the key back. Then, with the delete done first, every replace finds
+/// nothing.
+pub fn a_delete_racing_replaces_wins_where_promised(f: &dyn KvFixture) {
+    if !(f.guarantees().atomic_take && f.guarantees().exact_increment) {
+        return;
+    }
+    let kv = f.kv();
+    for round in 0..50 {
+        let key = format!("repl-race/{round}");
+        ok(kv.put(&key, b"live", Some(TTL)), "put");
+        let results = in_parallel_on(8, 8, |n| {
+            if n == 0 {
+                ok(kv.delete(&key), "delete");
+                None
+            } else {
+                Some(ok(kv.replace(&key, format!("v{n}").as_bytes(), Some(TTL)), "replace"))
+            }
+        });
+        assert_eq!(ok(kv.get(&key), "get"), None, "round {round}: a replace brought back a deleted key: {results:?}");
+    }
+    ok(kv.put("repl-race/after", b"live", Some(TTL)), "put");
+    ok(kv.delete("repl-race/after"), "delete");
+    let replaced =
+        in_parallel(THREADS, |n| ok(kv.replace("repl-race/after", format!("v{n}").as_bytes(), None), "replace"));
+    assert!(replaced.iter().all(|replaced| !replaced), "a replace after the delete wrote");
+    assert_eq!(ok(kv.get("repl-race/after"), "get after"), None);
+}
+
 /// A zero TTL, one below the backend's minimum and one above the maximum
 /// are refused, and nothing is written.
 pub fn ttl_out_of_range_is_invalid(f: &dyn KvFixture) {
@@ -731,6 +816,9 @@ macro_rules! kv_contract_tests {
             put_get_delete,
             entries_expire_after_their_ttl,
             overwrite_replaces_the_ttl,
+            replace_writes_only_over_a_live_value,
+            replace_refuses_what_put_refuses_before_writing,
+            a_delete_racing_replaces_wins_where_promised,
             ttl_out_of_range_is_invalid,
             bad_keys_are_invalid,
             unusual_keys_round_trip,
@@ -793,7 +881,9 @@ macro_rules! session_store_contract_tests {
             session_store_keys_hold_no_session_or_user_id,
             session_store_deletes_every_session_of_one_user_only,
             session_store_a_session_that_changed_user_is_ended_only_with_its_current_user,
-            session_store_refuses_a_record_it_could_not_load_back
+            session_store_refuses_a_record_it_could_not_load_back,
+            session_store_a_save_after_the_session_was_deleted_does_not_bring_it_back,
+            session_store_sign_out_everywhere_counts_only_sessions_that_were_live
         );
     };
     (@each $fixture:expr; $($name:ident),*) => {

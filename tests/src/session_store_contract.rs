@@ -5,7 +5,8 @@
 //! loads back, a save replaces it, a delete removes it, an expired record
 //! never loads, `create` never overwrites a taken id), and what this store
 //! adds (hashed keys, expiry mapped to the backend's TTL range, sign-out of
-//! all of a user's sessions). They hold on Cloudflare with stale reads too
+//! all of a user's sessions, counted; no save bringing back a session that
+//! ended while its request ran). They hold on Cloudflare with stale reads too
 //! (`kv_cloudflare`'s `stale_reads` module runs them there), where the store
 //! answers from its memory of its own recent writes; the store reads the
 //! fixture's [`clock`](KvFixture::clock), so that [`KvFixture::advance`]
@@ -91,15 +92,18 @@ pub fn session_store_round_trips_create_save_load_delete(f: &dyn KvFixture) {
     });
 }
 
-/// `create` with an id that holds a record takes a new id and leaves the
-/// other record alone (tower-sessions' contract for id collisions).
+/// `create` with an id that holds a record (as created, or as saved since)
+/// takes a new id and leaves the other record alone (tower-sessions'
+/// contract for id collisions).
 pub fn session_store_create_never_overwrites_a_taken_id(f: &dyn KvFixture) {
     let store = store(f);
     run(async {
         let mut first = record(3600, &[("who", "first")]);
         ok(store.create(&mut first).await, "create first");
-        let saved = record(3600, &[("who", "saved")]);
-        ok(store.save(&saved).await, "save without create");
+        let mut saved = record(3600, &[("who", "created")]);
+        ok(store.create(&mut saved).await, "create the one saved next");
+        saved.data.insert("who".into(), "saved".into());
+        ok(store.save(&saved).await, "save");
 
         for taken in [first.id, saved.id] {
             let mut second = Record { id: taken, ..record(3600, &[("who", "second")]) };
@@ -293,4 +297,91 @@ pub fn session_store_refuses_a_record_it_could_not_load_back(f: &dyn KvFixture) 
         f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
         assert_eq!(ok(store.load(&kept.id).await, "load the deepest from the backend"), Some(deepest));
     });
+}
+
+/// Where the store keeps its per-user index of sessions.
+const USER_INDEX_PREFIX: &str = "tower_user_sessions:";
+
+/// A request that loaded a session before the session ended, and saves it
+/// after, does not bring it back: tower-sessions saves only a session its
+/// request loaded (a new one goes through `create`), so a save that finds
+/// no record is of a session that ended, and writes nothing. Not after a
+/// sign-out of this session (`delete`), nor after a sign-out everywhere
+/// (whose user index does not list the session again), whether the backend
+/// has caught up with the session's writes or not; nor for a record that
+/// was never created.
+pub fn session_store_a_save_after_the_session_was_deleted_does_not_bring_it_back(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let never_created = record(3600, &[(USER_FIELD, "ada")]);
+        ok(store.save(&never_created).await, "save of a record never created");
+        assert_eq!(ok(store.load(&never_created.id).await, "load the never created"), None);
+
+        let mut signed_out = record(3600, &[(USER_FIELD, "ada")]);
+        ok(store.create(&mut signed_out).await, "create");
+        let mut in_flight = loaded(&store, &signed_out.id).await;
+        ok(store.delete(&signed_out.id).await, "sign out");
+        in_flight.data.insert("theme".into(), "dark".into());
+        ok(store.save(&in_flight).await, "save by a request that loaded it before the sign-out");
+        assert_eq!(ok(store.load(&signed_out.id).await, "load after sign-out and save"), None, "signed in again");
+
+        let mut ended_everywhere = Vec::new();
+        for caught_up in [true, false] {
+            let mut everywhere = record(3600, &[(USER_FIELD, "ada")]);
+            ok(store.create(&mut everywhere).await, "create");
+            let mut in_flight = loaded(&store, &everywhere.id).await;
+            if caught_up {
+                // Past any backend's staleness and the store's memory of
+                // its writes: the sign-out finds the session by its index.
+                f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+            }
+            if let Err(error) = store.delete_user_sessions("ada").await {
+                panic!("sign out everywhere: {error:?}");
+            }
+            in_flight.data.insert("theme".into(), "dark".into());
+            ok(store.save(&in_flight).await, "save by a request that loaded it before the sign-out everywhere");
+            assert_eq!(ok(store.load(&everywhere.id).await, "load after sign-out everywhere and save"), None);
+            ended_everywhere.push(everywhere.id);
+        }
+
+        // What the backend holds, past its staleness and the store's memory.
+        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+        for id in [never_created.id, signed_out.id].iter().chain(&ended_everywhere) {
+            assert_eq!(ok(store.load(id).await, "load from the backend"), None, "the backend holds it again");
+        }
+        let (index, _) = list_all(f.kv().as_ref(), USER_INDEX_PREFIX, 100);
+        assert_eq!(index, Vec::<String>::new(), "the user index lists a session again");
+    });
+}
+
+/// A sign-out everywhere counts the sessions it ended: not one its index
+/// still names but that ended before (signed out on its own, which leaves
+/// the index entry; a sign-in with a new id deletes the old record too).
+pub fn session_store_sign_out_everywhere_counts_only_sessions_that_were_live(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut ended = record(3600, &[(USER_FIELD, "ada")]);
+        ok(store.create(&mut ended).await, "create");
+        ok(store.delete(&ended.id).await, "sign out of this session");
+        // Past any backend's staleness and the store's memory of its
+        // writes: the index lists the ended session's entry.
+        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+        let mut live = record(3600, &[(USER_FIELD, "ada")]);
+        ok(store.create(&mut live).await, "create another");
+        match store.delete_user_sessions("ada").await {
+            Ok(1) => {}
+            other => panic!("expected the one live session of ada's, got {other:?}"),
+        }
+        assert_eq!(ok(store.load(&live.id).await, "load after sign-out everywhere"), None);
+        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+        assert_eq!(list_all(f.kv().as_ref(), USER_INDEX_PREFIX, 100).0, Vec::<String>::new(), "entries left");
+    });
+}
+
+/// The record `store` loads for `id`, which must be there.
+async fn loaded(store: &KvSessionStore, id: &Id) -> Record {
+    match store.load(id).await {
+        Ok(Some(record)) => record,
+        other => panic!("expected the record of {id}, got {other:?}"),
+    }
 }

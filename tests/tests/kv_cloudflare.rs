@@ -472,7 +472,9 @@ async fn a_created_or_saved_session_loads_back_at_once_in_this_process_despite_s
     let (store, elsewhere) = (session_store(&cf), session_store(&cf));
     let mut created = session(&cf, 3600, "created");
     store.create(&mut created).await.unwrap();
-    let saved = session(&cf, 3600, "saved");
+    let mut saved = session(&cf, 3600, "created, then saved");
+    store.create(&mut saved).await.unwrap();
+    saved.data.insert("theme".into(), "saved".into());
     store.save(&saved).await.unwrap();
     assert_eq!(loaded_theme(&store, &created.id).await.as_deref(), Some("created"));
     assert_eq!(loaded_theme(&store, &saved.id).await.as_deref(), Some("saved"));
@@ -486,7 +488,7 @@ async fn a_session_saved_twice_loads_its_second_version_despite_stale_reads() {
     let cf = cloudflare_with_stale_reads();
     let store = session_store(&cf);
     let mut record = session(&cf, 3600, "first");
-    store.save(&record).await.unwrap();
+    store.create(&mut record).await.unwrap();
     // The first version is what the stale backend answers from now on.
     cf.advance(STALE + Duration::from_secs(1));
     record.data.insert("theme".into(), "second".into());
@@ -500,8 +502,8 @@ async fn a_session_saved_twice_loads_its_second_version_despite_stale_reads() {
 async fn a_deleted_session_does_not_load_despite_stale_reads() {
     let cf = cloudflare_with_stale_reads();
     let store = session_store(&cf);
-    let record = session(&cf, 3600, "dark");
-    store.save(&record).await.unwrap();
+    let mut record = session(&cf, 3600, "dark");
+    store.create(&mut record).await.unwrap();
     // The record is what the stale backend answers from now on.
     cf.advance(STALE + Duration::from_secs(1));
     store.delete(&record.id).await.unwrap();
@@ -515,8 +517,8 @@ async fn a_remembered_session_past_its_expiry_date_does_not_load() {
     let cf = cloudflare_with_stale_reads();
     let store = session_store(&cf);
     // Expires within the memory's window (its TTL is raised to Cloudflare's 60 s).
-    let record = session(&cf, 20, "short");
-    store.save(&record).await.unwrap();
+    let mut record = session(&cf, 20, "short");
+    store.create(&mut record).await.unwrap();
     assert_eq!(loaded_theme(&store, &record.id).await.as_deref(), Some("short"));
     cf.advance(Duration::from_secs(25));
     assert_eq!(loaded_theme(&store, &record.id).await, None);
@@ -527,7 +529,10 @@ async fn after_the_window_the_store_reads_the_backend_again() {
     let cf = cloudflare_with_stale_reads();
     let (store, elsewhere) = (session_store(&cf), session_store(&cf));
     let mut record = session(&cf, 3600, "mine");
-    store.save(&record).await.unwrap();
+    store.create(&mut record).await.unwrap();
+    // Once the backend shows it there (a save is of a session its request
+    // loaded), another process saves it too.
+    cf.advance(STALE + Duration::from_secs(1));
     record.data.insert("theme".into(), "theirs".into());
     elsewhere.save(&record).await.unwrap();
     // Within the window this process prefers its own write.
@@ -542,14 +547,14 @@ async fn the_memory_of_writes_holds_only_those_of_the_last_window() {
     let store = session_store(&cf);
     let mut ids = Vec::new();
     for n in 0..20 {
-        let record = session(&cf, 3600, &format!("n{n}"));
-        store.save(&record).await.unwrap();
+        let mut record = session(&cf, 3600, &format!("n{n}"));
+        store.create(&mut record).await.unwrap();
         ids.push(record.id);
     }
     store.delete(&ids[0]).await.unwrap();
     assert_eq!(store.remembered_writes(), 20, "one entry per record key, the deletion replacing the save");
     cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
-    store.save(&session(&cf, 3600, "later")).await.unwrap();
+    store.create(&mut session(&cf, 3600, "later")).await.unwrap();
     assert_eq!(store.remembered_writes(), 1, "the entries whose window passed were dropped");
     // Forgotten, the older ones load from the backend, which has caught up.
     assert_eq!(loaded_theme(&store, &ids[0]).await, None);
@@ -561,8 +566,8 @@ async fn a_burst_of_saves_of_one_session_under_the_write_limit_succeeds_or_fails
     let cf = cloudflare_with_stale_reads();
     cf.emulator.limit_writes_per_key(true);
     let store = session_store(&cf);
-    let first = session(&cf, 3600, "v0");
-    store.save(&first).await.unwrap();
+    let mut first = session(&cf, 3600, "v0");
+    store.create(&mut first).await.unwrap();
     let before = cf.kv.request_counts();
     // Each save is one write to the record's key (no user, so no index
     // entry); the first comes within a second of v0's, so it is throttled.
@@ -612,7 +617,7 @@ async fn a_save_refused_by_the_write_limit_is_an_error_and_the_last_saved_versio
     let cf = cloudflare_limiting_writes_without_retries();
     let store = session_store(&cf);
     let mut record = session(&cf, 3600, "first");
-    store.save(&record).await.unwrap();
+    store.create(&mut record).await.unwrap();
     record.data.insert("theme".into(), "refused".into());
     match store.save(&record).await {
         Err(session_store::Error::Backend(message)) => assert!(message.contains("Cloudflare KV put"), "{message}"),
@@ -629,8 +634,8 @@ async fn a_sign_out_everywhere_that_failed_on_a_session_saved_here_finds_it_agai
     let store = session_store(&cf);
     let mut record = session(&cf, 3600, "ada's");
     record.data.insert("user_id".into(), "ada".into());
-    store.save(&record).await.unwrap();
-    // Within a second of the save, the delete of the record is refused; the
+    store.create(&mut record).await.unwrap();
+    // Within a second of the create, the delete of the record is refused; the
     // stale listing of ada's index is empty, so only the memory knows it.
     let failed = store.delete_user_sessions("ada").await;
     assert!(matches!(failed, Err(StoreError::Unavailable { .. })), "{failed:?}");

@@ -57,8 +57,9 @@ pub struct KvLimits {
     pub min_list_limit: usize,
     /// Largest `limit` [`KvBackend::list`] accepts (Cloudflare: 1000).
     pub max_list_limit: usize,
-    /// Whether [`KvBackend::take`] and [`KvBackend::increment`] are atomic:
-    /// `true` on memory and PostgreSQL, `false` on Cloudflare (read then write).
+    /// Whether [`KvBackend::take`], [`KvBackend::increment`] and
+    /// [`KvBackend::replace`] are atomic: `true` on memory and PostgreSQL,
+    /// `false` on Cloudflare (read then write).
     pub atomic: bool,
     /// Whether a read always sees the last write that returned (true on
     /// memory and PostgreSQL; false on Cloudflare, whose reads may be up to
@@ -286,6 +287,32 @@ pub trait KvBackend: Send + Sync {
     /// # Errors
     /// [`StoreError::Invalid`] for a bad key, value or TTL; backend errors.
     fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()>;
+
+    /// Stores `value` under `key`, expiring after `ttl` (`None`: never), as
+    /// [`put`](Self::put) does, but only if `key` holds a live (unexpired)
+    /// value; returns whether it did. A missing or expired key is left
+    /// without a value. This is how a record that may have been deleted
+    /// meanwhile is written back without bringing it back: a session saved
+    /// by a request that loaded it before a sign-out. Atomic where
+    /// [`KvLimits::atomic`] says so: once a [`delete`](Self::delete) of
+    /// `key` has returned, no replace puts a value back, however they
+    /// interleave.
+    ///
+    /// The default is [`get`](Self::get), then [`put`](Self::put) if there
+    /// was a value: a delete that lands between the two is undone. Memory
+    /// does it under one lock, PostgreSQL in one statement.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key, value or TTL, before anything
+    /// is read or written; backend errors.
+    fn replace(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
+        self.limits().check_put(key, value, ttl)?;
+        if self.get(key)?.is_none() {
+            return Ok(false);
+        }
+        self.put(key, value, ttl)?;
+        Ok(true)
+    }
 
     /// Removes `key`; removing a missing key is not an error.
     ///

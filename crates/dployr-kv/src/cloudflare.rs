@@ -28,10 +28,13 @@
 //!
 //! **Consistency.** Workers KV is eventually consistent (a write may take up
 //! to 60 s to be seen elsewhere), allows one write per second per key, and
-//! has no atomic read-and-delete or counter: [`KvBackend::take`] and
-//! [`KvBackend::increment`] are a read followed by a write here, so two
-//! concurrent takes may both see the value and two concurrent increments may
-//! return the same number ([`KvLimits::atomic`] is `false`). One-time records
+//! has no atomic read-and-delete, counter or conditional write:
+//! [`KvBackend::take`] and [`KvBackend::increment`] are a read followed by a
+//! write here, so two concurrent takes may both see the value and two
+//! concurrent increments may return the same number ([`KvLimits::atomic`] is
+//! `false`); [`KvBackend::replace`] is the trait's default, a read then a
+//! put, so a delete that lands between them (or that a stale read does not
+//! show yet) is undone. One-time records
 //! (OAuth state, codes, attempt counters) therefore belong on a consistent
 //! backend (see `KvStore::with_backends`).
 //!

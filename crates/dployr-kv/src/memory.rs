@@ -1,6 +1,6 @@
 //! The in-memory backend: for tests and single-process development. Every
-//! operation holds one lock, so all of them, `take` and `increment`
-//! included, are atomic. Expired entries are never returned and are
+//! operation holds one lock, so all of them, `take`, `increment` and
+//! `replace` included, are atomic. Expired entries are never returned and are
 //! reclaimed: an index ordered by expiry is swept at every operation, so the
 //! map does not grow with dead entries.
 
@@ -161,6 +161,20 @@ impl KvBackend for MemoryKv {
         let expires_at = self.expiry(ttl)?;
         self.state().insert(key, Entry { value: value.to_vec(), expires_at });
         Ok(())
+    }
+
+    /// Under the one lock: no delete lands between the check and the write.
+    fn replace(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
+        let limits = self.limits();
+        limits.check_put(key, value, ttl)?;
+        let expires_at = self.expiry(ttl)?;
+        // `state()` has reclaimed what expired: an entry still there is live.
+        let mut state = self.state();
+        if !state.entries.contains_key(key) {
+            return Ok(false);
+        }
+        state.insert(key, Entry { value: value.to_vec(), expires_at });
+        Ok(true)
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {

@@ -4,7 +4,8 @@
 //!
 //! Every operation is one statement, so each is atomic: `take` is a
 //! `DELETE ... RETURNING`, `increment` an `INSERT ... ON CONFLICT DO UPDATE
-//! ... RETURNING` (an expired counter restarts at 1). Expiry is always
+//! ... RETURNING` (an expired counter restarts at 1), `replace` an `UPDATE`
+//! of a live row only. Expiry is always
 //! compared with the server's `now()`, never with a time converted to a
 //! zone, so the server's `TimeZone` does not matter. Expired rows are
 //! invisible to every read and removed by [`PgKv::purge_expired`], in
@@ -288,6 +289,25 @@ impl KvBackend for PgKv {
                 .execute(conn)
         })?;
         Ok(())
+    }
+
+    /// One `UPDATE ... WHERE key = $1 AND` the row is alive, setting the
+    /// value and expiry as `put` does: a row that a delete removed first is
+    /// not there to update, and a delete that comes second waits for the
+    /// update's row lock, so nothing deleted is brought back. An expired row
+    /// is left for the purge.
+    fn replace(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
+        let op = self.pool.operation("kv.postgres.replace");
+        let limits = self.limits();
+        limits.check_put(key, value, ttl)?;
+        let ttl = interval(ttl)?;
+        let replaced = op.run(|conn| {
+            let expires_at = sql::<Nullable<Timestamptz>>("now() + ").bind::<Nullable<Interval>, _>(ttl);
+            diesel::update(kv_entries::table.filter(kv_entries::key.eq(key)).filter(alive()))
+                .set((kv_entries::value.eq(value), kv_entries::expires_at.eq(expires_at)))
+                .execute(conn)
+        })?;
+        Ok(replaced > 0)
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {

@@ -23,12 +23,29 @@
 //!   the session's TTL); on Cloudflare the check is a read (of this
 //!   process's recent writes first, see below), which two creates of the
 //!   same 128-bit random id at once could both pass.
+//! - **A save never brings back a deleted session.** tower-sessions calls
+//!   `save` only for a session its request loaded (a new one goes through
+//!   `create`), so `save` writes the record only over one that is still
+//!   there ([`KvBackend::replace`]): a request that loaded a session before
+//!   a sign-out (`delete`), a sign-out everywhere or its expiry, and saves
+//!   after it, writes nothing (no record, no index entry) and its changes
+//!   are dropped; the session stays ended. Exact on backends whose
+//!   `replace` is atomic ([`KvLimits::atomic`]: memory, PostgreSQL). On
+//!   Cloudflare, `replace` is a read then a write, and reads may be stale:
+//!   this process never writes back a session it deleted in the last
+//!   [`STALE_READ_WINDOW`] (see below), but a save may bring back one
+//!   deleted by another process in the last minute, or deleted here while
+//!   the save's read and write ran (this process then deletes it again).
+//!   There a save of a session this process has not written in the window
+//!   costs a read before the write.
 //! - **Sign out everywhere.** With [`KvSessionStore::with_user_field`], a
 //!   record whose data names a user under that field is also recorded in a
 //!   per-user index ([`UserSessionIndex`]), and
 //!   [`KvSessionStore::delete_user_sessions`] deletes every session of that
-//!   user: exactly on memory and PostgreSQL, within Cloudflare's eventual
-//!   consistency there (see [`UserSessionIndex`]). A save whose index entry
+//!   user, and no save in flight brings one back (see above): exactly on
+//!   memory and PostgreSQL, within Cloudflare's eventual consistency there
+//!   (see [`UserSessionIndex`]). It counts the sessions it ended, not those
+//!   its index still names that had ended before. A save whose index entry
 //!   fails, for a record no entry names yet, deletes the record it wrote
 //!   and fails, so no record is left that the index does not name; a session saved since under another user (no
 //!   new id at sign-in) is left to that user's sign-out.
@@ -49,8 +66,11 @@
 //! answers `load` from that rather than from the backend while it is that
 //! recent (sending no request): a session saved here loads back at once, in
 //! its last saved version; one deleted here (or saved with an expiry
-//! already past, or signed out everywhere) does not load here again; a
-//! remembered record past its expiry date never loads. After the window the
+//! already past, or signed out everywhere) does not load here again, and a
+//! save here does not write it back; a remembered record past its expiry
+//! date never loads, and is not written back either. A save of a record
+//! written here in the window writes it without asking the backend (whose
+//! stale read may not show it yet). After the window the
 //! backend answers again, trusted to have caught up as Cloudflare
 //! documents. `create`'s check that an id is free asks the same memory
 //! first, and [`KvSessionStore::delete_user_sessions`] also deletes the
@@ -145,6 +165,19 @@ enum Written {
     Deleted,
 }
 
+/// How [`Inner::write`] writes a record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Writing {
+    /// A new record, from `create`, under an id it found free: written
+    /// whatever the backend holds.
+    New,
+    /// A record a request loaded, from `save` (tower-sessions saves only
+    /// those): written only over a record that is still there, so that a
+    /// session that ended while the request ran (signed out, signed out
+    /// everywhere, expired) is not brought back by it.
+    Loaded,
+}
+
 /// A write, and until when it is preferred over the backend's answer.
 struct Recent {
     written: Written,
@@ -174,6 +207,22 @@ impl RecentWrites {
         let mut entries = self.entries();
         entries.retain(|_, recent| recent.until > now);
         entries.insert(key.to_owned(), Recent { written, until });
+    }
+
+    /// Remembers `record` as written under `key`, as
+    /// [`remember`](Self::remember) does, unless a delete of `key` is
+    /// remembered within the window: then returns `false` and leaves it.
+    /// For a save that found no delete remembered before it wrote, a
+    /// delete remembered now came in while it wrote, and wins.
+    fn remember_saved(&self, key: &str, record: &Record, now: SystemTime) -> bool {
+        let until = now.checked_add(STALE_READ_WINDOW).unwrap_or(now);
+        let mut entries = self.entries();
+        entries.retain(|_, recent| recent.until > now);
+        if entries.get(key).is_some_and(|recent| matches!(recent.written, Written::Deleted | Written::Deleting(_))) {
+            return false;
+        }
+        entries.insert(key.to_owned(), Recent { written: Written::Record(record.clone()), until });
+        true
     }
 
     /// What this process wrote under `key` within the window, if anything.
@@ -257,13 +306,18 @@ impl KvSessionStore {
     }
 
     /// Deletes every session whose data named `user` under the user field
-    /// ("sign out of all devices") and returns how many were deleted: those
-    /// listed in the user's index and, on a backend with stale reads, those
-    /// this process saved in the last [`STALE_READ_WINDOW`] (each counted
-    /// once). Exact on memory and PostgreSQL for every session saved before
-    /// the call; on Cloudflare, sessions saved by other processes in the
-    /// last minute may be missed (see [`UserSessionIndex`]), and the deleted
-    /// ones may still load in other processes for up to a minute.
+    /// ("sign out of all devices") and returns how many live sessions it
+    /// ended: those listed in the user's index whose record was there and
+    /// not past its expiry date (an entry whose session had ended before,
+    /// signed out on its own, is removed but not counted) and, on a backend
+    /// with stale reads, those this process saved in the last
+    /// [`STALE_READ_WINDOW`] (each counted once). Exact on memory and
+    /// PostgreSQL for every session saved before the call, and a save in
+    /// flight does not bring one back; on Cloudflare, sessions saved by
+    /// other processes in the last minute may be missed (see
+    /// [`UserSessionIndex`]), the deleted ones may still load in other
+    /// processes for up to a minute, and a stale read may count an ended
+    /// session as live or a live one as ended (it is deleted all the same).
     ///
     /// # Errors
     /// [`StoreError::Configuration`] when the store has no user field
@@ -281,13 +335,16 @@ impl KvSessionStore {
             let mut listed = HashSet::new();
             let mut deleted = index.delete_all(&user, |key| {
                 listed.insert(key.to_owned());
+                let found = inner.listed_session(key, field, &user)?;
                 // A session saved since under another user (who signed in on
                 // it without a new id) is theirs: its entry here is stale.
-                if inner.names_another_user(key, field, &user)? {
+                if found == Listed::AnotherUsers {
                     return Ok(false);
                 }
+                // Deleted even if it read as gone: a stale read may miss a
+                // live one. Counted only if it was there.
                 inner.delete_key(key)?;
-                Ok(true)
+                Ok(found == Listed::Live)
             })?;
             // A stale listing may not show yet the entries of sessions saved
             // in the last minute; those saved here are in the memory.
@@ -356,6 +413,18 @@ fn ttl_until(expiry: OffsetDateTime, now: OffsetDateTime, limits: &KvLimits) -> 
     Some(Duration::from_millis(millis).clamp(limits.min_ttl, limits.max_ttl))
 }
 
+/// What a sign-out everywhere finds under a session key its user's index
+/// lists ([`Inner::listed_session`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    /// No record, or one past its expiry date: the session ended before.
+    Gone,
+    /// A record whose data names another user: the entry is stale.
+    AnotherUsers,
+    /// A session of the user's, ended by the sign-out.
+    Live,
+}
+
 impl Inner {
     /// Now, on the store's clock, as expiry dates are written.
     fn now(&self) -> OffsetDateTime {
@@ -368,19 +437,25 @@ impl Inner {
         record.data.get(field)?.as_str().map(|user| (index, user))
     }
 
-    /// Whether the record under `key` names a user other than `user` under
-    /// `field` (as this process last wrote it, if lately, else as the
-    /// backend answers). A record that is gone, unreadable or names nobody
-    /// does not.
-    fn names_another_user(&self, key: &str, field: &str, user: &str) -> StoreResult<bool> {
-        // Unreadable counts as naming nobody: the session is ended all the same.
+    /// What the record under `key`, which `user`'s index lists, is (as this
+    /// process last wrote it, if lately, else as the backend answers): gone
+    /// (absent, or past its expiry date), another user's (its data names
+    /// someone else under `field`), or a live session of `user`'s. A record
+    /// that is unreadable or names nobody is live: a session all the same.
+    fn listed_session(&self, key: &str, field: &str, user: &str) -> StoreResult<Listed> {
         let record = match self.stored(key) {
-            Ok(record) => record,
-            Err(StoreError::Backend { message, .. }) if message.starts_with("decoding") => None,
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(Listed::Gone),
+            Err(StoreError::Backend { message, .. }) if message.starts_with("decoding") => return Ok(Listed::Live),
             Err(other) => return Err(other),
         };
-        let Some(record) = record else { return Ok(false) };
-        Ok(record.data.get(field).and_then(serde_json::Value::as_str).is_some_and(|named| named != user))
+        if record.data.get(field).and_then(serde_json::Value::as_str).is_some_and(|named| named != user) {
+            return Ok(Listed::AnotherUsers);
+        }
+        if record.expiry_date <= self.now() {
+            return Ok(Listed::Gone);
+        }
+        Ok(Listed::Live)
     }
 
     /// The record under `key`: as this process last wrote it, if lately
@@ -423,18 +498,45 @@ impl Inner {
         self.backend.delete(key)
     }
 
+    /// Writes `record` back, as tower-sessions saves a session its request
+    /// loaded: only over a record that is still there (see
+    /// [`Writing::Loaded`]).
     fn save(&self, record: &Record) -> StoreResult<()> {
+        self.write(record, Writing::Loaded)
+    }
+
+    /// Writes `record` and its user's index entry, `writing` it as new or
+    /// as loaded; one with an expiry already past is deleted instead.
+    fn write(&self, record: &Record, writing: Writing) -> StoreResult<()> {
         let key = record_key(&record.id);
         let Some(ttl) = ttl_until(record.expiry_date, self.now(), &self.backend.limits()) else {
             // Saved already expired: it must not load again.
             return self.delete_key(&key);
         };
         let value = encode(record)?;
-        self.backend.put(&key, &value, Some(ttl))?;
-        // Only once the backend took it (a failed put leaves what this
+        if !self.write_record(&key, &value, ttl, writing)? {
+            // The session ended after its request loaded it (signed out,
+            // signed out everywhere, or expired): the request's changes
+            // are dropped, and no index entry or memory of a write is left
+            // to name a session that is gone.
+            return Ok(());
+        }
+        // Only once the backend took it (a failed write leaves what this
         // process knew before), and with the window counted from now, when
         // the write landed.
-        self.remember(&key, Written::Record(record.clone()));
+        let remembered = match (&self.recent, writing) {
+            (None, _) => true,
+            (Some(recent), Writing::New) => {
+                recent.remember(&key, Written::Record(record.clone()), self.clock.now());
+                true
+            }
+            (Some(recent), Writing::Loaded) => recent.remember_saved(&key, record, self.clock.now()),
+        };
+        if !remembered {
+            // Deleted here while this save wrote: the delete wins, also in
+            // the backend, where this write may have landed after it.
+            return self.backend.delete(&key);
+        }
         // After the record (see `UserSessionIndex` for why that order).
         if let Some((index, user)) = self.user_of(record)
             && let Err(error) = index.add(user, &key, Some(ttl))
@@ -452,6 +554,30 @@ impl Inner {
             return Err(error);
         }
         Ok(())
+    }
+
+    /// Stores `value` under the record key `key` for `ttl`, and whether it
+    /// did: a new record always; a loaded one only over a record that is
+    /// still there. Where reads may be stale, this process's memory of its
+    /// writes answers first: a record it deleted lately is not written (a
+    /// stale read may still show it), one it wrote lately, and whose expiry
+    /// date has not passed, is overwritten (a stale read may not show it
+    /// yet); otherwise the backend's [`KvBackend::replace`] decides,
+    /// atomically where [`KvLimits::atomic`] says so.
+    fn write_record(&self, key: &str, value: &[u8], ttl: Duration, writing: Writing) -> StoreResult<bool> {
+        if writing == Writing::New {
+            self.backend.put(key, value, Some(ttl))?;
+            return Ok(true);
+        }
+        match self.recent_write(key) {
+            Some(Written::Deleted | Written::Deleting(_)) => Ok(false),
+            Some(Written::Record(stored)) if stored.expiry_date <= self.now() => Ok(false),
+            Some(Written::Record(_)) => {
+                self.backend.put(key, value, Some(ttl))?;
+                Ok(true)
+            }
+            None => self.backend.replace(key, value, Some(ttl)),
+        }
     }
 
     /// Whether `id` is free: claimed by this call on a backend with atomic
@@ -484,7 +610,7 @@ impl Inner {
         encode(&record)?;
         for _ in 0..CREATE_ATTEMPTS {
             if self.claim(&record.id, ttl)? {
-                self.save(&record)?;
+                self.write(&record, Writing::New)?;
                 return Ok(record);
             }
             record.id = Id::default();
@@ -591,14 +717,22 @@ mod tests {
         }
     }
 
+    /// A record expiring in an hour whose data holds `pairs`.
+    fn record(pairs: &[(&str, &str)]) -> Record {
+        Record {
+            id: Id::default(),
+            data: pairs.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v))).collect(),
+            expiry_date: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        }
+    }
+
     #[tokio::test]
     async fn a_save_whose_user_index_entry_fails_is_an_error_and_leaves_no_record_a_sign_out_could_miss() {
         let store = KvSessionStore::new(Arc::new(IndexWritesFail(MemoryKv::new()))).with_user_field("user_id");
-        let record = Record {
-            id: Id::default(),
-            data: HashMap::from([("user_id".to_owned(), serde_json::Value::from("ada"))]),
-            expiry_date: OffsetDateTime::now_utc() + time::Duration::hours(1),
-        };
+        // Created anonymous (no index entry), then ada signs in on it.
+        let mut record = record(&[]);
+        store.create(&mut record).await.unwrap();
+        record.data.insert("user_id".to_owned(), serde_json::Value::from("ada"));
         assert!(store.save(&record).await.is_err(), "the index entry was refused");
         assert_eq!(store.load(&record.id).await.unwrap(), None, "a record ada's index does not name");
         assert_eq!(store.backend().get(&record_key(&record.id)).unwrap(), None);
@@ -607,14 +741,10 @@ mod tests {
     #[tokio::test]
     async fn a_signed_in_session_whose_index_refresh_fails_stays_signed_in() {
         let memory = MemoryKv::new();
-        let record = Record {
-            id: Id::default(),
-            data: HashMap::from([("user_id".to_owned(), serde_json::Value::from("ada"))]),
-            expiry_date: OffsetDateTime::now_utc() + time::Duration::hours(1),
-        };
-        // Saved once with its entry, on a backend that still took index writes.
+        let mut record = record(&[("user_id", "ada")]);
+        // Created with its entry, on a backend that still took index writes.
         let healthy = KvSessionStore::new(Arc::new(memory.clone())).with_user_field("user_id");
-        healthy.save(&record).await.unwrap();
+        healthy.create(&mut record).await.unwrap();
         let store = KvSessionStore::new(Arc::new(IndexWritesFail(memory))).with_user_field("user_id");
         assert!(store.save(&record).await.is_err(), "the refresh of the entry was refused");
         assert_eq!(store.load(&record.id).await.unwrap(), Some(record.clone()), "still signed in, still indexed");
@@ -624,15 +754,69 @@ mod tests {
     #[tokio::test]
     async fn no_memory_of_writes_is_kept_on_a_backend_that_reads_its_writes() {
         let store = KvSessionStore::new(Arc::new(MemoryKv::new()));
-        let record = Record {
-            id: Id::default(),
-            data: HashMap::new(),
-            expiry_date: OffsetDateTime::now_utc() + time::Duration::hours(1),
-        };
+        let mut record = record(&[]);
+        store.create(&mut record).await.unwrap();
         store.save(&record).await.unwrap();
         assert_eq!(store.load(&record.id).await.unwrap(), Some(record.clone()));
         store.delete(&record.id).await.unwrap();
         assert_eq!(store.remembered_writes(), 0);
         assert!(format!("{store:?}").contains("remembers_recent_writes: false"));
+    }
+
+    /// What runs in the middle of a write.
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// Memory that reads as if stale (as Cloudflare does, so the store
+    /// keeps its memory of writes) and runs a hook just before it writes
+    /// the next session record: a delete that lands while a save writes.
+    struct DeleteDuringPut {
+        kv: MemoryKv,
+        before_record_put: Mutex<Option<Hook>>,
+    }
+
+    impl KvBackend for DeleteDuringPut {
+        fn limits(&self) -> KvLimits {
+            KvLimits { atomic: false, read_your_writes: false, ..self.kv.limits() }
+        }
+        fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.kv.get(key)
+        }
+        fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+            let hook =
+                if key.starts_with(RECORD_PREFIX) { self.before_record_put.lock().unwrap().take() } else { None };
+            if let Some(hook) = hook {
+                hook();
+            }
+            self.kv.put(key, value, ttl)
+        }
+        fn delete(&self, key: &str) -> StoreResult<()> {
+            self.kv.delete(key)
+        }
+        fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+            self.kv.list(prefix, limit, cursor)
+        }
+        fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.kv.take(key)
+        }
+        fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+            self.kv.increment(key, ttl)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delete_in_this_process_while_a_save_writes_wins_despite_stale_reads() {
+        let backend = Arc::new(DeleteDuringPut { kv: MemoryKv::new(), before_record_put: Mutex::new(None) });
+        let store = KvSessionStore::new(backend.clone());
+        let mut record = record(&[("theme", "light")]);
+        store.create(&mut record).await.unwrap();
+        // The sign-out lands after the save found the session there (in
+        // its memory of writes) and before its write.
+        let (inner, key) = (Arc::clone(&store.inner), record_key(&record.id));
+        *backend.before_record_put.lock().unwrap() = Some(Box::new(move || inner.delete_key(&key).unwrap()));
+        record.data.insert("theme".to_owned(), serde_json::Value::from("dark"));
+        store.save(&record).await.unwrap();
+        assert!(backend.before_record_put.lock().unwrap().is_none(), "the delete ran during the save");
+        assert_eq!(store.load(&record.id).await.unwrap(), None, "signed in again here");
+        assert_eq!(backend.kv.get(&record_key(&record.id)).unwrap(), None, "signed in again in the backend");
     }
 }
