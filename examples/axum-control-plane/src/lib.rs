@@ -6,23 +6,31 @@
 //!
 //! | route | what it does |
 //! |---|---|
-//! | `POST /sign-in/code` `{"email"}` | sends a one-time code (here: to the [`CodeSink`], the console in `main`) |
+//! | `POST /sign-in/code` `{"email"}` | sends a one-time code (here: to the [`CodeSink`], the console in `main`); at most [`MAX_CODES_PER_WINDOW`] per address per [`CODE_WINDOW`], then 429 with `Retry-After` |
 //! | `POST /sign-in` `{"email","code"}` | checks the code (3 guesses), signs in: a new session id, the user in it |
 //! | `GET /me` | who is signed in |
 //! | `POST /clusters` | the caller's cluster (created on first call) |
 //! | `POST /clusters/{id}/members` `{"emails"}` | invites people; only for developers and above (middleware calling `can_write`) |
 //! | `GET /clusters/{id}/members?limit=&cursor=` | members, one page at a time, with the cursor of the next page |
 //! | `GET /invites`, `POST /invites/{id}/accept` | the caller's invitations, and accepting one (as viewer) |
-//! | `POST /oauth/start` `{"redirect"}`, `GET /oauth/callback?state=` | an OAuth state made and checked once |
+//! | `POST /oauth/start` `{"redirect"}`, `GET /oauth/callback?state=` | an OAuth state made and checked once; the redirect is a path of this site of at most [`MAX_REDIRECT_BYTES`] |
 //! | `POST /sign-out` | ends this session |
 //! | `POST /sign-out/everywhere` | ends every session of the caller, on every device |
 //!
+//! The session cookie is `SameSite=Lax` (the OAuth provider's redirect back
+//! must carry it) and `Secure` when [`CookieTransport::HttpsOnly`] is asked
+//! for (`main` reads [`SECURE_COOKIE_VAR`]). An error the client cannot act
+//! on (a backend's, the session store's) is answered without its text, which
+//! goes to the log (`tracing`).
+//!
 //! The tests in `tests/http.rs` drive the whole story over HTTP.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,7 +41,9 @@ use dployr_data::{
 use dployr_tower_sessions::KvSessionStore;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tower_sessions::{Session, SessionManagerLayer};
+use sha2::{Digest as _, Sha256};
+use tower_sessions::cookie::SameSite;
+use tower_sessions::{Session, SessionManagerLayer, session, session_store};
 
 /// The session field that names the signed-in user; the session store
 /// indexes sessions by it, which is what signing out everywhere uses.
@@ -62,11 +72,56 @@ pub fn session_store(data: &AsyncDataLayer) -> Result<KvSessionStore, StoreError
     Ok(KvSessionStore::new(backend).with_user_field(USER_FIELD))
 }
 
-/// The control plane's routes, with their session layer.
-pub fn router(data: AsyncDataLayer, sessions: KvSessionStore, send_code: CodeSink) -> Router {
-    // Plain HTTP on a local port: a `Secure` cookie would not be sent back
-    // by every client there. Behind TLS, keep tower-sessions' default (secure).
-    let session_layer = SessionManagerLayer::new(sessions.clone()).with_secure(false);
+/// The connections the session cookie is sent over: whether it carries
+/// `Secure`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CookieTransport {
+    /// Any connection (no `Secure`): plain HTTP on a local port, as `main`
+    /// serves by default, where a `Secure` cookie would not be sent back by
+    /// every client.
+    AnyConnection,
+    /// HTTPS only (`Secure`): a deployment behind TLS, where a cookie also
+    /// sent over plain HTTP (a link to `http://` of the same host) would
+    /// hand the session to whoever watches the network.
+    HttpsOnly,
+}
+
+/// The variable `main` reads [`CookieTransport`] from (see
+/// [`CookieTransport::from_secure_cookie_var`]).
+pub const SECURE_COOKIE_VAR: &str = "DPLOYR_EXAMPLE_SECURE_COOKIE";
+
+impl CookieTransport {
+    /// From the value of [`SECURE_COOKIE_VAR`] (`None` when it is unset):
+    /// `true` is [`HttpsOnly`](Self::HttpsOnly); `false` or unset is
+    /// [`AnyConnection`](Self::AnyConnection), for the local example.
+    ///
+    /// # Errors
+    /// [`StoreError::Configuration`] for any other value: a typo must not
+    /// leave a deployment behind TLS with a cookie sent in clear.
+    pub fn from_secure_cookie_var(value: Option<&str>) -> Result<Self, StoreError> {
+        match value.map(str::trim) {
+            None | Some("false") => Ok(Self::AnyConnection),
+            Some("true") => Ok(Self::HttpsOnly),
+            Some(other) => Err(StoreError::Configuration {
+                setting: SECURE_COOKIE_VAR,
+                reason: format!("is `{other}`, expected `true` or `false`").into(),
+            }),
+        }
+    }
+}
+
+/// The control plane's routes, with their session layer; the session
+/// cookie is sent over the connections `cookie` says.
+pub fn router(data: AsyncDataLayer, sessions: KvSessionStore, send_code: CodeSink, cookie: CookieTransport) -> Router {
+    let session_layer = SessionManagerLayer::new(sessions.clone())
+        // Lax, not tower-sessions' default Strict: the OAuth provider sends
+        // the browser back to `GET /oauth/callback` from its own site, and a
+        // Strict cookie is not sent on that cross-site navigation, so the
+        // callback would never find the state this browser started. Lax is
+        // still withheld from cross-site POSTs, and every route that changes
+        // something, the callback aside, is a POST.
+        .with_same_site(SameSite::Lax)
+        .with_secure(cookie == CookieTransport::HttpsOnly);
     let app = App { data, sessions, send_code };
     let writers_only = middleware::from_fn_with_state(app.clone(), require_write);
     Router::new()
@@ -106,16 +161,41 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Invalid { .. } => StatusCode::BAD_REQUEST,
             StoreError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            _ => return Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()),
+            _ => {
+                tracing::error!(%error, "store error answered as 500");
+                return Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into());
+            }
         };
         Self(status, error.to_string())
     }
 }
 
-impl From<tower_sessions::session::Error> for ApiError {
-    fn from(error: tower_sessions::session::Error) -> Self {
-        Self(StatusCode::INTERNAL_SERVER_ERROR, format!("session: {error}"))
+impl From<session::Error> for ApiError {
+    /// As a store error: a session store that cannot be reached is 503
+    /// (retrying later may work), anything else 500. Neither says more: the
+    /// text names backends, keys and records, the server's business; it
+    /// goes to the log.
+    fn from(error: session::Error) -> Self {
+        if is_unavailable(&error) {
+            tracing::warn!(%error, "session store unavailable, answered as 503");
+            return Self(StatusCode::SERVICE_UNAVAILABLE, "sessions are unavailable; try again later".into());
+        }
+        tracing::error!(%error, "session error answered as 500");
+        Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
     }
+}
+
+/// Whether `error` is a [`StoreError::Unavailable`] of the session store.
+/// [`KvSessionStore`] hands every backend error to tower-sessions as
+/// `session_store::Error::Backend` holding the store error's text, so the
+/// kind survives only as the start of that text, which is matched here
+/// against what `StoreError` itself writes for the variant.
+fn is_unavailable(error: &session::Error) -> bool {
+    let session::Error::Store(session_store::Error::Backend(message)) = error else {
+        return false;
+    };
+    let unavailable = StoreError::Unavailable { reason: Cow::Borrowed(""), source: None }.to_string();
+    message.starts_with(&unavailable)
 }
 
 type Answer = Result<Json<Value>, ApiError>;
@@ -132,11 +212,46 @@ struct EmailBody {
     email: String,
 }
 
-async fn send_code_by_email(State(app): State<App>, Json(body): Json<EmailBody>) -> Result<StatusCode, ApiError> {
+/// How many one-time codes one address is sent per [`CODE_WINDOW`]. The
+/// route needs no sign-in, and each code replaces the address's previous
+/// one: without a bound anyone could flood an inbox, and keep its owner from
+/// ever using a code. The bound is per address, so it cannot stop someone
+/// from spending an address's codes for the window (a limit per client
+/// address would, behind a proxy that says who the client is).
+pub const MAX_CODES_PER_WINDOW: i64 = 5;
+
+/// The window of [`MAX_CODES_PER_WINDOW`]: it opens with the first code sent
+/// to an address and closes this long after, whatever was sent meanwhile.
+pub const CODE_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// Where the count of codes sent to an address lives, followed by the
+/// SHA-256 of the address: like the data layer's own one-time-code keys, a
+/// key shows no address.
+const CODES_SENT_PREFIX: &str = "otp_sent:";
+
+/// Counts a code about to be sent to `email` and says whether it is within
+/// [`MAX_CODES_PER_WINDOW`]. The count is the data layer's key-value counter
+/// on the backend of one-time codes, so it holds across restarts and across
+/// servers sharing that backend (exactly where the backend increments
+/// atomically, PostgreSQL and memory; about, on Cloudflare). The async
+/// facade has no counter of its own, hence `run`.
+async fn within_code_limit(data: &AsyncDataLayer, email: &Email) -> Result<bool, StoreError> {
+    let key = format!("{CODES_SENT_PREFIX}{:x}", Sha256::digest(email.as_str().as_bytes()));
+    let sent = data.run(move |data| data.kv().one_time_backend().increment(&key, Some(CODE_WINDOW))).await?;
+    Ok(sent <= MAX_CODES_PER_WINDOW)
+}
+
+async fn send_code_by_email(State(app): State<App>, Json(body): Json<EmailBody>) -> Result<Response, ApiError> {
     let email = Email::parse(&body.email)?;
+    if !within_code_limit(&app.data, &email).await? {
+        // The count opened at most a window ago: by then it has closed.
+        let retry_after = CODE_WINDOW.as_secs().to_string();
+        let error = json!({ "error": "too many codes for this address; try again later" });
+        return Ok((StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, retry_after)], Json(error)).into_response());
+    }
     let code = app.data.kv().create_otp(&email).await?;
     (app.send_code)(&email, &code);
-    Ok(StatusCode::ACCEPTED)
+    Ok(StatusCode::ACCEPTED.into_response())
 }
 
 #[derive(Deserialize)]
@@ -243,6 +358,12 @@ struct OAuthStart {
 /// Where the browser's session keeps the OAuth state it started.
 const OAUTH_STATE_FIELD: &str = "oauth_state";
 
+/// The longest redirect `POST /oauth/start` keeps, in bytes: ample for a
+/// path of this site and within what browsers and proxies take in a URL.
+/// The route needs no sign-in; without a bound, anyone could have the store
+/// keep up to the request body limit (2 MB) per call.
+pub const MAX_REDIRECT_BYTES: usize = 2048;
+
 /// Whether `redirect` is a path of this site (`/clusters`), never another
 /// site (`https://evil.example`, `//evil.example`, `/\evil.example`): the
 /// callback sends the browser there.
@@ -257,6 +378,12 @@ fn is_local_path(redirect: &str) -> bool {
 }
 
 async fn oauth_start(State(app): State<App>, session: Session, Json(body): Json<OAuthStart>) -> Answer {
+    if body.redirect.len() > MAX_REDIRECT_BYTES {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("redirect is {} bytes long, at most {MAX_REDIRECT_BYTES} allowed", body.redirect.len()),
+        ));
+    }
     if !is_local_path(&body.redirect) {
         return Err(ApiError(StatusCode::BAD_REQUEST, "redirect must be a path of this site".into()));
     }
@@ -298,4 +425,34 @@ async fn sign_out_everywhere(State(app): State<App>, session: Session) -> Answer
     // This device's session is among them; flushing also clears its cookie.
     session.flush().await?;
     Ok(Json(json!({ "ended": ended })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_secure_cookie_variable_takes_true_false_or_nothing_and_refuses_a_typo() {
+        assert_eq!(CookieTransport::from_secure_cookie_var(None).unwrap(), CookieTransport::AnyConnection);
+        assert_eq!(CookieTransport::from_secure_cookie_var(Some("false")).unwrap(), CookieTransport::AnyConnection);
+        assert_eq!(CookieTransport::from_secure_cookie_var(Some("true")).unwrap(), CookieTransport::HttpsOnly);
+        let typo = CookieTransport::from_secure_cookie_var(Some("yes")).unwrap_err();
+        assert!(matches!(typo, StoreError::Configuration { setting: SECURE_COOKIE_VAR, .. }), "{typo}");
+    }
+
+    #[test]
+    fn a_session_error_is_answered_without_its_text_and_unavailable_as_503() {
+        let secret = "pg at db.internal:5432 refused key session:abc";
+        let unavailable = StoreError::Unavailable { reason: secret.into(), source: None };
+        let cases = [
+            (session_store::Error::Backend(unavailable.to_string()), StatusCode::SERVICE_UNAVAILABLE),
+            (session_store::Error::Backend(format!("backend error: {secret}")), StatusCode::INTERNAL_SERVER_ERROR),
+            (session_store::Error::Decode(secret.into()), StatusCode::INTERNAL_SERVER_ERROR),
+        ];
+        for (error, status) in cases {
+            let ApiError(answered, message) = ApiError::from(session::Error::Store(error));
+            assert_eq!(answered, status, "{message}");
+            assert!(!message.contains("db.internal"), "{message}");
+        }
+    }
 }

@@ -2,7 +2,12 @@
 //! `DPLOYR_EXAMPLE_ADDR`), on the database of `DATABASE_URL` (read with the
 //! rest of the data layer's variables) or, when it is unset, on a throwaway
 //! PostgreSQL it starts and deletes on exit. One-time codes are printed here
-//! instead of being e-mailed. Ctrl-C stops it.
+//! instead of being e-mailed. Warnings and errors (the text of an error a
+//! client is answered without) go to standard error. Ctrl-C stops it.
+//!
+//! The session cookie is sent over plain HTTP too, for the local port;
+//! behind TLS, set `DPLOYR_EXAMPLE_SECURE_COOKIE=true` to mark it `Secure`
+//! (HTTPS only).
 //!
 //! ```sh
 //! cargo run -p axum-control-plane
@@ -10,7 +15,7 @@
 
 use std::sync::Arc;
 
-use axum_control_plane::{CodeSink, router, session_store};
+use axum_control_plane::{CodeSink, CookieTransport, SECURE_COOKIE_VAR, router, session_store};
 use dployr_data::{AsyncDataLayer, Config};
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -18,6 +23,14 @@ type Failure = Box<dyn std::error::Error + Send + Sync>;
 #[expect(clippy::print_stdout, reason = "an example prints where it listens and the codes it would e-mail")]
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(tracing::Level::WARN).try_init()?;
+    // Read first: a bad value stops the program before it starts a database.
+    let secure_cookie = match std::env::var(SECURE_COOKIE_VAR) {
+        Ok(value) => Some(value),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(not_unicode) => return Err(format!("{SECURE_COOKIE_VAR}: {not_unicode}").into()),
+    };
+    let cookie = CookieTransport::from_secure_cookie_var(secure_cookie.as_deref())?;
     // Blocking work (starting a PostgreSQL, connecting, migrating) runs on
     // the blocking pool, never on the runtime's threads.
     let (config, throwaway) = match std::env::var("DATABASE_URL") {
@@ -43,7 +56,7 @@ async fn main() -> Result<(), Failure> {
         "  curl -i -c jar -X POST {base}/sign-in -H 'content-type: application/json' -d '{{\"email\":\"ada@example.io\",\"code\":\"<the code>\"}}'"
     );
     println!("  curl -b jar -X POST {base}/clusters");
-    axum::serve(listener, router(data, sessions, send_code))
+    axum::serve(listener, router(data, sessions, send_code, cookie))
         .with_graceful_shutdown(async {
             // Without a signal handler the server runs until killed; either way it stops.
             let _ = tokio::signal::ctrl_c().await;

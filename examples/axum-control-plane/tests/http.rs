@@ -2,15 +2,23 @@
 //! server on a free port and a throwaway PostgreSQL: sign-in by one-time
 //! code (a wrong one first), a cluster, an invitation accepted, members read
 //! page by page, a viewer refused a write by the middleware, an OAuth state
-//! that works once, sign-out, and sign-out of every device.
+//! that works once, sign-out, and sign-out of every device. Then what guards
+//! the edges: the session cookie's attributes, a failing session store
+//! answered without its text, an over-long redirect, and the limit of codes
+//! per address.
 
 #![cfg(test)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum_control_plane::{CodeSink, router, session_store};
-use dployr_data::{AsyncDataLayer, Config};
+use axum_control_plane::{
+    CODE_WINDOW, CodeSink, CookieTransport, MAX_CODES_PER_WINDOW, MAX_REDIRECT_BYTES, router, session_store,
+};
+use dployr_data::{AsyncDataLayer, Config, KvBackend, KvLimits, KvPage, StoreError, StoreResult};
+use dployr_tower_sessions::KvSessionStore;
+use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -30,6 +38,17 @@ impl Device {
     /// server sets (or drops the one it removes), and returns the status and
     /// the JSON body (`null` when empty).
     async fn call(&mut self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (status, _, json) = self.call_with_headers(method, path, body).await;
+        (status, json)
+    }
+
+    /// As [`call`](Self::call), with the response's headers.
+    async fn call_with_headers(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, HeaderMap, Value) {
         let mut request = self.client.request(method, format!("{}{path}", self.base));
         if let Some(cookie) = &self.cookie {
             request = request.header("cookie", cookie);
@@ -38,15 +57,15 @@ impl Device {
             request = request.header("content-type", "application/json").body(body.to_string());
         }
         let response = request.send().await.unwrap();
-        let status = response.status();
-        if let Some(set) = response.headers().get("set-cookie") {
+        let (status, headers) = (response.status(), response.headers().clone());
+        if let Some(set) = headers.get("set-cookie") {
             let set = set.to_str().unwrap();
             let pair = set.split(';').next().unwrap().trim().to_owned();
             self.cookie = if set.contains("Max-Age=0") || pair.ends_with('=') { None } else { Some(pair) };
         }
         let bytes = response.bytes().await.unwrap();
         let json = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-        (status, json)
+        (status, headers, json)
     }
 }
 
@@ -58,7 +77,15 @@ struct Server {
 }
 
 impl Server {
+    /// The server as `main` runs it locally: cookies over any connection,
+    /// sessions on the data layer.
     async fn start() -> Self {
+        Self::start_with(CookieTransport::AnyConnection, |data| session_store(data).unwrap()).await
+    }
+
+    /// A server whose session cookie goes over `cookie` and whose sessions
+    /// are kept by the store `sessions` makes for the data layer.
+    async fn start_with(cookie: CookieTransport, sessions: impl FnOnce(&AsyncDataLayer) -> KvSessionStore) -> Self {
         let db = tokio::task::spawn_blocking(dployr_testkit::database).await.unwrap();
         let data = AsyncDataLayer::open(Config::new(db.url())).await.unwrap();
         let codes: Arc<Mutex<HashMap<String, String>>> = Arc::default();
@@ -66,10 +93,11 @@ impl Server {
         let send_code: CodeSink = Arc::new(move |email, code| {
             sink.lock().unwrap().insert(email.as_str().to_owned(), code.expose().to_owned());
         });
-        let sessions = session_store(&data).unwrap();
+        let sessions = sessions(&data);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, router(data, sessions, send_code)).await.unwrap() });
+        let app = router(data, sessions, send_code, cookie);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { base, codes, _db: db }
     }
 
@@ -181,4 +209,137 @@ async fn the_control_plane_story_runs_over_http() {
     assert_eq!(ada.call(Method::GET, "/me", None).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(ada_phone.call(Method::GET, "/me", None).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(bob_again.call(Method::GET, "/me", None).await.0, StatusCode::OK);
+}
+
+/// The `Set-Cookie` header of a request that puts something in a new
+/// session (starting an OAuth sign-in), on a server whose cookie goes over
+/// `cookie`.
+async fn session_cookie_set_over(cookie: CookieTransport) -> String {
+    let server = Server::start_with(cookie, |data| session_store(data).unwrap()).await;
+    let mut device = Device::new(&server.base);
+    let (status, headers, body) =
+        device.call_with_headers(Method::POST, "/oauth/start", Some(json!({ "redirect": "/after" }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    headers.get("set-cookie").unwrap().to_str().unwrap().to_owned()
+}
+
+/// Whether a `Set-Cookie` header carries the attribute `name` (`Secure`,
+/// `SameSite=Lax`), whatever its case and spacing.
+fn has_attribute(set_cookie: &str, name: &str) -> bool {
+    set_cookie.split(';').skip(1).any(|attribute| attribute.trim().eq_ignore_ascii_case(name))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cookie_is_same_site_lax_and_secure_only_when_asked() {
+    let local = session_cookie_set_over(CookieTransport::AnyConnection).await;
+    // Lax: the OAuth provider's cross-site redirect to the callback carries it.
+    assert!(has_attribute(&local, "SameSite=Lax"), "{local}");
+    assert!(!has_attribute(&local, "Secure"), "{local}");
+
+    let behind_tls = session_cookie_set_over(CookieTransport::HttpsOnly).await;
+    assert!(has_attribute(&behind_tls, "SameSite=Lax"), "{behind_tls}");
+    assert!(has_attribute(&behind_tls, "Secure"), "{behind_tls}");
+}
+
+/// What a session backend that fails says about itself: a host and a key,
+/// which no client should read.
+const BACKEND_SECRET: &str = "sessions.internal:5432 refused key session:7f3a";
+
+/// A key-value backend on which every call fails with the error `fail` makes.
+struct FailingKv {
+    fail: fn() -> StoreError,
+}
+
+impl KvBackend for FailingKv {
+    fn limits(&self) -> KvLimits {
+        KvLimits::default()
+    }
+
+    fn get(&self, _key: &str) -> StoreResult<Option<Vec<u8>>> {
+        Err((self.fail)())
+    }
+
+    fn put(&self, _key: &str, _value: &[u8], _ttl: Option<Duration>) -> StoreResult<()> {
+        Err((self.fail)())
+    }
+
+    fn delete(&self, _key: &str) -> StoreResult<()> {
+        Err((self.fail)())
+    }
+
+    fn list(&self, _prefix: &str, _limit: usize, _cursor: Option<&str>) -> StoreResult<KvPage> {
+        Err((self.fail)())
+    }
+
+    fn take(&self, _key: &str) -> StoreResult<Option<Vec<u8>>> {
+        Err((self.fail)())
+    }
+
+    fn increment(&self, _key: &str, _ttl: Option<Duration>) -> StoreResult<i64> {
+        Err((self.fail)())
+    }
+}
+
+/// The answer to `GET /me` from a browser with a session cookie, on a
+/// server whose session store fails with the error `fail` makes.
+async fn me_with_failing_sessions(fail: fn() -> StoreError) -> (StatusCode, Value) {
+    let server = Server::start_with(CookieTransport::AnyConnection, |_| {
+        KvSessionStore::new(Arc::new(FailingKv { fail })).with_user_field(axum_control_plane::USER_FIELD)
+    })
+    .await;
+    let mut device = Device::new(&server.base);
+    // A well-formed session id, so that the session is loaded from the store.
+    device.cookie = Some(format!("id={}", tower_sessions::session::Id::default()));
+    device.call(Method::GET, "/me", None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_session_store_is_answered_without_its_text_and_unavailable_as_503() {
+    let (status, body) =
+        me_with_failing_sessions(|| StoreError::Unavailable { reason: BACKEND_SECRET.into(), source: None }).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"].is_string(), "{body}");
+    assert!(!body.to_string().contains("sessions.internal"), "{body}");
+
+    let (status, body) =
+        me_with_failing_sessions(|| StoreError::Backend { message: BACKEND_SECRET.into(), source: None }).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(!body.to_string().contains("sessions.internal"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oauth_redirect_longer_than_the_bound_is_refused() {
+    let server = Server::start().await;
+    let mut device = Device::new(&server.base);
+    let longest = format!("/{}", "a".repeat(MAX_REDIRECT_BYTES - 1));
+    let (status, body) = device.call(Method::POST, "/oauth/start", Some(json!({ "redirect": longest }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let too_long = format!("/{}", "a".repeat(MAX_REDIRECT_BYTES));
+    let (status, body) = device.call(Method::POST, "/oauth/start", Some(json!({ "redirect": too_long }))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_past_the_limit_for_one_address_are_refused_while_another_address_gets_its_code() {
+    let server = Server::start().await;
+    let mut device = Device::new(&server.base);
+    let ask = json!({ "email": "dee@example.io" });
+    for sent in 1..=MAX_CODES_PER_WINDOW {
+        let (status, body) = device.call(Method::POST, "/sign-in/code", Some(ask.clone())).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "code {sent}: {body}");
+    }
+    let last_code = server.code_of("dee@example.io");
+
+    let (status, headers, body) = device.call_with_headers(Method::POST, "/sign-in/code", Some(ask)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let retry_after: u64 = headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=CODE_WINDOW.as_secs()).contains(&retry_after), "Retry-After: {retry_after}");
+    // The refused request replaced nothing: the last code sent still signs in.
+    assert_eq!(server.code_of("dee@example.io"), last_code);
+    let (status, body) =
+        device.call(Method::POST, "/sign-in", Some(json!({ "email": "dee@example.io", "code": last_code }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (status, body) = device.call(Method::POST, "/sign-in/code", Some(json!({ "email": "eli@example.io" }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
