@@ -496,7 +496,9 @@ impl KvStore {
     }
 
     /// Ends every session of `user` ("sign out of all devices") and returns
-    /// how many it ended. A session whose id was used again for another
+    /// how many it ended: live sessions, not index entries of sessions that
+    /// had ended before (on Cloudflare, a stale read may count a live one
+    /// as ended; it is deleted all the same). A session whose id was used again for another
     /// user ([`create_session`](Self::create_session) with an id of theirs)
     /// is that user's, and is left. Work: one list request per 1000
     /// sessions, and a read and two deletes per session. Exact on memory and PostgreSQL for every
@@ -514,14 +516,17 @@ impl KvStore {
             // is still listed under this user: that session is not theirs to
             // end. Read first; a session that is gone or unreadable (or, on a
             // stale backend, not seen yet) is deleted all the same.
-            if let Some(value) = self.kv.get(key)?
-                && serde_json::from_slice::<SessionOwner>(&value).is_ok_and(|owner| owner.user_id != *user)
+            let value = self.kv.get(key)?;
+            if let Some(value) = &value
+                && serde_json::from_slice::<SessionOwner>(value).is_ok_and(|owner| owner.user_id != *user)
             {
                 return Ok(false);
             }
             self.remember_deleted(key);
             self.kv.delete(key)?;
-            Ok(true)
+            // Counted only if it was there: an entry whose session ended
+            // before (signed out on its own) is removed, not counted.
+            Ok(value.is_some())
         })
     }
 
