@@ -80,7 +80,8 @@ usage: cargo xtask <command>
                    server (DATABASE_URL, else the development cluster); run it when no test uses it
 
   migrate status   list migrations: applied (when, how long) or pending; exits 1 when a migration
-                   is pending, changed or missing (for deploy scripts)
+                   is pending, changed or missing, 2 when it cannot tell (no connection, a malformed
+                   URL, an unreadable migrations/), 0 when up to date (for deploy scripts)
   migrate run      apply pending migrations
   migrate revert   revert the last applied migration
   migrate revert --to VERSION   revert every migration above VERSION
@@ -133,7 +134,11 @@ fn main() -> ExitCode {
             // The errors of dployr-migrate and dployr-testkit already say
             // their cause in their message; walking `source()` would repeat it.
             eprintln!("error: {error}");
-            ExitCode::FAILURE
+            // `migrate status` tells "out of date" (1) from "cannot tell" (2).
+            match error.downcast_ref::<migrate::StatusFailure>() {
+                Some(status) => ExitCode::from(status.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

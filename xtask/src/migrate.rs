@@ -9,13 +9,22 @@ use crate::{Failure, db, migrations_dir};
 /// `migrate` and its words, with `--database-url URL` taken out.
 pub fn dispatch(words: &[&str]) -> Result<(), Failure> {
     let mut url = None;
+    let mut url_missing = false;
     let mut rest = Vec::new();
     let mut words = words.iter();
     while let Some(word) = words.next() {
         match *word {
-            "--database-url" => url = Some((*words.next().ok_or("--database-url needs a URL")?).to_owned()),
+            "--database-url" => match words.next() {
+                Some(next) => url = Some((*next).to_owned()),
+                None => url_missing = true,
+            },
             other => rest.push(other),
         }
+    }
+    if url_missing {
+        let missing: Failure = "--database-url needs a URL".into();
+        // `status` says "could not tell" by its exit code, not "out of date".
+        return Err(if rest == ["status"] { StatusFailure::Unknown(missing).into() } else { missing });
     }
     let url = url.as_deref();
     match rest.as_slice() {
@@ -43,10 +52,56 @@ fn print_event(event: &MigrationEvent) {
     println!("{event}");
 }
 
-/// Prints every migration's state; fails (exit 1) when one is pending,
-/// changed or missing, so a deploy script can stop on it.
+/// Why `migrate status` failed, told apart by its exit code: a deploy
+/// script that migrates when the database is out of date must not take
+/// "could not connect" for "out of date".
+#[derive(Debug)]
+pub enum StatusFailure {
+    /// A migration is pending, changed or missing: exit code 1.
+    OutOfDate {
+        /// Not applied yet.
+        pending: usize,
+        /// Applied, but `up.sql` changed since.
+        changed: usize,
+        /// Applied, but not in `migrations/`.
+        missing: usize,
+    },
+    /// The state could not be read (no connection, unreadable
+    /// `migrations/`, a malformed URL, ...): exit code 2.
+    Unknown(Failure),
+}
+
+impl StatusFailure {
+    /// The process's exit code for it.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::OutOfDate { .. } => 1,
+            Self::Unknown(_) => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for StatusFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::OutOfDate { pending, changed, missing } => write!(
+                f,
+                "the database is not up to date with migrations/: {pending} pending, {changed} changed, {missing} missing"
+            ),
+            // The cause's own message: it says what went wrong.
+            Self::Unknown(cause) => write!(f, "{cause}"),
+        }
+    }
+}
+
+impl std::error::Error for StatusFailure {}
+
+/// Prints every migration's state; fails with exit code 1 when one is
+/// pending, changed or missing, so a deploy script can stop on it, and with
+/// 2 when it cannot tell ([`StatusFailure`]).
 pub fn status(url: Option<&str>) -> Result<(), Failure> {
-    let lines = runner(url)?.status()?;
+    let lines =
+        runner(url).and_then(|runner| runner.status().map_err(Failure::from)).map_err(StatusFailure::Unknown)?;
     let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(4).max(4);
     println!("{:<width$}  {:<8}  {:<19}  {:>8}", "NAME", "STATE", "APPLIED AT (UTC)", "TIME");
     let mut pending = 0;
@@ -81,10 +136,7 @@ pub fn status(url: Option<&str>) -> Result<(), Failure> {
         println!("MISSING: applied to the database but not in migrations/; `migrate run` will refuse to run.");
     }
     if pending + changed + missing > 0 {
-        return Err(format!(
-            "the database is not up to date with migrations/: {pending} pending, {changed} changed, {missing} missing"
-        )
-        .into());
+        return Err(StatusFailure::OutOfDate { pending, changed, missing }.into());
     }
     Ok(())
 }
@@ -127,4 +179,43 @@ pub fn new(name: &str) -> Result<(), Failure> {
         folder.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exit code `main` gives `result` of `migrate status`.
+    fn exit_code_of(result: &Result<(), Failure>) -> u8 {
+        match result {
+            Ok(()) => 0,
+            Err(error) => error.downcast_ref::<StatusFailure>().map_or(1, StatusFailure::exit_code),
+        }
+    }
+
+    /// A URL on a loopback port nothing listens on.
+    fn closed_port_url() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        format!("postgres://nobody@127.0.0.1:{port}/nothing")
+    }
+
+    #[test]
+    fn status_exits_2_when_it_cannot_tell_and_1_only_when_the_database_is_out_of_date() {
+        assert_eq!(exit_code_of(&status(Some(&closed_port_url()))), 2);
+        assert_eq!(exit_code_of(&dispatch(&["status", "--database-url"])), 2, "a URL left out is no answer either");
+        assert_eq!(exit_code_of(&dispatch(&["new", "--database-url"])), 1, "other commands keep exit code 1");
+
+        let db = dployr_testkit::empty_database();
+        let out_of_date = status(Some(db.url()));
+        assert_eq!(exit_code_of(&out_of_date), 1);
+        let pending = out_of_date.as_ref().err().and_then(|error| error.downcast_ref::<StatusFailure>());
+        assert!(
+            matches!(pending, Some(StatusFailure::OutOfDate { pending: 1.., changed: 0, missing: 0 })),
+            "{pending:?}"
+        );
+        run(Some(db.url())).unwrap();
+        assert_eq!(exit_code_of(&status(Some(db.url()))), 0);
+    }
 }

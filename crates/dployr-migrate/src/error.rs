@@ -23,9 +23,9 @@ pub enum MigrateError {
     )]
     TransactionPooler,
 
-    /// A migration waited for a table lock longer than the runner's
-    /// `lock_timeout`, on every attempt: live traffic holds it. Nothing of
-    /// the migration was kept.
+    /// A migration (or its revert) waited for a table lock longer than the
+    /// runner's `lock_timeout`, on every attempt: live traffic holds it.
+    /// Nothing of the attempts was kept (a reverted migration stays applied).
     #[error(
         "migration {name} could not take its locks: {attempts} attempts of {lock_timeout:?} each ran into lock_timeout; \
          last wait: {waited_for}. Retry when the traffic is lower, or raise the lock timeout"

@@ -20,7 +20,6 @@ use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
-use diesel::sql_types::Text;
 
 use crate::sql_lexer::{Token, tokens};
 use crate::{MigrateError, MigrationFile, MigrationSet};
@@ -60,6 +59,9 @@ pub(crate) struct AppliedRow {
 pub(crate) struct DployrHarness<'a> {
     conn: &'a mut PgConnection,
     set: &'a MigrationSet,
+    /// The SQL that gives the session the runner's settings, run again
+    /// after every file (see [`end_the_files_settings`]).
+    session_settings: String,
     backend_pid: Option<i32>,
 }
 
@@ -70,14 +72,19 @@ impl std::fmt::Debug for DployrHarness<'_> {
 }
 
 impl<'a> DployrHarness<'a> {
-    /// Wraps a connection, creating `_migrations` if it does not exist.
+    /// Wraps a connection whose session `session_settings` (SQL) has
+    /// configured, creating `_migrations` if it does not exist.
     ///
     /// # Errors
     /// [`MigrateError::Database`] if the table cannot be created.
-    pub(crate) fn new(conn: &'a mut PgConnection, set: &'a MigrationSet) -> Result<Self, MigrateError> {
+    pub(crate) fn new(
+        conn: &'a mut PgConnection,
+        set: &'a MigrationSet,
+        session_settings: String,
+    ) -> Result<Self, MigrateError> {
         conn.batch_execute(CREATE_TABLE)
             .map_err(|source| MigrateError::Database { context: "creating _migrations", source })?;
-        Ok(Self { conn, set, backend_pid: None })
+        Ok(Self { conn, set, session_settings, backend_pid: None })
     }
 
     /// The server process of the connection, for the runner's lock watcher.
@@ -96,7 +103,10 @@ impl<'a> DployrHarness<'a> {
 
     /// Applies one migration and records it; returns the execution time.
     pub(crate) fn apply(&mut self, migration: &MigrationFile) -> Result<Duration, MigrateError> {
-        run_file(self.conn, migration, "up.sql", migration.up_sql(), |conn, elapsed| record(conn, migration, elapsed))
+        let sql = migration.up_sql();
+        run_file(self.conn, &self.session_settings, migration, "up.sql", sql, |conn, elapsed| {
+            record(conn, migration, elapsed)
+        })
     }
 
     /// Reverts one applied migration and deletes its row; returns the time
@@ -104,7 +114,7 @@ impl<'a> DployrHarness<'a> {
     pub(crate) fn revert(&mut self, migration: &MigrationFile) -> Result<Duration, MigrateError> {
         let down =
             migration.down_sql().ok_or_else(|| MigrateError::NoDownFile { name: migration.name().to_owned() })?;
-        run_file(self.conn, migration, "down.sql", down, |conn, _| {
+        run_file(self.conn, &self.session_settings, migration, "down.sql", down, |conn, _| {
             diesel::delete(_migrations::table.find(migration.version()))
                 .execute(conn)
                 .map(drop)
@@ -122,9 +132,11 @@ pub(crate) fn read_applied_rows(conn: &mut PgConnection) -> Result<Vec<AppliedRo
 }
 
 /// Runs one file of `migration` and then its bookkeeping, both in one
-/// transaction unless the migration opts out.
+/// transaction unless the migration opts out; every setting the file made
+/// ends before the bookkeeping (`session_settings`: the runner's own).
 fn run_file(
     conn: &mut PgConnection,
+    session_settings: &str,
     migration: &MigrationFile,
     file: &'static str,
     sql: &str,
@@ -142,7 +154,9 @@ fn run_file(
             let started = Instant::now();
             conn.batch_execute(sql).map_err(failed)?;
             let elapsed = started.elapsed();
-            end_the_files_settings(conn)?;
+            // In the file's transaction: if it rolls back, so does every
+            // setting the file made, and the session is the runner's again.
+            end_the_files_settings(conn, session_settings)?;
             bookkeeping(conn, elapsed)?;
             Ok(elapsed)
         });
@@ -157,42 +171,37 @@ fn run_file(
     // A concurrent build (`CREATE INDEX CONCURRENTLY`, `REINDEX ...
     // CONCURRENTLY`) waits for every transaction writing its table, and
     // queues nobody behind it while it waits: the runner's lock_timeout,
-    // which keeps a migration from holding up live traffic, would only cut
-    // it short and leave an invalid index behind. It runs without one.
-    let previous_lock_timeout = if builds_concurrently(sql) {
-        let previous: String = diesel::select(diesel::dsl::sql::<Text>("current_setting('lock_timeout')"))
-            .get_result(conn)
-            .map_err(|source| MigrateError::Database { context: "reading lock_timeout", source })?;
+    // which bounds how long a migration waiting for a lock holds up the
+    // traffic queued behind it, would only cut it short and leave an
+    // invalid index behind. It runs without one (the runner's comes back
+    // with its other settings after the file).
+    if builds_concurrently(sql) {
         conn.batch_execute("SET lock_timeout = 0")
             .map_err(|source| MigrateError::Database { context: "lifting lock_timeout", source })?;
-        Some(previous)
-    } else {
-        None
-    };
+    }
     let started = Instant::now();
     let ran = diesel::sql_query(sql).execute(conn).map(drop).map_err(failed);
     let elapsed = started.elapsed();
-    let restored = match previous_lock_timeout {
-        Some(previous) => conn
-            .batch_execute(&format!("SET lock_timeout = '{}'", previous.replace('\'', "''")))
-            .map_err(|source| MigrateError::Database { context: "restoring lock_timeout", source }),
-        None => Ok(()),
-    };
+    // Whether it ran or failed: a failed statement rolled back what it set,
+    // but not the lock_timeout lifted above.
+    let ended = end_the_files_settings(conn, session_settings);
     // The statement's own error first: it names the file and position.
     ran?;
-    restored?;
-    end_the_files_settings(conn)?;
+    ended?;
     bookkeeping(conn, elapsed)?;
     Ok(elapsed)
 }
 
-/// Ends the search path and role a migration file set for its session (a
-/// pasted `pg_dump` empties the search path): the bookkeeping, with its
-/// unqualified `_migrations`, and the migrations after it run as the
-/// runner's session does. In the file's transaction, so a rollback keeps
-/// nothing either way.
-fn end_the_files_settings(conn: &mut PgConnection) -> Result<(), MigrateError> {
-    conn.batch_execute("RESET search_path; RESET ROLE")
+/// Ends every setting a migration file made for its session and gives it
+/// the runner's settings (`session_settings`) again. A plain `SET` outlives
+/// the transaction that made it: a pasted `pg_dump` header (`SET
+/// lock_timeout = 0`, an empty search path, `SET session_replication_role
+/// = replica`, ...) would otherwise run the bookkeeping, with its
+/// unqualified `_migrations`, and every later migration of the run with
+/// no lock timeout, or with triggers and foreign keys off. `RESET ALL`
+/// leaves the session's user and role, hence the two other `RESET`s.
+fn end_the_files_settings(conn: &mut PgConnection, session_settings: &str) -> Result<(), MigrateError> {
+    conn.batch_execute(&format!("RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE; {session_settings}"))
         .map_err(|source| MigrateError::Database { context: "ending the migration's session settings", source })
 }
 

@@ -13,8 +13,12 @@
 //!   concurrent index build there waits without `lock_timeout`, since it
 //!   queues no traffic behind it); a file
 //!   that would end that transaction itself (`COMMIT`, `BEGIN`, ... outside
-//!   function bodies) is refused by name before it runs, and the search
-//!   path or role a file sets ends with it;
+//!   function bodies) is refused by name before it runs, and every setting
+//!   a file makes for its session (search path, role, a pasted `pg_dump`
+//!   header's `SET lock_timeout = 0`, ...) ends with it;
+//! - migrations run without `statement_timeout`, whatever the role or the
+//!   database sets, and each wait for a table lock under `lock_timeout`;
+//!   the runner's connections give up after a connect timeout;
 //! - a PostgreSQL advisory lock, polled with a timeout, serializes concurrent
 //!   runners on one database; later runners find nothing to do;
 //! - before anything runs, every applied migration is checked against the
@@ -35,6 +39,7 @@
 //! # }
 //! ```
 
+mod conninfo;
 mod error;
 mod harness;
 mod runner;

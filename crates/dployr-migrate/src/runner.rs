@@ -11,6 +11,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
 use dployr_domain::{ConnectFailure, ConnectFailureKind};
 
+use crate::conninfo::with_connection_defaults;
 use crate::harness::{AppliedRow, DployrHarness, read_applied_rows};
 use crate::{MigrateError, MigrationFile, MigrationSet};
 
@@ -36,18 +37,33 @@ diesel::define_sql_function! {
 /// transaction mode would hand them to another client), and the runner
 /// refuses to take its session lock through such a pooler at all.
 ///
-/// A migration never queues live traffic behind it for long: its
-/// statements run under PostgreSQL's `lock_timeout`
+/// A migration's *wait* for a table lock is bounded: its statements run
+/// under PostgreSQL's `lock_timeout`
 /// ([`with_table_lock_timeout`](Self::with_table_lock_timeout), default
-/// 3 s). A migration that ran into it rolled back whole; it is tried again
-/// after a pause that doubles, a bounded number of times, and each wait is
-/// reported with the lock it waited for and the session holding it.
+/// 3 s), so live traffic queued behind a migration that waits for a lock
+/// waits at most that long. A migration (or revert) that ran into it
+/// rolled back whole; it is tried again after a pause that doubles, a
+/// bounded number of times, and each wait is reported with the lock it
+/// waited for and the session holding it. What the timeout does not bound
+/// is how long a migration *holds* the locks it took: until it commits. A
+/// migration that rewrites or scans a whole table under a strong lock
+/// (`ALTER TABLE ... ADD CONSTRAINT` validating every row, a whole-table
+/// `UPDATE` after a `DROP TRIGGER`) keeps the queries of that table waiting
+/// for all of it; write long ones as steps outside a transaction
+/// (`CREATE INDEX CONCURRENTLY`) or as `NOT VALID` followed by `VALIDATE
+/// CONSTRAINT`, or run them when traffic allows.
+///
+/// Its sessions run without `statement_timeout` (a role's or database's
+/// would cancel a long migration, and a cancelled `CREATE INDEX
+/// CONCURRENTLY` leaves an invalid index), and its connections give up
+/// after a connect timeout ([`with_connect_timeout`](Self::with_connect_timeout)).
 pub struct MigrationRunner {
     database_url: String,
     set: MigrationSet,
     lock_timeout: Duration,
     table_lock_timeout: Duration,
     lock_attempts: u32,
+    connect_timeout: Duration,
 }
 
 impl fmt::Debug for MigrationRunner {
@@ -59,6 +75,7 @@ impl fmt::Debug for MigrationRunner {
             .field("lock_timeout", &self.lock_timeout)
             .field("table_lock_timeout", &self.table_lock_timeout)
             .field("lock_attempts", &self.lock_attempts)
+            .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
 }
@@ -80,8 +97,8 @@ pub enum MigrationEvent {
         /// Time its `up.sql` took.
         duration: Duration,
     },
-    /// A migration ran into `lock_timeout` (live traffic holds a lock it
-    /// needs); it rolled back and runs again after `retry_in`.
+    /// A migration or revert ran into `lock_timeout` (live traffic holds a
+    /// lock it needs); it rolled back and runs again after `retry_in`.
     LockWait {
         /// Folder name.
         name: String,
@@ -180,6 +197,9 @@ impl MigrationRunner {
     /// Default number of attempts of a migration that runs into `lock_timeout`.
     pub const DEFAULT_LOCK_ATTEMPTS: u32 = 5;
 
+    /// Default time one connection of the runner may take to open.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
     /// A runner for `set` on the database at `database_url`.
     pub fn new(database_url: impl Into<String>, set: MigrationSet) -> Self {
         Self {
@@ -188,6 +208,7 @@ impl MigrationRunner {
             lock_timeout: Self::DEFAULT_LOCK_TIMEOUT,
             table_lock_timeout: Self::DEFAULT_TABLE_LOCK_TIMEOUT,
             lock_attempts: Self::DEFAULT_LOCK_ATTEMPTS,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
         }
     }
 
@@ -206,9 +227,10 @@ impl MigrationRunner {
     /// The longest `lock_timeout` PostgreSQL takes, in milliseconds.
     pub const MAX_TABLE_LOCK_TIMEOUT_MS: u64 = i32::MAX as u64;
 
-    /// How many times a migration that runs into `lock_timeout` is tried in
-    /// all (at least 1). Only migrations that run in a transaction are tried
-    /// again; one outside a transaction fails at its first timeout.
+    /// How many times a migration (or a revert) that runs into
+    /// `lock_timeout` is tried in all (at least 1). Only migrations that run
+    /// in a transaction are tried again; one outside a transaction fails at
+    /// its first timeout.
     #[must_use]
     pub fn with_lock_attempts(mut self, attempts: u32) -> Self {
         self.lock_attempts = attempts.max(1);
@@ -219,6 +241,17 @@ impl MigrationRunner {
     #[must_use]
     pub fn with_lock_timeout(mut self, lock_timeout: Duration) -> Self {
         self.lock_timeout = lock_timeout;
+        self
+    }
+
+    /// How long opening one connection may take before it fails with
+    /// [`MigrateError::Connect`] (libpq's `connect_timeout`: whole seconds,
+    /// rounded up, at least 2). A `connect_timeout` in the database URL
+    /// wins over it. Without one, a server that accepts the connection and
+    /// never answers would hold [`status`](Self::status) indefinitely.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, connect_timeout: Duration) -> Self {
+        self.connect_timeout = connect_timeout;
         self
     }
 
@@ -363,16 +396,24 @@ impl MigrationRunner {
         let file =
             self.set.get(&last.version).ok_or_else(|| MigrateError::MissingFromSource { name: last.name.clone() })?;
         progress(&MigrationEvent::Reverting { name: file.name().to_owned() });
-        let duration = harness.revert(file)?;
+        let duration = self.retrying_lock_timeouts(harness, file, progress, |harness| harness.revert(file))?;
         progress(&MigrationEvent::Reverted { name: file.name().to_owned(), duration });
         Ok(Some(file))
+    }
+
+    /// The database URL with the runner's connect timeout and keepalives
+    /// (those it does not set itself).
+    fn connection_url(&self) -> String {
+        with_connection_defaults(&self.database_url, self.connect_timeout)
     }
 
     /// A dedicated connection without a prepared-statement cache: named
     /// statements left on a pooled server connection would collide with the
     /// next client's (`prepared statement "__diesel_stmt_1" already exists`).
     fn connect(&self) -> Result<PgConnection, MigrateError> {
-        let mut conn = PgConnection::establish(&self.database_url).map_err(|error| {
+        // Errors are told and redacted against the URL as the operator
+        // wrote it; the parameters added to it hold no secret.
+        let mut conn = PgConnection::establish(&self.connection_url()).map_err(|error| {
             MigrateError::Connect(match &error {
                 diesel::ConnectionError::InvalidCString(_) => {
                     ConnectFailure::new(ConnectFailureKind::MalformedUrl, "the URL holds a NUL byte")
@@ -405,23 +446,43 @@ impl MigrationRunner {
         Ok(())
     }
 
-    /// `lock_timeout` for the migrations, and untranslated messages where
-    /// the role may ask for them (the lock-timeout error is told by its text).
-    fn configure_session(&self, conn: &mut PgConnection) -> Result<i32, MigrateError> {
-        conn.batch_execute(&format!(
+    /// The SQL that gives a session the runner's settings: set once on the
+    /// runner's connection, and again after every migration file, which may
+    /// have changed them.
+    ///
+    /// - `lock_timeout`, so that a migration waiting for a table lock holds
+    ///   up the traffic queued behind it for at most that long;
+    /// - no `statement_timeout`: one set on the role or the database (as
+    ///   behind a transaction pooler) would cancel a long migration, and a
+    ///   cancelled `CREATE INDEX CONCURRENTLY` leaves an invalid index. The
+    ///   waits for locks are bounded by `lock_timeout` already;
+    /// - untranslated messages where the role may ask for them (the
+    ///   lock-timeout error is told by its text);
+    /// - what diesel sets when it opens a connection, which the `RESET ALL`
+    ///   after a file undoes: the UTF-8 client encoding its text is sent
+    ///   and read in (a database's own may be another), and time zone UTC,
+    ///   so that every file of a run sees the same.
+    fn session_settings(&self) -> String {
+        format!(
             "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
-             SET lock_timeout = {}",
+             SET lock_timeout = {}; SET statement_timeout = 0; \
+             SET CLIENT_ENCODING TO 'UTF8'; SET TIME ZONE 'UTC'",
             self.table_lock_timeout.as_millis()
-        ))
-        .map_err(|source| MigrateError::Database { context: "setting lock_timeout", source })?;
+        )
+    }
+
+    /// Gives `conn` the [`session_settings`](Self::session_settings);
+    /// returns its backend pid.
+    fn configure_session(&self, conn: &mut PgConnection) -> Result<i32, MigrateError> {
+        conn.batch_execute(&self.session_settings())
+            .map_err(|source| MigrateError::Database { context: "configuring the runner's session", source })?;
         diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()"))
             .get_result(conn)
             .map_err(|source| MigrateError::Database { context: "reading the backend pid", source })
     }
 
-    /// Applies one migration, reporting before and after; a migration that
-    /// ran into `lock_timeout` rolled back and is tried again, up to
-    /// `lock_attempts` times, with a pause that doubles.
+    /// Applies one migration, reporting before and after, retrying lock
+    /// timeouts ([`retrying_lock_timeouts`](Self::retrying_lock_timeouts)).
     fn apply_one(
         &self,
         harness: &mut DployrHarness<'_>,
@@ -429,18 +490,33 @@ impl MigrationRunner {
         progress: &mut dyn FnMut(&MigrationEvent),
     ) -> Result<Duration, MigrateError> {
         progress(&MigrationEvent::Applying { name: file.name().to_owned() });
+        let duration = self.retrying_lock_timeouts(harness, file, progress, |harness| harness.apply(file))?;
+        progress(&MigrationEvent::Applied { name: file.name().to_owned(), duration });
+        Ok(duration)
+    }
+
+    /// Runs one file of `file` (`run`: its apply or its revert). One that
+    /// ran into `lock_timeout` in a transaction rolled back whole, its
+    /// bookkeeping with it, and is tried again, up to `lock_attempts` times,
+    /// with a pause that doubles; one outside a transaction may have done
+    /// part of its work, and fails at once.
+    fn retrying_lock_timeouts(
+        &self,
+        harness: &mut DployrHarness<'_>,
+        file: &MigrationFile,
+        progress: &mut dyn FnMut(&MigrationEvent),
+        mut run: impl FnMut(&mut DployrHarness<'_>) -> Result<Duration, MigrateError>,
+    ) -> Result<Duration, MigrateError> {
+        let connection_url = self.connection_url();
         let mut pause = Duration::from_millis(250);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let watcher = LockWatcher::start(&self.database_url, harness.backend_pid());
-            let result = harness.apply(file);
+            let watcher = LockWatcher::start(&connection_url, harness.backend_pid());
+            let result = run(harness);
             let waited_for = watcher.finish();
             match result {
-                Ok(duration) => {
-                    progress(&MigrationEvent::Applied { name: file.name().to_owned(), duration });
-                    return Ok(duration);
-                }
+                Ok(duration) => return Ok(duration),
                 Err(error) if is_lock_timeout(&error) => {
                     let waited_for = waited_for.unwrap_or_else(|| "a lock (not seen by the watcher)".to_owned());
                     if attempt >= self.lock_attempts || !file.run_in_transaction() {
@@ -473,7 +549,7 @@ impl MigrationRunner {
         self.refuse_transaction_pooler(&mut conn)?;
         let backend_pid = self.configure_session(&mut conn)?;
         self.acquire_lock(&mut conn, progress)?;
-        let result = DployrHarness::new(&mut conn, &self.set).and_then(|mut harness| {
+        let result = DployrHarness::new(&mut conn, &self.set, self.session_settings()).and_then(|mut harness| {
             harness.set_backend_pid(backend_pid);
             let applied = harness.applied_rows()?;
             verify(&self.set, &applied)?;
@@ -582,9 +658,11 @@ impl LockWatcher {
         || left(b.query, 80) || ')', '; ') FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(l.pid))), '') \
         AS waiting FROM pg_locks l WHERE l.pid = $1 AND NOT l.granted LIMIT 1";
 
-    fn start(database_url: &str, pid: Option<i32>) -> Self {
+    /// `connection_url`: the runner's, with its connect timeout, so that
+    /// [`finish`](Self::finish) never waits long for a connection.
+    fn start(connection_url: &str, pid: Option<i32>) -> Self {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let url = database_url.to_owned();
+        let url = connection_url.to_owned();
         let thread = pid.and_then(|pid| {
             thread::Builder::new()
                 .name("dployr-migrate-lock-watcher".into())

@@ -304,8 +304,8 @@ fn migration_outside_a_transaction_can_create_an_index_concurrently() {
 
 /// A concurrent index build waits for the transactions writing its table,
 /// however long they take, without queueing anyone behind it: the runner's
-/// lock_timeout (there to keep a migration from holding up live traffic)
-/// does not cut it short. It did, leaving an invalid index that made every
+/// lock_timeout (there to bound how long a migration waiting for a lock
+/// holds up the traffic queued behind it) does not cut it short. It did, leaving an invalid index that made every
 /// later run fail with "already exists".
 #[test]
 fn an_index_built_concurrently_waits_for_a_writer_longer_than_the_lock_timeout() {
@@ -697,4 +697,199 @@ fn settings_a_migration_makes_end_with_it() {
     let mut conn = db.connect();
     assert!(table_exists(&mut conn, "public.b"), "the next migration ran with the usual search path");
     assert_eq!(recorded(&mut conn), ["001_dump", "002_next"]);
+}
+
+/// A DO block that fails unless the session is still the runner's: its
+/// `lock_timeout` (1234 ms in these tests), triggers and foreign keys on
+/// (`session_replication_role` origin), function bodies checked, row
+/// security on, and no role switched to.
+const STILL_THE_RUNNERS_SESSION: &str = "DO $$ BEGIN
+    IF current_setting('lock_timeout') <> '1234ms'
+       OR current_setting('session_replication_role') <> 'origin'
+       OR current_setting('check_function_bodies') <> 'on'
+       OR current_setting('row_security') <> 'on'
+       OR current_user <> session_user THEN
+        RAISE EXCEPTION 'a setting of the migration before leaked: lock_timeout %, session_replication_role %, check_function_bodies %, row_security %, current_user %',
+            current_setting('lock_timeout'), current_setting('session_replication_role'),
+            current_setting('check_function_bodies'), current_setting('row_security'), current_user;
+    END IF;
+END $$;";
+
+/// Applies `setter` and then a migration that checks the session is still
+/// the runner's, with the runner's `lock_timeout` at 1234 ms.
+fn apply_then_check_the_session(setter: Folder<'_>) -> Result<Vec<String>, MigrateError> {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[setter, folder("002_check", STILL_THE_RUNNERS_SESSION)]);
+    MigrationRunner::new(db.url(), set)
+        .with_table_lock_timeout(Duration::from_millis(1234))
+        .run_pending(&mut |_| {})
+        .map(|applied| applied.into_iter().map(|m| m.name).collect())
+}
+
+/// A plain `SET` stays on the session after its transaction commits: a
+/// pasted `pg_dump` header (`SET lock_timeout = 0`, `SET
+/// session_replication_role = replica`, ...) would run every later
+/// migration of the run with no lock timeout, or with triggers and foreign
+/// keys off. Every setting a migration makes ends with it, in a
+/// transaction or outside one.
+#[test]
+fn every_setting_a_migration_makes_ends_with_it_in_or_outside_a_transaction() {
+    let pg_dump_header = folder(
+        "001_dump_header",
+        "SET lock_timeout = 0;\nSET statement_timeout = 0;\nSET check_function_bodies = false;\n\
+         SET row_security = off;\nSET session_replication_role = replica;\nCREATE TABLE a (id int);\n\
+         SET ROLE pg_read_all_settings;",
+    );
+    assert_eq!(apply_then_check_the_session(pg_dump_header).unwrap(), ["001_dump_header", "002_check"]);
+    let outside = Folder {
+        name: "001_outside",
+        up: "SET session_replication_role = replica",
+        down: None,
+        metadata: Some("run_in_transaction = false\n"),
+    };
+    assert_eq!(apply_then_check_the_session(outside).unwrap(), ["001_outside", "002_check"]);
+}
+
+/// Ending a migration's settings keeps the ones diesel gives a connection
+/// when it opens (`client_encoding` UTF8, time zone UTC), even where the
+/// database's own differ: every migration of a run sees the same, and its
+/// text reaches the server as the UTF-8 it is.
+#[test]
+fn later_migrations_keep_diesel_s_encoding_and_time_zone_whatever_the_database_sets() {
+    let db = empty_database();
+    db.connect()
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{0}\" SET client_encoding = 'LATIN1'; ALTER DATABASE \"{0}\" SET timezone = 'America/New_York'",
+            db.name()
+        ))
+        .unwrap();
+    let (_dir, set) = set_of(&[
+        folder("001_words", "CREATE TABLE words (word text NOT NULL);"),
+        folder(
+            "002_cafe",
+            "INSERT INTO words VALUES ('café');
+             DO $$ BEGIN
+                 IF current_setting('TimeZone') <> 'UTC' THEN
+                     RAISE EXCEPTION 'time zone %', current_setting('TimeZone');
+                 END IF;
+             END $$;",
+        ),
+    ]);
+    assert_eq!(run(&db, &set).unwrap(), ["001_words", "002_cafe"]);
+    let mut conn = db.connect();
+    let word: String = diesel::dsl::sql::<Text>("SELECT word FROM words").get_result(&mut conn).unwrap();
+    assert_eq!(word, "café");
+}
+
+/// A `statement_timeout` on the role or the database (operations.md advises
+/// one behind a transaction pooler) does not cut a migration short: a
+/// cancelled `CREATE INDEX CONCURRENTLY` leaves an invalid index behind.
+/// The runner's session has none; `lock_timeout` bounds its waits for locks.
+#[test]
+fn a_statement_timeout_of_the_database_does_not_cut_a_migration_short() {
+    let db = empty_database();
+    db.connect().batch_execute(&format!("ALTER DATABASE \"{}\" SET statement_timeout = '50ms'", db.name())).unwrap();
+    let (_dir, set) = set_of(&[
+        folder("001_slow", "SELECT pg_sleep(0.2);"),
+        Folder {
+            name: "002_slow_outside",
+            up: "SELECT pg_sleep(0.2)",
+            down: None,
+            metadata: Some("run_in_transaction = false\n"),
+        },
+    ]);
+    assert_eq!(run(&db, &set).unwrap(), ["001_slow", "002_slow_outside"]);
+}
+
+/// A server that accepts connections and never answers (a black-holed
+/// address) fails the runner's connection after its connect timeout,
+/// instead of hanging `status()`, and the data layer's `health()` that
+/// calls it, indefinitely.
+#[test]
+fn status_against_a_server_that_never_answers_fails_after_the_connect_timeout() {
+    let db = empty_database();
+    let (proxy, url) = dployr_testkit::BlackholeProxy::in_front_of(db.url()).unwrap();
+    proxy.blackhole();
+    let runner =
+        MigrationRunner::new(url, MigrationSet::embedded().unwrap()).with_connect_timeout(Duration::from_secs(2));
+    let (done, finished) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    thread::spawn(move || done.send(runner.status().map(drop)));
+    let status = finished.recv_timeout(Duration::from_secs(20)).expect("status() still waits after 20 s");
+    assert!(matches!(status, Err(MigrateError::Connect(_))), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}
+
+/// The runner's connect timeout is a default: a `connect_timeout` the
+/// operator's URL sets wins over it.
+#[test]
+fn a_connect_timeout_in_the_database_url_wins_over_the_runner_s() {
+    let db = empty_database();
+    let (proxy, url) = dployr_testkit::BlackholeProxy::in_front_of(db.url()).unwrap();
+    proxy.blackhole();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let runner = MigrationRunner::new(format!("{url}{separator}connect_timeout=2"), MigrationSet::embedded().unwrap())
+        .with_connect_timeout(Duration::from_secs(600));
+    let (done, finished) = std::sync::mpsc::channel();
+    thread::spawn(move || done.send(runner.status().map(drop)));
+    let status = finished.recv_timeout(Duration::from_secs(20)).expect("status() still waits after 20 s");
+    assert!(matches!(status, Err(MigrateError::Connect(_))), "{status:?}");
+}
+
+/// A revert that runs into `lock_timeout` rolled back whole (its
+/// `down.sql` and the removal of its row), so it is tried again as an
+/// apply is.
+#[test]
+fn a_revert_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[Folder {
+        name: "001_t",
+        up: "CREATE TABLE t (id int);",
+        down: Some("DROP TABLE t;"),
+        metadata: None,
+    }]);
+    run(&db, &set).unwrap();
+    let holder = hold_a_read_lock(&db, "t");
+    let release = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(400));
+        drop(holder);
+    });
+    let mut events = Vec::new();
+    let reverted = MigrationRunner::new(db.url(), set)
+        .with_table_lock_timeout(Duration::from_millis(150))
+        .revert_last(&mut |e| events.push(e.clone()));
+    release.join().unwrap();
+    assert_eq!(reverted.unwrap().as_deref(), Some("001_t"), "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, MigrationEvent::LockWait { .. })), "{events:?}");
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "t"));
+    assert_eq!(recorded(&mut conn), Vec::<String>::new());
+}
+
+/// A revert that live traffic keeps waiting past every attempt gives up
+/// naming the lock and its holder, and leaves the migration applied.
+#[test]
+fn a_revert_blocked_by_live_traffic_gives_up_after_its_attempts_and_names_the_lock() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[Folder {
+        name: "001_t",
+        up: "CREATE TABLE t (id int);",
+        down: Some("DROP TABLE t;"),
+        metadata: None,
+    }]);
+    run(&db, &set).unwrap();
+    let _holder = hold_a_read_lock(&db, "t");
+    let error = MigrationRunner::new(db.url(), set)
+        .with_table_lock_timeout(Duration::from_millis(150))
+        .with_lock_attempts(2)
+        .revert_last(&mut |_| {})
+        .unwrap_err();
+    let MigrateError::LockNotAvailable { name, attempts, waited_for, .. } = &error else { panic!("{error:?}") };
+    assert_eq!((name.as_str(), *attempts), ("001_t", 2));
+    assert!(
+        waited_for.contains("AccessExclusiveLock on table t") && waited_for.contains("live-traffic"),
+        "{waited_for}"
+    );
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), ["001_t"], "the revert left the migration applied");
 }

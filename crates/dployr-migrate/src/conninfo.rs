@@ -1,0 +1,143 @@
+//! The libpq parameters every connection of the runner gets unless its
+//! database URL sets them itself.
+//!
+//! Without `connect_timeout`, libpq waits for a server that accepts the
+//! connection and never answers (a black-holed address, a stuck proxy)
+//! for as long as the kernel keeps the socket: `MigrationRunner::status`,
+//! and the data layer's health check that calls it, would hang with it.
+//! The keepalives let a connection notice a server gone silent while a
+//! long migration runs, in about 25 s instead of the system's two hours.
+//!
+//! libpq takes the last value of a parameter a connection string sets
+//! twice, in the query of a `postgres://` URL as in a `key=value` string.
+//! The defaults therefore go first and whatever the operator's URL sets
+//! wins, without reading its parameters. (dployr-pg adds similar
+//! parameters to its pool's URL, but keeps that code to itself, and this
+//! crate does not depend on it.)
+
+use std::time::Duration;
+
+/// libpq's `connect_timeout` is whole seconds, and it takes 1 as 2.
+const MIN_CONNECT_TIMEOUT_SECS: u64 = 2;
+
+/// TCP keepalives: the first probe after 10 s of silence, then one every
+/// 5 s, the connection dead after 3 unanswered (as dployr-pg's pool).
+/// libpq ignores them on Unix-domain sockets.
+const KEEPALIVES: [(&str, &str); 4] =
+    [("keepalives", "1"), ("keepalives_idle", "10"), ("keepalives_interval", "5"), ("keepalives_count", "3")];
+
+/// `conninfo` (a `postgres://` or `postgresql://` URL, or a libpq
+/// `key=value` string) with `connect_timeout` (rounded up to whole
+/// seconds, at least 2) and [`KEEPALIVES`] put before its own parameters,
+/// so that the ones it sets itself win.
+pub(crate) fn with_connection_defaults(conninfo: &str, connect_timeout: Duration) -> String {
+    let secs = connect_timeout
+        .as_secs()
+        .saturating_add(u64::from(connect_timeout.subsec_nanos() > 0))
+        .clamp(MIN_CONNECT_TIMEOUT_SECS, i32::MAX as u64)
+        .to_string();
+    let pairs: Vec<String> = std::iter::once(("connect_timeout", secs.as_str()))
+        .chain(KEEPALIVES)
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    // Values here are digits and keys plain words: nothing to quote or encode.
+    match form_of(conninfo) {
+        Form::KeyValue => format!("{} {conninfo}", pairs.join(" ")),
+        Form::UrlWithoutQuery => format!("{conninfo}?{}", pairs.join("&")),
+        Form::UrlWithQueryAt(at) => {
+            let (before, own) = conninfo.split_at(at);
+            let separator = if own.is_empty() { "" } else { "&" };
+            format!("{before}{}{separator}{own}", pairs.join("&"))
+        }
+    }
+}
+
+/// How libpq reads a connection string, as far as adding parameters goes.
+enum Form {
+    /// No `postgres://` or `postgresql://` scheme: `key=value` pairs.
+    KeyValue,
+    /// A URL without a `?`.
+    UrlWithoutQuery,
+    /// A URL whose parameters start at this byte (just after the `?`).
+    UrlWithQueryAt(usize),
+}
+
+/// libpq looks for the `@` that ends a URL's user info before the first
+/// `/` only, and takes the first; a password may hold a `?`, so the query
+/// starts at the first `?` after that `@`.
+fn form_of(conninfo: &str) -> Form {
+    let Some(scheme) = ["postgresql://", "postgres://"].into_iter().find(|scheme| conninfo.starts_with(scheme)) else {
+        return Form::KeyValue;
+    };
+    let after_scheme = &conninfo[scheme.len()..];
+    let hosts_at = match after_scheme.find(['@', '/']) {
+        Some(at) if after_scheme[at..].starts_with('@') => at + 1,
+        _ => 0,
+    };
+    match after_scheme[hosts_at..].find('?') {
+        Some(at) => Form::UrlWithQueryAt(scheme.len() + hosts_at + at + 1),
+        None => Form::UrlWithoutQuery,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEN: Duration = Duration::from_secs(10);
+    const DEFAULTS: &str =
+        "connect_timeout=10&keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3";
+
+    #[test]
+    fn a_url_without_parameters_gets_the_defaults_as_its_query() {
+        assert_eq!(
+            with_connection_defaults("postgres://app@db:5432/app", TEN),
+            format!("postgres://app@db:5432/app?{DEFAULTS}")
+        );
+        assert_eq!(with_connection_defaults("postgresql://db", TEN), format!("postgresql://db?{DEFAULTS}"));
+    }
+
+    #[test]
+    fn a_url_s_own_parameters_come_after_the_defaults_so_they_win() {
+        assert_eq!(
+            with_connection_defaults("postgres://app@db/app?connect_timeout=3&sslmode=require", TEN),
+            format!("postgres://app@db/app?{DEFAULTS}&connect_timeout=3&sslmode=require")
+        );
+        assert_eq!(
+            with_connection_defaults("postgres://app@db/app?", TEN),
+            format!("postgres://app@db/app?{DEFAULTS}")
+        );
+    }
+
+    #[test]
+    fn a_question_mark_in_the_password_does_not_start_the_query() {
+        assert_eq!(
+            with_connection_defaults("postgres://app:pa?ss@db/app", TEN),
+            format!("postgres://app:pa?ss@db/app?{DEFAULTS}")
+        );
+        assert_eq!(
+            with_connection_defaults("postgres://app:pa?ss@db/app?sslmode=disable", TEN),
+            format!("postgres://app:pa?ss@db/app?{DEFAULTS}&sslmode=disable")
+        );
+    }
+
+    #[test]
+    fn a_key_value_string_gets_the_defaults_before_its_own() {
+        assert_eq!(
+            with_connection_defaults("host=db password='a ?b' connect_timeout=3", TEN),
+            "connect_timeout=10 keepalives=1 keepalives_idle=10 keepalives_interval=5 keepalives_count=3 \
+             host=db password='a ?b' connect_timeout=3"
+        );
+    }
+
+    #[test]
+    fn the_connect_timeout_is_whole_seconds_rounded_up_and_at_least_two() {
+        let timeout_of = |timeout| {
+            let url = with_connection_defaults("postgres://db", timeout);
+            url.split(['?', '&']).find_map(|pair| pair.strip_prefix("connect_timeout=")).map(str::to_owned)
+        };
+        assert_eq!(timeout_of(Duration::from_millis(2500)).as_deref(), Some("3"));
+        assert_eq!(timeout_of(Duration::ZERO).as_deref(), Some("2"));
+        assert_eq!(timeout_of(Duration::MAX).as_deref(), Some("2147483647"));
+    }
+}
