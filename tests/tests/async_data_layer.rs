@@ -6,13 +6,13 @@
 
 #![cfg(test)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dployr_data::{
     AsyncDataLayer, Config, DataLayer, Email, KvBackendConfig, NewInstance, NewUser, Page, PoolConfig, Provider, Role,
     SessionId, StoreError,
 };
-use dployr_testkit::TestDatabase;
+use dployr_testkit::{CloudflareEmulator, TestDatabase};
 use dployr_tests::data_layer_kv::{Kv, config};
 
 fn email(text: &str) -> Email {
@@ -20,8 +20,9 @@ fn email(text: &str) -> Email {
 }
 
 /// Opens the data layer inside the runtime, signs a user in, reads the
-/// session back, signs them out everywhere, and drops the data layer on the
-/// runtime's thread (the drop runs on the blocking pool).
+/// session back, signs them out everywhere, and drops the facade on the
+/// runtime's thread (the data layer itself is dropped by the last of the
+/// facade's threads).
 async fn open_serve_and_drop(kv: Kv) {
     let db = dployr_testkit::database();
     let (config, _emulator) = config(&db, kv);
@@ -33,10 +34,11 @@ async fn open_serve_and_drop(kv: Kv) {
     assert_eq!(data.kv().get_session(&id).await.unwrap().map(|s| s.user_id), Some(user.id), "{kv:?}");
     assert_eq!(data.kv().delete_user_sessions(&user.id).await.unwrap(), 1, "{kv:?}");
     assert_eq!(data.kv().get_session(&id).await.unwrap(), None, "{kv:?}");
-    // The last clone dropped on the runtime's thread: the drop moves to the
-    // blocking pool, so it neither panics (a blocking client dropped inside a
-    // runtime would) nor holds this thread. How long it takes is not asserted
-    // here: a timed assertion fails on a busy machine.
+    // The last clone dropped on the runtime's thread: the facade's threads
+    // end and the last of them drops the data layer, so the drop neither
+    // panics (a blocking client dropped inside a runtime would) nor holds
+    // this thread. How long it takes is not asserted here: a timed
+    // assertion fails on a busy machine.
     let clone = data.clone();
     drop(data);
     drop(clone);
@@ -139,7 +141,7 @@ async fn every_store_answers_on_a_current_thread_runtime() {
 }
 
 /// 64 tasks share one data layer; a current-thread runtime stays free to
-/// run them all while their calls wait on the blocking pool.
+/// run them all while their calls wait on the facade's threads.
 #[tokio::test(flavor = "current_thread")]
 async fn many_tasks_share_one_data_layer_on_a_single_runtime_thread() {
     let db = dployr_testkit::database();
@@ -192,11 +194,26 @@ async fn run_gives_a_closure_the_data_layer_for_a_read_your_writes_scope() {
 /// A data layer on `db` whose pool, and so the facade, has one connection
 /// and one thread, and whose checkout timeout is `checkout_timeout`.
 async fn one_thread(db: &TestDatabase, checkout_timeout: Duration) -> AsyncDataLayer {
-    let pool = PoolConfig { max_size: 1, connection_timeout: checkout_timeout, ..PoolConfig::default() };
-    AsyncDataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_pool(pool)).await.unwrap()
+    one_thread_on(db, Kv::Memory, checkout_timeout).await.0
 }
 
-/// Holds the facade's only thread until the returned sender is dropped.
+/// As [`one_thread`], with `kv`, and the emulator that must outlive it.
+async fn one_thread_on(
+    db: &TestDatabase,
+    kv: Kv,
+    checkout_timeout: Duration,
+) -> (AsyncDataLayer, Option<CloudflareEmulator>) {
+    let (config, emulator) = config(db, kv);
+    let pool = PoolConfig { max_size: 1, connection_timeout: checkout_timeout, ..PoolConfig::default() };
+    (AsyncDataLayer::open(config.with_pool(pool)).await.unwrap(), emulator)
+}
+
+/// How long [`hold_the_thread`] holds at most: a test whose release never
+/// comes (a call it waits for never answers) fails instead of hanging.
+const HOLD_AT_MOST: Duration = Duration::from_secs(20);
+
+/// Holds the facade's only thread until the returned sender is dropped, or
+/// for [`HOLD_AT_MOST`].
 async fn hold_the_thread(data: &AsyncDataLayer) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
     let (release, released) = std::sync::mpsc::channel::<()>();
     let (started, running) = tokio::sync::oneshot::channel();
@@ -205,7 +222,7 @@ async fn hold_the_thread(data: &AsyncDataLayer) -> (std::sync::mpsc::Sender<()>,
         async move {
             data.run(move |_| {
                 let _ = started.send(());
-                let _ = released.recv();
+                let _ = released.recv_timeout(HOLD_AT_MOST);
                 Ok(())
             })
             .await
@@ -236,6 +253,87 @@ async fn a_call_queued_longer_than_the_checkout_timeout_is_unavailable_and_does_
     assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
     assert!(error.to_string().contains("no connection within"), "{error}");
     assert_eq!(data.users().get_by_email(&email("late@example.io")).await.unwrap(), None);
+}
+
+/// A call queued behind a call that holds the only thread for long is
+/// answered `Unavailable` at about the checkout timeout, not when the long
+/// call ends, and does not run once the thread is free.
+async fn a_call_queued_behind_a_long_call_is_unavailable_at_the_checkout_timeout() {
+    let timeout = Duration::from_secs(1);
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, timeout).await;
+    let (release, holder) = hold_the_thread(&data).await;
+    let queued_at = Instant::now();
+    let answer = data.users().upsert(NewUser::new(email("late@example.io"), Provider::Github)).await;
+    let waited = queued_at.elapsed();
+    drop(release);
+    holder.await.unwrap();
+    let error = answer.unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(error.to_string().contains("no connection within"), "{error}");
+    // Loosely: the thread was held for up to 20 s, the timeout is 1 s.
+    assert!(waited < timeout * 5, "answered after {waited:?}, with a checkout timeout of {timeout:?}");
+    // The only thread reaches the queued call before this one: it did not run.
+    assert_eq!(data.users().get_by_email(&email("late@example.io")).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_queued_behind_a_long_call_is_unavailable_at_the_checkout_timeout_on_a_multi_thread_runtime() {
+    a_call_queued_behind_a_long_call_is_unavailable_at_the_checkout_timeout().await;
+}
+
+/// The queue's timeout needs no tokio timer: on a runtime built without
+/// `enable_time`, where `tokio::time` panics, it holds all the same.
+#[test]
+fn a_call_queued_behind_a_long_call_is_unavailable_at_the_checkout_timeout_on_a_runtime_without_timers() {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(a_call_queued_behind_a_long_call_is_unavailable_at_the_checkout_timeout());
+}
+
+/// With sessions on Cloudflare and one-time records on PostgreSQL (the
+/// default for `DPLOYR_KV=cloudflare`), each key-value call goes by the
+/// backend it uses: a session call, which waits on HTTP, is served while
+/// the facade's only thread is held; a one-time code, on PostgreSQL, waits
+/// for that thread as every PostgreSQL call does (here, too long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sessions_on_cloudflare_each_key_value_call_goes_by_the_backend_it_uses() {
+    let db = dployr_testkit::database();
+    let (data, _emulator) = one_thread_on(&db, Kv::Cloudflare, Duration::from_secs(1)).await;
+    assert_eq!((data.blocking().kv_backend(), data.blocking().one_time_kv_backend()), ("cloudflare", "postgres"));
+    let user = data.users().upsert(NewUser::new(email("ada@example.io"), Provider::Github)).await.unwrap();
+    let (release, holder) = hold_the_thread(&data).await;
+    let id = SessionId::generate();
+    data.kv().create_session(&id, &user, Vec::new()).await.unwrap();
+    assert_eq!(data.kv().get_session(&id).await.unwrap().map(|s| s.user_id), Some(user.id));
+    let error = data.kv().create_otp(&user.email).await.unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    drop(release);
+    holder.await.unwrap();
+    data.kv().create_otp(&user.email).await.unwrap();
+}
+
+/// With sessions on Cloudflare, `delete_user` and `remove_users` (whose
+/// second step is HTTP requests) run off the facade's threads: both finish,
+/// sessions ended, while its only thread is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sessions_on_cloudflare_closing_accounts_does_not_wait_for_the_facades_threads() {
+    let db = dployr_testkit::database();
+    let (data, _emulator) = one_thread_on(&db, Kv::Cloudflare, Duration::from_secs(1)).await;
+    let ada = data.users().upsert(NewUser::new(email("ada@example.io"), Provider::Github)).await.unwrap();
+    let owner = data.users().upsert(NewUser::new(email("owner@example.io"), Provider::Github)).await.unwrap();
+    let cluster = data.clusters().create_for_owner(&owner.id).await.unwrap();
+    let invited = data.clusters().add_users(&cluster.id, &[email("guest@example.io")]).await.unwrap();
+    let guest = data.users().get(&invited[0].user_id).await.unwrap().unwrap();
+    for user in [&ada, &guest] {
+        data.kv().create_session(&SessionId::generate(), user, Vec::new()).await.unwrap();
+    }
+    let (release, holder) = hold_the_thread(&data).await;
+    let closed = data.delete_user(&ada.id).await;
+    let removed = data.remove_users(&cluster.id, &[guest.id]).await;
+    drop(release);
+    holder.await.unwrap();
+    assert_eq!(closed.unwrap(), 1);
+    assert_eq!(removed.unwrap(), 1);
 }
 
 /// A call whose future is dropped while it waits in the queue (a client

@@ -165,3 +165,27 @@ fn a_removal_whose_sign_out_did_not_happen_is_finished_by_calling_again() {
     assert_eq!(data.remove_users(&cluster.id, &[guest.id]).unwrap(), 2);
     assert_eq!(signed_in(&data, &sessions), 0);
 }
+
+/// A retry after the cluster itself was deleted still ends the sessions
+/// the first call left (its sign-out failed), then answers the cluster's
+/// `NotFound`: the caller's retry is the only way to end them.
+#[test]
+fn a_removal_whose_sign_out_did_not_happen_is_finished_by_calling_again_after_the_cluster_is_gone() {
+    let db = dployr_testkit::database();
+    let (data, _emulator) = open(&db, Kv::Postgres);
+    let owner = user(&data, "owner@example.io");
+    let cluster = data.clusters().create_for_owner(&owner.id).unwrap();
+    let invited = data.clusters().add_users(&cluster.id, &[Email::parse("guest@example.io").unwrap()]).unwrap();
+    let guest = data.users().get(&invited[0].user_id).unwrap().unwrap();
+    let sessions = sign_in(&data, &guest, 2);
+    // What a call whose second step failed leaves, and then the cluster
+    // deleted before the caller tried again.
+    data.clusters().remove_users(&cluster.id, &[guest.id]).unwrap();
+    data.clusters().delete(&cluster.id).unwrap();
+    assert_eq!(signed_in(&data, &sessions), 2);
+    match data.remove_users(&cluster.id, &[guest.id]) {
+        Err(StoreError::NotFound { entity: "cluster", .. }) => {}
+        other => panic!("expected the cluster not found, got {other:?}"),
+    }
+    assert_eq!(signed_in(&data, &sessions), 0, "the second call finished the job");
+}

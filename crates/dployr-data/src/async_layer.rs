@@ -7,12 +7,17 @@
 //! the data layer inside a runtime are safe too.
 //!
 //! **Which threads.** The facade keeps one thread per connection its pools
-//! may open (the primary's `DPLOYR_DB_POOL_SIZE`, plus each replica's), fed
-//! by one queue: a call beyond that many would only wait for a connection,
-//! so it waits in the queue instead, and one that waited there longer than
-//! the pool's checkout timeout (`DPLOYR_DB_CONNECT_TIMEOUT_MS`) fails with
-//! [`StoreError::Unavailable`] without running, as a checkout that timed out
-//! does: the back-pressure a server wants, with the same error. Why not
+//! may open (the primary's `DPLOYR_DB_POOL_SIZE`, plus each replica's), at
+//! most 256 (a pool of thousands would otherwise start thousands of
+//! threads, each with its stack, for more calls at once than a PostgreSQL
+//! server serves well), all fed by one queue: a call beyond that many would
+//! only wait for a connection, so it waits in the queue instead. A call
+//! that waits there longer than the pool's checkout timeout
+//! (`DPLOYR_DB_CONNECT_TIMEOUT_MS`) fails with [`StoreError::Unavailable`]
+//! at that timeout, as a checkout that timed out does, and does not run
+//! when a thread reaches it later: the back-pressure a server wants, with
+//! the same error. One more thread of the facade keeps that timeout, so it
+//! holds on a runtime built without tokio's timers too. Why not
 //! tokio's blocking pool (`spawn_blocking`): measured with `cargo xtask
 //! bench` and a no-op call on this project's 2-core machine, handing a call
 //! to `spawn_blocking` and back costs about 17 µs of CPU at 16 concurrent
@@ -22,10 +27,19 @@
 //! the rest is the two thread wake-ups of every call: on a slower 2-core
 //! machine, 0.70–0.95 over eleven runs, median 0.80, the facade's client
 //! spending 42–66 µs of CPU and 3.3 context switches per call against
-//! 28–40 µs and 1.0 for the synchronous store). Key-value
-//! calls on Cloudflare are the exception: they wait tens of milliseconds on
-//! HTTP, not on a connection of the pool, so they run on tokio's blocking
-//! pool and never hold a thread that a PostgreSQL call is waiting for.
+//! 28–40 µs and 1.0 for the synchronous store).
+//!
+//! Key-value calls on Cloudflare are the exception: they wait tens of
+//! milliseconds on HTTP, not on a connection of the pool, so they run on
+//! tokio's blocking pool and never hold a thread that a PostgreSQL call is
+//! waiting for. Each key-value call goes by the backend it uses: the
+//! session calls by the sessions' ([`DataLayer::kv_backend`]), OAuth
+//! states and one-time codes by theirs
+//! ([`DataLayer::one_time_kv_backend`]), so with `DPLOYR_KV=cloudflare`
+//! and the one-time records on PostgreSQL (its default) only the session
+//! calls leave the facade's threads. [`AsyncDataLayer::delete_user`] and
+//! [`AsyncDataLayer::remove_users`], whose second step ends sessions, run
+//! on the blocking pool when the sessions are on Cloudflare.
 //!
 //! **In place, on request.** [`AsyncDataLayer::in_place`] gives a facade
 //! that runs each call on the thread of the task that awaits it, with
@@ -43,7 +57,14 @@
 //!   (`DPLOYR_DB_CALL_TIMEOUT_MS`, 30 s unless set);
 //! - calls awaited together in one task (`join!`) run one after another;
 //! - it needs the multi-thread runtime: on a current-thread runtime, or
-//!   outside tokio, the call goes to the facade's threads as usual.
+//!   outside tokio, the call goes to the facade's threads as usual;
+//! - it is for tasks on a multi-thread runtime's workers (`tokio::spawn`,
+//!   `#[tokio::main]`'s `block_on`), **not** for tasks of a
+//!   `tokio::task::LocalSet` (`spawn_local`, `run_until`): tokio refuses
+//!   `block_in_place` there and panics ("can call blocking only when
+//!   running on the multi-threaded runtime"), and offers no public way to
+//!   tell such a task apart, so the facade cannot fall back by itself. In
+//!   a `LocalSet`, use the facade itself, not its `in_place()`.
 //!
 //! At most as many calls run in place at once as the pools have
 //! connections; a call beyond that goes to the facade's queue, under the
@@ -53,12 +74,19 @@
 //! **Cancellation.** Dropping the future of a call (a client that hung up,
 //! a `tokio::time::timeout`, a `select!`) does not cancel it once it has
 //! started: the statement or request runs to its end, and a write commits
-//! or rolls back exactly as the synchronous call would (each write is one
-//! transaction, so it is never half done). The caller may assume only
-//! that: the effect happened entirely or not at all, and it learns which
-//! only by reading again. A call whose future is dropped while it waits in
-//! the queue does not run. What bounds how long a call runs is the data
-//! layer's own deadline (`DPLOYR_DB_CALL_TIMEOUT_MS`).
+//! or rolls back exactly as the synchronous call would. A store's write is
+//! one transaction, so it is never half done: the caller may assume only
+//! that its effect happened entirely or not at all, and learns which only
+//! by reading again. Three calls are several steps each, and may stop
+//! between them: [`AsyncDataLayer::delete_user`] and
+//! [`AsyncDataLayer::remove_users`] (the accounts, then their sessions)
+//! and [`AsyncKvStore::delete_user_sessions`] (one session after
+//! another). For them the caller may assume that what is done stays done
+//! and that calling again with the same arguments finishes the rest (see
+//! [`DataLayer::delete_user`] and [`DataLayer::remove_users`]). A call
+//! whose future is dropped while it waits in the queue does not run. What
+//! bounds how long a call runs is the data layer's own deadline
+//! (`DPLOYR_DB_CALL_TIMEOUT_MS`).
 //!
 //! **Open and drop.** [`AsyncDataLayer::open`] runs the blocking open
 //! (connect, migrations, the key-value backend) on tokio's blocking pool.
@@ -79,8 +107,11 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use dployr_domain::{
     BootstrapToken, BootstrapTokenStore, Cluster, ClusterId, ClusterPatch, ClusterStore, ClusterSummary, Email,
@@ -91,9 +122,17 @@ use dployr_kv::{OAuthState, OtpCode, Session, SessionId};
 
 use crate::{Config, DataLayer};
 
+/// The most threads a facade starts for its calls, however many
+/// connections its pools may open: beyond a few hundred calls at once, a
+/// PostgreSQL server is the bottleneck and more threads only cost stacks.
+const MAX_THREADS: u32 = 256;
+
 /// A call waiting in the queue, given the data layer by the thread that
 /// runs it.
 type Job = Box<dyn FnOnce(&DataLayer) + Send>;
+
+/// Where a call's answer goes: its result, or the panic it raised.
+type Reply<T> = tokio::sync::oneshot::Sender<std::thread::Result<StoreResult<T>>>;
 
 /// Where a store's calls run (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,59 +160,209 @@ impl Route {
     }
 }
 
+/// The route of each kind of call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Routes {
+    /// Calls of the PostgreSQL stores.
+    stores: Route,
+    /// Calls on the sessions' key-value backend.
+    sessions: Route,
+    /// Calls on the key-value backend of OAuth states and one-time codes.
+    one_time: Route,
+}
+
+impl Routes {
+    /// The routes of a facade that runs calls in place.
+    fn in_place(self) -> Self {
+        Self { stores: self.stores.in_place(), sessions: self.sessions.in_place(), one_time: self.one_time.in_place() }
+    }
+
+    /// The route of a call that writes to the stores, then ends sessions
+    /// (`delete_user`, `remove_users`): the blocking pool when the sessions
+    /// are remote, so that its HTTP requests never hold a thread a
+    /// PostgreSQL call is waiting for; the stores' route otherwise.
+    fn stores_then_sessions(self) -> Route {
+        if self.sessions == Route::BlockingPool { Route::BlockingPool } else { self.stores }
+    }
+}
+
 /// The data layer, the queue of the facade's threads and the routes.
 struct Shared {
     data: Arc<DataLayer>,
     queue: crossbeam_channel::Sender<Job>,
+    /// The facade's threads not taken by a call, running or queued: at
+    /// zero or below, a new call waits behind others and the timer bounds
+    /// its wait.
+    free_threads: Arc<AtomicIsize>,
+    /// The timer of calls that wait for a busy thread; `None` if its thread
+    /// could not be started (a call's wait is then checked only when a
+    /// thread takes it).
+    timer: Option<crossbeam_channel::Sender<Expiry>>,
     /// How long a call may wait in the queue: the pool's checkout timeout.
-    queue_timeout: std::time::Duration,
-    /// The route of every store but the key-value store.
-    stores: Route,
-    /// The route of the key-value store.
-    kv: Route,
+    queue_timeout: Duration,
+    routes: Routes,
     /// Room for calls in place: one per connection the pools may open.
     in_place: tokio::sync::Semaphore,
 }
 
 impl Shared {
-    /// Starts one thread per connection the data layer's pools may open.
+    /// Starts one thread per connection the data layer's pools may open, at
+    /// most [`MAX_THREADS`], and the timer of the queue.
     fn start(data: DataLayer) -> Self {
         let pool = data.pool();
         let replicas = pool.replicas().map_or(0, |set| set.pools().map(|(_, p)| p.pool_stats().max_size).sum());
         let connections = pool.pool_stats().max_size.saturating_add(replicas).max(1);
+        let wanted = connections.min(MAX_THREADS);
         let queue_timeout = pool.connection_timeout();
-        let remote_kv = [data.kv_backend(), data.one_time_kv_backend()].contains(&"cloudflare");
+        let sessions_remote = data.kv_backend() == "cloudflare";
+        let one_time_remote = data.one_time_kv_backend() == "cloudflare";
         let data = Arc::new(data);
+        let free_threads = Arc::new(AtomicIsize::new(0));
         let (queue, jobs) = crossbeam_channel::unbounded::<Job>();
         let mut started = 0_u32;
-        for index in 0..connections {
-            let (data, jobs) = (Arc::clone(&data), jobs.clone());
+        for index in 0..wanted {
+            let (data, jobs, free) = (Arc::clone(&data), jobs.clone(), Arc::clone(&free_threads));
             let spawned = std::thread::Builder::new().name(format!("dployr-call-{index}")).spawn(move || {
                 // Ends when the last clone of the facade dropped the sender
                 // and the queue is empty; the last thread to end drops the
                 // data layer here, off every runtime.
                 for job in jobs {
                     job(&data);
+                    free.fetch_add(1, Ordering::AcqRel);
                 }
             });
             match spawned {
-                Ok(_) => started += 1,
+                Ok(_) => {
+                    started += 1;
+                    free_threads.fetch_add(1, Ordering::AcqRel);
+                }
                 Err(error) => {
-                    tracing::warn!(%error, started, wanted = connections, "could not start a thread of the async facade");
+                    tracing::warn!(%error, started, wanted, "could not start a thread of the async facade");
                     break;
                 }
             }
         }
+        let timer = if started == 0 { None } else { start_timer() };
         let stores = if started == 0 { Route::BlockingPool } else { Route::Threads };
-        let kv = if remote_kv { Route::BlockingPool } else { stores };
+        let by_backend = |remote: bool| if remote { Route::BlockingPool } else { stores };
+        let routes = Routes { stores, sessions: by_backend(sessions_remote), one_time: by_backend(one_time_remote) };
         let in_place = tokio::sync::Semaphore::new(usize::try_from(connections).unwrap_or(usize::MAX));
-        Self { data, queue, queue_timeout, stores, kv, in_place }
+        Self { data, queue, free_threads, timer, queue_timeout, routes, in_place }
     }
 }
 
 /// The error of a call that cannot run any more.
 fn stopped(reason: &'static str) -> StoreError {
     StoreError::Unavailable { reason: reason.into(), source: None }
+}
+
+/// The error of a call that waited in the queue longer than `timeout`.
+fn waited_too_long(timeout: Duration) -> StoreError {
+    StoreError::Unavailable {
+        reason: format!("no connection within {timeout:?}: every thread of the async facade was busy").into(),
+        source: None,
+    }
+}
+
+/// The reply of a call queued for the facade's threads, taken once: by
+/// the thread that runs the call, or by the timer when the call waited
+/// too long, so that exactly one of them answers and a call answered by
+/// the timer never runs.
+struct QueuedReply<T> {
+    reply: Mutex<Option<Reply<T>>>,
+    /// The queue's timeout, for the timer's answer.
+    timeout: Duration,
+}
+
+impl<T> QueuedReply<T> {
+    fn take(&self) -> Option<Reply<T>> {
+        // Nothing can panic while the lock is held, so it is never
+        // poisoned; a poisoned one would still hold a valid `Option`.
+        self.reply.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// A queued call as the timer sees it, whatever its result's type.
+trait Expiring: Send + Sync {
+    /// Answers the caller [`StoreError::Unavailable`], unless a thread took
+    /// the call first.
+    fn expire(&self);
+
+    /// Whether the call is answered for: taken by a thread, or expired.
+    fn settled(&self) -> bool;
+}
+
+impl<T: Send> Expiring for QueuedReply<T> {
+    fn expire(&self) {
+        if let Some(reply) = self.take() {
+            let _caller_gone = reply.send(Ok(Err(waited_too_long(self.timeout))));
+        }
+    }
+
+    fn settled(&self) -> bool {
+        self.reply.lock().unwrap_or_else(PoisonError::into_inner).is_none()
+    }
+}
+
+/// A call that waits behind busy threads, and when it may stop waiting.
+struct Expiry {
+    deadline: Instant,
+    call: Arc<dyn Expiring>,
+}
+
+/// Starts the thread that answers queued calls at their deadline (see
+/// [`expire_queued_calls`]); `None`, with a warning, if it cannot start.
+fn start_timer() -> Option<crossbeam_channel::Sender<Expiry>> {
+    let (timer, expiries) = crossbeam_channel::unbounded::<Expiry>();
+    let builder = std::thread::Builder::new().name("dployr-queue-timer".into());
+    match builder.spawn(move || expire_queued_calls(&expiries)) {
+        Ok(_) => Some(timer),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "could not start the async facade's queue timer: a queued call's wait is checked only when a \
+                 thread takes it"
+            );
+            None
+        }
+    }
+}
+
+/// The timer's loop: answers `Unavailable` to each registered call that no
+/// thread took by its deadline, so its caller does not wait behind long
+/// calls. A thread of its own rather than tokio's timers, which panic on a
+/// runtime built without `enable_time`. Ends when the facade is dropped.
+fn expire_queued_calls(expiries: &crossbeam_channel::Receiver<Expiry>) {
+    // In deadline order, nearly: every call waits the same timeout, so a
+    // call registered later has a later deadline, but for the moment
+    // between taking the time and registering, by which an expiry may come
+    // late.
+    let mut waiting = VecDeque::<Expiry>::new();
+    loop {
+        let next = match waiting.front() {
+            Some(first) => expiries.recv_deadline(first.deadline),
+            None => expiries.recv().map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+        };
+        match next {
+            Ok(expiry) => {
+                // Calls a thread already took need no expiry: dropped, so
+                // that the list stays about as long as the queue.
+                while waiting.front().is_some_and(|first| first.call.settled()) {
+                    waiting.pop_front();
+                }
+                waiting.push_back(expiry);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            // The facade is gone, and with it every caller.
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        while waiting.front().is_some_and(|first| first.deadline <= now) {
+            if let Some(expired) = waiting.pop_front() {
+                expired.call.expire();
+            }
+        }
+    }
 }
 
 /// Runs `call` with the data layer on `route`: a panic in it goes on in
@@ -186,6 +375,9 @@ async fn blocking<T: Send + 'static>(
     match route {
         Route::Threads => on_threads(shared, call).await,
         Route::InPlace => {
+            // A `LocalSet`'s task on a multi-thread runtime passes this
+            // check, and `block_in_place` panics there: tokio offers no
+            // public way to tell, so `in_place`'s documentation rules it out.
             let multi_thread = tokio::runtime::Handle::try_current()
                 .is_ok_and(|runtime| runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             let room = if multi_thread { shared.in_place.try_acquire().ok() } else { None };
@@ -217,32 +409,48 @@ async fn on_blocking_pool<T: Send + 'static>(
     }
 }
 
-/// Runs `call` on one of the facade's threads.
+/// Runs `call` on one of the facade's threads; a call that waits for one
+/// longer than the queue's timeout is answered `Unavailable` then, and does
+/// not run.
 async fn on_threads<T: Send + 'static>(
     shared: &Arc<Shared>,
     call: impl FnOnce(&DataLayer) -> StoreResult<T> + Send + 'static,
 ) -> StoreResult<T> {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let deadline = std::time::Instant::now() + shared.queue_timeout;
     let timeout = shared.queue_timeout;
-    let job: Job = Box::new(move |data| {
-        // The caller is gone: a call that has not started does not start.
-        if reply.is_closed() {
-            return;
+    let deadline = Instant::now() + timeout;
+    let reply = Arc::new(QueuedReply { reply: Mutex::new(Some(reply)), timeout });
+    let job: Job = Box::new({
+        let reply = Arc::clone(&reply);
+        move |data| {
+            // The timer answered: the caller has stopped waiting for it.
+            let Some(reply) = reply.take() else {
+                return;
+            };
+            // The caller is gone: a call that has not started does not start.
+            if reply.is_closed() {
+                return;
+            }
+            // Late without the timer (not started, or not yet woken).
+            let result = if Instant::now() > deadline {
+                Ok(Err(waited_too_long(timeout)))
+            } else {
+                // Caught so that the thread lives on; resumed in the caller.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(data)))
+            };
+            let _caller_gone = reply.send(result);
         }
-        let result = if std::time::Instant::now() > deadline {
-            Ok(Err(StoreError::Unavailable {
-                reason: format!("no connection within {timeout:?}: every thread of the async facade was busy").into(),
-                source: None,
-            }))
-        } else {
-            // Caught so that the thread lives on; resumed in the caller.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(data)))
-        };
-        let _caller_gone = reply.send(result);
     });
+    // No thread is free: this call waits behind others, and the timer
+    // answers it if none takes it in time. A free thread takes it at once,
+    // with no timer to wake.
+    let waits = shared.free_threads.fetch_sub(1, Ordering::AcqRel) <= 0;
     if shared.queue.send(job).is_err() {
+        shared.free_threads.fetch_add(1, Ordering::AcqRel);
         return Err(stopped("the async facade's threads have stopped"));
+    }
+    if waits && let Some(timer) = &shared.timer {
+        let _timer_gone = timer.send(Expiry { deadline, call: reply });
     }
     match answer.await {
         Ok(Ok(result)) => result,
@@ -307,6 +515,15 @@ impl AsyncDataLayer {
     /// waits for its end; calls joined in one task run one after another).
     /// The facade's threads, pools and data layer are shared with `self`.
     ///
+    /// Only for tasks on a multi-thread runtime's workers (`tokio::spawn`,
+    /// `#[tokio::main]`): a task of a `tokio::task::LocalSet` (`spawn_local`,
+    /// `run_until`) must not call through it, even on a multi-thread
+    /// runtime, as tokio panics on `block_in_place` there ("can call
+    /// blocking only when running on the multi-threaded runtime") and
+    /// offers no public way for the facade to see it coming. On a
+    /// current-thread runtime, or outside tokio, calls go to the facade's
+    /// threads instead.
+    ///
     /// ```no_run
     /// # async fn handler(data: dployr_data::AsyncDataLayer, email: dployr_data::Email) -> dployr_data::StoreResult<()> {
     /// let data = data.in_place();
@@ -320,13 +537,9 @@ impl AsyncDataLayer {
         Self { shared: Arc::clone(&self.shared), in_place: true }
     }
 
-    /// The route of the stores' calls and of the key-value calls.
-    fn routes(&self) -> (Route, Route) {
-        if self.in_place {
-            (self.shared.stores.in_place(), self.shared.kv.in_place())
-        } else {
-            (self.shared.stores, self.shared.kv)
-        }
+    /// The routes of this facade's calls.
+    fn routes(&self) -> Routes {
+        if self.in_place { self.shared.routes.in_place() } else { self.shared.routes }
     }
 
     /// The synchronous data layer, for what this facade does not cover
@@ -363,7 +576,8 @@ impl AsyncDataLayer {
     /// ```
     ///
     /// `call` holds its thread while it runs: keep it to store calls, as a
-    /// long computation in it delays the calls queued behind it.
+    /// long computation in it delays the calls queued behind it; key-value
+    /// calls on Cloudflare, which wait on HTTP, belong in [`kv`](Self::kv).
     ///
     /// # Errors
     /// What `call` returns; [`StoreError::Unavailable`] when it waited in
@@ -373,56 +587,61 @@ impl AsyncDataLayer {
         &self,
         call: impl FnOnce(&DataLayer) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        blocking(&self.shared, self.routes().0, call).await
+        blocking(&self.shared, self.routes().stores, call).await
     }
 
     /// Deletes a user's account and ends every session of theirs, as
     /// [`DataLayer::delete_user`] (whose documentation says what a failure
-    /// half-way leaves and how to finish it), on one of the facade's threads.
+    /// half-way leaves and how to finish it), on one of the facade's
+    /// threads, or on tokio's blocking pool when the sessions are on
+    /// Cloudflare.
     ///
     /// # Errors
     /// As [`DataLayer::delete_user`]; [`StoreError::Unavailable`] as for
     /// every call of this facade.
     pub async fn delete_user(&self, user: &UserId) -> StoreResult<usize> {
         let user = *user;
-        blocking(&self.shared, self.routes().0, move |data| data.delete_user(&user)).await
+        blocking(&self.shared, self.routes().stores_then_sessions(), move |data| data.delete_user(&user)).await
     }
 
     /// Removes members from a cluster and ends the sessions of the accounts
-    /// that deletes, as [`DataLayer::remove_users`], on one of the facade's
-    /// threads.
+    /// that deletes, as [`DataLayer::remove_users`] (whose documentation
+    /// says how to finish a call that failed half-way), on one of the
+    /// facade's threads, or on tokio's blocking pool when the sessions are
+    /// on Cloudflare.
     ///
     /// # Errors
     /// As [`DataLayer::remove_users`]; [`StoreError::Unavailable`] as for
     /// every call of this facade.
     pub async fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
         let (cluster, users) = (*cluster, users.to_vec());
-        blocking(&self.shared, self.routes().0, move |data| data.remove_users(&cluster, &users)).await
+        let route = self.routes().stores_then_sessions();
+        blocking(&self.shared, route, move |data| data.remove_users(&cluster, &users)).await
     }
 
     /// Users ([`UserStore`]).
     pub fn users(&self) -> AsyncUserStore {
-        AsyncUserStore { shared: Arc::clone(&self.shared), route: self.routes().0 }
+        AsyncUserStore { shared: Arc::clone(&self.shared), routes: self.routes() }
     }
 
     /// Clusters and memberships ([`ClusterStore`]).
     pub fn clusters(&self) -> AsyncClusterStore {
-        AsyncClusterStore { shared: Arc::clone(&self.shared), route: self.routes().0 }
+        AsyncClusterStore { shared: Arc::clone(&self.shared), routes: self.routes() }
     }
 
     /// Instances ([`InstanceStore`]).
     pub fn instances(&self) -> AsyncInstanceStore {
-        AsyncInstanceStore { shared: Arc::clone(&self.shared), route: self.routes().0 }
+        AsyncInstanceStore { shared: Arc::clone(&self.shared), routes: self.routes() }
     }
 
     /// Bootstrap tokens ([`BootstrapTokenStore`]).
     pub fn bootstrap_tokens(&self) -> AsyncBootstrapTokenStore {
-        AsyncBootstrapTokenStore { shared: Arc::clone(&self.shared), route: self.routes().0 }
+        AsyncBootstrapTokenStore { shared: Arc::clone(&self.shared), routes: self.routes() }
     }
 
     /// Sessions, OAuth state and one-time codes ([`KvStore`](crate::KvStore)).
     pub fn kv(&self) -> AsyncKvStore {
-        AsyncKvStore { shared: Arc::clone(&self.shared), route: self.routes().1 }
+        AsyncKvStore { shared: Arc::clone(&self.shared), routes: self.routes() }
     }
 }
 
@@ -459,16 +678,20 @@ macro_rules! passed_arg {
 
 /// One async store: a struct named `$name` and, for each row of the table,
 /// an `async fn` that runs the synchronous method of the same name on the
-/// store `$getter` of [`DataLayer`] on the facade's threads. An argument is
-/// written `name: & Type` when the method borrows it (it is cloned for the
-/// thread) and `name: move Type` when it takes it.
+/// store `$getter` of [`DataLayer`], on the route (a field of [`Routes`])
+/// that heads the group of rows it is in. An argument is written
+/// `name: & Type` when the method borrows it (it is cloned for the thread)
+/// and `name: move Type` when it takes it.
 macro_rules! async_store {
     (
         $(#[$struct_doc:meta])*
         $name:ident => $getter:ident {
             $(
-                $(#[$doc:meta])*
-                fn $method:ident($($arg:ident : $pass:tt $ty:ty),*) -> $ret:ty;
+                on $route:ident:
+                $(
+                    $(#[$doc:meta])*
+                    fn $method:ident($($arg:ident : $pass:tt $ty:ty),*) -> $ret:ty;
+                )*
             )*
         }
     ) => {
@@ -476,7 +699,7 @@ macro_rules! async_store {
         #[derive(Clone)]
         pub struct $name {
             shared: Arc<Shared>,
-            route: Route,
+            routes: Routes,
         }
 
         impl fmt::Debug for $name {
@@ -486,13 +709,14 @@ macro_rules! async_store {
         }
 
         impl $name {
-            $(
+            $($(
                 $(#[$doc])*
                 #[doc = ""]
                 #[doc = concat!(
                     "Runs `", stringify!($getter), "().", stringify!($method),
-                    "` on the facade's threads (or in place: [`AsyncDataLayer::in_place`]); ",
-                    "a dropped future does not cancel a call that started ",
+                    "` off the runtime's threads: on the facade's threads, in place ",
+                    "([`AsyncDataLayer::in_place`]) or, for a key-value backend on Cloudflare, ",
+                    "on tokio's blocking pool; a dropped future does not cancel a call that started ",
                     "(see the [module documentation](crate::AsyncDataLayer))."
                 )]
                 ///
@@ -502,9 +726,12 @@ macro_rules! async_store {
                 /// checkout timeout, or the runtime shut down before it ran.
                 pub async fn $method(&self, $($arg: arg_type!($pass $ty)),*) -> StoreResult<$ret> {
                     $(let $arg = owned_arg!($pass $arg);)*
-                    blocking(&self.shared, self.route, move |data| data.$getter().$method($(passed_arg!($pass $arg)),*)).await
+                    blocking(&self.shared, self.routes.$route, move |data| {
+                        data.$getter().$method($(passed_arg!($pass $arg)),*)
+                    })
+                    .await
                 }
-            )*
+            )*)*
         }
     };
 }
@@ -512,6 +739,7 @@ macro_rules! async_store {
 async_store! {
     /// [`UserStore`] as async methods; from [`AsyncDataLayer::users`].
     AsyncUserStore => users {
+        on stores:
         /// Creates the user, or updates the one with this e-mail (the sign-in path).
         fn upsert(user: move NewUser) -> User;
         /// The user with this id.
@@ -520,7 +748,9 @@ async_store! {
         fn get_by_email(email: &Email) -> Option<User>;
         /// Applies `patch` to the user with this e-mail; `None` if there is none.
         fn update(email: &Email, patch: move UserPatch) -> Option<User>;
-        /// Deletes a user and their memberships.
+        /// Deletes a user and their memberships. Their sessions stay: to
+        /// close an account, call [`AsyncDataLayer::delete_user`], which
+        /// ends them too.
         fn delete(id: &UserId) -> ();
     }
 }
@@ -528,6 +758,7 @@ async_store! {
 async_store! {
     /// [`ClusterStore`] as async methods; from [`AsyncDataLayer::clusters`].
     AsyncClusterStore => clusters {
+        on stores:
         /// The cluster `owner` owns; if none, a new one.
         fn create_for_owner(owner: &UserId) -> Cluster;
         /// The cluster with its members grouped by role.
@@ -540,7 +771,9 @@ async_store! {
         fn install_github_integration(integration: move GitHubIntegration) -> Option<Cluster>;
         /// Invites these e-mails; returns the membership of each afterwards.
         fn add_users(cluster: &ClusterId, emails: &[Email]) -> Vec<Member>;
-        /// Removes these members (and invitees left in no cluster).
+        /// Removes these members (and invitees left in no cluster). The
+        /// sessions of the invitees' accounts it deletes stay: call
+        /// [`AsyncDataLayer::remove_users`], which ends them too.
         fn remove_users(cluster: &ClusterId, users: &[UserId]) -> ();
         /// Turns an invitation into a `viewer` membership.
         fn accept_invite(user: &UserId, cluster: &ClusterId) -> ();
@@ -580,6 +813,7 @@ async_store! {
 async_store! {
     /// [`InstanceStore`] as async methods; from [`AsyncDataLayer::instances`].
     AsyncInstanceStore => instances {
+        on stores:
         /// Registers an instance in a cluster.
         fn create(cluster: &ClusterId, instance: move NewInstance) -> Instance;
         /// The instance with this id.
@@ -598,6 +832,7 @@ async_store! {
 async_store! {
     /// [`BootstrapTokenStore`] as async methods; from [`AsyncDataLayer::bootstrap_tokens`].
     AsyncBootstrapTokenStore => bootstrap_tokens {
+        on stores:
         /// Issues a token for an instance.
         fn create(instance: &InstanceId, nonce: &Nonce) -> BootstrapToken;
         /// Marks the token used: `true` for exactly one caller per nonce.
@@ -609,15 +844,21 @@ async_store! {
 
 async_store! {
     /// [`KvStore`](crate::KvStore) as async methods; from [`AsyncDataLayer::kv`].
+    /// Each call runs by the backend it uses: sessions by the sessions'
+    /// backend, OAuth states and one-time codes by theirs.
     AsyncKvStore => kv {
+        on sessions:
         /// Stores a session for `user` under `session_id` for the session TTL.
         fn create_session(session_id: &SessionId, user: &User, clusters: move Vec<ClusterSummary>) -> Session;
         /// The session under `session_id`; `None` if there is none or it expired.
         fn get_session(session_id: &SessionId) -> Option<Session>;
         /// Ends the session; ending a missing one is not an error.
         fn delete_session(session_id: &SessionId) -> ();
-        /// Ends every session of `user` and returns how many it ended.
+        /// Ends every session of `user` and returns how many it ended. One
+        /// session after another: a call that fails, or whose future is
+        /// dropped, may have ended some; calling again ends the rest.
         fn delete_user_sessions(user: &UserId) -> usize;
+        on one_time:
         /// Remembers `state` and where to go after the sign-in.
         fn create_state(state: &OAuthState, redirect_url: &str) -> ();
         /// Consumes `state`: its redirect URL the first time, `None` after that.

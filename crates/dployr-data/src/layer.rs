@@ -383,14 +383,33 @@ impl DataLayer {
     /// statement finds them: those this call deleted, and those a call
     /// that failed half-way deleted). If ending the sessions fails, the
     /// accounts are already gone and the error is the key-value backend's;
-    /// calling again with the same ids finishes it.
+    /// calling again with the same ids finishes it, even once the cluster
+    /// itself is gone: the sign-out runs then too, and the answer is the
+    /// cluster's `NotFound`.
     ///
     /// # Errors
     /// As `remove_users` (`Conflict` on field `owner` when one of them owns
-    /// the cluster, nothing removed); the key-value backend's errors from
-    /// the second step.
+    /// the cluster, nothing removed and no one signed out; `NotFound` for a
+    /// cluster that does not exist, after signing out the listed accounts
+    /// that do not exist either); the key-value backend's errors from the
+    /// second step.
     pub fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
-        self.clusters.remove_users(cluster, users)?;
+        match self.clusters.remove_users(cluster, users) {
+            Ok(()) => self.sign_out_missing(users),
+            // The cluster was deleted after a call whose sign-out failed:
+            // its accounts are gone with their sessions still there, and
+            // this retry is the caller's only way to end them.
+            Err(not_found @ StoreError::NotFound { .. }) => {
+                self.sign_out_missing(users)?;
+                Err(not_found)
+            }
+            Err(refused) => Err(refused),
+        }
+    }
+
+    /// Ends every session of the accounts among `users` that no longer
+    /// exist; returns how many it ended.
+    fn sign_out_missing(&self, users: &[UserId]) -> StoreResult<usize> {
         let mut ended = 0;
         for user in self.users.missing(users)? {
             ended += self.kv.delete_user_sessions(&user)?;
