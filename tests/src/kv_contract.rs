@@ -559,9 +559,20 @@ pub fn counter_counts_and_restarts_after_expiry(f: &dyn KvFixture) {
     assert_eq!(ok(kv.get("ctr/text"), "left alone"), Some(b"not a number".to_vec()));
 }
 
+/// A `KvStore` over the fixture's backend, on the fixture's clock where it
+/// has one (so that its sessions' times and its memory of its own session
+/// writes move with the backend's time).
+fn kv_store(f: &dyn KvFixture) -> KvStore {
+    let store = KvStore::new(f.kv());
+    match f.clock() {
+        Some(clock) => store.with_clock(clock),
+        None => store,
+    }
+}
+
 /// A session is found until its TTL passes, then `get_session` is `None`.
 pub fn sessions_expire(f: &dyn KvFixture) {
-    let store = KvStore::new(f.kv());
+    let store = kv_store(f);
     let id = SessionId::generate();
     let user = sample_user(1);
     let session = ok(store.create_session(&id, &user, sample_clusters()), "create_session");
@@ -576,7 +587,7 @@ pub fn sessions_expire(f: &dyn KvFixture) {
 
 /// A deleted session is gone.
 pub fn deleted_sessions_are_gone(f: &dyn KvFixture) {
-    let store = KvStore::new(f.kv());
+    let store = kv_store(f);
     let id = SessionId::generate();
     ok(store.create_session(&id, &sample_user(2), vec![]), "create_session");
     ok(store.delete_session(&id), "delete_session");
@@ -587,7 +598,7 @@ pub fn deleted_sessions_are_gone(f: &dyn KvFixture) {
 /// already ended one by one or not, and nobody else's; it counts those it
 /// ended, not those that had ended before.
 pub fn delete_user_sessions_ends_every_session_of_that_user_only(f: &dyn KvFixture) {
-    let store = KvStore::new(f.kv());
+    let store = kv_store(f);
     let (ada, bob) = (sample_user(3), sample_user(4));
     let ada_sessions: Vec<SessionId> = (0..5).map(|_| SessionId::generate()).collect();
     for id in &ada_sessions {
@@ -611,7 +622,7 @@ pub fn delete_user_sessions_ends_every_session_of_that_user_only(f: &dyn KvFixtu
 /// it; signing that user out everywhere must not end the other user's
 /// session, and signing the other user out must.
 pub fn a_session_id_reused_for_another_user_is_ended_only_with_that_user(f: &dyn KvFixture) {
-    let store = KvStore::new(f.kv());
+    let store = kv_store(f);
     let (ada, bob) = (sample_user(8), sample_user(9));
     let id = SessionId::generate();
     ok(store.create_session(&id, &ada, vec![]), "ada's session");
@@ -624,7 +635,7 @@ pub fn a_session_id_reused_for_another_user_is_ended_only_with_that_user(f: &dyn
 
 /// A user's index entries expire with their sessions: nothing to prune.
 pub fn user_session_index_entries_expire_with_their_sessions(f: &dyn KvFixture) {
-    let store = KvStore::new(f.kv());
+    let store = kv_store(f);
     let user = sample_user(6);
     ok(store.create_session(&SessionId::generate(), &user, vec![]), "create_session");
     f.advance(Duration::from_secs(7 * 24 * 3600 + 90));
@@ -638,7 +649,7 @@ pub fn user_session_index_entries_expire_with_their_sessions(f: &dyn KvFixture) 
 /// 4 threads, which the single-threaded Cloudflare emulator serves in time
 /// on a loaded machine).
 pub fn concurrent_sign_ins_of_one_user_are_all_signed_out(f: &dyn KvFixture) {
-    let store = KvStore::new(f.kv());
+    let store = kv_store(f);
     let user = sample_user(7);
     let ids = in_parallel_on(4, 40, |_| {
         let id = SessionId::generate();
@@ -653,7 +664,7 @@ pub fn concurrent_sign_ins_of_one_user_are_all_signed_out(f: &dyn KvFixture) {
 
 /// OAuth state validates once, and not after 10 minutes.
 pub fn oauth_state_is_single_use_and_expires(f: &dyn KvFixture) {
-    let store = KvStore::new(f.kv());
+    let store = kv_store(f);
     let state = OAuthState::generate();
     ok(store.create_state(&state, "https://app.example/next"), "create_state");
     assert_eq!(ok(store.validate_state(&state), "first"), Some("https://app.example/next".to_owned()));
@@ -667,7 +678,7 @@ pub fn oauth_state_is_single_use_and_expires(f: &dyn KvFixture) {
 /// A one-time code validates once, case-insensitively; three wrong guesses
 /// burn it; a new code replaces the old one; codes expire.
 pub fn otp_rules_hold(f: &dyn KvFixture) {
-    let store = KvStore::new(f.kv());
+    let store = kv_store(f);
     let email = ok(Email::parse("otp@example.com"), "email");
     let code = ok(store.create_otp(&email), "create_otp");
     let lower = dployr_kv::OtpCode::new(code.expose().to_ascii_lowercase());

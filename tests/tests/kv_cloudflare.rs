@@ -334,6 +334,47 @@ fn a_session_created_again_under_an_id_this_process_deleted_is_read_once_the_bac
 }
 
 #[test]
+fn a_session_created_here_is_read_back_at_once_despite_stale_reads() {
+    let cf = cloudflare_with_stale_reads();
+    let store = KvStore::new(cf.kv.clone());
+    let ada = sample_user(1);
+    let id = SessionId::generate();
+    // Cloudflare caches "not found" too: the request after sign-in asks at once.
+    assert_eq!(store.get_session(&id).unwrap(), None);
+    let created = store.create_session(&id, &ada, vec![]).unwrap();
+    assert_eq!(store.get_session(&id).unwrap(), Some(created), "signed in, then found signed out");
+    let elsewhere = KvStore::new(cf.kv.clone());
+    assert_eq!(elsewhere.get_session(&id).unwrap(), None, "another process sees it once the backend shows it");
+    cf.emulator.advance(STALE + Duration::from_secs(1));
+    assert_eq!(elsewhere.get_session(&id).unwrap().map(|s| s.user_id), Some(ada.id));
+}
+
+#[test]
+fn sign_out_everywhere_ends_the_sessions_created_here_that_a_stale_listing_does_not_show() {
+    let cf = cloudflare_with_stale_reads();
+    let store = KvStore::new(cf.kv.clone());
+    let (ada, bob) = (sample_user(1), sample_user(2));
+    let ids: Vec<SessionId> = (0..3).map(|_| SessionId::generate()).collect();
+    for id in &ids {
+        store.create_session(id, &ada, vec![]).unwrap();
+    }
+    let bobs = SessionId::generate();
+    store.create_session(&bobs, &bob, vec![]).unwrap();
+    assert_eq!(store.delete_user_sessions(&ada.id).unwrap(), 3, "the listing is stale; the memory is not");
+    for id in &ids {
+        assert_eq!(store.get_session(id).unwrap(), None);
+    }
+    assert!(store.get_session(&bobs).unwrap().is_some(), "bob's session is not ada's");
+    // Once the backend shows everything, nothing of ada's is left there.
+    cf.emulator.advance(STALE + Duration::from_secs(1));
+    let elsewhere = KvStore::new(cf.kv.clone());
+    for id in &ids {
+        assert_eq!(elsewhere.get_session(id).unwrap(), None, "deleted in the backend too");
+    }
+    assert_eq!(elsewhere.delete_user_sessions(&ada.id).unwrap(), 0, "and her index is empty");
+}
+
+#[test]
 fn an_entry_lives_its_whole_ttl_whatever_part_of_a_second_it_was_written_in() {
     let cf = cloudflare();
     // Late in a second: a server that counts a TTL's whole seconds from the

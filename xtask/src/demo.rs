@@ -82,6 +82,12 @@ pub fn run(kv: DemoKv) -> Result<(), Failure> {
         DemoKv::Postgres => (KvBackendConfig::Postgres { purge_every: None }, None),
         DemoKv::CloudflareEmulator => {
             let emulator = CloudflareEmulator::start();
+            // As Workers KV documents it, not kinder: reads up to 60 s
+            // stale (every read of this run sees the namespace empty), one
+            // write per second per key, 1200 requests per 5 minutes.
+            emulator.set_stale_reads(std::time::Duration::from_secs(60));
+            emulator.limit_writes_per_key(true);
+            emulator.set_request_budget(Some((1200, std::time::Duration::from_secs(300))));
             let config = CloudflareConfig {
                 base_url: emulator.base_url().to_owned(),
                 ..CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())

@@ -35,19 +35,23 @@
 //! on memory and PostgreSQL, and on Cloudflare every session its eventually
 //! consistent listing shows (see that type for what that means).
 //!
-//! **Sign-out in this process.** A backend with stale reads may return a
-//! session for a while after it was deleted (Cloudflare: up to 60 s). The
-//! store remembers the sessions this process deleted for
-//! [`DELETED_SESSION_MEMORY`] and never returns them: a user who signs out
-//! is signed out at once in this process. Other processes see the deletion
-//! when the backend has propagated it. (A session just created may likewise
-//! be missed by a stale read elsewhere; it is not cached here, so that the
-//! backend's expiry stays the only rule for a live session.)
+//! **Sign-in and sign-out in this process.** A backend with stale reads may
+//! miss a session for a while after it was created (Cloudflare caches the
+//! answer "not found" too), or return it for a while after it was deleted
+//! (up to 60 s). The store remembers the sessions this process created or
+//! deleted for [`DELETED_SESSION_MEMORY`] and answers from that memory: a
+//! user who signs in is signed in at once in this process (the next
+//! request finds the session), and one who signs out is signed out at once.
+//! A remembered session past its `expires_at` is not returned. Other
+//! processes see both when the backend has propagated them; a sign-out
+//! everywhere also ends the sessions this process created in the window
+//! that a stale listing of the user's index does not show yet. On a
+//! backend that reads its own writes nothing is remembered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, FixedOffset, Utc};
 use dployr_domain::{ClusterSummary, Email, KvBackend, Provider, StoreError, StoreResult, User, UserId};
@@ -55,7 +59,7 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::UserSessionIndex;
+use crate::{Clock, SystemClock, UserSessionIndex};
 
 /// The characters of a one-time code.
 pub const OTP_ALPHABET: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
@@ -77,10 +81,20 @@ const USER_SESSIONS_PREFIX: &str = "user_sessions:";
 /// the attempt limit and the 10-minute TTL are what stop.
 const OTP_HASH_DOMAIN: &[u8] = b"dployr otp v2\0";
 
-/// How long a store remembers a session it deleted, so that a backend's
-/// stale reads cannot bring it back in this process: Cloudflare documents
-/// up to 60 s before a change is seen everywhere.
+/// How long a store remembers a session it created or deleted, on a
+/// backend whose reads may be stale, so that in this process a new session
+/// is found at once and a deleted one is never brought back: Cloudflare
+/// documents up to 60 s before a change is seen everywhere.
 pub const DELETED_SESSION_MEMORY: Duration = Duration::from_secs(90);
+
+/// What a store remembers of a session key it wrote lately.
+struct Recent {
+    /// The session it created there; `None` if it deleted it.
+    session: Option<Session>,
+    /// Until when this is preferred over the backend's answer, on the
+    /// store's clock.
+    until: SystemTime,
+}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hashed_key("", bytes)
@@ -283,12 +297,15 @@ pub struct KvStore {
     /// Where OAuth states, one-time codes and their attempt counters live.
     one_time: Arc<dyn KvBackend>,
     config: KvStoreConfig,
-    /// Session keys this process deleted, and until when to remember them.
-    /// Only for a session backend whose reads may be stale: on one that
-    /// reads its own writes, nothing to remember and no lock on the read path.
-    deleted_sessions: Option<Arc<Mutex<HashMap<String, Instant>>>>,
+    /// The sessions this process created or deleted lately, by key. Only
+    /// for a session backend whose reads may be stale: on one that reads
+    /// its own writes, nothing to remember and no lock on the read path.
+    recent_sessions: Option<Arc<Mutex<HashMap<String, Recent>>>>,
     /// Which sessions each user has, on the session backend.
     user_sessions: UserSessionIndex,
+    /// Where "now" comes from: a session's times, and how long this
+    /// process's own session writes are preferred over a stale backend.
+    clock: Arc<dyn Clock>,
 }
 
 impl fmt::Debug for KvStore {
@@ -300,9 +317,16 @@ impl fmt::Debug for KvStore {
 impl KvStore {
     /// A store with everything on `kv` and the default TTLs.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
-        let deleted_sessions = Self::deletion_memory(kv.as_ref());
+        let recent_sessions = Self::session_memory(kv.as_ref());
         let user_sessions = UserSessionIndex::new(Arc::clone(&kv), USER_SESSIONS_PREFIX);
-        Self { one_time: Arc::clone(&kv), kv, config: KvStoreConfig::default(), deleted_sessions, user_sessions }
+        Self {
+            one_time: Arc::clone(&kv),
+            kv,
+            config: KvStoreConfig::default(),
+            recent_sessions,
+            user_sessions,
+            clock: Arc::new(SystemClock),
+        }
     }
 
     /// A store with everything on `kv` and `config`.
@@ -353,9 +377,24 @@ impl KvStore {
         if config.otp_max_attempts == 0 {
             return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
         }
-        let deleted_sessions = Self::deletion_memory(sessions.as_ref());
+        let recent_sessions = Self::session_memory(sessions.as_ref());
         let user_sessions = UserSessionIndex::new(Arc::clone(&sessions), USER_SESSIONS_PREFIX);
-        Ok(Self { kv: sessions, one_time, config, deleted_sessions, user_sessions })
+        Ok(Self { kv: sessions, one_time, config, recent_sessions, user_sessions, clock: Arc::new(SystemClock) })
+    }
+
+    /// Reads the time from `clock` instead of the system's: when a session
+    /// begins and ends, and how long this process prefers its own session
+    /// writes over a backend with stale reads. For tests that move time by
+    /// hand along with the backend's.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Now, on the store's clock.
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::<Utc>::from(self.clock.now())
     }
 
     /// The backend that holds sessions.
@@ -368,35 +407,49 @@ impl KvStore {
         &self.one_time
     }
 
-    /// A memory of deleted sessions for a backend whose reads may be stale.
-    fn deletion_memory(sessions: &dyn KvBackend) -> Option<Arc<Mutex<HashMap<String, Instant>>>> {
+    /// A memory of the sessions this process creates and deletes, for a
+    /// backend whose reads may be stale.
+    fn session_memory(sessions: &dyn KvBackend) -> Option<Arc<Mutex<HashMap<String, Recent>>>> {
         (!sessions.limits().read_your_writes).then(Arc::default)
     }
 
-    /// Remembers that this process deleted the session under `key`, and
-    /// forgets deletions older than [`DELETED_SESSION_MEMORY`].
-    fn remember_deleted(&self, key: &str) {
-        let Some(memory) = &self.deleted_sessions else { return };
-        let now = Instant::now();
+    /// Remembers what this process did to the session under `key`, for
+    /// [`DELETED_SESSION_MEMORY`], and forgets what is older than that.
+    fn remember(&self, key: &str, written: Option<Session>) {
+        let Some(memory) = &self.recent_sessions else { return };
+        let now = self.clock.now();
         // Each change is one map operation: a panic elsewhere cannot leave it half-done.
-        let mut deleted = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        deleted.retain(|_, until| *until > now);
-        deleted.insert(key.to_owned(), now + DELETED_SESSION_MEMORY);
+        let mut recent = memory.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.retain(|_, remembered| remembered.until > now);
+        // A clock at its end (a test's) remembers nothing.
+        let until = now.checked_add(DELETED_SESSION_MEMORY).unwrap_or(now);
+        recent.insert(key.to_owned(), Recent { session: written, until });
     }
 
-    /// Forgets that this process deleted the session under `key`: a new
-    /// session was written there.
-    fn forget_deleted(&self, key: &str) {
-        let Some(memory) = &self.deleted_sessions else { return };
-        memory.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
+    /// What this process did lately to the session under `key`: `None` if
+    /// nothing (ask the backend), `Some(None)` if it deleted it,
+    /// `Some(Some(session))` if it created it.
+    fn recent(&self, key: &str) -> Option<Option<Session>> {
+        let memory = self.recent_sessions.as_ref()?;
+        let now = self.clock.now();
+        let recent = memory.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.get(key).filter(|remembered| remembered.until > now).map(|remembered| remembered.session.clone())
     }
 
-    /// Whether this process deleted the session under `key` lately.
-    fn deleted_here(&self, key: &str) -> bool {
-        let Some(memory) = &self.deleted_sessions else { return false };
-        let now = Instant::now();
-        let deleted = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        deleted.get(key).is_some_and(|until| *until > now)
+    /// The sessions of `user` this process created lately (and has not
+    /// deleted since), with their keys.
+    fn created_here(&self, user: &UserId) -> Vec<(String, Session)> {
+        let Some(memory) = &self.recent_sessions else { return Vec::new() };
+        let now = self.clock.now();
+        let recent = memory.lock().unwrap_or_else(PoisonError::into_inner);
+        recent
+            .iter()
+            .filter(|(_, remembered)| remembered.until > now)
+            .filter_map(|(key, remembered)| match &remembered.session {
+                Some(session) if session.user_id == *user => Some((key.clone(), session.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     fn session_key(id: &SessionId) -> String {
@@ -428,7 +481,7 @@ impl KvStore {
         clusters: Vec<ClusterSummary>,
     ) -> StoreResult<Session> {
         let _span = operation("kv.create_session");
-        let created_at = Utc::now();
+        let created_at = self.now();
         let session = Session {
             user_id: user.id,
             email: user.email.clone(),
@@ -443,9 +496,6 @@ impl KvStore {
         check_value_size(self.kv.as_ref(), "clusters", &value)?;
         let key = Self::session_key(session_id);
         self.kv.put(&key, &value, Some(self.config.session_ttl))?;
-        // A session this process deleted under the same id is replaced: the
-        // memory of that delete must not hide the new one.
-        self.forget_deleted(&key);
         // After the session, so that an entry listed by
         // `delete_user_sessions` never names a session still to be written.
         if let Err(error) = self.user_sessions.add(&user.id.to_string(), &key, Some(self.config.session_ttl)) {
@@ -454,9 +504,14 @@ impl KvStore {
             // everywhere could not find. If this delete fails as well, the
             // session is unreachable (its id was never given out) and
             // expires with its TTL.
+            self.remember(&key, None);
             let _ignored = self.kv.delete(&key);
             return Err(error);
         }
+        // Read back from here while a stale backend may not show it (and a
+        // session this process deleted under the same id is replaced: the
+        // memory of that delete no longer hides it).
+        self.remember(&key, Some(session.clone()));
         Ok(session)
     }
 
@@ -467,15 +522,21 @@ impl KvStore {
     pub fn get_session(&self, session_id: &SessionId) -> StoreResult<Option<Session>> {
         let _span = operation("kv.get_session");
         let key = Self::session_key(session_id);
-        if self.deleted_here(&key) {
-            return Ok(None);
-        }
-        let Some(value) = self.kv.get(&key)? else { return Ok(None) };
-        let session: Session =
-            serde_json::from_slice(&value).map_err(|e| StoreError::backend("decoding a stored session", e))?;
+        let stored = match self.recent(&key) {
+            Some(Some(session)) => Some(session),
+            Some(None) => None,
+            None => self.read_session(&key)?,
+        };
         // The backend's TTL is the rule; this also covers a backend whose
-        // expiry is coarser than ours (Cloudflare rounds to seconds).
-        Ok((session.expires_at > Utc::now()).then_some(session))
+        // expiry is coarser than ours (Cloudflare rounds to seconds), and a
+        // session remembered here past its end.
+        Ok(stored.filter(|session| session.expires_at > self.now()))
+    }
+
+    /// The session stored under `key`, as the backend answers.
+    fn read_session(&self, key: &str) -> StoreResult<Option<Session>> {
+        let Some(value) = self.kv.get(key)? else { return Ok(None) };
+        serde_json::from_slice(&value).map(Some).map_err(|e| StoreError::backend("decoding a stored session", e))
     }
 
     /// Ends the session; ending a missing one is not an error. This
@@ -491,7 +552,7 @@ impl KvStore {
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
         let _span = operation("kv.delete_session");
         let key = Self::session_key(session_id);
-        self.remember_deleted(&key);
+        self.remember(&key, None);
         self.kv.delete(&key)
     }
 
@@ -502,32 +563,58 @@ impl KvStore {
     /// user ([`create_session`](Self::create_session) with an id of theirs)
     /// is that user's, and is left. Work: one list request per 1000
     /// sessions, and a read and two deletes per session. Exact on memory and PostgreSQL for every
-    /// session created before the call; on Cloudflare, sessions created in
-    /// the last minute may be missed (see [`UserSessionIndex`]). This process
-    /// never returns the deleted sessions again, even from a stale backend.
+    /// session created before the call; on Cloudflare, sessions other
+    /// processes created in the last minute may be missed (see
+    /// [`UserSessionIndex`]), while those this process created are found in
+    /// its memory of them. This process never returns the deleted sessions
+    /// again, even from a stale backend.
     ///
     /// # Errors
     /// Backend errors; the sessions not reached yet stay, and a second call
     /// finishes the job.
     pub fn delete_user_sessions(&self, user: &UserId) -> StoreResult<usize> {
         let _span = operation("kv.delete_user_sessions");
-        self.user_sessions.delete_all(&user.to_string(), |key| {
+        let mut listed = HashSet::new();
+        let mut ended = self.user_sessions.delete_all(&user.to_string(), |key| {
+            listed.insert(key.to_owned());
             // A session id the caller used again for another user's session
             // is still listed under this user: that session is not theirs to
-            // end. Read first; a session that is gone or unreadable (or, on a
-            // stale backend, not seen yet) is deleted all the same.
-            let value = self.kv.get(key)?;
-            if let Some(value) = &value
-                && serde_json::from_slice::<SessionOwner>(value).is_ok_and(|owner| owner.user_id != *user)
+            // end. Read first (what this process created or deleted lately,
+            // else the backend); a session that is gone or unreadable (or,
+            // on a stale backend, not seen yet) is deleted all the same.
+            let found: Option<Option<UserId>> = match self.recent(key) {
+                Some(Some(session)) => Some(Some(session.user_id)),
+                Some(None) => None,
+                None => self
+                    .kv
+                    .get(key)?
+                    .map(|value| serde_json::from_slice::<SessionOwner>(&value).ok().map(|owner| owner.user_id)),
+            };
+            if let Some(Some(owner)) = found
+                && owner != *user
             {
                 return Ok(false);
             }
-            self.remember_deleted(key);
+            self.remember(key, None);
             self.kv.delete(key)?;
             // Counted only if it was there: an entry whose session ended
             // before (signed out on its own) is removed, not counted.
-            Ok(value.is_some())
-        })
+            Ok(found.is_some())
+        })?;
+        // A stale listing may not show yet the entries of sessions created
+        // in the last minute; those created here are in the memory. Each
+        // stays there (and loads here) until the backend took its delete,
+        // so a second call after an error finds it again.
+        for (key, session) in self.created_here(user) {
+            if listed.contains(&key) || session.expires_at <= self.now() {
+                continue;
+            }
+            self.kv.delete(&key)?;
+            self.remember(&key, None);
+            self.user_sessions.remove(&user.to_string(), &key)?;
+            ended += 1;
+        }
+        Ok(ended)
     }
 
     /// Remembers `state` and where to go after the sign-in, for the state TTL.
