@@ -22,7 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use dployr_domain::{KvBackend, StoreError};
 use dployr_kv::{
-    Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, OAuthState, RetryPolicy, SessionId,
+    Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, KvStoreConfig, OAuthState, RetryPolicy,
+    SessionId,
 };
 use dployr_testkit::CloudflareEmulator;
 use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid, sample_user};
@@ -347,6 +348,32 @@ fn a_session_created_here_is_read_back_at_once_despite_stale_reads() {
     assert_eq!(elsewhere.get_session(&id).unwrap(), None, "another process sees it once the backend shows it");
     cf.emulator.advance(STALE + Duration::from_secs(1));
     assert_eq!(elsewhere.get_session(&id).unwrap().map(|s| s.user_id), Some(ada.id));
+}
+
+#[test]
+fn a_session_created_here_and_deleted_elsewhere_is_gone_here_once_the_backend_shows_the_delete() {
+    let cf = cloudflare_with_stale_reads();
+    let here = KvStore::new(cf.kv.clone()).with_clock(cf.clock.clone());
+    let elsewhere = KvStore::new(cf.kv.clone()).with_clock(cf.clock.clone());
+    let ada = sample_user(1);
+    let id = SessionId::generate();
+    here.create_session(&id, &ada, vec![]).unwrap();
+    cf.advance(STALE + Duration::from_secs(1));
+    assert!(elsewhere.get_session(&id).unwrap().is_some(), "the backend shows it");
+    elsewhere.delete_session(&id).unwrap(); // an admin, or the user on another server
+    cf.advance(STALE + Duration::from_secs(1));
+    assert_eq!(here.get_session(&id).unwrap(), None, "the memory of the sign-in outlived a sign-out made elsewhere");
+}
+
+#[test]
+fn sign_out_everywhere_counts_no_session_remembered_here_past_its_end() {
+    let cf = cloudflare_with_stale_reads();
+    let config = KvStoreConfig { session_ttl: Duration::from_secs(60), ..KvStoreConfig::default() };
+    let store = KvStore::with_config(cf.kv.clone(), config).unwrap().with_clock(cf.clock.clone());
+    let ada = sample_user(1);
+    store.create_session(&SessionId::generate(), &ada, vec![]).unwrap();
+    cf.advance(Duration::from_secs(61));
+    assert_eq!(store.delete_user_sessions(&ada.id).unwrap(), 0, "it had ended");
 }
 
 #[test]

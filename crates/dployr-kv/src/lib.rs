@@ -30,6 +30,7 @@ pub use cloudflare::{
 pub use memory::MemoryKv;
 pub use postgres::{PgKv, Purger};
 pub use store::{
-    DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId,
+    CREATED_SESSION_MEMORY, DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH,
+    OtpCode, Session, SessionId,
 };
 pub use user_sessions::UserSessionIndex;

@@ -38,17 +38,23 @@
 //! **Sign-in and sign-out in this process.** A backend with stale reads may
 //! miss a session for a while after it was created (Cloudflare caches the
 //! answer "not found" too), or return it for a while after it was deleted
-//! (up to 60 s). The store remembers the sessions this process created or
-//! deleted for [`DELETED_SESSION_MEMORY`] and answers from that memory: a
-//! user who signs in is signed in at once in this process (the next
-//! request finds the session), and one who signs out is signed out at once.
-//! A remembered session past its `expires_at` is not returned. Other
-//! processes see both when the backend has propagated them; a sign-out
-//! everywhere also ends the sessions this process created in the window
-//! that a stale listing of the user's index does not show yet. On a
-//! backend that reads its own writes nothing is remembered.
+//! (up to 60 s). The store remembers the sessions this process deleted, for
+//! [`DELETED_SESSION_MEMORY`], and never returns them: one who signs out is
+//! signed out at once in this process. It also remembers the sessions it
+//! created, until a read of the backend shows them and for at most
+//! [`CREATED_SESSION_MEMORY`]: while the backend shows nothing (or an older
+//! session under the same id), it answers with what it created, so a user
+//! who signs in is signed in at once here; every read still asks the
+//! backend, so a delete made elsewhere is seen as soon as the backend shows
+//! it. (Not before: a session deleted by another process before the
+//! backend ever showed it here still reads here until the backend shows
+//! it, at most that minute.) A remembered session past its `expires_at` is
+//! not returned. Other processes see this one's writes when the backend
+//! has propagated them; a sign-out everywhere also ends the sessions this
+//! process created that a stale listing of the user's index does not show
+//! yet. On a backend that reads its own writes nothing is remembered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -81,19 +87,50 @@ const USER_SESSIONS_PREFIX: &str = "user_sessions:";
 /// the attempt limit and the 10-minute TTL are what stop.
 const OTP_HASH_DOMAIN: &[u8] = b"dployr otp v2\0";
 
-/// How long a store remembers a session it created or deleted, on a
-/// backend whose reads may be stale, so that in this process a new session
-/// is found at once and a deleted one is never brought back: Cloudflare
-/// documents up to 60 s before a change is seen everywhere.
+/// How long a store remembers a session it deleted, on a backend whose
+/// reads may be stale, so that a stale read cannot bring it back in this
+/// process: Cloudflare documents up to 60 s before a change is seen
+/// everywhere.
 pub const DELETED_SESSION_MEMORY: Duration = Duration::from_secs(90);
+
+/// How long, at most, a store answers for a session it created while the
+/// backend does not show it yet (Cloudflare's 60 s); it stops as soon as a
+/// read of the backend shows it.
+pub const CREATED_SESSION_MEMORY: Duration = Duration::from_secs(60);
 
 /// What a store remembers of a session key it wrote lately.
 struct Recent {
     /// The session it created there; `None` if it deleted it.
     session: Option<Session>,
-    /// Until when this is preferred over the backend's answer, on the
-    /// store's clock.
+    /// Until when this counts, on the store's clock.
     until: SystemTime,
+}
+
+/// The session keys a store wrote lately, on a backend whose reads may be
+/// stale.
+#[derive(Default)]
+struct SessionMemory {
+    entries: HashMap<String, Recent>,
+    /// The keys in the order they were remembered, with when each ends:
+    /// what has ended is dropped from the front, without a scan of the map
+    /// on every write.
+    order: VecDeque<(SystemTime, String)>,
+}
+
+impl SessionMemory {
+    /// Drops what ended by `now`, oldest first (an entry remembered again
+    /// since is kept: its end is another).
+    fn forget_ended(&mut self, now: SystemTime) {
+        while let Some((until, _)) = self.order.front()
+            && *until <= now
+        {
+            if let Some((until, key)) = self.order.pop_front()
+                && self.entries.get(&key).is_some_and(|recent| recent.until == until)
+            {
+                self.entries.remove(&key);
+            }
+        }
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -300,7 +337,7 @@ pub struct KvStore {
     /// The sessions this process created or deleted lately, by key. Only
     /// for a session backend whose reads may be stale: on one that reads
     /// its own writes, nothing to remember and no lock on the read path.
-    recent_sessions: Option<Arc<Mutex<HashMap<String, Recent>>>>,
+    recent_sessions: Option<Arc<Mutex<SessionMemory>>>,
     /// Which sessions each user has, on the session backend.
     user_sessions: UserSessionIndex,
     /// Where "now" comes from: a session's times, and how long this
@@ -409,21 +446,33 @@ impl KvStore {
 
     /// A memory of the sessions this process creates and deletes, for a
     /// backend whose reads may be stale.
-    fn session_memory(sessions: &dyn KvBackend) -> Option<Arc<Mutex<HashMap<String, Recent>>>> {
+    fn session_memory(sessions: &dyn KvBackend) -> Option<Arc<Mutex<SessionMemory>>> {
         (!sessions.limits().read_your_writes).then(Arc::default)
     }
 
-    /// Remembers what this process did to the session under `key`, for
-    /// [`DELETED_SESSION_MEMORY`], and forgets what is older than that.
+    /// Remembers what this process did to the session under `key`: created
+    /// `written` (for at most [`CREATED_SESSION_MEMORY`]) or, when `None`,
+    /// deleted it (for [`DELETED_SESSION_MEMORY`]).
     fn remember(&self, key: &str, written: Option<Session>) {
         let Some(memory) = &self.recent_sessions else { return };
         let now = self.clock.now();
-        // Each change is one map operation: a panic elsewhere cannot leave it half-done.
-        let mut recent = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.retain(|_, remembered| remembered.until > now);
+        let window = if written.is_some() { CREATED_SESSION_MEMORY } else { DELETED_SESSION_MEMORY };
         // A clock at its end (a test's) remembers nothing.
-        let until = now.checked_add(DELETED_SESSION_MEMORY).unwrap_or(now);
-        recent.insert(key.to_owned(), Recent { session: written, until });
+        let until = now.checked_add(window).unwrap_or(now);
+        let mut memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
+        memory.forget_ended(now);
+        memory.order.push_back((until, key.to_owned()));
+        memory.entries.insert(key.to_owned(), Recent { session: written, until });
+    }
+
+    /// Forgets that this process created the session under `key` (the
+    /// backend shows it now); a remembered delete stays.
+    fn forget_created(&self, key: &str) {
+        let Some(memory) = &self.recent_sessions else { return };
+        let mut memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
+        if memory.entries.get(key).is_some_and(|recent| recent.session.is_some()) {
+            memory.entries.remove(key);
+        }
     }
 
     /// What this process did lately to the session under `key`: `None` if
@@ -432,17 +481,18 @@ impl KvStore {
     fn recent(&self, key: &str) -> Option<Option<Session>> {
         let memory = self.recent_sessions.as_ref()?;
         let now = self.clock.now();
-        let recent = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.get(key).filter(|remembered| remembered.until > now).map(|remembered| remembered.session.clone())
+        let memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
+        memory.entries.get(key).filter(|remembered| remembered.until > now).map(|remembered| remembered.session.clone())
     }
 
     /// The sessions of `user` this process created lately (and has not
-    /// deleted since), with their keys.
+    /// deleted since, nor seen in the backend), with their keys.
     fn created_here(&self, user: &UserId) -> Vec<(String, Session)> {
         let Some(memory) = &self.recent_sessions else { return Vec::new() };
         let now = self.clock.now();
-        let recent = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        recent
+        let memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
+        memory
+            .entries
             .iter()
             .filter(|(_, remembered)| remembered.until > now)
             .filter_map(|(key, remembered)| match &remembered.session {
@@ -523,8 +573,19 @@ impl KvStore {
         let _span = operation("kv.get_session");
         let key = Self::session_key(session_id);
         let stored = match self.recent(&key) {
-            Some(Some(session)) => Some(session),
+            // Deleted here: a stale read must not bring it back.
             Some(None) => None,
+            // Created here: the backend is asked all the same, so that a
+            // delete made elsewhere is seen as soon as the backend shows it;
+            // only while it shows nothing, or an older session under the
+            // same id, does this process answer with what it created.
+            Some(Some(created)) => match self.read_session(&key)? {
+                Some(found) if found.created_at >= created.created_at => {
+                    self.forget_created(&key);
+                    Some(found)
+                }
+                _ => Some(created),
+            },
             None => self.read_session(&key)?,
         };
         // The backend's TTL is the rule; this also covers a backend whose
@@ -583,7 +644,7 @@ impl KvStore {
             // else the backend); a session that is gone or unreadable (or,
             // on a stale backend, not seen yet) is deleted all the same.
             let found: Option<Option<UserId>> = match self.recent(key) {
-                Some(Some(session)) => Some(Some(session.user_id)),
+                Some(Some(session)) => (session.expires_at > self.now()).then_some(Some(session.user_id)),
                 Some(None) => None,
                 None => self
                     .kv
