@@ -29,17 +29,28 @@ const KEEPALIVES: [(&str, &str); 4] =
 /// `conninfo` (a `postgres://` or `postgresql://` URL, or a libpq
 /// `key=value` string) with `connect_timeout` (rounded up to whole
 /// seconds, at least 2) and [`KEEPALIVES`] put before its own parameters,
-/// so that the ones it sets itself win.
-pub(crate) fn with_connection_defaults(conninfo: &str, connect_timeout: Duration) -> String {
+/// so that the ones it sets itself win. What libpq would take from
+/// elsewhere is left to it: nothing is added to a connection that names a
+/// service (`service=`, or `PGSERVICE` in the environment, whose file may
+/// set any of them), nor `connect_timeout` when `PGCONNECT_TIMEOUT` is set
+/// (a parameter in the string would hide either). `env` reads the
+/// environment.
+pub(crate) fn with_connection_defaults(
+    conninfo: &str,
+    connect_timeout: Duration,
+    env: impl Fn(&str) -> Option<String>,
+) -> String {
+    if env("PGSERVICE").is_some() || names_service(conninfo) {
+        return conninfo.to_owned();
+    }
     let secs = connect_timeout
         .as_secs()
         .saturating_add(u64::from(connect_timeout.subsec_nanos() > 0))
         .clamp(MIN_CONNECT_TIMEOUT_SECS, i32::MAX as u64)
         .to_string();
-    let pairs: Vec<String> = std::iter::once(("connect_timeout", secs.as_str()))
-        .chain(KEEPALIVES)
-        .map(|(key, value)| format!("{key}={value}"))
-        .collect();
+    let timeout = env("PGCONNECT_TIMEOUT").is_none().then_some(("connect_timeout", secs.as_str()));
+    let pairs: Vec<String> =
+        timeout.into_iter().chain(KEEPALIVES).map(|(key, value)| format!("{key}={value}")).collect();
     // Values here are digits and keys plain words: nothing to quote or encode.
     match form_of(conninfo) {
         Form::KeyValue => format!("{} {conninfo}", pairs.join(" ")),
@@ -49,6 +60,22 @@ pub(crate) fn with_connection_defaults(conninfo: &str, connect_timeout: Duration
             let separator = if own.is_empty() { "" } else { "&" };
             format!("{before}{}{separator}{own}", pairs.join("&"))
         }
+    }
+}
+
+/// Whether `conninfo` sets `service`: a `service=` pair of a `key=value`
+/// string, or a `service` parameter of a URL's query.
+fn names_service(conninfo: &str) -> bool {
+    match form_of(conninfo) {
+        // The word at the start or after whitespace, then `=` (spaces
+        // around it allowed, as libpq allows them). A `service=` inside a
+        // quoted value also counts: then nothing is added, which is safe.
+        Form::KeyValue => conninfo.match_indices("service").any(|(at, word)| {
+            conninfo[..at].chars().next_back().is_none_or(char::is_whitespace)
+                && conninfo[at + word.len()..].trim_start().starts_with('=')
+        }),
+        Form::UrlWithoutQuery => false,
+        Form::UrlWithQueryAt(at) => conninfo[at..].split('&').any(|pair| pair.split('=').next() == Some("service")),
     }
 }
 
@@ -85,26 +112,50 @@ mod tests {
     use super::*;
 
     const TEN: Duration = Duration::from_secs(10);
+
+    /// With no libpq variable in the environment.
+    fn with_connection_defaults_here(conninfo: &str, timeout: Duration) -> String {
+        with_connection_defaults(conninfo, timeout, |_| None)
+    }
+
+    #[test]
+    fn what_libpq_takes_from_a_service_or_the_environment_is_left_to_it() {
+        for named in ["service=app", "host=db service = app", "postgres://db/app?sslmode=require&service=app"] {
+            assert_eq!(with_connection_defaults(named, TEN, |_| None), named, "a service's file may set them");
+        }
+        let pgservice = |name: &str| (name == "PGSERVICE").then(|| "app".to_owned());
+        assert_eq!(with_connection_defaults("postgres://db", TEN, pgservice), "postgres://db");
+        let pgconnect_timeout = |name: &str| (name == "PGCONNECT_TIMEOUT").then(|| "60".to_owned());
+        assert_eq!(
+            with_connection_defaults("postgres://db", TEN, pgconnect_timeout),
+            "postgres://db?keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3",
+            "PGCONNECT_TIMEOUT stays in force"
+        );
+        // `service` as part of another word, or a value, is no service.
+        assert!(
+            with_connection_defaults("host=db application_name=myservice", TEN, |_| None).contains("connect_timeout")
+        );
+    }
     const DEFAULTS: &str =
         "connect_timeout=10&keepalives=1&keepalives_idle=10&keepalives_interval=5&keepalives_count=3";
 
     #[test]
     fn a_url_without_parameters_gets_the_defaults_as_its_query() {
         assert_eq!(
-            with_connection_defaults("postgres://app@db:5432/app", TEN),
+            with_connection_defaults_here("postgres://app@db:5432/app", TEN),
             format!("postgres://app@db:5432/app?{DEFAULTS}")
         );
-        assert_eq!(with_connection_defaults("postgresql://db", TEN), format!("postgresql://db?{DEFAULTS}"));
+        assert_eq!(with_connection_defaults_here("postgresql://db", TEN), format!("postgresql://db?{DEFAULTS}"));
     }
 
     #[test]
     fn a_url_s_own_parameters_come_after_the_defaults_so_they_win() {
         assert_eq!(
-            with_connection_defaults("postgres://app@db/app?connect_timeout=3&sslmode=require", TEN),
+            with_connection_defaults_here("postgres://app@db/app?connect_timeout=3&sslmode=require", TEN),
             format!("postgres://app@db/app?{DEFAULTS}&connect_timeout=3&sslmode=require")
         );
         assert_eq!(
-            with_connection_defaults("postgres://app@db/app?", TEN),
+            with_connection_defaults_here("postgres://app@db/app?", TEN),
             format!("postgres://app@db/app?{DEFAULTS}")
         );
     }
@@ -112,11 +163,11 @@ mod tests {
     #[test]
     fn a_question_mark_in_the_password_does_not_start_the_query() {
         assert_eq!(
-            with_connection_defaults("postgres://app:pa?ss@db/app", TEN),
+            with_connection_defaults_here("postgres://app:pa?ss@db/app", TEN),
             format!("postgres://app:pa?ss@db/app?{DEFAULTS}")
         );
         assert_eq!(
-            with_connection_defaults("postgres://app:pa?ss@db/app?sslmode=disable", TEN),
+            with_connection_defaults_here("postgres://app:pa?ss@db/app?sslmode=disable", TEN),
             format!("postgres://app:pa?ss@db/app?{DEFAULTS}&sslmode=disable")
         );
     }
@@ -124,7 +175,7 @@ mod tests {
     #[test]
     fn a_key_value_string_gets_the_defaults_before_its_own() {
         assert_eq!(
-            with_connection_defaults("host=db password='a ?b' connect_timeout=3", TEN),
+            with_connection_defaults_here("host=db password='a ?b' connect_timeout=3", TEN),
             "connect_timeout=10 keepalives=1 keepalives_idle=10 keepalives_interval=5 keepalives_count=3 \
              host=db password='a ?b' connect_timeout=3"
         );
@@ -133,7 +184,7 @@ mod tests {
     #[test]
     fn the_connect_timeout_is_whole_seconds_rounded_up_and_at_least_two() {
         let timeout_of = |timeout| {
-            let url = with_connection_defaults("postgres://db", timeout);
+            let url = with_connection_defaults_here("postgres://db", timeout);
             url.split(['?', '&']).find_map(|pair| pair.strip_prefix("connect_timeout=")).map(str::to_owned)
         };
         assert_eq!(timeout_of(Duration::from_millis(2500)).as_deref(), Some("3"));

@@ -246,8 +246,10 @@ impl MigrationRunner {
 
     /// How long opening one connection may take before it fails with
     /// [`MigrateError::Connect`] (libpq's `connect_timeout`: whole seconds,
-    /// rounded up, at least 2). A `connect_timeout` in the database URL
-    /// wins over it. Without one, a server that accepts the connection and
+    /// rounded up, at least 2). A `connect_timeout` in the database URL, or
+    /// `PGCONNECT_TIMEOUT` in the environment, wins over it, and a
+    /// connection that names a service (`service=`, `PGSERVICE`) gets
+    /// nothing added. Without one, a server that accepts the connection and
     /// never answers would hold [`status`](Self::status) indefinitely.
     #[must_use]
     pub fn with_connect_timeout(mut self, connect_timeout: Duration) -> Self {
@@ -404,7 +406,7 @@ impl MigrationRunner {
     /// The database URL with the runner's connect timeout and keepalives
     /// (those it does not set itself).
     fn connection_url(&self) -> String {
-        with_connection_defaults(&self.database_url, self.connect_timeout)
+        with_connection_defaults(&self.database_url, self.connect_timeout, |name| std::env::var(name).ok())
     }
 
     /// A dedicated connection without a prepared-statement cache: named
