@@ -3,6 +3,7 @@
 //! ends, however it ends.
 
 use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
@@ -407,11 +408,17 @@ fn sweep_crashed_runs() {
 }
 
 /// Whether process `pid` was started with `data` as one of its arguments
-/// (the `-D` of a postmaster this testkit started), from `/proc`.
+/// (the `-D` of a postmaster this testkit started), from `/proc`. Paths
+/// are compared once resolved (a relative or symlinked spelling of one
+/// directory is the same directory).
 fn started_on(pid: i32, data: &Path) -> bool {
     let Ok(command_line) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    let data = data.as_os_str().as_encoded_bytes();
-    command_line.split(|&byte| byte == 0).any(|argument| argument == data)
+    let resolved = |path: &Path| fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let data = resolved(data);
+    command_line
+        .split(|&byte| byte == 0)
+        .filter(|argument| !argument.is_empty())
+        .any(|argument| resolved(Path::new(std::ffi::OsStr::from_bytes(argument))) == data)
 }
 
 #[cfg(test)]
@@ -427,12 +434,17 @@ mod tests {
         let mut process =
             std::process::Command::new("/bin/sh").arg("-c").arg("sleep 30; :").arg(&data).spawn().unwrap();
         let pid = i32::try_from(process.id()).unwrap();
+        std::fs::create_dir(&data).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
         let started = started_on(pid, &data);
+        let through_a_link = started_on(pid, &link.join("data"));
         let other = started_on(pid, &dir.path().join("other"));
         let this_process = started_on(i32::try_from(std::process::id()).unwrap(), &data);
         process.kill().unwrap();
         process.wait().unwrap();
         assert!(started, "the process started on the directory");
+        assert!(through_a_link, "the same directory, spelled through a symlink");
         assert!(!other, "a process started on another directory");
         assert!(!this_process, "a process with no such argument (a reused id)");
         assert!(!started_on(pid, &data), "a process that ended");
