@@ -434,6 +434,14 @@ mod tests {
         let mut process =
             std::process::Command::new("/bin/sh").arg("-c").arg("sleep 30; :").arg(&data).spawn().unwrap();
         let pid = i32::try_from(process.id()).unwrap();
+        // `spawn` returns once the exec is under way, and the kernel sets
+        // the new command line a moment later: wait until it shows.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|line| line.starts_with(b"/bin/sh\0-c"))
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
         std::fs::create_dir(&data).unwrap();
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(dir.path(), &link).unwrap();
