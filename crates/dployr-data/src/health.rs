@@ -6,6 +6,7 @@
 //! so a silent server makes `health()` slow by at most that, never hang.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dployr_domain::{KvBackend, StoreError};
@@ -92,6 +93,7 @@ pub(crate) fn check(
     sessions: &Arc<dyn KvBackend>,
     one_time: &Arc<dyn KvBackend>,
     migration_url: &str,
+    migrations_probe: &ProbeInFlight,
 ) -> Health {
     let primary = select_one(pool);
     let replicas = pool.replicas().map_or_else(Vec::new, |replicas| {
@@ -114,7 +116,47 @@ pub(crate) fn check(
         }
         Ok(())
     });
-    Health { primary, replicas, kv, migrations: migrations(migration_url) }
+    let migrations = migrations_within(migration_url, pool.call_bound(), migrations_probe);
+    Health { primary, replicas, kv, migrations }
+}
+
+/// Whether a data layer's migrations probe is still running; shared with
+/// the probe's thread.
+#[derive(Debug, Default)]
+pub(crate) struct ProbeInFlight(Arc<AtomicBool>);
+
+/// The migrations' status within `bound`. The status is read over a
+/// connection of its own (the migration URL's), which a server that
+/// accepts and then answers nothing would hold past any connect timeout:
+/// so it is read on a thread of its own, and a probe that has not answered
+/// within `bound` is reported as such. That thread ends when its
+/// connection does (keepalives notice a dead peer); until then no other
+/// probe starts, so a frozen server costs one thread, not one per call.
+fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> MigrationsProbe {
+    let started = Instant::now();
+    let unanswered = |error: String| MigrationsProbe {
+        up_to_date: false,
+        pending: Vec::new(),
+        duration: started.elapsed(),
+        error: Some(error),
+    };
+    if in_flight.0.swap(true, Ordering::AcqRel) {
+        return unanswered("the previous probe of the migrations has not answered yet".into());
+    }
+    let (answer, answered) = std::sync::mpsc::channel();
+    let (url, running) = (url.to_owned(), Arc::clone(&in_flight.0));
+    let spawned = std::thread::Builder::new().name("dployr-health-migrations".into()).spawn(move || {
+        let probe = migrations(&url);
+        running.store(false, Ordering::Release);
+        let _caller_gone = answer.send(probe);
+    });
+    if let Err(error) = spawned {
+        in_flight.0.store(false, Ordering::Release);
+        return unanswered(format!("could not start the probe's thread: {error}"));
+    }
+    answered
+        .recv_timeout(bound)
+        .unwrap_or_else(|_| unanswered(format!("the migrations' status did not come within {bound:?}")))
 }
 
 fn migrations(url: &str) -> MigrationsProbe {

@@ -49,6 +49,9 @@ pub struct DataLayer {
     applied_on_open: Vec<String>,
     /// Where the migrations' status is read for `health()`; never printed.
     migration_url: String,
+    /// Whether a migrations probe of `health()` is still running (one
+    /// that outlived its bound): then no other starts.
+    migrations_probe: health::ProbeInFlight,
     // Dropped with the data layer, which stops the thread.
     _purger: Option<Purger>,
 }
@@ -298,6 +301,7 @@ impl DataLayer {
             one_time_kv_backend,
             applied_on_open,
             migration_url,
+            migrations_probe: health::ProbeInFlight::default(),
             _purger: purger,
         })
     }
@@ -437,7 +441,13 @@ impl DataLayer {
     /// with its duration (see [`Health`]). Never fails: a probe that fails
     /// says so in its answer.
     pub fn health(&self) -> Health {
-        health::check(&self.pool, self.kv.backend(), self.kv.one_time_backend(), &self.migration_url)
+        health::check(
+            &self.pool,
+            self.kv.backend(),
+            self.kv.one_time_backend(),
+            &self.migration_url,
+            &self.migrations_probe,
+        )
     }
 
     /// The migrations this `open` applied (empty when the database was
