@@ -18,12 +18,20 @@ const TAG: &str = "15-alpine";
 /// A running container; dropping it removes the container.
 pub(crate) struct DockerPostgres {
     container: Container<Postgres>,
+    /// Where the engine publishes the container's ports: loopback for a
+    /// local engine, the engine's host for a remote one
+    /// (`DOCKER_HOST=tcp://docker:2375`, Docker in Docker on CI).
+    host: String,
     port: u16,
 }
 
 impl std::fmt::Debug for DockerPostgres {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DockerPostgres").field("id", &self.container.id()).field("port", &self.port).finish()
+        f.debug_struct("DockerPostgres")
+            .field("id", &self.container.id())
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish()
     }
 }
 
@@ -41,12 +49,20 @@ impl DockerPostgres {
         let port = container
             .get_host_port_ipv4(5432)
             .map_err(|e| TestkitError::Setup(format!("testcontainers gave no port for postgres:{TAG}: {e}")))?;
-        Ok(Self { container, port })
+        let host = container
+            .get_host()
+            .map_err(|e| TestkitError::Setup(format!("testcontainers gave no host for postgres:{TAG}: {e}")))?;
+        // An IPv6 address goes in brackets in a URL; `Host` prints it bare.
+        let host = match host {
+            url::Host::Ipv6(address) => format!("[{address}]"),
+            other => other.to_string(),
+        };
+        Ok(Self { container, host, port })
     }
 
     /// The URL of `dbname` in the container (the module's default
     /// credentials, postgres/postgres).
     pub(crate) fn url_for(&self, dbname: &str) -> String {
-        format!("postgres://postgres:postgres@127.0.0.1:{}/{dbname}", self.port)
+        format!("postgres://postgres:postgres@{}:{}/{dbname}", self.host, self.port)
     }
 }
