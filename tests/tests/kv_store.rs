@@ -462,10 +462,17 @@ fn cloudflare_requests_per_step_are_those_in_the_operations_guide() {
             assert!(!store.validate_otp(&email, &wrong).unwrap());
         });
         let sign_out = requests(&|| store.delete_session(&id).unwrap());
-        measured.push((oauth_sign_in, session_read, otp_sign_in, wrong_guess, sign_out));
+        // Two sessions made by another process (none in this one's memory).
+        let everywhere_user = sample_user(10);
+        for _ in 0..2 {
+            elsewhere.create_session(&SessionId::generate(), &everywhere_user, vec![]).unwrap();
+        }
+        let sign_out_everywhere = requests(&|| assert_eq!(store.delete_user_sessions(&everywhere_user.id).unwrap(), 2));
+        measured.push((oauth_sign_in, session_read, otp_sign_in, wrong_guess, sign_out, sign_out_everywhere));
     }
-    // (OAuth sign-in, session read, OTP sign-in, a wrong OTP guess, sign-out)
-    assert_eq!(measured, [(2, 1, 2, 0, 1), (5, 1, 9, 3, 1)]);
+    // (OAuth sign-in, session read, OTP sign-in, a wrong OTP guess, sign-out,
+    // sign-out everywhere of 2 sessions: 1 list + 3 per session)
+    assert_eq!(measured, [(2, 1, 2, 0, 1, 7), (5, 1, 9, 3, 1, 7)]);
 }
 
 /// A session written under an older e-mail rule (here `a@b`, which today's
