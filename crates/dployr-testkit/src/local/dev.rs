@@ -87,7 +87,10 @@ impl DevCluster {
                 }
                 run_as.own(&log)?;
             }
-            let options = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", self.root.join("sockets").display());
+            // pg_ctl hands `--options` to a shell: the socket directory is
+            // quoted, so a checkout under a path with spaces starts too.
+            let sockets = self.root.join("sockets").display().to_string().replace('\'', "'\\''");
+            let options = format!("-p {port} -k '{sockets}' -c listen_addresses=127.0.0.1");
             run(
                 command(&self.bindir, "pg_ctl", run_as)
                     .arg("start")
@@ -121,7 +124,7 @@ impl DevCluster {
             return Ok(false);
         }
         let run_as = RunAs::for_this_process()?;
-        run(
+        let stopped = run(
             command(&self.bindir, "pg_ctl", run_as)
                 .arg("stop")
                 .arg("--pgdata")
@@ -129,7 +132,13 @@ impl DevCluster {
                 .args(["--mode=fast", "--wait"])
                 .stdout(Stdio::null()),
             "pg_ctl stop",
-        )?;
-        Ok(true)
+        );
+        match stopped {
+            Ok(()) => Ok(true),
+            // A `postmaster.pid` left by a crash or a reboot names no
+            // server (the next start clears it): nothing was running.
+            Err(_) if !self.is_running() => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 }
