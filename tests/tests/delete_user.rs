@@ -32,6 +32,17 @@ fn sign_in(data: &DataLayer, user: &User, count: usize) -> Vec<SessionId> {
         .collect()
 }
 
+/// A new cluster with an invitee (an account made by the invitation) who
+/// signed in twice: the cluster's id, the invitee and their sessions.
+fn a_signed_in_invitee(data: &DataLayer) -> (dployr_data::ClusterId, User, Vec<SessionId>) {
+    let owner = user(data, "owner@example.io");
+    let cluster = data.clusters().create_for_owner(&owner.id).unwrap();
+    let invited = data.clusters().add_users(&cluster.id, &[Email::parse("guest@example.io").unwrap()]).unwrap();
+    let guest = data.users().get(&invited[0].user_id).unwrap().unwrap();
+    let sessions = sign_in(data, &guest, 2);
+    (cluster.id, guest, sessions)
+}
+
 fn signed_in(data: &DataLayer, sessions: &[SessionId]) -> usize {
     sessions.iter().filter(|id| data.kv().get_session(id).unwrap().is_some()).count()
 }
@@ -152,17 +163,13 @@ fn removing_an_invitee_whose_account_goes_ends_their_sessions_on_emulated_cloudf
 fn a_removal_whose_sign_out_did_not_happen_is_finished_by_calling_again() {
     let db = dployr_testkit::database();
     let (data, _emulator) = open(&db, Kv::Postgres);
-    let owner = user(&data, "owner@example.io");
-    let cluster = data.clusters().create_for_owner(&owner.id).unwrap();
-    let invited = data.clusters().add_users(&cluster.id, &[Email::parse("guest@example.io").unwrap()]).unwrap();
-    let guest = data.users().get(&invited[0].user_id).unwrap().unwrap();
-    let sessions = sign_in(&data, &guest, 2);
+    let (cluster, guest, sessions) = a_signed_in_invitee(&data);
     // What a call whose second step failed leaves: the account gone, its
     // sessions not (the store alone does not end them).
-    data.clusters().remove_users(&cluster.id, &[guest.id]).unwrap();
+    data.clusters().remove_users(&cluster, &[guest.id]).unwrap();
     assert_eq!(data.users().get(&guest.id).unwrap(), None);
     assert_eq!(signed_in(&data, &sessions), 2);
-    assert_eq!(data.remove_users(&cluster.id, &[guest.id]).unwrap(), 2);
+    assert_eq!(data.remove_users(&cluster, &[guest.id]).unwrap(), 2);
     assert_eq!(signed_in(&data, &sessions), 0);
 }
 
@@ -173,17 +180,13 @@ fn a_removal_whose_sign_out_did_not_happen_is_finished_by_calling_again() {
 fn a_removal_whose_sign_out_did_not_happen_is_finished_by_calling_again_after_the_cluster_is_gone() {
     let db = dployr_testkit::database();
     let (data, _emulator) = open(&db, Kv::Postgres);
-    let owner = user(&data, "owner@example.io");
-    let cluster = data.clusters().create_for_owner(&owner.id).unwrap();
-    let invited = data.clusters().add_users(&cluster.id, &[Email::parse("guest@example.io").unwrap()]).unwrap();
-    let guest = data.users().get(&invited[0].user_id).unwrap().unwrap();
-    let sessions = sign_in(&data, &guest, 2);
+    let (cluster, guest, sessions) = a_signed_in_invitee(&data);
     // What a call whose second step failed leaves, and then the cluster
     // deleted before the caller tried again.
-    data.clusters().remove_users(&cluster.id, &[guest.id]).unwrap();
-    data.clusters().delete(&cluster.id).unwrap();
+    data.clusters().remove_users(&cluster, &[guest.id]).unwrap();
+    data.clusters().delete(&cluster).unwrap();
     assert_eq!(signed_in(&data, &sessions), 2);
-    match data.remove_users(&cluster.id, &[guest.id]) {
+    match data.remove_users(&cluster, &[guest.id]) {
         Err(StoreError::NotFound { entity: "cluster", .. }) => {}
         other => panic!("expected the cluster not found, got {other:?}"),
     }

@@ -836,19 +836,26 @@ fn a_connect_timeout_in_the_database_url_wins_over_the_runner_s() {
     assert!(matches!(status, Err(MigrateError::Connect(_))), "{status:?}");
 }
 
-/// A revert that runs into `lock_timeout` rolled back whole (its
-/// `down.sql` and the removal of its row), so it is tried again as an
-/// apply is.
-#[test]
-fn a_revert_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() {
+/// An empty database with one applied migration that makes (and, reverted,
+/// drops) table `t`, and its set.
+fn one_table_applied() -> (TestDatabase, tempfile::TempDir, MigrationSet) {
     let db = empty_database();
-    let (_dir, set) = set_of(&[Folder {
+    let (dir, set) = set_of(&[Folder {
         name: "001_t",
         up: "CREATE TABLE t (id int);",
         down: Some("DROP TABLE t;"),
         metadata: None,
     }]);
     run(&db, &set).unwrap();
+    (db, dir, set)
+}
+
+/// A revert that runs into `lock_timeout` rolled back whole (its
+/// `down.sql` and the removal of its row), so it is tried again as an
+/// apply is.
+#[test]
+fn a_revert_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() {
+    let (db, _dir, set) = one_table_applied();
     let holder = hold_a_read_lock(&db, "t");
     let release = thread::spawn(move || {
         thread::sleep(Duration::from_millis(400));
@@ -870,14 +877,7 @@ fn a_revert_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() {
 /// naming the lock and its holder, and leaves the migration applied.
 #[test]
 fn a_revert_blocked_by_live_traffic_gives_up_after_its_attempts_and_names_the_lock() {
-    let db = empty_database();
-    let (_dir, set) = set_of(&[Folder {
-        name: "001_t",
-        up: "CREATE TABLE t (id int);",
-        down: Some("DROP TABLE t;"),
-        metadata: None,
-    }]);
-    run(&db, &set).unwrap();
+    let (db, _dir, set) = one_table_applied();
     let _holder = hold_a_read_lock(&db, "t");
     let error = MigrationRunner::new(db.url(), set)
         .with_table_lock_timeout(Duration::from_millis(150))
