@@ -57,16 +57,31 @@ pub(crate) fn ensure_template(
     if database_exists(admin, &name)? {
         return Ok(name);
     }
-    const TEMPLATE_LOCK: i64 = 0x6470_6c6f_7972_0002;
-    admin
-        .batch_execute(&format!("SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
+    // PostgreSQL scopes an advisory lock to the database its session is
+    // connected to: the lock is taken in `postgres`, whatever database the
+    // admin URL names, so that runs whose admin URLs name different
+    // databases of one server build a template one at a time too (the
+    // admin's own database if the server has no `postgres`).
+    let mut in_postgres = PgConnection::establish(&admin_url_for(LOCK_DATABASE)).ok();
+    let on_lock_session =
+        |in_postgres: Option<&mut PgConnection>, admin: &mut PgConnection, sql: &str| match in_postgres {
+            Some(conn) => conn.batch_execute(sql),
+            None => admin.batch_execute(sql),
+        };
+    on_lock_session(in_postgres.as_mut(), admin, &format!("SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
         .map_err(|e| TestkitError::sql("locking template creation", e))?;
     let built = build_template(admin, admin_url_for, set, &name);
-    let unlocked = admin.batch_execute(&format!("SELECT pg_advisory_unlock({TEMPLATE_LOCK})"));
+    let unlocked = on_lock_session(in_postgres.as_mut(), admin, &format!("SELECT pg_advisory_unlock({TEMPLATE_LOCK})"));
     built?;
     unlocked.map_err(|e| TestkitError::sql("unlocking template creation", e))?;
     Ok(name)
 }
+
+/// The advisory lock under which a template is built.
+const TEMPLATE_LOCK: i64 = 0x6470_6c6f_7972_0002;
+
+/// The database the template lock is taken in.
+const LOCK_DATABASE: &str = "postgres";
 
 fn build_template(
     admin: &mut PgConnection,
@@ -155,4 +170,48 @@ pub(crate) fn drop_leftovers(admin: &mut PgConnection) -> Result<Vec<String>, Te
         drop_database(admin, name)?;
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_template_waits_for_the_lock_of_a_run_whose_admin_database_is_another() {
+        let server = crate::server().unwrap();
+        // This run's admin connection names a database other than `postgres`.
+        let other = crate::next_name("e");
+        let mut postgres = PgConnection::establish(&server.url_for("postgres")).unwrap();
+        create_database_if_missing(&mut postgres, &other).unwrap();
+        let mut admin = PgConnection::establish(&server.url_for(&other)).unwrap();
+        // A migration set no template exists for yet.
+        let dir = tempfile::tempdir().unwrap();
+        let table = format!("probe_{:08x}", rand::random::<u32>());
+        std::fs::create_dir(dir.path().join("000_probe")).unwrap();
+        std::fs::write(dir.path().join("000_probe/up.sql"), format!("CREATE TABLE {table} (id int);")).unwrap();
+        let set = MigrationSet::from_dir(dir.path()).unwrap();
+        // Another run builds a template, its admin connection on `postgres`.
+        let mut other_run = PgConnection::establish(&server.url_for("postgres")).unwrap();
+        other_run.batch_execute(&format!("SELECT pg_advisory_lock({TEMPLATE_LOCK})")).unwrap();
+        let released = Arc::new(AtomicBool::new(false));
+        let building = thread::spawn({
+            let released = Arc::clone(&released);
+            move || {
+                let name = ensure_template(&mut admin, &|db| server.url_for(db), &set).unwrap();
+                (name, released.load(Ordering::SeqCst))
+            }
+        });
+        thread::sleep(Duration::from_millis(300));
+        released.store(true, Ordering::SeqCst);
+        other_run.batch_execute(&format!("SELECT pg_advisory_unlock({TEMPLATE_LOCK})")).unwrap();
+        let (template, built_after_the_release) = building.join().unwrap();
+        drop_database(&mut postgres, &template).unwrap();
+        drop_database(&mut postgres, &other).unwrap();
+        assert!(built_after_the_release, "built while another run held the template lock");
+    }
 }
