@@ -304,6 +304,23 @@ impl<T: Send> Expiring for QueuedReply<T> {
     }
 }
 
+/// Where a queued call's reply is: the job's own (a thread was free), or
+/// shared with the timer (the call waits).
+enum ReplySlot<T> {
+    Own(Reply<T>),
+    Shared(Arc<QueuedReply<T>>),
+}
+
+impl<T> ReplySlot<T> {
+    /// The reply, unless the timer answered first.
+    fn take(self) -> Option<Reply<T>> {
+        match self {
+            Self::Own(reply) => Some(reply),
+            Self::Shared(queued) => queued.take(),
+        }
+    }
+}
+
 /// A call that waits behind busy threads, and when it may stop waiting.
 struct Expiry {
     deadline: Instant,
@@ -419,12 +436,23 @@ async fn on_threads<T: Send + 'static>(
     let (reply, answer) = tokio::sync::oneshot::channel();
     let timeout = shared.queue_timeout;
     let deadline = Instant::now() + timeout;
-    let reply = Arc::new(QueuedReply { reply: Mutex::new(Some(reply)), timeout });
+    // No thread is free: this call waits behind others, and the timer
+    // answers it if none takes it in time, so the two share the reply. A
+    // free thread takes the call at once: the reply stays the job's own,
+    // with no timer to wake and nothing shared to lock.
+    let waits = shared.free_threads.fetch_sub(1, Ordering::AcqRel) <= 0;
+    let timer = shared.timer.as_ref().filter(|_| waits);
+    let (slot, expiring) = match timer {
+        Some(_) => {
+            let queued = Arc::new(QueuedReply { reply: Mutex::new(Some(reply)), timeout });
+            (ReplySlot::Shared(Arc::clone(&queued)), Some(queued))
+        }
+        None => (ReplySlot::Own(reply), None),
+    };
     let job: Job = Box::new({
-        let reply = Arc::clone(&reply);
         move |data| {
             // The timer answered: the caller has stopped waiting for it.
-            let Some(reply) = reply.take() else {
+            let Some(reply) = slot.take() else {
                 return;
             };
             // The caller is gone: a call that has not started does not start.
@@ -441,16 +469,12 @@ async fn on_threads<T: Send + 'static>(
             let _caller_gone = reply.send(result);
         }
     });
-    // No thread is free: this call waits behind others, and the timer
-    // answers it if none takes it in time. A free thread takes it at once,
-    // with no timer to wake.
-    let waits = shared.free_threads.fetch_sub(1, Ordering::AcqRel) <= 0;
     if shared.queue.send(job).is_err() {
         shared.free_threads.fetch_add(1, Ordering::AcqRel);
         return Err(stopped("the async facade's threads have stopped"));
     }
-    if waits && let Some(timer) = &shared.timer {
-        let _timer_gone = timer.send(Expiry { deadline, call: reply });
+    if let (Some(timer), Some(call)) = (timer, expiring) {
+        let _timer_gone = timer.send(Expiry { deadline, call });
     }
     match answer.await {
         Ok(Ok(result)) => result,
