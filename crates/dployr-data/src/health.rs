@@ -146,7 +146,7 @@ fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> M
     let (answer, answered) = std::sync::mpsc::channel();
     let (url, running) = (url.to_owned(), Arc::clone(&in_flight.0));
     let spawned = std::thread::Builder::new().name("dployr-health-migrations".into()).spawn(move || {
-        let probe = migrations(&url);
+        let probe = migrations(&url, bound);
         running.store(false, Ordering::Release);
         let _caller_gone = answer.send(probe);
     });
@@ -159,9 +159,13 @@ fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> M
         .unwrap_or_else(|_| unanswered(format!("the migrations' status did not come within {bound:?}")))
 }
 
-fn migrations(url: &str) -> MigrationsProbe {
+/// The migrations' status read on `url`, giving up on a connection that
+/// does not open within `bound` (the probe's own bound: a thread left
+/// behind by a probe that outlived it ends no later than it must).
+fn migrations(url: &str, bound: Duration) -> MigrationsProbe {
     let started = Instant::now();
-    let status = MigrationSet::embedded().and_then(|set| MigrationRunner::new(url, set).status());
+    let status =
+        MigrationSet::embedded().and_then(|set| MigrationRunner::new(url, set).with_connect_timeout(bound).status());
     let duration = started.elapsed();
     let lines = match status {
         Ok(lines) => lines,
