@@ -13,6 +13,7 @@ mod ids;
 mod instance;
 mod integrations;
 mod kv;
+pub mod libpq;
 mod metadata;
 mod page;
 mod role;

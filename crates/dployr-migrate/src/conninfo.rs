@@ -11,11 +11,12 @@
 //! libpq takes the last value of a parameter a connection string sets
 //! twice, in the query of a `postgres://` URL as in a `key=value` string.
 //! The defaults therefore go first and whatever the operator's URL sets
-//! wins, without reading its parameters. (dployr-pg adds similar
-//! parameters to its pool's URL, but keeps that code to itself, and this
-//! crate does not depend on it.)
+//! wins. The string is read with `dployr_domain::libpq`, as dployr-pg
+//! reads its pool's URL.
 
 use std::time::Duration;
+
+use dployr_domain::libpq::{LibpqUrl, conninfo_pairs, has_url_scheme, url_keys};
 
 /// libpq's `connect_timeout` is whole seconds, and it takes 1 as 2.
 const MIN_CONNECT_TIMEOUT_SECS: u64 = 2;
@@ -40,7 +41,14 @@ pub(crate) fn with_connection_defaults(
     connect_timeout: Duration,
     env: impl Fn(&str) -> Option<String>,
 ) -> String {
-    if env("PGSERVICE").is_some() || names_service(conninfo) {
+    let url = has_url_scheme(conninfo).then(|| LibpqUrl::parse(conninfo));
+    let names_service = match &url {
+        None => conninfo_pairs(conninfo).iter().any(|(key, _)| key == "service"),
+        Some(Some(url)) => url.query.is_some_and(|query| url_keys(query).iter().any(|key| key == "service")),
+        // A URL libpq refuses: it says why when the runner connects.
+        Some(None) => return conninfo.to_owned(),
+    };
+    if names_service || env("PGSERVICE").is_some() {
         return conninfo.to_owned();
     }
     let secs = connect_timeout
@@ -52,58 +60,15 @@ pub(crate) fn with_connection_defaults(
     let pairs: Vec<String> =
         timeout.into_iter().chain(KEEPALIVES).map(|(key, value)| format!("{key}={value}")).collect();
     // Values here are digits and keys plain words: nothing to quote or encode.
-    match form_of(conninfo) {
-        Form::KeyValue => format!("{} {conninfo}", pairs.join(" ")),
-        Form::UrlWithoutQuery => format!("{conninfo}?{}", pairs.join("&")),
-        Form::UrlWithQueryAt(at) => {
-            let (before, own) = conninfo.split_at(at);
+    match url.flatten().map(|url| url.query) {
+        None => format!("{} {conninfo}", pairs.join(" ")),
+        Some(None) => format!("{conninfo}?{}", pairs.join("&")),
+        Some(Some(own)) => {
+            // The query runs to the end of the URL.
+            let before = &conninfo[..conninfo.len() - own.len()];
             let separator = if own.is_empty() { "" } else { "&" };
             format!("{before}{}{separator}{own}", pairs.join("&"))
         }
-    }
-}
-
-/// Whether `conninfo` sets `service`: a `service=` pair of a `key=value`
-/// string, or a `service` parameter of a URL's query.
-fn names_service(conninfo: &str) -> bool {
-    match form_of(conninfo) {
-        // The word at the start or after whitespace, then `=` (spaces
-        // around it allowed, as libpq allows them). A `service=` inside a
-        // quoted value also counts: then nothing is added, which is safe.
-        Form::KeyValue => conninfo.match_indices("service").any(|(at, word)| {
-            conninfo[..at].chars().next_back().is_none_or(char::is_whitespace)
-                && conninfo[at + word.len()..].trim_start().starts_with('=')
-        }),
-        Form::UrlWithoutQuery => false,
-        Form::UrlWithQueryAt(at) => conninfo[at..].split('&').any(|pair| pair.split('=').next() == Some("service")),
-    }
-}
-
-/// How libpq reads a connection string, as far as adding parameters goes.
-enum Form {
-    /// No `postgres://` or `postgresql://` scheme: `key=value` pairs.
-    KeyValue,
-    /// A URL without a `?`.
-    UrlWithoutQuery,
-    /// A URL whose parameters start at this byte (just after the `?`).
-    UrlWithQueryAt(usize),
-}
-
-/// libpq looks for the `@` that ends a URL's user info before the first
-/// `/` only, and takes the first; a password may hold a `?`, so the query
-/// starts at the first `?` after that `@`.
-fn form_of(conninfo: &str) -> Form {
-    let Some(scheme) = ["postgresql://", "postgres://"].into_iter().find(|scheme| conninfo.starts_with(scheme)) else {
-        return Form::KeyValue;
-    };
-    let after_scheme = &conninfo[scheme.len()..];
-    let hosts_at = match after_scheme.find(['@', '/']) {
-        Some(at) if after_scheme[at..].starts_with('@') => at + 1,
-        _ => 0,
-    };
-    match after_scheme[hosts_at..].find('?') {
-        Some(at) => Form::UrlWithQueryAt(scheme.len() + hosts_at + at + 1),
-        None => Form::UrlWithoutQuery,
     }
 }
 

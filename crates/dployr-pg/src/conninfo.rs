@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use dployr_domain::StoreError;
+use dployr_domain::libpq::{LibpqUrl, conninfo_pairs, has_url_scheme, url_keys};
 
 use crate::pool::within_limit;
 
@@ -210,120 +211,6 @@ pub(crate) fn server_ports(database_url: &str) -> Vec<u16> {
         }
     }
     ports
-}
-
-fn has_url_scheme(conninfo: &str) -> bool {
-    conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://")
-}
-
-/// The parts of a libpq URL this module reads, found where libpq's URI
-/// parser (`conninfo_uri_parse_options` in fe-connect.c) finds them.
-struct LibpqUrl<'a> {
-    /// The port written after each host, empty for a host without one.
-    host_ports: Vec<&'a str>,
-    /// What follows the `?` that starts the parameters, if one does.
-    query: Option<&'a str>,
-}
-
-impl<'a> LibpqUrl<'a> {
-    /// `None` if `url` has no `postgres://` or `postgresql://` scheme, or
-    /// libpq would refuse its hosts (an unclosed `[`, or something other
-    /// than `:`, `/`, `?` or `,` after a `]`).
-    fn parse(url: &'a str) -> Option<Self> {
-        let rest = url.strip_prefix("postgresql://").or_else(|| url.strip_prefix("postgres://"))?;
-        // libpq looks for the `@` that ends the user info up to the first
-        // `/` only, and takes the first one: a password may hold a raw `?`,
-        // `:` or `,` (not a `/` or an `@`), so the hosts and the query are
-        // looked for after it.
-        let mut rest = match rest.find(['@', '/']) {
-            Some(at) if rest[at..].starts_with('@') => &rest[at + 1..],
-            _ => rest,
-        };
-        let mut host_ports = Vec::new();
-        loop {
-            // `[IPv6]` (which holds `:`), or a name or address.
-            let after_host = if let Some(bracketed) = rest.strip_prefix('[') {
-                let after = &bracketed[bracketed.find(']')? + 1..];
-                if !(after.is_empty() || after.starts_with([':', '/', '?', ','])) {
-                    return None;
-                }
-                after
-            } else {
-                rest.find([':', '/', '?', ',']).map_or("", |end| &rest[end..])
-            };
-            let (port, after_port) = match after_host.strip_prefix(':') {
-                Some(port) => port.split_at(port.find(['/', '?', ',']).unwrap_or(port.len())),
-                None => ("", after_host),
-            };
-            host_ports.push(port);
-            match after_port.strip_prefix(',') {
-                Some(next_host) => rest = next_host,
-                None => {
-                    rest = after_port;
-                    break;
-                }
-            }
-        }
-        // Then `/dbname`, which ends at the `?` of the parameters.
-        let query = rest.split_once('?').map(|(_, query)| query);
-        Some(Self { host_ports, query })
-    }
-}
-
-/// The parameter names in the query of a libpq URL.
-fn url_keys(query: &str) -> Vec<String> {
-    query.split('&').filter_map(|pair| pair.split('=').next()).map(str::to_owned).collect()
-}
-
-/// Whether libpq's `conninfo_parse` takes `c` as whitespace (C `isspace`).
-fn is_conninfo_space(c: char) -> bool {
-    c.is_ascii_whitespace() || c == '\x0B'
-}
-
-/// The `(keyword, value)` pairs of a libpq `key=value` string, read as
-/// libpq's `conninfo_parse` reads them: whitespace may surround `=`, a
-/// value may be single-quoted, and `\` takes the next character as it is,
-/// quoted or not (`password=a\ b` is one value). Stops at the first
-/// malformed pair: libpq refuses the string when it connects.
-fn conninfo_pairs(conninfo: &str) -> Vec<(String, String)> {
-    let mut pairs = Vec::new();
-    let mut chars = conninfo.chars().peekable();
-    loop {
-        while chars.next_if(|c| is_conninfo_space(*c)).is_some() {}
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !is_conninfo_space(*c)) {
-            key.push(c);
-        }
-        if key.is_empty() {
-            return pairs;
-        }
-        while chars.next_if(|c| is_conninfo_space(*c)).is_some() {}
-        if chars.next() != Some('=') {
-            return pairs;
-        }
-        while chars.next_if(|c| is_conninfo_space(*c)).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            loop {
-                match chars.next() {
-                    // Unterminated: libpq refuses the whole string.
-                    None => return pairs,
-                    Some('\\') => value.extend(chars.next()),
-                    Some('\'') => break,
-                    Some(c) => value.push(c),
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !is_conninfo_space(*c)) {
-                if c == '\\' {
-                    value.extend(chars.next());
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        pairs.push((key, value));
-    }
 }
 
 #[cfg(test)]
