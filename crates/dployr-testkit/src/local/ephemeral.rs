@@ -413,12 +413,10 @@ fn sweep_crashed_runs() {
 /// directory is the same directory).
 fn started_on(pid: i32, data: &Path) -> bool {
     let Ok(command_line) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    let resolved = |path: &Path| fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    let data = resolved(data);
     command_line
         .split(|&byte| byte == 0)
         .filter(|argument| !argument.is_empty())
-        .any(|argument| resolved(Path::new(std::ffi::OsStr::from_bytes(argument))) == data)
+        .any(|argument| super::same_directory(Path::new(std::ffi::OsStr::from_bytes(argument)), data))
 }
 
 #[cfg(test)]

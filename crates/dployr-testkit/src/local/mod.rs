@@ -233,8 +233,15 @@ pub(crate) fn serves(url: &str, data: &Path) -> bool {
     };
     let served = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('data_directory')"))
         .get_result::<String>(&mut conn);
-    let canonical = |path: &Path| fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    served.is_ok_and(|served| canonical(Path::new(&served)) == canonical(data))
+    served.is_ok_and(|served| same_directory(Path::new(&served), data))
+}
+
+/// Whether `a` and `b` name one directory once resolved (a relative or
+/// symlinked spelling of it is the same directory); compared as written
+/// where one cannot be resolved.
+pub(crate) fn same_directory(a: &Path, b: &Path) -> bool {
+    let resolved = |path: &Path| fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    resolved(a) == resolved(b)
 }
 
 /// Sends `signal` to `child` if it still runs (the server's or PgBouncer's
