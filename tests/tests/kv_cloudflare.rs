@@ -402,6 +402,39 @@ fn sign_out_everywhere_ends_the_sessions_created_here_that_a_stale_listing_does_
 }
 
 #[test]
+fn sign_out_everywhere_ends_a_session_created_here_that_a_read_showed_but_the_listing_does_not() {
+    // Cloudflare as a rule shows a key read where it was written at once,
+    // while the listing of the user's index lags.
+    let cf = cloudflare();
+    cf.emulator.set_stale_lists(STALE);
+    let store = KvStore::new(cf.kv.clone()).with_clock(cf.clock.clone());
+    let ada = sample_user(1);
+    let id = SessionId::generate();
+    store.create_session(&id, &ada, vec![]).unwrap();
+    assert!(store.get_session(&id).unwrap().is_some(), "the request after sign-in reads it from the backend");
+    assert_eq!(store.delete_user_sessions(&ada.id).unwrap(), 1, "the listing is stale; the memory is not");
+    assert_eq!(store.get_session(&id).unwrap(), None);
+    cf.advance(STALE + Duration::from_secs(1));
+    let elsewhere = KvStore::new(cf.kv.clone()).with_clock(cf.clock.clone());
+    assert_eq!(elsewhere.get_session(&id).unwrap(), None, "deleted in the backend too");
+}
+
+#[tokio::test]
+async fn tower_sign_out_everywhere_ends_a_session_saved_here_that_a_load_showed_but_the_listing_does_not() {
+    let cf = cloudflare();
+    cf.emulator.set_stale_lists(STALE);
+    let store = session_store(&cf);
+    let mut record = session(&cf, 3600, "mine");
+    record.data.insert("user_id".into(), "ada".into());
+    store.create(&mut record).await.unwrap();
+    assert!(store.load(&record.id).await.unwrap().is_some());
+    assert_eq!(store.delete_user_sessions("ada").await.unwrap(), 1, "the listing is stale; the memory is not");
+    assert_eq!(store.load(&record.id).await.unwrap(), None);
+    cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    assert_eq!(session_store(&cf).load(&record.id).await.unwrap(), None, "deleted in the backend too");
+}
+
+#[test]
 fn an_entry_lives_its_whole_ttl_whatever_part_of_a_second_it_was_written_in() {
     let cf = cloudflare();
     // Late in a second: a server that counts a TTL's whole seconds from the

@@ -18,6 +18,7 @@ mod clock;
 mod cloudflare;
 mod memory;
 mod postgres;
+mod recent_writes;
 mod store;
 mod user_sessions;
 
@@ -29,6 +30,7 @@ pub use cloudflare::{
 };
 pub use memory::MemoryKv;
 pub use postgres::{PgKv, Purger};
+pub use recent_writes::RecentWrites;
 pub use store::{
     CREATED_SESSION_MEMORY, DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH,
     OtpCode, Session, SessionId,

@@ -51,13 +51,16 @@
 //! it, at most that minute.) A remembered session past its `expires_at` is
 //! not returned. Other processes see this one's writes when the backend
 //! has propagated them; a sign-out everywhere also ends the sessions this
-//! process created that a stale listing of the user's index does not show
-//! yet. On a backend that reads its own writes nothing is remembered.
+//! process created in the last [`CREATED_SESSION_MEMORY`] that a stale
+//! listing of the user's index does not show yet, whether or not a read
+//! has shown them since (Cloudflare shows a key read where it was written
+//! sooner than it lists it). On a backend that reads its own writes
+//! nothing is remembered.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, Utc};
 use dployr_domain::{ClusterSummary, Email, KvBackend, Provider, StoreError, StoreResult, User, UserId};
@@ -65,7 +68,7 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::{Clock, SystemClock, UserSessionIndex};
+use crate::{Clock, RecentWrites, SystemClock, UserSessionIndex};
 
 /// The characters of a one-time code.
 pub const OTP_ALPHABET: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
@@ -98,39 +101,17 @@ pub const DELETED_SESSION_MEMORY: Duration = Duration::from_secs(90);
 /// read of the backend shows it.
 pub const CREATED_SESSION_MEMORY: Duration = Duration::from_secs(60);
 
-/// What a store remembers of a session key it wrote lately.
-struct Recent {
-    /// The session it created there; `None` if it deleted it.
-    session: Option<Session>,
-    /// Until when this counts, on the store's clock.
-    until: SystemTime,
-}
-
-/// The session keys a store wrote lately, on a backend whose reads may be
-/// stale.
-#[derive(Default)]
-struct SessionMemory {
-    entries: HashMap<String, Recent>,
-    /// The keys in the order they were remembered, with when each ends:
-    /// what has ended is dropped from the front, without a scan of the map
-    /// on every write.
-    order: VecDeque<(SystemTime, String)>,
-}
-
-impl SessionMemory {
-    /// Drops what ended by `now`, oldest first (an entry remembered again
-    /// since is kept: its end is another).
-    fn forget_ended(&mut self, now: SystemTime) {
-        while let Some((until, _)) = self.order.front()
-            && *until <= now
-        {
-            if let Some((until, key)) = self.order.pop_front()
-                && self.entries.get(&key).is_some_and(|recent| recent.until == until)
-            {
-                self.entries.remove(&key);
-            }
-        }
-    }
+/// What a store did lately to a session key, on a backend whose reads may
+/// be stale.
+#[derive(Clone)]
+enum SessionWrite {
+    /// Created `session` there. Until a read of the backend has `shown` it,
+    /// reads answer with it where the backend shows nothing; for the whole
+    /// window, a sign-out everywhere ends it whatever a stale listing of
+    /// the user's index shows.
+    Created { session: Session, shown: bool },
+    /// Deleted it: never returned here within the window.
+    Deleted,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -337,7 +318,7 @@ pub struct KvStore {
     /// The sessions this process created or deleted lately, by key. Only
     /// for a session backend whose reads may be stale: on one that reads
     /// its own writes, nothing to remember and no lock on the read path.
-    recent_sessions: Option<Arc<Mutex<SessionMemory>>>,
+    recent_sessions: Option<Arc<RecentWrites<SessionWrite>>>,
     /// Which sessions each user has, on the session backend.
     user_sessions: UserSessionIndex,
     /// Where "now" comes from: a session's times, and how long this
@@ -446,60 +427,52 @@ impl KvStore {
 
     /// A memory of the sessions this process creates and deletes, for a
     /// backend whose reads may be stale.
-    fn session_memory(sessions: &dyn KvBackend) -> Option<Arc<Mutex<SessionMemory>>> {
+    fn session_memory(sessions: &dyn KvBackend) -> Option<Arc<RecentWrites<SessionWrite>>> {
         (!sessions.limits().read_your_writes).then(Arc::default)
     }
 
     /// Remembers what this process did to the session under `key`: created
-    /// `written` (for at most [`CREATED_SESSION_MEMORY`]) or, when `None`,
-    /// deleted it (for [`DELETED_SESSION_MEMORY`]).
-    fn remember(&self, key: &str, written: Option<Session>) {
+    /// it (for at most [`CREATED_SESSION_MEMORY`]) or deleted it (for
+    /// [`DELETED_SESSION_MEMORY`]).
+    fn remember(&self, key: &str, written: SessionWrite) {
         let Some(memory) = &self.recent_sessions else { return };
-        let now = self.clock.now();
-        let window = if written.is_some() { CREATED_SESSION_MEMORY } else { DELETED_SESSION_MEMORY };
-        // A clock at its end (a test's) remembers nothing.
-        let until = now.checked_add(window).unwrap_or(now);
-        let mut memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        memory.forget_ended(now);
-        memory.order.push_back((until, key.to_owned()));
-        memory.entries.insert(key.to_owned(), Recent { session: written, until });
+        let window = match written {
+            SessionWrite::Created { .. } => CREATED_SESSION_MEMORY,
+            SessionWrite::Deleted => DELETED_SESSION_MEMORY,
+        };
+        memory.remember(key, written, self.clock.now(), window);
     }
 
-    /// Forgets that this process created the session under `key` (the
-    /// backend shows it now); a remembered delete stays.
-    fn forget_created(&self, key: &str) {
-        let Some(memory) = &self.recent_sessions else { return };
-        let mut memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        if memory.entries.get(key).is_some_and(|recent| recent.session.is_some()) {
-            memory.entries.remove(key);
+    /// Notes that a read of the backend showed the session this process
+    /// created under `key`: reads of it no longer answer from the memory,
+    /// but a sign-out everywhere still finds it there (the listing of the
+    /// user's index may lag the key). A remembered delete stays.
+    fn shown_by_backend(&self, key: &str) {
+        if let Some(memory) = &self.recent_sessions {
+            memory.update(key, self.clock.now(), |written| {
+                if let SessionWrite::Created { shown, .. } = written {
+                    *shown = true;
+                }
+            });
         }
     }
 
-    /// What this process did lately to the session under `key`: `None` if
-    /// nothing (ask the backend), `Some(None)` if it deleted it,
-    /// `Some(Some(session))` if it created it.
-    fn recent(&self, key: &str) -> Option<Option<Session>> {
-        let memory = self.recent_sessions.as_ref()?;
-        let now = self.clock.now();
-        let memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        memory.entries.get(key).filter(|remembered| remembered.until > now).map(|remembered| remembered.session.clone())
+    /// What this process did lately to the session under `key`, if anything
+    /// (else: ask the backend).
+    fn recent(&self, key: &str) -> Option<SessionWrite> {
+        self.recent_sessions.as_ref()?.get(key, self.clock.now())
     }
 
     /// The sessions of `user` this process created lately (and has not
-    /// deleted since, nor seen in the backend), with their keys.
-    fn created_here(&self, user: &UserId) -> Vec<(String, Session)> {
+    /// deleted since), with their keys and whether the backend showed them.
+    fn created_here(&self, user: &UserId) -> Vec<(String, Session, bool)> {
         let Some(memory) = &self.recent_sessions else { return Vec::new() };
-        let now = self.clock.now();
-        let memory = memory.lock().unwrap_or_else(PoisonError::into_inner);
-        memory
-            .entries
-            .iter()
-            .filter(|(_, remembered)| remembered.until > now)
-            .filter_map(|(key, remembered)| match &remembered.session {
-                Some(session) if session.user_id == *user => Some((key.clone(), session.clone())),
-                _ => None,
-            })
-            .collect()
+        memory.filter_live(self.clock.now(), |key, written| match written {
+            SessionWrite::Created { session, shown } if session.user_id == *user => {
+                Some((key.to_owned(), session.clone(), *shown))
+            }
+            _ => None,
+        })
     }
 
     fn session_key(id: &SessionId) -> String {
@@ -554,14 +527,14 @@ impl KvStore {
             // everywhere could not find. If this delete fails as well, the
             // session is unreachable (its id was never given out) and
             // expires with its TTL.
-            self.remember(&key, None);
+            self.remember(&key, SessionWrite::Deleted);
             let _ignored = self.kv.delete(&key);
             return Err(error);
         }
         // Read back from here while a stale backend may not show it (and a
         // session this process deleted under the same id is replaced: the
         // memory of that delete no longer hides it).
-        self.remember(&key, Some(session.clone()));
+        self.remember(&key, SessionWrite::Created { session: session.clone(), shown: false });
         Ok(session)
     }
 
@@ -574,24 +547,34 @@ impl KvStore {
         let key = Self::session_key(session_id);
         let stored = match self.recent(&key) {
             // Deleted here: a stale read must not bring it back.
-            Some(None) => None,
-            // Created here: the backend is asked all the same, so that a
-            // delete made elsewhere is seen as soon as the backend shows it;
-            // only while it shows nothing, or an older session under the
-            // same id, does this process answer with what it created.
-            Some(Some(created)) => match self.read_session(&key)? {
+            Some(SessionWrite::Deleted) => None,
+            // Created here and not shown by the backend yet: the backend is
+            // asked all the same, so that a delete made elsewhere is seen as
+            // soon as the backend shows it; only while it shows nothing, or
+            // an older session under the same id, does this process answer
+            // with what it created.
+            Some(SessionWrite::Created { session: created, shown: false }) => match self.read_session(&key)? {
                 Some(found) if found.created_at >= created.created_at => {
-                    self.forget_created(&key);
+                    self.shown_by_backend(&key);
                     Some(found)
                 }
                 _ => Some(created),
             },
-            None => self.read_session(&key)?,
+            Some(SessionWrite::Created { shown: true, .. }) | None => self.read_session(&key)?,
         };
         // The backend's TTL is the rule; this also covers a backend whose
         // expiry is coarser than ours (Cloudflare rounds to seconds), and a
         // session remembered here past its end.
         Ok(stored.filter(|session| session.expires_at > self.now()))
+    }
+
+    /// Whether the backend holds a session under `key` and, if it decodes,
+    /// whose: `None` if it holds none, `Some(None)` if it is unreadable.
+    fn owner_in_backend(&self, key: &str) -> StoreResult<Option<Option<UserId>>> {
+        Ok(self
+            .kv
+            .get(key)?
+            .map(|value| serde_json::from_slice::<SessionOwner>(&value).ok().map(|owner| owner.user_id)))
     }
 
     /// The session stored under `key`, as the backend answers.
@@ -613,7 +596,7 @@ impl KvStore {
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
         let _span = operation("kv.delete_session");
         let key = Self::session_key(session_id);
-        self.remember(&key, None);
+        self.remember(&key, SessionWrite::Deleted);
         self.kv.delete(&key)
     }
 
@@ -644,19 +627,18 @@ impl KvStore {
             // else the backend); a session that is gone or unreadable (or,
             // on a stale backend, not seen yet) is deleted all the same.
             let found: Option<Option<UserId>> = match self.recent(key) {
-                Some(Some(session)) => (session.expires_at > self.now()).then_some(Some(session.user_id)),
-                Some(None) => None,
-                None => self
-                    .kv
-                    .get(key)?
-                    .map(|value| serde_json::from_slice::<SessionOwner>(&value).ok().map(|owner| owner.user_id)),
+                Some(SessionWrite::Created { session, shown: false }) => {
+                    (session.expires_at > self.now()).then_some(Some(session.user_id))
+                }
+                Some(SessionWrite::Deleted) => None,
+                Some(SessionWrite::Created { shown: true, .. }) | None => self.owner_in_backend(key)?,
             };
             if let Some(Some(owner)) = found
                 && owner != *user
             {
                 return Ok(false);
             }
-            self.remember(key, None);
+            self.remember(key, SessionWrite::Deleted);
             self.kv.delete(key)?;
             // Counted only if it was there: an entry whose session ended
             // before (signed out on its own) is removed, not counted.
@@ -666,14 +648,17 @@ impl KvStore {
         // in the last minute; those created here are in the memory. Each
         // stays there (and loads here) until the backend took its delete,
         // so a second call after an error finds it again.
-        for (key, session) in self.created_here(user) {
+        for (key, session, shown) in self.created_here(user) {
             if listed.contains(&key) || session.expires_at <= self.now() {
                 continue;
             }
+            // One the backend showed since may have been ended elsewhere:
+            // deleted all the same, counted only if it is still there.
+            let live = !shown || self.owner_in_backend(&key)?.is_some();
             self.kv.delete(&key)?;
-            self.remember(&key, None);
+            self.remember(&key, SessionWrite::Deleted);
             self.user_sessions.remove(&user.to_string(), &key)?;
-            ended += 1;
+            ended += usize::from(live);
         }
         Ok(ended)
     }

@@ -20,6 +20,8 @@
 //! the plain API: [`CloudflareEmulator::set_stale_reads`] (every read and
 //! list sees the namespace as it was that long ago, as a cache in another
 //! location does: up to 60 s there),
+//! [`CloudflareEmulator::set_stale_lists`] (listings lag more than reads:
+//! a key read where it was written shows at once, the listing later),
 //! [`CloudflareEmulator::limit_writes_per_key`] (one write per second per
 //! key, then 429), and [`CloudflareEmulator::set_request_budget`] (1200
 //! requests per 5 minutes per account, then every call refused with 429
@@ -91,6 +93,8 @@ struct State {
     retry_after_secs: u64,
     /// How old the namespace a read sees is (zero: reads see every write).
     stale_reads: Duration,
+    /// How old the namespace a listing sees is, where it lags more than reads.
+    stale_lists: Option<Duration>,
     /// When each key was last written, in ms, if writes are limited to one per second per key.
     last_write_ms: Option<HashMap<String, u64>>,
     budget: Option<Budget>,
@@ -112,14 +116,26 @@ impl State {
     }
 
     fn stale_ms(&self) -> u64 {
-        u64::try_from(self.stale_reads.as_millis()).unwrap_or(u64::MAX)
+        millis(self.stale_reads)
     }
 
     /// What a read sees of `versions`: the newest write at least
     /// `stale_reads` old, if it is live.
     fn visible<'a>(&self, versions: &'a [Version]) -> Option<&'a Stored> {
+        self.visible_from(versions, self.stale_ms())
+    }
+
+    /// What a listing sees of `versions`: as a read does, or older where
+    /// listings lag more.
+    fn listed<'a>(&self, versions: &'a [Version]) -> Option<&'a Stored> {
+        let stale_ms = self.stale_lists.map_or(0, millis).max(self.stale_ms());
+        self.visible_from(versions, stale_ms)
+    }
+
+    /// The newest of `versions` at least `stale_ms` old, if it is live.
+    fn visible_from<'a>(&self, versions: &'a [Version], stale_ms: u64) -> Option<&'a Stored> {
         let (now_ms, now) = (self.now_ms(), self.now_secs());
-        let horizon = now_ms.saturating_sub(self.stale_ms());
+        let horizon = now_ms.saturating_sub(stale_ms);
         versions
             .iter()
             .rev()
@@ -132,10 +148,11 @@ impl State {
         self.visible(self.entries.get(key)?)
     }
 
-    /// Records a write (`None`: a delete) and forgets what no read can see any more.
+    /// Records a write (`None`: a delete) and forgets what no read or
+    /// listing can see any more.
     fn write(&mut self, key: &str, stored: Option<Stored>) {
         let now_ms = self.now_ms();
-        let horizon = now_ms.saturating_sub(self.stale_ms());
+        let horizon = now_ms.saturating_sub(self.stale_lists.map_or(0, millis).max(self.stale_ms()));
         let versions = self.entries.entry(key.to_owned()).or_default();
         versions.push(Version { stored, at_ms: now_ms });
         while versions.len() > 1 && versions[1].at_ms <= horizon {
@@ -272,6 +289,15 @@ impl CloudflareEmulator {
     /// documents up to 60 s before a write is seen in other locations.
     pub fn set_stale_reads(&self, delay: Duration) {
         self.shared.state().stale_reads = delay;
+    }
+
+    /// Makes every listing see the namespace as it was `delay` ago, while
+    /// reads keep [`set_stale_reads`](Self::set_stale_reads)' delay (the
+    /// longer of the two counts for listings): Cloudflare serves a key read
+    /// where it was written at once as a rule, and documents listings as
+    /// eventually consistent, cached apart from the keys.
+    pub fn set_stale_lists(&self, delay: Duration) {
+        self.shared.state().stale_lists = Some(delay);
     }
 
     /// Allows one write (put or delete) per second per key, as Cloudflare
@@ -563,6 +589,11 @@ fn put(shared: &Shared, key: &str, value: Vec<u8>, query: &BTreeMap<String, Stri
     ok(&Value::Null)
 }
 
+/// `duration` in whole milliseconds, saturating.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn list(shared: &Shared, query: &BTreeMap<String, String>) -> Answer {
     let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
         None => 1000,
@@ -587,7 +618,7 @@ fn list(shared: &Shared, query: &BTreeMap<String, String>) -> Answer {
         .entries
         .iter()
         .filter(|(key, _)| key.starts_with(&prefix) && after.as_ref().is_none_or(|after| *key > after))
-        .map(|(key, versions)| (key, state.visible(versions)))
+        .map(|(key, versions)| (key, state.listed(versions)))
         .take(limit + 1)
         .collect();
     let more = scanned.len() > limit;

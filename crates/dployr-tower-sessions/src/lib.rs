@@ -102,14 +102,14 @@
 //! # let _ = store;
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use dployr_domain::{KvBackend, KvLimits, StoreError, StoreResult};
-use dployr_kv::{Clock, SystemClock, UserSessionIndex};
+use dployr_kv::{Clock, RecentWrites, SystemClock, UserSessionIndex};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use tower_sessions_core::session::{Id, Record};
@@ -151,7 +151,7 @@ struct Inner {
     /// `None` on one that reads its own writes (nothing to remember, and no
     /// lock on the read path). An `Arc` so that a store rebuilt by a builder
     /// method keeps what it remembered.
-    recent: Option<Arc<RecentWrites>>,
+    recent: Option<Arc<RecentWrites<Written>>>,
 }
 
 /// What this process last wrote to a record's key.
@@ -176,85 +176,6 @@ enum Writing {
     /// session that ended while the request ran (signed out, signed out
     /// everywhere, expired) is not brought back by it.
     Loaded,
-}
-
-/// A write, and until when it is preferred over the backend's answer.
-struct Recent {
-    written: Written,
-    until: SystemTime,
-}
-
-/// The record keys this process wrote or deleted in the last
-/// [`STALE_READ_WINDOW`], with what it wrote.
-#[derive(Default)]
-struct RecentWrites {
-    entries: Mutex<HashMap<String, Recent>>,
-}
-
-impl RecentWrites {
-    /// The entries; each change is one map operation, so a panic elsewhere
-    /// cannot leave them half-changed and a poisoned lock is taken over.
-    fn entries(&self) -> MutexGuard<'_, HashMap<String, Recent>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Remembers `written` under `key` for the window from `now`, and drops
-    /// the entries whose window has passed, so the memory holds no more
-    /// than the writes of the last window.
-    fn remember(&self, key: &str, written: Written, now: SystemTime) {
-        // An overflowing clock (not a real one) makes the entry expire at once.
-        let until = now.checked_add(STALE_READ_WINDOW).unwrap_or(now);
-        let mut entries = self.entries();
-        entries.retain(|_, recent| recent.until > now);
-        entries.insert(key.to_owned(), Recent { written, until });
-    }
-
-    /// Remembers `record` as written under `key`, as
-    /// [`remember`](Self::remember) does, unless a delete of `key` is
-    /// remembered within the window: then returns `false` and leaves it.
-    /// For a save that found no delete remembered before it wrote, a
-    /// delete remembered now came in while it wrote, and wins.
-    fn remember_saved(&self, key: &str, record: &Record, now: SystemTime) -> bool {
-        let until = now.checked_add(STALE_READ_WINDOW).unwrap_or(now);
-        let mut entries = self.entries();
-        entries.retain(|_, recent| recent.until > now);
-        if entries.get(key).is_some_and(|recent| matches!(recent.written, Written::Deleted | Written::Deleting(_))) {
-            return false;
-        }
-        entries.insert(key.to_owned(), Recent { written: Written::Record(record.clone()), until });
-        true
-    }
-
-    /// What this process wrote under `key` within the window, if anything.
-    fn get(&self, key: &str, now: SystemTime) -> Option<Written> {
-        let mut entries = self.entries();
-        let recent = entries.get(key)?;
-        if recent.until > now {
-            return Some(recent.written.clone());
-        }
-        entries.remove(key);
-        None
-    }
-
-    /// The records written (or being deleted) within the window whose data
-    /// names `user` under `field` and whose expiry date is after `now`,
-    /// with their keys.
-    fn records_of(&self, field: &str, user: &str, now: SystemTime) -> Vec<(String, Record)> {
-        let expiry_now = OffsetDateTime::from(now);
-        self.entries()
-            .iter()
-            .filter(|(_, recent)| recent.until > now)
-            .filter_map(|(key, recent)| match &recent.written {
-                Written::Record(record) | Written::Deleting(record)
-                    if record.expiry_date > expiry_now
-                        && record.data.get(field).and_then(|v| v.as_str()) == Some(user) =>
-                {
-                    Some((key.clone(), record.clone()))
-                }
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 impl fmt::Debug for KvSessionStore {
@@ -349,7 +270,7 @@ impl KvSessionStore {
             // A stale listing may not show yet the entries of sessions saved
             // in the last minute; those saved here are in the memory.
             if let Some(recent) = &inner.recent {
-                for (key, record) in recent.records_of(field, &user, inner.clock.now()) {
+                for (key, record) in records_of(recent, field, &user, inner.clock.now()) {
                     if listed.contains(&key) {
                         continue;
                     }
@@ -373,7 +294,7 @@ impl KvSessionStore {
     /// writes). Not part of the API: for tests that check its bound.
     #[doc(hidden)]
     pub fn remembered_writes(&self) -> usize {
-        self.inner.recent.as_ref().map_or(0, |recent| recent.entries().len())
+        self.inner.recent.as_ref().map_or(0, |recent| recent.len())
     }
 
     /// Runs `call` on tokio's blocking pool: every backend call blocks.
@@ -391,6 +312,21 @@ impl KvSessionStore {
             }),
         }
     }
+}
+
+/// The records `recent` holds as written (or being deleted) within the
+/// window whose data names `user` under `field` and whose expiry date is
+/// after `now`, with their keys.
+fn records_of(recent: &RecentWrites<Written>, field: &str, user: &str, now: SystemTime) -> Vec<(String, Record)> {
+    let expiry_now = OffsetDateTime::from(now);
+    recent.filter_live(now, |key, written| match written {
+        Written::Record(record) | Written::Deleting(record)
+            if record.expiry_date > expiry_now && record.data.get(field).and_then(|v| v.as_str()) == Some(user) =>
+        {
+            Some((key.to_owned(), record.clone()))
+        }
+        _ => None,
+    })
 }
 
 fn hashed(id: &Id) -> String {
@@ -480,7 +416,7 @@ impl Inner {
     /// Remembers what this process wrote under `key`, where reads may be stale.
     fn remember(&self, key: &str, written: Written) {
         if let Some(recent) = &self.recent {
-            recent.remember(key, written, self.clock.now());
+            recent.remember(key, written, self.clock.now(), STALE_READ_WINDOW);
         }
     }
 
@@ -527,10 +463,18 @@ impl Inner {
         let remembered = match (&self.recent, writing) {
             (None, _) => true,
             (Some(recent), Writing::New) => {
-                recent.remember(&key, Written::Record(record.clone()), self.clock.now());
+                recent.remember(&key, Written::Record(record.clone()), self.clock.now(), STALE_READ_WINDOW);
                 true
             }
-            (Some(recent), Writing::Loaded) => recent.remember_saved(&key, record, self.clock.now()),
+            // A delete remembered now, where none was before the write, came
+            // in while it wrote, and wins.
+            (Some(recent), Writing::Loaded) => recent.remember_unless(
+                &key,
+                Written::Record(record.clone()),
+                self.clock.now(),
+                STALE_READ_WINDOW,
+                |written| matches!(written, Written::Deleted | Written::Deleting(_)),
+            ),
         };
         if !remembered {
             // Deleted here while this save wrote: the delete wins, also in
@@ -681,6 +625,8 @@ impl SessionStore for KvSessionStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use dployr_domain::KvPage;
     use dployr_kv::MemoryKv;
 
