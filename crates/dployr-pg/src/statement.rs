@@ -69,7 +69,10 @@ where
 /// clusters makes the generic plan of a prepared statement expect a handful
 /// of rows per cluster and read the cluster's index, which for a cluster of
 /// 100 000 members reads them all, where a plan made for the bound values
-/// probes the primary key once per user. They are writes, whose
+/// probes the primary key once per user; and `clusters.update`'s
+/// `user_id <> ALL($2)`, whose list PostgreSQL hashes only as a constant
+/// (a custom plan's), so that a generic plan compares every member with
+/// every listed user. They are writes, whose
 /// transaction costs more than planning; the reads are written so that
 /// their generic plan is right (see `memberships_of`).
 #[derive(Debug, Clone, Copy)]

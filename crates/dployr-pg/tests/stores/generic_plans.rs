@@ -187,3 +187,48 @@ fn per_cluster_reads_and_the_owner_transfer_fetch_their_rows_not_the_cluster_und
         "rows of user_clusters fetched per call on a cluster of {BIG} members: {report:?}"
     );
 }
+
+#[test]
+fn a_role_update_whose_list_only_a_custom_plan_hashes_is_never_prepared() {
+    let db = dployr_testkit::database();
+    let mut inspector = db.connect();
+    inspector
+        .batch_execute(
+            "INSERT INTO users (id, email, name, provider)
+                 SELECT '4' || lpad(n::text, 25, '0'), 'm' || n || '@example.io', 'M' || n, 'email'
+                 FROM generate_series(1, 3) n;
+             INSERT INTO clusters (id, name) VALUES ('2222222222222222222222222A', 'c');
+             INSERT INTO user_clusters (user_id, cluster_id, role) VALUES
+                 ('40000000000000000000000001', '2222222222222222222222222A', 'owner');",
+        )
+        .unwrap();
+    let cluster = ClusterId::parse("2222222222222222222222222A").unwrap();
+    let listed =
+        [UserId::parse("40000000000000000000000002").unwrap(), UserId::parse("40000000000000000000000003").unwrap()];
+    // One connection, run past the five custom plans after which a prepared
+    // statement may be given its generic plan.
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 1, ..PoolConfig::default() }).unwrap();
+    let clusters = PgClusterStore::new(pool.clone());
+    for run in 0..RUNS {
+        let role = if run % 2 == 0 { Role::Viewer } else { Role::Developer };
+        let patch = dployr_domain::ClusterPatch {
+            roles: Some([(role, listed.to_vec())].into_iter().collect()),
+            ..dployr_domain::ClusterPatch::default()
+        };
+        let updated = clusters.update(&cluster, patch).unwrap().unwrap();
+        assert_eq!(updated.members.values().map(Vec::len).sum::<usize>(), 3, "{:?}", updated.members);
+    }
+    #[derive(QueryableByName)]
+    struct Prepared {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        statement: String,
+    }
+    let mut conn = pool.get().unwrap();
+    let prepared: Vec<Prepared> =
+        diesel::sql_query("SELECT statement FROM pg_prepared_statements").load(&mut *conn).unwrap();
+    assert!(!prepared.is_empty(), "the update's other statements are prepared");
+    assert!(
+        prepared.iter().all(|p| !p.statement.contains("<> ALL(")),
+        "the set-roles statement was prepared, so a generic plan may compare every member with every listed user"
+    );
+}
