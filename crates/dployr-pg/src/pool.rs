@@ -590,9 +590,14 @@ impl PgPool {
         keys: Keys<'_>,
         mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
-        use diesel::Connection as _;
         self.deadlines.bounded(&self.inner, &self.affinity, Instant::now(), |conn| {
-            crate::operation::retrying(keys, || conn.transaction(&mut work))
+            // READ COMMITTED whatever the database, role or connection string
+            // set as the default: the stores' lock order relies on a call
+            // that waited on a lock reading what its holder committed (at
+            // REPEATABLE READ, two first sign-ins made two clusters). Named
+            // in the BEGIN itself, so it costs no statement and holds behind
+            // a pooler too.
+            crate::operation::retrying(keys, || conn.build_transaction().read_committed().run(&mut work))
         })
     }
 

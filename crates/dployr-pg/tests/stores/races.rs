@@ -448,3 +448,40 @@ fn not_found_names_the_missing_entitys_own_key() {
         "{error}"
     );
 }
+
+/// The stores' lock reasoning (a call that waited on a lock reads what the
+/// holder committed) holds at READ COMMITTED, PostgreSQL's default, which a
+/// database, a role or the connection string may change: at REPEATABLE
+/// READ, the second of two first sign-ins of one user read from a snapshot
+/// taken before the first one's cluster existed, and made a second one.
+/// Every store transaction runs at READ COMMITTED, whatever the default.
+#[test]
+fn two_first_sign_ins_make_one_cluster_where_the_database_defaults_to_repeatable_read() {
+    let f = Fixture::new();
+    let ada = f.user("ada@example.io");
+    f.db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L',
+                                        current_database(), 'repeatable read'); END $$;",
+        )
+        .unwrap();
+    // Connections opened from now on take the database's default.
+    let pool = PgPool::connect(f.db.url(), PoolConfig { max_size: 2, ..PoolConfig::default() }).unwrap();
+    let clusters = Arc::new(dployr_pg::PgClusterStore::new(pool));
+    let holder = LockHolder::hold(&f, &format!("SELECT 1 FROM users WHERE id = '{}' FOR UPDATE", ada.id));
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let (clusters, ada) = (Arc::clone(&clusters), ada.id);
+            thread::spawn(move || clusters.create_for_owner(&ada))
+        })
+        .collect();
+    // Both have begun (and, at REPEATABLE READ, taken their snapshot).
+    wait_for_lock_waiters(&f, 2);
+    holder.release();
+    let made: Vec<_> = calls.into_iter().map(|call| call.join().unwrap().unwrap().id).collect();
+    assert_eq!(made[0], made[1], "both calls answer the one cluster");
+    assert_eq!(
+        f.count(&format!("SELECT count(*) FROM user_clusters WHERE user_id = '{}' AND role = 'owner'", ada.id)),
+        1
+    );
+}
