@@ -58,7 +58,7 @@ impl NewUser {
 pub struct UserPatch {
     /// New display name.
     pub name: Option<DisplayName>,
-    /// New avatar URL.
+    /// New avatar URL; a blank one removes the picture (none is stored).
     pub picture: Option<String>,
     /// New provider.
     pub provider: Option<Provider>,

@@ -12,3 +12,8 @@ diesel::define_sql_function! {
     #[sql_name = "coalesce"]
     fn coalesce_nullable(a: Nullable<Text>, b: Nullable<Text>) -> Nullable<Text>;
 }
+
+diesel::define_sql_function! {
+    /// `nullif(a, b)` for text: NULL where `a` equals `b`, else `a`.
+    fn nullif(a: Nullable<Text>, b: Text) -> Nullable<Text>;
+}

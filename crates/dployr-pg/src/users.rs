@@ -15,7 +15,7 @@ use crate::errors::Failure;
 use crate::parsed::{Parsed, Timestamp};
 use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
-use crate::sql::{coalesce, coalesce_nullable};
+use crate::sql::{coalesce, coalesce_nullable, nullif};
 
 /// A `users` row as selected.
 #[derive(Queryable, Selectable)]
@@ -180,6 +180,7 @@ impl UserStore for PgUserStore {
     fn update(&self, email: &Email, patch: UserPatch) -> StoreResult<Option<User>> {
         let op = self.pool.operation("users.update");
         check_picture(patch.picture.as_deref())?;
+        let picture = patch.picture.as_deref().map(|picture| if picture.trim().is_empty() { "" } else { picture });
         let merge = patch.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
         // One statement, in a transaction all the same: the returned row is
         // decoded inside it, so a row that cannot be read back is rolled
@@ -188,7 +189,10 @@ impl UserStore for PgUserStore {
             let row = diesel::update(users::table.filter(users::email.eq(email.as_str())))
                 .set((
                     users::name.eq(coalesce(patch.name.as_ref().map(DisplayName::as_str), users::name)),
-                    users::picture.eq(coalesce_nullable(patch.picture.as_deref(), users::picture)),
+                    // A blank picture removes it: sent as '', which nullif
+                    // stores as none (never a blank URL, which the
+                    // memberships' copies would show as a broken image).
+                    users::picture.eq(nullif(coalesce_nullable(picture, users::picture), "")),
                     users::provider.eq(coalesce(patch.provider.map(Provider::as_str), users::provider)),
                     users::metadata.eq(users::metadata.concat(&merge)),
                 ))

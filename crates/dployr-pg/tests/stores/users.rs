@@ -46,6 +46,29 @@ fn re_sign_in_without_metadata_keeps_metadata_name_and_picture() {
 }
 
 #[test]
+fn an_update_with_a_blank_picture_removes_the_picture_and_stores_no_blank() {
+    let f = Fixture::new();
+    let (owner, cluster) = f.owner("ada@example.io");
+    let ada = owner.email.clone();
+    let set = |picture: Option<&str>| {
+        let patch = UserPatch { picture: picture.map(str::to_owned), ..UserPatch::default() };
+        f.users.update(&ada, patch).unwrap().unwrap().picture
+    };
+    assert_eq!(set(Some("https://img.example/ada.png")).as_deref(), Some("https://img.example/ada.png"));
+    assert_eq!(set(None).as_deref(), Some("https://img.example/ada.png"), "no picture given keeps it");
+    for blank in ["", "   "] {
+        set(Some("https://img.example/ada.png"));
+        assert_eq!(set(Some(blank)), None, "{blank:?} removes it");
+        assert_eq!(f.count(&format!("SELECT count(*) FROM users WHERE id = '{}' AND picture IS NULL", owner.id)), 1);
+    }
+    // Control characters are refused, not taken as blank.
+    let tab = UserPatch { picture: Some("\t".into()), ..UserPatch::default() };
+    assert!(matches!(f.users.update(&ada, tab), Err(StoreError::Invalid { field: "picture", .. })));
+    let member = f.clusters.get(&cluster.id).unwrap().unwrap().members[&Role::Owner][0].clone();
+    assert_eq!(member.picture, None, "the membership's copy too");
+}
+
+#[test]
 fn re_sign_in_with_metadata_merges_it_and_new_name_replaces() {
     let f = Fixture::new();
     f.users
