@@ -3,7 +3,6 @@
 //! ends, however it ends.
 
 use std::fs::{self, File};
-use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
@@ -14,7 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::{
-    RunAs, check_reachable, command, free_port, initdb, process_alive, run, spawn_guardian, stop_child,
+    RunAs, check_reachable, command, free_port, initdb, process_alive, run, spawn_guardian, started_on, stop_child,
     wait_until_ready,
 };
 use crate::TestkitError;
@@ -404,55 +403,5 @@ fn sweep_crashed_runs() {
             }
         }
         let _ignored = fs::remove_dir_all(&path);
-    }
-}
-
-/// Whether process `pid` was started with `data` as one of its arguments
-/// (the `-D` of a postmaster this testkit started), from `/proc`. Paths
-/// are compared once resolved (a relative or symlinked spelling of one
-/// directory is the same directory).
-fn started_on(pid: i32, data: &Path) -> bool {
-    let Ok(command_line) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    command_line
-        .split(|&byte| byte == 0)
-        .filter(|argument| !argument.is_empty())
-        .any(|argument| super::same_directory(Path::new(std::ffi::OsStr::from_bytes(argument)), data))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_process_started_on_the_directory_counts_as_its_server() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        // `sh -c '...' <name>`: the directory is one of the arguments, as
-        // a postmaster's `-D` is (`; :` keeps sh from exec-ing the sleep).
-        let mut process =
-            std::process::Command::new("/bin/sh").arg("-c").arg("sleep 30; :").arg(&data).spawn().unwrap();
-        let pid = i32::try_from(process.id()).unwrap();
-        // `spawn` returns once the exec is under way, and the kernel sets
-        // the new command line a moment later: wait until it shows.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|line| line.starts_with(b"/bin/sh\0-c"))
-            && Instant::now() < deadline
-        {
-            thread::sleep(Duration::from_millis(5));
-        }
-        std::fs::create_dir(&data).unwrap();
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
-        let started = started_on(pid, &data);
-        let through_a_link = started_on(pid, &link.join("data"));
-        let other = started_on(pid, &dir.path().join("other"));
-        let this_process = started_on(i32::try_from(std::process::id()).unwrap(), &data);
-        process.kill().unwrap();
-        process.wait().unwrap();
-        assert!(started, "the process started on the directory");
-        assert!(through_a_link, "the same directory, spelled through a symlink");
-        assert!(!other, "a process started on another directory");
-        assert!(!this_process, "a process with no such argument (a reused id)");
-        assert!(!started_on(pid, &data), "a process that ended");
     }
 }

@@ -18,6 +18,7 @@ mod ephemeral;
 use std::fs::{self, File};
 use std::io::Read as _;
 use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -311,23 +312,37 @@ pub(crate) fn process_alive(pid: i32) -> bool {
     !matches!(kill(Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
 }
 
-/// The server's user must be able to walk down to the cluster directory.
+/// The server's user must be able to walk down to the cluster directory
+/// (an ephemeral cluster's: in the temp dir).
 pub(crate) fn check_reachable(dir: &Path) -> Result<(), TestkitError> {
-    let mut current = Some(dir);
-    while let Some(path) = current {
-        if let Ok(meta) = fs::metadata(path)
-            && meta.permissions().mode() & 0o001 == 0
-        {
-            return Err(TestkitError::Setup(format!(
-                "the server runs as the `postgres` user (this process is root), which cannot enter {} \
-                     (mode {:o}); chmod o+x it, point TMPDIR elsewhere, or set DATABASE_URL to a server of your own",
-                path.display(),
-                meta.permissions().mode() & 0o777
-            )));
-        }
-        current = path.parent();
-    }
-    Ok(())
+    let Some((path, mode)) = closed_ancestor(dir) else { return Ok(()) };
+    Err(TestkitError::Setup(format!(
+        "the server runs as the `postgres` user (this process is root), which cannot enter {} \
+             (mode {mode:o}); chmod o+x it, point TMPDIR elsewhere, or set DATABASE_URL to a server of your own",
+        path.display(),
+    )))
+}
+
+/// The first of `dir` and its ancestors that others may not enter, with its
+/// mode: the server's user (not root, not the owner) stops there on the
+/// way down to `dir`. Each lifetime of a cluster says its own remedy.
+pub(crate) fn closed_ancestor(dir: &Path) -> Option<(&Path, u32)> {
+    dir.ancestors().find_map(|path| {
+        let mode = fs::metadata(path).ok()?.permissions().mode();
+        (mode & 0o001 == 0).then_some((path, mode & 0o777))
+    })
+}
+
+/// Whether process `pid` was started with `data` as one of its arguments
+/// (the `-D` of a postmaster this testkit started), from `/proc`. Paths
+/// are compared once resolved (a relative or symlinked spelling of one
+/// directory is the same directory).
+pub(crate) fn started_on(pid: i32, data: &Path) -> bool {
+    let Ok(command_line) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    command_line
+        .split(|&byte| byte == 0)
+        .filter(|argument| !argument.is_empty())
+        .any(|argument| same_directory(Path::new(std::ffi::OsStr::from_bytes(argument)), data))
 }
 
 /// The processes whose parent is `parent`, from `/proc`.
@@ -346,4 +361,42 @@ pub(crate) fn children_of(parent: Pid) -> Vec<Pid> {
         })
         .map(Pid::from_raw)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_process_started_on_the_directory_counts_as_its_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // `sh -c '...' <name>`: the directory is one of the arguments, as
+        // a postmaster's `-D` is (`; :` keeps sh from exec-ing the sleep).
+        let mut process =
+            std::process::Command::new("/bin/sh").arg("-c").arg("sleep 30; :").arg(&data).spawn().unwrap();
+        let pid = i32::try_from(process.id()).unwrap();
+        // `spawn` returns once the exec is under way, and the kernel sets
+        // the new command line a moment later: wait until it shows.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|line| line.starts_with(b"/bin/sh\0-c"))
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::create_dir(&data).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let started = started_on(pid, &data);
+        let through_a_link = started_on(pid, &link.join("data"));
+        let other = started_on(pid, &dir.path().join("other"));
+        let this_process = started_on(i32::try_from(std::process::id()).unwrap(), &data);
+        process.kill().unwrap();
+        process.wait().unwrap();
+        assert!(started, "the process started on the directory");
+        assert!(through_a_link, "the same directory, spelled through a symlink");
+        assert!(!other, "a process started on another directory");
+        assert!(!this_process, "a process with no such argument (a reused id)");
+        assert!(!started_on(pid, &data), "a process that ended");
+    }
 }
