@@ -3,6 +3,9 @@
 //! runs on a throwaway PostgreSQL that it starts and stops itself, or, with
 //! `DATABASE_URL` set, on that database (its rows stay there; the demo's
 //! instance tag and nonce carry a random suffix so it can run again).
+//! Without `DATABASE_URL`, the test kit picks the server as it does for the
+//! tests: `DPLOYR_TEST_DATABASE_URL`'s server, where the demo's empty
+//! database is dropped at the end, comes before a throwaway one.
 
 use std::time::Instant;
 
@@ -11,6 +14,7 @@ use dployr_data::{
     Metadata, NewInstance, NewUser, OAuthState, OtpCode, Page, Provider, SessionId, UserStore,
 };
 use dployr_migrate::{MigrationRunner, MigrationSet};
+use dployr_testkit::ServerKind;
 use dployr_testkit::cloudflare_emulator::CloudflareEmulator;
 
 use crate::Failure;
@@ -52,7 +56,7 @@ impl DemoKv {
 pub fn run(kv: DemoKv) -> Result<(), Failure> {
     step("PostgreSQL");
     // Kept until the end: dropping them deletes the throwaway database.
-    let (database_url, _throwaway, suffix) = match std::env::var("DATABASE_URL") {
+    let (database_url, throwaway, suffix) = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => {
             println!("   DATABASE_URL is set: using that database");
             (url, None, format!("-{:04x}", rand::random::<u16>()))
@@ -61,13 +65,22 @@ pub fn run(kv: DemoKv) -> Result<(), Failure> {
             let started = Instant::now();
             let server = dployr_testkit::server()?;
             let db = dployr_testkit::try_empty_database()?;
-            println!(
-                "   a throwaway {:?} server, ready in {} ms; empty database {}",
-                server.kind(),
-                started.elapsed().as_millis(),
-                db.name()
-            );
-            (db.url().to_owned(), Some(db), String::new())
+            let ready_in = started.elapsed().as_millis();
+            // The test kit's order: a server the user named comes first, and
+            // it is neither started nor deleted here.
+            if server.kind() == ServerKind::External {
+                println!(
+                    "   DPLOYR_TEST_DATABASE_URL is set: empty database {} on that server, ready in {ready_in} ms",
+                    db.name()
+                );
+            } else {
+                println!(
+                    "   a throwaway {:?} server, ready in {ready_in} ms; empty database {}",
+                    server.kind(),
+                    db.name()
+                );
+            }
+            (db.url().to_owned(), Some((db, server.kind())), String::new())
         }
     };
 
@@ -215,8 +228,15 @@ pub fn run(kv: DemoKv) -> Result<(), Failure> {
     let stats = data.pool().stats();
     println!("   {} statements in {} transactions", stats.statements, stats.transactions);
     drop(data);
-    if _throwaway.is_some() {
-        println!("   the throwaway server stops and its directory is deleted as this command exits");
+    match throwaway {
+        None => {}
+        Some((db, ServerKind::External)) => {
+            println!(
+                "   database {} is dropped now; the server keeps its migrated template (`cargo xtask db clean` drops it)",
+                db.name()
+            );
+        }
+        Some(_) => println!("   the throwaway server stops and its directory is deleted as this command exits"),
     }
     Ok(())
 }

@@ -7,8 +7,9 @@
 
 /// `println!` for a command-line tool whose output may go to a pipe that
 /// closes early (`cargo xtask --help | head`): std's `println!` panics on
-/// the closed pipe; this one ends the process quietly, which is what the
-/// reader of a pipe expects. It shadows std's macro in every module below.
+/// the closed pipe; this one drops the lines nobody reads and lets the
+/// command finish ([`write_line`]). It shadows std's macro in every module
+/// below.
 macro_rules! println {
     () => {
         $crate::write_line(format_args!(""))
@@ -30,14 +31,27 @@ mod stress;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Writes one line to stdout; a closed pipe ends the process with success
-/// (the reader has what it wanted), any other error with failure.
+/// Set when a write to stdout found its reader gone; later lines are dropped.
+static STDOUT_READER_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Writes one line to stdout. Once the reader of a pipe has gone
+/// (`cargo xtask migrate redo | head -n2`), this and every later line are
+/// dropped and the command runs on: ending the process here would stop a
+/// `redo` between its committed revert and its re-apply, and turn the exit
+/// code of `migrate status` (1: out of date) into 0. Any other write error
+/// ends the process with failure.
 fn write_line(args: std::fmt::Arguments<'_>) {
+    if STDOUT_READER_GONE.load(Ordering::Relaxed) {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{args}") {
         Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_READER_GONE.store(true, Ordering::Relaxed);
+        }
         Err(error) => {
             eprintln!("error: writing to stdout: {error}");
             std::process::exit(1);
@@ -51,7 +65,8 @@ usage: cargo xtask <command>
   demo [--kv memory|postgres|cloudflare-emulator]
                    the seed README's story end to end (sign-in, cluster, invites, instance,
                    session, OAuth state, one-time code), on a throwaway PostgreSQL it starts
-                   and stops (DATABASE_URL: that database instead); key-value backend postgres by default
+                   and stops (DATABASE_URL: that database instead; DPLOYR_TEST_DATABASE_URL: an empty
+                   database on that server); key-value backend postgres by default
 
   bench [--threads 1,16] [--seconds 1] [--ops SUBSTRING,...] [--json FILE]
                    every operation under load, next to pgbench's limit for the same statement,
@@ -77,18 +92,20 @@ usage: cargo xtask <command>
   db url           print the URL the other commands use
   db psql          open psql on it
   db clean         drop the template and test databases the tests, `erd` and `schema` left on the
-                   server (DATABASE_URL, else the development cluster); run it when no test uses it
+                   server (DPLOYR_TEST_DATABASE_URL, else DATABASE_URL, else the development cluster,
+                   as the tests choose it); run it when no test uses it
 
   migrate status   list migrations: applied (when, how long) or pending; exits 1 when a migration
                    is pending, changed or missing, 2 when it cannot tell (no connection, a malformed
-                   URL, an unreadable migrations/), 0 when up to date (for deploy scripts)
+                   URL, an unreadable migrations/, wrong arguments), 0 when up to date (for deploy scripts)
   migrate run      apply pending migrations
   migrate revert   revert the last applied migration
   migrate revert --to VERSION   revert every migration above VERSION
   migrate revert --all          revert every applied migration
   migrate redo     revert the last applied migration and apply it again
   migrate new NAME create migrations/NNN_NAME/{up,down}.sql
-                   (every migrate command takes --database-url URL, over DATABASE_URL)
+                   (every migrate command takes --database-url URL or --database-url=URL, over
+                   DATABASE_URL, which keeps a password out of the process list)
 
   erd              regenerate docs/erd.md (Mermaid) from the catalog of a freshly migrated database
   erd --check      fail if docs/erd.md differs from what the migrations produce

@@ -1,18 +1,27 @@
 //! `cargo xtask migrate ...`: status, run, revert, redo and new, over the
-//! `migrations/` folder as it is on disk now. `--database-url URL` (anywhere
-//! after `migrate`) wins over `DATABASE_URL` and the development cluster.
+//! `migrations/` folder as it is on disk now. `--database-url URL` or
+//! `--database-url=URL` (anywhere after `migrate`) wins over `DATABASE_URL`
+//! and the development cluster.
 
 use dployr_migrate::{MigrationEvent, MigrationRunner, MigrationSet, MigrationState};
 
 use crate::{Failure, db, migrations_dir};
 
-/// `migrate` and its words, with `--database-url URL` taken out.
+/// `migrate` and its words, with `--database-url URL` (or `=URL`) taken out.
 pub fn dispatch(words: &[&str]) -> Result<(), Failure> {
     let mut url = None;
     let mut url_missing = false;
     let mut rest = Vec::new();
     let mut words = words.iter();
     while let Some(word) = words.next() {
+        if let Some(value) = word.strip_prefix("--database-url=") {
+            if value.is_empty() {
+                url_missing = true;
+            } else {
+                url = Some(value.to_owned());
+            }
+            continue;
+        }
         match *word {
             "--database-url" => match words.next() {
                 Some(next) => url = Some((*next).to_owned()),
@@ -21,10 +30,15 @@ pub fn dispatch(words: &[&str]) -> Result<(), Failure> {
             other => rest.push(other),
         }
     }
+    // A deploy script that migrates on exit code 1 ("out of date") must not
+    // migrate because `status` was called wrongly: for `status`, a usage
+    // error is "could not tell" (2).
+    let is_status = rest.iter().find(|word| !word.starts_with('-')) == Some(&"status");
+    let usage_error = |message: String| -> Failure {
+        if is_status { StatusFailure::Unknown(message.into()).into() } else { message.into() }
+    };
     if url_missing {
-        let missing: Failure = "--database-url needs a URL".into();
-        // `status` says "could not tell" by its exit code, not "out of date".
-        return Err(if rest == ["status"] { StatusFailure::Unknown(missing).into() } else { missing });
+        return Err(usage_error("--database-url needs a URL".to_owned()));
     }
     let url = url.as_deref();
     match rest.as_slice() {
@@ -35,7 +49,7 @@ pub fn dispatch(words: &[&str]) -> Result<(), Failure> {
         ["revert", "--all"] => revert_to(url, None),
         ["redo"] => redo(url),
         ["new", name] => new(name),
-        _ => Err(format!("unknown command `migrate {}`; `cargo xtask help` lists them", rest.join(" ")).into()),
+        _ => Err(usage_error(format!("unknown command `migrate {}`; `cargo xtask help` lists them", rest.join(" ")))),
     }
 }
 
@@ -217,5 +231,30 @@ mod tests {
         );
         run(Some(db.url())).unwrap();
         assert_eq!(exit_code_of(&status(Some(db.url()))), 0);
+    }
+
+    #[test]
+    fn status_called_wrongly_exits_2_not_the_1_of_out_of_date() {
+        for words in [
+            &["status", "--verbose"][..],
+            &["--verbose", "status"],
+            &["status", "extra"],
+            &["status", "--database-url="],
+            &["--database-url=", "status"],
+        ] {
+            assert_eq!(exit_code_of(&dispatch(words)), 2, "migrate {}", words.join(" "));
+        }
+        assert_eq!(exit_code_of(&dispatch(&["revert", "--verbose"])), 1, "other commands keep exit code 1");
+    }
+
+    #[test]
+    fn database_url_with_an_equals_sign_names_the_database_like_the_spaced_form() {
+        let db = dployr_testkit::empty_database();
+        let with_equals = format!("--database-url={}", db.url());
+        let out_of_date = dispatch(&["status", &with_equals]);
+        let failure = out_of_date.as_ref().err().and_then(|error| error.downcast_ref::<StatusFailure>());
+        assert!(matches!(failure, Some(StatusFailure::OutOfDate { pending: 1.., .. })), "{out_of_date:?}");
+        dispatch(&[&with_equals, "run"]).unwrap();
+        assert_eq!(exit_code_of(&dispatch(&["status", "--database-url", db.url()])), 0);
     }
 }

@@ -10,21 +10,25 @@ const SCHEMA_RS: &str = "crates/dployr-pg/src/schema.rs";
 
 fn generate() -> Result<String, Failure> {
     let db = dployr_testkit::try_database()?;
-    let out = Command::new("diesel")
-        .current_dir(workspace_root())
-        .args(["print-schema", "--database-url"])
-        .arg(db.url())
-        .output()
-        .map_err(|e| {
-            format!(
-                "running `diesel`: {e}; install it with \
+    let out = print_schema_command(db.url()).output().map_err(|e| {
+        format!(
+            "running `diesel`: {e}; install it with \
                  `cargo install diesel_cli --version ~2.3 --no-default-features --features postgres --locked`"
-            )
-        })?;
+        )
+    })?;
     if !out.status.success() {
         return Err(format!("diesel print-schema failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
     Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `diesel print-schema` on the database at `url`, which it is given in the
+/// child's `DATABASE_URL`: a `--database-url` argument would show the
+/// password to every user of the machine (`ps`, `/proc/<pid>/cmdline`).
+fn print_schema_command(url: &str) -> Command {
+    let mut command = Command::new("diesel");
+    command.current_dir(workspace_root()).arg("print-schema").env("DATABASE_URL", url);
+    command
 }
 
 pub fn write() -> Result<(), Failure> {
@@ -45,4 +49,16 @@ pub fn check() -> Result<(), Failure> {
     }
     println!("{SCHEMA_RS} matches the migrations");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn diesel_gets_the_database_url_through_its_environment_not_its_arguments() {
+        let url = "postgres://app:secret@db/app";
+        let command = super::print_schema_command(url);
+        assert_eq!(command.get_args().collect::<Vec<_>>(), ["print-schema"]);
+        let envs: Vec<_> = command.get_envs().collect();
+        assert_eq!(envs, [("DATABASE_URL".as_ref(), Some(url.as_ref()))]);
+    }
 }
