@@ -448,6 +448,28 @@ enum Expiry {
     At(u64),
 }
 
+/// Seconds added to the room an absolute expiry must leave: the `Date` a
+/// reply carries is truncated to the second, and the reply and the write
+/// take time on the way.
+const EXPIRY_SLACK: Duration = Duration::from_secs(5);
+
+/// The expiry a counter's next write keeps: the one it was read with (the
+/// same second, absolute, while at least `room` seconds are left on the
+/// server's clock; else relative, what is left), or `ttl` when the read
+/// carried no expiry Cloudflare's way (no `expiration` header, or one that
+/// does not parse: a proxy may strip it), so that a counter written with a
+/// TTL is never written again without one. A counter written without a
+/// TTL, and counted without one, keeps none.
+fn kept_expiry(stored: &Stored, ttl: Option<Duration>, room: u64) -> Option<Expiry> {
+    let Some(at) = stored.expiration else { return ttl.map(Expiry::After) };
+    Some(match stored.server_now {
+        // A relative TTL is rounded up a second on each write: counted
+        // often, the counter would outlive its TTL.
+        Some(now) if at >= now.saturating_add(room) => Expiry::At(at),
+        now => Expiry::After(Duration::from_secs(at.saturating_sub(now.unwrap_or_else(unix_now)))),
+    })
+}
+
 fn encode(segment: &str) -> String {
     utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
 }
@@ -779,14 +801,11 @@ impl KvBackend for CloudflareKv {
             None => (1, ttl.map(Expiry::After)),
             Some(stored) => {
                 let current = parse_counter(&stored.value).ok_or_else(|| not_a_counter(key))?;
-                let room = MIN_TTL.saturating_add(self.config.retry.max_elapsed).as_secs().saturating_add(1);
-                let expiry = stored.expiration.map(|at| match stored.server_now {
-                    // A relative TTL is rounded up a second on each write:
-                    // counted often, the counter would outlive its TTL.
-                    Some(now) if at >= now.saturating_add(room) => Expiry::At(at),
-                    now => Expiry::After(Duration::from_secs(at.saturating_sub(now.unwrap_or_else(unix_now)))),
-                });
-                (current + 1, expiry)
+                // The write may land after this call's retries; its `Date`
+                // is truncated to the second and the reply took a while to
+                // come: a few seconds more keep an absolute expiry 60 s ahead.
+                let room = MIN_TTL.saturating_add(self.config.retry.max_elapsed).saturating_add(EXPIRY_SLACK).as_secs();
+                (current + 1, kept_expiry(&stored, ttl, room))
             }
         };
         self.write(&mut call, key, count.to_string().as_bytes(), expiry)?;
@@ -798,7 +817,27 @@ impl KvBackend for CloudflareKv {
 mod tests {
     use std::time::Duration;
 
-    use super::beyond;
+    use super::{Expiry, Stored, beyond, kept_expiry};
+
+    fn stored(expiration: Option<u64>, server_now: Option<u64>) -> Stored {
+        Stored { value: b"1".to_vec(), expiration, server_now }
+    }
+
+    #[test]
+    fn a_counter_read_without_its_expiry_is_written_again_with_the_ttl_not_forever() {
+        let ttl = Duration::from_secs(600);
+        assert!(matches!(kept_expiry(&stored(None, Some(1_000)), Some(ttl), 96), Some(Expiry::After(t)) if t == ttl));
+        assert!(kept_expiry(&stored(None, Some(1_000)), None, 96).is_none(), "written without a TTL, kept without");
+    }
+
+    #[test]
+    fn a_counter_keeps_the_second_it_ends_while_room_is_left_then_what_is_left() {
+        assert!(matches!(kept_expiry(&stored(Some(1_200), Some(1_000)), None, 96), Some(Expiry::At(1_200))));
+        assert!(matches!(
+            kept_expiry(&stored(Some(1_050), Some(1_000)), None, 96),
+            Some(Expiry::After(t)) if t == Duration::from_secs(50)
+        ));
+    }
 
     #[test]
     fn a_wait_too_long_for_any_clock_is_beyond_every_bound_without_overflowing() {

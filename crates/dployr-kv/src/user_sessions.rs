@@ -24,14 +24,18 @@
 //! entries. (`KvStore` remembers the sessions it deleted, so this process
 //! never returns them again.)
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dployr_domain::{KvBackend, StoreResult};
+use dployr_domain::{KvBackend, StoreError, StoreResult};
 use sha2::{Digest as _, Sha256};
 
 /// Keys of a list page asked for: the most every backend returns at once.
 const PAGE: usize = 1000;
+/// The most pages a listing of one user's sessions may take: ten million
+/// entries at Cloudflare's 1000 a page, far past any user's sessions.
+const MAX_PAGES: usize = 10_000;
 
 /// The per-user index of sessions on one backend (see the module documentation).
 #[derive(Clone)]
@@ -98,14 +102,30 @@ impl UserSessionIndex {
         let limit = PAGE.clamp(limits.min_list_limit.max(1), limits.max_list_limit.max(1));
         let mut keys = Vec::new();
         let mut cursor: Option<String> = None;
-        loop {
+        // A cursor the listing already gave would page forever (a broken
+        // proxy or server), spending the account's request budget, which on
+        // Cloudflare then refuses every call for minutes: refused instead,
+        // as is a listing that does not end within MAX_PAGES (an empty page
+        // with a cursor is normal, so no page's content can tell).
+        let mut seen = HashSet::new();
+        for _ in 0..MAX_PAGES {
             let page = self.backend.list(&prefix, limit, cursor.as_deref())?;
             keys.extend(page.keys.iter().filter_map(|key| key.strip_prefix(&prefix)).map(str::to_owned));
             match page.cursor {
+                Some(next) if !seen.insert(next.clone()) => {
+                    return Err(StoreError::backend(
+                        "listing a user's sessions",
+                        "the backend gave a cursor it had already given: the listing would never end",
+                    ));
+                }
                 Some(next) => cursor = Some(next),
                 None => return Ok(keys),
             }
         }
+        Err(StoreError::backend(
+            "listing a user's sessions",
+            format!("the listing did not end after {MAX_PAGES} pages"),
+        ))
     }
 
     /// Removes every session of `user`: for each entry, `end_session`
@@ -133,5 +153,42 @@ impl UserSessionIndex {
             self.remove(user, session_key)?;
         }
         Ok(ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use dployr_domain::{KvBackend as _, KvPage, MockKvBackend, StoreError};
+
+    use super::UserSessionIndex;
+    use crate::MemoryKv;
+
+    /// A backend whose every listing page is empty and names the next one
+    /// by `cursor(n)` for the n-th call.
+    fn listing(cursor: impl Fn(usize) -> String + Send + 'static) -> MockKvBackend {
+        let mut backend = MockKvBackend::new();
+        backend.expect_limits().returning(|| MemoryKv::new().limits());
+        let mut calls = 0;
+        backend.expect_list().returning(move |_, _, _| {
+            calls += 1;
+            Ok(KvPage { keys: Vec::new(), cursor: Some(cursor(calls)) })
+        });
+        backend
+    }
+
+    #[test]
+    fn a_listing_that_gives_a_cursor_again_is_an_error_not_an_endless_loop() {
+        let index = UserSessionIndex::new(Arc::new(listing(|_| "same".to_owned())), "user_sessions:");
+        let listed = index.session_keys("ada");
+        assert!(matches!(&listed, Err(StoreError::Backend { .. })), "{listed:?}");
+    }
+
+    #[test]
+    fn a_listing_that_never_ends_is_an_error_after_its_bound() {
+        let index = UserSessionIndex::new(Arc::new(listing(|n| format!("page {n}"))), "user_sessions:");
+        let listed = index.session_keys("ada");
+        assert!(matches!(&listed, Err(StoreError::Backend { .. })), "{listed:?}");
     }
 }
