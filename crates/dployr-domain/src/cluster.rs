@@ -137,6 +137,16 @@ pub trait ClusterStore: Send + Sync {
     /// Replaces `metadata.gitHub` of the cluster linked to the integration's
     /// login id (of several, the oldest, by creation then id); `None` if no
     /// cluster is.
+    ///
+    /// The link is whatever `metadata.gitHub.loginId` holds, as written:
+    /// the store cannot tell a verified GitHub login from one typed in.
+    /// Whoever may write a cluster's metadata ([`update`](Self::update), or
+    /// a sign-in's metadata merged by `UserStore::upsert` into the clusters
+    /// the user runs) can link it to any login, and the oldest such cluster
+    /// receives that login's installation. A control plane lets only its
+    /// verified GitHub sign-in write `gitHub`. (A unique login per cluster
+    /// cannot be asked of the database: one sign-in's metadata goes to
+    /// every cluster its user owns or administers.)
     fn install_github_integration(&self, integration: GitHubIntegration) -> StoreResult<Option<Cluster>>;
 
     /// Invites these e-mails: unknown ones become users with provider
