@@ -676,3 +676,50 @@ fn an_id_past_the_largest_ulid_is_refused_in_every_table_with_one() {
     session(&mut conn, "INSERT INTO users (id, email, name, provider) VALUES ('7ZZZZZZZZZZZZZZZZZZZZZZZZZ', 'z@example.com', 'Z', 'email')")
         .unwrap();
 }
+
+#[test]
+fn a_blank_picture_is_refused_for_users_and_their_membership_copies() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    for picture in ["", "   "] {
+        let error = refused_with(&mut conn, &format!("UPDATE users SET picture = '{picture}' WHERE id = '{o}'"));
+        assert!(error.contains("users_picture_check"), "{picture:?}: {error}");
+        let error = refused_with(
+            &mut conn,
+            &format!("UPDATE user_clusters SET picture = '{picture}' WHERE user_id = '{o}' AND cluster_id = '{c}'"),
+        );
+        assert!(error.contains("user_clusters_picture_check"), "{picture:?}: {error}");
+    }
+    session(&mut conn, &format!("UPDATE users SET picture = 'https://img.example/1.png' WHERE id = '{o}'")).unwrap();
+    session(&mut conn, &format!("UPDATE users SET picture = NULL WHERE id = '{o}'")).unwrap();
+}
+
+#[test]
+fn a_used_bootstrap_token_stays_used_and_can_still_be_deleted() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    let instance = id(20);
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{instance}', '{c}', 'h1', 't1');
+             INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('n1', '{instance}');"
+        ),
+    )
+    .unwrap();
+    // Unused: it may be used (set once), and a no-op update passes.
+    session(&mut conn, "UPDATE bootstrap_tokens SET used_at = now() WHERE nonce = 'n1'").unwrap();
+    session(&mut conn, "UPDATE bootstrap_tokens SET used_at = used_at WHERE nonce = 'n1'").unwrap();
+    for sql in [
+        "UPDATE bootstrap_tokens SET used_at = NULL WHERE nonce = 'n1'",
+        "UPDATE bootstrap_tokens SET used_at = used_at + interval '1 second' WHERE nonce = 'n1'",
+    ] {
+        let error = refused_with(&mut conn, sql);
+        assert!(error.contains("stays used"), "{sql}: {error}");
+    }
+    session(&mut conn, "DELETE FROM bootstrap_tokens WHERE nonce = 'n1'").unwrap();
+}

@@ -1,7 +1,9 @@
-//! Migration `003_email_identity`: stored addresses brought to `Email`'s
-//! rule, refused (naming the ids) when two rows would become one address or
-//! a domain needs IDNA, and the SQL rule checked against the Rust one on a
-//! corpus.
+//! Migrations that change stored rows, run over rows of the schema before
+//! them: `003_email_identity` (stored addresses brought to `Email`'s rule,
+//! refused, naming the ids, when two rows would become one address or a
+//! domain needs IDNA, and the SQL rule checked against the Rust one on a
+//! corpus) and `011_blank_pictures_and_spent_tokens` (blank pictures become
+//! none, in the memberships' copies too).
 
 #![cfg(test)]
 
@@ -13,14 +15,15 @@ use dployr_domain::Email;
 use dployr_migrate::{MigrationRunner, MigrationSet};
 use dployr_testkit::{TestDatabase, empty_database};
 
-/// The workspace's migrations before `003`, as a set of their own.
-fn migrations_before_003() -> (tempfile::TempDir, MigrationSet) {
+/// The workspace's migrations before `first_left_out` (a version, `003`),
+/// as a set of their own.
+fn migrations_before(first_left_out: &str) -> (tempfile::TempDir, MigrationSet) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(&root).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.as_str() >= "003" {
+        if name.as_str() >= first_left_out {
             continue;
         }
         std::fs::create_dir_all(dir.path().join(&name)).unwrap();
@@ -45,7 +48,7 @@ fn run(db: &TestDatabase, set: MigrationSet) -> Result<Vec<String>, String> {
 /// that the first one owns.
 fn database_with(emails: &[(&str, &str)]) -> TestDatabase {
     let db = empty_database();
-    let (_dir, set) = migrations_before_003();
+    let (_dir, set) = migrations_before("003");
     run(&db, set).unwrap();
     if emails.is_empty() {
         return db;
@@ -179,4 +182,39 @@ fn the_sql_rule_agrees_with_email_parse_on_a_corpus() {
         }
     }
     assert!(compared >= 15, "only {compared} addresses compared");
+}
+
+#[test]
+fn blank_pictures_stored_before_011_become_none_in_users_and_memberships() {
+    let db = empty_database();
+    let (_dir, set) = migrations_before("011");
+    run(&db, set).unwrap();
+    let mut conn = db.connect();
+    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        diesel::sql_query(
+            "INSERT INTO users (id, email, name, provider, picture) VALUES
+                 ('01J00000000000000000000001', 'a@example.io', 'A', 'google', ''),
+                 ('01J00000000000000000000002', 'b@example.io', 'B', 'google', '   '),
+                 ('01J00000000000000000000003', 'c@example.io', 'C', 'google', 'https://img.example/c.png')",
+        )
+        .execute(conn)?;
+        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')")
+            .execute(conn)?;
+        diesel::sql_query(
+            "INSERT INTO user_clusters (user_id, cluster_id, role) VALUES
+                 ('01J00000000000000000000001', '01J00000000000000000000009', 'owner'),
+                 ('01J00000000000000000000002', '01J00000000000000000000009', 'viewer'),
+                 ('01J00000000000000000000003', '01J00000000000000000000009', 'viewer')",
+        )
+        .execute(conn)
+    })
+    .unwrap();
+    let applied =
+        run(&db, MigrationSet::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")).unwrap()).unwrap();
+    assert!(applied.iter().any(|name| name.starts_with("011")), "{applied:?}");
+    let mut pictures =
+        |sql: &str| -> Vec<Option<String>> { diesel::dsl::sql::<Nullable<Text>>(sql).load(&mut conn).unwrap() };
+    let expected = vec![None, None, Some("https://img.example/c.png".to_owned())];
+    assert_eq!(pictures("SELECT picture FROM users ORDER BY id"), expected);
+    assert_eq!(pictures("SELECT picture FROM user_clusters ORDER BY user_id"), expected);
 }
