@@ -1,6 +1,7 @@
 //! A randomized concurrent workload with an invariant checker: every
 //! operation of the PostgreSQL stores and of the key-value store on its
-//! PostgreSQL backend, writes and reads, on a few
+//! PostgreSQL backend, writes and reads, and the data layer's two-step
+//! calls (`DataLayer::delete_user`, `DataLayer::remove_users`), on a few
 //! clusters that share their users, from many threads at once, while a
 //! checker on its own connection samples the invariants every 10 ms.
 //!
@@ -21,23 +22,33 @@
 //!   e-mail (a row is one table, key and `created_at`, forgotten once a
 //!   sample misses it);
 //! - a bootstrap token's `mark_used` returns `true` at most once, and a
-//!   token it returned `true` for stays used; 8 calls at once for a fresh
-//!   token return exactly one `true` (none, if one of them lost its
-//!   connection);
+//!   token it returned `true` for stays used: every `is_used` that begins
+//!   after that `true` returned says used (a token deleted since is
+//!   unknown, which counts as used); 8 calls at once for a fresh token
+//!   return exactly one `true` (none, if one of them lost its connection);
 //! - 4 `create_for_owner` at once for a fresh user all answer one cluster,
 //!   the one `owned_cluster` then names;
 //! - every write that answers with what it wrote (read inside its own
 //!   transaction) shows this call's write: `users.upsert` and
 //!   `users.update` the e-mail, name, picture, provider and metadata keys
-//!   given; `clusters.update` with roles exactly its owner and each listed
-//!   user with the highest role listed for them (the owner keeps
-//!   ownership), no one else and no invitation, with the name and metadata
-//!   keys given; `add_users` one member per distinct e-mail asked for;
-//! - a session reads as its own user's; a deleted session, or every
-//!   session a user had when a sign-out everywhere began (alone or after
-//!   deleting the account), does not load after it returns; an OAuth state
-//!   validates once; a one-time code validates once, and never once a
-//!   newer code for its e-mail was made in full before the guess began;
+//!   given, where a blank picture makes `update` remove the picture and
+//!   `upsert` keep the stored one (never a blank; on the burst's own user,
+//!   exactly the one it gave before); `clusters.update` with roles exactly
+//!   its owner and each listed user with the highest role listed for them
+//!   (the owner keeps ownership), no one else and no invitation, with the
+//!   name and metadata keys given; `add_users` one member per distinct e-mail asked for;
+//! - a session reads as its own user's; a session a sign-out ended never
+//!   loads, at once or in any read that begins after the sign-out returned:
+//!   `delete_session`'s, and for a sign-out everywhere (alone, by
+//!   `DataLayer::delete_user`, or by `DataLayer::remove_users` for the
+//!   listed accounts gone before it began) every session of the user whose
+//!   create returned before it began; `remove_users` of a signed-in
+//!   invitee deletes the account and ends its session, finished by calling
+//!   again if it lost its connection; an OAuth state validates once; a
+//!   one-time code validates once, and never once a newer code for its
+//!   e-mail was made in full before the guess began; 8 wrong guesses of one
+//!   code at once are given 8 different counts, so at most the limit of
+//!   them are compared, and the right code after them is refused;
 //! - every read's answer holds what one snapshot must: a cluster with one
 //!   owner and each member once, in its role's group; pages in their order,
 //!   never longer than asked, with a cursor only after a full page and,
@@ -54,6 +65,7 @@
 
 #![expect(clippy::expect_used, reason = "a harness: a database that fails under it fails the run, loudly")]
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -64,13 +76,14 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
+use dployr_data::{Config, DataLayer, KvBackendConfig};
 use dployr_domain::{
     BootstrapTokenStore, Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore, Email, GitHubIntegration,
-    InstanceId, InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Paged, Provider, Role, StoreError, Tag,
-    UserId, UserPatch, UserStore,
+    InstanceId, InstanceStore, KvBackend, KvLimits, KvPage, Metadata, NewInstance, NewUser, Nonce, Page, Paged,
+    Provider, Role, StoreError, StoreResult, Tag, UserId, UserPatch, UserStore,
 };
-use dployr_kv::{KvStore, OAuthState, OtpCode, PgKv, SessionId};
-use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig};
+use dployr_kv::{KvStore, KvStoreConfig, OAuthState, OtpCode, PgKv, SessionId};
+use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgUserStore, PoolConfig};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
@@ -240,8 +253,15 @@ struct World {
     instances: PgInstanceStore,
     tokens: PgBootstrapTokenStore,
     /// Sessions, OAuth states and one-time codes, on the PostgreSQL backend
-    /// of the same database.
+    /// of the same database (seen through [`AttemptCountingKv`]).
     kv: KvStore,
+    /// The guesses `kv` evaluates per one-time code.
+    otp_max_attempts: u32,
+    /// The data layer on the same pool, with its sessions on PostgreSQL
+    /// (the table `kv` uses, so each sees the other's sessions): for
+    /// `delete_user` and `remove_users`, which sign out the accounts they
+    /// delete.
+    data: DataLayer,
     emails: Vec<Email>,
     /// Ids seen for users, clusters and instances; some are stale, on purpose.
     user_ids: Mutex<Vec<UserId>>,
@@ -249,17 +269,19 @@ struct World {
     instance_ids: Mutex<Vec<InstanceId>>,
     /// Invitations handed out by `add_users`, for accept and decline to find.
     invitations: Mutex<Vec<(UserId, ClusterId)>>,
-    /// Nonces created, and how many `mark_used` calls returned `true` for each.
+    /// Nonces created, and the `mark_used` calls that returned `true` for each.
     nonces: Mutex<Vec<String>>,
-    used: Mutex<HashMap<String, u64>>,
+    used: Mutex<HashMap<String, Used>>,
     next_nonce: AtomicU64,
     /// Bursts begun: each names its own e-mail, instance and nonce by it.
     bursts: AtomicU64,
-    /// A clock of the key-value calls: a tick when one starts and when it
-    /// returns, so "returned before that started" can be told.
+    /// A clock of the calls whose order a check compares: a tick when one
+    /// starts and when it returns, so "returned before that started" can be
+    /// told (one atomic, `SeqCst`: a tick taken after another was taken
+    /// after what preceded it).
     ticks: AtomicU64,
-    /// Sessions created: the id, its user, and the tick its create returned.
-    sessions: Mutex<Vec<(SessionId, UserId, u64)>>,
+    /// Sessions created (the last 64), and whether a sign-out ended them.
+    sessions: Mutex<Vec<MadeSession>>,
     /// OAuth states created, and how many validations returned the state's
     /// data for each.
     states: Mutex<Vec<OAuthState>>,
@@ -282,6 +304,27 @@ struct World {
     unavailable: Mutex<BTreeMap<String, u64>>,
 }
 
+/// A session the workload created.
+#[derive(Clone)]
+struct MadeSession {
+    id: SessionId,
+    user: UserId,
+    /// The tick its `create_session` returned.
+    created: u64,
+    /// The first sign-out that ended it: the tick that call returned, and
+    /// the operation. Every read that begins after that tick must find none.
+    ended: Option<(u64, &'static str)>,
+}
+
+/// The `mark_used` calls of one nonce that returned `true`: how many, and
+/// the tick the first returned (every `is_used` that begins after it must
+/// say used).
+#[derive(Clone, Copy)]
+struct Used {
+    times: u64,
+    first: u64,
+}
+
 fn pick<T: Clone>(rng: &mut StdRng, items: &Mutex<Vec<T>>) -> Option<T> {
     items.lock().unwrap_or_else(std::sync::PoisonError::into_inner).choose(rng).cloned()
 }
@@ -293,6 +336,11 @@ fn remember<T>(items: &Mutex<Vec<T>>, item: T) {
         items.remove(0);
     }
     items.push(item);
+}
+
+/// Whether a picture URL is blank: empty or only white space.
+fn is_blank(picture: &str) -> bool {
+    picture.trim().is_empty()
 }
 
 /// Whether no item comes twice.
@@ -355,6 +403,83 @@ fn at_once<T: Send>(threads: usize, work: impl Fn() -> T + Sync) -> Vec<T> {
             .collect();
         racers.into_iter().map(|racer| racer.join().expect("a racing call does not panic")).collect()
     })
+}
+
+thread_local! {
+    /// The count this thread's last one-time-code guess was given, and the
+    /// limit it was checked against ([`AttemptCountingKv`] sets it).
+    static LAST_ATTEMPT: Cell<Option<(i64, i64)>> = const { Cell::new(None) };
+}
+
+/// A key-value backend that passes every call to PostgreSQL's and tells
+/// the calling thread the count its last one-time-code guess was given:
+/// `count_attempt_and_take_if` compares a guess only when that count is at
+/// most the limit, so the counts show how many guesses of a burst were
+/// evaluated, which `KvStore::validate_otp`'s answer does not say.
+struct AttemptCountingKv(PgKv);
+
+impl AttemptCountingKv {
+    /// The count and the limit of this thread's last guess, once.
+    fn last_attempt() -> Option<(i64, i64)> {
+        LAST_ATTEMPT.with(Cell::take)
+    }
+}
+
+impl KvBackend for AttemptCountingKv {
+    fn limits(&self) -> KvLimits {
+        self.0.limits()
+    }
+
+    fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.0.get(key)
+    }
+
+    fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+        self.0.put(key, value, ttl)
+    }
+
+    fn replace(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
+        self.0.replace(key, value, ttl)
+    }
+
+    fn delete(&self, key: &str) -> StoreResult<()> {
+        self.0.delete(key)
+    }
+
+    fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+        self.0.list(prefix, limit, cursor)
+    }
+
+    fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.0.take(key)
+    }
+
+    fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+        self.0.increment(key, ttl)
+    }
+
+    fn count_attempt_and_take_if(
+        &self,
+        attempts_key: &str,
+        ttl: Option<Duration>,
+        max_attempts: i64,
+        key: &str,
+        expected: &[u8],
+    ) -> StoreResult<(i64, bool)> {
+        let (count, taken) = self.0.count_attempt_and_take_if(attempts_key, ttl, max_attempts, key, expected)?;
+        LAST_ATTEMPT.with(|last| last.set(Some((count, max_attempts))));
+        Ok((count, taken))
+    }
+
+    fn put_and_reset_counter(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        counter_key: &str,
+    ) -> StoreResult<()> {
+        self.0.put_and_reset_counter(key, value, ttl, counter_key)
+    }
 }
 
 fn kind_of(error: &StoreError) -> &'static str {
@@ -421,6 +546,16 @@ impl World {
         Metadata::try_from(serde_json::json!({ key: rng.random_range(0..1000) })).unwrap_or_default()
     }
 
+    /// A picture for a sign-in or an update: a URL (30 %), a blank one
+    /// (10 %, empty or spaces), or none.
+    fn picture(rng: &mut StdRng, prefix: &str) -> Option<String> {
+        match rng.random_range(0..10) {
+            0..=2 => Some(format!("https://example.io/{prefix}{}.png", rng.random_range(0..100))),
+            3 => Some(["", "   "].choose(rng).copied().unwrap_or_default().to_owned()),
+            _ => None,
+        }
+    }
+
     /// A role `clusters.update` may give. Not `Invited`: a member who got
     /// further never goes back to it, so listing one there is `Invalid` by
     /// design (invitations come from `add_users`).
@@ -446,11 +581,11 @@ impl World {
                     .unwrap_or(&Provider::Email);
                 let metadata = rng.random_bool(0.5).then(|| Self::metadata(rng));
                 // Some sign-ins bring a name and a picture (the copies every
-                // membership keeps must follow them).
+                // membership keeps must follow them), a few a blank picture,
+                // which gives none: the stored one stays.
                 let name = rng.random_bool(0.3).then(|| format!("signed in {}", rng.random_range(0..100)));
                 let name = name.map(TryInto::try_into).transpose()?;
-                let picture =
-                    rng.random_bool(0.3).then(|| format!("https://example.io/s{}.png", rng.random_range(0..100)));
+                let picture = Self::picture(rng, "s");
                 let email = self.email(rng);
                 let new = NewUser {
                     metadata: metadata.clone(),
@@ -461,11 +596,19 @@ impl World {
                 let user = self.users.upsert(new)?;
                 remember(&self.user_ids, user.id);
                 // The row as this call's statement left it (RETURNING): the
-                // name and picture it brought replace the stored ones.
+                // name and picture it brought replace the stored ones; a
+                // blank one left the stored picture, which no write leaves
+                // blank (what it is, other writes decide: the burst checks
+                // it exactly on a user of its own).
+                let kept_or_given = match picture.as_deref() {
+                    Some(blank) if is_blank(blank) => user.picture.as_deref().is_none_or(|kept| !is_blank(kept)),
+                    Some(given) => user.picture.as_deref() == Some(given),
+                    None => true,
+                };
                 let right = user.email == email
                     && user.provider == provider
                     && name.as_ref().is_none_or(|name| user.name == name.as_str())
-                    && picture.as_ref().is_none_or(|picture| user.picture.as_ref() == Some(picture))
+                    && kept_or_given
                     && metadata.as_ref().is_none_or(|metadata| merged(&user.metadata, metadata));
                 self.expect("users.upsert", right, || {
                     format!("signed in {email} with {provider:?}, {name:?}, {picture:?}, {metadata:?}; got {user:?}")
@@ -475,18 +618,22 @@ impl World {
             8..=10 => self.call("users.update", || {
                 let patch = UserPatch {
                     name: Some(format!("name {}", rng.random_range(0..100)).try_into()?),
-                    picture: rng
-                        .random_bool(0.5)
-                        .then(|| format!("https://example.io/{}.png", rng.random_range(0..100))),
+                    picture: Self::picture(rng, "u"),
                     provider: rng.random_bool(0.3).then_some(Provider::Email),
                     metadata: Some(Self::metadata(rng)),
                 };
                 let email = self.email(rng);
                 let Some(user) = self.users.update(&email, patch.clone())? else { return Ok(()) };
-                // The row as this call's UPDATE left it (RETURNING).
+                // The row as this call's UPDATE left it (RETURNING): a blank
+                // picture removed the picture.
+                let picture_right = match patch.picture.as_deref() {
+                    Some(blank) if is_blank(blank) => user.picture.is_none(),
+                    Some(given) => user.picture.as_deref() == Some(given),
+                    None => true,
+                };
                 let right = user.email == email
                     && patch.name.as_ref().is_none_or(|name| user.name == name.as_str())
-                    && patch.picture.as_ref().is_none_or(|picture| user.picture.as_ref() == Some(picture))
+                    && picture_right
                     && patch.provider.is_none_or(|provider| user.provider == provider)
                     && patch.metadata.as_ref().is_none_or(|metadata| merged(&user.metadata, metadata));
                 self.expect("users.update", right, || format!("updated {email} with {patch:?}; got {user:?}"));
@@ -576,11 +723,17 @@ impl World {
                 });
                 Ok(())
             }),
-            55..=64 => self.call("clusters.remove_users", || {
+            55..=64 => {
                 let mut ids = vec![user];
                 ids.extend(pick(rng, &self.user_ids));
-                self.clusters.remove_users(&cluster, &ids)
-            }),
+                // Half of the time as the data layer does it, signing out
+                // the accounts the removal deleted.
+                if rng.random_bool(0.5) {
+                    self.call("clusters.remove_users", || self.clusters.remove_users(&cluster, &ids));
+                } else {
+                    self.call("data.remove_users", || self.remove_users_signing_out(&cluster, &ids));
+                }
+            }
             65..=69 => self.call("clusters.accept_invite", || {
                 let (user, cluster) = pick(rng, &self.invitations).unwrap_or((user, cluster));
                 self.clusters.accept_invite(&user, &cluster)
@@ -618,7 +771,9 @@ impl World {
             84..=88 => self.call("bootstrap_tokens.mark_used", || {
                 let Some(nonce) = pick(rng, &self.nonces) else { return Ok(Acted::NothingToActOn) };
                 if self.tokens.mark_used(&Nonce::parse(&nonce)?)? {
-                    *self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(nonce).or_default() += 1;
+                    let returned = self.tick();
+                    let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    used.entry(nonce).or_insert(Used { times: 0, first: returned }).times += 1;
                 }
                 Ok(Acted::Yes)
             }),
@@ -632,12 +787,75 @@ impl World {
         self.ticks.fetch_add(1, Ordering::SeqCst)
     }
 
+    /// The first sign-out that ended the session `id` (the tick it
+    /// returned, and the operation), if one did and the session is still
+    /// among those remembered.
+    fn ended(&self, id: &SessionId) -> Option<(u64, &'static str)> {
+        let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sessions.iter().find(|made| made.id == *id).and_then(|made| made.ended)
+    }
+
+    /// Marks the sessions `ends` picks as ended by `operation`, which
+    /// returned at tick `returned` (unless a sign-out that returned earlier
+    /// did), and gives them back.
+    fn mark_ended(
+        &self,
+        operation: &'static str,
+        returned: u64,
+        ends: impl Fn(&MadeSession) -> bool,
+    ) -> Vec<MadeSession> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ended = Vec::new();
+        for made in sessions.iter_mut().filter(|made| ends(made)) {
+            if made.ended.is_none_or(|(earlier, _)| returned < earlier) {
+                made.ended = Some((returned, operation));
+            }
+            ended.push(made.clone());
+        }
+        ended
+    }
+
+    /// Records what a sign-out everywhere of `users`, begun at tick
+    /// `started`, ended when it returned (just now): every session of theirs
+    /// whose create returned before it began. (A sign-in that ran beside it
+    /// may write its session after the sign-out looked: not its to end.)
+    /// Then reads each back: none may load.
+    fn record_sign_out(&self, operation: &'static str, users: &[UserId], started: u64) -> StoreResult<()> {
+        let returned = self.tick();
+        let ended = self.mark_ended(operation, returned, |made| users.contains(&made.user) && made.created < started);
+        for MadeSession { id, user, .. } in ended {
+            let left = self.kv.get_session(&id)?;
+            self.expect(operation, left.is_none(), || {
+                format!("a session of {user} made before the sign-out began still loads after it")
+            });
+        }
+        Ok(())
+    }
+
+    /// `DataLayer::remove_users`, recording the sign-outs it must have done:
+    /// of the listed accounts already gone when it began (an id never comes
+    /// back, so they are gone when it looks for them; its answer `NotFound`,
+    /// for a cluster gone, comes after that sign-out too). Those it deletes
+    /// itself cannot be told here from those another thread deletes beside
+    /// it; the burst checks them on an invitee no other thread knows.
+    fn remove_users_signing_out(&self, cluster: &ClusterId, ids: &[UserId]) -> StoreResult<()> {
+        let started = self.tick();
+        let gone = self.users.missing(ids)?;
+        let removed = self.data.remove_users(cluster, ids);
+        if let Ok(_) | Err(StoreError::NotFound { .. }) = removed {
+            self.record_sign_out("data.remove_users", &gone, started)?;
+        }
+        removed.map(drop)
+    }
+
     /// One random call of the key-value store (sessions, OAuth states,
-    /// one-time codes), with what its answer must hold: a session read is
-    /// its own user's; a session deleted, or a user's signed out
-    /// everywhere, does not load afterwards (what was created before the
-    /// sign-out started); a state validates once; a code validates once,
-    /// and never after a newer code for its e-mail was made in full.
+    /// one-time codes) or of a sign-out everywhere (`kv` alone, or
+    /// `DataLayer::delete_user`), with what its answer must hold: a session
+    /// read is its own user's; a session deleted, or a user's signed out
+    /// everywhere (what was created before the sign-out started), does not
+    /// load afterwards, at once or in any read begun after the sign-out
+    /// returned; a state validates once; a code validates once, and never
+    /// after a newer code for its e-mail was made in full.
     fn kv_step(&self, rng: &mut StdRng, user: &UserId) {
         match rng.random_range(0..22) {
             0..=3 => self.call("kv.create_session", || {
@@ -645,21 +863,35 @@ impl World {
                 let Some(found) = self.users.get(user)? else { return Ok(Acted::NothingToActOn) };
                 let id = SessionId::generate();
                 self.kv.create_session(&id, &found, Vec::new())?;
-                let returned = self.tick();
-                remember(&self.sessions, (id, found.id, returned));
+                let created = self.tick();
+                remember(&self.sessions, MadeSession { id, user: found.id, created, ended: None });
                 Ok(Acted::Yes)
             }),
             4..=7 => self.call("kv.get_session", || {
-                let Some((id, owner, _)) = pick(rng, &self.sessions) else { return Ok(Acted::NothingToActOn) };
+                let Some(MadeSession { id, user: owner, .. }) = pick(rng, &self.sessions) else {
+                    return Ok(Acted::NothingToActOn);
+                };
+                let started = self.tick();
                 let session = self.kv.get_session(&id)?;
                 self.expect("kv.get_session", session.as_ref().is_none_or(|s| s.user_id == owner), || {
                     format!("a session of {owner} read as {:?}'s", session.as_ref().map(|s| s.user_id))
                 });
+                // A sign-out that returned before this read began ended it.
+                let ended = self.ended(&id).filter(|(returned, _)| *returned < started);
+                if let (Some(_), Some((_, by))) = (&session, ended) {
+                    self.expect("kv.get_session", false, || {
+                        format!("a session of {owner} loads in a read that began after {by} ended it")
+                    });
+                }
                 Ok(Acted::Yes)
             }),
             8..=9 => self.call("kv.delete_session", || {
-                let Some((id, owner, _)) = pick(rng, &self.sessions) else { return Ok(Acted::NothingToActOn) };
+                let Some(MadeSession { id, user: owner, .. }) = pick(rng, &self.sessions) else {
+                    return Ok(Acted::NothingToActOn);
+                };
                 self.kv.delete_session(&id)?;
+                let returned = self.tick();
+                self.mark_ended("kv.delete_session", returned, |made| made.id == id);
                 let after = self.kv.get_session(&id)?;
                 self.expect("kv.delete_session", after.is_none(), || {
                     format!("a session of {owner} loads after its delete")
@@ -667,35 +899,19 @@ impl World {
                 Ok(Acted::Yes)
             }),
             10..=12 => {
-                // Sign-out everywhere, half of the time with the account
-                // (as DataLayer::delete_user: the user, then the sessions).
+                // Sign-out everywhere, half of the time with the account.
                 let with_account = rng.random_bool(0.5);
-                let operation =
-                    if with_account { "users.delete + kv.delete_user_sessions" } else { "kv.delete_user_sessions" };
+                let operation = if with_account { "data.delete_user" } else { "kv.delete_user_sessions" };
                 self.call(operation, || {
                     let started = self.tick();
-                    if with_account {
-                        match self.users.delete(user) {
-                            Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                            Err(refused) => return Err(refused),
-                        }
+                    let signed_out =
+                        if with_account { self.data.delete_user(user) } else { self.kv.delete_user_sessions(user) };
+                    // delete_user's `NotFound` (a user already gone) comes
+                    // after it ended their sessions all the same.
+                    if let Ok(_) | Err(StoreError::NotFound { .. }) = signed_out {
+                        self.record_sign_out(operation, &[*user], started)?;
                     }
-                    self.kv.delete_user_sessions(user)?;
-                    let before: Vec<SessionId> = self
-                        .sessions
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .iter()
-                        .filter(|(_, owner, returned)| owner == user && *returned < started)
-                        .map(|(id, _, _)| id.clone())
-                        .collect();
-                    for id in before {
-                        let left = self.kv.get_session(&id)?;
-                        self.expect(operation, left.is_none(), || {
-                            format!("a session of {user} made before the sign-out began still loads after it")
-                        });
-                    }
-                    Ok(())
+                    signed_out.map(drop)
                 });
             }
             13..=15 => self.call("kv.oauth_state", || {
@@ -877,7 +1093,18 @@ impl World {
                 if rng.random_bool(0.3) {
                     return self.call("bootstrap_tokens.is_used", || {
                         let Some(nonce) = pick(rng, &self.nonces) else { return Ok(Acted::NothingToActOn) };
-                        self.tokens.is_used(&Nonce::parse(&nonce)?).map(|_| Acted::Yes)
+                        let started = self.tick();
+                        let used = self.tokens.is_used(&Nonce::parse(&nonce)?)?;
+                        // A token `mark_used` took before this read began
+                        // is used; one deleted since is unknown, which
+                        // counts as used too: `true` either way.
+                        let marked =
+                            self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&nonce).copied();
+                        let marked_before = marked.is_some_and(|marked| marked.first < started);
+                        self.expect("bootstrap_tokens.is_used", used || !marked_before, || {
+                            format!("{nonce}: mark_used returned true before this read began, which says unused")
+                        });
+                        Ok(Acted::Yes)
                     });
                 }
                 self.call("instances.list_by_cluster", || {
@@ -932,7 +1159,11 @@ impl World {
     /// cluster from 4 threads at once (all must get one cluster, the one
     /// `owned_cluster` names), then a fresh token of a fresh instance in that
     /// cluster is marked used from 8 threads at once (exactly one `true`).
-    /// No other thread knows that e-mail, user, cluster, instance or nonce
+    /// Then, with nothing racing: the user signs in with a blank picture
+    /// (the one given before stays), an invitee of the cluster signs in and
+    /// is removed by `DataLayer::remove_users`, and a fresh e-mail's code is
+    /// guessed wrong from 8 threads at once, then right.
+    /// No other thread knows those e-mails, users, cluster, instance or nonce
     /// (the workload draws from its own lists, by id, e-mail, tag and nonce),
     /// so nothing else touches them and the answers owe nothing to the rest
     /// of the workload. The cluster and the user are deleted afterwards.
@@ -986,11 +1217,113 @@ impl World {
             }
             Ok(Acted::Yes)
         });
+        self.call("users.upsert (a blank picture)", || {
+            // The burst's user, whom no other thread knows: exactly what
+            // the store documents, a blank picture keeps the stored one.
+            let email = Email::parse(&format!("burst{serial}@stress.example"))?;
+            let picture = format!("https://example.io/burst{serial}.png");
+            let given = NewUser { picture: Some(picture.clone()), ..NewUser::new(email.clone(), Provider::Google) };
+            self.users.upsert(given)?;
+            let blank = if serial.is_multiple_of(2) { "" } else { "   " };
+            let again = NewUser { picture: Some(blank.to_owned()), ..NewUser::new(email, Provider::Google) };
+            let found = self.users.upsert(again)?;
+            self.expect("users.upsert (a blank picture)", found.picture.as_deref() == Some(picture.as_str()), || {
+                format!("signed in with {picture}, then with {blank:?}: the picture is {:?}", found.picture)
+            });
+            Ok(())
+        });
+        self.call("data.remove_users (a signed-in invitee)", || self.remove_a_signed_in_invitee(serial, cluster));
+        self.call("kv.validate_otp (8 wrong guesses at once)", || self.spend_a_code(serial));
         // Clean-up, so bursts do not pile up rows for every sample to scan.
         if let Some(cluster) = cluster {
             self.call("clusters.delete", || self.clusters.delete(&cluster));
         }
         self.call("users.delete", || self.users.delete(&user));
+    }
+
+    /// An invitee of the burst's `cluster` (an account the invitation made,
+    /// provider `email`, in no other cluster: no other thread knows its
+    /// e-mail or id) signs in, then `DataLayer::remove_users` removes it:
+    /// the account is deleted and its one session ended, so it never loads
+    /// again. A call that lost its connection is finished by calling again
+    /// with the same ids, as `remove_users` documents.
+    fn remove_a_signed_in_invitee(&self, serial: u64, cluster: Option<ClusterId>) -> StoreResult<Acted> {
+        const OPERATION: &str = "data.remove_users (a signed-in invitee)";
+        let Some(cluster) = cluster else { return Ok(Acted::NothingToActOn) };
+        let email = Email::parse(&format!("burst{serial}-guest@stress.example"))?;
+        let invited = self.clusters.add_users(&cluster, &[email])?;
+        let Some(guest) = invited.first().map(|member| member.user_id) else {
+            self.expect(OPERATION, false, || format!("invited one e-mail to {cluster}, got {invited:?}"));
+            return Ok(Acted::Yes);
+        };
+        let Some(account) = self.users.get(&guest)? else { return Ok(Acted::NothingToActOn) };
+        let id = SessionId::generate();
+        self.kv.create_session(&id, &account, Vec::new())?;
+        let started = self.tick();
+        let mut removed = self.data.remove_users(&cluster, &[guest]);
+        let first = removed.as_ref().ok().copied();
+        for _ in 0..3 {
+            if !matches!(removed, Err(StoreError::Unavailable { .. })) {
+                break;
+            }
+            removed = self.data.remove_users(&cluster, &[guest]);
+        }
+        removed?;
+        let returned = self.tick();
+        remember(
+            &self.sessions,
+            MadeSession { id: id.clone(), user: guest, created: started, ended: Some((returned, OPERATION)) },
+        );
+        // A first call that answered ended the one session (a retry may
+        // find it ended already).
+        if let Some(ended) = first {
+            self.expect(OPERATION, ended == 1, || {
+                format!("removing {guest} from {cluster} ended {ended} sessions, not 1")
+            });
+        }
+        let account = self.users.get(&guest)?;
+        self.expect(OPERATION, account.is_none(), || {
+            format!("the invitee {guest} is still there after its removal: {account:?}")
+        });
+        let session = self.kv.get_session(&id)?;
+        self.expect(OPERATION, session.is_none(), || format!("a session of the removed invitee {guest} still loads"));
+        Ok(Acted::Yes)
+    }
+
+    /// A one-time code of an e-mail no other thread knows, guessed wrong by
+    /// 8 threads at once (more than the limit of guesses), then right: no
+    /// two guesses were given one count, so at most the limit were compared
+    /// (as [`AttemptCountingKv`] sees them), no wrong one was taken, and the
+    /// right one, counted past the limit, is refused. A guess that lost its
+    /// connection may have been counted unseen: the right one is then
+    /// refused all the same once the limit's worth answered.
+    fn spend_a_code(&self, serial: u64) -> StoreResult<()> {
+        const OPERATION: &str = "kv.validate_otp (8 wrong guesses at once)";
+        let email = Email::parse(&format!("burst{serial}-otp@stress.example"))?;
+        let code = self.kv.create_otp(&email)?;
+        let wrong = OtpCode::new(if code.expose() == "ZZZZZZ" { "YYYYYY" } else { "ZZZZZZ" });
+        let guesses = at_once(8, || (self.kv.validate_otp(&email, &wrong), AttemptCountingKv::last_attempt()));
+        let limit = i64::from(self.otp_max_attempts);
+        let counts: Vec<i64> = guesses.iter().filter_map(|(_, attempt)| attempt.map(|(count, _)| count)).collect();
+        let compared = guesses.iter().filter(|(_, attempt)| attempt.is_some_and(|(count, max)| count <= max)).count();
+        let right = guesses
+            .iter()
+            .all(|(answer, attempt)| !matches!(answer, Ok(true)) && attempt.is_none_or(|(_, max)| max == limit))
+            && each_once(&counts)
+            && compared as i64 <= limit;
+        self.expect(OPERATION, right, || {
+            format!("8 wrong guesses at once of a code with {limit} allowed: {guesses:?}")
+        });
+        AttemptCountingKv::last_attempt();
+        let taken = self.kv.validate_otp(&email, &code)?;
+        let attempt = AttemptCountingKv::last_attempt();
+        if counts.len() as i64 >= limit {
+            let refused = !taken && attempt.is_some_and(|(count, max)| count > max);
+            self.expect(OPERATION, refused, || {
+                format!("the right code after {} wrong guesses answered: {taken}, counted {attempt:?}", counts.len())
+            });
+        }
+        Ok(())
     }
 
     /// Keeps some users and clusters alive for the workers to pick.
@@ -1250,13 +1583,28 @@ fn connect_patiently(url: &str) -> PgConnection {
 pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     let threads = config.threads.max(1);
     let pool_config = PoolConfig { max_size: u32::try_from(threads + 2).unwrap_or(64), ..PoolConfig::default() };
-    let pool = PgPool::connect(database_url, pool_config).expect("the stress database answers");
+    // The data layer opens the one pool of the run (the database is
+    // migrated already); its sessions are on PostgreSQL, in the table the
+    // workers' own key-value store uses, without a purger (nothing expires
+    // within a run).
+    let data = DataLayer::open(
+        Config::new(database_url)
+            .with_pool(pool_config)
+            .with_kv(KvBackendConfig::Postgres { purge_every: None })
+            .without_migrations_on_start(),
+    )
+    .expect("the stress database answers");
+    let pool = data.pool().clone();
+    let kv_config = KvStoreConfig::default();
     let world = Arc::new(World {
         users: PgUserStore::new(pool.clone()),
         clusters: PgClusterStore::new(pool.clone()),
         instances: PgInstanceStore::new(pool.clone()),
         tokens: PgBootstrapTokenStore::new(pool.clone()),
-        kv: KvStore::new(Arc::new(PgKv::new(pool.clone()))),
+        kv: KvStore::with_config(Arc::new(AttemptCountingKv(PgKv::new(pool.clone()))), kv_config)
+            .expect("the default key-value settings"),
+        otp_max_attempts: kv_config.otp_max_attempts,
+        data,
         emails: (0..config.emails.max(2))
             .map(|i| Email::parse(&format!("user{i}@stress.example")).expect("a valid e-mail"))
             .collect(),
@@ -1399,7 +1747,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         }
     }
     let used = std::mem::take(&mut *world.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-    for (nonce, times) in &used {
+    for (nonce, Used { times, .. }) in &used {
         if *times > 1 {
             violation_count += 1;
             violations.push(format!("mark_used({nonce}) returned true {times} times"));
