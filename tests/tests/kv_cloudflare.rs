@@ -22,8 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use dployr_domain::{KvBackend, StoreError};
 use dployr_kv::{
-    Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, KvStore, KvStoreConfig, OAuthState, RetryPolicy,
-    SessionId,
+    Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, DELETED_SESSION_MEMORY, KvStore, KvStoreConfig,
+    OAuthState, RetryPolicy, SessionId,
 };
 use dployr_testkit::CloudflareEmulator;
 use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid, sample_user};
@@ -432,6 +432,51 @@ async fn tower_sign_out_everywhere_ends_a_session_saved_here_that_a_load_showed_
     assert_eq!(store.load(&record.id).await.unwrap(), None);
     cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
     assert_eq!(session_store(&cf).load(&record.id).await.unwrap(), None, "deleted in the backend too");
+}
+
+/// A wall clock that steps (an NTP correction, a virtual machine resumed)
+/// beside a steady monotonic one, as the system's do.
+#[derive(Debug, Default)]
+struct SteppingClock {
+    stepped: Mutex<Duration>,
+}
+
+impl Clock for SteppingClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + *self.stepped.lock().unwrap()
+    }
+
+    fn monotonic(&self) -> Duration {
+        dployr_kv::SystemClock.monotonic()
+    }
+}
+
+#[test]
+fn a_wall_clock_stepping_forward_does_not_end_the_memory_of_a_sign_out() {
+    let cf = cloudflare_with_stale_reads();
+    let clock = Arc::new(SteppingClock::default());
+    let store = KvStore::new(cf.kv.clone()).with_clock(Arc::clone(&clock));
+    let id = SessionId::generate();
+    store.create_session(&id, &sample_user(1), vec![]).unwrap();
+    // Once the backend shows it, it is signed out here; stale reads still show it.
+    cf.emulator.advance(STALE + Duration::from_secs(1));
+    assert!(store.get_session(&id).unwrap().is_some());
+    store.delete_session(&id).unwrap();
+    *clock.stepped.lock().unwrap() = DELETED_SESSION_MEMORY + Duration::from_secs(30);
+    assert_eq!(store.get_session(&id).unwrap(), None, "a stale read brought back a signed-out session");
+}
+
+#[tokio::test]
+async fn tower_a_wall_clock_stepping_forward_does_not_end_the_memory_of_a_sign_out() {
+    let cf = cloudflare_with_stale_reads();
+    let clock = Arc::new(SteppingClock::default());
+    let store = KvSessionStore::new(cf.kv.clone()).with_clock(Arc::clone(&clock));
+    let mut record = session(&cf, 3600, "mine");
+    store.create(&mut record).await.unwrap();
+    cf.emulator.advance(STALE + Duration::from_secs(1));
+    store.delete(&record.id).await.unwrap();
+    *clock.stepped.lock().unwrap() = STALE_READ_WINDOW + Duration::from_secs(30);
+    assert_eq!(store.load(&record.id).await.unwrap(), None, "a stale read brought back a signed-out session");
 }
 
 #[test]

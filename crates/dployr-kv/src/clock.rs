@@ -2,19 +2,34 @@
 //! hand instead of sleeping until a TTL passes.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + fmt::Debug {
-    /// Now.
+    /// Now, on the wall clock: what expiry dates are compared with.
     fn now(&self) -> SystemTime;
+
+    /// Now on a clock that never steps, as time since a point of this
+    /// clock's choosing: what spans measured in this process (how long a
+    /// write is remembered) are counted on, so that a step of the wall
+    /// clock (an NTP correction, a virtual machine resumed) neither ends
+    /// them early nor stretches them. By default the wall clock's time
+    /// since 1970, so that a test clock moved by hand moves both;
+    /// [`SystemClock`] answers from [`Instant`].
+    fn monotonic(&self) -> Duration {
+        self.now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    }
 }
 
 /// A shared clock is a clock: a fixture hands out `Arc<dyn Clock>`.
 impl<C: Clock + ?Sized> Clock for Arc<C> {
     fn now(&self) -> SystemTime {
         (**self).now()
+    }
+
+    fn monotonic(&self) -> Duration {
+        (**self).monotonic()
     }
 }
 
@@ -25,6 +40,11 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+
+    fn monotonic(&self) -> Duration {
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed()
     }
 }
 

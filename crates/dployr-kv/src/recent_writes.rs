@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// What this process wrote lately under each key (a value, or a mark of a
 /// delete: whatever `V` says), each for a window of its own, on a backend
@@ -25,6 +25,10 @@ use std::time::{Duration, SystemTime};
 /// window waits, at most, for those remembered before it with longer ones;
 /// an entry whose window has passed is never answered.
 ///
+/// Times are given by the caller on a clock that never steps
+/// ([`Clock::monotonic`](crate::Clock::monotonic)): a window is time that
+/// passed here, which a step of the wall clock must not cut short.
+///
 /// Clones of a store share one memory through an `Arc`; every method takes
 /// a short lock (no backend call is made under it).
 ///
@@ -32,11 +36,12 @@ use std::time::{Duration, SystemTime};
 ///
 /// # Examples
 /// ```
-/// use std::time::{Duration, SystemTime};
+/// use std::time::Duration;
 /// use dployr_kv::RecentWrites;
 ///
 /// let recent: RecentWrites<Option<&str>> = RecentWrites::new();
-/// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+/// // Times are those of a clock that never steps (`Clock::monotonic`).
+/// let now = Duration::from_secs(1_000);
 /// recent.remember("session:a", Some("written"), now, Duration::from_secs(60));
 /// recent.remember("session:b", None, now, Duration::from_secs(90)); // deleted
 /// assert_eq!(recent.get("session:a", now), Some(Some("written")));
@@ -50,19 +55,19 @@ pub struct RecentWrites<V> {
 struct Entries<V> {
     by_key: HashMap<String, Entry<V>>,
     /// The keys in the order they were remembered, with when each ends.
-    order: VecDeque<(SystemTime, String)>,
+    order: VecDeque<(Duration, String)>,
 }
 
 struct Entry<V> {
     value: V,
-    /// Until when it counts, on the caller's clock.
-    until: SystemTime,
+    /// Until when it counts, on the caller's monotonic clock.
+    until: Duration,
 }
 
 impl<V> Entries<V> {
     /// Drops what ended by `now`, oldest first (an entry remembered again
     /// since is kept: its end is another).
-    fn forget_ended(&mut self, now: SystemTime) {
+    fn forget_ended(&mut self, now: Duration) {
         while let Some((until, _)) = self.order.front()
             && *until <= now
         {
@@ -75,7 +80,7 @@ impl<V> Entries<V> {
     }
 
     /// The entry under `key`, if its window has not passed at `now`.
-    fn live(&self, key: &str, now: SystemTime) -> Option<&V> {
+    fn live(&self, key: &str, now: Duration) -> Option<&V> {
         self.by_key.get(key).filter(|entry| entry.until > now).map(|entry| &entry.value)
     }
 }
@@ -108,7 +113,7 @@ impl<V> RecentWrites<V> {
 
     /// Remembers `value` under `key` from `now` for `window`, in place of
     /// what was remembered there, and drops what has ended.
-    pub fn remember(&self, key: &str, value: V, now: SystemTime, window: Duration) {
+    pub fn remember(&self, key: &str, value: V, now: Duration, window: Duration) {
         self.remember_unless(key, value, now, window, |_| false);
     }
 
@@ -120,7 +125,7 @@ impl<V> RecentWrites<V> {
         &self,
         key: &str,
         value: V,
-        now: SystemTime,
+        now: Duration,
         window: Duration,
         keep: impl FnOnce(&V) -> bool,
     ) -> bool {
@@ -139,7 +144,7 @@ impl<V> RecentWrites<V> {
 
     /// Changes what is remembered under `key`, if its window has not passed
     /// at `now`, in place: its window stays as it was.
-    pub fn update(&self, key: &str, now: SystemTime, change: impl FnOnce(&mut V)) {
+    pub fn update(&self, key: &str, now: Duration, change: impl FnOnce(&mut V)) {
         let mut entries = self.entries();
         if let Some(entry) = entries.by_key.get_mut(key).filter(|entry| entry.until > now) {
             change(&mut entry.value);
@@ -159,13 +164,13 @@ impl<V> RecentWrites<V> {
 
 impl<V: Clone> RecentWrites<V> {
     /// What is remembered under `key`, if its window has not passed at `now`.
-    pub fn get(&self, key: &str, now: SystemTime) -> Option<V> {
+    pub fn get(&self, key: &str, now: Duration) -> Option<V> {
         self.entries().live(key, now).cloned()
     }
 
     /// What `pick` makes of each entry whose window has not passed at
     /// `now` (with its key), where it makes something; in no order.
-    pub fn filter_live<T>(&self, now: SystemTime, mut pick: impl FnMut(&str, &V) -> Option<T>) -> Vec<T> {
+    pub fn filter_live<T>(&self, now: Duration, mut pick: impl FnMut(&str, &V) -> Option<T>) -> Vec<T> {
         self.entries()
             .by_key
             .iter()
@@ -181,8 +186,8 @@ mod tests {
 
     const MINUTE: Duration = Duration::from_secs(60);
 
-    fn at(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    fn at(secs: u64) -> Duration {
+        Duration::from_secs(secs)
     }
 
     #[test]

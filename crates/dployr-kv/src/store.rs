@@ -440,7 +440,7 @@ impl KvStore {
             SessionWrite::Created { .. } => CREATED_SESSION_MEMORY,
             SessionWrite::Deleted => DELETED_SESSION_MEMORY,
         };
-        memory.remember(key, written, self.clock.now(), window);
+        memory.remember(key, written, self.clock.monotonic(), window);
     }
 
     /// Notes that a read of the backend showed the session this process
@@ -449,7 +449,7 @@ impl KvStore {
     /// user's index may lag the key). A remembered delete stays.
     fn shown_by_backend(&self, key: &str) {
         if let Some(memory) = &self.recent_sessions {
-            memory.update(key, self.clock.now(), |written| {
+            memory.update(key, self.clock.monotonic(), |written| {
                 if let SessionWrite::Created { shown, .. } = written {
                     *shown = true;
                 }
@@ -460,14 +460,14 @@ impl KvStore {
     /// What this process did lately to the session under `key`, if anything
     /// (else: ask the backend).
     fn recent(&self, key: &str) -> Option<SessionWrite> {
-        self.recent_sessions.as_ref()?.get(key, self.clock.now())
+        self.recent_sessions.as_ref()?.get(key, self.clock.monotonic())
     }
 
     /// The sessions of `user` this process created lately (and has not
     /// deleted since), with their keys and whether the backend showed them.
     fn created_here(&self, user: &UserId) -> Vec<(String, Session, bool)> {
         let Some(memory) = &self.recent_sessions else { return Vec::new() };
-        memory.filter_live(self.clock.now(), |key, written| match written {
+        memory.filter_live(self.clock.monotonic(), |key, written| match written {
             SessionWrite::Created { session, shown } if session.user_id == *user => {
                 Some((key.to_owned(), session.clone(), *shown))
             }

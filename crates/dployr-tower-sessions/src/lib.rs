@@ -105,7 +105,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use dployr_domain::{KvBackend, KvLimits, StoreError, StoreResult};
@@ -270,7 +270,7 @@ impl KvSessionStore {
             // A stale listing may not show yet the entries of sessions saved
             // in the last minute; those saved here are in the memory.
             if let Some(recent) = &inner.recent {
-                for (key, record) in records_of(recent, field, &user, inner.clock.now()) {
+                for (key, record) in records_of(recent, field, &user, inner.clock.as_ref()) {
                     if listed.contains(&key) {
                         continue;
                     }
@@ -315,11 +315,11 @@ impl KvSessionStore {
 }
 
 /// The records `recent` holds as written (or being deleted) within the
-/// window whose data names `user` under `field` and whose expiry date is
-/// after `now`, with their keys.
-fn records_of(recent: &RecentWrites<Written>, field: &str, user: &str, now: SystemTime) -> Vec<(String, Record)> {
-    let expiry_now = OffsetDateTime::from(now);
-    recent.filter_live(now, |key, written| match written {
+/// window whose data names `user` under `field` and whose expiry date has
+/// not passed on `clock`, with their keys.
+fn records_of(recent: &RecentWrites<Written>, field: &str, user: &str, clock: &dyn Clock) -> Vec<(String, Record)> {
+    let expiry_now = OffsetDateTime::from(clock.now());
+    recent.filter_live(clock.monotonic(), |key, written| match written {
         Written::Record(record) | Written::Deleting(record)
             if record.expiry_date > expiry_now && record.data.get(field).and_then(|v| v.as_str()) == Some(user) =>
         {
@@ -416,13 +416,13 @@ impl Inner {
     /// Remembers what this process wrote under `key`, where reads may be stale.
     fn remember(&self, key: &str, written: Written) {
         if let Some(recent) = &self.recent {
-            recent.remember(key, written, self.clock.now(), STALE_READ_WINDOW);
+            recent.remember(key, written, self.clock.monotonic(), STALE_READ_WINDOW);
         }
     }
 
     /// What this process wrote under `key` lately, where reads may be stale.
     fn recent_write(&self, key: &str) -> Option<Written> {
-        self.recent.as_ref()?.get(key, self.clock.now())
+        self.recent.as_ref()?.get(key, self.clock.monotonic())
     }
 
     /// Deletes the record under `key`. Remembered first, as `KvStore` does
@@ -463,7 +463,7 @@ impl Inner {
         let remembered = match (&self.recent, writing) {
             (None, _) => true,
             (Some(recent), Writing::New) => {
-                recent.remember(&key, Written::Record(record.clone()), self.clock.now(), STALE_READ_WINDOW);
+                recent.remember(&key, Written::Record(record.clone()), self.clock.monotonic(), STALE_READ_WINDOW);
                 true
             }
             // A delete remembered now, where none was before the write, came
@@ -471,7 +471,7 @@ impl Inner {
             (Some(recent), Writing::Loaded) => recent.remember_unless(
                 &key,
                 Written::Record(record.clone()),
-                self.clock.now(),
+                self.clock.monotonic(),
                 STALE_READ_WINDOW,
                 |written| matches!(written, Written::Deleted | Written::Deleting(_)),
             ),
