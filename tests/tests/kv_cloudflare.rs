@@ -419,6 +419,21 @@ fn sign_out_everywhere_ends_a_session_created_here_that_a_read_showed_but_the_li
     assert_eq!(elsewhere.get_session(&id).unwrap(), None, "deleted in the backend too");
 }
 
+#[test]
+fn sign_out_everywhere_leaves_a_session_another_process_gave_the_same_id_for_another_user() {
+    let cf = cloudflare();
+    cf.emulator.set_stale_lists(STALE);
+    let (here, elsewhere) = (KvStore::new(cf.kv.clone()), KvStore::new(cf.kv.clone()));
+    let (ada, bob) = (sample_user(1), sample_user(2));
+    let id = SessionId::generate();
+    here.create_session(&id, &ada, vec![]).unwrap();
+    assert!(here.get_session(&id).unwrap().is_some(), "read back from the backend");
+    // The caller hands the id out again, to bob's sign-in in another process.
+    elsewhere.create_session(&id, &bob, vec![]).unwrap();
+    assert_eq!(here.delete_user_sessions(&ada.id).unwrap(), 0, "the session under the id is bob's now");
+    assert_eq!(elsewhere.get_session(&id).unwrap().map(|s| s.user_id), Some(bob.id), "bob is still signed in");
+}
+
 #[tokio::test]
 async fn tower_sign_out_everywhere_ends_a_session_saved_here_that_a_load_showed_but_the_listing_does_not() {
     let cf = cloudflare();

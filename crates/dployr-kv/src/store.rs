@@ -403,10 +403,12 @@ impl KvStore {
     /// Reads the time from `clock` instead of the system's: when a session
     /// begins and ends, and how long this process prefers its own session
     /// writes over a backend with stale reads. For tests that move time by
-    /// hand along with the backend's.
+    /// hand along with the backend's. The store gets a memory of its own
+    /// (empty): times remembered on the old clock mean nothing on the new.
     #[must_use]
     pub fn with_clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);
+        self.recent_sessions = Self::session_memory(self.kv.as_ref());
         self
     }
 
@@ -652,9 +654,18 @@ impl KvStore {
             if listed.contains(&key) || session.expires_at <= self.now() {
                 continue;
             }
-            // One the backend showed since may have been ended elsewhere:
-            // deleted all the same, counted only if it is still there.
-            let live = !shown || self.owner_in_backend(&key)?.is_some();
+            // One the backend showed since may have been ended elsewhere
+            // (deleted all the same, counted only if it is still there) or
+            // replaced by another user's session under the same id (theirs:
+            // left, as in the listed loop above).
+            let live = if shown {
+                match self.owner_in_backend(&key)? {
+                    Some(Some(owner)) if owner != *user => continue,
+                    found => found.is_some(),
+                }
+            } else {
+                true
+            };
             self.kv.delete(&key)?;
             self.remember(&key, SessionWrite::Deleted);
             self.user_sessions.remove(&user.to_string(), &key)?;

@@ -149,8 +149,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// This process's recent writes, on a backend whose reads may be stale;
     /// `None` on one that reads its own writes (nothing to remember, and no
-    /// lock on the read path). An `Arc` so that a store rebuilt by a builder
-    /// method keeps what it remembered.
+    /// lock on the read path). An `Arc` so that a store rebuilt by
+    /// `with_user_field` keeps what it remembered (`with_clock` starts a
+    /// new one: its times are another clock's).
     recent: Option<Arc<RecentWrites<Written>>>,
 }
 
@@ -218,6 +219,8 @@ impl KvSessionStore {
     pub fn with_clock(self, clock: impl Clock + 'static) -> Self {
         let mut inner = Arc::unwrap_or_clone(self.inner);
         inner.clock = Arc::new(clock);
+        // Times remembered on the old clock mean nothing on the new one.
+        inner.recent = (!inner.backend.limits().read_your_writes).then(Arc::default);
         Self { inner: Arc::new(inner) }
     }
 
