@@ -12,7 +12,11 @@
 --    so that no whole-table scan runs under this migration's ACCESS
 --    EXCLUSIVE lock; 012 validates the rows already there.
 UPDATE users SET picture = NULL WHERE btrim(picture) = '';
-UPDATE user_clusters SET picture = NULL WHERE btrim(picture) = '';
+-- A blank copy beside a user's real picture (a copy changed by hand) takes
+-- the user's picture again, as every copy is the user's.
+UPDATE user_clusters m SET picture = u.picture
+  FROM users u
+ WHERE u.id = m.user_id AND btrim(m.picture) = '';
 ALTER TABLE users
     ADD CONSTRAINT users_picture_check CHECK (picture IS NULL OR btrim(picture) <> '') NOT VALID;
 ALTER TABLE user_clusters

@@ -3,7 +3,8 @@
 //! refused, naming the ids, when two rows would become one address or a
 //! domain needs IDNA, and the SQL rule checked against the Rust one on a
 //! corpus) and `011_blank_pictures_and_spent_tokens` (blank pictures become
-//! none, in the memberships' copies too).
+//! none, in the memberships' copies too, and a copy blanked by hand takes
+//! its user's picture again).
 
 #![cfg(test)]
 
@@ -185,7 +186,7 @@ fn the_sql_rule_agrees_with_email_parse_on_a_corpus() {
 }
 
 #[test]
-fn blank_pictures_stored_before_011_become_none_in_users_and_memberships() {
+fn blank_pictures_stored_before_011_become_none_and_blank_copies_take_the_users_picture() {
     let db = empty_database();
     let (_dir, set) = migrations_before("011");
     run(&db, set).unwrap();
@@ -209,6 +210,10 @@ fn blank_pictures_stored_before_011_become_none_in_users_and_memberships() {
         .execute(conn)
     })
     .unwrap();
+    // A copy blanked by hand beside the user's real picture.
+    diesel::sql_query("UPDATE user_clusters SET picture = '' WHERE user_id = '01J00000000000000000000003'")
+        .execute(&mut conn)
+        .unwrap();
     let applied =
         run(&db, MigrationSet::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")).unwrap()).unwrap();
     assert!(applied.iter().any(|name| name.starts_with("011")), "{applied:?}");
