@@ -237,12 +237,17 @@ struct Customizer {
 
 impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
     fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
-        // One round trip: the statement timeout, and untranslated messages
+        // One round trip: the statement timeout, untranslated messages
         // where the role may ask for them, so errors diesel leaves `Unknown`
-        // can be classified (see `errors`); a role that may not keeps the
-        // server's setting.
-        let mut setup =
-            String::from("DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$;");
+        // can be classified (see `errors`; a role that may not keeps the
+        // server's setting), and READ COMMITTED for the statements sent
+        // outside a transaction (a transaction names it in its BEGIN): one
+        // that waited on a row lock then reads the holder's commit instead
+        // of failing to serialize, whatever default the database sets.
+        let mut setup = String::from(
+            "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
+             SET default_transaction_isolation = 'read committed';",
+        );
         if let Some(timeout) = self.statement_timeout {
             setup.push_str(&format!(" SET statement_timeout = {};", timeout.as_millis()));
         }

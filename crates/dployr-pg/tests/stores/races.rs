@@ -485,3 +485,26 @@ fn two_first_sign_ins_make_one_cluster_where_the_database_defaults_to_repeatable
         1
     );
 }
+
+/// The statements sent outside a transaction (a bootstrap token's
+/// `mark_used`, the key-value backend's counters) take the connection's
+/// default: the pool sets it to READ COMMITTED when it opens a connection,
+/// in the same round trip as its other settings, so that a statement that
+/// waited on a row lock re-reads it instead of failing to serialize.
+#[test]
+fn pooled_connections_default_to_read_committed_where_the_database_defaults_to_repeatable_read() {
+    let f = Fixture::new();
+    f.db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L',
+                                        current_database(), 'repeatable read'); END $$;",
+        )
+        .unwrap();
+    let pool = PgPool::connect(f.db.url(), PoolConfig { max_size: 1, ..PoolConfig::default() }).unwrap();
+    let mut conn = pool.get().unwrap();
+    let level: String =
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('transaction_isolation')"))
+            .get_result(&mut *conn)
+            .unwrap();
+    assert_eq!(level, "read committed");
+}
