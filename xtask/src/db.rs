@@ -159,7 +159,12 @@ fn split_password(url: &str) -> Option<(String, OsString)> {
     let (location, query) = after_user_info.split_once('?').map_or((after_user_info, None), |(l, q)| (l, Some(q)));
     let mut kept = Vec::new();
     for pair in query.into_iter().flat_map(|query| query.split('&')) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        // libpq refuses a parameter without its `=` or with a second one:
+        // such a URL is left whole, for psql to refuse as libpq does.
+        let (key, value) = pair.split_once('=')?;
+        if value.contains('=') {
+            return None;
+        }
         // libpq reads the parameters after the user info: the last word wins.
         if percent_decode(key)? == *"password" {
             password = Some(percent_decode(value)?);
@@ -182,13 +187,15 @@ fn split_password(url: &str) -> Option<(String, OsString)> {
 }
 
 /// `text` with its `%XX` escapes decoded, as bytes (a password need not be
-/// UTF-8); `None` for a `%` not followed by two hex digits, which libpq
-/// refuses (the crate's decoder would keep it as it is).
+/// UTF-8); `None` for a `%` not followed by two hex digits (the crate's
+/// decoder would keep it as it is) or for `%00`, both of which libpq refuses.
 fn percent_decode(text: &str) -> Option<OsString> {
     let well_formed = text
         .match_indices('%')
         .all(|(at, _)| text.as_bytes().get(at + 1..at + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)));
-    well_formed.then(|| OsString::from_vec(percent_encoding::percent_decode_str(text).collect()))
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(text).collect();
+    // libpq refuses `%00` too ("forbidden value").
+    (well_formed && !decoded.contains(&0)).then(|| OsString::from_vec(decoded))
 }
 
 /// The server whose leftovers `db clean` drops: the one the tests, `erd` and
@@ -249,6 +256,9 @@ mod tests {
             "postgres://db/app?sslmode=require",
             "host=db password=secret",
             "postgres://app:bad%zz@db/app",
+            "postgres://app:secret@db/app?password",
+            "postgres://app@db/app?password=a=b",
+            "postgres://app:nul%00@db/app",
         ] {
             let (args, envs) = psql_sees(url);
             assert_eq!(args, [url, "-c", "SELECT 1"]);

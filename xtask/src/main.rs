@@ -92,8 +92,8 @@ usage: cargo xtask <command>
   db url           print the URL the other commands use
   db psql          open psql on it
   db clean         drop the template and test databases the tests, `erd` and `schema` left on the
-                   server (DPLOYR_TEST_DATABASE_URL, else DATABASE_URL, else the development cluster,
-                   as the tests choose it); run it when no test uses it
+                   server (DPLOYR_TEST_DATABASE_URL, else DATABASE_URL, as the tests choose it,
+                   else the development cluster); run it when no test uses it
 
   migrate status   list migrations: applied (when, how long) or pending; exits 1 when a migration
                    is pending, changed or missing, 2 when it cannot tell (no connection, a malformed
