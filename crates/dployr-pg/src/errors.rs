@@ -214,6 +214,13 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "kv_entries_key_check" => Check { field: "key", reason: "must be 1 to 512 bytes long" },
         "cluster_counts_not_negative" => Check { field: "count", reason: "a listing total went below zero" },
         "kv_entries_value_check" => Check { field: "value", reason: "is larger than 25 MiB" },
+        // The stores store a blank picture as none (011_blank_pictures_and_spent_tokens).
+        "users_picture_check" | "user_clusters_picture_check" => {
+            Check { field: "picture", reason: "is blank (none is stored instead)" }
+        }
+        // `mark_used` sets `used_at` only where it is NULL; only
+        // hand-written SQL can meet this one.
+        "bootstrap_tokens_used_once" => Check { field: "used_at", reason: "a used token stays used" },
         // No store writes either time; only hand-written SQL can meet these.
         "users_updated_at_check"
         | "clusters_updated_at_check"
