@@ -449,6 +449,19 @@ fn not_found_names_the_missing_entitys_own_key() {
     );
 }
 
+/// A pool of `max_size` connections to the fixture's database, made to
+/// default to REPEATABLE READ (as a database, a role or a connection string
+/// may) before the pool opens any.
+fn pool_defaulting_to_repeatable_read(f: &Fixture, max_size: u32) -> PgPool {
+    f.db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L',
+                                        current_database(), 'repeatable read'); END $$;",
+        )
+        .unwrap();
+    PgPool::connect(f.db.url(), PoolConfig { max_size, ..PoolConfig::default() }).unwrap()
+}
+
 /// The stores' lock reasoning (a call that waited on a lock reads what the
 /// holder committed) holds at READ COMMITTED, PostgreSQL's default, which a
 /// database, a role or the connection string may change: at REPEATABLE
@@ -459,14 +472,7 @@ fn not_found_names_the_missing_entitys_own_key() {
 fn two_first_sign_ins_make_one_cluster_where_the_database_defaults_to_repeatable_read() {
     let f = Fixture::new();
     let ada = f.user("ada@example.io");
-    f.db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L',
-                                        current_database(), 'repeatable read'); END $$;",
-        )
-        .unwrap();
-    // Connections opened from now on take the database's default.
-    let pool = PgPool::connect(f.db.url(), PoolConfig { max_size: 2, ..PoolConfig::default() }).unwrap();
+    let pool = pool_defaulting_to_repeatable_read(&f, 2);
     let clusters = Arc::new(dployr_pg::PgClusterStore::new(pool));
     let holder = LockHolder::hold(&f, &format!("SELECT 1 FROM users WHERE id = '{}' FOR UPDATE", ada.id));
     let calls: Vec<_> = (0..2)
@@ -494,13 +500,7 @@ fn two_first_sign_ins_make_one_cluster_where_the_database_defaults_to_repeatable
 #[test]
 fn pooled_connections_default_to_read_committed_where_the_database_defaults_to_repeatable_read() {
     let f = Fixture::new();
-    f.db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L',
-                                        current_database(), 'repeatable read'); END $$;",
-        )
-        .unwrap();
-    let pool = PgPool::connect(f.db.url(), PoolConfig { max_size: 1, ..PoolConfig::default() }).unwrap();
+    let pool = pool_defaulting_to_repeatable_read(&f, 1);
     let mut conn = pool.get().unwrap();
     let level: String =
         diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('transaction_isolation')"))
