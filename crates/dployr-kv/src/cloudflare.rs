@@ -791,7 +791,9 @@ impl KvBackend for CloudflareKv {
     /// closer to its end it is sent as a TTL relative to the server's clock
     /// (its `Date` header; the local clock only if it sends none), and if
     /// less than Cloudflare's 60 s minimum is left, the counter lives 60 s
-    /// more.
+    /// more. A read that carries no expiry (no `expiration` header: a
+    /// proxy may strip it) writes the counter again with `ttl`, so that it
+    /// never loses its end, though it may then end later than it would have.
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
         let mut call = Call::start("kv.cloudflare.increment");
         let limits = self.limits();
