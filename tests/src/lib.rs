@@ -13,6 +13,7 @@
 
 pub mod data_layer_kv;
 pub mod kv_contract;
+pub mod observed_kv;
 pub mod seed_story;
 pub mod session_store_contract;
 pub mod stress;

@@ -79,10 +79,12 @@ use diesel::sql_types::{BigInt, Text};
 use dployr_data::{Config, DataLayer, KvBackendConfig};
 use dployr_domain::{
     BootstrapTokenStore, Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore, Email, GitHubIntegration,
-    InstanceId, InstanceStore, KvBackend, KvLimits, KvPage, Metadata, NewInstance, NewUser, Nonce, Page, Paged,
-    Provider, Role, StoreError, StoreResult, Tag, UserId, UserPatch, UserStore,
+    InstanceId, InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Paged, Provider, Role, StoreError,
+    StoreResult, Tag, UserId, UserPatch, UserStore,
 };
 use dployr_kv::{KvStore, KvStoreConfig, OAuthState, OtpCode, PgKv, SessionId};
+
+use crate::observed_kv::ObservedKv;
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgUserStore, PoolConfig};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
@@ -253,7 +255,7 @@ struct World {
     instances: PgInstanceStore,
     tokens: PgBootstrapTokenStore,
     /// Sessions, OAuth states and one-time codes, on the PostgreSQL backend
-    /// of the same database (seen through [`AttemptCountingKv`]).
+    /// of the same database (seen through [`ObservedKv`]).
     kv: KvStore,
     /// The guesses `kv` evaluates per one-time code.
     otp_max_attempts: u32,
@@ -407,79 +409,14 @@ fn at_once<T: Send>(threads: usize, work: impl Fn() -> T + Sync) -> Vec<T> {
 
 thread_local! {
     /// The count this thread's last one-time-code guess was given, and the
-    /// limit it was checked against ([`AttemptCountingKv`] sets it).
+    /// limit it was checked against ([`ObservedKv`] sets it).
     static LAST_ATTEMPT: Cell<Option<(i64, i64)>> = const { Cell::new(None) };
 }
 
-/// A key-value backend that passes every call to PostgreSQL's and tells
-/// the calling thread the count its last one-time-code guess was given:
-/// `count_attempt_and_take_if` compares a guess only when that count is at
-/// most the limit, so the counts show how many guesses of a burst were
-/// evaluated, which `KvStore::validate_otp`'s answer does not say.
-struct AttemptCountingKv(PgKv);
-
-impl AttemptCountingKv {
-    /// The count and the limit of this thread's last guess, once.
-    fn last_attempt() -> Option<(i64, i64)> {
-        LAST_ATTEMPT.with(Cell::take)
-    }
-}
-
-impl KvBackend for AttemptCountingKv {
-    fn limits(&self) -> KvLimits {
-        self.0.limits()
-    }
-
-    fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.0.get(key)
-    }
-
-    fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
-        self.0.put(key, value, ttl)
-    }
-
-    fn replace(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<bool> {
-        self.0.replace(key, value, ttl)
-    }
-
-    fn delete(&self, key: &str) -> StoreResult<()> {
-        self.0.delete(key)
-    }
-
-    fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
-        self.0.list(prefix, limit, cursor)
-    }
-
-    fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.0.take(key)
-    }
-
-    fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
-        self.0.increment(key, ttl)
-    }
-
-    fn count_attempt_and_take_if(
-        &self,
-        attempts_key: &str,
-        ttl: Option<Duration>,
-        max_attempts: i64,
-        key: &str,
-        expected: &[u8],
-    ) -> StoreResult<(i64, bool)> {
-        let (count, taken) = self.0.count_attempt_and_take_if(attempts_key, ttl, max_attempts, key, expected)?;
-        LAST_ATTEMPT.with(|last| last.set(Some((count, max_attempts))));
-        Ok((count, taken))
-    }
-
-    fn put_and_reset_counter(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Option<Duration>,
-        counter_key: &str,
-    ) -> StoreResult<()> {
-        self.0.put_and_reset_counter(key, value, ttl, counter_key)
-    }
+/// The count and the limit of this thread's last one-time-code guess,
+/// once (set by the [`ObservedKv`] the mix's key-value store runs on).
+fn last_attempt() -> Option<(i64, i64)> {
+    LAST_ATTEMPT.with(Cell::take)
 }
 
 fn kind_of(error: &StoreError) -> &'static str {
@@ -1293,7 +1230,7 @@ impl World {
     /// A one-time code of an e-mail no other thread knows, guessed wrong by
     /// 8 threads at once (more than the limit of guesses), then right: no
     /// two guesses were given one count, so at most the limit were compared
-    /// (as [`AttemptCountingKv`] sees them), no wrong one was taken, and the
+    /// (as [`ObservedKv`] sees them), no wrong one was taken, and the
     /// right one, counted past the limit, is refused. A guess that lost its
     /// connection may have been counted unseen: the right one is then
     /// refused all the same once the limit's worth answered.
@@ -1302,7 +1239,7 @@ impl World {
         let email = Email::parse(&format!("burst{serial}-otp@stress.example"))?;
         let code = self.kv.create_otp(&email)?;
         let wrong = OtpCode::new(if code.expose() == "ZZZZZZ" { "YYYYYY" } else { "ZZZZZZ" });
-        let guesses = at_once(8, || (self.kv.validate_otp(&email, &wrong), AttemptCountingKv::last_attempt()));
+        let guesses = at_once(8, || (self.kv.validate_otp(&email, &wrong), last_attempt()));
         let limit = i64::from(self.otp_max_attempts);
         let counts: Vec<i64> = guesses.iter().filter_map(|(_, attempt)| attempt.map(|(count, _)| count)).collect();
         let compared = guesses.iter().filter(|(_, attempt)| attempt.is_some_and(|(count, max)| count <= max)).count();
@@ -1314,9 +1251,9 @@ impl World {
         self.expect(OPERATION, right, || {
             format!("8 wrong guesses at once of a code with {limit} allowed: {guesses:?}")
         });
-        AttemptCountingKv::last_attempt();
+        last_attempt();
         let taken = self.kv.validate_otp(&email, &code)?;
-        let attempt = AttemptCountingKv::last_attempt();
+        let attempt = last_attempt();
         if counts.len() as i64 >= limit {
             let refused = !taken && attempt.is_some_and(|(count, max)| count > max);
             self.expect(OPERATION, refused, || {
@@ -1601,8 +1538,13 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         clusters: PgClusterStore::new(pool.clone()),
         instances: PgInstanceStore::new(pool.clone()),
         tokens: PgBootstrapTokenStore::new(pool.clone()),
-        kv: KvStore::with_config(Arc::new(AttemptCountingKv(PgKv::new(pool.clone()))), kv_config)
-            .expect("the default key-value settings"),
+        kv: KvStore::with_config(
+            Arc::new(ObservedKv::new(Arc::new(PgKv::new(pool.clone()))).on_attempt(|count, limit| {
+                LAST_ATTEMPT.with(|last| last.set(Some((count, limit))));
+            })),
+            kv_config,
+        )
+        .expect("the default key-value settings"),
         otp_max_attempts: kv_config.otp_max_attempts,
         data,
         emails: (0..config.emails.max(2))

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dployr_data::{Config, DataLayer, KvBackendConfig};
-use dployr_domain::{Email, KvBackend, KvLimits, KvPage, StoreResult};
+use dployr_domain::{Email, KvBackend};
 use dployr_kv::{
     CloudflareConfig, CloudflareKv, KvStore, MemoryKv, OAuthState, OTP_ALPHABET, OtpCode, PgKv, SessionId,
 };
@@ -23,6 +23,7 @@ use dployr_pg::{PgPool, PoolConfig};
 use dployr_testkit::CloudflareEmulator;
 use dployr_testkit::TestDatabase;
 use dployr_tests::kv_contract::{in_parallel, list_all, sample_clusters, sample_user};
+use dployr_tests::observed_kv::ObservedKv;
 
 /// Every key and value in the backend, as text.
 fn dump(kv: &dyn KvBackend) -> Vec<(String, String)> {
@@ -130,64 +131,30 @@ fn a_thousand_otps_use_every_character_and_repeat_no_more_than_chance_allows() {
     }
 }
 
-/// Wraps a backend and counts the OTP guesses it evaluates: a read of a
-/// code (the composed path), or an attempt the backend counted within the
-/// limit (the backend's own one-step path, whose comparison cannot be seen
-/// from here: a guess counted within the limit is one it compared).
-struct CountingKv {
-    inner: Arc<dyn KvBackend>,
-    code_reads: AtomicUsize,
-}
-
-impl KvBackend for CountingKv {
-    fn limits(&self) -> KvLimits {
-        self.inner.limits()
-    }
-    fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        if key.starts_with("otp:") {
-            self.code_reads.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.get(key)
-    }
-    fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
-        self.inner.put(key, value, ttl)
-    }
-    fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key)
-    }
-    fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
-        self.inner.list(prefix, limit, cursor)
-    }
-    fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.inner.take(key)
-    }
-    fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
-        self.inner.increment(key, ttl)
-    }
-    fn count_attempt_and_take_if(
-        &self,
-        attempts_key: &str,
-        ttl: Option<Duration>,
-        max_attempts: i64,
-        key: &str,
-        expected: &[u8],
-    ) -> StoreResult<(i64, bool)> {
-        let (count, taken) = self.inner.count_attempt_and_take_if(attempts_key, ttl, max_attempts, key, expected)?;
-        if count <= max_attempts {
-            self.code_reads.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok((count, taken))
-    }
-}
-
 fn parallel_otp_guesses_evaluate_at_most_three(kv: Arc<dyn KvBackend>) {
     parallel_otp_guesses_evaluate_at_most_three_beside(Arc::clone(&kv), kv);
 }
 
 /// The same with sessions on `sessions` and one-time records on `one_time`.
 fn parallel_otp_guesses_evaluate_at_most_three_beside(sessions: Arc<dyn KvBackend>, one_time: Arc<dyn KvBackend>) {
-    let counting = Arc::new(CountingKv { inner: one_time, code_reads: AtomicUsize::new(0) });
-    let store = KvStore::with_backends(sessions, counting.clone(), KvStoreConfig::default()).unwrap();
+    // The OTP guesses the backend evaluates: a read of a code (the composed
+    // path), or an attempt the backend counted within the limit (its own
+    // one-step path, whose comparison cannot be seen from here: a guess
+    // counted within the limit is one it compared).
+    let code_reads = Arc::new(AtomicUsize::new(0));
+    let (on_read, on_attempt) = (Arc::clone(&code_reads), Arc::clone(&code_reads));
+    let counting = ObservedKv::new(one_time)
+        .on_get(move |key| {
+            if key.starts_with("otp:") {
+                on_read.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .on_attempt(move |count, limit| {
+            if count <= limit {
+                on_attempt.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    let store = KvStore::with_backends(sessions, Arc::new(counting), KvStoreConfig::default()).unwrap();
     let email = Email::parse("race@example.com").unwrap();
     let code = store.create_otp(&email).unwrap();
     let wrong = OtpCode::new(if code.expose() == "AAAAAA" { "BBBBBB" } else { "AAAAAA" });
@@ -199,7 +166,7 @@ fn parallel_otp_guesses_evaluate_at_most_three_beside(sessions: Arc<dyn KvBacken
     });
     assert!(results.iter().all(|(first, _)| !first), "a wrong guess succeeded");
     let successes = results.iter().filter(|(_, second)| *second).count();
-    let evaluated = counting.code_reads.load(Ordering::SeqCst);
+    let evaluated = code_reads.load(Ordering::SeqCst);
     assert!(evaluated <= 3, "{evaluated} guesses were evaluated");
     assert!(successes <= 1, "{successes} successes");
 }
