@@ -83,16 +83,43 @@ impl Metadata {
     /// [`StoreError::Invalid`] (field `metadata`) when it is too deep, too
     /// large, holds a NUL character or a number that would not read back equal.
     pub fn from_map(map: Map<String, Value>) -> Result<Self, StoreError> {
+        Self::check_map(&map)?;
+        Ok(Self(map))
+    }
+
+    /// Checks again what [`from_map`](Self::from_map) checks: the stores
+    /// call it before every write, because metadata made by
+    /// [`from_stored`](Self::from_stored) or deserialized as a record
+    /// ([`deserialize_stored`](Self::deserialize_stored)) skipped the checks,
+    /// and PostgreSQL would refuse a NUL character with an error that
+    /// names no field, or store a number that comes back changed.
+    ///
+    /// ```
+    /// use dployr_domain::Metadata;
+    /// use serde_json::json;
+    ///
+    /// assert!(Metadata::from_stored(json!({"plan": "team"})).check().is_ok());
+    /// assert!(Metadata::from_stored(json!({"x": "a\u{0}b"})).check().is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// As [`from_map`](Self::from_map).
+    pub fn check(&self) -> Result<(), StoreError> {
+        Self::check_map(&self.0)
+    }
+
+    /// The checks of a write, in their order.
+    fn check_map(map: &Map<String, Value>) -> Result<(), StoreError> {
         // Depth first, by a walk that stops at the limit: everything after
         // (NUL search, serialization) recurses, and a value can be nested
         // deeper than a thread's stack allows.
-        if depth_exceeds(&map, MAX_METADATA_DEPTH) {
+        if depth_exceeds(map, MAX_METADATA_DEPTH) {
             return Err(StoreError::invalid(
                 "metadata",
                 format!("is nested more than {MAX_METADATA_DEPTH} levels deep"),
             ));
         }
-        if let Some(number) = first_changing_number(&map) {
+        if let Some(number) = first_changing_number(map) {
             return Err(StoreError::invalid(
                 "metadata",
                 format!(
@@ -101,10 +128,10 @@ impl Metadata {
                 ),
             ));
         }
-        if contains_nul(&map) {
+        if contains_nul(map) {
             return Err(StoreError::invalid("metadata", "contains a NUL character, which PostgreSQL cannot store"));
         }
-        let size = stored_object_bytes(&map);
+        let size = stored_object_bytes(map);
         if size > MAX_METADATA_BYTES {
             return Err(StoreError::invalid(
                 "metadata",
@@ -114,10 +141,11 @@ impl Metadata {
                 ),
             ));
         }
-        Ok(Self(map))
+        Ok(())
     }
 
-    /// Metadata read back from the database, which only stores checked objects.
+    /// Metadata read back from the database, which only stores checked objects;
+    /// unchecked ([`check`](Self::check) checks it before a write).
     /// Non-objects (impossible under the schema's CHECK) become empty.
     pub fn from_stored(value: Value) -> Self {
         match value {

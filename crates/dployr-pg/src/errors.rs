@@ -155,6 +155,27 @@ fn unknown_cause(message: &str) -> Option<Transient> {
     }
 }
 
+/// Why PostgreSQL refused a bound value's text, by its untranslated primary
+/// message (diesel leaves these SQLSTATEs `Unknown`): text the server cannot
+/// store. The stores' own checks refuse such input first, naming the field;
+/// this catches what reaches a statement unchecked (an `Email` or `Metadata`
+/// made by a `from_stored` constructor, a database whose encoding is not
+/// UTF-8), which is the caller's input, not a failure of the backend.
+fn refused_text(message: &str) -> Option<&'static str> {
+    if message.starts_with("invalid byte sequence for encoding ") {
+        // 22021, for a NUL byte in text.
+        Some("holds a byte sequence PostgreSQL cannot store in text (a NUL character?)")
+    } else if message == "unsupported Unicode escape sequence" {
+        // 22P05, for "\u0000" in a JSON string cast to jsonb.
+        Some("holds a NUL character (\\u0000) in JSON, which PostgreSQL cannot store")
+    } else if message.starts_with("character with byte sequence ") {
+        // 22P05, for a character the database's encoding lacks.
+        Some("holds a character the database's encoding cannot represent")
+    } else {
+        None
+    }
+}
+
 /// What a named constraint (or a trigger raising under that name) means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rule {
@@ -281,6 +302,9 @@ pub(crate) fn map(error: DieselError, keys: Keys<'_>) -> StoreError {
             Rule::Owner { reason } => StoreError::conflict("membership", "owner", reason),
         };
     }
+    if let Some(reason) = refused_text(info.message()) {
+        return StoreError::invalid("input", reason);
+    }
     match kind {
         DatabaseErrorKind::UniqueViolation => StoreError::conflict("row", "key", "a unique key refused the write"),
         DatabaseErrorKind::ForeignKeyViolation => StoreError::not_found("referenced row", "(unnamed)"),
@@ -361,5 +385,24 @@ mod tests {
         assert_eq!(unknown_cause("canceling statement due to statement timeout"), Some(Transient::Cancelled));
         assert_eq!(unknown_cause("canceling statement due to user request"), Some(Transient::Cancelled));
         assert_eq!(unknown_cause("invalid byte sequence for encoding \"UTF8\": 0x00"), None);
+    }
+
+    #[test]
+    fn text_postgresql_cannot_store_is_invalid_input_not_a_backend_failure() {
+        let db = dployr_testkit::database();
+        let mut conn = db.connect();
+        let nul_in_text =
+            diesel::dsl::sql::<Text>("SELECT ").bind::<Text, _>("a\u{0}b").get_result::<String>(&mut conn);
+        let nul_in_json = diesel::dsl::sql::<Text>("SELECT (")
+            .bind::<Text, _>(r#"{"k": "a\u0000b"}"#)
+            .sql("::jsonb)::text")
+            .get_result::<String>(&mut conn);
+        for (what, result) in [("NUL in text", nul_in_text), ("\\u0000 in jsonb", nul_in_json)] {
+            let error = map(result.expect_err(what), &[]);
+            assert!(matches!(error, StoreError::Invalid { field: "input", .. }), "{what}: {error:?}");
+        }
+        // Still usable: these refusals end the statement, not the session.
+        let fine: String = diesel::dsl::sql::<Text>("SELECT 'ok'").get_result(&mut conn).unwrap();
+        assert_eq!(fine, "ok");
     }
 }

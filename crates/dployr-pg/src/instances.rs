@@ -124,6 +124,8 @@ impl PgInstanceStore {
 impl InstanceStore for PgInstanceStore {
     fn create(&self, cluster: &ClusterId, instance: NewInstance) -> StoreResult<Instance> {
         let op = self.pool.operation("instances.create").referencing("cluster", cluster);
+        // Metadata made by `Metadata::from_stored` skipped the checks of a write.
+        instance.metadata.as_ref().map(Metadata::check).transpose()?;
         let metadata = instance.metadata.unwrap_or_default().into_value();
         let cluster = cluster.to_string();
         // One statement, in a transaction so that the returned row is decoded
@@ -165,6 +167,7 @@ impl InstanceStore for PgInstanceStore {
 
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>> {
         let op = self.pool.operation("instances.update_metadata");
+        metadata.check()?;
         let metadata = metadata.into_value();
         // In a transaction for the same reason as `create`.
         op.transaction(|conn| {

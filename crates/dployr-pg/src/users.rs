@@ -99,6 +99,8 @@ impl UserStore for PgUserStore {
         let id = UserId::generate().to_string();
         let given_name = user.name.as_ref().map(DisplayName::as_str);
         let name = given_name.unwrap_or_else(|| user.email.local_part());
+        // Metadata made by `Metadata::from_stored` skipped the checks of a write.
+        user.metadata.as_ref().map(Metadata::check).transpose()?;
         let merge = user.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
         op.transaction(|conn| {
             // The sign-in's metadata also reaches the clusters the user runs.
@@ -181,6 +183,7 @@ impl UserStore for PgUserStore {
         let op = self.pool.operation("users.update");
         check_picture(patch.picture.as_deref())?;
         let picture = patch.picture.as_deref().map(|picture| if picture.trim().is_empty() { "" } else { picture });
+        patch.metadata.as_ref().map(Metadata::check).transpose()?;
         let merge = patch.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
         // One statement, in a transaction all the same: the returned row is
         // decoded inside it, so a row that cannot be read back is rolled

@@ -282,6 +282,8 @@ impl ClusterStore for PgClusterStore {
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>> {
         let op = self.pool.operation("clusters.update");
         let desired = patch.roles.as_ref().map(desired_roles).transpose()?;
+        // Metadata made by `Metadata::from_stored` skipped the checks of a write.
+        patch.metadata.as_ref().map(Metadata::check).transpose()?;
         let id = id.to_string();
         op.transaction(|conn| {
             match lock_cluster(conn, &id) {

@@ -1019,3 +1019,60 @@ fn github_keys_of_any_size_metadata_takes_are_stored_and_looked_up() {
     let patch = ClusterPatch { metadata: Some(metadata), ..ClusterPatch::default() };
     f.clusters.update(&cluster.id, patch).unwrap().unwrap();
 }
+
+/// Records deserialized from JSON (a cache, another service's answer) hold
+/// metadata and e-mails no write checked (`Metadata::from_stored`,
+/// `Email::from_stored`). Given back to a write or a lookup, what breaks a
+/// rule is refused as invalid input, by name where the store can name it,
+/// never as a failure of the backend, and nothing is written.
+#[test]
+fn unchecked_metadata_and_emails_from_records_are_invalid_input_and_nothing_is_written() {
+    let f = Fixture::new();
+    let (user, cluster) = f.owner("records@example.io");
+    let instance = f
+        .instances
+        .create(
+            &cluster.id,
+            NewInstance {
+                address: Address::parse("10.9.8.7").unwrap(),
+                tag: Tag::parse("records").unwrap(),
+                metadata: None,
+            },
+        )
+        .unwrap();
+    let unchecked = [
+        json!({ "k": "a\u{0}b" }),
+        json!({ "a\u{0}": 1 }),
+        nested(MAX_METADATA_DEPTH + 70, json!(1)),
+        json!({ "big": 1e16 }),
+        json!({ "long": "x".repeat(MAX_METADATA_BYTES) }),
+    ];
+    let before = f.fingerprint();
+    for value in unchecked {
+        let metadata = Metadata::from_stored(value);
+        let shown = format!("{:.60}", serde_json::to_string(&metadata).unwrap());
+        let new_user = NewUser { metadata: Some(metadata.clone()), ..NewUser::new(fresh_email(), Provider::Github) };
+        let user_patch = UserPatch { metadata: Some(metadata.clone()), ..UserPatch::default() };
+        let cluster_patch = ClusterPatch { metadata: Some(metadata.clone()), ..ClusterPatch::default() };
+        let new_instance = NewInstance {
+            address: Address::parse("10.9.8.6").unwrap(),
+            tag: Tag::parse("records-2").unwrap(),
+            metadata: Some(metadata.clone()),
+        };
+        let results = [
+            ("users.upsert", f.users.upsert(new_user).map(drop)),
+            ("users.update", f.users.update(&user.email, user_patch).map(drop)),
+            ("clusters.update", f.clusters.update(&cluster.id, cluster_patch).map(drop)),
+            ("instances.create", f.instances.create(&cluster.id, new_instance).map(drop)),
+            ("instances.update_metadata", f.instances.update_metadata(&instance.id, metadata).map(drop)),
+        ];
+        for (write, result) in results {
+            let error = result.expect_err(write);
+            assert_eq!(invalid_field(&error), Some("metadata"), "{write} of {shown}: {error}");
+        }
+    }
+    assert_eq!(f.fingerprint(), before);
+    // An e-mail with a NUL, looked up: the server refuses the text.
+    let error = f.users.get_by_email(&Email::from_stored("a\u{0}b@example.io".into())).unwrap_err();
+    assert_eq!(invalid_field(&error), Some("input"), "{error}");
+}
