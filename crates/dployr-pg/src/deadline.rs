@@ -506,6 +506,16 @@ impl Deadlines {
                         tracing::debug!("dployr.store: {reason}; the answer came in time to be used");
                         Ok(value)
                     }
+                    // The server's own verdict on the input or the data,
+                    // come before the cancel took effect: the caller must
+                    // see it as such, not as a reason to try again.
+                    Err(
+                        error
+                        @ (StoreError::NotFound { .. } | StoreError::Conflict { .. } | StoreError::Invalid { .. }),
+                    ) => {
+                        tracing::debug!("dployr.store: {reason}; its answer, {error}, came in time to be used");
+                        Err(error)
+                    }
                     Err(error) => Err(StoreError::Unavailable { reason: reason.into(), source: Some(Box::new(error)) }),
                 }
             }

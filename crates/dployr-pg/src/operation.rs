@@ -213,6 +213,37 @@ mod tests {
         (answer, backends)
     }
 
+    /// The deadline passed (the cancel found the session idle and did
+    /// nothing), then the server answered: a verdict on the input is given
+    /// as it is, a retryable `Unavailable` only for what may pass.
+    #[test]
+    fn a_verdict_on_the_input_that_arrives_after_the_deadline_is_not_turned_into_unavailable() {
+        use std::time::Duration;
+
+        use diesel::sql_types::Text;
+        use dployr_domain::StoreError;
+
+        let db = dployr_testkit::database();
+        let deadline = crate::DeadlineConfig {
+            call_timeout: Some(Duration::from_millis(100)),
+            margin: Duration::from_millis(50),
+            grace: Duration::from_secs(30),
+            cancel: true,
+        };
+        let pool = PgPool::connect(db.url(), PoolConfig { deadline, ..PoolConfig::default() }).unwrap();
+        let late = |statement: &'static str, value: &'static str| {
+            pool.operation("test.late_answer").run(|conn| {
+                std::thread::sleep(Duration::from_millis(400));
+                diesel::select(diesel::dsl::sql::<Text>(statement).bind::<Text, _>(value)).get_result::<String>(conn)
+            })
+        };
+        let refused = late("", "a\u{0}b").unwrap_err();
+        assert!(matches!(refused, StoreError::Invalid { .. }), "{refused}");
+        let failed = late("(1/0)::text || ", "x").unwrap_err();
+        assert!(matches!(failed, StoreError::Unavailable { .. }), "{failed}");
+        assert_eq!(pool.deadline_stats().discarded, 2, "each expired call's connection is discarded all the same");
+    }
+
     #[test]
     fn an_idempotent_call_whose_connection_is_lost_under_it_runs_again_on_another() {
         let (answer, backends) = a_call_whose_first_session_ends_under_it(true);
