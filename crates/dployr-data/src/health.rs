@@ -55,7 +55,8 @@ pub struct MigrationsProbe {
 /// The data layer's health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
-    /// A `SELECT 1` on the primary through the pool.
+    /// One statement on the primary through the pool, which also finds
+    /// that it takes writes (a read-only primary is not ok).
     pub primary: Probe,
     /// Each replica; empty without replicas.
     pub replicas: Vec<ReplicaProbe>,
@@ -95,7 +96,7 @@ pub(crate) fn check(
     migration_url: &str,
     migrations_probe: &ProbeInFlight,
 ) -> Health {
-    let primary = select_one(pool);
+    let primary = timed(|| pool.ping_writable());
     let replicas = pool.replicas().map_or_else(Vec::new, |replicas| {
         let status = replicas.status();
         replicas

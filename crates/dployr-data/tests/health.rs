@@ -1,6 +1,7 @@
 //! `DataLayer::health()` answers within the call bound whatever a server
-//! does: here the migration URL's server accepts the connection and then
-//! answers nothing (a frozen host, a stuck proxy).
+//! does (here the migration URL's server accepts the connection and then
+//! answers nothing: a frozen host, a stuck proxy), and says the truth of a
+//! primary that answers but takes no writes.
 
 #![cfg(test)]
 
@@ -36,4 +37,26 @@ fn health_answers_within_the_call_bound_when_the_migration_server_answers_nothin
         assert!(!health.migrations.up_to_date && health.migrations.error.is_some(), "{health:?}");
         assert!(!health.is_ready());
     }
+}
+
+/// A primary left read-only (a switchover that keeps the old primary up,
+/// `default_transaction_read_only`) answers `SELECT 1` while every write
+/// fails: the health says it is not ready, and why.
+#[test]
+fn health_is_not_ready_on_a_primary_that_answers_but_only_reads() {
+    use diesel::RunQueryDsl as _;
+    use dployr_data::{NewUser, Provider, StoreError, UserStore as _};
+
+    let db = dployr_testkit::database();
+    let config = || Config::new(db.url()).with_kv(KvBackendConfig::Memory).without_migrations_on_start();
+    assert!(DataLayer::open(config()).unwrap().health().is_ready());
+    let alter = format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = on", db.name());
+    diesel::sql_query(alter).execute(&mut db.connect()).unwrap();
+    let data = DataLayer::open(config()).unwrap();
+    let health = data.health();
+    assert!(!health.primary.ok && !health.is_ready(), "{health:?}");
+    assert!(health.primary.error.as_deref().is_some_and(|error| error.contains("only reads")), "{health:?}");
+    let email = dployr_data::Email::parse("read-only@example.io").unwrap();
+    let error = data.users().upsert(NewUser::new(email, Provider::Github)).unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error}");
 }

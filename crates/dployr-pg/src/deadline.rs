@@ -484,7 +484,7 @@ impl Deadlines {
         let guard = CallGuard::new(Arc::clone(&call));
         watchdog().watch(&call, cancel_at, Step::Cancel);
         let result = work(&mut conn);
-        if result.as_ref().is_err_and(crate::errors::lost_connection) {
+        if result.as_ref().is_err_and(crate::errors::connection_to_discard) {
             info.discard.store(true, Ordering::Release);
         }
         let expired = guard.finish();

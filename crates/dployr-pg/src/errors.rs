@@ -271,8 +271,24 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
 /// pooled connection whose session a server restart ended would otherwise
 /// fail every call it is given, for good.
 pub(crate) fn lost_connection(error: &StoreError) -> bool {
-    let StoreError::Unavailable { source: Some(source), .. } = error else { return false };
-    source.downcast_ref::<DieselError>().and_then(transient_cause) == Some(Transient::ConnectionLost)
+    passing_cause(error) == Some(Transient::ConnectionLost)
+}
+
+/// Whether the connection `error` came from must not be handed out again:
+/// it is gone ([`lost_connection`]), or its server only reads (25006). A
+/// primary that became read-only (a switchover that leaves the old primary
+/// up, `default_transaction_read_only`) keeps its open sessions; a new
+/// connection follows the URL (DNS, `target_session_attrs=read-write`) to
+/// the server that writes now, while a kept one would fail every write
+/// and serve old data for as long as the pool keeps it.
+pub(crate) fn connection_to_discard(error: &StoreError) -> bool {
+    matches!(passing_cause(error), Some(Transient::ConnectionLost | Transient::ReadOnly))
+}
+
+/// The passing cause behind an `Unavailable` mapped from a diesel error.
+fn passing_cause(error: &StoreError) -> Option<Transient> {
+    let StoreError::Unavailable { source: Some(source), .. } = error else { return None };
+    source.downcast_ref::<DieselError>().and_then(transient_cause)
 }
 
 /// Maps a diesel error; `keys` names the rows the operation references, for

@@ -244,6 +244,29 @@ mod tests {
         assert_eq!(pool.deadline_stats().discarded, 2, "each expired call's connection is discarded all the same");
     }
 
+    /// A session whose server only reads (here set on the session itself,
+    /// as a primary switched over to read-only sets it on every session)
+    /// fails its write and is discarded: the next call, on a pool of one,
+    /// runs on a new session, which follows the URL to a server that writes.
+    #[test]
+    fn a_connection_whose_server_only_reads_is_discarded_after_the_write_it_refused() {
+        let db = dployr_testkit::database();
+        let pool = PgPool::connect(db.url(), PoolConfig { max_size: 1, ..PoolConfig::default() }).unwrap();
+        let pid = || diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()"));
+        let mut refused_on = None;
+        let error = pool
+            .operation("test.read_only")
+            .run(|conn| {
+                refused_on = Some(pid().get_result::<i32>(conn)?);
+                diesel::sql_query("SET default_transaction_read_only = on").execute(conn)?;
+                diesel::sql_query("DELETE FROM users WHERE false").execute(conn)
+            })
+            .unwrap_err();
+        assert!(error.is_retryable() && error.to_string().contains("read-only"), "{error}");
+        let next = pool.operation("test.read_only").run(|conn| pid().get_result::<i32>(conn)).unwrap();
+        assert_ne!(Some(next), refused_on, "the read-only session was handed out again");
+    }
+
     #[test]
     fn an_idempotent_call_whose_connection_is_lost_under_it_runs_again_on_another() {
         let (answer, backends) = a_call_whose_first_session_ends_under_it(true);

@@ -684,6 +684,32 @@ impl PgPool {
         self.bounded(|conn| conn.batch_execute("SELECT 1"))
     }
 
+    /// One statement within the call deadline: whether the server answers
+    /// and takes writes (for the health of a primary). A standby, or a
+    /// primary left read-only by a switchover or by
+    /// `default_transaction_read_only`, answers `SELECT 1` while every
+    /// write fails.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when it does not answer, or only reads.
+    pub fn ping_writable(&self) -> Result<(), StoreError> {
+        let read_only = self.bounded(|conn| {
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "current_setting('transaction_read_only')::bool",
+            ))
+            .get_result::<bool>(conn)
+        })?;
+        if read_only {
+            return Err(StoreError::Unavailable {
+                reason: "the primary answers but only reads (a standby, a switched-over primary, or \
+                         default_transaction_read_only)"
+                    .into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+
     /// The replicas, if any.
     pub fn replicas(&self) -> Option<&ReplicaSet> {
         self.replicas.as_deref()
