@@ -59,9 +59,10 @@ pub const TCP_USER_TIMEOUT_VAR: &str = "DPLOYR_DB_TCP_USER_TIMEOUT_MS";
 /// PostgreSQL URLs of streaming replicas, separated by commas and/or
 /// whitespace, or one libpq `key=value` string: replica-safe reads go there
 /// (docs/ARCHITECTURE.md, "Read routing"). A URL starts only at a
-/// `postgres://` or `postgresql://` after a separator, so a multi-host URL
-/// (`postgres://r1,r2/app`) or a `,` in a password stays in its URL.
-/// Unset: none.
+/// `postgres://` or `postgresql://` after a separator, so a `,` in a
+/// password stays in its URL (and a multi-host URL, `postgres://r1,r2/app`,
+/// stays whole, to be refused when the layer opens: each replica must be
+/// one server, docs/operations.md "One server per URL"). Unset: none.
 pub const REPLICA_URLS_VAR: &str = "DPLOYR_DB_REPLICA_URLS";
 /// The most replay lag a replica may have to answer reads, in ms (default 1000).
 pub const REPLICA_MAX_LAG_VAR: &str = "DPLOYR_DB_REPLICA_MAX_LAG_MS";

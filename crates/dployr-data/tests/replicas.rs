@@ -63,6 +63,29 @@ fn a_replica_url_that_is_not_a_url_is_refused_naming_the_variable_and_no_secret(
     }
 }
 
+/// A replica's freshness is measured on one server (its sampler's
+/// connection): a URL libpq may open on any of several hosts could read
+/// from one nobody measured, so it is refused, and each replica gets a URL.
+#[test]
+fn a_replica_url_naming_several_hosts_is_refused_naming_the_variable_and_no_secret() {
+    let db = dployr_testkit::database();
+    let several = [
+        "postgres://u:secret-9@127.0.0.1:1,127.0.0.1:2/x".to_owned(),
+        "postgres://u:secret-9@/x?host=127.0.0.1%2C127.0.0.2&port=1".to_owned(),
+        "host=127.0.0.1,127.0.0.2 port=1 password=secret-9 dbname=x".to_owned(),
+    ];
+    for url in several {
+        let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_replicas([url.clone()]);
+        let error = DataLayer::open(config).map(drop).unwrap_err();
+        assert!(
+            matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_REPLICA_URLS", .. })
+                && error.to_string().contains("several hosts"),
+            "{url:?}: {error}"
+        );
+        assert!(!format!("{error} {error:?}").contains("secret-9"), "{url:?}: {error:?}");
+    }
+}
+
 #[test]
 fn a_replica_that_is_down_at_start_is_left_out_but_a_misnamed_one_is_refused() {
     let db = dployr_testkit::database();

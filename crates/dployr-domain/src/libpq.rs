@@ -128,3 +128,32 @@ pub fn conninfo_pairs(conninfo: &str) -> Vec<(String, String)> {
         pairs.push((key, value));
     }
 }
+
+/// Whether libpq may connect `conninfo` to more than one server: a URL with
+/// several hosts (`postgres://r1,r2/app`), or a `host` or `hostaddr`
+/// setting that lists several (`host=r1,r2`, or `?host=r1%2Cr2` in a URL,
+/// whose values libpq percent-decodes).
+///
+/// ```
+/// use dployr_domain::libpq::names_several_hosts;
+///
+/// assert!(names_several_hosts("postgres://app:p,w@r1:5432,r2:5432/app"));
+/// assert!(names_several_hosts("postgres:///app?host=r1%2cr2"));
+/// assert!(names_several_hosts("host=r1,r2 dbname=app"));
+/// assert!(!names_several_hosts("postgres://app:p,w@r1:5432/app?sslmode=require"));
+/// assert!(!names_several_hosts("host=r1 dbname=app password='a,b'"));
+/// ```
+pub fn names_several_hosts(conninfo: &str) -> bool {
+    let lists_several = |key: &str, value: &str| {
+        (key == "host" || key == "hostaddr") && (value.contains(',') || value.to_ascii_lowercase().contains("%2c"))
+    };
+    if has_url_scheme(conninfo) {
+        let Some(url) = LibpqUrl::parse(conninfo) else { return false };
+        url.host_ports.len() > 1
+            || url.query.is_some_and(|query| {
+                query.split('&').any(|pair| pair.split_once('=').is_some_and(|(key, value)| lists_several(key, value)))
+            })
+    } else {
+        conninfo_pairs(conninfo).iter().any(|(key, value)| lists_several(key, value))
+    }
+}

@@ -329,6 +329,20 @@ impl ReplicaSet {
         let mut stop = Vec::with_capacity(urls.len());
         for (index, url) in urls.iter().enumerate() {
             let name: Arc<str> = format!("replica-{index}").into();
+            // The lag and the read-your-writes position are measured on the
+            // sampler's connection; a pool whose connections libpq may open
+            // on another of several hosts would read from a server whose
+            // staleness nobody measured.
+            if dployr_domain::libpq::names_several_hosts(url) {
+                return Err(StoreError::Configuration {
+                    setting,
+                    reason: format!(
+                        "{name} names several hosts: its lag is measured on one server while its reads could go \
+                         to another, unmeasured; give each replica a URL of its own"
+                    )
+                    .into(),
+                });
+            }
             // A replica that stopped would hold each read for the whole
             // checkout wait before it falls back: at most a second there.
             let replica_config =
