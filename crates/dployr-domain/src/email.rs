@@ -299,6 +299,20 @@ mod tests {
         assert!(parse(&format!("ab@{domain}")).is_none());
     }
 
+    /// Lower-casing is Unicode's, with its one rule of context: a capital
+    /// sigma that ends a word becomes the final form. So an address typed in
+    /// capitals is the one written in small letters with its final sigma,
+    /// as ICU, Java and Python lower-case it; `ασ@` (a medial sigma at the
+    /// end) stays apart, as mail systems that lower-case the same way keep
+    /// it (docs/EMAIL.md, rule 1).
+    #[test]
+    fn a_capital_sigma_that_ends_the_local_part_is_the_final_sigma() {
+        assert_eq!(parse("\u{391}\u{3a3}@x.gr").as_deref(), Some("\u{3b1}\u{3c2}@x.gr"));
+        assert_eq!(parse("\u{391}\u{3c2}@x.gr"), parse("\u{3b1}\u{3c2}@x.gr"));
+        assert_eq!(parse("\u{391}\u{3a3}\u{391}@x.gr").as_deref(), Some("\u{3b1}\u{3c3}\u{3b1}@x.gr"));
+        assert_ne!(parse("\u{3b1}\u{3c3}@x.gr"), parse("\u{3b1}\u{3c2}@x.gr"));
+    }
+
     #[test]
     fn the_stored_form_parses_to_itself() {
         for spelling in ["caf\u{e9}@x.io", "user@b\u{fc}cher.de", "Ab+c@Sub.Example.COM.", "\u{3b1}\u{3c3}@x.gr"] {
