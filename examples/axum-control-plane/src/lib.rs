@@ -152,17 +152,27 @@ impl IntoResponse for ApiError {
 }
 
 impl From<StoreError> for ApiError {
-    /// What the caller can act on is said (bad input, not found, conflict,
-    /// try again); a backend or configuration error is the server's
-    /// business, not the client's, and is reported without its text.
+    /// What the caller can act on is said with its text (bad input, not
+    /// found, conflict). "Try again" (503) is said without the text, as is
+    /// a backend or configuration error (500): their text and sources name
+    /// hosts, accounts, namespaces and keys (on Cloudflare, the request's
+    /// URL), the server's business; they go to the log.
     fn from(error: StoreError) -> Self {
+        // Recorded as an error, not as text: the log line has its sources too.
+        let logged: &(dyn std::error::Error + 'static) = &error;
         let status = match &error {
             StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
             StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            StoreError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Unavailable { .. } => {
+                tracing::warn!(error = logged, "store unavailable, answered as 503");
+                return Self(StatusCode::SERVICE_UNAVAILABLE, "the store is unavailable; try again later".into());
+            }
+            // Backend, Configuration, and any variant added later: the
+            // enum is non-exhaustive, and a new kind is hidden until it is
+            // known to be safe to show.
             _ => {
-                tracing::error!(%error, "store error answered as 500");
+                tracing::error!(error = logged, "store error answered as 500");
                 return Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into());
             }
         };
@@ -453,6 +463,45 @@ mod tests {
             let ApiError(answered, message) = ApiError::from(session::Error::Store(error));
             assert_eq!(answered, status, "{message}");
             assert!(!message.contains("db.internal"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_store_error_the_client_cannot_act_on_is_answered_without_its_text_or_its_sources() {
+        // What reqwest's Display of a failed Cloudflare request carries.
+        let secret = "for url (https://api.cloudflare.com/client/v4/accounts/acc-7f3e/storage/kv/namespaces/ns-91ab/values/session%3Aabc)";
+        let cause = || -> dployr_data::domain::BoxError { secret.into() };
+        let cases = [
+            (StoreError::Unavailable { reason: secret.into(), source: Some(cause()) }, StatusCode::SERVICE_UNAVAILABLE),
+            (StoreError::Backend { message: secret.into(), source: Some(cause()) }, StatusCode::INTERNAL_SERVER_ERROR),
+            (
+                StoreError::Configuration { setting: "CLOUDFLARE_KV_NAMESPACE_ID", reason: secret.into() },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (error, status) in cases {
+            let ApiError(answered, message) = ApiError::from(error);
+            assert_eq!(answered, status, "{message}");
+            for leaked in ["acc-7f3e", "ns-91ab", "session%3Aabc", "cloudflare.com", "CLOUDFLARE"] {
+                assert!(!message.contains(leaked), "{leaked:?} in {message:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_store_error_the_client_can_act_on_is_answered_with_its_text() {
+        let cases = [
+            (StoreError::not_found("cluster", "c-1"), StatusCode::NOT_FOUND, "cluster c-1 not found"),
+            (
+                StoreError::conflict("membership", "owner", "the owner cannot leave"),
+                StatusCode::CONFLICT,
+                "membership conflict on owner: the owner cannot leave",
+            ),
+            (StoreError::invalid("email", "no @"), StatusCode::BAD_REQUEST, "invalid email: no @"),
+        ];
+        for (error, status, text) in cases {
+            let ApiError(answered, message) = ApiError::from(error);
+            assert_eq!((answered, message.as_str()), (status, text));
         }
     }
 }
