@@ -19,7 +19,9 @@
 //! are retried with exponential backoff and jitter, honouring `retry-after`,
 //! bounded in attempts and in total time *including the requests
 //! themselves* ([`RetryPolicy`]); then the call fails with
-//! [`StoreError::Unavailable`]. Each retry is a `tracing` event (target
+//! [`StoreError::Unavailable`]; a lost connection is reported by its cause
+//! alone, without the request's URL (which names the account, the
+//! namespace and the key). Each retry is a `tracing` event (target
 //! `dployr.kv.cloudflare`: status, attempt, wait), and the client counts its
 //! requests, 429s and retries ([`CloudflareKv::request_counts`], and the
 //! fields of each operation's `dployr.store` span), because Cloudflare's
@@ -281,8 +283,11 @@ struct Raw {
 
 impl Transport {
     fn start() -> StoreResult<Self> {
-        let client =
-            Client::builder().build().map_err(|e| StoreError::backend("building the Cloudflare HTTP client", e))?;
+        let client = Client::builder()
+            .build()
+            // Stripped as every reqwest error of this module is (see
+            // `request_failure`): a URL it holds is not for the error's text.
+            .map_err(|e| StoreError::backend("building the Cloudflare HTTP client", e.without_url()))?;
         let (handle_tx, handle_rx) = mpsc::channel();
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -332,10 +337,27 @@ impl Transport {
         });
         match rx.recv() {
             Ok(Ok(raw)) => Ok(raw),
-            Ok(Err(error)) => Err(format!("request failed: {error}")),
+            Ok(Err(error)) => Err(request_failure(error)),
             Err(_) => Err("the HTTP runtime stopped".to_owned()),
         }
     }
+}
+
+/// What a request that got no answer says: reqwest's error and its causes
+/// (connect, TLS, timeout), which say why, without the request's URL, which
+/// reqwest's `Display` appends and which names the account, the namespace
+/// and the key. The text goes into [`StoreError::Unavailable`] and the
+/// retry's log line, and from there into whatever logs or answers them.
+fn request_failure(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = format!("request failed: {error}");
+    let mut cause = std::error::Error::source(&error);
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
 }
 
 impl Drop for Transport {
@@ -819,7 +841,9 @@ impl KvBackend for CloudflareKv {
 mod tests {
     use std::time::Duration;
 
-    use super::{Expiry, Stored, beyond, kept_expiry};
+    use dployr_domain::{KvBackend as _, StoreError};
+
+    use super::{CloudflareConfig, CloudflareKv, Expiry, RetryPolicy, Stored, beyond, kept_expiry};
 
     fn stored(expiration: Option<u64>, server_now: Option<u64>) -> Stored {
         Stored { value: b"1".to_vec(), expiration, server_now }
@@ -849,5 +873,53 @@ mod tests {
         assert!(beyond(Duration::MAX, Duration::MAX, bound));
         assert!(!beyond(a_second_and_a_half_in, Duration::from_secs(1), bound));
         assert!(beyond(Duration::from_secs(29), Duration::from_secs(1), bound));
+    }
+
+    /// A base URL where nothing listens: a port the system gave and took back.
+    fn closed_port_url() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        format!("http://127.0.0.1:{port}/client/v4")
+    }
+
+    /// `error`'s text and the text of every error in its source chain.
+    fn texts_of_chain(error: &StoreError) -> Vec<String> {
+        let mut texts = vec![error.to_string()];
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            texts.push(cause.to_string());
+            source = cause.source();
+        }
+        texts
+    }
+
+    #[test]
+    fn a_request_that_fails_in_transport_names_neither_the_account_nor_the_namespace_nor_the_key() {
+        // Alphanumeric, as Cloudflare's ids are: the URL percent-encodes
+        // anything else, which would hide a leak from `contains`.
+        let (account, namespace, key) = ("f037e56e89293a05", "0f2ac74b498b4802", "sessionabc123");
+        let config = CloudflareConfig {
+            base_url: closed_port_url(),
+            retry: RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(1),
+                max_elapsed: Duration::from_secs(5),
+            },
+            ..CloudflareConfig::new(account, namespace, "token")
+        };
+        let kv = CloudflareKv::new(config).unwrap();
+        let error = kv.get(key).unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+        let texts = texts_of_chain(&error);
+        // Without its URL, the failure still says why (hyper's "tcp connect error").
+        assert!(texts[0].contains("request failed: error sending request"), "{texts:?}");
+        assert!(texts[0].contains("connect"), "the cause is said: {texts:?}");
+        for text in &texts {
+            for secret in [account, namespace, key] {
+                assert!(!text.contains(secret), "{secret:?} in {text:?} of {texts:?}");
+            }
+        }
     }
 }
