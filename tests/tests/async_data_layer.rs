@@ -336,6 +336,73 @@ async fn with_sessions_on_cloudflare_closing_accounts_does_not_wait_for_the_faca
     assert_eq!(removed.unwrap(), 1);
 }
 
+/// `health()` through the facade: every probe answers against the test
+/// database, and the layer is ready.
+async fn health_reports_ready() {
+    let db = dployr_testkit::database();
+    let (config, _none) = config(&db, Kv::Postgres);
+    let data = AsyncDataLayer::open(config).await.unwrap();
+    let health = data.health().await;
+    assert!(health.is_ready(), "{health:?}");
+    assert!(health.primary.ok && health.primary.error.is_none(), "{health:?}");
+    assert!(health.kv.ok && health.kv.error.is_none(), "{health:?}");
+    assert!(health.migrations.up_to_date && health.migrations.pending.is_empty(), "{health:?}");
+    assert!(health.replicas.is_empty(), "{health:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_ready_on_a_multi_thread_runtime() {
+    health_reports_ready().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn health_reports_ready_on_a_current_thread_runtime() {
+    health_reports_ready().await;
+}
+
+/// With every thread of the facade busy past the checkout timeout,
+/// `health()` still answers, at about that timeout: not ready, each probe
+/// saying why it did not run, where a store call would fail `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_with_every_thread_busy_answers_not_ready_at_the_checkout_timeout() {
+    let timeout = Duration::from_secs(1);
+    let db = dployr_testkit::database();
+    let data = one_thread(&db, timeout).await;
+    let (release, holder) = hold_the_thread(&data).await;
+    let asked_at = Instant::now();
+    let health = data.health().await;
+    let waited = asked_at.elapsed();
+    drop(release);
+    holder.await.unwrap();
+    assert!(!health.is_ready(), "{health:?}");
+    for (probe, error) in [
+        ("primary", health.primary.error.as_deref()),
+        ("kv", health.kv.error.as_deref()),
+        ("migrations", health.migrations.error.as_deref()),
+    ] {
+        assert!(error.is_some_and(|error| error.contains("no connection within")), "{probe}: {health:?}");
+    }
+    assert!(!health.primary.ok && !health.kv.ok && !health.migrations.up_to_date, "{health:?}");
+    // Loosely: the thread was held for up to 20 s, the timeout is 1 s.
+    assert!(waited < timeout * 5, "answered after {waited:?}, with a checkout timeout of {timeout:?}");
+    // Once the thread is free, the same facade is ready again.
+    assert!(data.health().await.is_ready());
+}
+
+/// With sessions on Cloudflare, `health()` (whose key-value probe is an
+/// HTTP request) runs off the facade's threads: it answers, ready, while
+/// the only thread is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sessions_on_cloudflare_health_does_not_wait_for_the_facades_threads() {
+    let db = dployr_testkit::database();
+    let (data, _emulator) = one_thread_on(&db, Kv::Cloudflare, Duration::from_secs(1)).await;
+    let (release, holder) = hold_the_thread(&data).await;
+    let health = data.health().await;
+    drop(release);
+    holder.await.unwrap();
+    assert!(health.is_ready(), "{health:?}");
+}
+
 /// A call whose future is dropped while it waits in the queue (a client
 /// that hung up, a timeout) does not run.
 #[tokio::test(flavor = "current_thread")]

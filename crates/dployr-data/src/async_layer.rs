@@ -39,7 +39,9 @@
 //! and the one-time records on PostgreSQL (its default) only the session
 //! calls leave the facade's threads. [`AsyncDataLayer::delete_user`] and
 //! [`AsyncDataLayer::remove_users`], whose second step ends sessions, run
-//! on the blocking pool when the sessions are on Cloudflare.
+//! on the blocking pool when the sessions are on Cloudflare;
+//! [`AsyncDataLayer::health`], which reads a key from each key-value
+//! backend, runs there when either of them is on Cloudflare.
 //!
 //! **In place, on request.** [`AsyncDataLayer::in_place`] gives a facade
 //! that runs each call on the thread of the task that awaits it, with
@@ -120,7 +122,7 @@ use dployr_domain::{
 };
 use dployr_kv::{OAuthState, OtpCode, Session, SessionId};
 
-use crate::{Config, DataLayer};
+use crate::{Config, DataLayer, Health, MigrationsProbe, Probe, ReplicaProbe};
 
 /// The most threads a facade starts for its calls, however many
 /// connections its pools may open: beyond a few hundred calls at once, a
@@ -183,6 +185,15 @@ impl Routes {
     /// PostgreSQL call is waiting for; the stores' route otherwise.
     fn stores_then_sessions(self) -> Route {
         if self.sessions == Route::BlockingPool { Route::BlockingPool } else { self.stores }
+    }
+
+    /// The route of `health`, which probes the stores and both key-value
+    /// backends: the blocking pool when either backend is remote, for the
+    /// reason of [`stores_then_sessions`](Self::stores_then_sessions); the
+    /// stores' route otherwise.
+    fn health(self) -> Route {
+        let remote = [self.sessions, self.one_time].contains(&Route::BlockingPool);
+        if remote { Route::BlockingPool } else { self.stores }
     }
 }
 
@@ -484,6 +495,30 @@ async fn on_threads<T: Send + 'static>(
     }
 }
 
+/// The [`Health`] of `data` when its probes did not run, for `not_run`
+/// (every thread of the facade stayed busy, or the runtime shut down),
+/// answered after `waited`: not ready, each probe saying why. The replicas'
+/// sampler is read, which takes no connection.
+fn unprobed(data: &DataLayer, not_run: &StoreError, waited: Duration) -> Health {
+    let why = format!("not probed: {not_run}");
+    let probe = || Probe { ok: false, duration: waited, error: Some(why.clone()) };
+    let replicas = data.pool().replicas().map_or_else(Vec::new, |replicas| {
+        replicas
+            .status()
+            .into_iter()
+            .map(|status| ReplicaProbe {
+                name: status.name,
+                reachable: probe(),
+                lag: status.lag,
+                in_rotation: status.in_rotation,
+            })
+            .collect()
+    });
+    let migrations =
+        MigrationsProbe { up_to_date: false, pending: Vec::new(), duration: waited, error: Some(why.clone()) };
+    Health { primary: probe(), replicas, kv: probe(), migrations }
+}
+
 /// The data layer for async code: every store method as an `async fn` run on
 /// a thread of the facade (see the module documentation for the threads,
 /// cancellation and drop). Cheap to clone; `Send + Sync`; the errors are the
@@ -641,6 +676,39 @@ impl AsyncDataLayer {
         let (cluster, users) = (*cluster, users.to_vec());
         let route = self.routes().stores_then_sessions();
         blocking(&self.shared, route, move |data| data.remove_users(&cluster, &users)).await
+    }
+
+    /// Primary, replicas, key-value backends and migrations, each probed
+    /// now with its duration, as [`DataLayer::health`] (each probe bounded
+    /// by the data layer's call deadline), off the runtime's threads: on
+    /// one of the facade's threads (or in place, for a facade from
+    /// [`AsyncDataLayer::in_place`]), or on tokio's blocking pool when a
+    /// key-value backend is on Cloudflare, whose probe is an HTTP request.
+    ///
+    /// Never fails: a probe that fails says so in its answer. Nor does it
+    /// wait in the facade's queue longer than a store call would: when
+    /// every thread of the facade stays busy past the pool's checkout
+    /// timeout (where a store call fails with [`StoreError::Unavailable`]),
+    /// or the runtime shuts down before it runs, it answers then with a
+    /// [`Health`] that is not ready, in which no probe ran: the primary,
+    /// key-value and migrations probes each say why in their `error`, and
+    /// each replica is listed as not reachable, with the lag and rotation
+    /// its sampler last saw. A process whose calls would all fail so is not
+    /// ready to serve, and a load balancer asking `/healthz` learns it
+    /// without the check hanging.
+    ///
+    /// ```no_run
+    /// # async fn healthz(data: dployr_data::AsyncDataLayer) -> u16 {
+    /// let health = data.health().await;
+    /// if health.is_ready() { 200 } else { 503 }
+    /// # }
+    /// ```
+    pub async fn health(&self) -> Health {
+        let asked = Instant::now();
+        match blocking(&self.shared, self.routes().health(), |data| Ok(data.health())).await {
+            Ok(health) => health,
+            Err(not_run) => unprobed(&self.shared.data, &not_run, asked.elapsed()),
+        }
     }
 
     /// Users ([`UserStore`]).
