@@ -153,6 +153,11 @@ fn run_file(
         return conn.transaction(|conn| {
             let started = Instant::now();
             conn.batch_execute(sql).map_err(failed)?;
+            // Constraints the file's data left deferred (the schema's
+            // one-owner guard is checked at commit) are checked now, so
+            // that a refusal is the file's error, naming it, and not the
+            // commit's after the bookkeeping.
+            conn.batch_execute("SET CONSTRAINTS ALL IMMEDIATE").map_err(failed)?;
             let elapsed = started.elapsed();
             // In the file's transaction: if it rolls back, so does every
             // setting the file made, and the session is the runner's again.

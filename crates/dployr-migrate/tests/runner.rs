@@ -129,6 +129,36 @@ fn migration_failing_in_its_last_statement_leaves_no_table_no_row_and_names_the_
     assert_eq!(recorded(&mut conn), ["001_ok"]);
 }
 
+/// A constraint checked at commit (`DEFERRABLE INITIALLY DEFERRED`, as the
+/// schema's one-owner guard is) refuses the file's data when the file's
+/// transaction commits, after its statements and its bookkeeping ran: the
+/// error names the file, not the runner's bookkeeping, and nothing stays.
+#[test]
+fn a_deferred_constraint_that_refuses_the_files_data_names_the_file() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder(
+            "001_parent_child",
+            "CREATE TABLE parent (id int PRIMARY KEY);
+             CREATE TABLE child (parent_id int REFERENCES parent DEFERRABLE INITIALLY DEFERRED);",
+        ),
+        folder(
+            "002_orphan",
+            "INSERT INTO child VALUES (7);
+",
+        ),
+    ]);
+    let error = run(&db, &set).unwrap_err();
+    let MigrateError::MigrationFailed(failure) = &error else {
+        panic!("expected MigrationFailed naming the file, got {error:?}: {error}");
+    };
+    assert_eq!((failure.name.as_str(), failure.file), ("002_orphan", "up.sql"), "{error}");
+    assert!(failure.message.contains("foreign key"), "{}", failure.message);
+    let mut conn = db.connect();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM child"), 0);
+    assert_eq!(recorded(&mut conn), ["001_parent_child"]);
+}
+
 #[test]
 fn error_names_the_line_and_column_postgresql_points_at() {
     let db = empty_database();
