@@ -609,11 +609,14 @@ impl KvStore {
     /// user ([`create_session`](Self::create_session) with an id of theirs)
     /// is that user's, and is left. Work: one list request per 1000
     /// sessions, and a read and two deletes per session. Exact on memory and PostgreSQL for every
-    /// session created before the call; on Cloudflare, sessions other
-    /// processes created in the last minute may be missed (see
-    /// [`UserSessionIndex`]), while those this process created are found in
-    /// its memory of them. This process never returns the deleted sessions
-    /// again, even from a stale backend.
+    /// session created before the call; on Cloudflare, a session the
+    /// eventually consistent listing does not show yet may be missed (see
+    /// [`UserSessionIndex`]): Cloudflare documents "60 seconds or more" and
+    /// promises no bound. Those this process created in the last
+    /// [`CREATED_SESSION_MEMORY`] are found in its memory of them; older
+    /// ones, and those of other processes, only once the listing shows
+    /// them, so call it again later to catch them. This process never
+    /// returns the deleted sessions again, even from a stale backend.
     ///
     /// # Errors
     /// Backend errors; the sessions not reached yet stay, and a second call

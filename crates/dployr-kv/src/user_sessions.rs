@@ -17,11 +17,12 @@
 //! entry, so a listed entry's session exists or is gone, and a created
 //! session's entry is listed. A session created while `delete_all` runs may
 //! survive it (it started "after"). On Cloudflare Workers KV, listings and
-//! reads are eventually consistent (Cloudflare documents up to 60 s): a
-//! session created in the last minute, or from another region, may be missing
-//! from the listing and survive; a deleted one may still be read for up to
-//! 60 s in other processes. Call it again after a minute to catch late
-//! entries. (`KvStore` remembers the sessions it deleted, so this process
+//! reads are eventually consistent (Cloudflare documents "60 seconds or
+//! more", with no promised bound): a session created in the last minute or
+//! so, or from another region, may be missing from the listing and
+//! survive; a deleted one may still be read for as long in other
+//! processes. Sign-out everywhere is therefore not exact on Cloudflare:
+//! call it again after a minute, and again later, to catch late entries. (`KvStore` remembers the sessions it deleted, so this process
 //! never returns them again.)
 
 use std::collections::HashSet;
