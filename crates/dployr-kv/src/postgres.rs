@@ -132,9 +132,10 @@ SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken WHERE m
 /// in the order of [`ATTEMPT_TAKE_SQL`], counter then value, so the two
 /// cannot deadlock, and no attempt is counted under the old count and
 /// compared with the new value. (An attempt that waited for the counter's
-/// lock is counted under the new count, but its statement's snapshot may
-/// still hold the old value: it is compared with that, and counted all
-/// the same.)
+/// lock is counted under the new count; its delete, whose snapshot is
+/// older, finds the value row updated and re-reads it, so it compares with
+/// the new value; a value inserted anew, not updated, is not in its
+/// snapshot at all: that guess fails, and is counted all the same.)
 const PUT_AND_RESET_SQL: &str = r"
 WITH reset AS (
     INSERT INTO kv_entries AS c (key, value, expires_at)
