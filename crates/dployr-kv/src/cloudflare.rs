@@ -553,8 +553,9 @@ impl CloudflareKv {
     /// thread with the HTTP runtime is started.
     ///
     /// # Errors
-    /// [`StoreError::Configuration`] for an empty id or token or a base URL
-    /// that is not `http(s)://`; [`StoreError::Backend`] if the HTTP client
+    /// [`StoreError::Configuration`] for an empty id or token, a token with
+    /// a character other than visible ASCII, or a base URL that is not
+    /// `http(s)://`; [`StoreError::Backend`] if the HTTP client
     /// or its thread cannot be started.
     pub fn new(config: CloudflareConfig) -> StoreResult<Self> {
         for (value, setting) in [
@@ -565,6 +566,19 @@ impl CloudflareKv {
             if value.trim().is_empty() {
                 return Err(StoreError::Configuration { setting, reason: "is empty".into() });
             }
+        }
+        // The token travels in a header, which cannot carry a control
+        // character: refused here, once, it would otherwise fail every
+        // request before it is sent, and be retried as a passing failure.
+        // Cloudflare's tokens are visible ASCII; anything else is a paste
+        // gone wrong.
+        if !config.api_token.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err(StoreError::Configuration {
+                setting: API_TOKEN_VAR,
+                reason: "holds a character an API token cannot have (a space, a control character or one \
+                         outside ASCII)"
+                    .into(),
+            });
         }
         let namespace_url = format!(
             "{}/accounts/{}/storage/kv/namespaces/{}",
