@@ -151,6 +151,10 @@ pub struct StressReport {
     pub threads: usize,
     /// Connections the workers' pool may hold (its maximum size).
     pub connections: u64,
+    /// Connections the pool discarded (found ended by the server before a
+    /// call, lost under one, or left by an expired call): what shows that a
+    /// disturbance reached the pool, whether or not a call failed for it.
+    pub connections_discarded: u64,
     /// Per operation: outcome (`ok`, `skipped`, or an error kind) -> count.
     pub outcomes: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Samples the checker took.
@@ -231,8 +235,8 @@ impl fmt::Display for StressReport {
         if self.disturbances > 0 {
             writeln!(
                 f,
-                "disturbances: {}, calls that succeeded after the last: {}",
-                self.disturbances, self.ok_after_last_disturbance
+                "disturbances: {}, calls that succeeded after the last: {}, connections discarded: {}",
+                self.disturbances, self.ok_after_last_disturbance, self.connections_discarded
             )?;
         }
         writeln!(f, "invariant violations: {}", self.violation_count)?;
@@ -1724,6 +1728,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     // still open may hold its last second's deadlocks back for 10 s).
     let World { ok_since_disturbed, unavailable, answer_violations, answers, outcomes, unexpected, .. } =
         Arc::try_unwrap(world).ok().expect("the workers are done");
+    let connections_discarded = pool.deadline_stats().discarded;
     drop(pool);
     thread::sleep(Duration::from_millis(600));
     let deadlocks: Deadlocks =
@@ -1739,6 +1744,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         elapsed,
         threads,
         connections: u64::from(pool_config.max_size),
+        connections_discarded,
         outcomes: outcomes.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
         samples,
         violations,

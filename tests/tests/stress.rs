@@ -105,7 +105,11 @@ fn a_random_mix_whose_connections_are_ended_under_it_keeps_every_invariant() {
     let report = stress::run(db.url(), config);
     println!("{report}");
     assert!(report.is_clean(), "{report}");
-    assert!(report.count_of("Unavailable") > 0, "no call lost its connection: the terminations missed\n{report}");
+    // A terminated session fails the call on it, or, if it was idle, is
+    // found ended and discarded before the next: either way it is
+    // discarded (a guard that counted failed calls alone missed runs where
+    // every terminated session was idle).
+    assert!(report.connections_discarded > 0, "no connection was discarded: the terminations missed\n{report}");
     // The checker's failed samples are retried, not counted: it must have
     // looked between the terminations, not only after the run.
     assert!(report.samples > 20, "the checker hardly sampled\n{report}");
@@ -154,7 +158,10 @@ fn a_random_mix_keeps_every_invariant_across_restarts_of_its_server() {
     assert!(report.is_clean(), "{report}");
     // Both shutdowns, fast then immediate, at least once.
     assert!(report.disturbances >= 2, "fewer restarts than planned\n{report}");
-    assert!(report.count_of("Unavailable") > 0, "no call saw the server go away: the restarts missed\n{report}");
+    // A restart ends every session: a call on one fails, and an idle one
+    // is found ended and discarded before its next call (so a run may see
+    // no failed call at all, as one did on a loaded machine).
+    assert!(report.connections_discarded > 0, "no connection was discarded: the restarts missed\n{report}");
     assert!(report.ok_after_last_disturbance > 100, "the pool did not serve again after the last restart\n{report}");
     assert!(report.samples > 20, "the checker hardly sampled between the restarts\n{report}");
     // Each restart ends every connection of the pool: each fails one call
