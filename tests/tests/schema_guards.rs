@@ -686,11 +686,16 @@ fn a_blank_picture_is_refused_for_users_and_their_membership_copies() {
     for picture in ["", "   "] {
         let error = refused_with(&mut conn, &format!("UPDATE users SET picture = '{picture}' WHERE id = '{o}'"));
         assert!(error.contains("users_picture_check"), "{picture:?}: {error}");
-        let error = refused_with(
+        // A copy differing from its user is refused first (013); the check
+        // stays for what bypasses triggers.
+        let (_, name) = refusal(session(
             &mut conn,
             &format!("UPDATE user_clusters SET picture = '{picture}' WHERE user_id = '{o}' AND cluster_id = '{c}'"),
+        ));
+        assert!(
+            name == "user_clusters_picture_check" || name == "user_clusters_profile_is_a_copy",
+            "{picture:?}: {name}"
         );
-        assert!(error.contains("user_clusters_picture_check"), "{picture:?}: {error}");
     }
     session(&mut conn, &format!("UPDATE users SET picture = 'https://img.example/1.png' WHERE id = '{o}'")).unwrap();
     session(&mut conn, &format!("UPDATE users SET picture = NULL WHERE id = '{o}'")).unwrap();
@@ -722,4 +727,69 @@ fn a_used_bootstrap_token_stays_used_and_can_still_be_deleted() {
         assert!(error.contains("stays used"), "{sql}: {error}");
     }
     session(&mut conn, "DELETE FROM bootstrap_tokens WHERE nonce = 'n1'").unwrap();
+}
+
+/// The listing totals are the database's to keep: a hand-written write to
+/// `cluster_counts` is refused (a total set wrong drove a later removal
+/// below zero, after which nothing in the cluster could be removed), while
+/// the counting triggers and the cascade of a cluster's deletion go on.
+#[test]
+fn listing_totals_cannot_be_written_by_hand_and_stay_counted_by_the_triggers() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    for sql in [
+        format!("UPDATE cluster_counts SET members = 0 WHERE cluster_id = '{c}'"),
+        format!("DELETE FROM cluster_counts WHERE cluster_id = '{c}'"),
+        format!(
+            "INSERT INTO cluster_counts (cluster_id) VALUES ('{c}') ON CONFLICT (cluster_id) DO UPDATE SET invites = 9"
+        ),
+    ] {
+        let (_, name) = refusal(session(&mut conn, &sql));
+        assert_eq!(name, "cluster_counts_kept_by_triggers", "{sql}");
+    }
+    let x = user(&mut conn, 2);
+    member(&mut conn, &x, &c, "viewer").unwrap();
+    assert_eq!(count(&mut conn, &format!("SELECT members FROM cluster_counts WHERE cluster_id = '{c}'")), 2);
+    session(&mut conn, &format!("DELETE FROM clusters WHERE id = '{c}'")).unwrap();
+    assert_eq!(count(&mut conn, &format!("SELECT count(*) FROM cluster_counts WHERE cluster_id = '{c}'")), 0);
+}
+
+/// A membership's name and picture are copies of its user's: a hand-written
+/// change of the copy is refused, one equal to the user's passes, and a
+/// change of the user still reaches every copy.
+#[test]
+fn a_membership_copy_of_the_profile_cannot_differ_from_its_user() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    for sql in [
+        format!("UPDATE user_clusters SET name = 'Mallory' WHERE user_id = '{o}'"),
+        format!("UPDATE user_clusters SET picture = 'https://evil.example/x.png' WHERE user_id = '{o}'"),
+    ] {
+        let (_, name) = refusal(session(&mut conn, &sql));
+        assert_eq!(name, "user_clusters_profile_is_a_copy", "{sql}");
+    }
+    session(
+        &mut conn,
+        &format!("UPDATE user_clusters SET name = (SELECT name FROM users WHERE id = '{o}') WHERE user_id = '{o}'"),
+    )
+    .unwrap();
+    session(
+        &mut conn,
+        &format!("UPDATE users SET name = 'Renamed', picture = 'https://img.example/2.png' WHERE id = '{o}'"),
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            &format!(
+                "SELECT count(*) FROM user_clusters WHERE cluster_id = '{c}' AND name = 'Renamed' \
+                 AND picture = 'https://img.example/2.png'"
+            )
+        ),
+        1
+    );
 }
