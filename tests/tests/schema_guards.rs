@@ -793,3 +793,74 @@ fn a_membership_copy_of_the_profile_cannot_differ_from_its_user() {
         1
     );
 }
+
+/// A used token's nonce is spent for good: it stays remembered when the
+/// token goes (a delete, its instance's cascade, a TRUNCATE), no token is
+/// made or renamed with it again, and a used token keeps its nonce.
+#[test]
+fn a_spent_nonce_is_never_given_to_another_token_whatever_removed_the_first() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    let (i1, i2) = (id(20), id(21));
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{i1}', '{c}', 'h1', 't1'), ('{i2}', '{c}', 'h2', 't2');
+             INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES
+                 ('deleted', '{i1}', now()), ('cascaded', '{i1}', now()), ('truncated', '{i2}', now()), ('renamed', '{i2}', now());
+             INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('free', '{i2}');"
+        ),
+    )
+    .unwrap();
+    let (_, name) =
+        refusal(session(&mut conn, "UPDATE bootstrap_tokens SET nonce = 'renamed-2' WHERE nonce = 'renamed'"));
+    assert_eq!(name, "bootstrap_tokens_used_keep_nonce");
+    session(&mut conn, "DELETE FROM bootstrap_tokens WHERE nonce = 'deleted'").unwrap();
+    session(&mut conn, &format!("DELETE FROM instances WHERE id = '{i1}'")).unwrap();
+    session(&mut conn, "TRUNCATE bootstrap_tokens").unwrap();
+    for nonce in ["deleted", "cascaded", "truncated", "renamed"] {
+        let sql = format!("INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('{nonce}', '{i2}')");
+        let (kind, name) = refusal(session(&mut conn, &sql));
+        assert_eq!((kind, name.as_str()), (DatabaseErrorKind::UniqueViolation, "bootstrap_tokens_nonce_not_spent"));
+    }
+    session(&mut conn, &format!("INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('free', '{i2}')")).unwrap();
+    let (_, name) = refusal(session(&mut conn, "UPDATE bootstrap_tokens SET nonce = 'deleted' WHERE nonce = 'free'"));
+    assert_eq!(name, "bootstrap_tokens_nonce_not_spent");
+}
+
+/// A token made with a nonce while the used token holding it is being
+/// deleted waits for that delete and is refused when it commits (without
+/// the lock both take, it checked the remembered nonces before the delete
+/// committed and took the nonce).
+#[test]
+fn a_token_made_while_the_used_one_with_its_nonce_is_deleted_is_refused() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    let (i1, i2) = (id(20), id(21));
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{i1}', '{c}', 'h1', 't1'), ('{i2}', '{c}', 'h2', 't2');
+             INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES ('raced', '{i1}', now());"
+        ),
+    )
+    .unwrap();
+    session(&mut conn, &format!("BEGIN; DELETE FROM instances WHERE id = '{i1}'")).unwrap();
+    let (sent, made) = mpsc::channel();
+    let url = db.url().to_owned();
+    let maker = thread::spawn(move || {
+        let mut other = PgConnection::establish(&url).unwrap();
+        sent.send(()).unwrap();
+        session(&mut other, &format!("INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('raced', '{i2}')"))
+    });
+    made.recv().unwrap();
+    thread::sleep(Duration::from_millis(300));
+    assert!(!maker.is_finished(), "the creation did not wait for the delete");
+    session(&mut conn, "COMMIT").unwrap();
+    let (_, name) = refusal(maker.join().unwrap());
+    assert_eq!(name, "bootstrap_tokens_nonce_not_spent");
+}

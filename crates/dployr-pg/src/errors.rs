@@ -205,7 +205,11 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "instances_pkey" => Unique { entity: "instance", field: "id" },
         "instances_address_key" => Unique { entity: "instance", field: "address" },
         "instances_tag_key" => Unique { entity: "instance", field: "tag" },
-        "bootstrap_tokens_pkey" => Unique { entity: "bootstrap token", field: "nonce" },
+        // A nonce is used once, also after its token went with its
+        // instance (014_spent_nonces_remembered).
+        "bootstrap_tokens_pkey" | "bootstrap_tokens_nonce_not_spent" | "spent_nonces_pkey" => {
+            Unique { entity: "bootstrap token", field: "nonce" }
+        }
         "kv_entries_pkey" => Unique { entity: "kv entry", field: "key" },
         "cluster_counts_pkey" => Unique { entity: "cluster counts", field: "cluster" },
         "user_clusters_user_id_fkey" => References { entity: "user" },
@@ -242,6 +246,7 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         // `mark_used` sets `used_at` only where it is NULL; only
         // hand-written SQL can meet this one.
         "bootstrap_tokens_used_once" => Check { field: "used_at", reason: "a used token stays used" },
+        "bootstrap_tokens_used_keep_nonce" => Check { field: "nonce", reason: "a used token keeps its nonce" },
         // No store writes either time; only hand-written SQL can meet these.
         "users_updated_at_check"
         | "clusters_updated_at_check"

@@ -47,3 +47,33 @@ fn a_duplicate_nonce_is_a_conflict_and_an_unknown_instance_not_found() {
     }
     assert_eq!(f.count("SELECT count(*) FROM bootstrap_tokens"), 1);
 }
+
+/// `mark_used` is true exactly once per nonce: a used token that went with
+/// its instance leaves its nonce spent, so a token made again with it (for
+/// another instance) is refused, and the nonce never marks again. An
+/// unused token's nonce was never spent and may be issued again.
+#[test]
+fn a_used_nonce_stays_spent_after_its_instance_is_deleted() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    let new_instance = |tag: &str, address: &str| {
+        let new = NewInstance { address: address.try_into().unwrap(), tag: tag.try_into().unwrap(), metadata: None };
+        f.instances.create(&cluster.id, new).unwrap().id
+    };
+    let nonce: Nonce = "nonce-spent".try_into().unwrap();
+    let unused: Nonce = "nonce-unused".try_into().unwrap();
+    let first = new_instance("first", "10.0.0.1");
+    f.tokens.create(&first, &nonce).unwrap();
+    f.tokens.create(&first, &unused).unwrap();
+    assert!(f.tokens.mark_used(&nonce).unwrap());
+    f.instances.delete(&first).unwrap();
+
+    let second = new_instance("second", "10.0.0.2");
+    let error = f.tokens.create(&second, &nonce).unwrap_err();
+    assert!(matches!(error, StoreError::Conflict { field: "nonce", .. }), "{error}");
+    assert!(!f.tokens.mark_used(&nonce).unwrap(), "the nonce marked a second time");
+    assert!(f.tokens.is_used(&nonce).unwrap());
+
+    f.tokens.create(&second, &unused).unwrap();
+    assert!(f.tokens.mark_used(&unused).unwrap());
+}
