@@ -704,7 +704,13 @@ impl World {
             }),
             81..=83 => self.call("bootstrap_tokens.create", || {
                 let Some(instance) = pick(rng, &self.instance_ids) else { return Ok(Acted::NothingToActOn) };
-                let nonce = format!("nonce-{}", self.next_nonce.fetch_add(1, Ordering::Relaxed));
+                // One in four takes a nonce issued before, maybe used and
+                // gone with its instance: refused (Conflict) while its
+                // token lives or once it was used, so that `mark_used`
+                // stays true once per nonce (checked at the end).
+                let issued = if rng.random_range(0..4) == 0 { pick(rng, &self.nonces) } else { None };
+                let nonce =
+                    issued.unwrap_or_else(|| format!("nonce-{}", self.next_nonce.fetch_add(1, Ordering::Relaxed)));
                 self.tokens.create(&instance, &Nonce::parse(&nonce)?)?;
                 remember(&self.nonces, nonce);
                 Ok(Acted::Yes)
