@@ -1,12 +1,9 @@
-DROP TRIGGER bootstrap_tokens_used_keep_nonce ON bootstrap_tokens;
-DROP FUNCTION dployr_bootstrap_tokens_keep_nonce();
+DROP TRIGGER bootstrap_tokens_renamed ON bootstrap_tokens;
+DROP FUNCTION dployr_bootstrap_tokens_renamed();
 DROP TRIGGER bootstrap_tokens_nonce_not_spent ON bootstrap_tokens;
 DROP FUNCTION dployr_bootstrap_tokens_nonce_not_spent();
 DROP TRIGGER bootstrap_tokens_remember_spent_on_truncate ON bootstrap_tokens;
 DROP FUNCTION dployr_bootstrap_tokens_before_truncate();
 DROP TRIGGER bootstrap_tokens_remember_spent ON bootstrap_tokens;
 DROP FUNCTION dployr_bootstrap_tokens_remember_spent();
-DROP TRIGGER bootstrap_tokens_lock_spent_nonce ON bootstrap_tokens;
-DROP FUNCTION dployr_bootstrap_tokens_before_delete();
-DROP FUNCTION dployr_lock_nonce(TEXT);
 DROP TABLE spent_nonces;

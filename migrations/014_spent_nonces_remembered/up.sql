@@ -11,25 +11,8 @@ CREATE TABLE spent_nonces (
 COMMENT ON TABLE spent_nonces IS
     'Nonces of used bootstrap tokens that were deleted (with their instance): no token is made with one again.';
 
--- The delete of a used token and the creation of a token with its nonce
--- take one transaction-scoped advisory lock per nonce (class 20140, apart
--- from the migration runner's single-key lock), the delete before it
--- removes the row: a creation that waited for it sees the nonce remembered;
--- one that came first meets the token still there (its primary key).
-CREATE FUNCTION dployr_lock_nonce(nonce TEXT) RETURNS void
-LANGUAGE sql AS $$ SELECT pg_advisory_xact_lock(20140, hashtext(nonce)) $$;
-
-CREATE FUNCTION dployr_bootstrap_tokens_before_delete() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM dployr_lock_nonce(OLD.nonce);
-    RETURN OLD;
-END;
-$$;
-CREATE TRIGGER bootstrap_tokens_lock_spent_nonce BEFORE DELETE ON bootstrap_tokens
-    FOR EACH ROW WHEN (OLD.used_at IS NOT NULL)
-    EXECUTE FUNCTION dployr_bootstrap_tokens_before_delete();
-
+-- Remembered by the statement that deletes the tokens (one insert per
+-- statement, whatever the number of tokens).
 CREATE FUNCTION dployr_bootstrap_tokens_remember_spent() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -57,34 +40,53 @@ $$;
 CREATE TRIGGER bootstrap_tokens_remember_spent_on_truncate BEFORE TRUNCATE ON bootstrap_tokens
     FOR EACH STATEMENT EXECUTE FUNCTION dployr_bootstrap_tokens_before_truncate();
 
+-- A token made with a spent nonce is refused. Looked for after the
+-- statement's rows are in, not before: a creation racing the delete of the
+-- used token that holds its nonce waits on that token's primary key until
+-- the delete commits (or fails at once on it while it is not deleted), and
+-- only then looks, with a snapshot that sees the nonce remembered. One
+-- lookup per statement, on its new rows.
 CREATE FUNCTION dployr_bootstrap_tokens_nonce_not_spent() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    spent TEXT;
 BEGIN
-    PERFORM dployr_lock_nonce(NEW.nonce);
-    IF EXISTS (SELECT 1 FROM spent_nonces WHERE nonce = NEW.nonce) THEN
-        RAISE EXCEPTION 'the nonce of a used bootstrap token is never used again'
+    SELECT s.nonce INTO spent FROM made JOIN spent_nonces AS s USING (nonce) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'the nonce % of a used bootstrap token is never used again', spent
             USING ERRCODE = 'unique_violation',
-                  CONSTRAINT = TG_NAME,
+                  CONSTRAINT = 'bootstrap_tokens_nonce_not_spent',
+                  TABLE = TG_TABLE_NAME,
+                  HINT = 'make a new nonce for every token';
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER bootstrap_tokens_nonce_not_spent AFTER INSERT ON bootstrap_tokens
+    REFERENCING NEW TABLE AS made
+    FOR EACH STATEMENT EXECUTE FUNCTION dployr_bootstrap_tokens_nonce_not_spent();
+
+-- Renamed by hand: an unused token may not take a spent nonce, and a used
+-- token keeps its own (renamed, it would free it for a new token).
+CREATE FUNCTION dployr_bootstrap_tokens_renamed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.used_at IS NOT NULL THEN
+        RAISE EXCEPTION 'a used bootstrap token keeps its nonce'
+            USING ERRCODE = 'check_violation',
+                  CONSTRAINT = 'bootstrap_tokens_used_keep_nonce',
+                  TABLE = TG_TABLE_NAME;
+    END IF;
+    IF EXISTS (SELECT 1 FROM spent_nonces WHERE nonce = NEW.nonce) THEN
+        RAISE EXCEPTION 'the nonce % of a used bootstrap token is never used again', NEW.nonce
+            USING ERRCODE = 'unique_violation',
+                  CONSTRAINT = 'bootstrap_tokens_nonce_not_spent',
                   TABLE = TG_TABLE_NAME,
                   HINT = 'make a new nonce for every token';
     END IF;
     RETURN NEW;
 END;
 $$;
-CREATE TRIGGER bootstrap_tokens_nonce_not_spent BEFORE INSERT OR UPDATE OF nonce ON bootstrap_tokens
-    FOR EACH ROW EXECUTE FUNCTION dployr_bootstrap_tokens_nonce_not_spent();
-
--- A used token keeps its nonce: renamed, it would free the nonce for a new
--- token (the same hole by hand).
-CREATE FUNCTION dployr_bootstrap_tokens_keep_nonce() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'a used bootstrap token keeps its nonce'
-        USING ERRCODE = 'check_violation',
-              CONSTRAINT = TG_NAME,
-              TABLE = TG_TABLE_NAME;
-END;
-$$;
-CREATE TRIGGER bootstrap_tokens_used_keep_nonce BEFORE UPDATE OF nonce ON bootstrap_tokens
-    FOR EACH ROW WHEN (OLD.used_at IS NOT NULL AND NEW.nonce IS DISTINCT FROM OLD.nonce)
-    EXECUTE FUNCTION dployr_bootstrap_tokens_keep_nonce();
+CREATE TRIGGER bootstrap_tokens_renamed BEFORE UPDATE OF nonce ON bootstrap_tokens
+    FOR EACH ROW WHEN (NEW.nonce IS DISTINCT FROM OLD.nonce)
+    EXECUTE FUNCTION dployr_bootstrap_tokens_renamed();

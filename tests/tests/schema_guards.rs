@@ -831,9 +831,10 @@ fn a_spent_nonce_is_never_given_to_another_token_whatever_removed_the_first() {
 }
 
 /// A token made with a nonce while the used token holding it is being
-/// deleted waits for that delete and is refused when it commits (without
-/// the lock both take, it checked the remembered nonces before the delete
-/// committed and took the nonce).
+/// deleted waits for that delete (on the token's primary key) and is
+/// refused when it commits: the remembered nonces are looked at after the
+/// new rows are in (a check before the insert ran before the wait, saw
+/// nothing yet, and the nonce was taken).
 #[test]
 fn a_token_made_while_the_used_one_with_its_nonce_is_deleted_is_refused() {
     let db = dployr_testkit::database();
