@@ -72,6 +72,7 @@ fn a_replica_url_naming_several_hosts_is_refused_naming_the_variable_and_no_secr
     let several = [
         "postgres://u:secret-9@127.0.0.1:1,127.0.0.1:2/x".to_owned(),
         "postgres://u:secret-9@/x?host=127.0.0.1%2C127.0.0.2&port=1".to_owned(),
+        "postgres://u:secret-9@127.0.0.1%2C127.0.0.2:1/x".to_owned(),
         "host=127.0.0.1,127.0.0.2 port=1 password=secret-9 dbname=x".to_owned(),
     ];
     for url in several {

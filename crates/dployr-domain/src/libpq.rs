@@ -130,30 +130,51 @@ pub fn conninfo_pairs(conninfo: &str) -> Vec<(String, String)> {
 }
 
 /// Whether libpq may connect `conninfo` to more than one server: a URL with
-/// several hosts (`postgres://r1,r2/app`), or a `host` or `hostaddr`
-/// setting that lists several (`host=r1,r2`, or `?host=r1%2Cr2` in a URL,
-/// whose values libpq percent-decodes).
+/// several hosts (`postgres://r1,r2/app`, or `r1%2Cr2`, which libpq
+/// decodes before it splits), a `host` or `hostaddr` setting that lists
+/// several (`host=r1,r2`, or `?host=r1%2Cr2` in a URL, whose values libpq
+/// percent-decodes), or, when the string names no host, a `PGHOST` or
+/// `PGHOSTADDR` that lists several. (A `service` entry is not read.)
 ///
 /// ```
 /// use dployr_domain::libpq::names_several_hosts;
 ///
 /// assert!(names_several_hosts("postgres://app:p,w@r1:5432,r2:5432/app"));
+/// assert!(names_several_hosts("postgres://app@r1%2Cr2/app"));
 /// assert!(names_several_hosts("postgres:///app?host=r1%2cr2"));
 /// assert!(names_several_hosts("host=r1,r2 dbname=app"));
 /// assert!(!names_several_hosts("postgres://app:p,w@r1:5432/app?sslmode=require"));
 /// assert!(!names_several_hosts("host=r1 dbname=app password='a,b'"));
 /// ```
 pub fn names_several_hosts(conninfo: &str) -> bool {
-    let lists_several = |key: &str, value: &str| {
-        (key == "host" || key == "hostaddr") && (value.contains(',') || value.to_ascii_lowercase().contains("%2c"))
-    };
-    if has_url_scheme(conninfo) {
+    let lists_several = |value: &str| value.contains(',') || value.to_ascii_lowercase().contains("%2c");
+    let host_setting = |key: &str| key == "host" || key == "hostaddr";
+    let (names_a_host, several) = if has_url_scheme(conninfo) {
         let Some(url) = LibpqUrl::parse(conninfo) else { return false };
-        url.host_ports.len() > 1
-            || url.query.is_some_and(|query| {
-                query.split('&').any(|pair| pair.split_once('=').is_some_and(|(key, value)| lists_several(key, value)))
-            })
+        let settings: Vec<(&str, &str)> =
+            url.query.map_or_else(Vec::new, |query| query.split('&').filter_map(|pair| pair.split_once('=')).collect());
+        let hosts = url_hosts(conninfo);
+        let several = url.host_ports.len() > 1
+            || lists_several(hosts)
+            || settings.iter().any(|(key, value)| host_setting(key) && lists_several(value));
+        (!hosts.is_empty() || settings.iter().any(|(key, _)| host_setting(key)), several)
     } else {
-        conninfo_pairs(conninfo).iter().any(|(key, value)| lists_several(key, value))
-    }
+        let pairs = conninfo_pairs(conninfo);
+        let several = pairs.iter().any(|(key, value)| host_setting(key) && lists_several(value));
+        (pairs.iter().any(|(key, _)| host_setting(key)), several)
+    };
+    several
+        || (!names_a_host
+            && ["PGHOST", "PGHOSTADDR"].iter().any(|var| std::env::var(var).is_ok_and(|value| lists_several(&value))))
+}
+
+/// The hosts part of a libpq URL as written (between the user info and the
+/// path or parameters), as [`LibpqUrl::parse`] finds it.
+fn url_hosts(url: &str) -> &str {
+    let rest = url.strip_prefix("postgresql://").or_else(|| url.strip_prefix("postgres://")).unwrap_or_default();
+    let rest = match rest.find(['@', '/']) {
+        Some(at) if rest[at..].starts_with('@') => &rest[at + 1..],
+        _ => rest,
+    };
+    &rest[..rest.find(['/', '?']).unwrap_or(rest.len())]
 }

@@ -92,7 +92,11 @@ impl Metadata {
     /// [`from_stored`](Self::from_stored) or deserialized as a record
     /// ([`deserialize_stored`](Self::deserialize_stored)) skipped the checks,
     /// and PostgreSQL would refuse a NUL character with an error that
-    /// names no field, or store a number that comes back changed.
+    /// names no field, or store a number that comes back changed. A write
+    /// is held to a write's limits whatever made its metadata: what a store
+    /// returned beyond them (a merge grown past 64 KiB, a GitHub
+    /// integration's settings one level deeper than a write may nest) is
+    /// refused if written back as it is.
     ///
     /// ```
     /// use dployr_domain::Metadata;
