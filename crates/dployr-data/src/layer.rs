@@ -348,8 +348,9 @@ impl DataLayer {
     /// copy of the user read before the delete (a sign-in finishing at that
     /// moment), which lives until its TTL, so code that must not serve a
     /// deleted user checks the user, not only the session; and on
-    /// Cloudflare, whose listings lag, sessions made in the last minute
-    /// (see [`KvStore::delete_user_sessions`]).
+    /// Cloudflare, whose listings lag (60 s "or more", no promised bound),
+    /// sessions its listing does not show yet (see
+    /// [`KvStore::delete_user_sessions`]).
     ///
     /// ```no_run
     /// # fn close(data: &dployr_data::DataLayer, user: &dployr_data::UserId) -> dployr_data::StoreResult<()> {

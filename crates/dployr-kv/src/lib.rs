@@ -6,7 +6,7 @@
 //! | backend | read-your-writes | atomic `take` / exact `increment` | expiry |
 //! |---|---|---|---|
 //! | [`MemoryKv`] | yes | yes (one lock) | to the millisecond on its [`Clock`] |
-//! | [`CloudflareKv`] | no (reads up to 60 s stale) | no (read, then write) | whole seconds, 60 s to 2^31 − 1 s |
+//! | [`CloudflareKv`] | no (reads stale for 60 s "or more", Cloudflare's words: no bound) | no (read, then write) | whole seconds, 60 s to 2^31 − 1 s |
 //! | [`PgKv`] | yes | yes (`DELETE ... RETURNING`, `INSERT ... ON CONFLICT`) | server's `now()`; rows purged in batches |
 //!
 //! [`KvStore`] keeps sessions on one backend and the one-time records (OAuth

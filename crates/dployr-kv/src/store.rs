@@ -38,7 +38,7 @@
 //! **Sign-in and sign-out in this process.** A backend with stale reads may
 //! miss a session for a while after it was created (Cloudflare caches the
 //! answer "not found" too), or return it for a while after it was deleted
-//! (up to 60 s). The store remembers the sessions this process deleted, for
+//! (Cloudflare documents 60 s "or more", and promises no bound). The store remembers the sessions this process deleted, for
 //! [`DELETED_SESSION_MEMORY`], and never returns them: one who signs out is
 //! signed out at once in this process. It also remembers the sessions it
 //! created, until a read of the backend shows them and for at most
@@ -92,13 +92,15 @@ const OTP_HASH_DOMAIN: &[u8] = b"dployr otp v2\0";
 
 /// How long a store remembers a session it deleted, on a backend whose
 /// reads may be stale, so that a stale read cannot bring it back in this
-/// process: Cloudflare documents up to 60 s before a change is seen
-/// everywhere.
+/// process: Cloudflare documents 60 s "or more" before a change is seen
+/// everywhere. Sized for its 60 s with a margin; a read staler than that
+/// (which Cloudflare does not rule out) could bring a session this process
+/// deleted back in it, and nothing here can know.
 pub const DELETED_SESSION_MEMORY: Duration = Duration::from_secs(90);
 
 /// How long, at most, a store answers for a session it created while the
-/// backend does not show it yet (Cloudflare's 60 s); it stops as soon as a
-/// read of the backend shows it.
+/// backend does not show it yet (Cloudflare's documented 60 s, "or more");
+/// it stops as soon as a read of the backend shows it.
 pub const CREATED_SESSION_MEMORY: Duration = Duration::from_secs(60);
 
 /// What a store did lately to a session key, on a backend whose reads may

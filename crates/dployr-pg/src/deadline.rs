@@ -23,7 +23,9 @@
 //!    the connection's socket down (`shutdown(2)`), which makes libpq's
 //!    blocked read or write fail at once.
 //!
-//! Either way the caller gets `StoreError::Unavailable` naming the deadline,
+//! Either way the caller gets `StoreError::Unavailable` naming the deadline
+//! (unless the server answered before the cancel took effect: a result, or
+//! a `NotFound`, `Conflict` or `Invalid` verdict, is returned as it is),
 //! and the connection is discarded when it goes back to the pool
 //! ([`PgConnectionManager::has_broken`]), even when the cancel worked: a
 //! connection a cancel may still hit is never handed out again.

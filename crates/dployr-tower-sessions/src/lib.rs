@@ -57,7 +57,7 @@
 //!   pool. A dropped future does not stop a write that started.
 //!
 //! **Stale reads (Cloudflare).** Workers KV documents that a write may take
-//! up to 60 s to be seen, and tower-sessions saves and loads a session on
+//! 60 s "or more" to be seen (no promised bound), and tower-sessions saves and loads a session on
 //! every request: read straight from the backend, a session would not load
 //! right after sign-in, or load its old version, or still load after
 //! sign-out. So on a backend whose [`KvLimits::read_your_writes`] is false,
@@ -82,11 +82,11 @@
 //!
 //! What still does not hold: the memory is this process's only. Another
 //! process (another server or region, or a store not cloned from this one)
-//! may read for up to 60 s what the backend held before: a session just
+//! may read for 60 s or more what the backend held before: a session just
 //! created may not load there (a request that lands on another server finds
 //! no session), a saved one may load in its previous version, a deleted one
 //! may still load, and a sign-out everywhere there may miss sessions saved
-//! elsewhere in the last minute (see [`UserSessionIndex`]). Within the
+//! elsewhere that the listing does not show yet (see [`UserSessionIndex`]). Within the
 //! window this process prefers its own write even to a newer one made
 //! elsewhere. Of two saves of one session at once in this process, the
 //! memory may keep one and the backend the other until the window passes
@@ -127,8 +127,9 @@ const CREATE_ATTEMPTS: usize = 8;
 
 /// How long, on a backend whose reads may be stale, this process prefers
 /// what it wrote to a record over what the backend answers: Cloudflare
-/// documents that a write may take up to 60 s to be seen, so after that the
-/// backend's answer is at least as new as this process's write. (`KvLimits`
+/// documents that a write may take 60 s "or more" to be seen: after that the
+/// backend's answer is taken to be at least as new as this process's write,
+/// which a staler read (not ruled out) would break. (`KvLimits`
 /// states no staleness bound, only that reads may be stale.)
 pub const STALE_READ_WINDOW: Duration = Duration::from_secs(60);
 
@@ -238,9 +239,9 @@ impl KvSessionStore {
     /// [`STALE_READ_WINDOW`] (each counted once). Exact on memory and
     /// PostgreSQL for every session saved before the call, and a save in
     /// flight does not bring one back; on Cloudflare, sessions saved by
-    /// other processes in the last minute may be missed (see
-    /// [`UserSessionIndex`]), the deleted ones may still load in other
-    /// processes for up to a minute, and a stale read may count an ended
+    /// other processes that the listing does not show yet (60 s "or more")
+    /// may be missed (see [`UserSessionIndex`]), the deleted ones may still
+    /// load in other processes for as long, and a stale read may count an ended
     /// session as live or a live one as ended (it is deleted all the same).
     ///
     /// # Errors
