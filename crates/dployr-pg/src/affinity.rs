@@ -29,7 +29,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -75,7 +75,18 @@ pub(crate) struct Affinity {
     parked: AtomicU32,
     max_size: u32,
     events: Arc<PoolEvents>,
+    /// When a call last found its server read-only and marked the pool's
+    /// connections made before then to be replaced ([`saw_read_only`](Self::saw_read_only)):
+    /// µs after the pool's clock origin, plus one; 0 never.
+    read_only_seen: AtomicU64,
 }
+
+/// How often, at most, a read-only server makes the pool replace its
+/// connections: after a switchover the first refused write replaces them
+/// all (the new ones follow the URL to the server that writes); on a server
+/// that stays read-only, writes that fail do not each open a connection, at
+/// most the pool's size is opened again per interval.
+const READ_ONLY_REPLACE_EVERY: Duration = Duration::from_secs(1);
 
 /// A thread's slot, on a cache line of its own: threads on different
 /// cores would otherwise write to one line at every call.
@@ -91,11 +102,34 @@ struct Parked {
 impl Affinity {
     /// The slots of a pool of `max_size` connections, swept by the process's sweeper.
     pub(crate) fn new(max_size: u32, events: Arc<PoolEvents>) -> Arc<Self> {
+        // The coarse clock's origin is fixed no later than the pool, so that
+        // every connection and every mark of the pool counts after it.
+        crate::deadline::micros_since_origin(Instant::now());
         let slots = (0..max_size.max(1)).map(|_| Slot(Mutex::new(None))).collect();
-        let affinity =
-            Arc::new(Self { slots, looking: AtomicUsize::new(0), parked: AtomicU32::new(0), max_size, events });
+        let affinity = Arc::new(Self {
+            slots,
+            looking: AtomicUsize::new(0),
+            parked: AtomicU32::new(0),
+            max_size,
+            events,
+            read_only_seen: AtomicU64::new(0),
+        });
         Sweeper::get().register(&affinity);
         affinity
+    }
+
+    /// A call found its server read-only (25006): a primary that became a
+    /// standby, or the old primary of a switchover left up read-only. Every
+    /// connection made before now is replaced at its next checkout, at most
+    /// once per [`READ_ONLY_REPLACE_EVERY`].
+    pub(crate) fn saw_read_only(&self, now: Instant) {
+        let last = self.read_only_seen.load(Ordering::Relaxed);
+        let now_micros = crate::deadline::micros_since_origin(now) + 1;
+        let due = last == 0 || now_micros.saturating_sub(last) >= READ_ONLY_REPLACE_EVERY.as_micros() as u64;
+        if due {
+            // One caller of those racing here moves the mark; the others' is as good.
+            let _ = self.read_only_seen.compare_exchange(last, now_micros, Ordering::Relaxed, Ordering::Relaxed);
+        }
     }
 
     /// Connections parked now.
@@ -126,9 +160,10 @@ impl Affinity {
         loop {
             let mut conn = self.take(pool, deadline.saturating_duration_since(Instant::now()))?;
             let info = crate::pool::conn_info(&mut conn).unwrap_or_default();
+            let now = Instant::now();
+            let on_a_read_only_server = info.made_before(self.read_only_seen.load(Ordering::Relaxed));
             if discarded > self.max_size
-                || !info.unused_for(CHECK_AFTER_UNUSED, Instant::now())
-                || !info.closed_by_server()
+                || (!on_a_read_only_server && (!info.unused_for(CHECK_AFTER_UNUSED, now) || !info.closed_by_server()))
             {
                 return Ok((conn, info));
             }
@@ -374,6 +409,23 @@ impl Sweeper {
 mod tests {
     use super::*;
     use crate::pool::conn_info;
+
+    /// A server that stays read-only makes the pool replace its connections
+    /// at most once per interval, not once per refused write.
+    #[test]
+    fn a_read_only_server_moves_the_replacement_mark_at_most_once_per_interval() {
+        let affinity = Affinity::new(4, PoolEvents::new("test.read_only", 4));
+        let mark = || affinity.read_only_seen.load(Ordering::Relaxed);
+        assert_eq!(mark(), 0);
+        let first = Instant::now();
+        affinity.saw_read_only(first);
+        let marked = mark();
+        assert_ne!(marked, 0);
+        affinity.saw_read_only(first + READ_ONLY_REPLACE_EVERY / 2);
+        assert_eq!(mark(), marked, "moved again within the interval");
+        affinity.saw_read_only(first + READ_ONLY_REPLACE_EVERY);
+        assert!(mark() > marked, "not moved once the interval passed");
+    }
 
     #[test]
     fn threads_alive_together_have_different_indexes() {

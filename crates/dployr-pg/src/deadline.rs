@@ -180,6 +180,12 @@ impl ConnInfo {
     pub(crate) fn closed_by_server(&self) -> bool {
         self.socket.is_some_and(Socket::closed_by_peer)
     }
+
+    /// Whether it was made before `mark` (µs after the clock origin, plus
+    /// one; 0: no mark).
+    pub(crate) fn made_before(&self, mark: u64) -> bool {
+        mark != 0 && self.made.is_some_and(|made| micros_since_origin(made) + 1 < mark)
+    }
 }
 
 /// The origin of the pool's coarse clock ([`ConnInfo::given_back`]).
@@ -188,7 +194,7 @@ fn clock_origin() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
 
-fn micros_since_origin(at: Instant) -> u64 {
+pub(crate) fn micros_since_origin(at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(clock_origin()).as_micros()).unwrap_or(u64::MAX - 1)
 }
 
@@ -486,8 +492,10 @@ impl Deadlines {
         let guard = CallGuard::new(Arc::clone(&call));
         watchdog().watch(&call, cancel_at, Step::Cancel);
         let result = work(&mut conn);
-        if result.as_ref().is_err_and(crate::errors::connection_to_discard) {
-            info.discard.store(true, Ordering::Release);
+        match &result {
+            Err(error) if crate::errors::lost_connection(error) => info.discard.store(true, Ordering::Release),
+            Err(error) if crate::errors::read_only_server(error) => affinity.saw_read_only(Instant::now()),
+            _ => {}
         }
         let expired = guard.finish();
         // Given back (and, if expired, discarded) before the caller sees the result.

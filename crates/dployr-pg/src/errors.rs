@@ -286,15 +286,15 @@ pub(crate) fn lost_connection(error: &StoreError) -> bool {
     passing_cause(error) == Some(Transient::ConnectionLost)
 }
 
-/// Whether the connection `error` came from must not be handed out again:
-/// it is gone ([`lost_connection`]), or its server only reads (25006). A
-/// primary that became read-only (a switchover that leaves the old primary
-/// up, `default_transaction_read_only`) keeps its open sessions; a new
+/// Whether `error` says that the server only reads (25006). A primary that
+/// became read-only (a switchover that leaves the old primary up,
+/// `default_transaction_read_only`) keeps its open sessions; a new
 /// connection follows the URL (DNS, `target_session_attrs=read-write`) to
-/// the server that writes now, while a kept one would fail every write
-/// and serve old data for as long as the pool keeps it.
-pub(crate) fn connection_to_discard(error: &StoreError) -> bool {
-    matches!(passing_cause(error), Some(Transient::ConnectionLost | Transient::ReadOnly))
+/// the server that writes now, while a kept one would fail every write and
+/// serve old data for as long as the pool keeps it: the pool replaces its
+/// connections (`Affinity::saw_read_only`).
+pub(crate) fn read_only_server(error: &StoreError) -> bool {
+    passing_cause(error) == Some(Transient::ReadOnly)
 }
 
 /// The passing cause behind an `Unavailable` mapped from a diesel error.
