@@ -794,6 +794,21 @@ fn a_membership_copy_of_the_profile_cannot_differ_from_its_user() {
     );
 }
 
+/// Two instances of one cluster (and its owner), for the tokens' tests.
+fn two_instances(conn: &mut PgConnection) -> (String, String) {
+    let o = user(conn, 1);
+    let c = cluster(conn, 10, &o);
+    let (i1, i2) = (id(20), id(21));
+    session(
+        conn,
+        &format!(
+            "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{i1}', '{c}', 'h1', 't1'), ('{i2}', '{c}', 'h2', 't2')"
+        ),
+    )
+    .unwrap();
+    (i1, i2)
+}
+
 /// A used token's nonce is spent for good: it stays remembered when the
 /// token goes (a delete, its instance's cascade, a TRUNCATE), no token is
 /// made or renamed with it again, and a used token keeps its nonce.
@@ -801,14 +816,11 @@ fn a_membership_copy_of_the_profile_cannot_differ_from_its_user() {
 fn a_spent_nonce_is_never_given_to_another_token_whatever_removed_the_first() {
     let db = dployr_testkit::database();
     let mut conn = db.connect();
-    let o = user(&mut conn, 1);
-    let c = cluster(&mut conn, 10, &o);
-    let (i1, i2) = (id(20), id(21));
+    let (i1, i2) = two_instances(&mut conn);
     session(
         &mut conn,
         &format!(
-            "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{i1}', '{c}', 'h1', 't1'), ('{i2}', '{c}', 'h2', 't2');
-             INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES
+            "INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES
                  ('deleted', '{i1}', now()), ('cascaded', '{i1}', now()), ('truncated', '{i2}', now()), ('renamed', '{i2}', now());
              INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('free', '{i2}');"
         ),
@@ -839,15 +851,10 @@ fn a_spent_nonce_is_never_given_to_another_token_whatever_removed_the_first() {
 fn a_token_made_while_the_used_one_with_its_nonce_is_deleted_is_refused() {
     let db = dployr_testkit::database();
     let mut conn = db.connect();
-    let o = user(&mut conn, 1);
-    let c = cluster(&mut conn, 10, &o);
-    let (i1, i2) = (id(20), id(21));
+    let (i1, i2) = two_instances(&mut conn);
     session(
         &mut conn,
-        &format!(
-            "INSERT INTO instances (id, cluster_id, address, tag) VALUES ('{i1}', '{c}', 'h1', 't1'), ('{i2}', '{c}', 'h2', 't2');
-             INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES ('raced', '{i1}', now());"
-        ),
+        &format!("INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES ('raced', '{i1}', now())"),
     )
     .unwrap();
     session(&mut conn, &format!("BEGIN; DELETE FROM instances WHERE id = '{i1}'")).unwrap();
