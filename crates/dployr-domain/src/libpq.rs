@@ -9,7 +9,7 @@
 //!
 //! // A `?` in the password does not start the parameters.
 //! let url = LibpqUrl::parse("postgres://app:pa?ss@db:5433/app?sslmode=require").unwrap();
-//! assert_eq!((url.host_ports, url.query), (vec!["5433"], Some("sslmode=require")));
+//! assert_eq!((url.hosts, url.host_ports, url.query), ("db:5433", vec!["5433"], Some("sslmode=require")));
 //! assert_eq!(conninfo_pairs("host=db port = 5433"), [("host".into(), "db".into()), ("port".into(), "5433".into())]);
 //! ```
 
@@ -22,6 +22,9 @@ pub fn has_url_scheme(conninfo: &str) -> bool {
 /// The parts of a libpq URL this module reads, found where libpq's URI
 /// parser (`conninfo_uri_parse_options` in fe-connect.c) finds them.
 pub struct LibpqUrl<'a> {
+    /// The hosts and their ports as written, between the user info and the
+    /// path or parameters (still percent-encoded; empty for none).
+    pub hosts: &'a str,
     /// The port written after each host, empty for a host without one.
     pub host_ports: Vec<&'a str>,
     /// What follows the `?` that starts the parameters, if one does.
@@ -38,10 +41,11 @@ impl<'a> LibpqUrl<'a> {
         // `/` only, and takes the first one: a password may hold a raw `?`,
         // `:` or `,` (not a `/` or an `@`), so the hosts and the query are
         // looked for after it.
-        let mut rest = match rest.find(['@', '/']) {
+        let after_user_info = match rest.find(['@', '/']) {
             Some(at) if rest[at..].starts_with('@') => &rest[at + 1..],
             _ => rest,
         };
+        let mut rest = after_user_info;
         let mut host_ports = Vec::new();
         loop {
             // `[IPv6]` (which holds `:`), or a name or address.
@@ -69,7 +73,8 @@ impl<'a> LibpqUrl<'a> {
         }
         // Then `/dbname`, which ends at the `?` of the parameters.
         let query = rest.split_once('?').map(|(_, query)| query);
-        Some(Self { host_ports, query })
+        let hosts = &after_user_info[..after_user_info.len() - rest.len()];
+        Some(Self { hosts, host_ports, query })
     }
 }
 
@@ -153,11 +158,10 @@ pub fn names_several_hosts(conninfo: &str) -> bool {
         let Some(url) = LibpqUrl::parse(conninfo) else { return false };
         let settings: Vec<(&str, &str)> =
             url.query.map_or_else(Vec::new, |query| query.split('&').filter_map(|pair| pair.split_once('=')).collect());
-        let hosts = url_hosts(conninfo);
         let several = url.host_ports.len() > 1
-            || lists_several(hosts)
+            || lists_several(url.hosts)
             || settings.iter().any(|(key, value)| host_setting(key) && lists_several(value));
-        (!hosts.is_empty() || settings.iter().any(|(key, _)| host_setting(key)), several)
+        (!url.hosts.is_empty() || settings.iter().any(|(key, _)| host_setting(key)), several)
     } else {
         let pairs = conninfo_pairs(conninfo);
         let several = pairs.iter().any(|(key, value)| host_setting(key) && lists_several(value));
@@ -166,15 +170,4 @@ pub fn names_several_hosts(conninfo: &str) -> bool {
     several
         || (!names_a_host
             && ["PGHOST", "PGHOSTADDR"].iter().any(|var| std::env::var(var).is_ok_and(|value| lists_several(&value))))
-}
-
-/// The hosts part of a libpq URL as written (between the user info and the
-/// path or parameters), as [`LibpqUrl::parse`] finds it.
-fn url_hosts(url: &str) -> &str {
-    let rest = url.strip_prefix("postgresql://").or_else(|| url.strip_prefix("postgres://")).unwrap_or_default();
-    let rest = match rest.find(['@', '/']) {
-        Some(at) if rest[at..].starts_with('@') => &rest[at + 1..],
-        _ => rest,
-    };
-    &rest[..rest.find(['/', '?']).unwrap_or(rest.len())]
 }
