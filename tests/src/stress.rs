@@ -584,6 +584,10 @@ impl World {
             17..=19 => self.call("clusters.create_for_owner", || {
                 let cluster = self.clusters.create_for_owner(&user)?;
                 remember(&self.cluster_ids, cluster.id);
+                let owner = cluster.owner().map(|member| member.user_id);
+                self.expect("clusters.create_for_owner", owner == Some(user), || {
+                    format!("asked for {user}'s cluster; got {} whose owner is {owner:?}", cluster.id)
+                });
                 Ok(())
             }),
             20..=27 => self.call("clusters.update (roles)", || {

@@ -112,7 +112,11 @@ pub trait ClusterStore: Send + Sync {
     /// The cluster `owner` owns; if none, a new one named after the owner's
     /// e-mail local part. Concurrent calls for one user create one cluster.
     /// A user who owns several (ownership transferred to an owner) gets the
-    /// oldest, the one [`owned_cluster`](Self::owned_cluster) names.
+    /// oldest, the one [`owned_cluster`](Self::owned_cluster) names. The
+    /// cluster answered always lists `owner` as its owner: one whose
+    /// ownership is transferred, or that is deleted, while this call runs is
+    /// answered only as it was before (else the next one owned, or a new
+    /// one).
     ///
     /// # Errors
     /// `NotFound` for an unknown user.

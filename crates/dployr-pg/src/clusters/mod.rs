@@ -242,9 +242,29 @@ impl ClusterStore for PgClusterStore {
                 .first(conn)
                 .optional()?
                 .ok_or_else(|| StoreError::not_found("user", &owner))?;
-            let owned: Option<String> = owned_by(&owner).select(clusters::id).first(conn).optional()?;
-            if let Some(owned) = owned {
-                return load_cluster(conn, &owned)?.ok_or_else(|| StoreError::not_found("cluster", &owned).into());
+            // The cluster found is read again by a later statement, which
+            // under READ COMMITTED sees what committed in between: a
+            // transfer of its ownership or its deletion (neither waits for
+            // the user's row). Return it only if that read still shows the
+            // user as its owner, as of that read's snapshot; otherwise look
+            // again. The clusters the user owns can only lose members while
+            // the user's row is locked (a transfer to the user share-locks
+            // it), so each turn of this loop finds one fewer and it ends.
+            let mut passed: Option<String> = None;
+            while let Some(owned) = owned_by(&owner).select(clusters::id).first::<String>(conn).optional()? {
+                if passed.as_deref() == Some(owned.as_str()) {
+                    return Err(StoreError::backend(
+                        "clusters.create_for_owner",
+                        format!("cluster {owned} is listed as owned by the user, yet read with another owner"),
+                    )
+                    .into());
+                }
+                match load_cluster(conn, &owned)? {
+                    Some(cluster) if cluster.owner().is_some_and(|member| member.user_id == *owner_id) => {
+                        return Ok(cluster);
+                    }
+                    _ => passed = Some(owned),
+                }
             }
             let user = dployr_domain::User::from(user);
             let cluster_id = ClusterId::generate().to_string();

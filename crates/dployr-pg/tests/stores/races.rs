@@ -508,3 +508,80 @@ fn pooled_connections_default_to_read_committed_where_the_database_defaults_to_r
             .unwrap();
     assert_eq!(level, "read committed");
 }
+
+/// Spins for `micros` microseconds: a sleep's granularity is too coarse to
+/// sweep a window of one round trip.
+fn spin(micros: i64) {
+    let until = Instant::now() + Duration::from_micros(micros.unsigned_abs());
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// What may happen to the cluster a user owns while that user signs in.
+#[derive(Clone, Copy, Debug)]
+enum Taken {
+    /// Its ownership goes to another member, the user staying an admin.
+    Transferred,
+    /// It is deleted.
+    Deleted,
+}
+
+/// `create_for_owner(U)` found the cluster U owned, then read it with a
+/// second statement, which under READ COMMITTED sees what committed in
+/// between: a transfer of its ownership (answered: a cluster U does not
+/// own) or its deletion (answered: `NotFound("cluster")`). Neither call
+/// waits for the other, so no lock can hold the window open: the test
+/// sweeps the second call's start across the first one's statements, a
+/// few microseconds a round, both ways.
+fn a_sign_in_answers_a_cluster_the_user_owns_while_it_is(taken: Taken) {
+    const ROUNDS: i64 = 300;
+    let f = Arc::new(Fixture::with_pool_size(4));
+    let mut others = 0;
+    for round in 0..ROUNDS {
+        let (owner, cluster) = f.owner(&format!("owner-{round}@example.io"));
+        let other = f.clusters.add_users(&cluster.id, &[email(&format!("other-{round}@example.io"))]).unwrap();
+        let other = other[0].user_id;
+        f.clusters.accept_invite(&other, &cluster.id).unwrap();
+        // The other call starts from 5 ms before the sign-in (long enough
+        // for it to end first on a busy machine) to 1 ms after, 20 µs a
+        // round.
+        let offset = (round - 250) * 20;
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let taking = {
+            let (f, start, cluster) = (Arc::clone(&f), Arc::clone(&start), cluster.id);
+            thread::spawn(move || {
+                start.wait();
+                spin(offset.max(0));
+                match taken {
+                    Taken::Transferred => f.clusters.transfer_ownership(&cluster, &other, Some(Role::Admin)),
+                    Taken::Deleted => f.clusters.delete(&cluster),
+                }
+            })
+        };
+        start.wait();
+        spin((-offset).max(0));
+        let signed_in = f.clusters.create_for_owner(&owner.id);
+        taking.join().unwrap().unwrap();
+        let signed_in = signed_in.unwrap_or_else(|e| panic!("round {round} ({taken:?}, offset {offset} µs): {e:?}"));
+        assert_eq!(
+            signed_in.owner().map(|m| m.user_id),
+            Some(owner.id),
+            "round {round} ({taken:?}, offset {offset} µs): the cluster answered is not the user's own"
+        );
+        others += usize::from(signed_in.id != cluster.id);
+    }
+    // The sweep covered both orders: some sign-ins came after the cluster
+    // was taken, and made the user a new one.
+    assert!(others > 0, "no sign-in came after the cluster was {taken:?}: the sweep missed");
+}
+
+#[test]
+fn a_sign_in_answers_a_cluster_the_user_owns_while_its_ownership_is_transferred() {
+    a_sign_in_answers_a_cluster_the_user_owns_while_it_is(Taken::Transferred);
+}
+
+#[test]
+fn a_sign_in_makes_a_new_cluster_while_the_one_the_user_owned_is_deleted() {
+    a_sign_in_answers_a_cluster_the_user_owns_while_it_is(Taken::Deleted);
+}
