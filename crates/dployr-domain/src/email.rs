@@ -31,8 +31,11 @@ const LOCAL_PART_ASCII_SYMBOLS: &str = "!#$%&'*+-/=?^_`{|}~.";
 ///
 /// The rule, applied by [`Email::parse`] in this order:
 ///
-/// 1. Surrounding whitespace is trimmed; the text is brought to Unicode NFC,
-///    lower-cased, and brought to NFC again (lower-casing can undo it). NFC
+/// 1. Surrounding whitespace is trimmed; the text is brought to Unicode NFC;
+///    the local part is then lower-cased and brought to NFC again
+///    (lower-casing can undo it), while the domain is left to IDNA (rule 4),
+///    which case-maps it itself (a capital sigma is `σ` there, never the
+///    final `ς` that `to_lowercase` would make of one ending a word). NFC
 ///    makes canonically equivalent spellings one address (`é` precomposed
 ///    or as `e` + U+0301; the Kelvin sign U+212A is `K`), which is what RFC
 ///    6532 asks of senders. NFKC is *not* applied: it would merge addresses
@@ -40,8 +43,9 @@ const LOCAL_PART_ASCII_SYMBOLS: &str = "!#$%&'*+-/=?^_`{|}~.";
 ///    one person could sign in as another; instead a local part that NFKC
 ///    would change (full-width letters, ligatures, superscripts) is refused.
 /// 2. No whitespace, control, format (`Cf`: zero-width characters, bidi
-///    overrides and isolates, byte-order mark) or other default-ignorable
-///    character anywhere: they make an address look like another one.
+///    overrides and isolates, byte-order mark), other default-ignorable or
+///    blank-rendering (U+2800 braille blank, ...) character anywhere: they
+///    make an address look like another one.
 /// 3. Exactly one `@`. The local part: 1 to 64 bytes, a dot-atom (no dot
 ///    first, last or twice in a row; ASCII limited to letters, digits and
 ///    `!#$%&'*+-/=?^_`{|}~`), not starting with a combining mark.
@@ -86,17 +90,23 @@ impl Email {
         if trimmed.len() > 4 * MAX_EMAIL_BYTES {
             return Err(invalid("is longer than 254 bytes"));
         }
-        let email = nfc(&nfc(trimmed).to_lowercase()).into_owned();
-        if let Some(reason) = email.chars().find_map(identifier_refuses) {
+        let normal = nfc(trimmed);
+        if let Some(reason) = normal.chars().find_map(identifier_refuses) {
             return Err(invalid(reason));
         }
-        let Some((local, domain)) = email.split_once('@') else {
+        let Some((local, domain)) = normal.split_once('@') else {
             return Err(invalid("has no @"));
         };
         if domain.contains('@') {
             return Err(invalid("has more than one @"));
         }
-        check_local_part(local)?;
+        // Only the local part is lower-cased here. The domain is case-mapped
+        // by UTS 46 in `ascii_domain`, which maps a capital sigma to `σ`
+        // everywhere; `to_lowercase` would first make one that ends a word
+        // `ς`, which UTS 46 keeps: another label, so one domain spelt in
+        // capitals and in small letters would be two users and the wrong host.
+        let local = nfc(&local.to_lowercase()).into_owned();
+        check_local_part(&local)?;
         let domain = ascii_domain(domain)?;
         let email = format!("{local}@{domain}");
         if email.len() > MAX_EMAIL_BYTES {
@@ -288,6 +298,18 @@ mod tests {
     }
 
     #[test]
+    fn blank_rendering_characters_in_the_local_part_are_refused_as_invisible() {
+        use crate::text::tests::{blank_rendering_characters, invalid_reason};
+        let invisible_reasons =
+            [invalid_reason(Email::parse("admin\u{200b}@x.io")), invalid_reason(Email::parse("admin\u{34f}@x.io"))];
+        for blank in blank_rendering_characters() {
+            for address in [format!("admin{blank}@x.io"), format!("ad{blank}min@x.io")] {
+                assert!(invisible_reasons.contains(&invalid_reason(Email::parse(&address))), "{address:?}");
+            }
+        }
+    }
+
+    #[test]
     fn limits_hold_exactly_at_their_boundary() {
         assert!(parse(&format!("{}@x.io", "a".repeat(64))).is_some());
         assert!(parse(&format!("a@{}.io", "l".repeat(63))).is_some());
@@ -311,6 +333,40 @@ mod tests {
         assert_eq!(parse("\u{391}\u{3c2}@x.gr"), parse("\u{3b1}\u{3c2}@x.gr"));
         assert_eq!(parse("\u{391}\u{3a3}\u{391}@x.gr").as_deref(), Some("\u{3b1}\u{3c3}\u{3b1}@x.gr"));
         assert_ne!(parse("\u{3b1}\u{3c3}@x.gr"), parse("\u{3b1}\u{3c2}@x.gr"));
+    }
+
+    /// The domain is case-mapped by UTS 46 alone, which maps a capital
+    /// sigma to the medial `σ` wherever it stands; Rust's `to_lowercase`
+    /// would make one that ends a word (before a hyphen, a digit or the end)
+    /// the final `ς`, a different label and a different domain.
+    #[test]
+    fn a_capital_sigma_in_the_domain_is_mapped_as_uts_46_maps_it() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &[
+                    "a@\u{392}\u{38c}\u{39b}\u{39f}\u{3a3}-X.COM",
+                    "a@\u{3b2}\u{3cc}\u{3bb}\u{3bf}\u{3c3}-x.com",
+                    "a@xn---x-e9b0buy4d.com",
+                ],
+                "a@xn---x-e9b0buy4d.com",
+            ),
+            (&["a@\u{39f}\u{394}\u{39f}\u{3a3}.GR", "a@\u{3bf}\u{3b4}\u{3bf}\u{3c3}.gr"], "a@xn--pxavbq.gr"),
+            (
+                &[
+                    "a@x.\u{39f}\u{394}\u{39f}\u{3a3}",
+                    "a@x.\u{39f}\u{394}\u{39f}\u{3a3}.",
+                    "a@x.\u{3bf}\u{3b4}\u{3bf}\u{3c3}",
+                ],
+                "a@x.xn--pxavbq",
+            ),
+        ];
+        for (spellings, stored) in cases {
+            for spelling in *spellings {
+                assert_eq!(parse(spelling).as_deref(), Some(*stored), "{spelling:?}");
+            }
+        }
+        // A final sigma typed as one is its own label under UTS 46: another domain.
+        assert_eq!(parse("a@x.\u{3bf}\u{3b4}\u{3bf}\u{3c2}").as_deref(), Some("a@x.xn--pxavbm"));
     }
 
     #[test]

@@ -9,14 +9,16 @@
 //!   looked up: they are brought to Unicode NFC and trimmed, and refused when
 //!   empty, too long, holding whitespace, a control or format character
 //!   (zero-width space, byte-order mark, bidi overrides: `Cc`, `Cf`), any other
-//!   default-ignorable code point, an unassigned one (`Cn`: its normal form
-//!   could change with a later Unicode), or starting with a combining mark.
-//!   Two identifiers that look the same are then the same bytes.
+//!   default-ignorable code point, a character that renders blank (U+2800
+//!   braille blank, U+1D159 null notehead), an unassigned one (`Cn`: its
+//!   normal form could change with a later Unicode), or starting with a
+//!   combining mark. Two identifiers that look the same are then the same bytes.
 //! - **Display text** (user and cluster names) is shown to people: brought to
-//!   NFC and trimmed, it must hold at least one visible character, and is
-//!   refused with a control character, a line or paragraph separator, or a
-//!   format character other than the zero-width (non-)joiner (U+200C/U+200D,
-//!   which Persian, Indic scripts and emoji sequences need). Bidi overrides
+//!   NFC and trimmed, it must hold at least one visible character (not one
+//!   of the invisible or blank-rendering characters above), and is refused
+//!   with a control character, a line or paragraph separator, or a format
+//!   character other than the zero-width (non-)joiner (U+200C/U+200D, which
+//!   Persian, Indic scripts and emoji sequences need). Bidi overrides
 //!   and isolates are format characters: refused, so a name cannot reorder
 //!   the text around it.
 //!
@@ -96,6 +98,20 @@ pub(crate) fn is_mark(c: char) -> bool {
     )
 }
 
+/// Characters that render as blank space yet are neither whitespace, nor
+/// format characters, nor default-ignorable, so no property check catches
+/// them: U+2800 BRAILLE PATTERN BLANK and U+1D159 MUSICAL SYMBOL NULL
+/// NOTEHEAD (both `So`). No Unicode property says "renders blank", so they
+/// are listed. The other usual blanks are default-ignorable and refused as
+/// such: the Hangul fillers U+115F, U+1160, U+3164 and U+FFA0 (letters),
+/// and the musical formatting controls U+1D173..U+1D17A (format characters).
+const RENDERS_BLANK: [char; 2] = ['\u{2800}', '\u{1d159}'];
+
+/// Whether `c` is one of [`RENDERS_BLANK`].
+fn renders_blank(c: char) -> bool {
+    RENDERS_BLANK.contains(&c)
+}
+
 /// Why `c` may not appear in an identifier (or an e-mail address), if it may not.
 pub(crate) fn identifier_refuses(c: char) -> Option<&'static str> {
     if c.is_whitespace() {
@@ -108,7 +124,7 @@ pub(crate) fn identifier_refuses(c: char) -> Option<&'static str> {
         // Its case and normal form are those of no character yet, and may
         // change with a later Unicode: one value could become two.
         GeneralCategory::Unassigned => Some("contains an unassigned code point"),
-        _ if is_default_ignorable(c) => Some("contains an invisible character"),
+        _ if is_default_ignorable(c) || renders_blank(c) => Some("contains an invisible character"),
         _ => None,
     }
 }
@@ -126,11 +142,12 @@ fn display_refuses(c: char) -> Option<&'static str> {
 }
 
 /// Whether `c` shows something: not whitespace, not a mark, not a control,
-/// format, separator or default-ignorable code point.
+/// format, separator, default-ignorable or blank-rendering code point.
 fn is_visible(c: char) -> bool {
     !c.is_whitespace()
         && !is_mark(c)
         && !is_default_ignorable(c)
+        && !renders_blank(c)
         && !matches!(
             category(c),
             GeneralCategory::Control
@@ -336,8 +353,33 @@ validated_text! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Letters and symbols that render as blank space (Hangul fillers,
+    /// braille blank, a null notehead): not whitespace, not format characters.
+    pub(crate) fn blank_letters_and_symbols() -> Vec<char> {
+        vec!['\u{2800}', '\u{3164}', '\u{ffa0}', '\u{115f}', '\u{1160}', '\u{1d159}']
+    }
+
+    /// The musical formatting controls U+1D173..U+1D17A: format characters
+    /// that render as nothing.
+    pub(crate) fn blank_format_controls() -> Vec<char> {
+        ('\u{1d173}'..='\u{1d17a}').collect()
+    }
+
+    /// Every character of both lists above.
+    pub(crate) fn blank_rendering_characters() -> Vec<char> {
+        [blank_letters_and_symbols(), blank_format_controls()].concat()
+    }
+
+    /// The `(field, reason)` of an `Invalid` error, to compare errors by value.
+    pub(crate) fn invalid_reason<T: fmt::Debug>(result: Result<T, StoreError>) -> (&'static str, String) {
+        match result {
+            Err(StoreError::Invalid { field, reason }) => (field, reason.into_owned()),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
 
     #[test]
     fn identifiers_that_look_alike_are_the_same_bytes() {
@@ -349,6 +391,42 @@ mod tests {
         for invisible in ["\u{200b}", "\u{feff}", "\u{2060}", "\u{3164}", "\u{00ad}", "\u{202e}", "\u{2066}"] {
             assert!(Tag::parse(&format!("a{invisible}b")).is_err(), "{invisible:?}");
             assert!(DisplayName::parse(invisible).is_err(), "{invisible:?}");
+        }
+    }
+
+    #[test]
+    fn blank_rendering_characters_are_refused_as_invisible_in_identifiers_and_names() {
+        let identifier_reasons = [
+            invalid_reason(Tag::parse("web-1\u{200b}")),
+            invalid_reason(Tag::parse("web-1\u{2060}")),
+            invalid_reason(Tag::parse("web-1\u{34f}")),
+        ];
+        let name_reasons =
+            [invalid_reason(DisplayName::parse("\u{200b}")), invalid_reason(DisplayName::parse("\u{34f}"))];
+        for blank in blank_rendering_characters() {
+            for tag in [format!("web-1{blank}"), format!("web{blank}1"), format!("{blank}web-1")] {
+                assert!(identifier_reasons.contains(&invalid_reason(Tag::parse(&tag))), "{tag:?}");
+            }
+            let alone = blank.to_string();
+            assert!(name_reasons.contains(&invalid_reason(DisplayName::parse(&alone))), "{alone:?}");
+            let cluster_reason = invalid_reason(ClusterName::parse(&format!(" {alone} ")));
+            assert!(name_reasons.contains(&cluster_reason), "{alone:?}");
+        }
+    }
+
+    /// A blank letter or symbol next to visible ones is kept, as the Hangul
+    /// filler U+3164 always was (it is not counted as visible, and a name
+    /// has no rule against invisible letters); a blank format control is
+    /// refused, as the zero-width space is.
+    #[test]
+    fn a_name_with_a_blank_and_a_visible_character_keeps_its_behaviour() {
+        for blank in blank_letters_and_symbols() {
+            let name = format!("Ada{blank}Lovelace");
+            assert_eq!(DisplayName::parse(&name).unwrap().as_str(), name);
+        }
+        let format_reason = invalid_reason(DisplayName::parse("Ada\u{200b}Lovelace"));
+        for blank in blank_format_controls() {
+            assert_eq!(invalid_reason(DisplayName::parse(&format!("Ada{blank}Lovelace"))), format_reason);
         }
     }
 
