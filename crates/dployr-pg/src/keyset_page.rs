@@ -16,9 +16,10 @@
 //! promise that a join keeps the page's order, so [`paged`] sorts the (at
 //! most a page of) items by the key itself, one pass over items that arrive
 //! sorted; a second sort in the server cost about 15 % of the statement
-//! (pgbench, 51 instances). The store's order is the server's: ids are
-//! ULIDs (`[0-9A-Z]`, one length) and member e-mails are `COLLATE "C"`
-//! (`005_member_email_order`), so both compare as bytes. Each row decodes,
+//! (pgbench, 51 instances). The store's order is the server's: instance
+//! ids (`015_instance_ids_by_bytes`) and member e-mails
+//! (`005_member_email_order`) are `COLLATE "C"`, so both compare as bytes
+//! there too, whatever the database's locale. Each row decodes,
 //! by position, as a [`Counted`] row (crates.io's `WithCount<T>` is the
 //! model): the total beside an item, absent (its columns all NULL) in the
 //! one row of an empty page. The total is one row of `cluster_counts`, kept by

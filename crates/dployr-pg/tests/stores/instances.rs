@@ -150,3 +150,56 @@ fn list_by_cluster_pages_newest_first_by_cursor_and_offset_with_the_total() {
         f.instances.list_by_cluster(&cluster.id, &Page::after(dployr_domain::Cursor::new("xyz"), 5)).unwrap_err();
     assert!(matches!(error, StoreError::Invalid { field: "cursor", .. }), "{error}");
 }
+
+/// Instances made in one microsecond (bulk inserts, restored dumps) are
+/// ordered by id, and a page may end between two of them: the server's
+/// order, the keyset and the store's own sort must all compare ids alike.
+/// The store compares bytes; so must the server, whatever the database's
+/// locale (under `cs`, `…CH…` sorts after `…CZ…`, and a page ending
+/// between two such instances skipped one for good): the column is
+/// `COLLATE "C"` (`015_instance_ids_by_bytes`). The test server's locale
+/// is C, where the order was already right, so the collation is checked
+/// directly too.
+#[test]
+fn instances_made_in_one_microsecond_are_each_listed_once_in_the_bytes_order_of_their_ids() {
+    let f = Fixture::new();
+    let (_, cluster) = f.owner("ada@example.io");
+    let ids = [
+        "01J00000000000000000000CH0",
+        "01J00000000000000000000CZ0",
+        "01J00000000000000000000H00",
+        "01J0000000000000000000AA00",
+    ];
+    for (i, id) in ids.iter().enumerate() {
+        f.count(&format!(
+            "WITH made AS (INSERT INTO instances (id, cluster_id, address, tag, created_at) \
+             VALUES ('{id}', '{}', '10.9.0.{i}', 'tie-{i}', '2026-01-01T00:00:00Z') RETURNING 1) \
+             SELECT count(*) FROM made",
+            cluster.id
+        ));
+    }
+    let mut newest_first: Vec<&str> = ids.to_vec();
+    newest_first.sort_unstable_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
+    let mut listed = Vec::new();
+    let mut page = Page::first(1);
+    loop {
+        let paged = f.instances.list_by_cluster(&cluster.id, &page).unwrap();
+        assert_eq!(paged.total, 4);
+        listed.extend(paged.items.iter().map(|instance| instance.id.to_string()));
+        match paged.next {
+            Some(next) => page = Page::after(next, 1),
+            None => break,
+        }
+    }
+    assert_eq!(listed, newest_first);
+    let collation = f.inspect(|conn| {
+        use diesel::prelude::*;
+        diesel::dsl::sql::<diesel::sql_types::Text>(
+            "SELECT collation_name::text FROM information_schema.columns \
+             WHERE table_name = 'instances' AND column_name = 'id'",
+        )
+        .get_result::<String>(conn)
+        .unwrap()
+    });
+    assert_eq!(collation, "C", "instance ids compare by their bytes on every server");
+}

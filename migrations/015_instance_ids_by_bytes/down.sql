@@ -1,0 +1,1 @@
+ALTER TABLE instances ALTER COLUMN id TYPE TEXT COLLATE "default";

@@ -1,0 +1,17 @@
+-- The instance listings go newest first: by creation time, then by id when
+-- two instances were made in the same microsecond (bulk inserts, restored
+-- dumps, concurrent creations). The id compared under the database's
+-- default collation, while the store puts each page in order, and takes the
+-- next page's cursor from its last row, by the id's bytes. On a database
+-- whose locale orders some letters otherwise (cs and sk sort `CH` after
+-- `H`, da and nb read `AA` as `Å`, hu has digraphs; ULIDs use all those
+-- letters), two instances of one creation time came from the server in one
+-- order and were kept in the other: a page that ended between them skipped
+-- one for good. Ids are identifiers, not prose: compare them by their
+-- bytes, on every server, as 005 did for member e-mails.
+--
+-- A collation-only change rewrites no table rows; the indexes on the column
+-- (`instances_pkey`, `instances_cluster_id_created_at_idx`) are rebuilt, and
+-- the foreign key of `bootstrap_tokens` checked again, under an ACCESS
+-- EXCLUSIVE lock on instances for the time that takes.
+ALTER TABLE instances ALTER COLUMN id TYPE TEXT COLLATE "C";
