@@ -95,6 +95,12 @@ pub trait BootstrapTokenStore: Send + Sync {
     /// Marks the token used: `true` for exactly one caller per nonce, also
     /// under concurrency; `false` if it was used already or does not exist.
     /// A nonce no token can have is refused when the [`Nonce`] is made.
+    ///
+    /// A call that fails `Unavailable` (the connection lost, the server
+    /// restarting) may have marked the token before its answer was lost;
+    /// then no call ever answers `true` for it, and a retry answers
+    /// `false`. Treat such a token as spent, as a caller who never learned
+    /// the answer must: issue a new one (a new nonce) rather than retry.
     fn mark_used(&self, nonce: &Nonce) -> StoreResult<bool>;
 
     /// Whether the token was used; an unknown nonce counts as used.

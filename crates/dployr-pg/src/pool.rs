@@ -243,10 +243,18 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
         // server's setting), and READ COMMITTED for the statements sent
         // outside a transaction (a transaction names it in its BEGIN): one
         // that waited on a row lock then reads the holder's commit instead
-        // of failing to serialize, whatever default the database sets.
+        // of failing to serialize, whatever default the database sets. And
+        // durable commits where the database or role turned them off
+        // (`synchronous_commit = off`, a common tuning): a write answered
+        // `Ok` must survive a crash of the server, or a token marked used
+        // once is marked used again after it, and a sign-out or a removal
+        // from a cluster is undone. Any other level (`local`, `remote_write`,
+        // `remote_apply`) is the operator's and is kept.
         let mut setup = String::from(
             "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
-             SET default_transaction_isolation = 'read committed';",
+             SET default_transaction_isolation = 'read committed'; \
+             DO $$ BEGIN IF current_setting('synchronous_commit') = 'off' THEN SET synchronous_commit = 'on'; \
+             END IF; END $$;",
         );
         if let Some(timeout) = self.statement_timeout {
             setup.push_str(&format!(" SET statement_timeout = {};", timeout.as_millis()));

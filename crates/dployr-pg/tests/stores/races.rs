@@ -509,6 +509,31 @@ fn pooled_connections_default_to_read_committed_where_the_database_defaults_to_r
     assert_eq!(level, "read committed");
 }
 
+/// A database (or role) may turn durable commits off for speed; a
+/// `mark_used` answered `true` there was lost with a crash of the server,
+/// and answered `true` again after it. The pool's connections commit
+/// durably whatever the default, and keep a stricter level set there.
+#[test]
+fn pooled_connections_commit_durably_where_the_database_turned_it_off_and_keep_a_stricter_level() {
+    let f = Fixture::new();
+    let level_where_the_database_says = |level: &str| -> String {
+        f.db.connect()
+            .batch_execute(&format!(
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = %L',
+                                            current_database(), '{level}'); END $$;"
+            ))
+            .unwrap();
+        let pool = PgPool::connect(f.db.url(), PoolConfig { max_size: 1, ..PoolConfig::default() }).unwrap();
+        let mut conn = pool.get().unwrap();
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('synchronous_commit')"))
+            .get_result(&mut *conn)
+            .unwrap()
+    };
+    assert_eq!(level_where_the_database_says("off"), "on");
+    assert_eq!(level_where_the_database_says("remote_apply"), "remote_apply");
+    assert_eq!(level_where_the_database_says("local"), "local");
+}
+
 /// Spins for `micros` microseconds: a sleep's granularity is too coarse to
 /// sweep a window of one round trip.
 fn spin(micros: i64) {
