@@ -923,3 +923,43 @@ fn a_revert_blocked_by_live_traffic_gives_up_after_its_attempts_and_names_the_lo
     let mut conn = db.connect();
     assert_eq!(recorded(&mut conn), ["001_t"], "the revert left the migration applied");
 }
+
+/// Reverting 014 would forget the nonces of used tokens that were deleted,
+/// and let them be issued and used again: refused while there are any,
+/// naming the migration, with nothing reverted; once they are deleted on
+/// purpose, it reverts.
+#[test]
+fn reverting_the_spent_nonces_migration_is_refused_while_it_remembers_any() {
+    let db = empty_database();
+    let runner = MigrationRunner::new(db.url(), MigrationSet::embedded().unwrap());
+    runner.run_pending(&mut |_| {}).unwrap();
+    let mut conn = db.connect();
+    conn.batch_execute(
+        "BEGIN;
+         INSERT INTO users (id, email, name, provider) VALUES ('01J00000000000000000000A00', 'a@x.io', 'a', 'email');
+         INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000C00', 'c');
+         INSERT INTO user_clusters (user_id, cluster_id, role)
+              VALUES ('01J00000000000000000000A00', '01J00000000000000000000C00', 'owner');
+         COMMIT;
+         INSERT INTO instances (id, cluster_id, address, tag)
+              VALUES ('01J00000000000000000000100', '01J00000000000000000000C00', '10.0.0.1', 'i');
+         INSERT INTO bootstrap_tokens (instance_id, nonce, used_at)
+              VALUES ('01J00000000000000000000100', 'nonce-1', now());
+         DELETE FROM bootstrap_tokens;",
+    )
+    .unwrap();
+    // Down to 014: every later migration reverts as usual.
+    let last_applied = || {
+        let status = runner.status().unwrap();
+        status.into_iter().rfind(|s| matches!(s.state, MigrationState::Applied { .. })).unwrap().name
+    };
+    while last_applied() != "014_spent_nonces_remembered" {
+        runner.revert_last(&mut |_| {}).unwrap();
+    }
+    let before = db.schema_dump().unwrap();
+    let error = runner.revert_last(&mut |_| {}).unwrap_err().to_string();
+    assert!(error.contains("014_spent_nonces_remembered") && error.contains("1 spent nonce"), "{error}");
+    assert_eq!(db.schema_dump().unwrap(), before, "nothing reverted");
+    conn.batch_execute("DELETE FROM spent_nonces").unwrap();
+    assert_eq!(runner.revert_last(&mut |_| {}).unwrap().as_deref(), Some("014_spent_nonces_remembered"));
+}
