@@ -891,6 +891,7 @@ macro_rules! session_store_contract_tests {
             session_store_expired_records_never_load,
             session_store_expiry_is_kept_within_the_backends_ttl_range,
             session_store_keys_hold_no_session_or_user_id,
+            session_store_values_hold_no_session_id,
             session_store_deletes_every_session_of_one_user_only,
             session_store_a_session_that_changed_user_is_ended_only_with_its_current_user,
             session_store_refuses_a_record_it_could_not_load_back,

@@ -202,6 +202,31 @@ pub fn session_store_keys_hold_no_session_or_user_id(f: &dyn KvFixture) {
     });
 }
 
+/// No stored value holds the session id either, in any form (the cookie's
+/// text, or the number it encodes): a leaked dump, backup or replica of the
+/// backend must hand out no live session. A load by the id still finds it.
+pub fn session_store_values_hold_no_session_id(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut r = record(3600, &[(USER_FIELD, "user-42")]);
+        ok(store.create(&mut r).await, "create");
+        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+        let (keys, _) = list_all(f.kv().as_ref(), "", 100);
+        let forms = [r.id.to_string(), r.id.0.to_string(), r.id.0.unsigned_abs().to_string()];
+        let mut read = 0;
+        for key in keys {
+            let Some(value) = f.kv().get(&key).unwrap_or_else(|e| panic!("get {key}: {e}")) else { continue };
+            read += 1;
+            let text = String::from_utf8_lossy(&value);
+            for form in &forms {
+                assert!(!text.contains(form.as_str()), "the value under {key} holds the session id ({form}): {text}");
+            }
+        }
+        assert!(read > 0, "no value was read");
+        assert_eq!(ok(store.load(&r.id).await, "load").map(|loaded| loaded.data), Some(r.data));
+    });
+}
+
 /// Signing a user out everywhere deletes each of their sessions and no one
 /// else's; a session without a user is not touched either.
 pub fn session_store_deletes_every_session_of_one_user_only(f: &dyn KvFixture) {

@@ -5,8 +5,9 @@
 //! own.
 //!
 //! - **Keys hold a hash.** A record lives under `tower_session:` and the
-//!   SHA-256 (hex) of its id, as `KvStore` keeps its sessions: a leaked
-//!   listing of the backend holds no usable session id.
+//!   SHA-256 (hex) of its id, as `KvStore` keeps its sessions, and its
+//!   value holds its data and expiry date, not its id: a leaked listing,
+//!   dump or backup of the backend holds no usable session id.
 //! - **Expiry is the backend's TTL.** A record is written with a TTL of the
 //!   time left until its `expiry_date`, raised to the backend's shortest TTL
 //!   (Cloudflare: 60 s) and cut to its longest ([`KvLimits`]); a record whose
@@ -110,6 +111,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dployr_domain::{KvBackend, KvLimits, StoreError, StoreResult};
 use dployr_kv::{Clock, RecentWrites, SystemClock, UserSessionIndex};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use tower_sessions_core::session::{Id, Record};
@@ -404,9 +406,9 @@ impl Inner {
     ///
     /// # Errors
     /// Backend errors; `Backend` ("decoding") for a record that does not decode.
-    fn stored(&self, key: &str) -> StoreResult<Option<Record>> {
+    fn stored(&self, key: &str) -> StoreResult<Option<Stored>> {
         match self.recent_write(key) {
-            Some(Written::Record(record)) => Ok(Some(record)),
+            Some(Written::Record(record)) => Ok(Some(Stored { data: record.data, expiry_date: record.expiry_date })),
             Some(Written::Deleting(_) | Written::Deleted) => Ok(None),
             None => match self.backend.get(key)? {
                 Some(value) => serde_json::from_slice(&value)
@@ -567,23 +569,46 @@ impl Inner {
     }
 
     fn load(&self, id: &Id) -> StoreResult<Option<Record>> {
-        let Some(record) = self.stored(&record_key(id))? else { return Ok(None) };
+        let Some(Stored { data, expiry_date }) = self.stored(&record_key(id))? else { return Ok(None) };
         // The TTL may have been raised to the backend's minimum, a backend
         // may expire coarsely, and the memory knows no TTL: the record's own
         // expiry decides.
-        Ok((record.id == *id && record.expiry_date > self.now()).then_some(record))
+        Ok((expiry_date > self.now()).then_some(Record { id: *id, data, expiry_date }))
     }
 }
 
-/// `record` as it is stored: JSON that decodes back into a record, or an
+/// A record's data: tower-sessions' `Record::data`, whose alias is private.
+type Data = std::collections::HashMap<String, serde_json::Value>;
+
+/// A record as it is stored: its data and expiry date, in tower-sessions'
+/// own encoding of them, but not its id. The id is the session's secret
+/// (the cookie is its text): the key holds only its hash, so that a leaked
+/// listing, dump, backup or replica of the backend hands out no live
+/// session, and the value must not hold it either. `load` knows the id it
+/// was asked for. (Records written before held an `id` too: it is ignored.)
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    data: Data,
+    expiry_date: OffsetDateTime,
+}
+
+/// What [`encode`] writes: [`Stored`], borrowed from a record.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    data: &'a Data,
+    expiry_date: OffsetDateTime,
+}
+
+/// `record` as it is stored ([`Stored`]): JSON that decodes back, or an
 /// encoding error. serde_json writes data nested deeper than it reads (it
 /// stops at 128 levels): such a record would be written, and then every
 /// load of its session would fail (in other processes at once, in this one
 /// once its memory of the write has passed), its user stuck with a broken
 /// session until it expired.
 fn encode(record: &Record) -> StoreResult<Vec<u8>> {
-    let value = serde_json::to_vec(record).map_err(|e| StoreError::backend("encoding a session record", e))?;
-    serde_json::from_slice::<Record>(&value)
+    let stored = StoredRef { data: &record.data, expiry_date: record.expiry_date };
+    let value = serde_json::to_vec(&stored).map_err(|e| StoreError::backend("encoding a session record", e))?;
+    serde_json::from_slice::<Stored>(&value)
         .map_err(|e| StoreError::backend("encoding a session record: it would not decode back", e))?;
     Ok(value)
 }
