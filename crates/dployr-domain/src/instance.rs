@@ -1,6 +1,8 @@
 //! Instances (the machines of a cluster) and their single-use bootstrap
 //! tokens, with the stores that keep them.
 
+use std::fmt;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -69,8 +71,9 @@ pub trait InstanceStore: Send + Sync {
     fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>>;
 }
 
-/// A single-use token an instance presents when it first connects.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A single-use token an instance presents when it first connects. Its
+/// `Debug` hides the nonce (see [`Nonce`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapToken {
     /// The instance it bootstraps.
     pub instance_id: InstanceId,
@@ -80,6 +83,17 @@ pub struct BootstrapToken {
     pub used_at: Option<DateTime<Utc>>,
     /// When it was issued.
     pub created_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for BootstrapToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BootstrapToken")
+            .field("instance_id", &self.instance_id)
+            .field("nonce", &format_args!("<redacted>"))
+            .field("used_at", &self.used_at)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
 }
 
 /// Where bootstrap tokens live.
@@ -105,4 +119,22 @@ pub trait BootstrapTokenStore: Send + Sync {
 
     /// Whether the token was used; an unknown nonce counts as used.
     fn is_used(&self, nonce: &Nonce) -> StoreResult<bool>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokens_debug_hides_its_nonce_and_shows_the_rest() {
+        let token = BootstrapToken {
+            instance_id: InstanceId::generate(),
+            nonce: "n-5ecret-8f2c1e".to_owned(),
+            used_at: None,
+            created_at: Utc::now(),
+        };
+        let shown = format!("{token:?} {:?} {:#?}", Nonce::parse(&token.nonce).unwrap(), token);
+        assert!(!shown.contains("5ecret"), "{shown}");
+        assert!(shown.contains(&token.instance_id.to_string()) && shown.contains("used_at"), "{shown}");
+    }
 }

@@ -198,7 +198,16 @@ fn display(field: &'static str, raw: &str, max_bytes: usize) -> Result<String, S
 }
 
 macro_rules! validated_text {
-    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr, $rule:ident) => {
+    // `secret`: a value that grants something (a bootstrap token's nonce):
+    // its `Debug` says only that it is there, so that a `{:?}` in a log does
+    // not hand it out (`Display` and `as_str` still give it).
+    (@debug $self:ident, $f:ident, $name:ident) => {
+        write!($f, concat!(stringify!($name), "({:?})"), $self.0)
+    };
+    (@debug $self:ident, $f:ident, $name:ident, secret) => {
+        $f.write_str(concat!(stringify!($name), "(<redacted>)"))
+    };
+    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr, $rule:ident $(, $secret:ident)?) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
         #[serde(transparent)]
@@ -235,7 +244,7 @@ macro_rules! validated_text {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!(stringify!($name), "({:?})"), self.0)
+                validated_text!(@debug self, f, $name $(, $secret)?)
             }
         }
 
@@ -312,14 +321,17 @@ validated_text! {
     /// The nonce of a bootstrap token: an identifier (see the [module
     /// documentation](self)): NFC, trimmed, at most 255 bytes, no whitespace
     /// or invisible character. A nonce that breaks the rule cannot have been
-    /// issued, so lookups refuse it too.
+    /// issued, so lookups refuse it too. It lets an instance bootstrap, so
+    /// its `Debug` hides it.
     ///
     /// ```
     /// use dployr_domain::Nonce;
     /// assert!(Nonce::parse("8f2c1e").is_ok());
     /// assert!(Nonce::parse("8f2c\u{0}1e").is_err());
+    /// assert_eq!(format!("{:?}", Nonce::parse("8f2c1e")?), "Nonce(<redacted>)");
+    /// # Ok::<(), dployr_domain::StoreError>(())
     /// ```
-    Nonce, "nonce", MAX_TAG_BYTES, identifier
+    Nonce, "nonce", MAX_TAG_BYTES, identifier, secret
 }
 
 validated_text! {
