@@ -400,8 +400,10 @@ async fn oauth_start(State(app): State<App>, session: Session, Json(body): Json<
     let state = OAuthState::generate();
     app.data.kv().create_state(&state, &body.redirect).await?;
     // Bound to this browser: a callback from another one (a link an
-    // attacker sends with a state they started) is refused.
-    session.insert(OAUTH_STATE_FIELD, state.expose()).await?;
+    // attacker sends with a state they started) is refused. The session
+    // keeps the state's hash, not the state: its record is stored, and the
+    // key-value store keeps states only as hashes too.
+    session.insert(OAUTH_STATE_FIELD, state_hash(state.expose())).await?;
     Ok(Json(json!({
         "state": state.expose(),
         "authorize_url": format!("https://github.com/login/oauth/authorize?client_id=example&state={}", state.expose()),
@@ -415,13 +417,18 @@ struct OAuthCallback {
 
 async fn oauth_callback(State(app): State<App>, session: Session, Query(query): Query<OAuthCallback>) -> Answer {
     let started_here: Option<String> = session.remove(OAUTH_STATE_FIELD).await?;
-    if started_here.as_deref() != Some(query.state.as_str()) {
+    if started_here != Some(state_hash(&query.state)) {
         return Err(ApiError(StatusCode::BAD_REQUEST, "this OAuth state was not started by this browser".into()));
     }
     match app.data.kv().validate_state(&OAuthState::new(query.state)).await? {
         Some(redirect) => Ok(Json(json!({ "redirect": redirect }))),
         None => Err(ApiError(StatusCode::BAD_REQUEST, "unknown, used or expired OAuth state".into())),
     }
+}
+
+/// The SHA-256 (hex) of an OAuth state, as the session keeps it.
+fn state_hash(state: &str) -> String {
+    format!("{:x}", Sha256::digest(state.as_bytes()))
 }
 
 async fn sign_out(session: Session) -> Result<StatusCode, ApiError> {

@@ -73,7 +73,7 @@ impl Device {
 struct Server {
     base: String,
     codes: Arc<Mutex<HashMap<String, String>>>,
-    _db: dployr_testkit::TestDatabase,
+    db: dployr_testkit::TestDatabase,
 }
 
 impl Server {
@@ -98,7 +98,24 @@ impl Server {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = router(data, sessions, send_code, cookie);
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { base, codes, _db: db }
+        Self { base, codes, db }
+    }
+
+    /// Every key and value the key-value store holds, as text (values as
+    /// UTF-8 where they are, escaped bytes elsewhere).
+    async fn stored_text(&self) -> String {
+        let url = self.db.url().to_owned();
+        tokio::task::spawn_blocking(move || {
+            use diesel::prelude::*;
+            let mut conn = PgConnection::establish(&url).unwrap();
+            diesel::dsl::sql::<diesel::sql_types::Text>(
+                "SELECT coalesce(string_agg(key || ' ' || encode(value, 'escape'), E'\\n'), '') FROM kv_entries",
+            )
+            .get_result::<String>(&mut conn)
+            .unwrap()
+        })
+        .await
+        .unwrap()
     }
 
     fn code_of(&self, email: &str) -> String {
@@ -189,6 +206,11 @@ async fn the_control_plane_story_runs_over_http() {
     // to a path of this site.
     let mut attacker = Device::new(&server.base);
     let (_, planted) = attacker.call(Method::POST, "/oauth/start", Some(json!({ "redirect": "/welcome" }))).await;
+    // Neither the state nor the session id is kept as it is: not by the
+    // key-value store, not in the session's record.
+    let stored = server.stored_text().await;
+    assert!(stored.contains("tower_session:"), "sessions are not where this test looks: {stored}");
+    assert!(!stored.contains(planted["state"].as_str().unwrap()), "a state is stored as it is: {stored}");
     let link = format!("/oauth/callback?state={}", planted["state"].as_str().unwrap());
     assert_eq!(stranger.call(Method::GET, &link, None).await.0, StatusCode::BAD_REQUEST, "another browser's state");
     for away in ["https://evil.example/", "//evil.example", "/\\evil.example", "/\t/evil.example", "/\n/evil.example"] {
