@@ -139,7 +139,7 @@ fn psql_command(psql: &Path, url: &str, extra: &[&str]) -> Command {
 /// then refuses it as it is). The user info ends at the first `@` before
 /// any `/`, and the parameters start at the first `?` after it, as
 /// libpq reads them ([`dployr_domain::libpq::LibpqUrl`]).
-fn split_password(url: &str) -> Option<(String, OsString)> {
+pub(crate) fn split_password(url: &str) -> Option<(String, OsString)> {
     let scheme = ["postgresql://", "postgres://"].into_iter().find(|scheme| url.starts_with(scheme))?;
     let rest = &url[scheme.len()..];
     let (user_info, after_user_info) = match rest.find(['@', '/']) {

@@ -95,7 +95,13 @@ pub fn pgbench(
         command.arg("-D").arg(format!("p{}={value}", n + 1));
     }
     let before = Usage::of_children()?;
-    let output = command.arg(database_url).output()?;
+    // The password through the environment, not the arguments, which every
+    // user of the machine can read (as `cargo xtask db psql` does).
+    match crate::db::split_password(database_url) {
+        Some((without_password, password)) => command.arg(without_password).env("PGPASSWORD", password),
+        None => command.arg(database_url),
+    };
+    let output = command.output()?;
     let spent = Usage::of_children()? - before;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
