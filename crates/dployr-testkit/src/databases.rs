@@ -4,7 +4,7 @@
 
 use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
-use diesel::sql_types::{Bool, Integer, Text};
+use diesel::sql_types::{Bool, Integer, Nullable, Text};
 use dployr_migrate::{MigrationRunner, MigrationSet};
 
 use crate::TestkitError;
@@ -40,6 +40,29 @@ pub(crate) fn server_major(admin: &mut PgConnection) -> Result<i32, TestkitError
         .map_err(|e| TestkitError::sql("reading the server version", e))
 }
 
+/// The name of the template of `set`: `dployr_tpl_<16 hex digits of its fingerprint>`.
+pub(crate) fn template_name(set: &MigrationSet) -> String {
+    format!("dployr_tpl_{}", &set.fingerprint()[..16])
+}
+
+/// What the `application_name` of a test process's admin session starts
+/// with: `dployr-testkit <run> <template>`, where the run is the
+/// `<pid>_<random>` of the process's database names. Every session may read
+/// every other's `application_name` in `pg_stat_activity`, so
+/// [`leftovers`] sees, from any machine, which runs are alive and which
+/// templates they clone (at most 62 bytes: it fits NAMEDATALEN).
+const SESSION_TAG: &str = "dployr-testkit ";
+
+/// Names the run of this process and its `template` in `admin`'s
+/// `application_name` (see [`SESSION_TAG`]).
+pub(crate) fn tag_admin_session(admin: &mut PgConnection, template: &str) -> Result<(), TestkitError> {
+    let tag = format!("{SESSION_TAG}{} {template}", crate::run_id());
+    diesel::select(diesel::dsl::sql::<Text>("set_config('application_name', ").bind::<Text, _>(tag).sql(", false)"))
+        .get_result::<String>(admin)
+        .map(drop)
+        .map_err(|e| TestkitError::sql("naming the admin session", e))
+}
+
 /// Makes sure the template for `set` exists, and returns its name.
 ///
 /// The name carries the set's fingerprint, so a changed migration gets a
@@ -52,8 +75,7 @@ pub(crate) fn ensure_template(
     admin_url_for: &dyn Fn(&str) -> String,
     set: &MigrationSet,
 ) -> Result<String, TestkitError> {
-    let fingerprint = set.fingerprint();
-    let name = format!("dployr_tpl_{}", &fingerprint[..16]);
+    let name = template_name(set);
     if database_exists(admin, &name)? {
         return Ok(name);
     }
@@ -140,8 +162,23 @@ pub(crate) fn drop_database(admin: &mut PgConnection, name: &str) -> Result<(), 
 /// (`dployr_tpl_*`, one per migration set ever tested) and per-test
 /// databases of processes that died before they could drop them
 /// (`dployr_t_<pid>_<run>_<n>`, `dployr_e_<pid>_<run>_<n>`, or without the
-/// run, as earlier versions named them). Those of a process of this
-/// machine that is still running are kept.
+/// run, as earlier versions named them).
+///
+/// A server may be shared by test processes of several machines or
+/// containers, so what a process still running may use is kept:
+/// - a template, or a per-test database, of a run whose admin session is
+///   connected ([`SESSION_TAG`]), on whatever machine it runs;
+/// - a `_building` template while the template lock is held: its builder
+///   is alive (it may be a version that does not name its session);
+/// - a database someone is connected to (the drop would cut them off);
+/// - a per-test database whose process id is alive on this machine (an
+///   admin session lost to a restart of the server and not yet reopened,
+///   or a version that does not name its session).
+///
+/// The names are listed before the sessions: a run creates its databases
+/// after it names its session, so none is taken for a leftover in between.
+/// A run that starts after the listing and finds its template dropped
+/// builds it again.
 pub(crate) fn leftovers(admin: &mut PgConnection) -> Result<Vec<String>, TestkitError> {
     let names: Vec<String> = diesel::dsl::sql::<Text>(
         "SELECT datname::text FROM pg_database WHERE datname ~ '^dployr_(tpl_[0-9a-f]+(_building)?|[te]_[0-9]+(_[0-9a-f]{8})?_[0-9]+)$' \
@@ -149,14 +186,40 @@ pub(crate) fn leftovers(admin: &mut PgConnection) -> Result<Vec<String>, Testkit
     )
     .load(admin)
     .map_err(|e| TestkitError::sql("listing leftover databases", e))?;
-    Ok(names
-        .into_iter()
-        .filter(|name| {
-            let pid = name.strip_prefix("dployr_t_").or_else(|| name.strip_prefix("dployr_e_"));
-            let pid = pid.and_then(|rest| rest.split('_').next()).and_then(|pid| pid.parse::<i32>().ok());
-            !pid.is_some_and(crate::local::process_alive)
-        })
-        .collect())
+    let sessions: Vec<(Option<String>, Option<String>)> = diesel::dsl::sql::<(Nullable<Text>, Nullable<Text>)>(
+        "SELECT datname::text, application_name FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
+    )
+    .load(admin)
+    .map_err(|e| TestkitError::sql("listing the sessions of the server", e))?;
+    let building: bool = diesel::select(diesel::dsl::sql::<Bool>(&format!(
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = {} AND objid = {} AND objsubid = 1)",
+        TEMPLATE_LOCK >> 32,
+        TEMPLATE_LOCK & 0xffff_ffff
+    )))
+    .get_result(admin)
+    .map_err(|e| TestkitError::sql("looking for a template being built", e))?;
+    let connected: Vec<&str> = sessions.iter().filter_map(|(datname, _)| datname.as_deref()).collect();
+    // (run, template) of every test process's admin session.
+    let runs: Vec<(&str, &str)> = sessions
+        .iter()
+        .filter_map(|(_, application)| application.as_deref()?.strip_prefix(SESSION_TAG)?.split_once(' '))
+        .collect();
+    let in_use = |name: &str| {
+        if connected.contains(&name) {
+            return true;
+        }
+        if name.starts_with("dployr_tpl_") {
+            let (template, being_built) = name.strip_suffix("_building").map_or((name, false), |base| (base, true));
+            return runs.iter().any(|(_, used)| *used == template) || (building && being_built);
+        }
+        // dployr_<t|e>_<pid>_<run>_<n>, or dployr_<t|e>_<pid>_<n>.
+        let Some((run, _n)) = name.get("dployr_t_".len()..).and_then(|rest| rest.rsplit_once('_')) else {
+            return false;
+        };
+        let pid = run.split('_').next().and_then(|pid| pid.parse::<i32>().ok());
+        runs.iter().any(|(live, _)| *live == run) || pid.is_some_and(crate::local::process_alive)
+    };
+    Ok(names.iter().filter(|name| !in_use(name)).cloned().collect())
 }
 
 /// Drops [`leftovers`]; returns the names dropped. A template of the old

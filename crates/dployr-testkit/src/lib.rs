@@ -135,15 +135,21 @@ impl Drop for TestDatabase {
 
 static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
 
-/// The name of this process's next database of `kind`:
-/// `dployr_<kind>_<pid>_<run>_<n>`. The process id lets `db clean` keep the
-/// databases of processes still running here; the run, random per process,
+/// This process's run: `<pid>_<random>`. The process id lets `db clean`
+/// keep the databases of processes still running here; the random part
 /// keeps apart processes with one id on one server (containers sharing a
-/// CI server, an id reused after a killed run left its databases).
-fn next_name(kind: &str) -> String {
+/// CI server, an id reused after a killed run left its databases). The
+/// admin session names it too, so `db clean` on any machine sees the run
+/// is alive.
+pub(crate) fn run_id() -> String {
     static RUN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let run = RUN.get_or_init(rand::random::<u32>);
-    format!("dployr_{kind}_{}_{run:08x}_{}", std::process::id(), NEXT_DATABASE.fetch_add(1, Ordering::Relaxed))
+    format!("{}_{:08x}", std::process::id(), RUN.get_or_init(rand::random::<u32>))
+}
+
+/// The name of this process's next database of `kind`:
+/// `dployr_<kind>_<run>_<n>` ([`run_id`]).
+fn next_name(kind: &str) -> String {
+    format!("dployr_{kind}_{}_{}", run_id(), NEXT_DATABASE.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A fresh database with every migration of the workspace applied.
@@ -210,9 +216,12 @@ pub fn empty_database() -> TestDatabase {
 
 /// Drops, on the server at `admin_url`, the template databases the testkit
 /// built there and the per-test databases of test processes that are gone
-/// (`cargo xtask db clean`). Returns their names. Run it when no test run
-/// uses that server: a template dropped under a running test binary makes
-/// its next clone fail.
+/// (`cargo xtask db clean`). Returns their names. What a test process still
+/// running may use is kept, whatever machine it runs on: a template or a
+/// per-test database of a run whose admin session is connected to the
+/// server, a template being built (its lock is held), a database someone is
+/// connected to, and the per-test databases of a process alive on this
+/// machine (see `databases::leftovers`).
 ///
 /// # Errors
 /// [`TestkitError::Connect`] or [`TestkitError::Sql`].

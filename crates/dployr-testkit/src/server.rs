@@ -51,13 +51,45 @@ impl Address {
     }
 
     fn for_database(&self, dbname: &str) -> String {
+        self.with_settings(dbname, &[])
+    }
+
+    /// Database `dbname` with libpq `settings` (`user`, `sslmode`, ...)
+    /// set, each replacing what the address says. A URL gets them as
+    /// parameters, which libpq reads after its user info and hosts, with
+    /// its own `dbname` and those settings' parameters removed; a key=value
+    /// string gets them appended, where the later wins.
+    fn with_settings(&self, dbname: &str, settings: &[(&str, &str)]) -> String {
         match self {
             Self::Url(url) => {
                 let mut url = url.clone();
                 url.set_path(&format!("/{dbname}"));
+                let encode = |value: &str| {
+                    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC).to_string()
+                };
+                // Raw, not through `query_pairs`: form decoding reads `+` as a
+                // space, which libpq does not.
+                let replaced = |pair: &&str| {
+                    let key = pair.split('=').next().unwrap_or_default();
+                    key == "dbname" || settings.iter().any(|(setting, _)| *setting == key)
+                };
+                let pairs: Vec<String> = url
+                    .query()
+                    .unwrap_or_default()
+                    .split('&')
+                    .filter(|pair| !pair.is_empty() && !replaced(pair))
+                    .map(str::to_owned)
+                    .chain(settings.iter().map(|(key, value)| format!("{key}={}", encode(value))))
+                    .collect();
+                url.set_query((!pairs.is_empty()).then(|| pairs.join("&")).as_deref());
                 url.to_string()
             }
-            Self::Conninfo(conninfo) => format!("{conninfo} dbname='{dbname}'"),
+            Self::Conninfo(conninfo) => {
+                let quote = |value: &str| format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"));
+                std::iter::once(("dbname", dbname))
+                    .chain(settings.iter().copied())
+                    .fold(conninfo.clone(), |text, (key, value)| format!("{text} {key}={}", quote(value)))
+            }
         }
     }
 }
@@ -66,6 +98,9 @@ impl Address {
 pub struct TestServer {
     kind: ServerKind,
     address: Address,
+    /// Where the admin connection is (re)opened; may hold a password.
+    admin_url: String,
+    /// Reopened when found lost ([`TestServer::with_admin`]).
     admin: Mutex<PgConnection>,
     template: String,
     file_copy: bool,
@@ -122,11 +157,10 @@ impl TestServer {
             _ => address.for_database("postgres"),
         };
         let server = (|| {
-            let mut admin = PgConnection::establish(&admin_url)
-                .map_err(|e| TestkitError::connect("the test server's admin database", &admin_url, &e))?;
+            let migrations = workspace_migrations()?;
+            let mut admin = connect_admin(&admin_url, &databases::template_name(&migrations))?;
             let file_copy = databases::server_major(&mut admin)? >= 15;
-            let template =
-                databases::ensure_template(&mut admin, &|db| address.for_database(db), &workspace_migrations()?)?;
+            let template = databases::ensure_template(&mut admin, &|db| address.for_database(db), &migrations)?;
             Ok::<_, TestkitError>((admin, file_copy, template))
         })();
         let owned = Mutex::new(owned);
@@ -142,6 +176,7 @@ impl TestServer {
         Ok(Self {
             kind,
             address,
+            admin_url,
             admin: Mutex::new(admin),
             template,
             file_copy,
@@ -230,23 +265,63 @@ impl TestServer {
         self.address.for_database(dbname)
     }
 
-    /// Clones the template into `name` (what [`crate::database`] does).
+    /// A URL for database `dbname` on this server with libpq `settings`
+    /// set, each replacing what the server's URL says: another `user` and
+    /// `password`, an `sslmode`, a `host` and `port` to reach it through,
+    /// and so on. The same form as the server's URL: a `postgres://` URL
+    /// gets them as parameters, a key=value string appended.
+    pub fn url_with(&self, dbname: &str, settings: &[(&str, &str)]) -> String {
+        self.address.with_settings(dbname, settings)
+    }
+
+    /// Runs `op` on the admin connection; when that finds the connection
+    /// lost (the server restarted, or ended the session), reconnects and
+    /// runs it once more. An error of the statement itself (the database
+    /// exists, a missing privilege) is returned as it is.
+    fn with_admin<T>(&self, op: impl Fn(&mut PgConnection) -> Result<T, TestkitError>) -> Result<T, TestkitError> {
+        let mut admin = lock(&self.admin);
+        match op(&mut admin) {
+            Err(error) if connection_lost(&error) => {
+                *admin = connect_admin(&self.admin_url, &self.template)?;
+                op(&mut admin)
+            }
+            done => done,
+        }
+    }
+
+    /// Clones the template into `name` (what [`crate::database`] does). A
+    /// template dropped meanwhile (`cargo xtask db clean` on a shared
+    /// server) is built again first.
     ///
     /// # Errors
     /// [`TestkitError::Sql`] if the clone fails.
     pub fn clone_template(&self, name: &str) -> Result<(), TestkitError> {
-        databases::clone_database(&mut lock(&self.admin), &self.template, name, self.file_copy)
+        self.with_admin(|admin| {
+            let cloned = databases::clone_database(admin, &self.template, name, self.file_copy);
+            if cloned.is_err() && !databases::database_exists(admin, &self.template)? {
+                databases::ensure_template(admin, &|db| self.address.for_database(db), &workspace_migrations()?)?;
+                return databases::clone_database(admin, &self.template, name, self.file_copy);
+            }
+            cloned
+        })
     }
 
     pub(crate) fn create_empty(&self, name: &str) -> Result<(), TestkitError> {
-        databases::create_database_if_missing(&mut lock(&self.admin), name)
+        self.with_admin(|admin| databases::create_database_if_missing(admin, name))
     }
 
     /// Drops a test database on servers the testkit does not own; throwaway
-    /// servers are deleted whole at exit.
+    /// servers are deleted whole at exit. One that cannot be dropped is
+    /// named on stderr: `cargo xtask db clean` drops it once this process
+    /// has ended.
     pub(crate) fn release(&self, name: &str) {
-        if self.kind == ServerKind::External {
-            let _ignored = databases::drop_database(&mut lock(&self.admin), name);
+        if self.kind != ServerKind::External {
+            return;
+        }
+        if let Err(error) = self.with_admin(|admin| databases::drop_database(admin, name)) {
+            eprintln!(
+                "warning: test database {name} was left on the server ({error}); `cargo xtask db clean` drops it"
+            );
         }
     }
 
@@ -255,7 +330,7 @@ impl TestServer {
     /// # Errors
     /// [`TestkitError::Sql`] if the drop fails.
     pub fn drop_database(&self, name: &str) -> Result<(), TestkitError> {
-        databases::drop_database(&mut lock(&self.admin), name)
+        self.with_admin(|admin| databases::drop_database(admin, name))
     }
 
     fn shutdown(&self) {
@@ -273,6 +348,32 @@ impl Owned {
             Self::Docker(container) => drop(container),
         }
     }
+}
+
+/// Opens the admin connection, its session named for this run and its
+/// `template` (what `cargo xtask db clean` keeps while it is open).
+fn connect_admin(admin_url: &str, template: &str) -> Result<PgConnection, TestkitError> {
+    let mut admin = PgConnection::establish(admin_url)
+        .map_err(|e| TestkitError::connect("the test server's admin database", admin_url, &e))?;
+    databases::tag_admin_session(&mut admin, template)?;
+    Ok(admin)
+}
+
+/// Whether a statement failed because its connection is lost (the server
+/// restarted or ended the session), not because of what it asked: a new
+/// connection may succeed.
+fn connection_lost(error: &TestkitError) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    matches!(
+        error,
+        TestkitError::Sql {
+            source: Error::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _
+            ),
+            ..
+        }
+    )
 }
 
 /// The variable and value of a server the user chose, if any.
@@ -307,4 +408,74 @@ fn register_exit_hook() {
         // A failed registration leaves the guardian process to clean up.
         let _ignored = status;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Bool, Text};
+
+    use super::*;
+
+    /// Ends the admin session of this process, found by its name, as a
+    /// restart of the server does, and waits until it is gone.
+    fn end_admin_session(conn: &mut PgConnection) {
+        let tag = format!("dployr-testkit {} %", crate::run_id());
+        let admin_sessions = || {
+            diesel::dsl::sql::<BigInt>("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE ")
+                .bind::<Text, _>(tag.clone())
+        };
+        assert_eq!(admin_sessions().get_result::<i64>(conn).unwrap(), 1, "one admin session, named for the run");
+        let ended: bool = diesel::select(
+            diesel::dsl::sql::<Bool>(
+                "(SELECT bool_and(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE ",
+            )
+            .bind::<Text, _>(tag.clone())
+            .sql(")"),
+        )
+        .get_result(conn)
+        .unwrap();
+        assert!(ended);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while admin_sessions().get_result::<i64>(conn).unwrap() > 0 {
+            assert!(Instant::now() < deadline, "the admin session did not end");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_lost_admin_connection_is_reopened_for_the_next_clone_and_drop() {
+        let server = server().unwrap();
+        let first = crate::try_database().unwrap();
+        let mut conn = first.connect();
+        end_admin_session(&mut conn);
+        let second = crate::try_database().unwrap();
+        end_admin_session(&mut conn);
+        server.drop_database(second.name()).unwrap();
+        assert!(!databases::database_exists(&mut conn, second.name()).unwrap());
+        if server.kind() != ServerKind::External {
+            return; // the release of a test database drops nothing here
+        }
+        let third = crate::try_database().unwrap();
+        let name = third.name().to_owned();
+        end_admin_session(&mut conn);
+        drop(third);
+        assert!(!databases::database_exists(&mut conn, &name).unwrap(), "released on a reopened connection");
+    }
+
+    #[test]
+    fn a_template_dropped_under_a_run_is_built_again_for_its_next_clone() {
+        let server = server().unwrap();
+        if server.kind() == ServerKind::External {
+            eprintln!("skipped: on a shared server, dropping the template would make other runs build it again");
+            return;
+        }
+        server.drop_database(server.template()).unwrap();
+        let db = crate::try_database().unwrap();
+        let users: i64 =
+            diesel::dsl::sql::<BigInt>("SELECT count(*) FROM users").get_result(&mut db.connect()).unwrap();
+        assert_eq!(users, 0, "cloned from a migrated template");
+    }
 }

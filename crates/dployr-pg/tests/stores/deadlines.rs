@@ -8,13 +8,15 @@
 //! slack of 2 s for a busy machine: the point is seconds, not the
 //! 15 minutes the kernel would otherwise wait.
 
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs as _};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
+use dployr_domain::libpq::{LibpqUrl, conninfo_pairs, has_url_scheme, names_several_hosts};
 use dployr_domain::{StoreError, UserId, UserStore};
-use dployr_pg::{DeadlineConfig, PgPool, PgUserStore, PoolConfig};
-use dployr_testkit::BlackholeProxy;
+use dployr_pg::{DeadlineConfig, NetworkConfig, PgPool, PgUserStore, PoolConfig};
+use dployr_testkit::{BlackholeProxy, TestDatabase};
 
 /// Room for a busy machine on top of the configured bound.
 const SLACK: Duration = Duration::from_secs(2);
@@ -86,7 +88,7 @@ fn a_transaction_that_outlives_its_deadline_on_a_live_server_is_cancelled_and_it
 #[test]
 fn a_call_in_flight_when_the_link_goes_silent_ends_within_the_bound_and_its_connection_is_discarded() {
     let db = dployr_testkit::database();
-    let (proxy, url) = BlackholeProxy::in_front_of(db.url()).unwrap();
+    let Some((proxy, url)) = behind_a_proxy(&db) else { return };
     let pool = PgPool::connect(&url, short_deadlines()).unwrap();
     let call = {
         let pool = pool.clone();
@@ -111,7 +113,7 @@ fn a_call_in_flight_when_the_link_goes_silent_ends_within_the_bound_and_its_conn
 #[test]
 fn a_call_on_an_idle_connection_behind_a_silent_link_ends_within_the_bound_and_the_pool_serves_again_after() {
     let db = dployr_testkit::database();
-    let (proxy, url) = BlackholeProxy::in_front_of(db.url()).unwrap();
+    let Some((proxy, url)) = behind_a_proxy(&db) else { return };
     let pool = PgPool::connect(&url, short_deadlines()).unwrap();
     let users = PgUserStore::new(pool.clone());
     assert_eq!(users.get(&UserId::generate()).unwrap(), None);
@@ -149,7 +151,7 @@ fn a_call_on_an_idle_connection_behind_a_silent_link_ends_within_the_bound_and_t
 #[test]
 fn connections_opened_at_once_behind_a_proxy_each_know_their_socket() {
     let db = dployr_testkit::database();
-    let (_proxy, url) = BlackholeProxy::in_front_of(db.url()).unwrap();
+    let Some((_proxy, url)) = behind_a_proxy(&db) else { return };
     // Behind a proxy the server reports the proxy's port as the client's,
     // so that cannot tell apart two sockets opened at the same moment.
     let pool = PgPool::connect(&url, PoolConfig { max_size: 8, ..short_deadlines() }).unwrap();
@@ -168,12 +170,10 @@ fn connections_opened_at_once_behind_a_proxy_each_know_their_socket() {
     assert_eq!(pool.deadline_stats().unidentified, 0, "{:?}", pool.deadline_stats());
 }
 
-/// A listener on `address` that forwards its first `answered` connections
-/// to `target` and then takes connections and never answers them, as a
-/// server cut off behind its load balancer does.
-fn falls_silent_after(address: (&str, u16), target: (&str, u16), answered: usize) {
-    let listener = std::net::TcpListener::bind(address).unwrap();
-    let target = std::net::SocketAddr::from((target.0.parse::<std::net::IpAddr>().unwrap(), target.1));
+/// Forwards the first `answered` connections `listener` takes to `target`
+/// and then takes connections and never answers them, as a server cut off
+/// behind its load balancer does.
+fn falls_silent_after(listener: TcpListener, target: SocketAddr, answered: usize) {
     thread::spawn(move || {
         let mut held = Vec::new();
         for (n, client) in listener.incoming().enumerate() {
@@ -190,19 +190,98 @@ fn falls_silent_after(address: (&str, u16), target: (&str, u16), answered: usize
     });
 }
 
+/// The TCP address of the one server `url` names, as libpq reads it: the
+/// last `hostaddr`, else `host`, and `port` it sets (a URL's parameters
+/// after its hosts), `PGHOSTADDR`, `PGHOST` and `PGPORT` for what it
+/// leaves out; or why there is none.
+fn server_address(url: &str) -> Result<SocketAddr, String> {
+    if names_several_hosts(url) {
+        return Err("it names several hosts".into());
+    }
+    let mut settings: Vec<(String, String)> = Vec::new();
+    if has_url_scheme(url) {
+        let parsed = LibpqUrl::parse(url).ok_or("libpq would refuse it")?;
+        let port = parsed.host_ports.first().copied().unwrap_or_default();
+        let host = if port.is_empty() { parsed.hosts } else { &parsed.hosts[..parsed.hosts.len() - port.len() - 1] };
+        settings.extend([("host", host), ("port", port)].map(|(key, value)| (key.to_owned(), value.to_owned())));
+        let query = parsed.query.unwrap_or_default().split('&').filter_map(|pair| pair.split_once('='));
+        settings.extend(query.map(|(key, value)| (key.to_owned(), value.to_owned())));
+    } else {
+        settings = conninfo_pairs(url);
+    }
+    let last = |key: &str, var: &str| {
+        let set = settings.iter().rev().find(|(setting, value)| setting == key && !value.is_empty());
+        set.map(|(_, value)| value.clone()).or_else(|| std::env::var(var).ok()).filter(|value| !value.is_empty())
+    };
+    let host = last("hostaddr", "PGHOSTADDR")
+        .or_else(|| last("host", "PGHOST"))
+        .ok_or("it names no host, so libpq connects through a Unix-domain socket")?;
+    let port = last("port", "PGPORT").unwrap_or_else(|| "5432".to_owned());
+    if host.starts_with(['/', '@']) {
+        return Err(format!("its host {host} is a Unix-domain socket"));
+    }
+    if host.contains('%') || port.contains('%') {
+        return Err("its host or port is percent-encoded".into());
+    }
+    let port: u16 = port.parse().map_err(|_| format!("its port {port} is not a number"))?;
+    (host.trim_start_matches('[').trim_end_matches(']'), port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{host} does not resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} resolves to no address"))
+}
+
+/// `db`'s URL with `host` and `port` in place of the server's.
+fn through(db: &TestDatabase, host: &str, port: u16) -> String {
+    let server = dployr_testkit::server().unwrap();
+    server.url_with(db.name(), &[("host", host), ("hostaddr", host), ("port", &port.to_string())])
+}
+
+/// A proxy on a free loopback port in front of the test server, and `db`'s
+/// URL through it; `None`, once it said why, when the server's URL names
+/// no TCP address to proxy to or the server takes no connection through
+/// the proxy (a certificate checked against the host name, say).
+fn behind_a_proxy(db: &TestDatabase) -> Option<(BlackholeProxy, String)> {
+    let target = server_address(db.url())
+        .map_err(|why| eprintln!("skipped: no TCP address in the test server's URL to put a proxy in front of: {why}"))
+        .ok()?;
+    let proxy = BlackholeProxy::start(target).unwrap();
+    let url = through(db, "127.0.0.1", proxy.port());
+    if let Err(e) = PgConnection::establish(&url) {
+        eprintln!("skipped: the test server takes no connection through a loopback proxy: {e}");
+        return None;
+    }
+    Some((proxy, url))
+}
+
+/// How long a connect to the silent server holds the connect lock of its
+/// URL (libpq's `connect_timeout`): a connect to the live server made to
+/// wait on it would take about this long; one that does not, a few
+/// milliseconds, and well under half of it on the busiest machine.
+const SILENT_CONNECT: Duration = Duration::from_secs(10);
+
 #[test]
 fn a_server_that_does_not_answer_holds_up_no_connect_to_another_server_on_its_port() {
     let db = dployr_testkit::database();
-    let authority = db.url().split("://").nth(1).unwrap().split('/').next().unwrap();
-    let (host, port) = authority.rsplit_once('@').map_or(authority, |(_, hosts)| hosts).rsplit_once(':').unwrap();
-    let port: u16 = port.parse().unwrap();
-    // Another address, the same port: it answers the pool's first two
-    // connections (its probe and one pooled), then no more.
-    falls_silent_after(("127.0.0.2", port), (host, port), 2);
-    let path = &db.url()[db.url().rfind('/').unwrap()..];
-    let user = authority.split_once('@').map_or("postgres", |(user, _)| user);
-    let silent_url = format!("postgres://{user}@127.0.0.2:{port}{path}");
-    let stuck = PgPool::connect(&silent_url, PoolConfig { max_size: 3, ..short_deadlines() }).unwrap();
+    // Two servers on one port: the live one through a proxy on a free
+    // loopback port, the silent one on another loopback address, that port.
+    let Some((proxy, live_url)) = behind_a_proxy(&db) else { return };
+    let port = proxy.port();
+    let listener = match TcpListener::bind(("127.0.0.2", port)) {
+        Ok(listener) => listener,
+        Err(e) => {
+            return eprintln!("skipped: cannot listen on 127.0.0.2:{port}, the proxy's port on another address: {e}");
+        }
+    };
+    // It answers the pool's first two connections (its probe and one
+    // pooled), then no more.
+    falls_silent_after(listener, SocketAddr::from(([127, 0, 0, 1], port)), 2);
+    let silent_network = NetworkConfig { connect_timeout: Some(SILENT_CONNECT), ..NetworkConfig::default() };
+    let stuck = PgPool::connect(
+        &through(&db, "127.0.0.2", port),
+        PoolConfig { max_size: 3, network: silent_network, ..short_deadlines() },
+    )
+    .unwrap();
     let waiting: Vec<_> = (0..3)
         .map(|_| {
             let stuck = stuck.clone();
@@ -212,16 +291,18 @@ fn a_server_that_does_not_answer_holds_up_no_connect_to_another_server_on_its_po
         })
         .collect();
     thread::sleep(Duration::from_millis(200));
-    // Meanwhile the pool of the live server opens its connections at once.
+    // Meanwhile the pool of the live server opens its connections at once;
+    // its checkout would wait out the silent connect, not fail.
     let started = Instant::now();
-    let pool = PgPool::connect(db.url(), short_deadlines()).unwrap();
+    let pool =
+        PgPool::connect(&live_url, PoolConfig { connection_timeout: SILENT_CONNECT, ..short_deadlines() }).unwrap();
     let one: i32 = pool
         .operation("test.call")
         .run(|conn| diesel::select(1.into_sql::<diesel::sql_types::Integer>()).get_result(conn))
         .unwrap();
     let took = started.elapsed();
     assert_eq!(one, 1);
-    assert!(took < Duration::from_millis(700), "a connect to the live server waited {took:?}");
+    assert!(took < SILENT_CONNECT / 2, "a connect to the live server waited {took:?}, as if behind the silent one's");
     let failed = waiting.into_iter().map(|call| call.join().unwrap()).filter(Result::is_err).count();
     assert!(failed >= 1, "the silent server answered every call");
 }
