@@ -100,6 +100,20 @@ impl TestDatabase {
         }
     }
 
+    /// Whether the role of its URL is a superuser: a few tests force states
+    /// only a superuser may (triggers off, another `deadlock_timeout`), and
+    /// skip, saying so, on an outside server whose role is not one (the
+    /// suite asks only for `CREATEDB`).
+    ///
+    /// # Panics
+    /// If the server refuses the connection or the query.
+    pub fn superuser(&self) -> bool {
+        use diesel::RunQueryDsl as _;
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>("current_setting('is_superuser') = 'on'"))
+            .get_result(&mut self.connect())
+            .unwrap_or_else(|error| panic!("cannot ask test database {} for its role: {error}", self.name))
+    }
+
     /// `pg_dump --schema-only` of this database, for comparing schemas.
     ///
     /// The `\restrict` / `\unrestrict` lines that pg_dump 15.14+ writes

@@ -27,6 +27,10 @@ fn create_then_get_and_get_by_tag_return_the_instance() {
 fn an_instance_of_a_cluster_without_members_is_still_found() {
     use diesel::RunQueryDsl;
     let f = Fixture::new();
+    if !f.db.superuser() {
+        eprintln!("skipped: turning triggers off needs a superuser");
+        return;
+    }
     let (_, cluster) = f.owner("ada@example.io");
     let instance = f.instances.create(&cluster.id, new("10.0.0.1", "web-1")).unwrap();
     // The seed joined instances through memberships and lost these. The
