@@ -130,12 +130,16 @@ SELECT (SELECT count FROM attempt) AS count, EXISTS (SELECT 1 FROM taken WHERE m
 /// value is upserted as `put` does (`$2` key, `$3` value, `$4` TTL): one
 /// `now()`, so the count ends exactly when the value does. Rows are locked
 /// in the order of [`ATTEMPT_TAKE_SQL`], counter then value, so the two
-/// cannot deadlock, and no attempt is counted under the old count and
-/// compared with the new value. (An attempt that waited for the counter's
-/// lock is counted under the new count; its delete, whose snapshot is
-/// older, finds the value row updated and re-reads it, so it compares with
-/// the new value; a value inserted anew, not updated, is not in its
-/// snapshot at all: that guess fails, and is counted all the same.)
+/// cannot deadlock. An attempt that waited for the counter's lock is
+/// counted under the new count, but its delete reads the value row in its
+/// own, older snapshot: the old value there, or none for a value inserted
+/// anew. A guess of the old value is then deleted again only if PostgreSQL,
+/// finding the row updated, re-reads it and the new value matches too;
+/// a guess of the new value does not qualify in the snapshot, is not
+/// re-read, and fails, counted all the same. So one attempt of the new code
+/// may be lost to a race with its own creation (a guess that could not
+/// know the new code before it was made); the attempt limit and the single
+/// use hold.
 const PUT_AND_RESET_SQL: &str = r"
 WITH reset AS (
     INSERT INTO kv_entries AS c (key, value, expires_at)
