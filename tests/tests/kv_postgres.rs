@@ -146,6 +146,34 @@ fn background_purger_purges_and_stops_when_dropped() {
     assert_eq!(rows(&pg, "key = 'dead/late'"), 1);
 }
 
+/// Dropping the purger in the middle of a long pass (expired rows left by
+/// an outage) stops it after its current batch: the drop joins the
+/// thread, and waited for the whole pass before.
+#[test]
+fn a_purger_dropped_in_the_middle_of_a_long_pass_stops_after_its_batch() {
+    let pg = postgres();
+    const ROWS: i64 = 20_000;
+    diesel::sql_query(
+        "INSERT INTO kv_entries (key, value, expires_at)
+         SELECT 'dead/' || n, '\\x00', now() - interval '1 hour' FROM generate_series(1, $1) AS n",
+    )
+    .bind::<BigInt, _>(ROWS)
+    .execute(&mut pg.db.connect())
+    .unwrap();
+    // One row a statement: the pass is 20 000 statements long.
+    let purger = pg.kv.spawn_purger(Duration::from_millis(1), 1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows(&pg, "key LIKE 'dead/%'") == ROWS {
+        assert!(Instant::now() < deadline, "the purger did not start within 30 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(purger);
+    let left = rows(&pg, "key LIKE 'dead/%'");
+    assert!(left > ROWS / 2, "the drop waited for the pass: {left} of {ROWS} rows left");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(rows(&pg, "key LIKE 'dead/%'"), left, "no purge after the drop");
+}
+
 /// What `op` returns and how many statements of its own it sent, given it
 /// checks a connection out `checkouts` times: what a bare checkout sends
 /// (r2d2 may test the connection) is not the operation's.

@@ -228,9 +228,26 @@ impl PgKv {
                 .spawn(move || {
                     // Sending never happens: dropping the sender ends the wait.
                     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                        // Retried at the next tick; logged so an operator sees it.
-                        if let Err(error) = kv.purge_expired(batch_size) {
-                            tracing::warn!(%error, "dployr.kv purge of expired rows failed; retried at the next tick");
+                        // The pass of `purge_expired`, batch by batch, asking
+                        // between batches whether the purger was dropped: a
+                        // pass over millions of rows left by an outage (or
+                        // one that never ends, where rows expire faster than
+                        // a batch a statement) would otherwise hold up the
+                        // drop, which joins this thread, until it ends.
+                        loop {
+                            match kv.purge_expired_batch(batch_size) {
+                                Ok(deleted) if deleted >= batch_size.unsigned_abs() => {
+                                    if let Err(mpsc::TryRecvError::Disconnected) = stopped.try_recv() {
+                                        return;
+                                    }
+                                }
+                                Ok(_) => break,
+                                // Retried at the next tick; logged so an operator sees it.
+                                Err(error) => {
+                                    tracing::warn!(%error, "dployr.kv purge of expired rows failed; retried at the next tick");
+                                    break;
+                                }
+                            }
                         }
                     }
                 })
@@ -241,7 +258,8 @@ impl PgKv {
 }
 
 /// A background thread purging expired rows of a [`PgKv`]; dropping it
-/// stops the thread and waits for it.
+/// stops the thread and waits for it: for the batch statement it is running,
+/// if any, not for the rest of its pass.
 #[derive(Debug)]
 pub struct Purger {
     stop: Option<mpsc::Sender<()>>,
