@@ -352,6 +352,12 @@ pub fn empty_and_large_values_round_trip(f: &dyn KvFixture) {
     let large: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
     ok(kv.put("val/large", &large, None), "put 1 MiB");
     assert_eq!(ok(kv.get("val/large"), "get 1 MiB"), Some(large));
+    // Exactly at the limit: where the backend's own check meets the store's
+    // (PostgreSQL's CHECK on the column, Cloudflare's 25 MiB).
+    let at_limit = vec![7u8; kv.limits().max_value_bytes];
+    ok(kv.put("val/at-limit", &at_limit, None), "put at the limit");
+    assert_eq!(ok(kv.get("val/at-limit"), "get at the limit").map(|v| v.len()), Some(at_limit.len()));
+    ok(kv.delete("val/at-limit"), "delete at the limit");
     let too_large = vec![0u8; kv.limits().max_value_bytes + 1];
     assert_invalid(kv.put("val/too-large", &too_large, None), "value");
     assert_eq!(ok(kv.get("val/too-large"), "get"), None);
