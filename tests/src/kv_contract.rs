@@ -413,9 +413,7 @@ pub fn list_limit_out_of_range_is_invalid(f: &dyn KvFixture) {
 /// A `list` prefix or cursor no key can match (a NUL byte, or a prefix
 /// longer than any key) is refused as `Invalid` naming the argument, the
 /// same on every backend, never sent on (PostgreSQL cannot receive a NUL in
-/// text) and never an empty page. Called by each backend's file rather than
-/// by [`kv_contract_tests!`](crate::kv_contract_tests) while the Cloudflare
-/// backend does not check yet (its test is ignored with the reason).
+/// text) and never an empty page.
 pub fn list_prefix_and_cursor_with_refused_characters_are_invalid(f: &dyn KvFixture) {
     let kv = f.kv();
     ok(kv.put("nul/a", b"v", None), "put");

@@ -125,7 +125,8 @@ impl MemoryKv {
     /// Entries held right now, expired ones not yet reclaimed included (for
     /// tests that prove reclamation).
     pub fn stored_entries(&self) -> usize {
-        self.state().entries.len()
+        // Not through `state()`, which would reclaim first.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).entries.len()
     }
 
     /// Locks the state and reclaims what expired. A panic while the lock was
