@@ -154,6 +154,27 @@ fn a_retry_after_too_long_for_any_clock_gives_up_at_once() {
     assert_eq!(cf.emulator.requests() - before, 1);
 }
 
+/// The API documents `"success": false` (with `errors`) as a failure of
+/// its own, whatever the HTTP status: a write, a delete or a list so
+/// answered is an error, never taken as done (a lost write, a sign-out that
+/// did not happen, an empty listing).
+#[test]
+fn an_answer_of_200_saying_success_false_is_an_error_not_a_write_delete_or_empty_list() {
+    let cf = cloudflare();
+    cf.kv.put("kept", b"v", None).unwrap();
+    cf.emulator.fail_next(1, 200);
+    let put = cf.kv.put("k", b"v", None);
+    assert!(matches!(put, Err(StoreError::Backend { .. })), "{put:?}");
+    cf.emulator.fail_next(1, 200);
+    let deleted = cf.kv.delete("kept");
+    assert!(matches!(deleted, Err(StoreError::Backend { .. })), "{deleted:?}");
+    cf.emulator.fail_next(1, 200);
+    let listed = cf.kv.list("", 10, None);
+    assert!(matches!(listed, Err(StoreError::Backend { .. })), "{listed:?}");
+    assert_eq!(cf.kv.get("kept").unwrap(), Some(b"v".to_vec()), "the refused delete did nothing");
+    assert_eq!(cf.kv.list("", 10, None).unwrap().keys, ["kept"]);
+}
+
 #[test]
 fn endless_500s_end_in_unavailable_within_the_attempt_bound() {
     let cf = cloudflare();

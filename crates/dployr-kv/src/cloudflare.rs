@@ -402,6 +402,10 @@ struct Reply {
 
 #[derive(Deserialize, Default)]
 struct Envelope {
+    /// "Whether the API call was successful": `false` with `errors`, which
+    /// the API documents as an answer of its own, whatever the status.
+    #[serde(default)]
+    success: Option<bool>,
     #[serde(default)]
     errors: Vec<ApiError>,
     #[serde(default)]
@@ -447,6 +451,14 @@ impl Reply {
 
     fn is_success(&self) -> bool {
         (200..300).contains(&self.status)
+    }
+
+    /// A success of an endpoint that answers with an envelope (write,
+    /// delete, list; not the read of a value, whose body is the value): a
+    /// 2xx status, and no `"success": false` in the envelope. A write or a
+    /// delete taken as done on such an answer would be lost silently.
+    fn is_enveloped_success(&self) -> bool {
+        self.is_success() && self.envelope().success != Some(false)
     }
 
     fn is_missing_key(&self) -> bool {
@@ -671,7 +683,8 @@ impl CloudflareKv {
         }
     }
 
-    /// Turns a non-2xx answer into the error a caller can act on.
+    /// Turns a non-2xx answer (or a 2xx one whose envelope says
+    /// `"success": false`) into the error a caller can act on.
     fn failure(&self, op: &'static str, reply: &Reply) -> StoreError {
         let text = reply.error_text();
         match (reply.status, reply.error_code()) {
@@ -736,7 +749,7 @@ impl CloudflareKv {
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .body(value.to_vec())
         })?;
-        if !reply.is_success() {
+        if !reply.is_enveloped_success() {
             return Err(self.failure("put", &reply));
         }
         Ok(())
@@ -746,7 +759,7 @@ impl CloudflareKv {
         self.limits().check_key(key)?;
         let url = self.value_url(key);
         let reply = self.send(call, "delete", |c| c.delete(&url))?;
-        if reply.is_missing_key() || reply.is_success() {
+        if reply.is_missing_key() || reply.is_enveloped_success() {
             return Ok(());
         }
         Err(self.failure("delete", &reply))
@@ -801,7 +814,7 @@ impl KvBackend for CloudflareKv {
             query.push(("cursor", cursor.to_owned()));
         }
         let reply = self.send(&mut call, "list", |c| c.get(&url).query(&query))?;
-        if !reply.is_success() {
+        if !reply.is_enveloped_success() {
             return Err(self.failure("list", &reply));
         }
         let envelope: Envelope = serde_json::from_slice(&reply.body)

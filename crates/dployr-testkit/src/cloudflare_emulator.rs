@@ -317,7 +317,8 @@ impl CloudflareEmulator {
 
     /// Answers the next `n` requests with `status` instead of serving them:
     /// 429 carries code 971 and a `retry-after` header, 401/403 code 10000,
-    /// anything else code 10001.
+    /// anything else code 10001 (200 too: `"success": false` in a 200, which
+    /// the API's envelope allows).
     pub fn fail_next(&self, n: u32, status: u16) {
         self.shared.state().failures = (n > 0).then_some((n, status));
     }
