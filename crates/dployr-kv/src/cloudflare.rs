@@ -230,15 +230,20 @@ impl CloudflareConfig {
     }
 }
 
-/// `base_url` without a trailing `/`, if it is an `http://` or `https://` URL.
+/// `base_url` without a trailing `/`, if it is an `http://` or `https://`
+/// URL that parses (one that does not, a space in its host or a port out
+/// of range, failed each request before it was sent, which was retried
+/// for seconds and reported as a passing `Unavailable`).
 fn checked_base_url(base_url: &str) -> StoreResult<String> {
     let trimmed = base_url.trim().trim_end_matches('/');
+    let refused = |why: String| StoreError::Configuration {
+        setting: API_BASE_URL_VAR,
+        reason: format!("is {base_url:?}{why}; give an http(s) URL such as {CLOUDFLARE_API_URL}").into(),
+    };
     if !(trimmed.starts_with("https://") || trimmed.starts_with("http://")) {
-        return Err(StoreError::Configuration {
-            setting: API_BASE_URL_VAR,
-            reason: format!("is {base_url:?}; give an http(s) URL such as {CLOUDFLARE_API_URL}").into(),
-        });
+        return Err(refused(String::new()));
     }
+    reqwest::Url::parse(trimmed).map_err(|error| refused(format!(", not a URL ({error})")))?;
     Ok(trimmed.to_owned())
 }
 
@@ -870,7 +875,22 @@ mod tests {
 
     use dployr_domain::{KvBackend as _, StoreError};
 
-    use super::{CloudflareConfig, CloudflareKv, Expiry, RetryPolicy, Stored, beyond, kept_expiry};
+    use super::{CloudflareConfig, CloudflareKv, Expiry, RetryPolicy, Stored, beyond, checked_base_url, kept_expiry};
+
+    #[test]
+    fn a_base_url_that_does_not_parse_is_a_configuration_error() {
+        for base in ["https://exa mple.com/client/v4", "https://example.com:99999/client/v4", "http://[::1/client/v4"] {
+            let refused = checked_base_url(base);
+            assert!(
+                matches!(&refused, Err(StoreError::Configuration { setting: "CLOUDFLARE_API_BASE_URL", .. })),
+                "{base}: {refused:?}"
+            );
+        }
+        assert_eq!(
+            checked_base_url("https://api.cloudflare.com/client/v4/").unwrap(),
+            "https://api.cloudflare.com/client/v4"
+        );
+    }
 
     fn stored(expiration: Option<u64>, server_now: Option<u64>) -> Stored {
         Stored { value: b"1".to_vec(), expiration, server_now }
