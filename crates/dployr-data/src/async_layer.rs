@@ -514,8 +514,13 @@ fn unprobed(data: &DataLayer, not_run: &StoreError, waited: Duration) -> Health 
             })
             .collect()
     });
-    let migrations =
-        MigrationsProbe { up_to_date: false, pending: Vec::new(), duration: waited, error: Some(why.clone()) };
+    let migrations = MigrationsProbe {
+        up_to_date: false,
+        pending: Vec::new(),
+        newer: Vec::new(),
+        duration: waited,
+        error: Some(why.clone()),
+    };
     Health { primary: probe(), replicas, kv: probe(), migrations }
 }
 

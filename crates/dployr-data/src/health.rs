@@ -41,14 +41,22 @@ pub struct ReplicaProbe {
 /// Whether the database's migrations are those of this binary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationsProbe {
-    /// Every embedded migration applied, unchanged, and none unknown.
+    /// Every embedded migration applied, unchanged. Migrations applied by a
+    /// newer release ([`newer`](Self::newer)) do not count against it: in a
+    /// rolling deploy the new release migrates while this one still serves,
+    /// and every process of this one turning not ready at that moment would
+    /// leave nothing ready until the new ones are.
     pub up_to_date: bool,
     /// Migrations of this binary not applied yet.
     pub pending: Vec<String>,
+    /// Migrations applied to the database that this binary does not hold
+    /// (a newer release ran them). This process serves on; a new one of
+    /// this release refuses to migrate there (see `dployr-migrate`).
+    pub newer: Vec<String>,
     /// How long the probe took.
     pub duration: Duration,
-    /// Why not up to date beyond `pending` (a changed or unknown applied
-    /// migration), or why the status could not be read.
+    /// Why not up to date beyond `pending` (an applied migration whose text
+    /// changed), or why the status could not be read.
     pub error: Option<String>,
 }
 
@@ -138,6 +146,7 @@ fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> M
     let unanswered = |error: String| MigrationsProbe {
         up_to_date: false,
         pending: Vec::new(),
+        newer: Vec::new(),
         duration: started.elapsed(),
         error: Some(error),
     };
@@ -174,6 +183,7 @@ fn migrations(url: &str, bound: Duration) -> MigrationsProbe {
             return MigrationsProbe {
                 up_to_date: false,
                 pending: Vec::new(),
+                newer: Vec::new(),
                 duration,
                 error: Some(error.to_string()),
             };
@@ -181,19 +191,24 @@ fn migrations(url: &str, bound: Duration) -> MigrationsProbe {
     };
     let pending: Vec<String> =
         lines.iter().filter(|line| line.state == MigrationState::Pending).map(|line| line.name.clone()).collect();
+    let newer: Vec<String> = lines
+        .iter()
+        .filter(|line| matches!(line.state, MigrationState::MissingFromSource { .. }))
+        .map(|line| line.name.clone())
+        .collect();
     let problems: Vec<String> = lines
         .iter()
         .filter_map(|line| match line.state {
             MigrationState::Applied { checksum_matches: false, .. } => {
                 Some(format!("{} changed since applied", line.name))
             }
-            MigrationState::MissingFromSource { .. } => Some(format!("{} applied but not in this binary", line.name)),
             _ => None,
         })
         .collect();
     MigrationsProbe {
         up_to_date: pending.is_empty() && problems.is_empty(),
         pending,
+        newer,
         duration,
         error: (!problems.is_empty()).then(|| problems.join("; ")),
     }

@@ -116,6 +116,34 @@ fn health_reports_a_database_whose_migrations_are_pending() {
     assert!(!health.is_ready());
 }
 
+/// In a rolling deploy the new release migrates while this one still
+/// serves: a migration this binary does not hold is reported, and this
+/// process stays ready (every process of the old release turning not ready
+/// at once would leave nothing ready until the new ones are). One whose
+/// applied text changed is still not ready.
+#[test]
+fn health_stays_ready_after_a_newer_release_migrated_and_names_its_migrations() {
+    use diesel::connection::SimpleConnection as _;
+    let db = dployr_testkit::database();
+    let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
+    db.connect()
+        .batch_execute(
+            "INSERT INTO _migrations (version, name, checksum, duration_ms) \
+             VALUES ('999', '999_of_a_newer_release', 'abc', 1)",
+        )
+        .unwrap();
+    let health = data.health();
+    assert!(health.is_ready(), "{health:?}");
+    assert_eq!(health.migrations.newer, ["999_of_a_newer_release"], "{health:?}");
+    assert!(health.migrations.up_to_date && health.migrations.error.is_none(), "{health:?}");
+    db.connect().batch_execute("UPDATE _migrations SET checksum = 'edited' WHERE version = '000'").unwrap();
+    let health = data.health();
+    assert!(
+        !health.is_ready() && health.migrations.error.as_deref().is_some_and(|e| e.contains("000_init")),
+        "{health:?}"
+    );
+}
+
 #[test]
 fn health_reports_the_primary_each_replica_with_its_lag_the_kv_backend_and_the_migrations() {
     let Some(mut server) = ReplicatedServer::start().unwrap() else {
