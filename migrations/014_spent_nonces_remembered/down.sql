@@ -2,6 +2,9 @@
 -- could then be made again with one, and `mark_used` answer true for it a
 -- second time. Refused while there are any; the hint says how to go on
 -- knowingly.
+-- No token is deleted (and no nonce remembered) between the count and the
+-- drop: a delete in flight is waited for, then counted.
+LOCK TABLE bootstrap_tokens, spent_nonces IN SHARE ROW EXCLUSIVE MODE;
 DO $$
 DECLARE
     spent bigint := (SELECT count(*) FROM spent_nonces);

@@ -49,9 +49,11 @@ pub struct MigrationsProbe {
     pub up_to_date: bool,
     /// Migrations of this binary not applied yet.
     pub pending: Vec<String>,
-    /// Migrations applied to the database that this binary does not hold
-    /// (a newer release ran them). This process serves on; a new one of
-    /// this release refuses to migrate there (see `dployr-migrate`).
+    /// Migrations applied to the database that this binary does not hold,
+    /// of versions above its latest (a newer release ran them). This
+    /// process serves on; a new one of this release refuses to migrate
+    /// there (see `dployr-migrate`). An unknown one below its latest (removed
+    /// from the source, another branch's) is an `error`, as before.
     pub newer: Vec<String>,
     /// How long the probe took.
     pub duration: Duration,
@@ -191,16 +193,33 @@ fn migrations(url: &str, bound: Duration) -> MigrationsProbe {
     };
     let pending: Vec<String> =
         lines.iter().filter(|line| line.state == MigrationState::Pending).map(|line| line.name.clone()).collect();
+    // Versions are numbers (`015`) or timestamps: compared as numbers where
+    // both are, else as text.
+    let order = |a: &str, b: &str| match (a.parse::<u128>(), b.parse::<u128>()) {
+        (Ok(a), Ok(b)) => a.cmp(&b),
+        _ => a.cmp(b),
+    };
+    let latest_here = lines
+        .iter()
+        .filter(|line| !matches!(line.state, MigrationState::MissingFromSource { .. }))
+        .map(|line| line.version.as_str())
+        .max_by(|a, b| order(a, b));
+    let is_newer = |version: &str| latest_here.is_none_or(|latest| order(version, latest).is_gt());
     let newer: Vec<String> = lines
         .iter()
-        .filter(|line| matches!(line.state, MigrationState::MissingFromSource { .. }))
+        .filter(|line| matches!(line.state, MigrationState::MissingFromSource { .. }) && is_newer(&line.version))
         .map(|line| line.name.clone())
         .collect();
+    // An unknown migration below this binary's latest is not a newer
+    // release's: one removed from the source, or another branch's.
     let problems: Vec<String> = lines
         .iter()
         .filter_map(|line| match line.state {
             MigrationState::Applied { checksum_matches: false, .. } => {
                 Some(format!("{} changed since applied", line.name))
+            }
+            MigrationState::MissingFromSource { .. } if !is_newer(&line.version) => {
+                Some(format!("{} applied but not in this binary, older than its latest", line.name))
             }
             _ => None,
         })

@@ -136,6 +136,17 @@ fn health_stays_ready_after_a_newer_release_migrated_and_names_its_migrations() 
     assert!(health.is_ready(), "{health:?}");
     assert_eq!(health.migrations.newer, ["999_of_a_newer_release"], "{health:?}");
     assert!(health.migrations.up_to_date && health.migrations.error.is_none(), "{health:?}");
+    db.connect()
+        .batch_execute(
+            "INSERT INTO _migrations (version, name, checksum, duration_ms) VALUES ('0015', '0015_x', 'a', 1)",
+        )
+        .unwrap();
+    let health = data.health();
+    assert!(
+        !health.is_ready() && health.migrations.error.as_deref().is_some_and(|e| e.contains("0015_x")),
+        "{health:?}"
+    );
+    db.connect().batch_execute("DELETE FROM _migrations WHERE version = '0015'").unwrap();
     db.connect().batch_execute("UPDATE _migrations SET checksum = 'edited' WHERE version = '000'").unwrap();
     let health = data.health();
     assert!(

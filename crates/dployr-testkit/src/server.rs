@@ -420,26 +420,30 @@ mod tests {
     use super::*;
 
     /// Ends the admin session of this process, found by its name, as a
-    /// restart of the server does, and waits until it is gone.
+    /// restart of the server does, and waits until that session is gone
+    /// (by its process id: another test of this process may reopen the
+    /// admin connection meanwhile, under the same name).
     fn end_admin_session(conn: &mut PgConnection) {
         let tag = format!("dployr-testkit {} %", crate::run_id());
-        let admin_sessions = || {
-            diesel::dsl::sql::<BigInt>("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE ")
-                .bind::<Text, _>(tag.clone())
-        };
-        assert_eq!(admin_sessions().get_result::<i64>(conn).unwrap(), 1, "one admin session, named for the run");
+        let pids: Vec<i32> = diesel::dsl::sql::<diesel::sql_types::Integer>(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE ",
+        )
+        .bind::<Text, _>(tag.clone())
+        .load(conn)
+        .unwrap();
+        assert_eq!(pids.len(), 1, "one admin session, named for the run");
         let ended: bool = diesel::select(
-            diesel::dsl::sql::<Bool>(
-                "(SELECT bool_and(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE ",
-            )
-            .bind::<Text, _>(tag.clone())
-            .sql(")"),
+            diesel::dsl::sql::<Bool>("pg_terminate_backend(").bind::<diesel::sql_types::Integer, _>(pids[0]).sql(")"),
         )
         .get_result(conn)
         .unwrap();
         assert!(ended);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while admin_sessions().get_result::<i64>(conn).unwrap() > 0 {
+        let alive = || {
+            diesel::dsl::sql::<BigInt>("SELECT count(*) FROM pg_stat_activity WHERE pid = ")
+                .bind::<diesel::sql_types::Integer, _>(pids[0])
+        };
+        while alive().get_result::<i64>(conn).unwrap() > 0 {
             assert!(Instant::now() < deadline, "the admin session did not end");
             std::thread::sleep(Duration::from_millis(10));
         }

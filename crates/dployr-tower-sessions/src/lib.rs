@@ -585,16 +585,22 @@ type Data = std::collections::HashMap<String, serde_json::Value>;
 /// (the cookie is its text): the key holds only its hash, so that a leaked
 /// listing, dump, backup or replica of the backend hands out no live
 /// session, and the value must not hold it either. `load` knows the id it
-/// was asked for. (Records written before held an `id` too: it is ignored.)
+/// was asked for. (Records written before held the `id`: it is ignored.)
 #[derive(Serialize, Deserialize)]
 struct Stored {
     data: Data,
     expiry_date: OffsetDateTime,
 }
 
-/// What [`encode`] writes: [`Stored`], borrowed from a record.
+/// What [`encode`] writes: [`Stored`], borrowed from a record, and an `id`
+/// of 0 in place of the record's. The previous release decodes a whole
+/// `Record`, which needs the field: given 0, it finds the record is not
+/// the one it was asked for and answers no session (the user signs in
+/// again) instead of failing every load of the session, in a rolling
+/// deploy or after a rollback. It holds nothing of the session's.
 #[derive(Serialize)]
 struct StoredRef<'a> {
+    id: i128,
     data: &'a Data,
     expiry_date: OffsetDateTime,
 }
@@ -606,7 +612,7 @@ struct StoredRef<'a> {
 /// once its memory of the write has passed), its user stuck with a broken
 /// session until it expired.
 fn encode(record: &Record) -> StoreResult<Vec<u8>> {
-    let stored = StoredRef { data: &record.data, expiry_date: record.expiry_date };
+    let stored = StoredRef { id: 0, data: &record.data, expiry_date: record.expiry_date };
     let value = serde_json::to_vec(&stored).map_err(|e| StoreError::backend("encoding a session record", e))?;
     serde_json::from_slice::<Stored>(&value)
         .map_err(|e| StoreError::backend("encoding a session record: it would not decode back", e))?;
@@ -690,6 +696,24 @@ mod tests {
         fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
             self.0.increment(key, ttl)
         }
+    }
+
+    /// Across a rolling deploy or a rollback: a record the previous release
+    /// wrote (with its id) loads here, and one written here decodes as the
+    /// previous release decodes it (a whole `Record`), with an id that
+    /// matches no session, instead of failing.
+    #[test]
+    fn records_read_across_releases_the_old_with_its_id_and_the_new_with_id_zero() {
+        let mut written_before = record(&[("theme", "dark")]);
+        written_before.id = Id(123_456_789);
+        let old_value = serde_json::to_vec(&written_before).unwrap();
+        let stored: Stored = serde_json::from_slice(&old_value).unwrap();
+        assert_eq!((stored.data, stored.expiry_date), (written_before.data.clone(), written_before.expiry_date));
+
+        let new_value = encode(&written_before).unwrap();
+        let as_before: Record = serde_json::from_slice(&new_value).unwrap();
+        assert_eq!(as_before.id, Id(0));
+        assert_eq!((as_before.data, as_before.expiry_date), (written_before.data, written_before.expiry_date));
     }
 
     /// A record expiring in an hour whose data holds `pairs`.
