@@ -191,7 +191,11 @@ fn backend_of_a_call(pool: &PgPool) -> Result<i32, StoreError> {
 #[test]
 fn threads_calling_in_turns_each_keep_their_own_connection() {
     let db = dployr_testkit::database();
-    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 4, ..PoolConfig::default() }).unwrap();
+    // A thread's slot is its process-wide number modulo the pool's size,
+    // and the other tests of this binary hold numbers too: in a pool of 4,
+    // the two threads here shared a slot whenever their numbers differed by
+    // 4 (CI, once). 64 slots keep them apart; connections open on demand.
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 64, ..PoolConfig::default() }).unwrap();
     let turns = std::sync::Arc::new(std::sync::Barrier::new(2));
     let threads: Vec<_> = (0..2)
         .map(|me| {
