@@ -185,21 +185,23 @@ pub fn session_store_expiry_is_kept_within_the_backends_ttl_range(f: &dyn KvFixt
     });
 }
 
+/// A session of `user-42` created through `store`, and every key of the
+/// backend once a listing sees it (past any backend's staleness).
+fn one_stored_session(f: &dyn KvFixture, store: &KvSessionStore) -> (Record, Vec<String>) {
+    let mut r = record(3600, &[(USER_FIELD, "user-42")]);
+    ok(run(store.create(&mut r)), "create");
+    f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
+    (r, list_all(f.kv().as_ref(), "", 100).0)
+}
+
 /// No key holds a session id or a user id: records sit under the SHA-256
 /// of the id.
 pub fn session_store_keys_hold_no_session_or_user_id(f: &dyn KvFixture) {
-    let store = store(f);
-    run(async {
-        let mut r = record(3600, &[(USER_FIELD, "user-42")]);
-        ok(store.create(&mut r).await, "create");
-        // Past any backend's staleness, so that a listing sees the write.
-        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
-        let (keys, _) = list_all(f.kv().as_ref(), "", 100);
-        assert!(keys.iter().any(|k| k.starts_with("tower_session:") && k.len() == "tower_session:".len() + 64));
-        for key in keys {
-            assert!(!key.contains(&r.id.to_string()) && !key.contains("user-42"), "key {key} holds an id");
-        }
-    });
+    let (r, keys) = one_stored_session(f, &store(f));
+    assert!(keys.iter().any(|k| k.starts_with("tower_session:") && k.len() == "tower_session:".len() + 64));
+    for key in keys {
+        assert!(!key.contains(&r.id.to_string()) && !key.contains("user-42"), "key {key} holds an id");
+    }
 }
 
 /// No stored value holds the session id either, in any form (the cookie's
@@ -207,24 +209,19 @@ pub fn session_store_keys_hold_no_session_or_user_id(f: &dyn KvFixture) {
 /// backend must hand out no live session. A load by the id still finds it.
 pub fn session_store_values_hold_no_session_id(f: &dyn KvFixture) {
     let store = store(f);
-    run(async {
-        let mut r = record(3600, &[(USER_FIELD, "user-42")]);
-        ok(store.create(&mut r).await, "create");
-        f.advance(STALE_READ_WINDOW + Duration::from_secs(1));
-        let (keys, _) = list_all(f.kv().as_ref(), "", 100);
-        let forms = [r.id.to_string(), r.id.0.to_string(), r.id.0.unsigned_abs().to_string()];
-        let mut read = 0;
-        for key in keys {
-            let Some(value) = f.kv().get(&key).unwrap_or_else(|e| panic!("get {key}: {e}")) else { continue };
-            read += 1;
-            let text = String::from_utf8_lossy(&value);
-            for form in &forms {
-                assert!(!text.contains(form.as_str()), "the value under {key} holds the session id ({form}): {text}");
-            }
+    let (r, keys) = one_stored_session(f, &store);
+    let forms = [r.id.to_string(), r.id.0.to_string(), r.id.0.unsigned_abs().to_string()];
+    let mut read = 0;
+    for key in keys {
+        let Some(value) = f.kv().get(&key).unwrap_or_else(|e| panic!("get {key}: {e}")) else { continue };
+        read += 1;
+        let text = String::from_utf8_lossy(&value);
+        for form in &forms {
+            assert!(!text.contains(form.as_str()), "the value under {key} holds the session id ({form}): {text}");
         }
-        assert!(read > 0, "no value was read");
-        assert_eq!(ok(store.load(&r.id).await, "load").map(|loaded| loaded.data), Some(r.data));
-    });
+    }
+    assert!(read > 0, "no value was read");
+    assert_eq!(ok(run(store.load(&r.id)), "load").map(|loaded| loaded.data), Some(r.data));
 }
 
 /// Signing a user out everywhere deletes each of their sessions and no one
