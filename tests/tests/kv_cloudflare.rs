@@ -218,12 +218,24 @@ fn a_401_is_a_configuration_error_naming_the_token_variable() {
 
 #[test]
 fn a_wrong_token_is_a_configuration_error_naming_the_token_variable() {
+    // Of a token's form (403, code 10000), and of another form, which
+    // Cloudflare refuses before looking it up (400, code 6003, its chain
+    // naming the Authorization header): neither is a bad request of the
+    // caller's, neither is retried, and neither error shows the token.
+    for token in ["0123456789abcdef0123456789abcdef01234567", "wrong"] {
+        let emulator = CloudflareEmulator::start();
+        let config = CloudflareConfig { api_token: token.into(), ..config_for(&emulator) };
+        let kv = CloudflareKv::new(config).unwrap();
+        let before = emulator.requests();
+        let error = kv.put("k", b"v", None).unwrap_err();
+        assert!(matches!(error, StoreError::Configuration { setting: "CLOUDFLARE_API_TOKEN", .. }), "{error:?}");
+        assert!(!error.to_string().contains(token), "{error}");
+        assert_eq!(emulator.requests() - before, 1, "{error}: not retried");
+    }
     let emulator = CloudflareEmulator::start();
     let config = CloudflareConfig { api_token: "wrong".into(), ..config_for(&emulator) };
-    let kv = CloudflareKv::new(config).unwrap();
-    let error = kv.put("k", b"v", None).unwrap_err();
-    assert!(matches!(error, StoreError::Configuration { setting: "CLOUDFLARE_API_TOKEN", .. }), "{error:?}");
-    assert!(!error.to_string().contains("wrong"));
+    let error = CloudflareKv::new(config).unwrap().get("k").unwrap_err();
+    assert!(error.to_string().contains("6111: Invalid format for Authorization header"), "{error}");
 }
 
 #[test]

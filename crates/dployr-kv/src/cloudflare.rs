@@ -12,8 +12,9 @@
 //! Any other 404 (code 7000 for a base URL without `/client/v4`, 7003 for an
 //! unknown account, 10013 for an unknown namespace, a proxy's HTML page) is a
 //! [`StoreError::Configuration`] naming what to check: reading it as
-//! "missing" would sign every user out silently. A rejected token (401/403)
-//! names [`API_TOKEN_VAR`].
+//! "missing" would sign every user out silently. A rejected token (401/403,
+//! code 10000, or code 6003 for a token Cloudflare cannot even read) names
+//! [`API_TOKEN_VAR`].
 //!
 //! **Retries.** Throttling (429), server errors (5xx) and lost connections
 //! are retried with exponential backoff and jitter, honouring `retry-after`,
@@ -93,6 +94,11 @@ pub const MAX_EXPIRATION_TTL_SECS: u64 = i32::MAX as u64;
 const KEY_NOT_FOUND: u32 = 10009;
 /// The API token is unknown or may not use Workers KV.
 const AUTHENTICATION_ERROR: u32 = 10000;
+/// "Invalid request headers", a 400 whose `error_chain` names the header:
+/// 6111 "Invalid format for Authorization header" for a token that is not
+/// of Cloudflare's form. The only header this client sets from
+/// configuration is the token's, so it names [`API_TOKEN_VAR`].
+const INVALID_REQUEST_HEADERS: u32 = 6003;
 /// No such KV namespace in the account.
 const NAMESPACE_NOT_FOUND: u32 = 10013;
 /// No such account.
@@ -424,6 +430,19 @@ struct ApiError {
     code: u32,
     #[serde(default)]
     message: String,
+    /// The causes Cloudflare nests under some errors (6003's names the header).
+    #[serde(default)]
+    error_chain: Vec<ApiError>,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "code {}: {}", self.code, self.message)?;
+        for cause in &self.error_chain {
+            write!(f, " ({cause})")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize)]
@@ -449,7 +468,7 @@ impl Reply {
     fn error_text(&self) -> String {
         let envelope = self.envelope();
         match envelope.errors.first() {
-            Some(e) => format!("HTTP {}, code {}: {}", self.status, e.code, e.message),
+            Some(e) => format!("HTTP {}, {e}", self.status),
             None => format!("HTTP {} without a Cloudflare error envelope", self.status),
         }
     }
@@ -693,7 +712,7 @@ impl CloudflareKv {
     fn failure(&self, op: &'static str, reply: &Reply) -> StoreError {
         let text = reply.error_text();
         match (reply.status, reply.error_code()) {
-            (401 | 403, _) | (_, Some(AUTHENTICATION_ERROR)) => StoreError::Configuration {
+            (401 | 403, _) | (_, Some(AUTHENTICATION_ERROR | INVALID_REQUEST_HEADERS)) => StoreError::Configuration {
                 setting: API_TOKEN_VAR,
                 reason: format!("Cloudflare refused the API token on {op} ({text})").into(),
             },

@@ -271,7 +271,9 @@ impl CloudflareEmulator {
         &self.shared.namespace_id
     }
 
-    /// The bearer token it accepts; any other answers 403 / 10000.
+    /// The bearer token it accepts (40 hexadecimal digits); another token of
+    /// that form answers 403 / 10000, one of another form (not 40 letters,
+    /// digits, `-` or `_`) 400 / 6003, as Cloudflare answers each.
     pub fn api_token(&self) -> &str {
         &self.shared.api_token
     }
@@ -395,9 +397,35 @@ fn envelope(status: u16, body: &Value) -> Answer {
 
 /// Cloudflare's error codes the emulator answers with (as the API does).
 const AUTHENTICATION_ERROR: u32 = 10000;
+const INVALID_REQUEST_HEADERS: u32 = 6003;
 const NAMESPACE_NOT_FOUND: u32 = 10013;
 const KEY_NOT_FOUND: u32 = 10009;
 const RATE_LIMITED: u32 = 971;
+
+/// Whether `token` has the form of a Cloudflare API token (40 characters of
+/// letters, digits, `-` and `_`). Cloudflare answers a bearer token of
+/// another form before looking it up, with a 400 of its own.
+fn is_token_shaped(token: &str) -> bool {
+    token.len() == 40 && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Cloudflare's answer to an `Authorization` header it cannot read: a 400,
+/// code 6003 with the header named in its `error_chain` (6111).
+fn malformed_authorization() -> Answer {
+    envelope(
+        400,
+        &json!({
+            "success": false,
+            "errors": [{
+                "code": INVALID_REQUEST_HEADERS,
+                "message": "Invalid request headers",
+                "error_chain": [{ "code": 6111, "message": "Invalid format for Authorization header" }]
+            }],
+            "messages": [],
+            "result": null
+        }),
+    )
+}
 
 fn error(status: u16, code: u32, message: &str) -> Answer {
     envelope(
@@ -435,11 +463,13 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
             return refused;
         }
     }
-    let authorized = request
-        .headers()
-        .iter()
-        .any(|h| h.field.equiv("Authorization") && h.value.as_str() == format!("Bearer {}", shared.api_token));
-    if !authorized {
+    let authorization =
+        request.headers().iter().find(|h| h.field.equiv("Authorization")).map(|h| h.value.as_str().to_owned());
+    let token = authorization.as_deref().and_then(|value| value.strip_prefix("Bearer "));
+    if !token.is_some_and(is_token_shaped) {
+        return malformed_authorization();
+    }
+    if token != Some(shared.api_token.as_str()) {
         return error(403, AUTHENTICATION_ERROR, "Authentication error");
     }
     let url = request.url().to_owned();
