@@ -82,8 +82,8 @@ reads! {
         "a page of members; a member added a second ago shows on the next page load";
     ClustersInvites => "clusters.invites", Replica,
         "a page of invitations, for display";
-    ClustersUserClusters => "clusters.user_clusters", Replica,
-        "the clusters a user belongs to, for navigation; opening one checks the role on the primary";
+    ClustersUserClusters => "clusters.user_clusters", Primary,
+        "what a session carries: the sign-in stores it in the session for its lifetime, right after create_for_owner or accept_invite; a stale answer would be kept for days";
     ClustersPendingInvites => "clusters.pending_invites", Replica,
         "a user's invitations, for display; accepting one is a write that finds it gone if it was withdrawn";
     ClustersOwner => "clusters.owner", Replica,
