@@ -5,8 +5,7 @@
 //! runs within the same bounds as a store call (the pool's call deadline),
 //! so a silent server makes `health()` slow by at most that, never hang.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use dployr_domain::{KvBackend, StoreError};
@@ -131,10 +130,28 @@ pub(crate) fn check(
     Health { primary, replicas, kv, migrations }
 }
 
-/// Whether a data layer's migrations probe is still running; shared with
-/// the probe's thread.
+/// A data layer's probe of the migrations: whether one is running, and the
+/// last answer, shared with the probe's thread. Concurrent `health()` calls
+/// (a readiness and a liveness probe, several load balancers) share one
+/// probe: a call that finds one running waits for its answer instead of
+/// being told "not answered yet", which turned a healthy process not ready.
 #[derive(Debug, Default)]
-pub(crate) struct ProbeInFlight(Arc<AtomicBool>);
+pub(crate) struct ProbeInFlight(Arc<(Mutex<ProbeSlot>, Condvar)>);
+
+#[derive(Debug, Default)]
+struct ProbeSlot {
+    /// The number of the probe running now, if one is.
+    running: Option<u64>,
+    /// The number given to the last probe started.
+    started: u64,
+    /// The last answer and the number of the probe that gave it.
+    answer: Option<(u64, MigrationsProbe)>,
+}
+
+fn lock(slot: &Mutex<ProbeSlot>) -> MutexGuard<'_, ProbeSlot> {
+    // The slot holds no invariant a panic could break half-way.
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The migrations' status within `bound`. The status is read over a
 /// connection of its own (the migration URL's), which a server that
@@ -142,7 +159,9 @@ pub(crate) struct ProbeInFlight(Arc<AtomicBool>);
 /// so it is read on a thread of its own, and a probe that has not answered
 /// within `bound` is reported as such. That thread ends when its
 /// connection does (keepalives notice a dead peer); until then no other
-/// probe starts, so a frozen server costs one thread, not one per call.
+/// probe starts, so a frozen server costs one thread, not one per call:
+/// a call made meanwhile waits, within its own `bound`, for that probe's
+/// answer.
 fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> MigrationsProbe {
     let started = Instant::now();
     let unanswered = |error: String| MigrationsProbe {
@@ -152,23 +171,42 @@ fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> M
         duration: started.elapsed(),
         error: Some(error),
     };
-    if in_flight.0.swap(true, Ordering::AcqRel) {
-        return unanswered("the previous probe of the migrations has not answered yet".into());
+    let (slot, answered) = &*in_flight.0;
+    let mut state = lock(slot);
+    let awaited = match state.running {
+        Some(running) => running,
+        None => {
+            let number = state.started + 1;
+            let (url, shared) = (url.to_owned(), Arc::clone(&in_flight.0));
+            let spawned = std::thread::Builder::new().name("dployr-health-migrations".into()).spawn(move || {
+                let probe = migrations(&url, bound);
+                let (slot, answered) = &*shared;
+                let mut state = lock(slot);
+                state.running = None;
+                state.answer = Some((number, probe));
+                answered.notify_all();
+            });
+            if let Err(error) = spawned {
+                return unanswered(format!("could not start the probe's thread: {error}"));
+            }
+            state.started = number;
+            state.running = Some(number);
+            number
+        }
+    };
+    let deadline = started + bound;
+    loop {
+        if let Some((number, probe)) = &state.answer
+            && *number >= awaited
+        {
+            return probe.clone();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return unanswered(format!("the migrations' status did not come within {bound:?}"));
+        }
+        state = answered.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
     }
-    let (answer, answered) = std::sync::mpsc::channel();
-    let (url, running) = (url.to_owned(), Arc::clone(&in_flight.0));
-    let spawned = std::thread::Builder::new().name("dployr-health-migrations".into()).spawn(move || {
-        let probe = migrations(&url, bound);
-        running.store(false, Ordering::Release);
-        let _caller_gone = answer.send(probe);
-    });
-    if let Err(error) = spawned {
-        in_flight.0.store(false, Ordering::Release);
-        return unanswered(format!("could not start the probe's thread: {error}"));
-    }
-    answered
-        .recv_timeout(bound)
-        .unwrap_or_else(|_| unanswered(format!("the migrations' status did not come within {bound:?}")))
 }
 
 /// The migrations' status read on `url`, giving up on a connection that

@@ -60,3 +60,31 @@ fn health_is_not_ready_on_a_primary_that_answers_but_only_reads() {
     let error = data.users().upsert(NewUser::new(email, Provider::Github)).unwrap_err();
     assert!(matches!(error, StoreError::Unavailable { .. }), "{error}");
 }
+
+/// Health checks come in together (a readiness and a liveness probe,
+/// several load balancers): each call made while another's probe of the
+/// migrations runs gets that probe's answer, not "not answered yet", which
+/// turned a healthy process not ready for one caller of every pair.
+#[test]
+fn health_calls_made_together_are_each_ready() {
+    let db = dployr_testkit::database();
+    let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).without_migrations_on_start();
+    let data = DataLayer::open(config).unwrap();
+    for round in 0..10 {
+        let start = std::sync::Barrier::new(4);
+        let answers: Vec<_> = std::thread::scope(|scope| {
+            let calls: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        data.health()
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|call| call.join().unwrap()).collect()
+        });
+        for health in answers {
+            assert!(health.is_ready(), "round {round}: {health:?}");
+        }
+    }
+}
