@@ -734,6 +734,29 @@ pub fn read_your_writes_where_promised(f: &dyn KvFixture) {
     }
 }
 
+/// Where takes are atomic: two sign-outs everywhere of one user at once
+/// (two processes, or `DataLayer::delete_user` beside one) end each
+/// session once between them, so their counts add up to the sessions
+/// there were, not twice some of them.
+pub fn sign_outs_everywhere_at_once_count_each_session_once_where_promised(f: &dyn KvFixture) {
+    if !f.guarantees().atomic_take {
+        return;
+    }
+    let stores = [kv_store(f), kv_store(f)];
+    let user = sample_user(8);
+    for round in 0..30 {
+        let ids: Vec<SessionId> = (0..5).map(|_| SessionId::generate()).collect();
+        for id in &ids {
+            ok(stores[round % 2].create_session(id, &user, vec![]), "create_session");
+        }
+        let counts = in_parallel_on(2, 2, |i| ok(stores[i].delete_user_sessions(&user.id), "delete_user_sessions"));
+        assert_eq!(counts.iter().sum::<usize>(), 5, "round {round}: the two counts {counts:?}");
+        for id in &ids {
+            assert_eq!(ok(stores[0].get_session(id), "get_session"), None);
+        }
+    }
+}
+
 /// Where promised: of 50 concurrent takes of one key, exactly one gets it.
 pub fn parallel_takes_give_exactly_one_value_where_promised(f: &dyn KvFixture) {
     if !f.guarantees().atomic_take {
@@ -857,6 +880,7 @@ macro_rules! kv_contract_tests {
             a_session_id_reused_for_another_user_is_ended_only_with_that_user,
             user_session_index_entries_expire_with_their_sessions,
             concurrent_sign_ins_of_one_user_are_all_signed_out,
+            sign_outs_everywhere_at_once_count_each_session_once_where_promised,
             oauth_state_is_single_use_and_expires,
             otp_rules_hold,
             stated_guarantees_match_the_backends_limits,
@@ -900,7 +924,8 @@ macro_rules! session_store_contract_tests {
             session_store_a_session_that_changed_user_is_ended_only_with_its_current_user,
             session_store_refuses_a_record_it_could_not_load_back,
             session_store_a_save_after_the_session_was_deleted_does_not_bring_it_back,
-            session_store_sign_out_everywhere_counts_only_sessions_that_were_live
+            session_store_sign_out_everywhere_counts_only_sessions_that_were_live,
+            session_store_sign_outs_everywhere_at_once_count_each_session_once_where_atomic
         );
     };
     (@each $fixture:expr; $($name:ident),*) => {

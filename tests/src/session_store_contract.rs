@@ -400,6 +400,36 @@ pub fn session_store_sign_out_everywhere_counts_only_sessions_that_were_live(f: 
     });
 }
 
+/// Where takes are atomic: two sign-outs everywhere of one user at once
+/// (two processes) end each session once between them, so their counts add
+/// up to the sessions there were, not twice some of them.
+pub fn session_store_sign_outs_everywhere_at_once_count_each_session_once_where_atomic(f: &dyn KvFixture) {
+    if !f.guarantees().atomic_take {
+        return;
+    }
+    let stores = [store(f), store(f)];
+    for round in 0..30 {
+        run(async {
+            for i in 0..5 {
+                let mut session = record(3600, &[(USER_FIELD, "ada")]);
+                ok(stores[(round + i) % 2].create(&mut session).await, "create");
+            }
+        });
+        let counts: Vec<usize> = std::thread::scope(|scope| {
+            let calls: Vec<_> = stores
+                .iter()
+                .map(|store| {
+                    scope.spawn(move || {
+                        run(async { crate::kv_contract::ok(store.delete_user_sessions("ada").await, "sign out") })
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|call| call.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        assert_eq!(counts.iter().sum::<usize>(), 5, "round {round}: the two counts {counts:?}");
+    }
+}
+
 /// The record `store` loads for `id`, which must be there.
 async fn loaded(store: &KvSessionStore, id: &Id) -> Record {
     match store.load(id).await {

@@ -646,10 +646,9 @@ impl KvStore {
                 return Ok(false);
             }
             self.remember(key, SessionWrite::Deleted);
-            self.kv.delete(key)?;
             // Counted only if it was there: an entry whose session ended
             // before (signed out on its own) is removed, not counted.
-            Ok(found.is_some())
+            Ok(self.end_session(key)? && found.is_some())
         })?;
         // A stale listing may not show yet the entries of sessions created
         // in the last minute; those created here are in the memory. Each
@@ -671,12 +670,28 @@ impl KvStore {
             } else {
                 true
             };
-            self.kv.delete(&key)?;
+            let ended_here = self.end_session(&key)?;
             self.remember(&key, SessionWrite::Deleted);
             self.user_sessions.remove(&user.to_string(), &key)?;
-            ended += usize::from(live);
+            ended += usize::from(live && ended_here);
         }
         Ok(ended)
+    }
+
+    /// Deletes the session under `key` for a sign-out everywhere; whether
+    /// this call is the one that ended it. Where the backend's `take` is
+    /// atomic, only one of several calls ending the same session at once
+    /// (two sign-outs everywhere, `DataLayer::delete_user` beside one) takes
+    /// it, so their counts add up to the sessions ended, not twice one of
+    /// them; elsewhere (Cloudflare) a delete, and every caller that read it
+    /// live counts it.
+    fn end_session(&self, key: &str) -> StoreResult<bool> {
+        if self.kv.limits().atomic {
+            Ok(self.kv.take(key)?.is_some())
+        } else {
+            self.kv.delete(key)?;
+            Ok(true)
+        }
     }
 
     /// Remembers `state` and where to go after the sign-in, for the state TTL.

@@ -269,9 +269,10 @@ impl KvSessionStore {
                     return Ok(false);
                 }
                 // Deleted even if it read as gone: a stale read may miss a
-                // live one. Counted only if it was there.
-                inner.delete_key(key)?;
-                Ok(found == Listed::Live)
+                // live one. Counted only if it was there, and, where the
+                // backend takes atomically, only by the one of several
+                // sign-outs at once that took it.
+                Ok(inner.end_key(key)? && found == Listed::Live)
             })?;
             // A stale listing may not show yet the entries of sessions saved
             // in the last minute; those saved here are in the memory.
@@ -438,6 +439,20 @@ impl Inner {
     fn delete_key(&self, key: &str) -> StoreResult<()> {
         self.remember(key, Written::Deleted);
         self.backend.delete(key)
+    }
+
+    /// Deletes the record under `key` for a sign-out everywhere; whether
+    /// this call ended it: where the backend's `take` is atomic, only one of
+    /// several calls at once takes it (so their counts add up); elsewhere
+    /// every caller that read it live counts it.
+    fn end_key(&self, key: &str) -> StoreResult<bool> {
+        self.remember(key, Written::Deleted);
+        if self.backend.limits().atomic {
+            Ok(self.backend.take(key)?.is_some())
+        } else {
+            self.backend.delete(key)?;
+            Ok(true)
+        }
     }
 
     /// Writes `record` back, as tower-sessions saves a session its request
