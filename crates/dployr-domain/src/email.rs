@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use icu_normalizer::ComposingNormalizerBorrowed;
+use idna::uts46::{AsciiDenyList, DnsLength, Hyphens, Uts46};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::StoreError;
@@ -179,12 +180,20 @@ fn check_local_part(local: &str) -> Result<(), StoreError> {
 /// The domain in its ASCII form, checked as a host name.
 fn ascii_domain(domain: &str) -> Result<String, StoreError> {
     let invalid = |reason: &'static str| StoreError::invalid("email", reason);
-    let domain = domain.strip_suffix('.').unwrap_or(domain);
+    // The root's dot, in any of the four forms UTS 46 maps to `.`.
+    let domain = domain.strip_suffix(['.', '\u{3002}', '\u{ff0e}', '\u{ff61}']).unwrap_or(domain);
     if domain.is_empty() {
         return Err(invalid("needs a domain after the @"));
     }
-    let ascii =
-        idna::domain_to_ascii_strict(domain).map_err(|_| invalid("has a domain that is not a valid host name"))?;
+    // UTS 46 with STD3 rules (letters, digits, hyphens) and DNS lengths, and
+    // hyphens refused first and last in a label only: `domain_to_ascii_strict`
+    // also refuses them third and fourth, which host names in use have
+    // (`r3---sn-abc.googlevideo.com`) and the host-name rules allow; a
+    // Punycode label (`xn--`) is checked as such either way.
+    let ascii = Uts46::new()
+        .to_ascii(domain.as_bytes(), AsciiDenyList::STD3, Hyphens::CheckFirstLast, DnsLength::Verify)
+        .map_err(|_| invalid("has a domain that is not a valid host name"))?
+        .into_owned();
     let labels: Vec<&str> = ascii.split('.').collect();
     if labels.len() < 2 {
         return Err(invalid("has a domain of one label; a host name needs at least two"));
@@ -246,7 +255,10 @@ mod tests {
             (&["A@x.io", "a@x.io", " a@X.IO\t"], "a@x.io"),
             (&["caf\u{e9}@x.io", "cafe\u{301}@x.io", "CAF\u{c9}@x.io"], "caf\u{e9}@x.io"),
             (&["user@b\u{fc}cher.de", "user@xn--bcher-kva.de", "user@B\u{dc}CHER.DE"], "user@xn--bcher-kva.de"),
-            (&["dot@x.io.", "dot@x.io"], "dot@x.io"),
+            (&["dot@x.io.", "dot@x.io", "dot@x.io\u{3002}", "dot@x\u{3002}io\u{ff0e}"], "dot@x.io"),
+            // Hyphens third and fourth in a label: host names in use.
+            (&["a@ab--cd.example.com", "a@AB--CD.example.com"], "a@ab--cd.example.com"),
+            (&["v@r3---sn-abc.googlevideo.com"], "v@r3---sn-abc.googlevideo.com"),
             (&["\u{212a}im@x.io", "kim@x.io", "Kim@x.io"], "kim@x.io"),
             (&["user@\u{ff58}.io"], "user@x.io"),
         ];
@@ -285,6 +297,10 @@ mod tests {
             "\u{301}@x.io".to_owned(),
             "\u{fb01}x@x.io".to_owned(),
             "a@-x.io".to_owned(),
+            "a@x-.io".to_owned(),
+            "a@x.io-".to_owned(),
+            "a@xn--a.io".to_owned(),
+            "a@x.io\u{3002}\u{3002}".to_owned(),
             "a@x_y.io".to_owned(),
             "a@@x.io".to_owned(),
             // Unassigned: no character yet, so its case and normal form
@@ -371,7 +387,9 @@ mod tests {
 
     #[test]
     fn the_stored_form_parses_to_itself() {
-        for spelling in ["caf\u{e9}@x.io", "user@b\u{fc}cher.de", "Ab+c@Sub.Example.COM.", "\u{3b1}\u{3c3}@x.gr"] {
+        for spelling in
+            ["caf\u{e9}@x.io", "user@b\u{fc}cher.de", "Ab+c@Sub.Example.COM.", "\u{3b1}\u{3c3}@x.gr", "a@ab--cd.x.io"]
+        {
             let once = parse(spelling).unwrap();
             assert_eq!(parse(&once), Some(once.clone()));
         }
