@@ -326,11 +326,18 @@ impl std::error::Error for Redacted {}
 ///
 /// # Errors
 /// The classified, redacted failure.
-fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), ConnectFailure> {
+fn probe_connection(database_url: &str, timeout: Duration) -> Result<Option<String>, ConnectFailure> {
     let (sender, receiver) = mpsc::channel();
     let url = database_url.to_owned();
     let spawned = std::thread::Builder::new().name("dployr-pg-connect".into()).spawn(move || {
-        let result = PgConnection::establish(&url).map(drop);
+        let result = PgConnection::establish(&url).map(|mut conn| {
+            // The database's encoding, on the probe's own connection (not
+            // counted as a store statement). `None` if the query fails: the
+            // pool's own connections then say what is wrong.
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('server_encoding')"))
+                .get_result::<String>(&mut conn)
+                .ok()
+        });
         let _receiver_gone = sender.send(result);
     });
     if let Err(error) = spawned {
@@ -340,7 +347,7 @@ fn probe_connection(database_url: &str, timeout: Duration) -> Result<(), Connect
         ));
     }
     match receiver.recv_timeout(timeout) {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(encoding)) => Ok(encoding),
         Ok(Err(error)) => Err(classify(&error, database_url)),
         Err(_) => Err(ConnectFailure::new(
             ConnectFailureKind::TimedOut,
@@ -423,7 +430,21 @@ impl PgPool {
         // One direct attempt first: r2d2 would retry a wrong password until
         // the timeout and then report a timeout.
         match probe_connection(&url, config.connection_timeout).map_err(|failure| failure.into_store_error(setting)) {
-            Ok(()) => {}
+            // Text the stores accept (names, e-mails, metadata) is Unicode:
+            // a database in another encoding refuses or mangles what it
+            // cannot hold, which would surface as the caller's bad input
+            // on some writes only. Refused once, here, naming the setting.
+            Ok(Some(encoding)) if encoding != "UTF8" => {
+                return Err(StoreError::Configuration {
+                    setting,
+                    reason: format!(
+                        "the database's encoding is {encoding}; the data layer needs UTF8 \
+                         (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+                    )
+                    .into(),
+                });
+            }
+            Ok(_) => {}
             Err(StoreError::Unavailable { reason, .. }) if probe == Probe::ConfigurationOnly => {
                 tracing::warn!(pool = name, %reason, "dployr.replica does not answer; out of rotation until it does");
             }

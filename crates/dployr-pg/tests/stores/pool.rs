@@ -443,3 +443,25 @@ fn a_network_config_the_kernel_or_libpq_would_refuse_is_refused_by_name() {
         assert_eq!(PgUserStore::new(pool).get(&UserId::generate()).unwrap(), None, "{edges:?}");
     }
 }
+
+/// A database in another encoding than UTF8 would refuse or mangle the
+/// Unicode text the stores accept, on some writes only, as the caller's bad
+/// input: the pool refuses it when it opens, naming the setting.
+#[test]
+fn a_database_not_in_utf8_is_a_configuration_error_when_the_pool_opens() {
+    let db = dployr_testkit::database();
+    let latin1 = format!("{}_latin1", db.name());
+    let create =
+        format!("CREATE DATABASE \"{latin1}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+    diesel::sql_query(create).execute(&mut db.connect()).unwrap();
+    let url = dployr_testkit::server().unwrap().url_with(&latin1, &[]);
+    let opened = PgPool::connect(&url, PoolConfig::default());
+    diesel::sql_query(format!("DROP DATABASE \"{latin1}\" WITH (FORCE)")).execute(&mut db.connect()).unwrap();
+    match opened {
+        Err(StoreError::Configuration { setting: "database_url", reason }) => {
+            assert!(reason.contains("LATIN1") && reason.contains("UTF8"), "{reason}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    assert!(PgPool::connect(db.url(), PoolConfig::default()).is_ok(), "a UTF8 database opens");
+}
