@@ -347,7 +347,10 @@ impl DataLayer {
     /// store has its own `delete_user_sessions`); a session written from a
     /// copy of the user read before the delete (a sign-in finishing at that
     /// moment), which lives until its TTL, so code that must not serve a
-    /// deleted user checks the user, not only the session; and on
+    /// deleted user checks the user, not only the session (on the primary
+    /// where replicas are configured: `users.get` is replica-safe, so a
+    /// replica up to its lag bound behind may still show the user; read it
+    /// under [`PgPool::reads_on_primary`](dployr_pg::PgPool::reads_on_primary)); and on
     /// Cloudflare, whose listings lag (60 s "or more", no promised bound),
     /// sessions its listing does not show yet (see
     /// [`KvStore::delete_user_sessions`]).
