@@ -128,6 +128,26 @@ fn two_429s_then_success_is_success() {
     assert_eq!(cf.emulator.requests() - before, 3);
 }
 
+/// Code 10048 is the free plan's daily limit of an operation, spent until
+/// 00:00 UTC: retrying it cannot succeed, and each retry would spend the
+/// account's budget of 1200 requests per 5 minutes.
+#[test]
+fn a_429_for_the_free_plans_daily_limit_is_not_retried_and_says_it_resets_at_midnight_utc() {
+    let cf = cloudflare();
+    cf.emulator.set_retry_after(0);
+    cf.emulator.fail_next_with_code(5, 429, 10048);
+    let before = cf.emulator.requests();
+    let error = cf.kv.put("k", b"v", None).unwrap_err();
+    assert_eq!(cf.emulator.requests() - before, 1, "one request, not a retry per attempt: {error}");
+    match error {
+        StoreError::Unavailable { reason, .. } => {
+            assert!(reason.contains("daily limit") && reason.contains("00:00 UTC"), "{reason}");
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert_eq!(cf.kv.request_counts(), CloudflareRequestCounts { requests: 1, throttled: 1, retries: 0 });
+}
+
 #[test]
 fn retry_after_of_a_429_is_waited_for_and_then_succeeds() {
     let cf = cloudflare();
@@ -157,22 +177,56 @@ fn a_retry_after_too_long_for_any_clock_gives_up_at_once() {
 /// The API documents `"success": false` (with `errors`) as a failure of
 /// its own, whatever the HTTP status: a write, a delete or a list so
 /// answered is an error, never taken as done (a lost write, a sign-out that
-/// did not happen, an empty listing).
+/// did not happen, an empty listing). So is a 2xx without the envelope,
+/// which is not Cloudflare's answer (a proxy's 204 without a body, an HTML
+/// page): only `"success": true` says it was done.
 #[test]
 fn an_answer_of_200_saying_success_false_is_an_error_not_a_write_delete_or_empty_list() {
     let cf = cloudflare();
     cf.kv.put("kept", b"v", None).unwrap();
-    cf.emulator.fail_next(1, 200);
-    let put = cf.kv.put("k", b"v", None);
-    assert!(matches!(put, Err(StoreError::Backend { .. })), "{put:?}");
-    cf.emulator.fail_next(1, 200);
-    let deleted = cf.kv.delete("kept");
-    assert!(matches!(deleted, Err(StoreError::Backend { .. })), "{deleted:?}");
-    cf.emulator.fail_next(1, 200);
-    let listed = cf.kv.list("", 10, None);
-    assert!(matches!(listed, Err(StoreError::Backend { .. })), "{listed:?}");
-    assert_eq!(cf.kv.get("kept").unwrap(), Some(b"v".to_vec()), "the refused delete did nothing");
+    let answers: [(&str, &dyn Fn()); 3] = [
+        ("200 saying success false", &|| cf.emulator.fail_next(1, 200)),
+        ("204 without a body", &|| cf.emulator.answer_next_without_envelope(1, 204, b"")),
+        ("200 HTML page", &|| cf.emulator.answer_next_without_envelope(1, 200, b"<html><body>OK</body></html>")),
+    ];
+    for (answer, inject) in answers {
+        inject();
+        let put = cf.kv.put("k", b"v", None);
+        assert!(matches!(put, Err(StoreError::Backend { .. })), "{answer}: {put:?}");
+        inject();
+        let deleted = cf.kv.delete("kept");
+        assert!(matches!(deleted, Err(StoreError::Backend { .. })), "{answer}: {deleted:?}");
+        inject();
+        let listed = cf.kv.list("", 10, None);
+        assert!(matches!(listed, Err(StoreError::Backend { .. })), "{answer}: {listed:?}");
+    }
+    assert_eq!(cf.kv.get("kept").unwrap(), Some(b"v".to_vec()), "the refused deletes did nothing");
     assert_eq!(cf.kv.list("", 10, None).unwrap().keys, ["kept"]);
+}
+
+/// A redirect is not Cloudflare's API answering (a proxy, an `http://`
+/// base URL sent on to `https://`): it is not followed, since a client that
+/// follows a 303 sends a PUT again as a GET, which reads the old value and
+/// takes the write as done.
+#[test]
+fn a_redirect_is_a_configuration_error_naming_the_base_url_not_a_write_done() {
+    let cf = cloudflare();
+    cf.kv.put("k", b"old", None).unwrap();
+    for status in [301, 302, 303, 307, 308] {
+        cf.emulator.redirect_next(1, status);
+        let put = cf.kv.put("k", b"new", None);
+        assert!(
+            matches!(put, Err(StoreError::Configuration { setting: "CLOUDFLARE_API_BASE_URL", .. })),
+            "{status}: {put:?}"
+        );
+        cf.emulator.redirect_next(1, status);
+        let got = cf.kv.get("k");
+        assert!(
+            matches!(got, Err(StoreError::Configuration { setting: "CLOUDFLARE_API_BASE_URL", .. })),
+            "{status}: {got:?}"
+        );
+    }
+    assert_eq!(cf.kv.get("k").unwrap(), Some(b"old".to_vec()));
 }
 
 #[test]
@@ -556,10 +610,17 @@ fn a_counter_keeps_its_first_expiry_however_often_it_is_counted() {
     for expected in 1..=20 {
         assert_eq!(cf.kv.increment("attempts", Some(Duration::from_secs(120))).unwrap(), expected);
     }
-    cf.emulator.advance(Duration::from_secs(119));
-    assert_eq!(cf.kv.get("attempts").unwrap(), Some(b"20".to_vec()), "expired before its 120 s");
+    // Late in its life (about 65 s left, under the 70 s an absolute expiry
+    // needs with this client's 5 s of retries) the expiry is sent as the
+    // time left: one second more on each write would slide it.
+    cf.emulator.advance(Duration::from_secs(55));
+    for expected in 21..=30 {
+        assert_eq!(cf.kv.increment("attempts", Some(Duration::from_secs(120))).unwrap(), expected);
+    }
+    cf.emulator.advance(Duration::from_secs(64));
+    assert_eq!(cf.kv.get("attempts").unwrap(), Some(b"30".to_vec()), "expired before its 120 s");
     cf.emulator.advance(Duration::from_secs(3));
-    assert_eq!(cf.kv.get("attempts").unwrap(), None, "twenty increments kept the counter past its 120 s");
+    assert_eq!(cf.kv.get("attempts").unwrap(), None, "thirty increments kept the counter past its 120 s");
 }
 
 #[test]

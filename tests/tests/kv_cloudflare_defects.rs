@@ -1,7 +1,8 @@
 //! Regression tests for the Cloudflare client's defects of issue 11, each
 //! reproduced against the testkit's emulator with one documented behaviour
-//! of Cloudflare switched on: a 404 that is not "key missing" (code 7000
-//! for a base URL without `/client/v4`, a proxy's HTML page), a server clock
+//! of Cloudflare switched on: an answer that is not "key missing" (code 7000
+//! for a base URL without `/client/v4`, which Cloudflare answers with a 400,
+//! not a 404; a proxy's HTML 404), a server clock
 //! ahead of ours, a server that never answers, a 100-year TTL. They use only
 //! the API that existed before the fix, so they ran against it too (see the
 //! issue's report for the failures they showed there).

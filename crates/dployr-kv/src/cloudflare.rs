@@ -9,12 +9,21 @@
 //! takes, 2^31 − 1 s, is clamped to it); list limits of 10 to 1000.
 //!
 //! **Answers.** Only a 404 with Cloudflare's code 10009 means "no such key".
-//! Any other 404 (code 7000 for a base URL without `/client/v4`, 7003 for an
-//! unknown account, 10013 for an unknown namespace, a proxy's HTML page) is a
-//! [`StoreError::Configuration`] naming what to check: reading it as
-//! "missing" would sign every user out silently. A rejected token (401/403,
-//! code 10000, or code 6003 for a token Cloudflare cannot even read) names
-//! [`API_TOKEN_VAR`].
+//! Any other 404 (7003 for an unknown account, 10013 for an unknown
+//! namespace, a proxy's HTML page), and code 7000 "No route for that URI"
+//! (a base URL without `/client/v4`, which Cloudflare answers with a 400,
+//! not a 404), is a [`StoreError::Configuration`] naming what to check:
+//! reading it as "missing" would sign every user out silently, and reading
+//! the 400 as the caller's bad request would hide the setting to fix. A
+//! rejected token (401/403, code 10000, or code 6003 for a token Cloudflare
+//! cannot even read) names [`API_TOKEN_VAR`]. A write, a delete or a list
+//! is done only if the answer is a 2xx whose envelope says `"success":
+//! true`; a 2xx without it (a proxy's 204 without a body, an HTML page) is
+//! a [`StoreError::Backend`], never taken as done. (A value read answers
+//! with the value's bytes, no envelope.) Redirects are not followed (a
+//! client that follows a 303 sends a PUT again as a GET): a 3xx is a
+//! [`StoreError::Configuration`] naming [`API_BASE_URL_VAR`], since
+//! Cloudflare's API does not redirect and a proxy or a wrong base URL does.
 //!
 //! **Retries.** Throttling (429), server errors (5xx) and lost connections
 //! are retried with exponential backoff and jitter, honouring `retry-after`,
@@ -27,7 +36,10 @@
 //! requests, 429s and retries ([`CloudflareKv::request_counts`], and the
 //! fields of each operation's `dployr.store` span), because Cloudflare's
 //! account budget (1200 requests per 5 minutes, then 5 minutes of 429s) is
-//! what a deployment plans against.
+//! what a deployment plans against. A 429 with code 10048, the free plan's
+//! daily limit of an operation, is not retried: it lasts until 00:00 UTC,
+//! so the call fails at once with [`StoreError::Unavailable`] saying so,
+//! without spending that budget on retries that cannot succeed.
 //!
 //! **Consistency.** Workers KV is eventually consistent (a write may take up
 //! to 60 s to be seen elsewhere), allows one write per second per key, and
@@ -46,6 +58,12 @@
 //! `expiration_ttl` computed against the server's clock (its `Date` header),
 //! never an absolute time from the local clock: Cloudflare checks "at least
 //! 60 s in the future" on its own clock, and a skewed host would be refused.
+//! That TTL is the seconds left, sent without the second more a caller's
+//! TTL gets, so the expiry stays where it was (later only by the seconds
+//! the write takes to land). With less than Cloudflare's 60 s left, the
+//! expiry cannot be kept: the counter is written with 60 s, so it ends up to
+//! a minute late, never early, and one counted again within its last minute
+//! each time lives a minute past that count.
 //!
 //! **Runtimes.** The HTTP client is `reqwest`'s async one, driven by a
 //! private tokio runtime that is created, run and dropped on a thread of its
@@ -103,6 +121,12 @@ const INVALID_REQUEST_HEADERS: u32 = 6003;
 const NAMESPACE_NOT_FOUND: u32 = 10013;
 /// No such account.
 const ACCOUNT_NOT_FOUND: u32 = 7003;
+/// "No route for that URI": a path the API does not have, as a base URL
+/// without `/client/v4` makes. Cloudflare answers it with a 400.
+const NO_ROUTE: u32 = 7000;
+/// The free plan's daily limit of an operation is spent (a 429); it lasts
+/// until 00:00 UTC, so no retry within a call can succeed.
+const DAILY_LIMIT: u32 = 10048;
 
 /// How throttled or failed requests are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +319,10 @@ struct Raw {
 impl Transport {
     fn start() -> StoreResult<Self> {
         let client = Client::builder()
+            // Cloudflare's API does not redirect; a proxy or a wrong base URL
+            // does, and a followed 303 turns a PUT or a DELETE into a GET whose
+            // answer would be taken for the write's. A 3xx is reported instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             // Stripped as every reqwest error of this module is (see
             // `request_failure`): a URL it holds is not for the error's text.
@@ -479,10 +507,20 @@ impl Reply {
 
     /// A success of an endpoint that answers with an envelope (write,
     /// delete, list; not the read of a value, whose body is the value): a
-    /// 2xx status, and no `"success": false` in the envelope. A write or a
-    /// delete taken as done on such an answer would be lost silently.
+    /// 2xx status and `"success": true` in the envelope. Anything less (a
+    /// `false`, or no envelope: a proxy's 204 without a body, an HTML page)
+    /// is not Cloudflare saying it was done, and a write or a delete taken
+    /// as done on it would be lost silently.
     fn is_enveloped_success(&self) -> bool {
-        self.is_success() && self.envelope().success != Some(false)
+        self.is_success() && self.envelope().success == Some(true)
+    }
+
+    /// Where a redirect points, scheme, host and port only: the rest of a
+    /// `Location` may repeat the request's path, which names the key.
+    fn redirect_origin(&self) -> Option<String> {
+        let location = self.headers.get(reqwest::header::LOCATION)?.to_str().ok()?;
+        let url = reqwest::Url::parse(location).ok()?;
+        Some(url.origin().ascii_serialization()).filter(|origin| origin != "null")
     }
 
     fn is_missing_key(&self) -> bool {
@@ -500,8 +538,14 @@ impl Reply {
 /// When a written value ends.
 #[derive(Debug, Clone, Copy)]
 enum Expiry {
-    /// This long after the server receives it (`expiration_ttl`).
+    /// At least this long after the server receives it (`expiration_ttl`,
+    /// rounded up by [`ttl_secs`]).
     After(Duration),
+    /// This many whole seconds after the second the server receives it in
+    /// (`expiration_ttl` as it is, at least 60): the seconds left to an
+    /// expiry on the server's whole-second clock, which a second more would
+    /// move later on each write.
+    Left(u64),
     /// At this second since the epoch on the server's clock (`expiration`).
     At(u64),
 }
@@ -513,18 +557,24 @@ const EXPIRY_SLACK: Duration = Duration::from_secs(5);
 
 /// The expiry a counter's next write keeps: the one it was read with (the
 /// same second, absolute, while at least `room` seconds are left on the
-/// server's clock; else relative, what is left), or `ttl` when the read
+/// server's clock; else relative, the seconds left), or `ttl` when the read
 /// carried no expiry Cloudflare's way (no `expiration` header, or one that
 /// does not parse: a proxy may strip it), so that a counter written with a
 /// TTL is never written again without one. A counter written without a
 /// TTL, and counted without one, keeps none.
+///
+/// The seconds left are `at` less the second the read's `Date` names (the
+/// ceiling of what is left, as that second is truncated), sent without the
+/// second more a caller's TTL gets: the write lands in that second or a
+/// later one, and the server adds them to it, so the entry ends at `at`, or
+/// by the seconds the write took later, never earlier. Under 60 s left,
+/// Cloudflare takes no such TTL and the write sends its minimum, 60 s: the
+/// expiry moves later (by under a minute), as it cannot be kept.
 fn kept_expiry(stored: &Stored, ttl: Option<Duration>, room: u64) -> Option<Expiry> {
     let Some(at) = stored.expiration else { return ttl.map(Expiry::After) };
     Some(match stored.server_now {
-        // A relative TTL is rounded up a second on each write: counted
-        // often, the counter would outlive its TTL.
         Some(now) if at >= now.saturating_add(room) => Expiry::At(at),
-        now => Expiry::After(Duration::from_secs(at.saturating_sub(now.unwrap_or_else(unix_now)))),
+        now => Expiry::Left(at.saturating_sub(now.unwrap_or_else(unix_now))),
     })
 }
 
@@ -667,6 +717,19 @@ impl CloudflareKv {
                     if reply.status == 429 {
                         call.throttled += 1;
                         self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                        // Spent until 00:00 UTC: retries cannot succeed and
+                        // would spend the account's 5-minute budget.
+                        if reply.error_code() == Some(DAILY_LIMIT) {
+                            return Err(StoreError::Unavailable {
+                                reason: format!(
+                                    "Cloudflare KV {op}: the daily limit of the free plan for this operation is \
+                                     spent; it resets at 00:00 UTC ({})",
+                                    reply.error_text()
+                                )
+                                .into(),
+                                source: None,
+                            });
+                        }
                     }
                     let retry_after = reply
                         .headers
@@ -707,8 +770,8 @@ impl CloudflareKv {
         }
     }
 
-    /// Turns a non-2xx answer (or a 2xx one whose envelope says
-    /// `"success": false`) into the error a caller can act on.
+    /// Turns a non-2xx answer (or a 2xx one whose envelope does not say
+    /// `"success": true`) into the error a caller can act on.
     fn failure(&self, op: &'static str, reply: &Reply) -> StoreError {
         let text = reply.error_text();
         match (reply.status, reply.error_code()) {
@@ -724,7 +787,18 @@ impl CloudflareKv {
                 setting: ACCOUNT_ID_VAR,
                 reason: format!("Cloudflare knows no account {} ({text})", self.config.account_id).into(),
             },
-            (404, _) => StoreError::Configuration {
+            (300..=399, _) => StoreError::Configuration {
+                setting: API_BASE_URL_VAR,
+                reason: format!(
+                    "{op} answered a redirect (HTTP {}{}) at base URL {}: Cloudflare's API does not redirect; \
+                     check {API_BASE_URL_VAR} (the https:// URL ending in /client/v4, not a proxy that redirects)",
+                    reply.status,
+                    reply.redirect_origin().map(|origin| format!(" to {origin}")).unwrap_or_default(),
+                    self.config.base_url
+                )
+                .into(),
+            },
+            (404, _) | (_, Some(NO_ROUTE)) => StoreError::Configuration {
                 setting: API_BASE_URL_VAR,
                 reason: format!(
                     "{op} answered {text} at base URL {}: not Workers KV of account {} and namespace {}; \
@@ -764,6 +838,9 @@ impl CloudflareKv {
         let url = self.value_url(key);
         let query: Vec<(&str, String)> = match expiry {
             Some(Expiry::After(ttl)) => vec![("expiration_ttl", ttl_secs(ttl).to_string())],
+            Some(Expiry::Left(secs)) => {
+                vec![("expiration_ttl", secs.clamp(MIN_TTL.as_secs(), MAX_EXPIRATION_TTL_SECS).to_string())]
+            }
             Some(Expiry::At(at)) => vec![("expiration", at.to_string())],
             None => Vec::new(),
         };
@@ -861,12 +938,15 @@ impl KvBackend for CloudflareKv {
     /// on Cloudflare. The expiry is sent again as the same second, an
     /// absolute time of the server's own, while Cloudflare still takes it
     /// when the write lands (60 s ahead, after this call's retries);
-    /// closer to its end it is sent as a TTL relative to the server's clock
-    /// (its `Date` header; the local clock only if it sends none), and if
-    /// less than Cloudflare's 60 s minimum is left, the counter lives 60 s
-    /// more. A read that carries no expiry (no `expiration` header: a
-    /// proxy may strip it) writes the counter again with `ttl`, so that it
-    /// never loses its end, though it may then end later than it would have.
+    /// closer to its end it is sent as the seconds left on the server's
+    /// clock (its `Date` header; the local clock only if it sends none),
+    /// which keeps it unless the write lands a second or more after the
+    /// read; and if less than Cloudflare's 60 s minimum is left, the expiry
+    /// cannot be kept: the counter lives 60 s more from this write (it ends
+    /// late, never early). A read that carries no expiry (no `expiration`
+    /// header: a proxy may strip it) writes the counter again with `ttl`,
+    /// so that it never loses its end, though it may then end later than it
+    /// would have.
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
         let mut call = Call::start("kv.cloudflare.increment");
         let limits = self.limits();
@@ -925,10 +1005,10 @@ mod tests {
     #[test]
     fn a_counter_keeps_the_second_it_ends_while_room_is_left_then_what_is_left() {
         assert!(matches!(kept_expiry(&stored(Some(1_200), Some(1_000)), None, 96), Some(Expiry::At(1_200))));
-        assert!(matches!(
-            kept_expiry(&stored(Some(1_050), Some(1_000)), None, 96),
-            Some(Expiry::After(t)) if t == Duration::from_secs(50)
-        ));
+        // The seconds left as they are, without a second more: counted
+        // again in the same second, the counter ends at 1_070 still.
+        assert!(matches!(kept_expiry(&stored(Some(1_070), Some(1_000)), None, 96), Some(Expiry::Left(70))));
+        assert!(matches!(kept_expiry(&stored(Some(1_050), Some(1_000)), None, 96), Some(Expiry::Left(50))));
     }
 
     #[test]

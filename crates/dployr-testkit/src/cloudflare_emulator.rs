@@ -12,7 +12,14 @@
 //! which expired ones are then left out, so a page may be short or empty
 //! and still have a cursor, as Cloudflare documents.
 //! [`CloudflareEmulator::fail_next`] makes it answer 429 or 5xx (or any
-//! status; a 404 comes as a proxy's HTML page) to exercise retries.
+//! status; a 404 comes as a proxy's HTML page) to exercise retries;
+//! [`CloudflareEmulator::fail_next_with_code`] picks the error code too
+//! (10048, the free plan's daily limit, on a 429),
+//! [`CloudflareEmulator::answer_next_without_envelope`] answers as a proxy
+//! may (a 204 without a body, a 200 HTML page) and
+//! [`CloudflareEmulator::redirect_next`] with a redirect. A path the API
+//! does not have is answered as Cloudflare does: 400, code 7000 "No route
+//! for that URI".
 //!
 //! What Cloudflare documents about its consistency and limits can be switched
 //! on, one at a time, so that tests prove the client and `KvStore` against
@@ -81,6 +88,19 @@ struct Budget {
     blocked_until_ms: u64,
 }
 
+/// An answer given instead of serving a request.
+#[derive(Debug, Clone)]
+enum Injected {
+    /// This status with the code [`fail_next`](CloudflareEmulator::fail_next) gives it.
+    Status(u16),
+    /// This status with this Cloudflare error code.
+    Code(u16, u32),
+    /// This status and body as they are, without Cloudflare's envelope.
+    Raw(u16, Vec<u8>),
+    /// This redirect status, to the request's own URL.
+    Redirect(u16),
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Each key's writes, oldest first; only those a stale read may still
@@ -88,8 +108,8 @@ struct State {
     entries: BTreeMap<String, Vec<Version>>,
     /// How far the emulator's clock is ahead of the system clock.
     offset: Duration,
-    /// Answers still to give instead of serving: (count, status).
-    failures: Option<(u32, u16)>,
+    /// Answers still to give instead of serving: (count, what).
+    failures: Option<(u32, Injected)>,
     retry_after_secs: u64,
     /// How old the namespace a read sees is (zero: reads see every write).
     stale_reads: Duration,
@@ -322,7 +342,33 @@ impl CloudflareEmulator {
     /// anything else code 10001 (200 too: `"success": false` in a 200, which
     /// the API's envelope allows).
     pub fn fail_next(&self, n: u32, status: u16) {
-        self.shared.state().failures = (n > 0).then_some((n, status));
+        self.inject(n, Injected::Status(status));
+    }
+
+    /// Answers the next `n` requests with `status` and Cloudflare's error
+    /// envelope carrying `code` (a 429 also carries a `retry-after`
+    /// header): 10048 on a 429 is the free plan's daily limit of an
+    /// operation, which lasts until 00:00 UTC.
+    pub fn fail_next_with_code(&self, n: u32, status: u16, code: u32) {
+        self.inject(n, Injected::Code(status, code));
+    }
+
+    /// Answers the next `n` requests with `status` and `body` as they are,
+    /// without Cloudflare's envelope, as a proxy or a wrong host may: a 204
+    /// with no body, a 200 HTML page. Nothing is served.
+    pub fn answer_next_without_envelope(&self, n: u32, status: u16, body: &[u8]) {
+        self.inject(n, Injected::Raw(status, body.to_vec()));
+    }
+
+    /// Answers the next `n` requests with the redirect `status` (301, 302,
+    /// 303, 307, 308) to the request's own URL, as a proxy may: a client
+    /// that follows a 303 sends a PUT again as a GET.
+    pub fn redirect_next(&self, n: u32, status: u16) {
+        self.inject(n, Injected::Redirect(status));
+    }
+
+    fn inject(&self, n: u32, injected: Injected) {
+        self.shared.state().failures = (n > 0).then_some((n, injected));
     }
 
     /// The `retry-after` seconds sent with a 429 (default 1).
@@ -401,6 +447,8 @@ const INVALID_REQUEST_HEADERS: u32 = 6003;
 const NAMESPACE_NOT_FOUND: u32 = 10013;
 const KEY_NOT_FOUND: u32 = 10009;
 const RATE_LIMITED: u32 = 971;
+const DAILY_LIMIT: u32 = 10048;
+const NO_ROUTE: u32 = 7000;
 
 /// Whether `token` has the form of a Cloudflare API token (40 characters of
 /// letters, digits, `-` and `_`). Cloudflare answers a bearer token of
@@ -455,9 +503,10 @@ fn answer(shared: &Shared, request: &mut Request) -> Answer {
 fn route(shared: &Shared, request: &mut Request) -> Answer {
     {
         let mut state = shared.state();
-        if let Some((n, status)) = state.failures {
-            state.failures = (n > 1).then_some((n - 1, status));
-            return injected_failure(status, state.retry_after_secs);
+        if let Some((n, injected)) = state.failures.take() {
+            let answer = injected_failure(&injected, request.url(), state.retry_after_secs);
+            state.failures = (n > 1).then_some((n - 1, injected));
+            return answer;
         }
         if let Some(refused) = state.spend_budget() {
             return refused;
@@ -476,13 +525,13 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
     let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
     let query: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     let Some(rest) = path.strip_prefix("/client/v4/accounts/") else {
-        return error(404, 7000, "No route for that URI");
+        return no_route();
     };
     let mut parts = rest.splitn(6, '/');
     let (account, storage, kv, namespaces, namespace, tail) =
         (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
     if (storage, kv, namespaces) != (Some("storage"), Some("kv"), Some("namespaces")) {
-        return error(404, 7000, "No route for that URI");
+        return no_route();
     }
     if account != Some(shared.account_id.as_str()) {
         return error(404, 7003, "Could not route to /accounts, perhaps your object identifier is invalid?");
@@ -498,7 +547,7 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
         };
     }
     let Some(encoded) = tail.strip_prefix("values/") else {
-        return error(404, 7000, "No route for that URI");
+        return no_route();
     };
     let Ok(key) = percent_decode_str(encoded).decode_utf8() else {
         return error(400, 10021, "key is not valid UTF-8");
@@ -532,29 +581,63 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
     }
 }
 
+/// Cloudflare's answer to a path the API does not have (a base URL
+/// without `/client/v4`): a 400, not a 404, as reported in
+/// terraform-provider-cloudflare#1097 ("HTTP status 400: No route for that
+/// URI (7000)").
+fn no_route() -> Answer {
+    error(400, NO_ROUTE, "No route for that URI")
+}
+
 /// Cloudflare's 429: code 971 and a `Retry-After` in seconds.
 fn too_many_requests(retry_after_secs: u64) -> Answer {
-    let mut response = error(429, RATE_LIMITED, "Please wait and consider throttling your request speed");
+    with_retry_after(
+        error(429, RATE_LIMITED, "Please wait and consider throttling your request speed"),
+        retry_after_secs,
+    )
+}
+
+fn with_retry_after(mut response: Answer, retry_after_secs: u64) -> Answer {
     if let Some(h) = header("Retry-After", &retry_after_secs.to_string()) {
         response.add_header(h);
     }
     response
 }
 
-fn injected_failure(status: u16, retry_after_secs: u64) -> Answer {
-    match status {
-        429 => too_many_requests(retry_after_secs),
-        404 => {
-            // What a proxy or a wrong host answers: no Cloudflare envelope.
-            let mut response =
-                Response::from_data(b"<html><body><h1>404 Not Found</h1></body></html>".to_vec()).with_status_code(404);
-            if let Some(h) = header("Content-Type", "text/html") {
+/// `status` and `body` as they are; an HTML page if there is a body.
+fn raw_answer(status: u16, body: Vec<u8>) -> Answer {
+    let has_body = !body.is_empty();
+    let mut response = Response::from_data(body).with_status_code(status);
+    if has_body && let Some(h) = header("Content-Type", "text/html") {
+        response.add_header(h);
+    }
+    response
+}
+
+fn injected_failure(injected: &Injected, url: &str, retry_after_secs: u64) -> Answer {
+    match *injected {
+        Injected::Status(429) => too_many_requests(retry_after_secs),
+        // What a proxy or a wrong host answers: no Cloudflare envelope.
+        Injected::Status(404) => raw_answer(404, b"<html><body><h1>404 Not Found</h1></body></html>".to_vec()),
+        Injected::Status(status @ (401 | 403)) => error(status, AUTHENTICATION_ERROR, "Authentication error"),
+        Injected::Status(status) => error(status, 10001, "Internal server error"),
+        Injected::Code(status, code) => {
+            let message = match code {
+                DAILY_LIMIT => "free usage limit for this operation for today",
+                RATE_LIMITED => "Please wait and consider throttling your request speed",
+                _ => "injected failure",
+            };
+            let answer = error(status, code, message);
+            if status == 429 { with_retry_after(answer, retry_after_secs) } else { answer }
+        }
+        Injected::Raw(status, ref body) => raw_answer(status, body.clone()),
+        Injected::Redirect(status) => {
+            let mut response = raw_answer(status, Vec::new());
+            if let Some(h) = header("Location", url) {
                 response.add_header(h);
             }
             response
         }
-        401 | 403 => error(status, AUTHENTICATION_ERROR, "Authentication error"),
-        _ => error(status, 10001, "Internal server error"),
     }
 }
 
