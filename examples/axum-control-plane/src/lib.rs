@@ -244,10 +244,18 @@ const CODES_SENT_PREFIX: &str = "otp_sent:";
 /// on the backend of one-time codes, so it holds across restarts and across
 /// servers sharing that backend (exactly where the backend increments
 /// atomically, PostgreSQL and memory; about, on Cloudflare). The async
-/// facade has no counter of its own, hence `run`.
+/// facade has no counter of its own: the backend's is called on tokio's
+/// blocking pool, not through `run`, whose threads are the PostgreSQL
+/// pool's: on Cloudflare the counter is HTTP (a read and a write, retried
+/// up to 30 s when throttled), and anonymous requests for one address
+/// could otherwise hold every one of those threads and stall every
+/// PostgreSQL call of the server.
 async fn within_code_limit(data: &AsyncDataLayer, email: &Email) -> Result<bool, StoreError> {
     let key = format!("{CODES_SENT_PREFIX}{:x}", Sha256::digest(email.as_str().as_bytes()));
-    let sent = data.run(move |data| data.kv().one_time_backend().increment(&key, Some(CODE_WINDOW))).await?;
+    let backend = Arc::clone(data.blocking().kv().one_time_backend());
+    let sent = tokio::task::spawn_blocking(move || backend.increment(&key, Some(CODE_WINDOW)))
+        .await
+        .map_err(|error| StoreError::backend("counting the codes sent", error))??;
     Ok(sent <= MAX_CODES_PER_WINDOW)
 }
 
@@ -279,6 +287,10 @@ async fn sign_in(State(app): State<App>, session: Session, Json(body): Json<Sign
     // A new id at sign-in: an id planted before it (session fixation) is worthless.
     session.cycle_id().await?;
     session.insert(USER_FIELD, user.id.to_string()).await?;
+    // Saved here, not by the session layer after the answer: a session
+    // backend that fails then turns the answer into a bare 500; here its
+    // error is the 503 with a body that every other route gives.
+    session.save().await?;
     Ok(Json(json!({ "id": user.id, "email": user.email })))
 }
 
@@ -404,6 +416,8 @@ async fn oauth_start(State(app): State<App>, session: Session, Json(body): Json<
     // keeps the state's hash, not the state: its record is stored, and the
     // key-value store keeps states only as hashes too.
     session.insert(OAUTH_STATE_FIELD, state_hash(state.expose())).await?;
+    // Saved here, so that a failing session backend answers 503 (see `sign_in`).
+    session.save().await?;
     Ok(Json(json!({
         "state": state.expose(),
         "authorize_url": format!("https://github.com/login/oauth/authorize?client_id=example&state={}", state.expose()),

@@ -267,9 +267,11 @@ async fn the_session_cookie_is_same_site_lax_and_secure_only_when_asked() {
 /// which no client should read.
 const BACKEND_SECRET: &str = "sessions.internal:5432 refused key session:7f3a";
 
-/// A key-value backend on which every call fails with the error `fail` makes.
+/// A key-value backend on which every call fails with the error `fail` makes
+/// (with `deletes_work`, every call but a delete, which finds nothing).
 struct FailingKv {
     fail: fn() -> StoreError,
+    deletes_work: bool,
 }
 
 impl KvBackend for FailingKv {
@@ -286,7 +288,7 @@ impl KvBackend for FailingKv {
     }
 
     fn delete(&self, _key: &str) -> StoreResult<()> {
-        Err((self.fail)())
+        if self.deletes_work { Ok(()) } else { Err((self.fail)()) }
     }
 
     fn list(&self, _prefix: &str, _limit: usize, _cursor: Option<&str>) -> StoreResult<KvPage> {
@@ -306,7 +308,8 @@ impl KvBackend for FailingKv {
 /// server whose session store fails with the error `fail` makes.
 async fn me_with_failing_sessions(fail: fn() -> StoreError) -> (StatusCode, Value) {
     let server = Server::start_with(CookieTransport::AnyConnection, |_| {
-        KvSessionStore::new(Arc::new(FailingKv { fail })).with_user_field(axum_control_plane::USER_FIELD)
+        KvSessionStore::new(Arc::new(FailingKv { fail, deletes_work: false }))
+            .with_user_field(axum_control_plane::USER_FIELD)
     })
     .await;
     let mut device = Device::new(&server.base);
@@ -326,6 +329,32 @@ async fn a_failing_session_store_is_answered_without_its_text_and_unavailable_as
     let (status, body) =
         me_with_failing_sessions(|| StoreError::Backend { message: BACKEND_SECRET.into(), source: None }).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(!body.to_string().contains("sessions.internal"), "{body}");
+}
+
+/// A session store that fails when the sign-in writes the session (the
+/// delete of the id it replaces works): the
+/// answer is the 503 with a body that every route gives, not the bare,
+/// empty 500 the session layer makes of a save that fails after the
+/// handler answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_whose_session_cannot_be_written_is_answered_503_with_a_body() {
+    let server = Server::start_with(CookieTransport::AnyConnection, |_| {
+        KvSessionStore::new(Arc::new(FailingKv {
+            fail: || StoreError::Unavailable { reason: BACKEND_SECRET.into(), source: None },
+            deletes_work: true,
+        }))
+        .with_user_field(axum_control_plane::USER_FIELD)
+    })
+    .await;
+    let mut device = Device::new(&server.base);
+    let (status, _) = device.call(Method::POST, "/sign-in/code", Some(json!({ "email": "fay@example.io" }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let code = server.code_of("fay@example.io");
+    let (status, body) =
+        device.call(Method::POST, "/sign-in", Some(json!({ "email": "fay@example.io", "code": code }))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"].is_string(), "{body}");
     assert!(!body.to_string().contains("sessions.internal"), "{body}");
 }
 
