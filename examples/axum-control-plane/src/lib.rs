@@ -138,7 +138,34 @@ pub fn router(data: AsyncDataLayer, sessions: KvSessionStore, send_code: CodeSin
         .route("/sign-out", post(sign_out))
         .route("/sign-out/everywhere", post(sign_out_everywhere))
         .layer(session_layer)
+        .layer(middleware::from_fn(same_origin_writes_only))
         .with_state(app)
+}
+
+/// Refuses (403) a request that changes something when the browser says it
+/// comes from another origin: `Sec-Fetch-Site` other than `same-origin` or
+/// `none`, or an `Origin` whose host is not this request's `Host`.
+/// `SameSite=Lax` withholds the cookie from other *sites* only: a page on
+/// another port of the same host, or on a sibling subdomain, is the same
+/// site and could otherwise post a form that signs the user out
+/// everywhere, accepts an invitation or makes a cluster (the routes that
+/// take no JSON body, which a cross-origin page may send without asking).
+/// Clients that are not browsers send neither header and pass.
+async fn same_origin_writes_only(request: Request, next: Next) -> Response {
+    if request.method() == axum::http::Method::GET || request.method() == axum::http::Method::HEAD {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let cross_site_fetch = text("sec-fetch-site").is_some_and(|site| site != "same-origin" && site != "none");
+    let foreign_origin = text("origin").is_some_and(|origin| {
+        let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+        Some(origin_host) != text("host")
+    });
+    if cross_site_fetch || foreign_origin {
+        return ApiError(StatusCode::FORBIDDEN, "a change asked from another origin".into()).into_response();
+    }
+    next.run(request).await
 }
 
 /// An error answer: a status and a message, as `{"error": ...}`.

@@ -394,3 +394,38 @@ async fn codes_past_the_limit_for_one_address_are_refused_while_another_address_
     let (status, body) = device.call(Method::POST, "/sign-in/code", Some(json!({ "email": "eli@example.io" }))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
 }
+
+/// A page of another origin on the same site (another port of this host, a
+/// sibling subdomain), to which `SameSite=Lax` still sends the cookie, posts
+/// a form: the change is refused and the session lives on. The same
+/// request from this origin, or from a client that is not a browser, passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_posted_from_another_origin_is_refused() {
+    let server = Server::start().await;
+    let mut device = server.signed_in("gus@example.io").await;
+    let cookie = device.cookie.clone().unwrap();
+    let host = server.base.trim_start_matches("http://").to_owned();
+    let client = device.client.clone();
+    let post = |headers: &[(&str, &str)]| {
+        let mut request = client.post(format!("{}/sign-out/everywhere", server.base)).header("cookie", &cookie);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    for foreign in [
+        vec![("origin", "http://127.0.0.1:1")],
+        vec![("origin", "http://evil.example")],
+        vec![("sec-fetch-site", "same-site")],
+        vec![("sec-fetch-site", "cross-site"), ("origin", server.base.as_str())],
+    ] {
+        let answer = post(&foreign).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::FORBIDDEN, "{foreign:?}");
+    }
+    let (status, me) = device.call(Method::GET, "/me", None).await;
+    assert_eq!(status, StatusCode::OK, "the session was ended by a refused request: {me}");
+    let own = [("origin", server.base.as_str()), ("sec-fetch-site", "same-origin"), ("host", host.as_str())];
+    assert_eq!(post(&own).await.unwrap().status(), StatusCode::OK);
+    let (status, _) = device.call(Method::GET, "/me", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "signed out everywhere from its own origin");
+}
