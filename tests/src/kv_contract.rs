@@ -311,6 +311,36 @@ pub fn bad_keys_are_invalid(f: &dyn KvFixture) {
     assert_eq!(list_all(kv.as_ref(), "", 1000).0, Vec::<String>::new());
 }
 
+/// The bulk calls answer as the single ones do: values in the order of the
+/// keys asked (missing and expired keys `None`, unusual keys included),
+/// every key removed, a missing key no error, and a bad key refused before
+/// anything is read or removed.
+pub fn bulk_reads_and_deletes_answer_as_single_calls(f: &dyn KvFixture) {
+    let kv = f.kv();
+    let keys: Vec<String> =
+        (0..130).map(|i| if i % 10 == 3 { format!("bulk/odd {i}/ключ?%") } else { format!("bulk/{i:03}") }).collect();
+    for (i, key) in keys.iter().enumerate() {
+        if i % 3 != 0 {
+            ok(kv.put(key, format!("v{i}").as_bytes(), Some(if i % 3 == 1 { TTL } else { TTL * 10 })), key);
+        }
+    }
+    f.advance(TTL + Duration::from_secs(30));
+    let values = ok(kv.get_many(&keys), "get_many");
+    assert_eq!(values.len(), keys.len());
+    for (i, (key, value)) in keys.iter().zip(&values).enumerate() {
+        let expected = (i % 3 == 2).then(|| format!("v{i}").into_bytes());
+        assert_eq!(value, &expected, "{key}");
+    }
+    assert_eq!(ok(kv.get_many(&[]), "get_many of nothing"), Vec::<Option<Vec<u8>>>::new());
+    let with_a_bad_key = vec!["bulk/002".to_owned(), String::new()];
+    assert_invalid(kv.get_many(&with_a_bad_key), "key");
+    assert_invalid(kv.delete_many(&with_a_bad_key), "key");
+    assert!(ok(kv.get("bulk/002"), "get").is_some(), "a refused delete_many removed a key");
+    ok(kv.delete_many(&keys), "delete_many");
+    assert!(ok(kv.get_many(&keys), "get_many after delete_many").iter().all(Option::is_none));
+    ok(kv.delete_many(&keys), "delete_many of missing keys");
+}
+
 /// Keys with spaces, slashes, `%`, unicode, URL syntax and exactly 512
 /// bytes round-trip through put, get, list and delete.
 pub fn unusual_keys_round_trip(f: &dyn KvFixture) {
@@ -880,6 +910,7 @@ macro_rules! kv_contract_tests {
             a_session_id_reused_for_another_user_is_ended_only_with_that_user,
             user_session_index_entries_expire_with_their_sessions,
             concurrent_sign_ins_of_one_user_are_all_signed_out,
+            bulk_reads_and_deletes_answer_as_single_calls,
             sign_outs_everywhere_at_once_count_each_session_once_where_promised,
             oauth_state_is_single_use_and_expires,
             otp_rules_hold,

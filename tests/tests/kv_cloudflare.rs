@@ -900,3 +900,91 @@ async fn a_sign_out_everywhere_that_failed_on_a_session_saved_here_finds_it_agai
     cf.advance(STALE_READ_WINDOW + Duration::from_secs(1));
     assert_eq!(loaded_theme(&session_store(&cf), &record.id).await, None, "the backend dropped it");
 }
+
+/// A sign-out everywhere of a user with hundreds of sign-ins spends a
+/// handful of requests of the account's 1200 per 5 minutes (one listing,
+/// one bulk read per 100 sessions, one bulk delete), not a read and two
+/// deletes per session, which for 450 sessions spent the whole budget and
+/// left every call of the deployment refused for minutes.
+#[test]
+fn sign_out_everywhere_of_hundreds_of_sessions_spends_a_few_requests_of_the_account_budget() {
+    use dployr_kv::{KvStore, SessionId};
+
+    let emulator = CloudflareEmulator::start();
+    let kv: Arc<dyn KvBackend> = Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap());
+    let (signing_in, signing_out) = (KvStore::new(Arc::clone(&kv)), KvStore::new(kv));
+    let (user, other) = (sample_user(1), sample_user(2));
+    let ids: Vec<SessionId> = (0..450).map(|_| SessionId::generate()).collect();
+    for id in &ids {
+        signing_in.create_session(id, &user, vec![]).unwrap();
+    }
+    let others = SessionId::generate();
+    signing_in.create_session(&others, &other, vec![]).unwrap();
+    emulator.set_request_budget(Some((1200, Duration::from_secs(300))));
+    let before = emulator.requests();
+    assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 450);
+    let spent = emulator.requests() - before;
+    assert!(spent <= 8, "{spent} requests: a listing, 5 bulk reads and a bulk delete were expected");
+    for id in &ids {
+        assert_eq!(signing_out.get_session(id).unwrap(), None);
+    }
+    assert!(signing_out.get_session(&others).unwrap().is_some(), "another user's session was ended");
+    assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 0, "the index entries are gone too");
+}
+
+/// The bulk calls answer as the single ones would: values in the order of
+/// the keys asked (a missing key `None`), across chunks of 100, and every
+/// key removed across a bulk delete.
+#[test]
+fn bulk_reads_and_deletes_answer_as_single_calls_would() {
+    let emulator = CloudflareEmulator::start();
+    let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
+    let keys: Vec<String> = (0..250).map(|i| format!("bulk/{i:03}")).collect();
+    for key in keys.iter().step_by(2) {
+        kv.put(key, format!("value of {key}").as_bytes(), None).unwrap();
+    }
+    let before = emulator.requests();
+    let values = kv.get_many(&keys).unwrap();
+    assert_eq!(emulator.requests() - before, 3, "one request per 100 keys");
+    for (i, (key, value)) in keys.iter().zip(&values).enumerate() {
+        let expected = (i % 2 == 0).then(|| format!("value of {key}").into_bytes());
+        assert_eq!(value, &expected, "{key}");
+    }
+    assert!(kv.get_many(&["".to_owned()]).is_err(), "an empty key is refused before any request");
+    let before = emulator.requests();
+    kv.delete_many(&keys).unwrap();
+    assert_eq!(emulator.requests() - before, 1);
+    assert!(kv.get_many(&keys).unwrap().iter().all(Option::is_none));
+}
+
+/// The tower-sessions store's sign-out everywhere is in bulk too: a user
+/// with a few hundred records costs a listing, a bulk read per 100 records
+/// and a bulk delete, not three requests a record.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_stores_sign_out_everywhere_of_hundreds_of_records_spends_a_few_requests() {
+    let emulator = CloudflareEmulator::start();
+    let kv: Arc<dyn KvBackend> = Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap());
+    let store = |kv: &Arc<dyn KvBackend>| KvSessionStore::new(Arc::clone(kv)).with_user_field("user_id");
+    let (signing_in, signing_out) = (store(&kv), store(&kv));
+    let record = |user: &str| Record {
+        id: Id::default(),
+        data: HashMap::from([("user_id".to_owned(), serde_json::Value::from(user))]),
+        expiry_date: OffsetDateTime::now_utc() + time::Duration::hours(1),
+    };
+    let mut ids = Vec::new();
+    for _ in 0..250 {
+        let mut ada = record("ada");
+        signing_in.create(&mut ada).await.unwrap();
+        ids.push(ada.id);
+    }
+    let mut bob = record("bob");
+    signing_in.create(&mut bob).await.unwrap();
+    let before = emulator.requests();
+    assert_eq!(signing_out.delete_user_sessions("ada").await.unwrap(), 250);
+    let spent = emulator.requests() - before;
+    assert!(spent <= 5, "{spent} requests: a listing, 3 bulk reads and a bulk delete were expected");
+    for id in &ids {
+        assert_eq!(signing_out.load(id).await.unwrap(), None);
+    }
+    assert!(signing_out.load(&bob.id).await.unwrap().is_some(), "another user's session was ended");
+}

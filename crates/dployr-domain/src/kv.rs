@@ -320,6 +320,41 @@ pub trait KvBackend: Send + Sync {
     /// [`StoreError::Invalid`] for a bad key; backend errors.
     fn delete(&self, key: &str) -> StoreResult<()>;
 
+    /// The values under `keys`, in their order (`None`: missing or
+    /// expired), as [`get`](Self::get) reads each: the same consistency,
+    /// no snapshot across keys. For reading many small text records at
+    /// once (the sessions a sign-out everywhere checks): Cloudflare answers
+    /// up to 100 keys a request, as text, so a value there must be UTF-8.
+    /// The default reads them one by one.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key, before anything is read;
+    /// backend errors.
+    fn get_many(&self, keys: &[String]) -> StoreResult<Vec<Option<Vec<u8>>>> {
+        let limits = self.limits();
+        for key in keys {
+            limits.check_key(key)?;
+        }
+        keys.iter().map(|key| self.get(key)).collect()
+    }
+
+    /// Removes every key of `keys`, in their order; a missing key is not an
+    /// error. Cloudflare removes up to 10 000 keys a request. The default
+    /// deletes them one by one. After an error, the keys from the one that
+    /// failed on may remain (earlier ones are gone), so a caller that must
+    /// not remove a key before another lists them in that order.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad key, before anything is removed;
+    /// backend errors.
+    fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        let limits = self.limits();
+        for key in keys {
+            limits.check_key(key)?;
+        }
+        keys.iter().try_for_each(|key| self.delete(key))
+    }
+
     /// Up to `limit` live keys starting with `prefix`, in ascending byte
     /// order, from `cursor` (a cursor returned by the previous page) on.
     ///

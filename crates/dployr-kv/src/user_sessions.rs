@@ -72,7 +72,12 @@ impl UserSessionIndex {
     /// [`StoreError::Invalid`](dployr_domain::StoreError::Invalid) when the
     /// entry's key is longer than the backend takes; backend errors.
     pub fn add(&self, user: &str, session_key: &str, ttl: Option<Duration>) -> StoreResult<()> {
-        self.backend.put(&format!("{}{session_key}", self.user_prefix(user)), b"", ttl)
+        self.backend.put(&self.entry_key(user, session_key), b"", ttl)
+    }
+
+    /// The key of the entry saying that `session_key` belongs to `user`.
+    pub fn entry_key(&self, user: &str, session_key: &str) -> String {
+        format!("{}{session_key}", self.user_prefix(user))
     }
 
     /// Whether an entry says that `session_key` belongs to `user` (as the
@@ -82,7 +87,7 @@ impl UserSessionIndex {
     /// # Errors
     /// Backend errors.
     pub fn contains(&self, user: &str, session_key: &str) -> StoreResult<bool> {
-        Ok(self.backend.get(&format!("{}{session_key}", self.user_prefix(user)))?.is_some())
+        Ok(self.backend.get(&self.entry_key(user, session_key))?.is_some())
     }
 
     /// Forgets that `session_key` belongs to `user`.
@@ -90,7 +95,7 @@ impl UserSessionIndex {
     /// # Errors
     /// Backend errors.
     pub fn remove(&self, user: &str, session_key: &str) -> StoreResult<()> {
-        self.backend.delete(&format!("{}{session_key}", self.user_prefix(user)))
+        self.backend.delete(&self.entry_key(user, session_key))
     }
 
     /// The session keys recorded for `user` and not expired, page by page.

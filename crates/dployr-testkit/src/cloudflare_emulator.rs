@@ -540,6 +540,16 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
         return error(404, NAMESPACE_NOT_FOUND, "namespace not found");
     }
     let tail = tail.unwrap_or_default();
+    if tail == "bulk/get" || tail == "bulk/delete" {
+        if request.method() != &Method::Post {
+            return error(405, AUTHENTICATION_ERROR, "method not allowed");
+        }
+        let mut body = Vec::new();
+        if request.as_reader().take(BULK_BODY_BYTES).read_to_end(&mut body).is_err() {
+            return error(400, 10001, "could not read the request body");
+        }
+        return if tail == "bulk/get" { bulk_get(shared, &body) } else { bulk_delete(shared, &body) };
+    }
     if tail == "keys" {
         return match request.method() {
             Method::Get => list(shared, &query),
@@ -639,6 +649,85 @@ fn injected_failure(injected: &Injected, url: &str, retry_after_secs: u64) -> An
             response
         }
     }
+}
+
+/// The most request body a bulk call reads (10 000 keys of 512 bytes, quoted).
+const BULK_BODY_BYTES: u64 = 6 * 1024 * 1024;
+
+/// Why Cloudflare would refuse `key` in a bulk body, if it would.
+fn refused_key(key: &str) -> Option<Answer> {
+    if key.is_empty() || key == "." || key == ".." {
+        return Some(error(400, 10020, "Invalid key: a key must not be empty, `.` or `..`"));
+    }
+    (key.len() > MAX_KEY_BYTES).then(|| error(414, 10033, "UTF-8 encoded length of key exceeds 512 bytes"))
+}
+
+/// `POST .../bulk/get`: `{"keys": [...up to 100], "type": "text"}` answered
+/// with `{"values": {key: value or null}}`, each read as a single read
+/// sees it (stale reads included). Values must be text, as Cloudflare
+/// documents ("Keys must contain text-based values").
+fn bulk_get(shared: &Shared, body: &[u8]) -> Answer {
+    let asked: Option<(Vec<String>, Option<String>)> = serde_json::from_slice::<Value>(body).ok().and_then(|body| {
+        let keys: Option<Vec<String>> =
+            body.get("keys")?.as_array()?.iter().map(|key| key.as_str().map(str::to_owned)).collect();
+        let kind = body.get("type").and_then(Value::as_str).map(str::to_owned);
+        Some((keys?, kind))
+    });
+    let Some((keys, kind)) = asked else {
+        return error(400, 10001, "the body is not {\"keys\": [...]}");
+    };
+    if keys.is_empty() || keys.len() > 100 {
+        return error(400, 10001, "keys: between 1 and 100 keys");
+    }
+    if kind.as_deref().is_some_and(|kind| kind != "text") {
+        return error(400, 10001, "the emulator answers type text only");
+    }
+    if let Some(refused) = keys.iter().find_map(|key| refused_key(key)) {
+        return refused;
+    }
+    let state = shared.state();
+    let mut values = serde_json::Map::new();
+    for key in &keys {
+        let value = match state.live(key) {
+            None => Value::Null,
+            Some(stored) => match std::str::from_utf8(&stored.value) {
+                Ok(text) => Value::String(text.to_owned()),
+                Err(_) => return error(400, 10001, "a value asked for as text is not text"),
+            },
+        };
+        values.insert(key.clone(), value);
+    }
+    ok(&json!({ "values": values }))
+}
+
+/// `POST .../bulk/delete`: a JSON array of up to 10 000 keys, each deleted
+/// as a single delete would be (one write per second per key: a key written
+/// in the last second refuses the whole request with a 429, nothing
+/// deleted).
+fn bulk_delete(shared: &Shared, body: &[u8]) -> Answer {
+    let Ok(keys) = serde_json::from_slice::<Vec<String>>(body) else {
+        return error(400, 10001, "the body is not an array of keys");
+    };
+    if keys.len() > 10_000 {
+        return error(400, 10001, "at most 10000 keys");
+    }
+    if let Some(refused) = keys.iter().find_map(|key| refused_key(key)) {
+        return refused;
+    }
+    let mut state = shared.state();
+    let now_ms = state.now_ms();
+    if let Some(last) = &state.last_write_ms
+        && keys.iter().any(|key| last.get(key).is_some_and(|at| now_ms < at + 1000))
+    {
+        return too_many_requests(1);
+    }
+    for key in &keys {
+        if let Some(last) = state.last_write_ms.as_mut() {
+            last.insert(key.clone(), now_ms);
+        }
+        state.write(key, None);
+    }
+    ok(&json!({ "successful_key_count": keys.len(), "unsuccessful_keys": [] }))
 }
 
 fn get(shared: &Shared, key: &str) -> Answer {
