@@ -53,13 +53,22 @@
 //!   owner and each member once, in its role's group; pages in their order,
 //!   never longer than asked, with a cursor only after a full page and,
 //!   without one, a total equal to the items given; the owner first on a
-//!   member page and never on the next; rows that are what was asked for.
+//!   member page and never on the next; rows that are what was asked for;
+//! - `DataLayer::health()`, alone or 2 calls at once, answers ready in a
+//!   run nothing disturbs (in a disturbed one, `not ready` is counted);
+//! - a listing walked page by page with its cursor (`clusters.members`,
+//!   `instances.list_by_cluster`, by a walker beside the checker): beside
+//!   the writes, no row comes twice and every row there, unmoved in the
+//!   listing's order, from before the walk to after it comes once; at a
+//!   quiet moment (the workers paused, and at the end), the pages hold
+//!   each row once, as many as every page's total and a `count(*)` say.
 //!
 //! Also counted: every operation's outcome by error kind, or `skipped` when
 //! a step found nothing to act on (no instance, nonce, session, ... known
 //! yet) and made no call, which is neither a success nor a failure.
 //! `Backend` errors, `Invalid` errors (the workload sends only valid
-//! input), panics and deadlocks that PostgreSQL detected are failures;
+//! input), panics and deadlocks that PostgreSQL detected are failures, and
+//! so is `Unavailable` in a run nothing disturbs (none came in its runs);
 //! `NotFound` and `Conflict` are the normal answers of a workload whose
 //! rows vanish under it. Run by `cargo xtask stress` (long) and `tests/tests/stress.rs` (10 s).
 
@@ -70,13 +79,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use dployr_data::{Config, DataLayer, KvBackendConfig};
+use dployr_data::{Config, DataLayer, Health, KvBackendConfig};
 use dployr_domain::{
     BootstrapTokenStore, Cluster, ClusterId, ClusterName, ClusterPatch, ClusterStore, Email, GitHubIntegration,
     InstanceId, InstanceStore, Metadata, NewInstance, NewUser, Nonce, Page, Paged, Provider, Role, StoreError,
@@ -175,12 +184,54 @@ pub struct StressReport {
     pub ok_after_last_disturbance: u64,
     /// `Unavailable` errors by their text (at most 20 texts kept).
     pub unavailable: BTreeMap<String, u64>,
+    /// Whether the run was disturbed on purpose ([`StressConfig::disturb`]),
+    /// which is what makes `Unavailable` errors and not-ready health answers
+    /// expected.
+    pub disturbed: bool,
+    /// `Unavailable` errors of a run nothing disturbed: those calls
+    /// answered, and those a step got past (a racer beside one that
+    /// answered, a call tried again). Each is also listed, with its
+    /// operation, among [`unexpected`](Self::unexpected).
+    pub unavailable_undisturbed: u64,
+    /// The listings the checker walked page by page ([`Walks`]).
+    pub walks: Walks,
+}
+
+/// The listings (`clusters.members`, `instances.list_by_cluster`) the
+/// checker walked page by page with their cursor ([`WALK_PAGES`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Walks {
+    /// Walks beside the workers' writes, checked for what holds whatever
+    /// commits between the pages (`Walk::racing`).
+    pub racing: u64,
+    /// Pages those walks took.
+    pub racing_pages: u64,
+    /// Rows of those walks there, and not moved in the listing's order,
+    /// from before the walk began to after it ended: each must have been
+    /// given exactly once.
+    pub racing_rows_kept: u64,
+    /// Walks at a quiet moment (the workers paused, or done), checked
+    /// exactly against a `count(*)` (`Walk::quiet`).
+    pub quiet: u64,
+    /// Pages those walks took.
+    pub quiet_pages: u64,
+    /// Rows those walks held (each given once, as every page's total said).
+    pub quiet_rows: u64,
+    /// The most rows a walked listing held.
+    pub largest: u64,
+    /// Walks of a disturbed run given up because the disturbance failed a
+    /// page or a read of the rows.
+    pub given_up: u64,
 }
 
 impl StressReport {
-    /// No violation, no unexpected error or panic, no deadlock.
+    /// No violation, no unexpected error or panic, no deadlock, and, in a
+    /// run nothing disturbed, no `Unavailable`: with no connection ended,
+    /// a retry that gave up or a checkout that timed out is a fault of the
+    /// data layer (or of the machine), not a normal answer.
     pub fn is_clean(&self) -> bool {
         self.violation_count == 0
+            && self.unavailable_undisturbed == 0
             && self.count_of("Backend") == 0
             && self.count_of("Invalid") == 0
             && self.count_of("panic") == 0
@@ -200,8 +251,11 @@ impl StressReport {
 
 /// The outcomes a report counts, in its columns: `ok`, `skipped` (a call
 /// that found nothing to act on, [`Acted::NothingToActOn`]: neither a
-/// success nor a failure), then the error kinds.
-const KINDS: [&str; 8] = ["ok", "skipped", "NotFound", "Conflict", "Unavailable", "Invalid", "Backend", "panic"];
+/// success nor a failure), then the error kinds, and `not ready`: a
+/// `DataLayer::health()` that answered (it never fails) that the process
+/// cannot serve, expected only while a disturbance is under way.
+const KINDS: [&str; 9] =
+    ["ok", "skipped", "NotFound", "Conflict", "Unavailable", "Invalid", "Backend", "panic", "not ready"];
 
 impl fmt::Display for StressReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -229,6 +283,27 @@ impl fmt::Display for StressReport {
             writeln!(f)?;
         }
         writeln!(f, "checker samples: {}", self.samples)?;
+        let walks = &self.walks;
+        writeln!(
+            f,
+            "listing walks: {} beside the writes ({} pages, {} rows kept throughout), {} at quiet moments \
+             ({} pages, {} rows), the largest {} rows{}",
+            walks.racing,
+            walks.racing_pages,
+            walks.racing_rows_kept,
+            walks.quiet,
+            walks.quiet_pages,
+            walks.quiet_rows,
+            walks.largest,
+            if walks.given_up > 0 { format!(", {} given up to a disturbance", walks.given_up) } else { String::new() }
+        )?;
+        if self.unavailable_undisturbed > 0 {
+            writeln!(
+                f,
+                "Unavailable in a run nothing disturbed: {} (listed, with their operation, below)",
+                self.unavailable_undisturbed
+            )?;
+        }
         for (reason, count) in &self.unavailable {
             writeln!(f, "  Unavailable x{count}: {reason}")?;
         }
@@ -308,6 +383,15 @@ struct World {
     ok_since_disturbed: AtomicU64,
     /// `Unavailable` errors by their text.
     unavailable: Mutex<BTreeMap<String, u64>>,
+    /// Whether a disturbance runs ([`StressConfig::disturb`]): without one,
+    /// an `Unavailable` or a not-ready health answer counts against the run.
+    disturbed: bool,
+    /// `Unavailable` errors seen in a run nothing disturbed.
+    undisturbed_unavailable: AtomicU64,
+    /// Held for reading by each worker's step, for writing by the checker
+    /// for a quiet moment: the workers pause between two steps, so no write
+    /// is under way while it walks the listings.
+    quiet: RwLock<()>,
 }
 
 /// A session the workload created.
@@ -364,6 +448,8 @@ enum Acted {
     Yes,
     /// Nothing to act on: counted as `skipped`.
     NothingToActOn,
+    /// `DataLayer::health()` answered not ready: counted as `not ready`.
+    NotReady,
 }
 
 /// A step whose work returns nothing ran its operation.
@@ -454,16 +540,11 @@ impl World {
             Ok(Ok(acted)) => match acted.into() {
                 Acted::Yes => self.record(operation, "ok", None),
                 Acted::NothingToActOn => self.record(operation, "skipped", None),
+                Acted::NotReady => self.record(operation, "not ready", None),
             },
             Ok(Err(error)) => {
                 let kind = kind_of(&error);
-                if kind == "Unavailable" {
-                    let mut unavailable = self.unavailable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let reason = error.to_string();
-                    if unavailable.len() < 20 || unavailable.contains_key(&reason) {
-                        *unavailable.entry(reason).or_default() += 1;
-                    }
-                }
+                self.got_past(operation, &error);
                 let detail = matches!(kind, "Backend" | "Invalid").then(|| format!("{error:?}"));
                 self.record(operation, kind, detail);
             }
@@ -474,6 +555,32 @@ impl World {
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                     .unwrap_or_default();
                 self.record(operation, "panic", Some(message));
+            }
+        }
+    }
+
+    /// Counts an `Unavailable` error of `operation` (any other error is
+    /// left alone), whether the call answered it or a step got past it (a
+    /// racer beside one that answered, a call tried again): by its text,
+    /// and, in a run nothing disturbs, against the run, named with its
+    /// operation. No connection is ended there, so a retry that gave up or
+    /// a checkout that timed out is a fault to see, not a normal answer.
+    fn got_past(&self, operation: &'static str, error: &StoreError) {
+        if !matches!(error, StoreError::Unavailable { .. }) {
+            return;
+        }
+        let reason = error.to_string();
+        {
+            let mut unavailable = self.unavailable.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if unavailable.len() < 20 || unavailable.contains_key(&reason) {
+                *unavailable.entry(reason.clone()).or_default() += 1;
+            }
+        }
+        if !self.disturbed {
+            self.undisturbed_unavailable.fetch_add(1, Ordering::Relaxed);
+            let mut unexpected = self.unexpected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if unexpected.len() < 20 {
+                unexpected.push(format!("{operation}: Unavailable in a run nothing disturbed: {reason}"));
             }
         }
     }
@@ -728,10 +835,45 @@ impl World {
                 }
                 Ok(Acted::Yes)
             }),
+            89 => self.health(rng),
             130..=151 => self.kv_step(rng, &user),
             152 => self.burst(),
             _ => self.read(rng, &user, &cluster),
         }
+    }
+
+    /// `DataLayer::health()`, now alone, now from 2 threads at once (what a
+    /// readiness and a liveness probe do): two calls at once used to
+    /// report a healthy process not ready, the second told the first one's
+    /// probe of the migrations had not answered yet. Nothing here makes the
+    /// process unhealthy: primary, key-value backend and migrations are up,
+    /// so in a run nothing disturbs every answer must be ready. While a
+    /// disturbance ends the sessions or restarts the server, a not-ready
+    /// answer is the right one: counted (`not ready`), not a violation.
+    fn health(&self, rng: &mut StdRng) {
+        if rng.random_bool(0.5) {
+            self.call("data.health", || Ok(self.ready("data.health", &self.data.health())));
+        } else {
+            const OPERATION: &str = "data.health (2 at once)";
+            self.call(OPERATION, || {
+                let answers = at_once(2, || self.data.health());
+                // Not ready if either was (each one checked).
+                let acted = answers.iter().map(|health| self.ready(OPERATION, health)).collect::<Vec<_>>();
+                Ok(acted.into_iter().find(|acted| matches!(acted, Acted::NotReady)).unwrap_or(Acted::Yes))
+            });
+        }
+    }
+
+    /// Whether `health` says ready; in a run nothing disturbs, a not-ready
+    /// answer is a violation too, shown whole (each probe's error says why).
+    fn ready(&self, operation: &'static str, health: &Health) -> Acted {
+        if health.is_ready() {
+            return Acted::Yes;
+        }
+        self.expect(operation, self.disturbed, || {
+            format!("not ready in a run nothing disturbed (primary, kv and migrations are up): {health:?}")
+        });
+        Acted::NotReady
     }
 
     fn tick(&self) -> u64 {
@@ -1132,6 +1274,9 @@ impl World {
             let Some(&cluster) = ids.first() else {
                 return answers.into_iter().find_map(Result::err).map_or(Ok(()), Err);
             };
+            for lost in answers.iter().filter_map(|answer| answer.as_ref().err()) {
+                self.got_past("clusters.create_for_owner (4 at once)", lost);
+            }
             made = Some((user, Some(cluster)));
             self.expect("clusters.create_for_owner (4 at once)", ids.len() == 1, || {
                 format!("4 calls at once for {user} gave {} clusters: {ids:?}", ids.len())
@@ -1161,12 +1306,14 @@ impl World {
             self.expect("bootstrap_tokens.mark_used (8 at once)", trues == 1 || (trues == 0 && !all_answered), || {
                 format!("8 calls at once for {nonce:?} answered {answers:?}")
             });
-            if trues == 0
-                && let Some(lost) = answers.into_iter().find_map(Result::err)
-            {
-                return Err(lost);
+            // The first error is the call's answer when none said true; the
+            // others (all of them, otherwise) were got past.
+            let mut lost = answers.into_iter().filter_map(Result::err);
+            let answer = if trues == 0 { lost.next() } else { None };
+            for error in lost {
+                self.got_past("bootstrap_tokens.mark_used (8 at once)", &error);
             }
-            Ok(Acted::Yes)
+            answer.map_or(Ok(Acted::Yes), Err)
         });
         self.call("users.upsert (a blank picture)", || {
             // The burst's user, whom no other thread knows: exactly what
@@ -1214,9 +1361,8 @@ impl World {
         let mut removed = self.data.remove_users(&cluster, &[guest]);
         let first = removed.as_ref().ok().copied();
         for _ in 0..3 {
-            if !matches!(removed, Err(StoreError::Unavailable { .. })) {
-                break;
-            }
+            let Err(lost @ StoreError::Unavailable { .. }) = &removed else { break };
+            self.got_past(OPERATION, lost);
             removed = self.data.remove_users(&cluster, &[guest]);
         }
         removed?;
@@ -1254,6 +1400,11 @@ impl World {
         let code = self.kv.create_otp(&email)?;
         let wrong = OtpCode::new(if code.expose() == "ZZZZZZ" { "YYYYYY" } else { "ZZZZZZ" });
         let guesses = at_once(8, || (self.kv.validate_otp(&email, &wrong), last_attempt()));
+        for (answer, _) in &guesses {
+            if let Err(lost) = answer {
+                self.got_past(OPERATION, lost);
+            }
+        }
         let limit = i64::from(self.otp_max_attempts);
         let counts: Vec<i64> = guesses.iter().filter_map(|(_, attempt)| attempt.map(|(count, _)| count)).collect();
         let compared = guesses.iter().filter(|(_, attempt)| attempt.is_some_and(|(count, max)| count <= max)).count();
@@ -1513,6 +1664,371 @@ fn micros_text(micros: i64) -> String {
     chrono::DateTime::from_timestamp_micros(micros).map_or_else(|| micros.to_string(), |time| time.to_rfc3339())
 }
 
+/// The page sizes of the checker's walks, one drawn per walk: small, so
+/// that a listing takes several pages, each after the last one's cursor.
+/// The mix keeps its listings short (a few rows each: a cluster's users
+/// come and go, and its instances go with it), so sizes down to 1 are
+/// what make most walks follow a cursor at all; 7 crosses longer ones.
+const WALK_PAGES: [u32; 4] = [1, 2, 3, 7];
+
+/// The most pages a walk follows: a listing whose cursors never end is
+/// reported, not followed for ever.
+const WALK_MOST_PAGES: usize = 1_000;
+
+/// How often the checker pauses the workers for a quiet moment, and how
+/// many clusters it walks then (every cluster at the end of the run).
+const QUIET_EVERY: Duration = Duration::from_secs(1);
+
+/// The two listings the checker walks, as its report names them.
+const MEMBERS_WALK: &str = "clusters.members (walked by the checker)";
+const INSTANCES_WALK: &str = "instances.list_by_cluster (walked by the checker)";
+
+/// The rows of the two walked listings of cluster `$1`, from one
+/// statement, so one snapshot: members (every role but `invited`) by user
+/// id with their role, instances by id; each with when it was created and
+/// last updated (microseconds, exact, as in [`STAMPS`]). A real change of
+/// a row always moves its `updated_at` forward (`008_update_times`), so a
+/// row the same in two of these reads was not written between them.
+const LISTED: &str = "SELECT kind, key,
+       (extract(epoch FROM created_at) * 1000000)::bigint AS created,
+       (extract(epoch FROM updated_at) * 1000000)::bigint AS updated,
+       detail
+  FROM (SELECT 'members' AS kind, user_id AS key, created_at, updated_at, role AS detail
+          FROM user_clusters WHERE cluster_id = $1 AND role <> 'invited'
+        UNION ALL SELECT 'instances', id, created_at, updated_at, NULL
+          FROM instances WHERE cluster_id = $1) AS rows";
+
+/// A row of a walked listing as a statement of the checker saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ListedRow {
+    created: i64,
+    updated: i64,
+    /// A membership's role.
+    role: Option<String>,
+}
+
+/// The rows of one listing by key (a member's user id, an instance's id).
+type Rows = BTreeMap<String, ListedRow>;
+
+/// Both walked listings of a cluster at one snapshot ([`LISTED`]).
+#[derive(Debug, PartialEq, Eq)]
+struct Listed {
+    members: Rows,
+    instances: Rows,
+}
+
+fn listed(conn: &mut PgConnection, cluster: &ClusterId) -> QueryResult<Listed> {
+    let stamps: Vec<Stamp> = diesel::sql_query(LISTED).bind::<Text, _>(cluster.to_string()).load(conn)?;
+    let mut listed = Listed { members: Rows::new(), instances: Rows::new() };
+    for Stamp { kind, key, created, updated, detail } in stamps {
+        let rows = if kind == "members" { &mut listed.members } else { &mut listed.instances };
+        rows.insert(key, ListedRow { created, updated, role: detail });
+    }
+    Ok(listed)
+}
+
+/// Live clusters to walk: the one with the longest listings (what takes
+/// the most pages) and one drawn at random, or every one (`all`).
+fn some_clusters(conn: &mut PgConnection, all: bool) -> QueryResult<Vec<ClusterId>> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = Text)]
+        id: String,
+    }
+    let query = if all {
+        "SELECT id FROM clusters"
+    } else {
+        "(SELECT c.id FROM clusters c LEFT JOIN cluster_counts t ON t.cluster_id = c.id
+           ORDER BY coalesce(t.members + t.instances, 0) DESC LIMIT 1)
+         UNION (SELECT id FROM clusters ORDER BY random() LIMIT 1)"
+    };
+    let ids: Vec<Id> = diesel::sql_query(query).load(conn)?;
+    Ok(ids.into_iter().filter_map(|Id { id }| id.parse().ok()).collect())
+}
+
+/// An item a walk was given: its key, role (a member's) and creation time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Item {
+    key: String,
+    role: Option<String>,
+    created: i64,
+}
+
+/// What a walk of one listing was given, page after page.
+#[derive(Debug, Default)]
+struct Walked {
+    items: Vec<Item>,
+    /// Each page's total.
+    totals: Vec<u64>,
+    /// Whether a page without a cursor came (within [`WALK_MOST_PAGES`]).
+    ended: bool,
+}
+
+/// Walks a listing from its first page, each next page after the last
+/// one's cursor, `size` items a page, until a page has no cursor.
+fn walk<T>(
+    size: u32,
+    mut page: impl FnMut(&Page) -> StoreResult<Paged<T>>,
+    item: impl Fn(&T) -> Item,
+) -> StoreResult<Walked> {
+    let mut walked = Walked::default();
+    let mut request = Page::first(size);
+    while walked.totals.len() < WALK_MOST_PAGES {
+        let answer = page(&request)?;
+        walked.totals.push(answer.total);
+        walked.items.extend(answer.items.iter().map(&item));
+        let Some(next) = answer.next else {
+            walked.ended = true;
+            break;
+        };
+        request = Page::after(next, size);
+    }
+    Ok(walked)
+}
+
+/// Why a walk gave no verdict: the checker's own statement failed, or a
+/// page of the listing `.0`.
+enum WalkFailed {
+    Checker(diesel::result::Error),
+    Store(&'static str, StoreError),
+}
+
+impl From<diesel::result::Error> for WalkFailed {
+    fn from(error: diesel::result::Error) -> Self {
+        WalkFailed::Checker(error)
+    }
+}
+
+/// Both listings of `cluster` walked through the stores, between two reads
+/// of its rows on the checker's connection (before the first page began,
+/// after the last page returned).
+fn walk_both(world: &World, conn: &mut PgConnection, cluster: &ClusterId, size: u32) -> Result<[Walk; 2], WalkFailed> {
+    let before = listed(conn, cluster)?;
+    let members = walk(
+        size,
+        |page| world.clusters.members(cluster, page),
+        |member| Item {
+            key: member.user_id.to_string(),
+            role: Some(member.role.as_str().to_owned()),
+            created: member.since.timestamp_micros(),
+        },
+    )
+    .map_err(|error| WalkFailed::Store(MEMBERS_WALK, error))?;
+    let instances = walk(
+        size,
+        |page| world.instances.list_by_cluster(cluster, page),
+        |instance| Item { key: instance.id.to_string(), role: None, created: instance.created_at.timestamp_micros() },
+    )
+    .map_err(|error| WalkFailed::Store(INSTANCES_WALK, error))?;
+    let after = listed(conn, cluster)?;
+    Ok([
+        // A member's key in the listing (rank, e-mail) moves when its role
+        // changes; an instance's (creation time, id) never does.
+        Walk { listing: MEMBERS_WALK, walked: members, before: before.members, after: after.members, key_fixed: false },
+        Walk {
+            listing: INSTANCES_WALK,
+            walked: instances,
+            before: before.instances,
+            after: after.instances,
+            key_fixed: true,
+        },
+    ])
+}
+
+/// One listing walked, with its rows read before and after the walk.
+struct Walk {
+    listing: &'static str,
+    walked: Walked,
+    before: Rows,
+    after: Rows,
+    /// Whether no write moves a row within the listing's order.
+    key_fixed: bool,
+}
+
+impl Walk {
+    /// What this walk must hold whatever the workers commit between its
+    /// pages (each page is one statement, so one snapshot, but the pages
+    /// are not one): a keyset walk goes on strictly after the key of the
+    /// last item given, so
+    /// - no item comes twice (the same row, in the same role): to come
+    ///   again, a row's key must have moved past the cursor, which only a
+    ///   member's change of role does, and then it comes in another role;
+    /// - a row there from before the walk began to after it ended, and not
+    ///   moved in the listing's order meanwhile, is given exactly once: its
+    ///   key was the same in every page's snapshot, and each page covers
+    ///   the keys from the last cursor on. An instance never moves; a
+    ///   member is known not to have moved when its row is exactly the
+    ///   same in both reads (a real change moves `updated_at` forward).
+    ///
+    /// Not its totals or its count: rows come and go between the pages, so
+    /// no two pages need agree on one. The exact count is what a quiet
+    /// walk checks ([`Walk::quiet`]). Gives what broke, and how many rows
+    /// were there, unmoved, throughout.
+    fn racing(&self, cluster: &ClusterId) -> (Vec<String>, u64) {
+        let Walk { listing, walked, before, after, key_fixed } = self;
+        let mut broken = self.common(cluster);
+        let mut untouched = 0;
+        for (key, row) in before {
+            let kept =
+                after.get(key).is_some_and(|now| if *key_fixed { now.created == row.created } else { now == row });
+            if !kept {
+                continue;
+            }
+            untouched += 1;
+            let given = walked.items.iter().filter(|item| item.key == *key).count();
+            if given != 1 {
+                broken.push(format!(
+                    "{listing} of {cluster}: {key}, there and unmoved from before the walk to after it ({row:?}), \
+                     was given {given} times in {} pages",
+                    walked.totals.len()
+                ));
+            }
+        }
+        (broken, untouched)
+    }
+
+    /// What this walk must hold when nothing was written while it ran (the
+    /// workers paused, or done): its rows the same before and after it;
+    /// the pages together give each row of the table exactly once and
+    /// nothing else, as many as a `count(*)` (the rows read) and as every
+    /// page's total says.
+    fn quiet(&self, cluster: &ClusterId) -> Vec<String> {
+        let Walk { listing, walked, before, after, .. } = self;
+        let mut broken = self.common(cluster);
+        if before != after {
+            broken.push(format!(
+                "{listing} of {cluster}: rows written during a quiet moment: {before:?}, then {after:?}"
+            ));
+        }
+        let given: BTreeSet<&str> = walked.items.iter().map(|item| item.key.as_str()).collect();
+        let missing: Vec<&String> = before.keys().filter(|key| !given.contains(key.as_str())).collect();
+        let extra: Vec<&&str> = given.iter().filter(|key| !before.contains_key(**key)).collect();
+        if !missing.is_empty() || !extra.is_empty() || given.len() != walked.items.len() {
+            broken.push(format!(
+                "{listing} of {cluster}: {} pages gave {} items, {} of them distinct, of the {} rows; missing \
+                 {missing:?}, not rows {extra:?}",
+                walked.totals.len(),
+                walked.items.len(),
+                given.len(),
+                before.len()
+            ));
+        }
+        let count = before.len() as u64;
+        if walked.totals.iter().any(|total| *total != count) {
+            broken
+                .push(format!("{listing} of {cluster}: pages gave the totals {:?}, a count(*) {count}", walked.totals));
+        }
+        broken
+    }
+
+    /// What any walk must hold: it ended, and no item came twice.
+    fn common(&self, cluster: &ClusterId) -> Vec<String> {
+        let Walk { listing, walked, .. } = self;
+        let mut broken = Vec::new();
+        if !walked.ended {
+            broken.push(format!("{listing} of {cluster}: still a cursor after {WALK_MOST_PAGES} pages"));
+        }
+        let mut times: HashMap<&Item, usize> = HashMap::new();
+        for item in &walked.items {
+            *times.entry(item).or_default() += 1;
+        }
+        for (item, times) in times.into_iter().filter(|(_, times)| *times > 1) {
+            broken.push(format!("{listing} of {cluster}: {item:?} given {times} times in one walk"));
+        }
+        broken
+    }
+}
+
+impl World {
+    /// Walks both listings of `cluster`, pages of `size`, and checks them:
+    /// exactly when `quiet` (the caller made sure nothing writes:
+    /// [`Walk::quiet`]), else for what holds whatever the writes beside
+    /// them commit ([`Walk::racing`]).
+    fn walk_cluster(
+        &self,
+        conn: &mut PgConnection,
+        cluster: &ClusterId,
+        size: u32,
+        quiet: bool,
+        walks: &mut Walks,
+    ) -> Result<Vec<String>, WalkFailed> {
+        let mut broken = Vec::new();
+        for walk in walk_both(self, conn, cluster, size)? {
+            let pages = walk.walked.totals.len() as u64;
+            walks.largest = walks.largest.max(walk.before.len() as u64);
+            if quiet {
+                broken.extend(walk.quiet(cluster));
+                walks.quiet += 1;
+                walks.quiet_pages += pages;
+                walks.quiet_rows += walk.before.len() as u64;
+            } else {
+                let (seen, kept) = walk.racing(cluster);
+                broken.extend(seen);
+                walks.racing += 1;
+                walks.racing_pages += pages;
+                walks.racing_rows_kept += kept;
+            }
+        }
+        Ok(broken)
+    }
+
+    /// Walks the listings of a few live clusters, or of every one (`all`),
+    /// pages of a size drawn from [`WALK_PAGES`] per cluster, checked as
+    /// [`World::walk_cluster`] does, and gives what broke.
+    fn walk_clusters(
+        &self,
+        conn: &mut PgConnection,
+        url: &str,
+        rng: &mut StdRng,
+        (all, quiet): (bool, bool),
+        walks: &mut Walks,
+    ) -> Vec<String> {
+        let clusters = match some_clusters(conn, all) {
+            Ok(clusters) => clusters,
+            Err(error) => return self.walk_verdict(Err(error.into()), conn, url, walks),
+        };
+        let mut broken = Vec::new();
+        for cluster in clusters {
+            let size = *WALK_PAGES.choose(rng).unwrap_or(&1);
+            let walked = self.walk_cluster(conn, &cluster, size, quiet, walks);
+            broken.extend(self.walk_verdict(walked, conn, url, walks));
+        }
+        broken
+    }
+
+    /// What a walk found broken; when it failed instead: in a disturbed
+    /// run, nothing (the disturbance failed it: it is given up, and the
+    /// checker's connection made anew if that was the one lost); in a run
+    /// nothing disturbs, a failed page is itself broken (and an
+    /// `Unavailable` counts as one), a failed statement of the checker's
+    /// own fails the run as a failed sample does.
+    fn walk_verdict(
+        &self,
+        walked: Result<Vec<String>, WalkFailed>,
+        conn: &mut PgConnection,
+        url: &str,
+        walks: &mut Walks,
+    ) -> Vec<String> {
+        match walked {
+            Ok(broken) => broken,
+            Err(WalkFailed::Checker(_)) if self.disturbed => {
+                walks.given_up += 1;
+                *conn = connect_patiently(url);
+                Vec::new()
+            }
+            Err(WalkFailed::Store(..)) if self.disturbed => {
+                walks.given_up += 1;
+                Vec::new()
+            }
+            Err(WalkFailed::Checker(error)) => panic!("a checker walk's read of the rows: {error}"),
+            Err(WalkFailed::Store(listing, error)) => {
+                self.got_past(listing, &error);
+                vec![format!("{listing}: a page failed: {error:?}")]
+            }
+        }
+    }
+}
+
 /// A connection to `url`, tried again for up to 30 s while the server
 /// restarts.
 fn connect_patiently(url: &str) -> PgConnection {
@@ -1585,6 +2101,9 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         target_clusters: config.clusters.max(1),
         ok_since_disturbed: AtomicU64::new(0),
         unavailable: Mutex::default(),
+        disturbed: config.disturb.is_some(),
+        undisturbed_unavailable: AtomicU64::new(0),
+        quiet: RwLock::default(),
     });
     let mut setup = StdRng::seed_from_u64(config.seed);
     for _ in 0..config.clusters.max(1) * 3 {
@@ -1622,6 +2141,36 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
             (samples, count, violations)
         })
     };
+    // The checker's walks of the listings, on a thread of their own, so
+    // that the samples keep their pace (walked between two samples, they
+    // cut an undisturbed run's samples from about 415 to about 155, near
+    // the test's floor of 100, on 2 cores): two clusters' listings beside
+    // the writes every 10 ms, and every second a quiet moment (the workers
+    // pause after their step) in which two are walked exactly.
+    let walker = {
+        let (stop, url, world) = (Arc::clone(&stop), database_url.to_owned(), Arc::clone(&world));
+        let mut rng = StdRng::seed_from_u64(config.seed.wrapping_sub(1));
+        thread::spawn(move || {
+            let mut conn = connect_patiently(&url);
+            let (mut count, mut violations, mut walks) = (0_u64, Vec::new(), Walks::default());
+            let mut last_quiet = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let quiet = last_quiet.elapsed() >= QUIET_EVERY;
+                let held = quiet.then(|| world.quiet.write().unwrap_or_else(std::sync::PoisonError::into_inner));
+                let seen = world.walk_clusters(&mut conn, &url, &mut rng, (false, quiet), &mut walks);
+                drop(held);
+                if quiet {
+                    last_quiet = Instant::now();
+                }
+                count += seen.len() as u64;
+                let room = 20usize.saturating_sub(violations.len());
+                let when = started.elapsed().as_secs_f64();
+                violations.extend(seen.into_iter().take(room).map(|seen| format!("at {when:.3} s: {seen}")));
+                thread::sleep(Duration::from_millis(10));
+            }
+            (count, violations, walks, rng)
+        })
+    };
     let disturber = config.disturb.map(|(every, disturbance)| {
         let (stop, url, world) = (Arc::clone(&stop), database_url.to_owned(), Arc::clone(&world));
         let last_start = started + config.duration.saturating_sub(every);
@@ -1655,6 +2204,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
             thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(seed);
                 while !stop.load(Ordering::Relaxed) {
+                    let _step = world.quiet.read().unwrap_or_else(std::sync::PoisonError::into_inner);
                     world.step(&mut rng);
                 }
             })
@@ -1673,11 +2223,32 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     let elapsed = started.elapsed();
     let disturbances = disturber.map_or(0, |disturber| disturber.join().expect("the disturber finishes"));
     let (samples, mut violation_count, mut violations) = checker.join().expect("the checker finishes");
+    let (walk_count, walk_violations, mut walks, mut rng) = walker.join().expect("the walker finishes");
+    violation_count += walk_count;
+    violations.extend(walk_violations.into_iter().take(20usize.saturating_sub(violations.len())));
     let mut conn = connect_patiently(database_url);
     // A last sample once everything is still, and the token rule.
     for bad in broken_invariants(&mut conn) {
         violation_count += 1;
         violations.push(format!("at the end: {bad}"));
+    }
+    // Every cluster's listings walked exactly, nothing writing; and the
+    // checker did walk beside the writes (a check that never ran proves
+    // nothing).
+    for bad in world.walk_clusters(&mut conn, database_url, &mut rng, (true, true), &mut walks) {
+        violation_count += 1;
+        violations.push(format!("at the end: {bad}"));
+    }
+    if walks.racing == 0 || walks.quiet == 0 {
+        violation_count += 1;
+        violations.push(format!("the checker hardly walked a listing: {walks:?}"));
+    }
+    // The run ends with an interval undisturbed: whatever was done to the
+    // server, the process is ready again.
+    let health = world.data.health();
+    if !health.is_ready() {
+        violation_count += 1;
+        violations.push(format!("at the end: health answered not ready: {health:?}"));
     }
     // A state validates once, a code once.
     let states_taken =
@@ -1717,9 +2288,8 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         let ask = || Nonce::parse(nonce).and_then(|nonce| world.tokens.is_used(&nonce));
         let mut answer = ask();
         for _ in 0..threads + 2 {
-            if !matches!(answer, Err(StoreError::Unavailable { .. })) {
-                break;
-            }
+            let Err(lost @ StoreError::Unavailable { .. }) = &answer else { break };
+            world.got_past("bootstrap_tokens.is_used (at the end)", lost);
             answer = ask();
         }
         if !matches!(answer, Ok(true)) {
@@ -1736,8 +2306,17 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
     // go, and every connection of the workload closes with them. A session
     // sends its statistics to pg_stat_database when it ends (a session
     // still open may hold its last second's deadlocks back for 10 s).
-    let World { ok_since_disturbed, unavailable, answer_violations, answers, outcomes, unexpected, .. } =
-        Arc::try_unwrap(world).ok().expect("the workers are done");
+    let World {
+        ok_since_disturbed,
+        unavailable,
+        answer_violations,
+        answers,
+        outcomes,
+        unexpected,
+        disturbed,
+        undisturbed_unavailable,
+        ..
+    } = Arc::try_unwrap(world).ok().expect("the workers and the checker are done");
     let connections_discarded = pool.deadline_stats().discarded;
     drop(pool);
     thread::sleep(Duration::from_millis(600));
@@ -1764,5 +2343,8 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         disturbances,
         ok_after_last_disturbance,
         unavailable,
+        disturbed,
+        unavailable_undisturbed: undisturbed_unavailable.into_inner(),
+        walks,
     }
 }

@@ -74,6 +74,8 @@ fn a_random_mix_of_every_operation_keeps_every_invariant() {
         "data.delete_user",
         "data.remove_users",
         "data.remove_users (a signed-in invitee)",
+        "data.health",
+        "data.health (2 at once)",
     ];
     for operation in operations {
         let ok = report.outcomes.get(operation).and_then(|o| o.get("ok")).copied().unwrap_or(0);
