@@ -138,13 +138,30 @@ pub fn router(data: AsyncDataLayer, sessions: KvSessionStore, send_code: CodeSin
         .route("/sign-out", post(sign_out))
         .route("/sign-out/everywhere", post(sign_out_everywhere))
         .layer(session_layer)
+        .layer(middleware::map_response(with_an_error_body))
         .layer(middleware::from_fn(same_origin_writes_only))
         .with_state(app)
 }
 
+/// Gives the session layer's own failures the body every error has. The
+/// layer saves a changed session after the handler answered, and when the
+/// store fails it replaces the answer with a 500 without a body (its error
+/// goes to the log); a handler cannot save first instead, as tower-sessions'
+/// `Session::save` leaves the session marked changed and the layer would
+/// write it a second time (on Cloudflare, a second write of the key within
+/// the second: throttled).
+async fn with_an_error_body(response: Response) -> Response {
+    use axum::body::HttpBody as _;
+    if response.status() == StatusCode::INTERNAL_SERVER_ERROR && response.body().size_hint().exact() == Some(0) {
+        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()).into_response();
+    }
+    response
+}
+
 /// Refuses (403) a request that changes something when the browser says it
 /// comes from another origin: `Sec-Fetch-Site` other than `same-origin` or
-/// `none`, or an `Origin` whose host is not this request's `Host`.
+/// `none`, or, from a browser that does not send it, an `Origin` whose host
+/// is not this request's `Host`.
 /// `SameSite=Lax` withholds the cookie from other *sites* only: a page on
 /// another port of the same host, or on a sibling subdomain, is the same
 /// site and could otherwise post a form that signs the user out
@@ -157,12 +174,21 @@ async fn same_origin_writes_only(request: Request, next: Next) -> Response {
     }
     let headers = request.headers();
     let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    let cross_site_fetch = text("sec-fetch-site").is_some_and(|site| site != "same-origin" && site != "none");
-    let foreign_origin = text("origin").is_some_and(|origin| {
-        let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-        Some(origin_host) != text("host")
-    });
-    if cross_site_fetch || foreign_origin {
+    // The browser's own word first: it knows both origins, where `Host`
+    // may have been rewritten by a proxy in front of this server.
+    let foreign = match text("sec-fetch-site") {
+        Some(site) => site != "same-origin" && site != "none",
+        // An older browser: its `Origin` against this request's `Host`,
+        // default ports left out of both (`Origin: null`, a sandboxed or
+        // local page, is foreign).
+        None => text("origin").is_some_and(|origin| {
+            let (scheme, host) = origin.split_once("://").unwrap_or(("", origin));
+            let default_port = if scheme == "https" { ":443" } else { ":80" };
+            let without_default = |host: &str| host.strip_suffix(default_port).unwrap_or(host).to_ascii_lowercase();
+            text("host").is_none_or(|own| without_default(host) != without_default(own))
+        }),
+    };
+    if foreign {
         return ApiError(StatusCode::FORBIDDEN, "a change asked from another origin".into()).into_response();
     }
     next.run(request).await
@@ -314,10 +340,6 @@ async fn sign_in(State(app): State<App>, session: Session, Json(body): Json<Sign
     // A new id at sign-in: an id planted before it (session fixation) is worthless.
     session.cycle_id().await?;
     session.insert(USER_FIELD, user.id.to_string()).await?;
-    // Saved here, not by the session layer after the answer: a session
-    // backend that fails then turns the answer into a bare 500; here its
-    // error is the 503 with a body that every other route gives.
-    session.save().await?;
     Ok(Json(json!({ "id": user.id, "email": user.email })))
 }
 
@@ -443,8 +465,6 @@ async fn oauth_start(State(app): State<App>, session: Session, Json(body): Json<
     // keeps the state's hash, not the state: its record is stored, and the
     // key-value store keeps states only as hashes too.
     session.insert(OAUTH_STATE_FIELD, state_hash(state.expose())).await?;
-    // Saved here, so that a failing session backend answers 503 (see `sign_in`).
-    session.save().await?;
     Ok(Json(json!({
         "state": state.expose(),
         "authorize_url": format!("https://github.com/login/oauth/authorize?client_id=example&state={}", state.expose()),
