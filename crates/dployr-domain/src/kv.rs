@@ -338,11 +338,12 @@ pub trait KvBackend: Send + Sync {
         keys.iter().map(|key| self.get(key)).collect()
     }
 
-    /// Removes every key of `keys`, in their order; a missing key is not an
-    /// error. Cloudflare removes up to 10 000 keys a request. The default
-    /// deletes them one by one. After an error, the keys from the one that
-    /// failed on may remain (earlier ones are gone), so a caller that must
-    /// not remove a key before another lists them in that order.
+    /// Removes every key of `keys`; a missing key is not an error. In no
+    /// promised order: Cloudflare removes up to 10 000 keys a request, all
+    /// at once, and may report some of them undone (deleted again here, one
+    /// by one). After an error any of them may remain, so a caller that must
+    /// not remove some keys before others makes two calls. The default
+    /// deletes them one by one.
     ///
     /// # Errors
     /// [`StoreError::Invalid`] for a bad key, before anything is removed;

@@ -277,7 +277,7 @@ impl KvSessionStore {
             } else {
                 // Cloudflare: in bulk, as `KvStore::delete_user_sessions`
                 // does (one read per 100 records, one delete per 10 000
-                // keys, records before their index entries), not a read and
+                // records, then one per 10 000 index entries), not a read and
                 // two deletes per record, which for a user of a few hundred
                 // sign-ins spent the account's 1200 requests per 5 minutes.
                 let keys = index.session_keys(&user)?;
@@ -294,12 +294,17 @@ impl KvSessionStore {
                     if found == Listed::AnotherUsers {
                         continue;
                     }
-                    inner.remember(key, Written::Deleted);
                     ended.push(key.clone());
                     live += usize::from(found == Listed::Live);
                 }
-                let entries = keys.iter().map(|key| index.entry_key(&user, key));
-                inner.backend.delete_many(&ended.into_iter().chain(entries).collect::<Vec<_>>())?;
+                // Records first, in a call of their own, and remembered as
+                // deleted once deleted (see `KvStore::delete_user_sessions`).
+                inner.backend.delete_many(&ended)?;
+                for key in &ended {
+                    inner.remember(key, Written::Deleted);
+                }
+                let entries: Vec<String> = keys.iter().map(|key| index.entry_key(&user, key)).collect();
+                inner.backend.delete_many(&entries)?;
                 live
             };
             // A stale listing may not show yet the entries of sessions saved
