@@ -38,7 +38,7 @@ type Read = fn(&Stores, &Fixture) -> StoreResult<()>;
 fn reads() -> Vec<(&'static str, Read)> {
     vec![
         ("users.get", |s, f| s.users.get(&f.owner).map(drop)),
-        ("clusters.user_clusters", |s, f| s.clusters.user_clusters(&f.owner).map(drop)),
+        ("clusters.pending_invites", |s, f| s.clusters.pending_invites(&f.owner).map(drop)),
         ("clusters.members (page of 20)", |s, f| s.clusters.members(&f.team, &Page::first(20)).map(drop)),
         ("instances.list_by_cluster (page of 20)", |s, f| {
             s.instances.list_by_cluster(&f.team, &Page::first(20)).map(drop)
