@@ -179,7 +179,16 @@ fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> M
             let number = state.started + 1;
             let (url, shared) = (url.to_owned(), Arc::clone(&in_flight.0));
             let spawned = std::thread::Builder::new().name("dployr-health-migrations".into()).spawn(move || {
-                let probe = migrations(&url, bound);
+                // A panic must still end the probe: else it stays running
+                // and every later call waits out its bound for nothing.
+                let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| migrations(&url, bound)))
+                    .unwrap_or_else(|_| MigrationsProbe {
+                        up_to_date: false,
+                        pending: Vec::new(),
+                        newer: Vec::new(),
+                        duration: Duration::ZERO,
+                        error: Some("the probe of the migrations panicked".into()),
+                    });
                 let (slot, answered) = &*shared;
                 let mut state = lock(slot);
                 state.running = None;
