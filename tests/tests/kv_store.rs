@@ -561,3 +561,40 @@ fn a_bulk_sign_out_that_fails_half_way_leaves_what_it_did_not_end_to_the_next_ca
         assert_eq!(KvStore::new(Arc::clone(&kv) as Arc<dyn KvBackend>).get_session(id).unwrap(), None);
     }
 }
+
+/// A clock moved to the end of time (`ManualClock::advance(Duration::MAX)`,
+/// which its documentation offers "to expire everything") expires every
+/// session and record; neither store panics converting it to a date.
+#[test]
+fn a_clock_moved_to_the_end_of_time_expires_everything_and_panics_nowhere() {
+    use dployr_kv::ManualClock;
+    use dployr_tower_sessions::KvSessionStore;
+    use tower_sessions_core::SessionStore as _;
+    use tower_sessions_core::session::{Id, Record};
+
+    let clock = ManualClock::new();
+    let kv: Arc<dyn KvBackend> = Arc::new(MemoryKv::with_clock(clock.clone()));
+    let store = KvStore::new(Arc::clone(&kv)).with_clock(clock.clone());
+    let sessions = KvSessionStore::new(Arc::clone(&kv)).with_user_field("user_id").with_clock(clock.clone());
+    let user = sample_user(12);
+    let before = SessionId::generate();
+    store.create_session(&before, &user, vec![]).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut record = Record {
+        id: Id::default(),
+        data: [("user_id".to_owned(), serde_json::Value::from("ada"))].into_iter().collect(),
+        expiry_date: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+    };
+    runtime.block_on(sessions.create(&mut record)).unwrap();
+    clock.advance(Duration::MAX);
+    assert_eq!(store.get_session(&before).unwrap(), None);
+    // A new session there may be refused (its TTL passes the end of the
+    // backend's clock), as a typed error, not a panic.
+    match store.create_session(&SessionId::generate(), &user, vec![]) {
+        Ok(_) | Err(dployr_domain::StoreError::Invalid { field: "ttl", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.delete_user_sessions(&user.id).unwrap(), 0, "nothing live at the end of time");
+    assert_eq!(runtime.block_on(sessions.load(&record.id)).unwrap(), None);
+    runtime.block_on(sessions.delete_user_sessions("ada")).unwrap();
+}

@@ -419,9 +419,16 @@ impl KvStore {
         self
     }
 
-    /// Now, on the store's clock.
+    /// Now, on the store's clock, within chrono's range: a clock moved to
+    /// the end of `SystemTime` (`ManualClock::advance(Duration::MAX)`, "to
+    /// expire everything") is the last instant chrono holds, where chrono's
+    /// own conversion panics.
     fn now(&self) -> DateTime<Utc> {
-        DateTime::<Utc>::from(self.clock.now())
+        let since_epoch = self.clock.now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        i64::try_from(since_epoch.as_micros())
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
     /// The backend that holds sessions.
@@ -520,7 +527,11 @@ impl KvStore {
             provider: user.provider,
             clusters,
             created_at,
-            expires_at: created_at + Self::ttl_as_chrono(self.config.session_ttl)?,
+            // Saturating: only a clock at chrono's end overflows here, and
+            // a session made then is expired already.
+            expires_at: created_at
+                .checked_add_signed(Self::ttl_as_chrono(self.config.session_ttl)?)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
         };
         let value = serde_json::to_vec(&session).map_err(|e| StoreError::backend("encoding a session", e))?;
         // What makes a session large is the clusters it lists (the rest is

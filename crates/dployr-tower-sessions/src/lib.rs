@@ -354,11 +354,23 @@ impl KvSessionStore {
     }
 }
 
+/// Now on `clock`, within `time`'s range: a clock moved to the end of
+/// `SystemTime` (`ManualClock::advance(Duration::MAX)`, "to expire
+/// everything") is the last instant `time` holds, where its own conversion
+/// panics.
+fn now_on(clock: &dyn Clock) -> OffsetDateTime {
+    let since_epoch = clock.now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i128::try_from(since_epoch.as_nanos())
+        .ok()
+        .and_then(|nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).ok())
+        .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc())
+}
+
 /// The records `recent` holds as written (or being deleted) within the
 /// window whose data names `user` under `field` and whose expiry date has
 /// not passed on `clock`, with their keys.
 fn records_of(recent: &RecentWrites<Written>, field: &str, user: &str, clock: &dyn Clock) -> Vec<(String, Record)> {
-    let expiry_now = OffsetDateTime::from(clock.now());
+    let expiry_now = now_on(clock);
     recent.filter_live(clock.monotonic(), |key, written| match written {
         Written::Record(record) | Written::Deleting(record)
             if record.expiry_date > expiry_now && record.data.get(field).and_then(|v| v.as_str()) == Some(user) =>
@@ -404,7 +416,7 @@ enum Listed {
 impl Inner {
     /// Now, on the store's clock, as expiry dates are written.
     fn now(&self) -> OffsetDateTime {
-        OffsetDateTime::from(self.clock.now())
+        now_on(self.clock.as_ref())
     }
 
     /// The user a record's data names under the user field, if any.
