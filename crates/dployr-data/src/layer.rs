@@ -92,6 +92,12 @@ fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
             reason: format!("applying migrations on start: {error}").into(),
             source: Some(Box::new(error)),
         },
+        // A restart or failover under the runner: the files are not at
+        // fault, and a later start finishes the job.
+        lost if lost.is_connection_lost() => StoreError::Unavailable {
+            reason: format!("applying migrations on start: the connection was lost ({lost})").into(),
+            source: Some(Box::new(lost)),
+        },
         other => StoreError::backend(format!("applying migrations on start: {other}"), other),
     }
 }

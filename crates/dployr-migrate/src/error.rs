@@ -170,6 +170,40 @@ pub struct MigrationFailure {
 }
 
 impl MigrateError {
+    /// Whether the connection to the server was lost under the runner (a
+    /// restart, a failover, a session ended by an administrator) rather than
+    /// a file or the database refusing something: worth running again
+    /// later. Nothing was recorded for the file that was running (each
+    /// file commits with its row).
+    pub fn is_connection_lost(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error as DieselError};
+        let source = match self {
+            Self::MigrationFailed(failure) => &failure.source,
+            Self::Database { source, .. } => source,
+            _ => return false,
+        };
+        match source {
+            DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _,
+            )
+            | DieselError::BrokenTransactionManager => true,
+            // What libpq and the server say as the session ends (57P01-57P03
+            // and a dropped socket), untranslated: the runner's session sets
+            // `lc_messages` to C where it may.
+            DieselError::DatabaseError(_, info) => {
+                let message = info.message();
+                message.starts_with("terminating connection")
+                    || message.starts_with("server closed the connection")
+                    || message.starts_with("no connection to the server")
+                    || message.starts_with("could not receive data from server")
+                    || message == "the database system is shutting down"
+                    || message == "the database system is starting up"
+            }
+            _ => false,
+        }
+    }
+
     /// Builds [`MigrateError::MigrationFailed`] from a database error while
     /// running `sql`, turning PostgreSQL's character offset into a line and column.
     pub(crate) fn failed(name: &str, file: &'static str, sql: &str, source: diesel::result::Error) -> Self {

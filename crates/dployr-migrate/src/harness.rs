@@ -35,13 +35,19 @@ diesel::table! {
     }
 }
 
-const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS _migrations (
+/// The bookkeeping table, created only where it is missing: `CREATE TABLE IF NOT EXISTS` alone
+/// asks for the right to create in the schema before it looks, which a role
+/// that is not the schema's owner lacks on PostgreSQL 15 (`public` no longer
+/// grants it), so every start of an up-to-date database failed.
+const CREATE_TABLE: &str = "DO $$ BEGIN IF to_regclass('_migrations') IS NULL THEN
+CREATE TABLE IF NOT EXISTS _migrations (
     version     TEXT        PRIMARY KEY,
     name        TEXT        NOT NULL,
     checksum    TEXT        NOT NULL,
     applied_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     duration_ms BIGINT      NOT NULL
-)";
+);
+END IF; END $$";
 
 /// A row of `_migrations`.
 #[derive(Debug, Clone, Queryable, Selectable)]

@@ -967,3 +967,47 @@ fn reverting_the_spent_nonces_migration_is_refused_while_it_remembers_any() {
     conn.batch_execute("DELETE FROM spent_nonces").unwrap();
     assert_eq!(runner.revert_last(&mut |_| {}).unwrap().as_deref(), Some("014_spent_nonces_remembered"));
 }
+
+/// The role an application connects with is often not the schema's owner,
+/// and on PostgreSQL 15 `public` no longer lets every role create in it: a
+/// run on an up-to-date database needs no such right (it creates
+/// `_migrations` only where it is missing).
+#[test]
+fn a_run_with_nothing_to_apply_needs_no_right_to_create_in_the_schema() {
+    let db = empty_database();
+    if !db.superuser() {
+        eprintln!("skipped: making a role needs a superuser, and this server's role is not one");
+        return;
+    }
+    let (_dir, set) = set_of(&[folder("001_table", "CREATE TABLE kept (id int);")]);
+    run(&db, &set).unwrap();
+    let role = format!("{}_app", db.name());
+    db.connect()
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN; GRANT CONNECT ON DATABASE \"{db}\" TO \"{role}\"; \
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT USAGE ON SCHEMA public TO \"{role}\"; \
+             GRANT SELECT ON _migrations TO \"{role}\";",
+            db = db.name()
+        ))
+        .unwrap();
+    let url = dployr_testkit::server().unwrap().url_with(db.name(), &[("user", role.as_str()), ("password", "")]);
+    let ran = MigrationRunner::new(&url, set).run_pending(&mut |_| {}).map(|applied| applied.len());
+    db.connect().batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\";")).unwrap();
+    assert_eq!(ran.unwrap(), 0);
+}
+
+/// A session that ends under a migration (a restart, a failover, a session
+/// ended by an administrator; here the file ends its own) is said to be a
+/// lost connection, which `DataLayer::open` reports as `Unavailable` (run it
+/// again), not a fault of the file; a file that fails is not one.
+#[test]
+fn a_connection_lost_under_a_migration_is_told_apart_from_a_failing_file() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[folder("001_ends_its_session", "SELECT pg_terminate_backend(pg_backend_pid());")]);
+    let lost = run(&db, &set).unwrap_err();
+    assert!(lost.is_connection_lost(), "{lost:?}");
+    assert_eq!(recorded(&mut db.connect()), Vec::<String>::new());
+    let (_dir, set) = set_of(&[folder("001_divides_by_zero", "SELECT 1 / 0;")]);
+    let failed = run(&db, &set).unwrap_err();
+    assert!(!failed.is_connection_lost(), "{failed:?}");
+}
