@@ -48,7 +48,7 @@ pub enum Blank {
 
 /// Checks a free-text value that is stored as given (a picture URL, a
 /// GitHub login id): at most `max_bytes` bytes, no NUL or other control
-/// character, and not blank unless allowed.
+/// character, and not blank ([`is_blank`]) unless allowed.
 ///
 /// ```
 /// use dployr_domain::text::{check, Blank};
@@ -60,7 +60,7 @@ pub enum Blank {
 /// # Errors
 /// [`StoreError::Invalid`] naming `field`.
 pub fn check(field: &'static str, value: &str, max_bytes: usize, blank: Blank) -> Result<(), StoreError> {
-    if blank == Blank::Refused && value.trim().is_empty() {
+    if blank == Blank::Refused && is_blank(value) {
         return Err(StoreError::invalid(field, "is empty"));
     }
     if value.len() > max_bytes {
@@ -70,6 +70,20 @@ pub fn check(field: &'static str, value: &str, max_bytes: usize, blank: Blank) -
         return Err(StoreError::invalid(field, "contains a control character"));
     }
     Ok(())
+}
+
+/// Whether `value` shows nothing: empty, or only whitespace, marks and
+/// invisible or blank-rendering characters (zero-width space U+200B, the
+/// byte-order mark, braille blank U+2800, Hangul filler U+3164, ...). Such a
+/// value is as blank as an empty one: a picture of it is none.
+///
+/// ```
+/// use dployr_domain::text::is_blank;
+/// assert!(is_blank(" \u{200b}\u{feff} ") && is_blank("\u{2800}") && is_blank(""));
+/// assert!(!is_blank("https://x.io/a.png"));
+/// ```
+pub fn is_blank(value: &str) -> bool {
+    !value.chars().any(is_visible)
 }
 
 /// The Unicode general category of `c`.

@@ -95,7 +95,7 @@ impl UserStore for PgUserStore {
         check_picture(user.picture.as_deref())?;
         // A provider that sends an empty picture gives none: the stored one
         // stays (the original's `picture || null`).
-        let picture = user.picture.as_deref().filter(|picture| !picture.trim().is_empty());
+        let picture = user.picture.as_deref().filter(|picture| !text::is_blank(picture));
         let id = UserId::generate().to_string();
         let given_name = user.name.as_ref().map(DisplayName::as_str);
         let name = given_name.unwrap_or_else(|| user.email.local_part());
@@ -182,7 +182,7 @@ impl UserStore for PgUserStore {
     fn update(&self, email: &Email, patch: UserPatch) -> StoreResult<Option<User>> {
         let op = self.pool.operation("users.update");
         check_picture(patch.picture.as_deref())?;
-        let picture = patch.picture.as_deref().map(|picture| if picture.trim().is_empty() { "" } else { picture });
+        let picture = patch.picture.as_deref().map(|picture| if text::is_blank(picture) { "" } else { picture });
         patch.metadata.as_ref().map(Metadata::check).transpose()?;
         let merge = patch.metadata.as_ref().map_or_else(|| Value::Object(Default::default()), Metadata::to_value);
         // One statement, in a transaction all the same: the returned row is

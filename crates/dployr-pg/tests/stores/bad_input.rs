@@ -104,9 +104,24 @@ fn hostile_text(max_bytes: usize) -> impl Strategy<Value = String> {
     ]
 }
 
-/// The rule of a picture URL or a login id, stated independently of `text::check`.
+/// The rule of a picture URL or a login id, stated independently of
+/// `text::check`: blank is showing nothing (no [`visible`] character).
 fn acceptable(text: &str, max_bytes: usize, blank_allowed: bool) -> bool {
-    (blank_allowed || !text.trim().is_empty()) && text.len() <= max_bytes && !text.chars().any(char::is_control)
+    (blank_allowed || text.chars().any(visible)) && text.len() <= max_bytes && !text.chars().any(char::is_control)
+}
+
+/// Whether `c` shows something: not whitespace, a mark, a default-ignorable,
+/// control, format, separator or unassigned code point, nor one of the two
+/// that render blank without any such property (U+2800, U+1D159).
+fn visible(c: char) -> bool {
+    !c.is_whitespace()
+        && !mark(c)
+        && !ignorable(c)
+        && !matches!(c, '\u{2800}' | '\u{1d159}')
+        && !matches!(
+            gc(c),
+            Gc::Control | Gc::Format | Gc::SpaceSeparator | Gc::LineSeparator | Gc::ParagraphSeparator | Gc::Unassigned
+        )
 }
 
 fn gc(c: char) -> Gc {
@@ -151,20 +166,6 @@ fn display(text: &str, max_bytes: usize) -> Option<String> {
         Gc::Control | Gc::LineSeparator | Gc::ParagraphSeparator => true,
         Gc::Format => c != '\u{200c}' && c != '\u{200d}',
         _ => false,
-    };
-    let visible = |c: char| {
-        !c.is_whitespace()
-            && !mark(c)
-            && !ignorable(c)
-            && !matches!(
-                gc(c),
-                Gc::Control
-                    | Gc::Format
-                    | Gc::SpaceSeparator
-                    | Gc::LineSeparator
-                    | Gc::ParagraphSeparator
-                    | Gc::Unassigned
-            )
     };
     let ok = value.len() <= max_bytes
         && !value.chars().any(refused)

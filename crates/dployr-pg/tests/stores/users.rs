@@ -56,7 +56,8 @@ fn an_update_with_a_blank_picture_removes_the_picture_and_stores_no_blank() {
     };
     assert_eq!(set(Some("https://img.example/ada.png")).as_deref(), Some("https://img.example/ada.png"));
     assert_eq!(set(None).as_deref(), Some("https://img.example/ada.png"), "no picture given keeps it");
-    for blank in ["", "   "] {
+    // Invisible characters show nothing either: as blank as an empty one.
+    for blank in ["", "   ", "\u{200b}", "\u{2800}", "\u{3164}", " \u{feff} "] {
         set(Some("https://img.example/ada.png"));
         assert_eq!(set(Some(blank)), None, "{blank:?} removes it");
         assert_eq!(f.count(&format!("SELECT count(*) FROM users WHERE id = '{}' AND picture IS NULL", owner.id)), 1);
