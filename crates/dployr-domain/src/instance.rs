@@ -102,8 +102,10 @@ pub trait BootstrapTokenStore: Send + Sync {
     /// Issues a token for an instance.
     ///
     /// # Errors
-    /// `Conflict` (field `nonce`) for a nonce already issued; `NotFound` for
-    /// an unknown instance.
+    /// `Conflict` (field `nonce`) for a nonce in use (a token holds it) or
+    /// spent (a used token held it, also after that token was deleted); a
+    /// nonce whose token was deleted unused may be issued again. `NotFound`
+    /// for an unknown instance.
     fn create(&self, instance: &InstanceId, nonce: &Nonce) -> StoreResult<BootstrapToken>;
 
     /// Marks the token used: `true` for exactly one caller per nonce, also
