@@ -198,7 +198,7 @@ pub struct StressReport {
 }
 
 /// The listings (`clusters.members`, `instances.list_by_cluster`) the
-/// checker walked page by page with their cursor ([`WALK_PAGES`]).
+/// checker walked page by page with their cursor (`WALK_PAGES`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Walks {
     /// Walks beside the workers' writes, checked for what holds whatever
