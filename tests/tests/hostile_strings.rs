@@ -1058,7 +1058,9 @@ fn hostile_names_and_pictures_are_refused_or_read_back_as_parsed() {
         }
         // A picture is stored as given: refused only when too long or with a control character.
         let allowed = text.len() <= MAX_USER_TEXT_BYTES && !text.chars().any(char::is_control);
-        let blank = text.trim().is_empty();
+        // Blank: showing nothing (`text::is_blank`, whose own oracle is in
+        // the bad-input property of `dployr-pg`).
+        let blank = dployr_domain::text::is_blank(text);
         let sign_in = NewUser { picture: Some(text.clone()), ..NewUser::new(ada.clone(), Provider::Github) };
         let upserted = check.write("users.upsert(picture)", text, || data.users().upsert(sign_in));
         check.expect_accepted_iff(&upserted, allowed, "users.upsert(picture)", text);
@@ -1605,7 +1607,7 @@ fn hostile_metadata_and_login_ids_are_refused_or_read_back_equal() {
                 );
             }
         }
-        // A login id: refused when blank, over 255 bytes or with a control
+        // A login id: refused when blank (showing nothing), over 255 bytes or with a control
         // character; otherwise it finds the cluster linked to it.
         let link = Metadata::try_from(json!({ "gitHub": { "loginId": text } }));
         let linked = match link {
@@ -1617,7 +1619,7 @@ fn hostile_metadata_and_login_ids_are_refused_or_read_back_equal() {
             }
             Err(_) => false,
         };
-        let allowed = !text.trim().is_empty() && text.len() <= 255 && !text.chars().any(char::is_control);
+        let allowed = !dployr_domain::text::is_blank(text) && text.len() <= 255 && !text.chars().any(char::is_control);
         let settings = Metadata::try_from(json!({ "note": text })).unwrap_or_default();
         let integration = GitHubIntegration { login_id: text.clone(), settings };
         let installed = check.write("clusters.install_github_integration", text, || {
