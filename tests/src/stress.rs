@@ -428,9 +428,10 @@ fn remember<T>(items: &Mutex<Vec<T>>, item: T) {
     items.push(item);
 }
 
-/// Whether a picture URL is blank: empty or only white space.
+/// Whether a picture URL is blank: it shows nothing (empty, white space,
+/// invisible characters), as the stores' rule says.
 fn is_blank(picture: &str) -> bool {
-    picture.trim().is_empty()
+    dployr_domain::text::is_blank(picture)
 }
 
 /// Whether no item comes twice.
@@ -599,7 +600,7 @@ impl World {
     fn picture(rng: &mut StdRng, prefix: &str) -> Option<String> {
         match rng.random_range(0..10) {
             0..=2 => Some(format!("https://example.io/{prefix}{}.png", rng.random_range(0..100))),
-            3 => Some(["", "   "].choose(rng).copied().unwrap_or_default().to_owned()),
+            3 => Some(["", "   ", "\u{200b}", " \u{feff}"].choose(rng).copied().unwrap_or_default().to_owned()),
             _ => None,
         }
     }
