@@ -877,6 +877,27 @@ impl CloudflareKv {
         Ok(())
     }
 
+    /// A POST of `body` as JSON to `url` (a bulk endpoint), retried as
+    /// [`send`](Self::send) retries; the answer's envelope, which must say
+    /// `"success": true`.
+    fn post_json(
+        &self,
+        call: &mut Call,
+        op: &'static str,
+        url: &str,
+        body: &impl serde::Serialize,
+    ) -> StoreResult<Envelope> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| StoreError::backend(format!("Cloudflare KV {op}: encoding the request"), e))?;
+        let reply = self.send(call, op, |c| {
+            c.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone())
+        })?;
+        if !reply.is_enveloped_success() {
+            return Err(self.failure(op, &reply));
+        }
+        Ok(reply.envelope())
+    }
+
     fn remove(&self, call: &mut Call, key: &str) -> StoreResult<()> {
         self.limits().check_key(key)?;
         let url = self.value_url(key);
@@ -938,15 +959,9 @@ impl KvBackend for CloudflareKv {
         let url = format!("{}/bulk/get", self.namespace_url);
         let mut values = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(BULK_GET_KEYS) {
-            let body = serde_json::to_vec(&serde_json::json!({ "keys": chunk, "type": "text" }))
-                .map_err(|e| StoreError::backend("Cloudflare KV get_many: encoding the keys", e))?;
-            let reply = self.send(&mut call, "get_many", |c| {
-                c.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone())
-            })?;
-            if !reply.is_enveloped_success() {
-                return Err(self.failure("get_many", &reply));
-            }
-            let found: BulkValues = serde_json::from_value(reply.envelope().result.unwrap_or_default())
+            let envelope =
+                self.post_json(&mut call, "get_many", &url, &serde_json::json!({ "keys": chunk, "type": "text" }))?;
+            let found: BulkValues = serde_json::from_value(envelope.result.unwrap_or_default())
                 .map_err(|e| StoreError::backend("Cloudflare KV get_many: unreadable values", e))?;
             for key in chunk {
                 values.push(match found.values.get(key) {
@@ -977,16 +992,8 @@ impl KvBackend for CloudflareKv {
         }
         let url = format!("{}/bulk/delete", self.namespace_url);
         for chunk in keys.chunks(BULK_DELETE_KEYS) {
-            let body = serde_json::to_vec(chunk)
-                .map_err(|e| StoreError::backend("Cloudflare KV delete_many: encoding the keys", e))?;
-            let reply = self.send(&mut call, "delete_many", |c| {
-                c.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone())
-            })?;
-            if !reply.is_enveloped_success() {
-                return Err(self.failure("delete_many", &reply));
-            }
-            let deleted: BulkDeleted = reply
-                .envelope()
+            let deleted: BulkDeleted = self
+                .post_json(&mut call, "delete_many", &url, &chunk)?
                 .result
                 .filter(|result| !result.is_null())
                 .map(serde_json::from_value)
