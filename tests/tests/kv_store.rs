@@ -540,8 +540,8 @@ impl KvBackend for BulkFailingKv {
 
 /// A sign-out everywhere whose bulk delete fails half-way leaves every
 /// session it did not end findable: no index entry goes before its session,
-/// nothing is remembered as ended that was not, and a second call ends and
-/// counts the rest.
+/// and a second call ends and counts the rest (on a backend that reads its
+/// own writes, where the store keeps no memory of its writes).
 #[test]
 fn a_bulk_sign_out_that_fails_half_way_leaves_what_it_did_not_end_to_the_next_call() {
     let kv = Arc::new(BulkFailingKv { inner: MemoryKv::new(), fail_next_bulk_delete: false.into() });

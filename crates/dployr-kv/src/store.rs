@@ -743,15 +743,18 @@ impl KvStore {
             // one); counted only if it was there.
             ended += usize::from(found.is_some());
         }
-        // Two calls, sessions first: one bulk delete is in no order (and
-        // Cloudflare may report keys of it undone), and an entry gone
-        // before its session would leave a live session no later sign-out
-        // finds. Remembered as deleted only once deleted: after a failure
-        // they are live, and a second call counts them.
-        self.kv.delete_many(&sessions)?;
+        // Remembered as deleted before the delete, as `delete_session` does:
+        // this process never returns them again, even from a stale backend
+        // or after a delete that failed part-way (a second call deletes
+        // them all the same, without counting them again).
         for key in &sessions {
             self.remember(key, SessionWrite::Deleted);
         }
+        // Two calls, sessions first: one bulk delete is in no order (and
+        // Cloudflare may report keys of it undone), and an entry gone
+        // before its session would leave a live session no later sign-out
+        // finds.
+        self.kv.delete_many(&sessions)?;
         let entries: Vec<String> =
             keys.iter().map(|key| self.user_sessions.entry_key(&user.to_string(), key)).collect();
         self.kv.delete_many(&entries)?;

@@ -173,8 +173,10 @@ impl MigrateError {
     /// Whether the connection to the server was lost under the runner (a
     /// restart, a failover, a session ended by an administrator) rather than
     /// a file or the database refusing something: worth running again
-    /// later. Nothing was recorded for the file that was running (each
-    /// file commits with its row).
+    /// later. A file that runs in a transaction left nothing (it commits
+    /// with its row); one that runs outside (`run_in_transaction = false`)
+    /// may have been cut part-way and runs again whole: an index it was
+    /// building `CONCURRENTLY` is left invalid, to be dropped first.
     pub fn is_connection_lost(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error as DieselError};
         let source = match self {

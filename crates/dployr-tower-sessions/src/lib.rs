@@ -297,12 +297,15 @@ impl KvSessionStore {
                     ended.push(key.clone());
                     live += usize::from(found == Listed::Live);
                 }
-                // Records first, in a call of their own, and remembered as
-                // deleted once deleted (see `KvStore::delete_user_sessions`).
-                inner.backend.delete_many(&ended)?;
+                // Remembered as deleted before the delete, as a single
+                // delete is: a save in flight then writes nothing back (see
+                // the module documentation), and this process never loads
+                // them again. Records first, in a call of their own (see
+                // `KvStore::delete_user_sessions`).
                 for key in &ended {
                     inner.remember(key, Written::Deleted);
                 }
+                inner.backend.delete_many(&ended)?;
                 let entries: Vec<String> = keys.iter().map(|key| index.entry_key(&user, key)).collect();
                 inner.backend.delete_many(&entries)?;
                 live
