@@ -128,6 +128,23 @@ pub enum MigrateError {
     #[error("cannot read migrations: {0}")]
     Source(String),
 
+    /// The database has a `_migrations` table that this runner did not
+    /// make, and whose rows it cannot read: the original TypeScript data
+    /// layer's (`filename`, `applied_at`), or another tool's under the same
+    /// name. Nothing was changed.
+    #[error(
+        "the database has a _migrations table that this runner did not make (its columns: {list}{whose}), \
+         so it cannot tell what is applied; nothing was changed. Check the schema that table records (the \
+         original's runner stopped inside its first migration, leaving part of it), rename the table \
+         (ALTER TABLE _migrations RENAME TO _migrations_before) and run again",
+        list = columns.join(", "),
+        whose = if columns.iter().any(|c| c == "filename") { ": the original TypeScript data layer's" } else { "" }
+    )]
+    ForeignMigrationsTable {
+        /// The columns the table has, in order.
+        columns: Vec<String>,
+    },
+
     /// Any other database error, with what the runner was doing.
     #[error("{context}: {source}")]
     Database {

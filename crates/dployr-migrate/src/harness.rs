@@ -130,11 +130,30 @@ impl<'a> DployrHarness<'a> {
 }
 
 pub(crate) fn read_applied_rows(conn: &mut PgConnection) -> Result<Vec<AppliedRow>, MigrateError> {
-    _migrations::table
-        .select(AppliedRow::as_select())
-        .order(_migrations::version.asc())
-        .load(conn)
-        .map_err(|source| MigrateError::Database { context: "reading _migrations", source })
+    match _migrations::table.select(AppliedRow::as_select()).order(_migrations::version.asc()).load(conn) {
+        Ok(rows) => Ok(rows),
+        // Looked at only when the read failed, so a run pays nothing for it.
+        Err(source) => match columns_of_another_shape(conn) {
+            Some(columns) => Err(MigrateError::ForeignMigrationsTable { columns }),
+            None => Err(MigrateError::Database { context: "reading _migrations", source }),
+        },
+    }
+}
+
+/// The columns of `_migrations` when it lacks one this runner records (a
+/// table another tool made under the name, such as the original TypeScript
+/// data layer's `_migrations(filename, applied_at)`); `None` when it has
+/// them all, or when they cannot be read.
+fn columns_of_another_shape(conn: &mut PgConnection) -> Option<Vec<String>> {
+    let columns = diesel::select(diesel::dsl::sql::<diesel::sql_types::Array<diesel::sql_types::Text>>(
+        "coalesce((SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute \
+         WHERE attrelid = to_regclass('_migrations') AND attnum > 0 AND NOT attisdropped), '{}')",
+    ))
+    .get_result::<Vec<String>>(conn)
+    .ok()?;
+    let ours = ["version", "name", "checksum", "applied_at", "duration_ms"];
+    let lacks_one = ours.iter().any(|column| !columns.iter().any(|found| found == column));
+    (lacks_one && !columns.is_empty()).then_some(columns)
 }
 
 /// Runs one file of `migration` and then its bookkeeping, both in one

@@ -1011,3 +1011,33 @@ fn a_connection_lost_under_a_migration_is_told_apart_from_a_failing_file() {
     let failed = run(&db, &set).unwrap_err();
     assert!(!failed.is_connection_lost(), "{failed:?}");
 }
+
+/// A database the original TypeScript data layer touched has its own
+/// `_migrations(filename, applied_at)`: run and status say so, naming its
+/// columns and what to do, and change nothing (no row, no table).
+#[test]
+fn a_migrations_table_of_the_original_data_layer_is_named_as_such_and_left_unchanged() {
+    let db = empty_database();
+    db.connect()
+        .batch_execute(
+            "CREATE TABLE _migrations (id SERIAL PRIMARY KEY, filename TEXT NOT NULL UNIQUE, \
+             applied_at TIMESTAMPTZ DEFAULT now()); INSERT INTO _migrations (filename) VALUES ('init');",
+        )
+        .unwrap();
+    let (_dir, set) = set_of(&[folder("001_table", "CREATE TABLE kept (id int);")]);
+    let refused = run(&db, &set).unwrap_err();
+    assert!(
+        matches!(&refused, MigrateError::ForeignMigrationsTable { columns } if columns == &["id", "filename", "applied_at"]),
+        "{refused:?}"
+    );
+    let message = refused.to_string();
+    assert!(message.contains("TypeScript") && message.contains("RENAME TO"), "{message}");
+    let status = MigrationRunner::new(db.url(), set.clone()).status().unwrap_err();
+    assert!(matches!(status, MigrateError::ForeignMigrationsTable { .. }), "{status:?}");
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "kept"), "nothing of the set ran");
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM _migrations"), 1, "the original's row is left as it was");
+    // Renamed out of the way, as the message says, the run goes on.
+    conn.batch_execute("ALTER TABLE _migrations RENAME TO _migrations_before").unwrap();
+    assert_eq!(run(&db, &set).unwrap(), ["001_table"]);
+}
