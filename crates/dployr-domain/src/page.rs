@@ -65,8 +65,9 @@ impl Default for Page {
 }
 
 /// An opaque position in a listing, handed out by [`Paged::next`]. Its
-/// content is the store's business; one that does not decode is refused
-/// with `Invalid`.
+/// content is the store's business; one that does not decode, or that
+/// another listing handed out (another cluster's members, or its
+/// invitations), is refused with `Invalid`.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Cursor(String);

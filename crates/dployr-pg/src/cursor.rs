@@ -7,10 +7,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use dployr_domain::{Cursor, StoreError, StoreResult};
 
 /// The longest cursor text [`decode`] accepts, in bytes. The longest this
-/// crate hands out is a member listing's: `members\n` or `invites\n` (8
-/// bytes), a one-digit role order, `\n` and an e-mail of at most 254 bytes
-/// (the column's check), 264 bytes that encode to 352; an instance
-/// listing's is at most 57 bytes (76 encoded). The cap is generous above
+/// crate hands out is a member listing's: `members ` or `invites ` and the
+/// cluster's 26-character id with `\n` (35 bytes), a one-digit role order,
+/// `\n` and an e-mail of at most 254 bytes (the column's check), 291 bytes
+/// that encode to 388; an instance listing's is at most 84 bytes (112
+/// encoded). The cap is generous above
 /// that, and far below PostgreSQL's 1 GB message limit: a longer cursor
 /// would otherwise be decoded and sent as a bind parameter, and fail in the
 /// database (or drop the connection) instead of being `Invalid`.

@@ -191,7 +191,10 @@ impl InstanceStore for PgInstanceStore {
 
     fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>> {
         let op = self.pool.read(Read::InstancesListByCluster);
-        let (before, offset) = keyset_page::start::<2>(CURSOR_KIND, page)?;
+        // A cursor names its cluster: one of another cluster's listing would
+        // otherwise be taken for a position in this one, and skip its rows.
+        let kind = format!("{CURSOR_KIND} {cluster}");
+        let (before, offset) = keyset_page::start::<2>(&kind, page)?;
         let (before_at, before_id) = match before {
             // Before the first item: later than any timestamp a row can have, above any id.
             None => (LAST_SECOND, "~".to_owned()),
@@ -214,7 +217,7 @@ impl InstanceStore for PgInstanceStore {
         let rows: Vec<Counted<InstanceRow>> = op.run(|conn| load_all(statement, conn))?;
         let newest_first = |a: &Instance, b: &Instance| (b.created_at, b.id).cmp(&(a.created_at, a.id));
         Ok(keyset_page::paged(rows, limit, newest_first, |last| {
-            cursor::encode(CURSOR_KIND, &[&last.created_at.timestamp_micros().to_string(), &last.id.to_string()])
+            cursor::encode(&kind, &[&last.created_at.timestamp_micros().to_string(), &last.id.to_string()])
         }))
     }
 }

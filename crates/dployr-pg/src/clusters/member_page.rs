@@ -106,7 +106,10 @@ fn load(
     kind: &str,
     page: &Page,
 ) -> StoreResult<Paged<Member>> {
-    let (after, offset) = keyset_page::start::<2>(kind, page)?;
+    // A cursor names its cluster: one of another cluster's listing would
+    // otherwise be taken for a position in this one, and skip its rows.
+    let kind = format!("{kind} {cluster}");
+    let (after, offset) = keyset_page::start::<2>(&kind, page)?;
     // Before the first row: below every rank, and below every e-mail.
     let (after_order, after_email) = match after {
         None => (-1, String::new()),
@@ -127,7 +130,7 @@ fn load(
     let by_rank_then_email =
         |a: &Member, b: &Member| (role_order(a.role), a.email.as_str()).cmp(&(role_order(b.role), b.email.as_str()));
     Ok(keyset_page::paged(rows, limit, by_rank_then_email, |member| {
-        cursor::encode(kind, &[&role_order(member.role).to_string(), member.email.as_str()])
+        cursor::encode(&kind, &[&role_order(member.role).to_string(), member.email.as_str()])
     }))
 }
 

@@ -566,6 +566,24 @@ fn a_cursor_that_does_not_decode_is_invalid() {
     assert!(matches!(error, StoreError::Invalid { field: "cursor", .. }), "{error}");
 }
 
+/// A cursor is a position in one cluster's listing: handed to another
+/// cluster's, it would skip that cluster's members before its position.
+#[test]
+fn a_cursor_of_another_clusters_listing_is_invalid() {
+    let f = Fixture::new();
+    let (first, _) = cluster_with(&f, &[("m@example.io", Role::Viewer), ("n@example.io", Role::Viewer)]);
+    let (_, second) = f.owner("other@example.io");
+    f.clusters.add_users(&first, &[email("x@example.io"), email("y@example.io")]).unwrap();
+    f.clusters.add_users(&second.id, &[email("a@example.io"), email("z@example.io")]).unwrap();
+    let members_cursor = f.clusters.members(&first, &Page::first(1)).unwrap().next.unwrap();
+    let invites_cursor = f.clusters.invites(&first, &Page::first(1)).unwrap().next.unwrap();
+    let members = f.clusters.members(&second.id, &Page::after(members_cursor.clone(), 5));
+    assert!(matches!(members, Err(StoreError::Invalid { field: "cursor", .. })), "{members:?}");
+    let invites = f.clusters.invites(&second.id, &Page::after(invites_cursor, 5));
+    assert!(matches!(invites, Err(StoreError::Invalid { field: "cursor", .. })), "{invites:?}");
+    assert_eq!(f.clusters.members(&first, &Page::after(members_cursor, 5)).unwrap().items.len(), 2);
+}
+
 #[test]
 fn invites_list_only_invitations_by_email() {
     let f = Fixture::new();

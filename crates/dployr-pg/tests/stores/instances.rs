@@ -153,6 +153,11 @@ fn list_by_cluster_pages_newest_first_by_cursor_and_offset_with_the_total() {
     let error =
         f.instances.list_by_cluster(&cluster.id, &Page::after(dployr_domain::Cursor::new("xyz"), 5)).unwrap_err();
     assert!(matches!(error, StoreError::Invalid { field: "cursor", .. }), "{error}");
+    // A position in this cluster's listing is none in another's (whose
+    // newer instances it would skip).
+    let first_page_next = f.instances.list_by_cluster(&cluster.id, &Page::first(5)).unwrap().next.unwrap();
+    let error = f.instances.list_by_cluster(&other.id, &Page::after(first_page_next, 5)).unwrap_err();
+    assert!(matches!(error, StoreError::Invalid { field: "cursor", .. }), "{error}");
 }
 
 /// Instances made in one microsecond (bulk inserts, restored dumps) are
