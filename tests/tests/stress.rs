@@ -1,8 +1,13 @@
 //! A short run of the randomized concurrent workload (`dployr_tests::stress`)
 //! with its invariant checker: every operation of the stores, writes and
 //! reads (each read's answer checked too), from 16 threads for 10 s
-//! (`DPLOYR_STRESS_SECONDS` to change it), a new seed each run, printed so a
-//! failure can be replayed with `cargo xtask stress --seed S`.
+//! (`DPLOYR_STRESS_SECONDS` to change it), a new seed each run, printed
+//! (`seed S` in the report). Replay a failure with the same seed and shape:
+//! `DPLOYR_STRESS_SEED=S cargo test -p dployr-tests --test stress` (every
+//! test of this file reads it), or, for the first test,
+//! `cargo xtask stress --seed S --threads 16 --seconds 10 --clusters 4`
+//! (xtask's own defaults, 32 threads for 60 s, make another run). A seed
+//! fixes each thread's random choices, not how the threads interleave.
 
 use std::sync::Arc;
 use std::time::Duration;

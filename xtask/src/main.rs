@@ -1,9 +1,12 @@
 //! `cargo xtask`: the development chores of the dployr data layer.
 //!
 //! Subcommands are plain functions; argument parsing is a `match` on words.
-//! Without `DATABASE_URL`, the database commands use a persistent local
+//! Without `DATABASE_URL`, `migrate` and `db` use a persistent local
 //! development cluster under `.dployr/dev` (the seed's
-//! `createdb dployr-local`), which `cargo xtask db up` starts.
+//! `createdb dployr-local`), which `cargo xtask db up` starts. `erd`,
+//! `schema`, `stress`, `bench` and `demo` pick their server as the tests do
+//! (`DPLOYR_TEST_DATABASE_URL`, else `DATABASE_URL`, else a throwaway one)
+//! and never use the development cluster; `pgbouncer` always starts its own.
 
 /// `println!` for a command-line tool whose output may go to a pipe that
 /// closes early (`cargo xtask --help | head`): std's `println!` panics on
@@ -41,7 +44,9 @@ static STDOUT_READER_GONE: AtomicBool = AtomicBool::new(false);
 /// dropped and the command runs on: ending the process here would stop a
 /// `redo` between its committed revert and its re-apply, and turn the exit
 /// code of `migrate status` (1: out of date) into 0. Any other write error
-/// ends the process with failure.
+/// ends the process with exit code 2: a failure for every command, and for
+/// `migrate status` "cannot tell", never 1 ("out of date"), which a deploy
+/// script may answer by migrating.
 fn write_line(args: std::fmt::Arguments<'_>) {
     if STDOUT_READER_GONE.load(Ordering::Relaxed) {
         return;
@@ -54,7 +59,7 @@ fn write_line(args: std::fmt::Arguments<'_>) {
         }
         Err(error) => {
             eprintln!("error: writing to stdout: {error}");
-            std::process::exit(1);
+            std::process::exit(2);
         }
     }
 }
@@ -69,23 +74,30 @@ usage: cargo xtask <command>
                    database on that server); key-value backend postgres by default
 
   bench [--threads 1,16] [--seconds 1] [--ops SUBSTRING,...] [--json FILE]
-                   every operation under load, next to pgbench's limit for the same statement,
-                   on a throwaway PostgreSQL (release build); then the replica-safe reads with one
-                   streaming replica: on the primary, routed, and straight on the replica (what the
-                   routing and lag checks cost per read); `--ops replica` for that run alone
+                   every operation under load, next to pgbench's limit for the same statement
+                   (release build), on databases cloned on the test server (see below); then the
+                   replica-safe reads with a primary and one streaming replica it starts from the
+                   local server binaries: on the primary, routed, and straight on the replica (what
+                   the routing and lag checks cost per read); `--ops replica` for that run alone;
+                   --json FILE is relative to the current directory
 
   stress [--seconds 60] [--threads 32] [--seed S] [--clusters 4]
                    a random mix of every operation of the stores from many threads, with a checker
                    sampling the invariants (one owner per live cluster, no orphan membership,
                    exact totals, tokens used once) every 10 ms and checking every read's answer;
-                   fails on any violation, Backend error or deadlock
+                   fails on any violation, Backend error or deadlock; on a database cloned on the
+                   test server (see below). `cargo test` runs it with --threads 16 --seconds 10
+                   --clusters 4: replay its seed with those, or DPLOYR_STRESS_SEED=S with the test
 
   pgbouncer [--threads 16] [--runs 5]
                    the deployment behind PgBouncer in transaction mode (pgbouncer must be installed):
                    a start with an unsafe setting is refused, three restarts with migrations on start,
-                   then 3 processes x N threads of the seed story; fails on any error or rule violation
+                   then 3 processes x N threads of the seed story; fails on any error or rule violation.
+                   Always on a throwaway PostgreSQL of its own (local server binaries): refuses to run
+                   with DATABASE_URL or DPLOYR_TEST_DATABASE_URL set
   seed-load [--threads 16] [--runs 5] [--label L]
-                   the seed story from N threads on the data layer of the environment (DATABASE_URL, ...)
+                   the seed story from N threads on the data layer of the environment (DATABASE_URL, ...);
+                   exits non-zero when a story fails or a worker thread panics
 
   db up            start the local development PostgreSQL (.dployr/dev) and create dployr-local
   db down          stop it (the data stays; `db down --purge` deletes it)
@@ -113,7 +125,16 @@ usage: cargo xtask <command>
   schema           regenerate crates/dployr-pg/src/schema.rs with `diesel print-schema`
   schema --check   fail if schema.rs differs from what the migrations produce
 
-The database is $DATABASE_URL if set, else the local development cluster.";
+Which database:
+  db, migrate      $DATABASE_URL if set (migrate: --database-url first), else the local development
+                   cluster (`db clean`: $DPLOYR_TEST_DATABASE_URL before those)
+  erd, schema, stress, bench
+                   the test server, chosen as the tests choose it: $DPLOYR_TEST_DATABASE_URL's server,
+                   else $DATABASE_URL's (a migrated template database is left there: `db clean`), else
+                   a throwaway PostgreSQL started from the local server binaries and stopped; never
+                   the development cluster
+  demo             $DATABASE_URL's database itself if set, else as erd (an empty database, dropped)
+  pgbouncer        a throwaway PostgreSQL only";
 
 /// What went wrong, for the user; printed as `error: ...`.
 type Failure = Box<dyn std::error::Error>;

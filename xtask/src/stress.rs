@@ -1,8 +1,13 @@
 //! `cargo xtask stress`: the randomized concurrent workload of
 //! `dployr_tests::stress` with its invariant checker, for as long and as
-//! wide as asked, on a throwaway PostgreSQL (or a database cloned on
-//! `DATABASE_URL`'s server). Exits non-zero on any invariant violation,
-//! `Backend` or `Invalid` error, panic, or deadlock.
+//! wide as asked, on a database cloned on the test server, chosen as the
+//! tests choose it: `DPLOYR_TEST_DATABASE_URL`'s server, else
+//! `DATABASE_URL`'s, else a throwaway PostgreSQL. Exits non-zero on any
+//! invariant violation, `Backend` or `Invalid` error, panic, or deadlock.
+//!
+//! Its defaults (32 threads, 60 s) are wider and longer than the test's
+//! (16 threads, 10 s, `StressConfig::default()`): a seed from `cargo test`
+//! replays with `--seed S --threads 16 --seconds 10 --clusters 4`.
 
 use std::time::Duration;
 
@@ -10,7 +15,7 @@ use dployr_tests::stress::{self, StressConfig};
 
 use crate::Failure;
 
-/// Parses `--seconds N --threads N --seed S` and runs the workload.
+/// Parses `--seconds N --threads N --seed S --clusters N` and runs the workload.
 pub fn run(args: &[&str]) -> Result<(), Failure> {
     let mut config = StressConfig {
         duration: Duration::from_secs(60),

@@ -1,9 +1,13 @@
 //! `cargo xtask bench`: the data layer's operations under load, each read
 //! next to its physical limit measured in the same run (see `limit`), on a
-//! throwaway PostgreSQL (or `DATABASE_URL`'s server) loaded with `fixture`.
+//! database loaded with `fixture` on the test kit's server
+//! (`DPLOYR_TEST_DATABASE_URL`'s, else `DATABASE_URL`'s, else a throwaway
+//! PostgreSQL); then the replica run (`replica`) on a primary and replica of
+//! its own.
 //!
-//! Options: `--threads 1,16`, `--seconds 1` (per run), `--ops <substring>[,...]`,
-//! `--json <file>`. The row `users.get_by_email (async facade)` runs the
+//! Options: `--threads 1,16`, `--seconds 1` (per run), `--ops <substring>[,...]`
+//! (each must match an operation, or be `replica`: `--ops replica` alone runs
+//! the replica run and nothing else), `--json <file>`. The row `users.get_by_email (async facade)` runs the
 //! same read through `AsyncDataLayer` from as many tokio tasks as the
 //! synchronous row has threads (a runtime with a worker per core), in turns
 //! with the synchronous store, and the report gives the ratio of the two. It runs itself in release mode: a debug build would
@@ -43,12 +47,56 @@ use usage::Usage;
 struct Options {
     threads: Vec<usize>,
     seconds: Duration,
-    filter: Option<String>,
+    /// The `--ops` substrings other than `replica`; `None` without `--ops`:
+    /// every operation.
+    filter: Option<Vec<String>>,
+    /// Whether the replica run is wanted: without `--ops`, or with `replica`
+    /// among them.
+    replica: bool,
+    /// Absolute: the release build runs in the workspace root.
     json: Option<PathBuf>,
 }
 
+impl Options {
+    /// Whether the row `name` is wanted.
+    fn wanted(&self, name: &str) -> bool {
+        self.filter.as_ref().is_none_or(|terms| terms.iter().any(|term| name.contains(term.as_str())))
+    }
+
+    /// Whether any row of the main run (the fixture's) is wanted: not for
+    /// `--ops replica` alone, which needs none of its clones, migrations
+    /// or fixture (the replica run loads a fixture on its own primary).
+    fn main_run(&self) -> bool {
+        self.filter.as_ref().is_none_or(|terms| !terms.is_empty())
+    }
+}
+
+/// The `--ops` value split into its substrings, `replica` apart; refused
+/// when one matches no row, before anything starts.
+fn ops_filter(value: &str) -> Result<(Vec<String>, bool), Failure> {
+    let names: Vec<&str> =
+        operations().iter().map(|op| op.name).chain([ASYNC_ROW, ASYNC_IN_PLACE_ROW, ASYNC_PAIR_ROW]).collect();
+    let (mut terms, mut replica) = (Vec::new(), false);
+    for term in value.split(',').map(str::trim) {
+        if term == "replica" {
+            replica = true;
+        } else if !term.is_empty() && names.iter().any(|name| name.contains(term)) {
+            terms.push(term.to_owned());
+        } else {
+            return Err(format!(
+                "--ops: `{term}` matches no operation; give substrings of these, separated by commas, or `replica` \
+                 (the run with a streaming replica):\n  {}",
+                names.join("\n  ")
+            )
+            .into());
+        }
+    }
+    Ok((terms, replica))
+}
+
 fn options(args: &[&str]) -> Result<Options, Failure> {
-    let mut options = Options { threads: vec![1, 16], seconds: Duration::from_secs(1), filter: None, json: None };
+    let mut options =
+        Options { threads: vec![1, 16], seconds: Duration::from_secs(1), filter: None, replica: true, json: None };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().copied().ok_or_else(|| format!("{arg} needs a value"));
@@ -66,8 +114,17 @@ fn options(args: &[&str]) -> Result<Options, Failure> {
                 let secs: u64 = value()?.parse().map_err(|_| "--seconds takes a whole number")?;
                 options.seconds = Duration::from_secs(secs.max(1));
             }
-            "--ops" => options.filter = Some(value()?.to_owned()),
-            "--json" => options.json = Some(PathBuf::from(value()?)),
+            "--ops" => {
+                let (terms, replica) = ops_filter(value()?)?;
+                (options.filter, options.replica) = (Some(terms), replica);
+            }
+            "--json" => {
+                // Against the caller's directory, not the workspace root the
+                // release build runs in.
+                let path = value()?;
+                options.json =
+                    Some(std::path::absolute(path).map_err(|e| format!("--json: cannot make `{path}` absolute: {e}"))?);
+            }
             other => return Err(format!("unknown option {other}; see `cargo xtask help`").into()),
         }
     }
@@ -79,9 +136,18 @@ pub fn run(args: &[&str]) -> Result<(), Failure> {
     let options = options(args)?;
     if cfg!(debug_assertions) {
         eprintln!("building the benchmark in release mode (the first build takes a few minutes)...");
+        // The same arguments, with `--json`'s path made absolute: the
+        // release build runs in the workspace root.
+        let mut forwarded: Vec<std::ffi::OsString> = Vec::with_capacity(args.len());
+        for (i, arg) in args.iter().enumerate() {
+            match (i.checked_sub(1).and_then(|before| args.get(before)), &options.json) {
+                (Some(&"--json"), Some(path)) => forwarded.push(path.clone().into_os_string()),
+                _ => forwarded.push((*arg).into()),
+            }
+        }
         let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench"])
-            .args(args)
+            .args(forwarded)
             .current_dir(crate::workspace_root())
             .status()?;
         return if status.success() { Ok(()) } else { Err("the release benchmark failed".into()) };
@@ -402,7 +468,56 @@ struct Row {
 fn bench(options: &Options) -> Result<(), Failure> {
     let started = Instant::now();
     let progress = |text: &str| eprintln!("[{:>5.1}s] {text}", started.elapsed().as_secs_f64());
+    if options.main_run() {
+        main_run(options, &progress)?;
+    }
+    if options.replica
+        && let Some((replica_rows, check_costs)) = replica::run(&options.threads, options.seconds, &progress)?
+    {
+        replica::report(&replica_rows, &check_costs);
+        if let Some(path) = &options.json {
+            // Added to what the main run wrote, if it ran; else on its own.
+            let mut json: serde_json::Value = if options.main_run() {
+                serde_json::from_str(&std::fs::read_to_string(path)?)?
+            } else {
+                serde_json::json!({
+                    "cores": std::thread::available_parallelism().map_or(0, usize::from),
+                    "seconds_per_run": options.seconds.as_secs(),
+                })
+            };
+            json["replica"] = replica_rows
+                .iter()
+                .map(|row| {
+                    serde_json::json!({
+                        "read": row.name,
+                        "threads": row.threads,
+                        "primary_per_sec": row.primary,
+                        "routed_per_sec": row.routed,
+                        "replica_direct_per_sec": row.direct,
+                        "check_cost": 1.0 - row.routed / row.direct.max(1.0),
+                        "answered_by_replica": row.replica_share,
+                    })
+                })
+                .collect();
+            json["replica_check_ns"] = check_costs
+                .iter()
+                .map(|cost| serde_json::json!({"threads": cost.threads, "nanos_per_check": cost.nanos}))
+                .collect();
+            std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+            if options.main_run() {
+                println!("added the replica run to {}", path.display());
+            } else {
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    progress("done");
+    Ok(())
+}
 
+/// Every operation (of those wanted) on the fixture, next to its limit,
+/// with the tooling's timings (database clones, migrations).
+fn main_run(options: &Options, progress: &dyn Fn(&str)) -> Result<(), Failure> {
     progress("starting PostgreSQL");
     let server = dployr_testkit::server()?;
     let bindir = server.bindir().map(PathBuf::from).or_else(dployr_testkit::local::find_bindir);
@@ -457,12 +572,7 @@ fn bench(options: &Options) -> Result<(), Failure> {
     let context =
         Arc::new(Context { fixture, kv_memory, session, members_deep, instances_deep, counter: AtomicU64::new(0) });
 
-    let ops: Vec<Op> = operations()
-        .into_iter()
-        .filter(|op| {
-            options.filter.as_deref().is_none_or(|filter| filter.split(',').any(|f| op.name.contains(f.trim())))
-        })
-        .collect();
+    let ops: Vec<Op> = operations().into_iter().filter(|op| options.wanted(op.name)).collect();
     let total = ops.len() * options.threads.len();
     let mut rows = Vec::new();
     for op in &ops {
@@ -501,9 +611,8 @@ fn bench(options: &Options) -> Result<(), Failure> {
         }
     }
 
-    let wanted =
-        |name: &str| options.filter.as_deref().is_none_or(|filter| filter.split(',').any(|f| name.contains(f.trim())));
-    if wanted(ASYNC_ROW) {
+    // The three async rows are measured together: any of them asks for all.
+    if [ASYNC_ROW, ASYNC_IN_PLACE_ROW, ASYNC_PAIR_ROW].iter().any(|name| options.wanted(name)) {
         // A data layer of its own on the same database, with a pool as large
         // as the synchronous stores' (migrations are already applied).
         let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_pool(pool_config);
@@ -542,36 +651,7 @@ fn bench(options: &Options) -> Result<(), Failure> {
         }
     }
 
-    report(&rows, &clones, &migrations, options)?;
-    if options.filter.as_deref().is_none_or(|filter| filter.contains("replica"))
-        && let Some((replica_rows, check_costs)) = replica::run(&options.threads, options.seconds, &progress)?
-    {
-        replica::report(&replica_rows, &check_costs);
-        if let Some(path) = &options.json {
-            let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-            json["replica"] = replica_rows
-                .iter()
-                .map(|row| {
-                    serde_json::json!({
-                        "read": row.name,
-                        "threads": row.threads,
-                        "primary_per_sec": row.primary,
-                        "routed_per_sec": row.routed,
-                        "replica_direct_per_sec": row.direct,
-                        "check_cost": 1.0 - row.routed / row.direct.max(1.0),
-                        "answered_by_replica": row.replica_share,
-                    })
-                })
-                .collect();
-            json["replica_check_ns"] = check_costs
-                .iter()
-                .map(|cost| serde_json::json!({"threads": cost.threads, "nanos_per_check": cost.nanos}))
-                .collect();
-            std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
-        }
-    }
-    progress("done");
-    Ok(())
+    report(&rows, &clones, &migrations, options)
 }
 
 fn median(samples: &[Duration]) -> Duration {
@@ -739,4 +819,37 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_that_match_no_operation_are_refused_before_anything_starts() {
+        let error = options(&["--ops", "users.get,no-such-op"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("--ops: `no-such-op` matches no operation"), "{error}");
+        assert!(error.contains("users.get_by_email") && error.contains("replica"), "{error}");
+        // A trailing comma would be an empty substring, which matches everything.
+        assert!(options(&["--ops", "users.get,"]).is_err());
+    }
+
+    #[test]
+    fn ops_replica_alone_skips_the_main_run() {
+        let replica = options(&["--ops", "replica"]).unwrap();
+        assert!(replica.replica && !replica.main_run());
+        let both = options(&["--ops", "replica, users.get"]).unwrap();
+        assert!(both.replica && both.main_run() && both.wanted("users.get") && !both.wanted("instances.create"));
+        let some = options(&["--ops", "users.get"]).unwrap();
+        assert!(!some.replica && some.main_run());
+        let all = options(&[]).unwrap();
+        assert!(all.replica && all.main_run() && all.wanted("instances.create"));
+    }
+
+    #[test]
+    fn a_relative_json_path_is_made_absolute_against_the_current_directory() {
+        let json = options(&["--json", "out/bench.json"]).unwrap().json.unwrap();
+        assert_eq!(json, std::env::current_dir().unwrap().join("out/bench.json"));
+        assert_eq!(options(&["--json", "/tmp/b.json"]).unwrap().json.unwrap(), PathBuf::from("/tmp/b.json"));
+    }
 }
