@@ -3,7 +3,12 @@
 //! reachable, is each replica reachable and how far behind, is the
 //! key-value backend reachable, are the migrations up to date. Every probe
 //! runs within the same bounds as a store call (the pool's call deadline),
-//! so a silent server makes `health()` slow by at most that, never hang.
+//! so a silent server makes `health()` slow by at most that, never hang:
+//! when the primary does not answer, the probes that would ask its server
+//! again (the key-value backend on PostgreSQL, which shares its pool; the
+//! migrations, when their URL is the primary's) are not sent, and say so,
+//! instead of each waiting out a bound of its own for the same answer. A
+//! silent replica or migration server adds its own bound.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -98,14 +103,45 @@ fn select_one(pool: &PgPool) -> Probe {
     timed(|| pool.ping())
 }
 
-pub(crate) fn check(
-    pool: &PgPool,
-    sessions: &Arc<dyn KvBackend>,
-    one_time: &Arc<dyn KvBackend>,
-    migration_url: &str,
-    migrations_probe: &ProbeInFlight,
-) -> Health {
-    let primary = timed(|| pool.ping_writable());
+/// The key-value backends `health()` probes.
+#[derive(Clone, Copy)]
+pub(crate) struct KvBackends<'a> {
+    pub(crate) sessions: &'a Arc<dyn KvBackend>,
+    pub(crate) one_time: &'a Arc<dyn KvBackend>,
+    /// Whether either is the PostgreSQL backend on the primary's pool.
+    pub(crate) on_primary: bool,
+}
+
+/// Where `health()` reads the migrations' status.
+#[derive(Clone, Copy)]
+pub(crate) struct MigrationsSource<'a> {
+    pub(crate) url: &'a str,
+    /// Whether `url` is the primary's.
+    pub(crate) on_primary: bool,
+    pub(crate) in_flight: &'a ProbeInFlight,
+}
+
+/// The answer of a probe not sent because the primary's server did not
+/// answer `primary`'s probe.
+fn not_sent(primary: &Probe) -> String {
+    format!(
+        "not probed: it asks the primary's server, which did not answer ({})",
+        primary.error.as_deref().unwrap_or("no answer")
+    )
+}
+
+pub(crate) fn check(pool: &PgPool, kv: KvBackends<'_>, migrations: MigrationsSource<'_>) -> Health {
+    let started = Instant::now();
+    let answered = pool.ping_writable();
+    // Down, not merely read-only (whose probe answered, and whose server
+    // still serves reads and the migrations' status).
+    let primary_down = matches!(&answered, Err(StoreError::Unavailable { .. }))
+        && !answered.as_ref().is_err_and(dployr_pg::PgPool::is_read_only_answer);
+    let primary = Probe {
+        ok: answered.is_ok(),
+        duration: started.elapsed(),
+        error: answered.err().map(|error| error.to_string()),
+    };
     let replicas = pool.replicas().map_or_else(Vec::new, |replicas| {
         let status = replicas.status();
         replicas
@@ -119,15 +155,29 @@ pub(crate) fn check(
             })
             .collect()
     });
-    let kv = timed(|| {
-        sessions.get(KV_PROBE_KEY)?;
-        if !Arc::ptr_eq(sessions, one_time) {
-            one_time.get(KV_PROBE_KEY)?;
+    let kv_probe = if primary_down && kv.on_primary {
+        Probe { ok: false, duration: Duration::ZERO, error: Some(not_sent(&primary)) }
+    } else {
+        timed(|| {
+            kv.sessions.get(KV_PROBE_KEY)?;
+            if !Arc::ptr_eq(kv.sessions, kv.one_time) {
+                kv.one_time.get(KV_PROBE_KEY)?;
+            }
+            Ok(())
+        })
+    };
+    let migrations = if primary_down && migrations.on_primary {
+        MigrationsProbe {
+            up_to_date: false,
+            pending: Vec::new(),
+            newer: Vec::new(),
+            duration: Duration::ZERO,
+            error: Some(not_sent(&primary)),
         }
-        Ok(())
-    });
-    let migrations = migrations_within(migration_url, pool.call_bound(), migrations_probe);
-    Health { primary, replicas, kv, migrations }
+    } else {
+        migrations_within(migrations.url, pool.call_bound(), migrations.in_flight)
+    };
+    Health { primary, replicas, kv: kv_probe, migrations }
 }
 
 /// A data layer's probe of the migrations: whether one is running, and the

@@ -49,6 +49,8 @@ pub struct DataLayer {
     applied_on_open: Vec<String>,
     /// Where the migrations' status is read for `health()`; never printed.
     migration_url: String,
+    /// Whether that is the primary's URL (no migration URL of its own).
+    migrations_on_primary: bool,
     /// Whether a migrations probe of `health()` is still running (one
     /// that outlived its bound): then no other starts.
     migrations_probe: health::ProbeInFlight,
@@ -306,6 +308,7 @@ impl DataLayer {
             kv_backend,
             one_time_kv_backend,
             applied_on_open,
+            migrations_on_primary: migration_url == config.database_url,
             migration_url,
             migrations_probe: health::ProbeInFlight::default(),
             _purger: purger,
@@ -453,10 +456,16 @@ impl DataLayer {
     pub fn health(&self) -> Health {
         health::check(
             &self.pool,
-            self.kv.backend(),
-            self.kv.one_time_backend(),
-            &self.migration_url,
-            &self.migrations_probe,
+            health::KvBackends {
+                sessions: self.kv.backend(),
+                one_time: self.kv.one_time_backend(),
+                on_primary: self.kv_backend == "postgres" || self.one_time_kv_backend == "postgres",
+            },
+            health::MigrationsSource {
+                url: &self.migration_url,
+                on_primary: self.migrations_on_primary,
+                in_flight: &self.migrations_probe,
+            },
         )
     }
 

@@ -88,3 +88,44 @@ fn health_calls_made_together_are_each_ready() {
         }
     }
 }
+
+/// A primary that answers nothing (a frozen host, a dropped link), with the
+/// key-value backend and the migrations on the same server: the probes that
+/// would ask it again are not sent, so `health()` answers within one call
+/// bound, not one per probe.
+#[test]
+fn health_answers_within_one_call_bound_when_the_primary_answers_nothing() {
+    let db = dployr_testkit::database();
+    let (proxy, silent) = BlackholeProxy::in_front_of(db.url()).unwrap();
+    let pool = PoolConfig {
+        statement_timeout: Some(Duration::from_millis(500)),
+        deadline: DeadlineConfig { call_timeout: Some(Duration::from_millis(500)), ..DeadlineConfig::default() },
+        ..PoolConfig::default()
+    };
+    let config = Config::new(&silent)
+        .with_kv(KvBackendConfig::Postgres { purge_every: None })
+        .with_pool(pool)
+        .without_migrations_on_start();
+    let data = DataLayer::open(config).unwrap();
+    assert!(data.health().is_ready());
+    proxy.blackhole();
+    let bound = data.pool().call_bound();
+    let started = Instant::now();
+    let health = data.health();
+    let took = started.elapsed();
+    // Before, the primary's, the key-value backend's and the migrations'
+    // probes each waited out the bound, one after another.
+    assert!(took < bound + Duration::from_millis(1500), "health took {took:?} (bound {bound:?}): {health:?}");
+    assert!(!health.primary.ok && !health.kv.ok && !health.migrations.up_to_date, "{health:?}");
+    for skipped in [&health.kv.error, &health.migrations.error] {
+        assert!(skipped.as_deref().is_some_and(|error| error.starts_with("not probed")), "{health:?}");
+    }
+    proxy.restore();
+    let mut ready = data.health();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !ready.is_ready() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        ready = data.health();
+    }
+    assert!(ready.is_ready(), "ready again once the primary answers: {ready:?}");
+}

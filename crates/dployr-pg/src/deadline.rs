@@ -401,6 +401,9 @@ pub(crate) struct Deadlines {
     cancel_url: Option<Arc<str>>,
     /// The pool's URL, to redact from r2d2's checkout errors.
     database_url: Arc<str>,
+    /// The setting the URL came from, which a checkout's configuration
+    /// error names.
+    setting: &'static str,
     connection_timeout: Duration,
     pub(crate) counters: Arc<Counters>,
 }
@@ -411,6 +414,7 @@ impl Deadlines {
         statement_timeout: Option<Duration>,
         connection_timeout: Duration,
         database_url: &str,
+        setting: &'static str,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
@@ -419,12 +423,31 @@ impl Deadlines {
             grace: config.grace,
             cancel_url: config.cancel.then(|| Arc::from(database_url)),
             database_url: Arc::from(database_url),
+            setting,
             connection_timeout,
             counters,
         }
     }
 
     /// The longest a call may take: the call timeout, the margin and the grace.
+    /// The error of a checkout that got no connection within `wait`, from
+    /// r2d2's text (libpq's last connection error, if the pool tried to
+    /// open one meanwhile): `Configuration` naming the pool's setting when
+    /// the server refused the credentials or the database or role is gone
+    /// (a password rotated, a role or database dropped after the pool
+    /// opened: waiting again would not help), `Unavailable` otherwise.
+    pub(crate) fn checkout_failed(&self, text: &str, wait: Duration) -> StoreError {
+        // r2d2's text carries libpq's last error, which may echo the URL.
+        let failure = dployr_domain::ConnectFailure::classify(text, &self.database_url);
+        if !failure.kind().is_transient() {
+            return failure.into_store_error(self.setting);
+        }
+        StoreError::Unavailable {
+            reason: format!("no PostgreSQL connection within {wait:?}").into(),
+            source: Some(Box::new(crate::pool::Redacted(dployr_domain::connection::redact(text, &self.database_url)))),
+        }
+    }
+
     pub(crate) fn bound(&self) -> Duration {
         self.base + self.margin + self.grace
     }
@@ -472,14 +495,8 @@ impl Deadlines {
                 source: None,
             });
         }
-        let (mut conn, info) = affinity.check_out(pool, wait).map_err(|e| StoreError::Unavailable {
-            reason: format!("no PostgreSQL connection within {wait:?}").into(),
-            // r2d2's text carries libpq's last error, which may echo the URL.
-            source: Some(Box::new(crate::pool::Redacted(dployr_domain::connection::redact(
-                &e.to_string(),
-                &self.database_url,
-            )))),
-        })?;
+        let (mut conn, info) =
+            affinity.check_out(pool, wait).map_err(|e| self.checkout_failed(&e.to_string(), wait))?;
         let call = Arc::new(Call {
             id: NEXT_CALL.fetch_add(1, Ordering::Relaxed),
             conn: Arc::clone(&info),

@@ -150,6 +150,10 @@ fn unknown_cause(message: &str) -> Option<Transient> {
         Some(Transient::LockNotAvailable)
     } else if message.starts_with("canceling statement due to ") {
         Some(Transient::Cancelled)
+    } else if message == "recovery is in progress" {
+        // 55000, from a function a standby cannot run (`pg_current_wal_lsn`
+        // on a primary demoted under the pool): read-only, as 25006 is.
+        Some(Transient::ReadOnly)
     } else {
         None
     }

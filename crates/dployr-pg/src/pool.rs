@@ -21,7 +21,6 @@ use diesel::PgConnection;
 use diesel::RunQueryDsl as _;
 use diesel::connection::{CacheSize, Connection as _, Instrumentation, InstrumentationEvent, SimpleConnection as _};
 use diesel::r2d2::{CustomizeConnection, Pool, PooledConnection};
-use dployr_domain::connection::redact;
 use dployr_domain::{ConnectFailure, ConnectFailureKind, StoreError};
 
 use crate::affinity::Affinity;
@@ -157,7 +156,13 @@ impl std::ops::Sub for StatementStats {
     type Output = Self;
 
     fn sub(self, before: Self) -> Self {
-        Self { statements: self.statements - before.statements, transactions: self.transactions - before.transactions }
+        // Saturating: a reading taken while other threads begin or end
+        // transactions may count one of their control statements a moment
+        // before the statement itself, so two readings need not be ordered.
+        Self {
+            statements: self.statements.saturating_sub(before.statements),
+            transactions: self.transactions.saturating_sub(before.transactions),
+        }
     }
 }
 
@@ -482,6 +487,7 @@ impl PgPool {
             config.statement_timeout,
             config.connection_timeout,
             &url,
+            setting,
             deadline_counters,
         );
         let pool = Self {
@@ -506,14 +512,10 @@ impl PgPool {
     /// [`StoreError::Unavailable`] when none is free or can be made within
     /// the connection timeout.
     pub fn get(&self) -> Result<PgPooledConnection, StoreError> {
-        self.affinity.check_out(&self.inner, self.connection_timeout).map(|(conn, _)| conn).map_err(|e| {
-            // r2d2's text carries libpq's last error, which may echo the URL.
-            let cause = redact(&e.to_string(), &self.database_url);
-            StoreError::Unavailable {
-                reason: format!("no PostgreSQL connection within {:?}", self.connection_timeout).into(),
-                source: Some(Box::new(Redacted(cause))),
-            }
-        })
+        self.affinity
+            .check_out(&self.inner, self.connection_timeout)
+            .map(|(conn, _)| conn)
+            .map_err(|e| self.deadlines.checkout_failed(&e.to_string(), self.connection_timeout))
     }
 
     /// Whether the URL goes through a connection pooler in transaction mode

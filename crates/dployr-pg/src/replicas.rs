@@ -503,7 +503,10 @@ impl ReplicaSet {
                     ::metrics::counter!(ROUTED_READS, "op" => op, "server" => "replica").increment(1);
                     return Ok(Some(value));
                 }
-                Err(StoreError::Unavailable { .. }) => {
+                // A replica that refuses its credentials now (a password
+                // rotated, a role dropped) is a replica down for this read:
+                // the primary answers, as for one that does not answer.
+                Err(StoreError::Unavailable { .. } | StoreError::Configuration { .. }) => {
                     // Out of rotation until its sampler succeeds again.
                     replica.freshness.lag_us.store(FAILED, Ordering::Relaxed);
                     Self::skipped(replica, Skip::Error);
@@ -681,6 +684,10 @@ impl Sampler {
     }
 }
 
+/// What [`PgPool::ping_writable`] answers of a server that only reads.
+const ANSWERS_BUT_ONLY_READS: &str =
+    "the primary answers but only reads (a standby, a switched-over primary, or default_transaction_read_only)";
+
 impl PgPool {
     /// The same pool, with replica-safe reads going to `replicas`.
     #[must_use]
@@ -714,14 +721,22 @@ impl PgPool {
             .get_result::<bool>(conn)
         })?;
         if read_only {
-            return Err(StoreError::Unavailable {
-                reason: "the primary answers but only reads (a standby, a switched-over primary, or \
-                         default_transaction_read_only)"
-                    .into(),
-                source: None,
-            });
+            // As a refused write does: the connections made before now are
+            // replaced (at most once a second), so that after a switchover
+            // that left the old primary up and read-only, a process whose
+            // health keeps it out of rotation (no write comes to refuse)
+            // reaches the new primary by the next probe.
+            self.affinity.saw_read_only(Instant::now());
+            return Err(StoreError::Unavailable { reason: ANSWERS_BUT_ONLY_READS.into(), source: None });
         }
         Ok(())
+    }
+
+    /// Whether `error`, from [`ping_writable`](Self::ping_writable), says
+    /// the server answered but only reads (rather than that it did not
+    /// answer, or no connection came).
+    pub fn is_read_only_answer(error: &StoreError) -> bool {
+        matches!(error, StoreError::Unavailable { reason, source: None } if reason == ANSWERS_BUT_ONLY_READS)
     }
 
     /// The replicas, if any.

@@ -465,3 +465,72 @@ fn a_database_not_in_utf8_is_a_configuration_error_when_the_pool_opens() {
     }
     assert!(PgPool::connect(db.url(), PoolConfig::default()).is_ok(), "a UTF8 database opens");
 }
+
+/// A switchover that leaves the old primary up and read-only: the health
+/// probe finds it so (no write comes to be refused while the process is out
+/// of rotation), and the connections made before are replaced, so that the
+/// next probe reaches the server the URL names now. Here the pool's one
+/// session is made read-only, as the old primary's sessions are; a new one
+/// is not.
+#[test]
+fn a_primary_that_the_health_probe_finds_read_only_has_its_connections_replaced() {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 1, ..PoolConfig::default() }).unwrap();
+    pool.operation("test.read_only")
+        .run(|conn| diesel::sql_query("SET default_transaction_read_only = on").execute(conn))
+        .unwrap();
+    let refused = pool.ping_writable().unwrap_err();
+    assert!(
+        matches!(refused, StoreError::Unavailable { .. }) && refused.to_string().contains("only reads"),
+        "{refused}"
+    );
+    pool.ping_writable().expect("the next probe runs on a new connection");
+}
+
+/// `pg_current_wal_lsn()` on a primary demoted under the pool fails with
+/// "recovery is in progress" (55000): a server that only reads for now,
+/// retryable, not a permanent backend error. (Raised here by hand: the
+/// test server is not a standby.)
+#[test]
+fn recovery_in_progress_is_a_read_only_server_and_retryable() {
+    let db = dployr_testkit::database();
+    let pool = PgPool::connect(db.url(), PoolConfig::default()).unwrap();
+    let error = pool
+        .operation("test.recovery")
+        .run(|conn| {
+            diesel::sql_query("DO $$ BEGIN RAISE EXCEPTION 'recovery is in progress' USING ERRCODE = '55000'; END $$")
+                .execute(conn)
+        })
+        .unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }) && error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("read-only"), "{error}");
+}
+
+/// A database dropped (or a role refused, a password rotated) after the
+/// pool opened: a call's checkout fails for a reason waiting will not cure,
+/// which is `Configuration` naming the setting, as at open, not a
+/// retryable `Unavailable`.
+#[test]
+fn a_database_dropped_under_an_open_pool_is_a_configuration_error_naming_the_setting() {
+    let db = dployr_testkit::database();
+    let doomed = format!("{}_dropped", db.name());
+    diesel::sql_query(format!("CREATE DATABASE \"{doomed}\"")).execute(&mut db.connect()).unwrap();
+    let url = dployr_testkit::server().unwrap().url_with(&doomed, &[]);
+    let config = PoolConfig { connection_timeout: Duration::from_millis(500), ..PoolConfig::default() };
+    let pool = PgPool::connect(&url, config).unwrap();
+    let one = || {
+        pool.operation("test.one")
+            .idempotent()
+            .run(|conn| diesel::select(1.into_sql::<diesel::sql_types::Integer>()).get_result::<i32>(conn))
+    };
+    assert_eq!(one().unwrap(), 1);
+    diesel::sql_query(format!("DROP DATABASE \"{doomed}\" WITH (FORCE)")).execute(&mut db.connect()).unwrap();
+    match one() {
+        Err(StoreError::Configuration { setting: "database_url", reason }) => {
+            assert!(reason.contains("does not exist"), "{reason}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    let checkout = pool.get().map(drop).unwrap_err();
+    assert!(matches!(checkout, StoreError::Configuration { .. }), "{checkout}");
+}
