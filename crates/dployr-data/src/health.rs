@@ -125,7 +125,7 @@ pub(crate) struct MigrationsSource<'a> {
 /// answer `primary`'s probe.
 fn not_sent(primary: &Probe) -> String {
     format!(
-        "not probed: it asks the primary's server, which did not answer ({})",
+        "not probed: it asks the primary's server, which the primary's probe could not reach ({})",
         primary.error.as_deref().unwrap_or("no answer")
     )
 }

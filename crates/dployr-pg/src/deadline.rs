@@ -401,9 +401,6 @@ pub(crate) struct Deadlines {
     cancel_url: Option<Arc<str>>,
     /// The pool's URL, to redact from r2d2's checkout errors.
     database_url: Arc<str>,
-    /// The setting the URL came from, which a checkout's configuration
-    /// error names.
-    setting: &'static str,
     connection_timeout: Duration,
     pub(crate) counters: Arc<Counters>,
 }
@@ -414,7 +411,6 @@ impl Deadlines {
         statement_timeout: Option<Duration>,
         connection_timeout: Duration,
         database_url: &str,
-        setting: &'static str,
         counters: Arc<Counters>,
     ) -> Self {
         Self {
@@ -423,31 +419,26 @@ impl Deadlines {
             grace: config.grace,
             cancel_url: config.cancel.then(|| Arc::from(database_url)),
             database_url: Arc::from(database_url),
-            setting,
             connection_timeout,
             counters,
         }
     }
 
-    /// The longest a call may take: the call timeout, the margin and the grace.
-    /// The error of a checkout that got no connection within `wait`, from
-    /// r2d2's text (libpq's last connection error, if the pool tried to
-    /// open one meanwhile): `Configuration` naming the pool's setting when
-    /// the server refused the credentials or the database or role is gone
-    /// (a password rotated, a role or database dropped after the pool
-    /// opened: waiting again would not help), `Unavailable` otherwise.
+    /// The error of a checkout that got no connection within `wait`:
+    /// `Unavailable` whatever libpq said last. The pool's URL worked when it
+    /// opened, so a cause that reads as permanent at open may pass now (a
+    /// host name that does not resolve while its container restarts, an
+    /// LDAP outage, a database renamed during a switch); r2d2's text, which
+    /// carries libpq's last error and may echo the URL, is kept redacted as
+    /// the source.
     pub(crate) fn checkout_failed(&self, text: &str, wait: Duration) -> StoreError {
-        // r2d2's text carries libpq's last error, which may echo the URL.
-        let failure = dployr_domain::ConnectFailure::classify(text, &self.database_url);
-        if !failure.kind().is_transient() {
-            return failure.into_store_error(self.setting);
-        }
         StoreError::Unavailable {
             reason: format!("no PostgreSQL connection within {wait:?}").into(),
             source: Some(Box::new(crate::pool::Redacted(dployr_domain::connection::redact(text, &self.database_url)))),
         }
     }
 
+    /// The longest a call may take: the call timeout, the margin and the grace.
     pub(crate) fn bound(&self) -> Duration {
         self.base + self.margin + self.grace
     }

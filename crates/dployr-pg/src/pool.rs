@@ -4,10 +4,13 @@
 //! assert how many statements an operation sends.
 //!
 //! Connection-time failures come from libpq, not from a statement, so they
-//! are classified here rather than in `errors`: a malformed URL, refused
-//! credentials or a missing database are `Configuration` at once (retrying
-//! would not help), and only a refused, unreachable or silent server is
-//! `Unavailable`. libpq's text is redacted before it goes anywhere (it may
+//! are classified here rather than in `errors`: when the pool opens, a
+//! malformed URL, refused credentials or a missing database are
+//! `Configuration` at once (retrying would not help), and only a refused,
+//! unreachable or silent server is `Unavailable`. After that, a checkout
+//! that gets no connection is `Unavailable` whatever the cause: the URL
+//! worked, and what reads as permanent may pass (a name that does not
+//! resolve while a container restarts, an LDAP outage). libpq's text is redacted before it goes anywhere (it may
 //! echo the URL, password included), and no error keeps libpq's or r2d2's
 //! error as its source.
 
@@ -487,7 +490,6 @@ impl PgPool {
             config.statement_timeout,
             config.connection_timeout,
             &url,
-            setting,
             deadline_counters,
         );
         let pool = Self {
