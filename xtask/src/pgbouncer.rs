@@ -158,11 +158,15 @@ fn count(command: &str, flag: &str, value: &str) -> Result<usize, Failure> {
 }
 
 /// Whether `name` is a variable of the application's configuration
-/// (`DPLOYR_*`, `CLOUDFLARE_*`, `DATABASE_URL`): the children get none of
-/// the user's, only the check's own.
+/// (`DPLOYR_*`, `CLOUDFLARE_*`, `DATABASE_URL`) or of libpq's (`PG*`: a
+/// `PGOPTIONS` PgBouncer refuses, a `PGSSLMODE` the check's server does not
+/// offer): the children get none of the user's, only the check's own.
 fn is_configuration(name: &std::ffi::OsStr) -> bool {
     let name = name.as_encoded_bytes();
-    name == b"DATABASE_URL" || name.starts_with(b"DPLOYR_") || name.starts_with(b"CLOUDFLARE_")
+    name == b"DATABASE_URL"
+        || name.starts_with(b"DPLOYR_")
+        || name.starts_with(b"CLOUDFLARE_")
+        || name.starts_with(b"PG")
 }
 
 /// Starts `cargo xtask seed-load` (this very binary) with `env` as its

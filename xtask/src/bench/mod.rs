@@ -471,9 +471,12 @@ fn bench(options: &Options) -> Result<(), Failure> {
     if options.main_run() {
         main_run(options, &progress)?;
     }
-    if options.replica
-        && let Some((replica_rows, check_costs)) = replica::run(&options.threads, options.seconds, &progress)?
-    {
+    let replica_run = if options.replica { replica::run(&options.threads, options.seconds, &progress)? } else { None };
+    if options.replica && replica_run.is_none() && !options.main_run() {
+        // `--ops replica` alone: nothing was measured, and no `--json` written.
+        return Err("the replica run could not start (the reason is printed above): nothing was measured".into());
+    }
+    if let Some((replica_rows, check_costs)) = replica_run {
         replica::report(&replica_rows, &check_costs);
         if let Some(path) = &options.json {
             // Added to what the main run wrote, if it ran; else on its own.
