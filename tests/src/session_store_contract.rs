@@ -305,6 +305,17 @@ pub fn session_store_refuses_a_record_it_could_not_load_back(f: &dyn KvFixture) 
         new_too_deep.data.insert("deep".into(), nested(200, serde_json::Value::Null));
         let refused = store.create(&mut new_too_deep).await;
         assert!(matches!(refused, Err(tower_sessions_core::session_store::Error::Encode(_))), "{refused:?}");
+        // Larger than the backend takes: the caller's data, refused before
+        // anything is written (the id's claim included), by both calls.
+        let too_large = serde_json::Value::String("x".repeat(f.kv().limits().max_value_bytes));
+        let mut new_too_large = record(3600, &[]);
+        new_too_large.data.insert("large".into(), too_large.clone());
+        let refused = store.create(&mut new_too_large).await;
+        assert!(matches!(refused, Err(tower_sessions_core::session_store::Error::Encode(_))), "{refused:?}");
+        let mut saved_too_large = kept.clone();
+        saved_too_large.data.insert("large".into(), too_large);
+        let refused = store.save(&saved_too_large).await;
+        assert!(matches!(refused, Err(tower_sessions_core::session_store::Error::Encode(_))), "{refused:?}");
         assert_eq!(list_all(f.kv().as_ref(), "", 1000).0, before, "nothing written");
         // Past the store's memory of its writes (and a stale backend's
         // lag): what loads is what the backend holds.

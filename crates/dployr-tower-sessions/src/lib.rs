@@ -539,7 +539,7 @@ impl Inner {
             // Saved already expired: it must not load again.
             return self.delete_key(&key);
         };
-        let value = encode(record)?;
+        let value = encode_within(record, &self.backend.limits())?;
         if !self.write_record(&key, &value, ttl, writing)? {
             // The session ended after its request loaded it (signed out,
             // signed out everywhere, or expired): the request's changes
@@ -640,8 +640,9 @@ impl Inner {
             // Nothing to keep: an id is still due, and one that was never stored is free.
             return Ok(record);
         };
-        // Before an id is claimed: a record `save` will refuse leaves nothing.
-        encode(&record)?;
+        // Before an id is claimed: a record `save` will refuse (too deep to
+        // decode, too large for the backend) leaves nothing, not even the claim.
+        encode_within(&record, &limits)?;
         for _ in 0..CREATE_ATTEMPTS {
             if self.claim(&record.id, ttl)? {
                 self.write(&record, Writing::New)?;
@@ -700,6 +701,15 @@ fn encode(record: &Record) -> StoreResult<Vec<u8>> {
     let value = serde_json::to_vec(&stored).map_err(|e| StoreError::backend("encoding a session record", e))?;
     serde_json::from_slice::<Stored>(&value)
         .map_err(|e| StoreError::backend("encoding a session record: it would not decode back", e))?;
+    Ok(value)
+}
+
+/// [`encode`], refused as an encoding error when the backend would not take
+/// the value: the record is too large, which is the caller's data, not a
+/// failure of the backend.
+fn encode_within(record: &Record, limits: &KvLimits) -> StoreResult<Vec<u8>> {
+    let value = encode(record)?;
+    limits.check_value(&value).map_err(|e| StoreError::backend("encoding a session record: it is too large", e))?;
     Ok(value)
 }
 
