@@ -62,18 +62,21 @@ pub struct DataLayer {
 /// logged once per process, not once per open.
 static CLOUDFLARE_ONE_TIME_WARNING: Once = Once::new();
 
-/// A PostgreSQL key-value backend on `pool`, with its purger if `purge_every` is set.
-fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgKv, Option<Purger>)> {
-    let kv = PgKv::new(pool.clone());
-    let purger = purge_every
-        .map(|every| {
-            kv.spawn_purger(every, PURGE_BATCH).map_err(|e| match e {
-                StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason },
-                other => other,
-            })
-        })
-        .transpose()?;
-    Ok((kv, purger))
+/// A PostgreSQL key-value backend on `pool`, and how often its purger is to
+/// run (checked now, started by [`start_purger`] once the migrations ran).
+fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgKv, Option<Duration>)> {
+    if purge_every.is_some_and(|every| every.is_zero()) {
+        return Err(StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason: "must not be zero".into() });
+    }
+    Ok((PgKv::new(pool.clone()), purge_every))
+}
+
+/// Starts the purger of `kv` every `every`.
+fn start_purger(kv: &PgKv, every: Duration) -> StoreResult<Purger> {
+    kv.spawn_purger(every, PURGE_BATCH).map_err(|e| match e {
+        StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason },
+        other => other,
+    })
 }
 
 /// A migration error as the shared error: connection failures classified
@@ -194,8 +197,10 @@ impl DataLayer {
 
     /// Opens the pool (failing within the connect timeout if the database
     /// does not answer), refuses a pooler in transaction mode with settings
-    /// that would give wrong answers there, applies pending migrations if
-    /// configured, and starts the key-value backend.
+    /// that would give wrong answers there, builds the key-value backends
+    /// and checks their settings, then (only then: a process that refuses
+    /// its settings migrates nothing) applies pending migrations if
+    /// configured, and starts the key-value purger.
     ///
     /// # Errors
     /// [`StoreError::Configuration`] naming `DATABASE_URL` (or
@@ -225,29 +230,20 @@ impl DataLayer {
         };
         let migration_url = config.migration_url().to_owned();
 
-        let applied_on_open = if config.migrate_on_start {
-            let setting =
-                if config.migrate_database_url.is_some() { MIGRATE_DATABASE_URL_VAR } else { DATABASE_URL_VAR };
-            let migrations = MigrationSet::embedded()
-                .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
-            let applied = MigrationRunner::new(config.migration_url(), migrations)
-                .with_table_lock_timeout(config.migrate_lock_timeout)
-                .run_pending(&mut |event| tracing::info!(target: "dployr.migrate", "{event}"))
-                .map_err(|e| migrate_error(e, setting))?;
-            applied.into_iter().map(|migration| migration.name).collect()
-        } else {
-            Vec::new()
-        };
-
         type Backend = (Arc<dyn KvBackend>, &'static str);
         let Config { kv: kv_config, one_time_kv, kv_store, .. } = config;
         let sessions_on_cloudflare = kv_config.is_cloudflare();
-        let mut purger = None;
+        // Every setting is checked (backends built, TTLs against their
+        // limits) before the migrations write anything: a setting refused
+        // after them would have migrated a shared database for a process
+        // that does not start. The purger, which deletes from the
+        // key-value table, starts after them.
+        let mut purge: Option<(PgKv, Duration)> = None;
         let sessions: Backend = match kv_config {
             KvBackendConfig::Memory => (Arc::new(MemoryKv::new()), "memory"),
             KvBackendConfig::Postgres { purge_every } => {
-                let (kv, started) = postgres_kv(&pool, purge_every)?;
-                purger = started;
+                let (kv, every) = postgres_kv(&pool, purge_every)?;
+                purge = every.map(|every| (kv.clone(), every));
                 (Arc::new(kv), "postgres")
             }
             #[cfg(feature = "cloudflare")]
@@ -257,8 +253,8 @@ impl DataLayer {
             if sessions.1 == "postgres" {
                 return Ok((Arc::clone(&sessions.0), "postgres"));
             }
-            let (kv, started) = postgres_kv(&pool, purge_every)?;
-            purger = started;
+            let (kv, every) = postgres_kv(&pool, purge_every)?;
+            purge = every.map(|every| (kv.clone(), every));
             Ok((Arc::new(kv), "postgres"))
         };
         let one_time: Backend = match (one_time_kv, sessions_on_cloudflare) {
@@ -297,6 +293,22 @@ impl DataLayer {
                 }
             })?;
         let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
+
+        let applied_on_open = if config.migrate_on_start {
+            let setting =
+                if config.migrate_database_url.is_some() { MIGRATE_DATABASE_URL_VAR } else { DATABASE_URL_VAR };
+            let migrations = MigrationSet::embedded()
+                .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
+            let applied = MigrationRunner::new(&migration_url, migrations)
+                .with_table_lock_timeout(config.migrate_lock_timeout)
+                .run_pending(&mut |event| tracing::info!(target: "dployr.migrate", "{event}"))
+                .map_err(|e| migrate_error(e, setting))?;
+            applied.into_iter().map(|migration| migration.name).collect()
+        } else {
+            Vec::new()
+        };
+
+        let purger = purge.map(|(kv, every)| start_purger(&kv, every)).transpose()?;
 
         Ok(Self {
             users: PgUserStore::new(pool.clone()),

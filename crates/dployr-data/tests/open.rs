@@ -255,3 +255,34 @@ fn a_session_ttl_below_cloudflares_minute_is_a_configuration_error_naming_its_va
     assert_eq!(setting_of(&error), "DPLOYR_SESSION_TTL_SECS", "{error}");
     assert!(error.to_string().contains("minimum"), "says why: {error}");
 }
+
+/// A key-value setting the data layer refuses is refused before the
+/// migrations run: a process that does not start must not have migrated a
+/// shared database (in a rolling deploy, under the release still serving).
+#[test]
+fn a_refused_key_value_setting_leaves_an_empty_database_unmigrated() {
+    use diesel::RunQueryDsl as _;
+    use dployr_data::OneTimeKvConfig;
+
+    let db = dployr_testkit::empty_database();
+    let mut ttl = Config::new(db.url());
+    ttl.kv_store.session_ttl = Duration::from_secs(200 * 365 * 24 * 3600);
+    let one_time_on_cloudflare =
+        Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_one_time_kv(OneTimeKvConfig::Cloudflare);
+    let mut purge = Config::new(db.url());
+    purge.kv = KvBackendConfig::Postgres { purge_every: Some(Duration::ZERO) };
+    for (config, variable) in [
+        (ttl, "DPLOYR_SESSION_TTL_SECS"),
+        (one_time_on_cloudflare, "DPLOYR_KV_ONE_TIME"),
+        (purge, "DPLOYR_KV_PURGE_EVERY_SECS"),
+    ] {
+        let error = DataLayer::open(config).unwrap_err();
+        assert_eq!(setting_of(&error), variable, "{error}");
+        let tables = diesel::sql_query(
+            "SELECT 1 FROM pg_tables WHERE schemaname = 'public' AND tablename IN ('users', '_migrations')",
+        )
+        .execute(&mut db.connect())
+        .unwrap();
+        assert_eq!(tables, 0, "{variable}: migrated before the setting was refused");
+    }
+}
