@@ -969,9 +969,10 @@ fn hostile_emails_are_refused_or_become_one_user_found_and_invited_as_parsed() {
         };
         check.expect_eq(paged.total, invited.len() as u64, "clusters.invites(total)", "<paging>");
         listed.extend(paged.items.iter().map(|m| m.email.to_string()));
-        // The cursor is the last invitee's rank and address, as this test forges them.
+        // The cursor is its listing and cluster, then the last invitee's
+        // rank and address, as this test forges them.
         if let (Some(next), Some(last)) = (&paged.next, paged.items.last()) {
-            let forged = base64url(format!("invites\n4\n{}", last.email).as_bytes());
+            let forged = base64url(format!("invites {}\n4\n{}", cluster.id, last.email).as_bytes());
             check.expect_eq(next.as_str(), forged.as_str(), "clusters.invites(cursor)", last.email.as_str());
         }
         // A listing that never ends would page forever: stop once past the total.
@@ -1445,17 +1446,20 @@ fn hostile_ids_and_cursors_are_refused_or_look_up_what_they_name() {
             }
         }
         // Cursors: the text itself, and forged ones that decode to a cursor
-        // of each listing with the text where its sort key goes.
+        // of each listing (of this cluster, and in the form without one)
+        // with the text where its sort key goes.
         if text.len() <= 2 * MAX_CURSOR_BYTES {
+            let id = &cluster.id;
             let forged = [
                 text.clone(),
                 base64url(text.as_bytes()),
-                base64url(format!("members\n{text}\n{text}").as_bytes()),
-                base64url(format!("members\n0\n{text}").as_bytes()),
+                base64url(format!("members {id}\n{text}\n{text}").as_bytes()),
+                base64url(format!("members {id}\n0\n{text}").as_bytes()),
+                base64url(format!("invites {id}\n4\n{text}").as_bytes()),
                 base64url(format!("invites\n4\n{text}").as_bytes()),
-                base64url(format!("instances\n{text}\n{text}").as_bytes()),
-                base64url(format!("instances\n0\n{text}").as_bytes()),
-                base64url(format!("instances\n1700000000000000\n{text}").as_bytes()),
+                base64url(format!("instances {id}\n{text}\n{text}").as_bytes()),
+                base64url(format!("instances {id}\n0\n{text}").as_bytes()),
+                base64url(format!("instances {id}\n1700000000000000\n{text}").as_bytes()),
             ];
             for cursor in forged {
                 let page = Page::after(Cursor::new(cursor), 5);
