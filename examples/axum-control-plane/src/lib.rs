@@ -10,7 +10,7 @@
 //! | `POST /sign-in` `{"email","code"}` | checks the code (3 guesses), signs in: a new session id, the user in it |
 //! | `GET /me` | who is signed in |
 //! | `POST /clusters` | the caller's cluster (created on first call) |
-//! | `POST /clusters/{id}/members` `{"emails"}` | invites people; only for developers and above (middleware calling `can_write`) |
+//! | `POST /clusters/{id}/members` `{"emails"}` | invites at most [`MAX_INVITES_PER_REQUEST`] addresses; only for developers and above (middleware calling `can_write`); answers each address with its role, never the profile of an account it names |
 //! | `GET /clusters/{id}/members?limit=&cursor=` | members, one page at a time, with the cursor of the next page |
 //! | `GET /invites`, `POST /invites/{id}/accept` | the caller's invitations, and accepting one (as viewer) |
 //! | `POST /oauth/start` `{"redirect"}`, `GET /oauth/callback?state=` | an OAuth state made and checked once; the redirect is a path of this site of at most [`MAX_REDIRECT_BYTES`] |
@@ -21,7 +21,11 @@
 //! must carry it) and `Secure` when [`CookieTransport::HttpsOnly`] is asked
 //! for (`main` reads [`SECURE_COOKIE_VAR`]). An error the client cannot act
 //! on (a backend's, the session store's) is answered without its text, which
-//! goes to the log (`tracing`).
+//! goes to the log (`tracing`). Every error, axum's own rejections and
+//! unknown routes included, is answered as `{"error": ...}` with at most
+//! [`MAX_ERROR_MESSAGE_CHARS`] characters of message. A session whose user
+//! no longer exists is ended and answered 401 by every route that needs a
+//! signed-in user.
 //!
 //! The tests in `tests/http.rs` drive the whole story over HTTP.
 
@@ -29,14 +33,17 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::uri::Authority;
+use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dployr_data::{
-    AsyncDataLayer, ClusterId, Cursor, Email, NewUser, OAuthState, OtpCode, Page, Provider, StoreError, UserId,
+    AsyncDataLayer, ClusterId, Cursor, Email, NewUser, OAuthState, OtpCode, Page, Provider, StoreError, User, UserId,
 };
 use dployr_tower_sessions::KvSessionStore;
 use serde::Deserialize;
@@ -137,31 +144,83 @@ pub fn router(data: AsyncDataLayer, sessions: KvSessionStore, send_code: CodeSin
         .route("/oauth/callback", get(oauth_callback))
         .route("/sign-out", post(sign_out))
         .route("/sign-out/everywhere", post(sign_out_everywhere))
+        .fallback(no_such_route)
         .layer(session_layer)
         .layer(middleware::map_response(with_an_error_body))
         .layer(middleware::from_fn(same_origin_writes_only))
         .with_state(app)
 }
 
-/// Gives the session layer's own failures the body every error has. The
-/// layer saves a changed session after the handler answered, and when the
-/// store fails it replaces the answer with a 500 without a body (its error
-/// goes to the log); a handler cannot save first instead, as tower-sessions'
-/// `Session::save` leaves the session marked changed and the layer would
-/// write it a second time (on Cloudflare, a second write of the key within
-/// the second: throttled).
+/// The most characters of an error message answered: axum's rejections
+/// quote the caller's input (a path segment, a query string) and are cut
+/// here, so that a 5000-character value is not sent back whole.
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 200;
+
+/// The most bytes of a plain-text error body read to quote it. Axum's
+/// rejections are short strings already in memory; the bound only keeps a
+/// streamed body from being read whole. A longer one is answered with the
+/// status's reason instead.
+const MAX_QUOTED_ERROR_BYTES: usize = 64 * 1024;
+
+/// Gives every error answer the body every error has, `{"error": ...}`,
+/// with its status and headers (`Allow` of a 405, `Set-Cookie`) kept.
+/// Answers that are not JSON come from outside the handlers: axum's
+/// rejections (415, 422, 400, 413 as plain text), its 405 (empty), and the
+/// session layer, which saves a changed session after the handler answered
+/// and, when the store fails, replaces the answer with a 500 without a body
+/// (its error goes to the log); a handler cannot save first instead, as
+/// tower-sessions' `Session::save` leaves the session marked changed and the
+/// layer would write it a second time (on Cloudflare, a second write of the
+/// key within the second: throttled). A 4xx's text is quoted, cut to
+/// [`MAX_ERROR_MESSAGE_CHARS`]: it tells the client what to fix. A 5xx's
+/// never is: it is not the client's to act on.
 async fn with_an_error_body(response: Response) -> Response {
-    use axum::body::HttpBody as _;
-    if response.status() == StatusCode::INTERNAL_SERVER_ERROR && response.body().size_hint().exact() == Some(0) {
-        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()).into_response();
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
     }
-    response
+    let (mut parts, body) = response.into_parts();
+    let quoted = if status.is_client_error() {
+        axum::body::to_bytes(body, MAX_QUOTED_ERROR_BYTES)
+            .await
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes.into()).ok())
+    } else {
+        None
+    };
+    let message = match quoted.as_deref().map(str::trim) {
+        Some(text) if !text.is_empty() => at_most_chars(text, MAX_ERROR_MESSAGE_CHARS),
+        _ if status == StatusCode::INTERNAL_SERVER_ERROR => "internal error".into(),
+        _ => status.canonical_reason().unwrap_or("error").to_ascii_lowercase(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, Body::from(json!({ "error": message }).to_string()))
+}
+
+/// `text` cut to its first `max` characters, with an ellipsis when cut.
+fn at_most_chars(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// A path no route has: 404 with the body every error has (axum's own
+/// fallback answers an empty 404).
+async fn no_such_route() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such route".into())
 }
 
 /// Refuses (403) a request that changes something when the browser says it
 /// comes from another origin: `Sec-Fetch-Site` other than `same-origin` or
-/// `none`, or, from a browser that does not send it, an `Origin` whose host
-/// is not this request's `Host`.
+/// `none`, or, from a browser that does not send it, an `Origin` that does
+/// not name this request's `Host` (see [`origin_names_host`]).
 /// `SameSite=Lax` withholds the cookie from other *sites* only: a page on
 /// another port of the same host, or on a sibling subdomain, is the same
 /// site and could otherwise post a form that signs the user out
@@ -178,20 +237,47 @@ async fn same_origin_writes_only(request: Request, next: Next) -> Response {
     // may have been rewritten by a proxy in front of this server.
     let foreign = match text("sec-fetch-site") {
         Some(site) => site != "same-origin" && site != "none",
-        // An older browser: its `Origin` against this request's `Host`,
-        // default ports left out of both (`Origin: null`, a sandboxed or
-        // local page, is foreign).
-        None => text("origin").is_some_and(|origin| {
-            let (scheme, host) = origin.split_once("://").unwrap_or(("", origin));
-            let default_port = if scheme == "https" { ":443" } else { ":80" };
-            let without_default = |host: &str| host.strip_suffix(default_port).unwrap_or(host).to_ascii_lowercase();
-            text("host").is_none_or(|own| without_default(host) != without_default(own))
-        }),
+        // An older browser: its `Origin` against this request's `Host`.
+        None => text("origin").is_some_and(|origin| !origin_names_host(origin, text("host"))),
     };
     if foreign {
         return ApiError(StatusCode::FORBIDDEN, "a change asked from another origin".into()).into_response();
     }
     next.run(request).await
+}
+
+/// Whether `origin`, an `Origin` header, is an `http` or `https` origin
+/// whose host and port (the scheme's default when it has none) are those of
+/// `host`, the request's `Host` (the same default when it has none).
+/// Anything else is foreign: no `Host`, `Origin: null` (a sandboxed or
+/// local page), an origin without a scheme (`127.0.0.1:3000`) or with
+/// another one, or with a path or user name, which no browser sends.
+///
+/// The scheme is not compared with this server's own: behind a proxy that
+/// terminates TLS the server is reached over `http` while the browser's
+/// origin is `https`, and nothing in the request says which is true. What
+/// that lets through is an origin on this host and port with the other
+/// scheme, which no page can have: one port speaks one of the two.
+fn origin_names_host(origin: &str, host: Option<&str>) -> bool {
+    let Ok(origin) = origin.parse::<Uri>() else {
+        return false;
+    };
+    let default_port = match origin.scheme_str() {
+        Some(scheme) if scheme.eq_ignore_ascii_case("http") => 80,
+        Some(scheme) if scheme.eq_ignore_ascii_case("https") => 443,
+        _ => return false,
+    };
+    if origin.path_and_query().is_some_and(|path| path.as_str() != "/") {
+        return false;
+    }
+    let (Some(theirs), Some(Ok(own))) = (origin.authority(), host.map(str::parse::<Authority>)) else {
+        return false;
+    };
+    let port = |authority: &Authority| authority.port_u16().unwrap_or(default_port);
+    !theirs.as_str().contains('@')
+        && !own.as_str().contains('@')
+        && theirs.host().eq_ignore_ascii_case(own.host())
+        && port(theirs) == port(&own)
 }
 
 /// An error answer: a status and a message, as `{"error": ...}`.
@@ -263,11 +349,35 @@ fn is_unavailable(error: &session::Error) -> bool {
 
 type Answer = Result<Json<Value>, ApiError>;
 
-/// The signed-in user, or 401.
-async fn signed_in(session: &Session) -> Result<UserId, ApiError> {
-    let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "sign in first".into());
-    let id: String = session.get(USER_FIELD).await?.ok_or_else(unauthorized)?;
-    UserId::parse(&id).map_err(|_| unauthorized())
+/// The signed-in user, as an extractor (handlers and middleware): 401
+/// when the session names no user, or a user who no longer exists. That
+/// session is then ended (deleted, its cookie cleared): an account deleted
+/// by any means (`UserStore::delete`, an invitee removed from their last
+/// cluster) leaves no session that half works, answered 401 by one route,
+/// 404 by another and 200 by a third. The price is one read of the user per
+/// request that needs one; a session that merely named the id would be
+/// free, but would hold on to an account that is gone.
+struct SignedIn(User);
+
+impl FromRequestParts<App> for SignedIn {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, ApiError> {
+        let session = Session::from_request_parts(parts, app).await.map_err(|(_, reason)| {
+            tracing::error!(reason, "no session to read the user from");
+            ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+        })?;
+        let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "sign in first".into());
+        let id: String = session.get(USER_FIELD).await?.ok_or_else(unauthorized)?;
+        let id = UserId::parse(&id).map_err(|_| unauthorized())?;
+        match app.data.users().get(&id).await? {
+            Some(user) => Ok(Self(user)),
+            None => {
+                session.flush().await?;
+                Err(ApiError(StatusCode::UNAUTHORIZED, "this account no longer exists; sign in again".into()))
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -343,15 +453,12 @@ async fn sign_in(State(app): State<App>, session: Session, Json(body): Json<Sign
     Ok(Json(json!({ "id": user.id, "email": user.email })))
 }
 
-async fn me(State(app): State<App>, session: Session) -> Answer {
-    let user = signed_in(&session).await?;
-    let user = app.data.users().get(&user).await?.ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "gone".into()))?;
+async fn me(SignedIn(user): SignedIn) -> Answer {
     Ok(Json(json!({ "id": user.id, "email": user.email })))
 }
 
-async fn create_cluster(State(app): State<App>, session: Session) -> Answer {
-    let user = signed_in(&session).await?;
-    let cluster = app.data.clusters().create_for_owner(&user).await?;
+async fn create_cluster(State(app): State<App>, SignedIn(user): SignedIn) -> Answer {
+    let cluster = app.data.clusters().create_for_owner(&user.id).await?;
     Ok(Json(json!({ "id": cluster.id, "name": cluster.name })))
 }
 
@@ -360,12 +467,11 @@ async fn create_cluster(State(app): State<App>, session: Session) -> Answer {
 async fn require_write(
     State(app): State<App>,
     Path(cluster): Path<ClusterId>,
-    session: Session,
+    SignedIn(user): SignedIn,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let user = signed_in(&session).await?;
-    if !app.data.clusters().can_write(&user, &cluster).await? {
+    if !app.data.clusters().can_write(&user.id, &cluster).await? {
         return Err(ApiError(StatusCode::FORBIDDEN, "only developers and above may change this cluster".into()));
     }
     Ok(next.run(request).await)
@@ -376,10 +482,31 @@ struct InviteBody {
     emails: Vec<String>,
 }
 
+/// The most addresses one invitation names. Each unknown address becomes
+/// a user and each is parsed on the runtime's thread: without a bound, a
+/// body at the 2 MB limit (some 120 000 addresses) made as many users and
+/// stalled other requests for seconds.
+pub const MAX_INVITES_PER_REQUEST: usize = 100;
+
 async fn invite(State(app): State<App>, Path(cluster): Path<ClusterId>, Json(body): Json<InviteBody>) -> Answer {
+    // Counted before any address is parsed or stored.
+    if body.emails.len() > MAX_INVITES_PER_REQUEST {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{} addresses; at most {MAX_INVITES_PER_REQUEST} per invitation", body.emails.len()),
+        ));
+    }
     let emails = body.emails.iter().map(|e| Email::parse(e)).collect::<Result<Vec<_>, _>>()?;
     let members = app.data.clusters().add_users(&cluster, &emails).await?;
-    Ok(Json(json!({ "members": members })))
+    // Each address with its role here, and nothing of the account behind
+    // it: its id, name and picture would tell anyone who can make a cluster
+    // (anyone signed in) whether an address has an account, and show its
+    // profile before its owner accepted anything. The role is `invited`
+    // whether or not the account existed; a member's own role, the inviter
+    // (a developer or above) can read in the member list anyway.
+    let invited: Vec<Value> =
+        members.iter().map(|member| json!({ "email": member.email, "role": member.role })).collect();
+    Ok(Json(json!({ "members": invited })))
 }
 
 #[derive(Deserialize)]
@@ -392,10 +519,9 @@ async fn members(
     State(app): State<App>,
     Path(cluster): Path<ClusterId>,
     Query(query): Query<PageQuery>,
-    session: Session,
+    SignedIn(user): SignedIn,
 ) -> Answer {
-    let user = signed_in(&session).await?;
-    if !app.data.clusters().can_read(&user, &cluster).await? {
+    if !app.data.clusters().can_read(&user.id, &cluster).await? {
         return Err(ApiError(StatusCode::FORBIDDEN, "not a member of this cluster".into()));
     }
     let limit = query.limit.unwrap_or(20);
@@ -403,21 +529,21 @@ async fn members(
         Some(cursor) => Page::after(Cursor::new(cursor), limit),
         None => Page::first(limit),
     };
+    // `members` leaves invitations out: an invitee who has not accepted
+    // shows nothing of their account (id, name, picture) to the cluster.
     Ok(Json(json!(app.data.clusters().members(&cluster, &page).await?)))
 }
 
-async fn invites(State(app): State<App>, session: Session) -> Answer {
-    let user = signed_in(&session).await?;
-    Ok(Json(json!({ "invites": app.data.clusters().pending_invites(&user).await? })))
+async fn invites(State(app): State<App>, SignedIn(user): SignedIn) -> Answer {
+    Ok(Json(json!({ "invites": app.data.clusters().pending_invites(&user.id).await? })))
 }
 
 async fn accept_invite(
     State(app): State<App>,
     Path(cluster): Path<ClusterId>,
-    session: Session,
+    SignedIn(user): SignedIn,
 ) -> Result<StatusCode, ApiError> {
-    let user = signed_in(&session).await?;
-    app.data.clusters().accept_invite(&user, &cluster).await?;
+    app.data.clusters().accept_invite(&user.id, &cluster).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -477,10 +603,14 @@ struct OAuthCallback {
 }
 
 async fn oauth_callback(State(app): State<App>, session: Session, Query(query): Query<OAuthCallback>) -> Answer {
-    let started_here: Option<String> = session.remove(OAUTH_STATE_FIELD).await?;
+    // Read, not taken: a callback with another state (a cross-site link,
+    // which carries the Lax cookie) must not spend the one this browser is
+    // waiting for. The matching one is spent here, so a replay finds none.
+    let started_here: Option<String> = session.get(OAUTH_STATE_FIELD).await?;
     if started_here != Some(state_hash(&query.state)) {
         return Err(ApiError(StatusCode::BAD_REQUEST, "this OAuth state was not started by this browser".into()));
     }
+    session.remove_value(OAUTH_STATE_FIELD).await?;
     match app.data.kv().validate_state(&OAuthState::new(query.state)).await? {
         Some(redirect) => Ok(Json(json!({ "redirect": redirect }))),
         None => Err(ApiError(StatusCode::BAD_REQUEST, "unknown, used or expired OAuth state".into())),
@@ -497,9 +627,8 @@ async fn sign_out(session: Session) -> Result<StatusCode, ApiError> {
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn sign_out_everywhere(State(app): State<App>, session: Session) -> Answer {
-    let user = signed_in(&session).await?;
-    let ended = app.sessions.delete_user_sessions(&user.to_string()).await?;
+async fn sign_out_everywhere(State(app): State<App>, SignedIn(user): SignedIn, session: Session) -> Answer {
+    let ended = app.sessions.delete_user_sessions(&user.id.to_string()).await?;
     // This device's session is among them; flushing also clears its cookie.
     session.flush().await?;
     Ok(Json(json!({ "ended": ended })))

@@ -4,8 +4,10 @@
 //! page by page, a viewer refused a write by the middleware, an OAuth state
 //! that works once, sign-out, and sign-out of every device. Then what guards
 //! the edges: the session cookie's attributes, a failing session store
-//! answered without its text, an over-long redirect, and the limit of codes
-//! per address.
+//! answered without its text, an over-long redirect, the limit of codes
+//! per address and of addresses per invitation, what an invitation answers,
+//! every error as JSON, an OAuth callback with a wrong state, `Origin`
+//! checked by scheme, host and port, and the session of a deleted account.
 
 #![cfg(test)]
 
@@ -14,9 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum_control_plane::{
-    CODE_WINDOW, CodeSink, CookieTransport, MAX_CODES_PER_WINDOW, MAX_REDIRECT_BYTES, router, session_store,
+    CODE_WINDOW, CodeSink, CookieTransport, MAX_CODES_PER_WINDOW, MAX_ERROR_MESSAGE_CHARS, MAX_INVITES_PER_REQUEST,
+    MAX_REDIRECT_BYTES, router, session_store,
 };
-use dployr_data::{AsyncDataLayer, Config, KvBackend, KvLimits, KvPage, StoreError, StoreResult};
+use dployr_data::{AsyncDataLayer, Config, KvBackend, KvLimits, KvPage, StoreError, StoreResult, UserId};
 use dployr_tower_sessions::KvSessionStore;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
@@ -73,6 +76,8 @@ impl Device {
 struct Server {
     base: String,
     codes: Arc<Mutex<HashMap<String, String>>>,
+    /// The server's data layer, to change what it stores behind its back.
+    data: AsyncDataLayer,
     db: dployr_testkit::TestDatabase,
 }
 
@@ -96,9 +101,9 @@ impl Server {
         let sessions = sessions(&data);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = router(data, sessions, send_code, cookie);
+        let app = router(data.clone(), sessions, send_code, cookie);
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { base, codes, db }
+        Self { base, codes, data, db }
     }
 
     /// Every key and value the key-value store holds, as text (values as
@@ -437,4 +442,195 @@ async fn a_change_posted_from_another_origin_is_refused() {
     assert_eq!(post(&cookie, &default_port).await.unwrap().status(), StatusCode::OK);
     let (status, _) = device.call(Method::GET, "/me", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "signed out everywhere from its own origin");
+}
+
+/// A request without the JSON helpers of [`Device`]: `headers` as given,
+/// `body` as it is. Returns the status, the headers and the body as text.
+async fn raw(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, HeaderMap, String) {
+    let mut request = reqwest::Client::new().request(method, url).body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    (status, headers, response.text().await.unwrap())
+}
+
+/// Axum's own rejections (a missing content type, a missing field, bad
+/// JSON, an oversize body, a path segment or a query that does not parse),
+/// an unknown route and a wrong method are answered with their status and
+/// `{"error": ...}`, whose message never quotes more than
+/// `MAX_ERROR_MESSAGE_CHARS` of what the caller sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_is_answered_as_json_with_its_status_and_a_bounded_message() {
+    let server = Server::start().await;
+    let mut ada = server.signed_in("ada@example.io").await;
+    let (_, cluster) = ada.call(Method::POST, "/clusters", None).await;
+    let cookie = ada.cookie.clone().unwrap();
+    let url = |path: &str| format!("{}{path}", server.base);
+    let json_type = ("content-type", "application/json");
+    let long_id = "x".repeat(5000);
+    let oversize = json!({ "email": "a".repeat(2 * 1024 * 1024) }).to_string();
+    let members = format!("/clusters/{}/members", cluster["id"].as_str().unwrap());
+    let sign_in_code = url("/sign-in/code");
+    let with_cookie = [("cookie", cookie.as_str())];
+    let email = r#"{"email":"a@example.io"}"#;
+    let answer = raw(Method::POST, &sign_in_code, &[], email).await;
+    assert_json_error("no content type", StatusCode::UNSUPPORTED_MEDIA_TYPE, answer);
+    let answer = raw(Method::POST, &sign_in_code, &[json_type], "{}").await;
+    assert_json_error("a missing field", StatusCode::UNPROCESSABLE_ENTITY, answer);
+    let answer = raw(Method::POST, &sign_in_code, &[json_type], "{").await;
+    assert_json_error("malformed JSON", StatusCode::BAD_REQUEST, answer);
+    let answer = raw(Method::POST, &sign_in_code, &[json_type], oversize).await;
+    assert_json_error("a body over 2 MB", StatusCode::PAYLOAD_TOO_LARGE, answer);
+    let answer = raw(Method::POST, &url(&format!("/invites/{long_id}/accept")), &with_cookie, "").await;
+    assert_json_error("a path id that is not one", StatusCode::BAD_REQUEST, answer);
+    let answer = raw(Method::GET, &url(&format!("{members}?limit={long_id}")), &with_cookie, "").await;
+    assert_json_error("a bad query", StatusCode::BAD_REQUEST, answer);
+    let answer = raw(Method::GET, &url("/nowhere"), &[], "").await;
+    assert_json_error("an unknown route", StatusCode::NOT_FOUND, answer);
+    let answer = raw(Method::GET, &url("/sign-out"), &[], "").await;
+    assert!(answer.1.contains_key("allow"), "a wrong method: the Allow header is kept");
+    assert_json_error("a wrong method", StatusCode::METHOD_NOT_ALLOWED, answer);
+}
+
+/// That `answer` (from [`raw`]) has the status `expected` and a JSON body
+/// `{"error": ...}` whose message is not empty and at most
+/// `MAX_ERROR_MESSAGE_CHARS` long (and the ellipsis of a cut one).
+fn assert_json_error(case: &str, expected: StatusCode, (status, headers, text): (StatusCode, HeaderMap, String)) {
+    assert_eq!(status, expected, "{case}: {text}");
+    let content_type = headers.get("content-type").map(|value| value.to_str().unwrap());
+    assert_eq!(content_type, Some("application/json"), "{case}: {text}");
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{case}: not JSON: {text}"));
+    let message = body["error"].as_str().unwrap_or_else(|| panic!("{case}: no error: {body}"));
+    assert!(!message.is_empty(), "{case}");
+    assert!(message.chars().count() <= MAX_ERROR_MESSAGE_CHARS + 1, "{case}: {} chars", message.chars().count());
+}
+
+/// An invitation naming more than `MAX_INVITES_PER_REQUEST` addresses is
+/// refused with 400 naming the limit, and makes no user; one at the limit
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invitation_of_more_addresses_than_the_limit_is_refused_and_stores_none() {
+    let server = Server::start().await;
+    let mut ada = server.signed_in("ada@example.io").await;
+    let (_, cluster) = ada.call(Method::POST, "/clusters", None).await;
+    let members = format!("/clusters/{}/members", cluster["id"].as_str().unwrap());
+    let addresses = |count: usize| (0..count).map(|n| format!("guest{n}@example.io")).collect::<Vec<_>>();
+
+    let (status, body) =
+        ada.call(Method::POST, &members, Some(json!({ "emails": addresses(MAX_INVITES_PER_REQUEST + 1) }))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&MAX_INVITES_PER_REQUEST.to_string()), "{body}");
+    let guest = server.data.users().get_by_email(&dployr_data::Email::parse("guest0@example.io").unwrap()).await;
+    assert!(guest.unwrap().is_none(), "a refused invitation made a user");
+
+    let (status, body) =
+        ada.call(Method::POST, &members, Some(json!({ "emails": addresses(MAX_INVITES_PER_REQUEST) }))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["members"].as_array().unwrap().len(), MAX_INVITES_PER_REQUEST);
+}
+
+/// Inviting an address that has an account answers exactly as inviting one
+/// that has none: the address and its role, nothing of the account (id,
+/// name, picture), which would tell any signed-in user (anyone can make a
+/// cluster) who has an account and show their profile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invitation_answers_the_addresses_and_roles_and_nothing_of_their_accounts() {
+    let server = Server::start().await;
+    server.signed_in("bob@example.io").await;
+    let mut eve = server.signed_in("eve@example.io").await;
+    let (_, cluster) = eve.call(Method::POST, "/clusters", None).await;
+    let members = format!("/clusters/{}/members", cluster["id"].as_str().unwrap());
+    let (status, invited) =
+        eve.call(Method::POST, &members, Some(json!({ "emails": ["nobody@example.io", "bob@example.io"] }))).await;
+    assert_eq!(status, StatusCode::OK, "{invited}");
+    let expected = json!({ "members": [
+        { "email": "bob@example.io", "role": "invited" },
+        { "email": "nobody@example.io", "role": "invited" },
+    ] });
+    assert_eq!(invited, expected);
+    // Nor does the member list show an invitee who has not accepted.
+    let (_, listed) = eve.call(Method::GET, &members, None).await;
+    assert_eq!(listed["total"], 1, "{listed}");
+    assert!(!listed.to_string().contains("bob@example.io"), "{listed}");
+}
+
+/// A callback with a state this browser did not start (a cross-site link,
+/// which carries the Lax cookie) is refused without spending the browser's
+/// own pending state: its real callback then works, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_with_another_state_leaves_the_pending_one_usable_once() {
+    let server = Server::start().await;
+    let mut browser = Device::new(&server.base);
+    let (status, started) = browser.call(Method::POST, "/oauth/start", Some(json!({ "redirect": "/after" }))).await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    let (status, body) = browser.call(Method::GET, "/oauth/callback?state=x", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let callback = format!("/oauth/callback?state={}", started["state"].as_str().unwrap());
+    let (status, body) = browser.call(Method::GET, &callback, None).await;
+    assert_eq!((status, body["redirect"].as_str()), (StatusCode::OK, Some("/after")), "{body}");
+    assert_eq!(browser.call(Method::GET, &callback, None).await.0, StatusCode::BAD_REQUEST, "a replayed state");
+}
+
+/// From a browser without `Sec-Fetch-Site`, an `Origin` passes only as an
+/// `http` or `https` origin naming this host and port: one without a
+/// scheme, with another scheme, or with a user name is foreign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_is_not_an_http_origin_of_this_host_and_port_is_foreign() {
+    let server = Server::start().await;
+    let device = server.signed_in("hal@example.io").await;
+    let cookie = device.cookie.clone().unwrap();
+    let own = server.base.strip_prefix("http://").unwrap();
+    let post = |origin: String| {
+        let url = format!("{}/clusters", server.base);
+        let cookie = cookie.clone();
+        async move { raw(Method::POST, &url, &[("cookie", &cookie), ("origin", &origin)], "").await.0 }
+    };
+    for foreign in [own.to_owned(), format!("ftp://{own}"), format!("http://user@{own}"), format!("http://{own}/path")]
+    {
+        assert_eq!(post(foreign.clone()).await, StatusCode::FORBIDDEN, "Origin: {foreign}");
+    }
+    assert_eq!(post(server.base.clone()).await, StatusCode::OK, "its own origin");
+}
+
+/// A session whose user was deleted behind its back is answered 401 by
+/// every route that needs a signed-in user, not 404 by one and 200 by
+/// another, and is ended: its cookie is cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_user_was_deleted_is_ended_and_answered_401_by_every_route() {
+    let server = Server::start().await;
+    let mut ada = server.signed_in("ada@example.io").await;
+    let (_, cluster) = ada.call(Method::POST, "/clusters", None).await;
+    let cluster = cluster["id"].as_str().unwrap().to_owned();
+    let members = format!("/clusters/{cluster}/members");
+    let accept = format!("/invites/{cluster}/accept");
+    let routes = [
+        (Method::GET, "/me", None),
+        (Method::POST, "/clusters", None),
+        (Method::GET, "/invites", None),
+        (Method::POST, accept.as_str(), None),
+        (Method::GET, members.as_str(), None),
+        (Method::POST, members.as_str(), Some(json!({ "emails": ["ivy@example.io"] }))),
+        (Method::POST, "/sign-out/everywhere", None),
+    ];
+    for (n, (method, path, body)) in routes.into_iter().enumerate() {
+        // A user for each route: the first 401 ends the session, and a
+        // second route would then only prove that an unknown session is 401.
+        let email = format!("gone{n}@example.io");
+        let mut device = server.signed_in(&email).await;
+        ada.call(Method::POST, &members, Some(json!({ "emails": [email] }))).await;
+        let (_, me) = device.call(Method::GET, "/me", None).await;
+        let id = UserId::parse(me["id"].as_str().unwrap()).unwrap();
+        // Behind the session's back: no session of theirs is ended.
+        server.data.users().delete(&id).await.unwrap();
+        let (status, answer) = device.call(method.clone(), path, body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {answer}");
+        assert!(device.cookie.is_none(), "{method} {path}: the session was not ended");
+    }
 }
