@@ -362,10 +362,12 @@ mod tests {
 
     #[test]
     fn the_users_configuration_is_not_passed_to_the_children() {
-        for name in ["DATABASE_URL", "DPLOYR_KV", "DPLOYR_MIGRATE_ON_START", "CLOUDFLARE_API_TOKEN"] {
+        for name in
+            ["DATABASE_URL", "DPLOYR_KV", "DPLOYR_MIGRATE_ON_START", "CLOUDFLARE_API_TOKEN", "PGPASSWORD", "PGOPTIONS"]
+        {
             assert!(is_configuration(name.as_ref()), "{name}");
         }
-        for name in ["PATH", "RUST_LOG", "PGPASSWORD", "DATABASE_URLS"] {
+        for name in ["PATH", "RUST_LOG", "DATABASE_URLS"] {
             assert!(!is_configuration(name.as_ref()), "{name}");
         }
     }

@@ -180,7 +180,9 @@ async fn with_an_error_body(response: Response) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
+        .and_then(|value| value.split(';').next())
+        .map(|media| media.trim().to_ascii_lowercase())
+        .is_some_and(|media| media == "application/json" || media.ends_with("+json"));
     if is_json || !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
@@ -370,7 +372,17 @@ impl FromRequestParts<App> for SignedIn {
         let unauthorized = || ApiError(StatusCode::UNAUTHORIZED, "sign in first".into());
         let id: String = session.get(USER_FIELD).await?.ok_or_else(unauthorized)?;
         let id = UserId::parse(&id).map_err(|_| unauthorized())?;
-        match app.data.users().get(&id).await? {
+        // On the primary: `users.get` may go to a replica (a stale name
+        // grants nothing), but here its answer decides whether the session
+        // lives, and a replica behind a first sign-in would end it.
+        let found = app
+            .data
+            .run(move |data| {
+                let _primary = data.pool().reads_on_primary();
+                dployr_data::UserStore::get(data.users(), &id)
+            })
+            .await?;
+        match found {
             Some(user) => Ok(Self(user)),
             None => {
                 session.flush().await?;
@@ -610,8 +622,11 @@ async fn oauth_callback(State(app): State<App>, session: Session, Query(query): 
     if started_here != Some(state_hash(&query.state)) {
         return Err(ApiError(StatusCode::BAD_REQUEST, "this OAuth state was not started by this browser".into()));
     }
+    // Taken from the session once the store has answered: a store that
+    // failed (503) leaves the browser's pending state for its retry.
+    let validated = app.data.kv().validate_state(&OAuthState::new(query.state)).await?;
     session.remove_value(OAUTH_STATE_FIELD).await?;
-    match app.data.kv().validate_state(&OAuthState::new(query.state)).await? {
+    match validated {
         Some(redirect) => Ok(Json(json!({ "redirect": redirect }))),
         None => Err(ApiError(StatusCode::BAD_REQUEST, "unknown, used or expired OAuth state".into())),
     }
