@@ -528,18 +528,24 @@ impl Inner {
     /// loaded: only over a record that is still there (see
     /// [`Writing::Loaded`]).
     fn save(&self, record: &Record) -> StoreResult<()> {
-        self.write(record, Writing::Loaded)
+        self.write(record, None, Writing::Loaded)
     }
 
     /// Writes `record` and its user's index entry, `writing` it as new or
     /// as loaded; one with an expiry already past is deleted instead.
-    fn write(&self, record: &Record, writing: Writing) -> StoreResult<()> {
+    /// `encoded` is the record as [`encode_within`] gives it, when the
+    /// caller has it already (`create`: the value holds no id, so one
+    /// encoding serves every id tried).
+    fn write(&self, record: &Record, encoded: Option<&[u8]>, writing: Writing) -> StoreResult<()> {
         let key = record_key(&record.id);
         let Some(ttl) = ttl_until(record.expiry_date, self.now(), &self.backend.limits()) else {
             // Saved already expired: it must not load again.
             return self.delete_key(&key);
         };
-        let value = encode_within(record, &self.backend.limits())?;
+        let value = match encoded {
+            Some(value) => std::borrow::Cow::Borrowed(value),
+            None => std::borrow::Cow::Owned(encode_within(record, &self.backend.limits())?),
+        };
         if !self.write_record(&key, &value, ttl, writing)? {
             // The session ended after its request loaded it (signed out,
             // signed out everywhere, or expired): the request's changes
@@ -642,10 +648,10 @@ impl Inner {
         };
         // Before an id is claimed: a record `save` will refuse (too deep to
         // decode, too large for the backend) leaves nothing, not even the claim.
-        encode_within(&record, &limits)?;
+        let value = encode_within(&record, &limits)?;
         for _ in 0..CREATE_ATTEMPTS {
             if self.claim(&record.id, ttl)? {
-                self.write(&record, Writing::New)?;
+                self.write(&record, Some(&value), Writing::New)?;
                 return Ok(record);
             }
             record.id = Id::default();
