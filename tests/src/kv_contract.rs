@@ -709,6 +709,32 @@ pub fn oauth_state_is_single_use_and_expires(f: &dyn KvFixture) {
     assert_eq!(ok(store.validate_state(&late), "after expiry"), None);
 }
 
+/// A session id or OAuth state no server hands out (empty: a missing
+/// cookie or parameter read as `""`, which every client would share; or
+/// longer than a browser keeps) is refused when created, and is found
+/// nowhere when read, taken or ended; nothing is written for it.
+pub fn empty_or_oversized_session_ids_and_states_are_refused_and_found_nowhere(f: &dyn KvFixture) {
+    let store = kv_store(f);
+    let user = sample_user(10);
+    let oversized = "s".repeat(dployr_kv::MAX_SECRET_BYTES + 1);
+    for bad in ["", oversized.as_str()] {
+        assert_invalid(store.create_session(&SessionId::new(bad), &user, vec![]), "session_id");
+        assert_eq!(ok(store.get_session(&SessionId::new(bad)), "get_session"), None);
+        ok(store.delete_session(&SessionId::new(bad)), "delete_session");
+        assert_invalid(store.create_state(&OAuthState::new(bad), "https://app.example/next"), "state");
+        assert_eq!(ok(store.validate_state(&OAuthState::new(bad)), "validate_state"), None);
+    }
+    assert_eq!(list_all(f.kv().as_ref(), "", 1000).0, Vec::<String>::new(), "nothing was written");
+    assert_eq!(ok(store.delete_user_sessions(&user.id), "delete_user_sessions"), 0);
+    // The longest taken is taken, and single use as any other.
+    let longest = "s".repeat(dployr_kv::MAX_SECRET_BYTES);
+    ok(store.create_session(&SessionId::new(longest.as_str()), &user, vec![]), "the longest session id");
+    assert!(ok(store.get_session(&SessionId::new(longest.as_str())), "get_session").is_some());
+    ok(store.create_state(&OAuthState::new(longest.as_str()), "https://app.example/next"), "the longest state");
+    assert!(ok(store.validate_state(&OAuthState::new(longest.as_str())), "validate_state").is_some());
+    assert_eq!(ok(store.validate_state(&OAuthState::new(longest)), "again"), None);
+}
+
 /// A one-time code validates once, case-insensitively; three wrong guesses
 /// burn it; a new code replaces the old one; codes expire.
 pub fn otp_rules_hold(f: &dyn KvFixture) {
@@ -913,6 +939,7 @@ macro_rules! kv_contract_tests {
             bulk_reads_and_deletes_answer_as_single_calls,
             sign_outs_everywhere_at_once_count_each_session_once_where_promised,
             oauth_state_is_single_use_and_expires,
+            empty_or_oversized_session_ids_and_states_are_refused_and_found_nowhere,
             otp_rules_hold,
             stated_guarantees_match_the_backends_limits,
             read_your_writes_where_promised,

@@ -216,6 +216,26 @@ fn store_refuses_ttls_the_backend_cannot_hold() {
     assert!(KvStore::with_config(Arc::new(MemoryKv::new()), config).is_err());
 }
 
+/// OWASP ASVS 2.7.2: a code sent by e-mail expires within 10 minutes, so
+/// a store is not opened with a longer one-time code TTL (shorter ones are
+/// the operator's choice).
+#[test]
+fn a_one_time_code_ttl_past_ten_minutes_is_refused() {
+    let config = |otp_ttl| KvStoreConfig { otp_ttl, ..KvStoreConfig::default() };
+    let open = |otp_ttl| KvStore::with_backends(Arc::new(MemoryKv::new()), Arc::new(MemoryKv::new()), config(otp_ttl));
+    assert_eq!(dployr_kv::MAX_OTP_TTL, Duration::from_secs(600));
+    assert!(open(dployr_kv::MAX_OTP_TTL).is_ok());
+    assert!(open(Duration::from_secs(60)).is_ok());
+    for too_long in [dployr_kv::MAX_OTP_TTL + Duration::from_millis(1), Duration::from_secs(24 * 3600)] {
+        match open(too_long) {
+            Err(dployr_domain::StoreError::Invalid { field: "otp_ttl", reason }) => {
+                assert!(reason.contains("10 minutes"), "{reason}");
+            }
+            other => panic!("{too_long:?}: expected Invalid on otp_ttl, got {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_refused_ttl_is_named_by_which_of_the_three_it_is() {
     let two_centuries = Duration::from_secs(200 * 365 * 24 * 3600);

@@ -72,7 +72,7 @@ pub const KV_PURGE_EVERY_VAR: &str = "DPLOYR_KV_PURGE_EVERY_SECS";
 pub const SESSION_TTL_VAR: &str = "DPLOYR_SESSION_TTL_SECS";
 /// OAuth state lifetime in s (default 600).
 pub const STATE_TTL_VAR: &str = "DPLOYR_STATE_TTL_SECS";
-/// One-time code lifetime in s (default 600).
+/// One-time code lifetime in s (default 600, at most 600: OWASP ASVS 2.7.2).
 pub const OTP_TTL_VAR: &str = "DPLOYR_OTP_TTL_SECS";
 
 /// Every variable of the data layer's own that [`Config::from_env`] reads

@@ -32,7 +32,7 @@ pub use memory::MemoryKv;
 pub use postgres::{PgKv, Purger};
 pub use recent_writes::RecentWrites;
 pub use store::{
-    CREATED_SESSION_MEMORY, DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, OAuthState, OTP_ALPHABET, OTP_LENGTH,
-    OtpCode, Session, SessionId,
+    CREATED_SESSION_MEMORY, DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, MAX_OTP_TTL, MAX_SECRET_BYTES, OAuthState,
+    OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId,
 };
 pub use user_sessions::UserSessionIndex;

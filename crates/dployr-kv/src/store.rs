@@ -74,6 +74,16 @@ use crate::{Clock, RecentWrites, SystemClock, UserSessionIndex};
 pub const OTP_ALPHABET: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
 /// How many characters a one-time code has.
 pub const OTP_LENGTH: usize = 6;
+/// The longest a one-time code may live ([`KvStoreConfig::otp_ttl`]):
+/// OWASP ASVS 4.0 (2.7.2) has codes sent out of band expire after 10
+/// minutes, which is also the default.
+pub const MAX_OTP_TTL: Duration = Duration::from_secs(10 * 60);
+/// The longest session id or OAuth state taken, in bytes. A session id
+/// travels in a cookie, which browsers keep up to 4096 bytes with its name
+/// (RFC 6265, 6.1), and a state in a URL: a longer one was never handed
+/// out by a server, and is refused (created) or not found (read) without a
+/// call to the backend.
+pub const MAX_SECRET_BYTES: usize = 4096;
 
 const SESSION_PREFIX: &str = "session:";
 const STATE_PREFIX: &str = "oauth_state:";
@@ -380,8 +390,9 @@ impl KvStore {
     /// # Errors
     /// [`StoreError::Invalid`] on field `session_ttl` when the session TTL
     /// is outside what `sessions` accepts, `state_ttl` or `otp_ttl` when
-    /// that TTL is outside what `one_time` accepts, `otp_max_attempts` when
-    /// no OTP attempt is allowed.
+    /// that TTL is outside what `one_time` accepts, `otp_ttl` when it is
+    /// longer than [`MAX_OTP_TTL`], `otp_max_attempts` when no OTP attempt
+    /// is allowed.
     pub fn with_backends(
         sessions: Arc<dyn KvBackend>,
         one_time: Arc<dyn KvBackend>,
@@ -398,6 +409,12 @@ impl KvStore {
                 StoreError::Invalid { reason, .. } => StoreError::Invalid { field, reason },
                 other => other,
             })?;
+        }
+        if config.otp_ttl > MAX_OTP_TTL {
+            return Err(StoreError::invalid(
+                "otp_ttl",
+                "is longer than 10 minutes, the most OWASP ASVS (2.7.2) lets a one-time code live",
+            ));
         }
         if config.otp_max_attempts == 0 {
             return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
@@ -511,8 +528,10 @@ impl KvStore {
     /// Stores a session for `user` under `session_id` for the session TTL.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] on field `clusters` when the session, with
-    /// these clusters, is larger than the backend takes; backend errors.
+    /// [`StoreError::Invalid`] on field `session_id` when the id is empty or
+    /// longer than [`MAX_SECRET_BYTES`], on field `clusters` when the
+    /// session, with these clusters, is larger than the backend takes;
+    /// backend errors.
     pub fn create_session(
         &self,
         session_id: &SessionId,
@@ -520,6 +539,7 @@ impl KvStore {
         clusters: Vec<ClusterSummary>,
     ) -> StoreResult<Session> {
         let _span = operation("kv.create_session");
+        check_secret("session_id", session_id.expose())?;
         let created_at = self.now();
         let session = Session {
             user_id: user.id,
@@ -558,12 +578,17 @@ impl KvStore {
         Ok(session)
     }
 
-    /// The session under `session_id`; `None` if there is none or it expired.
+    /// The session under `session_id`; `None` if there is none or it
+    /// expired, and for an id no session can have (empty, or longer than
+    /// [`MAX_SECRET_BYTES`]), without asking the backend.
     ///
     /// # Errors
     /// Backend errors; [`StoreError::Backend`] if the stored session cannot be read.
     pub fn get_session(&self, session_id: &SessionId) -> StoreResult<Option<Session>> {
         let _span = operation("kv.get_session");
+        if check_secret("session_id", session_id.expose()).is_err() {
+            return Ok(None);
+        }
         let key = Self::session_key(session_id);
         let stored = match self.recent(&key) {
             // Deleted here: a stale read must not bring it back.
@@ -612,6 +637,10 @@ impl KvStore {
     /// Backend errors.
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
         let _span = operation("kv.delete_session");
+        // No session has such an id: nothing to end.
+        if check_secret("session_id", session_id.expose()).is_err() {
+            return Ok(());
+        }
         let key = Self::session_key(session_id);
         self.remember(&key, SessionWrite::Deleted);
         self.kv.delete(&key)
@@ -780,21 +809,28 @@ impl KvStore {
     /// Remembers `state` and where to go after the sign-in, for the state TTL.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] on field `redirect_url` when it is larger
-    /// than the backend takes; backend errors.
+    /// [`StoreError::Invalid`] on field `state` when the state is empty or
+    /// longer than [`MAX_SECRET_BYTES`], on field `redirect_url` when it is
+    /// larger than the backend takes; backend errors.
     pub fn create_state(&self, state: &OAuthState, redirect_url: &str) -> StoreResult<()> {
         let _span = operation("kv.create_state");
+        check_secret("state", state.expose())?;
         check_value_size(self.one_time.as_ref(), "redirect_url", redirect_url.as_bytes())?;
         self.one_time.put(&Self::state_key(state), redirect_url.as_bytes(), Some(self.config.state_ttl))
     }
 
     /// Consumes `state`: its redirect URL the first time, `None` after that
-    /// or once it expired. Atomic where the backend's `take` is.
+    /// or once it expired, and for a state none can be (empty, or longer
+    /// than [`MAX_SECRET_BYTES`]) without asking the backend. Atomic where
+    /// the backend's `take` is.
     ///
     /// # Errors
     /// Backend errors.
     pub fn validate_state(&self, state: &OAuthState) -> StoreResult<Option<String>> {
         let _span = operation("kv.validate_state");
+        if check_secret("state", state.expose()).is_err() {
+            return Ok(None);
+        }
         let Some(value) = self.one_time.take(&Self::state_key(state))? else { return Ok(None) };
         String::from_utf8(value).map(Some).map_err(|e| StoreError::backend("decoding a stored OAuth state", e))
     }
@@ -841,6 +877,22 @@ impl KvStore {
         )?;
         Ok(taken)
     }
+}
+
+/// Refuses a session id or OAuth state (`field`) that no server hands out:
+/// empty (a missing cookie or parameter read as `""`, which every client
+/// would share), or longer than [`MAX_SECRET_BYTES`].
+fn check_secret(field: &'static str, secret: &str) -> StoreResult<()> {
+    if secret.is_empty() {
+        return Err(StoreError::invalid(field, "is empty"));
+    }
+    if secret.len() > MAX_SECRET_BYTES {
+        return Err(StoreError::Invalid {
+            field,
+            reason: format!("is {} bytes long, more than {MAX_SECRET_BYTES}", secret.len()).into(),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses a value `backend` would refuse, naming the caller's argument
