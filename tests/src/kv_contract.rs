@@ -975,6 +975,7 @@ macro_rules! session_store_contract_tests {
             session_store_create_never_overwrites_a_taken_id,
             session_store_concurrent_creates_of_one_id_get_distinct_ids_where_atomic,
             session_store_expired_records_never_load,
+            session_store_the_deletion_task_keeps_live_records,
             session_store_expiry_is_kept_within_the_backends_ttl_range,
             session_store_keys_hold_no_session_or_user_id,
             session_store_values_hold_no_session_id,

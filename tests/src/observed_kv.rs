@@ -98,4 +98,8 @@ impl KvBackend for ObservedKv {
     ) -> StoreResult<()> {
         self.inner.put_and_reset_counter(key, value, ttl, counter_key)
     }
+
+    fn delete_expired(&self) -> StoreResult<u64> {
+        self.inner.delete_expired()
+    }
 }

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime};
 use dployr_kv::Clock;
 use dployr_tower_sessions::{KvSessionStore, STALE_READ_WINDOW};
 use time::OffsetDateTime;
-use tower_sessions_core::SessionStore;
 use tower_sessions_core::session::{Id, Record};
+use tower_sessions_core::{ExpiredDeletion as _, SessionStore};
 
 use crate::kv_contract::{KvFixture, list_all};
 
@@ -169,6 +169,23 @@ pub fn session_store_expired_records_never_load(f: &dyn KvFixture) {
         assert!(ok(store.load(&short.id).await, "load before expiry").is_some());
         f.advance(Duration::from_secs(180));
         assert_eq!(ok(store.load(&short.id).await, "load after the TTL"), None);
+    });
+}
+
+/// The deletion task (`ExpiredDeletion::delete_expired`) runs on every
+/// backend and takes nothing live: a record still valid loads after it, an
+/// expired one does not.
+pub fn session_store_the_deletion_task_keeps_live_records(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut short = record(120, &[(USER_FIELD, "user-1")]);
+        ok(store.create(&mut short).await, "create");
+        f.advance(Duration::from_secs(180));
+        let mut live = record(3600, &[(USER_FIELD, "user-2")]);
+        ok(store.create(&mut live).await, "create");
+        ok(store.delete_expired().await, "delete_expired");
+        assert_eq!(ok(store.load(&live.id).await, "the live record"), Some(live));
+        assert_eq!(ok(store.load(&short.id).await, "the expired record"), None);
     });
 }
 

@@ -222,3 +222,38 @@ fn every_operation_is_one_statement() {
     let email = dployr_domain::Email::parse("one@example.com").unwrap();
     one("KvStore::create_otp", &|| drop(store.create_otp(&email).unwrap()));
 }
+
+/// Without a purger (`PgKv::new` starts none; `DPLOYR_KV_PURGE_EVERY_SECS=0`
+/// turns the data layer's off), the rows of expired tower-sessions records
+/// stay: the store's `ExpiredDeletion` task deletes them, and only them.
+#[test]
+fn the_tower_sessions_deletion_task_purges_expired_session_rows_and_keeps_live_ones() {
+    use dployr_tower_sessions::KvSessionStore;
+    use tower_sessions_core::session::Record;
+    use tower_sessions_core::{ExpiredDeletion as _, SessionStore as _};
+
+    let pg = postgres();
+    let store = KvSessionStore::new(Arc::new(pg.kv.clone())).with_user_field("user_id");
+    let record = |user: &str| Record {
+        id: Default::default(),
+        data: [("user_id".to_owned(), serde_json::Value::from(user))].into_iter().collect(),
+        expiry_date: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut expiring: Vec<Record> = (0..5).map(|i| record(&format!("user-{i}"))).collect();
+    for r in &mut expiring {
+        runtime.block_on(store.create(r)).unwrap();
+    }
+    let expired_rows = rows(&pg, "true");
+    assert!(expired_rows >= 5, "{expired_rows} rows for 5 sessions");
+    pg.advance(Duration::from_secs(2 * 3600));
+    let mut live = record("user-live");
+    runtime.block_on(store.create(&mut live)).unwrap();
+    let live_rows = rows(&pg, "true") - expired_rows;
+
+    assert_eq!(rows(&pg, "expires_at <= now()"), expired_rows, "expired rows stay without a purge");
+    runtime.block_on(store.delete_expired()).unwrap();
+    assert_eq!(rows(&pg, "expires_at <= now()"), 0, "the task purged every expired row");
+    assert_eq!(rows(&pg, "true"), live_rows, "and only those");
+    assert_eq!(runtime.block_on(store.load(&live.id)).unwrap(), Some(live));
+}

@@ -24,9 +24,6 @@ use crate::config::{
 use crate::health::{self, Health};
 use crate::{Config, KvBackendConfig, OneTimeKvConfig};
 
-/// Batch size of the background purge of the PostgreSQL key-value backend.
-const PURGE_BATCH: i64 = 1000;
-
 /// The data layer of dployr base: every store, on one pool.
 ///
 /// ```no_run
@@ -73,7 +70,7 @@ fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgK
 
 /// Starts the purger of `kv` every `every`.
 fn start_purger(kv: &PgKv, every: Duration) -> StoreResult<Purger> {
-    kv.spawn_purger(every, PURGE_BATCH).map_err(|e| match e {
+    kv.spawn_purger(every, dployr_kv::PURGE_BATCH).map_err(|e| match e {
         StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason },
         other => other,
     })

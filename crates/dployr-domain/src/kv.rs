@@ -461,6 +461,19 @@ pub trait KvBackend: Send + Sync {
         self.put(key, value, ttl)?;
         self.put(counter_key, b"0", ttl)
     }
+
+    /// Deletes the entries whose TTL has passed and returns how many, on a
+    /// backend that keeps them until something deletes them (PostgreSQL's
+    /// rows, in bounded batches). An expired entry is never returned either
+    /// way: this gives its space back. The default, for backends that drop
+    /// expired entries themselves (memory reclaims them at every call,
+    /// Cloudflare expires them), does nothing and returns 0.
+    ///
+    /// # Errors
+    /// Backend errors; entries deleted before one stay deleted.
+    fn delete_expired(&self) -> StoreResult<u64> {
+        Ok(0)
+    }
 }
 
 /// Parses a counter value as written by [`KvBackend::increment`]: ASCII

@@ -31,6 +31,10 @@ use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_
 use dployr_pg::PgPool;
 use dployr_pg::schema::kv_entries;
 
+/// How many expired rows one purge statement deletes, by default: few
+/// enough that no statement holds many row locks or runs long.
+pub const PURGE_BATCH: i64 = 1000;
+
 /// A [`KvBackend`] on the `kv_entries` table; cheap to clone.
 ///
 /// ```no_run
@@ -456,5 +460,12 @@ impl KvBackend for PgKv {
                 .execute(conn)
         })?;
         Ok(())
+    }
+
+    /// [`purge_expired`](PgKv::purge_expired) in batches of
+    /// [`PURGE_BATCH`]: what a caller without a purger thread (a
+    /// tower-sessions deletion task) runs on a schedule of its own.
+    fn delete_expired(&self) -> StoreResult<u64> {
+        self.purge_expired(PURGE_BATCH)
     }
 }

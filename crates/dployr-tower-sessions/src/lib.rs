@@ -12,10 +12,17 @@
 //!   time left until its `expiry_date`, raised to the backend's shortest TTL
 //!   (Cloudflare: 60 s) and cut to its longest ([`KvLimits`]); a record whose
 //!   expiry has passed is never returned, whatever the backend still holds,
-//!   and one saved with an expiry already past is deleted. Every dployr
-//!   backend drops expired entries itself (memory sweeps them, PostgreSQL's
-//!   purger deletes them, Cloudflare expires them), so this store needs no
-//!   [`ExpiredDeletion`](tower_sessions_core::ExpiredDeletion) task.
+//!   and one saved with an expiry already past is deleted. Memory reclaims
+//!   expired entries at every call and Cloudflare expires them; PostgreSQL
+//!   keeps expired rows (never returned) until they are purged: by the
+//!   purger `DataLayer` starts (`DPLOYR_KV_PURGE_EVERY_SECS`, every 300 s
+//!   unless set), by `PgKv::spawn_purger`, or, without either, by this
+//!   store's [`ExpiredDeletion`] task
+//!   (`store.clone().continuously_delete_expired(period)`, with
+//!   tower-sessions' `deletion-task` feature), which purges every expired
+//!   row of the key-value table, session records or not
+//!   ([`KvBackend::delete_expired`]); on memory and Cloudflare it has
+//!   nothing to do.
 //! - **`create` never overwrites.** As tower-sessions asks, an id that is
 //!   taken gets a new random id, and the store tries again. On a backend
 //!   with atomic counters (memory, PostgreSQL) an id is claimed with one
@@ -115,7 +122,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
 use tower_sessions_core::session::{Id, Record};
-use tower_sessions_core::{SessionStore, session_store};
+use tower_sessions_core::{ExpiredDeletion, SessionStore, session_store};
 
 /// Prefix of the keys of session records.
 const RECORD_PREFIX: &str = "tower_session:";
@@ -755,6 +762,17 @@ impl SessionStore for KvSessionStore {
     async fn delete(&self, session_id: &Id) -> session_store::Result<()> {
         let id = *session_id;
         self.blocking(move |inner| inner.delete_key(&record_key(&id))).await.map_err(session_error)
+    }
+}
+
+/// Purges the backend's expired entries ([`KvBackend::delete_expired`]):
+/// on PostgreSQL, every expired row of the key-value table in batches (see
+/// the crate documentation for when a server needs it); on memory and
+/// Cloudflare, nothing.
+#[async_trait]
+impl ExpiredDeletion for KvSessionStore {
+    async fn delete_expired(&self) -> session_store::Result<()> {
+        self.blocking(|inner| inner.backend.delete_expired().map(drop)).await.map_err(session_error)
     }
 }
 
