@@ -312,6 +312,76 @@ async fn with_sessions_on_cloudflare_each_key_value_call_goes_by_the_backend_it_
     data.kv().create_otp(&user.email).await.unwrap();
 }
 
+/// A call on tokio's blocking pool (a session call on Cloudflare) whose
+/// future is dropped before a blocking thread took it does not run, as a
+/// call dropped in the facade's queue does not: tokio does not cancel a
+/// blocking task that has not started, so the call checks its caller.
+#[test]
+fn a_cloudflare_call_dropped_before_a_blocking_thread_took_it_does_not_run() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = dployr_testkit::database();
+        let (data, _emulator) = one_thread_on(&db, Kv::Cloudflare, Duration::from_secs(1)).await;
+        let user = data.users().upsert(NewUser::new(email("ada@example.io"), Provider::Github)).await.unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = tokio::task::spawn_blocking(move || released.recv_timeout(HOLD_AT_MOST));
+        let id = SessionId::generate();
+        let kv = data.kv();
+        let create = kv.create_session(&id, &user, Vec::new());
+        assert!(tokio::time::timeout(Duration::from_millis(300), create).await.is_err(), "the blocking thread is held");
+        drop(release);
+        let _ = holder.await.unwrap();
+        // The dropped call's task runs (and returns) before this one.
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+        assert_eq!(data.kv().get_session(&id).await.unwrap(), None, "the dropped call ran");
+    });
+}
+
+/// Polls `future` to its end on this thread, outside any tokio runtime
+/// (another executor, as far as the facade can tell).
+fn block_on_without_tokio<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut context = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
+/// A future of the facade polled outside tokio answers on every route:
+/// the facade's threads (PostgreSQL), and a thread of its own where tokio's
+/// blocking pool would be used (sessions on Cloudflare, `health`, `open`),
+/// where `spawn_blocking` would panic.
+#[test]
+fn the_facade_answers_on_every_route_when_polled_outside_tokio() {
+    let db = dployr_testkit::database();
+    let (config, _emulator) = config(&db, Kv::Cloudflare);
+    let data = block_on_without_tokio(AsyncDataLayer::open(config)).unwrap();
+    let user =
+        block_on_without_tokio(data.users().upsert(NewUser::new(email("ada@example.io"), Provider::Github))).unwrap();
+    let id = SessionId::generate();
+    block_on_without_tokio(data.kv().create_session(&id, &user, Vec::new())).unwrap();
+    let session = block_on_without_tokio(data.kv().get_session(&id)).unwrap();
+    assert_eq!(session.map(|s| s.user_id), Some(user.id));
+    let health = block_on_without_tokio(data.health());
+    assert!(health.is_ready(), "{health:?}");
+    drop(data);
+}
+
 /// With sessions on Cloudflare, `delete_user` and `remove_users` (whose
 /// second step is HTTP requests) run off the facade's threads: both finish,
 /// sessions ended, while its only thread is held.

@@ -55,8 +55,9 @@
 //! and why it is not the default:
 //! - a call in place cannot be left behind: a `tokio::time::timeout` (or
 //!   tower's timeout layer) around it, or a `select!`, returns only when
-//!   the call ends, which the data layer's call deadline bounds
-//!   (`DPLOYR_DB_CALL_TIMEOUT_MS`, 30 s unless set);
+//!   the call ends, which the data layer's own bounds limit (the call
+//!   deadline, `DPLOYR_DB_CALL_TIMEOUT_MS`, 30 s unless set, per statement
+//!   of a call of several statements);
 //! - calls awaited together in one task (`join!`) run one after another;
 //! - it needs the multi-thread runtime: on a current-thread runtime, or
 //!   outside tokio, the call goes to the facade's threads as usual;
@@ -86,9 +87,18 @@
 //! another). For them the caller may assume that what is done stays done
 //! and that calling again with the same arguments finishes the rest (see
 //! [`DataLayer::delete_user`] and [`DataLayer::remove_users`]). A call
-//! whose future is dropped while it waits in the queue does not run. What
-//! bounds how long a call runs is the data layer's own deadline
-//! (`DPLOYR_DB_CALL_TIMEOUT_MS`).
+//! whose future is dropped while it waits for a thread (in the facade's
+//! queue, or on tokio's blocking pool) does not run. What bounds how long
+//! a call runs is the data layer's own bounds: the call deadline
+//! (`DPLOYR_DB_CALL_TIMEOUT_MS`) of each statement, so a call of several
+//! statements (signing a user out everywhere, `delete_user`) may take one
+//! deadline per statement, and a Cloudflare request's timeout and retries;
+//! a closure given to [`AsyncDataLayer::run`] is bounded by what it does.
+//!
+//! **Outside tokio.** A future of the facade polled by another executor
+//! works too: calls on the facade's threads as on a current-thread runtime,
+//! and calls that would go to tokio's blocking pool (Cloudflare, `open`) on
+//! a thread started for the call.
 //!
 //! **Open and drop.** [`AsyncDataLayer::open`] runs the blocking open
 //! (connect, migrations, the key-value backend) on tokio's blocking pool.
@@ -423,17 +433,70 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Runs `work` on tokio's blocking pool: a panic in it goes on in the
-/// caller; a runtime shutting down before it ran is `Unavailable` with
-/// `not_run` as the reason.
+/// Runs `work` on tokio's blocking pool, or on a thread of its own when
+/// the future is polled outside a tokio runtime (where `spawn_blocking`
+/// panics): a panic in it goes on in the caller; a runtime shutting down
+/// before it ran is `Unavailable` with `not_run` as the reason. A call
+/// whose future is dropped before a thread takes it does not run, as a
+/// call dropped in the facade's queue does not (tokio does not cancel a
+/// blocking task that has not started).
 async fn on_blocking_pool<T: Send + 'static>(
     work: impl FnOnce() -> StoreResult<T> + Send + 'static,
     not_run: &'static str,
 ) -> StoreResult<T> {
+    let waiting = CallerWaiting::default();
+    let caller = Arc::clone(&waiting.0);
+    let work = move || {
+        if !caller.load(Ordering::Acquire) {
+            return Err(stopped("the caller stopped waiting before the call started; it did not run"));
+        }
+        work()
+    };
+    if tokio::runtime::Handle::try_current().is_err() {
+        return on_a_thread_of_its_own(work).await;
+    }
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result,
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         Err(error) => Err(StoreError::Unavailable { reason: not_run.into(), source: Some(Box::new(error)) }),
+    }
+}
+
+/// Whether the caller of a call on the blocking pool still waits for it:
+/// `true` until the guard, held by the call's future, is dropped.
+struct CallerWaiting(Arc<std::sync::atomic::AtomicBool>);
+
+impl Default for CallerWaiting {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::atomic::AtomicBool::new(true)))
+    }
+}
+
+impl Drop for CallerWaiting {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Runs `work` on a new thread, for a future polled outside tokio (another
+/// executor): a panic in it goes on in the caller.
+async fn on_a_thread_of_its_own<T: Send + 'static>(
+    work: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("dployr-call".into()).spawn(move || {
+        let _caller_gone = reply.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+    });
+    if let Err(error) = spawned {
+        return Err(StoreError::Unavailable {
+            reason: "no thread could be started for the call; it did not run".into(),
+            source: Some(Box::new(error)),
+        });
+    }
+    match answer.await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => Err(stopped("the call's thread ended without answering")),
     }
 }
 
