@@ -981,6 +981,7 @@ macro_rules! session_store_contract_tests {
             session_store_values_hold_no_session_id,
             session_store_deletes_every_session_of_one_user_only,
             session_store_a_session_that_changed_user_is_ended_only_with_its_current_user,
+            session_store_a_session_that_dropped_its_user_is_ended_by_their_sign_out_everywhere,
             session_store_refuses_a_record_it_could_not_load_back,
             session_store_a_save_after_the_session_was_deleted_does_not_bring_it_back,
             session_store_sign_out_everywhere_counts_only_sessions_that_were_live,

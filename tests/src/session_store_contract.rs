@@ -296,6 +296,26 @@ pub fn session_store_a_session_that_changed_user_is_ended_only_with_its_current_
     });
 }
 
+/// A session whose data no longer names its user after a save (a handler
+/// that signed the user out by removing the field, keeping the session and
+/// whatever else it holds) is still ended by their sign-out everywhere, and
+/// counted: it was theirs, and only another user's name makes it someone
+/// else's (see the test above).
+pub fn session_store_a_session_that_dropped_its_user_is_ended_by_their_sign_out_everywhere(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut visit = record(3600, &[(USER_FIELD, "ada"), ("github_token", "t")]);
+        ok(store.create(&mut visit).await, "create ada's");
+        visit.data.remove(USER_FIELD);
+        ok(store.save(&visit).await, "ada signs out of this session by removing the field");
+        match store.delete_user_sessions("ada").await {
+            Ok(1) => {}
+            other => panic!("expected the one session of ada's, got {other:?}"),
+        }
+        assert_eq!(ok(store.load(&visit.id).await, "after ada's sign-out everywhere"), None);
+    });
+}
+
 /// `value` inside `levels` arrays.
 fn nested(levels: usize, value: serde_json::Value) -> serde_json::Value {
     (0..levels).fold(value, |inner, _| serde_json::Value::Array(vec![inner]))

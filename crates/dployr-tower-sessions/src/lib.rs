@@ -55,8 +55,11 @@
 //!   (see [`UserSessionIndex`]). It counts the sessions it ended, not those
 //!   its index still names that had ended before. A save whose index entry
 //!   fails, for a record no entry names yet, deletes the record it wrote
-//!   and fails, so no record is left that the index does not name; a session saved since under another user (no
-//!   new id at sign-in) is left to that user's sign-out.
+//!   and fails, so no record is left that the index does not name. A
+//!   session saved since under another user (no new id at sign-in) is left
+//!   to that user's sign-out; one saved since naming nobody (the field
+//!   removed to sign out of it) is still ended, and counted, with its
+//!   user's, on every backend.
 //! - **What is stored loads back.** A record whose data is nested deeper
 //!   than serde_json reads (128 levels) is refused by `create` and `save`
 //!   as an encoding error, with nothing written, instead of being stored
@@ -168,12 +171,22 @@ struct Inner {
 /// What this process last wrote to a record's key.
 #[derive(Clone)]
 enum Written {
-    Record(Record),
+    Record(Remembered),
     /// Found through this memory by a sign-out everywhere whose delete the
     /// backend has not confirmed yet: it does not load, but a second
     /// sign-out, after an error, finds it again.
-    Deleting(Record),
+    Deleting(Remembered),
     Deleted,
+}
+
+/// A record as this process last wrote it, and the user whose index names
+/// its key from a write of this process: the user its data named then,
+/// kept when a later save names nobody (the entry stays, and their
+/// sign-out everywhere ends it, as it does a record the listing shows).
+#[derive(Clone)]
+struct Remembered {
+    record: Record,
+    indexed_for: Option<String>,
 }
 
 /// How [`Inner::write`] writes a record.
@@ -320,7 +333,7 @@ impl KvSessionStore {
             // A stale listing may not show yet the entries of sessions saved
             // in the last minute; those saved here are in the memory.
             if let Some(recent) = &inner.recent {
-                for (key, record) in records_of(recent, field, &user, inner.clock.as_ref()) {
+                for (key, record) in records_of(recent, &user, inner.clock.as_ref()) {
                     if listed.contains(&key) {
                         continue;
                     }
@@ -377,15 +390,16 @@ fn now_on(clock: &dyn Clock) -> OffsetDateTime {
 }
 
 /// The records `recent` holds as written (or being deleted) within the
-/// window whose data names `user` under `field` and whose expiry date has
-/// not passed on `clock`, with their keys.
-fn records_of(recent: &RecentWrites<Written>, field: &str, user: &str, clock: &dyn Clock) -> Vec<(String, Record)> {
+/// window that this process indexed for `user` (their data names `user`,
+/// or named them and then nobody: [`Remembered`]) and whose expiry date
+/// has not passed on `clock`, with their keys.
+fn records_of(recent: &RecentWrites<Written>, user: &str, clock: &dyn Clock) -> Vec<(String, Remembered)> {
     let expiry_now = now_on(clock);
     recent.filter_live(clock.monotonic(), |key, written| match written {
-        Written::Record(record) | Written::Deleting(record)
-            if record.expiry_date > expiry_now && record.data.get(field).and_then(|v| v.as_str()) == Some(user) =>
+        Written::Record(remembered) | Written::Deleting(remembered)
+            if remembered.record.expiry_date > expiry_now && remembered.indexed_for.as_deref() == Some(user) =>
         {
-            Some((key.to_owned(), record.clone()))
+            Some((key.to_owned(), remembered.clone()))
         }
         _ => None,
     })
@@ -427,6 +441,20 @@ impl Inner {
     /// Now, on the store's clock, as expiry dates are written.
     fn now(&self) -> OffsetDateTime {
         now_on(self.clock.as_ref())
+    }
+
+    /// `record`, written under `key`, as this process remembers it: with
+    /// the user its data names, else the one a write of this process
+    /// indexed it for before (see [`Remembered`]).
+    fn written(&self, key: &str, record: &Record) -> Written {
+        let indexed_for = match self.user_of(record) {
+            Some((_, user)) => Some(user.to_owned()),
+            None => match self.recent_write(key) {
+                Some(Written::Record(earlier)) => earlier.indexed_for,
+                _ => None,
+            },
+        };
+        Written::Record(Remembered { record: record.clone(), indexed_for })
     }
 
     /// The user a record's data names under the user field, if any.
@@ -485,7 +513,9 @@ impl Inner {
         read: impl FnOnce(&str) -> StoreResult<Option<Vec<u8>>>,
     ) -> StoreResult<Option<Stored>> {
         match self.recent_write(key) {
-            Some(Written::Record(record)) => Ok(Some(Stored { data: record.data, expiry_date: record.expiry_date })),
+            Some(Written::Record(Remembered { record, .. })) => {
+                Ok(Some(Stored { data: record.data, expiry_date: record.expiry_date }))
+            }
             Some(Written::Deleting(_) | Written::Deleted) => Ok(None),
             None => match read(key)? {
                 Some(value) => serde_json::from_slice(&value)
@@ -566,14 +596,14 @@ impl Inner {
         let remembered = match (&self.recent, writing) {
             (None, _) => true,
             (Some(recent), Writing::New) => {
-                recent.remember(&key, Written::Record(record.clone()), self.clock.monotonic(), STALE_READ_WINDOW);
+                recent.remember(&key, self.written(&key, record), self.clock.monotonic(), STALE_READ_WINDOW);
                 true
             }
             // A delete remembered now, where none was before the write, came
             // in while it wrote, and wins.
             (Some(recent), Writing::Loaded) => recent.remember_unless(
                 &key,
-                Written::Record(record.clone()),
+                self.written(&key, record),
                 self.clock.monotonic(),
                 STALE_READ_WINDOW,
                 |written| matches!(written, Written::Deleted | Written::Deleting(_)),
@@ -618,7 +648,7 @@ impl Inner {
         }
         match self.recent_write(key) {
             Some(Written::Deleted | Written::Deleting(_)) => Ok(false),
-            Some(Written::Record(stored)) if stored.expiry_date <= self.now() => Ok(false),
+            Some(Written::Record(stored)) if stored.record.expiry_date <= self.now() => Ok(false),
             Some(Written::Record(_)) => {
                 self.backend.put(key, value, Some(ttl))?;
                 Ok(true)
