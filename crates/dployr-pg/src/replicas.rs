@@ -35,8 +35,10 @@
 //! [`ReplicaConfig::max_lag`]. Replication can stall right after a sample, so
 //! a replica read is at most `max_lag + 2 × sample_every` stale in the worst
 //! case (3 s with the defaults), and usually milliseconds. A replica that
-//! failed its sample, whose sampler is stuck, or whose read failed with
-//! `Unavailable`, is skipped until a later sample succeeds: the read goes
+//! failed its sample, whose sampler is stuck, or whose read (or
+//! read-your-writes wait) failed for a reason of its own (`Unavailable`,
+//! refused credentials, an error of the server such as a table it has not
+//! replayed yet), is skipped until a later sample succeeds: the read goes
 //! to the next replica, then to the primary, and the caller sees no error.
 //! The replica runs of one read share one call deadline, counted from the
 //! read's start (a second replica gets what the first left, not a bound of
@@ -51,11 +53,12 @@
 //! replayed that far, waiting up to [`ReplicaConfig::read_your_writes_wait`]
 //! for the first candidate, and otherwise to the primary.
 //! [`PgPool::reads_on_primary`] sends every read of the scope to the
-//! primary. Both scopes are per thread (a store call runs on its caller's
+//! primary. Scopes nest: the strictest open scope of the thread holds,
+//! whichever was opened last or ends first. Both scopes are per thread (a store call runs on its caller's
 //! thread from checkout to return): open the scope on the thread that
 //! makes the reads, e.g. inside the `spawn_blocking` closure.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
@@ -246,30 +249,61 @@ enum Floor {
     Primary,
 }
 
-thread_local! {
-    static FLOOR: Cell<Floor> = const { Cell::new(Floor::Any) };
+impl Floor {
+    /// The stricter of two floors: the primary over any position, a later
+    /// position over an earlier one.
+    fn strictest(self, other: Self) -> Self {
+        match (self, other) {
+            (Floor::Primary, _) | (_, Floor::Primary) => Floor::Primary,
+            (Floor::AtLeast(a), Floor::AtLeast(b)) => Floor::AtLeast(a.max(b)),
+            (Floor::AtLeast(a), Floor::Any) | (Floor::Any, Floor::AtLeast(a)) => Floor::AtLeast(a),
+            (Floor::Any, Floor::Any) => Floor::Any,
+        }
+    }
 }
 
-/// A scope in which this thread's replica-safe reads are held to a floor;
-/// the previous scope comes back when it is dropped. Not `Send`: the floor
-/// belongs to the thread that opened it.
+thread_local! {
+    /// The floors of this thread's open scopes, each under its scope's
+    /// number: the strictest of them holds, so a scope opened inside
+    /// another never loosens it, and one dropped out of order takes only
+    /// its own floor away.
+    static SCOPES: RefCell<Vec<(u64, Floor)>> = const { RefCell::new(Vec::new()) };
+    /// The number of this thread's next scope.
+    static NEXT_SCOPE: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The floor this thread's reads are held to: the strictest of its open
+/// scopes' ([`Floor::Any`] outside every scope).
+fn current_floor() -> Floor {
+    SCOPES.with(|scopes| scopes.borrow().iter().fold(Floor::Any, |floor, (_, scope)| floor.strictest(*scope)))
+}
+
+/// A scope in which this thread's replica-safe reads are held to a floor,
+/// together with every other scope of the thread still open (the strictest
+/// holds); dropped, it takes its own floor away, in whatever order scopes
+/// end. Not `Send`: the floor belongs to the thread that opened it.
 #[derive(Debug)]
 #[must_use = "the scope ends when this is dropped"]
 pub struct ReadScope {
-    previous: Floor,
+    number: u64,
     _thread: PhantomData<*const ()>,
 }
 
 impl ReadScope {
     fn enter(floor: Floor) -> Self {
-        let previous = FLOOR.with(|cell| cell.replace(floor));
-        Self { previous, _thread: PhantomData }
+        let number = NEXT_SCOPE.with(|next| {
+            let number = next.get();
+            next.set(number.wrapping_add(1));
+            number
+        });
+        SCOPES.with(|scopes| scopes.borrow_mut().push((number, floor)));
+        Self { number, _thread: PhantomData }
     }
 }
 
 impl Drop for ReadScope {
     fn drop(&mut self) {
-        FLOOR.with(|cell| cell.set(self.previous));
+        SCOPES.with(|scopes| scopes.borrow_mut().retain(|(number, _)| *number != self.number));
     }
 }
 
@@ -395,9 +429,12 @@ impl ReplicaSet {
                 let freshness = &replica.freshness;
                 let sampled_at = freshness.sampled_at_ms.load(Ordering::Relaxed);
                 let lag_us = freshness.lag_us.load(Ordering::Relaxed);
+                // A sample older than two periods is a sampler stuck on a
+                // silent server: its lag says nothing of the replica now.
+                let stale = now_ms.saturating_sub(sampled_at) > self.fresh_for_ms();
                 ReplicaStatus {
                     name: replica.name.to_string(),
-                    lag: (sampled_at != 0 && lag_us != FAILED).then(|| Duration::from_micros(lag_us)),
+                    lag: (sampled_at != 0 && lag_us != FAILED && !stale).then(|| Duration::from_micros(lag_us)),
                     sampled: (sampled_at != 0).then(|| Duration::from_millis(now_ms.saturating_sub(sampled_at))),
                     replayed: WalPosition(freshness.replayed.load(Ordering::Relaxed)),
                     in_rotation: self.usable(replica, now_ms).is_ok(),
@@ -416,6 +453,11 @@ impl ReplicaSet {
             .collect()
     }
 
+    /// How long a sample counts, in ms: two sampling periods.
+    fn fresh_for_ms(&self) -> u64 {
+        2 * u64::try_from(self.config.sample_every.as_millis()).unwrap_or(u64::MAX / 4)
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
     }
@@ -429,9 +471,8 @@ impl ReplicaSet {
         }
         // A sampler stuck on a silent server leaves an old sample behind:
         // that replica is as good as down.
-        let fresh_for = 2 * u64::try_from(self.config.sample_every.as_millis()).unwrap_or(u64::MAX / 4);
         let lag = freshness.lag_us.load(Ordering::Relaxed);
-        if lag == FAILED || now_ms.saturating_sub(sampled_at) > fresh_for {
+        if lag == FAILED || now_ms.saturating_sub(sampled_at) > self.fresh_for_ms() {
             return Err(Skip::Down);
         }
         if u128::from(lag) > self.config.max_lag.as_micros() {
@@ -452,7 +493,7 @@ impl ReplicaSet {
     /// the whole check a read makes before it runs (atomics and a clock
     /// read), so `cargo xtask bench` times it through [`check`](Self::check).
     fn candidates(&self) -> impl Iterator<Item = &Replica> + '_ {
-        let count = if FLOOR.with(Cell::get) == Floor::Primary { 0 } else { self.replicas.len() };
+        let count = if current_floor() == Floor::Primary { 0 } else { self.replicas.len() };
         let start = if count == 0 { 0 } else { self.next.fetch_add(1, Ordering::Relaxed) };
         let now_ms = self.now_ms();
         (0..count)
@@ -468,8 +509,12 @@ impl ReplicaSet {
     }
 
     /// Runs a replica-safe read on the first usable replica (round robin),
-    /// moving on when one fails with `Unavailable`. `Ok(None)` when no
-    /// replica may answer: the caller goes to the primary.
+    /// moving on when one fails for a reason of its own (`Unavailable`,
+    /// refused credentials, or an error of the server, such as a table a
+    /// replica behind a migration does not have yet), which takes it out of
+    /// rotation until its sampler succeeds again; a verdict on the input
+    /// (`Invalid`) is the answer, as the primary would give it. `Ok(None)`
+    /// when no replica may answer: the caller goes to the primary.
     ///
     /// Every replica run of the read (and its read-your-writes wait) shares
     /// the one deadline of a call that `started` then: frozen replicas hold
@@ -484,19 +529,31 @@ impl ReplicaSet {
         keys: Keys<'_>,
         work: &mut impl FnMut(&mut PgConnection) -> Result<T, E>,
     ) -> Result<Option<T>, StoreError> {
-        let floor = FLOOR.with(Cell::get);
+        let floor = current_floor();
         for replica in self.candidates() {
             if replica.pool.deadline_passed(started) {
                 return Ok(None);
             }
             if let Floor::AtLeast(lsn) = floor
                 && replica.freshness.replayed.load(Ordering::Relaxed) < lsn
-                && !self.wait_for(replica, lsn, started)
             {
                 // The first usable replica is the one worth waiting for;
                 // the primary answers before a second wait would end.
-                Self::skipped(replica, Skip::BehindWrite);
-                return Ok(None);
+                match self.wait_for(replica, lsn, started) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        Self::skipped(replica, Skip::BehindWrite);
+                        return Ok(None);
+                    }
+                    Err(()) => {
+                        // It failed while waited for (frozen, cut off): out
+                        // of rotation, so that the next reads after a write
+                        // do not each wait for it again.
+                        replica.freshness.lag_us.store(FAILED, Ordering::Relaxed);
+                        Self::skipped(replica, Skip::Error);
+                        return Ok(None);
+                    }
+                }
             }
             match replica.pool.run_statement_since(started, keys, &mut *work) {
                 Ok(value) => {
@@ -504,9 +561,12 @@ impl ReplicaSet {
                     return Ok(Some(value));
                 }
                 // A replica that refuses its credentials now (a password
-                // rotated, a role dropped) is a replica down for this read:
-                // the primary answers, as for one that does not answer.
-                Err(StoreError::Unavailable { .. } | StoreError::Configuration { .. }) => {
+                // rotated, a role dropped), or fails the statement for a
+                // reason of its own (a table a migration added that it has
+                // not replayed yet, a read error of its disk), is a replica
+                // down for this read: the primary answers, as for one that
+                // does not answer.
+                Err(StoreError::Unavailable { .. } | StoreError::Configuration { .. } | StoreError::Backend { .. }) => {
                     // Out of rotation until its sampler succeeds again.
                     replica.freshness.lag_us.store(FAILED, Ordering::Relaxed);
                     Self::skipped(replica, Skip::Error);
@@ -519,15 +579,15 @@ impl ReplicaSet {
 
     /// Waits (polling every millisecond, within the configured wait and the
     /// deadline of the read that `started` then) until `replica` has
-    /// replayed `lsn`; false if it has not, or fails.
-    fn wait_for(&self, replica: &Replica, lsn: u64, started: Instant) -> bool {
+    /// replayed `lsn`: whether it has; `Err` if it failed meanwhile.
+    fn wait_for(&self, replica: &Replica, lsn: u64, started: Instant) -> Result<bool, ()> {
         let until = Instant::now() + self.config.read_your_writes_wait;
         let waited =
             replica.pool.bounded_since(started, |conn| replayed_up_to(conn, lsn, until, Duration::from_millis(1)));
-        let Ok((found, _)) = waited else { return false };
+        let (found, _) = waited.map_err(drop)?;
         let replayed = found.replayed.map_or(0, position);
         replica.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
-        replayed >= lsn
+        Ok(replayed >= lsn)
     }
 }
 

@@ -525,3 +525,119 @@ fn a_replica_config_out_of_range_is_refused_by_name_before_connecting() {
         }
     }
 }
+
+/// Scopes nest: the strictest open scope of the thread holds, whichever
+/// was opened last or ends first. A looser scope opened inside a stricter
+/// one, or a scope dropped before one opened after it, used to put the
+/// thread's floor back to its own, sending a read that must see a write to
+/// the stale replica.
+#[test]
+fn nested_read_scopes_hold_the_strictest_floor_whichever_ends_first() {
+    let Some(server) = start() else { return };
+    let stores = Routed::new(&server, Some(fast_sampling(Duration::from_secs(60))));
+    stores.wait_until_in_rotation(true);
+    let before_the_write = stores.pool.wal_position().unwrap();
+    server.pause_replay().unwrap();
+    let written = stores.users.upsert(NewUser::new(email("nested@example.io"), Provider::Google)).unwrap();
+    let after_the_write = stores.pool.wal_position().unwrap();
+    let sees_the_write = |what: &str| {
+        let found = stores.users.get(&written.id).unwrap().map(|user| user.id);
+        assert_eq!(found, Some(written.id), "{what}: the read went to the stale replica");
+    };
+    assert_eq!(stores.users.get(&written.id).unwrap(), None, "outside every scope, the stale replica answers");
+    {
+        let _primary = stores.pool.reads_on_primary();
+        let _older = stores.pool.reads_after(before_the_write);
+        sees_the_write("an earlier position inside the primary's scope");
+    }
+    {
+        let _newer = stores.pool.reads_after(after_the_write);
+        let _older = stores.pool.reads_after(before_the_write);
+        sees_the_write("an earlier position inside a later one");
+    }
+    {
+        let first = stores.pool.reads_after(after_the_write);
+        let _second = stores.pool.reads_on_primary();
+        drop(first);
+        sees_the_write("the primary's scope after an earlier scope ended first");
+    }
+    assert_eq!(stores.users.get(&written.id).unwrap(), None, "every scope ended: the stale replica answers again");
+    server.resume_replay().unwrap();
+}
+
+/// A replica that fails a read for a reason of its own (here: the table
+/// the read names is missing on it, as after a migration it has not
+/// replayed yet) passes the read to the primary, with no error to the
+/// caller, and leaves rotation until a sample succeeds.
+#[test]
+fn a_replica_failing_a_read_with_an_error_of_its_own_falls_back_to_the_primary() {
+    let Some(server) = start() else { return };
+    let stores = Routed::new(&server, Some(fast_sampling(Duration::from_secs(60))));
+    let user = stores.users.upsert(NewUser::new(email("moved@example.io"), Provider::Google)).unwrap();
+    let mut primary = PgConnection::establish(server.primary_url()).unwrap();
+    primary.batch_execute("ALTER TABLE users RENAME TO users_away").unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    server.pause_replay().unwrap();
+    primary.batch_execute("ALTER TABLE users_away RENAME TO users").unwrap();
+    stores.wait_until_in_rotation(true);
+
+    let found = stores.users.get(&user.id);
+    server.resume_replay().unwrap();
+    assert_eq!(found.unwrap().map(|found| found.id), Some(user.id), "the primary answers what the replica could not");
+    let status = &stores.pool.replicas().unwrap().status()[0];
+    assert_eq!(status.skips.error, 1, "{status:?}");
+}
+
+/// A replica that fails while a read after a write waits for it (frozen
+/// here) leaves rotation, as one that fails a read does: the reads after
+/// it do not each wait for it again until a sample succeeds.
+#[test]
+fn a_replica_failing_while_a_read_waits_for_its_replay_leaves_rotation() {
+    let Some(server) = start() else { return };
+    let config = PoolConfig {
+        max_size: 4,
+        connection_timeout: Duration::from_millis(500),
+        statement_timeout: Some(Duration::from_millis(300)),
+        deadline: DeadlineConfig {
+            margin: Duration::from_millis(200),
+            grace: Duration::from_millis(200),
+            ..DeadlineConfig::default()
+        },
+        ..PoolConfig::default()
+    };
+    let mut pool = PgPool::connect(server.primary_url(), config).unwrap();
+    let urls = [server.replica_url().to_owned()];
+    let set = ReplicaSet::connect(&pool, &urls, "replica_urls", config, ReplicaConfig::default()).unwrap();
+    pool = pool.with_replicas(set);
+    let users = PgUserStore::new(pool.clone());
+    let started = Instant::now();
+    while !pool.replicas().unwrap().status()[0].in_rotation {
+        assert!(started.elapsed() < Duration::from_secs(20), "the replica never entered rotation");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let frozen = server.freeze_replica().unwrap();
+    let user = users.upsert(NewUser::new(email("waited@example.io"), Provider::Google)).unwrap();
+    let position = pool.wal_position().unwrap();
+    let read = {
+        let _scope = pool.reads_after(position);
+        users.get(&user.id)
+    };
+    let status = pool.replicas().unwrap().status().remove(0);
+    // Its sampler is stuck on it too: once its last sample is older than
+    // two periods, no lag is reported for it (that sample's lag says
+    // nothing of the replica now).
+    let stuck = loop {
+        let status = pool.replicas().unwrap().status().remove(0);
+        if status.sampled.is_some_and(|age| age > 2 * ReplicaConfig::default().sample_every) {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the sample never aged: {status:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(frozen);
+    assert_eq!(read.unwrap().map(|found| found.id), Some(user.id), "the primary answers");
+    assert!(!status.in_rotation, "{status:?}");
+    assert_eq!((status.skips.error, status.skips.behind_write), (1, 0), "{status:?}");
+    assert_eq!((stuck.lag, stuck.in_rotation), (None, false), "{stuck:?}");
+}
