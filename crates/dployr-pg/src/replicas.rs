@@ -159,12 +159,14 @@ pub struct ReplicaStatus {
 pub struct ReplicaSkips {
     /// Not sampled yet.
     pub not_sampled: u64,
-    /// Its last sample failed, or is older than two sampling periods.
+    /// Its last sample failed, or is older than two sampling periods, or a
+    /// read failed on it since its last sample (counted once under
+    /// `error`, then here until a sample succeeds).
     pub down: u64,
     /// Its last sample measured a lag over the bound.
     pub lag: u64,
-    /// A read on it failed with `Unavailable` (out of rotation until a
-    /// sample succeeds).
+    /// A read on it, or a read-your-writes wait for it, failed for a
+    /// reason of its own (out of rotation until a sample succeeds).
     pub error: u64,
     /// It had not replayed a read-your-writes position within the wait.
     pub behind_write: u64,
