@@ -1655,7 +1655,8 @@ fn hostile_metadata_and_login_ids_are_refused_or_read_back_equal() {
 // ---------------------------------------------------------------------------
 
 /// On `store`: a hostile session id, OAuth state or redirect URL is stored
-/// and read back exactly once as given; a hostile guess of a one-time code
+/// and read back exactly once as given (an id or state that is empty or
+/// longer than `MAX_SECRET_BYTES` is refused, and found nowhere); a hostile guess of a one-time code
 /// is wrong (unless it is the code) and leaves the code usable; every
 /// accepted hostile e-mail gets a code that works once.
 fn sessions_states_and_codes(store: &KvStore, check: &mut Checker) {

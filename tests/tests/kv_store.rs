@@ -618,3 +618,24 @@ fn a_clock_moved_to_the_end_of_time_expires_everything_and_panics_nowhere() {
     assert_eq!(runtime.block_on(sessions.load(&record.id)).unwrap(), None);
     runtime.block_on(sessions.delete_user_sessions("ada")).unwrap();
 }
+
+/// A session id no server hands out (empty, or longer than
+/// `MAX_SECRET_BYTES`) is answered absent without a read of the backend.
+#[test]
+fn a_session_id_no_server_hands_out_is_absent_without_a_read() {
+    let reads = Arc::new(AtomicUsize::new(0));
+    let observed = ObservedKv::new(Arc::new(MemoryKv::new())).on_get({
+        let reads = Arc::clone(&reads);
+        move |_| {
+            reads.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let store = KvStore::new(Arc::new(observed));
+    let oversized = "s".repeat(dployr_kv::MAX_SECRET_BYTES + 1);
+    for id in ["", oversized.as_str()] {
+        assert_eq!(store.get_session(&SessionId::new(id)).unwrap(), None);
+    }
+    assert_eq!(reads.load(Ordering::Relaxed), 0, "the backend was read");
+    assert_eq!(store.get_session(&SessionId::generate()).unwrap(), None);
+    assert_eq!(reads.load(Ordering::Relaxed), 1, "an id that may be a session is looked up");
+}

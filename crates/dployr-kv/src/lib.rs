@@ -29,7 +29,7 @@ pub use cloudflare::{
     CloudflareRequestCounts, MAX_EXPIRATION_TTL_SECS, NAMESPACE_ID_VAR, RetryPolicy,
 };
 pub use memory::MemoryKv;
-pub use postgres::{PURGE_BATCH, PgKv, Purger};
+pub use postgres::{DELETE_EXPIRED_BATCHES, PURGE_BATCH, PgKv, Purger};
 pub use recent_writes::RecentWrites;
 pub use store::{
     CREATED_SESSION_MEMORY, DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, MAX_OTP_TTL, MAX_SECRET_BYTES, OAuthState,

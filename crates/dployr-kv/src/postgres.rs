@@ -35,6 +35,10 @@ use dployr_pg::schema::kv_entries;
 /// enough that no statement holds many row locks or runs long.
 pub const PURGE_BATCH: i64 = 1000;
 
+/// The most batches one [`KvBackend::delete_expired`] pass deletes, so
+/// that a call ends (100 000 rows at [`PURGE_BATCH`]).
+pub const DELETE_EXPIRED_BATCHES: u32 = 100;
+
 /// A [`KvBackend`] on the `kv_entries` table; cheap to clone.
 ///
 /// ```no_run
@@ -462,10 +466,20 @@ impl KvBackend for PgKv {
         Ok(())
     }
 
-    /// [`purge_expired`](PgKv::purge_expired) in batches of
-    /// [`PURGE_BATCH`]: what a caller without a purger thread (a
+    /// One pass of [`purge_expired`](PgKv::purge_expired) in batches of
+    /// [`PURGE_BATCH`], of at most [`DELETE_EXPIRED_BATCHES`] batches (rows
+    /// left by an outage, or expiring faster than a batch a statement, are
+    /// left to the next pass): what a caller without a purger thread (a
     /// tower-sessions deletion task) runs on a schedule of its own.
     fn delete_expired(&self) -> StoreResult<u64> {
-        self.purge_expired(PURGE_BATCH)
+        let mut total = 0;
+        for _ in 0..DELETE_EXPIRED_BATCHES {
+            let deleted = self.purge_expired_batch(PURGE_BATCH)?;
+            total += deleted;
+            if deleted < PURGE_BATCH.unsigned_abs() {
+                break;
+            }
+        }
+        Ok(total)
     }
 }

@@ -289,7 +289,8 @@ pub struct KvStoreConfig {
     pub session_ttl: Duration,
     /// OAuth state lifetime. Default 10 minutes.
     pub state_ttl: Duration,
-    /// One-time code lifetime. Default 10 minutes.
+    /// One-time code lifetime. Default and most: 10 minutes
+    /// ([`MAX_OTP_TTL`]).
     pub otp_ttl: Duration,
     /// Guesses evaluated per code. Default 3.
     pub otp_max_attempts: u32,

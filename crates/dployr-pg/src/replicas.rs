@@ -140,8 +140,9 @@ impl fmt::Display for WalPosition {
 pub struct ReplicaStatus {
     /// `replica-0`, `replica-1`, ... in the order of the URLs.
     pub name: String,
-    /// The replay lag measured; `None` if the last sample (or read) failed
-    /// or none was taken yet.
+    /// The replay lag measured; `None` if the last sample (or read) failed,
+    /// none was taken yet, or the last is older than two sampling periods
+    /// (a sampler stuck on a silent server).
     pub lag: Option<Duration>,
     /// How long ago the last sample was taken; `None` before the first.
     pub sampled: Option<Duration>,
@@ -568,7 +569,11 @@ impl ReplicaSet {
                 // not replayed yet, a read error of its disk), is a replica
                 // down for this read: the primary answers, as for one that
                 // does not answer.
-                Err(StoreError::Unavailable { .. } | StoreError::Configuration { .. } | StoreError::Backend { .. }) => {
+                Err(
+                    error @ (StoreError::Unavailable { .. }
+                    | StoreError::Configuration { .. }
+                    | StoreError::Backend { .. }),
+                ) if !matches!(error, StoreError::Backend { .. }) || refused_by_the_server(&error) => {
                     // Out of rotation until its sampler succeeds again.
                     replica.freshness.lag_us.store(FAILED, Ordering::Relaxed);
                     Self::skipped(replica, Skip::Error);
@@ -591,6 +596,14 @@ impl ReplicaSet {
         replica.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
         Ok(replayed >= lsn)
     }
+}
+
+/// Whether `error` (a `Backend` error) is the server's refusal of the
+/// statement (an SQLSTATE), not a failure to decode its answer, which the
+/// primary's answer would meet as well.
+fn refused_by_the_server(error: &StoreError) -> bool {
+    let StoreError::Backend { source: Some(source), .. } = error else { return false };
+    matches!(source.downcast_ref::<diesel::result::Error>(), Some(diesel::result::Error::DatabaseError(..)))
 }
 
 /// Asks a replica for its position (on `conn`) every `poll` until it has

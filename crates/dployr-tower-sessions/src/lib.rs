@@ -59,13 +59,16 @@
 //!   session saved since under another user (no new id at sign-in) is left
 //!   to that user's sign-out; one saved since naming nobody (the field
 //!   removed to sign out of it) is still ended, and counted, with its
-//!   user's, on every backend.
+//!   user's, on every backend, while the user's index entry lasts: the
+//!   entry expires with the last save that named them, and a later save
+//!   that names nobody does not extend it.
 //! - **What is stored loads back.** A record whose data is nested deeper
 //!   than serde_json reads (128 levels) is refused by `create` and `save`
 //!   as an encoding error, with nothing written, instead of being stored
 //!   and then failing every load of its session.
 //! - **Blocking.** The backends block, so each call runs on tokio's blocking
-//!   pool. A dropped future does not stop a write that started.
+//!   pool. A dropped future does not stop a write that started; a call
+//!   whose future is dropped before a blocking thread takes it does not run.
 //!
 //! **Stale reads (Cloudflare).** Workers KV documents that a write may take
 //! 60 s "or more" to be seen (no promised bound), and tower-sessions saves and loads a session on
@@ -366,7 +369,20 @@ impl KvSessionStore {
         call: impl FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let inner = Arc::clone(&self.inner);
-        match tokio::task::spawn_blocking(move || call(&inner)).await {
+        // Closed when this future is dropped: a call its caller stopped
+        // waiting for before a blocking thread took it does not run (tokio
+        // does not cancel a blocking task that has not started).
+        let (waiting, _caller) = tokio::sync::oneshot::channel::<()>();
+        let work = move || {
+            if waiting.is_closed() {
+                return Err(StoreError::Unavailable {
+                    reason: "the caller stopped waiting before the session call started; it did not run".into(),
+                    source: None,
+                });
+            }
+            call(&inner)
+        };
+        match tokio::task::spawn_blocking(work).await {
             Ok(result) => result,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(error) => Err(StoreError::Unavailable {
@@ -796,13 +812,24 @@ impl SessionStore for KvSessionStore {
 }
 
 /// Purges the backend's expired entries ([`KvBackend::delete_expired`]):
-/// on PostgreSQL, every expired row of the key-value table in batches (see
-/// the crate documentation for when a server needs it); on memory and
-/// Cloudflare, nothing.
+/// on PostgreSQL, expired rows of the key-value table in batches, up to
+/// 100 000 a pass (see the crate documentation for when a server needs
+/// it); on memory and Cloudflare, nothing. A failure that may pass (the
+/// server restarting, no connection in time) is logged and answered `Ok`,
+/// so that tower-sessions' `continuously_delete_expired`, which ends at
+/// its first error, tries again at its next period; any other failure is
+/// the error.
 #[async_trait]
 impl ExpiredDeletion for KvSessionStore {
     async fn delete_expired(&self) -> session_store::Result<()> {
-        self.blocking(|inner| inner.backend.delete_expired().map(drop)).await.map_err(session_error)
+        match self.blocking(|inner| inner.backend.delete_expired()).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(%error, "dployr.tower_sessions: purge of expired records failed; tried again next period");
+                Ok(())
+            }
+            Err(error) => Err(session_error(error)),
+        }
     }
 }
 
@@ -844,6 +871,73 @@ mod tests {
         fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
             self.0.increment(key, ttl)
         }
+    }
+
+    /// A call whose future is dropped while it waits for a blocking thread
+    /// (a request a timeout ended) does not run when a thread frees up:
+    /// nothing is written.
+    #[test]
+    fn a_call_dropped_before_a_blocking_thread_took_it_does_not_run() {
+        let runtime = tokio::runtime::Builder::new_current_thread().max_blocking_threads(1).build().unwrap();
+        runtime.block_on(async {
+            let backend = Arc::new(MemoryKv::new());
+            let store = KvSessionStore::new(backend.clone());
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let holder = tokio::task::spawn_blocking(move || released.recv());
+            let mut new = record(&[("theme", "dark")]);
+            let mut create = Box::pin(store.create(&mut new));
+            let first_poll = std::future::poll_fn(|cx| std::task::Poll::Ready(create.as_mut().poll(cx))).await;
+            assert!(first_poll.is_pending(), "the only blocking thread is held");
+            drop(create);
+            drop(release);
+            let _ = holder.await.unwrap();
+            // The dropped call's task runs (and returns) before this one.
+            tokio::task::spawn_blocking(|| ()).await.unwrap();
+            assert_eq!(backend.list("", 100, None).unwrap().keys, Vec::<String>::new(), "the dropped call ran");
+        });
+    }
+
+    /// Memory whose purge fails with the error `fail` makes.
+    struct PurgeFails(MemoryKv, fn() -> StoreError);
+
+    impl KvBackend for PurgeFails {
+        fn limits(&self) -> KvLimits {
+            self.0.limits()
+        }
+        fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.0.get(key)
+        }
+        fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+            self.0.put(key, value, ttl)
+        }
+        fn delete(&self, key: &str) -> StoreResult<()> {
+            self.0.delete(key)
+        }
+        fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+            self.0.list(prefix, limit, cursor)
+        }
+        fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.0.take(key)
+        }
+        fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+            self.0.increment(key, ttl)
+        }
+        fn delete_expired(&self) -> StoreResult<u64> {
+            Err((self.1)())
+        }
+    }
+
+    /// The deletion task survives a failure that may pass (tower-sessions'
+    /// `continuously_delete_expired` ends at its first error): logged and
+    /// answered `Ok`; any other failure is its error.
+    #[tokio::test]
+    async fn the_deletion_task_outlives_a_purge_failure_that_may_pass() {
+        let passing = || StoreError::Unavailable { reason: "the server is restarting".into(), source: None };
+        let store = KvSessionStore::new(Arc::new(PurgeFails(MemoryKv::new(), passing)));
+        assert!(store.delete_expired().await.is_ok());
+        let lasting = || StoreError::Backend { message: "a broken table".into(), source: None };
+        let store = KvSessionStore::new(Arc::new(PurgeFails(MemoryKv::new(), lasting)));
+        assert!(matches!(store.delete_expired().await, Err(session_store::Error::Backend(_))));
     }
 
     /// Across a rolling deploy or a rollback: a record the previous release
