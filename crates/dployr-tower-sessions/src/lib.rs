@@ -846,30 +846,50 @@ mod tests {
     /// refused one request of two).
     struct IndexWritesFail(MemoryKv);
 
+    /// Memory whose purge fails with the error the function makes.
+    struct PurgeFails(MemoryKv, fn() -> StoreError);
+
+    /// The calls both forward to memory.
+    macro_rules! forwarded_to_memory {
+        () => {
+            fn limits(&self) -> KvLimits {
+                self.0.limits()
+            }
+            fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+                self.0.get(key)
+            }
+            fn delete(&self, key: &str) -> StoreResult<()> {
+                self.0.delete(key)
+            }
+            fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+                self.0.list(prefix, limit, cursor)
+            }
+            fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+                self.0.take(key)
+            }
+            fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+                self.0.increment(key, ttl)
+            }
+        };
+    }
+
     impl KvBackend for IndexWritesFail {
-        fn limits(&self) -> KvLimits {
-            self.0.limits()
-        }
-        fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-            self.0.get(key)
-        }
+        forwarded_to_memory!();
         fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
             if key.starts_with(USER_INDEX_PREFIX) {
                 return Err(StoreError::Unavailable { reason: "refused for the test".into(), source: None });
             }
             self.0.put(key, value, ttl)
         }
-        fn delete(&self, key: &str) -> StoreResult<()> {
-            self.0.delete(key)
+    }
+
+    impl KvBackend for PurgeFails {
+        forwarded_to_memory!();
+        fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+            self.0.put(key, value, ttl)
         }
-        fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
-            self.0.list(prefix, limit, cursor)
-        }
-        fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-            self.0.take(key)
-        }
-        fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
-            self.0.increment(key, ttl)
+        fn delete_expired(&self) -> StoreResult<u64> {
+            Err((self.1)())
         }
     }
 
@@ -895,36 +915,6 @@ mod tests {
             tokio::task::spawn_blocking(|| ()).await.unwrap();
             assert_eq!(backend.list("", 100, None).unwrap().keys, Vec::<String>::new(), "the dropped call ran");
         });
-    }
-
-    /// Memory whose purge fails with the error `fail` makes.
-    struct PurgeFails(MemoryKv, fn() -> StoreError);
-
-    impl KvBackend for PurgeFails {
-        fn limits(&self) -> KvLimits {
-            self.0.limits()
-        }
-        fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-            self.0.get(key)
-        }
-        fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
-            self.0.put(key, value, ttl)
-        }
-        fn delete(&self, key: &str) -> StoreResult<()> {
-            self.0.delete(key)
-        }
-        fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
-            self.0.list(prefix, limit, cursor)
-        }
-        fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-            self.0.take(key)
-        }
-        fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
-            self.0.increment(key, ttl)
-        }
-        fn delete_expired(&self) -> StoreResult<u64> {
-            Err((self.1)())
-        }
     }
 
     /// The deletion task survives a failure that may pass (tower-sessions'

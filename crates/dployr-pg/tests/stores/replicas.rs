@@ -251,12 +251,11 @@ fn a_stopped_replica_fails_over_to_the_primary_with_no_error_to_the_caller() {
     assert_eq!((status.skips.lag, status.skips.not_sampled, status.skips.behind_write), (0, 0, 0), "{status:?}");
 }
 
-#[test]
-fn a_frozen_replica_fails_over_to_the_primary_with_no_error_after_its_own_deadline() {
-    let Some(server) = start() else { return };
-    // Short deadlines, so a read held by the frozen replica ends soon; the
-    // default sampling (1 s), so the read path meets the frozen replica
-    // before its sampler can take it out of rotation.
+/// A pool on `server`'s primary with its replica, and its user store:
+/// short deadlines, so a read held by a frozen replica ends soon; the
+/// default sampling (1 s), so the read path meets a frozen replica before
+/// its sampler can take it out of rotation.
+fn with_short_deadlines(server: &ReplicatedServer) -> (PgPool, PgUserStore) {
     let config = PoolConfig {
         max_size: 4,
         connection_timeout: Duration::from_millis(500),
@@ -268,18 +267,31 @@ fn a_frozen_replica_fails_over_to_the_primary_with_no_error_after_its_own_deadli
         },
         ..PoolConfig::default()
     };
-    let mut pool = PgPool::connect(server.primary_url(), config).unwrap();
+    let pool = PgPool::connect(server.primary_url(), config).unwrap();
     let urls = [server.replica_url().to_owned()];
     let set = ReplicaSet::connect(&pool, &urls, "replica_urls", config, ReplicaConfig::default()).unwrap();
-    pool = pool.with_replicas(set);
+    let pool = pool.with_replicas(set);
     let users = PgUserStore::new(pool.clone());
-    let user = users.upsert(NewUser::new(email("frozen@example.io"), Provider::Google)).unwrap();
-    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    (pool, users)
+}
+
+/// Waits (up to 20 s) until `pool`'s replica is in rotation; when it began.
+fn wait_until_in_rotation(pool: &PgPool) -> Instant {
     let started = Instant::now();
     while !pool.replicas().unwrap().status()[0].in_rotation {
         assert!(started.elapsed() < Duration::from_secs(20), "the replica never entered rotation");
         std::thread::sleep(Duration::from_millis(5));
     }
+    started
+}
+
+#[test]
+fn a_frozen_replica_fails_over_to_the_primary_with_no_error_after_its_own_deadline() {
+    let Some(server) = start() else { return };
+    let (pool, users) = with_short_deadlines(&server);
+    let user = users.upsert(NewUser::new(email("frozen@example.io"), Provider::Google)).unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    wait_until_in_rotation(&pool);
 
     let frozen = server.freeze_replica().unwrap();
     let read = users.get(&user.id);
@@ -594,27 +606,8 @@ fn a_replica_failing_a_read_with_an_error_of_its_own_falls_back_to_the_primary()
 #[test]
 fn a_replica_failing_while_a_read_waits_for_its_replay_leaves_rotation() {
     let Some(server) = start() else { return };
-    let config = PoolConfig {
-        max_size: 4,
-        connection_timeout: Duration::from_millis(500),
-        statement_timeout: Some(Duration::from_millis(300)),
-        deadline: DeadlineConfig {
-            margin: Duration::from_millis(200),
-            grace: Duration::from_millis(200),
-            ..DeadlineConfig::default()
-        },
-        ..PoolConfig::default()
-    };
-    let mut pool = PgPool::connect(server.primary_url(), config).unwrap();
-    let urls = [server.replica_url().to_owned()];
-    let set = ReplicaSet::connect(&pool, &urls, "replica_urls", config, ReplicaConfig::default()).unwrap();
-    pool = pool.with_replicas(set);
-    let users = PgUserStore::new(pool.clone());
-    let started = Instant::now();
-    while !pool.replicas().unwrap().status()[0].in_rotation {
-        assert!(started.elapsed() < Duration::from_secs(20), "the replica never entered rotation");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (pool, users) = with_short_deadlines(&server);
+    let started = wait_until_in_rotation(&pool);
 
     let frozen = server.freeze_replica().unwrap();
     let user = users.upsert(NewUser::new(email("waited@example.io"), Provider::Google)).unwrap();
