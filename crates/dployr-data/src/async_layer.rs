@@ -444,10 +444,10 @@ async fn on_blocking_pool<T: Send + 'static>(
     work: impl FnOnce() -> StoreResult<T> + Send + 'static,
     not_run: &'static str,
 ) -> StoreResult<T> {
-    let waiting = CallerWaiting::default();
-    let caller = Arc::clone(&waiting.0);
+    // Closed when this future is dropped, which the thread sees.
+    let (waiting, _caller) = tokio::sync::oneshot::channel::<()>();
     let work = move || {
-        if !caller.load(Ordering::Acquire) {
+        if waiting.is_closed() {
             return Err(stopped("the caller stopped waiting before the call started; it did not run"));
         }
         work()
@@ -459,22 +459,6 @@ async fn on_blocking_pool<T: Send + 'static>(
         Ok(result) => result,
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         Err(error) => Err(StoreError::Unavailable { reason: not_run.into(), source: Some(Box::new(error)) }),
-    }
-}
-
-/// Whether the caller of a call on the blocking pool still waits for it:
-/// `true` until the guard, held by the call's future, is dropped.
-struct CallerWaiting(Arc<std::sync::atomic::AtomicBool>);
-
-impl Default for CallerWaiting {
-    fn default() -> Self {
-        Self(Arc::new(std::sync::atomic::AtomicBool::new(true)))
-    }
-}
-
-impl Drop for CallerWaiting {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
     }
 }
 
