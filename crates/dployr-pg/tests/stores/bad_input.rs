@@ -78,6 +78,8 @@ const PIECES: &[&str] = &[
     "\u{200d}",
     "\u{301}",
     "\u{3164}",
+    "\u{2800}",
+    "\u{1d159}",
     "\u{2066}",
     "\u{ff21}",
     "e\u{301}",
@@ -110,14 +112,21 @@ fn acceptable(text: &str, max_bytes: usize, blank_allowed: bool) -> bool {
     (blank_allowed || text.chars().any(visible)) && text.len() <= max_bytes && !text.chars().any(char::is_control)
 }
 
+/// The two characters that render blank without any Unicode property
+/// saying so: U+2800 BRAILLE PATTERN BLANK and U+1D159 MUSICAL SYMBOL NULL
+/// NOTEHEAD. Refused wherever invisible characters are.
+fn renders_blank(c: char) -> bool {
+    matches!(c, '\u{2800}' | '\u{1d159}')
+}
+
 /// Whether `c` shows something: not whitespace, a mark, a default-ignorable,
-/// control, format, separator or unassigned code point, nor one of the two
-/// that render blank without any such property (U+2800, U+1D159).
+/// control, format, separator or unassigned code point, nor one that
+/// [renders blank](renders_blank).
 fn visible(c: char) -> bool {
     !c.is_whitespace()
         && !mark(c)
         && !ignorable(c)
-        && !matches!(c, '\u{2800}' | '\u{1d159}')
+        && !renders_blank(c)
         && !matches!(
             gc(c),
             Gc::Control | Gc::Format | Gc::SpaceSeparator | Gc::LineSeparator | Gc::ParagraphSeparator | Gc::Unassigned
@@ -138,14 +147,16 @@ fn mark(c: char) -> bool {
 
 /// The identifier rule (tags, addresses, nonces), stated on its own: the
 /// NFC form, trimmed, non-empty, within `max_bytes`, with no whitespace,
-/// control, format, separator, unassigned or default-ignorable character, not starting
-/// with a combining mark. `Some(stored form)` when acceptable.
+/// control, format, separator, unassigned, default-ignorable or
+/// [blank-rendering](renders_blank) character, not starting with a combining
+/// mark. `Some(stored form)` when acceptable.
 fn identifier(text: &str, max_bytes: usize) -> Option<String> {
     let normal = ComposingNormalizerBorrowed::new_nfc().normalize(text);
     let value = normal.trim();
     let refused = |c: char| {
         c.is_whitespace()
             || ignorable(c)
+            || renders_blank(c)
             || matches!(gc(c), Gc::Control | Gc::Format | Gc::LineSeparator | Gc::ParagraphSeparator | Gc::Unassigned)
     };
     let ok = !value.is_empty()
