@@ -30,10 +30,13 @@ pub const ROUTED_READS: &str = "dployr_db_routed_reads_total";
 /// `error`, `behind_write`): a replica passed over for a replica-safe read.
 pub const REPLICA_SKIPS: &str = "dployr_db_replica_skips_total";
 /// Gauge, label `replica`: the replay lag measured by the last sample, in
-/// seconds; NaN while its samples fail (no lag is known, and the facade
-/// cannot remove a series; [`REPLICA_UP`] is 0 then).
+/// seconds; NaN while its samples fail or the last one has aged (no lag is
+/// known, and the facade cannot remove a series; [`REPLICA_UP`] is 0 then).
 pub const REPLICA_LAG: &str = "dployr_db_replica_lag_seconds";
-/// Gauge, label `replica`: 1 when the last sample succeeded, else 0.
+/// Gauge, label `replica`: 1 when the last sample succeeded, else 0; also 0
+/// once a read or [`ReplicaSet::status`](crate::ReplicaSet::status) finds
+/// the last sample older than two sampling periods (a sampler held by a
+/// server that does not answer), until a sample comes.
 pub const REPLICA_UP: &str = "dployr_db_replica_up";
 /// Gauge, label `pool`: the most connections the pool opens.
 pub const POOL_MAX: &str = "dployr_db_pool_max_connections";

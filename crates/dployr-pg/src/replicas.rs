@@ -62,7 +62,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -192,6 +192,9 @@ struct Freshness {
     replayed: AtomicU64,
     /// Reads that passed it over, by [`Skip`] (its discriminant).
     skips: [AtomicU64; Skip::REASONS],
+    /// Whether the gauges were set to down for the sample now held because
+    /// it aged (its sampler stuck); cleared by each new sample.
+    aged_out_reported: AtomicBool,
 }
 
 /// One replica: its pool and what its sampler found.
@@ -390,6 +393,7 @@ impl ReplicaSet {
                 lag_us: AtomicU64::new(FAILED),
                 replayed: AtomicU64::new(0),
                 skips: Default::default(),
+                aged_out_reported: AtomicBool::new(false),
             });
             let (sender, receiver) = mpsc::channel();
             let sampler = Sampler {
@@ -472,10 +476,21 @@ impl ReplicaSet {
         if sampled_at == 0 {
             return Err(Skip::NotSampled);
         }
-        // A sampler stuck on a silent server leaves an old sample behind:
-        // that replica is as good as down.
         let lag = freshness.lag_us.load(Ordering::Relaxed);
-        if lag == FAILED || now_ms.saturating_sub(sampled_at) > self.fresh_for_ms() {
+        if lag == FAILED {
+            return Err(Skip::Down);
+        }
+        // A sampler stuck on a silent server leaves an old sample behind:
+        // that replica is as good as down. Its gauges would go on showing
+        // the last sample (up, caught up) for as long as the sampler waits,
+        // so the first look at the aged sample sets them to down; the next
+        // sample sets them again.
+        if now_ms.saturating_sub(sampled_at) > self.fresh_for_ms() {
+            if !freshness.aged_out_reported.swap(true, Ordering::Relaxed)
+                && freshness.sampled_at_ms.load(Ordering::Relaxed) == sampled_at
+            {
+                report_sample(&replica.name, None);
+            }
             return Err(Skip::Down);
         }
         if u128::from(lag) > self.config.max_lag.as_micros() {
@@ -689,6 +704,7 @@ impl Sampler {
                 }
             }
             self.freshness.sampled_at_ms.store(now_ms, Ordering::Relaxed);
+            self.freshness.aged_out_reported.store(false, Ordering::Relaxed);
             match stop.recv_timeout(self.every) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,

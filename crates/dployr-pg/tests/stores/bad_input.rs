@@ -26,10 +26,12 @@ use crate::fixture::Fixture;
 
 const CASES: u32 = 1000;
 
-/// Runs `property` over `CASES` values of `strategy`, shrinking a failure
-/// to its smallest input. Cases share one database, so each one picks
-/// names of its own where it needs fresh rows.
+/// Runs `property` over `cases` values of `strategy` (or as many as
+/// `PROPTEST_CASES` says, to hunt rare inputs: `PROPTEST_CASES=50000`),
+/// shrinking a failure to its smallest input. Cases share one database, so
+/// each one picks names of its own where it needs fresh rows.
 fn check<S: Strategy>(cases: u32, strategy: S, property: impl Fn(S::Value) -> Result<(), TestCaseError>) {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(cases);
     let config = Config { cases, failure_persistence: None, ..Config::default() };
     if let Err(failure) = TestRunner::new(config).run(&strategy, property) {
         panic!("{failure}");
