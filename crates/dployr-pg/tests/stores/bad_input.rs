@@ -412,8 +412,27 @@ fn metadata_is_measured_as_postgresql_stores_it_so_whatever_is_accepted_fits_a_n
 /// A number anywhere in f64, i64 and u64, with the awkward ones often.
 fn any_number() -> impl Strategy<Value = Value> {
     let special = prop::sample::select(
-        &[f64::MAX, f64::MIN, f64::MIN_POSITIVE, 5e-324, -5e-324, 1e16, 1e15, 1e19, 1e20, -0.0, 1.79e308, 0.1, 1.5e-7]
-            [..],
+        &[
+            f64::MAX,
+            f64::MIN,
+            f64::MIN_POSITIVE,
+            5e-324,
+            -5e-324,
+            1e16,
+            1e15,
+            1e19,
+            1e20,
+            -0.0,
+            1.79e308,
+            0.1,
+            1.5e-7,
+            // Either side of what an i64 or a u64 holds: whole floats within
+            // come back from PostgreSQL as integers, those beyond as floats.
+            -9_223_372_036_854_775_808.0,
+            -9.25e18,
+            18_446_744_073_709_551_616.0,
+            18_446_744_073_709_549_568.0,
+        ][..],
     );
     prop_oneof![
         any::<f64>().prop_filter("finite", |x| x.is_finite()).prop_map(Value::from),
@@ -493,18 +512,20 @@ fn depth_of(value: &Value) -> usize {
     deepest
 }
 
-/// The floats PostgreSQL gives back as integers: whole numbers that
-/// serde_json writes with an exponent and that an i64 or u64 holds.
+/// The floats PostgreSQL gives back as integers: those serde_json writes
+/// with an exponent (PostgreSQL prints the same digits without one) whose
+/// printed value is whole and within `i64::MIN..=u64::MAX`, which serde_json
+/// then reads as an integer. (The printed value, not the float: serde_json
+/// writes `i64::MIN as f64` as `-9.223372036854776e18`, whose digits are
+/// below `i64::MIN` and come back as the same float.)
 fn comes_back_as_an_integer(value: &Value) -> bool {
     let mut stack = vec![value];
     while let Some(value) = stack.pop() {
         match value {
             Value::Number(n) if n.is_f64() => {
-                let x = n.as_f64().unwrap_or_default();
-                if x.fract() == 0.0
-                    && n.to_string().contains('e')
-                    && (-9.3e18..18_446_744_073_709_551_616.0).contains(&x)
-                {
+                let text = n.to_string();
+                let integer = text.contains('e').then(|| printed_integer(&text)).flatten();
+                if integer.is_some_and(|i| (i128::from(i64::MIN)..=i128::from(u64::MAX)).contains(&i)) {
                     return true;
                 }
             }
@@ -514,6 +535,19 @@ fn comes_back_as_an_integer(value: &Value) -> bool {
         }
     }
     false
+}
+
+/// The whole number that the JSON number `text` (`-1.5e3`) denotes, if it
+/// is whole and an `i128` holds it.
+fn printed_integer(text: &str) -> Option<i128> {
+    let (mantissa, exponent) = text.split_once(['e', 'E']).unwrap_or((text, "0"));
+    let (negative, mantissa) = mantissa.strip_prefix('-').map_or((false, mantissa), |rest| (true, rest));
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let fraction = fraction.trim_end_matches('0');
+    let zeros = exponent.parse::<i64>().ok()? - i64::try_from(fraction.len()).ok()?;
+    let zeros = usize::try_from(zeros).ok().filter(|&zeros| zeros <= 40)?;
+    let magnitude: i128 = format!("{whole}{fraction}{}", "0".repeat(zeros)).parse().ok()?;
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// Either refused as `Invalid { field: "metadata" }` with nothing written,
