@@ -512,15 +512,20 @@ impl MigrationRunner {
         let connection_url = self.connection_url();
         let mut pause = Duration::from_millis(250);
         let mut attempt = 0;
+        // What a watcher saw last, of any attempt: on a busy machine one
+        // attempt's watcher may connect too late to see its wait.
+        let mut last_seen = None;
         loop {
             attempt += 1;
             let watcher = LockWatcher::start(&connection_url, harness.backend_pid());
             let result = run(harness);
-            let waited_for = watcher.finish();
+            if let Some(seen) = watcher.finish() {
+                last_seen = Some(seen);
+            }
             match result {
                 Ok(duration) => return Ok(duration),
                 Err(error) if is_lock_timeout(&error) => {
-                    let waited_for = waited_for.unwrap_or_else(|| "a lock (not seen by the watcher)".to_owned());
+                    let waited_for = last_seen.clone().unwrap_or_else(|| "a lock (not seen by the watcher)".to_owned());
                     if attempt >= self.lock_attempts || !file.run_in_transaction() {
                         return Err(MigrateError::LockNotAvailable {
                             name: file.name().to_owned(),

@@ -472,11 +472,12 @@ fn a_migration_blocked_by_live_traffic_gives_up_after_lock_timeout_retries_and_n
     let mut events = Vec::new();
     let started = std::time::Instant::now();
     let error = MigrationRunner::new(db.url(), set)
-        .with_table_lock_timeout(Duration::from_millis(200))
+        .with_table_lock_timeout(Duration::from_secs(1))
         .with_lock_attempts(2)
         .run_pending(&mut |e| events.push(e.clone()))
         .unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // Two waits of 1 s and a pause of at most 312 ms between them.
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
     let MigrateError::LockNotAvailable { name, attempts, waited_for, .. } = &error else { panic!("{error:?}") };
     assert_eq!((name.as_str(), *attempts), ("002_alter", 2));
     assert!(waited_for.contains("AccessExclusiveLock on table t"), "{waited_for}");
@@ -494,14 +495,16 @@ fn a_migration_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() 
     let (dir, set) = set_of(&[folder("001_t", "CREATE TABLE t (id int);")]);
     run(&db, &set).unwrap();
     let holder = hold_a_read_lock(&db, "t");
+    // Released while the first attempt waits (it starts within the first
+    // second, even on a busy machine), before the second one begins.
     let release = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(400));
+        thread::sleep(Duration::from_millis(1500));
         drop(holder);
     });
     write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
     let mut events = Vec::new();
     let applied = MigrationRunner::new(db.url(), MigrationSet::from_dir(dir.path()).unwrap())
-        .with_table_lock_timeout(Duration::from_millis(150))
+        .with_table_lock_timeout(Duration::from_millis(500))
         .run_pending(&mut |e| events.push(e.clone()))
         .unwrap();
     release.join().unwrap();
@@ -891,13 +894,15 @@ fn one_table_applied() -> (TestDatabase, tempfile::TempDir, MigrationSet) {
 fn a_revert_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() {
     let (db, _dir, set) = one_table_applied();
     let holder = hold_a_read_lock(&db, "t");
+    // Released while the first attempt waits (it starts within the first
+    // second, even on a busy machine), before the second one begins.
     let release = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(400));
+        thread::sleep(Duration::from_millis(1500));
         drop(holder);
     });
     let mut events = Vec::new();
     let reverted = MigrationRunner::new(db.url(), set)
-        .with_table_lock_timeout(Duration::from_millis(150))
+        .with_table_lock_timeout(Duration::from_millis(500))
         .revert_last(&mut |e| events.push(e.clone()));
     release.join().unwrap();
     assert_eq!(reverted.unwrap().as_deref(), Some("001_t"), "{events:?}");
@@ -914,7 +919,7 @@ fn a_revert_blocked_by_live_traffic_gives_up_after_its_attempts_and_names_the_lo
     let (db, _dir, set) = one_table_applied();
     let _holder = hold_a_read_lock(&db, "t");
     let error = MigrationRunner::new(db.url(), set)
-        .with_table_lock_timeout(Duration::from_millis(150))
+        .with_table_lock_timeout(Duration::from_secs(1))
         .with_lock_attempts(2)
         .revert_last(&mut |_| {})
         .unwrap_err();
