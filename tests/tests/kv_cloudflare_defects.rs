@@ -118,7 +118,9 @@ fn a_call_to_a_server_that_never_answers_ends_within_max_elapsed() {
     let result = kv.get("k");
     let took = started.elapsed();
     assert!(matches!(result, Err(StoreError::Unavailable { .. })), "{result:?}");
-    assert!(took < Duration::from_millis(1500), "took {took:?} for max_elapsed 1 s");
+    // Bounded by max_elapsed (1 s), not by the request timeout (10 s); the
+    // rest is room for a busy machine.
+    assert!(took < Duration::from_secs(4), "took {took:?} for max_elapsed 1 s");
     drop(held);
 }
 

@@ -54,7 +54,11 @@ fn eventually(what: &str, condition: impl Fn() -> bool) {
 #[test]
 fn a_transaction_that_outlives_its_deadline_on_a_live_server_is_cancelled_and_its_connection_discarded() {
     let db = dployr_testkit::database();
-    let pool = PgPool::connect(db.url(), short_deadlines()).unwrap();
+    // A grace long enough for the cancel's own connection on a busy
+    // machine: the cancel, not the socket's shutdown, ends the call.
+    let config = short_deadlines();
+    let config = PoolConfig { deadline: DeadlineConfig { grace: Duration::from_secs(3), ..config.deadline }, ..config };
+    let pool = PgPool::connect(db.url(), config).unwrap();
     let started = Instant::now();
     // Each statement stays under statement_timeout; together they do not.
     let error = pool
@@ -90,15 +94,22 @@ fn a_call_in_flight_when_the_link_goes_silent_ends_within_the_bound_and_its_conn
     let db = dployr_testkit::database();
     let Some((proxy, url)) = behind_a_proxy(&db) else { return };
     let pool = PgPool::connect(&url, short_deadlines()).unwrap();
+    // The calling thread opens its connection first (a ping), so the
+    // call's statement is sent at once, and runs (0.9 s, under
+    // statement_timeout) past the moment the link goes silent.
+    let (connected, ready) = std::sync::mpsc::channel();
     let call = {
         let pool = pool.clone();
         thread::spawn(move || {
+            pool.ping().unwrap();
+            connected.send(()).unwrap();
             let started = Instant::now();
             let result =
-                pool.operation("test.call").run(|conn| diesel::sql_query("SELECT pg_sleep(0.5)").execute(conn));
+                pool.operation("test.call").run(|conn| diesel::sql_query("SELECT pg_sleep(0.9)").execute(conn));
             (result, started.elapsed())
         })
     };
+    ready.recv().unwrap();
     thread::sleep(Duration::from_millis(200));
     proxy.blackhole();
     let (result, took) = call.join().unwrap();

@@ -479,7 +479,9 @@ fn a_replica_a_moment_behind_on_wal_without_commits_stays_in_rotation() {
     });
     println!("out of rotation at {out} of {looked} looks");
     let status = stores.pool.replicas().unwrap().status();
-    assert!(out * 20 <= looked, "out of rotation at {out} of {looked} looks: {status:?}");
+    // Without the catch-up wait it was out about two fifths of the time;
+    // a tenth leaves room for a busy machine's stalls.
+    assert!(out * 10 <= looked, "out of rotation at {out} of {looked} looks: {status:?}");
 }
 
 #[test]
