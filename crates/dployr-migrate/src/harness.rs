@@ -176,6 +176,7 @@ fn run_file(
             return Err(MigrateError::TransactionControl { name: migration.name().to_owned(), file, statement });
         }
         return conn.transaction(|conn| {
+            holds_the_migration_lock(conn)?;
             let started = Instant::now();
             conn.batch_execute(sql).map_err(failed)?;
             // Constraints the file's data left deferred (the schema's
@@ -205,6 +206,7 @@ fn run_file(
     // traffic queued behind it, would only cut it short and leave an
     // invalid index behind. It runs without one (the runner's comes back
     // with its other settings after the file).
+    holds_the_migration_lock(conn)?;
     if builds_concurrently(sql) {
         conn.batch_execute("SET lock_timeout = 0")
             .map_err(|source| MigrateError::Database { context: "lifting lock_timeout", source })?;
@@ -220,6 +222,27 @@ fn run_file(
     ended?;
     bookkeeping(conn, elapsed)?;
     Ok(elapsed)
+}
+
+/// Refuses to go on unless the server connection running this statement
+/// holds the migration lock. The pooler probe before the lock can miss a
+/// transaction pooler (a busy pool hands the probe's second client another
+/// server connection); then the lock was taken on some server connection
+/// and each migration would run on whichever comes, beside another
+/// runner's. Checked inside each migration's transaction, which a
+/// transaction pooler keeps on one server connection, so a migration
+/// either runs under the lock or not at all.
+fn holds_the_migration_lock(conn: &mut PgConnection) -> Result<(), MigrateError> {
+    let key = crate::MigrationRunner::LOCK_KEY;
+    // pg_locks shows a bigint advisory key as its high and low halves.
+    let (high, low) = ((key >> 32) & 0xffff_ffff, key & 0xffff_ffff);
+    let held = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted \
+         AND classid::bigint = {high} AND objid::bigint = {low} AND objsubid = 1)"
+    )))
+    .get_result::<bool>(conn)
+    .map_err(|source| MigrateError::Database { context: "checking the migration lock", source })?;
+    if held { Ok(()) } else { Err(MigrateError::TransactionPooler) }
 }
 
 /// Ends every setting a migration file made for its session and gives it

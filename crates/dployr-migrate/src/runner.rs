@@ -458,6 +458,11 @@ impl MigrationRunner {
     ///   behind a transaction pooler) would cancel a long migration, and a
     ///   cancelled `CREATE INDEX CONCURRENTLY` leaves an invalid index. The
     ///   waits for locks are bounded by `lock_timeout` already;
+    /// - no `idle_session_timeout` (PostgreSQL 14+) nor `transaction_timeout`
+    ///   (17+): one set on the role or the database would end the runner's
+    ///   session while it waits between lock-timeout attempts (releasing
+    ///   the migration lock mid-run) or a long migration's transaction; on
+    ///   an older server, where the setting does not exist, nothing is set;
     /// - untranslated messages where the role may ask for them (the
     ///   lock-timeout error is told by its text);
     /// - what diesel sets when it opens a connection, which the `RESET ALL`
@@ -468,6 +473,8 @@ impl MigrationRunner {
         format!(
             "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
              SET lock_timeout = {}; SET statement_timeout = 0; \
+             DO $$ BEGIN SET idle_session_timeout = 0; EXCEPTION WHEN undefined_object THEN NULL; END $$; \
+             DO $$ BEGIN SET transaction_timeout = 0; EXCEPTION WHEN undefined_object THEN NULL; END $$; \
              SET CLIENT_ENCODING TO 'UTF8'; SET TIME ZONE 'UTC'",
             self.table_lock_timeout.as_millis()
         )

@@ -1046,3 +1046,52 @@ fn a_migrations_table_of_the_original_data_layer_is_named_as_such_and_left_uncha
     conn.batch_execute("ALTER TABLE _migrations RENAME TO _migrations_before").unwrap();
     assert_eq!(run(&db, &set).unwrap(), ["001_table"]);
 }
+
+/// A migration runs only on a server connection that holds the migration
+/// lock: through a transaction pooler that the probe missed, the lock is
+/// on some other server connection, and migrations would run beside
+/// another runner's. Here the first migration gives the lock up (as a
+/// session the pooler hands the next transaction to would lack it): the
+/// second is refused before it runs, and the first stays applied.
+#[test]
+fn a_migration_on_a_session_without_the_migration_lock_is_refused_before_it_runs() {
+    let db = empty_database();
+    let unlock = format!("SELECT pg_advisory_unlock({}); CREATE TABLE a (id int);", MigrationRunner::LOCK_KEY);
+    let (_dir, set) = set_of(&[folder("001_a", &unlock), folder("002_b", "CREATE TABLE b (id int);")]);
+    let error = run(&db, &set).unwrap_err();
+    assert!(matches!(error, MigrateError::TransactionPooler), "{error:?}");
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), ["001_a"], "the second migration did not run");
+    assert!(table_exists(&mut conn, "a") && !table_exists(&mut conn, "b"));
+}
+
+/// An `idle_session_timeout` set on the database (or the role) does not end
+/// the runner's session while it pauses between lock-timeout attempts,
+/// which would release the migration lock mid-run and fail the start.
+#[test]
+fn an_idle_session_timeout_of_the_database_does_not_end_the_runner_between_attempts() {
+    let db = empty_database();
+    let (dir, set) = set_of(&[folder("001_t", "CREATE TABLE t (id int);")]);
+    run(&db, &set).unwrap();
+    db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET idle_session_timeout = 200', current_database()); END $$",
+        )
+        .unwrap();
+    // Waiting in a transaction is not idle: the holder keeps its lock.
+    let holder = hold_a_read_lock(&db, "t");
+    let release = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(1500));
+        drop(holder);
+    });
+    write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
+    let mut events = Vec::new();
+    // Each pause between attempts (250 ms, then 500 ms) is longer than the
+    // database's idle_session_timeout.
+    let applied = MigrationRunner::new(db.url(), MigrationSet::from_dir(dir.path()).unwrap())
+        .with_table_lock_timeout(Duration::from_millis(500))
+        .run_pending(&mut |e| events.push(e.clone()));
+    release.join().unwrap();
+    assert_eq!(applied.unwrap().iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["002_alter"], "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, MigrationEvent::LockWait { .. })), "{events:?}");
+}
