@@ -10,7 +10,7 @@ use dployr_domain::{ClusterId, ClusterStore as _, KvBackend, StoreError, StoreRe
 #[cfg(feature = "cloudflare")]
 use dployr_kv::CloudflareKv;
 use dployr_kv::{KvStore, MemoryKv, PgKv, Purger};
-use dployr_migrate::{MigrationRunner, MigrationSet};
+use dployr_migrate::{MigrationEvent, MigrationRunner, MigrationSet};
 use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, ReplicaSet};
 
 use dployr_migrate::MigrateError;
@@ -296,9 +296,16 @@ impl DataLayer {
                 if config.migrate_database_url.is_some() { MIGRATE_DATABASE_URL_VAR } else { DATABASE_URL_VAR };
             let migrations = MigrationSet::embedded()
                 .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
+            // A newer release's migrations (a rolling deploy, a rollback of
+            // the code) leave this release nothing to apply: it starts, and
+            // says so; health() reports them as `migrations.newer`.
             let applied = MigrationRunner::new(&migration_url, migrations)
                 .with_table_lock_timeout(config.migrate_lock_timeout)
-                .run_pending(&mut |event| tracing::info!(target: "dployr.migrate", "{event}"))
+                .allowing_a_newer_release()
+                .run_pending(&mut |event| match event {
+                    MigrationEvent::NewerReleaseApplied { .. } => tracing::warn!(target: "dployr.migrate", "{event}"),
+                    _ => tracing::info!(target: "dployr.migrate", "{event}"),
+                })
                 .map_err(|e| migrate_error(e, setting))?;
             applied.into_iter().map(|migration| migration.name).collect()
         } else {

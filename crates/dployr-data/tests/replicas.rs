@@ -116,6 +116,35 @@ fn health_reports_a_database_whose_migrations_are_pending() {
     assert!(!health.is_ready());
 }
 
+/// A process of the older release that starts after a newer one migrated
+/// (a restart during a rolling deploy, a rollback of the code) has nothing
+/// to apply and opens, as its running processes stay ready; an unknown
+/// migration older than its latest is refused all the same.
+#[test]
+fn a_start_after_a_newer_release_migrated_opens_with_nothing_to_apply() {
+    use diesel::connection::SimpleConnection as _;
+    let db = dployr_testkit::database();
+    let config = || Config::new(db.url()).with_kv(KvBackendConfig::Memory);
+    db.connect()
+        .batch_execute(
+            "INSERT INTO _migrations (version, name, checksum, duration_ms) \
+             VALUES ('999', '999_of_a_newer_release', 'abc', 1)",
+        )
+        .unwrap();
+    let data = DataLayer::open(config()).unwrap();
+    assert!(data.applied_on_open().is_empty());
+    assert!(data.health().is_ready(), "{:?}", data.health());
+    drop(data);
+
+    db.connect()
+        .batch_execute(
+            "INSERT INTO _migrations (version, name, checksum, duration_ms) VALUES ('0015', '0015_x', 'a', 1)",
+        )
+        .unwrap();
+    let error = DataLayer::open(config()).map(drop).unwrap_err();
+    assert!(error.to_string().contains("0015_x"), "{error}");
+}
+
 /// In a rolling deploy the new release migrates while this one still
 /// serves: a migration this binary does not hold is reported, and this
 /// process stays ready (every process of the old release turning not ready

@@ -64,6 +64,7 @@ pub struct MigrationRunner {
     table_lock_timeout: Duration,
     lock_attempts: u32,
     connect_timeout: Duration,
+    newer_release_allowed: bool,
 }
 
 impl fmt::Debug for MigrationRunner {
@@ -109,6 +110,12 @@ pub enum MigrationEvent {
         /// The pause before the next attempt.
         retry_in: Duration,
     },
+    /// Migrations a newer release applied, which this set does not have:
+    /// nothing was applied (see [`MigrationRunner::allowing_a_newer_release`]).
+    NewerReleaseApplied {
+        /// Their folder names, by version.
+        names: Vec<String>,
+    },
     /// A migration starts to revert.
     Reverting {
         /// Folder name.
@@ -132,6 +139,12 @@ impl fmt::Display for MigrationEvent {
             Self::LockWait { name, waited_for, attempt, retry_in } => write!(
                 f,
                 "{name}: attempt {attempt} ran into lock_timeout waiting for {waited_for}; rolled back, again in {retry_in:.1?}"
+            ),
+            Self::NewerReleaseApplied { names } => write!(
+                f,
+                "applied by a newer release, not in this binary: {}; every migration of this binary is applied, \
+                 nothing to do",
+                names.join(", ")
             ),
             Self::Reverting { name } => write!(f, "reverting {name}"),
             Self::Reverted { name, duration } => write!(f, "reverted {name} ({duration:.1?})"),
@@ -209,6 +222,7 @@ impl MigrationRunner {
             table_lock_timeout: Self::DEFAULT_TABLE_LOCK_TIMEOUT,
             lock_attempts: Self::DEFAULT_LOCK_ATTEMPTS,
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            newer_release_allowed: false,
         }
     }
 
@@ -234,6 +248,25 @@ impl MigrationRunner {
     #[must_use]
     pub fn with_lock_attempts(mut self, attempts: u32) -> Self {
         self.lock_attempts = attempts.max(1);
+        self
+    }
+
+    /// Lets [`run_pending`](Self::run_pending) find migrations of a newer
+    /// release applied: when every migration the set does not have is
+    /// newer than the set's latest, and every one of the set's is applied
+    /// unchanged, the run applies nothing and reports them
+    /// ([`MigrationEvent::NewerReleaseApplied`]) instead of refusing with
+    /// [`MigrateError::MissingFromSource`]. For migrations on start: in a
+    /// rolling deploy (or after a rollback of the code) a process of the
+    /// older release that starts after the newer one migrated has nothing
+    /// to apply, and refusing would keep it from starting. An unknown
+    /// migration older than the set's latest (another branch's, or one
+    /// removed from the source), a changed one, or one of the set's still
+    /// pending beside a newer one, is refused all the same; reverts are
+    /// never allowed past a newer release's migrations. Off by default.
+    #[must_use]
+    pub fn allowing_a_newer_release(mut self) -> Self {
+        self.newer_release_allowed = true;
         self
     }
 
@@ -311,7 +344,7 @@ impl MigrationRunner {
         &self,
         progress: &mut dyn FnMut(&MigrationEvent),
     ) -> Result<Vec<AppliedMigration>, MigrateError> {
-        self.locked(progress, |harness, applied, progress| {
+        self.locked(self.newer_release_allowed, progress, |harness, applied, progress| {
             let pending: Vec<&MigrationFile> =
                 self.set.iter().filter(|file| !applied.iter().any(|row| row.version == file.version())).collect();
             let mut done = Vec::with_capacity(pending.len());
@@ -333,7 +366,7 @@ impl MigrationRunner {
     /// # Errors
     /// As [`MigrationRunner::run_pending`], and [`MigrateError::NoDownFile`].
     pub fn revert_last(&self, progress: &mut dyn FnMut(&MigrationEvent)) -> Result<Option<String>, MigrateError> {
-        self.locked(progress, |harness, applied, progress| {
+        self.locked(false, progress, |harness, applied, progress| {
             Ok(self.revert_last_locked(harness, applied, progress)?.map(|file| file.name().to_owned()))
         })
     }
@@ -350,7 +383,7 @@ impl MigrationRunner {
         target: Option<&str>,
         progress: &mut dyn FnMut(&MigrationEvent),
     ) -> Result<Vec<String>, MigrateError> {
-        self.locked(progress, |harness, applied, progress| {
+        self.locked(false, progress, |harness, applied, progress| {
             if let Some(target) = target
                 && !applied.iter().any(|row| row.version == target)
             {
@@ -375,7 +408,7 @@ impl MigrationRunner {
     /// # Errors
     /// As [`MigrationRunner::revert_last`].
     pub fn redo(&self, progress: &mut dyn FnMut(&MigrationEvent)) -> Result<Option<String>, MigrateError> {
-        self.locked(progress, |harness, applied, progress| {
+        self.locked(false, progress, |harness, applied, progress| {
             let Some(file) = self.revert_last_locked(harness, applied, progress)? else {
                 return Ok(None);
             };
@@ -556,6 +589,7 @@ impl MigrationRunner {
     /// handed to `work`) against the set.
     fn locked<T>(
         &self,
+        newer_release_allowed: bool,
         progress: &mut dyn FnMut(&MigrationEvent),
         work: impl FnOnce(&mut DployrHarness<'_>, &[AppliedRow], &mut dyn FnMut(&MigrationEvent)) -> Result<T, MigrateError>,
     ) -> Result<T, MigrateError> {
@@ -566,7 +600,10 @@ impl MigrationRunner {
         let result = DployrHarness::new(&mut conn, &self.set, self.session_settings()).and_then(|mut harness| {
             harness.set_backend_pid(backend_pid);
             let applied = harness.applied_rows()?;
-            verify(&self.set, &applied)?;
+            let newer = verify(&self.set, &applied, newer_release_allowed)?;
+            if !newer.is_empty() {
+                progress(&MigrationEvent::NewerReleaseApplied { names: newer });
+            }
             work(&mut harness, &applied, progress)
         });
         // The lock is session-level: it would also go when `conn` drops at
@@ -612,13 +649,44 @@ impl MigrationRunner {
 }
 
 /// Refuses, by name, an applied migration whose text changed or that the set
-/// does not have. Runs before anything is applied or reverted.
-fn verify(set: &MigrationSet, applied: &[AppliedRow]) -> Result<(), MigrateError> {
+/// does not have. Runs before anything is applied or reverted. With
+/// `newer_release_allowed`, unknown migrations all newer than the set's
+/// latest, with every migration of the set applied, are no refusal: their
+/// names are returned (see [`MigrationRunner::allowing_a_newer_release`]).
+fn verify(
+    set: &MigrationSet,
+    applied: &[AppliedRow],
+    newer_release_allowed: bool,
+) -> Result<Vec<String>, MigrateError> {
+    let latest = set.iter().map(MigrationFile::version).max_by(|a, b| version_order(a, b));
+    let mut newer = Vec::new();
     for row in applied {
-        let file = set.get(&row.version).ok_or_else(|| MigrateError::MissingFromSource { name: row.name.clone() })?;
-        check(file, row)?;
+        match set.get(&row.version) {
+            Some(file) => check(file, row)?,
+            None if newer_release_allowed
+                && latest.is_some_and(|latest| version_order(&row.version, latest).is_gt()) =>
+            {
+                newer.push(row.name.clone());
+            }
+            None => return Err(MigrateError::MissingFromSource { name: row.name.clone() }),
+        }
     }
-    Ok(())
+    // One of the set's still pending beside a newer release's: the newer
+    // release never had it (another branch); its schema is unknown here.
+    let all_applied = set.iter().all(|file| applied.iter().any(|row| row.version == file.version()));
+    match newer.first() {
+        Some(name) if !all_applied => Err(MigrateError::MissingFromSource { name: name.clone() }),
+        _ => Ok(newer),
+    }
+}
+
+/// The order of two versions: as numbers where both are (`015`, a
+/// timestamp), else as text; as `health()` compares them.
+fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u128>(), b.parse::<u128>()) {
+        (Ok(a), Ok(b)) => a.cmp(&b),
+        _ => a.cmp(b),
+    }
 }
 
 /// The rule for one applied migration: same folder name, same `up.sql`.

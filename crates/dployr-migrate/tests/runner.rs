@@ -15,6 +15,7 @@ use dployr_migrate::{MigrateError, MigrationEvent, MigrationRunner, MigrationSet
 use dployr_testkit::{TestDatabase, empty_database};
 
 /// One migration folder to write: name, up.sql, down.sql, metadata.toml.
+#[derive(Clone, Copy)]
 struct Folder<'a> {
     name: &'a str,
     up: &'a str,
@@ -1094,4 +1095,65 @@ fn an_idle_session_timeout_of_the_database_does_not_end_the_runner_between_attem
     release.join().unwrap();
     assert_eq!(applied.unwrap().iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["002_alter"], "{events:?}");
     assert!(events.iter().any(|e| matches!(e, MigrationEvent::LockWait { .. })), "{events:?}");
+}
+
+/// In a rolling deploy the newer release migrates first; a process of the
+/// older release starting after it (a restart, a rollback of the code) has
+/// nothing to apply. Allowed, its run applies nothing and names the newer
+/// migrations; by default, and for a revert, they are refused.
+#[test]
+fn a_run_allowing_a_newer_release_applies_nothing_and_names_its_migrations() {
+    let db = empty_database();
+    let (_newer_dir, newer) =
+        set_of(&[folder("001_a", "CREATE TABLE a (id int);"), folder("002_b", "CREATE TABLE b (id int);")]);
+    run(&db, &newer).unwrap();
+    let (_older_dir, older) = set_of(&[folder("001_a", "CREATE TABLE a (id int);")]);
+
+    let mut events = Vec::new();
+    let applied = MigrationRunner::new(db.url(), older.clone())
+        .allowing_a_newer_release()
+        .run_pending(&mut |e| events.push(e.clone()))
+        .unwrap();
+    assert!(applied.is_empty());
+    assert_eq!(events, [MigrationEvent::NewerReleaseApplied { names: vec!["002_b".into()] }]);
+    assert!(events[0].to_string().contains("002_b"), "{}", events[0]);
+
+    let strict = run(&db, &older).unwrap_err();
+    assert!(matches!(&strict, MigrateError::MissingFromSource { name } if name == "002_b"), "{strict:?}");
+    let revert = MigrationRunner::new(db.url(), older).allowing_a_newer_release().revert_last(&mut |_| {});
+    assert!(matches!(&revert, Err(MigrateError::MissingFromSource { name }) if name == "002_b"), "{revert:?}");
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), ["001_a", "002_b"]);
+}
+
+/// What a newer release cannot explain is refused even when one is
+/// allowed: an unknown migration older than the set's latest (another
+/// branch's, or one removed from the source), one of the set's pending
+/// beside a newer one, or a changed one.
+#[test]
+fn a_run_allowing_a_newer_release_still_refuses_an_unknown_older_migration_a_gap_or_a_change() {
+    let allowing = |db: &TestDatabase, set: &MigrationSet| {
+        MigrationRunner::new(db.url(), set.clone()).allowing_a_newer_release().run_pending(&mut |_| {}).map(drop)
+    };
+    let a = folder("001_a", "CREATE TABLE a (id int);");
+    let b = folder("002_b", "CREATE TABLE b (id int);");
+    let c = folder("003_c", "CREATE TABLE c (id int);");
+
+    let db = empty_database();
+    run(&db, &set_of(&[a, b, c]).1).unwrap();
+    let error = allowing(&db, &set_of(&[a, c]).1).unwrap_err();
+    assert!(matches!(&error, MigrateError::MissingFromSource { name } if name == "002_b"), "{error:?}");
+
+    let db = empty_database();
+    run(&db, &set_of(&[a, c]).1).unwrap();
+    let error = allowing(&db, &set_of(&[a, b]).1).unwrap_err();
+    assert!(matches!(&error, MigrateError::MissingFromSource { name } if name == "003_c"), "{error:?}");
+    let mut conn = db.connect();
+    assert_eq!(recorded(&mut conn), ["001_a", "003_c"], "002_b was not applied beside the newer 003_c");
+
+    let db = empty_database();
+    run(&db, &set_of(&[a, b]).1).unwrap();
+    let edited = folder("001_a", "CREATE TABLE a (id bigint);");
+    let error = allowing(&db, &set_of(&[edited]).1).unwrap_err();
+    assert!(matches!(&error, MigrateError::ChecksumMismatch { name, .. } if name == "001_a"), "{error:?}");
 }
