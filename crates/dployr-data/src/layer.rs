@@ -90,7 +90,11 @@ fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
             setting: MIGRATE_DATABASE_URL_VAR,
             reason: format!("applying migrations on start: {error}").into(),
         },
-        MigrateError::LockTimeout { .. } | MigrateError::LockNotAvailable { .. } => StoreError::Unavailable {
+        // A standby, or a primary switched over: a later start may find
+        // the primary there.
+        MigrateError::LockTimeout { .. }
+        | MigrateError::LockNotAvailable { .. }
+        | MigrateError::ReadOnlyServer { .. } => StoreError::Unavailable {
             reason: format!("applying migrations on start: {error}").into(),
             source: Some(Box::new(error)),
         },

@@ -68,6 +68,21 @@ pub enum MigrateError {
         statement: &'static str,
     },
 
+    /// The migration database answers but takes no writes: a standby (in
+    /// recovery: a replica, or a primary failing over) or a server whose
+    /// sessions are read-only (`default_transaction_read_only`). Found
+    /// before the lock is taken or anything runs, rather than as the first
+    /// migration's failure.
+    #[error(
+        "the migration database answers but only reads ({}): migrations need the primary; point \
+         DPLOYR_MIGRATE_DATABASE_URL (or DATABASE_URL) at it, or try again once a failover has ended",
+        if *in_recovery { "a standby, in recovery" } else { "default_transaction_read_only is on" }
+    )]
+    ReadOnlyServer {
+        /// Whether the server is in recovery (`pg_is_in_recovery()`).
+        in_recovery: bool,
+    },
+
     /// Another runner held the migration lock for longer than the timeout.
     #[error(
         "another migration runner held the lock for {waited:?}; giving up (raise the lock timeout if its migrations are long)"

@@ -514,13 +514,20 @@ impl MigrationRunner {
     }
 
     /// Gives `conn` the [`session_settings`](Self::session_settings);
-    /// returns its backend pid.
+    /// returns its backend pid. A server that only reads is refused here,
+    /// before the lock.
     fn configure_session(&self, conn: &mut PgConnection) -> Result<i32, MigrateError> {
         conn.batch_execute(&self.session_settings())
             .map_err(|source| MigrateError::Database { context: "configuring the runner's session", source })?;
-        diesel::select(diesel::dsl::sql::<Integer>("pg_backend_pid()"))
-            .get_result(conn)
-            .map_err(|source| MigrateError::Database { context: "reading the backend pid", source })
+        let (pid, read_only, in_recovery) = diesel::select(diesel::dsl::sql::<(Integer, Bool, Bool)>(
+            "pg_backend_pid(), current_setting('transaction_read_only')::bool, pg_is_in_recovery()",
+        ))
+        .get_result::<(i32, bool, bool)>(conn)
+        .map_err(|source| MigrateError::Database { context: "reading the backend pid", source })?;
+        if read_only || in_recovery {
+            return Err(MigrateError::ReadOnlyServer { in_recovery });
+        }
+        Ok(pid)
     }
 
     /// Applies one migration, reporting before and after, retrying lock

@@ -1157,3 +1157,26 @@ fn a_run_allowing_a_newer_release_still_refuses_an_unknown_older_migration_a_gap
     let error = allowing(&db, &set_of(&[edited]).1).unwrap_err();
     assert!(matches!(&error, MigrateError::ChecksumMismatch { name, .. } if name == "001_a"), "{error:?}");
 }
+
+/// A database whose sessions only read (`default_transaction_read_only`,
+/// as a standby's do) is refused by name before the lock is taken, not
+/// blamed on the first migration's file; `status` still reads it.
+#[test]
+fn a_read_only_database_is_refused_before_anything_runs_and_status_still_reads_it() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[folder("001_a", "CREATE TABLE a (id int);")]);
+    db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on', \
+             current_database()); END $$",
+        )
+        .unwrap();
+    let error = run(&db, &set).unwrap_err();
+    assert!(matches!(error, MigrateError::ReadOnlyServer { in_recovery: false }), "{error:?}");
+    assert!(error.to_string().contains("only reads") && error.to_string().contains("DPLOYR_MIGRATE_DATABASE_URL"));
+    let status = MigrationRunner::new(db.url(), set).status().unwrap();
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].state, MigrationState::Pending);
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "_migrations") && !table_exists(&mut conn, "a"));
+}
