@@ -189,6 +189,8 @@ pub struct CloudflareConfig {
     /// Never printed.
     pub api_token: String,
     /// The API root ([`API_BASE_URL_VAR`]); [`CLOUDFLARE_API_URL`] by default.
+    /// `https://`, or `http://` to this machine only (an emulator), without
+    /// credentials: the token goes with every request.
     pub base_url: String,
     /// Retries of throttled and failed requests.
     pub retry: RetryPolicy,
@@ -268,7 +270,11 @@ impl CloudflareConfig {
 /// `base_url` without a trailing `/`, if it is an `http://` or `https://`
 /// URL that parses (one that does not, a space in its host or a port out
 /// of range, failed each request before it was sent, which was retried
-/// for seconds and reported as a passing `Unavailable`).
+/// for seconds and reported as a passing `Unavailable`). Plain `http://`
+/// is for a local emulator only: to another host the API token would cross
+/// the network unencrypted in every request's header. A URL with
+/// credentials (`user:password@`) is refused without being shown: they
+/// would go with every request and into every error that names the URL.
 fn checked_base_url(base_url: &str) -> StoreResult<String> {
     let trimmed = base_url.trim().trim_end_matches('/');
     let refused = |why: String| StoreError::Configuration {
@@ -278,7 +284,26 @@ fn checked_base_url(base_url: &str) -> StoreResult<String> {
     if !(trimmed.starts_with("https://") || trimmed.starts_with("http://")) {
         return Err(refused(String::new()));
     }
-    reqwest::Url::parse(trimmed).map_err(|error| refused(format!(", not a URL ({error})")))?;
+    let url = reqwest::Url::parse(trimmed).map_err(|error| refused(format!(", not a URL ({error})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(StoreError::Configuration {
+            setting: API_BASE_URL_VAR,
+            reason: "holds credentials (user:password@), which would be sent with every request and shown in \
+                     every error naming the URL; give the API's URL alone"
+                .into(),
+        });
+    }
+    // An IPv6 host comes bracketed (`[::1]`).
+    let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let on_this_machine =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if url.scheme() == "http" && !on_this_machine {
+        return Err(refused(
+            ", plain http to another machine: the API token would cross the network unencrypted (http is for an \
+             emulator on 127.0.0.1, ::1 or localhost)"
+                .into(),
+        ));
+    }
     Ok(trimmed.to_owned())
 }
 
@@ -1093,6 +1118,27 @@ mod tests {
             checked_base_url("https://api.cloudflare.com/client/v4/").unwrap(),
             "https://api.cloudflare.com/client/v4"
         );
+    }
+
+    #[test]
+    fn plain_http_is_refused_but_to_this_machine_and_credentials_are_refused_unshown() {
+        for local in ["http://127.0.0.1:8787/client/v4", "http://[::1]:8787/client/v4", "http://LOCALHOST/client/v4"] {
+            assert!(checked_base_url(local).is_ok(), "{local}");
+        }
+        for remote in
+            ["http://api.cloudflare.com/client/v4", "http://10.0.0.7:8080/client/v4", "http://[2001:db8::1]/v4"]
+        {
+            let refused = checked_base_url(remote).unwrap_err();
+            assert!(refused.to_string().contains("unencrypted"), "{remote}: {refused}");
+        }
+        for with_credentials in ["https://proxy:s3cret@gateway.example/client/v4", "http://user@127.0.0.1/client/v4"] {
+            let refused = checked_base_url(with_credentials).unwrap_err();
+            assert!(matches!(refused, StoreError::Configuration { setting: "CLOUDFLARE_API_BASE_URL", .. }));
+            assert!(
+                !refused.to_string().contains("s3cret") && refused.to_string().contains("credentials"),
+                "{refused}"
+            );
+        }
     }
 
     fn stored(expiration: Option<u64>, server_now: Option<u64>) -> Stored {
