@@ -41,7 +41,7 @@
 //!   `replace` is atomic ([`KvLimits::atomic`]: memory, PostgreSQL). On
 //!   Cloudflare, `replace` is a read then a write, and reads may be stale:
 //!   this process never writes back a session it deleted in the last
-//!   [`STALE_READ_WINDOW`] (see below), but a save may bring back one
+//!   [`DELETED_SESSION_MEMORY`] (see below), but a save may bring back one
 //!   deleted by another process in the last minute, or deleted here while
 //!   the save's read and write ran (this process then deletes it again).
 //!   There a save of a session this process has not written in the window
@@ -81,7 +81,10 @@
 //! recent (sending no request): a session saved here loads back at once, in
 //! its last saved version; one deleted here (or saved with an expiry
 //! already past, or signed out everywhere) does not load here again, and a
-//! save here does not write it back; a remembered record past its expiry
+//! save here does not write it back, for [`DELETED_SESSION_MEMORY`] (90 s,
+//! as `KvStore` keeps a sign-out, counted from when the delete returned:
+//! the 60 s with a margin, since a stale read here would undo a sign-out);
+//! a remembered record past its expiry
 //! date never loads, and is not written back either. A save of a record
 //! written here in the window writes it without asking the backend (whose
 //! stale read may not show it yet). After the window the
@@ -123,7 +126,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dployr_domain::{KvBackend, KvLimits, StoreError, StoreResult};
-use dployr_kv::{Clock, RecentWrites, SystemClock, UserSessionIndex};
+use dployr_kv::{Clock, DELETED_SESSION_MEMORY, RecentWrites, SystemClock, UserSessionIndex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
@@ -328,7 +331,12 @@ impl KvSessionStore {
                 for key in &ended {
                     inner.remember(key, Written::Deleted);
                 }
-                inner.backend.delete_many(&ended)?;
+                let deleted = inner.backend.delete_many(&ended);
+                // The windows count from when the deletes landed.
+                for key in &ended {
+                    inner.remember(key, Written::Deleted);
+                }
+                deleted?;
                 let entries: Vec<String> = keys.iter().map(|key| index.entry_key(&user, key)).collect();
                 inner.backend.delete_many(&entries)?;
                 live
@@ -542,10 +550,14 @@ impl Inner {
         }
     }
 
-    /// Remembers what this process wrote under `key`, where reads may be stale.
+    /// Remembers what this process wrote under `key`, where reads may be
+    /// stale: a deletion for [`DELETED_SESSION_MEMORY`] (90 s, as
+    /// `KvStore` does: Cloudflare's 60 s "or more", with a margin), the
+    /// rest for [`STALE_READ_WINDOW`].
     fn remember(&self, key: &str, written: Written) {
         if let Some(recent) = &self.recent {
-            recent.remember(key, written, self.clock.monotonic(), STALE_READ_WINDOW);
+            let window = if matches!(written, Written::Deleted) { DELETED_SESSION_MEMORY } else { STALE_READ_WINDOW };
+            recent.remember(key, written, self.clock.monotonic(), window);
         }
     }
 
@@ -557,10 +569,13 @@ impl Inner {
     /// Deletes the record under `key`. Remembered first, as `KvStore` does
     /// with sessions: even if the delete fails, this process does not load
     /// the record again (the caller signed out); the error still says that
-    /// other processes may.
+    /// other processes may. Remembered again once the delete returned, so
+    /// the window counts from when it landed, however long its retries took.
     fn delete_key(&self, key: &str) -> StoreResult<()> {
         self.remember(key, Written::Deleted);
-        self.backend.delete(key)
+        let deleted = self.backend.delete(key);
+        self.remember(key, Written::Deleted);
+        deleted
     }
 
     /// Deletes the record under `key` for a sign-out everywhere; whether
@@ -569,12 +584,13 @@ impl Inner {
     /// every caller that read it live counts it.
     fn end_key(&self, key: &str) -> StoreResult<bool> {
         self.remember(key, Written::Deleted);
-        if self.backend.limits().atomic {
-            Ok(self.backend.take(key)?.is_some())
+        let ended = if self.backend.limits().atomic {
+            self.backend.take(key).map(|taken| taken.is_some())
         } else {
-            self.backend.delete(key)?;
-            Ok(true)
-        }
+            self.backend.delete(key).map(|()| true)
+        };
+        self.remember(key, Written::Deleted);
+        ended
     }
 
     /// Writes `record` back, as tower-sessions saves a session its request
