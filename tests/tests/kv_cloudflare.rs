@@ -581,6 +581,30 @@ async fn tower_a_wall_clock_stepping_forward_does_not_end_the_memory_of_a_sign_o
     assert_eq!(store.load(&record.id).await.unwrap(), None, "a stale read brought back a signed-out session");
 }
 
+/// A sign-out whose delete took seconds of retries (throttled) is
+/// remembered for `DELETED_SESSION_MEMORY` from when the delete landed,
+/// not from before it: with reads 91 s stale, 88 s after the delete
+/// returned (92 s after it began) the session does not load here again.
+#[test]
+fn a_sign_out_is_remembered_from_when_its_slow_delete_landed() {
+    let cf = cloudflare();
+    cf.emulator.set_stale_reads(Duration::from_secs(91));
+    let clock: Arc<dyn Clock> = Arc::new(cf.clock.clone());
+    let store = KvStore::new(cf.kv.clone()).with_clock(Arc::clone(&clock));
+    let id = SessionId::generate();
+    store.create_session(&id, &sample_user(1), vec![]).unwrap();
+    cf.advance(Duration::from_secs(92));
+    assert!(store.get_session(&id).unwrap().is_some(), "the backend shows it");
+    // Two throttled answers, each asking for 2 s: the delete lands about 4 s after it began.
+    cf.emulator.set_retry_after(2);
+    cf.emulator.fail_next(2, 429);
+    store.delete_session(&id).unwrap();
+    cf.advance(DELETED_SESSION_MEMORY - Duration::from_secs(2));
+    let elsewhere = KvStore::new(cf.kv.clone()).with_clock(clock);
+    assert!(elsewhere.get_session(&id).unwrap().is_some(), "reads are still that stale");
+    assert_eq!(store.get_session(&id).unwrap(), None, "a stale read brought back a signed-out session");
+}
+
 /// Cloudflare documents 60 s "or more" before a change is seen everywhere.
 /// Here reads are 80 s stale: 70 s after a sign-out, the backend still
 /// answers with the session, and this process must not load it again (it

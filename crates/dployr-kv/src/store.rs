@@ -103,7 +103,8 @@ const OTP_HASH_DOMAIN: &[u8] = b"dployr otp v2\0";
 /// How long a store remembers a session it deleted, on a backend whose
 /// reads may be stale, so that a stale read cannot bring it back in this
 /// process: Cloudflare documents 60 s "or more" before a change is seen
-/// everywhere. Sized for its 60 s with a margin; a read staler than that
+/// everywhere. Counted from when the delete returned (its retries may
+/// take seconds). Sized for its 60 s with a margin; a read staler than that
 /// (which Cloudflare does not rule out) could bring a session this process
 /// deleted back in it, and nothing here can know.
 pub const DELETED_SESSION_MEMORY: Duration = Duration::from_secs(90);
@@ -644,7 +645,11 @@ impl KvStore {
         }
         let key = Self::session_key(session_id);
         self.remember(&key, SessionWrite::Deleted);
-        self.kv.delete(&key)
+        let deleted = self.kv.delete(&key);
+        // Again once the delete returned, so that the window counts from
+        // when it landed, however long its retries took.
+        self.remember(&key, SessionWrite::Deleted);
+        deleted
     }
 
     /// Ends every session of `user` ("sign out of all devices") and returns
@@ -784,7 +789,12 @@ impl KvStore {
         // Cloudflare may report keys of it undone), and an entry gone
         // before its session would leave a live session no later sign-out
         // finds.
-        self.kv.delete_many(&sessions)?;
+        let deleted = self.kv.delete_many(&sessions);
+        // The windows count from when the deletes landed.
+        for key in &sessions {
+            self.remember(key, SessionWrite::Deleted);
+        }
+        deleted?;
         let entries: Vec<String> =
             keys.iter().map(|key| self.user_sessions.entry_key(&user.to_string(), key)).collect();
         self.kv.delete_many(&entries)?;
