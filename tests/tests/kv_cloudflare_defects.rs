@@ -90,6 +90,53 @@ fn the_right_code_two_seconds_after_a_wrong_one_is_accepted_with_a_server_5_s_ah
     assert!(store.validate_otp(&email, &code).unwrap());
 }
 
+/// `max_elapsed` bounds a call, not each of its requests: a `take` whose
+/// read is answered after 1.5 s, and whose delete then never is, ends
+/// about 2 s (its `max_elapsed`) after it began, not 2 s after the read.
+#[test]
+fn a_call_of_two_requests_ends_within_max_elapsed_of_its_start() {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(8) {
+            let mut stream = stream.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            if head.starts_with(b"GET ") {
+                std::thread::sleep(Duration::from_millis(1500));
+                let _ignored = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nv");
+            } else {
+                // The delete: accepted, never answered.
+                held.push(stream);
+            }
+        }
+    });
+    let config = CloudflareConfig {
+        base_url: format!("http://127.0.0.1:{port}/client/v4"),
+        request_timeout: Duration::from_secs(10),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(100),
+            max_elapsed: Duration::from_secs(2),
+        },
+        ..CloudflareConfig::new("acc", "ns", "token")
+    };
+    let kv = CloudflareKv::new(config).unwrap();
+    let started = Instant::now();
+    let result = kv.take("k");
+    let took = started.elapsed();
+    assert!(matches!(result, Err(StoreError::Unavailable { .. })), "{result:?}");
+    // 3.5 s when each request had its own 2 s.
+    assert!(took < Duration::from_millis(3000), "took {took:?} for max_elapsed 2 s");
+    drop(server);
+}
+
 #[test]
 fn a_call_to_a_server_that_never_answers_ends_within_max_elapsed() {
     // Accepts connections and never answers.

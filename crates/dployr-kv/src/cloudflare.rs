@@ -142,10 +142,12 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Longest backoff between two attempts. Default 5 s.
     pub max_backoff: Duration,
-    /// Longest time one HTTP request of a call may take, and so the longest
-    /// a call takes, requests and waits included: each request's timeout is
-    /// cut to what is left of it, and a retry whose wait would use it up is
-    /// not made. Default 30 s.
+    /// Longest time one call of the backend takes, from its start, every
+    /// request, retry and wait included (a `take`'s read and delete, every
+    /// chunk of a bulk call): each request's timeout is cut to what is left
+    /// of it, and a retry whose wait would use it up is not made. Default
+    /// 30 s. (A `KvStore` operation may make two calls: a session and its
+    /// index entry.)
     pub max_elapsed: Duration,
 }
 
@@ -741,7 +743,9 @@ impl CloudflareKv {
     /// `max_elapsed`, so the call ends within `max_elapsed`.
     fn send(&self, call: &mut Call, op: &'static str, build: impl Fn(&Client) -> RequestBuilder) -> StoreResult<Reply> {
         let policy = self.config.retry;
-        let started = Instant::now();
+        // The call's start, not this request's: `max_elapsed` bounds a whole
+        // call (a take's read and delete, every chunk of a bulk call).
+        let started = call.started;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
