@@ -626,6 +626,36 @@ async fn tower_a_session_signed_out_here_does_not_load_again_from_reads_staler_t
     assert_eq!(store.load(&record.id).await.unwrap(), None, "a stale read brought back a signed-out session");
 }
 
+/// Keys a bulk delete reports undone (`unsuccessful_keys`, which
+/// Cloudflare says "should be retried") are deleted again in bulk: one more
+/// request, not one per key, which for thousands would spend the account's
+/// 1200 requests per 5 minutes. Reported undone every time, they are a
+/// retryable error after a bounded number of requests.
+#[test]
+fn keys_a_bulk_delete_reports_undone_are_deleted_again_in_one_request() {
+    let cf = cloudflare();
+    let keys: Vec<String> = (0..150).map(|n| format!("undone-{n}")).collect();
+    for key in &keys {
+        cf.kv.put(key, b"v", None).unwrap();
+    }
+    cf.emulator.fail_bulk_delete_keys(120);
+    let before = cf.kv.request_counts().requests;
+    cf.kv.delete_many(&keys).unwrap();
+    assert_eq!(cf.kv.request_counts().requests - before, 2, "one bulk delete, then one for the 120 undone");
+    assert_eq!(cf.emulator.entries(), Vec::new());
+
+    for key in &keys {
+        cf.kv.put(key, b"v", None).unwrap();
+    }
+    cf.emulator.fail_bulk_delete_keys(usize::MAX);
+    let before = cf.kv.request_counts().requests;
+    let error = cf.kv.delete_many(&keys).unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }) && error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("150 keys still reported undone"), "{error}");
+    assert_eq!(cf.kv.request_counts().requests - before, 3);
+    cf.emulator.fail_bulk_delete_keys(0);
+}
+
 #[test]
 fn an_entry_lives_its_whole_ttl_whatever_part_of_a_second_it_was_written_in() {
     let cf = cloudflare();

@@ -132,6 +132,9 @@ const DAILY_LIMIT: u32 = 10048;
 const BULK_GET_KEYS: usize = 100;
 /// The most keys one bulk delete takes ("an array of up to 10,000 keys").
 const BULK_DELETE_KEYS: usize = 10_000;
+/// How many bulk deletes a chunk gets when Cloudflare reports keys of it
+/// undone (`unsuccessful_keys`, "they should be retried").
+const BULK_DELETE_ROUNDS: u32 = 3;
 
 /// How throttled or failed requests are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1021,16 +1024,45 @@ impl KvBackend for CloudflareKv {
         }
         let url = format!("{}/bulk/delete", self.namespace_url);
         for chunk in keys.chunks(BULK_DELETE_KEYS) {
-            let deleted: BulkDeleted = self
-                .post_json(&mut call, "delete_many", &url, &chunk)?
-                .result
-                .filter(|result| !result.is_null())
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| StoreError::backend("Cloudflare KV delete_many: unreadable answer", e))?
-                .unwrap_or_default();
-            for key in deleted.unsuccessful_keys.unwrap_or_default() {
-                self.remove(&mut call, &key)?;
+            // Keys Cloudflare reports undone "should be retried": in bulk
+            // again, a request for all of them (one at a time, a few
+            // thousand would spend the account's 1200 requests per 5
+            // minutes and block every call for 5 minutes), a few rounds at
+            // most, within the call's `max_elapsed`.
+            let mut to_delete: Vec<String> = chunk.to_vec();
+            for round in 1..=BULK_DELETE_ROUNDS {
+                let deleted: BulkDeleted = self
+                    .post_json(&mut call, "delete_many", &url, &to_delete)?
+                    .result
+                    .filter(|result| !result.is_null())
+                    .map(serde_json::from_value)
+                    .transpose()
+                    .map_err(|e| StoreError::backend("Cloudflare KV delete_many: unreadable answer", e))?
+                    .unwrap_or_default();
+                // Only keys of this request: an answer naming others is not
+                // a reason to delete them.
+                let asked: std::collections::HashSet<&str> = to_delete.iter().map(String::as_str).collect();
+                let undone: Vec<String> = deleted
+                    .unsuccessful_keys
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|key| asked.contains(key.as_str()))
+                    .collect();
+                if undone.is_empty() {
+                    break;
+                }
+                if round == BULK_DELETE_ROUNDS {
+                    return Err(StoreError::Unavailable {
+                        reason: format!(
+                            "Cloudflare KV delete_many: {} keys still reported undone after {round} bulk deletes",
+                            undone.len()
+                        )
+                        .into(),
+                        source: None,
+                    });
+                }
+                std::thread::sleep(self.config.retry.backoff(round));
+                to_delete = undone;
             }
         }
         Ok(())

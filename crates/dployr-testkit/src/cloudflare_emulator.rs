@@ -118,6 +118,9 @@ struct State {
     /// When each key was last written, in ms, if writes are limited to one per second per key.
     last_write_ms: Option<HashMap<String, u64>>,
     budget: Option<Budget>,
+    /// How many of the keys of the next bulk deletes to report as
+    /// unsuccessful, leaving them in place.
+    unsuccessful_keys: usize,
 }
 
 impl State {
@@ -335,6 +338,14 @@ impl CloudflareEmulator {
     pub fn set_request_budget(&self, budget: Option<(usize, Duration)>) {
         self.shared.state().budget =
             budget.map(|(limit, window)| Budget { limit, window, seen: VecDeque::new(), blocked_until_ms: 0 });
+    }
+
+    /// Leaves the next `n` keys that bulk deletes are asked for in place and
+    /// reports them in the answer's `unsuccessful_keys`, which Cloudflare's
+    /// API documents as keys "that failed to be fully updated. They should
+    /// be retried." (The rest of each request is deleted.)
+    pub fn fail_bulk_delete_keys(&self, n: usize) {
+        self.shared.state().unsuccessful_keys = n;
     }
 
     /// Answers the next `n` requests with `status` instead of serving them:
@@ -721,13 +732,16 @@ fn bulk_delete(shared: &Shared, body: &[u8]) -> Answer {
     {
         return too_many_requests(1);
     }
-    for key in &keys {
+    let failing = state.unsuccessful_keys.min(keys.len());
+    state.unsuccessful_keys -= failing;
+    let (unsuccessful, deleted) = keys.split_at(failing);
+    for key in deleted {
         if let Some(last) = state.last_write_ms.as_mut() {
             last.insert(key.clone(), now_ms);
         }
         state.write(key, None);
     }
-    ok(&json!({ "successful_key_count": keys.len(), "unsuccessful_keys": [] }))
+    ok(&json!({ "successful_key_count": deleted.len(), "unsuccessful_keys": unsuccessful }))
 }
 
 fn get(shared: &Shared, key: &str) -> Answer {
