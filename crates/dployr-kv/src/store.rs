@@ -478,6 +478,16 @@ impl KvStore {
         memory.remember(key, written, self.clock.monotonic(), window);
     }
 
+    /// Starts the window of a deletion remembered under `key` again, once
+    /// the delete returned (its retries may have taken seconds), unless a
+    /// session was created under the key meanwhile: that one stays.
+    fn deleted_now(&self, key: &str) {
+        let Some(memory) = &self.recent_sessions else { return };
+        memory.remember_unless(key, SessionWrite::Deleted, self.clock.monotonic(), DELETED_SESSION_MEMORY, |written| {
+            matches!(written, SessionWrite::Created { .. })
+        });
+    }
+
     /// Notes that a read of the backend showed the session this process
     /// created under `key`: reads of it no longer answer from the memory,
     /// but a sign-out everywhere still finds it there (the listing of the
@@ -646,9 +656,7 @@ impl KvStore {
         let key = Self::session_key(session_id);
         self.remember(&key, SessionWrite::Deleted);
         let deleted = self.kv.delete(&key);
-        // Again once the delete returned, so that the window counts from
-        // when it landed, however long its retries took.
-        self.remember(&key, SessionWrite::Deleted);
+        self.deleted_now(&key);
         deleted
     }
 
@@ -790,9 +798,8 @@ impl KvStore {
         // before its session would leave a live session no later sign-out
         // finds.
         let deleted = self.kv.delete_many(&sessions);
-        // The windows count from when the deletes landed.
         for key in &sessions {
-            self.remember(key, SessionWrite::Deleted);
+            self.deleted_now(key);
         }
         deleted?;
         let entries: Vec<String> =

@@ -62,8 +62,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection as _;
@@ -192,9 +192,11 @@ struct Freshness {
     replayed: AtomicU64,
     /// Reads that passed it over, by [`Skip`] (its discriminant).
     skips: [AtomicU64; Skip::REASONS],
-    /// Whether the gauges were set to down for the sample now held because
-    /// it aged (its sampler stuck); cleared by each new sample.
-    aged_out_reported: AtomicBool,
+    /// The gauges' writer: the sampler (a sample stored and reported as
+    /// one step) and the first reader to find the sample aged (checked and
+    /// reported as one step), so that neither reports over the other's
+    /// newer finding. Holds the `sampled_at_ms` whose ageing was reported.
+    gauges: Mutex<u64>,
 }
 
 /// One replica: its pool and what its sampler found.
@@ -393,7 +395,7 @@ impl ReplicaSet {
                 lag_us: AtomicU64::new(FAILED),
                 replayed: AtomicU64::new(0),
                 skips: Default::default(),
-                aged_out_reported: AtomicBool::new(false),
+                gauges: Mutex::new(0),
             });
             let (sender, receiver) = mpsc::channel();
             let sampler = Sampler {
@@ -486,9 +488,10 @@ impl ReplicaSet {
         // so the first look at the aged sample sets them to down; the next
         // sample sets them again.
         if now_ms.saturating_sub(sampled_at) > self.fresh_for_ms() {
-            if !freshness.aged_out_reported.swap(true, Ordering::Relaxed)
-                && freshness.sampled_at_ms.load(Ordering::Relaxed) == sampled_at
-            {
+            let mut aged_reported = freshness.gauges.lock().unwrap_or_else(PoisonError::into_inner);
+            // Still the sample found aged (none came since), and not yet reported.
+            if *aged_reported != sampled_at && freshness.sampled_at_ms.load(Ordering::Relaxed) == sampled_at {
+                *aged_reported = sampled_at;
                 report_sample(&replica.name, None);
             }
             return Err(Skip::Down);
@@ -687,6 +690,9 @@ impl Sampler {
         loop {
             let sample = self.sample();
             let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1);
+            // Stored and reported as one step against a reader that found
+            // the previous sample aged (see `Freshness::gauges`).
+            let gauges = self.freshness.gauges.lock().unwrap_or_else(PoisonError::into_inner);
             match sample {
                 Ok((lag, replayed)) => {
                     let lag_us = u64::try_from(lag.as_micros()).unwrap_or(FAILED - 1);
@@ -704,7 +710,7 @@ impl Sampler {
                 }
             }
             self.freshness.sampled_at_ms.store(now_ms, Ordering::Relaxed);
-            self.freshness.aged_out_reported.store(false, Ordering::Relaxed);
+            drop(gauges);
             match stop.recv_timeout(self.every) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,

@@ -332,9 +332,8 @@ impl KvSessionStore {
                     inner.remember(key, Written::Deleted);
                 }
                 let deleted = inner.backend.delete_many(&ended);
-                // The windows count from when the deletes landed.
                 for key in &ended {
-                    inner.remember(key, Written::Deleted);
+                    inner.deleted_now(key);
                 }
                 deleted?;
                 let entries: Vec<String> = keys.iter().map(|key| index.entry_key(&user, key)).collect();
@@ -561,6 +560,17 @@ impl Inner {
         }
     }
 
+    /// Starts the window of a deletion remembered under `key` again, once
+    /// the delete returned (its retries may have taken seconds), unless the
+    /// key was written meanwhile: that write stays.
+    fn deleted_now(&self, key: &str) {
+        if let Some(recent) = &self.recent {
+            recent.remember_unless(key, Written::Deleted, self.clock.monotonic(), DELETED_SESSION_MEMORY, |written| {
+                !matches!(written, Written::Deleted)
+            });
+        }
+    }
+
     /// What this process wrote under `key` lately, where reads may be stale.
     fn recent_write(&self, key: &str) -> Option<Written> {
         self.recent.as_ref()?.get(key, self.clock.monotonic())
@@ -574,7 +584,7 @@ impl Inner {
     fn delete_key(&self, key: &str) -> StoreResult<()> {
         self.remember(key, Written::Deleted);
         let deleted = self.backend.delete(key);
-        self.remember(key, Written::Deleted);
+        self.deleted_now(key);
         deleted
     }
 
@@ -589,7 +599,7 @@ impl Inner {
         } else {
             self.backend.delete(key).map(|()| true)
         };
-        self.remember(key, Written::Deleted);
+        self.deleted_now(key);
         ended
     }
 
