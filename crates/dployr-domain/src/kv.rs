@@ -340,8 +340,8 @@ pub trait KvBackend: Send + Sync {
 
     /// Removes every key of `keys`; a missing key is not an error. In no
     /// promised order: Cloudflare removes up to 10 000 keys a request, all
-    /// at once, and may report some of them undone (deleted again here, one
-    /// by one). After an error any of them may remain, so a caller that must
+    /// at once, and may report some of them undone (deleted again there, in
+    /// bulk). After an error any of them may remain, so a caller that must
     /// not remove some keys before others makes two calls. The default
     /// deletes them one by one.
     ///

@@ -132,6 +132,9 @@ const DAILY_LIMIT: u32 = 10048;
 const BULK_GET_KEYS: usize = 100;
 /// The most keys one bulk delete takes ("an array of up to 10,000 keys").
 const BULK_DELETE_KEYS: usize = 10_000;
+/// The least time left of a call's `max_elapsed` for which a request is
+/// sent: below it, no answer could come in time.
+const MIN_REQUEST_TIME: Duration = Duration::from_millis(50);
 /// How many bulk deletes a chunk gets when Cloudflare reports keys of it
 /// undone (`unsuccessful_keys`, "they should be retried").
 const BULK_DELETE_ROUNDS: u32 = 3;
@@ -753,7 +756,21 @@ impl CloudflareKv {
         loop {
             attempt += 1;
             let left = policy.max_elapsed.saturating_sub(started.elapsed());
-            let timeout = self.config.request_timeout.min(left).max(Duration::from_millis(1));
+            // An earlier request of the call spent its bound: a request with
+            // no time to be answered would only cost the account's budget
+            // (and a write could still land after the caller was told it
+            // failed).
+            if left < MIN_REQUEST_TIME {
+                return Err(StoreError::Unavailable {
+                    reason: format!(
+                        "Cloudflare KV {op}: the call's max_elapsed ({:?}) was spent before this request",
+                        policy.max_elapsed
+                    )
+                    .into(),
+                    source: None,
+                });
+            }
+            let timeout = self.config.request_timeout.min(left);
             call.requests += 1;
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             if attempt > 1 {
@@ -1014,8 +1031,9 @@ impl KvBackend for CloudflareKv {
     }
 
     /// One bulk delete (`POST .../bulk/delete`) per 10 000 keys, in order;
-    /// the keys Cloudflare says it did not fully delete are deleted again
-    /// one by one, as it asks.
+    /// the keys Cloudflare says it did not fully delete are deleted again,
+    /// as it asks, in bulk: up to 3 requests a chunk, within the call's
+    /// `max_elapsed`, then `Unavailable`.
     fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
         let mut call = Call::start("kv.cloudflare.delete_many");
         let limits = self.limits();
@@ -1051,7 +1069,8 @@ impl KvBackend for CloudflareKv {
                 if undone.is_empty() {
                     break;
                 }
-                if round == BULK_DELETE_ROUNDS {
+                let pause = self.config.retry.backoff(round);
+                if round == BULK_DELETE_ROUNDS || beyond(call.started.elapsed(), pause, self.config.retry.max_elapsed) {
                     return Err(StoreError::Unavailable {
                         reason: format!(
                             "Cloudflare KV delete_many: {} keys still reported undone after {round} bulk deletes",
@@ -1061,7 +1080,7 @@ impl KvBackend for CloudflareKv {
                         source: None,
                     });
                 }
-                std::thread::sleep(self.config.retry.backoff(round));
+                std::thread::sleep(pause);
                 to_delete = undone;
             }
         }

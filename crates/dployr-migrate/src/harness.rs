@@ -230,8 +230,11 @@ fn run_file(
 /// server connection); then the lock was taken on some server connection
 /// and each migration would run on whichever comes, beside another
 /// runner's. Checked inside each migration's transaction, which a
-/// transaction pooler keeps on one server connection, so a migration
-/// either runs under the lock or not at all.
+/// transaction pooler keeps on one server connection, so a migration in a
+/// transaction either runs under the lock or not at all. One outside a
+/// transaction (`run_in_transaction = false`) is checked just before it,
+/// in a statement of its own, which behind such a pooler may reach another
+/// server connection than the migration's: there the check is best effort.
 fn holds_the_migration_lock(conn: &mut PgConnection) -> Result<(), MigrateError> {
     let key = crate::MigrationRunner::LOCK_KEY;
     // pg_locks shows a bigint advisory key as its high and low halves.

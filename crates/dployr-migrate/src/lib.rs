@@ -22,7 +22,12 @@
 //! - a PostgreSQL advisory lock, polled with a timeout, serializes concurrent
 //!   runners on one database; later runners find nothing to do;
 //! - before anything runs, every applied migration is checked against the
-//!   binary: an edited file (checksum) or a missing one is refused by name.
+//!   binary: an edited file (checksum) or a missing one is refused by name
+//!   (a runner may allow those of a newer release, all above its latest:
+//!   `MigrationRunner::allowing_a_newer_release`, for migrations on start);
+//! - each migration in a transaction checks first that its server
+//!   connection holds the lock (a transaction pooler the start's probe
+//!   missed), and a database that only reads is refused before the lock.
 //!
 //! Bookkeeping lives in the table `_migrations` (the original's name) with a
 //! checksum and the execution time of each applied migration.

@@ -94,8 +94,8 @@
 //! user's sessions saved here in the window, which a stale listing of the
 //! user's index may not show yet. A save that fails leaves the memory as it
 //! was. Clones share the memory; each write drops the entries whose window
-//! has passed, so it holds the writes of the last window, a copy of each
-//! record. On memory and PostgreSQL none is kept.
+//! has passed, so it holds the writes of the last window (the deletions of
+//! the last 90 s), a copy of each record. On memory and PostgreSQL none is kept.
 //!
 //! What still does not hold: the memory is this process's only. Another
 //! process (another server or region, or a store not cloned from this one)
@@ -222,7 +222,8 @@ impl KvSessionStore {
     ///
     /// On a backend whose reads may be stale
     /// ([`KvLimits::read_your_writes`] is false), it remembers its own
-    /// writes for [`STALE_READ_WINDOW`] (see the crate documentation).
+    /// writes for [`STALE_READ_WINDOW`], its deletions for
+    /// [`DELETED_SESSION_MEMORY`] (see the crate documentation).
     pub fn new(backend: Arc<dyn KvBackend>) -> Self {
         let recent = (!backend.limits().read_your_writes).then(Arc::default);
         Self { inner: Arc::new(Inner { backend, users: None, clock: Arc::new(SystemClock), recent }) }
