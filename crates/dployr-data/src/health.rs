@@ -302,7 +302,8 @@ fn migrations(url: &str, bound: Duration) -> MigrationsProbe {
         .filter(|line| !matches!(line.state, MigrationState::MissingFromSource { .. }))
         .map(|line| line.version.as_str())
         .max_by(|a, b| order(a, b));
-    let is_newer = |version: &str| latest_here.is_none_or(|latest| order(version, latest).is_gt());
+    // As migrations on start tell a newer release's (one rule for both).
+    let is_newer = |version: &str| latest_here.is_none_or(|latest| dployr_migrate::is_newer_version(version, latest));
     let newer: Vec<String> = lines
         .iter()
         .filter(|line| matches!(line.state, MigrationState::MissingFromSource { .. }) && is_newer(&line.version))

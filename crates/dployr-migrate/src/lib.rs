@@ -53,5 +53,7 @@ mod sql_lexer;
 mod transaction_control;
 
 pub use error::{MigrateError, MigrationFailure, SqlPosition};
-pub use runner::{AppliedMigration, MigrationEvent, MigrationRunner, MigrationState, MigrationStatus};
+pub use runner::{
+    AppliedMigration, MigrationEvent, MigrationRunner, MigrationState, MigrationStatus, is_newer_version,
+};
 pub use set::{MigrationFile, MigrationSet};

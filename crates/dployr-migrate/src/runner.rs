@@ -559,20 +559,24 @@ impl MigrationRunner {
         let connection_url = self.connection_url();
         let mut pause = Duration::from_millis(250);
         let mut attempt = 0;
-        // What a watcher saw last, of any attempt: on a busy machine one
-        // attempt's watcher may connect too late to see its wait.
-        let mut last_seen = None;
+        // What a watcher saw last, of any attempt, and on which: on a busy
+        // machine one attempt's watcher may connect too late to see its wait.
+        let mut last_seen: Option<(u32, String)> = None;
         loop {
             attempt += 1;
             let watcher = LockWatcher::start(&connection_url, harness.backend_pid());
             let result = run(harness);
             if let Some(seen) = watcher.finish() {
-                last_seen = Some(seen);
+                last_seen = Some((attempt, seen));
             }
             match result {
                 Ok(duration) => return Ok(duration),
                 Err(error) if is_lock_timeout(&error) => {
-                    let waited_for = last_seen.clone().unwrap_or_else(|| "a lock (not seen by the watcher)".to_owned());
+                    let waited_for = match &last_seen {
+                        Some((seen_on, seen)) if *seen_on == attempt => seen.clone(),
+                        Some((seen_on, seen)) => format!("{seen} (as seen on attempt {seen_on})"),
+                        None => "a lock (not seen by the watcher)".to_owned(),
+                    };
                     if attempt >= self.lock_attempts || !file.run_in_transaction() {
                         return Err(MigrateError::LockNotAvailable {
                             name: file.name().to_owned(),
@@ -601,8 +605,11 @@ impl MigrationRunner {
         work: impl FnOnce(&mut DployrHarness<'_>, &[AppliedRow], &mut dyn FnMut(&MigrationEvent)) -> Result<T, MigrateError>,
     ) -> Result<T, MigrateError> {
         let mut conn = self.connect()?;
-        self.refuse_transaction_pooler(&mut conn)?;
+        // Its settings first: the probe opens a second connection while
+        // this one waits, which a short `idle_session_timeout` of the role
+        // or the database would end.
         let backend_pid = self.configure_session(&mut conn)?;
+        self.refuse_transaction_pooler(&mut conn)?;
         self.acquire_lock(&mut conn, progress)?;
         let result = DployrHarness::new(&mut conn, &self.set, self.session_settings()).and_then(|mut harness| {
             harness.set_backend_pid(backend_pid);
@@ -670,9 +677,7 @@ fn verify(
     for row in applied {
         match set.get(&row.version) {
             Some(file) => check(file, row)?,
-            None if newer_release_allowed
-                && latest.is_some_and(|latest| version_order(&row.version, latest).is_gt()) =>
-            {
+            None if newer_release_allowed && latest.is_some_and(|latest| is_newer_version(&row.version, latest)) => {
                 newer.push(row.name.clone());
             }
             None => return Err(MigrateError::MissingFromSource { name: row.name.clone() }),
@@ -694,6 +699,20 @@ fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
         (Ok(a), Ok(b)) => a.cmp(&b),
         _ => a.cmp(b),
     }
+}
+
+/// Whether the migration version `version` is a newer release's than
+/// `latest`: after it both as a number and as text (the order in which a
+/// set applies its migrations). A version of another width (`0016` beside
+/// `015`) is newer by one order and not the other, and is not.
+///
+/// ```
+/// use dployr_migrate::is_newer_version;
+/// assert!(is_newer_version("016", "015") && is_newer_version("20260101120000", "20251231000000"));
+/// assert!(!is_newer_version("0016", "015") && !is_newer_version("015", "015"));
+/// ```
+pub fn is_newer_version(version: &str, latest: &str) -> bool {
+    version_order(version, latest).is_gt() && version > latest
 }
 
 /// The rule for one applied migration: same folder name, same `up.sql`.

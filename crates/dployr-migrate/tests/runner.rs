@@ -1151,6 +1151,18 @@ fn a_run_allowing_a_newer_release_still_refuses_an_unknown_older_migration_a_gap
     let mut conn = db.connect();
     assert_eq!(recorded(&mut conn), ["001_a", "003_c"], "002_b was not applied beside the newer 003_c");
 
+    // Of another width: newer as a number (2 > 1), older as text ("0002" <
+    // "001", the order a set applies in): not a newer release's.
+    let db = empty_database();
+    run(&db, &set_of(&[a]).1).unwrap();
+    db.connect()
+        .batch_execute(
+            "INSERT INTO _migrations (version, name, checksum, duration_ms) VALUES ('0002', '0002_x', 'c', 1)",
+        )
+        .unwrap();
+    let error = allowing(&db, &set_of(&[a]).1).unwrap_err();
+    assert!(matches!(&error, MigrateError::MissingFromSource { name } if name == "0002_x"), "{error:?}");
+
     let db = empty_database();
     run(&db, &set_of(&[a, b]).1).unwrap();
     let edited = folder("001_a", "CREATE TABLE a (id bigint);");
