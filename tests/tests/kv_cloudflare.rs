@@ -762,6 +762,25 @@ fn a_spent_request_budget_fails_at_once_and_recovers_after_the_window() {
     assert_eq!(cf.kv.get("k").unwrap(), None);
 }
 
+/// The same block, told only by the `Ratelimit` header (`"default";r=0;
+/// t=300`), as a 429 without `Retry-After` may: the call fails at once
+/// instead of spending four more requests and seconds of retries on it.
+#[test]
+fn a_spent_request_budget_told_only_by_the_ratelimit_header_fails_at_once() {
+    let cf = cloudflare();
+    cf.emulator.omit_retry_after(true);
+    cf.emulator.set_request_budget(Some((10, Duration::from_secs(300))));
+    for _ in 0..10 {
+        cf.kv.get("k").unwrap();
+    }
+    let error = cf.kv.get("k").unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(error.to_string().contains("asked to wait 300s"), "{error}");
+    assert_eq!(cf.kv.request_counts(), CloudflareRequestCounts { requests: 11, throttled: 1, retries: 0 });
+    cf.emulator.advance(Duration::from_secs(301));
+    assert_eq!(cf.kv.get("k").unwrap(), None);
+}
+
 #[test]
 fn each_operation_span_counts_its_requests_429s_and_retries() {
     let cf = cloudflare();

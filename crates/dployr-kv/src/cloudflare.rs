@@ -275,6 +275,28 @@ impl CloudflareConfig {
     }
 }
 
+/// When a spent quota of the `Ratelimit` header frees again, for a 429
+/// that carries no `Retry-After`: Cloudflare's REST API lists its quotas
+/// there as `"name";r=<remaining>;t=<seconds until it resets>` items, and
+/// documents `retry-after` as a later addition. Without it, a call into the
+/// 5-minute block that follows a spent account budget would retry for
+/// seconds, each attempt refused. The latest reset of the items with none
+/// remaining; `None` if no item is spent or the header is absent.
+fn spent_quota_resets_in(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let field = |item: &str, name: &str| {
+        item.split(';').find_map(|part| part.trim().strip_prefix(name)?.strip_prefix('=')?.trim().parse::<u64>().ok())
+    };
+    headers
+        .get_all("ratelimit")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter(|item| field(item, "r") == Some(0))
+        .filter_map(|item| field(item, "t"))
+        .max()
+        .map(Duration::from_secs)
+}
+
 /// `base_url` without a trailing `/`, if it is an `http://` or `https://`
 /// URL that parses (one that does not, a space in its host or a port out
 /// of range, failed each request before it was sent, which was retried
@@ -806,7 +828,8 @@ impl CloudflareKv {
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
+                        .map(Duration::from_secs)
+                        .or_else(|| spent_quota_resets_in(&reply.headers));
                     (reply.error_text(), reply.status, retry_after)
                 }
                 Err(failure) => (failure, 0, None),
@@ -1173,6 +1196,23 @@ mod tests {
             checked_base_url("https://api.cloudflare.com/client/v4/").unwrap(),
             "https://api.cloudflare.com/client/v4"
         );
+    }
+
+    #[test]
+    fn a_spent_quota_of_the_ratelimit_header_tells_when_to_retry() {
+        let headers = |value: &str| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert("ratelimit", value.parse().unwrap());
+            headers
+        };
+        assert_eq!(super::spent_quota_resets_in(&headers("\"default\";r=0;t=300")), Some(Duration::from_secs(300)));
+        assert_eq!(
+            super::spent_quota_resets_in(&headers("\"burst\";r=0;t=30, \"default\";r=0;t=120")),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(super::spent_quota_resets_in(&headers("\"default\";r=50;t=30")), None, "quota left");
+        assert_eq!(super::spent_quota_resets_in(&headers("garbage;;r=;t=x")), None);
+        assert_eq!(super::spent_quota_resets_in(&reqwest::header::HeaderMap::new()), None);
     }
 
     #[test]
