@@ -73,6 +73,36 @@ fn a_start_through_pgbouncer_that_would_cancel_at_a_deadline_is_refused_naming_t
     assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_CANCEL_ON_DEADLINE", .. }), "{error}");
 }
 
+/// A migration start refused behind a transaction pooler leaves no session
+/// setting of its runner's (`statement_timeout = 0`, its `lock_timeout`) on
+/// a server connection the pooler hands other clients: the role's or the
+/// database's `statement_timeout`, which the docs prescribe there, holds.
+#[test]
+fn a_migration_start_refused_behind_pgbouncer_leaves_no_setting_on_other_clients_connections() {
+    use diesel::connection::SimpleConnection as _;
+    use diesel::prelude::*;
+    let Some((db, bouncer)) = behind_pgbouncer(true) else { return };
+    db.connect().batch_execute(&format!("ALTER DATABASE \"{}\" SET statement_timeout = '30s'", db.name())).unwrap();
+    let url = bouncer.url_for(db.name());
+    let timeouts_seen = || -> Vec<String> {
+        (0..5)
+            .map(|_| {
+                let mut conn = PgConnection::establish(&url).unwrap();
+                conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+                diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('statement_timeout')"))
+                    .get_result(&mut conn)
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert!(timeouts_seen().iter().all(|seen| seen == "30s"));
+    let config = Config::new(&url).with_kv(KvBackendConfig::Memory).with_pool(documented_pool());
+    let error = DataLayer::open(config).map(drop).unwrap_err();
+    assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_MIGRATE_DATABASE_URL", .. }), "{error}");
+    let seen = timeouts_seen();
+    assert!(seen.iter().all(|seen| seen == "30s"), "the refused runner's settings reached other clients: {seen:?}");
+}
+
 #[test]
 fn migrations_on_start_through_pgbouncer_never_trip_over_a_prepared_statement_left_by_another_client() {
     // The settings: the statement cache off, migrations on start on

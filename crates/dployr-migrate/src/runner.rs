@@ -466,14 +466,13 @@ impl MigrationRunner {
     /// pool) a session's settings are its own, so this never refuses a
     /// direct connection; through a transaction pooler the second client is
     /// usually handed the server connection the first just used.
-    fn refuse_transaction_pooler(&self, conn: &mut PgConnection) -> Result<(), MigrateError> {
+    fn refuse_transaction_pooler(&self, conn: &mut PgConnection, other: &mut PgConnection) -> Result<(), MigrateError> {
         let token = format!("{:016x}", rand::random::<u64>());
         conn.batch_execute(&format!("SET dployr.pooler_probe = '{token}'"))
             .map_err(|source| MigrateError::Database { context: "probing for a connection pooler", source })?;
-        let mut other = self.connect()?;
         let seen: Option<String> =
             diesel::select(diesel::dsl::sql::<Nullable<Text>>("current_setting('dployr.pooler_probe', true)"))
-                .get_result(&mut other)
+                .get_result(other)
                 .map_err(|source| MigrateError::Database { context: "probing for a connection pooler", source })?;
         if seen.as_deref() == Some(token.as_str()) {
             return Err(MigrateError::TransactionPooler);
@@ -604,12 +603,16 @@ impl MigrationRunner {
         progress: &mut dyn FnMut(&MigrationEvent),
         work: impl FnOnce(&mut DployrHarness<'_>, &[AppliedRow], &mut dyn FnMut(&MigrationEvent)) -> Result<T, MigrateError>,
     ) -> Result<T, MigrateError> {
+        // The probe's second connection is opened first, so the runner's
+        // waits a round trip, not a connect, before its settings (a short
+        // `idle_session_timeout` of the role or the database would end it);
+        // and the settings come after the probe, never on a server
+        // connection of a transaction pooler that other clients get next.
+        let mut other = self.connect()?;
         let mut conn = self.connect()?;
-        // Its settings first: the probe opens a second connection while
-        // this one waits, which a short `idle_session_timeout` of the role
-        // or the database would end.
+        self.refuse_transaction_pooler(&mut conn, &mut other)?;
+        drop(other);
         let backend_pid = self.configure_session(&mut conn)?;
-        self.refuse_transaction_pooler(&mut conn)?;
         self.acquire_lock(&mut conn, progress)?;
         let result = DployrHarness::new(&mut conn, &self.set, self.session_settings()).and_then(|mut harness| {
             harness.set_backend_pid(backend_pid);
