@@ -307,15 +307,17 @@ fn spent_quota_resets_in(headers: &reqwest::header::HeaderMap) -> Option<Duratio
 /// would go with every request and into every error that names the URL.
 fn checked_base_url(base_url: &str) -> StoreResult<String> {
     let trimmed = base_url.trim().trim_end_matches('/');
+    let shown = without_userinfo(base_url);
     let refused = |why: String| StoreError::Configuration {
         setting: API_BASE_URL_VAR,
-        reason: format!("is {base_url:?}{why}; give an http(s) URL such as {CLOUDFLARE_API_URL}").into(),
+        reason: format!("is {shown:?}{why}; give an http(s) URL such as {CLOUDFLARE_API_URL}").into(),
     };
-    if !(trimmed.starts_with("https://") || trimmed.starts_with("http://")) {
+    let scheme = trimmed.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("https" | "http")) {
         return Err(refused(String::new()));
     }
     let url = reqwest::Url::parse(trimmed).map_err(|error| refused(format!(", not a URL ({error})")))?;
-    if !url.username().is_empty() || url.password().is_some() {
+    if !url.username().is_empty() || url.password().is_some() || shown != base_url {
         return Err(StoreError::Configuration {
             setting: API_BASE_URL_VAR,
             reason: "holds credentials (user:password@), which would be sent with every request and shown in \
@@ -335,6 +337,18 @@ fn checked_base_url(base_url: &str) -> StoreResult<String> {
         ));
     }
     Ok(trimmed.to_owned())
+}
+
+/// `url` with anything before an `@` of its authority (`user:password@`)
+/// masked, for an error that shows it: the URL may not parse, so this goes
+/// by the text.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
 }
 
 /// How many requests the client sent, how many were throttled (429) and
@@ -1234,6 +1248,22 @@ mod tests {
                 "{refused}"
             );
         }
+        // Refused for another reason first, they are not shown either.
+        for refused_otherwise in [
+            "ftp://user:s3cret@api.cloudflare.com/client/v4",
+            "https://user:s3cret@api.cloudflare.com:99999/client/v4",
+            "https://user:s3cret@api cloudflare.com/client/v4",
+            "https://user:s3cret@@host/client/v4",
+        ] {
+            let refused = checked_base_url(refused_otherwise).unwrap_err().to_string();
+            assert!(!refused.contains("s3cret"), "{refused}");
+        }
+        // The scheme, as URLs go, in any case.
+        assert_eq!(
+            checked_base_url("HTTPS://api.cloudflare.com/client/v4").unwrap(),
+            "HTTPS://api.cloudflare.com/client/v4"
+        );
+        assert!(checked_base_url("HTTP://127.0.0.1:8787/client/v4").is_ok());
     }
 
     fn stored(expiration: Option<u64>, server_now: Option<u64>) -> Stored {
