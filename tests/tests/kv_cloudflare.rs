@@ -581,6 +581,32 @@ async fn tower_a_wall_clock_stepping_forward_does_not_end_the_memory_of_a_sign_o
     assert_eq!(store.load(&record.id).await.unwrap(), None, "a stale read brought back a signed-out session");
 }
 
+/// A session created under an id this process signed out a moment before
+/// (`create_session` takes any id, another user's included) does not end
+/// the memory of the sign-out early: with reads 70 s stale, the signed-out
+/// session never answers here again while the backend does not show the
+/// new one.
+#[test]
+fn a_session_created_under_an_id_just_signed_out_never_brings_the_old_one_back() {
+    let cf = cloudflare();
+    cf.emulator.set_stale_reads(Duration::from_secs(70));
+    let clock: Arc<dyn Clock> = Arc::new(cf.clock.clone());
+    let store = KvStore::new(cf.kv.clone()).with_clock(clock);
+    let (id, first, second) = (SessionId::generate(), sample_user(1), sample_user(2));
+    store.create_session(&id, &first, vec![]).unwrap();
+    cf.advance(Duration::from_secs(100));
+    store.delete_session(&id).unwrap();
+    cf.advance(Duration::from_secs(1));
+    store.create_session(&id, &second, vec![]).unwrap();
+    let mut since_sign_out = 1;
+    for seconds in [10, 30, 59, 61, 62, 80, 89] {
+        cf.advance(Duration::from_secs(seconds - since_sign_out));
+        since_sign_out = seconds;
+        let user = store.get_session(&id).unwrap().map(|session| session.user_id);
+        assert_eq!(user, Some(second.id), "{seconds} s after the sign-out");
+    }
+}
+
 /// A sign-out whose delete took seconds of retries (throttled) is
 /// remembered for `DELETED_SESSION_MEMORY` from when the delete landed,
 /// not from before it: with reads 91 s stale, 88 s after the delete

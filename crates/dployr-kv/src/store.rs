@@ -111,7 +111,9 @@ pub const DELETED_SESSION_MEMORY: Duration = Duration::from_secs(90);
 
 /// How long, at most, a store answers for a session it created while the
 /// backend does not show it yet (Cloudflare's documented 60 s, "or more");
-/// it stops as soon as a read of the backend shows it.
+/// it stops as soon as a read of the backend shows it. A session created
+/// under an id this process deleted lately is answered for
+/// [`DELETED_SESSION_MEMORY`], as long as the deletion was to be kept.
 pub const CREATED_SESSION_MEMORY: Duration = Duration::from_secs(60);
 
 /// What a store did lately to a session key, on a backend whose reads may
@@ -585,8 +587,17 @@ impl KvStore {
         }
         // Read back from here while a stale backend may not show it (and a
         // session this process deleted under the same id is replaced: the
-        // memory of that delete no longer hides it).
-        self.remember(&key, SessionWrite::Created { session: session.clone(), shown: false });
+        // memory of that delete no longer hides it). Over a deletion, for
+        // as long as the deletion was to be remembered: once the memory
+        // ends, a read as stale as that would answer the signed-out session.
+        if let Some(memory) = &self.recent_sessions {
+            let now = self.clock.monotonic();
+            let window = match memory.get(&key, now) {
+                Some(SessionWrite::Deleted) => DELETED_SESSION_MEMORY.max(CREATED_SESSION_MEMORY),
+                _ => CREATED_SESSION_MEMORY,
+            };
+            memory.remember(&key, SessionWrite::Created { session: session.clone(), shown: false }, now, window);
+        }
         Ok(session)
     }
 
