@@ -339,14 +339,13 @@ fn checked_base_url(base_url: &str) -> StoreResult<String> {
     Ok(trimmed.to_owned())
 }
 
-/// `url` with anything before an `@` of its authority (`user:password@`)
-/// masked, for an error that shows it: the URL may not parse, so this goes
-/// by the text.
+/// `url` with everything before its last `@` masked, for an error that
+/// shows it: credentials (`user:password@`) may come in any malformed
+/// spelling (`https//user:pw@host`, extra slashes) that no parser finds,
+/// and the API's URL holds no `@` anyway.
 fn without_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+    match url.rfind('@') {
+        Some(at) => format!("***{}", &url[at..]),
         None => url.to_owned(),
     }
 }
@@ -843,14 +842,16 @@ impl CloudflareKv {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs)
-                        .or_else(|| spent_quota_resets_in(&reply.headers));
+                        .or_else(|| (reply.status == 429).then(|| spent_quota_resets_in(&reply.headers)).flatten());
                     (reply.error_text(), reply.status, retry_after)
                 }
                 Err(failure) => (failure, 0, None),
             };
             let wait = policy.backoff(attempt).max(retry_after.unwrap_or_default());
             let elapsed = started.elapsed();
-            if attempt >= policy.max_attempts || beyond(elapsed, wait, policy.max_elapsed) {
+            if attempt >= policy.max_attempts
+                || beyond(elapsed, wait.saturating_add(MIN_REQUEST_TIME), policy.max_elapsed)
+            {
                 let asked = match retry_after {
                     Some(asked) if beyond(elapsed, asked, policy.max_elapsed) => format!(
                         "; Cloudflare asked to wait {asked:?} (after 1200 requests in 5 minutes the account is refused for 5 minutes)"
@@ -1107,7 +1108,13 @@ impl KvBackend for CloudflareKv {
                     break;
                 }
                 let pause = self.config.retry.backoff(round);
-                if round == BULK_DELETE_ROUNDS || beyond(call.started.elapsed(), pause, self.config.retry.max_elapsed) {
+                if round == BULK_DELETE_ROUNDS
+                    || beyond(
+                        call.started.elapsed(),
+                        pause.saturating_add(MIN_REQUEST_TIME),
+                        self.config.retry.max_elapsed,
+                    )
+                {
                     return Err(StoreError::Unavailable {
                         reason: format!(
                             "Cloudflare KV delete_many: {} keys still reported undone after {round} bulk deletes",
@@ -1254,6 +1261,9 @@ mod tests {
             "https://user:s3cret@api.cloudflare.com:99999/client/v4",
             "https://user:s3cret@api cloudflare.com/client/v4",
             "https://user:s3cret@@host/client/v4",
+            "https//user:s3cret@api.cloudflare.com/client/v4",
+            "https:////user:s3cret@api.cloudflare.com:99999/client/v4",
+            "user:s3cret@api.cloudflare.com",
         ] {
             let refused = checked_base_url(refused_otherwise).unwrap_err().to_string();
             assert!(!refused.contains("s3cret"), "{refused}");

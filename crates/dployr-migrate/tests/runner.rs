@@ -1076,7 +1076,7 @@ fn an_idle_session_timeout_of_the_database_does_not_end_the_runner_between_attem
     run(&db, &set).unwrap();
     db.connect()
         .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET idle_session_timeout = 200', current_database()); END $$",
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET idle_session_timeout = 400', current_database()); END $$",
         )
         .unwrap();
     // Waiting in a transaction is not idle: the holder keeps its lock.
@@ -1087,8 +1087,8 @@ fn an_idle_session_timeout_of_the_database_does_not_end_the_runner_between_attem
     });
     write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
     let mut events = Vec::new();
-    // Each pause between attempts (250 ms, then 500 ms) is longer than the
-    // database's idle_session_timeout.
+    // The second pause between attempts (500 to 625 ms) is longer than the
+    // database's idle_session_timeout; connecting is far shorter.
     let applied = MigrationRunner::new(db.url(), MigrationSet::from_dir(dir.path()).unwrap())
         .with_table_lock_timeout(Duration::from_millis(500))
         .run_pending(&mut |e| events.push(e.clone()));

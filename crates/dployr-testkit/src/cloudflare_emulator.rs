@@ -194,7 +194,7 @@ impl State {
         let now_ms = self.now_ms();
         let last = self.last_write_ms.as_mut()?;
         if last.get(key).is_some_and(|at| now_ms < at + 1000) {
-            return Some(too_many_requests(1, self.no_retry_after));
+            return Some(too_many_requests(1, self.no_retry_after, false));
         }
         last.insert(key.to_owned(), now_ms);
         None
@@ -207,7 +207,7 @@ impl State {
         let budget = self.budget.as_mut()?;
         let window_ms = u64::try_from(budget.window.as_millis()).unwrap_or(u64::MAX);
         if now_ms < budget.blocked_until_ms {
-            return Some(too_many_requests((budget.blocked_until_ms - now_ms).div_ceil(1000), no_retry_after));
+            return Some(too_many_requests((budget.blocked_until_ms - now_ms).div_ceil(1000), no_retry_after, true));
         }
         while budget.seen.front().is_some_and(|at| *at + window_ms <= now_ms) {
             budget.seen.pop_front();
@@ -215,7 +215,7 @@ impl State {
         if budget.seen.len() >= budget.limit {
             budget.blocked_until_ms = now_ms + window_ms;
             budget.seen.clear();
-            return Some(too_many_requests(window_ms.div_ceil(1000), no_retry_after));
+            return Some(too_many_requests(window_ms.div_ceil(1000), no_retry_after, true));
         }
         budget.seen.push_back(now_ms);
         None
@@ -344,10 +344,12 @@ impl CloudflareEmulator {
             budget.map(|(limit, window)| Budget { limit, window, seen: VecDeque::new(), blocked_until_ms: 0 });
     }
 
-    /// Answers every 429 without a `Retry-After` header, saying when the
-    /// spent quota resets only in the `Ratelimit` header
-    /// (`"default";r=0;t=<seconds>`), as Cloudflare's REST API lists its
-    /// quotas; `retry-after` is documented as a later addition. Off by default.
+    /// Answers every 429 without a `Retry-After` header: one of a spent
+    /// quota (the account budget, an injected 429) says when it resets only
+    /// in the `Ratelimit` header (`"default";r=0;t=<seconds>`), as
+    /// Cloudflare's REST API lists its quotas (`retry-after` is documented
+    /// as a later addition); a key's one write per second, nothing at all.
+    /// Off by default.
     pub fn omit_retry_after(&self, on: bool) {
         self.shared.state().no_retry_after = on;
     }
@@ -622,18 +624,23 @@ fn no_route() -> Answer {
     error(400, NO_ROUTE, "No route for that URI")
 }
 
-/// Cloudflare's 429: code 971 and a `Retry-After` in seconds, or (with
-/// `no_retry_after`) the same only in the `Ratelimit` header.
-fn too_many_requests(retry_after_secs: u64, no_retry_after: bool) -> Answer {
+/// Cloudflare's 429: code 971 and a `Retry-After` in seconds; with
+/// `no_retry_after`, none, and for a spent quota (`quota`, not a key's one
+/// write per second) the same wait in the `Ratelimit` header.
+fn too_many_requests(retry_after_secs: u64, no_retry_after: bool, quota: bool) -> Answer {
     let refused = error(429, RATE_LIMITED, "Please wait and consider throttling your request speed");
     if no_retry_after {
-        let mut refused = refused;
-        if let Some(h) = header("Ratelimit", &format!("\"default\";r=0;t={retry_after_secs}")) {
-            refused.add_header(h);
-        }
-        return refused;
+        return if quota { with_spent_quota(refused, retry_after_secs) } else { refused };
     }
     with_retry_after(refused, retry_after_secs)
+}
+
+/// `response` with a `Ratelimit` header saying its quota is spent for `secs`.
+fn with_spent_quota(mut response: Answer, secs: u64) -> Answer {
+    if let Some(h) = header("Ratelimit", &format!("\"default\";r=0;t={secs}")) {
+        response.add_header(h);
+    }
+    response
 }
 
 fn with_retry_after(mut response: Answer, retry_after_secs: u64) -> Answer {
@@ -655,7 +662,7 @@ fn raw_answer(status: u16, body: Vec<u8>) -> Answer {
 
 fn injected_failure(injected: &Injected, url: &str, retry_after_secs: u64, no_retry_after: bool) -> Answer {
     match *injected {
-        Injected::Status(429) => too_many_requests(retry_after_secs, no_retry_after),
+        Injected::Status(429) => too_many_requests(retry_after_secs, no_retry_after, true),
         // What a proxy or a wrong host answers: no Cloudflare envelope.
         Injected::Status(404) => raw_answer(404, b"<html><body><h1>404 Not Found</h1></body></html>".to_vec()),
         Injected::Status(status @ (401 | 403)) => error(status, AUTHENTICATION_ERROR, "Authentication error"),
@@ -667,7 +674,11 @@ fn injected_failure(injected: &Injected, url: &str, retry_after_secs: u64, no_re
                 _ => "injected failure",
             };
             let answer = error(status, code, message);
-            if status == 429 && !no_retry_after { with_retry_after(answer, retry_after_secs) } else { answer }
+            match (status, no_retry_after) {
+                (429, false) => with_retry_after(answer, retry_after_secs),
+                (429, true) => with_spent_quota(answer, retry_after_secs),
+                _ => answer,
+            }
         }
         Injected::Raw(status, ref body) => raw_answer(status, body.clone()),
         Injected::Redirect(status) => {
@@ -748,7 +759,7 @@ fn bulk_delete(shared: &Shared, body: &[u8]) -> Answer {
     if let Some(last) = &state.last_write_ms
         && keys.iter().any(|key| last.get(key).is_some_and(|at| now_ms < at + 1000))
     {
-        return too_many_requests(1, state.no_retry_after);
+        return too_many_requests(1, state.no_retry_after, false);
     }
     let failing = state.unsuccessful_keys.min(keys.len());
     state.unsuccessful_keys -= failing;
