@@ -31,6 +31,22 @@ fn config_for(emulator: &CloudflareEmulator) -> CloudflareConfig {
     }
 }
 
+/// A client of a server of the test's own on `port`: a 10 s request
+/// timeout, quick retries, and `max_elapsed` for a call.
+fn config_on_local_port(port: u16, max_elapsed: Duration) -> CloudflareConfig {
+    CloudflareConfig {
+        base_url: format!("http://127.0.0.1:{port}/client/v4"),
+        request_timeout: Duration::from_secs(10),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(100),
+            max_elapsed,
+        },
+        ..CloudflareConfig::new("acc", "ns", "token")
+    }
+}
+
 #[track_caller]
 fn assert_configuration_naming_the_base_url<T: std::fmt::Debug>(result: Result<T, StoreError>) {
     match result {
@@ -116,18 +132,7 @@ fn a_call_of_two_requests_ends_within_max_elapsed_of_its_start() {
             }
         }
     });
-    let config = CloudflareConfig {
-        base_url: format!("http://127.0.0.1:{port}/client/v4"),
-        request_timeout: Duration::from_secs(10),
-        retry: RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(100),
-            max_elapsed: Duration::from_secs(2),
-        },
-        ..CloudflareConfig::new("acc", "ns", "token")
-    };
-    let kv = CloudflareKv::new(config).unwrap();
+    let kv = CloudflareKv::new(config_on_local_port(port, Duration::from_secs(2))).unwrap();
     let started = Instant::now();
     let result = kv.take("k");
     let took = started.elapsed();
@@ -149,18 +154,7 @@ fn a_call_to_a_server_that_never_answers_ends_within_max_elapsed() {
         }
         std::thread::sleep(Duration::from_secs(30));
     });
-    let config = CloudflareConfig {
-        base_url: format!("http://127.0.0.1:{port}/client/v4"),
-        request_timeout: Duration::from_secs(10),
-        retry: RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(100),
-            max_elapsed: Duration::from_secs(1),
-        },
-        ..CloudflareConfig::new("acc", "ns", "token")
-    };
-    let kv = CloudflareKv::new(config).unwrap();
+    let kv = CloudflareKv::new(config_on_local_port(port, Duration::from_secs(1))).unwrap();
     let started = Instant::now();
     let result = kv.get("k");
     let took = started.elapsed();

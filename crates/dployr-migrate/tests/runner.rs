@@ -462,6 +462,18 @@ fn hold_a_read_lock(db: &TestDatabase, table: &str) -> PgConnection {
     holder
 }
 
+/// [`hold_a_read_lock`], let go 1.5 s later (join the handle): a migration
+/// with a lock timeout of 0.5 s runs into it at least once (its first
+/// attempt starts within the first second, even on a busy machine), and
+/// gets it on a later attempt, long before its 5 are spent.
+fn hold_a_read_lock_for_a_while(db: &TestDatabase, table: &str) -> thread::JoinHandle<()> {
+    let holder = hold_a_read_lock(db, table);
+    thread::spawn(move || {
+        thread::sleep(Duration::from_millis(1500));
+        drop(holder);
+    })
+}
+
 #[test]
 fn a_migration_blocked_by_live_traffic_gives_up_after_lock_timeout_retries_and_names_the_lock() {
     let db = empty_database();
@@ -495,13 +507,7 @@ fn a_migration_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() 
     let db = empty_database();
     let (dir, set) = set_of(&[folder("001_t", "CREATE TABLE t (id int);")]);
     run(&db, &set).unwrap();
-    let holder = hold_a_read_lock(&db, "t");
-    // Released while the first attempt waits (it starts within the first
-    // second, even on a busy machine), before the second one begins.
-    let release = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(1500));
-        drop(holder);
-    });
+    let release = hold_a_read_lock_for_a_while(&db, "t");
     write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
     let mut events = Vec::new();
     let applied = MigrationRunner::new(db.url(), MigrationSet::from_dir(dir.path()).unwrap())
@@ -894,13 +900,7 @@ fn one_table_applied() -> (TestDatabase, tempfile::TempDir, MigrationSet) {
 #[test]
 fn a_revert_that_ran_into_lock_timeout_runs_again_once_the_traffic_lets_go() {
     let (db, _dir, set) = one_table_applied();
-    let holder = hold_a_read_lock(&db, "t");
-    // Released while the first attempt waits (it starts within the first
-    // second, even on a busy machine), before the second one begins.
-    let release = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(1500));
-        drop(holder);
-    });
+    let release = hold_a_read_lock_for_a_while(&db, "t");
     let mut events = Vec::new();
     let reverted = MigrationRunner::new(db.url(), set)
         .with_table_lock_timeout(Duration::from_millis(500))
@@ -1080,11 +1080,7 @@ fn an_idle_session_timeout_of_the_database_does_not_end_the_runner_between_attem
         )
         .unwrap();
     // Waiting in a transaction is not idle: the holder keeps its lock.
-    let holder = hold_a_read_lock(&db, "t");
-    let release = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(1500));
-        drop(holder);
-    });
+    let release = hold_a_read_lock_for_a_while(&db, "t");
     write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
     let mut events = Vec::new();
     // The second pause between attempts (500 to 625 ms) is longer than the
