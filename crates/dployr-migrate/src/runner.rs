@@ -706,16 +706,20 @@ fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// Whether the migration version `version` is a newer release's than
 /// `latest`: after it both as a number and as text (the order in which a
-/// set applies its migrations). A version of another width (`0016` beside
-/// `015`) is newer by one order and not the other, and is not.
+/// set applies its migrations), and a number where `latest` is one. A
+/// version of another width (`0016` beside `015`) is newer by one order
+/// and not the other, and is not; nor is one another tool named (`v016`,
+/// `015a` beside `015`).
 ///
 /// ```
 /// use dployr_migrate::is_newer_version;
 /// assert!(is_newer_version("016", "015") && is_newer_version("20260101120000", "20251231000000"));
 /// assert!(!is_newer_version("0016", "015") && !is_newer_version("015", "015"));
+/// assert!(!is_newer_version("v016", "015") && !is_newer_version("015a", "015"));
 /// ```
 pub fn is_newer_version(version: &str, latest: &str) -> bool {
-    version_order(version, latest).is_gt() && version > latest
+    let numbered_as_latest = latest.parse::<u128>().is_err() || version.parse::<u128>().is_ok();
+    numbered_as_latest && version_order(version, latest).is_gt() && version > latest
 }
 
 /// The rule for one applied migration: same folder name, same `up.sql`.
