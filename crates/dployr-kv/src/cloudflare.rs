@@ -306,18 +306,10 @@ fn spent_quota_resets_in(headers: &reqwest::header::HeaderMap) -> Option<Duratio
 /// credentials (`user:password@`) is refused without being shown: they
 /// would go with every request and into every error that names the URL.
 fn checked_base_url(base_url: &str) -> StoreResult<String> {
-    let trimmed = base_url.trim().trim_end_matches('/');
-    let shown = without_userinfo(base_url);
-    let refused = |why: String| StoreError::Configuration {
-        setting: API_BASE_URL_VAR,
-        reason: format!("is {shown:?}{why}; give an http(s) URL such as {CLOUDFLARE_API_URL}").into(),
-    };
-    let scheme = trimmed.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
-    if !matches!(scheme.as_deref(), Some("https" | "http")) {
-        return Err(refused(String::new()));
-    }
-    let url = reqwest::Url::parse(trimmed).map_err(|error| refused(format!(", not a URL ({error})")))?;
-    if !url.username().is_empty() || url.password().is_some() || shown != base_url {
+    // First, and by the text: credentials may come in a malformed
+    // spelling no parser finds (`https//user:pw@host`), the API's URL holds
+    // no `@`, and every refusal below shows the URL.
+    if base_url.contains('@') {
         return Err(StoreError::Configuration {
             setting: API_BASE_URL_VAR,
             reason: "holds credentials (user:password@), which would be sent with every request and shown in \
@@ -325,6 +317,16 @@ fn checked_base_url(base_url: &str) -> StoreResult<String> {
                 .into(),
         });
     }
+    let trimmed = base_url.trim().trim_end_matches('/');
+    let refused = |why: String| StoreError::Configuration {
+        setting: API_BASE_URL_VAR,
+        reason: format!("is {base_url:?}{why}; give an http(s) URL such as {CLOUDFLARE_API_URL}").into(),
+    };
+    let scheme = trimmed.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("https" | "http")) {
+        return Err(refused(String::new()));
+    }
+    let url = reqwest::Url::parse(trimmed).map_err(|error| refused(format!(", not a URL ({error})")))?;
     // An IPv6 host comes bracketed (`[::1]`).
     let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
     let on_this_machine =
@@ -337,17 +339,6 @@ fn checked_base_url(base_url: &str) -> StoreResult<String> {
         ));
     }
     Ok(trimmed.to_owned())
-}
-
-/// `url` with everything before its last `@` masked, for an error that
-/// shows it: credentials (`user:password@`) may come in any malformed
-/// spelling (`https//user:pw@host`, extra slashes) that no parser finds,
-/// and the API's URL holds no `@` anyway.
-fn without_userinfo(url: &str) -> String {
-    match url.rfind('@') {
-        Some(at) => format!("***{}", &url[at..]),
-        None => url.to_owned(),
-    }
 }
 
 /// How many requests the client sent, how many were throttled (429) and

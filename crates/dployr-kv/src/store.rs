@@ -469,15 +469,22 @@ impl KvStore {
     }
 
     /// Remembers what this process did to the session under `key`: created
-    /// it (for at most [`CREATED_SESSION_MEMORY`]) or deleted it (for
-    /// [`DELETED_SESSION_MEMORY`]).
+    /// it (for at most [`CREATED_SESSION_MEMORY`], or [`DELETED_SESSION_MEMORY`]
+    /// over a deletion of its own) or deleted it (for [`DELETED_SESSION_MEMORY`]).
     fn remember(&self, key: &str, written: SessionWrite) {
         let Some(memory) = &self.recent_sessions else { return };
+        let now = self.clock.monotonic();
         let window = match written {
+            // Over a deletion, as long as the deletion was to be kept: once
+            // the memory ends, a read that stale would answer the
+            // signed-out session.
+            SessionWrite::Created { .. } if matches!(memory.get(key, now), Some(SessionWrite::Deleted)) => {
+                DELETED_SESSION_MEMORY
+            }
             SessionWrite::Created { .. } => CREATED_SESSION_MEMORY,
             SessionWrite::Deleted => DELETED_SESSION_MEMORY,
         };
-        memory.remember(key, written, self.clock.monotonic(), window);
+        memory.remember(key, written, now, window);
     }
 
     /// Starts the window of a deletion remembered under `key` again, once
@@ -587,17 +594,8 @@ impl KvStore {
         }
         // Read back from here while a stale backend may not show it (and a
         // session this process deleted under the same id is replaced: the
-        // memory of that delete no longer hides it). Over a deletion, for
-        // as long as the deletion was to be remembered: once the memory
-        // ends, a read as stale as that would answer the signed-out session.
-        if let Some(memory) = &self.recent_sessions {
-            let now = self.clock.monotonic();
-            let window = match memory.get(&key, now) {
-                Some(SessionWrite::Deleted) => DELETED_SESSION_MEMORY.max(CREATED_SESSION_MEMORY),
-                _ => CREATED_SESSION_MEMORY,
-            };
-            memory.remember(&key, SessionWrite::Created { session: session.clone(), shown: false }, now, window);
-        }
+        // memory of that delete no longer hides it, see `remember`).
+        self.remember(&key, SessionWrite::Created { session: session.clone(), shown: false });
         Ok(session)
     }
 
