@@ -26,6 +26,11 @@ pub const MIGRATE_ON_START_VAR: &str = "DPLOYR_MIGRATE_ON_START";
 /// Behind a pooler in transaction mode, point it at PostgreSQL directly or at
 /// a session-mode pool: the migration lock is a session lock.
 pub const MIGRATE_DATABASE_URL_VAR: &str = "DPLOYR_MIGRATE_DATABASE_URL";
+/// Let migrations on start open a database that a newer release of this
+/// data layer migrated: `false` (default: refused, naming the migrations
+/// this binary lacks) or `true` (for rolling deploys and rollbacks of the
+/// code; see [`Config::allowing_a_newer_release`]).
+pub const MIGRATE_ALLOW_NEWER_RELEASE_VAR: &str = "DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE";
 /// PostgreSQL's `lock_timeout` for the migrations' statements, in ms (default
 /// 3000): how long a migration may queue live traffic behind a table lock
 /// before it rolls back and tries again.
@@ -78,13 +83,14 @@ pub const OTP_TTL_VAR: &str = "DPLOYR_OTP_TTL_SECS";
 /// Every variable of the data layer's own that [`Config::from_env`] reads
 /// (Cloudflare's, read only when it is used, say "is not set" when
 /// malformed, naming themselves).
-const ALL_VARS: [&str; 25] = [
+const ALL_VARS: [&str; 26] = [
     DATABASE_URL_VAR,
     KV_VAR,
     KV_ONE_TIME_VAR,
     MIGRATE_ON_START_VAR,
     MIGRATE_DATABASE_URL_VAR,
     MIGRATE_LOCK_TIMEOUT_VAR,
+    MIGRATE_ALLOW_NEWER_RELEASE_VAR,
     POOL_SIZE_VAR,
     CONNECT_TIMEOUT_VAR,
     STATEMENT_TIMEOUT_VAR,
@@ -182,6 +188,10 @@ pub struct Config {
     pub migrate_database_url: Option<String>,
     /// `lock_timeout` of the migrations' statements (default 3 s).
     pub migrate_lock_timeout: Duration,
+    /// Whether migrations on start accept a database a newer release
+    /// migrated (default false: an applied migration missing from the
+    /// binary stops the start, naming it).
+    pub migrate_allow_newer_release: bool,
     /// URLs of streaming replicas of `database_url`, each with a pool of
     /// the same settings; empty: every read goes to the primary. `Debug`
     /// does not show them.
@@ -201,6 +211,7 @@ impl fmt::Debug for Config {
             .field("migrate_on_start", &self.migrate_on_start)
             .field("migrate_database_url", &self.migrate_database_url.as_ref().map(|_| "<redacted>"))
             .field("migrate_lock_timeout", &self.migrate_lock_timeout)
+            .field("migrate_allow_newer_release", &self.migrate_allow_newer_release)
             .field("replica_urls", &self.replica_urls.iter().map(|_| "<redacted>").collect::<Vec<_>>())
             .field("replicas", &self.replicas)
             .finish()
@@ -223,6 +234,7 @@ impl Config {
             migrate_on_start: true,
             migrate_database_url: None,
             migrate_lock_timeout: dployr_migrate::MigrationRunner::DEFAULT_TABLE_LOCK_TIMEOUT,
+            migrate_allow_newer_release: false,
             replica_urls: Vec::new(),
             replicas: ReplicaConfig::default(),
         }
@@ -289,6 +301,27 @@ impl Config {
     #[must_use]
     pub fn without_migrations_on_start(mut self) -> Self {
         self.migrate_on_start = false;
+        self
+    }
+
+    /// The same, but a database that a newer release migrated opens, with
+    /// nothing applied and a warning naming the migrations this binary
+    /// lacks, where every one of them is newer than its latest and every
+    /// one of its own is applied unchanged (a restart of an old process
+    /// during a rolling deploy; every process after a rollback of the
+    /// code). Anything else missing from the binary still stops the start.
+    /// Off by default: the runner refuses any applied migration missing
+    /// from the binary, naming it.
+    ///
+    /// ```
+    /// use dployr_data::Config;
+    ///
+    /// assert!(!Config::new("postgres://localhost/app").migrate_allow_newer_release);
+    /// assert!(Config::new("postgres://localhost/app").allowing_a_newer_release().migrate_allow_newer_release);
+    /// ```
+    #[must_use]
+    pub fn allowing_a_newer_release(mut self) -> Self {
+        self.migrate_allow_newer_release = true;
         self
     }
 
@@ -384,6 +417,9 @@ impl Config {
         }
         if let Some(migrate) = flag(&var, MIGRATE_ON_START_VAR)? {
             config.migrate_on_start = migrate;
+        }
+        if let Some(allow) = flag(&var, MIGRATE_ALLOW_NEWER_RELEASE_VAR)? {
+            config.migrate_allow_newer_release = allow;
         }
         config.migrate_database_url = var(MIGRATE_DATABASE_URL_VAR);
         if let Some(ms) = parsed::<u64>(&var, MIGRATE_LOCK_TIMEOUT_VAR, "milliseconds")? {

@@ -55,9 +55,9 @@ pub struct MigrationsProbe {
     pub pending: Vec<String>,
     /// Migrations applied to the database that this binary does not hold,
     /// of versions above its latest (a newer release ran them). This
-    /// process serves on, and a new one of this release opens there with
-    /// nothing to apply (`MigrationRunner::allowing_a_newer_release`);
-    /// `cargo xtask migrate` refuses them. An unknown one below its latest
+    /// process serves on; a new one of this release refuses to open there
+    /// unless allowed to ([`Config::allowing_a_newer_release`](crate::Config::allowing_a_newer_release)),
+    /// and `cargo xtask migrate` refuses them. An unknown one below its latest
     /// (removed from the source, another branch's) is an `error`, as before.
     pub newer: Vec<String>,
     /// How long the probe took.

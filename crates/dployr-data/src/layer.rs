@@ -300,12 +300,15 @@ impl DataLayer {
                 if config.migrate_database_url.is_some() { MIGRATE_DATABASE_URL_VAR } else { DATABASE_URL_VAR };
             let migrations = MigrationSet::embedded()
                 .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
-            // A newer release's migrations (a rolling deploy, a rollback of
-            // the code) leave this release nothing to apply: it starts, and
-            // says so; health() reports them as `migrations.newer`.
-            let applied = MigrationRunner::new(&migration_url, migrations)
-                .with_table_lock_timeout(config.migrate_lock_timeout)
-                .allowing_a_newer_release()
+            let mut runner =
+                MigrationRunner::new(&migration_url, migrations).with_table_lock_timeout(config.migrate_lock_timeout);
+            // Opted into: a newer release's migrations (a rolling deploy, a
+            // rollback of the code) leave this release nothing to apply: it
+            // starts, and says so; health() reports them as `migrations.newer`.
+            if config.migrate_allow_newer_release {
+                runner = runner.allowing_a_newer_release();
+            }
+            let applied = runner
                 .run_pending(&mut |event| match event {
                     MigrationEvent::NewerReleaseApplied { .. } => tracing::warn!(target: "dployr.migrate", "{event}"),
                     _ => tracing::info!(target: "dployr.migrate", "{event}"),

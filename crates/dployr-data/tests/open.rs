@@ -41,6 +41,7 @@ fn every_variable_is_read() {
         ("DPLOYR_DB_STATEMENT_TIMEOUT_MS", "0"),
         ("DPLOYR_DB_STATEMENT_CACHE", "false"),
         ("DPLOYR_MIGRATE_ON_START", "no"),
+        ("DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE", "true"),
         ("DPLOYR_SESSION_TTL_SECS", "3600"),
         ("DPLOYR_STATE_TTL_SECS", "120"),
         ("DPLOYR_OTP_TTL_SECS", "300"),
@@ -52,6 +53,7 @@ fn every_variable_is_read() {
     assert_eq!(config.pool.statement_timeout, None);
     assert!(!config.pool.prepared_statement_cache);
     assert!(!config.migrate_on_start);
+    assert!(config.migrate_allow_newer_release);
     assert_eq!(config.kv_store.session_ttl, Duration::from_secs(3600));
     assert_eq!(config.kv_store.state_ttl, Duration::from_secs(120));
     assert_eq!(config.kv_store.otp_ttl, Duration::from_secs(300));
@@ -130,6 +132,10 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
     assert!(Config::from_vars(vars(&[base[0], ("DPLOYR_DB_POOL_SIZE", "262143")])).is_ok());
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_CONNECT_TIMEOUT_MS", "-5")])), "DPLOYR_DB_CONNECT_TIMEOUT_MS");
     assert_eq!(setting_of(&with(&[("DPLOYR_MIGRATE_ON_START", "maybe")])), "DPLOYR_MIGRATE_ON_START");
+    assert_eq!(
+        setting_of(&with(&[("DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE", "newer")])),
+        "DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE"
+    );
     assert_eq!(setting_of(&with(&[("DPLOYR_OTP_TTL_SECS", "0")])), "DPLOYR_OTP_TTL_SECS");
     assert_eq!(setting_of(&with(&[("DPLOYR_KV_PURGE_EVERY_SECS", "soon")])), "DPLOYR_KV_PURGE_EVERY_SECS");
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_KEEPALIVES_IDLE_SECS", "0")])), "DPLOYR_DB_KEEPALIVES_IDLE_SECS");

@@ -116,15 +116,32 @@ fn health_reports_a_database_whose_migrations_are_pending() {
     assert!(!health.is_ready());
 }
 
-/// A process of the older release that starts after a newer one migrated
-/// (a restart during a rolling deploy, a rollback of the code) has nothing
-/// to apply and opens, as its running processes stay ready; an unknown
-/// migration older than its latest is refused all the same.
+/// By default an applied migration missing from the binary stops the
+/// start, naming it, whatever its version (the spec's rule).
 #[test]
-fn a_start_after_a_newer_release_migrated_opens_with_nothing_to_apply() {
+fn a_start_on_a_database_with_a_migration_missing_from_the_binary_is_refused_naming_it() {
     use diesel::connection::SimpleConnection as _;
     let db = dployr_testkit::database();
-    let config = || Config::new(db.url()).with_kv(KvBackendConfig::Memory);
+    db.connect()
+        .batch_execute(
+            "INSERT INTO _migrations (version, name, checksum, duration_ms) \
+             VALUES ('999', '999_of_a_newer_release', 'abc', 1)",
+        )
+        .unwrap();
+    let error = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).map(drop).unwrap_err();
+    assert!(error.to_string().contains("999_of_a_newer_release"), "{error}");
+    assert!(!error.is_retryable(), "{error:?}");
+}
+
+/// Opted into, a process of the older release that starts after a newer
+/// one migrated (a restart during a rolling deploy, a rollback of the code)
+/// has nothing to apply and opens, as its running processes stay ready; an
+/// unknown migration older than its latest is refused all the same.
+#[test]
+fn a_start_allowing_a_newer_release_after_one_migrated_opens_with_nothing_to_apply() {
+    use diesel::connection::SimpleConnection as _;
+    let db = dployr_testkit::database();
+    let config = || Config::new(db.url()).with_kv(KvBackendConfig::Memory).allowing_a_newer_release();
     db.connect()
         .batch_execute(
             "INSERT INTO _migrations (version, name, checksum, duration_ms) \
