@@ -30,6 +30,7 @@ mod migrate;
 mod pgbouncer;
 mod schema;
 mod stress;
+mod suite;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -66,6 +67,10 @@ fn write_line(args: std::fmt::Arguments<'_>) {
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
+
+  test [ARGS...]   the whole suite: `cargo test --workspace ARGS...` (the README's test command),
+                   with its own throwaway PostgreSQL unless DPLOYR_TEST_DATABASE_URL or DATABASE_URL
+                   names a server
 
   demo [--kv memory|postgres|cloudflare-emulator]
                    the seed README's story end to end (sign-in, cluster, invites, instance,
@@ -145,6 +150,7 @@ fn main() -> ExitCode {
     let result = match words.as_slice() {
         ["bench", rest @ ..] => bench::run(rest),
         ["stress", rest @ ..] => stress::run(rest),
+        ["test", rest @ ..] => suite::run(rest),
         ["demo"] => demo::run(demo::DemoKv::Postgres),
         ["demo", "--kv", kv] => demo::DemoKv::parse(kv).and_then(demo::run),
         ["db", "up"] => db::up(),
