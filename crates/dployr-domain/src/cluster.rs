@@ -129,8 +129,10 @@ pub trait ClusterStore: Send + Sync {
     ///
     /// # Errors
     /// `Invalid` when `roles` names a user under the owner role (an empty
-    /// owner list asks for nothing); `NotFound` for an
-    /// unknown user in `roles`. The owner is untouched: listed under another
+    /// owner list asks for nothing), or under the invited role a user who
+    /// is already a member past it (field `role`: a member never goes back
+    /// to invited; one who accepted meanwhile makes the same call
+    /// `Invalid`); `NotFound` for an unknown user in `roles`. The owner is untouched: listed under another
     /// role, they stay the owner (ownership moves only by
     /// [`transfer_ownership`](Self::transfer_ownership)).
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>>;
