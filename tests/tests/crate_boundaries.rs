@@ -82,3 +82,30 @@ fn the_async_facade_adds_tokio_to_the_data_crate_and_no_web_framework() {
         assert!(!dependencies.iter().any(|d| d == forbidden), "dployr-data with `tokio` pulls in {forbidden}");
     }
 }
+
+/// design.md: "`dployr-kv` may use `dployr-pg`'s pool type for its
+/// PostgreSQL backend and nothing else of it". Every `dployr_pg::` path in
+/// its sources (code, doc comments and their examples alike) names the pool
+/// or the pool's configuration; its table is its own `schema.rs`.
+#[test]
+fn the_kv_crate_uses_nothing_of_the_pg_crate_but_its_pool() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/dployr-kv/src");
+    let mut named = Vec::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (at, _) in text.match_indices("dployr_pg::") {
+            let rest = &text[at + "dployr_pg::".len()..];
+            let items = match rest.strip_prefix('{') {
+                Some(list) => &list[..list.find('}').unwrap()],
+                None => &rest[..rest.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(rest.len())],
+            };
+            for item in items.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+                named.push((path.file_name().unwrap().to_string_lossy().into_owned(), item.to_owned()));
+            }
+        }
+    }
+    assert!(named.iter().any(|(_, item)| item == "PgPool"), "the scan found no use of the pool: {named:?}");
+    let others: Vec<_> = named.iter().filter(|(_, item)| !["PgPool", "PoolConfig"].contains(&item.as_str())).collect();
+    assert!(others.is_empty(), "dployr-kv names more of dployr-pg than its pool: {others:?}");
+}

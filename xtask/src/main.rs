@@ -127,8 +127,9 @@ usage: cargo xtask <command>
   erd              regenerate docs/erd.md (Mermaid) from the catalog of a freshly migrated database
   erd --check      fail if docs/erd.md differs from what the migrations produce
 
-  schema           regenerate crates/dployr-pg/src/schema.rs with `diesel print-schema`
-  schema --check   fail if schema.rs differs from what the migrations produce
+  schema           regenerate crates/dployr-pg/src/schema.rs and crates/dployr-kv/src/schema.rs
+                   with `diesel print-schema` (diesel.toml, crates/dployr-kv/diesel.toml)
+  schema --check   fail if either differs from what the migrations produce
 
 Which database:
   db, migrate      $DATABASE_URL if set (migrate: --database-url first), else the local development

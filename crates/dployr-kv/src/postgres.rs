@@ -11,13 +11,14 @@
 //! invisible to every read and removed by [`PgKv::purge_expired`], in
 //! bounded batches, which a caller runs or a [`Purger`] thread runs for it.
 //!
-//! Every operation runs through `dployr_pg::Operation::run`, as every store
-//! call does: the same span, client-side deadline (docs/operations.md),
+//! Every operation runs through the pool's `PgPool::operation`, as every
+//! store call does: the same span, client-side deadline (docs/operations.md),
 //! retry of a statement rolled back for a passing reason, and error mapping
-//! (`dployr_pg::store_error`, the one PostgreSQL error mapper of the
-//! workspace). The SQL of this backend lives in this file: diesel's query builder where
-//! it can express the statement, raw SQL with bound parameters where it
-//! cannot (the counter's conditional upsert).
+//! (the one PostgreSQL error mapper of the workspace). The pool is all this
+//! crate uses of `dployr-pg`: the table is described by this crate's own
+//! `schema.rs`. The SQL of this backend lives in this file: diesel's query
+//! builder where it can express the statement, raw SQL with bound
+//! parameters where it cannot (the counter's conditional upsert).
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -29,7 +30,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Interval, Nullable, Text, Timestamptz};
 use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter};
 use dployr_pg::PgPool;
-use dployr_pg::schema::kv_entries;
+
+use crate::schema::kv_entries;
 
 /// How many expired rows one purge statement deletes, by default: few
 /// enough that no statement holds many row locks or runs long.
