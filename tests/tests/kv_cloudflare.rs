@@ -25,7 +25,7 @@ use dployr_kv::{
     Clock, CloudflareConfig, CloudflareKv, CloudflareRequestCounts, DELETED_SESSION_MEMORY, KvStore, KvStoreConfig,
     OAuthState, RetryPolicy, SessionId,
 };
-use dployr_testkit::CloudflareEmulator;
+use dployr_testkit::{CloudflareEmulator, DateHeader};
 use dployr_tests::kv_contract::{Guarantees, KvFixture, assert_invalid, sample_user};
 use dployr_tower_sessions::{KvSessionStore, STALE_READ_WINDOW};
 use time::OffsetDateTime;
@@ -724,6 +724,25 @@ fn a_counter_keeps_its_first_expiry_however_often_it_is_counted() {
     assert_eq!(cf.kv.get("attempts").unwrap(), Some(b"30".to_vec()), "expired before its 120 s");
     cf.emulator.advance(Duration::from_secs(4));
     assert_eq!(cf.kv.get("attempts").unwrap(), None, "thirty increments kept the counter past its 120 s");
+}
+
+/// A server whose `Date` header tells another clock than the one it counts
+/// expiries by (a front server stamping its own; here the system's, while
+/// the emulator's clock moved on): the absolute second the counter's
+/// expiry is kept as is refused there as under 60 s ahead, and the count
+/// goes on with the seconds left instead, ending then or later, never
+/// earlier.
+#[test]
+fn a_counter_goes_on_counting_where_the_date_header_tells_another_clock_than_expiries() {
+    let cf = cloudflare();
+    cf.emulator.set_date_header(DateHeader::SystemClock);
+    let ttl = Some(Duration::from_secs(120));
+    assert_eq!(cf.kv.increment("attempts", ttl).unwrap(), 1);
+    cf.emulator.advance(Duration::from_secs(70));
+    assert_eq!(cf.kv.increment("attempts", ttl).unwrap(), 2);
+    assert_eq!(cf.kv.increment("attempts", ttl).unwrap(), 3);
+    cf.emulator.advance(Duration::from_secs(45));
+    assert_eq!(cf.kv.get("attempts").unwrap(), Some(b"3".to_vec()), "expired before its 120 s");
 }
 
 #[test]

@@ -925,8 +925,7 @@ impl CloudflareKv {
         if !reply.is_success() {
             return Err(self.failure("get", &reply));
         }
-        let expiration =
-            reply.headers.get("expiration").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+        let expiration = reply.headers.get("expiration").and_then(|v| v.to_str().ok()).and_then(expiration_secs);
         let server_now = reply.server_now();
         Ok(Some(Stored { value: reply.body, expiration, server_now }))
     }
@@ -1182,9 +1181,34 @@ impl KvBackend for CloudflareKv {
                 (current + 1, kept_expiry(&stored, ttl, room))
             }
         };
-        self.write(&mut call, key, count.to_string().as_bytes(), expiry)?;
+        let value = count.to_string();
+        match (self.write(&mut call, key, value.as_bytes(), expiry), expiry) {
+            // The server refused the same second as less than 60 s ahead on
+            // the clock it counts expiries by, which its `Date` header did
+            // not tell (a proxy's `Date`, a clock stepped since, an
+            // emulator's two clocks): the seconds left on our clock, at
+            // least Cloudflare's 60, end it then or later, never earlier.
+            (Err(StoreError::Invalid { field: "request", .. }), Some(Expiry::At(at))) => {
+                self.write(&mut call, key, value.as_bytes(), Some(Expiry::Left(at.saturating_sub(unix_now()))))?;
+            }
+            (written, _) => written?,
+        }
         Ok(count)
     }
+}
+
+/// The seconds since the epoch of an `expiration` header: a whole number,
+/// as Cloudflare sends it, or one with a fraction (the API describes the
+/// field as a number), rounded up so that an entry is never taken to end
+/// before it does; `None` for anything else.
+fn expiration_secs(header: &str) -> Option<u64> {
+    let header = header.trim();
+    if let Ok(secs) = header.parse::<u64>() {
+        return Some(secs);
+    }
+    let secs = header.parse::<f64>().ok().filter(|secs| secs.is_finite() && *secs >= 0.0)?.ceil();
+    // Past u64's range (2^64 as a float) a cast would saturate: no such expiry.
+    (secs < 18_446_744_073_709_551_616.0).then_some(secs as u64)
 }
 
 #[cfg(test)]
@@ -1193,7 +1217,22 @@ mod tests {
 
     use dployr_domain::{KvBackend as _, StoreError};
 
-    use super::{CloudflareConfig, CloudflareKv, Expiry, RetryPolicy, Stored, beyond, checked_base_url, kept_expiry};
+    use super::{
+        CloudflareConfig, CloudflareKv, Expiry, RetryPolicy, Stored, beyond, checked_base_url, expiration_secs,
+        kept_expiry,
+    };
+
+    #[test]
+    fn an_expiration_header_is_whole_seconds_or_a_number_rounded_up() {
+        assert_eq!(expiration_secs("1700000060"), Some(1_700_000_060));
+        assert_eq!(expiration_secs(" 1700000060 "), Some(1_700_000_060));
+        assert_eq!(expiration_secs("1700000060.0"), Some(1_700_000_060));
+        assert_eq!(expiration_secs("1700000060.25"), Some(1_700_000_061));
+        assert_eq!(expiration_secs("1.7e9"), Some(1_700_000_000));
+        for refused in ["", "soon", "-1", "-0.5", "NaN", "inf", "1e30"] {
+            assert_eq!(expiration_secs(refused), None, "{refused}");
+        }
+    }
 
     #[test]
     fn a_base_url_that_does_not_parse_is_a_configuration_error() {

@@ -32,7 +32,9 @@
 //! [`CloudflareEmulator::limit_writes_per_key`] (one write per second per
 //! key, then 429), and [`CloudflareEmulator::set_request_budget`] (1200
 //! requests per 5 minutes per account, then every call refused with 429
-//! and `Retry-After` until the window has passed).
+//! and `Retry-After` until the window has passed), and
+//! [`CloudflareEmulator::set_date_header`] (a `Date` header on another
+//! clock than the one expiries are counted by).
 //!
 //! ```no_run
 //! let cf = dployr_testkit::CloudflareEmulator::start();
@@ -124,6 +126,22 @@ struct State {
     /// Whether a 429 leaves out `Retry-After` (and says when to retry only
     /// in its `Ratelimit` header).
     no_retry_after: bool,
+    /// Which clock the `Date` header of each answer tells, if any.
+    date_header: DateHeader,
+}
+
+/// The clock an answer's `Date` header tells: a client cannot assume that
+/// it is the clock the server counts expiries by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DateHeader {
+    /// The emulator's own clock, by which it counts expiries (default).
+    #[default]
+    EmulatorClock,
+    /// The system's clock, whatever [`CloudflareEmulator::advance`] did to
+    /// the emulator's (a front server that stamps its own `Date`; what an
+    /// emulator whose HTTP server adds the header gives). tiny_http adds
+    /// one where an answer has none, so "no `Date`" cannot be emulated.
+    SystemClock,
 }
 
 impl State {
@@ -354,6 +372,12 @@ impl CloudflareEmulator {
         self.shared.state().no_retry_after = on;
     }
 
+    /// Which clock the `Date` header of later answers tells
+    /// ([`DateHeader::EmulatorClock`] by default).
+    pub fn set_date_header(&self, date: DateHeader) {
+        self.shared.state().date_header = date;
+    }
+
     /// Leaves the next `n` keys that bulk deletes are asked for in place and
     /// reports them in the answer's `unsuccessful_keys`, which Cloudflare's
     /// API documents as keys "that failed to be fully updated. They should
@@ -512,13 +536,18 @@ fn ok(result: &Value) -> Answer {
 }
 
 /// The answer, with a `Date` header on the emulator's clock (as a server
-/// whose clock is skewed would send).
+/// whose clock is skewed would send), or as [`DateHeader`] says.
 fn answer(shared: &Shared, request: &mut Request) -> Answer {
     let mut response = route(shared, request);
     // HTTP dates end with year 9999 (`httpdate` panics past it); a clock
     // moved further still sends the last one.
     const LAST_HTTP_DATE_MS: u64 = 253_402_300_799_000;
-    let now = UNIX_EPOCH + Duration::from_millis(shared.state().now_ms().min(LAST_HTTP_DATE_MS));
+    let state = shared.state();
+    let now = match state.date_header {
+        DateHeader::EmulatorClock => UNIX_EPOCH + Duration::from_millis(state.now_ms().min(LAST_HTTP_DATE_MS)),
+        DateHeader::SystemClock => SystemTime::now(),
+    };
+    drop(state);
     if let Some(h) = header("Date", &httpdate::fmt_http_date(now)) {
         response.add_header(h);
     }

@@ -48,7 +48,7 @@ mod error;
 mod server;
 
 pub use blackhole::BlackholeProxy;
-pub use cloudflare_emulator::CloudflareEmulator;
+pub use cloudflare_emulator::{CloudflareEmulator, DateHeader};
 pub use error::TestkitError;
 pub use local::Shutdown;
 pub use private::{Freeze, PrivateServer};
