@@ -204,6 +204,29 @@ fn an_answer_of_200_saying_success_false_is_an_error_not_a_write_delete_or_empty
     assert_eq!(cf.kv.list("", 10, None).unwrap().keys, ["kept"]);
 }
 
+/// A missing key's 404 is read as missing however its envelope spells the
+/// code 10009: beside another error before it, as text, or with an entry
+/// that has no code at all; a 404 whose envelope names no 10009 anywhere
+/// (`errors` null, or only other codes) is still not "missing".
+#[test]
+fn a_missing_keys_404_is_missing_whichever_of_its_errors_names_10009() {
+    let cf = cloudflare();
+    for body in [
+        r#"{"success":false,"errors":[{"code":10009,"message":"get: 'key not found'"}],"messages":[],"result":null}"#,
+        r#"{"success":false,"errors":[{"code":"10009","message":"key not found"}]}"#,
+        r#"{"success":false,"errors":[{"message":"no code here"},{"code":10009,"message":"key not found"}]}"#,
+        r#"{"success":false,"errors":[{"code":1000,"message":"other"},{"code":10009,"message":"key not found"}]}"#,
+    ] {
+        cf.emulator.answer_next_without_envelope(1, 404, body.as_bytes());
+        assert_eq!(cf.kv.get("gone").unwrap(), None, "{body}");
+    }
+    for body in [r#"{"success":false,"errors":null}"#, r#"{"success":false,"errors":[{"code":1000,"message":"x"}]}"#] {
+        cf.emulator.answer_next_without_envelope(1, 404, body.as_bytes());
+        let read = cf.kv.get("gone");
+        assert!(matches!(read, Err(StoreError::Configuration { .. })), "{body}: {read:?}");
+    }
+}
+
 /// A redirect is not Cloudflare's API answering (a proxy, an `http://`
 /// base URL sent on to `https://`): it is not followed, since a client that
 /// follows a 303 sends a PUT again as a GET, which reads the old value and

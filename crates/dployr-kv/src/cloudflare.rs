@@ -509,7 +509,10 @@ struct Envelope {
     /// the API documents as an answer of its own, whatever the status.
     #[serde(default)]
     success: Option<bool>,
-    #[serde(default)]
+    /// Read leniently ([`ApiError::from_value`]): one odd entry (a code
+    /// as text, no code at all, `null` for the list) must not hide the
+    /// others, a missing key's 10009 among them.
+    #[serde(default, deserialize_with = "lenient_errors")]
     errors: Vec<ApiError>,
     #[serde(default)]
     result: Option<serde_json::Value>,
@@ -517,19 +520,51 @@ struct Envelope {
     result_info: Option<ResultInfo>,
 }
 
-#[derive(Deserialize)]
+/// One entry of an answer's `errors`.
 struct ApiError {
-    code: u32,
-    #[serde(default)]
+    /// Its code: a number, as Cloudflare sends it, or a number as text.
+    code: Option<u32>,
     message: String,
     /// The causes Cloudflare nests under some errors (6003's names the header).
-    #[serde(default)]
     error_chain: Vec<ApiError>,
+}
+
+impl ApiError {
+    /// Whatever an entry holds, as much of it as can be read.
+    fn from_value(value: &serde_json::Value) -> Self {
+        let code = match value.get("code") {
+            Some(serde_json::Value::Number(code)) => code.as_u64().and_then(|code| u32::try_from(code).ok()),
+            Some(serde_json::Value::String(code)) => code.trim().parse().ok(),
+            _ => None,
+        };
+        let message = match value.get("message") {
+            Some(serde_json::Value::String(message)) => message.clone(),
+            Some(serde_json::Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        };
+        let error_chain = match value.get("error_chain") {
+            Some(serde_json::Value::Array(causes)) => causes.iter().map(Self::from_value).collect(),
+            _ => Vec::new(),
+        };
+        Self { code, message, error_chain }
+    }
+}
+
+/// `errors` as a list of entries, each read by [`ApiError::from_value`];
+/// anything but a list (`null`, a text) as none.
+fn lenient_errors<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<ApiError>, D::Error> {
+    Ok(match <serde_json::Value as Deserialize>::deserialize(deserializer)? {
+        serde_json::Value::Array(entries) => entries.iter().map(ApiError::from_value).collect(),
+        _ => Vec::new(),
+    })
 }
 
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "code {}: {}", self.code, self.message)?;
+        match self.code {
+            Some(code) => write!(f, "code {code}: {}", self.message)?,
+            None => write!(f, "{}", self.message)?,
+        }
         for cause in &self.error_chain {
             write!(f, " ({cause})")?;
         }
@@ -569,8 +604,14 @@ impl Reply {
         serde_json::from_slice(&self.body).unwrap_or_default()
     }
 
+    /// The code of the first error that has one.
     fn error_code(&self) -> Option<u32> {
-        self.envelope().errors.first().map(|e| e.code)
+        self.envelope().errors.iter().find_map(|e| e.code)
+    }
+
+    /// Whether any error of the answer has `code`.
+    fn has_error_code(&self, code: u32) -> bool {
+        self.envelope().errors.iter().any(|e| e.code == Some(code))
     }
 
     fn error_text(&self) -> String {
@@ -604,7 +645,7 @@ impl Reply {
     }
 
     fn is_missing_key(&self) -> bool {
-        self.status == 404 && self.error_code() == Some(KEY_NOT_FOUND)
+        self.status == 404 && self.has_error_code(KEY_NOT_FOUND)
     }
 
     /// The server's clock, from its `Date` header, in seconds since the epoch.
@@ -815,7 +856,7 @@ impl CloudflareKv {
                         self.counters.throttled.fetch_add(1, Ordering::Relaxed);
                         // Spent until 00:00 UTC: retries cannot succeed and
                         // would spend the account's 5-minute budget.
-                        if reply.error_code() == Some(DAILY_LIMIT) {
+                        if reply.has_error_code(DAILY_LIMIT) {
                             return Err(StoreError::Unavailable {
                                 reason: format!(
                                     "Cloudflare KV {op}: the daily limit of the free plan for this operation is \
