@@ -1128,6 +1128,54 @@ fn bulk_reads_and_deletes_answer_as_single_calls_would() {
     assert!(kv.get_many(&keys).unwrap().iter().all(Option::is_none));
 }
 
+/// A server without the bulk endpoints (a router that answers them 404:
+/// an older API, a proxy, an emulator of the basic calls) still gets bulk
+/// reads and deletes, key by key, each answered as the single call would;
+/// it is asked for them once, not on every call; and a sign-out everywhere
+/// still ends every session of the user and no one else's.
+#[test]
+fn without_bulk_endpoints_bulk_calls_go_key_by_key_and_sign_out_everywhere_still_works() {
+    use dployr_kv::{KvStore, SessionId};
+
+    let emulator = CloudflareEmulator::start();
+    emulator.without_bulk_endpoints(true);
+    let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
+    let keys: Vec<String> = (0..150).map(|i| format!("bulk/{i:03}")).collect();
+    for key in keys.iter().step_by(2) {
+        kv.put(key, format!("value of {key}").as_bytes(), None).unwrap();
+    }
+    let before = emulator.requests();
+    let values = kv.get_many(&keys).unwrap();
+    assert_eq!(emulator.requests() - before, 1 + 150, "one refused bulk read, then a read per key");
+    for (i, (key, value)) in keys.iter().zip(&values).enumerate() {
+        let expected = (i % 2 == 0).then(|| format!("value of {key}").into_bytes());
+        assert_eq!(value, &expected, "{key}");
+    }
+    let before = emulator.requests();
+    assert_eq!(kv.get_many(&keys[..2]).unwrap().len(), 2);
+    assert_eq!(emulator.requests() - before, 2, "the missing endpoint is not asked for again");
+    let before = emulator.requests();
+    kv.delete_many(&keys).unwrap();
+    assert_eq!(emulator.requests() - before, 1 + 150, "one refused bulk delete, then a delete per key");
+    assert!(kv.get_many(&keys).unwrap().iter().all(Option::is_none));
+
+    let kv: Arc<dyn KvBackend> = Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap());
+    let (signing_in, signing_out) = (KvStore::new(Arc::clone(&kv)), KvStore::new(kv));
+    let (user, other) = (sample_user(1), sample_user(2));
+    let ids: Vec<SessionId> = (0..5).map(|_| SessionId::generate()).collect();
+    for id in &ids {
+        signing_in.create_session(id, &user, vec![]).unwrap();
+    }
+    let others = SessionId::generate();
+    signing_in.create_session(&others, &other, vec![]).unwrap();
+    assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 5);
+    for id in &ids {
+        assert_eq!(signing_out.get_session(id).unwrap(), None);
+    }
+    assert!(signing_out.get_session(&others).unwrap().is_some(), "another user's session was ended");
+    assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 0, "the index entries are gone too");
+}
+
 /// The tower-sessions store's sign-out everywhere is in bulk too: a user
 /// with a few hundred records costs a listing, a bulk read per 100 records
 /// and two bulk deletes, not three requests a record.

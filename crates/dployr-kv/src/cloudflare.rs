@@ -75,7 +75,7 @@
 //! call them in `tokio::task::spawn_blocking`.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -488,6 +488,11 @@ pub struct CloudflareKv {
     counters: Counters,
     /// `{base}/accounts/{account}/storage/kv/namespaces/{namespace}`.
     namespace_url: String,
+    /// Set once `POST .../bulk/get` answered as a path the server does not
+    /// have: later bulk reads go key by key at once.
+    no_bulk_get: AtomicBool,
+    /// The same for `POST .../bulk/delete`.
+    no_bulk_delete: AtomicBool,
 }
 
 impl fmt::Debug for CloudflareKv {
@@ -644,6 +649,16 @@ impl Reply {
         Some(url.origin().ascii_serialization()).filter(|origin| origin != "null")
     }
 
+    /// Whether the server answered as one that does not have the path or
+    /// the method asked for: 405, Cloudflare's "No route for that URI"
+    /// (7000), or a 404 that names no Cloudflare error (a router's page).
+    /// A 404 naming an unknown account or namespace is not this.
+    fn is_no_such_endpoint(&self) -> bool {
+        self.status == 405
+            || self.has_error_code(NO_ROUTE)
+            || (self.status == 404 && self.envelope().errors.iter().all(|e| e.code.is_none()))
+    }
+
     fn is_missing_key(&self) -> bool {
         self.status == 404 && self.has_error_code(KEY_NOT_FOUND)
     }
@@ -793,7 +808,14 @@ impl CloudflareKv {
             encode(&config.account_id),
             encode(&config.namespace_id)
         );
-        Ok(Self { config, transport: Transport::start()?, counters: Counters::default(), namespace_url })
+        Ok(Self {
+            config,
+            transport: Transport::start()?,
+            counters: Counters::default(),
+            namespace_url,
+            no_bulk_get: AtomicBool::new(false),
+            no_bulk_delete: AtomicBool::new(false),
+        })
     }
 
     /// Requests sent, 429s received and retries made since this client was
@@ -997,23 +1019,34 @@ impl CloudflareKv {
 
     /// A POST of `body` as JSON to `url` (a bulk endpoint), retried as
     /// [`send`](Self::send) retries; the answer's envelope, which must say
-    /// `"success": true`.
-    fn post_json(
+    /// `"success": true`; or `None` where the server does not serve `url`
+    /// ([`Reply::is_no_such_endpoint`]), which `missing` remembers so that
+    /// later calls do not ask again.
+    fn post_json_where_served(
         &self,
         call: &mut Call,
         op: &'static str,
         url: &str,
         body: &impl serde::Serialize,
-    ) -> StoreResult<Envelope> {
+        missing: &AtomicBool,
+    ) -> StoreResult<Option<Envelope>> {
+        if missing.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let body = serde_json::to_vec(body)
             .map_err(|e| StoreError::backend(format!("Cloudflare KV {op}: encoding the request"), e))?;
         let reply = self.send(call, op, |c| {
             c.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone())
         })?;
+        if reply.is_no_such_endpoint() {
+            tracing::warn!(target: "dployr.kv", op, status = reply.status, "Cloudflare KV: no bulk endpoint here; key by key instead");
+            missing.store(true, Ordering::Relaxed);
+            return Ok(None);
+        }
         if !reply.is_enveloped_success() {
             return Err(self.failure(op, &reply));
         }
-        Ok(reply.envelope())
+        Ok(Some(reply.envelope()))
     }
 
     fn remove(&self, call: &mut Call, key: &str) -> StoreResult<()> {
@@ -1076,9 +1109,17 @@ impl KvBackend for CloudflareKv {
         }
         let url = format!("{}/bulk/get", self.namespace_url);
         let mut values = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(BULK_GET_KEYS) {
-            let envelope =
-                self.post_json(&mut call, "get_many", &url, &serde_json::json!({ "keys": chunk, "type": "text" }))?;
+        for (index, chunk) in keys.chunks(BULK_GET_KEYS).enumerate() {
+            let asked = serde_json::json!({ "keys": chunk, "type": "text" });
+            let Some(envelope) = self.post_json_where_served(&mut call, "get_many", &url, &asked, &self.no_bulk_get)?
+            else {
+                // A server without bulk reads (an older API, a proxy or an
+                // emulator that lacks the path): key by key, as `get` reads.
+                for key in &keys[index * BULK_GET_KEYS..] {
+                    values.push(self.read(&mut call, key)?.map(|stored| stored.value));
+                }
+                return Ok(values);
+            };
             let found: BulkValues = serde_json::from_value(envelope.result.unwrap_or_default())
                 .map_err(|e| StoreError::backend("Cloudflare KV get_many: unreadable values", e))?;
             for key in chunk {
@@ -1110,7 +1151,7 @@ impl KvBackend for CloudflareKv {
             limits.check_key(key)?;
         }
         let url = format!("{}/bulk/delete", self.namespace_url);
-        for chunk in keys.chunks(BULK_DELETE_KEYS) {
+        for (index, chunk) in keys.chunks(BULK_DELETE_KEYS).enumerate() {
             // Keys Cloudflare reports undone "should be retried": in bulk
             // again, a request for all of them (one at a time, a few
             // thousand would spend the account's 1200 requests per 5
@@ -1118,8 +1159,19 @@ impl KvBackend for CloudflareKv {
             // most, within the call's `max_elapsed`.
             let mut to_delete: Vec<String> = chunk.to_vec();
             for round in 1..=BULK_DELETE_ROUNDS {
-                let deleted: BulkDeleted = self
-                    .post_json(&mut call, "delete_many", &url, &to_delete)?
+                let Some(envelope) =
+                    self.post_json_where_served(&mut call, "delete_many", &url, &to_delete, &self.no_bulk_delete)?
+                else {
+                    // A server without bulk deletes: key by key, as `delete`
+                    // deletes, this chunk's keys still to delete and every
+                    // later chunk's.
+                    let later = &keys[keys.len().min((index + 1) * BULK_DELETE_KEYS)..];
+                    for key in to_delete.iter().chain(later) {
+                        self.remove(&mut call, key)?;
+                    }
+                    return Ok(());
+                };
+                let deleted: BulkDeleted = envelope
                     .result
                     .filter(|result| !result.is_null())
                     .map(serde_json::from_value)

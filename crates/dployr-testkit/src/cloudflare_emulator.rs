@@ -128,6 +128,8 @@ struct State {
     no_retry_after: bool,
     /// Which clock the `Date` header of each answer tells, if any.
     date_header: DateHeader,
+    /// Whether the bulk endpoints answer as paths a server does not have.
+    no_bulk_endpoints: bool,
 }
 
 /// The clock an answer's `Date` header tells: a client cannot assume that
@@ -372,6 +374,14 @@ impl CloudflareEmulator {
         self.shared.state().no_retry_after = on;
     }
 
+    /// Serves no bulk endpoint (`POST .../bulk/get`, `.../bulk/delete`):
+    /// they answer 404 with a plain page, as a server whose router lacks
+    /// them does (an older API, a proxy, an emulator of the basic calls).
+    /// Off by default.
+    pub fn without_bulk_endpoints(&self, on: bool) {
+        self.shared.state().no_bulk_endpoints = on;
+    }
+
     /// Which clock the `Date` header of later answers tells
     /// ([`DateHeader::EmulatorClock`] by default).
     pub fn set_date_header(&self, date: DateHeader) {
@@ -595,6 +605,9 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
     }
     let tail = tail.unwrap_or_default();
     if tail == "bulk/get" || tail == "bulk/delete" {
+        if shared.state().no_bulk_endpoints {
+            return raw_answer(404, b"<html><body>Not Found</body></html>".to_vec());
+        }
         if request.method() != &Method::Post {
             return error(405, AUTHENTICATION_ERROR, "method not allowed");
         }
