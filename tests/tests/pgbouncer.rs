@@ -53,6 +53,26 @@ fn a_start_through_pgbouncer_with_the_statement_cache_on_is_refused_naming_the_s
     assert!(error.to_string().contains("transaction"), "{error}");
 }
 
+/// A replica's pool has the primary's settings: a replica reached through
+/// a pooler in transaction mode is refused as the primary would be, naming
+/// the setting and the replica, though the primary is reached directly; the
+/// settings the docs prescribe there open.
+#[test]
+fn a_replica_behind_pgbouncer_with_the_statement_cache_on_is_refused_naming_the_setting() {
+    let Some((db, bouncer)) = behind_pgbouncer(true) else { return };
+    let config = || {
+        Config::new(db.url())
+            .with_replicas([bouncer.url_for(db.name())])
+            .with_kv(KvBackendConfig::Memory)
+            .without_migrations_on_start()
+    };
+    let error = DataLayer::open(config()).map(drop).unwrap_err();
+    assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_STATEMENT_CACHE", .. }), "{error}");
+    assert!(error.to_string().contains("replica-0 of DPLOYR_DB_REPLICA_URLS"), "{error}");
+    let data = DataLayer::open(config().with_pool(documented_pool()));
+    assert!(data.is_ok(), "{:?}", data.map(drop));
+}
+
 #[test]
 fn a_start_through_pgbouncer_with_a_per_connection_statement_timeout_is_refused_naming_the_setting() {
     let Some((db, bouncer)) = behind_pgbouncer(true) else { return };

@@ -132,8 +132,10 @@ fn pool_setting_variable(field: &str) -> &'static str {
 /// answers, `prepared statement "__diesel_stmt_1" already exists`) or
 /// missing for this one, and a cancel at a call's deadline, sent to the
 /// backend its connection had when it was made, may stop another client's
-/// statement: such a start is refused, naming the setting.
-fn refuse_unsafe_pooling(pool: &PgPool, config: &Config) -> StoreResult<()> {
+/// statement: such a start is refused, naming the setting. `url` says which
+/// URL `pool` connects to (`DATABASE_URL`, or a replica of
+/// `DPLOYR_DB_REPLICA_URLS`, whose pools have the same settings).
+fn refuse_unsafe_pooling(pool: &PgPool, config: &Config, url: &str) -> StoreResult<()> {
     let cache = config.pool.prepared_statement_cache;
     let timeout = config.pool.statement_timeout.is_some();
     let cancel = config.pool.deadline.cancel;
@@ -143,13 +145,15 @@ fn refuse_unsafe_pooling(pool: &PgPool, config: &Config) -> StoreResult<()> {
     if !pool.behind_transaction_pooler()? {
         return Ok(());
     }
-    const POOLER: &str = "DATABASE_URL goes through a connection pooler in transaction mode (PgBouncer \
-                          pool_mode = transaction: session state set on one connection showed up on another)";
+    let pooler = format!(
+        "{url} goes through a connection pooler in transaction mode (PgBouncer pool_mode = transaction: \
+         session state set on one connection showed up on another)"
+    );
     if cache {
         return Err(StoreError::Configuration {
             setting: STATEMENT_CACHE_VAR,
             reason: format!(
-                "{POOLER}; prepared statements would reach other clients and give wrong answers: \
+                "{pooler}; prepared statements would reach other clients and give wrong answers: \
                  set {STATEMENT_CACHE_VAR}=false"
             )
             .into(),
@@ -159,7 +163,7 @@ fn refuse_unsafe_pooling(pool: &PgPool, config: &Config) -> StoreResult<()> {
         return Err(StoreError::Configuration {
             setting: STATEMENT_TIMEOUT_VAR,
             reason: format!(
-                "{POOLER}; a statement_timeout set per connection would land on other clients' sessions: \
+                "{pooler}; a statement_timeout set per connection would land on other clients' sessions: \
                  set it on the role (ALTER ROLE app SET statement_timeout = '30s') and {STATEMENT_TIMEOUT_VAR}=0"
             )
             .into(),
@@ -168,7 +172,7 @@ fn refuse_unsafe_pooling(pool: &PgPool, config: &Config) -> StoreResult<()> {
     Err(StoreError::Configuration {
         setting: CANCEL_ON_DEADLINE_VAR,
         reason: format!(
-            "{POOLER}; a cancel at a call's deadline goes to the server connection this connection had when \
+            "{pooler}; a cancel at a call's deadline goes to the server connection this connection had when \
              it was made, which may be serving another client by then: set {CANCEL_ON_DEADLINE_VAR}=false \
              (the socket shutdown still bounds every call)"
         )
@@ -221,12 +225,26 @@ impl DataLayer {
                 }
                 other => other,
             })?;
-        refuse_unsafe_pooling(&pool, &config)?;
+        refuse_unsafe_pooling(&pool, &config, DATABASE_URL_VAR)?;
         let pool = if config.replica_urls.is_empty() {
             pool
         } else {
             let replicas =
                 ReplicaSet::connect(&pool, &config.replica_urls, REPLICA_URLS_VAR, config.pool, config.replicas)?;
+            // Each replica's pool has the primary's settings: behind a
+            // transaction pooler they are as unsafe there.
+            // A replica that does not answer now is left out until it does
+            // (`ReplicaSet::connect`), not probed: its start is not refused.
+            for (name, replica) in replicas.pools() {
+                match refuse_unsafe_pooling(replica, &config, &format!("{name} of {REPLICA_URLS_VAR}")) {
+                    Err(StoreError::Unavailable { reason, .. }) => tracing::warn!(
+                        target: "dployr.replicas",
+                        replica = name,
+                        "not probed for a transaction pooler: it does not answer ({reason})"
+                    ),
+                    refused => refused?,
+                }
+            }
             pool.with_replicas(replicas)
         };
         let migration_url = config.migration_url().to_owned();
