@@ -7,9 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use dployr_domain::{StoreError, StoreResult};
-use dployr_kv::KvStoreConfig;
 #[cfg(feature = "cloudflare")]
 use dployr_kv::{ACCOUNT_ID_VAR, API_BASE_URL_VAR, API_TOKEN_VAR, CloudflareConfig, NAMESPACE_ID_VAR};
+use dployr_kv::{KvStoreConfig, MAX_OTP_TTL};
 use dployr_pg::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, MAX_POOL_SIZE, MAX_TIMEOUT, PoolConfig, ReplicaConfig};
 
 /// The PostgreSQL URL (libpq syntax). Required.
@@ -437,6 +437,12 @@ impl Config {
             if let Some(secs) = parsed::<u64>(&var, name, "seconds")? {
                 if secs == 0 {
                     return Err(configuration(name, "must be at least 1 second"));
+                }
+                if name == OTP_TTL_VAR && secs > MAX_OTP_TTL.as_secs() {
+                    return Err(configuration(
+                        name,
+                        "is longer than 600 s (10 minutes), the most OWASP ASVS (2.7.2) lets a one-time code live",
+                    ));
                 }
                 *ttl = Duration::from_secs(secs);
             }

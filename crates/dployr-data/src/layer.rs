@@ -68,6 +68,49 @@ fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgK
     Ok((PgKv::new(pool.clone()), purge_every))
 }
 
+/// A TTL the key-value store refuses is a setting to change: named by its variable.
+fn kv_setting_error(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Invalid { field, reason } => match field {
+            "session_ttl" => StoreError::Configuration { setting: SESSION_TTL_VAR, reason },
+            "state_ttl" => StoreError::Configuration { setting: STATE_TTL_VAR, reason },
+            "otp_ttl" => StoreError::Configuration { setting: OTP_TTL_VAR, reason },
+            field => StoreError::Invalid { field, reason },
+        },
+        other => other,
+    }
+}
+
+/// The settings that are wrong whatever the servers say (a TTL no backend
+/// takes, a one-time code living past 10 minutes, a zero purge period,
+/// one-time records on Cloudflare without the sessions there), refused
+/// before anything connects: with the database down, a permanent mistake
+/// must not come back as a retryable `Unavailable`. What depends on the
+/// backend (Cloudflare's 60 s shortest TTL) is checked once it is built.
+fn refuse_settings_no_server_could_take(config: &Config) -> StoreResult<()> {
+    // The store's own rules, on backends that add none of theirs.
+    KvStore::with_backends(Arc::new(MemoryKv::new()), Arc::new(MemoryKv::new()), config.kv_store)
+        .map_err(kv_setting_error)?;
+    let zero_purge = |every: &Option<Duration>| every.is_some_and(|every| every.is_zero());
+    if matches!(&config.kv, KvBackendConfig::Postgres { purge_every } if zero_purge(purge_every))
+        || matches!(&config.one_time_kv, OneTimeKvConfig::Postgres { purge_every } if zero_purge(purge_every))
+    {
+        return Err(StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason: "must not be zero".into() });
+    }
+    if matches!(config.one_time_kv, OneTimeKvConfig::Cloudflare) && !config.kv.is_cloudflare() {
+        return Err(one_time_on_cloudflare_alone());
+    }
+    Ok(())
+}
+
+/// One-time records on Cloudflare need the sessions there.
+fn one_time_on_cloudflare_alone() -> StoreError {
+    StoreError::Configuration {
+        setting: KV_ONE_TIME_VAR,
+        reason: "is cloudflare, which needs the sessions on Cloudflare (DPLOYR_KV=cloudflare)".into(),
+    }
+}
+
 /// Starts the purger of `kv` every `every`.
 fn start_purger(kv: &PgKv, every: Duration) -> StoreResult<Purger> {
     kv.spawn_purger(every, dployr_kv::PURGE_BATCH).map_err(|e| match e {
@@ -218,6 +261,7 @@ impl DataLayer {
     /// migration fails (its message names the migration). No message, and
     /// no error in a `source()` chain, holds a password.
     pub fn open(config: Config) -> StoreResult<Self> {
+        refuse_settings_no_server_could_take(&config)?;
         let pool =
             PgPool::connect_as(&config.database_url, DATABASE_URL_VAR, config.pool).map_err(|error| match error {
                 StoreError::Invalid { field, reason } => {
@@ -291,26 +335,10 @@ impl DataLayer {
                 });
                 (Arc::clone(&sessions.0), "cloudflare")
             }
-            (OneTimeKvConfig::Cloudflare, false) => {
-                return Err(StoreError::Configuration {
-                    setting: KV_ONE_TIME_VAR,
-                    reason: "is cloudflare, which needs the sessions on Cloudflare (DPLOYR_KV=cloudflare)".into(),
-                });
-            }
+            (OneTimeKvConfig::Cloudflare, false) => return Err(one_time_on_cloudflare_alone()),
         };
-        // A TTL the backend refuses is a setting to change: named by its variable.
-        let kv =
-            KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store).map_err(|error| {
-                match error {
-                    StoreError::Invalid { field, reason } => match field {
-                        "session_ttl" => StoreError::Configuration { setting: SESSION_TTL_VAR, reason },
-                        "state_ttl" => StoreError::Configuration { setting: STATE_TTL_VAR, reason },
-                        "otp_ttl" => StoreError::Configuration { setting: OTP_TTL_VAR, reason },
-                        field => StoreError::Invalid { field, reason },
-                    },
-                    other => other,
-                }
-            })?;
+        let kv = KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store)
+            .map_err(kv_setting_error)?;
         let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
 
         let applied_on_open = if config.migrate_on_start {

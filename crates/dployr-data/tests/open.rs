@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use dployr_data::{Config, DataLayer, KvBackendConfig, PoolConfig, StoreError};
+use dployr_data::{Config, DataLayer, KvBackendConfig, KvStoreConfig, OneTimeKvConfig, PoolConfig, StoreError};
 
 fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
@@ -185,6 +185,40 @@ fn a_pool_setting_built_in_code_that_the_pool_refuses_names_the_variable_of_that
             other => panic!("expected a configuration error naming {variable}, got {other:?}"),
         }
     }
+}
+
+/// Key-value settings that no server could take are refused before any
+/// connection, naming their variable: with the database down, a permanent
+/// mistake must not come back as a retryable `Unavailable`.
+#[test]
+fn a_key_value_setting_no_server_could_take_is_refused_before_connecting_naming_its_variable() {
+    let down = || Config::new("postgres://app@127.0.0.1:1/dployr");
+    let kv_store = |kv_store: KvStoreConfig| Config { kv_store, ..down().with_kv(KvBackendConfig::Memory) };
+    for (config, variable) in [
+        (
+            kv_store(KvStoreConfig { otp_ttl: Duration::from_secs(601), ..KvStoreConfig::default() }),
+            "DPLOYR_OTP_TTL_SECS",
+        ),
+        (
+            kv_store(KvStoreConfig { session_ttl: Duration::ZERO, ..KvStoreConfig::default() }),
+            "DPLOYR_SESSION_TTL_SECS",
+        ),
+        (
+            kv_store(KvStoreConfig { state_ttl: Duration::from_secs(u64::MAX), ..KvStoreConfig::default() }),
+            "DPLOYR_STATE_TTL_SECS",
+        ),
+        (down().with_kv(KvBackendConfig::Postgres { purge_every: Some(Duration::ZERO) }), "DPLOYR_KV_PURGE_EVERY_SECS"),
+        (down().with_kv(KvBackendConfig::Memory).with_one_time_kv(OneTimeKvConfig::Cloudflare), "DPLOYR_KV_ONE_TIME"),
+    ] {
+        match DataLayer::open(config) {
+            Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, variable),
+            other => panic!("expected a configuration error naming {variable}, got {other:?}"),
+        }
+    }
+    let past = Config::from_vars(vars(&[("DATABASE_URL", "postgres://db/app"), ("DPLOYR_OTP_TTL_SECS", "601")]));
+    assert!(matches!(past, Err(StoreError::Configuration { setting: "DPLOYR_OTP_TTL_SECS", .. })), "{past:?}");
+    let limit = Config::from_vars(vars(&[("DATABASE_URL", "postgres://db/app"), ("DPLOYR_OTP_TTL_SECS", "600")]));
+    assert!(limit.is_ok(), "{limit:?}");
 }
 
 #[test]
