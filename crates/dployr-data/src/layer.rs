@@ -18,8 +18,8 @@ use dployr_migrate::MigrateError;
 use crate::config::{
     CALL_TIMEOUT_VAR, CANCEL_GRACE_VAR, CANCEL_ON_DEADLINE_VAR, CONNECT_TIMEOUT_VAR, DATABASE_URL_VAR,
     DEADLINE_MARGIN_VAR, DEFAULT_PURGE_EVERY, KEEPALIVES_COUNT_VAR, KEEPALIVES_IDLE_VAR, KEEPALIVES_INTERVAL_VAR,
-    KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR, OTP_TTL_VAR, POOL_SIZE_VAR, REPLICA_URLS_VAR,
-    SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR, TCP_USER_TIMEOUT_VAR,
+    KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR, OTP_TTL_VAR, POOL_SIZE_VAR, REPLICA_MAX_LAG_VAR,
+    REPLICA_URLS_VAR, SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR, TCP_USER_TIMEOUT_VAR,
 };
 use crate::health::{self, Health};
 use crate::{Config, KvBackendConfig, OneTimeKvConfig};
@@ -274,7 +274,18 @@ impl DataLayer {
             pool
         } else {
             let replicas =
-                ReplicaSet::connect(&pool, &config.replica_urls, REPLICA_URLS_VAR, config.pool, config.replicas)?;
+                ReplicaSet::connect(&pool, &config.replica_urls, REPLICA_URLS_VAR, config.pool, config.replicas)
+                    .map_err(|error| match error {
+                        // A replica setting refused is a setting to change, by
+                        // its variable where it has one, else its field.
+                        StoreError::Invalid { field: "replica max_lag", reason } => {
+                            StoreError::Configuration { setting: REPLICA_MAX_LAG_VAR, reason }
+                        }
+                        StoreError::Invalid { field, reason } if field.starts_with("replica ") => {
+                            StoreError::Configuration { setting: field, reason }
+                        }
+                        other => other,
+                    })?;
             // Each replica's pool has the primary's settings: behind a
             // transaction pooler they are as unsafe there.
             // A replica that does not answer now is left out until it does

@@ -230,3 +230,28 @@ fn health_reports_the_primary_each_replica_with_its_lag_the_kv_backend_and_the_m
     assert!(health.replicas[0].reachable.error.is_some());
     assert!(health.is_ready(), "the primary serves every read without the replica: {health:?}");
 }
+
+/// A replica setting built in code that the replicas refuse is a setting to
+/// change, named by its variable (or, where it has none, its field), as
+/// every other setting `DataLayer::open` refuses.
+#[test]
+fn a_replica_setting_the_replicas_refuse_is_a_configuration_error_naming_it() {
+    let db = dployr_testkit::database();
+    let open = |replicas: ReplicaConfig| {
+        DataLayer::open(
+            Config::new(db.url())
+                .with_kv(KvBackendConfig::Memory)
+                .with_replicas(["postgres://app@127.0.0.1:1/dployr"])
+                .with_replica_config(replicas)
+                .without_migrations_on_start(),
+        )
+        .map(drop)
+    };
+    let zero_lag = open(ReplicaConfig { max_lag: Duration::ZERO, ..Default::default() });
+    assert!(
+        matches!(zero_lag, Err(StoreError::Configuration { setting: "DPLOYR_DB_REPLICA_MAX_LAG_MS", .. })),
+        "{zero_lag:?}"
+    );
+    let busy = open(ReplicaConfig { sample_every: Duration::from_millis(1), ..Default::default() });
+    assert!(matches!(busy, Err(StoreError::Configuration { setting: "replica sample_every", .. })), "{busy:?}");
+}
