@@ -59,7 +59,9 @@ pub const KEEPALIVES_IDLE_VAR: &str = "DPLOYR_DB_KEEPALIVES_IDLE_SECS";
 pub const KEEPALIVES_INTERVAL_VAR: &str = "DPLOYR_DB_KEEPALIVES_INTERVAL_SECS";
 /// Unanswered keepalive probes before the connection is dead (default 3).
 pub const KEEPALIVES_COUNT_VAR: &str = "DPLOYR_DB_KEEPALIVES_COUNT";
-/// libpq `tcp_user_timeout` in ms; 0 keeps the system's (default 25000).
+/// libpq `tcp_user_timeout` in ms; 0 keeps the system's (default 25000). In
+/// force only with keepalives on: a non-zero value with
+/// `DPLOYR_DB_KEEPALIVES=false` is refused.
 pub const TCP_USER_TIMEOUT_VAR: &str = "DPLOYR_DB_TCP_USER_TIMEOUT_MS";
 /// PostgreSQL URLs of streaming replicas, separated by commas and/or
 /// whitespace, or one libpq `key=value` string: replica-safe reads go there
@@ -657,6 +659,16 @@ fn read_timeouts(var: &impl Fn(&str) -> Option<String>, pool: &mut PoolConfig) -
         pool.network.keepalives_count = count;
     }
     if let Some(timeout) = millis(TCP_USER_TIMEOUT_VAR)? {
+        // libpq sets `tcp_user_timeout` only on connections with keepalives
+        // on: asked for with them off, it would silently not be in force.
+        if !timeout.is_zero() && !pool.network.keepalives {
+            return Err(configuration(
+                TCP_USER_TIMEOUT_VAR,
+                format!(
+                    "has no effect with {KEEPALIVES_VAR}=false (libpq sets it only with keepalives on): set it to 0 or turn keepalives on"
+                ),
+            ));
+        }
         pool.network.tcp_user_timeout = (!timeout.is_zero()).then_some(timeout);
     }
     Ok(())

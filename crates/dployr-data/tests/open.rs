@@ -132,6 +132,14 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
     assert!(Config::from_vars(vars(&[base[0], ("DPLOYR_DB_POOL_SIZE", "262143")])).is_ok());
     assert_eq!(setting_of(&with(&[("DPLOYR_DB_CONNECT_TIMEOUT_MS", "-5")])), "DPLOYR_DB_CONNECT_TIMEOUT_MS");
     assert_eq!(setting_of(&with(&[("DPLOYR_MIGRATE_ON_START", "maybe")])), "DPLOYR_MIGRATE_ON_START");
+    // libpq would not set it with keepalives off: not silently dropped.
+    assert_eq!(
+        setting_of(&with(&[("DPLOYR_DB_KEEPALIVES", "false"), ("DPLOYR_DB_TCP_USER_TIMEOUT_MS", "10000")])),
+        "DPLOYR_DB_TCP_USER_TIMEOUT_MS"
+    );
+    let off =
+        Config::from_vars(vars(&[base[0], ("DPLOYR_DB_KEEPALIVES", "false"), ("DPLOYR_DB_TCP_USER_TIMEOUT_MS", "0")]));
+    assert!(off.is_ok(), "{off:?}");
     assert_eq!(
         setting_of(&with(&[("DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE", "newer")])),
         "DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE"
