@@ -44,9 +44,10 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::hash::{BuildHasher as _, RandomState};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use diesel::PgConnection;
@@ -331,10 +332,24 @@ fn identify(conn: &mut PgConnection, before: &[Socket], ports: &[u16]) -> ConnIn
 /// servers (replicas on the same port) never wait on it: a connection one
 /// of those opens at the same instant, to the same port, can still leave
 /// one unidentified (counted in [`DeadlineStats::unidentified`]).
+///
+/// The map keeps no URL (which may hold a password) but its hash under a
+/// key random to this process (two URLs whose hashes meet only share a
+/// lock), and no lock longer than a pool holds it.
 fn connect_lock(database_url: &str) -> Arc<Mutex<()>> {
-    static LOCKS: OnceLock<Mutex<BTreeMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
-    let mut locks = LOCKS.get_or_init(Mutex::default).lock().unwrap_or_else(PoisonError::into_inner);
-    Arc::clone(locks.entry(database_url.to_owned()).or_default())
+    /// Each URL's lock, by the URL's hash.
+    type Locks = Mutex<BTreeMap<u64, Weak<Mutex<()>>>>;
+    static LOCKS: OnceLock<(RandomState, Locks)> = OnceLock::new();
+    let (hasher, locks) = LOCKS.get_or_init(Default::default);
+    let mut locks = locks.lock().unwrap_or_else(PoisonError::into_inner);
+    locks.retain(|_, lock| lock.strong_count() > 0);
+    let key = hasher.hash_one(database_url);
+    if let Some(lock) = locks.get(&key).and_then(Weak::upgrade) {
+        return lock;
+    }
+    let lock = Arc::new(Mutex::new(()));
+    locks.insert(key, Arc::downgrade(&lock));
+    lock
 }
 
 /// diesel's r2d2 connection manager, plus what the deadlines need: it
@@ -796,6 +811,19 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
+
+    #[test]
+    fn the_pools_of_one_url_share_its_connect_lock_and_others_do_not() {
+        let url = "postgres://app:s3cret@db-connect-lock-test/app";
+        let (first, again) = (connect_lock(url), connect_lock(url));
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(!Arc::ptr_eq(&first, &connect_lock("postgres://app:s3cret@other-connect-lock-test/app")));
+        let weak = Arc::downgrade(&first);
+        drop((first, again));
+        // Held by no pool, the lock is gone: the map keeps nothing of it.
+        connect_lock("postgres://app@third-connect-lock-test/app");
+        assert!(weak.upgrade().is_none());
+    }
 
     fn socket_of(stream: &UnixStream) -> Socket {
         Socket { fd: stream.as_raw_fd(), inode: socket_inode(stream.as_raw_fd()).unwrap_or(0) }
