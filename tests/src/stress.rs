@@ -1460,6 +1460,8 @@ struct Sample {
     orphan_instances: i64,
     #[diesel(sql_type = BigInt)]
     orphan_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    tokens_of_spent_nonces: i64,
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
     bad_totals: Option<String>,
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
@@ -1480,6 +1482,7 @@ const SAMPLE: &str = "SELECT
       WHERE NOT EXISTS (SELECT 1 FROM clusters c WHERE c.id = i.cluster_id)) AS orphan_instances,
     (SELECT count(*) FROM bootstrap_tokens t
       WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = t.instance_id)) AS orphan_tokens,
+    (SELECT count(*) FROM bootstrap_tokens t JOIN spent_nonces s USING (nonce)) AS tokens_of_spent_nonces,
     (SELECT string_agg(format('%s counts %s/%s/%s members/invites/instances, has %s/%s/%s',
                               c.id, t.members, t.invites, t.instances, r.members, r.invites, r.instances), ', ')
        FROM clusters c
@@ -1511,7 +1514,7 @@ const TERMINATE_OTHERS: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_ac
 /// is connected to, one line each (none when all hold), from one statement,
 /// so one snapshot: a live cluster without exactly one owner, memberships of
 /// a missing user or cluster, instances of a missing cluster, tokens of a
-/// missing instance, listing totals that differ from a `count(*)`,
+/// missing instance, tokens holding a spent nonce, listing totals that differ from a `count(*)`,
 /// memberships whose copy of the user's profile is not the user's, rows
 /// updated before they were created.
 ///
@@ -1535,6 +1538,12 @@ fn try_broken_invariants(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
     }
     if sample.orphan_tokens > 0 {
         broken.push(format!("{} bootstrap tokens of a missing instance", sample.orphan_tokens));
+    }
+    if sample.tokens_of_spent_nonces > 0 {
+        broken.push(format!(
+            "{} bootstrap tokens hold the nonce of a used token that was deleted (usable twice)",
+            sample.tokens_of_spent_nonces
+        ));
     }
     broken.extend(sample.bad_totals.map(|bad| format!("listing totals: {bad}")));
     broken.extend(sample.stale_copies.map(|stale| format!("membership copies of a profile: {stale}")));

@@ -177,3 +177,34 @@ fn a_random_mix_keeps_every_invariant_across_restarts_of_its_server() {
     let most = report.disturbances * report.connections;
     assert!(report.count_of("Unavailable") <= most, "more than one failure per connection a restart ended\n{report}");
 }
+
+/// The checker sees a state the schema refuses, forced by a superuser with
+/// its triggers off: a token holding the nonce of a used token that was
+/// deleted (`mark_used` would be true twice for that nonce).
+#[test]
+fn the_checker_reports_a_token_holding_a_spent_nonce() {
+    use diesel::connection::SimpleConnection as _;
+
+    let db = dployr_testkit::database();
+    if !db.superuser() {
+        eprintln!("skipped: turning triggers off needs a superuser");
+        return;
+    }
+    let mut conn = db.connect();
+    assert_eq!(stress::broken_invariants(&mut conn), Vec::<String>::new());
+    conn.batch_execute(
+        "INSERT INTO users (id, email, name, provider) VALUES ('01J00000000000000000000000', 'ada@example.io', 'Ada', 'email');
+         INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000001', 'ada');
+         INSERT INTO user_clusters (user_id, cluster_id, role)
+              VALUES ('01J00000000000000000000000', '01J00000000000000000000001', 'owner');
+         INSERT INTO instances (id, cluster_id, address, tag)
+              VALUES ('01J00000000000000000000002', '01J00000000000000000000001', '10.0.0.1', 'web-1');
+         INSERT INTO spent_nonces (nonce, used_at) VALUES ('spent-nonce', now());
+         SET session_replication_role = replica;
+         INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('spent-nonce', '01J00000000000000000000002');
+         SET session_replication_role = origin;",
+    )
+    .unwrap();
+    let broken = stress::broken_invariants(&mut conn);
+    assert_eq!(broken, ["1 bootstrap tokens hold the nonce of a used token that was deleted (usable twice)"]);
+}
