@@ -1151,9 +1151,10 @@ fn without_bulk_endpoints_bulk_calls_go_key_by_key_and_sign_out_everywhere_still
         let expected = (i % 2 == 0).then(|| format!("value of {key}").into_bytes());
         assert_eq!(value, &expected, "{key}");
     }
+    // A bare 404 may be a proxy's passing answer: the next call asks again.
     let before = emulator.requests();
     assert_eq!(kv.get_many(&keys[..2]).unwrap().len(), 2);
-    assert_eq!(emulator.requests() - before, 2, "the missing endpoint is not asked for again");
+    assert_eq!(emulator.requests() - before, 1 + 2, "a bare 404 is asked again on the next call");
     let before = emulator.requests();
     kv.delete_many(&keys).unwrap();
     assert_eq!(emulator.requests() - before, 1 + 150, "one refused bulk delete, then a delete per key");
@@ -1174,6 +1175,47 @@ fn without_bulk_endpoints_bulk_calls_go_key_by_key_and_sign_out_everywhere_still
     }
     assert!(signing_out.get_session(&others).unwrap().is_some(), "another user's session was ended");
     assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 0, "the index entries are gone too");
+}
+
+/// A server that says itself it has no bulk endpoint (code 7000, "No route
+/// for that URI", or a 405) is not asked again by that client: its later
+/// bulk calls go key by key at once. A wrong base URL, account or
+/// namespace is still the configuration error naming its variable, bulk
+/// endpoint or not.
+#[test]
+fn a_server_saying_it_has_no_bulk_endpoint_is_not_asked_again_and_wrong_settings_are_still_named() {
+    let emulator = CloudflareEmulator::start();
+    let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
+    let keys: Vec<String> = (0..3).map(|i| format!("k{i}")).collect();
+    kv.put(&keys[0], b"v", None).unwrap();
+    emulator.fail_next_with_code(1, 400, 7000);
+    let before = emulator.requests();
+    assert_eq!(kv.get_many(&keys).unwrap(), [Some(b"v".to_vec()), None, None]);
+    assert_eq!(emulator.requests() - before, 1 + 3);
+    let before = emulator.requests();
+    assert_eq!(kv.get_many(&keys).unwrap(), [Some(b"v".to_vec()), None, None]);
+    assert_eq!(emulator.requests() - before, 3, "the bulk endpoint is not asked again");
+
+    emulator.without_bulk_endpoints(true);
+    let setting_of = |config: CloudflareConfig| {
+        let kv = CloudflareKv::new(config).unwrap();
+        let read = kv.get_many(&keys);
+        let deleted = kv.delete_many(&keys);
+        match (read, deleted) {
+            (Err(StoreError::Configuration { setting: read, .. }), Err(StoreError::Configuration { setting, .. })) => {
+                assert_eq!(read, setting);
+                setting
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let wrong_namespace = CloudflareConfig { namespace_id: "0".repeat(32), ..config_for(&emulator) };
+    assert_eq!(setting_of(wrong_namespace), "CLOUDFLARE_KV_NAMESPACE_ID");
+    let wrong_account = CloudflareConfig { account_id: "0".repeat(32), ..config_for(&emulator) };
+    assert_eq!(setting_of(wrong_account), "CLOUDFLARE_ACCOUNT_ID");
+    let base_url = emulator.base_url().trim_end_matches("/client/v4").to_owned();
+    let wrong_base = CloudflareConfig { base_url, ..config_for(&emulator) };
+    assert_eq!(setting_of(wrong_base), "CLOUDFLARE_API_BASE_URL");
 }
 
 /// The tower-sessions store's sign-out everywhere is in bulk too: a user

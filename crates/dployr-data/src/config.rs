@@ -658,18 +658,22 @@ fn read_timeouts(var: &impl Fn(&str) -> Option<String>, pool: &mut PoolConfig) -
         }
         pool.network.keepalives_count = count;
     }
-    if let Some(timeout) = millis(TCP_USER_TIMEOUT_VAR)? {
+    match millis(TCP_USER_TIMEOUT_VAR)? {
         // libpq sets `tcp_user_timeout` only on connections with keepalives
         // on: asked for with them off, it would silently not be in force.
-        if !timeout.is_zero() && !pool.network.keepalives {
+        Some(timeout) if !timeout.is_zero() && !pool.network.keepalives => {
             return Err(configuration(
                 TCP_USER_TIMEOUT_VAR,
                 format!(
-                    "has no effect with {KEEPALIVES_VAR}=false (libpq sets it only with keepalives on): set it to 0 or turn keepalives on"
+                    "has no effect with {KEEPALIVES_VAR}=false (libpq sets it only with keepalives on): \
+                     set it to 0 or turn keepalives on"
                 ),
             ));
         }
-        pool.network.tcp_user_timeout = (!timeout.is_zero()).then_some(timeout);
+        Some(timeout) => pool.network.tcp_user_timeout = (!timeout.is_zero()).then_some(timeout),
+        // Not in force without keepalives: the configuration says so.
+        None if !pool.network.keepalives => pool.network.tcp_user_timeout = None,
+        None => {}
     }
     Ok(())
 }

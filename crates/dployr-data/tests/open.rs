@@ -140,6 +140,8 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
     let off =
         Config::from_vars(vars(&[base[0], ("DPLOYR_DB_KEEPALIVES", "false"), ("DPLOYR_DB_TCP_USER_TIMEOUT_MS", "0")]));
     assert!(off.is_ok(), "{off:?}");
+    let keepalives_off = Config::from_vars(vars(&[base[0], ("DPLOYR_DB_KEEPALIVES", "false")])).unwrap();
+    assert_eq!(keepalives_off.pool.network.tcp_user_timeout, None, "the default is not in force without keepalives");
     assert_eq!(
         setting_of(&with(&[("DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE", "newer")])),
         "DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE"

@@ -63,7 +63,17 @@
 //! the write takes to land). With less than Cloudflare's 60 s left, the
 //! expiry cannot be kept: the counter is written with 60 s, so it ends up to
 //! a minute late, never early, and one counted again within its last minute
-//! each time lives a minute past that count.
+//! each time lives a minute past that count. A server whose `Date` tells
+//! another clock than the one it counts expiries by may refuse the absolute
+//! second as too soon: the write is sent again once, as the seconds left
+//! (the more of what the local clock and the read's `Date` leave, at least
+//! 60), which ends it then or later.
+//!
+//! **Answers.** A missing key is a 404 whose errors carry code 10009
+//! (whichever entry, its code a number or a number as text). A server
+//! without the bulk endpoints (405, code 7000, or a 404 naming no
+//! Cloudflare error) is read and deleted key by key; where it says so
+//! itself (405, 7000) the client does not ask it again.
 //!
 //! **Runtimes.** The HTTP client is `reqwest`'s async one, driven by a
 //! private tokio runtime that is created, run and dropped on a thread of its
@@ -654,9 +664,14 @@ impl Reply {
     /// (7000), or a 404 that names no Cloudflare error (a router's page).
     /// A 404 naming an unknown account or namespace is not this.
     fn is_no_such_endpoint(&self) -> bool {
-        self.status == 405
-            || self.has_error_code(NO_ROUTE)
-            || (self.status == 404 && self.envelope().errors.iter().all(|e| e.code.is_none()))
+        self.says_no_such_endpoint() || (self.status == 404 && self.envelope().errors.iter().all(|e| e.code.is_none()))
+    }
+
+    /// Whether the server said itself that it has no such path or method
+    /// (405, or code 7000): unlike a bare 404, which a proxy or an edge
+    /// may give for a while, not a passing answer.
+    fn says_no_such_endpoint(&self) -> bool {
+        self.status == 405 || self.has_error_code(NO_ROUTE)
     }
 
     fn is_missing_key(&self) -> bool {
@@ -1020,8 +1035,11 @@ impl CloudflareKv {
     /// A POST of `body` as JSON to `url` (a bulk endpoint), retried as
     /// [`send`](Self::send) retries; the answer's envelope, which must say
     /// `"success": true`; or `None` where the server does not serve `url`
-    /// ([`Reply::is_no_such_endpoint`]), which `missing` remembers so that
-    /// later calls do not ask again.
+    /// ([`Reply::is_no_such_endpoint`]). Where the server says so itself
+    /// (405, code 7000), `missing` remembers it for this client's later
+    /// calls; a bare 404 (which a proxy may give for a while) does not set
+    /// it: the next call asks again, so one passing answer never turns
+    /// every later sign-out everywhere into a request per key.
     fn post_json_where_served(
         &self,
         call: &mut Call,
@@ -1039,8 +1057,15 @@ impl CloudflareKv {
             c.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone())
         })?;
         if reply.is_no_such_endpoint() {
-            tracing::warn!(target: "dployr.kv", op, status = reply.status, "Cloudflare KV: no bulk endpoint here; key by key instead");
-            missing.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                target: "dployr.kv.cloudflare",
+                op,
+                status = reply.status,
+                "Cloudflare KV: no bulk endpoint here; key by key instead"
+            );
+            if reply.says_no_such_endpoint() {
+                missing.store(true, Ordering::Relaxed);
+            }
             return Ok(None);
         }
         if !reply.is_enveloped_success() {
@@ -1100,7 +1125,9 @@ impl KvBackend for CloudflareKv {
     /// instead of a request per key: a sign-out everywhere of a user with
     /// hundreds of sessions would otherwise spend the account's budget of
     /// 1200 requests per 5 minutes, after which Cloudflare refuses every
-    /// call for minutes. Reads are as stale as a single read's.
+    /// call for minutes. Reads are as stale as a single read's. A server
+    /// without the endpoint (405, code 7000, or a 404 naming no Cloudflare
+    /// error) is read key by key, each answered as [`get`](KvBackend::get) would.
     fn get_many(&self, keys: &[String]) -> StoreResult<Vec<Option<Vec<u8>>>> {
         let mut call = Call::start("kv.cloudflare.get_many");
         let limits = self.limits();
@@ -1143,7 +1170,8 @@ impl KvBackend for CloudflareKv {
     /// One bulk delete (`POST .../bulk/delete`) per 10 000 keys, in order;
     /// the keys Cloudflare says it did not fully delete are deleted again,
     /// as it asks, in bulk: up to 3 requests a chunk, within the call's
-    /// `max_elapsed`, then `Unavailable`.
+    /// `max_elapsed`, then `Unavailable`. A server without the endpoint is
+    /// asked key by key, as [`delete`](KvBackend::delete) would.
     fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
         let mut call = Call::start("kv.cloudflare.delete_many");
         let limits = self.limits();
@@ -1263,9 +1291,11 @@ impl KvBackend for CloudflareKv {
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_ttl(ttl)?;
+        let mut read_at = None;
         let (count, expiry) = match self.read(&mut call, key)? {
             None => (1, ttl.map(Expiry::After)),
             Some(stored) => {
+                read_at = stored.server_now;
                 let current = parse_counter(&stored.value).ok_or_else(|| not_a_counter(key))?;
                 // The write may land after this call's retries; its `Date`
                 // is truncated to the second and the reply took a while to
@@ -1276,13 +1306,18 @@ impl KvBackend for CloudflareKv {
         };
         let value = count.to_string();
         match (self.write(&mut call, key, value.as_bytes(), expiry), expiry) {
-            // The server refused the same second as less than 60 s ahead on
-            // the clock it counts expiries by, which its `Date` header did
-            // not tell (a proxy's `Date`, a clock stepped since, an
-            // emulator's two clocks): the seconds left on our clock, at
-            // least Cloudflare's 60, end it then or later, never earlier.
+            // The server refused the same second, as less than 60 s ahead
+            // on the clock it counts expiries by, which its `Date` header
+            // did not tell (a proxy's `Date`, a clock stepped since, an
+            // emulator's two clocks): sent again as seconds left, the more
+            // of what our clock and the read's `Date` leave, at least
+            // Cloudflare's 60. Refused as too soon, any of these ends after
+            // that second; refused for another reason, the more of the two
+            // clocks' counts still does not end it before the read's clock
+            // said.
             (Err(StoreError::Invalid { field: "request", .. }), Some(Expiry::At(at))) => {
-                self.write(&mut call, key, value.as_bytes(), Some(Expiry::Left(at.saturating_sub(unix_now()))))?;
+                let left = at.saturating_sub(unix_now()).max(at.saturating_sub(read_at.unwrap_or(u64::MAX)));
+                self.write(&mut call, key, value.as_bytes(), Some(Expiry::Left(left)))?;
             }
             (written, _) => written?,
         }
