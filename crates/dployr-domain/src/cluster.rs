@@ -158,6 +158,11 @@ pub trait ClusterStore: Send + Sync {
     /// Invites these e-mails: unknown ones become users with provider
     /// `email`; each gets role `invited` unless already a member. Returns
     /// the membership of each e-mail afterwards.
+    ///
+    /// # Errors
+    /// `Invalid` on field `email` when any address is one
+    /// [`Email::check`](crate::Email::check) refuses (nothing is written);
+    /// `NotFound` for an unknown cluster.
     fn add_users(&self, cluster: &ClusterId, emails: &[Email]) -> StoreResult<Vec<Member>>;
 
     /// Removes these members (ids of users who are not members are

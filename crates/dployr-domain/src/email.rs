@@ -138,6 +138,33 @@ impl Email {
         String::deserialize(deserializer).map(Self::from_stored)
     }
 
+    /// Refuses an address that [`Email::parse`] would not give back as it
+    /// is: one made by [`Email::from_stored`] (or deserialized as a stored
+    /// record) skipped today's rule, and a write must not store it (a
+    /// second account beside the normalised one, an address nobody can
+    /// sign in with). Writes check every address they take.
+    ///
+    /// ```
+    /// use dployr_domain::Email;
+    /// assert!(Email::parse("Ada@Example.io").unwrap().check().is_ok());
+    /// assert!(Email::from_stored("ada@example.io".into()).check().is_ok());
+    /// assert!(Email::from_stored("Ada@example.io".into()).check().is_err());
+    /// assert!(Email::from_stored("ad\u{200b}a@example.io".into()).check().is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] on field `email`.
+    pub fn check(&self) -> Result<(), StoreError> {
+        match Self::parse(&self.0) {
+            Ok(parsed) if parsed == *self => Ok(()),
+            Ok(parsed) => Err(StoreError::invalid(
+                "email",
+                format!("is not in its normal form ({parsed}): an address made without Email::parse"),
+            )),
+            Err(refused) => Err(refused),
+        }
+    }
+
     /// The address.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -83,6 +83,11 @@ pub trait UserStore: Send + Sync {
     /// it. Finding them again after the user's row is locked would take the
     /// locks out of the order every write keeps (clusters, then users), or
     /// one more statement per sign-in.
+    ///
+    /// # Errors
+    /// `Invalid` on field `email` for an address [`Email::check`](crate::Email::check)
+    /// refuses (one made by `Email::from_stored`, not in its normal form),
+    /// on `metadata` or `picture` for those a write refuses; nothing is written.
     fn upsert(&self, user: NewUser) -> StoreResult<User>;
 
     /// The user with this id.

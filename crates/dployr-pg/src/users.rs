@@ -93,6 +93,8 @@ impl UserStore for PgUserStore {
     fn upsert(&self, user: NewUser) -> StoreResult<User> {
         let op = self.pool.operation("users.upsert");
         check_picture(user.picture.as_deref())?;
+        // An address made by `Email::from_stored` skipped the checks of a write.
+        user.email.check()?;
         // A provider that sends an empty picture gives none: the stored one
         // stays (the original's `picture || null`).
         let picture = user.picture.as_deref().filter(|picture| !text::is_blank(picture));

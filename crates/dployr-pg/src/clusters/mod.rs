@@ -365,6 +365,8 @@ impl ClusterStore for PgClusterStore {
     }
     fn add_users(&self, cluster: &ClusterId, emails: &[Email]) -> StoreResult<Vec<Member>> {
         let op = self.pool.operation("clusters.add_users").referencing("cluster", cluster);
+        // Addresses made by `Email::from_stored` skipped the checks of a write.
+        emails.iter().try_for_each(Email::check)?;
         let emails: Vec<&str> = emails.iter().map(Email::as_str).collect::<BTreeSet<_>>().into_iter().collect();
         let cluster = cluster.to_string();
         op.transaction(|conn| {

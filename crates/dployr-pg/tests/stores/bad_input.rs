@@ -1130,4 +1130,25 @@ fn unchecked_metadata_and_emails_from_records_are_invalid_input_and_nothing_is_w
     // An e-mail with a NUL, looked up: the server refuses the text.
     let error = f.users.get_by_email(&Email::from_stored("a\u{0}b@example.io".into())).unwrap_err();
     assert_eq!(invalid_field(&error), Some("input"), "{error}");
+    // Addresses Email::parse would not give back as they are: written, each
+    // would be a second account beside the normalised one, or one nobody
+    // can sign in with.
+    for unnormalised in [
+        "Records@example.io",
+        "records\u{200b}@example.io",
+        "cafe\u{301}@example.io",
+        "a@b\u{fc}cher.de",
+        "a@b",
+        "\u{3000}@example.io",
+        " records@example.io",
+    ] {
+        let email = Email::from_stored(unnormalised.into());
+        let upserted = f.users.upsert(NewUser::new(email.clone(), Provider::Github)).map(drop);
+        let invited = f.clusters.add_users(&cluster.id, &[fresh_email(), email]).map(drop);
+        for (write, result) in [("users.upsert", upserted), ("clusters.add_users", invited)] {
+            let error = result.expect_err(write);
+            assert_eq!(invalid_field(&error), Some("email"), "{write} of {unnormalised:?}: {error}");
+        }
+    }
+    assert_eq!(f.fingerprint(), before);
 }
