@@ -1079,28 +1079,61 @@ async fn a_sign_out_everywhere_that_failed_on_a_session_saved_here_finds_it_agai
 /// left every call of the deployment refused for minutes.
 #[test]
 fn sign_out_everywhere_of_hundreds_of_sessions_spends_a_few_requests_of_the_account_budget() {
+    let emulator = CloudflareEmulator::start();
+    let spent = sign_out_everywhere_ends_exactly_that_users_sessions(&emulator, 450, || {
+        emulator.set_request_budget(Some((1200, Duration::from_secs(300))));
+    });
+    assert!(spent <= 8, "{spent} requests: a listing, 5 bulk reads and 2 bulk deletes were expected");
+}
+
+/// Signs one user in `sessions` times and another once through one store,
+/// `before_sign_out`, then signs the first out everywhere through another
+/// store: exactly their sessions end, index entries included. Gives the
+/// requests the sign-out spent.
+fn sign_out_everywhere_ends_exactly_that_users_sessions(
+    emulator: &CloudflareEmulator,
+    sessions: usize,
+    before_sign_out: impl FnOnce(),
+) -> u64 {
     use dployr_kv::{KvStore, SessionId};
 
-    let emulator = CloudflareEmulator::start();
-    let kv: Arc<dyn KvBackend> = Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap());
+    let kv: Arc<dyn KvBackend> = Arc::new(CloudflareKv::new(config_for(emulator)).unwrap());
     let (signing_in, signing_out) = (KvStore::new(Arc::clone(&kv)), KvStore::new(kv));
     let (user, other) = (sample_user(1), sample_user(2));
-    let ids: Vec<SessionId> = (0..450).map(|_| SessionId::generate()).collect();
+    let ids: Vec<SessionId> = (0..sessions).map(|_| SessionId::generate()).collect();
     for id in &ids {
         signing_in.create_session(id, &user, vec![]).unwrap();
     }
     let others = SessionId::generate();
     signing_in.create_session(&others, &other, vec![]).unwrap();
-    emulator.set_request_budget(Some((1200, Duration::from_secs(300))));
+    before_sign_out();
     let before = emulator.requests();
-    assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 450);
+    assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), sessions);
     let spent = emulator.requests() - before;
-    assert!(spent <= 8, "{spent} requests: a listing, 5 bulk reads and 2 bulk deletes were expected");
     for id in &ids {
         assert_eq!(signing_out.get_session(id).unwrap(), None);
     }
     assert!(signing_out.get_session(&others).unwrap().is_some(), "another user's session was ended");
     assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 0, "the index entries are gone too");
+    spent
+}
+
+/// `n` keys `bulk/000`, ..., every other one written with a value naming it.
+fn every_other_key_written(kv: &CloudflareKv, n: usize) -> Vec<String> {
+    let keys: Vec<String> = (0..n).map(|i| format!("bulk/{i:03}")).collect();
+    for key in keys.iter().step_by(2) {
+        kv.put(key, format!("value of {key}").as_bytes(), None).unwrap();
+    }
+    keys
+}
+
+/// What a bulk read of [`every_other_key_written`]'s keys must answer, in order.
+fn assert_every_other_value(keys: &[String], values: &[Option<Vec<u8>>]) {
+    assert_eq!(keys.len(), values.len());
+    for (i, (key, value)) in keys.iter().zip(values).enumerate() {
+        let expected = (i % 2 == 0).then(|| format!("value of {key}").into_bytes());
+        assert_eq!(value, &expected, "{key}");
+    }
 }
 
 /// The bulk calls answer as the single ones would: values in the order of
@@ -1110,17 +1143,11 @@ fn sign_out_everywhere_of_hundreds_of_sessions_spends_a_few_requests_of_the_acco
 fn bulk_reads_and_deletes_answer_as_single_calls_would() {
     let emulator = CloudflareEmulator::start();
     let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
-    let keys: Vec<String> = (0..250).map(|i| format!("bulk/{i:03}")).collect();
-    for key in keys.iter().step_by(2) {
-        kv.put(key, format!("value of {key}").as_bytes(), None).unwrap();
-    }
+    let keys = every_other_key_written(&kv, 250);
     let before = emulator.requests();
     let values = kv.get_many(&keys).unwrap();
     assert_eq!(emulator.requests() - before, 3, "one request per 100 keys");
-    for (i, (key, value)) in keys.iter().zip(&values).enumerate() {
-        let expected = (i % 2 == 0).then(|| format!("value of {key}").into_bytes());
-        assert_eq!(value, &expected, "{key}");
-    }
+    assert_every_other_value(&keys, &values);
     assert!(kv.get_many(&["".to_owned()]).is_err(), "an empty key is refused before any request");
     let before = emulator.requests();
     kv.delete_many(&keys).unwrap();
@@ -1130,27 +1157,20 @@ fn bulk_reads_and_deletes_answer_as_single_calls_would() {
 
 /// A server without the bulk endpoints (a router that answers them 404:
 /// an older API, a proxy, an emulator of the basic calls) still gets bulk
-/// reads and deletes, key by key, each answered as the single call would;
-/// it is asked for them once, not on every call; and a sign-out everywhere
-/// still ends every session of the user and no one else's.
+/// reads and deletes, key by key, each answered as the single call would
+/// (a bare 404 may be a proxy's passing answer: each call asks again); and
+/// a sign-out everywhere still ends every session of the user and no one
+/// else's.
 #[test]
 fn without_bulk_endpoints_bulk_calls_go_key_by_key_and_sign_out_everywhere_still_works() {
-    use dployr_kv::{KvStore, SessionId};
-
     let emulator = CloudflareEmulator::start();
     emulator.without_bulk_endpoints(true);
     let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
-    let keys: Vec<String> = (0..150).map(|i| format!("bulk/{i:03}")).collect();
-    for key in keys.iter().step_by(2) {
-        kv.put(key, format!("value of {key}").as_bytes(), None).unwrap();
-    }
+    let keys = every_other_key_written(&kv, 150);
     let before = emulator.requests();
     let values = kv.get_many(&keys).unwrap();
     assert_eq!(emulator.requests() - before, 1 + 150, "one refused bulk read, then a read per key");
-    for (i, (key, value)) in keys.iter().zip(&values).enumerate() {
-        let expected = (i % 2 == 0).then(|| format!("value of {key}").into_bytes());
-        assert_eq!(value, &expected, "{key}");
-    }
+    assert_every_other_value(&keys, &values);
     // A bare 404 may be a proxy's passing answer: the next call asks again.
     let before = emulator.requests();
     assert_eq!(kv.get_many(&keys[..2]).unwrap().len(), 2);
@@ -1160,21 +1180,7 @@ fn without_bulk_endpoints_bulk_calls_go_key_by_key_and_sign_out_everywhere_still
     assert_eq!(emulator.requests() - before, 1 + 150, "one refused bulk delete, then a delete per key");
     assert!(kv.get_many(&keys).unwrap().iter().all(Option::is_none));
 
-    let kv: Arc<dyn KvBackend> = Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap());
-    let (signing_in, signing_out) = (KvStore::new(Arc::clone(&kv)), KvStore::new(kv));
-    let (user, other) = (sample_user(1), sample_user(2));
-    let ids: Vec<SessionId> = (0..5).map(|_| SessionId::generate()).collect();
-    for id in &ids {
-        signing_in.create_session(id, &user, vec![]).unwrap();
-    }
-    let others = SessionId::generate();
-    signing_in.create_session(&others, &other, vec![]).unwrap();
-    assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 5);
-    for id in &ids {
-        assert_eq!(signing_out.get_session(id).unwrap(), None);
-    }
-    assert!(signing_out.get_session(&others).unwrap().is_some(), "another user's session was ended");
-    assert_eq!(signing_out.delete_user_sessions(&user.id).unwrap(), 0, "the index entries are gone too");
+    sign_out_everywhere_ends_exactly_that_users_sessions(&emulator, 5, || {});
 }
 
 /// A server that says itself it has no bulk endpoint (code 7000, "No route
