@@ -342,6 +342,16 @@ pub fn session_store_refuses_a_record_it_could_not_load_back(f: &dyn KvFixture) 
         new_too_deep.data.insert("deep".into(), nested(200, serde_json::Value::Null));
         let refused = store.create(&mut new_too_deep).await;
         assert!(matches!(refused, Err(tower_sessions_core::session_store::Error::Encode(_))), "{refused:?}");
+        // Deep enough that serializing it would overflow the stack of the
+        // thread that writes it (about 1 850 levels aborted the process):
+        // refused all the same.
+        let mut far_too_deep = kept.clone();
+        far_too_deep.data.insert("deep".into(), nested(2_000, serde_json::Value::Null));
+        let refused = store.save(&far_too_deep).await;
+        assert!(matches!(refused, Err(tower_sessions_core::session_store::Error::Encode(_))), "{refused:?}");
+        far_too_deep.id = record(3600, &[]).id;
+        let refused = store.create(&mut far_too_deep).await;
+        assert!(matches!(refused, Err(tower_sessions_core::session_store::Error::Encode(_))), "{refused:?}");
         // Larger than the backend takes: the caller's data, refused before
         // anything is written (the id's claim included), by both calls.
         let too_large = serde_json::Value::String("x".repeat(f.kv().limits().max_value_bytes));

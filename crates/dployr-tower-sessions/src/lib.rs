@@ -232,7 +232,8 @@ impl KvSessionStore {
     /// Indexes each record by the user named in its data under `field` (a
     /// string, e.g. what `session.insert("user_id", id.to_string())` stores),
     /// so that [`delete_user_sessions`](Self::delete_user_sessions) can end
-    /// them all. A record without that field is not indexed.
+    /// them all. A record without that field is not indexed, nor one whose
+    /// field is not a string (a number, `null`): a warning says so, once.
     #[must_use]
     pub fn with_user_field(self, field: impl Into<String>) -> Self {
         let mut inner = Arc::unwrap_or_clone(self.inner);
@@ -484,7 +485,21 @@ impl Inner {
     /// The user a record's data names under the user field, if any.
     fn user_of<'r>(&self, record: &'r Record) -> Option<(&UserSessionIndex, &'r str)> {
         let (field, index) = self.users.as_ref()?;
-        record.data.get(field)?.as_str().map(|user| (index, user))
+        let named = record.data.get(field)?;
+        if !named.is_string() {
+            // Not indexed, as documented; `session.insert("user_id", 42)`
+            // is easy to write, and its sessions would outlive every sign
+            // out everywhere without a word: said once.
+            static NOT_A_STRING: std::sync::Once = std::sync::Once::new();
+            NOT_A_STRING.call_once(|| {
+                tracing::warn!(
+                    field = field.as_str(),
+                    "dployr.tower_sessions: a session's user field is not a string; such sessions are not indexed, \
+                     and delete_user_sessions does not end them: store the user id as a string"
+                );
+            });
+        }
+        named.as_str().map(|user| (index, user))
     }
 
     /// What the record under `key`, which `user`'s index lists, is (as this
@@ -696,6 +711,20 @@ impl Inner {
                 self.backend.put(key, value, Some(ttl))?;
                 Ok(true)
             }
+            // Cloudflare keeps an entry 60 s at least and rounds its TTL up:
+            // past the record's own expiry date it may still hold it, and a
+            // save from a request that loaded it before then (in another
+            // process: this one remembers its writes) would bring an ended
+            // session back. Its `replace` is a read then a put anyway: the
+            // read's expiry date is the rule here.
+            None if !self.backend.limits().atomic => match self.backend.get(key)? {
+                None => Ok(false),
+                Some(stored) if expiry_of(&stored).is_some_and(|at| at <= self.now()) => Ok(false),
+                Some(_) => {
+                    self.backend.put(key, value, Some(ttl))?;
+                    Ok(true)
+                }
+            },
             None => self.backend.replace(key, value, Some(ttl)),
         }
     }
@@ -763,6 +792,17 @@ struct Stored {
     expiry_date: OffsetDateTime,
 }
 
+/// The expiry date of a stored record, read without its data; `None` for
+/// a value that is not one (written by another release, or by hand: the
+/// save goes on, as a replace would).
+fn expiry_of(stored: &[u8]) -> Option<OffsetDateTime> {
+    #[derive(Deserialize)]
+    struct Expiry {
+        expiry_date: OffsetDateTime,
+    }
+    serde_json::from_slice::<Expiry>(stored).ok().map(|expiry| expiry.expiry_date)
+}
+
 /// What [`encode`] writes: [`Stored`], borrowed from a record, and an `id`
 /// of 0 in place of the record's. The previous release decodes a whole
 /// `Record`, which needs the field: given 0, it finds the record is not
@@ -783,11 +823,42 @@ struct StoredRef<'a> {
 /// once its memory of the write has passed), its user stuck with a broken
 /// session until it expired.
 fn encode(record: &Record) -> StoreResult<Vec<u8>> {
+    // serde_json writes any depth, recursing on this thread's stack: a few
+    // thousand levels overflow it, which aborts the process. Far deeper
+    // than it reads back is refused before; the decode below draws the
+    // exact line.
+    if record.data.values().any(|value| nests_deeper_than(value, WRITE_DEPTH_GUARD)) {
+        return Err(StoreError::Backend {
+            message: format!(
+                "encoding a session record: it would not decode back (nested deeper than {WRITE_DEPTH_GUARD} levels)"
+            )
+            .into(),
+            source: None,
+        });
+    }
     let stored = StoredRef { id: 0, data: &record.data, expiry_date: record.expiry_date };
     let value = serde_json::to_vec(&stored).map_err(|e| StoreError::backend("encoding a session record", e))?;
     serde_json::from_slice::<Stored>(&value)
         .map_err(|e| StoreError::backend("encoding a session record: it would not decode back", e))?;
     Ok(value)
+}
+
+/// Past this many levels of arrays and objects, a record's data is refused
+/// before it is serialized: well past the 128 serde_json reads back, well
+/// short of what overflows a thread's stack.
+const WRITE_DEPTH_GUARD: usize = 200;
+
+/// Whether `value` nests arrays and objects more than `levels` deep; its
+/// own recursion is at most `levels` deep.
+fn nests_deeper_than(value: &serde_json::Value, levels: usize) -> bool {
+    match value {
+        serde_json::Value::Array(items) => levels == 0 || items.iter().any(|item| nests_deeper_than(item, levels - 1)),
+        serde_json::Value::Object(map) => levels == 0 || map.values().any(|item| nests_deeper_than(item, levels - 1)),
+        serde_json::Value::Null
+        | serde_json::Value::Bool(_)
+        | serde_json::Value::Number(_)
+        | serde_json::Value::String(_) => false,
+    }
 }
 
 /// [`encode`], refused as an encoding error when the backend would not take
@@ -803,12 +874,18 @@ fn encode_within(record: &Record, limits: &KvLimits) -> StoreResult<Vec<u8>> {
 /// the rest as a backend error with our message.
 #[expect(clippy::needless_pass_by_value, reason = "called as `map_err(session_error)`")]
 fn session_error(error: StoreError) -> session_store::Error {
+    // Encoding and decoding errors are the caller's data, not the
+    // backend's: their text is theirs, without `StoreError`'s "backend error".
+    let text = |message: &str, source: &Option<dployr_domain::BoxError>| match source {
+        Some(source) => format!("{message}: {source}"),
+        None => message.to_owned(),
+    };
     match &error {
-        StoreError::Backend { message, .. } if message.starts_with("encoding") => {
-            session_store::Error::Encode(error.to_string())
+        StoreError::Backend { message, source } if message.starts_with("encoding") => {
+            session_store::Error::Encode(text(message, source))
         }
-        StoreError::Backend { message, .. } if message.starts_with("decoding") => {
-            session_store::Error::Decode(error.to_string())
+        StoreError::Backend { message, source } if message.starts_with("decoding") => {
+            session_store::Error::Decode(text(message, source))
         }
         _ => session_store::Error::Backend(error.to_string()),
     }
