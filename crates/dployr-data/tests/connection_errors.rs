@@ -200,16 +200,8 @@ fn a_refused_connection_is_unavailable_and_says_refused() {
 
 #[test]
 fn a_server_that_never_answers_is_unavailable_after_the_timeout_and_says_so() {
-    // Accepts the TCP connection and then says nothing, like a hung server.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let _held = std::thread::spawn(move || {
-        let mut open = Vec::new();
-        for stream in listener.incoming().take(4) {
-            open.push(stream);
-        }
-        std::thread::sleep(Duration::from_secs(10));
-    });
+    let silent = dployr_testkit::SilentServer::start().unwrap();
+    let port = silent.port();
     let timeout = Duration::from_millis(400);
     let url = format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/app");
     let started = Instant::now();

@@ -39,6 +39,7 @@ pub mod local;
 pub mod pgbouncer;
 pub mod private;
 pub mod replica;
+pub mod silent_server;
 pub mod spans;
 
 mod databases;
@@ -54,6 +55,7 @@ pub use local::Shutdown;
 pub use private::{Freeze, PrivateServer};
 pub use replica::ReplicatedServer;
 pub use server::{ServerKind, TestServer, server};
+pub use silent_server::SilentServer;
 
 use std::fmt;
 use std::path::PathBuf;
