@@ -55,9 +55,10 @@ pub enum MigrateError {
     /// end or nest it (`COMMIT`, `BEGIN`, ...): refused before it runs, since
     /// what came before it would stay committed and unrecorded.
     #[error(
-        "migration {name}/{file} holds a {statement} statement: it runs in the transaction that also records \
-         it, so remove the statement (or, for one statement that cannot run in a transaction, set \
-         run_in_transaction = false in its metadata.toml)"
+        "migration {name}/{file} holds {article} {statement} statement: it runs in the transaction that also \
+         records it, so remove the statement (or, for one statement that cannot run in a transaction, set \
+         run_in_transaction = false in its metadata.toml)",
+        article = article(statement)
     )]
     TransactionControl {
         /// The folder name of the migration.
@@ -66,6 +67,44 @@ pub enum MigrateError {
         file: &'static str,
         /// The statement's keywords (`COMMIT`, `START TRANSACTION`, ...).
         statement: &'static str,
+    },
+
+    /// A migration that runs outside a transaction (`run_in_transaction =
+    /// false`) is one statement, and that statement is transaction control:
+    /// a `BEGIN` would leave a transaction open that its bookkeeping then
+    /// joins and never commits; the others do nothing or fail. Refused
+    /// before it runs.
+    #[error(
+        "migration {name}/{file} is {article} {statement} statement: it runs outside a transaction, as one statement, \
+         where that opens a transaction nothing commits or does nothing; remove it",
+        article = article(statement)
+    )]
+    TransactionControlOutside {
+        /// The folder name of the migration.
+        name: String,
+        /// `up.sql` or `down.sql`.
+        file: &'static str,
+        /// The statement's keywords (`BEGIN`, `START TRANSACTION`, ...).
+        statement: &'static str,
+    },
+
+    /// A migration ended the transaction it runs in (a `COMMIT` or
+    /// `ROLLBACK` that the check before the run did not find): what it ran
+    /// before that may be committed, and it is not recorded. The run stops
+    /// at it.
+    #[error(
+        "migration {name}/{file} ended the transaction it runs in (a COMMIT or ROLLBACK in its text): what it \
+         ran before that may be committed, and it is not recorded; remove the statement, check the database by \
+         hand, then run again{}",
+        cause.as_ref().map(|cause| format!(" (then: {cause})")).unwrap_or_default()
+    )]
+    EndedItsTransaction {
+        /// The folder name of the migration.
+        name: String,
+        /// `up.sql` or `down.sql`.
+        file: &'static str,
+        /// The file's own error, when a statement after the end failed.
+        cause: Option<Box<MigrateError>>,
     },
 
     /// The migration database answers but takes no writes: a standby (in
@@ -169,6 +208,12 @@ pub enum MigrateError {
         #[source]
         source: diesel::result::Error,
     },
+}
+
+/// "an" before a statement's keywords that begin with a vowel (`END`,
+/// `ABORT`), "a" before the others.
+fn article(statement: &str) -> &'static str {
+    if statement.starts_with(['A', 'E', 'I', 'O', 'U']) { "an" } else { "a" }
 }
 
 impl From<diesel::result::Error> for MigrateError {

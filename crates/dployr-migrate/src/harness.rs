@@ -171,26 +171,16 @@ fn run_file(
         return Err(MigrateError::EmptyFile { name: migration.name().to_owned(), file });
     }
     let failed = |e| MigrateError::failed(migration.name(), file, sql, e);
-    if migration.run_in_transaction() {
-        if let Some(statement) = crate::transaction_control::first_transaction_control(sql) {
-            return Err(MigrateError::TransactionControl { name: migration.name().to_owned(), file, statement });
-        }
-        return conn.transaction(|conn| {
-            holds_the_migration_lock(conn)?;
-            let started = Instant::now();
-            conn.batch_execute(sql).map_err(failed)?;
-            // Constraints the file's data left deferred (the schema's
-            // one-owner guard is checked at commit) are checked now, so
-            // that a refusal is the file's error, naming it, and not the
-            // commit's after the bookkeeping.
-            conn.batch_execute("SET CONSTRAINTS ALL IMMEDIATE").map_err(failed)?;
-            let elapsed = started.elapsed();
-            // In the file's transaction: if it rolls back, so does every
-            // setting the file made, and the session is the runner's again.
-            end_the_files_settings(conn, session_settings)?;
-            bookkeeping(conn, elapsed)?;
-            Ok(elapsed)
+    if let Some(statement) = crate::transaction_control::first_transaction_control(sql) {
+        let name = migration.name().to_owned();
+        return Err(if migration.run_in_transaction() {
+            MigrateError::TransactionControl { name, file, statement }
+        } else {
+            MigrateError::TransactionControlOutside { name, file, statement }
         });
+    }
+    if migration.run_in_transaction() {
+        return run_in_a_transaction(conn, session_settings, migration, file, sql, bookkeeping);
     }
     // Outside a transaction the file goes through the extended protocol as
     // one prepared statement: PostgreSQL refuses a text with more than one
@@ -220,6 +210,91 @@ fn run_file(
     // The statement's own error first: it names the file and position.
     ran?;
     ended?;
+    bookkeeping(conn, elapsed)?;
+    Ok(elapsed)
+}
+
+/// Runs `sql` and its bookkeeping in one transaction
+/// ([`run_in_its_transaction`]), and answers with the error of the file
+/// when it failed, even when the rollback failed too.
+fn run_in_a_transaction(
+    conn: &mut PgConnection,
+    session_settings: &str,
+    migration: &MigrationFile,
+    file: &'static str,
+    sql: &str,
+    bookkeeping: impl FnOnce(&mut PgConnection, Duration) -> Result<(), MigrateError>,
+) -> Result<Duration, MigrateError> {
+    // What the transaction's work ended as, kept here: when the file ended
+    // the transaction itself, diesel's rollback fails (`NotInTransaction`)
+    // and diesel answers with that error in place of the work's.
+    let mut outcome = None;
+    let committed = conn.transaction(|conn| {
+        let ran = run_in_its_transaction(conn, session_settings, migration, file, sql, bookkeeping);
+        let failed = ran.is_err();
+        outcome = Some(ran);
+        if failed { Err(diesel::result::Error::RollbackTransaction) } else { Ok(()) }
+    });
+    match (outcome, committed) {
+        (Some(Ok(elapsed)), Ok(())) => Ok(elapsed),
+        (Some(Err(error)), _) => Err(error),
+        (Some(Ok(_)) | None, Err(source)) => {
+            Err(MigrateError::Database { context: "beginning or committing the migration's transaction", source })
+        }
+        (None, Ok(())) => Err(MigrateError::Database {
+            context: "beginning or committing the migration's transaction",
+            source: diesel::result::Error::NotInTransaction,
+        }),
+    }
+}
+
+/// The transactional part of [`run_file`]: the file, in the transaction
+/// the caller opened, then its bookkeeping. A savepoint taken before the
+/// file tells whether the transaction is still the runner's after it: the
+/// lexer's check refuses every `COMMIT` or `ROLLBACK` it finds, and this is
+/// what remains if one got past it (a file ending the transaction leaves
+/// no savepoint to release or roll back to): the run stops there, naming
+/// the file, before anything is recorded.
+fn run_in_its_transaction(
+    conn: &mut PgConnection,
+    session_settings: &str,
+    migration: &MigrationFile,
+    file: &'static str,
+    sql: &str,
+    bookkeeping: impl FnOnce(&mut PgConnection, Duration) -> Result<(), MigrateError>,
+) -> Result<Duration, MigrateError> {
+    const SAVEPOINT: &str = "dployr_migration_file";
+    holds_the_migration_lock(conn)?;
+    conn.batch_execute(&format!("SAVEPOINT {SAVEPOINT}"))
+        .map_err(|source| MigrateError::Database { context: "taking a savepoint before the migration", source })?;
+    let started = Instant::now();
+    let ended_its_transaction = |cause: Option<MigrateError>| MigrateError::EndedItsTransaction {
+        name: migration.name().to_owned(),
+        file,
+        cause: cause.map(Box::new),
+    };
+    if let Err(source) = conn.batch_execute(sql) {
+        let error = MigrateError::failed(migration.name(), file, sql, source);
+        // Rolled back to the savepoint: the file failed inside the
+        // transaction, which rolls back whole. No savepoint: the file ended
+        // the transaction before it failed.
+        return Err(match conn.batch_execute(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")) {
+            Err(_) if !error.is_connection_lost() => ended_its_transaction(Some(error)),
+            _ => error,
+        });
+    }
+    if conn.batch_execute(&format!("RELEASE SAVEPOINT {SAVEPOINT}")).is_err() {
+        return Err(ended_its_transaction(None));
+    }
+    // Constraints the file's data left deferred (the schema's one-owner
+    // guard is checked at commit) are checked now, so that a refusal is the
+    // file's error, naming it, and not the commit's after the bookkeeping.
+    conn.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+        .map_err(|source| MigrateError::failed(migration.name(), file, sql, source))?;
+    let elapsed = started.elapsed();
+    // In the file's transaction: if it rolls back, so does every setting
+    // the file made, and the session is the runner's again.
+    end_the_files_settings(conn, session_settings)?;
     bookkeeping(conn, elapsed)?;
     Ok(elapsed)
 }
@@ -255,9 +330,11 @@ fn holds_the_migration_lock(conn: &mut PgConnection) -> Result<(), MigrateError>
 /// = replica`, ...) would otherwise run the bookkeeping, with its
 /// unqualified `_migrations`, and every later migration of the run with
 /// no lock timeout, or with triggers and foreign keys off. `RESET ALL`
-/// leaves the session's user and role, hence the two other `RESET`s.
+/// leaves the session's user and role, hence the two other `RESET`s. And
+/// `DISCARD TEMP` drops the file's temporary tables, which would otherwise
+/// stand in the way of (or in for) a later file's tables of that name.
 fn end_the_files_settings(conn: &mut PgConnection, session_settings: &str) -> Result<(), MigrateError> {
-    conn.batch_execute(&format!("RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE; {session_settings}"))
+    conn.batch_execute(&format!("RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE; DISCARD TEMP; {session_settings}"))
         .map_err(|source| MigrateError::Database { context: "ending the migration's session settings", source })
 }
 
@@ -290,7 +367,70 @@ fn record(conn: &mut PgConnection, migration: &MigrationFile, elapsed: Duration)
 
 #[cfg(test)]
 mod tests {
-    use super::{builds_concurrently, holds_a_statement};
+    use std::cell::Cell;
+
+    use diesel::connection::SimpleConnection as _;
+    use diesel::prelude::*;
+
+    use super::{builds_concurrently, holds_a_statement, run_in_a_transaction};
+    use crate::{MigrateError, MigrationRunner, MigrationSet};
+
+    /// Runs `sql` as a migration's transactional part the way `run_file`
+    /// does after its check of the text, which this skips: what the
+    /// runner does when a `COMMIT` gets past that check. Returns the answer,
+    /// whether the bookkeeping ran, and whether table `b` exists after.
+    fn run_unchecked(sql: &str) -> (Result<std::time::Duration, MigrateError>, bool, bool) {
+        let db = dployr_testkit::empty_database();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("001_b")).unwrap();
+        std::fs::write(dir.path().join("001_b/up.sql"), sql).unwrap();
+        let set = MigrationSet::from_dir(dir.path()).unwrap();
+        let migration = set.get("001").unwrap();
+        let mut conn = db.connect();
+        conn.batch_execute(&format!("SELECT pg_advisory_lock({})", MigrationRunner::LOCK_KEY)).unwrap();
+        let recorded = Cell::new(false);
+        let answer = run_in_a_transaction(&mut conn, "SET TIME ZONE 'UTC'", migration, "up.sql", sql, |_, _| {
+            recorded.set(true);
+            Ok(())
+        });
+        let b_exists = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>("to_regclass('b') IS NOT NULL"))
+            .get_result(&mut conn)
+            .unwrap();
+        (answer, recorded.get(), b_exists)
+    }
+
+    #[test]
+    fn a_file_that_ends_its_transaction_unseen_is_named_and_not_recorded() {
+        // A statement failing after the COMMIT: its error is kept as the
+        // cause (diesel's failed rollback used to replace it).
+        let (answer, recorded, b_exists) = run_unchecked("CREATE TABLE b (id int);\nCOMMIT;\nSELECT 1/0;");
+        match answer {
+            Err(MigrateError::EndedItsTransaction { ref name, file: "up.sql", cause: Some(ref cause) }) => {
+                assert_eq!(name, "001_b");
+                assert!(cause.to_string().contains("division by zero"), "{cause}");
+            }
+            other => panic!("expected EndedItsTransaction with the file's error, got {other:?}"),
+        }
+        assert!(!recorded && b_exists, "what ran before the COMMIT stays; nothing is recorded");
+        // Nothing failing after it: still refused, before the bookkeeping.
+        let (answer, recorded, _) = run_unchecked("CREATE TABLE b (id int);\nCOMMIT;\nCREATE TABLE c (id int);");
+        assert!(matches!(answer, Err(MigrateError::EndedItsTransaction { cause: None, .. })), "{answer:?}");
+        assert!(!recorded);
+        // Ended and begun again: the savepoint is gone all the same.
+        let (answer, recorded, _) =
+            run_unchecked("CREATE TABLE b (id int);\nCOMMIT;\nBEGIN;\nCREATE TABLE c (id int);");
+        assert!(matches!(answer, Err(MigrateError::EndedItsTransaction { cause: None, .. })), "{answer:?}");
+        assert!(!recorded);
+    }
+
+    #[test]
+    fn a_file_failing_inside_its_transaction_is_its_own_error_and_leaves_nothing() {
+        let (answer, recorded, b_exists) = run_unchecked("CREATE TABLE b (id int);\nSELECT 1/0;");
+        assert!(matches!(answer, Err(MigrateError::MigrationFailed(_))), "{answer:?}");
+        assert!(!recorded && !b_exists);
+        let (answer, recorded, b_exists) = run_unchecked("CREATE TABLE b (id int);");
+        assert!(answer.is_ok() && recorded && b_exists, "{answer:?}");
+    }
 
     #[test]
     fn only_a_statement_that_names_concurrently_builds_concurrently() {

@@ -500,14 +500,18 @@ impl MigrationRunner {
     /// - what diesel sets when it opens a connection, which the `RESET ALL`
     ///   after a file undoes: the UTF-8 client encoding its text is sent
     ///   and read in (a database's own may be another), and time zone UTC,
-    ///   so that every file of a run sees the same.
+    ///   so that every file of a run sees the same;
+    /// - `standard_conforming_strings = on` (PostgreSQL's default, which a
+    ///   database, role or URL may turn off): the runner reads a file's
+    ///   strings so before running it (`'\'` is a whole string), and with it
+    ///   off PostgreSQL would read past where the runner's check stopped.
     fn session_settings(&self) -> String {
         format!(
             "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
              SET lock_timeout = {}; SET statement_timeout = 0; \
              DO $$ BEGIN SET idle_session_timeout = 0; EXCEPTION WHEN undefined_object THEN NULL; END $$; \
              DO $$ BEGIN SET transaction_timeout = 0; EXCEPTION WHEN undefined_object THEN NULL; END $$; \
-             SET CLIENT_ENCODING TO 'UTF8'; SET TIME ZONE 'UTC'",
+             SET CLIENT_ENCODING TO 'UTF8'; SET TIME ZONE 'UTC'; SET standard_conforming_strings = on",
             self.table_lock_timeout.as_millis()
         )
     }

@@ -175,6 +175,13 @@ impl MigrationSet {
             let folder = path.join(name);
             let read = |file: &str| std::fs::read_to_string(folder.join(file));
             let up = read("up.sql").map_err(|e| MigrateError::Source(format!("{name}/up.sql: {e}")))?;
+            match read("metadata.toml") {
+                Ok(text) => {
+                    check_metadata(&text).map_err(|e| MigrateError::Source(format!("{name}/metadata.toml: {e}")))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(MigrateError::Source(format!("{name}/metadata.toml: {e}"))),
+            }
             let down = match read("down.sql") {
                 Ok(text) => Some(text),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -254,6 +261,24 @@ impl std::fmt::Display for MigrationFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name)
     }
+}
+
+/// What a migration's `metadata.toml` may say: diesel_migrations reads it
+/// leniently (a file it cannot parse, `run_in_transaction = False`, or a
+/// misspelt key is taken as no metadata, and the file silently runs in a
+/// transaction), so the runner reads it again and refuses what diesel
+/// would ignore.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    run_in_transaction: Option<bool>,
+}
+
+/// The `run_in_transaction` of a `metadata.toml` (diesel_migrations gives
+/// the runner the same); refuses one that is not TOML, or holds anything
+/// but that boolean.
+fn check_metadata(text: &str) -> Result<Option<bool>, toml::de::Error> {
+    toml::from_str::<Metadata>(text).map(|metadata| metadata.run_in_transaction)
 }
 
 #[cfg(test)]

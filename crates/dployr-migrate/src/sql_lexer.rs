@@ -4,8 +4,13 @@
 //!
 //! What it skips: `--` comments to the end of a line, `/* */` comments
 //! (they nest in PostgreSQL), `'...'` strings (`''` is a quote; in
-//! `E'...'` so is `\'`), `"..."` identifiers (`""` is a quote) and
-//! `$tag$ ... $tag$` bodies. Everything the runner decides about a file's
+//! `E'...'` so is `\'`, also in the parts of an `E'...'` string continued
+//! on the next line, as PostgreSQL joins them), `"..."` identifiers (`""`
+//! is a quote) and `$tag$ ... $tag$` bodies. Strings are read as
+//! `standard_conforming_strings = on` has them, which the runner sets for
+//! its session (with it off, `'\'` would not end where this lexer ends it).
+//! A vertical tab is whitespace, as PostgreSQL 16 and later read it (15
+//! refuses it). Everything the runner decides about a file's
 //! text (does it hold a statement, does it build an index concurrently,
 //! does it end its own transaction) is decided over these tokens, so a
 //! keyword in a comment or a string never counts, and a `/*` in a string
@@ -18,6 +23,10 @@ pub(crate) enum Token<'a> {
     Word(&'a str),
     /// A `;`, the end of a statement at the top level.
     Semicolon,
+    /// A `(`.
+    OpenParen,
+    /// A `)`.
+    CloseParen,
     /// Anything else: a string, a quoted identifier, a dollar-quoted body,
     /// a number, a parameter (`$1`), an operator or punctuation.
     Other,
@@ -53,11 +62,13 @@ impl<'a> Iterator for Tokens<'a> {
                     self.at = skip_block_comment(bytes, start);
                     continue;
                 }
-                c if c.is_ascii_whitespace() => {
+                c if c.is_ascii_whitespace() || c == VERTICAL_TAB => {
                     self.at = start + 1;
                     continue;
                 }
                 b';' => (start + 1, Token::Semicolon),
+                b'(' => (start + 1, Token::OpenParen),
+                b')' => (start + 1, Token::CloseParen),
                 b'\'' => (skip_string(bytes, start, false), Token::Other),
                 b'"' => (skip_quoted_identifier(bytes, start), Token::Other),
                 // `$1` (a parameter) when no dollar quote opens here.
@@ -80,6 +91,9 @@ impl<'a> Iterator for Tokens<'a> {
         }
     }
 }
+
+/// Whitespace to PostgreSQL 16 and later, not to `is_ascii_whitespace`.
+const VERTICAL_TAB: u8 = 0x0b;
 
 /// Past the word (or number) whose first byte is at `at`: letters, digits,
 /// `_`, `$` and every byte of a non-ASCII character.
@@ -111,18 +125,48 @@ fn skip_block_comment(bytes: &[u8], at: usize) -> usize {
 }
 
 /// Past a `'...'` string starting at `at` (`''` is a quote; with
-/// `escapes`, as in `E'...'`, so is `\'`).
+/// `escapes`, as in `E'...'`, so is `\'`), and past the parts it is
+/// continued with: PostgreSQL joins `'a'` and a `'b'` that follows it after
+/// whitespace holding a line break (and `--` comments) into one string,
+/// read as the first part is (in `E'a'\n'\''` the second part's `\'` is
+/// a quote, not its end).
 fn skip_string(bytes: &[u8], at: usize, escapes: bool) -> usize {
     let mut i = at + 1;
     while i < bytes.len() {
         match bytes[i] {
             b'\\' if escapes => i += 2,
             b'\'' if bytes.get(i + 1) == Some(&b'\'') => i += 2,
-            b'\'' => return i + 1,
+            b'\'' => match continued_at(bytes, i + 1) {
+                Some(quote) => i = quote + 1,
+                None => return i + 1,
+            },
             _ => i += 1,
         }
     }
     bytes.len()
+}
+
+/// Where the string that ended just before `at` goes on: the opening quote
+/// of a next part, if only whitespace and `--` comments holding at least one
+/// line break come before it (PostgreSQL's `quotecontinue`).
+fn continued_at(bytes: &[u8], mut at: usize) -> Option<usize> {
+    let mut line_break = false;
+    loop {
+        match *bytes.get(at)? {
+            b' ' | b'\t' | 0x0c | VERTICAL_TAB => at += 1,
+            b'\n' | b'\r' => {
+                line_break = true;
+                at += 1;
+            }
+            b'-' if bytes.get(at + 1) == Some(&b'-') => {
+                while at < bytes.len() && !matches!(bytes[at], b'\n' | b'\r') {
+                    at += 1;
+                }
+            }
+            b'\'' if line_break => return Some(at),
+            _ => return None,
+        }
+    }
 }
 
 /// Past a `"..."` identifier starting at `at` (`""` is a quote).
@@ -183,6 +227,28 @@ mod tests {
             tokens("a; 'x';$1 /* ; */").collect::<Vec<_>>(),
             [Token::Word("a"), Token::Semicolon, Token::Other, Token::Semicolon, Token::Other]
         );
+        assert_eq!(
+            tokens("f(x)").collect::<Vec<_>>(),
+            [Token::Word("f"), Token::OpenParen, Token::Word("x"), Token::CloseParen]
+        );
+    }
+
+    #[test]
+    fn an_escape_string_continued_on_the_next_line_keeps_its_escapes() {
+        // PostgreSQL reads `E'x'` + line break + `'\'; SELECT '` as one
+        // string: the `\'` of the second part is a quote.
+        assert_eq!(words("SELECT E'x'\n'\\'; COMMIT; '\n;"), ["SELECT"]);
+        assert_eq!(words("SELECT E'x' -- note\n  -- more\n\t'\\'; COMMIT; ' AS y"), ["SELECT", "AS", "y"]);
+        // No line break between them: two strings, the second a standard
+        // one (PostgreSQL refuses the text).
+        assert_eq!(words("SELECT E'x' '\\'; COMMIT; '"), ["SELECT", "COMMIT"]);
+        // A standard string continued is still a standard one.
+        assert_eq!(words("SELECT 'x'\n'\\'; COMMIT; --'"), ["SELECT", "COMMIT"]);
+    }
+
+    #[test]
+    fn a_vertical_tab_is_whitespace() {
+        assert_eq!(words(";\x0bCOMMIT;"), ["COMMIT"]);
     }
 
     #[test]

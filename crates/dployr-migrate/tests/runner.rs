@@ -678,6 +678,136 @@ fn a_migration_that_would_end_its_own_transaction_is_refused_by_name_before_it_r
     assert!(!table_exists(&mut conn, "b"), "nothing of the refused file ran");
 }
 
+/// Ways a `COMMIT` slipped past the check of the text (an `E''` string
+/// continued on the next line; `AS case` inside a SQL-standard function
+/// body; a database with `standard_conforming_strings` off): each committed
+/// the first half of its file unrecorded, and answered with diesel's failed
+/// rollback ("migration bookkeeping"), naming no file. The first two are
+/// refused by name now, before anything of them runs; the runner's session
+/// reads strings as the check does, so in the third the `COMMIT` is inside
+/// a string, for PostgreSQL too, and the file applies whole.
+#[test]
+fn a_commit_hidden_from_a_naive_reading_is_still_refused_by_name_before_anything_runs() {
+    for (label, up, scs_off) in [
+        (
+            "an E'' string continued",
+            "CREATE TABLE b (id int);\nSELECT E'x'\n'\\'; SELECT ';\nCOMMIT;\nSELECT 1/0;\n-- '\n",
+            false,
+        ),
+        (
+            "standard_conforming_strings off",
+            "CREATE TABLE b (id int);\nSELECT 'x\\'; SELECT ';\nCOMMIT;\nSELECT 1/0;\n-- '\n",
+            true,
+        ),
+        (
+            "AS case in a body",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 AS case; END;\n\
+             CREATE TABLE b (id int);\nCOMMIT;\nSELECT 1/0;\n",
+            false,
+        ),
+    ] {
+        let db = empty_database();
+        if scs_off {
+            db.connect()
+                .batch_execute(
+                    "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET standard_conforming_strings = off', \
+                     current_database()); END $$",
+                )
+                .unwrap();
+        }
+        let (_dir, set) = set_of(&[folder("001_b", up)]);
+        match run(&db, &set) {
+            Ok(applied) if scs_off => {
+                assert_eq!(applied, ["001_b"]);
+                let mut conn = db.connect();
+                assert_eq!(recorded(&mut conn), ["001_b"], "{label}");
+                assert!(table_exists(&mut conn, "b"), "{label}");
+                continue;
+            }
+            Err(error @ MigrateError::TransactionControl { .. }) if !scs_off => {
+                let text = error.to_string();
+                assert!(text.contains("001_b/up.sql") && text.contains("COMMIT"), "{label}: {text}");
+            }
+            other => panic!("{label}: expected the file to be refused by name, got {other:?}"),
+        }
+        let mut conn = db.connect();
+        assert!(recorded(&mut conn).is_empty(), "{label}");
+        assert!(!table_exists(&mut conn, "b"), "{label}: nothing of the refused file ran");
+    }
+}
+
+/// A file PostgreSQL takes whole, whose `AS end` inside a SQL-standard
+/// function body was read as the body's end (and its real end as a
+/// top-level `END`): it applies.
+#[test]
+fn labels_named_end_or_case_inside_a_function_body_are_not_transaction_control() {
+    let db = empty_database();
+    let up = "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 AS end; SELECT 2 AS case; END;\n\
+              CREATE TABLE b (id int);";
+    let (_dir, set) = set_of(&[folder("001_b", up)]);
+    assert_eq!(run(&db, &set).unwrap(), ["001_b"]);
+    assert!(table_exists(&mut db.connect(), "b"));
+}
+
+/// A file outside a transaction is one statement; a lone `BEGIN` there left
+/// a transaction open that its bookkeeping joined and nobody committed:
+/// reported applied, never recorded. Refused by name, unrun.
+#[test]
+fn a_transaction_statement_outside_a_transaction_is_refused_by_name() {
+    let db = empty_database();
+    let outside = Some("run_in_transaction = false\n");
+    for up in ["BEGIN", "start transaction isolation level serializable", "COMMIT"] {
+        let (_dir, set) = set_of(&[
+            folder("001_a", "CREATE TABLE a (id int);"),
+            Folder { metadata: outside, ..folder("002_tx", up) },
+        ]);
+        match run(&db, &set) {
+            Err(error @ MigrateError::TransactionControlOutside { .. }) => {
+                assert!(error.to_string().contains("002_tx/up.sql"), "{error}");
+            }
+            other => panic!("{up}: expected the file to be refused by name, got {other:?}"),
+        }
+        assert_eq!(recorded(&mut db.connect()), ["001_a"], "{up}");
+    }
+}
+
+/// One file's temporary table ends with the file, as its settings do: two
+/// files that each run alone run one after the other.
+#[test]
+fn a_files_temporary_tables_end_with_it() {
+    let db = empty_database();
+    let (_dir, set) = set_of(&[
+        folder("001_a", "CREATE TABLE a (id int); CREATE TEMP TABLE scratch AS SELECT 1 AS id;"),
+        folder("002_b", "CREATE TEMP TABLE scratch AS SELECT 2 AS id; CREATE TABLE b (id int);"),
+    ]);
+    assert_eq!(run(&db, &set).unwrap(), ["001_a", "002_b"]);
+}
+
+/// diesel_migrations takes a `metadata.toml` it cannot read for none, and
+/// the file then runs in a transaction: a typo is refused by name instead.
+#[test]
+fn a_metadata_file_that_is_not_what_the_runner_reads_is_refused_by_name() {
+    for metadata in ["run_in_transaction = False\n", "run_in_transactoin = false\n", "run_in_transaction = \"no\"\n"] {
+        let dir = tempfile::tempdir().unwrap();
+        write_folders(
+            dir.path(),
+            &[Folder { metadata: Some(metadata), ..folder("001_a", "CREATE INDEX CONCURRENTLY i ON t (x)") }],
+        );
+        match MigrationSet::from_dir(dir.path()) {
+            Err(error @ MigrateError::Source(_)) => {
+                assert!(error.to_string().contains("001_a/metadata.toml"), "{metadata}: {error}");
+            }
+            other => panic!("{metadata}: expected the folder to be refused, got {other:?}"),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_folders(
+        dir.path(),
+        &[Folder { metadata: Some("run_in_transaction = false\n"), ..folder("001_a", "VACUUM") }],
+    );
+    assert!(!MigrationSet::from_dir(dir.path()).unwrap().get("001").unwrap().run_in_transaction());
+}
+
 /// A file saved with a UTF-8 byte-order mark applies, and its checksum is
 /// the file's without it (adding or removing one is no edit).
 #[test]
