@@ -2,9 +2,10 @@
 //! them: `003_email_identity` (stored addresses brought to `Email`'s rule,
 //! refused, naming the ids, when two rows would become one address or a
 //! domain needs IDNA, and the SQL rule checked against the Rust one on a
-//! corpus) and `011_blank_pictures_and_spent_tokens` (blank pictures become
+//! corpus), `011_blank_pictures_and_spent_tokens` (blank pictures become
 //! none, in the memberships' copies too, and a copy blanked by hand takes
-//! its user's picture again).
+//! its user's picture again) and `016_first_sign_in` (accounts that show
+//! a sign-in are marked as signed in, invitees are not).
 
 #![cfg(test)]
 
@@ -222,4 +223,69 @@ fn blank_pictures_stored_before_011_become_none_and_blank_copies_take_the_users_
     let expected = vec![None, None, Some("https://img.example/c.png".to_owned())];
     assert_eq!(pictures("SELECT picture FROM users ORDER BY id"), expected);
     assert_eq!(pictures("SELECT picture FROM user_clusters ORDER BY user_id"), expected);
+}
+
+/// `016_first_sign_in` marks as signed in the accounts that show they did
+/// (another provider; an e-mail account owning a cluster or holding a role
+/// other than invited), keeps their `updated_at`, and leaves the e-mail
+/// accounts that only hold invitations as invitees, which a removal from
+/// their last cluster forgets as before.
+#[test]
+fn accounts_from_before_016_that_show_a_sign_in_are_marked_and_invitees_are_not() {
+    let db = empty_database();
+    let (_dir, set) = migrations_before("016");
+    run(&db, set).unwrap();
+    let mut conn = db.connect();
+    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        diesel::sql_query(
+            "INSERT INTO users (id, email, name, provider, created_at, updated_at) VALUES
+                 ('01J00000000000000000000001', 'owner@example.io', 'O', 'email', '2024-01-01Z', '2024-02-01Z'),
+                 ('01J00000000000000000000002', 'viewer@example.io', 'V', 'email', '2024-01-02Z', '2024-02-02Z'),
+                 ('01J00000000000000000000003', 'guest@example.io', 'G', 'email', '2024-01-03Z', '2024-02-03Z'),
+                 ('01J00000000000000000000004', 'oauth@example.io', 'A', 'github', '2024-01-04Z', '2024-02-04Z'),
+                 ('01J00000000000000000000005', 'alone@example.io', 'L', 'email', '2024-01-05Z', '2024-02-05Z')",
+        )
+        .execute(conn)?;
+        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')")
+            .execute(conn)?;
+        diesel::sql_query(
+            "INSERT INTO user_clusters (user_id, cluster_id, role) VALUES
+                 ('01J00000000000000000000001', '01J00000000000000000000009', 'owner'),
+                 ('01J00000000000000000000002', '01J00000000000000000000009', 'viewer'),
+                 ('01J00000000000000000000003', '01J00000000000000000000009', 'invited')",
+        )
+        .execute(conn)
+    })
+    .unwrap();
+    let applied =
+        run(&db, MigrationSet::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")).unwrap()).unwrap();
+    assert!(applied.iter().any(|name| name.starts_with("016")), "{applied:?}");
+    let rows: Vec<(String, Option<String>, String)> = diesel::dsl::sql::<(Text, Nullable<Text>, Text)>(
+        "SELECT email, to_char(first_signed_in_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'), \
+         to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') FROM users ORDER BY id",
+    )
+    .load(&mut conn)
+    .unwrap();
+    let day = |d: &str| Some(d.to_owned());
+    assert_eq!(
+        rows,
+        [
+            ("owner@example.io".to_owned(), day("2024-01-01"), "2024-02-01".to_owned()),
+            ("viewer@example.io".to_owned(), day("2024-01-02"), "2024-02-02".to_owned()),
+            ("guest@example.io".to_owned(), None, "2024-02-03".to_owned()),
+            ("oauth@example.io".to_owned(), day("2024-01-04"), "2024-02-04".to_owned()),
+            ("alone@example.io".to_owned(), None, "2024-02-05".to_owned()),
+        ]
+    );
+    // Set once: not back to NULL, nor to another time, by hand.
+    for sql in [
+        "UPDATE users SET first_signed_in_at = NULL WHERE email = 'viewer@example.io'",
+        "UPDATE users SET first_signed_in_at = now() WHERE email = 'viewer@example.io'",
+    ] {
+        let error = diesel::sql_query(sql).execute(&mut conn).unwrap_err().to_string();
+        assert!(error.contains("is set once"), "{sql}: {error}");
+    }
+    diesel::sql_query("UPDATE users SET first_signed_in_at = now() WHERE email = 'guest@example.io'")
+        .execute(&mut conn)
+        .unwrap();
 }

@@ -470,10 +470,10 @@ impl DataLayer {
 
     /// Removes members from a cluster as
     /// [`ClusterStore::remove_users`](dployr_domain::ClusterStore::remove_users)
-    /// does, and signs out everywhere the accounts that call deletes (e-mail
-    /// invitees it removed that are left in no cluster: one who signed in by
-    /// one-time code has a session naming an account that is gone). Returns
-    /// how many sessions were ended.
+    /// does, and signs out everywhere the accounts that call deletes
+    /// (invitees it removed that never signed in and are left in no
+    /// cluster: a session made for one without `users.upsert` would name an
+    /// account that is gone). Returns how many sessions were ended.
     ///
     /// Two steps, as [`delete_user`](Self::delete_user): the removal, then
     /// the sign-out of every listed account that no longer exists (one

@@ -166,9 +166,11 @@ pub trait ClusterStore: Send + Sync {
     fn add_users(&self, cluster: &ClusterId, emails: &[Email]) -> StoreResult<Vec<Member>>;
 
     /// Removes these members (ids of users who are not members are
-    /// ignored); those it removed who have provider `email` (invitees who
-    /// never signed in) and are left in no cluster are deleted. An account
-    /// that was not a member of this cluster is never deleted by it. A
+    /// ignored); those it removed that an invitation made and that never
+    /// signed in (provider `email`, no `users.upsert` since) and are left in
+    /// no cluster are deleted. An account that signed in (by one-time code
+    /// too, whose provider is also `email`) is never deleted by it, nor one
+    /// that was not a member of this cluster. A
     /// deleted invitee's sessions are not this store's: `dployr-data`'s
     /// `DataLayer::remove_users` ends them too.
     ///

@@ -87,7 +87,9 @@ pub enum Provider {
     Github,
     /// Microsoft OAuth.
     Microsoft,
-    /// E-mail one-time code; also the provider of invitees who never signed in.
+    /// E-mail one-time code; also the provider of invitees who never signed
+    /// in (told apart by whether the account signed in since, which
+    /// `ClusterStore::remove_users` asks before deleting one).
     Email,
 }
 

@@ -276,6 +276,11 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "user_clusters_profile_is_a_copy" => {
             Check { field: "member", reason: "a membership's name and picture are copies of its user's" }
         }
+        // Only hand-written SQL can meet this (016_first_sign_in): the
+        // stores set first_signed_in_at once.
+        "users_first_signed_in_at_set_once" => {
+            Check { field: "first_signed_in_at", reason: "an account's first sign-in is set once" }
+        }
         _ => return None,
     })
 }

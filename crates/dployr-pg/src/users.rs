@@ -15,7 +15,7 @@ use crate::errors::Failure;
 use crate::parsed::{Parsed, Timestamp};
 use crate::routes::Read;
 use crate::schema::{clusters, user_clusters, users};
-use crate::sql::{coalesce, coalesce_nullable, nullif};
+use crate::sql::{coalesce, coalesce_nullable, coalesce_time, greatest, nullif};
 
 /// A `users` row as selected.
 #[derive(Queryable, Selectable)]
@@ -136,6 +136,7 @@ impl UserStore for PgUserStore {
                     users::picture.eq(picture),
                     users::provider.eq(user.provider.as_str()),
                     users::metadata.eq(&merge),
+                    users::first_signed_in_at.eq(diesel::dsl::now),
                 ))
                 .on_conflict(users::email)
                 .do_update()
@@ -145,6 +146,12 @@ impl UserStore for PgUserStore {
                     users::picture.eq(coalesce_nullable(picture, users::picture)),
                     users::provider.eq(excluded(users::provider)),
                     users::metadata.eq(users::metadata.concat(&merge)),
+                    // The first sign-in of an account an invitation made: it
+                    // is no longer one `clusters.remove_users` may delete
+                    // (`016_first_sign_in`). Never before its creation,
+                    // whatever this transaction's start time was.
+                    users::first_signed_in_at
+                        .eq(coalesce_time(users::first_signed_in_at, greatest(diesel::dsl::now, users::created_at))),
                 ))
                 .returning(UserRow::as_returning())
                 .get_result(conn)?;

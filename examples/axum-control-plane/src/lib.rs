@@ -354,8 +354,8 @@ type Answer = Result<Json<Value>, ApiError>;
 /// The signed-in user, as an extractor (handlers and middleware): 401
 /// when the session names no user, or a user who no longer exists. That
 /// session is then ended (deleted, its cookie cleared): an account deleted
-/// by any means (`UserStore::delete`, an invitee removed from their last
-/// cluster) leaves no session that half works, answered 401 by one route,
+/// by any means (`UserStore::delete`, an account an invitation made and
+/// that never signed in, removed from its last cluster) leaves no session that half works, answered 401 by one route,
 /// 404 by another and 200 by a third. The price is one read of the user per
 /// request that needs one; a session that merely named the id would be
 /// free, but would hold on to an account that is gone.

@@ -452,6 +452,12 @@ impl ClusterStore for PgClusterStore {
             let invitees: Vec<String> = users::table
                 .filter(users::id.eq_any(&ids))
                 .filter(users::provider.eq(Provider::Email.as_str()))
+                // Made by an invitation and never signed in: an account
+                // signed in by one-time code has provider `email` too
+                // (`016_first_sign_in`). Read again on the row's latest
+                // version after a wait for its lock, so a sign-in that
+                // committed meanwhile keeps its account.
+                .filter(users::first_signed_in_at.is_null())
                 .filter(diesel::dsl::exists(
                     user_clusters::table
                         .filter(user_clusters::cluster_id.eq(&cluster))

@@ -310,6 +310,31 @@ fn remove_users_forgets_only_invitees_it_removed_from_this_cluster_never_an_acco
     assert_eq!(f.users.get(&ours).unwrap(), None, "this cluster's invitee, left in no cluster, is forgotten");
 }
 
+/// A person signed in by e-mail one-time code has provider `email`, as an
+/// invitee has: removed from their last cluster, they lost the account
+/// itself (id, profile, metadata). Only an account an invitation made and
+/// that never signed in is forgotten; one that signed in after the
+/// invitation (an invitee accepting, or not) is kept.
+#[test]
+fn remove_users_keeps_an_email_account_that_signed_in_and_forgets_one_that_never_did() {
+    let f = Fixture::new();
+    let (id, _) = cluster_with(&f, &[]);
+    // Signed in first, then invited and accepted.
+    let member = f.users.upsert(NewUser::new(email("otp@example.io"), Provider::Email)).unwrap().id;
+    f.clusters.add_users(&id, &[email("otp@example.io")]).unwrap();
+    f.clusters.accept_invite(&member, &id).unwrap();
+    // Invited first, then signed in by code, invitation still pending.
+    let guest = f.clusters.add_users(&id, &[email("later@example.io")]).unwrap()[0].user_id;
+    let signed_in = f.users.upsert(NewUser::new(email("later@example.io"), Provider::Email)).unwrap();
+    assert_eq!(signed_in.id, guest, "the invitation's account is the one that signs in");
+    let never = f.clusters.add_users(&id, &[email("never@example.io")]).unwrap()[0].user_id;
+    f.clusters.remove_users(&id, &[member, guest, never]).unwrap();
+    assert!(f.users.get(&member).unwrap().is_some(), "signed in and accepted: the account stays");
+    assert!(f.users.get(&guest).unwrap().is_some(), "signed in, invitation pending: the account stays");
+    assert_eq!(f.users.get(&never).unwrap(), None, "never signed in: forgotten");
+    assert_eq!(f.clusters.role_of(&member, &id).unwrap(), None);
+}
+
 #[test]
 fn remove_users_including_the_owner_is_a_conflict_and_removes_nobody() {
     let f = Fixture::new();
