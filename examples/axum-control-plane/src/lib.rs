@@ -11,7 +11,7 @@
 //! | `GET /me` | who is signed in |
 //! | `POST /clusters` | the caller's cluster (created on first call) |
 //! | `POST /clusters/{id}/members` `{"emails"}` | invites at most [`MAX_INVITES_PER_REQUEST`] addresses; only for developers and above (middleware calling `can_write`); answers each address with its role, never the profile of an account it names |
-//! | `GET /clusters/{id}/members?limit=&cursor=` | members, one page at a time, with the cursor of the next page |
+//! | `GET /clusters/{id}/members?limit=&cursor=` | members, one page at a time, with the cursor of the next page; `limit` (default 20) is brought within 1 to 100 (`Page::first`); one that is not a whole number of 0 to 4294967295 is a 400 |
 //! | `GET /invites`, `POST /invites/{id}/accept` | the caller's invitations, and accepting one (as viewer) |
 //! | `POST /oauth/start` `{"redirect"}`, `GET /oauth/callback?state=` | an OAuth state made and checked once; the redirect is a path of this site of at most [`MAX_REDIRECT_BYTES`] |
 //! | `POST /sign-out` | ends this session |
@@ -43,14 +43,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dployr_data::{
-    AsyncDataLayer, ClusterId, Cursor, Email, NewUser, OAuthState, OtpCode, Page, Provider, StoreError, User, UserId,
+    AsyncDataLayer, ClusterId, Cursor, Email, KvStoreConfig, NewUser, OAuthState, OtpCode, Page, Provider, StoreError,
+    User, UserId,
 };
 use dployr_tower_sessions::KvSessionStore;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use tower_sessions::cookie::SameSite;
-use tower_sessions::{Session, SessionManagerLayer, session, session_store};
+use tower_sessions::{Expiry, Session, SessionManagerLayer, session, session_store};
 
 /// The session field that names the signed-in user; the session store
 /// indexes sessions by it, which is what signing out everywhere uses.
@@ -66,6 +67,36 @@ struct App {
     data: AsyncDataLayer,
     sessions: KvSessionStore,
     send_code: CodeSink,
+    lifetimes: SessionLifetimes,
+}
+
+/// How long the example's sessions live after their last request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLifetimes {
+    /// Every session, a signed-in one in particular: the data layer's
+    /// session lifetime (`DPLOYR_SESSION_TTL_SECS`, 7 days by default).
+    pub signed_in: Duration,
+    /// A session that `POST /oauth/start` made for a browser not signed in,
+    /// which holds only the pending state: the state's own lifetime
+    /// (`DPLOYR_STATE_TTL_SECS`, 10 minutes), so that anonymous starts leave
+    /// no record behind for days.
+    pub anonymous: Duration,
+}
+
+impl SessionLifetimes {
+    /// The lifetimes of the data layer's key-value settings.
+    pub fn of(config: &KvStoreConfig) -> Self {
+        Self { signed_in: config.session_ttl, anonymous: config.state_ttl }
+    }
+}
+
+/// `lifetime` as tower-sessions' inactivity expiry (a lifetime past what
+/// its time type holds is its longest).
+fn on_inactivity(lifetime: Duration) -> Expiry {
+    Expiry::OnInactivity(
+        tower_sessions::cookie::time::Duration::try_from(lifetime)
+            .unwrap_or(tower_sessions::cookie::time::Duration::MAX),
+    )
 }
 
 /// The session store for `data`: tower-sessions records on the data
@@ -118,9 +149,18 @@ impl CookieTransport {
 }
 
 /// The control plane's routes, with their session layer; the session
-/// cookie is sent over the connections `cookie` says.
-pub fn router(data: AsyncDataLayer, sessions: KvSessionStore, send_code: CodeSink, cookie: CookieTransport) -> Router {
+/// cookie is sent over the connections `cookie` says, and a session lives
+/// as long as `lifetimes` says after its last request (tower-sessions'
+/// own default, two weeks, would ignore the data layer's settings).
+pub fn router(
+    data: AsyncDataLayer,
+    sessions: KvSessionStore,
+    send_code: CodeSink,
+    cookie: CookieTransport,
+    lifetimes: SessionLifetimes,
+) -> Router {
     let session_layer = SessionManagerLayer::new(sessions.clone())
+        .with_expiry(on_inactivity(lifetimes.signed_in))
         // Lax, not tower-sessions' default Strict: the OAuth provider sends
         // the browser back to `GET /oauth/callback` from its own site, and a
         // Strict cookie is not sent on that cross-site navigation, so the
@@ -129,7 +169,7 @@ pub fn router(data: AsyncDataLayer, sessions: KvSessionStore, send_code: CodeSin
         // something, the callback aside, is a POST.
         .with_same_site(SameSite::Lax)
         .with_secure(cookie == CookieTransport::HttpsOnly);
-    let app = App { data, sessions, send_code };
+    let app = App { data, sessions, send_code, lifetimes };
     let writers_only = middleware::from_fn_with_state(app.clone(), require_write);
     Router::new()
         .route("/sign-in/code", post(send_code_by_email))
@@ -402,7 +442,10 @@ struct EmailBody {
 /// one: without a bound anyone could flood an inbox, and keep its owner from
 /// ever using a code. The bound is per address, so it cannot stop someone
 /// from spending an address's codes for the window (a limit per client
-/// address would, behind a proxy that says who the client is).
+/// address would, behind a proxy that says who the client is). Nor can
+/// it stop anyone from spending the current code with wrong guesses (three
+/// to an address, from any client, signed in or not): with the two, a
+/// stranger can keep an address from signing in for as long as they go on.
 pub const MAX_CODES_PER_WINDOW: i64 = 5;
 
 /// The window of [`MAX_CODES_PER_WINDOW`]: it opens with the first code sent
@@ -603,6 +646,11 @@ async fn oauth_start(State(app): State<App>, session: Session, Json(body): Json<
     // keeps the state's hash, not the state: its record is stored, and the
     // key-value store keeps states only as hashes too.
     session.insert(OAUTH_STATE_FIELD, state_hash(state.expose())).await?;
+    // A browser not signed in gets a session for the state alone: it lives
+    // as long as the state, not for the days of a signed-in one.
+    if session.get::<String>(USER_FIELD).await?.is_none() {
+        session.set_expiry(Some(on_inactivity(app.lifetimes.anonymous)));
+    }
     Ok(Json(json!({
         "state": state.expose(),
         "authorize_url": format!("https://github.com/login/oauth/authorize?client_id=example&state={}", state.expose()),

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use axum_control_plane::{CodeSink, CookieTransport, SECURE_COOKIE_VAR, router, session_store};
+use axum_control_plane::{CodeSink, CookieTransport, SECURE_COOKIE_VAR, SessionLifetimes, router, session_store};
 use dployr_data::{AsyncDataLayer, Config};
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -40,6 +40,7 @@ async fn main() -> Result<(), Failure> {
             (Config::new(db.url()), Some(db))
         }
     };
+    let lifetimes = SessionLifetimes::of(&config.kv_store);
     let data = AsyncDataLayer::open(config).await?;
     let sessions = session_store(&data)?;
     let send_code: CodeSink = Arc::new(|email, code| println!("one-time code for {email}: {}", code.expose()));
@@ -56,7 +57,7 @@ async fn main() -> Result<(), Failure> {
         "  curl -i -c jar -X POST {base}/sign-in -H 'content-type: application/json' -d '{{\"email\":\"ada@example.io\",\"code\":\"<the code>\"}}'"
     );
     println!("  curl -b jar -X POST {base}/clusters");
-    axum::serve(listener, router(data, sessions, send_code, cookie))
+    axum::serve(listener, router(data, sessions, send_code, cookie, lifetimes))
         .with_graceful_shutdown(async {
             // Without a signal handler the server runs until killed; either way it stops.
             let _ = tokio::signal::ctrl_c().await;

@@ -17,9 +17,11 @@ use std::time::Duration;
 
 use axum_control_plane::{
     CODE_WINDOW, CodeSink, CookieTransport, MAX_CODES_PER_WINDOW, MAX_ERROR_MESSAGE_CHARS, MAX_INVITES_PER_REQUEST,
-    MAX_REDIRECT_BYTES, router, session_store,
+    MAX_REDIRECT_BYTES, SessionLifetimes, router, session_store,
 };
-use dployr_data::{AsyncDataLayer, Config, KvBackend, KvLimits, KvPage, StoreError, StoreResult, UserId};
+use dployr_data::{
+    AsyncDataLayer, Config, KvBackend, KvLimits, KvPage, KvStoreConfig, StoreError, StoreResult, UserId,
+};
 use dployr_tower_sessions::KvSessionStore;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
@@ -101,7 +103,7 @@ impl Server {
         let sessions = sessions(&data);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = router(data.clone(), sessions, send_code, cookie);
+        let app = router(data.clone(), sessions, send_code, cookie, SessionLifetimes::of(&KvStoreConfig::default()));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { base, codes, data, db }
     }
@@ -117,6 +119,23 @@ impl Server {
                 "SELECT coalesce(string_agg(key || ' ' || encode(value, 'escape'), E'\\n'), '') FROM kv_entries",
             )
             .get_result::<String>(&mut conn)
+            .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Seconds until each tower-sessions record expires, in key order.
+    async fn session_records_expire_in(&self) -> Vec<i64> {
+        let url = self.db.url().to_owned();
+        tokio::task::spawn_blocking(move || {
+            use diesel::prelude::*;
+            let mut conn = PgConnection::establish(&url).unwrap();
+            diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                "SELECT extract(epoch FROM expires_at - now())::bigint FROM kv_entries \
+                 WHERE key LIKE 'tower\\_session:%' ORDER BY key",
+            )
+            .load::<i64>(&mut conn)
             .unwrap()
         })
         .await
@@ -633,4 +652,25 @@ async fn a_session_whose_user_was_deleted_is_ended_and_answered_401_by_every_rou
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {answer}");
         assert!(device.cookie.is_none(), "{method} {path}: the session was not ended");
     }
+}
+
+/// A session lives as long as the data layer's settings say (tower-sessions'
+/// own default is two weeks), and one that an anonymous `POST /oauth/start`
+/// made only as long as its OAuth state.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_live_as_the_data_layer_says_and_an_anonymous_oauth_start_as_its_state() {
+    let server = Server::start().await;
+    let defaults = SessionLifetimes::of(&KvStoreConfig::default());
+    let secs = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap();
+    let mut browser = Device::new(&server.base);
+    let (status, _) = browser.call(Method::POST, "/oauth/start", Some(json!({ "redirect": "/home" }))).await;
+    assert_eq!(status, StatusCode::OK);
+    let anonymous = server.session_records_expire_in().await;
+    assert_eq!(anonymous.len(), 1, "{anonymous:?}");
+    assert!((secs(defaults.anonymous) - 60..=secs(defaults.anonymous)).contains(&anonymous[0]), "{anonymous:?}");
+    let _ada = server.signed_in("ada@example.io").await;
+    let mut all = server.session_records_expire_in().await;
+    all.sort_unstable();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!((secs(defaults.signed_in) - 60..=secs(defaults.signed_in)).contains(&all[1]), "{all:?}");
 }
