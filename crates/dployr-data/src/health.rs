@@ -78,7 +78,8 @@ pub struct Health {
     /// A read of a missing key on the key-value backend(s) of sessions and
     /// one-time records (on Cloudflare, one API request of the account's budget).
     pub kv: Probe,
-    /// The migrations' status, read on the migration URL.
+    /// The migrations' status, read over a connection of the primary's pool,
+    /// or on the migration URL when it has one of its own.
     pub migrations: MigrationsProbe,
 }
 
@@ -176,7 +177,13 @@ pub(crate) fn check(pool: &PgPool, kv: KvBackends<'_>, migrations: MigrationsSou
             error: Some(not_sent(&primary)),
         }
     } else {
-        migrations_within(migrations.url, pool.call_bound(), migrations.in_flight)
+        // On the primary, over one of its pool's connections: a probe that
+        // needed a connection of its own failed wherever the pool could
+        // serve but no new connection could be had (a role's or the
+        // server's connection limit reached), and turned every process not
+        // ready at once.
+        let through = migrations.on_primary.then(|| pool.clone());
+        migrations_within(migrations.url, through, pool.call_bound(), migrations.in_flight)
     };
     Health { primary, replicas, kv: kv_probe, migrations }
 }
@@ -205,15 +212,16 @@ fn lock(slot: &Mutex<ProbeSlot>) -> MutexGuard<'_, ProbeSlot> {
 }
 
 /// The migrations' status within `bound`. The status is read over a
-/// connection of its own (the migration URL's), which a server that
-/// accepts and then answers nothing would hold past any connect timeout:
+/// connection of `pool` (the primary's) or of its own (the migration
+/// URL's), which a server that accepts and then answers nothing would hold
+/// past any connect timeout (and the pool's statement timeout, if any):
 /// so it is read on a thread of its own, and a probe that has not answered
 /// within `bound` is reported as such. That thread ends when its
 /// connection does (keepalives notice a dead peer); until then no other
 /// probe starts, so a frozen server costs one thread, not one per call:
 /// a call made meanwhile waits, within its own `bound`, for that probe's
 /// answer.
-fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> MigrationsProbe {
+fn migrations_within(url: &str, pool: Option<PgPool>, bound: Duration, in_flight: &ProbeInFlight) -> MigrationsProbe {
     let started = Instant::now();
     let unanswered = |error: String| MigrationsProbe {
         up_to_date: false,
@@ -232,7 +240,7 @@ fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> M
             let spawned = std::thread::Builder::new().name("dployr-health-migrations".into()).spawn(move || {
                 // A panic must still end the probe: else it stays running
                 // and every later call waits out its bound for nothing.
-                let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| migrations(&url, bound)))
+                let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| migrations(&url, pool, bound)))
                     .unwrap_or_else(|_| MigrationsProbe {
                         up_to_date: false,
                         pending: Vec::new(),
@@ -269,13 +277,23 @@ fn migrations_within(url: &str, bound: Duration, in_flight: &ProbeInFlight) -> M
     }
 }
 
-/// The migrations' status read on `url`, giving up on a connection that
-/// does not open within `bound` (the probe's own bound: a thread left
-/// behind by a probe that outlived it ends no later than it must).
-fn migrations(url: &str, bound: Duration) -> MigrationsProbe {
+/// The migrations' status read over a connection of `pool` (the primary's,
+/// when the migrations are there), else on `url`, giving up on a
+/// connection that does not open within `bound` (the probe's own bound: a
+/// thread left behind by a probe that outlived it ends no later than it
+/// must).
+fn migrations(url: &str, pool: Option<PgPool>, bound: Duration) -> MigrationsProbe {
     let started = Instant::now();
-    let status =
-        MigrationSet::embedded().and_then(|set| MigrationRunner::new(url, set).with_connect_timeout(bound).status());
+    let status = MigrationSet::embedded().map_err(|error| error.to_string()).and_then(|set| {
+        let runner = MigrationRunner::new(url, set).with_connect_timeout(bound);
+        match pool {
+            Some(pool) => {
+                let mut conn = pool.get().map_err(|error| error.to_string())?;
+                runner.status_on(&mut conn).map_err(|error| error.to_string())
+            }
+            None => runner.status().map_err(|error| error.to_string()),
+        }
+    });
     let duration = started.elapsed();
     let lines = match status {
         Ok(lines) => lines,
@@ -285,7 +303,7 @@ fn migrations(url: &str, bound: Duration) -> MigrationsProbe {
                 pending: Vec::new(),
                 newer: Vec::new(),
                 duration,
-                error: Some(error.to_string()),
+                error: Some(error),
             };
         }
     };

@@ -129,3 +129,46 @@ fn health_answers_within_one_call_bound_when_the_primary_answers_nothing() {
     }
     assert!(ready.is_ready(), "ready again once the primary answers: {ready:?}");
 }
+
+/// A connection limit reached (a role's `CONNECTION LIMIT`, the server's
+/// `max_connections`) by the pool's own connections: the process
+/// serves, and its health says ready. The probe of the migrations opened a
+/// connection of its own on every call, which the limit refused: every
+/// process turned not ready together while each served.
+#[test]
+fn health_is_ready_while_the_roles_connection_limit_is_reached_by_its_own_pool() {
+    use diesel::connection::SimpleConnection as _;
+    use dployr_data::{Email, NewUser, Provider, UserStore as _};
+
+    let db = dployr_testkit::database();
+    if !db.superuser() {
+        eprintln!("skipped: making a role with a connection limit needs a superuser");
+        return;
+    }
+    let server = dployr_testkit::server().unwrap();
+    let role = format!("dployr_limited_{}", db.name().replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    db.connect()
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN; \
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO \"{role}\"; \
+             GRANT USAGE ON SCHEMA public TO \"{role}\""
+        ))
+        .unwrap();
+    let url = server.url_with(db.name(), &[("user", role.as_str())]);
+    let config = Config::new(url.clone())
+        .with_kv(KvBackendConfig::Memory)
+        .with_pool(PoolConfig { max_size: 2, ..PoolConfig::default() })
+        .without_migrations_on_start();
+    let data = DataLayer::open(config).unwrap();
+    // The pool opens its second connection when two are asked for at once.
+    drop((data.pool().get().unwrap(), data.pool().get().unwrap()));
+    assert_eq!(data.pool().state().0, 2);
+    // Another client of the role, and then the limit is reached.
+    let other = <diesel::PgConnection as diesel::Connection>::establish(&url).unwrap();
+    db.connect().batch_execute(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT 3")).unwrap();
+    data.users().upsert(NewUser::new(Email::parse("limited@example.io").unwrap(), Provider::Github)).unwrap();
+    let health = data.health();
+    drop((data, other));
+    db.connect().batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\"")).unwrap();
+    assert!(health.is_ready(), "{health:?}");
+}

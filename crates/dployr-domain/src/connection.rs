@@ -49,7 +49,8 @@ pub enum ConnectFailureKind {
     /// No answer within the time allowed.
     TimedOut,
     /// The server answered but does not take connections now (starting,
-    /// shutting down, in recovery, too many clients).
+    /// shutting down, in recovery, too many clients, or too many connections
+    /// for the role or the database).
     NotReady,
     /// Any other reason libpq gave.
     Other,
@@ -200,6 +201,9 @@ fn kind_of(message: &str) -> ConnectFailureKind {
     }
     if has("the database system is")
         || has("too many clients")
+        // A role's or a database's CONNECTION LIMIT; PgBouncer's max_client_conn.
+        || has("too many connections for")
+        || has("no more connections allowed")
         || has("remaining connection slots")
         || has("not yet accepting connections")
     {
@@ -436,6 +440,9 @@ mod tests {
             ("connection to server at \"10.1.1.1\", port 5432 failed: No route to host", Unreachable),
             ("FATAL:  the database system is starting up", NotReady),
             ("FATAL:  sorry, too many clients already", NotReady),
+            ("FATAL:  too many connections for role \"app\"", NotReady),
+            ("FATAL:  too many connections for database \"dployr\"", NotReady),
+            ("ERROR:  no more connections allowed (max_client_conn)", NotReady),
             (r#"invalid port number: "abc""#, MalformedUrl),
             (
                 r#"connection to server at "127.0.0.1", port 5432 failed: setsockopt(TCP_KEEPIDLE) failed: Invalid argument"#,

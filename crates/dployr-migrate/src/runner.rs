@@ -302,10 +302,21 @@ impl MigrationRunner {
     /// [`MigrateError::Connect`] or [`MigrateError::Database`].
     pub fn status(&self) -> Result<Vec<MigrationStatus>, MigrateError> {
         let mut conn = self.connect()?;
+        self.status_on(&mut conn)
+    }
+
+    /// [`status`](Self::status), read over `conn`, a connection to the
+    /// migration database that the caller already holds (one of a pool):
+    /// two reads, no lock, no setting changed, and this runner's URL is not
+    /// used.
+    ///
+    /// # Errors
+    /// [`MigrateError::Database`] if a read fails.
+    pub fn status_on(&self, conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, MigrateError> {
         let exists = diesel::select(diesel::dsl::sql::<Bool>("to_regclass('_migrations') IS NOT NULL"))
-            .get_result::<bool>(&mut conn)
+            .get_result::<bool>(conn)
             .map_err(|source| MigrateError::Database { context: "looking for _migrations", source })?;
-        let applied = if exists { read_applied_rows(&mut conn)? } else { Vec::new() };
+        let applied = if exists { read_applied_rows(conn)? } else { Vec::new() };
 
         let mut lines: Vec<MigrationStatus> = self
             .set
