@@ -138,6 +138,10 @@ pub trait ClusterStore: Send + Sync {
     fn update(&self, id: &ClusterId, patch: ClusterPatch) -> StoreResult<Option<Cluster>>;
 
     /// Deletes the cluster, its memberships, instances and their tokens.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown cluster (also when a first call that
+    /// failed with `Unavailable` had deleted it).
     fn delete(&self, id: &ClusterId) -> StoreResult<()>;
 
     /// Replaces `metadata.gitHub` of the cluster linked to the integration's
@@ -175,13 +179,24 @@ pub trait ClusterStore: Send + Sync {
     /// `DataLayer::remove_users` ends them too.
     ///
     /// # Errors
-    /// `Conflict` (field `owner`) if one of them owns the cluster.
+    /// `Conflict` (field `owner`) if one of them owns the cluster, nothing
+    /// removed; `NotFound` for an unknown cluster.
     fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<()>;
 
     /// Turns an invitation into a `viewer` membership.
+    ///
+    /// # Errors
+    /// `NotFound` (entity `invite`) when the user has no invitation to the
+    /// cluster: none was made, it was declined or withdrawn, or it was
+    /// accepted already (also by a first call that failed with
+    /// `Unavailable`).
     fn accept_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()>;
 
     /// Removes an invitation.
+    ///
+    /// # Errors
+    /// `NotFound` (entity `invite`) when the user has no invitation to the
+    /// cluster.
     fn decline_invite(&self, user: &UserId, cluster: &ClusterId) -> StoreResult<()>;
 
     /// The invitations waiting for this user, oldest cluster first (by

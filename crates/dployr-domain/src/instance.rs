@@ -51,8 +51,10 @@ pub trait InstanceStore: Send + Sync {
     ///
     /// # Errors
     /// `Conflict` naming `address` or `tag` when one is taken; `NotFound`
-    /// for an unknown cluster. (Bad text cannot reach it: [`Address`] and
-    /// [`Tag`] are checked when they are made.)
+    /// for an unknown cluster; `Invalid` on `metadata` for metadata made by
+    /// [`Metadata::from_stored`] that a write refuses (checked again here).
+    /// (Bad text cannot reach it: [`Address`] and [`Tag`] are checked when
+    /// they are made.)
     fn create(&self, cluster: &ClusterId, instance: NewInstance) -> StoreResult<Instance>;
 
     /// The instance with this id.
@@ -62,12 +64,24 @@ pub trait InstanceStore: Send + Sync {
     fn get_by_tag(&self, tag: &Tag) -> StoreResult<Option<Instance>>;
 
     /// Replaces the metadata; `None` for an unknown instance.
+    ///
+    /// # Errors
+    /// `Invalid` on `metadata`, as [`create`](Self::create).
     fn update_metadata(&self, id: &InstanceId, metadata: Metadata) -> StoreResult<Option<Instance>>;
 
     /// Deletes the instance and its tokens.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown instance (also when a first call that
+    /// failed with `Unavailable` had deleted it).
     fn delete(&self, id: &InstanceId) -> StoreResult<()>;
 
     /// The cluster's instances, newest first.
+    ///
+    /// # Errors
+    /// `Invalid` on `cursor` for a cursor that is not one of this listing
+    /// (another listing's, another cluster's, or not a cursor at all), and on
+    /// `offset` for an offset past what a page can skip.
     fn list_by_cluster(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Instance>>;
 }
 
