@@ -22,6 +22,17 @@ macro_rules! println {
     };
 }
 
+/// `eprintln!` that never panics: std's panics when standard error is
+/// closed or full (`2>/dev/full`, a reader gone), which turned any
+/// command's failure into a panic and exit code 101, and `migrate status`'s
+/// 1 or 2 with it. What cannot be written to standard error is dropped; the
+/// exit code still tells.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {
+        $crate::write_error_line(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod db;
 mod demo;
@@ -63,6 +74,12 @@ fn write_line(args: std::fmt::Arguments<'_>) {
             std::process::exit(2);
         }
     }
+}
+
+/// Writes one line to standard error, dropping it if that fails (see the
+/// `eprintln!` above).
+fn write_error_line(args: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{args}");
 }
 
 const USAGE: &str = "\
@@ -148,7 +165,15 @@ type Failure = Box<dyn std::error::Error>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    // `--help` after any command prints the usage, except where the words
+    // after it go to another program (cargo test, psql).
+    let passes_words_on = matches!(words.as_slice(), ["test", ..] | ["db", "psql", ..] | ["seed-load", ..]);
+    let asks_for_help = !passes_words_on && words.iter().any(|word| matches!(*word, "--help" | "-h"));
     let result = match words.as_slice() {
+        _ if asks_for_help => {
+            println!("{USAGE}");
+            Ok(())
+        }
         ["bench", rest @ ..] => bench::run(rest),
         ["stress", rest @ ..] => stress::run(rest),
         ["test", rest @ ..] => suite::run(rest),

@@ -15,7 +15,7 @@ pub fn dispatch(words: &[&str]) -> Result<(), Failure> {
     let mut words = words.iter();
     while let Some(word) = words.next() {
         if let Some(value) = word.strip_prefix("--database-url=") {
-            if value.is_empty() {
+            if value.trim().is_empty() {
                 url_missing = true;
             } else {
                 url = Some(value.to_owned());
@@ -23,9 +23,12 @@ pub fn dispatch(words: &[&str]) -> Result<(), Failure> {
             continue;
         }
         match *word {
+            // A blank value (`--database-url "$UNSET_VARIABLE"`) is none:
+            // libpq would read it as "the defaults", and migrate whatever
+            // PGHOST and the local socket reach.
             "--database-url" => match words.next() {
-                Some(next) => url = Some((*next).to_owned()),
-                None => url_missing = true,
+                Some(next) if !next.trim().is_empty() => url = Some((*next).to_owned()),
+                _ => url_missing = true,
             },
             other => rest.push(other),
         }
@@ -241,6 +244,11 @@ mod tests {
             &["status", "extra"],
             &["status", "--database-url="],
             &["--database-url=", "status"],
+            // A blank value (an unset variable in a deploy script) is none:
+            // libpq took it for its defaults and reached another database.
+            &["status", "--database-url", ""],
+            &["status", "--database-url", "   "],
+            &["status", "--database-url=  "],
         ] {
             assert_eq!(exit_code_of(&dispatch(words)), 2, "migrate {}", words.join(" "));
         }

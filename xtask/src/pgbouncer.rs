@@ -154,7 +154,12 @@ pub fn seed_load(args: &[&str]) -> Result<(), Failure> {
 
 /// `value` as a count, or an error naming `command`'s `flag`.
 fn count(command: &str, flag: &str, value: &str) -> Result<usize, Failure> {
-    value.parse().map_err(|_| format!("{command}: {flag} takes a whole number, not `{value}`").into())
+    match value.parse() {
+        // No thread or no run checks nothing, and would pass.
+        Ok(0) => Err(format!("{command}: {flag} takes a whole number of at least 1, not 0").into()),
+        Ok(count) => Ok(count),
+        Err(_) => Err(format!("{command}: {flag} takes a whole number, not `{value}`").into()),
+    }
 }
 
 /// Whether `name` is a variable of the application's configuration
@@ -356,6 +361,8 @@ mod tests {
         assert!(error(&["--help"]).contains("unknown argument `--help` (accepted: --threads N, --runs N)"));
         assert!(error(&["--threads", "x"]).contains("--threads takes a whole number, not `x`"));
         assert!(error(&["--runs"]).contains("--runs needs a value"));
+        assert!(error(&["--threads", "0"]).contains("--threads takes a whole number of at least 1, not 0"));
+        assert!(error(&["--runs", "0"]).contains("--runs takes a whole number of at least 1, not 0"));
         let error = seed_load(&["--runs", "-1"]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(error.contains("seed-load: --runs takes a whole number"), "{error}");
     }

@@ -25,14 +25,21 @@ pub fn run(args: &[&str]) -> Result<(), Failure> {
     };
     let mut words = args.iter();
     while let Some(flag) = words.next() {
+        if !matches!(*flag, "--seconds" | "--threads" | "--seed" | "--clusters") {
+            return Err(format!("unknown option `{flag}` (--seconds, --threads, --seed, --clusters)").into());
+        }
         let value = words.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number: u64 = value.parse().map_err(|_| format!("{flag} takes a number, not `{value}`"))?;
+        // A run of no time or no thread checks nothing: its verdict would
+        // be a false "broke a rule" (the checker walked nothing) or a pass.
+        if number == 0 && *flag != "--seed" {
+            return Err(format!("{flag} takes a number of at least 1, not 0").into());
+        }
         match *flag {
             "--seconds" => config.duration = Duration::from_secs(number),
-            "--threads" => config.threads = usize::try_from(number).map_err(|_| "--threads is too large")?.max(1),
+            "--threads" => config.threads = usize::try_from(number).map_err(|_| "--threads is too large")?,
             "--seed" => config.seed = number,
-            "--clusters" => config.clusters = usize::try_from(number).map_err(|_| "--clusters is too large")?.max(1),
-            other => return Err(format!("unknown option `{other}` (--seconds, --threads, --seed, --clusters)").into()),
+            _ => config.clusters = usize::try_from(number).map_err(|_| "--clusters is too large")?,
         }
     }
     println!(
@@ -47,4 +54,27 @@ pub fn run(args: &[&str]) -> Result<(), Failure> {
     let report = stress::run(db.url(), config);
     println!("{report}");
     if report.is_clean() { Ok(()) } else { Err("the workload broke a rule (see above)".into()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run;
+
+    fn error(args: &[&str]) -> String {
+        run(args).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn arguments_are_checked_before_any_server_starts() {
+        // `--help` and unknown flags are unknown options, not flags that
+        // lack a value; no time or no thread is refused, not run and
+        // judged.
+        assert!(error(&["--help"]).contains("unknown option `--help`"), "{}", error(&["--help"]));
+        assert!(error(&["--bogus", "1"]).contains("unknown option `--bogus`"));
+        assert!(error(&["--seconds"]).contains("--seconds needs a value"));
+        assert!(error(&["--seconds", "x"]).contains("--seconds takes a number, not `x`"));
+        assert!(error(&["--seconds", "0"]).contains("--seconds takes a number of at least 1, not 0"));
+        assert!(error(&["--threads", "0"]).contains("--threads takes a number of at least 1, not 0"));
+        assert!(error(&["--clusters", "0"]).contains("at least 1"));
+    }
 }

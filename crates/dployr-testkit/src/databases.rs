@@ -28,9 +28,15 @@ pub(crate) fn create_database_if_missing(admin: &mut PgConnection, name: &str) -
     if database_exists(admin, name)? {
         return Ok(());
     }
-    admin
-        .batch_execute(&format!("CREATE DATABASE {}", quote_ident(name)))
-        .map_err(|e| TestkitError::sql("creating a database", e))
+    match admin.batch_execute(&format!("CREATE DATABASE {}", quote_ident(name))) {
+        Ok(()) => Ok(()),
+        // Another process made it between the look and the creation (two
+        // `cargo xtask db up` at once): it exists, which is all asked for.
+        // (CREATE DATABASE meets the other's row in pg_database's unique
+        // index, not its own duplicate_database check.)
+        Err(_) if database_exists(admin, name)? => Ok(()),
+        Err(e) => Err(TestkitError::sql("creating a database", e)),
+    }
 }
 
 /// The server's major version, e.g. 15.
@@ -276,5 +282,30 @@ mod tests {
         drop_database(&mut postgres, &template).unwrap();
         drop_database(&mut postgres, &other).unwrap();
         assert!(built_after_the_release, "built while another run held the template lock");
+    }
+
+    /// Two processes asking for the same database at once (two `cargo xtask
+    /// db up`): the second's creation met the first's row, and failed with
+    /// "duplicate key value violates unique constraint".
+    #[test]
+    fn two_creations_of_one_missing_database_at_once_both_succeed() {
+        let server = crate::server().unwrap();
+        for _ in 0..8 {
+            let name = crate::next_name("c");
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let creations: Vec<_> = (0..2)
+                .map(|_| {
+                    let (start, name, url) = (Arc::clone(&start), name.clone(), server.url_for("postgres"));
+                    thread::spawn(move || {
+                        let mut admin = PgConnection::establish(&url).unwrap();
+                        start.wait();
+                        create_database_if_missing(&mut admin, &name).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            let answers: Vec<_> = creations.into_iter().map(|creation| creation.join().unwrap()).collect();
+            drop_database(&mut PgConnection::establish(&server.url_for("postgres")).unwrap(), &name).unwrap();
+            assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        }
     }
 }
