@@ -5,12 +5,14 @@
 //! corpus), `011_blank_pictures_and_spent_tokens` (blank pictures become
 //! none, in the memberships' copies too, and a copy blanked by hand takes
 //! its user's picture again) and `016_first_sign_in` (accounts that show
-//! a sign-in are marked as signed in, invitees are not).
+//! a sign-in are marked as signed in, invitees are not), and `018` (a row
+//! written by hand that the stores cannot read stops it, named).
 
 #![cfg(test)]
 
 use std::path::Path;
 
+use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 use diesel::sql_types::{Nullable, Text};
 use dployr_domain::Email;
@@ -288,4 +290,61 @@ fn accounts_from_before_016_that_show_a_sign_in_are_marked_and_invitees_are_not(
     diesel::sql_query("UPDATE users SET first_signed_in_at = now() WHERE email = 'guest@example.io'")
         .execute(&mut conn)
         .unwrap();
+}
+
+/// A row written by hand before `017_rows_the_stores_can_read` that the
+/// stores cannot read (an instance created at 'infinity') stops `018`,
+/// naming the check, the table and the query that finds it, with nothing of
+/// 018 applied; once the row is changed, the migration goes through.
+#[test]
+fn a_row_the_stores_cannot_read_stops_018_naming_the_check_until_it_is_changed() {
+    let db = empty_database();
+    let (_dir, set) = migrations_before("017");
+    run(&db, set).unwrap();
+    let mut conn = db.connect();
+    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        diesel::sql_query(
+            "INSERT INTO users (id, email, name, provider) VALUES ('01J00000000000000000000001', 'o@example.io', 'O', 'github')",
+        )
+        .execute(conn)?;
+        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')")
+            .execute(conn)?;
+        diesel::sql_query(
+            "INSERT INTO user_clusters (user_id, cluster_id, role) \
+             VALUES ('01J00000000000000000000001', '01J00000000000000000000009', 'owner')",
+        )
+        .execute(conn)?;
+        diesel::sql_query(
+            "INSERT INTO instances (id, cluster_id, address, tag, created_at, updated_at) \
+             VALUES ('01J00000000000000000000020', '01J00000000000000000000009', '10.0.0.1', 'web', 'infinity', 'infinity')",
+        )
+        .execute(conn)
+    })
+    .unwrap();
+    let all = || MigrationSet::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")).unwrap();
+    let error = run(&db, all()).unwrap_err();
+    assert!(
+        error.contains("018_rows_the_stores_can_read_validated")
+            && error.contains("1 row(s) of instances fail the check instances_times_readable")
+            && error.contains("SELECT * FROM instances WHERE NOT")
+            && error.contains("instances_set_updated_at disabled"),
+        "{error}"
+    );
+    let validated = "SELECT count(*) FROM pg_constraint WHERE conname = 'instances_times_readable' AND convalidated";
+    let count = |conn: &mut PgConnection| -> i64 {
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!("({validated})")))
+            .get_result(conn)
+            .unwrap()
+    };
+    assert_eq!(count(&mut conn), 0, "nothing of 018 applied");
+    // As the hint says: the trigger would keep updated_at at 'infinity'.
+    conn.batch_execute(
+        "ALTER TABLE instances DISABLE TRIGGER instances_set_updated_at; \
+         UPDATE instances SET created_at = '2024-01-01Z', updated_at = '2024-01-01Z'; \
+         ALTER TABLE instances ENABLE TRIGGER instances_set_updated_at",
+    )
+    .unwrap();
+    let applied = run(&db, all()).unwrap();
+    assert!(applied.iter().any(|name| name.starts_with("018")), "{applied:?}");
+    assert_eq!(count(&mut conn), 1);
 }

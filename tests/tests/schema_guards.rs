@@ -214,6 +214,55 @@ fn metadata_that_is_not_a_json_object_is_refused_in_every_table() {
     }
 }
 
+/// What the stores could not read back is refused when written by hand
+/// (`017_rows_the_stores_can_read`): times outside years 1 to 9999
+/// ('infinity' failed every read of its row; an instance created past 9999
+/// was counted and never listed, one before year 1 gave a cursor its own
+/// listing refused), and metadata nested 128 levels or more (serde_json
+/// reads 127: every read of the row failed). 127 levels are still taken.
+#[test]
+fn rows_the_stores_could_not_read_back_are_refused_in_every_table() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let o = user(&mut conn, 1);
+    let c = cluster(&mut conn, 10, &o);
+    diesel::sql_query("INSERT INTO instances (id, cluster_id, address, tag) VALUES ($1, $2, '10.0.0.1', 't')")
+        .bind::<Text, _>(id(20))
+        .bind::<Text, _>(&c)
+        .execute(&mut conn)
+        .unwrap();
+    diesel::sql_query("INSERT INTO bootstrap_tokens (instance_id, nonce) VALUES ($1, 'n')")
+        .bind::<Text, _>(id(20))
+        .execute(&mut conn)
+        .unwrap();
+    for time in ["infinity", "-infinity", "10000-06-01 00:00:00+00", "0001-06-01 00:00:00+00 BC"] {
+        for (table, sql) in [
+            ("clusters", format!("UPDATE clusters SET created_at = '{time}', updated_at = '{time}'")),
+            ("users", format!("UPDATE users SET created_at = '{time}', updated_at = '{time}'")),
+            ("user_clusters", format!("UPDATE user_clusters SET created_at = '{time}', updated_at = '{time}'")),
+            ("instances", format!("UPDATE instances SET created_at = '{time}', updated_at = '{time}'")),
+            ("bootstrap_tokens", format!("UPDATE bootstrap_tokens SET used_at = '{time}'")),
+        ] {
+            let (kind, constraint) = refusal(diesel::sql_query(&sql).execute(&mut conn));
+            assert_eq!(
+                (kind, constraint.as_str()),
+                (DatabaseErrorKind::CheckViolation, &*format!("{table}_times_readable")),
+                "{sql}"
+            );
+        }
+    }
+    let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    for table in ["users", "clusters", "instances"] {
+        let deep = format!("UPDATE {table} SET metadata = jsonb_build_object('a', '{}'::jsonb)", nested(127));
+        let (kind, constraint) = refusal(diesel::sql_query(&deep).execute(&mut conn));
+        assert_eq!((kind, constraint), (DatabaseErrorKind::CheckViolation, format!("{table}_metadata_readable")));
+        let readable = format!("UPDATE {table} SET metadata = jsonb_build_object('a', '{}'::jsonb)", nested(126));
+        diesel::sql_query(&readable).execute(&mut conn).unwrap();
+    }
+    let times = "SELECT count(*) FROM instances WHERE created_at BETWEEN '0001-01-01' AND '9999-12-31'";
+    assert_eq!(count(&mut conn, times), 1, "the instance keeps its time");
+}
+
 #[test]
 fn deleting_a_cluster_removes_its_memberships_instances_and_their_tokens() {
     let db = dployr_testkit::database();

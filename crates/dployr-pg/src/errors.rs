@@ -276,10 +276,21 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "user_clusters_profile_is_a_copy" => {
             Check { field: "member", reason: "a membership's name and picture are copies of its user's" }
         }
-        // Only hand-written SQL can meet this (016_first_sign_in): the
-        // stores set first_signed_in_at once.
+        // Only hand-written SQL can meet these (016_first_sign_in,
+        // 017_rows_the_stores_can_read): the stores set first_signed_in_at
+        // once, write times of now, and refuse metadata past 64 levels.
         "users_first_signed_in_at_set_once" => {
             Check { field: "first_signed_in_at", reason: "an account's first sign-in is set once" }
+        }
+        "users_times_readable"
+        | "clusters_times_readable"
+        | "user_clusters_times_readable"
+        | "instances_times_readable"
+        | "bootstrap_tokens_times_readable" => {
+            Check { field: "time", reason: "must be within the years 1 to 9999, where the stores read it" }
+        }
+        "users_metadata_readable" | "clusters_metadata_readable" | "instances_metadata_readable" => {
+            Check { field: "metadata", reason: "is nested 128 levels or more, past what the stores read" }
         }
         _ => return None,
     })
