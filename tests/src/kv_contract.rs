@@ -523,6 +523,55 @@ pub fn the_last_attempt_the_limit_allows_spends_the_value(f: &dyn KvFixture) {
     assert_eq!(attempt(b"right"), (1, false), "a fresh count gave a spent value more guesses");
 }
 
+/// A count already past the limit (a counter left there before, a spend
+/// that failed) spends the value at the next wrong attempt, as the one that
+/// reached the limit would: Cloudflare's spent it only on landing exactly
+/// on the limit. A limit below 1 is refused before anything is counted.
+pub fn an_attempt_past_the_limit_spends_the_value_and_a_limit_below_one_is_refused(f: &dyn KvFixture) {
+    let kv = f.kv();
+    ok(kv.put("past/code", b"right", Some(TTL)), "put");
+    ok(kv.put("past/tries", b"5", Some(TTL)), "a count past the limit");
+    let attempt = ok(kv.count_attempt_and_take_if("past/tries", Some(TTL), 3, "past/code", b"wrong"), "attempt");
+    assert_eq!(attempt, (6, false));
+    assert_eq!(ok(kv.get("past/code"), "get"), None, "a value left to guess past the limit");
+    ok(kv.put("zero/code", b"right", Some(TTL)), "put");
+    for max_attempts in [0, -1, i64::MIN] {
+        assert_invalid(
+            kv.count_attempt_and_take_if("zero/tries", Some(TTL), max_attempts, "zero/code", b"x"),
+            "max_attempts",
+        );
+    }
+    assert_eq!(ok(kv.get("zero/tries"), "counter"), None, "counted an attempt with a limit below 1");
+    assert_eq!(ok(kv.get("zero/code"), "value"), Some(b"right".to_vec()));
+}
+
+/// A counter at its largest (18 digits, what a counter holds) is refused
+/// one more, and stays as it was: it was written as 19 digits, which the
+/// next increment then called "not a counter".
+pub fn a_counter_at_its_largest_is_refused_one_more_and_kept(f: &dyn KvFixture) {
+    let kv = f.kv();
+    let largest = dployr_domain::MAX_COUNTER.to_string();
+    ok(kv.put("big/count", largest.as_bytes(), Some(TTL)), "put");
+    for _ in 0..2 {
+        match kv.increment("big/count", Some(TTL)) {
+            Err(StoreError::Invalid { field: "key", reason }) => assert!(reason.contains("at its largest"), "{reason}"),
+            other => panic!("expected the counter at its largest to be refused, got {other:?}"),
+        }
+    }
+    assert_invalid(kv.count_attempt_and_take_if("big/count", Some(TTL), 3, "big/code", b"x"), "key");
+    assert_eq!(ok(kv.get("big/count"), "get"), Some(largest.into_bytes()));
+    ok(kv.put("big/next", (dployr_domain::MAX_COUNTER - 1).to_string().as_bytes(), Some(TTL)), "put");
+    assert_eq!(ok(kv.increment("big/next", Some(TTL)), "the last one"), dployr_domain::MAX_COUNTER);
+}
+
+/// With two bad arguments, every backend names the same one: the value's
+/// key, value and TTL are checked before the counter's key.
+pub fn put_and_reset_counter_names_the_same_bad_argument_on_every_backend(f: &dyn KvFixture) {
+    let kv = f.kv();
+    assert_invalid(kv.put_and_reset_counter("", b"v", Some(TTL), ""), "key");
+    assert_invalid(kv.put_and_reset_counter("k", b"v", Some(Duration::ZERO), ""), "ttl");
+}
+
 /// The count a new value starts with ends when the value does, not a TTL
 /// after its first attempt: however the clock moves, the value never
 /// outlives its count (which would start again at 1 with the value there).
@@ -928,6 +977,9 @@ macro_rules! kv_contract_tests {
             the_last_attempt_the_limit_allows_spends_the_value,
             a_restarted_count_ends_with_its_value,
             an_attempt_with_bad_keys_is_refused_before_it_is_counted,
+            an_attempt_past_the_limit_spends_the_value_and_a_limit_below_one_is_refused,
+            a_counter_at_its_largest_is_refused_one_more_and_kept,
+            put_and_reset_counter_names_the_same_bad_argument_on_every_backend,
             counter_counts_and_restarts_after_expiry,
             put_and_reset_counter_replaces_the_value_and_restarts_the_count,
             sessions_expire,

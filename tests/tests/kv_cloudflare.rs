@@ -117,6 +117,21 @@ mod stale_reads {
     dployr_tests::session_store_contract_tests!(cloudflare_with_stale_reads());
 }
 
+/// A list cursor Cloudflare does not know (code 10007) is the caller's bad
+/// `cursor`, not a bad `request`; a bulk delete of 10 000 keys whose JSON
+/// passes 6 MB is taken (the emulator cut its body short).
+#[test]
+fn a_bad_cursor_and_a_large_bulk_delete_answer_as_the_documentation_says() {
+    let cf = cloudflare();
+    for n in 0..12 {
+        cf.kv.put(&format!("list/{n:02}"), b"v", None).unwrap();
+    }
+    let refused = cf.kv.list("list/", 10, Some("garbage")).map(drop).unwrap_err();
+    assert!(matches!(refused, dployr_domain::StoreError::Invalid { field: "cursor", .. }), "{refused:?}");
+    let keys: Vec<String> = (0..10_000).map(|n| format!("{n:05}{}", "\u{1}".repeat(500))).collect();
+    cf.kv.delete_many(&keys).unwrap();
+}
+
 #[test]
 fn two_429s_then_success_is_success() {
     let cf = cloudflare();

@@ -381,7 +381,8 @@ pub trait KvBackend: Send + Sync {
     ///
     /// # Errors
     /// [`StoreError::Invalid`] for a bad key or TTL, or when the key holds a
-    /// value that is not a counter; backend errors.
+    /// value that is not a counter or a counter at [`MAX_COUNTER`] (nothing
+    /// written); backend errors.
     fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64>;
 
     /// Counts one attempt under `attempts_key` (as [`increment`](Self::increment)
@@ -403,8 +404,9 @@ pub trait KvBackend: Send + Sync {
     /// statement, memory under one lock.
     ///
     /// # Errors
-    /// [`StoreError::Invalid`] for a bad key, or a counter key that is the
-    /// entry's own, before anything is counted; as
+    /// [`StoreError::Invalid`] for a bad key, a counter key that is the
+    /// entry's own, or a `max_attempts` below 1, before anything is
+    /// counted; as
     /// [`increment`](Self::increment) and [`take`](Self::take).
     fn count_attempt_and_take_if(
         &self,
@@ -417,14 +419,16 @@ pub trait KvBackend: Send + Sync {
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_counter_key(key, attempts_key)?;
+        check_max_attempts(max_attempts)?;
         let attempts = self.increment(attempts_key, ttl)?;
         let taken = attempts <= max_attempts
             && self.get(key)?.as_deref() == Some(expected)
             && self.take(key)?.as_deref() == Some(expected);
-        // Only the last attempt allowed spends it: each write counts
-        // against the backend's request budget, and past it nothing is
-        // compared anyway.
-        if !taken && attempts == max_attempts {
+        // Every attempt past the limit spends it again, not only the one
+        // that reached it: a count that passed the limit without landing on
+        // it (one that was there before, an attempt whose delete failed)
+        // must not leave the value to be guessed.
+        if !taken && attempts >= max_attempts {
             self.delete(key)?;
         }
         Ok((attempts, taken))
@@ -457,6 +461,9 @@ pub trait KvBackend: Send + Sync {
         ttl: Option<Duration>,
         counter_key: &str,
     ) -> StoreResult<()> {
+        // In the order every backend checks them, so a call with two bad
+        // arguments is refused naming the same one everywhere.
+        self.limits().check_put(key, value, ttl)?;
         self.limits().check_counter_key(key, counter_key)?;
         self.put(key, value, ttl)?;
         self.put(counter_key, b"0", ttl)
@@ -488,6 +495,30 @@ pub fn parse_counter(value: &[u8]) -> Option<i64> {
         return None;
     }
     std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The largest count a counter holds: 18 digits, what [`parse_counter`]
+/// reads. [`KvBackend::increment`] of a counter there is refused
+/// ([`counter_at_its_largest`]) rather than written as 19 digits that the
+/// next increment would take for "not a counter".
+pub const MAX_COUNTER: i64 = 999_999_999_999_999_999;
+
+/// The error of [`KvBackend::increment`] on a counter at [`MAX_COUNTER`].
+pub fn counter_at_its_largest(key: &str) -> StoreError {
+    StoreError::invalid("key", format!("{key:?} holds a counter at its largest, {MAX_COUNTER}"))
+}
+
+/// Refuses a `max_attempts` below 1 for
+/// [`KvBackend::count_attempt_and_take_if`]: no attempt could take the
+/// value, and backends would spend it at different counts.
+///
+/// # Errors
+/// [`StoreError::Invalid`] on field `max_attempts`.
+pub fn check_max_attempts(max_attempts: i64) -> StoreResult<()> {
+    if max_attempts < 1 {
+        return Err(StoreError::invalid("max_attempts", format!("is {max_attempts}; at least 1")));
+    }
+    Ok(())
 }
 
 /// The error of [`KvBackend::increment`] on a key that holds something else.

@@ -42,8 +42,8 @@ pub use integrations::{
 #[cfg(feature = "mock")]
 pub use kv::MockKvBackend;
 pub use kv::{
-    KvBackend, KvLimits, KvPage, MAX_CURSOR_BYTES, MAX_KEY_BYTES, MAX_TTL, MAX_VALUE_BYTES, not_a_counter,
-    parse_counter,
+    KvBackend, KvLimits, KvPage, MAX_COUNTER, MAX_CURSOR_BYTES, MAX_KEY_BYTES, MAX_TTL, MAX_VALUE_BYTES,
+    check_max_attempts, counter_at_its_largest, not_a_counter, parse_counter,
 };
 pub use metadata::{MAX_METADATA_BYTES, MAX_METADATA_DEPTH, Metadata};
 pub use page::{Cursor, MAX_PAGE_LIMIT, Page, PageStart, Paged};

@@ -90,7 +90,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter, parse_counter};
+use dployr_domain::{
+    KvBackend, KvLimits, KvPage, MAX_COUNTER, StoreError, StoreResult, counter_at_its_largest, not_a_counter,
+    parse_counter,
+};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use rand::Rng as _;
 use reqwest::header::HeaderMap;
@@ -134,6 +137,8 @@ const ACCOUNT_NOT_FOUND: u32 = 7003;
 /// "No route for that URI": a path the API does not have, as a base URL
 /// without `/client/v4` makes. Cloudflare answers it with a 400.
 const NO_ROUTE: u32 = 7000;
+/// "Invalid cursor": a list cursor the API did not hand out (a 400).
+const INVALID_CURSOR: u32 = 10007;
 /// The free plan's daily limit of an operation is spent (a 429); it lasts
 /// until 00:00 UTC, so no retry within a call can succeed.
 const DAILY_LIMIT: u32 = 10048;
@@ -986,6 +991,11 @@ impl CloudflareKv {
             },
             (413, _) => StoreError::invalid("value", format!("refused by Cloudflare ({text})")),
             (414, _) => StoreError::invalid("key", format!("refused by Cloudflare ({text})")),
+            // A list cursor Cloudflare does not know: the caller's, as
+            // memory and PostgreSQL would take or refuse it by its field.
+            (400, Some(INVALID_CURSOR)) => {
+                StoreError::invalid("cursor", format!("refused by Cloudflare on {op} ({text})"))
+            }
             (400, _) => StoreError::invalid("request", format!("refused by Cloudflare on {op} ({text})")),
             _ => StoreError::Backend { message: format!("Cloudflare KV {op}: {text}").into(), source: None },
         }
@@ -1297,6 +1307,9 @@ impl KvBackend for CloudflareKv {
             Some(stored) => {
                 read_at = stored.server_now;
                 let current = parse_counter(&stored.value).ok_or_else(|| not_a_counter(key))?;
+                if current >= MAX_COUNTER {
+                    return Err(counter_at_its_largest(key));
+                }
                 // The write may land after this call's retries; its `Date`
                 // is truncated to the second and the reply took a while to
                 // come: a few seconds more keep an absolute expiry 60 s ahead.

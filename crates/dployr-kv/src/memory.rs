@@ -10,7 +10,10 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter, parse_counter};
+use dployr_domain::{
+    KvBackend, KvLimits, KvPage, MAX_COUNTER, StoreError, StoreResult, check_max_attempts, counter_at_its_largest,
+    not_a_counter, parse_counter,
+};
 
 use crate::clock::{Clock, SystemClock};
 
@@ -54,6 +57,9 @@ impl State {
             None => (1, new_expiry),
             Some(entry) => {
                 let current = parse_counter(&entry.value).ok_or_else(|| not_a_counter(key))?;
+                if current >= MAX_COUNTER {
+                    return Err(counter_at_its_largest(key));
+                }
                 (current + 1, entry.expires_at)
             }
         };
@@ -234,6 +240,7 @@ impl KvBackend for MemoryKv {
         limits.check_key(key)?;
         limits.check_counter_key(key, attempts_key)?;
         limits.check_ttl(ttl)?;
+        check_max_attempts(max_attempts)?;
         let new_expiry = self.expiry(ttl)?;
         let mut state = self.state();
         let count = state.count(attempts_key, new_expiry)?;

@@ -28,7 +28,10 @@ use diesel::dsl::{now, sql};
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Interval, Nullable, Text, Timestamptz};
-use dployr_domain::{KvBackend, KvLimits, KvPage, StoreError, StoreResult, not_a_counter};
+use dployr_domain::{
+    KvBackend, KvLimits, KvPage, MAX_COUNTER, StoreError, StoreResult, check_max_attempts, counter_at_its_largest,
+    not_a_counter, parse_counter,
+};
 use dployr_pg::PgPool;
 
 use crate::schema::kv_entries;
@@ -94,8 +97,8 @@ struct Count {
 
 /// The counter's upsert (`$1` key, `$2` TTL): a new or expired row becomes
 /// `1` with the given TTL; a live counter gets one more and keeps its
-/// expiry; a live row that is not ASCII digits is left alone and no row
-/// comes back. A macro so the two statements below share its text.
+/// expiry; a live row that is not ASCII digits, or a counter at its
+/// largest (`MAX_COUNTER`, 18 nines), is left alone and no row comes back. A macro so the two statements below share its text.
 macro_rules! counter_upsert {
     () => {
         r"
@@ -106,7 +109,8 @@ ON CONFLICT (key) DO UPDATE SET
                  ELSE convert_to((convert_from(e.value, 'UTF8')::bigint + 1)::text, 'UTF8') END,
     expires_at = CASE WHEN e.expires_at <= now() THEN EXCLUDED.expires_at ELSE e.expires_at END
 WHERE e.expires_at <= now()
-   OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = '')
+   OR (octet_length(e.value) BETWEEN 1 AND 18 AND ltrim(encode(e.value, 'escape'), '0123456789') = ''
+       AND e.value <> convert_to('999999999999999999', 'UTF8'))
 RETURNING convert_from(value, 'UTF8')::bigint AS count"
     };
 }
@@ -174,6 +178,15 @@ DELETE FROM kv_entries WHERE key IN (
 )";
 
 impl PgKv {
+    /// Why the counter's upsert left `key` alone: it holds a counter at its
+    /// largest, or something that is not a counter. Read again to tell
+    /// (only on this refusal's path).
+    fn refused_counter(&self, key: &str) -> StoreError {
+        match self.get(key) {
+            Ok(Some(value)) if parse_counter(&value) == Some(MAX_COUNTER) => counter_at_its_largest(key),
+            _ => not_a_counter(key),
+        }
+    }
     /// A backend on `pool`, whose database has migration `001_kv_store`.
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
@@ -407,7 +420,10 @@ impl KvBackend for PgKv {
                 .get_result::<Count>(conn)
                 .optional()
         })?;
-        counted.map(|c| c.count).ok_or_else(|| not_a_counter(key))
+        match counted {
+            Some(counted) => Ok(counted.count),
+            None => Err(self.refused_counter(key)),
+        }
     }
 
     fn count_attempt_and_take_if(
@@ -430,6 +446,7 @@ impl KvBackend for PgKv {
         limits.check_key(key)?;
         limits.check_counter_key(key, attempts_key)?;
         limits.check_ttl(ttl)?;
+        check_max_attempts(max_attempts)?;
         let ttl = interval(ttl)?;
         let attempt = op.run(|conn| {
             diesel::sql_query(ATTEMPT_TAKE_SQL)
@@ -440,8 +457,10 @@ impl KvBackend for PgKv {
                 .bind::<BigInt, _>(max_attempts)
                 .get_result::<Attempt>(conn)
         })?;
-        let count = attempt.count.ok_or_else(|| not_a_counter(attempts_key))?;
-        Ok((count, attempt.taken))
+        match attempt.count {
+            Some(count) => Ok((count, attempt.taken)),
+            None => Err(self.refused_counter(attempts_key)),
+        }
     }
 
     /// One statement (`PUT_AND_RESET_SQL`): the counter deleted, then the value upserted.
