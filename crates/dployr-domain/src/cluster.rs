@@ -174,7 +174,10 @@ pub trait ClusterStore: Send + Sync {
     /// signed in (provider `email`, no `users.upsert` since) and are left in
     /// no cluster are deleted. An account that signed in (by one-time code
     /// too, whose provider is also `email`) is never deleted by it, nor one
-    /// that was not a member of this cluster. A
+    /// that was not a member of this cluster. (Of the accounts made before
+    /// migration `016_first_sign_in`, only those that show a sign-in are
+    /// known to have signed in: one signed in by code that only held
+    /// invitations then is taken for an invitee.) A
     /// deleted invitee's sessions are not this store's: `dployr-data`'s
     /// `DataLayer::remove_users` ends them too.
     ///

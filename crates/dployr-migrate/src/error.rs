@@ -90,12 +90,13 @@ pub enum MigrateError {
 
     /// A migration ended the transaction it runs in (a `COMMIT` or
     /// `ROLLBACK` that the check before the run did not find): what it ran
-    /// before that may be committed, and it is not recorded. The run stops
-    /// at it.
+    /// may be committed (before that statement, and after it, each statement
+    /// then its own transaction), and it is not recorded. The run stops at
+    /// it.
     #[error(
         "migration {name}/{file} ended the transaction it runs in (a COMMIT or ROLLBACK in its text): what it \
-         ran before that may be committed, and it is not recorded; remove the statement, check the database by \
-         hand, then run again{}",
+         ran may be committed, before that statement and after it, and it is not recorded; remove the statement, \
+         check the database by hand, then run again{}",
         cause.as_ref().map(|cause| format!(" (then: {cause})")).unwrap_or_default()
     )]
     EndedItsTransaction {

@@ -283,8 +283,11 @@ fn run_in_its_transaction(
             _ => error,
         });
     }
-    if conn.batch_execute(&format!("RELEASE SAVEPOINT {SAVEPOINT}")).is_err() {
-        return Err(ended_its_transaction(None));
+    if let Err(source) = conn.batch_execute(&format!("RELEASE SAVEPOINT {SAVEPOINT}")) {
+        let error = MigrateError::Database { context: "releasing the savepoint after the migration", source };
+        // A connection lost after the file ran ended nothing of its own:
+        // nothing is committed, and a retry runs it whole.
+        return Err(if error.is_connection_lost() { error } else { ended_its_transaction(None) });
     }
     // Constraints the file's data left deferred (the schema's one-owner
     // guard is checked at commit) are checked now, so that a refusal is the

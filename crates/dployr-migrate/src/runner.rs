@@ -299,7 +299,7 @@ impl MigrationRunner {
     /// Reads only; takes no lock and creates nothing.
     ///
     /// # Errors
-    /// [`MigrateError::Connect`] or [`MigrateError::Database`].
+    /// [`MigrateError::Connect`] or [`MigrateError::Database`]; as [`status_on`](Self::status_on).
     pub fn status(&self) -> Result<Vec<MigrationStatus>, MigrateError> {
         let mut conn = self.connect()?;
         self.status_on(&mut conn)
@@ -311,7 +311,9 @@ impl MigrationRunner {
     /// used.
     ///
     /// # Errors
-    /// [`MigrateError::Database`] if a read fails.
+    /// [`MigrateError::Database`] if a read fails;
+    /// [`MigrateError::ForeignMigrationsTable`] for a `_migrations` table
+    /// this runner did not make.
     pub fn status_on(&self, conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, MigrateError> {
         let exists = diesel::select(diesel::dsl::sql::<Bool>("to_regclass('_migrations') IS NOT NULL"))
             .get_result::<bool>(conn)

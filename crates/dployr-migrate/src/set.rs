@@ -263,11 +263,13 @@ impl std::fmt::Display for MigrationFile {
     }
 }
 
-/// What a migration's `metadata.toml` may say: diesel_migrations reads it
-/// leniently (a file it cannot parse, `run_in_transaction = False`, or a
-/// misspelt key is taken as no metadata, and the file silently runs in a
-/// transaction), so the runner reads it again and refuses what diesel
-/// would ignore.
+/// What a migration's `metadata.toml` may say. diesel_migrations reads it
+/// leniently: a file it cannot parse (`run_in_transaction = False`) is taken
+/// as no metadata, and the migration runs in a transaction; a file it can,
+/// without the key (empty, only comments, a misspelt key), as
+/// `run_in_transaction = false`, and the migration runs outside one. The
+/// runner reads it again and refuses all of these: a `metadata.toml` says
+/// `run_in_transaction`, as a boolean, and nothing else.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Metadata {
@@ -275,10 +277,15 @@ struct Metadata {
 }
 
 /// The `run_in_transaction` of a `metadata.toml` (diesel_migrations gives
-/// the runner the same); refuses one that is not TOML, or holds anything
-/// but that boolean.
-fn check_metadata(text: &str) -> Result<Option<bool>, toml::de::Error> {
-    toml::from_str::<Metadata>(text).map(|metadata| metadata.run_in_transaction)
+/// the runner the same); refuses one that is not TOML, holds anything but
+/// that boolean, or does not hold it.
+fn check_metadata(text: &str) -> Result<bool, String> {
+    let metadata = toml::from_str::<Metadata>(text).map_err(|error| error.to_string())?;
+    metadata.run_in_transaction.ok_or_else(|| {
+        "says nothing (diesel_migrations would take that for run_in_transaction = false): set \
+         run_in_transaction = false, or remove the file"
+            .to_owned()
+    })
 }
 
 #[cfg(test)]

@@ -783,11 +783,20 @@ fn a_files_temporary_tables_end_with_it() {
     assert_eq!(run(&db, &set).unwrap(), ["001_a", "002_b"]);
 }
 
-/// diesel_migrations takes a `metadata.toml` it cannot read for none, and
-/// the file then runs in a transaction: a typo is refused by name instead.
+/// diesel_migrations takes a `metadata.toml` it cannot read for none (the
+/// file runs in a transaction), and one without the key for
+/// `run_in_transaction = false` (it runs outside one): each is refused by
+/// name instead.
 #[test]
 fn a_metadata_file_that_is_not_what_the_runner_reads_is_refused_by_name() {
-    for metadata in ["run_in_transaction = False\n", "run_in_transactoin = false\n", "run_in_transaction = \"no\"\n"] {
+    for metadata in [
+        "run_in_transaction = False\n",
+        "run_in_transactoin = false\n",
+        "run_in_transaction = \"no\"\n",
+        // Read by diesel as run_in_transaction = false: outside a transaction.
+        "",
+        "# run_in_transaction = true\n",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         write_folders(
             dir.path(),

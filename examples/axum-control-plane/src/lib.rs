@@ -70,7 +70,13 @@ struct App {
     lifetimes: SessionLifetimes,
 }
 
-/// How long the example's sessions live after their last request.
+/// How long the example's sessions live after they were last written.
+/// tower-sessions writes a session when it changes (a sign-in, an OAuth
+/// start), not on a request that only reads it: a signed-in session ends
+/// this long after its sign-in however busy it is, unless something writes
+/// it again. (`SessionManagerLayer::with_always_save` would extend it on
+/// every request, for one write per request: on Cloudflare, against the
+/// account's request budget and its one write per second per key.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionLifetimes {
     /// Every session, a signed-in one in particular: the data layer's
@@ -150,7 +156,7 @@ impl CookieTransport {
 
 /// The control plane's routes, with their session layer; the session
 /// cookie is sent over the connections `cookie` says, and a session lives
-/// as long as `lifetimes` says after its last request (tower-sessions'
+/// as long as `lifetimes` says after it was last written (tower-sessions'
 /// own default, two weeks, would ignore the data layer's settings).
 pub fn router(
     data: AsyncDataLayer,
