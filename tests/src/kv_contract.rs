@@ -1025,6 +1025,7 @@ macro_rules! session_store_contract_tests {
         $crate::session_store_contract_tests!(@each $fixture;
             session_store_round_trips_create_save_load_delete,
             session_store_create_never_overwrites_a_taken_id,
+            session_store_create_of_an_expired_record_never_hands_back_a_taken_id,
             session_store_concurrent_creates_of_one_id_get_distinct_ids_where_atomic,
             session_store_expired_records_never_load,
             session_store_the_deletion_task_keeps_live_records,

@@ -116,6 +116,25 @@ pub fn session_store_create_never_overwrites_a_taken_id(f: &dyn KvFixture) {
     });
 }
 
+/// `create` of a record whose expiry date has passed stores nothing, but
+/// the id it hands back is free all the same: it gave back a taken one,
+/// and tower-sessions' next save under it, with a new expiry date, wrote
+/// over the session that held it.
+pub fn session_store_create_of_an_expired_record_never_hands_back_a_taken_id(f: &dyn KvFixture) {
+    let store = store(f);
+    run(async {
+        let mut held = record(3600, &[("who", "held")]);
+        ok(store.create(&mut held).await, "create");
+        let mut expired = Record { id: held.id, ..record(-10, &[("who", "other")]) };
+        ok(store.create(&mut expired).await, "create an expired record with a taken id");
+        assert_ne!(expired.id, held.id, "create handed back a taken id");
+        assert_eq!(ok(store.load(&expired.id).await, "load the expired one"), None);
+        expired.expiry_date = OffsetDateTime::now_utc() + time::Duration::seconds(3600);
+        ok(store.save(&expired).await, "save it with a new expiry date");
+        assert_eq!(ok(store.load(&held.id).await, "load the one held"), Some(held));
+    });
+}
+
 /// Where the backend's counters are atomic, 8 concurrent creates of one id
 /// end with 8 distinct ids, each loading its own record.
 pub fn session_store_concurrent_creates_of_one_id_get_distinct_ids_where_atomic(f: &dyn KvFixture) {

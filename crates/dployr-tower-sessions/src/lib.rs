@@ -44,8 +44,14 @@
 //!   [`DELETED_SESSION_MEMORY`] (see below), but a save may bring back one
 //!   deleted by another process in the last minute, or deleted here while
 //!   the save's read and write ran (this process then deletes it again).
-//!   There a save of a session this process has not written in the window
-//!   costs a read before the write.
+//!   And a process that wrote the session within the last
+//!   [`STALE_READ_WINDOW`] writes it back without a read, each save
+//!   starting that window again: on Cloudflare a sign-out by another
+//!   process is undone for as long as this one keeps saving the session
+//!   within a minute of its last save (**the rule is off there** for busy
+//!   sessions: see "Cloudflare" in `docs/operations.md`). There a save of a
+//!   session this process has not written in the window costs a read
+//!   before the write.
 //! - **Sign out everywhere.** With [`KvSessionStore::with_user_field`], a
 //!   record whose data names a user under that field is also recorded in a
 //!   per-user index ([`UserSessionIndex`]), and
@@ -273,6 +279,11 @@ impl KvSessionStore {
     /// may be missed (see [`UserSessionIndex`]), the deleted ones may still
     /// load in other processes for as long, and a stale read may count an ended
     /// session as live or a live one as ended (it is deleted all the same).
+    /// Not final on Cloudflare: a process that wrote a session in the last
+    /// 60 s trusts its own write, and each save it makes writes the record
+    /// back and trusts it 60 s more, so a device that keeps changing its
+    /// session within 60 s of the last change stays signed in (see
+    /// "Cloudflare" in `docs/operations.md`).
     ///
     /// # Errors
     /// [`StoreError::Configuration`] when the store has no user field
@@ -641,6 +652,13 @@ impl Inner {
             Some(value) => std::borrow::Cow::Borrowed(value),
             None => std::borrow::Cow::Owned(encode_within(record, &self.backend.limits())?),
         };
+        // Whether an earlier write of this process put the record in its
+        // user's index, read before this write replaces the memory of it:
+        // where reads may be stale, the index itself may not show an entry
+        // written a second ago.
+        let indexed_earlier = self.user_of(record).is_some_and(|(_, user)| {
+            matches!(self.recent_write(&key), Some(Written::Record(earlier)) if earlier.indexed_for.as_deref() == Some(user))
+        });
         if !self.write_record(&key, &value, ttl, writing)? {
             // The session ended after its request loaded it (signed out,
             // signed out everywhere, or expired): the request's changes
@@ -679,11 +697,14 @@ impl Inner {
             // A record its user's index does not name would survive their
             // sign-out everywhere. An entry an earlier save wrote still
             // names it (a failed refresh of a signed-in session keeps it
-            // signed in); otherwise, or if that cannot be told, the record
-            // is taken back (the session ends, as a sign-out would). Either
+            // signed in: this process's memory of its own entry, or the
+            // index); otherwise, or if that cannot be told, the record is
+            // taken back (the session ends, as a sign-out would). Either
             // way the caller gets the error. If the delete fails too, this
-            // process still never loads it.
-            if !index.contains(user, &key).unwrap_or(false) {
+            // process does not load it for `DELETED_SESSION_MEMORY`, and
+            // other processes may (the error says the save failed; its
+            // record may be there).
+            if !indexed_earlier && !index.contains(user, &key).unwrap_or(false) {
                 let _ignored = self.delete_key(&key);
             }
             return Err(error);
@@ -752,8 +773,21 @@ impl Inner {
     fn create(&self, mut record: Record) -> StoreResult<Record> {
         let limits = self.backend.limits();
         let Some(ttl) = ttl_until(record.expiry_date, self.now(), &limits) else {
-            // Nothing to keep: an id is still due, and one that was never stored is free.
-            return Ok(record);
+            // Nothing to keep, but the id handed back must be free all the
+            // same: tower-sessions keeps it, and a later save under it with
+            // a new expiry date would write over the session that holds it.
+            let claim_for = limits.min_ttl.max(Duration::from_secs(60));
+            for _ in 0..CREATE_ATTEMPTS {
+                if self.claim(&record.id, claim_for)? {
+                    return Ok(record);
+                }
+                record.id = Id::default();
+            }
+            return Err(StoreError::conflict(
+                "session",
+                "id",
+                format!("{CREATE_ATTEMPTS} random session ids in a row were taken"),
+            ));
         };
         // Before an id is claimed: a record `save` will refuse (too deep to
         // decode, too large for the backend) leaves nothing, not even the claim.
@@ -1136,6 +1170,61 @@ mod tests {
         fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
             self.kv.increment(key, ttl)
         }
+    }
+
+    /// Memory that reads as if stale, whose reads of index entries never
+    /// show them yet (a Cloudflare read within a minute of the write), and
+    /// whose writes of index entries fail while `fail_index_puts` is set.
+    struct StaleIndex {
+        kv: MemoryKv,
+        fail_index_puts: std::sync::atomic::AtomicBool,
+    }
+
+    impl KvBackend for StaleIndex {
+        fn limits(&self) -> KvLimits {
+            KvLimits { atomic: false, read_your_writes: false, ..self.kv.limits() }
+        }
+        fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            if key.starts_with(USER_INDEX_PREFIX) { Ok(None) } else { self.kv.get(key) }
+        }
+        fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
+            if key.starts_with(USER_INDEX_PREFIX) && self.fail_index_puts.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable { reason: "throttled".into(), source: None });
+            }
+            self.kv.put(key, value, ttl)
+        }
+        fn delete(&self, key: &str) -> StoreResult<()> {
+            self.kv.delete(key)
+        }
+        fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
+            self.kv.list(prefix, limit, cursor)
+        }
+        fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            self.kv.take(key)
+        }
+        fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
+            self.kv.increment(key, ttl)
+        }
+    }
+
+    /// A save of a signed-in session whose index entry this process wrote
+    /// a moment ago fails to refresh the entry: the session stays signed
+    /// in (the save fails). The index read that decided it is stale and
+    /// did not show the entry, so the record was deleted: a sign-out.
+    #[tokio::test]
+    async fn a_failed_index_refresh_keeps_a_session_whose_entry_this_process_wrote() {
+        let backend = Arc::new(StaleIndex { kv: MemoryKv::new(), fail_index_puts: false.into() });
+        let store = KvSessionStore::new(backend.clone()).with_user_field("user_id");
+        let mut record = record(&[("user_id", "ada")]);
+        store.create(&mut record).await.unwrap();
+        backend.fail_index_puts.store(true, std::sync::atomic::Ordering::SeqCst);
+        record.data.insert("theme".into(), "dark".into());
+        assert!(store.save(&record).await.is_err(), "the save says its refresh failed");
+        assert_eq!(store.load(&record.id).await.unwrap(), Some(record.clone()), "and the session stays");
+        // A record no entry of this process names is taken back, as before.
+        let mut other = super::tests::record(&[("user_id", "bob")]);
+        assert!(store.create(&mut other).await.is_err());
+        assert_eq!(store.load(&other.id).await.unwrap(), None);
     }
 
     #[tokio::test]
