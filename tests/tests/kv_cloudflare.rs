@@ -937,6 +937,36 @@ async fn a_session_saved_after_its_expiry_by_a_process_that_did_not_write_it_sta
     assert_eq!(loaded_theme(&elsewhere, &record.id).await, None);
 }
 
+/// A sign-out everywhere, then the sign-out of the request's own session
+/// (the example's `flush`): the second delete of a record Cloudflare
+/// confirmed gone a moment ago is not sent, so it does not wait on the
+/// one-write-per-second-per-key limit (a 429, a second's wait, or a failure
+/// once the retries were spent); also for a session the sign-out found
+/// through this process's memory (the listing not showing it yet).
+#[tokio::test]
+async fn a_sign_out_right_after_a_sign_out_everywhere_sends_no_second_delete() {
+    for listed in [true, false] {
+        let cf = if listed { cloudflare() } else { cloudflare_with_stale_reads() };
+        cf.emulator.limit_writes_per_key(true);
+        let store = session_store(&cf);
+        let mut record = session(&cf, 3600, "dark");
+        record.data.insert("user_id".into(), "ada".into());
+        store.create(&mut record).await.unwrap();
+        cf.advance(Duration::from_secs(2));
+        assert_eq!(store.delete_user_sessions("ada").await.unwrap(), 1);
+        let before = cf.emulator.requests();
+        store.delete(&record.id).await.unwrap();
+        assert_eq!(cf.emulator.requests() - before, 0, "listed {listed}: a second delete was sent");
+        assert_eq!(store.load(&record.id).await.unwrap(), None);
+        // A second later, a sign-out is sent again (another process may
+        // have written the session back meanwhile).
+        cf.advance(Duration::from_secs(2));
+        let before = cf.emulator.requests();
+        store.delete(&record.id).await.unwrap();
+        assert_eq!(cf.emulator.requests() - before, 1, "listed {listed}");
+    }
+}
+
 #[tokio::test]
 async fn a_session_saved_twice_loads_its_second_version_despite_stale_reads() {
     let cf = cloudflare_with_stale_reads();

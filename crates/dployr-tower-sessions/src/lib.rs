@@ -178,7 +178,18 @@ struct Inner {
     /// `with_user_field` keeps what it remembered (`with_clock` starts a
     /// new one: its times are another clock's).
     recent: Option<Arc<RecentWrites<Written>>>,
+    /// The record keys whose delete the backend confirmed within the last
+    /// [`DELETE_AGAIN_AFTER`], where reads may be stale (as `recent`).
+    deleted_lately: Option<Arc<RecentWrites<()>>>,
 }
+
+/// How long after a delete the backend confirmed a sign-out of the same
+/// session is not sent again, on a backend whose reads may be stale:
+/// Cloudflare takes one write per second per key, and a sign-out everywhere
+/// followed by the sign-out of the request's own session (the example's
+/// `flush`) was refused (429) and waited a second, or failed, for a record
+/// that was gone.
+const DELETE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// What this process last wrote to a record's key.
 #[derive(Clone)]
@@ -232,7 +243,8 @@ impl KvSessionStore {
     /// [`DELETED_SESSION_MEMORY`] (see the crate documentation).
     pub fn new(backend: Arc<dyn KvBackend>) -> Self {
         let recent = (!backend.limits().read_your_writes).then(Arc::default);
-        Self { inner: Arc::new(Inner { backend, users: None, clock: Arc::new(SystemClock), recent }) }
+        let deleted_lately = recent.is_some().then(Arc::default);
+        Self { inner: Arc::new(Inner { backend, users: None, clock: Arc::new(SystemClock), recent, deleted_lately }) }
     }
 
     /// Indexes each record by the user named in its data under `field` (a
@@ -258,6 +270,7 @@ impl KvSessionStore {
         inner.clock = Arc::new(clock);
         // Times remembered on the old clock mean nothing on the new one.
         inner.recent = (!inner.backend.limits().read_your_writes).then(Arc::default);
+        inner.deleted_lately = inner.recent.is_some().then(Arc::default);
         Self { inner: Arc::new(inner) }
     }
 
@@ -349,6 +362,9 @@ impl KvSessionStore {
                     inner.deleted_now(key);
                 }
                 deleted?;
+                for key in &ended {
+                    inner.confirmed_deleted(key);
+                }
                 let entries: Vec<String> = keys.iter().map(|key| index.entry_key(&user, key)).collect();
                 inner.backend.delete_many(&entries)?;
                 live
@@ -366,6 +382,7 @@ impl KvSessionStore {
                     inner.remember(&key, Written::Deleting(record));
                     inner.backend.delete(&key)?;
                     inner.remember(&key, Written::Deleted);
+                    inner.confirmed_deleted(&key);
                     index.remove(&user, &key)?;
                     deleted += 1;
                 }
@@ -612,7 +629,30 @@ impl Inner {
         self.remember(key, Written::Deleted);
         let deleted = self.backend.delete(key);
         self.deleted_now(key);
+        if deleted.is_ok() {
+            self.confirmed_deleted(key);
+        }
         deleted
+    }
+
+    /// Notes that the backend confirmed the delete of `key` just now.
+    fn confirmed_deleted(&self, key: &str) {
+        if let Some(lately) = &self.deleted_lately {
+            lately.remember(key, (), self.clock.monotonic(), DELETE_AGAIN_AFTER);
+        }
+    }
+
+    /// Ends the session under `key` (tower-sessions' `delete`, a sign-out):
+    /// its record, unless this process deleted it, confirmed, within the
+    /// last [`DELETE_AGAIN_AFTER`] and has not written it since (sent
+    /// again, the delete would only wait for the backend's per-key limit).
+    fn sign_out(&self, key: &str) -> StoreResult<()> {
+        let deleted_lately =
+            self.deleted_lately.as_ref().is_some_and(|lately| lately.get(key, self.clock.monotonic()).is_some());
+        if deleted_lately && matches!(self.recent_write(key), Some(Written::Deleted)) {
+            return Ok(());
+        }
+        self.delete_key(key)
     }
 
     /// Deletes the record under `key` for a sign-out everywhere; whether
@@ -945,7 +985,7 @@ impl SessionStore for KvSessionStore {
 
     async fn delete(&self, session_id: &Id) -> session_store::Result<()> {
         let id = *session_id;
-        self.blocking(move |inner| inner.delete_key(&record_key(&id))).await.map_err(session_error)
+        self.blocking(move |inner| inner.sign_out(&record_key(&id))).await.map_err(session_error)
     }
 }
 
