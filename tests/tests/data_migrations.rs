@@ -47,6 +47,20 @@ fn run(db: &TestDatabase, set: MigrationSet) -> Result<Vec<String>, String> {
         .map_err(|error| format!("{error} {error:?}"))
 }
 
+/// Every migration of the workspace.
+fn all_migrations() -> MigrationSet {
+    MigrationSet::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")).unwrap()
+}
+
+/// Runs `statements` in one transaction: a cluster must have its owner
+/// when it commits (002).
+fn in_one_transaction(conn: &mut PgConnection, statements: &[&str]) {
+    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        statements.iter().try_for_each(|sql| diesel::sql_query(*sql).execute(conn).map(drop))
+    })
+    .unwrap();
+}
+
 /// A database at the schema before `003`, holding users with these stored
 /// addresses (old rule: trimmed, lower-cased), each a member of one cluster
 /// that the first one owns.
@@ -194,31 +208,25 @@ fn blank_pictures_stored_before_011_become_none_and_blank_copies_take_the_users_
     let (_dir, set) = migrations_before("011");
     run(&db, set).unwrap();
     let mut conn = db.connect();
-    conn.transaction::<_, diesel::result::Error, _>(|conn| {
-        diesel::sql_query(
+    in_one_transaction(
+        &mut conn,
+        &[
             "INSERT INTO users (id, email, name, provider, picture) VALUES
                  ('01J00000000000000000000001', 'a@example.io', 'A', 'google', ''),
                  ('01J00000000000000000000002', 'b@example.io', 'B', 'google', '   '),
                  ('01J00000000000000000000003', 'c@example.io', 'C', 'google', 'https://img.example/c.png')",
-        )
-        .execute(conn)?;
-        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')")
-            .execute(conn)?;
-        diesel::sql_query(
+            "INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')",
             "INSERT INTO user_clusters (user_id, cluster_id, role) VALUES
                  ('01J00000000000000000000001', '01J00000000000000000000009', 'owner'),
                  ('01J00000000000000000000002', '01J00000000000000000000009', 'viewer'),
                  ('01J00000000000000000000003', '01J00000000000000000000009', 'viewer')",
-        )
-        .execute(conn)
-    })
-    .unwrap();
+        ],
+    );
     // A copy blanked by hand beside the user's real picture.
     diesel::sql_query("UPDATE user_clusters SET picture = '' WHERE user_id = '01J00000000000000000000003'")
         .execute(&mut conn)
         .unwrap();
-    let applied =
-        run(&db, MigrationSet::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")).unwrap()).unwrap();
+    let applied = run(&db, all_migrations()).unwrap();
     assert!(applied.iter().any(|name| name.starts_with("011")), "{applied:?}");
     let mut pictures =
         |sql: &str| -> Vec<Option<String>> { diesel::dsl::sql::<Nullable<Text>>(sql).load(&mut conn).unwrap() };
@@ -238,29 +246,23 @@ fn accounts_from_before_016_that_show_a_sign_in_are_marked_and_invitees_are_not(
     let (_dir, set) = migrations_before("016");
     run(&db, set).unwrap();
     let mut conn = db.connect();
-    conn.transaction::<_, diesel::result::Error, _>(|conn| {
-        diesel::sql_query(
+    in_one_transaction(
+        &mut conn,
+        &[
             "INSERT INTO users (id, email, name, provider, created_at, updated_at) VALUES
                  ('01J00000000000000000000001', 'owner@example.io', 'O', 'email', '2024-01-01Z', '2024-02-01Z'),
                  ('01J00000000000000000000002', 'viewer@example.io', 'V', 'email', '2024-01-02Z', '2024-02-02Z'),
                  ('01J00000000000000000000003', 'guest@example.io', 'G', 'email', '2024-01-03Z', '2024-02-03Z'),
                  ('01J00000000000000000000004', 'oauth@example.io', 'A', 'github', '2024-01-04Z', '2024-02-04Z'),
                  ('01J00000000000000000000005', 'alone@example.io', 'L', 'email', '2024-01-05Z', '2024-02-05Z')",
-        )
-        .execute(conn)?;
-        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')")
-            .execute(conn)?;
-        diesel::sql_query(
+            "INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')",
             "INSERT INTO user_clusters (user_id, cluster_id, role) VALUES
                  ('01J00000000000000000000001', '01J00000000000000000000009', 'owner'),
                  ('01J00000000000000000000002', '01J00000000000000000000009', 'viewer'),
                  ('01J00000000000000000000003', '01J00000000000000000000009', 'invited')",
-        )
-        .execute(conn)
-    })
-    .unwrap();
-    let applied =
-        run(&db, MigrationSet::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")).unwrap()).unwrap();
+        ],
+    );
+    let applied = run(&db, all_migrations()).unwrap();
     assert!(applied.iter().any(|name| name.starts_with("016")), "{applied:?}");
     let rows: Vec<(String, Option<String>, String)> = diesel::dsl::sql::<(Text, Nullable<Text>, Text)>(
         "SELECT email, to_char(first_signed_in_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'), \
@@ -302,27 +304,18 @@ fn a_row_the_stores_cannot_read_stops_018_naming_the_check_until_it_is_changed()
     let (_dir, set) = migrations_before("017");
     run(&db, set).unwrap();
     let mut conn = db.connect();
-    conn.transaction::<_, diesel::result::Error, _>(|conn| {
-        diesel::sql_query(
+    in_one_transaction(
+        &mut conn,
+        &[
             "INSERT INTO users (id, email, name, provider) VALUES ('01J00000000000000000000001', 'o@example.io', 'O', 'github')",
-        )
-        .execute(conn)?;
-        diesel::sql_query("INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')")
-            .execute(conn)?;
-        diesel::sql_query(
+            "INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')",
             "INSERT INTO user_clusters (user_id, cluster_id, role) \
              VALUES ('01J00000000000000000000001', '01J00000000000000000000009', 'owner')",
-        )
-        .execute(conn)?;
-        diesel::sql_query(
             "INSERT INTO instances (id, cluster_id, address, tag, created_at, updated_at) \
              VALUES ('01J00000000000000000000020', '01J00000000000000000000009', '10.0.0.1', 'web', 'infinity', 'infinity')",
-        )
-        .execute(conn)
-    })
-    .unwrap();
-    let all = || MigrationSet::from_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")).unwrap();
-    let error = run(&db, all()).unwrap_err();
+        ],
+    );
+    let error = run(&db, all_migrations()).unwrap_err();
     assert!(
         error.contains("018_rows_the_stores_can_read_validated")
             && error.contains("1 row(s) of instances fail the check instances_times_readable")
@@ -344,7 +337,7 @@ fn a_row_the_stores_cannot_read_stops_018_naming_the_check_until_it_is_changed()
          ALTER TABLE instances ENABLE TRIGGER instances_set_updated_at",
     )
     .unwrap();
-    let applied = run(&db, all()).unwrap();
+    let applied = run(&db, all_migrations()).unwrap();
     assert!(applied.iter().any(|name| name.starts_with("018")), "{applied:?}");
     assert_eq!(count(&mut conn), 1);
 }
