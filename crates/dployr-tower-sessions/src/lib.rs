@@ -1176,60 +1176,34 @@ mod tests {
     type Hook = Box<dyn FnOnce() + Send>;
 
     /// Memory that reads as if stale (as Cloudflare does, so the store
-    /// keeps its memory of writes) and runs a hook just before it writes
-    /// the next session record: a delete that lands while a save writes.
-    struct DeleteDuringPut {
+    /// keeps its memory of writes), with what a test asks of it: a hook run
+    /// just before the next session record is written (a delete that lands
+    /// while a save writes), reads of index entries that never show them
+    /// yet (a Cloudflare read within a minute of the write), and writes of
+    /// index entries that fail while `fail_index_puts` is set.
+    #[derive(Default)]
+    struct StaleMemory {
         kv: MemoryKv,
         before_record_put: Mutex<Option<Hook>>,
-    }
-
-    impl KvBackend for DeleteDuringPut {
-        fn limits(&self) -> KvLimits {
-            KvLimits { atomic: false, read_your_writes: false, ..self.kv.limits() }
-        }
-        fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-            self.kv.get(key)
-        }
-        fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
-            let hook =
-                if key.starts_with(RECORD_PREFIX) { self.before_record_put.lock().unwrap().take() } else { None };
-            if let Some(hook) = hook {
-                hook();
-            }
-            self.kv.put(key, value, ttl)
-        }
-        fn delete(&self, key: &str) -> StoreResult<()> {
-            self.kv.delete(key)
-        }
-        fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> StoreResult<KvPage> {
-            self.kv.list(prefix, limit, cursor)
-        }
-        fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-            self.kv.take(key)
-        }
-        fn increment(&self, key: &str, ttl: Option<Duration>) -> StoreResult<i64> {
-            self.kv.increment(key, ttl)
-        }
-    }
-
-    /// Memory that reads as if stale, whose reads of index entries never
-    /// show them yet (a Cloudflare read within a minute of the write), and
-    /// whose writes of index entries fail while `fail_index_puts` is set.
-    struct StaleIndex {
-        kv: MemoryKv,
+        hide_index_reads: bool,
         fail_index_puts: std::sync::atomic::AtomicBool,
     }
 
-    impl KvBackend for StaleIndex {
+    impl KvBackend for StaleMemory {
         fn limits(&self) -> KvLimits {
             KvLimits { atomic: false, read_your_writes: false, ..self.kv.limits() }
         }
         fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-            if key.starts_with(USER_INDEX_PREFIX) { Ok(None) } else { self.kv.get(key) }
+            if self.hide_index_reads && key.starts_with(USER_INDEX_PREFIX) { Ok(None) } else { self.kv.get(key) }
         }
         fn put(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> StoreResult<()> {
             if key.starts_with(USER_INDEX_PREFIX) && self.fail_index_puts.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(StoreError::Unavailable { reason: "throttled".into(), source: None });
+            }
+            let hook =
+                if key.starts_with(RECORD_PREFIX) { self.before_record_put.lock().unwrap().take() } else { None };
+            if let Some(hook) = hook {
+                hook();
             }
             self.kv.put(key, value, ttl)
         }
@@ -1253,7 +1227,7 @@ mod tests {
     /// did not show the entry, so the record was deleted: a sign-out.
     #[tokio::test]
     async fn a_failed_index_refresh_keeps_a_session_whose_entry_this_process_wrote() {
-        let backend = Arc::new(StaleIndex { kv: MemoryKv::new(), fail_index_puts: false.into() });
+        let backend = Arc::new(StaleMemory { hide_index_reads: true, ..StaleMemory::default() });
         let store = KvSessionStore::new(backend.clone()).with_user_field("user_id");
         let mut record = record(&[("user_id", "ada")]);
         store.create(&mut record).await.unwrap();
@@ -1269,7 +1243,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_delete_in_this_process_while_a_save_writes_wins_despite_stale_reads() {
-        let backend = Arc::new(DeleteDuringPut { kv: MemoryKv::new(), before_record_put: Mutex::new(None) });
+        let backend = Arc::new(StaleMemory::default());
         let store = KvSessionStore::new(backend.clone());
         let mut record = record(&[("theme", "light")]);
         store.create(&mut record).await.unwrap();
