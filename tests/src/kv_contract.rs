@@ -541,6 +541,8 @@ pub fn an_attempt_past_the_limit_spends_the_value_and_a_limit_below_one_is_refus
             "max_attempts",
         );
     }
+    // A bad TTL and a limit below 1: the TTL is named, on every backend.
+    assert_invalid(kv.count_attempt_and_take_if("zero/tries", Some(Duration::ZERO), 0, "zero/code", b"x"), "ttl");
     assert_eq!(ok(kv.get("zero/tries"), "counter"), None, "counted an attempt with a limit below 1");
     assert_eq!(ok(kv.get("zero/code"), "value"), Some(b"right".to_vec()));
 }

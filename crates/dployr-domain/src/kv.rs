@@ -419,6 +419,9 @@ pub trait KvBackend: Send + Sync {
         let limits = self.limits();
         limits.check_key(key)?;
         limits.check_counter_key(key, attempts_key)?;
+        // As memory and PostgreSQL order their checks, so that a call with
+        // two bad arguments is refused naming the same one everywhere.
+        limits.check_ttl(ttl)?;
         check_max_attempts(max_attempts)?;
         let attempts = self.increment(attempts_key, ttl)?;
         let taken = attempts <= max_attempts
