@@ -280,6 +280,12 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
     }
 }
 
+/// How many times [`PgPool::behind_transaction_pooler`] makes its setting
+/// and looks for it from another connection before it answers `false`: on
+/// PostgreSQL directly, 3 round trips of each connection at start; behind
+/// a transaction pooler, a miss each time is far rarer than one miss.
+pub(crate) const POOLER_PROBES: usize = 3;
+
 /// A pool of PostgreSQL connections. Cheap to clone; clones share the pool.
 ///
 /// ```no_run
@@ -526,28 +532,36 @@ impl PgPool {
     /// connection is looked for from a second, new connection. Directly on
     /// PostgreSQL a session's settings are its own, so this is never true
     /// there; through a transaction pooler the new client is usually handed
-    /// the server connection the first one just used, so a `false` there is
-    /// possible but rare.
+    /// the server connection the first one just used (PgBouncer reuses them
+    /// last in, first out), but not always (another client of the pooler,
+    /// the pool's own connections opening, took it in between): the setting
+    /// is made and looked for up to 3 times (`POOLER_PROBES`), each time
+    /// anew, so a miss there is the chance of that many misses in a row.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] if either connection fails.
     pub fn behind_transaction_pooler(&self) -> Result<bool, StoreError> {
-        let token = format!("{:016x}", rand::random::<u64>());
         let probe_error =
             |error: diesel::result::Error| StoreError::unavailable("probing for a connection pooler", error);
         let mut conn = self.get()?;
-        conn.batch_execute(&format!("SET dployr.pooler_probe = '{token}'")).map_err(probe_error)?;
         let mut other = PgConnection::establish(&self.database_url)
             .map_err(|error| classify(&error, &self.database_url).into_store_error(self.setting))?;
         other.set_prepared_statement_cache_size(CacheSize::Disabled);
-        let seen: Option<String> = diesel::select(diesel::dsl::sql::<
-            diesel::sql_types::Nullable<diesel::sql_types::Text>,
-        >("current_setting('dployr.pooler_probe', true)"))
-        .get_result(&mut other)
-        .map_err(probe_error)?;
-        // Whoever gets that server connection next should not see it.
-        let _best_effort = conn.batch_execute("RESET dployr.pooler_probe");
-        Ok(seen.as_deref() == Some(token.as_str()))
+        for _ in 0..POOLER_PROBES {
+            let token = format!("{:016x}", rand::random::<u64>());
+            conn.batch_execute(&format!("SET dployr.pooler_probe = '{token}'")).map_err(probe_error)?;
+            let seen: Option<String> = diesel::select(diesel::dsl::sql::<
+                diesel::sql_types::Nullable<diesel::sql_types::Text>,
+            >("current_setting('dployr.pooler_probe', true)"))
+            .get_result(&mut other)
+            .map_err(probe_error)?;
+            // Whoever gets that server connection next should not see it.
+            let _best_effort = conn.batch_execute("RESET dployr.pooler_probe");
+            if seen.as_deref() == Some(token.as_str()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Statements and transactions sent through this pool so far.
