@@ -558,6 +558,7 @@ fn unprobed(data: &DataLayer, not_run: &StoreError, waited: Duration) -> Health 
                 reachable: probe(),
                 lag: status.lag,
                 in_rotation: status.in_rotation,
+                sample_failure: status.failure,
             })
             .collect()
     });

@@ -40,6 +40,12 @@ pub struct ReplicaProbe {
     pub lag: Option<Duration>,
     /// Whether it answers replica-safe reads now.
     pub in_rotation: bool,
+    /// Why its last lag sample failed, which keeps it out of rotation: the
+    /// server is not a replica (`pg_is_in_recovery()` is false), replicates
+    /// another server or its URL names another database than the
+    /// primary's, does not answer, refused the sampler's credentials, ...
+    /// `None` when the last sample succeeded or none was taken yet.
+    pub sample_failure: Option<String>,
 }
 
 /// Whether the database's migrations are those of this binary.
@@ -154,6 +160,7 @@ pub(crate) fn check(pool: &PgPool, kv: KvBackends<'_>, migrations: MigrationsSou
                 reachable: select_one(replica),
                 lag: status.lag,
                 in_rotation: status.in_rotation,
+                sample_failure: status.failure,
             })
             .collect()
     });

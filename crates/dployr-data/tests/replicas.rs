@@ -106,6 +106,29 @@ fn a_replica_that_is_down_at_start_is_left_out_but_a_misnamed_one_is_refused() {
     assert!(matches!(error, StoreError::Configuration { setting: "DPLOYR_DB_REPLICA_URLS", .. }), "{error}");
 }
 
+/// A server that is not a replica (here the primary's own URL) is
+/// reachable but never in rotation, and `health()` says why.
+#[test]
+fn health_says_why_a_server_that_is_not_a_replica_is_out_of_rotation() {
+    let db = dployr_testkit::database();
+    let fast = ReplicaConfig { sample_every: Duration::from_millis(20), ..Default::default() };
+    let config =
+        Config::new(db.url()).with_kv(KvBackendConfig::Memory).with_replicas([db.url()]).with_replica_config(fast);
+    let data = DataLayer::open(config).unwrap();
+    let started = Instant::now();
+    let health = loop {
+        let health = data.health();
+        if health.replicas[0].sample_failure.is_some() || started.elapsed() > Duration::from_secs(20) {
+            break health;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let replica = &health.replicas[0];
+    assert!(replica.reachable.ok && !replica.in_rotation, "{health:?}");
+    assert!(replica.sample_failure.as_deref().is_some_and(|why| why.contains("not a replica")), "{health:?}");
+    assert!(health.is_ready(), "{health:?}");
+}
+
 #[test]
 fn health_reports_a_database_whose_migrations_are_pending() {
     let db = dployr_testkit::empty_database();

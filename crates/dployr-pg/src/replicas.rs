@@ -30,6 +30,17 @@
 //! sampling period. The first compares the replica's clock with the
 //! primary's commit timestamps: clock skew between the hosts adds to it.
 //!
+//! **Which servers count.** A replica must be in recovery
+//! (`pg_is_in_recovery()`), reached under the primary's database name, and,
+//! where the role may call `pg_control_system()`, share the primary's
+//! system identifier: replay positions are a whole server's, so a URL
+//! naming another database of the replica's server (or a standby of
+//! another primary) would otherwise pass for caught up and answer with
+//! another database's rows. Each connection of the sampler checks this
+//! once; a server that fails it stays out of rotation, with the reason
+//! logged at `warn` (once per new reason) and shown by
+//! [`ReplicaStatus::failure`].
+//!
 //! **What the bound means.** A read goes to a replica whose last sample,
 //! taken at most two sampling periods ago, measured a lag within
 //! [`ReplicaConfig::max_lag`]. Replication can stall right after a sample, so
@@ -67,7 +78,7 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection as _;
-use diesel::sql_types::{BigInt, Bool, Nullable};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 use diesel::{Connection as _, PgConnection, QueryableByName, RunQueryDsl as _};
 use dployr_domain::StoreError;
 
@@ -153,6 +164,11 @@ pub struct ReplicaStatus {
     /// Reads that passed it over since the set was opened, by reason (the
     /// same counts as the `dployr_db_replica_skips_total` series).
     pub skips: ReplicaSkips,
+    /// Why its last sample failed: the server is not a replica, is a
+    /// replica of another server or names another database, does not
+    /// answer, refused the sampler's credentials, ... `None` when the last
+    /// sample succeeded or none was taken yet.
+    pub failure: Option<String>,
 }
 
 /// Reads that passed a replica over, by reason.
@@ -167,7 +183,9 @@ pub struct ReplicaSkips {
     /// Its last sample measured a lag over the bound.
     pub lag: u64,
     /// A read on it, or a read-your-writes wait for it, failed for a
-    /// reason of its own (out of rotation until a sample succeeds).
+    /// reason of its own (out of rotation until a sample succeeds), or its
+    /// answer could not be decoded (the primary asked instead; it stays in
+    /// rotation).
     pub error: u64,
     /// It had not replayed a read-your-writes position within the wait.
     pub behind_write: u64,
@@ -192,6 +210,8 @@ struct Freshness {
     replayed: AtomicU64,
     /// Reads that passed it over, by [`Skip`] (its discriminant).
     skips: [AtomicU64; Skip::REASONS],
+    /// Why its last sample failed (`None` after a sample that succeeded).
+    failure: Mutex<Option<String>>,
     /// The gauges' writer: the sampler (a sample stored and reported as
     /// one step) and the first reader to find the sample aged (checked and
     /// reported as one step), so that neither reports over the other's
@@ -395,6 +415,7 @@ impl ReplicaSet {
                 lag_us: AtomicU64::new(FAILED),
                 replayed: AtomicU64::new(0),
                 skips: Default::default(),
+                failure: Mutex::new(None),
                 gauges: Mutex::new(0),
             });
             let (sender, receiver) = mpsc::channel();
@@ -407,6 +428,7 @@ impl ReplicaSet {
                 freshness: Arc::clone(&freshness),
                 history: VecDeque::new(),
                 primary: None,
+                primary_identity: None,
                 replica: None,
             };
             std::thread::Builder::new()
@@ -457,6 +479,7 @@ impl ReplicaSet {
                             behind_write: count(Skip::BehindWrite),
                         }
                     },
+                    failure: freshness.failure.lock().unwrap_or_else(PoisonError::into_inner).clone(),
                 }
             })
             .collect()
@@ -596,6 +619,14 @@ impl ReplicaSet {
                     replica.freshness.lag_us.store(FAILED, Ordering::Relaxed);
                     Self::skipped(replica, Skip::Error);
                 }
+                // An answer this binary cannot decode: the replica's when
+                // its schema is behind (a column whose type a migration
+                // changed, not replayed there yet), the row's when the
+                // primary holds it too. The primary is asked (it answers, or
+                // gives the caller the same error), and the replica stays
+                // in rotation: one bad row must not send every read of
+                // every replica to the primary.
+                Err(StoreError::Backend { .. }) => Self::skipped(replica, Skip::Error),
                 Err(other) => return Err(other),
             }
         }
@@ -617,8 +648,7 @@ impl ReplicaSet {
 }
 
 /// Whether `error` (a `Backend` error) is the server's refusal of the
-/// statement (an SQLSTATE), not a failure to decode its answer, which the
-/// primary's answer would meet as well.
+/// statement (an SQLSTATE), not a failure to decode its answer.
 fn refused_by_the_server(error: &StoreError) -> bool {
     let StoreError::Backend { source: Some(source), .. } = error else { return false };
     matches!(source.downcast_ref::<diesel::result::Error>(), Some(diesel::result::Error::DatabaseError(..)))
@@ -671,7 +701,70 @@ struct Sampler {
     /// The primary's positions at the last samples, oldest first.
     history: VecDeque<(Instant, u64)>,
     primary: Option<PgConnection>,
+    /// What the primary's connection answered of [`ServerIdentity`].
+    primary_identity: Option<ServerIdentity>,
     replica: Option<PgConnection>,
+}
+
+/// Which server and database a connection reached: a streaming replica
+/// shares its primary's system identifier (`initdb`'s, kept by every base
+/// backup) and its databases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerIdentity {
+    database: String,
+    /// `None` where the role may not call `pg_control_system()` (revoked
+    /// from PUBLIC by a hardened setup): the database is compared alone.
+    system_identifier: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct DatabaseAndPrivilege {
+    #[diesel(sql_type = Text)]
+    database: String,
+    #[diesel(sql_type = Bool)]
+    may_read_control: bool,
+}
+
+#[derive(QueryableByName)]
+struct SystemIdentifier {
+    #[diesel(sql_type = BigInt)]
+    system_identifier: i64,
+}
+
+/// Two statements, not one: PostgreSQL checks the privilege of every
+/// function a statement names when it starts, so a `CASE` around the call
+/// would still fail for a role the function is revoked from.
+const DATABASE_AND_PRIVILEGE: &str = "SELECT current_database()::text AS database, \
+     has_function_privilege('pg_control_system()', 'EXECUTE') AS may_read_control";
+const SYSTEM_IDENTIFIER: &str = "SELECT system_identifier FROM pg_control_system()";
+
+impl ServerIdentity {
+    fn of(conn: &mut PgConnection) -> Result<Self, diesel::result::Error> {
+        let found: DatabaseAndPrivilege = diesel::sql_query(DATABASE_AND_PRIVILEGE).get_result(conn)?;
+        let system_identifier = if found.may_read_control {
+            Some(diesel::sql_query(SYSTEM_IDENTIFIER).get_result::<SystemIdentifier>(conn)?.system_identifier)
+        } else {
+            None
+        };
+        Ok(Self { database: found.database, system_identifier })
+    }
+
+    /// Why a replica that answered `self` cannot be one of `primary`, if
+    /// it cannot.
+    fn mismatch(&self, primary: &Self) -> Option<String> {
+        if self.database != primary.database {
+            return Some(format!(
+                "its URL names database {:?} while the primary's names {:?}: its rows are another database's",
+                self.database, primary.database
+            ));
+        }
+        match (self.system_identifier, primary.system_identifier) {
+            (Some(replica), Some(primary)) if replica != primary => Some(format!(
+                "it is a replica of another server (system identifier {replica}, the primary's {primary})"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// How many primary positions a sampler remembers (a minute at 1 s).
@@ -695,13 +788,24 @@ impl Sampler {
             let gauges = self.freshness.gauges.lock().unwrap_or_else(PoisonError::into_inner);
             match sample {
                 Ok((lag, replayed)) => {
+                    *self.freshness.failure.lock().unwrap_or_else(PoisonError::into_inner) = None;
                     let lag_us = u64::try_from(lag.as_micros()).unwrap_or(FAILED - 1);
                     self.freshness.replayed.fetch_max(replayed, Ordering::Relaxed);
                     self.freshness.lag_us.store(lag_us, Ordering::Relaxed);
                     report_sample(&self.name, Some(lag));
                 }
                 Err(reason) => {
-                    tracing::debug!(replica = %self.name, %reason, "dployr.replica sample failed");
+                    // Warned once per new reason (a replica down for an
+                    // hour would otherwise log every sampling period), so a
+                    // misconfigured replica is seen without debug logs.
+                    let mut failure = self.freshness.failure.lock().unwrap_or_else(PoisonError::into_inner);
+                    if failure.as_deref() == Some(reason.as_str()) {
+                        tracing::debug!(replica = %self.name, %reason, "dployr.replica sample failed");
+                    } else {
+                        tracing::warn!(replica = %self.name, %reason, "dployr.replica out of rotation");
+                        *failure = Some(reason);
+                    }
+                    drop(failure);
                     self.freshness.lag_us.store(FAILED, Ordering::Relaxed);
                     report_sample(&self.name, None);
                     // Reconnect next time: the failure may have broken them.
@@ -731,7 +835,12 @@ impl Sampler {
     fn sample(&mut self) -> Result<(Duration, u64), String> {
         let primary = match &mut self.primary {
             Some(conn) => conn,
-            slot => slot.insert(Self::connect(&self.primary_url)?),
+            slot => {
+                let conn = slot.insert(Self::connect(&self.primary_url)?);
+                self.primary_identity =
+                    Some(ServerIdentity::of(conn).map_err(|error| format!("the primary's identity: {error}"))?);
+                conn
+            }
         };
         let primary_at = Instant::now();
         let primary_lsn = position(
@@ -746,7 +855,19 @@ impl Sampler {
         }
         let replica = match &mut self.replica {
             Some(conn) => conn,
-            slot => slot.insert(Self::connect(&self.replica_url)?),
+            slot => {
+                let conn = slot.insert(Self::connect(&self.replica_url)?);
+                // Checked once per connection (each failure reconnects):
+                // the replay positions compared below are a whole server's,
+                // so a URL naming another database of the replica's server,
+                // or a standby of another primary far enough along, would
+                // otherwise pass for caught up and answer with other rows.
+                let identity = ServerIdentity::of(conn).map_err(|error| format!("the replica's identity: {error}"))?;
+                if let Some(mismatch) = self.primary_identity.as_ref().and_then(|primary| identity.mismatch(primary)) {
+                    return Err(format!("not a replica of the primary's database: {mismatch}"));
+                }
+                conn
+            }
         };
         // A replica is usually a moment behind the primary's newest WAL
         // (streaming and replay take a few milliseconds), and WAL that holds

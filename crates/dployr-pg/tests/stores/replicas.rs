@@ -602,6 +602,176 @@ fn a_replica_failing_a_read_with_an_error_of_its_own_falls_back_to_the_primary()
     assert_eq!(status.skips.error, 1, "{status:?}");
 }
 
+/// A replica whose answer this binary cannot decode (here its
+/// `users.metadata` is still `json` where the primary's is `jsonb`, as
+/// after a migration that changed the column's type and that it has not
+/// replayed yet) is not the caller's failure: the primary answers. The
+/// replica stays in rotation (an undecodable answer may be the row's, see
+/// the next test).
+#[test]
+fn a_replica_answer_that_cannot_be_decoded_falls_back_to_the_primary() {
+    let Some(server) = start() else { return };
+    let stores = Routed::new(&server, Some(fast_sampling(Duration::from_secs(60))));
+    let user = stores.users.upsert(NewUser::new(email("retyped@example.io"), Provider::Google)).unwrap();
+    let mut primary = PgConnection::establish(server.primary_url()).unwrap();
+    primary
+        .batch_execute(
+            "ALTER TABLE users RENAME TO users_typed; \
+             CREATE VIEW users AS SELECT id, email, name, picture, provider, metadata::json AS metadata, \
+             created_at, updated_at, first_signed_in_at FROM users_typed",
+        )
+        .unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    server.pause_replay().unwrap();
+    primary.batch_execute("DROP VIEW users; ALTER TABLE users_typed RENAME TO users").unwrap();
+    stores.wait_until_in_rotation(true);
+
+    let before = stores.replica_statements();
+    let found = stores.users.get(&user.id);
+    let on_replica = stores.replica_statements() - before;
+    server.resume_replay().unwrap();
+    assert_eq!(found.unwrap().map(|found| found.id), Some(user.id), "the primary answers what the replica could not");
+    assert_eq!(on_replica, 1, "the replica was asked first");
+    let status = &stores.pool.replicas().unwrap().status()[0];
+    assert_eq!(status.skips.error, 1, "{status:?}");
+    assert!(status.in_rotation, "{status:?}");
+}
+
+/// A row nobody can decode (a number past a 64-bit float's range, written
+/// by hand with the schema's check dropped): the caller gets the error, as
+/// from the primary, and the replica stays in rotation, so the next read
+/// still goes to it, not every read to the primary.
+#[test]
+fn a_row_that_cannot_be_decoded_anywhere_is_the_callers_error_and_the_replica_stays_in_rotation() {
+    let Some(server) = start() else { return };
+    let stores = Routed::new(&server, Some(fast_sampling(Duration::from_secs(60))));
+    let owner = stores.users.upsert(NewUser::new(email("owner@example.io"), Provider::Google)).unwrap();
+    let cluster = stores.clusters.create_for_owner(&owner.id).unwrap();
+    let new_instance = |tag: &str| NewInstance {
+        address: format!("{tag}.example:22").parse().unwrap(),
+        tag: tag.parse().unwrap(),
+        metadata: None,
+    };
+    let bad = stores.instances.create(&cluster.id, new_instance("bad")).unwrap();
+    let good = stores.instances.create(&cluster.id, new_instance("good")).unwrap();
+    let mut primary = PgConnection::establish(server.primary_url()).unwrap();
+    let constraints: Vec<String> = diesel::sql_query(
+        "SELECT conname AS name FROM pg_constraint WHERE conrelid = 'instances'::regclass AND contype = 'c' \
+         AND conname LIKE '%metadata%'",
+    )
+    .load::<Named>(&mut primary)
+    .unwrap()
+    .into_iter()
+    .map(|row| row.name)
+    .collect();
+    for name in constraints {
+        primary.batch_execute(&format!("ALTER TABLE instances DROP CONSTRAINT {name}")).unwrap();
+    }
+    diesel::sql_query("UPDATE instances SET metadata = '{\"x\": 1e400}' WHERE id = $1")
+        .bind::<diesel::sql_types::Text, _>(bad.id.to_string())
+        .execute(&mut primary)
+        .unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    stores.wait_until_in_rotation(true);
+
+    let answer = stores.instances.get(&bad.id);
+    assert!(matches!(answer, Err(StoreError::Backend { .. })), "{answer:?}");
+    let status = stores.pool.replicas().unwrap().status().remove(0);
+    assert!(status.in_rotation, "{status:?}");
+    let before = stores.replica_statements();
+    assert!(stores.instances.get(&good.id).unwrap().is_some());
+    assert_eq!(stores.replica_statements() - before, 1, "the next read goes to the replica");
+}
+
+#[derive(QueryableByName)]
+struct Named {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+}
+
+/// A pool on `primary` reading from the one replica at `replica`, sampled
+/// every 100 ms.
+fn with_one_replica(primary: &str, replica: &str) -> PgPool {
+    let config = PoolConfig { max_size: 2, ..PoolConfig::default() };
+    let pool = PgPool::connect(primary, config).unwrap();
+    let urls = [replica.to_owned()];
+    let set = ReplicaSet::connect(&pool, &urls, "replica_urls", config, fast_sampling(Duration::from_secs(1))).unwrap();
+    pool.with_replicas(set)
+}
+
+/// The status of the replica of `pool` once a sample of it failed.
+fn first_failed_sample(pool: &PgPool) -> dployr_pg::ReplicaStatus {
+    let started = Instant::now();
+    loop {
+        let status = pool.replicas().unwrap().status().remove(0);
+        if status.failure.is_some() {
+            return status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never sampled: {status:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A replica URL naming another database of the replica's server (a typo,
+/// a staging database): the replay positions are the server's, so it would
+/// pass for caught up; it never enters rotation, and says why.
+#[test]
+fn a_replica_url_naming_another_database_never_enters_rotation_and_says_why() {
+    let Some(server) = start() else { return };
+    let mut primary = PgConnection::establish(server.primary_url()).unwrap();
+    primary.batch_execute("CREATE DATABASE staging").unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    let (base, _) = server.replica_url().rsplit_once('/').unwrap();
+    let pool = with_one_replica(server.primary_url(), &format!("{base}/staging"));
+    let users = PgUserStore::new(pool.clone());
+    let user = users.upsert(NewUser::new(email("real@example.io"), Provider::Google)).unwrap();
+
+    let status = first_failed_sample(&pool);
+    // Sampled several times more: it stays out.
+    std::thread::sleep(Duration::from_millis(500));
+    let later = pool.replicas().unwrap().status().remove(0);
+    assert!(!status.in_rotation && !later.in_rotation, "{status:?} {later:?}");
+    let failure = later.failure.unwrap_or_default();
+    assert!(failure.contains("\"staging\"") && failure.contains("another database"), "{failure}");
+    assert_eq!(users.get(&user.id).unwrap().map(|found| found.id), Some(user.id));
+}
+
+/// A role that may not call `pg_control_system()` (revoked from PUBLIC by
+/// a hardened setup) still gets its replica in rotation: the database name
+/// is compared alone. (PostgreSQL checks a function's privilege when the
+/// statement starts, even inside a `CASE` that would not call it.)
+#[test]
+fn a_replica_enters_rotation_for_a_role_that_may_not_read_the_control_file() {
+    let Some(server) = start() else { return };
+    let mut primary = PgConnection::establish(server.primary_url()).unwrap();
+    primary
+        .batch_execute(
+            "CREATE ROLE hardened LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO hardened; \
+             REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC",
+        )
+        .unwrap();
+    server.wait_for_replay(Duration::from_secs(10)).unwrap();
+    let as_hardened = |url: &str| url.replacen("postgres@", "hardened@", 1);
+    let pool = with_one_replica(&as_hardened(server.primary_url()), &as_hardened(server.replica_url()));
+    let started = Instant::now();
+    while !pool.replicas().unwrap().status()[0].in_rotation {
+        let status = pool.replicas().unwrap().status().remove(0);
+        assert!(started.elapsed() < Duration::from_secs(20), "never entered rotation: {status:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The primary's own URL given as a replica's is never in rotation, and
+/// its status says why (it used to say nothing above debug logs).
+#[test]
+fn a_server_that_is_not_a_replica_stays_out_of_rotation_and_says_why() {
+    let Some(server) = start() else { return };
+    let pool = with_one_replica(server.primary_url(), server.primary_url());
+    let status = first_failed_sample(&pool);
+    assert!(!status.in_rotation, "{status:?}");
+    assert!(status.failure.as_deref().unwrap_or_default().contains("not a replica"), "{status:?}");
+}
+
 /// A replica that fails while a read after a write waits for it (frozen
 /// here) leaves rotation, as one that fails a read does: the reads after
 /// it do not each wait for it again until a sample succeeds.
