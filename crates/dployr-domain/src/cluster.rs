@@ -157,6 +157,15 @@ pub trait ClusterStore: Send + Sync {
     /// verified GitHub sign-in write `gitHub`. (A unique login per cluster
     /// cannot be asked of the database: one sign-in's metadata goes to
     /// every cluster its user owns or administers.)
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`](crate::StoreError::Invalid) naming `loginId` for a blank or oversized
+    /// login id; naming `metadata` for settings over the bounds of
+    /// [`Metadata`](crate::Metadata) **with the `loginId` entry the store
+    /// adds to them** (settings of exactly
+    /// [`MAX_METADATA_BYTES`](crate::MAX_METADATA_BYTES) are refused: the
+    /// entry takes its bytes too), or for a cluster whose metadata the
+    /// merge would take past the schema's stored bound (nothing written).
     fn install_github_integration(&self, integration: GitHubIntegration) -> StoreResult<Option<Cluster>>;
 
     /// Invites these e-mails: unknown ones become users with provider

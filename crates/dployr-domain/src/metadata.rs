@@ -24,6 +24,9 @@
 //! `1.8e19`): they come back as integers, a different `Value`, so they are
 //! refused with a hint to send the integer. Refusing rather than silently
 //! turning them into integers keeps "what is stored is what was sent".
+//! One exception, by `serde_json::Number`'s own equality (`-0.0 == 0.0`):
+//! negative zero comes back as `0.0` (PostgreSQL's `numeric` has no
+//! negative zero), equal as a `Value` but not the same sign.
 //! Non-finite numbers cannot be in a `serde_json::Value` at all.
 //!
 //! Before any of that, serde_json reads an integer past 64 bits, or a
@@ -325,6 +328,19 @@ fn kept_exactly(literal: &str) -> bool {
         return literal.parse::<i64>().is_ok() || literal.parse::<u64>().is_ok();
     }
     let Some(read) = literal.parse::<f64>().ok().and_then(serde_json::Number::from_f64) else { return false };
+    // Zero, whatever its exponent, is read as zero; a nonzero value read as
+    // zero underflowed. Both answered here, before the comparison below
+    // spells the literal out in plain decimal: that costs its exponent in
+    // digits, and a body of `0e-9999` literals, each of them kept, cost
+    // seconds of CPU for kilobytes of text. What remains to compare has an
+    // exponent within a 64-bit float's range plus its own digits.
+    let mantissa = literal.split(['e', 'E']).next().unwrap_or(literal);
+    if mantissa.bytes().all(|b| matches!(b, b'-' | b'.' | b'0')) {
+        return true;
+    }
+    if read.as_f64() == Some(0.0) {
+        return false;
+    }
     // Both in plain decimal, as PostgreSQL prints them, without the zeros
     // a scale adds: `1.50` is `1.5`, `1E2` is `100.0`.
     let plain = |text: &str| {
@@ -481,6 +497,20 @@ mod tests {
             r#"{"s": "a\"1e-400 123456789012345678901234567890", "t": "\\"}"#,
         ] {
             assert!(text.parse::<Metadata>().is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn zero_with_any_exponent_is_kept_and_a_value_that_underflows_is_refused() {
+        let zeros = vec!["0e-9999"; 10_000].join(", ");
+        let text = format!(r#"{{"z": [{zeros}], "big": 0e99999, "neg": -0.000E+400}}"#);
+        let metadata: Metadata = text.parse().unwrap();
+        let Some(Value::Array(read)) = metadata.get("z") else { panic!("{metadata:?}") };
+        assert!(read.len() == 10_000 && read.iter().all(|zero| zero.as_f64() == Some(0.0)));
+        assert_eq!(metadata.get("big").and_then(Value::as_f64), Some(0.0));
+        for text in [r#"{"tiny": 1e-9999}"#, r#"{"tiny": 0.001e-400}"#, r#"{"huge": 1e99999}"#] {
+            let error = text.parse::<Metadata>().unwrap_err();
+            assert!(matches!(&error, StoreError::Invalid { field: "metadata", .. }), "{text}: {error}");
         }
     }
 

@@ -341,7 +341,15 @@ impl ClusterStore for PgClusterStore {
         text::check("loginId", &integration.login_id, MAX_LOGIN_ID_BYTES, Blank::Refused)?;
         let mut settings = integration.settings.as_map().clone();
         settings.insert("loginId".into(), Value::String(integration.login_id.clone()));
-        let settings = Metadata::from_map(settings)?;
+        // Checked with the entry it adds, which the caller never sent: the
+        // error says so, or its size would be one the caller cannot find.
+        let settings = Metadata::from_map(settings).map_err(|error| match error {
+            StoreError::Invalid { field, reason } => StoreError::Invalid {
+                field,
+                reason: format!("{reason} (with the `loginId` entry the store adds)").into(),
+            },
+            other => other,
+        })?;
         let merge = json!({ "gitHub": settings.into_value() });
         op.transaction(|conn| {
             // The expression is spelled as in clusters_github_login_id_idx, keys

@@ -1001,6 +1001,22 @@ fn github_login_ids_that_break_their_rules_are_invalid() {
     });
 }
 
+/// Settings `Metadata` accepts at its bound are refused once the store adds
+/// their `loginId`, by an error that says so (it used to name a size the
+/// caller never sent), before any statement.
+#[test]
+fn github_settings_at_the_metadata_bound_are_refused_naming_the_login_id_the_store_adds() {
+    let f = Fixture::new();
+    let filler = "x".repeat(MAX_METADATA_BYTES - r#"{"k": ""}"#.len());
+    let mut map = serde_json::Map::new();
+    map.insert("k".into(), serde_json::Value::String(filler));
+    let settings = Metadata::from_map(map).expect("exactly at the bound");
+    let integration = dployr_domain::GitHubIntegration { login_id: "4242".into(), settings };
+    let error = f.clusters.install_github_integration(integration).unwrap_err();
+    assert_eq!(invalid_field(&error), Some("metadata"), "{error}");
+    assert!(error.to_string().contains("with the `loginId` entry the store adds"), "{error}");
+}
+
 /// More than PostgreSQL's protocol allows a statement's parameters (65 535,
 /// a 16-bit count) if each listed user took four of them, or even one.
 const LONGER_THAN_A_STATEMENT_HAS_PARAMETERS: usize = 70_000;
