@@ -312,19 +312,19 @@ async fn with_sessions_on_cloudflare_each_key_value_call_goes_by_the_backend_it_
     data.kv().create_otp(&user.email).await.unwrap();
 }
 
+/// A multi-thread runtime whose blocking pool has one thread, which a test
+/// can hold to fill it.
+fn with_one_blocking_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(1).enable_all().build().unwrap()
+}
+
 /// A call on tokio's blocking pool (a session call on Cloudflare) whose
 /// future is dropped before a blocking thread took it does not run, as a
 /// call dropped in the facade's queue does not: tokio does not cancel a
 /// blocking task that has not started, so the call checks its caller.
 #[test]
 fn a_cloudflare_call_dropped_before_a_blocking_thread_took_it_does_not_run() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    with_one_blocking_thread().block_on(async {
         let db = dployr_testkit::database();
         let (data, _emulator) = one_thread_on(&db, Kv::Cloudflare, Duration::from_secs(1)).await;
         let user = data.users().upsert(NewUser::new(email("ada@example.io"), Provider::Github)).await.unwrap();
@@ -340,6 +340,45 @@ fn a_cloudflare_call_dropped_before_a_blocking_thread_took_it_does_not_run() {
         tokio::task::spawn_blocking(|| ()).await.unwrap();
         assert_eq!(data.kv().get_session(&id).await.unwrap(), None, "the dropped call ran");
     });
+}
+
+/// With sessions on Cloudflare, `health()` answers while tokio's blocking
+/// pool is full (its one thread held here, as Cloudflare calls held up by
+/// retries can hold them all): it runs on a thread of its own, not behind
+/// them.
+#[test]
+fn health_with_sessions_on_cloudflare_answers_while_the_blocking_pool_is_full() {
+    with_one_blocking_thread().block_on(async {
+        let db = dployr_testkit::database();
+        let (data, _emulator) = one_thread_on(&db, Kv::Cloudflare, Duration::from_secs(1)).await;
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = tokio::task::spawn_blocking(move || released.recv_timeout(HOLD_AT_MOST));
+        let health = data.health().await;
+        release.send(()).unwrap();
+        assert!(holder.await.unwrap().is_ok(), "health waited until the blocking pool's thread was let go");
+        assert!(health.is_ready(), "{health:?}");
+    });
+}
+
+/// Health checks asked at once with sessions on Cloudflare (a load
+/// balancer from several nodes, a kubelet's probes) all answer ready when
+/// everything is: those asked while one runs get its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_asked_at_once_with_sessions_on_cloudflare_all_answer() {
+    let db = dployr_testkit::database();
+    let (data, _emulator) = one_thread_on(&db, Kv::Cloudflare, Duration::from_secs(1)).await;
+    for _ in 0..5 {
+        let checks: Vec<_> = (0..8)
+            .map(|_| {
+                let data = data.clone();
+                tokio::spawn(async move { data.health().await })
+            })
+            .collect();
+        for check in checks {
+            let health = check.await.unwrap();
+            assert!(health.is_ready(), "{health:?}");
+        }
+    }
 }
 
 /// Polls `future` to its end on this thread, outside any tokio runtime

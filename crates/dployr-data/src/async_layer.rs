@@ -39,9 +39,14 @@
 //! and the one-time records on PostgreSQL (its default) only the session
 //! calls leave the facade's threads. [`AsyncDataLayer::delete_user`] and
 //! [`AsyncDataLayer::remove_users`], whose second step ends sessions, run
-//! on the blocking pool when the sessions are on Cloudflare;
+//! on the blocking pool when the sessions are on Cloudflare. A call there
+//! waits for a thread of tokio's pool (`max_blocking_threads`, 512 unless
+//! the runtime sets it) with no timeout of the facade's: size that pool for
+//! the Cloudflare calls a process may have waiting at once.
 //! [`AsyncDataLayer::health`], which reads a key from each key-value
-//! backend, runs there when either of them is on Cloudflare.
+//! backend, runs on a thread of its own when either of them is on
+//! Cloudflare, so that a pool filled by slow Cloudflare calls never holds
+//! up `/healthz`.
 //!
 //! **In place, on request.** [`AsyncDataLayer::in_place`] gives a facade
 //! that runs each call on the thread of the task that awaits it, with
@@ -224,6 +229,15 @@ struct Shared {
     routes: Routes,
     /// Room for calls in place: one per connection the pools may open.
     in_place: tokio::sync::Semaphore,
+    /// The health check running on a thread of its own, if one is (see
+    /// [`AsyncDataLayer::health`]): a check asked meanwhile waits for its
+    /// answer instead of starting another.
+    health_check: Arc<Mutex<Option<tokio::sync::broadcast::Sender<Health>>>>,
+    /// Taken by each call before it counts itself against the free threads
+    /// and until its job is queued, so that the queue's order is the
+    /// count's: a call that counted a free thread is never queued behind
+    /// one that counted none (and then left waiting with no timer).
+    submit: Mutex<()>,
 }
 
 impl Shared {
@@ -268,7 +282,8 @@ impl Shared {
         let by_backend = |remote: bool| if remote { Route::BlockingPool } else { stores };
         let routes = Routes { stores, sessions: by_backend(sessions_remote), one_time: by_backend(one_time_remote) };
         let in_place = tokio::sync::Semaphore::new(usize::try_from(connections).unwrap_or(usize::MAX));
-        Self { data, queue, free_threads, timer, queue_timeout, routes, in_place }
+        let health_check = Arc::new(Mutex::new(None));
+        Self { data, queue, free_threads, timer, queue_timeout, routes, in_place, health_check, submit: Mutex::new(()) }
     }
 }
 
@@ -462,6 +477,42 @@ async fn on_blocking_pool<T: Send + 'static>(
     }
 }
 
+/// [`DataLayer::health`] on a thread of its own, or the answer of the check
+/// already running there: one thread however many ask at once. A check
+/// asked while another runs gets that one's answer, which started before it
+/// asked (a slow check's answer is every waiting caller's).
+async fn health_on_a_thread_of_its_own(shared: &Shared) -> StoreResult<Health> {
+    let mut answer = {
+        let mut running = shared.health_check.lock().unwrap_or_else(PoisonError::into_inner);
+        match running.as_ref() {
+            Some(check) => check.subscribe(),
+            None => {
+                let (check, answer) = tokio::sync::broadcast::channel(1);
+                let (data, slot, sender) = (Arc::clone(&shared.data), Arc::clone(&shared.health_check), check.clone());
+                let spawned = std::thread::Builder::new().name("dployr-health".into()).spawn(move || {
+                    let health = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| data.health()));
+                    // Cleared before the answer is sent: a check asked from
+                    // now on starts anew; those that subscribed get this one
+                    // (or, after a panic, the channel's end: "not probed").
+                    slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    if let Ok(health) = health {
+                        let _nobody_waits = sender.send(health);
+                    }
+                });
+                if let Err(error) = spawned {
+                    return Err(StoreError::Unavailable {
+                        reason: "no thread could be started for the health check; it did not run".into(),
+                        source: Some(Box::new(error)),
+                    });
+                }
+                *running = Some(check);
+                answer
+            }
+        }
+    };
+    answer.recv().await.map_err(|_| stopped("the health check's thread ended without answering"))
+}
+
 /// Runs `work` on a new thread, for a future polled outside tokio (another
 /// executor): a panic in it goes on in the caller.
 async fn on_a_thread_of_its_own<T: Send + 'static>(
@@ -498,6 +549,7 @@ async fn on_threads<T: Send + 'static>(
     // answers it if none takes it in time, so the two share the reply. A
     // free thread takes the call at once: the reply stays the job's own,
     // with no timer to wake and nothing shared to lock.
+    let submitting = shared.submit.lock().unwrap_or_else(PoisonError::into_inner);
     let waits = shared.free_threads.fetch_sub(1, Ordering::AcqRel) <= 0;
     let timer = shared.timer.as_ref().filter(|_| waits);
     let (slot, expiring) = match timer {
@@ -517,8 +569,13 @@ async fn on_threads<T: Send + 'static>(
             if reply.is_closed() {
                 return;
             }
-            // Late without the timer (not started, or not yet woken).
-            let result = if Instant::now() > deadline {
+            // Late without the timer (not started, or not yet woken). Only
+            // a call that waited behind others can be: one that found a
+            // thread free is not refused for the time the system took to
+            // wake that thread (tens of milliseconds on a loaded machine,
+            // which refused calls with "every thread was busy" while one
+            // was idle, where the synchronous store took a connection).
+            let result = if waits && Instant::now() > deadline {
                 Ok(Err(waited_too_long(timeout)))
             } else {
                 // Caught so that the thread lives on; resumed in the caller.
@@ -527,7 +584,9 @@ async fn on_threads<T: Send + 'static>(
             let _caller_gone = reply.send(result);
         }
     });
-    if shared.queue.send(job).is_err() {
+    let queued = shared.queue.send(job);
+    drop(submitting);
+    if queued.is_err() {
         shared.free_threads.fetch_add(1, Ordering::AcqRel);
         return Err(stopped("the async facade's threads have stopped"));
     }
@@ -735,8 +794,11 @@ impl AsyncDataLayer {
     /// now with its duration, as [`DataLayer::health`] (each probe bounded
     /// by the data layer's call deadline), off the runtime's threads: on
     /// one of the facade's threads (or in place, for a facade from
-    /// [`AsyncDataLayer::in_place`]), or on tokio's blocking pool when a
-    /// key-value backend is on Cloudflare, whose probe is an HTTP request.
+    /// [`AsyncDataLayer::in_place`]), or, when a key-value backend is on
+    /// Cloudflare (whose probe is an HTTP request), on a thread of its own:
+    /// not on tokio's blocking pool, which Cloudflare calls held up by
+    /// retries may fill. One such check runs at a time: a check asked while
+    /// one runs gets that one's answer.
     ///
     /// Never fails: a probe that fails says so in its answer. Nor does it
     /// wait in the facade's queue longer than a store call would: when
@@ -758,7 +820,16 @@ impl AsyncDataLayer {
     /// ```
     pub async fn health(&self) -> Health {
         let asked = Instant::now();
-        match blocking(&self.shared, self.routes().health(), |data| Ok(data.health())).await {
+        let route = self.routes().health();
+        let answered = if route == Route::BlockingPool {
+            // Not on tokio's blocking pool, where Cloudflare calls held up
+            // by retries can take every thread and `/healthz` would wait
+            // behind them without bound: on a thread of its own.
+            health_on_a_thread_of_its_own(&self.shared).await
+        } else {
+            blocking(&self.shared, route, |data| Ok(data.health())).await
+        };
+        match answered {
             Ok(health) => health,
             Err(not_run) => unprobed(&self.shared.data, &not_run, asked.elapsed()),
         }
@@ -1012,5 +1083,27 @@ async_store! {
         fn create_otp(email: &Email) -> OtpCode;
         /// Whether `code` is the current code of `email` (counted, then compared; consumed when right).
         fn validate_otp(email: &Email, code: &OtpCode) -> bool;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KvBackendConfig;
+
+    /// The queue's timeout bounds a call's wait behind others, not the time
+    /// the system takes to wake a free thread: with a timeout of zero, where
+    /// every wake-up is late, a call that found a thread free still runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_finds_a_thread_free_is_never_refused_for_its_wake_up() {
+        let db = dployr_testkit::database();
+        let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
+        let mut shared = Shared::start(data);
+        shared.queue_timeout = Duration::ZERO;
+        let shared = Arc::new(shared);
+        for _ in 0..20 {
+            let answered = on_threads(&shared, |_| Ok(7)).await;
+            assert!(matches!(answered, Ok(7)), "{answered:?}");
+        }
     }
 }
