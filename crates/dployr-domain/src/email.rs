@@ -10,12 +10,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use icu_normalizer::ComposingNormalizerBorrowed;
 use idna::uts46::{AsciiDenyList, DnsLength, Hyphens, Uts46};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::StoreError;
-use crate::text::{identifier_refuses, is_mark, nfc};
+use crate::text::{DOTTED_TWICE, dots_a_dotted_letter, identifier_refuses, is_mark, nfc, nfkc_stable};
 
 /// The most bytes an address may have (RFC 5321's path limit).
 pub const MAX_EMAIL_BYTES: usize = 254;
@@ -106,7 +105,12 @@ impl Email {
         // everywhere; `to_lowercase` would first make one that ends a word
         // `ς`, which UTS 46 keeps: another label, so one domain spelt in
         // capitals and in small letters would be two users and the wrong host.
-        let local = nfc(&local.to_lowercase()).into_owned();
+        // `İ` lower-cases to `i` + U+0307 by Unicode's default mapping,
+        // which keeps its dot as a mark: a look-alike of `i` (refused by
+        // `check_local_part`) and no mailbox anyone meant. It is Turkish
+        // capital i (`ilker` auto-capitalised on a Turkish keyboard), whose
+        // Turkish lower case is `i`: read as that.
+        let local = nfc(&local.replace('\u{130}', "i").to_lowercase()).into_owned();
         check_local_part(&local)?;
         let domain = ascii_domain(domain)?;
         let email = format!("{local}@{domain}");
@@ -198,8 +202,11 @@ fn check_local_part(local: &str) -> Result<(), StoreError> {
     if local.starts_with(is_mark) {
         return Err(invalid("starts with a combining mark"));
     }
-    if !ComposingNormalizerBorrowed::new_nfkc().is_normalized(local) {
+    if !nfkc_stable(local) {
         return Err(invalid("has a compatibility character (full-width letter, ligature, ...) before the @"));
+    }
+    if dots_a_dotted_letter(local) {
+        return Err(invalid(DOTTED_TWICE));
     }
     Ok(())
 }
@@ -228,7 +235,14 @@ fn ascii_domain(domain: &str) -> Result<String, StoreError> {
     if labels.iter().any(|label| label.is_empty() || label.len() > 63) {
         return Err(invalid("has a domain label that is empty or longer than 63 bytes"));
     }
-    if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+    // A last label of digits, or `0x` and hex digits, makes the whole host
+    // an IPv4 address to `inet_aton` and to URL parsers (WHATWG's "ends in
+    // a number"): `a@127.0.0.0x1` and `a@1.0x7f` are loopback addresses.
+    let numeric = |label: &str| {
+        label.bytes().all(|b| b.is_ascii_digit())
+            || label.strip_prefix("0x").is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    if labels.last().is_some_and(|tld| numeric(tld)) {
         return Err(invalid("has an IP address or a numeric top-level domain"));
     }
     Ok(ascii)
@@ -288,6 +302,11 @@ mod tests {
             (&["v@r3---sn-abc.googlevideo.com"], "v@r3---sn-abc.googlevideo.com"),
             (&["\u{212a}im@x.io", "kim@x.io", "Kim@x.io"], "kim@x.io"),
             (&["user@\u{ff58}.io"], "user@x.io"),
+            // Turkish capital i is read as Turkish lower case: `i`.
+            (&["ADM\u{130}N@x.io", "admin@x.io"], "admin@x.io"),
+            (&["\u{130}lker@x.io", "ilker@x.io", "ILKER@x.io"], "ilker@x.io"),
+            // Lithuanian keeps the dot of an i under an accent: both show.
+            (&["ki\u{307}\u{301}tas@x.lt"], "ki\u{307}\u{301}tas@x.lt"),
         ];
         for (spellings, stored) in cases {
             for spelling in *spellings {
@@ -323,6 +342,12 @@ mod tests {
             "\"john doe\"@x.io".to_owned(),
             "\u{301}@x.io".to_owned(),
             "\u{fb01}x@x.io".to_owned(),
+            "admi\u{307}n@x.io".to_owned(),
+            "adm\u{131}\u{307}n@x.io".to_owned(),
+            "a@127.0.0.0x1".to_owned(),
+            "a@1.0x7f".to_owned(),
+            "a@x.0x".to_owned(),
+            "a@0x7f.0X1".to_owned(),
             "a@-x.io".to_owned(),
             "a@x-.io".to_owned(),
             "a@x.io-".to_owned(),

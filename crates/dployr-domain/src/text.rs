@@ -12,7 +12,19 @@
 //!   default-ignorable code point, a character that renders blank (U+2800
 //!   braille blank, U+1D159 null notehead), an unassigned one (`Cn`: its
 //!   normal form could change with a later Unicode), or starting with a
-//!   combining mark. Two identifiers that look the same are then the same bytes.
+//!   combining mark. Two spellings that NFC makes one (`é` composed or
+//!   not) are then the same bytes, and nothing invisible tells two values
+//!   apart. **Look-alikes are not refused**: what is left is compared byte
+//!   for byte, so compatibility characters (`ﬁles` and `files`, `web-Ⅸ`
+//!   and `web-IX`, full-width letters, `µ` and `μ`), a dot above an `i`
+//!   that shows one already (`i` + U+0307), and case (`HOST.example:22`
+//!   and `host.example:22`: an address may be a URL, whose path is
+//!   case-sensitive) make distinct values. Refusing compatibility
+//!   characters, as e-mail local parts do, would also refuse everyday
+//!   words (Thai `น้ำ`, Armenian `և`, `1º`, `№5`) and make tags stored before
+//!   unreachable by their tag; a control plane that shows tags side by side
+//!   should bring them to one form it chooses (lower case, NFKC) before it
+//!   creates them.
 //! - **Display text** (user and cluster names) is shown to people: brought to
 //!   NFC and trimmed, it must hold at least one visible character (not one
 //!   of the invisible or blank-rendering characters above), and is refused
@@ -31,7 +43,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use icu_normalizer::ComposingNormalizerBorrowed;
-use icu_properties::props::{DefaultIgnorableCodePoint, GeneralCategory};
+use icu_properties::props::{DefaultIgnorableCodePoint, GeneralCategory, SoftDotted};
 use icu_properties::{CodePointMapData, CodePointSetData};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -96,6 +108,44 @@ pub(crate) fn category(c: char) -> GeneralCategory {
 /// Hangul filler, ...).
 pub(crate) fn is_default_ignorable(c: char) -> bool {
     CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
+}
+
+/// Whether `text` (in NFC) ends a letter's marks with U+0307 COMBINING DOT
+/// ABOVE on a letter that shows a dot already (`Soft_Dotted`: `i`, `j`,
+/// `ị`, Cyrillic `і`, ...), whose own dot it then replaces, or on a
+/// dotless `ı` or `ȷ`: either way it looks like the plain letter, and no
+/// normal form folds it into one (`İ` lower-cases to `i` + U+0307, so
+/// `ADMİN` would be a second "admin"). Marks before the dot (a dot below)
+/// count as part of the letter; a mark above after it is Lithuanian
+/// spelling (`i̇́`: the dot kept under an accent), which shows both.
+pub(crate) fn dots_a_dotted_letter(text: &str) -> bool {
+    let soft_dotted = CodePointSetData::new::<SoftDotted>();
+    let mut letter = None;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{307}' {
+            let last_of_its_marks = !chars.peek().is_some_and(|&next| is_mark(next));
+            if last_of_its_marks && letter.is_some_and(|base| base == 'ı' || base == 'ȷ' || soft_dotted.contains(base))
+            {
+                return true;
+            }
+        } else if !is_mark(c) {
+            letter = Some(c);
+        }
+    }
+    false
+}
+
+/// What an e-mail's local part is told when it dots a dotted letter
+/// ([`dots_a_dotted_letter`]).
+pub(crate) const DOTTED_TWICE: &str = "has a dot above an i or j that has one already, or above a dotless ı or ȷ (U+0307), before the @: it looks \
+     like the plain letter, a second spelling of one address";
+
+/// Whether NFKC leaves `text` as it is: no full-width letter, ligature,
+/// superscript, Roman numeral, micro sign, ... that looks like (or is
+/// read as) another character another value holds.
+pub(crate) fn nfkc_stable(text: &str) -> bool {
+    ComposingNormalizerBorrowed::new_nfkc().is_normalized(text)
 }
 
 /// `text` in Unicode Normalization Form C.
@@ -410,6 +460,31 @@ pub(crate) mod tests {
     #[test]
     fn identifiers_that_look_alike_are_the_same_bytes() {
         assert_eq!(Tag::parse("caf\u{e9}").unwrap(), Tag::parse(" cafe\u{301}\t").unwrap());
+    }
+
+    /// Look-alikes that NFC does not fold are distinct identifiers (the
+    /// module documentation says so); everyday words in other scripts pass.
+    #[test]
+    fn identifiers_keep_compatibility_characters_and_dotted_letters_as_written() {
+        for written in
+            ["\u{fb01}les", "web-\u{2168}", "admi\u{307}n", "\u{e19}\u{e49}\u{e33}", "\u{587}", "1\u{ba}", "\u{2116}5"]
+        {
+            assert_eq!(Tag::parse(written).unwrap().as_str(), written, "{written:?}");
+        }
+        assert_ne!(Tag::parse("\u{fb01}les").unwrap(), Tag::parse("files").unwrap());
+    }
+
+    #[test]
+    fn a_dot_above_ends_a_look_alike_only_when_it_is_the_letters_last_mark() {
+        for look_alike in ["admi\u{307}n", "adm\u{131}\u{307}n", "\u{237}\u{307}", "\u{456}\u{307}", "\u{1ecb}\u{307}"]
+        {
+            assert!(dots_a_dotted_letter(look_alike), "{look_alike:?}");
+        }
+        for distinct in
+            ["admin", "\u{131}", "\u{e0}\u{307}", "ki\u{307}\u{301}tas", "\u{12f}\u{307}\u{303}", "a\u{307}"]
+        {
+            assert!(!dots_a_dotted_letter(distinct), "{distinct:?}");
+        }
     }
 
     #[test]

@@ -212,7 +212,7 @@ fn hostile_email() -> impl Strategy<Value = String> {
         3 => (pieces(6), pieces(3), pieces(6)).prop_map(|(local, at, domain)| format!("{local}{at}{domain}")),
         2 => "[ ]{0,2}[A-Za-z0-9._%+-]{1,20}@[A-Za-z0-9.-]{1,20}[ ]{0,2}",
         2 => "[A-Za-z0-9.+-]{1,12}@([a-z0-9-]{1,8}\\.){1,3}[a-z0-9-]{1,6}\\.?",
-        1 => (pieces(4), prop::sample::select(&["b\u{fc}cher.de", "xn--bcher-kva.de", "X.IO.", "x.io", "\u{ff58}.io"][..]))
+        1 => (pieces(4), prop::sample::select(&["b\u{fc}cher.de", "xn--bcher-kva.de", "X.IO.", "x.io", "\u{ff58}.io", "a.0x", "a.0X1f", "b.0xg"][..]))
             .prop_map(|(local, domain)| format!("{local}@{domain}")),
         2 => any::<String>(),
         1 => (240usize..260, 1usize..8).prop_map(|(local, domain)| format!("{}@{}", "A".repeat(local), "b".repeat(domain))),
@@ -223,7 +223,8 @@ fn hostile_email() -> impl Strategy<Value = String> {
 /// lower-cased, one trailing dot of the domain dropped, a dot-atom local
 /// part of 1 to 64 bytes, a domain of at least two LDH labels of 1 to 63
 /// bytes (no hyphen first or last; hyphens third and fourth, as host names
-/// in use have them, allowed; the last not all digits), at most 254 bytes.
+/// in use have them, allowed; the last neither all digits nor `0x` and hex
+/// digits, what URL parsers read as an IPv4 address), at most 254 bytes.
 fn ascii_email(raw: &str) -> Option<String> {
     let email = raw.trim().to_ascii_lowercase();
     let (local, domain) = email.split_once('@')?;
@@ -241,7 +242,10 @@ fn ascii_email(raw: &str) -> Option<String> {
     let domain_ok = labels.len() >= 2
         && domain.len() <= 253
         && labels.iter().all(label_ok)
-        && !labels.last().is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()));
+        && !labels.last().is_some_and(|tld| {
+            tld.chars().all(|c| c.is_ascii_digit())
+                || tld.strip_prefix("0x").is_some_and(|hex| hex.chars().all(|c| c.is_ascii_hexdigit()))
+        });
     let stored = format!("{local}@{domain}");
     (local_ok && domain_ok && stored.len() <= MAX_EMAIL_BYTES).then_some(stored)
 }
