@@ -341,3 +341,35 @@ fn a_row_the_stores_cannot_read_stops_018_naming_the_check_until_it_is_changed()
     assert!(applied.iter().any(|name| name.starts_with("018")), "{applied:?}");
     assert_eq!(count(&mut conn), 1);
 }
+
+/// A user whose metadata holds a number past a 64-bit float's range,
+/// written by hand before 019: 020 stops naming the check, the table and
+/// the query that finds it; once the number is changed, it goes through.
+#[test]
+fn a_number_the_stores_cannot_read_stops_020_naming_the_check_until_it_is_changed() {
+    let db = empty_database();
+    let (_dir, set) = migrations_before("019");
+    run(&db, set).unwrap();
+    let mut conn = db.connect();
+    in_one_transaction(
+        &mut conn,
+        &["INSERT INTO users (id, email, name, provider, metadata) \
+           VALUES ('01J00000000000000000000001', 'o@example.io', 'O', 'github', '{\"a\": {\"b\": [1e400]}}')"],
+    );
+    let error = run(&db, all_migrations()).unwrap_err();
+    assert!(
+        error.contains("020_metadata_numbers_readable_validated")
+            && error.contains("1 row(s) of users fail the check users_metadata_numbers_readable")
+            && error.contains("SELECT * FROM users WHERE NOT"),
+        "{error}"
+    );
+    conn.batch_execute("UPDATE users SET metadata = '{\"a\": {\"b\": [\"1e400\"]}}'").unwrap();
+    let applied = run(&db, all_migrations()).unwrap();
+    assert!(applied.iter().any(|name| name.starts_with("020")), "{applied:?}");
+    let validated =
+        "SELECT count(*) FROM pg_constraint WHERE conname LIKE '%_metadata_numbers_readable' AND convalidated";
+    let count: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!("({validated})")))
+        .get_result(&mut conn)
+        .unwrap();
+    assert_eq!(count, 3);
+}

@@ -58,6 +58,11 @@ fn count(conn: &mut PgConnection, sql: &str) -> i64 {
     diesel::select(diesel::dsl::sql::<BigInt>(&format!("({sql})"))).get_result(conn).unwrap()
 }
 
+/// The text the query `sql` answers.
+fn text(conn: &mut PgConnection, sql: &str) -> String {
+    diesel::select(diesel::dsl::sql::<Text>(&format!("({sql})"))).get_result(conn).unwrap()
+}
+
 /// The kind and constraint name of a refused statement.
 fn refusal<T: std::fmt::Debug>(result: QueryResult<T>) -> (DatabaseErrorKind, String) {
     match result {
@@ -258,6 +263,29 @@ fn rows_the_stores_could_not_read_back_are_refused_in_every_table() {
         assert_eq!((kind, constraint), (DatabaseErrorKind::CheckViolation, format!("{table}_metadata_readable")));
         let readable = format!("UPDATE {table} SET metadata = jsonb_build_object('a', '{}'::jsonb)", nested(126));
         diesel::sql_query(&readable).execute(&mut conn).unwrap();
+        // 2^1024 - 2^970 is the least number serde_json rounds to infinity.
+        let least_past_a_float = "179769313486231580793728971405303415079934132710037826936173778980444968292764750946\
+             649017977587207096330286416692887910946555547851940402630657488671505820681908902000708383676273854845\
+             817711531764475730270069855571366959622842914819860834936475292719074168444365510704342711559699508093\
+             042880177904174497792";
+        for number in ["1e400", "-1e400", least_past_a_float, &format!("-{least_past_a_float}")] {
+            let huge = format!("UPDATE {table} SET metadata = '{{\"a\": [{{\"b\": {number}}}]}}'");
+            let (kind, constraint) = refusal(diesel::sql_query(&huge).execute(&mut conn));
+            assert_eq!(
+                (kind, constraint),
+                (DatabaseErrorKind::CheckViolation, format!("{table}_metadata_numbers_readable")),
+                "{number}"
+            );
+        }
+        let largest_float = format!("{}", f64::MAX);
+        let one_below = format!("{}1", &least_past_a_float[..least_past_a_float.len() - 1]);
+        for number in ["1.7976931348623157e308", "-1.7976931348623157e308", "1e-400", &largest_float, &one_below] {
+            let sql = format!("UPDATE {table} SET metadata = '{{\"a\": {number}}}'");
+            diesel::sql_query(&sql).execute(&mut conn).unwrap();
+            let stored = text(&mut conn, &format!("SELECT metadata::text FROM {table} LIMIT 1"));
+            let read: serde_json::Value = serde_json::from_str(&stored).unwrap();
+            assert!(read["a"].is_f64(), "{number}: {read}");
+        }
     }
     let times = "SELECT count(*) FROM instances WHERE created_at BETWEEN '0001-01-01' AND '9999-12-31'";
     assert_eq!(count(&mut conn, times), 1, "the instance keeps its time");

@@ -292,6 +292,13 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "users_metadata_readable" | "clusters_metadata_readable" | "instances_metadata_readable" => {
             Check { field: "metadata", reason: "is nested 128 levels or more, past what the stores read" }
         }
+        // 019_metadata_numbers_readable: `Metadata` holds 64-bit floats.
+        "users_metadata_numbers_readable"
+        | "clusters_metadata_numbers_readable"
+        | "instances_metadata_numbers_readable" => Check {
+            field: "metadata",
+            reason: "holds a number past a 64-bit float's range, which the stores cannot read; send it as a string",
+        },
         _ => return None,
     })
 }

@@ -1,0 +1,3 @@
+ALTER TABLE instances DROP CONSTRAINT instances_metadata_numbers_readable;
+ALTER TABLE clusters DROP CONSTRAINT clusters_metadata_numbers_readable;
+ALTER TABLE users DROP CONSTRAINT users_metadata_numbers_readable;
