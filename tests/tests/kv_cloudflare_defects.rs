@@ -191,3 +191,156 @@ fn sessions_survive_a_proxy_that_answers_html_404_only_as_errors() {
     assert_configuration_naming_the_base_url(store.get_session(&id));
     assert!(store.get_session(&id).unwrap().is_some());
 }
+
+/// A server of the test's own on a loopback port that answers every request
+/// with `status`, `headers` and `body` (one request per connection); its
+/// port.
+fn answering_every_request(status: u16, headers: &'static str, body: &'static [u8]) -> u16 {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(100) {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let answer =
+                format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n", body.len());
+            let _ignored = stream.write_all(answer.as_bytes()).and_then(|()| stream.write_all(body));
+        }
+    });
+    port
+}
+
+/// Keys holding characters a URL path escapes, and the stores' own (`:`, `_`,
+/// hex digits), each under the prefix `p:`.
+const KEYS_UNDER_A_PREFIX: [&str; 7] =
+    ["p:session:0a1b", "p:user_sessions:ff:x", "p:a/b", "p:100%", "p:%41", "p:what?#frag", "p:spaced out+plus"];
+
+/// On a namespace that stores the path's text as it is (Cloudflare's
+/// `supports_url_encoding` false, the emulator's default), a key put is
+/// found by its prefix, by a bulk read and by a bulk delete: the key was
+/// sent with `url_encoded=true`. Escaping `:` and `_` without saying so
+/// stored `p%3Asession%3A0a1b`, which no listing of `p:` finds.
+#[test]
+fn keys_are_found_by_prefix_and_bulk_calls_on_a_namespace_that_does_not_decode_them() {
+    for decodes in [false, true] {
+        let emulator = CloudflareEmulator::start();
+        emulator.set_namespace_decodes_keys(decodes);
+        let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
+        let keys: Vec<String> = KEYS_UNDER_A_PREFIX.iter().map(|&key| key.to_owned()).collect();
+        for key in &keys {
+            kv.put(key, key.as_bytes(), None).unwrap();
+        }
+        let mut stored: Vec<String> = emulator.entries().into_iter().map(|(key, _)| key).collect();
+        let mut expected = keys.clone();
+        stored.sort();
+        expected.sort();
+        assert_eq!(stored, expected, "decoding namespace: {decodes}: stored under other names");
+        let mut listed = kv.list("p:", 100, None).unwrap().keys;
+        listed.sort();
+        assert_eq!(listed, expected, "decoding namespace: {decodes}");
+        let values = kv.get_many(&keys).unwrap();
+        assert!(values.iter().zip(&keys).all(|(value, key)| value.as_deref() == Some(key.as_bytes())), "{values:?}");
+        kv.delete_many(&keys).unwrap();
+        assert!(emulator.entries().is_empty(), "decoding namespace: {decodes}: {:?}", emulator.entries());
+    }
+}
+
+/// Sign-out everywhere from another process (no memory of the sessions)
+/// finds a user's sessions by listing their prefix: on a namespace that
+/// does not decode keys it found none, answered 0 and left them signed in.
+#[test]
+fn sign_out_everywhere_ends_the_sessions_on_a_namespace_that_does_not_decode_keys() {
+    let emulator = CloudflareEmulator::start();
+    let store = || KvStore::new(Arc::new(CloudflareKv::new(config_for(&emulator)).unwrap()));
+    let user = sample_user(1);
+    let ids = [SessionId::generate(), SessionId::generate()];
+    for id in &ids {
+        store().create_session(id, &user, vec![]).unwrap();
+    }
+    assert_eq!(store().delete_user_sessions(&user.id).unwrap(), 2);
+    let later = store();
+    for id in &ids {
+        assert!(later.get_session(id).unwrap().is_none(), "a session outlived sign-out everywhere");
+    }
+}
+
+/// Cloudflare's edge answers a request its firewall blocks with a 403 HTML
+/// page ("Error 1020: Access denied"), not the API's envelope: no token was
+/// checked, and an error naming the token sends an operator to rotate a good
+/// one. A 403 in the API's envelope still names the token.
+#[test]
+fn a_403_page_of_the_edge_is_not_blamed_on_the_api_token() {
+    let page = answering_every_request(
+        403,
+        "Content-Type: text/html\r\n",
+        b"<html><title>Access denied</title><body>Error 1020</body></html>",
+    );
+    let error = CloudflareKv::new(config_on_local_port(page, Duration::from_secs(2))).unwrap().get("k").unwrap_err();
+    match &error {
+        StoreError::Backend { message, .. } => {
+            assert!(message.contains("not the API token") && !message.contains("<html>"), "{message}");
+        }
+        other => panic!("expected a backend error naming the edge, got {other:?}"),
+    }
+    let enveloped = answering_every_request(
+        403,
+        "Content-Type: application/json\r\n",
+        br#"{"success":false,"errors":[{"code":9109,"message":"Unauthorized to access requested resource"}],"messages":[],"result":null}"#,
+    );
+    let error =
+        CloudflareKv::new(config_on_local_port(enveloped, Duration::from_secs(2))).unwrap().get("k").unwrap_err();
+    assert!(matches!(error, StoreError::Configuration { setting: "CLOUDFLARE_API_TOKEN", .. }), "{error:?}");
+}
+
+/// `Retry-After` may be an HTTP date (RFC 9110, 10.2.3), as a proxy on the
+/// way may send it: waited for as one in seconds is, not retried at once
+/// until the attempts run out.
+#[test]
+fn a_retry_after_given_as_an_http_date_is_waited_for() {
+    let in_two_seconds = (chrono::Utc::now() + chrono::Duration::seconds(2)).format("%a, %d %b %Y %H:%M:%S GMT");
+    let header = format!("Retry-After: {in_two_seconds}\r\n");
+    let port = answering_every_request(429, header.leak(), b"");
+    let started = Instant::now();
+    let error = CloudflareKv::new(config_on_local_port(port, Duration::from_secs(5))).unwrap().get("k").unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    // Five attempts 50-100 ms apart took under half a second; waiting as
+    // asked takes at least a second (the date's second is truncated).
+    assert!(started.elapsed() >= Duration::from_secs(1), "retried after {:?}", started.elapsed());
+}
+
+/// A proxy whose clock is 10 minutes ahead of ours answers 503 with a
+/// `Retry-After` date one second after its own `Date`: it asks for one
+/// second, counted on its clock, and the call retries after it (read on
+/// our clock, 601 s past `max_elapsed`, it gave up at once).
+#[test]
+fn a_retry_after_date_is_counted_from_the_answers_own_date() {
+    use std::io::{Read as _, Write as _};
+    let date = |at: chrono::DateTime<chrono::Utc>| at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    let ahead = chrono::Utc::now() + chrono::Duration::seconds(600);
+    let refused = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nDate: {}\r\nRetry-After: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        date(ahead),
+        date(ahead + chrono::Duration::seconds(1)),
+    );
+    let answered = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nvalue".to_owned();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().take(10).enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ignored = stream.write_all(if n == 0 { refused.as_bytes() } else { answered.as_bytes() });
+        }
+    });
+    let got = CloudflareKv::new(config_on_local_port(port, Duration::from_secs(5))).unwrap().get("k");
+    assert_eq!(got.unwrap(), Some(b"value".to_vec()));
+}

@@ -94,7 +94,7 @@ use dployr_domain::{
     KvBackend, KvLimits, KvPage, MAX_COUNTER, StoreError, StoreResult, counter_at_its_largest, not_a_counter,
     parse_counter,
 };
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use rand::Rng as _;
 use reqwest::header::HeaderMap;
 use reqwest::{Client, RequestBuilder};
@@ -629,6 +629,11 @@ impl Reply {
         self.envelope().errors.iter().find_map(|e| e.code)
     }
 
+    /// Whether the body is the API's JSON envelope (it says `success`).
+    fn has_envelope(&self) -> bool {
+        self.envelope().success.is_some()
+    }
+
     /// Whether any error of the answer has `code`.
     fn has_error_code(&self, code: u32) -> bool {
         self.envelope().errors.iter().any(|e| e.code == Some(code))
@@ -734,8 +739,39 @@ fn kept_expiry(stored: &Stored, ttl: Option<Duration>, room: u64) -> Option<Expi
     })
 }
 
+/// How long a `Retry-After` asks to wait: whole seconds (what Cloudflare
+/// sends), or an HTTP date (what a proxy on the way may send), counted from
+/// the answer's own `Date` (`server_now`, seconds since the epoch), so that
+/// a clock of the proxy's set apart from ours does not turn one second into
+/// minutes; without a `Date`, from our clock. A date already past asks for
+/// no wait.
+fn retry_after(value: &str, server_now: Option<u64>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let now = server_now.map_or_else(std::time::SystemTime::now, |secs| UNIX_EPOCH + Duration::from_secs(secs));
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// What a path segment must have percent-encoded: everything but letters,
+/// digits, `-._~` (RFC 3986's unreserved characters) and `:` and `@`
+/// (allowed in a path segment as they are).
+const PATH_SEGMENT: &AsciiSet =
+    &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b':').remove(b'@');
+
+/// A key, account or namespace id as one segment of a URL's path.
+///
+/// The stores' own keys (`session:`, hex digits, `_`) go as they are: a
+/// namespace whose `supports_url_encoding` is false stores the path's text
+/// without decoding it, so a `:` sent as `%3A` would be stored as those three
+/// characters there, and listing the prefix, or a bulk call naming the key,
+/// would never find it (Cloudflare's schema of a namespace; wrangler met it,
+/// cloudflare/workers-sdk#7997). Keys that need escaping go with
+/// `url_encoded=true` as well (see `CloudflareKv::value_url`).
 fn encode(segment: &str) -> String {
-    utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
+    utf8_percent_encode(segment, PATH_SEGMENT).to_string()
 }
 
 /// A TTL in whole seconds as Cloudflare takes it: rounded up, plus one
@@ -848,8 +884,13 @@ impl CloudflareKv {
         }
     }
 
+    /// The URL of `key`'s value, with `url_encoded=true`: it tells
+    /// Cloudflare to decode the key in the path whatever the namespace's
+    /// `supports_url_encoding` says (as wrangler sends it since
+    /// cloudflare/workers-sdk#12213), so a key holding `/`, `%` or `?` is
+    /// stored as written on every namespace, and found by listing its prefix.
     fn value_url(&self, key: &str) -> String {
-        format!("{}/values/{}", self.namespace_url, encode(key))
+        format!("{}/values/{}?url_encoded=true", self.namespace_url, encode(key))
     }
 
     /// Sends the request `build` makes, retrying 429, 5xx and transport
@@ -914,8 +955,7 @@ impl CloudflareKv {
                         .headers
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs)
+                        .and_then(|v| retry_after(v, reply.server_now()))
                         .or_else(|| (reply.status == 429).then(|| spent_quota_resets_in(&reply.headers)).flatten());
                     (reply.error_text(), reply.status, retry_after)
                 }
@@ -927,9 +967,12 @@ impl CloudflareKv {
                 || beyond(elapsed, wait.saturating_add(MIN_REQUEST_TIME), policy.max_elapsed)
             {
                 let asked = match retry_after {
-                    Some(asked) if beyond(elapsed, asked, policy.max_elapsed) => format!(
+                    Some(asked) if status == 429 && beyond(elapsed, asked, policy.max_elapsed) => format!(
                         "; Cloudflare asked to wait {asked:?} (after 1200 requests in 5 minutes the account is refused for 5 minutes)"
                     ),
+                    Some(asked) if beyond(elapsed, asked, policy.max_elapsed) => {
+                        format!("; the answer asked to wait {asked:?}")
+                    }
                     _ => String::new(),
                 };
                 return Err(StoreError::Unavailable {
@@ -957,6 +1000,17 @@ impl CloudflareKv {
     fn failure(&self, op: &'static str, reply: &Reply) -> StoreError {
         let text = reply.error_text();
         match (reply.status, reply.error_code()) {
+            // A 403 without the API's envelope is not the API's answer: a
+            // firewall rule of the edge ("Error 1020 Access denied") or a
+            // proxy refused the request before any token was checked.
+            (403, None) if !reply.has_envelope() => StoreError::Backend {
+                message: format!(
+                    "Cloudflare KV {op}: refused before it reached the API ({text}): a firewall rule of \
+                     Cloudflare's edge or a proxy on the way, not the API token"
+                )
+                .into(),
+                source: None,
+            },
             (401 | 403, _) | (_, Some(AUTHENTICATION_ERROR | INVALID_REQUEST_HEADERS)) => StoreError::Configuration {
                 setting: API_TOKEN_VAR,
                 reason: format!("Cloudflare refused the API token on {op} ({text})").into(),

@@ -34,7 +34,10 @@
 //! requests per 5 minutes per account, then every call refused with 429
 //! and `Retry-After` until the window has passed), and
 //! [`CloudflareEmulator::set_date_header`] (a `Date` header on another
-//! clock than the one expiries are counted by).
+//! clock than the one expiries are counted by). Keys in a value's path are
+//! percent-decoded only where the request says `url_encoded=true`, as on a
+//! namespace whose `supports_url_encoding` is false, unless
+//! [`CloudflareEmulator::set_namespace_decodes_keys`] says otherwise.
 //!
 //! ```no_run
 //! let cf = dployr_testkit::CloudflareEmulator::start();
@@ -130,6 +133,9 @@ struct State {
     date_header: DateHeader,
     /// Whether the bulk endpoints answer as paths a server does not have.
     no_bulk_endpoints: bool,
+    /// The namespace's `supports_url_encoding`: whether a key in a value's
+    /// path is percent-decoded without `url_encoded=true`.
+    decodes_keys: bool,
 }
 
 /// The clock an answer's `Date` header tells: a client cannot assume that
@@ -382,6 +388,18 @@ impl CloudflareEmulator {
         self.shared.state().no_bulk_endpoints = on;
     }
 
+    /// Whether the namespace percent-decodes a key written in a value's path
+    /// when the request does not say `url_encoded=true`: Cloudflare's
+    /// namespace field `supports_url_encoding` ("True if keys written on the
+    /// URL will be URL-decoded before storing"). Off by default, as on a
+    /// namespace where it is false: such a namespace stores `a%3Ab` as those
+    /// five characters, and a client that escapes more than it must then
+    /// never finds its keys by listing their prefix. With `url_encoded=true`
+    /// every key is decoded.
+    pub fn set_namespace_decodes_keys(&self, on: bool) {
+        self.shared.state().decodes_keys = on;
+    }
+
     /// Which clock the `Date` header of later answers tells
     /// ([`DateHeader::EmulatorClock`] by default).
     pub fn set_date_header(&self, date: DateHeader) {
@@ -631,10 +649,15 @@ fn route(shared: &Shared, request: &mut Request) -> Answer {
     let Some(encoded) = tail.strip_prefix("values/") else {
         return no_route();
     };
-    let Ok(key) = percent_decode_str(encoded).decode_utf8() else {
-        return error(400, 10021, "key is not valid UTF-8");
+    let decoded = query.get("url_encoded").is_some_and(|v| v == "true") || shared.state().decodes_keys;
+    let key = if decoded {
+        let Ok(key) = percent_decode_str(encoded).decode_utf8() else {
+            return error(400, 10021, "key is not valid UTF-8");
+        };
+        key.into_owned()
+    } else {
+        encoded.to_owned()
     };
-    let key = key.into_owned();
     if key.is_empty() || key == "." || key == ".." {
         return error(400, 10020, "Invalid key: a key must not be empty, `.` or `..`");
     }
