@@ -552,7 +552,10 @@ impl KvStore {
     /// [`StoreError::Invalid`] on field `session_id` when the id is empty or
     /// longer than [`MAX_SECRET_BYTES`], on field `clusters` when the
     /// session, with these clusters, is larger than the backend takes;
-    /// backend errors.
+    /// backend errors. After a backend error the session may be there all
+    /// the same (its write landed, its answer lost): it is named in its
+    /// user's index, so a sign-out everywhere ends it; hand out no cookie
+    /// for it.
     pub fn create_session(
         &self,
         session_id: &SessionId,
@@ -579,7 +582,20 @@ impl KvStore {
         // bounded): name them, not the backend's `value`.
         check_value_size(self.kv.as_ref(), "clusters", &value)?;
         let key = Self::session_key(session_id);
-        self.kv.put(&key, &value, Some(self.config.session_ttl))?;
+        if let Err(error) = self.kv.put(&key, &value, Some(self.config.session_ttl)) {
+            // The write may have landed all the same, its answer lost (a
+            // connection cut after the commit, a Cloudflare request that
+            // timed out once taken, which may even land later): the
+            // session is named in its user's index, so that signing out
+            // everywhere finds it. Not taken back: what is under the id
+            // may be another call's session, written meanwhile and handed
+            // out, or the one this call meant to replace. A refusal of the
+            // input or the settings wrote nothing.
+            if !matches!(error, StoreError::Invalid { .. } | StoreError::Configuration { .. }) {
+                let _ignored = self.user_sessions.add(&user.id.to_string(), &key, Some(self.config.session_ttl));
+            }
+            return Err(error);
+        }
         // After the session, so that an entry listed by
         // `delete_user_sessions` never names a session still to be written.
         if let Err(error) = self.user_sessions.add(&user.id.to_string(), &key, Some(self.config.session_ttl)) {

@@ -61,7 +61,9 @@
 //!   (see [`UserSessionIndex`]). It counts the sessions it ended, not those
 //!   its index still names that had ended before. A save whose index entry
 //!   fails, for a record no entry names yet, deletes the record it wrote
-//!   and fails, so no record is left that the index does not name. A
+//!   and fails, so no record is left that the index does not name; a save
+//!   whose record write failed (which may have landed, its answer lost)
+//!   writes the entry all the same, else deletes the record, and fails. A
 //!   session saved since under another user (no new id at sign-in) is left
 //!   to that user's sign-out; one saved since naming nobody (the field
 //!   removed to sign out of it) is still ended, and counted, with its
@@ -699,7 +701,14 @@ impl Inner {
         let indexed_earlier = self.user_of(record).is_some_and(|(_, user)| {
             matches!(self.recent_write(&key), Some(Written::Record(earlier)) if earlier.indexed_for.as_deref() == Some(user))
         });
-        if !self.write_record(&key, &value, ttl, writing)? {
+        let written = match self.write_record(&key, &value, ttl, writing) {
+            Ok(written) => written,
+            Err(error) => {
+                self.after_a_failed_record_write(record, &key, ttl, indexed_earlier, &error);
+                return Err(error);
+            }
+        };
+        if !written {
             // The session ended after its request loaded it (signed out,
             // signed out everywhere, or expired): the request's changes
             // are dropped, and no index entry or memory of a write is left
@@ -750,6 +759,37 @@ impl Inner {
             return Err(error);
         }
         Ok(())
+    }
+
+    /// After the write of `record` under `key` failed: the write may have
+    /// landed all the same, its answer lost (a connection cut after the
+    /// commit, a Cloudflare request that timed out once taken, which may
+    /// even land later), and a record naming a user that the user's index
+    /// does not name would survive their sign-out everywhere. So the entry
+    /// is written (it names no record if the write did not land, which a
+    /// sign-out everywhere passes over); if that fails too, and the index
+    /// does not name it already (or that cannot be told), the record is
+    /// taken back (the session ends, as a sign-out would), as after a
+    /// failed entry. A refusal of the input or the settings wrote nothing;
+    /// a record indexed by an earlier save of this process is named
+    /// already.
+    fn after_a_failed_record_write(
+        &self,
+        record: &Record,
+        key: &str,
+        ttl: Duration,
+        indexed_earlier: bool,
+        error: &StoreError,
+    ) {
+        if indexed_earlier || matches!(error, StoreError::Invalid { .. } | StoreError::Configuration { .. }) {
+            return;
+        }
+        if let Some((index, user)) = self.user_of(record)
+            && index.add(user, key, Some(ttl)).is_err()
+            && !index.contains(user, key).unwrap_or(false)
+        {
+            let _ignored = self.delete_key(key);
+        }
     }
 
     /// Stores `value` under the record key `key` for `ttl`, and whether it
