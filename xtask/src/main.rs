@@ -162,6 +162,33 @@ Which database:
 /// What went wrong, for the user; printed as `error: ...`.
 type Failure = Box<dyn std::error::Error>;
 
+/// Command-line words as an error may echo them, with what may be a secret
+/// redacted: a word holding a URL (`postgres://user:password@…`, also as
+/// `--database-url=…`), and everything from a `password` or `sslpassword`
+/// key of a `key=value` connection string on, which the shell split into
+/// words from `--database-url $URL` unquoted: libpq takes spaces around
+/// the `=` and a quoted value with spaces, so its value may be any of the
+/// words after it.
+pub(crate) fn shown(words: &[&str]) -> String {
+    use dployr_domain::connection::REDACTED;
+    let mut shown = Vec::with_capacity(words.len());
+    let mut secret_from_here = false;
+    for word in words {
+        let lower = word.to_ascii_lowercase();
+        if secret_from_here || word.contains("://") {
+            shown.push(REDACTED.to_owned());
+        } else if let Some(at) = lower.find("password") {
+            secret_from_here = true;
+            let key_end = at + "password".len();
+            let shown_end = if word[key_end..].starts_with('=') { key_end + 1 } else { key_end };
+            shown.push(format!("{}{REDACTED}", &word[..shown_end]));
+        } else {
+            shown.push((*word).to_owned());
+        }
+    }
+    shown.join(" ")
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -196,7 +223,7 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             Ok(())
         }
-        _ => Err(format!("unknown command `{}`\n\n{USAGE}", words.join(" ")).into()),
+        _ => Err(format!("unknown command `{}`\n\n{USAGE}", shown(&words)).into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,7 +52,10 @@ pub fn dispatch(words: &[&str]) -> Result<(), Failure> {
         ["revert", "--all"] => revert_to(url, None),
         ["redo"] => redo(url),
         ["new", name] => new(name),
-        _ => Err(usage_error(format!("unknown command `migrate {}`; `cargo xtask help` lists them", rest.join(" ")))),
+        _ => Err(usage_error(format!(
+            "unknown command `migrate {}`; `cargo xtask help` lists them",
+            crate::shown(&rest)
+        ))),
     }
 }
 
@@ -234,6 +237,28 @@ mod tests {
         );
         run(Some(db.url())).unwrap();
         assert_eq!(exit_code_of(&status(Some(db.url()))), 0);
+    }
+
+    /// `--database-url $URL` unquoted splits a `key=value` connection
+    /// string into words: the leftover ones are echoed, the password not.
+    #[test]
+    fn an_unknown_command_never_echoes_a_password() {
+        let words = ["status", "port=1", "password=Pr0beS3cret", "postgres://u:UrlS3cret@h/db"];
+        let error = dispatch(&["--database-url", "host=127.0.0.1"].into_iter().chain(words).collect::<Vec<_>>())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown command `migrate status port=1 password=<redacted>"), "{error}");
+        assert!(!error.contains("S3cret"), "{error}");
+        // libpq takes `password = value` and a quoted value with spaces.
+        for words in [
+            &["status", "password", "=", "S3cret"][..],
+            &["status", "password='two", "S3cret'"],
+            &["status", "--url=postgres://app:S3cret@db/app"],
+            &["status", "postgres://app:S3cret@db/password_store?sslmode=require&sslpassword=k"],
+        ] {
+            let error = dispatch(words).unwrap_err().to_string();
+            assert!(!error.contains("S3cret"), "{error}");
+        }
     }
 
     #[test]

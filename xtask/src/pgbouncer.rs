@@ -94,7 +94,8 @@ pub fn seed_load(args: &[&str]) -> Result<(), Failure> {
             "--label" => (*value).clone_into(&mut label),
             other => {
                 return Err(format!(
-                    "seed-load: unknown option `{other}` (accepted: --threads N, --runs N, --label L)"
+                    "seed-load: unknown option `{}` (accepted: --threads N, --runs N, --label L)",
+                    crate::shown(&[other])
                 )
                 .into());
             }
@@ -215,7 +216,9 @@ pub fn run(args: &[&str]) -> Result<(), Failure> {
         match *flag {
             "--threads" => threads = count("pgbouncer", flag, value()?)?,
             "--runs" => runs = count("pgbouncer", flag, value()?)?,
-            other => return Err(format!("pgbouncer: unknown argument `{other}` ({ACCEPTED})").into()),
+            other => {
+                return Err(format!("pgbouncer: unknown argument `{}` ({ACCEPTED})", crate::shown(&[other])).into());
+            }
         }
     }
     // Before anything touches a server: on a server named by one of these,

@@ -26,10 +26,15 @@ pub fn run(args: &[&str]) -> Result<(), Failure> {
     let mut words = args.iter();
     while let Some(flag) = words.next() {
         if !matches!(*flag, "--seconds" | "--threads" | "--seed" | "--clusters") {
-            return Err(format!("unknown option `{flag}` (--seconds, --threads, --seed, --clusters)").into());
+            return Err(format!(
+                "unknown option `{}` (--seconds, --threads, --seed, --clusters)",
+                crate::shown(&[flag])
+            )
+            .into());
         }
         let value = words.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number: u64 = value.parse().map_err(|_| format!("{flag} takes a number, not `{value}`"))?;
+        let number: u64 =
+            value.parse().map_err(|_| format!("{flag} takes a number, not `{}`", crate::shown(&[value])))?;
         // A run of no time or no thread checks nothing: its verdict would
         // be a false "broke a rule" (the checker walked nothing) or a pass.
         if number == 0 && *flag != "--seed" {

@@ -125,7 +125,7 @@ fn options(args: &[&str]) -> Result<Options, Failure> {
                 options.json =
                     Some(std::path::absolute(path).map_err(|e| format!("--json: cannot make `{path}` absolute: {e}"))?);
             }
-            other => return Err(format!("unknown option {other}; see `cargo xtask help`").into()),
+            other => return Err(format!("unknown option {}; see `cargo xtask help`", crate::shown(&[other])).into()),
         }
     }
     Ok(options)
