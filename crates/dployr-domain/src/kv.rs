@@ -377,7 +377,12 @@ pub trait KvBackend: Send + Sync {
     /// Adds one to the counter under `key` and returns the new value. A
     /// missing or expired counter starts at 1 with `ttl`; an existing one
     /// keeps its expiry. The value is stored as ASCII decimal digits.
-    /// Atomic where [`KvLimits::atomic`] says so.
+    /// Atomic where [`KvLimits::atomic`] says so. One exception: a backend
+    /// that reads a counter's expiry from a header a proxy may strip
+    /// (Cloudflare) cannot tell a counter stored without expiry from one
+    /// whose expiry was lost on the way, and gives it `ttl` (never leaving
+    /// a counter without end that should have one); there, a counter meant
+    /// to last is written with [`put`](Self::put), not counted with a TTL.
     ///
     /// # Errors
     /// [`StoreError::Invalid`] for a bad key or TTL, or when the key holds a

@@ -646,7 +646,10 @@ impl KvStore {
         };
         // The backend's TTL is the rule; this also covers a backend whose
         // expiry is coarser than ours (Cloudflare rounds to seconds), and a
-        // session remembered here past its end.
+        // session remembered here past its end. `expires_at` was written by
+        // the clock of the process that created the session: a clock set
+        // behind there (or ahead here) cuts the session short, never makes
+        // it outlive the backend's TTL.
         Ok(stored.filter(|session| session.expires_at > self.now()))
     }
 
