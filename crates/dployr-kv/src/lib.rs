@@ -37,4 +37,4 @@ pub use store::{
     CREATED_SESSION_MEMORY, DELETED_SESSION_MEMORY, KvStore, KvStoreConfig, MAX_OTP_TTL, MAX_SECRET_BYTES, OAuthState,
     OTP_ALPHABET, OTP_LENGTH, OtpCode, Session, SessionId,
 };
-pub use user_sessions::UserSessionIndex;
+pub use user_sessions::{SessionEnd, UserSessionIndex};

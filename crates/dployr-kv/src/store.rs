@@ -68,7 +68,7 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::{Clock, RecentWrites, SystemClock, UserSessionIndex};
+use crate::{Clock, RecentWrites, SessionEnd, SystemClock, UserSessionIndex};
 
 /// The characters of a one-time code.
 pub const OTP_ALPHABET: &[u8; 36] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
@@ -694,12 +694,15 @@ impl KvStore {
     /// as ended; it is deleted all the same). A session whose id was used again for another
     /// user ([`create_session`](Self::create_session) with an id of theirs)
     /// is that user's, and is left. Work: one list request per 1000
-    /// sessions; then on memory and PostgreSQL a read and two deletes (each
-    /// one statement) per session; on Cloudflare, whose account allows 1200
+    /// sessions; then on memory and PostgreSQL two reads and two deletes
+    /// (each one statement) per session (the second read: whether it was
+    /// written again under its id meanwhile, its entry then written back); on Cloudflare, whose account allows 1200
     /// requests per 5 minutes, one bulk read per 100 sessions and two bulk
     /// deletes per 10 000 (the sessions, then their index entries; see
     /// [`KvBackend::get_many`], [`KvBackend::delete_many`]). Exact on memory and PostgreSQL for every
-    /// session created before the call; on Cloudflare, a session the
+    /// session created before the call, once the sign-outs everywhere of
+    /// the user running at the same time have returned (one of them may
+    /// write back an entry another passed); on Cloudflare, a session the
     /// eventually consistent listing does not show yet may be missed (see
     /// [`UserSessionIndex`]): Cloudflare documents "60 seconds or more" and
     /// promises no bound. Those this process created in the last
@@ -715,19 +718,41 @@ impl KvStore {
         let _span = operation("kv.delete_user_sessions");
         let mut listed = HashSet::new();
         let mut ended = if self.kv.limits().atomic {
-            self.user_sessions.delete_all(&user.to_string(), |key| {
-                listed.insert(key.to_owned());
-                let found = self.owner_of(key, |key| self.owner_in_backend(key))?;
-                if let Some(Some(owner)) = found
-                    && owner != *user
-                {
-                    return Ok(false);
-                }
-                self.remember(key, SessionWrite::Deleted);
-                // Counted only if it was there: an entry whose session ended
-                // before (signed out on its own) is removed, not counted.
-                Ok(self.end_session(key)? && found.is_some())
-            })?
+            self.user_sessions.delete_all(
+                &user.to_string(),
+                |key| {
+                    listed.insert(key.to_owned());
+                    let found = self.owner_of(key, |key| self.owner_in_backend(key))?;
+                    if let Some(Some(owner)) = found
+                        && owner != *user
+                    {
+                        return Ok(SessionEnd::AnotherUsers);
+                    }
+                    self.remember(key, SessionWrite::Deleted);
+                    // Counted only if it was there: an entry whose session ended
+                    // before (signed out on its own) is removed, not counted.
+                    Ok(if self.end_session(key)? && found.is_some() { SessionEnd::Ended } else { SessionEnd::Gone })
+                },
+                // A `create_session` under the same id (a caller that uses
+                // it again) may have written the session again, and its
+                // entry before the removal: written back then.
+                |key| {
+                    Ok(self
+                        .kv
+                        .get(key)?
+                        // One that does not decode is no session of theirs to index.
+                        .and_then(|value| serde_json::from_slice::<Session>(&value).ok())
+                        .filter(|session| session.user_id == *user)
+                        .and_then(|session| {
+                            // Under the backend's shortest TTL it ends before
+                            // an entry could be written for it.
+                            (session.expires_at - self.now())
+                                .to_std()
+                                .ok()
+                                .filter(|left| *left >= self.kv.limits().min_ttl)
+                        }))
+                },
+            )?
         } else {
             let keys = self.user_sessions.session_keys(&user.to_string())?;
             listed.extend(keys.iter().cloned());
@@ -804,6 +829,8 @@ impl KvStore {
         let mut ended = 0;
         for key in keys {
             let found = self.owner_of(key, |key| Ok(read.get(key).cloned().flatten()))?;
+            // Another user's now: neither it nor its entry is deleted (see
+            // `UserSessionIndex::delete_all`).
             if let Some(Some(owner)) = found
                 && owner != *user
             {
@@ -831,7 +858,7 @@ impl KvStore {
         }
         deleted?;
         let entries: Vec<String> =
-            keys.iter().map(|key| self.user_sessions.entry_key(&user.to_string(), key)).collect();
+            sessions.iter().map(|key| self.user_sessions.entry_key(&user.to_string(), key)).collect();
         self.kv.delete_many(&entries)?;
         Ok(ended)
     }

@@ -136,30 +136,63 @@ impl UserSessionIndex {
 
     /// Removes every session of `user`: for each entry, `end_session`
     /// with the session's key, then the entry. `end_session` ends the
-    /// session and answers `true`, or answers `false` without ending it
+    /// session, or answers [`SessionEnd::AnotherUsers`] without ending it
     /// when the session now belongs to someone else (its id was used again
     /// for another user, whose own entry names it too): an entry is never
-    /// taken as proof of whose session it is. Returns how many sessions
-    /// `end_session` ended (one may have ended on its own already). Work:
-    /// one list request per 1000 sessions, and per session what
-    /// `end_session` does and one delete.
+    /// taken as proof of whose session it is. Such an entry is left to
+    /// expire with its TTL: a save naming `user` again, racing this call,
+    /// may have just written it, and removing it would leave that session in
+    /// no index. For the same reason, once an entry is removed,
+    /// `written_again` is asked whether the session is the user's and live
+    /// again (written under the same id after `end_session` ended it, its
+    /// entry written before the removal): if so, for how long, and the
+    /// entry is written back for that long. Returns how many sessions
+    /// `end_session` answered [`SessionEnd::Ended`] for (one may have ended
+    /// on its own already). Work: one list request per 1000 sessions, and
+    /// per session what `end_session` and `written_again` do and one
+    /// delete.
     ///
     /// # Errors
-    /// The first error of the backend or of `end_session`; the entries
-    /// not reached yet stay, so calling it again finishes the job.
-    pub fn delete_all(&self, user: &str, mut end_session: impl FnMut(&str) -> StoreResult<bool>) -> StoreResult<usize> {
+    /// The first error of the backend, of `end_session` or of
+    /// `written_again`; the entries not reached yet stay, so calling it again
+    /// finishes the job.
+    pub fn delete_all(
+        &self,
+        user: &str,
+        mut end_session: impl FnMut(&str) -> StoreResult<SessionEnd>,
+        mut written_again: impl FnMut(&str) -> StoreResult<Option<Duration>>,
+    ) -> StoreResult<usize> {
         // Listed whole first: deleting while paging would move a cursor that
         // some backends (Cloudflare) keep opaque.
         let keys = self.session_keys(user)?;
         let mut ended = 0;
         for session_key in &keys {
-            if end_session(session_key)? {
-                ended += 1;
+            match end_session(session_key)? {
+                SessionEnd::AnotherUsers => continue,
+                SessionEnd::Ended => ended += 1,
+                SessionEnd::Gone => {}
             }
             self.remove(user, session_key)?;
+            if let Some(ttl) = written_again(session_key)? {
+                self.add(user, session_key, Some(ttl))?;
+            }
         }
         Ok(ended)
     }
+}
+
+/// What a sign-out everywhere found under an entry of a user's index
+/// ([`UserSessionIndex::delete_all`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The user's session, ended by this call (counted).
+    Ended,
+    /// Ended by this call or before it, not counted: gone already, or
+    /// ended by another call at the same time.
+    Gone,
+    /// Another user's session now (its id used again): not ended, and its
+    /// entry left to expire.
+    AnotherUsers,
 }
 
 #[cfg(test)]

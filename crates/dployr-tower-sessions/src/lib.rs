@@ -38,7 +38,18 @@
 //!   a sign-out (`delete`), a sign-out everywhere or its expiry, and saves
 //!   after it, writes nothing (no record, no index entry) and its changes
 //!   are dropped; the session stays ended. Exact on backends whose
-//!   `replace` is atomic ([`KvLimits::atomic`]: memory, PostgreSQL). On
+//!   `replace` is atomic ([`KvLimits::atomic`]: memory, PostgreSQL), with
+//!   one window at the expiry: the backend counts the TTL from when the
+//!   write ran, not from when it was computed, so its entry outlives the
+//!   expiry date by the time the record's last write took to reach it (a
+//!   millisecond or so; longer where it waited for a pooled connection),
+//!   and a save landing in that window keeps the session. Two cases are not
+//!   a `save`, and no store can tell them from a new session: an id cycled
+//!   ([`Session::cycle_id`](https://docs.rs/tower-sessions/latest/tower_sessions/struct.Session.html#method.cycle_id))
+//!   or a session flushed and filled again, in a request that loaded it
+//!   before a sign-out everywhere, goes through `create` with what it
+//!   loaded and signs the user in again: cycle ids where a request signs a
+//!   user in (it loaded no one's session), not to rotate a signed-in one. On
 //!   Cloudflare, `replace` is a read then a write, and reads may be stale:
 //!   this process never writes back a session it deleted in the last
 //!   [`DELETED_SESSION_MEMORY`] (see below), but a save may bring back one
@@ -134,7 +145,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dployr_domain::{KvBackend, KvLimits, StoreError, StoreResult};
-use dployr_kv::{Clock, DELETED_SESSION_MEMORY, RecentWrites, SystemClock, UserSessionIndex};
+use dployr_kv::{Clock, DELETED_SESSION_MEMORY, RecentWrites, SessionEnd, SystemClock, UserSessionIndex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
@@ -315,19 +326,30 @@ impl KvSessionStore {
             };
             let mut listed = HashSet::new();
             let mut deleted = if inner.backend.limits().atomic {
-                index.delete_all(&user, |key| {
-                    listed.insert(key.to_owned());
-                    let found = inner.listed_session(key, field, &user)?;
-                    // A session saved since under another user (who signed in on
-                    // it without a new id) is theirs: its entry here is stale.
-                    if found == Listed::AnotherUsers {
-                        return Ok(false);
-                    }
-                    // Deleted even if it read as gone: a stale read may miss a
-                    // live one. Counted only if it was there, and only by the
-                    // one of several sign-outs at once that took it.
-                    Ok(inner.end_key(key)? && found == Listed::Live)
-                })?
+                index.delete_all(
+                    &user,
+                    |key| {
+                        listed.insert(key.to_owned());
+                        let found = inner.listed_session(key, field, &user)?;
+                        // A session saved since under another user (who signed in on
+                        // it without a new id) is theirs: its entry here is stale.
+                        if found == Listed::AnotherUsers {
+                            return Ok(SessionEnd::AnotherUsers);
+                        }
+                        // Deleted even if it read as gone: a stale read may miss a
+                        // live one. Counted only if it was there, and only by the
+                        // one of several sign-outs at once that took it.
+                        Ok(if inner.end_key(key)? && found == Listed::Live {
+                            SessionEnd::Ended
+                        } else {
+                            SessionEnd::Gone
+                        })
+                    },
+                    // A record is never written again under an id once ended
+                    // here: `save` replaces only a record still there, and
+                    // `create` claims its id first.
+                    |_| Ok(None),
+                )?
             } else {
                 // Cloudflare: in bulk, as `KvStore::delete_user_sessions`
                 // does (one read per 100 records, one delete per 10 000
@@ -367,7 +389,9 @@ impl KvSessionStore {
                 for key in &ended {
                     inner.confirmed_deleted(key);
                 }
-                let entries: Vec<String> = keys.iter().map(|key| index.entry_key(&user, key)).collect();
+                // Not the entries of another user's sessions (see
+                // `UserSessionIndex::delete_all`).
+                let entries: Vec<String> = ended.iter().map(|key| index.entry_key(&user, key)).collect();
                 inner.backend.delete_many(&entries)?;
                 live
             };
