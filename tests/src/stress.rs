@@ -1008,14 +1008,16 @@ impl World {
                     signed_out.map(drop)
                 });
             }
-            13..=15 => self.call("kv.oauth_state", || {
-                // Now a new state, now a validation of one made by any thread.
-                if rng.random_bool(0.4) {
-                    let state = OAuthState::generate();
-                    self.kv.create_state(&state, "/clusters")?;
-                    remember(&self.states, state);
-                    return Ok(Acted::Yes);
-                }
+            // Now a new state, now a validation of one made by any thread;
+            // each counted under its own name, so that the run's check that
+            // every operation succeeded sees each.
+            13..=15 if rng.random_bool(0.4) => self.call("kv.create_state", || {
+                let state = OAuthState::generate();
+                self.kv.create_state(&state, "/clusters")?;
+                remember(&self.states, state);
+                Ok(())
+            }),
+            13..=15 => self.call("kv.validate_state", || {
                 let Some(state) = pick(rng, &self.states) else { return Ok(Acted::NothingToActOn) };
                 if self.kv.validate_state(&state)?.is_some() {
                     *self
