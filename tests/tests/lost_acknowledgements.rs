@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use dployr_data::kv::PgKv;
-use dployr_data::{Config, DataLayer, Email, KvBackendConfig, NewUser, Provider, SessionId, UserStore as _};
+use dployr_data::{
+    ClusterStore as _, Config, DataLayer, Email, KvBackendConfig, NewUser, Provider, SessionId, UserStore as _,
+};
 use dployr_testkit::PrivateServer;
 use tower_sessions_core::SessionStore as _;
 
@@ -127,4 +129,92 @@ fn a_tower_session_whose_sign_in_save_lost_its_answer_is_ended_by_sign_out_every
         after.is_none_or(|record| record.data.get("user_id") != Some(&serde_json::Value::from("ada"))),
         "the cookie still loads a session signed in as ada after her sign-out everywhere"
     );
+}
+
+fn open(server: &PrivateServer) -> DataLayer {
+    DataLayer::open(Config::new(server.url()).with_kv(KvBackendConfig::Postgres { purge_every: None })).unwrap()
+}
+
+/// Another process, with no memory of the first one's writes.
+fn another_process(server: &PrivateServer) -> DataLayer {
+    DataLayer::open(
+        Config::new(server.url())
+            .with_kv(KvBackendConfig::Postgres { purge_every: None })
+            .without_migrations_on_start(),
+    )
+    .unwrap()
+}
+
+/// `DataLayer::delete_user` whose account delete committed unanswered: the
+/// caller is told `Unavailable` and, checking, reads the account as gone,
+/// so it stops there; the account's sessions are ended all the same (they
+/// were left loading for their TTL).
+#[test]
+fn an_account_whose_delete_lost_its_answer_is_signed_out_everywhere() {
+    let Some(server) = PrivateServer::start().unwrap() else {
+        eprintln!("skipped: no PostgreSQL server binaries");
+        return;
+    };
+    let data = Arc::new(open(&server));
+    let user = data.users().upsert(NewUser::new(Email::parse("ada@example.io").unwrap(), Provider::Github)).unwrap();
+    let id = SessionId::generate();
+    data.kv().create_session(&id, &user, Vec::new()).unwrap();
+    let deleted = {
+        let (data, user) = (Arc::clone(&data), user.id);
+        first_commit_answer_lost(&server, move || data.delete_user(&user))
+    };
+    assert!(deleted.unwrap_err().is_retryable());
+    assert!(data.users().get(&user.id).unwrap().is_none(), "the delete committed");
+    assert!(another_process(&server).kv().get_session(&id).unwrap().is_none(), "a deleted account's session loads");
+}
+
+/// `DataLayer::remove_users` whose removal committed unanswered, deleting
+/// an invitee that never signed in: a session made for the invitee without
+/// `users.upsert` is ended all the same.
+#[test]
+fn an_invitee_whose_removal_lost_its_answer_is_signed_out_everywhere() {
+    let Some(server) = PrivateServer::start().unwrap() else {
+        eprintln!("skipped: no PostgreSQL server binaries");
+        return;
+    };
+    let data = Arc::new(open(&server));
+    let owner = data.users().upsert(NewUser::new(Email::parse("own@example.io").unwrap(), Provider::Github)).unwrap();
+    let cluster = data.clusters().create_for_owner(&owner.id).unwrap();
+    let invited = data.clusters().add_users(&cluster.id, &[Email::parse("bob@example.io").unwrap()]).unwrap();
+    let bob = data.users().get(&invited[0].user_id).unwrap().unwrap();
+    let id = SessionId::generate();
+    data.kv().create_session(&id, &bob, Vec::new()).unwrap();
+    let removed = {
+        let (data, cluster, bob) = (Arc::clone(&data), cluster.id, bob.id);
+        first_commit_answer_lost(&server, move || data.remove_users(&cluster, &[bob]))
+    };
+    assert!(removed.unwrap_err().is_retryable());
+    assert!(data.users().get(&bob.id).unwrap().is_none(), "the invitee's account was deleted");
+    assert!(another_process(&server).kv().get_session(&id).unwrap().is_none(), "a deleted invitee's session loads");
+}
+
+/// A delete that found no connection (the server stopped) sent nothing, so
+/// nothing can have committed: `delete_user` answers `Unavailable` after
+/// one checkout, not a second one for a sign-out that cannot be needed
+/// (which doubled the time it took to fail: 10 s against 5 s).
+#[test]
+fn a_delete_that_found_no_connection_is_not_followed_by_a_sign_out() {
+    let Some(server) = PrivateServer::start().unwrap() else {
+        eprintln!("skipped: no PostgreSQL server binaries");
+        return;
+    };
+    let data =
+        DataLayer::open(Config::new(server.url()).with_kv(KvBackendConfig::Postgres { purge_every: None }).with_pool(
+            dployr_data::PoolConfig {
+                connection_timeout: Duration::from_millis(500),
+                ..dployr_data::PoolConfig::default()
+            },
+        ))
+        .unwrap();
+    let user = data.users().upsert(NewUser::new(Email::parse("ada@example.io").unwrap(), Provider::Github)).unwrap();
+    drop(server);
+    let before = data.pool().pool_stats().checkout_timeouts;
+    let deleted = data.delete_user(&user.id);
+    assert!(matches!(deleted, Err(dployr_data::StoreError::Unavailable { .. })), "{deleted:?}");
+    assert_eq!(data.pool().pool_stats().checkout_timeouts - before, 1, "one checkout waited out, not two");
 }

@@ -456,13 +456,27 @@ impl DataLayer {
     /// `Conflict` (field `owner`) while the user owns a cluster, with
     /// nothing deleted and no session ended; `NotFound` for a user who does
     /// not exist, after ending any sessions they still have; the key-value
-    /// backend's errors from the second step.
+    /// backend's errors from the second step. `Unavailable` from the first
+    /// step because the connection was lost under it
+    /// ([`may_have_committed`](dployr_pg::may_have_committed)) may hide a
+    /// delete that committed, its answer lost: the call then looks whether
+    /// the account is gone and, if so, ends its sessions before answering
+    /// (one more statement, on a new connection; none after a checkout that
+    /// found no connection or a call the deadline cut off); call again
+    /// until `Ok` or `NotFound` all the same.
     pub fn delete_user(&self, user: &UserId) -> StoreResult<usize> {
         match self.users.delete(user) {
             Ok(()) => self.kv.delete_user_sessions(user),
             Err(not_found @ StoreError::NotFound { .. }) => {
                 self.kv.delete_user_sessions(user)?;
                 Err(not_found)
+            }
+            Err(lost) if dployr_pg::may_have_committed(&lost) => {
+                // The delete may have committed, its answer lost: a caller
+                // who then reads the account as gone would stop there, its
+                // sessions live for their TTL. Ended now if it is gone.
+                let _ignored = self.sign_out_missing(std::slice::from_ref(user));
+                Err(lost)
             }
             Err(refused) => Err(refused),
         }
@@ -495,7 +509,10 @@ impl DataLayer {
     /// the cluster, nothing removed and no one signed out; `NotFound` for a
     /// cluster that does not exist, after signing out the listed accounts
     /// that do not exist either); the key-value backend's errors from the
-    /// second step.
+    /// second step. After `Unavailable` from a removal whose connection was
+    /// lost under it, which may have committed unanswered, the listed
+    /// accounts that are gone are signed out before answering, as
+    /// [`delete_user`](Self::delete_user) does.
     pub fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
         match self.clusters.remove_users(cluster, users) {
             Ok(()) => self.sign_out_missing(users),
@@ -505,6 +522,12 @@ impl DataLayer {
             Err(not_found @ StoreError::NotFound { .. }) => {
                 self.sign_out_missing(users)?;
                 Err(not_found)
+            }
+            // The removal may have committed, its answer lost (see
+            // `delete_user`).
+            Err(lost) if dployr_pg::may_have_committed(&lost) => {
+                let _ignored = self.sign_out_missing(users);
+                Err(lost)
             }
             Err(refused) => Err(refused),
         }

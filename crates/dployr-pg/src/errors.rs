@@ -313,6 +313,24 @@ pub(crate) fn lost_connection(error: &StoreError) -> bool {
     passing_cause(error) == Some(Transient::ConnectionLost)
 }
 
+/// Whether a write that failed with `error` may have committed all the
+/// same: the connection was lost while it ran (a restart, a crash, its
+/// session ended), so its commit may have landed with the answer lost. A
+/// checkout that found no connection, a call the deadline cut off (the
+/// server did not answer, so nothing points to a commit), a statement the
+/// server refused and a transaction rolled back did not, or give no sign of
+/// it.
+///
+/// ```
+/// use dployr_domain::StoreError;
+///
+/// let no_connection = StoreError::Unavailable { reason: "no PostgreSQL connection within 5s".into(), source: None };
+/// assert!(!dployr_pg::may_have_committed(&no_connection));
+/// ```
+pub fn may_have_committed(error: &StoreError) -> bool {
+    lost_connection(error)
+}
+
 /// Whether `error` says that the server only reads (25006). A primary that
 /// became read-only (a switchover that leaves the old primary up,
 /// `default_transaction_read_only`) keeps its open sessions; a new
