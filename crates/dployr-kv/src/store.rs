@@ -898,7 +898,10 @@ impl KvStore {
     /// the backend's `take` is.
     ///
     /// # Errors
-    /// Backend errors.
+    /// Backend errors. After [`StoreError::Unavailable`] the state may be
+    /// consumed all the same (its take landed, the answer lost): a second
+    /// call then answers `None`. Treat the sign-in as failed and start a
+    /// new one.
     pub fn validate_state(&self, state: &OAuthState) -> StoreResult<Option<String>> {
         let _span = operation("kv.validate_state");
         if check_secret("state", state.expose()).is_err() {
@@ -931,7 +934,10 @@ impl KvStore {
     /// the limit allows (a new code is needed after it).
     ///
     /// # Errors
-    /// Backend errors.
+    /// Backend errors. After [`StoreError::Unavailable`] the guess may be
+    /// counted, and a right one the code consumed, all the same (the write
+    /// landed, the answer lost): a second call with the same code then
+    /// answers `false`. Ask for a new code.
     pub fn validate_otp(&self, email: &Email, code: &OtpCode) -> StoreResult<bool> {
         let _span = operation("kv.validate_otp");
         let (code_key, attempts_key) = Self::otp_keys(email);
