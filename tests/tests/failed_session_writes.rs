@@ -91,6 +91,22 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
+/// A tower-sessions store over a backend whose writes fail on demand, and
+/// a session of Ada's created on it (record and index entry written).
+fn ada_signed_in_on_tower_sessions()
+-> (tokio::runtime::Runtime, Failures, dployr_tower_sessions::KvSessionStore, tower_sessions_core::session::Record) {
+    let rt = runtime();
+    let failures = Failures::default();
+    let store = dployr_tower_sessions::KvSessionStore::new(flaky(&failures)).with_user_field("user_id");
+    let mut record = tower_sessions_core::session::Record {
+        id: tower_sessions_core::session::Id::default(),
+        data: [("user_id".to_owned(), serde_json::Value::from("ada"))].into_iter().collect(),
+        expiry_date: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+    };
+    rt.block_on(store.create(&mut record)).unwrap();
+    (rt, failures, store, record)
+}
+
 /// A signed-in tower session (record and index entry written) is saved
 /// again; the record write fails (nothing written), and so does the index
 /// write after it; the delete goes through. The session, still named by
@@ -100,16 +116,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// `a_signed_in_session_whose_index_refresh_fails_stays_signed_in`).
 #[test]
 fn a_signed_in_tower_session_whose_save_fails_twice_stays_signed_in() {
-    let rt = runtime();
-    let failures = Failures::default();
-    let kv = flaky(&failures);
-    let store = dployr_tower_sessions::KvSessionStore::new(kv).with_user_field("user_id");
-    let mut record = tower_sessions_core::session::Record {
-        id: tower_sessions_core::session::Id::default(),
-        data: [("user_id".to_owned(), serde_json::Value::from("ada"))].into_iter().collect(),
-        expiry_date: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-    };
-    rt.block_on(store.create(&mut record)).unwrap();
+    let (rt, failures, store, mut record) = ada_signed_in_on_tower_sessions();
     record.data.insert("theme".into(), serde_json::Value::from("dark"));
     failures.left.store(2, Ordering::SeqCst);
     assert!(rt.block_on(store.save(&record)).is_err());
@@ -120,16 +127,7 @@ fn a_signed_in_tower_session_whose_save_fails_twice_stays_signed_in() {
 /// passes) keeps the session.
 #[test]
 fn control_a_signed_in_tower_session_whose_save_fails_once_stays_signed_in() {
-    let rt = runtime();
-    let failures = Failures::default();
-    let kv = flaky(&failures);
-    let store = dployr_tower_sessions::KvSessionStore::new(kv).with_user_field("user_id");
-    let mut record = tower_sessions_core::session::Record {
-        id: tower_sessions_core::session::Id::default(),
-        data: [("user_id".to_owned(), serde_json::Value::from("ada"))].into_iter().collect(),
-        expiry_date: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-    };
-    rt.block_on(store.create(&mut record)).unwrap();
+    let (rt, failures, store, record) = ada_signed_in_on_tower_sessions();
     failures.left.store(1, Ordering::SeqCst);
     assert!(rt.block_on(store.save(&record)).is_err());
     assert!(rt.block_on(store.load(&record.id)).unwrap().is_some());
