@@ -324,8 +324,9 @@ pub trait KvBackend: Send + Sync {
     /// expired), as [`get`](Self::get) reads each: the same consistency,
     /// no snapshot across keys. For reading many small text records at
     /// once (the sessions a sign-out everywhere checks): Cloudflare answers
-    /// up to 100 keys a request, as text, so a value there must be UTF-8.
-    /// The default reads them one by one.
+    /// up to 100 keys a request, as text (a hundred holding a value that is
+    /// not UTF-8 are read one by one there). The default reads them one by
+    /// one.
     ///
     /// # Errors
     /// [`StoreError::Invalid`] for a bad key, before anything is read;

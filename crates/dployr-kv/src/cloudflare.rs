@@ -1191,7 +1191,9 @@ impl KvBackend for CloudflareKv {
     /// 1200 requests per 5 minutes, after which Cloudflare refuses every
     /// call for minutes. Reads are as stale as a single read's. A server
     /// without the endpoint (405, code 7000, or a 404 naming no Cloudflare
-    /// error) is read key by key, each answered as [`get`](KvBackend::get) would.
+    /// error) is read key by key, each answered as [`get`](KvBackend::get) would;
+    /// so is a chunk Cloudflare refuses to send as text (a value that is not
+    /// UTF-8, which this layer never writes).
     fn get_many(&self, keys: &[String]) -> StoreResult<Vec<Option<Vec<u8>>>> {
         let mut call = Call::start("kv.cloudflare.get_many");
         let limits = self.limits();
@@ -1202,14 +1204,30 @@ impl KvBackend for CloudflareKv {
         let mut values = Vec::with_capacity(keys.len());
         for (index, chunk) in keys.chunks(BULK_GET_KEYS).enumerate() {
             let asked = serde_json::json!({ "keys": chunk, "type": "text" });
-            let Some(envelope) = self.post_json_where_served(&mut call, "get_many", &url, &asked, &self.no_bulk_get)?
-            else {
+            let envelope = match self.post_json_where_served(&mut call, "get_many", &url, &asked, &self.no_bulk_get) {
+                Ok(Some(envelope)) => envelope,
                 // A server without bulk reads (an older API, a proxy or an
                 // emulator that lacks the path): key by key, as `get` reads.
-                for key in &keys[index * BULK_GET_KEYS..] {
-                    values.push(self.read(&mut call, key)?.map(|stored| stored.value));
+                Ok(None) => {
+                    for key in &keys[index * BULK_GET_KEYS..] {
+                        values.push(self.read(&mut call, key)?.map(|stored| stored.value));
+                    }
+                    return Ok(values);
                 }
-                return Ok(values);
+                // The keys were checked and at most 100 were asked: a 400
+                // here is a value Cloudflare cannot send as text (bytes
+                // that are not UTF-8, written by something other than this
+                // layer), not the caller's mistake. That chunk key by key,
+                // each answered with its bytes as `get` reads them; else one
+                // such value would fail every call that reads it in bulk
+                // (the user's sign-out everywhere, for good).
+                Err(StoreError::Invalid { field: "request", .. }) => {
+                    for key in chunk {
+                        values.push(self.read(&mut call, key)?.map(|stored| stored.value));
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error),
             };
             let found: BulkValues = serde_json::from_value(envelope.result.unwrap_or_default())
                 .map_err(|e| StoreError::backend("Cloudflare KV get_many: unreadable values", e))?;
