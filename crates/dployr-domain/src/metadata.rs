@@ -427,10 +427,17 @@ fn kind_of(value: &Value) -> &'static str {
 
 /// Metadata from JSON text, such as a request body.
 ///
+/// A key the text names twice keeps its last value, as serde_json and
+/// PostgreSQL do. A number that 64-bit integers and floats cannot keep
+/// exactly is refused wherever the text holds it, under a key named again
+/// later too (the check reads the text as sent).
+///
 /// ```
 /// use dployr_domain::{Metadata, StoreError};
 /// let metadata: Metadata = r#"{"replicas": 3}"#.parse()?;
 /// assert_eq!(metadata.get("replicas"), Some(&serde_json::json!(3)));
+/// let twice: Metadata = r#"{"replicas": 3, "replicas": 5}"#.parse()?;
+/// assert_eq!(twice.get("replicas"), Some(&serde_json::json!(5)));
 /// let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
 /// assert!(matches!(format!("{{\"a\": {deep}}}").parse::<Metadata>(), Err(StoreError::Invalid { field: "metadata", .. })));
 /// # Ok::<(), StoreError>(())
