@@ -2,7 +2,7 @@
 //! and tells the test what it saw, for the tests that count what a store
 //! asks of its backend (one-time-code guesses compared, codes read); and
 //! that lets a test run a step of another caller right after a read or a
-//! take, or fail a write, to make a race or a fault happen at one exact
+//! take, or fail a write or a delete, to make a race or a fault happen at one exact
 //! point.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,6 +30,7 @@ pub struct ObservedKv {
     after_get: AfterRead,
     after_take: AfterRead,
     fail_write: FailWrite,
+    fail_delete: FailWrite,
 }
 
 impl ObservedKv {
@@ -42,6 +43,7 @@ impl ObservedKv {
             after_get: Box::new(|_| {}),
             after_take: Box::new(|_| {}),
             fail_write: Box::new(|_| None),
+            fail_delete: Box::new(|_| None),
         }
     }
 
@@ -65,6 +67,14 @@ impl ObservedKv {
     #[must_use]
     pub fn failing_writes(mut self, fail: impl Fn(&str) -> Option<StoreError> + Send + Sync + 'static) -> Self {
         self.fail_write = Box::new(fail);
+        self
+    }
+
+    /// Asks `fail` before every `delete`: an error it gives fails the
+    /// delete, nothing deleted.
+    #[must_use]
+    pub fn failing_deletes(mut self, fail: impl Fn(&str) -> Option<StoreError> + Send + Sync + 'static) -> Self {
+        self.fail_delete = Box::new(fail);
         self
     }
 
@@ -110,6 +120,9 @@ impl KvBackend for ObservedKv {
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
+        if let Some(error) = (self.fail_delete)(key) {
+            return Err(error);
+        }
         self.inner.delete(key)
     }
 

@@ -132,3 +132,45 @@ fn control_a_signed_in_tower_session_whose_save_fails_once_stays_signed_in() {
     assert!(rt.block_on(store.save(&record)).is_err());
     assert!(rt.block_on(store.load(&record.id)).unwrap().is_some());
 }
+
+/// A visitor holds the cookie of an anonymous session and signs in as Ada;
+/// from the save on, the pool has no connection free for anything but the
+/// record (the index entry and the delete that would take the record back
+/// fail). The save fails, but the record naming Ada was left in no index:
+/// it loaded after her sign-out everywhere (found with 150 sign-ins at
+/// once on a pool of one connection, 1 session in 750 left). The entry of
+/// a loaded session's save now goes first: a failed entry writes nothing.
+#[test]
+fn a_sign_in_whose_index_entry_and_clean_up_fail_leaves_no_session_of_the_user() {
+    let rt = runtime();
+    let outage = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let unavailable = || StoreError::Unavailable { reason: "injected: no connection free".into(), source: None };
+    let (writes_down, deletes_down) = (outage.clone(), outage.clone());
+    let kv: Arc<dyn KvBackend> = Arc::new(
+        ObservedKv::new(Arc::new(MemoryKv::new()))
+            // Every write but the record's own (the session key) fails.
+            .failing_writes(move |key| {
+                (writes_down.load(Ordering::SeqCst) && !key.starts_with("tower_session:")).then(unavailable)
+            })
+            .failing_deletes(move |_| deletes_down.load(Ordering::SeqCst).then(unavailable)),
+    );
+    let store = dployr_tower_sessions::KvSessionStore::new(kv).with_user_field("user_id");
+    let mut record = tower_sessions_core::session::Record {
+        id: tower_sessions_core::session::Id::default(),
+        data: Default::default(),
+        expiry_date: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+    };
+    rt.block_on(store.create(&mut record)).unwrap();
+    record.data.insert("user_id".into(), serde_json::Value::from("ada"));
+    outage.store(true, Ordering::SeqCst);
+    assert!(rt.block_on(store.save(&record)).is_err(), "the save fails");
+    outage.store(false, Ordering::SeqCst);
+
+    rt.block_on(store.delete_user_sessions("ada")).unwrap();
+    let left = rt.block_on(store.load(&record.id)).unwrap();
+    assert!(
+        left.as_ref().is_none_or(|record| !record.data.contains_key("user_id")),
+        "a session naming Ada loads after her sign-out everywhere: {:?}",
+        left.map(|record| record.data)
+    );
+}

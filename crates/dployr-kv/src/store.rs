@@ -601,9 +601,12 @@ impl KvStore {
         if let Err(error) = self.user_sessions.add(&user.id.to_string(), &key, Some(self.config.session_ttl)) {
             // The caller gets an error and hands out no cookie: take the
             // session back too, so no session is left that signing out
-            // everywhere could not find. If this delete fails as well, the
-            // session is unreachable (its id was never given out) and
-            // expires with its TTL.
+            // everywhere could not find. If this delete fails as well, a
+            // new session is unreachable (its id was never given out) and
+            // expires with its TTL; one written again under an id handed
+            // out before (a refresh) stays named by its earlier entry only
+            // until that entry's TTL, which ends before the new one's: a
+            // known gap, closed only by a second entry write per session.
             self.remember(&key, SessionWrite::Deleted);
             let _ignored = self.kv.delete(&key);
             return Err(error);

@@ -36,8 +36,11 @@
 //!   `create`), so `save` writes the record only over one that is still
 //!   there ([`KvBackend::replace`]): a request that loaded a session before
 //!   a sign-out (`delete`), a sign-out everywhere or its expiry, and saves
-//!   after it, writes nothing (no record, no index entry) and its changes
-//!   are dropped; the session stays ended. Exact on backends whose
+//!   after it, writes no record and leaves no index entry (on memory and
+//!   PostgreSQL the entry goes right before the atomic `replace` that finds
+//!   the session gone, and is taken back; if that fails too, it names a
+//!   gone session, which a sign-out everywhere passes over, until it
+//!   expires) and its changes are dropped; the session stays ended. Exact on backends whose
 //!   `replace` is atomic ([`KvLimits::atomic`]: memory, PostgreSQL), with
 //!   one window at the expiry: the backend counts the TTL from when the
 //!   write ran, not from when it was computed, so its entry outlives the
@@ -70,11 +73,17 @@
 //!   user, and no save in flight brings one back (see above): exactly on
 //!   memory and PostgreSQL, within Cloudflare's eventual consistency there
 //!   (see [`UserSessionIndex`]). It counts the sessions it ended, not those
-//!   its index still names that had ended before. A save whose index entry
-//!   fails, for a record no entry names yet, deletes the record it wrote
-//!   and fails, so no record is left that the index does not name; a save
-//!   whose record write failed (which may have landed, its answer lost)
-//!   writes the entry all the same, else deletes the record, and fails. A
+//!   its index still names that had ended before. A save of a loaded
+//!   session (whose id a cookie holds) writes the user's index entry
+//!   before the record, and fails with nothing else written if the entry
+//!   fails, so no record naming a user is written that the index does not
+//!   name, even when every write after it fails (an entry whose record
+//!   write then fails names a session of nobody, which that user's
+//!   sign-out everywhere ends with theirs). A new session's record (`create`)
+//!   goes first: if its entry fails, the record is deleted and `create`
+//!   fails (tower-sessions then hands out no cookie naming it); if its own
+//!   write failed (which may have landed, its answer lost), the entry is
+//!   written all the same, else the record deleted, and `create` fails. A
 //!   session saved since under another user (no new id at sign-in) is left
 //!   to that user's sign-out; one saved since naming nobody (the field
 //!   removed to sign out of it) is still ended, and counted, with its
@@ -725,10 +734,35 @@ impl Inner {
         let indexed_earlier = self.user_of(record).is_some_and(|(_, user)| {
             matches!(self.recent_write(&key), Some(Written::Record(earlier)) if earlier.indexed_for.as_deref() == Some(user))
         });
-        let written = match self.write_record(&key, &value, ttl, writing) {
+        // A loaded session's id is in the visitor's cookie already: its
+        // record, once it names a user, must be in the user's index, even if
+        // every write after it fails (a pool with no connection free fails
+        // the entry and then the delete that would take the record back).
+        // So its entry goes right before the record's write, once whatever
+        // can tell the session ended without a write has been asked (this
+        // process's memory, or the read of a backend whose `replace` is
+        // a read and a write): a save dropped there writes nothing. A failed
+        // entry fails the save with nothing else written. An entry whose
+        // record write then fails names a record of nobody (which the
+        // user's sign-out everywhere ends and counts) or none (passed
+        // over). A new session's record goes first (see `UserSessionIndex`):
+        // its id reaches no cookie unless the whole save succeeds.
+        let entry_written = std::cell::Cell::new(false);
+        let entry_first = || {
+            if writing == Writing::Loaded
+                && let Some((index, user)) = self.user_of(record)
+            {
+                index.add(user, &key, Some(ttl))?;
+                entry_written.set(true);
+            }
+            Ok(())
+        };
+        let written = match self.write_record(&key, &value, ttl, writing, entry_first) {
             Ok(written) => written,
             Err(error) => {
-                self.after_a_failed_record_write(record, &key, ttl, indexed_earlier, &error);
+                if writing == Writing::New {
+                    self.after_a_failed_record_write(record, &key, ttl, indexed_earlier, &error);
+                }
                 return Err(error);
             }
         };
@@ -736,7 +770,16 @@ impl Inner {
             // The session ended after its request loaded it (signed out,
             // signed out everywhere, or expired): the request's changes
             // are dropped, and no index entry or memory of a write is left
-            // to name a session that is gone.
+            // to name a session that is gone. Only an atomic `replace`
+            // decides after the entry was written: the entry is taken back
+            // (if that fails, it names nothing until it expires). There a
+            // record found gone stays gone, so the entry is no other
+            // save's; elsewhere the verdict came before any write, and an
+            // entry of the key may be another process's, for a session it
+            // wrote back.
+            if entry_written.get() {
+                self.remove_entry(record, &key);
+            }
             return Ok(());
         }
         // Only once the backend took it (a failed write leaves what this
@@ -763,26 +806,33 @@ impl Inner {
             // the backend, where this write may have landed after it.
             return self.backend.delete(&key);
         }
-        // After the record (see `UserSessionIndex` for why that order).
-        if let Some((index, user)) = self.user_of(record)
+        // A new record's entry, after the record (see `UserSessionIndex`
+        // for why that order).
+        if writing == Writing::New
+            && let Some((index, user)) = self.user_of(record)
             && let Err(error) = index.add(user, &key, Some(ttl))
         {
             // A record its user's index does not name would survive their
-            // sign-out everywhere. An entry an earlier save wrote still
-            // names it (a failed refresh of a signed-in session keeps it
-            // signed in: this process's memory of its own entry, or the
-            // index); otherwise, or if that cannot be told, the record is
-            // taken back (the session ends, as a sign-out would). Either
-            // way the caller gets the error. If the delete fails too, this
-            // process does not load it for `DELETED_SESSION_MEMORY`, and
-            // other processes may (the error says the save failed; its
-            // record may be there).
-            if !indexed_earlier && !index.contains(user, &key).unwrap_or(false) {
+            // sign-out everywhere: it is taken back, unless the index names
+            // it already or that cannot be told, and the caller gets the
+            // error. If the delete fails too, the record stays, named by
+            // no cookie: `create` failed, so tower-sessions hands out none.
+            if !index.contains(user, &key).unwrap_or(false) {
                 let _ignored = self.delete_key(&key);
             }
             return Err(error);
         }
         Ok(())
+    }
+
+    /// Takes back the index entry a save of the loaded `record` wrote
+    /// before an atomic `replace` found its session gone; best effort:
+    /// an entry left names nothing, which a sign-out everywhere passes
+    /// over, until it expires with the record's TTL.
+    fn remove_entry(&self, record: &Record, key: &str) {
+        if let Some((index, user)) = self.user_of(record) {
+            let _ignored = index.remove(user, key);
+        }
     }
 
     /// After the write of `record` under `key` failed: the write may have
@@ -823,9 +873,20 @@ impl Inner {
     /// stale read may still show it), one it wrote lately, and whose expiry
     /// date has not passed, is overwritten (a stale read may not show it
     /// yet); otherwise the backend's [`KvBackend::replace`] decides,
-    /// atomically where [`KvLimits::atomic`] says so.
-    fn write_record(&self, key: &str, value: &[u8], ttl: Duration, writing: Writing) -> StoreResult<bool> {
+    /// atomically where [`KvLimits::atomic`] says so. `before_writing` runs
+    /// right before the write, once nothing short of it can tell that the
+    /// record is not to be written; its error fails the call, nothing
+    /// written.
+    fn write_record(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        writing: Writing,
+        before_writing: impl FnOnce() -> StoreResult<()>,
+    ) -> StoreResult<bool> {
         if writing == Writing::New {
+            before_writing()?;
             self.backend.put(key, value, Some(ttl))?;
             return Ok(true);
         }
@@ -833,6 +894,7 @@ impl Inner {
             Some(Written::Deleted | Written::Deleting(_)) => Ok(false),
             Some(Written::Record(stored)) if stored.record.expiry_date <= self.now() => Ok(false),
             Some(Written::Record(_)) => {
+                before_writing()?;
                 self.backend.put(key, value, Some(ttl))?;
                 Ok(true)
             }
@@ -846,11 +908,15 @@ impl Inner {
                 None => Ok(false),
                 Some(stored) if expiry_of(&stored).is_some_and(|at| at <= self.now()) => Ok(false),
                 Some(_) => {
+                    before_writing()?;
                     self.backend.put(key, value, Some(ttl))?;
                     Ok(true)
                 }
             },
-            None => self.backend.replace(key, value, Some(ttl)),
+            None => {
+                before_writing()?;
+                self.backend.replace(key, value, Some(ttl))
+            }
         }
     }
 
@@ -1205,10 +1271,13 @@ mod tests {
         // Created anonymous (no index entry), then ada signs in on it.
         let mut record = record(&[]);
         store.create(&mut record).await.unwrap();
+        let anonymous = record.clone();
         record.data.insert("user_id".to_owned(), serde_json::Value::from("ada"));
         assert!(store.save(&record).await.is_err(), "the index entry was refused");
-        assert_eq!(store.load(&record.id).await.unwrap(), None, "a record ada's index does not name");
-        assert_eq!(store.backend().get(&record_key(&record.id)).unwrap(), None);
+        // The entry goes first: refused, nothing else is written, and the
+        // session is still the anonymous one (no record naming ada that her
+        // index does not name).
+        assert_eq!(store.load(&record.id).await.unwrap(), Some(anonymous));
     }
 
     #[tokio::test]
@@ -1296,9 +1365,12 @@ mod tests {
         let mut record = record(&[("user_id", "ada")]);
         store.create(&mut record).await.unwrap();
         backend.fail_index_puts.store(true, std::sync::atomic::Ordering::SeqCst);
+        let before = record.clone();
         record.data.insert("theme".into(), "dark".into());
         assert!(store.save(&record).await.is_err(), "the save says its refresh failed");
-        assert_eq!(store.load(&record.id).await.unwrap(), Some(record.clone()), "and the session stays");
+        // The entry goes first: its failure fails the save before the
+        // record is written; the session stays as it was.
+        assert_eq!(store.load(&record.id).await.unwrap(), Some(before), "and the session stays");
         // A record no entry of this process names is taken back, as before.
         let mut other = super::tests::record(&[("user_id", "bob")]);
         assert!(store.create(&mut other).await.is_err());
