@@ -72,7 +72,9 @@
 //!   `block_in_place` there and panics ("can call blocking only when
 //!   running on the multi-threaded runtime"), and offers no public way to
 //!   tell such a task apart, so the facade cannot fall back by itself. In
-//!   a `LocalSet`, use the facade itself, not its `in_place()`.
+//!   a `LocalSet`, use the facade itself, not its `in_place()`; the same
+//!   for a current-thread runtime's task inside a multi-thread runtime's
+//!   `Handle::enter` (the facade sees the entered runtime).
 //!
 //! At most as many calls run in place at once as the pools have
 //! connections; a call beyond that goes to the facade's queue, under the
@@ -691,9 +693,12 @@ impl AsyncDataLayer {
     /// `run_until`) must not call through it, even on a multi-thread
     /// runtime, as tokio panics on `block_in_place` there ("can call
     /// blocking only when running on the multi-threaded runtime") and
-    /// offers no public way for the facade to see it coming. On a
-    /// current-thread runtime, or outside tokio, calls go to the facade's
-    /// threads instead.
+    /// offers no public way for the facade to see it coming. The same holds
+    /// for a task of a current-thread runtime that entered a multi-thread
+    /// runtime's handle (`Handle::enter`, as a library holding a runtime
+    /// of its own may do): the facade sees the entered runtime, tokio the
+    /// task's, and panics. Otherwise, on a current-thread runtime or
+    /// outside tokio, calls go to the facade's threads instead.
     ///
     /// ```no_run
     /// # async fn handler(data: dployr_data::AsyncDataLayer, email: dployr_data::Email) -> dployr_data::StoreResult<()> {
