@@ -373,3 +373,67 @@ fn a_number_the_stores_cannot_read_stops_020_naming_the_check_until_it_is_change
         .unwrap();
     assert_eq!(count, 3);
 }
+
+/// Rows from before `021_spent_nonces_guarded` that break what it refuses:
+/// `022` mends a token used before it was made (as the stores could stamp
+/// one after a clock step: its use moved to its creation) and marks used a
+/// token holding a spent nonce (it answered `mark_used` true a second
+/// time); `023` stops on an account signed in to before it was made (only
+/// hand-written SQL makes one), naming the check, the table and the query
+/// that finds it, with nothing of it applied; mended as its hint says, it
+/// goes through and both checks are validated.
+#[test]
+fn a_use_before_creation_is_mended_by_022_or_stops_023_naming_the_check() {
+    let db = empty_database();
+    let (_dir, set) = migrations_before("021");
+    run(&db, set).unwrap();
+    let mut conn = db.connect();
+    in_one_transaction(
+        &mut conn,
+        &[
+            "INSERT INTO users (id, email, name, provider, first_signed_in_at) \
+             VALUES ('01J00000000000000000000001', 'o@example.io', 'O', 'github', '2000-01-01Z')",
+            "INSERT INTO clusters (id, name) VALUES ('01J00000000000000000000009', 'acme')",
+            "INSERT INTO user_clusters (user_id, cluster_id, role) \
+             VALUES ('01J00000000000000000000001', '01J00000000000000000000009', 'owner')",
+            "INSERT INTO instances (id, cluster_id, address, tag) \
+             VALUES ('01J00000000000000000000020', '01J00000000000000000000009', '10.0.0.1', 'web')",
+            "INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) \
+             VALUES ('boot-early', '01J00000000000000000000020', '2000-01-01Z')",
+            // The statement 014 let through: the used token deleted and
+            // its nonce given to an unused one, in one statement.
+            "INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) \
+             VALUES ('boot-spent', '01J00000000000000000000020', now())",
+            "INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('boot-free', '01J00000000000000000000020')",
+            "WITH spent AS (DELETE FROM bootstrap_tokens WHERE nonce = 'boot-spent' RETURNING nonce) \
+             UPDATE bootstrap_tokens AS t SET nonce = spent.nonce FROM spent WHERE t.nonce = 'boot-free'",
+        ],
+    );
+    let number = |conn: &mut PgConnection, query: &str| -> i64 {
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!("({query})"))).get_result(conn).unwrap()
+    };
+    let validated = "SELECT count(*) FROM pg_constraint WHERE conname IN \
+                     ('bootstrap_tokens_used_at_check', 'users_first_signed_in_at_check') AND convalidated";
+    let error = run(&db, all_migrations()).unwrap_err();
+    assert!(
+        error.contains("023_times_of_use_validated")
+            && error.contains("1 row(s) of users fail the check users_first_signed_in_at_check")
+            && error.contains("SELECT * FROM users WHERE NOT")
+            && error.contains("DISABLE TRIGGER users_first_signed_in_at_set_once"),
+        "{error}"
+    );
+    assert_eq!(number(&mut conn, validated), 0, "nothing of 023 applied");
+    conn.batch_execute(
+        "ALTER TABLE users DISABLE TRIGGER users_first_signed_in_at_set_once; \
+         UPDATE users SET first_signed_in_at = created_at WHERE NOT (first_signed_in_at >= created_at); \
+         ALTER TABLE users ENABLE TRIGGER users_first_signed_in_at_set_once",
+    )
+    .unwrap();
+    let applied = run(&db, all_migrations()).unwrap();
+    assert!(applied.iter().any(|name| name.starts_with("023")), "{applied:?}");
+    assert_eq!(number(&mut conn, validated), 2);
+    let mended = "SELECT count(*) FROM bootstrap_tokens WHERE nonce = 'boot-early' AND used_at = created_at";
+    assert_eq!(number(&mut conn, mended), 1, "the early use moved to the token's creation");
+    let marked = "SELECT count(*) FROM bootstrap_tokens WHERE nonce = 'boot-spent' AND used_at IS NOT NULL";
+    assert_eq!(number(&mut conn, marked), 1, "the token holding a spent nonce is marked used");
+}

@@ -949,3 +949,255 @@ fn a_token_made_while_the_used_one_with_its_nonce_is_deleted_is_refused() {
     let (_, name) = refusal(maker.join().unwrap());
     assert_eq!(name, "bootstrap_tokens_nonce_not_spent");
 }
+
+/// Waits until the session with backend process id `pid` waits for a lock
+/// (the transaction another session holds open), so that a race is run in
+/// one order every time, without a guessed sleep.
+fn wait_until_blocked(conn: &mut PgConnection, pid: i32) {
+    let waiting = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'");
+    for _ in 0..3000 {
+        if count(conn, &waiting) == 1 {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    panic!("session {pid} never waited for the lock");
+}
+
+/// The backend process id of a session.
+fn backend_pid(conn: &mut PgConnection) -> i32 {
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>("pg_backend_pid()")).get_result(conn).unwrap()
+}
+
+/// Commits the transaction open on `holder` once the session `pid` (the
+/// racer's) waits for its lock, and checks that the racer was refused the
+/// spent nonce and that no token holds one.
+fn commit_once_blocked_and_see_the_nonce_refused(
+    db: &dployr_testkit::TestDatabase,
+    holder: &mut PgConnection,
+    pid: i32,
+    racer: thread::JoinHandle<QueryResult<()>>,
+) {
+    let mut watcher = db.connect();
+    wait_until_blocked(&mut watcher, pid);
+    session(holder, "COMMIT").unwrap();
+    let (kind, name) = refusal(racer.join().unwrap());
+    assert_eq!((kind, name.as_str()), (DatabaseErrorKind::UniqueViolation, "bootstrap_tokens_nonce_not_spent"));
+    assert_eq!(tokens_holding_spent_nonces(holder), 0);
+}
+
+/// Whether a token holds a spent nonce (`mark_used` would be true for it a
+/// second time), and which.
+fn tokens_holding_spent_nonces(conn: &mut PgConnection) -> i64 {
+    count(conn, "SELECT count(*) FROM bootstrap_tokens JOIN spent_nonces USING (nonce)")
+}
+
+/// One statement that deletes a used token and gives its nonce to another
+/// token (renamed, or made) is refused: before `021_spent_nonces_guarded`
+/// the rename's check ran before the delete's statement trigger remembered
+/// the nonce, and the nonce was both spent and held by an unused token.
+#[test]
+fn a_nonce_spent_and_given_to_another_token_in_one_statement_is_refused() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (i1, i2) = two_instances(&mut conn);
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('boot-once', '{i1}'), ('boot-free', '{i2}');
+             UPDATE bootstrap_tokens SET used_at = now() WHERE nonce = 'boot-once';"
+        ),
+    )
+    .unwrap();
+    for sql in [
+        "WITH spent AS (DELETE FROM bootstrap_tokens WHERE nonce = 'boot-once' RETURNING nonce)
+         UPDATE bootstrap_tokens AS t SET nonce = spent.nonce FROM spent WHERE t.nonce = 'boot-free'"
+            .to_owned(),
+        format!(
+            "WITH spent AS (DELETE FROM bootstrap_tokens WHERE nonce = 'boot-once' RETURNING nonce)
+             INSERT INTO bootstrap_tokens (nonce, instance_id) SELECT nonce, '{i2}' FROM spent"
+        ),
+    ] {
+        let (kind, name) = refusal(session(&mut conn, &sql));
+        assert_eq!((kind, name.as_str()), (DatabaseErrorKind::UniqueViolation, "bootstrap_tokens_nonce_not_spent"));
+    }
+    assert_eq!(tokens_holding_spent_nonces(&mut conn), 0);
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM bootstrap_tokens WHERE used_at IS NOT NULL"), 1);
+    // Deleting the used token alone still remembers its nonce.
+    session(&mut conn, "DELETE FROM bootstrap_tokens WHERE nonce = 'boot-once'").unwrap();
+    assert_eq!(text(&mut conn, "SELECT string_agg(nonce, ',') FROM spent_nonces"), "boot-once");
+}
+
+/// A rename racing (READ COMMITTED) the delete of the used token holding
+/// the new nonce waits for that delete on the primary key, and is refused
+/// when it commits: the remembered nonces are looked for after the wait, by
+/// the unique index of `spent_nonces` (before `021_spent_nonces_guarded` the
+/// check ran before the wait, saw nothing yet, and the rename committed).
+#[test]
+fn a_token_renamed_while_the_used_one_with_that_nonce_is_deleted_is_refused() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (i1, i2) = two_instances(&mut conn);
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES ('raced', '{i1}', now());
+             INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('unused', '{i2}');"
+        ),
+    )
+    .unwrap();
+    session(&mut conn, "BEGIN; DELETE FROM bootstrap_tokens WHERE nonce = 'raced'").unwrap();
+    let (sent, started) = mpsc::channel();
+    let url = db.url().to_owned();
+    let renamer = thread::spawn(move || {
+        let mut other = PgConnection::establish(&url).unwrap();
+        sent.send(backend_pid(&mut other)).unwrap();
+        session(&mut other, "UPDATE bootstrap_tokens SET nonce = 'raced' WHERE nonce = 'unused'")
+    });
+    commit_once_blocked_and_see_the_nonce_refused(&db, &mut conn, started.recv().unwrap(), renamer);
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM bootstrap_tokens WHERE nonce = 'unused'"), 1);
+}
+
+/// A token made by a REPEATABLE READ transaction whose snapshot predates
+/// the delete of the used token holding its nonce is refused once that
+/// delete commits: the snapshot cannot show the nonce remembered, the
+/// unique index of `spent_nonces` does (before `021_spent_nonces_guarded`
+/// the check read `spent_nonces` with the old snapshot and let it through).
+#[test]
+fn a_token_made_under_repeatable_read_while_the_used_one_with_its_nonce_is_deleted_is_refused() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (i1, i2) = two_instances(&mut conn);
+    session(
+        &mut conn,
+        &format!("INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES ('rr-raced', '{i1}', now())"),
+    )
+    .unwrap();
+    let mut maker = db.connect();
+    let pid = backend_pid(&mut maker);
+    // The snapshot is taken before the delete commits (here: before it starts).
+    session(&mut maker, "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM spent_nonces").unwrap();
+    session(&mut conn, "BEGIN; DELETE FROM bootstrap_tokens WHERE nonce = 'rr-raced'").unwrap();
+    let making = thread::spawn(move || {
+        let made = session(
+            &mut maker,
+            &format!("INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('rr-raced', '{i2}')"),
+        );
+        let ended = session(&mut maker, if made.is_ok() { "COMMIT" } else { "ROLLBACK" });
+        made.and(ended)
+    });
+    commit_once_blocked_and_see_the_nonce_refused(&db, &mut conn, pid, making);
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM bootstrap_tokens"), 0);
+}
+
+/// The spent nonces are the database's to keep: a hand-written DELETE,
+/// UPDATE or TRUNCATE of `spent_nonces` is refused (each let a nonce be
+/// issued and used again), while the tokens' own triggers still remember
+/// what a delete, an instance's cascade or a TRUNCATE (cascading from
+/// instances too) removes, and an INSERT by hand still adds one.
+#[test]
+fn spent_nonces_cannot_be_forgotten_by_hand_and_stay_remembered_by_the_triggers() {
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (i1, i2) = two_instances(&mut conn);
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES
+                 ('deleted', '{i1}', now()), ('cascaded', '{i1}', now()), ('truncated', '{i2}', now());
+             DELETE FROM bootstrap_tokens WHERE nonce = 'deleted';
+             DELETE FROM instances WHERE id = '{i1}';
+             TRUNCATE bootstrap_tokens;
+             INSERT INTO spent_nonces (nonce, used_at) VALUES ('by-hand', now());"
+        ),
+    )
+    .unwrap();
+    let remembered = "SELECT string_agg(nonce, ',' ORDER BY nonce) FROM spent_nonces";
+    assert_eq!(text(&mut conn, remembered), "by-hand,cascaded,deleted,truncated");
+    for sql in [
+        "DELETE FROM spent_nonces WHERE nonce = 'deleted'",
+        "UPDATE spent_nonces SET nonce = 'something-else' WHERE nonce = 'cascaded'",
+        "TRUNCATE spent_nonces",
+    ] {
+        let (_, name) = refusal(session(&mut conn, sql));
+        assert_eq!(name, "spent_nonces_kept_by_triggers", "{sql}");
+    }
+    assert_eq!(text(&mut conn, remembered), "by-hand,cascaded,deleted,truncated");
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES ('with-instances', '{i2}', now());
+             TRUNCATE instances CASCADE;"
+        ),
+    )
+    .unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM spent_nonces WHERE nonce = 'with-instances'"), 1);
+}
+
+/// A token is not used before it was made, nor an account signed in to
+/// before it was made: times set so by hand are refused
+/// (`021_spent_nonces_guarded`). The stores' writes never are, also when
+/// the clock stood behind the creation (stepped back, as NTP may):
+/// `mark_used` is stamped with the creation then, as `users.upsert`
+/// already stamps a first sign-in.
+#[test]
+fn a_use_or_first_sign_in_before_creation_is_refused_but_never_a_stores_write() {
+    use dployr_data::{BootstrapTokenStore as _, Config, DataLayer, Email, NewUser, Nonce, Provider, UserStore as _};
+
+    let db = dployr_testkit::database();
+    let mut conn = db.connect();
+    let (i1, _) = two_instances(&mut conn);
+    session(
+        &mut conn,
+        &format!(
+            "INSERT INTO bootstrap_tokens (nonce, instance_id) VALUES ('early', '{i1}');
+             INSERT INTO users (id, email, name, provider) VALUES ('{}', 'guest@example.io', 'Guest', 'email');",
+            id(30)
+        ),
+    )
+    .unwrap();
+    for (sql, constraint) in [
+        (
+            "UPDATE bootstrap_tokens SET used_at = created_at - interval '1 year' WHERE nonce = 'early'".to_owned(),
+            "bootstrap_tokens_used_at_check",
+        ),
+        (
+            format!(
+                "INSERT INTO bootstrap_tokens (nonce, instance_id, used_at) VALUES ('late', '{i1}', now() - interval '1 second')"
+            ),
+            "bootstrap_tokens_used_at_check",
+        ),
+        (
+            "UPDATE users SET first_signed_in_at = created_at - interval '1 year' WHERE email = 'guest@example.io'"
+                .to_owned(),
+            "users_first_signed_in_at_check",
+        ),
+        (
+            format!(
+                "INSERT INTO users (id, email, name, provider, first_signed_in_at) \
+                 VALUES ('{}', 'early@example.io', 'E', 'github', now() - interval '1 second')",
+                id(31)
+            ),
+            "users_first_signed_in_at_check",
+        ),
+    ] {
+        let (kind, name) = refusal(session(&mut conn, &sql));
+        assert_eq!((kind, name.as_str()), (DatabaseErrorKind::CheckViolation, constraint), "{sql}");
+    }
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM bootstrap_tokens WHERE used_at IS NOT NULL"), 0);
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM users WHERE first_signed_in_at < created_at"), 0);
+
+    // A token and an invitee made a minute "later" than the clock now reads.
+    session(
+        &mut conn,
+        "UPDATE bootstrap_tokens SET created_at = now() + interval '1 minute' WHERE nonce = 'early';
+         UPDATE users SET created_at = now() + interval '1 minute' WHERE email = 'guest@example.io';",
+    )
+    .unwrap();
+    let data = DataLayer::open(Config::new(db.url())).unwrap();
+    assert!(data.bootstrap_tokens().mark_used(&Nonce::parse("early").unwrap()).unwrap());
+    data.users().upsert(NewUser::new(Email::parse("guest@example.io").unwrap(), Provider::Email)).unwrap();
+    assert_eq!(count(&mut conn, "SELECT count(*) FROM bootstrap_tokens WHERE used_at = created_at"), 1);
+    let guest = "SELECT count(*) FROM users WHERE email = 'guest@example.io' AND first_signed_in_at = created_at";
+    assert_eq!(count(&mut conn, guest), 1);
+}

@@ -282,6 +282,14 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
         "users_first_signed_in_at_set_once" => {
             Check { field: "first_signed_in_at", reason: "an account's first sign-in is set once" }
         }
+        // Only hand-written SQL can meet these either (021_spent_nonces_guarded).
+        "spent_nonces_kept_by_triggers" => {
+            Check { field: "nonce", reason: "spent nonces are remembered by the database" }
+        }
+        "bootstrap_tokens_used_at_check" => Check { field: "used_at", reason: "would come before created_at" },
+        "users_first_signed_in_at_check" => {
+            Check { field: "first_signed_in_at", reason: "would come before created_at" }
+        }
         "users_times_readable"
         | "clusters_times_readable"
         | "user_clusters_times_readable"
