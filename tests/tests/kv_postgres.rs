@@ -257,3 +257,27 @@ fn the_tower_sessions_deletion_task_purges_expired_session_rows_and_keeps_live_o
     assert_eq!(rows(&pg, "true"), live_rows, "and only those");
     assert_eq!(runtime.block_on(store.load(&live.id)).unwrap(), Some(live));
 }
+
+/// Sessions and one-time records share the table, their purge periods set
+/// apart in code (the sessions' off, the one-time records' on): one purger
+/// serves the table, at the shorter period. The one-time records' period
+/// was dropped, no purger ran, and expired rows stayed on disk.
+#[test]
+fn one_purger_serves_the_table_at_the_shorter_period_of_sessions_and_one_time_records() {
+    use dployr_data::{Config, DataLayer, KvBackendConfig, OAuthState, OneTimeKvConfig};
+    let pg = postgres();
+    let config = Config::new(pg.db.url())
+        .with_kv(KvBackendConfig::Postgres { purge_every: None })
+        .with_one_time_kv(OneTimeKvConfig::Postgres { purge_every: Some(Duration::from_millis(50)) });
+    let data = DataLayer::open(config).unwrap();
+    for _ in 0..5 {
+        data.kv().create_state(&OAuthState::generate(), "https://app.example/").unwrap();
+    }
+    pg.advance(Duration::from_secs(3600));
+    // Waited for, bounded so a purger that never runs fails instead of hanging.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows(&pg, "true") > 0 {
+        assert!(Instant::now() < deadline, "expired one-time rows were never purged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

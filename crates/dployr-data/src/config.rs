@@ -83,8 +83,8 @@ pub const STATE_TTL_VAR: &str = "DPLOYR_STATE_TTL_SECS";
 pub const OTP_TTL_VAR: &str = "DPLOYR_OTP_TTL_SECS";
 
 /// Every variable of the data layer's own that [`Config::from_env`] reads
-/// (Cloudflare's, read only when it is used, say "is not set" when
-/// malformed, naming themselves).
+/// (Cloudflare's are checked where `DPLOYR_KV` is cloudflare, by
+/// [`CloudflareConfig::refuse_values_not_utf8`]).
 const ALL_VARS: [&str; 26] = [
     DATABASE_URL_VAR,
     KV_VAR,
@@ -152,7 +152,8 @@ pub enum OneTimeKvConfig {
     /// The `kv_entries` table of the data layer's own database.
     Postgres {
         /// How often a background thread purges expired rows; `None`: never.
-        /// Shared with the sessions' purger when they are on PostgreSQL too.
+        /// When the sessions are on PostgreSQL too, one purger serves the
+        /// table, at the shorter of the two periods set.
         purge_every: Option<Duration>,
     },
     /// In this process's memory: a single process only.
@@ -336,10 +337,20 @@ impl Config {
     pub fn from_env() -> StoreResult<Self> {
         // A value that is not UTF-8 is malformed, never "unset": it would
         // otherwise be replaced by the default without a word.
+        let not_unicode = |name: &'static str| match std::env::var(name) {
+            Err(std::env::VarError::NotUnicode(_)) => Err(configuration(name, "is not valid UTF-8")),
+            _ => Ok(()),
+        };
         for name in ALL_VARS {
-            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(name) {
-                return Err(configuration(name, "is not valid UTF-8"));
-            }
+            not_unicode(name)?;
+        }
+        // Cloudflare's, where they are used, before they are read: taken
+        // as unset, the required ones would say "is not set", and the base
+        // URL would be Cloudflare's own (the API token sent past the proxy
+        // meant).
+        #[cfg(feature = "cloudflare")]
+        if std::env::var(KV_VAR).is_ok_and(|kv| kv.trim().eq_ignore_ascii_case("cloudflare")) {
+            CloudflareConfig::refuse_values_not_utf8()?;
         }
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -457,7 +468,9 @@ impl Config {
             Some(secs) => Some(Duration::from_secs(secs)),
             None => Some(DEFAULT_PURGE_EVERY),
         };
-        config.kv = match var(KV_VAR).as_deref().map(str::to_ascii_lowercase).as_deref() {
+        // Matched in any case, quoted as given.
+        let kv_setting = var(KV_VAR);
+        config.kv = match kv_setting.as_deref().map(str::to_ascii_lowercase).as_deref() {
             None | Some("postgres") => KvBackendConfig::Postgres { purge_every },
             Some("memory") => KvBackendConfig::Memory,
             #[cfg(not(feature = "cloudflare"))]
@@ -477,15 +490,17 @@ impl Config {
                 required(API_TOKEN_VAR)?;
                 KvBackendConfig::Cloudflare(CloudflareConfig::from_vars(var)?)
             }
-            Some(other) => {
-                return Err(configuration(KV_VAR, format!("is {other:?}; use memory, postgres or cloudflare")));
+            Some(_) => {
+                let given = kv_setting.unwrap_or_default();
+                return Err(configuration(KV_VAR, format!("is {given:?}; use memory, postgres or cloudflare")));
             }
         };
         #[cfg(feature = "cloudflare")]
         if var(API_BASE_URL_VAR).is_some() && !config.kv.is_cloudflare() {
             tracing::debug!("{API_BASE_URL_VAR} is set but {KV_VAR} is not cloudflare; it is not used");
         }
-        config.one_time_kv = match var(KV_ONE_TIME_VAR).as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let one_time_setting = var(KV_ONE_TIME_VAR);
+        config.one_time_kv = match one_time_setting.as_deref().map(str::to_ascii_lowercase).as_deref() {
             None if purge_every_set && config.kv.is_cloudflare() => OneTimeKvConfig::Postgres { purge_every },
             None => OneTimeKvConfig::Default,
             Some("postgres") => OneTimeKvConfig::Postgres { purge_every },
@@ -494,10 +509,11 @@ impl Config {
             Some("cloudflare") => {
                 return Err(configuration(KV_ONE_TIME_VAR, "is cloudflare, which needs DPLOYR_KV=cloudflare"));
             }
-            Some(other) => {
+            Some(_) => {
+                let given = one_time_setting.unwrap_or_default();
                 return Err(configuration(
                     KV_ONE_TIME_VAR,
-                    format!("is {other:?}; use postgres, memory or cloudflare (not single use)"),
+                    format!("is {given:?}; use postgres, memory or cloudflare (not single use)"),
                 ));
             }
         };
@@ -712,6 +728,27 @@ mod tests {
             _ => None,
         };
         Config::from_vars(vars).unwrap().replica_urls
+    }
+
+    /// A backend name is matched in any case, but an unknown one is quoted
+    /// as the operator wrote it (it was quoted lower-cased: "postgresql"
+    /// for `Postgresql`, a value found nowhere in their settings).
+    #[test]
+    fn an_unknown_key_value_backend_is_quoted_as_given() {
+        for (variable, given) in [(KV_VAR, " Postgresql "), (KV_ONE_TIME_VAR, "Redis")] {
+            let vars = |name: &str| match name {
+                DATABASE_URL_VAR => Some("postgres://db/app".to_owned()),
+                _ if name == variable => Some(given.to_owned()),
+                _ => None,
+            };
+            match Config::from_vars(vars) {
+                Err(StoreError::Configuration { setting, reason }) => {
+                    assert_eq!(setting, variable);
+                    assert!(reason.contains(&format!("is {:?};", given.trim())), "{reason}");
+                }
+                other => panic!("{variable}={given:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -18,8 +18,9 @@ use dployr_migrate::MigrateError;
 use crate::config::{
     CALL_TIMEOUT_VAR, CANCEL_GRACE_VAR, CANCEL_ON_DEADLINE_VAR, CONNECT_TIMEOUT_VAR, DATABASE_URL_VAR,
     DEADLINE_MARGIN_VAR, DEFAULT_PURGE_EVERY, KEEPALIVES_COUNT_VAR, KEEPALIVES_IDLE_VAR, KEEPALIVES_INTERVAL_VAR,
-    KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, MIGRATE_DATABASE_URL_VAR, OTP_TTL_VAR, POOL_SIZE_VAR, REPLICA_MAX_LAG_VAR,
-    REPLICA_URLS_VAR, SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR, TCP_USER_TIMEOUT_VAR,
+    KV_ONE_TIME_VAR, KV_PURGE_EVERY_VAR, KV_VAR, MIGRATE_DATABASE_URL_VAR, OTP_TTL_VAR, POOL_SIZE_VAR,
+    REPLICA_MAX_LAG_VAR, REPLICA_URLS_VAR, SESSION_TTL_VAR, STATE_TTL_VAR, STATEMENT_CACHE_VAR, STATEMENT_TIMEOUT_VAR,
+    TCP_USER_TIMEOUT_VAR,
 };
 use crate::health::{self, Health};
 use crate::{Config, KvBackendConfig, OneTimeKvConfig};
@@ -68,13 +69,27 @@ fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgK
     Ok((PgKv::new(pool.clone()), purge_every))
 }
 
-/// A TTL the key-value store refuses is a setting to change: named by its variable.
-fn kv_setting_error(error: StoreError) -> StoreError {
+/// A TTL the key-value store refuses is a setting to change: named by its
+/// variable, and, once the backends are chosen, by the backend whose limit
+/// refused it and the variable that chose it (`sessions`, `one_time`: their
+/// names), since the same TTL may pass on another backend.
+fn kv_setting_error(error: StoreError, backends: Option<(&str, &str)>) -> StoreError {
+    let on = |reason: std::borrow::Cow<'static, str>, chosen_by: &str, backend: Option<&str>| match backend {
+        Some(backend) => format!("{reason} (the backend chosen by {chosen_by}: {backend})").into(),
+        None => reason,
+    };
+    let (sessions, one_time) = (backends.map(|(sessions, _)| sessions), backends.map(|(_, one_time)| one_time));
     match error {
         StoreError::Invalid { field, reason } => match field {
-            "session_ttl" => StoreError::Configuration { setting: SESSION_TTL_VAR, reason },
-            "state_ttl" => StoreError::Configuration { setting: STATE_TTL_VAR, reason },
-            "otp_ttl" => StoreError::Configuration { setting: OTP_TTL_VAR, reason },
+            "session_ttl" => {
+                StoreError::Configuration { setting: SESSION_TTL_VAR, reason: on(reason, KV_VAR, sessions) }
+            }
+            "state_ttl" => {
+                StoreError::Configuration { setting: STATE_TTL_VAR, reason: on(reason, KV_ONE_TIME_VAR, one_time) }
+            }
+            "otp_ttl" => {
+                StoreError::Configuration { setting: OTP_TTL_VAR, reason: on(reason, KV_ONE_TIME_VAR, one_time) }
+            }
             field => StoreError::Invalid { field, reason },
         },
         other => other,
@@ -90,7 +105,7 @@ fn kv_setting_error(error: StoreError) -> StoreError {
 fn refuse_settings_no_server_could_take(config: &Config) -> StoreResult<()> {
     // The store's own rules, on backends that add none of theirs.
     KvStore::with_backends(Arc::new(MemoryKv::new()), Arc::new(MemoryKv::new()), config.kv_store)
-        .map_err(kv_setting_error)?;
+        .map_err(|error| kv_setting_error(error, None))?;
     let zero_purge = |every: &Option<Duration>| every.is_some_and(|every| every.is_zero());
     if matches!(&config.kv, KvBackendConfig::Postgres { purge_every } if zero_purge(purge_every))
         || matches!(&config.one_time_kv, OneTimeKvConfig::Postgres { purge_every } if zero_purge(purge_every))
@@ -313,21 +328,31 @@ impl DataLayer {
         // that does not start. The purger, which deletes from the
         // key-value table, starts after them.
         let mut purge: Option<(PgKv, Duration)> = None;
+        let mut sessions_on_postgres: Option<PgKv> = None;
         let sessions: Backend = match kv_config {
             KvBackendConfig::Memory => (Arc::new(MemoryKv::new()), "memory"),
             KvBackendConfig::Postgres { purge_every } => {
                 let (kv, every) = postgres_kv(&pool, purge_every)?;
                 purge = every.map(|every| (kv.clone(), every));
+                sessions_on_postgres = Some(kv.clone());
                 (Arc::new(kv), "postgres")
             }
             #[cfg(feature = "cloudflare")]
             KvBackendConfig::Cloudflare(cloudflare) => (Arc::new(CloudflareKv::new(cloudflare)?), "cloudflare"),
         };
         let mut postgres_one_time = |purge_every: Option<Duration>| -> StoreResult<Backend> {
-            if sessions.1 == "postgres" {
+            let (kv, every) = postgres_kv(&pool, purge_every)?;
+            if let Some(sessions_kv) = &sessions_on_postgres {
+                // One table, one purger: at the shorter of the two periods
+                // (the one-time records' may be set apart in code).
+                if let Some(every) = every {
+                    purge = Some(match purge.take() {
+                        Some((kv, current)) => (kv, current.min(every)),
+                        None => (sessions_kv.clone(), every),
+                    });
+                }
                 return Ok((Arc::clone(&sessions.0), "postgres"));
             }
-            let (kv, every) = postgres_kv(&pool, purge_every)?;
             purge = every.map(|every| (kv.clone(), every));
             Ok((Arc::new(kv), "postgres"))
         };
@@ -349,7 +374,7 @@ impl DataLayer {
             (OneTimeKvConfig::Cloudflare, false) => return Err(one_time_on_cloudflare_alone()),
         };
         let kv = KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store)
-            .map_err(kv_setting_error)?;
+            .map_err(|error| kv_setting_error(error, Some((sessions.1, one_time.1))))?;
         let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
 
         let applied_on_open = if config.migrate_on_start {

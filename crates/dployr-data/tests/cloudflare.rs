@@ -136,3 +136,24 @@ fn one_time_records_on_cloudflare_are_opted_into_explicitly() {
     .unwrap();
     assert_eq!(memory.one_time_kv_backend(), "memory");
 }
+
+/// A TTL under Cloudflare's shortest (60 s) names the backend that refused
+/// it and the variable that chose it: the same 30 s passes with one-time
+/// records on PostgreSQL, which the operator could not tell from "below
+/// this backend's minimum" alone.
+#[test]
+fn a_ttl_cloudflare_refuses_names_the_backend_and_the_variable_that_chose_it() {
+    let (db, emulator) = (dployr_testkit::database(), CloudflareEmulator::start());
+    let mut config = Config::new(db.url())
+        .with_kv(KvBackendConfig::Cloudflare(cloudflare_config(&emulator)))
+        .with_one_time_kv(OneTimeKvConfig::Cloudflare);
+    config.kv_store.state_ttl = Duration::from_secs(30);
+    match DataLayer::open(config.clone()) {
+        Err(StoreError::Configuration { setting, reason }) => {
+            assert_eq!(setting, "DPLOYR_STATE_TTL_SECS");
+            assert!(reason.contains("the backend chosen by DPLOYR_KV_ONE_TIME: cloudflare"), "{reason}");
+        }
+        other => panic!("a 30 s state TTL on Cloudflare: {:?}", other.map(|_| ())),
+    }
+    assert!(DataLayer::open(config.with_one_time_kv(OneTimeKvConfig::Postgres { purge_every: None })).is_ok());
+}

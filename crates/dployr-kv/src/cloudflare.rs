@@ -253,9 +253,26 @@ impl CloudflareConfig {
     ///
     /// # Errors
     /// [`StoreError::Configuration`] naming the first variable that is unset
-    /// or empty, or a base URL that is not `http(s)://`.
+    /// or empty, or not UTF-8 (never taken as unset: the base URL would be
+    /// Cloudflare's own, not the one meant), or a base URL that is not
+    /// `http(s)://`.
     pub fn from_env() -> StoreResult<Self> {
+        Self::refuse_values_not_utf8()?;
         Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`StoreError::Configuration`] naming the first of this client's
+    /// variables whose value in the process environment is not UTF-8.
+    ///
+    /// # Errors
+    /// As said.
+    pub fn refuse_values_not_utf8() -> StoreResult<()> {
+        for name in [ACCOUNT_ID_VAR, NAMESPACE_ID_VAR, API_TOKEN_VAR, API_BASE_URL_VAR] {
+            if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(name) {
+                return Err(StoreError::Configuration { setting: name, reason: "is not valid UTF-8".into() });
+            }
+        }
+        Ok(())
     }
 
     /// [`from_env`](Self::from_env) through `var` (a variable's value,
