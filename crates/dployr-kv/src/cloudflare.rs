@@ -301,7 +301,7 @@ impl CloudflareConfig {
         };
         let mut config = Self::new(required(ACCOUNT_ID_VAR)?, required(NAMESPACE_ID_VAR)?, required(API_TOKEN_VAR)?);
         if let Some(base_url) = var(API_BASE_URL_VAR) {
-            config.base_url = checked_base_url(&base_url)?;
+            config.base_url = checked_base_url(&base_url)?.url;
         }
         Ok(config)
     }
@@ -337,7 +337,7 @@ fn spent_quota_resets_in(headers: &reqwest::header::HeaderMap) -> Option<Duratio
 /// the network unencrypted in every request's header. A URL with
 /// credentials (`user:password@`) is refused without being shown: they
 /// would go with every request and into every error that names the URL.
-fn checked_base_url(base_url: &str) -> StoreResult<String> {
+fn checked_base_url(base_url: &str) -> StoreResult<BaseUrl> {
     // First, and by the text: credentials may come in a malformed
     // spelling no parser finds (`https//user:pw@host`), the API's URL holds
     // no `@`, and every refusal below shows the URL.
@@ -370,7 +370,14 @@ fn checked_base_url(base_url: &str) -> StoreResult<String> {
                 .into(),
         ));
     }
-    Ok(trimmed.to_owned())
+    Ok(BaseUrl { url: trimmed.to_owned(), on_this_machine })
+}
+
+/// A base URL [`checked_base_url`] took, and whether it names this machine.
+#[derive(Debug)]
+struct BaseUrl {
+    url: String,
+    on_this_machine: bool,
 }
 
 /// How many requests the client sent, how many were throttled (429) and
@@ -413,12 +420,21 @@ struct Raw {
 }
 
 impl Transport {
-    fn start() -> StoreResult<Self> {
-        let client = Client::builder()
+    /// A client for a base URL; `on_this_machine`: one on 127.0.0.1, ::1 or
+    /// localhost (an emulator), reached directly.
+    fn start(on_this_machine: bool) -> StoreResult<Self> {
+        let mut builder = Client::builder()
             // Cloudflare's API does not redirect; a proxy or a wrong base URL
             // does, and a followed 303 turns a PUT or a DELETE into a GET whose
             // answer would be taken for the write's. A 3xx is reported instead.
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if on_this_machine {
+            // Not through the `HTTP_PROXY` a CI runner exports: a proxy
+            // cannot reach this machine's loopback, and would be sent the
+            // API token in clear (the base URL may be plain http here).
+            builder = builder.no_proxy();
+        }
+        let client = builder
             .build()
             // Stripped as every reqwest error of this module is (see
             // `request_failure`): a URL it holds is not for the error's text.
@@ -875,15 +891,16 @@ impl CloudflareKv {
                     .into(),
             });
         }
+        let base_url = checked_base_url(&config.base_url)?;
         let namespace_url = format!(
             "{}/accounts/{}/storage/kv/namespaces/{}",
-            checked_base_url(&config.base_url)?,
+            base_url.url,
             encode(&config.account_id),
             encode(&config.namespace_id)
         );
         Ok(Self {
             config,
-            transport: Transport::start()?,
+            transport: Transport::start(base_url.on_this_machine)?,
             counters: Counters::default(),
             namespace_url,
             no_bulk_get: AtomicBool::new(false),
@@ -1474,7 +1491,7 @@ mod tests {
             );
         }
         assert_eq!(
-            checked_base_url("https://api.cloudflare.com/client/v4/").unwrap(),
+            checked_base_url("https://api.cloudflare.com/client/v4/").unwrap().url,
             "https://api.cloudflare.com/client/v4"
         );
     }
@@ -1499,7 +1516,7 @@ mod tests {
     #[test]
     fn plain_http_is_refused_but_to_this_machine_and_credentials_are_refused_unshown() {
         for local in ["http://127.0.0.1:8787/client/v4", "http://[::1]:8787/client/v4", "http://LOCALHOST/client/v4"] {
-            assert!(checked_base_url(local).is_ok(), "{local}");
+            assert!(checked_base_url(local).is_ok_and(|base| base.on_this_machine), "{local}");
         }
         for remote in
             ["http://api.cloudflare.com/client/v4", "http://10.0.0.7:8080/client/v4", "http://[2001:db8::1]/v4"]
@@ -1530,7 +1547,7 @@ mod tests {
         }
         // The scheme, as URLs go, in any case.
         assert_eq!(
-            checked_base_url("HTTPS://api.cloudflare.com/client/v4").unwrap(),
+            checked_base_url("HTTPS://api.cloudflare.com/client/v4").unwrap().url,
             "HTTPS://api.cloudflare.com/client/v4"
         );
         assert!(checked_base_url("HTTP://127.0.0.1:8787/client/v4").is_ok());

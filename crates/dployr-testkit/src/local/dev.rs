@@ -179,7 +179,8 @@ impl DevCluster {
         }
         // pg_ctl hands `--options` to a shell: the socket directory is
         // quoted, so a checkout under a path with spaces starts too.
-        let sockets = self.root.join("sockets").display().to_string().replace('\'', "'\\''");
+        let sockets =
+            super::ephemeral::socket_directory(&self.root.join("sockets")).to_string_lossy().replace('\'', "'\\''");
         let options = format!("-p {port} -k '{sockets}' -c listen_addresses=127.0.0.1");
         run(
             command(&self.bindir, "pg_ctl", run_as)

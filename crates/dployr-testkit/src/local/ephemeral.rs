@@ -175,7 +175,7 @@ impl EphemeralCluster {
             .arg("-p")
             .arg(port.to_string())
             .arg("-k")
-            .arg(root.join("sockets"))
+            .arg(socket_directory(&root.join("sockets")))
             .args([
                 "-c",
                 "listen_addresses=127.0.0.1",
@@ -403,5 +403,19 @@ fn sweep_crashed_runs() {
             }
         }
         let _ignored = fs::remove_dir_all(&path);
+    }
+}
+
+/// The socket directory the server is given: `sockets`, or none (`-k ''`:
+/// no Unix socket) where the socket's path would be longer than the 107
+/// bytes a Unix socket's path may hold (a long `TMPDIR`, a checkout deep in
+/// a CI workspace), which stopped the server. Our connections all go over
+/// TCP to 127.0.0.1.
+pub(super) fn socket_directory(sockets: &Path) -> &std::ffi::OsStr {
+    const SOCKET_PATH_MAX: usize = 107;
+    if sockets.as_os_str().len() + "/.s.PGSQL.65535".len() <= SOCKET_PATH_MAX {
+        sockets.as_os_str()
+    } else {
+        std::ffi::OsStr::new("")
     }
 }

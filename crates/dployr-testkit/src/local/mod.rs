@@ -41,6 +41,10 @@ pub const BINDIR_SEARCH: &str = "$DPLOYR_PG_BINDIR, `pg_config --bindir`, /usr/l
 /// How long a server may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long one connection error that is not a server still starting may
+/// last before starting the server is given up.
+const REFUSED_FOR: Duration = Duration::from_secs(2);
+
 /// How often a starting or stopping server is looked at.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -148,6 +152,14 @@ fn command(bindir: &Path, program: &str, run_as: Option<RunAs>) -> Command {
     }
     // The server's user may not be allowed into the caller's working directory.
     command.current_dir("/");
+    // The user's libpq settings are for their own servers (a
+    // `PGSSLMODE=require` would refuse `pg_basebackup` ours, which has no
+    // TLS): the cluster's own programs run without them.
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"PG") {
+            command.env_remove(name);
+        }
+    }
     command
 }
 
@@ -190,9 +202,39 @@ fn tail_of(path: &Path) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
+/// What a connection to a cluster of ours sets whatever the environment
+/// says: libpq reads `PGSSLMODE`, `PGHOSTADDR`, `PGOPTIONS` (and
+/// `PGGSSENCMODE`, `PGCHANNELBINDING`, `PGTARGETSESSIONATTRS`) for every
+/// setting a URL leaves out, and a value exported for the user's own
+/// servers (a managed PostgreSQL's `PGSSLMODE=require`) refused our server,
+/// which has no TLS, or changed its sessions (`-c statement_timeout=1`).
+/// Ours is a plain local server that wants none of them. `hostaddr` is set
+/// empty (none), so that a `host` given later still decides where to go.
+/// The last three are set only where the environment sets them: a libpq
+/// older than the parameter (12 for `gssencmode`, 13 for
+/// `channel_binding`) refuses the whole URL, and one that reads such a
+/// variable knows its parameter.
+const LOCAL_SETTINGS: [(&str, &str, &str); 6] = [
+    ("sslmode", "disable", ""),
+    ("hostaddr", "", ""),
+    ("options", "", ""),
+    ("gssencmode", "disable", "PGGSSENCMODE"),
+    ("channel_binding", "disable", "PGCHANNELBINDING"),
+    ("target_session_attrs", "any", "PGTARGETSESSIONATTRS"),
+];
+
+/// The variables [`LOCAL_SETTINGS`] overrides.
+const PINNED: [&str; 6] =
+    ["PGSSLMODE", "PGHOSTADDR", "PGOPTIONS", "PGGSSENCMODE", "PGCHANNELBINDING", "PGTARGETSESSIONATTRS"];
+
 /// The URL of database `dbname` on a local cluster listening on `port`.
 pub fn local_url(port: u16, dbname: &str) -> String {
-    format!("postgres://postgres@127.0.0.1:{port}/{dbname}")
+    let settings: Vec<String> = LOCAL_SETTINGS
+        .iter()
+        .filter(|(_, _, only_if)| only_if.is_empty() || std::env::var_os(only_if).is_some())
+        .map(|(key, value, _)| format!("{key}={value}"))
+        .collect();
+    format!("postgres://postgres@127.0.0.1:{port}/{dbname}?{}", settings.join("&"))
 }
 
 /// Waits until the server whose data directory is `data` accepts
@@ -200,9 +242,25 @@ pub fn local_url(port: u16, dbname: &str) -> String {
 fn wait_until_ready(port: u16, data: &Path, log: &Path, mut exited: impl FnMut() -> bool) -> Result<(), TestkitError> {
     let url = local_url(port, "postgres");
     let started = Instant::now();
+    // An error that is not a server still starting, seen since then: past
+    // `REFUSED_FOR`, libpq refuses the connection itself (a `PGSERVICE`
+    // with no such service), and waiting `START_TIMEOUT` on every port
+    // only hides why.
+    let mut refused: Option<(String, Instant)> = None;
     loop {
-        if serves(&url, data) {
-            return Ok(());
+        match check(&url, data) {
+            Ok(true) => return Ok(()),
+            Ok(false) => refused = None,
+            Err(error) => match &refused {
+                Some((seen, since)) if *seen == error && since.elapsed() > REFUSED_FOR => {
+                    return Err(TestkitError::Setup(format!(
+                        "connecting to the throwaway server: {error}{}",
+                        libpq_variables_hint()
+                    )));
+                }
+                Some((seen, _)) if *seen == error => {}
+                _ => refused = Some((error, Instant::now())),
+            },
         }
         if exited() {
             return Err(TestkitError::Setup(format!(
@@ -226,15 +284,52 @@ fn wait_until_ready(port: u16, data: &Path, log: &Path, mut exited: impl FnMut()
 /// nothing yet), or a port taken over while ours restarts; answering is
 /// not enough to be ours.
 pub(crate) fn serves(url: &str, data: &Path) -> bool {
+    check(url, data).unwrap_or(false)
+}
+
+/// [`serves`], with the error of a connection that failed otherwise than
+/// as one to a server still starting (or stopping, or not listening yet)
+/// does: libpq's own message.
+fn check(url: &str, data: &Path) -> Result<bool, String> {
     use diesel::RunQueryDsl as _;
     // libpq's connect_timeout: a listener that accepts and never answers
     // holds no check for longer.
-    let Ok(mut conn) = PgConnection::establish(&format!("{url}?connect_timeout=5")) else {
-        return false;
+    let mut conn = match PgConnection::establish(&format!("{url}&connect_timeout=5")) {
+        Ok(conn) => conn,
+        Err(error) => {
+            let error = error.to_string();
+            const NOT_YET: [&str; 10] = [
+                "Connection refused",
+                "starting up",
+                "not yet accepting connections",
+                "recovery",
+                "too many clients",
+                "shutting down",
+                "timeout expired",
+                "closed the connection unexpectedly",
+                "Connection reset",
+                "could not receive data",
+            ];
+            return if NOT_YET.iter().any(|not_yet| error.contains(not_yet)) { Ok(false) } else { Err(error) };
+        }
     };
     let served = diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('data_directory')"))
         .get_result::<String>(&mut conn);
-    served.is_ok_and(|served| same_directory(Path::new(&served), data))
+    Ok(served.is_ok_and(|served| same_directory(Path::new(&served), data)))
+}
+
+/// The libpq variables this process has that a connection to our server
+/// may still read (those it pins are not named), for an error to name.
+fn libpq_variables_hint() -> String {
+    let set: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.starts_with("PG") && !PINNED.contains(&name.as_str()))
+        .collect();
+    if set.is_empty() {
+        String::new()
+    } else {
+        format!(" (libpq reads the environment: {} set here; unset them for the tests)", set.join(", "))
+    }
 }
 
 /// Whether `a` and `b` name one directory once resolved (a relative or
