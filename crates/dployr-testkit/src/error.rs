@@ -1,17 +1,18 @@
 //! The testkit's error: each says what it was doing and, for the "no server"
-//! case, how to get one.
+//! case, what went wrong first (binaries found but a server that would not
+//! start is not a missing install), then how to get one.
 
 /// Why the testkit could not provide a database.
 #[derive(Debug, thiserror::Error)]
 pub enum TestkitError {
     /// None of the three ways to get a PostgreSQL worked.
     #[error(
-        "no PostgreSQL for the tests. Provide one of:\n\
+        "no PostgreSQL for the tests. What was tried: {tried}\n\
+         Provide one of:\n\
          1. a server of your own: export DPLOYR_TEST_DATABASE_URL (or DATABASE_URL)=postgres://user@host/db, \
             with a role that may CREATE DATABASE;\n\
          2. the PostgreSQL server binaries (initdb, postgres), e.g. `apt-get install postgresql`; searched: {searched};\n\
-         3. a running Docker engine (testcontainers starts postgres:15-alpine).\n\
-         What was tried: {tried}"
+         3. a running Docker engine (testcontainers starts postgres:15-alpine)."
     )]
     NoServer {
         /// Where the binaries were looked for.
