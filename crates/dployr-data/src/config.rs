@@ -122,7 +122,9 @@ pub enum KvBackendConfig {
     /// The `kv_entries` table of the data layer's own database.
     Postgres {
         /// How often a background thread purges expired rows; `None`: never
-        /// (run `PgKv::purge_expired` yourself).
+        /// (run `PgKv::purge_expired` yourself), unless the one-time records
+        /// are on PostgreSQL with a period of their own: one purger serves
+        /// the table, at the shorter period set.
         purge_every: Option<Duration>,
     },
     /// A Cloudflare Workers KV namespace.

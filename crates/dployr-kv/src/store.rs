@@ -554,8 +554,10 @@ impl KvStore {
     /// session, with these clusters, is larger than the backend takes;
     /// backend errors. After a backend error the session may be there all
     /// the same (its write landed, its answer lost): it is named in its
-    /// user's index, so a sign-out everywhere ends it; hand out no cookie
-    /// for it.
+    /// user's index, so a sign-out everywhere ends it (unless the entry's
+    /// write failed too: a session written again under an id handed out
+    /// before is then named by its earlier entry only until that entry
+    /// expires); hand out no cookie for it.
     pub fn create_session(
         &self,
         session_id: &SessionId,

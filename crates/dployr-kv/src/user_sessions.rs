@@ -6,8 +6,10 @@
 //! gets an entry of its own, `<prefix><sha256(user)>:<session key>`, empty,
 //! with the session's TTL: written after a new session (`KvStore`, and
 //! tower-sessions' `create`), and before the write of a session whose id a
-//! cookie holds already (a tower-sessions `save`), so that no record naming
-//! a user is written that the index does not name, whatever fails after. A single record listing
+//! cookie holds already (a tower-sessions `save`), so that such a save
+//! never writes a record naming a user that the index does not name,
+//! whatever fails after (a new session whose entry and clean-up both fail
+//! is left unnamed, but no cookie names it). A single record listing
 //! a user's sessions would need a read-modify-write on every sign-in, which
 //! loses entries to concurrent sign-ins on any backend without transactions
 //! (Cloudflare has none); separate keys have nothing to lose, and an entry
@@ -17,8 +19,8 @@
 //! **What it guarantees.** On memory and PostgreSQL (reads see every write),
 //! [`delete_all`](UserSessionIndex::delete_all) removes every session whose
 //! creation returned before it started: a listed entry's session exists
-//! (the user's, or, written before its record, one of nobody yet, which
-//! the caller's `end_session` decides about) or is gone, and a created
+//! (the user's, or, written before its record, one of nobody yet or still
+//! of another user, which the caller's `end_session` decides about) or is gone, and a created
 //! session's entry is listed. A session created while `delete_all` runs may
 //! survive it (it started "after"). On Cloudflare Workers KV, listings and
 //! reads are eventually consistent (Cloudflare documents "60 seconds or
@@ -70,8 +72,8 @@ impl UserSessionIndex {
 
     /// Records that `session_key` belongs to `user` for `ttl` (the session's
     /// own TTL). Call it after a new session is written, before a session
-    /// whose id is handed out already is written again (see the module
-    /// documentation for why those orders).
+    /// whose id is handed out already is written again where the caller
+    /// can tell (see the module documentation for why those orders).
     ///
     /// # Errors
     /// [`StoreError::Invalid`](dployr_domain::StoreError::Invalid) when the

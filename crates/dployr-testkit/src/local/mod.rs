@@ -1,6 +1,7 @@
 //! A PostgreSQL cluster made from the local server binaries: `initdb` into a
 //! directory, `postgres` on a free loopback port with a private socket
-//! directory. This module finds the binaries and holds what both lifetimes
+//! directory (none, TCP only, where the temp dir's path is too long for a
+//! Unix socket). This module finds the binaries and holds what both lifetimes
 //! of a cluster share; the lifetimes are its two submodules.
 //!
 //! [`EphemeralCluster`] (tests: a temp dir, `fsync=off`, the server a child
