@@ -361,3 +361,53 @@ fn a_bulk_read_of_a_value_that_is_not_text_reads_its_chunk_key_by_key() {
     let values = kv.get_many(&keys).expect("a bulk read of a stored value that is not text");
     assert_eq!(values, vec![Some(b"hello".to_vec()), Some(bytes), None]);
 }
+
+/// One value that is not UTF-8 among a hundred keys costs a bulk read per
+/// half down to a few keys, then those keys one by one: at key 37, bulk
+/// reads of 100, 50+50, 25+25, 12+13 and 6+7 keys, then the 6 keys 37..43
+/// one by one, 15 requests, where reading the hundred key by key cost 101
+/// and could spend a call's `max_elapsed` (and the account's request budget)
+/// on one stray value.
+#[test]
+fn one_value_that_is_not_text_among_a_hundred_costs_fifteen_requests_not_a_hundred() {
+    let emulator = CloudflareEmulator::start();
+    let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
+    let keys: Vec<String> = (0..100).map(|n| format!("k{n:03}")).collect();
+    for (n, key) in keys.iter().enumerate() {
+        if n == 37 {
+            kv.put(key, &[0xff, 0x00, 0xfe], None).unwrap();
+        } else if n % 3 != 0 {
+            kv.put(key, key.as_bytes(), None).unwrap();
+        }
+    }
+    let before = emulator.requests();
+    let values = kv.get_many(&keys).expect("a bulk read with one value that is not text");
+    let spent = emulator.requests() - before;
+    for (n, (key, value)) in keys.iter().zip(&values).enumerate() {
+        let expected = match n {
+            37 => Some(vec![0xff, 0x00, 0xfe]),
+            n if n % 3 != 0 => Some(key.as_bytes().to_vec()),
+            _ => None,
+        };
+        assert_eq!(value, &expected, "{key}");
+    }
+    assert_eq!(spent, 15, "requests for a hundred keys with one value that is not text");
+}
+
+/// Every value not UTF-8: each still read, in order, in about a third more
+/// requests than key by key (the halving stops at a few keys).
+#[test]
+fn a_hundred_values_none_of_them_text_are_each_read_in_order() {
+    let emulator = CloudflareEmulator::start();
+    let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
+    let keys: Vec<String> = (0..130).map(|n| format!("b{n:03}")).collect();
+    for (n, key) in keys.iter().enumerate() {
+        kv.put(key, &[0xff, u8::try_from(n).unwrap()], None).unwrap();
+    }
+    let before = emulator.requests();
+    let values = kv.get_many(&keys).expect("a bulk read of values none of which is text");
+    let spent = emulator.requests() - before;
+    let expected: Vec<Option<Vec<u8>>> = (0..130).map(|n| Some(vec![0xff, u8::try_from(n).unwrap()])).collect();
+    assert_eq!(values, expected);
+    assert!(spent <= 130 * 3 / 2, "{spent} requests for 130 keys");
+}

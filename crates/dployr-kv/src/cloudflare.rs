@@ -145,6 +145,11 @@ const DAILY_LIMIT: u32 = 10048;
 
 /// The most keys one bulk read takes ("maximum of 100").
 const BULK_GET_KEYS: usize = 100;
+
+/// The size below which a bulk read Cloudflare refused to send as text (a
+/// value that is not UTF-8) is read key by key rather than halved again.
+const BISECT_DOWN_TO: usize = 8;
+
 /// The most keys one bulk delete takes ("an array of up to 10,000 keys").
 const BULK_DELETE_KEYS: usize = 10_000;
 /// The least time left of a call's `max_elapsed` for which a request is
@@ -1172,6 +1177,69 @@ impl CloudflareKv {
         Ok(Some(reply.envelope()))
     }
 
+    /// The values of `chunk` (at most [`BULK_GET_KEYS`] checked keys),
+    /// appended to `values` in order: one bulk read, or key by key where the
+    /// server has no bulk endpoint, and then `false`, so that the rest of
+    /// the call goes key by key without asking again.
+    /// A 400 for checked keys is a value Cloudflare cannot send as text
+    /// (bytes that are not UTF-8, written by something other than this
+    /// layer), not the caller's mistake; else one such value would fail
+    /// every call that reads it in bulk (the user's sign-out everywhere,
+    /// for good). Such a chunk is halved, each half read the same way, and
+    /// one of at most [`BISECT_DOWN_TO`] keys is read key by key: a few
+    /// requests more for one such value, about a third more than key by key
+    /// where every value is one.
+    fn read_in_bulk(&self, call: &mut Call, chunk: &[String], values: &mut Vec<Option<Vec<u8>>>) -> StoreResult<bool> {
+        let url = format!("{}/bulk/get", self.namespace_url);
+        let asked = serde_json::json!({ "keys": chunk, "type": "text" });
+        let envelope = match self.post_json_where_served(call, "get_many", &url, &asked, &self.no_bulk_get) {
+            Ok(Some(envelope)) => envelope,
+            Ok(None) => {
+                self.read_key_by_key(call, chunk, values)?;
+                return Ok(false);
+            }
+            Err(StoreError::Invalid { field: "request", .. }) if chunk.len() <= BISECT_DOWN_TO => {
+                self.read_key_by_key(call, chunk, values)?;
+                return Ok(true);
+            }
+            Err(StoreError::Invalid { field: "request", .. }) => {
+                let (first, second) = chunk.split_at(chunk.len() / 2);
+                if self.read_in_bulk(call, first, values)? {
+                    return self.read_in_bulk(call, second, values);
+                }
+                self.read_key_by_key(call, second, values)?;
+                return Ok(false);
+            }
+            Err(error) => return Err(error),
+        };
+        let found: BulkValues = serde_json::from_value(envelope.result.unwrap_or_default())
+            .map_err(|e| StoreError::backend("Cloudflare KV get_many: unreadable values", e))?;
+        for key in chunk {
+            values.push(match found.values.get(key) {
+                None | Some(None | Some(serde_json::Value::Null)) => None,
+                Some(Some(serde_json::Value::String(text))) => Some(text.clone().into_bytes()),
+                // Asked as text, a value comes as a string; anything else is
+                // not an answer to trust.
+                Some(Some(other)) => {
+                    return Err(StoreError::backend(
+                        "Cloudflare KV get_many",
+                        format!("a value came back as {other}, not as text"),
+                    ));
+                }
+            });
+        }
+        Ok(true)
+    }
+
+    /// The values of `keys`, appended to `values` in order, each read as
+    /// [`get`](KvBackend::get) reads it.
+    fn read_key_by_key(&self, call: &mut Call, keys: &[String], values: &mut Vec<Option<Vec<u8>>>) -> StoreResult<()> {
+        for key in keys {
+            values.push(self.read(call, key)?.map(|stored| stored.value));
+        }
+        Ok(())
+    }
+
     fn remove(&self, call: &mut Call, key: &str) -> StoreResult<()> {
         self.limits().check_key(key)?;
         let url = self.value_url(key);
@@ -1225,59 +1293,26 @@ impl KvBackend for CloudflareKv {
     /// 1200 requests per 5 minutes, after which Cloudflare refuses every
     /// call for minutes. Reads are as stale as a single read's. A server
     /// without the endpoint (405, code 7000, or a 404 naming no Cloudflare
-    /// error) is read key by key, each answered as [`get`](KvBackend::get) would;
-    /// so is a chunk Cloudflare refuses to send as text (a value that is not
-    /// UTF-8, which this layer never writes).
+    /// error) is read key by key, each answered as [`get`](KvBackend::get) would.
+    /// A hundred Cloudflare refuses to send as text (a value that is not
+    /// UTF-8, which this layer never writes) is halved and each half read in
+    /// bulk again, down to a few keys read as `get` reads them: one such
+    /// value among a hundred costs at most 16 requests, not a hundred, all within
+    /// the call's `max_elapsed`.
     fn get_many(&self, keys: &[String]) -> StoreResult<Vec<Option<Vec<u8>>>> {
         let mut call = Call::start("kv.cloudflare.get_many");
         let limits = self.limits();
         for key in keys {
             limits.check_key(key)?;
         }
-        let url = format!("{}/bulk/get", self.namespace_url);
         let mut values = Vec::with_capacity(keys.len());
         for (index, chunk) in keys.chunks(BULK_GET_KEYS).enumerate() {
-            let asked = serde_json::json!({ "keys": chunk, "type": "text" });
-            let envelope = match self.post_json_where_served(&mut call, "get_many", &url, &asked, &self.no_bulk_get) {
-                Ok(Some(envelope)) => envelope,
-                // A server without bulk reads (an older API, a proxy or an
-                // emulator that lacks the path): key by key, as `get` reads.
-                Ok(None) => {
-                    for key in &keys[index * BULK_GET_KEYS..] {
-                        values.push(self.read(&mut call, key)?.map(|stored| stored.value));
-                    }
-                    return Ok(values);
-                }
-                // The keys were checked and at most 100 were asked: a 400
-                // here is a value Cloudflare cannot send as text (bytes
-                // that are not UTF-8, written by something other than this
-                // layer), not the caller's mistake. That chunk key by key,
-                // each answered with its bytes as `get` reads them; else one
-                // such value would fail every call that reads it in bulk
-                // (the user's sign-out everywhere, for good).
-                Err(StoreError::Invalid { field: "request", .. }) => {
-                    for key in chunk {
-                        values.push(self.read(&mut call, key)?.map(|stored| stored.value));
-                    }
-                    continue;
-                }
-                Err(error) => return Err(error),
-            };
-            let found: BulkValues = serde_json::from_value(envelope.result.unwrap_or_default())
-                .map_err(|e| StoreError::backend("Cloudflare KV get_many: unreadable values", e))?;
-            for key in chunk {
-                values.push(match found.values.get(key) {
-                    None | Some(None | Some(serde_json::Value::Null)) => None,
-                    Some(Some(serde_json::Value::String(text))) => Some(text.clone().into_bytes()),
-                    // Asked as text, a value comes as a string; anything
-                    // else is not an answer to trust.
-                    Some(Some(other)) => {
-                        return Err(StoreError::backend(
-                            "Cloudflare KV get_many",
-                            format!("a value came back as {other}, not as text"),
-                        ));
-                    }
-                });
+            if !self.read_in_bulk(&mut call, chunk, &mut values)? {
+                // No bulk endpoint here: the rest of this call key by key,
+                // without asking again per hundred.
+                let rest = keys.get((index + 1) * BULK_GET_KEYS..).unwrap_or_default();
+                self.read_key_by_key(&mut call, rest, &mut values)?;
+                break;
             }
         }
         Ok(values)
