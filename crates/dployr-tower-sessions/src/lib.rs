@@ -727,13 +727,6 @@ impl Inner {
             Some(value) => std::borrow::Cow::Borrowed(value),
             None => std::borrow::Cow::Owned(encode_within(record, &self.backend.limits())?),
         };
-        // Whether an earlier write of this process put the record in its
-        // user's index, read before this write replaces the memory of it:
-        // where reads may be stale, the index itself may not show an entry
-        // written a second ago.
-        let indexed_earlier = self.user_of(record).is_some_and(|(_, user)| {
-            matches!(self.recent_write(&key), Some(Written::Record(earlier)) if earlier.indexed_for.as_deref() == Some(user))
-        });
         // A loaded session's id is in the visitor's cookie already: its
         // record, once it names a user, must be in the user's index, even if
         // every write after it fails (a pool with no connection free fails
@@ -761,7 +754,7 @@ impl Inner {
             Ok(written) => written,
             Err(error) => {
                 if writing == Writing::New {
-                    self.after_a_failed_record_write(record, &key, ttl, indexed_earlier, &error);
+                    self.after_a_failed_record_write(record, &key, ttl, &error);
                 }
                 return Err(error);
             }
@@ -803,7 +796,12 @@ impl Inner {
         };
         if !remembered {
             // Deleted here while this save wrote: the delete wins, also in
-            // the backend, where this write may have landed after it.
+            // the backend, where this write may have landed after it. The
+            // index entry this save wrote first stays: it names no record,
+            // which a sign-out everywhere passes over, until it expires.
+            // Taking it back could take another process's entry for the
+            // same key, written for a save of its own that a stale read let
+            // through, and leave that record in no index.
             return self.backend.delete(&key);
         }
         // A new record's entry, after the record (see `UserSessionIndex`
@@ -844,18 +842,12 @@ impl Inner {
     /// sign-out everywhere passes over); if that fails too, and the index
     /// does not name it already (or that cannot be told), the record is
     /// taken back (the session ends, as a sign-out would), as after a
-    /// failed entry. A refusal of the input or the settings wrote nothing;
-    /// a record indexed by an earlier save of this process is named
-    /// already.
-    fn after_a_failed_record_write(
-        &self,
-        record: &Record,
-        key: &str,
-        ttl: Duration,
-        indexed_earlier: bool,
-        error: &StoreError,
-    ) {
-        if indexed_earlier || matches!(error, StoreError::Invalid { .. } | StoreError::Configuration { .. }) {
+    /// failed entry. A refusal of the input or the settings wrote nothing.
+    /// Only a new record's write comes here: `create` claims an id that no
+    /// write of this process holds, so no earlier entry of it can be
+    /// relied on.
+    fn after_a_failed_record_write(&self, record: &Record, key: &str, ttl: Duration, error: &StoreError) {
+        if matches!(error, StoreError::Invalid { .. } | StoreError::Configuration { .. }) {
             return;
         }
         if let Some((index, user)) = self.user_of(record)
