@@ -220,9 +220,12 @@ fn server_address(url: &str) -> Result<SocketAddr, String> {
     } else {
         settings = conninfo_pairs(url);
     }
+    // As libpq reads them: the last setting of a key wins, and a key set at
+    // all, even empty (the test kit's `hostaddr=`), keeps its environment
+    // variable out; empty means not given.
     let last = |key: &str, var: &str| {
-        let set = settings.iter().rev().find(|(setting, value)| setting == key && !value.is_empty());
-        set.map(|(_, value)| value.clone()).or_else(|| std::env::var(var).ok()).filter(|value| !value.is_empty())
+        let set = settings.iter().rev().find(|(setting, _)| setting == key);
+        set.map_or_else(|| std::env::var(var).ok(), |(_, value)| Some(value.clone())).filter(|value| !value.is_empty())
     };
     let host = last("hostaddr", "PGHOSTADDR")
         .or_else(|| last("host", "PGHOST"))
