@@ -84,7 +84,7 @@ pub const OTP_TTL_VAR: &str = "DPLOYR_OTP_TTL_SECS";
 
 /// Every variable of the data layer's own that [`Config::from_env`] reads
 /// (Cloudflare's are checked where `DPLOYR_KV` is cloudflare, by
-/// [`CloudflareConfig::refuse_values_not_utf8`]).
+/// `CloudflareConfig::refuse_values_not_utf8`, with the `cloudflare` feature).
 const ALL_VARS: [&str; 26] = [
     DATABASE_URL_VAR,
     KV_VAR,

@@ -72,8 +72,10 @@ fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgK
 /// A TTL the key-value store refuses is a setting to change: named by its
 /// variable, and, once the backends are chosen, by the backend whose limit
 /// refused it and the variable that chose it (`sessions`, `one_time`: their
-/// names), since the same TTL may pass on another backend.
-fn kv_setting_error(error: StoreError, backends: Option<(&str, &str)>) -> StoreError {
+/// names; `one_time_chosen_by`: `DPLOYR_KV_ONE_TIME`, or `DPLOYR_KV` where
+/// one-time records follow the sessions), since the same TTL may pass on
+/// another backend.
+fn kv_setting_error(error: StoreError, backends: Option<(&str, &str)>, one_time_chosen_by: &str) -> StoreError {
     let on = |reason: std::borrow::Cow<'static, str>, chosen_by: &str, backend: Option<&str>| match backend {
         Some(backend) => format!("{reason} (the backend chosen by {chosen_by}: {backend})").into(),
         None => reason,
@@ -85,10 +87,10 @@ fn kv_setting_error(error: StoreError, backends: Option<(&str, &str)>) -> StoreE
                 StoreError::Configuration { setting: SESSION_TTL_VAR, reason: on(reason, KV_VAR, sessions) }
             }
             "state_ttl" => {
-                StoreError::Configuration { setting: STATE_TTL_VAR, reason: on(reason, KV_ONE_TIME_VAR, one_time) }
+                StoreError::Configuration { setting: STATE_TTL_VAR, reason: on(reason, one_time_chosen_by, one_time) }
             }
             "otp_ttl" => {
-                StoreError::Configuration { setting: OTP_TTL_VAR, reason: on(reason, KV_ONE_TIME_VAR, one_time) }
+                StoreError::Configuration { setting: OTP_TTL_VAR, reason: on(reason, one_time_chosen_by, one_time) }
             }
             field => StoreError::Invalid { field, reason },
         },
@@ -105,7 +107,7 @@ fn kv_setting_error(error: StoreError, backends: Option<(&str, &str)>) -> StoreE
 fn refuse_settings_no_server_could_take(config: &Config) -> StoreResult<()> {
     // The store's own rules, on backends that add none of theirs.
     KvStore::with_backends(Arc::new(MemoryKv::new()), Arc::new(MemoryKv::new()), config.kv_store)
-        .map_err(|error| kv_setting_error(error, None))?;
+        .map_err(|error| kv_setting_error(error, None, KV_ONE_TIME_VAR))?;
     let zero_purge = |every: &Option<Duration>| every.is_some_and(|every| every.is_zero());
     if matches!(&config.kv, KvBackendConfig::Postgres { purge_every } if zero_purge(purge_every))
         || matches!(&config.one_time_kv, OneTimeKvConfig::Postgres { purge_every } if zero_purge(purge_every))
@@ -356,6 +358,11 @@ impl DataLayer {
             purge = every.map(|every| (kv.clone(), every));
             Ok((Arc::new(kv), "postgres"))
         };
+        let one_time_chosen_by = if matches!(one_time_kv, OneTimeKvConfig::Default) && !sessions_on_cloudflare {
+            KV_VAR
+        } else {
+            KV_ONE_TIME_VAR
+        };
         let one_time: Backend = match (one_time_kv, sessions_on_cloudflare) {
             (OneTimeKvConfig::Default, true) => postgres_one_time(Some(DEFAULT_PURGE_EVERY))?,
             (OneTimeKvConfig::Default, false) => (Arc::clone(&sessions.0), sessions.1),
@@ -374,7 +381,7 @@ impl DataLayer {
             (OneTimeKvConfig::Cloudflare, false) => return Err(one_time_on_cloudflare_alone()),
         };
         let kv = KvStore::with_backends(Arc::clone(&sessions.0), Arc::clone(&one_time.0), kv_store)
-            .map_err(|error| kv_setting_error(error, Some((sessions.1, one_time.1))))?;
+            .map_err(|error| kv_setting_error(error, Some((sessions.1, one_time.1)), one_time_chosen_by))?;
         let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
 
         let applied_on_open = if config.migrate_on_start {
