@@ -95,7 +95,7 @@ usage: cargo xtask <command>
                    and stops (DATABASE_URL: that database instead; DPLOYR_TEST_DATABASE_URL: an empty
                    database on that server); key-value backend postgres by default
 
-  bench [--threads 1,16] [--seconds 1] [--ops SUBSTRING,...] [--json FILE]
+  bench [--threads 1,16] [--seconds 1] [--rounds 2] [--ops SUBSTRING,...] [--json FILE]
                    every operation under load, next to pgbench's limit for the same statement
                    (release build), on databases cloned on the test server (see below); then the
                    replica-safe reads with a primary and one streaming replica it starts from the

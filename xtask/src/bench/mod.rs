@@ -5,7 +5,9 @@
 //! PostgreSQL); then the replica run (`replica`) on a primary and replica of
 //! its own.
 //!
-//! Options: `--threads 1,16`, `--seconds 1` (per run), `--ops <substring>[,...]`
+//! Options: `--threads 1,16`, `--seconds 1` (per run), `--rounds 2` (runs of
+//! each read and of its limit, alternating, the best of each kept; more
+//! rounds steady a ratio on a machine with other work), `--ops <substring>[,...]`
 //! (each must match an operation, or be `replica`: `--ops replica` alone runs
 //! the replica run and nothing else), `--json <file>`. The row `users.get_by_email (async facade)` runs the
 //! same read through `AsyncDataLayer` from as many tokio tasks as the
@@ -47,6 +49,8 @@ use usage::Usage;
 struct Options {
     threads: Vec<usize>,
     seconds: Duration,
+    /// Runs of each read, and of its limit, in turns; the best of each is kept.
+    rounds: usize,
     /// The `--ops` substrings other than `replica`; `None` without `--ops`:
     /// every operation.
     filter: Option<Vec<String>>,
@@ -95,8 +99,14 @@ fn ops_filter(value: &str) -> Result<(Vec<String>, bool), Failure> {
 }
 
 fn options(args: &[&str]) -> Result<Options, Failure> {
-    let mut options =
-        Options { threads: vec![1, 16], seconds: Duration::from_secs(1), filter: None, replica: true, json: None };
+    let mut options = Options {
+        threads: vec![1, 16],
+        seconds: Duration::from_secs(1),
+        rounds: DEFAULT_ROUNDS,
+        filter: None,
+        replica: true,
+        json: None,
+    };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().copied().ok_or_else(|| format!("{arg} needs a value"));
@@ -113,6 +123,13 @@ fn options(args: &[&str]) -> Result<Options, Failure> {
             "--seconds" => {
                 let secs: u64 = value()?.parse().map_err(|_| "--seconds takes a whole number")?;
                 options.seconds = Duration::from_secs(secs.max(1));
+            }
+            "--rounds" => {
+                options.rounds = value()?
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|rounds| *rounds >= 1)
+                    .ok_or("--rounds takes a whole number, at least 1")?;
             }
             "--ops" => {
                 let (terms, replica) = ops_filter(value()?)?;
@@ -289,8 +306,9 @@ fn operations() -> Vec<Op> {
     ]
 }
 
-/// Measurements of each read (and of its limit); the best is kept.
-const ROUNDS: usize = 2;
+/// Measurements of each read (and of its limit) without `--rounds`; the
+/// best is kept.
+const DEFAULT_ROUNDS: usize = 2;
 
 /// How long an operation runs unmeasured before each measurement.
 const WARM_UP: Duration = Duration::from_millis(200);
@@ -589,14 +607,14 @@ fn main_run(options: &Options, progress: &dyn Fn(&str)) -> Result<(), Failure> {
         };
         for &threads in &options.threads {
             progress(&format!("[{}/{total}] {} at {threads} thread(s)", rows.len() + 1, op.name));
-            // Store and limit alternate, ROUNDS times each; the best of each
+            // Store and limit alternate, `--rounds` times each; the best of each
             // is kept, so a moment of interference on this shared machine
             // does not decide a ratio.
             let mut measured: Option<Measured> = None;
             let mut limit: Option<Limit> = None;
-            // Reads are compared with their limit: best of ROUNDS. Writes and
+            // Reads are compared with their limit: best of `--rounds`. Writes and
             // the deep-page pairs are compared with nothing or each other: one.
-            let rounds = if op.kind == Kind::Read { ROUNDS } else { 1 };
+            let rounds = if op.kind == Kind::Read { options.rounds } else { 1 };
             for _ in 0..rounds {
                 let round = measure(&stores, &context, op, threads, options.seconds)?;
                 if measured.is_none_or(|best| round.ops_per_sec > best.ops_per_sec) {
@@ -624,7 +642,7 @@ fn main_run(options: &Options, progress: &dyn Fn(&str)) -> Result<(), Failure> {
         for &threads in &options.threads {
             progress(&format!("{ASYNC_ROW} at {threads} task(s), alternating with in place and the synchronous store"));
             // The async facade (its threads, then in place) and the
-            // synchronous store alternate, ROUNDS times each, best of each
+            // synchronous store alternate, `--rounds` times each, best of each
             // kept: on a shared machine all face the same interference, and
             // the ratios compare like with like.
             let in_place = data.in_place();
@@ -638,7 +656,7 @@ fn main_run(options: &Options, progress: &dyn Fn(&str)) -> Result<(), Failure> {
                     *best = Some(round);
                 }
             };
-            for _ in 0..ROUNDS {
+            for _ in 0..options.rounds {
                 keep_best(&mut measured, measure_async(&data, &context.fixture.owner_email, threads, options.seconds)?);
                 keep_best(
                     &mut in_place_best,
@@ -666,8 +684,9 @@ fn median(samples: &[Duration]) -> Duration {
 fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &Options) -> Result<(), Failure> {
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(
-        "\ndployr data layer benchmark: {cores} cores; reads: best of {ROUNDS} runs of {} s each for the store and for its limit\n\
+        "\ndployr data layer benchmark: {cores} cores; reads: best of {} runs of {} s each for the store and for its limit\n\
          (pgbench -M prepared of the same statement with as many clients as threads), alternating\n",
+        options.rounds,
         options.seconds.as_secs()
     );
     println!(
@@ -798,6 +817,7 @@ fn report(rows: &[Row], clones: &[Duration], migrations: &[Duration], options: &
         let json = serde_json::json!({
             "cores": cores,
             "seconds_per_run": options.seconds.as_secs(),
+            "rounds": options.rounds,
             "rows": rows.iter().map(|row| serde_json::json!({
                 "operation": row.name,
                 "threads": row.threads,
@@ -847,6 +867,17 @@ mod tests {
         assert!(!some.replica && some.main_run());
         let all = options(&[]).unwrap();
         assert!(all.replica && all.main_run() && all.wanted("instances.create"));
+    }
+
+    #[test]
+    fn rounds_default_to_two_and_must_be_a_whole_number_of_at_least_one() {
+        assert_eq!(options(&[]).unwrap().rounds, 2);
+        assert_eq!(options(&["--rounds", "5"]).unwrap().rounds, 5);
+        for refused in ["0", "-1", "2.5", "", "many"] {
+            let error = options(&["--rounds", refused]).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains("--rounds takes a whole number, at least 1"), "{refused:?}: {error}");
+        }
+        assert!(options(&["--rounds"]).is_err());
     }
 
     #[test]
