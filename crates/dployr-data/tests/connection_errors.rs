@@ -64,6 +64,19 @@ fn malformed_urls() -> Vec<String> {
         format!("host=127.0.0.1 password = {p} port={port} ="),
         format!("{p}"),
         format!("app:{p}@127.0.0.1:{port}/app"),
+        // A `"` in the password: libpq's echo of it is no longer one pair
+        // of quotes (found by a secrets probe, as the four below).
+        format!("postgres://app:ab\"{p}%@127.0.0.1:{port}/app"),
+        format!("postgres://app:a\"{p}/x@127.0.0.1:{port}/app"),
+        // Other options that hold a password, and keys libpq decodes.
+        format!("postgres://app@127.0.0.1:{port}/app?sslpassword={p}%ZZ"),
+        format!("postgres://app@127.0.0.1:{port}/app?pass%77ord={p}%ZZ"),
+        format!("postgres://app@127.0.0.1:{port}/app?%70assword={p}%ZZ"),
+        format!("postgres://app@127.0.0.1:{port}/app?PASSWORD={p}%ZZ"),
+        // A password with a space written without its quotes: libpq reads
+        // its tail as an option's name, and quotes that.
+        format!("host=127.0.0.1 port={port} password=Head {p}=1"),
+        format!("host=127.0.0.1 port={port} password = Head {p} = 1"),
     ]
 }
 

@@ -247,11 +247,16 @@ fn kind_of(message: &str) -> ConnectFailureKind {
 
 /// `text` with every secret of `conninfo` replaced by [`REDACTED`]: the
 /// password of a URL (the text between the user's `:` and the `@`, read the
-/// way a malformed URL may be read too), `password=` in a URL's query or a
-/// `key=value` string, in raw and percent-decoded form; and every quoted
+/// way a malformed URL may be read too), the value of every option whose
+/// name holds `password` (`password`, `sslpassword`, in any case, and
+/// percent-encoded in a URL's query, as libpq decodes it) in a URL's query
+/// or a `key=value` string, in raw and percent-decoded form; every quoted
 /// fragment libpq echoed that overlaps a secret or holds an `@` (libpq
-/// echoes a malformed string whole or cut at a place of its choosing), and
-/// every fragment of a string it could not parse at all.
+/// echoes a malformed string whole or cut at a place of its choosing, and
+/// a secret may itself hold a `"`); and, when libpq could not parse the
+/// string, every fragment of it that it quotes but an option's name (a
+/// password written without its quotes, `password=two words`, is read as
+/// an option named `words`).
 ///
 /// ```
 /// use dployr_domain::connection::redact;
@@ -273,40 +278,115 @@ pub fn redact(text: &str, conninfo: &str) -> String {
             }
         }
     }
-    // A string libpq could not parse at all: what it quotes of it is
-    // garbage that may be anything, a pasted password included.
-    let unparsed = text.contains("connection info string") || text.contains("URI");
-    let mut redacted = redact_quoted(text, conninfo, &ranges, unparsed);
-    // Longest first, so a secret that contains another goes whole.
+    // A string libpq could not parse: what it quotes of it is garbage
+    // that may be anything, a pasted password included. (Its other
+    // messages quote a host, a port, a file or a server's answer.)
+    let unparsed = text.contains("connection info string")
+        || text.contains("URI")
+        || (kind_of(text) == ConnectFailureKind::MalformedUrl
+            && !text.contains("connection to server")
+            && !text.contains("could not translate host name"));
+    // Whole secrets first, longest first (a secret that contains another
+    // goes whole): one that holds a `"` would otherwise be cut by the
+    // quoted fragments below into pieces none of which is the secret.
     secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    let mut redacted = text.to_owned();
     for secret in &secrets {
         redacted = redacted.replace(secret.as_str(), REDACTED);
     }
-    redacted
+    redact_quoted(&redacted, conninfo, &ranges, unparsed)
 }
 
 /// Replaces each `"..."` of `text` that overlaps a secret of `conninfo` (as
-/// one of its occurrences there) or holds an `@`.
+/// one of its occurrences there) or holds an `@`, or, for a string libpq
+/// could not parse (`unparsed`), that occurs in `conninfo` at all and is
+/// not an option's name. A fragment may hold `"` itself (a password with
+/// one): from each opening quote, the farthest closing quote that makes
+/// such a fragment is taken, else the nearest.
 fn redact_quoted(text: &str, conninfo: &str, ranges: &[std::ops::Range<usize>], unparsed: bool) -> String {
+    let secret_fragment = |fragment: &str| {
+        fragment.contains('@')
+            || (unparsed && fragment.len() > 1 && conninfo.contains(fragment) && !is_option_name(fragment))
+            || (!fragment.is_empty()
+                && conninfo
+                    .match_indices(fragment)
+                    .any(|(at, found)| ranges.iter().any(|range| at < range.end && range.start < at + found.len())))
+    };
+    // A fragment that spans a `"` is one only if it is the connection
+    // string's own text (a password with a quote), not two of libpq's
+    // quotes and the words between them.
+    let secret = |fragment: &str| (!fragment.contains('"') || conninfo.contains(fragment)) && secret_fragment(fragment);
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find('"') {
         let after = &rest[open + 1..];
-        let Some(close) = after.find('"') else { break };
-        let fragment = &after[..close];
+        let closes: Vec<usize> = after.match_indices('"').map(|(at, _)| at).collect();
+        let Some(&nearest) = closes.first() else { break };
         out.push_str(&rest[..=open]);
-        let secret = fragment.contains('@')
-            || (unparsed && fragment.len() > 1 && conninfo.contains(fragment))
-            || (!fragment.is_empty()
-                && conninfo
-                    .match_indices(fragment)
-                    .any(|(at, found)| ranges.iter().any(|range| at < range.end && range.start < at + found.len())));
-        out.push_str(if secret { REDACTED } else { fragment });
+        let close = match closes.iter().rev().find(|&&close| secret(&after[..close])) {
+            Some(&farthest) => {
+                out.push_str(REDACTED);
+                farthest
+            }
+            None => {
+                out.push_str(&after[..nearest]);
+                nearest
+            }
+        };
         out.push('"');
         rest = &after[close + 1..];
     }
     out.push_str(rest);
     out
+}
+
+/// Whether `word` is the name of one of libpq's connection options (as of
+/// libpq 17), which its messages quote ("for connection option "port"")
+/// and which holds no secret.
+fn is_option_name(word: &str) -> bool {
+    const OPTIONS: &[&str] = &[
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "passfile",
+        "channel_binding",
+        "connect_timeout",
+        "client_encoding",
+        "options",
+        "application_name",
+        "fallback_application_name",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "replication",
+        "gssencmode",
+        "sslmode",
+        "sslnegotiation",
+        "requiressl",
+        "sslcompression",
+        "sslcert",
+        "sslkey",
+        "sslcertmode",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "sslsni",
+        "requirepeer",
+        "require_auth",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "krbsrvname",
+        "gsslib",
+        "gssdelegation",
+        "service",
+        "target_session_attrs",
+        "load_balance_hosts",
+    ];
+    OPTIONS.contains(&word)
 }
 
 /// The byte ranges of `conninfo` that may hold a password.
@@ -327,14 +407,19 @@ fn secret_ranges(conninfo: &str) -> Vec<std::ops::Range<usize>> {
                 }
             }
         }
-        // `?password=...&...`, after any `?` or `&`: the user info may hold
-        // a raw `?` (libpq's query starts after the hosts), so every one
-        // that could start the query is taken for its start.
-        for (at, _) in conninfo.match_indices("password=") {
-            if at > 0 && matches!(conninfo.as_bytes()[at - 1], b'?' | b'&') {
-                let value_start = at + "password=".len();
-                let value_end = conninfo[value_start..].find('&').map_or(conninfo.len(), |end| value_start + end);
-                ranges.push(value_start..value_end);
+        // `?password=...&...` (or `sslpassword`, `PASSWORD`, `pass%77ord`:
+        // libpq decodes a key before it reads it, and echoes the value of
+        // one it refuses), after any `?` or `&`: the user info may hold a
+        // raw `?` (libpq's query starts after the hosts), so every one that
+        // could start the query is taken for its start.
+        for (at, _) in conninfo.match_indices(['?', '&']) {
+            let parameter_start = at + 1;
+            let parameter_end =
+                conninfo[parameter_start..].find('&').map_or(conninfo.len(), |end| parameter_start + end);
+            let Some(eq) = conninfo[parameter_start..parameter_end].find('=') else { continue };
+            let key = percent_decoded(&conninfo[parameter_start..parameter_start + eq]).to_ascii_lowercase();
+            if key.contains("password") {
+                ranges.push(parameter_start + eq + 1..parameter_end);
             }
         }
         return ranges;
@@ -412,6 +497,23 @@ mod tests {
         // libpq takes a raw `?` in the user info; the query starts after the hosts.
         let url = "postgres://app:pa?ss@db/app?password=QueryPw&sslmode=require";
         assert_eq!(redact("QueryPw and pa?ss", url), "<redacted> and <redacted>");
+    }
+
+    #[test]
+    fn a_password_holding_a_quote_or_written_without_quotes_is_redacted_whole() {
+        // libpq's echo of a password with a `"` is not one pair of quotes.
+        let url = r#"postgres://app:a"Secret-1/x@db:1/app"#;
+        let message = r#"invalid integer value "a"Secret-1" for connection option "port""#;
+        assert_eq!(redact(message, url), r#"invalid integer value "<redacted>" for connection option "port""#);
+        // `password=Head Tail=1`: libpq reads `Tail` as an option's name.
+        let conninfo = "host=db password=Head Secret-2=1";
+        let message = r#"invalid connection option "Secret-2""#;
+        assert_eq!(redact(message, conninfo), r#"invalid connection option "<redacted>""#);
+        // Any option whose name holds `password`, in any spelling libpq decodes.
+        for url in ["postgres://db/app?sslpassword=Secret-3%ZZ", "postgres://db/app?pass%77ord=Secret-3%ZZ"] {
+            let message = r#"invalid percent-encoded token: "Secret-3%ZZ""#;
+            assert_eq!(redact(message, url), r#"invalid percent-encoded token: "<redacted>""#, "{url}");
+        }
     }
 
     #[test]
