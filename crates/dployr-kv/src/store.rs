@@ -920,9 +920,13 @@ impl KvStore {
     /// attempt count), valid for the OTP TTL.
     ///
     /// # Errors
-    /// Backend errors.
+    /// [`StoreError::Invalid`] on field `email` for an address not in the
+    /// form [`Email::parse`] gives (one made with [`Email::from_stored`]):
+    /// its code could never be validated, as the address the user types is
+    /// parsed into another key. Backend errors.
     pub fn create_otp(&self, email: &Email) -> StoreResult<OtpCode> {
         let _span = operation("kv.create_otp");
+        email.check()?;
         let code = OtpCode::generate();
         let (code_key, attempts_key) = Self::otp_keys(email);
         let stored = otp_hash(&code_key, &code.normalized());
@@ -1032,6 +1036,22 @@ mod tests {
             created_at,
             expires_at,
         }
+    }
+
+    #[test]
+    fn a_code_for_an_address_not_in_parsed_form_is_refused_as_it_could_never_be_validated() {
+        let store = super::KvStore::new(std::sync::Arc::new(crate::MemoryKv::new()));
+        for unchecked in ["Ada@Example.IO", "ada@example.io.", "", "\0ada@example.io"] {
+            let refused = store.create_otp(&Email::from_stored(unchecked.into()));
+            assert!(
+                matches!(refused, Err(dployr_domain::StoreError::Invalid { field: "email", .. })),
+                "{unchecked:?}: {refused:?}"
+            );
+        }
+        // The address as the user types it, parsed, gets a code that validates.
+        let typed = Email::parse("Ada@Example.IO").unwrap();
+        let code = store.create_otp(&typed).unwrap();
+        assert!(store.validate_otp(&Email::parse("ada@example.io").unwrap(), &code).unwrap());
     }
 
     #[test]
