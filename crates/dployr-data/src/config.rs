@@ -519,6 +519,17 @@ impl Config {
                 ));
             }
         };
+        // A period with no PostgreSQL backend to purge would silently be in
+        // force nowhere (`0`, off, is what happens anyway).
+        let purged = matches!(config.kv, KvBackendConfig::Postgres { .. })
+            || matches!(config.one_time_kv, OneTimeKvConfig::Postgres { .. });
+        if purge_every_set && purge_every.is_some() && !purged {
+            return Err(configuration(
+                KV_PURGE_EVERY_VAR,
+                "has no effect: neither the sessions nor the one-time records are on PostgreSQL, whose expired rows it \
+                 purges; unset it (or set 0)",
+            ));
+        }
         Ok(config)
     }
 }
@@ -675,6 +686,20 @@ fn read_timeouts(var: &impl Fn(&str) -> Option<String>, pool: &mut PoolConfig) -
             ));
         }
         pool.network.keepalives_count = count;
+    }
+    // Without keepalives no probe is sent: a probe's timing asked for with
+    // them off would silently not be in force.
+    if !pool.network.keepalives {
+        for name in [KEEPALIVES_IDLE_VAR, KEEPALIVES_INTERVAL_VAR, KEEPALIVES_COUNT_VAR] {
+            if var(name).is_some() {
+                return Err(configuration(
+                    name,
+                    format!(
+                        "has no effect with {KEEPALIVES_VAR}=false (no probe is sent): unset it or turn keepalives on"
+                    ),
+                ));
+            }
+        }
     }
     match millis(TCP_USER_TIMEOUT_VAR)? {
         // libpq sets `tcp_user_timeout` only on connections with keepalives

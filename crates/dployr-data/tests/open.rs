@@ -142,6 +142,36 @@ fn a_missing_or_malformed_variable_is_one_error_naming_it() {
     assert!(off.is_ok(), "{off:?}");
     let keepalives_off = Config::from_vars(vars(&[base[0], ("DPLOYR_DB_KEEPALIVES", "false")])).unwrap();
     assert_eq!(keepalives_off.pool.network.tcp_user_timeout, None, "the default is not in force without keepalives");
+    // Nor a probe's timing, which no probe uses with keepalives off (found
+    // by a configuration probe: each was taken and dropped).
+    for name in ["DPLOYR_DB_KEEPALIVES_IDLE_SECS", "DPLOYR_DB_KEEPALIVES_INTERVAL_SECS", "DPLOYR_DB_KEEPALIVES_COUNT"] {
+        let error = with(&[("DPLOYR_DB_KEEPALIVES", "false"), (name, "30")]);
+        assert_eq!(setting_of(&error), name);
+        assert!(error.to_string().contains("has no effect with DPLOYR_DB_KEEPALIVES=false"), "{error}");
+        let unset = Config::from_vars(vars(&[base[0], ("DPLOYR_DB_KEEPALIVES", "false"), (name, "  ")]));
+        assert!(unset.is_ok(), "{name} blank is unset: {unset:?}");
+    }
+    // A purge period with no PostgreSQL key-value backend purges nothing.
+    for kv in [&[("DPLOYR_KV", "memory")][..], &[("DPLOYR_KV", "memory"), ("DPLOYR_KV_ONE_TIME", "memory")][..]] {
+        let mut extra = kv.to_vec();
+        extra.push(("DPLOYR_KV_PURGE_EVERY_SECS", "60"));
+        let error = with(&extra);
+        assert_eq!(setting_of(&error), "DPLOYR_KV_PURGE_EVERY_SECS", "{kv:?}");
+        assert!(error.to_string().contains("has no effect"), "{error}");
+        // Off, what happens anyway, is taken.
+        let mut off = base.to_vec();
+        off.extend_from_slice(kv);
+        off.push(("DPLOYR_KV_PURGE_EVERY_SECS", "0"));
+        assert!(Config::from_vars(vars(&off)).is_ok(), "{kv:?}");
+    }
+    // With one-time records on PostgreSQL beside memory sessions it is in force.
+    let one_time_purged = Config::from_vars(vars(&[
+        base[0],
+        ("DPLOYR_KV", "memory"),
+        ("DPLOYR_KV_ONE_TIME", "postgres"),
+        ("DPLOYR_KV_PURGE_EVERY_SECS", "60"),
+    ]));
+    assert!(one_time_purged.is_ok(), "{one_time_purged:?}");
     assert_eq!(
         setting_of(&with(&[("DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE", "newer")])),
         "DPLOYR_MIGRATE_ALLOW_NEWER_RELEASE"
