@@ -23,7 +23,11 @@
 //! on (a backend's, the session store's) is answered without its text, which
 //! goes to the log (`tracing`). Every error, axum's own rejections and
 //! unknown routes included, is answered as `{"error": ...}` with at most
-//! [`MAX_ERROR_MESSAGE_CHARS`] characters of message. A session whose user
+//! [`MAX_ERROR_MESSAGE_CHARS`] characters of message; the exceptions are
+//! hyper's `414` and `431`, sent with no body before any route sees a URL
+//! or headers too long. A request is answered `408` after
+//! [`REQUEST_TIMEOUT`], and [`serve`] closes a connection that does not
+//! finish its headers within [`HEADER_READ_TIMEOUT`]. A session whose user
 //! no longer exists is ended and answered 401 by every route that needs a
 //! signed-in user.
 //!
@@ -50,6 +54,7 @@ use dployr_tower_sessions::KvSessionStore;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
+use tower_http::timeout::TimeoutLayer;
 use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, Session, SessionManagerLayer, session, session_store};
 
@@ -192,9 +197,70 @@ pub fn router(
         .route("/sign-out/everywhere", post(sign_out_everywhere))
         .fallback(no_such_route)
         .layer(session_layer)
+        // A request whose body trickles in, or never comes, holds its
+        // connection and task no longer than this (answered 408, with the
+        // error body below); a call already started goes on to its end (see
+        // the async facade's cancellation).
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .layer(middleware::map_response(with_an_error_body))
         .layer(middleware::from_fn(same_origin_writes_only))
         .with_state(app)
+}
+
+/// The longest a request may take, its body and the answer included, before
+/// it is answered `408 Request Timeout`.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest a connection may take to send a request's headers, the
+/// first request's or the next on a kept-alive connection, before it is
+/// closed: a client that opens connections and never finishes a request
+/// would otherwise hold each of them, and with enough of them, every
+/// file descriptor the server has.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `shutdown` completes, then waits for
+/// the requests in progress: `axum::serve`, but with a header read timeout
+/// (`header_read_timeout`; `axum::serve` sets none, so a connection that
+/// never finishes its headers is held forever). HTTP/1.1 only, as the
+/// example is. A failed `accept` (no descriptor left, say) is logged and
+/// retried after a moment instead of stopping the server.
+///
+/// # Errors
+/// None today; the `Result` keeps the signature of a server loop.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            // A client that went away, or sent what is not HTTP: its own affair.
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "a connection ended with an error");
+            }
+        });
+    }
+    connections.shutdown().await;
+    Ok(())
 }
 
 /// The most characters of an error message answered: axum's rejections

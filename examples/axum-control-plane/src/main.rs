@@ -15,7 +15,9 @@
 
 use std::sync::Arc;
 
-use axum_control_plane::{CodeSink, CookieTransport, SECURE_COOKIE_VAR, SessionLifetimes, router, session_store};
+use axum_control_plane::{
+    CodeSink, CookieTransport, HEADER_READ_TIMEOUT, SECURE_COOKIE_VAR, SessionLifetimes, router, serve, session_store,
+};
 use dployr_data::{AsyncDataLayer, Config};
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -57,12 +59,12 @@ async fn main() -> Result<(), Failure> {
         "  curl -i -c jar -X POST {base}/sign-in -H 'content-type: application/json' -d '{{\"email\":\"ada@example.io\",\"code\":\"<the code>\"}}'"
     );
     println!("  curl -b jar -X POST {base}/clusters");
-    axum::serve(listener, router(data, sessions, send_code, cookie, lifetimes))
-        .with_graceful_shutdown(async {
-            // Without a signal handler the server runs until killed; either way it stops.
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let app = router(data, sessions, send_code, cookie, lifetimes);
+    serve(listener, app, HEADER_READ_TIMEOUT, async {
+        // Without a signal handler the server runs until killed; either way it stops.
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
     println!("stopped");
     if let Some(db) = throwaway {
         tokio::task::spawn_blocking(move || drop(db)).await?;

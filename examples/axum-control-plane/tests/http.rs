@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum_control_plane::{
-    CODE_WINDOW, CodeSink, CookieTransport, MAX_CODES_PER_WINDOW, MAX_ERROR_MESSAGE_CHARS, MAX_INVITES_PER_REQUEST,
-    MAX_REDIRECT_BYTES, SessionLifetimes, router, session_store,
+    CODE_WINDOW, CodeSink, CookieTransport, HEADER_READ_TIMEOUT, MAX_CODES_PER_WINDOW, MAX_ERROR_MESSAGE_CHARS,
+    MAX_INVITES_PER_REQUEST, MAX_REDIRECT_BYTES, REQUEST_TIMEOUT, SessionLifetimes, router, serve, session_store,
 };
 use dployr_data::{
     AsyncDataLayer, Config, KvBackend, KvLimits, KvPage, KvStoreConfig, StoreError, StoreResult, UserId,
@@ -104,7 +104,8 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = router(data.clone(), sessions, send_code, cookie, SessionLifetimes::of(&KvStoreConfig::default()));
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        // The server loop `main` runs, with its header read timeout.
+        tokio::spawn(async move { serve(listener, app, HEADER_READ_TIMEOUT, std::future::pending()).await.unwrap() });
         Self { base, codes, data, db }
     }
 
@@ -673,4 +674,71 @@ async fn sessions_live_as_the_data_layer_says_and_an_anonymous_oauth_start_as_it
     all.sort_unstable();
     assert_eq!(all.len(), 2, "{all:?}");
     assert!((secs(defaults.signed_in) - 60..=secs(defaults.signed_in)).contains(&all[1]), "{all:?}");
+}
+
+/// Writes `request` on a new connection to `base`'s port and reads until the
+/// server closes it or `patience` passes: what came back, and how long it took.
+fn raw_exchange(base: &str, request: &[u8], patience: Duration) -> (String, Duration) {
+    use std::io::{Read as _, Write as _};
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.write_all(request).unwrap();
+    stream.set_read_timeout(Some(patience)).unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => answer.extend_from_slice(&buffer[..read]),
+        }
+    }
+    (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_finishes_its_headers_is_closed_after_the_header_read_timeout() {
+    // Found by an HTTP probe: under `axum::serve` such a connection was held
+    // forever, and one client holding 20 000 of them locked every other out.
+    let db = tokio::task::spawn_blocking(dployr_testkit::database).await.unwrap();
+    let data = AsyncDataLayer::open(Config::new(db.url())).await.unwrap();
+    let sessions = session_store(&data).unwrap();
+    let send_code: CodeSink = Arc::new(|_, _| {});
+    let app = router(
+        data,
+        sessions,
+        send_code,
+        CookieTransport::AnyConnection,
+        SessionLifetimes::of(&KvStoreConfig::default()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let timeout = Duration::from_secs(1);
+    tokio::spawn(async move { serve(listener, app, timeout, std::future::pending()).await.unwrap() });
+    let probe = base.clone();
+    let (answer, waited) = tokio::task::spawn_blocking(move || {
+        raw_exchange(&probe, b"GET /me HTTP/1.1\r\nHost: x\r\n", Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert!(waited < Duration::from_secs(10), "still open after {waited:?}: {answer:?}");
+    // The server serves others meanwhile, and after.
+    let me = reqwest::get(format!("{base}/me")).await.unwrap();
+    assert_eq!(me.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_never_comes_is_answered_408_with_an_error_body_after_the_request_timeout() {
+    let server = Server::start().await;
+    let base = server.base.clone();
+    let (answer, waited) = tokio::task::spawn_blocking(move || {
+        let request = b"POST /sign-in/code HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+                        content-length: 100\r\n\r\n{\"email\":";
+        raw_exchange(&base, request, REQUEST_TIMEOUT + Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "after {waited:?}: {answer:?}");
+    assert!(answer.contains("application/json") && answer.contains("\"error\""), "{answer:?}");
+    assert!(waited < REQUEST_TIMEOUT + Duration::from_secs(20), "{waited:?}");
 }
