@@ -77,6 +77,9 @@ fn malformed_urls() -> Vec<String> {
         // its tail as an option's name, and quotes that.
         format!("host=127.0.0.1 port={port} password=Head {p}=1"),
         format!("host=127.0.0.1 port={port} password = Head {p} = 1"),
+        // A piece libpq echoes decoded: the port "AppPw-9xQ!x", the host "ss!".
+        format!("postgres://app:{p}%21x/x@127.0.0.1:{port}/app"),
+        format!("postgres://app:p@ss%21{p}/word@127.0.0.1:{port}/app"),
     ]
 }
 

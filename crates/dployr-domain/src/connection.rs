@@ -286,26 +286,63 @@ pub fn redact(text: &str, conninfo: &str) -> String {
         || (kind_of(text) == ConnectFailureKind::MalformedUrl
             && !text.contains("connection to server")
             && !text.contains("could not translate host name"));
-    // Whole secrets first, longest first (a secret that contains another
-    // goes whole): one that holds a `"` would otherwise be cut by the
-    // quoted fragments below into pieces none of which is the secret.
+    // Longest first, so a secret that contains another goes whole.
     secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
-    let mut redacted = text.to_owned();
-    for secret in &secrets {
-        redacted = redacted.replace(secret.as_str(), REDACTED);
+    secrets.dedup();
+    // Quoted fragments first, on libpq's own text: a short secret (the
+    // `p` of `app:p@ss...` read up to the first `@`) replaced first would
+    // change a fragment into one no longer found in the string. A secret
+    // with a `"` in it is taken whole by the fragments' own rule.
+    let quoted = redact_quoted(text, conninfo, &ranges, &secrets, unparsed);
+    replace_secrets(&quoted, &secrets)
+}
+
+/// `text` with each occurrence of a secret (the longest first, where two
+/// start at one place) replaced by [`REDACTED`], in one pass: a short
+/// secret (`a`) is never looked for inside a [`REDACTED`], whether put in
+/// here or by the quoted fragments before.
+fn replace_secrets(text: &str, secrets: &[String]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(first) = rest.chars().next() {
+        if let Some(after) = rest.strip_prefix(REDACTED) {
+            out.push_str(REDACTED);
+            rest = after;
+            continue;
+        }
+        match secrets.iter().find(|secret| rest.starts_with(secret.as_str())) {
+            Some(secret) => {
+                out.push_str(REDACTED);
+                rest = &rest[secret.len()..];
+            }
+            None => {
+                out.push(first);
+                rest = &rest[first.len_utf8()..];
+            }
+        }
     }
-    redact_quoted(&redacted, conninfo, &ranges, unparsed)
+    out
 }
 
 /// Replaces each `"..."` of `text` that overlaps a secret of `conninfo` (as
-/// one of its occurrences there) or holds an `@`, or, for a string libpq
+/// one of its occurrences there), is a piece of one of `secrets`, or holds
+/// an `@`, or, for a string libpq
 /// could not parse (`unparsed`), that occurs in `conninfo` at all and is
 /// not an option's name. A fragment may hold `"` itself (a password with
 /// one): from each opening quote, the farthest closing quote that makes
 /// such a fragment is taken, else the nearest.
-fn redact_quoted(text: &str, conninfo: &str, ranges: &[std::ops::Range<usize>], unparsed: bool) -> String {
+fn redact_quoted(
+    text: &str,
+    conninfo: &str,
+    ranges: &[std::ops::Range<usize>],
+    secrets: &[String],
+    unparsed: bool,
+) -> String {
     let secret_fragment = |fragment: &str| {
         fragment.contains('@')
+            // A piece of a secret, raw or as libpq decodes it
+            // (`postgres://app:Sec%21ret/x@...` echoes the port "Sec!ret").
+            || (!fragment.is_empty() && secrets.iter().any(|secret| secret.contains(fragment)))
             || (unparsed && fragment.len() > 1 && conninfo.contains(fragment) && !is_option_name(fragment))
             || (!fragment.is_empty()
                 && conninfo
@@ -514,6 +551,22 @@ mod tests {
             let message = r#"invalid percent-encoded token: "Secret-3%ZZ""#;
             assert_eq!(redact(message, url), r#"invalid percent-encoded token: "<redacted>""#, "{url}");
         }
+    }
+
+    #[test]
+    fn a_piece_of_a_password_libpq_decoded_is_redacted_and_a_short_one_leaves_the_message_whole() {
+        // libpq ends the user info at the raw `/`, and reads and decodes the
+        // rest of the password as the port.
+        let url = "postgres://app:Sec%21ret/x@127.0.0.1:1/app";
+        let message = r#"invalid integer value "Sec!ret" for connection option "port""#;
+        assert_eq!(redact(message, url), r#"invalid integer value "<redacted>" for connection option "port""#);
+        // A one-letter password is replaced where it stands, never inside
+        // a `<redacted>` already put in.
+        let url = "postgres://app:a@127.0.0.1:notaport/app";
+        let message = r#"invalid integer value "notaport" for connection option "port""#;
+        let redacted = redact(message, url);
+        assert!(!redacted.contains("<red<"), "{redacted}");
+        assert!(redacted.contains("connection option"), "{redacted}");
     }
 
     #[test]
