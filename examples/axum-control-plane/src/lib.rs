@@ -259,6 +259,9 @@ pub async fn serve(
             }
         });
     }
+    // Closed before the wait, so that a new client is refused at once
+    // instead of waiting in the backlog for a server that stopped.
+    drop(listener);
     connections.shutdown().await;
     Ok(())
 }

@@ -7,7 +7,8 @@
 //!
 //! Options: `--threads 1,16`, `--seconds 1` (per run), `--rounds 2` (runs of
 //! each read and of its limit, alternating, the best of each kept; more
-//! rounds steady a ratio on a machine with other work), `--ops <substring>[,...]`
+//! rounds steady a ratio on a machine with other work; the replica run keeps
+//! its own 5), `--ops <substring>[,...]`
 //! (each must match an operation, or be `replica`: `--ops replica` alone runs
 //! the replica run and nothing else), `--json <file>`. The row `users.get_by_email (async facade)` runs the
 //! same read through `AsyncDataLayer` from as many tokio tasks as the
