@@ -61,13 +61,13 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const CHECK_AFTER_UNUSED: Duration = Duration::from_millis(1);
 
 thread_local! {
-    /// Set while this thread waits the first half of a checkout for a new
+    /// Set while this thread waits the first part of a checkout for a new
     /// connection: a timeout then is not the caller's yet (a parked
     /// connection may still serve it), so the pool's timeout count skips it.
     static FIRST_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether this thread is in the first half of a checkout's wait (see
+/// Whether this thread is in the first part of a checkout's wait (see
 /// [`FIRST_WAIT`]).
 pub(crate) fn waiting_for_a_new_connection_first() -> bool {
     FIRST_WAIT.with(std::cell::Cell::get)
