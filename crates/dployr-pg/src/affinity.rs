@@ -15,11 +15,12 @@
 //! and the thread's next checkout takes it from there; only a checkout
 //! whose slot is empty goes to r2d2. It is the idea of HikariCP's
 //! `ConcurrentBag` (a thread's own list first, then the shared one), with
-//! the rule that makes it safe with a bounded pool: while any checkout is
-//! waiting for a connection, nothing is parked and parked connections may
-//! be taken by it, so a parked connection never keeps a caller waiting
-//! (past a short wait for a new connection while the pool is below its
-//! size, see `NEW_CONNECTION_FIRST`).
+//! the rule that makes it safe with a bounded pool: once a checkout must
+//! wait for another thread's connection, nothing stays parked and parked
+//! connections may be taken by it, so a parked connection never keeps a
+//! caller waiting. (Before that, while the pool is below its size and the
+//! server opens connections, a checkout waits a moment for a new one of
+//! its own: see `NEW_CONNECTION_FIRST`.)
 //!
 //! A parked connection counts as idle in [`PgPool::state`] and the pool's
 //! statistics. One parked for [`PARKED_AT_MOST`] (its thread stopped
@@ -44,12 +45,15 @@ use crate::pool::PgPooledConnection;
 /// A connection parked this long without use goes back to r2d2.
 pub(crate) const PARKED_AT_MOST: Duration = Duration::from_secs(10);
 
-/// How long a checkout that found no connection free waits for a new one
-/// (at most half its wait) before it asks the other threads for theirs:
-/// long enough for a connection to a server that accepts it (1-5 ms on a
-/// local network, tens of ms with TLS far away), short enough that a
-/// server opening none (at `max_connections`) costs a call little.
-const NEW_CONNECTION_FIRST: Duration = Duration::from_millis(100);
+/// How long, at most (and at most half its wait), a checkout that found no
+/// connection free waits for a new one before it asks the other threads
+/// for theirs, while the pool is below its size and its last attempt to
+/// connect succeeded. A connection takes 1-5 ms on a local network and tens
+/// of ms with TLS far away, and the pool opens them one at a time, so a
+/// burst of 16 cold threads may wait 16 of them. A server that refused the
+/// last attempt (at `max_connections`, refusing the database) costs a call
+/// no such wait: it asks the other threads at once.
+const NEW_CONNECTION_FIRST: Duration = Duration::from_millis(500);
 
 /// How often the sweeper looks for connections parked too long.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -78,8 +82,9 @@ pub(crate) struct Affinity {
     /// As many as the pool has connections; a thread's slot is its
     /// [`thread_index`] modulo their number.
     slots: Box<[Slot]>,
-    /// Checkouts that found their own slot empty and are now looking
-    /// elsewhere: while there are any, connections go back to r2d2.
+    /// Checkouts waiting for another thread's connection (their slot empty,
+    /// r2d2 with no idle one, no new one for them): while there are any,
+    /// connections go back to r2d2.
     looking: AtomicUsize,
     parked: AtomicU32,
     max_size: u32,
@@ -185,18 +190,20 @@ impl Affinity {
     }
 
     /// A connection for this thread: the one it parked, else an idle one of
-    /// r2d2's, else a new one while the pool is below its size (waited for
-    /// [`NEW_CONNECTION_FIRST`] at most), else one another thread parked,
-    /// else the next one returned to r2d2 within `wait`.
+    /// r2d2's, else, while the pool is below its size and its last attempt
+    /// to connect succeeded, one r2d2 hands out within
+    /// [`NEW_CONNECTION_FIRST`] (at most half of `wait`; a new one, usually),
+    /// else one another thread parked, else one r2d2 hands out within the
+    /// rest of `wait`.
     ///
     /// Only the last two ask the other threads to give their connections
-    /// up (`looking`): asked at every checkout that found its slot empty,
-    /// as before, each such checkout made the threads returning a
-    /// connection meanwhile send it to r2d2, so their next checkouts found
-    /// their slots empty too, and so on for good. Measured on 2 cores, 16
-    /// threads on a pool of 16 reading one row in a loop: 7-23 % (once 77 %)
-    /// of the checkouts missed their own slot for the whole run, against 18
-    /// of 54 000 (one per thread, its first) since.
+    /// up (`looking`). Asking at every checkout that found its slot empty
+    /// (the rule until 2026-12) made the threads returning a connection
+    /// meanwhile send it to r2d2, so their next checkouts found their slots
+    /// empty too, and so on for good: on 2 cores, 16 threads on a pool of 16
+    /// reading one row in a loop, 7-23 % (once 77 %) of the checkouts
+    /// missed their own slot for the whole run, against 18 of 54 000 (each
+    /// thread's first) with this rule.
     fn take(
         &self,
         pool: &Pool<PgConnectionManager>,
@@ -212,12 +219,12 @@ impl Affinity {
             return Ok(conn);
         }
         let started = Instant::now();
-        if pool.state().connections < self.max_size {
+        if pool.state().connections < self.max_size && !self.events.last_connect_failed() {
             // A new connection, so that the threads that parked theirs keep
-            // them. But a server that opens none (at max_connections, or
-            // refusing this database for a moment) must not keep this call
-            // waiting while connections sit parked or come back: after a
-            // short wait, the others are asked for theirs.
+            // them. But a server slow to open one must not keep this call
+            // waiting long while connections sit parked or come back: after
+            // a short wait, the others are asked for theirs (at once when
+            // the server refused the last attempt).
             FIRST_WAIT.with(|first| first.set(true));
             let first = pool.get_timeout((wait / 2).min(NEW_CONNECTION_FIRST));
             FIRST_WAIT.with(|first| first.set(false));
@@ -238,8 +245,8 @@ impl Affinity {
     }
 
     /// Takes `conn` back from a call that ended: parked in this thread's
-    /// slot when it is sound, no one is looking for a connection and the
-    /// slot is free; otherwise returned to r2d2.
+    /// slot when it is sound, no checkout waits for another thread's
+    /// connection (`looking`) and the slot is free; otherwise returned to r2d2.
     pub(crate) fn give_back(&self, mut conn: PgPooledConnection, info: &ConnInfo, max_lifetime: Option<Duration>) {
         info.given_back(Instant::now());
         let Some(index) = thread_index() else { return };
@@ -487,6 +494,43 @@ mod tests {
         let taken = pool.affinity.check_out(&pool.inner, Duration::from_millis(300));
         assert!(taken.is_ok(), "{:?}", taken.err());
         assert_eq!((pool.affinity.parked(), pool.state()), (0, (2, 0)));
+    }
+
+    /// A pool of three with two connections open: one held by this
+    /// thread, one parked in another thread's slot; one more may open.
+    fn pool_below_its_size_with_a_connection_parked_in_another_slot(
+        db: &dployr_testkit::TestDatabase,
+    ) -> (crate::PgPool, PgPooledConnection) {
+        let config = crate::PoolConfig { max_size: 3, ..crate::PoolConfig::default() };
+        let pool = crate::PgPool::connect(db.url(), config).unwrap();
+        let held = pool.get().unwrap();
+        let other = (thread_index().unwrap() + 1) % 3;
+        let (kept, _) = pool.affinity.check_out(&pool.inner, Duration::from_secs(5)).unwrap();
+        assert!(pool.affinity.park(other, kept));
+        assert_eq!(pool.state(), (2, 1));
+        (pool, held)
+    }
+
+    #[test]
+    fn below_its_size_a_checkout_opens_a_connection_and_leaves_another_threads_parked_one() {
+        let db = dployr_testkit::database();
+        let (pool, _held) = pool_below_its_size_with_a_connection_parked_in_another_slot(&db);
+        let taken = pool.affinity.check_out(&pool.inner, Duration::from_secs(5));
+        assert!(taken.is_ok(), "{:?}", taken.err());
+        assert_eq!((pool.affinity.parked(), pool.state().0), (1, 3), "a new connection; the parked one stays");
+    }
+
+    #[test]
+    fn after_a_failed_attempt_to_connect_a_checkout_takes_a_parked_connection_without_waiting_for_a_new_one() {
+        let db = dployr_testkit::database();
+        let (pool, _held) = pool_below_its_size_with_a_connection_parked_in_another_slot(&db);
+        // As r2d2's error handler leaves it after a refused connection.
+        pool.affinity.events.last_connect_failed.store(true, Ordering::Relaxed);
+        let taken = pool.affinity.check_out(&pool.inner, Duration::from_secs(5));
+        assert!(taken.is_ok(), "{:?}", taken.err());
+        // Had it waited for a new connection (the server opens them), the
+        // parked one would still be parked.
+        assert_eq!(pool.affinity.parked(), 0, "the parked connection served the checkout");
     }
 
     #[test]

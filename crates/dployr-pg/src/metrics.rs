@@ -14,7 +14,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use diesel::r2d2::event::{AcquireEvent, CheckinEvent, CheckoutEvent, ReleaseEvent, TimeoutEvent};
@@ -178,6 +178,8 @@ pub(crate) struct PoolEvents {
     opened: AtomicU64,
     closed: AtomicU64,
     connect_failures: AtomicU64,
+    /// Whether the last attempt to open a connection failed (none yet: false).
+    pub(crate) last_connect_failed: AtomicBool,
 }
 
 impl fmt::Debug for PoolEvents {
@@ -200,6 +202,7 @@ impl PoolEvents {
             opened: AtomicU64::new(0),
             closed: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            last_connect_failed: AtomicBool::new(false),
         });
         ::metrics::gauge!(POOL_MAX, "pool" => Arc::clone(&events.name)).set(f64::from(max_size));
         events
@@ -221,6 +224,12 @@ impl PoolEvents {
             connections_closed: self.closed.load(Ordering::Relaxed),
             connect_failures: self.connect_failures.load(Ordering::Relaxed),
         }
+    }
+
+    /// Whether the pool's last attempt to open a connection failed: the
+    /// server may open none for a while (see `crate::affinity`).
+    pub(crate) fn last_connect_failed(&self) -> bool {
+        self.last_connect_failed.load(Ordering::Relaxed)
     }
 
     /// A connection handed out after waiting `waited`: by r2d2, or from
@@ -258,6 +267,7 @@ pub(crate) struct EventHandler(pub(crate) Arc<PoolEvents>);
 
 impl diesel::r2d2::HandleEvent for EventHandler {
     fn handle_acquire(&self, _event: AcquireEvent) {
+        self.0.last_connect_failed.store(false, Ordering::Relaxed);
         self.0.opened.fetch_add(1, Ordering::Relaxed);
         counter(&self.0.series.opened).increment(1);
         self.0.set_gauges();
@@ -297,6 +307,7 @@ pub(crate) struct ErrorHandler(pub(crate) Arc<PoolEvents>);
 
 impl<E> diesel::r2d2::HandleError<E> for ErrorHandler {
     fn handle_error(&self, _error: E) {
+        self.0.last_connect_failed.store(true, Ordering::Relaxed);
         self.0.connect_failures.fetch_add(1, Ordering::Relaxed);
         counter(&self.0.series.connect_failures).increment(1);
     }

@@ -221,37 +221,6 @@ fn threads_calling_in_turns_each_keep_their_own_connection() {
     assert_eq!((stats.connections, stats.idle, stats.in_use), (2, 2, 0), "kept connections count as idle: {stats:?}");
 }
 
-/// Threads calling in a loop, no more of them than the pool has
-/// connections, each keep one connection (and its server process) for
-/// good. Before, a checkout that found its slot empty (a thread's first)
-/// asked every other thread to send its connection back to r2d2, whose
-/// next checkout then found its own slot empty and asked in turn: on 2
-/// cores, 7-23 % of the calls of 16 threads moved between connections for
-/// the whole of a run.
-#[test]
-fn threads_calling_in_a_loop_each_keep_one_connection_for_good() {
-    let db = dployr_testkit::database();
-    // 64 slots keep the threads' slots apart (see the test above);
-    // connections open on demand, one per thread.
-    let pool = PgPool::connect(db.url(), PoolConfig { max_size: 64, ..PoolConfig::default() }).unwrap();
-    let start = std::sync::Arc::new(std::sync::Barrier::new(8));
-    let threads: Vec<_> = (0..8)
-        .map(|_| {
-            let (pool, start) = (pool.clone(), std::sync::Arc::clone(&start));
-            std::thread::spawn(move || {
-                start.wait();
-                let backends: Vec<i32> = (0..300).map(|_| backend_of_a_call(&pool).unwrap()).collect();
-                // Calls whose connection was not the one of the call before.
-                backends.windows(2).filter(|pair| pair[0] != pair[1]).count()
-            })
-        })
-        .collect();
-    let moves: Vec<usize> = threads.into_iter().map(|thread| thread.join().unwrap()).collect();
-    // A new connection slower than `NEW_CONNECTION_FIRST` (a busy machine)
-    // lets a first checkout take another thread's: a move or two, not hundreds.
-    assert!(moves.iter().sum::<usize>() <= 8, "calls moved between connections, per thread: {moves:?}");
-}
-
 /// A connection kept for a thread that stopped calling does not keep
 /// another thread waiting: with a pool of one, the other thread takes it
 /// at once (its checkout would otherwise time out), and so does the first
