@@ -466,29 +466,31 @@ mod tests {
         assert_eq!(seen.len(), 9, "nine threads alive together, nine indexes: {seen:?}");
     }
 
-    /// A pool of two with both connections open: one held by this thread,
-    /// one parked in the slot that is not this thread's.
+    /// A pool of `max_size` with two connections open: one held by this
+    /// thread, one parked in the next thread's slot (with two, the slot
+    /// that is not this thread's).
     fn pool_with_a_connection_parked_in_another_slot(
         db: &dployr_testkit::TestDatabase,
+        max_size: u32,
     ) -> (crate::PgPool, PgPooledConnection) {
         let config = crate::PoolConfig {
-            max_size: 2,
+            max_size,
             connection_timeout: Duration::from_millis(300),
             ..crate::PoolConfig::default()
         };
         let pool = crate::PgPool::connect(db.url(), config).unwrap();
         let held = pool.get().unwrap();
-        let other = 1 - thread_index().unwrap() % 2;
+        let other = (thread_index().unwrap() + 1) % max_size as usize;
         let (kept, _) = pool.affinity.check_out(&pool.inner, Duration::from_millis(300)).unwrap();
         assert!(pool.affinity.park(other, kept));
-        assert_eq!(pool.state(), (2, 1), "at its size, the parked connection idle");
+        assert_eq!(pool.state(), (2, 1), "the parked connection idle");
         (pool, held)
     }
 
     #[test]
     fn a_checkout_with_nothing_else_free_takes_a_connection_parked_for_another_thread() {
         let db = dployr_testkit::database();
-        let (pool, _held) = pool_with_a_connection_parked_in_another_slot(&db);
+        let (pool, _held) = pool_with_a_connection_parked_in_another_slot(&db, 2);
         // This thread's slot is empty, r2d2 has no idle one, and the pool is
         // at its size: without taking the other slot's, this times out.
         let taken = pool.affinity.check_out(&pool.inner, Duration::from_millis(300));
@@ -496,25 +498,11 @@ mod tests {
         assert_eq!((pool.affinity.parked(), pool.state()), (0, (2, 0)));
     }
 
-    /// A pool of three with two connections open: one held by this
-    /// thread, one parked in another thread's slot; one more may open.
-    fn pool_below_its_size_with_a_connection_parked_in_another_slot(
-        db: &dployr_testkit::TestDatabase,
-    ) -> (crate::PgPool, PgPooledConnection) {
-        let config = crate::PoolConfig { max_size: 3, ..crate::PoolConfig::default() };
-        let pool = crate::PgPool::connect(db.url(), config).unwrap();
-        let held = pool.get().unwrap();
-        let other = (thread_index().unwrap() + 1) % 3;
-        let (kept, _) = pool.affinity.check_out(&pool.inner, Duration::from_secs(5)).unwrap();
-        assert!(pool.affinity.park(other, kept));
-        assert_eq!(pool.state(), (2, 1));
-        (pool, held)
-    }
-
     #[test]
     fn below_its_size_a_checkout_opens_a_connection_and_leaves_another_threads_parked_one() {
         let db = dployr_testkit::database();
-        let (pool, _held) = pool_below_its_size_with_a_connection_parked_in_another_slot(&db);
+        let (pool, _held) = pool_with_a_connection_parked_in_another_slot(&db, 3);
+        // Time enough for a new connection (the first wait is at most 500 ms of it).
         let taken = pool.affinity.check_out(&pool.inner, Duration::from_secs(5));
         assert!(taken.is_ok(), "{:?}", taken.err());
         assert_eq!((pool.affinity.parked(), pool.state().0), (1, 3), "a new connection; the parked one stays");
@@ -523,7 +511,7 @@ mod tests {
     #[test]
     fn after_a_failed_attempt_to_connect_a_checkout_takes_a_parked_connection_without_waiting_for_a_new_one() {
         let db = dployr_testkit::database();
-        let (pool, _held) = pool_below_its_size_with_a_connection_parked_in_another_slot(&db);
+        let (pool, _held) = pool_with_a_connection_parked_in_another_slot(&db, 3);
         // As r2d2's error handler leaves it after a refused connection.
         pool.affinity.events.last_connect_failed.store(true, Ordering::Relaxed);
         let taken = pool.affinity.check_out(&pool.inner, Duration::from_secs(5));
@@ -536,7 +524,7 @@ mod tests {
     #[test]
     fn a_connection_parked_too_long_goes_back_to_the_pool() {
         let db = dployr_testkit::database();
-        let (pool, _held) = pool_with_a_connection_parked_in_another_slot(&db);
+        let (pool, _held) = pool_with_a_connection_parked_in_another_slot(&db, 2);
         assert_eq!(pool.affinity.sweep(Instant::now()), 0, "parked a moment ago");
         assert_eq!(pool.affinity.sweep(Instant::now() + PARKED_AT_MOST), 1);
         assert_eq!(pool.affinity.parked(), 0);
