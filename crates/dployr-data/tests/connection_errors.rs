@@ -77,6 +77,10 @@ fn malformed_urls() -> Vec<String> {
         // its tail as an option's name, and quotes that.
         format!("host=127.0.0.1 port={port} password=Head {p}=1"),
         format!("host=127.0.0.1 port={port} password = Head {p} = 1"),
+        // The same with several hosts: libpq refuses the password's tail,
+        // read as the second host's port, on a line after the first host's.
+        format!("host=127.0.0.1,127.0.0.1 password=Head port={port},{p}"),
+        format!("postgres://app@127.0.0.1,127.0.0.1/app?password=Head&port={port},{p}"),
         // A piece libpq echoes decoded: the port "AppPw-9xQ!x", the host "ss!".
         format!("postgres://app:{p}%21x/x@127.0.0.1:{port}/app"),
         format!("postgres://app:p@ss%21{p}/word@127.0.0.1:{port}/app"),
@@ -111,6 +115,9 @@ fn a_malformed_url_is_a_configuration_error_naming_database_url_at_once() {
         // libpq's setsockopt fails before it connects, every time.
         format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/app?keepalives_idle=40000"),
         format!("host=127.0.0.1 port={port} password={PASSWORD} keepalives_count=128"),
+        // A port list whose second entry is malformed: libpq says so after
+        // the first host refused, and it would say so at every attempt.
+        format!("host=127.0.0.1,127.0.0.1 port={port},notaport password={PASSWORD}"),
     ] {
         let started = Instant::now();
         let error = DataLayer::open(Config::new(url.clone()).with_pool(quick())).map(drop).unwrap_err();

@@ -173,6 +173,12 @@ fn kind_of(message: &str) -> ConnectFailureKind {
     if has("does not exist") && (has("database \"") || has("role \"")) {
         return Missing;
     }
+    // libpq's refusal of an option's value (a port list's entry past the
+    // first host's, say): it comes after the first host's own failure
+    // ("Connection refused"), and never heals however long one waits.
+    if has("for connection option") {
+        return MalformedUrl;
+    }
     // libpq's own refusals of the URL's security settings: the same at
     // every attempt, so not an outage to wait out. (A TLS handshake cut
     // off midway, "SSL SYSCALL error", stays transient.)
@@ -253,7 +259,8 @@ fn kind_of(message: &str) -> ConnectFailureKind {
 /// or a `key=value` string, in raw and percent-decoded form; every quoted
 /// fragment libpq echoed that overlaps a secret or holds an `@` (libpq
 /// echoes a malformed string whole or cut at a place of its choosing, and
-/// a secret may itself hold a `"`); and, when libpq could not parse the
+/// a secret may itself hold a `"`); and, in a message (or a line of one:
+/// libpq writes a line per host it tried) saying libpq could not parse the
 /// string, every fragment of it that it quotes but an option's name (a
 /// password written without its quotes, `password=two words`, is read as
 /// an option named `words`).
@@ -280,12 +287,23 @@ pub fn redact(text: &str, conninfo: &str) -> String {
     }
     // A string libpq could not parse: what it quotes of it is garbage
     // that may be anything, a pasted password included. (Its other
-    // messages quote a host, a port, a file or a server's answer.)
-    let unparsed = text.contains("connection info string")
-        || text.contains("URI")
-        || (kind_of(text) == ConnectFailureKind::MalformedUrl
-            && !text.contains("connection to server")
-            && !text.contains("could not translate host name"));
+    // messages quote a host, a port, a file or a server's answer.) Told
+    // line by line too: with several hosts libpq writes one line per host
+    // it tried, and a port list's bad entry (the tail of a password written
+    // without its quotes, `password=Head port=1,Tail`) comes on a line of
+    // its own after a host's "connection to server" line.
+    let unparsed_message = unparsed(text);
+    let unparsed_lines: Vec<(usize, bool)> = text
+        .split_inclusive('\n')
+        .scan(0, |start, line| {
+            let line_start = *start;
+            *start += line.len();
+            Some((line_start, unparsed_message || unparsed(line)))
+        })
+        .collect();
+    let unparsed_at = |offset: usize| {
+        unparsed_lines.iter().rev().find(|(start, _)| *start <= offset).is_some_and(|&(_, unparsed)| unparsed)
+    };
     // Longest first, so a secret that contains another goes whole.
     secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
     secrets.dedup();
@@ -293,8 +311,19 @@ pub fn redact(text: &str, conninfo: &str) -> String {
     // `p` of `app:p@ss...` read up to the first `@`) replaced first would
     // change a fragment into one no longer found in the string. A secret
     // with a `"` in it is taken whole by the fragments' own rule.
-    let quoted = redact_quoted(text, conninfo, &ranges, &secrets, unparsed);
+    let quoted = redact_quoted(text, conninfo, &ranges, &secrets, unparsed_at);
     replace_secrets(&quoted, &secrets)
+}
+
+/// Whether `message` (or a line of it) is libpq's refusal of a string it
+/// could not parse, rather than of a host, a port, a file or a server's
+/// answer.
+fn unparsed(message: &str) -> bool {
+    message.contains("connection info string")
+        || message.contains("URI")
+        || (kind_of(message) == ConnectFailureKind::MalformedUrl
+            && !message.contains("connection to server")
+            && !message.contains("could not translate host name"))
 }
 
 /// `text` with each occurrence of a secret (the longest first, where two
@@ -326,9 +355,9 @@ fn replace_secrets(text: &str, secrets: &[String]) -> String {
 
 /// Replaces each `"..."` of `text` that overlaps a secret of `conninfo` (as
 /// one of its occurrences there), is a piece of one of `secrets`, or holds
-/// an `@`, or, for a string libpq
-/// could not parse (`unparsed`), that occurs in `conninfo` at all and is
-/// not an option's name. A fragment may hold `"` itself (a password with
+/// an `@`, or, on a line of libpq's refusal of a string it could not parse
+/// (`unparsed_at` the fragment's offset in `text`), that occurs in
+/// `conninfo` at all and is not an option's name. A fragment may hold `"` itself (a password with
 /// one): from each opening quote, the farthest closing quote that makes
 /// such a fragment is taken, else the nearest.
 fn redact_quoted(
@@ -336,9 +365,9 @@ fn redact_quoted(
     conninfo: &str,
     ranges: &[std::ops::Range<usize>],
     secrets: &[String],
-    unparsed: bool,
+    unparsed_at: impl Fn(usize) -> bool,
 ) -> String {
-    let secret_fragment = |fragment: &str| {
+    let secret_fragment = |fragment: &str, unparsed: bool| {
         fragment.contains('@')
             // A piece of a secret, raw or as libpq decodes it
             // (`postgres://app:Sec%21ret/x@...` echoes the port "Sec!ret").
@@ -352,15 +381,18 @@ fn redact_quoted(
     // A fragment that spans a `"` is one only if it is the connection
     // string's own text (a password with a quote), not two of libpq's
     // quotes and the words between them.
-    let secret = |fragment: &str| (!fragment.contains('"') || conninfo.contains(fragment)) && secret_fragment(fragment);
+    let secret = |fragment: &str, unparsed: bool| {
+        (!fragment.contains('"') || conninfo.contains(fragment)) && secret_fragment(fragment, unparsed)
+    };
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find('"') {
+        let unparsed = unparsed_at(text.len() - rest.len() + open);
         let after = &rest[open + 1..];
         let closes: Vec<usize> = after.match_indices('"').map(|(at, _)| at).collect();
         let Some(&nearest) = closes.first() else { break };
         out.push_str(&rest[..=open]);
-        let close = match closes.iter().rev().find(|&&close| secret(&after[..close])) {
+        let close = match closes.iter().rev().find(|&&close| secret(&after[..close], unparsed)) {
             Some(&farthest) => {
                 out.push_str(REDACTED);
                 farthest
@@ -551,6 +583,28 @@ mod tests {
             let message = r#"invalid percent-encoded token: "Secret-3%ZZ""#;
             assert_eq!(redact(message, url), r#"invalid percent-encoded token: "<redacted>""#, "{url}");
         }
+    }
+
+    #[test]
+    fn the_tail_of_an_unquoted_password_read_as_a_second_port_is_redacted_on_its_own_line() {
+        // `password=Head port=1,Tail` meant as one password: libpq reads a
+        // port list, tries the first host, and refuses the second port on
+        // a line after that host's, which alone would keep the message's
+        // quotes.
+        let conninfo = "host=db1,db2 password=Head port=1,Secret-4";
+        let message = "could not translate host name \"db1\" to address: Name or service not known\n\
+                       invalid integer value \"Secret-4\" for connection option \"port\"\n";
+        assert_eq!(
+            redact(message, conninfo),
+            "could not translate host name \"db1\" to address: Name or service not known\n\
+             invalid integer value \"<redacted>\" for connection option \"port\"\n"
+        );
+        let message = "connection to server at \"127.0.0.1\", port 1 failed: Connection refused\n\
+                       \tIs the server running on that host and accepting TCP/IP connections?\n\
+                       invalid integer value \"Secret-4\" for connection option \"port\"\n";
+        let redacted = redact(message, conninfo);
+        assert!(!redacted.contains("Secret-4"), "{redacted}");
+        assert!(redacted.contains("\"127.0.0.1\", port 1 failed"), "{redacted}");
     }
 
     #[test]
