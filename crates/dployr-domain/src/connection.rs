@@ -281,9 +281,12 @@ pub fn redact(text: &str, conninfo: &str) -> String {
         let raw = &conninfo[range.clone()];
         if !raw.is_empty() {
             secrets.push(raw.to_owned());
-            let decoded = percent_decoded(raw);
-            if decoded != raw && !decoded.is_empty() {
-                secrets.push(decoded);
+            // As libpq reads it: percent-decoded in a URL, with each `\`
+            // taking the next character in a key=value string.
+            for read in [percent_decoded(raw), unescaped(raw)] {
+                if read != raw && !read.is_empty() {
+                    secrets.push(read);
+                }
             }
         }
     }
@@ -314,7 +317,10 @@ pub fn redact(text: &str, conninfo: &str) -> String {
     // change a fragment into one no longer found in the string. A secret
     // with a `"` in it is taken whole by the fragments' own rule.
     let quotes = text.matches('"').count();
-    let quoted = if text.len() > MAX_SEARCHED_MESSAGE_BYTES || quotes > MAX_SEARCHED_QUOTES {
+    let quoted = if text.len() > MAX_SEARCHED_MESSAGE_BYTES
+        || quotes > MAX_SEARCHED_QUOTES
+        || conninfo.len() > MAX_SEARCHED_CONNINFO_BYTES
+    {
         redact_all_quoted(text)
     } else {
         redact_quoted(text, conninfo, &ranges, &secrets, unparsed_at)
@@ -322,13 +328,17 @@ pub fn redact(text: &str, conninfo: &str) -> String {
     replace_secrets(&quoted, &secrets)
 }
 
-/// Past either bound, a message's quoted fragments are not told apart one
-/// by one (that search grows with the cube of its quotes: a host name of
-/// 1 600 `"a` took 3.5 s): everything from its first `"` to its last is
-/// redacted at once. libpq's messages stay far below both: a line of up to
-/// four quotes per host tried, and a malformed string echoed once.
+/// Past any of these bounds, a message's quoted fragments are not told
+/// apart one by one (that search grows with the cube of its quotes, and
+/// with their product with the connection string's length: a host name of
+/// 1 600 `"a` took 3.5 s, 32 fragments of a 256 KiB string 5.8 s):
+/// everything from its first `"` to its last is redacted at once. libpq's
+/// messages stay far below the first two (a line of up to four quotes per
+/// host tried, and a malformed string echoed once), and connection strings
+/// below the third.
 const MAX_SEARCHED_MESSAGE_BYTES: usize = 4096;
 const MAX_SEARCHED_QUOTES: usize = 64;
+const MAX_SEARCHED_CONNINFO_BYTES: usize = 8192;
 
 /// `text` with everything from its first `"` to its last replaced by
 /// [`REDACTED`].
@@ -393,6 +403,20 @@ fn redact_quoted(
     secrets: &[String],
     unparsed_at: impl Fn(usize) -> bool,
 ) -> String {
+    // How many bytes of conninfo before each place are secret: whether an
+    // occurrence overlaps a secret is then one subtraction, whatever the
+    // number of secrets.
+    let mut covered = vec![false; conninfo.len()];
+    for range in ranges {
+        covered[range.clone()].fill(true);
+    }
+    let secret_before: Vec<usize> = std::iter::once(0)
+        .chain(covered.iter().scan(0, |sum, &secret| {
+            *sum += usize::from(secret);
+            Some(*sum)
+        }))
+        .collect();
+    let overlaps_a_secret = |at: usize, len: usize| secret_before[at + len] > secret_before[at];
     let secret_fragment = |fragment: &str, unparsed: bool| {
         fragment.contains('@')
             // A piece of a secret, raw or as libpq decodes it
@@ -400,9 +424,7 @@ fn redact_quoted(
             || (!fragment.is_empty() && secrets.iter().any(|secret| secret.contains(fragment)))
             || (unparsed && fragment.len() > 1 && conninfo.contains(fragment) && !is_option_name(fragment))
             || (!fragment.is_empty()
-                && conninfo
-                    .match_indices(fragment)
-                    .any(|(at, found)| ranges.iter().any(|range| at < range.end && range.start < at + found.len())))
+                && conninfo.match_indices(fragment).any(|(at, found)| overlaps_a_secret(at, found.len())))
     };
     // A fragment that spans a `"` is one only if it is the connection
     // string's own text (a password with a quote), not two of libpq's
@@ -507,20 +529,16 @@ fn secret_ranges(conninfo: &str) -> Vec<std::ops::Range<usize>> {
         // one it refuses), after any `?` or `&`: the user info may hold a
         // raw `?` (libpq's query starts after the hosts), so every one that
         // could start the query is taken for its start.
-        for (at, _) in conninfo.match_indices(['?', '&']) {
-            let parameter_start = at + 1;
-            let parameter_end =
-                conninfo[parameter_start..].find('&').map_or(conninfo.len(), |end| parameter_start + end);
-            let Some(eq) = conninfo[parameter_start..parameter_end].find('=') else { continue };
-            let key = percent_decoded(&conninfo[parameter_start..parameter_start + eq]).to_ascii_lowercase();
-            if key.contains("password") {
-                ranges.push(parameter_start + eq + 1..parameter_end);
-            }
-        }
+        ranges.extend(query_password_ranges(conninfo));
         return ranges;
     }
     // key=value: `password = value` or `password='quoted value'`, to the
-    // end of the value (or of the string, if a quote is not closed).
+    // end of the value (or of the string, if a quote is not closed), read
+    // as libpq reads it: a `\` takes the next character into the value,
+    // quoted or not. The search goes on after the value (libpq reads no
+    // key inside one): from just after the word, a string of
+    // `password=password=...` made a range per word to the string's end,
+    // gigabytes for a quarter of a megabyte.
     let mut search = 0;
     while let Some(found) = lower[search..].find("password") {
         let at = search + found;
@@ -529,17 +547,79 @@ fn secret_ranges(conninfo: &str) -> Vec<std::ops::Range<usize>> {
         let Some(after_eq) = rest.trim_start().strip_prefix('=') else { continue };
         let value = after_eq.trim_start();
         let value_start = conninfo.len() - value.len();
-        let value_end = if let Some(quoted) = value.strip_prefix('\'') {
-            quoted.find('\'').map_or(conninfo.len(), |end| value_start + 1 + end)
-        } else {
-            value.find(char::is_whitespace).map_or(conninfo.len(), |end| value_start + end)
+        let (value_start, value_end, after_value) = match value.strip_prefix('\'') {
+            Some(quoted) => {
+                let end = value_start + 1 + escaped_value_end(quoted, |c| c == '\'');
+                (value_start + 1, end, (end + 1).min(conninfo.len()))
+            }
+            None => {
+                let end = value_start + escaped_value_end(value, char::is_whitespace);
+                (value_start, end, end)
+            }
         };
-        let value_start = if value.starts_with('\'') { value_start + 1 } else { value_start };
-        if value_start <= value_end {
-            ranges.push(value_start..value_end);
-        }
+        ranges.push(value_start..value_end);
+        search = search.max(after_value);
     }
     ranges
+}
+
+/// The length of the value at the start of `value`, as libpq reads a
+/// key=value string: up to the first character that `ends` it and no `\`
+/// escapes, or the whole of it.
+fn escaped_value_end(value: &str, ends: impl Fn(char) -> bool) -> usize {
+    let mut chars = value.char_indices();
+    while let Some((at, c)) = chars.next() {
+        if c == '\\' {
+            chars.next();
+        } else if ends(c) {
+            return at;
+        }
+    }
+    value.len()
+}
+
+/// The values of a URL's query parameters whose key, percent-decoded, holds
+/// `password`, each parameter taken to start after any `?` or `&` and to end
+/// at the next `&`. In one pass: the parameters that start after the `?`s
+/// before one `=` share that `=` and its value, and their keys are the
+/// ends of the first one's, so only the first is read (every `?` scanned to
+/// the next `&` took 3.4 s for 256 KiB of `?`).
+fn query_password_ranges(conninfo: &str) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut segment_start = 0;
+    for segment in conninfo.split('&') {
+        let segment_end = segment_start + segment.len();
+        // Where a parameter may start in this segment: after its `&`, or
+        // after its first `?`.
+        let mut start = if segment_start > 0 { Some(segment_start) } else { segment.find('?').map(|q| q + 1) };
+        while let Some(key_start) = start {
+            let Some(eq) = conninfo[key_start..segment_end].find('=').map(|eq| key_start + eq) else { break };
+            let key = percent_decoded(&conninfo[key_start..eq]).to_ascii_lowercase();
+            if key.contains("password") {
+                // Every later start in the segment has a value inside this one.
+                ranges.push(eq + 1..segment_end);
+                break;
+            }
+            // The starts after a `?` before `eq` have keys that are ends of
+            // this one: none holds `password`. The next is after `eq`.
+            start = conninfo[eq..segment_end].find('?').map(|q| eq + q + 1);
+        }
+        segment_start = segment_end + 1;
+    }
+    ranges
+}
+
+/// `text` with each `\` dropped and the character after it kept.
+fn unescaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `%XX` sequences decoded; malformed ones kept as they are.
@@ -662,6 +742,32 @@ mod tests {
         let near_misses = format!("{}b", &password[1..]).repeat(3);
         let message = format!("before {password}b after {near_misses}");
         assert_eq!(redact(&message, &conninfo), format!("before {REDACTED}b after {near_misses}"));
+    }
+
+    #[test]
+    fn a_key_value_password_is_read_with_its_backslash_escapes_as_libpq_reads_it() {
+        let conninfo = r"host=db password=a\ Secret-7 port=1";
+        assert_eq!(redact(r"a Secret-7 and a\ Secret-7", conninfo), "<redacted> and <redacted>");
+        let conninfo = r"host=db password='a\'Secret-8' user=app";
+        assert_eq!(redact(r"a'Secret-8 and a\'Secret-8 for app", conninfo), "<redacted> and <redacted> for app");
+    }
+
+    #[test]
+    fn connection_strings_of_hundreds_of_kilobytes_are_redacted_in_one_pass() {
+        // Each `password` word made a range to the string's end, searched
+        // again from just after the word: 3.6 GB of ranges for 256 KiB.
+        let conninfo = "password=".repeat(30_000);
+        assert_eq!(redact(&format!("got {conninfo} here"), &conninfo), format!("got {REDACTED}password= here"));
+        // Each `?` was read to the next `&`, here the string's end.
+        let url = format!("postgres://h/db{}password=Secret-6", "?".repeat(100_000));
+        assert_eq!(redact("x Secret-6 y", &url), format!("x {REDACTED} y"));
+        assert_eq!(secret_ranges(&url).len(), 1);
+        // Past 8 KiB of connection string, quoted fragments go whole.
+        let conninfo = "x=x password=y ".repeat(1_000);
+        assert_eq!(
+            redact("invalid connection option \"x\" near \"z\"", &conninfo),
+            format!("invalid connection option \"{REDACTED}\"")
+        );
     }
 
     #[test]

@@ -202,11 +202,14 @@ pub(crate) fn server_ports(database_url: &str) -> Vec<u16> {
     };
     let port_setting = port_setting.or_else(|| std::env::var("PGPORT").ok()).unwrap_or_default();
     let mut ports = Vec::new();
+    // Each port once, in the order given, in linear time (a list of all
+    // 65 535 ports is a string libpq takes).
+    let mut seen = std::collections::HashSet::new();
     for entry in port_setting.split(',').map(str::trim) {
         // An empty entry is the compiled-in port, not `PGPORT`: libpq reads
         // the environment only when nothing sets `port` at all.
         let port = if entry.is_empty() { Some(LIBPQ_DEFAULT_PORT) } else { entry.parse().ok() };
-        if let Some(port) = port.filter(|port| !ports.contains(port)) {
+        if let Some(port) = port.filter(|&port| seen.insert(port)) {
             ports.push(port);
         }
     }
@@ -284,6 +287,7 @@ mod tests {
         assert_eq!(server_ports("postgresql://h1:5433,[::1]:5434/x"), vec![5433, 5434]);
         assert_eq!(server_ports("postgres:///x?host=/run/postgresql&port=5439"), vec![5439]);
         assert_eq!(server_ports("host=db port=7000 dbname=x"), vec![7000]);
+        assert_eq!(server_ports("host=a,b,c,d port=7001,7000,7001,7002"), vec![7001, 7000, 7002]);
         let default = std::env::var("PGPORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5432);
         assert_eq!(server_ports("postgres://db/x"), vec![default]);
     }
