@@ -411,3 +411,84 @@ fn a_hundred_values_none_of_them_text_are_each_read_in_order() {
     assert_eq!(values, expected);
     assert!(spent <= 130 * 3 / 2, "{spent} requests for 130 keys");
 }
+
+/// Values too long together for one answer (40 of 500 KiB: 20 MiB of JSON,
+/// past the 16 MiB the client reads of any answer but a value's): the bulk
+/// read is halved, and every value comes back, in order.
+#[test]
+fn a_bulk_read_whose_values_make_too_long_an_answer_is_halved_and_reads_them_all() {
+    let emulator = CloudflareEmulator::start();
+    let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
+    let keys: Vec<String> = (0..40).map(|n| format!("long{n:02}")).collect();
+    let value_of = |n: usize| format!("{n:02}").repeat(250 * 1024).into_bytes();
+    for (n, key) in keys.iter().enumerate() {
+        kv.put(key, &value_of(n), None).unwrap();
+    }
+    let before = emulator.requests();
+    let values = kv.get_many(&keys).expect("a bulk read of 20 MiB of values");
+    let spent = emulator.requests() - before;
+    for (n, value) in values.iter().enumerate() {
+        assert!(value.as_deref() == Some(value_of(n).as_slice()), "value {n}");
+    }
+    assert_eq!(values.len(), 40);
+    assert_eq!(spent, 3, "the answer cut off, then one per half");
+}
+
+/// A server that is not Cloudflare's API and answers without end (or
+/// declares an answer longer than any to the request): the client stops
+/// reading at the longest answer the request can get, and the call fails
+/// as `Backend` at once, without a retry, instead of holding ever more
+/// memory until its timeout.
+#[test]
+fn an_endless_answer_is_read_no_further_than_the_longest_the_request_can_get() {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let server_sent = Arc::clone(&sent);
+    let server = std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().take(2).enumerate() {
+            let mut stream = stream.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            if n == 0 {
+                // Chunks of 64 KiB until the client hangs up.
+                let _ignored = stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+                let chunk = vec![b'x'; 64 * 1024];
+                while stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_ok()
+                    && stream.write_all(&chunk).is_ok()
+                    && stream.write_all(b"\r\n").is_ok()
+                {
+                    server_sent.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            } else {
+                // A length no list of keys can have, declared up front.
+                let _ignored = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n{",
+                );
+            }
+        }
+    });
+    let kv = CloudflareKv::new(config_on_local_port(port, Duration::from_secs(30))).unwrap();
+    let started = Instant::now();
+    match kv.get("k") {
+        Err(StoreError::Backend { message, .. }) => {
+            assert!(message.contains("longer than 26214400 bytes"), "{message}");
+        }
+        other => panic!("expected Backend for an endless answer, got {other:?}"),
+    }
+    match kv.list("", 10, None) {
+        Err(StoreError::Backend { message, .. }) => {
+            assert!(message.contains("longer than 16777216 bytes"), "{message}");
+        }
+        other => panic!("expected Backend for an answer declared a gigabyte long, got {other:?}"),
+    }
+    server.join().unwrap();
+    // The server wrote what the client read and what the sockets took in
+    // flight before it hung up: nowhere near the 30 s the call could last.
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent < 64 * 1024 * 1024, "the server sent {sent} bytes in {:?}", started.elapsed());
+}

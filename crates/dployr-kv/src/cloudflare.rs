@@ -73,7 +73,12 @@
 //! (whichever entry, its code a number or a number as text). A server
 //! without the bulk endpoints (405, code 7000, or a 404 naming no
 //! Cloudflare error) is read and deleted key by key; where it says so
-//! itself (405, 7000) the client does not ask it again.
+//! itself (405, 7000) the client does not ask it again. No answer is read
+//! past the longest its request can get (a value's GET: 25 MiB, the value
+//! limit; any other: 16 MiB, above the longest list): a longer one, a
+//! proxy's or a wrong base URL's, is `Backend` at once, not retried, and
+//! holds no more memory than that. A bulk read whose values are together
+//! too long for that is halved until they fit, down to a `get` per key.
 //!
 //! **Runtimes.** The HTTP client is `reqwest`'s async one, driven by a
 //! private tokio runtime that is created, run and dropped on a thread of its
@@ -91,8 +96,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dployr_domain::{
-    KvBackend, KvLimits, KvPage, MAX_COUNTER, StoreError, StoreResult, counter_at_its_largest, not_a_counter,
-    parse_counter,
+    KvBackend, KvLimits, KvPage, MAX_COUNTER, MAX_VALUE_BYTES, StoreError, StoreResult, counter_at_its_largest,
+    not_a_counter, parse_counter,
 };
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use rand::Rng as _;
@@ -142,6 +147,13 @@ const INVALID_CURSOR: u32 = 10007;
 /// The free plan's daily limit of an operation is spent (a 429); it lasts
 /// until 00:00 UTC, so no retry within a call can succeed.
 const DAILY_LIMIT: u32 = 10048;
+
+/// The longest answer read to any request but a value's GET (which may be
+/// as long as a value, [`MAX_VALUE_BYTES`]): a list of 1 000 keys of 512
+/// bytes with 1 024 bytes of metadata each, every byte escaped as JSON's
+/// `\u00XX`, is about 9 MiB. A bulk read whose values make a longer answer
+/// is halved (see `read_in_bulk`).
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
 /// The most keys one bulk read takes ("maximum of 100").
 const BULK_GET_KEYS: usize = 100;
@@ -422,6 +434,8 @@ struct Raw {
     status: u16,
     headers: HeaderMap,
     body: Vec<u8>,
+    /// The answer was longer than the request's limit, and not read past it.
+    cut_off: bool,
 }
 
 impl Transport {
@@ -476,16 +490,29 @@ impl Transport {
         Ok(Self { client, runtime, stop: Some(stop), thread: Some(thread) })
     }
 
-    /// Sends `request` on the private runtime and waits for the whole answer.
-    fn exchange(&self, request: RequestBuilder) -> Result<Raw, String> {
+    /// Sends `request` on the private runtime and waits for the whole
+    /// answer, or for its first `limit` bytes: a longer one is cut off
+    /// there (and its connection dropped), so that no answer, a proxy's or
+    /// a wrong base URL's endless one included, holds more memory than the
+    /// longest this request can legitimately get.
+    fn exchange(&self, request: RequestBuilder, limit: usize) -> Result<Raw, String> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.runtime.spawn(async move {
             let result = async {
-                let response = request.send().await?;
+                let mut response = request.send().await?;
                 let status = response.status().as_u16();
                 let headers = response.headers().clone();
-                let body = response.bytes().await?.to_vec();
-                Ok::<_, reqwest::Error>(Raw { status, headers, body })
+                let mut body = Vec::new();
+                let declared = response.content_length().and_then(|length| usize::try_from(length).ok());
+                let mut cut_off = declared.is_some_and(|length| length > limit);
+                while !cut_off && let Some(chunk) = response.chunk().await? {
+                    if body.len() + chunk.len() > limit {
+                        cut_off = true;
+                    } else {
+                        body.extend_from_slice(&chunk);
+                    }
+                }
+                Ok::<_, reqwest::Error>(Raw { status, headers, body, cut_off })
             }
             .await;
             // The caller waits for this; it is gone only if it panicked.
@@ -836,6 +863,9 @@ struct Call {
     requests: u64,
     throttled: u64,
     retries: u64,
+    /// The last request's answer was longer than its limit (see
+    /// [`Transport::exchange`]): a bulk read halves its keys then.
+    cut_off: bool,
 }
 
 impl Call {
@@ -850,7 +880,7 @@ impl Call {
             duration_us = Empty
         )
         .entered();
-        Self { span, started: Instant::now(), requests: 0, throttled: 0, retries: 0 }
+        Self { span, started: Instant::now(), requests: 0, throttled: 0, retries: 0, cut_off: false }
     }
 }
 
@@ -936,11 +966,23 @@ impl CloudflareKv {
     /// failures within the [`RetryPolicy`]; any other answer is returned.
     /// Each request's timeout is the configured one cut to what is left of
     /// `max_elapsed`, so the call ends within `max_elapsed`.
-    fn send(&self, call: &mut Call, op: &'static str, build: impl Fn(&Client) -> RequestBuilder) -> StoreResult<Reply> {
+    ///
+    /// An answer longer than `limit` bytes is [`StoreError::Backend`], not
+    /// retried, with `call.cut_off` set: no answer to this request can be
+    /// that long, so what answered is not Cloudflare's API (or a bulk read
+    /// asked for more than one answer should carry, which halves its keys).
+    fn send(
+        &self,
+        call: &mut Call,
+        op: &'static str,
+        limit: usize,
+        build: impl Fn(&Client) -> RequestBuilder,
+    ) -> StoreResult<Reply> {
         let policy = self.config.retry;
         // The call's start, not this request's: `max_elapsed` bounds a whole
         // call (a take's read and delete, every chunk of a bulk call).
         let started = call.started;
+        call.cut_off = false;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -967,7 +1009,19 @@ impl CloudflareKv {
                 self.counters.retries.fetch_add(1, Ordering::Relaxed);
             }
             let request = build(&self.transport.client).bearer_auth(&self.config.api_token).timeout(timeout);
-            let (last_failure, status, retry_after) = match self.transport.exchange(request) {
+            let (last_failure, status, retry_after) = match self.transport.exchange(request, limit) {
+                Ok(raw) if raw.cut_off => {
+                    call.cut_off = true;
+                    return Err(StoreError::Backend {
+                        message: format!(
+                            "Cloudflare KV {op}: the answer (status {}) was longer than {limit} bytes, more than any \
+                             answer to this request, and was not read further: is the base URL Cloudflare's API?",
+                            raw.status
+                        )
+                        .into(),
+                        source: None,
+                    });
+                }
                 Ok(raw) => {
                     let reply = Reply { status: raw.status, headers: raw.headers, body: raw.body };
                     if reply.status != 429 && !(500..600).contains(&reply.status) {
@@ -1099,7 +1153,7 @@ impl CloudflareKv {
     fn read(&self, call: &mut Call, key: &str) -> StoreResult<Option<Stored>> {
         self.limits().check_key(key)?;
         let url = self.value_url(key);
-        let reply = self.send(call, "get", |c| c.get(&url))?;
+        let reply = self.send(call, "get", MAX_VALUE_BYTES, |c| c.get(&url))?;
         if reply.is_missing_key() {
             return Ok(None);
         }
@@ -1123,7 +1177,7 @@ impl CloudflareKv {
             Some(Expiry::At(at)) => vec![("expiration", at.to_string())],
             None => Vec::new(),
         };
-        let reply = self.send(call, "put", |c| {
+        let reply = self.send(call, "put", MAX_ANSWER_BYTES, |c| {
             c.put(&url)
                 .query(&query)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -1156,7 +1210,7 @@ impl CloudflareKv {
         }
         let body = serde_json::to_vec(body)
             .map_err(|e| StoreError::backend(format!("Cloudflare KV {op}: encoding the request"), e))?;
-        let reply = self.send(call, op, |c| {
+        let reply = self.send(call, op, MAX_ANSWER_BYTES, |c| {
             c.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone())
         })?;
         if reply.is_no_such_endpoint() {
@@ -1197,6 +1251,22 @@ impl CloudflareKv {
             Ok(None) => {
                 self.read_key_by_key(call, chunk, values)?;
                 return Ok(false);
+            }
+            // Values too long together for one answer: halved down to one
+            // key, which is read as `get` reads it.
+            Err(_) if call.cut_off && chunk.len() > 1 => {
+                call.cut_off = false;
+                let (first, second) = chunk.split_at(chunk.len() / 2);
+                if self.read_in_bulk(call, first, values)? {
+                    return self.read_in_bulk(call, second, values);
+                }
+                self.read_key_by_key(call, second, values)?;
+                return Ok(false);
+            }
+            Err(_) if call.cut_off => {
+                call.cut_off = false;
+                self.read_key_by_key(call, chunk, values)?;
+                return Ok(true);
             }
             Err(StoreError::Invalid { field: "request", .. }) if chunk.len() <= BISECT_DOWN_TO => {
                 self.read_key_by_key(call, chunk, values)?;
@@ -1243,7 +1313,7 @@ impl CloudflareKv {
     fn remove(&self, call: &mut Call, key: &str) -> StoreResult<()> {
         self.limits().check_key(key)?;
         let url = self.value_url(key);
-        let reply = self.send(call, "delete", |c| c.delete(&url))?;
+        let reply = self.send(call, "delete", MAX_ANSWER_BYTES, |c| c.delete(&url))?;
         if reply.is_missing_key() || reply.is_enveloped_success() {
             return Ok(());
         }
@@ -1404,7 +1474,7 @@ impl KvBackend for CloudflareKv {
         if let Some(cursor) = cursor.filter(|c| !c.is_empty()) {
             query.push(("cursor", cursor.to_owned()));
         }
-        let reply = self.send(&mut call, "list", |c| c.get(&url).query(&query))?;
+        let reply = self.send(&mut call, "list", MAX_ANSWER_BYTES, |c| c.get(&url).query(&query))?;
         if !reply.is_enveloped_success() {
             return Err(self.failure("list", &reply));
         }
