@@ -412,20 +412,20 @@ fn a_hundred_values_none_of_them_text_are_each_read_in_order() {
     assert!(spent <= 130 * 3 / 2, "{spent} requests for 130 keys");
 }
 
-/// Values too long together for one answer (40 of 500 KiB: 20 MiB of JSON,
-/// past the 16 MiB the client reads of any answer but a value's): the bulk
+/// Values too long together for one answer (40 of 1 MiB: 40 MiB of JSON,
+/// past the 30 MiB the client reads of any answer but a value's): the bulk
 /// read is halved, and every value comes back, in order.
 #[test]
 fn a_bulk_read_whose_values_make_too_long_an_answer_is_halved_and_reads_them_all() {
     let emulator = CloudflareEmulator::start();
     let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
     let keys: Vec<String> = (0..40).map(|n| format!("long{n:02}")).collect();
-    let value_of = |n: usize| format!("{n:02}").repeat(250 * 1024).into_bytes();
+    let value_of = |n: usize| format!("{n:02}").repeat(512 * 1024).into_bytes();
     for (n, key) in keys.iter().enumerate() {
         kv.put(key, &value_of(n), None).unwrap();
     }
     let before = emulator.requests();
-    let values = kv.get_many(&keys).expect("a bulk read of 20 MiB of values");
+    let values = kv.get_many(&keys).expect("a bulk read of 40 MiB of values");
     let spent = emulator.requests() - before;
     for (n, value) in values.iter().enumerate() {
         assert!(value.as_deref() == Some(value_of(n).as_slice()), "value {n}");
@@ -482,7 +482,7 @@ fn an_endless_answer_is_read_no_further_than_the_longest_the_request_can_get() {
     }
     match kv.list("", 10, None) {
         Err(StoreError::Backend { message, .. }) => {
-            assert!(message.contains("longer than 16777216 bytes"), "{message}");
+            assert!(message.contains("longer than 31768576 bytes"), "{message}");
         }
         other => panic!("expected Backend for an answer declared a gigabyte long, got {other:?}"),
     }

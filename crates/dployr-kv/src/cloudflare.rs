@@ -75,9 +75,9 @@
 //! Cloudflare error) is read and deleted key by key; where it says so
 //! itself (405, 7000) the client does not ask it again. No answer is read
 //! past the longest its request can get (a value's GET: 25 MiB, the value
-//! limit; any other: 16 MiB, above the longest list): a longer one, a
-//! proxy's or a wrong base URL's, is `Backend` at once, not retried, and
-//! holds no more memory than that. A bulk read whose values are together
+//! limit; any other: 30 MiB, above the longest list or bulk delete): a
+//! longer one, a proxy's or a wrong base URL's, is `Backend` at once, not
+//! retried, and holds no more memory than that. A bulk read whose values are together
 //! too long for that is halved until they fit, down to a `get` per key.
 //!
 //! **Runtimes.** The HTTP client is `reqwest`'s async one, driven by a
@@ -96,8 +96,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dployr_domain::{
-    KvBackend, KvLimits, KvPage, MAX_COUNTER, MAX_VALUE_BYTES, StoreError, StoreResult, counter_at_its_largest,
-    not_a_counter, parse_counter,
+    KvBackend, KvLimits, KvPage, MAX_COUNTER, MAX_KEY_BYTES, MAX_VALUE_BYTES, StoreError, StoreResult,
+    counter_at_its_largest, not_a_counter, parse_counter,
 };
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use rand::Rng as _;
@@ -149,11 +149,13 @@ const INVALID_CURSOR: u32 = 10007;
 const DAILY_LIMIT: u32 = 10048;
 
 /// The longest answer read to any request but a value's GET (which may be
-/// as long as a value, [`MAX_VALUE_BYTES`]): a list of 1 000 keys of 512
-/// bytes with 1 024 bytes of metadata each, every byte escaped as JSON's
-/// `\u00XX`, is about 9 MiB. A bulk read whose values make a longer answer
-/// is halved (see `read_in_bulk`).
-const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+/// as long as a value, [`MAX_VALUE_BYTES`]): a bulk delete's list of the
+/// keys it did not delete, 10 000 of 512 bytes, each byte a control
+/// character that JSON spells `\u00XX` (6 bytes), and a megabyte for the
+/// rest, about 30 MiB; a list of 1 000 keys with 1 024 bytes of metadata
+/// each is at most 9 MiB. A bulk read whose values make a longer answer is
+/// halved (see `read_in_bulk`).
+const MAX_ANSWER_BYTES: usize = BULK_DELETE_KEYS * MAX_KEY_BYTES * 6 + 1024 * 1024;
 
 /// The most keys one bulk read takes ("maximum of 100").
 const BULK_GET_KEYS: usize = 100;
