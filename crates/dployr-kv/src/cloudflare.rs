@@ -1254,10 +1254,21 @@ impl CloudflareKv {
                 self.read_key_by_key(call, chunk, values)?;
                 return Ok(false);
             }
-            // Values too long together for one answer: halved down to one
-            // key, which is read as `get` reads it.
-            Err(_) if call.cut_off && chunk.len() > 1 => {
-                call.cut_off = false;
+            Err(error) => {
+                // Halved: a chunk with a value Cloudflare cannot send as
+                // text (a 400), down to a few keys; one whose values are
+                // too long together for one answer, down to one key. What
+                // is left is read as `get` reads it.
+                let too_long = std::mem::take(&mut call.cut_off);
+                let not_text = matches!(error, StoreError::Invalid { field: "request", .. });
+                if !too_long && !not_text {
+                    return Err(error);
+                }
+                let key_by_key_up_to = if too_long { 1 } else { BISECT_DOWN_TO };
+                if chunk.len() <= key_by_key_up_to {
+                    self.read_key_by_key(call, chunk, values)?;
+                    return Ok(true);
+                }
                 let (first, second) = chunk.split_at(chunk.len() / 2);
                 if self.read_in_bulk(call, first, values)? {
                     return self.read_in_bulk(call, second, values);
@@ -1265,24 +1276,6 @@ impl CloudflareKv {
                 self.read_key_by_key(call, second, values)?;
                 return Ok(false);
             }
-            Err(_) if call.cut_off => {
-                call.cut_off = false;
-                self.read_key_by_key(call, chunk, values)?;
-                return Ok(true);
-            }
-            Err(StoreError::Invalid { field: "request", .. }) if chunk.len() <= BISECT_DOWN_TO => {
-                self.read_key_by_key(call, chunk, values)?;
-                return Ok(true);
-            }
-            Err(StoreError::Invalid { field: "request", .. }) => {
-                let (first, second) = chunk.split_at(chunk.len() / 2);
-                if self.read_in_bulk(call, first, values)? {
-                    return self.read_in_bulk(call, second, values);
-                }
-                self.read_key_by_key(call, second, values)?;
-                return Ok(false);
-            }
-            Err(error) => return Err(error),
         };
         let found: BulkValues = serde_json::from_value(envelope.result.unwrap_or_default())
             .map_err(|e| StoreError::backend("Cloudflare KV get_many: unreadable values", e))?;
