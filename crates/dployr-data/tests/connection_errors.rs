@@ -81,6 +81,11 @@ fn malformed_urls() -> Vec<String> {
         // read as the second host's port, on a line after the first host's.
         format!("host=127.0.0.1,127.0.0.1 password=Head port={port},{p}"),
         format!("postgres://app@127.0.0.1,127.0.0.1/app?password=Head&port={port},{p}"),
+        // A raw `/` in the password: libpq reads its head as a port, decoded
+        // (a `"` in it), or joins the hosts with `,` before it decodes them
+        // (found by a fuzzer of real libpq messages).
+        format!("postgres://app:%22{p}/@127.0.0.1:{port}/app"),
+        format!("postgres://app:1,{p}%zz/@127.0.0.1:{port}/app"),
         // A piece libpq echoes decoded: the port "AppPw-9xQ!x", the host "ss!".
         format!("postgres://app:{p}%21x/x@127.0.0.1:{port}/app"),
         format!("postgres://app:p@ss%21{p}/word@127.0.0.1:{port}/app"),

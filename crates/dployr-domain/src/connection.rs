@@ -265,7 +265,12 @@ fn kind_of(message: &str) -> ConnectFailureKind {
 /// libpq writes a line per host it tried) saying libpq could not parse the
 /// string, every fragment of it that it quotes but an option's name (a
 /// password written without its quotes, `password=two words`, is read as
-/// an option named `words`).
+/// an option named `words`). A fragment whose parts between `,` one is a
+/// secret's goes too (libpq joins a URL's hosts before it decodes them),
+/// and so does, in a URL whose password holds a raw `/`, the port libpq
+/// reads from the password's head where it prints it (`port 12`,
+/// `.s.PGSQL.12`). A secret shorter than 4 bytes is replaced only as a word
+/// of its own, not inside a host name or another word.
 ///
 /// ```
 /// use dployr_domain::connection::redact;
@@ -325,6 +330,16 @@ pub fn redact(text: &str, conninfo: &str) -> String {
     } else {
         redact_quoted(text, conninfo, &ranges, &secrets, unparsed_at)
     };
+    // A raw `/` in a URL's password: libpq reads no user info then, and the
+    // password's head as a port, which it prints without quotes ("port
+    // 1234", ".s.PGSQL.1234"), where no quoted fragment's rule reaches.
+    // Replaced in those two spellings only (a short number alone is in
+    // every message), and kept out of the fragments' rules, where "port"
+    // would become a piece of a secret.
+    for port in ports_read_from_user_info(conninfo) {
+        secrets.push(format!("port {port}"));
+        secrets.push(format!(".s.PGSQL.{port}"));
+    }
     replace_secrets(&quoted, &secrets)
 }
 
@@ -360,33 +375,64 @@ fn unparsed(message: &str) -> bool {
             && !message.contains("could not translate host name"))
 }
 
+/// Secrets shorter than this are replaced only where they stand as a word
+/// of their own, between spaces, quotes or commas: replaced inside other
+/// words, a password `1` turned
+/// `"127.0.0.1"` into `"<redacted>27.0.0.<redacted>"`, which hid the host
+/// and showed the password by where it was cut.
+const MIN_SECRET_REPLACED_INSIDE_WORDS: usize = 4;
+
 /// `text` with each occurrence of a secret (the longest first, where two
-/// start at one place) replaced by [`REDACTED`], in one pass: a short
-/// secret (`a`) is never looked for inside a [`REDACTED`], whether put in
-/// here or by the quoted fragments before. Linear in the text and the
-/// secrets (Aho-Corasick), however long or many they are.
+/// start at one place) replaced by [`REDACTED`]; one shorter than
+/// [`MIN_SECRET_REPLACED_INSIDE_WORDS`] only as a word of its own, in a
+/// second pass. A short secret (`a`) is never looked for
+/// inside a [`REDACTED`], whether put in here or by the quoted fragments
+/// before. Linear in the text and the secrets (Aho-Corasick), however long
+/// or many they are.
 fn replace_secrets(text: &str, secrets: &[String]) -> String {
-    let patterns = std::iter::once(REDACTED).chain(secrets.iter().map(String::as_str));
+    let (long, short): (Vec<&String>, Vec<&String>) =
+        secrets.iter().partition(|secret| secret.len() >= MIN_SECRET_REPLACED_INSIDE_WORDS);
+    let Some(text) = replace_each(text, &long, |_, _| true) else { return REDACTED.to_owned() };
+    let part_of_a_word = |c: char| !c.is_whitespace() && !matches!(c, '"' | '\'' | ',' | ';');
+    let alone = |before: Option<char>, after: Option<char>| {
+        !before.is_some_and(part_of_a_word) && !after.is_some_and(part_of_a_word)
+    };
+    replace_each(&text, &short, alone).unwrap_or_else(|| REDACTED.to_owned())
+}
+
+/// `text` with each occurrence of one of `secrets` for which `replace`
+/// (given the characters just before and after it) says so replaced by
+/// [`REDACTED`], leftmost-longest, [`REDACTED`] itself never searched
+/// inside; `None` past the automaton's own size limit (secrets of hundreds
+/// of megabytes), where the caller shows nothing rather than a secret.
+fn replace_each(
+    text: &str,
+    secrets: &[&String],
+    replace: impl Fn(Option<char>, Option<char>) -> bool,
+) -> Option<String> {
+    if secrets.is_empty() {
+        return Some(text.to_owned());
+    }
+    let patterns = std::iter::once(REDACTED).chain(secrets.iter().map(|secret| secret.as_str()));
     // A contiguous NFA, not the DFA the builder picks for a few patterns:
     // building that took 1.4 s for one 10 000-byte password of one letter
     // (5.6 s for 20 000); the NFA builds and searches in linear time.
-    let builder = AhoCorasick::builder()
+    let automaton = AhoCorasick::builder()
         .match_kind(MatchKind::LeftmostLongest)
         .kind(Some(AhoCorasickKind::ContiguousNFA))
-        .build(patterns);
-    match builder {
-        Ok(automaton) => {
-            let mut out = String::with_capacity(text.len());
-            automaton.replace_all_with(text, &mut out, |_, _, out| {
-                out.push_str(REDACTED);
-                true
-            });
-            out
+        .build(patterns)
+        .ok()?;
+    let mut out = String::with_capacity(text.len());
+    automaton.replace_all_with(text, &mut out, |found, matched, out| {
+        let (before, after) = (text[..found.start()].chars().next_back(), text[found.end()..].chars().next());
+        if found.pattern().as_usize() == 0 || replace(before, after) {
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(matched);
         }
-        // Past the automaton's own size limit (secrets of hundreds of
-        // megabytes): nothing of the message is shown rather than a secret.
-        Err(_) => REDACTED.to_owned(),
-    }
+        true
+    });
+    Some(out)
 }
 
 /// Replaces each `"..."` of `text` that overlaps a secret of `conninfo` (as
@@ -417,7 +463,7 @@ fn redact_quoted(
         }))
         .collect();
     let overlaps_a_secret = |at: usize, len: usize| secret_before[at + len] > secret_before[at];
-    let secret_fragment = |fragment: &str, unparsed: bool| {
+    let secret_piece = |fragment: &str, unparsed: bool| {
         fragment.contains('@')
             // A piece of a secret, raw or as libpq decodes it
             // (`postgres://app:Sec%21ret/x@...` echoes the port "Sec!ret").
@@ -426,11 +472,21 @@ fn redact_quoted(
             || (!fragment.is_empty()
                 && conninfo.match_indices(fragment).any(|(at, found)| overlaps_a_secret(at, found.len())))
     };
+    // libpq joins a URL's hosts with `,` (their ports dropped) before it
+    // decodes them, and echoes that: `u:1,Secret%zz/@` gives the token
+    // "u,Secret%zz". A fragment is secret if one of its parts is.
+    let secret_fragment = |fragment: &str, unparsed: bool| {
+        secret_piece(fragment, unparsed)
+            || (fragment.contains(',') && fragment.split(',').any(|part| secret_piece(part, unparsed)))
+    };
     // A fragment that spans a `"` is one only if it is the connection
-    // string's own text (a password with a quote), not two of libpq's
+    // string's own text (a password with a quote), raw or as libpq decodes
+    // it (`u:%22Secret/@` echoes the port ""Secret"), not two of libpq's
     // quotes and the words between them.
+    let decoded_conninfo = percent_decoded(conninfo);
     let secret = |fragment: &str, unparsed: bool| {
-        (!fragment.contains('"') || conninfo.contains(fragment)) && secret_fragment(fragment, unparsed)
+        (!fragment.contains('"') || conninfo.contains(fragment) || decoded_conninfo.contains(fragment))
+            && secret_fragment(fragment, unparsed)
     };
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -504,6 +560,38 @@ fn is_option_name(word: &str) -> bool {
         "load_balance_hosts",
     ];
     OPTIONS.contains(&word)
+}
+
+/// The ports libpq reads from a URL whose user info it cannot see: when a
+/// `/` comes before the first `@` (`postgres://app:12/34@db/app`), libpq
+/// takes `app:12` for a host and its port, so a password's head up to its
+/// `/` is printed as a port. Each port of the hosts before that `/`, raw
+/// and percent-decoded (libpq prints it decoded), when an `@` follows: a
+/// URL whose path or query holds an `@` has its ports hidden too, which
+/// costs only the port in its messages.
+fn ports_read_from_user_info(conninfo: &str) -> Vec<String> {
+    let lower = conninfo.trim_start().to_ascii_lowercase();
+    let Some(scheme) = ["postgresql:", "postgres:"].into_iter().find(|scheme| lower.starts_with(scheme)) else {
+        return Vec::new();
+    };
+    let body = conninfo.trim_start()[scheme.len()..].trim_start_matches('/');
+    let (Some(slash), Some(at)) = (body.find('/'), body.find('@')) else { return Vec::new() };
+    if slash > at {
+        return Vec::new();
+    }
+    let mut ports = Vec::new();
+    for host in body[..slash].split(',') {
+        if let Some((_, port)) = host.rsplit_once(':')
+            && !port.is_empty()
+        {
+            let decoded = percent_decoded(port);
+            if decoded != port {
+                ports.push(decoded);
+            }
+            ports.push(port.to_owned());
+        }
+    }
+    ports
 }
 
 /// The byte ranges of `conninfo` that may hold a password.
@@ -768,6 +856,56 @@ mod tests {
             redact("invalid connection option \"x\" near \"z\"", &conninfo),
             format!("invalid connection option \"{REDACTED}\"")
         );
+    }
+
+    #[test]
+    fn a_password_holding_a_raw_slash_is_redacted_where_libpq_prints_its_head_as_a_port() {
+        // Found by a fuzzer of real libpq 15 messages; each message is libpq's own.
+        for (conninfo, message, piece) in [
+            // A decoded `"` in the part read as the port.
+            ("postgres://u:%22Secret/@", r#"invalid integer value ""Secret" for connection option "port""#, "Secret"),
+            ("postgres://u:Se%22cret/x@h", r#"invalid integer value "Se"cret" for connection option "port""#, "cret"),
+            (
+                "postgres://u:p@a%22Secret/x@h/db",
+                r#"could not translate host name "a"Secret" to address: Name or service not known"#,
+                "Secret",
+            ),
+            // The head printed as a port, without quotes.
+            (
+                "postgres://127.0.0.1:1234/x@h",
+                r#"connection to server at "127.0.0.1", port 1234 failed: Connection refused"#,
+                "1234",
+            ),
+            (
+                "postgres://:+9876/x@h",
+                r#"connection to server on socket "/var/run/postgresql/.s.PGSQL.+9876" failed: No such file"#,
+                "9876",
+            ),
+            // The hosts joined with `,`, their ports dropped, before decoding.
+            ("postgres://u:1,Secret%zz/@", r#"invalid percent-encoded token: "u,Secret%zz""#, "Secret"),
+            ("postgres://u:p@Sec%zz:1,ret/@", r#"invalid percent-encoded token: "Sec%zz,ret""#, "Sec%zz"),
+        ] {
+            let redacted = redact(message, conninfo);
+            assert!(!redacted.contains(piece), "{conninfo}: {redacted}");
+            let failure = ConnectFailure::classify(message, conninfo).to_string();
+            assert!(!failure.contains(piece), "{conninfo}: {failure}");
+        }
+        // A URL whose user info libpq reads keeps its port in messages.
+        let message = r#"connection to server at "127.0.0.1", port 1234 failed: Connection refused"#;
+        assert_eq!(redact(message, "postgres://app:pw@127.0.0.1:1234/app"), message);
+    }
+
+    #[test]
+    fn a_password_of_a_few_characters_is_redacted_as_a_word_of_its_own_not_inside_others() {
+        let url = "postgres://app:1@127.0.0.1:1/app";
+        let message = r#"connection to server at "127.0.0.1", port 1 failed: Connection refused"#;
+        assert_eq!(
+            redact(message, url),
+            r#"connection to server at "127.0.0.1", port <redacted> failed: Connection refused"#
+        );
+        assert_eq!(redact("invalid percent-encoded token", "postgres://app:p@db/app"), "invalid percent-encoded token");
+        // From four bytes on, inside words too.
+        assert_eq!(redact("xxSec1yy", "postgres://app:Sec1@db/app"), "xx<redacted>yy");
     }
 
     #[test]
