@@ -354,6 +354,10 @@ pub fn redact(text: &str, conninfo: &str) -> String {
 const MAX_SEARCHED_MESSAGE_BYTES: usize = 4096;
 const MAX_SEARCHED_QUOTES: usize = 64;
 const MAX_SEARCHED_CONNINFO_BYTES: usize = 8192;
+/// The most `,`-separated parts of a quoted fragment told apart one by one
+/// (libpq quotes a URL's hosts joined with `,`); a fragment of more is
+/// redacted whole.
+const MAX_SEARCHED_PARTS: usize = 64;
 
 /// `text` with everything from its first `"` to its last replaced by
 /// [`REDACTED`].
@@ -475,9 +479,15 @@ fn redact_quoted(
     // libpq joins a URL's hosts with `,` (their ports dropped) before it
     // decodes them, and echoes that: `u:1,Secret%zz/@` gives the token
     // "u,Secret%zz". A fragment is secret if one of its parts is.
+    // Only a fragment without `"` (the nearest close), and one of more
+    // parts than a message of libpq joins goes whole: the search stays
+    // within its bounds.
     let secret_fragment = |fragment: &str, unparsed: bool| {
         secret_piece(fragment, unparsed)
-            || (fragment.contains(',') && fragment.split(',').any(|part| secret_piece(part, unparsed)))
+            || (!fragment.contains('"')
+                && fragment.contains(',')
+                && (fragment.split(',').nth(MAX_SEARCHED_PARTS).is_some()
+                    || fragment.split(',').any(|part| secret_piece(part, unparsed))))
     };
     // A fragment that spans a `"` is one only if it is the connection
     // string's own text (a password with a quote), raw or as libpq decodes
