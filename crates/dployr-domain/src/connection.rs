@@ -23,6 +23,7 @@ use std::fmt;
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 
 use crate::StoreError;
+use crate::libpq::LibpqUrl;
 
 /// What stands in for a secret in a message.
 pub const REDACTED: &str = "<redacted>";
@@ -314,8 +315,8 @@ pub fn redact(text: &str, conninfo: &str) -> String {
     let unparsed_at = |offset: usize| {
         unparsed_lines.iter().rev().find(|(start, _)| *start <= offset).is_some_and(|&(_, unparsed)| unparsed)
     };
-    // Longest first, so a secret that contains another goes whole.
-    secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    // Each once (the replacement takes the longest at each place itself).
+    secrets.sort_unstable();
     secrets.dedup();
     // Quoted fragments first, on libpq's own text: a short secret (the
     // `p` of `app:p@ss...` read up to the first `@`) replaced first would
@@ -381,17 +382,16 @@ fn unparsed(message: &str) -> bool {
 
 /// Secrets shorter than this are replaced only where they stand as a word
 /// of their own, between spaces, quotes or commas: replaced inside other
-/// words, a password `1` turned
-/// `"127.0.0.1"` into `"<redacted>27.0.0.<redacted>"`, which hid the host
-/// and showed the password by where it was cut.
+/// words, a password `1` turned `"127.0.0.1"` into
+/// `"<redacted>27.0.0.<redacted>"`, which hid the host and showed the
+/// password by where it was cut.
 const MIN_SECRET_REPLACED_INSIDE_WORDS: usize = 4;
 
 /// `text` with each occurrence of a secret (the longest first, where two
 /// start at one place) replaced by [`REDACTED`]; one shorter than
 /// [`MIN_SECRET_REPLACED_INSIDE_WORDS`] only as a word of its own, in a
-/// second pass. A short secret (`a`) is never looked for
-/// inside a [`REDACTED`], whether put in here or by the quoted fragments
-/// before. Linear in the text and the secrets (Aho-Corasick), however long
+/// second pass. A short secret (`a`) is never looked for inside a
+/// [`REDACTED`], whether put in here or by the quoted fragments before. Linear in the text and the secrets (Aho-Corasick), however long
 /// or many they are.
 fn replace_secrets(text: &str, secrets: &[String]) -> String {
     let (long, short): (Vec<&String>, Vec<&String>) =
@@ -443,9 +443,9 @@ fn replace_each(
 /// one of its occurrences there), is a piece of one of `secrets`, or holds
 /// an `@`, or, on a line of libpq's refusal of a string it could not parse
 /// (`unparsed_at` the fragment's offset in `text`), that occurs in
-/// `conninfo` at all and is not an option's name. A fragment may hold `"` itself (a password with
-/// one): from each opening quote, the farthest closing quote that makes
-/// such a fragment is taken, else the nearest.
+/// `conninfo` at all and is not an option's name. A fragment may hold `"`
+/// itself (a password with one): from each opening quote, the farthest
+/// closing quote that makes such a fragment is taken, else the nearest.
 fn redact_quoted(
     text: &str,
     conninfo: &str,
@@ -575,31 +575,25 @@ fn is_option_name(word: &str) -> bool {
 /// The ports libpq reads from a URL whose user info it cannot see: when a
 /// `/` comes before the first `@` (`postgres://app:12/34@db/app`), libpq
 /// takes `app:12` for a host and its port, so a password's head up to its
-/// `/` is printed as a port. Each port of the hosts before that `/`, raw
-/// and percent-decoded (libpq prints it decoded), when an `@` follows: a
-/// URL whose path or query holds an `@` has its ports hidden too, which
-/// costs only the port in its messages.
+/// `/` is printed as a port. The ports of the hosts as libpq reads them
+/// ([`LibpqUrl`]), raw and percent-decoded (libpq prints them decoded),
+/// when an `@` follows: a URL whose path or query holds an `@` has its
+/// ports hidden too, which costs only the port in its messages.
 fn ports_read_from_user_info(conninfo: &str) -> Vec<String> {
-    let lower = conninfo.trim_start().to_ascii_lowercase();
-    let Some(scheme) = ["postgresql:", "postgres:"].into_iter().find(|scheme| lower.starts_with(scheme)) else {
+    let conninfo = conninfo.trim_start();
+    let Some(rest) = conninfo.strip_prefix("postgresql://").or_else(|| conninfo.strip_prefix("postgres://")) else {
         return Vec::new();
     };
-    let body = conninfo.trim_start()[scheme.len()..].trim_start_matches('/');
-    let (Some(slash), Some(at)) = (body.find('/'), body.find('@')) else { return Vec::new() };
-    if slash > at {
-        return Vec::new();
-    }
+    // As libpq looks for the user info: an `@` before the first `/`.
+    let user_info_unseen = rest.find(['@', '/']).is_some_and(|at| rest[at..].starts_with('/')) && rest.contains('@');
+    let Some(url) = LibpqUrl::parse(conninfo).filter(|_| user_info_unseen) else { return Vec::new() };
     let mut ports = Vec::new();
-    for host in body[..slash].split(',') {
-        if let Some((_, port)) = host.rsplit_once(':')
-            && !port.is_empty()
-        {
-            let decoded = percent_decoded(port);
-            if decoded != port {
-                ports.push(decoded);
-            }
-            ports.push(port.to_owned());
+    for port in url.host_ports.into_iter().filter(|port| !port.is_empty()) {
+        let decoded = percent_decoded(port);
+        if decoded != port {
+            ports.push(decoded);
         }
+        ports.push(port.to_owned());
     }
     ports
 }

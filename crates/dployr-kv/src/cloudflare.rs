@@ -77,8 +77,9 @@
 //! past the longest its request can get (a value's GET: 25 MiB, the value
 //! limit; any other: 30 MiB, above the longest list or bulk delete): a
 //! longer one, a proxy's or a wrong base URL's, is `Backend` at once, not
-//! retried, and holds no more memory than that. A bulk read whose values are together
-//! too long for that is halved until they fit, down to a `get` per key.
+//! retried, and holds no more memory than that. A bulk read whose values
+//! are together too long for that is halved until they fit, down to a
+//! `get` per key.
 //!
 //! **Runtimes.** The HTTP client is `reqwest`'s async one, driven by a
 //! private tokio runtime that is created, run and dropped on a thread of its
