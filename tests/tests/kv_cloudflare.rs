@@ -967,6 +967,42 @@ async fn a_sign_out_right_after_a_sign_out_everywhere_sends_no_second_delete() {
     }
 }
 
+/// The same for `KvStore`: a sign-out everywhere, then the request's own
+/// sign-out (`delete_session`), sends no second delete of a session the
+/// backend confirmed gone less than a second ago. Sent, it was refused
+/// (Cloudflare's one write per second per key) and waited a second.
+#[test]
+fn a_kv_store_sign_out_right_after_a_sign_out_everywhere_sends_no_second_delete() {
+    for listed in [true, false] {
+        let cf = if listed { cloudflare() } else { cloudflare_with_stale_reads() };
+        cf.emulator.limit_writes_per_key(true);
+        let store = KvStore::new(cf.kv.clone()).with_clock(cf.clock.clone());
+        let (user, id) = (sample_user(7), SessionId::generate());
+        store.create_session(&id, &user, vec![]).unwrap();
+        cf.advance(Duration::from_secs(2));
+        assert_eq!(store.delete_user_sessions(&user.id).unwrap(), 1, "listed {listed}");
+        let before = cf.kv.request_counts();
+        store.delete_session(&id).unwrap();
+        assert_eq!(cf.kv.request_counts(), before, "listed {listed}: a second delete was sent");
+        assert_eq!(store.get_session(&id).unwrap(), None);
+        // A second later, a sign-out is sent again (another process may
+        // have written the session back meanwhile).
+        cf.advance(Duration::from_secs(2));
+        let before = cf.kv.request_counts();
+        store.delete_session(&id).unwrap();
+        let after = cf.kv.request_counts();
+        assert_eq!((after.requests - before.requests, after.throttled), (1, before.throttled), "listed {listed}");
+        // Created again under the same id right after that delete: its
+        // sign-out is sent, however soon (writes unthrottled for this).
+        cf.emulator.limit_writes_per_key(false);
+        store.create_session(&id, &user, vec![]).unwrap();
+        let before = cf.kv.request_counts();
+        store.delete_session(&id).unwrap();
+        assert_eq!(cf.kv.request_counts().requests - before.requests, 1, "listed {listed}");
+        assert_eq!(store.get_session(&id).unwrap(), None);
+    }
+}
+
 #[tokio::test]
 async fn a_session_saved_twice_loads_its_second_version_despite_stale_reads() {
     let cf = cloudflare_with_stale_reads();

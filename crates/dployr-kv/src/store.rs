@@ -28,6 +28,10 @@
 //! write per second per key). So a store may keep sessions on one backend
 //! and the one-time records on another ([`KvStore::with_backends`]); the
 //! data layer puts them on PostgreSQL when sessions are on Cloudflare.
+//! Put there all the same, they also fail the other way while reads are
+//! stale: a code or state just written reads as missing, so the right code
+//! is refused (and a state found invalid) until the write shows, up to 60 s
+//! "or more"; a new code issued after a lockout likewise.
 //!
 //! **Sign-out everywhere.** Each session is also recorded in a per-user
 //! index in the session backend ([`UserSessionIndex`]), so
@@ -115,6 +119,14 @@ pub const DELETED_SESSION_MEMORY: Duration = Duration::from_secs(90);
 /// under an id this process deleted lately is answered for
 /// [`DELETED_SESSION_MEMORY`], as long as the deletion was to be kept.
 pub const CREATED_SESSION_MEMORY: Duration = Duration::from_secs(60);
+
+/// How long after a delete the backend confirmed a sign-out of the same
+/// session is not sent again, on a backend whose reads may be stale:
+/// Cloudflare takes one write per second per key, and a sign-out everywhere
+/// followed by the sign-out of the request's own session was refused (429)
+/// and waited a second, or failed, for a session that was gone (as
+/// `dployr-tower-sessions` does for its records).
+const DELETE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// What a store did lately to a session key, on a backend whose reads may
 /// be stale.
@@ -340,6 +352,10 @@ pub struct KvStore {
     /// for a session backend whose reads may be stale: on one that reads
     /// its own writes, nothing to remember and no lock on the read path.
     recent_sessions: Option<Arc<RecentWrites<SessionWrite>>>,
+    /// The session keys whose delete the backend confirmed within the last
+    /// [`DELETE_AGAIN_AFTER`], where reads may be stale (as
+    /// `recent_sessions`).
+    deleted_lately: Option<Arc<RecentWrites<()>>>,
     /// Which sessions each user has, on the session backend.
     user_sessions: UserSessionIndex,
     /// Where "now" comes from: a session's times, and how long this
@@ -357,12 +373,14 @@ impl KvStore {
     /// A store with everything on `kv` and the default TTLs.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
         let recent_sessions = Self::session_memory(kv.as_ref());
+        let deleted_lately = recent_sessions.is_some().then(Arc::default);
         let user_sessions = UserSessionIndex::new(Arc::clone(&kv), USER_SESSIONS_PREFIX);
         Self {
             one_time: Arc::clone(&kv),
             kv,
             config: KvStoreConfig::default(),
             recent_sessions,
+            deleted_lately,
             user_sessions,
             clock: Arc::new(SystemClock),
         }
@@ -424,8 +442,17 @@ impl KvStore {
             return Err(StoreError::invalid("otp_max_attempts", "must be at least 1"));
         }
         let recent_sessions = Self::session_memory(sessions.as_ref());
+        let deleted_lately = recent_sessions.is_some().then(Arc::default);
         let user_sessions = UserSessionIndex::new(Arc::clone(&sessions), USER_SESSIONS_PREFIX);
-        Ok(Self { kv: sessions, one_time, config, recent_sessions, user_sessions, clock: Arc::new(SystemClock) })
+        Ok(Self {
+            kv: sessions,
+            one_time,
+            config,
+            recent_sessions,
+            deleted_lately,
+            user_sessions,
+            clock: Arc::new(SystemClock),
+        })
     }
 
     /// Reads the time from `clock` instead of the system's: when a session
@@ -437,6 +464,7 @@ impl KvStore {
     pub fn with_clock(mut self, clock: impl Clock + 'static) -> Self {
         self.clock = Arc::new(clock);
         self.recent_sessions = Self::session_memory(self.kv.as_ref());
+        self.deleted_lately = self.recent_sessions.is_some().then(Arc::default);
         self
     }
 
@@ -495,6 +523,23 @@ impl KvStore {
         memory.remember_unless(key, SessionWrite::Deleted, self.clock.monotonic(), DELETED_SESSION_MEMORY, |written| {
             matches!(written, SessionWrite::Created { .. })
         });
+    }
+
+    /// Notes that the backend confirmed the delete of the session under
+    /// `key` just now.
+    fn confirmed_deleted(&self, key: &str) {
+        if let Some(lately) = &self.deleted_lately {
+            lately.remember(key, (), self.clock.monotonic(), DELETE_AGAIN_AFTER);
+        }
+    }
+
+    /// Whether this process deleted the session under `key`, confirmed by
+    /// the backend, within the last [`DELETE_AGAIN_AFTER`], and has not
+    /// created it again since: a delete sent again would only wait for the
+    /// backend's per-key write limit.
+    fn deleted_lately(&self, key: &str) -> bool {
+        self.deleted_lately.as_ref().is_some_and(|lately| lately.get(key, self.clock.monotonic()).is_some())
+            && matches!(self.recent(key), Some(SessionWrite::Deleted))
     }
 
     /// Notes that a read of the backend showed the session this process
@@ -678,6 +723,15 @@ impl KvStore {
     /// [`delete_user_sessions`](Self::delete_user_sessions) delete a key
     /// that is already gone.
     ///
+    /// On a backend whose reads may be stale (Cloudflare), a session this
+    /// process deleted, confirmed by the backend, less than a second ago,
+    /// and has not created again since, is not deleted again: the request
+    /// would only wait for Cloudflare's limit of one write per second per
+    /// key (a sign-out everywhere followed by the request's own sign-out).
+    /// A session another process created under the same id within that
+    /// second would stay; ids are random secrets
+    /// ([`SessionId::generate`]).
+    ///
     /// # Errors
     /// Backend errors.
     pub fn delete_session(&self, session_id: &SessionId) -> StoreResult<()> {
@@ -687,9 +741,15 @@ impl KvStore {
             return Ok(());
         }
         let key = Self::session_key(session_id);
+        if self.deleted_lately(&key) {
+            return Ok(());
+        }
         self.remember(&key, SessionWrite::Deleted);
         let deleted = self.kv.delete(&key);
         self.deleted_now(&key);
+        if deleted.is_ok() {
+            self.confirmed_deleted(&key);
+        }
         deleted
     }
 
@@ -862,6 +922,9 @@ impl KvStore {
             self.deleted_now(key);
         }
         deleted?;
+        for key in &sessions {
+            self.confirmed_deleted(key);
+        }
         let entries: Vec<String> =
             sessions.iter().map(|key| self.user_sessions.entry_key(&user.to_string(), key)).collect();
         self.kv.delete_many(&entries)?;
@@ -880,6 +943,7 @@ impl KvStore {
             Ok(self.kv.take(key)?.is_some())
         } else {
             self.kv.delete(key)?;
+            self.confirmed_deleted(key);
             Ok(true)
         }
     }
