@@ -373,7 +373,8 @@ impl DataLayer {
                     tracing::warn!(
                         "{KV_ONE_TIME_VAR}=cloudflare: OAuth states and one-time codes are on Cloudflare Workers KV, \
                          which does not enforce single use or the attempt limit (reads up to 60 s stale, no atomic \
-                         operations); use postgres unless you accept that"
+                         operations), and may refuse a right code or a valid state while its write is not seen yet; \
+                         use postgres unless you accept that"
                     );
                 });
                 (Arc::clone(&sessions.0), "cloudflare")

@@ -71,6 +71,9 @@ pub struct ClusterPatch {
     /// The desired non-owner membership: role -> users. A user listed under
     /// several roles gets the highest; members not listed (except the owner)
     /// are removed; `Role::Owner` here is invalid (use `transfer_ownership`).
+    /// Those removed keep their accounts, invitees who never signed in
+    /// included: unlike [`ClusterStore::remove_users`], an update deletes no
+    /// user (remove invitees with `remove_users` to have theirs deleted).
     pub roles: Option<BTreeMap<Role, Vec<UserId>>>,
 }
 
