@@ -11,7 +11,10 @@ use dployr_domain::{ClusterId, ClusterStore as _, KvBackend, StoreError, StoreRe
 use dployr_kv::CloudflareKv;
 use dployr_kv::{KvStore, MemoryKv, PgKv, Purger};
 use dployr_migrate::{MigrationEvent, MigrationRunner, MigrationSet};
-use dployr_pg::{PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, ReplicaSet};
+use dployr_pg::{
+    IdentityMismatch, PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, ReplicaSet,
+    ServerIdentity,
+};
 
 use dployr_migrate::MigrateError;
 
@@ -134,6 +137,47 @@ fn start_purger(kv: &PgKv, every: Duration) -> StoreResult<Purger> {
         StoreError::Invalid { reason, .. } => StoreError::Configuration { setting: KV_PURGE_EVERY_VAR, reason },
         other => other,
     })
+}
+
+/// Refuses a migration URL of its own (`DPLOYR_MIGRATE_DATABASE_URL`) that
+/// is malformed or reaches another database than `DATABASE_URL`: one
+/// naming another (a typo, a pooler's alias mapped elsewhere) would be
+/// migrated instead, `health()` would read the migrations there and call
+/// them up to date, and every store call would fail. With migrations on,
+/// one that cannot be reached fails the start as the migrations would;
+/// with them off, it is only `health()`'s, so the start goes on with a
+/// warning and `health()` reports it in `migrations.error`. One connection
+/// of the runner's (one or two statements) and one or two statements on
+/// the pool.
+fn check_migration_database(pool: &PgPool, runner: &MigrationRunner, migrate_on_start: bool) -> StoreResult<()> {
+    let identity = runner.connection().map_err(|e| migrate_error(e, MIGRATE_DATABASE_URL_VAR)).and_then(|mut conn| {
+        ServerIdentity::of(&mut conn).map_err(|e| {
+            StoreError::unavailable(format!("reading the identity of {MIGRATE_DATABASE_URL_VAR}'s database"), e)
+        })
+    });
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(StoreError::Unavailable { reason, .. }) if !migrate_on_start => {
+            tracing::warn!(
+                target: "dployr.migrate",
+                "{MIGRATE_DATABASE_URL_VAR} not checked at start (migrations are off; health() reports it): {reason}"
+            );
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    };
+    let reason = match identity.mismatch(&pool.server_identity()?) {
+        None => return Ok(()),
+        Some(IdentityMismatch::Database { this, other }) => format!(
+            "reaches database {this:?} while {DATABASE_URL_VAR} reaches {other:?}: migrations would go to another \
+             database than the stores use"
+        ),
+        Some(IdentityMismatch::Server { this, other }) => format!(
+            "reaches a database of another server (system identifier {this}) than {DATABASE_URL_VAR} \
+             (system identifier {other}): migrations would go to another database than the stores use"
+        ),
+    };
+    Err(StoreError::Configuration { setting: MIGRATE_DATABASE_URL_VAR, reason: reason.into() })
 }
 
 /// A migration error as the shared error: connection failures classified
@@ -274,6 +318,9 @@ impl DataLayer {
     /// change behind a transaction pooler; [`StoreError::Unavailable`] naming
     /// the URL's variable when the server refused the connection, could not
     /// be reached or did not answer in time; [`StoreError::Configuration`]
+    /// naming `DPLOYR_MIGRATE_DATABASE_URL` when that URL reaches another
+    /// database than `DATABASE_URL` (checked with migrations off too, before
+    /// anything is migrated); [`StoreError::Configuration`]
     /// for settings the backends refuse; [`StoreError::Backend`] when a
     /// migration fails (its message names the migration). No message, and
     /// no error in a `source()` chain, holds a password.
@@ -385,13 +432,16 @@ impl DataLayer {
             .map_err(|error| kv_setting_error(error, Some((sessions.1, one_time.1)), one_time_chosen_by))?;
         let (kv_backend, one_time_kv_backend) = (sessions.1, one_time.1);
 
+        let migrations = MigrationSet::embedded()
+            .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
+        let mut runner =
+            MigrationRunner::new(&migration_url, migrations).with_table_lock_timeout(config.migrate_lock_timeout);
+        if config.migrate_database_url.is_some() {
+            check_migration_database(&pool, &runner, config.migrate_on_start)?;
+        }
         let applied_on_open = if config.migrate_on_start {
             let setting =
                 if config.migrate_database_url.is_some() { MIGRATE_DATABASE_URL_VAR } else { DATABASE_URL_VAR };
-            let migrations = MigrationSet::embedded()
-                .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
-            let mut runner =
-                MigrationRunner::new(&migration_url, migrations).with_table_lock_timeout(config.migrate_lock_timeout);
             // Opted into: a newer release's migrations (a rolling deploy, a
             // rollback of the code) leave this release nothing to apply: it
             // starts, and says so; health() reports them as `migrations.newer`.

@@ -366,3 +366,67 @@ fn a_refused_key_value_setting_leaves_an_empty_database_unmigrated() {
         assert_eq!(tables, 0, "{variable}: migrated before the setting was refused");
     }
 }
+
+/// Whether `db` holds none of the data layer's tables.
+fn unmigrated(db: &dployr_testkit::TestDatabase) -> bool {
+    use diesel::RunQueryDsl as _;
+    diesel::sql_query("SELECT 1 FROM pg_tables WHERE schemaname = 'public' AND tablename IN ('users', '_migrations')")
+        .execute(&mut db.connect())
+        .unwrap()
+        == 0
+}
+
+/// A migration URL naming another database than `DATABASE_URL` (a typo, a
+/// pooler's alias mapped elsewhere) is refused before anything is migrated,
+/// with migrations on or off. It used to migrate the other database, report
+/// it up to date in `health()`, and leave every store call failing
+/// (`relation "users" does not exist`).
+#[test]
+fn a_migration_url_that_reaches_another_database_is_refused_before_anything_is_migrated() {
+    let (stores, other) = (dployr_testkit::empty_database(), dployr_testkit::empty_database());
+    for migrate_on_start in [true, false] {
+        let mut config =
+            Config::new(stores.url()).with_kv(KvBackendConfig::Memory).with_migrate_database_url(other.url());
+        config.migrate_on_start = migrate_on_start;
+        let error = DataLayer::open(config).unwrap_err();
+        assert_eq!(setting_of(&error), "DPLOYR_MIGRATE_DATABASE_URL", "{error}");
+        let message = error.to_string();
+        assert!(message.contains(other.name()) && message.contains(stores.name()), "{message}");
+        assert!(unmigrated(&stores) && unmigrated(&other), "migrated on start: {migrate_on_start}");
+    }
+}
+
+/// The same database reached by another URL (another host spelling, other
+/// parameters) is the stores' database: it opens and migrates it.
+#[test]
+fn a_migration_url_that_reaches_the_same_database_another_way_migrates_it() {
+    let db = dployr_testkit::empty_database();
+    let url = db.url().replace("127.0.0.1", "localhost");
+    let other_spelling = format!("{url}{}application_name=dployr-migrate", if url.contains('?') { '&' } else { '?' });
+    assert_ne!(other_spelling, db.url());
+    let data = DataLayer::open(Config::new(db.url()).with_migrate_database_url(other_spelling)).unwrap();
+    assert!(!data.applied_on_open().is_empty());
+    assert!(data.health().migrations.up_to_date);
+}
+
+/// A malformed migration URL is a configuration error naming its variable
+/// with migrations off too (it was accepted, and only `health()` said so).
+/// One that cannot be reached then only costs a warning: it is
+/// `health()`'s alone, which reports it.
+#[test]
+fn with_migrations_off_a_malformed_migration_url_is_refused_and_an_unreachable_one_is_left_to_health() {
+    let db = dployr_testkit::database();
+    let malformed = Config::new(db.url()).with_migrate_database_url("garbage").without_migrations_on_start();
+    let error = DataLayer::open(malformed).unwrap_err();
+    assert_eq!(setting_of(&error), "DPLOYR_MIGRATE_DATABASE_URL", "{error}");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let unreachable = Config::new(db.url())
+        .with_migrate_database_url(format!("postgres://app:hunter2@127.0.0.1:{port}/dployr"))
+        .without_migrations_on_start();
+    let data = DataLayer::open(unreachable).unwrap();
+    let health = data.health();
+    assert!(!health.migrations.up_to_date, "{health:?}");
+    assert!(health.migrations.error.is_some_and(|error| !error.contains("hunter2")));
+}

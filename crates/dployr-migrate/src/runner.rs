@@ -295,6 +295,18 @@ impl MigrationRunner {
         &self.set
     }
 
+    /// A connection of its own to the migration database, opened as the
+    /// runner opens its own (its connect timeout and keepalives, no
+    /// prepared-statement cache, errors classified and without the
+    /// password): for a caller's checks before it migrates, such as
+    /// whether this URL reaches the database its stores use.
+    ///
+    /// # Errors
+    /// [`MigrateError::Connect`].
+    pub fn connection(&self) -> Result<PgConnection, MigrateError> {
+        self.connect()
+    }
+
     /// Every migration of the set and every applied one, with its state.
     /// Reads only; takes no lock and creates nothing.
     ///

@@ -14,6 +14,7 @@ mod conninfo;
 mod cursor;
 mod deadline;
 mod errors;
+mod identity;
 mod instances;
 mod keyset_page;
 pub mod metrics;
@@ -33,6 +34,7 @@ pub use clusters::PgClusterStore;
 pub use conninfo::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, NetworkConfig};
 pub use deadline::{DeadlineConfig, DeadlineStats, PgConnectionManager};
 pub use errors::{may_have_committed, store_error};
+pub use identity::{IdentityMismatch, ServerIdentity};
 pub use instances::PgInstanceStore;
 pub use operation::Operation;
 pub use pool::{

@@ -30,6 +30,7 @@ use crate::affinity::Affinity;
 use crate::conninfo::{NetworkConfig, with_network_parameters};
 use crate::deadline::{ConnInfo, DeadlineConfig, DeadlineStats, Deadlines, PgConnectionManager};
 use crate::errors::{Failure, Keys};
+use crate::identity::ServerIdentity;
 use crate::metrics::{ErrorHandler, EventHandler, PoolEvents, PoolStats};
 use crate::operation::Operation;
 use crate::replicas::ReplicaSet;
@@ -562,6 +563,18 @@ impl PgPool {
             }
         }
         Ok(false)
+    }
+
+    /// Which server and database this pool's connections reach
+    /// ([`ServerIdentity`]): one or two statements on a connection of the
+    /// pool, no transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when no connection can be had or the
+    /// statements fail.
+    pub fn server_identity(&self) -> Result<ServerIdentity, StoreError> {
+        let mut conn = self.get()?;
+        ServerIdentity::of(&mut conn).map_err(|error| StoreError::unavailable("reading the server's identity", error))
     }
 
     /// Statements and transactions sent through this pool so far.

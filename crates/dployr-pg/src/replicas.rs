@@ -78,12 +78,13 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection as _;
-use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Nullable};
 use diesel::{Connection as _, PgConnection, QueryableByName, RunQueryDsl as _};
 use dployr_domain::StoreError;
 
 use crate::PgPool;
 use crate::errors::{Failure, Keys};
+use crate::identity::{IdentityMismatch, ServerIdentity};
 use crate::metrics::{REPLICA_LAG, REPLICA_SKIPS, REPLICA_UP, ROUTED_READS};
 use crate::pool::within_limit;
 
@@ -706,63 +707,17 @@ struct Sampler {
     replica: Option<PgConnection>,
 }
 
-/// Which server and database a connection reached: a streaming replica
-/// shares its primary's system identifier (`initdb`'s, kept by every base
-/// backup) and its databases.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ServerIdentity {
-    database: String,
-    /// `None` where the role may not call `pg_control_system()` (revoked
-    /// from PUBLIC by a hardened setup): the database is compared alone.
-    system_identifier: Option<i64>,
-}
-
-#[derive(QueryableByName)]
-struct DatabaseAndPrivilege {
-    #[diesel(sql_type = Text)]
-    database: String,
-    #[diesel(sql_type = Bool)]
-    may_read_control: bool,
-}
-
-#[derive(QueryableByName)]
-struct SystemIdentifier {
-    #[diesel(sql_type = BigInt)]
-    system_identifier: i64,
-}
-
-/// Two statements, not one: PostgreSQL checks the privilege of every
-/// function a statement names when it starts, so a `CASE` around the call
-/// would still fail for a role the function is revoked from.
-const DATABASE_AND_PRIVILEGE: &str = "SELECT current_database()::text AS database, \
-     has_function_privilege('pg_control_system()', 'EXECUTE') AS may_read_control";
-const SYSTEM_IDENTIFIER: &str = "SELECT system_identifier FROM pg_control_system()";
-
-impl ServerIdentity {
-    fn of(conn: &mut PgConnection) -> Result<Self, diesel::result::Error> {
-        let found: DatabaseAndPrivilege = diesel::sql_query(DATABASE_AND_PRIVILEGE).get_result(conn)?;
-        let system_identifier = if found.may_read_control {
-            Some(diesel::sql_query(SYSTEM_IDENTIFIER).get_result::<SystemIdentifier>(conn)?.system_identifier)
-        } else {
-            None
-        };
-        Ok(Self { database: found.database, system_identifier })
-    }
-
-    /// Why a replica that answered `self` cannot be one of `primary`, if
-    /// it cannot.
-    fn mismatch(&self, primary: &Self) -> Option<String> {
-        if self.database != primary.database {
-            return Some(format!(
-                "its URL names database {:?} while the primary's names {:?}: its rows are another database's",
-                self.database, primary.database
-            ));
+/// Why a replica whose identity differs from its primary's so cannot be
+/// one of it.
+fn replica_mismatch(mismatch: &IdentityMismatch) -> String {
+    match mismatch {
+        IdentityMismatch::Database { this, other } => {
+            format!(
+                "its URL names database {this:?} while the primary's names {other:?}: its rows are another database's"
+            )
         }
-        match (self.system_identifier, primary.system_identifier) {
-            (Some(replica), Some(primary)) if replica != primary => Some(format!(
-                "it is a replica of another server (system identifier {replica}, the primary's {primary})"
-            )),
-            _ => None,
+        IdentityMismatch::Server { this, other } => {
+            format!("it is a replica of another server (system identifier {this}, the primary's {other})")
         }
     }
 }
@@ -864,7 +819,7 @@ impl Sampler {
                 // otherwise pass for caught up and answer with other rows.
                 let identity = ServerIdentity::of(conn).map_err(|error| format!("the replica's identity: {error}"))?;
                 if let Some(mismatch) = self.primary_identity.as_ref().and_then(|primary| identity.mismatch(primary)) {
-                    return Err(format!("not a replica of the primary's database: {mismatch}"));
+                    return Err(format!("not a replica of the primary's database: {}", replica_mismatch(&mismatch)));
                 }
                 conn
             }
