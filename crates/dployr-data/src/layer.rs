@@ -194,6 +194,11 @@ fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
             setting: MIGRATE_DATABASE_URL_VAR,
             reason: format!("applying migrations on start: {error}").into(),
         },
+        // Read-only by the URL's options, the role or the database: a
+        // setting to change, which no retry will.
+        MigrateError::ReadOnlyServer { set_by: Some(_), .. } => {
+            StoreError::Configuration { setting, reason: format!("applying migrations on start: {error}").into() }
+        }
         // A standby, or a primary switched over: a later start may find
         // the primary there.
         MigrateError::LockTimeout { .. }

@@ -430,3 +430,24 @@ fn with_migrations_off_a_malformed_migration_url_is_refused_and_an_unreachable_o
     assert!(!health.migrations.up_to_date, "{health:?}");
     assert!(health.migrations.error.is_some_and(|error| !error.contains("hunter2")));
 }
+
+/// A database made read-only for its connections (`ALTER DATABASE ... SET
+/// default_transaction_read_only`, or the URL's options, or the role) is a
+/// setting to change: `Configuration`, which an orchestrator does not
+/// retry. It was `Unavailable`, as a standby's is, and restarts never
+/// ended.
+#[test]
+fn a_database_set_read_only_for_its_connections_is_a_configuration_error_not_unavailable() {
+    use diesel::connection::SimpleConnection as _;
+    let db = dployr_testkit::empty_database();
+    db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on', \
+             current_database()); END $$",
+        )
+        .unwrap();
+    let error = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap_err();
+    assert_eq!(setting_of(&error), "DATABASE_URL", "{error}");
+    assert!(error.to_string().contains("default_transaction_read_only"), "{error}");
+    assert!(unmigrated(&db));
+}

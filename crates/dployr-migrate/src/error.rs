@@ -116,11 +116,25 @@ pub enum MigrateError {
     #[error(
         "the migration database answers but only reads ({}): migrations need the primary; point \
          DPLOYR_MIGRATE_DATABASE_URL (or DATABASE_URL) at it, or try again once a failover has ended",
-        if *in_recovery { "a standby, in recovery" } else { "default_transaction_read_only is on" }
+        match (in_recovery, set_by) {
+            (true, _) => "a standby, in recovery".to_owned(),
+            (false, Some(source)) => format!(
+                "default_transaction_read_only is on, set for this connection ({source}): the URL's options, \
+                 the role or the database; retrying will not change it"
+            ),
+            (false, None) => "default_transaction_read_only is on".to_owned(),
+        }
     )]
     ReadOnlyServer {
         /// Whether the server is in recovery (`pg_is_in_recovery()`).
         in_recovery: bool,
+        /// Where `default_transaction_read_only` was set, when it was set
+        /// for this connection rather than the server (`pg_settings.source`:
+        /// `client` for the URL's options or `PGOPTIONS`, `user`,
+        /// `database` or `database user` for `ALTER ROLE` / `ALTER
+        /// DATABASE`): a setting to change, not a failover to wait out.
+        /// `None` on a standby, or when the server's configuration set it.
+        set_by: Option<String>,
     },
 
     /// Another runner held the migration lock for longer than the timeout.

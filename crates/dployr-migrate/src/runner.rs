@@ -547,13 +547,19 @@ impl MigrationRunner {
     fn configure_session(&self, conn: &mut PgConnection) -> Result<i32, MigrateError> {
         conn.batch_execute(&self.session_settings())
             .map_err(|source| MigrateError::Database { context: "configuring the runner's session", source })?;
-        let (pid, read_only, in_recovery) = diesel::select(diesel::dsl::sql::<(Integer, Bool, Bool)>(
-            "pg_backend_pid(), current_setting('transaction_read_only')::bool, pg_is_in_recovery()",
+        let (pid, read_only, in_recovery, source) = diesel::select(diesel::dsl::sql::<(Integer, Bool, Bool, Text)>(
+            "pg_backend_pid(), current_setting('transaction_read_only')::bool, pg_is_in_recovery(), \
+                 coalesce((SELECT source FROM pg_settings WHERE name = 'default_transaction_read_only'), '')",
         ))
-        .get_result::<(i32, bool, bool)>(conn)
+        .get_result::<(i32, bool, bool, String)>(conn)
         .map_err(|source| MigrateError::Database { context: "reading the backend pid", source })?;
         if read_only || in_recovery {
-            return Err(MigrateError::ReadOnlyServer { in_recovery });
+            // Set for this connection (its URL, its role, its database), it
+            // stays however often the start is retried; set in the server's
+            // configuration (a switchover's old primary), it may not.
+            let per_connection = ["client", "user", "database", "database user"].contains(&source.as_str());
+            let set_by = (!in_recovery && per_connection).then_some(source);
+            return Err(MigrateError::ReadOnlyServer { in_recovery, set_by });
         }
         Ok(pid)
     }

@@ -1319,7 +1319,10 @@ fn a_read_only_database_is_refused_before_anything_runs_and_status_still_reads_i
         )
         .unwrap();
     let error = run(&db, &set).unwrap_err();
-    assert!(matches!(error, MigrateError::ReadOnlyServer { in_recovery: false }), "{error:?}");
+    assert!(
+        matches!(&error, MigrateError::ReadOnlyServer { in_recovery: false, set_by: Some(source) } if source == "database"),
+        "{error:?}"
+    );
     assert!(error.to_string().contains("only reads") && error.to_string().contains("DPLOYR_MIGRATE_DATABASE_URL"));
     let status = MigrationRunner::new(db.url(), set).status().unwrap();
     assert_eq!(status.len(), 1);
