@@ -181,6 +181,23 @@ pub enum MigrateError {
         name: String,
     },
 
+    /// A migration of this binary is not applied while a later one of it
+    /// is: its row was deleted from `_migrations`, or it was added with a
+    /// version below one already applied (another branch's, merged late).
+    /// Applying it now would run it on a schema it was not written for, so
+    /// [`run_pending`](crate::MigrationRunner::run_pending) refuses before
+    /// anything runs.
+    #[error(
+        "migration {pending} is not applied but the later {applied} is: applying it out of order is refused \
+         (if its row was deleted from _migrations, restore the row; if it is new, give it a version after {applied})"
+    )]
+    OutOfOrder {
+        /// The folder name of the earliest such pending migration.
+        pending: String,
+        /// The folder name of the latest applied migration.
+        applied: String,
+    },
+
     /// A migration's SQL failed; nothing of it was kept if it ran in a
     /// transaction. Boxed: it is large, and errors travel by value.
     #[error(transparent)]

@@ -362,7 +362,8 @@ impl MigrationRunner {
     ///
     /// # Errors
     /// Verification errors ([`MigrateError::ChecksumMismatch`],
-    /// [`MigrateError::MissingFromSource`]) before anything runs; then
+    /// [`MigrateError::MissingFromSource`], [`MigrateError::OutOfOrder`])
+    /// before anything runs; then
     /// [`MigrateError::MigrationFailed`] for the first migration that fails
     /// (earlier ones stay applied, the failing one leaves nothing).
     pub fn run_pending(
@@ -372,6 +373,7 @@ impl MigrationRunner {
         self.locked(self.newer_release_allowed, progress, |harness, applied, progress| {
             let pending: Vec<&MigrationFile> =
                 self.set.iter().filter(|file| !applied.iter().any(|row| row.version == file.version())).collect();
+            refuse_out_of_order(&pending, applied)?;
             let mut done = Vec::with_capacity(pending.len());
             for file in pending {
                 let duration = self.apply_one(harness, file, progress)?;
@@ -727,6 +729,22 @@ fn verify(
     match newer.first() {
         Some(name) if !all_applied => Err(MigrateError::MissingFromSource { name: name.clone() }),
         _ => Ok(newer),
+    }
+}
+
+/// Refuses a pending migration older than an applied one (see
+/// [`MigrateError::OutOfOrder`]), naming the earliest such and the latest
+/// applied. Runs after [`verify`], so every applied row is the set's (or a
+/// newer release's, and then nothing of the set is pending).
+fn refuse_out_of_order(pending: &[&MigrationFile], applied: &[AppliedRow]) -> Result<(), MigrateError> {
+    let Some(latest) = applied.iter().max_by(|a, b| version_order(&a.version, &b.version)) else { return Ok(()) };
+    let earliest = pending
+        .iter()
+        .filter(|file| version_order(file.version(), &latest.version).is_lt())
+        .min_by(|a, b| version_order(a.version(), b.version()));
+    match earliest {
+        Some(file) => Err(MigrateError::OutOfOrder { pending: file.name().to_owned(), applied: latest.name.clone() }),
+        None => Ok(()),
     }
 }
 

@@ -261,6 +261,48 @@ fn applied_migration_missing_from_the_binary_is_refused() {
     assert!(status.iter().any(|s| s.name == "002_b" && matches!(s.state, MigrationState::MissingFromSource { .. })));
 }
 
+/// A migration of the set missing between applied ones (a branch's,
+/// numbered before one already applied, or one whose row was deleted from
+/// `_migrations`) is refused by name before anything runs: applied on top
+/// of the later ones, it would run on a schema it was not written for.
+#[test]
+fn a_pending_migration_older_than_an_applied_one_is_refused_before_anything_runs() {
+    let a = folder("001_a", "CREATE TABLE a (id int);");
+    let b = folder("002_b", "CREATE TABLE b (id int);");
+    let c = folder("003_c", "CREATE TABLE c (id int);");
+    let d = folder("004_d", "CREATE TABLE d (id int);");
+    let db = empty_database();
+    run(&db, &set_of(&[a, c]).1).unwrap();
+    let error = run(&db, &set_of(&[a, b, c, d]).1).unwrap_err();
+    assert!(
+        matches!(&error, MigrateError::OutOfOrder { pending, applied } if pending == "002_b" && applied == "003_c"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("002_b") && error.to_string().contains("003_c"), "{error}");
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "b") && !table_exists(&mut conn, "d"), "nothing ran, the later 004_d neither");
+    assert_eq!(recorded(&mut conn), ["001_a", "003_c"]);
+
+    // The workspace's own migrations, one row deleted from the middle of
+    // the history: not applied again over the later ones.
+    let db = empty_database();
+    let runner = MigrationRunner::new(db.url(), MigrationSet::embedded().unwrap());
+    runner.run_pending(&mut |_| {}).unwrap();
+    let files: Vec<_> = runner.migrations().iter().map(|f| (f.version().to_owned(), f.name().to_owned())).collect();
+    let (middle_version, middle_name) = files[files.len() / 2].clone();
+    let mut conn = db.connect();
+    conn.batch_execute(&format!("DELETE FROM _migrations WHERE version = '{middle_version}'")).unwrap();
+    let before = db.schema_dump().unwrap();
+    let error = runner.run_pending(&mut |_| {}).unwrap_err();
+    let latest = &files.last().unwrap().1;
+    assert!(
+        matches!(&error, MigrateError::OutOfOrder { pending, applied } if *pending == middle_name && applied == latest),
+        "{error:?}"
+    );
+    assert_eq!(db.schema_dump().unwrap(), before, "the schema is untouched");
+    assert_eq!(recorded(&mut conn).len(), files.len() - 1);
+}
+
 #[test]
 fn revert_then_run_returns_to_the_same_schema() {
     let db = empty_database();
