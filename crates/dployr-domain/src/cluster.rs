@@ -243,9 +243,12 @@ pub trait ClusterStore: Send + Sync {
     fn user_clusters(&self, user: &UserId) -> StoreResult<Vec<ClusterSummary>>;
 
     /// Members (invitations excluded), highest role first, then by e-mail.
+    /// An unknown cluster has none: an empty page with a total of 0, not
+    /// `NotFound` (one statement, which does not look for the cluster).
     fn members(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>>;
 
-    /// Invitations, by e-mail.
+    /// Invitations, by e-mail; an unknown cluster has none, as in
+    /// [`members`](Self::members).
     fn invites(&self, cluster: &ClusterId, page: &Page) -> StoreResult<Paged<Member>>;
 
     /// This user's role in this cluster.

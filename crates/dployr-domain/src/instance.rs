@@ -76,7 +76,8 @@ pub trait InstanceStore: Send + Sync {
     /// failed with `Unavailable` had deleted it).
     fn delete(&self, id: &InstanceId) -> StoreResult<()>;
 
-    /// The cluster's instances, newest first.
+    /// The cluster's instances, newest first. An unknown cluster has none:
+    /// an empty page with a total of 0, not `NotFound`.
     ///
     /// # Errors
     /// `Invalid` on `cursor` for a cursor that is not one of this listing

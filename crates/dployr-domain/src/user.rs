@@ -71,7 +71,9 @@ pub struct UserPatch {
 pub trait UserStore: Send + Sync {
     /// The sign-in path: creates the user, or updates the one with this
     /// e-mail: keeps name and picture unless new ones are given (a blank
-    /// picture gives none), sets the
+    /// picture counts as none given: the stored one stays, as in the
+    /// original's `picture || null`; [`update`](Self::update) is the way to
+    /// remove one), sets the
     /// provider, merges the given metadata into the stored object (and,
     /// in the same transaction, into every cluster the user owns or
     /// administers).

@@ -67,11 +67,14 @@ fn alive() -> diesel::dsl::Or<diesel::dsl::IsNull<kv_entries::expires_at>, diese
     kv_entries::expires_at.is_null().or(kv_entries::expires_at.gt(now))
 }
 
+/// The TTL as an interval of whole microseconds, PostgreSQL's resolution,
+/// rounded up: an entry never ends before its TTL (as the Cloudflare
+/// client rounds up to whole seconds and the memory backend keeps
+/// nanoseconds).
 fn interval(ttl: Option<Duration>) -> StoreResult<Option<PgInterval>> {
     ttl.map(|ttl| {
-        i64::try_from(ttl.as_micros())
-            .map(PgInterval::from_microseconds)
-            .map_err(|_| StoreError::invalid("ttl", "too large"))
+        let micros = ttl.as_micros() + u128::from(ttl.subsec_nanos() % 1_000 != 0);
+        i64::try_from(micros).map(PgInterval::from_microseconds).map_err(|_| StoreError::invalid("ttl", "too large"))
     })
     .transpose()
 }
@@ -502,5 +505,23 @@ impl KvBackend for PgKv {
             }
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::interval;
+
+    #[test]
+    fn a_ttl_is_rounded_up_to_whole_microseconds_never_down() {
+        let micros = |ttl| interval(Some(ttl)).unwrap().unwrap().microseconds;
+        assert_eq!(micros(Duration::from_nanos(60_000_000_001)), 60_000_001);
+        assert_eq!(micros(Duration::from_nanos(1_000_999)), 1_001);
+        assert_eq!(micros(Duration::from_millis(1)), 1_000);
+        assert_eq!(micros(Duration::from_secs(60)), 60_000_000);
+        assert!(interval(None).unwrap().is_none());
+        assert!(interval(Some(Duration::MAX)).is_err());
     }
 }
