@@ -198,6 +198,20 @@ pub enum MigrateError {
         applied: String,
     },
 
+    /// The first migration failed because what it creates is already
+    /// there, while `_migrations` records no migration at all: the schema
+    /// was made without this runner's history (`_migrations` dropped or
+    /// emptied, or a restore that left its rows out), or the database holds
+    /// another application's objects under the same names. Nothing was
+    /// applied; applying the migrations again is not the fix.
+    #[error(
+        "migration {} failed in {}: {}; yet _migrations records no migration: was _migrations dropped or \
+         emptied (restore its rows from a backup; do not apply the migrations again), or does this database \
+         hold another application's objects of these names?",
+        .0.name, .0.file, .0.message
+    )]
+    SchemaWithoutHistory(Box<MigrationFailure>),
+
     /// A migration's SQL failed; nothing of it was kept if it ran in a
     /// transaction. Boxed: it is large, and errors travel by value.
     #[error(transparent)]

@@ -363,7 +363,9 @@ impl MigrationRunner {
     /// # Errors
     /// Verification errors ([`MigrateError::ChecksumMismatch`],
     /// [`MigrateError::MissingFromSource`], [`MigrateError::OutOfOrder`])
-    /// before anything runs; then
+    /// before anything runs; [`MigrateError::SchemaWithoutHistory`] when
+    /// nothing is recorded and the first migration finds what it creates
+    /// already there (PostgreSQL's "already exists", untranslated); then
     /// [`MigrateError::MigrationFailed`] for the first migration that fails
     /// (earlier ones stay applied, the failing one leaves nothing).
     pub fn run_pending(
@@ -376,7 +378,14 @@ impl MigrationRunner {
             refuse_out_of_order(&pending, applied)?;
             let mut done = Vec::with_capacity(pending.len());
             for file in pending {
-                let duration = self.apply_one(harness, file, progress)?;
+                let duration = self.apply_one(harness, file, progress).map_err(|error| match error {
+                    MigrateError::MigrationFailed(failure)
+                        if applied.is_empty() && done.is_empty() && failure.message.contains(" already exists") =>
+                    {
+                        MigrateError::SchemaWithoutHistory(failure)
+                    }
+                    other => other,
+                })?;
                 done.push(AppliedMigration {
                     name: file.name().to_owned(),
                     version: file.version().to_owned(),

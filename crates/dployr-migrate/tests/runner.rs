@@ -303,6 +303,39 @@ fn a_pending_migration_older_than_an_applied_one_is_refused_before_anything_runs
     assert_eq!(recorded(&mut conn).len(), files.len() - 1);
 }
 
+/// A migrated database whose `_migrations` was dropped (or emptied) is
+/// not migrated again over its own schema: the first migration's "already
+/// exists" is told as a missing history, naming the file, with nothing
+/// applied, not as a fault of the file.
+#[test]
+fn a_schema_whose_migration_history_was_dropped_or_emptied_is_told_as_such() {
+    for lose_history in ["DROP TABLE _migrations", "DELETE FROM _migrations"] {
+        let db = empty_database();
+        let runner = MigrationRunner::new(db.url(), MigrationSet::embedded().unwrap());
+        runner.run_pending(&mut |_| {}).unwrap();
+        let first = runner.migrations().iter().next().unwrap().name().to_owned();
+        db.connect().batch_execute(lose_history).unwrap();
+        let before = db.schema_dump().unwrap();
+        let error = runner.run_pending(&mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&error, MigrateError::SchemaWithoutHistory(failure) if failure.name == first),
+            "{lose_history}: {error:?}"
+        );
+        let told = error.to_string();
+        assert!(told.contains(&first) && told.contains("_migrations records no migration"), "{told}");
+        assert_eq!(recorded(&mut db.connect()), Vec::<String>::new(), "{lose_history}: nothing recorded");
+        // Nothing applied: the schema is as it was, but for the empty
+        // `_migrations` the run made where there was none.
+        db.connect().batch_execute(lose_history).unwrap();
+        assert_eq!(db.schema_dump().unwrap(), before, "{lose_history}: the schema changed");
+    }
+    // A failure of another kind on an empty history stays the file's own.
+    let db = empty_database();
+    let (_dir, set) = set_of(&[folder("001_a", "SELECT 1/0;")]);
+    let error = run(&db, &set).unwrap_err();
+    assert!(matches!(&error, MigrateError::MigrationFailed(failure) if failure.name == "001_a"), "{error:?}");
+}
+
 #[test]
 fn revert_then_run_returns_to_the_same_schema() {
     let db = empty_database();
