@@ -451,3 +451,36 @@ fn a_database_set_read_only_for_its_connections_is_a_configuration_error_not_una
     assert!(error.to_string().contains("default_transaction_read_only"), "{error}");
     assert!(unmigrated(&db));
 }
+
+/// Short timeouts that a database (or role) sets for every session do not
+/// stop the data layer: the migration runner turns off the statement and
+/// idle-in-transaction timeouts for its own session, and the pool's own
+/// statement timeout (30 s unless set) wins over the database's, its
+/// setup no longer cancelled by the timer PostgreSQL started under the
+/// inherited value. Both failed every start before (a helper's probe).
+#[test]
+fn a_database_with_one_millisecond_timeouts_for_its_sessions_migrates_on_open_and_serves() {
+    use diesel::connection::SimpleConnection as _;
+    use dployr_data::{ClusterStore as _, Email, NewUser, Provider, UserStore as _};
+    for setting in ["statement_timeout", "idle_in_transaction_session_timeout"] {
+        let db = dployr_testkit::empty_database();
+        db.connect()
+            .batch_execute(&format!(
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET {setting} = %L', current_database(), '1ms'); END $$"
+            ))
+            .unwrap();
+        let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory))
+            .unwrap_or_else(|error| panic!("{setting}: {error}"));
+        let email = Email::parse("ada@example.io").unwrap();
+        assert_eq!(data.users().get_by_email(&email).unwrap(), None, "{setting}");
+        // The pool keeps a database's idle-in-transaction timeout (its
+        // transactions are never idle but for a thread the machine does
+        // not run): writes under `1ms` are the operator's to avoid.
+        if setting == "statement_timeout" {
+            // Writes of several statements too, under the pool's 30 s.
+            let user = data.users().upsert(NewUser::new(email.clone(), Provider::Github)).unwrap();
+            let cluster = data.clusters().create_for_owner(&user.id).unwrap();
+            assert!(data.clusters().can_write(&user.id, &cluster.id).unwrap(), "{setting}");
+        }
+    }
+}

@@ -525,7 +525,15 @@ impl MigrationRunner {
     /// - no `statement_timeout`: one set on the role or the database (as
     ///   behind a transaction pooler) would cancel a long migration, and a
     ///   cancelled `CREATE INDEX CONCURRENTLY` leaves an invalid index. The
-    ///   waits for locks are bounded by `lock_timeout` already;
+    ///   waits for locks are bounded by `lock_timeout` already. Set first:
+    ///   the timer PostgreSQL started for this batch under the inherited
+    ///   value keeps running through the batch's later statements unless a
+    ///   zero stops it (a database's `statement_timeout = '1ms'` cancelled
+    ///   the `DO` block that came first, on every start);
+    /// - no `idle_in_transaction_session_timeout`: the runner is idle in a
+    ///   migration's transaction between its file and its `_migrations`
+    ///   row, and a short one of the role or the database ended the session
+    ///   there (the run failing as a lost connection, on every start);
     /// - no `idle_session_timeout` (PostgreSQL 14+) nor `transaction_timeout`
     ///   (17+): one set on the role or the database would end the runner's
     ///   session while it waits between lock-timeout attempts (releasing
@@ -543,8 +551,9 @@ impl MigrationRunner {
     ///   off PostgreSQL would read past where the runner's check stopped.
     fn session_settings(&self) -> String {
         format!(
-            "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
-             SET lock_timeout = {}; SET statement_timeout = 0; \
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
+             SET lock_timeout = {}; \
              DO $$ BEGIN SET idle_session_timeout = 0; EXCEPTION WHEN undefined_object THEN NULL; END $$; \
              DO $$ BEGIN SET transaction_timeout = 0; EXCEPTION WHEN undefined_object THEN NULL; END $$; \
              SET CLIENT_ENCODING TO 'UTF8'; SET TIME ZONE 'UTC'; SET standard_conforming_strings = on",

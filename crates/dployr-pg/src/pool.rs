@@ -259,7 +259,17 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
         // once is marked used again after it, and a sign-out or a removal
         // from a cluster is undone. Any other level (`local`, `remote_write`,
         // `remote_apply`) is the operator's and is kept.
-        let mut setup = String::from(
+        //
+        // With a statement timeout of the pool's, the batch first sets none:
+        // PostgreSQL's timer, started for the batch under the role's or the
+        // database's value, runs on through the batch's statements until a
+        // zero stops it, so a short one there (`1ms`) cancelled this setup
+        // and no connection ever opened; the pool's own comes last.
+        let mut setup = String::new();
+        if self.statement_timeout.is_some() {
+            setup.push_str("SET statement_timeout = 0; ");
+        }
+        setup.push_str(
             "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
              SET default_transaction_isolation = 'read committed'; \
              DO $$ BEGIN IF current_setting('synchronous_commit') = 'off' THEN SET synchronous_commit = 'on'; \
