@@ -484,3 +484,37 @@ fn a_database_with_one_millisecond_timeouts_for_its_sessions_migrates_on_open_an
         }
     }
 }
+
+/// A database (or role) whose sessions run with `session_replication_role
+/// = replica` has triggers and foreign-key actions off: open used to
+/// succeed, `health()` called it ready, and then a deleted user stayed
+/// listed as a member and a deleted instance's token could still be
+/// spent (a helper's probe). Refused at open as a setting to change,
+/// naming it, before anything is migrated.
+#[test]
+fn a_database_whose_sessions_run_with_triggers_off_is_refused_at_open_naming_the_setting() {
+    use diesel::connection::SimpleConnection as _;
+    let db = dployr_testkit::empty_database();
+    if !db.superuser() {
+        eprintln!("skipped: setting session_replication_role needs a superuser");
+        return;
+    }
+    db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET session_replication_role = replica', \
+             current_database()); END $$",
+        )
+        .unwrap();
+    let error = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap_err();
+    assert_eq!(setting_of(&error), "DATABASE_URL", "{error}");
+    assert!(error.to_string().contains("session_replication_role = replica"), "{error}");
+    assert!(unmigrated(&db));
+    // `local` fires ordinary triggers: accepted.
+    db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET session_replication_role = local', \
+             current_database()); END $$",
+        )
+        .unwrap();
+    DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
+}

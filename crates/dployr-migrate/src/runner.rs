@@ -539,6 +539,10 @@ impl MigrationRunner {
     ///   session while it waits between lock-timeout attempts (releasing
     ///   the migration lock mid-run) or a long migration's transaction; on
     ///   an older server, where the setting does not exist, nothing is set;
+    /// - a session that runs as a replica's (`session_replication_role =
+    ///   replica` set on the database or the role) is refused: triggers and
+    ///   foreign-key actions are off there, and a migration's data changes
+    ///   would skip them;
     /// - untranslated messages where the role may ask for them (the
     ///   lock-timeout error is told by its text);
     /// - what diesel sets when it opens a connection, which the `RESET ALL`
@@ -552,6 +556,10 @@ impl MigrationRunner {
     fn session_settings(&self) -> String {
         format!(
             "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             DO $$ BEGIN IF current_setting('session_replication_role') = 'replica' THEN RAISE EXCEPTION \
+             'sessions of this database or role run with session_replication_role = replica: triggers and \
+             foreign-key actions are off, and migrations would skip what they do (RESET \
+             session_replication_role on the database or role)'; END IF; END $$; \
              DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
              SET lock_timeout = {}; \
              DO $$ BEGIN SET idle_session_timeout = 0; EXCEPTION WHEN undefined_object THEN NULL; END $$; \

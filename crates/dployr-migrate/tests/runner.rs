@@ -980,6 +980,28 @@ fn apply_then_check_the_session(setter: Folder<'_>) -> Result<Vec<String>, Migra
         .map(|applied| applied.into_iter().map(|m| m.name).collect())
 }
 
+/// A database whose sessions run as a replica's (triggers and foreign-key
+/// actions off) is refused before anything is applied: a migration's data
+/// changes would skip them.
+#[test]
+fn a_database_whose_sessions_run_with_triggers_off_is_refused_before_anything_is_applied() {
+    let db = empty_database();
+    if !db.superuser() {
+        eprintln!("skipped: setting session_replication_role needs a superuser");
+        return;
+    }
+    db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET session_replication_role = replica', \
+             current_database()); END $$",
+        )
+        .unwrap();
+    let error = MigrationRunner::new(db.url(), MigrationSet::embedded().unwrap()).run_pending(&mut |_| {}).unwrap_err();
+    assert!(error.to_string().contains("session_replication_role = replica"), "{error}");
+    let mut conn = db.connect();
+    assert!(!table_exists(&mut conn, "users") && !table_exists(&mut conn, "_migrations"), "{error}");
+}
+
 /// A plain `SET` stays on the session after its transaction commits: a
 /// pasted `pg_dump` header (`SET lock_timeout = 0`, `SET
 /// session_replication_role = replica`, ...) would run every later

@@ -269,8 +269,9 @@ impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for Customizer {
         if self.statement_timeout.is_some() {
             setup.push_str("SET statement_timeout = 0; ");
         }
+        setup.push_str(REFUSE_REPLICA_SESSIONS);
         setup.push_str(
-            "DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
+            " DO $$ BEGIN SET lc_messages = 'C'; EXCEPTION WHEN insufficient_privilege THEN NULL; END $$; \
              SET default_transaction_isolation = 'read committed'; \
              DO $$ BEGIN IF current_setting('synchronous_commit') = 'off' THEN SET synchronous_commit = 'on'; \
              END IF; END $$;",
@@ -345,23 +346,51 @@ impl fmt::Display for Redacted {
 
 impl std::error::Error for Redacted {}
 
+/// What [`probe_connection`] reads of the database's sessions.
+struct ProbedSettings {
+    /// `server_encoding`.
+    encoding: String,
+    /// `session_replication_role`, as the database or role sets it.
+    replication_role: String,
+}
+
+/// Why the pool refuses sessions that run with `session_replication_role =
+/// replica` (see [`REFUSE_REPLICA_SESSIONS`]).
+const REPLICA_SESSIONS: &str = "sessions run with session_replication_role = replica (set on the database or \
+    the role): triggers and foreign-key actions are off, so the rules the schema enforces (one owner per \
+    cluster, memberships and tokens deleted with their user or instance, listing totals, update times) would \
+    not hold; ALTER DATABASE ... RESET session_replication_role (or ALTER ROLE ... RESET)";
+
+/// Refuses, in a connection's setup, a session that runs as a replica's
+/// (triggers and foreign-key actions off): the check at open covers the
+/// database as it was then; this covers a setting made afterwards, for
+/// each connection the pool opens. `local` fires ordinary triggers and
+/// passes.
+const REFUSE_REPLICA_SESSIONS: &str = "DO $$ BEGIN IF current_setting('session_replication_role') = 'replica' \
+    THEN RAISE EXCEPTION 'dployr: this session runs with session_replication_role = replica: triggers and \
+    foreign-key actions are off; the data layer refuses it (RESET session_replication_role on the database \
+    or role)'; END IF; END $$;";
+
 /// Makes one connection to `database_url` on a thread of its own and waits
 /// at most `timeout` for it: libpq itself has no default connect timeout,
 /// and a host that drops packets would hold the caller for minutes.
 ///
 /// # Errors
 /// The classified, redacted failure.
-fn probe_connection(database_url: &str, timeout: Duration) -> Result<Option<String>, ConnectFailure> {
+fn probe_connection(database_url: &str, timeout: Duration) -> Result<Option<ProbedSettings>, ConnectFailure> {
     let (sender, receiver) = mpsc::channel();
     let url = database_url.to_owned();
     let spawned = std::thread::Builder::new().name("dployr-pg-connect".into()).spawn(move || {
         let result = PgConnection::establish(&url).map(|mut conn| {
-            // The database's encoding, on the probe's own connection (not
-            // counted as a store statement). `None` if the query fails: the
-            // pool's own connections then say what is wrong.
-            diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("current_setting('server_encoding')"))
-                .get_result::<String>(&mut conn)
-                .ok()
+            // The settings the pool refuses, on the probe's own connection
+            // (not counted as a store statement). `None` if the query
+            // fails: the pool's own connections then say what is wrong.
+            diesel::select(diesel::dsl::sql::<(diesel::sql_types::Text, diesel::sql_types::Text)>(
+                "current_setting('server_encoding'), current_setting('session_replication_role')",
+            ))
+            .get_result::<(String, String)>(&mut conn)
+            .ok()
+            .map(|(encoding, replication_role)| ProbedSettings { encoding, replication_role })
         });
         let _receiver_gone = sender.send(result);
     });
@@ -459,7 +488,7 @@ impl PgPool {
             // a database in another encoding refuses or mangles what it
             // cannot hold, which would surface as the caller's bad input
             // on some writes only. Refused once, here, naming the setting.
-            Ok(Some(encoding)) if encoding != "UTF8" => {
+            Ok(Some(ProbedSettings { encoding, .. })) if encoding != "UTF8" => {
                 return Err(StoreError::Configuration {
                     setting,
                     reason: format!(
@@ -468,6 +497,11 @@ impl PgPool {
                     )
                     .into(),
                 });
+            }
+            // Triggers and foreign-key actions off: open would succeed and
+            // every later write break the schema's rules silently.
+            Ok(Some(ProbedSettings { replication_role, .. })) if replication_role == "replica" => {
+                return Err(StoreError::Configuration { setting, reason: REPLICA_SESSIONS.into() });
             }
             Ok(_) => {}
             Err(StoreError::Unavailable { reason, .. }) if probe == Probe::ConfigurationOnly => {
