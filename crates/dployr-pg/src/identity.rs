@@ -98,3 +98,33 @@ impl ServerIdentity {
         }
     }
 }
+
+/// Where a session finds a table by its unqualified name (its
+/// `search_path`'s first match): two roles of one database whose paths
+/// differ may find different tables under one name, or none.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct FoundTable {
+    /// The table's `pg_class` oid.
+    #[diesel(sql_type = BigInt)]
+    pub oid: i64,
+    /// The schema that holds it.
+    #[diesel(sql_type = Text)]
+    pub schema: String,
+}
+
+impl FoundTable {
+    /// The table `conn`'s session finds as `name`, if any: one statement,
+    /// nothing written. `name` is bound, not spliced.
+    ///
+    /// # Errors
+    /// The statement's errors.
+    pub fn of(conn: &mut PgConnection, name: &str) -> QueryResult<Option<Self>> {
+        diesel::sql_query(
+            "SELECT c.oid::bigint AS oid, n.nspname::text AS schema FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+        )
+        .bind::<Text, _>(name)
+        .get_result(conn)
+        .optional()
+    }
+}

@@ -33,8 +33,9 @@ pub use bootstrap_tokens::PgBootstrapTokenStore;
 pub use clusters::PgClusterStore;
 pub use conninfo::{MAX_KEEPALIVE_SECS, MAX_KEEPALIVES_COUNT, NetworkConfig};
 pub use deadline::{DeadlineConfig, DeadlineStats, PgConnectionManager};
+pub use diesel::PgConnection;
 pub use errors::{may_have_committed, store_error};
-pub use identity::{IdentityMismatch, ServerIdentity};
+pub use identity::{FoundTable, IdentityMismatch, ServerIdentity};
 pub use instances::PgInstanceStore;
 pub use operation::Operation;
 pub use pool::{
