@@ -247,6 +247,16 @@ fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
             reason: format!("applying migrations on start: {error}").into(),
             source: Some(Box::new(error)),
         },
+        // The role may not create what migrations make, or its search_path
+        // names no schema to create in: a grant or a setting to change,
+        // which no retry will (PostgreSQL's untranslated messages).
+        privilege if privilege_or_search_path(&privilege).is_some() => {
+            let hint = privilege_or_search_path(&privilege).unwrap_or_default();
+            StoreError::Configuration {
+                setting,
+                reason: format!("applying migrations on start: {privilege}; {hint}").into(),
+            }
+        }
         // A restart or failover under the runner: the files are not at
         // fault, and a later start finishes the job.
         lost if lost.is_connection_lost() => StoreError::Unavailable {
@@ -254,6 +264,32 @@ fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
             source: Some(Box::new(lost)),
         },
         other => StoreError::backend(format!("applying migrations on start: {other}"), other),
+    }
+}
+
+/// What to change when migrations fail for a privilege the migration
+/// role lacks or a `search_path` with no schema to create in; `None` for
+/// any other failure.
+fn privilege_or_search_path(error: &MigrateError) -> Option<&'static str> {
+    let message = match error {
+        // diesel shows a database error as PostgreSQL's message alone.
+        MigrateError::Database { source, .. } => source.to_string(),
+        MigrateError::MigrationFailed(failure) | MigrateError::SchemaWithoutHistory(failure) => failure.message.clone(),
+        _ => return None,
+    };
+    if message.starts_with("no schema has been selected to create in") {
+        Some(
+            "the role's search_path names no schema that exists: set one (ALTER ROLE ... SET search_path = public) \
+             or create it",
+        )
+    } else if message.starts_with("permission denied for ") || message.starts_with("must be owner of ") {
+        Some(
+            "the migration role lacks a privilege: migrate as the owner of the database and its schema (with \
+             DPLOYR_MIGRATE_DATABASE_URL, keeping DATABASE_URL for the service role), or GRANT CREATE ON SCHEMA \
+             public TO the role (PostgreSQL 15 no longer grants it to every role)",
+        )
+    } else {
+        None
     }
 }
 

@@ -571,3 +571,40 @@ fn a_migration_role_whose_search_path_puts_the_tables_where_the_service_role_doe
         ))
         .unwrap();
 }
+
+/// A migration role whose `search_path` names no schema that exists, or
+/// that may not create in the schema (a role that does not own the
+/// database, on PostgreSQL 15, which no longer grants CREATE on `public`
+/// to every role), is a setting to change, naming the URL's variable and
+/// what to do; it was `Backend` (a helper's probe). Nothing is migrated.
+#[test]
+fn a_migration_role_with_no_schema_to_create_in_or_no_right_to_create_is_a_configuration_error() {
+    use diesel::connection::SimpleConnection as _;
+    let db = dployr_testkit::empty_database();
+    let set_search_path = |value: &str| {
+        db.connect()
+            .batch_execute(&format!(
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path = {value}', current_database()); END $$"
+            ))
+            .unwrap();
+    };
+    set_search_path("nosuchschema");
+    let error = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap_err();
+    set_search_path("DEFAULT");
+    assert_eq!(setting_of(&error), "DATABASE_URL", "{error}");
+    assert!(error.to_string().contains("search_path names no schema"), "{error}");
+    assert!(unmigrated(&db));
+
+    if !db.superuser() {
+        eprintln!("skipped: making a role needs a superuser");
+        return;
+    }
+    let role = format!("dployr_nocreate_{}", db.name().replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    db.connect().batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN")).unwrap();
+    let url = dployr_testkit::server().unwrap().url_with(db.name(), &[("user", role.as_str())]);
+    let error = DataLayer::open(Config::new(url).with_kv(KvBackendConfig::Memory)).unwrap_err();
+    db.connect().batch_execute(&format!("DROP ROLE \"{role}\"")).unwrap();
+    assert_eq!(setting_of(&error), "DATABASE_URL", "{error}");
+    assert!(error.to_string().contains("GRANT CREATE ON SCHEMA public"), "{error}");
+    assert!(unmigrated(&db));
+}
