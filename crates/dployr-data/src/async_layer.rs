@@ -112,7 +112,11 @@
 //! When the last clone is dropped, the facade's threads finish the calls
 //! already queued and stop, and the last of them drops the data layer
 //! (closing connections and joining the purger's thread): a runtime's
-//! thread never blocks on it, inside a runtime or outside one.
+//! thread never blocks on it, inside a runtime or outside one. Threads of
+//! others may outlive it a while: r2d2's three per pool end at their next
+//! wake-up (up to about 30 s later), and the pools' deadline watchdog and
+//! sweeper are one thread each per process, for its life; a thread count
+//! taken just after the drop is not a leak.
 //!
 //! ```no_run
 //! use dployr_data::{AsyncDataLayer, Config, Email, NewUser, Provider};

@@ -7,7 +7,7 @@
 //! | route | what it does |
 //! |---|---|
 //! | `POST /sign-in/code` `{"email"}` | sends a one-time code (here: to the [`CodeSink`], the console in `main`); at most [`MAX_CODES_PER_WINDOW`] per address per [`CODE_WINDOW`], then 429 with `Retry-After` |
-//! | `POST /sign-in` `{"email","code"}` | checks the code (3 guesses), signs in: a new session id, the user in it |
+//! | `POST /sign-in` `{"email","code"}` | checks the code (3 guesses), signs in: a new session id, the user in it; a client that hangs up once the code is checked may have spent it with no session saved (the server drops the request's future), and asks for a new code |
 //! | `GET /me` | who is signed in |
 //! | `POST /clusters` | the caller's cluster (created on first call) |
 //! | `POST /clusters/{id}/members` `{"emails"}` | invites at most [`MAX_INVITES_PER_REQUEST`] addresses; only for developers and above (middleware calling `can_write`); answers each address with its role, never the profile of an account it names |
