@@ -438,14 +438,8 @@ fn with_migrations_off_a_malformed_migration_url_is_refused_and_an_unreachable_o
 /// ended.
 #[test]
 fn a_database_set_read_only_for_its_connections_is_a_configuration_error_not_unavailable() {
-    use diesel::connection::SimpleConnection as _;
     let db = dployr_testkit::empty_database();
-    db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on', \
-             current_database()); END $$",
-        )
-        .unwrap();
+    db.set_for_new_sessions("default_transaction_read_only", "on");
     let error = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap_err();
     assert_eq!(setting_of(&error), "DATABASE_URL", "{error}");
     assert!(error.to_string().contains("default_transaction_read_only"), "{error}");
@@ -461,15 +455,9 @@ fn a_database_set_read_only_for_its_connections_is_a_configuration_error_not_una
 /// so a busy machine fails the connection itself now and then.)
 #[test]
 fn a_database_with_a_one_millisecond_idle_in_transaction_timeout_migrates_on_open_and_serves() {
-    use diesel::connection::SimpleConnection as _;
     use dployr_data::{Email, UserStore as _};
     let db = dployr_testkit::empty_database();
-    db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET idle_in_transaction_session_timeout = %L', \
-             current_database(), '1ms'); END $$",
-        )
-        .unwrap();
+    db.set_for_new_sessions("idle_in_transaction_session_timeout", "'1ms'");
     let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
     assert!(!unmigrated(&db));
     // One statement, outside a transaction. The pool keeps a database's
@@ -487,29 +475,18 @@ fn a_database_with_a_one_millisecond_idle_in_transaction_timeout_migrates_on_ope
 /// naming it, before anything is migrated.
 #[test]
 fn a_database_whose_sessions_run_with_triggers_off_is_refused_at_open_naming_the_setting() {
-    use diesel::connection::SimpleConnection as _;
     let db = dployr_testkit::empty_database();
     if !db.superuser() {
         eprintln!("skipped: setting session_replication_role needs a superuser");
         return;
     }
-    db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET session_replication_role = replica', \
-             current_database()); END $$",
-        )
-        .unwrap();
+    db.set_for_new_sessions("session_replication_role", "replica");
     let error = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap_err();
     assert_eq!(setting_of(&error), "DATABASE_URL", "{error}");
     assert!(error.to_string().contains("session_replication_role = replica"), "{error}");
     assert!(unmigrated(&db));
     // `local` fires ordinary triggers: accepted.
-    db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET session_replication_role = local', \
-             current_database()); END $$",
-        )
-        .unwrap();
+    db.set_for_new_sessions("session_replication_role", "local");
     DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap();
 }
 
@@ -581,16 +558,9 @@ fn a_migration_role_whose_search_path_puts_the_tables_where_the_service_role_doe
 fn a_migration_role_with_no_schema_to_create_in_or_no_right_to_create_is_a_configuration_error() {
     use diesel::connection::SimpleConnection as _;
     let db = dployr_testkit::empty_database();
-    let set_search_path = |value: &str| {
-        db.connect()
-            .batch_execute(&format!(
-                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET search_path = {value}', current_database()); END $$"
-            ))
-            .unwrap();
-    };
-    set_search_path("nosuchschema");
+    db.set_for_new_sessions("search_path", "nosuchschema");
     let error = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Memory)).unwrap_err();
-    set_search_path("DEFAULT");
+    db.set_for_new_sessions("search_path", "DEFAULT");
     assert_eq!(setting_of(&error), "DATABASE_URL", "{error}");
     assert!(error.to_string().contains("search_path names no schema"), "{error}");
     assert!(unmigrated(&db));

@@ -783,12 +783,7 @@ fn a_commit_hidden_from_a_naive_reading_is_still_refused_by_name_before_anything
     ] {
         let db = empty_database();
         if scs_off {
-            db.connect()
-                .batch_execute(
-                    "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET standard_conforming_strings = off', \
-                     current_database()); END $$",
-                )
-                .unwrap();
+            db.set_for_new_sessions("standard_conforming_strings", "off");
         }
         let (_dir, set) = set_of(&[folder("001_b", up)]);
         match run(&db, &set) {
@@ -990,12 +985,7 @@ fn a_database_whose_sessions_run_with_triggers_off_is_refused_before_anything_is
         eprintln!("skipped: setting session_replication_role needs a superuser");
         return;
     }
-    db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET session_replication_role = replica', \
-             current_database()); END $$",
-        )
-        .unwrap();
+    db.set_for_new_sessions("session_replication_role", "replica");
     let error = MigrationRunner::new(db.url(), MigrationSet::embedded().unwrap()).run_pending(&mut |_| {}).unwrap_err();
     assert!(error.to_string().contains("session_replication_role = replica"), "{error}");
     let mut conn = db.connect();
@@ -1310,11 +1300,7 @@ fn an_idle_session_timeout_of_the_database_does_not_end_the_runner_between_attem
     let db = empty_database();
     let (dir, set) = set_of(&[folder("001_t", "CREATE TABLE t (id int);")]);
     run(&db, &set).unwrap();
-    db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET idle_session_timeout = 400', current_database()); END $$",
-        )
-        .unwrap();
+    db.set_for_new_sessions("idle_session_timeout", "400");
     // Waiting in a transaction is not idle: the holder keeps its lock.
     let release = hold_a_read_lock_for_a_while(&db, "t");
     write_folders(dir.path(), &[folder("002_alter", "ALTER TABLE t ADD COLUMN x int;")]);
@@ -1409,12 +1395,7 @@ fn a_run_allowing_a_newer_release_still_refuses_an_unknown_older_migration_a_gap
 fn a_read_only_database_is_refused_before_anything_runs_and_status_still_reads_it() {
     let db = empty_database();
     let (_dir, set) = set_of(&[folder("001_a", "CREATE TABLE a (id int);")]);
-    db.connect()
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on', \
-             current_database()); END $$",
-        )
-        .unwrap();
+    db.set_for_new_sessions("default_transaction_read_only", "on");
     let error = run(&db, &set).unwrap_err();
     assert!(
         matches!(&error, MigrateError::ReadOnlyServer { in_recovery: false, set_by: Some(source) } if source == "database"),

@@ -116,6 +116,20 @@ impl TestDatabase {
             .unwrap_or_else(|error| panic!("cannot ask test database {} for its role: {error}", self.name))
     }
 
+    /// `ALTER DATABASE ... SET setting = value` on this database: what every
+    /// session opened on it later starts with, as a DBA's setting would.
+    /// `value` is SQL (`'1ms'`, `replica`, `DEFAULT` to remove it).
+    ///
+    /// # Panics
+    /// If the server refuses it.
+    pub fn set_for_new_sessions(&self, setting: &str, value: &str) {
+        use diesel::connection::SimpleConnection as _;
+        let name = self.name.replace('"', "\"\"");
+        self.connect()
+            .batch_execute(&format!("ALTER DATABASE \"{name}\" SET {setting} = {value}"))
+            .unwrap_or_else(|error| panic!("cannot set {setting} on test database {}: {error}", self.name));
+    }
+
     /// `pg_dump --schema-only` of this database, for comparing schemas.
     ///
     /// The `\restrict` / `\unrestrict` lines that pg_dump 15.14+ writes
