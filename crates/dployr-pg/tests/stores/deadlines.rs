@@ -296,11 +296,16 @@ fn a_server_that_does_not_answer_holds_up_no_connect_to_another_server_on_its_po
         PoolConfig { max_size: 3, network: silent_network, ..short_deadlines() },
     )
     .unwrap();
+    // Three calls on its one answered connection, one after another: the
+    // second's call deadline (1.5 s) ends before the first two sleeps do,
+    // so at least one call fails whatever the machine's speed. (With 0.5 s
+    // sleeps the third finished at the edge of its deadline, and a fresh-
+    // clone CI saw every call answered.)
     let waiting: Vec<_> = (0..3)
         .map(|_| {
             let stuck = stuck.clone();
             thread::spawn(move || {
-                stuck.operation("test.call").run(|conn| diesel::sql_query("SELECT pg_sleep(0.5)").execute(conn))
+                stuck.operation("test.call").run(|conn| diesel::sql_query("SELECT pg_sleep(0.8)").execute(conn))
             })
         })
         .collect();
