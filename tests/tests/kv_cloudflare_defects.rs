@@ -418,7 +418,13 @@ fn a_hundred_values_none_of_them_text_are_each_read_in_order() {
 #[test]
 fn a_bulk_read_whose_values_make_too_long_an_answer_is_halved_and_reads_them_all() {
     let emulator = CloudflareEmulator::start();
-    let kv = CloudflareKv::new(config_for(&emulator)).unwrap();
+    // 80 MiB through a debug build's emulator and client: a call budget of
+    // a minute, not 5 s (a fresh-clone CI's first request timed out at 5 s);
+    // what is checked is the halving, not the speed.
+    let mut config = config_for(&emulator);
+    config.request_timeout = Duration::from_secs(60);
+    config.retry.max_elapsed = Duration::from_secs(60);
+    let kv = CloudflareKv::new(config).unwrap();
     let keys: Vec<String> = (0..40).map(|n| format!("long{n:02}")).collect();
     let value_of = |n: usize| format!("{n:02}").repeat(512 * 1024).into_bytes();
     for (n, key) in keys.iter().enumerate() {
