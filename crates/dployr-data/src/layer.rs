@@ -223,6 +223,15 @@ fn check_migration_tables(pool: &PgPool, conn: &mut PgConnection) -> StoreResult
 /// A migration error as the shared error: connection failures classified
 /// as the pool's are, a transaction pooler as the setting to change.
 fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
+    // The role may not create what migrations make, or its search_path
+    // names no schema to create in: a grant or a setting to change, which
+    // no retry will (PostgreSQL's untranslated messages).
+    if let Some(hint) = privilege_or_search_path(&error) {
+        return StoreError::Configuration {
+            setting,
+            reason: format!("applying migrations on start: {error}; {hint}").into(),
+        };
+    }
     match error {
         MigrateError::Connect(failure) => match failure.into_store_error(setting) {
             StoreError::Unavailable { reason, source } => {
@@ -247,16 +256,6 @@ fn migrate_error(error: MigrateError, setting: &'static str) -> StoreError {
             reason: format!("applying migrations on start: {error}").into(),
             source: Some(Box::new(error)),
         },
-        // The role may not create what migrations make, or its search_path
-        // names no schema to create in: a grant or a setting to change,
-        // which no retry will (PostgreSQL's untranslated messages).
-        privilege if privilege_or_search_path(&privilege).is_some() => {
-            let hint = privilege_or_search_path(&privilege).unwrap_or_default();
-            StoreError::Configuration {
-                setting,
-                reason: format!("applying migrations on start: {privilege}; {hint}").into(),
-            }
-        }
         // A restart or failover under the runner: the files are not at
         // fault, and a later start finishes the job.
         lost if lost.is_connection_lost() => StoreError::Unavailable {
