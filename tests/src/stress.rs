@@ -363,6 +363,13 @@ struct World {
     ticks: AtomicU64,
     /// Sessions created (the last 64), and whether a sign-out ended them.
     sessions: Mutex<Vec<MadeSession>>,
+    /// The calls that sign out and forget deleted accounts
+    /// (`data.delete_user`, `data.remove_users`): each listed account, the
+    /// tick the call started and the one it returned (`u64::MAX` while it
+    /// runs). A call that finds an account still to sign out owes its
+    /// sessions only if no other such call ran beside it: that one may have
+    /// ended them and forgotten the account first.
+    forgetters: Mutex<Vec<(UserId, u64, u64)>>,
     /// OAuth states created, and how many validations returned the state's
     /// data for each.
     states: Mutex<Vec<OAuthState>>,
@@ -926,18 +933,53 @@ impl World {
         Ok(())
     }
 
+    /// A call that forgets the accounts `users` it signs out began at
+    /// `started` (see `forgetters`); [`forgot`](Self::forgot) when it returns.
+    fn forgetting(&self, users: &[UserId], started: u64) {
+        let mut forgetters = self.forgetters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The last few hundred are enough to overlap any call still running.
+        if forgetters.len() > 512 {
+            forgetters.retain(|(_, _, returned)| *returned == u64::MAX);
+        }
+        forgetters.extend(users.iter().map(|user| (*user, started, u64::MAX)));
+    }
+
+    fn forgot(&self, started: u64, returned: u64) {
+        let mut forgetters = self.forgetters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for entry in forgetters.iter_mut().filter(|(_, began, _)| *began == started) {
+            entry.2 = returned;
+        }
+    }
+
+    /// Whether a call other than the one begun at `own` that forgets
+    /// accounts it signs out listed `user` and returned after `since` (or
+    /// runs still).
+    fn another_forgetter(&self, user: &UserId, own: u64, since: u64) -> bool {
+        let forgetters = self.forgetters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        forgetters.iter().any(|(listed, began, returned)| listed == user && *began != own && *returned > since)
+    }
+
     /// `DataLayer::remove_users`, recording the sign-outs it must have done:
-    /// of the listed accounts already gone when it began (an id never comes
-    /// back, so they are gone when it looks for them; its answer `NotFound`,
-    /// for a cluster gone, comes after that sign-out too). Those it deletes
-    /// itself cannot be told here from those another thread deletes beside
-    /// it; the burst checks them on an invitee no other thread knows.
+    /// of the listed accounts deleted and not yet signed out when it began
+    /// (by a store-level removal, or a call that failed half-way; an id never
+    /// comes back, so they are still to sign out when it looks, unless
+    /// another such call signed them out beside it; its answer `NotFound`,
+    /// for a cluster gone, comes after that sign-out too). An account an
+    /// earlier call signed out is not its to sign out again. Those it
+    /// deletes itself cannot be told here from those another thread deletes
+    /// beside it; the burst checks them on an invitee no other thread knows.
     fn remove_users_signing_out(&self, cluster: &ClusterId, ids: &[UserId]) -> StoreResult<()> {
         let started = self.tick();
-        let gone = self.users.missing(ids)?;
-        let removed = self.data.remove_users(cluster, ids);
+        self.forgetting(ids, started);
+        let pending = self.users.sessions_to_end(ids);
+        let removed = pending.map(|pending| (pending, self.data.remove_users(cluster, ids)));
+        let returned = self.tick();
+        self.forgot(started, returned);
+        let (pending, removed) = removed?;
         if let Ok(_) | Err(StoreError::NotFound { .. }) = removed {
-            self.record_sign_out("data.remove_users", &gone, started)?;
+            let owed: Vec<UserId> =
+                pending.into_iter().filter(|user| !self.another_forgetter(user, started, started)).collect();
+            self.record_sign_out("data.remove_users", &owed, started)?;
         }
         removed.map(drop)
     }
@@ -998,8 +1040,15 @@ impl World {
                 let operation = if with_account { "data.delete_user" } else { "kv.delete_user_sessions" };
                 self.call(operation, || {
                     let started = self.tick();
+                    if with_account {
+                        self.forgetting(&[*user], started);
+                    }
                     let signed_out =
                         if with_account { self.data.delete_user(user) } else { self.kv.delete_user_sessions(user) };
+                    if with_account {
+                        let returned = self.tick();
+                        self.forgot(started, returned);
+                    }
                     // delete_user's `NotFound` (a user already gone) comes
                     // after it ended their sessions all the same.
                     if let Ok(_) | Err(StoreError::NotFound { .. }) = signed_out {
@@ -2102,6 +2151,7 @@ pub fn run(database_url: &str, config: StressConfig) -> StressReport {
         bursts: AtomicU64::new(0),
         ticks: AtomicU64::new(0),
         sessions: Mutex::default(),
+        forgetters: Mutex::default(),
         states: Mutex::default(),
         states_taken: Mutex::default(),
         codes: Mutex::default(),

@@ -5,9 +5,13 @@
 
 #![cfg(test)]
 
+use std::time::Duration;
+
 use dployr_data::{
-    ClusterStore as _, DataLayer, Email, NewUser, Provider, SessionId, StoreError, User, UserId, UserStore as _,
+    CloudflareConfig, ClusterStore as _, Config, DataLayer, Email, KvBackendConfig, NewUser, Provider, SessionId,
+    StoreError, User, UserId, UserStore as _,
 };
+use dployr_kv::RetryPolicy;
 use dployr_testkit::{CloudflareEmulator, TestDatabase};
 use dployr_tests::data_layer_kv::{Kv, config};
 
@@ -103,6 +107,7 @@ fn a_user_already_gone_is_still_signed_out_and_reported_not_found() {
         other => panic!("expected the user not found, got {other:?}"),
     }
     assert_eq!(signed_in(&data, &sessions), 0, "the second call finished the job");
+    assert_eq!(data.users().sessions_to_end(&[ada.id]).unwrap(), [], "the account is no longer to sign out");
     match data.delete_user(&UserId::generate()) {
         Err(StoreError::NotFound { entity: "user", .. }) => {}
         other => panic!("expected the user not found, got {other:?}"),
@@ -191,4 +196,71 @@ fn a_removal_whose_sign_out_did_not_happen_is_finished_by_calling_again_after_th
         other => panic!("expected the cluster not found, got {other:?}"),
     }
     assert_eq!(signed_in(&data, &sessions), 0, "the second call finished the job");
+}
+
+/// On Cloudflare, removing more invitees than the account's request budget
+/// holds (1200 per 5 minutes, scaled down here) fails half-way with the
+/// backend's 429; each call again starts with the accounts the last one
+/// did not reach, so each goes further and one finishes: every session
+/// ended, no account left to sign out. (Before `024_sessions_to_end`, every
+/// retry listed the same accounts from the first and spent the budget on
+/// them, and the removal never finished.) Ids that never were accounts
+/// cost no request.
+#[test]
+fn a_removal_beyond_the_cloudflare_request_budget_is_finished_by_calls_that_each_go_further() {
+    let db = dployr_testkit::database();
+    let emulator = CloudflareEmulator::start();
+    let cloudflare = CloudflareConfig {
+        base_url: emulator.base_url().to_owned(),
+        retry: RetryPolicy {
+            initial_backoff: Duration::from_millis(10),
+            max_elapsed: Duration::from_millis(200),
+            ..RetryPolicy::default()
+        },
+        ..CloudflareConfig::new(emulator.account_id(), emulator.namespace_id(), emulator.api_token())
+    };
+    let data = DataLayer::open(Config::new(db.url()).with_kv(KvBackendConfig::Cloudflare(cloudflare))).unwrap();
+    let owner = user(&data, "owner@example.io");
+    let cluster = data.clusters().create_for_owner(&owner.id).unwrap();
+    let emails: Vec<Email> = (0..40).map(|i| Email::parse(&format!("guest-{i}@example.io")).unwrap()).collect();
+    let invitees: Vec<UserId> =
+        data.clusters().add_users(&cluster.id, &emails).unwrap().iter().map(|member| member.user_id).collect();
+    let mut sessions = Vec::new();
+    for id in invitees.iter().step_by(4) {
+        sessions.extend(sign_in(&data, &data.users().get(id).unwrap().unwrap(), 1));
+    }
+
+    emulator.set_request_budget(Some((15, Duration::from_secs(2))));
+    let mut left = invitees.len();
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        let result = data.remove_users(&cluster.id, &invitees);
+        let now_left = data.users().sessions_to_end(&invitees).unwrap().len();
+        match result {
+            Ok(_) => {
+                assert_eq!(now_left, 0, "call {calls} answered Ok with accounts left to sign out");
+                break;
+            }
+            Err(StoreError::Unavailable { .. }) => {
+                assert!(now_left < left, "call {calls} went no further: {now_left} of {left} accounts left");
+                left = now_left;
+            }
+            Err(other) => panic!("call {calls}: expected Ok or the budget's Unavailable, got {other:?}"),
+        }
+        assert!(calls < 20, "{left} accounts still to sign out after {calls} calls");
+        // The budget's window passes.
+        std::thread::sleep(Duration::from_millis(2100));
+    }
+    assert!(calls >= 3, "the budget did not bite: {calls} call(s)");
+    emulator.set_request_budget(None);
+    assert_eq!(signed_in(&data, &sessions), 0);
+    for id in &invitees {
+        assert_eq!(data.users().get(id).unwrap(), None);
+    }
+
+    let strangers: Vec<UserId> = (0..50).map(|_| UserId::generate()).collect();
+    let before = emulator.requests();
+    assert_eq!(data.remove_users(&cluster.id, &strangers).unwrap(), 0);
+    assert_eq!(emulator.requests() - before, 0, "ids that never were accounts cost no request");
 }

@@ -326,11 +326,26 @@ impl World {
                 let started = self.tick();
                 self.begin_delete("data.remove_users", &ids, started);
                 let gone = d.users().missing(&ids)?;
+                // Of those, the accounts deleted and not yet signed out (by
+                // a store-level removal, or a call that failed half-way):
+                // this call ends their sessions. An account an earlier call
+                // already signed out is not listed again (its sessions made
+                // since are `delete_user`'s to end), nor one that another
+                // deleter running beside this call may have signed out and
+                // forgotten first.
+                let pending: Vec<UserId> = d
+                    .users()
+                    .sessions_to_end(&ids)?
+                    .into_iter()
+                    .filter(|u| !self.another_deleter(u, started, started))
+                    .collect();
                 let r = d.remove_users(&cluster, &ids);
                 let t = self.tick();
                 self.end_delete("data.remove_users", &ids, started, t);
                 if let Ok(_) | Err(StoreError::NotFound { .. }) = r {
-                    self.kv_signed_out("data.remove_users", &gone, started);
+                    let pending: Vec<UserId> =
+                        pending.into_iter().filter(|u| !self.another_deleter(u, started, started)).collect();
+                    self.kv_signed_out("data.remove_users", &pending, started);
                 }
                 if r.is_ok() {
                     // Those it deleted itself (or a plain delete beside it:

@@ -633,17 +633,21 @@ impl DataLayer {
     /// found no connection or a call the deadline cut off); call again
     /// until `Ok` or `NotFound` all the same.
     pub fn delete_user(&self, user: &UserId) -> StoreResult<usize> {
-        match self.users.delete(user) {
-            Ok(()) => self.kv.delete_user_sessions(user),
+        let user = std::slice::from_ref(user);
+        match self.users.delete(&user[0]) {
+            Ok(()) => self.sign_out(user),
             Err(not_found @ StoreError::NotFound { .. }) => {
-                self.kv.delete_user_sessions(user)?;
+                // Whether or not an earlier call deleted it: one listing,
+                // and sessions made for an id that never was an account
+                // end too.
+                self.sign_out(user)?;
                 Err(not_found)
             }
             Err(lost) if dployr_pg::may_have_committed(&lost) => {
                 // The delete may have committed, its answer lost: a caller
                 // who then reads the account as gone would stop there, its
                 // sessions live for their TTL. Ended now if it is gone.
-                let _ignored = self.sign_out_missing(std::slice::from_ref(user));
+                let _ignored = self.sign_out_deleted(user);
                 Err(lost)
             }
             Err(refused) => Err(refused),
@@ -658,19 +662,28 @@ impl DataLayer {
     /// account that is gone). Returns how many sessions were ended.
     ///
     /// Two steps, as [`delete_user`](Self::delete_user): the removal, then
-    /// the sign-out of every listed account that no longer exists (one
-    /// statement finds them: those this call deleted, and those a call
-    /// that failed half-way deleted). If ending the sessions fails, the
-    /// accounts are already gone and the error is the key-value backend's;
-    /// calling again with the same ids finishes it, even once the cluster
-    /// itself is gone: the sign-out runs then too, and the answer is the
-    /// cluster's `NotFound`.
+    /// the sign-out of every listed account that was deleted and whose
+    /// sessions are not yet ended. The statement that deletes an account
+    /// remembers it (table `sessions_to_end`, in the same transaction), the
+    /// sign-out forgets it once its sessions are ended, and one statement
+    /// finds those of the list still remembered: those this call deleted,
+    /// and those a call that failed half-way deleted and did not sign out.
+    /// If ending the sessions fails, the accounts are already gone and the
+    /// error is the key-value backend's; calling again with the same ids
+    /// finishes it, starting with the accounts the failed call did not
+    /// reach, even once the cluster itself is gone: the sign-out runs then
+    /// too, and the answer is the cluster's `NotFound`.
     ///
-    /// The cost of that: one key-value listing per listed id without an
-    /// account, whether this call deleted it, an earlier one did, or it
-    /// never existed (the store cannot tell these apart). On Cloudflare
-    /// each listing is a request of the account's 1200 per 5 minutes: pass
-    /// the ids of members, not an unchecked list from a client.
+    /// The cost of that: one key-value listing per account still to sign
+    /// out, and none for an id that never was an account or whose sessions
+    /// an earlier call ended. On Cloudflare each listing is a request of
+    /// the account's 1200 per 5 minutes: removing more invitees than that
+    /// at once spends the budget, fails with the backend's `Unavailable`
+    /// (HTTP 429), and is finished by calling again once the budget is
+    /// back, each call going further. Not reached: sessions made for an id
+    /// that never was an account (ended by [`delete_user`](Self::delete_user)),
+    /// and those of accounts deleted before migration
+    /// `024_sessions_to_end`, which no statement remembered.
     ///
     /// # Errors
     /// As `remove_users` (`Conflict` on field `owner` when one of them owns
@@ -683,32 +696,63 @@ impl DataLayer {
     /// [`delete_user`](Self::delete_user) does.
     pub fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
         match self.clusters.remove_users(cluster, users) {
-            Ok(()) => self.sign_out_missing(users),
+            Ok(()) => self.sign_out_deleted(users),
             // The cluster was deleted after a call whose sign-out failed:
             // its accounts are gone with their sessions still there, and
             // this retry is the caller's only way to end them.
             Err(not_found @ StoreError::NotFound { .. }) => {
-                self.sign_out_missing(users)?;
+                self.sign_out_deleted(users)?;
                 Err(not_found)
             }
             // The removal may have committed, its answer lost (see
             // `delete_user`).
             Err(lost) if dployr_pg::may_have_committed(&lost) => {
-                let _ignored = self.sign_out_missing(users);
+                let _ignored = self.sign_out_deleted(users);
                 Err(lost)
             }
             Err(refused) => Err(refused),
         }
     }
 
-    /// Ends every session of the accounts among `users` that no longer
-    /// exist; returns how many it ended.
-    fn sign_out_missing(&self, users: &[UserId]) -> StoreResult<usize> {
+    /// Ends every session of the accounts among `users` that were deleted
+    /// and whose sessions are not yet ended (`users.sessions_to_end`);
+    /// returns how many sessions it ended. See [`sign_out`](Self::sign_out).
+    fn sign_out_deleted(&self, users: &[UserId]) -> StoreResult<usize> {
+        let pending = self.users.sessions_to_end(users)?;
+        self.sign_out(&pending)
+    }
+
+    /// Ends every session of `users`, one account after another, then
+    /// forgets the accounts whose sessions it ended among those to end
+    /// (`users.sessions_ended`, one statement): up to the first failure, so
+    /// that a retry after a failure half-way (on Cloudflare, the account's
+    /// request budget spent) starts where this one stopped instead of
+    /// listing the same accounts again. Returns how many sessions it ended.
+    fn sign_out(&self, users: &[UserId]) -> StoreResult<usize> {
         let mut ended = 0;
-        for user in self.users.missing(users)? {
-            ended += self.kv.delete_user_sessions(&user)?;
+        let mut done = 0;
+        let mut failed = None;
+        for user in users {
+            match self.kv.delete_user_sessions(user) {
+                Ok(count) => {
+                    ended += count;
+                    done += 1;
+                }
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
+            }
         }
-        Ok(ended)
+        if let Err(error) = self.users.sessions_ended(&users[..done]) {
+            // Their sessions are ended; a row left costs a retry naming
+            // the account one listing more, nothing else.
+            tracing::warn!(%error, accounts = done, "dployr.store: could not forget the accounts whose sessions were ended");
+        }
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(ended),
+        }
     }
 
     /// The name of the key-value backend of sessions: `memory`, `postgres` or `cloudflare`.

@@ -215,6 +215,9 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
             Unique { entity: "bootstrap token", field: "nonce" }
         }
         "kv_entries_pkey" => Unique { entity: "kv entry", field: "key" },
+        // Never raised: the delete trigger inserts with ON CONFLICT DO
+        // NOTHING (024_sessions_to_end).
+        "sessions_to_end_pkey" => Unique { entity: "account to sign out", field: "user" },
         "cluster_counts_pkey" => Unique { entity: "cluster counts", field: "cluster" },
         "user_clusters_user_id_fkey" => References { entity: "user" },
         "user_clusters_cluster_id_fkey" | "instances_cluster_id_fkey" => References { entity: "cluster" },

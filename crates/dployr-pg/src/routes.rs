@@ -75,7 +75,9 @@ reads! {
     UsersGetByEmail => "users.get_by_email", Primary,
         "on the sign-in path: it decides who is signing in, right after users.upsert may have created them";
     UsersMissing => "users.missing", Primary,
-        "decides whose sessions DataLayer::remove_users ends, right after the removal deleted accounts";
+        "which of a list of accounts are gone, asked right after a delete";
+    UsersSessionsToEnd => "users.sessions_to_end", Primary,
+        "decides whose sessions DataLayer::remove_users and delete_user end, right after they deleted accounts";
     ClustersGet => "clusters.get", Replica,
         "a cluster with its members, for display; every permission is checked by role_of or can_* on the primary";
     ClustersMembers => "clusters.members", Replica,
@@ -120,6 +122,7 @@ pub const WRITES: &[&str] = &[
     "users.upsert",
     "users.update",
     "users.delete",
+    "users.sessions_ended",
     "clusters.create_for_owner",
     "clusters.update",
     "clusters.delete",

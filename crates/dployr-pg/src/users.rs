@@ -14,7 +14,7 @@ use crate::PgPool;
 use crate::errors::Failure;
 use crate::parsed::{Parsed, Timestamp};
 use crate::routes::Read;
-use crate::schema::{clusters, user_clusters, users};
+use crate::schema::{clusters, sessions_to_end, user_clusters, users};
 use crate::sql::{coalesce, coalesce_nullable, coalesce_time, greatest, nullif};
 
 /// A `users` row as selected.
@@ -62,9 +62,10 @@ impl PgUserStore {
     }
 
     /// Of `ids`, those no user has, in one statement on the primary (so a
-    /// delete this thread just made is seen): how `DataLayer::remove_users`
-    /// finds the accounts whose sessions it must end, those a call that
-    /// failed half-way deleted included.
+    /// delete this thread just made is seen). Whose sessions
+    /// `DataLayer::remove_users` ends is
+    /// [`sessions_to_end`](Self::sessions_to_end)'s answer instead: an id
+    /// that never was an account costs nothing there.
     ///
     /// # Errors
     /// Backend errors.
@@ -78,6 +79,51 @@ impl PgUserStore {
         missing.sort_unstable();
         missing.dedup();
         Ok(missing)
+    }
+
+    /// Of `ids`, the deleted accounts whose sessions are not yet known to be
+    /// ended, in id order, in one statement on the primary: every statement
+    /// that deletes accounts remembers them (`024_sessions_to_end`), and
+    /// [`sessions_ended`](Self::sessions_ended) forgets them. How
+    /// `DataLayer::remove_users` and `DataLayer::delete_user` find whose
+    /// sessions to end, so that a retry after a sign-out that failed
+    /// half-way ends only the rest. An id of an account that exists again
+    /// (restored by hand) is not listed.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn sessions_to_end(&self, ids: &[UserId]) -> StoreResult<Vec<UserId>> {
+        let op = self.pool.read(Read::UsersSessionsToEnd);
+        let wanted: Vec<String> = ids.iter().map(UserId::to_string).collect();
+        let pending: Vec<Parsed<UserId>> = op.run(|conn| {
+            sessions_to_end::table
+                .filter(sessions_to_end::user_id.eq_any(&wanted))
+                .filter(diesel::dsl::not(diesel::dsl::exists(
+                    users::table.filter(users::id.eq(sessions_to_end::user_id)),
+                )))
+                .select(sessions_to_end::user_id)
+                .order(sessions_to_end::user_id)
+                .load(conn)
+        })?;
+        Ok(pending.into_iter().map(|id| id.0).collect())
+    }
+
+    /// Forgets `ids` among the accounts whose sessions are to be ended (see
+    /// [`sessions_to_end`](Self::sessions_to_end)): their sessions are
+    /// ended. One statement; ids not remembered are ignored.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn sessions_ended(&self, ids: &[UserId]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let op = self.pool.operation("users.sessions_ended");
+        let ended: Vec<String> = ids.iter().map(UserId::to_string).collect();
+        op.run(|conn| {
+            diesel::delete(sessions_to_end::table.filter(sessions_to_end::user_id.eq_any(&ended))).execute(conn)
+        })?;
+        Ok(())
     }
 }
 
