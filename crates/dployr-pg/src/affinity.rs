@@ -115,6 +115,12 @@ struct Parked {
 
 impl Affinity {
     /// The slots of a pool of `max_size` connections, swept by the process's sweeper.
+    /// What libpq said of the pool's last attempt to open a connection, if
+    /// it failed and none opened since; unredacted.
+    pub(crate) fn last_connect_error(&self) -> Option<String> {
+        self.events.last_connect_error()
+    }
+
     pub(crate) fn new(max_size: u32, events: Arc<PoolEvents>) -> Arc<Self> {
         // The coarse clock's origin is fixed no later than the pool, so that
         // every connection and every mark of the pool counts after it.

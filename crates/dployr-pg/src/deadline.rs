@@ -446,11 +446,32 @@ impl Deadlines {
     /// LDAP outage, a database renamed during a switch); r2d2's text, which
     /// carries libpq's last error and may echo the URL, is kept redacted as
     /// the source.
-    pub(crate) fn checkout_failed(&self, text: &str, wait: Duration) -> StoreError {
-        StoreError::Unavailable {
-            reason: format!("no PostgreSQL connection within {wait:?}").into(),
-            source: Some(Box::new(crate::pool::Redacted(dployr_domain::connection::redact(text, &self.database_url)))),
-        }
+    ///
+    /// r2d2 gives libpq's last error to the first checkout that times out
+    /// only; the others get `timed out waiting for connection` alone. So
+    /// `last_connect_error`, the pool's own copy (see
+    /// [`PoolEvents`](crate::metrics::PoolEvents)), stands in for it, and
+    /// the reason names it too (redacted, on one line), so that
+    /// `health()`, which shows reasons, tells a changed password from a
+    /// pool busy with slow calls.
+    pub(crate) fn checkout_failed(&self, text: &str, last_connect_error: Option<String>, wait: Duration) -> StoreError {
+        const TIMED_OUT: &str = "timed out waiting for connection";
+        let told =
+            text.strip_prefix(TIMED_OUT).and_then(|rest| rest.strip_prefix(": ")).filter(|cause| !cause.is_empty());
+        let cause = told.map(str::to_owned).or(last_connect_error);
+        let text = match (&cause, told) {
+            (Some(cause), None) => format!("{TIMED_OUT}: {cause}"),
+            _ => text.to_owned(),
+        };
+        let redacted = dployr_domain::connection::redact(&text, &self.database_url);
+        let reason = match redacted.strip_prefix(TIMED_OUT).and_then(|rest| rest.strip_prefix(": ")) {
+            Some(cause) if !cause.trim().is_empty() => format!(
+                "no PostgreSQL connection within {wait:?}; the last attempt to connect failed: {}",
+                cause.split_whitespace().collect::<Vec<_>>().join(" ")
+            ),
+            _ => format!("no PostgreSQL connection within {wait:?}"),
+        };
+        StoreError::Unavailable { reason: reason.into(), source: Some(Box::new(crate::pool::Redacted(redacted))) }
     }
 
     /// The longest a call may take: the call timeout, the margin and the grace.
@@ -501,8 +522,9 @@ impl Deadlines {
                 source: None,
             });
         }
-        let (mut conn, info) =
-            affinity.check_out(pool, wait).map_err(|e| self.checkout_failed(&e.to_string(), wait))?;
+        let (mut conn, info) = affinity
+            .check_out(pool, wait)
+            .map_err(|e| self.checkout_failed(&e.to_string(), affinity.last_connect_error(), wait))?;
         let call = Arc::new(Call {
             id: NEXT_CALL.fetch_add(1, Ordering::Relaxed),
             conn: Arc::clone(&info),

@@ -180,6 +180,11 @@ pub(crate) struct PoolEvents {
     connect_failures: AtomicU64,
     /// Whether the last attempt to open a connection failed (none yet: false).
     pub(crate) last_connect_failed: AtomicBool,
+    /// What libpq said of the last failed attempt to open a connection,
+    /// unredacted (it may hold the password): cleared when one opens. Told,
+    /// redacted, to every checkout that times out while it lasts: r2d2
+    /// hands its own copy to the first such checkout only.
+    last_connect_error: std::sync::Mutex<Option<String>>,
 }
 
 impl fmt::Debug for PoolEvents {
@@ -203,6 +208,7 @@ impl PoolEvents {
             closed: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             last_connect_failed: AtomicBool::new(false),
+            last_connect_error: std::sync::Mutex::new(None),
         });
         ::metrics::gauge!(POOL_MAX, "pool" => Arc::clone(&events.name)).set(f64::from(max_size));
         events
@@ -230,6 +236,16 @@ impl PoolEvents {
     /// server may open none for a while (see `crate::affinity`).
     pub(crate) fn last_connect_failed(&self) -> bool {
         self.last_connect_failed.load(Ordering::Relaxed)
+    }
+
+    /// What libpq said of the last attempt to open a connection, if it
+    /// failed and none opened since; unredacted.
+    pub(crate) fn last_connect_error(&self) -> Option<String> {
+        self.last_connect_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn set_last_connect_error(&self, error: Option<String>) {
+        *self.last_connect_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = error;
     }
 
     /// A connection handed out after waiting `waited`: by r2d2, or from
@@ -268,6 +284,7 @@ pub(crate) struct EventHandler(pub(crate) Arc<PoolEvents>);
 impl diesel::r2d2::HandleEvent for EventHandler {
     fn handle_acquire(&self, _event: AcquireEvent) {
         self.0.last_connect_failed.store(false, Ordering::Relaxed);
+        self.0.set_last_connect_error(None);
         self.0.opened.fetch_add(1, Ordering::Relaxed);
         counter(&self.0.series.opened).increment(1);
         self.0.set_gauges();
@@ -299,14 +316,16 @@ impl diesel::r2d2::HandleEvent for EventHandler {
     }
 }
 
-/// r2d2's error handler of a pool: counts failed connection attempts and
-/// logs nothing (libpq's text may hold the password; the checkout error
-/// reports it redacted).
+/// r2d2's error handler of a pool: counts failed connection attempts,
+/// keeps the last one's text for the checkouts that time out, and logs
+/// nothing (libpq's text may hold the password; the checkout error reports
+/// it redacted).
 #[derive(Debug)]
 pub(crate) struct ErrorHandler(pub(crate) Arc<PoolEvents>);
 
-impl<E> diesel::r2d2::HandleError<E> for ErrorHandler {
-    fn handle_error(&self, _error: E) {
+impl<E: fmt::Display> diesel::r2d2::HandleError<E> for ErrorHandler {
+    fn handle_error(&self, error: E) {
+        self.0.set_last_connect_error(Some(error.to_string()));
         self.0.last_connect_failed.store(true, Ordering::Relaxed);
         self.0.connect_failures.fetch_add(1, Ordering::Relaxed);
         counter(&self.0.series.connect_failures).increment(1);

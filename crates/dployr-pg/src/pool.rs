@@ -565,10 +565,9 @@ impl PgPool {
     /// [`StoreError::Unavailable`] when none is free or can be made within
     /// the connection timeout.
     pub fn get(&self) -> Result<PgPooledConnection, StoreError> {
-        self.affinity
-            .check_out(&self.inner, self.connection_timeout)
-            .map(|(conn, _)| conn)
-            .map_err(|e| self.deadlines.checkout_failed(&e.to_string(), self.connection_timeout))
+        self.affinity.check_out(&self.inner, self.connection_timeout).map(|(conn, _)| conn).map_err(|e| {
+            self.deadlines.checkout_failed(&e.to_string(), self.affinity.last_connect_error(), self.connection_timeout)
+        })
     }
 
     /// Whether the URL goes through a connection pooler in transaction mode

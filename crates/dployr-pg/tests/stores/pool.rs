@@ -530,3 +530,47 @@ fn a_database_dropped_under_an_open_pool_is_unavailable_and_retryable() {
     let checkout = pool.get().map(drop).unwrap_err();
     assert!(matches!(checkout, StoreError::Unavailable { .. }), "{checkout}");
 }
+
+/// While the server refuses new connections, every call that times out
+/// waiting for one says why in its reason (what `health()` shows), not
+/// only the first: r2d2 hands libpq's last error to one waiter.
+#[test]
+fn every_checkout_that_times_out_while_the_server_refuses_connections_tells_why() {
+    let db = dployr_testkit::database();
+    let config = PoolConfig { max_size: 4, connection_timeout: Duration::from_millis(400), ..PoolConfig::default() };
+    let pool = PgPool::connect(db.url(), config).unwrap();
+    let one = |pool: &PgPool| {
+        pool.operation("test.one")
+            .idempotent()
+            .run(|conn| diesel::select(1.into_sql::<diesel::sql_types::Integer>()).get_result::<i32>(conn))
+    };
+    assert_eq!(one(&pool).unwrap(), 1);
+    // From another database: a session cannot refuse connections to its own.
+    let mut admin = PgConnection::establish(&db.url().replacen(&format!("/{}", db.name()), "/postgres", 1)).unwrap();
+    diesel::sql_query(format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false", db.name())).execute(&mut admin).unwrap();
+    diesel::sql_query(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+        db.name()
+    ))
+    .execute(&mut admin)
+    .unwrap();
+    let errors: Vec<StoreError> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..6).map(|_| scope.spawn(|| one(&pool))).collect();
+        calls.into_iter().map(|call| call.join().unwrap().unwrap_err()).collect()
+    });
+    diesel::sql_query(format!("ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true", db.name())).execute(&mut admin).unwrap();
+    let timed_out: Vec<&StoreError> =
+        errors.iter().filter(|error| error.to_string().contains("no PostgreSQL connection within")).collect();
+    assert!(timed_out.len() >= 4, "most calls wait for a new connection: {errors:#?}");
+    for error in timed_out {
+        assert!(matches!(error, StoreError::Unavailable { .. }) && error.is_retryable(), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.contains("the last attempt to connect failed")
+                && text.contains("is not currently accepting connections"),
+            "the reason says why: {text}"
+        );
+        assert!(!text.contains('\n'), "on one line: {text:?}");
+    }
+    assert_eq!(one(&pool).unwrap(), 1, "serves again once the server accepts connections");
+}
