@@ -374,6 +374,43 @@ fn a_number_the_stores_cannot_read_stops_020_naming_the_check_until_it_is_change
     assert_eq!(count, 3);
 }
 
+/// A user whose metadata nests 110 levels, written by hand before 025
+/// (017 took up to 127): 026 stops naming the check, the table and the
+/// query that finds it; once the metadata nests less, it goes through and
+/// the three checks are validated.
+#[test]
+fn metadata_nested_past_100_levels_stops_026_naming_the_check_until_it_is_changed() {
+    let db = empty_database();
+    let (_dir, set) = migrations_before("025");
+    run(&db, set).unwrap();
+    let mut conn = db.connect();
+    let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    in_one_transaction(
+        &mut conn,
+        &[&format!(
+            "INSERT INTO users (id, email, name, provider, metadata) VALUES ('01J00000000000000000000001', 'o@example.io', 'O', 'github', '{{\"a\": {}}}')",
+            nested(109)
+        )],
+    );
+    let error = run(&db, all_migrations()).unwrap_err();
+    assert!(
+        error.contains("026_metadata_nesting_with_room_validated")
+            && error.contains(
+                "1 row(s) of users hold metadata nested more than 100 levels (check users_metadata_readable)"
+            )
+            && error.contains("SELECT * FROM users WHERE NOT"),
+        "{error}"
+    );
+    conn.batch_execute(&format!("UPDATE users SET metadata = '{{\"a\": {}}}'", nested(99))).unwrap();
+    let applied = run(&db, all_migrations()).unwrap();
+    assert!(applied.iter().any(|name| name.starts_with("026")), "{applied:?}");
+    let validated = "SELECT count(*) FROM pg_constraint WHERE conname LIKE '%_metadata_readable' AND convalidated";
+    let count: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!("({validated})")))
+        .get_result(&mut conn)
+        .unwrap();
+    assert_eq!(count, 3);
+}
+
 /// Rows from before `021_spent_nonces_guarded` that break what it refuses:
 /// `022` mends a token used before it was made (as the stores could stamp
 /// one after a clock step: its use moved to its creation) and marks used a

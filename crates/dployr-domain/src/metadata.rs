@@ -11,7 +11,10 @@
 //! read of its row (a user locked out of sign-in, a cluster whose instances
 //! cannot be listed). 64 leaves room for what the stores and their callers
 //! wrap around metadata (`{"gitHub": settings}`, a session, an API
-//! response) and is far beyond any real settings object.
+//! response) and is far beyond any real settings object. The schema
+//! refuses more than 100 levels from SQL written by hand
+//! (`025_metadata_nesting_with_room`), so a record holding metadata, in a
+//! page, still reads back.
 //!
 //! Numbers: `jsonb` keeps a number as PostgreSQL `numeric` and prints it back
 //! in plain decimal notation with the scale it was written with (`1e16`

@@ -1,8 +1,10 @@
 //! What a store returns serializes and deserializes back equal, whatever
 //! the schema let it grow to: metadata merged past the 64 KiB a single
-//! write may bring (the schema stores up to 128 KiB), or one level deeper
+//! write may bring (the schema stores up to 128 KiB), one level deeper
 //! than a write may nest (`install_github_integration` wraps the settings
-//! it was given in `gitHub`). The limits of a write are for what comes in.
+//! it was given in `gitHub`), or as deep as the schema takes from SQL
+//! written by hand (100 levels, `025_metadata_nesting_with_room`), also in
+//! a page. The limits of a write are for what comes in.
 
 #![cfg(test)]
 
@@ -10,7 +12,7 @@ use std::collections::BTreeMap;
 
 use chrono::Utc;
 use dployr_domain::{
-    Cluster, ClusterId, Email, Instance, InstanceId, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, Member, Metadata,
+    Cluster, ClusterId, Email, Instance, InstanceId, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, Member, Metadata, Paged,
     Provider, Role, User, UserId,
 };
 use serde_json::{Value, json};
@@ -30,9 +32,19 @@ fn one_level_deeper_than_a_write() -> Value {
     json!({ "gitHub": settings })
 }
 
+/// An object nested 100 levels, itself included: the most the schema takes
+/// (`*_metadata_readable`, 025).
+fn as_deep_as_the_schema_takes() -> Value {
+    let mut nested = json!("leaf");
+    for _ in 0..100 {
+        nested = json!({ "k": nested });
+    }
+    nested
+}
+
 #[test]
 fn stored_records_round_trip_through_serde_whatever_the_schema_let_their_metadata_grow_to() {
-    for stored in [merged_past_a_writes_limit(), one_level_deeper_than_a_write()] {
+    for stored in [merged_past_a_writes_limit(), one_level_deeper_than_a_write(), as_deep_as_the_schema_takes()] {
         assert!(Metadata::try_from(stored.clone()).is_err(), "a write could not bring this itself");
         let metadata = Metadata::from_stored(stored);
         let user = User {
@@ -68,6 +80,9 @@ fn stored_records_round_trip_through_serde_whatever_the_schema_let_their_metadat
         };
         let text = serde_json::to_string(&instance).unwrap();
         assert_eq!(serde_json::from_str::<Instance>(&text).unwrap(), instance);
+        let page = Paged { items: vec![instance], total: 1, next: None };
+        let text = serde_json::to_string(&page).unwrap();
+        assert_eq!(serde_json::from_str::<Paged<Instance>>(&text).unwrap(), page);
     }
 }
 

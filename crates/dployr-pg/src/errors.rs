@@ -301,7 +301,11 @@ pub(crate) fn constraint_rule(name: &str) -> Option<Rule> {
             Check { field: "time", reason: "must be within the years 1 to 9999, where the stores read it" }
         }
         "users_metadata_readable" | "clusters_metadata_readable" | "instances_metadata_readable" => {
-            Check { field: "metadata", reason: "is nested 128 levels or more, past what the stores read" }
+            // 017, tightened by 025.
+            Check {
+                field: "metadata",
+                reason: "is nested more than 100 levels, past what a record holding it reads back (serde_json stops at 128)",
+            }
         }
         // 019_metadata_numbers_readable: `Metadata` holds 64-bit floats.
         "users_metadata_numbers_readable"
