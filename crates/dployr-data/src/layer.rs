@@ -629,7 +629,8 @@ impl DataLayer {
     /// ([`may_have_committed`](dployr_pg::may_have_committed)) may hide a
     /// delete that committed, its answer lost: the call then looks whether
     /// the account is gone and, if so, ends its sessions before answering
-    /// (one more statement, on a new connection; none after a checkout that
+    /// (one more statement, on a new connection, and one that forgets the
+    /// account once its sessions are ended; none after a checkout that
     /// found no connection or a call the deadline cut off); call again
     /// until `Ok` or `NotFound` all the same.
     pub fn delete_user(&self, user: &UserId) -> StoreResult<usize> {
@@ -689,10 +690,11 @@ impl DataLayer {
     /// As `remove_users` (`Conflict` on field `owner` when one of them owns
     /// the cluster, nothing removed and no one signed out; `NotFound` for a
     /// cluster that does not exist, after signing out the listed accounts
-    /// that do not exist either); the key-value backend's errors from the
-    /// second step. After `Unavailable` from a removal whose connection was
-    /// lost under it, which may have committed unanswered, the listed
-    /// accounts that are gone are signed out before answering, as
+    /// an earlier call deleted and did not sign out); the key-value
+    /// backend's errors from the second step. After `Unavailable` from a
+    /// removal whose connection was lost under it, which may have committed
+    /// unanswered, the listed accounts it deleted are signed out before
+    /// answering, as
     /// [`delete_user`](Self::delete_user) does.
     pub fn remove_users(&self, cluster: &ClusterId, users: &[UserId]) -> StoreResult<usize> {
         match self.clusters.remove_users(cluster, users) {
