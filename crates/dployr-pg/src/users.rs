@@ -127,6 +127,17 @@ impl PgUserStore {
     }
 }
 
+/// An e-mail that looks a user up, made by `Email::from_stored` (a record
+/// deserialized from a cache, another service's answer) and so never
+/// checked: one with a NUL is refused by name here, where PostgreSQL would
+/// refuse the text as input of no field.
+fn refuse_nul(field: &'static str, text: &str) -> StoreResult<()> {
+    if text.contains('\0') {
+        return Err(StoreError::invalid(field, "holds a NUL character, which PostgreSQL text cannot store"));
+    }
+    Ok(())
+}
+
 /// The picture URL's rule (the name's is [`DisplayName`]'s).
 fn check_picture(picture: Option<&str>) -> StoreResult<()> {
     if let Some(picture) = picture {
@@ -227,6 +238,7 @@ impl UserStore for PgUserStore {
     }
 
     fn get_by_email(&self, email: &Email) -> StoreResult<Option<User>> {
+        refuse_nul("email", email.as_str())?;
         let op = self.pool.read(Read::UsersGetByEmail);
         let row = op.run(|conn| {
             users::table.filter(users::email.eq(email.as_str())).select(UserRow::as_select()).first(conn).optional()
@@ -235,6 +247,7 @@ impl UserStore for PgUserStore {
     }
 
     fn update(&self, email: &Email, patch: UserPatch) -> StoreResult<Option<User>> {
+        refuse_nul("email", email.as_str())?;
         let op = self.pool.operation("users.update");
         check_picture(patch.picture.as_deref())?;
         let picture = patch.picture.as_deref().map(|picture| if text::is_blank(picture) { "" } else { picture });

@@ -1147,9 +1147,12 @@ fn unchecked_metadata_and_emails_from_records_are_invalid_input_and_nothing_is_w
         }
     }
     assert_eq!(f.fingerprint(), before);
-    // An e-mail with a NUL, looked up: the server refuses the text.
-    let error = f.users.get_by_email(&Email::from_stored("a\u{0}b@example.io".into())).unwrap_err();
-    assert_eq!(invalid_field(&error), Some("input"), "{error}");
+    // An e-mail with a NUL, looking a user up: refused by name.
+    let with_nul = Email::from_stored("a\u{0}b@example.io".into());
+    let error = f.users.get_by_email(&with_nul).unwrap_err();
+    assert_eq!(invalid_field(&error), Some("email"), "{error}");
+    let error = f.users.update(&with_nul, UserPatch::default()).unwrap_err();
+    assert_eq!(invalid_field(&error), Some("email"), "{error}");
     // Addresses Email::parse would not give back as they are: written, each
     // would be a second account beside the normalised one, or one nobody
     // can sign in with.
