@@ -72,7 +72,11 @@ fn postgres_kv(pool: &PgPool, purge_every: Option<Duration>) -> StoreResult<(PgK
     Ok((PgKv::new(pool.clone()), purge_every))
 }
 
-/// A TTL the key-value store refuses is a setting to change: named by its
+/// The setting named when `KvStoreConfig::otp_max_attempts` is refused: no
+/// environment variable sets it.
+const OTP_MAX_ATTEMPTS_SETTING: &str = "KvStoreConfig::otp_max_attempts";
+
+/// A TTL or attempt limit the key-value store refuses is a setting to change: named by its
 /// variable, and, once the backends are chosen, by the backend whose limit
 /// refused it and the variable that chose it (`sessions`, `one_time`: their
 /// names; `one_time_chosen_by`: `DPLOYR_KV_ONE_TIME`, or `DPLOYR_KV` where
@@ -95,6 +99,9 @@ fn kv_setting_error(error: StoreError, backends: Option<(&str, &str)>, one_time_
             "otp_ttl" => {
                 StoreError::Configuration { setting: OTP_TTL_VAR, reason: on(reason, one_time_chosen_by, one_time) }
             }
+            // No variable sets it: named by the field a `Config` built in
+            // code sets, so that every refusal of `open` is `Configuration`.
+            "otp_max_attempts" => StoreError::Configuration { setting: OTP_MAX_ATTEMPTS_SETTING, reason },
             field => StoreError::Invalid { field, reason },
         },
         other => other,

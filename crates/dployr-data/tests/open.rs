@@ -249,6 +249,12 @@ fn a_key_value_setting_no_server_could_take_is_refused_before_connecting_naming_
         ),
         (down().with_kv(KvBackendConfig::Postgres { purge_every: Some(Duration::ZERO) }), "DPLOYR_KV_PURGE_EVERY_SECS"),
         (down().with_kv(KvBackendConfig::Memory).with_one_time_kv(OneTimeKvConfig::Cloudflare), "DPLOYR_KV_ONE_TIME"),
+        // Set in code only (no variable): named by its field, as documented
+        // (it was `Invalid`, which `open` does not list: a docs audit).
+        (
+            kv_store(KvStoreConfig { otp_max_attempts: 0, ..KvStoreConfig::default() }),
+            "KvStoreConfig::otp_max_attempts",
+        ),
     ] {
         match DataLayer::open(config) {
             Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, variable),
