@@ -264,3 +264,39 @@ fn a_removal_beyond_the_cloudflare_request_budget_is_finished_by_calls_that_each
     assert_eq!(data.remove_users(&cluster.id, &strangers).unwrap(), 0);
     assert_eq!(emulator.requests() - before, 0, "ids that never were accounts cost no request");
 }
+
+/// Accounts deleted through the stores directly (whose callers keep their
+/// sessions) are remembered as `delete_user`'s are, and no sign-out
+/// forgets them by name: `sessions_to_end` grew by one row per such
+/// account for good (a helper's soak). `open` forgets those older than the
+/// sessions' TTL, which no session made before the delete outlives; a
+/// younger one stays, and `remove_users` naming it still ends its sessions.
+#[test]
+fn open_forgets_accounts_deleted_through_the_stores_once_older_than_the_sessions_ttl() {
+    use diesel::RunQueryDsl as _;
+    let db = dployr_testkit::database();
+    let (config, _emulator) = config(&db, Kv::Postgres);
+    let session_ttl = config.kv_store.session_ttl;
+    let data = DataLayer::open(config.clone()).unwrap();
+    let (cluster, guest, sessions) = a_signed_in_invitee(&data);
+    let old = user(&data, "old@example.io");
+    data.users().delete(&old.id).unwrap();
+    data.clusters().remove_users(&cluster, &[guest.id]).unwrap();
+    assert_eq!(data.users().sessions_to_end(&[old.id, guest.id]).unwrap().len(), 2);
+    let mut conn = db.connect();
+    diesel::sql_query(format!(
+        "UPDATE sessions_to_end SET deleted_at = now() - make_interval(secs => {}) WHERE user_id = '{}'",
+        session_ttl.as_secs() + 1,
+        old.id
+    ))
+    .execute(&mut conn)
+    .unwrap();
+    drop(data);
+
+    let data = DataLayer::open(config).unwrap();
+    assert_eq!(data.users().sessions_to_end(&[old.id, guest.id]).unwrap(), [guest.id]);
+    assert_eq!(signed_in(&data, &sessions), 2);
+    assert_eq!(data.remove_users(&cluster, &[guest.id]).unwrap(), 2);
+    assert_eq!(signed_in(&data, &sessions), 0);
+    assert_eq!(data.users().sessions_to_end(&[old.id, guest.id]).unwrap(), []);
+}

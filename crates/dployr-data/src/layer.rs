@@ -48,6 +48,9 @@ pub struct DataLayer {
     kv_backend: &'static str,
     one_time_kv_backend: &'static str,
     applied_on_open: Vec<String>,
+    /// The sessions' TTL: a deleted account remembered longer than this
+    /// has no session left to end (see `forget_sessions_to_end`).
+    sessions_ttl: Duration,
     /// Where the migrations' status is read for `health()`; never printed.
     migration_url: String,
     /// Whether that is the primary's URL (no migration URL of its own).
@@ -135,6 +138,25 @@ fn one_time_on_cloudflare_alone() -> StoreError {
     StoreError::Configuration {
         setting: KV_ONE_TIME_VAR,
         reason: "is cloudflare, which needs the sessions on Cloudflare (DPLOYR_KV=cloudflare)".into(),
+    }
+}
+
+/// Forgets the deleted accounts remembered longer than the sessions' TTL
+/// (`sessions_to_end`, `027_sessions_to_end_by_age`): those deleted through
+/// the stores directly or by hand, which no sign-out of the data layer
+/// forgets by name, are bounded so to one TTL's worth of deletions (and,
+/// between opens, by each sign-out's forget, which takes them too). One
+/// statement at open; a failure (a read-only server with migrations off, a
+/// schema older than 024) only warns: it costs rows, never a sign-out.
+fn forget_sessions_to_end(users: &PgUserStore, sessions_ttl: Duration) {
+    match users.forget_sessions_to_end_older_than(sessions_ttl) {
+        Ok(0) => {}
+        Ok(forgotten) => {
+            tracing::debug!(forgotten, "dployr.store: forgot deleted accounts older than the sessions' TTL");
+        }
+        Err(error) => {
+            tracing::warn!(%error, "dployr.store: could not forget the deleted accounts older than the sessions' TTL");
+        }
     }
 }
 
@@ -552,9 +574,12 @@ impl DataLayer {
         }
 
         let purger = purge.map(|(kv, every)| start_purger(&kv, every)).transpose()?;
+        let sessions_ttl = kv_store.session_ttl;
+        let users = PgUserStore::new(pool.clone());
+        forget_sessions_to_end(&users, sessions_ttl);
 
         Ok(Self {
-            users: PgUserStore::new(pool.clone()),
+            users,
             clusters: PgClusterStore::new(pool.clone()),
             instances: PgInstanceStore::new(pool.clone()),
             bootstrap_tokens: PgBootstrapTokenStore::new(pool.clone()),
@@ -563,6 +588,7 @@ impl DataLayer {
             kv_backend,
             one_time_kv_backend,
             applied_on_open,
+            sessions_ttl,
             migrations_on_primary: migration_url == config.database_url,
             migration_url,
             migrations_probe: health::ProbeInFlight::default(),
@@ -753,7 +779,7 @@ impl DataLayer {
                 }
             }
         }
-        if let Err(error) = self.users.sessions_ended(&users[..done]) {
+        if let Err(error) = self.users.sessions_ended(&users[..done], self.sessions_ttl) {
             // Their sessions are ended; a row left costs a retry naming
             // the account one listing more, nothing else.
             tracing::warn!(%error, accounts = done, "dployr.store: could not forget the accounts whose sessions were ended");

@@ -123,6 +123,7 @@ pub const WRITES: &[&str] = &[
     "users.update",
     "users.delete",
     "users.sessions_ended",
+    "users.forget_sessions_to_end",
     "clusters.create_for_owner",
     "clusters.update",
     "clusters.delete",

@@ -147,7 +147,7 @@ diesel::table! {
 }
 
 diesel::table! {
-    /// Deleted accounts whose sessions are not yet known to be ended: DataLayer ends them, then forgets the row.
+    /// Deleted accounts whose sessions are not yet known to be ended: DataLayer ends them, then forgets the row; or forgets it once older than the sessions' TTL.
     sessions_to_end (user_id) {
         /// The `user_id` column of the `sessions_to_end` table.
         ///

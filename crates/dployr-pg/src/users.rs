@@ -1,7 +1,10 @@
 //! `PgUserStore`: users in PostgreSQL. Every query behind `UserStore` is in
 //! this file.
 
+use std::time::Duration;
+
 use diesel::prelude::*;
+use diesel::sql_types::Double;
 use diesel::upsert::excluded;
 use dployr_domain::text::{self, Blank};
 use dployr_domain::{
@@ -16,6 +19,20 @@ use crate::parsed::{Parsed, Timestamp};
 use crate::routes::Read;
 use crate::schema::{clusters, sessions_to_end, user_clusters, users};
 use crate::sql::{coalesce, coalesce_nullable, coalesce_time, greatest, nullif};
+
+/// The server's `now()` less `age` (in the server's clock, as the rows'
+/// `deleted_at`); an age past [`LONGEST_SESSION_TTL`] counts as that.
+macro_rules! deleted_before {
+    ($age:expr) => {
+        diesel::dsl::sql::<diesel::sql_types::Timestamptz>("now() - make_interval(secs => ")
+            .bind::<Double, _>($age.min(LONGEST_SESSION_TTL).as_secs_f64())
+            .sql(")")
+    };
+}
+
+/// The longest age `deleted_before!` takes: the longest TTL a key-value
+/// backend takes (`dployr_domain::MAX_TTL`, 100 years).
+const LONGEST_SESSION_TTL: Duration = dployr_domain::MAX_TTL;
 
 /// A `users` row as selected.
 #[derive(Queryable, Selectable)]
@@ -110,20 +127,51 @@ impl PgUserStore {
 
     /// Forgets `ids` among the accounts whose sessions are to be ended (see
     /// [`sessions_to_end`](Self::sessions_to_end)): their sessions are
-    /// ended. One statement; ids not remembered are ignored.
+    /// ended. Forgets too every account deleted longer than `sessions_ttl`
+    /// ago (see [`forget_sessions_to_end_older_than`](Self::forget_sessions_to_end_older_than)).
+    /// One statement, none for no ids; ids not remembered are ignored.
     ///
     /// # Errors
     /// Backend errors.
-    pub fn sessions_ended(&self, ids: &[UserId]) -> StoreResult<()> {
+    pub fn sessions_ended(&self, ids: &[UserId], sessions_ttl: Duration) -> StoreResult<()> {
         if ids.is_empty() {
             return Ok(());
         }
         let op = self.pool.operation("users.sessions_ended");
         let ended: Vec<String> = ids.iter().map(UserId::to_string).collect();
+        // One scan of the table's rows (a bitmap of both indexes, or the
+        // table), in the rows' order whatever the ids' order, the same for
+        // every such statement: two never wait for each other crosswise.
         op.run(|conn| {
-            diesel::delete(sessions_to_end::table.filter(sessions_to_end::user_id.eq_any(&ended))).execute(conn)
+            diesel::delete(
+                sessions_to_end::table.filter(
+                    sessions_to_end::user_id
+                        .eq_any(&ended)
+                        .or(sessions_to_end::deleted_at.lt(deleted_before!(sessions_ttl))),
+                ),
+            )
+            .execute(conn)
         })?;
         Ok(())
+    }
+
+    /// Forgets every account deleted longer than `sessions_ttl` ago among
+    /// those whose sessions are to be ended, and returns how many: any
+    /// session made before such an account was deleted has expired, so a
+    /// sign-out would find none of them. Accounts deleted through the
+    /// stores directly (`users.delete`, `clusters.remove_users`) or by hand
+    /// are remembered as those of `DataLayer`'s calls are, and no sign-out
+    /// forgets them by name: this bounds them to one session TTL's worth.
+    /// One statement (index `sessions_to_end_deleted_at_idx`).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn forget_sessions_to_end_older_than(&self, sessions_ttl: Duration) -> StoreResult<usize> {
+        let op = self.pool.operation("users.forget_sessions_to_end");
+        op.run(|conn| {
+            diesel::delete(sessions_to_end::table.filter(sessions_to_end::deleted_at.lt(deleted_before!(sessions_ttl))))
+                .execute(conn)
+        })
     }
 }
 

@@ -133,7 +133,11 @@ fn every_read_is_one_statement_and_every_write_one_transaction() {
     check(&f, &mut b, "users.get_by_email", 1, 0, || drop(f.users.get_by_email(&ada.email).unwrap()));
     check(&f, &mut b, "users.missing", 1, 0, || drop(f.users.missing(&[ada.id, carol.id]).unwrap()));
     check(&f, &mut b, "users.sessions_to_end", 1, 0, || drop(f.users.sessions_to_end(&[ada.id, carol.id]).unwrap()));
-    check(&f, &mut b, "users.sessions_ended", 1, 0, || f.users.sessions_ended(&[ada.id, carol.id]).unwrap());
+    let week = std::time::Duration::from_secs(7 * 24 * 60 * 60);
+    check(&f, &mut b, "users.sessions_ended", 1, 0, || f.users.sessions_ended(&[ada.id, carol.id], week).unwrap());
+    check(&f, &mut b, "users.forget_sessions_to_end", 1, 0, || {
+        f.users.forget_sessions_to_end_older_than(week).unwrap();
+    });
     check(&f, &mut b, "clusters.get", 1, 0, || drop(f.clusters.get(&cluster).unwrap()));
     check(&f, &mut b, "clusters.pending_invites", 1, 0, || drop(f.clusters.pending_invites(&carol.id).unwrap()));
     check(&f, &mut b, "clusters.owned_cluster", 1, 0, || drop(f.clusters.owned_cluster(&bob.id).unwrap()));

@@ -292,3 +292,50 @@ fn a_sign_in_whose_metadata_would_overfill_a_cluster_it_runs_is_invalid_saying_s
     assert_eq!(f.users.get(&owner.id).unwrap().unwrap().metadata, owner.metadata, "the user's row is untouched");
     assert!(f.clusters.get(&cluster.id).unwrap().unwrap().metadata.get("c").is_none());
 }
+
+/// An account deleted through the store (or by hand) is remembered as one
+/// that `DataLayer`'s sign-out deletes is, but no sign-out forgets it by
+/// name: `sessions_to_end` grew by a row per such account for good (a
+/// helper's soak). Once older than the sessions' TTL, no session made
+/// before the delete is left, and both the forget by age and each
+/// sign-out's forget take it; a younger one stays.
+#[test]
+fn deleted_accounts_older_than_the_sessions_ttl_are_forgotten_and_younger_ones_kept() {
+    use diesel::RunQueryDsl as _;
+    use std::time::Duration;
+    let f = Fixture::new();
+    let week = Duration::from_secs(7 * 24 * 60 * 60);
+    let [old, young, older, kept] =
+        ["old", "young", "older", "kept"].map(|name| f.user(&format!("{name}@example.io")).id);
+    for id in [old, young, older, kept] {
+        f.users.delete(&id).unwrap();
+    }
+    let all = [old, young, older, kept];
+    let mut sorted = all;
+    sorted.sort_unstable();
+    assert_eq!(f.users.sessions_to_end(&all).unwrap(), sorted);
+    let mut conn = f.db.connect();
+    let mut age = |id: &dployr_domain::UserId, by: &str| {
+        diesel::sql_query(format!(
+            "UPDATE sessions_to_end SET deleted_at = now() - interval '{by}' WHERE user_id = '{id}'"
+        ))
+        .execute(&mut conn)
+        .unwrap();
+    };
+    age(&old, "7 days 1 second");
+    age(&young, "6 days 23 hours");
+    assert_eq!(f.users.forget_sessions_to_end_older_than(week).unwrap(), 1);
+    let mut left = vec![young, older, kept];
+    left.sort_unstable();
+    assert_eq!(f.users.sessions_to_end(&all).unwrap(), left);
+
+    // A sign-out's forget takes the old ones too, beside those it names.
+    age(&older, "30 days");
+    f.users.sessions_ended(&[kept], week).unwrap();
+    assert_eq!(f.users.sessions_to_end(&all).unwrap(), [young]);
+
+    // A TTL past any a backend takes (and the longest) forgets nothing young.
+    assert_eq!(f.users.forget_sessions_to_end_older_than(Duration::MAX).unwrap(), 0);
+    assert_eq!(f.users.forget_sessions_to_end_older_than(Duration::ZERO).unwrap(), 1);
+    assert_eq!(f.users.sessions_to_end(&all).unwrap(), []);
+}
