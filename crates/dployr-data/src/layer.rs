@@ -418,7 +418,9 @@ impl DataLayer {
     /// that would give wrong answers there, builds the key-value backends
     /// and checks their settings, then (only then: a process that refuses
     /// its settings migrates nothing) applies pending migrations if
-    /// configured, and starts the key-value purger.
+    /// configured, starts the key-value purger, and forgets the deleted
+    /// accounts remembered for a sign-out longer than the sessions' TTL
+    /// (one statement; see [`remove_users`](Self::remove_users)).
     ///
     /// # Errors
     /// [`StoreError::Configuration`] naming `DATABASE_URL` (or
@@ -714,8 +716,13 @@ impl DataLayer {
     /// the account's 1200 per 5 minutes: removing more invitees than that
     /// at once spends the budget, fails with the backend's `Unavailable`
     /// (HTTP 429), and is finished by calling again once the budget is
-    /// back, each call going further. Not reached: sessions made for an id
-    /// that never was an account (ended by [`delete_user`](Self::delete_user)),
+    /// back, each call going further. An account deleted otherwise (through
+    /// the stores directly, or by hand) is remembered too, and forgotten
+    /// once older than the sessions' TTL (at `open`, and by the forget of
+    /// each sign-out here), when no session made before its delete is left:
+    /// listed here before then, its sessions are ended. Not reached:
+    /// sessions made for an id that never was an account (ended by
+    /// [`delete_user`](Self::delete_user)),
     /// and those of accounts deleted before migration
     /// `024_sessions_to_end`, which no statement remembered.
     ///
