@@ -437,6 +437,44 @@ mod tests {
         assert_eq!(parse("a@x.\u{3bf}\u{3b4}\u{3bf}\u{3c2}").as_deref(), Some("a@x.xn--pxavbm"));
     }
 
+    /// Normalising can shrink an address up to fourfold (a mathematical
+    /// bold letter, 4 bytes, is `x` in a domain), so the bound on what is
+    /// read before normalising is four times 254 bytes: what normalises to
+    /// 254 bytes passes however long it was typed (here 1012 bytes), and
+    /// what is longer than that bound is refused as too long before
+    /// anything else is looked at.
+    #[test]
+    fn the_length_bound_before_normalising_is_four_times_the_stored_limit() {
+        let label = |letters: usize| "\u{1d431}".repeat(letters);
+        let dot = "\u{ff0e}";
+        let typed = format!("\u{212a}@{}{dot}{}{dot}{}{dot}{}{dot}", label(63), label(63), label(63), label(60));
+        assert_eq!(typed.len(), 1012);
+        let stored = parse(&typed).unwrap_or_else(|| panic!("{typed:?} was refused"));
+        assert_eq!(stored.len(), MAX_EMAIL_BYTES);
+        assert!(stored.starts_with("k@xxx"), "{stored}");
+
+        let too_long = format!("{}@x.io", "a".repeat(4 * MAX_EMAIL_BYTES + 1 - "@x.io".len()));
+        assert_eq!(too_long.len(), 4 * MAX_EMAIL_BYTES + 1);
+        let refused = crate::text::tests::invalid_reason(Email::parse(&too_long));
+        assert_eq!(refused, ("email", "is longer than 254 bytes".to_owned()));
+    }
+
+    #[test]
+    fn local_part_and_domain_are_the_two_sides_of_the_stored_form() {
+        let email = Email::parse("Ada.L@B\u{fc}cher.DE").unwrap();
+        assert_eq!((email.local_part(), email.domain()), ("ada.l", "xn--bcher-kva.de"));
+        let without_at = Email::from_stored("no-at-sign".to_owned());
+        assert_eq!((without_at.local_part(), without_at.domain()), ("no-at-sign", ""));
+    }
+
+    #[test]
+    fn display_and_as_ref_give_the_stored_form() {
+        let email = Email::parse(" Ada@X.io ").unwrap();
+        assert_eq!(email.to_string(), "ada@x.io");
+        assert_eq!(AsRef::<str>::as_ref(&email), "ada@x.io");
+        assert!(format!("{email:?}").contains("ada@x.io"), "{email:?}");
+    }
+
     #[test]
     fn the_stored_form_parses_to_itself() {
         for spelling in

@@ -558,6 +558,77 @@ mod tests {
         assert_eq!(stored_object_bytes(&Map::new()), 2);
     }
 
+    /// A space is printed as itself (one byte), not escaped like the
+    /// control characters below it; an object that PostgreSQL prints in
+    /// exactly 64 KiB is accepted, one byte more is refused.
+    #[test]
+    fn metadata_printed_in_exactly_the_limit_is_accepted_and_one_byte_more_refused() {
+        // `{"a": "..."}`: 2 braces, the key and its quotes (3), `: ` (2), the string's quotes (2).
+        let at_limit = " ".repeat(MAX_METADATA_BYTES - 9);
+        let Value::Object(map) = serde_json::json!({ "a": at_limit }) else { unreachable!() };
+        assert_eq!(stored_object_bytes(&map), MAX_METADATA_BYTES);
+        assert!(Metadata::from_map(map).is_ok());
+        let Value::Object(map) = serde_json::json!({ "a": format!("{at_limit} ") }) else { unreachable!() };
+        let error = Metadata::from_map(map).unwrap_err();
+        assert!(
+            matches!(&error, StoreError::Invalid { field: "metadata", reason } if reason.contains("65537 bytes")),
+            "{error}"
+        );
+    }
+
+    /// PostgreSQL keeps the sign of a negative number whose whole part is
+    /// zero, or whose fraction is: only zero itself loses it.
+    #[test]
+    fn negative_numbers_with_a_zero_part_keep_their_sign() {
+        for (sent, printed) in [("-0.5", "-0.5"), ("-2.0", "-2.0"), ("-0.0", "0.0")] {
+            assert_eq!(pg_numeric_text(sent).as_deref(), Some(printed), "{sent}");
+        }
+        assert!(Metadata::try_from(serde_json::json!({"a": -0.5, "b": -2.0, "c": [-0.25]})).is_ok());
+    }
+
+    /// The text is scanned for numbers outside strings only: an escaped
+    /// quote inside a string neither ends it nor hides what follows it.
+    #[test]
+    fn a_rounded_number_after_a_string_with_escaped_quotes_is_still_found() {
+        for text in [
+            r#"{"said": "she wrote \"42\" and \\ then left", "id": 123456789012345678901234567890}"#,
+            r#"{"s": "\"abcd", "id": 123456789012345678901234567890}"#,
+        ] {
+            let error = text.parse::<Metadata>().unwrap_err();
+            assert!(
+                matches!(&error, StoreError::Invalid { field: "metadata", reason } if reason.contains("123456789012345678901234567890")),
+                "{text}: {error}"
+            );
+        }
+        let inside = r#"{"said": "she wrote \"123456789012345678901234567890\" then left"}"#;
+        assert!(inside.parse::<Metadata>().is_ok());
+    }
+
+    /// JSON text that is not an object, a number ending the text included,
+    /// is refused as `Invalid`, not a panic of the number scan.
+    #[test]
+    fn json_text_that_is_a_bare_value_is_refused_as_not_an_object() {
+        for (text, kind) in
+            [("5", "a number"), ("-1.5", "a number"), ("[1, 2]", "an array"), ("\"x\"", "a string"), ("null", "null")]
+        {
+            let error = text.parse::<Metadata>().unwrap_err();
+            assert!(
+                matches!(&error, StoreError::Invalid { field: "metadata", reason } if *reason == format!("must be a JSON object, not {kind}")),
+                "{text}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn metadata_gives_back_the_object_it_holds() {
+        let object = serde_json::json!({"plan": "team", "replicas": 3});
+        let metadata = Metadata::try_from(object.clone()).unwrap();
+        assert!(!metadata.is_empty() && Metadata::new().is_empty());
+        assert_eq!(metadata.as_map().len(), 2);
+        assert_eq!(metadata.to_value(), object);
+        assert_eq!(metadata.into_value(), object);
+    }
+
     #[test]
     fn whole_floats_that_come_back_as_integers_are_refused() {
         assert!(Metadata::try_from(serde_json::json!({"n": 1e16})).is_err());

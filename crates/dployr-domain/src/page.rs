@@ -106,3 +106,27 @@ pub struct Paged<T> {
     /// The cursor of the next page; `None` on the last one.
     pub next: Option<Cursor>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_request_starts_where_it_was_asked_to_with_its_limit_kept_within_bounds() {
+        let cursor = Cursor::new("bWVtYmVycw");
+        assert_eq!(Page::after(cursor.clone(), 5), Page { limit: 5, start: PageStart::After(cursor) });
+        assert_eq!(Page::offset(40, 500), Page { limit: MAX_PAGE_LIMIT, start: PageStart::Offset(40) });
+        assert_eq!(Page::first(0), Page { limit: 1, start: PageStart::First });
+        assert_eq!(Page::first(20).limit(), 20);
+        assert_eq!(Page::default(), Page::first(20));
+    }
+
+    #[test]
+    fn a_cursor_shows_and_serializes_as_the_text_it_was_made_from() {
+        let cursor = Cursor::new("bWVtYmVycw");
+        assert_eq!(cursor.as_str(), "bWVtYmVycw");
+        assert_eq!(cursor.to_string(), "bWVtYmVycw");
+        assert_eq!(format!("{cursor:?}"), "Cursor(bWVtYmVycw)");
+        assert_eq!(serde_json::to_string(&cursor).unwrap(), "\"bWVtYmVycw\"");
+    }
+}

@@ -124,3 +124,30 @@ impl FromStr for Provider {
             .ok_or_else(|| StoreError::invalid("provider", format!("unknown provider {text:?}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored text is what the schema's CHECKs list; `rank` is what
+    /// `user_clusters.role_order` is generated from (`4 - rank`).
+    #[test]
+    fn roles_and_providers_read_back_from_the_text_the_schema_stores() {
+        let roles = Role::ALL.map(Role::as_str);
+        assert_eq!(roles, ["invited", "viewer", "developer", "admin", "owner"]);
+        assert_eq!(Role::ALL.map(Role::rank), [0, 1, 2, 3, 4]);
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+            assert_eq!(role.to_string(), role.as_str());
+            assert_eq!(serde_json::to_string(&role).unwrap(), format!("\"{role}\""));
+        }
+        assert_eq!(Provider::ALL.map(Provider::as_str), ["google", "github", "microsoft", "email"]);
+        for provider in Provider::ALL {
+            assert_eq!(provider.as_str().parse::<Provider>().unwrap(), provider);
+            assert_eq!(provider.to_string(), provider.as_str());
+            assert_eq!(serde_json::to_string(&provider).unwrap(), format!("\"{provider}\""));
+        }
+        assert!(matches!("Owner".parse::<Role>(), Err(StoreError::Invalid { field: "role", .. })));
+        assert!(matches!("gitlab".parse::<Provider>(), Err(StoreError::Invalid { field: "provider", .. })));
+    }
+}

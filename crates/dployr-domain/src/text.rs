@@ -538,6 +538,48 @@ pub(crate) mod tests {
         assert!(DisplayName::parse("\u{645}\u{6cc}\u{200c}\u{62e}\u{648}\u{627}\u{647}\u{645}").is_ok());
     }
 
+    /// Format characters that are not default-ignorable (the Arabic number
+    /// sign U+0600, the interlinear annotation anchor U+FFF9) are refused
+    /// by their category, as the zero-width ones are: no other rule
+    /// catches them.
+    #[test]
+    fn format_characters_that_are_not_default_ignorable_are_refused_in_identifiers() {
+        let format_reason = invalid_reason(Tag::parse("web\u{200b}1"));
+        for format in ['\u{600}', '\u{fff9}'] {
+            assert!(!is_default_ignorable(format), "{format:?}");
+            assert_eq!(invalid_reason(Tag::parse(&format!("web{format}1"))), format_reason, "{format:?}");
+            let email_reason = invalid_reason(crate::Email::parse(&format!("ad{format}min@x.io")));
+            assert_eq!(email_reason.1, format_reason.1, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn a_line_or_paragraph_separator_inside_a_name_is_refused() {
+        for separator in ['\u{2028}', '\u{2029}'] {
+            let name = format!("Ada{separator}Lovelace");
+            assert_eq!(invalid_reason(DisplayName::parse(&name)), ("name", "contains a line separator".to_owned()));
+            assert!(ClusterName::parse(&name).is_err(), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_at_its_byte_limit_is_kept_and_one_byte_longer_is_refused() {
+        let at_limit = "n".repeat(MAX_USER_TEXT_BYTES);
+        assert_eq!(DisplayName::parse(&format!(" {at_limit} ")).unwrap().as_str(), at_limit);
+        let longer = format!("{at_limit}n");
+        let reason = format!("is longer than {MAX_USER_TEXT_BYTES} bytes");
+        assert_eq!(invalid_reason(DisplayName::parse(&longer)), ("name", reason));
+        assert!(ClusterName::parse(&"c".repeat(MAX_CLUSTER_NAME_BYTES)).is_ok());
+        assert!(ClusterName::parse(&"c".repeat(MAX_CLUSTER_NAME_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn free_text_of_exactly_max_bytes_is_accepted_and_one_byte_more_refused() {
+        assert!(check("picture", &"p".repeat(255), 255, Blank::Refused).is_ok());
+        let refused = invalid_reason(check("picture", &"p".repeat(256), 255, Blank::Refused));
+        assert_eq!(refused, ("picture", "is longer than 255 bytes".to_owned()));
+    }
+
     #[test]
     fn the_byte_limit_applies_after_normalisation() {
         let at_limit = "a".repeat(MAX_TAG_BYTES);
