@@ -371,6 +371,13 @@ impl fmt::Debug for KvStore {
 
 impl KvStore {
     /// A store with everything on `kv` and the default TTLs.
+    ///
+    /// Everything includes OAuth states and one-time codes: on a backend
+    /// whose `take` and `increment` are not atomic (Cloudflare), they are
+    /// then neither single use nor counted exactly, and while its reads are
+    /// stale one just written reads as missing (see "Two backends" in the
+    /// module documentation). Put them on another backend with
+    /// [`with_backends`](Self::with_backends), as the data layer does.
     pub fn new(kv: Arc<dyn KvBackend>) -> Self {
         let recent_sessions = Self::session_memory(kv.as_ref());
         let deleted_lately = recent_sessions.is_some().then(Arc::default);
