@@ -52,9 +52,9 @@ pub enum StoreError {
         reason: Cow<'static, str>,
     },
 
-    /// The database or backend cannot be reached right now (pool checkout
-    /// timed out, connection lost, backend throttling or down). Retrying
-    /// later may succeed.
+    /// The database or backend cannot serve the call right now (pool
+    /// checkout timed out, connection lost, backend throttling or down, a
+    /// server out of disk space or memory). Retrying later may succeed.
     #[error("unavailable: {reason}")]
     Unavailable {
         /// What was unavailable and for how long it was tried.

@@ -10,14 +10,15 @@
 //! comes from the SQLSTATE.
 //!
 //! diesel 2.3 turns only some SQLSTATEs into a kind and exposes no other
-//! way to read the code. Deadlocks (40P01), lock timeouts (55P03) and
-//! cancelled statements (57014) arrive as `Unknown`, and are told apart by
-//! PostgreSQL's untranslated primary message ([`transient_cause`]). That
-//! text is stable across server versions but translated when the server's
-//! `lc_messages` is not English, so the pool asks for `lc_messages = 'C'`
-//! on each new connection (allowed to superusers and to roles granted SET
-//! on it); on a server that translates and refuses, these three errors
-//! surface as `Backend` instead of `Unavailable` (docs/operations.md).
+//! way to read the code. Deadlocks (40P01), lock timeouts (55P03),
+//! cancelled statements (57014), a full disk (53100) and exhausted memory
+//! (53200) arrive as `Unknown`, and are told apart by PostgreSQL's
+//! untranslated primary message ([`transient_cause`]). That text is stable
+//! across server versions but translated when the server's `lc_messages`
+//! is not English, so the pool asks for `lc_messages = 'C'` on each new
+//! connection (allowed to superusers and to roles granted SET on it); on a
+//! server that translates and refuses, these errors surface as `Backend`
+//! instead of `Unavailable` (docs/operations.md).
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use dployr_domain::StoreError;
@@ -112,6 +113,14 @@ pub(crate) enum Transient {
     ConnectionLost,
     /// 25006: the server only reads (a standby, or a promoted primary's old self).
     ReadOnly,
+    /// 53100: the server could not write a file, its disk (or quota) full.
+    /// The statement was refused and its transaction rolled back; the
+    /// server goes on serving reads, and writes succeed again once space is
+    /// freed, on the same connections.
+    DiskFull,
+    /// 53200: the server could not allocate memory, or its lock table is
+    /// full ("out of shared memory"). The statement was refused.
+    OutOfMemory,
 }
 
 impl Transient {
@@ -123,6 +132,8 @@ impl Transient {
             Self::Cancelled => "the statement was cancelled: statement_timeout or a cancel request (57014)",
             Self::ConnectionLost => "the PostgreSQL connection was lost",
             Self::ReadOnly => "the server is read-only (a standby?)",
+            Self::DiskFull => "the PostgreSQL server is out of disk space (53100); retry once space is freed",
+            Self::OutOfMemory => "the PostgreSQL server is out of memory (53200); retry later",
         }
     }
 }
@@ -154,6 +165,19 @@ fn unknown_cause(message: &str) -> Option<Transient> {
         // 55000, from a function a standby cannot run (`pg_current_wal_lsn`
         // on a primary demoted under the pool): read-only, as 25006 is.
         Some(Transient::ReadOnly)
+    } else if message.ends_with(": No space left on device")
+        || message.ends_with(": Disk quota exceeded")
+        || (message.starts_with("could not extend file ") && message.contains(": wrote only "))
+    {
+        // 53100, from a write of a table's file or a temporary file: `could
+        // not extend file "base/16384/16742": No space left on device` (the
+        // C library's text for ENOSPC, as `lc_messages = 'C'` gives it), or
+        // a short write. It passes once space is freed: `Unavailable`, not
+        // `Backend`, which says "report it".
+        Some(Transient::DiskFull)
+    } else if message == "out of memory" || message == "out of shared memory" {
+        // 53200: palloc's failure, or the lock table full.
+        Some(Transient::OutOfMemory)
     } else {
         None
     }
@@ -473,6 +497,24 @@ mod tests {
         assert_eq!(unknown_cause("canceling statement due to statement timeout"), Some(Transient::Cancelled));
         assert_eq!(unknown_cause("canceling statement due to user request"), Some(Transient::Cancelled));
         assert_eq!(unknown_cause("invalid byte sequence for encoding \"UTF8\": 0x00"), None);
+        // A full disk, in the forms PostgreSQL 15 words it: the first as a
+        // server whose data disk filled under the stores sent it.
+        for full in [
+            "could not extend file \"base/16729/16742\": No space left on device",
+            "could not extend file \"base/16729/16832_fsm\": No space left on device",
+            "could not extend file \"base/16384/16742\": wrote only 4096 of 8192 bytes at block 12",
+            "could not write to file \"base/pgsql_tmp/pgsql_tmp1234.0\": No space left on device",
+            "could not write block 118 of temporary file: No space left on device",
+            "could not extend file \"base/16384/16742\": Disk quota exceeded",
+        ] {
+            assert_eq!(unknown_cause(full), Some(Transient::DiskFull), "{full}");
+        }
+        assert_eq!(unknown_cause("out of memory"), Some(Transient::OutOfMemory));
+        assert_eq!(unknown_cause("out of shared memory"), Some(Transient::OutOfMemory));
+        // Other file errors are not a full disk: a missing or unreadable
+        // file does not pass by itself.
+        assert_eq!(unknown_cause("could not open file \"base/16384/16742\": No such file or directory"), None);
+        assert_eq!(unknown_cause("could not extend file \"base/16384/16742\": Input/output error"), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod instances;
 mod pool;
 mod races;
 mod replicas;
+mod server_resources;
 mod spans;
 mod totals;
 mod users;
