@@ -85,7 +85,10 @@ impl Failure {
 
 /// Maps a diesel error from any PostgreSQL statement of the workspace to
 /// the shared [`StoreError`]. A foreign-key violation becomes `NotFound`
-/// naming the missing entity, without its key (which only the caller knows).
+/// naming the missing entity, without its key (which only the caller knows);
+/// a privilege the session's role lacks, `Configuration` naming
+/// [`DATABASE_URL_SETTING`](crate::DATABASE_URL_SETTING) (the stores name
+/// the setting their pool's URL came from instead).
 ///
 /// ```
 /// use diesel::result::Error;
@@ -202,6 +205,16 @@ fn refused_text(message: &str) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// Whether PostgreSQL refused a statement for a privilege the session's
+/// role lacks (42501, by its untranslated message: diesel leaves it
+/// `Unknown`): a grant missing, or a row-level security policy of the
+/// deployment's, not a failure to report nor one that passes.
+fn missing_privilege(message: &str) -> bool {
+    message.starts_with("permission denied for ")
+        || message.starts_with("new row violates row-level security policy")
+        || message.starts_with("must be owner of ")
 }
 
 /// What a named constraint (or a trigger raising under that name) means.
@@ -417,6 +430,18 @@ pub(crate) fn map(error: DieselError, keys: Keys<'_>) -> StoreError {
     if let Some(reason) = refused_text(info.message()) {
         return StoreError::invalid("input", reason);
     }
+    if missing_privilege(info.message()) {
+        // The pool renames the setting to the one its URL came from
+        // (`PgPool::named`).
+        return StoreError::Configuration {
+            setting: crate::DATABASE_URL_SETTING,
+            reason: format!(
+                "the URL's role lacks a privilege: {} (docs/operations.md lists the grants the stores need)",
+                info.message()
+            )
+            .into(),
+        };
+    }
     match kind {
         DatabaseErrorKind::UniqueViolation => StoreError::conflict("row", "key", "a unique key refused the write"),
         DatabaseErrorKind::ForeignKeyViolation => StoreError::not_found("referenced row", "(unnamed)"),
@@ -511,6 +536,17 @@ mod tests {
         }
         assert_eq!(unknown_cause("out of memory"), Some(Transient::OutOfMemory));
         assert_eq!(unknown_cause("out of shared memory"), Some(Transient::OutOfMemory));
+        // A missing grant or a row-level security policy of the
+        // deployment's; not a NUL in text nor a unique key.
+        for refused in [
+            "permission denied for table spent_nonces",
+            "permission denied for schema public",
+            "new row violates row-level security policy for table \"users\"",
+            "must be owner of table users",
+        ] {
+            assert!(missing_privilege(refused), "{refused}");
+        }
+        assert!(!missing_privilege("duplicate key value violates unique constraint \"users_email_key\""));
         // Other file errors are not a full disk: a missing or unreadable
         // file does not pass by itself.
         assert_eq!(unknown_cause("could not open file \"base/16384/16742\": No such file or directory"), None);

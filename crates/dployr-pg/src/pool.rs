@@ -668,7 +668,21 @@ impl PgPool {
         started: Instant,
         work: impl FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error>,
     ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, &self.affinity, started, |conn| work(conn).map_err(crate::store_error))
+        self.deadlines
+            .bounded(&self.inner, &self.affinity, started, |conn| work(conn).map_err(crate::store_error))
+            .map_err(|error| self.named(error))
+    }
+
+    /// `error` with a setting the mapper named as [`DATABASE_URL_SETTING`]
+    /// (a privilege the role lacks) renamed to the setting this pool's URL
+    /// came from (`DATABASE_URL` in a `DataLayer`).
+    fn named(&self, error: StoreError) -> StoreError {
+        match error {
+            StoreError::Configuration { setting: DATABASE_URL_SETTING, reason } => {
+                StoreError::Configuration { setting: self.setting, reason }
+            }
+            other => other,
+        }
     }
 
     /// Whether the deadline of a call that `started` then has passed on
@@ -686,9 +700,11 @@ impl PgPool {
         keys: Keys<'_>,
         mut work: impl FnMut(&mut PgConnection) -> Result<T, E>,
     ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, &self.affinity, started, |conn| {
-            crate::operation::retrying(keys, || work(conn).map_err(Into::into))
-        })
+        self.deadlines
+            .bounded(&self.inner, &self.affinity, started, |conn| {
+                crate::operation::retrying(keys, || work(conn).map_err(Into::into))
+            })
+            .map_err(|error| self.named(error))
     }
 
     /// Runs one transaction on this pool within the call deadline, again,
@@ -698,15 +714,17 @@ impl PgPool {
         keys: Keys<'_>,
         mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
-        self.deadlines.bounded(&self.inner, &self.affinity, Instant::now(), |conn| {
-            // READ COMMITTED whatever the database, role or connection string
-            // set as the default: the stores' lock order relies on a call
-            // that waited on a lock reading what its holder committed (at
-            // REPEATABLE READ, two first sign-ins made two clusters). Named
-            // in the BEGIN itself, so it costs no statement and holds behind
-            // a pooler too.
-            crate::operation::retrying(keys, || conn.build_transaction().read_committed().run(&mut work))
-        })
+        self.deadlines
+            .bounded(&self.inner, &self.affinity, Instant::now(), |conn| {
+                // READ COMMITTED whatever the database, role or connection string
+                // set as the default: the stores' lock order relies on a call
+                // that waited on a lock reading what its holder committed (at
+                // REPEATABLE READ, two first sign-ins made two clusters). Named
+                // in the BEGIN itself, so it costs no statement and holds behind
+                // a pooler too.
+                crate::operation::retrying(keys, || conn.build_transaction().read_committed().run(&mut work))
+            })
+            .map_err(|error| self.named(error))
     }
 
     /// What the call deadlines did so far, and how many connections the pool

@@ -16,6 +16,7 @@ mod deadlines;
 mod generic_plans;
 mod instances;
 mod pool;
+mod privileges;
 mod races;
 mod replicas;
 mod server_resources;
