@@ -538,7 +538,9 @@ impl Deadlines {
         watchdog().watch(&call, cancel_at, Step::Cancel);
         let result = work(&mut conn);
         match &result {
-            Err(error) if crate::errors::lost_connection(error) => info.discard.store(true, Ordering::Release),
+            Err(error) if crate::errors::lost_connection(error) || crate::errors::stale_statement(error) => {
+                info.discard.store(true, Ordering::Release);
+            }
             Err(error) if crate::errors::read_only_server(error) => affinity.saw_read_only(Instant::now()),
             _ => {}
         }

@@ -124,6 +124,11 @@ pub(crate) enum Transient {
     /// 53200: the server could not allocate memory, or its lock table is
     /// full ("out of shared memory"). The statement was refused.
     OutOfMemory,
+    /// 0A000 "cached plan must not change result type": a statement this
+    /// connection prepared earlier returns columns of another type now (a
+    /// migration changed one). It fails so on that connection at every
+    /// run, before it does anything; a new connection prepares it afresh.
+    StaleStatement,
 }
 
 impl Transient {
@@ -137,6 +142,10 @@ impl Transient {
             Self::ReadOnly => "the server is read-only (a standby?)",
             Self::DiskFull => "the PostgreSQL server is out of disk space (53100); retry once space is freed",
             Self::OutOfMemory => "the PostgreSQL server is out of memory (53200); retry later",
+            Self::StaleStatement => {
+                "a statement the connection prepared no longer matches the schema (a migration changed a column's \
+                 type); the connection is discarded"
+            }
         }
     }
 }
@@ -181,6 +190,8 @@ fn unknown_cause(message: &str) -> Option<Transient> {
     } else if message == "out of memory" || message == "out of shared memory" {
         // 53200: palloc's failure, or the lock table full.
         Some(Transient::OutOfMemory)
+    } else if message == "cached plan must not change result type" {
+        Some(Transient::StaleStatement)
     } else {
         None
     }
@@ -383,6 +394,16 @@ pub fn may_have_committed(error: &StoreError) -> bool {
     lost_connection(error)
 }
 
+/// Whether `error` says that a statement the connection prepared no longer
+/// matches the schema ([`Transient::StaleStatement`]): the connection must
+/// be discarded (diesel keeps its prepared statements for the connection's
+/// life, so it would fail that statement at every call), and the call may
+/// run again on another, as the statement was refused before it did
+/// anything (in a transaction, the transaction rolled back).
+pub(crate) fn stale_statement(error: &StoreError) -> bool {
+    passing_cause(error) == Some(Transient::StaleStatement)
+}
+
 /// Whether `error` says that the server only reads (25006). A primary that
 /// became read-only (a switchover that leaves the old primary up,
 /// `default_transaction_read_only`) keeps its open sessions; a new
@@ -536,6 +557,7 @@ mod tests {
         }
         assert_eq!(unknown_cause("out of memory"), Some(Transient::OutOfMemory));
         assert_eq!(unknown_cause("out of shared memory"), Some(Transient::OutOfMemory));
+        assert_eq!(unknown_cause("cached plan must not change result type"), Some(Transient::StaleStatement));
         // A missing grant or a row-level security policy of the
         // deployment's; not a NUL in text nor a unique key.
         for refused in [

@@ -106,7 +106,9 @@ impl<'p> Operation<'p> {
     /// rolled back) runs again, up to five times in all; an
     /// [idempotent](Self::idempotent) one whose connection was lost under it
     /// runs once more, on another connection, within what is left of the
-    /// call's deadline.
+    /// call's deadline, and so does any statement the connection prepared
+    /// before a migration changed its result type (refused before it did
+    /// anything; the connection is discarded).
     /// Errors are mapped as [`store_error`](crate::store_error) maps them.
     ///
     /// # Errors
@@ -135,6 +137,13 @@ impl<'p> Operation<'p> {
             Err(error) if self.idempotent && crate::errors::lost_connection(&error) => {
                 // The connection is discarded already; nothing was changed.
                 tracing::debug!(op = self.name, %error, "dployr.store: connection lost under a read; running it again");
+                self.pool.run_statement_since(started, &self.references, work)
+            }
+            Err(error) if crate::errors::stale_statement(&error) => {
+                // Refused before it did anything, a write too; the
+                // connection is discarded already, and another prepares
+                // the statement for the schema as it is now.
+                tracing::debug!(op = self.name, %error, "dployr.store: a prepared statement went stale; running it again");
                 self.pool.run_statement_since(started, &self.references, work)
             }
             answer => answer,

@@ -708,14 +708,33 @@ impl PgPool {
     }
 
     /// Runs one transaction on this pool within the call deadline, again,
-    /// whole, after a passing failure.
+    /// whole, after a passing failure, and once more on another connection
+    /// when a statement its connection prepared went stale (it rolled back).
     pub(crate) fn run_transaction<T>(
         &self,
         keys: Keys<'_>,
         mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        match self.run_transaction_since(started, keys, &mut work) {
+            Err(error) if crate::errors::stale_statement(&error) => {
+                tracing::debug!(%error, "dployr.store: a prepared statement went stale; running the transaction again");
+                self.run_transaction_since(started, keys, work)
+            }
+            answer => answer,
+        }
+    }
+
+    /// One run of [`run_transaction`](Self::run_transaction), within the
+    /// deadline of a call that `started` then.
+    fn run_transaction_since<T>(
+        &self,
+        started: Instant,
+        keys: Keys<'_>,
+        mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
+    ) -> Result<T, StoreError> {
         self.deadlines
-            .bounded(&self.inner, &self.affinity, Instant::now(), |conn| {
+            .bounded(&self.inner, &self.affinity, started, |conn| {
                 // READ COMMITTED whatever the database, role or connection string
                 // set as the default: the stores' lock order relies on a call
                 // that waited on a lock reading what its holder committed (at

@@ -19,6 +19,7 @@ mod pool;
 mod privileges;
 mod races;
 mod replicas;
+mod schema_changes;
 mod server_resources;
 mod spans;
 mod totals;
