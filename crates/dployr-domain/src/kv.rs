@@ -534,3 +534,197 @@ pub fn check_max_attempts(max_attempts: i64) -> StoreResult<()> {
 pub fn not_a_counter(key: &str) -> StoreError {
     StoreError::invalid("key", format!("{key:?} holds a value that is not a counter"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::text::tests::invalid_reason;
+
+    #[test]
+    fn a_key_of_exactly_the_maximum_bytes_is_accepted_and_one_byte_more_refused() {
+        let limits = KvLimits::default();
+        assert!(limits.check_key(&"k".repeat(MAX_KEY_BYTES)).is_ok());
+        // Bytes, not characters: 256 two-byte letters are at the limit.
+        assert!(limits.check_key(&"\u{e9}".repeat(MAX_KEY_BYTES / 2)).is_ok());
+        let (field, reason) = invalid_reason(limits.check_key(&"k".repeat(MAX_KEY_BYTES + 1)));
+        assert_eq!((field, reason.as_str()), ("key", "is 513 bytes long, at most 512 allowed"));
+    }
+
+    #[test]
+    fn only_the_keys_dot_and_dot_dot_are_refused_not_keys_made_of_more_dots() {
+        let limits = KvLimits::default();
+        for refused in [".", ".."] {
+            assert_eq!(invalid_reason(limits.check_key(refused)).0, "key", "{refused}");
+        }
+        for accepted in ["...", ".a", "a.", "..a"] {
+            assert!(limits.check_key(accepted).is_ok(), "{accepted}");
+        }
+    }
+
+    #[test]
+    fn a_prefix_as_long_as_the_longest_key_is_accepted_and_one_byte_more_refused() {
+        let limits = KvLimits::default();
+        assert!(limits.check_prefix(&"p".repeat(MAX_KEY_BYTES)).is_ok());
+        assert!(limits.check_prefix("session:").is_ok());
+        assert_eq!(invalid_reason(limits.check_prefix(&"p".repeat(MAX_KEY_BYTES + 1))).0, "prefix");
+    }
+
+    #[test]
+    fn a_cursor_of_exactly_4_kib_is_accepted_and_one_byte_more_refused() {
+        let limits = KvLimits::default();
+        assert!(limits.check_cursor(None).is_ok());
+        assert!(limits.check_cursor(Some(&"c".repeat(MAX_CURSOR_BYTES))).is_ok());
+        assert_eq!(invalid_reason(limits.check_cursor(Some(&"c".repeat(MAX_CURSOR_BYTES + 1)))).0, "cursor");
+    }
+
+    #[test]
+    fn a_value_of_exactly_25_mib_is_accepted_and_one_byte_more_refused() {
+        let limits = KvLimits::default();
+        let mut value = vec![0_u8; 25 * 1024 * 1024];
+        assert!(limits.check_value(&value).is_ok());
+        assert!(limits.check_value(b"").is_ok());
+        value.push(0);
+        let (field, reason) = invalid_reason(limits.check_value(&value));
+        assert_eq!((field, reason.as_str()), ("value", "is 26214401 bytes long, at most 26214400 allowed"));
+    }
+
+    #[test]
+    fn a_ttl_of_exactly_the_maximum_of_100_years_is_accepted_and_one_second_more_refused() {
+        let limits = KvLimits::default();
+        let hundred_years = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+        assert!(limits.check_ttl(Some(hundred_years)).is_ok());
+        assert_eq!(invalid_reason(limits.check_ttl(Some(hundred_years + Duration::from_secs(1)))).0, "ttl");
+        // The default minimum, a millisecond, is accepted; zero never is.
+        assert!(limits.check_ttl(Some(Duration::from_millis(1))).is_ok());
+        let (field, reason) = invalid_reason(limits.check_ttl(Some(Duration::ZERO)));
+        assert_eq!((field, reason.as_str()), ("ttl", "must not be zero"));
+    }
+
+    #[test]
+    fn a_list_limit_is_accepted_from_the_minimum_to_the_maximum_inclusive() {
+        let cloudflare = KvLimits { min_list_limit: 10, ..KvLimits::default() };
+        for accepted in [10, 11, 999, 1000] {
+            assert!(cloudflare.check_list_limit(accepted).is_ok(), "{accepted}");
+        }
+        for refused in [0, 9, 1001] {
+            let (field, reason) = invalid_reason(cloudflare.check_list_limit(refused));
+            assert_eq!((field, reason), ("limit", format!("{refused} is outside 10..=1000")));
+        }
+        // A minimum of 0 still refuses an empty page.
+        let no_minimum = KvLimits { min_list_limit: 0, ..KvLimits::default() };
+        assert!(no_minimum.check_list_limit(1).is_ok());
+        assert_eq!(invalid_reason(no_minimum.check_list_limit(0)).1, "0 is outside 1..=1000");
+    }
+
+    #[test]
+    fn a_counter_is_one_to_eighteen_ascii_digits_and_nothing_else() {
+        assert_eq!(parse_counter(b"0"), Some(0));
+        assert_eq!(parse_counter(b"7"), Some(7));
+        assert_eq!(parse_counter(b"999999999999999999"), Some(MAX_COUNTER));
+        for refused in [&b""[..], b"1000000000000000000", b"-1", b"+1", b" 1", b"1 ", b"1x", b"\xd9\xa1"] {
+            assert_eq!(parse_counter(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn max_attempts_of_one_is_accepted_and_below_one_refused() {
+        assert!(check_max_attempts(1).is_ok());
+        assert!(check_max_attempts(5).is_ok());
+        for refused in [0, -1, i64::MIN] {
+            let (field, reason) = invalid_reason(check_max_attempts(refused));
+            assert_eq!((field, reason), ("max_attempts", format!("is {refused}; at least 1")));
+        }
+    }
+
+    /// A backend that implements only what a backend must, so the trait's
+    /// default methods are the ones tested (no TTLs: nothing expires).
+    #[derive(Default)]
+    struct Plain {
+        entries: Mutex<BTreeMap<String, Vec<u8>>>,
+    }
+
+    impl Plain {
+        fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+            self.entries.lock().unwrap()
+        }
+    }
+
+    impl KvBackend for Plain {
+        fn limits(&self) -> KvLimits {
+            KvLimits::default()
+        }
+
+        fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            Ok(self.entries().get(key).cloned())
+        }
+
+        fn put(&self, key: &str, value: &[u8], _ttl: Option<Duration>) -> StoreResult<()> {
+            self.entries().insert(key.to_owned(), value.to_vec());
+            Ok(())
+        }
+
+        fn delete(&self, key: &str) -> StoreResult<()> {
+            self.entries().remove(key);
+            Ok(())
+        }
+
+        fn list(&self, _prefix: &str, _limit: usize, _cursor: Option<&str>) -> StoreResult<KvPage> {
+            unimplemented!("not used by the default methods")
+        }
+
+        fn take(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+            Ok(self.entries().remove(key))
+        }
+
+        fn increment(&self, key: &str, _ttl: Option<Duration>) -> StoreResult<i64> {
+            let mut entries = self.entries();
+            let count = match entries.get(key) {
+                None => 1,
+                Some(value) => parse_counter(value).ok_or_else(|| not_a_counter(key))? + 1,
+            };
+            entries.insert(key.to_owned(), count.to_string().into_bytes());
+            Ok(count)
+        }
+    }
+
+    const TTL: Option<Duration> = Some(Duration::from_secs(600));
+
+    #[test]
+    fn by_default_a_wrong_guess_within_the_limit_is_counted_and_leaves_the_value() {
+        let kv = Plain::default();
+        kv.put("otp:a", b"123456", TTL).unwrap();
+        assert_eq!(kv.count_attempt_and_take_if("otp-tries:a", TTL, 3, "otp:a", b"000000").unwrap(), (1, false));
+        assert_eq!(kv.count_attempt_and_take_if("otp-tries:a", TTL, 3, "otp:a", b"111111").unwrap(), (2, false));
+        assert_eq!(kv.get("otp:a").unwrap().as_deref(), Some(&b"123456"[..]));
+        assert_eq!(kv.get("otp-tries:a").unwrap().as_deref(), Some(&b"2"[..]));
+        // The right guess, still within the limit, takes it, once.
+        assert_eq!(kv.count_attempt_and_take_if("otp-tries:a", TTL, 3, "otp:a", b"123456").unwrap(), (3, true));
+        assert_eq!(kv.get("otp:a").unwrap(), None);
+        assert_eq!(kv.count_attempt_and_take_if("otp-tries:a", TTL, 3, "otp:a", b"123456").unwrap(), (4, false));
+    }
+
+    #[test]
+    fn by_default_the_last_attempt_the_limit_allows_spends_the_value_when_it_does_not_take_it() {
+        let kv = Plain::default();
+        kv.put("otp:a", b"123456", TTL).unwrap();
+        assert_eq!(kv.count_attempt_and_take_if("otp-tries:a", TTL, 2, "otp:a", b"000000").unwrap(), (1, false));
+        assert_eq!(kv.get("otp:a").unwrap().as_deref(), Some(&b"123456"[..]));
+        assert_eq!(kv.count_attempt_and_take_if("otp-tries:a", TTL, 2, "otp:a", b"000000").unwrap(), (2, false));
+        assert_eq!(kv.get("otp:a").unwrap(), None, "the last allowed wrong guess left the value");
+        // A value put back without restarting the count is spent by the next attempt, right or not.
+        kv.put("otp:a", b"123456", TTL).unwrap();
+        assert_eq!(kv.count_attempt_and_take_if("otp-tries:a", TTL, 2, "otp:a", b"123456").unwrap(), (3, false));
+        assert_eq!(kv.get("otp:a").unwrap(), None, "an attempt past the limit left the value");
+    }
+
+    #[test]
+    fn by_default_a_right_guess_on_the_first_attempt_takes_the_value() {
+        let kv = Plain::default();
+        kv.put("otp:a", b"123456", TTL).unwrap();
+        assert_eq!(kv.count_attempt_and_take_if("otp-tries:a", TTL, 1, "otp:a", b"123456").unwrap(), (1, true));
+        assert_eq!(kv.get("otp:a").unwrap(), None);
+    }
+}
