@@ -108,12 +108,33 @@ fn latest_after(from: SystemTime, by: Duration) -> SystemTime {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
 
     use dployr_domain::KvBackend as _;
 
-    use super::{Clock as _, ManualClock};
+    use super::{Clock, ManualClock, SystemClock};
     use crate::MemoryKv;
+
+    #[test]
+    fn a_manual_clock_moves_its_monotonic_time_with_its_wall_time_and_a_shared_one_moves_both() {
+        let clock = ManualClock::new();
+        let shared: Arc<dyn Clock> = Arc::new(clock.clone());
+        let (wall, monotonic) = (shared.now(), shared.monotonic());
+        assert_eq!(monotonic, wall.duration_since(SystemTime::UNIX_EPOCH).unwrap());
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(shared.now().duration_since(wall).unwrap(), Duration::from_millis(1500));
+        assert_eq!(shared.monotonic() - monotonic, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn the_system_clock_reads_the_time_now_and_its_monotonic_time_moves_forward() {
+        let before = SystemTime::now();
+        let (wall, monotonic) = (SystemClock.now(), SystemClock.monotonic());
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(wall >= before && SystemTime::now() >= wall, "{wall:?} is not the time now");
+        assert!(SystemClock.monotonic() >= monotonic + Duration::from_millis(5));
+    }
 
     #[test]
     fn a_manual_clock_moved_by_any_duration_stops_at_the_latest_time_and_everything_has_expired() {
