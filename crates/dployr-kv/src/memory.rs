@@ -277,9 +277,35 @@ impl KvBackend for MemoryKv {
 mod tests {
     use std::time::Duration;
 
-    use dployr_domain::KvBackend as _;
+    use dployr_domain::{KvBackend as _, KvPage};
 
     use super::MemoryKv;
+
+    fn page(keys: &[&str], cursor: Option<&str>) -> KvPage {
+        KvPage { keys: keys.iter().map(|&key| key.to_owned()).collect(), cursor: cursor.map(str::to_owned) }
+    }
+
+    #[test]
+    fn a_page_that_ends_at_the_last_matching_key_has_no_cursor() {
+        let kv = MemoryKv::new();
+        for key in ["p/1", "p/2", "p/3", "q"] {
+            kv.put(key, b"v", None).unwrap();
+        }
+        assert_eq!(kv.list("p/", 3, None).unwrap(), page(&["p/1", "p/2", "p/3"], None));
+        assert_eq!(kv.list("p/", 2, None).unwrap(), page(&["p/1", "p/2"], Some("p/2")));
+        assert_eq!(kv.list("p/", 2, Some("p/2")).unwrap(), page(&["p/3"], None));
+        assert_eq!(kv.list("p/", 1, Some("p/2")).unwrap(), page(&["p/3"], None));
+    }
+
+    #[test]
+    fn a_cursor_that_sorts_before_the_prefix_lists_the_prefix_from_its_start() {
+        let kv = MemoryKv::new();
+        for key in ["a/1", "b/1", "b/2"] {
+            kv.put(key, b"v", None).unwrap();
+        }
+        assert_eq!(kv.list("b/", 10, Some("a")).unwrap(), page(&["b/1", "b/2"], None));
+        assert_eq!(kv.list("b/", 10, Some("b/1")).unwrap(), page(&["b/2"], None));
+    }
 
     #[test]
     fn debug_shows_how_many_entries_never_a_key_or_value() {
