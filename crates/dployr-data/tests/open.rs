@@ -584,3 +584,23 @@ fn a_migration_role_with_no_schema_to_create_in_or_no_right_to_create_is_a_confi
     assert!(error.to_string().contains("GRANT CREATE ON SCHEMA public"), "{error}");
     assert!(unmigrated(&db));
 }
+
+/// With migrations off on a database they were never applied to (no deploy
+/// step ran them), the data layer opens, `health()` says they are pending,
+/// and a store call is a setting to fix naming `DATABASE_URL`, saying how
+/// to check the migrations; it was `Backend` ("PostgreSQL refused the
+/// statement", `relation "users" does not exist`), which says "report it".
+#[test]
+fn with_migrations_off_a_store_call_on_an_unmigrated_database_is_a_configuration_error() {
+    use dployr_data::UserStore as _;
+    let db = dployr_testkit::empty_database();
+    let config = Config::new(db.url()).with_kv(KvBackendConfig::Memory).without_migrations_on_start();
+    let data = DataLayer::open(config).unwrap();
+    assert!(!data.health().migrations.up_to_date);
+    let email = dployr_data::Email::parse("ada@example.io").unwrap();
+    let error = data.users().get_by_email(&email).unwrap_err();
+    assert_eq!(setting_of(&error), "DATABASE_URL", "{error}");
+    let message = error.to_string();
+    assert!(message.contains("relation \"users\" does not exist") && message.contains("migrate status"), "{message}");
+    assert!(unmigrated(&db));
+}

@@ -218,6 +218,19 @@ fn refused_text(message: &str) -> Option<&'static str> {
     }
 }
 
+/// Whether PostgreSQL refused a statement for naming a table, column,
+/// function or type the database does not have (42P01, 42703, 42883,
+/// 42704, by their untranslated messages): the URL names a database the
+/// migrations were not applied to (`DPLOYR_MIGRATE_ON_START=false` and no
+/// deploy step ran them), or a `search_path` that does not find them; a
+/// setting to fix, not a failure to report. A prepared statement the
+/// server does not know (26000, behind a transaction pooler) is not one.
+fn missing_from_the_schema(message: &str) -> bool {
+    ["relation \"", "column ", "function ", "type \""]
+        .iter()
+        .any(|kind| message.starts_with(kind) && message.ends_with(" does not exist"))
+}
+
 /// Whether PostgreSQL refused a statement for a privilege the session's
 /// role lacks (42501, by its untranslated message: diesel leaves it
 /// `Unknown`): a grant missing, or a row-level security policy of the
@@ -451,6 +464,17 @@ pub(crate) fn map(error: DieselError, keys: Keys<'_>) -> StoreError {
     if let Some(reason) = refused_text(info.message()) {
         return StoreError::invalid("input", reason);
     }
+    if missing_from_the_schema(info.message()) {
+        return StoreError::Configuration {
+            setting: crate::DATABASE_URL_SETTING,
+            reason: format!(
+                "the database's schema lacks what the stores use: {} (are its migrations applied? `cargo xtask \
+                 migrate status`)",
+                info.message()
+            )
+            .into(),
+        };
+    }
     if missing_privilege(info.message()) {
         // The pool renames the setting to the one its URL came from
         // (`PgPool::named`).
@@ -569,6 +593,18 @@ mod tests {
             assert!(missing_privilege(refused), "{refused}");
         }
         assert!(!missing_privilege("duplicate key value violates unique constraint \"users_email_key\""));
+        // A schema without what the stores use; not a statement a pooler lost.
+        for missing in [
+            "relation \"users\" does not exist",
+            "column users.first_signed_in_at does not exist",
+            "column \"tag\" of relation \"instances\" does not exist",
+            "function dployr_counts_kept() does not exist",
+            "type \"citext\" does not exist",
+        ] {
+            assert!(missing_from_the_schema(missing), "{missing}");
+        }
+        assert!(!missing_from_the_schema("prepared statement \"__diesel_stmt_3\" does not exist"));
+        assert!(!missing_from_the_schema("database \"app\" does not exist"));
         // Other file errors are not a full disk: a missing or unreadable
         // file does not pass by itself.
         assert_eq!(unknown_cause("could not open file \"base/16384/16742\": No such file or directory"), None);
