@@ -65,7 +65,8 @@ pub enum StoreError {
     },
 
     /// The deployment is misconfigured (wrong credentials, unknown
-    /// namespace): retrying will not help; `setting` names what to check.
+    /// namespace, a grant missing, a database not migrated): retrying will
+    /// not help; `setting` names what to check.
     #[error("configuration error: {reason} (check {setting})")]
     Configuration {
         /// The environment variable or config field to check, e.g. `CLOUDFLARE_API_TOKEN`.
