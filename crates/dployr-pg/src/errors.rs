@@ -582,6 +582,14 @@ mod tests {
         assert_eq!(unknown_cause("out of memory"), Some(Transient::OutOfMemory));
         assert_eq!(unknown_cause("out of shared memory"), Some(Transient::OutOfMemory));
         assert_eq!(unknown_cause("cached plan must not change result type"), Some(Transient::StaleStatement));
+        // Other file errors are not a full disk: a missing or unreadable
+        // file does not pass by itself.
+        assert_eq!(unknown_cause("could not open file \"base/16384/16742\": No such file or directory"), None);
+        assert_eq!(unknown_cause("could not extend file \"base/16384/16742\": Input/output error"), None);
+    }
+
+    #[test]
+    fn postgresql_messages_of_a_setting_to_fix_are_told_apart() {
         // A missing grant or a row-level security policy of the
         // deployment's; not a NUL in text nor a unique key.
         for refused in [
@@ -605,10 +613,6 @@ mod tests {
         }
         assert!(!missing_from_the_schema("prepared statement \"__diesel_stmt_3\" does not exist"));
         assert!(!missing_from_the_schema("database \"app\" does not exist"));
-        // Other file errors are not a full disk: a missing or unreadable
-        // file does not pass by itself.
-        assert_eq!(unknown_cause("could not open file \"base/16384/16742\": No such file or directory"), None);
-        assert_eq!(unknown_cause("could not extend file \"base/16384/16742\": Input/output error"), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use std::sync::Mutex;
 
 use diesel::prelude::*;
-use dployr_domain::{Cluster, ClusterStore, Email, NewUser, Provider, User, UserStore};
+use dployr_domain::{
+    Cluster, ClusterId, ClusterStore, Email, Instance, InstanceStore, NewInstance, NewUser, Provider, User, UserStore,
+};
 use dployr_pg::{
     PgBootstrapTokenStore, PgClusterStore, PgInstanceStore, PgPool, PgUserStore, PoolConfig, RecordStatements,
     StatementStats,
@@ -57,6 +59,12 @@ impl Fixture {
         let user = self.user(address);
         let cluster = self.clusters.create_for_owner(&user.id).unwrap();
         (user, cluster)
+    }
+
+    /// An instance of `cluster` at `address`, tagged `tag`, without metadata.
+    pub fn instance(&self, cluster: &ClusterId, address: &str, tag: &str) -> Instance {
+        let new = NewInstance { address: address.try_into().unwrap(), tag: tag.try_into().unwrap(), metadata: None };
+        self.instances.create(cluster, new).unwrap()
     }
 
     /// Runs `query` on the inspection connection.

@@ -49,13 +49,7 @@ fn is_unavailable_saying(error: &StoreError, words: &str) -> bool {
 fn a_write_refused_for_a_full_disk_is_unavailable_keeps_nothing_and_passes_once_space_is_freed() {
     let f = Fixture::new();
     let (ada, cluster) = f.owner("ada@example.io");
-    let instance = f
-        .instances
-        .create(
-            &cluster.id,
-            NewInstance { address: "10.0.0.1".try_into().unwrap(), tag: "web-1".try_into().unwrap(), metadata: None },
-        )
-        .unwrap();
+    let instance = f.instance(&cluster.id, "10.0.0.1", "web-1");
     // An account with no cluster yet (a user owns one cluster:
     // `create_for_owner` of an owner gives back the one they have).
     let lin = f.user("lin@example.io");

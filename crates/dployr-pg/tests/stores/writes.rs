@@ -34,13 +34,7 @@ fn is_backend(error: &StoreError) -> bool {
 fn a_row_that_cannot_be_decoded_is_rolled_back() {
     let f = Fixture::new();
     let (ada, cluster) = f.owner("ada@example.io");
-    let instance = f
-        .instances
-        .create(
-            &cluster.id,
-            NewInstance { address: "10.0.0.1".try_into().unwrap(), tag: "web-1".try_into().unwrap(), metadata: None },
-        )
-        .unwrap();
+    let instance = f.instance(&cluster.id, "10.0.0.1", "web-1");
     poison(&f, "users", "UPDATE");
     poison(&f, "instances", "INSERT OR UPDATE");
     let before = f.fingerprint();
