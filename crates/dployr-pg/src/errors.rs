@@ -86,7 +86,8 @@ impl Failure {
 /// Maps a diesel error from any PostgreSQL statement of the workspace to
 /// the shared [`StoreError`]. A foreign-key violation becomes `NotFound`
 /// naming the missing entity, without its key (which only the caller knows);
-/// a privilege the session's role lacks, `Configuration` naming
+/// a privilege the session's role lacks, or a table, column, function or
+/// type the database lacks, `Configuration` naming
 /// [`DATABASE_URL_SETTING`](crate::DATABASE_URL_SETTING) (the stores name
 /// the setting their pool's URL came from instead).
 ///
@@ -222,8 +223,9 @@ fn refused_text(message: &str) -> Option<&'static str> {
 /// function or type the database does not have (42P01, 42703, 42883,
 /// 42704, by their untranslated messages): the URL names a database the
 /// migrations were not applied to (`DPLOYR_MIGRATE_ON_START=false` and no
-/// deploy step ran them), or a `search_path` that does not find them; a
-/// setting to fix, not a failure to report. A prepared statement the
+/// deploy step ran them), a `search_path` that does not find them, or a
+/// schema a later release migrated past what this one reads; a setting to
+/// fix, not a failure to report. A prepared statement the
 /// server does not know (26000, behind a transaction pooler) is not one.
 fn missing_from_the_schema(message: &str) -> bool {
     ["relation \"", "column ", "function ", "type \""]
@@ -468,8 +470,8 @@ pub(crate) fn map(error: DieselError, keys: Keys<'_>) -> StoreError {
         return StoreError::Configuration {
             setting: crate::DATABASE_URL_SETTING,
             reason: format!(
-                "the database's schema lacks what the stores use: {} (are its migrations applied? `cargo xtask \
-                 migrate status`)",
+                "the database's schema lacks what the stores use: {} (its migrations not applied, or a later \
+                 release's applied that this one predates: `cargo xtask migrate status` tells)",
                 info.message()
             )
             .into(),

@@ -674,8 +674,9 @@ impl PgPool {
     }
 
     /// `error` with a setting the mapper named as [`DATABASE_URL_SETTING`]
-    /// (a privilege the role lacks) renamed to the setting this pool's URL
-    /// came from (`DATABASE_URL` in a `DataLayer`).
+    /// (a privilege the role lacks, a schema without what the stores use)
+    /// renamed to the setting this pool's URL came from (`DATABASE_URL` in
+    /// a `DataLayer`).
     fn named(&self, error: StoreError) -> StoreError {
         match error {
             StoreError::Configuration { setting: DATABASE_URL_SETTING, reason } => {
