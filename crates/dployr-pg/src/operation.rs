@@ -133,21 +133,27 @@ impl<'p> Operation<'p> {
             // replicas spent.
             started = Instant::now();
         }
-        match self.pool.run_statement_since(started, &self.references, &mut work) {
+        let mut answer = match self.pool.run_statement_since(started, &self.references, &mut work) {
             Err(error) if self.idempotent && crate::errors::lost_connection(&error) => {
                 // The connection is discarded already; nothing was changed.
                 tracing::debug!(op = self.name, %error, "dployr.store: connection lost under a read; running it again");
-                self.pool.run_statement_since(started, &self.references, work)
-            }
-            Err(error) if crate::errors::stale_statement(&error) => {
-                // Refused before it did anything, a write too; the
-                // connection is discarded already, and another prepares
-                // the statement for the schema as it is now.
-                tracing::debug!(op = self.name, %error, "dployr.store: a prepared statement went stale; running it again");
-                self.pool.run_statement_since(started, &self.references, work)
+                self.pool.run_statement_since(started, &self.references, &mut work)
             }
             answer => answer,
+        };
+        // Refused before it did anything, a write too; the connection is
+        // discarded already, and the next may be another the pool kept
+        // from before the migration (see `PgPool::stale_reruns`).
+        for _ in 0..self.pool.stale_reruns() {
+            match &answer {
+                Err(error) if crate::errors::stale_statement(error) => {
+                    tracing::debug!(op = self.name, %error, "dployr.store: a prepared statement went stale; running it again");
+                    answer = self.pool.run_statement_since(started, &self.references, &mut work);
+                }
+                _ => break,
+            }
         }
+        answer
     }
 
     /// Runs `work` in one transaction, rolled back on any error, as

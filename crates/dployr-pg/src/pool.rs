@@ -717,13 +717,27 @@ impl PgPool {
         mut work: impl FnMut(&mut PgConnection) -> Result<T, Failure>,
     ) -> Result<T, StoreError> {
         let started = Instant::now();
-        match self.run_transaction_since(started, keys, &mut work) {
-            Err(error) if crate::errors::stale_statement(&error) => {
-                tracing::debug!(%error, "dployr.store: a prepared statement went stale; running the transaction again");
-                self.run_transaction_since(started, keys, work)
+        let mut answer = self.run_transaction_since(started, keys, &mut work);
+        // Each stale run discarded its connection, and the next may be
+        // handed another the pool kept from before the migration: at most
+        // as many runs again as the pool holds connections.
+        for _ in 0..self.stale_reruns() {
+            match &answer {
+                Err(error) if crate::errors::stale_statement(error) => {
+                    tracing::debug!(%error, "dployr.store: a prepared statement went stale; running the transaction again");
+                    answer = self.run_transaction_since(started, keys, &mut work);
+                }
+                _ => break,
             }
-            answer => answer,
         }
+        answer
+    }
+
+    /// How many times a call whose prepared statement went stale runs
+    /// again: once for each connection the pool may hold, each of which
+    /// may have prepared it before the migration.
+    pub(crate) fn stale_reruns(&self) -> u32 {
+        self.inner.max_size()
     }
 
     /// One run of [`run_transaction`](Self::run_transaction), within the

@@ -44,6 +44,15 @@ fn a_column_whose_type_a_migration_changed_under_the_pool_is_read_and_written_wi
             ))
             .unwrap();
         });
+        // A thread of its own, which no connection was kept for: it is
+        // handed one the pool kept, maybe stale, and after it another.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let found =
+                    f.users.get_by_email(&ada.email).unwrap_or_else(|e| panic!("{new_type}, new thread: {e:?}"));
+                assert_eq!(found.map(|user| user.id), Some(ada.id));
+            });
+        });
         for round in 0..6 {
             // Transactions first (this thread's connection prepared their
             // statements before the change), then reads, one statement
